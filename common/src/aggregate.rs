@@ -1,0 +1,178 @@
+//! Streaming aggregation: fold each update into a running weighted sum.
+//!
+//! The coordinator keeps one [`SumAccumulator`] per round, so its memory is
+//! O(model size) however many agents report. Sums are kept in f64 so that the
+//! order in which updates arrive does not visibly change the f32 result.
+
+use crate::update::{Update, UpdateError, WeightLayout};
+
+/// Running sums of the updates of one round.
+#[derive(Debug, Clone)]
+pub struct SumAccumulator {
+    values: Vec<f64>,
+    coord_weights: Vec<f64>,
+    weight: f64,
+    count: usize,
+}
+
+impl SumAccumulator {
+    /// An empty accumulator for a model of `model_len` values and
+    /// `num_coord_weights` per-coordinate weights.
+    pub fn new(model_len: usize, num_coord_weights: usize) -> Self {
+        Self {
+            values: vec![0.0; model_len],
+            coord_weights: vec![0.0; num_coord_weights],
+            weight: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Adds one (already validated) update.
+    pub fn add(&mut self, update: &Update) -> Result<(), UpdateError> {
+        self.add_parts(&update.values, &update.coord_weights, update.weight)
+    }
+
+    /// Adds one update given as its parts.
+    pub fn add_parts(
+        &mut self,
+        values: &[f32],
+        coord_weights: &[f32],
+        weight: f64,
+    ) -> Result<(), UpdateError> {
+        if values.len() != self.values.len() {
+            return Err(UpdateError::WrongLength {
+                expected: self.values.len(),
+                got: values.len(),
+            });
+        }
+        if coord_weights.len() != self.coord_weights.len() {
+            return Err(UpdateError::WrongWeightLength {
+                expected: self.coord_weights.len(),
+                got: coord_weights.len(),
+            });
+        }
+        for (acc, v) in self.values.iter_mut().zip(values) {
+            *acc += f64::from(*v);
+        }
+        for (acc, v) in self.coord_weights.iter_mut().zip(coord_weights) {
+            *acc += f64::from(*v);
+        }
+        self.weight += weight;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Builds an accumulator from sums computed elsewhere (for example the
+    /// decoded output of secure aggregation).
+    pub fn from_sums(values: Vec<f64>, coord_weights: Vec<f64>, weight: f64, count: usize) -> Self {
+        Self {
+            values,
+            coord_weights,
+            weight,
+            count,
+        }
+    }
+
+    /// Number of updates folded in.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Total example weight folded in.
+    pub fn total_weight(&self) -> f64 {
+        self.weight
+    }
+
+    /// The summed values (before division).
+    pub fn sum_values(&self) -> &[f64] {
+        &self.values
+    }
+
+    /// The mean step to apply to the global model: each coordinate's weighted
+    /// sum divided by its weight. Coordinates of groups with zero weight get a
+    /// step of exactly 0, so items nobody touched keep their previous value.
+    pub fn mean_delta(&self, layout: &WeightLayout) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.values.len()];
+        if self.count == 0 || self.weight <= 0.0 {
+            return out;
+        }
+        if layout.segments.is_empty() {
+            for (o, s) in out.iter_mut().zip(&self.values) {
+                *o = (s / self.weight) as f32;
+            }
+            return out;
+        }
+        let mut offset = 0;
+        for seg in &layout.segments {
+            let range = offset..offset + seg.len;
+            match seg.group_len {
+                None => {
+                    for i in range {
+                        out[i] = (self.values[i] / self.weight) as f32;
+                    }
+                }
+                Some(g) => {
+                    for (j, i) in range.enumerate() {
+                        let w = self.coord_weights[j / g];
+                        if w > 0.0 {
+                            out[i] = (self.values[i] / w) as f32;
+                        }
+                    }
+                }
+            }
+            offset += seg.len;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::update::Segment;
+
+    #[test]
+    fn uniform_mean_is_weighted_average() {
+        let mut acc = SumAccumulator::new(2, 0);
+        // Agent A: 1 example with delta (1, 2); agent B: 3 examples with delta (5, 6).
+        acc.add(&Update {
+            values: vec![1.0, 2.0],
+            coord_weights: vec![],
+            weight: 1.0,
+        })
+        .unwrap();
+        acc.add(&Update {
+            values: vec![15.0, 18.0],
+            coord_weights: vec![],
+            weight: 3.0,
+        })
+        .unwrap();
+        assert_eq!(acc.mean_delta(&WeightLayout::uniform()), vec![4.0, 5.0]);
+    }
+
+    #[test]
+    fn grouped_mean_divides_per_group_and_leaves_untouched_groups() {
+        let layout = WeightLayout {
+            segments: vec![
+                Segment {
+                    len: 1,
+                    group_len: None,
+                },
+                Segment {
+                    len: 4,
+                    group_len: Some(2),
+                },
+            ],
+            num_coord_weights: 2,
+        };
+        let mut acc = SumAccumulator::new(5, 2);
+        // Only group 0 gets evidence: 2 ratings with deltas summing to (4, 6).
+        acc.add(&Update {
+            values: vec![1.0, 4.0, 6.0, 0.0, 0.0],
+            coord_weights: vec![2.0, 0.0],
+            weight: 2.0,
+        })
+        .unwrap();
+        assert_eq!(acc.mean_delta(&layout), vec![0.5, 2.0, 3.0, 0.0, 0.0]);
+    }
+}

@@ -1,0 +1,19 @@
+//! `fedcart-common`: everything the coordinator, the merchant agent and the
+//! simulator share — models and their local training, aggregation maths,
+//! data loading, and (in their own modules) secure aggregation and privacy.
+//!
+//! This crate never opens a socket and depends on neither tokio nor tonic:
+//! the same code runs behind gRPC and inside the in-process simulator.
+#![forbid(unsafe_code)]
+
+pub mod aggregate;
+pub mod lr;
+pub mod metrics;
+pub mod seed;
+pub mod split;
+pub mod standardize;
+pub mod strategy;
+pub mod tabular;
+pub mod task;
+pub mod train;
+pub mod update;

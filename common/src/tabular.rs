@@ -1,0 +1,449 @@
+//! Schema-driven tabular data: CSV rows → a dense feature matrix and labels.
+//!
+//! A [`Schema`] names an id column, a label column, numeric columns and
+//! categorical columns with a declared vocabulary (one-hot encoded in that
+//! order). Every malformed value is reported with the file, the 1-based line
+//! and the column name, never with a panic.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array1, Array2};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A categorical column and its vocabulary; the one-hot block follows the
+/// vocabulary's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Categorical {
+    /// Column name in the CSV header.
+    pub name: String,
+    /// Allowed values, in one-hot order.
+    pub vocabulary: Vec<String>,
+}
+
+/// What a blank numeric cell means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BlankNumeric {
+    /// A blank cell is an error.
+    #[default]
+    Error,
+    /// A blank cell is read as 0 (Telco's `TotalCharges` is blank exactly
+    /// when `tenure` is 0, so nothing has been charged yet).
+    Zero,
+}
+
+/// The columns of a tabular dataset and how to encode them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schema {
+    /// Column holding the row's identifier (e.g. customer id).
+    pub id: String,
+    /// Column holding the binary label.
+    pub label: String,
+    /// Label values read as the positive class (1); every other declared value is 0.
+    pub positive: Vec<String>,
+    /// Label values read as the negative class (0).
+    pub negative: Vec<String>,
+    /// Numeric feature columns, in feature order.
+    pub numeric: Vec<String>,
+    /// Categorical feature columns, one-hot encoded after the numeric ones.
+    pub categorical: Vec<Categorical>,
+    /// Policy for blank numeric cells.
+    #[serde(default)]
+    pub blank_numeric: BlankNumeric,
+}
+
+/// A loaded dataset: one row per example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TabularDataset {
+    /// Row identifiers.
+    pub ids: Vec<String>,
+    /// Features, `rows × schema.num_features()`.
+    pub x: Array2<f32>,
+    /// Labels in {0, 1}.
+    pub y: Array1<f32>,
+}
+
+/// Errors while reading tabular data.
+#[derive(Debug, Error)]
+pub enum DataError {
+    /// The file could not be opened or read.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A required column is missing from the header.
+    #[error("{file}: line 1: missing column `{column}` (header has: {header})")]
+    MissingColumn {
+        /// The file.
+        file: PathBuf,
+        /// The missing column.
+        column: String,
+        /// The header as read, for comparison.
+        header: String,
+    },
+    /// A cell could not be parsed.
+    #[error("{file}: line {line}, column `{column}`: {message}")]
+    Cell {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// Column name.
+        column: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The CSV structure itself is broken (wrong field count, bad quoting).
+    #[error("{file}: line {line}: {message}")]
+    Row {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// What was wrong.
+        message: String,
+    },
+    /// The file has a header but no rows.
+    #[error("{file}: no data rows")]
+    Empty {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+impl Schema {
+    /// The schema of the IBM Telco customer churn CSV, as shipped.
+    pub fn telco() -> Self {
+        let yes_no = |name: &str| Categorical {
+            name: name.into(),
+            vocabulary: vec!["No".into(), "Yes".into()],
+        };
+        let yes_no_nos = |name: &str, none: &str| Categorical {
+            name: name.into(),
+            vocabulary: vec!["No".into(), "Yes".into(), none.into()],
+        };
+        Self {
+            id: "customerID".into(),
+            label: "Churn".into(),
+            positive: vec!["Yes".into()],
+            negative: vec!["No".into()],
+            numeric: vec![
+                "SeniorCitizen".into(),
+                "tenure".into(),
+                "MonthlyCharges".into(),
+                "TotalCharges".into(),
+            ],
+            categorical: vec![
+                Categorical {
+                    name: "gender".into(),
+                    vocabulary: vec!["Female".into(), "Male".into()],
+                },
+                yes_no("Partner"),
+                yes_no("Dependents"),
+                yes_no("PhoneService"),
+                yes_no_nos("MultipleLines", "No phone service"),
+                Categorical {
+                    name: "InternetService".into(),
+                    vocabulary: vec!["DSL".into(), "Fiber optic".into(), "No".into()],
+                },
+                yes_no_nos("OnlineSecurity", "No internet service"),
+                yes_no_nos("OnlineBackup", "No internet service"),
+                yes_no_nos("DeviceProtection", "No internet service"),
+                yes_no_nos("TechSupport", "No internet service"),
+                yes_no_nos("StreamingTV", "No internet service"),
+                yes_no_nos("StreamingMovies", "No internet service"),
+                Categorical {
+                    name: "Contract".into(),
+                    vocabulary: vec![
+                        "Month-to-month".into(),
+                        "One year".into(),
+                        "Two year".into(),
+                    ],
+                },
+                yes_no("PaperlessBilling"),
+                Categorical {
+                    name: "PaymentMethod".into(),
+                    vocabulary: vec![
+                        "Bank transfer (automatic)".into(),
+                        "Credit card (automatic)".into(),
+                        "Electronic check".into(),
+                        "Mailed check".into(),
+                    ],
+                },
+            ],
+            blank_numeric: BlankNumeric::Zero,
+        }
+    }
+
+    /// Number of encoded features: numeric columns plus one-hot widths.
+    pub fn num_features(&self) -> usize {
+        self.numeric.len()
+            + self
+                .categorical
+                .iter()
+                .map(|c| c.vocabulary.len())
+                .sum::<usize>()
+    }
+
+    /// Reads a CSV file with a header row.
+    pub fn load_csv(&self, path: &Path) -> Result<TabularDataset, DataError> {
+        let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+            file: path.into(),
+            source,
+        })?;
+        self.read_csv(std::io::BufReader::new(file), path)
+    }
+
+    /// Reads CSV from any reader; `path` is used only in error messages.
+    pub fn read_csv<R: std::io::Read>(
+        &self,
+        reader: R,
+        path: &Path,
+    ) -> Result<TabularDataset, DataError> {
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .from_reader(reader);
+        let header = rdr
+            .headers()
+            .map_err(|e| DataError::Row {
+                file: path.into(),
+                line: 1,
+                message: e.to_string(),
+            })?
+            .clone();
+        let col = |name: &str| -> Result<usize, DataError> {
+            header
+                .iter()
+                .position(|h| h.trim() == name)
+                .ok_or_else(|| DataError::MissingColumn {
+                    file: path.into(),
+                    column: name.into(),
+                    header: header.iter().collect::<Vec<_>>().join(","),
+                })
+        };
+        let id_col = col(&self.id)?;
+        let label_col = col(&self.label)?;
+        let numeric_cols = self
+            .numeric
+            .iter()
+            .map(|n| col(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cat_cols = self
+            .categorical
+            .iter()
+            .map(|c| col(&c.name))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let width = self.num_features();
+        let mut ids = Vec::new();
+        let mut feats: Vec<f32> = Vec::new();
+        let mut labels = Vec::new();
+        for record in rdr.records() {
+            let record = record.map_err(|e| DataError::Row {
+                file: path.into(),
+                line: e.position().map_or(0, |p| p.line()),
+                message: e.to_string(),
+            })?;
+            let line = record.position().map_or(0, |p| p.line());
+            let cell_err = |column: &str, message: String| DataError::Cell {
+                file: path.into(),
+                line,
+                column: column.into(),
+                message,
+            };
+            let start = feats.len();
+            feats.resize(start + width, 0.0);
+            let row = &mut feats[start..];
+            for (k, (&c, name)) in numeric_cols.iter().zip(&self.numeric).enumerate() {
+                let raw = record.get(c).unwrap_or("").trim();
+                row[k] = if raw.is_empty() {
+                    match self.blank_numeric {
+                        BlankNumeric::Zero => 0.0,
+                        BlankNumeric::Error => {
+                            return Err(cell_err(name, "blank numeric value".into()));
+                        }
+                    }
+                } else {
+                    let v: f32 = raw
+                        .parse()
+                        .map_err(|_| cell_err(name, format!("`{raw}` is not a number")))?;
+                    if !v.is_finite() {
+                        return Err(cell_err(name, format!("`{raw}` is not finite")));
+                    }
+                    v
+                };
+            }
+            let mut offset = self.numeric.len();
+            for (&c, cat) in cat_cols.iter().zip(&self.categorical) {
+                let raw = record.get(c).unwrap_or("").trim();
+                let pos = cat
+                    .vocabulary
+                    .iter()
+                    .position(|v| v == raw)
+                    .ok_or_else(|| {
+                        cell_err(
+                            &cat.name,
+                            format!("`{raw}` is not in the vocabulary {:?}", cat.vocabulary),
+                        )
+                    })?;
+                row[offset + pos] = 1.0;
+                offset += cat.vocabulary.len();
+            }
+            let raw_label = record.get(label_col).unwrap_or("").trim();
+            let y = if self.positive.iter().any(|p| p == raw_label) {
+                1.0
+            } else if self.negative.iter().any(|p| p == raw_label) {
+                0.0
+            } else {
+                return Err(cell_err(
+                    &self.label,
+                    format!(
+                        "label `{raw_label}` is neither positive {:?} nor negative {:?}",
+                        self.positive, self.negative
+                    ),
+                ));
+            };
+            labels.push(y);
+            ids.push(record.get(id_col).unwrap_or("").to_string());
+        }
+        if ids.is_empty() {
+            return Err(DataError::Empty { file: path.into() });
+        }
+        let n = ids.len();
+        let x = Array2::from_shape_vec((n, width), feats).expect("rows × width values were pushed");
+        Ok(TabularDataset {
+            ids,
+            x,
+            y: Array1::from(labels),
+        })
+    }
+}
+
+impl TabularDataset {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The rows at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> Self {
+        Self {
+            ids: indices.iter().map(|&i| self.ids[i].clone()).collect(),
+            x: self.x.select(ndarray::Axis(0), indices),
+            y: self.y.select(ndarray::Axis(0), indices),
+        }
+    }
+
+    /// Concatenates datasets with the same width.
+    pub fn concat(parts: &[&TabularDataset]) -> Self {
+        let width = parts.first().map_or(0, |p| p.x.ncols());
+        let ids = parts
+            .iter()
+            .flat_map(|p| p.ids.iter().cloned())
+            .collect::<Vec<_>>();
+        let mut x = Vec::with_capacity(ids.len() * width);
+        let mut y = Vec::with_capacity(ids.len());
+        for p in parts {
+            x.extend(p.x.iter().copied());
+            y.extend(p.y.iter().copied());
+        }
+        Self {
+            x: Array2::from_shape_vec((ids.len(), width), x).expect("same widths"),
+            y: Array1::from(y),
+            ids,
+        }
+    }
+
+    /// Fraction of positive labels.
+    pub fn positive_rate(&self) -> f64 {
+        if self.is_empty() {
+            0.0
+        } else {
+            self.y.iter().filter(|&&v| v > 0.5).count() as f64 / self.len() as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn telco_path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/telco-churn/Telco-Customer-Churn.csv")
+    }
+
+    #[test]
+    fn telco_loads_as_shipped_including_blank_total_charges() {
+        let ds = Schema::telco().load_csv(&telco_path()).unwrap();
+        assert_eq!(ds.len(), 7043);
+        assert_eq!(ds.x.ncols(), Schema::telco().num_features());
+        // 1869 of 7043 customers churned in the published dataset.
+        assert_eq!(ds.y.iter().filter(|&&v| v > 0.5).count(), 1869);
+        // Every one-hot block has exactly one 1.
+        let one_hot_sum: f32 = ds.x.row(0).iter().skip(4).sum();
+        assert_eq!(one_hot_sum, Schema::telco().categorical.len() as f32);
+    }
+
+    #[test]
+    fn bad_cell_names_file_line_and_column() {
+        let csv = "customerID,gender,SeniorCitizen,Partner,Dependents,tenure,PhoneService,MultipleLines,InternetService,OnlineSecurity,OnlineBackup,DeviceProtection,TechSupport,StreamingTV,StreamingMovies,Contract,PaperlessBilling,PaymentMethod,MonthlyCharges,TotalCharges,Churn\n\
+            a,Female,0,Yes,No,1,No,No phone service,DSL,No,Yes,No,No,No,No,Month-to-month,Yes,Electronic check,29.85,29.85,No\n\
+            b,Female,0,Yes,No,abc,No,No phone service,DSL,No,Yes,No,No,No,No,Month-to-month,Yes,Electronic check,29.85,29.85,No\n";
+        let err = Schema::telco()
+            .read_csv(csv.as_bytes(), Path::new("x.csv"))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x.csv: line 3, column `tenure`: `abc` is not a number"
+        );
+    }
+
+    #[test]
+    fn unknown_category_and_missing_column_are_named() {
+        let schema = Schema {
+            id: "id".into(),
+            label: "y".into(),
+            positive: vec!["1".into()],
+            negative: vec!["0".into()],
+            numeric: vec!["a".into()],
+            categorical: vec![Categorical {
+                name: "c".into(),
+                vocabulary: vec!["p".into(), "q".into()],
+            }],
+            blank_numeric: BlankNumeric::Error,
+        };
+        let err = schema
+            .read_csv("id,a,c,y\n1,2,z,0\n".as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("f.csv: line 2, column `c`: `z` is not in the vocabulary"),
+            "{err}"
+        );
+        let err = schema
+            .read_csv("id,a,y\n1,2,0\n".as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert!(err.to_string().contains("missing column `c`"), "{err}");
+        let err = schema
+            .read_csv("id,a,c,y\n1,,p,0\n".as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.csv: line 2, column `a`: blank numeric value"
+        );
+        let err = schema
+            .read_csv("id,a,c,y\n1,2,p\n".as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("f.csv: line 2:"), "{err}");
+    }
+}

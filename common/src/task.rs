@@ -1,0 +1,114 @@
+//! What a round asks of an agent: the task kind, the model family and its
+//! hyper-parameters. Serialised as JSON inside the `TaskAssignment` message,
+//! and built directly by the simulator.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lr::SgdParams;
+use crate::standardize::Standardizer;
+use crate::update::WeightLayout;
+
+/// The three kinds of work a round can hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Report feature sums and counts for global standardisation.
+    Stats,
+    /// Train from the global model and return a weighted update.
+    Train,
+    /// Evaluate the global model on the local held-out split.
+    Evaluate,
+}
+
+/// The model family being federated, with its shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "snake_case")]
+pub enum ModelSpec {
+    /// Logistic regression for churn on `num_features` encoded features.
+    ChurnLr {
+        /// Encoded feature count (see `tabular::Schema::num_features`).
+        num_features: usize,
+    },
+}
+
+impl ModelSpec {
+    /// Which local dataset the family trains on; also the key agents use to
+    /// advertise their example counts.
+    pub fn data_family(&self) -> &'static str {
+        match self {
+            ModelSpec::ChurnLr { .. } => "churn",
+        }
+    }
+
+    /// Short name for logs and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelSpec::ChurnLr { .. } => "churn-lr",
+        }
+    }
+
+    /// Number of federated f32 parameters.
+    pub fn model_len(&self) -> usize {
+        match self {
+            ModelSpec::ChurnLr { num_features } => num_features + 1,
+        }
+    }
+
+    /// How summed updates are divided back into a step.
+    pub fn layout(&self) -> WeightLayout {
+        match self {
+            ModelSpec::ChurnLr { .. } => WeightLayout::uniform(),
+        }
+    }
+
+    /// Length of the statistics vector of a `Stats` task (0 if the family
+    /// needs no statistics step).
+    pub fn stats_len(&self) -> usize {
+        match self {
+            ModelSpec::ChurnLr { num_features } => 2 * num_features,
+        }
+    }
+
+    /// The first global model version.
+    pub fn initial_params(&self, _seed: u64) -> Vec<f32> {
+        vec![0.0; self.model_len()]
+    }
+}
+
+/// Everything an agent needs to carry out one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Stats, train or evaluate.
+    pub kind: TaskKind,
+    /// The model family and shape.
+    pub model: ModelSpec,
+    /// Local optimiser settings.
+    pub sgd: SgdParams,
+    /// The run seed; agents derive their own streams from it, their id and
+    /// the round, so a run replays exactly.
+    pub seed: u64,
+    /// The round this task belongs to.
+    pub round: u64,
+    /// Global feature scaling agreed in the statistics step, if any.
+    #[serde(default)]
+    pub standardizer: Option<Standardizer>,
+}
+
+impl TaskSpec {
+    /// Length of the update vector this task produces.
+    pub fn update_len(&self) -> usize {
+        match self.kind {
+            TaskKind::Stats => self.model.stats_len(),
+            TaskKind::Train => self.model.model_len(),
+            TaskKind::Evaluate => 0,
+        }
+    }
+
+    /// Weight layout of this task's update.
+    pub fn update_layout(&self) -> WeightLayout {
+        match self.kind {
+            TaskKind::Train => self.model.layout(),
+            TaskKind::Stats | TaskKind::Evaluate => WeightLayout::uniform(),
+        }
+    }
+}

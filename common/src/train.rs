@@ -1,0 +1,203 @@
+//! Local work on a merchant's data: the one function both the agent process
+//! and the simulator call to carry out a task.
+//!
+//! `run_task` takes the task, the global parameters and the merchant's local
+//! data (including any private state, which it may update) and returns the
+//! update to send plus local metrics. What it returns is, by construction,
+//! only the federated parameters' weighted delta or aggregate statistics.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+use crate::lr::LogisticRegression;
+use crate::metrics::{Confusion, auc, log_loss};
+use crate::standardize::{Standardizer, stats_update};
+use crate::tabular::TabularDataset;
+use crate::task::{ModelSpec, TaskKind, TaskSpec};
+use crate::update::Update;
+
+/// A merchant's churn data, split locally into training and held-out rows.
+#[derive(Debug, Clone)]
+pub struct ChurnData {
+    /// Rows used for training.
+    pub train: TabularDataset,
+    /// Rows used for local evaluation (never trained on).
+    pub valid: TabularDataset,
+}
+
+/// Everything a merchant holds locally.
+#[derive(Debug, Clone, Default)]
+pub struct LocalData {
+    /// The merchant's identifier, used to derive its random streams.
+    pub merchant_id: String,
+    /// Churn data, if the merchant takes part in churn tasks.
+    pub churn: Option<ChurnData>,
+}
+
+/// The result of one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOutput {
+    /// The update to send (None for evaluation tasks).
+    pub update: Option<Update>,
+    /// Local metrics (training loss, or held-out metrics).
+    pub metrics: BTreeMap<String, f64>,
+    /// Example weight of the metrics and the update.
+    pub weight: f64,
+}
+
+/// Why a task could not be carried out locally.
+#[derive(Debug, Error, PartialEq)]
+pub enum TrainError {
+    /// The merchant holds no data of the family the task needs.
+    #[error("this merchant has no {0} data")]
+    NoData(&'static str),
+    /// The global parameters do not have the model's length.
+    #[error("global model has {got} values, the task's model needs {expected}")]
+    ModelLength {
+        /// Length the task's model needs.
+        expected: usize,
+        /// Length received.
+        got: usize,
+    },
+    /// The features do not match the model's width.
+    #[error("local data has {got} features, the model expects {expected}")]
+    FeatureWidth {
+        /// Width the model expects.
+        expected: usize,
+        /// Width of the local data.
+        got: usize,
+    },
+    /// Training produced a NaN or infinite value; nothing is sent.
+    #[error("local training diverged (non-finite parameter); lower the learning rate")]
+    Diverged,
+    /// A train task arrived before the statistics step finished.
+    #[error("the task needs feature statistics but carries none")]
+    MissingStandardizer,
+}
+
+impl LocalData {
+    /// Example counts per data family, as advertised when joining.
+    pub fn examples(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        if let Some(c) = &self.churn {
+            out.insert("churn".into(), c.train.len() as u64);
+        }
+        out
+    }
+}
+
+/// Carries out `spec` on `data`, starting from `global`.
+pub fn run_task(
+    spec: &TaskSpec,
+    global: &[f32],
+    data: &mut LocalData,
+) -> Result<TaskOutput, TrainError> {
+    match &spec.model {
+        ModelSpec::ChurnLr { num_features } => churn_lr_task(spec, *num_features, global, data),
+    }
+}
+
+fn churn_lr_task(
+    spec: &TaskSpec,
+    num_features: usize,
+    global: &[f32],
+    data: &LocalData,
+) -> Result<TaskOutput, TrainError> {
+    let churn = data.churn.as_ref().ok_or(TrainError::NoData("churn"))?;
+    if churn.train.x.ncols() != num_features {
+        return Err(TrainError::FeatureWidth {
+            expected: num_features,
+            got: churn.train.x.ncols(),
+        });
+    }
+    if spec.kind == TaskKind::Stats {
+        let update = stats_update(&churn.train.x);
+        let weight = update.weight;
+        return Ok(TaskOutput {
+            update: Some(update),
+            metrics: BTreeMap::new(),
+            weight,
+        });
+    }
+    if global.len() != spec.model.model_len() {
+        return Err(TrainError::ModelLength {
+            expected: spec.model.model_len(),
+            got: global.len(),
+        });
+    }
+    let scaler = spec
+        .standardizer
+        .as_ref()
+        .ok_or(TrainError::MissingStandardizer)?;
+    let mut model = LogisticRegression::from_params(global);
+    match spec.kind {
+        TaskKind::Train => {
+            let x = scaler.transform(&churn.train.x);
+            let mut rng = crate::seed::rng(
+                spec.seed,
+                &["train", &data.merchant_id, &spec.round.to_string()],
+            );
+            let loss = model.fit_with(&x, &churn.train.y, &spec.sgd, &mut rng);
+            let local = model.to_params();
+            let n = churn.train.len() as f64;
+            let update = weighted_delta(&local, global, n)?;
+            let metrics = BTreeMap::from([("train_loss".to_string(), f64::from(loss))]);
+            Ok(TaskOutput {
+                update: Some(update),
+                metrics,
+                weight: n,
+            })
+        }
+        TaskKind::Evaluate => {
+            let metrics = evaluate_lr(&model, scaler, &churn.valid);
+            Ok(TaskOutput {
+                update: None,
+                metrics,
+                weight: churn.valid.len() as f64,
+            })
+        }
+        TaskKind::Stats => unreachable!("handled above"),
+    }
+}
+
+/// `n · (local − global)` as an update of weight `n`; refuses non-finite values.
+pub fn weighted_delta(local: &[f32], global: &[f32], n: f64) -> Result<Update, TrainError> {
+    let values: Vec<f32> = local
+        .iter()
+        .zip(global)
+        .map(|(l, g)| ((l - g) as f64 * n) as f32)
+        .collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::Diverged);
+    }
+    Ok(Update {
+        values,
+        coord_weights: Vec::new(),
+        weight: n,
+    })
+}
+
+/// Held-out metrics of a logistic-regression model: AUC, log-loss, accuracy,
+/// precision and recall at 0.5.
+pub fn evaluate_lr(
+    model: &LogisticRegression,
+    scaler: &Standardizer,
+    ds: &TabularDataset,
+) -> BTreeMap<String, f64> {
+    let probs = model.predict_proba(&scaler.transform(&ds.x));
+    let y = ds.y.as_slice().expect("contiguous labels");
+    classification_metrics(y, &probs)
+}
+
+/// The standard churn metrics from labels and predicted probabilities.
+pub fn classification_metrics(y: &[f32], probs: &[f32]) -> BTreeMap<String, f64> {
+    let c = Confusion::at(y, probs, 0.5);
+    BTreeMap::from([
+        ("auc".to_string(), auc(y, probs)),
+        ("log_loss".to_string(), log_loss(y, probs)),
+        ("accuracy".to_string(), c.accuracy()),
+        ("precision".to_string(), c.precision()),
+        ("recall".to_string(), c.recall()),
+    ])
+}
