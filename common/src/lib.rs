@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod interactions;
 pub mod lr;
 pub mod metrics;
+pub mod reference;
 pub mod seed;
 pub mod split;
 pub mod standardize;

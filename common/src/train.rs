@@ -201,3 +201,23 @@ pub fn classification_metrics(y: &[f32], probs: &[f32]) -> BTreeMap<String, f64>
         ("recall".to_string(), c.recall()),
     ])
 }
+
+impl LocalData {
+    /// Pools several merchants' data into one, for the centralised baseline.
+    /// Private per-merchant state is not pooled; each family re-creates it.
+    pub fn pooled(merchant_id: &str, parts: &[LocalData]) -> LocalData {
+        let churn_parts: Vec<&ChurnData> = parts.iter().filter_map(|p| p.churn.as_ref()).collect();
+        let churn = (!churn_parts.is_empty()).then(|| ChurnData {
+            train: TabularDataset::concat(
+                &churn_parts.iter().map(|c| &c.train).collect::<Vec<_>>(),
+            ),
+            valid: TabularDataset::concat(
+                &churn_parts.iter().map(|c| &c.valid).collect::<Vec<_>>(),
+            ),
+        });
+        LocalData {
+            merchant_id: merchant_id.to_string(),
+            churn,
+        }
+    }
+}
