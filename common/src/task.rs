@@ -29,6 +29,12 @@ pub enum ModelSpec {
         /// Encoded feature count (see `tabular::Schema::num_features`).
         num_features: usize,
     },
+    /// No model: agents return a seeded random update of `dim` values without
+    /// training. Used to measure the coordinator's and transport's overhead.
+    Noop {
+        /// Update length.
+        dim: usize,
+    },
 }
 
 impl ModelSpec {
@@ -37,6 +43,7 @@ impl ModelSpec {
     pub fn data_family(&self) -> &'static str {
         match self {
             ModelSpec::ChurnLr { .. } => "churn",
+            ModelSpec::Noop { .. } => "noop",
         }
     }
 
@@ -44,6 +51,7 @@ impl ModelSpec {
     pub fn name(&self) -> &'static str {
         match self {
             ModelSpec::ChurnLr { .. } => "churn-lr",
+            ModelSpec::Noop { .. } => "noop",
         }
     }
 
@@ -51,13 +59,14 @@ impl ModelSpec {
     pub fn model_len(&self) -> usize {
         match self {
             ModelSpec::ChurnLr { num_features } => num_features + 1,
+            ModelSpec::Noop { dim } => *dim,
         }
     }
 
     /// How summed updates are divided back into a step.
     pub fn layout(&self) -> WeightLayout {
         match self {
-            ModelSpec::ChurnLr { .. } => WeightLayout::uniform(),
+            ModelSpec::ChurnLr { .. } | ModelSpec::Noop { .. } => WeightLayout::uniform(),
         }
     }
 
@@ -66,6 +75,7 @@ impl ModelSpec {
     pub fn stats_len(&self) -> usize {
         match self {
             ModelSpec::ChurnLr { num_features } => 2 * num_features,
+            ModelSpec::Noop { .. } => 0,
         }
     }
 

@@ -95,6 +95,31 @@ pub fn run_task(
 ) -> Result<TaskOutput, TrainError> {
     match &spec.model {
         ModelSpec::ChurnLr { num_features } => churn_lr_task(spec, *num_features, global, data),
+        ModelSpec::Noop { dim } => Ok(noop_task(spec, *dim, &data.merchant_id)),
+    }
+}
+
+/// A seeded random update of `dim` values in [-1, 1), weight 1, no training.
+fn noop_task(spec: &TaskSpec, dim: usize, merchant_id: &str) -> TaskOutput {
+    use rand::RngExt;
+    if spec.kind == TaskKind::Evaluate {
+        return TaskOutput {
+            update: None,
+            metrics: BTreeMap::new(),
+            weight: 1.0,
+        };
+    }
+    let mut rng = crate::seed::rng(spec.seed, &["noop", merchant_id, &spec.round.to_string()]);
+    let values = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let update = Update {
+        values,
+        coord_weights: Vec::new(),
+        weight: 1.0,
+    };
+    TaskOutput {
+        update: Some(update),
+        metrics: BTreeMap::new(),
+        weight: 1.0,
     }
 }
 

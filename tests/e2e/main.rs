@@ -1,1 +1,6 @@
-//! End-to-end tests.
+//! End-to-end tests: a real coordinator and real agents over TCP loopback.
+//! One test binary keeps link times down.
+
+mod bad_input;
+mod federation;
+mod restart;

@@ -1,0 +1,92 @@
+//! Agent configuration: `merchant.toml` → validated plain structs, with
+//! environment overrides for the coordinator address and paths.
+
+use std::path::{Path, PathBuf};
+
+use fedcart_common::tabular::Schema;
+use serde::{Deserialize, Serialize};
+
+/// Reconnection backoff: doubles from `initial_ms` up to `max_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// First wait after a failure.
+    pub initial_ms: u64,
+    /// Longest wait.
+    pub max_ms: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial_ms: 100,
+            max_ms: 5_000,
+        }
+    }
+}
+
+/// Where the merchant's data is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Churn CSV (customer rows with a label), read with `schema`.
+    pub churn_csv: Option<PathBuf>,
+    /// Schema of the churn CSV; defaults to the Telco schema.
+    #[serde(default)]
+    pub schema: Option<Schema>,
+    /// Fraction of rows held out for local evaluation.
+    #[serde(default = "holdout")]
+    pub holdout: f64,
+    /// Seed of the local train/held-out split.
+    #[serde(default)]
+    pub split_seed: u64,
+}
+
+fn holdout() -> f64 {
+    0.2
+}
+
+/// The whole `merchant.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Coordinator URL, e.g. `http://127.0.0.1:50051` (env `FEDCART_COORDINATOR`).
+    pub coordinator: String,
+    /// This merchant's id (env `FEDCART_MERCHANT_ID`).
+    pub merchant_id: String,
+    /// Directory for the agent's local state (env `FEDCART_STATE_DIR`).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// The merchant's data.
+    pub data: DataConfig,
+    /// Reconnection backoff.
+    #[serde(default)]
+    pub backoff: Backoff,
+}
+
+impl AgentConfig {
+    /// Reads a TOML file and applies environment overrides.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut cfg: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Ok(v) = std::env::var("FEDCART_COORDINATOR") {
+            cfg.coordinator = v;
+        }
+        if let Ok(v) = std::env::var("FEDCART_MERCHANT_ID") {
+            cfg.merchant_id = v;
+        }
+        if let Ok(v) = std::env::var("FEDCART_STATE_DIR") {
+            cfg.state_dir = Some(v.into());
+        }
+        if !(cfg.data.holdout > 0.0 && cfg.data.holdout < 1.0) {
+            anyhow::bail!(
+                "{}: `data.holdout` = {} must be in (0, 1)",
+                path.display(),
+                cfg.data.holdout
+            );
+        }
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,183 @@
+//! Coordinator configuration: TOML file → validated plain structs.
+//!
+//! `RunConfig` describes the federated run (and is stored with it, so a
+//! restarted coordinator resumes exactly the run it was doing);
+//! `ServeConfig` is how this process serves it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fedcart_common::lr::SgdParams;
+use fedcart_common::task::ModelSpec;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// How agents are chosen for a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selection {
+    /// Fraction of connected agents to select.
+    pub fraction: f64,
+    /// Never select fewer than this many (a round waits for them to connect).
+    pub min_agents: usize,
+    /// Never select more than this many.
+    pub max_agents: usize,
+}
+
+/// The federated run: model, rounds, selection and aggregation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Identifier carried by every message of the run.
+    pub run_id: String,
+    /// Seed for selection and for every agent's local randomness.
+    pub seed: u64,
+    /// Number of training rounds (= the last version).
+    pub rounds: u64,
+    /// The model family.
+    pub model: ModelSpec,
+    /// Local training hyper-parameters.
+    pub sgd: SgdParams,
+    /// Agent selection.
+    pub selection: Selection,
+    /// Results needed to commit a round; fewer by the deadline aborts it.
+    pub quorum: usize,
+    /// Deadline of each task, in milliseconds from its start.
+    pub round_timeout_ms: u64,
+    /// Run an evaluation task after every committed round.
+    #[serde(default = "yes")]
+    pub evaluate: bool,
+    /// Aggregation strategy name (`fedavg`).
+    #[serde(default = "fedavg")]
+    pub strategy: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn fedavg() -> String {
+    "fedavg".into()
+}
+
+/// How this coordinator process serves a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address for the gRPC service.
+    pub listen: SocketAddr,
+    /// Path of the redb store.
+    pub store: PathBuf,
+    /// Keepalive ping interval on agents' Join streams, milliseconds.
+    #[serde(default = "ping_ms")]
+    pub ping_interval_ms: u64,
+}
+
+fn ping_ms() -> u64 {
+    5_000
+}
+
+/// The whole `coordinator.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Serving settings.
+    pub serve: ServeConfig,
+    /// The run.
+    pub run: RunConfig,
+}
+
+/// A configuration problem, naming the file and the field.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or has unknown/missing fields.
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A field has an invalid value.
+    #[error("invalid `{field}`: {message}")]
+    Invalid {
+        /// The dotted field name.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl CoordinatorConfig {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: path.into(),
+            source,
+        })?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: path.into(),
+            message: e.to_string(),
+        })?;
+        cfg.run.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl RunConfig {
+    /// Checks the values once, before any work starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, message: String| Err(ConfigError::Invalid { field, message });
+        if self.run_id.is_empty() {
+            return bad("run.run_id", "must not be empty".into());
+        }
+        if !(self.selection.fraction > 0.0 && self.selection.fraction <= 1.0) {
+            return bad(
+                "run.selection.fraction",
+                format!("{} is not in (0, 1]", self.selection.fraction),
+            );
+        }
+        if self.selection.min_agents == 0 || self.selection.min_agents > self.selection.max_agents {
+            return bad(
+                "run.selection.min_agents",
+                format!(
+                    "must be ≥ 1 and ≤ max_agents ({})",
+                    self.selection.max_agents
+                ),
+            );
+        }
+        if self.quorum == 0 || self.quorum > self.selection.min_agents {
+            return bad(
+                "run.quorum",
+                format!("{} must be ≥ 1 and ≤ selection.min_agents", self.quorum),
+            );
+        }
+        if self.round_timeout_ms == 0 {
+            return bad("run.round_timeout_ms", "must be positive".into());
+        }
+        if !(self.sgd.learning_rate.is_finite() && self.sgd.learning_rate > 0.0) {
+            return bad(
+                "run.sgd.learning_rate",
+                format!("{} must be finite and positive", self.sgd.learning_rate),
+            );
+        }
+        if self.sgd.batch_size == 0 || self.sgd.epochs == 0 {
+            return bad("run.sgd", "batch_size and epochs must be ≥ 1".into());
+        }
+        crate::engine::strategy_by_name(&self.strategy).map_err(|message| {
+            ConfigError::Invalid {
+                field: "run.strategy",
+                message,
+            }
+        })?;
+        Ok(())
+    }
+}

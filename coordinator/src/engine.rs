@@ -1,0 +1,613 @@
+//! The round engine: selection, collection, aggregation and commit.
+//!
+//! The engine knows nothing about gRPC or threads. A driver (the gRPC service
+//! in `service`, or the in-process simulator) asks it for the next task,
+//! delivers results with [`Engine::submit`], reports disconnects with
+//! [`Engine::drop_agent`], and closes the task with [`Engine::finish_task`]
+//! when everyone answered or the deadline passed.
+//!
+//! Updates are folded into a running sum as they arrive, so memory is
+//! O(model size) for streaming strategies. A task commits only with a quorum
+//! of results; otherwise it aborts, nothing changes, and the same round is
+//! attempted again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use fedcart_common::aggregate::SumAccumulator;
+use fedcart_common::standardize::Standardizer;
+use fedcart_common::strategy::{FedAvg, Strategy};
+use fedcart_common::task::{TaskKind, TaskSpec};
+use fedcart_common::update::{Update, UpdateError};
+use rand::seq::SliceRandom;
+use thiserror::Error;
+
+use crate::config::RunConfig;
+use crate::record::{Outcome, RoundRecord};
+use crate::store::{Commit, Store, StoreError};
+
+/// Builds a strategy from its configured name.
+pub fn strategy_by_name(name: &str) -> Result<Box<dyn Strategy>, String> {
+    match name {
+        "fedavg" => Ok(Box::new(FedAvg)),
+        other => Err(format!("unknown strategy `{other}` (known: fedavg)")),
+    }
+}
+
+/// Errors of the engine itself (not of a single submission).
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store holds a different run than the configuration asks for.
+    #[error("store {path} holds run `{stored}`, the configuration asks for `{configured}`")]
+    RunMismatch {
+        /// The store file.
+        path: String,
+        /// Run id in the store.
+        stored: String,
+        /// Run id configured.
+        configured: String,
+    },
+    /// A task is already open.
+    #[error("task {0} is still open")]
+    TaskOpen(String),
+    /// No task is open.
+    #[error("no task is open")]
+    NoTask,
+    /// Not enough agents are connected to start a task.
+    #[error("{available} agents available, at least {needed} needed")]
+    NotEnoughAgents {
+        /// Agents available.
+        available: usize,
+        /// Agents needed.
+        needed: usize,
+    },
+    /// The run has finished.
+    #[error("the run has finished")]
+    Finished,
+    /// The stored or configured run is invalid.
+    #[error("invalid run configuration: {0}")]
+    Config(String),
+}
+
+/// Why one submission was refused. Each maps to a specific gRPC status.
+#[derive(Debug, Error, PartialEq)]
+pub enum SubmitError {
+    /// The message names another run.
+    #[error("run `{got}` is not this coordinator's run `{expected}`")]
+    WrongRun {
+        /// This coordinator's run.
+        expected: String,
+        /// The run named.
+        got: String,
+    },
+    /// The round/task is not the open one (closed, stale or from the future).
+    #[error("round {round} task `{task_id}` is not open (open: {open})")]
+    Closed {
+        /// The round named.
+        round: u64,
+        /// The task named.
+        task_id: String,
+        /// What is open instead.
+        open: String,
+    },
+    /// The agent was not selected for this task.
+    #[error("agent `{0}` was not selected for this task")]
+    NotSelected(String),
+    /// The agent already delivered a result for this task.
+    #[error("agent `{0}` already submitted for this task")]
+    Duplicate(String),
+    /// The agent was counted as dropped (disconnected or late).
+    #[error("agent `{0}` was marked as dropped for this task")]
+    Dropped(String),
+    /// The update itself is invalid.
+    #[error("invalid update: {0}")]
+    Invalid(#[from] UpdateError),
+    /// A metric is not a finite number.
+    #[error("metric `{0}` is not finite")]
+    BadMetric(String),
+}
+
+/// A task handed out to agents.
+#[derive(Debug, Clone)]
+pub struct TaskPlan {
+    /// Round number.
+    pub round: u64,
+    /// Attempt of this round, from 1.
+    pub attempt: u32,
+    /// Unique task id, e.g. `r3a1-train`.
+    pub task_id: String,
+    /// What the agents must do.
+    pub spec: TaskSpec,
+    /// Global version to download (and its length); length 0 = none.
+    pub model_version: u64,
+    /// Number of f32 values in that version (0 if none is needed).
+    pub model_len: u64,
+    /// Selected agents, sorted.
+    pub selected: Vec<String>,
+}
+
+/// A result delivered by an agent.
+#[derive(Debug, Clone, Default)]
+pub struct Submission {
+    /// The update (None for evaluation tasks).
+    pub update: Option<Update>,
+    /// Local metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// Example weight.
+    pub weight: f64,
+    /// Payload bytes received (for accounting).
+    pub bytes: u64,
+}
+
+enum Accumulation {
+    Sum(SumAccumulator),
+    Individual(Vec<Update>),
+}
+
+struct OpenTask {
+    plan: TaskPlan,
+    selected: BTreeSet<String>,
+    reported: BTreeSet<String>,
+    dropped: BTreeSet<String>,
+    rejected: Vec<(String, String)>,
+    acc: Accumulation,
+    metric_sums: BTreeMap<String, f64>,
+    metric_weight: f64,
+    started: Instant,
+    started_unix_ms: i64,
+    bytes_in: u64,
+}
+
+/// The coordinator's round engine over a durable store.
+pub struct Engine {
+    store: Store,
+    run: RunConfig,
+    strategy: Box<dyn Strategy>,
+    version: u64,
+    global: Arc<Vec<f32>>,
+    standardizer: Option<Standardizer>,
+    pending_eval: bool,
+    attempts: BTreeMap<(u64, String), u32>,
+    open: Option<OpenTask>,
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Engine {
+    /// Opens (or resumes) the run in `store`.
+    ///
+    /// A new store gets the configuration and version 0. A store that already
+    /// holds this run resumes from its last committed version with the stored
+    /// configuration; a task that was in flight when the coordinator stopped
+    /// is simply attempted again.
+    pub fn open(store: Store, configured: RunConfig) -> Result<Self, EngineError> {
+        let run = match store.meta_json::<RunConfig>("run_config")? {
+            Some(stored) if stored.run_id != configured.run_id => {
+                return Err(EngineError::RunMismatch {
+                    path: store.path().display().to_string(),
+                    stored: stored.run_id,
+                    configured: configured.run_id,
+                });
+            }
+            Some(stored) => {
+                if stored != configured {
+                    tracing::warn!(run = %stored.run_id, "configuration differs from the stored run; resuming with the stored one");
+                }
+                stored
+            }
+            None => {
+                let json = serde_json::to_value(&configured).expect("config serialises");
+                store.put_meta_json(&[("run_config", json)])?;
+                configured
+            }
+        };
+        store.init_model(&run.model.initial_params(run.seed))?;
+        let version = store.latest_version()?.unwrap_or(0);
+        let global = store.model(version)?.ok_or_else(|| StoreError::Corrupt {
+            path: store.path().into(),
+            what: format!("latest version {version} is missing"),
+        })?;
+        let mut strategy = strategy_by_name(&run.strategy).map_err(EngineError::Config)?;
+        strategy.restore(&store.strategy_state()?);
+        let standardizer = store.meta_json::<Standardizer>("standardizer")?;
+        let history = store.history()?;
+        let mut attempts = BTreeMap::new();
+        for r in &history {
+            *attempts.entry((r.round, r.kind.clone())).or_insert(0) += 1;
+        }
+        let pending_eval = run.evaluate
+            && version > 0
+            && !history
+                .iter()
+                .any(|r| r.kind == "evaluate" && r.round == version);
+        Ok(Self {
+            store,
+            run,
+            strategy,
+            version,
+            global: Arc::new(global),
+            standardizer,
+            pending_eval,
+            attempts,
+            open: None,
+        })
+    }
+
+    /// The run configuration in force.
+    pub fn run(&self) -> &RunConfig {
+        &self.run
+    }
+
+    /// The latest committed version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The latest committed parameters.
+    pub fn global(&self) -> Arc<Vec<f32>> {
+        Arc::clone(&self.global)
+    }
+
+    /// The store (read access for status and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The agreed feature statistics, if any.
+    pub fn standardizer(&self) -> Option<&Standardizer> {
+        self.standardizer.as_ref()
+    }
+
+    /// Parameters of `version`: from memory if current, else from the store.
+    pub fn model(&self, version: u64) -> Result<Option<Arc<Vec<f32>>>, EngineError> {
+        if version == self.version {
+            return Ok(Some(self.global()));
+        }
+        Ok(self.store.model(version)?.map(Arc::new))
+    }
+
+    /// True when all rounds are committed and evaluated.
+    pub fn finished(&self) -> bool {
+        self.next_kind().is_none()
+    }
+
+    /// The open task, if any.
+    pub fn open_task(&self) -> Option<&TaskPlan> {
+        self.open.as_ref().map(|o| &o.plan)
+    }
+
+    fn next_kind(&self) -> Option<(u64, TaskKind)> {
+        if self.run.model.stats_len() > 0 && self.standardizer.is_none() {
+            Some((0, TaskKind::Stats))
+        } else if self.pending_eval {
+            Some((self.version, TaskKind::Evaluate))
+        } else if self.version < self.run.rounds {
+            Some((self.version + 1, TaskKind::Train))
+        } else {
+            None
+        }
+    }
+
+    /// Selects agents among `available` and opens the next task.
+    pub fn start_task(&mut self, available: &[String]) -> Result<TaskPlan, EngineError> {
+        if let Some(open) = &self.open {
+            return Err(EngineError::TaskOpen(open.plan.task_id.clone()));
+        }
+        let (round, kind) = self.next_kind().ok_or(EngineError::Finished)?;
+        let sel = &self.run.selection;
+        if available.len() < sel.min_agents {
+            return Err(EngineError::NotEnoughAgents {
+                available: available.len(),
+                needed: sel.min_agents,
+            });
+        }
+        let kind_name = kind_name(kind);
+        let attempt = self
+            .attempts
+            .get(&(round, kind_name.to_string()))
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let task_id = format!("r{round}a{attempt}-{kind_name}");
+        let want = ((available.len() as f64 * sel.fraction).ceil() as usize)
+            .clamp(sel.min_agents, sel.max_agents)
+            .min(available.len());
+        let mut pool: Vec<String> = available.to_vec();
+        pool.sort();
+        pool.dedup();
+        pool.shuffle(&mut fedcart_common::seed::rng(
+            self.run.seed,
+            &["select", &task_id],
+        ));
+        let mut selected: Vec<String> = pool.into_iter().take(want).collect();
+        selected.sort();
+
+        let spec = TaskSpec {
+            kind,
+            model: self.run.model.clone(),
+            sgd: self.run.sgd.clone(),
+            seed: self.run.seed,
+            round,
+            standardizer: self.standardizer.clone(),
+        };
+        let needs_model = kind != TaskKind::Stats;
+        let plan = TaskPlan {
+            round,
+            attempt,
+            task_id,
+            model_version: self.version,
+            model_len: if needs_model {
+                self.global.len() as u64
+            } else {
+                0
+            },
+            selected: selected.clone(),
+            spec,
+        };
+        let acc = if kind == TaskKind::Train && self.strategy.needs_individual_updates() {
+            Accumulation::Individual(Vec::new())
+        } else {
+            let layout = plan.spec.update_layout();
+            Accumulation::Sum(SumAccumulator::new(
+                plan.spec.update_len(),
+                layout.num_coord_weights,
+            ))
+        };
+        self.open = Some(OpenTask {
+            plan: plan.clone(),
+            selected: selected.into_iter().collect(),
+            reported: BTreeSet::new(),
+            dropped: BTreeSet::new(),
+            rejected: Vec::new(),
+            acc,
+            metric_sums: BTreeMap::new(),
+            metric_weight: 0.0,
+            started: Instant::now(),
+            started_unix_ms: unix_ms(),
+            bytes_in: 0,
+        });
+        tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
+        Ok(plan)
+    }
+
+    /// The cheap checks that need no payload: run, task, selection, duplicates.
+    /// Drivers call it before reading a large upload.
+    pub fn precheck(
+        &self,
+        agent: &str,
+        run_id: &str,
+        round: u64,
+        task_id: &str,
+    ) -> Result<(), SubmitError> {
+        if run_id != self.run.run_id {
+            return Err(SubmitError::WrongRun {
+                expected: self.run.run_id.clone(),
+                got: run_id.into(),
+            });
+        }
+        let Some(open) = &self.open else {
+            return Err(SubmitError::Closed {
+                round,
+                task_id: task_id.into(),
+                open: "nothing".into(),
+            });
+        };
+        if open.plan.round != round || open.plan.task_id != task_id {
+            return Err(SubmitError::Closed {
+                round,
+                task_id: task_id.into(),
+                open: format!("round {} task `{}`", open.plan.round, open.plan.task_id),
+            });
+        }
+        if !open.selected.contains(agent) {
+            return Err(SubmitError::NotSelected(agent.into()));
+        }
+        if open.reported.contains(agent) {
+            return Err(SubmitError::Duplicate(agent.into()));
+        }
+        if open.dropped.contains(agent) {
+            return Err(SubmitError::Dropped(agent.into()));
+        }
+        Ok(())
+    }
+
+    /// Accepts one result, folding its update into the round's aggregate.
+    /// A rejected result is recorded and leaves the aggregate untouched.
+    pub fn submit(
+        &mut self,
+        agent: &str,
+        run_id: &str,
+        round: u64,
+        task_id: &str,
+        sub: Submission,
+    ) -> Result<(), SubmitError> {
+        self.precheck(agent, run_id, round, task_id)?;
+        let open = self.open.as_mut().expect("precheck found an open task");
+        let result = Self::accept(open, &sub);
+        match &result {
+            Ok(()) => {
+                open.reported.insert(agent.to_string());
+                open.bytes_in += sub.bytes;
+            }
+            Err(e) => {
+                tracing::warn!(agent, task = task_id, error = %e, "update rejected");
+                open.rejected.push((agent.to_string(), e.to_string()));
+            }
+        }
+        result
+    }
+
+    fn accept(open: &mut OpenTask, sub: &Submission) -> Result<(), SubmitError> {
+        if let Some((k, _)) = sub.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(SubmitError::BadMetric(k.clone()));
+        }
+        if !(sub.weight.is_finite() && sub.weight >= 0.0) {
+            return Err(UpdateError::BadWeight(sub.weight).into());
+        }
+        let spec = &open.plan.spec;
+        match (&sub.update, spec.kind) {
+            (None, TaskKind::Evaluate) => {}
+            (Some(u), TaskKind::Train | TaskKind::Stats) => {
+                u.validate(spec.update_len(), &spec.update_layout())?;
+                match &mut open.acc {
+                    Accumulation::Sum(acc) => acc.add(u)?,
+                    Accumulation::Individual(list) => list.push(u.clone()),
+                }
+            }
+            (Some(u), TaskKind::Evaluate) => {
+                return Err(UpdateError::WrongLength {
+                    expected: 0,
+                    got: u.values.len(),
+                }
+                .into());
+            }
+            (None, _) => {
+                return Err(UpdateError::WrongLength {
+                    expected: spec.update_len(),
+                    got: 0,
+                }
+                .into());
+            }
+        }
+        for (k, v) in &sub.metrics {
+            *open.metric_sums.entry(k.clone()).or_default() += v * sub.weight;
+        }
+        open.metric_weight += sub.weight;
+        Ok(())
+    }
+
+    /// Counts a selected agent that disconnected as dropped for the open task.
+    pub fn drop_agent(&mut self, agent: &str) {
+        if let Some(open) = &mut self.open
+            && open.selected.contains(agent)
+            && !open.reported.contains(agent)
+            && open.dropped.insert(agent.to_string())
+        {
+            tracing::info!(agent, task = %open.plan.task_id, "agent dropped");
+        }
+    }
+
+    /// Selected agents that have neither reported nor dropped.
+    pub fn pending(&self) -> usize {
+        self.open
+            .as_ref()
+            .map_or(0, |o| o.selected.len() - o.reported.len() - o.dropped.len())
+    }
+
+    /// Closes the open task: commits with a quorum, otherwise aborts.
+    pub fn finish_task(&mut self) -> Result<RoundRecord, EngineError> {
+        let open = self.open.take().ok_or(EngineError::NoTask)?;
+        let kind = open.plan.spec.kind;
+        let kind_str = kind_name(kind);
+        *self
+            .attempts
+            .entry((open.plan.round, kind_str.to_string()))
+            .or_insert(0) += 1;
+        let quorum = if kind == TaskKind::Evaluate {
+            1
+        } else {
+            self.run.quorum
+        };
+        let reported = open.reported.len();
+        let metrics: BTreeMap<String, f64> = if open.metric_weight > 0.0 {
+            open.metric_sums
+                .iter()
+                .map(|(k, v)| (k.clone(), v / open.metric_weight))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let mut record = RoundRecord {
+            round: open.plan.round,
+            attempt: open.plan.attempt,
+            task_id: open.plan.task_id.clone(),
+            kind: kind_str.into(),
+            outcome: Outcome::Aborted,
+            base_version: open.plan.model_version,
+            selected: open.selected.iter().cloned().collect(),
+            reported: open.reported.iter().cloned().collect(),
+            dropped: open.selected.difference(&open.reported).cloned().collect(),
+            rejected: open.rejected.clone(),
+            metrics,
+            examples: open.metric_weight,
+            started_unix_ms: open.started_unix_ms,
+            duration_ms: open.started.elapsed().as_millis() as u64,
+            bytes_in: open.bytes_in,
+            abort_reason: None,
+        };
+        if reported < quorum {
+            record.abort_reason = Some(format!("{reported} results, quorum is {quorum}"));
+            tracing::warn!(task = %record.task_id, reported, quorum, "task aborted");
+            if kind == TaskKind::Evaluate {
+                self.pending_eval = false;
+            }
+            self.store.append_history(&record)?;
+            return Ok(record);
+        }
+        match kind {
+            TaskKind::Stats => {
+                let Accumulation::Sum(acc) = &open.acc else {
+                    unreachable!("stats tasks sum")
+                };
+                let moments = acc.mean_delta(&Default::default());
+                let st = Standardizer::from_moments(&moments);
+                record.outcome = Outcome::Committed;
+                let json = serde_json::to_value(&st).expect("serialisable");
+                self.store
+                    .append_history_with_meta(&record, &[("standardizer", json)])?;
+                self.standardizer = Some(st);
+            }
+            TaskKind::Evaluate => {
+                record.outcome = Outcome::Committed;
+                self.store.append_history(&record)?;
+                self.pending_eval = false;
+            }
+            TaskKind::Train => {
+                let layout = open.plan.spec.update_layout();
+                let next = match &open.acc {
+                    Accumulation::Sum(acc) => {
+                        self.strategy.apply(&self.global, &acc.mean_delta(&layout))
+                    }
+                    Accumulation::Individual(list) => {
+                        self.strategy
+                            .aggregate_individual(&self.global, list, &layout)
+                    }
+                };
+                if let Some(i) = next.iter().position(|v| !v.is_finite()) {
+                    record.abort_reason = Some(format!("aggregate value {i} is not finite"));
+                    self.store.append_history(&record)?;
+                    return Ok(record);
+                }
+                record.outcome = Outcome::Committed;
+                let version = self.version + 1;
+                self.store.commit(Commit {
+                    version,
+                    params: &next,
+                    record: &record,
+                    strategy_state: &self.strategy.state(),
+                })?;
+                self.version = version;
+                self.global = Arc::new(next);
+                self.pending_eval = self.run.evaluate;
+                tracing::info!(version, reported, "version committed");
+            }
+        }
+        Ok(record)
+    }
+}
+
+fn kind_name(kind: TaskKind) -> &'static str {
+    match kind {
+        TaskKind::Stats => "stats",
+        TaskKind::Train => "train",
+        TaskKind::Evaluate => "evaluate",
+    }
+}

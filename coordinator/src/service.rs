@@ -1,0 +1,566 @@
+//! The gRPC driver of the round engine: the `fedcart.v1.Coordinator` service,
+//! the registry of connected agents, and the loop that runs tasks.
+//!
+//! Agents keep a `Join` stream open; the coordinator pushes tasks and
+//! keepalive pings over it. A closed stream removes the agent and counts it as
+//! dropped for the open task. Uploads are streamed; at most `UPLOAD_SLOTS`
+//! payloads are buffered at once, so memory stays O(model size) however many
+//! agents report together.
+
+mod convert;
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedcart_common::task::TaskKind;
+use fedcart_common::update::Update;
+use fedcart_proto::v1 as pb;
+use fedcart_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use futures::Stream;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{Engine, EngineError, Submission};
+
+/// Bytes per model download chunk: well under gRPC's 4 MiB default limit.
+pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
+
+/// Largest upload chunk accepted; agents send 1 MiB chunks.
+pub const MAX_UPLOAD_CHUNK_BYTES: usize = 2 << 20;
+
+/// How many update payloads may be buffered at once. Each is validated as a
+/// whole before it is folded in (a NaN found late must not leave half an
+/// update in the sum), so this bounds the coordinator's memory to a few
+/// model sizes.
+const UPLOAD_SLOTS: usize = 4;
+
+/// Queue length of each agent's Join stream.
+const WORK_QUEUE: usize = 64;
+
+/// Progress notifications for drivers, tests and the status view.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Latest committed version.
+    pub version: u64,
+    /// History records written so far in this process.
+    pub records: u64,
+    /// Number of connected agents.
+    pub agents: usize,
+    /// The open task id, if any.
+    pub open_task: Option<String>,
+    /// True once the run has finished.
+    pub finished: bool,
+}
+
+struct AgentEntry {
+    merchant_id: String,
+    tx: mpsc::Sender<Result<pb::Work, Status>>,
+}
+
+/// State shared by the service handlers and the task loop.
+pub struct Shared {
+    engine: Mutex<Engine>,
+    agents: Mutex<HashMap<String, AgentEntry>>,
+    /// Bumped whenever something the task loop waits on changes.
+    changed: watch::Sender<u64>,
+    progress: watch::Sender<Progress>,
+    upload_slots: Semaphore,
+    ping_interval: Duration,
+    /// Set when the coordinator shuts down: every Join stream ends.
+    closing: watch::Sender<bool>,
+}
+
+type WorkStream = Pin<Box<dyn Stream<Item = Result<pb::Work, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn new_session_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Shared {
+    /// Wraps an opened engine.
+    pub fn new(engine: Engine, ping_interval: Duration) -> Arc<Self> {
+        let progress = Progress {
+            version: engine.version(),
+            finished: engine.finished(),
+            ..Default::default()
+        };
+        Arc::new(Self {
+            engine: Mutex::new(engine),
+            agents: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+            progress: watch::channel(progress).0,
+            upload_slots: Semaphore::new(UPLOAD_SLOTS),
+            ping_interval,
+            closing: watch::channel(false).0,
+        })
+    }
+
+    /// Ends every agent's Join stream, so a graceful shutdown does not wait
+    /// for agents to hang up first.
+    pub fn close(&self) {
+        let _ = self.closing.send(true);
+        self.agents().clear();
+        self.upload_slots.close();
+    }
+
+    /// Watches the run's progress.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentEntry>> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+        let agents = self.agents().len();
+        let engine = self.engine();
+        let open_task = engine.open_task().map(|p| p.task_id.clone());
+        let (version, finished) = (engine.version(), engine.finished());
+        drop(engine);
+        self.progress.send_modify(|p| {
+            p.agents = agents;
+            p.open_task = open_task;
+            p.version = version;
+            p.finished = finished;
+        });
+    }
+
+    fn merchant_of(&self, session_id: &str) -> Result<String, Status> {
+        self.agents()
+            .get(session_id)
+            .map(|a| a.merchant_id.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated(format!("unknown session `{session_id}`: join first"))
+            })
+    }
+
+    /// Parameters of a committed version.
+    pub fn model(&self, version: u64) -> Result<Option<Arc<Vec<f32>>>, EngineError> {
+        self.engine().model(version)
+    }
+
+    /// Every history record in the store, oldest first.
+    pub fn history(&self) -> Result<Vec<crate::record::RoundRecord>, crate::store::StoreError> {
+        self.engine().store().history()
+    }
+
+    /// The feature statistics agreed in the statistics step, if any.
+    pub fn standardizer(&self) -> Option<fedcart_common::standardize::Standardizer> {
+        self.engine().standardizer().cloned()
+    }
+
+    /// Connected merchants.
+    pub fn connected(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .agents()
+            .values()
+            .map(|a| a.merchant_id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn remove_session(&self, session_id: &str) {
+        let removed = self.agents().remove(session_id);
+        if let Some(entry) = removed {
+            tracing::info!(merchant = %entry.merchant_id, "agent left");
+            let still_connected = self
+                .agents()
+                .values()
+                .any(|a| a.merchant_id == entry.merchant_id);
+            if !still_connected {
+                self.engine().drop_agent(&entry.merchant_id);
+            }
+            self.bump();
+        }
+    }
+}
+
+/// The tonic service over [`Shared`].
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+}
+
+impl Service {
+    /// A service handle for `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The tonic server wrapper, with message limits suited to chunked transfers.
+    pub fn into_server(self) -> CoordinatorServer<Self> {
+        CoordinatorServer::new(self)
+            .max_decoding_message_size(MAX_UPLOAD_CHUNK_BYTES + 64 * 1024)
+            .max_encoding_message_size(MODEL_CHUNK_BYTES + 64 * 1024)
+    }
+}
+
+fn validate_merchant_id(id: &str) -> Result<(), Status> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "merchant_id `{}` must be 1–128 characters of [A-Za-z0-9-_.@]",
+            id.chars().take(140).collect::<String>()
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    type JoinStream = WorkStream;
+    type DownloadModelStream = ChunkStream;
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<WorkStream>, Status> {
+        let req = request.into_inner();
+        validate_merchant_id(&req.merchant_id)?;
+        let (tx, rx) = mpsc::channel(WORK_QUEUE);
+        let session_id = new_session_id();
+        let run_id = self.shared.engine().run().run_id.clone();
+        let welcome = pb::Work {
+            kind: Some(pb::work::Kind::Welcome(pb::Welcome {
+                session_id: session_id.clone(),
+                run_id,
+                ping_interval_ms: self.shared.ping_interval.as_millis() as u64,
+            })),
+        };
+        tx.try_send(Ok(welcome)).expect("fresh queue has room");
+        {
+            let mut agents = self.shared.agents();
+            // A merchant that reconnects replaces its stale session.
+            agents.retain(|_, a| a.merchant_id != req.merchant_id);
+            agents.insert(
+                session_id.clone(),
+                AgentEntry {
+                    merchant_id: req.merchant_id.clone(),
+                    tx: tx.clone(),
+                },
+            );
+        }
+        tracing::info!(merchant = %req.merchant_id, examples = ?req.examples, "agent joined");
+        self.shared.bump();
+
+        let shared = Arc::clone(&self.shared);
+        let mut closing = self.shared.closing.subscribe();
+        if *closing.borrow() {
+            return Err(Status::unavailable("the coordinator is shutting down"));
+        }
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    _ = closing.changed() => break,
+                    _ = tokio::time::sleep(shared.ping_interval) => {
+                        seq += 1;
+                        let ping = pb::Work { kind: Some(pb::work::Kind::Ping(pb::Ping { sequence: seq })) };
+                        // A full queue means the agent is busy training; skip this ping.
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Ok(ping)) {
+                            break;
+                        }
+                    }
+                }
+            }
+            shared.remove_session(&session_id);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn download_model(
+        &self,
+        request: Request<pb::ModelRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let req = request.into_inner();
+        let merchant = self.shared.merchant_of(&req.session_id)?;
+        let model = {
+            let engine = self.shared.engine();
+            engine
+                .precheck(&merchant, &req.run_id, req.round, &req.task_id)
+                .map_err(Status::from)?;
+            let plan = engine.open_task().expect("precheck found an open task");
+            if plan.model_version != req.model_version {
+                return Err(Status::failed_precondition(format!(
+                    "task `{}` uses model version {}, not {}",
+                    plan.task_id, plan.model_version, req.model_version
+                )));
+            }
+            engine
+                .model(req.model_version)
+                .map_err(|e| Status::internal(e.to_string()))?
+        };
+        let model = model
+            .ok_or_else(|| Status::not_found(format!("model version {}", req.model_version)))?;
+        let total_len = (model.len() * 4) as u64;
+        let floats_per_chunk = MODEL_CHUNK_BYTES / 4;
+        let chunks = model.len().div_ceil(floats_per_chunk).max(1);
+        let stream = futures::stream::iter(0..chunks).map(move |i| {
+            let start = i * floats_per_chunk;
+            let end = (start + floats_per_chunk).min(model.len());
+            Ok(pb::ModelChunk {
+                offset: (start * 4) as u64,
+                total_len,
+                data: fedcart_common::update::f32s_to_le(&model[start..end]),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::UpdateChunk {
+                part: Some(pb::update_chunk::Part::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first upload chunk must be the header",
+                ));
+            }
+            None => return Err(Status::invalid_argument("empty upload")),
+        };
+        let merchant = self.shared.merchant_of(&header.session_id)?;
+        let (kind, expected_values, expected_weights) = {
+            let engine = self.shared.engine();
+            engine
+                .precheck(&merchant, &header.run_id, header.round, &header.task_id)
+                .map_err(Status::from)?;
+            let spec = &engine
+                .open_task()
+                .expect("precheck found an open task")
+                .spec;
+            (
+                spec.kind,
+                spec.update_len() as u64,
+                spec.update_layout().num_coord_weights as u64,
+            )
+        };
+        if header.num_values != expected_values || header.num_coord_weights != expected_weights {
+            return Err(Status::invalid_argument(format!(
+                "wrong vector length: update has {} values and {} coordinate weights, task `{}` needs {} and {}",
+                header.num_values,
+                header.num_coord_weights,
+                header.task_id,
+                expected_values,
+                expected_weights
+            )));
+        }
+        let declared = 4 * (header.num_values + header.num_coord_weights);
+        if header.payload_len != declared {
+            return Err(Status::invalid_argument(format!(
+                "payload_len {} does not match 4 × ({} + {})",
+                header.payload_len, header.num_values, header.num_coord_weights
+            )));
+        }
+        if header.encoding != pb::PayloadEncoding::F32 as i32 && kind != TaskKind::Evaluate {
+            return Err(Status::invalid_argument(
+                "this round expects PAYLOAD_ENCODING_F32",
+            ));
+        }
+        let _slot = self
+            .shared
+            .upload_slots
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        let mut payload = Vec::with_capacity(declared as usize);
+        while let Some(chunk) = stream.message().await? {
+            let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
+                return Err(Status::invalid_argument(
+                    "only data chunks may follow the header",
+                ));
+            };
+            if payload.len() as u64 + data.len() as u64 > declared {
+                return Err(Status::out_of_range(format!(
+                    "payload larger than declared: more than {declared} bytes received"
+                )));
+            }
+            payload.extend_from_slice(&data);
+        }
+        if payload.len() as u64 != declared {
+            return Err(Status::out_of_range(format!(
+                "payload shorter than declared: {} of {declared} bytes",
+                payload.len()
+            )));
+        }
+        let update = if kind == TaskKind::Evaluate {
+            None
+        } else {
+            Some(
+                Update::from_payload(
+                    &payload,
+                    header.num_values as usize,
+                    header.num_coord_weights as usize,
+                    header.weight,
+                )
+                .map_err(|e| Status::out_of_range(e.to_string()))?,
+            )
+        };
+        let sub = Submission {
+            update,
+            metrics: header.metrics.into_iter().collect::<BTreeMap<_, _>>(),
+            weight: header.weight,
+            bytes: declared,
+        };
+        let result = self.shared.engine().submit(
+            &merchant,
+            &header.run_id,
+            header.round,
+            &header.task_id,
+            sub,
+        );
+        self.shared.bump();
+        result.map_err(Status::from)?;
+        Ok(Response::new(pb::SubmitReply {
+            message: format!("accepted update from `{merchant}`"),
+        }))
+    }
+
+    async fn sec_agg(
+        &self,
+        _request: Request<pb::SecAggMessage>,
+    ) -> Result<Response<pb::SecAggReply>, Status> {
+        Err(Status::unimplemented(
+            "secure aggregation is not enabled on this coordinator",
+        ))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let connected = self.shared.connected();
+        let engine = self.shared.engine();
+        let last = engine
+            .store()
+            .history()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .pop();
+        Ok(Response::new(pb::StatusReply {
+            run_id: engine.run().run_id.clone(),
+            round: engine.open_task().map_or(engine.version(), |p| p.round),
+            model_version: engine.version(),
+            connected_agents: connected,
+            last_round_json: last
+                .map(|r| serde_json::to_string(&r).expect("serialisable"))
+                .unwrap_or_default(),
+            phase: match (engine.finished(), engine.open_task()) {
+                (true, _) => "finished".into(),
+                (false, Some(p)) => p.task_id.clone(),
+                (false, None) => "waiting for agents".into(),
+            },
+        }))
+    }
+}
+
+use futures::StreamExt as _;
+
+/// Runs tasks until the run finishes or `shutdown` fires: waits for enough
+/// agents, opens a task, pushes it, waits for every selected agent or the
+/// deadline, then closes it.
+pub async fn run_tasks(
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), EngineError> {
+    let mut changed = shared.changed.subscribe();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        if shared.engine().finished() {
+            shared.bump();
+            tracing::info!("run finished");
+            return Ok(());
+        }
+        let available = shared.connected();
+        let started = shared.engine().start_task(&available);
+        let plan = match started {
+            Ok(plan) => plan,
+            Err(EngineError::NotEnoughAgents { .. }) => {
+                tokio::select! {
+                    _ = changed.changed() => continue,
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let run_id = shared.engine().run().run_id.clone();
+        let timeout = Duration::from_millis(shared.engine().run().round_timeout_ms);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let msg = convert::assignment(
+            &run_id,
+            &plan,
+            unix_ms() + timeout.as_millis() as i64,
+            false,
+        );
+        let targets: Vec<(String, mpsc::Sender<Result<pb::Work, Status>>)> = {
+            let agents = shared.agents();
+            plan.selected
+                .iter()
+                .map(|m| {
+                    (
+                        m.clone(),
+                        agents
+                            .values()
+                            .find(|a| &a.merchant_id == m)
+                            .map(|a| a.tx.clone()),
+                    )
+                })
+                .filter_map(|(m, tx)| tx.map(|tx| (m, tx)))
+                .collect()
+        };
+        for (merchant, tx) in targets {
+            let work = pb::Work {
+                kind: Some(pb::work::Kind::Task(msg.clone())),
+            };
+            if tx.try_send(Ok(work)).is_err() {
+                shared.engine().drop_agent(&merchant);
+            }
+        }
+        shared.bump();
+        loop {
+            if shared.engine().pending() == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+        let record = shared.engine().finish_task()?;
+        tracing::info!(task = %record.task_id, outcome = ?record.outcome, reported = record.reported.len(),
+            metrics = ?record.metrics, "task closed");
+        shared.progress.send_modify(|p| p.records += 1);
+        shared.bump();
+    }
+}

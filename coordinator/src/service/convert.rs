@@ -1,0 +1,54 @@
+//! The one place where protobuf types become domain types and errors become
+//! gRPC statuses.
+
+use fedcart_common::task::TaskKind;
+use fedcart_common::update::UpdateError;
+use fedcart_proto::v1 as pb;
+use tonic::Status;
+
+use crate::engine::{SubmitError, TaskPlan};
+
+impl From<SubmitError> for Status {
+    fn from(e: SubmitError) -> Self {
+        let msg = e.to_string();
+        match e {
+            SubmitError::WrongRun { .. } => Status::not_found(msg),
+            SubmitError::Closed { .. } | SubmitError::Dropped(_) => {
+                Status::failed_precondition(msg)
+            }
+            SubmitError::NotSelected(_) => Status::permission_denied(msg),
+            SubmitError::Duplicate(_) => Status::already_exists(msg),
+            SubmitError::Invalid(UpdateError::PayloadLength { .. }) => Status::out_of_range(msg),
+            SubmitError::Invalid(_) | SubmitError::BadMetric(_) => Status::invalid_argument(msg),
+        }
+    }
+}
+
+/// The protobuf enum value for a task kind.
+pub fn task_kind(kind: TaskKind) -> pb::TaskKind {
+    match kind {
+        TaskKind::Stats => pb::TaskKind::Stats,
+        TaskKind::Train => pb::TaskKind::Train,
+        TaskKind::Evaluate => pb::TaskKind::Evaluate,
+    }
+}
+
+/// The assignment message pushed to each selected agent.
+pub fn assignment(
+    run_id: &str,
+    plan: &TaskPlan,
+    deadline_unix_ms: i64,
+    secure: bool,
+) -> pb::TaskAssignment {
+    pb::TaskAssignment {
+        run_id: run_id.to_string(),
+        round: plan.round,
+        task_id: plan.task_id.clone(),
+        kind: task_kind(plan.spec.kind) as i32,
+        model_version: plan.model_version,
+        model_len: plan.model_len,
+        spec_json: serde_json::to_vec(&plan.spec).expect("task specs serialise"),
+        deadline_unix_ms,
+        secure_aggregation: secure,
+    }
+}

@@ -1,0 +1,123 @@
+//! A raw protocol client: speaks fedcart.v1 message by message so tests can
+//! send exactly the malformed, stale or duplicated input they need. Its
+//! honest path uses the agent's own download/upload functions.
+
+use fedcart_client::agent::{download, upload};
+use fedcart_common::task::TaskSpec;
+use fedcart_common::train::{LocalData, TaskOutput, run_task};
+use fedcart_proto::v1 as pb;
+use fedcart_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+/// A hand-driven agent session.
+pub struct RawAgent {
+    /// The gRPC client.
+    pub client: CoordinatorClient<Channel>,
+    /// Our session token.
+    pub session_id: String,
+    /// The coordinator's run id.
+    pub run_id: String,
+    /// Local data for honest answers.
+    pub data: LocalData,
+    work: Streaming<pb::Work>,
+}
+
+impl RawAgent {
+    /// Connects and joins as `data.merchant_id`.
+    pub async fn join(addr: std::net::SocketAddr, data: LocalData) -> Self {
+        let mut client = CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let req = pb::JoinRequest {
+            merchant_id: data.merchant_id.clone(),
+            examples: Default::default(),
+            agent_version: "raw".into(),
+        };
+        let mut work = client.join(req).await.expect("join").into_inner();
+        let Some(pb::Work {
+            kind: Some(pb::work::Kind::Welcome(w)),
+        }) = work.message().await.expect("welcome")
+        else {
+            panic!("expected a welcome first");
+        };
+        Self {
+            client,
+            session_id: w.session_id,
+            run_id: w.run_id,
+            data,
+            work,
+        }
+    }
+
+    /// Waits for the next pushed task, skipping pings.
+    pub async fn next_task(&mut self) -> pb::TaskAssignment {
+        loop {
+            match self
+                .work
+                .message()
+                .await
+                .expect("work stream")
+                .expect("stream open")
+                .kind
+            {
+                Some(pb::work::Kind::Task(t)) => return t,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Carries out `task` honestly and returns the output without sending it.
+    pub async fn compute(&mut self, task: &pb::TaskAssignment) -> TaskOutput {
+        let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
+        let global = if task.model_len > 0 {
+            download(&mut self.client, &self.session_id, task)
+                .await
+                .expect("download")
+        } else {
+            Vec::new()
+        };
+        run_task(&spec, &global, &mut self.data).expect("local task")
+    }
+
+    /// Carries out `task` honestly and uploads the result.
+    pub async fn answer(&mut self, task: &pb::TaskAssignment) -> anyhow::Result<()> {
+        let out = self.compute(task).await;
+        upload(&mut self.client, &self.session_id, task, &out).await
+    }
+
+    /// The header an honest upload of `out` for `task` would carry.
+    pub fn header(&self, task: &pb::TaskAssignment, out: &TaskOutput) -> pb::UpdateHeader {
+        let u = out.update.as_ref().expect("an update");
+        pb::UpdateHeader {
+            session_id: self.session_id.clone(),
+            run_id: task.run_id.clone(),
+            round: task.round,
+            task_id: task.task_id.clone(),
+            encoding: pb::PayloadEncoding::F32 as i32,
+            payload_len: 4 * (u.values.len() + u.coord_weights.len()) as u64,
+            num_values: u.values.len() as u64,
+            num_coord_weights: u.coord_weights.len() as u64,
+            weight: out.weight,
+            metrics: Default::default(),
+        }
+    }
+
+    /// Sends a header and payload chunks exactly as given.
+    pub async fn send_raw(
+        &mut self,
+        header: pb::UpdateHeader,
+        chunks: Vec<Vec<u8>>,
+    ) -> Result<pb::SubmitReply, Status> {
+        let mut msgs = vec![pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Header(header)),
+        }];
+        msgs.extend(chunks.into_iter().map(|c| pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Data(c)),
+        }));
+        self.client
+            .submit_update(futures::stream::iter(msgs))
+            .await
+            .map(|r| r.into_inner())
+    }
+}
