@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::lr::SgdParams;
+use crate::mf::{self, MfHyper};
 use crate::standardize::Standardizer;
 use crate::update::WeightLayout;
 
@@ -29,6 +30,26 @@ pub enum ModelSpec {
         /// Encoded feature count (see `tabular::Schema::num_features`).
         num_features: usize,
     },
+    /// Explicit-feedback matrix factorisation (ratings, RMSE); see `mf`.
+    Mf {
+        /// Catalogue size.
+        num_items: usize,
+        /// Latent factors k.
+        factors: usize,
+        /// Local training hyper-parameters.
+        #[serde(default)]
+        hyper: MfHyper,
+    },
+    /// Implicit-feedback matrix factorisation (purchases, BPR, HR@10/NDCG@10).
+    MfImplicit {
+        /// Catalogue size.
+        num_items: usize,
+        /// Latent factors k.
+        factors: usize,
+        /// Local training hyper-parameters.
+        #[serde(default)]
+        hyper: MfHyper,
+    },
 }
 
 impl ModelSpec {
@@ -37,6 +58,7 @@ impl ModelSpec {
     pub fn data_family(&self) -> &'static str {
         match self {
             ModelSpec::ChurnLr { .. } => "churn",
+            ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => "mf",
         }
     }
 
@@ -44,6 +66,8 @@ impl ModelSpec {
     pub fn name(&self) -> &'static str {
         match self {
             ModelSpec::ChurnLr { .. } => "churn-lr",
+            ModelSpec::Mf { .. } => "mf",
+            ModelSpec::MfImplicit { .. } => "mf-implicit",
         }
     }
 
@@ -51,6 +75,12 @@ impl ModelSpec {
     pub fn model_len(&self) -> usize {
         match self {
             ModelSpec::ChurnLr { num_features } => num_features + 1,
+            ModelSpec::Mf {
+                num_items, factors, ..
+            }
+            | ModelSpec::MfImplicit {
+                num_items, factors, ..
+            } => mf::model_len(*num_items, *factors),
         }
     }
 
@@ -58,6 +88,16 @@ impl ModelSpec {
     pub fn layout(&self) -> WeightLayout {
         match self {
             ModelSpec::ChurnLr { .. } => WeightLayout::uniform(),
+            ModelSpec::Mf {
+                num_items,
+                factors,
+                hyper,
+            }
+            | ModelSpec::MfImplicit {
+                num_items,
+                factors,
+                hyper,
+            } => mf::layout(*num_items, *factors, hyper.aggregation),
         }
     }
 
@@ -66,12 +106,25 @@ impl ModelSpec {
     pub fn stats_len(&self) -> usize {
         match self {
             ModelSpec::ChurnLr { num_features } => 2 * num_features,
+            ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => 0,
         }
     }
 
     /// The first global model version.
-    pub fn initial_params(&self, _seed: u64) -> Vec<f32> {
-        vec![0.0; self.model_len()]
+    pub fn initial_params(&self, seed: u64) -> Vec<f32> {
+        match self {
+            ModelSpec::Mf {
+                num_items,
+                factors,
+                hyper,
+            }
+            | ModelSpec::MfImplicit {
+                num_items,
+                factors,
+                hyper,
+            } => mf::initial_params(*num_items, *factors, hyper.init_std, seed),
+            _ => vec![0.0; self.model_len()],
+        }
     }
 }
 

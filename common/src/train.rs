@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::lr::LogisticRegression;
 use crate::metrics::{Confusion, auc, log_loss};
+use crate::mf::{MfData, MfShape, run_mf_task};
 use crate::standardize::{Standardizer, stats_update};
 use crate::tabular::TabularDataset;
 use crate::task::{ModelSpec, TaskKind, TaskSpec};
@@ -33,6 +34,9 @@ pub struct LocalData {
     pub merchant_id: String,
     /// Churn data, if the merchant takes part in churn tasks.
     pub churn: Option<ChurnData>,
+    /// Recommender data and the private user state, if the merchant takes
+    /// part in matrix-factorisation tasks.
+    pub mf: Option<MfData>,
 }
 
 /// The result of one task.
@@ -83,6 +87,9 @@ impl LocalData {
         if let Some(c) = &self.churn {
             out.insert("churn".into(), c.train.len() as u64);
         }
+        if let Some(m) = &self.mf {
+            out.insert("mf".into(), m.train.len() as u64);
+        }
         out
     }
 }
@@ -95,6 +102,25 @@ pub fn run_task(
 ) -> Result<TaskOutput, TrainError> {
     match &spec.model {
         ModelSpec::ChurnLr { num_features } => churn_lr_task(spec, *num_features, global, data),
+        ModelSpec::Mf {
+            num_items,
+            factors,
+            hyper,
+        }
+        | ModelSpec::MfImplicit {
+            num_items,
+            factors,
+            hyper,
+        } => {
+            let shape = MfShape {
+                num_items: *num_items,
+                k: *factors,
+                implicit: matches!(spec.model, ModelSpec::MfImplicit { .. }),
+                hyper,
+            };
+            let mf = data.mf.as_mut().ok_or(TrainError::NoData("mf"))?;
+            run_mf_task(spec, shape, global, mf, &data.merchant_id)
+        }
     }
 }
 
@@ -215,9 +241,15 @@ impl LocalData {
                 &churn_parts.iter().map(|c| &c.valid).collect::<Vec<_>>(),
             ),
         });
+        let mf_parts: Vec<(&str, &MfData)> = parts
+            .iter()
+            .filter_map(|p| p.mf.as_ref().map(|m| (p.merchant_id.as_str(), m)))
+            .collect();
+        let mf = (!mf_parts.is_empty()).then(|| MfData::pooled(&mf_parts));
         LocalData {
             merchant_id: merchant_id.to_string(),
             churn,
+            mf,
         }
     }
 }
