@@ -342,13 +342,22 @@ pub fn run_mf_task(
             );
         }
     } else {
+        let mut sum = 0.0f64;
         for r in &data.train {
             counts[r.item as usize] += 1.0;
+            sum += f64::from(r.value);
         }
+        // μ is a statistic, not a learned weight: the agent reports its own
+        // mean and the per-example-weighted aggregate is the pooled mean.
+        // The initial model's μ = 0 means "unknown yet", so the first round
+        // trains around the local mean.
+        let local_mean = (sum / data.train.len() as f64) as f32;
+        let mu_train = if global[MU] == 0.0 { local_mean } else { global[MU] };
+        mu[0] = local_mean;
         for _ in 0..h.epochs.max(1) {
             shuffle(&mut order, &mut rng);
             loss = explicit_epoch(
-                h, k, &data.train, &order, &mut mu[0], &mut st.bias, &mut st.factors, ib, itf,
+                h, k, &data.train, &order, mu_train, &mut st.bias, &mut st.factors, ib, itf,
             );
         }
     }
