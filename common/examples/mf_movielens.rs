@@ -39,8 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hyper = MfHyper {
         learning_rate: opt("lr", if implicit { 0.05 } else { 0.01 }) as f32,
         bias_learning_rate: opt("blr", if implicit { 0.05 } else { 0.01 }) as f32,
-        reg_factors: opt("reg", if implicit { 0.01 } else { 0.05 }) as f32,
-        reg_bias: opt("regb", if implicit { 0.01 } else { 0.02 }) as f32,
+        reg_factors: opt("reg", if implicit { 0.01 } else { 0.1 }) as f32,
+        reg_bias: opt("regb", if implicit { 0.01 } else { 0.05 }) as f32,
         epochs: opt("epochs", 5.0) as usize,
         negatives: opt("negatives", 4.0) as usize,
         init_std: opt("std", 0.1) as f32,
@@ -58,15 +58,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::fs::create_dir_all(dir)?;
         movielens::write_csv(&dir.join("train.csv"), &fed.train)?;
         movielens::write_csv(&dir.join("test.csv"), &fed.test)?;
-        println!("exported {} train / {} test rows to {}", fed.train.len(), fed.test.len(), dir.display());
+        println!(
+            "exported {} train / {} test rows to {}",
+            fed.train.len(),
+            fed.test.len(),
+            dir.display()
+        );
     }
     let n = fed.catalogue.len();
     let spec_for = |hyper: MfHyper, factors: usize| TaskSpec {
         kind: TaskKind::Train,
         model: if implicit {
-            ModelSpec::MfImplicit { num_items: n, factors, hyper }
+            ModelSpec::MfImplicit {
+                num_items: n,
+                factors,
+                hyper,
+            }
         } else {
-            ModelSpec::Mf { num_items: n, factors, hyper }
+            ModelSpec::Mf {
+                num_items: n,
+                factors,
+                hyper,
+            }
         },
         sgd: Default::default(),
         seed,
@@ -125,9 +138,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     report("local-only", &local_hist, metric, implicit);
 
+    if implicit {
+        let (hr, ndcg) = popularity(&central[0], n);
+        println!(
+            "{:32} final hr@10={hr:.4} ndcg@10={ndcg:.4}",
+            "popularity (pooled counts)"
+        );
+    }
     // Baseline-only (biases, k = 0), centralised.
     if !implicit {
-        let b = federate(&spec_for(hyper.clone(), 0), &mut central, rounds, &mut FedAvg)?;
+        let b = federate(
+            &spec_for(hyper.clone(), 0),
+            &mut central,
+            rounds,
+            &mut FedAvg,
+        )?;
         report("centralised biases-only (k=0)", &b.rounds, metric, implicit);
     }
     println!("\nper merchant {metric} (federated vs local-only):");
@@ -137,7 +162,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         wins += usize::from(better);
         println!("  m{m}: {a:.4} vs {b:.4}");
     }
-    println!("federated better for {wins}/{} merchants", fed_per_merchant.len());
+    println!(
+        "federated better for {wins}/{} merchants",
+        fed_per_merchant.len()
+    );
     let med = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -149,6 +177,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         med(&local_per_merchant)
     );
     Ok(())
+}
+
+/// Ranks items by pooled purchase count: the non-personalised reference.
+fn popularity(pooled: &LocalData, n: usize) -> (f64, f64) {
+    let d = pooled.mf.as_ref().expect("mf data");
+    let mut scores = vec![0.0f32; n];
+    let mut seen = vec![Vec::new(); d.users.len()];
+    for r in &d.train {
+        scores[r.item as usize] += 1.0;
+        seen[r.user as usize].push(r.item);
+    }
+    seen.iter_mut().for_each(|s| s.sort_unstable());
+    let (mut hr, mut ndcg) = (0.0, 0.0);
+    for r in &d.test {
+        let (h, g) =
+            fedcart_common::mf::ranking_metrics(&scores, r.item as usize, &seen[r.user as usize]);
+        hr += h;
+        ndcg += g;
+    }
+    let m = d.test.len().max(1) as f64;
+    (hr / m, ndcg / m)
 }
 
 fn test_weight(m: &LocalData, _implicit: bool) -> f64 {
@@ -178,9 +227,16 @@ fn report(name: &str, rounds: &[BTreeMap<String, f64>], metric: &str, implicit: 
         .collect();
     let last = rounds.last().cloned().unwrap_or_default();
     let extra = if implicit {
-        format!(" ndcg@10={:.4}", last.get("ndcg@10").copied().unwrap_or(0.0))
+        format!(
+            " ndcg@10={:.4}",
+            last.get("ndcg@10").copied().unwrap_or(0.0)
+        )
     } else {
         String::new()
     };
-    println!("{name:32} final {metric}={:.4}{extra}  [{}]", last[metric], series.join(" "));
+    println!(
+        "{name:32} final {metric}={:.4}{extra}  [{}]",
+        last[metric],
+        series.join(" ")
+    );
 }

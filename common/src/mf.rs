@@ -295,7 +295,12 @@ pub fn run_mf_task(
             got: global.len(),
         });
     }
-    if let Some(r) = data.train.iter().chain(&data.test).find(|r| r.item as usize >= n) {
+    if let Some(r) = data
+        .train
+        .iter()
+        .chain(&data.test)
+        .find(|r| r.item as usize >= n)
+    {
         return Err(TrainError::FeatureWidth {
             expected: n,
             got: r.item as usize + 1,
@@ -308,7 +313,10 @@ pub fn run_mf_task(
             eval::implicit_metrics(global, n, k, data)
         } else {
             let rmse = rmse_of(global, n, k, h.clip, data);
-            (BTreeMap::from([("rmse".into(), rmse)]), data.test.len() as f64)
+            (
+                BTreeMap::from([("rmse".into(), rmse)]),
+                data.test.len() as f64,
+            )
         };
         metrics.insert("unknown_items".into(), unknown);
         return Ok(TaskOutput {
@@ -337,7 +345,15 @@ pub fn run_mf_task(
         for _ in 0..h.epochs.max(1) {
             shuffle(&mut order, &mut rng);
             loss = bpr_epoch(
-                h, k, &data.train, &order, &by_user, &mut st.factors, ib, itf, &mut counts,
+                h,
+                k,
+                &data.train,
+                &order,
+                &by_user,
+                &mut st.factors,
+                ib,
+                itf,
+                &mut counts,
                 &mut rng,
             );
         }
@@ -352,12 +368,24 @@ pub fn run_mf_task(
         // The initial model's μ = 0 means "unknown yet", so the first round
         // trains around the local mean.
         let local_mean = (sum / data.train.len() as f64) as f32;
-        let mu_train = if global[MU] == 0.0 { local_mean } else { global[MU] };
+        let mu_train = if global[MU] == 0.0 {
+            local_mean
+        } else {
+            global[MU]
+        };
         mu[0] = local_mean;
         for _ in 0..h.epochs.max(1) {
             shuffle(&mut order, &mut rng);
             loss = explicit_epoch(
-                h, k, &data.train, &order, mu_train, &mut st.bias, &mut st.factors, ib, itf,
+                h,
+                k,
+                &data.train,
+                &order,
+                mu_train,
+                &mut st.bias,
+                &mut st.factors,
+                ib,
+                itf,
             );
         }
     }
@@ -366,7 +394,11 @@ pub fn run_mf_task(
     }
     let weight = data.train.len() as f64;
     let update = item_update(global, &local, &counts, weight, n, k, h.aggregation)?;
-    let name = if shape.implicit { "bpr_loss" } else { "train_mse" };
+    let name = if shape.implicit {
+        "bpr_loss"
+    } else {
+        "train_mse"
+    };
     Ok(TaskOutput {
         update: Some(update),
         metrics: BTreeMap::from([(name.into(), loss), ("unknown_items".into(), unknown)]),

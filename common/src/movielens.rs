@@ -9,8 +9,8 @@ use std::path::Path;
 use crate::catalogue::Catalogue;
 use crate::interactions::Interaction;
 use crate::mf::MfData;
-use crate::train::LocalData;
 use crate::tabular::DataError;
+use crate::train::LocalData;
 
 /// Reads a MovieLens `ratings.csv`. Columns are found by header name, so
 /// their order does not matter; every bad cell is reported with the file,
@@ -28,7 +28,9 @@ pub fn read_ratings<R: std::io::Read>(
     reader: R,
     path: &Path,
 ) -> Result<Vec<Interaction>, DataError> {
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).from_reader(reader);
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(reader);
     let row_err = |e: csv::Error| DataError::Row {
         file: path.into(),
         line: e.position().map_or(1, |p| p.line()),
@@ -45,7 +47,12 @@ pub fn read_ratings<R: std::io::Read>(
                 header: header.iter().collect::<Vec<_>>().join(","),
             })
     };
-    let (cu, ci, cr, ct) = (col("userId")?, col("movieId")?, col("rating")?, col("timestamp")?);
+    let (cu, ci, cr, ct) = (
+        col("userId")?,
+        col("movieId")?,
+        col("rating")?,
+        col("timestamp")?,
+    );
     let mut out = Vec::new();
     let mut record = csv::StringRecord::new();
     while rdr.read_record(&mut record).map_err(row_err)? {
@@ -97,7 +104,10 @@ pub fn write_csv(path: &Path, rows: &[Interaction]) -> Result<(), DataError> {
     let mut text = String::with_capacity(rows.len() * 24 + 32);
     text.push_str("user,item,rating,timestamp\n");
     for r in rows {
-        text.push_str(&format!("{},{},{},{}\n", r.user, r.item, r.value, r.timestamp));
+        text.push_str(&format!(
+            "{},{},{},{}\n",
+            r.user, r.item, r.value, r.timestamp
+        ));
     }
     std::fs::write(path, text).map_err(|source| DataError::Io {
         file: path.into(),
@@ -268,15 +278,21 @@ mod tests {
         let text = "userId,movieId,rating,timestamp\n1,2,4.0,10\n1,3,high,11\n";
         let err = read_ratings(text.as_bytes(), Path::new("r.csv")).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("r.csv") && msg.contains("line 3") && msg.contains("`rating`"), "{msg}");
+        assert!(
+            msg.contains("r.csv") && msg.contains("line 3") && msg.contains("`rating`"),
+            "{msg}"
+        );
         let text = "userId,rating,timestamp\n1,4.0,10\n";
-        let msg = read_ratings(text.as_bytes(), Path::new("r.csv")).unwrap_err().to_string();
+        let msg = read_ratings(text.as_bytes(), Path::new("r.csv"))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("movieId"), "{msg}");
     }
 
     #[test]
     fn bundled_ratings_load_completely() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small/ratings.csv");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small/ratings.csv");
         let rows = load_ratings(&path).unwrap();
         assert_eq!(rows.len(), 100_836);
         assert_eq!(rows[0], row("1", "1", 4.0, 964_982_703));

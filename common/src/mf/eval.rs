@@ -46,13 +46,7 @@ impl UserItems {
 }
 
 /// RMSE of the model on the merchant's test ratings (0 if it has none).
-pub fn rmse_of(
-    global: &[f32],
-    n: usize,
-    k: usize,
-    clip: Option<[f32; 2]>,
-    data: &MfData,
-) -> f64 {
+pub fn rmse_of(global: &[f32], n: usize, k: usize, clip: Option<[f32; 2]>, data: &MfData) -> f64 {
     let s = &data.state;
     let mut se = 0.0f64;
     for r in &data.test {
@@ -117,7 +111,11 @@ pub fn implicit_metrics(
         ndcg += g;
     }
     let m = data.test.len() as f64;
-    let (hr, ndcg) = if m > 0.0 { (hr / m, ndcg / m) } else { (0.0, 0.0) };
+    let (hr, ndcg) = if m > 0.0 {
+        (hr / m, ndcg / m)
+    } else {
+        (0.0, 0.0)
+    };
     (
         BTreeMap::from([("hr@10".into(), hr), ("ndcg@10".into(), ndcg)]),
         m,

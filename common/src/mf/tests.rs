@@ -46,11 +46,21 @@ fn tuned() -> MfHyper {
 
 #[test]
 fn train_updates_carry_only_item_rows_weighted_by_rating_counts() {
-    let rows: Vec<Interaction> = ml_rows().into_iter().filter(|r| r.user.len() <= 2).collect();
+    let rows: Vec<Interaction> = ml_rows()
+        .into_iter()
+        .filter(|r| r.user.len() <= 2)
+        .collect();
     let fed = movielens::explicit_federation(&rows, 4, 0.2, 3);
     let (n, k) = (fed.catalogue.len(), 8);
     for aggregation in [MfAggregation::PerItem, MfAggregation::Uniform] {
-        let mut s = spec(n, k, MfHyper { aggregation, ..tuned() });
+        let mut s = spec(
+            n,
+            k,
+            MfHyper {
+                aggregation,
+                ..tuned()
+            },
+        );
         let layout = s.model.layout();
         let mut merchants = fed.merchants.clone();
         let mut params = s.model.initial_params(s.seed);
@@ -62,9 +72,17 @@ fn train_updates_carry_only_item_rows_weighted_by_rating_counts() {
                 let sent = out.update.unwrap();
                 // Decode exactly what would go on the wire.
                 let bytes = sent.payload_bytes();
-                assert_eq!(bytes.len(), 4 * (1 + n * (k + 1) + layout.num_coord_weights));
-                let u = Update::from_payload(&bytes, model_len(n, k), layout.num_coord_weights, sent.weight)
-                    .unwrap();
+                assert_eq!(
+                    bytes.len(),
+                    4 * (1 + n * (k + 1) + layout.num_coord_weights)
+                );
+                let u = Update::from_payload(
+                    &bytes,
+                    model_len(n, k),
+                    layout.num_coord_weights,
+                    sent.weight,
+                )
+                .unwrap();
                 u.validate(model_len(n, k), &layout).unwrap();
                 let data = m.mf.as_ref().unwrap();
                 let mut counts = vec![0.0f32; n];
@@ -77,10 +95,11 @@ fn train_updates_carry_only_item_rows_weighted_by_rating_counts() {
                     MfAggregation::Uniform => assert!(u.coord_weights.is_empty()),
                 }
                 let mut touched_values = 0;
-                for i in 0..n {
+                for (i, &count) in counts.iter().enumerate() {
                     let (b, f) = item_offsets(n, k, i);
-                    let row = std::iter::once(u.values[b]).chain(u.values[f..f + k].iter().copied());
-                    if counts[i] == 0.0 {
+                    let row =
+                        std::iter::once(u.values[b]).chain(u.values[f..f + k].iter().copied());
+                    if count == 0.0 {
                         assert!(row.into_iter().all(|v| v == 0.0), "unrated item {i} moved");
                     } else {
                         touched_values += row.filter(|v| *v != 0.0).count();
@@ -116,7 +135,9 @@ fn sparse_merchants(seed: u64) -> (usize, Vec<LocalData>) {
         let z: f32 = StandardNormal.sample(&mut rng);
         z * s
     };
-    let items: Vec<Vec<f32>> = (0..n).map(|_| (0..k).map(|_| normal(0.7)).collect()).collect();
+    let items: Vec<Vec<f32>> = (0..n)
+        .map(|_| (0..k).map(|_| normal(0.7)).collect())
+        .collect();
     let ib: Vec<f32> = (0..n).map(|_| normal(0.5)).collect();
     let catalogue = Catalogue::from_ids((0..n).map(|i| i.to_string()));
     let mut rng = crate::seed::rng(seed, &["sparse-ratings"]);
@@ -124,7 +145,10 @@ fn sparse_merchants(seed: u64) -> (usize, Vec<LocalData>) {
         .map(|m| {
             let mut rows = Vec::new();
             for u in 0..users {
-                let p: Vec<f32> = (0..k).map(|_| StandardNormal.sample(&mut rng)).map(|z: f32| z * 0.7).collect();
+                let p: Vec<f32> = (0..k)
+                    .map(|_| StandardNormal.sample(&mut rng))
+                    .map(|z: f32| z * 0.7)
+                    .collect();
                 for _ in 0..12 {
                     let i = if rng.random_bool(0.2) {
                         rng.random_range(0..shared)
@@ -168,7 +192,10 @@ fn per_item_aggregation_beats_plain_fedavg_on_sparse_items() {
         rmse.insert(format!("{aggregation:?}"), f.rounds.last().unwrap()["rmse"]);
     }
     let (per_item, uniform) = (rmse["PerItem"], rmse["Uniform"]);
-    assert!(per_item < uniform - 0.03, "per-item {per_item} vs plain {uniform}");
+    assert!(
+        per_item < uniform - 0.03,
+        "per-item {per_item} vs plain {uniform}"
+    );
 }
 
 #[test]
@@ -191,7 +218,10 @@ fn federated_movielens_mf_beats_biases_only_and_tracks_centralised() {
 
 #[test]
 fn private_state_round_trips_through_serde_and_replays_exactly() {
-    let rows: Vec<Interaction> = ml_rows().into_iter().filter(|r| r.user.len() <= 2).collect();
+    let rows: Vec<Interaction> = ml_rows()
+        .into_iter()
+        .filter(|r| r.user.len() <= 2)
+        .collect();
     let fed = movielens::explicit_federation(&rows, 2, 0.2, 5);
     let mut s = spec(fed.catalogue.len(), 8, tuned());
     let params = s.model.initial_params(s.seed);
@@ -219,8 +249,15 @@ fn unknown_items_are_counted_and_reported_not_fatal() {
         timestamp: 0,
     };
     let catalogue = Catalogue::from_ids(["a", "b"]);
-    let data = MfData::new(&[row("a"), row("zzz"), row("b")], &[row("b"), row("q")], &catalogue);
-    assert_eq!((data.train.len(), data.test.len(), data.unknown_items), (2, 1, 2));
+    let data = MfData::new(
+        &[row("a"), row("zzz"), row("b")],
+        &[row("b"), row("q")],
+        &catalogue,
+    );
+    assert_eq!(
+        (data.train.len(), data.test.len(), data.unknown_items),
+        (2, 1, 2)
+    );
     let mut local = LocalData {
         merchant_id: "m".into(),
         mf: Some(data),
