@@ -308,3 +308,51 @@ fn pooling_keeps_customers_of_different_merchants_apart() {
     assert_eq!(pooled.train[1].user, 1);
     assert_eq!(pooled.test.len(), 2);
 }
+
+#[test]
+fn federated_bpr_ranks_held_out_purchases_above_popularity() {
+    let fed = movielens::implicit_federation(&ml_rows(), 10, 4.0, 42);
+    let n = fed.catalogue.len();
+    let hyper = MfHyper {
+        learning_rate: 0.05,
+        bias_learning_rate: 0.05,
+        reg_factors: 0.01,
+        reg_bias: 0.01,
+        epochs: 5,
+        negatives: 4,
+        ..Default::default()
+    };
+    let mut s = spec(n, 32, hyper);
+    s.model = ModelSpec::MfImplicit {
+        num_items: n,
+        factors: 32,
+        hyper: match s.model {
+            ModelSpec::Mf { hyper, .. } => hyper,
+            _ => unreachable!(),
+        },
+    };
+    let mut merchants = fed.merchants.clone();
+    let f = federate(&s, &mut merchants, 3, &mut FedAvg).unwrap();
+    let hr = f.rounds.last().unwrap()["hr@10"];
+    // Popularity: rank by pooled training counts.
+    let pooled = LocalData::pooled("all", &merchants).mf.unwrap();
+    let mut scores = vec![0.0f32; n];
+    for r in &pooled.train {
+        scores[r.item as usize] += 1.0;
+    }
+    let by_user = eval::UserItems::new(&pooled.train, pooled.users.len());
+    let pop: f64 = pooled
+        .test
+        .iter()
+        .map(|r| eval::ranking_metrics(&scores, r.item as usize, by_user.items(r.user as usize)).0)
+        .sum::<f64>()
+        / pooled.test.len() as f64;
+    eprintln!("federated BPR hr@10 {hr}, popularity {pop}");
+    assert!(hr > pop, "federated BPR hr@10 {hr} vs popularity {pop}");
+    // Training never sends a user row: the update is exactly the item-side layout.
+    s.round = 4;
+    let out = run_task(&s, &f.params, &mut merchants[0]).unwrap();
+    let u = out.update.unwrap();
+    assert_eq!((u.values.len(), u.coord_weights.len()), (model_len(n, 32), n));
+    assert_eq!(u.values[MU], 0.0);
+}
