@@ -301,9 +301,9 @@ pub fn run_mf_task(
         .chain(&data.test)
         .find(|r| r.item as usize >= n)
     {
-        return Err(TrainError::FeatureWidth {
-            expected: n,
-            got: r.item as usize + 1,
+        return Err(TrainError::ItemOutOfRange {
+            item: r.item as usize,
+            num_items: n,
         });
     }
     data.ensure_users(k, spec.seed, h.init_std, merchant);

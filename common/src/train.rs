@@ -75,6 +75,15 @@ pub enum TrainError {
     /// Training produced a NaN or infinite value; nothing is sent.
     #[error("local training diverged (non-finite parameter); lower the learning rate")]
     Diverged,
+    /// A local interaction names an item index outside the task's catalogue
+    /// (the merchant's catalogue is newer than the federation's model).
+    #[error("local item index {item} is outside the model's catalogue of {num_items} items")]
+    ItemOutOfRange {
+        /// The offending dense item index.
+        item: usize,
+        /// Catalogue size of the task's model.
+        num_items: usize,
+    },
     /// A train task arrived before the statistics step finished.
     #[error("the task needs feature statistics but carries none")]
     MissingStandardizer,

@@ -12,7 +12,7 @@ use crate::movielens;
 use crate::reference::federate;
 use crate::strategy::{FedAvg, Strategy};
 use crate::task::{ModelSpec, TaskKind, TaskSpec};
-use crate::train::{LocalData, run_task};
+use crate::train::{LocalData, TrainError, run_task};
 
 fn ml_rows() -> Vec<Interaction> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small/ratings.csv");
@@ -353,6 +353,55 @@ fn federated_bpr_ranks_held_out_purchases_above_popularity() {
     s.round = 4;
     let out = run_task(&s, &f.params, &mut merchants[0]).unwrap();
     let u = out.update.unwrap();
-    assert_eq!((u.values.len(), u.coord_weights.len()), (model_len(n, 32), n));
+    assert_eq!(
+        (u.values.len(), u.coord_weights.len()),
+        (model_len(n, 32), n)
+    );
     assert_eq!(u.values[MU], 0.0);
+}
+
+#[test]
+fn mf_task_specs_round_trip_as_json_with_default_hyper_parameters() {
+    let json = r#"{"family":"mf","num_items":5,"factors":2}"#;
+    let m: ModelSpec = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        m,
+        ModelSpec::Mf {
+            num_items: 5,
+            factors: 2,
+            hyper: MfHyper::default()
+        }
+    );
+    let s = spec(5, 2, tuned());
+    let back: TaskSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(back, s);
+    assert_eq!(s.model.layout().num_coord_weights, 5);
+    s.model.layout().validate(s.model.model_len()).unwrap();
+    assert_eq!(s.model.data_family(), "mf");
+}
+
+#[test]
+fn items_outside_the_catalogue_of_the_task_are_refused() {
+    let mut local = LocalData {
+        merchant_id: "m".into(),
+        mf: Some(MfData {
+            users: vec!["u".into()],
+            train: vec![Rating {
+                user: 0,
+                item: 9,
+                value: 4.0,
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let s = spec(3, 2, tuned());
+    let err = run_task(&s, &s.model.initial_params(1), &mut local).unwrap_err();
+    assert_eq!(
+        err,
+        TrainError::ItemOutOfRange {
+            item: 9,
+            num_items: 3
+        }
+    );
 }
