@@ -7,9 +7,12 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod catalogue;
 pub mod interactions;
 pub mod lr;
 pub mod metrics;
+pub mod mf;
+pub mod movielens;
 pub mod reference;
 pub mod seed;
 pub mod split;

@@ -142,6 +142,7 @@ mod tests {
                         train: part.select(&tr),
                         valid: part.select(&va),
                     }),
+                    mf: None,
                 }
             })
             .collect()

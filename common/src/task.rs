@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::lr::SgdParams;
+use crate::mf::{self, MfHyper};
 use crate::standardize::Standardizer;
 use crate::update::WeightLayout;
 
@@ -35,6 +36,26 @@ pub enum ModelSpec {
         /// Update length.
         dim: usize,
     },
+    /// Explicit-feedback matrix factorisation (ratings, RMSE); see `mf`.
+    Mf {
+        /// Catalogue size.
+        num_items: usize,
+        /// Latent factors k.
+        factors: usize,
+        /// Local training hyper-parameters.
+        #[serde(default)]
+        hyper: MfHyper,
+    },
+    /// Implicit-feedback matrix factorisation (purchases, BPR, HR@10/NDCG@10).
+    MfImplicit {
+        /// Catalogue size.
+        num_items: usize,
+        /// Latent factors k.
+        factors: usize,
+        /// Local training hyper-parameters.
+        #[serde(default)]
+        hyper: MfHyper,
+    },
 }
 
 impl ModelSpec {
@@ -44,6 +65,7 @@ impl ModelSpec {
         match self {
             ModelSpec::ChurnLr { .. } => "churn",
             ModelSpec::Noop { .. } => "noop",
+            ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => "mf",
         }
     }
 
@@ -52,6 +74,8 @@ impl ModelSpec {
         match self {
             ModelSpec::ChurnLr { .. } => "churn-lr",
             ModelSpec::Noop { .. } => "noop",
+            ModelSpec::Mf { .. } => "mf",
+            ModelSpec::MfImplicit { .. } => "mf-implicit",
         }
     }
 
@@ -60,6 +84,12 @@ impl ModelSpec {
         match self {
             ModelSpec::ChurnLr { num_features } => num_features + 1,
             ModelSpec::Noop { dim } => *dim,
+            ModelSpec::Mf {
+                num_items, factors, ..
+            }
+            | ModelSpec::MfImplicit {
+                num_items, factors, ..
+            } => mf::model_len(*num_items, *factors),
         }
     }
 
@@ -67,6 +97,16 @@ impl ModelSpec {
     pub fn layout(&self) -> WeightLayout {
         match self {
             ModelSpec::ChurnLr { .. } | ModelSpec::Noop { .. } => WeightLayout::uniform(),
+            ModelSpec::Mf {
+                num_items,
+                factors,
+                hyper,
+            }
+            | ModelSpec::MfImplicit {
+                num_items,
+                factors,
+                hyper,
+            } => mf::layout(*num_items, *factors, hyper.aggregation),
         }
     }
 
@@ -76,12 +116,25 @@ impl ModelSpec {
         match self {
             ModelSpec::ChurnLr { num_features } => 2 * num_features,
             ModelSpec::Noop { .. } => 0,
+            ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => 0,
         }
     }
 
     /// The first global model version.
-    pub fn initial_params(&self, _seed: u64) -> Vec<f32> {
-        vec![0.0; self.model_len()]
+    pub fn initial_params(&self, seed: u64) -> Vec<f32> {
+        match self {
+            ModelSpec::Mf {
+                num_items,
+                factors,
+                hyper,
+            }
+            | ModelSpec::MfImplicit {
+                num_items,
+                factors,
+                hyper,
+            } => mf::initial_params(*num_items, *factors, hyper.init_std, seed),
+            _ => vec![0.0; self.model_len()],
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::lr::LogisticRegression;
 use crate::metrics::{Confusion, auc, log_loss};
+use crate::mf::{MfData, MfShape, run_mf_task};
 use crate::standardize::{Standardizer, stats_update};
 use crate::tabular::TabularDataset;
 use crate::task::{ModelSpec, TaskKind, TaskSpec};
@@ -33,6 +34,9 @@ pub struct LocalData {
     pub merchant_id: String,
     /// Churn data, if the merchant takes part in churn tasks.
     pub churn: Option<ChurnData>,
+    /// Recommender data and the private user state, if the merchant takes
+    /// part in matrix-factorisation tasks.
+    pub mf: Option<MfData>,
 }
 
 /// The result of one task.
@@ -71,6 +75,15 @@ pub enum TrainError {
     /// Training produced a NaN or infinite value; nothing is sent.
     #[error("local training diverged (non-finite parameter); lower the learning rate")]
     Diverged,
+    /// A local interaction names an item index outside the task's catalogue
+    /// (the merchant's catalogue is newer than the federation's model).
+    #[error("local item index {item} is outside the model's catalogue of {num_items} items")]
+    ItemOutOfRange {
+        /// The offending dense item index.
+        item: usize,
+        /// Catalogue size of the task's model.
+        num_items: usize,
+    },
     /// A train task arrived before the statistics step finished.
     #[error("the task needs feature statistics but carries none")]
     MissingStandardizer,
@@ -82,6 +95,9 @@ impl LocalData {
         let mut out = BTreeMap::new();
         if let Some(c) = &self.churn {
             out.insert("churn".into(), c.train.len() as u64);
+        }
+        if let Some(m) = &self.mf {
+            out.insert("mf".into(), m.train.len() as u64);
         }
         out
     }
@@ -96,6 +112,25 @@ pub fn run_task(
     match &spec.model {
         ModelSpec::ChurnLr { num_features } => churn_lr_task(spec, *num_features, global, data),
         ModelSpec::Noop { dim } => Ok(noop_task(spec, *dim, &data.merchant_id)),
+        ModelSpec::Mf {
+            num_items,
+            factors,
+            hyper,
+        }
+        | ModelSpec::MfImplicit {
+            num_items,
+            factors,
+            hyper,
+        } => {
+            let shape = MfShape {
+                num_items: *num_items,
+                k: *factors,
+                implicit: matches!(spec.model, ModelSpec::MfImplicit { .. }),
+                hyper,
+            };
+            let mf = data.mf.as_mut().ok_or(TrainError::NoData("mf"))?;
+            run_mf_task(spec, shape, global, mf, &data.merchant_id)
+        }
     }
 }
 
@@ -240,9 +275,15 @@ impl LocalData {
                 &churn_parts.iter().map(|c| &c.valid).collect::<Vec<_>>(),
             ),
         });
+        let mf_parts: Vec<(&str, &MfData)> = parts
+            .iter()
+            .filter_map(|p| p.mf.as_ref().map(|m| (p.merchant_id.as_str(), m)))
+            .collect();
+        let mf = (!mf_parts.is_empty()).then(|| MfData::pooled(&mf_parts));
         LocalData {
             merchant_id: merchant_id.to_string(),
             churn,
+            mf,
         }
     }
 }
