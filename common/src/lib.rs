@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod seed;
 pub mod split;
 pub mod standardize;
+pub mod secagg;
 pub mod strategy;
 pub mod tabular;
 pub mod task;
