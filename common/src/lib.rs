@@ -9,10 +9,10 @@
 pub mod aggregate;
 pub mod lr;
 pub mod metrics;
+pub mod secagg;
 pub mod seed;
 pub mod split;
 pub mod standardize;
-pub mod secagg;
 pub mod strategy;
 pub mod tabular;
 pub mod task;

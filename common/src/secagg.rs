@@ -123,8 +123,8 @@ pub use encode::{DecodedSum, EncodedInput, encode};
 pub use graph::NeighbourGraph;
 pub use server::{AfterMasked, MaskedSum, SecAggOutput, ServerSession};
 pub use wire::{
-    AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck, SurvivorSignature,
-    UnmaskRequest, UnmaskResponse, masked_from_bytes, masked_to_bytes,
+    AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck,
+    SurvivorSignature, UnmaskRequest, UnmaskResponse, masked_from_bytes, masked_to_bytes,
 };
 
 #[allow(unused_imports)]
@@ -185,7 +185,9 @@ pub enum SecAggError {
         got: usize,
     },
     /// A NaN, infinite or negative-weight input coordinate.
-    #[error("input coordinate {index} is {value}: values must be finite and weights finite and >= 0")]
+    #[error(
+        "input coordinate {index} is {value}: values must be finite and weights finite and >= 0"
+    )]
     NotFinite {
         /// Position in the encoded vector.
         index: usize,
@@ -217,7 +219,9 @@ pub enum SecAggError {
         agent: u32,
     },
     /// The round aborted: too few agents answered a stage.
-    #[error("round aborted at stage {stage}: {have} agents answered, the threshold is {need}; nothing was revealed")]
+    #[error(
+        "round aborted at stage {stage}: {have} agents answered, the threshold is {need}; nothing was revealed"
+    )]
     TooFewSurvivors {
         /// The stage that closed short.
         stage: Stage,
@@ -227,7 +231,9 @@ pub enum SecAggError {
         need: usize,
     },
     /// The round aborted: an agent's secret cannot be recovered.
-    #[error("round aborted: agent {agent} has {have} share holders left, {need} needed; nothing was revealed")]
+    #[error(
+        "round aborted: agent {agent} has {have} share holders left, {need} needed; nothing was revealed"
+    )]
     NotEnoughShares {
         /// Owner of the secret.
         agent: u32,
@@ -251,7 +257,9 @@ pub enum SecAggError {
         agent: u32,
     },
     /// A recovered key does not match the key its owner advertised.
-    #[error("recovered pairwise key of agent {agent} does not match its advertised key (bad shares)")]
+    #[error(
+        "recovered pairwise key of agent {agent} does not match its advertised key (bad shares)"
+    )]
     KeyMismatch {
         /// The agent.
         agent: u32,

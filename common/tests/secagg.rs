@@ -2,9 +2,9 @@
 //! through hand-driven sessions (for the refusal and abort paths).
 
 use fedcart_common::secagg::{
-    AfterMasked, ClientSession, Dropouts, KeyRoster, SecAggConfig, SecAggError, ServerSession, ShareRelay,
-    ShareUpload, Stage, SurvivorCheck, UnmaskRequest, UnmaskResponse, encode, masked_from_bytes, round_seed,
-    rounding_rng, run_in_memory,
+    AfterMasked, ClientSession, Dropouts, KeyRoster, SecAggConfig, SecAggError, ServerSession,
+    ShareRelay, ShareUpload, Stage, SurvivorCheck, UnmaskRequest, UnmaskResponse, encode,
+    masked_from_bytes, round_seed, rounding_rng, run_in_memory,
 };
 use fedcart_common::update::Update;
 use rand::{RngExt, SeedableRng};
@@ -41,7 +41,9 @@ fn config(n: usize, d: usize, cw: usize, sparse: bool) -> SecAggConfig {
 
 /// `count` ids spread over 0..n, deterministic.
 fn spread(n: usize, count: usize, offset: usize) -> Vec<u32> {
-    (0..count).map(|i| ((i * n / count.max(1) + offset) % n) as u32).collect()
+    (0..count)
+        .map(|i| ((i * n / count.max(1) + offset) % n) as u32)
+        .collect()
 }
 
 fn dropouts_at(stage: Stage, ids: Vec<u32>) -> Dropouts {
@@ -60,20 +62,38 @@ fn dropouts_at(stage: Stage, ids: Vec<u32>) -> Dropouts {
 /// survivors' encodings (exactly) and of their clipped values (within
 /// quantisation).
 fn check_round(c: &SecAggConfig, ups: &[Update], dropouts: &Dropouts, seed: u64) {
-    let outcome = run_in_memory(c, ups, dropouts, seed).unwrap_or_else(|e| panic!("{dropouts:?}: {e}"));
+    let outcome =
+        run_in_memory(c, ups, dropouts, seed).unwrap_or_else(|e| panic!("{dropouts:?}: {e}"));
     let out = outcome.output;
-    let gone: Vec<u32> = [&dropouts.advertise, &dropouts.share_keys, &dropouts.masked_input].into_iter().flatten().copied().collect();
-    let expected_survivors: Vec<u32> = (0..ups.len() as u32).filter(|i| !gone.contains(i)).collect();
+    let gone: Vec<u32> = [
+        &dropouts.advertise,
+        &dropouts.share_keys,
+        &dropouts.masked_input,
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
+    .collect();
+    let expected_survivors: Vec<u32> = (0..ups.len() as u32)
+        .filter(|i| !gone.contains(i))
+        .collect();
     assert_eq!(out.survivors, expected_survivors);
 
     let mut plain = vec![0u32; c.vector_len()];
-    let mask = if c.modulus_bits == 32 { u32::MAX } else { (1u32 << c.modulus_bits) - 1 };
+    let mask = if c.modulus_bits == 32 {
+        u32::MAX
+    } else {
+        (1u32 << c.modulus_bits) - 1
+    };
     let mut clipped_sum = vec![0f64; c.num_values];
     let mut weight = 0.0;
     for &id in &out.survivors {
         let u = &ups[id as usize];
         let e = encode(c, u, &mut rounding_rng(seed, id)).unwrap();
-        plain.iter_mut().zip(e.as_slice()).for_each(|(p, x)| *p = p.wrapping_add(*x) & mask);
+        plain
+            .iter_mut()
+            .zip(e.as_slice())
+            .for_each(|(p, x)| *p = p.wrapping_add(*x) & mask);
         for (s, v) in clipped_sum.iter_mut().zip(&u.values) {
             *s += f64::from(v.clamp(-c.clip, c.clip));
         }
@@ -82,13 +102,21 @@ fn check_round(c: &SecAggConfig, ups: &[Update], dropouts: &Dropouts, seed: u64)
     assert_eq!(out.raw_sum, plain, "u32 sums differ with {dropouts:?}");
     let tol = out.survivors.len() as f64 / c.scale;
     for (got, want) in out.sum.values.iter().zip(&clipped_sum) {
-        assert!((got - want).abs() <= tol, "decoded {got} vs {want} (tol {tol})");
+        assert!(
+            (got - want).abs() <= tol,
+            "decoded {got} vs {want} (tol {tol})"
+        );
     }
     assert_eq!(out.sum.weight, weight);
     assert_eq!(out.sum.count, out.survivors.len());
 }
 
-const ALL_STAGES: [Stage; 4] = [Stage::Advertise, Stage::ShareKeys, Stage::MaskedInput, Stage::Unmask];
+const ALL_STAGES: [Stage; 4] = [
+    Stage::Advertise,
+    Stage::ShareKeys,
+    Stage::MaskedInput,
+    Stage::Unmask,
+];
 
 /// No dropouts, then 10 % and 30 % of the agents dropping at each stage.
 fn matrix(n: usize, d: usize, sparse: bool, stages: &[Stage]) {
@@ -98,7 +126,12 @@ fn matrix(n: usize, d: usize, sparse: bool, stages: &[Stage]) {
     for &stage in stages {
         for frac in [0.1, 0.3] {
             let count = (frac * n as f64).round() as usize;
-            check_round(&c, &ups, &dropouts_at(stage, spread(n, count, 1)), SEED + count as u64);
+            check_round(
+                &c,
+                &ups,
+                &dropouts_at(stage, spread(n, count, 1)),
+                SEED + count as u64,
+            );
         }
     }
 }
@@ -130,7 +163,12 @@ fn secure_sum_equals_plain_sum_n100_sparse_graph() {
 fn dropouts_at_every_stage_at_once_are_recovered() {
     let c = config(20, 30, 0, false);
     let ups = inputs(20, 30, 0, 5);
-    let d = Dropouts { advertise: vec![1], share_keys: vec![4, 7], masked_input: vec![9, 13], unmask: vec![0, 15] };
+    let d = Dropouts {
+        advertise: vec![1],
+        share_keys: vec![4, 7],
+        masked_input: vec![9, 13],
+        unmask: vec![0, 15],
+    };
     check_round(&c, &ups, &d, 11);
 }
 
@@ -147,32 +185,77 @@ fn malicious_server_check_passes_for_an_honest_server() {
 fn too_few_masked_inputs_abort_before_any_share_is_requested() {
     let c = config(10, 8, 0, false); // t = 6 of 10 holders
     let ups = inputs(10, 8, 0, 1);
-    let err = run_in_memory(&c, &ups, &dropouts_at(Stage::MaskedInput, spread(10, 5, 0)), 1).unwrap_err();
-    assert_eq!(err, SecAggError::TooFewSurvivors { stage: Stage::MaskedInput, have: 5, need: 6 });
+    let err = run_in_memory(
+        &c,
+        &ups,
+        &dropouts_at(Stage::MaskedInput, spread(10, 5, 0)),
+        1,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        SecAggError::TooFewSurvivors {
+            stage: Stage::MaskedInput,
+            have: 5,
+            need: 6
+        }
+    );
 
     // Driven by hand: the abort produces no unmask request and the session
     // can no longer output anything.
     let mut h = Harness::new(c, 10);
     h.masked(&[0, 1, 2, 3, 4]);
-    assert!(matches!(h.server.close_masked(), Err(SecAggError::TooFewSurvivors { .. })));
+    assert!(matches!(
+        h.server.close_masked(),
+        Err(SecAggError::TooFewSurvivors { .. })
+    ));
     assert_eq!(h.server.stage(), Stage::Aborted);
-    assert!(matches!(h.server.finish(), Err(SecAggError::WrongStage { actual: Stage::Aborted, .. })));
+    assert!(matches!(
+        h.server.finish(),
+        Err(SecAggError::WrongStage {
+            actual: Stage::Aborted,
+            ..
+        })
+    ));
 }
 
 #[test]
 fn too_few_unmask_answers_abort_without_output() {
     let c = config(10, 8, 0, false);
     let ups = inputs(10, 8, 0, 1);
-    let err = run_in_memory(&c, &ups, &dropouts_at(Stage::Unmask, spread(10, 5, 0)), 1).unwrap_err();
-    assert!(matches!(err, SecAggError::NotEnoughShares { have: 5, need: 6, .. }), "{err}");
+    let err =
+        run_in_memory(&c, &ups, &dropouts_at(Stage::Unmask, spread(10, 5, 0)), 1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SecAggError::NotEnoughShares {
+                have: 5,
+                need: 6,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn too_few_advertisers_abort() {
     let c = config(10, 8, 0, false);
     let ups = inputs(10, 8, 0, 1);
-    let err = run_in_memory(&c, &ups, &dropouts_at(Stage::Advertise, spread(10, 5, 0)), 1).unwrap_err();
-    assert!(matches!(err, SecAggError::TooFewSurvivors { stage: Stage::Advertise, .. }));
+    let err = run_in_memory(
+        &c,
+        &ups,
+        &dropouts_at(Stage::Advertise, spread(10, 5, 0)),
+        1,
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        SecAggError::TooFewSurvivors {
+            stage: Stage::Advertise,
+            ..
+        }
+    ));
 }
 
 /// Drives a server and `n` clients by hand up to the masked-input stage.
@@ -190,7 +273,14 @@ impl Harness {
         let mut server = ServerSession::new(c.clone(), rs, &ids).unwrap();
         let mut clients: Vec<ClientSession> = ids
             .iter()
-            .map(|&i| ClientSession::new(c.clone(), i, rs, &mut ChaCha20Rng::seed_from_u64(u64::from(i))))
+            .map(|&i| {
+                ClientSession::new(
+                    c.clone(),
+                    i,
+                    rs,
+                    &mut ChaCha20Rng::seed_from_u64(u64::from(i)),
+                )
+            })
             .collect();
         for cl in &mut clients {
             server.on_advertise(cl.advertise().unwrap()).unwrap();
@@ -201,13 +291,22 @@ impl Harness {
         }
         let relays = server.close_shares().unwrap();
         let ups = inputs(n, c.num_values, c.num_coord_weights, 4);
-        Self { server, clients, relays, ups }
+        Self {
+            server,
+            clients,
+            relays,
+            ups,
+        }
     }
 
     fn masked(&mut self, who: &[u32]) {
         for &i in who {
             let (m, _) = self.clients[i as usize]
-                .masked_input(&self.relays[i as usize], &self.ups[i as usize], &mut rounding_rng(1, i))
+                .masked_input(
+                    &self.relays[i as usize],
+                    &self.ups[i as usize],
+                    &mut rounding_rng(1, i),
+                )
                 .unwrap();
             self.server.on_masked_input(i, &m).unwrap();
         }
@@ -219,7 +318,9 @@ fn client_refuses_a_request_for_both_secrets_of_one_agent() {
     let c = config(4, 6, 0, false);
     let mut h = Harness::new(c, 4);
     h.masked(&[0, 1, 2]);
-    let AfterMasked::Unmask(reqs) = h.server.close_masked().unwrap() else { panic!() };
+    let AfterMasked::Unmask(reqs) = h.server.close_masked().unwrap() else {
+        panic!()
+    };
     let honest = reqs.iter().find(|r| r.to == 0).unwrap().clone();
     assert_eq!(honest.pairwise_of, vec![3]);
     // Ask agent 0 for both secrets of agent 1.
@@ -228,12 +329,18 @@ fn client_refuses_a_request_for_both_secrets_of_one_agent() {
     let err = h.clients[0].unmask(&both).unwrap_err();
     assert!(err.to_string().contains("both"), "{err}");
     // The refusal is final: the session answers nothing afterwards.
-    assert!(matches!(h.clients[0].unmask(&honest), Err(SecAggError::WrongStage { .. })));
+    assert!(matches!(
+        h.clients[0].unmask(&honest),
+        Err(SecAggError::WrongStage { .. })
+    ));
     // Asking an agent for its own pairwise key after its input went out.
     let mut own = reqs.iter().find(|r| r.to == 1).unwrap().clone();
     own.self_mask_of.retain(|&o| o != 1);
     own.pairwise_of.push(1);
-    assert!(matches!(h.clients[1].unmask(&own), Err(SecAggError::Refused(_))));
+    assert!(matches!(
+        h.clients[1].unmask(&own),
+        Err(SecAggError::Refused(_))
+    ));
 }
 
 #[test]
@@ -241,20 +348,33 @@ fn server_refuses_shares_it_did_not_request() {
     let c = config(4, 6, 0, false);
     let mut h = Harness::new(c, 4);
     h.masked(&[0, 1, 2, 3]);
-    let AfterMasked::Unmask(reqs) = h.server.close_masked().unwrap() else { panic!() };
+    let AfterMasked::Unmask(reqs) = h.server.close_masked().unwrap() else {
+        panic!()
+    };
     // Every request partitions the owners: no owner in both lists.
     for r in &reqs {
-        assert!(r.pairwise_of.is_empty(), "nobody dropped, yet pairwise keys requested");
+        assert!(
+            r.pairwise_of.is_empty(),
+            "nobody dropped, yet pairwise keys requested"
+        );
     }
     let mut resp = h.clients[0].unmask(&reqs[0]).unwrap();
     // A response smuggling a pairwise-key share of a survivor is refused whole.
     resp.pairwise_shares.push((2, vec![1; 33]));
-    assert!(matches!(h.server.on_unmask(resp), Err(SecAggError::Refused(_))));
+    assert!(matches!(
+        h.server.on_unmask(resp),
+        Err(SecAggError::Refused(_))
+    ));
 }
 
 #[test]
 fn malformed_bytes_give_errors_at_every_entry_point() {
-    let junk: Vec<Vec<u8>> = vec![vec![], vec![0xff; 3], vec![3, 1, 0, 0], vec![7, 1, 9, 9, 9, 9, 0xff, 0xff, 0xff, 0xff]];
+    let junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xff; 3],
+        vec![3, 1, 0, 0],
+        vec![7, 1, 9, 9, 9, 9, 0xff, 0xff, 0xff, 0xff],
+    ];
     for j in &junk {
         assert!(KeyRoster::from_bytes(j).is_err());
         assert!(ShareUpload::from_bytes(j).is_err());
@@ -269,7 +389,9 @@ fn malformed_bytes_give_errors_at_every_entry_point() {
     let mut h = Harness::new(c, 3);
     let mut relay = h.relays[0].clone();
     relay.shares[0].ciphertext[5] ^= 1;
-    let err = h.clients[0].masked_input(&relay, &h.ups[0], &mut rounding_rng(1, 0)).unwrap_err();
+    let err = h.clients[0]
+        .masked_input(&relay, &h.ups[0], &mut rounding_rng(1, 0))
+        .unwrap_err();
     assert!(matches!(err, SecAggError::BadCiphertext { .. }), "{err}");
     // A masked vector of the wrong length or outside the modulus is refused.
     assert!(h.server.on_masked_input(1, &[0; 3]).is_err());
@@ -281,18 +403,48 @@ fn overflowing_configuration_is_refused_naming_the_parameter() {
     assert!(c.validate(100).is_ok());
     c.scale *= 4.0;
     let err = c.validate(100).unwrap_err();
-    assert!(matches!(err, SecAggError::Config { parameter: "scale", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            SecAggError::Config {
+                parameter: "scale",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("lower `scale`"), "{err}");
     let mut c = SecAggConfig::complete(10, 0, 100, 1.0);
     c.max_weight = 1e9;
     let err = c.validate(100).unwrap_err();
-    assert!(matches!(err, SecAggError::Config { parameter: "max_weight", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            SecAggError::Config {
+                parameter: "max_weight",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let mut c = SecAggConfig::complete(10, 0, 100, 1.0);
     c.modulus_bits = 16;
-    assert!(matches!(c.validate(100), Err(SecAggError::Config { parameter: "scale", .. })));
+    assert!(matches!(
+        c.validate(100),
+        Err(SecAggError::Config {
+            parameter: "scale",
+            ..
+        })
+    ));
     let mut c = SecAggConfig::complete(10, 0, 300, 1.0);
     c.neighbours = 299;
-    assert!(matches!(c.validate(300), Err(SecAggError::Config { parameter: "neighbours", .. })));
+    assert!(matches!(
+        c.validate(300),
+        Err(SecAggError::Config {
+            parameter: "neighbours",
+            ..
+        })
+    ));
     // The server refuses to start a round with such a configuration.
     let mut c = SecAggConfig::complete(10, 0, 100, 1.0);
     c.scale *= 4.0;
@@ -320,10 +472,15 @@ fn clipped_fraction_is_reported_in_the_sum() {
     ups[0].values[3] = 5.0;
     ups[2].values[7] = -2.0;
     ups[4].weight = 5000.0; // above max_weight = 1000
-    let out = run_in_memory(&c, &ups, &Dropouts::none(), 1).unwrap().output;
+    let out = run_in_memory(&c, &ups, &Dropouts::none(), 1)
+        .unwrap()
+        .output;
     assert_eq!(out.sum.clipped, 3);
     assert!((out.sum.clipped_fraction() - 3.0 / (5.0 * 11.0)).abs() < 1e-12);
-    assert_eq!(out.sum.weight, ups[..4].iter().map(|u| u.weight).sum::<f64>() + 1000.0);
+    assert_eq!(
+        out.sum.weight,
+        ups[..4].iter().map(|u| u.weight).sum::<f64>() + 1000.0
+    );
 }
 
 #[test]
@@ -332,13 +489,21 @@ fn malicious_server_with_inconsistent_survivor_lists_is_refused() {
     c.verify_survivors = true;
     let mut h = Harness::new(c, 5);
     h.masked(&[0, 1, 2, 3, 4]);
-    let AfterMasked::CheckSurvivors(full) = h.server.close_masked().unwrap() else { panic!() };
+    let AfterMasked::CheckSurvivors(full) = h.server.close_masked().unwrap() else {
+        panic!()
+    };
     // The server shows 0, 1, 2 a list claiming 3 and 4 dropped, and 3, 4 the
     // true list: it hopes to get agent 3's pairwise key from 0, 1, 2 and its
     // self-mask seed from 3, 4.
-    let short = SurvivorCheck { survivors: vec![0, 1, 2] };
-    let sigs_short: Vec<_> = (0..3).map(|i| h.clients[i].sign_survivors(&short).unwrap()).collect();
-    let sigs_full: Vec<_> = (3..5).map(|i| h.clients[i].sign_survivors(&full).unwrap()).collect();
+    let short = SurvivorCheck {
+        survivors: vec![0, 1, 2],
+    };
+    let sigs_short: Vec<_> = (0..3)
+        .map(|i| h.clients[i].sign_survivors(&short).unwrap())
+        .collect();
+    let sigs_full: Vec<_> = (3..5)
+        .map(|i| h.clients[i].sign_survivors(&full).unwrap())
+        .collect();
     // Agent 3 sees only two signatures over its list (t = 3): refuses.
     let to3 = UnmaskRequest {
         to: 3,
@@ -347,7 +512,10 @@ fn malicious_server_with_inconsistent_survivor_lists_is_refused() {
         survivors: full.survivors.clone(),
         signatures: sigs_full.clone(),
     };
-    assert_eq!(h.clients[3].unmask(&to3).unwrap_err(), SecAggError::BadSignatures { valid: 2, need: 3 });
+    assert_eq!(
+        h.clients[3].unmask(&to3).unwrap_err(),
+        SecAggError::BadSignatures { valid: 2, need: 3 }
+    );
     // Padding with signatures over the other list does not help: they do not verify.
     let to4 = UnmaskRequest {
         to: 4,
@@ -355,7 +523,10 @@ fn malicious_server_with_inconsistent_survivor_lists_is_refused() {
         ..to3.clone()
     };
     let to4 = UnmaskRequest { to: 4, ..to4 };
-    assert_eq!(h.clients[4].unmask(&to4).unwrap_err(), SecAggError::BadSignatures { valid: 2, need: 3 });
+    assert_eq!(
+        h.clients[4].unmask(&to4).unwrap_err(),
+        SecAggError::BadSignatures { valid: 2, need: 3 }
+    );
     // Agent 0 is shown its signed list but a request that contradicts it.
     let to0 = UnmaskRequest {
         to: 0,
@@ -364,5 +535,8 @@ fn malicious_server_with_inconsistent_survivor_lists_is_refused() {
         survivors: short.survivors.clone(),
         signatures: sigs_short,
     };
-    assert!(matches!(h.clients[0].unmask(&to0), Err(SecAggError::Refused(_))));
+    assert!(matches!(
+        h.clients[0].unmask(&to0),
+        Err(SecAggError::Refused(_))
+    ));
 }

@@ -60,7 +60,13 @@ impl SecAggConfig {
         Self::with_degree(num_values, num_coord_weights, n, k, clip)
     }
 
-    fn with_degree(num_values: usize, num_coord_weights: usize, n: usize, k: usize, clip: f32) -> Self {
+    fn with_degree(
+        num_values: usize,
+        num_coord_weights: usize,
+        n: usize,
+        k: usize,
+        clip: f32,
+    ) -> Self {
         let n = n.max(1) as f64;
         // Leave a factor 2 of headroom below 2^31 for the sum of n values.
         let scale = ((1u64 << 30) as f64 / (n * f64::from(clip.max(f32::MIN_POSITIVE)))).floor();
@@ -68,7 +74,7 @@ impl SecAggConfig {
             num_values,
             num_coord_weights,
             neighbours: k,
-            threshold: (k + 1) / 2 + 1,
+            threshold: k.div_ceil(2) + 1,
             clip,
             scale: scale.max(1.0),
             max_weight: 1.0e6,
@@ -118,22 +124,37 @@ impl SecAggConfig {
             Err(SecAggError::Config { parameter, message })
         };
         if n < 2 {
-            return bad("participants", format!("secure aggregation needs at least 2 agents, got {n}"));
+            return bad(
+                "participants",
+                format!("secure aggregation needs at least 2 agents, got {n}"),
+            );
         }
         if !(8..=32).contains(&self.modulus_bits) {
-            return bad("modulus_bits", format!("{} is outside 8..=32", self.modulus_bits));
+            return bad(
+                "modulus_bits",
+                format!("{} is outside 8..=32", self.modulus_bits),
+            );
         }
         if !(self.clip.is_finite() && self.clip > 0.0) {
             return bad("clip", format!("{} must be finite and positive", self.clip));
         }
         if !(self.scale.is_finite() && self.scale > 0.0) {
-            return bad("scale", format!("{} must be finite and positive", self.scale));
+            return bad(
+                "scale",
+                format!("{} must be finite and positive", self.scale),
+            );
         }
         if !(self.max_weight.is_finite() && self.max_weight > 0.0) {
-            return bad("max_weight", format!("{} must be finite and positive", self.max_weight));
+            return bad(
+                "max_weight",
+                format!("{} must be finite and positive", self.max_weight),
+            );
         }
         if !(self.weight_scale.is_finite() && self.weight_scale > 0.0) {
-            return bad("weight_scale", format!("{} must be finite and positive", self.weight_scale));
+            return bad(
+                "weight_scale",
+                format!("{} must be finite and positive", self.weight_scale),
+            );
         }
         let k = self.degree(n);
         if k == 0 {
@@ -142,18 +163,29 @@ impl SecAggConfig {
         if k + 1 > MAX_HOLDERS {
             return bad(
                 "neighbours",
-                format!("k = {k} gives {} share holders; GF(256) Shamir allows at most {MAX_HOLDERS}", k + 1),
+                format!(
+                    "k = {k} gives {} share holders; GF(256) Shamir allows at most {MAX_HOLDERS}",
+                    k + 1
+                ),
             );
         }
         if self.threshold < 2 || self.threshold > k + 1 {
             return bad(
                 "threshold",
-                format!("t = {} must be in 2..={} (k + 1 holders with k = {k})", self.threshold, k + 1),
+                format!(
+                    "t = {} must be in 2..={} (k + 1 holders with k = {k})",
+                    self.threshold,
+                    k + 1
+                ),
             );
         }
         let bits = self.modulus_bits;
         let signed_room = (1u64 << (bits - 1)) - 1;
-        let unsigned_room = if bits == 32 { u64::from(u32::MAX) } else { (1u64 << bits) - 1 };
+        let unsigned_room = if bits == 32 {
+            u64::from(u32::MAX)
+        } else {
+            (1u64 << bits) - 1
+        };
         let n64 = n as u64;
         let vmax = self.max_value_code();
         if vmax.saturating_mul(n64) > signed_room {
@@ -183,7 +215,9 @@ impl SecAggConfig {
         if len.saturating_mul(n64) > unsigned_room {
             return bad(
                 "modulus_bits",
-                format!("the clipped-coordinate count of {n} agents × {len} coordinates does not fit 2^{bits}"),
+                format!(
+                    "the clipped-coordinate count of {n} agents × {len} coordinates does not fit 2^{bits}"
+                ),
             );
         }
         Ok(())

@@ -154,12 +154,12 @@ pub(crate) fn recover(
             continue;
         }
         seen[bytes[0] as usize] = true;
-        picked.push(Share::try_from(bytes.as_slice()).map_err(|e| {
-            SecAggError::Malformed {
+        picked.push(
+            Share::try_from(bytes.as_slice()).map_err(|e| SecAggError::Malformed {
                 what: "share",
                 detail: e.to_string(),
-            }
-        })?);
+            })?,
+        );
         if picked.len() == threshold {
             break;
         }
@@ -188,8 +188,7 @@ pub(crate) fn recover(
 /// independently of the others.
 pub(crate) fn keystream(seed: &[u8; 32], first_block: u128, out: &mut [u8]) {
     let mut cipher = Ctr128BE::<Aes256>::new(seed.into(), &first_block.to_be_bytes().into());
-    out.fill(0);
-    cipher.apply_keystream(out);
+    cipher.write_keystream(out);
 }
 
 /// Adds (or subtracts) the PRG outputs of every `(seed, sign)` into `target`
@@ -199,24 +198,29 @@ pub(crate) fn apply_masks(target: &mut [u32], masks: &[([u8; 32], Sign)]) {
     if masks.is_empty() {
         return;
     }
-    target
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each_init(
-            || vec![0u8; CHUNK * 4],
-            |buf, (ci, chunk)| {
-                let bytes = &mut buf[..chunk.len() * 4];
-                let first_block = (ci * CHUNK * 4 / 16) as u128;
-                for (seed, sign) in masks {
-                    keystream(seed, first_block, bytes);
-                    let words = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                    match sign {
-                        Sign::Plus => chunk.iter_mut().zip(words).for_each(|(t, m)| *t = t.wrapping_add(m)),
-                        Sign::Minus => chunk.iter_mut().zip(words).for_each(|(t, m)| *t = t.wrapping_sub(m)),
-                    }
+    target.par_chunks_mut(CHUNK).enumerate().for_each_init(
+        || vec![0u8; CHUNK * 4],
+        |buf, (ci, chunk)| {
+            let bytes = &mut buf[..chunk.len() * 4];
+            let first_block = (ci * CHUNK * 4 / 16) as u128;
+            for (seed, sign) in masks {
+                keystream(seed, first_block, bytes);
+                let words = bytes
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                match sign {
+                    Sign::Plus => chunk
+                        .iter_mut()
+                        .zip(words)
+                        .for_each(|(t, m)| *t = t.wrapping_add(m)),
+                    Sign::Minus => chunk
+                        .iter_mut()
+                        .zip(words)
+                        .for_each(|(t, m)| *t = t.wrapping_sub(m)),
                 }
-            },
-        );
+            }
+        },
+    );
 }
 
 /// The message a client signs in the survivor-consistency check: the round
@@ -241,7 +245,9 @@ pub(crate) fn sign(key: &SigningKey, message: &[u8]) -> [u8; 64] {
 /// Verifies a survivor-list signature against an advertised Ed25519 key.
 pub(crate) fn verify(public: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
     match VerifyingKey::from_bytes(public) {
-        Ok(vk) => vk.verify(message, &Signature::from_bytes(signature)).is_ok(),
+        Ok(vk) => vk
+            .verify(message, &Signature::from_bytes(signature))
+            .is_ok(),
         Err(_) => false,
     }
 }

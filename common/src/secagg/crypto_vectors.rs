@@ -164,7 +164,11 @@ fn shamir_recovers_from_any_threshold_subset_and_not_below() {
     let dup = vec![shares[0].clone(), shares[0].clone(), shares[1].clone()];
     assert!(matches!(
         recover(3, &dup, 9),
-        Err(SecAggError::NotEnoughShares { agent: 9, have: 2, need: 3 })
+        Err(SecAggError::NotEnoughShares {
+            agent: 9,
+            have: 2,
+            need: 3
+        })
     ));
 }
 

@@ -10,8 +10,8 @@ use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 use super::client::ClientSession;
 use super::server::{AfterMasked, SecAggOutput, ServerSession};
 use super::wire::{
-    AdvertiseKeys, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck, SurvivorSignature, UnmaskRequest,
-    UnmaskResponse, masked_from_bytes, masked_to_bytes,
+    AdvertiseKeys, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck, SurvivorSignature,
+    UnmaskRequest, UnmaskResponse, masked_from_bytes, masked_to_bytes,
 };
 use super::{SecAggConfig, SecAggError};
 use crate::seed;
@@ -91,7 +91,8 @@ pub fn run_in_memory(
     let mut clients: Vec<Option<ClientSession>> = ids
         .iter()
         .map(|&id| {
-            let mut rng = ChaCha20Rng::seed_from_u64(seed::derive(seed, &["secagg-client", &id.to_string()]));
+            let mut rng =
+                ChaCha20Rng::seed_from_u64(seed::derive(seed, &["secagg-client", &id.to_string()]));
             Some(ClientSession::new(config.clone(), id, rs, &mut rng))
         })
         .collect();
@@ -114,13 +115,19 @@ pub fn run_in_memory(
         sent[c.id() as usize] += bytes.len();
         server.on_shares(ShareUpload::from_bytes(&bytes)?)?;
     }
-    let relays: Vec<Vec<u8>> = server.close_shares()?.iter().map(ShareRelay::to_bytes).collect();
+    let relays: Vec<Vec<u8>> = server
+        .close_shares()?
+        .iter()
+        .map(ShareRelay::to_bytes)
+        .collect();
 
     drop_now(&mut clients, &dropouts.masked_input);
     let mut masked_len = 0;
     for bytes in &relays {
         let relay = ShareRelay::from_bytes(bytes)?;
-        let Some(c) = clients[relay.to as usize].as_mut() else { continue };
+        let Some(c) = clients[relay.to as usize].as_mut() else {
+            continue;
+        };
         received[relay.to as usize] += bytes.len();
         let mut rng = rounding_rng(seed, relay.to);
         let (masked, _) = c.masked_input(&relay, &inputs[relay.to as usize], &mut rng)?;
@@ -137,7 +144,9 @@ pub fn run_in_memory(
             let check_bytes = check.to_bytes();
             for c in clients.iter_mut().flatten() {
                 received[c.id() as usize] += check_bytes.len();
-                let sig = c.sign_survivors(&SurvivorCheck::from_bytes(&check_bytes)?)?.to_bytes();
+                let sig = c
+                    .sign_survivors(&SurvivorCheck::from_bytes(&check_bytes)?)?
+                    .to_bytes();
                 sent[c.id() as usize] += sig.len();
                 server.on_survivor_signature(SurvivorSignature::from_bytes(&sig)?)?;
             }
@@ -148,7 +157,9 @@ pub fn run_in_memory(
     drop_now(&mut clients, &dropouts.unmask);
     for req in requests {
         let bytes = req.to_bytes();
-        let Some(c) = clients[req.to as usize].as_mut() else { continue };
+        let Some(c) = clients[req.to as usize].as_mut() else {
+            continue;
+        };
         received[req.to as usize] += bytes.len();
         let resp = c.unmask(&UnmaskRequest::from_bytes(&bytes)?)?.to_bytes();
         sent[req.to as usize] += resp.len();
@@ -156,7 +167,8 @@ pub fn run_in_memory(
     }
     let output = server.finish()?;
     let done: Vec<usize> = clients.iter().flatten().map(|c| c.id() as usize).collect();
-    let mean = |v: &[usize]| done.iter().map(|&i| v[i] as f64).sum::<f64>() / done.len().max(1) as f64;
+    let mean =
+        |v: &[usize]| done.iter().map(|&i| v[i] as f64).sum::<f64>() / done.len().max(1) as f64;
     let traffic = Traffic {
         sent_per_agent: mean(&sent),
         received_per_agent: mean(&received),

@@ -41,7 +41,11 @@ fn round<R: Rng>(y: f64, rng: &mut R) -> i64 {
 
 /// Encodes an update. NaN or infinite values are an error, never clipped:
 /// they mean a diverged model, which clipping would hide.
-pub fn encode<R: Rng>(config: &SecAggConfig, update: &Update, rng: &mut R) -> Result<EncodedInput, SecAggError> {
+pub fn encode<R: Rng>(
+    config: &SecAggConfig,
+    update: &Update,
+    rng: &mut R,
+) -> Result<EncodedInput, SecAggError> {
     if update.values.len() != config.num_values {
         return Err(SecAggError::WrongLength {
             what: "update values",
@@ -62,7 +66,10 @@ pub fn encode<R: Rng>(config: &SecAggConfig, update: &Update, rng: &mut R) -> Re
     let mut vector = Vec::with_capacity(config.vector_len());
     for (index, &v) in update.values.iter().enumerate() {
         if !v.is_finite() {
-            return Err(SecAggError::NotFinite { index, value: f64::from(v) });
+            return Err(SecAggError::NotFinite {
+                index,
+                value: f64::from(v),
+            });
         }
         let mut x = f64::from(v);
         if x.abs() > clip {
@@ -71,7 +78,11 @@ pub fn encode<R: Rng>(config: &SecAggConfig, update: &Update, rng: &mut R) -> Re
         }
         vector.push(round(x * config.scale, rng) as u32 & mask);
     }
-    let weights = update.coord_weights.iter().map(|&w| f64::from(w)).chain([update.weight]);
+    let weights = update
+        .coord_weights
+        .iter()
+        .map(|&w| f64::from(w))
+        .chain([update.weight]);
     for (i, w) in weights.enumerate() {
         let index = config.num_values + i;
         if !w.is_finite() || w < 0.0 {
@@ -119,11 +130,18 @@ impl DecodedSum {
         let mask = config.modulus_mask();
         let signed = |r: u32| {
             let r = i64::from(r & mask);
-            if r >= 1i64 << (bits - 1) { r - (1i64 << bits) } else { r }
+            if r >= 1i64 << (bits - 1) {
+                r - (1i64 << bits)
+            } else {
+                r
+            }
         };
         let nv = config.num_values;
         let nw = config.num_coord_weights;
-        let values = raw[..nv].iter().map(|&r| signed(r) as f64 / config.scale).collect();
+        let values = raw[..nv]
+            .iter()
+            .map(|&r| signed(r) as f64 / config.scale)
+            .collect();
         let coord_weights = raw[nv..nv + nw]
             .iter()
             .map(|&r| f64::from(r & mask) / config.weight_scale)
@@ -140,7 +158,11 @@ impl DecodedSum {
     /// Fraction of all submitted coordinates that were clipped.
     pub fn clipped_fraction(&self) -> f64 {
         let total = self.count * (self.values.len() + self.coord_weights.len() + 1);
-        if total == 0 { 0.0 } else { self.clipped as f64 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            self.clipped as f64 / total as f64
+        }
     }
 
     /// The sums as the coordinator's streaming accumulator, ready for
@@ -165,7 +187,11 @@ mod tests {
     fn clipping_is_counted_and_reported_as_a_fraction() {
         let c = config();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let u = Update { values: vec![0.5, 2.0, -3.0, 0.25], coord_weights: vec![2e6], weight: 7.0 };
+        let u = Update {
+            values: vec![0.5, 2.0, -3.0, 0.25],
+            coord_weights: vec![2e6],
+            weight: 7.0,
+        };
         let e = encode(&c, &u, &mut rng).unwrap();
         assert_eq!(e.clipped(), 3);
         let d = DecodedSum::decode(&c, e.as_slice(), 1).unwrap();
@@ -185,9 +211,17 @@ mod tests {
         c.num_coord_weights = 0;
         c.scale = 1.0;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let u = Update { values: vec![0.3], coord_weights: vec![], weight: 1.0 };
+        let u = Update {
+            values: vec![0.3],
+            coord_weights: vec![],
+            weight: 1.0,
+        };
         let mean: f64 = (0..20_000)
-            .map(|_| DecodedSum::decode(&c, encode(&c, &u, &mut rng).unwrap().as_slice(), 1).unwrap().values[0])
+            .map(|_| {
+                DecodedSum::decode(&c, encode(&c, &u, &mut rng).unwrap().as_slice(), 1)
+                    .unwrap()
+                    .values[0]
+            })
             .sum::<f64>()
             / 20_000.0;
         assert!((mean - 0.3).abs() < 0.01, "mean {mean}");
@@ -197,7 +231,14 @@ mod tests {
     fn non_finite_values_are_refused_not_clipped() {
         let c = config();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let u = Update { values: vec![0.5, f32::NAN, 0.0, 0.0], coord_weights: vec![1.0], weight: 1.0 };
-        assert!(matches!(encode(&c, &u, &mut rng), Err(SecAggError::NotFinite { index: 1, .. })));
+        let u = Update {
+            values: vec![0.5, f32::NAN, 0.0, 0.0],
+            coord_weights: vec![1.0],
+            weight: 1.0,
+        };
+        assert!(matches!(
+            encode(&c, &u, &mut rng),
+            Err(SecAggError::NotFinite { index: 1, .. })
+        ));
     }
 }

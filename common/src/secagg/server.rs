@@ -21,8 +21,8 @@ use super::crypto::{self, SHARE_LEN, Sign};
 use super::encode::DecodedSum;
 use super::graph::NeighbourGraph;
 use super::wire::{
-    AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck, SurvivorSignature,
-    UnmaskRequest, UnmaskResponse,
+    AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck,
+    SurvivorSignature, UnmaskRequest, UnmaskResponse,
 };
 use super::{SecAggConfig, SecAggError, Stage};
 
@@ -40,7 +40,10 @@ impl MaskedSum {
 
     /// Adds one masked vector; the caller keeps (and may drop) its buffer.
     fn add(&mut self, masked: &[u32]) {
-        self.sum.iter_mut().zip(masked).for_each(|(s, m)| *s = s.wrapping_add(*m));
+        self.sum
+            .iter_mut()
+            .zip(masked)
+            .for_each(|(s, m)| *s = s.wrapping_add(*m));
     }
 }
 
@@ -87,10 +90,17 @@ pub struct ServerSession {
 impl ServerSession {
     /// A round over the invited `participants` with the public `round_seed`
     /// (fresh per round; it fixes the neighbour graph and binds every key).
-    pub fn new(config: SecAggConfig, round_seed: [u8; 32], participants: &[u32]) -> Result<Self, SecAggError> {
+    pub fn new(
+        config: SecAggConfig,
+        round_seed: [u8; 32],
+        participants: &[u32],
+    ) -> Result<Self, SecAggError> {
         let set: BTreeSet<u32> = participants.iter().copied().collect();
         if set.len() != participants.len() {
-            return Err(SecAggError::Malformed { what: "participants", detail: "an id appears twice".into() });
+            return Err(SecAggError::Malformed {
+                what: "participants",
+                detail: "an id appears twice".into(),
+            });
         }
         config.validate(set.len())?;
         Ok(Self {
@@ -118,7 +128,10 @@ impl ServerSession {
 
     fn expect(&self, stage: Stage) -> Result<(), SecAggError> {
         if self.stage != stage {
-            return Err(SecAggError::WrongStage { expected: stage, actual: self.stage });
+            return Err(SecAggError::WrongStage {
+                expected: stage,
+                actual: self.stage,
+            });
         }
         Ok(())
     }
@@ -134,26 +147,41 @@ impl ServerSession {
 
     fn enough(&mut self, stage: Stage, have: usize) -> Result<(), SecAggError> {
         if have < self.config.threshold {
-            return Err(self.abort(SecAggError::TooFewSurvivors { stage, have, need: self.config.threshold }));
+            return Err(self.abort(SecAggError::TooFewSurvivors {
+                stage,
+                have,
+                need: self.config.threshold,
+            }));
         }
         Ok(())
     }
 
     fn graph(&self) -> &NeighbourGraph {
-        self.graph.as_ref().expect("the graph is built when the advertise stage closes")
+        self.graph
+            .as_ref()
+            .expect("the graph is built when the advertise stage closes")
     }
 
     /// Stage 1 input: one agent's keys.
     pub fn on_advertise(&mut self, keys: AdvertiseKeys) -> Result<(), SecAggError> {
         self.expect(Stage::Advertise)?;
         if !self.participants.contains(&keys.id) {
-            return Err(SecAggError::UnknownAgent { stage: Stage::Advertise, agent: keys.id });
+            return Err(SecAggError::UnknownAgent {
+                stage: Stage::Advertise,
+                agent: keys.id,
+            });
         }
         if self.config.verify_survivors && keys.sig_pk.is_none() {
-            return Err(SecAggError::Refused(format!("agent {} advertised no signature key", keys.id)));
+            return Err(SecAggError::Refused(format!(
+                "agent {} advertised no signature key",
+                keys.id
+            )));
         }
         if self.keys.contains_key(&keys.id) {
-            return Err(SecAggError::Duplicate { stage: Stage::Advertise, agent: keys.id });
+            return Err(SecAggError::Duplicate {
+                stage: Stage::Advertise,
+                agent: keys.id,
+            });
         }
         self.keys.insert(keys.id, keys);
         Ok(())
@@ -173,7 +201,9 @@ impl ServerSession {
             Err(e) => return Err(self.abort(e)),
         }
         self.stage = Stage::ShareKeys;
-        Ok(KeyRoster { keys: self.keys.values().cloned().collect() })
+        Ok(KeyRoster {
+            keys: self.keys.values().cloned().collect(),
+        })
     }
 
     /// Stage 2 input: one agent's encrypted bundles, exactly one per neighbour.
@@ -181,15 +211,23 @@ impl ServerSession {
         self.expect(Stage::ShareKeys)?;
         let from = upload.from;
         if !self.keys.contains_key(&from) {
-            return Err(SecAggError::UnknownAgent { stage: Stage::ShareKeys, agent: from });
+            return Err(SecAggError::UnknownAgent {
+                stage: Stage::ShareKeys,
+                agent: from,
+            });
         }
         if self.uploads.contains_key(&from) {
-            return Err(SecAggError::Duplicate { stage: Stage::ShareKeys, agent: from });
+            return Err(SecAggError::Duplicate {
+                stage: Stage::ShareKeys,
+                agent: from,
+            });
         }
         let mut to: Vec<u32> = upload.shares.iter().map(|s| s.to).collect();
         to.sort_unstable();
         if upload.shares.iter().any(|s| s.from != from) || to != self.graph().neighbours(from) {
-            return Err(SecAggError::Refused(format!("agent {from} did not send one share per neighbour")));
+            return Err(SecAggError::Refused(format!(
+                "agent {from} did not send one share per neighbour"
+            )));
         }
         self.uploads.insert(from, upload.shares);
         Ok(())
@@ -211,7 +249,10 @@ impl ServerSession {
         }
         self.sum = Some(MaskedSum::new(self.config.vector_len()));
         self.stage = Stage::MaskedInput;
-        Ok(relays.into_iter().map(|(to, shares)| ShareRelay { to, shares }).collect())
+        Ok(relays
+            .into_iter()
+            .map(|(to, shares)| ShareRelay { to, shares })
+            .collect())
     }
 
     /// Every agent that shared keys must keep at least t holders among
@@ -220,11 +261,20 @@ impl ServerSession {
     fn check_holders(&mut self, alive: &BTreeSet<u32>) -> Result<(), SecAggError> {
         let t = self.config.threshold;
         let short = self.uploads.keys().find_map(|&o| {
-            let have = self.graph().holders(o).iter().filter(|h| alive.contains(h)).count();
+            let have = self
+                .graph()
+                .holders(o)
+                .iter()
+                .filter(|h| alive.contains(h))
+                .count();
             (have < t).then_some((o, have))
         });
         if let Some((agent, have)) = short {
-            return Err(self.abort(SecAggError::NotEnoughShares { agent, have, need: t }));
+            return Err(self.abort(SecAggError::NotEnoughShares {
+                agent,
+                have,
+                need: t,
+            }));
         }
         Ok(())
     }
@@ -234,19 +284,35 @@ impl ServerSession {
     pub fn on_masked_input(&mut self, from: u32, masked: &[u32]) -> Result<(), SecAggError> {
         self.expect(Stage::MaskedInput)?;
         if !self.uploads.contains_key(&from) {
-            return Err(SecAggError::UnknownAgent { stage: Stage::MaskedInput, agent: from });
+            return Err(SecAggError::UnknownAgent {
+                stage: Stage::MaskedInput,
+                agent: from,
+            });
         }
         if self.survivors.contains(&from) {
-            return Err(SecAggError::Duplicate { stage: Stage::MaskedInput, agent: from });
+            return Err(SecAggError::Duplicate {
+                stage: Stage::MaskedInput,
+                agent: from,
+            });
         }
         if masked.len() != self.config.vector_len() {
-            return Err(SecAggError::WrongLength { what: "masked input", expected: self.config.vector_len(), got: masked.len() });
+            return Err(SecAggError::WrongLength {
+                what: "masked input",
+                expected: self.config.vector_len(),
+                got: masked.len(),
+            });
         }
         let m = self.config.modulus_mask();
         if masked.iter().any(|&x| x & !m != 0) {
-            return Err(SecAggError::Malformed { what: "masked input", detail: "coordinate outside the modulus".into() });
+            return Err(SecAggError::Malformed {
+                what: "masked input",
+                detail: "coordinate outside the modulus".into(),
+            });
         }
-        self.sum.as_mut().expect("the sum exists from stage 3 on").add(masked);
+        self.sum
+            .as_mut()
+            .expect("the sum exists from stage 3 on")
+            .add(masked);
         self.survivors.insert(from);
         Ok(())
     }
@@ -262,18 +328,27 @@ impl ServerSession {
             return Ok(AfterMasked::CheckSurvivors(SurvivorCheck { survivors }));
         }
         self.stage = Stage::Unmask;
-        Ok(AfterMasked::Unmask(self.make_requests(Vec::new(), Vec::new())))
+        Ok(AfterMasked::Unmask(
+            self.make_requests(Vec::new(), Vec::new()),
+        ))
     }
 
     /// Optional stage input: one survivor's signature over the survivor list.
     pub fn on_survivor_signature(&mut self, sig: SurvivorSignature) -> Result<(), SecAggError> {
         self.expect(Stage::Consistency)?;
         if !self.survivors.contains(&sig.from) {
-            return Err(SecAggError::UnknownAgent { stage: Stage::Consistency, agent: sig.from });
+            return Err(SecAggError::UnknownAgent {
+                stage: Stage::Consistency,
+                agent: sig.from,
+            });
         }
         let list: Vec<u32> = self.survivors.iter().copied().collect();
         let pk = self.keys[&sig.from].sig_pk.unwrap_or_default();
-        if !crypto::verify(&pk, &crypto::survivor_message(&self.round_seed, &list), &sig.signature) {
+        if !crypto::verify(
+            &pk,
+            &crypto::survivor_message(&self.round_seed, &list),
+            &sig.signature,
+        ) {
             return Err(SecAggError::BadSignatures { valid: 0, need: 1 });
         }
         self.signatures.insert(sig.from, sig.signature);
@@ -286,7 +361,11 @@ impl ServerSession {
         self.expect(Stage::Consistency)?;
         self.enough(Stage::Consistency, self.signatures.len())?;
         let survivors: Vec<u32> = self.survivors.iter().copied().collect();
-        let sigs = self.signatures.iter().map(|(&from, &signature)| SurvivorSignature { from, signature }).collect();
+        let sigs = self
+            .signatures
+            .iter()
+            .map(|(&from, &signature)| SurvivorSignature { from, signature })
+            .collect();
         self.stage = Stage::Unmask;
         Ok(self.make_requests(survivors, sigs))
     }
@@ -295,7 +374,11 @@ impl ServerSession {
     /// pairwise-key shares of dropped owners it holds. The survivor/dropped
     /// split is one partition of the owners, so no owner's two secrets are
     /// ever both requested.
-    fn make_requests(&mut self, survivors: Vec<u32>, signatures: Vec<SurvivorSignature>) -> Vec<UnmaskRequest> {
+    fn make_requests(
+        &mut self,
+        survivors: Vec<u32>,
+        signatures: Vec<SurvivorSignature>,
+    ) -> Vec<UnmaskRequest> {
         let asked: Vec<u32> = if self.config.verify_survivors {
             self.signatures.keys().copied().collect()
         } else {
@@ -305,9 +388,18 @@ impl ServerSession {
         let requests: Vec<UnmaskRequest> = asked
             .into_iter()
             .map(|u| {
-                let owners = graph.holders(u).into_iter().filter(|o| self.uploads.contains_key(o));
+                let owners = graph
+                    .holders(u)
+                    .into_iter()
+                    .filter(|o| self.uploads.contains_key(o));
                 let (self_mask_of, pairwise_of) = owners.partition(|o| self.survivors.contains(o));
-                UnmaskRequest { to: u, self_mask_of, pairwise_of, survivors: survivors.clone(), signatures: signatures.clone() }
+                UnmaskRequest {
+                    to: u,
+                    self_mask_of,
+                    pairwise_of,
+                    survivors: survivors.clone(),
+                    signatures: signatures.clone(),
+                }
             })
             .collect();
         self.requests = requests.iter().map(|r| (r.to, r.clone())).collect();
@@ -320,10 +412,16 @@ impl ServerSession {
         self.expect(Stage::Unmask)?;
         let from = response.from;
         let Some(req) = self.requests.get(&from) else {
-            return Err(SecAggError::UnknownAgent { stage: Stage::Unmask, agent: from });
+            return Err(SecAggError::UnknownAgent {
+                stage: Stage::Unmask,
+                agent: from,
+            });
         };
         if !self.responded.insert(from) {
-            return Err(SecAggError::Duplicate { stage: Stage::Unmask, agent: from });
+            return Err(SecAggError::Duplicate {
+                stage: Stage::Unmask,
+                agent: from,
+            });
         }
         let owners = |v: &[(u32, Vec<u8>)]| v.iter().map(|(o, _)| *o).collect::<Vec<_>>();
         let well_formed = |v: &[(u32, Vec<u8>)]| v.iter().all(|(_, s)| s.len() == SHARE_LEN);
@@ -332,7 +430,9 @@ impl ServerSession {
             || !well_formed(&response.self_mask_shares)
             || !well_formed(&response.pairwise_shares)
         {
-            return Err(SecAggError::Refused(format!("agent {from} answered other shares than requested")));
+            return Err(SecAggError::Refused(format!(
+                "agent {from} answered other shares than requested"
+            )));
         }
         for (o, s) in response.self_mask_shares {
             self.b_shares.entry(o).or_default().push(Zeroizing::new(s));
@@ -358,9 +458,19 @@ impl ServerSession {
         let m = self.config.modulus_mask();
         sum.iter_mut().for_each(|x| *x &= m);
         let survivors: Vec<u32> = self.survivors.iter().copied().collect();
-        let dropped = self.uploads.keys().copied().filter(|o| !self.survivors.contains(o)).collect();
+        let dropped = self
+            .uploads
+            .keys()
+            .copied()
+            .filter(|o| !self.survivors.contains(o))
+            .collect();
         let decoded = DecodedSum::decode(&self.config, &sum, survivors.len())?;
-        Ok(SecAggOutput { raw_sum: sum, sum: decoded, survivors, dropped })
+        Ok(SecAggOutput {
+            raw_sum: sum,
+            sum: decoded,
+            survivors,
+            dropped,
+        })
     }
 
     /// The seeds to remove: minus each survivor's self mask, and for each
@@ -370,7 +480,12 @@ impl ServerSession {
         let t = self.config.threshold;
         let none = Vec::new();
         let survivors: Vec<u32> = self.survivors.iter().copied().collect();
-        let dropped: Vec<u32> = self.uploads.keys().copied().filter(|o| !self.survivors.contains(o)).collect();
+        let dropped: Vec<u32> = self
+            .uploads
+            .keys()
+            .copied()
+            .filter(|o| !self.survivors.contains(o))
+            .collect();
         let mut masks: Vec<([u8; 32], Sign)> = survivors
             .par_iter()
             .map(|&u| {
@@ -391,7 +506,13 @@ impl ServerSession {
                     .into_iter()
                     .filter(|u| self.survivors.contains(u))
                     .map(|u| {
-                        let seed = crypto::agree(&sk, &self.keys[&u].mask_pk, &self.round_seed, INFO_MASK, u)?;
+                        let seed = crypto::agree(
+                            &sk,
+                            &self.keys[&u].mask_pk,
+                            &self.round_seed,
+                            INFO_MASK,
+                            u,
+                        )?;
                         // u added +PRG if u < v, −PRG otherwise; undo it.
                         Ok((*seed, if u < v { Sign::Minus } else { Sign::Plus }))
                     })

@@ -149,11 +149,17 @@ impl<'a> Reader<'a> {
         Ok(r)
     }
     fn err(&self, detail: String) -> SecAggError {
-        SecAggError::Malformed { what: self.what, detail }
+        SecAggError::Malformed {
+            what: self.what,
+            detail,
+        }
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], SecAggError> {
         if self.buf.len() < n {
-            return Err(self.err(format!("truncated: needed {n} more bytes, {} left", self.buf.len())));
+            return Err(self.err(format!(
+                "truncated: needed {n} more bytes, {} left",
+                self.buf.len()
+            )));
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -180,7 +186,10 @@ impl<'a> Reader<'a> {
     fn count(&mut self, min_size: usize) -> Result<usize, SecAggError> {
         let n = self.u32()? as usize;
         if n.saturating_mul(min_size) > self.buf.len() {
-            return Err(self.err(format!("declares {n} items, only {} bytes left", self.buf.len())));
+            return Err(self.err(format!(
+                "declares {n} items, only {} bytes left",
+                self.buf.len()
+            )));
         }
         Ok(n)
     }
@@ -218,7 +227,12 @@ fn read_keys(r: &mut Reader) -> Result<AdvertiseKeys, SecAggError> {
         1 => Some(r.arr()?),
         f => return Err(r.err(format!("signature-key flag {f}"))),
     };
-    Ok(AdvertiseKeys { id, enc_pk, mask_pk, sig_pk })
+    Ok(AdvertiseKeys {
+        id,
+        enc_pk,
+        mask_pk,
+        sig_pk,
+    })
 }
 
 fn write_shares(w: &mut Writer, shares: &[EncryptedShare]) {
@@ -233,7 +247,13 @@ fn write_shares(w: &mut Writer, shares: &[EncryptedShare]) {
 fn read_shares(r: &mut Reader) -> Result<Vec<EncryptedShare>, SecAggError> {
     let n = r.count(12)?;
     (0..n)
-        .map(|_| Ok(EncryptedShare { from: r.u32()?, to: r.u32()?, ciphertext: r.bytes()? }))
+        .map(|_| {
+            Ok(EncryptedShare {
+                from: r.u32()?,
+                to: r.u32()?,
+                ciphertext: r.bytes()?,
+            })
+        })
         .collect()
 }
 
@@ -271,57 +291,145 @@ macro_rules! wire {
     };
 }
 
-wire!(AdvertiseKeys, 1, "AdvertiseKeys", |s, w| { write_keys(&mut w, s); }, |r| { read_keys(&mut r)? });
-wire!(KeyRoster, 2, "KeyRoster", |s, w| {
-    w.u32(s.keys.len() as u32);
-    s.keys.iter().for_each(|k| write_keys(&mut w, k));
-}, |r| {
-    let n = r.count(69)?;
-    KeyRoster { keys: (0..n).map(|_| read_keys(&mut r)).collect::<Result<_, _>>()? }
-});
-wire!(ShareUpload, 3, "ShareUpload", |s, w| {
-    w.u32(s.from);
-    write_shares(&mut w, &s.shares);
-}, |r| { ShareUpload { from: r.u32()?, shares: read_shares(&mut r)? } });
-wire!(ShareRelay, 4, "ShareRelay", |s, w| {
-    w.u32(s.to);
-    write_shares(&mut w, &s.shares);
-}, |r| { ShareRelay { to: r.u32()?, shares: read_shares(&mut r)? } });
-wire!(SurvivorCheck, 5, "SurvivorCheck", |s, w| { w.ids(&s.survivors); }, |r| {
-    SurvivorCheck { survivors: r.ids()? }
-});
-wire!(SurvivorSignature, 6, "SurvivorSignature", |s, w| {
-    w.u32(s.from);
-    w.raw(&s.signature);
-}, |r| { SurvivorSignature { from: r.u32()?, signature: r.arr()? } });
-wire!(UnmaskRequest, 7, "UnmaskRequest", |s, w| {
-    w.u32(s.to);
-    w.ids(&s.self_mask_of);
-    w.ids(&s.pairwise_of);
-    w.ids(&s.survivors);
-    w.u32(s.signatures.len() as u32);
-    for sig in &s.signatures {
-        w.u32(sig.from);
-        w.raw(&sig.signature);
+wire!(
+    AdvertiseKeys,
+    1,
+    "AdvertiseKeys",
+    |s, w| {
+        write_keys(&mut w, s);
+    },
+    |r| { read_keys(&mut r)? }
+);
+wire!(
+    KeyRoster,
+    2,
+    "KeyRoster",
+    |s, w| {
+        w.u32(s.keys.len() as u32);
+        s.keys.iter().for_each(|k| write_keys(&mut w, k));
+    },
+    |r| {
+        let n = r.count(69)?;
+        KeyRoster {
+            keys: (0..n)
+                .map(|_| read_keys(&mut r))
+                .collect::<Result<_, _>>()?,
+        }
     }
-}, |r| {
-    let to = r.u32()?;
-    let self_mask_of = r.ids()?;
-    let pairwise_of = r.ids()?;
-    let survivors = r.ids()?;
-    let n = r.count(68)?;
-    let signatures = (0..n)
-        .map(|_| Ok(SurvivorSignature { from: r.u32()?, signature: r.arr()? }))
-        .collect::<Result<_, SecAggError>>()?;
-    UnmaskRequest { to, self_mask_of, pairwise_of, survivors, signatures }
-});
-wire!(UnmaskResponse, 8, "UnmaskResponse", |s, w| {
-    w.u32(s.from);
-    write_owned(&mut w, &s.self_mask_shares);
-    write_owned(&mut w, &s.pairwise_shares);
-}, |r| {
-    UnmaskResponse { from: r.u32()?, self_mask_shares: read_owned(&mut r)?, pairwise_shares: read_owned(&mut r)? }
-});
+);
+wire!(
+    ShareUpload,
+    3,
+    "ShareUpload",
+    |s, w| {
+        w.u32(s.from);
+        write_shares(&mut w, &s.shares);
+    },
+    |r| {
+        ShareUpload {
+            from: r.u32()?,
+            shares: read_shares(&mut r)?,
+        }
+    }
+);
+wire!(
+    ShareRelay,
+    4,
+    "ShareRelay",
+    |s, w| {
+        w.u32(s.to);
+        write_shares(&mut w, &s.shares);
+    },
+    |r| {
+        ShareRelay {
+            to: r.u32()?,
+            shares: read_shares(&mut r)?,
+        }
+    }
+);
+wire!(
+    SurvivorCheck,
+    5,
+    "SurvivorCheck",
+    |s, w| {
+        w.ids(&s.survivors);
+    },
+    |r| {
+        SurvivorCheck {
+            survivors: r.ids()?,
+        }
+    }
+);
+wire!(
+    SurvivorSignature,
+    6,
+    "SurvivorSignature",
+    |s, w| {
+        w.u32(s.from);
+        w.raw(&s.signature);
+    },
+    |r| {
+        SurvivorSignature {
+            from: r.u32()?,
+            signature: r.arr()?,
+        }
+    }
+);
+wire!(
+    UnmaskRequest,
+    7,
+    "UnmaskRequest",
+    |s, w| {
+        w.u32(s.to);
+        w.ids(&s.self_mask_of);
+        w.ids(&s.pairwise_of);
+        w.ids(&s.survivors);
+        w.u32(s.signatures.len() as u32);
+        for sig in &s.signatures {
+            w.u32(sig.from);
+            w.raw(&sig.signature);
+        }
+    },
+    |r| {
+        let to = r.u32()?;
+        let self_mask_of = r.ids()?;
+        let pairwise_of = r.ids()?;
+        let survivors = r.ids()?;
+        let n = r.count(68)?;
+        let signatures = (0..n)
+            .map(|_| {
+                Ok(SurvivorSignature {
+                    from: r.u32()?,
+                    signature: r.arr()?,
+                })
+            })
+            .collect::<Result<_, SecAggError>>()?;
+        UnmaskRequest {
+            to,
+            self_mask_of,
+            pairwise_of,
+            survivors,
+            signatures,
+        }
+    }
+);
+wire!(
+    UnmaskResponse,
+    8,
+    "UnmaskResponse",
+    |s, w| {
+        w.u32(s.from);
+        write_owned(&mut w, &s.self_mask_shares);
+        write_owned(&mut w, &s.pairwise_shares);
+    },
+    |r| {
+        UnmaskResponse {
+            from: r.u32()?,
+            self_mask_shares: read_owned(&mut r)?,
+            pairwise_shares: read_owned(&mut r)?,
+        }
+    }
+);
 
 /// Encodes a masked input: tag, version, sender id, length, then the u32
 /// coordinates little-endian.
@@ -336,15 +444,25 @@ pub fn masked_to_bytes(from: u32, masked: &[u32]) -> Vec<u8> {
 
 /// Decodes a masked input produced by [`masked_to_bytes`], checking that it
 /// has exactly `expected_len` coordinates. Returns (sender, coordinates).
-pub fn masked_from_bytes(bytes: &[u8], expected_len: usize) -> Result<(u32, Vec<u32>), SecAggError> {
+pub fn masked_from_bytes(
+    bytes: &[u8],
+    expected_len: usize,
+) -> Result<(u32, Vec<u32>), SecAggError> {
     let mut r = Reader::new(bytes, 9, "MaskedInput")?;
     let from = r.u32()?;
     let n = r.count(4)?;
     if n != expected_len {
-        return Err(SecAggError::WrongLength { what: "masked input", expected: expected_len, got: n });
+        return Err(SecAggError::WrongLength {
+            what: "masked input",
+            expected: expected_len,
+            got: n,
+        });
     }
     let body = r.take(4 * n)?;
-    let v = body.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let v = body
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     r.finish((from, v))
 }
 
@@ -358,28 +476,57 @@ mod tests {
             self_mask_of: vec![1, 3],
             pairwise_of: vec![2],
             survivors: vec![1, 3],
-            signatures: vec![SurvivorSignature { from: 1, signature: [7; 64] }],
+            signatures: vec![SurvivorSignature {
+                from: 1,
+                signature: [7; 64],
+            }],
         }
     }
 
     #[test]
     fn messages_round_trip() {
-        let keys = AdvertiseKeys { id: 5, enc_pk: [1; 32], mask_pk: [2; 32], sig_pk: Some([3; 32]) };
+        let keys = AdvertiseKeys {
+            id: 5,
+            enc_pk: [1; 32],
+            mask_pk: [2; 32],
+            sig_pk: Some([3; 32]),
+        };
         assert_eq!(AdvertiseKeys::from_bytes(&keys.to_bytes()).unwrap(), keys);
-        let roster = KeyRoster { keys: vec![keys.clone(), AdvertiseKeys { sig_pk: None, ..keys }] };
+        let roster = KeyRoster {
+            keys: vec![
+                keys.clone(),
+                AdvertiseKeys {
+                    sig_pk: None,
+                    ..keys
+                },
+            ],
+        };
         assert_eq!(KeyRoster::from_bytes(&roster.to_bytes()).unwrap(), roster);
-        assert_eq!(UnmaskRequest::from_bytes(&request().to_bytes()).unwrap(), request());
-        let resp = UnmaskResponse { from: 1, self_mask_shares: vec![(2, vec![1; 33])], pairwise_shares: vec![] };
+        assert_eq!(
+            UnmaskRequest::from_bytes(&request().to_bytes()).unwrap(),
+            request()
+        );
+        let resp = UnmaskResponse {
+            from: 1,
+            self_mask_shares: vec![(2, vec![1; 33])],
+            pairwise_shares: vec![],
+        };
         assert_eq!(UnmaskResponse::from_bytes(&resp.to_bytes()).unwrap(), resp);
         let bytes = masked_to_bytes(4, &[1, 2, u32::MAX]);
-        assert_eq!(masked_from_bytes(&bytes, 3).unwrap(), (4, vec![1, 2, u32::MAX]));
+        assert_eq!(
+            masked_from_bytes(&bytes, 3).unwrap(),
+            (4, vec![1, 2, u32::MAX])
+        );
     }
 
     #[test]
     fn every_truncation_and_corruption_gives_an_error_not_a_panic() {
         let bytes = request().to_bytes();
         for cut in 0..bytes.len() {
-            assert!(UnmaskRequest::from_bytes(&bytes[..cut]).is_err(), "prefix {cut} accepted");
+            assert!(
+                UnmaskRequest::from_bytes(&bytes[..cut]).is_err(),
+                "prefix {cut} accepted"
+            );
         }
         let mut trailing = bytes.clone();
         trailing.push(0);
@@ -389,7 +536,10 @@ mod tests {
         // A huge declared count must not allocate or panic.
         let mut huge = bytes.clone();
         huge[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(UnmaskRequest::from_bytes(&huge), Err(SecAggError::Malformed { .. })));
+        assert!(matches!(
+            UnmaskRequest::from_bytes(&huge),
+            Err(SecAggError::Malformed { .. })
+        ));
         // Flipping any byte either still decodes or errors; it never panics.
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
