@@ -11,13 +11,37 @@ use std::time::{Duration, Instant};
 
 use fedcart_common::secagg::{
     AdvertiseKeys, AfterMasked, ClientSession, KeyRoster, SecAggConfig, ServerSession, ShareRelay,
-    ShareUpload, UnmaskRequest, UnmaskResponse, encode, masked_from_bytes, masked_to_bytes,
+    ShareUpload, UnmaskRequest, UnmaskResponse, encode, masked_to_bytes,
 };
 use fedcart_common::update::Update;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 
+/// CPU seconds used by this process so far (user + system), from
+/// /proc/self/stat: on a shared machine wall time includes time other
+/// processes held the cores, CPU time does not.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
 struct Figures {
+    finish_cpu: f64,
+    mask_cpu: f64,
     encode: Duration,
     mask: Duration,
     add: Duration,
@@ -82,6 +106,7 @@ fn round(n: usize, d: usize, k: usize, drop_frac: f64) -> Figures {
     };
     let (mut encode_t, mut mask_t, mut add_t, mut survivors) =
         (Duration::ZERO, Duration::ZERO, Duration::ZERO, 0);
+    let mut mask_cpu = 0.0;
     for relay in &relays {
         let i = relay.to as usize;
         if is_dropped(i) {
@@ -98,16 +123,17 @@ fn round(n: usize, d: usize, k: usize, drop_frac: f64) -> Figures {
         let t = Instant::now();
         let encoded = encode(&c, &update, &mut rng).unwrap();
         encode_t += t.elapsed();
+        let c0 = cpu_seconds();
         let t = Instant::now();
         let masked = clients[i]
             .masked_encoded(&ShareRelay::from_bytes(&relay_bytes).unwrap(), &encoded)
             .unwrap();
         mask_t += t.elapsed();
+        mask_cpu += cpu_seconds() - c0;
         let wire = masked_to_bytes(i as u32, &masked);
         sent[i] += wire.len();
-        let (from, v) = masked_from_bytes(&wire, c.vector_len()).unwrap();
         let t = Instant::now();
-        server.on_masked_input(from, &v).unwrap();
+        server.on_masked_bytes(&wire).unwrap();
         add_t += t.elapsed();
         survivors += 1;
     }
@@ -127,15 +153,19 @@ fn round(n: usize, d: usize, k: usize, drop_frac: f64) -> Figures {
             .on_unmask(UnmaskResponse::from_bytes(&resp).unwrap())
             .unwrap();
     }
+    let c0 = cpu_seconds();
     let t_finish = Instant::now();
     let out = server.finish().unwrap();
     let finish = t_finish.elapsed();
+    let finish_cpu = cpu_seconds() - c0;
     let unmask = t_unmask.elapsed();
     assert_eq!(out.survivors.len(), survivors);
     assert!((out.sum.weight - 10.0 * survivors as f64).abs() < 1e-9);
     let alive: Vec<usize> = (0..n).filter(|&i| !is_dropped(i)).collect();
     let mean = |v: &[usize]| alive.iter().map(|&i| v[i] as f64).sum::<f64>() / alive.len() as f64;
     Figures {
+        finish_cpu,
+        mask_cpu: mask_cpu / survivors as f64,
         encode: encode_t / survivors as u32,
         mask: mask_t / survivors as u32,
         add: add_t / survivors as u32,
@@ -170,13 +200,15 @@ fn main() {
         for frac in [0.0, 0.1, 0.3] {
             let f = round(n, d, k, frac);
             println!(
-                "| {label} (k={k}) | {:.0} % | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                "| {label} (k={k}) | {:.0} % | {:.1} | {:.1} ({:.0}) | {:.2} | {:.1} | {:.1} ({:.0}) | {:.1} | {:.1} |",
                 frac * 100.0,
                 f.encode.as_secs_f64() * 1e3,
                 f.mask.as_secs_f64() * 1e3,
+                f.mask_cpu * 1e3,
                 f.add.as_secs_f64() * 1e3,
                 f.unmask.as_secs_f64() * 1e3,
                 f.finish.as_secs_f64() * 1e3,
+                f.finish_cpu * 1e3,
                 f.sent / 1024.0,
                 f.received / 1024.0,
             );

@@ -11,7 +11,7 @@ use super::client::ClientSession;
 use super::server::{AfterMasked, SecAggOutput, ServerSession};
 use super::wire::{
     AdvertiseKeys, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck, SurvivorSignature,
-    UnmaskRequest, UnmaskResponse, masked_from_bytes, masked_to_bytes,
+    UnmaskRequest, UnmaskResponse, masked_to_bytes,
 };
 use super::{SecAggConfig, SecAggError};
 use crate::seed;
@@ -135,8 +135,7 @@ pub fn run_in_memory(
         drop(masked);
         masked_len = wire.len();
         sent[relay.to as usize] += wire.len();
-        let (from, v) = masked_from_bytes(&wire, config.vector_len())?;
-        server.on_masked_input(from, &v)?;
+        server.on_masked_bytes(&wire)?;
     }
     let requests = match server.close_masked()? {
         AfterMasked::Unmask(r) => r,

@@ -45,6 +45,18 @@ impl MaskedSum {
             .zip(masked)
             .for_each(|(s, m)| *s = s.wrapping_add(*m));
     }
+
+    /// Adds one masked vector given as little-endian bytes, without copying
+    /// it into a vector first.
+    fn add_le_bytes(&mut self, body: &[u8]) {
+        let words = body
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        self.sum
+            .iter_mut()
+            .zip(words)
+            .for_each(|(s, m)| *s = s.wrapping_add(m));
+    }
 }
 
 /// What the server sends after the masked-input stage closes.
@@ -282,6 +294,55 @@ impl ServerSession {
     /// Stage 3 input: adds one masked vector into the running sum. The vector
     /// is only borrowed; nothing of it is kept apart from the sum.
     pub fn on_masked_input(&mut self, from: u32, masked: &[u32]) -> Result<(), SecAggError> {
+        self.check_masked_sender(from)?;
+        if masked.len() != self.config.vector_len() {
+            return Err(SecAggError::WrongLength {
+                what: "masked input",
+                expected: self.config.vector_len(),
+                got: masked.len(),
+            });
+        }
+        let m = self.config.modulus_mask();
+        if m != u32::MAX && masked.iter().any(|&x| x & !m != 0) {
+            return Err(SecAggError::Malformed {
+                what: "masked input",
+                detail: "coordinate outside the modulus".into(),
+            });
+        }
+        self.sum
+            .as_mut()
+            .expect("the sum exists from stage 3 on")
+            .add(masked);
+        self.survivors.insert(from);
+        Ok(())
+    }
+
+    /// Stage 3 input straight from the wire (the bytes of
+    /// [`super::masked_to_bytes`]): the framing is checked, then the body is
+    /// added into the sum without an intermediate vector. Returns the sender.
+    pub fn on_masked_bytes(&mut self, bytes: &[u8]) -> Result<u32, SecAggError> {
+        let (from, body) = super::wire::masked_body(bytes, self.config.vector_len())?;
+        self.check_masked_sender(from)?;
+        let m = self.config.modulus_mask();
+        if m != u32::MAX
+            && body
+                .chunks_exact(4)
+                .any(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & !m != 0)
+        {
+            return Err(SecAggError::Malformed {
+                what: "masked input",
+                detail: "coordinate outside the modulus".into(),
+            });
+        }
+        self.sum
+            .as_mut()
+            .expect("the sum exists from stage 3 on")
+            .add_le_bytes(body);
+        self.survivors.insert(from);
+        Ok(from)
+    }
+
+    fn check_masked_sender(&self, from: u32) -> Result<(), SecAggError> {
         self.expect(Stage::MaskedInput)?;
         if !self.uploads.contains_key(&from) {
             return Err(SecAggError::UnknownAgent {
@@ -295,25 +356,6 @@ impl ServerSession {
                 agent: from,
             });
         }
-        if masked.len() != self.config.vector_len() {
-            return Err(SecAggError::WrongLength {
-                what: "masked input",
-                expected: self.config.vector_len(),
-                got: masked.len(),
-            });
-        }
-        let m = self.config.modulus_mask();
-        if masked.iter().any(|&x| x & !m != 0) {
-            return Err(SecAggError::Malformed {
-                what: "masked input",
-                detail: "coordinate outside the modulus".into(),
-            });
-        }
-        self.sum
-            .as_mut()
-            .expect("the sum exists from stage 3 on")
-            .add(masked);
-        self.survivors.insert(from);
         Ok(())
     }
 

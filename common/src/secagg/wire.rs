@@ -442,12 +442,9 @@ pub fn masked_to_bytes(from: u32, masked: &[u32]) -> Vec<u8> {
     w.0
 }
 
-/// Decodes a masked input produced by [`masked_to_bytes`], checking that it
-/// has exactly `expected_len` coordinates. Returns (sender, coordinates).
-pub fn masked_from_bytes(
-    bytes: &[u8],
-    expected_len: usize,
-) -> Result<(u32, Vec<u32>), SecAggError> {
+/// Checks the framing of a masked input and returns (sender, body bytes):
+/// exactly `expected_len` little-endian u32 and nothing after them.
+pub(crate) fn masked_body(bytes: &[u8], expected_len: usize) -> Result<(u32, &[u8]), SecAggError> {
     let mut r = Reader::new(bytes, 9, "MaskedInput")?;
     let from = r.u32()?;
     let n = r.count(4)?;
@@ -459,11 +456,22 @@ pub fn masked_from_bytes(
         });
     }
     let body = r.take(4 * n)?;
+    r.finish((from, body))
+}
+
+/// Decodes a masked input produced by [`masked_to_bytes`], checking that it
+/// has exactly `expected_len` coordinates. Returns (sender, coordinates).
+/// The server skips this copy with `ServerSession::on_masked_bytes`.
+pub fn masked_from_bytes(
+    bytes: &[u8],
+    expected_len: usize,
+) -> Result<(u32, Vec<u32>), SecAggError> {
+    let (from, body) = masked_body(bytes, expected_len)?;
     let v = body
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    r.finish((from, v))
+    Ok((from, v))
 }
 
 #[cfg(test)]
