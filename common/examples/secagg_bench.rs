@@ -190,7 +190,7 @@ fn main() {
         rayon::current_num_threads()
     );
     println!(
-        "| graph | dropout | client encode ms | client mask ms | server add ms/input | server unmask ms (total) | of which finish ms | sent KiB/agent | received KiB/agent |"
+        "| graph | dropout | client encode ms | client mask ms (CPU ms) | server add ms/input | server unmask ms (total) | of which finish ms (CPU ms) | sent KiB/agent | received KiB/agent |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for (label, k) in [

@@ -9,8 +9,8 @@
 
 use super::SecAggError;
 
-/// Wire format version; bumped on any incompatible change.
-const VERSION: u8 = 1;
+mod codec;
+use codec::{Reader, Writer};
 
 /// Stage 1, agent → server: the agent's public keys for this round.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,105 +104,6 @@ pub struct UnmaskResponse {
     pub self_mask_shares: Vec<(u32, Vec<u8>)>,
     /// (owner, share of the owner's pairwise-mask secret key).
     pub pairwise_shares: Vec<(u32, Vec<u8>)>,
-}
-
-/// Little-endian writer.
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn new(tag: u8) -> Self {
-        Writer(vec![tag, VERSION])
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn raw(&mut self, b: &[u8]) {
-        self.0.extend_from_slice(b);
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.u32(b.len() as u32);
-        self.raw(b);
-    }
-    fn ids(&mut self, ids: &[u32]) {
-        self.u32(ids.len() as u32);
-        ids.iter().for_each(|&i| self.u32(i));
-    }
-}
-
-/// Bounds-checked little-endian reader.
-struct Reader<'a> {
-    buf: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], tag: u8, what: &'static str) -> Result<Self, SecAggError> {
-        let mut r = Reader { buf, what };
-        let t = r.take(1)?[0];
-        let v = r.take(1)?[0];
-        if t != tag {
-            return Err(r.err(format!("message tag {t}, expected {tag}")));
-        }
-        if v != VERSION {
-            return Err(r.err(format!("wire version {v}, expected {VERSION}")));
-        }
-        Ok(r)
-    }
-    fn err(&self, detail: String) -> SecAggError {
-        SecAggError::Malformed {
-            what: self.what,
-            detail,
-        }
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SecAggError> {
-        if self.buf.len() < n {
-            return Err(self.err(format!(
-                "truncated: needed {n} more bytes, {} left",
-                self.buf.len()
-            )));
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
-    }
-    fn u8(&mut self) -> Result<u8, SecAggError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Result<u32, SecAggError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], SecAggError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-    fn bytes(&mut self) -> Result<Vec<u8>, SecAggError> {
-        let n = self.u32()? as usize;
-        Ok(self.take(n)?.to_vec())
-    }
-    /// A count of items each at least `min_size` bytes long, refused if the
-    /// remaining input cannot possibly hold them (no huge pre-allocation).
-    fn count(&mut self, min_size: usize) -> Result<usize, SecAggError> {
-        let n = self.u32()? as usize;
-        if n.saturating_mul(min_size) > self.buf.len() {
-            return Err(self.err(format!(
-                "declares {n} items, only {} bytes left",
-                self.buf.len()
-            )));
-        }
-        Ok(n)
-    }
-    fn ids(&mut self) -> Result<Vec<u32>, SecAggError> {
-        let n = self.count(4)?;
-        (0..n).map(|_| self.u32()).collect()
-    }
-    fn finish<T>(self, value: T) -> Result<T, SecAggError> {
-        if !self.buf.is_empty() {
-            return Err(self.err(format!("{} trailing bytes", self.buf.len())));
-        }
-        Ok(value)
-    }
 }
 
 fn write_keys(w: &mut Writer, k: &AdvertiseKeys) {
