@@ -49,7 +49,7 @@
 //!    nonce and associated data binding round, sender and recipient, and
 //!    relayed by the server ([`ShareUpload`] → [`ShareRelay`]). `U2` = agents
 //!    whose shares arrived.
-//! 3. **Masked input.** Each agent encodes its whole [`Update`] (values ‖
+//! 3. **Masked input.** Each agent encodes its whole [`Update`](crate::update::Update) (values ‖
 //!    coordinate weights ‖ weight ‖ clipped count) in fixed point modulo
 //!    2^modulus_bits and adds `PRG(b)` and, for each neighbour `v` in `U2`,
 //!    `±PRG(s_uv)` (+ if `u < v`, − otherwise), where `s_uv` =
@@ -126,9 +126,6 @@ pub use wire::{
     AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck,
     SurvivorSignature, UnmaskRequest, UnmaskResponse, masked_from_bytes, masked_to_bytes,
 };
-
-#[allow(unused_imports)]
-use crate::update::Update;
 
 /// A protocol stage, as reported in errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

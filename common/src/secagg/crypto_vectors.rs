@@ -181,3 +181,18 @@ fn sealed_share_fails_in_the_other_direction() {
     assert!(open(&key, &seed, 2, 1, &ct).is_err());
     assert!(open(&key, &[2u8; 32], 1, 2, &ct).is_err());
 }
+
+#[test]
+fn ed25519_matches_rfc8032_test_1() {
+    let secret = hex32("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
+    let public = hex32("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+    let expected = hex(
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+    );
+    let key = SigningKey::from_bytes(&secret);
+    assert_eq!(key.verifying_key().to_bytes(), public);
+    let sig = sign(&key, b"");
+    assert_eq!(sig.as_slice(), expected.as_slice());
+    assert!(verify(&public, b"", &sig));
+    assert!(!verify(&public, b"x", &sig));
+}
