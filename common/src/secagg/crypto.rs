@@ -65,6 +65,16 @@ pub(crate) fn agree(
     Ok(Zeroizing::new(hkdf32(round_seed, shared.as_bytes(), info)))
 }
 
+/// Whether an advertised X25519 public key is of low order (agreement with it
+/// gives the all-zero secret whatever the other key). The server refuses such
+/// keys at advertise time, so one bad agent cannot make every neighbour fail.
+pub(crate) fn is_low_order(public: &[u8; 32]) -> bool {
+    let probe = StaticSecret::from([0x5a; 32]);
+    !probe
+        .diffie_hellman(&PublicKey::from(*public))
+        .was_contributory()
+}
+
 /// Nonce and associated data binding a share ciphertext to its round and to
 /// its direction: both directions of a pair share one agreed key, so the
 /// nonce carries (from, to) and never repeats under that key.

@@ -188,6 +188,9 @@ impl ServerSession {
                 keys.id
             )));
         }
+        if crypto::is_low_order(&keys.enc_pk) || crypto::is_low_order(&keys.mask_pk) {
+            return Err(SecAggError::BadPublicKey { agent: keys.id });
+        }
         if self.keys.contains_key(&keys.id) {
             return Err(SecAggError::Duplicate {
                 stage: Stage::Advertise,
