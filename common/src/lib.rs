@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod mf;
 pub mod movielens;
 pub mod reference;
+pub mod secagg;
 pub mod seed;
 pub mod split;
 pub mod standardize;

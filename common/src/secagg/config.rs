@@ -1,0 +1,225 @@
+//! Protocol parameters and the checks that run before any key is generated:
+//! graph degree, share threshold, fixed-point range and the modulus that the
+//! sum of all encodings must fit in.
+
+use serde::{Deserialize, Serialize};
+
+use super::SecAggError;
+
+/// Largest number of holders of one secret: Shamir over GF(256) has 255
+/// non-zero evaluation points, and every holder needs its own.
+pub const MAX_HOLDERS: usize = 255;
+
+/// Parameters of one secure-aggregation round, shared by the server and every
+/// agent (the coordinator sends them with the round).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecAggConfig {
+    /// Number of model values in each update.
+    pub num_values: usize,
+    /// Number of per-coordinate weights in each update (0 for uniform layouts).
+    pub num_coord_weights: usize,
+    /// Graph degree k: how many neighbours each agent masks with and shares its
+    /// secrets with. Values ≥ n − 1 give the complete graph (plain SecAgg).
+    /// k + 1 ≤ 255 because each secret is shared among the neighbours and the
+    /// agent itself over GF(256).
+    pub neighbours: usize,
+    /// Shamir threshold t: how many of the k + 1 holders of an agent's secret
+    /// must answer at unmask time. Must satisfy 2 ≤ t ≤ k + 1; t > (k + 1)/2
+    /// is needed for the malicious-server guarantee.
+    pub threshold: usize,
+    /// Update values are clipped to [−clip, clip] before encoding.
+    pub clip: f32,
+    /// Fixed-point scale of values: a value x is encoded as ⌊x·scale + u⌋ with
+    /// u uniform in [0, 1), so the quantisation step is 1/scale.
+    pub scale: f64,
+    /// Example weights and per-coordinate weights are clipped to [0, max_weight].
+    pub max_weight: f64,
+    /// Fixed-point scale of weights (1.0 encodes integer counts exactly).
+    pub weight_scale: f64,
+    /// Arithmetic is modulo 2^modulus_bits (8..=32).
+    pub modulus_bits: u32,
+    /// Run the malicious-server consistency check: agents sign the survivor
+    /// list and refuse to reveal shares without t valid, matching signatures.
+    pub verify_survivors: bool,
+}
+
+impl SecAggConfig {
+    /// Plain SecAgg (complete graph) for `n` agents with a majority threshold,
+    /// values clipped to ±`clip` at a resolution that leaves room for the sum of
+    /// `n` encodings in 32 bits. Adjust fields afterwards as needed.
+    pub fn complete(num_values: usize, num_coord_weights: usize, n: usize, clip: f32) -> Self {
+        let k = n.saturating_sub(1).clamp(1, MAX_HOLDERS - 1);
+        Self::with_degree(num_values, num_coord_weights, n, k, clip)
+    }
+
+    /// SecAgg+ for `n` agents: degree 2·⌈log2 n⌉ (the logarithmic degree of
+    /// Bell et al.), capped at n − 1, with a majority threshold.
+    pub fn sparse(num_values: usize, num_coord_weights: usize, n: usize, clip: f32) -> Self {
+        let log = usize::BITS - n.max(2).saturating_sub(1).leading_zeros();
+        let k = (2 * log as usize).min(n.saturating_sub(1)).max(1);
+        Self::with_degree(num_values, num_coord_weights, n, k, clip)
+    }
+
+    fn with_degree(
+        num_values: usize,
+        num_coord_weights: usize,
+        n: usize,
+        k: usize,
+        clip: f32,
+    ) -> Self {
+        let n = n.max(1) as f64;
+        // Leave a factor 2 of headroom below 2^31 for the sum of n values.
+        let scale = ((1u64 << 30) as f64 / (n * f64::from(clip.max(f32::MIN_POSITIVE)))).floor();
+        Self {
+            num_values,
+            num_coord_weights,
+            neighbours: k,
+            threshold: k.div_ceil(2) + 1,
+            clip,
+            scale: scale.max(1.0),
+            max_weight: 1.0e6,
+            weight_scale: 1.0,
+            modulus_bits: 32,
+            verify_survivors: false,
+        }
+    }
+
+    /// Length of the masked vector: values ‖ coordinate weights ‖ example
+    /// weight ‖ clipped-coordinate count.
+    pub fn vector_len(&self) -> usize {
+        self.num_values + self.num_coord_weights + 2
+    }
+
+    /// The degree actually used with `n` agents.
+    pub fn degree(&self, n: usize) -> usize {
+        self.neighbours.min(n.saturating_sub(1))
+    }
+
+    /// Bit mask of the modulus (2^bits − 1).
+    pub(crate) fn modulus_mask(&self) -> u32 {
+        if self.modulus_bits >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << self.modulus_bits) - 1
+        }
+    }
+
+    /// Largest magnitude of one encoded value: ⌈clip·scale⌉ (stochastic
+    /// rounding can round up to it).
+    pub(crate) fn max_value_code(&self) -> u64 {
+        (f64::from(self.clip) * self.scale).ceil() as u64
+    }
+
+    /// Largest encoded weight: ⌈max_weight·weight_scale⌉.
+    pub(crate) fn max_weight_code(&self) -> u64 {
+        (self.max_weight * self.weight_scale).ceil() as u64
+    }
+
+    /// Checks every parameter for a round with `n` agents, before any work is
+    /// done: the sum of `n` encodings must not wrap the modulus (it would
+    /// decode to garbage without any error), and the graph and threshold must
+    /// be realisable. Errors name the parameter to change.
+    pub fn validate(&self, n: usize) -> Result<(), SecAggError> {
+        let bad = |parameter: &'static str, message: String| {
+            Err(SecAggError::Config { parameter, message })
+        };
+        if n < 2 {
+            return bad(
+                "participants",
+                format!("secure aggregation needs at least 2 agents, got {n}"),
+            );
+        }
+        if !(8..=32).contains(&self.modulus_bits) {
+            return bad(
+                "modulus_bits",
+                format!("{} is outside 8..=32", self.modulus_bits),
+            );
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return bad("clip", format!("{} must be finite and positive", self.clip));
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return bad(
+                "scale",
+                format!("{} must be finite and positive", self.scale),
+            );
+        }
+        if !(self.max_weight.is_finite() && self.max_weight > 0.0) {
+            return bad(
+                "max_weight",
+                format!("{} must be finite and positive", self.max_weight),
+            );
+        }
+        if !(self.weight_scale.is_finite() && self.weight_scale > 0.0) {
+            return bad(
+                "weight_scale",
+                format!("{} must be finite and positive", self.weight_scale),
+            );
+        }
+        let k = self.degree(n);
+        if k == 0 {
+            return bad("neighbours", "must be at least 1".into());
+        }
+        if k + 1 > MAX_HOLDERS {
+            return bad(
+                "neighbours",
+                format!(
+                    "k = {k} gives {} share holders; GF(256) Shamir allows at most {MAX_HOLDERS}",
+                    k + 1
+                ),
+            );
+        }
+        if self.threshold < 2 || self.threshold > k + 1 {
+            return bad(
+                "threshold",
+                format!(
+                    "t = {} must be in 2..={} (k + 1 holders with k = {k})",
+                    self.threshold,
+                    k + 1
+                ),
+            );
+        }
+        let bits = self.modulus_bits;
+        let signed_room = (1u64 << (bits - 1)) - 1;
+        let unsigned_room = if bits == 32 {
+            u64::from(u32::MAX)
+        } else {
+            (1u64 << bits) - 1
+        };
+        let n64 = n as u64;
+        let vmax = self.max_value_code();
+        if vmax.saturating_mul(n64) > signed_room {
+            return bad(
+                "scale",
+                format!(
+                    "{n} agents × max encoded value ⌈clip·scale⌉ = {vmax} exceeds 2^{} − 1 = {signed_room}: \
+                     the sum could wrap the modulus; lower `scale` (or `clip`) to at most {:.6e}, \
+                     or raise `modulus_bits`",
+                    bits - 1,
+                    (signed_room / n64) as f64 / f64::from(self.clip)
+                ),
+            );
+        }
+        let wmax = self.max_weight_code();
+        if wmax.saturating_mul(n64) > unsigned_room {
+            return bad(
+                "max_weight",
+                format!(
+                    "{n} agents × max encoded weight ⌈max_weight·weight_scale⌉ = {wmax} exceeds 2^{bits} − 1: \
+                     lower `max_weight` or `weight_scale` (at most {} encoded units per agent), or raise `modulus_bits`",
+                    unsigned_room / n64
+                ),
+            );
+        }
+        let len = self.vector_len() as u64;
+        if len.saturating_mul(n64) > unsigned_room {
+            return bad(
+                "modulus_bits",
+                format!(
+                    "the clipped-coordinate count of {n} agents × {len} coordinates does not fit 2^{bits}"
+                ),
+            );
+        }
+        Ok(())
+    }
+}

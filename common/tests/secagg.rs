@@ -1,0 +1,552 @@
+//! End-to-end checks of secure aggregation through the in-memory driver and
+//! through hand-driven sessions (for the refusal and abort paths).
+
+use fedcart_common::secagg::{
+    AfterMasked, ClientSession, Dropouts, KeyRoster, SecAggConfig, SecAggError, ServerSession,
+    ShareRelay, ShareUpload, Stage, SurvivorCheck, UnmaskRequest, UnmaskResponse, encode,
+    masked_from_bytes, round_seed, rounding_rng, run_in_memory,
+};
+use fedcart_common::update::Update;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
+
+const SEED: u64 = 2026;
+
+/// Seeded updates: values in [−1.2, 1.2] (some beyond a clip of 1.0),
+/// integer coordinate weights and example weights.
+fn inputs(n: usize, d: usize, cw: usize, seed: u64) -> Vec<Update> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| Update {
+            values: (0..d).map(|_| rng.random_range(-1.2f32..1.2)).collect(),
+            coord_weights: (0..cw).map(|_| rng.random_range(0..6) as f32).collect(),
+            weight: rng.random_range(1..100) as f64,
+        })
+        .collect()
+}
+
+fn config(n: usize, d: usize, cw: usize, sparse: bool) -> SecAggConfig {
+    let mut c = if sparse {
+        SecAggConfig::sparse(d, cw, n, 1.0)
+    } else {
+        SecAggConfig::complete(d, cw, n, 1.0)
+    };
+    if sparse {
+        // A third of the holders: survives 30 % random dropouts.
+        c.threshold = (c.neighbours + 1) / 3;
+    }
+    c.max_weight = 1000.0;
+    c
+}
+
+/// `count` ids spread over 0..n, deterministic.
+fn spread(n: usize, count: usize, offset: usize) -> Vec<u32> {
+    (0..count)
+        .map(|i| ((i * n / count.max(1) + offset) % n) as u32)
+        .collect()
+}
+
+fn dropouts_at(stage: Stage, ids: Vec<u32>) -> Dropouts {
+    let mut d = Dropouts::none();
+    match stage {
+        Stage::Advertise => d.advertise = ids,
+        Stage::ShareKeys => d.share_keys = ids,
+        Stage::MaskedInput => d.masked_input = ids,
+        Stage::Unmask => d.unmask = ids,
+        _ => unreachable!(),
+    }
+    d
+}
+
+/// Runs the round and checks the secure sum against the plain sum of the
+/// survivors' encodings (exactly) and of their clipped values (within
+/// quantisation).
+fn check_round(c: &SecAggConfig, ups: &[Update], dropouts: &Dropouts, seed: u64) {
+    let outcome =
+        run_in_memory(c, ups, dropouts, seed).unwrap_or_else(|e| panic!("{dropouts:?}: {e}"));
+    let out = outcome.output;
+    let gone: Vec<u32> = [
+        &dropouts.advertise,
+        &dropouts.share_keys,
+        &dropouts.masked_input,
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
+    .collect();
+    let expected_survivors: Vec<u32> = (0..ups.len() as u32)
+        .filter(|i| !gone.contains(i))
+        .collect();
+    assert_eq!(out.survivors, expected_survivors);
+
+    let mut plain = vec![0u32; c.vector_len()];
+    let mask = if c.modulus_bits == 32 {
+        u32::MAX
+    } else {
+        (1u32 << c.modulus_bits) - 1
+    };
+    let mut clipped_sum = vec![0f64; c.num_values];
+    let mut weight = 0.0;
+    for &id in &out.survivors {
+        let u = &ups[id as usize];
+        let e = encode(c, u, &mut rounding_rng(seed, id)).unwrap();
+        plain
+            .iter_mut()
+            .zip(e.as_slice())
+            .for_each(|(p, x)| *p = p.wrapping_add(*x) & mask);
+        for (s, v) in clipped_sum.iter_mut().zip(&u.values) {
+            *s += f64::from(v.clamp(-c.clip, c.clip));
+        }
+        weight += u.weight;
+    }
+    assert_eq!(out.raw_sum, plain, "u32 sums differ with {dropouts:?}");
+    let tol = out.survivors.len() as f64 / c.scale;
+    for (got, want) in out.sum.values.iter().zip(&clipped_sum) {
+        assert!(
+            (got - want).abs() <= tol,
+            "decoded {got} vs {want} (tol {tol})"
+        );
+    }
+    assert_eq!(out.sum.weight, weight);
+    assert_eq!(out.sum.count, out.survivors.len());
+}
+
+const ALL_STAGES: [Stage; 4] = [
+    Stage::Advertise,
+    Stage::ShareKeys,
+    Stage::MaskedInput,
+    Stage::Unmask,
+];
+
+/// No dropouts, then 10 % and 30 % of the agents dropping at each stage.
+fn matrix(n: usize, d: usize, sparse: bool, stages: &[Stage]) {
+    let c = config(n, d, 3, sparse);
+    let ups = inputs(n, d, 3, n as u64);
+    check_round(&c, &ups, &Dropouts::none(), SEED);
+    for &stage in stages {
+        for frac in [0.1, 0.3] {
+            let count = (frac * n as f64).round() as usize;
+            check_round(
+                &c,
+                &ups,
+                &dropouts_at(stage, spread(n, count, 1)),
+                SEED + count as u64,
+            );
+        }
+    }
+}
+
+#[test]
+fn secure_sum_equals_plain_sum_n3_every_stage_and_dropout_rate() {
+    matrix(3, 37, false, &ALL_STAGES);
+}
+
+#[test]
+fn secure_sum_equals_plain_sum_n10_every_stage_and_dropout_rate() {
+    matrix(10, 50, false, &ALL_STAGES);
+}
+
+#[test]
+fn secure_sum_equals_plain_sum_n100_complete_graph() {
+    matrix(100, 40, false, &ALL_STAGES);
+}
+
+#[test]
+fn secure_sum_equals_plain_sum_n100_sparse_graph() {
+    matrix(100, 40, true, &ALL_STAGES);
+}
+
+#[test]
+fn dropouts_at_every_stage_at_once_are_recovered() {
+    let c = config(20, 30, 0, false);
+    let ups = inputs(20, 30, 0, 5);
+    let d = Dropouts {
+        advertise: vec![1],
+        share_keys: vec![4, 7],
+        masked_input: vec![9, 13],
+        unmask: vec![0, 15],
+    };
+    check_round(&c, &ups, &d, 11);
+}
+
+#[test]
+fn malicious_server_check_passes_for_an_honest_server() {
+    let mut c = config(10, 20, 2, false);
+    c.verify_survivors = true;
+    let ups = inputs(10, 20, 2, 8);
+    check_round(&c, &ups, &dropouts_at(Stage::MaskedInput, vec![2, 5]), 3);
+    check_round(&c, &ups, &dropouts_at(Stage::Unmask, vec![1, 6]), 4);
+}
+
+#[test]
+fn too_few_masked_inputs_abort_before_any_share_is_requested() {
+    let c = config(10, 8, 0, false); // t = 6 of 10 holders
+    let ups = inputs(10, 8, 0, 1);
+    let err = run_in_memory(
+        &c,
+        &ups,
+        &dropouts_at(Stage::MaskedInput, spread(10, 5, 0)),
+        1,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        SecAggError::TooFewSurvivors {
+            stage: Stage::MaskedInput,
+            have: 5,
+            need: 6
+        }
+    );
+
+    // Driven by hand: the abort produces no unmask request and the session
+    // can no longer output anything.
+    let mut h = Harness::new(c, 10);
+    h.masked(&[0, 1, 2, 3, 4]);
+    assert!(matches!(
+        h.server.close_masked(),
+        Err(SecAggError::TooFewSurvivors { .. })
+    ));
+    assert_eq!(h.server.stage(), Stage::Aborted);
+    assert!(matches!(
+        h.server.finish(),
+        Err(SecAggError::WrongStage {
+            actual: Stage::Aborted,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn too_few_unmask_answers_abort_without_output() {
+    let c = config(10, 8, 0, false);
+    let ups = inputs(10, 8, 0, 1);
+    let err =
+        run_in_memory(&c, &ups, &dropouts_at(Stage::Unmask, spread(10, 5, 0)), 1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SecAggError::NotEnoughShares {
+                have: 5,
+                need: 6,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn too_few_advertisers_abort() {
+    let c = config(10, 8, 0, false);
+    let ups = inputs(10, 8, 0, 1);
+    let err = run_in_memory(
+        &c,
+        &ups,
+        &dropouts_at(Stage::Advertise, spread(10, 5, 0)),
+        1,
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        SecAggError::TooFewSurvivors {
+            stage: Stage::Advertise,
+            ..
+        }
+    ));
+}
+
+/// Drives a server and `n` clients by hand up to the masked-input stage.
+struct Harness {
+    server: ServerSession,
+    clients: Vec<ClientSession>,
+    relays: Vec<ShareRelay>,
+    ups: Vec<Update>,
+}
+
+impl Harness {
+    fn new(c: SecAggConfig, n: usize) -> Self {
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let rs = round_seed(9);
+        let mut server = ServerSession::new(c.clone(), rs, &ids).unwrap();
+        let mut clients: Vec<ClientSession> = ids
+            .iter()
+            .map(|&i| {
+                ClientSession::new(
+                    c.clone(),
+                    i,
+                    rs,
+                    &mut ChaCha20Rng::seed_from_u64(u64::from(i)),
+                )
+            })
+            .collect();
+        for cl in &mut clients {
+            server.on_advertise(cl.advertise().unwrap()).unwrap();
+        }
+        let roster = server.close_advertise().unwrap();
+        for cl in &mut clients {
+            server.on_shares(cl.share_keys(&roster).unwrap()).unwrap();
+        }
+        let relays = server.close_shares().unwrap();
+        let ups = inputs(n, c.num_values, c.num_coord_weights, 4);
+        Self {
+            server,
+            clients,
+            relays,
+            ups,
+        }
+    }
+
+    fn masked(&mut self, who: &[u32]) {
+        for &i in who {
+            let (m, _) = self.clients[i as usize]
+                .masked_input(
+                    &self.relays[i as usize],
+                    &self.ups[i as usize],
+                    &mut rounding_rng(1, i),
+                )
+                .unwrap();
+            self.server.on_masked_input(i, &m).unwrap();
+        }
+    }
+}
+
+#[test]
+fn client_refuses_a_request_for_both_secrets_of_one_agent() {
+    let c = config(4, 6, 0, false);
+    let mut h = Harness::new(c, 4);
+    h.masked(&[0, 1, 2]);
+    let AfterMasked::Unmask(reqs) = h.server.close_masked().unwrap() else {
+        panic!()
+    };
+    let honest = reqs.iter().find(|r| r.to == 0).unwrap().clone();
+    assert_eq!(honest.pairwise_of, vec![3]);
+    // Ask agent 0 for both secrets of agent 1.
+    let mut both = honest.clone();
+    both.pairwise_of.push(1);
+    let err = h.clients[0].unmask(&both).unwrap_err();
+    assert!(err.to_string().contains("both"), "{err}");
+    // The refusal is final: the session answers nothing afterwards.
+    assert!(matches!(
+        h.clients[0].unmask(&honest),
+        Err(SecAggError::WrongStage { .. })
+    ));
+    // Asking an agent for its own pairwise key after its input went out.
+    let mut own = reqs.iter().find(|r| r.to == 1).unwrap().clone();
+    own.self_mask_of.retain(|&o| o != 1);
+    own.pairwise_of.push(1);
+    assert!(matches!(
+        h.clients[1].unmask(&own),
+        Err(SecAggError::Refused(_))
+    ));
+}
+
+#[test]
+fn server_refuses_shares_it_did_not_request() {
+    let c = config(4, 6, 0, false);
+    let mut h = Harness::new(c, 4);
+    h.masked(&[0, 1, 2, 3]);
+    let AfterMasked::Unmask(reqs) = h.server.close_masked().unwrap() else {
+        panic!()
+    };
+    // Every request partitions the owners: no owner in both lists.
+    for r in &reqs {
+        assert!(
+            r.pairwise_of.is_empty(),
+            "nobody dropped, yet pairwise keys requested"
+        );
+    }
+    let mut resp = h.clients[0].unmask(&reqs[0]).unwrap();
+    // A response smuggling a pairwise-key share of a survivor is refused whole.
+    resp.pairwise_shares.push((2, vec![1; 33]));
+    assert!(matches!(
+        h.server.on_unmask(resp),
+        Err(SecAggError::Refused(_))
+    ));
+}
+
+#[test]
+fn malformed_bytes_give_errors_at_every_entry_point() {
+    let junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xff; 3],
+        vec![3, 1, 0, 0],
+        vec![7, 1, 9, 9, 9, 9, 0xff, 0xff, 0xff, 0xff],
+    ];
+    for j in &junk {
+        assert!(KeyRoster::from_bytes(j).is_err());
+        assert!(ShareUpload::from_bytes(j).is_err());
+        assert!(ShareRelay::from_bytes(j).is_err());
+        assert!(SurvivorCheck::from_bytes(j).is_err());
+        assert!(UnmaskRequest::from_bytes(j).is_err());
+        assert!(UnmaskResponse::from_bytes(j).is_err());
+        assert!(masked_from_bytes(j, 4).is_err());
+    }
+    // A tampered share ciphertext is caught by the AEAD, as an error.
+    let c = config(3, 4, 0, false);
+    let mut h = Harness::new(c, 3);
+    let mut relay = h.relays[0].clone();
+    relay.shares[0].ciphertext[5] ^= 1;
+    let err = h.clients[0]
+        .masked_input(&relay, &h.ups[0], &mut rounding_rng(1, 0))
+        .unwrap_err();
+    assert!(matches!(err, SecAggError::BadCiphertext { .. }), "{err}");
+    // A masked vector of the wrong length or outside the modulus is refused.
+    assert!(h.server.on_masked_input(1, &[0; 3]).is_err());
+}
+
+#[test]
+fn server_refuses_a_low_order_public_key_at_advertise() {
+    let c = config(3, 4, 0, false);
+    let mut server = ServerSession::new(c.clone(), [1; 32], &[0, 1, 2]).unwrap();
+    let mut client = ClientSession::new(c, 0, [1; 32], &mut ChaCha20Rng::seed_from_u64(0));
+    let mut keys = client.advertise().unwrap();
+    keys.mask_pk = [0; 32]; // the identity: every agreement with it is zero
+    assert_eq!(
+        server.on_advertise(keys),
+        Err(SecAggError::BadPublicKey { agent: 0 })
+    );
+}
+
+#[test]
+fn overflowing_configuration_is_refused_naming_the_parameter() {
+    let mut c = SecAggConfig::complete(10, 0, 100, 1.0);
+    assert!(c.validate(100).is_ok());
+    c.scale *= 4.0;
+    let err = c.validate(100).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SecAggError::Config {
+                parameter: "scale",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("lower `scale`"), "{err}");
+    let mut c = SecAggConfig::complete(10, 0, 100, 1.0);
+    c.max_weight = 1e9;
+    let err = c.validate(100).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SecAggError::Config {
+                parameter: "max_weight",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut c = SecAggConfig::complete(10, 0, 100, 1.0);
+    c.modulus_bits = 16;
+    assert!(matches!(
+        c.validate(100),
+        Err(SecAggError::Config {
+            parameter: "scale",
+            ..
+        })
+    ));
+    let mut c = SecAggConfig::complete(10, 0, 300, 1.0);
+    c.neighbours = 299;
+    assert!(matches!(
+        c.validate(300),
+        Err(SecAggError::Config {
+            parameter: "neighbours",
+            ..
+        })
+    ));
+    // The server refuses to start a round with such a configuration.
+    let mut c = SecAggConfig::complete(10, 0, 100, 1.0);
+    c.scale *= 4.0;
+    let ids: Vec<u32> = (0..100).collect();
+    assert!(ServerSession::new(c, [0; 32], &ids).is_err());
+}
+
+#[test]
+fn small_modulus_rounds_still_sum_exactly() {
+    let mut c = config(10, 12, 1, false);
+    c.modulus_bits = 24;
+    c.scale = 1000.0;
+    c.max_weight = 200.0;
+    let ups = inputs(10, 12, 1, 3);
+    check_round(&c, &ups, &dropouts_at(Stage::MaskedInput, vec![3]), 5);
+}
+
+#[test]
+fn clipped_fraction_is_reported_in_the_sum() {
+    let c = config(5, 10, 0, false);
+    let mut ups = inputs(5, 10, 0, 2);
+    for u in &mut ups {
+        u.values.iter_mut().for_each(|v| *v = v.clamp(-0.9, 0.9));
+    }
+    ups[0].values[3] = 5.0;
+    ups[2].values[7] = -2.0;
+    ups[4].weight = 5000.0; // above max_weight = 1000
+    let out = run_in_memory(&c, &ups, &Dropouts::none(), 1)
+        .unwrap()
+        .output;
+    assert_eq!(out.sum.clipped, 3);
+    assert!((out.sum.clipped_fraction() - 3.0 / (5.0 * 11.0)).abs() < 1e-12);
+    assert_eq!(
+        out.sum.weight,
+        ups[..4].iter().map(|u| u.weight).sum::<f64>() + 1000.0
+    );
+}
+
+#[test]
+fn malicious_server_with_inconsistent_survivor_lists_is_refused() {
+    let mut c = config(5, 6, 0, false); // k = 4, t = 3: a majority of 5 holders
+    c.verify_survivors = true;
+    let mut h = Harness::new(c, 5);
+    h.masked(&[0, 1, 2, 3, 4]);
+    let AfterMasked::CheckSurvivors(full) = h.server.close_masked().unwrap() else {
+        panic!()
+    };
+    // The server shows 0, 1, 2 a list claiming 3 and 4 dropped, and 3, 4 the
+    // true list: it hopes to get agent 3's pairwise key from 0, 1, 2 and its
+    // self-mask seed from 3, 4.
+    let short = SurvivorCheck {
+        survivors: vec![0, 1, 2],
+    };
+    let sigs_short: Vec<_> = (0..3)
+        .map(|i| h.clients[i].sign_survivors(&short).unwrap())
+        .collect();
+    let sigs_full: Vec<_> = (3..5)
+        .map(|i| h.clients[i].sign_survivors(&full).unwrap())
+        .collect();
+    // Agent 3 sees only two signatures over its list (t = 3): refuses.
+    let to3 = UnmaskRequest {
+        to: 3,
+        self_mask_of: vec![0, 1, 2, 3, 4],
+        pairwise_of: vec![],
+        survivors: full.survivors.clone(),
+        signatures: sigs_full.clone(),
+    };
+    assert_eq!(
+        h.clients[3].unmask(&to3).unwrap_err(),
+        SecAggError::BadSignatures { valid: 2, need: 3 }
+    );
+    // Padding with signatures over the other list does not help: they do not verify.
+    let to4 = UnmaskRequest {
+        to: 4,
+        signatures: sigs_full.iter().chain(&sigs_short).cloned().collect(),
+        ..to3.clone()
+    };
+    let to4 = UnmaskRequest { to: 4, ..to4 };
+    assert_eq!(
+        h.clients[4].unmask(&to4).unwrap_err(),
+        SecAggError::BadSignatures { valid: 2, need: 3 }
+    );
+    // Agent 0 is shown its signed list but a request that contradicts it.
+    let to0 = UnmaskRequest {
+        to: 0,
+        self_mask_of: vec![0, 1, 2, 3],
+        pairwise_of: vec![4],
+        survivors: short.survivors.clone(),
+        signatures: sigs_short,
+    };
+    assert!(matches!(
+        h.clients[0].unmask(&to0),
+        Err(SecAggError::Refused(_))
+    ));
+}
