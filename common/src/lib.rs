@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod interactions;
 pub mod lr;
 pub mod metrics;
+pub mod mlp;
 pub mod reference;
 pub mod seed;
 pub mod split;

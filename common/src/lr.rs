@@ -9,6 +9,8 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
+use crate::mlp::EarlyStopping;
+
 /// How examples of each class are weighted in the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -38,6 +40,10 @@ pub struct SgdParams {
     /// FedProx proximal coefficient μ: adds `μ/2 ‖w − w_global‖²` (0 = off).
     #[serde(default)]
     pub prox_mu: f32,
+    /// Early stopping on a validation split carved from the local training
+    /// rows (used by the MLP; `None` trains for exactly `epochs`).
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
 }
 
 impl Default for SgdParams {
@@ -49,6 +55,7 @@ impl Default for SgdParams {
             l2: 1e-4,
             class_weight: ClassWeight::None,
             prox_mu: 0.0,
+            early_stopping: None,
         }
     }
 }

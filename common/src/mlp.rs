@@ -1,0 +1,520 @@
+//! A small multi-layer perceptron for churn: ReLU hidden layers, a sigmoid
+//! output, weighted binary cross-entropy, trained by mini-batch Adam on ndarray.
+//!
+//! The federated parameters are every weight and bias as one flat vector in a
+//! fixed layout (see [`MlpShape`]): for each layer in order, its weight
+//! matrix row-major (`inputs × outputs`) and then its bias. Nothing is private,
+//! so the coordinator divides the summed update uniformly.
+//!
+//! **Adam state is local to one round.** Each round starts from the global
+//! parameters with fresh (zero) first and second moments; the moments are never
+//! sent or kept between rounds. Keeping them would make an agent's step depend
+//! on rounds it may have missed and on a model it no longer holds, and sending
+//! them would triple the update size. With a few local epochs per round the
+//! moments warm up quickly, and bias correction keeps the first steps sane.
+//!
+//! Early stopping (optional, [`EarlyStopping`]) carves a seeded, stratified
+//! validation split out of the rows it is given to *train* on — never out of
+//! the merchant's held-out rows — and keeps the parameters of the epoch with
+//! the lowest validation loss.
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
+use rand::Rng;
+use rand::seq::SliceRandom;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::lr::{SgdParams, example_weights};
+
+/// Adam's decay rates and stabiliser, the values of Kingma & Ba (2015).
+const BETA1: f32 = 0.9;
+const BETA2: f32 = 0.999;
+const ADAM_EPS: f32 = 1e-8;
+
+/// Probabilities are clipped to `[P_EPS, 1 − P_EPS]` inside the loss.
+const P_EPS: f64 = 1e-7;
+
+/// Stop training when the loss on a local validation split stops improving.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStopping {
+    /// Fraction of the training rows held back for validation (stratified).
+    pub validation_fraction: f64,
+    /// Epochs without improvement tolerated before stopping.
+    pub patience: usize,
+}
+
+impl Default for EarlyStopping {
+    fn default() -> Self {
+        Self {
+            validation_fraction: 0.1,
+            patience: 3,
+        }
+    }
+}
+
+/// Why an MLP could not be built.
+#[derive(Debug, Error, PartialEq)]
+pub enum MlpError {
+    /// The flat parameter vector does not match the architecture.
+    #[error("MLP with layers {layers:?} needs {expected} parameters, got {got}")]
+    ParamLength {
+        /// Layer widths, input first.
+        layers: Vec<usize>,
+        /// Parameters the architecture needs.
+        expected: usize,
+        /// Parameters supplied.
+        got: usize,
+    },
+    /// A layer of width zero.
+    #[error("MLP layer widths must be positive, got {0:?}")]
+    ZeroWidth(Vec<usize>),
+}
+
+/// The architecture of an MLP: input width and hidden widths (output is one logit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlpShape {
+    /// Number of input features.
+    pub num_features: usize,
+    /// Widths of the hidden ReLU layers, in order.
+    pub hidden: Vec<usize>,
+}
+
+impl MlpShape {
+    /// Layer widths from input to the single output.
+    pub fn widths(&self) -> Vec<usize> {
+        let mut w = vec![self.num_features];
+        w.extend(&self.hidden);
+        w.push(1);
+        w
+    }
+
+    /// `(inputs, outputs, offset)` of each layer's block in the flat vector;
+    /// the bias follows the weights at `offset + inputs · outputs`.
+    pub fn layers(&self) -> Vec<(usize, usize, usize)> {
+        let w = self.widths();
+        let mut off = 0;
+        w.windows(2)
+            .map(|p| {
+                let l = (p[0], p[1], off);
+                off += p[0] * p[1] + p[1];
+                l
+            })
+            .collect()
+    }
+
+    /// Total number of parameters.
+    pub fn param_len(&self) -> usize {
+        self.widths().windows(2).map(|p| p[0] * p[1] + p[1]).sum()
+    }
+
+    fn check(&self) -> Result<(), MlpError> {
+        if self.widths().contains(&0) {
+            return Err(MlpError::ZeroWidth(self.widths()));
+        }
+        Ok(())
+    }
+}
+
+/// What a call to [`Mlp::fit_with`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitReport {
+    /// Epochs actually run (fewer than asked when early stopping fired).
+    pub epochs_run: usize,
+    /// The 1-based epoch whose parameters were kept.
+    pub best_epoch: usize,
+    /// Mean weighted training loss of the kept epoch.
+    pub train_loss: f32,
+    /// Validation loss of the kept epoch, when early stopping was on.
+    pub valid_loss: Option<f32>,
+}
+
+/// A binary classifier `x → σ(f(x))` with ReLU hidden layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mlp {
+    shape: MlpShape,
+    params: Vec<f32>,
+}
+
+fn sigmoid(z: f32) -> f32 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}
+
+impl Mlp {
+    /// He-initialised weights (normal, variance `2 / fan_in`), zero biases.
+    pub fn he_init<R: Rng>(shape: MlpShape, rng: &mut R) -> Result<Self, MlpError> {
+        shape.check()?;
+        let mut params = vec![0.0f32; shape.param_len()];
+        for (i, o, off) in shape.layers() {
+            let normal = Normal::new(0.0f32, (2.0 / i as f32).sqrt()).expect("positive std");
+            for p in &mut params[off..off + i * o] {
+                *p = normal.sample(rng);
+            }
+        }
+        Ok(Self { shape, params })
+    }
+
+    /// Rebuilds a model from its flat parameters.
+    pub fn from_params(shape: MlpShape, params: &[f32]) -> Result<Self, MlpError> {
+        shape.check()?;
+        if params.len() != shape.param_len() {
+            return Err(MlpError::ParamLength {
+                layers: shape.widths(),
+                expected: shape.param_len(),
+                got: params.len(),
+            });
+        }
+        Ok(Self {
+            shape,
+            params: params.to_vec(),
+        })
+    }
+
+    /// The flat parameter vector.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// The architecture.
+    pub fn shape(&self) -> &MlpShape {
+        &self.shape
+    }
+
+    fn layer(&self, (i, o, off): (usize, usize, usize)) -> (ArrayView2<'_, f32>, ArrayView1<'_, f32>) {
+        let w = ArrayView2::from_shape((i, o), &self.params[off..off + i * o]).expect("layout");
+        let b = ArrayView1::from(&self.params[off + i * o..off + i * o + o]);
+        (w, b)
+    }
+
+    /// Activations of every layer (input first) and the output logits.
+    fn forward(&self, x: ArrayView2<f32>) -> (Vec<Array2<f32>>, Array1<f32>) {
+        let layers = self.shape.layers();
+        let mut acts = vec![x.to_owned()];
+        for (k, &l) in layers.iter().enumerate() {
+            let (w, b) = self.layer(l);
+            let mut z = acts[k].dot(&w);
+            z += &b;
+            if k + 1 < layers.len() {
+                z.mapv_inplace(|v| v.max(0.0));
+                acts.push(z);
+            } else {
+                return (acts, z.column(0).to_owned());
+            }
+        }
+        unreachable!("an MLP always has an output layer")
+    }
+
+    /// Probability of the positive class for each row.
+    pub fn predict_proba(&self, x: &Array2<f32>) -> Vec<f32> {
+        self.forward(x.view()).1.iter().map(|&z| sigmoid(z)).collect()
+    }
+
+    /// Mean weighted cross-entropy of the rows.
+    fn loss(&self, x: ArrayView2<f32>, y: ArrayView1<f32>, cw: ArrayView1<f32>) -> f32 {
+        let logits = self.forward(x).1;
+        let mut total = 0.0f64;
+        for ((&z, &yi), &w) in logits.iter().zip(y).zip(cw) {
+            let p = f64::from(sigmoid(z)).clamp(P_EPS, 1.0 - P_EPS);
+            total += f64::from(w) * if yi > 0.5 { -p.ln() } else { -(1.0 - p).ln() };
+        }
+        (total / y.len().max(1) as f64) as f32
+    }
+
+    /// Gradient of the batch's mean weighted loss (plus L2 on weights and the
+    /// proximal term) into `grad`; returns the batch's summed loss.
+    fn gradient(
+        &self,
+        x: ArrayView2<f32>,
+        y: &[f32],
+        cw: &[f32],
+        params: &SgdParams,
+        anchor: &[f32],
+        grad: &mut [f32],
+    ) -> f64 {
+        let (acts, logits) = self.forward(x);
+        let m = y.len() as f32;
+        let mut loss = 0.0f64;
+        let mut delta = Array2::<f32>::zeros((y.len(), 1));
+        for k in 0..y.len() {
+            let p = sigmoid(logits[k]);
+            delta[[k, 0]] = (p - y[k]) * cw[k] / m;
+            let pc = f64::from(p).clamp(P_EPS, 1.0 - P_EPS);
+            loss += f64::from(cw[k]) * if y[k] > 0.5 { -pc.ln() } else { -(1.0 - pc).ln() };
+        }
+        let layers = self.shape.layers();
+        for (k, &(i, o, off)) in layers.iter().enumerate().rev() {
+            let (w, _) = self.layer((i, o, off));
+            let gw = acts[k].t().dot(&delta);
+            let gb = delta.sum_axis(Axis(0));
+            // `gw` may come back in column-major order; iterate logically.
+            for (g, &v) in grad[off..off + i * o + o].iter_mut().zip(gw.iter().chain(&gb)) {
+                *g = v;
+            }
+            for (g, p) in grad[off..off + i * o].iter_mut().zip(&self.params[off..]) {
+                *g += params.l2 * p;
+            }
+            if k > 0 {
+                let mut d = delta.dot(&w.t());
+                d.zip_mut_with(&acts[k], |d, &a| {
+                    if a <= 0.0 {
+                        *d = 0.0;
+                    }
+                });
+                delta = d;
+            }
+        }
+        if params.prox_mu > 0.0 {
+            for ((g, p), a) in grad.iter_mut().zip(&self.params).zip(anchor) {
+                *g += params.prox_mu * (p - a);
+            }
+        }
+        loss
+    }
+
+    /// Trains in place from the current (global) parameters with Adam, fresh
+    /// moments, shuffling with `rng`. With `early` set, a stratified
+    /// `validation_fraction` of these rows is held back and the best epoch's
+    /// parameters are kept.
+    pub fn fit_with<R: Rng>(
+        &mut self,
+        x: &Array2<f32>,
+        y: &Array1<f32>,
+        params: &SgdParams,
+        early: Option<&EarlyStopping>,
+        rng: &mut R,
+    ) -> FitReport {
+        let cw_all = example_weights(y.view(), params.class_weight);
+        let (train_rows, valid_rows) = match early {
+            Some(e) if x.nrows() >= 10 => split_rows(y, e.validation_fraction, rng),
+            _ => ((0..x.nrows()).collect(), Vec::new()),
+        };
+        let valid = (!valid_rows.is_empty()).then(|| {
+            (
+                x.select(Axis(0), &valid_rows),
+                y.select(Axis(0), &valid_rows),
+                cw_all.select(Axis(0), &valid_rows),
+            )
+        });
+        let anchor = self.params.clone();
+        let n_params = self.params.len();
+        let (mut m1, mut m2) = (vec![0.0f32; n_params], vec![0.0f32; n_params]);
+        let mut grad = vec![0.0f32; n_params];
+        let mut order = train_rows.clone();
+        let bs = params.batch_size.max(1);
+        let epochs = params.epochs.max(1);
+        let mut step = 0i32;
+        let mut best = (f32::INFINITY, self.params.clone(), 0usize, 0.0f32);
+        let mut report = FitReport {
+            epochs_run: 0,
+            best_epoch: 0,
+            train_loss: 0.0,
+            valid_loss: None,
+        };
+        for epoch in 1..=epochs {
+            order.shuffle(rng);
+            let mut loss_sum = 0.0f64;
+            for batch in order.chunks(bs) {
+                let xb = x.select(Axis(0), batch);
+                let yb: Vec<f32> = batch.iter().map(|&i| y[i]).collect();
+                let cb: Vec<f32> = batch.iter().map(|&i| cw_all[i]).collect();
+                loss_sum += self.gradient(xb.view(), &yb, &cb, params, &anchor, &mut grad);
+                step += 1;
+                let c1 = 1.0 - BETA1.powi(step);
+                let c2 = 1.0 - BETA2.powi(step);
+                for j in 0..n_params {
+                    m1[j] = BETA1 * m1[j] + (1.0 - BETA1) * grad[j];
+                    m2[j] = BETA2 * m2[j] + (1.0 - BETA2) * grad[j] * grad[j];
+                    let mh = m1[j] / c1;
+                    let vh = m2[j] / c2;
+                    self.params[j] -= params.learning_rate * mh / (vh.sqrt() + ADAM_EPS);
+                }
+            }
+            let train_loss = (loss_sum / order.len().max(1) as f64) as f32;
+            report.epochs_run = epoch;
+            let Some((vx, vy, vc)) = &valid else {
+                report.best_epoch = epoch;
+                report.train_loss = train_loss;
+                continue;
+            };
+            let vl = self.loss(vx.view(), vy.view(), vc.view());
+            if vl < best.0 {
+                best = (vl, self.params.clone(), epoch, train_loss);
+            } else if epoch - best.2 >= early.map_or(usize::MAX, |e| e.patience.max(1)) {
+                break;
+            }
+        }
+        if valid.is_some() {
+            self.params = best.1;
+            report.best_epoch = best.2;
+            report.train_loss = best.3;
+            report.valid_loss = Some(best.0);
+        }
+        report
+    }
+}
+
+/// A stratified split of `0..y.len()` into (train, validation), drawn from `rng`.
+fn split_rows<R: Rng>(y: &Array1<f32>, fraction: f64, rng: &mut R) -> (Vec<usize>, Vec<usize>) {
+    let (mut train, mut valid) = (Vec::new(), Vec::new());
+    for class in [true, false] {
+        let mut idx: Vec<usize> = (0..y.len()).filter(|&i| (y[i] > 0.5) == class).collect();
+        idx.shuffle(rng);
+        let k = ((idx.len() as f64) * fraction.clamp(0.0, 0.5)).round() as usize;
+        valid.extend_from_slice(&idx[..k]);
+        train.extend_from_slice(&idx[k..]);
+    }
+    train.sort_unstable();
+    valid.sort_unstable();
+    (train, valid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::auc;
+    use crate::seed::rng;
+
+    fn shape(d: usize, hidden: &[usize]) -> MlpShape {
+        MlpShape {
+            num_features: d,
+            hidden: hidden.to_vec(),
+        }
+    }
+
+    /// XOR of the signs of two coordinates, with jitter so the points are not
+    /// four exact duplicates; no linear model can beat AUC 0.5 on it.
+    fn xor_data(n: usize, seed: u64) -> (Array2<f32>, Array1<f32>) {
+        let mut r = rng(seed, &["xor"]);
+        let noise = Normal::new(0.0f32, 0.1).unwrap();
+        let mut x = Array2::zeros((n, 2));
+        let mut y = Array1::zeros(n);
+        for i in 0..n {
+            let (a, b) = ((i % 2) as f32, ((i / 2) % 2) as f32);
+            x[[i, 0]] = 2.0 * a - 1.0 + noise.sample(&mut r);
+            x[[i, 1]] = 2.0 * b - 1.0 + noise.sample(&mut r);
+            y[i] = if (a > 0.5) != (b > 0.5) { 1.0 } else { 0.0 };
+        }
+        (x, y)
+    }
+
+    fn adam(epochs: usize, lr: f32) -> SgdParams {
+        SgdParams {
+            epochs,
+            batch_size: 16,
+            learning_rate: lr,
+            l2: 0.0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn layout_is_weights_then_bias_per_layer() {
+        let s = shape(3, &[4, 2]);
+        assert_eq!(s.widths(), vec![3, 4, 2, 1]);
+        assert_eq!(s.layers(), vec![(3, 4, 0), (4, 2, 16), (2, 1, 26)]);
+        assert_eq!(s.param_len(), 16 + 10 + 3);
+        let err = Mlp::from_params(s.clone(), &[0.0; 5]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "MLP with layers [3, 4, 2, 1] needs 29 parameters, got 5"
+        );
+        assert!(Mlp::he_init(shape(3, &[0]), &mut rng(1, &[])).is_err());
+    }
+
+    #[test]
+    fn he_init_is_seeded_with_zero_biases_and_fan_in_scale() {
+        let s = shape(200, &[100]);
+        let a = Mlp::he_init(s.clone(), &mut rng(5, &["init"])).unwrap();
+        let b = Mlp::he_init(s.clone(), &mut rng(5, &["init"])).unwrap();
+        let c = Mlp::he_init(s, &mut rng(6, &["init"])).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let w = &a.params()[..200 * 100];
+        let var = w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        assert!((var - 0.01).abs() < 0.001, "variance {var}");
+        assert!(a.params()[200 * 100..200 * 100 + 100].iter().all(|&b| b == 0.0));
+    }
+
+    #[test]
+    fn analytic_gradient_matches_finite_differences() {
+        let (x, y) = xor_data(12, 3);
+        let s = shape(2, &[5, 3]);
+        let model = Mlp::he_init(s, &mut rng(2, &[])).unwrap();
+        let cw = vec![1.0f32; y.len()];
+        let p = SgdParams {
+            l2: 0.0,
+            ..Default::default()
+        };
+        let mut grad = vec![0.0; model.params.len()];
+        model.gradient(x.view(), y.as_slice().unwrap(), &cw, &p, &[], &mut grad);
+        let cwa = Array1::from(cw.clone());
+        for j in 0..model.params.len() {
+            let h = 1e-2f32;
+            let (mut up, mut down) = (model.clone(), model.clone());
+            up.params[j] += h;
+            down.params[j] -= h;
+            let num = (up.loss(x.view(), y.view(), cwa.view())
+                - down.loss(x.view(), y.view(), cwa.view()))
+                / (2.0 * h);
+            assert!(
+                (num - grad[j]).abs() < 2e-3 + 0.05 * num.abs(),
+                "param {j}: numeric {num}, analytic {}",
+                grad[j]
+            );
+        }
+    }
+
+    #[test]
+    fn learns_xor_which_a_linear_model_cannot() {
+        let (x, y) = xor_data(200, 1);
+        let mut m = Mlp::he_init(shape(2, &[8]), &mut rng(1, &["init"])).unwrap();
+        let report = m.fit_with(&x, &y, &adam(200, 0.02), None, &mut rng(1, &["fit"]));
+        assert_eq!(report.epochs_run, 200);
+        let (tx, ty) = xor_data(100, 2);
+        let probs = m.predict_proba(&tx);
+        assert_eq!(auc(ty.as_slice().unwrap(), &probs), 1.0);
+        assert!(report.train_loss < 0.1, "loss {}", report.train_loss);
+    }
+
+    #[test]
+    fn training_is_deterministic_for_a_seed() {
+        let (x, y) = xor_data(64, 4);
+        let fit = |seed: u64| {
+            let mut m = Mlp::he_init(shape(2, &[6, 4]), &mut rng(seed, &["init"])).unwrap();
+            let early = EarlyStopping::default();
+            m.fit_with(&x, &y, &adam(20, 0.01), Some(&early), &mut rng(seed, &["fit"]));
+            m
+        };
+        assert_eq!(fit(9), fit(9));
+        assert_ne!(fit(9), fit(10));
+    }
+
+    #[test]
+    fn early_stopping_stops_when_validation_loss_rises_and_keeps_the_best_epoch() {
+        // Labels are coin flips: a wide network memorises the training rows, so
+        // the validation loss bottoms out early and then rises.
+        let mut r = rng(7, &["noise"]);
+        let normal = Normal::new(0.0f32, 1.0).unwrap();
+        let n = 300;
+        let x = Array2::from_shape_fn((n, 10), |_| normal.sample(&mut r));
+        let y = Array1::from_shape_fn(n, |i| ((i * 7 + 3) % 5 < 2) as u8 as f32);
+        let early = EarlyStopping {
+            validation_fraction: 0.2,
+            patience: 4,
+        };
+        let mut m = Mlp::he_init(shape(10, &[64, 64]), &mut rng(7, &["init"])).unwrap();
+        let report = m.fit_with(&x, &y, &adam(500, 0.01), Some(&early), &mut rng(7, &["fit"]));
+        assert!(report.epochs_run < 500, "{report:?}");
+        assert_eq!(report.epochs_run, report.best_epoch + early.patience);
+        // The kept parameters are the best epoch's: re-running exactly that many
+        // epochs without stopping reaches the same parameters.
+        let mut again = Mlp::he_init(shape(10, &[64, 64]), &mut rng(7, &["init"])).unwrap();
+        again.fit_with(&x, &y, &adam(report.best_epoch, 0.01), Some(&early), &mut rng(7, &["fit"]));
+        assert_eq!(again.params(), m.params());
+    }
+}
