@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod churn;
 pub mod interactions;
 pub mod lr;
 pub mod metrics;

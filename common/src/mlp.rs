@@ -185,7 +185,10 @@ impl Mlp {
         &self.shape
     }
 
-    fn layer(&self, (i, o, off): (usize, usize, usize)) -> (ArrayView2<'_, f32>, ArrayView1<'_, f32>) {
+    fn layer(
+        &self,
+        (i, o, off): (usize, usize, usize),
+    ) -> (ArrayView2<'_, f32>, ArrayView1<'_, f32>) {
         let w = ArrayView2::from_shape((i, o), &self.params[off..off + i * o]).expect("layout");
         let b = ArrayView1::from(&self.params[off + i * o..off + i * o + o]);
         (w, b)
@@ -211,7 +214,11 @@ impl Mlp {
 
     /// Probability of the positive class for each row.
     pub fn predict_proba(&self, x: &Array2<f32>) -> Vec<f32> {
-        self.forward(x.view()).1.iter().map(|&z| sigmoid(z)).collect()
+        self.forward(x.view())
+            .1
+            .iter()
+            .map(|&z| sigmoid(z))
+            .collect()
     }
 
     /// Mean weighted cross-entropy of the rows.
@@ -244,7 +251,12 @@ impl Mlp {
             let p = sigmoid(logits[k]);
             delta[[k, 0]] = (p - y[k]) * cw[k] / m;
             let pc = f64::from(p).clamp(P_EPS, 1.0 - P_EPS);
-            loss += f64::from(cw[k]) * if y[k] > 0.5 { -pc.ln() } else { -(1.0 - pc).ln() };
+            loss += f64::from(cw[k])
+                * if y[k] > 0.5 {
+                    -pc.ln()
+                } else {
+                    -(1.0 - pc).ln()
+                };
         }
         let layers = self.shape.layers();
         for (k, &(i, o, off)) in layers.iter().enumerate().rev() {
@@ -252,7 +264,10 @@ impl Mlp {
             let gw = acts[k].t().dot(&delta);
             let gb = delta.sum_axis(Axis(0));
             // `gw` may come back in column-major order; iterate logically.
-            for (g, &v) in grad[off..off + i * o + o].iter_mut().zip(gw.iter().chain(&gb)) {
+            for (g, &v) in grad[off..off + i * o + o]
+                .iter_mut()
+                .zip(gw.iter().chain(&gb))
+            {
                 *g = v;
             }
             for (g, p) in grad[off..off + i * o].iter_mut().zip(&self.params[off..]) {
@@ -437,7 +452,11 @@ mod tests {
         let w = &a.params()[..200 * 100];
         let var = w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
         assert!((var - 0.01).abs() < 0.001, "variance {var}");
-        assert!(a.params()[200 * 100..200 * 100 + 100].iter().all(|&b| b == 0.0));
+        assert!(
+            a.params()[200 * 100..200 * 100 + 100]
+                .iter()
+                .all(|&b| b == 0.0)
+        );
     }
 
     #[test]
@@ -487,7 +506,13 @@ mod tests {
         let fit = |seed: u64| {
             let mut m = Mlp::he_init(shape(2, &[6, 4]), &mut rng(seed, &["init"])).unwrap();
             let early = EarlyStopping::default();
-            m.fit_with(&x, &y, &adam(20, 0.01), Some(&early), &mut rng(seed, &["fit"]));
+            m.fit_with(
+                &x,
+                &y,
+                &adam(20, 0.01),
+                Some(&early),
+                &mut rng(seed, &["fit"]),
+            );
             m
         };
         assert_eq!(fit(9), fit(9));
@@ -508,13 +533,25 @@ mod tests {
             patience: 4,
         };
         let mut m = Mlp::he_init(shape(10, &[64, 64]), &mut rng(7, &["init"])).unwrap();
-        let report = m.fit_with(&x, &y, &adam(500, 0.01), Some(&early), &mut rng(7, &["fit"]));
+        let report = m.fit_with(
+            &x,
+            &y,
+            &adam(500, 0.01),
+            Some(&early),
+            &mut rng(7, &["fit"]),
+        );
         assert!(report.epochs_run < 500, "{report:?}");
         assert_eq!(report.epochs_run, report.best_epoch + early.patience);
         // The kept parameters are the best epoch's: re-running exactly that many
         // epochs without stopping reaches the same parameters.
         let mut again = Mlp::he_init(shape(10, &[64, 64]), &mut rng(7, &["init"])).unwrap();
-        again.fit_with(&x, &y, &adam(report.best_epoch, 0.01), Some(&early), &mut rng(7, &["fit"]));
+        again.fit_with(
+            &x,
+            &y,
+            &adam(report.best_epoch, 0.01),
+            Some(&early),
+            &mut rng(7, &["fit"]),
+        );
         assert_eq!(again.params(), m.params());
     }
 }

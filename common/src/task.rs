@@ -29,6 +29,14 @@ pub enum ModelSpec {
         /// Encoded feature count (see `tabular::Schema::num_features`).
         num_features: usize,
     },
+    /// A ReLU multi-layer perceptron for churn (see `mlp`): federated
+    /// parameters are all weights and biases, flat, divided uniformly.
+    ChurnMlp {
+        /// Encoded feature count.
+        num_features: usize,
+        /// Hidden layer widths (one or two layers in practice).
+        hidden: Vec<usize>,
+    },
 }
 
 impl ModelSpec {
@@ -36,7 +44,7 @@ impl ModelSpec {
     /// advertise their example counts.
     pub fn data_family(&self) -> &'static str {
         match self {
-            ModelSpec::ChurnLr { .. } => "churn",
+            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. } => "churn",
         }
     }
 
@@ -44,6 +52,7 @@ impl ModelSpec {
     pub fn name(&self) -> &'static str {
         match self {
             ModelSpec::ChurnLr { .. } => "churn-lr",
+            ModelSpec::ChurnMlp { .. } => "churn-mlp",
         }
     }
 
@@ -51,13 +60,21 @@ impl ModelSpec {
     pub fn model_len(&self) -> usize {
         match self {
             ModelSpec::ChurnLr { num_features } => num_features + 1,
+            ModelSpec::ChurnMlp {
+                num_features,
+                hidden,
+            } => crate::mlp::MlpShape {
+                num_features: *num_features,
+                hidden: hidden.clone(),
+            }
+            .param_len(),
         }
     }
 
     /// How summed updates are divided back into a step.
     pub fn layout(&self) -> WeightLayout {
         match self {
-            ModelSpec::ChurnLr { .. } => WeightLayout::uniform(),
+            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. } => WeightLayout::uniform(),
         }
     }
 
@@ -65,13 +82,19 @@ impl ModelSpec {
     /// needs no statistics step).
     pub fn stats_len(&self) -> usize {
         match self {
-            ModelSpec::ChurnLr { num_features } => 2 * num_features,
+            ModelSpec::ChurnLr { num_features } | ModelSpec::ChurnMlp { num_features, .. } => {
+                2 * num_features
+            }
         }
     }
 
-    /// The first global model version.
-    pub fn initial_params(&self, _seed: u64) -> Vec<f32> {
-        vec![0.0; self.model_len()]
+    /// The first global model version: zeros for LR; He-initialised weights
+    /// drawn from the run seed for the MLP (zeros would never break symmetry).
+    pub fn initial_params(&self, seed: u64) -> Vec<f32> {
+        match self {
+            ModelSpec::ChurnMlp { .. } => crate::churn::mlp_initial_params(self, seed),
+            _ => vec![0.0; self.model_len()],
+        }
     }
 }
 

@@ -71,6 +71,9 @@ pub enum TrainError {
     /// Training produced a NaN or infinite value; nothing is sent.
     #[error("local training diverged (non-finite parameter); lower the learning rate")]
     Diverged,
+    /// The model specification itself is unusable (e.g. a zero-width layer).
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
     /// A train task arrived before the statistics step finished.
     #[error("the task needs feature statistics but carries none")]
     MissingStandardizer,
@@ -95,6 +98,10 @@ pub fn run_task(
 ) -> Result<TaskOutput, TrainError> {
     match &spec.model {
         ModelSpec::ChurnLr { num_features } => churn_lr_task(spec, *num_features, global, data),
+        ModelSpec::ChurnMlp {
+            num_features,
+            hidden,
+        } => crate::churn::mlp_task(spec, *num_features, hidden, global, data),
     }
 }
 
