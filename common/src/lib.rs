@@ -12,6 +12,7 @@ pub mod interactions;
 pub mod lr;
 pub mod metrics;
 pub mod mlp;
+pub mod orders;
 pub mod reference;
 pub mod seed;
 pub mod split;
