@@ -9,7 +9,8 @@
 //!   file, line and column, failing or skipping (and counting) per policy;
 //! - [`derive`]: orders + a cutoff date → interactions (orders before the
 //!   cutoff), RFM features and churn labels (no purchase within the churn
-//!   window after the cutoff).
+//!   window after the cutoff);
+//! - [`export`]: the derived data as CSV for the merchant to inspect.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub mod derive;
+pub mod export;
 pub mod mapping;
 pub mod read;
 

@@ -39,6 +39,22 @@ impl Delimiter {
     }
 }
 
+impl std::str::FromStr for Delimiter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "comma" | "," => Ok(Self::Comma),
+            "tab" | "\t" => Ok(Self::Tab),
+            "semicolon" | ";" => Ok(Self::Semicolon),
+            "pipe" | "|" => Ok(Self::Pipe),
+            "whitespace" => Ok(Self::Whitespace),
+            other => Err(format!(
+                "delimiter must be comma, tab, semicolon, pipe or whitespace, not `{other}`"
+            )),
+        }
+    }
+}
+
 /// How the timestamp column is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -55,6 +71,21 @@ pub enum TimestampFormat {
     Iso8601,
     /// `YYYYMMDD` (a calendar date, taken at midnight UTC).
     Yyyymmdd,
+}
+
+impl std::str::FromStr for TimestampFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "unix_seconds" | "unix" => Ok(Self::UnixSeconds),
+            "iso8601" | "iso" => Ok(Self::Iso8601),
+            "yyyymmdd" => Ok(Self::Yyyymmdd),
+            other => Err(format!(
+                "timestamp format must be auto, unix_seconds, iso8601 or yyyymmdd, not `{other}`"
+            )),
+        }
+    }
 }
 
 /// Which columns of the export hold which order field (names as in its
