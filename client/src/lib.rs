@@ -1,1 +1,3 @@
 //! Client library.
+
+pub mod prepare;
