@@ -30,7 +30,7 @@ pub fn mlp_initial_params(spec: &ModelSpec, seed: u64) -> Vec<f32> {
     }
 }
 
-fn churn_data<'a>(data: &'a LocalData, num_features: usize) -> Result<&'a ChurnData, TrainError> {
+fn churn_data(data: &LocalData, num_features: usize) -> Result<&ChurnData, TrainError> {
     let churn = data.churn.as_ref().ok_or(TrainError::NoData("churn"))?;
     if churn.train.x.ncols() != num_features {
         return Err(TrainError::FeatureWidth {
@@ -121,6 +121,8 @@ pub fn mlp_task(
 /// Deals a churn dataset's rows into `merchants` iid shards (seeded) and
 /// splits each shard locally into training and held-out rows, stratified by
 /// label — how the simulator, benchmarks and tests build churn merchants.
+// `..Default::default()` stays: other model families add fields to `LocalData`.
+#[allow(clippy::needless_update)]
 pub fn partition_churn(
     ds: &crate::tabular::TabularDataset,
     merchants: usize,

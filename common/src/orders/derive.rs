@@ -109,6 +109,14 @@ pub fn format_date(ts: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// What one (customer, item) pair accumulates before the cutoff.
+struct PairAgg {
+    quantity: f32,
+    last: i64,
+    /// The latest rating and when it was given.
+    rating: Option<(i64, f32)>,
+}
+
 #[derive(Default)]
 struct History {
     /// Distinct purchase occasions (order lines sharing a timestamp are one basket).
@@ -130,7 +138,7 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
     }
     let window_end = cfg.cutoff + i64::from(cfg.churn_window_days) * SECONDS_PER_DAY;
     let mut hist: BTreeMap<&str, History> = BTreeMap::new();
-    let mut pairs: BTreeMap<(&str, &str), (f32, i64, Option<(i64, f32)>)> = BTreeMap::new();
+    let mut pairs: BTreeMap<(&str, &str), PairAgg> = BTreeMap::new();
     let (mut before, mut within, mut after) = (0, 0, 0);
     for o in orders {
         if o.timestamp < cfg.cutoff {
@@ -140,15 +148,17 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
             h.monetary += f64::from(o.amount);
             h.quantity += f64::from(o.quantity);
             if let Some(item) = &o.item {
-                let e = pairs
-                    .entry((&o.customer, item))
-                    .or_insert((0.0, i64::MIN, None));
-                e.0 += o.quantity;
-                e.1 = e.1.max(o.timestamp);
+                let e = pairs.entry((&o.customer, item)).or_insert(PairAgg {
+                    quantity: 0.0,
+                    last: i64::MIN,
+                    rating: None,
+                });
+                e.quantity += o.quantity;
+                e.last = e.last.max(o.timestamp);
                 if let Some(r) = o.rating
-                    && e.2.is_none_or(|(t, _)| o.timestamp >= t)
+                    && e.rating.is_none_or(|(t, _)| o.timestamp >= t)
                 {
-                    e.2 = Some((o.timestamp, r));
+                    e.rating = Some((o.timestamp, r));
                 }
             }
         } else if o.timestamp < window_end {
@@ -171,11 +181,11 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
     }
     let interactions: Vec<Interaction> = pairs
         .into_iter()
-        .map(|((user, item), (qty, ts, rating))| Interaction {
+        .map(|((user, item), agg)| Interaction {
             user: user.to_string(),
             item: item.to_string(),
-            value: rating.map_or(qty, |(_, r)| r),
-            timestamp: ts,
+            value: agg.rating.map_or(agg.quantity, |(_, r)| r),
+            timestamp: agg.last,
         })
         .collect();
     let n = hist.len();
