@@ -41,7 +41,8 @@ pub struct SgdParams {
     #[serde(default)]
     pub prox_mu: f32,
     /// Early stopping on a validation split carved from the local training
-    /// rows (used by the MLP; `None` trains for exactly `epochs`).
+    /// rows (used by the MLP; `None` trains for exactly `epochs`). Logistic
+    /// regression ignores it: its loss is convex and L2-regularised.
     #[serde(default)]
     pub early_stopping: Option<EarlyStopping>,
 }
