@@ -374,7 +374,11 @@ impl Mlp {
 }
 
 /// A stratified split of `0..y.len()` into (train, validation), drawn from `rng`.
-fn split_rows<R: Rng>(y: &Array1<f32>, fraction: f64, rng: &mut R) -> (Vec<usize>, Vec<usize>) {
+pub(crate) fn split_rows<R: Rng>(
+    y: &Array1<f32>,
+    fraction: f64,
+    rng: &mut R,
+) -> (Vec<usize>, Vec<usize>) {
     let (mut train, mut valid) = (Vec::new(), Vec::new());
     for class in [true, false] {
         let mut idx: Vec<usize> = (0..y.len()).filter(|&i| (y[i] > 0.5) == class).collect();
