@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod dp;
 pub mod lr;
 pub mod metrics;
 pub mod seed;
