@@ -1,1 +1,3 @@
 //! Coordinator library.
+
+pub mod privacy;
