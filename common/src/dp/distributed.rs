@@ -27,6 +27,11 @@
 //! wrapping: roughly `n·s·C + 6√μ` per coordinate must stay below half the
 //! modulus (see [`DistributedSkellam::max_abs_sum`]).
 //!
+//! The noise is added in place to whatever word type the encoding uses:
+//! i64/i32 (`add_noise_i64`, `add_noise_i32`) or unsigned ring elements
+//! modulo 2⁶⁴/2³² (`add_noise_u64`, `add_noise_u32`), always wrapping, so it
+//! composes with the masks' modular arithmetic.
+//!
 //! The privacy of the noised integer sum is the Skellam RDP bound
 //! ([`skellam_rdp`]), which approaches the Gaussian `αΔ₂²/(2μ)` as μ grows; at
 //! the variances of practice (μ ≫ Δ₂) the extra term is negligible and the
@@ -102,6 +107,42 @@ pub fn add_skellam_i32<R: Rng + ?Sized>(
     for v in values.iter_mut() {
         // Truncating to the low 32 bits is reduction modulo 2³².
         *v = v.wrapping_add(skellam_from(&poisson, rng) as i32);
+    }
+    Ok(())
+}
+
+/// Adds independent `Sk(variance)` noise to a vector of ring elements modulo
+/// 2⁶⁴ held as u64 (the two's-complement image of the signed noise), for
+/// secure-aggregation encodings that work on unsigned words.
+pub fn add_skellam_wrapping_u64<R: Rng + ?Sized>(
+    values: &mut [u64],
+    variance: f64,
+    rng: &mut R,
+) -> Result<(), DpError> {
+    check_variance(variance)?;
+    if variance == 0.0 {
+        return Ok(());
+    }
+    let poisson = poisson_for(variance)?;
+    for v in values.iter_mut() {
+        *v = v.wrapping_add(skellam_from(&poisson, rng) as u64);
+    }
+    Ok(())
+}
+
+/// As [`add_skellam_wrapping_u64`], modulo 2³² on u32 words.
+pub fn add_skellam_wrapping_u32<R: Rng + ?Sized>(
+    values: &mut [u32],
+    variance: f64,
+    rng: &mut R,
+) -> Result<(), DpError> {
+    check_variance(variance)?;
+    if variance == 0.0 {
+        return Ok(());
+    }
+    let poisson = poisson_for(variance)?;
+    for v in values.iter_mut() {
+        *v = v.wrapping_add(skellam_from(&poisson, rng) as u32);
     }
     Ok(())
 }
@@ -253,6 +294,24 @@ impl DistributedSkellam {
         rng: &mut R,
     ) -> Result<(), DpError> {
         add_skellam_i32(values, self.per_agent_variance(), rng)
+    }
+
+    /// Adds this agent's share to u64 ring elements (modulo 2⁶⁴).
+    pub fn add_noise_u64<R: Rng + ?Sized>(
+        &self,
+        values: &mut [u64],
+        rng: &mut R,
+    ) -> Result<(), DpError> {
+        add_skellam_wrapping_u64(values, self.per_agent_variance(), rng)
+    }
+
+    /// Adds this agent's share to u32 ring elements (modulo 2³²).
+    pub fn add_noise_u32<R: Rng + ?Sized>(
+        &self,
+        values: &mut [u32],
+        rng: &mut R,
+    ) -> Result<(), DpError> {
+        add_skellam_wrapping_u32(values, self.per_agent_variance(), rng)
     }
 }
 

@@ -82,6 +82,17 @@ fn i32_noise_wraps_like_the_masked_sum_and_matches_the_i64_draws() {
         wide.iter().any(|&w| w > 0),
         "some draws must wrap past i32::MAX"
     );
+    // Unsigned ring words get the same draws, reduced modulo 2³² / 2⁶⁴.
+    let mut u32s = vec![0u32; 64];
+    let mut u64s = vec![u64::MAX; 64];
+    dp.add_noise_u32(&mut u32s, &mut seed::rng(3, &["w"]))
+        .unwrap();
+    dp.add_noise_u64(&mut u64s, &mut seed::rng(3, &["w"]))
+        .unwrap();
+    for ((w, a), b) in wide.iter().zip(&u32s).zip(&u64s) {
+        assert_eq!(*a, *w as u32);
+        assert_eq!(*b, u64::MAX.wrapping_add(*w as u64));
+    }
 }
 
 #[test]
