@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod catalogue;
 pub mod churn;
+pub mod dp;
 pub mod interactions;
 pub mod lr;
 pub mod metrics;
