@@ -113,7 +113,9 @@ impl ModelSpec {
     /// How summed updates are divided back into a step.
     pub fn layout(&self) -> WeightLayout {
         match self {
-            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. } | ModelSpec::Noop { .. } => WeightLayout::uniform(),
+            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. } | ModelSpec::Noop { .. } => {
+                WeightLayout::uniform()
+            }
             ModelSpec::Mf {
                 num_items,
                 factors,
