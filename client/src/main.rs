@@ -27,6 +27,9 @@ enum Command {
         #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
         config: PathBuf,
     },
+    /// Derive features, churn labels and interactions from an orders export,
+    /// and write them (with a summary) for inspection.
+    Prepare(fedcart_client::prepare::PrepareArgs),
 }
 
 fn init_logs(json: bool) {
@@ -59,5 +62,6 @@ async fn main() -> anyhow::Result<()> {
             });
             agent.run(rx).await
         }
+        Command::Prepare(args) => fedcart_client::prepare::run(&args),
     }
 }

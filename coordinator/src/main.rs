@@ -33,6 +33,9 @@ enum Command {
         #[arg(long, env = "FEDCART_STORE")]
         store: Option<PathBuf>,
     },
+    /// Plan a differential-privacy budget: ε for a noise multiplier, or the
+    /// smallest noise multiplier that reaches a target ε.
+    Privacy(fedcart_coordinator::privacy::PrivacyArgs),
 }
 
 fn init_logs(json: bool) {
@@ -74,6 +77,10 @@ async fn main() -> anyhow::Result<()> {
                 _ = progress.wait_for(|p| p.finished) => tracing::info!("run finished; shutting down"),
             }
             running.shutdown().await
+        }
+        Command::Privacy(args) => {
+            println!("{}", fedcart_coordinator::privacy::run(&args)?);
+            Ok(())
         }
     }
 }

@@ -1,1 +1,219 @@
-//! placeholder
+//! Bad updates are rejected with specific statuses while the round goes on,
+//! and dropouts are absorbed by the quorum or abort the round cleanly.
+
+use fedcart_common::update::f32s_to_le;
+use fedcart_coordinator::record::Outcome;
+use fedcart_tests::raw::RawAgent;
+use fedcart_tests::*;
+use tonic::Code;
+
+/// Asserts a submission failed with `code` and a message containing `needle`.
+macro_rules! assert_rejected {
+    ($result:expr, $code:expr, $needle:expr) => {{
+        let status = $result.expect_err("submission must be rejected");
+        assert_eq!(status.code(), $code, "{status:?}");
+        assert!(
+            status.message().contains($needle),
+            "message `{}` lacks `{}`",
+            status.message(),
+            $needle
+        );
+    }};
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_ones() {
+    let split = telco_split(5, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = churn_run("e2e-bad", 1, 5, 3);
+    run.evaluate = false;
+    let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
+    let agents: Vec<_> = (0..3)
+        .map(|k| {
+            spawn_agent(
+                coord.addr,
+                load_merchant(&format!("merchant-{k}"), &split.files[k]),
+            )
+        })
+        .collect();
+    let mut evil = RawAgent::join(coord.addr, load_merchant("merchant-3", &split.files[3])).await;
+    // A slow merchant keeps the round open until the duplicate has been tried.
+    let mut slow = RawAgent::join(coord.addr, load_merchant("merchant-4", &split.files[4])).await;
+    for agent in [&mut evil, &mut slow] {
+        let stats = agent.next_task().await;
+        assert!(stats.task_id.ends_with("-stats"));
+        agent.answer(&stats).await.unwrap();
+    }
+    let slow_task = slow.next_task().await;
+    let task = evil.next_task().await;
+    assert!(task.task_id.ends_with("-train"));
+    let mut outsider = RawAgent::join(coord.addr, load_merchant("outsider", &split.files[0])).await;
+
+    let out = evil.compute(&task).await;
+    let update = out.update.clone().unwrap();
+    let good = evil.header(&task, &out);
+    let payload = update.payload_bytes();
+
+    let mut h = good.clone();
+    h.round += 1;
+    assert_rejected!(
+        evil.send_raw(h, vec![payload.clone()]).await,
+        Code::FailedPrecondition,
+        "is not open"
+    );
+    let mut h = good.clone();
+    h.round = 0;
+    h.task_id = "r0a1-stats".into();
+    assert_rejected!(
+        evil.send_raw(h, vec![payload.clone()]).await,
+        Code::FailedPrecondition,
+        "is not open"
+    );
+    let mut h = good.clone();
+    h.session_id = "not-a-session".into();
+    assert_rejected!(
+        evil.send_raw(h, vec![payload.clone()]).await,
+        Code::Unauthenticated,
+        "unknown session"
+    );
+    let mut h = outsider.header(&task, &out);
+    h.session_id = outsider.session_id.clone();
+    assert_rejected!(
+        outsider.send_raw(h, vec![payload.clone()]).await,
+        Code::PermissionDenied,
+        "not selected"
+    );
+    let mut h = good.clone();
+    h.num_values -= 1;
+    h.payload_len -= 4;
+    assert_rejected!(
+        evil.send_raw(h, vec![payload[..payload.len() - 4].to_vec()])
+            .await,
+        Code::InvalidArgument,
+        "wrong vector length"
+    );
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut values = update.values.clone();
+        values[3] = bad;
+        assert_rejected!(
+            evil.send_raw(good.clone(), vec![f32s_to_le(&values)]).await,
+            Code::InvalidArgument,
+            "value 3 is not finite"
+        );
+    }
+    let mut longer = payload.clone();
+    longer.extend_from_slice(&[0, 0, 0, 0]);
+    assert_rejected!(
+        evil.send_raw(good.clone(), vec![longer]).await,
+        Code::OutOfRange,
+        "larger than declared"
+    );
+
+    evil.send_raw(good.clone(), vec![payload.clone()])
+        .await
+        .expect("the honest update is accepted");
+    assert_rejected!(
+        evil.send_raw(good, vec![payload]).await,
+        Code::AlreadyExists,
+        "already submitted"
+    );
+    slow.answer(&slow_task).await.unwrap();
+
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    drop(outsider);
+    let train = shared
+        .history()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.kind == "train")
+        .unwrap();
+    assert_eq!(train.outcome, Outcome::Committed);
+    assert_eq!(
+        train.reported.len(),
+        5,
+        "four honest agents plus the honest retry"
+    );
+    assert_eq!(
+        train
+            .rejected
+            .iter()
+            .filter(|(a, _)| a == "merchant-3")
+            .count(),
+        2,
+        "NaN and Inf recorded"
+    );
+}
+
+async fn run_with_a_dropout(quorum: usize) -> Vec<fedcart_coordinator::record::RoundRecord> {
+    let split = telco_split(4, 9);
+    let dir = tempfile::tempdir().unwrap();
+    // With quorum 3 one round is enough; with quorum 4 the aborted round is
+    // retried and a second round follows.
+    let rounds = if quorum == 4 { 2 } else { 1 };
+    let mut run = churn_run(&format!("e2e-drop-{quorum}"), rounds, 4, 3);
+    run.quorum = quorum;
+    run.evaluate = false;
+    let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
+    let mut agents: Vec<_> = (0..3)
+        .map(|k| {
+            spawn_agent(
+                coord.addr,
+                load_merchant(&format!("merchant-{k}"), &split.files[k]),
+            )
+        })
+        .collect();
+    let mut flaky = RawAgent::join(coord.addr, load_merchant("merchant-3", &split.files[3])).await;
+    let stats = flaky.next_task().await;
+    flaky.answer(&stats).await.unwrap();
+    let train = flaky.next_task().await;
+    assert_eq!(train.task_id, "r1a1-train");
+    // Disconnect mid-round, after being selected and before answering.
+    drop(flaky);
+    if quorum == 4 {
+        // The round aborts; the merchant comes back as a well-behaved agent.
+        let mut progress = coord.progress.clone();
+        progress.wait_for(|p| p.records >= 2).await.unwrap();
+        agents.push(spawn_agent(
+            coord.addr,
+            load_merchant("merchant-3", &split.files[3]),
+        ));
+    }
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    shared.history().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropout_within_quorum_still_commits_the_round() {
+    let history = run_with_a_dropout(3).await;
+    let r1 = history.iter().find(|r| r.task_id == "r1a1-train").unwrap();
+    assert_eq!(r1.outcome, Outcome::Committed);
+    assert_eq!(r1.reported.len(), 3);
+    assert_eq!(r1.dropped, vec!["merchant-3".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropout_below_quorum_aborts_cleanly_and_the_next_round_runs() {
+    let history = run_with_a_dropout(4).await;
+    let first = history.iter().find(|r| r.task_id == "r1a1-train").unwrap();
+    assert_eq!(first.outcome, Outcome::Aborted);
+    assert_eq!(
+        first.abort_reason.as_deref(),
+        Some("3 results, quorum is 4")
+    );
+    let retry = history.iter().find(|r| r.task_id == "r1a2-train").unwrap();
+    assert_eq!(retry.outcome, Outcome::Committed);
+    assert_eq!(retry.reported.len(), 4);
+    assert!(
+        history
+            .iter()
+            .any(|r| r.task_id == "r2a1-train" && r.outcome == Outcome::Committed)
+    );
+}
