@@ -29,7 +29,7 @@ enum Command {
     },
     /// Derive features, churn labels and interactions from an orders export,
     /// and write them (with a summary) for inspection.
-    Prepare(fedcart_client::prepare::PrepareArgs),
+    Prepare(Box<fedcart_client::prepare::PrepareArgs>),
 }
 
 fn init_logs(json: bool) {
