@@ -79,6 +79,7 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             initial_ms: 20,
             max_ms: 500,
         },
+        tls: None,
     }
 }
 
@@ -142,6 +143,16 @@ pub fn spawn_agent(addr: std::net::SocketAddr, data: LocalData) -> AgentHandle {
         initial_ms: 20,
         max_ms: 500,
     };
+    let task = tokio::spawn(async move {
+        agent.run(rx).await.expect("agent runs");
+        agent
+    });
+    AgentHandle { stop, task }
+}
+
+/// Spawns an already configured agent (TLS, backoff).
+pub fn spawn_configured(mut agent: Agent) -> AgentHandle {
+    let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(async move {
         agent.run(rx).await.expect("agent runs");
         agent

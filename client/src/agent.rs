@@ -35,6 +35,8 @@ pub struct Agent {
     pub backoff: Backoff,
     /// Counts of completed tasks, for logs and tests.
     pub tasks_done: u64,
+    /// Mutual TLS; `None` speaks plaintext (only to an `--insecure` coordinator).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Agent {
@@ -45,6 +47,7 @@ impl Agent {
             data,
             backoff: Backoff::default(),
             tasks_done: 0,
+            tls: None,
         }
     }
 
@@ -75,8 +78,12 @@ impl Agent {
     }
 
     async fn connect(&self) -> anyhow::Result<CoordinatorClient<Channel>> {
-        let channel = Endpoint::from_shared(self.coordinator.clone())
-            .with_context(|| format!("coordinator address `{}`", self.coordinator))?
+        let mut endpoint = Endpoint::from_shared(self.coordinator.clone())
+            .with_context(|| format!("coordinator address `{}`", self.coordinator))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).context("TLS configuration")?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

@@ -62,6 +62,10 @@ pub struct AgentConfig {
     /// Reconnection backoff.
     #[serde(default)]
     pub backoff: Backoff,
+    /// Mutual TLS files; without them the agent speaks plaintext, which only
+    /// an `--insecure` coordinator accepts.
+    #[serde(default)]
+    pub tls: Option<crate::tls::AgentTls>,
 }
 
 impl AgentConfig {

@@ -4,6 +4,7 @@
 //!   reconnect with backoff).
 //! - [`config`]: `merchant.toml` and environment overrides.
 //! - [`data`]: loading the merchant's files into `LocalData`.
+//! - [`tls`]: the merchant's mutual-TLS identity.
 //!
 //! Training itself is `fedcart_common::train::run_task`, the same code the
 //! simulator runs.
@@ -12,3 +13,4 @@
 pub mod agent;
 pub mod config;
 pub mod data;
+pub mod tls;

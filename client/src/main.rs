@@ -52,6 +52,10 @@ async fn main() -> anyhow::Result<()> {
                 data::load(&cfg).with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
             let mut agent = Agent::new(cfg.coordinator.clone(), local);
             agent.backoff = cfg.backoff.clone();
+            match &cfg.tls {
+                Some(t) => agent.tls = Some(t.client_config()?),
+                None => tracing::warn!("no `tls` section: connecting in plaintext"),
+            }
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 let _ = tokio::signal::ctrl_c().await;

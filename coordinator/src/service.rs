@@ -237,6 +237,7 @@ impl Coordinator for Service {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<WorkStream>, Status> {
+        crate::identity::check_claim(request.extensions(), &request.get_ref().merchant_id)?;
         let req = request.into_inner();
         validate_merchant_id(&req.merchant_id)?;
         let (tx, rx) = mpsc::channel(WORK_QUEUE);
