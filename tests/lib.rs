@@ -74,6 +74,8 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             schema: None,
             holdout: 0.2,
             split_seed: 7,
+            ratings_csv: None,
+            catalogue: None,
         },
         backoff: Backoff {
             initial_ms: 20,

@@ -37,9 +37,20 @@ pub struct Agent {
     pub tasks_done: u64,
     /// Mutual TLS; `None` speaks plaintext (only to an `--insecure` coordinator).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Durable local state; `None` keeps everything in memory.
+    pub state: Option<crate::state::StateDir>,
 }
 
 impl Agent {
+    /// Keeps state in `state`, restoring the private user factors saved there.
+    pub fn with_state(mut self, state: crate::state::StateDir) -> anyhow::Result<Self> {
+        if let (Some(mf), Some(users)) = (&mut self.data.mf, state.load_users()?) {
+            mf.state = users;
+        }
+        self.state = Some(state);
+        Ok(self)
+    }
+
     /// An agent for `data` that talks to `coordinator`.
     pub fn new(coordinator: impl Into<String>, data: LocalData) -> Self {
         Self {
@@ -48,6 +59,7 @@ impl Agent {
             backoff: Backoff::default(),
             tasks_done: 0,
             tls: None,
+            state: None,
         }
     }
 
@@ -156,6 +168,17 @@ impl Agent {
         } else {
             Vec::new()
         };
+        if let Some(state) = &self.state
+            && !global.is_empty()
+        {
+            let meta = crate::state::GlobalMeta {
+                run_id: task.run_id.clone(),
+                version: task.model_version,
+                spec: spec.clone(),
+            };
+            state.save_global(&meta, &global)?;
+        }
+        let family = spec.model.data_family();
         let data = std::mem::take(&mut self.data);
         let (data, out) = tokio::task::spawn_blocking(move || {
             let mut data = data;
@@ -165,6 +188,12 @@ impl Agent {
         .await
         .context("training task panicked")?;
         self.data = data;
+        if let (Some(state), Ok(out)) = (&self.state, &out) {
+            if let Some(mf) = &self.data.mf {
+                state.save_users(&mf.state)?;
+            }
+            state.save_metrics(family, &out.metrics)?;
+        }
         match out {
             Ok(out) => upload(client, session_id, &task, &out).await,
             Err(e) => {

@@ -40,6 +40,13 @@ pub struct DataConfig {
     /// Seed of the local train/held-out split.
     #[serde(default)]
     pub split_seed: u64,
+    /// Ratings or purchases in MovieLens CSV format (`userId,movieId,rating,timestamp`),
+    /// for recommender tasks.
+    #[serde(default)]
+    pub ratings_csv: Option<std::path::PathBuf>,
+    /// The platform's shared catalogue (one item id per line); required with `ratings_csv`.
+    #[serde(default)]
+    pub catalogue: Option<std::path::PathBuf>,
 }
 
 fn holdout() -> f64 {

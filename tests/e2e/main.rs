@@ -4,4 +4,5 @@
 mod bad_input;
 mod federation;
 mod restart;
+mod merchant_tools;
 mod security;
