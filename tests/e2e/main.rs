@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod federation;
+mod fuzz;
 mod restart;
 mod merchant_tools;
 mod security;
