@@ -103,3 +103,18 @@ async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart()
     assert_eq!(kept, &trained[0].data.mf.as_ref().unwrap().state);
     assert_eq!(kept.k, 8);
 }
+
+#[test]
+fn deploy_configs_load_with_the_real_config_types() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let c = fedcart_coordinator::config::CoordinatorConfig::load(&root.join("docker/coordinator.toml")).unwrap();
+    assert_eq!(
+        c.run.model,
+        ModelSpec::ChurnLr { num_features: Schema::telco().num_features() }
+    );
+    assert!(c.serve.tls.is_some() && c.serve.http_listen.is_some());
+    for m in ["docker/merchant-m0.toml", "docker/merchant-m1.toml", "docker/merchant-m2.toml", "systemd/merchant.toml"] {
+        let a = fedcart_client::config::AgentConfig::load(&root.join(m)).unwrap();
+        assert!(a.tls.is_some() && a.state_dir.is_some(), "{m}");
+    }
+}
