@@ -93,7 +93,9 @@ impl Agent {
         let mut endpoint = Endpoint::from_shared(self.coordinator.clone())
             .with_context(|| format!("coordinator address `{}`", self.coordinator))?;
         if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).context("TLS configuration")?;
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .context("TLS configuration")?;
         }
         let channel = endpoint
             .connect_timeout(Duration::from_secs(5))

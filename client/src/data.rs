@@ -4,9 +4,9 @@
 use anyhow::Context;
 use fedcart_common::catalogue::Catalogue;
 use fedcart_common::mf::MfData;
-use fedcart_common::{movielens, split};
 use fedcart_common::tabular::Schema;
 use fedcart_common::train::{ChurnData, LocalData};
+use fedcart_common::{movielens, split};
 
 use crate::config::AgentConfig;
 

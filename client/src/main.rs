@@ -102,7 +102,11 @@ async fn main() -> anyhow::Result<()> {
             k,
         } => {
             let cfg = AgentConfig::load(&config)?;
-            let ratings = cfg.data.ratings_csv.as_ref().context("`data.ratings_csv` is not configured")?;
+            let ratings = cfg
+                .data
+                .ratings_csv
+                .as_ref()
+                .context("`data.ratings_csv` is not configured")?;
             let mf = data::load_mf(ratings, &cfg)?;
             let cat = data::catalogue(cfg.data.catalogue.as_ref().expect("checked by load_mf"))?;
             for r in recommend::recommend(&state_of(&cfg)?, &mf, &cat, &customer, k)? {
@@ -112,8 +116,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Score { config, out } => {
             let cfg = AgentConfig::load(&config)?;
-            let csv = cfg.data.churn_csv.as_ref().context("`data.churn_csv` is not configured")?;
-            let schema = cfg.data.schema.clone().unwrap_or_else(fedcart_common::tabular::Schema::telco);
+            let csv = cfg
+                .data
+                .churn_csv
+                .as_ref()
+                .context("`data.churn_csv` is not configured")?;
+            let schema = cfg
+                .data
+                .schema
+                .clone()
+                .unwrap_or_else(fedcart_common::tabular::Schema::telco);
             let n = recommend::score(&state_of(&cfg)?, csv, &schema, &out)?;
             println!("wrote {n} churn scores to {}", out.display());
             Ok(())

@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use fedcart_common::catalogue::Catalogue;
 use fedcart_common::lr::LogisticRegression;
 use fedcart_common::mf::{MfData, item_offsets};
-use fedcart_common::task::ModelSpec;
 use fedcart_common::tabular::Schema;
+use fedcart_common::task::ModelSpec;
 
 use crate::state::StateDir;
 
@@ -36,15 +36,23 @@ pub fn recommend(
         bail!("no recommender model yet: the agent has not taken part in an MF round");
     };
     let (num_items, factors) = match meta.spec.model {
-        ModelSpec::Mf { num_items, factors, .. } | ModelSpec::MfImplicit { num_items, factors, .. } => {
-            (num_items, factors)
+        ModelSpec::Mf {
+            num_items, factors, ..
         }
+        | ModelSpec::MfImplicit {
+            num_items, factors, ..
+        } => (num_items, factors),
         _ => bail!("stored `mf` model has an unexpected spec"),
     };
     if num_items != catalogue.len() {
-        bail!("the model has {num_items} items but the catalogue {}", catalogue.len());
+        bail!(
+            "the model has {num_items} items but the catalogue {}",
+            catalogue.len()
+        );
     }
-    let users = state.load_users()?.context("no private user factors stored")?;
+    let users = state
+        .load_users()?
+        .context("no private user factors stored")?;
     let u = mf
         .users
         .iter()
@@ -66,7 +74,11 @@ pub fn recommend(
         .filter(|i| !bought.contains(i))
         .map(|i| {
             let (b, q) = item_offsets(num_items, factors, i as usize);
-            let dot: f32 = pu.iter().zip(&global[q..q + factors]).map(|(a, b)| a * b).sum();
+            let dot: f32 = pu
+                .iter()
+                .zip(&global[q..q + factors])
+                .map(|(a, b)| a * b)
+                .sum();
             (i, global[0] + global[b] + bu + dot)
         })
         .filter(|(_, s)| s.is_finite())
@@ -96,10 +108,15 @@ pub fn score(state: &StateDir, csv: &Path, schema: &Schema, out: &Path) -> anyho
         .load_csv(csv)
         .with_context(|| format!("loading {}", csv.display()))?;
     if params.len() != ds.x.ncols() + 1 {
-        bail!("model has {} parameters, data {} features", params.len(), ds.x.ncols());
+        bail!(
+            "model has {} parameters, data {} features",
+            params.len(),
+            ds.x.ncols()
+        );
     }
     let p = LogisticRegression::from_params(&params).predict_proba(&scaler.transform(&ds.x));
-    let mut w = csv::Writer::from_path(out).with_context(|| format!("writing {}", out.display()))?;
+    let mut w =
+        csv::Writer::from_path(out).with_context(|| format!("writing {}", out.display()))?;
     w.write_record(["customer_id", "churn_probability"])?;
     for (id, p) in ds.ids.iter().zip(&p) {
         w.write_record([id.as_str(), &format!("{p:.6}")])?;

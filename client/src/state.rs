@@ -36,7 +36,8 @@ pub struct StateDir {
 /// Writes `bytes` to `path` atomically and durably.
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
@@ -89,7 +90,11 @@ impl StateDir {
         let path = self.dir.join(format!("global-{family}.f32"));
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         if bytes.len() % 4 != 0 {
-            anyhow::bail!("{}: {} bytes is not a whole number of f32", path.display(), bytes.len());
+            anyhow::bail!(
+                "{}: {} bytes is not a whole number of f32",
+                path.display(),
+                bytes.len()
+            );
         }
         Ok(Some((meta, fedcart_common::update::f32s_from_le(&bytes))))
     }

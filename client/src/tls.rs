@@ -25,7 +25,8 @@ pub struct AgentTls {
 impl AgentTls {
     /// The tonic client TLS configuration.
     pub fn client_config(&self) -> anyhow::Result<ClientTlsConfig> {
-        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let mut cfg = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&self.ca)?))
             .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));

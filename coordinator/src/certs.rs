@@ -91,8 +91,12 @@ fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
 }
 
 fn load_ca(dir: &CertDir) -> anyhow::Result<Issuer<'static, KeyPair>> {
-    let pem = std::fs::read_to_string(dir.ca_key())
-        .with_context(|| format!("reading {} (run `certs init` first)", dir.ca_key().display()))?;
+    let pem = std::fs::read_to_string(dir.ca_key()).with_context(|| {
+        format!(
+            "reading {} (run `certs init` first)",
+            dir.ca_key().display()
+        )
+    })?;
     let key = KeyPair::from_pem(&pem).with_context(|| format!("{}", dir.ca_key().display()))?;
     Ok(Issuer::new(ca_params()?, key))
 }
@@ -102,7 +106,10 @@ fn load_ca(dir: &CertDir) -> anyhow::Result<Issuer<'static, KeyPair>> {
 pub fn init(dir: &CertDir, hosts: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir.dir).with_context(|| format!("creating {}", dir.dir.display()))?;
     if dir.ca_key().exists() {
-        bail!("{} exists: refusing to replace the CA", dir.ca_key().display());
+        bail!(
+            "{} exists: refusing to replace the CA",
+            dir.ca_key().display()
+        );
     }
     let key = KeyPair::generate()?;
     let cert = ca_params()?.self_signed(&key)?;
@@ -110,7 +117,8 @@ pub fn init(dir: &CertDir, hosts: &[String]) -> anyhow::Result<()> {
     write_file(&dir.ca_cert(), &cert.pem(), false)?;
     let issuer = Issuer::new(ca_params()?, key);
     let mut p = CertificateParams::new(hosts.to_vec())?;
-    p.distinguished_name.push(DnType::CommonName, "fedcart coordinator");
+    p.distinguished_name
+        .push(DnType::CommonName, "fedcart coordinator");
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer)?;

@@ -114,7 +114,9 @@ impl Access {
                     *cached = (stamp, list);
                 }
                 Err(e) if cached.0.is_none() => return Err(e),
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "access list unreadable; keeping the previous one"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "access list unreadable; keeping the previous one")
+                }
             }
         }
         Ok(cached.1.clone())
@@ -148,7 +150,10 @@ impl tonic::service::Interceptor for AccessInterceptor {
             return Err(Status::unauthenticated("a client certificate is required"));
         };
         let Some(id) = certs.first().and_then(|c| identity_of(c)) else {
-            tracing::warn!(?remote, "refused: certificate has no fedcart merchant identity");
+            tracing::warn!(
+                ?remote,
+                "refused: certificate has no fedcart merchant identity"
+            );
             return Err(Status::unauthenticated(
                 "the client certificate names no fedcart://merchant/<id>",
             ));
@@ -159,7 +164,9 @@ impl tonic::service::Interceptor for AccessInterceptor {
         })?;
         if let Some(why) = list.refusal(&id) {
             tracing::warn!(merchant = %id, ?remote, reason = why, "refused merchant");
-            return Err(Status::permission_denied(format!("merchant `{id}` is {why}")));
+            return Err(Status::permission_denied(format!(
+                "merchant `{id}` is {why}"
+            )));
         }
         req.extensions_mut().insert(PeerIdentity(id));
         Ok(req)
@@ -200,7 +207,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.toml");
         let access = Access::new(&path).unwrap();
-        assert_eq!(access.current().unwrap().refusal("m1"), Some("not on the allow-list"));
+        assert_eq!(
+            access.current().unwrap().refusal("m1"),
+            Some("not on the allow-list")
+        );
         crate::certs::allow(&path, "m1").unwrap();
         assert_eq!(access.current().unwrap().refusal("m1"), None);
         crate::certs::revoke(&path, "m1").unwrap();
@@ -214,14 +224,23 @@ mod tests {
         crate::certs::init(&cd, &["localhost".into()]).unwrap();
         crate::certs::issue(&cd, "shop-7").unwrap();
         let pem = std::fs::read(cd.cert("shop-7")).unwrap();
-        let der = rustls_pemfile::certs(&mut &pem[..]).next().unwrap().unwrap();
+        let der = rustls_pemfile::certs(&mut &pem[..])
+            .next()
+            .unwrap()
+            .unwrap();
         assert_eq!(identity_of(&der).as_deref(), Some("shop-7"));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(cd.key("shop-7")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(cd.key("shop-7"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        assert!(crate::certs::init(&cd, &[]).is_err(), "init must not replace a CA");
+        assert!(
+            crate::certs::init(&cd, &[]).is_err(),
+            "init must not replace a CA"
+        );
     }
 }

@@ -48,7 +48,11 @@ enum Command {
     /// Show the current run, round, connected agents and last metrics.
     Status {
         /// Coordinator URL (`https://host:port`).
-        #[arg(long, env = "FEDCART_COORDINATOR", default_value = "https://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "FEDCART_COORDINATOR",
+            default_value = "https://127.0.0.1:50051"
+        )]
         coordinator: String,
         /// Certificate directory holding ca.pem and `<identity>.pem/.key`.
         #[arg(long)]
@@ -173,13 +177,21 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
     match action {
         CertsAction::Init { dir, hosts } => {
             ca::init(&ca::CertDir::new(&dir), &hosts)?;
-            println!("CA and coordinator certificate written to {}", dir.display());
+            println!(
+                "CA and coordinator certificate written to {}",
+                dir.display()
+            );
         }
         CertsAction::Issue { dir, id, access } => {
             ca::issue(&ca::CertDir::new(&dir), &id)?;
             let access = access.unwrap_or_else(|| dir.join("access.toml"));
             ca::allow(&access, &id)?;
-            println!("issued {0}.pem/{0}.key in {1}; allowed in {2}", id, dir.display(), access.display());
+            println!(
+                "issued {0}.pem/{0}.key in {1}; allowed in {2}",
+                id,
+                dir.display(),
+                access.display()
+            );
         }
         CertsAction::Revoke { access, id } => {
             ca::revoke(&access, &id)?;

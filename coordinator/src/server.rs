@@ -11,12 +11,12 @@ use tokio::sync::watch;
 use fedcart_proto::v1::coordinator_server::CoordinatorServer;
 
 use crate::config::{CoordinatorConfig, RunConfig};
+use crate::engine::Engine;
 use crate::identity::Access;
 use crate::limits::{Guard, Limits};
-use crate::tls::Transport;
-use crate::engine::Engine;
 use crate::service::{Progress, Service, Shared, run_tasks};
 use crate::store::Store;
+use crate::tls::Transport;
 
 /// A running coordinator.
 pub struct Running {
@@ -99,7 +99,9 @@ pub async fn start_with(
     let (health, health_svc) = tonic_health::server::health_reporter();
     // The store and engine are open: ready.
     health.set_serving::<CoordinatorServer<Service>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let observer = crate::observe::spawn(Arc::clone(&shared), run_id, opts.http, rx.clone())?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let limits = opts.limits.clone();

@@ -24,13 +24,17 @@ pub struct ClientTls {
 }
 
 /// Connects to `url`, with mutual TLS when `tls` is given.
-pub async fn connect(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
+pub async fn connect(
+    url: &str,
+    tls: Option<&ClientTls>,
+) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
     let mut ep = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("coordinator address `{url}`"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10));
     if let Some(t) = tls {
-        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         ep = ep.tls_config(
             ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(read(&t.ca)?))
@@ -38,14 +42,20 @@ pub async fn connect(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<Coord
                 .domain_name(t.domain.clone()),
         )?;
     }
-    let ch = ep.connect().await.with_context(|| format!("connecting to {url}"))?;
+    let ch = ep
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
     Ok(CoordinatorClient::new(ch))
 }
 
 /// Fetches the status.
 pub async fn fetch(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<pb::StatusReply> {
     let mut c = connect(url, tls).await?;
-    Ok(c.status(pb::StatusRequest {}).await.context("Status RPC")?.into_inner())
+    Ok(c.status(pb::StatusRequest {})
+        .await
+        .context("Status RPC")?
+        .into_inner())
 }
 
 /// The status as JSON (the last round record is embedded as an object).
@@ -68,7 +78,10 @@ pub fn to_table(s: &pb::StatusReply) -> String {
     t.set_header(vec!["field", "value"]);
     t.add_row(vec!["run".to_string(), s.run_id.clone()]);
     t.add_row(vec!["round".to_string(), s.round.to_string()]);
-    t.add_row(vec!["model version".to_string(), s.model_version.to_string()]);
+    t.add_row(vec![
+        "model version".to_string(),
+        s.model_version.to_string(),
+    ]);
     t.add_row(vec!["phase".to_string(), s.phase.clone()]);
     t.add_row(vec![
         format!("connected agents ({})", s.connected_agents.len()),
@@ -77,7 +90,12 @@ pub fn to_table(s: &pb::StatusReply) -> String {
     if let Ok(r) = serde_json::from_str::<crate::record::RoundRecord>(&s.last_round_json) {
         t.add_row(vec![
             "last task".to_string(),
-            format!("{} ({:?}, {} reported)", r.task_id, r.outcome, r.reported.len()),
+            format!(
+                "{} ({:?}, {} reported)",
+                r.task_id,
+                r.outcome,
+                r.reported.len()
+            ),
         ]);
         for (k, v) in &r.metrics {
             t.add_row(vec![format!("  {k}"), format!("{v:.4}")]);

@@ -36,7 +36,8 @@ impl TlsFiles {
     /// A tonic server TLS configuration that requires a client certificate
     /// chaining to `ca` (no certificate or another CA fails the handshake).
     pub fn server_config(&self) -> anyhow::Result<ServerTlsConfig> {
-        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         Ok(ServerTlsConfig::new()
             .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
             .client_ca_root(Certificate::from_pem(read(&self.ca)?))

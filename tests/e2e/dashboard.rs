@@ -13,7 +13,12 @@ use tokio::net::TcpListener;
 fn chromium() -> Option<String> {
     ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
-        .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .map(str::to_owned)
 }
 
@@ -73,14 +78,29 @@ async fn dashboard_renders_round_chart_and_agents_in_headless_chromium() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "chromium failed: {log}");
     assert!(dom.contains("round: 2"), "current round missing:\n{dom}");
-    assert!(dom.contains("<svg") && dom.contains("<path"), "no chart drawn:\n{dom}");
-    assert!(dom.contains("evaluate auc"), "no evaluation AUC curve:\n{dom}");
-    assert!(dom.contains("<td>m0</td>") && dom.contains("<td>m1</td>"), "agents missing:\n{dom}");
+    assert!(
+        dom.contains("<svg") && dom.contains("<path"),
+        "no chart drawn:\n{dom}"
+    );
+    assert!(
+        dom.contains("evaluate auc"),
+        "no evaluation AUC curve:\n{dom}"
+    );
+    assert!(
+        dom.contains("<td>m0</td>") && dom.contains("<td>m1</td>"),
+        "agents missing:\n{dom}"
+    );
     let console_errors: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("CONSOLE") && (l.contains("Uncaught") || l.contains("ERROR") || l.contains("error")))
+        .filter(|l| {
+            l.contains("CONSOLE")
+                && (l.contains("Uncaught") || l.contains("ERROR") || l.contains("error"))
+        })
         .collect();
-    assert!(console_errors.is_empty(), "console errors: {console_errors:?}");
+    assert!(
+        console_errors.is_empty(),
+        "console errors: {console_errors:?}"
+    );
     for a in agents {
         a.stop().await;
     }

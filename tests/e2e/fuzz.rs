@@ -75,7 +75,8 @@ const SVC: &str = "/fedcart.v1.Coordinator/";
 async fn random_and_oversized_bytes_into_every_rpc_get_errors_and_never_crash() {
     let store = tempfile::tempdir().unwrap();
     let split = telco_split(2, 21);
-    let coord = start_coordinator(&store.path().join("c.redb"), churn_run("fuzz", 1, 2, 2), 0).await;
+    let coord =
+        start_coordinator(&store.path().join("c.redb"), churn_run("fuzz", 1, 2, 2), 0).await;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", coord.addr))
         .unwrap()
         .timeout(Duration::from_secs(10))
@@ -87,13 +88,19 @@ async fn random_and_oversized_bytes_into_every_rpc_get_errors_and_never_crash() 
     let (mut errors, mut decodable_ok) = (0, 0);
     for case in 0..200 {
         // Mostly small messages; every 25th larger than the 2 MiB + 64 KiB limit.
-        let len = if case % 25 == 24 { (3 << 20) + (g.next() % 1000) as usize } else { (g.next() % 300) as usize };
+        let len = if case % 25 == 24 {
+            (3 << 20) + (g.next() % 1000) as usize
+        } else {
+            (g.next() % 300) as usize
+        };
         let payload = g.bytes(len);
         grpc.ready().await.unwrap();
         let (method, result, decodes) = match case % 5 {
             0 => {
                 let path = format!("{SVC}Join").parse().unwrap();
-                let r = grpc.server_streaming(tonic::Request::new(payload.clone()), path, RawCodec).await;
+                let r = grpc
+                    .server_streaming(tonic::Request::new(payload.clone()), path, RawCodec)
+                    .await;
                 let ok = match r {
                     Ok(resp) => resp.into_inner().message().await.map(|_| ()),
                     Err(e) => Err(e),
@@ -102,7 +109,9 @@ async fn random_and_oversized_bytes_into_every_rpc_get_errors_and_never_crash() 
             }
             1 => {
                 let path = format!("{SVC}DownloadModel").parse().unwrap();
-                let r = grpc.server_streaming(tonic::Request::new(payload.clone()), path, RawCodec).await;
+                let r = grpc
+                    .server_streaming(tonic::Request::new(payload.clone()), path, RawCodec)
+                    .await;
                 let ok = match r {
                     Ok(resp) => resp.into_inner().message().await.map(|_| ()),
                     Err(e) => Err(e),
@@ -114,34 +123,58 @@ async fn random_and_oversized_bytes_into_every_rpc_get_errors_and_never_crash() 
                 let path = format!("{SVC}SubmitUpdate").parse().unwrap();
                 let frames = vec![payload.clone(), g.bytes(64)];
                 let r = grpc
-                    .client_streaming(tonic::Request::new(futures::stream::iter(frames)), path, RawCodec)
+                    .client_streaming(
+                        tonic::Request::new(futures::stream::iter(frames)),
+                        path,
+                        RawCodec,
+                    )
                     .await
                     .map(|_| ());
                 ("SubmitUpdate", r, false)
             }
             3 => {
                 let path = format!("{SVC}SecAgg").parse().unwrap();
-                let r = grpc.unary(tonic::Request::new(payload.clone()), path, RawCodec).await.map(|_| ());
+                let r = grpc
+                    .unary(tonic::Request::new(payload.clone()), path, RawCodec)
+                    .await
+                    .map(|_| ());
                 ("SecAgg", r, false)
             }
             _ => {
                 let path = format!("{SVC}Status").parse().unwrap();
-                let r = grpc.unary(tonic::Request::new(payload.clone()), path, RawCodec).await.map(|_| ());
-                ("Status", r, len < (2 << 20) && pb::StatusRequest::decode(&payload[..]).is_ok())
+                let r = grpc
+                    .unary(tonic::Request::new(payload.clone()), path, RawCodec)
+                    .await
+                    .map(|_| ());
+                (
+                    "Status",
+                    r,
+                    len < (2 << 20) && pb::StatusRequest::decode(&payload[..]).is_ok(),
+                )
             }
         };
         match result {
             Err(status) => {
-                assert_ne!(status.code(), tonic::Code::Unknown, "case {case} {method}: {status}");
+                assert_ne!(
+                    status.code(),
+                    tonic::Code::Unknown,
+                    "case {case} {method}: {status}"
+                );
                 errors += 1;
             }
             Ok(()) => {
-                assert!(decodes, "case {case}: {method} accepted {len} undecodable bytes");
+                assert!(
+                    decodes,
+                    "case {case}: {method} accepted {len} undecodable bytes"
+                );
                 decodable_ok += 1;
             }
         }
     }
-    assert!(errors >= 150, "{errors} errors, {decodable_ok} accepted valid-looking messages");
+    assert!(
+        errors >= 150,
+        "{errors} errors, {decodable_ok} accepted valid-looking messages"
+    );
 
     // Still serving: a real federation completes.
     let agents: Vec<_> = (0..2)

@@ -5,6 +5,6 @@ mod bad_input;
 mod dashboard;
 mod federation;
 mod fuzz;
-mod restart;
 mod merchant_tools;
+mod restart;
 mod security;

@@ -12,7 +12,11 @@ use fedcart_common::tabular::Schema;
 use fedcart_common::task::ModelSpec;
 use fedcart_tests::*;
 
-fn spawn_with_state(addr: std::net::SocketAddr, data: fedcart_common::train::LocalData, dir: &std::path::Path) -> AgentHandle {
+fn spawn_with_state(
+    addr: std::net::SocketAddr,
+    data: fedcart_common::train::LocalData,
+    dir: &std::path::Path,
+) -> AgentHandle {
     let mut a = Agent::new(format!("http://{addr}"), data)
         .with_state(StateDir::open(dir).unwrap())
         .unwrap();
@@ -25,18 +29,37 @@ async fn score_writes_a_churn_probability_per_customer_that_ranks_churners_first
     let split = telco_split(2, 3);
     let store = tempfile::tempdir().unwrap();
     let states = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), churn_run("score", 3, 2, 2), 0).await;
+    let coord =
+        start_coordinator(&store.path().join("c.redb"), churn_run("score", 3, 2, 2), 0).await;
     let agents: Vec<_> = (0..2)
-        .map(|k| spawn_with_state(coord.addr, load_merchant(&format!("m{k}"), &split.files[k]), &states.path().join(format!("m{k}"))))
+        .map(|k| {
+            spawn_with_state(
+                coord.addr,
+                load_merchant(&format!("m{k}"), &split.files[k]),
+                &states.path().join(format!("m{k}")),
+            )
+        })
         .collect();
     coord.wait_finished().await.unwrap();
     for a in agents {
         a.stop().await;
     }
     let state = StateDir::open(states.path().join("m0")).unwrap();
-    let (meta, _) = state.load_global("churn").unwrap().expect("global churn model kept");
-    assert_eq!(meta.version, 3, "the evaluation after the last round delivers version 3");
-    assert!(state.load_metrics("churn").unwrap().unwrap().contains_key("auc"));
+    let (meta, _) = state
+        .load_global("churn")
+        .unwrap()
+        .expect("global churn model kept");
+    assert_eq!(
+        meta.version, 3,
+        "the evaluation after the last round delivers version 3"
+    );
+    assert!(
+        state
+            .load_metrics("churn")
+            .unwrap()
+            .unwrap()
+            .contains_key("auc")
+    );
     let out = states.path().join("churn_scores.csv");
     let n = score(&state, &split.files[0], &Schema::telco(), &out).unwrap();
     let ds = Schema::telco().load_csv(&split.files[0]).unwrap();
@@ -50,20 +73,32 @@ async fn score_writes_a_churn_probability_per_customer_that_ranks_churners_first
         })
         .collect();
     assert_eq!(rows.len(), n);
-    assert!(rows.iter().zip(&ds.ids).all(|((id, p), want)| id == want && *p > 0.0 && *p < 1.0));
+    assert!(
+        rows.iter()
+            .zip(&ds.ids)
+            .all(|((id, p), want)| id == want && *p > 0.0 && *p < 1.0)
+    );
     let probs: Vec<f32> = rows.iter().map(|r| r.1).collect();
     let a = auc(ds.y.as_slice().unwrap(), &probs);
-    assert!(a > 0.75, "AUC of the scores on the merchant's own customers: {a}");
+    assert!(
+        a > 0.75,
+        "AUC of the scores on the merchant's own customers: {a}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small/ratings.csv");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/ml-latest-small/ratings.csv");
     let rows = movielens::load_ratings(&path).unwrap();
     let fed = movielens::explicit_federation(&rows, 2, 0.2, 9);
     let num_items = fed.catalogue.len();
     let mut run = churn_run("mf", 2, 2, 2);
-    run.model = ModelSpec::Mf { num_items, factors: 8, hyper: MfHyper::default() };
+    run.model = ModelSpec::Mf {
+        num_items,
+        factors: 8,
+        hyper: MfHyper::default(),
+    };
     let store = tempfile::tempdir().unwrap();
     let states = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
@@ -107,13 +142,22 @@ async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart()
 #[test]
 fn deploy_configs_load_with_the_real_config_types() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let c = fedcart_coordinator::config::CoordinatorConfig::load(&root.join("docker/coordinator.toml")).unwrap();
+    let c =
+        fedcart_coordinator::config::CoordinatorConfig::load(&root.join("docker/coordinator.toml"))
+            .unwrap();
     assert_eq!(
         c.run.model,
-        ModelSpec::ChurnLr { num_features: Schema::telco().num_features() }
+        ModelSpec::ChurnLr {
+            num_features: Schema::telco().num_features()
+        }
     );
     assert!(c.serve.tls.is_some() && c.serve.http_listen.is_some());
-    for m in ["docker/merchant-m0.toml", "docker/merchant-m1.toml", "docker/merchant-m2.toml", "systemd/merchant.toml"] {
+    for m in [
+        "docker/merchant-m0.toml",
+        "docker/merchant-m1.toml",
+        "docker/merchant-m2.toml",
+        "systemd/merchant.toml",
+    ] {
         let a = fedcart_client::config::AgentConfig::load(&root.join(m)).unwrap();
         assert!(a.tls.is_some() && a.state_dir.is_some(), "{m}");
     }

@@ -40,7 +40,11 @@ fn client_tls(ca: &CertDir, who: Option<(&CertDir, &str)>) -> ClientTlsConfig {
     cfg
 }
 
-async fn start_tls(store: &std::path::Path, files: TlsFiles, rounds: u64) -> fedcart_coordinator::server::Running {
+async fn start_tls(
+    store: &std::path::Path,
+    files: TlsFiles,
+    rounds: u64,
+) -> fedcart_coordinator::server::Running {
     init_logs();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -60,7 +64,11 @@ async fn start_tls(store: &std::path::Path, files: TlsFiles, rounds: u64) -> fed
 }
 
 /// Tries to join as `claimed` over `tls`; Ok(()) when a welcome arrives.
-async fn try_join(addr: std::net::SocketAddr, tls: Option<ClientTlsConfig>, claimed: &str) -> Result<(), String> {
+async fn try_join(
+    addr: std::net::SocketAddr,
+    tls: Option<ClientTlsConfig>,
+    claimed: &str,
+) -> Result<(), String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut ep = Endpoint::from_shared(format!("{scheme}://localhost:{}", addr.port()))
         .unwrap()
@@ -76,9 +84,15 @@ async fn try_join(addr: std::net::SocketAddr, tls: Option<ClientTlsConfig>, clai
         examples: Default::default(),
         agent_version: "test".into(),
     };
-    let mut s = c.join(req).await.map_err(|e| format!("join: {e}"))?.into_inner();
+    let mut s = c
+        .join(req)
+        .await
+        .map_err(|e| format!("join: {e}"))?
+        .into_inner();
     match s.message().await {
-        Ok(Some(pb::Work { kind: Some(pb::work::Kind::Welcome(_)) })) => Ok(()),
+        Ok(Some(pb::Work {
+            kind: Some(pb::work::Kind::Welcome(_)),
+        })) => Ok(()),
         other => Err(format!("no welcome: {other:?}")),
     }
 }
@@ -102,12 +116,20 @@ async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
     assert!(no_cert.is_err(), "no client certificate: {no_cert:?}");
     let foreign = try_join(addr, Some(client_tls(&cd, Some((&other_ca, "m0")))), "m0").await;
     assert!(foreign.is_err(), "certificate from another CA: {foreign:?}");
-    let unknown = try_join(addr, Some(client_tls(&cd, Some((&cd, "outsider")))), "outsider").await;
+    let unknown = try_join(
+        addr,
+        Some(client_tls(&cd, Some((&cd, "outsider")))),
+        "outsider",
+    )
+    .await;
     assert!(unknown.unwrap_err().contains("not on the allow-list"));
     let impersonate = try_join(addr, Some(client_tls(&cd, Some((&cd, "m1")))), "m0").await;
     assert!(impersonate.unwrap_err().contains("may not join as"));
     let plaintext = try_join(addr, None, "m0").await;
-    assert!(plaintext.is_err(), "plaintext to a TLS coordinator: {plaintext:?}");
+    assert!(
+        plaintext.is_err(),
+        "plaintext to a TLS coordinator: {plaintext:?}"
+    );
 
     // Revocation takes effect without a restart.
     certs::revoke(&files.access, "m1").unwrap();
@@ -119,8 +141,11 @@ async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_is_served_only_when_insecure_is_explicit() {
     let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), churn_run("plain", 1, 2, 2), 0).await;
-    try_join(coord.addr, None, "m0").await.expect("insecure coordinator takes plaintext");
+    let coord =
+        start_coordinator(&store.path().join("c.redb"), churn_run("plain", 1, 2, 2), 0).await;
+    try_join(coord.addr, None, "m0")
+        .await
+        .expect("insecure coordinator takes plaintext");
     coord.shutdown().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -160,11 +185,16 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
         .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
     let h = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     let before = http_get(http, "/metrics").await;
     assert!(!before.contains("fedcart_rounds_committed_total{run=\"tls\",kind=\"train\"}"));
@@ -184,12 +214,28 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     let mid = http_get(http, "/metrics").await;
     progress.wait_for(|p| p.finished).await.unwrap();
     let after = http_get(http, "/metrics").await;
-    let committed = |text: &str| metric(text, "fedcart_rounds_committed_total{run=\"tls\",kind=\"train\"}");
+    let committed = |text: &str| {
+        metric(
+            text,
+            "fedcart_rounds_committed_total{run=\"tls\",kind=\"train\"}",
+        )
+    };
     assert!(committed(&mid) >= 1.0, "{mid}");
     assert_eq!(committed(&after), 2.0, "{after}");
     assert_eq!(metric(&after, "fedcart_model_version{run=\"tls\"}"), 2.0);
-    assert!(metric(&after, "fedcart_update_bytes_in_total{run=\"tls\",kind=\"train\"}") > 0.0);
-    assert_eq!(metric(&after, "fedcart_agents_reported_total{run=\"tls\",kind=\"train\"}"), 4.0);
+    assert!(
+        metric(
+            &after,
+            "fedcart_update_bytes_in_total{run=\"tls\",kind=\"train\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "fedcart_agents_reported_total{run=\"tls\",kind=\"train\"}"
+        ),
+        4.0
+    );
     let status = http_get(http, "/api/status").await;
     assert!(status.contains("\"model_version\":2"), "{status}");
     assert!(http_get(http, "/").await.contains("id=\"charts\""));
@@ -216,6 +262,12 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
-    assert!(text.starts_with("HTTP/1.1 200"), "{path}: {}", text.lines().next().unwrap_or(""));
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{path}: {}",
+        text.lines().next().unwrap_or("")
+    );
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }
