@@ -187,6 +187,25 @@ pub fn check_claim(ext: &tonic::Extensions, claimed: &str) -> Result<(), Status>
     }
 }
 
+/// The caller's certificate identity, taken before a request is consumed.
+pub fn peer<T>(req: &Request<T>) -> Option<PeerIdentity> {
+    req.extensions().get::<PeerIdentity>().cloned()
+}
+
+/// A session belongs to the merchant that joined it: another certificate
+/// may not use its session id (plaintext mode has no identities to compare).
+pub fn check_session(peer: Option<&PeerIdentity>, session_merchant: &str) -> Result<(), Status> {
+    match peer {
+        Some(PeerIdentity(id)) if id != session_merchant => {
+            tracing::warn!(merchant = %id, session_of = session_merchant, "refused: session of another merchant");
+            Err(Status::permission_denied(format!(
+                "certificate identity `{id}` may not use a session of `{session_merchant}`"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

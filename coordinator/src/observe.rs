@@ -70,6 +70,8 @@ struct ObserverState {
     shared: Arc<Shared>,
     run_id: String,
     agents: Mutex<BTreeMap<String, AgentView>>,
+    /// History records folded into counters so far, and the last open task.
+    cursor: Mutex<(usize, Option<String>)>,
     ready: watch::Receiver<bool>,
 }
 
@@ -99,8 +101,12 @@ impl ObserverState {
         })
     }
 
-    /// Folds one progress change into gauges, counters and agent views.
-    fn observe(&self, seen_records: &mut usize, last_task: &mut Option<String>) {
+    /// Folds everything new since the last call into gauges, counters and
+    /// agent views. Runs on every progress change and before each scrape, so
+    /// a scrape never lags the history.
+    fn observe(&self) {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let (seen_records, last_task) = &mut *cursor;
         let run = self.run_id.clone();
         let p = self.shared.progress().borrow().clone();
         metrics::gauge!("fedcart_model_version", "run" => run.clone()).set(p.version as f64);
@@ -163,7 +169,8 @@ impl ObserverState {
     }
 }
 
-async fn metrics_page() -> impl IntoResponse {
+async fn metrics_page(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
+    s.observe();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         prometheus().render(),
@@ -201,21 +208,21 @@ pub fn spawn(
         shared,
         run_id,
         agents: Mutex::new(BTreeMap::new()),
+        cursor: Mutex::new((0, None)),
         ready: shutdown.clone(),
     });
     let obs = Arc::clone(&state);
     let mut stop = shutdown.clone();
     tokio::spawn(async move {
         let mut progress = obs.shared.progress();
-        let (mut seen, mut last_task) = (0usize, None);
         loop {
-            obs.observe(&mut seen, &mut last_task);
+            obs.observe();
             tokio::select! {
                 r = progress.changed() => if r.is_err() { break },
                 _ = stop.wait_for(|v| *v) => break,
             }
         }
-        obs.observe(&mut seen, &mut last_task);
+        obs.observe();
     });
     let Some(listener) = http else {
         return Ok(None);

@@ -298,8 +298,10 @@ impl Coordinator for Service {
         &self,
         request: Request<pb::ModelRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        let peer = crate::identity::peer(&request);
         let req = request.into_inner();
         let merchant = self.shared.merchant_of(&req.session_id)?;
+        crate::identity::check_session(peer.as_ref(), &merchant)?;
         let model = {
             let engine = self.shared.engine();
             engine
@@ -337,6 +339,7 @@ impl Coordinator for Service {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
+        let peer = crate::identity::peer(&request);
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(pb::UpdateChunk {
@@ -350,6 +353,7 @@ impl Coordinator for Service {
             None => return Err(Status::invalid_argument("empty upload")),
         };
         let merchant = self.shared.merchant_of(&header.session_id)?;
+        crate::identity::check_session(peer.as_ref(), &merchant)?;
         let (kind, expected_values, expected_weights) = {
             let engine = self.shared.engine();
             engine

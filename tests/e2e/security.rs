@@ -131,6 +131,43 @@ async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
         "plaintext to a TLS coordinator: {plaintext:?}"
     );
 
+    // A session id is bound to the certificate that joined it.
+    let channel = |id: &str| {
+        Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+            .unwrap()
+            .tls_config(client_tls(&cd, Some((&cd, id))))
+            .unwrap()
+            .connect_lazy()
+    };
+    let mut m1 = CoordinatorClient::new(channel("m1"));
+    let mut work = m1
+        .join(pb::JoinRequest {
+            merchant_id: "m1".into(),
+            examples: Default::default(),
+            agent_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::Work {
+        kind: Some(pb::work::Kind::Welcome(w)),
+    }) = work.message().await.unwrap()
+    else {
+        panic!("welcome expected");
+    };
+    let stolen = pb::ModelRequest {
+        session_id: w.session_id.clone(),
+        ..Default::default()
+    };
+    let Err(err) = CoordinatorClient::new(channel("m0"))
+        .download_model(stolen)
+        .await
+    else {
+        panic!("a session of m1 used with m0's certificate must be refused");
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("session of `m1`"), "{err}");
+
     // Revocation takes effect without a restart.
     certs::revoke(&files.access, "m1").unwrap();
     let revoked = try_join(addr, Some(client_tls(&cd, Some((&cd, "m1")))), "m1").await;
