@@ -12,6 +12,7 @@ use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::config::Backoff;
 
@@ -72,7 +73,8 @@ impl Agent {
                 return Ok(());
             }
             let done_before = self.tasks_done;
-            match self.session(&mut shutdown).await {
+            let span = tracing::info_span!("session", merchant = %self.data.merchant_id);
+            match self.session(&mut shutdown).instrument(span).await {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Err(e) => {
                     if self.tasks_done > done_before {

@@ -276,6 +276,33 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     let status = http_get(http, "/api/status").await;
     assert!(status.contains("\"model_version\":2"), "{status}");
     assert!(http_get(http, "/").await.contains("id=\"charts\""));
+
+    // The `status` command's client over mutual TLS, as table and JSON.
+    let tls = fedcart_coordinator::status::ClientTls {
+        ca: cd.ca_cert(),
+        cert: cd.cert("m0"),
+        key: cd.key("m0"),
+        domain: "localhost".into(),
+    };
+    let url = format!("https://localhost:{}", coord.addr.port());
+    let reply = fedcart_coordinator::status::fetch(&url, Some(&tls))
+        .await
+        .unwrap();
+    let json = fedcart_coordinator::status::to_json(&reply);
+    assert_eq!(json["model_version"], 2);
+    assert_eq!(json["run_id"], "tls");
+    assert_eq!(json["last_round"]["outcome"], "committed");
+    let table = fedcart_coordinator::status::to_table(&reply);
+    assert!(
+        table.contains("model version") && table.contains("finished"),
+        "{table}"
+    );
+    assert!(
+        fedcart_coordinator::status::fetch(&url, None)
+            .await
+            .is_err(),
+        "status without a certificate is refused"
+    );
     for a in agents {
         a.stop().await;
     }
