@@ -74,11 +74,14 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             schema: None,
             holdout: 0.2,
             split_seed: 7,
+            ratings_csv: None,
+            catalogue: None,
         },
         backoff: Backoff {
             initial_ms: 20,
             max_ms: 500,
         },
+        tls: None,
     }
 }
 
@@ -143,6 +146,16 @@ pub fn spawn_agent(addr: std::net::SocketAddr, data: LocalData) -> AgentHandle {
         initial_ms: 20,
         max_ms: 500,
     };
+    let task = tokio::spawn(async move {
+        agent.run(rx).await.expect("agent runs");
+        agent
+    });
+    AgentHandle { stop, task }
+}
+
+/// Spawns an already configured agent (TLS, backoff).
+pub fn spawn_configured(mut agent: Agent) -> AgentHandle {
+    let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(async move {
         agent.run(rx).await.expect("agent runs");
         agent

@@ -12,6 +12,7 @@ use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::config::Backoff;
 
@@ -35,9 +36,22 @@ pub struct Agent {
     pub backoff: Backoff,
     /// Counts of completed tasks, for logs and tests.
     pub tasks_done: u64,
+    /// Mutual TLS; `None` speaks plaintext (only to an `--insecure` coordinator).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Durable local state; `None` keeps everything in memory.
+    pub state: Option<crate::state::StateDir>,
 }
 
 impl Agent {
+    /// Keeps state in `state`, restoring the private user factors saved there.
+    pub fn with_state(mut self, state: crate::state::StateDir) -> anyhow::Result<Self> {
+        if let (Some(mf), Some(users)) = (&mut self.data.mf, state.load_users()?) {
+            mf.state = users;
+        }
+        self.state = Some(state);
+        Ok(self)
+    }
+
     /// An agent for `data` that talks to `coordinator`.
     pub fn new(coordinator: impl Into<String>, data: LocalData) -> Self {
         Self {
@@ -45,6 +59,8 @@ impl Agent {
             data,
             backoff: Backoff::default(),
             tasks_done: 0,
+            tls: None,
+            state: None,
         }
     }
 
@@ -57,7 +73,8 @@ impl Agent {
                 return Ok(());
             }
             let done_before = self.tasks_done;
-            match self.session(&mut shutdown).await {
+            let span = tracing::info_span!("session", merchant = %self.data.merchant_id);
+            match self.session(&mut shutdown).instrument(span).await {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Err(e) => {
                     if self.tasks_done > done_before {
@@ -75,8 +92,14 @@ impl Agent {
     }
 
     async fn connect(&self) -> anyhow::Result<CoordinatorClient<Channel>> {
-        let channel = Endpoint::from_shared(self.coordinator.clone())
-            .with_context(|| format!("coordinator address `{}`", self.coordinator))?
+        let mut endpoint = Endpoint::from_shared(self.coordinator.clone())
+            .with_context(|| format!("coordinator address `{}`", self.coordinator))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .context("TLS configuration")?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -149,6 +172,17 @@ impl Agent {
         } else {
             Vec::new()
         };
+        if let Some(state) = &self.state
+            && !global.is_empty()
+        {
+            let meta = crate::state::GlobalMeta {
+                run_id: task.run_id.clone(),
+                version: task.model_version,
+                spec: spec.clone(),
+            };
+            state.save_global(&meta, &global)?;
+        }
+        let family = spec.model.data_family();
         let data = std::mem::take(&mut self.data);
         let (data, out) = tokio::task::spawn_blocking(move || {
             let mut data = data;
@@ -158,6 +192,12 @@ impl Agent {
         .await
         .context("training task panicked")?;
         self.data = data;
+        if let (Some(state), Ok(out)) = (&self.state, &out) {
+            if let Some(mf) = &self.data.mf {
+                state.save_users(&mf.state)?;
+            }
+            state.save_metrics(family, &out.metrics)?;
+        }
         match out {
             Ok(out) => upload(client, session_id, &task, &out).await,
             Err(e) => {

@@ -40,6 +40,13 @@ pub struct DataConfig {
     /// Seed of the local train/held-out split.
     #[serde(default)]
     pub split_seed: u64,
+    /// Ratings or purchases in MovieLens CSV format (`userId,movieId,rating,timestamp`),
+    /// for recommender tasks.
+    #[serde(default)]
+    pub ratings_csv: Option<std::path::PathBuf>,
+    /// The platform's shared catalogue (one item id per line); required with `ratings_csv`.
+    #[serde(default)]
+    pub catalogue: Option<std::path::PathBuf>,
 }
 
 fn holdout() -> f64 {
@@ -62,6 +69,10 @@ pub struct AgentConfig {
     /// Reconnection backoff.
     #[serde(default)]
     pub backoff: Backoff,
+    /// Mutual TLS files; without them the agent speaks plaintext, which only
+    /// an `--insecure` coordinator accepts.
+    #[serde(default)]
+    pub tls: Option<crate::tls::AgentTls>,
 }
 
 impl AgentConfig {

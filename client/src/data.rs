@@ -2,9 +2,11 @@
 //! locally with a seeded split (they never leave the agent either).
 
 use anyhow::Context;
-use fedcart_common::split;
+use fedcart_common::catalogue::Catalogue;
+use fedcart_common::mf::MfData;
 use fedcart_common::tabular::Schema;
 use fedcart_common::train::{ChurnData, LocalData};
+use fedcart_common::{movielens, split};
 
 use crate::config::AgentConfig;
 
@@ -27,5 +29,28 @@ pub fn load(cfg: &AgentConfig) -> anyhow::Result<LocalData> {
             valid: ds.select(&valid),
         });
     }
+    if let Some(path) = &cfg.data.ratings_csv {
+        data.mf = Some(load_mf(path, cfg)?);
+    }
     Ok(data)
+}
+
+/// The merchant's ratings mapped through the shared catalogue, with a seeded
+/// local hold-out.
+pub fn load_mf(path: &std::path::Path, cfg: &AgentConfig) -> anyhow::Result<MfData> {
+    let cat_path = cfg
+        .data
+        .catalogue
+        .as_ref()
+        .context("`data.ratings_csv` needs `data.catalogue`")?;
+    let catalogue = catalogue(cat_path)?;
+    let rows = movielens::load_ratings(path)
+        .with_context(|| format!("loading ratings {}", path.display()))?;
+    let (train, test) = movielens::random_split(&rows, cfg.data.holdout, cfg.data.split_seed);
+    Ok(MfData::new(&train, &test, &catalogue))
+}
+
+/// Reads the shared catalogue.
+pub fn catalogue(path: &std::path::Path) -> anyhow::Result<Catalogue> {
+    Catalogue::load(path).with_context(|| format!("loading catalogue {}", path.display()))
 }

@@ -4,6 +4,9 @@
 //!   reconnect with backoff).
 //! - [`config`]: `merchant.toml` and environment overrides.
 //! - [`data`]: loading the merchant's files into `LocalData`.
+//! - [`tls`]: the merchant's mutual-TLS identity.
+//! - [`state`]: durable local state (global models, private user factors,
+//!   metrics); [`recommend`]: offline top-K and churn scores from it.
 //!
 //! Training itself is `fedcart_common::train::run_task`, the same code the
 //! simulator runs.
@@ -13,3 +16,6 @@ pub mod agent;
 pub mod config;
 pub mod data;
 pub mod prepare;
+pub mod recommend;
+pub mod state;
+pub mod tls;

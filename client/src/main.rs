@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fedcart_client::{agent::Agent, config::AgentConfig, data};
+use fedcart_client::state::StateDir;
+use fedcart_client::{agent::Agent, config::AgentConfig, data, recommend};
 use tracing_subscriber::EnvFilter;
 
 /// The fedcart merchant agent: trains on this merchant's data and shares only
@@ -30,6 +31,35 @@ enum Command {
     /// Derive features, churn labels and interactions from an orders export,
     /// and write them (with a summary) for inspection.
     Prepare(Box<fedcart_client::prepare::PrepareArgs>),
+    /// Top-K items for one customer, offline from the local state.
+    Recommend {
+        /// The agent's TOML configuration.
+        #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
+        config: PathBuf,
+        /// Customer id (as in the ratings file).
+        #[arg(long)]
+        customer: String,
+        /// How many items.
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+    },
+    /// Churn probability per customer as CSV, offline from the local state.
+    Score {
+        /// The agent's TOML configuration.
+        #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
+        config: PathBuf,
+        /// Output CSV.
+        #[arg(long, default_value = "churn_scores.csv")]
+        out: PathBuf,
+    },
+}
+
+fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
+    let dir = cfg
+        .state_dir
+        .as_ref()
+        .context("`state_dir` is not configured: the agent keeps no local state")?;
+    StateDir::open(dir)
 }
 
 fn init_logs(json: bool) {
@@ -54,7 +84,14 @@ async fn main() -> anyhow::Result<()> {
             let local =
                 data::load(&cfg).with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
             let mut agent = Agent::new(cfg.coordinator.clone(), local);
+            if cfg.state_dir.is_some() {
+                agent = agent.with_state(state_of(&cfg)?)?;
+            }
             agent.backoff = cfg.backoff.clone();
+            match &cfg.tls {
+                Some(t) => agent.tls = Some(t.client_config()?),
+                None => tracing::warn!("no `tls` section: connecting in plaintext"),
+            }
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 let _ = tokio::signal::ctrl_c().await;
@@ -63,5 +100,39 @@ async fn main() -> anyhow::Result<()> {
             agent.run(rx).await
         }
         Command::Prepare(args) => fedcart_client::prepare::run(&args),
+        Command::Recommend {
+            config,
+            customer,
+            k,
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let ratings = cfg
+                .data
+                .ratings_csv
+                .as_ref()
+                .context("`data.ratings_csv` is not configured")?;
+            let mf = data::load_mf(ratings, &cfg)?;
+            let cat = data::catalogue(cfg.data.catalogue.as_ref().expect("checked by load_mf"))?;
+            for r in recommend::recommend(&state_of(&cfg)?, &mf, &cat, &customer, k)? {
+                println!("{}\t{:.4}", r.item, r.score);
+            }
+            Ok(())
+        }
+        Command::Score { config, out } => {
+            let cfg = AgentConfig::load(&config)?;
+            let csv = cfg
+                .data
+                .churn_csv
+                .as_ref()
+                .context("`data.churn_csv` is not configured")?;
+            let schema = cfg
+                .data
+                .schema
+                .clone()
+                .unwrap_or_else(fedcart_common::tabular::Schema::telco);
+            let n = recommend::score(&state_of(&cfg)?, csv, &schema, &out)?;
+            println!("wrote {n} churn scores to {}", out.display());
+            Ok(())
+        }
     }
 }

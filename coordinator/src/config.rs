@@ -90,6 +90,12 @@ pub struct ServeConfig {
     /// Keepalive ping interval on agents' Join streams, milliseconds.
     #[serde(default = "ping_ms")]
     pub ping_interval_ms: u64,
+    /// Mutual TLS files; required unless the coordinator runs `--insecure`.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Address of the HTTP listener for `/metrics`, health and the dashboard.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
 }
 
 fn ping_ms() -> u64 {

@@ -6,12 +6,22 @@
 //! - [`service`]: the gRPC driver of the engine.
 //! - [`privacy`]: the `privacy` budget-planning command.
 //! - [`server`]: wiring config → store → engine → service, as one call.
+//! - [`tls`], [`identity`], [`certs`], [`limits`]: mutual TLS, merchant
+//!   identities and the allow-list, the development CA, hardening limits.
+//! - [`observe`]: Prometheus metrics, health and the web dashboard over HTTP;
+//!   [`status`]: the `status` command.
 #![forbid(unsafe_code)]
 
+pub mod certs;
 pub mod config;
 pub mod engine;
+pub mod identity;
+pub mod limits;
+pub mod observe;
 pub mod privacy;
 pub mod record;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod store;
+pub mod tls;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedcart_coordinator::config::CoordinatorConfig;
+use fedcart_coordinator::{certs as ca, status};
 use tracing_subscriber::EnvFilter;
 
 /// The fedcart coordinator: orchestrates federated training rounds across
@@ -32,10 +33,77 @@ enum Command {
         /// Override `serve.store` (env FEDCART_STORE).
         #[arg(long, env = "FEDCART_STORE")]
         store: Option<PathBuf>,
+        /// Serve plaintext gRPC without client identities (development only).
+        #[arg(long, env = "FEDCART_INSECURE")]
+        insecure: bool,
+        /// Override `serve.http_listen`: `/metrics`, health and dashboard.
+        #[arg(long, env = "FEDCART_HTTP_LISTEN")]
+        http_listen: Option<std::net::SocketAddr>,
+    },
+    /// Development CA: create it, issue merchant certificates, allow or revoke merchants.
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+    /// Show the current run, round, connected agents and last metrics.
+    Status {
+        /// Coordinator URL (`https://host:port`).
+        #[arg(
+            long,
+            env = "FEDCART_COORDINATOR",
+            default_value = "https://127.0.0.1:50051"
+        )]
+        coordinator: String,
+        /// Certificate directory holding ca.pem and `<identity>.pem/.key`.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Identity whose certificate to present (must be on the allow-list).
+        #[arg(long, default_value = "operator")]
+        identity: String,
+        /// Name to verify on the coordinator's certificate.
+        #[arg(long, default_value = "localhost")]
+        domain: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Plan a differential-privacy budget: ε for a noise multiplier, or the
     /// smallest noise multiplier that reaches a target ε.
     Privacy(fedcart_coordinator::privacy::PrivacyArgs),
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create the CA and the coordinator's certificate in `dir`.
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names or IPs the coordinator's certificate is valid for.
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
+        hosts: Vec<String>,
+    },
+    /// Issue a client certificate for a merchant (and add it to the allow-list).
+    Issue {
+        /// Certificate directory made by `init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Merchant id (the certificate's `fedcart://merchant/<id>` SAN).
+        #[arg(long)]
+        id: String,
+        /// Access file to add the merchant to (default `<dir>/access.toml`).
+        #[arg(long)]
+        access: Option<PathBuf>,
+    },
+    /// Revoke a merchant: refused from its next RPC on, no restart needed.
+    Revoke {
+        /// Access file (the coordinator's `serve.tls.access`).
+        #[arg(long)]
+        access: PathBuf,
+        /// Merchant id.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 fn init_logs(json: bool) {
@@ -55,10 +123,34 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_json);
     match cli.command {
+        Command::Certs { action } => certs(action),
+        Command::Status {
+            coordinator,
+            certs,
+            identity,
+            domain,
+            json,
+        } => {
+            let tls = certs.map(|d| status::ClientTls {
+                ca: d.join("ca.pem"),
+                cert: d.join(format!("{identity}.pem")),
+                key: d.join(format!("{identity}.key")),
+                domain,
+            });
+            let s = status::fetch(&coordinator, tls.as_ref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status::to_json(&s))?);
+            } else {
+                println!("{}", status::to_table(&s));
+            }
+            Ok(())
+        }
         Command::Serve {
             config,
             listen,
             store,
+            insecure,
+            http_listen,
         } => {
             let mut cfg = CoordinatorConfig::load(&config)?;
             if let Some(l) = listen {
@@ -67,7 +159,10 @@ async fn main() -> anyhow::Result<()> {
             if let Some(s) = store {
                 cfg.serve.store = s;
             }
-            let running = fedcart_coordinator::server::start_from_config(&cfg)
+            if http_listen.is_some() {
+                cfg.serve.http_listen = http_listen;
+            }
+            let running = fedcart_coordinator::server::start_from_config(&cfg, insecure)
                 .await
                 .with_context(|| format!("starting from {}", config.display()))?;
             tracing::info!(addr = %running.addr, "coordinator listening");
@@ -83,4 +178,32 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn certs(action: CertsAction) -> anyhow::Result<()> {
+    match action {
+        CertsAction::Init { dir, hosts } => {
+            ca::init(&ca::CertDir::new(&dir), &hosts)?;
+            println!(
+                "CA and coordinator certificate written to {}",
+                dir.display()
+            );
+        }
+        CertsAction::Issue { dir, id, access } => {
+            ca::issue(&ca::CertDir::new(&dir), &id)?;
+            let access = access.unwrap_or_else(|| dir.join("access.toml"));
+            ca::allow(&access, &id)?;
+            println!(
+                "issued {0}.pem/{0}.key in {1}; allowed in {2}",
+                id,
+                dir.display(),
+                access.display()
+            );
+        }
+        CertsAction::Revoke { access, id } => {
+            ca::revoke(&access, &id)?;
+            println!("revoked `{id}` in {}", access.display());
+        }
+    }
+    Ok(())
 }

@@ -8,15 +8,22 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use fedcart_proto::v1::coordinator_server::CoordinatorServer;
+
 use crate::config::{CoordinatorConfig, RunConfig};
 use crate::engine::Engine;
+use crate::identity::Access;
+use crate::limits::{Guard, Limits};
 use crate::service::{Progress, Service, Shared, run_tasks};
 use crate::store::Store;
+use crate::tls::Transport;
 
 /// A running coordinator.
 pub struct Running {
     /// The address the gRPC service listens on.
     pub addr: std::net::SocketAddr,
+    /// The address of the HTTP observability listener, if any.
+    pub http_addr: Option<std::net::SocketAddr>,
     /// Progress of the run.
     pub progress: watch::Receiver<Progress>,
     /// Shared state (for status views and tests).
@@ -26,14 +33,48 @@ pub struct Running {
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-/// Opens the store and engine, then serves on `listener`.
+/// Opens the store and engine, then serves plaintext gRPC on `listener`
+/// (no TLS, no identities: for tests and `--insecure` only; see [`start_with`]).
 pub async fn start(
     listener: TcpListener,
     store_path: &std::path::Path,
     run: RunConfig,
     ping: Duration,
 ) -> anyhow::Result<Running> {
+    start_with(listener, store_path, run, ping, ServeOptions::insecure()).await
+}
+
+/// How to serve: transport security, the HTTP observability listener, limits.
+pub struct ServeOptions {
+    /// Mutual TLS (default in production) or plaintext.
+    pub transport: Transport,
+    /// Where to serve `/metrics`, `/healthz`, `/api/status` and the dashboard.
+    pub http: Option<TcpListener>,
+    /// Per-agent and per-RPC limits.
+    pub limits: Limits,
+}
+
+impl ServeOptions {
+    /// Plaintext gRPC, no HTTP listener, default limits.
+    pub fn insecure() -> Self {
+        Self {
+            transport: Transport::Insecure,
+            http: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Opens the store and engine, then serves on `listener` with `opts`.
+pub async fn start_with(
+    listener: TcpListener,
+    store_path: &std::path::Path,
+    run: RunConfig,
+    ping: Duration,
+    opts: ServeOptions,
+) -> anyhow::Result<Running> {
     run.validate().context("run configuration")?;
+    let run_id = run.run_id.clone();
     let store = Store::open(store_path)?;
     let engine = Engine::open(store, run)?;
     let shared = Shared::new(engine, ping);
@@ -41,18 +82,49 @@ pub async fn start(
     let (shutdown, rx) = watch::channel(false);
     let mut server_rx = rx.clone();
     let svc = Service::new(Arc::clone(&shared)).into_server();
+    let (builder, access) = match &opts.transport {
+        Transport::Tls(files) => (
+            tonic::transport::Server::builder()
+                .tls_config(files.server_config()?)
+                .context("TLS configuration")?,
+            Some(Access::new(&files.access)?),
+        ),
+        Transport::Insecure => {
+            tracing::warn!("serving plaintext gRPC without client identities (--insecure)");
+            (tonic::transport::Server::builder(), None)
+        }
+    };
+    let guard = Guard::new(access, opts.limits.clone());
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, guard);
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    // The store and engine are open: ready.
+    health.set_serving::<CoordinatorServer<Service>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let observer = crate::observe::spawn(Arc::clone(&shared), run_id, opts.http, rx.clone())?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let limits = opts.limits.clone();
     let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .tcp_nodelay(true)
+            .timeout(limits.rpc_timeout)
+            .concurrency_limit_per_connection(limits.concurrent_rpcs_per_connection)
+            .max_concurrent_streams(limits.concurrent_rpcs_per_connection as u32)
+            .http2_max_header_list_size(limits.max_header_bytes)
+            .add_service(health_svc)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = server_rx.wait_for(|v| *v).await;
             })
             .await
-            .context("gRPC server")
+            .context("gRPC server")?;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        Ok(())
     });
     let tasks_shared = Arc::clone(&shared);
     let tasks = tokio::spawn(async move {
@@ -62,6 +134,7 @@ pub async fn start(
     });
     Ok(Running {
         addr,
+        http_addr: observer,
         progress: shared.progress(),
         shared,
         shutdown,
@@ -70,16 +143,37 @@ pub async fn start(
     })
 }
 
-/// Starts from a loaded `coordinator.toml`.
-pub async fn start_from_config(cfg: &CoordinatorConfig) -> anyhow::Result<Running> {
+/// Starts from a loaded `coordinator.toml`. Mutual TLS (`serve.tls`) is
+/// required unless `insecure`.
+pub async fn start_from_config(cfg: &CoordinatorConfig, insecure: bool) -> anyhow::Result<Running> {
+    let transport = match (&cfg.serve.tls, insecure) {
+        (_, true) => Transport::Insecure,
+        (Some(files), false) => Transport::Tls(files.clone()),
+        (None, false) => anyhow::bail!(
+            "`serve.tls` is not configured: give the TLS files or run with --insecure"
+        ),
+    };
     let listener = TcpListener::bind(cfg.serve.listen)
         .await
         .with_context(|| format!("binding {}", cfg.serve.listen))?;
-    start(
+    let http = match cfg.serve.http_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a}"))?,
+        ),
+        None => None,
+    };
+    start_with(
         listener,
         &cfg.serve.store,
         cfg.run.clone(),
         Duration::from_millis(cfg.serve.ping_interval_ms),
+        ServeOptions {
+            transport,
+            http,
+            limits: Limits::default(),
+        },
     )
     .await
 }

@@ -237,6 +237,7 @@ impl Coordinator for Service {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<WorkStream>, Status> {
+        crate::identity::check_claim(request.extensions(), &request.get_ref().merchant_id)?;
         let req = request.into_inner();
         validate_merchant_id(&req.merchant_id)?;
         let (tx, rx) = mpsc::channel(WORK_QUEUE);
@@ -297,8 +298,10 @@ impl Coordinator for Service {
         &self,
         request: Request<pb::ModelRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        let peer = crate::identity::peer(&request);
         let req = request.into_inner();
         let merchant = self.shared.merchant_of(&req.session_id)?;
+        crate::identity::check_session(peer.as_ref(), &merchant)?;
         let model = {
             let engine = self.shared.engine();
             engine
@@ -336,6 +339,7 @@ impl Coordinator for Service {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
+        let peer = crate::identity::peer(&request);
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(pb::UpdateChunk {
@@ -349,6 +353,7 @@ impl Coordinator for Service {
             None => return Err(Status::invalid_argument("empty upload")),
         };
         let merchant = self.shared.merchant_of(&header.session_id)?;
+        crate::identity::check_session(peer.as_ref(), &merchant)?;
         let (kind, expected_values, expected_weights) = {
             let engine = self.shared.engine();
             engine

@@ -2,5 +2,9 @@
 //! One test binary keeps link times down.
 
 mod bad_input;
+mod dashboard;
 mod federation;
+mod fuzz;
+mod merchant_tools;
 mod restart;
+mod security;

@@ -1,0 +1,265 @@
+//! Merchant identity: who is on the other end of a mutual-TLS connection, and
+//! whether they may take part.
+//!
+//! A merchant's identity is the URI SAN `fedcart://merchant/<id>` of its
+//! client certificate (the TLS handshake has already checked that the
+//! certificate chains to the configured CA). [`Access`] holds the allow-list
+//! and revocation list from a TOML file; the file is re-read whenever its
+//! modification time or size changes, so `certs allow`/`certs revoke` take
+//! effect without a restart. [`AccessInterceptor`] runs before every RPC:
+//! it refuses unknown, revoked or certificate-less callers with a log line
+//! naming the identity, and attaches a [`PeerIdentity`] that `join` compares
+//! with the merchant id the agent claims.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Status};
+
+/// URI prefix of merchant identities.
+pub const MERCHANT_URI_PREFIX: &str = "fedcart://merchant/";
+
+/// The SAN URI that names merchant `id`.
+pub fn merchant_uri(id: &str) -> String {
+    format!("{MERCHANT_URI_PREFIX}{id}")
+}
+
+/// Checks the merchant id alphabet (the same rule `join` applies).
+pub fn validate_id(id: &str) -> anyhow::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        anyhow::bail!("merchant id `{id}` must be 1–128 characters of [A-Za-z0-9-_.@]")
+    }
+}
+
+/// The access file: who may join, who is revoked (revocation wins).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessList {
+    /// Merchant ids admitted.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Merchant ids refused even with a valid certificate.
+    #[serde(default)]
+    pub revoked: Vec<String>,
+}
+
+impl AccessList {
+    /// Reads `path`; a missing file is an empty list.
+    pub fn load_or_default(path: &Path) -> anyhow::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("{}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The TOML text of the list.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("string lists serialise")
+    }
+
+    /// Why `id` is refused, if it is.
+    pub fn refusal(&self, id: &str) -> Option<&'static str> {
+        if self.revoked.iter().any(|r| r == id) {
+            Some("revoked")
+        } else if !self.allow.iter().any(|a| a == id) {
+            Some("not on the allow-list")
+        } else {
+            None
+        }
+    }
+}
+
+/// The allow-list file, re-read when it changes.
+pub struct Access {
+    path: PathBuf,
+    cached: Mutex<(Option<(SystemTime, u64)>, AccessList)>,
+}
+
+impl Access {
+    /// Watches `path` (which may not exist yet: then nobody is admitted).
+    pub fn new(path: impl Into<PathBuf>) -> anyhow::Result<Arc<Self>> {
+        let access = Self {
+            path: path.into(),
+            cached: Mutex::new((None, AccessList::default())),
+        };
+        access.current()?;
+        Ok(Arc::new(access))
+    }
+
+    /// The list as it is on disk now; keeps the last good list if the file
+    /// became unreadable or invalid (and logs why).
+    pub fn current(&self) -> anyhow::Result<AccessList> {
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.0 != stamp || stamp.is_none() {
+            match AccessList::load_or_default(&self.path) {
+                Ok(list) => {
+                    if list != cached.1 {
+                        tracing::info!(path = %self.path.display(), allowed = list.allow.len(),
+                            revoked = list.revoked.len(), "access list loaded");
+                    }
+                    *cached = (stamp, list);
+                }
+                Err(e) if cached.0.is_none() => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "access list unreadable; keeping the previous one")
+                }
+            }
+        }
+        Ok(cached.1.clone())
+    }
+}
+
+/// The certificate identity of the caller, attached to each request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub String);
+
+/// Extracts the merchant id from a DER client certificate.
+pub fn identity_of(cert: &[u8]) -> Option<String> {
+    let der = rustls::pki_types::CertificateDer::from(cert);
+    let ee = webpki::EndEntityCert::try_from(&der).ok()?;
+    ee.valid_uri_names()
+        .find_map(|u| u.strip_prefix(MERCHANT_URI_PREFIX).map(str::to_owned))
+}
+
+/// Refuses callers without an admitted certificate identity.
+#[derive(Clone)]
+pub struct AccessInterceptor {
+    /// The allow-list.
+    pub access: Arc<Access>,
+}
+
+impl tonic::service::Interceptor for AccessInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let remote = req.remote_addr();
+        let Some(certs) = req.peer_certs() else {
+            tracing::warn!(?remote, "refused: no client certificate");
+            return Err(Status::unauthenticated("a client certificate is required"));
+        };
+        let Some(id) = certs.first().and_then(|c| identity_of(c)) else {
+            tracing::warn!(
+                ?remote,
+                "refused: certificate has no fedcart merchant identity"
+            );
+            return Err(Status::unauthenticated(
+                "the client certificate names no fedcart://merchant/<id>",
+            ));
+        };
+        let list = self.access.current().map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "access list unavailable");
+            Status::unavailable("access list unavailable")
+        })?;
+        if let Some(why) = list.refusal(&id) {
+            tracing::warn!(merchant = %id, ?remote, reason = why, "refused merchant");
+            return Err(Status::permission_denied(format!(
+                "merchant `{id}` is {why}"
+            )));
+        }
+        req.extensions_mut().insert(PeerIdentity(id));
+        Ok(req)
+    }
+}
+
+/// In `join`: the claimed merchant id must be the certificate's identity
+/// (when the connection has one; plaintext `--insecure` mode has none).
+pub fn check_claim(ext: &tonic::Extensions, claimed: &str) -> Result<(), Status> {
+    match ext.get::<PeerIdentity>() {
+        Some(PeerIdentity(id)) if id != claimed => {
+            tracing::warn!(merchant = %id, claimed, "refused: join claims another merchant id");
+            Err(Status::permission_denied(format!(
+                "certificate identity `{id}` may not join as `{claimed}`"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The caller's certificate identity, taken before a request is consumed.
+pub fn peer<T>(req: &Request<T>) -> Option<PeerIdentity> {
+    req.extensions().get::<PeerIdentity>().cloned()
+}
+
+/// A session belongs to the merchant that joined it: another certificate
+/// may not use its session id (plaintext mode has no identities to compare).
+pub fn check_session(peer: Option<&PeerIdentity>, session_merchant: &str) -> Result<(), Status> {
+    match peer {
+        Some(PeerIdentity(id)) if id != session_merchant => {
+            tracing::warn!(merchant = %id, session_of = session_merchant, "refused: session of another merchant");
+            Err(Status::permission_denied(format!(
+                "certificate identity `{id}` may not use a session of `{session_merchant}`"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_wins_over_allow_and_unknown_ids_are_refused() {
+        let list = AccessList {
+            allow: vec!["a".into(), "b".into()],
+            revoked: vec!["b".into()],
+        };
+        assert_eq!(list.refusal("a"), None);
+        assert_eq!(list.refusal("b"), Some("revoked"));
+        assert_eq!(list.refusal("c"), Some("not on the allow-list"));
+    }
+
+    #[test]
+    fn access_file_changes_are_picked_up_without_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.toml");
+        let access = Access::new(&path).unwrap();
+        assert_eq!(
+            access.current().unwrap().refusal("m1"),
+            Some("not on the allow-list")
+        );
+        crate::certs::allow(&path, "m1").unwrap();
+        assert_eq!(access.current().unwrap().refusal("m1"), None);
+        crate::certs::revoke(&path, "m1").unwrap();
+        assert_eq!(access.current().unwrap().refusal("m1"), Some("revoked"));
+    }
+
+    #[test]
+    fn issued_certificates_carry_the_merchant_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let cd = crate::certs::CertDir::new(dir.path());
+        crate::certs::init(&cd, &["localhost".into()]).unwrap();
+        crate::certs::issue(&cd, "shop-7").unwrap();
+        let pem = std::fs::read(cd.cert("shop-7")).unwrap();
+        let der = rustls_pemfile::certs(&mut &pem[..])
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(identity_of(&der).as_deref(), Some("shop-7"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(cd.key("shop-7"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(
+            crate::certs::init(&cd, &[]).is_err(),
+            "init must not replace a CA"
+        );
+    }
+}

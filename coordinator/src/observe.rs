@@ -1,0 +1,251 @@
+//! Observability over HTTP: Prometheus `/metrics`, `/healthz` and `/readyz`,
+//! `/api/status` (JSON) and the web dashboard at `/`.
+//!
+//! Metrics are derived from what the coordinator already records: an
+//! observer task follows the progress channel and folds every new history
+//! record into counters, so the round engine and service need no metric
+//! calls. Every series carries a `run` label, which keeps coordinators in
+//! one process (tests) apart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::record::{Outcome, RoundRecord};
+use crate::service::Shared;
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (embedding); then our
+        // series are simply not collected, and /metrics renders empty.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// An agent as the dashboard shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentView {
+    /// Merchant id.
+    pub merchant: String,
+    /// Connected now.
+    pub connected: bool,
+    /// Last time we heard from it (join or accepted result), ms since epoch.
+    pub last_contact_unix_ms: i64,
+    /// Results accepted from it in this process.
+    pub reported: u64,
+}
+
+/// The JSON of `/api/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusView {
+    /// Run id.
+    pub run_id: String,
+    /// Latest committed model version.
+    pub model_version: u64,
+    /// The open task, if any.
+    pub open_task: Option<String>,
+    /// True once every round is done.
+    pub finished: bool,
+    /// Known agents.
+    pub agents: Vec<AgentView>,
+    /// Every history record, oldest first.
+    pub history: Vec<RoundRecord>,
+}
+
+struct ObserverState {
+    shared: Arc<Shared>,
+    run_id: String,
+    agents: Mutex<BTreeMap<String, AgentView>>,
+    /// History records folded into counters so far, and the last open task.
+    cursor: Mutex<(usize, Option<String>)>,
+    ready: watch::Receiver<bool>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl ObserverState {
+    fn status(&self) -> Result<StatusView, String> {
+        let p = self.shared.progress().borrow().clone();
+        let history = self.shared.history().map_err(|e| e.to_string())?;
+        Ok(StatusView {
+            run_id: self.run_id.clone(),
+            model_version: p.version,
+            open_task: p.open_task,
+            finished: p.finished,
+            agents: self
+                .agents
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect(),
+            history,
+        })
+    }
+
+    /// Folds everything new since the last call into gauges, counters and
+    /// agent views. Runs on every progress change and before each scrape, so
+    /// a scrape never lags the history.
+    fn observe(&self) {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let (seen_records, last_task) = &mut *cursor;
+        let run = self.run_id.clone();
+        let p = self.shared.progress().borrow().clone();
+        metrics::gauge!("fedcart_model_version", "run" => run.clone()).set(p.version as f64);
+        metrics::gauge!("fedcart_agents_connected", "run" => run.clone()).set(p.agents as f64);
+        if p.open_task.is_some() && p.open_task != *last_task {
+            metrics::counter!("fedcart_tasks_started_total", "run" => run.clone()).increment(1);
+        }
+        last_task.clone_from(&p.open_task);
+        let connected = self.shared.connected();
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        for a in agents.values_mut() {
+            a.connected = false;
+        }
+        for m in connected {
+            let view = agents.entry(m.clone()).or_insert(AgentView {
+                merchant: m,
+                connected: true,
+                last_contact_unix_ms: now_ms(),
+                reported: 0,
+            });
+            view.connected = true;
+        }
+        let Ok(history) = self.shared.history() else {
+            return;
+        };
+        for r in history.iter().skip(*seen_records) {
+            let labels = [("run", run.clone()), ("kind", r.kind.clone())];
+            let outcome = match r.outcome {
+                Outcome::Committed => "committed",
+                Outcome::Aborted => "aborted",
+            };
+            metrics::counter!(format!("fedcart_rounds_{outcome}_total"), &labels).increment(1);
+            metrics::counter!("fedcart_agents_selected_total", &labels)
+                .increment(r.selected.len() as u64);
+            metrics::counter!("fedcart_agents_reported_total", &labels)
+                .increment(r.reported.len() as u64);
+            metrics::counter!("fedcart_agents_dropped_total", &labels)
+                .increment(r.dropped.len() as u64);
+            metrics::counter!("fedcart_updates_rejected_total", &labels)
+                .increment(r.rejected.len() as u64);
+            metrics::counter!("fedcart_update_bytes_in_total", &labels).increment(r.bytes_in);
+            metrics::histogram!("fedcart_task_duration_seconds", &labels)
+                .record(r.duration_ms as f64 / 1000.0);
+            for (k, v) in &r.metrics {
+                metrics::gauge!("fedcart_round_metric", "run" => run.clone(), "kind" => r.kind.clone(), "metric" => k.clone()).set(*v);
+            }
+            let at = r.started_unix_ms + r.duration_ms as i64;
+            for m in &r.reported {
+                let view = agents.entry(m.clone()).or_insert(AgentView {
+                    merchant: m.clone(),
+                    connected: false,
+                    last_contact_unix_ms: at,
+                    reported: 0,
+                });
+                view.reported += 1;
+                view.last_contact_unix_ms = view.last_contact_unix_ms.max(at);
+            }
+        }
+        *seen_records = history.len();
+    }
+}
+
+async fn metrics_page(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
+    s.observe();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        prometheus().render(),
+    )
+}
+
+async fn ready(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
+    if *s.ready.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else {
+        (StatusCode::OK, "ready")
+    }
+}
+
+async fn status(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
+    match s.status() {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
+}
+
+/// The dashboard page: one self-contained HTML file, no external resources.
+pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+/// Starts the metrics observer and, when `http` is given, the HTTP listener.
+/// Both stop when `shutdown` turns true. Returns the HTTP address.
+pub fn spawn(
+    shared: Arc<Shared>,
+    run_id: String,
+    http: Option<TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    prometheus();
+    let state = Arc::new(ObserverState {
+        shared,
+        run_id,
+        agents: Mutex::new(BTreeMap::new()),
+        cursor: Mutex::new((0, None)),
+        ready: shutdown.clone(),
+    });
+    let obs = Arc::clone(&state);
+    let mut stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut progress = obs.shared.progress();
+        loop {
+            obs.observe();
+            tokio::select! {
+                r = progress.changed() => if r.is_err() { break },
+                _ = stop.wait_for(|v| *v) => break,
+            }
+        }
+        obs.observe();
+    });
+    let Some(listener) = http else {
+        return Ok(None);
+    };
+    let addr = listener.local_addr().context("HTTP listener address")?;
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { Html(DASHBOARD_HTML) }))
+        .route("/metrics", axum::routing::get(metrics_page))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", axum::routing::get(ready))
+        .route("/api/status", axum::routing::get(status))
+        .with_state(state);
+    let mut stop = shutdown;
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|v| *v).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP listener failed");
+        }
+    });
+    tracing::info!(%addr, "serving /metrics and the dashboard");
+    Ok(Some(addr))
+}

@@ -1,0 +1,105 @@
+//! `fedcart-coordinator status`: the current run, round, connected agents and
+//! last round's metrics, from the `Status` RPC, as a table or JSON.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use fedcart_proto::v1 as pb;
+use fedcart_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// Client TLS files for talking to a coordinator (an operator certificate
+/// issued by `certs issue` and on the allow-list).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// CA bundle the coordinator's certificate chains to.
+    pub ca: PathBuf,
+    /// Our certificate.
+    pub cert: PathBuf,
+    /// Our key.
+    pub key: PathBuf,
+    /// Name to verify on the coordinator's certificate.
+    pub domain: String,
+}
+
+/// Connects to `url`, with mutual TLS when `tls` is given.
+pub async fn connect(
+    url: &str,
+    tls: Option<&ClientTls>,
+) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
+    let mut ep = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("coordinator address `{url}`"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10));
+    if let Some(t) = tls {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        ep = ep.tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(&t.ca)?))
+                .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
+                .domain_name(t.domain.clone()),
+        )?;
+    }
+    let ch = ep
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(CoordinatorClient::new(ch))
+}
+
+/// Fetches the status.
+pub async fn fetch(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<pb::StatusReply> {
+    let mut c = connect(url, tls).await?;
+    Ok(c.status(pb::StatusRequest {})
+        .await
+        .context("Status RPC")?
+        .into_inner())
+}
+
+/// The status as JSON (the last round record is embedded as an object).
+pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
+    let last: serde_json::Value =
+        serde_json::from_str(&s.last_round_json).unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
+        "run_id": s.run_id,
+        "round": s.round,
+        "model_version": s.model_version,
+        "phase": s.phase,
+        "connected_agents": s.connected_agents,
+        "last_round": last,
+    })
+}
+
+/// The status as a human-readable table.
+pub fn to_table(s: &pb::StatusReply) -> String {
+    let mut t = comfy_table::Table::new();
+    t.set_header(vec!["field", "value"]);
+    t.add_row(vec!["run".to_string(), s.run_id.clone()]);
+    t.add_row(vec!["round".to_string(), s.round.to_string()]);
+    t.add_row(vec![
+        "model version".to_string(),
+        s.model_version.to_string(),
+    ]);
+    t.add_row(vec!["phase".to_string(), s.phase.clone()]);
+    t.add_row(vec![
+        format!("connected agents ({})", s.connected_agents.len()),
+        s.connected_agents.join(", "),
+    ]);
+    if let Ok(r) = serde_json::from_str::<crate::record::RoundRecord>(&s.last_round_json) {
+        t.add_row(vec![
+            "last task".to_string(),
+            format!(
+                "{} ({:?}, {} reported)",
+                r.task_id,
+                r.outcome,
+                r.reported.len()
+            ),
+        ]);
+        for (k, v) in &r.metrics {
+            t.add_row(vec![format!("  {k}"), format!("{v:.4}")]);
+        }
+    }
+    t.to_string()
+}

@@ -1,0 +1,164 @@
+//! `recommend` and `score` on merchants that took part in a federation, from
+//! the state the agents kept on disk; the private user factors survive a
+//! restart.
+
+use fedcart_client::agent::Agent;
+use fedcart_client::recommend::{recommend, score};
+use fedcart_client::state::StateDir;
+use fedcart_common::metrics::auc;
+use fedcart_common::mf::MfHyper;
+use fedcart_common::movielens;
+use fedcart_common::tabular::Schema;
+use fedcart_common::task::ModelSpec;
+use fedcart_tests::*;
+
+fn spawn_with_state(
+    addr: std::net::SocketAddr,
+    data: fedcart_common::train::LocalData,
+    dir: &std::path::Path,
+) -> AgentHandle {
+    let mut a = Agent::new(format!("http://{addr}"), data)
+        .with_state(StateDir::open(dir).unwrap())
+        .unwrap();
+    a.backoff.initial_ms = 20;
+    spawn_configured(a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_writes_a_churn_probability_per_customer_that_ranks_churners_first() {
+    let split = telco_split(2, 3);
+    let store = tempfile::tempdir().unwrap();
+    let states = tempfile::tempdir().unwrap();
+    let coord =
+        start_coordinator(&store.path().join("c.redb"), churn_run("score", 3, 2, 2), 0).await;
+    let agents: Vec<_> = (0..2)
+        .map(|k| {
+            spawn_with_state(
+                coord.addr,
+                load_merchant(&format!("m{k}"), &split.files[k]),
+                &states.path().join(format!("m{k}")),
+            )
+        })
+        .collect();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let state = StateDir::open(states.path().join("m0")).unwrap();
+    let (meta, _) = state
+        .load_global("churn")
+        .unwrap()
+        .expect("global churn model kept");
+    assert_eq!(
+        meta.version, 3,
+        "the evaluation after the last round delivers version 3"
+    );
+    assert!(
+        state
+            .load_metrics("churn")
+            .unwrap()
+            .unwrap()
+            .contains_key("auc")
+    );
+    let out = states.path().join("churn_scores.csv");
+    let n = score(&state, &split.files[0], &Schema::telco(), &out).unwrap();
+    let ds = Schema::telco().load_csv(&split.files[0]).unwrap();
+    assert_eq!(n, ds.len());
+    let mut rd = csv::Reader::from_path(&out).unwrap();
+    let rows: Vec<(String, f32)> = rd
+        .records()
+        .map(|r| {
+            let r = r.unwrap();
+            (r[0].to_string(), r[1].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(rows.len(), n);
+    assert!(
+        rows.iter()
+            .zip(&ds.ids)
+            .all(|((id, p), want)| id == want && *p > 0.0 && *p < 1.0)
+    );
+    let probs: Vec<f32> = rows.iter().map(|r| r.1).collect();
+    let a = auc(ds.y.as_slice().unwrap(), &probs);
+    assert!(
+        a > 0.75,
+        "AUC of the scores on the merchant's own customers: {a}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/ml-latest-small/ratings.csv");
+    let rows = movielens::load_ratings(&path).unwrap();
+    let fed = movielens::explicit_federation(&rows, 2, 0.2, 9);
+    let num_items = fed.catalogue.len();
+    let mut run = churn_run("mf", 2, 2, 2);
+    run.model = ModelSpec::Mf {
+        num_items,
+        factors: 8,
+        hyper: MfHyper::default(),
+    };
+    let store = tempfile::tempdir().unwrap();
+    let states = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let agents: Vec<_> = fed
+        .merchants
+        .iter()
+        .enumerate()
+        .map(|(k, m)| spawn_with_state(coord.addr, m.clone(), &states.path().join(format!("m{k}"))))
+        .collect();
+    coord.wait_finished().await.unwrap();
+    let mut trained = Vec::new();
+    for a in agents {
+        trained.push(a.stop().await);
+    }
+    let mf = fed.merchants[0].mf.as_ref().unwrap();
+    let state = StateDir::open(states.path().join("m0")).unwrap();
+    let customer = mf.users[0].clone();
+    let recs = recommend(&state, mf, &fed.catalogue, &customer, 10).unwrap();
+    assert_eq!(recs.len(), 10);
+    assert!(recs.windows(2).all(|w| w[0].score >= w[1].score));
+    let bought: std::collections::HashSet<&str> = mf
+        .train
+        .iter()
+        .chain(&mf.test)
+        .filter(|r| r.user == 0)
+        .map(|r| fed.catalogue.id(r.item).unwrap())
+        .collect();
+    assert!(!bought.is_empty());
+    assert!(recs.iter().all(|r| !bought.contains(r.item.as_str())));
+    assert!(recommend(&state, mf, &fed.catalogue, "no-such-customer", 10).is_err());
+
+    // A restarted agent resumes with the trained private factors.
+    let restarted = Agent::new("http://127.0.0.1:1", fed.merchants[0].clone())
+        .with_state(StateDir::open(states.path().join("m0")).unwrap())
+        .unwrap();
+    let kept = &restarted.data.mf.as_ref().unwrap().state;
+    assert_eq!(kept, &trained[0].data.mf.as_ref().unwrap().state);
+    assert_eq!(kept.k, 8);
+}
+
+#[test]
+fn deploy_configs_load_with_the_real_config_types() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let c =
+        fedcart_coordinator::config::CoordinatorConfig::load(&root.join("docker/coordinator.toml"))
+            .unwrap();
+    assert_eq!(
+        c.run.model,
+        ModelSpec::ChurnLr {
+            num_features: Schema::telco().num_features()
+        }
+    );
+    assert!(c.serve.tls.is_some() && c.serve.http_listen.is_some());
+    for m in [
+        "docker/merchant-m0.toml",
+        "docker/merchant-m1.toml",
+        "docker/merchant-m2.toml",
+        "systemd/merchant.toml",
+    ] {
+        let a = fedcart_client::config::AgentConfig::load(&root.join(m)).unwrap();
+        assert!(a.tls.is_some() && a.state_dir.is_some(), "{m}");
+    }
+}

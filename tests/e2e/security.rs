@@ -1,0 +1,337 @@
+//! Mutual TLS, identities and hardening over real sockets: admitted, refused
+//! (no certificate, foreign CA, revoked, unknown, impersonating), plaintext
+//! refused by a TLS coordinator; fuzzed bytes into every RPC; `/metrics` and
+//! health over two rounds.
+
+use std::time::Duration;
+
+use fedcart_coordinator::certs::{self, CertDir};
+use fedcart_coordinator::server::{ServeOptions, start_with};
+use fedcart_coordinator::tls::{TlsFiles, Transport};
+use fedcart_proto::v1 as pb;
+use fedcart_proto::v1::coordinator_client::CoordinatorClient;
+use fedcart_tests::*;
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// A CA with a coordinator certificate and merchants `m0`, `m1` allowed.
+fn pki(dir: &std::path::Path) -> (CertDir, TlsFiles) {
+    let cd = CertDir::new(dir);
+    certs::init(&cd, &["localhost".into()]).unwrap();
+    let files = TlsFiles::in_dir(dir);
+    for id in ["m0", "m1", "outsider"] {
+        certs::issue(&cd, id).unwrap();
+    }
+    certs::allow(&files.access, "m0").unwrap();
+    certs::allow(&files.access, "m1").unwrap();
+    (cd, files)
+}
+
+fn client_tls(ca: &CertDir, who: Option<(&CertDir, &str)>) -> ClientTlsConfig {
+    let mut cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca.ca_cert()).unwrap()))
+        .domain_name("localhost");
+    if let Some((dir, id)) = who {
+        cfg = cfg.identity(Identity::from_pem(
+            std::fs::read(dir.cert(id)).unwrap(),
+            std::fs::read(dir.key(id)).unwrap(),
+        ));
+    }
+    cfg
+}
+
+async fn start_tls(
+    store: &std::path::Path,
+    files: TlsFiles,
+    rounds: u64,
+) -> fedcart_coordinator::server::Running {
+    init_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_with(
+        listener,
+        store,
+        churn_run("tls", rounds, 2, 2),
+        Duration::from_millis(500),
+        ServeOptions {
+            transport: Transport::Tls(files),
+            http: Some(http),
+            limits: Default::default(),
+        },
+    )
+    .await
+    .expect("TLS coordinator starts")
+}
+
+/// Tries to join as `claimed` over `tls`; Ok(()) when a welcome arrives.
+async fn try_join(
+    addr: std::net::SocketAddr,
+    tls: Option<ClientTlsConfig>,
+    claimed: &str,
+) -> Result<(), String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://localhost:{}", addr.port()))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10));
+    if let Some(t) = tls {
+        ep = ep.tls_config(t).unwrap();
+    }
+    let ch = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+    let mut c = CoordinatorClient::new(ch);
+    let req = pb::JoinRequest {
+        merchant_id: claimed.into(),
+        examples: Default::default(),
+        agent_version: "test".into(),
+    };
+    let mut s = c
+        .join(req)
+        .await
+        .map_err(|e| format!("join: {e}"))?
+        .into_inner();
+    match s.message().await {
+        Ok(Some(pb::Work {
+            kind: Some(pb::work::Kind::Welcome(_)),
+        })) => Ok(()),
+        other => Err(format!("no welcome: {other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cd, files) = pki(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = CertDir::new(other.path());
+    certs::init(&other_ca, &["localhost".into()]).unwrap();
+    certs::issue(&other_ca, "m0").unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_tls(&store.path().join("c.redb"), files.clone(), 1).await;
+    let addr = coord.addr;
+
+    try_join(addr, Some(client_tls(&cd, Some((&cd, "m0")))), "m0")
+        .await
+        .expect("a valid, allowed certificate joins");
+    let no_cert = try_join(addr, Some(client_tls(&cd, None)), "m0").await;
+    assert!(no_cert.is_err(), "no client certificate: {no_cert:?}");
+    let foreign = try_join(addr, Some(client_tls(&cd, Some((&other_ca, "m0")))), "m0").await;
+    assert!(foreign.is_err(), "certificate from another CA: {foreign:?}");
+    let unknown = try_join(
+        addr,
+        Some(client_tls(&cd, Some((&cd, "outsider")))),
+        "outsider",
+    )
+    .await;
+    assert!(unknown.unwrap_err().contains("not on the allow-list"));
+    let impersonate = try_join(addr, Some(client_tls(&cd, Some((&cd, "m1")))), "m0").await;
+    assert!(impersonate.unwrap_err().contains("may not join as"));
+    let plaintext = try_join(addr, None, "m0").await;
+    assert!(
+        plaintext.is_err(),
+        "plaintext to a TLS coordinator: {plaintext:?}"
+    );
+
+    // A session id is bound to the certificate that joined it.
+    let channel = |id: &str| {
+        Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+            .unwrap()
+            .tls_config(client_tls(&cd, Some((&cd, id))))
+            .unwrap()
+            .connect_lazy()
+    };
+    let mut m1 = CoordinatorClient::new(channel("m1"));
+    let mut work = m1
+        .join(pb::JoinRequest {
+            merchant_id: "m1".into(),
+            examples: Default::default(),
+            agent_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::Work {
+        kind: Some(pb::work::Kind::Welcome(w)),
+    }) = work.message().await.unwrap()
+    else {
+        panic!("welcome expected");
+    };
+    let stolen = pb::ModelRequest {
+        session_id: w.session_id.clone(),
+        ..Default::default()
+    };
+    let Err(err) = CoordinatorClient::new(channel("m0"))
+        .download_model(stolen)
+        .await
+    else {
+        panic!("a session of m1 used with m0's certificate must be refused");
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("session of `m1`"), "{err}");
+
+    // Revocation takes effect without a restart.
+    certs::revoke(&files.access, "m1").unwrap();
+    let revoked = try_join(addr, Some(client_tls(&cd, Some((&cd, "m1")))), "m1").await;
+    assert!(revoked.unwrap_err().contains("revoked"));
+    coord.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_is_served_only_when_insecure_is_explicit() {
+    let store = tempfile::tempdir().unwrap();
+    let coord =
+        start_coordinator(&store.path().join("c.redb"), churn_run("plain", 1, 2, 2), 0).await;
+    try_join(coord.addr, None, "m0")
+        .await
+        .expect("insecure coordinator takes plaintext");
+    coord.shutdown().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fedcart_coordinator::config::CoordinatorConfig {
+        serve: fedcart_coordinator::config::ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: dir.path().join("s.redb"),
+            ping_interval_ms: 500,
+            tls: None,
+            http_listen: None,
+        },
+        run: churn_run("r", 1, 1, 1),
+    };
+    let err = fedcart_coordinator::server::start_from_config(&cfg, false)
+        .await
+        .err()
+        .expect("no TLS and no --insecure must refuse to start");
+    assert!(format!("{err:#}").contains("--insecure"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cd, files) = pki(dir.path());
+    let split = telco_split(2, 5);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_tls(&store.path().join("c.redb"), files, 2).await;
+    let http = coord.http_addr.expect("HTTP listener");
+
+    // gRPC health over mutual TLS.
+    let ch = Endpoint::from_shared(format!("https://localhost:{}", coord.addr.port()))
+        .unwrap()
+        .tls_config(client_tls(&cd, Some((&cd, "m0"))))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let before = http_get(http, "/metrics").await;
+    assert!(!before.contains("fedcart_rounds_committed_total{run=\"tls\",kind=\"train\"}"));
+    let agents: Vec<_> = (0..2)
+        .map(|k| {
+            let id = format!("m{k}");
+            let mut a = fedcart_client::agent::Agent::new(
+                format!("https://localhost:{}", coord.addr.port()),
+                load_merchant(&id, &split.files[k]),
+            );
+            a.tls = Some(client_tls(&cd, Some((&cd, &id))));
+            spawn_configured(a)
+        })
+        .collect();
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.version >= 1).await.unwrap();
+    let mid = http_get(http, "/metrics").await;
+    progress.wait_for(|p| p.finished).await.unwrap();
+    let after = http_get(http, "/metrics").await;
+    let committed = |text: &str| {
+        metric(
+            text,
+            "fedcart_rounds_committed_total{run=\"tls\",kind=\"train\"}",
+        )
+    };
+    assert!(committed(&mid) >= 1.0, "{mid}");
+    assert_eq!(committed(&after), 2.0, "{after}");
+    assert_eq!(metric(&after, "fedcart_model_version{run=\"tls\"}"), 2.0);
+    assert!(
+        metric(
+            &after,
+            "fedcart_update_bytes_in_total{run=\"tls\",kind=\"train\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "fedcart_agents_reported_total{run=\"tls\",kind=\"train\"}"
+        ),
+        4.0
+    );
+    let status = http_get(http, "/api/status").await;
+    assert!(status.contains("\"model_version\":2"), "{status}");
+    assert!(http_get(http, "/").await.contains("id=\"charts\""));
+
+    // The `status` command's client over mutual TLS, as table and JSON.
+    let tls = fedcart_coordinator::status::ClientTls {
+        ca: cd.ca_cert(),
+        cert: cd.cert("m0"),
+        key: cd.key("m0"),
+        domain: "localhost".into(),
+    };
+    let url = format!("https://localhost:{}", coord.addr.port());
+    let reply = fedcart_coordinator::status::fetch(&url, Some(&tls))
+        .await
+        .unwrap();
+    let json = fedcart_coordinator::status::to_json(&reply);
+    assert_eq!(json["model_version"], 2);
+    assert_eq!(json["run_id"], "tls");
+    assert_eq!(json["last_round"]["outcome"], "committed");
+    let table = fedcart_coordinator::status::to_table(&reply);
+    assert!(
+        table.contains("model version") && table.contains("finished"),
+        "{table}"
+    );
+    assert!(
+        fedcart_coordinator::status::fetch(&url, None)
+            .await
+            .is_err(),
+        "status without a certificate is refused"
+    );
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}
+
+/// The value of the first sample line starting with `series` (0 if absent).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection; returns the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{path}: {}",
+        text.lines().next().unwrap_or("")
+    );
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
