@@ -13,6 +13,7 @@ pub mod lr;
 pub mod metrics;
 pub mod mf;
 pub mod movielens;
+pub mod partition;
 pub mod reference;
 pub mod secagg;
 pub mod seed;
