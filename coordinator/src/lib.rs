@@ -4,6 +4,7 @@
 //!   aggregation, quorum, commit).
 //! - [`store`]: the durable redb store of run, versions and history.
 //! - [`service`]: the gRPC driver of the engine.
+//! - [`simulate`]: the in-process simulator, the engine's second driver.
 //! - [`server`]: wiring config → store → engine → service, as one call.
 #![forbid(unsafe_code)]
 
@@ -12,4 +13,5 @@ pub mod engine;
 pub mod record;
 pub mod server;
 pub mod service;
+pub mod simulate;
 pub mod store;

@@ -33,6 +33,10 @@ enum Command {
         #[arg(long, env = "FEDCART_STORE")]
         store: Option<PathBuf>,
     },
+    /// Simulate a federation in-process: the real round engine and the real
+    /// local training with N virtual merchants. Without flags it runs the demo
+    /// (MovieLens MF and Telco churn, 10 merchants) on the bundled data.
+    Simulate(fedcart_coordinator::simulate::SimArgs),
 }
 
 fn init_logs(json: bool) {
@@ -75,5 +79,6 @@ async fn main() -> anyhow::Result<()> {
             }
             running.shutdown().await
         }
+        Command::Simulate(args) => fedcart_coordinator::simulate::main(args),
     }
 }
