@@ -112,6 +112,7 @@ pub fn churn_run(run_id: &str, rounds: u64, merchants: usize, quorum: usize) -> 
         round_timeout_ms: 60_000,
         evaluate: true,
         strategy: "fedavg".into(),
+        secagg: None,
     }
 }
 

@@ -12,3 +12,4 @@
 pub mod agent;
 pub mod config;
 pub mod data;
+pub mod prepare;

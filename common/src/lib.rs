@@ -8,11 +8,15 @@
 
 pub mod aggregate;
 pub mod catalogue;
+pub mod churn;
+pub mod dp;
 pub mod interactions;
 pub mod lr;
 pub mod metrics;
 pub mod mf;
+pub mod mlp;
 pub mod movielens;
+pub mod orders;
 pub mod partition;
 pub mod reference;
 pub mod secagg;

@@ -56,6 +56,14 @@ pub enum ModelSpec {
         #[serde(default)]
         hyper: MfHyper,
     },
+    /// A ReLU multi-layer perceptron for churn (see `mlp`): federated
+    /// parameters are all weights and biases, flat, divided uniformly.
+    ChurnMlp {
+        /// Encoded feature count.
+        num_features: usize,
+        /// Hidden layer widths (one or two layers in practice).
+        hidden: Vec<usize>,
+    },
 }
 
 impl ModelSpec {
@@ -63,7 +71,7 @@ impl ModelSpec {
     /// advertise their example counts.
     pub fn data_family(&self) -> &'static str {
         match self {
-            ModelSpec::ChurnLr { .. } => "churn",
+            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. } => "churn",
             ModelSpec::Noop { .. } => "noop",
             ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => "mf",
         }
@@ -76,6 +84,7 @@ impl ModelSpec {
             ModelSpec::Noop { .. } => "noop",
             ModelSpec::Mf { .. } => "mf",
             ModelSpec::MfImplicit { .. } => "mf-implicit",
+            ModelSpec::ChurnMlp { .. } => "churn-mlp",
         }
     }
 
@@ -90,13 +99,23 @@ impl ModelSpec {
             | ModelSpec::MfImplicit {
                 num_items, factors, ..
             } => mf::model_len(*num_items, *factors),
+            ModelSpec::ChurnMlp {
+                num_features,
+                hidden,
+            } => crate::mlp::MlpShape {
+                num_features: *num_features,
+                hidden: hidden.clone(),
+            }
+            .param_len(),
         }
     }
 
     /// How summed updates are divided back into a step.
     pub fn layout(&self) -> WeightLayout {
         match self {
-            ModelSpec::ChurnLr { .. } | ModelSpec::Noop { .. } => WeightLayout::uniform(),
+            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. } | ModelSpec::Noop { .. } => {
+                WeightLayout::uniform()
+            }
             ModelSpec::Mf {
                 num_items,
                 factors,
@@ -114,15 +133,20 @@ impl ModelSpec {
     /// needs no statistics step).
     pub fn stats_len(&self) -> usize {
         match self {
-            ModelSpec::ChurnLr { num_features } => 2 * num_features,
+            ModelSpec::ChurnLr { num_features } | ModelSpec::ChurnMlp { num_features, .. } => {
+                2 * num_features
+            }
             ModelSpec::Noop { .. } => 0,
             ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => 0,
         }
     }
 
-    /// The first global model version.
+    /// The first global model version: zeros for LR; He-initialised weights
+    /// drawn from the run seed for the MLP (zeros would never break symmetry);
+    /// small seeded random item factors for MF.
     pub fn initial_params(&self, seed: u64) -> Vec<f32> {
         match self {
+            ModelSpec::ChurnMlp { .. } => crate::churn::mlp_initial_params(self, seed),
             ModelSpec::Mf {
                 num_items,
                 factors,

@@ -84,6 +84,9 @@ pub enum TrainError {
         /// Catalogue size of the task's model.
         num_items: usize,
     },
+    /// The model specification itself is unusable (e.g. a zero-width layer).
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
     /// A train task arrived before the statistics step finished.
     #[error("the task needs feature statistics but carries none")]
     MissingStandardizer,
@@ -112,6 +115,10 @@ pub fn run_task(
     match &spec.model {
         ModelSpec::ChurnLr { num_features } => churn_lr_task(spec, *num_features, global, data),
         ModelSpec::Noop { dim } => Ok(noop_task(spec, *dim, &data.merchant_id)),
+        ModelSpec::ChurnMlp {
+            num_features,
+            hidden,
+        } => crate::churn::mlp_task(spec, *num_features, hidden, global, data),
         ModelSpec::Mf {
             num_items,
             factors,

@@ -50,6 +50,25 @@ pub struct RunConfig {
     /// Aggregation strategy name (`fedavg`).
     #[serde(default = "fedavg")]
     pub strategy: String,
+    /// Secure aggregation: when set, the coordinator only ever learns the sum
+    /// of the statistics and training updates.
+    #[serde(default)]
+    pub secagg: Option<SecAggSettings>,
+}
+
+/// Secure-aggregation settings of a run (see `fedcart_common::secagg`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggSettings {
+    /// Neighbours per agent (SecAgg+); `None` is the complete graph.
+    #[serde(default)]
+    pub neighbours: Option<usize>,
+    /// Every update value is clipped to [-clip, clip] before encoding; the
+    /// clipped fraction is reported per round.
+    pub clip: f32,
+    /// Malicious-server consistency check (signed survivor lists).
+    #[serde(default)]
+    pub verify_survivors: bool,
 }
 
 fn yes() -> bool {

@@ -107,6 +107,12 @@ pub enum SubmitError {
     /// A metric is not a finite number.
     #[error("metric `{0}` is not finite")]
     BadMetric(String),
+    /// A plaintext update was sent for a task under secure aggregation.
+    #[error("task `{0}` uses secure aggregation: plaintext updates are refused")]
+    PlaintextInSecureTask(String),
+    /// A secure sum was handed over for a task that is not secure, or twice.
+    #[error("task `{0}` does not expect a secure sum")]
+    UnexpectedSecureSum(String),
 }
 
 /// A task handed out to agents.
@@ -126,6 +132,9 @@ pub struct TaskPlan {
     pub model_len: u64,
     /// Selected agents, sorted.
     pub selected: Vec<String>,
+    /// True when the task's updates go through secure aggregation: agents
+    /// submit only metrics, and the driver hands over the unmasked sum.
+    pub secure: bool,
 }
 
 /// A result delivered by an agent.
@@ -158,6 +167,8 @@ struct OpenTask {
     started: Instant,
     started_unix_ms: i64,
     bytes_in: u64,
+    /// Survivors of secure aggregation, once the driver handed over the sum.
+    secure_survivors: Option<BTreeSet<String>>,
 }
 
 /// The coordinator's round engine over a durable store.
@@ -337,7 +348,9 @@ impl Engine {
             standardizer: self.standardizer.clone(),
         };
         let needs_model = kind != TaskKind::Stats;
+        let secure = self.run.secagg.is_some() && kind != TaskKind::Evaluate;
         let plan = TaskPlan {
+            secure,
             round,
             attempt,
             task_id,
@@ -371,6 +384,7 @@ impl Engine {
             started: Instant::now(),
             started_unix_ms: unix_ms(),
             bytes_in: 0,
+            secure_survivors: None,
         });
         tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
         Ok(plan)
@@ -451,8 +465,14 @@ impl Engine {
             return Err(UpdateError::BadWeight(sub.weight).into());
         }
         let spec = &open.plan.spec;
+        if open.plan.secure && sub.update.is_some() {
+            return Err(SubmitError::PlaintextInSecureTask(
+                open.plan.task_id.clone(),
+            ));
+        }
         match (&sub.update, spec.kind) {
             (None, TaskKind::Evaluate) => {}
+            (None, _) if open.plan.secure => {}
             (Some(u), TaskKind::Train | TaskKind::Stats) => {
                 u.validate(spec.update_len(), &spec.update_layout())?;
                 match &mut open.acc {
@@ -479,6 +499,41 @@ impl Engine {
             *open.metric_sums.entry(k.clone()).or_default() += v * sub.weight;
         }
         open.metric_weight += sub.weight;
+        Ok(())
+    }
+
+    /// Hands over the unmasked sum of a secure task and the agents whose
+    /// inputs it contains. The engine never sees an individual update of a
+    /// secure task: only this sum.
+    pub fn set_secure_sum(
+        &mut self,
+        survivors: &[String],
+        sum: SumAccumulator,
+    ) -> Result<(), SubmitError> {
+        let open = self
+            .open
+            .as_mut()
+            .ok_or_else(|| SubmitError::UnexpectedSecureSum("none".into()))?;
+        if !open.plan.secure || open.secure_survivors.is_some() {
+            return Err(SubmitError::UnexpectedSecureSum(open.plan.task_id.clone()));
+        }
+        let len = open.plan.spec.update_len();
+        let ncw = open.plan.spec.update_layout().num_coord_weights;
+        if sum.sum_values().len() != len {
+            return Err(UpdateError::WrongLength {
+                expected: len,
+                got: sum.sum_values().len(),
+            }
+            .into());
+        }
+        let _ = ncw;
+        let survivors: BTreeSet<String> = survivors
+            .iter()
+            .filter(|s| open.selected.contains(*s))
+            .cloned()
+            .collect();
+        open.acc = Accumulation::Sum(sum);
+        open.secure_survivors = Some(survivors);
         Ok(())
     }
 
@@ -514,7 +569,13 @@ impl Engine {
         } else {
             self.run.quorum
         };
-        let reported = open.reported.len();
+        // Under secure aggregation only agents inside the unmasked sum count.
+        let contributors: BTreeSet<String> = match (&open.secure_survivors, open.plan.secure) {
+            (Some(s), _) => s.clone(),
+            (None, true) => BTreeSet::new(),
+            (None, false) => open.reported.clone(),
+        };
+        let reported = contributors.len();
         let metrics: BTreeMap<String, f64> = if open.metric_weight > 0.0 {
             open.metric_sums
                 .iter()
@@ -531,8 +592,8 @@ impl Engine {
             outcome: Outcome::Aborted,
             base_version: open.plan.model_version,
             selected: open.selected.iter().cloned().collect(),
-            reported: open.reported.iter().cloned().collect(),
-            dropped: open.selected.difference(&open.reported).cloned().collect(),
+            reported: contributors.iter().cloned().collect(),
+            dropped: open.selected.difference(&contributors).cloned().collect(),
             rejected: open.rejected.clone(),
             metrics,
             examples: open.metric_weight,

@@ -24,7 +24,7 @@ use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
 use rayon::prelude::*;
 
-use crate::config::{RunConfig, Selection};
+use crate::config::{RunConfig, SecAggSettings, Selection};
 use crate::engine::{Engine, Submission};
 use crate::record::Outcome;
 use crate::store::Store;
@@ -79,10 +79,6 @@ pub fn run_one(
                 s.strategy
             );
         }
-        bail!(
-            "secure aggregation in the simulator needs the engine's secure-sum entry point, \
-             which this build lacks; pass --no-secagg"
-        );
     }
     let load_start = Instant::now();
     let pop = data::build(
@@ -114,6 +110,11 @@ pub fn run_one(
         round_timeout_ms: u64::MAX / 2,
         evaluate: !matches!(pop.model, ModelSpec::Noop { .. }),
         strategy: s.strategy.clone(),
+        secagg: s.secagg.then(|| SecAggSettings {
+            neighbours: None,
+            clip: s.secagg_clip(task),
+            verify_survivors: false,
+        }),
     };
     run.validate()?;
     let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
@@ -153,6 +154,7 @@ pub fn run_one(
             }
         }
         let mut per_merchant = BTreeMap::new();
+        let mut secure_inputs: Vec<(String, fedcart_common::update::Update)> = Vec::new();
         for chunk in todo.chunks(CHUNK) {
             let outs: Vec<_> = pool.install(|| {
                 chunk
@@ -187,8 +189,18 @@ pub fn run_one(
                 if plan.spec.kind == TaskKind::Evaluate {
                     per_merchant.insert(id.clone(), out.metrics.clone());
                 }
+                let update = if plan.secure {
+                    // Under secure aggregation the engine gets only metrics;
+                    // the update goes into the masked sum below.
+                    if let Some(u) = out.update.take() {
+                        secure_inputs.push((id.clone(), u));
+                    }
+                    None
+                } else {
+                    out.update
+                };
                 let sub = Submission {
-                    update: out.update,
+                    update,
                     metrics: out.metrics,
                     weight: out.weight,
                     bytes,
@@ -197,6 +209,11 @@ pub fn run_one(
                     tracing::warn!(merchant = %id, error = %e, "submission refused");
                 }
             }
+        }
+        if plan.secure {
+            let started = Instant::now();
+            row.clipped += secure_sum(&mut engine, &plan, secure_inputs, s.seed)?;
+            row.secagg_seconds += started.elapsed().as_secs_f64();
         }
         let record = engine.finish_task()?;
         match plan.spec.kind {
@@ -224,6 +241,47 @@ pub fn run_one(
     bar.finish_and_clear();
     exp.finish();
     Ok(exp)
+}
+
+/// Runs secure aggregation over the round's updates (all parties in this
+/// process, the real protocol and encoding) and hands the engine the decoded
+/// sum. Returns the number of clipped coordinates.
+fn secure_sum(
+    engine: &mut Engine,
+    plan: &crate::engine::TaskPlan,
+    inputs: Vec<(String, fedcart_common::update::Update)>,
+    seed: u64,
+) -> anyhow::Result<u64> {
+    use fedcart_common::secagg::{Dropouts, SecAggConfig, run_in_memory};
+    let n = inputs.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let layout = plan.spec.update_layout();
+    let settings = engine.run().secagg.clone().expect("secure task has settings");
+    let len = plan.spec.update_len();
+    let mut cfg = if n <= 64 {
+        SecAggConfig::complete(len, layout.num_coord_weights, n, settings.clip)
+    } else {
+        SecAggConfig::sparse(len, layout.num_coord_weights, n, settings.clip)
+    };
+    cfg.verify_survivors = settings.verify_survivors;
+    let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
+    let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
+    let out = run_in_memory(&cfg, &updates, &Dropouts::none(), round_seed)
+        .with_context(|| format!("secure aggregation of task {}", plan.task_id))?;
+    drop(updates);
+    let survivors: Vec<String> = out
+        .output
+        .survivors
+        .iter()
+        .map(|&i| ids[i as usize].clone())
+        .collect();
+    let clipped = out.output.sum.clipped;
+    engine
+        .set_secure_sum(&survivors, out.output.sum.into_accumulator())
+        .map_err(|e| anyhow::anyhow!("handing the secure sum to the engine: {e}"))?;
+    Ok(clipped)
 }
 
 fn progress_bar(rounds: u64, name: &str) -> indicatif::ProgressBar {

@@ -19,7 +19,10 @@ impl From<SubmitError> for Status {
             SubmitError::NotSelected(_) => Status::permission_denied(msg),
             SubmitError::Duplicate(_) => Status::already_exists(msg),
             SubmitError::Invalid(UpdateError::PayloadLength { .. }) => Status::out_of_range(msg),
-            SubmitError::Invalid(_) | SubmitError::BadMetric(_) => Status::invalid_argument(msg),
+            SubmitError::Invalid(_)
+            | SubmitError::BadMetric(_)
+            | SubmitError::PlaintextInSecureTask(_) => Status::invalid_argument(msg),
+            SubmitError::UnexpectedSecureSum(_) => Status::failed_precondition(msg),
         }
     }
 }

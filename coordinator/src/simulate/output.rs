@@ -41,6 +41,10 @@ pub struct RoundRow {
     pub bytes_down: u64,
     /// Wall-clock seconds of the round (train + evaluate).
     pub seconds: f64,
+    /// Of `seconds`, the secure aggregation (all parties, in-process).
+    pub secagg_seconds: f64,
+    /// Update coordinates clipped by secure aggregation's encoding.
+    pub clipped: u64,
 }
 
 /// Wall-clock timings of an experiment.
@@ -129,7 +133,10 @@ impl Experiment {
     pub fn without_timings(&self) -> serde_json::Value {
         let mut e = self.clone();
         e.timing = Timing::default();
-        e.rounds.iter_mut().for_each(|r| r.seconds = 0.0);
+        e.rounds.iter_mut().for_each(|r| {
+            r.seconds = 0.0;
+            r.secagg_seconds = 0.0;
+        });
         serde_json::to_value(e).expect("serialisable")
     }
 }

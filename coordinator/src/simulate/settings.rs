@@ -72,6 +72,10 @@ pub struct SimArgs {
     #[arg(long)]
     #[serde(skip)]
     pub no_secagg: bool,
+    /// Secure aggregation clips every update value to [-X, X] [default: 1 for
+    /// noop, 200 otherwise: updates are weighted by example counts].
+    #[arg(long)]
+    pub secagg_clip: Option<f32>,
     /// Probability that a selected merchant drops out of a task [default: 0].
     #[arg(long)]
     pub dropout: Option<f64>,
@@ -152,6 +156,8 @@ pub struct Settings {
     pub strategy: String,
     /// Secure aggregation.
     pub secagg: bool,
+    /// Secure-aggregation clip (None = per-task default).
+    pub secagg_clip: Option<f32>,
     /// Per-task dropout probability.
     pub dropout: f64,
     /// Malicious fraction.
@@ -208,6 +214,7 @@ impl Settings {
             partition: pick!(partition, "iid".into()).parse()?,
             strategy: pick!(strategy, "fedavg".into()),
             secagg: if args.no_secagg { false } else { args.secagg || file.secagg },
+            secagg_clip: args.secagg_clip.or(file.secagg_clip),
             dropout: pick!(dropout, 0.0),
             malicious: pick!(malicious, 0.0),
             attack: Attack::parse(&pick!(attack, "scale:10".into()))?,
@@ -254,6 +261,14 @@ impl Settings {
                 (TaskChoice::Mf, TaskChoice::Mf.default_data()),
                 (TaskChoice::ChurnLr, TaskChoice::ChurnLr.default_data()),
             ],
+        })
+    }
+
+    /// The secure-aggregation clip for `task`.
+    pub fn secagg_clip(&self, task: TaskChoice) -> f32 {
+        self.secagg_clip.unwrap_or(match task {
+            TaskChoice::Noop(_) => 1.0,
+            _ => 200.0,
         })
     }
 

@@ -1,0 +1,306 @@
+//! `fedcart-client prepare`: runs the merchant's orders export through the
+//! orders pipeline and writes what was derived — features, interactions and
+//! a summary — so the merchant can inspect it before joining any round.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use fedcart_common::orders::{
+    self, BadRowPolicy, ChurnConfig, Delimiter, OrdersMapping, TimestampFormat,
+};
+use serde::Serialize;
+
+/// Arguments of `prepare`. Column flags override the mapping file's entries;
+/// without a mapping file, `--customer-col`, `--timestamp-col` and
+/// `--amount-col` are required.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrepareArgs {
+    /// The orders export (CSV, TSV or whitespace-separated, with a header line).
+    #[arg(long)]
+    pub orders: PathBuf,
+    /// A TOML column mapping (see `client/examples/cdnow-mapping.toml`).
+    #[arg(long)]
+    pub mapping: Option<PathBuf>,
+    /// Customer id column.
+    #[arg(long)]
+    pub customer_col: Option<String>,
+    /// Item id column (omit for exports without items: no interactions then).
+    #[arg(long)]
+    pub item_col: Option<String>,
+    /// Order time column.
+    #[arg(long)]
+    pub timestamp_col: Option<String>,
+    /// Order time format: auto, unix_seconds, iso8601 or yyyymmdd.
+    #[arg(long)]
+    pub timestamp_format: Option<TimestampFormat>,
+    /// Quantity column (omit: each row counts as one unit).
+    #[arg(long)]
+    pub quantity_col: Option<String>,
+    /// Line value column.
+    #[arg(long)]
+    pub amount_col: Option<String>,
+    /// Explicit rating column.
+    #[arg(long)]
+    pub rating_col: Option<String>,
+    /// Merchant or store column.
+    #[arg(long)]
+    pub merchant_col: Option<String>,
+    /// Field separator: comma, tab, semicolon, pipe or whitespace.
+    #[arg(long)]
+    pub delimiter: Option<Delimiter>,
+    /// History ends at this date (ISO-8601, YYYYMMDD or unix seconds).
+    #[arg(long)]
+    pub cutoff: String,
+    /// A customer churned if they bought nothing this many days after the cutoff.
+    #[arg(long, default_value_t = 90)]
+    pub churn_window_days: u32,
+    /// Length in days of the "recent" part of the trend feature.
+    #[arg(long, default_value_t = 90)]
+    pub trend_window_days: u32,
+    /// What to do with unreadable rows: fail (stop, naming the row) or skip (count them).
+    #[arg(long, default_value = "fail")]
+    pub on_bad_row: BadRowPolicy,
+    /// Directory to write features.csv, interactions.csv and summary.json into.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Serialize)]
+struct Summary<'a> {
+    orders_file: &'a Path,
+    mapping: &'a OrdersMapping,
+    on_bad_row: BadRowPolicy,
+    read: &'a orders::ReadReport,
+    rows_skipped: u64,
+    derived: &'a orders::derive::DeriveSummary,
+}
+
+/// Builds the mapping from the file (if any) and the column flags.
+pub fn resolve_mapping(args: &PrepareArgs) -> anyhow::Result<OrdersMapping> {
+    let mut map = match &args.mapping {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading mapping {}", path.display()))?;
+            toml::from_str::<OrdersMapping>(&text)
+                .with_context(|| format!("parsing mapping {}", path.display()))?
+        }
+        None => {
+            let required = |v: &Option<String>, flag: &str| {
+                v.clone()
+                    .with_context(|| format!("without --mapping, {flag} is required"))
+            };
+            OrdersMapping {
+                customer: required(&args.customer_col, "--customer-col")?,
+                item: None,
+                timestamp: required(&args.timestamp_col, "--timestamp-col")?,
+                timestamp_format: TimestampFormat::Auto,
+                quantity: None,
+                amount: required(&args.amount_col, "--amount-col")?,
+                rating: None,
+                merchant: None,
+                delimiter: Delimiter::Comma,
+            }
+        }
+    };
+    if let Some(v) = &args.customer_col {
+        map.customer = v.clone();
+    }
+    if let Some(v) = &args.timestamp_col {
+        map.timestamp = v.clone();
+    }
+    if let Some(v) = &args.amount_col {
+        map.amount = v.clone();
+    }
+    for (flag, field) in [
+        (&args.item_col, &mut map.item),
+        (&args.quantity_col, &mut map.quantity),
+        (&args.rating_col, &mut map.rating),
+        (&args.merchant_col, &mut map.merchant),
+    ] {
+        if flag.is_some() {
+            *field = flag.clone();
+        }
+    }
+    if let Some(f) = args.timestamp_format {
+        map.timestamp_format = f;
+    }
+    if let Some(d) = args.delimiter {
+        map.delimiter = d;
+    }
+    Ok(map)
+}
+
+/// Runs `prepare`: reads, derives, writes `features.csv`, `interactions.csv`
+/// and `summary.json` into `args.out`, and prints a one-line digest.
+pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
+    let map = resolve_mapping(args)?;
+    let cutoff = TimestampFormat::Auto
+        .parse(args.cutoff.trim())
+        .map_err(|m| anyhow::anyhow!("--cutoff: {m}"))?;
+    if args.churn_window_days == 0 {
+        bail!("--churn-window-days must be at least 1");
+    }
+    let (orders, report) = orders::read_orders(&args.orders, &map, args.on_bad_row)?;
+    let cfg = ChurnConfig {
+        cutoff,
+        churn_window_days: args.churn_window_days,
+        trend_window_days: args.trend_window_days,
+    };
+    let prepared = orders::derive(&orders, &cfg)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    prepared.write_features_csv(&args.out.join("features.csv"))?;
+    prepared.write_interactions_csv(&args.out.join("interactions.csv"))?;
+    let summary = Summary {
+        orders_file: &args.orders,
+        mapping: &map,
+        on_bad_row: args.on_bad_row,
+        read: &report,
+        rows_skipped: report.rows_skipped(),
+        derived: &prepared.summary,
+    };
+    let path = args.out.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    let s = &prepared.summary;
+    println!(
+        "{}: {} rows read, {} skipped; {} customers, churn rate {:.3} (cutoff {}, {} days); {} interactions; wrote {}",
+        args.orders.display(),
+        report.rows_read,
+        report.rows_skipped(),
+        s.customers,
+        s.label_rate,
+        s.cutoff,
+        s.churn_window_days,
+        s.interactions,
+        args.out.display()
+    );
+    if !s.window_covered {
+        println!(
+            "warning: the export ends before the churn window does; churn labels are partly unobserved"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path, orders: PathBuf) -> PrepareArgs {
+        PrepareArgs {
+            orders,
+            mapping: None,
+            customer_col: Some("customer".into()),
+            item_col: Some("sku".into()),
+            timestamp_col: Some("placed_at".into()),
+            timestamp_format: None,
+            quantity_col: Some("qty".into()),
+            amount_col: Some("total".into()),
+            rating_col: None,
+            merchant_col: None,
+            delimiter: None,
+            cutoff: "2024-03-01".into(),
+            churn_window_days: 30,
+            trend_window_days: 90,
+            on_bad_row: BadRowPolicy::Skip,
+            out: dir.join("out"),
+        }
+    }
+
+    #[test]
+    fn prepare_writes_features_interactions_and_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let orders = dir.path().join("orders.csv");
+        std::fs::write(
+            &orders,
+            "customer,sku,placed_at,qty,total\n\
+             alice,A1,2024-01-10T10:00:00Z,2,20.00\n\
+             alice,B2,2024-02-10,1,5.50\n\
+             bob,A1,20240115,1,10\n\
+             bob,A1,not-a-date,1,10\n\
+             alice,C3,2024-03-05,1,7\n\
+             carol,B2,2024-03-10,1,3\n",
+        )
+        .unwrap();
+        let a = args(dir.path(), orders);
+        run(&a).unwrap();
+        let features = std::fs::read_to_string(a.out.join("features.csv")).unwrap();
+        let lines: Vec<&str> = features.lines().collect();
+        assert_eq!(
+            lines[0],
+            "customer_id,recency_days,frequency,monetary,tenure_days,mean_basket_value,mean_gap_days,trend,total_quantity,churned"
+        );
+        // alice bought again within 30 days of the cutoff; bob did not; carol
+        // has no history before the cutoff and is not a row.
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[1].starts_with("alice,") && lines[1].ends_with(",0"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("bob,46,1,10,46,10,46,") && lines[2].ends_with(",1"),
+            "{}",
+            lines[2]
+        );
+        let inter = std::fs::read_to_string(a.out.join("interactions.csv")).unwrap();
+        assert_eq!(
+            inter,
+            "user,item,value,timestamp\nalice,A1,2,1704880800\nalice,B2,1,1707523200\nbob,A1,1,1705276800\n"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(a.out.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["read"]["rows_read"], 6);
+        assert_eq!(summary["read"]["rows_ok"], 5);
+        assert_eq!(summary["read"]["skipped"]["bad_timestamp"], 1);
+        assert_eq!(summary["rows_skipped"], 1);
+        assert_eq!(summary["derived"]["customers"], 2);
+        assert_eq!(summary["derived"]["label_rate"], 0.5);
+        assert_eq!(summary["derived"]["first_order"], "2024-01-10");
+        assert_eq!(summary["derived"]["last_order"], "2024-03-10");
+        assert_eq!(summary["derived"]["interactions"], 3);
+    }
+
+    #[test]
+    fn prepare_fails_on_a_bad_row_naming_it_and_reads_toml_mappings() {
+        let dir = tempfile::tempdir().unwrap();
+        let orders = dir.path().join("orders.tsv");
+        std::fs::write(&orders, "cust\tday\tamt\nx\t20240101\t3\ny\t2024011\t4\n").unwrap();
+        let mapping = dir.path().join("m.toml");
+        std::fs::write(
+            &mapping,
+            "customer = \"cust\"\ntimestamp = \"day\"\ntimestamp_format = \"yyyymmdd\"\namount = \"amt\"\ndelimiter = \"tab\"\n",
+        )
+        .unwrap();
+        let mut a = args(dir.path(), orders.clone());
+        a.mapping = Some(mapping);
+        (
+            a.customer_col,
+            a.item_col,
+            a.timestamp_col,
+            a.quantity_col,
+            a.amount_col,
+        ) = (None, None, None, None, None);
+        a.on_bad_row = BadRowPolicy::Fail;
+        let err = run(&a).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            format!(
+                "{}: line 3, column `day`: `2024011` is not a YYYYMMDD date",
+                orders.display()
+            )
+        );
+        assert!(!a.out.exists(), "nothing is written after a failure");
+    }
+
+    #[test]
+    fn the_bundled_cdnow_mapping_parses_to_the_library_mapping() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cdnow-mapping.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let map: OrdersMapping = toml::from_str(&text).unwrap();
+        assert_eq!(map, OrdersMapping::cdnow());
+    }
+}

@@ -1,0 +1,194 @@
+//! The merchant's own data, from its orders export to everything fedcart
+//! trains on: interactions for the recommenders, per-customer RFM features
+//! for the churn models, and churn labels.
+//!
+//! The pipeline has three steps, each its own module:
+//! - [`mapping`]: which column of the export is which field, and how
+//!   timestamps are written;
+//! - [`read`]: the export → `Vec<Order>`, every bad row reported with the
+//!   file, line and column, failing or skipping (and counting) per policy;
+//! - [`derive`]: orders + a cutoff date → interactions (orders before the
+//!   cutoff), RFM features and churn labels (no purchase within the churn
+//!   window after the cutoff);
+//! - [`export`]: the derived data as CSV for the merchant to inspect.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub mod derive;
+pub mod export;
+pub mod mapping;
+pub mod read;
+
+pub use derive::{ChurnConfig, Prepared, derive};
+pub use mapping::{Delimiter, OrdersMapping, TimestampFormat};
+pub use read::{read_orders, read_orders_from};
+
+/// One order line of the export, after mapping and validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    /// The merchant's customer id.
+    pub customer: String,
+    /// Catalogue item id, when the export has an item column.
+    pub item: Option<String>,
+    /// Unix seconds (UTC).
+    pub timestamp: i64,
+    /// Units bought (1 when the export has no quantity column); never negative.
+    pub quantity: f32,
+    /// Line value; never negative.
+    pub amount: f32,
+    /// Explicit rating, when mapped.
+    pub rating: Option<f32>,
+    /// Merchant or store, when mapped.
+    pub merchant: Option<String>,
+}
+
+/// What to do with a row that cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BadRowPolicy {
+    /// Stop at the first bad row with an error naming it.
+    #[default]
+    Fail,
+    /// Leave the row out and count it under its reason.
+    Skip,
+}
+
+impl std::str::FromStr for BadRowPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fail" => Ok(Self::Fail),
+            "skip" => Ok(Self::Skip),
+            other => Err(format!(
+                "bad-row policy must be `fail` or `skip`, not `{other}`"
+            )),
+        }
+    }
+}
+
+/// Why a data row was rejected; the key under which skipped rows are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BadRowReason {
+    /// The row has more or fewer fields than the header.
+    FieldCount,
+    /// The customer id is blank.
+    BlankCustomer,
+    /// The item id is blank.
+    BlankItem,
+    /// The timestamp does not parse in the mapped format.
+    BadTimestamp,
+    /// The quantity is not a finite number.
+    BadQuantity,
+    /// The quantity is below zero.
+    NegativeQuantity,
+    /// The amount is not a finite number.
+    BadAmount,
+    /// The amount is below zero.
+    NegativeAmount,
+    /// The rating is not a finite number.
+    BadRating,
+}
+
+impl BadRowReason {
+    /// The snake_case name used in summaries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FieldCount => "field_count",
+            Self::BlankCustomer => "blank_customer",
+            Self::BlankItem => "blank_item",
+            Self::BadTimestamp => "bad_timestamp",
+            Self::BadQuantity => "bad_quantity",
+            Self::NegativeQuantity => "negative_quantity",
+            Self::BadAmount => "bad_amount",
+            Self::NegativeAmount => "negative_amount",
+            Self::BadRating => "bad_rating",
+        }
+    }
+}
+
+/// Errors of the orders pipeline. Every data error names the file and the
+/// 1-based line, and the column when one is at fault.
+#[derive(Debug, Error)]
+pub enum OrdersError {
+    /// The file could not be opened or read.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A mapped column is not in the header.
+    #[error("{file}: line 1: missing column `{column}` (header has: {header}){hint}")]
+    MissingColumn {
+        /// The file.
+        file: PathBuf,
+        /// The mapped column name that was not found.
+        column: String,
+        /// The header fields as read, joined by `|`.
+        header: String,
+        /// A hint when the delimiter looks wrong (empty otherwise).
+        hint: String,
+    },
+    /// A field of a data row is unusable.
+    #[error("{file}: line {line}, column `{column}`: {message}")]
+    Cell {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// Header name of the column.
+        column: String,
+        /// Why the row was rejected.
+        reason: BadRowReason,
+        /// What was wrong, quoting the value.
+        message: String,
+    },
+    /// A row's structure is broken (wrong field count, bad quoting or encoding).
+    #[error("{file}: line {line}: {message}")]
+    Row {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// What was wrong.
+        message: String,
+    },
+    /// The file has no header line.
+    #[error("{file}: empty file (no header line)")]
+    Empty {
+        /// The file.
+        file: PathBuf,
+    },
+    /// The cutoff or window settings are unusable.
+    #[error("invalid churn settings: {0}")]
+    Config(String),
+}
+
+/// Counts from reading an export.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReadReport {
+    /// Data rows seen (header and blank lines excluded).
+    pub rows_read: u64,
+    /// Rows kept as orders.
+    pub rows_ok: u64,
+    /// Rows skipped, by reason (only under [`BadRowPolicy::Skip`]).
+    pub skipped: BTreeMap<BadRowReason, u64>,
+    /// The first few skip messages, so a merchant can see real examples.
+    pub examples: Vec<String>,
+}
+
+impl ReadReport {
+    /// Total rows skipped.
+    pub fn rows_skipped(&self) -> u64 {
+        self.skipped.values().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,340 @@
+//! How a merchant's orders export maps onto fedcart's order fields: column
+//! names, delimiter and timestamp format, plus the timestamp parsers.
+//!
+//! The mapping is plain serde data so a merchant can keep it in a TOML file
+//! next to the export (see `client/examples/cdnow-mapping.toml`).
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds in a day; all durations in the features are in days.
+pub const SECONDS_PER_DAY: i64 = 86_400;
+
+/// The field separator of the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Delimiter {
+    /// `,` with CSV quoting.
+    #[default]
+    Comma,
+    /// A tab, with CSV quoting.
+    Tab,
+    /// `;` with CSV quoting (common in European spreadsheet exports).
+    Semicolon,
+    /// `|` with CSV quoting.
+    Pipe,
+    /// Runs of spaces or tabs, no quoting (fixed-width style dumps such as CDNOW).
+    Whitespace,
+}
+
+impl Delimiter {
+    /// The separator byte for the CSV reader (`None` for whitespace runs).
+    pub fn byte(self) -> Option<u8> {
+        match self {
+            Delimiter::Comma => Some(b','),
+            Delimiter::Tab => Some(b'\t'),
+            Delimiter::Semicolon => Some(b';'),
+            Delimiter::Pipe => Some(b'|'),
+            Delimiter::Whitespace => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Delimiter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "comma" | "," => Ok(Self::Comma),
+            "tab" | "\t" => Ok(Self::Tab),
+            "semicolon" | ";" => Ok(Self::Semicolon),
+            "pipe" | "|" => Ok(Self::Pipe),
+            "whitespace" => Ok(Self::Whitespace),
+            other => Err(format!(
+                "delimiter must be comma, tab, semicolon, pipe or whitespace, not `{other}`"
+            )),
+        }
+    }
+}
+
+/// How the timestamp column is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampFormat {
+    /// Decide per value: 8 digits are `YYYYMMDD`, other integers unix
+    /// seconds, anything with a `-` ISO-8601. (An 8-digit unix time would
+    /// be before March 1973, so the overlap does not arise in practice.)
+    #[default]
+    Auto,
+    /// Integer seconds since 1970-01-01 UTC.
+    UnixSeconds,
+    /// `YYYY-MM-DD`, optionally followed by `T` or a space and
+    /// `HH:MM[:SS[.fff]]` and `Z` or `±HH:MM`.
+    Iso8601,
+    /// `YYYYMMDD` (a calendar date, taken at midnight UTC).
+    Yyyymmdd,
+}
+
+impl std::str::FromStr for TimestampFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "unix_seconds" | "unix" => Ok(Self::UnixSeconds),
+            "iso8601" | "iso" => Ok(Self::Iso8601),
+            "yyyymmdd" => Ok(Self::Yyyymmdd),
+            other => Err(format!(
+                "timestamp format must be auto, unix_seconds, iso8601 or yyyymmdd, not `{other}`"
+            )),
+        }
+    }
+}
+
+/// Which columns of the export hold which order field (names as in its
+/// header), and how to read them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrdersMapping {
+    /// Customer identifier column.
+    pub customer: String,
+    /// Catalogue item column; without it no interactions are derived, but
+    /// RFM features and churn labels still are.
+    #[serde(default)]
+    pub item: Option<String>,
+    /// Order time column.
+    pub timestamp: String,
+    /// How the order time is written.
+    #[serde(default)]
+    pub timestamp_format: TimestampFormat,
+    /// Quantity column; without it every row counts as quantity 1.
+    #[serde(default)]
+    pub quantity: Option<String>,
+    /// Order-line value column (the monetary part of RFM).
+    pub amount: String,
+    /// Explicit rating column, used as the interaction value when present.
+    #[serde(default)]
+    pub rating: Option<String>,
+    /// Merchant or store column, for exports that cover several stores.
+    #[serde(default)]
+    pub merchant: Option<String>,
+    /// Field separator.
+    #[serde(default)]
+    pub delimiter: Delimiter,
+}
+
+impl OrdersMapping {
+    /// The mapping of the bundled CDNOW file `data/cdnow/CDNOW_master.txt`:
+    /// whitespace-separated, `YYYYMMDD` dates, no item column.
+    pub fn cdnow() -> Self {
+        Self {
+            customer: "customer_id".into(),
+            item: None,
+            timestamp: "date".into(),
+            timestamp_format: TimestampFormat::Yyyymmdd,
+            quantity: Some("number_of_cds".into()),
+            amount: "dollar_value".into(),
+            rating: None,
+            merchant: None,
+            delimiter: Delimiter::Whitespace,
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// `days_from_civil`), or `None` if the date does not exist.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> Option<i64> {
+    if !(1..=12).contains(&m) || d == 0 {
+        return None;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_len = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if d > month_len[(m - 1) as usize] {
+        return None;
+    }
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
+/// Parses `n` ASCII digits at the start of `s`.
+fn digits(s: &str, n: usize) -> Option<u32> {
+    let part = s.get(..n)?;
+    if part.bytes().all(|b| b.is_ascii_digit()) {
+        part.parse().ok()
+    } else {
+        None
+    }
+}
+
+fn parse_yyyymmdd(s: &str) -> Option<i64> {
+    if s.len() != 8 {
+        return None;
+    }
+    let days = days_from_civil(
+        i64::from(digits(s, 4)?),
+        digits(&s[4..], 2)?,
+        digits(&s[6..], 2)?,
+    )?;
+    Some(days * SECONDS_PER_DAY)
+}
+
+fn parse_unix(s: &str) -> Option<i64> {
+    let body = s.strip_prefix('-').unwrap_or(s);
+    if body.is_empty() || !body.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn parse_iso(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if s.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let days = days_from_civil(
+        i64::from(digits(s, 4)?),
+        digits(&s[5..], 2)?,
+        digits(&s[8..], 2)?,
+    )?;
+    let mut secs = days * SECONDS_PER_DAY;
+    let rest = &s[10..];
+    if rest.is_empty() {
+        return Some(secs);
+    }
+    let rest = rest.strip_prefix('T').or_else(|| rest.strip_prefix(' '))?;
+    let (h, mi) = (digits(rest, 2)?, digits(rest.get(3..)?, 2)?);
+    if rest.as_bytes().get(2) != Some(&b':') || h > 23 || mi > 59 {
+        return None;
+    }
+    let mut rest = &rest[5..];
+    let mut sec = 0;
+    if let Some(r) = rest.strip_prefix(':') {
+        sec = digits(r, 2)?;
+        if sec > 60 {
+            return None;
+        }
+        rest = &r[2..];
+        if let Some(frac) = rest.strip_prefix('.') {
+            let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+            if n == 0 {
+                return None;
+            }
+            rest = &frac[n..];
+        }
+    }
+    secs += i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(sec);
+    match rest {
+        "" | "Z" => Some(secs),
+        _ => {
+            let sign = match rest.as_bytes()[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let off = &rest[1..];
+            let (oh, om) = match off.len() {
+                5 if off.as_bytes()[2] == b':' => (digits(off, 2)?, digits(&off[3..], 2)?),
+                4 => (digits(off, 2)?, digits(&off[2..], 2)?),
+                2 => (digits(off, 2)?, 0),
+                _ => return None,
+            };
+            // Local time minus its offset is UTC.
+            Some(secs - sign * (i64::from(oh) * 3600 + i64::from(om) * 60))
+        }
+    }
+}
+
+impl TimestampFormat {
+    /// Unix seconds of `raw`, or a message saying what was expected.
+    pub fn parse(self, raw: &str) -> Result<i64, String> {
+        let parsed = match self {
+            TimestampFormat::UnixSeconds => parse_unix(raw),
+            TimestampFormat::Iso8601 => parse_iso(raw),
+            TimestampFormat::Yyyymmdd => parse_yyyymmdd(raw),
+            TimestampFormat::Auto => {
+                if raw.contains('-') && raw.len() >= 10 {
+                    parse_iso(raw)
+                } else if raw.len() == 8 {
+                    parse_yyyymmdd(raw)
+                } else {
+                    parse_unix(raw)
+                }
+            }
+        };
+        parsed.ok_or_else(|| {
+            let expected = match self {
+                TimestampFormat::UnixSeconds => "unix seconds",
+                TimestampFormat::Iso8601 => "an ISO-8601 date or date-time",
+                TimestampFormat::Yyyymmdd => "a YYYYMMDD date",
+                TimestampFormat::Auto => "unix seconds, an ISO-8601 date or YYYYMMDD",
+            };
+            format!("`{raw}` is not {expected}")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_days_match_known_dates() {
+        assert_eq!(days_from_civil(1970, 1, 1), Some(0));
+        assert_eq!(days_from_civil(2000, 3, 1), Some(11_017));
+        assert_eq!(days_from_civil(1997, 9, 30), Some(10_134));
+        assert_eq!(days_from_civil(1969, 12, 31), Some(-1));
+        assert_eq!(days_from_civil(2024, 2, 29), Some(19_782));
+        assert_eq!(days_from_civil(2023, 2, 29), None);
+        assert_eq!(days_from_civil(1900, 2, 29), None);
+        assert_eq!(days_from_civil(2023, 13, 1), None);
+    }
+
+    #[test]
+    fn every_format_reads_the_same_instant() {
+        let t = 10_134 * SECONDS_PER_DAY;
+        let f = TimestampFormat::Auto;
+        assert_eq!(f.parse("19970930"), Ok(t));
+        assert_eq!(f.parse("1997-09-30"), Ok(t));
+        assert_eq!(f.parse(&t.to_string()), Ok(t));
+        assert_eq!(f.parse("1997-09-30T01:02:03Z"), Ok(t + 3723));
+        assert_eq!(f.parse("1997-09-30 01:02:03.250"), Ok(t + 3723));
+        // 03:02 at UTC+2 is 01:02 UTC.
+        assert_eq!(f.parse("1997-09-30T03:02+02:00"), Ok(t + 3720));
+        assert_eq!(f.parse("1997-09-29T23:00:00-0100"), Ok(t));
+        assert_eq!(TimestampFormat::UnixSeconds.parse("-86400"), Ok(-86_400));
+    }
+
+    #[test]
+    fn malformed_timestamps_say_what_was_expected() {
+        let f = TimestampFormat::Auto;
+        for bad in [
+            "19971331",
+            "1997-02-30",
+            "97/09/30",
+            "",
+            "1997-09-30T25:00",
+            "12a",
+        ] {
+            assert!(f.parse(bad).is_err(), "{bad} parsed");
+        }
+        assert_eq!(
+            TimestampFormat::Yyyymmdd.parse("1997-09-30"),
+            Err("`1997-09-30` is not a YYYYMMDD date".into())
+        );
+    }
+}

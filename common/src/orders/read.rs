@@ -1,0 +1,234 @@
+//! Reading an orders export through its [`OrdersMapping`] into validated
+//! [`Order`]s, with the bad-row policy applied row by row.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use super::mapping::{Delimiter, OrdersMapping};
+use super::{BadRowPolicy, BadRowReason, Order, OrdersError, ReadReport};
+
+/// How many skip messages the report keeps as examples.
+const MAX_EXAMPLES: usize = 5;
+
+/// Header positions of the mapped columns.
+struct Columns {
+    customer: usize,
+    item: Option<usize>,
+    timestamp: usize,
+    quantity: Option<usize>,
+    amount: usize,
+    rating: Option<usize>,
+    merchant: Option<usize>,
+    width: usize,
+}
+
+impl Columns {
+    fn find(map: &OrdersMapping, header: &[String], file: &Path) -> Result<Self, OrdersError> {
+        let find = |name: &str| {
+            header.iter().position(|h| h == name).ok_or_else(|| {
+                let hint = if header.len() == 1 {
+                    format!(
+                        "; the header split into a single field, is the delimiter ({:?}) right?",
+                        map.delimiter
+                    )
+                } else {
+                    String::new()
+                };
+                OrdersError::MissingColumn {
+                    file: file.into(),
+                    column: name.into(),
+                    header: header.join("|"),
+                    hint,
+                }
+            })
+        };
+        let opt = |name: &Option<String>| name.as_deref().map(find).transpose();
+        Ok(Self {
+            customer: find(&map.customer)?,
+            item: opt(&map.item)?,
+            timestamp: find(&map.timestamp)?,
+            quantity: opt(&map.quantity)?,
+            amount: find(&map.amount)?,
+            rating: opt(&map.rating)?,
+            merchant: opt(&map.merchant)?,
+            width: header.len(),
+        })
+    }
+}
+
+/// Reads the export at `path`; see [`read_orders_from`].
+pub fn read_orders(
+    path: &Path,
+    map: &OrdersMapping,
+    policy: BadRowPolicy,
+) -> Result<(Vec<Order>, ReadReport), OrdersError> {
+    let file = std::fs::File::open(path).map_err(|source| OrdersError::Io {
+        file: path.into(),
+        source,
+    })?;
+    read_orders_from(file, path, map, policy)
+}
+
+/// Reads an export from any reader (`path` only names it in errors). Returns
+/// the orders in file order and the read/skip counts.
+pub fn read_orders_from<R: Read>(
+    reader: R,
+    path: &Path,
+    map: &OrdersMapping,
+    policy: BadRowPolicy,
+) -> Result<(Vec<Order>, ReadReport), OrdersError> {
+    let mut rows = records(reader, path, map.delimiter)?;
+    let Some(header) = rows.next().transpose()? else {
+        return Err(OrdersError::Empty { file: path.into() });
+    };
+    let header: Vec<String> = header.1.iter().map(|h| h.trim().to_string()).collect();
+    let cols = Columns::find(map, &header, path)?;
+    let mut orders = Vec::new();
+    let mut report = ReadReport::default();
+    for row in rows {
+        let (line, fields) = row?;
+        report.rows_read += 1;
+        match parse_row(&cols, &header, map, &fields, line, path) {
+            Ok(order) => {
+                report.rows_ok += 1;
+                orders.push(order);
+            }
+            Err(e) if policy == BadRowPolicy::Skip => {
+                let reason = match &e {
+                    OrdersError::Cell { reason, .. } => *reason,
+                    _ => BadRowReason::FieldCount,
+                };
+                *report.skipped.entry(reason).or_default() += 1;
+                if report.examples.len() < MAX_EXAMPLES {
+                    report.examples.push(e.to_string());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((orders, report))
+}
+
+type Record = (u64, Vec<String>);
+
+/// The non-blank lines of the export as `(1-based line, fields)`.
+fn records<'a, R: Read + 'a>(
+    reader: R,
+    path: &'a Path,
+    delimiter: Delimiter,
+) -> Result<Box<dyn Iterator<Item = Result<Record, OrdersError>> + 'a>, OrdersError> {
+    let row_err = move |line: u64, e: &dyn std::fmt::Display| OrdersError::Row {
+        file: path.into(),
+        line,
+        message: e.to_string(),
+    };
+    match delimiter.byte() {
+        Some(sep) => {
+            let rdr = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .delimiter(sep)
+                .from_reader(reader);
+            Ok(Box::new(rdr.into_records().map(move |r| {
+                let r = r.map_err(|e| {
+                    let line = e.position().map_or(0, |p| p.line());
+                    row_err(line, &e)
+                })?;
+                let line = r.position().map_or(0, |p| p.line());
+                Ok((line, r.iter().map(str::to_string).collect()))
+            })))
+        }
+        None => {
+            let lines = BufReader::new(reader).lines().enumerate();
+            Ok(Box::new(lines.filter_map(move |(i, l)| {
+                let line = i as u64 + 1;
+                match l {
+                    Err(e) => Some(Err(row_err(line, &e))),
+                    Ok(text) => {
+                        let fields: Vec<String> =
+                            text.split_whitespace().map(str::to_string).collect();
+                        (!fields.is_empty()).then_some(Ok((line, fields)))
+                    }
+                }
+            })))
+        }
+    }
+}
+
+fn parse_row(
+    cols: &Columns,
+    header: &[String],
+    map: &OrdersMapping,
+    fields: &[String],
+    line: u64,
+    path: &Path,
+) -> Result<Order, OrdersError> {
+    if fields.len() != cols.width {
+        return Err(OrdersError::Row {
+            file: path.into(),
+            line,
+            message: format!("{} fields, the header has {}", fields.len(), cols.width),
+        });
+    }
+    let cell = |c: usize, reason: BadRowReason, message: String| OrdersError::Cell {
+        file: path.into(),
+        line,
+        column: header[c].clone(),
+        reason,
+        message,
+    };
+    let get = |c: usize| fields[c].trim();
+    let number = |c: usize, bad: BadRowReason, negative: BadRowReason| {
+        let raw = get(c);
+        let v: f32 = raw
+            .parse()
+            .ok()
+            .filter(|v: &f32| v.is_finite())
+            .ok_or_else(|| cell(c, bad, format!("`{raw}` is not a finite number")))?;
+        if v < 0.0 && bad != BadRowReason::BadRating {
+            return Err(cell(c, negative, format!("`{raw}` is negative")));
+        }
+        Ok(v)
+    };
+    let customer = get(cols.customer);
+    if customer.is_empty() {
+        return Err(cell(
+            cols.customer,
+            BadRowReason::BlankCustomer,
+            "blank customer id".into(),
+        ));
+    }
+    let item = match cols.item {
+        Some(c) if get(c).is_empty() => {
+            return Err(cell(c, BadRowReason::BlankItem, "blank item id".into()));
+        }
+        Some(c) => Some(get(c).to_string()),
+        None => None,
+    };
+    let timestamp = map
+        .timestamp_format
+        .parse(get(cols.timestamp))
+        .map_err(|m| cell(cols.timestamp, BadRowReason::BadTimestamp, m))?;
+    let quantity = match cols.quantity {
+        Some(c) => number(c, BadRowReason::BadQuantity, BadRowReason::NegativeQuantity)?,
+        None => 1.0,
+    };
+    let amount = number(
+        cols.amount,
+        BadRowReason::BadAmount,
+        BadRowReason::NegativeAmount,
+    )?;
+    let rating = cols
+        .rating
+        .map(|c| number(c, BadRowReason::BadRating, BadRowReason::BadRating))
+        .transpose()?;
+    Ok(Order {
+        customer: customer.to_string(),
+        item,
+        timestamp,
+        quantity,
+        amount,
+        rating,
+        merchant: cols.merchant.map(|c| get(c).to_string()),
+    })
+}
