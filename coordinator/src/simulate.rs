@@ -121,8 +121,16 @@ pub fn run_one(
     let store = Store::open(&dir.path().join("simulation.redb"))?;
     let mut engine = Engine::open(store, run)?;
 
-    let ids: Vec<String> = pop.merchants.iter().map(|m| m.merchant_id.clone()).collect();
-    let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(k, id)| (id.as_str(), k)).collect();
+    let ids: Vec<String> = pop
+        .merchants
+        .iter()
+        .map(|m| m.merchant_id.clone())
+        .collect();
+    let index: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| (id.as_str(), k))
+        .collect();
     let malicious = s.malicious_set(n);
     let merchants: Vec<Mutex<LocalData>> = pop.merchants.into_iter().map(Mutex::new).collect();
     let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
@@ -258,7 +266,11 @@ fn secure_sum(
         return Ok(0);
     }
     let layout = plan.spec.update_layout();
-    let settings = engine.run().secagg.clone().expect("secure task has settings");
+    let settings = engine
+        .run()
+        .secagg
+        .clone()
+        .expect("secure task has settings");
     let len = plan.spec.update_len();
     let mut cfg = if n <= 64 {
         SecAggConfig::complete(len, layout.num_coord_weights, n, settings.clip)

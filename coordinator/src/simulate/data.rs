@@ -223,7 +223,8 @@ pub fn build(
                 Some((tr, te)) => (load(tr)?, Some(load(te)?)),
                 None => (load(path)?, None),
             };
-            let labels = |ds: &TabularDataset| -> Vec<u32> { ds.y.iter().map(|&y| y as u32).collect() };
+            let labels =
+                |ds: &TabularDataset| -> Vec<u32> { ds.y.iter().map(|&y| y as u32).collect() };
             let parts = partitioner.deal(&labels(&train), None, n, seed)?;
             let test_parts = match &test {
                 Some(t) => Some(partitioner.deal(&labels(t), None, n, seed ^ 1)?),

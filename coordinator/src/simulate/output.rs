@@ -119,7 +119,11 @@ impl Experiment {
 
     /// Fills the final metrics and timings once the rounds are done.
     pub fn finish(&mut self) {
-        self.final_metrics = self.rounds.last().map(|r| r.eval.clone()).unwrap_or_default();
+        self.final_metrics = self
+            .rounds
+            .last()
+            .map(|r| r.eval.clone())
+            .unwrap_or_default();
         self.timing.total_seconds = self.rounds.iter().map(|r| r.seconds).sum();
         let later: Vec<f64> = self.rounds.iter().skip(1).map(|r| r.seconds).collect();
         self.timing.seconds_per_round = if later.is_empty() {
@@ -156,10 +160,7 @@ pub fn print_table(experiments: &[Experiment]) {
     ]);
     for e in experiments {
         let metric = |r: Option<&RoundRow>| match (e.headline, r) {
-            (Some((k, _)), Some(r)) => r
-                .eval
-                .get(k)
-                .map_or("-".into(), |v| format!("{k} {v:.4}")),
+            (Some((k, _)), Some(r)) => r.eval.get(k).map_or("-".into(), |v| format!("{k} {v:.4}")),
             _ => "-".into(),
         };
         let bytes: u64 = e.rounds.iter().map(|r| r.bytes_up + r.bytes_down).sum();
@@ -219,7 +220,8 @@ fn csv_text(experiments: &[Experiment]) -> String {
         .collect();
     keys.sort();
     keys.dedup();
-    let mut out = String::from("experiment,round,selected,reported,committed,bytes_up,bytes_down,seconds");
+    let mut out =
+        String::from("experiment,round,selected,reported,committed,bytes_up,bytes_down,seconds");
     for k in &keys {
         let _ = write!(out, ",{k}");
     }
@@ -229,7 +231,14 @@ fn csv_text(experiments: &[Experiment]) -> String {
             let _ = write!(
                 out,
                 "\"{}\",{},{},{},{},{},{},{:.6}",
-                e.name, r.round, r.selected, r.reported, r.committed, r.bytes_up, r.bytes_down, r.seconds
+                e.name,
+                r.round,
+                r.selected,
+                r.reported,
+                r.committed,
+                r.bytes_up,
+                r.bytes_down,
+                r.seconds
             );
             for k in &keys {
                 match r.eval.get(k) {
@@ -265,7 +274,10 @@ fn svg_chart(e: &Experiment) -> String {
     let span = (hi - lo).max(1e-9);
     let sx = |x: f64| pad + (x - x0) / (x1 - x0).max(1e-9) * (w - 2.0 * pad);
     let sy = |y: f64| h - pad - (y - lo) / span * (h - 2.0 * pad);
-    let line: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+    let line: Vec<String> = pts
+        .iter()
+        .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+        .collect();
     format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
@@ -284,7 +296,9 @@ fn svg_chart(e: &Experiment) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn html(s: &Settings, experiments: &[Experiment]) -> String {
@@ -314,9 +328,17 @@ fn html(s: &Settings, experiments: &[Experiment]) -> String {
         }
         out += "<th>s</th></tr>";
         for r in &e.rounds {
-            let _ = write!(out, "<tr><td>{}</td><td>{}/{}</td>", r.round, r.reported, r.selected);
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}/{}</td>",
+                r.round, r.reported, r.selected
+            );
             for k in &keys {
-                let _ = write!(out, "<td>{:.4}</td>", r.eval.get(*k).copied().unwrap_or(f64::NAN));
+                let _ = write!(
+                    out,
+                    "<td>{:.4}</td>",
+                    r.eval.get(*k).copied().unwrap_or(f64::NAN)
+                );
             }
             let _ = write!(out, "<td>{:.3}</td></tr>", r.seconds);
         }

@@ -73,7 +73,7 @@ pub struct SimArgs {
     #[serde(skip)]
     pub no_secagg: bool,
     /// Secure aggregation clips every update value to [-X, X] [default: 1 for
-    /// noop, 200 otherwise: updates are weighted by example counts].
+    /// noop, 1e5 otherwise: updates are weighted by example counts, and MF's global mean μ by the merchant's rating count].
     #[arg(long)]
     pub secagg_clip: Option<f32>,
     /// Probability that a selected merchant drops out of a task [default: 0].
@@ -213,7 +213,11 @@ impl Settings {
             factors: pick!(factors, 32),
             partition: pick!(partition, "iid".into()).parse()?,
             strategy: pick!(strategy, "fedavg".into()),
-            secagg: if args.no_secagg { false } else { args.secagg || file.secagg },
+            secagg: if args.no_secagg {
+                false
+            } else {
+                args.secagg || file.secagg
+            },
             secagg_clip: args.secagg_clip.or(file.secagg_clip),
             dropout: pick!(dropout, 0.0),
             malicious: pick!(malicious, 0.0),
@@ -268,7 +272,7 @@ impl Settings {
     pub fn secagg_clip(&self, task: TaskChoice) -> f32 {
         self.secagg_clip.unwrap_or(match task {
             TaskChoice::Noop(_) => 1.0,
-            _ => 200.0,
+            _ => 1e5,
         })
     }
 

@@ -44,7 +44,10 @@ fn short_demo_trains_both_models_and_writes_the_report() {
     assert!(auc > 0.8, "auc {auc}");
     // RMSE improves from round 1 to round 2; every merchant reported.
     assert!(exps[0].rounds[1].eval["rmse"] < exps[0].rounds[0].eval["rmse"]);
-    assert!(exps.iter().all(|e| e.rounds.iter().all(|r| r.reported == 4 && r.committed)));
+    assert!(
+        exps.iter()
+            .all(|e| e.rounds.iter().all(|r| r.reported == 4 && r.committed))
+    );
     assert_eq!(exps[1].per_merchant.len(), 4);
     let s = Settings::from_args(a).unwrap();
     output::write_all(out.path(), &s, &exps).unwrap();
@@ -85,8 +88,13 @@ fn robust_strategies_are_refused_with_secure_aggregation() {
     a.task = Some("noop:10".into());
     a.strategy = Some("fedmedian".into());
     a.secagg = true;
-    let err = run_all(&Settings::from_args(a).unwrap()).unwrap_err().to_string();
-    assert!(err.contains("fedmedian") && err.contains("secure aggregation"), "{err}");
+    let err = run_all(&Settings::from_args(a).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fedmedian") && err.contains("secure aggregation"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -104,7 +112,10 @@ fn median_holds_where_fedavg_breaks_under_scaled_updates() {
         run(a)[0].final_metrics["auc"]
     };
     let (avg, median) = (auc("fedavg"), auc("fedmedian"));
-    assert!(median > 0.8 && avg < median - 0.05, "fedavg {avg}, fedmedian {median}");
+    assert!(
+        median > 0.8 && avg < median - 0.05,
+        "fedavg {avg}, fedmedian {median}"
+    );
 }
 
 #[test]
@@ -118,5 +129,32 @@ fn bad_settings_are_explained() {
     assert!(Settings::from_args(a).is_err());
     let mut a = args();
     a.fraction = Some(1.5);
-    assert!(Settings::from_args(a).unwrap_err().to_string().contains("fraction"));
+    assert!(
+        Settings::from_args(a)
+            .unwrap_err()
+            .to_string()
+            .contains("fraction")
+    );
+}
+
+#[test]
+fn secure_aggregation_matches_plaintext_within_quantisation() {
+    let mut a = args();
+    a.task = Some("mf".into());
+    a.data = Some(format!("movielens:{}", repo(data::DEFAULT_MOVIELENS)));
+    a.epochs = Some(1);
+    let plain = run(a.clone());
+    a.secagg = true;
+    let secure = run(a);
+    let (p, s) = (
+        plain[0].final_metrics["rmse"],
+        secure[0].final_metrics["rmse"],
+    );
+    assert!((p - s).abs() < 2e-3, "plaintext rmse {p}, secure rmse {s}");
+    assert!(
+        secure[0]
+            .rounds
+            .iter()
+            .all(|r| r.reported == 4 && r.clipped == 0)
+    );
 }
