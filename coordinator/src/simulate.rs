@@ -92,6 +92,13 @@ pub fn run_one(
         s.seed,
     )?;
     let load_seconds = load_start.elapsed().as_secs_f64();
+    if s.secagg && pop.model.stats_len() > 0 {
+        bail!(
+            "`{}` starts with a statistics step whose raw sums (Σx² reaches ~1e11 on Telco) \
+             do not fit secure aggregation's 32-bit fixed-point ring; run it with --no-secagg",
+            task.name()
+        );
+    }
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
     let n = pop.merchants.len();
