@@ -71,14 +71,12 @@ pub fn run_one(
     pool: &rayon::ThreadPool,
 ) -> anyhow::Result<Experiment> {
     let strategy = strategy_by_name(&s.strategy).map_err(anyhow::Error::msg)?;
-    if s.secagg {
-        if strategy.needs_individual_updates() {
-            bail!(
-                "strategy `{}` needs every individual update and cannot run with secure \
-                 aggregation (which reveals only their sum); pass --no-secagg",
-                s.strategy
-            );
-        }
+    if s.secagg && strategy.needs_individual_updates() {
+        bail!(
+            "strategy `{}` needs every individual update and cannot run with secure \
+             aggregation (which reveals only their sum); pass --no-secagg",
+            s.strategy
+        );
     }
     let load_start = Instant::now();
     let pop = data::build(
@@ -190,10 +188,11 @@ pub fn run_one(
                         continue;
                     }
                 };
-                if plan.spec.kind == TaskKind::Train && malicious.contains(&k) {
-                    if let Some(u) = &mut out.update {
-                        s.attack.apply(&mut u.values);
-                    }
+                if plan.spec.kind == TaskKind::Train
+                    && malicious.contains(&k)
+                    && let Some(u) = &mut out.update
+                {
+                    s.attack.apply(&mut u.values);
                 }
                 let bytes = out
                     .update
