@@ -17,6 +17,7 @@ pub mod mf;
 pub mod mlp;
 pub mod movielens;
 pub mod orders;
+pub mod partition;
 pub mod reference;
 pub mod secagg;
 pub mod seed;

@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use fedcart_common::aggregate::SumAccumulator;
 use fedcart_common::standardize::Standardizer;
-use fedcart_common::strategy::{FedAvg, Strategy};
+use fedcart_common::strategy::Strategy;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use fedcart_common::update::{Update, UpdateError};
 use rand::seq::SliceRandom;
@@ -27,12 +27,10 @@ use crate::config::RunConfig;
 use crate::record::{Outcome, RoundRecord};
 use crate::store::{Commit, Store, StoreError};
 
-/// Builds a strategy from its configured name.
+/// Builds a strategy from its configured name (see
+/// [`fedcart_common::strategy::strategy_by_name`]).
 pub fn strategy_by_name(name: &str) -> Result<Box<dyn Strategy>, String> {
-    match name {
-        "fedavg" => Ok(Box::new(FedAvg)),
-        other => Err(format!("unknown strategy `{other}` (known: fedavg)")),
-    }
+    fedcart_common::strategy::strategy_by_name(name)
 }
 
 /// Errors of the engine itself (not of a single submission).

@@ -4,6 +4,7 @@
 //!   aggregation, quorum, commit).
 //! - [`store`]: the durable redb store of run, versions and history.
 //! - [`service`]: the gRPC driver of the engine.
+//! - [`simulate`]: the in-process simulator, the engine's second driver.
 //! - [`privacy`]: the `privacy` budget-planning command.
 //! - [`server`]: wiring config → store → engine → service, as one call.
 //! - [`tls`], [`identity`], [`certs`], [`limits`]: mutual TLS, merchant
@@ -22,6 +23,7 @@ pub mod privacy;
 pub mod record;
 pub mod server;
 pub mod service;
+pub mod simulate;
 pub mod status;
 pub mod store;
 pub mod tls;

@@ -1,0 +1,317 @@
+//! `fedcart-coordinator simulate`: the researchers' simulator.
+//!
+//! It is the second driver of the round engine: the same [`Engine`] the gRPC
+//! service drives, with N virtual merchants calling the same
+//! `fedcart_common::train::run_task` the agent calls, in-process on a rayon
+//! pool. Results are folded into the engine in merchant order, so a seed gives
+//! identical metrics whatever the thread count.
+
+pub mod data;
+pub mod output;
+mod settings;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use fedcart_common::strategy::strategy_by_name;
+use fedcart_common::task::{ModelSpec, TaskKind};
+use fedcart_common::train::{LocalData, run_task};
+use rand::RngExt;
+use rayon::prelude::*;
+
+use crate::config::{RunConfig, SecAggSettings, Selection};
+use crate::engine::{Engine, Submission};
+use crate::record::Outcome;
+use crate::store::Store;
+use data::TaskChoice;
+pub use output::{Experiment, RoundRow};
+pub use settings::{Attack, Settings, SimArgs};
+
+/// Results computed per chunk of merchants: bounds memory to `CHUNK` updates
+/// in flight however many merchants a round selects.
+const CHUNK: usize = 64;
+
+/// Runs the command: every experiment the settings describe, then the table,
+/// the output files and the one-line JSON summary.
+pub fn main(args: SimArgs) -> anyhow::Result<()> {
+    let settings = Settings::from_args(args)?;
+    let experiments = run_all(&settings)?;
+    output::print_table(&experiments);
+    if let Some(dir) = &settings.out {
+        output::write_all(dir, &settings, &experiments)?;
+        eprintln!("wrote {}", dir.display());
+    }
+    println!("{}", output::summary_json(&experiments));
+    Ok(())
+}
+
+/// Runs every experiment of `settings` (the demo runs two).
+pub fn run_all(settings: &Settings) -> anyhow::Result<Vec<Experiment>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(settings.threads)
+        .build()
+        .context("building the thread pool")?;
+    settings
+        .experiments()?
+        .into_iter()
+        .map(|(task, data)| run_one(settings, task, &data, &pool))
+        .collect()
+}
+
+/// Runs one experiment through the engine.
+pub fn run_one(
+    s: &Settings,
+    task: TaskChoice,
+    data: &data::DataSpec,
+    pool: &rayon::ThreadPool,
+) -> anyhow::Result<Experiment> {
+    let strategy = strategy_by_name(&s.strategy).map_err(anyhow::Error::msg)?;
+    if s.secagg && strategy.needs_individual_updates() {
+        bail!(
+            "strategy `{}` needs every individual update and cannot run with secure \
+             aggregation (which reveals only their sum); pass --no-secagg",
+            s.strategy
+        );
+    }
+    let load_start = Instant::now();
+    let pop = data::build(
+        task,
+        data,
+        s.files(),
+        s.merchants,
+        s.partition,
+        s.mf_hyper(task),
+        s.factors,
+        s.seed,
+    )?;
+    let load_seconds = load_start.elapsed().as_secs_f64();
+    if s.secagg && pop.model.stats_len() > 0 {
+        bail!(
+            "`{}` starts with a statistics step whose raw sums (Σx² reaches ~1e11 on Telco) \
+             do not fit secure aggregation's 32-bit fixed-point ring; run it with --no-secagg",
+            task.name()
+        );
+    }
+    let mut sgd = s.sgd(task);
+    sgd.prox_mu = strategy.prox_mu();
+    let n = pop.merchants.len();
+    let run = RunConfig {
+        run_id: "simulation".into(),
+        seed: s.seed,
+        rounds: s.rounds,
+        model: pop.model.clone(),
+        sgd,
+        selection: Selection {
+            fraction: s.fraction,
+            min_agents: 1,
+            max_agents: n,
+        },
+        quorum: 1,
+        round_timeout_ms: u64::MAX / 2,
+        evaluate: !matches!(pop.model, ModelSpec::Noop { .. }),
+        strategy: s.strategy.clone(),
+        secagg: s.secagg.then(|| SecAggSettings {
+            neighbours: None,
+            clip: s.secagg_clip(task),
+            verify_survivors: false,
+        }),
+    };
+    run.validate()?;
+    let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
+    let store = Store::open(&dir.path().join("simulation.redb"))?;
+    let mut engine = Engine::open(store, run)?;
+
+    let ids: Vec<String> = pop
+        .merchants
+        .iter()
+        .map(|m| m.merchant_id.clone())
+        .collect();
+    let index: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| (id.as_str(), k))
+        .collect();
+    let malicious = s.malicious_set(n);
+    let merchants: Vec<Mutex<LocalData>> = pop.merchants.into_iter().map(Mutex::new).collect();
+    let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
+    let bar = progress_bar(s.rounds, &exp.name);
+    let mut round_start = Instant::now();
+    let mut row = RoundRow::default();
+    while !engine.finished() {
+        let plan = engine.start_task(&ids)?;
+        if plan.spec.kind == TaskKind::Train {
+            round_start = Instant::now();
+            row = RoundRow {
+                round: plan.round,
+                ..Default::default()
+            };
+        }
+        let global = engine.global();
+        let mut todo = Vec::with_capacity(plan.selected.len());
+        for id in &plan.selected {
+            let k = index[id.as_str()];
+            let dropped = plan.spec.kind != TaskKind::Stats
+                && s.dropout > 0.0
+                && fedcart_common::seed::rng(s.seed, &["dropout", &plan.task_id, id])
+                    .random::<f64>()
+                    < s.dropout;
+            if dropped {
+                engine.drop_agent(id);
+            } else {
+                todo.push(k);
+            }
+        }
+        let mut per_merchant = BTreeMap::new();
+        let mut secure_inputs: Vec<(String, fedcart_common::update::Update)> = Vec::new();
+        for chunk in todo.chunks(CHUNK) {
+            let outs: Vec<_> = pool.install(|| {
+                chunk
+                    .par_iter()
+                    .map(|&k| {
+                        let mut m = merchants[k].lock().expect("merchant lock");
+                        run_task(&plan.spec, &global, &mut m)
+                    })
+                    .collect()
+            });
+            for (&k, out) in chunk.iter().zip(outs) {
+                let id = &ids[k];
+                let mut out = match out {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::warn!(merchant = %id, error = %e, "local task failed; dropped");
+                        engine.drop_agent(id);
+                        continue;
+                    }
+                };
+                if plan.spec.kind == TaskKind::Train
+                    && malicious.contains(&k)
+                    && let Some(u) = &mut out.update
+                {
+                    s.attack.apply(&mut u.values);
+                }
+                let bytes = out
+                    .update
+                    .as_ref()
+                    .map_or(0, |u| 4 * (u.values.len() + u.coord_weights.len()) as u64);
+                row.bytes_down += 4 * plan.model_len;
+                row.bytes_up += bytes;
+                if plan.spec.kind == TaskKind::Evaluate {
+                    per_merchant.insert(id.clone(), out.metrics.clone());
+                }
+                let update = if plan.secure {
+                    // Under secure aggregation the engine gets only metrics;
+                    // the update goes into the masked sum below.
+                    if let Some(u) = out.update.take() {
+                        secure_inputs.push((id.clone(), u));
+                    }
+                    None
+                } else {
+                    out.update
+                };
+                let sub = Submission {
+                    update,
+                    metrics: out.metrics,
+                    weight: out.weight,
+                    bytes,
+                };
+                if let Err(e) = engine.submit(id, "simulation", plan.round, &plan.task_id, sub) {
+                    tracing::warn!(merchant = %id, error = %e, "submission refused");
+                }
+            }
+        }
+        if plan.secure {
+            let started = Instant::now();
+            row.clipped += secure_sum(&mut engine, &plan, secure_inputs, s.seed)?;
+            row.secagg_seconds += started.elapsed().as_secs_f64();
+        }
+        let record = engine.finish_task()?;
+        match plan.spec.kind {
+            TaskKind::Stats => {}
+            TaskKind::Train => {
+                row.selected = record.selected.len();
+                row.reported = record.reported.len();
+                row.committed = record.outcome == Outcome::Committed;
+                row.train = record.metrics.clone();
+                if !engine.run().evaluate || !row.committed {
+                    row.seconds = round_start.elapsed().as_secs_f64();
+                    exp.rounds.push(std::mem::take(&mut row));
+                    bar.inc(1);
+                }
+            }
+            TaskKind::Evaluate => {
+                row.eval = record.metrics.clone();
+                row.seconds = round_start.elapsed().as_secs_f64();
+                exp.per_merchant = per_merchant;
+                exp.rounds.push(std::mem::take(&mut row));
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    exp.finish();
+    Ok(exp)
+}
+
+/// Runs secure aggregation over the round's updates (all parties in this
+/// process, the real protocol and encoding) and hands the engine the decoded
+/// sum. Returns the number of clipped coordinates.
+fn secure_sum(
+    engine: &mut Engine,
+    plan: &crate::engine::TaskPlan,
+    inputs: Vec<(String, fedcart_common::update::Update)>,
+    seed: u64,
+) -> anyhow::Result<u64> {
+    use fedcart_common::secagg::{Dropouts, SecAggConfig, run_in_memory};
+    let n = inputs.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let layout = plan.spec.update_layout();
+    let settings = engine
+        .run()
+        .secagg
+        .clone()
+        .expect("secure task has settings");
+    let len = plan.spec.update_len();
+    let mut cfg = if n <= 64 {
+        SecAggConfig::complete(len, layout.num_coord_weights, n, settings.clip)
+    } else {
+        SecAggConfig::sparse(len, layout.num_coord_weights, n, settings.clip)
+    };
+    cfg.verify_survivors = settings.verify_survivors;
+    let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
+    let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
+    let out = run_in_memory(&cfg, &updates, &Dropouts::none(), round_seed)
+        .with_context(|| format!("secure aggregation of task {}", plan.task_id))?;
+    drop(updates);
+    let survivors: Vec<String> = out
+        .output
+        .survivors
+        .iter()
+        .map(|&i| ids[i as usize].clone())
+        .collect();
+    let clipped = out.output.sum.clipped;
+    engine
+        .set_secure_sum(&survivors, out.output.sum.into_accumulator())
+        .map_err(|e| anyhow::anyhow!("handing the secure sum to the engine: {e}"))?;
+    Ok(clipped)
+}
+
+fn progress_bar(rounds: u64, name: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(rounds);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] round {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(name.to_string());
+    bar
+}

@@ -1,0 +1,349 @@
+//! What a simulation reports: the summary table, `metrics.json` (schema
+//! below), `metrics.csv`, `report.html`, and the one-line JSON summary.
+//!
+//! `metrics.json` schema: `{ "settings": {…}, "experiments": [ { "name",
+//! "task", "data", "merchants", "model_len", "strategy", "final": {metric:
+//! value}, "rounds": [ { "round", "selected", "reported", "committed",
+//! "train": {…}, "eval": {…}, "bytes_up", "bytes_down", "seconds" } ],
+//! "per_merchant": { id: {metric: value} }, "timing": { "load_seconds",
+//! "total_seconds", "seconds_per_round" } } ] }`. Only the `seconds` and
+//! `timing` fields vary between two runs with the same seed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use fedcart_common::task::ModelSpec;
+use serde::Serialize;
+
+use super::data::{DataSpec, TaskChoice};
+use super::settings::Settings;
+
+/// One training round as reported.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RoundRow {
+    /// Round number (= version committed).
+    pub round: u64,
+    /// Merchants selected.
+    pub selected: usize,
+    /// Merchants whose update was accepted.
+    pub reported: usize,
+    /// Whether the round committed.
+    pub committed: bool,
+    /// Weighted mean of the training metrics.
+    pub train: BTreeMap<String, f64>,
+    /// Weighted mean of the held-out metrics of the new version.
+    pub eval: BTreeMap<String, f64>,
+    /// Update bytes sent by merchants.
+    pub bytes_up: u64,
+    /// Model bytes downloaded by merchants.
+    pub bytes_down: u64,
+    /// Wall-clock seconds of the round (train + evaluate).
+    pub seconds: f64,
+    /// Of `seconds`, the secure aggregation (all parties, in-process).
+    pub secagg_seconds: f64,
+    /// Update coordinates clipped by secure aggregation's encoding.
+    pub clipped: u64,
+}
+
+/// Wall-clock timings of an experiment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timing {
+    /// Loading and partitioning the data.
+    pub load_seconds: f64,
+    /// All rounds.
+    pub total_seconds: f64,
+    /// Mean seconds per round after the first.
+    pub seconds_per_round: f64,
+}
+
+/// The outcome of one experiment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Experiment {
+    /// `task on data`.
+    pub name: String,
+    /// Task name.
+    pub task: String,
+    /// Dataset spec.
+    pub data: String,
+    /// Merchants simulated.
+    pub merchants: usize,
+    /// Federated parameters.
+    pub model_len: usize,
+    /// Strategy name.
+    pub strategy: String,
+    /// Partitioner.
+    pub partition: String,
+    /// Final held-out metrics (the last round's `eval`).
+    #[serde(rename = "final")]
+    pub final_metrics: BTreeMap<String, f64>,
+    /// Every round.
+    pub rounds: Vec<RoundRow>,
+    /// Each merchant's held-out metrics of the final model.
+    pub per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Timings (vary between runs).
+    pub timing: Timing,
+    #[serde(skip)]
+    headline: Option<(&'static str, bool)>,
+}
+
+impl Experiment {
+    /// An experiment with no rounds yet.
+    pub fn new(
+        task: TaskChoice,
+        data: &DataSpec,
+        s: &Settings,
+        merchants: usize,
+        model: &ModelSpec,
+        load_seconds: f64,
+    ) -> Self {
+        Self {
+            name: format!("{} on {}", task.name(), data.name()),
+            task: task.name(),
+            data: data.name(),
+            merchants,
+            model_len: model.model_len(),
+            strategy: s.strategy.clone(),
+            partition: format!("{:?}", s.partition),
+            final_metrics: BTreeMap::new(),
+            rounds: Vec::new(),
+            per_merchant: BTreeMap::new(),
+            timing: Timing {
+                load_seconds,
+                ..Default::default()
+            },
+            headline: task.headline(),
+        }
+    }
+
+    /// Fills the final metrics and timings once the rounds are done.
+    pub fn finish(&mut self) {
+        self.final_metrics = self
+            .rounds
+            .last()
+            .map(|r| r.eval.clone())
+            .unwrap_or_default();
+        self.timing.total_seconds = self.rounds.iter().map(|r| r.seconds).sum();
+        let later: Vec<f64> = self.rounds.iter().skip(1).map(|r| r.seconds).collect();
+        self.timing.seconds_per_round = if later.is_empty() {
+            self.timing.total_seconds
+        } else {
+            later.iter().sum::<f64>() / later.len() as f64
+        };
+    }
+
+    /// The same experiment with every timing field zeroed, for comparisons.
+    pub fn without_timings(&self) -> serde_json::Value {
+        let mut e = self.clone();
+        e.timing = Timing::default();
+        e.rounds.iter_mut().for_each(|r| {
+            r.seconds = 0.0;
+            r.secagg_seconds = 0.0;
+        });
+        serde_json::to_value(e).expect("serialisable")
+    }
+}
+
+/// Prints the summary table to stdout.
+pub fn print_table(experiments: &[Experiment]) {
+    let mut t = comfy_table::Table::new();
+    t.set_header([
+        "experiment",
+        "merchants",
+        "rounds",
+        "strategy",
+        "first",
+        "final",
+        "s/round",
+        "MB moved",
+    ]);
+    for e in experiments {
+        let metric = |r: Option<&RoundRow>| match (e.headline, r) {
+            (Some((k, _)), Some(r)) => r.eval.get(k).map_or("-".into(), |v| format!("{k} {v:.4}")),
+            _ => "-".into(),
+        };
+        let bytes: u64 = e.rounds.iter().map(|r| r.bytes_up + r.bytes_down).sum();
+        t.add_row([
+            e.name.clone(),
+            e.merchants.to_string(),
+            e.rounds.len().to_string(),
+            e.strategy.clone(),
+            metric(e.rounds.first()),
+            metric(e.rounds.last()),
+            format!("{:.4}", e.timing.seconds_per_round),
+            format!("{:.1}", bytes as f64 / 1e6),
+        ]);
+    }
+    println!("{t}");
+}
+
+/// The one-line JSON summary printed last.
+pub fn summary_json(experiments: &[Experiment]) -> String {
+    let list: Vec<serde_json::Value> = experiments
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "name": e.name,
+                "task": e.task,
+                "merchants": e.merchants,
+                "rounds": e.rounds.len(),
+                "strategy": e.strategy,
+                "final": e.final_metrics,
+                "seconds_per_round": e.timing.seconds_per_round,
+            })
+        })
+        .collect();
+    serde_json::json!({ "experiments": list }).to_string()
+}
+
+/// Writes `metrics.json`, `metrics.csv` and `report.html` into `dir`.
+pub fn write_all(dir: &Path, s: &Settings, experiments: &[Experiment]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::json!({ "settings": s, "experiments": experiments });
+    let path = dir.join("metrics.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    let path = dir.join("metrics.csv");
+    std::fs::write(&path, csv_text(experiments))
+        .with_context(|| format!("writing {}", path.display()))?;
+    let path = dir.join("report.html");
+    std::fs::write(&path, html(s, experiments))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn csv_text(experiments: &[Experiment]) -> String {
+    let mut keys: Vec<String> = experiments
+        .iter()
+        .flat_map(|e| e.rounds.iter().flat_map(|r| r.eval.keys().cloned()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut out =
+        String::from("experiment,round,selected,reported,committed,bytes_up,bytes_down,seconds");
+    for k in &keys {
+        let _ = write!(out, ",{k}");
+    }
+    out.push('\n');
+    for e in experiments {
+        for r in &e.rounds {
+            let _ = write!(
+                out,
+                "\"{}\",{},{},{},{},{},{},{:.6}",
+                e.name,
+                r.round,
+                r.selected,
+                r.reported,
+                r.committed,
+                r.bytes_up,
+                r.bytes_down,
+                r.seconds
+            );
+            for k in &keys {
+                match r.eval.get(k) {
+                    Some(v) => {
+                        let _ = write!(out, ",{v}");
+                    }
+                    None => out.push(','),
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A line chart of the headline metric by round, as inline SVG.
+fn svg_chart(e: &Experiment) -> String {
+    let Some((key, _)) = e.headline else {
+        return String::new();
+    };
+    let pts: Vec<(f64, f64)> = e
+        .rounds
+        .iter()
+        .filter_map(|r| r.eval.get(key).map(|v| (r.round as f64, *v)))
+        .collect();
+    if pts.len() < 2 {
+        return String::new();
+    }
+    let (w, h, pad) = (560.0, 260.0, 48.0);
+    let (x0, x1) = (pts[0].0, pts[pts.len() - 1].0);
+    let lo = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let span = (hi - lo).max(1e-9);
+    let sx = |x: f64| pad + (x - x0) / (x1 - x0).max(1e-9) * (w - 2.0 * pad);
+    let sy = |y: f64| h - pad - (y - lo) / span * (h - 2.0 * pad);
+    let line: Vec<String> = pts
+        .iter()
+        .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+        .collect();
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
+<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{pts}"/>
+<text x="{pad}" y="{b2}">round {x0}</text><text x="{r}" y="{b2}" text-anchor="end">round {x1}</text>
+<text x="4" y="{top}">{hi:.4}</text><text x="4" y="{b}">{lo:.4}</text>
+<text x="{mid}" y="20" text-anchor="middle">{key} by round</text></svg>"##,
+        b = h - pad,
+        r = w - pad,
+        b2 = h - pad + 18.0,
+        top = pad,
+        mid = w / 2.0,
+        pts = line.join(" "),
+    )
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn html(s: &Settings, experiments: &[Experiment]) -> String {
+    let mut out = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>fedcart simulation</title>\
+         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
+         td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>\
+         <h1>fedcart simulation</h1><h2>Settings</h2><pre>",
+    );
+    out += &esc(&serde_json::to_string_pretty(s).unwrap_or_default());
+    out += "</pre>";
+    for e in experiments {
+        let _ = write!(
+            out,
+            "<h2>{}</h2><p>{} merchants, strategy {}, partition {}, {:.4} s per round after the first.</p>",
+            esc(&e.name),
+            e.merchants,
+            esc(&e.strategy),
+            esc(&e.partition),
+            e.timing.seconds_per_round
+        );
+        out += &svg_chart(e);
+        let keys: Vec<&String> = e.final_metrics.keys().collect();
+        out += "<table><tr><th>round</th><th>reported</th>";
+        for k in &keys {
+            let _ = write!(out, "<th>{}</th>", esc(k));
+        }
+        out += "<th>s</th></tr>";
+        for r in &e.rounds {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}/{}</td>",
+                r.round, r.reported, r.selected
+            );
+            for k in &keys {
+                let _ = write!(
+                    out,
+                    "<td>{:.4}</td>",
+                    r.eval.get(*k).copied().unwrap_or(f64::NAN)
+                );
+            }
+            let _ = write!(out, "<td>{:.3}</td></tr>", r.seconds);
+        }
+        out += "</table>";
+    }
+    out += "</body></html>\n";
+    out
+}

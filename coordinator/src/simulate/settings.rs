@@ -1,0 +1,320 @@
+//! The simulator's settings: command-line flags over an optional TOML file
+//! over the defaults, validated once into [`Settings`].
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use fedcart_common::lr::SgdParams;
+use fedcart_common::mf::MfHyper;
+use fedcart_common::partition::Partitioner;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::data::{DataSpec, TaskChoice};
+
+/// Flags of `fedcart-coordinator simulate`. Every flag may also be set in the
+/// `--config` TOML file (same names, `-` as `_`); flags win over the file.
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimArgs {
+    /// TOML file with any of the settings below.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Dataset: `movielens:PATH`, `telco:PATH` (`orders:PATH` is not in this build).
+    /// Without --data and --task the demo runs MovieLens MF and Telco churn.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Explicit training file (used instead of splitting --data); needs --test.
+    #[arg(long, requires = "test")]
+    pub train: Option<PathBuf>,
+    /// Explicit held-out file; needs --train.
+    #[arg(long, requires = "train")]
+    pub test: Option<PathBuf>,
+    /// Task: `mf`, `mf-implicit`, `churn-lr`, or `noop:D` (random D-float updates, no training).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Number of virtual merchants [default: 10].
+    #[arg(long)]
+    pub merchants: Option<usize>,
+    /// Training rounds [default: 20].
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Fraction of merchants selected per round [default: 1].
+    #[arg(long)]
+    pub fraction: Option<f64>,
+    /// Local epochs per round [default: 5 for MF, 1 otherwise].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Local learning rate [default: 0.01 for MF, 0.05 for churn].
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Mini-batch size for churn models [default: 32].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Latent factors of MF models [default: 32].
+    #[arg(long)]
+    pub factors: Option<usize>,
+    /// Partitioner: `iid`, `dirichlet:ALPHA` (label skew: churn class, or the
+    /// customers' item popularity for MF), `zipf:S` (size skew) [default: iid].
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Strategy: fedavg, fedprox:MU, fedavgm[:β[:η]], fedadam[:η], fedyogi[:η],
+    /// fedadagrad[:η], fedmedian, fedtrimmedavg:β, krum:F, multikrum:F:M [default: fedavg].
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Use secure aggregation (refused with robust strategies).
+    #[arg(long, overrides_with = "no_secagg")]
+    pub secagg: bool,
+    /// Do not use secure aggregation (the default in this build).
+    #[arg(long)]
+    #[serde(skip)]
+    pub no_secagg: bool,
+    /// Secure aggregation clips every update value to [-X, X] [default: 1 for
+    /// noop, 1e5 otherwise: updates are weighted by example counts, and MF's global mean μ by the merchant's rating count].
+    #[arg(long)]
+    pub secagg_clip: Option<f32>,
+    /// Probability that a selected merchant drops out of a task [default: 0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Fraction of merchants that are malicious [default: 0].
+    #[arg(long)]
+    pub malicious: Option<f64>,
+    /// What malicious merchants do to their update: `scale:X` or `signflip` [default: scale:10].
+    #[arg(long)]
+    pub attack: Option<String>,
+    /// Seed of everything random [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Worker threads (0 = one per core) [default: 0].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Directory for metrics.json, metrics.csv and report.html.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// What malicious merchants send.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Attack {
+    /// Their honest update times X.
+    Scale(f32),
+    /// Their honest update negated.
+    SignFlip,
+}
+
+impl Attack {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        if s == "signflip" {
+            return Ok(Self::SignFlip);
+        }
+        match s.strip_prefix("scale:").map(str::parse::<f32>) {
+            Some(Ok(x)) if x.is_finite() => Ok(Self::Scale(x)),
+            _ => bail!("unknown attack `{s}` (known: scale:X, signflip)"),
+        }
+    }
+
+    /// Rewrites an honest update.
+    pub fn apply(&self, values: &mut [f32]) {
+        let f = match self {
+            Self::Scale(x) => *x,
+            Self::SignFlip => -1.0,
+        };
+        values.iter_mut().for_each(|v| *v *= f);
+    }
+}
+
+/// Validated settings of a simulation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// `--data`, if given.
+    pub data: Option<String>,
+    /// Explicit train/test files.
+    pub train_test: Option<(PathBuf, PathBuf)>,
+    /// `--task`, if given.
+    pub task: Option<String>,
+    /// Merchants.
+    pub merchants: usize,
+    /// Rounds.
+    pub rounds: u64,
+    /// Selection fraction.
+    pub fraction: f64,
+    /// Local epochs (None = per-task default).
+    pub epochs: Option<usize>,
+    /// Local learning rate (None = per-task default).
+    pub lr: Option<f32>,
+    /// Churn mini-batch size.
+    pub batch_size: usize,
+    /// MF factors.
+    pub factors: usize,
+    /// Partitioner.
+    #[serde(serialize_with = "debug_str")]
+    pub partition: Partitioner,
+    /// Strategy name.
+    pub strategy: String,
+    /// Secure aggregation.
+    pub secagg: bool,
+    /// Secure-aggregation clip (None = per-task default).
+    pub secagg_clip: Option<f32>,
+    /// Per-task dropout probability.
+    pub dropout: f64,
+    /// Malicious fraction.
+    pub malicious: f64,
+    /// Attack of malicious merchants.
+    pub attack: Attack,
+    /// Seed.
+    pub seed: u64,
+    /// Threads (0 = cores).
+    #[serde(skip)]
+    pub threads: usize,
+    /// Output directory.
+    #[serde(skip)]
+    pub out: Option<PathBuf>,
+}
+
+fn debug_str<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:?}"))
+}
+
+impl Settings {
+    /// Merges flags over the TOML file over the defaults and validates.
+    pub fn from_args(args: SimArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str::<SimArgs>(&text)
+                    .with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => SimArgs::default(),
+        };
+        macro_rules! pick {
+            ($f:ident, $d:expr) => {
+                args.$f.clone().or(file.$f.clone()).unwrap_or($d)
+            };
+        }
+        let train_test = match (args.train.or(file.train), args.test.or(file.test)) {
+            (Some(a), Some(b)) => Some((a, b)),
+            (None, None) => None,
+            _ => bail!("--train and --test go together"),
+        };
+        let s = Self {
+            data: args.data.or(file.data),
+            train_test,
+            task: args.task.or(file.task),
+            merchants: pick!(merchants, 10),
+            rounds: pick!(rounds, 20),
+            fraction: pick!(fraction, 1.0),
+            epochs: args.epochs.or(file.epochs),
+            lr: args.lr.or(file.lr),
+            batch_size: pick!(batch_size, 32),
+            factors: pick!(factors, 32),
+            partition: pick!(partition, "iid".into()).parse()?,
+            strategy: pick!(strategy, "fedavg".into()),
+            secagg: if args.no_secagg {
+                false
+            } else {
+                args.secagg || file.secagg
+            },
+            secagg_clip: args.secagg_clip.or(file.secagg_clip),
+            dropout: pick!(dropout, 0.0),
+            malicious: pick!(malicious, 0.0),
+            attack: Attack::parse(&pick!(attack, "scale:10".into()))?,
+            seed: pick!(seed, 42),
+            threads: pick!(threads, 0),
+            out: args.out.or(file.out),
+        };
+        if s.merchants == 0 || s.rounds == 0 {
+            bail!("--merchants and --rounds must be ≥ 1");
+        }
+        if !(s.fraction > 0.0 && s.fraction <= 1.0) {
+            bail!("--fraction {} is not in (0, 1]", s.fraction);
+        }
+        for (name, v) in [("--dropout", s.dropout), ("--malicious", s.malicious)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{name} {v} is not in [0, 1)");
+            }
+        }
+        if let Some(lr) = s.lr
+            && !(lr.is_finite() && lr > 0.0)
+        {
+            bail!("--lr {lr} must be finite and positive");
+        }
+        fedcart_common::strategy::strategy_by_name(&s.strategy).map_err(anyhow::Error::msg)?;
+        s.experiments()?;
+        Ok(s)
+    }
+
+    /// The (task, data) pairs to run: one, or the two of the demo.
+    pub fn experiments(&self) -> anyhow::Result<Vec<(TaskChoice, DataSpec)>> {
+        let task = self.task.as_deref().map(TaskChoice::parse).transpose()?;
+        let data = self.data.as_deref().map(DataSpec::parse).transpose()?;
+        Ok(match (task, data) {
+            (Some(t), Some(d)) => vec![(t, d)],
+            (Some(t), None) => vec![(t, t.default_data())],
+            (None, Some(d)) => {
+                let t = match d {
+                    DataSpec::Telco(_) => TaskChoice::ChurnLr,
+                    _ => TaskChoice::Mf,
+                };
+                vec![(t, d)]
+            }
+            (None, None) => vec![
+                (TaskChoice::Mf, TaskChoice::Mf.default_data()),
+                (TaskChoice::ChurnLr, TaskChoice::ChurnLr.default_data()),
+            ],
+        })
+    }
+
+    /// The secure-aggregation clip for `task`.
+    pub fn secagg_clip(&self, task: TaskChoice) -> f32 {
+        self.secagg_clip.unwrap_or(match task {
+            TaskChoice::Noop(_) => 1.0,
+            _ => 1e5,
+        })
+    }
+
+    /// The explicit train/test files, if given.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        self.train_test
+            .as_ref()
+            .map(|(a, b)| (a.as_path(), b.as_path()))
+    }
+
+    /// Local SGD parameters of a churn task.
+    pub fn sgd(&self, task: TaskChoice) -> SgdParams {
+        let _ = task;
+        SgdParams {
+            epochs: self.epochs.unwrap_or(1),
+            batch_size: self.batch_size,
+            learning_rate: self.lr.unwrap_or(0.05),
+            ..Default::default()
+        }
+    }
+
+    /// MF hyper-parameters: the tuned ones of BENCHMARKS.md (k = 32, lr 0.01,
+    /// reg 0.1/0.05, 5 local epochs) unless overridden.
+    pub fn mf_hyper(&self, task: TaskChoice) -> MfHyper {
+        let implicit = task == TaskChoice::MfImplicit;
+        let lr = self.lr.unwrap_or(if implicit { 0.05 } else { 0.01 });
+        MfHyper {
+            learning_rate: lr,
+            bias_learning_rate: lr,
+            reg_factors: if implicit { 0.01 } else { 0.1 },
+            reg_bias: if implicit { 0.01 } else { 0.05 },
+            epochs: self.epochs.unwrap_or(5),
+            negatives: 4,
+            ..Default::default()
+        }
+    }
+
+    /// The malicious merchants (indices), chosen by seed.
+    pub fn malicious_set(&self, n: usize) -> BTreeSet<usize> {
+        let count = (self.malicious * n as f64).round() as usize;
+        let mut all: Vec<usize> = (0..n).collect();
+        all.shuffle(&mut fedcart_common::seed::rng(self.seed, &["malicious"]));
+        all.into_iter().take(count).collect()
+    }
+}

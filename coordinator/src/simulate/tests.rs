@@ -1,0 +1,160 @@
+//! Simulator tests: the short demo, determinism across thread counts, the
+//! secure-aggregation refusal, and a robust strategy holding against attackers.
+
+use std::path::PathBuf;
+
+use super::*;
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+fn args() -> SimArgs {
+    SimArgs {
+        merchants: Some(4),
+        rounds: Some(2),
+        ..Default::default()
+    }
+}
+
+fn run(a: SimArgs) -> Vec<Experiment> {
+    run_all(&Settings::from_args(a).unwrap()).unwrap()
+}
+
+#[test]
+fn short_demo_trains_both_models_and_writes_the_report() {
+    let out = tempfile::tempdir().unwrap();
+    // The demo's two experiments, on the bundled files, shortened.
+    let mut a = args();
+    a.task = Some("mf".into());
+    a.data = Some(format!("movielens:{}", repo(data::DEFAULT_MOVIELENS)));
+    a.epochs = Some(2);
+    let mut exps = run(a.clone());
+    a.task = Some("churn-lr".into());
+    a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));
+    a.epochs = Some(1);
+    exps.extend(run(a.clone()));
+    let rmse = exps[0].final_metrics["rmse"];
+    let auc = exps[1].final_metrics["auc"];
+    assert!(rmse < 1.1, "rmse {rmse}");
+    assert!(auc > 0.8, "auc {auc}");
+    // RMSE improves from round 1 to round 2; every merchant reported.
+    assert!(exps[0].rounds[1].eval["rmse"] < exps[0].rounds[0].eval["rmse"]);
+    assert!(
+        exps.iter()
+            .all(|e| e.rounds.iter().all(|r| r.reported == 4 && r.committed))
+    );
+    assert_eq!(exps[1].per_merchant.len(), 4);
+    let s = Settings::from_args(a).unwrap();
+    output::write_all(out.path(), &s, &exps).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["experiments"][1]["final"]["auc"].as_f64(), Some(auc));
+    let csv = std::fs::read_to_string(out.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4);
+    let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("auc by round"));
+    let line: serde_json::Value = serde_json::from_str(&output::summary_json(&exps)).unwrap();
+    assert_eq!(line["experiments"][0]["final"]["rmse"].as_f64(), Some(rmse));
+}
+
+#[test]
+fn same_seed_gives_identical_metrics_whatever_the_thread_count() {
+    let mut a = args();
+    a.task = Some("mf".into());
+    a.data = Some(format!("movielens:{}", repo(data::DEFAULT_MOVIELENS)));
+    a.epochs = Some(1);
+    a.fraction = Some(0.5);
+    a.dropout = Some(0.2);
+    a.partition = Some("dirichlet:0.5".into());
+    a.threads = Some(1);
+    let one = run(a.clone());
+    a.threads = Some(3);
+    let three = run(a.clone());
+    assert_eq!(one[0].without_timings(), three[0].without_timings());
+    a.seed = Some(7);
+    let other = run(a);
+    assert_ne!(one[0].without_timings(), other[0].without_timings());
+}
+
+#[test]
+fn robust_strategies_are_refused_with_secure_aggregation() {
+    let mut a = args();
+    a.task = Some("noop:10".into());
+    a.strategy = Some("fedmedian".into());
+    a.secagg = true;
+    let err = run_all(&Settings::from_args(a).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fedmedian") && err.contains("secure aggregation"),
+        "{err}"
+    );
+}
+
+#[test]
+fn median_holds_where_fedavg_breaks_under_scaled_updates() {
+    let mut a = args();
+    a.task = Some("churn-lr".into());
+    a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));
+    a.merchants = Some(10);
+    a.rounds = Some(3);
+    a.malicious = Some(0.2);
+    a.attack = Some("scale:-20".into());
+    let auc = |strategy: &str| {
+        let mut a = a.clone();
+        a.strategy = Some(strategy.into());
+        run(a)[0].final_metrics["auc"]
+    };
+    let (avg, median) = (auc("fedavg"), auc("fedmedian"));
+    assert!(
+        median > 0.8 && avg < median - 0.05,
+        "fedavg {avg}, fedmedian {median}"
+    );
+}
+
+#[test]
+fn bad_settings_are_explained() {
+    let mut a = args();
+    a.data = Some("orders:x.csv".into());
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("not available in this build"), "{e}");
+    let mut a = args();
+    a.task = Some("noop:x".into());
+    assert!(Settings::from_args(a).is_err());
+    let mut a = args();
+    a.fraction = Some(1.5);
+    assert!(
+        Settings::from_args(a)
+            .unwrap_err()
+            .to_string()
+            .contains("fraction")
+    );
+}
+
+#[test]
+fn secure_aggregation_matches_plaintext_within_quantisation() {
+    let mut a = args();
+    a.task = Some("mf".into());
+    a.data = Some(format!("movielens:{}", repo(data::DEFAULT_MOVIELENS)));
+    a.epochs = Some(1);
+    let plain = run(a.clone());
+    a.secagg = true;
+    let secure = run(a);
+    let (p, s) = (
+        plain[0].final_metrics["rmse"],
+        secure[0].final_metrics["rmse"],
+    );
+    assert!((p - s).abs() < 2e-3, "plaintext rmse {p}, secure rmse {s}");
+    assert!(
+        secure[0]
+            .rounds
+            .iter()
+            .all(|r| r.reported == 4 && r.clipped == 0)
+    );
+}
