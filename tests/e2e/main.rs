@@ -2,6 +2,7 @@
 //! One test binary keeps link times down.
 
 mod bad_input;
+mod examples;
 mod dashboard;
 mod federation;
 mod fuzz;
