@@ -6,8 +6,10 @@ use std::path::Path;
 #[test]
 fn example_coordinator_and_merchant_configs_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let c = fedcart_coordinator::config::CoordinatorConfig::load(&root.join("coordinator/examples/coordinator.toml"))
-        .expect("coordinator example loads");
+    let c = fedcart_coordinator::config::CoordinatorConfig::load(
+        &root.join("coordinator/examples/coordinator.toml"),
+    )
+    .expect("coordinator example loads");
     assert_eq!(c.run.rounds, 20);
     let m = fedcart_client::config::AgentConfig::load(&root.join("client/examples/merchant.toml"))
         .expect("merchant example loads");

@@ -2,8 +2,8 @@
 //! One test binary keeps link times down.
 
 mod bad_input;
-mod examples;
 mod dashboard;
+mod examples;
 mod federation;
 mod fuzz;
 mod merchant_tools;
