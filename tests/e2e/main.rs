@@ -9,3 +9,4 @@ mod fuzz;
 mod merchant_tools;
 mod restart;
 mod security;
+mod wire_privacy;

@@ -1,0 +1,102 @@
+//! What leaves an agent is checked on the wire: every byte the MF agents send
+//! during federated rounds passes through a recording TCP proxy, and no user
+//! factor row of any merchant appears in it.
+
+use std::sync::{Arc, Mutex};
+
+use fedcart_common::mf::MfHyper;
+use fedcart_common::movielens;
+use fedcart_common::task::ModelSpec;
+use fedcart_common::update::f32s_to_le;
+use fedcart_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Forwards connections on a loopback port to `upstream`, appending every
+/// client→server byte to `sent`.
+async fn recording_proxy(
+    upstream: std::net::SocketAddr,
+    sent: Arc<Mutex<Vec<u8>>>,
+) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let sent = Arc::clone(&sent);
+            tokio::spawn(async move {
+                let server = TcpStream::connect(upstream).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        sent.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mf_agents_send_no_user_factor_on_the_wire() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/ml-latest-small/ratings.csv");
+    let rows = movielens::load_ratings(&path).unwrap();
+    let fed = movielens::explicit_federation(&rows, 3, 0.2, 4);
+    let mut run = churn_run("wire", 3, 3, 3);
+    run.model = ModelSpec::Mf {
+        num_items: fed.catalogue.len(),
+        factors: 8,
+        hyper: MfHyper::default(),
+    };
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let proxy = recording_proxy(coord.addr, Arc::clone(&sent)).await;
+    let agents: Vec<_> = fed
+        .merchants
+        .iter()
+        .map(|m| spawn_agent(proxy, m.clone()))
+        .collect();
+    coord.wait_finished().await.unwrap();
+    let mut trained = Vec::new();
+    for a in agents {
+        trained.push(a.stop().await);
+    }
+    let wire = sent.lock().unwrap().clone();
+    // The updates did cross the proxy: at least three rounds × three agents of item-side payload.
+    let model_len = fed.catalogue.len() * 9 + 1;
+    assert!(
+        wire.len() > 9 * model_len * 4,
+        "captured only {} bytes",
+        wire.len()
+    );
+    let mut needles = std::collections::HashSet::new();
+    for agent in &trained {
+        let state = &agent.data.mf.as_ref().unwrap().state;
+        assert_eq!(state.k, 8);
+        for row in state
+            .factors
+            .chunks(8)
+            .filter(|r| r.iter().any(|v| *v != 0.0))
+        {
+            needles.insert(f32s_to_le(row));
+        }
+    }
+    let checked = needles.len();
+    let leaked = wire.windows(32).filter(|w| needles.contains(*w)).count();
+    assert_eq!(leaked, 0, "user factor rows found on the wire");
+    assert!(checked > 100, "only {checked} user rows checked");
+}
