@@ -88,6 +88,11 @@ impl SumAccumulator {
         &self.values
     }
 
+    /// Number of per-coordinate weights summed alongside the values.
+    pub fn num_coord_weights(&self) -> usize {
+        self.coord_weights.len()
+    }
+
     /// The mean step to apply to the global model: each coordinate's weighted
     /// sum divided by its weight. Coordinates of groups with zero weight get a
     /// step of exactly 0, so items nobody touched keep their previous value.

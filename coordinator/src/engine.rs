@@ -526,7 +526,13 @@ impl Engine {
             }
             .into());
         }
-        let _ = ncw;
+        if sum.num_coord_weights() != ncw {
+            return Err(UpdateError::WrongWeightLength {
+                expected: ncw,
+                got: sum.num_coord_weights(),
+            }
+            .into());
+        }
         let survivors: BTreeSet<String> = survivors
             .iter()
             .filter(|s| open.selected.contains(*s))
