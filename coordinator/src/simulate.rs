@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use fedcart_common::strategy::strategy_by_name;
-use fedcart_common::task::{ModelSpec, TaskKind};
+use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
 use rayon::prelude::*;
@@ -137,6 +137,9 @@ pub fn run_one(
         .map(|(k, id)| (id.as_str(), k))
         .collect();
     let malicious = s.malicious_set(n);
+    // Baselines for the federation-value report, on untouched copies.
+    let originals = (s.out.is_some() && !matches!(pop.model, ModelSpec::Noop { .. }))
+        .then(|| pop.merchants.clone());
     let merchants: Vec<Mutex<LocalData>> = pop.merchants.into_iter().map(Mutex::new).collect();
     let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
     let bar = progress_bar(s.rounds, &exp.name);
@@ -253,6 +256,20 @@ pub fn run_one(
         }
     }
     bar.finish_and_clear();
+    if let Some(originals) = originals {
+        let template = TaskSpec {
+            kind: TaskKind::Train,
+            model: engine.run().model.clone(),
+            sgd: engine.run().sgd.clone(),
+            seed: s.seed,
+            round: 0,
+            standardizer: None,
+        };
+        exp.federation_value = Some(
+            fedcart_common::reference::federation_value(&template, &originals, s.rounds)
+                .context("computing the federation-value baselines")?,
+        );
+    }
     exp.finish();
     Ok(exp)
 }

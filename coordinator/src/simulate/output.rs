@@ -84,6 +84,10 @@ pub struct Experiment {
     pub per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
     /// Timings (vary between runs).
     pub timing: Timing,
+    /// Local-only vs federated vs centralised, per merchant (computed with
+    /// `fedcart_common::reference::federation_value` when `--out` is given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation_value: Option<fedcart_common::reference::FederationValue>,
     #[serde(skip)]
     headline: Option<(&'static str, bool)>,
 }
@@ -109,6 +113,7 @@ impl Experiment {
             final_metrics: BTreeMap::new(),
             rounds: Vec::new(),
             per_merchant: BTreeMap::new(),
+            federation_value: None,
             timing: Timing {
                 load_seconds,
                 ..Default::default()
@@ -301,6 +306,38 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The federation-value table: each merchant's headline metric alone,
+/// federated and centralised.
+fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&str>) -> String {
+    let Some(key) = metric.or_else(|| v.centralized_pooled.keys().next().map(String::as_str))
+    else {
+        return String::new();
+    };
+    let cell = |m: Option<&BTreeMap<String, f64>>| {
+        m.and_then(|m| m.get(key))
+            .map_or_else(|| "–".to_string(), |x| format!("{x:.4}"))
+    };
+    let mut out = format!(
+        "<h3>Federation value ({} after {} rounds; centralised on all rows: {})</h3>\
+         <table><tr><th>merchant</th><th>local-only</th><th>federated</th><th>centralised</th></tr>",
+        esc(key),
+        v.rounds,
+        cell(Some(&v.centralized_pooled))
+    );
+    for m in &v.merchants {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&m.merchant),
+            cell(Some(&m.local_only)),
+            cell(Some(&m.federated)),
+            cell(m.centralized.as_ref())
+        );
+    }
+    out += "</table>";
+    out
+}
+
 fn html(s: &Settings, experiments: &[Experiment]) -> String {
     let mut out = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>fedcart simulation</title>\
@@ -343,6 +380,9 @@ fn html(s: &Settings, experiments: &[Experiment]) -> String {
             let _ = write!(out, "<td>{:.3}</td></tr>", r.seconds);
         }
         out += "</table>";
+        if let Some(v) = &e.federation_value {
+            out += &value_table(v, e.headline.map(|(k, _)| k));
+        }
     }
     out += "</body></html>\n";
     out

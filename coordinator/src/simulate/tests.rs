@@ -30,6 +30,7 @@ fn short_demo_trains_both_models_and_writes_the_report() {
     let out = tempfile::tempdir().unwrap();
     // The demo's two experiments, on the bundled files, shortened.
     let mut a = args();
+    a.out = Some(out.path().to_path_buf());
     a.task = Some("mf".into());
     a.data = Some(format!("movielens:{}", repo(data::DEFAULT_MOVIELENS)));
     a.epochs = Some(2);
@@ -59,6 +60,23 @@ fn short_demo_trains_both_models_and_writes_the_report() {
     assert_eq!(csv.lines().count(), 1 + 4);
     let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("auc by round"));
+    // Federation value: every merchant compared three ways (MF has no
+    // per-merchant centralised figure: user factors live in the pooled model).
+    assert!(html.contains("Federation value (auc"));
+    for (k, e) in exps.iter().enumerate() {
+        let v = e
+            .federation_value
+            .as_ref()
+            .expect("baselines computed with --out");
+        assert_eq!(v.merchants.len(), 4);
+        assert_eq!(v.merchants.iter().all(|m| m.centralized.is_some()), k == 1);
+        assert_eq!(
+            json["experiments"][k]["federation_value"]["merchants"]
+                .as_array()
+                .map(Vec::len),
+            Some(4)
+        );
+    }
     let line: serde_json::Value = serde_json::from_str(&output::summary_json(&exps)).unwrap();
     assert_eq!(line["experiments"][0]["final"]["rmse"].as_f64(), Some(rmse));
 }
