@@ -264,6 +264,7 @@ pub fn run_one(
             seed: s.seed,
             round: 0,
             standardizer: None,
+            dp: None,
         };
         exp.federation_value = Some(
             fedcart_common::reference::federation_value(&template, &originals, s.rounds)
