@@ -118,7 +118,10 @@ mod wire;
 
 pub use client::ClientSession;
 pub use config::{MAX_HOLDERS, SecAggConfig};
-pub use driver::{Dropouts, InMemoryOutcome, Traffic, round_seed, rounding_rng, run_in_memory};
+pub use driver::{
+    Dropouts, EncodedHook, InMemoryOutcome, Traffic, round_seed, rounding_rng, run_in_memory,
+    run_in_memory_with,
+};
 pub use encode::{DecodedSum, EncodedInput, encode};
 pub use graph::NeighbourGraph;
 pub use server::{AfterMasked, MaskedSum, SecAggOutput, ServerSession};
