@@ -279,3 +279,6 @@ impl Ledger {
         Ok((step, record))
     }
 }
+
+#[cfg(test)]
+mod tests;

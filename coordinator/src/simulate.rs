@@ -8,6 +8,8 @@
 
 pub mod data;
 mod dp;
+#[cfg(test)]
+pub(crate) use dp::noise_hook as dp_noise_hook;
 pub mod output;
 mod settings;
 #[cfg(test)]
