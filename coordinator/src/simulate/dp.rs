@@ -84,3 +84,6 @@ pub fn noise_hook<'a>(
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
