@@ -116,6 +116,7 @@ pub fn churn_run(run_id: &str, rounds: u64, merchants: usize, quorum: usize) -> 
         evaluate: true,
         strategy: "fedavg".into(),
         secagg: None,
+        dp: None,
     }
 }
 

@@ -60,6 +60,7 @@ fn mf_epochs(c: &mut Criterion) {
             seed: 1,
             round: 1,
             standardizer: None,
+            dp: None,
         };
         let global = spec.model.initial_params(1);
         let ratings = data.mf.as_ref().map_or(0, |m| m.train.len());

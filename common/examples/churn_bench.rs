@@ -66,6 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed: 42,
         round: 0,
         standardizer: None,
+        dp: None,
     };
     let mlp = TaskSpec {
         model: ModelSpec::ChurnMlp {
@@ -132,6 +133,7 @@ fn cdnow() -> Result<(), Box<dyn std::error::Error>> {
         seed: 42,
         round: 0,
         standardizer: None,
+        dp: None,
     };
     let mlp = TaskSpec {
         model: ModelSpec::ChurnMlp {

@@ -85,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed,
         round: 0,
         standardizer: None,
+        dp: None,
     };
     let metric = if implicit { "hr@10" } else { "rmse" };
     println!(

@@ -172,6 +172,7 @@ mod tests {
             seed: 42,
             round: 0,
             standardizer: None,
+            dp: None,
         }
     }
 

@@ -13,6 +13,8 @@
 //!    [`distributed::DistributedSkellam`], integer noise that each agent adds to
 //!    its fixed-point vector before secure aggregation so that only the noised
 //!    sum is ever decoded.
+//!    [`task`] carries both to the agents inside the `TaskSpec`, and
+//!    [`task::privatise`] is where `run_task` clips.
 //! 3. [`rdp`] and [`accountant`]: the Rényi-DP accountant of the Poisson-sampled
 //!    Gaussian mechanism (Mironov et al. 2019), matching Google's
 //!    `dp_accounting` numerically, the conversion to (ε, δ), and a solver for the
@@ -23,11 +25,13 @@ pub mod clip;
 pub mod distributed;
 pub mod noise;
 pub mod rdp;
+pub mod task;
 
 pub use accountant::{Accountant, EpsilonReport, NoiseSolution, solve_noise_multiplier};
 pub use clip::{AdaptiveClip, ClipReport, clip_l2, dp_update};
 pub use distributed::DistributedSkellam;
 pub use noise::CentralGaussian;
+pub use task::{DistributedNoise, DpTask, privatise};
 
 use thiserror::Error;
 

@@ -236,6 +236,7 @@ mod tests {
             seed: 42,
             round: 0,
             standardizer: None,
+            dp: None,
         };
         let mut merchants = telco_merchants(4, 42);
         let a = federate(&spec, &mut merchants, 5, &mut FedAvg).unwrap();
@@ -256,6 +257,7 @@ mod tests {
             seed: 3,
             round: 0,
             standardizer: None,
+            dp: None,
         };
         let merchants = telco_merchants(4, 3);
         let value = federation_value(&spec, &merchants, 3).unwrap();

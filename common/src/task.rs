@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dp::DpTask;
 use crate::lr::SgdParams;
 use crate::mf::{self, MfHyper};
 use crate::standardize::Standardizer;
@@ -179,6 +180,10 @@ pub struct TaskSpec {
     /// Global feature scaling agreed in the statistics step, if any.
     #[serde(default)]
     pub standardizer: Option<Standardizer>,
+    /// Differential privacy of a training task: the clip norm (and, in
+    /// distributed mode, the agent's noise). `run_task` clips accordingly.
+    #[serde(default)]
+    pub dp: Option<DpTask>,
 }
 
 impl TaskSpec {
@@ -186,7 +191,9 @@ impl TaskSpec {
     pub fn update_len(&self) -> usize {
         match self.kind {
             TaskKind::Stats => self.model.stats_len(),
-            TaskKind::Train => self.model.model_len(),
+            TaskKind::Train => {
+                self.model.model_len() + self.dp.as_ref().map_or(0, DpTask::extra_len)
+            }
             TaskKind::Evaluate => 0,
         }
     }
@@ -194,7 +201,10 @@ impl TaskSpec {
     /// Weight layout of this task's update.
     pub fn update_layout(&self) -> WeightLayout {
         match self.kind {
-            TaskKind::Train => self.model.layout(),
+            TaskKind::Train => match &self.dp {
+                Some(dp) => dp.layout(self.model.layout()),
+                None => self.model.layout(),
+            },
             TaskKind::Stats | TaskKind::Evaluate => WeightLayout::uniform(),
         }
     }

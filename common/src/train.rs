@@ -87,6 +87,9 @@ pub enum TrainError {
     /// The model specification itself is unusable (e.g. a zero-width layer).
     #[error("invalid model: {0}")]
     InvalidModel(String),
+    /// The update could not be put in its differentially private form.
+    #[error("differential privacy: {0}")]
+    Privacy(crate::dp::DpError),
     /// A train task arrived before the statistics step finished.
     #[error("the task needs feature statistics but carries none")]
     MissingStandardizer,
@@ -107,7 +110,23 @@ impl LocalData {
 }
 
 /// Carries out `spec` on `data`, starting from `global`.
+///
+/// A training task with differential privacy (`spec.dp`) returns the clipped,
+/// weight-1 form of the update (see [`crate::dp::task`]): agent and simulator
+/// clip here, in the one function they share.
 pub fn run_task(
+    spec: &TaskSpec,
+    global: &[f32],
+    data: &mut LocalData,
+) -> Result<TaskOutput, TrainError> {
+    let mut out = run_task_plain(spec, global, data)?;
+    if let (Some(dp), TaskKind::Train) = (&spec.dp, spec.kind) {
+        crate::dp::privatise(dp, &spec.model.layout(), &mut out).map_err(TrainError::Privacy)?;
+    }
+    Ok(out)
+}
+
+fn run_task_plain(
     spec: &TaskSpec,
     global: &[f32],
     data: &mut LocalData,

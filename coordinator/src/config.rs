@@ -12,6 +12,9 @@ use fedcart_common::task::ModelSpec;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub mod dp;
+pub use dp::{ClipNorm, DpMode, DpSettings};
+
 /// How agents are chosen for a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +57,10 @@ pub struct RunConfig {
     /// of the statistics and training updates.
     #[serde(default)]
     pub secagg: Option<SecAggSettings>,
+    /// Merchant-level differential privacy (DP-FedAvg): clipping on the
+    /// agents, noise on the sum, ε after every round (see `config::dp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<DpSettings>,
 }
 
 /// Secure-aggregation settings of a run (see `fedcart_common::secagg`).
@@ -203,6 +210,9 @@ impl RunConfig {
                 message,
             }
         })?;
+        if let Some(dp) = &self.dp {
+            dp.validate(self)?;
+        }
         Ok(())
     }
 }

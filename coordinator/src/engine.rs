@@ -24,6 +24,7 @@ use rand::seq::SliceRandom;
 use thiserror::Error;
 
 use crate::config::RunConfig;
+use crate::ledger::Ledger;
 use crate::record::{Outcome, RoundRecord};
 use crate::store::{Commit, Store, StoreError};
 
@@ -69,6 +70,9 @@ pub enum EngineError {
     /// The stored or configured run is invalid.
     #[error("invalid run configuration: {0}")]
     Config(String),
+    /// A differential-privacy computation failed.
+    #[error("differential privacy: {0}")]
+    Privacy(#[from] fedcart_common::dp::DpError),
 }
 
 /// Why one submission was refused. Each maps to a specific gRPC status.
@@ -169,6 +173,8 @@ struct OpenTask {
     bytes_in: u64,
     /// Survivors of secure aggregation, once the driver handed over the sum.
     secure_survivors: Option<BTreeSet<String>>,
+    /// Distinct agents available when the task started (the DP population).
+    population: usize,
 }
 
 /// The coordinator's round engine over a durable store.
@@ -182,6 +188,8 @@ pub struct Engine {
     pending_eval: bool,
     attempts: BTreeMap<(u64, String), u32>,
     open: Option<OpenTask>,
+    /// Differential privacy of the run, when configured.
+    ledger: Option<Ledger>,
 }
 
 fn unix_ms() -> i64 {
@@ -232,6 +240,12 @@ impl Engine {
         for r in &history {
             *attempts.entry((r.round, r.kind.clone())).or_insert(0) += 1;
         }
+        let ledger = run
+            .dp
+            .as_ref()
+            .map(|dp| Ledger::open(dp, &run, &history))
+            .transpose()
+            .map_err(EngineError::Config)?;
         let pending_eval = run.evaluate
             && version > 0
             && !history
@@ -247,6 +261,7 @@ impl Engine {
             pending_eval,
             attempts,
             open: None,
+            ledger,
         })
     }
 
@@ -268,6 +283,12 @@ impl Engine {
     /// The store (read access for status and tests).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The privacy ledger (clip, noise multiplier, ε so far), when the run
+    /// has differential privacy.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.as_ref()
     }
 
     /// The agreed feature statistics, if any.
@@ -332,6 +353,7 @@ impl Engine {
         let mut pool: Vec<String> = available.to_vec();
         pool.sort();
         pool.dedup();
+        let population = pool.len();
         pool.shuffle(&mut fedcart_common::seed::rng(
             self.run.seed,
             &["select", &task_id],
@@ -346,6 +368,10 @@ impl Engine {
             seed: self.run.seed,
             round,
             standardizer: self.standardizer.clone(),
+            dp: match (&self.ledger, kind) {
+                (Some(l), TaskKind::Train) => Some(l.task(selected.len(), self.global.len())?),
+                _ => None,
+            },
         };
         let needs_model = kind != TaskKind::Stats;
         let secure = self.run.secagg.is_some() && kind != TaskKind::Evaluate;
@@ -385,6 +411,7 @@ impl Engine {
             started_unix_ms: unix_ms(),
             bytes_in: 0,
             secure_survivors: None,
+            population,
         });
         tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
         Ok(plan)
@@ -607,6 +634,7 @@ impl Engine {
             duration_ms: open.started.elapsed().as_millis() as u64,
             bytes_in: open.bytes_in,
             abort_reason: None,
+            privacy: None,
         };
         if reported < quorum {
             record.abort_reason = Some(format!("{reported} results, quorum is {quorum}"));
@@ -637,17 +665,25 @@ impl Engine {
             }
             TaskKind::Train => {
                 let layout = open.plan.spec.update_layout();
-                let next = match &open.acc {
-                    Accumulation::Sum(acc) => {
+                let mut ledger = self.ledger.clone();
+                let next = match (&open.acc, &mut ledger) {
+                    (Accumulation::Sum(acc), Some(l)) => {
+                        let (step, privacy) =
+                            l.release(acc, &open.plan, open.population, reported, self.run.seed)?;
+                        record.privacy = Some(privacy);
+                        self.strategy.apply(&self.global, &step)
+                    }
+                    (Accumulation::Sum(acc), None) => {
                         self.strategy.apply(&self.global, &acc.mean_delta(&layout))
                     }
-                    Accumulation::Individual(list) => {
+                    (Accumulation::Individual(list), _) => {
                         self.strategy
                             .aggregate_individual(&self.global, list, &layout)
                     }
                 };
                 if let Some(i) = next.iter().position(|v| !v.is_finite()) {
                     record.abort_reason = Some(format!("aggregate value {i} is not finite"));
+                    record.privacy = None;
                     self.store.append_history(&record)?;
                     return Ok(record);
                 }
@@ -661,6 +697,7 @@ impl Engine {
                 })?;
                 self.version = version;
                 self.global = Arc::new(next);
+                self.ledger = ledger;
                 self.pending_eval = self.run.evaluate;
                 tracing::info!(version, reported, "version committed");
             }

@@ -17,6 +17,7 @@ pub mod certs;
 pub mod config;
 pub mod engine;
 pub mod identity;
+pub mod ledger;
 pub mod limits;
 pub mod observe;
 pub mod privacy;

@@ -50,4 +50,8 @@ pub struct RoundRecord {
     /// Why the task aborted, if it did.
     #[serde(default)]
     pub abort_reason: Option<String>,
+    /// Differential privacy of a committed training round: clip, noise,
+    /// sampling rate and ε so far (replayed on restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::ledger::PrivacyRecord>,
 }

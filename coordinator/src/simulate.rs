@@ -7,6 +7,9 @@
 //! identical metrics whatever the thread count.
 
 pub mod data;
+mod dp;
+#[cfg(test)]
+pub(crate) use dp::noise_hook as dp_noise_hook;
 pub mod output;
 mod settings;
 #[cfg(test)]
@@ -112,6 +115,10 @@ pub fn run_one(
             neighbours: None,
             clip: s.secagg_clip(task),
             verify_survivors: false,
+        }),
+        dp: s.dp.clone().map(|mut dp| {
+            dp.population = Some(n);
+            dp
         }),
     };
     run.validate()?;
@@ -233,6 +240,10 @@ pub fn run_one(
                 row.reported = record.reported.len();
                 row.committed = record.outcome == Outcome::Committed;
                 row.train = record.metrics.clone();
+                if let Some(p) = &record.privacy {
+                    row.epsilon = Some(p.epsilon);
+                    row.dp_clip = Some(p.clip);
+                }
                 if !engine.run().evaluate || !row.committed {
                     row.seconds = round_start.elapsed().as_secs_f64();
                     exp.rounds.push(std::mem::take(&mut row));
@@ -249,6 +260,18 @@ pub fn run_one(
         }
     }
     bar.finish_and_clear();
+    exp.privacy = engine.ledger().map(|l| output::PrivacySummary {
+        mode: l.settings().mode,
+        noise_multiplier: l.noise_multiplier(),
+        delta: l.settings().delta,
+        epsilon: l.epsilon().unwrap_or(0.0),
+        clip: exp
+            .rounds
+            .last()
+            .and_then(|r| r.dp_clip)
+            .unwrap_or(l.clip()),
+        adaptive: l.settings().clip == crate::config::ClipNorm::Adaptive,
+    });
     if let Some(originals) = originals {
         let template = TaskSpec {
             kind: TaskKind::Train,
@@ -257,6 +280,7 @@ pub fn run_one(
             seed: s.seed,
             round: 0,
             standardizer: None,
+            dp: None,
         };
         exp.federation_value = Some(
             fedcart_common::reference::federation_value(&template, &originals, s.rounds)
@@ -276,7 +300,7 @@ fn secure_sum(
     inputs: Vec<(String, fedcart_common::update::Update)>,
     seed: u64,
 ) -> anyhow::Result<u64> {
-    use fedcart_common::secagg::{Dropouts, SecAggConfig, run_in_memory};
+    use fedcart_common::secagg::{Dropouts, SecAggConfig, run_in_memory, run_in_memory_with};
     let n = inputs.len();
     if n == 0 {
         return Ok(0);
@@ -298,9 +322,22 @@ fn secure_sum(
     );
     cfg.verify_survivors = settings.verify_survivors;
     let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
+    let noise = plan.spec.dp.as_ref().and_then(|d| d.distributed);
+    if let Some(noise) = &noise {
+        noise.configure(&mut cfg);
+    }
     let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
-    let out = run_in_memory(&cfg, &updates, &Dropouts::none(), round_seed)
-        .with_context(|| format!("secure aggregation of task {}", plan.task_id))?;
+    let out = match &noise {
+        Some(noise) => run_in_memory_with(
+            &cfg,
+            &updates,
+            &Dropouts::none(),
+            round_seed,
+            &mut dp::noise_hook(&cfg, noise, seed, &plan.task_id),
+        ),
+        None => run_in_memory(&cfg, &updates, &Dropouts::none(), round_seed),
+    }
+    .with_context(|| format!("secure aggregation of task {}", plan.task_id))?;
     drop(updates);
     let survivors: Vec<String> = out
         .output

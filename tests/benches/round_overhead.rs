@@ -54,6 +54,7 @@ fn run_config(agents: usize, dim: usize, rounds: u64) -> RunConfig {
         evaluate: false,
         strategy: "fedavg".into(),
         secagg: None,
+        dp: None,
     }
 }
 

@@ -315,5 +315,72 @@ impl DistributedSkellam {
     }
 }
 
+/// Adds this agent's share of the distributed noise to its encoded
+/// secure-aggregation input, in place, **before masking**: Skellam noise of
+/// variance `noise.skellam.per_agent_variance()` on the `noise.skellam.dim`
+/// model coordinates and `noise.bit_variance` on the clip-bit coordinate that
+/// follows them (if the update has one). The coordinate weights, example
+/// weight and clipped count are left alone: under DP they are the constants 1
+/// and 0. The result stays reduced modulo the configuration's ring.
+///
+/// This is the agent-side hook of distributed DP: call it between
+/// `secagg::encode` and `ClientSession::masked_encoded`, with an RNG the agent
+/// keeps to itself (the simulator derives it from the run seed).
+pub fn noise_encoded<R: Rng + ?Sized>(
+    input: &mut crate::secagg::EncodedInput,
+    config: &crate::secagg::SecAggConfig,
+    noise: &super::task::DistributedNoise,
+    rng: &mut R,
+) -> Result<(), DpError> {
+    let dim = noise.skellam.dim;
+    if dim > config.num_values {
+        return Err(DpError::InvalidParameter {
+            name: "dim",
+            value: dim as f64,
+            reason: "exceeds the encoded update's value count",
+        });
+    }
+    let mask = config.modulus_mask();
+    let vector = &mut input.vector;
+    add_skellam_wrapping_u32(&mut vector[..dim], noise.skellam.per_agent_variance(), rng)?;
+    let bits = config.num_values - dim;
+    add_skellam_wrapping_u32(&mut vector[dim..dim + bits], noise.bit_variance, rng)?;
+    for v in &mut vector[..config.num_values] {
+        *v &= mask;
+    }
+    Ok(())
+}
+
+/// The largest fixed-point scale `s` for which `agents` encoded deltas of
+/// L2 norm ≤ `clip` (each coordinate at most `value_clip`), plus the summed
+/// noise at 6 standard deviations, stay inside a quarter of the
+/// secure-aggregation ring of `modulus_bits` (a factor 2 of headroom below
+/// the signed range). `z` is the noise multiplier of the model coordinates
+/// and `bit_std` the std of the clip-bit noise in value units (0 if none).
+pub fn max_scale(
+    modulus_bits: u32,
+    agents: usize,
+    clip: f64,
+    value_clip: f64,
+    z: f64,
+    bit_std: f64,
+    dim: usize,
+) -> Result<f64, DpError> {
+    let room = 2f64.powi(modulus_bits as i32 - 2);
+    let n = agents as f64;
+    let fixed = n + 6.0 * z * (dim as f64).sqrt();
+    let per_unit = n * value_clip + 6.0 * (z * clip).max(bit_std);
+    let s = ((room - fixed) / per_unit).floor();
+    if s >= 1.0 && s.is_finite() {
+        Ok(s)
+    } else {
+        Err(DpError::InvalidParameter {
+            name: "modulus_bits",
+            value: f64::from(modulus_bits),
+            reason: "the ring cannot hold the summed encodings plus noise at any scale",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -31,6 +31,7 @@ fn spec(num_items: usize, factors: usize, hyper: MfHyper) -> TaskSpec {
         seed: 7,
         round: 1,
         standardizer: None,
+        dp: None,
     }
 }
 

@@ -308,6 +308,7 @@ fn cdnow_churn_lr_learns_and_federated_matches_centralised() {
         seed: 42,
         round: 0,
         standardizer: None,
+        dp: None,
     };
     let c = federate(&spec, &mut pooled, 10, &mut FedAvg).unwrap();
     let f = federate(&spec, &mut merchants, 10, &mut FedAvg).unwrap();

@@ -8,6 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 
 use super::client::ClientSession;
+use super::encode::{EncodedInput, encode};
 use super::server::{AfterMasked, SecAggOutput, ServerSession};
 use super::wire::{
     AdvertiseKeys, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck, SurvivorSignature,
@@ -82,6 +83,22 @@ pub fn run_in_memory(
     dropouts: &Dropouts,
     seed: u64,
 ) -> Result<InMemoryOutcome, SecAggError> {
+    run_in_memory_with(config, inputs, dropouts, seed, &mut |_, _| Ok(()))
+}
+
+/// A hook on an agent's encoded input, called with the agent's id between
+/// encoding and masking (distributed DP adds its noise there).
+pub type EncodedHook<'a> = dyn FnMut(u32, &mut EncodedInput) -> Result<(), SecAggError> + 'a;
+
+/// As [`run_in_memory`], with `hook` applied to every agent's encoded input
+/// before it is masked.
+pub fn run_in_memory_with(
+    config: &SecAggConfig,
+    inputs: &[Update],
+    dropouts: &Dropouts,
+    seed: u64,
+    hook: &mut EncodedHook<'_>,
+) -> Result<InMemoryOutcome, SecAggError> {
     let n = inputs.len();
     let ids: Vec<u32> = (0..n as u32).collect();
     let rs = round_seed(seed);
@@ -130,7 +147,9 @@ pub fn run_in_memory(
         };
         received[relay.to as usize] += bytes.len();
         let mut rng = rounding_rng(seed, relay.to);
-        let (masked, _) = c.masked_input(&relay, &inputs[relay.to as usize], &mut rng)?;
+        let mut encoded = encode(config, &inputs[relay.to as usize], &mut rng)?;
+        hook(relay.to, &mut encoded)?;
+        let masked = c.masked_encoded(&relay, &encoded)?;
         let wire = masked_to_bytes(relay.to, &masked);
         drop(masked);
         masked_len = wire.len();

@@ -45,6 +45,12 @@ pub struct RoundRow {
     pub secagg_seconds: f64,
     /// Update coordinates clipped by secure aggregation's encoding.
     pub clipped: u64,
+    /// Differential privacy: ε of the run after this round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// Differential privacy: the clip norm C of this round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_clip: Option<f64>,
 }
 
 /// Wall-clock timings of an experiment.
@@ -88,8 +94,28 @@ pub struct Experiment {
     /// `fedcart_common::reference::federation_value` when `--out` is given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub federation_value: Option<fedcart_common::reference::FederationValue>,
+    /// Differential privacy of the run, when `--dp-clip` was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySummary>,
     #[serde(skip)]
     headline: Option<(&'static str, bool)>,
+}
+
+/// The privacy guarantee of a finished experiment.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PrivacySummary {
+    /// `central` or `distributed`.
+    pub mode: crate::config::DpMode,
+    /// The planned noise multiplier σ (solved from `--target-epsilon` if given).
+    pub noise_multiplier: f64,
+    /// δ of the guarantee.
+    pub delta: f64,
+    /// ε after the last round.
+    pub epsilon: f64,
+    /// The clip norm of the last round.
+    pub clip: f64,
+    /// Whether the clip followed the private quantile estimate.
+    pub adaptive: bool,
 }
 
 impl Experiment {
@@ -114,6 +140,7 @@ impl Experiment {
             rounds: Vec::new(),
             per_merchant: BTreeMap::new(),
             federation_value: None,
+            privacy: None,
             timing: Timing {
                 load_seconds,
                 ..Default::default()
@@ -230,6 +257,12 @@ fn csv_text(experiments: &[Experiment]) -> String {
     for k in &keys {
         let _ = write!(out, ",{k}");
     }
+    let dp = experiments
+        .iter()
+        .any(|e| e.rounds.iter().any(|r| r.epsilon.is_some()));
+    if dp {
+        out.push_str(",epsilon");
+    }
     out.push('\n');
     for e in experiments {
         for r in &e.rounds {
@@ -251,6 +284,12 @@ fn csv_text(experiments: &[Experiment]) -> String {
                         let _ = write!(out, ",{v}");
                     }
                     None => out.push(','),
+                }
+            }
+            if dp {
+                out.push(',');
+                if let Some(eps) = r.epsilon {
+                    let _ = write!(out, "{eps}");
                 }
             }
             out.push('\n');
@@ -357,11 +396,30 @@ fn html(s: &Settings, experiments: &[Experiment]) -> String {
             esc(&e.partition),
             e.timing.seconds_per_round
         );
+        if let Some(p) = &e.privacy {
+            let _ = write!(
+                out,
+                "<p class=\"dp\">Differential privacy ({:?} noise, merchant level): \
+                 ε = {:.3} at δ = {:e} after {} rounds, noise multiplier {:.4}, \
+                 {} clip norm {:.4}.</p>",
+                p.mode,
+                p.epsilon,
+                p.delta,
+                e.rounds.len(),
+                p.noise_multiplier,
+                if p.adaptive { "adaptive" } else { "fixed" },
+                p.clip
+            );
+        }
         out += &svg_chart(e);
         let keys: Vec<&String> = e.final_metrics.keys().collect();
         out += "<table><tr><th>round</th><th>reported</th>";
         for k in &keys {
             let _ = write!(out, "<th>{}</th>", esc(k));
+        }
+        let dp = e.privacy.is_some();
+        if dp {
+            out += "<th>ε</th>";
         }
         out += "<th>s</th></tr>";
         for r in &e.rounds {
@@ -376,6 +434,9 @@ fn html(s: &Settings, experiments: &[Experiment]) -> String {
                     "<td>{:.4}</td>",
                     r.eval.get(*k).copied().unwrap_or(f64::NAN)
                 );
+            }
+            if dp {
+                let _ = write!(out, "<td>{:.3}</td>", r.epsilon.unwrap_or(f64::NAN));
             }
             let _ = write!(out, "<td>{:.3}</td></tr>", r.seconds);
         }

@@ -94,6 +94,23 @@ pub struct SimArgs {
     /// Directory for metrics.json, metrics.csv and report.html.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Differential privacy: L2 clip norm C of each merchant's delta, or
+    /// `adaptive` (a private quantile estimate). Turns DP-FedAvg on.
+    #[arg(long)]
+    pub dp_clip: Option<String>,
+    /// DP noise multiplier σ (noise std = σ·C on the sum); or --target-epsilon.
+    #[arg(long)]
+    pub dp_noise: Option<f64>,
+    /// Solve σ up front so that ε after --rounds rounds is at most E.
+    #[arg(long)]
+    pub target_epsilon: Option<f64>,
+    /// δ of the DP guarantee [default: 1e-5].
+    #[arg(long)]
+    pub dp_delta: Option<f64>,
+    /// Who adds the noise: `central` (coordinator) or `distributed` (agents,
+    /// under --secagg) [default: central].
+    #[arg(long)]
+    pub dp_mode: Option<String>,
 }
 
 /// What malicious merchants send.
@@ -172,6 +189,9 @@ pub struct Settings {
     /// Output directory.
     #[serde(skip)]
     pub out: Option<PathBuf>,
+    /// Differential privacy (population filled in per experiment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp: Option<crate::config::DpSettings>,
 }
 
 fn debug_str<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -225,6 +245,13 @@ impl Settings {
             seed: pick!(seed, 42),
             threads: pick!(threads, 0),
             out: args.out.or(file.out),
+            dp: super::dp::settings(
+                args.dp_clip.or(file.dp_clip),
+                args.dp_noise.or(file.dp_noise),
+                args.target_epsilon.or(file.target_epsilon),
+                args.dp_delta.or(file.dp_delta),
+                args.dp_mode.or(file.dp_mode),
+            )?,
         };
         if s.merchants == 0 || s.rounds == 0 {
             bail!("--merchants and --rounds must be ≥ 1");
@@ -243,6 +270,12 @@ impl Settings {
             bail!("--lr {lr} must be finite and positive");
         }
         fedcart_common::strategy::strategy_by_name(&s.strategy).map_err(anyhow::Error::msg)?;
+        if let Some(dp) = &s.dp
+            && dp.mode == crate::config::DpMode::Distributed
+            && !s.secagg
+        {
+            bail!("--dp-mode distributed adds the noise under secure aggregation; add --secagg");
+        }
         s.experiments()?;
         Ok(s)
     }

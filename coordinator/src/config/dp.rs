@@ -1,0 +1,279 @@
+//! The `[run.dp]` section: merchant-level differential privacy of a run
+//! (DP-FedAvg), validated once with errors naming the field.
+//!
+//! ```toml
+//! [run.dp]
+//! clip = 0.5            # L2 clip norm C of each merchant's delta, or "adaptive"
+//! target_epsilon = 4.0  # or noise_multiplier = 1.1
+//! delta = 1e-5
+//! mode = "central"      # or "distributed" (needs [run.secagg])
+//! population = 1000     # merchants in the federation (for the sampling rate)
+//! ```
+
+use fedcart_common::dp::accountant::DEFAULT_SIGMA_TOLERANCE;
+use fedcart_common::dp::{AdaptiveClip, solve_noise_multiplier};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{ConfigError, RunConfig};
+
+/// Who adds the noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpMode {
+    /// The coordinator adds Gaussian noise to the sum (it is trusted to see
+    /// the un-noised sum, e.g. of a secure aggregation).
+    #[default]
+    Central,
+    /// Each agent adds its share of Skellam noise to its fixed-point input
+    /// before secure-aggregation masking; nobody sees an un-noised sum.
+    Distributed,
+}
+
+/// The clip norm: a fixed `C`, or adaptive (a private quantile estimate).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClipNorm {
+    /// A fixed L2 clip norm.
+    Fixed(f64),
+    /// Follow the `target_quantile` of the merchants' delta norms, starting
+    /// from `initial_clip`.
+    Adaptive,
+}
+
+impl Serialize for ClipNorm {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Fixed(c) => s.serialize_f64(*c),
+            Self::Adaptive => s.serialize_str("adaptive"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClipNorm {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(f64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(c) => Ok(Self::Fixed(c)),
+            Raw::Str(s) if s == "adaptive" => Ok(Self::Adaptive),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "clip `{s}` is neither a number nor \"adaptive\""
+            ))),
+        }
+    }
+}
+
+impl std::str::FromStr for ClipNorm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "adaptive" {
+            return Ok(Self::Adaptive);
+        }
+        s.parse::<f64>()
+            .map(Self::Fixed)
+            .map_err(|_| format!("`{s}` is neither a clip norm nor `adaptive`"))
+    }
+}
+
+/// Merchant-level DP settings of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSettings {
+    /// L2 clip norm of each merchant's per-example delta, or `"adaptive"`.
+    pub clip: ClipNorm,
+    /// Noise std divided by the clip norm; give this or `target_epsilon`.
+    #[serde(default)]
+    pub noise_multiplier: Option<f64>,
+    /// Solve the noise multiplier up front so that ε after `rounds` rounds at
+    /// the planned sampling rate is at most this.
+    #[serde(default)]
+    pub target_epsilon: Option<f64>,
+    /// δ of the (ε, δ) guarantee; keep it below 1 / population.
+    pub delta: f64,
+    /// Who adds the noise.
+    #[serde(default)]
+    pub mode: DpMode,
+    /// Number of merchants in the federation, for the planned sampling rate
+    /// of `target_epsilon` (without it the plan uses `selection.fraction`).
+    /// Each round's ε uses the actual rate, selected / connected.
+    #[serde(default)]
+    pub population: Option<usize>,
+    /// Adaptive clipping: the first clip norm.
+    #[serde(default = "initial_clip")]
+    pub initial_clip: f64,
+    /// Adaptive clipping: the quantile of delta norms to track.
+    #[serde(default = "half")]
+    pub target_quantile: f64,
+    /// Adaptive clipping: the geometric learning rate η.
+    #[serde(default = "clip_lr")]
+    pub clip_learning_rate: f64,
+    /// Adaptive clipping: std of the noise on the sum of clip bits [default:
+    /// max(expected cohort / 20, noise multiplier), Andrew et al.'s m/20
+    /// raised so that the delta noise stays within 16% of the total].
+    #[serde(default)]
+    pub count_noise_std: Option<f64>,
+}
+
+fn initial_clip() -> f64 {
+    0.1
+}
+fn half() -> f64 {
+    0.5
+}
+fn clip_lr() -> f64 {
+    0.2
+}
+
+impl DpSettings {
+    /// Settings with a fixed clip and noise multiplier, central mode.
+    pub fn central(clip: f64, noise_multiplier: f64, delta: f64) -> Self {
+        Self {
+            clip: ClipNorm::Fixed(clip),
+            noise_multiplier: Some(noise_multiplier),
+            target_epsilon: None,
+            delta,
+            mode: DpMode::Central,
+            population: None,
+            initial_clip: initial_clip(),
+            target_quantile: half(),
+            clip_learning_rate: clip_lr(),
+            count_noise_std: None,
+        }
+    }
+
+    /// The sampling rate the plan assumes: `⌈fraction·population⌉` clamped to
+    /// the selection bounds, over the population; `fraction` without one.
+    pub fn planned_sampling_rate(&self, run: &RunConfig) -> f64 {
+        let sel = &run.selection;
+        match self.population {
+            Some(p) if p > 0 => {
+                let want = ((p as f64 * sel.fraction).ceil() as usize)
+                    .clamp(sel.min_agents, sel.max_agents)
+                    .min(p);
+                want as f64 / p as f64
+            }
+            _ => sel.fraction,
+        }
+    }
+
+    /// The expected cohort the plan assumes (for the default count noise).
+    pub fn planned_cohort(&self, run: &RunConfig) -> f64 {
+        match self.population {
+            Some(p) if p > 0 => self.planned_sampling_rate(run) * p as f64,
+            _ => run.selection.min_agents as f64,
+        }
+    }
+
+    /// The noise multiplier `z` to account each round with: as configured,
+    /// or solved for `target_epsilon` over `run.rounds` rounds.
+    pub fn noise_multiplier(&self, run: &RunConfig) -> Result<f64, ConfigError> {
+        if let Some(z) = self.noise_multiplier {
+            return Ok(z);
+        }
+        let target = self.target_epsilon.unwrap_or(f64::NAN);
+        let q = self.planned_sampling_rate(run);
+        solve_noise_multiplier(
+            target,
+            self.delta,
+            q,
+            run.rounds.max(1),
+            DEFAULT_SIGMA_TOLERANCE,
+        )
+        .map(|s| s.noise_multiplier)
+        .map_err(|e| ConfigError::Invalid {
+            field: "run.dp.target_epsilon",
+            message: e.to_string(),
+        })
+    }
+
+    /// Std of the noise on the sum of clip bits (adaptive clipping).
+    pub fn count_noise_std(&self, run: &RunConfig, z: f64) -> f64 {
+        self.count_noise_std
+            .unwrap_or_else(|| (self.planned_cohort(run) / 20.0).max(z))
+    }
+
+    /// Checks every field, naming it; `run` supplies the context (strategy,
+    /// secure aggregation, rounds).
+    pub fn validate(&self, run: &RunConfig) -> Result<(), ConfigError> {
+        let bad = |field, message: String| Err(ConfigError::Invalid { field, message });
+        match self.clip {
+            ClipNorm::Fixed(c) if !(c.is_finite() && c > 0.0) => {
+                return bad("run.dp.clip", format!("{c} must be finite and > 0"));
+            }
+            _ => {}
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return bad("run.dp.delta", format!("{} is not in (0, 1)", self.delta));
+        }
+        match (self.noise_multiplier, self.target_epsilon) {
+            (Some(_), Some(_)) | (None, None) => {
+                return bad(
+                    "run.dp.noise_multiplier",
+                    "give exactly one of noise_multiplier and target_epsilon".into(),
+                );
+            }
+            (Some(z), None) if !(z.is_finite() && z > 0.0) => {
+                return bad(
+                    "run.dp.noise_multiplier",
+                    format!("{z} must be finite and > 0"),
+                );
+            }
+            (None, Some(e)) if !(e.is_finite() && e > 0.0) => {
+                return bad(
+                    "run.dp.target_epsilon",
+                    format!("{e} must be finite and > 0"),
+                );
+            }
+            _ => {}
+        }
+        if self.population == Some(0) {
+            return bad("run.dp.population", "must be ≥ 1".into());
+        }
+        let z = self.noise_multiplier(run)?;
+        if self.clip == ClipNorm::Adaptive {
+            let sigma_b = self.count_noise_std(run, z);
+            AdaptiveClip::new(
+                self.initial_clip,
+                self.target_quantile,
+                self.clip_learning_rate,
+                sigma_b,
+            )
+            .map_err(|e| ConfigError::Invalid {
+                field: "run.dp.initial_clip",
+                message: e.to_string(),
+            })?;
+            AdaptiveClip::delta_noise_multiplier(z, sigma_b).map_err(|e| ConfigError::Invalid {
+                field: "run.dp.count_noise_std",
+                message: e.to_string(),
+            })?;
+        }
+        if self.mode == DpMode::Distributed && run.secagg.is_none() {
+            return bad(
+                "run.dp.mode",
+                "distributed noise is added under secure aggregation; set [run.secagg] \
+                 or use mode = \"central\""
+                    .into(),
+            );
+        }
+        let strategy = crate::engine::strategy_by_name(&run.strategy).map_err(|message| {
+            ConfigError::Invalid {
+                field: "run.strategy",
+                message,
+            }
+        })?;
+        if strategy.needs_individual_updates() {
+            return bad(
+                "run.strategy",
+                format!(
+                    "`{}` needs every individual update; differential privacy noises only \
+                     their sum (use fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox)",
+                    run.strategy
+                ),
+            );
+        }
+        Ok(())
+    }
+}

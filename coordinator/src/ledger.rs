@@ -1,0 +1,284 @@
+//! The privacy ledger of a run: the coordinator's side of DP-FedAvg.
+//!
+//! Each training round the ledger tells the agents the clip norm (and, in
+//! distributed mode, their share of the noise) through the task's
+//! [`DpTask`]; at the end of the round it turns the sum of the clipped,
+//! weight-1 updates into the noised step, moves the adaptive clip, composes
+//! the round into the RDP [`Accountant`] and writes a [`PrivacyRecord`] into
+//! the round record. Replaying those records rebuilds the ledger exactly, so
+//! a restarted coordinator continues the same ε history.
+//!
+//! # The estimator and its sensitivity
+//!
+//! Every selected merchant sends its delta clipped to L2 norm `C` with weight
+//! 1 (see `fedcart_common::dp::clip`). The released step is
+//! `(Σ clipped deltas + noise) / m`, where the **fixed denominator** `m` is
+//! the number of merchants *selected* for the round — the expected number of
+//! participants, fixed before any data is touched — not the number that
+//! reported (McMahan et al. 2018's fixed-denominator estimator). Adding or
+//! removing one merchant then moves the released sum by at most `C`, and the
+//! denominator reveals nothing. A round with dropouts is damped by
+//! reported / selected rather than re-weighted.
+//!
+//! Sampling: the engine selects a fixed-size cohort uniformly from the
+//! connected agents; the accountant treats it as Poisson sampling at rate
+//! `q = selected / connected`, the usual approximation of DP-FedAvg
+//! deployments. The one-off feature-statistics step of churn models and the
+//! reported training/evaluation metrics are outside the guarantee.
+
+use fedcart_common::aggregate::SumAccumulator;
+use fedcart_common::dp::distributed::max_scale;
+use fedcart_common::dp::{
+    Accountant, AdaptiveClip, CentralGaussian, DistributedNoise, DistributedSkellam, DpError,
+    DpTask,
+};
+use fedcart_common::secagg::SecAggConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ClipNorm, DpMode, DpSettings, RunConfig};
+use crate::engine::TaskPlan;
+use crate::record::{Outcome, RoundRecord};
+
+/// What the ledger recorded about one committed training round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyRecord {
+    /// Who added the noise.
+    pub mode: DpMode,
+    /// Sampling rate of the round, selected / connected.
+    pub sampling_rate: f64,
+    /// The noise multiplier the round was accounted at (in distributed mode,
+    /// lowered by dropouts: `z·√(survivors / selected)`).
+    pub noise_multiplier: f64,
+    /// The clip norm of the round.
+    pub clip: f64,
+    /// The fixed denominator (merchants selected).
+    pub denominator: usize,
+    /// Adaptive clipping: the noised fraction of merchants not clipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unclipped_fraction: Option<f64>,
+    /// The clip norm of the next round.
+    pub next_clip: f64,
+    /// ε of the whole run so far, at `delta`.
+    pub epsilon: f64,
+    /// δ of the guarantee.
+    pub delta: f64,
+    /// Rounds composed so far.
+    pub steps: u64,
+}
+
+/// The coordinator's DP state for one run.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    settings: DpSettings,
+    /// Overall noise multiplier `z` (what the accountant is told).
+    z: f64,
+    /// Noise multiplier of the delta sum (`z` without adaptive clipping).
+    z_delta: f64,
+    /// Std of the noise on the clip-bit sum (adaptive clipping).
+    sigma_b: f64,
+    adaptive: Option<AdaptiveClip>,
+    clip: f64,
+    accountant: Accountant,
+    epsilon: Option<f64>,
+}
+
+impl Ledger {
+    /// The ledger of `run` after replaying `history` (a restart).
+    pub fn open(
+        settings: &DpSettings,
+        run: &RunConfig,
+        history: &[RoundRecord],
+    ) -> Result<Self, String> {
+        let z = settings.noise_multiplier(run).map_err(|e| e.to_string())?;
+        let (adaptive, z_delta, sigma_b, clip) = match settings.clip {
+            ClipNorm::Fixed(c) => (None, z, 0.0, c),
+            ClipNorm::Adaptive => {
+                let sigma_b = settings.count_noise_std(run, z);
+                let a = AdaptiveClip::new(
+                    settings.initial_clip,
+                    settings.target_quantile,
+                    settings.clip_learning_rate,
+                    sigma_b,
+                )
+                .map_err(|e| e.to_string())?;
+                let z_delta =
+                    AdaptiveClip::delta_noise_multiplier(z, sigma_b).map_err(|e| e.to_string())?;
+                (Some(a), z_delta, sigma_b, settings.initial_clip)
+            }
+        };
+        let mut ledger = Self {
+            settings: settings.clone(),
+            z,
+            z_delta,
+            sigma_b,
+            adaptive,
+            clip,
+            accountant: Accountant::new(),
+            epsilon: None,
+        };
+        for r in history {
+            if let (Some(p), Outcome::Committed, "train") = (&r.privacy, r.outcome, r.kind.as_str())
+            {
+                ledger
+                    .accountant
+                    .step(p.sampling_rate, p.noise_multiplier)
+                    .map_err(|e| e.to_string())?;
+                ledger.set_clip(p.next_clip).map_err(|e| e.to_string())?;
+                ledger.epsilon = Some(p.epsilon);
+            }
+        }
+        Ok(ledger)
+    }
+
+    fn set_clip(&mut self, clip: f64) -> Result<(), DpError> {
+        self.clip = clip;
+        if self.adaptive.is_some() {
+            let s = &self.settings;
+            self.adaptive = Some(AdaptiveClip::new(
+                clip,
+                s.target_quantile,
+                s.clip_learning_rate,
+                self.sigma_b,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The noise multiplier every round is planned at.
+    pub fn noise_multiplier(&self) -> f64 {
+        self.z
+    }
+
+    /// The current clip norm.
+    pub fn clip(&self) -> f64 {
+        self.clip
+    }
+
+    /// ε spent so far (None before the first committed round).
+    pub fn epsilon(&self) -> Option<f64> {
+        self.epsilon
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &DpSettings {
+        &self.settings
+    }
+
+    /// The DP instructions of a training task with `selected` merchants and
+    /// a model of `model_len` values.
+    pub fn task(&self, selected: usize, model_len: usize) -> Result<DpTask, DpError> {
+        let clip_bit = self.adaptive.is_some();
+        let distributed = match self.settings.mode {
+            DpMode::Central => None,
+            DpMode::Distributed => Some(self.distributed_noise(selected, model_len)?),
+        };
+        Ok(DpTask {
+            clip: self.clip,
+            clip_bit,
+            distributed,
+        })
+    }
+
+    fn distributed_noise(
+        &self,
+        selected: usize,
+        model_len: usize,
+    ) -> Result<DistributedNoise, DpError> {
+        let value_clip = if self.adaptive.is_some() {
+            self.clip.max(0.5)
+        } else {
+            self.clip
+        };
+        // An f32 clip no smaller than the f64 one, so nothing within C is cut.
+        let mut secagg_clip = value_clip as f32;
+        if f64::from(secagg_clip) < value_clip {
+            secagg_clip *= 1.0 + f32::EPSILON;
+        }
+        let bits = SecAggConfig::complete(1, 0, 2, 1.0).modulus_bits;
+        let scale = max_scale(
+            bits,
+            selected,
+            self.clip,
+            f64::from(secagg_clip),
+            self.z_delta,
+            self.sigma_b,
+            model_len,
+        )?;
+        let skellam =
+            DistributedSkellam::new(self.z_delta, self.clip, scale, model_len, selected.max(1))?;
+        let bit_variance = if self.adaptive.is_some() {
+            (self.sigma_b * scale).powi(2) / selected.max(1) as f64
+        } else {
+            0.0
+        };
+        Ok(DistributedNoise {
+            skellam,
+            bit_variance,
+            secagg_clip,
+        })
+    }
+
+    /// Releases the round: noise (central mode), the fixed-denominator step
+    /// of the model's length, the clip update and the accounting. `sum` holds
+    /// the clipped updates of the `survivors` merchants whose inputs it
+    /// contains, out of `plan.selected`; `population` were connected.
+    pub fn release(
+        &mut self,
+        sum: &SumAccumulator,
+        plan: &TaskPlan,
+        population: usize,
+        survivors: usize,
+        seed: u64,
+    ) -> Result<(Vec<f32>, PrivacyRecord), DpError> {
+        let m = plan.selected.len().max(1);
+        let model_len = plan.spec.model.model_len();
+        let mut values = sum.sum_values().to_vec();
+        let mut rng = fedcart_common::seed::rng(seed, &["dp-noise", &plan.task_id]);
+        let z_accounted = match self.settings.mode {
+            DpMode::Central => {
+                CentralGaussian::new(self.z_delta, self.clip)?
+                    .add_to_sum(&mut values[..model_len], &mut rng);
+                self.z
+            }
+            DpMode::Distributed => {
+                let k = survivors.min(m) as f64;
+                self.z * (k / m as f64).sqrt()
+            }
+        };
+        let step: Vec<f32> = values[..model_len]
+            .iter()
+            .map(|v| (v / m as f64) as f32)
+            .collect();
+        let used_clip = self.clip;
+        let mut unclipped_fraction = None;
+        if let Some(a) = &mut self.adaptive {
+            let bit_sum = values.get(model_len).copied().unwrap_or(0.0);
+            let fraction = match self.settings.mode {
+                DpMode::Central => a.update(bit_sum, m as f64, &mut rng)?,
+                DpMode::Distributed => a.update_noised(bit_sum, m as f64)?,
+            };
+            unclipped_fraction = Some(fraction);
+            self.clip = a.clip();
+        }
+        let q = (m as f64 / population.max(m) as f64).min(1.0);
+        self.accountant.step(q, z_accounted)?;
+        let eps = self.accountant.epsilon(self.settings.delta)?;
+        self.epsilon = Some(eps.epsilon);
+        let record = PrivacyRecord {
+            mode: self.settings.mode,
+            sampling_rate: q,
+            noise_multiplier: z_accounted,
+            clip: used_clip,
+            denominator: m,
+            unclipped_fraction,
+            next_clip: self.clip,
+            epsilon: eps.epsilon,
+            delta: self.settings.delta,
+            steps: self.accountant.steps(),
+        };
+        Ok((step, record))
+    }
+}
+
+#[cfg(test)]
+mod tests;
