@@ -340,15 +340,16 @@ pub fn noise_encoded<R: Rng + ?Sized>(
             reason: "exceeds the encoded update's value count",
         });
     }
-    let mask = config.modulus_mask();
-    let vector = &mut input.vector;
-    add_skellam_wrapping_u32(&mut vector[..dim], noise.skellam.per_agent_variance(), rng)?;
-    let bits = config.num_values - dim;
-    add_skellam_wrapping_u32(&mut vector[dim..dim + bits], noise.bit_variance, rng)?;
-    for v in &mut vector[..config.num_values] {
-        *v &= mask;
-    }
-    Ok(())
+    let mut draws = vec![0i64; config.num_values];
+    add_skellam_i64(&mut draws[..dim], noise.skellam.per_agent_variance(), rng)?;
+    add_skellam_i64(&mut draws[dim..], noise.bit_variance, rng)?;
+    input
+        .add_noise(&draws)
+        .map_err(|_| DpError::InvalidParameter {
+            name: "num_values",
+            value: config.num_values as f64,
+            reason: "does not match the encoded input",
+        })
 }
 
 /// The largest fixed-point scale `s` for which `agents` encoded deltas of
