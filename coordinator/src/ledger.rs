@@ -32,7 +32,6 @@ use fedcart_common::dp::{
     Accountant, AdaptiveClip, CentralGaussian, DistributedNoise, DistributedSkellam, DpError,
     DpTask,
 };
-use fedcart_common::secagg::SecAggConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ClipNorm, DpMode, DpSettings, RunConfig};
@@ -194,16 +193,32 @@ impl Ledger {
         if f64::from(secagg_clip) < value_clip {
             secagg_clip *= 1.0 + f32::EPSILON;
         }
-        let bits = SecAggConfig::complete(1, 0, 2, 1.0).modulus_bits;
-        let scale = max_scale(
-            bits,
-            selected,
-            self.clip,
-            f64::from(secagg_clip),
-            self.z_delta,
-            self.sigma_b,
-            model_len,
-        )?;
+        // The 2^32 ring when its scale keeps the rounding term √d of the
+        // sensitivity below 1% of s·C; otherwise 2^64, with the scale capped
+        // so that each agent's Skellam variance stays far inside the Poisson
+        // sampler's range (1.8e19).
+        let sqrt_d = (model_len as f64).sqrt();
+        let scale_for = |bits| {
+            max_scale(
+                bits,
+                selected,
+                self.clip,
+                f64::from(secagg_clip),
+                self.z_delta,
+                self.sigma_b,
+                model_len,
+            )
+        };
+        let (modulus_bits, scale) = match scale_for(32) {
+            Ok(s) if s * self.clip >= 100.0 * sqrt_d => (32, s),
+            _ => {
+                let cap = ((1e9 * (selected.max(1) as f64).sqrt() / self.z_delta.max(1e-9)
+                    - sqrt_d)
+                    / f64::from(secagg_clip))
+                .floor();
+                (64, scale_for(64)?.min(cap).max(1.0))
+            }
+        };
         let skellam =
             DistributedSkellam::new(self.z_delta, self.clip, scale, model_len, selected.max(1))?;
         let bit_variance = if self.adaptive.is_some() {
@@ -215,6 +230,7 @@ impl Ledger {
             skellam,
             bit_variance,
             secagg_clip,
+            modulus_bits,
         })
     }
 

@@ -340,16 +340,15 @@ pub fn noise_encoded<R: Rng + ?Sized>(
             reason: "exceeds the encoded update's value count",
         });
     }
-    // Integer noise in encoded units; `add_noise` adds it modulo the ring.
     let mut draws = vec![0i64; config.num_values];
     add_skellam_i64(&mut draws[..dim], noise.skellam.per_agent_variance(), rng)?;
     add_skellam_i64(&mut draws[dim..], noise.bit_variance, rng)?;
     input
         .add_noise(&draws)
         .map_err(|_| DpError::InvalidParameter {
-            name: "dim",
+            name: "num_values",
             value: config.num_values as f64,
-            reason: "does not match the encoded input's value count",
+            reason: "does not match the encoded input",
         })
 }
 

@@ -49,15 +49,18 @@ pub struct DistributedNoise {
     /// The value clip secure aggregation must use: `max(C, ½)` so that
     /// neither a clipped delta coordinate nor a clip bit is clipped again.
     pub secagg_clip: f32,
+    /// The ring the scale was sized for (2^32 or 2^64).
+    pub modulus_bits: u32,
 }
 
 impl DistributedNoise {
     /// Sets the encoding of a secure-aggregation configuration to the one the
-    /// noise was calibrated for (value clip and fixed-point scale). Agents and
+    /// noise was calibrated for (value clip, fixed-point scale and ring). Agents and
     /// the coordinator must both call this on the round's configuration.
     pub fn configure(&self, config: &mut crate::secagg::SecAggConfig) {
         config.clip = self.secagg_clip;
         config.scale = self.skellam.scale;
+        config.modulus_bits = self.modulus_bits;
     }
 }
 
