@@ -23,8 +23,9 @@ pub struct SimArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Dataset: `movielens:PATH`, `telco:PATH` (`orders:PATH` is not in this build).
-    /// Without --data and --task the demo runs MovieLens MF and Telco churn.
+    /// Dataset: `movielens:PATH`, `telco:PATH`, `orders:PATH` (an orders export
+    /// read through the column mapping below; plain `orders` is the bundled
+    /// CDNOW log). Without --data and --task the demo runs MovieLens MF and Telco churn.
     #[arg(long)]
     pub data: Option<String>,
     /// Explicit training file (used instead of splitting --data); needs --test.
@@ -33,7 +34,8 @@ pub struct SimArgs {
     /// Explicit held-out file; needs --train.
     #[arg(long, requires = "train")]
     pub test: Option<PathBuf>,
-    /// Task: `mf`, `mf-implicit`, `churn-lr`, or `noop:D` (random D-float updates, no training).
+    /// Task: `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
+    /// default 16), or `noop:D` (random D-float updates, no training).
     #[arg(long)]
     pub task: Option<String>,
     /// Number of virtual merchants [default: 10].
@@ -45,10 +47,10 @@ pub struct SimArgs {
     /// Fraction of merchants selected per round [default: 1].
     #[arg(long)]
     pub fraction: Option<f64>,
-    /// Local epochs per round [default: 5 for MF, 1 otherwise].
+    /// Local epochs per round [default: 5 for MF, 3 for churn-mlp, 1 otherwise].
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Local learning rate [default: 0.01 for MF, 0.05 for churn].
+    /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp].
     #[arg(long)]
     pub lr: Option<f32>,
     /// Mini-batch size for churn models [default: 32].
@@ -58,7 +60,8 @@ pub struct SimArgs {
     #[arg(long)]
     pub factors: Option<usize>,
     /// Partitioner: `iid`, `dirichlet:ALPHA` (label skew: churn class, or the
-    /// customers' item popularity for MF), `zipf:S` (size skew) [default: iid].
+    /// customers' item popularity for MF), `zipf:S` (size skew), `natural` (one
+    /// merchant per store of an orders export's --merchant-col) [default: iid].
     #[arg(long)]
     pub partition: Option<String>,
     /// Strategy: fedavg, fedprox:MU, fedavgm[:β[:η]], fedadam[:η], fedyogi[:η],
@@ -94,6 +97,10 @@ pub struct SimArgs {
     /// Directory for metrics.json, metrics.csv and report.html.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Column mapping and churn labelling of `--data orders:PATH` (the
+    /// `[orders]` table of the config file).
+    #[command(flatten)]
+    pub orders: super::data::orders::OrdersArgs,
 }
 
 /// What malicious merchants send.
@@ -172,6 +179,8 @@ pub struct Settings {
     /// Output directory.
     #[serde(skip)]
     pub out: Option<PathBuf>,
+    /// How to read an orders export (flags over the `[orders]` table).
+    pub orders: super::data::orders::OrdersArgs,
 }
 
 fn debug_str<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -225,6 +234,7 @@ impl Settings {
             seed: pick!(seed, 42),
             threads: pick!(threads, 0),
             out: args.out.or(file.out),
+            orders: args.orders.or(file.orders),
         };
         if s.merchants == 0 || s.rounds == 0 {
             bail!("--merchants and --rounds must be ≥ 1");
@@ -250,13 +260,16 @@ impl Settings {
     /// The (task, data) pairs to run: one, or the two of the demo.
     pub fn experiments(&self) -> anyhow::Result<Vec<(TaskChoice, DataSpec)>> {
         let task = self.task.as_deref().map(TaskChoice::parse).transpose()?;
-        let data = self.data.as_deref().map(DataSpec::parse).transpose()?;
+        let data = match self.data.as_deref() {
+            Some(d) => Some(DataSpec::parse(d)?.with_orders(&self.orders)?),
+            None => None,
+        };
         Ok(match (task, data) {
             (Some(t), Some(d)) => vec![(t, d)],
             (Some(t), None) => vec![(t, t.default_data())],
             (None, Some(d)) => {
                 let t = match d {
-                    DataSpec::Telco(_) => TaskChoice::ChurnLr,
+                    DataSpec::Telco(_) | DataSpec::Orders(_) => TaskChoice::ChurnLr,
                     _ => TaskChoice::Mf,
                 };
                 vec![(t, d)]
@@ -285,11 +298,12 @@ impl Settings {
 
     /// Local SGD parameters of a churn task.
     pub fn sgd(&self, task: TaskChoice) -> SgdParams {
-        let _ = task;
+        // The MLP trains with Adam, which wants a far smaller step than SGD.
+        let mlp = matches!(task, TaskChoice::ChurnMlp { .. });
         SgdParams {
-            epochs: self.epochs.unwrap_or(1),
+            epochs: self.epochs.unwrap_or(if mlp { 3 } else { 1 }),
             batch_size: self.batch_size,
-            learning_rate: self.lr.unwrap_or(0.05),
+            learning_rate: self.lr.unwrap_or(if mlp { 0.001 } else { 0.05 }),
             ..Default::default()
         }
     }
