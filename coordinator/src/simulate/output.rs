@@ -88,6 +88,10 @@ pub struct Experiment {
     /// `fedcart_common::reference::federation_value` when `--out` is given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub federation_value: Option<fedcart_common::reference::FederationValue>,
+    /// The final global model's parameters (not written to the outputs;
+    /// for comparing runs, e.g. the two transports).
+    #[serde(skip)]
+    pub final_model: Vec<f32>,
     #[serde(skip)]
     headline: Option<(&'static str, bool)>,
 }
@@ -118,6 +122,7 @@ impl Experiment {
                 load_seconds,
                 ..Default::default()
             },
+            final_model: Vec::new(),
             headline: task.headline(),
         }
     }

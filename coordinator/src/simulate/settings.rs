@@ -97,6 +97,11 @@ pub struct SimArgs {
     /// Directory for metrics.json, metrics.csv and report.html.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// How merchants reach the engine: `inproc` (direct calls, a rayon pool)
+    /// or `grpc` (the real coordinator service on loopback and the real
+    /// merchant agent per merchant, for fidelity and overhead) [default: inproc].
+    #[arg(long)]
+    pub transport: Option<String>,
     /// Column mapping and churn labelling of `--data orders:PATH` (the
     /// `[orders]` table of the config file).
     #[command(flatten)]
@@ -181,6 +186,28 @@ pub struct Settings {
     pub out: Option<PathBuf>,
     /// How to read an orders export (flags over the `[orders]` table).
     pub orders: super::data::orders::OrdersArgs,
+    /// How merchants reach the engine.
+    pub transport: Transport,
+}
+
+/// How the simulated merchants reach the round engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Direct calls into the engine from a rayon pool.
+    Inproc,
+    /// The real gRPC service on loopback and one real agent per merchant.
+    Grpc,
+}
+
+impl Transport {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "inproc" => Ok(Self::Inproc),
+            "grpc" => Ok(Self::Grpc),
+            other => bail!("unknown transport `{other}` (known: inproc, grpc)"),
+        }
+    }
 }
 
 fn debug_str<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -235,6 +262,7 @@ impl Settings {
             threads: pick!(threads, 0),
             out: args.out.or(file.out),
             orders: args.orders.or(file.orders),
+            transport: Transport::parse(&pick!(transport, "inproc".into()))?,
         };
         if s.merchants == 0 || s.rounds == 0 {
             bail!("--merchants and --rounds must be ≥ 1");
@@ -246,6 +274,9 @@ impl Settings {
             if !(0.0..1.0).contains(&v) {
                 bail!("{name} {v} is not in [0, 1)");
             }
+        }
+        if s.transport == Transport::Grpc {
+            super::grpc::check(&s)?;
         }
         if let Some(lr) = s.lr
             && !(lr.is_finite() && lr > 0.0)
