@@ -316,3 +316,6 @@ fn rows(
     }
     out
 }
+
+#[cfg(test)]
+mod tests;
