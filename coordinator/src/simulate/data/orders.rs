@@ -54,42 +54,55 @@ pub struct OrdersArgs {
     /// prepare --mapping`, e.g. client/examples/cdnow-mapping.toml); the
     /// column flags below override its entries.
     #[arg(long = "orders-mapping")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mapping: Option<PathBuf>,
     /// Orders: customer id column.
     #[arg(long = "customer-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub customer: Option<String>,
     /// Orders: item id column (needed by the MF tasks).
     #[arg(long = "item-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub item: Option<String>,
     /// Orders: order time column.
     #[arg(long = "timestamp-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
     /// Orders: order time format (auto, unix_seconds, iso8601, yyyymmdd).
     #[arg(long = "timestamp-format")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timestamp_format: Option<TimestampFormat>,
     /// Orders: quantity column (default: every row is one unit).
     #[arg(long = "quantity-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub quantity: Option<String>,
     /// Orders: line value column.
     #[arg(long = "amount-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub amount: Option<String>,
     /// Orders: explicit rating column (needed by `--task mf`).
     #[arg(long = "rating-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rating: Option<String>,
     /// Orders: merchant/store column (one merchant per store with `--partition natural`).
     #[arg(long = "merchant-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub merchant: Option<String>,
     /// Orders: field separator (comma, tab, semicolon, pipe, whitespace).
     #[arg(long = "delimiter")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub delimiter: Option<Delimiter>,
     /// Orders: churn cutoff date [default: the last order minus the churn window].
     #[arg(long = "cutoff")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cutoff: Option<String>,
     /// Orders: a customer churned if they bought nothing this many days after the cutoff [default: 90].
     #[arg(long = "churn-window-days")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub churn_window_days: Option<u32>,
     /// Orders: unreadable rows fail the run or are skipped (fail, skip) [default: fail].
     #[arg(long = "on-bad-row")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub on_bad_row: Option<BadRowPolicy>,
 }
 

@@ -122,3 +122,41 @@ fn knobs_the_real_agent_cannot_honour_are_refused_by_name() {
     let e = Settings::from_args(a).unwrap_err().to_string();
     assert!(e.contains("unknown transport `quic`"), "{e}");
 }
+
+#[test]
+fn min_available_waits_for_the_pool_without_widening_the_selection() {
+    use crate::config::{RunConfig, Selection};
+    use crate::engine::{Engine, EngineError};
+    use fedcart_common::task::ModelSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(&dir.path().join("s.redb")).unwrap();
+    let run = RunConfig {
+        run_id: "r".into(),
+        seed: 1,
+        rounds: 1,
+        model: ModelSpec::Noop { dim: 4 },
+        sgd: Default::default(),
+        selection: Selection {
+            fraction: 0.5,
+            min_agents: 1,
+            max_agents: 6,
+            min_available: 6,
+        },
+        quorum: 1,
+        round_timeout_ms: 1000,
+        evaluate: false,
+        strategy: "fedavg".into(),
+        secagg: None,
+    };
+    let mut engine = Engine::open(store, run).unwrap();
+    let ids: Vec<String> = (0..6).map(|k| format!("m{k}")).collect();
+    assert!(matches!(
+        engine.start_task(&ids[..5]),
+        Err(EngineError::NotEnoughAgents {
+            available: 5,
+            needed: 6
+        })
+    ));
+    // All six connected: half of them are selected, not all six.
+    assert_eq!(engine.start_task(&ids).unwrap().selected.len(), 3);
+}
