@@ -37,10 +37,7 @@ fn assert_same(inproc: &Experiment, grpc: &Experiment, tol: f32) {
             assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
             for (k, v) in x {
                 let w = y[k];
-                assert!(
-                    (v - w).abs() <= 1e-6 * v.abs().max(1.0),
-                    "{k}: {v} vs {w}"
-                );
+                assert!((v - w).abs() <= 1e-6 * v.abs().max(1.0), "{k}: {v} vs {w}");
             }
         }
     }
@@ -63,7 +60,10 @@ fn assert_same(inproc: &Experiment, grpc: &Experiment, tol: f32) {
 fn churn_over_grpc_commits_the_same_model_as_in_process() {
     let a = SimArgs {
         task: Some("churn-lr".into()),
-        data: Some(format!("telco:{}", repo(crate::simulate::data::DEFAULT_TELCO))),
+        data: Some(format!(
+            "telco:{}",
+            repo(crate::simulate::data::DEFAULT_TELCO)
+        )),
         merchants: Some(4),
         rounds: Some(2),
         ..Default::default()
@@ -72,7 +72,11 @@ fn churn_over_grpc_commits_the_same_model_as_in_process() {
     assert_same(&inproc, &grpc, 1e-5);
     assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
     assert!(grpc.final_metrics["auc"] > 0.8);
-    assert!(grpc.rounds.iter().all(|r| r.bytes_up > 0 && r.seconds > 0.0));
+    assert!(
+        grpc.rounds
+            .iter()
+            .all(|r| r.bytes_up > 0 && r.seconds > 0.0)
+    );
 }
 
 #[test]
@@ -112,7 +116,10 @@ fn knobs_the_real_agent_cannot_honour_are_refused_by_name() {
     let mut a = base.clone();
     a.secagg = true;
     let e = Settings::from_args(a).unwrap_err().to_string();
-    assert!(e.contains("--secagg") && e.contains("--transport grpc"), "{e}");
+    assert!(
+        e.contains("--secagg") && e.contains("--transport grpc"),
+        "{e}"
+    );
     let mut a = base.clone();
     a.malicious = Some(0.2);
     let e = Settings::from_args(a).unwrap_err().to_string();
