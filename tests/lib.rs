@@ -110,6 +110,7 @@ pub fn churn_run(run_id: &str, rounds: u64, merchants: usize, quorum: usize) -> 
             fraction: 1.0,
             min_agents: merchants,
             max_agents: merchants,
+            min_available: 0,
         },
         quorum,
         round_timeout_ms: 60_000,

@@ -40,7 +40,15 @@ pub struct Agent {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Durable local state; `None` keeps everything in memory.
     pub state: Option<crate::state::StateDir>,
+    /// Simulator hook (`simulate --transport grpc --dropout`): asked with each
+    /// pushed task id; `true` makes the agent drop out of that task the way a
+    /// merchant whose machine went away does: it disconnects unanswered, then
+    /// reconnects with backoff.
+    pub drop_out: Option<DropOut>,
 }
+
+/// Decides, per task id, whether the agent drops out (see [`Agent::drop_out`]).
+pub type DropOut = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Agent {
     /// Keeps state in `state`, restoring the private user factors saved there.
@@ -61,6 +69,7 @@ impl Agent {
             tasks_done: 0,
             tls: None,
             state: None,
+            drop_out: None,
         }
     }
 
@@ -146,6 +155,9 @@ impl Agent {
             };
             match msg.kind {
                 Some(pb::work::Kind::Task(task)) => {
+                    if self.drop_out.as_ref().is_some_and(|f| f(&task.task_id)) {
+                        bail!("dropped out of task `{}` (simulated)", task.task_id);
+                    }
                     self.handle_task(&mut client, &welcome.session_id, task)
                         .await?;
                     self.tasks_done += 1;

@@ -25,6 +25,13 @@ pub struct Selection {
     pub min_agents: usize,
     /// Never select more than this many.
     pub max_agents: usize,
+    /// Wait until this many agents are connected before selecting (Flower's
+    /// `min_available_clients`); 0 means `min_agents`. Unlike `min_agents` it
+    /// does not force more agents into the selection: the simulator's gRPC
+    /// transport sets it to every merchant so a fraction is drawn from the
+    /// same pool as in-process.
+    #[serde(default)]
+    pub min_available: usize,
 }
 
 /// The federated run: model, rounds, selection and aggregation.

@@ -333,10 +333,11 @@ impl Engine {
         }
         let (round, kind) = self.next_kind().ok_or(EngineError::Finished)?;
         let sel = &self.run.selection;
-        if available.len() < sel.min_agents {
+        let needed = sel.min_agents.max(sel.min_available);
+        if available.len() < needed {
             return Err(EngineError::NotEnoughAgents {
                 available: available.len(),
-                needed: sel.min_agents,
+                needed,
             });
         }
         let kind_name = kind_name(kind);

@@ -10,6 +10,7 @@ pub mod data;
 mod dp;
 #[cfg(test)]
 pub(crate) use dp::noise_hook as dp_noise_hook;
+mod grpc;
 pub mod output;
 mod settings;
 #[cfg(test)]
@@ -33,7 +34,7 @@ use crate::record::Outcome;
 use crate::store::Store;
 use data::TaskChoice;
 pub use output::{Experiment, RoundRow};
-pub use settings::{Attack, Settings, SimArgs};
+pub use settings::{Attack, Settings, SimArgs, Transport};
 
 /// Results computed per chunk of merchants: bounds memory to `CHUNK` updates
 /// in flight however many merchants a round selects.
@@ -106,6 +107,7 @@ pub fn run_one(
             fraction: s.fraction,
             min_agents: 1,
             max_agents: n,
+            min_available: 0,
         },
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,
@@ -122,6 +124,9 @@ pub fn run_one(
         }),
     };
     run.validate()?;
+    if s.transport == Transport::Grpc {
+        return grpc::run(s, task, data, pop, run, load_seconds);
+    }
     let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
     let store = Store::open(&dir.path().join("simulation.redb"))?;
     let mut engine = Engine::open(store, run)?;
@@ -287,6 +292,7 @@ pub fn run_one(
                 .context("computing the federation-value baselines")?,
         );
     }
+    exp.final_model = engine.global().to_vec();
     exp.finish();
     Ok(exp)
 }

@@ -48,6 +48,7 @@ fn run_config(agents: usize, dim: usize, rounds: u64) -> RunConfig {
             fraction: 1.0,
             min_agents: agents,
             max_agents: agents,
+            min_available: 0,
         },
         quorum: agents,
         round_timeout_ms: 600_000,

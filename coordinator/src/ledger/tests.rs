@@ -26,6 +26,7 @@ fn run(dp: DpSettings, selected: usize) -> RunConfig {
             fraction: 0.5,
             min_agents: selected,
             max_agents: selected,
+            min_available: 0,
         },
         quorum: 1,
         round_timeout_ms: 1_000,

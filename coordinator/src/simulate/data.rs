@@ -1,5 +1,8 @@
 //! Builds the simulated merchants and the model of one experiment from a
-//! dataset spec (`movielens:PATH`, `telco:PATH`, `noop`) and a partitioner.
+//! dataset spec (`movielens:PATH`, `telco:PATH`, `orders:PATH`, `noop`) and a
+//! partitioner.
+
+pub mod orders;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -27,13 +30,16 @@ pub enum DataSpec {
     MovieLens(PathBuf),
     /// Telco-churn-format CSV.
     Telco(PathBuf),
+    /// A merchant orders export read through a column mapping.
+    Orders(Box<orders::OrdersSource>),
     /// No data (for `noop:D`).
     None,
 }
 
 impl DataSpec {
-    /// Parses `movielens:PATH`, `telco:PATH`, `movielens`, `telco` (bundled
-    /// files) or `orders:PATH` (refused in this build).
+    /// Parses `movielens:PATH`, `telco:PATH`, `orders:PATH`, or `movielens`,
+    /// `telco`, `orders` (the bundled files). An orders source still needs
+    /// [`DataSpec::with_orders`] for its mapping.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         let (kind, path) = match s.split_once(':') {
             Some((k, p)) => (k, Some(PathBuf::from(p))),
@@ -44,11 +50,10 @@ impl DataSpec {
                 path.unwrap_or_else(|| DEFAULT_MOVIELENS.into()),
             )),
             "telco" => Ok(Self::Telco(path.unwrap_or_else(|| DEFAULT_TELCO.into()))),
-            "orders" => bail!(
-                "`orders:` data is not available in this build (the orders pipeline, \
-                 common::orders, is not merged yet); use movielens:PATH or telco:PATH"
-            ),
-            other => bail!("unknown dataset `{other}` (known: movielens:PATH, telco:PATH)"),
+            "orders" => Ok(Self::Orders(Box::new(orders::OrdersSource::new(path)))),
+            other => {
+                bail!("unknown dataset `{other}` (known: movielens:PATH, telco:PATH, orders:PATH)")
+            }
         }
     }
 
@@ -57,8 +62,18 @@ impl DataSpec {
         match self {
             Self::MovieLens(p) => format!("movielens:{}", p.display()),
             Self::Telco(p) => format!("telco:{}", p.display()),
+            Self::Orders(o) => format!("orders:{}", o.path.display()),
             Self::None => "none".into(),
         }
+    }
+
+    /// Resolves an orders source's mapping and churn labelling from the
+    /// settings (other datasets pass through).
+    pub fn with_orders(self, args: &orders::OrdersArgs) -> anyhow::Result<Self> {
+        Ok(match self {
+            Self::Orders(o) => Self::Orders(Box::new(o.resolve(args)?)),
+            other => other,
+        })
     }
 }
 
@@ -71,32 +86,82 @@ pub enum TaskChoice {
     MfImplicit,
     /// Churn logistic regression.
     ChurnLr,
+    /// Churn multi-layer perceptron with one or two hidden layers
+    /// (`h2 == 0`: one layer).
+    ChurnMlp {
+        /// First hidden layer width.
+        h1: usize,
+        /// Second hidden layer width, 0 for none.
+        h2: usize,
+    },
     /// Random updates of this length, no training.
     Noop(usize),
 }
 
 impl TaskChoice {
-    /// Parses `mf`, `mf-implicit`, `churn-lr`, `noop:D`; `churn-mlp` is refused.
+    /// Parses `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden
+    /// widths, default 16) and `noop:D`.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s {
             "mf" => Self::Mf,
             "mf-implicit" => Self::MfImplicit,
             "churn-lr" => Self::ChurnLr,
-            "churn-mlp" => bail!(
-                "`churn-mlp` is not available in this build (the MLP model is not merged yet)"
-            ),
-            _ => match s.strip_prefix("noop:").map(str::parse::<usize>) {
-                Some(Ok(d)) if d > 0 => Self::Noop(d),
-                _ => bail!("unknown task `{s}` (known: mf, mf-implicit, churn-lr, noop:D)"),
+            "churn-mlp" => Self::ChurnMlp {
+                h1: DEFAULT_HIDDEN,
+                h2: 0,
             },
+            _ => {
+                if let Some(widths) = s.strip_prefix("churn-mlp:") {
+                    let w: Vec<usize> = widths
+                        .split(',')
+                        .map(|w| w.trim().parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .ok()
+                        .filter(|w: &Vec<usize>| (1..=2).contains(&w.len()))
+                        .filter(|w| w.iter().all(|&x| (1..=4096).contains(&x)))
+                        .with_context(|| {
+                            format!(
+                                "`{s}`: give one or two hidden widths in 1..=4096, \
+                                 e.g. churn-mlp:32 or churn-mlp:32,16"
+                            )
+                        })?;
+                    return Ok(Self::ChurnMlp {
+                        h1: w[0],
+                        h2: w.get(1).copied().unwrap_or(0),
+                    });
+                }
+                match s.strip_prefix("noop:").map(str::parse::<usize>) {
+                    Some(Ok(d)) if d > 0 => Self::Noop(d),
+                    _ => bail!(
+                        "unknown task `{s}` (known: mf, mf-implicit, churn-lr, \
+                         churn-mlp[:H1[,H2]], noop:D)"
+                    ),
+                }
+            }
         })
+    }
+
+    /// Whether this is a churn family (LR or MLP).
+    pub fn is_churn(self) -> bool {
+        matches!(self, Self::ChurnLr | Self::ChurnMlp { .. })
+    }
+
+    /// The churn model of this task over `num_features` encoded features.
+    pub fn churn_model(self, num_features: usize) -> ModelSpec {
+        match self {
+            Self::ChurnMlp { h1, h2 } => ModelSpec::ChurnMlp {
+                num_features,
+                hidden: [h1, h2].into_iter().filter(|&h| h > 0).collect(),
+            },
+            _ => ModelSpec::ChurnLr { num_features },
+        }
     }
 
     /// The dataset this task uses when `--data` is not given.
     pub fn default_data(self) -> DataSpec {
         match self {
             Self::Mf | Self::MfImplicit => DataSpec::MovieLens(DEFAULT_MOVIELENS.into()),
-            Self::ChurnLr => DataSpec::Telco(DEFAULT_TELCO.into()),
+            Self::ChurnLr | Self::ChurnMlp { .. } => DataSpec::Telco(DEFAULT_TELCO.into()),
             Self::Noop(_) => DataSpec::None,
         }
     }
@@ -107,6 +172,9 @@ impl TaskChoice {
             Self::Mf => "mf".into(),
             Self::MfImplicit => "mf-implicit".into(),
             Self::ChurnLr => "churn-lr".into(),
+            Self::ChurnMlp { h1, h2: 0 } if h1 == DEFAULT_HIDDEN => "churn-mlp".into(),
+            Self::ChurnMlp { h1, h2: 0 } => format!("churn-mlp:{h1}"),
+            Self::ChurnMlp { h1, h2 } => format!("churn-mlp:{h1},{h2}"),
             Self::Noop(d) => format!("noop:{d}"),
         }
     }
@@ -116,11 +184,15 @@ impl TaskChoice {
         match self {
             Self::Mf => Some(("rmse", false)),
             Self::MfImplicit => Some(("hr@10", true)),
-            Self::ChurnLr => Some(("auc", true)),
+            Self::ChurnLr | Self::ChurnMlp { .. } => Some(("auc", true)),
             Self::Noop(_) => None,
         }
     }
 }
+
+/// Hidden width of `churn-mlp` without explicit widths (the width the MLP
+/// tests in `fedcart_common::churn` reach Telco's LR AUC with).
+pub const DEFAULT_HIDDEN: usize = 16;
 
 /// The merchants of an experiment and the model they federate.
 pub struct Population {
@@ -196,23 +268,13 @@ pub fn build(
                     }
                 })
                 .collect();
-            let (num_items, hyper) = (catalogue.len(), mf);
-            let model = if implicit {
-                ModelSpec::MfImplicit {
-                    num_items,
-                    factors,
-                    hyper,
-                }
-            } else {
-                ModelSpec::Mf {
-                    num_items,
-                    factors,
-                    hyper,
-                }
-            };
-            Ok(Population { merchants, model })
+            Ok(Population {
+                merchants,
+                model: mf_model(implicit, catalogue.len(), factors, mf),
+            })
         }
-        (TaskChoice::ChurnLr, DataSpec::Telco(path)) => {
+        (t, DataSpec::Orders(src)) => orders::build(t, src, n, partitioner, mf, factors, seed),
+        (TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. }, DataSpec::Telco(path)) => {
             let schema = Schema::telco();
             let load = |p: &Path| {
                 schema
@@ -258,12 +320,27 @@ pub fn build(
                 .collect();
             Ok(Population {
                 merchants,
-                model: ModelSpec::ChurnLr {
-                    num_features: schema.num_features(),
-                },
+                model: task.churn_model(schema.num_features()),
             })
         }
         (t, d) => bail!("task `{}` cannot run on dataset `{}`", t.name(), d.name()),
+    }
+}
+
+/// The MF model spec of an experiment.
+fn mf_model(implicit: bool, num_items: usize, factors: usize, hyper: MfHyper) -> ModelSpec {
+    if implicit {
+        ModelSpec::MfImplicit {
+            num_items,
+            factors,
+            hyper,
+        }
+    } else {
+        ModelSpec::Mf {
+            num_items,
+            factors,
+            hyper,
+        }
     }
 }
 

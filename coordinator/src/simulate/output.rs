@@ -97,6 +97,10 @@ pub struct Experiment {
     /// Differential privacy of the run, when `--dp-clip` was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySummary>,
+    /// The final global model's parameters (not written to the outputs;
+    /// for comparing runs, e.g. the two transports).
+    #[serde(skip)]
+    pub final_model: Vec<f32>,
     #[serde(skip)]
     headline: Option<(&'static str, bool)>,
 }
@@ -145,6 +149,7 @@ impl Experiment {
                 load_seconds,
                 ..Default::default()
             },
+            final_model: Vec::new(),
             headline: task.headline(),
         }
     }

@@ -23,8 +23,9 @@ pub struct SimArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Dataset: `movielens:PATH`, `telco:PATH` (`orders:PATH` is not in this build).
-    /// Without --data and --task the demo runs MovieLens MF and Telco churn.
+    /// Dataset: `movielens:PATH`, `telco:PATH`, `orders:PATH` (an orders export
+    /// read through the column mapping below; plain `orders` is the bundled
+    /// CDNOW log). Without --data and --task the demo runs MovieLens MF and Telco churn.
     #[arg(long)]
     pub data: Option<String>,
     /// Explicit training file (used instead of splitting --data); needs --test.
@@ -33,7 +34,8 @@ pub struct SimArgs {
     /// Explicit held-out file; needs --train.
     #[arg(long, requires = "train")]
     pub test: Option<PathBuf>,
-    /// Task: `mf`, `mf-implicit`, `churn-lr`, or `noop:D` (random D-float updates, no training).
+    /// Task: `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
+    /// default 16), or `noop:D` (random D-float updates, no training).
     #[arg(long)]
     pub task: Option<String>,
     /// Number of virtual merchants [default: 10].
@@ -45,10 +47,10 @@ pub struct SimArgs {
     /// Fraction of merchants selected per round [default: 1].
     #[arg(long)]
     pub fraction: Option<f64>,
-    /// Local epochs per round [default: 5 for MF, 1 otherwise].
+    /// Local epochs per round [default: 5 for MF, 3 for churn-mlp, 1 otherwise].
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Local learning rate [default: 0.01 for MF, 0.05 for churn].
+    /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp].
     #[arg(long)]
     pub lr: Option<f32>,
     /// Mini-batch size for churn models [default: 32].
@@ -58,7 +60,8 @@ pub struct SimArgs {
     #[arg(long)]
     pub factors: Option<usize>,
     /// Partitioner: `iid`, `dirichlet:ALPHA` (label skew: churn class, or the
-    /// customers' item popularity for MF), `zipf:S` (size skew) [default: iid].
+    /// customers' item popularity for MF), `zipf:S` (size skew), `natural` (one
+    /// merchant per store of an orders export's --merchant-col) [default: iid].
     #[arg(long)]
     pub partition: Option<String>,
     /// Strategy: fedavg, fedprox:MU, fedavgm[:β[:η]], fedadam[:η], fedyogi[:η],
@@ -111,6 +114,15 @@ pub struct SimArgs {
     /// under --secagg) [default: central].
     #[arg(long)]
     pub dp_mode: Option<String>,
+    /// How merchants reach the engine: `inproc` (direct calls, a rayon pool)
+    /// or `grpc` (the real coordinator service on loopback and the real
+    /// merchant agent per merchant, for fidelity and overhead) [default: inproc].
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// Column mapping and churn labelling of `--data orders:PATH` (the
+    /// `[orders]` table of the config file).
+    #[command(flatten)]
+    pub orders: super::data::orders::OrdersArgs,
 }
 
 /// What malicious merchants send.
@@ -192,6 +204,30 @@ pub struct Settings {
     /// Differential privacy (population filled in per experiment).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dp: Option<crate::config::DpSettings>,
+    /// How to read an orders export (flags over the `[orders]` table).
+    pub orders: super::data::orders::OrdersArgs,
+    /// How merchants reach the engine.
+    pub transport: Transport,
+}
+
+/// How the simulated merchants reach the round engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Direct calls into the engine from a rayon pool.
+    Inproc,
+    /// The real gRPC service on loopback and one real agent per merchant.
+    Grpc,
+}
+
+impl Transport {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "inproc" => Ok(Self::Inproc),
+            "grpc" => Ok(Self::Grpc),
+            other => bail!("unknown transport `{other}` (known: inproc, grpc)"),
+        }
+    }
 }
 
 fn debug_str<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -252,6 +288,8 @@ impl Settings {
                 args.dp_delta.or(file.dp_delta),
                 args.dp_mode.or(file.dp_mode),
             )?,
+            orders: args.orders.or(file.orders),
+            transport: Transport::parse(&pick!(transport, "inproc".into()))?,
         };
         if s.merchants == 0 || s.rounds == 0 {
             bail!("--merchants and --rounds must be ≥ 1");
@@ -263,6 +301,9 @@ impl Settings {
             if !(0.0..1.0).contains(&v) {
                 bail!("{name} {v} is not in [0, 1)");
             }
+        }
+        if s.transport == Transport::Grpc {
+            super::grpc::check(&s)?;
         }
         if let Some(lr) = s.lr
             && !(lr.is_finite() && lr > 0.0)
@@ -283,13 +324,16 @@ impl Settings {
     /// The (task, data) pairs to run: one, or the two of the demo.
     pub fn experiments(&self) -> anyhow::Result<Vec<(TaskChoice, DataSpec)>> {
         let task = self.task.as_deref().map(TaskChoice::parse).transpose()?;
-        let data = self.data.as_deref().map(DataSpec::parse).transpose()?;
+        let data = match self.data.as_deref() {
+            Some(d) => Some(DataSpec::parse(d)?.with_orders(&self.orders)?),
+            None => None,
+        };
         Ok(match (task, data) {
             (Some(t), Some(d)) => vec![(t, d)],
             (Some(t), None) => vec![(t, t.default_data())],
             (None, Some(d)) => {
                 let t = match d {
-                    DataSpec::Telco(_) => TaskChoice::ChurnLr,
+                    DataSpec::Telco(_) | DataSpec::Orders(_) => TaskChoice::ChurnLr,
                     _ => TaskChoice::Mf,
                 };
                 vec![(t, d)]
@@ -318,11 +362,12 @@ impl Settings {
 
     /// Local SGD parameters of a churn task.
     pub fn sgd(&self, task: TaskChoice) -> SgdParams {
-        let _ = task;
+        // The MLP trains with Adam, which wants a far smaller step than SGD.
+        let mlp = matches!(task, TaskChoice::ChurnMlp { .. });
         SgdParams {
-            epochs: self.epochs.unwrap_or(1),
+            epochs: self.epochs.unwrap_or(if mlp { 3 } else { 1 }),
             batch_size: self.batch_size,
-            learning_rate: self.lr.unwrap_or(0.05),
+            learning_rate: self.lr.unwrap_or(if mlp { 0.001 } else { 0.05 }),
             ..Default::default()
         }
     }

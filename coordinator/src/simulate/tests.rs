@@ -143,7 +143,15 @@ fn bad_settings_are_explained() {
     let mut a = args();
     a.data = Some("orders:x.csv".into());
     let e = Settings::from_args(a).unwrap_err().to_string();
-    assert!(e.contains("not available in this build"), "{e}");
+    assert!(e.contains("needs a column mapping"), "{e}");
+    let mut a = args();
+    a.data = Some("parquet:x".into());
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("unknown dataset `parquet`"), "{e}");
+    let mut a = args();
+    a.task = Some("churn-mlp:0".into());
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("hidden widths"), "{e}");
     let mut a = args();
     a.task = Some("noop:x".into());
     assert!(Settings::from_args(a).is_err());
@@ -233,6 +241,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::standardize::Standardizer
             fraction: 1.0,
             min_agents: 1,
             max_agents: n,
+            min_available: 0,
         },
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,

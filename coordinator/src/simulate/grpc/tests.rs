@@ -1,0 +1,170 @@
+//! The gRPC transport against the in-process one: same seed, same models
+//! (up to the order of float additions), same selections, drop-outs and
+//! bytes; and the knobs it cannot honour are refused by name.
+
+use std::path::PathBuf;
+
+use crate::simulate::{Experiment, Settings, SimArgs, run_all};
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+fn both(a: &SimArgs) -> (Experiment, Experiment) {
+    let run = |t: &str| {
+        let mut a = a.clone();
+        a.transport = Some(t.into());
+        run_all(&Settings::from_args(a).unwrap()).unwrap().remove(0)
+    };
+    (run("inproc"), run("grpc"))
+}
+
+/// Same rounds, selections, drop-outs, bytes and (within `tol`) metrics and
+/// final parameters.
+fn assert_same(inproc: &Experiment, grpc: &Experiment, tol: f32) {
+    assert_eq!(inproc.rounds.len(), grpc.rounds.len());
+    for (a, b) in inproc.rounds.iter().zip(&grpc.rounds) {
+        assert_eq!(
+            (a.round, a.selected, a.reported, a.committed),
+            (b.round, b.selected, b.reported, b.committed)
+        );
+        assert_eq!((a.bytes_up, a.bytes_down), (b.bytes_up, b.bytes_down));
+        for (x, y) in [(&a.train, &b.train), (&a.eval, &b.eval)] {
+            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+            for (k, v) in x {
+                let w = y[k];
+                assert!((v - w).abs() <= 1e-6 * v.abs().max(1.0), "{k}: {v} vs {w}");
+            }
+        }
+    }
+    assert_eq!(inproc.final_model.len(), grpc.final_model.len());
+    assert!(!inproc.final_model.is_empty());
+    let worst = inproc
+        .final_model
+        .iter()
+        .zip(&grpc.final_model)
+        .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+        .fold(0.0f32, f32::max);
+    assert!(worst <= tol, "largest parameter difference {worst}");
+    assert_eq!(
+        inproc.per_merchant.keys().collect::<Vec<_>>(),
+        grpc.per_merchant.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn churn_over_grpc_commits_the_same_model_as_in_process() {
+    let a = SimArgs {
+        task: Some("churn-lr".into()),
+        data: Some(format!(
+            "telco:{}",
+            repo(crate::simulate::data::DEFAULT_TELCO)
+        )),
+        merchants: Some(4),
+        rounds: Some(2),
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    assert_same(&inproc, &grpc, 1e-5);
+    assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
+    assert!(grpc.final_metrics["auc"] > 0.8);
+    assert!(
+        grpc.rounds
+            .iter()
+            .all(|r| r.bytes_up > 0 && r.seconds > 0.0)
+    );
+}
+
+#[test]
+fn mf_over_grpc_matches_in_process_with_a_fraction_and_drop_outs() {
+    let a = SimArgs {
+        task: Some("mf".into()),
+        data: Some(format!(
+            "movielens:{}",
+            repo(crate::simulate::data::DEFAULT_MOVIELENS)
+        )),
+        merchants: Some(6),
+        rounds: Some(3),
+        epochs: Some(1),
+        fraction: Some(0.5),
+        dropout: Some(0.3),
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    assert_same(&inproc, &grpc, 1e-4);
+    // Seed 42 drops one of the three merchants selected in round 1.
+    assert!(
+        grpc.rounds.iter().any(|r| r.reported < r.selected),
+        "{:?}",
+        grpc.rounds
+    );
+    let (p, q) = (inproc.final_metrics["rmse"], grpc.final_metrics["rmse"]);
+    assert!((p - q).abs() < 1e-5, "rmse {p} vs {q}");
+}
+
+#[test]
+fn knobs_the_real_agent_cannot_honour_are_refused_by_name() {
+    let base = SimArgs {
+        task: Some("noop:8".into()),
+        transport: Some("grpc".into()),
+        ..Default::default()
+    };
+    let mut a = base.clone();
+    a.secagg = true;
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        e.contains("--secagg") && e.contains("--transport grpc"),
+        "{e}"
+    );
+    let mut a = base.clone();
+    a.malicious = Some(0.2);
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("--malicious"), "{e}");
+    let mut a = base;
+    a.transport = Some("quic".into());
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("unknown transport `quic`"), "{e}");
+}
+
+#[test]
+fn min_available_waits_for_the_pool_without_widening_the_selection() {
+    use crate::config::{RunConfig, Selection};
+    use crate::engine::{Engine, EngineError};
+    use fedcart_common::task::ModelSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(&dir.path().join("s.redb")).unwrap();
+    let run = RunConfig {
+        run_id: "r".into(),
+        seed: 1,
+        rounds: 1,
+        model: ModelSpec::Noop { dim: 4 },
+        sgd: Default::default(),
+        selection: Selection {
+            fraction: 0.5,
+            min_agents: 1,
+            max_agents: 6,
+            min_available: 6,
+        },
+        quorum: 1,
+        round_timeout_ms: 1000,
+        evaluate: false,
+        strategy: "fedavg".into(),
+        secagg: None,
+        dp: None,
+    };
+    let mut engine = Engine::open(store, run).unwrap();
+    let ids: Vec<String> = (0..6).map(|k| format!("m{k}")).collect();
+    assert!(matches!(
+        engine.start_task(&ids[..5]),
+        Err(EngineError::NotEnoughAgents {
+            available: 5,
+            needed: 6
+        })
+    ));
+    // All six connected: half of them are selected, not all six.
+    assert_eq!(engine.start_task(&ids).unwrap().selected.len(), 3);
+}
