@@ -179,7 +179,8 @@ impl Fleet {
         let online = self.online(self.period_of(t));
         ids.iter()
             .zip(online)
-            .filter_map(|(id, on)| on.then(|| id.clone()))
+            .filter(|&(_, on)| on)
+            .map(|(id, _)| id.clone())
             .collect()
     }
 

@@ -182,12 +182,11 @@ fn stale_updates_are_committed_with_the_smaller_weight() {
             .update
             .unwrap();
         let s = Staleness::Sqrt.weight(tau);
-        for i in 0..4 {
-            let step = versions[v][i] - versions[v - 1][i];
+        for ((now, before), x) in versions[v].iter().zip(&versions[v - 1]).zip(&u.values) {
+            let step = now - before;
             assert!(
-                (step - s as f32 * u.values[i]).abs() < 1e-6,
-                "version {v} τ {tau}: step {step}, update {} × s {s}",
-                u.values[i]
+                (step - s as f32 * x).abs() < 1e-6,
+                "version {v} τ {tau}: step {step}, update {x} × s {s}"
             );
         }
     }
