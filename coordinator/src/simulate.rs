@@ -298,8 +298,12 @@ pub fn run_one(
             standardizer: None,
         };
         exp.federation_value = Some(
-            fedcart_common::reference::federation_value(&template, &originals, s.rounds)
-                .context("computing the federation-value baselines")?,
+            fedcart_common::reference::federation_value(
+                &template,
+                &originals,
+                s.mode.baseline_rounds(s.rounds, n),
+            )
+            .context("computing the federation-value baselines")?,
         );
     }
     exp.finish();

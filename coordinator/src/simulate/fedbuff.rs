@@ -131,6 +131,18 @@ impl Mode {
         }
     }
 
+    /// Synchronous rounds of every merchant carrying as many merchant updates
+    /// as `rounds` of this mode: the length of the federation-value baselines
+    /// (a FedBuff version holds only K updates).
+    pub fn baseline_rounds(&self, rounds: u64, merchants: usize) -> u64 {
+        match self {
+            Self::Sync => rounds,
+            Self::FedBuff(f) => (rounds * f.buffer as u64)
+                .div_ceil(merchants.max(1) as u64)
+                .max(1),
+        }
+    }
+
     /// `sync` or `fedbuff`, for reports.
     pub fn name(&self) -> &'static str {
         match self {

@@ -1,8 +1,9 @@
 //! What a simulation reports: the summary table, `metrics.json` (schema
-//! below), `metrics.csv`, `report.html`, and the one-line JSON summary.
+//! below), `metrics.csv`, `report.html` (with the SVG plots inline), the
+//! PNG/SVG plot files (`plots.rs`), and the one-line JSON summary.
 //!
 //! `metrics.json` schema: `{ "settings": {…}, "experiments": [ { "name",
-//! "task", "data", "merchants", "model_len", "strategy", "final": {metric:
+//! "task", "data", "merchants", "model_len", "strategy", "mode", "final": {metric:
 //! value}, "rounds": [ { "round", "selected", "reported", "committed",
 //! "train": {…}, "eval": {…}, "bytes_up", "bytes_down", "seconds",
 //! "virtual_seconds", "staleness_mean", "staleness_max" } ],
