@@ -309,3 +309,27 @@ fn fedbuff_settings_come_from_the_toml_file_too() {
     );
     assert_eq!((s.clock.speed_sigma, s.clock.availability), (1.5, 0.5));
 }
+
+#[test]
+fn fedbuff_buffers_go_through_secure_aggregation() {
+    let a = SimArgs {
+        task: Some("noop:8".into()),
+        merchants: Some(4),
+        rounds: Some(3),
+        mode: Some("fedbuff".into()),
+        buffer: Some(2),
+        concurrency: Some(4),
+        speed_sigma: Some(1.0),
+        secagg: true,
+        ..Default::default()
+    };
+    let e = &run(a)[0];
+    assert_eq!(e.rounds.len(), 3);
+    assert!(
+        e.rounds
+            .iter()
+            .all(|r| r.committed && r.reported == 2 && r.clipped == 0),
+        "{:?}",
+        e.rounds
+    );
+}
