@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod catalogue;
 pub mod churn;
 pub mod dp;
+pub mod fedbuff;
 pub mod interactions;
 pub mod lr;
 pub mod metrics;

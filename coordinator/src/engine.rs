@@ -314,6 +314,12 @@ impl Engine {
         self.open.as_ref().map(|o| &o.plan)
     }
 
+    /// The round and kind of the task [`Engine::start_task`] would open next
+    /// (None when finished); drivers use it to pick whom to offer it to.
+    pub fn next_task(&self) -> Option<(u64, TaskKind)> {
+        self.next_kind()
+    }
+
     fn next_kind(&self) -> Option<(u64, TaskKind)> {
         if self.run.model.stats_len() > 0 && self.standardizer.is_none() {
             Some((0, TaskKind::Stats))

@@ -6,12 +6,15 @@
 //! pool. Results are folded into the engine in merchant order, so a seed gives
 //! identical metrics whatever the thread count.
 
+pub mod clock;
 pub mod data;
 mod dp;
 #[cfg(test)]
 pub(crate) use dp::noise_hook as dp_noise_hook;
 mod grpc;
+pub mod fedbuff;
 pub mod output;
+pub mod plots;
 mod settings;
 #[cfg(test)]
 mod tests;
@@ -97,6 +100,7 @@ pub fn run_one(
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
     let n = pop.merchants.len();
+    let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
     let run = RunConfig {
         run_id: "simulation".into(),
         seed: s.seed,
@@ -104,7 +108,11 @@ pub fn run_one(
         model: pop.model.clone(),
         sgd,
         selection: Selection {
-            fraction: s.fraction,
+            // FedBuff opens a task for exactly the buffered merchants.
+            fraction: match s.mode {
+                fedbuff::Mode::Sync => s.fraction,
+                fedbuff::Mode::FedBuff(_) => 1.0,
+            },
             min_agents: 1,
             max_agents: n,
             min_available: 0,
@@ -150,8 +158,30 @@ pub fn run_one(
     let bar = progress_bar(s.rounds, &exp.name);
     let mut round_start = Instant::now();
     let mut row = RoundRow::default();
+    if let fedbuff::Mode::FedBuff(cfg) = &s.mode {
+        // Runs the engine to completion: the synchronous loop below then
+        // has nothing left to do.
+        let cx = fedbuff::Ctx {
+            s,
+            cfg,
+            ids: &ids,
+            merchants: &merchants,
+            fleet: &fleet,
+            malicious: &malicious,
+            pool,
+            bar: &bar,
+        };
+        fedbuff::drive(&cx, &mut engine, &mut exp)?;
+    }
+    let mut now = 0.0;
     while !engine.finished() {
-        let plan = engine.start_task(&ids)?;
+        // Training is offered to the merchants online now; statistics and
+        // evaluation (measurements) to everyone.
+        let available = match engine.next_task() {
+            Some((_, TaskKind::Train)) => fleet.online_ids(&ids, now),
+            _ => ids.clone(),
+        };
+        let plan = engine.start_task(&available)?;
         if plan.spec.kind == TaskKind::Train {
             round_start = Instant::now();
             row = RoundRow {
@@ -249,6 +279,8 @@ pub fn run_one(
                     row.epsilon = Some(p.epsilon);
                     row.dp_clip = Some(p.clip);
                 }
+                now += fleet.round_seconds(&record.selected, &index);
+                row.virtual_seconds = now;
                 if !engine.run().evaluate || !row.committed {
                     row.seconds = round_start.elapsed().as_secs_f64();
                     exp.rounds.push(std::mem::take(&mut row));
@@ -288,8 +320,12 @@ pub fn run_one(
             dp: None,
         };
         exp.federation_value = Some(
-            fedcart_common::reference::federation_value(&template, &originals, s.rounds)
-                .context("computing the federation-value baselines")?,
+            fedcart_common::reference::federation_value(
+                &template,
+                &originals,
+                s.mode.baseline_rounds(s.rounds, n),
+            )
+            .context("computing the federation-value baselines")?,
         );
     }
     exp.final_model = engine.global().to_vec();

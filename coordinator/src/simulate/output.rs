@@ -1,10 +1,12 @@
 //! What a simulation reports: the summary table, `metrics.json` (schema
-//! below), `metrics.csv`, `report.html`, and the one-line JSON summary.
+//! below), `metrics.csv`, `report.html` (with the SVG plots inline), the
+//! PNG/SVG plot files (`plots.rs`), and the one-line JSON summary.
 //!
 //! `metrics.json` schema: `{ "settings": {…}, "experiments": [ { "name",
-//! "task", "data", "merchants", "model_len", "strategy", "final": {metric:
+//! "task", "data", "merchants", "model_len", "strategy", "mode", "final": {metric:
 //! value}, "rounds": [ { "round", "selected", "reported", "committed",
-//! "train": {…}, "eval": {…}, "bytes_up", "bytes_down", "seconds" } ],
+//! "train": {…}, "eval": {…}, "bytes_up", "bytes_down", "seconds",
+//! "virtual_seconds", "staleness_mean", "staleness_max" } ],
 //! "per_merchant": { id: {metric: value} }, "timing": { "load_seconds",
 //! "total_seconds", "seconds_per_round" } } ] }`. Only the `seconds` and
 //! `timing` fields vary between two runs with the same seed.
@@ -51,6 +53,13 @@ pub struct RoundRow {
     /// Differential privacy: the clip norm C of this round.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dp_clip: Option<f64>,
+    /// Virtual time (see `clock.rs`) when this version was committed: the
+    /// axis on which synchronous rounds and FedBuff compare. Deterministic.
+    pub virtual_seconds: f64,
+    /// FedBuff: mean staleness τ of the buffered updates (0 in sync mode).
+    pub staleness_mean: f64,
+    /// FedBuff: largest staleness τ among the buffered updates.
+    pub staleness_max: u64,
 }
 
 /// Wall-clock timings of an experiment.
@@ -81,6 +90,8 @@ pub struct Experiment {
     pub strategy: String,
     /// Partitioner.
     pub partition: String,
+    /// `sync` or `fedbuff`.
+    pub mode: String,
     /// Final held-out metrics (the last round's `eval`).
     #[serde(rename = "final")]
     pub final_metrics: BTreeMap<String, f64>,
@@ -140,6 +151,7 @@ impl Experiment {
             model_len: model.model_len(),
             strategy: s.strategy.clone(),
             partition: format!("{:?}", s.partition),
+            mode: s.mode.name().into(),
             final_metrics: BTreeMap::new(),
             rounds: Vec::new(),
             per_merchant: BTreeMap::new(),
@@ -168,6 +180,11 @@ impl Experiment {
         } else {
             later.iter().sum::<f64>() / later.len() as f64
         };
+    }
+
+    /// The headline metric and whether larger is better (None for `noop`).
+    pub fn headline(&self) -> Option<(&'static str, bool)> {
+        self.headline
     }
 
     /// The same experiment with every timing field zeroed, for comparisons.
@@ -244,8 +261,9 @@ pub fn write_all(dir: &Path, s: &Settings, experiments: &[Experiment]) -> anyhow
     let path = dir.join("metrics.csv");
     std::fs::write(&path, csv_text(experiments))
         .with_context(|| format!("writing {}", path.display()))?;
+    let plots = super::plots::write_all(dir, experiments)?;
     let path = dir.join("report.html");
-    std::fs::write(&path, html(s, experiments))
+    std::fs::write(&path, html(s, experiments, &plots))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -268,6 +286,7 @@ fn csv_text(experiments: &[Experiment]) -> String {
     if dp {
         out.push_str(",epsilon");
     }
+    out += ",mode,virtual_seconds,staleness_mean";
     out.push('\n');
     for e in experiments {
         for r in &e.rounds {
@@ -297,51 +316,15 @@ fn csv_text(experiments: &[Experiment]) -> String {
                     let _ = write!(out, "{eps}");
                 }
             }
+            let _ = write!(
+                out,
+                ",{},{:.6},{:.4}",
+                e.mode, r.virtual_seconds, r.staleness_mean
+            );
             out.push('\n');
         }
     }
     out
-}
-
-/// A line chart of the headline metric by round, as inline SVG.
-fn svg_chart(e: &Experiment) -> String {
-    let Some((key, _)) = e.headline else {
-        return String::new();
-    };
-    let pts: Vec<(f64, f64)> = e
-        .rounds
-        .iter()
-        .filter_map(|r| r.eval.get(key).map(|v| (r.round as f64, *v)))
-        .collect();
-    if pts.len() < 2 {
-        return String::new();
-    }
-    let (w, h, pad) = (560.0, 260.0, 48.0);
-    let (x0, x1) = (pts[0].0, pts[pts.len() - 1].0);
-    let lo = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-    let hi = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-    let span = (hi - lo).max(1e-9);
-    let sx = |x: f64| pad + (x - x0) / (x1 - x0).max(1e-9) * (w - 2.0 * pad);
-    let sy = |y: f64| h - pad - (y - lo) / span * (h - 2.0 * pad);
-    let line: Vec<String> = pts
-        .iter()
-        .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-        .collect();
-    format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
-<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{pts}"/>
-<text x="{pad}" y="{b2}">round {x0}</text><text x="{r}" y="{b2}" text-anchor="end">round {x1}</text>
-<text x="4" y="{top}">{hi:.4}</text><text x="4" y="{b}">{lo:.4}</text>
-<text x="{mid}" y="20" text-anchor="middle">{key} by round</text></svg>"##,
-        b = h - pad,
-        r = w - pad,
-        b2 = h - pad + 18.0,
-        top = pad,
-        mid = w / 2.0,
-        pts = line.join(" "),
-    )
 }
 
 fn esc(s: &str) -> String {
@@ -382,7 +365,7 @@ fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&s
     out
 }
 
-fn html(s: &Settings, experiments: &[Experiment]) -> String {
+fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plot>]) -> String {
     let mut out = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>fedcart simulation</title>\
          <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
@@ -391,7 +374,7 @@ fn html(s: &Settings, experiments: &[Experiment]) -> String {
     );
     out += &esc(&serde_json::to_string_pretty(s).unwrap_or_default());
     out += "</pre>";
-    for e in experiments {
+    for (i, e) in experiments.iter().enumerate() {
         let _ = write!(
             out,
             "<h2>{}</h2><p>{} merchants, strategy {}, partition {}, {:.4} s per round after the first.</p>",
@@ -416,7 +399,15 @@ fn html(s: &Settings, experiments: &[Experiment]) -> String {
                 p.clip
             );
         }
-        out += &svg_chart(e);
+        for p in plots.get(i).into_iter().flatten() {
+            let _ = write!(
+                out,
+                "<figure>{}<figcaption>{}.png, {}.svg</figcaption></figure>",
+                p.svg,
+                esc(&p.name),
+                esc(&p.name)
+            );
+        }
         let keys: Vec<&String> = e.final_metrics.keys().collect();
         out += "<table><tr><th>round</th><th>reported</th>";
         for k in &keys {

@@ -94,7 +94,7 @@ pub struct SimArgs {
     /// Worker threads (0 = one per core) [default: 0].
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Directory for metrics.json, metrics.csv and report.html.
+    /// Directory for metrics.json, metrics.csv, report.html and the plots.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Differential privacy: L2 clip norm C of each merchant's delta, or
@@ -123,6 +123,47 @@ pub struct SimArgs {
     /// `[orders]` table of the config file).
     #[command(flatten)]
     pub orders: super::data::orders::OrdersArgs,
+    /// How rounds are driven: `sync` (select, wait for every selected
+    /// merchant, commit) or `fedbuff` (buffered asynchronous aggregation:
+    /// merchants train concurrently on the version they downloaded; every
+    /// --buffer updates, weighted by --staleness, make one version). With
+    /// fedbuff, --rounds counts committed versions [default: sync].
+    #[arg(long, value_name = "sync|fedbuff")]
+    pub mode: Option<String>,
+    /// FedBuff: K, the updates buffered per committed version
+    /// [default: max(1, concurrency/4)].
+    #[arg(long, value_name = "K")]
+    pub buffer: Option<usize>,
+    /// FedBuff: C, the merchants training at the same time
+    /// [default: ⌈fraction × merchants⌉].
+    #[arg(long, value_name = "C")]
+    pub concurrency: Option<usize>,
+    /// FedBuff: weight s(τ) of an update τ versions stale: `sqrt` = 1/√(1+τ),
+    /// `const` = 1, `poly:A` = (1+τ)^-A [default: sqrt].
+    #[arg(long, value_name = "F")]
+    pub staleness: Option<String>,
+    /// FedBuff: server learning rate η multiplying the buffered mean step
+    /// [default: 1].
+    #[arg(long)]
+    pub server_lr: Option<f64>,
+    /// Virtual clock: log-standard-deviation σ of the merchants' speed factors,
+    /// drawn once per merchant from a lognormal with median 1 (0 = all
+    /// equally fast; 1 = heavy-tailed, the slowest of 100 ~10× the median)
+    /// [default: 0.5].
+    #[arg(long, value_name = "SIGMA")]
+    pub speed_sigma: Option<f64>,
+    /// Virtual clock: seconds one training example takes for one local epoch
+    /// at speed 1; a task lasts this × examples × epochs × speed [default: 0.001].
+    #[arg(long, value_name = "SECONDS")]
+    pub example_seconds: Option<f64>,
+    /// Virtual clock: fraction of merchants online in each availability period
+    /// (the rest, chosen by seed per period, cannot be handed work) [default: 1].
+    #[arg(long, value_name = "FRACTION")]
+    pub availability: Option<f64>,
+    /// Virtual clock: length of an availability period in virtual seconds
+    /// [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub availability_period: Option<f64>,
 }
 
 /// What malicious merchants send.
@@ -208,6 +249,10 @@ pub struct Settings {
     pub orders: super::data::orders::OrdersArgs,
     /// How merchants reach the engine.
     pub transport: Transport,
+    /// Synchronous rounds or FedBuff.
+    pub mode: super::fedbuff::Mode,
+    /// The virtual clock (merchant speeds and availability).
+    pub clock: super::clock::ClockSettings,
 }
 
 /// How the simulated merchants reach the round engine.
@@ -251,6 +296,13 @@ impl Settings {
                 args.$f.clone().or(file.$f.clone()).unwrap_or($d)
             };
         }
+        let clock = super::clock::ClockSettings::from_args(&args, &file)?;
+        let mode = super::fedbuff::Mode::from_args(
+            &args,
+            &file,
+            pick!(merchants, 10),
+            pick!(fraction, 1.0),
+        )?;
         let train_test = match (args.train.or(file.train), args.test.or(file.test)) {
             (Some(a), Some(b)) => Some((a, b)),
             (None, None) => None,
@@ -290,6 +342,8 @@ impl Settings {
             )?,
             orders: args.orders.or(file.orders),
             transport: Transport::parse(&pick!(transport, "inproc".into()))?,
+            mode,
+            clock,
         };
         if s.merchants == 0 || s.rounds == 0 {
             bail!("--merchants and --rounds must be ≥ 1");

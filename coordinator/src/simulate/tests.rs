@@ -62,6 +62,18 @@ fn short_demo_trains_both_models_and_writes_the_report() {
     assert_eq!(csv.lines().count(), 1 + 4);
     let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("auc by round"));
+    for plot in [
+        "mf-rmse-by-round",
+        "churn-lr-auc-by-time",
+        "churn-lr-federation-value",
+    ] {
+        for ext in ["png", "svg"] {
+            assert!(
+                out.path().join(format!("{plot}.{ext}")).is_file(),
+                "{plot}.{ext}"
+            );
+        }
+    }
     // Federation value: every merchant compared three ways (MF has no
     // per-merchant centralised figure: user factors live in the pooled model).
     assert!(html.contains("Federation value (auc"));
