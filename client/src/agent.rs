@@ -40,6 +40,8 @@ pub struct Agent {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Durable local state; `None` keeps everything in memory.
     pub state: Option<crate::state::StateDir>,
+    /// The update of a secure task, held until its masked input is asked for.
+    secure: crate::secure::SecureTasks,
 }
 
 impl Agent {
@@ -61,6 +63,7 @@ impl Agent {
             tasks_done: 0,
             tls: None,
             state: None,
+            secure: Default::default(),
         }
     }
 
@@ -152,8 +155,10 @@ impl Agent {
                 }
                 Some(pb::work::Kind::Ping(_)) | None => {}
                 Some(pb::work::Kind::Welcome(_)) => bail!("unexpected second welcome"),
-                Some(pb::work::Kind::Secagg(_)) => {
-                    bail!("secure aggregation is not supported by this agent build")
+                Some(pb::work::Kind::Secagg(req)) => {
+                    self.secure
+                        .handle(&mut client, &welcome.session_id, req)
+                        .await?;
                 }
             }
         }
@@ -183,6 +188,7 @@ impl Agent {
             state.save_global(&meta, &global)?;
         }
         let family = spec.model.data_family();
+        let seed = spec.seed;
         let data = std::mem::take(&mut self.data);
         let (data, out) = tokio::task::spawn_blocking(move || {
             let mut data = data;
@@ -199,6 +205,12 @@ impl Agent {
             state.save_metrics(family, &out.metrics)?;
         }
         match out {
+            // Under secure aggregation the update waits for the protocol's
+            // masked-input stage (see `secure`); nothing is sent in the clear.
+            Ok(out) if task.secure_aggregation => {
+                self.secure.hold(&task, seed, &self.data.merchant_id, out);
+                Ok(())
+            }
             Ok(out) => upload(client, session_id, &task, &out).await,
             Err(e) => {
                 // Nothing is sent: the coordinator counts us as missing.

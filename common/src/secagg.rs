@@ -113,6 +113,7 @@ mod crypto;
 mod driver;
 mod encode;
 mod graph;
+mod invite;
 mod server;
 mod wire;
 
@@ -121,6 +122,7 @@ pub use config::{MAX_HOLDERS, SecAggConfig};
 pub use driver::{Dropouts, InMemoryOutcome, Traffic, round_seed, rounding_rng, run_in_memory};
 pub use encode::{DecodedSum, EncodedInput, encode};
 pub use graph::NeighbourGraph;
+pub use invite::{RoundInvite, stage_name};
 pub use server::{AfterMasked, MaskedSum, SecAggOutput, ServerSession};
 pub use wire::{
     AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck,

@@ -69,6 +69,22 @@ pub struct SecAggSettings {
     /// Malicious-server consistency check (signed survivor lists).
     #[serde(default)]
     pub verify_survivors: bool,
+    /// Deadline of each protocol stage after the first (share keys, masked
+    /// input, survivor check, unmask), in milliseconds; agents that miss it
+    /// are dropouts. `None` is a quarter of `round_timeout_ms` (the first
+    /// stage, advertising keys, closes with the round timeout because it
+    /// follows local training).
+    #[serde(default)]
+    pub stage_timeout_ms: Option<u64>,
+}
+
+impl SecAggSettings {
+    /// The deadline of one stage after the first.
+    pub fn stage_timeout(&self, round_timeout_ms: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.stage_timeout_ms.unwrap_or(round_timeout_ms / 4).max(1),
+        )
+    }
 }
 
 fn yes() -> bool {

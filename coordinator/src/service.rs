@@ -8,6 +8,9 @@
 //! agents report together.
 
 mod convert;
+mod secure;
+
+pub use secure::round_config;
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -70,6 +73,8 @@ pub struct Shared {
     ping_interval: Duration,
     /// Set when the coordinator shuts down: every Join stream ends.
     closing: watch::Sender<bool>,
+    /// The secure-aggregation round of the open task, if it is secure.
+    secure: Mutex<Option<secure::SecureRound>>,
 }
 
 type WorkStream = Pin<Box<dyn Stream<Item = Result<pb::Work, Status>> + Send>>;
@@ -102,6 +107,7 @@ impl Shared {
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
             ping_interval,
             closing: watch::channel(false).0,
+            secure: Mutex::new(None),
         })
     }
 
@@ -379,6 +385,9 @@ impl Coordinator for Service {
                 expected_weights
             )));
         }
+        if header.encoding == pb::PayloadEncoding::MaskedU32 as i32 {
+            return secure::submit_masked(&self.shared, &merchant, header, stream).await;
+        }
         let declared = 4 * (header.num_values + header.num_coord_weights);
         if header.payload_len != declared {
             return Err(Status::invalid_argument(format!(
@@ -452,11 +461,13 @@ impl Coordinator for Service {
 
     async fn sec_agg(
         &self,
-        _request: Request<pb::SecAggMessage>,
+        request: Request<pb::SecAggMessage>,
     ) -> Result<Response<pb::SecAggReply>, Status> {
-        Err(Status::unimplemented(
-            "secure aggregation is not enabled on this coordinator",
-        ))
+        let peer = crate::identity::peer(&request);
+        let msg = request.into_inner();
+        let merchant = self.shared.merchant_of(&msg.session_id)?;
+        crate::identity::check_session(peer.as_ref(), &merchant)?;
+        secure::on_message(&self.shared, &merchant, msg).map(Response::new)
     }
 
     async fn status(
@@ -525,7 +536,7 @@ pub async fn run_tasks(
             &run_id,
             &plan,
             unix_ms() + timeout.as_millis() as i64,
-            false,
+            plan.secure,
         );
         let targets: Vec<(String, mpsc::Sender<Result<pb::Work, Status>>)> = {
             let agents = shared.agents();
@@ -552,7 +563,22 @@ pub async fn run_tasks(
             }
         }
         shared.bump();
-        loop {
+        if plan.secure
+            && secure::run(
+                &shared,
+                &plan,
+                &run_id,
+                deadline,
+                &mut changed,
+                &mut shutdown,
+            )
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        // A secure task has run all its stages above; a plaintext one waits here.
+        while !plan.secure {
             if shared.engine().pending() == 0 {
                 break;
             }

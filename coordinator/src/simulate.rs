@@ -119,6 +119,7 @@ pub fn run_one(
             neighbours: None,
             clip: s.secagg_clip(task),
             verify_survivors: false,
+            stage_timeout_ms: None,
         }),
     };
     run.validate()?;

@@ -1,0 +1,209 @@
+//! Secure aggregation over gRPC: real agents (and scripted ones that die at a
+//! chosen stage) against a real coordinator. The committed model must be the
+//! plain FedAvg of exactly the agents whose masked inputs are in the sum, and
+//! a round with too few survivors must abort without committing anything.
+
+use fedcart_common::reference;
+use fedcart_common::strategy::FedAvg;
+use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
+use fedcart_common::train::LocalData;
+use fedcart_coordinator::config::{RunConfig, SecAggSettings};
+use fedcart_coordinator::record::{Outcome, RoundRecord};
+use fedcart_tests::raw::{DieAt, RawAgent};
+use fedcart_tests::*;
+
+/// Secure-aggregation settings for tests: stage deadlines far beyond what a
+/// test needs, so stages close only because agents answered or hung up.
+pub fn secure_settings(clip: f32) -> SecAggSettings {
+    SecAggSettings {
+        neighbours: None,
+        clip,
+        verify_survivors: false,
+        stage_timeout_ms: Some(120_000),
+    }
+}
+
+/// A secure run of the model-free task (each agent returns a seeded random
+/// update in [−1, 1)), which has no statistics step.
+fn noop_secure_run(run_id: &str, rounds: u64, n: usize, quorum: usize, dim: usize) -> RunConfig {
+    let mut run = churn_run(run_id, rounds, n, quorum);
+    run.model = ModelSpec::Noop { dim };
+    run.evaluate = false;
+    run.secagg = Some(secure_settings(1.0));
+    run
+}
+
+fn merchant(k: usize) -> LocalData {
+    LocalData {
+        merchant_id: format!("m{k}"),
+        ..Default::default()
+    }
+}
+
+/// The in-process FedAvg of `rounds` rounds over exactly `merchants`.
+fn fedavg_over(run: &RunConfig, merchants: &[LocalData], rounds: u64) -> Vec<f32> {
+    let template = TaskSpec {
+        kind: TaskKind::Train,
+        model: run.model.clone(),
+        sgd: run.sgd.clone(),
+        seed: run.seed,
+        round: 0,
+        standardizer: None,
+    };
+    let mut merchants = merchants.to_vec();
+    reference::federate(&template, &mut merchants, rounds, &mut FedAvg)
+        .expect("reference federation")
+        .params
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn trains(history: &[RoundRecord]) -> Vec<&RoundRecord> {
+    history.iter().filter(|r| r.kind == "train").collect()
+}
+
+/// Four merchants, `dying` of them scripted to disconnect at `die` in the
+/// first round; returns the history and the committed version-1 model.
+async fn one_round_with_deaths(
+    run: RunConfig,
+    dying: usize,
+    die: DieAt,
+) -> (Vec<RoundRecord>, Vec<f32>) {
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut scripted = Vec::new();
+    for k in 4 - dying..4 {
+        let raw = RawAgent::join(coord.addr, merchant(k)).await;
+        scripted.push(tokio::spawn(raw.secure_then_die(die)));
+    }
+    let agents: Vec<_> = (0..4 - dying)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for s in scripted {
+        s.await.unwrap();
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    let model = shared.model(1).unwrap().expect("version 1").to_vec();
+    (shared.history().unwrap(), model)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_after_its_masked_input_stays_in_the_committed_sum() {
+    let run = noop_secure_run("e2e-sa-after", 1, 4, 3, 1000);
+    let (history, model) = one_round_with_deaths(run.clone(), 1, DieAt::AfterMaskedInput).await;
+    let t = trains(&history);
+    assert_eq!(t.len(), 1, "{history:?}");
+    assert_eq!(t[0].outcome, Outcome::Committed);
+    assert_eq!(t[0].reported, vec!["m0", "m1", "m2", "m3"]);
+    // m3 never answered the unmask request: its self mask was rebuilt from
+    // the other agents' shares, and its input is in the sum.
+    let expected = fedavg_over(&run, &(0..4).map(merchant).collect::<Vec<_>>(), 1);
+    let d = max_diff(&model, &expected);
+    assert!(d <= 1e-5, "max |secure − fedavg over all four| = {d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_before_its_masked_input_is_left_out_of_the_committed_sum() {
+    let run = noop_secure_run("e2e-sa-before", 1, 4, 3, 1000);
+    let (history, model) = one_round_with_deaths(run.clone(), 1, DieAt::BeforeMaskedInput).await;
+    let t = trains(&history);
+    assert_eq!(t.len(), 1, "{history:?}");
+    assert_eq!(t[0].outcome, Outcome::Committed);
+    assert_eq!(t[0].reported, vec!["m0", "m1", "m2"]);
+    assert_eq!(t[0].dropped, vec!["m3"]);
+    // m3's pairwise masks were rebuilt from its recovered key and removed.
+    let survivors: Vec<_> = (0..3).map(merchant).collect();
+    let expected = fedavg_over(&run, &survivors, 1);
+    let d = max_diff(&model, &expected);
+    assert!(d <= 1e-5, "max |secure − fedavg over the survivors| = {d}");
+    let all = fedavg_over(&run, &(0..4).map(merchant).collect::<Vec<_>>(), 1);
+    assert!(
+        max_diff(&model, &all) > 1e-3,
+        "the dropped agent's update must not be in the sum"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_threshold_the_round_aborts_revealing_nothing_and_the_retry_commits() {
+    // Four invited, complete graph: threshold t = 3. Two die before their
+    // masked input, so two survive: the attempt must abort (the quorum of 2
+    // alone would have let it commit).
+    let run = noop_secure_run("e2e-sa-abort", 1, 4, 2, 1000);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
+    let mut progress = coord.progress.clone();
+    let mut scripted = Vec::new();
+    for k in 2..4 {
+        let raw = RawAgent::join(coord.addr, merchant(k)).await;
+        scripted.push(tokio::spawn(raw.secure_then_die(DieAt::BeforeMaskedInput)));
+    }
+    let mut agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    progress.wait_for(|p| p.records >= 1).await.unwrap();
+    for s in scripted {
+        s.await.unwrap();
+    }
+    assert_eq!(coord.shared.model(1).unwrap(), None, "nothing committed");
+    // The two merchants come back with real agents; the round is retried.
+    agents.extend((2..4).map(|k| spawn_agent(coord.addr, merchant(k))));
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let t = trains(&history);
+    assert_eq!(t.len(), 2, "{history:?}");
+    assert_eq!((t[0].round, t[0].attempt), (1, 1));
+    assert_eq!(t[0].outcome, Outcome::Aborted);
+    let reason = t[0].abort_reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("secure aggregation")
+            && reason.contains("threshold is 3")
+            && reason.contains("nothing was revealed"),
+        "abort reason: {reason}"
+    );
+    assert_eq!(t[1].outcome, Outcome::Committed);
+    assert_eq!(t[1].attempt, 2);
+    assert_eq!(t[1].reported.len(), 4);
+    let expected = fedavg_over(&run, &(0..4).map(merchant).collect::<Vec<_>>(), 1);
+    let model = shared.model(1).unwrap().unwrap();
+    assert!(max_diff(&model, &expected) <= 1e-5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_survivor_lists_still_give_the_fedavg_of_all_agents() {
+    let mut run = noop_secure_run("e2e-sa-verify", 2, 3, 3, 500);
+    run.secagg.as_mut().unwrap().verify_survivors = true;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
+    let agents: Vec<_> = (0..3)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    assert!(
+        trains(&history)
+            .iter()
+            .all(|r| r.outcome == Outcome::Committed && r.reported.len() == 3),
+        "{history:?}"
+    );
+    let expected = fedavg_over(&run, &(0..3).map(merchant).collect::<Vec<_>>(), 2);
+    let model = shared.model(2).unwrap().unwrap();
+    assert!(max_diff(&model, &expected) <= 1e-5);
+}
