@@ -25,7 +25,7 @@ use futures::Stream;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Engine, EngineError, Submission};
+use crate::engine::{Engine, EngineError, Submission, SubmitError};
 
 /// Bytes per model download chunk: well under gRPC's 4 MiB default limit.
 pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
@@ -360,19 +360,18 @@ impl Coordinator for Service {
         };
         let merchant = self.shared.merchant_of(&header.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
-        let (kind, expected_values, expected_weights) = {
+        let (kind, expected_values, expected_weights, secure) = {
             let engine = self.shared.engine();
             engine
                 .precheck(&merchant, &header.run_id, header.round, &header.task_id)
                 .map_err(Status::from)?;
-            let spec = &engine
-                .open_task()
-                .expect("precheck found an open task")
-                .spec;
+            let plan = engine.open_task().expect("precheck found an open task");
+            let spec = &plan.spec;
             (
                 spec.kind,
                 spec.update_len() as u64,
                 spec.update_layout().num_coord_weights as u64,
+                plan.secure,
             )
         };
         if header.num_values != expected_values || header.num_coord_weights != expected_weights {
@@ -387,6 +386,11 @@ impl Coordinator for Service {
         }
         if header.encoding == pb::PayloadEncoding::MaskedU32 as i32 {
             return secure::submit_masked(&self.shared, &merchant, header, stream).await;
+        }
+        if secure {
+            // Refused before a byte of the payload is read: under secure
+            // aggregation no individual update is ever held in the clear.
+            return Err(SubmitError::PlaintextInSecureTask(header.task_id).into());
         }
         let declared = 4 * (header.num_values + header.num_coord_weights);
         if header.payload_len != declared {

@@ -207,3 +207,62 @@ async fn signed_survivor_lists_still_give_the_fedavg_of_all_agents() {
     let model = shared.model(2).unwrap().unwrap();
     assert!(max_diff(&model, &expected) <= 1e-5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secure_task() {
+    use fedcart_client::secure::{Reply, SecureTasks};
+    use fedcart_common::secagg::AdvertiseKeys;
+    use fedcart_proto::v1 as pb;
+    let run = noop_secure_run("e2e-sa-refuse", 1, 2, 2, 100);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut a = RawAgent::join(coord.addr, merchant(0)).await;
+    let b = RawAgent::join(coord.addr, merchant(1)).await;
+    let task = a.next_task().await;
+    assert!(task.secure_aggregation);
+    let out = a.compute(&task).await;
+
+    // A plaintext update is refused before its payload is read.
+    let header = a.header(&task, &out);
+    let payload = fedcart_common::update::f32s_to_le(&out.update.as_ref().unwrap().values);
+    let err = a.send_raw(header, vec![payload]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        err.message().contains("plaintext updates are refused"),
+        "{err}"
+    );
+
+    // Keys advertised under the other agent's id are refused; our own pass.
+    let mut secure = SecureTasks::default();
+    secure.hold(&task, 42, "m0", out);
+    let req = a.next_secagg().await;
+    let Reply::Message(mut msg) = secure.respond(&a.session_id, &req).unwrap() else {
+        panic!("advertise answers with a SecAgg message");
+    };
+    let mut keys = AdvertiseKeys::from_bytes(&msg.body).unwrap();
+    let own = msg.body.clone();
+    keys.id = 1 - keys.id;
+    msg.body = keys.to_bytes();
+    let err = a.client.sec_agg(msg.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    msg.body = own;
+    a.client.sec_agg(msg.clone()).await.unwrap();
+    let err = a.client.sec_agg(msg.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    // A stage that is not open is refused, as is an unknown stage.
+    let early = pb::SecAggMessage {
+        stage: "unmask".into(),
+        ..msg.clone()
+    };
+    let err = a.client.sec_agg(early).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let unknown = pb::SecAggMessage {
+        stage: "masked_input".into(),
+        ..msg
+    };
+    let err = a.client.sec_agg(unknown).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    drop(b);
+    drop(a);
+    coord.shutdown().await.unwrap();
+}
