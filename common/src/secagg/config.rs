@@ -36,7 +36,8 @@ pub struct SecAggConfig {
     pub max_weight: f64,
     /// Fixed-point scale of weights (1.0 encodes integer counts exactly).
     pub weight_scale: f64,
-    /// Arithmetic is modulo 2^modulus_bits (8..=32).
+    /// Arithmetic is modulo 2^modulus_bits (8..=64). Masked vectors travel at
+    /// ⌈modulus_bits/8⌉ bytes per coordinate.
     pub modulus_bits: u32,
     /// Run the malicious-server consistency check: agents sign the survivor
     /// list and refuse to reveal shares without t valid, matching signatures.
@@ -67,21 +68,30 @@ impl SecAggConfig {
         k: usize,
         clip: f32,
     ) -> Self {
-        let n = n.max(1) as f64;
-        // Leave a factor 2 of headroom below 2^31 for the sum of n values.
-        let scale = ((1u64 << 30) as f64 / (n * f64::from(clip.max(f32::MIN_POSITIVE)))).floor();
-        Self {
+        let mut c = Self {
             num_values,
             num_coord_weights,
             neighbours: k,
             threshold: k.div_ceil(2) + 1,
             clip,
-            scale: scale.max(1.0),
+            scale: 1.0,
             max_weight: 1.0e6,
             weight_scale: 1.0,
             modulus_bits: 32,
             verify_survivors: false,
-        }
+        };
+        c.fit_scale(n);
+        c
+    }
+
+    /// Sets `scale` to the finest resolution that leaves a factor 2 of
+    /// headroom below 2^(modulus_bits − 1) for the sum of `n` encodings:
+    /// ⌊2^(modulus_bits − 2) / (n · clip)⌋, at least 1.
+    pub fn fit_scale(&mut self, n: usize) {
+        let room = (self.modulus_bits.clamp(2, 64) - 2) as i32;
+        let n = n.max(1) as f64;
+        let scale = (2f64.powi(room) / (n * f64::from(self.clip.max(f32::MIN_POSITIVE)))).floor();
+        self.scale = scale.max(1.0);
     }
 
     /// Length of the masked vector: values ‖ coordinate weights ‖ example
@@ -96,23 +106,24 @@ impl SecAggConfig {
     }
 
     /// Bit mask of the modulus (2^bits − 1).
-    pub(crate) fn modulus_mask(&self) -> u32 {
-        if self.modulus_bits >= 32 {
-            u32::MAX
-        } else {
-            (1u32 << self.modulus_bits) - 1
-        }
+    pub(crate) fn modulus_mask(&self) -> u64 {
+        super::ring::mask_u64(self.modulus_bits)
+    }
+
+    /// Bytes per masked coordinate on the wire: ⌈modulus_bits/8⌉.
+    pub fn bytes_per_element(&self) -> usize {
+        super::ring::bytes_per_element(self.modulus_bits)
     }
 
     /// Largest magnitude of one encoded value: ⌈clip·scale⌉ (stochastic
-    /// rounding can round up to it).
-    pub(crate) fn max_value_code(&self) -> u64 {
-        (f64::from(self.clip) * self.scale).ceil() as u64
+    /// rounding can round up to it). Saturates rather than wraps.
+    pub(crate) fn max_value_code(&self) -> u128 {
+        (f64::from(self.clip) * self.scale).ceil() as u128
     }
 
     /// Largest encoded weight: ⌈max_weight·weight_scale⌉.
-    pub(crate) fn max_weight_code(&self) -> u64 {
-        (self.max_weight * self.weight_scale).ceil() as u64
+    pub(crate) fn max_weight_code(&self) -> u128 {
+        (self.max_weight * self.weight_scale).ceil() as u128
     }
 
     /// Checks every parameter for a round with `n` agents, before any work is
@@ -129,10 +140,10 @@ impl SecAggConfig {
                 format!("secure aggregation needs at least 2 agents, got {n}"),
             );
         }
-        if !(8..=32).contains(&self.modulus_bits) {
+        if !(8..=64).contains(&self.modulus_bits) {
             return bad(
                 "modulus_bits",
-                format!("{} is outside 8..=32", self.modulus_bits),
+                format!("{} is outside 8..=64", self.modulus_bits),
             );
         }
         if !(self.clip.is_finite() && self.clip > 0.0) {
@@ -179,16 +190,14 @@ impl SecAggConfig {
                 ),
             );
         }
+        // u128 throughout: at 64 bits the bounds themselves need 64 bits and
+        // their products with n need more.
         let bits = self.modulus_bits;
-        let signed_room = (1u64 << (bits - 1)) - 1;
-        let unsigned_room = if bits == 32 {
-            u64::from(u32::MAX)
-        } else {
-            (1u64 << bits) - 1
-        };
-        let n64 = n as u64;
+        let signed_room = (1u128 << (bits - 1)) - 1;
+        let unsigned_room = (1u128 << bits) - 1;
+        let n128 = n as u128;
         let vmax = self.max_value_code();
-        if vmax.saturating_mul(n64) > signed_room {
+        if vmax.saturating_mul(n128) > signed_room {
             return bad(
                 "scale",
                 format!(
@@ -196,23 +205,23 @@ impl SecAggConfig {
                      the sum could wrap the modulus; lower `scale` (or `clip`) to at most {:.6e}, \
                      or raise `modulus_bits`",
                     bits - 1,
-                    (signed_room / n64) as f64 / f64::from(self.clip)
+                    (signed_room / n128) as f64 / f64::from(self.clip)
                 ),
             );
         }
         let wmax = self.max_weight_code();
-        if wmax.saturating_mul(n64) > unsigned_room {
+        if wmax.saturating_mul(n128) > unsigned_room {
             return bad(
                 "max_weight",
                 format!(
                     "{n} agents × max encoded weight ⌈max_weight·weight_scale⌉ = {wmax} exceeds 2^{bits} − 1: \
                      lower `max_weight` or `weight_scale` (at most {} encoded units per agent), or raise `modulus_bits`",
-                    unsigned_room / n64
+                    unsigned_room / n128
                 ),
             );
         }
-        let len = self.vector_len() as u64;
-        if len.saturating_mul(n64) > unsigned_room {
+        let len = self.vector_len() as u128;
+        if len.saturating_mul(n128) > unsigned_room {
             return bad(
                 "modulus_bits",
                 format!(

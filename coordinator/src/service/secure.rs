@@ -35,8 +35,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, MutexGuard};
 
 use fedcart_common::secagg::{
-    AdvertiseKeys, AfterMasked, RoundInvite, SecAggConfig, SecAggError, ServerSession, ShareUpload,
-    Stage, SurvivorSignature, UnmaskResponse, masked_to_bytes, round_seed, stage_name,
+    AdvertiseKeys, AfterMasked, RingVec, RoundInvite, SecAggConfig, SecAggError, ServerSession,
+    ShareUpload, Stage, SurvivorSignature, UnmaskResponse, bytes_per_element, masked_to_bytes,
+    round_seed, stage_name,
 };
 use fedcart_common::task::TaskSpec;
 use fedcart_proto::v1 as pb;
@@ -58,6 +59,8 @@ pub(super) struct SecureRound {
     /// `None` only once `finish` has consumed it.
     server: Option<ServerSession>,
     vector_len: usize,
+    /// The round's modulus is 2^modulus_bits.
+    modulus_bits: u32,
     /// Merchant → id in the round (its index among the selected agents).
     ids: BTreeMap<String, u32>,
     /// Id → merchant.
@@ -248,9 +251,15 @@ pub(super) fn on_message(
     })
 }
 
-/// Bytes of a masked-input frame for a vector of `len` coordinates.
-fn masked_frame_len(len: usize) -> u64 {
-    (masked_to_bytes(0, &[]).len() + 4 * len) as u64
+/// The first bytes of `id`'s masked-input frame in a ring of 2^bits
+/// (message tag, version, sender, modulus), and the whole frame's length for
+/// `len` coordinates.
+fn masked_frame(id: u32, bits: u32, len: usize) -> (Vec<u8>, u64) {
+    let mut head = masked_to_bytes(id, &RingVec::zeros(bits, 0));
+    let total = head.len() + bytes_per_element(bits) * len;
+    // Drop the (zero) coordinate count: the prefix ends with the modulus.
+    head.truncate(head.len() - 4);
+    (head, total as u64)
 }
 
 /// A masked input uploaded through `SubmitUpdate` (header already read, the
@@ -274,7 +283,7 @@ pub(super) async fn submit_masked(
             header.weight
         )));
     }
-    let (id, declared) = {
+    let (id, prefix, declared) = {
         let guard = shared.secure_round();
         let round = guard.as_ref().ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -284,7 +293,8 @@ pub(super) async fn submit_masked(
         })?;
         round.check_task(&header.run_id, header.round, &header.task_id)?;
         let id = round.expect_answer(merchant, Stage::MaskedInput)?;
-        (id, masked_frame_len(round.vector_len))
+        let (prefix, len) = masked_frame(id, round.modulus_bits, round.vector_len);
+        (id, prefix, len)
     };
     if header.payload_len != declared {
         return Err(Status::invalid_argument(format!(
@@ -326,8 +336,7 @@ pub(super) async fn submit_masked(
         // The stage may have closed while the payload streamed in.
         round.expect_answer(merchant, Stage::MaskedInput)?;
         // The frame must name this session's agent before anything is added.
-        let prefix = masked_to_bytes(id, &[]);
-        if payload[..6] != prefix[..6] {
+        if !payload.starts_with(&prefix) {
             return Err(Status::permission_denied(
                 "masked input is framed for another agent or another message type",
             ));
@@ -418,6 +427,7 @@ async fn drive(
         task_id: plan.task_id.clone(),
         server: Some(server),
         vector_len: config.vector_len(),
+        modulus_bits: config.modulus_bits,
         ids: plan
             .selected
             .iter()
