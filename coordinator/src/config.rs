@@ -213,12 +213,32 @@ impl RunConfig {
         if self.sgd.batch_size == 0 || self.sgd.epochs == 0 {
             return bad("run.sgd", "batch_size and epochs must be ≥ 1".into());
         }
-        crate::engine::strategy_by_name(&self.strategy).map_err(|message| {
+        let strategy = crate::engine::strategy_by_name(&self.strategy).map_err(|message| {
             ConfigError::Invalid {
                 field: "run.strategy",
                 message,
             }
         })?;
+        if let Some(sa) = &self.secagg {
+            if !(sa.clip.is_finite() && sa.clip > 0.0) {
+                return bad(
+                    "run.secagg.clip",
+                    format!("{} must be finite and positive", sa.clip),
+                );
+            }
+            if sa.stage_timeout_ms == Some(0) {
+                return bad("run.secagg.stage_timeout_ms", "must be positive".into());
+            }
+            if strategy.needs_individual_updates() {
+                return bad(
+                    "run.strategy",
+                    format!(
+                        "`{}` needs every individual update, which secure aggregation never reveals",
+                        self.strategy
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }
