@@ -124,7 +124,7 @@ mod server;
 mod wire;
 
 pub use client::ClientSession;
-pub use config::{MAX_HOLDERS, SecAggConfig};
+pub use config::{COMPLETE_GRAPH_UP_TO, MAX_HOLDERS, MIN_STEPS_PER_CLIP, STATS_CLIP, SecAggConfig};
 pub use driver::{Dropouts, InMemoryOutcome, Traffic, round_seed, rounding_rng, run_in_memory};
 pub use encode::{DecodedSum, EncodedInput, encode};
 pub use graph::NeighbourGraph;
