@@ -118,6 +118,7 @@ mod crypto;
 mod driver;
 mod encode;
 mod graph;
+mod invite;
 mod ring;
 mod server;
 mod wire;
@@ -130,6 +131,7 @@ pub use driver::{
 };
 pub use encode::{DecodedSum, EncodedInput, encode};
 pub use graph::NeighbourGraph;
+pub use invite::{RoundInvite, stage_name};
 pub use ring::{RingVec, bytes_per_element};
 pub use server::{AfterMasked, MaskedSum, SecAggOutput, ServerSession};
 pub use wire::{

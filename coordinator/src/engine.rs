@@ -175,6 +175,8 @@ struct OpenTask {
     secure_survivors: Option<BTreeSet<String>>,
     /// Distinct agents available when the task started (the DP population).
     population: usize,
+    /// Why secure aggregation failed, if it did: the task then aborts.
+    secure_abort: Option<String>,
 }
 
 /// The coordinator's round engine over a durable store.
@@ -419,6 +421,7 @@ impl Engine {
             bytes_in: 0,
             secure_survivors: None,
             population,
+            secure_abort: None,
         });
         tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
         Ok(plan)
@@ -577,6 +580,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Records that secure aggregation of the open task failed (too few
+    /// survivors, unrecoverable shares): the task aborts with `reason` in its
+    /// round record, and nothing of the masked sum reaches the engine.
+    pub fn abort_secure(&mut self, reason: String) {
+        if let Some(open) = &mut self.open
+            && open.plan.secure
+        {
+            open.secure_abort = Some(reason);
+        }
+    }
+
     /// Counts a selected agent that disconnected as dropped for the open task.
     pub fn drop_agent(&mut self, agent: &str) {
         if let Some(open) = &mut self.open
@@ -643,8 +657,11 @@ impl Engine {
             abort_reason: None,
             privacy: None,
         };
-        if reported < quorum {
-            record.abort_reason = Some(format!("{reported} results, quorum is {quorum}"));
+        if reported < quorum || open.secure_abort.is_some() {
+            record.abort_reason = Some(match &open.secure_abort {
+                Some(reason) => format!("secure aggregation: {reason}"),
+                None => format!("{reported} results, quorum is {quorum}"),
+            });
             tracing::warn!(task = %record.task_id, reported, quorum, "task aborted");
             if kind == TaskKind::Evaluate {
                 self.pending_eval = false;

@@ -125,6 +125,7 @@ pub fn run_one(
             neighbours: None,
             clip: s.secagg_clip(task),
             verify_survivors: false,
+            stage_timeout_ms: None,
         }),
         dp: s.dp.clone().map(|mut dp| {
             dp.population = Some(n);

@@ -9,5 +9,6 @@ mod fuzz;
 mod merchant_tools;
 mod privacy;
 mod restart;
+mod secure;
 mod security;
 mod wire_privacy;

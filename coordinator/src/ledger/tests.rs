@@ -214,6 +214,7 @@ fn distributed_noise_added_by_agents_under_secure_aggregation_has_the_target_sca
         neighbours: None,
         clip: 1.0,
         verify_survivors: false,
+        stage_timeout_ms: None,
     });
     cfg.validate().unwrap();
     let mut engine = Engine::open(Store::open(&dir.path().join("a.redb")).unwrap(), cfg).unwrap();
