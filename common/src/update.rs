@@ -153,9 +153,11 @@ impl Update {
         if !(self.weight.is_finite() && self.weight > 0.0) {
             return Err(UpdateError::BadWeight(self.weight));
         }
-        if let Some((index, &value)) = self.values.iter().enumerate().find(|(_, v)| !v.is_finite())
-        {
-            return Err(UpdateError::NotFinite { index, value });
+        if let Some(index) = first_non_finite(&self.values) {
+            return Err(UpdateError::NotFinite {
+                index,
+                value: self.values[index],
+            });
         }
         if let Some((index, &value)) = self
             .coord_weights
@@ -170,10 +172,10 @@ impl Update {
 
     /// Encodes values then coordinate weights as little-endian f32 bytes.
     pub fn payload_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 * (self.values.len() + self.coord_weights.len()));
-        for v in self.values.iter().chain(self.coord_weights.iter()) {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+        let mut out = vec![0u8; 4 * (self.values.len() + self.coord_weights.len())];
+        let (head, tail) = out.split_at_mut(4 * self.values.len());
+        write_le(&self.values, head);
+        write_le(&self.coord_weights, tail);
         out
     }
 
@@ -203,13 +205,37 @@ impl Update {
     }
 }
 
+/// Position of the first NaN or ±Inf in `values`.
+///
+/// Scans blocks with a branch-free OR of "exponent bits all ones" (which the
+/// compiler vectorises) and looks for the exact position only inside a block
+/// that has one; a per-element `find` would stop vectorisation and cost about
+/// as much as the whole aggregation.
+pub fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    const EXP: u32 = 0x7f80_0000;
+    values.chunks(BLOCK).enumerate().find_map(|(b, block)| {
+        let bad = block
+            .iter()
+            .fold(0u32, |acc, v| acc | u32::from(v.to_bits() & EXP == EXP));
+        (bad != 0).then(|| b * BLOCK + block.iter().position(|v| !v.is_finite()).unwrap_or(0))
+    })
+}
+
 /// Little-endian bytes of a slice of f32.
 pub fn f32s_to_le(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    let mut out = vec![0u8; values.len() * 4];
+    write_le(values, &mut out);
     out
+}
+
+/// Writes `values` as little-endian bytes into `out` (of length 4 × len):
+/// fixed-size stores the compiler turns into a plain copy on little-endian
+/// targets, where a per-value `extend_from_slice` re-checks capacity each time.
+fn write_le(values: &[f32], out: &mut [u8]) {
+    for (dst, v) in out.chunks_exact_mut(4).zip(values) {
+        dst.copy_from_slice(&v.to_le_bytes());
+    }
 }
 
 /// f32 values from little-endian bytes; a trailing partial value is ignored,
@@ -266,6 +292,19 @@ mod tests {
             u.validate(2, &layout),
             Err(UpdateError::BadWeight(_))
         ));
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_first_bad_value_in_any_block() {
+        let mut v = vec![0.5f32; 5000];
+        assert_eq!(first_non_finite(&v), None);
+        v[4999] = f32::NEG_INFINITY;
+        assert_eq!(first_non_finite(&v), Some(4999));
+        v[1500] = f32::NAN;
+        v[1501] = f32::INFINITY;
+        assert_eq!(first_non_finite(&v), Some(1500));
+        v[0] = f32::MAX;
+        assert_eq!(first_non_finite(&v), Some(1500));
     }
 
     #[test]

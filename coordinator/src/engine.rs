@@ -494,7 +494,85 @@ impl Engine {
         result
     }
 
+    /// Accepts a batch of results, in order, with the same checks and the
+    /// same outcome as calling [`Engine::submit`] for each, but validates
+    /// and folds the updates on the current rayon pool (the simulator's).
+    /// The fold is bit-identical to one-by-one submission (see
+    /// `SumAccumulator::add_many`), so results do not depend on the thread
+    /// count.
+    pub fn submit_many(
+        &mut self,
+        run_id: &str,
+        round: u64,
+        task_id: &str,
+        subs: Vec<(String, Submission)>,
+    ) -> Vec<Result<(), SubmitError>> {
+        use rayon::prelude::*;
+        let mut validity: Vec<Option<Result<(), UpdateError>>> = match &self.open {
+            Some(open) => {
+                let (len, layout) = (open.plan.spec.update_len(), open.plan.spec.update_layout());
+                subs.par_iter()
+                    .map(|(_, s)| s.update.as_ref().map(|u| u.validate(len, &layout)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let mut results = Vec::with_capacity(subs.len());
+        let mut folded = Vec::new();
+        for (i, (agent, sub)) in subs.into_iter().enumerate() {
+            if let Err(e) = self.precheck(&agent, run_id, round, task_id) {
+                results.push(Err(e));
+                continue;
+            }
+            let open = self.open.as_mut().expect("precheck found an open task");
+            let pre = validity[i].take();
+            let result = Self::check(open, &sub, |_| pre.unwrap_or(Ok(())));
+            match &result {
+                Ok(()) => {
+                    open.reported.insert(agent);
+                    open.bytes_in += sub.bytes;
+                    Self::add_metrics(open, &sub);
+                    folded.extend(sub.update);
+                }
+                Err(e) => {
+                    tracing::warn!(agent, task = task_id, error = %e, "update rejected");
+                    open.rejected.push((agent, e.to_string()));
+                }
+            }
+            results.push(result);
+        }
+        if let Some(open) = self.open.as_mut() {
+            match &mut open.acc {
+                Accumulation::Sum(acc) => {
+                    let refs: Vec<&Update> = folded.iter().collect();
+                    acc.add_many(&refs).expect("lengths were validated");
+                }
+                Accumulation::Individual(list) => list.extend(folded),
+            }
+        }
+        results
+    }
+
     fn accept(open: &mut OpenTask, sub: &Submission) -> Result<(), SubmitError> {
+        let (len, layout) = (open.plan.spec.update_len(), open.plan.spec.update_layout());
+        Self::check(open, sub, |u| u.validate(len, &layout))?;
+        if let Some(u) = &sub.update {
+            match &mut open.acc {
+                Accumulation::Sum(acc) => acc.add(u)?,
+                Accumulation::Individual(list) => list.push(u.clone()),
+            }
+        }
+        Self::add_metrics(open, sub);
+        Ok(())
+    }
+
+    /// Every check of one result, without folding it; `validate` checks the
+    /// update itself (lengths, finiteness, weights).
+    fn check(
+        open: &OpenTask,
+        sub: &Submission,
+        validate: impl FnOnce(&Update) -> Result<(), UpdateError>,
+    ) -> Result<(), SubmitError> {
         if let Some((k, _)) = sub.metrics.iter().find(|(_, v)| !v.is_finite()) {
             return Err(SubmitError::BadMetric(k.clone()));
         }
@@ -510,13 +588,7 @@ impl Engine {
         match (&sub.update, spec.kind) {
             (None, TaskKind::Evaluate) => {}
             (None, _) if open.plan.secure => {}
-            (Some(u), TaskKind::Train | TaskKind::Stats) => {
-                u.validate(spec.update_len(), &spec.update_layout())?;
-                match &mut open.acc {
-                    Accumulation::Sum(acc) => acc.add(u)?,
-                    Accumulation::Individual(list) => list.push(u.clone()),
-                }
-            }
+            (Some(u), TaskKind::Train | TaskKind::Stats) => validate(u)?,
             (Some(u), TaskKind::Evaluate) => {
                 return Err(UpdateError::WrongLength {
                     expected: 0,
@@ -532,11 +604,14 @@ impl Engine {
                 .into());
             }
         }
+        Ok(())
+    }
+
+    fn add_metrics(open: &mut OpenTask, sub: &Submission) {
         for (k, v) in &sub.metrics {
             *open.metric_sums.entry(k.clone()).or_default() += v * sub.weight;
         }
         open.metric_weight += sub.weight;
-        Ok(())
     }
 
     /// Hands over the unmasked sum of a secure task and the agents whose

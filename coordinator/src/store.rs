@@ -80,6 +80,7 @@ pub struct Commit<'a> {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    durable: bool,
 }
 
 mod sha2_digest {
@@ -109,6 +110,7 @@ impl Store {
         let store = Self {
             db,
             path: path.into(),
+            durable: true,
         };
         let txn = store.db.begin_write().map_err(|e| err(e.into()))?;
         {
@@ -119,6 +121,27 @@ impl Store {
         }
         txn.commit().map_err(|e| err(e.into()))?;
         Ok(store)
+    }
+
+    /// Opens a scratch store whose commits are atomic but not fsync'd
+    /// (redb's `Durability::None`): a crash may lose every commit since the
+    /// file was opened. Only for stores thrown away when the process ends,
+    /// such as the simulator's temporary one, where the fsync of each
+    /// version was a fixed cost per round; the coordinator always uses
+    /// [`Store::open`], whose commits are durable when they return.
+    pub fn open_scratch(path: &Path) -> Result<Self, StoreError> {
+        let mut store = Self::open(path)?;
+        store.durable = false;
+        Ok(store)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        if !self.durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(txn)
     }
 
     /// The store's file path.
@@ -165,7 +188,7 @@ impl Store {
 
     /// Writes JSON metadata values in one transaction.
     pub fn put_meta_json(&self, entries: &[(&str, serde_json::Value)]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.begin_write()?;
         {
             let mut table = txn.open_table(META).map_err(|e| self.err(e))?;
             for (k, v) in entries {
@@ -183,7 +206,7 @@ impl Store {
         if self.latest_version()?.is_some() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.begin_write()?;
         self.write_version(&txn, 0, params)?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
@@ -223,7 +246,7 @@ impl Store {
     /// Atomically stores a new version, its round record, the strategy state
     /// and moves `latest_version` to it.
     pub fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.begin_write()?;
         self.write_version(&txn, commit.version, commit.params)?;
         self.append_history_in(&txn, commit.record)?;
         {
@@ -258,7 +281,7 @@ impl Store {
 
     /// Appends a record that commits no version (aborted round, evaluation, statistics).
     pub fn append_history(&self, record: &RoundRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.begin_write()?;
         self.append_history_in(&txn, record)?;
         txn.commit().map_err(|e| self.err(e))
     }
@@ -269,7 +292,7 @@ impl Store {
         record: &RoundRecord,
         entries: &[(&str, serde_json::Value)],
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.begin_write()?;
         self.append_history_in(&txn, record)?;
         {
             let mut table = txn.open_table(META).map_err(|e| self.err(e))?;
