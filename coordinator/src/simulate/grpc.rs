@@ -45,11 +45,11 @@ const PING: Duration = Duration::from_secs(5);
 
 /// Refuses the settings the gRPC transport cannot honour, naming the flag.
 pub fn check(s: &Settings) -> anyhow::Result<()> {
-    if s.secagg {
+    if s.mode != super::fedbuff::Mode::Sync {
         bail!(
-            "--secagg is not available with --transport grpc yet: secure aggregation over \
-             gRPC (service and agent) is not merged in this build; run it with \
-             --transport inproc, or drop --secagg"
+            "--mode fedbuff is not available with --transport grpc: the service runs \
+             synchronous rounds only (the engine accepts updates for the open task); \
+             run FedBuff with --transport inproc"
         );
     }
     if s.malicious > 0.0 {
@@ -288,6 +288,8 @@ fn rows(
                     train: r.metrics.clone(),
                     bytes_up: r.bytes_in,
                     bytes_down: down,
+                    epsilon: r.privacy.as_ref().map(|p| p.epsilon),
+                    dp_clip: r.privacy.as_ref().map(|p| p.clip),
                     ..Default::default()
                 };
                 // An evaluation follows a committed round when the run evaluates.

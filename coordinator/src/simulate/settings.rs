@@ -9,6 +9,7 @@ use clap::Args;
 use fedcart_common::lr::SgdParams;
 use fedcart_common::mf::MfHyper;
 use fedcart_common::partition::Partitioner;
+use fedcart_common::strategy::strategy_by_name;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
@@ -68,10 +69,12 @@ pub struct SimArgs {
     /// fedadagrad[:η], fedmedian, fedtrimmedavg:β, krum:F, multikrum:F:M [default: fedavg].
     #[arg(long)]
     pub strategy: Option<String>,
-    /// Use secure aggregation (refused with robust strategies).
+    /// Use secure aggregation (refused with robust strategies). On by default
+    /// in the no-argument demo; off by default when --task, --data or
+    /// --train/--test choose an experiment.
     #[arg(long, overrides_with = "no_secagg")]
     pub secagg: bool,
-    /// Do not use secure aggregation (the default in this build).
+    /// Do not use secure aggregation (also in the demo).
     #[arg(long)]
     #[serde(skip)]
     pub no_secagg: bool,
@@ -308,6 +311,25 @@ impl Settings {
             (None, None) => None,
             _ => bail!("--train and --test go together"),
         };
+        let secagg = if args.no_secagg {
+            false
+        } else if args.secagg || file.secagg {
+            true
+        } else {
+            // The no-argument demo shows the product as merchants get it:
+            // secure aggregation on (unless the strategy needs every update).
+            let demo = args.task.is_none()
+                && file.task.is_none()
+                && args.data.is_none()
+                && file.data.is_none()
+                && train_test.is_none();
+            let strategy = args
+                .strategy
+                .as_deref()
+                .or(file.strategy.as_deref())
+                .unwrap_or("fedavg");
+            demo && strategy_by_name(strategy).is_ok_and(|s| !s.needs_individual_updates())
+        };
         let s = Self {
             data: args.data.or(file.data),
             train_test,
@@ -321,11 +343,7 @@ impl Settings {
             factors: pick!(factors, 32),
             partition: pick!(partition, "iid".into()).parse()?,
             strategy: pick!(strategy, "fedavg".into()),
-            secagg: if args.no_secagg {
-                false
-            } else {
-                args.secagg || file.secagg
-            },
+            secagg,
             secagg_clip: args.secagg_clip.or(file.secagg_clip),
             dropout: pick!(dropout, 0.0),
             malicious: pick!(malicious, 0.0),

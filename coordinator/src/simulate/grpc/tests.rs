@@ -80,6 +80,35 @@ fn churn_over_grpc_commits_the_same_model_as_in_process() {
 }
 
 #[test]
+fn secure_churn_over_grpc_matches_in_process_within_quantisation() {
+    // The statistics step and every training round run the real SecAgg
+    // protocol between the service and the agents; only the stochastic
+    // rounding differs from the in-process run (agents draw their own).
+    let a = SimArgs {
+        task: Some("churn-lr".into()),
+        data: Some(format!(
+            "telco:{}",
+            repo(crate::simulate::data::DEFAULT_TELCO)
+        )),
+        merchants: Some(4),
+        rounds: Some(2),
+        secagg: true,
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
+    let (p, q) = (inproc.final_metrics["auc"], grpc.final_metrics["auc"]);
+    assert!(q > 0.8 && (p - q).abs() < 2e-3, "auc {p} vs {q}");
+    let worst = inproc
+        .final_model
+        .iter()
+        .zip(&grpc.final_model)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-2, "largest parameter difference {worst}");
+}
+
+#[test]
 fn mf_over_grpc_matches_in_process_with_a_fraction_and_drop_outs() {
     let a = SimArgs {
         task: Some("mf".into()),
@@ -114,10 +143,10 @@ fn knobs_the_real_agent_cannot_honour_are_refused_by_name() {
         ..Default::default()
     };
     let mut a = base.clone();
-    a.secagg = true;
+    a.mode = Some("fedbuff".into());
     let e = Settings::from_args(a).unwrap_err().to_string();
     assert!(
-        e.contains("--secagg") && e.contains("--transport grpc"),
+        e.contains("--mode fedbuff") && e.contains("--transport grpc"),
         "{e}"
     );
     let mut a = base.clone();
