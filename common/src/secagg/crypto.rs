@@ -201,7 +201,9 @@ pub(crate) fn recover(
 /// above) at bytes `w·i..w·(i+1)` of the keystream, so any range can be
 /// generated independently of the others. `Ctr64BE` gives the same keystream
 /// as a 128-bit counter while the low half does not wrap, and runs ~1.4x
-/// faster than `Ctr128BE` here.
+/// faster than `Ctr128BE` here. (Its speed depends on the cipher's block
+/// helpers being inlined, which is why fedcart-common builds as one codegen
+/// unit in release: see the workspace `Cargo.toml`.)
 pub(crate) fn keystream(seed: &[u8; 32], first_block: u128, out: &mut [u8]) {
     let mut cipher = Ctr64BE::<Aes256>::new(seed.into(), &first_block.to_be_bytes().into());
     cipher.write_keystream(out);
