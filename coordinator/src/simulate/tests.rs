@@ -243,6 +243,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::standardize::Standardizer
             clip: s.secagg_clip(task),
             verify_survivors: false,
         }),
+        dp: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("stats.redb")).unwrap();
