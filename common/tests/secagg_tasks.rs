@@ -82,6 +82,7 @@ fn telco_stats(merchants: usize) -> (Vec<Update>, usize) {
         seed: 42,
         round: 0,
         standardizer: None,
+        dp: None,
     };
     let updates = partition_churn(&ds, merchants, 0.2, 42)
         .iter_mut()
