@@ -64,6 +64,8 @@ enum Chart<'a> {
         x_desc: &'a str,
         y_desc: &'a str,
         series: Vec<(String, Vec<(f64, f64)>)>,
+        /// Where the legend goes: away from where the curve ends up.
+        legend: SeriesLabelPosition,
     },
     /// Grouped bars: category labels, then (series label, value per category).
     Bars {
@@ -89,8 +91,15 @@ pub fn write_all(dir: &Path, experiments: &[Experiment]) -> anyhow::Result<Vec<V
 
 /// The charts of one experiment: (file stem, title, chart).
 fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
-    let Some((key, _)) = e.headline() else {
+    let Some((key, higher_is_better)) = e.headline() else {
         return Vec::new();
+    };
+    let legend = || {
+        if higher_is_better {
+            SeriesLabelPosition::LowerRight
+        } else {
+            SeriesLabelPosition::UpperRight
+        }
     };
     let mut out = Vec::new();
     let by = |x: &dyn Fn(&super::RoundRow) -> f64| -> Vec<(f64, f64)> {
@@ -113,6 +122,7 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
                 },
                 y_desc: key,
                 series: vec![(label.clone(), rounds)],
+                legend: legend(),
             },
         ));
         out.push((
@@ -122,6 +132,7 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
                 x_desc: "virtual seconds",
                 y_desc: key,
                 series: vec![(label, by(&|r| r.virtual_seconds))],
+                legend: legend(),
             },
         ));
     }
@@ -220,6 +231,7 @@ fn draw<DB: DrawingBackend>(
             x_desc,
             y_desc,
             series,
+            legend,
         } => {
             let (x0, x1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
             let (y0, y1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
@@ -237,10 +249,13 @@ fn draw<DB: DrawingBackend>(
                     .legend(move |(x, y)| {
                         PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2))
                     });
-                c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+                // Markers only while they stay readable.
+                if pts.len() <= 60 {
+                    c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+                }
             }
             c.configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(legend.clone())
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
                 .label_font((FONT, 13))

@@ -336,3 +336,22 @@ fn fedbuff_buffers_go_through_secure_aggregation() {
         e.rounds
     );
 }
+
+#[test]
+fn the_example_fedbuff_config_parses() {
+    let s = Settings::from_args(SimArgs {
+        config: Some(repo("coordinator/examples/simulate-fedbuff.toml").into()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        s.mode,
+        super::Mode::FedBuff(FedBuffSettings {
+            buffer: 5,
+            concurrency: 20,
+            staleness: Staleness::Sqrt,
+            server_lr: 1.0
+        })
+    );
+    assert_eq!(s.clock.speed_sigma, 1.0);
+}

@@ -128,6 +128,7 @@ fn text_is_drawn_with_the_embedded_font() {
         x_desc: "round",
         y_desc: "auc",
         series: vec![("a".into(), vec![(1.0, 0.5), (2.0, 0.6)])],
+        legend: SeriesLabelPosition::LowerRight,
     };
     let a = write_one(dir.path(), "a", "A title with glyphs", &chart).unwrap();
     let b = write_one(dir.path(), "b", "", &chart).unwrap();
