@@ -58,7 +58,7 @@ fn run_config(agents: usize, dim: usize, rounds: u64, secagg: bool) -> RunConfig
         round_timeout_ms: 600_000,
         evaluate: false,
         strategy: "fedavg".into(),
-        secagg: secagg.then(|| SecAggSettings {
+        secagg: secagg.then_some(SecAggSettings {
             neighbours: None,
             clip: 1.0,
             verify_survivors: false,

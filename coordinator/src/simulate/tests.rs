@@ -242,6 +242,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::standardize::Standardizer
             neighbours: None,
             clip: s.secagg_clip(task),
             verify_survivors: false,
+            stage_timeout_ms: None,
         }),
     };
     let dir = tempfile::tempdir().unwrap();
