@@ -582,8 +582,8 @@ pub async fn run_tasks(
             return Ok(());
         }
         // A secure task has run all its stages above; a plaintext one waits here.
-        while !plan.secure {
-            if shared.engine().pending() == 0 {
+        loop {
+            if plan.secure || shared.engine().pending() == 0 {
                 break;
             }
             tokio::select! {

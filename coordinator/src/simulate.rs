@@ -354,27 +354,18 @@ fn secure_sum(
     inputs: Vec<(String, fedcart_common::update::Update)>,
     seed: u64,
 ) -> anyhow::Result<u64> {
-    use fedcart_common::secagg::{Dropouts, SecAggConfig, run_in_memory, run_in_memory_with};
+    use fedcart_common::secagg::{Dropouts, run_in_memory, run_in_memory_with};
     let n = inputs.len();
     if n == 0 {
         return Ok(0);
     }
-    let layout = plan.spec.update_layout();
     let settings = engine
         .run()
         .secagg
         .clone()
         .expect("secure task has settings");
-    // The task picks the ring: 2^64 for the statistics step's raw sums.
-    let mut cfg = SecAggConfig::for_task(
-        plan.spec.kind,
-        plan.spec.update_len(),
-        layout.num_coord_weights,
-        n,
-        settings.clip,
-        settings.neighbours,
-    );
-    cfg.verify_survivors = settings.verify_survivors;
+    // The same parameters as a gRPC round (2^64 ring for the statistics step).
+    let mut cfg = crate::service::round_config(&settings, &plan.spec, n);
     let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
     let noise = plan.spec.dp.as_ref().and_then(|d| d.distributed);
     if let Some(noise) = &noise {

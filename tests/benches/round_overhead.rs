@@ -60,7 +60,7 @@ fn run_config(agents: usize, dim: usize, rounds: u64, secagg: bool) -> RunConfig
         evaluate: false,
         strategy: "fedavg".into(),
         dp: None,
-        secagg: secagg.then(|| SecAggSettings {
+        secagg: secagg.then_some(SecAggSettings {
             neighbours: None,
             clip: 1.0,
             verify_survivors: false,

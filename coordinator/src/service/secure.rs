@@ -73,23 +73,22 @@ pub(super) struct SecureRound {
 /// The shutdown signal fired while a secure round was running.
 pub(super) struct Interrupted;
 
-/// The secure-aggregation parameters of one round with `n` invited agents:
-/// the whole update (values ‖ coordinate weights ‖ weight) of `spec`, clipped
-/// at `settings.clip`; the complete graph up to 64 agents, SecAgg+'s
-/// logarithmic degree beyond (as the simulator), or `settings.neighbours`.
+/// The secure-aggregation parameters of one round with `n` invited agents,
+/// for both drivers (this service and the simulator): the whole update
+/// (values ‖ coordinate weights ‖ weight) of `spec`, with the ring, clip and
+/// graph [`SecAggConfig::for_task`] picks for the task kind (the 2^64 ring
+/// for the statistics step's raw sums; values clipped at `settings.clip`
+/// otherwise; the complete graph up to 64 agents, SecAgg+ beyond, or
+/// `settings.neighbours`).
 pub fn round_config(settings: &SecAggSettings, spec: &TaskSpec, n: usize) -> SecAggConfig {
-    let layout = spec.update_layout();
-    let len = spec.update_len();
-    let mut cfg = match settings.neighbours {
-        None if n <= 64 => SecAggConfig::complete(len, layout.num_coord_weights, n, settings.clip),
-        None => SecAggConfig::sparse(len, layout.num_coord_weights, n, settings.clip),
-        Some(k) => {
-            let mut c = SecAggConfig::complete(len, layout.num_coord_weights, n, settings.clip);
-            c.neighbours = k;
-            c.threshold = c.degree(n).div_ceil(2) + 1;
-            c
-        }
-    };
+    let mut cfg = SecAggConfig::for_task(
+        spec.kind,
+        spec.update_len(),
+        spec.update_layout().num_coord_weights,
+        n,
+        settings.clip,
+        settings.neighbours,
+    );
     cfg.verify_survivors = settings.verify_survivors;
     cfg
 }
