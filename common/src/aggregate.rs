@@ -51,42 +51,82 @@ impl SumAccumulator {
         Ok(())
     }
 
-    /// Adds several (already validated) updates, in slice order, using the
-    /// current rayon pool.
+    /// Adds several updates, in slice order, using the current rayon pool,
+    /// and checks their values for NaN/Inf in the same pass. An update with
+    /// one is left out entirely; the indices of those left out are returned.
+    /// The rest of each update (lengths, weights) must already be validated
+    /// (`Update::validate_shape`).
     ///
     /// The coordinates are cut into fixed blocks and each block folds every
     /// update in slice order, so each coordinate sees exactly the additions
-    /// of calling [`SumAccumulator::add`] once per update: the result is
+    /// of calling [`SumAccumulator::add`] once per kept update: the result is
     /// bit-identical to the sequential fold, whatever the thread count.
-    pub fn add_many(&mut self, updates: &[&Update]) -> Result<(), UpdateError> {
+    /// Checking while folding reads each update from memory once instead of
+    /// twice; when an update turns out bad (rare) the sums are restored
+    /// from a copy and the good ones folded again.
+    pub fn add_many(&mut self, updates: &[&Update]) -> Result<Vec<usize>, UpdateError> {
         use rayon::prelude::*;
         /// Coordinates per parallel block: 128 KiB of f64 sums, which stay
         /// in L2 while every update's slice streams through.
         const BLOCK: usize = 16 * 1024;
+        const EXP: u32 = 0x7f80_0000;
         for u in updates {
             self.check_lengths(&u.values, &u.coord_weights)?;
         }
-        let fold = |offset: usize, block: &mut [f64], pick: &dyn Fn(&Update) -> &[f32]| {
-            for u in updates {
-                let src = &pick(u)[offset..offset + block.len()];
-                for (acc, v) in block.iter_mut().zip(src) {
-                    *acc += f64::from(*v);
-                }
-            }
-        };
-        self.values
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let before = self.values.clone();
+        let n = updates.len();
+        let bad = self
+            .values
             .par_chunks_mut(BLOCK)
             .enumerate()
-            .for_each(|(b, block)| fold(b * BLOCK, block, &|u: &Update| &u.values));
+            .map(|(b, block)| {
+                let offset = b * BLOCK;
+                let mut bad = vec![false; n];
+                for (u, flag) in updates.iter().zip(bad.iter_mut()) {
+                    let src = &u.values[offset..offset + block.len()];
+                    let mut any = 0u32;
+                    for (acc, v) in block.iter_mut().zip(src) {
+                        *acc += f64::from(*v);
+                        any |= u32::from(v.to_bits() & EXP == EXP);
+                    }
+                    *flag = any != 0;
+                }
+                bad
+            })
+            .reduce(
+                || vec![false; n],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x |= y);
+                    a
+                },
+            );
+        let skipped: Vec<usize> = (0..n).filter(|&i| bad[i]).collect();
+        if !skipped.is_empty() {
+            self.values = before;
+            let good: Vec<&Update> = (0..n).filter(|&i| !bad[i]).map(|i| updates[i]).collect();
+            let again = self.add_many(&good)?;
+            debug_assert!(again.is_empty());
+            return Ok(skipped);
+        }
         self.coord_weights
             .par_chunks_mut(BLOCK)
             .enumerate()
-            .for_each(|(b, block)| fold(b * BLOCK, block, &|u: &Update| &u.coord_weights));
+            .for_each(|(b, block)| {
+                for u in updates {
+                    let src = &u.coord_weights[b * BLOCK..b * BLOCK + block.len()];
+                    for (acc, v) in block.iter_mut().zip(src) {
+                        *acc += f64::from(*v);
+                    }
+                }
+            });
         for u in updates {
             self.weight += u.weight;
         }
-        self.count += updates.len();
-        Ok(())
+        self.count += n;
+        Ok(Vec::new())
     }
 
     fn check_lengths(&self, values: &[f32], coord_weights: &[f32]) -> Result<(), UpdateError> {
@@ -226,8 +266,8 @@ mod tests {
                 .unwrap();
             let mut par = SumAccumulator::new(len, 3);
             pool.install(|| {
-                par.add_many(&refs[..2]).unwrap();
-                par.add_many(&refs[2..]).unwrap();
+                assert!(par.add_many(&refs[..2]).unwrap().is_empty());
+                assert!(par.add_many(&refs[2..]).unwrap().is_empty());
             });
             assert_eq!(par.count(), seq.count());
             assert_eq!(par.total_weight(), seq.total_weight());
@@ -239,6 +279,23 @@ mod tests {
             );
             assert_eq!(par.coord_weights, seq.coord_weights);
         }
+        // A NaN in the batch leaves that update out and only that one.
+        let mut poisoned = updates[3].clone();
+        poisoned.values[len - 1] = f32::NAN;
+        let mut with_nan = refs.clone();
+        with_nan[3] = &poisoned;
+        let mut skip = SumAccumulator::new(len, 3);
+        assert_eq!(skip.add_many(&with_nan).unwrap(), vec![3]);
+        let mut expect = SumAccumulator::new(len, 3);
+        for (i, u) in updates.iter().enumerate() {
+            if i != 3 {
+                expect.add(u).unwrap();
+            }
+        }
+        assert_eq!(skip.count(), 6);
+        assert_eq!(skip.total_weight(), expect.total_weight());
+        assert_eq!(skip.values, expect.values);
+        assert_eq!(skip.coord_weights, expect.coord_weights);
         let short = Update {
             values: vec![0.0; 3],
             coord_weights: vec![0.0; 3],

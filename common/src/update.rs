@@ -138,6 +138,24 @@ impl Update {
     /// NaN or Inf must never reach an aggregate: one bad value would poison
     /// every coordinate it is summed into.
     pub fn validate(&self, model_len: usize, layout: &WeightLayout) -> Result<(), UpdateError> {
+        self.validate_shape(model_len, layout)?;
+        if let Some(index) = first_non_finite(&self.values) {
+            return Err(UpdateError::NotFinite {
+                index,
+                value: self.values[index],
+            });
+        }
+        Ok(())
+    }
+
+    /// Every check of [`Update::validate`] except the finiteness of the
+    /// values, for callers that check those while summing
+    /// (`SumAccumulator::add_many`).
+    pub fn validate_shape(
+        &self,
+        model_len: usize,
+        layout: &WeightLayout,
+    ) -> Result<(), UpdateError> {
         if self.values.len() != model_len {
             return Err(UpdateError::WrongLength {
                 expected: model_len,
@@ -152,12 +170,6 @@ impl Update {
         }
         if !(self.weight.is_finite() && self.weight > 0.0) {
             return Err(UpdateError::BadWeight(self.weight));
-        }
-        if let Some(index) = first_non_finite(&self.values) {
-            return Err(UpdateError::NotFinite {
-                index,
-                value: self.values[index],
-            });
         }
         if let Some((index, &value)) = self
             .coord_weights

@@ -495,11 +495,12 @@ impl Engine {
     }
 
     /// Accepts a batch of results, in order, with the same checks and the
-    /// same outcome as calling [`Engine::submit`] for each, but validates
-    /// and folds the updates on the current rayon pool (the simulator's).
-    /// The fold is bit-identical to one-by-one submission (see
+    /// same outcome as calling [`Engine::submit`] for each, but checks and
+    /// folds the updates on the current rayon pool (the simulator's). The
+    /// fold is bit-identical to one-by-one submission (see
     /// `SumAccumulator::add_many`), so results do not depend on the thread
-    /// count.
+    /// count. Updates refused for a NaN/Inf value are found in the fold pass
+    /// and recorded as rejected after the batch's other refusals.
     pub fn submit_many(
         &mut self,
         run_id: &str,
@@ -508,46 +509,77 @@ impl Engine {
         subs: Vec<(String, Submission)>,
     ) -> Vec<Result<(), SubmitError>> {
         use rayon::prelude::*;
-        let mut validity: Vec<Option<Result<(), UpdateError>>> = match &self.open {
+        let (streaming, mut shape) = match &self.open {
             Some(open) => {
                 let (len, layout) = (open.plan.spec.update_len(), open.plan.spec.update_layout());
-                subs.par_iter()
-                    .map(|(_, s)| s.update.as_ref().map(|u| u.validate(len, &layout)))
-                    .collect()
+                let streaming = matches!(open.acc, Accumulation::Sum(_));
+                let shape: Vec<_> = subs
+                    .par_iter()
+                    .map(|(_, s)| {
+                        s.update.as_ref().map(|u| match streaming {
+                            true => u.validate_shape(len, &layout),
+                            false => u.validate(len, &layout),
+                        })
+                    })
+                    .collect();
+                (streaming, shape)
             }
-            None => Vec::new(),
+            None => (false, Vec::new()),
         };
         let mut results = Vec::with_capacity(subs.len());
-        let mut folded = Vec::new();
+        let mut accepted = Vec::new();
         for (i, (agent, sub)) in subs.into_iter().enumerate() {
             if let Err(e) = self.precheck(&agent, run_id, round, task_id) {
                 results.push(Err(e));
                 continue;
             }
             let open = self.open.as_mut().expect("precheck found an open task");
-            let pre = validity[i].take();
-            let result = Self::check(open, &sub, |_| pre.unwrap_or(Ok(())));
-            match &result {
+            let pre = shape[i].take();
+            match Self::check(open, &sub, |_| pre.unwrap_or(Ok(()))) {
                 Ok(()) => {
-                    open.reported.insert(agent);
-                    open.bytes_in += sub.bytes;
-                    Self::add_metrics(open, &sub);
-                    folded.extend(sub.update);
+                    open.reported.insert(agent.clone());
+                    accepted.push((i, agent, sub));
+                    results.push(Ok(()));
                 }
                 Err(e) => {
                     tracing::warn!(agent, task = task_id, error = %e, "update rejected");
                     open.rejected.push((agent, e.to_string()));
+                    results.push(Err(e));
                 }
             }
-            results.push(result);
         }
-        if let Some(open) = self.open.as_mut() {
-            match &mut open.acc {
-                Accumulation::Sum(acc) => {
-                    let refs: Vec<&Update> = folded.iter().collect();
-                    acc.add_many(&refs).expect("lengths were validated");
-                }
-                Accumulation::Individual(list) => list.extend(folded),
+        let Some(open) = self.open.as_mut() else {
+            return results;
+        };
+        let mut non_finite = vec![false; accepted.len()];
+        if let (true, Accumulation::Sum(acc)) = (streaming, &mut open.acc) {
+            let (owners, refs): (Vec<usize>, Vec<&Update>) = accepted
+                .iter()
+                .enumerate()
+                .filter_map(|(j, (_, _, s))| s.update.as_ref().map(|u| (j, u)))
+                .unzip();
+            for k in acc.add_many(&refs).expect("lengths were validated") {
+                non_finite[owners[k]] = true;
+            }
+        }
+        for ((i, agent, sub), bad) in accepted.into_iter().zip(non_finite) {
+            if bad {
+                let values = &sub.update.as_ref().expect("only updates are folded").values;
+                let index = fedcart_common::update::first_non_finite(values).unwrap_or(0);
+                let e = SubmitError::from(UpdateError::NotFinite {
+                    index,
+                    value: values[index],
+                });
+                tracing::warn!(agent, task = task_id, error = %e, "update rejected");
+                open.reported.remove(&agent);
+                open.rejected.push((agent, e.to_string()));
+                results[i] = Err(e);
+                continue;
+            }
+            open.bytes_in += sub.bytes;
+            Self::add_metrics(open, &sub);
+            if let Accumulation::Individual(list) = &mut open.acc {
+                list.extend(sub.update);
             }
         }
         results
