@@ -3,12 +3,23 @@
 //! honest path uses the agent's own download/upload functions.
 
 use fedcart_client::agent::{download, upload};
+use fedcart_client::secure::{SecureTasks, send};
+use fedcart_common::secagg::stage_name;
 use fedcart_common::task::TaskSpec;
 use fedcart_common::train::{LocalData, TaskOutput, run_task};
 use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
+
+/// When a scripted secure agent disconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DieAt {
+    /// After sharing its keys, without sending its masked input.
+    BeforeMaskedInput,
+    /// Right after its masked input was accepted, before unmasking.
+    AfterMaskedInput,
+}
 
 /// A hand-driven agent session.
 pub struct RawAgent {
@@ -63,6 +74,53 @@ impl RawAgent {
             {
                 Some(pb::work::Kind::Task(t)) => return t,
                 _ => continue,
+            }
+        }
+    }
+
+    /// Waits for the next pushed secure-aggregation request, skipping pings.
+    pub async fn next_secagg(&mut self) -> pb::SecAggRequest {
+        loop {
+            match self
+                .work
+                .message()
+                .await
+                .expect("work stream")
+                .expect("stream open")
+                .kind
+            {
+                Some(pb::work::Kind::Secagg(r)) => return r,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Takes part honestly in the next secure task, with the agent's own
+    /// protocol code, and disconnects at `die`: just before answering the
+    /// masked-input request, or just after its masked input was accepted.
+    pub async fn secure_then_die(mut self, die: DieAt) {
+        let task = self.next_task().await;
+        assert!(
+            task.secure_aggregation,
+            "task {} is not secure",
+            task.task_id
+        );
+        let out = self.compute(&task).await;
+        let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
+        let mut secure = SecureTasks::default();
+        secure.hold(&task, spec.seed, &self.data.merchant_id, out);
+        loop {
+            let req = self.next_secagg().await;
+            let masked = req.stage == stage_name::MASKED_INPUT;
+            if masked && die == DieAt::BeforeMaskedInput {
+                return;
+            }
+            let reply = secure.respond(&self.session_id, &req).expect("honest step");
+            send(&mut self.client, reply)
+                .await
+                .expect("answer accepted");
+            if masked {
+                return;
             }
         }
     }

@@ -45,6 +45,8 @@ pub struct Agent {
     /// merchant whose machine went away does: it disconnects unanswered, then
     /// reconnects with backoff.
     pub drop_out: Option<DropOut>,
+    /// The update of a secure task, held until its masked input is asked for.
+    secure: crate::secure::SecureTasks,
 }
 
 /// Decides, per task id, whether the agent drops out (see [`Agent::drop_out`]).
@@ -70,6 +72,7 @@ impl Agent {
             tls: None,
             state: None,
             drop_out: None,
+            secure: Default::default(),
         }
     }
 
@@ -164,8 +167,10 @@ impl Agent {
                 }
                 Some(pb::work::Kind::Ping(_)) | None => {}
                 Some(pb::work::Kind::Welcome(_)) => bail!("unexpected second welcome"),
-                Some(pb::work::Kind::Secagg(_)) => {
-                    bail!("secure aggregation is not supported by this agent build")
+                Some(pb::work::Kind::Secagg(req)) => {
+                    self.secure
+                        .handle(&mut client, &welcome.session_id, req)
+                        .await?;
                 }
             }
         }
@@ -195,6 +200,7 @@ impl Agent {
             state.save_global(&meta, &global)?;
         }
         let family = spec.model.data_family();
+        let seed = spec.seed;
         let data = std::mem::take(&mut self.data);
         let (data, out) = tokio::task::spawn_blocking(move || {
             let mut data = data;
@@ -211,6 +217,12 @@ impl Agent {
             state.save_metrics(family, &out.metrics)?;
         }
         match out {
+            // Under secure aggregation the update waits for the protocol's
+            // masked-input stage (see `secure`); nothing is sent in the clear.
+            Ok(out) if task.secure_aggregation => {
+                self.secure.hold(&task, seed, &self.data.merchant_id, out);
+                Ok(())
+            }
             Ok(out) => upload(client, session_id, &task, &out).await,
             Err(e) => {
                 // Nothing is sent: the coordinator counts us as missing.

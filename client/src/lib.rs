@@ -2,6 +2,7 @@
 //!
 //! - [`agent`]: the gRPC session loop (join, tasks, model download, upload,
 //!   reconnect with backoff).
+//! - [`secure`]: the agent's side of secure aggregation over gRPC.
 //! - [`config`]: `merchant.toml` and environment overrides.
 //! - [`data`]: loading the merchant's files into `LocalData`.
 //! - [`tls`]: the merchant's mutual-TLS identity.
@@ -17,5 +18,6 @@ pub mod config;
 pub mod data;
 pub mod prepare;
 pub mod recommend;
+pub mod secure;
 pub mod state;
 pub mod tls;

@@ -5,7 +5,7 @@
 //! SecAgg) and a SecAgg+ graph.
 //!
 //! Run: `cargo run --release -p fedcart-common --example secagg_bench`
-//! (optional: `-- <n> <d>`).
+//! (optional: `-- <n> <d> [<modulus bits>]`, default 100 1000000 32).
 
 use std::time::{Duration, Instant};
 
@@ -51,8 +51,10 @@ struct Figures {
     received: f64,
 }
 
-fn round(n: usize, d: usize, k: usize, drop_frac: f64) -> Figures {
+fn round(n: usize, d: usize, bits: u32, k: usize, drop_frac: f64) -> Figures {
     let mut c = SecAggConfig::complete(d, 0, n, 1.0);
+    c.modulus_bits = bits;
+    c.fit_scale(n);
     c.neighbours = k;
     // Majority threshold for the complete graph; for the sparse graph a
     // third of the k + 1 holders, so 30 % dropouts leave every agent enough
@@ -183,10 +185,11 @@ fn main() {
         .collect();
     let n = args.first().copied().unwrap_or(100);
     let d = args.get(1).copied().unwrap_or(1_000_000);
+    let bits = args.get(2).map_or(32, |&b| b as u32);
     let log = usize::BITS - (n - 1).leading_zeros();
     let sparse_k = (2 * log as usize).min(n - 1);
     println!(
-        "n = {n}, d = {d}, rayon threads = {}",
+        "n = {n}, d = {d}, modulus 2^{bits}, rayon threads = {}",
         rayon::current_num_threads()
     );
     println!(
@@ -198,7 +201,7 @@ fn main() {
         ("SecAgg+ k=2*ceil(log2 n)", sparse_k),
     ] {
         for frac in [0.0, 0.1, 0.3] {
-            let f = round(n, d, k, frac);
+            let f = round(n, d, bits, k, frac);
             println!(
                 "| {label} (k={k}) | {:.0} % | {:.1} | {:.1} ({:.0}) | {:.2} | {:.1} | {:.1} ({:.0}) | {:.1} | {:.1} |",
                 frac * 100.0,

@@ -51,7 +51,8 @@
 //!    whose shares arrived.
 //! 3. **Masked input.** Each agent encodes its whole [`Update`](crate::update::Update) (values ‖
 //!    coordinate weights ‖ weight ‖ clipped count) in fixed point modulo
-//!    2^modulus_bits and adds `PRG(b)` and, for each neighbour `v` in `U2`,
+//!    2^modulus_bits (an agent may then add integer noise for differential
+//!    privacy, [`EncodedInput::add_noise`]) and adds `PRG(b)` and, for each neighbour `v` in `U2`,
 //!    `±PRG(s_uv)` (+ if `u < v`, − otherwise), where `s_uv` =
 //!    HKDF-SHA256(X25519(u, v), salt = round seed). The PRG is AES-256-CTR
 //!    keyed with the full 256-bit seed. The server adds each masked vector into
@@ -101,9 +102,13 @@
 //!   are counted, never hidden ([`DecodedSum::clipped_fraction`]).
 //! * `max_weight`, `weight_scale` — the same for the example weight and the
 //!   per-coordinate weights, which are non-negative.
-//! * `modulus_bits` — arithmetic modulo 2^modulus_bits (8..=32). Configuration
-//!   is refused ([`SecAggConfig::validate`]) when n × the largest encoded
-//!   magnitude could wrap the modulus, naming the parameter to change.
+//! * `modulus_bits` — arithmetic modulo 2^modulus_bits (8..=64). Configuration
+//!   is refused ([`SecAggConfig::validate`], bounds computed in u128) when
+//!   n × the largest encoded magnitude could wrap the modulus, naming the
+//!   parameter to change. Vectors of rings up to 2^32 live in u32 words and
+//!   take mask words of 4 keystream bytes, wider rings u64 words and 8 bytes
+//!   ([`RingVec`]); on the wire a masked coordinate takes ⌈bits/8⌉ bytes, so
+//!   a 32-bit round sends 4 bytes per coordinate and a 64-bit round 8.
 
 use thiserror::Error;
 
@@ -113,14 +118,18 @@ mod crypto;
 mod driver;
 mod encode;
 mod graph;
+mod invite;
+mod ring;
 mod server;
 mod wire;
 
 pub use client::ClientSession;
-pub use config::{MAX_HOLDERS, SecAggConfig};
+pub use config::{COMPLETE_GRAPH_UP_TO, MAX_HOLDERS, MIN_STEPS_PER_CLIP, STATS_CLIP, SecAggConfig};
 pub use driver::{Dropouts, InMemoryOutcome, Traffic, round_seed, rounding_rng, run_in_memory};
 pub use encode::{DecodedSum, EncodedInput, encode};
 pub use graph::NeighbourGraph;
+pub use invite::{RoundInvite, stage_name};
+pub use ring::{RingVec, bytes_per_element};
 pub use server::{AfterMasked, MaskedSum, SecAggOutput, ServerSession};
 pub use wire::{
     AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck,

@@ -2,9 +2,9 @@
 //! through hand-driven sessions (for the refusal and abort paths).
 
 use fedcart_common::secagg::{
-    AfterMasked, ClientSession, Dropouts, KeyRoster, SecAggConfig, SecAggError, ServerSession,
-    ShareRelay, ShareUpload, Stage, SurvivorCheck, UnmaskRequest, UnmaskResponse, encode,
-    masked_from_bytes, round_seed, rounding_rng, run_in_memory,
+    AfterMasked, ClientSession, Dropouts, KeyRoster, RingVec, SecAggConfig, SecAggError,
+    ServerSession, ShareRelay, ShareUpload, Stage, SurvivorCheck, UnmaskRequest, UnmaskResponse,
+    encode, masked_from_bytes, round_seed, rounding_rng, run_in_memory,
 };
 use fedcart_common::update::Update;
 use rand::{RngExt, SeedableRng};
@@ -79,29 +79,22 @@ fn check_round(c: &SecAggConfig, ups: &[Update], dropouts: &Dropouts, seed: u64)
         .collect();
     assert_eq!(out.survivors, expected_survivors);
 
-    let mut plain = vec![0u32; c.vector_len()];
-    let mask = if c.modulus_bits == 32 {
-        u32::MAX
-    } else {
-        (1u32 << c.modulus_bits) - 1
-    };
+    let mut plain = RingVec::zeros(c.modulus_bits, c.vector_len());
     let mut clipped_sum = vec![0f64; c.num_values];
     let mut weight = 0.0;
     for &id in &out.survivors {
         let u = &ups[id as usize];
         let e = encode(c, u, &mut rounding_rng(seed, id)).unwrap();
-        plain
-            .iter_mut()
-            .zip(e.as_slice())
-            .for_each(|(p, x)| *p = p.wrapping_add(*x) & mask);
+        plain.wrapping_add_assign(e.vector());
         for (s, v) in clipped_sum.iter_mut().zip(&u.values) {
             *s += f64::from(v.clamp(-c.clip, c.clip));
         }
         weight += u.weight;
     }
-    assert_eq!(out.raw_sum, plain, "u32 sums differ with {dropouts:?}");
-    let tol = out.survivors.len() as f64 / c.scale;
+    assert_eq!(out.raw_sum, plain, "ring sums differ with {dropouts:?}");
     for (got, want) in out.sum.values.iter().zip(&clipped_sum) {
+        // Quantisation, plus f64 rounding of codes beyond 2^53 in wide rings.
+        let tol = out.survivors.len() as f64 / c.scale + 1e-12 * want.abs();
         assert!(
             (got - want).abs() <= tol,
             "decoded {got} vs {want} (tol {tol})"
@@ -120,8 +113,17 @@ const ALL_STAGES: [Stage; 4] = [
 
 /// No dropouts, then 10 % and 30 % of the agents dropping at each stage.
 fn matrix(n: usize, d: usize, sparse: bool, stages: &[Stage]) {
-    let c = config(n, d, 3, sparse);
-    let ups = inputs(n, d, 3, n as u64);
+    matrix_with(n, &config(n, d, 3, sparse), 1.0, stages);
+}
+
+/// [`matrix`] for `n` agents under configuration `c` (e.g. another
+/// modulus), with the seeded inputs' values multiplied by `magnitude`.
+fn matrix_with(n: usize, c: &SecAggConfig, magnitude: f32, stages: &[Stage]) {
+    let mut ups = inputs(n, c.num_values, c.num_coord_weights, n as u64);
+    for u in &mut ups {
+        u.values.iter_mut().for_each(|v| *v *= magnitude);
+    }
+    let c = c.clone();
     check_round(&c, &ups, &Dropouts::none(), SEED);
     for &stage in stages {
         for frac in [0.1, 0.3] {
@@ -379,19 +381,24 @@ fn malformed_bytes_give_errors_at_every_entry_point() {
         assert!(SurvivorCheck::from_bytes(j).is_err());
         assert!(UnmaskRequest::from_bytes(j).is_err());
         assert!(UnmaskResponse::from_bytes(j).is_err());
-        assert!(masked_from_bytes(j, 4).is_err());
+        assert!(masked_from_bytes(j, &SecAggConfig::complete(2, 0, 3, 1.0)).is_err());
     }
     // A tampered share ciphertext is caught by the AEAD, as an error.
     let c = config(3, 4, 0, false);
-    let mut h = Harness::new(c, 3);
+    let mut h = Harness::new(c.clone(), 3);
     let mut relay = h.relays[0].clone();
     relay.shares[0].ciphertext[5] ^= 1;
     let err = h.clients[0]
         .masked_input(&relay, &h.ups[0], &mut rounding_rng(1, 0))
         .unwrap_err();
     assert!(matches!(err, SecAggError::BadCiphertext { .. }), "{err}");
-    // A masked vector of the wrong length or outside the modulus is refused.
-    assert!(h.server.on_masked_input(1, &[0; 3]).is_err());
+    // A masked vector of the wrong length or of another ring is refused.
+    assert!(h.server.on_masked_input(1, &RingVec::zeros(32, 3)).is_err());
+    assert!(
+        h.server
+            .on_masked_input(1, &RingVec::zeros(64, c.vector_len()))
+            .is_err()
+    );
 }
 
 #[test]
@@ -549,4 +556,122 @@ fn malicious_server_with_inconsistent_survivor_lists_is_refused() {
         h.clients[0].unmask(&to0),
         Err(SecAggError::Refused(_))
     ));
+}
+
+/// A configuration in a 2^`bits` ring whose values are clipped to ±`clip`,
+/// at the finest scale that ring allows for `n` agents.
+fn wide(n: usize, d: usize, bits: u32, clip: f32, sparse: bool) -> SecAggConfig {
+    let mut c = config(n, d, 3, sparse);
+    c.modulus_bits = bits;
+    c.clip = clip;
+    c.fit_scale(n);
+    c
+}
+
+#[test]
+fn ring_of_64_bits_sums_values_of_1e11_at_micro_resolution_with_every_dropout() {
+    // Values up to 1.2e11 (clip 1e11, as a statistics step's Σx² on Telco),
+    // quantised at 1/scale ≈ 2e-7 per agent: 2^32 could not hold even the
+    // integer part of one such value.
+    let c = wide(10, 40, 64, 1e11, false);
+    assert!(c.scale >= 4e6, "scale {}", c.scale);
+    matrix_with(10, &c, 1e11, &ALL_STAGES);
+    // A 44-bit ring (6 bytes per coordinate) behaves the same.
+    let c = wide(10, 40, 44, 1e5, false);
+    matrix_with(10, &c, 1e5, &[Stage::MaskedInput, Stage::Unmask]);
+}
+
+#[test]
+fn ring_of_64_bits_with_the_sparse_graph_and_100_agents_recovers_dropouts() {
+    matrix_with(100, &wide(100, 30, 64, 1e9, true), 1e9, &ALL_STAGES);
+}
+
+#[test]
+fn ring_of_64_bits_passes_the_malicious_server_check_and_all_stage_dropouts() {
+    let mut c = wide(20, 30, 64, 1e12, false);
+    c.verify_survivors = true;
+    let mut ups = inputs(20, 30, 3, 5);
+    ups.iter_mut()
+        .for_each(|u| u.values.iter_mut().for_each(|v| *v *= 1e12));
+    let d = Dropouts {
+        advertise: vec![1],
+        share_keys: vec![4, 7],
+        masked_input: vec![9, 13],
+        unmask: vec![0, 15],
+    };
+    check_round(&c, &ups, &d, 11);
+}
+
+#[test]
+fn masked_vectors_travel_at_ceil_bits_over_8_bytes_per_coordinate() {
+    let ups = inputs(4, 100, 0, 3);
+    for (bits, width) in [(32, 4), (64, 8), (44, 6), (24, 3)] {
+        let mut c = wide(4, 100, bits, 1.0, false);
+        c.num_coord_weights = 0;
+        c.max_weight = 200.0;
+        let out = run_in_memory(&c, &ups, &Dropouts::none(), 1).unwrap();
+        // Header: tag, version, sender, modulus bits, count.
+        assert_eq!(
+            out.traffic.masked_vector_bytes,
+            11 + width * c.vector_len(),
+            "{bits} bits"
+        );
+    }
+}
+
+#[test]
+fn overflowing_64_bit_configuration_is_refused_naming_the_parameter() {
+    let n = 100;
+    let mut c = wide(n, 10, 64, 1e12, false);
+    assert!(c.validate(n).is_ok());
+    // Right at the bound: n · ⌈clip·scale⌉ = 2^63 − 1 − (2^63 − 1) mod n.
+    c.clip = 1.0;
+    c.scale = (((1u128 << 63) - 1) / n as u128) as f64;
+    c.scale = c.scale.next_down().floor();
+    assert!(c.validate(n).is_ok(), "{:?}", c.validate(n));
+    c.scale *= 1.01;
+    let err = c.validate(n).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SecAggError::Config {
+                parameter: "scale",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("2^63"), "{err}");
+    // A product beyond u64 (clip·scale·n ≈ 1e38) is caught, not wrapped.
+    let mut c = wide(n, 10, 64, 1e12, false);
+    c.scale = 1e24;
+    assert!(matches!(
+        c.validate(n),
+        Err(SecAggError::Config {
+            parameter: "scale",
+            ..
+        })
+    ));
+    let mut c = wide(n, 10, 64, 1.0, false);
+    c.max_weight = 1e18; // 100 × 1e18 > 2^64
+    assert!(matches!(
+        c.validate(n),
+        Err(SecAggError::Config {
+            parameter: "max_weight",
+            ..
+        })
+    ));
+    c.max_weight = 1e17;
+    assert!(c.validate(n).is_ok());
+    for bits in [7, 65] {
+        let mut c = wide(n, 10, 64, 1.0, false);
+        c.modulus_bits = bits;
+        assert!(matches!(
+            c.validate(n),
+            Err(SecAggError::Config {
+                parameter: "modulus_bits",
+                ..
+            })
+        ));
+    }
 }

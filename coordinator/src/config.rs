@@ -76,6 +76,22 @@ pub struct SecAggSettings {
     /// Malicious-server consistency check (signed survivor lists).
     #[serde(default)]
     pub verify_survivors: bool,
+    /// Deadline of each protocol stage after the first (share keys, masked
+    /// input, survivor check, unmask), in milliseconds; agents that miss it
+    /// are dropouts. `None` is a quarter of `round_timeout_ms` (the first
+    /// stage, advertising keys, closes with the round timeout because it
+    /// follows local training).
+    #[serde(default)]
+    pub stage_timeout_ms: Option<u64>,
+}
+
+impl SecAggSettings {
+    /// The deadline of one stage after the first.
+    pub fn stage_timeout(&self, round_timeout_ms: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.stage_timeout_ms.unwrap_or(round_timeout_ms / 4).max(1),
+        )
+    }
 }
 
 fn yes() -> bool {
@@ -204,12 +220,32 @@ impl RunConfig {
         if self.sgd.batch_size == 0 || self.sgd.epochs == 0 {
             return bad("run.sgd", "batch_size and epochs must be ≥ 1".into());
         }
-        crate::engine::strategy_by_name(&self.strategy).map_err(|message| {
+        let strategy = crate::engine::strategy_by_name(&self.strategy).map_err(|message| {
             ConfigError::Invalid {
                 field: "run.strategy",
                 message,
             }
         })?;
+        if let Some(sa) = &self.secagg {
+            if !(sa.clip.is_finite() && sa.clip > 0.0) {
+                return bad(
+                    "run.secagg.clip",
+                    format!("{} must be finite and positive", sa.clip),
+                );
+            }
+            if sa.stage_timeout_ms == Some(0) {
+                return bad("run.secagg.stage_timeout_ms", "must be positive".into());
+            }
+            if strategy.needs_individual_updates() {
+                return bad(
+                    "run.strategy",
+                    format!(
+                        "`{}` needs every individual update, which secure aggregation never reveals",
+                        self.strategy
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }

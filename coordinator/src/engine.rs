@@ -169,6 +169,8 @@ struct OpenTask {
     bytes_in: u64,
     /// Survivors of secure aggregation, once the driver handed over the sum.
     secure_survivors: Option<BTreeSet<String>>,
+    /// Why secure aggregation failed, if it did: the task then aborts.
+    secure_abort: Option<String>,
 }
 
 /// The coordinator's round engine over a durable store.
@@ -386,6 +388,7 @@ impl Engine {
             started_unix_ms: unix_ms(),
             bytes_in: 0,
             secure_survivors: None,
+            secure_abort: None,
         });
         tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
         Ok(plan)
@@ -544,6 +547,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Records that secure aggregation of the open task failed (too few
+    /// survivors, unrecoverable shares): the task aborts with `reason` in its
+    /// round record, and nothing of the masked sum reaches the engine.
+    pub fn abort_secure(&mut self, reason: String) {
+        if let Some(open) = &mut self.open
+            && open.plan.secure
+        {
+            open.secure_abort = Some(reason);
+        }
+    }
+
     /// Counts a selected agent that disconnected as dropped for the open task.
     pub fn drop_agent(&mut self, agent: &str) {
         if let Some(open) = &mut self.open
@@ -609,8 +623,11 @@ impl Engine {
             bytes_in: open.bytes_in,
             abort_reason: None,
         };
-        if reported < quorum {
-            record.abort_reason = Some(format!("{reported} results, quorum is {quorum}"));
+        if reported < quorum || open.secure_abort.is_some() {
+            record.abort_reason = Some(match &open.secure_abort {
+                Some(reason) => format!("secure aggregation: {reason}"),
+                None => format!("{reported} results, quorum is {quorum}"),
+            });
             tracing::warn!(task = %record.task_id, reported, quorum, "task aborted");
             if kind == TaskKind::Evaluate {
                 self.pending_eval = false;

@@ -8,6 +8,9 @@
 //! agents report together.
 
 mod convert;
+mod secure;
+
+pub use secure::round_config;
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -22,7 +25,7 @@ use futures::Stream;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Engine, EngineError, Submission};
+use crate::engine::{Engine, EngineError, Submission, SubmitError};
 
 /// Bytes per model download chunk: well under gRPC's 4 MiB default limit.
 pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
@@ -70,6 +73,8 @@ pub struct Shared {
     ping_interval: Duration,
     /// Set when the coordinator shuts down: every Join stream ends.
     closing: watch::Sender<bool>,
+    /// The secure-aggregation round of the open task, if it is secure.
+    secure: Mutex<Option<secure::SecureRound>>,
 }
 
 type WorkStream = Pin<Box<dyn Stream<Item = Result<pb::Work, Status>> + Send>>;
@@ -102,6 +107,7 @@ impl Shared {
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
             ping_interval,
             closing: watch::channel(false).0,
+            secure: Mutex::new(None),
         })
     }
 
@@ -354,19 +360,18 @@ impl Coordinator for Service {
         };
         let merchant = self.shared.merchant_of(&header.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
-        let (kind, expected_values, expected_weights) = {
+        let (kind, expected_values, expected_weights, secure) = {
             let engine = self.shared.engine();
             engine
                 .precheck(&merchant, &header.run_id, header.round, &header.task_id)
                 .map_err(Status::from)?;
-            let spec = &engine
-                .open_task()
-                .expect("precheck found an open task")
-                .spec;
+            let plan = engine.open_task().expect("precheck found an open task");
+            let spec = &plan.spec;
             (
                 spec.kind,
                 spec.update_len() as u64,
                 spec.update_layout().num_coord_weights as u64,
+                plan.secure,
             )
         };
         if header.num_values != expected_values || header.num_coord_weights != expected_weights {
@@ -378,6 +383,14 @@ impl Coordinator for Service {
                 expected_values,
                 expected_weights
             )));
+        }
+        if header.encoding == pb::PayloadEncoding::MaskedU32 as i32 {
+            return secure::submit_masked(&self.shared, &merchant, header, stream).await;
+        }
+        if secure {
+            // Refused before a byte of the payload is read: under secure
+            // aggregation no individual update is ever held in the clear.
+            return Err(SubmitError::PlaintextInSecureTask(header.task_id).into());
         }
         let declared = 4 * (header.num_values + header.num_coord_weights);
         if header.payload_len != declared {
@@ -452,11 +465,13 @@ impl Coordinator for Service {
 
     async fn sec_agg(
         &self,
-        _request: Request<pb::SecAggMessage>,
+        request: Request<pb::SecAggMessage>,
     ) -> Result<Response<pb::SecAggReply>, Status> {
-        Err(Status::unimplemented(
-            "secure aggregation is not enabled on this coordinator",
-        ))
+        let peer = crate::identity::peer(&request);
+        let msg = request.into_inner();
+        let merchant = self.shared.merchant_of(&msg.session_id)?;
+        crate::identity::check_session(peer.as_ref(), &merchant)?;
+        secure::on_message(&self.shared, &merchant, msg).map(Response::new)
     }
 
     async fn status(
@@ -525,7 +540,7 @@ pub async fn run_tasks(
             &run_id,
             &plan,
             unix_ms() + timeout.as_millis() as i64,
-            false,
+            plan.secure,
         );
         let targets: Vec<(String, mpsc::Sender<Result<pb::Work, Status>>)> = {
             let agents = shared.agents();
@@ -552,7 +567,22 @@ pub async fn run_tasks(
             }
         }
         shared.bump();
-        loop {
+        if plan.secure
+            && secure::run(
+                &shared,
+                &plan,
+                &run_id,
+                deadline,
+                &mut changed,
+                &mut shutdown,
+            )
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        // A secure task has run all its stages above; a plaintext one waits here.
+        while !plan.secure {
             if shared.engine().pending() == 0 {
                 break;
             }

@@ -91,13 +91,6 @@ pub fn run_one(
         s.seed,
     )?;
     let load_seconds = load_start.elapsed().as_secs_f64();
-    if s.secagg && pop.model.stats_len() > 0 {
-        bail!(
-            "`{}` starts with a statistics step whose raw sums (Σx² reaches ~1e11 on Telco) \
-             do not fit secure aggregation's 32-bit fixed-point ring; run it with --no-secagg",
-            task.name()
-        );
-    }
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
     let n = pop.merchants.len();
@@ -121,6 +114,7 @@ pub fn run_one(
             neighbours: None,
             clip: s.secagg_clip(task),
             verify_survivors: false,
+            stage_timeout_ms: None,
         }),
     };
     run.validate()?;
@@ -300,12 +294,15 @@ fn secure_sum(
         .secagg
         .clone()
         .expect("secure task has settings");
-    let len = plan.spec.update_len();
-    let mut cfg = if n <= 64 {
-        SecAggConfig::complete(len, layout.num_coord_weights, n, settings.clip)
-    } else {
-        SecAggConfig::sparse(len, layout.num_coord_weights, n, settings.clip)
-    };
+    // The task picks the ring: 2^64 for the statistics step's raw sums.
+    let mut cfg = SecAggConfig::for_task(
+        plan.spec.kind,
+        plan.spec.update_len(),
+        layout.num_coord_weights,
+        n,
+        settings.clip,
+        settings.neighbours,
+    );
     cfg.verify_survivors = settings.verify_survivors;
     let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
     let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);

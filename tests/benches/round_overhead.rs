@@ -5,7 +5,9 @@
 //!
 //! The coordinator runs in a child process so that its peak RSS (VmHWM) is
 //! its own. Run: `cargo bench -p fedcart-tests --bench round_overhead`
-//! (or with `-- --agents 100 --dim 100000` for one point).
+//! (or with `-- --agents 100 --dim 100000` for one point). `--secagg` runs
+//! the same rounds under secure aggregation over gRPC (advertise, share keys,
+//! masked input, unmask; complete graph up to 64 agents, SecAgg+ beyond).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -15,7 +17,7 @@ use clap::Parser;
 use fedcart_common::lr::SgdParams;
 use fedcart_common::task::ModelSpec;
 use fedcart_common::train::LocalData;
-use fedcart_coordinator::config::{RunConfig, Selection};
+use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
 use fedcart_coordinator::record::Outcome;
 
 #[derive(Parser)]
@@ -32,12 +34,15 @@ struct Args {
     /// Rounds to run; the first is excluded from the mean.
     #[arg(long, default_value_t = 6)]
     rounds: u64,
+    /// Run every round under secure aggregation.
+    #[arg(long)]
+    secagg: bool,
     /// Accepted for `cargo bench` compatibility.
     #[arg(long)]
     bench: bool,
 }
 
-fn run_config(agents: usize, dim: usize, rounds: u64) -> RunConfig {
+fn run_config(agents: usize, dim: usize, rounds: u64, secagg: bool) -> RunConfig {
     RunConfig {
         run_id: format!("bench-{agents}-{dim}"),
         seed: 1,
@@ -54,7 +59,12 @@ fn run_config(agents: usize, dim: usize, rounds: u64) -> RunConfig {
         round_timeout_ms: 600_000,
         evaluate: false,
         strategy: "fedavg".into(),
-        secagg: None,
+        secagg: secagg.then(|| SecAggSettings {
+            neighbours: None,
+            clip: 1.0,
+            verify_survivors: false,
+            stage_timeout_ms: Some(600_000),
+        }),
     }
 }
 
@@ -69,7 +79,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 /// The coordinator side: serve, print the port, run all rounds, print figures.
-async fn child(agents: usize, dim: usize, rounds: u64) {
+async fn child(agents: usize, dim: usize, rounds: u64, secagg: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -77,7 +87,7 @@ async fn child(agents: usize, dim: usize, rounds: u64) {
     let running = fedcart_coordinator::server::start(
         listener,
         &dir.path().join("bench.redb"),
-        run_config(agents, dim, rounds),
+        run_config(agents, dim, rounds, secagg),
         Duration::from_secs(5),
     )
     .await
@@ -94,12 +104,12 @@ async fn child(agents: usize, dim: usize, rounds: u64) {
         .collect();
     let mean = durations.iter().sum::<f64>() / durations.len().max(1) as f64;
     println!(
-        "RESULT agents={agents} dim={dim} ms_per_round={mean:.1} peak_rss_mib={:.0}",
+        "RESULT agents={agents} dim={dim} secagg={secagg} ms_per_round={mean:.1} peak_rss_mib={:.0}",
         peak_rss_mib()
     );
 }
 
-async fn parent(agents: usize, dim: usize, rounds: u64) -> String {
+async fn parent(agents: usize, dim: usize, rounds: u64, secagg: bool) -> String {
     let mut child = Command::new(std::env::current_exe().expect("own path"))
         .args([
             "--child",
@@ -109,6 +119,7 @@ async fn parent(agents: usize, dim: usize, rounds: u64) -> String {
             &dim.to_string(),
         ])
         .args(["--rounds", &rounds.to_string()])
+        .args(secagg.then_some("--secagg"))
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn coordinator");
@@ -154,6 +165,7 @@ fn main() {
             args.agents.unwrap_or(10),
             args.dim.unwrap_or(1000),
             args.rounds,
+            args.secagg,
         ));
         return;
     }
@@ -167,6 +179,6 @@ fn main() {
         ],
     };
     for (n, d) in grid {
-        println!("{}", rt.block_on(parent(n, d, args.rounds)));
+        println!("{}", rt.block_on(parent(n, d, args.rounds, args.secagg)));
     }
 }

@@ -8,5 +8,6 @@ mod federation;
 mod fuzz;
 mod merchant_tools;
 mod restart;
+mod secure;
 mod security;
 mod wire_privacy;

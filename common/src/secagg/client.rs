@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use super::crypto::{self, SHARE_LEN, Sign};
 use super::encode::{EncodedInput, encode};
 use super::graph::NeighbourGraph;
+use super::ring::{RingVec, check_shape};
 use super::wire::{
     AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck,
     SurvivorSignature, UnmaskRequest, UnmaskResponse,
@@ -202,13 +203,14 @@ impl ClientSession {
 
     /// Stage 3: decrypts the relayed bundles, then masks `update` (encoded
     /// with stochastic rounding drawn from `rounding`). Returns the masked
-    /// vector and this agent's clipped-coordinate count.
+    /// vector (modulo 2^modulus_bits) and this agent's clipped-coordinate
+    /// count.
     pub fn masked_input<R: Rng>(
         &mut self,
         relay: &ShareRelay,
         update: &Update,
         rounding: &mut R,
-    ) -> Result<(Vec<u32>, usize), SecAggError> {
+    ) -> Result<(RingVec, usize), SecAggError> {
         let encoded = encode(&self.config, update, rounding)?;
         let clipped = encoded.clipped();
         Ok((self.masked_encoded(relay, &encoded)?, clipped))
@@ -219,15 +221,14 @@ impl ClientSession {
         &mut self,
         relay: &ShareRelay,
         input: &EncodedInput,
-    ) -> Result<Vec<u32>, SecAggError> {
+    ) -> Result<RingVec, SecAggError> {
         self.expect(Stage::MaskedInput)?;
-        if input.vector.len() != self.config.vector_len() {
-            return Err(SecAggError::WrongLength {
-                what: "encoded input",
-                expected: self.config.vector_len(),
-                got: input.vector.len(),
-            });
-        }
+        check_shape(
+            &input.vector,
+            "encoded input",
+            self.config.modulus_bits,
+            self.config.vector_len(),
+        )?;
         if relay.to != self.id {
             return Err(SecAggError::Refused(format!(
                 "relay addressed to {}, not {}",
@@ -289,8 +290,6 @@ impl ClientSession {
         masks.push((*self.self_seed, Sign::Plus));
         let mut out = input.vector.clone();
         crypto::apply_masks(&mut out, &masks);
-        let m = self.config.modulus_mask();
-        out.iter_mut().for_each(|x| *x &= m);
         self.mask_peers = peers.into_iter().collect();
         self.stage = if self.config.verify_survivors {
             Stage::Consistency

@@ -18,15 +18,17 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::SecAggError;
+use super::ring::{RingVec, Word, Words, with_words};
 
 /// Domain-separation prefix of every key derivation, AAD and signed message,
 /// so that nothing produced here can be replayed in another protocol.
 pub(crate) const LABEL: &[u8] = b"fedcart-secagg/v1";
 
-/// Coordinates per work unit of the mask PRG: 16 Ki u32 = 64 KiB of
-/// keystream, small enough to stay in L2 while every mask of the round is
-/// added into it, large enough that the AES key schedule per unit is noise.
-const CHUNK: usize = 16 * 1024;
+/// Keystream bytes per work unit of the mask PRG: 64 KiB (16 Ki u32 or
+/// 8 Ki u64 coordinates), small enough to stay in L2 while every mask of the
+/// round is added into it, large enough that the AES key schedule per unit is
+/// noise.
+const CHUNK_BYTES: usize = 64 * 1024;
 
 /// Length in bytes of one Shamir share of a 32-byte secret (x, then 32 y).
 pub(crate) const SHARE_LEN: usize = 33;
@@ -34,9 +36,9 @@ pub(crate) const SHARE_LEN: usize = 33;
 /// Whether a mask is added to or subtracted from a vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sign {
-    /// Add the PRG output (mod 2^32).
+    /// Add the PRG output (modulo the word).
     Plus,
-    /// Subtract the PRG output (mod 2^32).
+    /// Subtract the PRG output (modulo the word).
     Minus,
 }
 
@@ -195,45 +197,57 @@ pub(crate) fn recover(
 /// The mask PRG: AES-256-CTR keyed with the full 32-byte seed, the 16-byte
 /// counter block being `first_block` big-endian (a zero upper half for every
 /// vector we mask: the 64-bit block counter covers 2^68 bytes). Element `i`
-/// of a mask is the little-endian u32 at bytes `4i..4i+4` of the keystream,
-/// so any range can be generated independently of the others. `Ctr64BE`
-/// gives the same keystream as a 128-bit counter while the low half does not
-/// wrap, and runs ~1.4x faster than `Ctr128BE` here.
+/// of a mask is the little-endian word (u32 for rings of at most 32 bits, u64
+/// above) at bytes `w·i..w·(i+1)` of the keystream, so any range can be
+/// generated independently of the others. `Ctr64BE` gives the same keystream
+/// as a 128-bit counter while the low half does not wrap, and runs ~1.4x
+/// faster than `Ctr128BE` here.
 pub(crate) fn keystream(seed: &[u8; 32], first_block: u128, out: &mut [u8]) {
     let mut cipher = Ctr64BE::<Aes256>::new(seed.into(), &first_block.to_be_bytes().into());
     cipher.write_keystream(out);
 }
 
 /// Adds (or subtracts) the PRG outputs of every `(seed, sign)` into `target`
-/// modulo 2^32. Work is split by coordinate range across rayon threads, and
-/// within a range every mask is streamed through one cache-resident buffer.
-pub(crate) fn apply_masks(target: &mut [u32], masks: &[([u8; 32], Sign)]) {
+/// modulo 2^bits (the caller reduces the result). Work is split by
+/// coordinate range across rayon threads, and within a range every mask is
+/// streamed through one cache-resident buffer.
+pub(crate) fn apply_masks(target: &mut RingVec, masks: &[([u8; 32], Sign)]) {
+    with_words!(&mut target.words, v => apply_masks_words(v, masks));
+    target.reduce();
+}
+
+fn apply_masks_words<W: Word>(target: &mut [W], masks: &[([u8; 32], Sign)]) {
     if masks.is_empty() {
         return;
     }
-    target.par_chunks_mut(CHUNK).enumerate().for_each_init(
-        || vec![0u8; CHUNK * 4],
+    let chunk_len = CHUNK_BYTES / W::BYTES;
+    target.par_chunks_mut(chunk_len).enumerate().for_each_init(
+        || vec![0u8; CHUNK_BYTES],
         |buf, (ci, chunk)| {
-            let bytes = &mut buf[..chunk.len() * 4];
-            let first_block = (ci * CHUNK * 4 / 16) as u128;
+            let bytes = &mut buf[..chunk.len() * W::BYTES];
+            let first_block = (ci * CHUNK_BYTES / 16) as u128;
             for (seed, sign) in masks {
                 keystream(seed, first_block, bytes);
-                let words = bytes
-                    .chunks_exact(4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                match sign {
-                    Sign::Plus => chunk
-                        .iter_mut()
-                        .zip(words)
-                        .for_each(|(t, m)| *t = t.wrapping_add(m)),
-                    Sign::Minus => chunk
-                        .iter_mut()
-                        .zip(words)
-                        .for_each(|(t, m)| *t = t.wrapping_sub(m)),
-                }
+                mask_chunk(chunk, bytes, *sign);
             }
         },
     );
+}
+
+/// Adds or subtracts one keystream chunk, read as little-endian words.
+#[inline(always)]
+fn mask_chunk<W: Word>(chunk: &mut [W], bytes: &[u8], sign: Sign) {
+    let words = bytes.chunks_exact(W::BYTES);
+    match sign {
+        Sign::Plus => chunk
+            .iter_mut()
+            .zip(words)
+            .for_each(|(t, m)| *t = t.wadd(W::load_full(m))),
+        Sign::Minus => chunk
+            .iter_mut()
+            .zip(words)
+            .for_each(|(t, m)| *t = t.wsub(W::load_full(m))),
+    }
 }
 
 /// The message a client signs in the survivor-consistency check: the round

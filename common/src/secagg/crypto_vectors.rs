@@ -138,19 +138,29 @@ fn aes256_ctr_keystream_matches_sp800_38a_f_5_5() {
 #[test]
 fn chunked_masks_equal_one_long_keystream() {
     // `apply_masks` restarts the counter at every chunk; the result must be
-    // the same stream as one uninterrupted keystream.
+    // the same stream as one uninterrupted keystream, read as u32 words for
+    // rings of at most 32 bits and as u64 words above.
     let seed = [7u8; 32];
-    let len = 2 * CHUNK + 5;
-    let mut bytes = vec![0u8; len * 4];
-    keystream(&seed, 0, &mut bytes);
-    let mut masked = vec![10u32; len];
-    apply_masks(&mut masked, &[(seed, Sign::Plus)]);
-    for (i, m) in masked.iter().enumerate() {
-        let w = u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
-        assert_eq!(*m, 10u32.wrapping_add(w), "coordinate {i}");
+    for (bits, width) in [(32u32, 4usize), (24, 4), (64, 8), (40, 8)] {
+        let len = 2 * CHUNK_BYTES / width + 5;
+        let mut bytes = vec![0u8; len * width];
+        keystream(&seed, 0, &mut bytes);
+        let modulus = crate::secagg::ring::mask_u64(bits);
+        let mut masked = RingVec::from_u64(bits, &vec![10u64; len]);
+        apply_masks(&mut masked, &[(seed, Sign::Plus)]);
+        for i in 0..len {
+            let mut w = [0u8; 8];
+            w[..width].copy_from_slice(&bytes[width * i..width * (i + 1)]);
+            let m = u64::from_le_bytes(w);
+            assert_eq!(
+                masked.get(i),
+                10u64.wrapping_add(m) & modulus,
+                "coordinate {i} at {bits} bits"
+            );
+        }
+        apply_masks(&mut masked, &[(seed, Sign::Minus)]);
+        assert!(masked.to_u64_vec().iter().all(|&m| m == 10), "{bits} bits");
     }
-    apply_masks(&mut masked, &[(seed, Sign::Minus)]);
-    assert!(masked.iter().all(|&m| m == 10));
 }
 
 #[test]

@@ -10,6 +10,7 @@
 
 use rand::{Rng, RngExt};
 
+use super::ring::{RingVec, Word, Words, with_words};
 use super::{SecAggConfig, SecAggError};
 use crate::aggregate::SumAccumulator;
 use crate::update::Update;
@@ -17,13 +18,15 @@ use crate::update::Update;
 /// An agent's encoded (not yet masked) input. It stays on the agent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedInput {
-    pub(crate) vector: Vec<u32>,
+    pub(crate) vector: RingVec,
+    num_values: usize,
     clipped: usize,
 }
 
 impl EncodedInput {
-    /// The encoded vector (values ‖ coord weights ‖ weight ‖ clipped count).
-    pub fn as_slice(&self) -> &[u32] {
+    /// The encoded vector (values ‖ coord weights ‖ weight ‖ clipped count),
+    /// modulo 2^modulus_bits.
+    pub fn vector(&self) -> &RingVec {
         &self.vector
     }
 
@@ -31,6 +34,24 @@ impl EncodedInput {
     /// weight) were outside their range and clipped.
     pub fn clipped(&self) -> usize {
         self.clipped
+    }
+
+    /// Adds integer noise, in encoded units (multiples of 1/scale), to the
+    /// value coordinates before masking: `noise[i]` goes to value `i`, modulo
+    /// 2^modulus_bits. This is the hook for distributed differential privacy
+    /// (each agent adds discrete noise; the sum carries the total). The
+    /// overflow check of [`SecAggConfig::validate`] covers only clipped
+    /// values, so leave room for the noise (a lower `scale` or `clip`).
+    pub fn add_noise(&mut self, noise: &[i64]) -> Result<(), SecAggError> {
+        if noise.len() != self.num_values {
+            return Err(SecAggError::WrongLength {
+                what: "noise",
+                expected: self.num_values,
+                got: noise.len(),
+            });
+        }
+        self.vector.add_signed(0, noise);
+        Ok(())
     }
 }
 
@@ -60,10 +81,28 @@ pub fn encode<R: Rng>(
             got: update.coord_weights.len(),
         });
     }
-    let mask = config.modulus_mask();
-    let clip = f64::from(config.clip);
     let mut clipped = 0usize;
-    let mut vector = Vec::with_capacity(config.vector_len());
+    let words = if config.modulus_bits <= 32 {
+        Words::U32(encode_words(config, update, rng, &mut clipped)?)
+    } else {
+        Words::U64(encode_words(config, update, rng, &mut clipped)?)
+    };
+    Ok(EncodedInput {
+        vector: RingVec::from_typed(config.modulus_bits, words),
+        num_values: config.num_values,
+        clipped,
+    })
+}
+
+/// The encoding loop in the ring's word type (reduced by the caller).
+fn encode_words<W: Word, R: Rng>(
+    config: &SecAggConfig,
+    update: &Update,
+    rng: &mut R,
+    clipped: &mut usize,
+) -> Result<Vec<W>, SecAggError> {
+    let clip = f64::from(config.clip);
+    let mut vector: Vec<W> = Vec::with_capacity(config.vector_len());
     for (index, &v) in update.values.iter().enumerate() {
         if !v.is_finite() {
             return Err(SecAggError::NotFinite {
@@ -73,10 +112,10 @@ pub fn encode<R: Rng>(
         }
         let mut x = f64::from(v);
         if x.abs() > clip {
-            clipped += 1;
+            *clipped += 1;
             x = x.clamp(-clip, clip);
         }
-        vector.push(round(x * config.scale, rng) as u32 & mask);
+        vector.push(W::from_u64(round(x * config.scale, rng) as u64));
     }
     let weights = update
         .coord_weights
@@ -90,13 +129,22 @@ pub fn encode<R: Rng>(
         }
         let mut x = w;
         if x > config.max_weight {
-            clipped += 1;
+            *clipped += 1;
             x = config.max_weight;
         }
-        vector.push(round(x * config.weight_scale, rng) as u32 & mask);
+        vector.push(W::from_u64(round(x * config.weight_scale, rng) as u64));
     }
-    vector.push(clipped as u32 & mask);
-    Ok(EncodedInput { vector, clipped })
+    vector.push(W::from_u64(*clipped as u64));
+    Ok(vector)
+}
+
+/// Values modulo 2^bits read as two's complement (sign extension by shifts,
+/// valid for every width 1..=64), divided by the scale.
+fn decode_signed<W: Word>(raw: &[W], config: &SecAggConfig) -> Vec<f64> {
+    let shift = 64 - config.modulus_bits;
+    raw.iter()
+        .map(|r| (((r.to_u64() << shift) as i64) >> shift) as f64 / config.scale)
+        .collect()
 }
 
 /// The decoded result of a round: sums over the surviving agents.
@@ -118,7 +166,7 @@ impl DecodedSum {
     /// Decodes an unmasked sum of `count` agents' encodings. Values are read
     /// as two's complement in modulus_bits; validation guarantees the true
     /// sum lies in range, so this is exact up to quantisation.
-    pub fn decode(config: &SecAggConfig, raw: &[u32], count: usize) -> Result<Self, SecAggError> {
+    pub fn decode(config: &SecAggConfig, raw: &RingVec, count: usize) -> Result<Self, SecAggError> {
         if raw.len() != config.vector_len() {
             return Err(SecAggError::WrongLength {
                 what: "summed vector",
@@ -126,32 +174,29 @@ impl DecodedSum {
                 got: raw.len(),
             });
         }
-        let bits = config.modulus_bits;
-        let mask = config.modulus_mask();
-        let signed = |r: u32| {
-            let r = i64::from(r & mask);
-            if r >= 1i64 << (bits - 1) {
-                r - (1i64 << bits)
-            } else {
-                r
-            }
-        };
+        if raw.modulus_bits() != config.modulus_bits {
+            return Err(SecAggError::Malformed {
+                what: "summed vector",
+                detail: format!(
+                    "modulo 2^{}, the round uses 2^{}",
+                    raw.modulus_bits(),
+                    config.modulus_bits
+                ),
+            });
+        }
         let nv = config.num_values;
         let nw = config.num_coord_weights;
-        let values = raw[..nv]
-            .iter()
-            .map(|&r| signed(r) as f64 / config.scale)
-            .collect();
-        let coord_weights = raw[nv..nv + nw]
-            .iter()
-            .map(|&r| f64::from(r & mask) / config.weight_scale)
-            .collect();
+        let mask = config.modulus_mask();
+        let values = with_words!(&raw.words, v => decode_signed(&v[..nv], config));
+        let unsigned = |i: usize| raw.get(i) & mask;
         Ok(Self {
             values,
-            coord_weights,
-            weight: f64::from(raw[nv + nw] & mask) / config.weight_scale,
+            coord_weights: (nv..nv + nw)
+                .map(|i| unsigned(i) as f64 / config.weight_scale)
+                .collect(),
+            weight: unsigned(nv + nw) as f64 / config.weight_scale,
             count,
-            clipped: u64::from(raw[nv + nw + 1] & mask),
+            clipped: unsigned(nv + nw + 1),
         })
     }
 
@@ -194,7 +239,7 @@ mod tests {
         };
         let e = encode(&c, &u, &mut rng).unwrap();
         assert_eq!(e.clipped(), 3);
-        let d = DecodedSum::decode(&c, e.as_slice(), 1).unwrap();
+        let d = DecodedSum::decode(&c, e.vector(), 1).unwrap();
         assert_eq!(d.clipped, 3);
         assert!((d.clipped_fraction() - 3.0 / 6.0).abs() < 1e-12);
         assert_eq!(d.values[1], 1.0);
@@ -218,13 +263,42 @@ mod tests {
         };
         let mean: f64 = (0..20_000)
             .map(|_| {
-                DecodedSum::decode(&c, encode(&c, &u, &mut rng).unwrap().as_slice(), 1)
+                DecodedSum::decode(&c, encode(&c, &u, &mut rng).unwrap().vector(), 1)
                     .unwrap()
                     .values[0]
             })
             .sum::<f64>()
             / 20_000.0;
         assert!((mean - 0.3).abs() < 0.01, "mean {mean}");
+    }
+
+    #[test]
+    fn a_64_bit_ring_decodes_large_negative_values_and_carries_added_noise() {
+        let mut c = config();
+        c.modulus_bits = 64;
+        c.clip = 1e12;
+        c.scale = 1e6;
+        c.validate(3).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let big = -(2f32.powi(36)); // −6.9e10: its code −6.9e16 needs 57 bits
+        let u = Update {
+            values: vec![big, 3.0, 0.0, -0.5],
+            coord_weights: vec![4.0],
+            weight: 2.0,
+        };
+        let mut e = encode(&c, &u, &mut rng).unwrap();
+        assert_eq!(e.vector().modulus_bits(), 64);
+        e.add_noise(&[0, -2_000_000, 5, 0]).unwrap();
+        let d = DecodedSum::decode(&c, e.vector(), 1).unwrap();
+        assert_eq!(d.values[0], f64::from(big));
+        assert_eq!(d.values[1], 1.0);
+        assert_eq!(d.values[2], 5e-6);
+        assert_eq!(d.values[3], -0.5);
+        assert_eq!((d.coord_weights[0], d.weight), (4.0, 2.0));
+        assert!(matches!(
+            e.add_noise(&[1, 2]),
+            Err(SecAggError::WrongLength { what: "noise", .. })
+        ));
     }
 
     #[test]

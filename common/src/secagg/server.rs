@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 use super::crypto;
 use super::encode::DecodedSum;
 use super::graph::NeighbourGraph;
+use super::ring::{RingVec, check_shape, packed_in_range};
 use super::wire::{
     AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck,
     SurvivorSignature, UnmaskRequest,
@@ -25,36 +26,30 @@ use super::{SecAggConfig, SecAggError, Stage};
 
 mod unmask;
 
-/// The running sum of masked inputs, modulo 2^32: O(d) memory however many
-/// agents report. It has no accessor: its content leaves only through
-/// [`ServerSession::finish`] with all masks removed.
+/// The running sum of masked inputs, modulo 2^modulus_bits: O(d) memory
+/// however many agents report. It has no accessor: its content leaves only
+/// through [`ServerSession::finish`] with all masks removed.
 pub struct MaskedSum {
-    sum: Vec<u32>,
+    sum: RingVec,
 }
 
 impl MaskedSum {
-    fn new(len: usize) -> Self {
-        Self { sum: vec![0; len] }
+    fn new(bits: u32, len: usize) -> Self {
+        Self {
+            sum: RingVec::zeros(bits, len),
+        }
     }
 
     /// Adds one masked vector; the caller keeps (and may drop) its buffer.
-    fn add(&mut self, masked: &[u32]) {
-        self.sum
-            .iter_mut()
-            .zip(masked)
-            .for_each(|(s, m)| *s = s.wrapping_add(*m));
+    fn add(&mut self, masked: &RingVec) {
+        self.sum.wrapping_add_assign(masked);
     }
 
-    /// Adds one masked vector given as little-endian bytes, without copying
-    /// it into a vector first.
+    /// Adds one masked vector given as packed little-endian bytes
+    /// (⌈bits/8⌉ per coordinate), without copying it into a vector first.
+    /// Elements wrap in the machine word; `finish` reduces.
     fn add_le_bytes(&mut self, body: &[u8]) {
-        let words = body
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        self.sum
-            .iter_mut()
-            .zip(words)
-            .for_each(|(s, m)| *s = s.wrapping_add(m));
+        self.sum.add_le(body);
     }
 }
 
@@ -71,7 +66,7 @@ pub enum AfterMasked {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecAggOutput {
     /// The unmasked sum modulo 2^modulus_bits.
-    pub raw_sum: Vec<u32>,
+    pub raw_sum: RingVec,
     /// The decoded sums (values, coordinate weights, weight, clipped count).
     pub sum: DecodedSum,
     /// Agents whose inputs are in the sum.
@@ -261,7 +256,10 @@ impl ServerSession {
                 }
             }
         }
-        self.sum = Some(MaskedSum::new(self.config.vector_len()));
+        self.sum = Some(MaskedSum::new(
+            self.config.modulus_bits,
+            self.config.vector_len(),
+        ));
         self.stage = Stage::MaskedInput;
         Ok(relays
             .into_iter()
@@ -295,17 +293,15 @@ impl ServerSession {
 
     /// Stage 3 input: adds one masked vector into the running sum. The vector
     /// is only borrowed; nothing of it is kept apart from the sum.
-    pub fn on_masked_input(&mut self, from: u32, masked: &[u32]) -> Result<(), SecAggError> {
+    pub fn on_masked_input(&mut self, from: u32, masked: &RingVec) -> Result<(), SecAggError> {
         self.check_masked_sender(from)?;
-        if masked.len() != self.config.vector_len() {
-            return Err(SecAggError::WrongLength {
-                what: "masked input",
-                expected: self.config.vector_len(),
-                got: masked.len(),
-            });
-        }
-        let m = self.config.modulus_mask();
-        if m != u32::MAX && masked.iter().any(|&x| x & !m != 0) {
+        check_shape(
+            masked,
+            "masked input",
+            self.config.modulus_bits,
+            self.config.vector_len(),
+        )?;
+        if !masked.in_range() {
             return Err(SecAggError::Malformed {
                 what: "masked input",
                 detail: "coordinate outside the modulus".into(),
@@ -320,17 +316,13 @@ impl ServerSession {
     }
 
     /// Stage 3 input straight from the wire (the bytes of
-    /// [`super::masked_to_bytes`]): the framing is checked, then the body is
-    /// added into the sum without an intermediate vector. Returns the sender.
+    /// [`super::masked_to_bytes`]): the framing and modulus are checked, then
+    /// the body is added into the sum without an intermediate vector.
+    /// Returns the sender.
     pub fn on_masked_bytes(&mut self, bytes: &[u8]) -> Result<u32, SecAggError> {
-        let (from, body) = super::wire::masked_body(bytes, self.config.vector_len())?;
+        let (from, body) = super::wire::masked_body(bytes, &self.config)?;
         self.check_masked_sender(from)?;
-        let m = self.config.modulus_mask();
-        if m != u32::MAX
-            && body
-                .chunks_exact(4)
-                .any(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & !m != 0)
-        {
+        if !packed_in_range(self.config.modulus_bits, body) {
             return Err(SecAggError::Malformed {
                 what: "masked input",
                 detail: "coordinate outside the modulus".into(),

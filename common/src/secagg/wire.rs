@@ -7,7 +7,8 @@
 //! tag, a one-byte version, then little-endian fields; variable-length fields
 //! carry a u32 length prefix.
 
-use super::SecAggError;
+use super::ring::{RingVec, packed_in_range};
+use super::{SecAggConfig, SecAggError};
 
 mod codec;
 use codec::{Reader, Writer};
@@ -332,23 +333,37 @@ wire!(
     }
 );
 
-/// Encodes a masked input: tag, version, sender id, length, then the u32
-/// coordinates little-endian.
-pub fn masked_to_bytes(from: u32, masked: &[u32]) -> Vec<u8> {
+/// Encodes a masked input: tag, version, sender id, modulus bits (one
+/// byte), coordinate count, then each coordinate as ⌈bits/8⌉ little-endian
+/// bytes — 4 bytes per coordinate in a 32-bit round, 8 in a 64-bit one.
+pub fn masked_to_bytes(from: u32, masked: &RingVec) -> Vec<u8> {
     let mut w = Writer::new(9);
     w.u32(from);
+    w.raw(&[masked.modulus_bits() as u8]);
     w.u32(masked.len() as u32);
-    w.0.reserve(4 * masked.len());
-    masked.iter().for_each(|&m| w.u32(m));
+    masked.write_le(&mut w.0);
     w.0
 }
 
-/// Checks the framing of a masked input and returns (sender, body bytes):
-/// exactly `expected_len` little-endian u32 and nothing after them.
-pub(crate) fn masked_body(bytes: &[u8], expected_len: usize) -> Result<(u32, &[u8]), SecAggError> {
+/// Checks the framing of a masked input against the round's configuration
+/// and returns (sender, body bytes): the round's modulus, exactly
+/// `vector_len` coordinates of ⌈bits/8⌉ bytes, and nothing after them.
+pub(crate) fn masked_body<'a>(
+    bytes: &'a [u8],
+    config: &SecAggConfig,
+) -> Result<(u32, &'a [u8]), SecAggError> {
     let mut r = Reader::new(bytes, 9, "MaskedInput")?;
     let from = r.u32()?;
-    let n = r.count(4)?;
+    let bits = u32::from(r.u8()?);
+    if bits != config.modulus_bits {
+        return Err(r.err(format!(
+            "coordinates modulo 2^{bits}, the round uses 2^{}",
+            config.modulus_bits
+        )));
+    }
+    let width = config.bytes_per_element();
+    let n = r.count(width)?;
+    let expected_len = config.vector_len();
     if n != expected_len {
         return Err(SecAggError::WrongLength {
             what: "masked input",
@@ -356,23 +371,26 @@ pub(crate) fn masked_body(bytes: &[u8], expected_len: usize) -> Result<(u32, &[u
             got: n,
         });
     }
-    let body = r.take(4 * n)?;
+    let body = r.take(width * n)?;
     r.finish((from, body))
 }
 
-/// Decodes a masked input produced by [`masked_to_bytes`], checking that it
-/// has exactly `expected_len` coordinates. Returns (sender, coordinates).
-/// The server skips this copy with `ServerSession::on_masked_bytes`.
+/// Decodes a masked input produced by [`masked_to_bytes`], checking it
+/// against the round's modulus and vector length, and that every coordinate
+/// is below the modulus. Returns (sender, coordinates). The server skips
+/// this copy with `ServerSession::on_masked_bytes`.
 pub fn masked_from_bytes(
     bytes: &[u8],
-    expected_len: usize,
-) -> Result<(u32, Vec<u32>), SecAggError> {
-    let (from, body) = masked_body(bytes, expected_len)?;
-    let v = body
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((from, v))
+    config: &SecAggConfig,
+) -> Result<(u32, RingVec), SecAggError> {
+    let (from, body) = masked_body(bytes, config)?;
+    if !packed_in_range(config.modulus_bits, body) {
+        return Err(SecAggError::Malformed {
+            what: "MaskedInput",
+            detail: "coordinate outside the modulus".into(),
+        });
+    }
+    Ok((from, RingVec::read_le(config.modulus_bits, body)))
 }
 
 #[cfg(test)]
@@ -421,11 +439,18 @@ mod tests {
             pairwise_shares: vec![],
         };
         assert_eq!(UnmaskResponse::from_bytes(&resp.to_bytes()).unwrap(), resp);
-        let bytes = masked_to_bytes(4, &[1, 2, u32::MAX]);
-        assert_eq!(
-            masked_from_bytes(&bytes, 3).unwrap(),
-            (4, vec![1, 2, u32::MAX])
-        );
+        for bits in [32, 24, 64, 40] {
+            let mut config = SecAggConfig::complete(1, 0, 3, 1.0);
+            config.modulus_bits = bits;
+            let top = crate::secagg::ring::mask_u64(bits);
+            let v = RingVec::from_u64(bits, &[1, top, 2]);
+            let bytes = masked_to_bytes(4, &v);
+            assert_eq!(bytes.len(), 11 + 3 * config.bytes_per_element());
+            assert_eq!(masked_from_bytes(&bytes, &config).unwrap(), (4, v));
+            // A vector of another ring is refused, not misread.
+            config.modulus_bits = if bits == 64 { 32 } else { 64 };
+            assert!(masked_from_bytes(&bytes, &config).is_err());
+        }
     }
 
     #[test]
@@ -457,7 +482,18 @@ mod tests {
             let _ = KeyRoster::from_bytes(&b);
             let _ = ShareUpload::from_bytes(&b);
         }
-        assert!(masked_from_bytes(&masked_to_bytes(1, &[1, 2]), 3).is_err());
+        let config = SecAggConfig::complete(1, 0, 3, 1.0); // 3 coordinates
+        let short = RingVec::from_u64(32, &[1, 2]);
+        assert!(masked_from_bytes(&masked_to_bytes(1, &short), &config).is_err());
+        // A 20-bit coordinate (3 bytes) with bits above 2^20 is refused.
+        let mut c20 = config.clone();
+        c20.modulus_bits = 20;
+        let mut b = masked_to_bytes(1, &RingVec::from_u64(20, &[1, 2, 3]));
+        assert!(masked_from_bytes(&b, &c20).is_ok());
+        let last = b.len() - 1;
+        b[last] |= 0x80;
+        assert!(masked_from_bytes(&b, &c20).is_err());
+        assert!(masked_from_bytes(&b[..last], &c20).is_err());
         assert!(AdvertiseKeys::from_bytes(&[]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The one place where protobuf types become domain types and errors become
 //! gRPC statuses.
 
+use fedcart_common::secagg::SecAggError;
 use fedcart_common::task::TaskKind;
 use fedcart_common::update::UpdateError;
 use fedcart_proto::v1 as pb;
@@ -24,6 +25,18 @@ impl From<SubmitError> for Status {
             | SubmitError::PlaintextInSecureTask(_) => Status::invalid_argument(msg),
             SubmitError::UnexpectedSecureSum(_) => Status::failed_precondition(msg),
         }
+    }
+}
+
+/// The status for a secure-aggregation message the session refused.
+pub fn secagg_status(e: SecAggError) -> Status {
+    let msg = e.to_string();
+    match e {
+        SecAggError::WrongStage { .. } => Status::failed_precondition(msg),
+        SecAggError::UnknownAgent { .. } => Status::permission_denied(msg),
+        SecAggError::Duplicate { .. } => Status::already_exists(msg),
+        SecAggError::WrongLength { .. } => Status::out_of_range(msg),
+        _ => Status::invalid_argument(msg),
     }
 }
 

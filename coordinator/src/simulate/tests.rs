@@ -1,5 +1,7 @@
 //! Simulator tests: the short demo, determinism across thread counts, the
-//! secure-aggregation refusal, and a robust strategy holding against attackers.
+//! secure-aggregation refusal, a robust strategy holding against attackers,
+//! and secure aggregation matching plaintext (MF, and churn with its 64-bit
+//! statistics step).
 
 use std::path::PathBuf;
 
@@ -183,4 +185,127 @@ fn secure_aggregation_matches_plaintext_within_quantisation() {
             .iter()
             .all(|r| r.reported == 4 && r.clipped == 0)
     );
+}
+
+#[test]
+fn churn_lr_with_secure_aggregation_reaches_the_plaintext_auc() {
+    let mut a = args();
+    a.task = Some("churn-lr".into());
+    a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));
+    a.epochs = Some(1);
+    let plain = run(a.clone());
+    a.secagg = true;
+    let secure = run(a);
+    let (p, s) = (
+        plain[0].final_metrics["auc"],
+        secure[0].final_metrics["auc"],
+    );
+    assert!(s > 0.8, "secure auc {s}");
+    assert!((p - s).abs() < 1e-3, "plaintext auc {p}, secure auc {s}");
+    assert!(
+        secure[0]
+            .rounds
+            .iter()
+            .all(|r| r.reported == 4 && r.clipped == 0 && r.committed)
+    );
+}
+
+/// Runs only the statistics step of churn-lr on Telco through the engine, as
+/// `run_one` does, and returns the standardiser the engine agreed on.
+fn telco_standardizer(secure: bool) -> fedcart_common::standardize::Standardizer {
+    let mut a = args();
+    a.task = Some("churn-lr".into());
+    a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));
+    a.secagg = secure;
+    let s = Settings::from_args(a).unwrap();
+    let (task, spec) = s.experiments().unwrap().remove(0);
+    let pop = data::build(
+        task,
+        &spec,
+        s.files(),
+        s.merchants,
+        s.partition,
+        s.mf_hyper(task),
+        s.factors,
+        s.seed,
+    )
+    .unwrap();
+    let n = pop.merchants.len();
+    let run = RunConfig {
+        run_id: "simulation".into(),
+        seed: s.seed,
+        rounds: 1,
+        model: pop.model.clone(),
+        sgd: s.sgd(task),
+        selection: Selection {
+            fraction: 1.0,
+            min_agents: 1,
+            max_agents: n,
+        },
+        quorum: 1,
+        round_timeout_ms: u64::MAX / 2,
+        evaluate: false,
+        strategy: "fedavg".into(),
+        secagg: secure.then(|| SecAggSettings {
+            neighbours: None,
+            clip: s.secagg_clip(task),
+            verify_survivors: false,
+        }),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("stats.redb")).unwrap();
+    let mut engine = Engine::open(store, run).unwrap();
+    let ids: Vec<String> = pop
+        .merchants
+        .iter()
+        .map(|m| m.merchant_id.clone())
+        .collect();
+    let plan = engine.start_task(&ids).unwrap();
+    assert_eq!((plan.spec.kind, plan.secure), (TaskKind::Stats, secure));
+    let mut inputs = Vec::new();
+    for (id, mut m) in ids.iter().zip(pop.merchants) {
+        let out = run_task(&plan.spec, &engine.global(), &mut m).unwrap();
+        let update = if secure {
+            inputs.push((id.clone(), out.update.unwrap()));
+            None
+        } else {
+            out.update
+        };
+        let sub = Submission {
+            update,
+            metrics: out.metrics,
+            weight: out.weight,
+            bytes: 0,
+        };
+        engine
+            .submit(id, "simulation", plan.round, &plan.task_id, sub)
+            .unwrap();
+    }
+    if secure {
+        assert_eq!(secure_sum(&mut engine, &plan, inputs, s.seed).unwrap(), 0);
+    }
+    engine.finish_task().unwrap();
+    engine
+        .standardizer()
+        .expect("agreed after the step")
+        .clone()
+}
+
+#[test]
+fn secure_statistics_step_agrees_with_the_plaintext_standardiser() {
+    let (plain, secure) = (telco_standardizer(false), telco_standardizer(true));
+    assert_eq!(plain.mean.len(), secure.mean.len());
+    // TotalCharges: a mean in the thousands, from Σx² ≈ 1e10 per merchant.
+    assert!(plain.mean.iter().any(|&m| m > 1000.0));
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+    for j in 0..plain.mean.len() {
+        assert!(
+            close(secure.mean[j], plain.mean[j]) && close(secure.std[j], plain.std[j]),
+            "feature {j}: secure ({}, {}) vs plaintext ({}, {})",
+            secure.mean[j],
+            secure.std[j],
+            plain.mean[j],
+            plain.std[j]
+        );
+    }
 }

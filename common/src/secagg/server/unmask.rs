@@ -63,8 +63,6 @@ impl ServerSession {
         };
         let mut sum = self.sum.take().expect("the sum exists from stage 3 on").sum;
         crypto::apply_masks(&mut sum, &masks);
-        let m = self.config.modulus_mask();
-        sum.iter_mut().for_each(|x| *x &= m);
         let survivors: Vec<u32> = self.survivors.iter().copied().collect();
         let dropped = self
             .uploads

@@ -4,8 +4,9 @@
 
 use crate::secagg::SecAggError;
 
-/// Wire format version; bumped on any incompatible change.
-pub(super) const VERSION: u8 = 1;
+/// Wire format version; bumped on any incompatible change (2: masked inputs
+/// carry their modulus and pack ⌈bits/8⌉ bytes per coordinate).
+pub(super) const VERSION: u8 = 2;
 
 /// Little-endian writer.
 pub(super) struct Writer(pub(super) Vec<u8>);

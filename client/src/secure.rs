@@ -1,0 +1,286 @@
+//! The agent's side of secure aggregation over gRPC.
+//!
+//! For a task marked `secure_aggregation` the agent trains as usual but
+//! keeps the update instead of uploading it ([`SecureTasks::hold`]). The
+//! coordinator then pushes the protocol stages over the Join stream
+//! (`SecAggRequest`); each is answered by one step of a
+//! [`ClientSession`]:
+//!
+//! | request          | body                | answer                                   |
+//! |------------------|---------------------|------------------------------------------|
+//! | `advertise_keys` | [`RoundInvite`] JSON | `SecAgg` RPC with [`AdvertiseKeys`](fedcart_common::secagg::AdvertiseKeys) |
+//! | `share_keys`     | `KeyRoster`         | `SecAgg` RPC with the `ShareUpload`       |
+//! | `masked_input`   | `ShareRelay`        | `SubmitUpdate`, `PAYLOAD_ENCODING_MASKED_U32`, the masked frame |
+//! | `sign_survivors` | `SurvivorCheck`     | `SecAgg` RPC with the `SurvivorSignature` |
+//! | `unmask`         | `UnmaskRequest`     | `SecAgg` RPC with the `UnmaskResponse`    |
+//!
+//! Key material comes from the operating system's generator; the stochastic
+//! rounding of the fixed-point encoding is seeded per task from the run seed,
+//! so a run replays exactly. The plaintext update never leaves this module:
+//! only its masked encoding does.
+
+use fedcart_common::secagg::{
+    ClientSession, KeyRoster, RoundInvite, ShareRelay, SurvivorCheck, UnmaskRequest,
+    masked_to_bytes, stage_name,
+};
+use fedcart_common::train::TaskOutput;
+use fedcart_proto::v1 as pb;
+use fedcart_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+use crate::agent::UPLOAD_CHUNK_BYTES;
+
+/// Why a stage request was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum SecureError {
+    /// The request names a task this agent holds no update for (it was not
+    /// trained here, training failed, or the round already ended).
+    #[error("no update held for round {round} task `{task_id}`")]
+    NoUpdate {
+        /// Round named by the request.
+        round: u64,
+        /// Task named by the request.
+        task_id: String,
+    },
+    /// A request for a stage this agent does not know.
+    #[error("unknown secure-aggregation stage `{0}`")]
+    UnknownStage(String),
+    /// The protocol session refused the request or its body.
+    #[error("stage `{stage}`: {source}")]
+    Protocol {
+        /// The stage.
+        stage: String,
+        /// The session's error.
+        source: fedcart_common::secagg::SecAggError,
+    },
+}
+
+/// What to send to the coordinator after a stage step.
+#[derive(Debug)]
+pub enum Reply {
+    /// A stage message for the `SecAgg` RPC.
+    Message(pb::SecAggMessage),
+    /// The masked input, for `SubmitUpdate`: header and payload bytes.
+    Masked {
+        /// Upload header (masked encoding, plaintext metrics and weight).
+        header: pb::UpdateHeader,
+        /// The masked frame.
+        payload: Vec<u8>,
+    },
+}
+
+struct Held {
+    run_id: String,
+    round: u64,
+    task_id: String,
+    /// Run seed, for the stochastic-rounding generator.
+    seed: u64,
+    merchant: String,
+    output: TaskOutput,
+    session: Option<ClientSession>,
+}
+
+/// The secure task this agent is taking part in, if any.
+#[derive(Default)]
+pub struct SecureTasks {
+    held: Option<Held>,
+}
+
+impl SecureTasks {
+    /// Keeps the output of a secure task until the coordinator asks for its
+    /// masked input. A newer task replaces an older one: the coordinator runs
+    /// one task at a time.
+    pub fn hold(&mut self, task: &pb::TaskAssignment, seed: u64, merchant: &str, out: TaskOutput) {
+        self.held = Some(Held {
+            run_id: task.run_id.clone(),
+            round: task.round,
+            task_id: task.task_id.clone(),
+            seed,
+            merchant: merchant.to_string(),
+            output: out,
+            session: None,
+        });
+    }
+
+    /// True while an update is held for a secure task.
+    pub fn holding(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// One protocol step: the answer to `req`, without sending it. On any
+    /// error the held update and session are discarded (the coordinator
+    /// treats this agent as a dropout).
+    pub fn respond(
+        &mut self,
+        session_id: &str,
+        req: &pb::SecAggRequest,
+    ) -> Result<Reply, SecureError> {
+        let result = self.step(session_id, req);
+        if result.is_err() || req.stage == stage_name::UNMASK {
+            self.held = None;
+        }
+        result
+    }
+
+    fn step(&mut self, session_id: &str, req: &pb::SecAggRequest) -> Result<Reply, SecureError> {
+        let held = match &mut self.held {
+            Some(h)
+                if h.run_id == req.run_id && h.round == req.round && h.task_id == req.task_id =>
+            {
+                h
+            }
+            _ => {
+                return Err(SecureError::NoUpdate {
+                    round: req.round,
+                    task_id: req.task_id.clone(),
+                });
+            }
+        };
+        let stage = req.stage.as_str();
+        let protocol = |source| SecureError::Protocol {
+            stage: req.stage.clone(),
+            source,
+        };
+        let message = |body: Vec<u8>| {
+            Reply::Message(pb::SecAggMessage {
+                session_id: session_id.to_string(),
+                run_id: req.run_id.clone(),
+                round: req.round,
+                task_id: req.task_id.clone(),
+                stage: req.stage.clone(),
+                body,
+            })
+        };
+        if stage == stage_name::ADVERTISE {
+            let invite = RoundInvite::from_json(&req.body).map_err(protocol)?;
+            let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+            let mut session =
+                ClientSession::new(invite.config, invite.id, invite.round_seed, &mut os);
+            let keys = session.advertise().map_err(protocol)?;
+            held.session = Some(session);
+            return Ok(message(keys.to_bytes()));
+        }
+        let session = held.session.as_mut().ok_or_else(|| SecureError::NoUpdate {
+            round: req.round,
+            task_id: req.task_id.clone(),
+        })?;
+        match stage {
+            stage_name::SHARE_KEYS => {
+                let roster = KeyRoster::from_bytes(&req.body).map_err(protocol)?;
+                let upload = session.share_keys(&roster).map_err(protocol)?;
+                Ok(message(upload.to_bytes()))
+            }
+            stage_name::MASKED_INPUT => {
+                let relay = ShareRelay::from_bytes(&req.body).map_err(protocol)?;
+                let update = held.output.update.as_ref().ok_or(SecureError::NoUpdate {
+                    round: req.round,
+                    task_id: req.task_id.clone(),
+                })?;
+                let mut rounding = fedcart_common::seed::rng(
+                    held.seed,
+                    &["secagg-rounding", &held.task_id, &held.merchant],
+                );
+                let (masked, clipped) = session
+                    .masked_input(&relay, update, &mut rounding)
+                    .map_err(protocol)?;
+                if clipped > 0 {
+                    tracing::info!(task = %req.task_id, clipped, "update coordinates clipped for secure aggregation");
+                }
+                let payload = masked_to_bytes(session.id(), &masked);
+                let header = pb::UpdateHeader {
+                    session_id: session_id.to_string(),
+                    run_id: req.run_id.clone(),
+                    round: req.round,
+                    task_id: req.task_id.clone(),
+                    encoding: pb::PayloadEncoding::MaskedU32 as i32,
+                    payload_len: payload.len() as u64,
+                    num_values: update.values.len() as u64,
+                    num_coord_weights: update.coord_weights.len() as u64,
+                    weight: held.output.weight,
+                    metrics: held
+                        .output
+                        .metrics
+                        .iter()
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect(),
+                };
+                // The plaintext update is no longer needed.
+                held.output.update = None;
+                Ok(Reply::Masked { header, payload })
+            }
+            stage_name::SIGN_SURVIVORS => {
+                let check = SurvivorCheck::from_bytes(&req.body).map_err(protocol)?;
+                let sig = session.sign_survivors(&check).map_err(protocol)?;
+                Ok(message(sig.to_bytes()))
+            }
+            stage_name::UNMASK => {
+                let request = UnmaskRequest::from_bytes(&req.body).map_err(protocol)?;
+                let response = session.unmask(&request).map_err(protocol)?;
+                Ok(message(response.to_bytes()))
+            }
+            other => Err(SecureError::UnknownStage(other.chars().take(40).collect())),
+        }
+    }
+
+    /// Answers one pushed request: the protocol step runs on a blocking
+    /// thread (masking costs one PRG stream per neighbour), then the answer
+    /// is sent. A refused step or a rejected answer is logged and makes this
+    /// agent a dropout of the round; only a broken connection is an error.
+    pub async fn handle(
+        &mut self,
+        client: &mut CoordinatorClient<Channel>,
+        session_id: &str,
+        req: pb::SecAggRequest,
+    ) -> anyhow::Result<()> {
+        let mut me = std::mem::take(self);
+        let session_id_owned = session_id.to_string();
+        let (me, reply) = tokio::task::spawn_blocking(move || {
+            let reply = me.respond(&session_id_owned, &req);
+            (me, reply.map_err(|e| (req.stage.clone(), e)))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("secure-aggregation step panicked: {e}"))?;
+        *self = me;
+        match reply {
+            Ok(reply) => {
+                if let Err(status) = send(client, reply).await {
+                    self.held = None;
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                    ) {
+                        anyhow::bail!("secure-aggregation answer not delivered: {status}");
+                    }
+                    tracing::warn!(%status, "secure-aggregation answer refused");
+                }
+            }
+            Err((stage, e)) => {
+                tracing::warn!(stage, error = %e, "secure-aggregation request not answered");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends a [`Reply`]: a `SecAgg` call, or the masked frame as a chunked
+/// `SubmitUpdate` upload.
+pub async fn send(
+    client: &mut CoordinatorClient<Channel>,
+    reply: Reply,
+) -> Result<(), tonic::Status> {
+    match reply {
+        Reply::Message(msg) => client.sec_agg(msg).await.map(|_| ()),
+        Reply::Masked { header, payload } => {
+            let mut chunks = vec![pb::UpdateChunk {
+                part: Some(pb::update_chunk::Part::Header(header)),
+            }];
+            chunks.extend(payload.chunks(UPLOAD_CHUNK_BYTES).map(|c| pb::UpdateChunk {
+                part: Some(pb::update_chunk::Part::Data(c.to_vec())),
+            }));
+            client
+                .submit_update(futures::stream::iter(chunks))
+                .await
+                .map(|_| ())
+        }
+    }
+}

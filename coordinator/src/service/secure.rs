@@ -1,0 +1,595 @@
+//! Secure aggregation over gRPC: the coordinator's driver of
+//! [`ServerSession`] for a task whose plan is `secure`.
+//!
+//! The round runs in stages, each closed by a deadline or as soon as every
+//! agent expected in it has answered or hung up:
+//!
+//! 1. The task is pushed as usual, followed by an `advertise_keys` request
+//!    whose body is the agent's [`RoundInvite`] (configuration, round seed,
+//!    id). Agents train first, then advertise their keys (`SecAgg` RPC). This
+//!    stage closes with the round timeout, since it contains local training.
+//! 2. `share_keys`: the roster goes to every agent that advertised; each
+//!    answers with its encrypted shares, which the coordinator relays without
+//!    being able to open them.
+//! 3. `masked_input`: each agent gets the bundles addressed to it and uploads
+//!    its masked vector through `SubmitUpdate` with
+//!    `PAYLOAD_ENCODING_MASKED_U32` (the bytes of
+//!    [`fedcart_common::secagg::masked_to_bytes`]). The bytes go straight
+//!    into [`ServerSession::on_masked_bytes`], which adds them into the one
+//!    running masked sum; the plaintext metrics in the header go to the
+//!    engine with no update.
+//! 4. Optional `sign_survivors` (`verify_survivors`), then `unmask`: the
+//!    survivors reveal the shares asked of them, the session removes the
+//!    masks from the sum, and only that sum reaches the engine
+//!    ([`Engine::set_secure_sum`](crate::engine::Engine::set_secure_sum)).
+//!
+//! Any protocol failure (too few survivors, unrecoverable shares) aborts the
+//! task with the session's error in the round record; the masked sum is
+//! dropped unread and the round is attempted again. Stages after the first
+//! use `secagg.stage_timeout_ms`.
+//!
+//! No code here holds an individual update in the clear: the coordinator
+//! only ever sees masked bytes, which it never decodes one by one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, MutexGuard};
+
+use fedcart_common::secagg::{
+    AdvertiseKeys, AfterMasked, RingVec, RoundInvite, SecAggConfig, SecAggError, ServerSession,
+    ShareUpload, Stage, SurvivorSignature, UnmaskResponse, bytes_per_element, masked_to_bytes,
+    round_seed, stage_name,
+};
+use fedcart_common::task::TaskSpec;
+use fedcart_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::{Response, Status, Streaming};
+
+use super::Shared;
+use super::convert::secagg_status;
+use crate::config::SecAggSettings;
+use crate::engine::{Submission, TaskPlan};
+
+/// The secure round in progress: the server's session and who is expected
+/// to answer the open stage.
+pub(super) struct SecureRound {
+    run_id: String,
+    round: u64,
+    task_id: String,
+    /// `None` only once `finish` has consumed it.
+    server: Option<ServerSession>,
+    vector_len: usize,
+    /// The round's modulus is 2^modulus_bits.
+    modulus_bits: u32,
+    /// Merchant → id in the round (its index among the selected agents).
+    ids: BTreeMap<String, u32>,
+    /// Id → merchant.
+    merchants: Vec<String>,
+    stage: Stage,
+    expected: BTreeSet<u32>,
+    answered: BTreeSet<u32>,
+}
+
+/// The shutdown signal fired while a secure round was running.
+pub(super) struct Interrupted;
+
+/// The secure-aggregation parameters of one round with `n` invited agents:
+/// the whole update (values ‖ coordinate weights ‖ weight) of `spec`, clipped
+/// at `settings.clip`; the complete graph up to 64 agents, SecAgg+'s
+/// logarithmic degree beyond (as the simulator), or `settings.neighbours`.
+pub fn round_config(settings: &SecAggSettings, spec: &TaskSpec, n: usize) -> SecAggConfig {
+    let layout = spec.update_layout();
+    let len = spec.update_len();
+    let mut cfg = match settings.neighbours {
+        None if n <= 64 => SecAggConfig::complete(len, layout.num_coord_weights, n, settings.clip),
+        None => SecAggConfig::sparse(len, layout.num_coord_weights, n, settings.clip),
+        Some(k) => {
+            let mut c = SecAggConfig::complete(len, layout.num_coord_weights, n, settings.clip);
+            c.neighbours = k;
+            c.threshold = c.degree(n).div_ceil(2) + 1;
+            c
+        }
+    };
+    cfg.verify_survivors = settings.verify_survivors;
+    cfg
+}
+
+impl Shared {
+    fn secure_round(&self) -> MutexGuard<'_, Option<SecureRound>> {
+        self.secure.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes one stage request to `merchant`; an agent whose queue is gone
+    /// or full simply misses the stage (it becomes a dropout).
+    fn push_secagg(
+        &self,
+        merchant: &str,
+        plan: &TaskPlan,
+        run_id: &str,
+        stage: &str,
+        body: Vec<u8>,
+    ) {
+        let tx = self
+            .agents()
+            .values()
+            .find(|a| a.merchant_id == merchant)
+            .map(|a| a.tx.clone());
+        let work = pb::Work {
+            kind: Some(pb::work::Kind::Secagg(pb::SecAggRequest {
+                run_id: run_id.to_string(),
+                round: plan.round,
+                task_id: plan.task_id.clone(),
+                stage: stage.to_string(),
+                body,
+            })),
+        };
+        if tx.is_none_or(|tx| tx.try_send(Ok(work)).is_err()) {
+            tracing::info!(merchant, stage, task = %plan.task_id, "secure-aggregation request not delivered");
+        }
+    }
+}
+
+impl SecureRound {
+    fn check_task(&self, run_id: &str, round: u64, task_id: &str) -> Result<(), Status> {
+        if run_id != self.run_id {
+            return Err(Status::not_found(format!(
+                "run `{run_id}` is not this coordinator's run `{}`",
+                self.run_id
+            )));
+        }
+        if round != self.round || task_id != self.task_id {
+            return Err(Status::failed_precondition(format!(
+                "round {round} task `{task_id}` has no open secure aggregation (open: round {} task `{}`)",
+                self.round, self.task_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// The merchant's id, if it is expected to answer `stage` now and has not.
+    fn expect_answer(&self, merchant: &str, stage: Stage) -> Result<u32, Status> {
+        let id = *self.ids.get(merchant).ok_or_else(|| {
+            Status::permission_denied(format!("agent `{merchant}` was not selected for this task"))
+        })?;
+        if stage != self.stage {
+            return Err(Status::failed_precondition(format!(
+                "secure-aggregation stage {stage} is not open (open: {})",
+                self.stage
+            )));
+        }
+        if !self.expected.contains(&id) {
+            return Err(Status::permission_denied(format!(
+                "agent `{merchant}` is not part of stage {stage}"
+            )));
+        }
+        if self.answered.contains(&id) {
+            return Err(Status::already_exists(format!(
+                "agent `{merchant}` already answered stage {stage}"
+            )));
+        }
+        Ok(id)
+    }
+
+    fn server(&mut self) -> &mut ServerSession {
+        self.server
+            .as_mut()
+            .expect("the session lives until the round ends")
+    }
+
+    fn open_stage(&mut self, stage: Stage, expected: impl IntoIterator<Item = u32>) {
+        self.stage = stage;
+        self.expected = expected.into_iter().collect();
+        self.answered.clear();
+    }
+}
+
+fn refuse_impostor(claimed: u32, id: u32) -> Result<(), Status> {
+    if claimed != id {
+        return Err(Status::permission_denied(format!(
+            "message claims to come from agent {claimed}, this session is agent {id}"
+        )));
+    }
+    Ok(())
+}
+
+/// One stage message from an agent (the `SecAgg` RPC), after the caller
+/// checked the session and its certificate.
+pub(super) fn on_message(
+    shared: &Shared,
+    merchant: &str,
+    msg: pb::SecAggMessage,
+) -> Result<pb::SecAggReply, Status> {
+    let stage = match msg.stage.as_str() {
+        stage_name::ADVERTISE => Stage::Advertise,
+        stage_name::SHARE_KEYS => Stage::ShareKeys,
+        stage_name::SIGN_SURVIVORS => Stage::Consistency,
+        stage_name::UNMASK => Stage::Unmask,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "unknown secure-aggregation stage `{}` (masked inputs go through SubmitUpdate)",
+                other.chars().take(40).collect::<String>()
+            )));
+        }
+    };
+    {
+        let mut guard = shared.secure_round();
+        let round = guard
+            .as_mut()
+            .ok_or_else(|| Status::failed_precondition("no secure-aggregation round is open"))?;
+        round.check_task(&msg.run_id, msg.round, &msg.task_id)?;
+        let id = round.expect_answer(merchant, stage)?;
+        let body = &msg.body;
+        let server = round.server();
+        match stage {
+            Stage::Advertise => {
+                let keys = AdvertiseKeys::from_bytes(body).map_err(secagg_status)?;
+                refuse_impostor(keys.id, id)?;
+                server.on_advertise(keys)
+            }
+            Stage::ShareKeys => {
+                let upload = ShareUpload::from_bytes(body).map_err(secagg_status)?;
+                refuse_impostor(upload.from, id)?;
+                server.on_shares(upload)
+            }
+            Stage::Consistency => {
+                let sig = SurvivorSignature::from_bytes(body).map_err(secagg_status)?;
+                refuse_impostor(sig.from, id)?;
+                server.on_survivor_signature(sig)
+            }
+            _ => {
+                let resp = UnmaskResponse::from_bytes(body).map_err(secagg_status)?;
+                refuse_impostor(resp.from, id)?;
+                server.on_unmask(resp)
+            }
+        }
+        .map_err(secagg_status)?;
+        round.answered.insert(id);
+    }
+    shared.bump();
+    Ok(pb::SecAggReply {
+        message: format!("stage {stage} accepted from `{merchant}`"),
+    })
+}
+
+/// The first bytes of `id`'s masked-input frame in a ring of 2^bits
+/// (message tag, version, sender, modulus), and the whole frame's length for
+/// `len` coordinates.
+fn masked_frame(id: u32, bits: u32, len: usize) -> (Vec<u8>, u64) {
+    let mut head = masked_to_bytes(id, &RingVec::zeros(bits, 0));
+    let total = head.len() + bytes_per_element(bits) * len;
+    // Drop the (zero) coordinate count: the prefix ends with the modulus.
+    head.truncate(head.len() - 4);
+    (head, total as u64)
+}
+
+/// A masked input uploaded through `SubmitUpdate` (header already read, the
+/// session and the task prechecked by the caller). The payload is added into
+/// the masked sum as it is, never decoded; the header's metrics and example
+/// weight (plaintext in every round) go to the engine with no update.
+pub(super) async fn submit_masked(
+    shared: &Shared,
+    merchant: &str,
+    header: pb::UpdateHeader,
+    mut stream: Streaming<pb::UpdateChunk>,
+) -> Result<Response<pb::SubmitReply>, Status> {
+    if let Some((k, _)) = header.metrics.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Status::invalid_argument(format!(
+            "metric `{k}` is not finite"
+        )));
+    }
+    if !(header.weight.is_finite() && header.weight >= 0.0) {
+        return Err(Status::invalid_argument(format!(
+            "example weight {} must be finite and >= 0",
+            header.weight
+        )));
+    }
+    let (id, prefix, declared) = {
+        let guard = shared.secure_round();
+        let round = guard.as_ref().ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "task `{}` is not under secure aggregation: send PAYLOAD_ENCODING_F32",
+                header.task_id
+            ))
+        })?;
+        round.check_task(&header.run_id, header.round, &header.task_id)?;
+        let id = round.expect_answer(merchant, Stage::MaskedInput)?;
+        let (prefix, len) = masked_frame(id, round.modulus_bits, round.vector_len);
+        (id, prefix, len)
+    };
+    if header.payload_len != declared {
+        return Err(Status::invalid_argument(format!(
+            "masked payload_len {} is not the {declared} bytes of a masked vector for this task",
+            header.payload_len
+        )));
+    }
+    let _slot = shared
+        .upload_slots
+        .acquire()
+        .await
+        .map_err(|_| Status::unavailable("shutting down"))?;
+    let mut payload = Vec::with_capacity(declared as usize);
+    while let Some(chunk) = stream.message().await? {
+        let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
+            return Err(Status::invalid_argument(
+                "only data chunks may follow the header",
+            ));
+        };
+        if payload.len() as u64 + data.len() as u64 > declared {
+            return Err(Status::out_of_range(format!(
+                "payload larger than declared: more than {declared} bytes received"
+            )));
+        }
+        payload.extend_from_slice(&data);
+    }
+    if payload.len() as u64 != declared {
+        return Err(Status::out_of_range(format!(
+            "payload shorter than declared: {} of {declared} bytes",
+            payload.len()
+        )));
+    }
+    {
+        let mut guard = shared.secure_round();
+        let round = guard
+            .as_mut()
+            .ok_or_else(|| Status::failed_precondition("the secure round has ended"))?;
+        round.check_task(&header.run_id, header.round, &header.task_id)?;
+        // The stage may have closed while the payload streamed in.
+        round.expect_answer(merchant, Stage::MaskedInput)?;
+        // The frame must name this session's agent before anything is added.
+        if !payload.starts_with(&prefix) {
+            return Err(Status::permission_denied(
+                "masked input is framed for another agent or another message type",
+            ));
+        }
+        round
+            .server()
+            .on_masked_bytes(&payload)
+            .map_err(secagg_status)?;
+        round.answered.insert(id);
+    }
+    drop(payload);
+    let sub = Submission {
+        update: None,
+        metrics: header.metrics.into_iter().collect(),
+        weight: header.weight,
+        bytes: declared,
+    };
+    let result =
+        shared
+            .engine()
+            .submit(merchant, &header.run_id, header.round, &header.task_id, sub);
+    shared.bump();
+    result.map_err(Status::from)?;
+    Ok(Response::new(pb::SubmitReply {
+        message: format!("accepted masked input from `{merchant}`"),
+    }))
+}
+
+/// Runs the secure aggregation of `plan` (already pushed to its agents) to
+/// its end: the decoded sum handed to the engine, or the task marked aborted
+/// with the reason. `deadline` is the round's (it bounds local training and
+/// key advertisement).
+pub(super) async fn run(
+    shared: &Arc<Shared>,
+    plan: &TaskPlan,
+    run_id: &str,
+    deadline: Instant,
+    changed: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Interrupted> {
+    let result = drive(shared, plan, run_id, deadline, changed, shutdown).await;
+    *shared.secure_round() = None;
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => {
+            tracing::warn!(task = %plan.task_id, %reason, "secure aggregation aborted");
+            shared.engine().abort_secure(reason);
+            Ok(())
+        }
+        Err(Interrupted) => Err(Interrupted),
+    }
+}
+
+type Outcome = Result<Result<(), String>, Interrupted>;
+
+async fn drive(
+    shared: &Arc<Shared>,
+    plan: &TaskPlan,
+    run_id: &str,
+    deadline: Instant,
+    changed: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let (settings, seed, stage_timeout) = {
+        let engine = shared.engine();
+        let run = engine.run();
+        let settings = run
+            .secagg
+            .clone()
+            .expect("secure tasks come from runs with secagg settings");
+        let timeout = settings.stage_timeout(run.round_timeout_ms);
+        (settings, run.seed, timeout)
+    };
+    let n = plan.selected.len();
+    let config = round_config(&settings, &plan.spec, n);
+    let rs = round_seed(fedcart_common::seed::derive(
+        seed,
+        &["secagg", &plan.task_id],
+    ));
+    let ids: Vec<u32> = (0..n as u32).collect();
+    let server = match ServerSession::new(config.clone(), rs, &ids) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    *shared.secure_round() = Some(SecureRound {
+        run_id: run_id.to_string(),
+        round: plan.round,
+        task_id: plan.task_id.clone(),
+        server: Some(server),
+        vector_len: config.vector_len(),
+        modulus_bits: config.modulus_bits,
+        ids: plan
+            .selected
+            .iter()
+            .cloned()
+            .zip(ids.iter().copied())
+            .collect(),
+        merchants: plan.selected.clone(),
+        stage: Stage::Advertise,
+        expected: ids.iter().copied().collect(),
+        answered: BTreeSet::new(),
+    });
+    for (id, merchant) in plan.selected.iter().enumerate() {
+        let invite = RoundInvite {
+            config: config.clone(),
+            round_seed: rs,
+            id: id as u32,
+            participants: n,
+        };
+        shared.push_secagg(
+            merchant,
+            plan,
+            run_id,
+            stage_name::ADVERTISE,
+            invite.to_json(),
+        );
+    }
+    let push = |stage: &str, to: u32, body: Vec<u8>| {
+        let merchant = plan.selected[to as usize].clone();
+        shared.push_secagg(&merchant, plan, run_id, stage, body);
+    };
+    wait_stage(shared, deadline, changed, shutdown).await?;
+
+    // Stage 2: relay the roster.
+    let roster = match step(shared, |r| {
+        let roster = r.server().close_advertise()?;
+        r.open_stage(Stage::ShareKeys, roster.keys.iter().map(|k| k.id));
+        Ok(roster)
+    }) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let bytes = roster.to_bytes();
+    roster
+        .keys
+        .iter()
+        .for_each(|k| push(stage_name::SHARE_KEYS, k.id, bytes.clone()));
+    wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
+
+    // Stage 3: relay the share bundles; masked inputs come via SubmitUpdate.
+    let relays = match step(shared, |r| {
+        let relays = r.server().close_shares()?;
+        r.open_stage(Stage::MaskedInput, relays.iter().map(|x| x.to));
+        Ok(relays)
+    }) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    relays
+        .iter()
+        .for_each(|x| push(stage_name::MASKED_INPUT, x.to, x.to_bytes()));
+    wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
+
+    let after = match step(shared, |r| r.server().close_masked()) {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(e)),
+    };
+    let requests = match after {
+        AfterMasked::Unmask(requests) => requests,
+        AfterMasked::CheckSurvivors(check) => {
+            step(shared, |r| {
+                r.open_stage(Stage::Consistency, check.survivors.iter().copied());
+                Ok(())
+            })
+            .expect("opening a stage cannot fail");
+            let bytes = check.to_bytes();
+            check
+                .survivors
+                .iter()
+                .for_each(|&s| push(stage_name::SIGN_SURVIVORS, s, bytes.clone()));
+            wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
+            match step(shared, |r| r.server().close_survivor_check()) {
+                Ok(requests) => requests,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    };
+
+    // Stage 4: ask each survivor for its shares, then remove the masks.
+    step(shared, |r| {
+        r.open_stage(Stage::Unmask, requests.iter().map(|q| q.to));
+        Ok(())
+    })
+    .expect("opening a stage cannot fail");
+    requests
+        .iter()
+        .for_each(|q| push(stage_name::UNMASK, q.to, q.to_bytes()));
+    wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
+    let server = shared
+        .secure_round()
+        .as_mut()
+        .and_then(|r| r.server.take())
+        .expect("the session lives until the round ends");
+    // Removing the masks is CPU-bound (one PRG stream per survivor and per
+    // dropped neighbour pair): keep it off the async workers.
+    let output = tokio::task::spawn_blocking(move || server.finish())
+        .await
+        .map_err(|_| Interrupted)?;
+    let output = match output {
+        Ok(o) => o,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let survivors: Vec<String> = output
+        .survivors
+        .iter()
+        .map(|&i| plan.selected[i as usize].clone())
+        .collect();
+    tracing::info!(task = %plan.task_id, survivors = survivors.len(), dropped = output.dropped.len(),
+        clipped_fraction = output.sum.clipped_fraction(), "secure sum recovered");
+    let handed = shared
+        .engine()
+        .set_secure_sum(&survivors, output.sum.into_accumulator());
+    Ok(handed.map_err(|e| e.to_string()))
+}
+
+/// Runs one step on the open round's session; a protocol error becomes the
+/// abort reason.
+fn step<T>(
+    shared: &Shared,
+    f: impl FnOnce(&mut SecureRound) -> Result<T, SecAggError>,
+) -> Result<T, String> {
+    let mut guard = shared.secure_round();
+    let round = guard.as_mut().expect("the round is installed by drive");
+    f(round).map_err(|e| e.to_string())
+}
+
+/// Waits until every agent expected in the open stage has answered or left,
+/// or until `until`.
+async fn wait_stage(
+    shared: &Shared,
+    until: Instant,
+    changed: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Interrupted> {
+    loop {
+        let connected: BTreeSet<String> = shared.connected().into_iter().collect();
+        let outstanding = {
+            let guard = shared.secure_round();
+            let r = guard.as_ref().expect("the round is installed by drive");
+            r.expected
+                .iter()
+                .filter(|id| {
+                    !r.answered.contains(id) && connected.contains(&r.merchants[**id as usize])
+                })
+                .count()
+        };
+        if outstanding == 0 {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(until) => return Ok(()),
+            _ = shutdown.changed() => return Err(Interrupted),
+        }
+    }
+}
