@@ -16,7 +16,9 @@
 //! so the run waits for all of them to be connected before each selection
 //! (`Selection::min_available`). Dropout is the agent disconnecting from
 //! the task it was pushed (the [`Agent::drop_out`] hook, decided by the same
-//! seeded draw as in-process); it reconnects before the next task.
+//! seeded draw as in-process); it reconnects before the next task. With
+//! `--secagg` the service and agents run the real secure-aggregation stages
+//! over gRPC (`service/secure.rs`, the agent's `secure.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,13 +47,6 @@ const PING: Duration = Duration::from_secs(5);
 
 /// Refuses the settings the gRPC transport cannot honour, naming the flag.
 pub fn check(s: &Settings) -> anyhow::Result<()> {
-    if s.secagg {
-        bail!(
-            "--secagg is not available with --transport grpc yet: secure aggregation over \
-             gRPC (service and agent) is not merged in this build; run it with \
-             --transport inproc, or drop --secagg"
-        );
-    }
     if s.malicious > 0.0 {
         bail!(
             "--malicious is not available with --transport grpc: the real agent only sends \

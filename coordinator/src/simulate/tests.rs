@@ -241,6 +241,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::standardize::Standardizer
             fraction: 1.0,
             min_agents: 1,
             max_agents: n,
+            min_available: 0,
         },
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,
@@ -250,6 +251,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::standardize::Standardizer
             neighbours: None,
             clip: s.secagg_clip(task),
             verify_survivors: false,
+            stage_timeout_ms: None,
         }),
     };
     let dir = tempfile::tempdir().unwrap();
