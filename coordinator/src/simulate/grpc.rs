@@ -186,7 +186,16 @@ async fn drive(
     }
     bar.finish_and_clear();
 
-    let history = shared.history()?;
+    // The store keys records by task id, so `r10…` sorts before `r2…`: put
+    // them back in the engine's order (statistics, then per round the
+    // training attempts, then the evaluation attempts).
+    let mut history = shared.history()?;
+    let rank = |kind: &str| match kind {
+        "stats" => 0,
+        "train" => 1,
+        _ => 2,
+    };
+    history.sort_by_key(|r| (r.round, rank(&r.kind), r.attempt));
     let version = progress.borrow().version;
     let final_model = shared
         .model(version)?
