@@ -16,7 +16,9 @@
 //! so the run waits for all of them to be connected before each selection
 //! (`Selection::min_available`). Dropout is the agent disconnecting from
 //! the task it was pushed (the [`Agent::drop_out`] hook, decided by the same
-//! seeded draw as in-process); it reconnects before the next task.
+//! seeded draw as in-process); it reconnects before the next task. With
+//! `--secagg` the service and agents run the real secure-aggregation stages
+//! over gRPC (`service/secure.rs`, the agent's `secure.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -191,7 +193,16 @@ async fn drive(
     }
     bar.finish_and_clear();
 
-    let history = shared.history()?;
+    // The store keys records by task id, so `r10…` sorts before `r2…`: put
+    // them back in the engine's order (statistics, then per round the
+    // training attempts, then the evaluation attempts).
+    let mut history = shared.history()?;
+    let rank = |kind: &str| match kind {
+        "stats" => 0,
+        "train" => 1,
+        _ => 2,
+    };
+    history.sort_by_key(|r| (r.round, rank(&r.kind), r.attempt));
     let version = progress.borrow().version;
     let final_model = shared
         .model(version)?
