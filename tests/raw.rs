@@ -108,7 +108,7 @@ impl RawAgent {
         let out = self.compute(&task).await;
         let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
         let mut secure = SecureTasks::default();
-        secure.hold(&task, spec.seed, &self.data.merchant_id, out);
+        secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
         loop {
             let req = self.next_secagg().await;
             let masked = req.stage == stage_name::MASKED_INPUT;

@@ -201,6 +201,7 @@ impl Agent {
         }
         let family = spec.model.data_family();
         let seed = spec.seed;
+        let noise = spec.dp.as_ref().and_then(|d| d.distributed);
         let data = std::mem::take(&mut self.data);
         let (data, out) = tokio::task::spawn_blocking(move || {
             let mut data = data;
@@ -220,7 +221,8 @@ impl Agent {
             // Under secure aggregation the update waits for the protocol's
             // masked-input stage (see `secure`); nothing is sent in the clear.
             Ok(out) if task.secure_aggregation => {
-                self.secure.hold(&task, seed, &self.data.merchant_id, out);
+                self.secure
+                    .hold(&task, seed, &self.data.merchant_id, noise, out);
                 Ok(())
             }
             Ok(out) => upload(client, session_id, &task, &out).await,

@@ -19,8 +19,10 @@
 //! so a run replays exactly. The plaintext update never leaves this module:
 //! only its masked encoding does.
 
+use fedcart_common::dp::distributed::noise_encoded;
+use fedcart_common::dp::task::DistributedNoise;
 use fedcart_common::secagg::{
-    ClientSession, KeyRoster, RoundInvite, ShareRelay, SurvivorCheck, UnmaskRequest,
+    ClientSession, KeyRoster, RoundInvite, ShareRelay, SurvivorCheck, UnmaskRequest, encode,
     masked_to_bytes, stage_name,
 };
 use fedcart_common::train::TaskOutput;
@@ -77,6 +79,9 @@ struct Held {
     seed: u64,
     merchant: String,
     output: TaskOutput,
+    /// Distributed DP: this agent's share of the Skellam noise goes onto its
+    /// encoded input before masking.
+    noise: Option<DistributedNoise>,
     session: Option<ClientSession>,
 }
 
@@ -90,7 +95,14 @@ impl SecureTasks {
     /// Keeps the output of a secure task until the coordinator asks for its
     /// masked input. A newer task replaces an older one: the coordinator runs
     /// one task at a time.
-    pub fn hold(&mut self, task: &pb::TaskAssignment, seed: u64, merchant: &str, out: TaskOutput) {
+    pub fn hold(
+        &mut self,
+        task: &pb::TaskAssignment,
+        seed: u64,
+        merchant: &str,
+        noise: Option<DistributedNoise>,
+        out: TaskOutput,
+    ) {
         self.held = Some(Held {
             run_id: task.run_id.clone(),
             round: task.round,
@@ -98,6 +110,7 @@ impl SecureTasks {
             seed,
             merchant: merchant.to_string(),
             output: out,
+            noise,
             session: None,
         });
     }
@@ -180,9 +193,20 @@ impl SecureTasks {
                     held.seed,
                     &["secagg-rounding", &held.task_id, &held.merchant],
                 );
-                let (masked, clipped) = session
-                    .masked_input(&relay, update, &mut rounding)
-                    .map_err(protocol)?;
+                let mut encoded =
+                    encode(session.config(), update, &mut rounding).map_err(protocol)?;
+                let clipped = encoded.clipped();
+                if let Some(noise) = &held.noise {
+                    // The noise must stay secret from the coordinator: OS entropy.
+                    let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+                    noise_encoded(&mut encoded, session.config(), noise, &mut os).map_err(|e| {
+                        SecureError::Protocol {
+                            stage: stage.to_string(),
+                            source: fedcart_common::secagg::SecAggError::Refused(e.to_string()),
+                        }
+                    })?;
+                }
+                let masked = session.masked_encoded(&relay, &encoded).map_err(protocol)?;
                 if clipped > 0 {
                     tracing::info!(task = %req.task_id, clipped, "update coordinates clipped for secure aggregation");
                 }

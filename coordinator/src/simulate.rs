@@ -11,8 +11,8 @@ pub mod data;
 mod dp;
 #[cfg(test)]
 pub(crate) use dp::noise_hook as dp_noise_hook;
-mod grpc;
 pub mod fedbuff;
+mod grpc;
 pub mod output;
 pub mod plots;
 mod settings;
@@ -365,12 +365,9 @@ fn secure_sum(
         .clone()
         .expect("secure task has settings");
     // The same parameters as a gRPC round (2^64 ring for the statistics step).
-    let mut cfg = crate::service::round_config(&settings, &plan.spec, n);
+    let cfg = crate::service::round_config(&settings, &plan.spec, n);
     let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
     let noise = plan.spec.dp.as_ref().and_then(|d| d.distributed);
-    if let Some(noise) = &noise {
-        noise.configure(&mut cfg);
-    }
     let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
     let out = match &noise {
         Some(noise) => run_in_memory_with(

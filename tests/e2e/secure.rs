@@ -235,7 +235,7 @@ async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secur
 
     // Keys advertised under the other agent's id are refused; our own pass.
     let mut secure = SecureTasks::default();
-    secure.hold(&task, 42, "m0", out);
+    secure.hold(&task, 42, "m0", None, out);
     let req = a.next_secagg().await;
     let Reply::Message(mut msg) = secure.respond(&a.session_id, &req).unwrap() else {
         panic!("advertise answers with a SecAgg message");

@@ -86,7 +86,12 @@ impl ClientSession {
         }
     }
 
-    /// This agent's id.
+    /// The round's parameters (as the coordinator sent them).
+    pub fn config(&self) -> &SecAggConfig {
+        &self.config
+    }
+
+    /// This agent's id in the round.
     pub fn id(&self) -> u32 {
         self.id
     }

@@ -90,6 +90,10 @@ pub fn round_config(settings: &SecAggSettings, spec: &TaskSpec, n: usize) -> Sec
         settings.neighbours,
     );
     cfg.verify_survivors = settings.verify_survivors;
+    // Distributed DP: the encoding the agents' noise was calibrated for.
+    if let Some(noise) = spec.dp.as_ref().and_then(|d| d.distributed) {
+        noise.configure(&mut cfg);
+    }
     cfg
 }
 

@@ -69,10 +69,16 @@ fn churn_over_grpc_commits_the_same_model_as_in_process() {
             repo(crate::simulate::data::DEFAULT_TELCO)
         )),
         merchants: Some(4),
-        rounds: Some(2),
+        // Past ten rounds: task ids "r10…" sort before "r2…" as text, and the
+        // report must still list the rounds in the order they ran.
+        rounds: Some(11),
         ..Default::default()
     };
     let (inproc, grpc) = both(&a);
+    assert_eq!(
+        grpc.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<_>>()
+    );
     assert_same(&inproc, &grpc, 1e-5, false);
     assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
     assert!(grpc.final_metrics["auc"] > 0.8);
@@ -110,6 +116,37 @@ fn secure_churn_over_grpc_matches_in_process_within_quantisation() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-2, "largest parameter difference {worst}");
+}
+
+#[test]
+fn distributed_dp_over_grpc_is_accounted_like_in_process_and_still_learns() {
+    // Agents add their Skellam share to the encoded input before masking
+    // (from OS entropy, so the two runs differ by the noise only); the
+    // coordinator configures the same ring and scale and accounts the same ε.
+    let a = SimArgs {
+        task: Some("churn-lr".into()),
+        data: Some(format!(
+            "telco:{}",
+            repo(crate::simulate::data::DEFAULT_TELCO)
+        )),
+        merchants: Some(4),
+        rounds: Some(3),
+        secagg: true,
+        dp_clip: Some("1".into()),
+        dp_noise: Some(0.05),
+        dp_mode: Some("distributed".into()),
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
+    let eps = |e: &Experiment| e.rounds.iter().map(|r| r.epsilon).collect::<Vec<_>>();
+    assert_eq!(eps(&inproc), eps(&grpc));
+    assert!(eps(&grpc).iter().all(|e| e.is_some_and(|e| e > 0.0)));
+    let (p, q) = (inproc.final_metrics["auc"], grpc.final_metrics["auc"]);
+    assert!(
+        p > 0.75 && q > 0.75 && (p - q).abs() < 0.03,
+        "auc {p} vs {q}"
+    );
 }
 
 #[test]
