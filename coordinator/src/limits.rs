@@ -42,6 +42,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Default deadlines and sizes without the per-agent RPC rate: for
+    /// loopback runs (the simulator's gRPC transport, benchmarks) where every
+    /// agent shares one address, which plaintext mode uses as the rate key.
+    pub fn loopback() -> Self {
+        Self {
+            rpcs_per_second: 1e9,
+            rpc_burst: 1e9,
+            ..Self::default()
+        }
+    }
+}
+
 struct Bucket {
     tokens: f64,
     at: Instant,

@@ -85,11 +85,17 @@ async fn child(agents: usize, dim: usize, rounds: u64, secagg: bool) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let running = fedcart_coordinator::server::start(
+    // Every agent is 127.0.0.1, the plaintext rate-limit key: lift the rate.
+    let opts = fedcart_coordinator::server::ServeOptions {
+        limits: fedcart_coordinator::limits::Limits::loopback(),
+        ..fedcart_coordinator::server::ServeOptions::insecure()
+    };
+    let running = fedcart_coordinator::server::start_with(
         listener,
         &dir.path().join("bench.redb"),
         run_config(agents, dim, rounds, secagg),
         Duration::from_secs(5),
+        opts,
     )
     .await
     .expect("start");

@@ -141,9 +141,20 @@ async fn drive(
         .await
         .context("binding a loopback port")?;
     let (model, sgd) = (run.model.clone(), run.sgd.clone());
-    let running = crate::server::start(listener, &dir.path().join("simulation.redb"), run, PING)
-        .await
-        .context("starting the coordinator service")?;
+    // Plaintext mode rate-limits per address; here every agent is 127.0.0.1.
+    let opts = crate::server::ServeOptions {
+        limits: crate::limits::Limits::loopback(),
+        ..crate::server::ServeOptions::insecure()
+    };
+    let running = crate::server::start_with(
+        listener,
+        &dir.path().join("simulation.redb"),
+        run,
+        PING,
+        opts,
+    )
+    .await
+    .context("starting the coordinator service")?;
     let shared = Arc::clone(&running.shared);
     let url = format!("http://{}", running.addr);
     let (stop, stop_rx) = watch::channel(false);
