@@ -410,26 +410,7 @@ impl Coordinator for Service {
             .acquire()
             .await
             .map_err(|_| Status::unavailable("shutting down"))?;
-        let mut payload = Vec::with_capacity(declared as usize);
-        while let Some(chunk) = stream.message().await? {
-            let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
-                return Err(Status::invalid_argument(
-                    "only data chunks may follow the header",
-                ));
-            };
-            if payload.len() as u64 + data.len() as u64 > declared {
-                return Err(Status::out_of_range(format!(
-                    "payload larger than declared: more than {declared} bytes received"
-                )));
-            }
-            payload.extend_from_slice(&data);
-        }
-        if payload.len() as u64 != declared {
-            return Err(Status::out_of_range(format!(
-                "payload shorter than declared: {} of {declared} bytes",
-                payload.len()
-            )));
-        }
+        let payload = read_payload(&mut stream, declared).await?;
         let update = if kind == TaskKind::Evaluate {
             None
         } else {
@@ -500,6 +481,35 @@ impl Coordinator for Service {
             },
         }))
     }
+}
+
+/// Reads the data chunks that follow an upload header: exactly `declared`
+/// bytes, refusing a longer or shorter payload and any non-data chunk.
+pub(crate) async fn read_payload(
+    stream: &mut Streaming<pb::UpdateChunk>,
+    declared: u64,
+) -> Result<Vec<u8>, Status> {
+    let mut payload = Vec::with_capacity(declared as usize);
+    while let Some(chunk) = stream.message().await? {
+        let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
+            return Err(Status::invalid_argument(
+                "only data chunks may follow the header",
+            ));
+        };
+        if payload.len() as u64 + data.len() as u64 > declared {
+            return Err(Status::out_of_range(format!(
+                "payload larger than declared: more than {declared} bytes received"
+            )));
+        }
+        payload.extend_from_slice(&data);
+    }
+    if payload.len() as u64 != declared {
+        return Err(Status::out_of_range(format!(
+            "payload shorter than declared: {} of {declared} bytes",
+            payload.len()
+        )));
+    }
+    Ok(payload)
 }
 
 use futures::StreamExt as _;

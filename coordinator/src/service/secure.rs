@@ -310,26 +310,7 @@ pub(super) async fn submit_masked(
         .acquire()
         .await
         .map_err(|_| Status::unavailable("shutting down"))?;
-    let mut payload = Vec::with_capacity(declared as usize);
-    while let Some(chunk) = stream.message().await? {
-        let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
-            return Err(Status::invalid_argument(
-                "only data chunks may follow the header",
-            ));
-        };
-        if payload.len() as u64 + data.len() as u64 > declared {
-            return Err(Status::out_of_range(format!(
-                "payload larger than declared: more than {declared} bytes received"
-            )));
-        }
-        payload.extend_from_slice(&data);
-    }
-    if payload.len() as u64 != declared {
-        return Err(Status::out_of_range(format!(
-            "payload shorter than declared: {} of {declared} bytes",
-            payload.len()
-        )));
-    }
+    let payload = super::read_payload(&mut stream, declared).await?;
     {
         let mut guard = shared.secure_round();
         let round = guard
