@@ -74,48 +74,29 @@ fn skellam_from<R: Rng + ?Sized>(poisson: &Poisson<f64>, rng: &mut R) -> i64 {
     a as i64 - b as i64
 }
 
-/// Adds independent `Sk(variance)` noise to every coordinate of an i64
-/// fixed-point vector (wrapping, as secure aggregation works modulo 2⁶⁴).
-pub fn add_skellam_i64<R: Rng + ?Sized>(
-    values: &mut [i64],
-    variance: f64,
-    rng: &mut R,
-) -> Result<(), DpError> {
-    check_variance(variance)?;
-    if variance == 0.0 {
-        return Ok(());
-    }
-    let poisson = poisson_for(variance)?;
-    for v in values.iter_mut() {
-        *v = v.wrapping_add(skellam_from(&poisson, rng));
-    }
-    Ok(())
+/// A fixed-point word that Skellam noise is added to, wrapping modulo its
+/// width (2⁶⁴ or 2³²) as the masked sum does. Casting the signed draw to the
+/// word keeps its low bits, which is reduction modulo the width.
+pub trait NoiseWord: Copy {
+    /// `self + noise` modulo the word's width.
+    fn wrapping_add_noise(self, noise: i64) -> Self;
 }
 
-/// Adds independent `Sk(variance)` noise to every coordinate of an i32
-/// fixed-point vector, wrapping modulo 2³² as the masked sum does.
-pub fn add_skellam_i32<R: Rng + ?Sized>(
-    values: &mut [i32],
-    variance: f64,
-    rng: &mut R,
-) -> Result<(), DpError> {
-    check_variance(variance)?;
-    if variance == 0.0 {
-        return Ok(());
-    }
-    let poisson = poisson_for(variance)?;
-    for v in values.iter_mut() {
-        // Truncating to the low 32 bits is reduction modulo 2³².
-        *v = v.wrapping_add(skellam_from(&poisson, rng) as i32);
-    }
-    Ok(())
+macro_rules! noise_word {
+    ($($t:ty),*) => {$(
+        impl NoiseWord for $t {
+            fn wrapping_add_noise(self, noise: i64) -> Self {
+                self.wrapping_add(noise as $t)
+            }
+        }
+    )*};
 }
+noise_word!(i64, i32, u64, u32);
 
-/// Adds independent `Sk(variance)` noise to a vector of ring elements modulo
-/// 2⁶⁴ held as u64 (the two's-complement image of the signed noise), for
-/// secure-aggregation encodings that work on unsigned words.
-pub fn add_skellam_wrapping_u64<R: Rng + ?Sized>(
-    values: &mut [u64],
+/// Adds independent `Sk(variance)` noise to every coordinate of a
+/// fixed-point vector, wrapping modulo the word's width.
+pub fn add_skellam<W: NoiseWord, R: Rng + ?Sized>(
+    values: &mut [W],
     variance: f64,
     rng: &mut R,
 ) -> Result<(), DpError> {
@@ -125,24 +106,7 @@ pub fn add_skellam_wrapping_u64<R: Rng + ?Sized>(
     }
     let poisson = poisson_for(variance)?;
     for v in values.iter_mut() {
-        *v = v.wrapping_add(skellam_from(&poisson, rng) as u64);
-    }
-    Ok(())
-}
-
-/// As [`add_skellam_wrapping_u64`], modulo 2³² on u32 words.
-pub fn add_skellam_wrapping_u32<R: Rng + ?Sized>(
-    values: &mut [u32],
-    variance: f64,
-    rng: &mut R,
-) -> Result<(), DpError> {
-    check_variance(variance)?;
-    if variance == 0.0 {
-        return Ok(());
-    }
-    let poisson = poisson_for(variance)?;
-    for v in values.iter_mut() {
-        *v = v.wrapping_add(skellam_from(&poisson, rng) as u32);
+        *v = v.wrapping_add_noise(skellam_from(&poisson, rng));
     }
     Ok(())
 }
@@ -283,7 +247,7 @@ impl DistributedSkellam {
         values: &mut [i64],
         rng: &mut R,
     ) -> Result<(), DpError> {
-        add_skellam_i64(values, self.per_agent_variance(), rng)
+        add_skellam(values, self.per_agent_variance(), rng)
     }
 
     /// Adds this agent's share of the noise to its encoded i32 vector
@@ -293,7 +257,7 @@ impl DistributedSkellam {
         values: &mut [i32],
         rng: &mut R,
     ) -> Result<(), DpError> {
-        add_skellam_i32(values, self.per_agent_variance(), rng)
+        add_skellam(values, self.per_agent_variance(), rng)
     }
 
     /// Adds this agent's share to u64 ring elements (modulo 2⁶⁴).
@@ -302,7 +266,7 @@ impl DistributedSkellam {
         values: &mut [u64],
         rng: &mut R,
     ) -> Result<(), DpError> {
-        add_skellam_wrapping_u64(values, self.per_agent_variance(), rng)
+        add_skellam(values, self.per_agent_variance(), rng)
     }
 
     /// Adds this agent's share to u32 ring elements (modulo 2³²).
@@ -311,7 +275,7 @@ impl DistributedSkellam {
         values: &mut [u32],
         rng: &mut R,
     ) -> Result<(), DpError> {
-        add_skellam_wrapping_u32(values, self.per_agent_variance(), rng)
+        add_skellam(values, self.per_agent_variance(), rng)
     }
 }
 
@@ -341,8 +305,8 @@ pub fn noise_encoded<R: Rng + ?Sized>(
         });
     }
     let mut draws = vec![0i64; config.num_values];
-    add_skellam_i64(&mut draws[..dim], noise.skellam.per_agent_variance(), rng)?;
-    add_skellam_i64(&mut draws[dim..], noise.bit_variance, rng)?;
+    add_skellam(&mut draws[..dim], noise.skellam.per_agent_variance(), rng)?;
+    add_skellam(&mut draws[dim..], noise.bit_variance, rng)?;
     input
         .add_noise(&draws)
         .map_err(|_| DpError::InvalidParameter {
