@@ -132,6 +132,33 @@ pub async fn start_coordinator(store: &Path, run: RunConfig, port: u16) -> Runni
         .expect("coordinator starts")
 }
 
+/// A finished federation: the coordinator's state (history, models) and
+/// the temporary directory its store lives in.
+pub struct Federated {
+    /// The coordinator's shared state, after the run finished.
+    pub shared: std::sync::Arc<fedcart_coordinator::service::Shared>,
+    /// Keeps the store's directory alive as long as `shared` is read.
+    pub dir: tempfile::TempDir,
+}
+
+/// Runs `run` to the end over loopback gRPC with one real agent per Telco
+/// merchant file (`merchant-0`, `merchant-1`, …), then stops the agents.
+pub async fn federate_files(files: &[PathBuf], run: RunConfig) -> Federated {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
+    let agents: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(k, f)| spawn_agent(coord.addr, load_merchant(&format!("merchant-{k}"), f)))
+        .collect();
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.expect("run finishes");
+    for a in agents {
+        a.stop().await;
+    }
+    Federated { shared, dir }
+}
+
 /// A running in-process agent.
 pub struct AgentHandle {
     /// Set to true to stop the agent.

@@ -11,20 +11,9 @@ use fedcart_tests::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_agents_over_grpc_match_in_process_fedavg_and_beat_auc_0_80() {
     let split = telco_split(4, 11);
-    let store = tempfile::tempdir().unwrap();
     let run = churn_run("e2e-fedavg", 5, 4, 4);
-    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
-    let agents: Vec<_> = split
-        .files
-        .iter()
-        .enumerate()
-        .map(|(k, f)| spawn_agent(coord.addr, load_merchant(&format!("merchant-{k}"), f)))
-        .collect();
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    for a in agents {
-        a.stop().await;
-    }
+    let fed = federate_files(&split.files, run.clone()).await;
+    let shared = &fed.shared;
 
     let history = shared.history().unwrap();
     let trains: Vec<_> = history.iter().filter(|r| r.kind == "train").collect();

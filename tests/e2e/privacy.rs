@@ -16,22 +16,11 @@ use fedcart_tests::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_clip_the_coordinator_noises_and_each_round_records_epsilon() {
     let split = telco_split(4, 5);
-    let store = tempfile::tempdir().unwrap();
     let (clip, z, delta) = (0.5, 1.0, 1e-5);
     let mut run = churn_run("e2e-dp", 3, 4, 4);
     run.dp = Some(DpSettings::central(clip, z, delta));
-    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
-    let agents: Vec<_> = split
-        .files
-        .iter()
-        .enumerate()
-        .map(|(k, f)| spawn_agent(coord.addr, load_merchant(&format!("merchant-{k}"), f)))
-        .collect();
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    for a in agents {
-        a.stop().await;
-    }
+    let fed = federate_files(&split.files, run.clone()).await;
+    let shared = &fed.shared;
     let history = shared.history().unwrap();
     let trains: Vec<_> = history.iter().filter(|r| r.kind == "train").collect();
     assert_eq!(trains.len(), 3);

@@ -342,19 +342,8 @@ async fn telco_federation(
     let split = telco_split(4, 11);
     let mut run = churn_run(&format!("e2e-sa-churn-{secure}"), 5, 4, 4);
     run.secagg = secure.then(|| secure_settings(1e5));
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
-    let agents: Vec<_> = split
-        .files
-        .iter()
-        .enumerate()
-        .map(|(k, f)| spawn_agent(coord.addr, load_merchant(&format!("merchant-{k}"), f)))
-        .collect();
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    for a in agents {
-        a.stop().await;
-    }
+    let fed = federate_files(&split.files, run).await;
+    let shared = &fed.shared;
     let history = shared.history().unwrap();
     assert!(
         history
