@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use fedcart_client::agent::Agent;
 use fedcart_client::config::{AgentConfig, Backoff, DataConfig};
-use fedcart_common::lr::SgdParams;
-use fedcart_common::split;
-use fedcart_common::tabular::{Schema, TabularDataset};
+use fedcart_common::data::split;
+use fedcart_common::data::tabular::{Schema, TabularDataset};
+use fedcart_common::model::lr::SgdParams;
 use fedcart_common::task::ModelSpec;
 use fedcart_common::train::LocalData;
 use fedcart_coordinator::config::{RunConfig, Selection};

@@ -4,7 +4,7 @@
 
 use fedcart_client::agent::{download, upload};
 use fedcart_client::secure::{SecureTasks, send};
-use fedcart_common::secagg::stage_name;
+use fedcart_common::privacy::secagg::stage_name;
 use fedcart_common::task::TaskSpec;
 use fedcart_common::train::{LocalData, TaskOutput, run_task};
 use fedcart_proto::v1 as pb;

@@ -271,7 +271,7 @@ pub async fn download(
     if bytes.len() != expected {
         bail!("model has {} bytes, {expected} announced", bytes.len());
     }
-    Ok(fedcart_common::update::f32s_from_le(&bytes))
+    Ok(fedcart_common::federation::update::f32s_from_le(&bytes))
 }
 
 /// Uploads a task's result as a header chunk followed by data chunks.

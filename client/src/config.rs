@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fedcart_common::tabular::Schema;
+use fedcart_common::data::tabular::Schema;
 use serde::{Deserialize, Serialize};
 
 /// Reconnection backoff: doubles from `initial_ms` up to `max_ms`.

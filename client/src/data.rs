@@ -2,11 +2,11 @@
 //! locally with a seeded split (they never leave the agent either).
 
 use anyhow::Context;
-use fedcart_common::catalogue::Catalogue;
-use fedcart_common::mf::MfData;
-use fedcart_common::tabular::Schema;
+use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::tabular::Schema;
+use fedcart_common::data::{movielens, split};
+use fedcart_common::model::mf::MfData;
 use fedcart_common::train::{ChurnData, LocalData};
-use fedcart_common::{movielens, split};
 
 use crate::config::AgentConfig;
 

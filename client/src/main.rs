@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
                 .data
                 .schema
                 .clone()
-                .unwrap_or_else(fedcart_common::tabular::Schema::telco);
+                .unwrap_or_else(fedcart_common::data::tabular::Schema::telco);
             let n = recommend::score(&state_of(&cfg)?, csv, &schema, &out)?;
             println!("wrote {n} churn scores to {}", out.display());
             Ok(())

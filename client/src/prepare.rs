@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use fedcart_common::orders::{
+use fedcart_common::data::orders::{
     self, BadRowPolicy, ChurnConfig, Delimiter, OrdersMapping, TimestampFormat,
 };
 use serde::Serialize;

@@ -6,10 +6,10 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use fedcart_common::catalogue::Catalogue;
-use fedcart_common::lr::LogisticRegression;
-use fedcart_common::mf::{MfData, item_offsets};
-use fedcart_common::tabular::Schema;
+use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::tabular::Schema;
+use fedcart_common::model::lr::LogisticRegression;
+use fedcart_common::model::mf::{MfData, item_offsets};
 use fedcart_common::task::ModelSpec;
 
 use crate::state::StateDir;

@@ -8,7 +8,7 @@
 //!
 //! | request          | body                | answer                                   |
 //! |------------------|---------------------|------------------------------------------|
-//! | `advertise_keys` | [`RoundInvite`] JSON | `SecAgg` RPC with [`AdvertiseKeys`](fedcart_common::secagg::AdvertiseKeys) |
+//! | `advertise_keys` | [`RoundInvite`] JSON | `SecAgg` RPC with [`AdvertiseKeys`](fedcart_common::privacy::secagg::AdvertiseKeys) |
 //! | `share_keys`     | `KeyRoster`         | `SecAgg` RPC with the `ShareUpload`       |
 //! | `masked_input`   | `ShareRelay`        | `SubmitUpdate`, `PAYLOAD_ENCODING_MASKED_U32`, the masked frame |
 //! | `sign_survivors` | `SurvivorCheck`     | `SecAgg` RPC with the `SurvivorSignature` |
@@ -19,9 +19,9 @@
 //! so a run replays exactly. The plaintext update never leaves this module:
 //! only its masked encoding does.
 
-use fedcart_common::dp::distributed::noise_encoded;
-use fedcart_common::dp::task::DistributedNoise;
-use fedcart_common::secagg::{
+use fedcart_common::privacy::dp::distributed::noise_encoded;
+use fedcart_common::privacy::dp::task::DistributedNoise;
+use fedcart_common::privacy::secagg::{
     ClientSession, KeyRoster, RoundInvite, ShareRelay, SurvivorCheck, UnmaskRequest, encode,
     masked_to_bytes, stage_name,
 };
@@ -53,7 +53,7 @@ pub enum SecureError {
         /// The stage.
         stage: String,
         /// The session's error.
-        source: fedcart_common::secagg::SecAggError,
+        source: fedcart_common::privacy::secagg::SecAggError,
     },
 }
 
@@ -202,7 +202,9 @@ impl SecureTasks {
                     noise_encoded(&mut encoded, session.config(), noise, &mut os).map_err(|e| {
                         SecureError::Protocol {
                             stage: stage.to_string(),
-                            source: fedcart_common::secagg::SecAggError::Refused(e.to_string()),
+                            source: fedcart_common::privacy::secagg::SecAggError::Refused(
+                                e.to_string(),
+                            ),
                         }
                     })?;
                 }

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use fedcart_common::mf::UserState;
+use fedcart_common::model::mf::UserState;
 use fedcart_common::task::TaskSpec;
 use serde::{Deserialize, Serialize};
 
@@ -74,7 +74,7 @@ impl StateDir {
         let family = meta.spec.model.data_family();
         write_atomic(
             &self.dir.join(format!("global-{family}.f32")),
-            &fedcart_common::update::f32s_to_le(params),
+            &fedcart_common::federation::update::f32s_to_le(params),
         )?;
         write_atomic(
             &self.dir.join(format!("global-{family}.json")),
@@ -96,7 +96,10 @@ impl StateDir {
                 bytes.len()
             );
         }
-        Ok(Some((meta, fedcart_common::update::f32s_from_le(&bytes))))
+        Ok(Some((
+            meta,
+            fedcart_common::federation::update::f32s_from_le(&bytes),
+        )))
     }
 
     /// Stores the private MF user state.

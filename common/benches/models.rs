@@ -7,9 +7,9 @@
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fedcart_common::lr::{LogisticRegression, SgdParams};
-use fedcart_common::mf::{self, MfData, MfHyper};
-use fedcart_common::movielens;
+use fedcart_common::data::movielens;
+use fedcart_common::model::lr::{LogisticRegression, SgdParams};
+use fedcart_common::model::mf::{self, MfData, MfHyper};
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use ndarray::{Array1, Array2};
@@ -23,7 +23,7 @@ fn movielens_merchant(implicit: bool) -> (usize, LocalData) {
     } else {
         rows
     };
-    let catalogue = fedcart_common::catalogue::Catalogue::from_interactions(&rows);
+    let catalogue = fedcart_common::data::catalogue::Catalogue::from_interactions(&rows);
     let data = LocalData {
         merchant_id: "bench".into(),
         mf: Some(MfData::new(&rows, &[], &catalogue)),

@@ -9,8 +9,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use fedcart_common::dp::accountant::{DEFAULT_SIGMA_TOLERANCE, epsilon_for};
-use fedcart_common::dp::{Accountant, solve_noise_multiplier};
+use fedcart_common::privacy::dp::accountant::{DEFAULT_SIGMA_TOLERANCE, epsilon_for};
+use fedcart_common::privacy::dp::{Accountant, solve_noise_multiplier};
 
 /// Median wall time of `reps` runs of `f`.
 fn median<F: FnMut()>(reps: usize, mut f: F) -> Duration {

@@ -13,10 +13,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fedcart_common::mf::{MfAggregation, MfHyper};
-use fedcart_common::movielens;
-use fedcart_common::reference::{evaluate, federate};
-use fedcart_common::strategy::FedAvg;
+use fedcart_common::data::movielens;
+use fedcart_common::federation::reference::{evaluate, federate};
+use fedcart_common::federation::strategy::FedAvg;
+use fedcart_common::model::mf::{MfAggregation, MfHyper};
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::LocalData;
 
@@ -192,8 +192,11 @@ fn popularity(pooled: &LocalData, n: usize) -> (f64, f64) {
     seen.iter_mut().for_each(|s| s.sort_unstable());
     let (mut hr, mut ndcg) = (0.0, 0.0);
     for r in &d.test {
-        let (h, g) =
-            fedcart_common::mf::ranking_metrics(&scores, r.item as usize, &seen[r.user as usize]);
+        let (h, g) = fedcart_common::model::mf::ranking_metrics(
+            &scores,
+            r.item as usize,
+            &seen[r.user as usize],
+        );
         hr += h;
         ndcg += g;
     }

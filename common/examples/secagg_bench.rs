@@ -9,11 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use fedcart_common::secagg::{
+use fedcart_common::federation::update::Update;
+use fedcart_common::privacy::secagg::{
     AdvertiseKeys, AfterMasked, ClientSession, KeyRoster, SecAggConfig, ServerSession, ShareRelay,
     ShareUpload, UnmaskRequest, UnmaskResponse, encode, masked_to_bytes,
 };
-use fedcart_common::update::Update;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 

@@ -4,11 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::dp::DpTask;
-use crate::lr::SgdParams;
-use crate::mf::{self, MfHyper};
-use crate::standardize::Standardizer;
-use crate::update::WeightLayout;
+use crate::data::standardize::Standardizer;
+use crate::federation::update::WeightLayout;
+use crate::model::lr::SgdParams;
+use crate::model::mf::{self, MfHyper};
+use crate::privacy::dp::DpTask;
 
 /// The three kinds of work a round can hand out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +103,7 @@ impl ModelSpec {
             ModelSpec::ChurnMlp {
                 num_features,
                 hidden,
-            } => crate::mlp::MlpShape {
+            } => crate::model::mlp::MlpShape {
                 num_features: *num_features,
                 hidden: hidden.clone(),
             }
@@ -147,7 +147,7 @@ impl ModelSpec {
     /// small seeded random item factors for MF.
     pub fn initial_params(&self, seed: u64) -> Vec<f32> {
         match self {
-            ModelSpec::ChurnMlp { .. } => crate::churn::mlp_initial_params(self, seed),
+            ModelSpec::ChurnMlp { .. } => crate::model::churn::mlp_initial_params(self, seed),
             ModelSpec::Mf {
                 num_items,
                 factors,

@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use crate::lr::LogisticRegression;
+use crate::data::standardize::{Standardizer, stats_update};
+use crate::data::tabular::TabularDataset;
+use crate::federation::update::Update;
 use crate::metrics::{Confusion, auc, log_loss};
-use crate::mf::{MfData, MfShape, run_mf_task};
-use crate::standardize::{Standardizer, stats_update};
-use crate::tabular::TabularDataset;
+use crate::model::lr::LogisticRegression;
+use crate::model::mf::{MfData, MfShape, run_mf_task};
 use crate::task::{ModelSpec, TaskKind, TaskSpec};
-use crate::update::Update;
 
 /// A merchant's churn data, split locally into training and held-out rows.
 #[derive(Debug, Clone)]
@@ -89,7 +89,7 @@ pub enum TrainError {
     InvalidModel(String),
     /// The update could not be put in its differentially private form.
     #[error("differential privacy: {0}")]
-    Privacy(crate::dp::DpError),
+    Privacy(crate::privacy::dp::DpError),
     /// A train task arrived before the statistics step finished.
     #[error("the task needs feature statistics but carries none")]
     MissingStandardizer,
@@ -112,7 +112,7 @@ impl LocalData {
 /// Carries out `spec` on `data`, starting from `global`.
 ///
 /// A training task with differential privacy (`spec.dp`) returns the clipped,
-/// weight-1 form of the update (see [`crate::dp::task`]): agent and simulator
+/// weight-1 form of the update (see [`crate::privacy::dp::task`]): agent and simulator
 /// clip here, in the one function they share.
 pub fn run_task(
     spec: &TaskSpec,
@@ -121,7 +121,8 @@ pub fn run_task(
 ) -> Result<TaskOutput, TrainError> {
     let mut out = run_task_plain(spec, global, data)?;
     if let (Some(dp), TaskKind::Train) = (&spec.dp, spec.kind) {
-        crate::dp::privatise(dp, &spec.model.layout(), &mut out).map_err(TrainError::Privacy)?;
+        crate::privacy::dp::privatise(dp, &spec.model.layout(), &mut out)
+            .map_err(TrainError::Privacy)?;
     }
     Ok(out)
 }
@@ -137,7 +138,7 @@ fn run_task_plain(
         ModelSpec::ChurnMlp {
             num_features,
             hidden,
-        } => crate::churn::mlp_task(spec, *num_features, hidden, global, data),
+        } => crate::model::churn::mlp_task(spec, *num_features, hidden, global, data),
         ModelSpec::Mf {
             num_items,
             factors,

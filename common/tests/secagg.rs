@@ -1,12 +1,12 @@
 //! End-to-end checks of secure aggregation through the in-memory driver and
 //! through hand-driven sessions (for the refusal and abort paths).
 
-use fedcart_common::secagg::{
+use fedcart_common::federation::update::Update;
+use fedcart_common::privacy::secagg::{
     AfterMasked, ClientSession, Dropouts, KeyRoster, RingVec, SecAggConfig, SecAggError,
     ServerSession, ShareRelay, ShareUpload, Stage, SurvivorCheck, UnmaskRequest, UnmaskResponse,
     encode, masked_from_bytes, round_seed, rounding_rng, run_in_memory,
 };
-use fedcart_common::update::Update;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 

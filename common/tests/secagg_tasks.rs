@@ -5,17 +5,17 @@
 
 use std::path::Path;
 
-use fedcart_common::aggregate::SumAccumulator;
-use fedcart_common::churn::partition_churn;
-use fedcart_common::lr::SgdParams;
-use fedcart_common::secagg::{
+use fedcart_common::data::standardize::Standardizer;
+use fedcart_common::data::tabular::Schema;
+use fedcart_common::federation::aggregate::SumAccumulator;
+use fedcart_common::federation::update::{Update, WeightLayout};
+use fedcart_common::model::churn::partition_churn;
+use fedcart_common::model::lr::SgdParams;
+use fedcart_common::privacy::secagg::{
     Dropouts, MIN_STEPS_PER_CLIP, STATS_CLIP, SecAggConfig, run_in_memory,
 };
-use fedcart_common::standardize::Standardizer;
-use fedcart_common::tabular::Schema;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::run_task;
-use fedcart_common::update::{Update, WeightLayout};
 
 #[test]
 fn for_task_picks_the_complete_graph_up_to_64_agents_and_secagg_plus_above() {

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use fedcart_common::lr::SgdParams;
+use fedcart_common::model::lr::SgdParams;
 use fedcart_common::task::ModelSpec;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -70,7 +70,7 @@ pub struct RunConfig {
     pub dp: Option<DpSettings>,
 }
 
-/// Secure-aggregation settings of a run (see `fedcart_common::secagg`).
+/// Secure-aggregation settings of a run (see `fedcart_common::privacy::secagg`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecAggSettings {

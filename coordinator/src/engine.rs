@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use fedcart_common::aggregate::SumAccumulator;
-use fedcart_common::standardize::Standardizer;
-use fedcart_common::strategy::Strategy;
+use fedcart_common::data::standardize::Standardizer;
+use fedcart_common::federation::aggregate::SumAccumulator;
+use fedcart_common::federation::strategy::Strategy;
+use fedcart_common::federation::update::{Update, UpdateError};
 use fedcart_common::task::{TaskKind, TaskSpec};
-use fedcart_common::update::{Update, UpdateError};
 use rand::seq::SliceRandom;
 use thiserror::Error;
 
@@ -29,9 +29,9 @@ use crate::record::{Outcome, RoundRecord};
 use crate::store::{Commit, Store, StoreError};
 
 /// Builds a strategy from its configured name (see
-/// [`fedcart_common::strategy::strategy_by_name`]).
+/// [`fedcart_common::federation::strategy::strategy_by_name`]).
 pub fn strategy_by_name(name: &str) -> Result<Box<dyn Strategy>, String> {
-    fedcart_common::strategy::strategy_by_name(name)
+    fedcart_common::federation::strategy::strategy_by_name(name)
 }
 
 /// Errors of the engine itself (not of a single submission).
@@ -72,7 +72,7 @@ pub enum EngineError {
     Config(String),
     /// A differential-privacy computation failed.
     #[error("differential privacy: {0}")]
-    Privacy(#[from] fedcart_common::dp::DpError),
+    Privacy(#[from] fedcart_common::privacy::dp::DpError),
 }
 
 /// Why one submission was refused. Each maps to a specific gRPC status.
@@ -565,7 +565,8 @@ impl Engine {
         for ((i, agent, sub), bad) in accepted.into_iter().zip(non_finite) {
             if bad {
                 let values = &sub.update.as_ref().expect("only updates are folded").values;
-                let index = fedcart_common::update::first_non_finite(values).unwrap_or(0);
+                let index =
+                    fedcart_common::federation::update::first_non_finite(values).unwrap_or(0);
                 let e = SubmitError::from(UpdateError::NotFinite {
                     index,
                     value: values[index],

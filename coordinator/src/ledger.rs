@@ -11,7 +11,7 @@
 //! # The estimator and its sensitivity
 //!
 //! Every selected merchant sends its delta clipped to L2 norm `C` with weight
-//! 1 (see `fedcart_common::dp::clip`). The released step is
+//! 1 (see `fedcart_common::privacy::dp::clip`). The released step is
 //! `(Σ clipped deltas + noise) / m`, where the **fixed denominator** `m` is
 //! the number of merchants *selected* for the round — the expected number of
 //! participants, fixed before any data is touched — not the number that
@@ -26,9 +26,9 @@
 //! deployments. The one-off feature-statistics step of churn models and the
 //! reported training/evaluation metrics are outside the guarantee.
 
-use fedcart_common::aggregate::SumAccumulator;
-use fedcart_common::dp::distributed::max_scale;
-use fedcart_common::dp::{
+use fedcart_common::federation::aggregate::SumAccumulator;
+use fedcart_common::privacy::dp::distributed::max_scale;
+use fedcart_common::privacy::dp::{
     Accountant, AdaptiveClip, CentralGaussian, DistributedNoise, DistributedSkellam, DpError,
     DpTask,
 };

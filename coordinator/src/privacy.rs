@@ -3,13 +3,13 @@
 //! Given the Poisson sampling rate of agents per round, the number of rounds
 //! and δ, it prints either ε for a noise multiplier (with the optimal Rényi
 //! order) or, for a target ε, the smallest noise multiplier that reaches it.
-//! The accounting is `fedcart_common::dp`, which matches Google's
+//! The accounting is `fedcart_common::privacy::dp`, which matches Google's
 //! `dp_accounting` RDP accountant; this module only validates flags and
 //! formats the answer, so the binary stays thin.
 
 use anyhow::{Context, Result, bail};
-use fedcart_common::dp::accountant::{DEFAULT_SIGMA_TOLERANCE, epsilon_for};
-use fedcart_common::dp::solve_noise_multiplier;
+use fedcart_common::privacy::dp::accountant::{DEFAULT_SIGMA_TOLERANCE, epsilon_for};
+use fedcart_common::privacy::dp::solve_noise_multiplier;
 use serde_json::json;
 
 /// Flags of the `privacy` subcommand.

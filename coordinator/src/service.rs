@@ -17,8 +17,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fedcart_common::federation::update::Update;
 use fedcart_common::task::TaskKind;
-use fedcart_common::update::Update;
 use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use futures::Stream;
@@ -167,7 +167,7 @@ impl Shared {
     }
 
     /// The feature statistics agreed in the statistics step, if any.
-    pub fn standardizer(&self) -> Option<fedcart_common::standardize::Standardizer> {
+    pub fn standardizer(&self) -> Option<fedcart_common::data::standardize::Standardizer> {
         self.engine().standardizer().cloned()
     }
 
@@ -335,7 +335,7 @@ impl Coordinator for Service {
             Ok(pb::ModelChunk {
                 offset: (start * 4) as u64,
                 total_len,
-                data: fedcart_common::update::f32s_to_le(&model[start..end]),
+                data: fedcart_common::federation::update::f32s_to_le(&model[start..end]),
             })
         });
         Ok(Response::new(Box::pin(stream)))

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use fedcart_common::strategy::strategy_by_name;
+use fedcart_common::federation::strategy::strategy_by_name;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
@@ -207,7 +207,8 @@ pub fn run_one(
             }
         }
         let mut per_merchant = BTreeMap::new();
-        let mut secure_inputs: Vec<(String, fedcart_common::update::Update)> = Vec::new();
+        let mut secure_inputs: Vec<(String, fedcart_common::federation::update::Update)> =
+            Vec::new();
         for chunk in todo.chunks(CHUNK) {
             let outs: Vec<_> = pool.install(|| {
                 chunk
@@ -332,7 +333,7 @@ pub fn run_one(
             dp: None,
         };
         exp.federation_value = Some(
-            fedcart_common::reference::federation_value(
+            fedcart_common::federation::reference::federation_value(
                 &template,
                 &originals,
                 s.mode.baseline_rounds(s.rounds, n),
@@ -351,10 +352,10 @@ pub fn run_one(
 fn secure_sum(
     engine: &mut Engine,
     plan: &crate::engine::TaskPlan,
-    inputs: Vec<(String, fedcart_common::update::Update)>,
+    inputs: Vec<(String, fedcart_common::federation::update::Update)>,
     seed: u64,
 ) -> anyhow::Result<u64> {
-    use fedcart_common::secagg::{Dropouts, run_in_memory, run_in_memory_with};
+    use fedcart_common::privacy::secagg::{Dropouts, run_in_memory, run_in_memory_with};
     let n = inputs.len();
     if n == 0 {
         return Ok(0);

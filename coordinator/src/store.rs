@@ -222,7 +222,7 @@ impl Store {
         version: u64,
         params: &[f32],
     ) -> Result<(), StoreError> {
-        let bytes = fedcart_common::update::f32s_to_le(params);
+        let bytes = fedcart_common::federation::update::f32s_to_le(params);
         let mut models = txn.open_table(MODELS).map_err(|e| self.err(e))?;
         for (i, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
             models
@@ -253,7 +253,7 @@ impl Store {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
             meta.insert("latest_version", commit.version.to_le_bytes().as_slice())
                 .map_err(|e| self.err(e))?;
-            let state = fedcart_common::update::f32s_to_le(commit.strategy_state);
+            let state = fedcart_common::federation::update::f32s_to_le(commit.strategy_state);
             meta.insert("strategy_state", state.as_slice())
                 .map_err(|e| self.err(e))?;
         }
@@ -324,7 +324,7 @@ impl Store {
     pub fn strategy_state(&self) -> Result<Vec<f32>, StoreError> {
         Ok(self
             .meta("strategy_state")?
-            .map(|b| fedcart_common::update::f32s_from_le(&b))
+            .map(|b| fedcart_common::federation::update::f32s_from_le(&b))
             .unwrap_or_default())
     }
 
@@ -351,7 +351,9 @@ impl Store {
                 "model version {version} (length or checksum mismatch)"
             )));
         }
-        Ok(Some(fedcart_common::update::f32s_from_le(&bytes)))
+        Ok(Some(fedcart_common::federation::update::f32s_from_le(
+            &bytes,
+        )))
     }
 
     /// All history records, oldest first.

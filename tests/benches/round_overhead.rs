@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
-use fedcart_common::lr::SgdParams;
+use fedcart_common::model::lr::SgdParams;
 use fedcart_common::task::ModelSpec;
 use fedcart_common::train::LocalData;
 use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};

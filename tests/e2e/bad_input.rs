@@ -1,7 +1,7 @@
 //! Bad updates are rejected with specific statuses while the round goes on,
 //! and dropouts are absorbed by the quorum or abort the round cleanly.
 
-use fedcart_common::update::f32s_to_le;
+use fedcart_common::federation::update::f32s_to_le;
 use fedcart_coordinator::record::Outcome;
 use fedcart_tests::raw::RawAgent;
 use fedcart_tests::*;

@@ -3,8 +3,8 @@
 //! plain FedAvg of exactly the agents whose masked inputs are in the sum, and
 //! a round with too few survivors must abort without committing anything.
 
-use fedcart_common::reference;
-use fedcart_common::strategy::FedAvg;
+use fedcart_common::federation::reference;
+use fedcart_common::federation::strategy::FedAvg;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::LocalData;
 use fedcart_coordinator::config::{RunConfig, SecAggSettings};
@@ -212,7 +212,7 @@ async fn signed_survivor_lists_still_give_the_fedavg_of_all_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secure_task() {
     use fedcart_client::secure::{Reply, SecureTasks};
-    use fedcart_common::secagg::AdvertiseKeys;
+    use fedcart_common::privacy::secagg::AdvertiseKeys;
     use fedcart_proto::v1 as pb;
     let run = noop_secure_run("e2e-sa-refuse", 1, 2, 2, 100);
     let store = tempfile::tempdir().unwrap();
@@ -225,7 +225,8 @@ async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secur
 
     // A plaintext update is refused before its payload is read.
     let header = a.header(&task, &out);
-    let payload = fedcart_common::update::f32s_to_le(&out.update.as_ref().unwrap().values);
+    let payload =
+        fedcart_common::federation::update::f32s_to_le(&out.update.as_ref().unwrap().values);
     let err = a.send_raw(header, vec![payload]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(
@@ -272,8 +273,8 @@ async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secur
 /// without secure aggregation; returns the final model and the last held-out
 /// evaluation metrics.
 async fn movielens_federation(secure: bool) -> (Vec<f32>, std::collections::BTreeMap<String, f64>) {
-    use fedcart_common::mf::MfHyper;
-    use fedcart_common::movielens;
+    use fedcart_common::data::movielens;
+    use fedcart_common::model::mf::MfHyper;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../data/ml-latest-small/ratings.csv");
     let rows = movielens::load_ratings(&path).unwrap();
@@ -336,8 +337,12 @@ async fn mf_federation_with_secure_aggregation_matches_the_plaintext_one() {
 /// held-out AUC of the final model and the agreed feature statistics.
 async fn telco_federation(
     secure: bool,
-) -> (f64, Vec<f32>, fedcart_common::standardize::Standardizer) {
-    use fedcart_common::lr::LogisticRegression;
+) -> (
+    f64,
+    Vec<f32>,
+    fedcart_common::data::standardize::Standardizer,
+) {
+    use fedcart_common::model::lr::LogisticRegression;
     use fedcart_common::train::evaluate_lr;
     let split = telco_split(4, 11);
     let mut run = churn_run(&format!("e2e-sa-churn-{secure}"), 5, 4, 4);

@@ -5,10 +5,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use fedcart_common::mf::MfHyper;
-use fedcart_common::movielens;
+use fedcart_common::data::movielens;
+use fedcart_common::federation::update::f32s_to_le;
+use fedcart_common::model::mf::MfHyper;
 use fedcart_common::task::ModelSpec;
-use fedcart_common::update::f32s_to_le;
 use fedcart_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -10,8 +10,8 @@
 //! population = 1000     # merchants in the federation (for the sampling rate)
 //! ```
 
-use fedcart_common::dp::accountant::DEFAULT_SIGMA_TOLERANCE;
-use fedcart_common::dp::{AdaptiveClip, solve_noise_multiplier};
+use fedcart_common::privacy::dp::accountant::DEFAULT_SIGMA_TOLERANCE;
+use fedcart_common::privacy::dp::{AdaptiveClip, solve_noise_multiplier};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{ConfigError, RunConfig};

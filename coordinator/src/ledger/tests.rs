@@ -3,10 +3,10 @@
 //! history surviving a restart, distributed noise through real secure
 //! aggregation, and configuration errors naming the field.
 
-use fedcart_common::dp::accountant::epsilon_for;
-use fedcart_common::secagg::{Dropouts, SecAggConfig, run_in_memory_with};
+use fedcart_common::federation::update::Update;
+use fedcart_common::privacy::dp::accountant::epsilon_for;
+use fedcart_common::privacy::secagg::{Dropouts, SecAggConfig, run_in_memory_with};
 use fedcart_common::task::ModelSpec;
-use fedcart_common::update::Update;
 
 use super::*;
 use crate::config::{SecAggSettings, Selection};

@@ -1,9 +1,9 @@
 //! The one place where protobuf types become domain types and errors become
 //! gRPC statuses.
 
-use fedcart_common::secagg::SecAggError;
+use fedcart_common::federation::update::UpdateError;
+use fedcart_common::privacy::secagg::SecAggError;
 use fedcart_common::task::TaskKind;
-use fedcart_common::update::UpdateError;
 use fedcart_proto::v1 as pb;
 use tonic::Status;
 

@@ -14,7 +14,7 @@
 //! 3. `masked_input`: each agent gets the bundles addressed to it and uploads
 //!    its masked vector through `SubmitUpdate` with
 //!    `PAYLOAD_ENCODING_MASKED_U32` (the bytes of
-//!    [`fedcart_common::secagg::masked_to_bytes`]). The bytes go straight
+//!    [`fedcart_common::privacy::secagg::masked_to_bytes`]). The bytes go straight
 //!    into [`ServerSession::on_masked_bytes`], which adds them into the one
 //!    running masked sum; the plaintext metrics in the header go to the
 //!    engine with no update.
@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, MutexGuard};
 
-use fedcart_common::secagg::{
+use fedcart_common::privacy::secagg::{
     AdvertiseKeys, AfterMasked, RingVec, RoundInvite, SecAggConfig, SecAggError, ServerSession,
     ShareUpload, Stage, SurvivorSignature, UnmaskResponse, bytes_per_element, masked_to_bytes,
     round_seed, stage_name,

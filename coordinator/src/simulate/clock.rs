@@ -17,7 +17,7 @@
 //! of the protocol) and the one-off statistics step take no virtual time.
 
 use anyhow::bail;
-use fedcart_common::lr::SgdParams;
+use fedcart_common::model::lr::SgdParams;
 use fedcart_common::task::ModelSpec;
 use fedcart_common::train::LocalData;
 use rand::seq::SliceRandom;

@@ -8,13 +8,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use fedcart_common::catalogue::Catalogue;
-use fedcart_common::interactions::Interaction;
-use fedcart_common::mf::{MfData, MfHyper};
-use fedcart_common::movielens;
-use fedcart_common::partition::Partitioner;
-use fedcart_common::split;
-use fedcart_common::tabular::{Schema, TabularDataset};
+use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::interactions::Interaction;
+use fedcart_common::data::movielens;
+use fedcart_common::data::partition::Partitioner;
+use fedcart_common::data::split;
+use fedcart_common::data::tabular::{Schema, TabularDataset};
+use fedcart_common::model::mf::{MfData, MfHyper};
 use fedcart_common::task::ModelSpec;
 use fedcart_common::train::{ChurnData, LocalData};
 
@@ -191,7 +191,7 @@ impl TaskChoice {
 }
 
 /// Hidden width of `churn-mlp` without explicit widths (the width the MLP
-/// tests in `fedcart_common::churn` reach Telco's LR AUC with).
+/// tests in `fedcart_common::model::churn` reach Telco's LR AUC with).
 pub const DEFAULT_HIDDEN: usize = 16;
 
 /// The merchants of an experiment and the model they federate.

@@ -3,9 +3,9 @@
 //! the in-process secure aggregation.
 
 use anyhow::bail;
-use fedcart_common::dp::DistributedNoise;
-use fedcart_common::dp::distributed::noise_encoded;
-use fedcart_common::secagg::{EncodedInput, SecAggConfig, SecAggError};
+use fedcart_common::privacy::dp::DistributedNoise;
+use fedcart_common::privacy::dp::distributed::noise_encoded;
+use fedcart_common::privacy::secagg::{EncodedInput, SecAggConfig, SecAggError};
 
 use crate::config::{ClipNorm, DpMode, DpSettings};
 

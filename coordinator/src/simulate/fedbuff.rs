@@ -5,7 +5,7 @@
 //! downloaded when it was handed work. An event queue orders their
 //! completions by virtual time (see `clock.rs`); nothing sleeps. A finished
 //! update is `τ` versions stale and is scaled by `s(τ)·η`
-//! ([`fedcart_common::fedbuff::weigh`]); once `buffer` (K) updates are in,
+//! ([`fedcart_common::federation::fedbuff::weigh`]); once `buffer` (K) updates are in,
 //! they become one engine train task whose selected set is exactly the K
 //! contributors, and the engine validates, folds, applies the strategy and
 //! commits the version to the store exactly as for a synchronous round (then
@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::bail;
-use fedcart_common::fedbuff::{Staleness, weigh};
+use fedcart_common::federation::fedbuff::{Staleness, weigh};
 use fedcart_common::task::{TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use fedcart_common::lr::SgdParams;
-use fedcart_common::mf::MfHyper;
-use fedcart_common::partition::Partitioner;
-use fedcart_common::strategy::strategy_by_name;
+use fedcart_common::data::partition::Partitioner;
+use fedcart_common::federation::strategy::strategy_by_name;
+use fedcart_common::model::lr::SgdParams;
+use fedcart_common::model::mf::MfHyper;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
@@ -382,7 +382,8 @@ impl Settings {
         {
             bail!("--lr {lr} must be finite and positive");
         }
-        fedcart_common::strategy::strategy_by_name(&s.strategy).map_err(anyhow::Error::msg)?;
+        fedcart_common::federation::strategy::strategy_by_name(&s.strategy)
+            .map_err(anyhow::Error::msg)?;
         if let Some(dp) = &s.dp
             && dp.mode == crate::config::DpMode::Distributed
             && !s.secagg

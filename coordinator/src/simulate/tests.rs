@@ -224,7 +224,7 @@ fn churn_lr_with_secure_aggregation_reaches_the_plaintext_auc() {
 
 /// Runs only the statistics step of churn-lr on Telco through the engine, as
 /// `run_one` does, and returns the standardiser the engine agreed on.
-fn telco_standardizer(secure: bool) -> fedcart_common::standardize::Standardizer {
+fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standardizer {
     let mut a = args();
     a.task = Some("churn-lr".into());
     a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));

@@ -1,5 +1,5 @@
 //! `--data orders:PATH`: a merchant orders export read through a column
-//! mapping (`fedcart_common::orders`) into per-merchant churn features and
+//! mapping (`fedcart_common::data::orders`) into per-merchant churn features and
 //! recommender interactions — exactly what `fedcart-client prepare` derives
 //! on a merchant's own machine.
 //!
@@ -15,17 +15,17 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use fedcart_common::catalogue::Catalogue;
-use fedcart_common::interactions::Interaction;
-use fedcart_common::mf::{MfData, MfHyper};
-use fedcart_common::movielens;
-use fedcart_common::orders::{
+use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::interactions::Interaction;
+use fedcart_common::data::movielens;
+use fedcart_common::data::orders::{
     self, BadRowPolicy, ChurnConfig, Delimiter, Order, OrdersMapping, Prepared, TimestampFormat,
     derive::FEATURE_NAMES, mapping::SECONDS_PER_DAY,
 };
-use fedcart_common::partition::Partitioner;
-use fedcart_common::split;
-use fedcart_common::tabular::TabularDataset;
+use fedcart_common::data::partition::Partitioner;
+use fedcart_common::data::split;
+use fedcart_common::data::tabular::TabularDataset;
+use fedcart_common::model::mf::{MfData, MfHyper};
 use fedcart_common::train::{ChurnData, LocalData};
 use serde::{Deserialize, Serialize};
 

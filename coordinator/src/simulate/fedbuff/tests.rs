@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use fedcart_common::fedbuff::Staleness;
+use fedcart_common::federation::fedbuff::Staleness;
 
 use super::*;
 use crate::config::{RunConfig, Selection};

@@ -1,0 +1,323 @@
+//! MovieLens ratings (`userId,movieId,rating,timestamp`) as interactions, and
+//! the standard recommender splits: a seeded random split of ratings for
+//! explicit feedback, leave-last-out per user for implicit feedback, and a
+//! partition of users into merchants with disjoint customers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use crate::data::catalogue::Catalogue;
+use crate::data::interactions::Interaction;
+use crate::data::tabular::DataError;
+use crate::model::mf::MfData;
+use crate::train::LocalData;
+
+/// Reads a MovieLens `ratings.csv`. Columns are found by header name, so
+/// their order does not matter; every bad cell is reported with the file,
+/// the 1-based line and the column.
+pub fn load_ratings(path: &Path) -> Result<Vec<Interaction>, DataError> {
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        file: path.into(),
+        source,
+    })?;
+    read_ratings(file, path)
+}
+
+/// [`load_ratings`] from any reader; `path` only names the source in errors.
+pub fn read_ratings<R: std::io::Read>(
+    reader: R,
+    path: &Path,
+) -> Result<Vec<Interaction>, DataError> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(reader);
+    let row_err = |e: csv::Error| DataError::Row {
+        file: path.into(),
+        line: e.position().map_or(1, |p| p.line()),
+        message: e.to_string(),
+    };
+    let header = rdr.headers().map_err(row_err)?.clone();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h.trim() == name)
+            .ok_or_else(|| DataError::MissingColumn {
+                file: path.into(),
+                column: name.into(),
+                header: header.iter().collect::<Vec<_>>().join(","),
+            })
+    };
+    let (cu, ci, cr, ct) = (
+        col("userId")?,
+        col("movieId")?,
+        col("rating")?,
+        col("timestamp")?,
+    );
+    let mut out = Vec::new();
+    let mut record = csv::StringRecord::new();
+    while rdr.read_record(&mut record).map_err(row_err)? {
+        let line = record.position().map_or(0, |p| p.line());
+        let cell = |c: usize, name: &str| {
+            record
+                .get(c)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| DataError::Cell {
+                    file: path.into(),
+                    line,
+                    column: name.into(),
+                    message: "missing value".into(),
+                })
+        };
+        let bad = |name: &str, v: &str, what: &str| DataError::Cell {
+            file: path.into(),
+            line,
+            column: name.into(),
+            message: format!("`{v}` is not {what}"),
+        };
+        let user = cell(cu, "userId")?.to_string();
+        let item = cell(ci, "movieId")?.to_string();
+        let r = cell(cr, "rating")?;
+        let value: f32 = r
+            .parse()
+            .ok()
+            .filter(|v: &f32| v.is_finite())
+            .ok_or_else(|| bad("rating", r, "a finite number"))?;
+        let t = cell(ct, "timestamp")?;
+        let timestamp: i64 = t.parse().map_err(|_| bad("timestamp", t, "an integer"))?;
+        out.push(Interaction {
+            user,
+            item,
+            value,
+            timestamp,
+        });
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty { file: path.into() });
+    }
+    Ok(out)
+}
+
+/// Writes interactions as `user,item,rating,timestamp` (no quoting needed for
+/// MovieLens ids), e.g. to hand the exact same split to another library.
+pub fn write_csv(path: &Path, rows: &[Interaction]) -> Result<(), DataError> {
+    let mut text = String::with_capacity(rows.len() * 24 + 32);
+    text.push_str("user,item,rating,timestamp\n");
+    for r in rows {
+        text.push_str(&format!(
+            "{},{},{},{}\n",
+            r.user, r.item, r.value, r.timestamp
+        ));
+    }
+    std::fs::write(path, text).map_err(|source| DataError::Io {
+        file: path.into(),
+        source,
+    })
+}
+
+/// A seeded random split of all ratings: `(train, test)` with `fraction` of
+/// the ratings held out, each part in the original order.
+pub fn random_split(
+    rows: &[Interaction],
+    fraction: f64,
+    seed: u64,
+) -> (Vec<Interaction>, Vec<Interaction>) {
+    let (tr, te) = crate::data::split::train_test(rows.len(), fraction, seed);
+    let pick = |idx: Vec<usize>| idx.into_iter().map(|i| rows[i].clone()).collect();
+    (pick(tr), pick(te))
+}
+
+/// Implicit feedback from ratings: keeps ratings `>= threshold` as purchases
+/// of value 1.
+pub fn implicit(rows: &[Interaction], threshold: f32) -> Vec<Interaction> {
+    rows.iter()
+        .filter(|r| r.value >= threshold)
+        .map(|r| Interaction {
+            value: 1.0,
+            ..r.clone()
+        })
+        .collect()
+}
+
+/// Leave-last-out: each user's latest interaction (ties broken by the later
+/// row) is held out; users with a single interaction keep it for training
+/// and have nothing to be tested on. Returns `(train, test)`.
+pub fn leave_last_out(rows: &[Interaction]) -> (Vec<Interaction>, Vec<Interaction>) {
+    let mut last: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for (k, r) in rows.iter().enumerate() {
+        *count.entry(&r.user).or_default() += 1;
+        let e = last.entry(&r.user).or_insert(k);
+        if r.timestamp >= rows[*e].timestamp {
+            *e = k;
+        }
+    }
+    let held: BTreeSet<usize> = last
+        .iter()
+        .filter(|(u, _)| count[*u] >= 2)
+        .map(|(_, &k)| k)
+        .collect();
+    let mut train = Vec::with_capacity(rows.len());
+    let mut test = Vec::with_capacity(held.len());
+    for (k, r) in rows.iter().enumerate() {
+        if held.contains(&k) {
+            test.push(r.clone());
+        } else {
+            train.push(r.clone());
+        }
+    }
+    (train, test)
+}
+
+/// Deals the distinct users of `rows` into `merchants` groups after a seeded
+/// shuffle; returns each merchant's user set. Customers never overlap.
+pub fn partition_users(rows: &[Interaction], merchants: usize, seed: u64) -> Vec<BTreeSet<String>> {
+    let users: Vec<&str> = rows
+        .iter()
+        .map(|r| r.user.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let idx: Vec<usize> = (0..users.len()).collect();
+    crate::data::split::iid_partition(&idx, merchants, seed)
+        .into_iter()
+        .map(|part| part.into_iter().map(|i| users[i].to_string()).collect())
+        .collect()
+}
+
+/// The rows whose user is in `users`.
+pub fn rows_of(rows: &[Interaction], users: &BTreeSet<String>) -> Vec<Interaction> {
+    rows.iter()
+        .filter(|r| users.contains(&r.user))
+        .cloned()
+        .collect()
+}
+
+/// A federation built from one ratings file: the shared catalogue, the
+/// global train/test split (to hand to other libraries) and the merchants.
+#[derive(Debug, Clone)]
+pub struct Federated {
+    /// Every item of the file, in canonical order.
+    pub catalogue: Catalogue,
+    /// All training interactions.
+    pub train: Vec<Interaction>,
+    /// All held-out interactions.
+    pub test: Vec<Interaction>,
+    /// One merchant per user group, named `m0`, `m1`, …
+    pub merchants: Vec<LocalData>,
+}
+
+/// Explicit setting: a seeded random split holding out `test_fraction` of the
+/// ratings, then users dealt into `merchants` disjoint customer bases.
+pub fn explicit_federation(
+    rows: &[Interaction],
+    merchants: usize,
+    test_fraction: f64,
+    seed: u64,
+) -> Federated {
+    let (train, test) = random_split(rows, test_fraction, seed);
+    build(rows, train, test, merchants, seed)
+}
+
+/// Implicit setting: ratings `>= threshold` become purchases, each user's
+/// last purchase is held out, users dealt into `merchants` groups.
+pub fn implicit_federation(
+    rows: &[Interaction],
+    merchants: usize,
+    threshold: f32,
+    seed: u64,
+) -> Federated {
+    let (train, test) = leave_last_out(&implicit(rows, threshold));
+    build(rows, train, test, merchants, seed)
+}
+
+fn build(
+    rows: &[Interaction],
+    train: Vec<Interaction>,
+    test: Vec<Interaction>,
+    merchants: usize,
+    seed: u64,
+) -> Federated {
+    let catalogue = Catalogue::from_interactions(rows);
+    let merchants = partition_users(rows, merchants, seed)
+        .iter()
+        .enumerate()
+        .map(|(m, users)| LocalData {
+            merchant_id: format!("m{m}"),
+            mf: Some(MfData::new(
+                &rows_of(&train, users),
+                &rows_of(&test, users),
+                &catalogue,
+            )),
+            ..Default::default()
+        })
+        .collect();
+    Federated {
+        catalogue,
+        train,
+        test,
+        merchants,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(user: &str, item: &str, value: f32, timestamp: i64) -> Interaction {
+        Interaction {
+            user: user.into(),
+            item: item.into(),
+            value,
+            timestamp,
+        }
+    }
+
+    #[test]
+    fn bad_cells_name_file_line_and_column() {
+        let text = "userId,movieId,rating,timestamp\n1,2,4.0,10\n1,3,high,11\n";
+        let err = read_ratings(text.as_bytes(), Path::new("r.csv")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("r.csv") && msg.contains("line 3") && msg.contains("`rating`"),
+            "{msg}"
+        );
+        let text = "userId,rating,timestamp\n1,4.0,10\n";
+        let msg = read_ratings(text.as_bytes(), Path::new("r.csv"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("movieId"), "{msg}");
+    }
+
+    #[test]
+    fn bundled_ratings_load_completely() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small/ratings.csv");
+        let rows = load_ratings(&path).unwrap();
+        assert_eq!(rows.len(), 100_836);
+        assert_eq!(rows[0], row("1", "1", 4.0, 964_982_703));
+    }
+
+    #[test]
+    fn leave_last_out_holds_out_each_users_latest() {
+        let rows = vec![
+            row("a", "1", 5.0, 3),
+            row("a", "2", 5.0, 9),
+            row("a", "3", 5.0, 5),
+            row("b", "1", 5.0, 1),
+        ];
+        let (train, test) = leave_last_out(&rows);
+        assert_eq!(test, vec![row("a", "2", 5.0, 9)]);
+        assert_eq!(train.len(), 3);
+    }
+
+    #[test]
+    fn user_partition_is_disjoint_and_complete() {
+        let rows: Vec<_> = (0..50).map(|u| row(&u.to_string(), "1", 1.0, 0)).collect();
+        let parts = partition_users(&rows, 4, 7);
+        let total: usize = parts.iter().map(BTreeSet::len).sum();
+        let union: BTreeSet<_> = parts.iter().flatten().collect();
+        assert_eq!((total, union.len()), (50, 50));
+        assert_eq!(parts, partition_users(&rows, 4, 7));
+    }
+}

@@ -1,0 +1,262 @@
+//! Orders + a cutoff date → what fedcart trains on: interactions for the
+//! recommenders, per-customer RFM features and churn labels.
+//!
+//! Only orders strictly before the cutoff feed the interactions and the
+//! features; the churn label of a customer is 1 when they bought nothing in
+//! `[cutoff, cutoff + window)`. Customers without orders before the cutoff are
+//! not rows (there is nothing to describe them by). Orders on or after the end
+//! of the churn window are ignored.
+
+use std::collections::BTreeMap;
+
+use ndarray::{Array1, Array2};
+use serde::{Deserialize, Serialize};
+
+use super::mapping::SECONDS_PER_DAY;
+use super::{Order, OrdersError};
+use crate::data::interactions::Interaction;
+use crate::data::tabular::TabularDataset;
+
+/// Names of the RFM feature columns, in feature order. Durations are in days,
+/// rates in purchase occasions per 30 days.
+pub const FEATURE_NAMES: [&str; 8] = [
+    "recency_days",
+    "frequency",
+    "monetary",
+    "tenure_days",
+    "mean_basket_value",
+    "mean_gap_days",
+    "trend",
+    "total_quantity",
+];
+
+/// When to cut the history and how to define churn.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ChurnConfig {
+    /// Unix seconds; history is what happened strictly before it.
+    pub cutoff: i64,
+    /// A customer churned if they bought nothing within this many days after the cutoff.
+    pub churn_window_days: u32,
+    /// The "recent" part of the recent-vs-past trend: the last this-many days
+    /// before the cutoff.
+    pub trend_window_days: u32,
+}
+
+impl ChurnConfig {
+    /// A configuration with the default 90-day trend window.
+    pub fn new(cutoff: i64, churn_window_days: u32) -> Self {
+        Self {
+            cutoff,
+            churn_window_days,
+            trend_window_days: 90,
+        }
+    }
+}
+
+/// What the merchant can inspect about a derivation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeriveSummary {
+    /// The cutoff, as a calendar date (UTC).
+    pub cutoff: String,
+    /// The churn window in days.
+    pub churn_window_days: u32,
+    /// Customers with at least one order before the cutoff (feature rows).
+    pub customers: usize,
+    /// Of those, customers labelled churned.
+    pub churned: usize,
+    /// `churned / customers`.
+    pub label_rate: f64,
+    /// Order lines before the cutoff.
+    pub orders_before_cutoff: usize,
+    /// Order lines within the churn window.
+    pub orders_in_window: usize,
+    /// Order lines after the churn window (not used).
+    pub orders_after_window: usize,
+    /// Interactions derived (0 without an item column).
+    pub interactions: usize,
+    /// Date of the first order in the file.
+    pub first_order: Option<String>,
+    /// Date of the last order in the file.
+    pub last_order: Option<String>,
+    /// False when the file ends before the churn window does: labels of 1
+    /// may then only mean "not seen yet".
+    pub window_covered: bool,
+}
+
+/// Everything derived from one orders log.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// One interaction per (customer, item) before the cutoff.
+    pub interactions: Vec<Interaction>,
+    /// RFM features (columns [`FEATURE_NAMES`]) and churn labels, one row per
+    /// customer, ids in sorted order.
+    pub features: TabularDataset,
+    /// Counts and dates for the merchant's inspection.
+    pub summary: DeriveSummary,
+}
+
+/// Calendar date `YYYY-MM-DD` of unix seconds (H. Hinnant's `civil_from_days`).
+pub fn format_date(ts: i64) -> String {
+    let z = ts.div_euclid(SECONDS_PER_DAY) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// What one (customer, item) pair accumulates before the cutoff.
+struct PairAgg {
+    quantity: f32,
+    last: i64,
+    /// The latest rating and when it was given.
+    rating: Option<(i64, f32)>,
+}
+
+#[derive(Default)]
+struct History {
+    /// Distinct purchase occasions (order lines sharing a timestamp are one basket).
+    occasions: BTreeMap<i64, ()>,
+    monetary: f64,
+    quantity: f64,
+    churned: bool,
+}
+
+/// Derives interactions, features and labels from `orders` as of `cfg.cutoff`.
+///
+/// Interaction values are the latest rating when the export has ratings,
+/// otherwise the total quantity bought; the timestamp is the last purchase.
+pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersError> {
+    if cfg.churn_window_days == 0 {
+        return Err(OrdersError::Config(
+            "the churn window must be at least one day".into(),
+        ));
+    }
+    let window_end = cfg.cutoff + i64::from(cfg.churn_window_days) * SECONDS_PER_DAY;
+    let mut hist: BTreeMap<&str, History> = BTreeMap::new();
+    let mut pairs: BTreeMap<(&str, &str), PairAgg> = BTreeMap::new();
+    let (mut before, mut within, mut after) = (0, 0, 0);
+    for o in orders {
+        if o.timestamp < cfg.cutoff {
+            before += 1;
+            let h = hist.entry(&o.customer).or_default();
+            h.occasions.insert(o.timestamp, ());
+            h.monetary += f64::from(o.amount);
+            h.quantity += f64::from(o.quantity);
+            if let Some(item) = &o.item {
+                let e = pairs.entry((&o.customer, item)).or_insert(PairAgg {
+                    quantity: 0.0,
+                    last: i64::MIN,
+                    rating: None,
+                });
+                e.quantity += o.quantity;
+                e.last = e.last.max(o.timestamp);
+                if let Some(r) = o.rating
+                    && e.rating.is_none_or(|(t, _)| o.timestamp >= t)
+                {
+                    e.rating = Some((o.timestamp, r));
+                }
+            }
+        } else if o.timestamp < window_end {
+            within += 1;
+        } else {
+            after += 1;
+        }
+    }
+    // A customer churned unless they bought within the window.
+    for h in hist.values_mut() {
+        h.churned = true;
+    }
+    for o in orders {
+        if o.timestamp >= cfg.cutoff
+            && o.timestamp < window_end
+            && let Some(h) = hist.get_mut(o.customer.as_str())
+        {
+            h.churned = false;
+        }
+    }
+    let interactions: Vec<Interaction> = pairs
+        .into_iter()
+        .map(|((user, item), agg)| Interaction {
+            user: user.to_string(),
+            item: item.to_string(),
+            value: agg.rating.map_or(agg.quantity, |(_, r)| r),
+            timestamp: agg.last,
+        })
+        .collect();
+    let n = hist.len();
+    let width = FEATURE_NAMES.len();
+    let mut x = Vec::with_capacity(n * width);
+    let mut y = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let day = SECONDS_PER_DAY as f64;
+    let recent_start = cfg.cutoff - i64::from(cfg.trend_window_days) * SECONDS_PER_DAY;
+    for (customer, h) in &hist {
+        let first = *h.occasions.keys().next().expect("at least one order");
+        let last = *h.occasions.keys().next_back().expect("at least one order");
+        let freq = h.occasions.len() as f64;
+        let tenure = (cfg.cutoff - first) as f64 / day;
+        let gap = if freq > 1.0 {
+            (last - first) as f64 / day / (freq - 1.0)
+        } else {
+            // With one purchase the gap is at least the time since it.
+            tenure
+        };
+        let recent = h.occasions.range(recent_start..).count() as f64;
+        let past = freq - recent;
+        let recent_rate = recent / f64::from(cfg.trend_window_days.max(1)) * 30.0;
+        let past_span = (recent_start - first) as f64 / day;
+        let past_rate = if past_span > 0.0 {
+            past / past_span * 30.0
+        } else {
+            0.0
+        };
+        x.extend([
+            (cfg.cutoff - last) as f64 / day,
+            freq,
+            h.monetary,
+            tenure,
+            h.monetary / freq,
+            gap,
+            recent_rate - past_rate,
+            h.quantity,
+        ]);
+        y.push(if h.churned { 1.0f32 } else { 0.0 });
+        ids.push(customer.to_string());
+    }
+    let churned = y.iter().filter(|&&v| v > 0.5).count();
+    let first_ts = orders.iter().map(|o| o.timestamp).min();
+    let last_ts = orders.iter().map(|o| o.timestamp).max();
+    let summary = DeriveSummary {
+        cutoff: format_date(cfg.cutoff),
+        churn_window_days: cfg.churn_window_days,
+        customers: n,
+        churned,
+        label_rate: if n > 0 {
+            churned as f64 / n as f64
+        } else {
+            0.0
+        },
+        orders_before_cutoff: before,
+        orders_in_window: within,
+        orders_after_window: after,
+        interactions: interactions.len(),
+        first_order: first_ts.map(format_date),
+        last_order: last_ts.map(format_date),
+        window_covered: last_ts.is_some_and(|t| t >= window_end - SECONDS_PER_DAY),
+    };
+    let x: Vec<f32> = x.into_iter().map(|v| v as f32).collect();
+    Ok(Prepared {
+        interactions,
+        features: TabularDataset {
+            ids,
+            x: Array2::from_shape_vec((n, width), x).expect("n rows of `width` features"),
+            y: Array1::from(y),
+        },
+        summary,
+    })
+}

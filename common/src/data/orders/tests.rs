@@ -1,0 +1,326 @@
+//! Tests of the orders pipeline: bad rows, skip counts, derivation by hand,
+//! and the bundled CDNOW log end to end.
+
+use std::path::Path;
+
+use super::derive::{FEATURE_NAMES, format_date};
+use super::mapping::SECONDS_PER_DAY;
+use super::*;
+
+fn mapping() -> OrdersMapping {
+    OrdersMapping {
+        customer: "customer".into(),
+        item: Some("item".into()),
+        timestamp: "ts".into(),
+        timestamp_format: TimestampFormat::Auto,
+        quantity: Some("qty".into()),
+        amount: "price".into(),
+        rating: None,
+        merchant: None,
+        delimiter: Delimiter::Comma,
+    }
+}
+
+fn read(
+    text: &str,
+    map: &OrdersMapping,
+    policy: BadRowPolicy,
+) -> Result<(Vec<Order>, ReadReport), OrdersError> {
+    read_orders_from(text.as_bytes(), Path::new("orders.csv"), map, policy)
+}
+
+fn fail_message(text: &str, map: &OrdersMapping) -> String {
+    read(text, map, BadRowPolicy::Fail).unwrap_err().to_string()
+}
+
+const HEADER: &str = "customer,item,ts,qty,price\n";
+
+#[test]
+fn missing_column_names_file_line_and_column() {
+    let mut map = mapping();
+    map.amount = "amount".into();
+    assert_eq!(
+        fail_message(&format!("{HEADER}c1,i1,2024-01-01,1,9.5\n"), &map),
+        "orders.csv: line 1: missing column `amount` (header has: customer|item|ts|qty|price)"
+    );
+}
+
+#[test]
+fn unparsable_date_names_file_line_and_column() {
+    let text = format!("{HEADER}c1,i1,2024-01-01,1,9.5\nc2,i2,2024-02-30,1,3\n");
+    assert_eq!(
+        fail_message(&text, &mapping()),
+        "orders.csv: line 3, column `ts`: `2024-02-30` is not unix seconds, an ISO-8601 date or YYYYMMDD"
+    );
+}
+
+#[test]
+fn negative_quantity_names_file_line_and_column() {
+    let text =
+        format!("{HEADER}c1,i1,2024-01-01,1,9.5\nc1,i2,2024-01-02,1,3\nc2,i1,1704067200,-2,3\n");
+    assert_eq!(
+        fail_message(&text, &mapping()),
+        "orders.csv: line 4, column `qty`: `-2` is negative"
+    );
+}
+
+#[test]
+fn wrong_delimiter_is_named_with_a_hint() {
+    let text = "customer\titem\tts\tqty\tprice\nc1\ti1\t20240101\t1\t9.5\n";
+    assert_eq!(
+        fail_message(text, &mapping()),
+        "orders.csv: line 1: missing column `customer` (header has: customer\titem\tts\tqty\tprice); \
+         the header split into a single field, is the delimiter (Comma) right?"
+    );
+    let mut tab = mapping();
+    tab.delimiter = Delimiter::Tab;
+    assert_eq!(read(text, &tab, BadRowPolicy::Fail).unwrap().0.len(), 1);
+}
+
+#[test]
+fn wrong_field_count_and_bad_amount_are_named() {
+    let text = format!("{HEADER}c1,i1,2024-01-01,1\n");
+    assert_eq!(
+        fail_message(&text, &mapping()),
+        "orders.csv: line 2: 4 fields, the header has 5"
+    );
+    let text = format!("{HEADER}c1,i1,2024-01-01,1,NaN\n");
+    assert_eq!(
+        fail_message(&text, &mapping()),
+        "orders.csv: line 2, column `price`: `NaN` is not a finite number"
+    );
+}
+
+#[test]
+fn skip_policy_counts_every_reason_exactly() {
+    let text = format!(
+        "{HEADER}\
+         c1,i1,2024-01-01,1,9.5\n\
+         c1,i2,yesterday,1,3\n\
+         c2,i1,2024-01-03,-1,3\n\
+         ,i1,2024-01-03,1,3\n\
+         c3,i1,2024-01-04,1\n\
+         c3,i3,2024-13-01,2,4\n\
+         \n\
+         c3,,2024-01-05,2,4\n\
+         c4,i1,2024-01-05,2,-4\n\
+         c4,i2,2024-01-06,2,4\n\
+         c5,i2,20240107,x,4\n"
+    );
+    let (orders, report) = read(&text, &mapping(), BadRowPolicy::Skip).unwrap();
+    assert_eq!(report.rows_read, 10);
+    assert_eq!(report.rows_ok, 2);
+    assert_eq!(orders.len(), 2);
+    let expect = BTreeMap::from([
+        (BadRowReason::BadTimestamp, 2),
+        (BadRowReason::NegativeQuantity, 1),
+        (BadRowReason::BlankCustomer, 1),
+        (BadRowReason::FieldCount, 1),
+        (BadRowReason::BlankItem, 1),
+        (BadRowReason::NegativeAmount, 1),
+        (BadRowReason::BadQuantity, 1),
+    ]);
+    assert_eq!(report.skipped, expect);
+    assert_eq!(report.rows_skipped(), 8);
+    assert_eq!(report.examples.len(), 5);
+    assert_eq!(
+        report.examples[0],
+        "orders.csv: line 3, column `ts`: `yesterday` is not unix seconds, an ISO-8601 date or YYYYMMDD"
+    );
+    // The blank line is not a row, so line numbers stay true to the file.
+    assert!(report.examples.iter().all(|e| !e.contains("line 8")));
+}
+
+#[test]
+fn mapping_round_trips_through_json_with_defaults() {
+    let json = r#"{"customer":"c","timestamp":"t","amount":"a"}"#;
+    let m: OrdersMapping = serde_json::from_str(json).unwrap();
+    assert_eq!(m.delimiter, Delimiter::Comma);
+    assert_eq!(m.timestamp_format, TimestampFormat::Auto);
+    assert_eq!(m.item, None);
+    let bad = r#"{"customer":"c","timestamp":"t","amount":"a","colour":"x"}"#;
+    assert!(serde_json::from_str::<OrdersMapping>(bad).is_err());
+}
+
+fn day(d: i64) -> i64 {
+    d * SECONDS_PER_DAY
+}
+
+fn order(c: &str, item: &str, t: i64, qty: f32, amount: f32) -> Order {
+    Order {
+        customer: c.into(),
+        item: Some(item.into()),
+        timestamp: t,
+        quantity: qty,
+        amount,
+        rating: None,
+        merchant: None,
+    }
+}
+
+#[test]
+fn derivation_matches_hand_computed_rfm_and_labels() {
+    // Cutoff at day 100, churn window 30 days, trend window 20 days.
+    let orders = vec![
+        // a: baskets on days 10 (two lines), 50 and 90; buys again on day 110.
+        order("a", "x", day(10), 1.0, 10.0),
+        order("a", "y", day(10), 2.0, 20.0),
+        order("a", "x", day(50), 1.0, 30.0),
+        order("a", "z", day(90), 1.0, 40.0),
+        order("a", "x", day(110), 1.0, 5.0),
+        // b: one basket on day 40, nothing after; buys on day 140 (after the window).
+        order("b", "y", day(40), 3.0, 15.0),
+        order("b", "y", day(140), 1.0, 15.0),
+        // c: only after the cutoff, so not a row.
+        order("c", "x", day(105), 1.0, 1.0),
+    ];
+    let cfg = ChurnConfig {
+        cutoff: day(100),
+        churn_window_days: 30,
+        trend_window_days: 20,
+    };
+    let p = derive(&orders, &cfg).unwrap();
+    assert_eq!(p.features.ids, vec!["a", "b"]);
+    assert_eq!(p.features.y.to_vec(), vec![0.0, 1.0]);
+    // a: recency 10, 3 occasions, monetary 100, tenure 90, basket 100/3,
+    // gap (90-10)/2 = 40, trend: 1 recent in 20 days = 1.5/30d, past 2 in
+    // 70 days (day 10..80) = 30·2/70.
+    let a = p.features.x.row(0).to_vec();
+    let expect_a = [
+        10.0,
+        3.0,
+        100.0,
+        90.0,
+        100.0 / 3.0,
+        40.0,
+        1.5 - 60.0 / 70.0,
+        5.0,
+    ];
+    for (k, (got, want)) in a.iter().zip(expect_a).enumerate() {
+        assert!(
+            (got - want as f32).abs() < 1e-4,
+            "{}: {got} vs {want}",
+            FEATURE_NAMES[k]
+        );
+    }
+    // b: one purchase, so the gap is its tenure; no recent purchases.
+    let b = p.features.x.row(1).to_vec();
+    let expect_b = [60.0, 1.0, 15.0, 60.0, 15.0, 60.0, -30.0 / 40.0, 3.0];
+    for (k, (got, want)) in b.iter().zip(expect_b).enumerate() {
+        assert!(
+            (got - want as f32).abs() < 1e-4,
+            "{}: {got} vs {want}",
+            FEATURE_NAMES[k]
+        );
+    }
+    // Interactions: one per (customer, item) before the cutoff, quantities summed.
+    let inter: Vec<(&str, &str, f32, i64)> = p
+        .interactions
+        .iter()
+        .map(|i| (i.user.as_str(), i.item.as_str(), i.value, i.timestamp))
+        .collect();
+    assert_eq!(
+        inter,
+        vec![
+            ("a", "x", 2.0, day(50)),
+            ("a", "y", 2.0, day(10)),
+            ("a", "z", 1.0, day(90)),
+            ("b", "y", 3.0, day(40))
+        ]
+    );
+    let s = &p.summary;
+    assert_eq!((s.customers, s.churned, s.label_rate), (2, 1, 0.5));
+    assert_eq!(
+        (
+            s.orders_before_cutoff,
+            s.orders_in_window,
+            s.orders_after_window
+        ),
+        (5, 2, 1)
+    );
+    assert_eq!(s.cutoff, "1970-04-11");
+    assert!(s.window_covered);
+}
+
+#[test]
+fn ratings_become_interaction_values_latest_first() {
+    let mut o1 = order("a", "x", day(1), 1.0, 1.0);
+    o1.rating = Some(2.0);
+    let mut o2 = order("a", "x", day(3), 1.0, 1.0);
+    o2.rating = Some(4.5);
+    let p = derive(&[o2, o1], &ChurnConfig::new(day(10), 5)).unwrap();
+    assert_eq!(p.interactions[0].value, 4.5);
+    assert!(!p.summary.window_covered);
+    assert!(derive(&[], &ChurnConfig::new(0, 0)).is_err());
+}
+
+#[test]
+fn dates_format_back_to_the_calendar() {
+    assert_eq!(format_date(0), "1970-01-01");
+    assert_eq!(format_date(day(10_134)), "1997-09-30");
+    assert_eq!(format_date(day(19_782) + 3600), "2024-02-29");
+    assert_eq!(format_date(-1), "1969-12-31");
+}
+
+pub(crate) fn cdnow_path() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cdnow/CDNOW_master.txt")
+}
+
+#[test]
+fn cdnow_loads_through_the_mapping_and_derives_rfm_without_interactions() {
+    let (orders, report) =
+        read_orders(&cdnow_path(), &OrdersMapping::cdnow(), BadRowPolicy::Fail).unwrap();
+    // The published CDNOW master file: 69,659 order lines from 23,570 customers.
+    assert_eq!(report.rows_read, 69_659);
+    assert_eq!(report.rows_ok, 69_659);
+    let cutoff = TimestampFormat::Iso8601.parse("1997-09-30").unwrap();
+    let p = derive(&orders, &ChurnConfig::new(cutoff, 180)).unwrap();
+    assert_eq!(p.features.len(), 23_570);
+    assert!(p.interactions.is_empty());
+    assert_eq!(p.summary.first_order.as_deref(), Some("1997-01-01"));
+    assert_eq!(p.summary.last_order.as_deref(), Some("1998-06-30"));
+    assert!(p.summary.window_covered);
+    assert!(p.features.x.iter().all(|v| v.is_finite()));
+    let rate = p.summary.label_rate;
+    assert!(rate > 0.5 && rate < 0.95, "label rate {rate}");
+}
+
+#[test]
+fn cdnow_churn_lr_learns_and_federated_matches_centralised() {
+    use crate::federation::reference::{evaluate, federate};
+    use crate::federation::strategy::FedAvg;
+    use crate::model::lr::SgdParams;
+    use crate::task::{ModelSpec, TaskKind, TaskSpec};
+    use crate::train::LocalData;
+
+    let (orders, _) =
+        read_orders(&cdnow_path(), &OrdersMapping::cdnow(), BadRowPolicy::Fail).unwrap();
+    let cutoff = TimestampFormat::Iso8601.parse("1997-09-30").unwrap();
+    let p = derive(&orders, &ChurnConfig::new(cutoff, 180)).unwrap();
+    let mut merchants = crate::model::churn::partition_churn(&p.features, 5, 0.2, 42);
+    let mut pooled = vec![LocalData::pooled("all", &merchants)];
+    let spec = TaskSpec {
+        kind: TaskKind::Train,
+        model: ModelSpec::ChurnLr {
+            num_features: FEATURE_NAMES.len(),
+        },
+        sgd: SgdParams::default(),
+        seed: 42,
+        round: 0,
+        standardizer: None,
+        dp: None,
+    };
+    let c = federate(&spec, &mut pooled, 10, &mut FedAvg).unwrap();
+    let f = federate(&spec, &mut merchants, 10, &mut FedAvg).unwrap();
+    let central = c.rounds.last().unwrap()["auc"];
+    let mut on_pooled = spec.clone();
+    on_pooled.standardizer = f.standardizer.clone();
+    let fed = evaluate(&on_pooled, &f.params, &mut pooled).unwrap()["auc"];
+    // Recency alone ranks churners well above chance; the release benchmark
+    // (examples/churn_bench.rs) records 0.752 with 20 rounds.
+    assert!(central > 0.74, "centralised auc {central}");
+    assert!(
+        (fed - central).abs() < 0.005,
+        "federated {fed} vs {central}"
+    );
+}

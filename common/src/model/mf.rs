@@ -1,0 +1,464 @@
+//! Federated matrix factorisation for recommendations, explicit (ratings,
+//! biased MF `r̂ = μ + b_u + b_i + p_u·q_i`, RMSE) and implicit (purchases,
+//! BPR with sampled negatives, HR@10 / NDCG@10).
+//!
+//! A merchant's customers are its own while the item space is the shared
+//! catalogue, so the model splits in two:
+//! - federated: the global mean μ, the item biases and the item factors, laid
+//!   out as `[μ | b_0 … b_{n−1} | q_0 … q_{n−1}]` (length `1 + n·(k+1)`);
+//! - private: user biases and user factors, kept in [`MfData::state`] inside
+//!   the agent (serde-serialisable so it survives restarts), never sent.
+//!
+//! Item rows are aggregated per item: an agent sends `n_i·Δq_i`, `n_i·Δb_i`
+//! and its evidence counts `n_i` as per-coordinate weights, so an item rated
+//! by one merchant moves by that merchant's full step instead of being
+//! diluted by everyone who never saw it (see [`MfAggregation`]).
+
+mod eval;
+mod kernels;
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::data::catalogue::Catalogue;
+use crate::data::interactions::Interaction;
+use crate::federation::update::{Segment, Update, WeightLayout};
+use crate::task::{TaskKind, TaskSpec};
+use crate::train::{TaskOutput, TrainError};
+
+pub use eval::{ranking_metrics, rmse_of};
+pub use kernels::{bpr_epoch, explicit_epoch};
+
+/// How the coordinator averages the item rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MfAggregation {
+    /// Each item row is weighted by the agents' evidence for that item (its
+    /// rating count, or gradient touches for BPR); untouched items keep their value.
+    #[default]
+    PerItem,
+    /// Plain FedAvg: every coordinate weighted by the agent's example count,
+    /// which dilutes the update of an item most merchants never saw.
+    Uniform,
+}
+
+/// Hyper-parameters of local MF training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MfHyper {
+    /// SGD step size for the factors.
+    pub learning_rate: f32,
+    /// SGD step size for μ and the biases.
+    pub bias_learning_rate: f32,
+    /// L2 penalty on user and item factors.
+    pub reg_factors: f32,
+    /// L2 penalty on user and item biases.
+    pub reg_bias: f32,
+    /// Local passes over the training interactions per round.
+    pub epochs: usize,
+    /// Sampled negatives per positive (BPR only).
+    pub negatives: usize,
+    /// Standard deviation of the random initial factors.
+    pub init_std: f32,
+    /// Rating scale `[min, max]` predictions are clipped to (explicit only),
+    /// as Surprise does with its `rating_scale`.
+    pub clip: Option<[f32; 2]>,
+    /// Per-item or plain FedAvg weighting of the item rows.
+    pub aggregation: MfAggregation,
+}
+
+impl Default for MfHyper {
+    fn default() -> Self {
+        Self {
+            learning_rate: 0.01,
+            bias_learning_rate: 0.01,
+            reg_factors: 0.05,
+            reg_bias: 0.02,
+            epochs: 1,
+            negatives: 1,
+            init_std: 0.1,
+            clip: None,
+            aggregation: MfAggregation::PerItem,
+        }
+    }
+}
+
+/// Index of μ in the federated vector.
+pub const MU: usize = 0;
+
+/// Length of the federated vector for `num_items` items and `k` factors.
+pub fn model_len(num_items: usize, k: usize) -> usize {
+    1 + num_items * (k + 1)
+}
+
+/// Offset of item `i`'s bias, and of the first factor of item `i`.
+pub fn item_offsets(num_items: usize, k: usize, i: usize) -> (usize, usize) {
+    (1 + i, 1 + num_items + i * k)
+}
+
+/// The weight layout of the federated vector.
+pub fn layout(num_items: usize, k: usize, aggregation: MfAggregation) -> WeightLayout {
+    match aggregation {
+        MfAggregation::Uniform => WeightLayout::uniform(),
+        MfAggregation::PerItem => WeightLayout {
+            segments: vec![
+                Segment {
+                    len: 1,
+                    group_len: None,
+                },
+                Segment {
+                    len: num_items,
+                    group_len: Some(1),
+                },
+                Segment {
+                    len: num_items * k,
+                    group_len: Some(k),
+                },
+            ],
+            num_coord_weights: num_items,
+        },
+    }
+}
+
+/// The first global model: μ and biases 0, item factors small Gaussian noise
+/// from `seed` (factors must not start equal, or they never separate).
+pub fn initial_params(num_items: usize, k: usize, init_std: f32, seed: u64) -> Vec<f32> {
+    let mut out = vec![0.0; model_len(num_items, k)];
+    let mut rng = crate::seed::rng(seed, &["mf-items"]);
+    for v in &mut out[1 + num_items..] {
+        let z: f32 = StandardNormal.sample(&mut rng);
+        *v = z * init_std;
+    }
+    out
+}
+
+/// One rating or purchase in dense indices.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rating {
+    /// The merchant-local user index (position in [`MfData::users`]).
+    pub user: u32,
+    /// The catalogue item index.
+    pub item: u32,
+    /// Rating (explicit) or strength (implicit; unused by BPR).
+    pub value: f32,
+}
+
+/// The agent's private user-side model. It never leaves the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct UserState {
+    /// Factor count the state was built for (a change re-initialises it).
+    pub k: usize,
+    /// Run seed the state was initialised from.
+    pub seed: u64,
+    /// User biases, one per local user.
+    pub bias: Vec<f32>,
+    /// User factors, `users × k` row-major.
+    pub factors: Vec<f32>,
+}
+
+/// A merchant's recommender data: interactions in dense indices plus the
+/// private user state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct MfData {
+    /// The merchant's own customer ids; a user's index is its position.
+    pub users: Vec<String>,
+    /// Training interactions.
+    pub train: Vec<Rating>,
+    /// Held-out interactions (a random 20 % for explicit, each user's last
+    /// purchase for implicit).
+    pub test: Vec<Rating>,
+    /// Interactions dropped because the catalogue does not know the item.
+    pub unknown_items: u64,
+    /// Private user biases and factors.
+    #[serde(default)]
+    pub state: UserState,
+}
+
+impl MfData {
+    /// Maps a merchant's interactions into dense indices: users in order of
+    /// first appearance, items through the shared catalogue. Interactions with
+    /// an item the catalogue lacks are counted in `unknown_items` and skipped.
+    pub fn new(train: &[Interaction], test: &[Interaction], catalogue: &Catalogue) -> Self {
+        let mut users: Vec<String> = Vec::new();
+        let mut index: std::collections::HashMap<String, u32> = Default::default();
+        let mut unknown = 0u64;
+        let mut map = |rows: &[Interaction], unknown: &mut u64| -> Vec<Rating> {
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let Some(item) = catalogue.index(&r.item) else {
+                    *unknown += 1;
+                    continue;
+                };
+                let next = users.len() as u32;
+                let user = *index.entry(r.user.clone()).or_insert_with(|| {
+                    users.push(r.user.clone());
+                    next
+                });
+                out.push(Rating {
+                    user,
+                    item,
+                    value: r.value,
+                });
+            }
+            out
+        };
+        let train = map(train, &mut unknown);
+        let test = map(test, &mut unknown);
+        MfData {
+            users,
+            train,
+            test,
+            unknown_items: unknown,
+            state: UserState::default(),
+        }
+    }
+
+    /// Pools several merchants' data for the centralised baseline. User ids
+    /// are prefixed with their merchant (customers of different merchants are
+    /// different people); the private state starts afresh.
+    pub fn pooled(parts: &[(&str, &MfData)]) -> Self {
+        let mut out = MfData::default();
+        for (merchant, d) in parts {
+            let offset = out.users.len() as u32;
+            out.users
+                .extend(d.users.iter().map(|u| format!("{merchant}:{u}")));
+            let shift = |r: &Rating| Rating {
+                user: r.user + offset,
+                ..*r
+            };
+            out.train.extend(d.train.iter().map(shift));
+            out.test.extend(d.test.iter().map(shift));
+            out.unknown_items += d.unknown_items;
+        }
+        out
+    }
+
+    /// Makes sure every user has private state for `k` factors, initialising
+    /// a user the first time it is seen from (seed, merchant, user id) so the
+    /// result does not depend on the order users arrive in.
+    pub fn ensure_users(&mut self, k: usize, seed: u64, init_std: f32, merchant: &str) {
+        let s = &mut self.state;
+        if s.k != k || s.seed != seed {
+            *s = UserState {
+                k,
+                seed,
+                ..Default::default()
+            };
+        }
+        for u in s.bias.len()..self.users.len() {
+            let mut rng = crate::seed::rng(seed, &["mf-user", merchant, &self.users[u]]);
+            s.bias.push(0.0);
+            for _ in 0..k {
+                let z: f32 = StandardNormal.sample(&mut rng);
+                s.factors.push(z * init_std);
+            }
+        }
+    }
+}
+
+/// The shape of an MF task, unpacked from its `ModelSpec`.
+#[derive(Debug, Clone, Copy)]
+pub struct MfShape<'a> {
+    /// Catalogue size.
+    pub num_items: usize,
+    /// Latent factors k.
+    pub k: usize,
+    /// Implicit (BPR) rather than explicit feedback.
+    pub implicit: bool,
+    /// Hyper-parameters.
+    pub hyper: &'a MfHyper,
+}
+
+/// Carries out an MF task: trains from `global` and returns the item-side
+/// update, or evaluates `global` with the private user state.
+pub fn run_mf_task(
+    spec: &TaskSpec,
+    shape: MfShape<'_>,
+    global: &[f32],
+    data: &mut MfData,
+    merchant: &str,
+) -> Result<TaskOutput, TrainError> {
+    let (n, k, h) = (shape.num_items, shape.k, shape.hyper);
+    if spec.kind == TaskKind::Stats {
+        return Ok(TaskOutput {
+            update: None,
+            metrics: BTreeMap::new(),
+            weight: 0.0,
+        });
+    }
+    if global.len() != model_len(n, k) {
+        return Err(TrainError::ModelLength {
+            expected: model_len(n, k),
+            got: global.len(),
+        });
+    }
+    if let Some(r) = data
+        .train
+        .iter()
+        .chain(&data.test)
+        .find(|r| r.item as usize >= n)
+    {
+        return Err(TrainError::ItemOutOfRange {
+            item: r.item as usize,
+            num_items: n,
+        });
+    }
+    data.ensure_users(k, spec.seed, h.init_std, merchant);
+    let unknown = data.unknown_items as f64;
+    if spec.kind == TaskKind::Evaluate {
+        let (mut metrics, weight) = if shape.implicit {
+            eval::implicit_metrics(global, n, k, data)
+        } else {
+            let rmse = rmse_of(global, n, k, h.clip, data);
+            (
+                BTreeMap::from([("rmse".into(), rmse)]),
+                data.test.len() as f64,
+            )
+        };
+        metrics.insert("unknown_items".into(), unknown);
+        return Ok(TaskOutput {
+            update: None,
+            metrics,
+            weight,
+        });
+    }
+    if data.train.is_empty() {
+        return Ok(TaskOutput {
+            update: None,
+            metrics: BTreeMap::from([("unknown_items".into(), unknown)]),
+            weight: 0.0,
+        });
+    }
+    let mut rng = crate::seed::rng(spec.seed, &["mf-train", merchant, &spec.round.to_string()]);
+    let mut local = global.to_vec();
+    let (mu, items) = local.split_at_mut(1);
+    let (ib, itf) = items.split_at_mut(n);
+    let mut counts = vec![0.0f32; n];
+    let st = &mut data.state;
+    let mut order: Vec<u32> = (0..data.train.len() as u32).collect();
+    let mut loss = 0.0;
+    if shape.implicit {
+        let by_user = eval::UserItems::new(&data.train, data.users.len());
+        for _ in 0..h.epochs.max(1) {
+            shuffle(&mut order, &mut rng);
+            loss = bpr_epoch(
+                h,
+                k,
+                &data.train,
+                &order,
+                &by_user,
+                &mut st.factors,
+                ib,
+                itf,
+                &mut counts,
+                &mut rng,
+            );
+        }
+    } else {
+        let mut sum = 0.0f64;
+        for r in &data.train {
+            counts[r.item as usize] += 1.0;
+            sum += f64::from(r.value);
+        }
+        // μ is a statistic, not a learned weight: the agent reports its own
+        // mean and the per-example-weighted aggregate is the pooled mean.
+        // The initial model's μ = 0 means "unknown yet", so the first round
+        // trains around the local mean.
+        let local_mean = (sum / data.train.len() as f64) as f32;
+        let mu_train = if global[MU] == 0.0 {
+            local_mean
+        } else {
+            global[MU]
+        };
+        mu[0] = local_mean;
+        for _ in 0..h.epochs.max(1) {
+            shuffle(&mut order, &mut rng);
+            loss = explicit_epoch(
+                h,
+                k,
+                &data.train,
+                &order,
+                mu_train,
+                &mut st.bias,
+                &mut st.factors,
+                ib,
+                itf,
+            );
+        }
+    }
+    if !loss.is_finite() || local.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::Diverged);
+    }
+    let weight = data.train.len() as f64;
+    let update = item_update(global, &local, &counts, weight, n, k, h.aggregation)?;
+    let name = if shape.implicit {
+        "bpr_loss"
+    } else {
+        "train_mse"
+    };
+    Ok(TaskOutput {
+        update: Some(update),
+        metrics: BTreeMap::from([(name.into(), loss), ("unknown_items".into(), unknown)]),
+        weight,
+    })
+}
+
+/// Builds the item-side update from the local and global vectors: per item
+/// `n_i·Δ` with the counts as coordinate weights, or plain `n·Δ`.
+pub fn item_update(
+    global: &[f32],
+    local: &[f32],
+    counts: &[f32],
+    weight: f64,
+    n: usize,
+    k: usize,
+    aggregation: MfAggregation,
+) -> Result<Update, TrainError> {
+    let mut values = vec![0.0f32; global.len()];
+    let w = weight as f32;
+    values[MU] = (local[MU] - global[MU]) * w;
+    let coord_weights = match aggregation {
+        MfAggregation::Uniform => {
+            for (v, (l, g)) in values.iter_mut().zip(local.iter().zip(global)).skip(1) {
+                *v = (l - g) * w;
+            }
+            Vec::new()
+        }
+        MfAggregation::PerItem => {
+            for (i, &c) in counts.iter().enumerate() {
+                if c == 0.0 {
+                    continue;
+                }
+                let (b, f) = item_offsets(n, k, i);
+                values[b] = (local[b] - global[b]) * c;
+                for j in f..f + k {
+                    values[j] = (local[j] - global[j]) * c;
+                }
+            }
+            counts.to_vec()
+        }
+    };
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::Diverged);
+    }
+    Ok(Update {
+        values,
+        coord_weights,
+        weight,
+    })
+}
+
+/// Fisher–Yates over u32 indices (no allocation per epoch).
+fn shuffle<R: Rng>(order: &mut [u32], rng: &mut R) {
+    use rand::RngExt;
+    for i in (1..order.len()).rev() {
+        let j = rng.random_range(0..=i);
+        order.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests;

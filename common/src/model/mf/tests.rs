@@ -1,0 +1,408 @@
+//! Behaviour of federated MF: what leaves the agent, per-item weighting,
+//! accuracy against baselines on MovieLens, private-state persistence.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::RngExt;
+
+use super::*;
+use crate::data::movielens;
+use crate::federation::aggregate::SumAccumulator;
+use crate::federation::reference::federate;
+use crate::federation::strategy::{FedAvg, Strategy};
+use crate::task::{ModelSpec, TaskKind, TaskSpec};
+use crate::train::{LocalData, TrainError, run_task};
+
+fn ml_rows() -> Vec<Interaction> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small/ratings.csv");
+    movielens::load_ratings(&path).unwrap()
+}
+
+fn spec(num_items: usize, factors: usize, hyper: MfHyper) -> TaskSpec {
+    TaskSpec {
+        kind: TaskKind::Train,
+        model: ModelSpec::Mf {
+            num_items,
+            factors,
+            hyper,
+        },
+        sgd: Default::default(),
+        seed: 7,
+        round: 1,
+        standardizer: None,
+        dp: None,
+    }
+}
+
+fn tuned() -> MfHyper {
+    MfHyper {
+        reg_factors: 0.1,
+        reg_bias: 0.05,
+        epochs: 5,
+        clip: Some([0.5, 5.0]),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn train_updates_carry_only_item_rows_weighted_by_rating_counts() {
+    let rows: Vec<Interaction> = ml_rows()
+        .into_iter()
+        .filter(|r| r.user.len() <= 2)
+        .collect();
+    let fed = movielens::explicit_federation(&rows, 4, 0.2, 3);
+    let (n, k) = (fed.catalogue.len(), 8);
+    for aggregation in [MfAggregation::PerItem, MfAggregation::Uniform] {
+        let mut s = spec(
+            n,
+            k,
+            MfHyper {
+                aggregation,
+                ..tuned()
+            },
+        );
+        let layout = s.model.layout();
+        let mut merchants = fed.merchants.clone();
+        let mut params = s.model.initial_params(s.seed);
+        for round in 1..=2 {
+            s.round = round;
+            let mut acc = SumAccumulator::new(params.len(), layout.num_coord_weights);
+            for m in merchants.iter_mut() {
+                let out = run_task(&s, &params, m).unwrap();
+                let sent = out.update.unwrap();
+                // Decode exactly what would go on the wire.
+                let bytes = sent.payload_bytes();
+                assert_eq!(
+                    bytes.len(),
+                    4 * (1 + n * (k + 1) + layout.num_coord_weights)
+                );
+                let u = Update::from_payload(
+                    &bytes,
+                    model_len(n, k),
+                    layout.num_coord_weights,
+                    sent.weight,
+                )
+                .unwrap();
+                u.validate(model_len(n, k), &layout).unwrap();
+                let data = m.mf.as_ref().unwrap();
+                let mut counts = vec![0.0f32; n];
+                for r in &data.train {
+                    counts[r.item as usize] += 1.0;
+                }
+                assert_eq!(u.weight, data.train.len() as f64);
+                match aggregation {
+                    MfAggregation::PerItem => assert_eq!(u.coord_weights, counts),
+                    MfAggregation::Uniform => assert!(u.coord_weights.is_empty()),
+                }
+                let mut touched_values = 0;
+                for (i, &count) in counts.iter().enumerate() {
+                    let (b, f) = item_offsets(n, k, i);
+                    let row =
+                        std::iter::once(u.values[b]).chain(u.values[f..f + k].iter().copied());
+                    if count == 0.0 {
+                        assert!(row.into_iter().all(|v| v == 0.0), "unrated item {i} moved");
+                    } else {
+                        touched_values += row.filter(|v| *v != 0.0).count();
+                    }
+                }
+                assert!(touched_values > 0);
+                // The private state was trained, yet no user's factor row
+                // appears anywhere in what is sent.
+                assert_eq!(data.state.factors.len(), data.users.len() * k);
+                assert!(data.state.bias.iter().any(|b| *b != 0.0));
+                for row in data.state.factors.chunks(k) {
+                    assert!(
+                        !u.values.windows(k).any(|w| w == row),
+                        "a user factor row leaked into the update"
+                    );
+                }
+                let keys: Vec<&str> = out.metrics.keys().map(String::as_str).collect();
+                assert_eq!(keys, ["train_mse", "unknown_items"]);
+                acc.add(&u).unwrap();
+            }
+            params = FedAvg.apply(&params, &acc.mean_delta(&layout));
+        }
+    }
+}
+
+/// Ten merchants, each with items nobody else sells plus a few shared ones:
+/// plain FedAvg divides every exclusive item's step by ten.
+fn sparse_merchants(seed: u64) -> (usize, Vec<LocalData>) {
+    let (merchants, users, own, shared, k) = (10, 30, 30, 10, 4);
+    let n = shared + merchants * own;
+    let mut rng = crate::seed::rng(seed, &["sparse"]);
+    let mut normal = |s: f32| -> f32 {
+        let z: f32 = StandardNormal.sample(&mut rng);
+        z * s
+    };
+    let items: Vec<Vec<f32>> = (0..n)
+        .map(|_| (0..k).map(|_| normal(0.7)).collect())
+        .collect();
+    let ib: Vec<f32> = (0..n).map(|_| normal(0.5)).collect();
+    let catalogue = Catalogue::from_ids((0..n).map(|i| i.to_string()));
+    let mut rng = crate::seed::rng(seed, &["sparse-ratings"]);
+    let out = (0..merchants)
+        .map(|m| {
+            let mut rows = Vec::new();
+            for u in 0..users {
+                let p: Vec<f32> = (0..k)
+                    .map(|_| StandardNormal.sample(&mut rng))
+                    .map(|z: f32| z * 0.7)
+                    .collect();
+                for _ in 0..12 {
+                    let i = if rng.random_bool(0.2) {
+                        rng.random_range(0..shared)
+                    } else {
+                        shared + m * own + rng.random_range(0..own)
+                    };
+                    let dot: f32 = p.iter().zip(&items[i]).map(|(a, b)| a * b).sum();
+                    rows.push(Interaction {
+                        user: format!("u{u}"),
+                        item: i.to_string(),
+                        value: (3.0 + ib[i] + dot).clamp(1.0, 5.0),
+                        timestamp: 0,
+                    });
+                }
+            }
+            let (train, test) = movielens::random_split(&rows, 0.2, seed + m as u64);
+            LocalData {
+                merchant_id: format!("m{m}"),
+                mf: Some(MfData::new(&train, &test, &catalogue)),
+                ..Default::default()
+            }
+        })
+        .collect();
+    (n, out)
+}
+
+#[test]
+fn per_item_aggregation_beats_plain_fedavg_on_sparse_items() {
+    let (n, merchants) = sparse_merchants(11);
+    let mut rmse = BTreeMap::new();
+    for aggregation in [MfAggregation::PerItem, MfAggregation::Uniform] {
+        let hyper = MfHyper {
+            learning_rate: 0.02,
+            bias_learning_rate: 0.02,
+            epochs: 2,
+            aggregation,
+            ..Default::default()
+        };
+        let mut ms = merchants.clone();
+        let f = federate(&spec(n, 4, hyper), &mut ms, 10, &mut FedAvg).unwrap();
+        rmse.insert(format!("{aggregation:?}"), f.rounds.last().unwrap()["rmse"]);
+    }
+    let (per_item, uniform) = (rmse["PerItem"], rmse["Uniform"]);
+    assert!(
+        per_item < uniform - 0.03,
+        "per-item {per_item} vs plain {uniform}"
+    );
+}
+
+#[test]
+fn federated_movielens_mf_beats_biases_only_and_tracks_centralised() {
+    let fed = movielens::explicit_federation(&ml_rows(), 10, 0.2, 42);
+    let n = fed.catalogue.len();
+    let rounds = 12;
+    let s = spec(n, 16, tuned());
+    let mut merchants = fed.merchants.clone();
+    let mut central = vec![LocalData::pooled("central", &merchants)];
+    let c = federate(&s, &mut central, rounds, &mut FedAvg).unwrap();
+    let b = federate(&spec(n, 0, tuned()), &mut central, rounds, &mut FedAvg).unwrap();
+    let f = federate(&s, &mut merchants, rounds, &mut FedAvg).unwrap();
+    let last = |h: &[BTreeMap<String, f64>]| h.last().unwrap()["rmse"];
+    let (c, b, f) = (last(&c.rounds), last(&b.rounds), last(&f.rounds));
+    assert!(f < b, "federated {f} vs biases-only {b}");
+    assert!(f <= 1.02 * c, "federated {f} vs centralised {c}");
+    assert!(c < 0.87, "centralised {c}");
+}
+
+#[test]
+fn private_state_round_trips_through_serde_and_replays_exactly() {
+    let rows: Vec<Interaction> = ml_rows()
+        .into_iter()
+        .filter(|r| r.user.len() <= 2)
+        .collect();
+    let fed = movielens::explicit_federation(&rows, 2, 0.2, 5);
+    let mut s = spec(fed.catalogue.len(), 8, tuned());
+    let params = s.model.initial_params(s.seed);
+    let mut a = fed.merchants[0].clone();
+    run_task(&s, &params, &mut a).unwrap();
+    let saved = serde_json::to_string(a.mf.as_ref().unwrap()).unwrap();
+    let mut b = a.clone();
+    b.mf = Some(serde_json::from_str(&saved).unwrap());
+    s.round = 2;
+    let ua = run_task(&s, &params, &mut a).unwrap();
+    let ub = run_task(&s, &params, &mut b).unwrap();
+    assert_eq!(ua, ub);
+    assert_eq!(a.mf, b.mf);
+    // A fresh agent (no saved state) starts its users elsewhere.
+    let mut fresh = fed.merchants[0].clone();
+    assert_ne!(run_task(&s, &params, &mut fresh).unwrap(), ua);
+}
+
+#[test]
+fn unknown_items_are_counted_and_reported_not_fatal() {
+    let row = |item: &str| Interaction {
+        user: "c1".into(),
+        item: item.into(),
+        value: 4.0,
+        timestamp: 0,
+    };
+    let catalogue = Catalogue::from_ids(["a", "b"]);
+    let data = MfData::new(
+        &[row("a"), row("zzz"), row("b")],
+        &[row("b"), row("q")],
+        &catalogue,
+    );
+    assert_eq!(
+        (data.train.len(), data.test.len(), data.unknown_items),
+        (2, 1, 2)
+    );
+    let mut local = LocalData {
+        merchant_id: "m".into(),
+        mf: Some(data),
+        ..Default::default()
+    };
+    let mut s = spec(2, 2, tuned());
+    let params = s.model.initial_params(1);
+    let out = run_task(&s, &params, &mut local).unwrap();
+    assert_eq!(out.metrics["unknown_items"], 2.0);
+    s.kind = TaskKind::Evaluate;
+    let out = run_task(&s, &params, &mut local).unwrap();
+    assert_eq!(out.metrics["unknown_items"], 2.0);
+    assert!(out.metrics["rmse"].is_finite());
+    assert_eq!(local.examples()["mf"], 2);
+}
+
+#[test]
+fn ranking_skips_training_items_and_counts_ties_against_the_target() {
+    let scores = [0.9, 0.5, 0.8, 0.5, 0.1];
+    // Item 0 outranks the target but is a training item: rank 1 (after item 2).
+    let (hr, ndcg) = eval::ranking_metrics(&scores, 1, &[0]);
+    assert_eq!(hr, 1.0);
+    // Rank 0 is item 2, the tie (item 3) counts against: 0-based rank 2.
+    assert!((ndcg - 1.0 / 4f64.log2()).abs() < 1e-12, "{ndcg}");
+    let flat = [0.0f32; 20];
+    assert_eq!(eval::ranking_metrics(&flat, 3, &[]), (0.0, 0.0));
+}
+
+#[test]
+fn pooling_keeps_customers_of_different_merchants_apart() {
+    let row = |user: &str| Interaction {
+        user: user.into(),
+        item: "a".into(),
+        value: 3.0,
+        timestamp: 0,
+    };
+    let catalogue = Catalogue::from_ids(["a"]);
+    let parts: Vec<LocalData> = ["m0", "m1"]
+        .iter()
+        .map(|m| LocalData {
+            merchant_id: m.to_string(),
+            mf: Some(MfData::new(&[row("1")], &[row("1")], &catalogue)),
+            ..Default::default()
+        })
+        .collect();
+    let pooled = LocalData::pooled("all", &parts).mf.unwrap();
+    assert_eq!(pooled.users, ["m0:1", "m1:1"]);
+    assert_eq!(pooled.train[1].user, 1);
+    assert_eq!(pooled.test.len(), 2);
+}
+
+#[test]
+fn federated_bpr_ranks_held_out_purchases_above_popularity() {
+    let fed = movielens::implicit_federation(&ml_rows(), 10, 4.0, 42);
+    let n = fed.catalogue.len();
+    let hyper = MfHyper {
+        learning_rate: 0.05,
+        bias_learning_rate: 0.05,
+        reg_factors: 0.01,
+        reg_bias: 0.01,
+        epochs: 5,
+        negatives: 4,
+        ..Default::default()
+    };
+    let mut s = spec(n, 32, hyper);
+    s.model = ModelSpec::MfImplicit {
+        num_items: n,
+        factors: 32,
+        hyper: match s.model {
+            ModelSpec::Mf { hyper, .. } => hyper,
+            _ => unreachable!(),
+        },
+    };
+    let mut merchants = fed.merchants.clone();
+    let f = federate(&s, &mut merchants, 3, &mut FedAvg).unwrap();
+    let hr = f.rounds.last().unwrap()["hr@10"];
+    // Popularity: rank by pooled training counts.
+    let pooled = LocalData::pooled("all", &merchants).mf.unwrap();
+    let mut scores = vec![0.0f32; n];
+    for r in &pooled.train {
+        scores[r.item as usize] += 1.0;
+    }
+    let by_user = eval::UserItems::new(&pooled.train, pooled.users.len());
+    let pop: f64 = pooled
+        .test
+        .iter()
+        .map(|r| eval::ranking_metrics(&scores, r.item as usize, by_user.items(r.user as usize)).0)
+        .sum::<f64>()
+        / pooled.test.len() as f64;
+    eprintln!("federated BPR hr@10 {hr}, popularity {pop}");
+    assert!(hr > pop, "federated BPR hr@10 {hr} vs popularity {pop}");
+    // Training never sends a user row: the update is exactly the item-side layout.
+    s.round = 4;
+    let out = run_task(&s, &f.params, &mut merchants[0]).unwrap();
+    let u = out.update.unwrap();
+    assert_eq!(
+        (u.values.len(), u.coord_weights.len()),
+        (model_len(n, 32), n)
+    );
+    assert_eq!(u.values[MU], 0.0);
+}
+
+#[test]
+fn mf_task_specs_round_trip_as_json_with_default_hyper_parameters() {
+    let json = r#"{"family":"mf","num_items":5,"factors":2}"#;
+    let m: ModelSpec = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        m,
+        ModelSpec::Mf {
+            num_items: 5,
+            factors: 2,
+            hyper: MfHyper::default()
+        }
+    );
+    let s = spec(5, 2, tuned());
+    let back: TaskSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(back, s);
+    assert_eq!(s.model.layout().num_coord_weights, 5);
+    s.model.layout().validate(s.model.model_len()).unwrap();
+    assert_eq!(s.model.data_family(), "mf");
+}
+
+#[test]
+fn items_outside_the_catalogue_of_the_task_are_refused() {
+    let mut local = LocalData {
+        merchant_id: "m".into(),
+        mf: Some(MfData {
+            users: vec!["u".into()],
+            train: vec![Rating {
+                user: 0,
+                item: 9,
+                value: 4.0,
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let s = spec(3, 2, tuned());
+    let err = run_task(&s, &s.model.initial_params(1), &mut local).unwrap_err();
+    assert_eq!(
+        err,
+        TrainError::ItemOutOfRange {
+            item: 9,
+            num_items: 3
+        }
+    );
+}

@@ -1,0 +1,444 @@
+//! The agent's side of the protocol, as a state machine driven by the
+//! messages the server relays. It holds the agent's secrets and its own
+//! update; it reveals, for each neighbour, at most one of that neighbour's two
+//! secrets, and never its own pairwise-mask key once its masked input is out.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ed25519_dalek::SigningKey;
+use rand::{CryptoRng, Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rayon::prelude::*;
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+use super::crypto::{self, SHARE_LEN, Sign};
+use super::encode::{EncodedInput, encode};
+use super::graph::NeighbourGraph;
+use super::ring::{RingVec, check_shape};
+use super::wire::{
+    AdvertiseKeys, EncryptedShare, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck,
+    SurvivorSignature, UnmaskRequest, UnmaskResponse,
+};
+use super::{SecAggConfig, SecAggError, Stage};
+use crate::federation::update::Update;
+
+/// HKDF info strings separating the two uses of X25519 agreements.
+pub(crate) const INFO_SHARE: &[u8] = b"/share-encryption";
+pub(crate) const INFO_MASK: &[u8] = b"/pairwise-mask";
+
+/// Shares this agent holds for one owner: (pairwise key share, self-mask share).
+type HeldShares = (Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>);
+
+/// One agent's session for one round.
+pub struct ClientSession {
+    config: SecAggConfig,
+    id: u32,
+    round_seed: [u8; 32],
+    enc_sk: StaticSecret,
+    mask_sk: StaticSecret,
+    sig_sk: Option<SigningKey>,
+    self_seed: Zeroizing<[u8; 32]>,
+    dealer: ChaCha20Rng,
+    stage: Stage,
+    roster: BTreeMap<u32, AdvertiseKeys>,
+    /// Shares held, by owner (includes this agent's own shares of itself).
+    held: BTreeMap<u32, HeldShares>,
+    /// Share-encryption keys agreed with each neighbour in stage 2.
+    share_keys: BTreeMap<u32, Zeroizing<[u8; 32]>>,
+    /// Neighbours in the pairwise masks (those whose shares reached us).
+    mask_peers: Vec<u32>,
+    signed_survivors: Option<Vec<u32>>,
+}
+
+impl ClientSession {
+    /// Starts a session: draws the two X25519 key pairs, the self-mask seed
+    /// and (if the malicious-server check is on) an Ed25519 key from `rng`,
+    /// which must be a cryptographic generator (OS entropy in production).
+    pub fn new<R: CryptoRng>(
+        config: SecAggConfig,
+        id: u32,
+        round_seed: [u8; 32],
+        rng: &mut R,
+    ) -> Self {
+        let enc_sk = StaticSecret::random_from_rng(rng);
+        let mask_sk = StaticSecret::random_from_rng(rng);
+        let sig_sk = config.verify_survivors.then(|| SigningKey::generate(rng));
+        let mut self_seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(self_seed.as_mut());
+        let mut dealer_seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(dealer_seed.as_mut());
+        Self {
+            config,
+            id,
+            round_seed,
+            enc_sk,
+            mask_sk,
+            sig_sk,
+            self_seed,
+            dealer: ChaCha20Rng::from_seed(*dealer_seed),
+            stage: Stage::Advertise,
+            roster: BTreeMap::new(),
+            held: BTreeMap::new(),
+            share_keys: BTreeMap::new(),
+            mask_peers: Vec::new(),
+            signed_survivors: None,
+        }
+    }
+
+    /// The round's parameters (as the coordinator sent them).
+    pub fn config(&self) -> &SecAggConfig {
+        &self.config
+    }
+
+    /// This agent's id in the round.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn expect(&self, stage: Stage) -> Result<(), SecAggError> {
+        if self.stage != stage {
+            return Err(SecAggError::WrongStage {
+                expected: stage,
+                actual: self.stage,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stage 1: the public keys to send to the server.
+    pub fn advertise(&mut self) -> Result<AdvertiseKeys, SecAggError> {
+        self.expect(Stage::Advertise)?;
+        self.stage = Stage::ShareKeys;
+        Ok(self.own_keys())
+    }
+
+    fn own_keys(&self) -> AdvertiseKeys {
+        AdvertiseKeys {
+            id: self.id,
+            enc_pk: PublicKey::from(&self.enc_sk).to_bytes(),
+            mask_pk: PublicKey::from(&self.mask_sk).to_bytes(),
+            sig_pk: self.sig_sk.as_ref().map(|k| k.verifying_key().to_bytes()),
+        }
+    }
+
+    /// Stage 2: given everyone's keys, Shamir-shares the pairwise-mask secret
+    /// key and the self-mask seed t-of-(k+1) among the neighbours and itself,
+    /// and encrypts each neighbour's bundle to that neighbour.
+    pub fn share_keys(&mut self, roster: &KeyRoster) -> Result<ShareUpload, SecAggError> {
+        self.expect(Stage::ShareKeys)?;
+        let mut map = BTreeMap::new();
+        for k in &roster.keys {
+            if map.insert(k.id, k.clone()).is_some() {
+                return Err(SecAggError::Duplicate {
+                    stage: Stage::ShareKeys,
+                    agent: k.id,
+                });
+            }
+        }
+        if map.get(&self.id) != Some(&self.own_keys()) {
+            return Err(SecAggError::Refused(
+                "the roster does not carry this agent's own keys".into(),
+            ));
+        }
+        if self.config.verify_survivors && map.values().any(|k| k.sig_pk.is_none()) {
+            return Err(SecAggError::Refused(
+                "an agent in the roster has no signature key".into(),
+            ));
+        }
+        let n = map.len();
+        self.config.validate(n)?;
+        let ids: Vec<u32> = map.keys().copied().collect();
+        let graph = NeighbourGraph::new(&self.round_seed, &ids, self.config.degree(n))?;
+        let holders = graph.holders(self.id);
+        let t = self.config.threshold;
+        let sk_bytes = Zeroizing::new(self.mask_sk.to_bytes());
+        let sk_shares = crypto::split(&sk_bytes, t, holders.len(), &mut self.dealer);
+        let b_shares = crypto::split(&self.self_seed, t, holders.len(), &mut self.dealer);
+        let me = self.id;
+        let own = holders
+            .iter()
+            .position(|&h| h == me)
+            .expect("an agent holds its own shares");
+        self.held
+            .insert(me, (sk_shares[own].clone(), b_shares[own].clone()));
+        // One X25519 agreement per neighbour, in parallel; the derived keys are
+        // kept to open the neighbours' bundles in stage 3.
+        let sealed: Vec<(u32, Zeroizing<[u8; 32]>, EncryptedShare)> = holders
+            .par_iter()
+            .enumerate()
+            .filter(|&(_, &h)| h != me)
+            .map(|(i, &h)| {
+                let key = crypto::agree(
+                    &self.enc_sk,
+                    &map[&h].enc_pk,
+                    &self.round_seed,
+                    INFO_SHARE,
+                    h,
+                )?;
+                let mut plain = Zeroizing::new(Vec::with_capacity(8 + 2 * SHARE_LEN));
+                plain.extend_from_slice(&me.to_le_bytes());
+                plain.extend_from_slice(&h.to_le_bytes());
+                plain.extend_from_slice(&sk_shares[i]);
+                plain.extend_from_slice(&b_shares[i]);
+                let ciphertext = crypto::seal(&key, &self.round_seed, me, h, &plain);
+                Ok((
+                    h,
+                    key,
+                    EncryptedShare {
+                        from: me,
+                        to: h,
+                        ciphertext,
+                    },
+                ))
+            })
+            .collect::<Result<_, SecAggError>>()?;
+        let mut shares = Vec::with_capacity(sealed.len());
+        for (h, key, share) in sealed {
+            self.share_keys.insert(h, key);
+            shares.push(share);
+        }
+        self.roster = map;
+        self.stage = Stage::MaskedInput;
+        Ok(ShareUpload {
+            from: self.id,
+            shares,
+        })
+    }
+
+    /// Stage 3: decrypts the relayed bundles, then masks `update` (encoded
+    /// with stochastic rounding drawn from `rounding`). Returns the masked
+    /// vector (modulo 2^modulus_bits) and this agent's clipped-coordinate
+    /// count.
+    pub fn masked_input<R: Rng>(
+        &mut self,
+        relay: &ShareRelay,
+        update: &Update,
+        rounding: &mut R,
+    ) -> Result<(RingVec, usize), SecAggError> {
+        let encoded = encode(&self.config, update, rounding)?;
+        let clipped = encoded.clipped();
+        Ok((self.masked_encoded(relay, &encoded)?, clipped))
+    }
+
+    /// Stage 3 for an already encoded input (see [`super::encode()`]).
+    pub fn masked_encoded(
+        &mut self,
+        relay: &ShareRelay,
+        input: &EncodedInput,
+    ) -> Result<RingVec, SecAggError> {
+        self.expect(Stage::MaskedInput)?;
+        check_shape(
+            &input.vector,
+            "encoded input",
+            self.config.modulus_bits,
+            self.config.vector_len(),
+        )?;
+        if relay.to != self.id {
+            return Err(SecAggError::Refused(format!(
+                "relay addressed to {}, not {}",
+                relay.to, self.id
+            )));
+        }
+        let ids: Vec<u32> = self.roster.keys().copied().collect();
+        let graph = NeighbourGraph::new(&self.round_seed, &ids, self.config.degree(ids.len()))?;
+        let mut peers = BTreeSet::new();
+        for s in &relay.shares {
+            if s.to != self.id || !graph.adjacent(self.id, s.from) {
+                return Err(SecAggError::Refused(format!(
+                    "share from {} is not from a neighbour",
+                    s.from
+                )));
+            }
+            if !peers.insert(s.from) {
+                return Err(SecAggError::Duplicate {
+                    stage: Stage::MaskedInput,
+                    agent: s.from,
+                });
+            }
+            let key = &self.share_keys[&s.from];
+            let plain = crypto::open(key, &self.round_seed, s.from, self.id, &s.ciphertext)?;
+            if plain.len() != 8 + 2 * SHARE_LEN
+                || plain[..4] != s.from.to_le_bytes()
+                || plain[4..8] != self.id.to_le_bytes()
+            {
+                return Err(SecAggError::BadCiphertext {
+                    from: s.from,
+                    to: self.id,
+                });
+            }
+            let sk = Zeroizing::new(plain[8..8 + SHARE_LEN].to_vec());
+            let b = Zeroizing::new(plain[8 + SHARE_LEN..].to_vec());
+            self.held.insert(s.from, (sk, b));
+        }
+        if peers.len() + 1 < self.config.threshold {
+            return Err(SecAggError::TooFewSurvivors {
+                stage: Stage::ShareKeys,
+                have: peers.len() + 1,
+                need: self.config.threshold,
+            });
+        }
+        let peer_list: Vec<u32> = peers.iter().copied().collect();
+        let mut masks: Vec<([u8; 32], Sign)> = peer_list
+            .par_iter()
+            .map(|&v| {
+                let seed = crypto::agree(
+                    &self.mask_sk,
+                    &self.roster[&v].mask_pk,
+                    &self.round_seed,
+                    INFO_MASK,
+                    v,
+                )?;
+                Ok((*seed, if self.id < v { Sign::Plus } else { Sign::Minus }))
+            })
+            .collect::<Result<_, SecAggError>>()?;
+        masks.push((*self.self_seed, Sign::Plus));
+        let mut out = input.vector.clone();
+        crypto::apply_masks(&mut out, &masks);
+        self.mask_peers = peers.into_iter().collect();
+        self.stage = if self.config.verify_survivors {
+            Stage::Consistency
+        } else {
+            Stage::Unmask
+        };
+        Ok(out)
+    }
+
+    /// Optional stage (malicious-server check): signs the survivor list the
+    /// server shows, after checking it contains this agent and at least t ids.
+    pub fn sign_survivors(
+        &mut self,
+        check: &SurvivorCheck,
+    ) -> Result<SurvivorSignature, SecAggError> {
+        self.expect(Stage::Consistency)?;
+        let list = &check.survivors;
+        if !list.windows(2).all(|w| w[0] < w[1])
+            || !list.iter().all(|id| self.roster.contains_key(id))
+        {
+            return Err(SecAggError::Refused(
+                "survivor list is unsorted or names unknown agents".into(),
+            ));
+        }
+        if list.binary_search(&self.id).is_err() {
+            return Err(SecAggError::Refused(
+                "survivor list omits this agent, whose input was sent".into(),
+            ));
+        }
+        if list.len() < self.config.threshold {
+            return Err(SecAggError::TooFewSurvivors {
+                stage: Stage::Consistency,
+                have: list.len(),
+                need: self.config.threshold,
+            });
+        }
+        let key = self
+            .sig_sk
+            .as_ref()
+            .ok_or_else(|| SecAggError::Refused("no signature key".into()))?;
+        let signature = crypto::sign(key, &crypto::survivor_message(&self.round_seed, list));
+        self.signed_survivors = Some(list.clone());
+        self.stage = Stage::Unmask;
+        Ok(SurvivorSignature {
+            from: self.id,
+            signature,
+        })
+    }
+
+    /// Stage 4: reveals the requested shares, refusing the whole request if
+    /// it asks for both secrets of one agent, for this agent's own pairwise
+    /// key, for shares this agent does not hold, or (with the malicious-server
+    /// check) if it lacks t valid signatures over the list this agent signed.
+    pub fn unmask(&mut self, request: &UnmaskRequest) -> Result<UnmaskResponse, SecAggError> {
+        self.expect(Stage::Unmask)?;
+        // Whatever happens next, this session never answers a second request.
+        self.stage = Stage::Done;
+        let selfs: BTreeSet<u32> = request.self_mask_of.iter().copied().collect();
+        let pairs: BTreeSet<u32> = request.pairwise_of.iter().copied().collect();
+        if request.to != self.id
+            || selfs.len() != request.self_mask_of.len()
+            || pairs.len() != request.pairwise_of.len()
+        {
+            return Err(SecAggError::Refused(
+                "unmask request is misaddressed or repeats an agent".into(),
+            ));
+        }
+        if let Some(both) = selfs.intersection(&pairs).next() {
+            return Err(SecAggError::Refused(format!(
+                "request asks for both the self-mask seed and the pairwise key of agent {both}"
+            )));
+        }
+        if pairs.contains(&self.id) || !selfs.contains(&self.id) {
+            return Err(SecAggError::Refused(
+                "request treats this agent as dropped although its masked input was sent".into(),
+            ));
+        }
+        if let Some(unknown) = selfs
+            .iter()
+            .chain(&pairs)
+            .find(|o| !self.held.contains_key(o))
+        {
+            return Err(SecAggError::Refused(format!(
+                "no shares held for agent {unknown}"
+            )));
+        }
+        if self.config.verify_survivors {
+            self.check_signatures(request, &selfs, &pairs)?;
+        }
+        let pick = |ids: &BTreeSet<u32>, second: bool| {
+            ids.iter()
+                .map(|o| {
+                    let (sk, b) = &self.held[o];
+                    (*o, if second { b.to_vec() } else { sk.to_vec() })
+                })
+                .collect()
+        };
+        Ok(UnmaskResponse {
+            from: self.id,
+            self_mask_shares: pick(&selfs, true),
+            pairwise_shares: pick(&pairs, false),
+        })
+    }
+
+    fn check_signatures(
+        &self,
+        request: &UnmaskRequest,
+        selfs: &BTreeSet<u32>,
+        pairs: &BTreeSet<u32>,
+    ) -> Result<(), SecAggError> {
+        let signed = self
+            .signed_survivors
+            .as_ref()
+            .ok_or_else(|| SecAggError::Refused("survivor list never signed".into()))?;
+        if &request.survivors != signed {
+            return Err(SecAggError::Refused(
+                "unmask request carries a survivor list other than the one signed".into(),
+            ));
+        }
+        if !selfs.iter().all(|s| signed.binary_search(s).is_ok())
+            || pairs.iter().any(|p| signed.binary_search(p).is_ok())
+        {
+            return Err(SecAggError::Refused(
+                "requested shares disagree with the signed survivor list".into(),
+            ));
+        }
+        let message = crypto::survivor_message(&self.round_seed, signed);
+        let mut valid = BTreeSet::new();
+        for sig in &request.signatures {
+            let Some(pk) = self.roster.get(&sig.from).and_then(|k| k.sig_pk) else {
+                continue;
+            };
+            if signed.binary_search(&sig.from).is_ok()
+                && crypto::verify(&pk, &message, &sig.signature)
+            {
+                valid.insert(sig.from);
+            }
+        }
+        if valid.len() < self.config.threshold {
+            return Err(SecAggError::BadSignatures {
+                valid: valid.len(),
+                need: self.config.threshold,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,318 @@
+//! Fixed-point encoding of a whole [`Update`] into one vector modulo
+//! 2^modulus_bits, and decoding of the unmasked sum back to f64 sums.
+//!
+//! Layout: `values ‖ coord_weights ‖ weight ‖ clipped`. Values are clipped to
+//! [−clip, clip] and stochastically rounded at resolution 1/scale (unbiased:
+//! the expected code is exactly x·scale), weights are clipped to
+//! [0, max_weight] and rounded at 1/weight_scale, and the last coordinate
+//! counts the coordinates this agent had to clip — summed under the masks like
+//! everything else, so the server learns only the total clipped count.
+
+use rand::{Rng, RngExt};
+
+use super::ring::{RingVec, Word, Words, with_words};
+use super::{SecAggConfig, SecAggError};
+use crate::federation::aggregate::SumAccumulator;
+use crate::federation::update::Update;
+
+/// An agent's encoded (not yet masked) input. It stays on the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedInput {
+    pub(crate) vector: RingVec,
+    num_values: usize,
+    clipped: usize,
+}
+
+impl EncodedInput {
+    /// The encoded vector (values ‖ coord weights ‖ weight ‖ clipped count),
+    /// modulo 2^modulus_bits.
+    pub fn vector(&self) -> &RingVec {
+        &self.vector
+    }
+
+    /// How many coordinates (values, coordinate weights and the example
+    /// weight) were outside their range and clipped.
+    pub fn clipped(&self) -> usize {
+        self.clipped
+    }
+
+    /// Adds integer noise, in encoded units (multiples of 1/scale), to the
+    /// value coordinates before masking: `noise[i]` goes to value `i`, modulo
+    /// 2^modulus_bits. This is the hook for distributed differential privacy
+    /// (each agent adds discrete noise; the sum carries the total). The
+    /// overflow check of [`SecAggConfig::validate`] covers only clipped
+    /// values, so leave room for the noise (a lower `scale` or `clip`).
+    pub fn add_noise(&mut self, noise: &[i64]) -> Result<(), SecAggError> {
+        if noise.len() != self.num_values {
+            return Err(SecAggError::WrongLength {
+                what: "noise",
+                expected: self.num_values,
+                got: noise.len(),
+            });
+        }
+        self.vector.add_signed(0, noise);
+        Ok(())
+    }
+}
+
+/// Stochastic rounding: ⌊y + u⌋ with u uniform in [0, 1).
+fn round<R: Rng>(y: f64, rng: &mut R) -> i64 {
+    (y + rng.random::<f64>()).floor() as i64
+}
+
+/// Encodes an update. NaN or infinite values are an error, never clipped:
+/// they mean a diverged model, which clipping would hide.
+pub fn encode<R: Rng>(
+    config: &SecAggConfig,
+    update: &Update,
+    rng: &mut R,
+) -> Result<EncodedInput, SecAggError> {
+    if update.values.len() != config.num_values {
+        return Err(SecAggError::WrongLength {
+            what: "update values",
+            expected: config.num_values,
+            got: update.values.len(),
+        });
+    }
+    if update.coord_weights.len() != config.num_coord_weights {
+        return Err(SecAggError::WrongLength {
+            what: "coordinate weights",
+            expected: config.num_coord_weights,
+            got: update.coord_weights.len(),
+        });
+    }
+    let mut clipped = 0usize;
+    let words = if config.modulus_bits <= 32 {
+        Words::U32(encode_words(config, update, rng, &mut clipped)?)
+    } else {
+        Words::U64(encode_words(config, update, rng, &mut clipped)?)
+    };
+    Ok(EncodedInput {
+        vector: RingVec::from_typed(config.modulus_bits, words),
+        num_values: config.num_values,
+        clipped,
+    })
+}
+
+/// The encoding loop in the ring's word type (reduced by the caller).
+fn encode_words<W: Word, R: Rng>(
+    config: &SecAggConfig,
+    update: &Update,
+    rng: &mut R,
+    clipped: &mut usize,
+) -> Result<Vec<W>, SecAggError> {
+    let clip = f64::from(config.clip);
+    let mut vector: Vec<W> = Vec::with_capacity(config.vector_len());
+    for (index, &v) in update.values.iter().enumerate() {
+        if !v.is_finite() {
+            return Err(SecAggError::NotFinite {
+                index,
+                value: f64::from(v),
+            });
+        }
+        let mut x = f64::from(v);
+        if x.abs() > clip {
+            *clipped += 1;
+            x = x.clamp(-clip, clip);
+        }
+        vector.push(W::from_u64(round(x * config.scale, rng) as u64));
+    }
+    let weights = update
+        .coord_weights
+        .iter()
+        .map(|&w| f64::from(w))
+        .chain([update.weight]);
+    for (i, w) in weights.enumerate() {
+        let index = config.num_values + i;
+        if !w.is_finite() || w < 0.0 {
+            return Err(SecAggError::NotFinite { index, value: w });
+        }
+        let mut x = w;
+        if x > config.max_weight {
+            *clipped += 1;
+            x = config.max_weight;
+        }
+        vector.push(W::from_u64(round(x * config.weight_scale, rng) as u64));
+    }
+    vector.push(W::from_u64(*clipped as u64));
+    Ok(vector)
+}
+
+/// Values modulo 2^bits read as two's complement (sign extension by shifts,
+/// valid for every width 1..=64), divided by the scale.
+fn decode_signed<W: Word>(raw: &[W], config: &SecAggConfig) -> Vec<f64> {
+    let shift = 64 - config.modulus_bits;
+    raw.iter()
+        .map(|r| (((r.to_u64() << shift) as i64) >> shift) as f64 / config.scale)
+        .collect()
+}
+
+/// The decoded result of a round: sums over the surviving agents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedSum {
+    /// Sum of the (clipped, quantised) update values.
+    pub values: Vec<f64>,
+    /// Sum of the per-coordinate weights.
+    pub coord_weights: Vec<f64>,
+    /// Sum of the example weights.
+    pub weight: f64,
+    /// Number of agents whose inputs are in the sum.
+    pub count: usize,
+    /// Total number of coordinates clipped across those agents.
+    pub clipped: u64,
+}
+
+impl DecodedSum {
+    /// Decodes an unmasked sum of `count` agents' encodings. Values are read
+    /// as two's complement in modulus_bits; validation guarantees the true
+    /// sum lies in range, so this is exact up to quantisation.
+    pub fn decode(config: &SecAggConfig, raw: &RingVec, count: usize) -> Result<Self, SecAggError> {
+        if raw.len() != config.vector_len() {
+            return Err(SecAggError::WrongLength {
+                what: "summed vector",
+                expected: config.vector_len(),
+                got: raw.len(),
+            });
+        }
+        if raw.modulus_bits() != config.modulus_bits {
+            return Err(SecAggError::Malformed {
+                what: "summed vector",
+                detail: format!(
+                    "modulo 2^{}, the round uses 2^{}",
+                    raw.modulus_bits(),
+                    config.modulus_bits
+                ),
+            });
+        }
+        let nv = config.num_values;
+        let nw = config.num_coord_weights;
+        let mask = config.modulus_mask();
+        let values = with_words!(&raw.words, v => decode_signed(&v[..nv], config));
+        let unsigned = |i: usize| raw.get(i) & mask;
+        Ok(Self {
+            values,
+            coord_weights: (nv..nv + nw)
+                .map(|i| unsigned(i) as f64 / config.weight_scale)
+                .collect(),
+            weight: unsigned(nv + nw) as f64 / config.weight_scale,
+            count,
+            clipped: unsigned(nv + nw + 1),
+        })
+    }
+
+    /// Fraction of all submitted coordinates that were clipped.
+    pub fn clipped_fraction(&self) -> f64 {
+        let total = self.count * (self.values.len() + self.coord_weights.len() + 1);
+        if total == 0 {
+            0.0
+        } else {
+            self.clipped as f64 / total as f64
+        }
+    }
+
+    /// The sums as the coordinator's streaming accumulator, ready for
+    /// [`SumAccumulator::mean_delta`].
+    pub fn into_accumulator(self) -> SumAccumulator {
+        SumAccumulator::from_sums(self.values, self.coord_weights, self.weight, self.count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn config() -> SecAggConfig {
+        let mut c = SecAggConfig::complete(4, 1, 3, 1.0);
+        c.scale = 1000.0;
+        c
+    }
+
+    #[test]
+    fn clipping_is_counted_and_reported_as_a_fraction() {
+        let c = config();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let u = Update {
+            values: vec![0.5, 2.0, -3.0, 0.25],
+            coord_weights: vec![2e6],
+            weight: 7.0,
+        };
+        let e = encode(&c, &u, &mut rng).unwrap();
+        assert_eq!(e.clipped(), 3);
+        let d = DecodedSum::decode(&c, e.vector(), 1).unwrap();
+        assert_eq!(d.clipped, 3);
+        assert!((d.clipped_fraction() - 3.0 / 6.0).abs() < 1e-12);
+        assert_eq!(d.values[1], 1.0);
+        assert_eq!(d.values[2], -1.0);
+        assert!((d.values[0] - 0.5).abs() <= 1e-3);
+        assert_eq!(d.coord_weights, vec![1e6]);
+        assert_eq!(d.weight, 7.0);
+    }
+
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        let mut c = config();
+        c.num_values = 1;
+        c.num_coord_weights = 0;
+        c.scale = 1.0;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let u = Update {
+            values: vec![0.3],
+            coord_weights: vec![],
+            weight: 1.0,
+        };
+        let mean: f64 = (0..20_000)
+            .map(|_| {
+                DecodedSum::decode(&c, encode(&c, &u, &mut rng).unwrap().vector(), 1)
+                    .unwrap()
+                    .values[0]
+            })
+            .sum::<f64>()
+            / 20_000.0;
+        assert!((mean - 0.3).abs() < 0.01, "mean {mean}");
+    }
+
+    #[test]
+    fn a_64_bit_ring_decodes_large_negative_values_and_carries_added_noise() {
+        let mut c = config();
+        c.modulus_bits = 64;
+        c.clip = 1e12;
+        c.scale = 1e6;
+        c.validate(3).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let big = -(2f32.powi(36)); // −6.9e10: its code −6.9e16 needs 57 bits
+        let u = Update {
+            values: vec![big, 3.0, 0.0, -0.5],
+            coord_weights: vec![4.0],
+            weight: 2.0,
+        };
+        let mut e = encode(&c, &u, &mut rng).unwrap();
+        assert_eq!(e.vector().modulus_bits(), 64);
+        e.add_noise(&[0, -2_000_000, 5, 0]).unwrap();
+        let d = DecodedSum::decode(&c, e.vector(), 1).unwrap();
+        assert_eq!(d.values[0], f64::from(big));
+        assert_eq!(d.values[1], 1.0);
+        assert_eq!(d.values[2], 5e-6);
+        assert_eq!(d.values[3], -0.5);
+        assert_eq!((d.coord_weights[0], d.weight), (4.0, 2.0));
+        assert!(matches!(
+            e.add_noise(&[1, 2]),
+            Err(SecAggError::WrongLength { what: "noise", .. })
+        ));
+    }
+
+    #[test]
+    fn non_finite_values_are_refused_not_clipped() {
+        let c = config();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let u = Update {
+            values: vec![0.5, f32::NAN, 0.0, 0.0],
+            coord_weights: vec![1.0],
+            weight: 1.0,
+        };
+        assert!(matches!(
+            encode(&c, &u, &mut rng),
+            Err(SecAggError::NotFinite { index: 1, .. })
+        ));
+    }
+}
