@@ -79,10 +79,11 @@ pub enum StrategyError {
 /// `fedtrimmedavg:0.1`, `krum:2`, `multikrum:2:5`: parameters follow the name,
 /// separated by colons). Serialised as that name, so configs and stored run
 /// records keep their text form.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum StrategySpec {
     /// Federated averaging.
+    #[default]
     FedAvg,
     /// FedProx with proximal coefficient μ.
     FedProx {
@@ -274,12 +275,6 @@ impl TryFrom<String> for StrategySpec {
 impl From<StrategySpec> for String {
     fn from(s: StrategySpec) -> String {
         s.to_string()
-    }
-}
-
-impl Default for StrategySpec {
-    fn default() -> Self {
-        StrategySpec::FedAvg
     }
 }
 
