@@ -30,6 +30,23 @@ PY
 echo "== compose-spec"
 check-jsonschema --builtin-schema vendor.compose-spec deploy/docker/compose.yaml
 
+echo "== compose: each container mounts only its own secrets"
+python3 - <<'PY'
+import sys, yaml
+c = yaml.safe_load(open("deploy/docker/compose.yaml"))
+bad = []
+for name, svc in c["services"].items():
+    vols = [v.split(":")[0] for v in svc.get("volumes", [])]
+    if name != "certs" and "ca" in vols:
+        bad.append(f"{name} mounts the CA volume (CA key)")
+    if name.startswith("merchant-"):
+        own = "tls-m" + name.split("-")[1]
+        tls = [v for v in vols if v.startswith("tls-") or v == "pki"]
+        if tls != [own]:
+            bad.append(f"{name} mounts {tls}, expected only {own}")
+sys.exit("\n".join(bad) if bad else 0)
+PY
+
 echo "== coordinator/merchant TOML parse"
 python3 - <<'PY'
 import glob, tomllib
