@@ -25,14 +25,8 @@ use thiserror::Error;
 
 use crate::config::RunConfig;
 use crate::ledger::Ledger;
-use crate::record::{Outcome, RoundRecord};
+use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::store::{Commit, Store, StoreError};
-
-/// Builds a strategy from its configured name (see
-/// [`fedcart_common::federation::strategy::strategy_by_name`]).
-pub fn strategy_by_name(name: &str) -> Result<Box<dyn Strategy>, String> {
-    fedcart_common::federation::strategy::strategy_by_name(name)
-}
 
 /// Errors of the engine itself (not of a single submission).
 #[derive(Debug, Error)]
@@ -119,27 +113,7 @@ pub enum SubmitError {
     UnexpectedSecureSum(String),
 }
 
-/// A task handed out to agents.
-#[derive(Debug, Clone)]
-pub struct TaskPlan {
-    /// Round number.
-    pub round: u64,
-    /// Attempt of this round, from 1.
-    pub attempt: u32,
-    /// Unique task id, e.g. `r3a1-train`.
-    pub task_id: String,
-    /// What the agents must do.
-    pub spec: TaskSpec,
-    /// Global version to download (and its length); length 0 = none.
-    pub model_version: u64,
-    /// Number of f32 values in that version (0 if none is needed).
-    pub model_len: u64,
-    /// Selected agents, sorted.
-    pub selected: Vec<String>,
-    /// True when the task's updates go through secure aggregation: agents
-    /// submit only metrics, and the driver hands over the unmasked sum.
-    pub secure: bool,
-}
+pub use crate::task::TaskPlan;
 
 /// A result delivered by an agent.
 #[derive(Debug, Clone, Default)]
@@ -188,7 +162,8 @@ pub struct Engine {
     global: Arc<Vec<f32>>,
     standardizer: Option<Standardizer>,
     pending_eval: bool,
-    attempts: BTreeMap<(u64, String), u32>,
+    /// Attempts so far of each (round, kind name).
+    attempts: BTreeMap<(u64, &'static str), u32>,
     open: Option<OpenTask>,
     /// Differential privacy of the run, when configured.
     ledger: Option<Ledger>,
@@ -234,13 +209,13 @@ impl Engine {
             path: store.path().into(),
             what: format!("latest version {version} is missing"),
         })?;
-        let mut strategy = strategy_by_name(&run.strategy).map_err(EngineError::Config)?;
+        let mut strategy = run.strategy.build();
         strategy.restore(&store.strategy_state()?);
         let standardizer = store.meta_json::<Standardizer>("standardizer")?;
         let history = store.history()?;
         let mut attempts = BTreeMap::new();
         for r in &history {
-            *attempts.entry((r.round, r.kind.clone())).or_insert(0) += 1;
+            *attempts.entry((r.round, kind_name(r.kind))).or_insert(0) += 1;
         }
         let ledger = run
             .dp
@@ -252,7 +227,7 @@ impl Engine {
             && version > 0
             && !history
                 .iter()
-                .any(|r| r.kind == "evaluate" && r.round == version);
+                .any(|r| r.kind == TaskKind::Evaluate && r.round == version);
         Ok(Self {
             store,
             run,
@@ -349,12 +324,7 @@ impl Engine {
             });
         }
         let kind_name = kind_name(kind);
-        let attempt = self
-            .attempts
-            .get(&(round, kind_name.to_string()))
-            .copied()
-            .unwrap_or(0)
-            + 1;
+        let attempt = self.attempts.get(&(round, kind_name)).copied().unwrap_or(0) + 1;
         let task_id = format!("r{round}a{attempt}-{kind_name}");
         let want = ((available.len() as f64 * sel.fraction).ceil() as usize)
             .clamp(sel.min_agents, sel.max_agents)
@@ -724,7 +694,7 @@ impl Engine {
         let kind_str = kind_name(kind);
         *self
             .attempts
-            .entry((open.plan.round, kind_str.to_string()))
+            .entry((open.plan.round, kind_str))
             .or_insert(0) += 1;
         let quorum = if kind == TaskKind::Evaluate {
             1
@@ -750,7 +720,7 @@ impl Engine {
             round: open.plan.round,
             attempt: open.plan.attempt,
             task_id: open.plan.task_id.clone(),
-            kind: kind_str.into(),
+            kind,
             outcome: Outcome::Aborted,
             base_version: open.plan.model_version,
             selected: open.selected.iter().cloned().collect(),
@@ -835,13 +805,5 @@ impl Engine {
             }
         }
         Ok(record)
-    }
-}
-
-fn kind_name(kind: TaskKind) -> &'static str {
-    match kind {
-        TaskKind::Stats => "stats",
-        TaskKind::Train => "train",
-        TaskKind::Evaluate => "evaluate",
     }
 }
