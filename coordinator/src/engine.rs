@@ -10,6 +10,9 @@
 //! O(model size) for streaming strategies. A task commits only with a quorum
 //! of results; otherwise it aborts, nothing changes, and the same round is
 //! attempted again.
+//!
+//! The work is split along its seams: `plan` picks the next task and its
+//! agents, `collect` checks and folds the results, `commit` closes the task.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
