@@ -2,7 +2,9 @@
 //!
 //! - [`engine`]: the transport-agnostic round engine (selection, streaming
 //!   aggregation, quorum, commit).
-//! - [`store`]: the durable redb store of run, versions and history.
+//! - [`store`]: the durable redb store of run, versions and history;
+//!   [`record`]: what it remembers of each round; [`task`]: the task plan.
+//! - [`config`]: the validated configuration; [`ledger`]: the DP ledger.
 //! - [`service`]: the gRPC driver of the engine.
 //! - [`simulate`]: the in-process simulator, the engine's second driver.
 //! - [`privacy`]: the `privacy` budget-planning command.
@@ -27,4 +29,5 @@ pub mod service;
 pub mod simulate;
 pub mod status;
 pub mod store;
+pub mod task;
 pub mod tls;

@@ -120,7 +120,7 @@ pub fn run_one(
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,
         evaluate: !matches!(pop.model, ModelSpec::Noop { .. }),
-        strategy: s.strategy.clone(),
+        strategy: s.strategy.parse()?,
         secagg: s.secagg.then(|| SecAggSettings {
             neighbours: None,
             clip: s.secagg_clip(task),

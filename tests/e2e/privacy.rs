@@ -22,7 +22,10 @@ async fn agents_clip_the_coordinator_noises_and_each_round_records_epsilon() {
     let fed = federate_files(&split.files, run.clone()).await;
     let shared = &fed.shared;
     let history = shared.history().unwrap();
-    let trains: Vec<_> = history.iter().filter(|r| r.kind == "train").collect();
+    let trains: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == fedcart_common::task::TaskKind::Train)
+        .collect();
     assert_eq!(trains.len(), 3);
     for (t, r) in trains.iter().enumerate() {
         assert_eq!(r.outcome, Outcome::Committed);

@@ -66,7 +66,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn trains(history: &[RoundRecord]) -> Vec<&RoundRecord> {
-    history.iter().filter(|r| r.kind == "train").collect()
+    history
+        .iter()
+        .filter(|r| r.kind == fedcart_common::task::TaskKind::Train)
+        .collect()
 }
 
 /// Four merchants, `dying` of them scripted to disconnect at `die` in the
@@ -307,7 +310,7 @@ async fn movielens_federation(secure: bool) -> (Vec<f32>, std::collections::BTre
     );
     let eval = history
         .iter()
-        .rfind(|r| r.kind == "evaluate")
+        .rfind(|r| r.kind == fedcart_common::task::TaskKind::Evaluate)
         .expect("an evaluation")
         .metrics
         .clone();
@@ -353,7 +356,7 @@ async fn telco_federation(
     assert!(
         history
             .iter()
-            .filter(|r| r.kind != "evaluate")
+            .filter(|r| r.kind != fedcart_common::task::TaskKind::Evaluate)
             .all(|r| r.outcome == Outcome::Committed && r.reported.len() == 4),
         "{history:?}"
     );

@@ -31,7 +31,7 @@ fn run(dp: DpSettings, selected: usize) -> RunConfig {
         quorum: 1,
         round_timeout_ms: 1_000,
         evaluate: false,
-        strategy: "fedavg".into(),
+        strategy: Default::default(),
         secagg: None,
         dp: Some(dp),
     }
@@ -287,7 +287,8 @@ fn bad_dp_settings_are_refused_naming_the_field() {
     dist.mode = DpMode::Distributed;
     assert_eq!(field(dist, &|_| {}), "run.dp.mode");
     assert_eq!(
-        field(ok.clone(), &|c| c.strategy = "fedmedian".into()),
+        field(ok.clone(), &|c| c.strategy =
+            fedcart_common::federation::strategy::StrategySpec::FedMedian),
         "run.strategy"
     );
     let mut target = ok.clone();

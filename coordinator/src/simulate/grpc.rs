@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use super::data::{DataSpec, Population, TaskChoice};
 use super::{Experiment, RoundRow, Settings};
 use crate::config::RunConfig;
-use crate::record::{Outcome, RoundRecord};
+use crate::record::{Outcome, RoundRecord, kind_name};
 
 /// Deadline of a task over loopback. Never reached in a healthy run (every
 /// selected agent answers or disconnects first); it bounds a run whose agent
@@ -217,7 +217,7 @@ async fn drive(
         "train" => 1,
         _ => 2,
     };
-    history.sort_by_key(|r| (r.round, rank(&r.kind), r.attempt));
+    history.sort_by_key(|r| (r.round, rank(kind_name(r.kind)), r.attempt));
     let version = progress.borrow().version;
     let final_model = shared
         .model(version)?
@@ -270,7 +270,7 @@ fn per_merchant(
     let Some(last) = history
         .iter()
         .rev()
-        .find(|r| r.kind == "evaluate" && r.outcome == Outcome::Committed)
+        .find(|r| kind_name(r.kind) == "evaluate" && r.outcome == Outcome::Committed)
     else {
         return Ok(BTreeMap::new());
     };
@@ -304,7 +304,7 @@ fn rows(
         let begin = if k == 0 { started } else { stamps[k - 1] };
         let end = stamps.get(k).copied().unwrap_or(begin);
         let down = 4 * model_len * r.reported.len() as u64;
-        match r.kind.as_str() {
+        match kind_name(r.kind) {
             "train" => {
                 let new = RoundRow {
                     round: r.round,
@@ -319,9 +319,9 @@ fn rows(
                     ..Default::default()
                 };
                 // An evaluation follows a committed round when the run evaluates.
-                let evaluated = history
-                    .get(k + 1)
-                    .is_some_and(|next| next.kind == "evaluate" && next.round == r.round);
+                let evaluated = history.get(k + 1).is_some_and(|next| {
+                    kind_name(next.kind) == "evaluate" && next.round == r.round
+                });
                 if new.committed && evaluated {
                     row = Some((new, begin));
                 } else {

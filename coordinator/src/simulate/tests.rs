@@ -258,7 +258,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,
         evaluate: false,
-        strategy: "fedavg".into(),
+        strategy: Default::default(),
         secagg: secure.then(|| SecAggSettings {
             neighbours: None,
             clip: s.secagg_clip(task),

@@ -105,7 +105,7 @@ fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>)
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,
         evaluate: false,
-        strategy: "fedavg".into(),
+        strategy: Default::default(),
         secagg: None,
         dp: None,
     };
@@ -148,7 +148,7 @@ fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>)
         .history()
         .unwrap()
         .into_iter()
-        .filter(|r| r.kind == "train")
+        .filter(|r| r.kind == fedcart_common::task::TaskKind::Train)
         .map(|r| r.reported[0].clone())
         .collect();
     (versions, exp.rounds, who)

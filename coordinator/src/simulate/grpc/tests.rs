@@ -243,7 +243,7 @@ fn min_available_waits_for_the_pool_without_widening_the_selection() {
         quorum: 1,
         round_timeout_ms: 1000,
         evaluate: false,
-        strategy: "fedavg".into(),
+        strategy: Default::default(),
         secagg: None,
         dp: None,
     };
