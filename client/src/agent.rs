@@ -192,7 +192,9 @@ impl Agent {
     }
 
     /// Runs sessions until `shutdown` becomes true, reconnecting with
-    /// exponential backoff after every failure.
+    /// exponential backoff after every failure. Today every failure is
+    /// logged and retried, so this returns `Ok`; the `Result` leaves room to
+    /// stop on errors for which [`AgentError::is_permanent`] holds.
     pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
         let mut wait = Duration::from_millis(self.backoff.initial_ms);
         loop {
@@ -361,5 +363,30 @@ impl Agent {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_urls_and_identity_refusals_are_permanent_and_lost_connections_are_not() {
+        let url = "not a url".to_string();
+        let source = Endpoint::from_shared(url.clone()).unwrap_err();
+        assert!(AgentError::BadUrl { url, source }.is_permanent());
+        let revoked = tonic::Status::permission_denied("merchant `m0` is revoked");
+        assert!(AgentError::Join(revoked).is_permanent());
+        assert!(!AgentError::Join(tonic::Status::unavailable("restarting")).is_permanent());
+        assert!(!AgentError::Stream(tonic::Status::cancelled("gone")).is_permanent());
+        assert!(!AgentError::Silence(Duration::from_secs(3)).is_permanent());
+    }
+
+    #[test]
+    fn the_session_log_shows_the_whole_source_chain() {
+        let err = AgentError::Join(tonic::Status::permission_denied("merchant `m0` is revoked"));
+        let shown = Chain(&err).to_string();
+        assert!(shown.starts_with("join: "), "{shown}");
+        assert!(shown.contains("merchant `m0` is revoked"), "{shown}");
     }
 }

@@ -136,3 +136,41 @@ impl AgentConfig {
         Ok(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> (tempfile::TempDir, PathBuf, Result<AgentConfig, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("merchant.toml");
+        std::fs::write(&path, text).unwrap();
+        let result = AgentConfig::load(&path);
+        (dir, path, result)
+    }
+
+    #[test]
+    fn a_holdout_outside_0_1_is_refused_naming_the_file_and_key() {
+        let (_dir, path, result) = load_text(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\nholdout = 1.5\n",
+        );
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            format!("{}: `data.holdout` = 1.5 must be in (0, 1)", path.display())
+        );
+    }
+
+    #[test]
+    fn a_misspelled_key_names_the_file_and_the_parser_names_the_key() {
+        let (_dir, path, result) = load_text(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\nholdot = 0.2\n",
+        );
+        let err = result.unwrap_err();
+        assert!(
+            err.to_string().starts_with(&path.display().to_string()),
+            "{err}"
+        );
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("holdot"), "{cause}");
+    }
+}

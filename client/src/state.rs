@@ -214,3 +214,32 @@ impl StateDir {
         self.read_json(&format!("metrics-{family}.json"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_round_trip_and_a_missing_file_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path().join("state")).unwrap();
+        assert_eq!(state.load_metrics("churn").unwrap(), None);
+        let m = BTreeMap::from([("auc".to_string(), 0.75)]);
+        state.save_metrics("churn", &m).unwrap();
+        assert_eq!(state.load_metrics("churn").unwrap(), Some(m));
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let path = dir.path().join("mf-users.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let err = state.load_users().unwrap_err();
+        assert!(
+            matches!(&err, StateError::Decode { path: p, .. } if *p == path),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), path.display().to_string());
+    }
+}
