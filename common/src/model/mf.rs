@@ -16,6 +16,7 @@
 
 mod eval;
 mod kernels;
+pub mod movielens;
 
 use std::collections::BTreeMap;
 
@@ -23,11 +24,10 @@ use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError};
 use crate::data::catalogue::Catalogue;
 use crate::data::interactions::Interaction;
 use crate::federation::update::{Segment, Update, WeightLayout};
-use crate::task::{TaskKind, TaskSpec};
-use crate::train::{TaskOutput, TrainError};
 
 pub use eval::{ranking_metrics, rmse_of};
 pub use kernels::{bpr_epoch, explicit_epoch};
@@ -259,7 +259,9 @@ impl MfData {
     }
 }
 
-/// The shape of an MF task, unpacked from its `ModelSpec`.
+/// The matrix-factorisation family, explicit or implicit (BPR): a view of
+/// `ModelSpec::Mf` / `ModelSpec::MfImplicit` (the only place the two are
+/// unpacked is `ModelSpec::model`).
 #[derive(Debug, Clone, Copy)]
 pub struct MfShape<'a> {
     /// Catalogue size.
@@ -272,44 +274,96 @@ pub struct MfShape<'a> {
     pub hyper: &'a MfHyper,
 }
 
-/// Carries out an MF task: trains from `global` and returns the item-side
-/// update, or evaluates `global` with the private user state.
-pub fn run_mf_task(
-    spec: &TaskSpec,
-    shape: MfShape<'_>,
-    global: &[f32],
-    data: &mut MfData,
-    merchant: &str,
-) -> Result<TaskOutput, TrainError> {
-    let (n, k, h) = (shape.num_items, shape.k, shape.hyper);
-    if spec.kind == TaskKind::Stats {
-        return Ok(TaskOutput {
+/// The merchant's id and MF data, or [`TrainError::NoData`].
+fn mf_data(data: &mut LocalData) -> Result<(&str, &mut MfData), TrainError> {
+    let LocalData {
+        merchant_id, mf, ..
+    } = data;
+    Ok((merchant_id, mf.as_mut().ok_or(TrainError::NoData("mf"))?))
+}
+
+impl MfShape<'_> {
+    /// The checks of a train or evaluate task, in order (model length, item
+    /// range), then the private user state made ready for `k` factors.
+    fn prepare(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut MfData,
+        merchant: &str,
+    ) -> Result<(), TrainError> {
+        let (n, k) = (self.num_items, self.k);
+        if global.len() != model_len(n, k) {
+            return Err(TrainError::ModelLength {
+                expected: model_len(n, k),
+                got: global.len(),
+            });
+        }
+        if let Some(r) = data
+            .train
+            .iter()
+            .chain(&data.test)
+            .find(|r| r.item as usize >= n)
+        {
+            return Err(TrainError::ItemOutOfRange {
+                item: r.item as usize,
+                num_items: n,
+            });
+        }
+        data.ensure_users(k, ctx.seed, self.hyper.init_std, merchant);
+        Ok(())
+    }
+}
+
+impl FederatedModel for MfShape<'_> {
+    fn name(&self) -> &'static str {
+        if self.implicit { "mf-implicit" } else { "mf" }
+    }
+
+    fn data_family(&self) -> &'static str {
+        "mf"
+    }
+
+    fn model_len(&self) -> usize {
+        model_len(self.num_items, self.k)
+    }
+
+    fn layout(&self) -> WeightLayout {
+        layout(self.num_items, self.k, self.hyper.aggregation)
+    }
+
+    /// μ and biases 0, small seeded random item factors.
+    fn initial_params(&self, seed: u64) -> Vec<f32> {
+        initial_params(self.num_items, self.k, self.hyper.init_std, seed)
+    }
+
+    /// MF needs no statistics step: an empty output of weight 0.
+    fn stats(
+        &self,
+        _ctx: &RoundContext<'_>,
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        mf_data(data)?;
+        Ok(TaskOutput {
             update: None,
             metrics: BTreeMap::new(),
             weight: 0.0,
-        });
+        })
     }
-    if global.len() != model_len(n, k) {
-        return Err(TrainError::ModelLength {
-            expected: model_len(n, k),
-            got: global.len(),
-        });
-    }
-    if let Some(r) = data
-        .train
-        .iter()
-        .chain(&data.test)
-        .find(|r| r.item as usize >= n)
-    {
-        return Err(TrainError::ItemOutOfRange {
-            item: r.item as usize,
-            num_items: n,
-        });
-    }
-    data.ensure_users(k, spec.seed, h.init_std, merchant);
-    let unknown = data.unknown_items as f64;
-    if spec.kind == TaskKind::Evaluate {
-        let (mut metrics, weight) = if shape.implicit {
+
+    /// RMSE (explicit) or HR@10 / NDCG@10 (implicit) of `global` with the
+    /// private user state, plus the count of unknown items.
+    fn evaluate(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        let (merchant, data) = mf_data(data)?;
+        self.prepare(ctx, global, data, merchant)?;
+        let (n, k, h) = (self.num_items, self.k, self.hyper);
+        let unknown = data.unknown_items as f64;
+        let (mut metrics, weight) = if self.implicit {
             eval::implicit_metrics(global, n, k, data)
         } else {
             let rmse = rmse_of(global, n, k, h.clip, data);
@@ -319,91 +373,105 @@ pub fn run_mf_task(
             )
         };
         metrics.insert("unknown_items".into(), unknown);
-        return Ok(TaskOutput {
+        Ok(TaskOutput {
             update: None,
             metrics,
             weight,
-        });
+        })
     }
-    if data.train.is_empty() {
-        return Ok(TaskOutput {
-            update: None,
-            metrics: BTreeMap::from([("unknown_items".into(), unknown)]),
-            weight: 0.0,
-        });
-    }
-    let mut rng = crate::seed::rng(spec.seed, &["mf-train", merchant, &spec.round.to_string()]);
-    let mut local = global.to_vec();
-    let (mu, items) = local.split_at_mut(1);
-    let (ib, itf) = items.split_at_mut(n);
-    let mut counts = vec![0.0f32; n];
-    let st = &mut data.state;
-    let mut order: Vec<u32> = (0..data.train.len() as u32).collect();
-    let mut loss = 0.0;
-    if shape.implicit {
-        let by_user = eval::UserItems::new(&data.train, data.users.len());
-        for _ in 0..h.epochs.max(1) {
-            shuffle(&mut order, &mut rng);
-            loss = bpr_epoch(
-                h,
-                k,
-                &data.train,
-                &order,
-                &by_user,
-                &mut st.factors,
-                ib,
-                itf,
-                &mut counts,
-                &mut rng,
-            );
+
+    /// Trains from `global` and returns the item-side update; the user
+    /// biases and factors are updated in place in [`MfData::state`].
+    fn fit(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        let (merchant, data) = mf_data(data)?;
+        self.prepare(ctx, global, data, merchant)?;
+        let (n, k, h) = (self.num_items, self.k, self.hyper);
+        let unknown = data.unknown_items as f64;
+        if data.train.is_empty() {
+            return Ok(TaskOutput {
+                update: None,
+                metrics: BTreeMap::from([("unknown_items".into(), unknown)]),
+                weight: 0.0,
+            });
         }
-    } else {
-        let mut sum = 0.0f64;
-        for r in &data.train {
-            counts[r.item as usize] += 1.0;
-            sum += f64::from(r.value);
-        }
-        // μ is a statistic, not a learned weight: the agent reports its own
-        // mean and the per-example-weighted aggregate is the pooled mean.
-        // The initial model's μ = 0 means "unknown yet", so the first round
-        // trains around the local mean.
-        let local_mean = (sum / data.train.len() as f64) as f32;
-        let mu_train = if global[MU] == 0.0 {
-            local_mean
+        let mut rng = crate::seed::rng(ctx.seed, &["mf-train", merchant, &ctx.round.to_string()]);
+        let mut local = global.to_vec();
+        let (mu, items) = local.split_at_mut(1);
+        let (ib, itf) = items.split_at_mut(n);
+        let mut counts = vec![0.0f32; n];
+        let st = &mut data.state;
+        let mut order: Vec<u32> = (0..data.train.len() as u32).collect();
+        let mut loss = 0.0;
+        if self.implicit {
+            let by_user = eval::UserItems::new(&data.train, data.users.len());
+            for _ in 0..h.epochs.max(1) {
+                shuffle(&mut order, &mut rng);
+                loss = bpr_epoch(
+                    h,
+                    k,
+                    &data.train,
+                    &order,
+                    &by_user,
+                    &mut st.factors,
+                    ib,
+                    itf,
+                    &mut counts,
+                    &mut rng,
+                );
+            }
         } else {
-            global[MU]
-        };
-        mu[0] = local_mean;
-        for _ in 0..h.epochs.max(1) {
-            shuffle(&mut order, &mut rng);
-            loss = explicit_epoch(
-                h,
-                k,
-                &data.train,
-                &order,
-                mu_train,
-                &mut st.bias,
-                &mut st.factors,
-                ib,
-                itf,
-            );
+            let mut sum = 0.0f64;
+            for r in &data.train {
+                counts[r.item as usize] += 1.0;
+                sum += f64::from(r.value);
+            }
+            // μ is a statistic, not a learned weight: the agent reports its own
+            // mean and the per-example-weighted aggregate is the pooled mean.
+            // The initial model's μ = 0 means "unknown yet", so the first round
+            // trains around the local mean.
+            let local_mean = (sum / data.train.len() as f64) as f32;
+            let mu_train = if global[MU] == 0.0 {
+                local_mean
+            } else {
+                global[MU]
+            };
+            mu[0] = local_mean;
+            for _ in 0..h.epochs.max(1) {
+                shuffle(&mut order, &mut rng);
+                loss = explicit_epoch(
+                    h,
+                    k,
+                    &data.train,
+                    &order,
+                    mu_train,
+                    &mut st.bias,
+                    &mut st.factors,
+                    ib,
+                    itf,
+                );
+            }
         }
+        if !loss.is_finite() || local.iter().any(|v| !v.is_finite()) {
+            return Err(TrainError::Diverged);
+        }
+        let weight = data.train.len() as f64;
+        let update = item_update(global, &local, &counts, weight, n, k, h.aggregation)?;
+        let name = if self.implicit {
+            "bpr_loss"
+        } else {
+            "train_mse"
+        };
+        Ok(TaskOutput {
+            update: Some(update),
+            metrics: BTreeMap::from([(name.into(), loss), ("unknown_items".into(), unknown)]),
+            weight,
+        })
     }
-    if !loss.is_finite() || local.iter().any(|v| !v.is_finite()) {
-        return Err(TrainError::Diverged);
-    }
-    let weight = data.train.len() as f64;
-    let update = item_update(global, &local, &counts, weight, n, k, h.aggregation)?;
-    let name = if shape.implicit {
-        "bpr_loss"
-    } else {
-        "train_mse"
-    };
-    Ok(TaskOutput {
-        update: Some(update),
-        metrics: BTreeMap::from([(name.into(), loss), ("unknown_items".into(), unknown)]),
-        weight,
-    })
 }
 
 /// Builds the item-side update from the local and global vectors: per item
