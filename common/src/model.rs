@@ -261,3 +261,6 @@ pub fn weighted_delta(local: &[f32], global: &[f32], n: f64) -> Result<Update, T
         weight: n,
     })
 }
+
+#[cfg(test)]
+mod tests;
