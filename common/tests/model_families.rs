@@ -74,7 +74,7 @@ fn churn_rows(rows: usize, features: usize, salt: usize) -> TabularDataset {
         ((i * 7 + j * 13 + salt) % 11) as f32 / 5.0 - 1.0
     });
     let y = Array1::from_shape_fn(rows, |i| {
-        f32::from(u8::from((i * 3 + salt + (i * 7 % 11)) % 3 == 0))
+        f32::from(u8::from((i * 3 + salt + (i * 7 % 11)).is_multiple_of(3)))
     });
     TabularDataset {
         ids: (0..rows).map(|i| format!("c{salt}-{i}")).collect(),
