@@ -4,7 +4,7 @@
 //! parameter layout (`model_len`, [`WeightLayout`]), its first global
 //! parameters, the statistics step, the local fit starting from the global
 //! model (returning only the weighted update; private state such as MF user
-//! factors stays inside [`LocalData`]) and held-out evaluation. In the spirit
+//! factors stays inside [`LocalData`]), held-out evaluation and scoring. In the spirit
 //! of linfa's `Fit`: hyper-parameters are plain data, checked by
 //! [`FederatedModel::check`], and `fit` always starts from the global version.
 //!
@@ -23,7 +23,8 @@
 //! 1. Write `common/src/model/<family>.rs` with a struct holding the family's
 //!    shape and hyper-parameters and `impl FederatedModel for it`: `name`,
 //!    `data_family`, `model_len`, `layout` (default: uniform),
-//!    `initial_params` (default: zeros), `check`, `stats`, `fit`, `evaluate`.
+//!    `initial_params` (default: zeros), `check`, `stats`, `fit`, `evaluate`,
+//!    `score`.
 //!    Keep private state in [`LocalData`] and return only `n · (local − global)`
 //!    (see [`weighted_delta`]). Declare it here with `pub mod <family>;`.
 //! 2. Register it: add a variant to `task::ModelSpec` (its JSON is the wire
@@ -128,6 +129,18 @@ pub trait FederatedModel {
         global: &[f32],
         data: &mut LocalData,
     ) -> Result<TaskOutput, TrainError>;
+
+    /// Scores of `global` (with the merchant's private state) on each of the
+    /// merchant's held-out examples, in order: the churn probability of each
+    /// validation row, or the predicted rating (explicit MF, clipped) or
+    /// preference `b_i + p_u·q_i` (implicit MF) of each test interaction.
+    /// Makes the same checks as [`evaluate`](Self::evaluate).
+    fn score(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError>;
 }
 
 /// Why a task could not be carried out locally.

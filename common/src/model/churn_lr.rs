@@ -102,6 +102,18 @@ impl FederatedModel for ChurnLr {
             weight: churn.valid.len() as f64,
         })
     }
+
+    fn score(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError> {
+        let scaler = self.prepare(ctx, global, data)?;
+        let churn = churn_data(data, self.num_features)?;
+        let model = LogisticRegression::from_params(global);
+        Ok(model.predict_proba(&scaler.transform(&churn.valid.x)))
+    }
 }
 
 /// Held-out metrics of a logistic-regression model: AUC, log-loss, accuracy,

@@ -143,4 +143,15 @@ impl FederatedModel for ChurnMlp<'_> {
             weight: churn.valid.len() as f64,
         })
     }
+
+    fn score(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError> {
+        let (scaler, model) = self.prepare(ctx, global, data)?;
+        let churn = churn_data(data, self.num_features)?;
+        Ok(model.predict_proba(&scaler.transform(&churn.valid.x)))
+    }
 }

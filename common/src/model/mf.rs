@@ -380,6 +380,25 @@ impl FederatedModel for MfShape<'_> {
         })
     }
 
+    fn score(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError> {
+        let (merchant, data) = mf_data(data)?;
+        self.prepare(ctx, global, data, merchant)?;
+        let clip = if self.implicit { None } else { self.hyper.clip };
+        Ok(eval::test_scores(
+            global,
+            self.num_items,
+            self.k,
+            !self.implicit,
+            clip,
+            data,
+        ))
+    }
+
     /// Trains from `global` and returns the item-side update; the user
     /// biases and factors are updated in place in [`MfData::state`].
     fn fit(

@@ -74,6 +74,16 @@ impl FederatedModel for Noop {
             weight: 1.0,
         })
     }
+
+    /// Nothing is modelled: no scores.
+    fn score(
+        &self,
+        _ctx: &RoundContext<'_>,
+        _global: &[f32],
+        _data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError> {
+        Ok(Vec::new())
+    }
 }
 
 /// `n` values uniform on the grid `k · 2⁻²³ − 1`, k in 0..2²⁴, i.e. in

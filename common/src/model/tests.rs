@@ -201,3 +201,42 @@ fn check_refuses_a_zero_width_mlp_layer() {
     assert!(matches!(m.check(), Err(TrainError::InvalidModel(_))));
     assert_eq!(m.initial_params(1), vec![0.0; m.model_len()]);
 }
+
+#[test]
+fn scores_cover_the_held_out_examples_and_agree_with_evaluation() {
+    let hyper = mf_hypers();
+    let sgd = SgdParams::default();
+    let data = tiny_merchant(6);
+    let scaler = Standardizer::fit(&data.churn.as_ref().expect("churn rows").train.x);
+    let ctx = context(&sgd, Some(&scaler));
+    for m in families(&hyper) {
+        let global = m.initial_params(8);
+        let mut d = data.clone();
+        let scores = m.score(&ctx, &global, &mut d).expect("scores");
+        let eval = m.evaluate(&ctx, &global, &mut d).expect("evaluation");
+        assert!(scores.iter().all(|s| s.is_finite()), "{}", m.name());
+        match m.name() {
+            "churn-lr" | "churn-mlp" => {
+                let valid = &d.churn.as_ref().expect("churn rows").valid;
+                assert_eq!(scores.len(), valid.len());
+                let y = valid.y.as_slice().expect("contiguous labels");
+                assert_eq!(crate::metrics::auc(y, &scores), eval.metrics["auc"]);
+            }
+            "mf" => {
+                let test = &d.mf.as_ref().expect("mf data").test;
+                assert_eq!(scores.len(), test.len());
+                let se: f64 = test
+                    .iter()
+                    .zip(&scores)
+                    .map(|(r, s)| f64::from(r.value - s).powi(2))
+                    .sum();
+                let rmse = (se / test.len() as f64).sqrt();
+                assert_eq!(rmse, eval.metrics["rmse"]);
+            }
+            "mf-implicit" => {
+                assert_eq!(scores.len(), d.mf.as_ref().expect("mf data").test.len());
+            }
+            _ => assert!(scores.is_empty(), "{}", m.name()),
+        }
+    }
+}
