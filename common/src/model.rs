@@ -100,6 +100,12 @@ pub trait FederatedModel {
         vec![0.0; self.model_len()]
     }
 
+    /// Local passes over the data per round (the simulator's clock models a
+    /// task's duration from it): `sgd.epochs` unless the family has its own.
+    fn local_epochs(&self, sgd: &SgdParams) -> usize {
+        sgd.epochs
+    }
+
     /// Checks the shape and hyper-parameters once, before any work. Tasks
     /// with an unusable model also fail on their own (with the same error),
     /// so calling this is an early warning, not a requirement.

@@ -70,26 +70,9 @@ impl ModelSpec {
                 num_features: *num_features,
             }),
             ModelSpec::Noop { dim } => Box::new(Noop { dim: *dim }),
-            ModelSpec::Mf {
-                num_items,
-                factors,
-                hyper,
-            } => Box::new(MfShape {
-                num_items: *num_items,
-                k: *factors,
-                implicit: false,
-                hyper,
-            }),
-            ModelSpec::MfImplicit {
-                num_items,
-                factors,
-                hyper,
-            } => Box::new(MfShape {
-                num_items: *num_items,
-                k: *factors,
-                implicit: true,
-                hyper,
-            }),
+            ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => {
+                Box::new(self.mf_shape().expect("an MF spec has an MF shape"))
+            }
             ModelSpec::ChurnMlp {
                 num_features,
                 hidden,
@@ -97,6 +80,29 @@ impl ModelSpec {
                 num_features: *num_features,
                 hidden,
             }),
+        }
+    }
+
+    /// The matrix-factorisation shape of an `Mf` or `MfImplicit` spec (what
+    /// the recommender needs to score items), `None` for other families.
+    pub fn mf_shape(&self) -> Option<MfShape<'_>> {
+        match self {
+            ModelSpec::Mf {
+                num_items,
+                factors,
+                hyper,
+            }
+            | ModelSpec::MfImplicit {
+                num_items,
+                factors,
+                hyper,
+            } => Some(MfShape {
+                num_items: *num_items,
+                k: *factors,
+                implicit: matches!(self, ModelSpec::MfImplicit { .. }),
+                hyper,
+            }),
+            _ => None,
         }
     }
 

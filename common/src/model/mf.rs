@@ -18,12 +18,14 @@ mod eval;
 mod kernels;
 pub mod movielens;
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use super::sgd::SgdParams;
 use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError};
 use crate::data::catalogue::Catalogue;
 use crate::data::interactions::Interaction;
@@ -335,6 +337,37 @@ impl FederatedModel for MfShape<'_> {
     /// μ and biases 0, small seeded random item factors.
     fn initial_params(&self, seed: u64) -> Vec<f32> {
         initial_params(self.num_items, self.k, self.hyper.init_std, seed)
+    }
+
+    fn local_epochs(&self, _sgd: &SgdParams) -> usize {
+        self.hyper.epochs
+    }
+
+    /// At least one factor; step sizes, penalties and the initial spread
+    /// finite and non-negative; a clip range with `min <= max`.
+    fn check(&self) -> Result<(), TrainError> {
+        let h = self.hyper;
+        let invalid = |what: &str| Err(TrainError::InvalidModel(what.to_string()));
+        if self.k == 0 {
+            return invalid("matrix factorisation needs at least one factor");
+        }
+        for (name, v) in [
+            ("learning_rate", h.learning_rate),
+            ("bias_learning_rate", h.bias_learning_rate),
+            ("reg_factors", h.reg_factors),
+            ("reg_bias", h.reg_bias),
+            ("init_std", h.init_std),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return invalid(&format!("MF `{name}` must be finite and >= 0, got {v}"));
+            }
+        }
+        if let Some([lo, hi]) = h.clip
+            && !matches!(lo.partial_cmp(&hi), Some(Ordering::Less | Ordering::Equal))
+        {
+            return invalid(&format!("MF `clip` needs min <= max, got [{lo}, {hi}]"));
+        }
+        Ok(())
     }
 
     /// MF needs no statistics step: an empty output of weight 0.

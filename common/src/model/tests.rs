@@ -240,3 +240,41 @@ fn scores_cover_the_held_out_examples_and_agree_with_evaluation() {
         }
     }
 }
+
+#[test]
+fn check_refuses_unusable_mf_hyper_parameters() {
+    let bad = [
+        MfHyper {
+            learning_rate: f32::NAN,
+            ..Default::default()
+        },
+        MfHyper {
+            reg_bias: -1.0,
+            ..Default::default()
+        },
+        MfHyper {
+            clip: Some([5.0, 1.0]),
+            ..Default::default()
+        },
+    ];
+    for h in &bad {
+        let m = MfShape {
+            num_items: ITEMS,
+            k: 3,
+            implicit: false,
+            hyper: h,
+        };
+        assert!(
+            matches!(m.check(), Err(TrainError::InvalidModel(_))),
+            "{h:?}"
+        );
+    }
+    let default = MfHyper::default();
+    let no_factors = MfShape {
+        num_items: ITEMS,
+        k: 0,
+        implicit: true,
+        hyper: &default,
+    };
+    assert!(no_factors.check().is_err());
+}
