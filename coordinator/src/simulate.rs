@@ -333,7 +333,7 @@ pub fn run_one(
             dp: None,
         };
         exp.federation_value = Some(
-            fedcart_common::federation::reference::federation_value(
+            fedcart_common::reference::federation_value(
                 &template,
                 &originals,
                 s.mode.baseline_rounds(s.rounds, n),

@@ -1,8 +1,8 @@
 //! A full churn federation over gRPC reproduces the in-process reference.
 
-use fedcart_common::federation::reference;
 use fedcart_common::federation::strategy::FedAvg;
 use fedcart_common::model::lr::LogisticRegression;
+use fedcart_common::reference;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use fedcart_common::train::evaluate_lr;
 use fedcart_coordinator::record::Outcome;

@@ -2,10 +2,10 @@
 //! the task they receive, the coordinator adds seeded Gaussian noise to the
 //! sum, and every training round records the accountant's ε.
 
-use fedcart_common::federation::reference::stats_step;
 use fedcart_common::federation::strategy::{FedAvg, Strategy};
 use fedcart_common::privacy::dp::accountant::epsilon_for;
 use fedcart_common::privacy::dp::{CentralGaussian, DpTask};
+use fedcart_common::reference::stats_step;
 use fedcart_common::seed;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use fedcart_common::train::run_task;

@@ -107,12 +107,8 @@ pub fn run(
     exp.per_merchant = done.per_merchant;
     if let Some(originals) = originals {
         exp.federation_value = Some(
-            fedcart_common::federation::reference::federation_value(
-                &done.template,
-                &originals,
-                s.rounds,
-            )
-            .context("computing the federation-value baselines")?,
+            fedcart_common::reference::federation_value(&done.template, &originals, s.rounds)
+                .context("computing the federation-value baselines")?,
         );
     }
     exp.final_model = done.final_model;

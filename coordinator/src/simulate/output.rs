@@ -102,9 +102,9 @@ pub struct Experiment {
     /// Timings (vary between runs).
     pub timing: Timing,
     /// Local-only vs federated vs centralised, per merchant (computed with
-    /// `fedcart_common::federation::reference::federation_value` when `--out` is given).
+    /// `fedcart_common::reference::federation_value` when `--out` is given).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub federation_value: Option<fedcart_common::federation::reference::FederationValue>,
+    pub federation_value: Option<fedcart_common::reference::FederationValue>,
     /// Differential privacy of the run, when `--dp-clip` was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySummary>,
@@ -335,10 +335,7 @@ fn esc(s: &str) -> String {
 
 /// The federation-value table: each merchant's headline metric alone,
 /// federated and centralised.
-fn value_table(
-    v: &fedcart_common::federation::reference::FederationValue,
-    metric: Option<&str>,
-) -> String {
+fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&str>) -> String {
     let Some(key) = metric.or_else(|| v.centralized_pooled.keys().next().map(String::as_str))
     else {
         return String::new();

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use fedcart_common::federation::reference::{FederationValue, MerchantValue};
+use fedcart_common::reference::{FederationValue, MerchantValue};
 
 use super::*;
 use crate::simulate::{RoundRow, Settings, SimArgs, data};
