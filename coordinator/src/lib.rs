@@ -4,7 +4,10 @@
 //!   aggregation, quorum, commit).
 //! - [`store`]: the durable redb store of run, versions and history.
 //! - [`service`]: the gRPC driver of the engine.
-//! - [`simulate`]: the in-process simulator, the engine's second driver.
+//!
+//! The simulator, the engine's second driver, is its own crate
+//! (`fedcart-sim`, in `coordinator/sim/`), so that this one depends on
+//! neither the merchant agent nor the simulator's plotting and progress bars.
 //! - [`privacy`]: the `privacy` budget-planning command.
 //! - [`server`]: wiring config → store → engine → service, as one call.
 //! - [`tls`], [`identity`], [`certs`], [`limits`]: mutual TLS, merchant
@@ -24,7 +27,6 @@ pub mod privacy;
 pub mod record;
 pub mod server;
 pub mod service;
-pub mod simulate;
 pub mod status;
 pub mod store;
 pub mod tls;

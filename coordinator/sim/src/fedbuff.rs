@@ -39,8 +39,8 @@ use serde::Serialize;
 use super::clock::Fleet;
 use super::output::{Experiment, RoundRow};
 use super::settings::{Settings, SimArgs};
-use crate::engine::{Engine, Submission, TaskPlan};
-use crate::record::Outcome;
+use fedcart_coordinator::engine::{Engine, Submission, TaskPlan};
+use fedcart_coordinator::record::Outcome;
 
 /// How rounds are driven.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use fedcart_common::federation::fedbuff::Staleness;
 
 use super::*;
-use crate::config::{RunConfig, Selection};
-use crate::simulate::{Experiment, SimArgs, data, run_all};
-use crate::store::Store;
+use crate::{Experiment, SimArgs, data, run_all};
+use fedcart_coordinator::config::{RunConfig, Selection};
+use fedcart_coordinator::store::Store;
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join(path)
         .display()
         .to_string()
@@ -340,7 +340,7 @@ fn fedbuff_buffers_go_through_secure_aggregation() {
 #[test]
 fn the_example_fedbuff_config_parses() {
     let s = Settings::from_args(SimArgs {
-        config: Some(repo("coordinator/examples/simulate-fedbuff.toml").into()),
+        config: Some(repo("coordinator/sim/examples/simulate-fedbuff.toml").into()),
         ..Default::default()
     })
     .unwrap();

@@ -9,7 +9,7 @@ use super::*;
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join(path)
         .display()
         .to_string()

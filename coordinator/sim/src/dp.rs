@@ -7,7 +7,7 @@ use fedcart_common::privacy::dp::DistributedNoise;
 use fedcart_common::privacy::dp::distributed::noise_encoded;
 use fedcart_common::privacy::secagg::{EncodedInput, SecAggConfig, SecAggError};
 
-use crate::config::{ClipNorm, DpMode, DpSettings};
+use fedcart_coordinator::config::{ClipNorm, DpMode, DpSettings};
 
 /// Default δ of the simulator's guarantee.
 pub const DEFAULT_DELTA: f64 = 1e-5;

@@ -120,7 +120,7 @@ pub struct Experiment {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PrivacySummary {
     /// `central` or `distributed`.
-    pub mode: crate::config::DpMode,
+    pub mode: fedcart_coordinator::config::DpMode,
     /// The planned noise multiplier σ (solved from `--target-epsilon` if given).
     pub noise_multiplier: f64,
     /// δ of the guarantee.

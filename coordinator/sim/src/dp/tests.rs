@@ -12,7 +12,7 @@ fn telco(dp: &[(&str, &str)]) -> SimArgs {
         data: Some(format!(
             "telco:{}",
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
+                .join("../..")
                 .join(data::DEFAULT_TELCO)
                 .display()
         )),
@@ -125,7 +125,7 @@ fn distributed_mode_noises_inside_secure_aggregation_and_accounts_like_central()
     assert_eq!(eps(&central), eps(&distributed));
     assert_eq!(
         distributed.privacy.as_ref().unwrap().mode,
-        crate::config::DpMode::Distributed
+        fedcart_coordinator::config::DpMode::Distributed
     );
 }
 

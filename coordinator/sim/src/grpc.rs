@@ -34,8 +34,8 @@ use tokio::sync::watch;
 
 use super::data::{DataSpec, Population, TaskChoice};
 use super::{Experiment, RoundRow, Settings};
-use crate::config::RunConfig;
-use crate::record::{Outcome, RoundRecord};
+use fedcart_coordinator::config::RunConfig;
+use fedcart_coordinator::record::{Outcome, RoundRecord};
 
 /// Deadline of a task over loopback. Never reached in a healthy run (every
 /// selected agent answers or disconnects first); it bounds a run whose agent
@@ -146,11 +146,11 @@ async fn drive(
         .context("binding a loopback port")?;
     let (model, sgd) = (run.model.clone(), run.sgd.clone());
     // Plaintext mode rate-limits per address; here every agent is 127.0.0.1.
-    let opts = crate::server::ServeOptions {
-        limits: crate::limits::Limits::loopback(),
-        ..crate::server::ServeOptions::insecure()
+    let opts = fedcart_coordinator::server::ServeOptions {
+        limits: fedcart_coordinator::limits::Limits::loopback(),
+        ..fedcart_coordinator::server::ServeOptions::insecure()
     };
-    let running = crate::server::start_with(
+    let running = fedcart_coordinator::server::start_with(
         listener,
         &dir.path().join("simulation.redb"),
         run,

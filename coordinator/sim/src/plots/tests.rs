@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use fedcart_common::federation::reference::{FederationValue, MerchantValue};
 
 use super::*;
-use crate::simulate::{RoundRow, Settings, SimArgs, data};
+use crate::{RoundRow, Settings, SimArgs, data};
 
 /// A churn experiment with made-up rows (no training needed to plot).
 fn experiment() -> Experiment {

@@ -1,4 +1,4 @@
-//! `fedcart-coordinator simulate`: the researchers' simulator.
+//! `fedcart-sim`: the researchers' simulator.
 //!
 //! It is the second driver of the round engine: the same [`Engine`] the gRPC
 //! service drives, with N virtual merchants calling the same
@@ -9,8 +9,6 @@
 pub mod clock;
 pub mod data;
 mod dp;
-#[cfg(test)]
-pub(crate) use dp::noise_hook as dp_noise_hook;
 pub mod fedbuff;
 mod grpc;
 pub mod output;
@@ -31,11 +29,11 @@ use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
 use rayon::prelude::*;
 
-use crate::config::{RunConfig, SecAggSettings, Selection};
-use crate::engine::{Engine, Submission};
-use crate::record::Outcome;
-use crate::store::Store;
 use data::TaskChoice;
+use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
+use fedcart_coordinator::engine::{Engine, Submission};
+use fedcart_coordinator::record::Outcome;
+use fedcart_coordinator::store::Store;
 pub use output::{Experiment, RoundRow};
 pub use settings::{Attack, Settings, SimArgs, Transport};
 
@@ -45,7 +43,7 @@ const CHUNK: usize = 64;
 
 /// Runs the command: every experiment the settings describe, then the table,
 /// the output files and the one-line JSON summary.
-pub fn main(args: SimArgs) -> anyhow::Result<()> {
+pub fn run_command(args: SimArgs) -> anyhow::Result<()> {
     let settings = Settings::from_args(args)?;
     let experiments = run_all(&settings)?;
     output::print_table(&experiments);
@@ -320,7 +318,7 @@ pub fn run_one(
             .last()
             .and_then(|r| r.dp_clip)
             .unwrap_or(l.clip()),
-        adaptive: l.settings().clip == crate::config::ClipNorm::Adaptive,
+        adaptive: l.settings().clip == fedcart_coordinator::config::ClipNorm::Adaptive,
     });
     if let Some(originals) = originals {
         let template = TaskSpec {
@@ -351,7 +349,7 @@ pub fn run_one(
 /// sum. Returns the number of clipped coordinates.
 fn secure_sum(
     engine: &mut Engine,
-    plan: &crate::engine::TaskPlan,
+    plan: &fedcart_coordinator::engine::TaskPlan,
     inputs: Vec<(String, fedcart_common::federation::update::Update)>,
     seed: u64,
 ) -> anyhow::Result<u64> {
@@ -366,7 +364,7 @@ fn secure_sum(
         .clone()
         .expect("secure task has settings");
     // The same parameters as a gRPC round (2^64 ring for the statistics step).
-    let cfg = crate::service::round_config(&settings, &plan.spec, n);
+    let cfg = fedcart_coordinator::service::round_config(&settings, &plan.spec, n);
     let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
     let noise = plan.spec.dp.as_ref().and_then(|d| d.distributed);
     let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);

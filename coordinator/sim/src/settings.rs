@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{DataSpec, TaskChoice};
 
-/// Flags of `fedcart-coordinator simulate`. Every flag may also be set in the
+/// Flags of `fedcart-sim`. Every flag may also be set in the
 /// `--config` TOML file (same names, `-` as `_`); flags win over the file.
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -247,7 +247,7 @@ pub struct Settings {
     pub out: Option<PathBuf>,
     /// Differential privacy (population filled in per experiment).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dp: Option<crate::config::DpSettings>,
+    pub dp: Option<fedcart_coordinator::config::DpSettings>,
     /// How to read an orders export (flags over the `[orders]` table).
     pub orders: super::data::orders::OrdersArgs,
     /// How merchants reach the engine.
@@ -385,7 +385,7 @@ impl Settings {
         fedcart_common::federation::strategy::strategy_by_name(&s.strategy)
             .map_err(anyhow::Error::msg)?;
         if let Some(dp) = &s.dp
-            && dp.mode == crate::config::DpMode::Distributed
+            && dp.mode == fedcart_coordinator::config::DpMode::Distributed
             && !s.secagg
         {
             bail!("--dp-mode distributed adds the noise under secure aggregation; add --secagg");

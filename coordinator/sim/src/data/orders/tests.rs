@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use crate::simulate::{Experiment, Settings, SimArgs, run_all};
+use crate::{Experiment, Settings, SimArgs, run_all};
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join(path)
         .display()
         .to_string()
@@ -53,10 +53,7 @@ fn churn_lr_on_the_cdnow_orders_export_reaches_auc_above_0_70() {
 #[test]
 fn churn_mlp_on_telco_reaches_auc_above_0_80() {
     let a = SimArgs {
-        data: Some(format!(
-            "telco:{}",
-            repo(crate::simulate::data::DEFAULT_TELCO)
-        )),
+        data: Some(format!("telco:{}", repo(crate::data::DEFAULT_TELCO))),
         task: Some("churn-mlp".into()),
         merchants: Some(4),
         rounds: Some(3),

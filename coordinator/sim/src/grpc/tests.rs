@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use crate::simulate::{Experiment, Settings, SimArgs, run_all};
+use crate::{Experiment, Settings, SimArgs, run_all};
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join(path)
         .display()
         .to_string()
@@ -64,10 +64,7 @@ fn assert_same(inproc: &Experiment, grpc: &Experiment, tol: f32, secure: bool) {
 fn churn_over_grpc_commits_the_same_model_as_in_process() {
     let a = SimArgs {
         task: Some("churn-lr".into()),
-        data: Some(format!(
-            "telco:{}",
-            repo(crate::simulate::data::DEFAULT_TELCO)
-        )),
+        data: Some(format!("telco:{}", repo(crate::data::DEFAULT_TELCO))),
         merchants: Some(4),
         // Past ten rounds: task ids "r10…" sort before "r2…" as text, and the
         // report must still list the rounds in the order they ran.
@@ -96,10 +93,7 @@ fn secure_churn_over_grpc_matches_in_process_within_quantisation() {
     // rounding differs from the in-process run (agents draw their own).
     let a = SimArgs {
         task: Some("churn-lr".into()),
-        data: Some(format!(
-            "telco:{}",
-            repo(crate::simulate::data::DEFAULT_TELCO)
-        )),
+        data: Some(format!("telco:{}", repo(crate::data::DEFAULT_TELCO))),
         merchants: Some(4),
         rounds: Some(2),
         secagg: true,
@@ -125,10 +119,7 @@ fn distributed_dp_over_grpc_is_accounted_like_in_process_and_still_learns() {
     // coordinator configures the same ring and scale and accounts the same ε.
     let a = SimArgs {
         task: Some("churn-lr".into()),
-        data: Some(format!(
-            "telco:{}",
-            repo(crate::simulate::data::DEFAULT_TELCO)
-        )),
+        data: Some(format!("telco:{}", repo(crate::data::DEFAULT_TELCO))),
         merchants: Some(4),
         rounds: Some(3),
         secagg: true,
@@ -155,7 +146,7 @@ fn mf_over_grpc_matches_in_process_with_a_fraction_and_drop_outs() {
         task: Some("mf".into()),
         data: Some(format!(
             "movielens:{}",
-            repo(crate::simulate::data::DEFAULT_MOVIELENS)
+            repo(crate::data::DEFAULT_MOVIELENS)
         )),
         merchants: Some(6),
         rounds: Some(3),
@@ -182,7 +173,7 @@ fn mf_under_secure_aggregation_over_grpc_matches_in_process() {
         task: Some("mf".into()),
         data: Some(format!(
             "movielens:{}",
-            repo(crate::simulate::data::DEFAULT_MOVIELENS)
+            repo(crate::data::DEFAULT_MOVIELENS)
         )),
         merchants: Some(4),
         rounds: Some(2),
@@ -223,11 +214,11 @@ fn knobs_the_real_agent_cannot_honour_are_refused_by_name() {
 
 #[test]
 fn min_available_waits_for_the_pool_without_widening_the_selection() {
-    use crate::config::{RunConfig, Selection};
-    use crate::engine::{Engine, EngineError};
     use fedcart_common::task::ModelSpec;
+    use fedcart_coordinator::config::{RunConfig, Selection};
+    use fedcart_coordinator::engine::{Engine, EngineError};
     let dir = tempfile::tempdir().unwrap();
-    let store = crate::store::Store::open(&dir.path().join("s.redb")).unwrap();
+    let store = fedcart_coordinator::store::Store::open(&dir.path().join("s.redb")).unwrap();
     let run = RunConfig {
         run_id: "r".into(),
         seed: 1,
