@@ -9,6 +9,8 @@
 //! (`fedcart-sim`, in `coordinator/sim/`), so that this one depends on
 //! neither the merchant agent nor the simulator's plotting and progress bars.
 //! - [`privacy`]: the `privacy` budget-planning command.
+//! - [`secure_round`]: the secure-aggregation parameters of a round, for
+//!   both drivers.
 //! - [`server`]: wiring config → store → engine → service, as one call.
 //! - [`tls`], [`identity`], [`certs`], [`limits`]: mutual TLS, merchant
 //!   identities and the allow-list, the development CA, hardening limits.
@@ -25,6 +27,7 @@ pub mod limits;
 pub mod observe;
 pub mod privacy;
 pub mod record;
+pub mod secure_round;
 pub mod server;
 pub mod service;
 pub mod status;

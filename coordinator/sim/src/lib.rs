@@ -364,7 +364,7 @@ fn secure_sum(
         .clone()
         .expect("secure task has settings");
     // The same parameters as a gRPC round (2^64 ring for the statistics step).
-    let cfg = fedcart_coordinator::service::round_config(&settings, &plan.spec, n);
+    let cfg = fedcart_coordinator::secure_round::round_config(&settings, &plan.spec, n);
     let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
     let noise = plan.spec.dp.as_ref().and_then(|d| d.distributed);
     let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
