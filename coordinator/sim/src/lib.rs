@@ -6,11 +6,14 @@
 //! pool. Results are folded into the engine in merchant order, so a seed gives
 //! identical metrics whatever the thread count.
 
+mod args;
 pub mod clock;
 pub mod data;
 mod dp;
+pub mod experiment;
 pub mod fedbuff;
 mod grpc;
+pub mod mode;
 pub mod output;
 pub mod plots;
 mod settings;
@@ -29,13 +32,14 @@ use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
 use rayon::prelude::*;
 
+pub use args::SimArgs;
 use data::TaskChoice;
+pub use experiment::{Experiment, RoundRow};
 use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
 use fedcart_coordinator::engine::{Engine, Submission};
 use fedcart_coordinator::record::Outcome;
 use fedcart_coordinator::store::Store;
-pub use output::{Experiment, RoundRow};
-pub use settings::{Attack, Settings, SimArgs, Transport};
+pub use settings::{Attack, Settings, Transport};
 
 /// Results computed per chunk of merchants: bounds memory to `CHUNK` updates
 /// in flight however many merchants a round selects.
@@ -108,8 +112,8 @@ pub fn run_one(
         selection: Selection {
             // FedBuff opens a task for exactly the buffered merchants.
             fraction: match s.mode {
-                fedbuff::Mode::Sync => s.fraction,
-                fedbuff::Mode::FedBuff(_) => 1.0,
+                mode::Mode::Sync => s.fraction,
+                mode::Mode::FedBuff(_) => 1.0,
             },
             min_agents: 1,
             max_agents: n,
@@ -158,7 +162,7 @@ pub fn run_one(
     let bar = progress_bar(s.rounds, &exp.name);
     let mut round_start = Instant::now();
     let mut row = RoundRow::default();
-    if let fedbuff::Mode::FedBuff(cfg) = &s.mode {
+    if let mode::Mode::FedBuff(cfg) = &s.mode {
         // Runs the engine to completion: the synchronous loop below then
         // has nothing left to do.
         let cx = fedbuff::Ctx {
@@ -308,7 +312,7 @@ pub fn run_one(
         }
     }
     bar.finish_and_clear();
-    exp.privacy = engine.ledger().map(|l| output::PrivacySummary {
+    exp.privacy = engine.ledger().map(|l| experiment::PrivacySummary {
         mode: l.settings().mode,
         noise_multiplier: l.noise_multiplier(),
         delta: l.settings().delta,

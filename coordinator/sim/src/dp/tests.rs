@@ -32,7 +32,7 @@ fn telco(dp: &[(&str, &str)]) -> SimArgs {
     a
 }
 
-fn auc(a: SimArgs) -> (f64, Option<output::PrivacySummary>) {
+fn auc(a: SimArgs) -> (f64, Option<crate::experiment::PrivacySummary>) {
     let e = run_all(&Settings::from_args(a).unwrap()).unwrap().remove(0);
     (e.final_metrics["auc"], e.privacy)
 }
@@ -121,7 +121,7 @@ fn distributed_mode_noises_inside_secure_aggregation_and_accounts_like_central()
                 .all(|r| r.committed && r.reported == 6 && r.clipped == 0)
         );
     }
-    let eps = |e: &output::Experiment| e.rounds.iter().map(|r| r.epsilon).collect::<Vec<_>>();
+    let eps = |e: &crate::Experiment| e.rounds.iter().map(|r| r.epsilon).collect::<Vec<_>>();
     assert_eq!(eps(&central), eps(&distributed));
     assert_eq!(
         distributed.privacy.as_ref().unwrap().mode,

@@ -75,7 +75,7 @@ fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>)
         ..Default::default()
     };
     let s = Settings::from_args(a).unwrap();
-    let super::Mode::FedBuff(cfg) = &s.mode else {
+    let crate::mode::Mode::FedBuff(cfg) = &s.mode else {
         unreachable!()
     };
     let task = data::TaskChoice::Noop(4);
@@ -269,7 +269,7 @@ fn fedbuff_settings_are_validated() {
     let s = Settings::from_args(a).unwrap();
     assert_eq!(
         s.mode,
-        super::Mode::FedBuff(FedBuffSettings {
+        crate::mode::Mode::FedBuff(FedBuffSettings {
             buffer: 1,
             concurrency: 4,
             staleness: Staleness::Sqrt,
@@ -303,7 +303,7 @@ fn fedbuff_settings_come_from_the_toml_file_too() {
     a.config = Some(path);
     a.concurrency = Some(4);
     let s = Settings::from_args(a).unwrap();
-    let super::Mode::FedBuff(f) = &s.mode else {
+    let crate::mode::Mode::FedBuff(f) = &s.mode else {
         panic!("{:?}", s.mode)
     };
     assert_eq!(
@@ -346,7 +346,7 @@ fn the_example_fedbuff_config_parses() {
     .unwrap();
     assert_eq!(
         s.mode,
-        super::Mode::FedBuff(FedBuffSettings {
+        crate::mode::Mode::FedBuff(FedBuffSettings {
             buffer: 5,
             concurrency: 20,
             staleness: Staleness::Sqrt,
