@@ -4,14 +4,16 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use fedcart_common::federation::strategy::StrategySpec;
 use serde::{Deserialize, Serialize};
 
 use crate::data::orders::OrdersArgs;
+use crate::data::{DataSpec, TaskChoice};
 
 /// Flags of `fedcart-sim`. Every flag may also be set in the
 /// `--config` TOML file (same names, `-` as `_`); flags win over the file.
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimArgs {
     /// TOML file with any of the settings below.
@@ -22,7 +24,7 @@ pub struct SimArgs {
     /// read through the column mapping below; plain `orders` is the bundled
     /// CDNOW log). Without --data and --task the demo runs MovieLens MF and Telco churn.
     #[arg(long)]
-    pub data: Option<String>,
+    pub data: Option<DataSpec>,
     /// Explicit training file (used instead of splitting --data); needs --test.
     #[arg(long, requires = "test")]
     pub train: Option<PathBuf>,
@@ -32,7 +34,7 @@ pub struct SimArgs {
     /// Task: `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
     /// default 16), or `noop:D` (random D-float updates, no training).
     #[arg(long)]
-    pub task: Option<String>,
+    pub task: Option<TaskChoice>,
     /// Number of virtual merchants [default: 10].
     #[arg(long)]
     pub merchants: Option<usize>,
@@ -62,7 +64,7 @@ pub struct SimArgs {
     /// Strategy: fedavg, fedprox:MU, fedavgm[:β[:η]], fedadam[:η], fedyogi[:η],
     /// fedadagrad[:η], fedmedian, fedtrimmedavg:β, krum:F, multikrum:F:M [default: fedavg].
     #[arg(long)]
-    pub strategy: Option<String>,
+    pub strategy: Option<StrategySpec>,
     /// Use secure aggregation (refused with robust strategies). On by default
     /// in the no-argument demo; off by default when --task, --data or
     /// --train/--test choose an experiment.
@@ -110,12 +112,12 @@ pub struct SimArgs {
     /// Who adds the noise: `central` (coordinator) or `distributed` (agents,
     /// under --secagg) [default: central].
     #[arg(long)]
-    pub dp_mode: Option<String>,
+    pub dp_mode: Option<DpModeName>,
     /// How merchants reach the engine: `inproc` (direct calls, a rayon pool)
     /// or `grpc` (the real coordinator service on loopback and the real
     /// merchant agent per merchant, for fidelity and overhead) [default: inproc].
     #[arg(long)]
-    pub transport: Option<String>,
+    pub transport: Option<Transport>,
     /// Column mapping and churn labelling of `--data orders:PATH` (the
     /// `[orders]` table of the config file).
     #[command(flatten)]
@@ -125,8 +127,8 @@ pub struct SimArgs {
     /// merchants train concurrently on the version they downloaded; every
     /// --buffer updates, weighted by --staleness, make one version). With
     /// fedbuff, --rounds counts committed versions [default: sync].
-    #[arg(long, value_name = "sync|fedbuff")]
-    pub mode: Option<String>,
+    #[arg(long)]
+    pub mode: Option<ModeName>,
     /// FedBuff: K, the updates buffered per committed version
     /// [default: max(1, concurrency/4)].
     #[arg(long, value_name = "K")]
@@ -162,3 +164,50 @@ pub struct SimArgs {
     #[arg(long, value_name = "SECONDS")]
     pub availability_period: Option<f64>,
 }
+
+/// How the simulated merchants reach the round engine (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Direct calls into the engine from a rayon pool.
+    Inproc,
+    /// The real gRPC service on loopback and one real agent per merchant.
+    Grpc,
+}
+
+/// How rounds are driven (`--mode`); FedBuff's parameters come from their
+/// own flags (see [`Mode`](crate::mode::Mode)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeName {
+    /// Synchronous rounds.
+    Sync,
+    /// Buffered asynchronous aggregation.
+    Fedbuff,
+}
+
+/// Who adds the differential-privacy noise (`--dp-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpModeName {
+    /// The coordinator, to the aggregate.
+    Central,
+    /// The agents, each a share, under secure aggregation.
+    Distributed,
+}
+
+/// Parses the names `--help` lists, for callers that build [`SimArgs`] in
+/// code (tests, scripts).
+macro_rules! from_str_by_value_enum {
+    ($($t:ty),*) => {$(
+        impl std::str::FromStr for $t {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                <Self as ValueEnum>::from_str(s, false)
+            }
+        }
+    )*};
+}
+
+from_str_by_value_enum!(Transport, ModeName, DpModeName);

@@ -136,7 +136,7 @@ impl Experiment {
             data: data.name(),
             merchants,
             model_len: model.model_len(),
-            strategy: s.strategy.clone(),
+            strategy: s.strategy.to_string(),
             partition: format!("{:?}", s.partition),
             mode: s.mode.name().into(),
             final_metrics: BTreeMap::new(),

@@ -25,21 +25,21 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
-use fedcart_common::federation::strategy::strategy_by_name;
+use anyhow::Context;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
 use rayon::prelude::*;
 
 pub use args::SimArgs;
+pub use args::{DpModeName, ModeName, Transport};
 use data::TaskChoice;
 pub use experiment::{Experiment, RoundRow};
 use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
 use fedcart_coordinator::engine::{Engine, Submission};
 use fedcart_coordinator::record::Outcome;
 use fedcart_coordinator::store::Store;
-pub use settings::{Attack, Settings, Transport};
+pub use settings::{Attack, Settings};
 
 /// Results computed per chunk of merchants: bounds memory to `CHUNK` updates
 /// in flight however many merchants a round selects.
@@ -66,7 +66,7 @@ pub fn run_all(settings: &Settings) -> anyhow::Result<Vec<Experiment>> {
         .build()
         .context("building the thread pool")?;
     settings
-        .experiments()?
+        .experiments()
         .into_iter()
         .map(|(task, data)| run_one(settings, task, &data, &pool))
         .collect()
@@ -79,14 +79,7 @@ pub fn run_one(
     data: &data::DataSpec,
     pool: &rayon::ThreadPool,
 ) -> anyhow::Result<Experiment> {
-    let strategy = strategy_by_name(&s.strategy).map_err(anyhow::Error::msg)?;
-    if s.secagg && strategy.needs_individual_updates() {
-        bail!(
-            "strategy `{}` needs every individual update and cannot run with secure \
-             aggregation (which reveals only their sum); pass --no-secagg",
-            s.strategy
-        );
-    }
+    let strategy = s.strategy.build();
     let load_start = Instant::now();
     let pop = data::build(
         task,
@@ -122,7 +115,7 @@ pub fn run_one(
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,
         evaluate: !matches!(pop.model, ModelSpec::Noop { .. }),
-        strategy: s.strategy.clone(),
+        strategy: s.strategy.to_string(),
         secagg: s.secagg.then(|| SecAggSettings {
             neighbours: None,
             clip: s.secagg_clip(task),

@@ -5,7 +5,7 @@ use anyhow::bail;
 use fedcart_common::federation::fedbuff::Staleness;
 use serde::Serialize;
 
-use crate::args::SimArgs;
+use crate::args::{ModeName, SimArgs};
 
 /// How rounds are driven.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -45,17 +45,13 @@ impl Mode {
         merchants: usize,
         fraction: f64,
     ) -> anyhow::Result<Self> {
-        let mode = args
-            .mode
-            .clone()
-            .or(file.mode.clone())
-            .unwrap_or("sync".into());
+        let mode = args.mode.or(file.mode).unwrap_or(ModeName::Sync);
         let buffer = args.buffer.or(file.buffer);
         let concurrency = args.concurrency.or(file.concurrency);
         let staleness = args.staleness.clone().or(file.staleness.clone());
         let server_lr = args.server_lr.or(file.server_lr);
-        match mode.as_str() {
-            "sync" => {
+        match mode {
+            ModeName::Sync => {
                 if buffer.is_some()
                     || concurrency.is_some()
                     || staleness.is_some()
@@ -67,7 +63,7 @@ impl Mode {
                 }
                 Ok(Self::Sync)
             }
-            "fedbuff" => {
+            ModeName::Fedbuff => {
                 let concurrency =
                     concurrency.unwrap_or(((fraction * merchants as f64).ceil() as usize).max(1));
                 let buffer = buffer.unwrap_or((concurrency / 4).max(1));
@@ -80,7 +76,11 @@ impl Mode {
                          waits for its buffered update to be committed before training again)"
                     );
                 }
-                let staleness: Staleness = staleness.as_deref().unwrap_or("sqrt").parse()?;
+                let staleness: Staleness = staleness
+                    .as_deref()
+                    .unwrap_or("sqrt")
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--staleness: {e}"))?;
                 let server_lr = server_lr.unwrap_or(1.0);
                 if !(server_lr.is_finite() && server_lr > 0.0) {
                     bail!("--server-lr {server_lr} must be finite and > 0");
@@ -92,7 +92,6 @@ impl Mode {
                     server_lr,
                 }))
             }
-            other => bail!("unknown --mode `{other}` (known: sync, fedbuff)"),
         }
     }
 

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use fedcart_common::data::partition::Partitioner;
-use fedcart_common::federation::strategy::strategy_by_name;
+use fedcart_common::federation::strategy::StrategySpec;
 use fedcart_common::model::lr::SgdParams;
 use fedcart_common::model::mf::MfHyper;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-use super::args::SimArgs;
+use super::args::{SimArgs, Transport};
 use super::data::{DataSpec, TaskChoice};
 
 /// What malicious merchants send.
@@ -48,12 +48,14 @@ impl Attack {
 /// Validated settings of a simulation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
-    /// `--data`, if given.
-    pub data: Option<String>,
+    /// `--data`, if given, with an orders export's mapping resolved.
+    #[serde(serialize_with = "written_data")]
+    pub data: Option<DataSpec>,
     /// Explicit train/test files.
     pub train_test: Option<(PathBuf, PathBuf)>,
     /// `--task`, if given.
-    pub task: Option<String>,
+    #[serde(serialize_with = "task_name")]
+    pub task: Option<TaskChoice>,
     /// Merchants.
     pub merchants: usize,
     /// Rounds.
@@ -71,8 +73,8 @@ pub struct Settings {
     /// Partitioner.
     #[serde(serialize_with = "debug_str")]
     pub partition: Partitioner,
-    /// Strategy name.
-    pub strategy: String,
+    /// The server strategy (reported by name).
+    pub strategy: StrategySpec,
     /// Secure aggregation.
     pub secagg: bool,
     /// Secure-aggregation clip (None = per-task default).
@@ -104,32 +106,48 @@ pub struct Settings {
     pub clock: super::clock::ClockSettings,
 }
 
-/// How the simulated merchants reach the round engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Transport {
-    /// Direct calls into the engine from a rayon pool.
-    Inproc,
-    /// The real gRPC service on loopback and one real agent per merchant.
-    Grpc,
-}
-
-impl Transport {
-    fn parse(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "inproc" => Ok(Self::Inproc),
-            "grpc" => Ok(Self::Grpc),
-            other => bail!("unknown transport `{other}` (known: inproc, grpc)"),
-        }
-    }
-}
-
 fn debug_str<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:?}"))
 }
 
+fn written_data<S: serde::Serializer>(v: &Option<DataSpec>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(d) => s.serialize_some(&d.written()),
+        None => s.serialize_none(),
+    }
+}
+
+fn task_name<S: serde::Serializer>(v: &Option<TaskChoice>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(t) => s.serialize_some(&t.name()),
+        None => s.serialize_none(),
+    }
+}
+
+/// Names a setting in an error the way the user wrote it: the flag, or the
+/// key of the `--config` file when the value came from there.
+struct Names<'a> {
+    /// The `--config` file, if any.
+    file: Option<&'a Path>,
+}
+
+impl Names<'_> {
+    /// `--flag`, or `` `flag` in FILE `` when `from_flag` is false and a file was read.
+    fn of(&self, flag: &str, from_flag: bool) -> String {
+        match self.file {
+            Some(f) if !from_flag => format!(
+                "`{}` in {}",
+                flag.trim_start_matches("--").replace('-', "_"),
+                f.display()
+            ),
+            _ => flag.to_string(),
+        }
+    }
+}
+
 impl Settings {
-    /// Merges flags over the TOML file over the defaults and validates.
+    /// Merges flags over the TOML file over the defaults and validates every
+    /// rule in one place; errors name the flag or config key.
     pub fn from_args(args: SimArgs) -> anyhow::Result<Self> {
         let file = match &args.config {
             Some(p) => {
@@ -140,18 +158,40 @@ impl Settings {
             }
             None => SimArgs::default(),
         };
+        let names = Names {
+            file: args.config.as_deref(),
+        };
         macro_rules! pick {
             ($f:ident, $d:expr) => {
                 args.$f.clone().or(file.$f.clone()).unwrap_or($d)
             };
         }
+        // The name of the flag or key a value came from, for errors.
+        macro_rules! name {
+            ($f:ident, $flag:expr) => {
+                names.of($flag, args.$f.is_some())
+            };
+        }
         let clock = super::clock::ClockSettings::from_args(&args, &file)?;
         let mode =
             super::mode::Mode::from_args(&args, &file, pick!(merchants, 10), pick!(fraction, 1.0))?;
-        let train_test = match (args.train.or(file.train), args.test.or(file.test)) {
+        let train_test = match (
+            args.train.clone().or(file.train.clone()),
+            args.test.clone().or(file.test.clone()),
+        ) {
             (Some(a), Some(b)) => Some((a, b)),
             (None, None) => None,
             _ => bail!("--train and --test go together"),
+        };
+        let strategy = pick!(strategy, StrategySpec::FedAvg);
+        let task = args.task.or(file.task);
+        let orders = args.orders.clone().or(file.orders.clone());
+        let data = match args.data.clone().or(file.data.clone()) {
+            Some(d) => Some(
+                d.with_orders(&orders)
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", name!(data, "--data")))?,
+            ),
+            None => None,
         };
         let secagg = if args.no_secagg {
             false
@@ -160,22 +200,13 @@ impl Settings {
         } else {
             // The no-argument demo shows the product as merchants get it:
             // secure aggregation on (unless the strategy needs every update).
-            let demo = args.task.is_none()
-                && file.task.is_none()
-                && args.data.is_none()
-                && file.data.is_none()
-                && train_test.is_none();
-            let strategy = args
-                .strategy
-                .as_deref()
-                .or(file.strategy.as_deref())
-                .unwrap_or("fedavg");
-            demo && strategy_by_name(strategy).is_ok_and(|s| !s.needs_individual_updates())
+            let demo = task.is_none() && data.is_none() && train_test.is_none();
+            demo && strategy.require_streaming("secure aggregation").is_ok()
         };
         let s = Self {
-            data: args.data.or(file.data),
+            data,
             train_test,
-            task: args.task.or(file.task),
+            task,
             merchants: pick!(merchants, 10),
             rounds: pick!(rounds, 20),
             fraction: pick!(fraction, 1.0),
@@ -183,35 +214,48 @@ impl Settings {
             lr: args.lr.or(file.lr),
             batch_size: pick!(batch_size, 32),
             factors: pick!(factors, 32),
-            partition: pick!(partition, "iid".into()).parse()?,
-            strategy: pick!(strategy, "fedavg".into()),
+            partition: pick!(partition, "iid".into())
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", name!(partition, "--partition")))?,
+            strategy,
             secagg,
             secagg_clip: args.secagg_clip.or(file.secagg_clip),
             dropout: pick!(dropout, 0.0),
             malicious: pick!(malicious, 0.0),
-            attack: Attack::parse(&pick!(attack, "scale:10".into()))?,
+            attack: Attack::parse(&pick!(attack, "scale:10".into()))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", name!(attack, "--attack")))?,
             seed: pick!(seed, 42),
             threads: pick!(threads, 0),
-            out: args.out.or(file.out),
+            out: args.out.clone().or(file.out.clone()),
             dp: super::dp::settings(
-                args.dp_clip.or(file.dp_clip),
+                args.dp_clip.clone().or(file.dp_clip.clone()),
                 args.dp_noise.or(file.dp_noise),
                 args.target_epsilon.or(file.target_epsilon),
                 args.dp_delta.or(file.dp_delta),
                 args.dp_mode.or(file.dp_mode),
             )?,
-            orders: args.orders.or(file.orders),
-            transport: Transport::parse(&pick!(transport, "inproc".into()))?,
+            orders,
+            transport: pick!(transport, Transport::Inproc),
             mode,
             clock,
         };
-        if s.merchants == 0 || s.rounds == 0 {
-            bail!("--merchants and --rounds must be ≥ 1");
+        if s.merchants == 0 {
+            bail!("{} must be ≥ 1", name!(merchants, "--merchants"));
+        }
+        if s.rounds == 0 {
+            bail!("{} must be ≥ 1", name!(rounds, "--rounds"));
         }
         if !(s.fraction > 0.0 && s.fraction <= 1.0) {
-            bail!("--fraction {} is not in (0, 1]", s.fraction);
+            bail!(
+                "{} {} is not in (0, 1]",
+                name!(fraction, "--fraction"),
+                s.fraction
+            );
         }
-        for (name, v) in [("--dropout", s.dropout), ("--malicious", s.malicious)] {
+        for (name, v) in [
+            (name!(dropout, "--dropout"), s.dropout),
+            (name!(malicious, "--malicious"), s.malicious),
+        ] {
             if !(0.0..1.0).contains(&v) {
                 bail!("{name} {v} is not in [0, 1)");
             }
@@ -222,42 +266,50 @@ impl Settings {
         if let Some(lr) = s.lr
             && !(lr.is_finite() && lr > 0.0)
         {
-            bail!("--lr {lr} must be finite and positive");
+            bail!("{} {lr} must be finite and positive", name!(lr, "--lr"));
         }
-        fedcart_common::federation::strategy::strategy_by_name(&s.strategy)
-            .map_err(anyhow::Error::msg)?;
+        // Protections that hide individual updates need a streaming strategy.
+        if s.secagg {
+            s.strategy
+                .require_streaming("secure aggregation")
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {e}; or pass --no-secagg",
+                        name!(strategy, "--strategy")
+                    )
+                })?;
+        }
+        if s.dp.is_some() {
+            s.strategy
+                .require_streaming("differential privacy")
+                .map_err(|e| anyhow::anyhow!("{}: {e}", name!(strategy, "--strategy")))?;
+        }
         if let Some(dp) = &s.dp
             && dp.mode == fedcart_coordinator::config::DpMode::Distributed
             && !s.secagg
         {
             bail!("--dp-mode distributed adds the noise under secure aggregation; add --secagg");
         }
-        s.experiments()?;
         Ok(s)
     }
 
     /// The (task, data) pairs to run: one, or the two of the demo.
-    pub fn experiments(&self) -> anyhow::Result<Vec<(TaskChoice, DataSpec)>> {
-        let task = self.task.as_deref().map(TaskChoice::parse).transpose()?;
-        let data = match self.data.as_deref() {
-            Some(d) => Some(DataSpec::parse(d)?.with_orders(&self.orders)?),
-            None => None,
-        };
-        Ok(match (task, data) {
-            (Some(t), Some(d)) => vec![(t, d)],
+    pub fn experiments(&self) -> Vec<(TaskChoice, DataSpec)> {
+        match (self.task, &self.data) {
+            (Some(t), Some(d)) => vec![(t, d.clone())],
             (Some(t), None) => vec![(t, t.default_data())],
             (None, Some(d)) => {
                 let t = match d {
                     DataSpec::Telco(_) | DataSpec::Orders(_) => TaskChoice::ChurnLr,
                     _ => TaskChoice::Mf,
                 };
-                vec![(t, d)]
+                vec![(t, d.clone())]
             }
             (None, None) => vec![
                 (TaskChoice::Mf, TaskChoice::Mf.default_data()),
                 (TaskChoice::ChurnLr, TaskChoice::ChurnLr.default_data()),
             ],
-        })
+        }
     }
 
     /// The secure-aggregation clip for `task`.

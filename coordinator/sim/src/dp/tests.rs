@@ -8,14 +8,18 @@ use super::super::{Settings, SimArgs, data, output, run_all};
 
 fn telco(dp: &[(&str, &str)]) -> SimArgs {
     let mut a = SimArgs {
-        task: Some("churn-lr".into()),
-        data: Some(format!(
-            "telco:{}",
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../..")
-                .join(data::DEFAULT_TELCO)
-                .display()
-        )),
+        task: Some("churn-lr".parse().unwrap()),
+        data: Some(
+            format!(
+                "telco:{}",
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../..")
+                    .join(data::DEFAULT_TELCO)
+                    .display()
+            )
+            .parse()
+            .unwrap(),
+        ),
         merchants: Some(100),
         rounds: Some(10),
         ..Default::default()
@@ -25,7 +29,7 @@ fn telco(dp: &[(&str, &str)]) -> SimArgs {
             "clip" => a.dp_clip = Some(v.to_string()),
             "eps" => a.target_epsilon = Some(v.parse().unwrap()),
             "noise" => a.dp_noise = Some(v.parse().unwrap()),
-            "mode" => a.dp_mode = Some(v.to_string()),
+            "mode" => a.dp_mode = Some(v.parse().unwrap()),
             _ => unreachable!(),
         }
     }
@@ -102,13 +106,13 @@ fn epsilon_is_reported_in_metrics_json_csv_and_the_report() {
 fn distributed_mode_noises_inside_secure_aggregation_and_accounts_like_central() {
     let run = |mode: &str| {
         let a = SimArgs {
-            task: Some("noop:200".into()),
+            task: Some("noop:200".parse().unwrap()),
             merchants: Some(6),
             rounds: Some(2),
             secagg: true,
             dp_clip: Some("0.5".into()),
             dp_noise: Some("1.0".parse().unwrap()),
-            dp_mode: Some(mode.into()),
+            dp_mode: Some(mode.parse().unwrap()),
             ..Default::default()
         };
         run_all(&Settings::from_args(a).unwrap()).unwrap().remove(0)
