@@ -39,6 +39,7 @@ use super::clock::Fleet;
 use super::experiment::{Experiment, RoundRow};
 use super::mode::FedBuffSettings;
 use super::settings::Settings;
+use super::submit;
 use fedcart_coordinator::engine::{Engine, Submission, TaskPlan};
 use fedcart_coordinator::record::Outcome;
 
@@ -208,13 +209,8 @@ fn flush(
         });
         for (j, out) in chunk.iter().zip(outs) {
             let id = &cx.ids[j.k];
-            let mut out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(merchant = %id, error = %e, "local task failed; dropped");
-                    engine.drop_agent(id);
-                    continue;
-                }
+            let Some(mut out) = submit::accept(engine, id, out) else {
+                continue;
             };
             let tau = plan.model_version - j.base_version;
             taus.push(tau);
@@ -224,25 +220,8 @@ fn flush(
                 }
                 weigh(u, cx.cfg.staleness.weight(tau) * cx.cfg.server_lr);
             }
-            let bytes = out
-                .update
-                .as_ref()
-                .map_or(0, |u| 4 * (u.values.len() + u.coord_weights.len()) as u64);
-            row.bytes_up += bytes;
-            let update = if plan.secure {
-                if let Some(u) = out.update.take() {
-                    secure_inputs.push((id.clone(), u));
-                }
-                None
-            } else {
-                out.update
-            };
-            let sub = Submission {
-                update,
-                metrics: out.metrics,
-                weight: out.weight,
-                bytes,
-            };
+            let sub = submit::route(id, out, plan.secure, &mut secure_inputs);
+            row.bytes_up += sub.bytes;
             if let Err(e) = engine.submit(id, "simulation", plan.round, &plan.task_id, sub) {
                 tracing::warn!(merchant = %id, error = %e, "submission refused");
             }
@@ -306,13 +285,8 @@ fn collective(
         });
         for (&k, out) in chunk.iter().zip(outs) {
             let id = &cx.ids[k];
-            let out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(merchant = %id, error = %e, "local task failed; dropped");
-                    engine.drop_agent(id);
-                    continue;
-                }
+            let Some(out) = submit::accept(engine, id, out) else {
+                continue;
             };
             row.bytes_down += 4 * plan.model_len;
             if plan.spec.kind == TaskKind::Evaluate {

@@ -17,6 +17,7 @@ pub mod mode;
 pub mod output;
 pub mod plots;
 mod settings;
+mod submit;
 #[cfg(test)]
 mod tests;
 
@@ -36,7 +37,7 @@ pub use args::{DpModeName, ModeName, Transport};
 use data::TaskChoice;
 pub use experiment::{Experiment, RoundRow};
 use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
-use fedcart_coordinator::engine::{Engine, Submission};
+use fedcart_coordinator::engine::Engine;
 use fedcart_coordinator::record::Outcome;
 use fedcart_coordinator::store::Store;
 pub use settings::{Attack, Settings};
@@ -218,13 +219,8 @@ pub fn run_one(
             let mut senders = Vec::with_capacity(chunk.len());
             for (&k, out) in chunk.iter().zip(outs) {
                 let id = &ids[k];
-                let mut out = match out {
-                    Ok(o) => o,
-                    Err(e) => {
-                        tracing::warn!(merchant = %id, error = %e, "local task failed; dropped");
-                        engine.drop_agent(id);
-                        continue;
-                    }
+                let Some(mut out) = submit::accept(&mut engine, id, out) else {
+                    continue;
                 };
                 if plan.spec.kind == TaskKind::Train
                     && malicious.contains(&k)
@@ -232,31 +228,12 @@ pub fn run_one(
                 {
                     s.attack.apply(&mut u.values);
                 }
-                let bytes = out
-                    .update
-                    .as_ref()
-                    .map_or(0, |u| 4 * (u.values.len() + u.coord_weights.len()) as u64);
-                row.bytes_down += 4 * plan.model_len;
-                row.bytes_up += bytes;
                 if plan.spec.kind == TaskKind::Evaluate {
                     per_merchant.insert(id.clone(), out.metrics.clone());
                 }
-                let update = if plan.secure {
-                    // Under secure aggregation the engine gets only metrics;
-                    // the update goes into the masked sum below.
-                    if let Some(u) = out.update.take() {
-                        secure_inputs.push((id.clone(), u));
-                    }
-                    None
-                } else {
-                    out.update
-                };
-                let sub = Submission {
-                    update,
-                    metrics: out.metrics,
-                    weight: out.weight,
-                    bytes,
-                };
+                let sub = submit::route(id, out, plan.secure, &mut secure_inputs);
+                row.bytes_down += 4 * plan.model_len;
+                row.bytes_up += sub.bytes;
                 subs.push((id.clone(), sub));
                 senders.push(k);
             }

@@ -314,7 +314,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
         } else {
             out.update
         };
-        let sub = Submission {
+        let sub = fedcart_coordinator::engine::Submission {
             update,
             metrics: out.metrics,
             weight: out.weight,
