@@ -3,6 +3,7 @@
 //! backoff whenever the coordinator goes away.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fedcart_common::task::TaskSpec;
@@ -70,9 +71,10 @@ pub enum AgentError {
     /// The coordinator ended the work stream.
     #[error("coordinator closed the work stream")]
     StreamClosed,
-    /// The simulator's dropout hook made the agent leave this task.
-    #[error("dropped out of task `{task_id}` (simulated)")]
-    DroppedOut {
+    /// The embedder's [`TaskObserver`] asked the agent to leave this task
+    /// (e.g. a simulated drop-out).
+    #[error("abandoned task `{task_id}` (asked by the observer)")]
+    Abandoned {
         /// The task left unanswered.
         task_id: String,
     },
@@ -155,17 +157,32 @@ pub struct Agent {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Durable local state; `None` keeps everything in memory.
     pub state: Option<crate::state::StateDir>,
-    /// Simulator hook (`simulate --transport grpc --dropout`): asked with each
-    /// pushed task id; `true` makes the agent drop out of that task the way a
-    /// merchant whose machine went away does: it disconnects unanswered, then
-    /// reconnects with backoff.
-    pub drop_out: Option<DropOut>,
+    /// Told about every pushed task before the agent works on it; `None` (the
+    /// default, and every production agent) accepts every task. See
+    /// [`TaskObserver`].
+    pub observer: Option<Arc<dyn TaskObserver>>,
     /// The update of a secure task, held until its masked input is asked for.
     secure: crate::secure::SecureTasks,
 }
 
-/// Decides, per task id, whether the agent drops out (see [`Agent::drop_out`]).
-pub type DropOut = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// What an agent does with a pushed task, as a [`TaskObserver`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskDecision {
+    /// Work on the task as usual.
+    Accept,
+    /// Leave the task unanswered the way a merchant whose machine went away
+    /// does: the session ends and the agent reconnects with backoff, so the
+    /// coordinator counts it as a dropout.
+    Abandon,
+}
+
+/// A seam for embedders of the agent (tests, fleet tools, the simulator's
+/// gRPC transport): watches each pushed task and may make the agent abandon
+/// it, e.g. to inject dropouts reproducibly.
+pub trait TaskObserver: Send + Sync {
+    /// Called with each pushed task's id, before its model is downloaded.
+    fn on_task(&self, task_id: &str) -> TaskDecision;
+}
 
 impl Agent {
     /// Keeps state in `state`, restoring the private user factors saved there.
@@ -186,7 +203,7 @@ impl Agent {
             tasks_done: 0,
             tls: None,
             state: None,
-            drop_out: None,
+            observer: None,
             secure: Default::default(),
         }
     }
@@ -284,8 +301,12 @@ impl Agent {
             };
             match msg.kind {
                 Some(pb::work::Kind::Task(task)) => {
-                    if self.drop_out.as_ref().is_some_and(|f| f(&task.task_id)) {
-                        return Err(AgentError::DroppedOut {
+                    if self
+                        .observer
+                        .as_ref()
+                        .is_some_and(|o| o.on_task(&task.task_id) == TaskDecision::Abandon)
+                    {
+                        return Err(AgentError::Abandoned {
                             task_id: task.task_id,
                         });
                     }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fedcart_common::data::orders::mapping::MappingOverrides;
 use fedcart_common::data::orders::{
     self, BadRowPolicy, ChurnConfig, Delimiter, OrdersMapping, TimestampFormat,
 };
@@ -86,9 +87,10 @@ pub enum PrepareError {
         #[source]
         source: toml::de::Error,
     },
-    /// A column flag that is required without `--mapping` is missing.
-    #[error("without --mapping, {0} is required")]
-    MissingFlag(&'static str),
+    /// A column flag that is required without `--mapping` is missing
+    /// (the mapping field, e.g. `customer` for `--customer-col`).
+    #[error("without --mapping, --{0}-col is required")]
+    MissingColumn(&'static str),
     /// `--cutoff` is not a date.
     #[error("--cutoff: {0}")]
     Cutoff(String),
@@ -134,61 +136,36 @@ struct Summary<'a> {
 
 /// Builds the mapping from the file (if any) and the column flags.
 pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError> {
-    let mut map = match &args.mapping {
+    let base = match &args.mapping {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|source| PrepareError::ReadMapping {
                     path: path.clone(),
                     source,
                 })?;
-            toml::from_str::<OrdersMapping>(&text).map_err(|source| PrepareError::ParseMapping {
-                path: path.clone(),
-                source,
-            })?
+            Some(toml::from_str::<OrdersMapping>(&text).map_err(|source| {
+                PrepareError::ParseMapping {
+                    path: path.clone(),
+                    source,
+                }
+            })?)
         }
-        None => {
-            let required = |v: &Option<String>, flag: &'static str| {
-                v.clone().ok_or(PrepareError::MissingFlag(flag))
-            };
-            OrdersMapping {
-                customer: required(&args.customer_col, "--customer-col")?,
-                item: None,
-                timestamp: required(&args.timestamp_col, "--timestamp-col")?,
-                timestamp_format: TimestampFormat::Auto,
-                quantity: None,
-                amount: required(&args.amount_col, "--amount-col")?,
-                rating: None,
-                merchant: None,
-                delimiter: Delimiter::Comma,
-            }
-        }
+        None => None,
     };
-    if let Some(v) = &args.customer_col {
-        map.customer = v.clone();
-    }
-    if let Some(v) = &args.timestamp_col {
-        map.timestamp = v.clone();
-    }
-    if let Some(v) = &args.amount_col {
-        map.amount = v.clone();
-    }
-    for (flag, field) in [
-        (&args.item_col, &mut map.item),
-        (&args.quantity_col, &mut map.quantity),
-        (&args.rating_col, &mut map.rating),
-        (&args.merchant_col, &mut map.merchant),
-    ] {
-        if flag.is_some() {
-            *field = flag.clone();
-        }
-    }
-    if let Some(f) = args.timestamp_format {
-        map.timestamp_format = f;
-    }
-    if let Some(d) = args.delimiter {
-        map.delimiter = d;
-    }
-    Ok(map)
+    let overrides = MappingOverrides {
+        customer: args.customer_col.clone(),
+        item: args.item_col.clone(),
+        timestamp: args.timestamp_col.clone(),
+        timestamp_format: args.timestamp_format,
+        quantity: args.quantity_col.clone(),
+        amount: args.amount_col.clone(),
+        rating: args.rating_col.clone(),
+        merchant: args.merchant_col.clone(),
+        delimiter: args.delimiter,
+    };
+    overrides
+        .apply(base)
+        .map_err(|e| PrepareError::MissingColumn(e.field))
 }
 
 /// Runs `prepare`: reads, derives, writes `features.csv`, `interactions.csv`

@@ -10,8 +10,6 @@
 mod convert;
 mod secure;
 
-pub use secure::round_config;
-
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

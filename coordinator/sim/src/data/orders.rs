@@ -20,7 +20,7 @@ use fedcart_common::data::interactions::Interaction;
 use fedcart_common::data::movielens;
 use fedcart_common::data::orders::{
     self, BadRowPolicy, ChurnConfig, Delimiter, Order, OrdersMapping, Prepared, TimestampFormat,
-    derive::FEATURE_NAMES, mapping::SECONDS_PER_DAY,
+    derive::FEATURE_NAMES, mapping::MappingOverrides, mapping::SECONDS_PER_DAY,
 };
 use fedcart_common::data::partition::Partitioner;
 use fedcart_common::data::split;
@@ -107,6 +107,21 @@ pub struct OrdersArgs {
 }
 
 impl OrdersArgs {
+    /// The column flags, to apply over the mapping file.
+    fn overrides(&self) -> MappingOverrides {
+        MappingOverrides {
+            customer: self.customer.clone(),
+            item: self.item.clone(),
+            timestamp: self.timestamp.clone(),
+            timestamp_format: self.timestamp_format,
+            quantity: self.quantity.clone(),
+            amount: self.amount.clone(),
+            rating: self.rating.clone(),
+            merchant: self.merchant.clone(),
+            delimiter: self.delimiter,
+        }
+    }
+
     /// Field by field, `self` where set, else `file`.
     pub fn or(self, file: Self) -> Self {
         Self {
@@ -159,62 +174,27 @@ impl OrdersSource {
 
     /// Applies the mapping file, the `[orders]` table and the flags.
     pub fn resolve(mut self, args: &OrdersArgs) -> anyhow::Result<Self> {
-        let mut map = match &args.mapping {
+        let base = match &args.mapping {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading orders mapping {}", p.display()))?;
-                toml::from_str::<OrdersMapping>(&text)
-                    .with_context(|| format!("parsing orders mapping {}", p.display()))?
+                Some(
+                    toml::from_str::<OrdersMapping>(&text)
+                        .with_context(|| format!("parsing orders mapping {}", p.display()))?,
+                )
             }
-            None if self.bundled => OrdersMapping::cdnow(),
-            None => {
-                let need = |v: &Option<String>, flag: &str, key: &str| {
-                    v.clone().with_context(|| {
-                        format!(
-                            "`orders:{}` needs a column mapping: give --orders-mapping FILE, or \
-                             {flag} (`{key}` in the config's [orders] table)",
-                            self.path.display()
-                        )
-                    })
-                };
-                OrdersMapping {
-                    customer: need(&args.customer, "--customer-col", "customer")?,
-                    item: None,
-                    timestamp: need(&args.timestamp, "--timestamp-col", "timestamp")?,
-                    timestamp_format: TimestampFormat::Auto,
-                    quantity: None,
-                    amount: need(&args.amount, "--amount-col", "amount")?,
-                    rating: None,
-                    merchant: None,
-                    delimiter: Delimiter::Comma,
-                }
-            }
+            None if self.bundled => Some(OrdersMapping::cdnow()),
+            None => None,
         };
-        for (v, field) in [
-            (&args.customer, &mut map.customer),
-            (&args.timestamp, &mut map.timestamp),
-            (&args.amount, &mut map.amount),
-        ] {
-            if let Some(v) = v {
-                field.clone_from(v);
-            }
-        }
-        for (v, field) in [
-            (&args.item, &mut map.item),
-            (&args.quantity, &mut map.quantity),
-            (&args.rating, &mut map.rating),
-            (&args.merchant, &mut map.merchant),
-        ] {
-            if v.is_some() {
-                field.clone_from(v);
-            }
-        }
-        if let Some(f) = args.timestamp_format {
-            map.timestamp_format = f;
-        }
-        if let Some(d) = args.delimiter {
-            map.delimiter = d;
-        }
+        let map = args.overrides().apply(base).map_err(|e| {
+            anyhow::anyhow!(
+                "`orders:{}` needs a column mapping: give --orders-mapping FILE, or \
+                 --{}-col (`{}` in the config's [orders] table)",
+                self.path.display(),
+                e.field,
+                e.field
+            )
+        })?;
         let (default_cutoff, default_window) = if self.bundled && args.mapping.is_none() {
             (Some(CDNOW_CUTOFF), CDNOW_WINDOW_DAYS)
         } else {

@@ -7,7 +7,9 @@ use fedcart_common::privacy::dp::DistributedNoise;
 use fedcart_common::privacy::dp::distributed::noise_encoded;
 use fedcart_common::privacy::secagg::{EncodedInput, SecAggConfig, SecAggError};
 
-use crate::config::{ClipNorm, DpMode, DpSettings};
+use fedcart_coordinator::config::{ClipNorm, DpMode, DpSettings};
+
+use crate::args::DpModeName;
 
 /// Default δ of the simulator's guarantee.
 pub const DEFAULT_DELTA: f64 = 1e-5;
@@ -20,7 +22,7 @@ pub fn settings(
     noise: Option<f64>,
     target_epsilon: Option<f64>,
     delta: Option<f64>,
-    mode: Option<String>,
+    mode: Option<DpModeName>,
 ) -> anyhow::Result<Option<DpSettings>> {
     let Some(clip) = clip else {
         if noise.is_some() || target_epsilon.is_some() || delta.is_some() || mode.is_some() {
@@ -54,10 +56,9 @@ pub fn settings(
     if !(delta > 0.0 && delta < 1.0) {
         bail!("--dp-delta {delta} is not in (0, 1)");
     }
-    let mode = match mode.as_deref() {
-        None | Some("central") => DpMode::Central,
-        Some("distributed") => DpMode::Distributed,
-        Some(other) => bail!("--dp-mode `{other}` is not `central` or `distributed`"),
+    let mode = match mode {
+        None | Some(DpModeName::Central) => DpMode::Central,
+        Some(DpModeName::Distributed) => DpMode::Distributed,
     };
     let mut s = DpSettings::central(1.0, 1.0, delta);
     s.clip = clip;

@@ -17,7 +17,7 @@ use anyhow::{Context, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::output::Experiment;
+use super::experiment::Experiment;
 
 /// Pixel size of every plot.
 pub const SIZE: (u32, u32) = (800, 480);

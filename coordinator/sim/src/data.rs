@@ -24,7 +24,8 @@ pub const DEFAULT_MOVIELENS: &str = "data/ml-latest-small/ratings.csv";
 pub const DEFAULT_TELCO: &str = "data/telco-churn/Telco-Customer-Churn.csv";
 
 /// A parsed `--data` value.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum DataSpec {
     /// MovieLens-format ratings CSV.
     MovieLens(PathBuf),
@@ -67,6 +68,18 @@ impl DataSpec {
         }
     }
 
+    /// The value as a user writes it for `--data`: the bare kind for a
+    /// bundled dataset, `kind:PATH` otherwise (the `data` of the reported
+    /// settings).
+    pub fn written(&self) -> String {
+        match self {
+            Self::MovieLens(p) if p.as_path() == Path::new(DEFAULT_MOVIELENS) => "movielens".into(),
+            Self::Telco(p) if p.as_path() == Path::new(DEFAULT_TELCO) => "telco".into(),
+            Self::Orders(o) if o.bundled => "orders".into(),
+            other => other.name(),
+        }
+    }
+
     /// Resolves an orders source's mapping and churn labelling from the
     /// settings (other datasets pass through).
     pub fn with_orders(self, args: &orders::OrdersArgs) -> anyhow::Result<Self> {
@@ -78,7 +91,8 @@ impl DataSpec {
 }
 
 /// A parsed `--task` value.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum TaskChoice {
     /// Explicit MF (RMSE).
     Mf,
@@ -187,6 +201,38 @@ impl TaskChoice {
             Self::ChurnLr | Self::ChurnMlp { .. } => Some(("auc", true)),
             Self::Noop(_) => None,
         }
+    }
+}
+
+impl std::str::FromStr for DataSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<String> for DataSpec {
+    type Error = anyhow::Error;
+
+    fn try_from(s: String) -> anyhow::Result<Self> {
+        Self::parse(&s)
+    }
+}
+
+impl std::str::FromStr for TaskChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<String> for TaskChoice {
+    type Error = anyhow::Error;
+
+    fn try_from(s: String) -> anyhow::Result<Self> {
+        Self::parse(&s)
     }
 }
 

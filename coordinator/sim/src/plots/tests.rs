@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use fedcart_common::reference::{FederationValue, MerchantValue};
 
 use super::*;
-use crate::simulate::{RoundRow, Settings, SimArgs, data};
+use crate::{RoundRow, Settings, SimArgs, data};
 
 /// A churn experiment with made-up rows (no training needed to plot).
 fn experiment() -> Experiment {
     let s = Settings::from_args(SimArgs {
-        task: Some("churn-lr".into()),
+        task: Some("churn-lr".parse().unwrap()),
         ..Default::default()
     })
     .unwrap();
@@ -141,7 +141,7 @@ fn text_is_drawn_with_the_embedded_font() {
 #[test]
 fn an_experiment_without_a_metric_has_no_plots() {
     let s = Settings::from_args(SimArgs {
-        task: Some("noop:3".into()),
+        task: Some("noop:3".parse().unwrap()),
         ..Default::default()
     })
     .unwrap();

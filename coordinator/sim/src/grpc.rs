@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use fedcart_client::agent::Agent;
+use anyhow::Context;
+use fedcart_client::agent::{Agent, TaskDecision, TaskObserver};
 use fedcart_client::config::Backoff;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
@@ -34,8 +34,8 @@ use tokio::sync::watch;
 
 use super::data::{DataSpec, Population, TaskChoice};
 use super::{Experiment, RoundRow, Settings};
-use crate::config::RunConfig;
-use crate::record::{Outcome, RoundRecord, kind_name};
+use fedcart_coordinator::config::RunConfig;
+use fedcart_coordinator::record::{Outcome, RoundRecord, kind_name};
 
 /// Deadline of a task over loopback. Never reached in a healthy run (every
 /// selected agent answers or disconnects first); it bounds a run whose agent
@@ -44,24 +44,6 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Keepalive pings on the agents' Join streams.
 const PING: Duration = Duration::from_secs(5);
-
-/// Refuses the settings the gRPC transport cannot honour, naming the flag.
-pub fn check(s: &Settings) -> anyhow::Result<()> {
-    if s.mode != super::fedbuff::Mode::Sync {
-        bail!(
-            "--mode fedbuff is not available with --transport grpc: the service runs \
-             synchronous rounds only (the engine accepts updates for the open task); \
-             run FedBuff with --transport inproc"
-        );
-    }
-    if s.malicious > 0.0 {
-        bail!(
-            "--malicious is not available with --transport grpc: the real agent only sends \
-             its honest update; study attacks with --transport inproc"
-        );
-    }
-    Ok(())
-}
 
 /// Runs one experiment over loopback gRPC (see the module docs).
 pub fn run(
@@ -72,7 +54,6 @@ pub fn run(
     mut run: RunConfig,
     load_seconds: f64,
 ) -> anyhow::Result<Experiment> {
-    check(s)?;
     let n = pop.merchants.len();
     run.round_timeout_ms = ROUND_TIMEOUT.as_millis() as u64;
     run.selection.min_available = n;
@@ -142,11 +123,11 @@ async fn drive(
         .context("binding a loopback port")?;
     let (model, sgd) = (run.model.clone(), run.sgd.clone());
     // Plaintext mode rate-limits per address; here every agent is 127.0.0.1.
-    let opts = crate::server::ServeOptions {
-        limits: crate::limits::Limits::loopback(),
-        ..crate::server::ServeOptions::insecure()
+    let opts = fedcart_coordinator::server::ServeOptions {
+        limits: fedcart_coordinator::limits::Limits::loopback(),
+        ..fedcart_coordinator::server::ServeOptions::insecure()
     };
-    let running = crate::server::start_with(
+    let running = fedcart_coordinator::server::start_with(
         listener,
         &dir.path().join("simulation.redb"),
         run,
@@ -166,12 +147,10 @@ async fn drive(
             max_ms: 200,
         };
         if s.dropout > 0.0 {
-            let (seed, p, id) = (s.seed, s.dropout, agent.data.merchant_id.clone());
-            // The in-process draw: statistics tasks never drop.
-            agent.drop_out = Some(Arc::new(move |task_id: &str| {
-                !task_id.ends_with("-stats")
-                    && fedcart_common::seed::rng(seed, &["dropout", task_id, &id]).random::<f64>()
-                        < p
+            agent.observer = Some(Arc::new(Dropouts {
+                seed: s.seed,
+                probability: s.dropout,
+                merchant_id: agent.data.merchant_id.clone(),
             }));
         }
         let rx = stop_rx.clone();
@@ -344,3 +323,26 @@ fn rows(
 
 #[cfg(test)]
 mod tests;
+
+/// `--dropout` over gRPC: the same per-task draw as the in-process transport,
+/// made by each real agent through its [`TaskObserver`] seam.
+struct Dropouts {
+    seed: u64,
+    probability: f64,
+    merchant_id: String,
+}
+
+impl TaskObserver for Dropouts {
+    fn on_task(&self, task_id: &str) -> TaskDecision {
+        // The in-process draw: statistics tasks never drop.
+        let drop = !task_id.ends_with("-stats")
+            && fedcart_common::seed::rng(self.seed, &["dropout", task_id, &self.merchant_id])
+                .random::<f64>()
+                < self.probability;
+        if drop {
+            TaskDecision::Abandon
+        } else {
+            TaskDecision::Accept
+        }
+    }
+}

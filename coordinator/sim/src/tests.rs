@@ -9,7 +9,7 @@ use super::*;
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join(path)
         .display()
         .to_string()
@@ -33,12 +33,20 @@ fn short_demo_trains_both_models_and_writes_the_report() {
     // The demo's two experiments, on the bundled files, shortened.
     let mut a = args();
     a.out = Some(out.path().to_path_buf());
-    a.task = Some("mf".into());
-    a.data = Some(format!("movielens:{}", repo(data::DEFAULT_MOVIELENS)));
+    a.task = Some("mf".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
     a.epochs = Some(2);
     let mut exps = run(a.clone());
-    a.task = Some("churn-lr".into());
-    a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
     a.epochs = Some(1);
     exps.extend(run(a.clone()));
     let rmse = exps[0].final_metrics["rmse"];
@@ -98,8 +106,12 @@ fn short_demo_trains_both_models_and_writes_the_report() {
 #[test]
 fn same_seed_gives_identical_metrics_whatever_the_thread_count() {
     let mut a = args();
-    a.task = Some("mf".into());
-    a.data = Some(format!("movielens:{}", repo(data::DEFAULT_MOVIELENS)));
+    a.task = Some("mf".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
     a.epochs = Some(1);
     a.fraction = Some(0.5);
     a.dropout = Some(0.2);
@@ -117,14 +129,14 @@ fn same_seed_gives_identical_metrics_whatever_the_thread_count() {
 #[test]
 fn robust_strategies_are_refused_with_secure_aggregation() {
     let mut a = args();
-    a.task = Some("noop:10".into());
-    a.strategy = Some("fedmedian".into());
+    a.task = Some("noop:10".parse().unwrap());
+    a.strategy = Some("fedmedian".parse().unwrap());
     a.secagg = true;
-    let err = run_all(&Settings::from_args(a).unwrap())
-        .unwrap_err()
-        .to_string();
+    let err = Settings::from_args(a).unwrap_err().to_string();
     assert!(
-        err.contains("fedmedian") && err.contains("secure aggregation"),
+        err.contains("--strategy")
+            && err.contains("fedmedian")
+            && err.contains("secure aggregation"),
         "{err}"
     );
 }
@@ -132,15 +144,19 @@ fn robust_strategies_are_refused_with_secure_aggregation() {
 #[test]
 fn median_holds_where_fedavg_breaks_under_scaled_updates() {
     let mut a = args();
-    a.task = Some("churn-lr".into());
-    a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
     a.merchants = Some(10);
     a.rounds = Some(3);
     a.malicious = Some(0.2);
     a.attack = Some("scale:-20".into());
     let auc = |strategy: &str| {
         let mut a = a.clone();
-        a.strategy = Some(strategy.into());
+        a.strategy = Some(strategy.parse().unwrap());
         run(a)[0].final_metrics["auc"]
     };
     let (avg, median) = (auc("fedavg"), auc("fedmedian"));
@@ -153,20 +169,20 @@ fn median_holds_where_fedavg_breaks_under_scaled_updates() {
 #[test]
 fn bad_settings_are_explained() {
     let mut a = args();
-    a.data = Some("orders:x.csv".into());
+    a.data = Some("orders:x.csv".parse().unwrap());
     let e = Settings::from_args(a).unwrap_err().to_string();
     assert!(e.contains("needs a column mapping"), "{e}");
-    let mut a = args();
-    a.data = Some("parquet:x".into());
-    let e = Settings::from_args(a).unwrap_err().to_string();
+    let e = "parquet:x"
+        .parse::<data::DataSpec>()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unknown dataset `parquet`"), "{e}");
-    let mut a = args();
-    a.task = Some("churn-mlp:0".into());
-    let e = Settings::from_args(a).unwrap_err().to_string();
+    let e = "churn-mlp:0"
+        .parse::<data::TaskChoice>()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("hidden widths"), "{e}");
-    let mut a = args();
-    a.task = Some("noop:x".into());
-    assert!(Settings::from_args(a).is_err());
+    assert!("noop:x".parse::<data::TaskChoice>().is_err());
     let mut a = args();
     a.fraction = Some(1.5);
     assert!(
@@ -180,8 +196,12 @@ fn bad_settings_are_explained() {
 #[test]
 fn secure_aggregation_matches_plaintext_within_quantisation() {
     let mut a = args();
-    a.task = Some("mf".into());
-    a.data = Some(format!("movielens:{}", repo(data::DEFAULT_MOVIELENS)));
+    a.task = Some("mf".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
     a.epochs = Some(1);
     let plain = run(a.clone());
     a.secagg = true;
@@ -202,8 +222,12 @@ fn secure_aggregation_matches_plaintext_within_quantisation() {
 #[test]
 fn churn_lr_with_secure_aggregation_reaches_the_plaintext_auc() {
     let mut a = args();
-    a.task = Some("churn-lr".into());
-    a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
     a.epochs = Some(1);
     let plain = run(a.clone());
     a.secagg = true;
@@ -226,11 +250,15 @@ fn churn_lr_with_secure_aggregation_reaches_the_plaintext_auc() {
 /// `run_one` does, and returns the standardiser the engine agreed on.
 fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standardizer {
     let mut a = args();
-    a.task = Some("churn-lr".into());
-    a.data = Some(format!("telco:{}", repo(data::DEFAULT_TELCO)));
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
     a.secagg = secure;
     let s = Settings::from_args(a).unwrap();
-    let (task, spec) = s.experiments().unwrap().remove(0);
+    let (task, spec) = s.experiments().remove(0);
     let pop = data::build(
         task,
         &spec,
@@ -286,7 +314,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
         } else {
             out.update
         };
-        let sub = Submission {
+        let sub = fedcart_coordinator::engine::Submission {
             update,
             metrics: out.metrics,
             weight: out.weight,
@@ -323,4 +351,66 @@ fn secure_statistics_step_agrees_with_the_plaintext_standardiser() {
             plain.std[j]
         );
     }
+}
+
+/// The flags' own parser, as `fedcart-sim` runs it.
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: SimArgs,
+}
+
+#[test]
+fn typed_flags_are_parsed_once_and_errors_name_the_flag() {
+    use clap::Parser;
+    let err = |argv: &[&str]| {
+        let mut full = vec!["fedcart-sim"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    for (argv, flag) in [
+        (&["--transport", "quic"][..], "--transport"),
+        (&["--mode", "async"][..], "--mode"),
+        (&["--dp-mode", "local"][..], "--dp-mode"),
+        (&["--strategy", "fedmagic"][..], "--strategy"),
+        (&["--task", "svm"][..], "--task"),
+        (&["--data", "parquet:x"][..], "--data"),
+    ] {
+        let e = err(argv);
+        assert!(e.contains(flag) && e.contains(argv[1]), "{argv:?}: {e}");
+    }
+    let a = Cli::try_parse_from([
+        "fedcart-sim",
+        "--strategy",
+        "fedadam:0.05",
+        "--mode",
+        "fedbuff",
+    ])
+    .unwrap()
+    .args;
+    assert_eq!(a.strategy.unwrap().to_string(), "fedadam:0.05");
+    assert_eq!(a.mode, Some(crate::ModeName::Fedbuff));
+}
+
+#[test]
+fn rules_read_from_the_config_file_name_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.toml");
+    std::fs::write(&path, "fraction = 1.5\n").unwrap();
+    let a = SimArgs {
+        config: Some(path.clone()),
+        ..Default::default()
+    };
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("`fraction` in") && e.contains("sim.toml"), "{e}");
+    std::fs::write(&path, "strategy = \"fedmagic\"\n").unwrap();
+    let a = SimArgs {
+        config: Some(path),
+        ..Default::default()
+    };
+    let e = format!("{:#}", Settings::from_args(a).unwrap_err());
+    assert!(e.contains("strategy") && e.contains("fedmagic"), "{e}");
 }

@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use crate::simulate::{Experiment, Settings, SimArgs, run_all};
+use crate::{Experiment, Settings, SimArgs, run_all};
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join(path)
         .display()
         .to_string()
@@ -21,8 +21,12 @@ fn run(a: SimArgs) -> anyhow::Result<Vec<Experiment>> {
 /// CDNOW's mapping given as flags (not the bundled shortcut).
 fn cdnow_args() -> SimArgs {
     let mut a = SimArgs {
-        data: Some(format!("orders:{}", repo(super::DEFAULT_CDNOW))),
-        task: Some("churn-lr".into()),
+        data: Some(
+            format!("orders:{}", repo(super::DEFAULT_CDNOW))
+                .parse()
+                .unwrap(),
+        ),
+        task: Some("churn-lr".parse().unwrap()),
         merchants: Some(5),
         rounds: Some(3),
         ..Default::default()
@@ -53,11 +57,12 @@ fn churn_lr_on_the_cdnow_orders_export_reaches_auc_above_0_70() {
 #[test]
 fn churn_mlp_on_telco_reaches_auc_above_0_80() {
     let a = SimArgs {
-        data: Some(format!(
-            "telco:{}",
-            repo(crate::simulate::data::DEFAULT_TELCO)
-        )),
-        task: Some("churn-mlp".into()),
+        data: Some(
+            format!("telco:{}", repo(crate::data::DEFAULT_TELCO))
+                .parse()
+                .unwrap(),
+        ),
+        task: Some("churn-mlp".parse().unwrap()),
         merchants: Some(4),
         rounds: Some(3),
         ..Default::default()
@@ -152,17 +157,17 @@ fn the_config_orders_table_with_natural_partition_makes_one_merchant_per_store()
     );
     // Churn on the same table: each store derives its own RFM rows.
     let mut b = a.clone();
-    b.task = Some("churn-lr".into());
+    b.task = Some("churn-lr".parse().unwrap());
     let e = &run(b).unwrap()[0];
     assert_eq!(e.merchants, 3);
     assert!(e.final_metrics.contains_key("auc"));
     // Explicit MF needs a rating column, natural a merchant column.
     let mut c = a.clone();
-    c.task = Some("mf".into());
+    c.task = Some("mf".parse().unwrap());
     let err = run(c).unwrap_err().to_string();
     assert!(err.contains("--rating-col"), "{err}");
     let mut d = a;
-    d.task = Some("churn-lr".into());
+    d.task = Some("churn-lr".parse().unwrap());
     d.orders.merchant = None;
     std::fs::write(
         &cfg,

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use fedcart_common::federation::fedbuff::Staleness;
 
 use super::*;
-use crate::config::{RunConfig, Selection};
-use crate::simulate::{Experiment, SimArgs, data, run_all};
-use crate::store::Store;
+use crate::{Experiment, SimArgs, data, run_all};
+use fedcart_coordinator::config::{RunConfig, Selection};
+use fedcart_coordinator::store::Store;
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join(path)
         .display()
         .to_string()
@@ -20,8 +20,12 @@ fn repo(path: &str) -> String {
 
 fn churn_args() -> SimArgs {
     SimArgs {
-        task: Some("churn-lr".into()),
-        data: Some(format!("telco:{}", repo(data::DEFAULT_TELCO))),
+        task: Some("churn-lr".parse().unwrap()),
+        data: Some(
+            format!("telco:{}", repo(data::DEFAULT_TELCO))
+                .parse()
+                .unwrap(),
+        ),
         merchants: Some(4),
         rounds: Some(3),
         ..Default::default()
@@ -40,7 +44,7 @@ fn a_full_buffer_without_staleness_replays_synchronous_fedavg() {
     let mut a = churn_args();
     a.speed_sigma = Some(1.0);
     let sync = run(a.clone());
-    a.mode = Some("fedbuff".into());
+    a.mode = Some(crate::ModeName::Fedbuff);
     a.buffer = Some(4);
     a.concurrency = Some(4);
     let buff = run(a);
@@ -64,10 +68,10 @@ fn a_full_buffer_without_staleness_replays_synchronous_fedavg() {
 /// global model) with K = 1 and returns the committed versions and rows.
 fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>) {
     let a = SimArgs {
-        task: Some("noop:4".into()),
+        task: Some("noop:4".parse().unwrap()),
         merchants: Some(3),
         rounds: Some(12),
-        mode: Some("fedbuff".into()),
+        mode: Some(crate::ModeName::Fedbuff),
         buffer: Some(1),
         concurrency: Some(3),
         staleness: Some(staleness.into()),
@@ -75,7 +79,7 @@ fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>)
         ..Default::default()
     };
     let s = Settings::from_args(a).unwrap();
-    let super::Mode::FedBuff(cfg) = &s.mode else {
+    let crate::mode::Mode::FedBuff(cfg) = &s.mode else {
         unreachable!()
     };
     let task = data::TaskChoice::Noop(4);
@@ -214,7 +218,7 @@ fn same_seed_gives_identical_fedbuff_runs_whatever_the_thread_count() {
     let mut a = churn_args();
     a.merchants = Some(8);
     a.rounds = Some(6);
-    a.mode = Some("fedbuff".into());
+    a.mode = Some(crate::ModeName::Fedbuff);
     a.buffer = Some(2);
     a.concurrency = Some(5);
     a.speed_sigma = Some(1.0);
@@ -236,7 +240,7 @@ fn fedbuff_trains_churn_lr_to_a_sane_auc_with_heavy_tailed_speeds() {
     let mut a = churn_args();
     a.merchants = Some(10);
     a.rounds = Some(12);
-    a.mode = Some("fedbuff".into());
+    a.mode = Some(crate::ModeName::Fedbuff);
     a.buffer = Some(3);
     a.concurrency = Some(10);
     a.speed_sigma = Some(1.0);
@@ -254,7 +258,7 @@ fn fedbuff_settings_are_validated() {
     let e = Settings::from_args(a).unwrap_err().to_string();
     assert!(e.contains("only to --mode fedbuff"), "{e}");
     let mut a = churn_args();
-    a.mode = Some("fedbuff".into());
+    a.mode = Some(crate::ModeName::Fedbuff);
     a.buffer = Some(5);
     assert!(
         Settings::from_args(a.clone())
@@ -269,16 +273,14 @@ fn fedbuff_settings_are_validated() {
     let s = Settings::from_args(a).unwrap();
     assert_eq!(
         s.mode,
-        super::Mode::FedBuff(FedBuffSettings {
+        crate::mode::Mode::FedBuff(FedBuffSettings {
             buffer: 1,
             concurrency: 4,
             staleness: Staleness::Sqrt,
             server_lr: 1.0
         })
     );
-    let mut a = churn_args();
-    a.mode = Some("async".into());
-    assert!(Settings::from_args(a).is_err());
+    assert!("async".parse::<crate::ModeName>().is_err());
     let mut a = churn_args();
     a.availability = Some(0.0);
     assert!(
@@ -303,7 +305,7 @@ fn fedbuff_settings_come_from_the_toml_file_too() {
     a.config = Some(path);
     a.concurrency = Some(4);
     let s = Settings::from_args(a).unwrap();
-    let super::Mode::FedBuff(f) = &s.mode else {
+    let crate::mode::Mode::FedBuff(f) = &s.mode else {
         panic!("{:?}", s.mode)
     };
     assert_eq!(
@@ -316,10 +318,10 @@ fn fedbuff_settings_come_from_the_toml_file_too() {
 #[test]
 fn fedbuff_buffers_go_through_secure_aggregation() {
     let a = SimArgs {
-        task: Some("noop:8".into()),
+        task: Some("noop:8".parse().unwrap()),
         merchants: Some(4),
         rounds: Some(3),
-        mode: Some("fedbuff".into()),
+        mode: Some(crate::ModeName::Fedbuff),
         buffer: Some(2),
         concurrency: Some(4),
         speed_sigma: Some(1.0),
@@ -340,13 +342,13 @@ fn fedbuff_buffers_go_through_secure_aggregation() {
 #[test]
 fn the_example_fedbuff_config_parses() {
     let s = Settings::from_args(SimArgs {
-        config: Some(repo("coordinator/examples/simulate-fedbuff.toml").into()),
+        config: Some(repo("coordinator/sim/examples/simulate-fedbuff.toml").into()),
         ..Default::default()
     })
     .unwrap();
     assert_eq!(
         s.mode,
-        super::Mode::FedBuff(FedBuffSettings {
+        crate::mode::Mode::FedBuff(FedBuffSettings {
             buffer: 5,
             concurrency: 20,
             staleness: Staleness::Sqrt,

@@ -1,4 +1,4 @@
-//! `fedcart-coordinator simulate`: the researchers' simulator.
+//! `fedcart-sim`: the researchers' simulator.
 //!
 //! It is the second driver of the round engine: the same [`Engine`] the gRPC
 //! service drives, with N virtual merchants calling the same
@@ -6,16 +6,18 @@
 //! pool. Results are folded into the engine in merchant order, so a seed gives
 //! identical metrics whatever the thread count.
 
+mod args;
 pub mod clock;
 pub mod data;
 mod dp;
-#[cfg(test)]
-pub(crate) use dp::noise_hook as dp_noise_hook;
+pub mod experiment;
 pub mod fedbuff;
 mod grpc;
+pub mod mode;
 pub mod output;
 pub mod plots;
 mod settings;
+mod submit;
 #[cfg(test)]
 mod tests;
 
@@ -24,20 +26,21 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
-use fedcart_common::federation::strategy::strategy_by_name;
+use anyhow::Context;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
 use rayon::prelude::*;
 
-use crate::config::{RunConfig, SecAggSettings, Selection};
-use crate::engine::{Engine, Submission};
-use crate::record::Outcome;
-use crate::store::Store;
+pub use args::SimArgs;
+pub use args::{DpModeName, ModeName, Transport};
 use data::TaskChoice;
-pub use output::{Experiment, RoundRow};
-pub use settings::{Attack, Settings, SimArgs, Transport};
+pub use experiment::{Experiment, RoundRow};
+use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
+use fedcart_coordinator::engine::Engine;
+use fedcart_coordinator::record::Outcome;
+use fedcart_coordinator::store::Store;
+pub use settings::{Attack, Settings};
 
 /// Results computed per chunk of merchants: bounds memory to `CHUNK` updates
 /// in flight however many merchants a round selects.
@@ -45,7 +48,7 @@ const CHUNK: usize = 64;
 
 /// Runs the command: every experiment the settings describe, then the table,
 /// the output files and the one-line JSON summary.
-pub fn main(args: SimArgs) -> anyhow::Result<()> {
+pub fn run_command(args: SimArgs) -> anyhow::Result<()> {
     let settings = Settings::from_args(args)?;
     let experiments = run_all(&settings)?;
     output::print_table(&experiments);
@@ -64,7 +67,7 @@ pub fn run_all(settings: &Settings) -> anyhow::Result<Vec<Experiment>> {
         .build()
         .context("building the thread pool")?;
     settings
-        .experiments()?
+        .experiments()
         .into_iter()
         .map(|(task, data)| run_one(settings, task, &data, &pool))
         .collect()
@@ -77,14 +80,7 @@ pub fn run_one(
     data: &data::DataSpec,
     pool: &rayon::ThreadPool,
 ) -> anyhow::Result<Experiment> {
-    let strategy = strategy_by_name(&s.strategy).map_err(anyhow::Error::msg)?;
-    if s.secagg && strategy.needs_individual_updates() {
-        bail!(
-            "strategy `{}` needs every individual update and cannot run with secure \
-             aggregation (which reveals only their sum); pass --no-secagg",
-            s.strategy
-        );
-    }
+    let strategy = s.strategy.build();
     let load_start = Instant::now();
     let pop = data::build(
         task,
@@ -110,8 +106,8 @@ pub fn run_one(
         selection: Selection {
             // FedBuff opens a task for exactly the buffered merchants.
             fraction: match s.mode {
-                fedbuff::Mode::Sync => s.fraction,
-                fedbuff::Mode::FedBuff(_) => 1.0,
+                mode::Mode::Sync => s.fraction,
+                mode::Mode::FedBuff(_) => 1.0,
             },
             min_agents: 1,
             max_agents: n,
@@ -120,7 +116,7 @@ pub fn run_one(
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,
         evaluate: !matches!(pop.model, ModelSpec::Noop { .. }),
-        strategy: s.strategy.parse()?,
+        strategy: s.strategy.clone(),
         secagg: s.secagg.then(|| SecAggSettings {
             neighbours: None,
             clip: s.secagg_clip(task),
@@ -160,7 +156,7 @@ pub fn run_one(
     let bar = progress_bar(s.rounds, &exp.name);
     let mut round_start = Instant::now();
     let mut row = RoundRow::default();
-    if let fedbuff::Mode::FedBuff(cfg) = &s.mode {
+    if let mode::Mode::FedBuff(cfg) = &s.mode {
         // Runs the engine to completion: the synchronous loop below then
         // has nothing left to do.
         let cx = fedbuff::Ctx {
@@ -223,13 +219,8 @@ pub fn run_one(
             let mut senders = Vec::with_capacity(chunk.len());
             for (&k, out) in chunk.iter().zip(outs) {
                 let id = &ids[k];
-                let mut out = match out {
-                    Ok(o) => o,
-                    Err(e) => {
-                        tracing::warn!(merchant = %id, error = %e, "local task failed; dropped");
-                        engine.drop_agent(id);
-                        continue;
-                    }
+                let Some(mut out) = submit::accept(&mut engine, id, out) else {
+                    continue;
                 };
                 if plan.spec.kind == TaskKind::Train
                     && malicious.contains(&k)
@@ -237,31 +228,12 @@ pub fn run_one(
                 {
                     s.attack.apply(&mut u.values);
                 }
-                let bytes = out
-                    .update
-                    .as_ref()
-                    .map_or(0, |u| 4 * (u.values.len() + u.coord_weights.len()) as u64);
-                row.bytes_down += 4 * plan.model_len;
-                row.bytes_up += bytes;
                 if plan.spec.kind == TaskKind::Evaluate {
                     per_merchant.insert(id.clone(), out.metrics.clone());
                 }
-                let update = if plan.secure {
-                    // Under secure aggregation the engine gets only metrics;
-                    // the update goes into the masked sum below.
-                    if let Some(u) = out.update.take() {
-                        secure_inputs.push((id.clone(), u));
-                    }
-                    None
-                } else {
-                    out.update
-                };
-                let sub = Submission {
-                    update,
-                    metrics: out.metrics,
-                    weight: out.weight,
-                    bytes,
-                };
+                let sub = submit::route(id, out, plan.secure, &mut secure_inputs);
+                row.bytes_down += 4 * plan.model_len;
+                row.bytes_up += sub.bytes;
                 subs.push((id.clone(), sub));
                 senders.push(k);
             }
@@ -310,7 +282,7 @@ pub fn run_one(
         }
     }
     bar.finish_and_clear();
-    exp.privacy = engine.ledger().map(|l| output::PrivacySummary {
+    exp.privacy = engine.ledger().map(|l| experiment::PrivacySummary {
         mode: l.settings().mode,
         noise_multiplier: l.noise_multiplier(),
         delta: l.settings().delta,
@@ -320,7 +292,7 @@ pub fn run_one(
             .last()
             .and_then(|r| r.dp_clip)
             .unwrap_or(l.clip()),
-        adaptive: l.settings().clip == crate::config::ClipNorm::Adaptive,
+        adaptive: l.settings().clip == fedcart_coordinator::config::ClipNorm::Adaptive,
     });
     if let Some(originals) = originals {
         let template = TaskSpec {
@@ -351,7 +323,7 @@ pub fn run_one(
 /// sum. Returns the number of clipped coordinates.
 fn secure_sum(
     engine: &mut Engine,
-    plan: &crate::engine::TaskPlan,
+    plan: &fedcart_coordinator::engine::TaskPlan,
     inputs: Vec<(String, fedcart_common::federation::update::Update)>,
     seed: u64,
 ) -> anyhow::Result<u64> {
@@ -366,7 +338,7 @@ fn secure_sum(
         .clone()
         .expect("secure task has settings");
     // The same parameters as a gRPC round (2^64 ring for the statistics step).
-    let cfg = crate::service::round_config(&settings, &plan.spec, n);
+    let cfg = fedcart_coordinator::secure_round::round_config(&settings, &plan.spec, n);
     let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
     let noise = plan.spec.dp.as_ref().and_then(|d| d.distributed);
     let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);

@@ -29,128 +29,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::bail;
-use fedcart_common::federation::fedbuff::{Staleness, weigh};
+use fedcart_common::federation::fedbuff::weigh;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
 use rayon::prelude::*;
-use serde::Serialize;
 
 use super::clock::Fleet;
-use super::output::{Experiment, RoundRow};
-use super::settings::{Settings, SimArgs};
-use crate::engine::{Engine, Submission, TaskPlan};
-use crate::record::Outcome;
-
-/// How rounds are driven.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Synchronous rounds (FedAvg and friends): select, wait for all, commit.
-    Sync,
-    /// Buffered asynchronous aggregation.
-    FedBuff(FedBuffSettings),
-}
-
-/// FedBuff's validated settings.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FedBuffSettings {
-    /// K: updates per committed version.
-    pub buffer: usize,
-    /// C: merchants training at once.
-    pub concurrency: usize,
-    /// s(τ).
-    #[serde(serialize_with = "display_str")]
-    pub staleness: Staleness,
-    /// η: the buffered mean step is multiplied by it.
-    pub server_lr: f64,
-}
-
-fn display_str<S: serde::Serializer>(v: &Staleness, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&v.to_string())
-}
-
-impl Mode {
-    /// Flags over the TOML file over the defaults: `sync`; for `fedbuff`,
-    /// C = ⌈fraction·merchants⌉ (the synchronous round's parallelism),
-    /// K = max(1, C/4), s = sqrt, η = 1.
-    pub fn from_args(
-        args: &SimArgs,
-        file: &SimArgs,
-        merchants: usize,
-        fraction: f64,
-    ) -> anyhow::Result<Self> {
-        let mode = args
-            .mode
-            .clone()
-            .or(file.mode.clone())
-            .unwrap_or("sync".into());
-        let buffer = args.buffer.or(file.buffer);
-        let concurrency = args.concurrency.or(file.concurrency);
-        let staleness = args.staleness.clone().or(file.staleness.clone());
-        let server_lr = args.server_lr.or(file.server_lr);
-        match mode.as_str() {
-            "sync" => {
-                if buffer.is_some()
-                    || concurrency.is_some()
-                    || staleness.is_some()
-                    || server_lr.is_some()
-                {
-                    bail!(
-                        "--buffer, --concurrency, --staleness and --server-lr apply only to --mode fedbuff"
-                    );
-                }
-                Ok(Self::Sync)
-            }
-            "fedbuff" => {
-                let concurrency =
-                    concurrency.unwrap_or(((fraction * merchants as f64).ceil() as usize).max(1));
-                let buffer = buffer.unwrap_or((concurrency / 4).max(1));
-                if concurrency == 0 || concurrency > merchants {
-                    bail!("--concurrency {concurrency} is not in [1, merchants = {merchants}]");
-                }
-                if buffer == 0 || buffer > merchants {
-                    bail!(
-                        "--buffer {buffer} is not in [1, merchants = {merchants}] (a merchant \
-                         waits for its buffered update to be committed before training again)"
-                    );
-                }
-                let staleness: Staleness = staleness.as_deref().unwrap_or("sqrt").parse()?;
-                let server_lr = server_lr.unwrap_or(1.0);
-                if !(server_lr.is_finite() && server_lr > 0.0) {
-                    bail!("--server-lr {server_lr} must be finite and > 0");
-                }
-                Ok(Self::FedBuff(FedBuffSettings {
-                    buffer,
-                    concurrency,
-                    staleness,
-                    server_lr,
-                }))
-            }
-            other => bail!("unknown --mode `{other}` (known: sync, fedbuff)"),
-        }
-    }
-
-    /// Synchronous rounds of every merchant carrying as many merchant updates
-    /// as `rounds` of this mode: the length of the federation-value baselines
-    /// (a FedBuff version holds only K updates).
-    pub fn baseline_rounds(&self, rounds: u64, merchants: usize) -> u64 {
-        match self {
-            Self::Sync => rounds,
-            Self::FedBuff(f) => (rounds * f.buffer as u64)
-                .div_ceil(merchants.max(1) as u64)
-                .max(1),
-        }
-    }
-
-    /// `sync` or `fedbuff`, for reports.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Sync => "sync",
-            Self::FedBuff(_) => "fedbuff",
-        }
-    }
-}
+use super::experiment::{Experiment, RoundRow};
+use super::mode::FedBuffSettings;
+use super::settings::Settings;
+use super::submit;
+use fedcart_coordinator::engine::{Engine, Submission, TaskPlan};
+use fedcart_coordinator::record::Outcome;
 
 /// Each merchant's metrics, by id.
 type PerMerchant = BTreeMap<String, BTreeMap<String, f64>>;
@@ -318,13 +209,8 @@ fn flush(
         });
         for (j, out) in chunk.iter().zip(outs) {
             let id = &cx.ids[j.k];
-            let mut out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(merchant = %id, error = %e, "local task failed; dropped");
-                    engine.drop_agent(id);
-                    continue;
-                }
+            let Some(mut out) = submit::accept(engine, id, out) else {
+                continue;
             };
             let tau = plan.model_version - j.base_version;
             taus.push(tau);
@@ -334,25 +220,8 @@ fn flush(
                 }
                 weigh(u, cx.cfg.staleness.weight(tau) * cx.cfg.server_lr);
             }
-            let bytes = out
-                .update
-                .as_ref()
-                .map_or(0, |u| 4 * (u.values.len() + u.coord_weights.len()) as u64);
-            row.bytes_up += bytes;
-            let update = if plan.secure {
-                if let Some(u) = out.update.take() {
-                    secure_inputs.push((id.clone(), u));
-                }
-                None
-            } else {
-                out.update
-            };
-            let sub = Submission {
-                update,
-                metrics: out.metrics,
-                weight: out.weight,
-                bytes,
-            };
+            let sub = submit::route(id, out, plan.secure, &mut secure_inputs);
+            row.bytes_up += sub.bytes;
             if let Err(e) = engine.submit(id, "simulation", plan.round, &plan.task_id, sub) {
                 tracing::warn!(merchant = %id, error = %e, "submission refused");
             }
@@ -416,13 +285,8 @@ fn collective(
         });
         for (&k, out) in chunk.iter().zip(outs) {
             let id = &cx.ids[k];
-            let out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(merchant = %id, error = %e, "local task failed; dropped");
-                    engine.drop_agent(id);
-                    continue;
-                }
+            let Some(out) = submit::accept(engine, id, out) else {
+                continue;
             };
             row.bytes_down += 4 * plan.model_len;
             if plan.spec.kind == TaskKind::Evaluate {

@@ -24,7 +24,7 @@ use rand::seq::SliceRandom;
 use rand_distr::{Distribution, LogNormal};
 use serde::Serialize;
 
-use super::settings::SimArgs;
+use super::args::SimArgs;
 
 /// The clock's validated settings.
 #[derive(Debug, Clone, Serialize, PartialEq)]
