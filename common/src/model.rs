@@ -37,6 +37,7 @@
 pub mod churn;
 pub mod churn_lr;
 pub mod churn_mlp;
+pub mod kmeans;
 pub mod lr;
 pub mod mf;
 pub mod mlp;

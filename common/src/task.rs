@@ -8,6 +8,7 @@ use crate::data::standardize::Standardizer;
 use crate::federation::update::WeightLayout;
 use crate::model::churn_lr::ChurnLr;
 use crate::model::churn_mlp::ChurnMlp;
+use crate::model::kmeans::KMeans;
 use crate::model::lr::SgdParams;
 use crate::model::mf::{MfHyper, MfShape};
 use crate::model::noop::Noop;
@@ -59,6 +60,17 @@ pub enum ModelSpec {
         /// Hidden layer widths (one or two layers in practice).
         hidden: Vec<usize>,
     },
+    /// Federated k-means segmentation on `num_features` standardised
+    /// features (see `model::kmeans`): the parameters are the k centres.
+    KMeans {
+        /// Number of segments.
+        k: usize,
+        /// Feature width.
+        num_features: usize,
+        /// The first centres agreed from the merchants' candidates (`k · d`).
+        #[serde(default)]
+        init: Vec<f32>,
+    },
 }
 
 impl ModelSpec {
@@ -79,6 +91,15 @@ impl ModelSpec {
             } => Box::new(ChurnMlp {
                 num_features: *num_features,
                 hidden,
+            }),
+            ModelSpec::KMeans {
+                k,
+                num_features,
+                init,
+            } => Box::new(KMeans {
+                k: *k,
+                num_features: *num_features,
+                init,
             }),
         }
     }
