@@ -110,7 +110,19 @@ pub enum TaskChoice {
     },
     /// Random updates of this length, no training.
     Noop(usize),
+    /// Federated k-means segmentation of customers' RFM features into k
+    /// segments (`segments[:K]`).
+    Segments(usize),
+    /// Federated frequent itemsets and association rules with this minimum
+    /// support in baskets across the federation (`rules[:MIN]`).
+    Rules(u64),
 }
+
+/// Segments of `--task segments` without `:K` (the elbow of the federated
+/// inertia curve on CDNOW, see BENCHMARKS.md).
+pub const DEFAULT_SEGMENTS: usize = 4;
+/// Minimum support of `--task rules` without `:MIN`, in baskets.
+pub const DEFAULT_MIN_SUPPORT: u64 = 100;
 
 impl TaskChoice {
     /// Parses `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden
@@ -120,6 +132,8 @@ impl TaskChoice {
             "mf" => Self::Mf,
             "mf-implicit" => Self::MfImplicit,
             "churn-lr" => Self::ChurnLr,
+            "segments" => Self::Segments(DEFAULT_SEGMENTS),
+            "rules" => Self::Rules(DEFAULT_MIN_SUPPORT),
             "churn-mlp" => Self::ChurnMlp {
                 h1: DEFAULT_HIDDEN,
                 h2: 0,
@@ -144,11 +158,25 @@ impl TaskChoice {
                         h2: w.get(1).copied().unwrap_or(0),
                     });
                 }
+                if let Some(k) = s.strip_prefix("segments:") {
+                    return match k.trim().parse::<usize>() {
+                        Ok(k) if (1..=256).contains(&k) => Ok(Self::Segments(k)),
+                        _ => bail!("`{s}`: give k in 1..=256, e.g. segments:4"),
+                    };
+                }
+                if let Some(m) = s.strip_prefix("rules:") {
+                    return match m.trim().parse::<u64>() {
+                        Ok(m) if m >= 1 => Ok(Self::Rules(m)),
+                        _ => bail!(
+                            "`{s}`: give the minimum support in baskets (>= 1), e.g. rules:100"
+                        ),
+                    };
+                }
                 match s.strip_prefix("noop:").map(str::parse::<usize>) {
                     Some(Ok(d)) if d > 0 => Self::Noop(d),
                     _ => bail!(
                         "unknown task `{s}` (known: mf, mf-implicit, churn-lr, \
-                         churn-mlp[:H1[,H2]], noop:D)"
+                         churn-mlp[:H1[,H2]], segments[:K], rules[:MIN], noop:D)"
                     ),
                 }
             }
@@ -167,6 +195,11 @@ impl TaskChoice {
                 num_features,
                 hidden: [h1, h2].into_iter().filter(|&h| h > 0).collect(),
             },
+            Self::Segments(k) => ModelSpec::KMeans {
+                k,
+                num_features,
+                init: Vec::new(),
+            },
             _ => ModelSpec::ChurnLr { num_features },
         }
     }
@@ -177,6 +210,9 @@ impl TaskChoice {
             Self::Mf | Self::MfImplicit => DataSpec::MovieLens(DEFAULT_MOVIELENS.into()),
             Self::ChurnLr | Self::ChurnMlp { .. } => DataSpec::Telco(DEFAULT_TELCO.into()),
             Self::Noop(_) => DataSpec::None,
+            Self::Segments(_) | Self::Rules(_) => {
+                DataSpec::Orders(Box::new(orders::OrdersSource::new(None)))
+            }
         }
     }
 
@@ -190,6 +226,8 @@ impl TaskChoice {
             Self::ChurnMlp { h1, h2: 0 } => format!("churn-mlp:{h1}"),
             Self::ChurnMlp { h1, h2 } => format!("churn-mlp:{h1},{h2}"),
             Self::Noop(d) => format!("noop:{d}"),
+            Self::Segments(k) => format!("segments:{k}"),
+            Self::Rules(m) => format!("rules:{m}"),
         }
     }
 
@@ -199,7 +237,8 @@ impl TaskChoice {
             Self::Mf => Some(("rmse", false)),
             Self::MfImplicit => Some(("hr@10", true)),
             Self::ChurnLr | Self::ChurnMlp { .. } => Some(("auc", true)),
-            Self::Noop(_) => None,
+            Self::Segments(_) => Some(("inertia", false)),
+            Self::Noop(_) | Self::Rules(_) => None,
         }
     }
 }
@@ -320,7 +359,10 @@ pub fn build(
             })
         }
         (t, DataSpec::Orders(src)) => orders::build(t, src, n, partitioner, mf, factors, seed),
-        (TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. }, DataSpec::Telco(path)) => {
+        (
+            TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. } | TaskChoice::Segments(_),
+            DataSpec::Telco(path),
+        ) => {
             let schema = Schema::telco();
             let load = |p: &Path| {
                 schema

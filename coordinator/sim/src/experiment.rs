@@ -99,6 +99,9 @@ pub struct Experiment {
     /// for comparing runs, e.g. the two transports).
     #[serde(skip)]
     pub final_model: Vec<f32>,
+    /// Analysis tasks' report (segment profiles, rules), as Markdown lines.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub report: Vec<String>,
     #[serde(skip)]
     headline: Option<(&'static str, bool)>,
 }
@@ -149,6 +152,7 @@ impl Experiment {
                 ..Default::default()
             },
             final_model: Vec::new(),
+            report: Vec::new(),
             headline: task.headline(),
         }
     }

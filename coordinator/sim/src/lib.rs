@@ -16,6 +16,8 @@ mod grpc;
 pub mod mode;
 pub mod output;
 pub mod plots;
+pub mod rules;
+pub mod segments;
 mod settings;
 mod submit;
 #[cfg(test)]
@@ -52,6 +54,11 @@ pub fn run_command(args: SimArgs) -> anyhow::Result<()> {
     let settings = Settings::from_args(args)?;
     let experiments = run_all(&settings)?;
     output::print_table(&experiments);
+    for e in &experiments {
+        for line in &e.report {
+            println!("{line}");
+        }
+    }
     if let Some(dir) = &settings.out {
         output::write_all(dir, &settings, &experiments)?;
         eprintln!("wrote {}", dir.display());
@@ -69,7 +76,16 @@ pub fn run_all(settings: &Settings) -> anyhow::Result<Vec<Experiment>> {
     settings
         .experiments()
         .into_iter()
-        .map(|(task, data)| run_one(settings, task, &data, &pool))
+        .map(|(task, data)| match task {
+            TaskChoice::Rules(_) => {
+                let (exp, mined) = rules::run(settings, task, &data, &pool)?;
+                if let Some(dir) = &settings.out {
+                    rules::write(dir, &mined)?;
+                }
+                Ok(exp)
+            }
+            _ => run_one(settings, task, &data, &pool),
+        })
         .collect()
 }
 
@@ -92,6 +108,15 @@ pub fn run_one(
         s.factors,
         s.seed,
     )?;
+    let mut pop = pop;
+    // k-means: agree the first centres from the merchants' candidates, and
+    // keep the data to profile the segments after the run.
+    let segment_data = if let ModelSpec::KMeans { .. } = pop.model {
+        pop.model = segments::with_init(pop.model.clone(), &pop.merchants, s.seed)?;
+        Some(pop.merchants.clone())
+    } else {
+        None
+    };
     let load_seconds = load_start.elapsed().as_secs_f64();
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
@@ -130,7 +155,8 @@ pub fn run_one(
     };
     run.validate()?;
     if s.transport == Transport::Grpc {
-        return grpc::run(s, task, data, pop, run, load_seconds);
+        let exp = grpc::run(s, task, data, pop, run, load_seconds)?;
+        return finish_segments(exp, segment_data.as_deref(), s);
     }
     let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
     // Not fsync'd: the store is deleted with `dir` when the run ends.
@@ -315,6 +341,52 @@ pub fn run_one(
     }
     exp.final_model = engine.global().to_vec();
     exp.finish();
+    finish_segments(exp, segment_data.as_deref(), s)
+}
+
+/// Adds the segment profiles of a k-means run to its report (and writes the
+/// merchants' labels under `--out`).
+fn finish_segments(
+    mut exp: Experiment,
+    merchants: Option<&[LocalData]>,
+    s: &Settings,
+) -> anyhow::Result<Experiment> {
+    let Some(merchants) = merchants else {
+        return Ok(exp);
+    };
+    let d = fedcart_common::data::orders::derive::FEATURE_NAMES.len();
+    let d = merchants
+        .first()
+        .and_then(|m| m.churn.as_ref())
+        .map_or(d, |c| c.train.x.ncols());
+    let k = exp.final_model.len() / d.max(1);
+    let (profiles, inertia, labels) = segments::profile(merchants, &exp.final_model, k, d)?;
+    exp.report = segments::report(&profiles, inertia);
+    exp.final_metrics.insert("pooled_inertia".into(), inertia);
+    if let Some(dir) = &s.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Each customer's raw features too: the pooled data of the
+        // scikit-learn reference (coordinator/sim/examples/kmeans_reference.py).
+        let mut out = String::from("merchant,row,segment");
+        for j in 0..d {
+            out.push_str(&format!(",f{j}"));
+        }
+        out.push('\n');
+        for (m, l) in merchants.iter().zip(&labels) {
+            let churn = m.churn.as_ref().context("segments need RFM features")?;
+            let rows = churn.train.x.rows().into_iter().chain(churn.valid.x.rows());
+            for (i, (c, row)) in l.iter().zip(rows).enumerate() {
+                out.push_str(&format!("{},{i},{c}", m.merchant_id));
+                for v in row {
+                    out.push_str(&format!(",{v}"));
+                }
+                out.push('\n');
+            }
+        }
+        let path = dir.join("segments.csv");
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        plots::segments(dir, merchants, &exp.final_model, k, &labels)?;
+    }
     Ok(exp)
 }
 

@@ -82,6 +82,15 @@ pub fn write_all(dir: &Path, s: &Settings, experiments: &[Experiment]) -> anyhow
     let path = dir.join("metrics.csv");
     std::fs::write(&path, csv_text(experiments))
         .with_context(|| format!("writing {}", path.display()))?;
+    let report: Vec<&str> = experiments
+        .iter()
+        .flat_map(|e| e.report.iter().map(String::as_str))
+        .collect();
+    if !report.is_empty() {
+        let path = dir.join("analysis.md");
+        std::fs::write(&path, report.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let plots = super::plots::write_all(dir, experiments)?;
     let path = dir.join("report.html");
     std::fs::write(&path, html(s, experiments, &plots))

@@ -19,6 +19,9 @@ use plotters::prelude::*;
 
 use super::experiment::Experiment;
 
+mod segments;
+pub use segments::segments;
+
 /// Pixel size of every plot.
 pub const SIZE: (u32, u32) = (800, 480);
 

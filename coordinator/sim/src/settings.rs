@@ -191,7 +191,13 @@ impl Settings {
                 d.with_orders(&orders)
                     .map_err(|e| anyhow::anyhow!("{}: {e:#}", name!(data, "--data")))?,
             ),
-            None => None,
+            // Segments and rules default to the bundled orders (CDNOW).
+            None => match task {
+                Some(t @ (TaskChoice::Segments(_) | TaskChoice::Rules(_))) => {
+                    Some(t.default_data().with_orders(&orders)?)
+                }
+                _ => None,
+            },
         };
         let secagg = if args.no_secagg {
             false

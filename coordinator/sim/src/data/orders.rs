@@ -224,7 +224,7 @@ impl OrdersSource {
     }
 
     /// Reads the export; the cutoff defaults to the last order minus the window.
-    fn read(&self) -> anyhow::Result<(Vec<Order>, ChurnConfig)> {
+    pub(crate) fn read(&self) -> anyhow::Result<(Vec<Order>, ChurnConfig)> {
         let (rows, report) = orders::read_orders(&self.path, self.mapping(), self.on_bad_row)
             .with_context(|| format!("reading orders {}", self.path.display()))?;
         if report.rows_skipped() > 0 {
@@ -296,7 +296,7 @@ pub fn build(
     };
     let id = |k: usize| format!("m{k:04}");
     match task {
-        TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. } => {
+        TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. } | TaskChoice::Segments(_) => {
             let model = task.churn_model(FEATURE_NAMES.len());
             let split_local = |k: usize, part: TabularDataset| {
                 let y = part.y.as_slice().expect("contiguous labels").to_vec();
@@ -403,7 +403,63 @@ pub fn build(
             })
         }
         TaskChoice::Noop(_) => bail!("task `{}` takes no data", task.name()),
+        TaskChoice::Rules(_) => bail!("task `{}` runs through `rules::run`", task.name()),
     }
+}
+
+/// Every merchant's raw orders, for analyses that work on baskets: one
+/// merchant per store with `natural` (needs the merchant column), otherwise
+/// the export's customers dealt iid into `n` merchants (seeded).
+pub fn merchant_orders(
+    src: &OrdersSource,
+    n: usize,
+    partitioner: Partitioner,
+    seed: u64,
+) -> anyhow::Result<Vec<(String, Vec<Order>)>> {
+    let (rows, _) = src.read()?;
+    if partitioner == Partitioner::Natural {
+        if src.mapping().merchant.is_none() {
+            bail!(
+                "the `natural` partitioner needs the orders' merchant column: give \
+                 --merchant-col (`merchant` in the mapping) for {}",
+                src.path.display()
+            );
+        }
+        let mut by_store: BTreeMap<String, Vec<Order>> = BTreeMap::new();
+        for o in rows {
+            by_store
+                .entry(o.merchant.clone().unwrap_or_default())
+                .or_default()
+                .push(o);
+        }
+        return Ok(by_store.into_iter().collect());
+    }
+    if partitioner != Partitioner::Iid {
+        bail!("baskets are dealt to merchants `iid` or `natural` (by store)");
+    }
+    let customers: Vec<&str> = rows
+        .iter()
+        .map(|o| o.customer.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let index: Vec<usize> = (0..customers.len()).collect();
+    let mut owner = BTreeMap::new();
+    for (m, part) in split::iid_partition(&index, n, seed)
+        .into_iter()
+        .enumerate()
+    {
+        for c in part {
+            owner.insert(customers[c].to_string(), m);
+        }
+    }
+    let mut out: Vec<(String, Vec<Order>)> =
+        (0..n).map(|k| (format!("m{k:04}"), Vec::new())).collect();
+    for o in rows {
+        let m = owner[&o.customer];
+        out[m].1.push(o);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,254 @@
+//! `--task rules`: federated frequent itemsets and association rules
+//! (`fedcart_common::itemsets`), driven level by level in-process.
+//!
+//! The merchants' orders become baskets in one catalogue (the union of the
+//! item ids of every merchant, agreed as the MF tasks agree theirs). Each level
+//! is one exchange: the coordinator's [`Apriori`] hands out the candidates,
+//! every merchant returns its count update, the updates are summed — with
+//! `--secagg`, by the real secure-aggregation protocol in the 2^64 ring of a
+//! statistics task, so the coordinator sees only the federation's counts —
+//! and `Apriori::on_sum` moves to the next level. Bytes per merchant: the
+//! candidates down (4 bytes per item id) and the counts up (4 bytes each).
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use anyhow::Context;
+use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::federation::aggregate::SumAccumulator;
+use fedcart_common::itemsets::{self, Apriori, Basket, Itemset, Rule};
+use fedcart_common::privacy::secagg::{Dropouts, SecAggConfig, run_in_memory};
+use fedcart_common::task::{ModelSpec, TaskKind};
+use rayon::prelude::*;
+
+use crate::data::{DataSpec, TaskChoice};
+use crate::experiment::{Experiment, RoundRow};
+use crate::settings::Settings;
+
+/// Rules reported need at least this confidence (as mlxtend's
+/// `association_rules(metric="confidence", min_threshold=…)`).
+pub const MIN_CONFIDENCE: f64 = 0.1;
+
+/// The federated result: frequent itemsets, rules and the catalogue.
+#[derive(Debug, Clone)]
+pub struct Mined {
+    /// Frequent itemsets with their federated counts.
+    pub frequent: Vec<Itemset>,
+    /// Baskets across the federation.
+    pub baskets: u64,
+    /// Rules above [`MIN_CONFIDENCE`].
+    pub rules: Vec<Rule>,
+    /// The agreed catalogue.
+    pub catalogue: Catalogue,
+    /// Each merchant's id and the catalogue items it sells.
+    pub sold: Vec<(String, HashSet<u32>)>,
+}
+
+/// Mines the merchants' baskets level by level; `secure` sums every level
+/// with secure aggregation. Also returns one report row per level.
+pub fn mine(
+    merchants: &[(String, Vec<Basket>)],
+    num_items: usize,
+    min_support: u64,
+    secure: bool,
+    seed: u64,
+    pool: &rayon::ThreadPool,
+) -> anyhow::Result<(Apriori, Vec<RoundRow>)> {
+    let mut apriori = Apriori::new(num_items, min_support, 0);
+    let mut rows = Vec::new();
+    while !apriori.finished() {
+        let started = Instant::now();
+        let level = apriori.level();
+        let cands = apriori.candidates().to_vec();
+        let updates: Vec<_> = pool.install(|| {
+            merchants
+                .par_iter()
+                .map(|(_, b)| itemsets::count_update(b, &cands))
+                .collect()
+        });
+        let mut row = RoundRow {
+            round: level as u64,
+            selected: merchants.len(),
+            reported: merchants.len(),
+            committed: true,
+            bytes_down: (4 * cands.len() * level * merchants.len()) as u64,
+            ..Default::default()
+        };
+        let acc = if secure {
+            let secure_start = Instant::now();
+            let cfg =
+                SecAggConfig::for_task(TaskKind::Stats, cands.len(), 0, merchants.len(), 1e5, None);
+            let round_seed = fedcart_common::seed::derive(seed, &["itemsets", &level.to_string()]);
+            let out = run_in_memory(&cfg, &updates, &Dropouts::none(), round_seed)
+                .with_context(|| format!("secure aggregation of level {level}"))?;
+            row.clipped = out.output.sum.clipped;
+            row.bytes_up =
+                (cfg.modulus_bits.div_ceil(8) as usize * cands.len() * merchants.len()) as u64;
+            row.secagg_seconds = secure_start.elapsed().as_secs_f64();
+            out.output.sum.into_accumulator()
+        } else {
+            let mut acc = SumAccumulator::new(cands.len(), 0);
+            for u in &updates {
+                acc.add(u)?;
+            }
+            row.bytes_up = (4 * cands.len() * merchants.len()) as u64;
+            acc
+        };
+        let before = apriori.frequent().len();
+        apriori.on_sum(acc.sum_values(), acc.total_weight())?;
+        row.eval.insert("candidates".into(), cands.len() as f64);
+        row.eval.insert(
+            "frequent".into(),
+            (apriori.frequent().len() - before) as f64,
+        );
+        row.seconds = started.elapsed().as_secs_f64();
+        rows.push(row);
+    }
+    Ok((apriori, rows))
+}
+
+/// Reads the orders, deals them into merchants and builds their baskets.
+pub fn load(
+    s: &Settings,
+    data: &DataSpec,
+) -> anyhow::Result<(Vec<(String, Vec<Basket>)>, Catalogue)> {
+    let DataSpec::Orders(src) = data else {
+        anyhow::bail!("--task rules needs --data orders:PATH (with an item column)");
+    };
+    let parts = crate::data::orders::merchant_orders(src, s.merchants, s.partition, s.seed)?;
+    let catalogue = Catalogue::from_ids(
+        parts
+            .iter()
+            .flat_map(|(_, o)| o.iter().filter_map(|o| o.item.clone()))
+            .collect::<std::collections::BTreeSet<_>>(),
+    );
+    if catalogue.is_empty() {
+        anyhow::bail!(
+            "{}: no item ids; give the item column (--item-col)",
+            src.path.display()
+        );
+    }
+    let merchants = parts
+        .iter()
+        .map(|(id, o)| (id.clone(), itemsets::baskets(o, &catalogue)))
+        .collect();
+    Ok((merchants, catalogue))
+}
+
+/// Runs `--task rules` and returns the experiment (report lines included).
+pub fn run(
+    s: &Settings,
+    task: TaskChoice,
+    data: &DataSpec,
+    pool: &rayon::ThreadPool,
+) -> anyhow::Result<(Experiment, Mined)> {
+    let TaskChoice::Rules(min_support) = task else {
+        anyhow::bail!("not a rules task");
+    };
+    let load_start = Instant::now();
+    let (merchants, catalogue) = load(s, data)?;
+    let load_seconds = load_start.elapsed().as_secs_f64();
+    let mut exp = Experiment::new(
+        task,
+        data,
+        s,
+        merchants.len(),
+        &ModelSpec::Noop { dim: 0 },
+        load_seconds,
+    );
+    let (apriori, rows) = mine(
+        &merchants,
+        catalogue.len(),
+        min_support,
+        s.secagg,
+        s.seed,
+        pool,
+    )?;
+    exp.rounds = rows;
+    exp.finish();
+    let rules = itemsets::rules(apriori.frequent(), apriori.total_baskets(), MIN_CONFIDENCE);
+    let name = |items: &[u32]| {
+        items
+            .iter()
+            .map(|&i| catalogue.id(i).unwrap_or("?"))
+            .collect::<Vec<_>>()
+            .join("+")
+    };
+    exp.report.push(format!(
+        "rules: {} baskets, {} frequent itemsets (min support {min_support} baskets), {} rules (confidence >= {MIN_CONFIDENCE})",
+        apriori.total_baskets(),
+        apriori.frequent().len(),
+        rules.len()
+    ));
+    exp.report
+        .push("| antecedent | consequent | support | confidence | lift |".into());
+    exp.report.push("|---|---|---:|---:|---:|".into());
+    let mut top: Vec<&Rule> = rules.iter().collect();
+    top.sort_by(|a, b| {
+        b.lift
+            .total_cmp(&a.lift)
+            .then(a.antecedent.cmp(&b.antecedent))
+    });
+    for r in top.iter().take(20) {
+        exp.report.push(format!(
+            "| {} | {} | {:.4} | {:.3} | {:.2} |",
+            name(&r.antecedent),
+            name(&r.consequent),
+            r.support,
+            r.confidence,
+            r.lift
+        ));
+    }
+    let sold = merchants
+        .iter()
+        .map(|(id, b)| (id.clone(), b.iter().flatten().copied().collect()))
+        .collect();
+    let mined = Mined {
+        frequent: apriori.frequent().to_vec(),
+        baskets: apriori.total_baskets(),
+        rules,
+        catalogue,
+        sold,
+    };
+    Ok((exp, mined))
+}
+
+/// Writes `rules.csv` (global rules) and `itemsets.csv` under `dir`.
+pub fn write(dir: &std::path::Path, mined: &Mined) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = |items: &[u32]| {
+        items
+            .iter()
+            .map(|&i| mined.catalogue.id(i).unwrap_or("?"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut out = String::from("antecedent,consequent,support,confidence,lift\n");
+    for r in &mined.rules {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{}",
+            name(&r.antecedent),
+            name(&r.consequent),
+            r.support,
+            r.confidence,
+            r.lift
+        );
+    }
+    let path = dir.join("rules.csv");
+    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    let mut out = String::from("itemset,count,support\n");
+    for f in &mined.frequent {
+        let _ = writeln!(
+            out,
+            "{},{},{}",
+            name(&f.items),
+            f.count,
+            f.count as f64 / mined.baskets.max(1) as f64
+        );
+    }
+    let path = dir.join("itemsets.csv");
+    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
