@@ -252,3 +252,6 @@ pub fn write(dir: &std::path::Path, mined: &Mined) -> anyhow::Result<()> {
     std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -178,3 +178,6 @@ pub fn report(profiles: &[SegmentProfile], inertia: f64) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests;

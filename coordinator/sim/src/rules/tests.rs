@@ -1,0 +1,124 @@
+//! `--task rules` against mlxtend on the pooled grocery baskets, and under
+//! secure aggregation equal to plaintext.
+
+use std::path::PathBuf;
+
+use super::*;
+use crate::data::orders::OrdersArgs;
+use crate::{SimArgs, run_all};
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+/// The bundled grocery log, one merchant per store.
+fn grocery(min: u64, secure: bool) -> SimArgs {
+    SimArgs {
+        task: Some(format!("rules:{min}").parse().unwrap()),
+        data: Some(
+            format!("orders:{}", repo("data/grocery/orders.csv"))
+                .parse()
+                .unwrap(),
+        ),
+        partition: Some("natural".into()),
+        secagg: secure,
+        orders: OrdersArgs {
+            customer: Some("customer".into()),
+            item: Some("item".into()),
+            timestamp: Some("timestamp".into()),
+            quantity: Some("quantity".into()),
+            amount: Some("amount".into()),
+            merchant: Some("merchant".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn mined(a: SimArgs) -> Mined {
+    let s = Settings::from_args(a).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let (task, data) = s.experiments().remove(0);
+    run(&s, task, &data, &pool).unwrap().1
+}
+
+/// What `coordinator/sim/examples/itemsets_reference.py` wrote.
+#[derive(serde::Deserialize)]
+struct Reference {
+    baskets: u64,
+    min_count: u64,
+    min_confidence: f64,
+    itemsets: Vec<(Vec<String>, u64)>,
+    rules: Vec<(Vec<String>, Vec<String>, f64, f64, f64)>,
+}
+
+fn names(m: &Mined, items: &[u32]) -> Vec<String> {
+    let mut v: Vec<String> = items
+        .iter()
+        .map(|&i| m.catalogue.id(i).unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn grocery_itemsets_and_rules_equal_mlxtend_on_the_pooled_baskets() {
+    // python3 coordinator/sim/examples/itemsets_reference.py \
+    //     data/grocery/orders.csv 100 0.1 data/grocery/mlxtend-min100.json
+    let text = std::fs::read_to_string(repo("data/grocery/mlxtend-min100.json")).unwrap();
+    let r: Reference = serde_json::from_str(&text).unwrap();
+    assert_eq!(r.min_confidence, MIN_CONFIDENCE);
+    let m = mined(grocery(r.min_count, false));
+    assert_eq!(m.sold.len(), 20, "one merchant per store");
+    assert_eq!(m.baskets, r.baskets);
+    let mut ours: Vec<(Vec<String>, u64)> = m
+        .frequent
+        .iter()
+        .map(|f| (names(&m, &f.items), f.count))
+        .collect();
+    ours.sort_by(|a, b| (a.0.len(), &a.0).cmp(&(b.0.len(), &b.0)));
+    assert_eq!(ours, r.itemsets);
+    let mut rules: Vec<_> = m
+        .rules
+        .iter()
+        .map(|x| (names(&m, &x.antecedent), names(&m, &x.consequent), x))
+        .collect();
+    rules.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(rules.len(), r.rules.len());
+    for ((a, c, x), (ra, rc, s, conf, lift)) in rules.iter().zip(&r.rules) {
+        assert_eq!((a, c), (ra, rc));
+        assert!((x.support - s).abs() < 1e-12);
+        assert!((x.confidence - conf).abs() < 1e-12);
+        assert!((x.lift - lift).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn secure_aggregation_finds_the_same_itemsets_as_plaintext() {
+    let plain = mined(grocery(150, false));
+    let secure = mined(grocery(150, true));
+    assert!(plain.frequent.len() > 20);
+    assert_eq!(plain.frequent, secure.frequent);
+    assert_eq!(plain.baskets, secure.baskets);
+    assert_eq!(plain.rules, secure.rules);
+}
+
+#[test]
+fn the_report_lists_rules_and_levels() {
+    let mut a = grocery(300, false);
+    a.out = Some(tempfile::tempdir().unwrap().keep());
+    let e = run_all(&Settings::from_args(a.clone()).unwrap())
+        .unwrap()
+        .remove(0);
+    assert!(e.report[0].starts_with("rules:"));
+    assert!(e.rounds.iter().all(|r| r.bytes_up > 0));
+    let dir = a.out.unwrap();
+    assert!(dir.join("rules.csv").exists() && dir.join("itemsets.csv").exists());
+}

@@ -1,0 +1,73 @@
+//! `--task segments` on CDNOW against scikit-learn, and under secure
+//! aggregation over gRPC against the plaintext run.
+
+use crate::{Experiment, Settings, SimArgs, run_all};
+
+/// scikit-learn's KMeans (k-means++, n_init = 10) inertia on the pooled,
+/// standardised RFM features of the bundled CDNOW log, k = 4:
+///
+///     target/release/fedcart-sim --task segments:4 --data orders --merchants 10 \
+///         --rounds 30 --seed 7 --out /tmp/seg
+///     python3 coordinator/sim/examples/kmeans_reference.py /tmp/seg/segments.csv 4
+const SKLEARN_INERTIA_K4: f64 = f64::NAN;
+
+fn cdnow(k: usize, merchants: usize, rounds: u64) -> SimArgs {
+    SimArgs {
+        task: Some(format!("segments:{k}").parse().unwrap()),
+        data: Some("orders".parse().unwrap()),
+        merchants: Some(merchants),
+        rounds: Some(rounds),
+        seed: Some(7),
+        ..Default::default()
+    }
+}
+
+fn run(a: SimArgs) -> Experiment {
+    run_all(&Settings::from_args(a).unwrap()).unwrap().remove(0)
+}
+
+/// The data paths are relative to the repository root.
+fn at_root() {
+    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).unwrap();
+}
+
+#[test]
+fn cdnow_federated_inertia_is_within_two_percent_of_scikit_learn() {
+    at_root();
+    let e = run(cdnow(4, 10, 30));
+    let ours = e.final_metrics["pooled_inertia"];
+    assert!(
+        ours <= 1.02 * SKLEARN_INERTIA_K4,
+        "federated {ours} vs scikit-learn {SKLEARN_INERTIA_K4}"
+    );
+    // Lloyd never increases the inertia from one round to the next.
+    let curve: Vec<f64> = e.rounds.iter().map(|r| r.eval["inertia"]).collect();
+    assert!(curve.windows(2).all(|w| w[1] <= w[0] + 1e-6), "{curve:?}");
+    assert_eq!(e.report.len(), 3 + 4);
+}
+
+#[test]
+fn secure_segments_over_grpc_equal_the_plaintext_segments() {
+    at_root();
+    let plain = run(cdnow(3, 4, 3));
+    let mut a = cdnow(3, 4, 3);
+    a.secagg = true;
+    a.transport = Some("grpc".parse().unwrap());
+    let secure = run(a);
+    assert!(secure.rounds.iter().all(|r| r.reported == 4 && r.committed));
+    let worst = plain
+        .final_model
+        .iter()
+        .zip(&secure.final_model)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "largest centre difference {worst}");
+    // The same segment sizes: every customer lands in the same segment.
+    let sizes = |e: &Experiment| -> Vec<String> {
+        e.report[3..]
+            .iter()
+            .map(|l| l.split('|').nth(2).unwrap().trim().to_string())
+            .collect()
+    };
+    assert_eq!(sizes(&plain), sizes(&secure));
+}
