@@ -23,6 +23,7 @@ pub mod data;
 pub mod prepare;
 pub mod recommend;
 pub mod secure;
+pub mod segments;
 pub mod state;
 pub mod tls;
 pub mod transfer;

@@ -52,6 +52,16 @@ enum Command {
         #[arg(long, default_value = "churn_scores.csv")]
         out: PathBuf,
     },
+    /// The federation's customer segment of each customer as CSV
+    /// (`customer,segment`), offline from the local state.
+    Segments {
+        /// The agent's TOML configuration.
+        #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
+        config: PathBuf,
+        /// Output CSV.
+        #[arg(long, default_value = "segments.csv")]
+        out: PathBuf,
+    },
 }
 
 fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
@@ -146,6 +156,23 @@ async fn main() -> anyhow::Result<()> {
             let n = recommend::score(&state_of(&cfg)?, csv, &schema, &out)
                 .with_context(|| format!("scoring {}", csv.display()))?;
             println!("wrote {n} churn scores to {}", out.display());
+            Ok(())
+        }
+        Command::Segments { config, out } => {
+            let cfg = AgentConfig::load(&config)?;
+            let csv = cfg
+                .data
+                .churn_csv
+                .as_ref()
+                .context("`data.churn_csv` is not configured")?;
+            let schema = cfg
+                .data
+                .schema
+                .clone()
+                .unwrap_or_else(fedcart_common::data::tabular::Schema::telco);
+            let n = fedcart_client::segments::segments(&state_of(&cfg)?, csv, &schema, &out)
+                .with_context(|| format!("labelling {}", csv.display()))?;
+            println!("wrote {n} customer segments to {}", out.display());
             Ok(())
         }
     }
