@@ -250,6 +250,23 @@ pub fn write(dir: &std::path::Path, mined: &Mined) -> anyhow::Result<()> {
     }
     let path = dir.join("itemsets.csv");
     std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    // Each merchant's "bought together" lists: the single-item rules from the
+    // items it sells, best lift first.
+    let mut out = String::from("merchant,item,bought_with,confidence,lift\n");
+    for (merchant, sold) in &mined.sold {
+        for r in itemsets::bought_together(&mined.rules, sold) {
+            let _ = writeln!(
+                out,
+                "{merchant},{},{},{},{}",
+                name(&r.antecedent),
+                name(&r.consequent),
+                r.confidence,
+                r.lift
+            );
+        }
+    }
+    let path = dir.join("bought_together.csv");
+    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
