@@ -118,9 +118,10 @@ pub enum TaskChoice {
     Rules(u64),
 }
 
-/// Segments of `--task segments` without `:K` (the elbow of the federated
-/// inertia curve on CDNOW, see BENCHMARKS.md).
-pub const DEFAULT_SEGMENTS: usize = 4;
+/// Segments of `--task segments` without `:K`: the elbow (largest second
+/// difference, `kmeans::elbow`) of the inertia curve for k = 2..8 on CDNOW's
+/// RFM features (BENCHMARKS.md, "Segments and rules").
+pub const DEFAULT_SEGMENTS: usize = 3;
 /// Minimum support of `--task rules` without `:MIN`, in baskets.
 pub const DEFAULT_MIN_SUPPORT: u64 = 100;
 
