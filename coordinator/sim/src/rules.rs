@@ -25,6 +25,9 @@ use crate::data::{DataSpec, TaskChoice};
 use crate::experiment::{Experiment, RoundRow};
 use crate::settings::Settings;
 
+/// A merchant's id and its baskets.
+pub type MerchantBaskets = (String, Vec<Basket>);
+
 /// Rules reported need at least this confidence (as mlxtend's
 /// `association_rules(metric="confidence", min_threshold=…)`).
 pub const MIN_CONFIDENCE: f64 = 0.1;
@@ -108,10 +111,7 @@ pub fn mine(
 }
 
 /// Reads the orders, deals them into merchants and builds their baskets.
-pub fn load(
-    s: &Settings,
-    data: &DataSpec,
-) -> anyhow::Result<(Vec<(String, Vec<Basket>)>, Catalogue)> {
+pub fn load(s: &Settings, data: &DataSpec) -> anyhow::Result<(Vec<MerchantBaskets>, Catalogue)> {
     let DataSpec::Orders(src) = data else {
         anyhow::bail!("--task rules needs --data orders:PATH (with an item column)");
     };

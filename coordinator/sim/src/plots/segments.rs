@@ -58,8 +58,8 @@ pub fn segments(
         .draw()
         .map_err(|e| err(&e))?;
     for seg in 0..k {
-        let colour = if seg < PALETTE.len() {
-            PALETTE[seg]
+        let colour = if let Some(&c) = PALETTE.get(seg) {
+            c
         } else {
             RGBColor(
                 (seg * 67 % 256) as u8,

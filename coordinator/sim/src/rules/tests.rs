@@ -49,6 +49,9 @@ fn mined(a: SimArgs) -> Mined {
     run(&s, task, &data, &pool).unwrap().1
 }
 
+/// Antecedent, consequent, support, confidence, lift.
+type RefRule = (Vec<String>, Vec<String>, f64, f64, f64);
+
 /// What `coordinator/sim/examples/itemsets_reference.py` wrote.
 #[derive(serde::Deserialize)]
 struct Reference {
@@ -56,7 +59,7 @@ struct Reference {
     min_count: u64,
     min_confidence: f64,
     itemsets: Vec<(Vec<String>, u64)>,
-    rules: Vec<(Vec<String>, Vec<String>, f64, f64, f64)>,
+    rules: Vec<RefRule>,
 }
 
 fn names(m: &Mined, items: &[u32]) -> Vec<String> {
