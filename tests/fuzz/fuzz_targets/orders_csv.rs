@@ -28,8 +28,10 @@ fn full_mapping(delimiter: Delimiter, timestamp_format: TimestampFormat) -> Orde
 /// The orders as a comma-separated export with every column and unix seconds.
 fn write_back(orders: &[Order]) -> Vec<u8> {
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["customer", "item", "time", "qty", "amount", "rating", "store"])
-        .expect("in memory");
+    w.write_record([
+        "customer", "item", "time", "qty", "amount", "rating", "store",
+    ])
+    .expect("in memory");
     for o in orders {
         w.write_record([
             o.customer.clone(),

@@ -13,7 +13,12 @@ macro_rules! round_trip {
     ($ty:ty, $data:expr) => {
         if let Ok(msg) = <$ty>::from_bytes($data) {
             let bytes = msg.to_bytes();
-            assert_eq!(bytes, $data, "{} encoding is not canonical", stringify!($ty));
+            assert_eq!(
+                bytes,
+                $data,
+                "{} encoding is not canonical",
+                stringify!($ty)
+            );
             assert_eq!(<$ty>::from_bytes(&bytes).as_ref(), Ok(&msg));
         }
     };
