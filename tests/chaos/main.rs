@@ -25,6 +25,15 @@
 //! - after every coordinator restart, agents whose processes were never
 //!   killed joined the new coordinator by themselves.
 //!
+//! Finding (reported, not fixed here): an agent killed and restarted at once
+//! is back in the coordinator's connected list under the same merchant id
+//! before its stage closes, so `service::secure::wait_stage` keeps waiting
+//! for an answer the new process cannot give (it has no session for the
+//! round) and the stage, or for `advertise_keys` the round, closes only at
+//! its deadline. Results stay correct (the stage closes with the answers it
+//! has), but every agent kill costs a deadline: the deadlines here are short
+//! (5 s per stage, 10 s per round) so the CI mode stays fast.
+//!
 //! Modes. The default (CI) schedule has eight kills: each stage once with an
 //! agent as victim and once with the coordinator, in a seeded order, with the
 //! agent victims drawn from the seed; it finishes in well under two minutes on
@@ -252,7 +261,7 @@ run_id = "chaos"
 seed = {SEED}
 rounds = {rounds}
 quorum = 3
-round_timeout_ms = 30000
+round_timeout_ms = 10000
 evaluate = false
 strategy = "fedavg"
 model = {{ family = "noop", dim = {DIM} }}
@@ -261,7 +270,7 @@ selection = {{ fraction = 1.0, min_agents = 3, max_agents = {AGENTS} }}
 
 [run.secagg]
 clip = 1.0
-stage_timeout_ms = 20000
+stage_timeout_ms = 5000
 "#,
         store = dir.join("coordinator.redb").display(),
         ca = files.ca.display(),
