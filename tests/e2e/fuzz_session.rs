@@ -76,7 +76,7 @@ impl Gen {
             3 => b = self.bytes_below(200),
             4 if b.len() >= 6 => {
                 let at = 2 + self.below(b.len() - 5);
-                let v = if self.next() % 2 == 0 {
+                let v = if self.next().is_multiple_of(2) {
                     u32::MAX
                 } else {
                     self.next() as u32
@@ -371,7 +371,7 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
         .await
         .expect("mutual TLS as m0");
     let mut client = CoordinatorClient::new(channel);
-    let mut g = Gen(0x5EC_A66_F022);
+    let mut g = Gen(0x005E_CA66_F022);
 
     // Joins under a certificate's identity with other merchant ids are refused.
     for case in 0..20 {
