@@ -79,6 +79,9 @@ const STAGES: [&str; 4] = [
     stage_name::UNMASK,
 ];
 
+/// The marker line a reader sends when its process's output ends.
+const EXITED: &str = "<exited>";
+
 /// Who dies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Victim {
@@ -190,11 +193,16 @@ fn spawn(mut cmd: Command, who: &str, generation: usize, tx: &Sender<Line>) -> P
     let out = child.stdout.take().expect("piped");
     let err = child.stderr.take().expect("piped");
     let streams: [Box<dyn std::io::Read + Send>; 2] = [Box::new(out), Box::new(err)];
-    for stream in streams {
+    for (index, stream) in streams.into_iter().enumerate() {
         let tx = tx.clone();
         let who = who.to_string();
         std::thread::spawn(move || {
-            for raw in BufReader::new(stream).lines().map_while(Result::ok) {
+            let lines = BufReader::new(stream).lines().map_while(Result::ok);
+            // After the logs (stdout), a marker line tells the test the
+            // process ended; stderr's end is not reported, so the marker
+            // never overtakes a log line.
+            let marker = (index == 0).then(|| EXITED.to_string());
+            for raw in lines.chain(marker) {
                 let json = serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
                 let line = Line {
                     who: who.clone(),
@@ -479,6 +487,11 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
             }
             continue;
         }
+        if line.raw == EXITED {
+            // The current coordinator ended without being killed: it crashed,
+            // or it finished without a "run finished" line we recognise.
+            break false;
+        }
         match line.message() {
             "version committed" => {
                 logged_commits.insert(line.json["fields"]["version"].as_u64().unwrap_or(0));
@@ -489,7 +502,8 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
                     .or_default()
                     .insert(line.field("merchant").to_string());
             }
-            "run finished" => break true,
+            // The service's line, or the binary's when it starts finished.
+            "run finished" | "run finished; shutting down" => break true,
             "secure-aggregation request sent" if next < plan.len() => {
                 let kill = plan[next];
                 let stage = line.field("stage");
@@ -542,7 +556,7 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
         finished,
         "{}",
         report(&format!(
-            "the run did not finish within {:?}",
+            "the coordinator exited by itself, or the run did not finish within {:?}",
             deadline - started
         ))
     );
