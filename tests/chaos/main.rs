@@ -433,10 +433,9 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
     let seed = env_or("CHAOS_SEED", 42);
     let plan = schedule(kills, seed);
     let rounds = kills + 2;
+    let bins = bin_dir();
     // Generous per kill; a CI run takes a fraction of it.
     let deadline = Instant::now() + Duration::from_secs(60 + 15 * kills as u64);
-
-    let bins = bin_dir();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki_dir = dir.path().join("pki");
     let pki = CertDir::new(&pki_dir);
