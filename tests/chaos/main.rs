@@ -250,7 +250,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn coordinator_toml(dir: &Path, port: u16, rounds: usize, files: &TlsFiles) -> PathBuf {
+fn coordinator_toml(
+    dir: &Path,
+    port: u16,
+    rounds: usize,
+    files: &TlsFiles,
+    (round_timeout_ms, stage_timeout_ms): (u64, u64),
+) -> PathBuf {
     let path = dir.join("coordinator.toml");
     let text = format!(
         r#"[serve]
@@ -269,7 +275,7 @@ run_id = "chaos"
 seed = {SEED}
 rounds = {rounds}
 quorum = 3
-round_timeout_ms = 10000
+round_timeout_ms = {round_timeout_ms}
 evaluate = false
 strategy = "fedavg"
 model = {{ family = "noop", dim = {DIM} }}
@@ -278,7 +284,7 @@ selection = {{ fraction = 1.0, min_agents = 3, max_agents = {AGENTS} }}
 
 [run.secagg]
 clip = 1.0
-stage_timeout_ms = 5000
+stage_timeout_ms = {stage_timeout_ms}
 "#,
         store = dir.join("coordinator.redb").display(),
         ca = files.ca.display(),
@@ -389,6 +395,46 @@ impl Cluster {
     }
 }
 
+/// A development CA, configurations, and a started coordinator and agents
+/// (deadlines in milliseconds); the directory holds the store and state.
+fn start_cluster(
+    rounds: usize,
+    round_timeout_ms: u64,
+    stage_timeout_ms: u64,
+) -> (tempfile::TempDir, Cluster, Receiver<Line>) {
+    let bins = bin_dir();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    let pki = CertDir::new(&pki_dir);
+    certs::init(&pki, &["localhost".into()]).expect("development CA");
+    let files = TlsFiles::in_dir(&pki_dir);
+    for k in 0..AGENTS {
+        certs::issue(&pki, &format!("m{k}")).expect("agent certificate");
+        certs::allow(&files.access, &format!("m{k}")).expect("allowed");
+    }
+    let port = free_port();
+    let (tx, rx): (Sender<Line>, Receiver<Line>) = mpsc::channel();
+    let deadlines = (round_timeout_ms, stage_timeout_ms);
+    let mut cluster = Cluster {
+        bins,
+        coordinator_config: coordinator_toml(dir.path(), port, rounds, &files, deadlines),
+        agent_configs: (0..AGENTS)
+            .map(|k| agent_toml(dir.path(), port, k, &pki))
+            .collect(),
+        tx,
+        coordinator: None,
+        coordinator_generation: 0,
+        agents: Vec::new(),
+        agent_generation: vec![0; AGENTS],
+        agent_started_under: vec![0; AGENTS],
+    };
+    cluster.start_coordinator();
+    for k in 0..AGENTS {
+        cluster.start_agent(k);
+    }
+    (dir, cluster, rx)
+}
+
 /// The in-process reference for one round: FedAvg from `base` over the
 /// updates `run_task` gives each of `reported` for `round`.
 fn reference_step(base: &[f32], reported: &[String], round: u64) -> Vec<f32> {
@@ -433,37 +479,9 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
     let seed = env_or("CHAOS_SEED", 42);
     let plan = schedule(kills, seed);
     let rounds = kills + 2;
-    let bins = bin_dir();
+    let (dir, mut cluster, rx) = start_cluster(rounds, 10_000, 5_000);
     // Generous per kill; a CI run takes a fraction of it.
     let deadline = Instant::now() + Duration::from_secs(60 + 15 * kills as u64);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki_dir = dir.path().join("pki");
-    let pki = CertDir::new(&pki_dir);
-    certs::init(&pki, &["localhost".into()]).expect("development CA");
-    let files = TlsFiles::in_dir(&pki_dir);
-    for k in 0..AGENTS {
-        certs::issue(&pki, &format!("m{k}")).expect("agent certificate");
-        certs::allow(&files.access, &format!("m{k}")).expect("allowed");
-    }
-    let port = free_port();
-    let (tx, rx): (Sender<Line>, Receiver<Line>) = mpsc::channel();
-    let mut cluster = Cluster {
-        bins,
-        coordinator_config: coordinator_toml(dir.path(), port, rounds, &files),
-        agent_configs: (0..AGENTS)
-            .map(|k| agent_toml(dir.path(), port, k, &pki))
-            .collect(),
-        tx,
-        coordinator: None,
-        coordinator_generation: 0,
-        agents: Vec::new(),
-        agent_generation: vec![0; AGENTS],
-        agent_started_under: vec![0; AGENTS],
-    };
-    cluster.start_coordinator();
-    for k in 0..AGENTS {
-        cluster.start_agent(k);
-    }
 
     let mut tail: Vec<String> = Vec::new();
     let mut next = 0;
@@ -661,4 +679,41 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
         "chaos: {} train records ({aborted} aborted), every version within {worst:e} of the reference",
         trains.len()
     );
+}
+
+#[test]
+#[ignore = "bug: an agent killed and restarted before the coordinator notices its old session is gone counts as still owing its answer (wait_stage matches connected agents by merchant id, not session), so the stage stays open until its deadline"]
+fn a_killed_and_restarted_agent_does_not_hold_its_stage_open_until_the_deadline() {
+    // Deadlines far longer than a stage needs: the stage after the kill must
+    // open because the stage closed with the answers it had, not by timeout.
+    let (_dir, mut cluster, rx) = start_cluster(1, 60_000, 30_000);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut killed_at: Option<Instant> = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("coordinator lines within 90 s");
+        if line.who != "coordinator" || line.generation != 0 {
+            continue;
+        }
+        if line.message() != "secure-aggregation request sent" {
+            continue;
+        }
+        match (killed_at, line.field("stage")) {
+            (None, stage) if stage == stage_name::ADVERTISE && line.field("merchant") == "m1" => {
+                cluster.kill_agent_and_restart(1);
+                killed_at = Some(Instant::now());
+            }
+            (Some(t), stage) if stage == stage_name::SHARE_KEYS => {
+                let waited = t.elapsed();
+                assert!(
+                    waited < Duration::from_secs(10),
+                    "the advertise_keys stage stayed open {waited:?} after m1 was killed (deadline 60 s)"
+                );
+                return;
+            }
+            _ => {}
+        }
+    }
 }
