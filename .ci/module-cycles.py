@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-CRATES = ["proto/src", "common/src", "coordinator/src", "client/src", "sim/src"]
+CRATES = ["proto/src", "common/src", "coordinator/src", "coordinator/sim/src", "client/src", "sim/src"]
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 
 

@@ -115,7 +115,7 @@ pub fn churn_run(run_id: &str, rounds: u64, merchants: usize, quorum: usize) -> 
         quorum,
         round_timeout_ms: 60_000,
         evaluate: true,
-        strategy: "fedavg".into(),
+        strategy: Default::default(),
         secagg: None,
         dp: None,
     }

@@ -2,8 +2,8 @@
 //! send exactly the malformed, stale or duplicated input they need. Its
 //! honest path uses the agent's own download/upload functions.
 
-use fedcart_client::agent::{download, upload};
 use fedcart_client::secure::{SecureTasks, send};
+use fedcart_client::transfer::{download, upload};
 use fedcart_common::privacy::secagg::stage_name;
 use fedcart_common::task::TaskSpec;
 use fedcart_common::train::{LocalData, TaskOutput, run_task};
@@ -141,7 +141,7 @@ impl RawAgent {
     /// Carries out `task` honestly and uploads the result.
     pub async fn answer(&mut self, task: &pb::TaskAssignment) -> anyhow::Result<()> {
         let out = self.compute(task).await;
-        upload(&mut self.client, &self.session_id, task, &out).await
+        Ok(upload(&mut self.client, &self.session_id, task, &out).await?)
     }
 
     /// The header an honest upload of `out` for `task` would carry.

@@ -3,11 +3,11 @@
 //! backoff whenever the coordinator goes away.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use fedcart_common::task::TaskSpec;
-use fedcart_common::train::{LocalData, TaskOutput, run_task};
+use fedcart_common::train::{LocalData, run_task};
 use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::watch;
@@ -15,9 +15,126 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use crate::config::Backoff;
+use crate::secure::SecureError;
+use crate::state::StateError;
+use crate::transfer::{TransferError, download, upload};
 
-/// Bytes per upload chunk: well below gRPC's 4 MiB default message limit.
-pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+/// Why a session with the coordinator ended in failure.
+///
+/// The variants fall into four groups: the agent's own setup (bad URL, TLS
+/// configuration, local state), transport (connecting, silence, broken
+/// streams), protocol (the coordinator refused us or sent something
+/// unexpected) and task failures. [`AgentError::is_permanent`] tells the
+/// ones that retrying cannot fix from the transient ones.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The coordinator URL does not parse.
+    #[error("coordinator address `{url}`")]
+    BadUrl {
+        /// The configured URL.
+        url: String,
+        /// The parser's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The TLS configuration was refused by the transport.
+    #[error("TLS configuration")]
+    Tls(#[source] tonic::transport::Error),
+    /// No connection could be made (or the TLS handshake failed).
+    #[error("connecting to {url}")]
+    Connect {
+        /// The coordinator URL.
+        url: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The coordinator refused the `Join` call: e.g. a revoked or unknown
+    /// merchant, a certificate naming another merchant, an invalid id.
+    #[error("join")]
+    Join(#[source] tonic::Status),
+    /// The work stream failed before its first message.
+    #[error("reading welcome")]
+    Welcome(#[source] tonic::Status),
+    /// The first message of the work stream was not a welcome.
+    #[error("coordinator did not send a welcome")]
+    NoWelcome,
+    /// A second welcome arrived on the same work stream.
+    #[error("unexpected second welcome")]
+    SecondWelcome,
+    /// Nothing (not even a ping) arrived for three ping intervals.
+    #[error("no message from the coordinator for {0:?}")]
+    Silence(Duration),
+    /// The work stream broke.
+    #[error("work stream failed")]
+    Stream(#[source] tonic::Status),
+    /// The coordinator ended the work stream.
+    #[error("coordinator closed the work stream")]
+    StreamClosed,
+    /// The embedder's [`TaskObserver`] asked the agent to leave this task
+    /// (e.g. a simulated drop-out).
+    #[error("abandoned task `{task_id}` (asked by the observer)")]
+    Abandoned {
+        /// The task left unanswered.
+        task_id: String,
+    },
+    /// A pushed task carried a spec this agent cannot decode.
+    #[error("task `{task_id}`: undecodable spec")]
+    Spec {
+        /// The task.
+        task_id: String,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Downloading the model or uploading the update failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// A secure-aggregation answer could not be delivered.
+    #[error(transparent)]
+    Secure(#[from] SecureError),
+    /// The local training task panicked.
+    #[error("training task panicked")]
+    TaskPanicked(#[source] tokio::task::JoinError),
+    /// The local state could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl AgentError {
+    /// True for failures that reconnecting cannot fix: a malformed URL, a
+    /// TLS configuration the transport refuses, and a join refused for who
+    /// the merchant is (revoked, not allowed, identity mismatch, invalid id,
+    /// no usable certificate). Everything else may heal on retry.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::BadUrl { .. } | Self::Tls(_) => true,
+            Self::Join(status) => matches!(
+                status.code(),
+                tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::InvalidArgument
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Displays an error with its chain of sources, `outer: inner: …`, the way
+/// the session loop logs them.
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
 
 /// How a session ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,21 +157,36 @@ pub struct Agent {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Durable local state; `None` keeps everything in memory.
     pub state: Option<crate::state::StateDir>,
-    /// Simulator hook (`simulate --transport grpc --dropout`): asked with each
-    /// pushed task id; `true` makes the agent drop out of that task the way a
-    /// merchant whose machine went away does: it disconnects unanswered, then
-    /// reconnects with backoff.
-    pub drop_out: Option<DropOut>,
+    /// Told about every pushed task before the agent works on it; `None` (the
+    /// default, and every production agent) accepts every task. See
+    /// [`TaskObserver`].
+    pub observer: Option<Arc<dyn TaskObserver>>,
     /// The update of a secure task, held until its masked input is asked for.
     secure: crate::secure::SecureTasks,
 }
 
-/// Decides, per task id, whether the agent drops out (see [`Agent::drop_out`]).
-pub type DropOut = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// What an agent does with a pushed task, as a [`TaskObserver`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskDecision {
+    /// Work on the task as usual.
+    Accept,
+    /// Leave the task unanswered the way a merchant whose machine went away
+    /// does: the session ends and the agent reconnects with backoff, so the
+    /// coordinator counts it as a dropout.
+    Abandon,
+}
+
+/// A seam for embedders of the agent (tests, fleet tools, the simulator's
+/// gRPC transport): watches each pushed task and may make the agent abandon
+/// it, e.g. to inject dropouts reproducibly.
+pub trait TaskObserver: Send + Sync {
+    /// Called with each pushed task's id, before its model is downloaded.
+    fn on_task(&self, task_id: &str) -> TaskDecision;
+}
 
 impl Agent {
     /// Keeps state in `state`, restoring the private user factors saved there.
-    pub fn with_state(mut self, state: crate::state::StateDir) -> anyhow::Result<Self> {
+    pub fn with_state(mut self, state: crate::state::StateDir) -> Result<Self, StateError> {
         if let (Some(mf), Some(users)) = (&mut self.data.mf, state.load_users()?) {
             mf.state = users;
         }
@@ -71,14 +203,16 @@ impl Agent {
             tasks_done: 0,
             tls: None,
             state: None,
-            drop_out: None,
+            observer: None,
             secure: Default::default(),
         }
     }
 
     /// Runs sessions until `shutdown` becomes true, reconnecting with
-    /// exponential backoff after every failure.
-    pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    /// exponential backoff after every failure. Today every failure is
+    /// logged and retried, so this returns `Ok`; the `Result` leaves room to
+    /// stop on errors for which [`AgentError::is_permanent`] holds.
+    pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
         let mut wait = Duration::from_millis(self.backoff.initial_ms);
         loop {
             if *shutdown.borrow() {
@@ -92,7 +226,7 @@ impl Agent {
                     if self.tasks_done > done_before {
                         wait = Duration::from_millis(self.backoff.initial_ms);
                     }
-                    tracing::warn!(merchant = %self.data.merchant_id, error = %format!("{e:#}"), retry_in = ?wait, "session ended");
+                    tracing::warn!(merchant = %self.data.merchant_id, error = %Chain(&e), retry_in = ?wait, "session ended");
                 }
             }
             tokio::select! {
@@ -103,13 +237,15 @@ impl Agent {
         }
     }
 
-    async fn connect(&self) -> anyhow::Result<CoordinatorClient<Channel>> {
-        let mut endpoint = Endpoint::from_shared(self.coordinator.clone())
-            .with_context(|| format!("coordinator address `{}`", self.coordinator))?;
+    async fn connect(&self) -> Result<CoordinatorClient<Channel>, AgentError> {
+        let mut endpoint = Endpoint::from_shared(self.coordinator.clone()).map_err(|source| {
+            AgentError::BadUrl {
+                url: self.coordinator.clone(),
+                source,
+            }
+        })?;
         if let Some(tls) = &self.tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .context("TLS configuration")?;
+            endpoint = endpoint.tls_config(tls.clone()).map_err(AgentError::Tls)?;
         }
         let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
@@ -118,7 +254,10 @@ impl Agent {
             .keep_alive_timeout(Duration::from_secs(20))
             .connect()
             .await
-            .with_context(|| format!("connecting to {}", self.coordinator))?;
+            .map_err(|source| AgentError::Connect {
+                url: self.coordinator.clone(),
+                source,
+            })?;
         Ok(CoordinatorClient::new(channel).max_decoding_message_size(4 << 20))
     }
 
@@ -126,7 +265,7 @@ impl Agent {
     async fn session(
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<SessionEnd> {
+    ) -> Result<SessionEnd, AgentError> {
         let mut client = self.connect().await?;
         let examples: HashMap<String, u64> = self.data.examples().into_iter().collect();
         let join = pb::JoinRequest {
@@ -134,13 +273,17 @@ impl Agent {
             examples,
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
-        let mut work = client.join(join).await.context("join")?.into_inner();
-        let first = work.message().await.context("reading welcome")?;
+        let mut work = client
+            .join(join)
+            .await
+            .map_err(AgentError::Join)?
+            .into_inner();
+        let first = work.message().await.map_err(AgentError::Welcome)?;
         let Some(pb::Work {
             kind: Some(pb::work::Kind::Welcome(welcome)),
         }) = first
         else {
-            bail!("coordinator did not send a welcome");
+            return Err(AgentError::NoWelcome);
         };
         tracing::info!(merchant = %self.data.merchant_id, run = %welcome.run_id, "joined");
         // Three missed pings mean the connection is dead even if TCP has not noticed.
@@ -151,22 +294,28 @@ impl Agent {
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
             };
             let msg = match next {
-                Err(_) => bail!("no message from the coordinator for {silence:?}"),
-                Ok(Err(status)) => bail!("work stream failed: {status}"),
-                Ok(Ok(None)) => bail!("coordinator closed the work stream"),
+                Err(_) => return Err(AgentError::Silence(silence)),
+                Ok(Err(status)) => return Err(AgentError::Stream(status)),
+                Ok(Ok(None)) => return Err(AgentError::StreamClosed),
                 Ok(Ok(Some(m))) => m,
             };
             match msg.kind {
                 Some(pb::work::Kind::Task(task)) => {
-                    if self.drop_out.as_ref().is_some_and(|f| f(&task.task_id)) {
-                        bail!("dropped out of task `{}` (simulated)", task.task_id);
+                    if self
+                        .observer
+                        .as_ref()
+                        .is_some_and(|o| o.on_task(&task.task_id) == TaskDecision::Abandon)
+                    {
+                        return Err(AgentError::Abandoned {
+                            task_id: task.task_id,
+                        });
                     }
                     self.handle_task(&mut client, &welcome.session_id, task)
                         .await?;
                     self.tasks_done += 1;
                 }
                 Some(pb::work::Kind::Ping(_)) | None => {}
-                Some(pb::work::Kind::Welcome(_)) => bail!("unexpected second welcome"),
+                Some(pb::work::Kind::Welcome(_)) => return Err(AgentError::SecondWelcome),
                 Some(pb::work::Kind::Secagg(req)) => {
                     self.secure
                         .handle(&mut client, &welcome.session_id, req)
@@ -181,9 +330,12 @@ impl Agent {
         client: &mut CoordinatorClient<Channel>,
         session_id: &str,
         task: pb::TaskAssignment,
-    ) -> anyhow::Result<()> {
-        let spec: TaskSpec = serde_json::from_slice(&task.spec_json)
-            .with_context(|| format!("task `{}`: undecodable spec", task.task_id))?;
+    ) -> Result<(), AgentError> {
+        let spec: TaskSpec =
+            serde_json::from_slice(&task.spec_json).map_err(|source| AgentError::Spec {
+                task_id: task.task_id.clone(),
+                source,
+            })?;
         let global = if task.model_len > 0 {
             download(client, session_id, &task).await?
         } else {
@@ -209,7 +361,7 @@ impl Agent {
             (data, out)
         })
         .await
-        .context("training task panicked")?;
+        .map_err(AgentError::TaskPanicked)?;
         self.data = data;
         if let (Some(state), Ok(out)) = (&self.state, &out) {
             if let Some(mf) = &self.data.mf {
@@ -225,7 +377,7 @@ impl Agent {
                     .hold(&task, seed, &self.data.merchant_id, noise, out);
                 Ok(())
             }
-            Ok(out) => upload(client, session_id, &task, &out).await,
+            Ok(out) => Ok(upload(client, session_id, &task, &out).await?),
             Err(e) => {
                 // Nothing is sent: the coordinator counts us as missing.
                 tracing::error!(task = %task.task_id, error = %e, "local task failed");
@@ -235,81 +387,27 @@ impl Agent {
     }
 }
 
-/// Downloads the model named by `task`, checking offsets and total length.
-pub async fn download(
-    client: &mut CoordinatorClient<Channel>,
-    session_id: &str,
-    task: &pb::TaskAssignment,
-) -> anyhow::Result<Vec<f32>> {
-    let req = pb::ModelRequest {
-        session_id: session_id.into(),
-        run_id: task.run_id.clone(),
-        round: task.round,
-        task_id: task.task_id.clone(),
-        model_version: task.model_version,
-    };
-    let mut stream = client
-        .download_model(req)
-        .await
-        .context("download model")?
-        .into_inner();
-    let expected = task.model_len as usize * 4;
-    let mut bytes = Vec::with_capacity(expected);
-    while let Some(chunk) = stream.message().await.context("model stream")? {
-        if chunk.offset as usize != bytes.len() || chunk.total_len as usize != expected {
-            bail!(
-                "model chunk at offset {} (have {} of {expected} bytes) is out of order",
-                chunk.offset,
-                bytes.len()
-            );
-        }
-        if bytes.len() + chunk.data.len() > expected {
-            bail!("model larger than the {expected} bytes announced");
-        }
-        bytes.extend_from_slice(&chunk.data);
-    }
-    if bytes.len() != expected {
-        bail!("model has {} bytes, {expected} announced", bytes.len());
-    }
-    Ok(fedcart_common::federation::update::f32s_from_le(&bytes))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Uploads a task's result as a header chunk followed by data chunks.
-pub async fn upload(
-    client: &mut CoordinatorClient<Channel>,
-    session_id: &str,
-    task: &pb::TaskAssignment,
-    out: &TaskOutput,
-) -> anyhow::Result<()> {
-    let (payload, num_values, num_weights) = match &out.update {
-        Some(u) => (
-            u.payload_bytes(),
-            u.values.len() as u64,
-            u.coord_weights.len() as u64,
-        ),
-        None => (Vec::new(), 0, 0),
-    };
-    let header = pb::UpdateHeader {
-        session_id: session_id.into(),
-        run_id: task.run_id.clone(),
-        round: task.round,
-        task_id: task.task_id.clone(),
-        encoding: pb::PayloadEncoding::F32 as i32,
-        payload_len: payload.len() as u64,
-        num_values,
-        num_coord_weights: num_weights,
-        weight: out.weight,
-        metrics: out.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-    };
-    let mut chunks = vec![pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Header(header)),
-    }];
-    chunks.extend(payload.chunks(UPLOAD_CHUNK_BYTES).map(|c| pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Data(c.to_vec())),
-    }));
-    client
-        .submit_update(futures::stream::iter(chunks))
-        .await
-        .with_context(|| format!("task `{}`: update rejected", task.task_id))?;
-    Ok(())
+    #[test]
+    fn bad_urls_and_identity_refusals_are_permanent_and_lost_connections_are_not() {
+        let url = "not a url".to_string();
+        let source = Endpoint::from_shared(url.clone()).unwrap_err();
+        assert!(AgentError::BadUrl { url, source }.is_permanent());
+        let revoked = tonic::Status::permission_denied("merchant `m0` is revoked");
+        assert!(AgentError::Join(revoked).is_permanent());
+        assert!(!AgentError::Join(tonic::Status::unavailable("restarting")).is_permanent());
+        assert!(!AgentError::Stream(tonic::Status::cancelled("gone")).is_permanent());
+        assert!(!AgentError::Silence(Duration::from_secs(3)).is_permanent());
+    }
+
+    #[test]
+    fn the_session_log_shows_the_whole_source_chain() {
+        let err = AgentError::Join(tonic::Status::permission_denied("merchant `m0` is revoked"));
+        let shown = Chain(&err).to_string();
+        assert!(shown.starts_with("join: "), "{shown}");
+        assert!(shown.contains("merchant `m0` is revoked"), "{shown}");
+    }
 }

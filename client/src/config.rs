@@ -6,6 +6,38 @@ use std::path::{Path, PathBuf};
 use fedcart_common::data::tabular::Schema;
 use serde::{Deserialize, Serialize};
 
+/// Why `merchant.toml` could not be used. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read the agent configuration", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown, missing or mistyped keys.
+    #[error("{}: invalid agent configuration", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error: line, column and key, and the valid keys
+        /// when one is misspelled.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// `data.holdout` is outside (0, 1).
+    #[error("{}: `data.holdout` = {value} must be in (0, 1)", path.display())]
+    Holdout {
+        /// The file.
+        path: PathBuf,
+        /// The value given.
+        value: f64,
+    },
+}
+
 /// Reconnection backoff: doubles from `initial_ms` up to `max_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,11 +109,15 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// Reads a TOML file and applies environment overrides.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut cfg: Self =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
         if let Ok(v) = std::env::var("FEDCART_COORDINATOR") {
             cfg.coordinator = v;
         }
@@ -92,12 +128,49 @@ impl AgentConfig {
             cfg.state_dir = Some(v.into());
         }
         if !(cfg.data.holdout > 0.0 && cfg.data.holdout < 1.0) {
-            anyhow::bail!(
-                "{}: `data.holdout` = {} must be in (0, 1)",
-                path.display(),
-                cfg.data.holdout
-            );
+            return Err(ConfigError::Holdout {
+                path: path.to_owned(),
+                value: cfg.data.holdout,
+            });
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> (tempfile::TempDir, PathBuf, Result<AgentConfig, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("merchant.toml");
+        std::fs::write(&path, text).unwrap();
+        let result = AgentConfig::load(&path);
+        (dir, path, result)
+    }
+
+    #[test]
+    fn a_holdout_outside_0_1_is_refused_naming_the_file_and_key() {
+        let (_dir, path, result) = load_text(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\nholdout = 1.5\n",
+        );
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            format!("{}: `data.holdout` = 1.5 must be in (0, 1)", path.display())
+        );
+    }
+
+    #[test]
+    fn a_misspelled_key_names_the_file_and_the_parser_names_the_key() {
+        let (_dir, path, result) = load_text(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\nholdot = 0.2\n",
+        );
+        let err = result.unwrap_err();
+        assert!(
+            err.to_string().starts_with(&path.display().to_string()),
+            "{err}"
+        );
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("holdot"), "{cause}");
     }
 }

@@ -1,27 +1,65 @@
 //! Loads the merchant's files into `LocalData`, splitting held-out rows off
 //! locally with a seeded split (they never leave the agent either).
 
-use anyhow::Context;
+use std::path::{Path, PathBuf};
+
 use fedcart_common::data::catalogue::Catalogue;
-use fedcart_common::data::tabular::Schema;
+use fedcart_common::data::tabular::{self, Schema};
 use fedcart_common::data::{movielens, split};
 use fedcart_common::model::mf::MfData;
 use fedcart_common::train::{ChurnData, LocalData};
 
 use crate::config::AgentConfig;
 
+/// Why the merchant's data could not be loaded. The source names the file,
+/// and the line and column when a row is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The churn CSV (`data.churn_csv`) could not be read.
+    #[error("loading churn data {}", path.display())]
+    Churn {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error.
+        #[source]
+        source: tabular::DataError,
+    },
+    /// `data.ratings_csv` is set without `data.catalogue`.
+    #[error("`data.ratings_csv` needs `data.catalogue`")]
+    NoCatalogue,
+    /// The ratings file (`data.ratings_csv`) could not be read.
+    #[error("loading ratings {}", path.display())]
+    Ratings {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error.
+        #[source]
+        source: tabular::DataError,
+    },
+    /// The shared catalogue (`data.catalogue`) could not be read.
+    #[error("loading catalogue {}", path.display())]
+    Catalogue {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error.
+        #[source]
+        source: tabular::DataError,
+    },
+}
+
 /// Reads every dataset named in the configuration.
-pub fn load(cfg: &AgentConfig) -> anyhow::Result<LocalData> {
+pub fn load(cfg: &AgentConfig) -> Result<LocalData, DataError> {
     let mut data = LocalData {
         merchant_id: cfg.merchant_id.clone(),
         ..Default::default()
     };
     if let Some(path) = &cfg.data.churn_csv {
         let schema = cfg.data.schema.clone().unwrap_or_else(Schema::telco);
-        let ds = schema
-            .load_csv(path)
-            .with_context(|| format!("loading churn data {}", path.display()))?;
-        let labels = ds.y.as_slice().context("labels are contiguous")?.to_vec();
+        let ds = schema.load_csv(path).map_err(|source| DataError::Churn {
+            path: path.clone(),
+            source,
+        })?;
+        let labels = ds.y.to_vec();
         let (train, valid) =
             split::stratified_train_test(&labels, cfg.data.holdout, cfg.data.split_seed);
         data.churn = Some(ChurnData {
@@ -37,20 +75,21 @@ pub fn load(cfg: &AgentConfig) -> anyhow::Result<LocalData> {
 
 /// The merchant's ratings mapped through the shared catalogue, with a seeded
 /// local hold-out.
-pub fn load_mf(path: &std::path::Path, cfg: &AgentConfig) -> anyhow::Result<MfData> {
-    let cat_path = cfg
-        .data
-        .catalogue
-        .as_ref()
-        .context("`data.ratings_csv` needs `data.catalogue`")?;
+pub fn load_mf(path: &Path, cfg: &AgentConfig) -> Result<MfData, DataError> {
+    let cat_path = cfg.data.catalogue.as_ref().ok_or(DataError::NoCatalogue)?;
     let catalogue = catalogue(cat_path)?;
-    let rows = movielens::load_ratings(path)
-        .with_context(|| format!("loading ratings {}", path.display()))?;
+    let rows = movielens::load_ratings(path).map_err(|source| DataError::Ratings {
+        path: path.to_owned(),
+        source,
+    })?;
     let (train, test) = movielens::random_split(&rows, cfg.data.holdout, cfg.data.split_seed);
     Ok(MfData::new(&train, &test, &catalogue))
 }
 
 /// Reads the shared catalogue.
-pub fn catalogue(path: &std::path::Path) -> anyhow::Result<Catalogue> {
-    Catalogue::load(path).with_context(|| format!("loading catalogue {}", path.display()))
+pub fn catalogue(path: &Path) -> Result<Catalogue, DataError> {
+    Catalogue::load(path).map_err(|source| DataError::Catalogue {
+        path: path.to_owned(),
+        source,
+    })
 }

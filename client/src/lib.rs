@@ -3,11 +3,15 @@
 //! - [`agent`]: the gRPC session loop (join, tasks, model download, upload,
 //!   reconnect with backoff).
 //! - [`secure`]: the agent's side of secure aggregation over gRPC.
+//! - [`transfer`]: chunked model download and update upload, used by both.
 //! - [`config`]: `merchant.toml` and environment overrides.
 //! - [`data`]: loading the merchant's files into `LocalData`.
 //! - [`tls`]: the merchant's mutual-TLS identity.
 //! - [`state`]: durable local state (global models, private user factors,
 //!   metrics); [`recommend`]: offline top-K and churn scores from it.
+//!
+//! Each module returns its own error enum (`AgentError`, `ConfigError`,
+//! `DataError`, `StateError`, …); only the binary turns them into `anyhow`.
 //!
 //! Training itself is `fedcart_common::train::run_task`, the same code the
 //! simulator runs.
@@ -21,3 +25,4 @@ pub mod recommend;
 pub mod secure;
 pub mod state;
 pub mod tls;
+pub mod transfer;

@@ -59,7 +59,7 @@ fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
         .state_dir
         .as_ref()
         .context("`state_dir` is not configured: the agent keeps no local state")?;
-    StateDir::open(dir)
+    StateDir::open(dir).with_context(|| format!("opening the state directory {}", dir.display()))
 }
 
 fn init_logs(json: bool) {
@@ -85,11 +85,18 @@ async fn main() -> anyhow::Result<()> {
                 data::load(&cfg).with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
             let mut agent = Agent::new(cfg.coordinator.clone(), local);
             if cfg.state_dir.is_some() {
-                agent = agent.with_state(state_of(&cfg)?)?;
+                agent = agent
+                    .with_state(state_of(&cfg)?)
+                    .context("restoring the private user factors")?;
             }
             agent.backoff = cfg.backoff.clone();
             match &cfg.tls {
-                Some(t) => agent.tls = Some(t.client_config()?),
+                Some(t) => {
+                    agent.tls =
+                        Some(t.client_config().with_context(|| {
+                            format!("the `tls` section of {}", config.display())
+                        })?)
+                }
                 None => tracing::warn!("no `tls` section: connecting in plaintext"),
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
@@ -97,9 +104,13 @@ async fn main() -> anyhow::Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
                 let _ = tx.send(true);
             });
-            agent.run(rx).await
+            agent
+                .run(rx)
+                .await
+                .with_context(|| format!("agent of coordinator {}", cfg.coordinator))
         }
-        Command::Prepare(args) => fedcart_client::prepare::run(&args),
+        Command::Prepare(args) => fedcart_client::prepare::run(&args)
+            .with_context(|| format!("preparing {}", args.orders.display())),
         Command::Recommend {
             config,
             customer,
@@ -113,7 +124,9 @@ async fn main() -> anyhow::Result<()> {
                 .context("`data.ratings_csv` is not configured")?;
             let mf = data::load_mf(ratings, &cfg)?;
             let cat = data::catalogue(cfg.data.catalogue.as_ref().expect("checked by load_mf"))?;
-            for r in recommend::recommend(&state_of(&cfg)?, &mf, &cat, &customer, k)? {
+            let recs = recommend::recommend(&state_of(&cfg)?, &mf, &cat, &customer, k)
+                .with_context(|| format!("recommending for customer `{customer}`"))?;
+            for r in recs {
                 println!("{}\t{:.4}", r.item, r.score);
             }
             Ok(())
@@ -130,7 +143,8 @@ async fn main() -> anyhow::Result<()> {
                 .schema
                 .clone()
                 .unwrap_or_else(fedcart_common::data::tabular::Schema::telco);
-            let n = recommend::score(&state_of(&cfg)?, csv, &schema, &out)?;
+            let n = recommend::score(&state_of(&cfg)?, csv, &schema, &out)
+                .with_context(|| format!("scoring {}", csv.display()))?;
             println!("wrote {n} churn scores to {}", out.display());
             Ok(())
         }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use fedcart_common::data::orders::mapping::MappingOverrides;
 use fedcart_common::data::orders::{
     self, BadRowPolicy, ChurnConfig, Delimiter, OrdersMapping, TimestampFormat,
 };
@@ -65,6 +65,64 @@ pub struct PrepareArgs {
     pub out: PathBuf,
 }
 
+/// Why `prepare` stopped. Data errors come from the orders pipeline and name
+/// the file, line, column and value.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The mapping file could not be read.
+    #[error("reading mapping {}", path.display())]
+    ReadMapping {
+        /// The mapping file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The mapping file is not a valid column mapping.
+    #[error("parsing mapping {}", path.display())]
+    ParseMapping {
+        /// The mapping file.
+        path: PathBuf,
+        /// The parser's error (line, column, key).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A column flag that is required without `--mapping` is missing
+    /// (the mapping field, e.g. `customer` for `--customer-col`).
+    #[error("without --mapping, --{0}-col is required")]
+    MissingColumn(&'static str),
+    /// `--cutoff` is not a date.
+    #[error("--cutoff: {0}")]
+    Cutoff(String),
+    /// `--churn-window-days` is zero.
+    #[error("--churn-window-days must be at least 1")]
+    ChurnWindow,
+    /// Reading, deriving or writing the orders data failed.
+    #[error(transparent)]
+    Orders(#[from] orders::OrdersError),
+    /// The output directory could not be created.
+    #[error("creating {}", path.display())]
+    CreateOut {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The summary could not be encoded as JSON.
+    #[error("encoding the summary")]
+    EncodeSummary(#[source] serde_json::Error),
+    /// `summary.json` could not be written.
+    #[error("writing {}", path.display())]
+    WriteSummary {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// What `summary.json` holds.
 #[derive(Debug, Serialize)]
 struct Summary<'a> {
@@ -77,69 +135,48 @@ struct Summary<'a> {
 }
 
 /// Builds the mapping from the file (if any) and the column flags.
-pub fn resolve_mapping(args: &PrepareArgs) -> anyhow::Result<OrdersMapping> {
-    let mut map = match &args.mapping {
+pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError> {
+    let base = match &args.mapping {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading mapping {}", path.display()))?;
-            toml::from_str::<OrdersMapping>(&text)
-                .with_context(|| format!("parsing mapping {}", path.display()))?
+            let text =
+                std::fs::read_to_string(path).map_err(|source| PrepareError::ReadMapping {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(toml::from_str::<OrdersMapping>(&text).map_err(|source| {
+                PrepareError::ParseMapping {
+                    path: path.clone(),
+                    source,
+                }
+            })?)
         }
-        None => {
-            let required = |v: &Option<String>, flag: &str| {
-                v.clone()
-                    .with_context(|| format!("without --mapping, {flag} is required"))
-            };
-            OrdersMapping {
-                customer: required(&args.customer_col, "--customer-col")?,
-                item: None,
-                timestamp: required(&args.timestamp_col, "--timestamp-col")?,
-                timestamp_format: TimestampFormat::Auto,
-                quantity: None,
-                amount: required(&args.amount_col, "--amount-col")?,
-                rating: None,
-                merchant: None,
-                delimiter: Delimiter::Comma,
-            }
-        }
+        None => None,
     };
-    if let Some(v) = &args.customer_col {
-        map.customer = v.clone();
-    }
-    if let Some(v) = &args.timestamp_col {
-        map.timestamp = v.clone();
-    }
-    if let Some(v) = &args.amount_col {
-        map.amount = v.clone();
-    }
-    for (flag, field) in [
-        (&args.item_col, &mut map.item),
-        (&args.quantity_col, &mut map.quantity),
-        (&args.rating_col, &mut map.rating),
-        (&args.merchant_col, &mut map.merchant),
-    ] {
-        if flag.is_some() {
-            *field = flag.clone();
-        }
-    }
-    if let Some(f) = args.timestamp_format {
-        map.timestamp_format = f;
-    }
-    if let Some(d) = args.delimiter {
-        map.delimiter = d;
-    }
-    Ok(map)
+    let overrides = MappingOverrides {
+        customer: args.customer_col.clone(),
+        item: args.item_col.clone(),
+        timestamp: args.timestamp_col.clone(),
+        timestamp_format: args.timestamp_format,
+        quantity: args.quantity_col.clone(),
+        amount: args.amount_col.clone(),
+        rating: args.rating_col.clone(),
+        merchant: args.merchant_col.clone(),
+        delimiter: args.delimiter,
+    };
+    overrides
+        .apply(base)
+        .map_err(|e| PrepareError::MissingColumn(e.field))
 }
 
 /// Runs `prepare`: reads, derives, writes `features.csv`, `interactions.csv`
 /// and `summary.json` into `args.out`, and prints a one-line digest.
-pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
+pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
     let map = resolve_mapping(args)?;
     let cutoff = TimestampFormat::Auto
         .parse(args.cutoff.trim())
-        .map_err(|m| anyhow::anyhow!("--cutoff: {m}"))?;
+        .map_err(|m| PrepareError::Cutoff(m.to_string()))?;
     if args.churn_window_days == 0 {
-        bail!("--churn-window-days must be at least 1");
+        return Err(PrepareError::ChurnWindow);
     }
     let (orders, report) = orders::read_orders(&args.orders, &map, args.on_bad_row)?;
     let cfg = ChurnConfig {
@@ -148,8 +185,10 @@ pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
         trend_window_days: args.trend_window_days,
     };
     let prepared = orders::derive(&orders, &cfg)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out).map_err(|source| PrepareError::CreateOut {
+        path: args.out.clone(),
+        source,
+    })?;
     prepared.write_features_csv(&args.out.join("features.csv"))?;
     prepared.write_interactions_csv(&args.out.join("interactions.csv"))?;
     let summary = Summary {
@@ -161,8 +200,9 @@ pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
         derived: &prepared.summary,
     };
     let path = args.out.join("summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
+    let text = serde_json::to_string_pretty(&summary).map_err(PrepareError::EncodeSummary)?;
+    std::fs::write(&path, text + "\n")
+        .map_err(|source| PrepareError::WriteSummary { path, source })?;
     let s = &prepared.summary;
     println!(
         "{}: {} rows read, {} skipped; {} customers, churn rate {:.3} (cutoff {}, {} days); {} interactions; wrote {}",

@@ -3,16 +3,83 @@
 //! Nothing here talks to the coordinator.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
 use fedcart_common::data::catalogue::Catalogue;
-use fedcart_common::data::tabular::Schema;
+use fedcart_common::data::tabular::{self, Schema};
 use fedcart_common::model::lr::LogisticRegression;
 use fedcart_common::model::mf::{MfData, item_offsets};
 use fedcart_common::task::ModelSpec;
 
-use crate::state::StateDir;
+use crate::state::{StateDir, StateError};
+
+/// Why no recommendation or score could be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecommendError {
+    /// No MF model is stored yet.
+    #[error("no recommender model yet: the agent has not taken part in an MF round")]
+    NoRecommender,
+    /// The stored `mf` model's spec is not a matrix-factorisation spec.
+    #[error("stored `mf` model has an unexpected spec")]
+    UnexpectedSpec,
+    /// The stored model and the local catalogue disagree on the item count.
+    #[error("the model has {model} items but the catalogue {catalogue}")]
+    CatalogueMismatch {
+        /// Items in the model.
+        model: usize,
+        /// Items in the catalogue.
+        catalogue: usize,
+    },
+    /// The private user factors were never saved.
+    #[error("no private user factors stored")]
+    NoUserFactors,
+    /// The customer is not in the ratings file.
+    #[error("unknown customer `{0}`")]
+    UnknownCustomer(String),
+    /// The customer has no factors of the model's width.
+    #[error("customer `{customer}` has no trained factors (k = {factors})")]
+    Untrained {
+        /// The customer.
+        customer: String,
+        /// The model's factor count.
+        factors: usize,
+    },
+    /// No churn model is stored yet.
+    #[error("no churn model yet: the agent has not taken part in a churn round")]
+    NoChurnModel,
+    /// The stored churn model has no standardiser.
+    #[error("the stored churn model came without feature statistics")]
+    NoFeatureStats,
+    /// The customers' CSV could not be read.
+    #[error("loading {}", path.display())]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error (file, line, column).
+        #[source]
+        source: tabular::DataError,
+    },
+    /// The stored churn model does not fit the CSV's features.
+    #[error("model has {params} parameters, data {features} features")]
+    Shape {
+        /// Parameters of the stored model.
+        params: usize,
+        /// Features per row in the CSV.
+        features: usize,
+    },
+    /// The scores could not be written.
+    #[error("writing {}", path.display())]
+    Write {
+        /// The output file.
+        path: PathBuf,
+        /// The writer's error.
+        #[source]
+        source: csv::Error,
+    },
+    /// The local state could not be read.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 /// One recommended item.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,9 +98,9 @@ pub fn recommend(
     catalogue: &Catalogue,
     customer: &str,
     k: usize,
-) -> anyhow::Result<Vec<Recommendation>> {
+) -> Result<Vec<Recommendation>, RecommendError> {
     let Some((meta, global)) = state.load_global("mf")? else {
-        bail!("no recommender model yet: the agent has not taken part in an MF round");
+        return Err(RecommendError::NoRecommender);
     };
     let (num_items, factors) = match meta.spec.model {
         ModelSpec::Mf {
@@ -42,24 +109,25 @@ pub fn recommend(
         | ModelSpec::MfImplicit {
             num_items, factors, ..
         } => (num_items, factors),
-        _ => bail!("stored `mf` model has an unexpected spec"),
+        _ => return Err(RecommendError::UnexpectedSpec),
     };
     if num_items != catalogue.len() {
-        bail!(
-            "the model has {num_items} items but the catalogue {}",
-            catalogue.len()
-        );
+        return Err(RecommendError::CatalogueMismatch {
+            model: num_items,
+            catalogue: catalogue.len(),
+        });
     }
-    let users = state
-        .load_users()?
-        .context("no private user factors stored")?;
+    let users = state.load_users()?.ok_or(RecommendError::NoUserFactors)?;
     let u = mf
         .users
         .iter()
         .position(|c| c == customer)
-        .with_context(|| format!("unknown customer `{customer}`"))?;
+        .ok_or_else(|| RecommendError::UnknownCustomer(customer.to_owned()))?;
     if users.k != factors || (u + 1) * factors > users.factors.len() {
-        bail!("customer `{customer}` has no trained factors (k = {factors})");
+        return Err(RecommendError::Untrained {
+            customer: customer.to_owned(),
+            factors,
+        });
     }
     let pu = &users.factors[u * factors..(u + 1) * factors];
     let bu = users.bias[u];
@@ -96,31 +164,43 @@ pub fn recommend(
 
 /// Churn probability of every customer in `csv` from the latest global churn
 /// model; writes `customer_id,churn_probability` to `out`. Returns the rows written.
-pub fn score(state: &StateDir, csv: &Path, schema: &Schema, out: &Path) -> anyhow::Result<usize> {
+pub fn score(
+    state: &StateDir,
+    csv: &Path,
+    schema: &Schema,
+    out: &Path,
+) -> Result<usize, RecommendError> {
     let Some((meta, params)) = state.load_global("churn")? else {
-        bail!("no churn model yet: the agent has not taken part in a churn round");
+        return Err(RecommendError::NoChurnModel);
     };
     let scaler = meta
         .spec
         .standardizer
-        .context("the stored churn model came without feature statistics")?;
+        .ok_or(RecommendError::NoFeatureStats)?;
     let ds = schema
         .load_csv(csv)
-        .with_context(|| format!("loading {}", csv.display()))?;
+        .map_err(|source| RecommendError::Load {
+            path: csv.to_owned(),
+            source,
+        })?;
     if params.len() != ds.x.ncols() + 1 {
-        bail!(
-            "model has {} parameters, data {} features",
-            params.len(),
-            ds.x.ncols()
-        );
+        return Err(RecommendError::Shape {
+            params: params.len(),
+            features: ds.x.ncols(),
+        });
     }
     let p = LogisticRegression::from_params(&params).predict_proba(&scaler.transform(&ds.x));
-    let mut w =
-        csv::Writer::from_path(out).with_context(|| format!("writing {}", out.display()))?;
-    w.write_record(["customer_id", "churn_probability"])?;
+    let write = |source| RecommendError::Write {
+        path: out.to_owned(),
+        source,
+    };
+    let mut w = csv::Writer::from_path(out).map_err(write)?;
+    w.write_record(["customer_id", "churn_probability"])
+        .map_err(write)?;
     for (id, p) in ds.ids.iter().zip(&p) {
-        w.write_record([id.as_str(), &format!("{p:.6}")])?;
+        w.write_record([id.as_str(), &format!("{p:.6}")])
+            .map_err(write)?;
     }
-    w.flush()?;
+    w.flush().map_err(|e| write(e.into()))?;
     Ok(ds.ids.len())
 }

@@ -30,9 +30,10 @@ use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-use crate::agent::UPLOAD_CHUNK_BYTES;
+use crate::transfer::submit_chunked;
 
-/// Why a stage request was not answered.
+/// Why a stage request was not answered ([`SecureTasks::respond`]), or why
+/// answering broke the session ([`SecureTasks::handle`]).
 #[derive(Debug, thiserror::Error)]
 pub enum SecureError {
     /// The request names a task this agent holds no update for (it was not
@@ -55,6 +56,13 @@ pub enum SecureError {
         /// The session's error.
         source: fedcart_common::privacy::secagg::SecAggError,
     },
+    /// The answer could not be delivered because the connection broke; the
+    /// session ends and the agent reconnects.
+    #[error("secure-aggregation answer not delivered")]
+    NotDelivered(#[source] tonic::Status),
+    /// The protocol step panicked on its blocking thread.
+    #[error("secure-aggregation step panicked")]
+    Panicked(#[source] tokio::task::JoinError),
 }
 
 /// What to send to the coordinator after a stage step.
@@ -257,7 +265,7 @@ impl SecureTasks {
         client: &mut CoordinatorClient<Channel>,
         session_id: &str,
         req: pb::SecAggRequest,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SecureError> {
         let mut me = std::mem::take(self);
         let session_id_owned = session_id.to_string();
         let (me, reply) = tokio::task::spawn_blocking(move || {
@@ -265,7 +273,7 @@ impl SecureTasks {
             (me, reply.map_err(|e| (req.stage.clone(), e)))
         })
         .await
-        .map_err(|e| anyhow::anyhow!("secure-aggregation step panicked: {e}"))?;
+        .map_err(SecureError::Panicked)?;
         *self = me;
         match reply {
             Ok(reply) => {
@@ -275,7 +283,7 @@ impl SecureTasks {
                         status.code(),
                         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
                     ) {
-                        anyhow::bail!("secure-aggregation answer not delivered: {status}");
+                        return Err(SecureError::NotDelivered(status));
                     }
                     tracing::warn!(%status, "secure-aggregation answer refused");
                 }
@@ -296,17 +304,6 @@ pub async fn send(
 ) -> Result<(), tonic::Status> {
     match reply {
         Reply::Message(msg) => client.sec_agg(msg).await.map(|_| ()),
-        Reply::Masked { header, payload } => {
-            let mut chunks = vec![pb::UpdateChunk {
-                part: Some(pb::update_chunk::Part::Header(header)),
-            }];
-            chunks.extend(payload.chunks(UPLOAD_CHUNK_BYTES).map(|c| pb::UpdateChunk {
-                part: Some(pb::update_chunk::Part::Data(c.to_vec())),
-            }));
-            client
-                .submit_update(futures::stream::iter(chunks))
-                .await
-                .map(|_| ())
-        }
+        Reply::Masked { header, payload } => submit_chunked(client, header, &payload).await,
     }
 }

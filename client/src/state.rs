@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use fedcart_common::model::mf::UserState;
 use fedcart_common::task::TaskSpec;
 use serde::{Deserialize, Serialize};
@@ -33,15 +32,102 @@ pub struct StateDir {
     dir: PathBuf,
 }
 
+/// Why the state directory could not be read or written. Every variant
+/// names the file (or directory) involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The state directory could not be created.
+    #[error("creating {}", path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file exists but could not be read.
+    #[error("reading {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file could not be written (or synced) under its temporary name.
+    #[error("writing {}", path.display())]
+    Write {
+        /// The temporary file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The written temporary file could not replace the previous version.
+    #[error("renaming to {}", path.display())]
+    Rename {
+        /// The final file name.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON state file does not decode (edited by hand, or from another version).
+    #[error("{}", path.display())]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's error, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value could not be encoded for writing.
+    #[error("encoding {}", path.display())]
+    Encode {
+        /// The file it was meant for.
+        path: PathBuf,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored model's length is not a whole number of `f32`s.
+    #[error("{}: {len} bytes is not a whole number of f32", path.display())]
+    Truncated {
+        /// The model file.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
+/// Encodes `value` as JSON for `path` (pretty-printed when people may read it).
+fn to_json<T: Serialize>(path: &Path, value: &T, pretty: bool) -> Result<Vec<u8>, StateError> {
+    let encoded = if pretty {
+        serde_json::to_vec_pretty(value)
+    } else {
+        serde_json::to_vec(value)
+    };
+    encoded.map_err(|source| StateError::Encode {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Writes `bytes` to `path` atomically and durably.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let write = |source| StateError::Write {
+        path: tmp.clone(),
+        source,
+    };
+    let mut f = std::fs::File::create(&tmp).map_err(write)?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        .map_err(write)?;
+    std::fs::rename(&tmp, path).map_err(|source| StateError::Rename {
+        path: path.to_owned(),
+        source,
+    })?;
     if let Some(parent) = path.parent()
         && let Ok(d) = std::fs::File::open(parent)
     {
@@ -52,49 +138,53 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 impl StateDir {
     /// Opens (creating) `dir`.
-    pub fn open(dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StateError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| StateError::Create {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(Self { dir })
     }
 
-    fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> anyhow::Result<Option<T>> {
+    fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StateError> {
         let path = self.dir.join(name);
         match std::fs::read(&path) {
-            Ok(b) => Ok(Some(
-                serde_json::from_slice(&b).with_context(|| format!("{}", path.display()))?,
-            )),
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(v) => Ok(Some(v)),
+                Err(source) => Err(StateError::Decode { path, source }),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(source) => Err(StateError::Read { path, source }),
         }
     }
 
     /// Stores the global model of `spec`'s family.
-    pub fn save_global(&self, meta: &GlobalMeta, params: &[f32]) -> anyhow::Result<()> {
+    pub fn save_global(&self, meta: &GlobalMeta, params: &[f32]) -> Result<(), StateError> {
         let family = meta.spec.model.data_family();
         write_atomic(
             &self.dir.join(format!("global-{family}.f32")),
             &fedcart_common::federation::update::f32s_to_le(params),
         )?;
-        write_atomic(
-            &self.dir.join(format!("global-{family}.json")),
-            &serde_json::to_vec_pretty(meta)?,
-        )
+        let path = self.dir.join(format!("global-{family}.json"));
+        write_atomic(&path, &to_json(&path, meta, true)?)
     }
 
     /// The latest stored global model of `family` (`mf`, `churn`, …).
-    pub fn load_global(&self, family: &str) -> anyhow::Result<Option<(GlobalMeta, Vec<f32>)>> {
+    pub fn load_global(&self, family: &str) -> Result<Option<(GlobalMeta, Vec<f32>)>, StateError> {
         let Some(meta) = self.read_json::<GlobalMeta>(&format!("global-{family}.json"))? else {
             return Ok(None);
         };
         let path = self.dir.join(format!("global-{family}.f32"));
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
         if bytes.len() % 4 != 0 {
-            anyhow::bail!(
-                "{}: {} bytes is not a whole number of f32",
-                path.display(),
-                bytes.len()
-            );
+            return Err(StateError::Truncated {
+                path,
+                len: bytes.len(),
+            });
         }
         Ok(Some((
             meta,
@@ -103,25 +193,53 @@ impl StateDir {
     }
 
     /// Stores the private MF user state.
-    pub fn save_users(&self, state: &UserState) -> anyhow::Result<()> {
-        write_atomic(&self.dir.join("mf-users.json"), &serde_json::to_vec(state)?)
+    pub fn save_users(&self, state: &UserState) -> Result<(), StateError> {
+        let path = self.dir.join("mf-users.json");
+        write_atomic(&path, &to_json(&path, state, false)?)
     }
 
     /// The private MF user state, if saved.
-    pub fn load_users(&self) -> anyhow::Result<Option<UserState>> {
+    pub fn load_users(&self) -> Result<Option<UserState>, StateError> {
         self.read_json("mf-users.json")
     }
 
     /// Stores the last local metrics of a family.
-    pub fn save_metrics(&self, family: &str, m: &BTreeMap<String, f64>) -> anyhow::Result<()> {
-        write_atomic(
-            &self.dir.join(format!("metrics-{family}.json")),
-            &serde_json::to_vec_pretty(m)?,
-        )
+    pub fn save_metrics(&self, family: &str, m: &BTreeMap<String, f64>) -> Result<(), StateError> {
+        let path = self.dir.join(format!("metrics-{family}.json"));
+        write_atomic(&path, &to_json(&path, m, true)?)
     }
 
     /// The last local metrics of a family.
-    pub fn load_metrics(&self, family: &str) -> anyhow::Result<Option<BTreeMap<String, f64>>> {
+    pub fn load_metrics(&self, family: &str) -> Result<Option<BTreeMap<String, f64>>, StateError> {
         self.read_json(&format!("metrics-{family}.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_round_trip_and_a_missing_file_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path().join("state")).unwrap();
+        assert_eq!(state.load_metrics("churn").unwrap(), None);
+        let m = BTreeMap::from([("auc".to_string(), 0.75)]);
+        state.save_metrics("churn", &m).unwrap();
+        assert_eq!(state.load_metrics("churn").unwrap(), Some(m));
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let path = dir.path().join("mf-users.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let err = state.load_users().unwrap_err();
+        assert!(
+            matches!(&err, StateError::Decode { path: p, .. } if *p == path),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), path.display().to_string());
     }
 }

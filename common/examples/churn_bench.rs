@@ -13,11 +13,11 @@ use fedcart_common::data::orders::{
     BadRowPolicy, ChurnConfig, OrdersMapping, TimestampFormat, derive, read_orders,
 };
 use fedcart_common::data::tabular::{Schema, TabularDataset};
-use fedcart_common::federation::reference::{evaluate, federate};
 use fedcart_common::federation::strategy::FedAvg;
 use fedcart_common::model::churn::partition_churn;
 use fedcart_common::model::lr::SgdParams;
 use fedcart_common::model::mlp::EarlyStopping;
+use fedcart_common::reference::{evaluate, federate};
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::LocalData;
 

@@ -13,10 +13,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fedcart_common::data::movielens;
-use fedcart_common::federation::reference::{evaluate, federate};
 use fedcart_common::federation::strategy::FedAvg;
+use fedcart_common::model::mf::movielens;
 use fedcart_common::model::mf::{MfAggregation, MfHyper};
+use fedcart_common::reference::{evaluate, federate};
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::LocalData;
 

@@ -1,7 +1,6 @@
-//! Federation maths: updates, the streaming sum, server strategies, FedBuff and the in-process reference.
+//! Federation maths: updates, the streaming sum, server strategies and FedBuff (the in-process reference federation is `crate::reference`, above `train`).
 
 pub mod aggregate;
 pub mod fedbuff;
-pub mod reference;
 pub mod strategy;
 pub mod update;

@@ -8,9 +8,11 @@
 
 pub mod data;
 pub mod federation;
+pub mod kind;
 pub mod metrics;
 pub mod model;
 pub mod privacy;
+pub mod reference;
 pub mod seed;
 pub mod task;
 pub mod train;

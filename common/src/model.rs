@@ -1,6 +1,285 @@
-//! The model families federated by fedcart: logistic regression, the MLP, churn helpers and matrix factorisation.
+//! The model families federated by fedcart, behind one seam: [`FederatedModel`].
+//!
+//! A family is a module implementing [`FederatedModel`]: its federated
+//! parameter layout (`model_len`, [`WeightLayout`]), its first global
+//! parameters, the statistics step, the local fit starting from the global
+//! model (returning only the weighted update; private state such as MF user
+//! factors stays inside [`LocalData`]), held-out evaluation and scoring. In the spirit
+//! of linfa's `Fit`: hyper-parameters are plain data, checked by
+//! [`FederatedModel::check`], and `fit` always starts from the global version.
+//!
+//! The families: churn logistic regression ([`churn_lr`]), the churn MLP
+//! ([`churn_mlp`]), explicit and implicit (BPR) matrix factorisation ([`mf`])
+//! and the overhead-benchmark [`noop`]. Their numerical cores are [`lr`],
+//! [`mlp`] (sharing [`sgd`]) and `mf`'s kernels; [`churn`] holds what both
+//! churn families share.
+//!
+//! Layering: this module and its children never import `task` or `train`;
+//! `task::ModelSpec::model` (the serde wire enum's one `match`) picks the
+//! family and `train::run_task` dispatches through the trait.
+//!
+//! # Adding a model
+//!
+//! 1. Write `common/src/model/<family>.rs` with a struct holding the family's
+//!    shape and hyper-parameters and `impl FederatedModel for it`: `name`,
+//!    `data_family`, `model_len`, `layout` (default: uniform),
+//!    `initial_params` (default: zeros), `check`, `stats`, `fit`, `evaluate`,
+//!    `score`.
+//!    Keep private state in [`LocalData`] and return only `n · (local − global)`
+//!    (see [`weighted_delta`]). Declare it here with `pub mod <family>;`.
+//! 2. Register it: add a variant to `task::ModelSpec` (its JSON is the wire
+//!    format) and one arm to `ModelSpec::model`, the only `match` listing families.
+//! 3. Test it in the module: `model_len` equals the initial parameters' and
+//!    the layout's length; a fit from the initial model on a tiny seeded dataset
+//!    returns a finite update of that length and replays bit-identically; and an
+//!    end-to-end `reference::federate` run if the family has a baseline figure.
 
 pub mod churn;
+pub mod churn_lr;
+pub mod churn_mlp;
 pub mod lr;
 pub mod mf;
 pub mod mlp;
+pub mod noop;
+pub mod sgd;
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+use crate::data::standardize::Standardizer;
+use crate::data::tabular::TabularDataset;
+use crate::federation::update::{Update, WeightLayout};
+use mf::MfData;
+use sgd::SgdParams;
+
+/// What one round tells a model about the local work, besides the global
+/// parameters: the optimiser settings, the random streams and the scaling.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundContext<'a> {
+    /// Local optimiser settings (churn families).
+    pub sgd: &'a SgdParams,
+    /// The run seed; agents derive their streams from it, their id and the round.
+    pub seed: u64,
+    /// The round this work belongs to.
+    pub round: u64,
+    /// Global feature scaling agreed in the statistics step, if any.
+    pub standardizer: Option<&'a Standardizer>,
+}
+
+/// One federated model family: the seam `train::run_task` dispatches through.
+///
+/// Implementations are cheap views of a `task::ModelSpec` (its shape and
+/// hyper-parameters); they hold no parameters themselves. The global
+/// parameters come in as a flat vector of length [`model_len`](Self::model_len);
+/// the family's private state lives in [`LocalData`].
+pub trait FederatedModel {
+    /// Short name for logs and reports (e.g. `churn-lr`).
+    fn name(&self) -> &'static str;
+
+    /// Which local dataset the family trains on; also the key agents use to
+    /// advertise their example counts.
+    fn data_family(&self) -> &'static str;
+
+    /// Number of federated f32 parameters.
+    fn model_len(&self) -> usize;
+
+    /// How summed updates are divided back into a step.
+    fn layout(&self) -> WeightLayout {
+        WeightLayout::uniform()
+    }
+
+    /// Length of the statistics vector of a `Stats` task (0 if the family
+    /// needs no statistics step).
+    fn stats_len(&self) -> usize {
+        0
+    }
+
+    /// The first global model version, from the run seed.
+    fn initial_params(&self, _seed: u64) -> Vec<f32> {
+        vec![0.0; self.model_len()]
+    }
+
+    /// Local passes over the data per round (the simulator's clock models a
+    /// task's duration from it): `sgd.epochs` unless the family has its own.
+    fn local_epochs(&self, sgd: &SgdParams) -> usize {
+        sgd.epochs
+    }
+
+    /// Checks the shape and hyper-parameters once, before any work. Tasks
+    /// with an unusable model also fail on their own (with the same error),
+    /// so calling this is an early warning, not a requirement.
+    fn check(&self) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    /// The statistics step: local aggregate statistics (feature sums and
+    /// counts for churn), or an empty output if the family needs none.
+    fn stats(&self, ctx: &RoundContext<'_>, data: &mut LocalData)
+    -> Result<TaskOutput, TrainError>;
+
+    /// Local training starting from `global`: returns the weighted update of
+    /// the federated parameters and training metrics, and updates any private
+    /// state inside `data`.
+    fn fit(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError>;
+
+    /// Held-out metrics of `global` (with the merchant's private state).
+    fn evaluate(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError>;
+
+    /// Scores of `global` (with the merchant's private state) on each of the
+    /// merchant's held-out examples, in order: the churn probability of each
+    /// validation row, or the predicted rating (explicit MF, clipped) or
+    /// preference `b_i + p_u·q_i` (implicit MF) of each test interaction.
+    /// Makes the same checks as [`evaluate`](Self::evaluate).
+    fn score(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError>;
+}
+
+/// Why a task could not be carried out locally.
+#[derive(Debug, Error, PartialEq)]
+pub enum TrainError {
+    /// The merchant holds no data of the family the task needs.
+    #[error("this merchant has no {0} data")]
+    NoData(&'static str),
+    /// The global parameters do not have the model's length.
+    #[error("global model has {got} values, the task's model needs {expected}")]
+    ModelLength {
+        /// Length the task's model needs.
+        expected: usize,
+        /// Length received.
+        got: usize,
+    },
+    /// The features do not match the model's width.
+    #[error("local data has {got} features, the model expects {expected}")]
+    FeatureWidth {
+        /// Width the model expects.
+        expected: usize,
+        /// Width of the local data.
+        got: usize,
+    },
+    /// Training produced a NaN or infinite value; nothing is sent.
+    #[error("local training diverged (non-finite parameter); lower the learning rate")]
+    Diverged,
+    /// A local interaction names an item index outside the task's catalogue
+    /// (the merchant's catalogue is newer than the federation's model).
+    #[error("local item index {item} is outside the model's catalogue of {num_items} items")]
+    ItemOutOfRange {
+        /// The offending dense item index.
+        item: usize,
+        /// Catalogue size of the task's model.
+        num_items: usize,
+    },
+    /// The model specification itself is unusable (e.g. a zero-width layer).
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    /// The update could not be put in its differentially private form.
+    #[error("differential privacy: {0}")]
+    Privacy(crate::privacy::dp::DpError),
+    /// A train task arrived before the statistics step finished.
+    #[error("the task needs feature statistics but carries none")]
+    MissingStandardizer,
+}
+
+/// A merchant's churn data, split locally into training and held-out rows.
+#[derive(Debug, Clone)]
+pub struct ChurnData {
+    /// Rows used for training.
+    pub train: TabularDataset,
+    /// Rows used for local evaluation (never trained on).
+    pub valid: TabularDataset,
+}
+
+/// Everything a merchant holds locally.
+#[derive(Debug, Clone, Default)]
+pub struct LocalData {
+    /// The merchant's identifier, used to derive its random streams.
+    pub merchant_id: String,
+    /// Churn data, if the merchant takes part in churn tasks.
+    pub churn: Option<ChurnData>,
+    /// Recommender data and the private user state, if the merchant takes
+    /// part in matrix-factorisation tasks.
+    pub mf: Option<MfData>,
+}
+
+/// The result of one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOutput {
+    /// The update to send (None for evaluation tasks).
+    pub update: Option<Update>,
+    /// Local metrics (training loss, or held-out metrics).
+    pub metrics: BTreeMap<String, f64>,
+    /// Example weight of the metrics and the update.
+    pub weight: f64,
+}
+
+impl LocalData {
+    /// Example counts per data family, as advertised when joining.
+    pub fn examples(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        if let Some(c) = &self.churn {
+            out.insert("churn".into(), c.train.len() as u64);
+        }
+        if let Some(m) = &self.mf {
+            out.insert("mf".into(), m.train.len() as u64);
+        }
+        out
+    }
+
+    /// Pools several merchants' data into one, for the centralised baseline.
+    /// Private per-merchant state is not pooled; each family re-creates it.
+    pub fn pooled(merchant_id: &str, parts: &[LocalData]) -> LocalData {
+        let churn_parts: Vec<&ChurnData> = parts.iter().filter_map(|p| p.churn.as_ref()).collect();
+        let churn = (!churn_parts.is_empty()).then(|| ChurnData {
+            train: TabularDataset::concat(
+                &churn_parts.iter().map(|c| &c.train).collect::<Vec<_>>(),
+            ),
+            valid: TabularDataset::concat(
+                &churn_parts.iter().map(|c| &c.valid).collect::<Vec<_>>(),
+            ),
+        });
+        let mf_parts: Vec<(&str, &MfData)> = parts
+            .iter()
+            .filter_map(|p| p.mf.as_ref().map(|m| (p.merchant_id.as_str(), m)))
+            .collect();
+        let mf = (!mf_parts.is_empty()).then(|| MfData::pooled(&mf_parts));
+        LocalData {
+            merchant_id: merchant_id.to_string(),
+            churn,
+            mf,
+        }
+    }
+}
+
+/// `n · (local − global)` as an update of weight `n`; refuses non-finite values.
+pub fn weighted_delta(local: &[f32], global: &[f32], n: f64) -> Result<Update, TrainError> {
+    let values: Vec<f32> = local
+        .iter()
+        .zip(global)
+        .map(|(l, g)| ((l - g) as f64 * n) as f32)
+        .collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::Diverged);
+    }
+    Ok(Update {
+        values,
+        coord_weights: Vec::new(),
+        weight: n,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -6,21 +6,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::standardize::Standardizer;
 use crate::federation::update::WeightLayout;
+use crate::model::churn_lr::ChurnLr;
+use crate::model::churn_mlp::ChurnMlp;
 use crate::model::lr::SgdParams;
-use crate::model::mf::{self, MfHyper};
+use crate::model::mf::{MfHyper, MfShape};
+use crate::model::noop::Noop;
+use crate::model::{FederatedModel, RoundContext, TrainError};
 use crate::privacy::dp::DpTask;
 
-/// The three kinds of work a round can hand out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    /// Report feature sums and counts for global standardisation.
-    Stats,
-    /// Train from the global model and return a weighted update.
-    Train,
-    /// Evaluate the global model on the local held-out split.
-    Evaluate,
-}
+pub use crate::kind::TaskKind;
 
 /// The model family being federated, with its shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,98 +62,87 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
+    /// The family's implementation of [`FederatedModel`]: the one place that
+    /// lists the families (adding one is a variant above plus an arm here).
+    pub fn model(&self) -> Box<dyn FederatedModel + '_> {
+        match self {
+            ModelSpec::ChurnLr { num_features } => Box::new(ChurnLr {
+                num_features: *num_features,
+            }),
+            ModelSpec::Noop { dim } => Box::new(Noop { dim: *dim }),
+            ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => {
+                Box::new(self.mf_shape().expect("an MF spec has an MF shape"))
+            }
+            ModelSpec::ChurnMlp {
+                num_features,
+                hidden,
+            } => Box::new(ChurnMlp {
+                num_features: *num_features,
+                hidden,
+            }),
+        }
+    }
+
+    /// The matrix-factorisation shape of an `Mf` or `MfImplicit` spec (what
+    /// the recommender needs to score items), `None` for other families.
+    pub fn mf_shape(&self) -> Option<MfShape<'_>> {
+        match self {
+            ModelSpec::Mf {
+                num_items,
+                factors,
+                hyper,
+            }
+            | ModelSpec::MfImplicit {
+                num_items,
+                factors,
+                hyper,
+            } => Some(MfShape {
+                num_items: *num_items,
+                k: *factors,
+                implicit: matches!(self, ModelSpec::MfImplicit { .. }),
+                hyper,
+            }),
+            _ => None,
+        }
+    }
+
     /// Which local dataset the family trains on; also the key agents use to
     /// advertise their example counts.
     pub fn data_family(&self) -> &'static str {
-        match self {
-            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. } => "churn",
-            ModelSpec::Noop { .. } => "noop",
-            ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => "mf",
-        }
+        self.model().data_family()
     }
 
     /// Short name for logs and reports.
     pub fn name(&self) -> &'static str {
-        match self {
-            ModelSpec::ChurnLr { .. } => "churn-lr",
-            ModelSpec::Noop { .. } => "noop",
-            ModelSpec::Mf { .. } => "mf",
-            ModelSpec::MfImplicit { .. } => "mf-implicit",
-            ModelSpec::ChurnMlp { .. } => "churn-mlp",
-        }
+        self.model().name()
     }
 
     /// Number of federated f32 parameters.
     pub fn model_len(&self) -> usize {
-        match self {
-            ModelSpec::ChurnLr { num_features } => num_features + 1,
-            ModelSpec::Noop { dim } => *dim,
-            ModelSpec::Mf {
-                num_items, factors, ..
-            }
-            | ModelSpec::MfImplicit {
-                num_items, factors, ..
-            } => mf::model_len(*num_items, *factors),
-            ModelSpec::ChurnMlp {
-                num_features,
-                hidden,
-            } => crate::model::mlp::MlpShape {
-                num_features: *num_features,
-                hidden: hidden.clone(),
-            }
-            .param_len(),
-        }
+        self.model().model_len()
     }
 
     /// How summed updates are divided back into a step.
     pub fn layout(&self) -> WeightLayout {
-        match self {
-            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. } | ModelSpec::Noop { .. } => {
-                WeightLayout::uniform()
-            }
-            ModelSpec::Mf {
-                num_items,
-                factors,
-                hyper,
-            }
-            | ModelSpec::MfImplicit {
-                num_items,
-                factors,
-                hyper,
-            } => mf::layout(*num_items, *factors, hyper.aggregation),
-        }
+        self.model().layout()
     }
 
     /// Length of the statistics vector of a `Stats` task (0 if the family
     /// needs no statistics step).
     pub fn stats_len(&self) -> usize {
-        match self {
-            ModelSpec::ChurnLr { num_features } | ModelSpec::ChurnMlp { num_features, .. } => {
-                2 * num_features
-            }
-            ModelSpec::Noop { .. } => 0,
-            ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => 0,
-        }
+        self.model().stats_len()
     }
 
     /// The first global model version: zeros for LR; He-initialised weights
     /// drawn from the run seed for the MLP (zeros would never break symmetry);
     /// small seeded random item factors for MF.
     pub fn initial_params(&self, seed: u64) -> Vec<f32> {
-        match self {
-            ModelSpec::ChurnMlp { .. } => crate::model::churn::mlp_initial_params(self, seed),
-            ModelSpec::Mf {
-                num_items,
-                factors,
-                hyper,
-            }
-            | ModelSpec::MfImplicit {
-                num_items,
-                factors,
-                hyper,
-            } => mf::initial_params(*num_items, *factors, hyper.init_std, seed),
-            _ => vec![0.0; self.model_len()],
-        }
+        self.model().initial_params(seed)
+    }
+
+    /// Checks the shape and hyper-parameters once (see [`FederatedModel::check`]).
+    pub fn check(&self) -> Result<(), TrainError> {
+        self.model().check()
     }
 }
 
@@ -187,6 +170,16 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
+    /// What the model needs to know about this round besides the global parameters.
+    pub fn context(&self) -> RoundContext<'_> {
+        RoundContext {
+            sgd: &self.sgd,
+            seed: self.seed,
+            round: self.round,
+            standardizer: self.standardizer.as_ref(),
+        }
+    }
+
     /// Length of the update vector this task produces.
     pub fn update_len(&self) -> usize {
         match self.kind {

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use fedcart_common::federation::strategy::StrategySpec;
 use fedcart_common::model::lr::SgdParams;
 use fedcart_common::task::ModelSpec;
 use serde::{Deserialize, Serialize};
@@ -57,9 +58,10 @@ pub struct RunConfig {
     /// Run an evaluation task after every committed round.
     #[serde(default = "yes")]
     pub evaluate: bool,
-    /// Aggregation strategy name (`fedavg`).
-    #[serde(default = "fedavg")]
-    pub strategy: String,
+    /// Aggregation strategy, parsed once when the file is read (written as
+    /// its name, e.g. `fedavg` or `fedprox:0.01`; the default is `fedavg`).
+    #[serde(default, deserialize_with = "strategy_key")]
+    pub strategy: StrategySpec,
     /// Secure aggregation: when set, the coordinator only ever learns the sum
     /// of the statistics and training updates.
     #[serde(default)]
@@ -105,8 +107,12 @@ fn yes() -> bool {
     true
 }
 
-fn fedavg() -> String {
-    "fedavg".into()
+/// Parses `run.strategy`, naming the key in the error (the TOML parser adds
+/// the line and column, [`CoordinatorConfig::load`] the file).
+fn strategy_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StrategySpec, D::Error> {
+    let name = String::deserialize(d)?;
+    name.parse()
+        .map_err(|e| serde::de::Error::custom(format!("invalid `run.strategy`: {e}")))
 }
 
 /// How this coordinator process serves a run.
@@ -227,15 +233,10 @@ impl RunConfig {
         if self.sgd.batch_size == 0 || self.sgd.epochs == 0 {
             return bad("run.sgd", "batch_size and epochs must be ≥ 1".into());
         }
-        let strategy = crate::engine::strategy_by_name(&self.strategy).map_err(|message| {
-            ConfigError::Invalid {
-                field: "run.strategy",
-                message,
-            }
-        })?;
         if let Some(dp) = &self.dp {
             dp.validate(self)?;
         }
+        self.check_strategy()?;
         if let Some(sa) = &self.secagg {
             if !(sa.clip.is_finite() && sa.clip > 0.0) {
                 return bad(
@@ -246,16 +247,103 @@ impl RunConfig {
             if sa.stage_timeout_ms == Some(0) {
                 return bad("run.secagg.stage_timeout_ms", "must be positive".into());
             }
-            if strategy.needs_individual_updates() {
-                return bad(
-                    "run.strategy",
-                    format!(
-                        "`{}` needs every individual update, which secure aggregation never reveals",
-                        self.strategy
-                    ),
-                );
-            }
         }
         Ok(())
+    }
+
+    /// The one place that holds the rule "a strategy that needs individual
+    /// updates cannot run under a protection that hides them", for secure
+    /// aggregation and differential privacy alike.
+    fn check_strategy(&self) -> Result<(), ConfigError> {
+        let protection = if self.secagg.is_some() {
+            Some("secure aggregation")
+        } else if self.dp.is_some() {
+            Some("differential privacy")
+        } else {
+            None
+        };
+        if let Some(protection) = protection {
+            self.strategy
+                .require_streaming(protection)
+                .map_err(|e| ConfigError::Invalid {
+                    field: "run.strategy",
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedcart_common::federation::strategy::StrategySpec;
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/coordinator.toml");
+
+    /// Writes `text` to a temporary `coordinator.toml` and loads it.
+    fn load(text: &str) -> (tempfile::TempDir, Result<CoordinatorConfig, ConfigError>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, text).expect("write config");
+        let cfg = CoordinatorConfig::load(&path);
+        (dir, cfg)
+    }
+
+    #[test]
+    fn example_strategy_is_parsed_once_at_load() {
+        let (_dir, cfg) =
+            load(&EXAMPLE.replace("strategy = \"fedavg\"", "strategy = \"fedprox:0.01\""));
+        let cfg = cfg.expect("example loads");
+        assert_eq!(cfg.run.strategy, StrategySpec::FedProx { mu: 0.01 });
+        // Stored runs keep the plain string form.
+        let json = serde_json::to_value(&cfg.run).expect("serialises");
+        assert_eq!(json["strategy"], "fedprox:0.01");
+    }
+
+    #[test]
+    fn missing_strategy_defaults_to_fedavg() {
+        let (_dir, cfg) = load(&EXAMPLE.replace("strategy = \"fedavg\"\n", ""));
+        assert_eq!(cfg.expect("loads").run.strategy, StrategySpec::FedAvg);
+    }
+
+    #[test]
+    fn unknown_strategy_error_names_the_key_and_the_file() {
+        let (_dir, cfg) = load(&EXAMPLE.replace("strategy = \"fedavg\"", "strategy = \"fedfoo\""));
+        let err = cfg.expect_err("unknown strategy refused");
+        let text = err.to_string();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{text}");
+        assert!(text.contains("coordinator.toml"), "{text}");
+        assert!(text.contains("run.strategy"), "{text}");
+        assert!(text.contains("fedfoo"), "{text}");
+    }
+
+    fn run() -> RunConfig {
+        let (_dir, cfg) = load(EXAMPLE);
+        cfg.expect("example loads").run
+    }
+
+    #[test]
+    fn individual_update_strategy_refused_under_secure_aggregation() {
+        let mut run = run();
+        run.strategy = StrategySpec::FedMedian;
+        assert!(run.validate().is_ok(), "fine without a protection");
+        run.secagg = Some(SecAggSettings {
+            neighbours: None,
+            clip: 1.0,
+            verify_survivors: false,
+            stage_timeout_ms: None,
+        });
+        match run.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "run.strategy");
+                assert!(message.contains("fedmedian"), "{message}");
+                assert!(message.contains("secure aggregation"), "{message}");
+            }
+            other => panic!("expected run.strategy to be refused, got {other:?}"),
+        }
+        run.strategy = StrategySpec::FedAvg;
+        assert!(run.validate().is_ok());
     }
 }

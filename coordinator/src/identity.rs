@@ -27,17 +27,34 @@ pub fn merchant_uri(id: &str) -> String {
     format!("{MERCHANT_URI_PREFIX}{id}")
 }
 
-/// Checks the merchant id alphabet (the same rule `join` applies).
-pub fn validate_id(id: &str) -> anyhow::Result<()> {
+/// Longest merchant id, in characters (all of them ASCII).
+pub const MAX_MERCHANT_ID_LEN: usize = 128;
+
+/// A merchant id that breaks the rule of [`validate_id`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("merchant id `{shown}` must be 1–128 characters of [A-Za-z0-9-_.@]")]
+pub struct InvalidMerchantId {
+    /// The id as given, cut to 140 characters so that a huge id from the
+    /// network cannot blow up a log line or a status message.
+    pub shown: String,
+}
+
+/// The one merchant-id rule, applied by `join` and by `certs issue/allow/revoke`:
+/// 1 to [`MAX_MERCHANT_ID_LEN`] characters of `[A-Za-z0-9-_.@]`. The alphabet
+/// keeps ids safe inside a URI SAN (`fedcart://merchant/<id>`), in file
+/// names (`<id>.pem`) and in metric labels.
+pub fn validate_id(id: &str) -> Result<(), InvalidMerchantId> {
     let ok = !id.is_empty()
-        && id.len() <= 128
+        && id.len() <= MAX_MERCHANT_ID_LEN
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
     if ok {
         Ok(())
     } else {
-        anyhow::bail!("merchant id `{id}` must be 1–128 characters of [A-Za-z0-9-_.@]")
+        Err(InvalidMerchantId {
+            shown: id.chars().take(140).collect(),
+        })
     }
 }
 
@@ -209,6 +226,23 @@ pub fn check_session(peer: Option<&PeerIdentity>, session_merchant: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merchant_ids_are_1_to_128_characters_of_the_uri_safe_alphabet() {
+        for ok in ["m0", "shop-7", "a.b@c_d", &"x".repeat(MAX_MERCHANT_ID_LEN)] {
+            assert_eq!(validate_id(ok), Ok(()), "{ok}");
+        }
+        let long = "x".repeat(MAX_MERCHANT_ID_LEN + 1);
+        for bad in ["", "a b", "shop/7", "café", "m0\n", long.as_str()] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            validate_id("a b").unwrap_err().to_string(),
+            "merchant id `a b` must be 1–128 characters of [A-Za-z0-9-_.@]"
+        );
+        let huge = "é".repeat(1000);
+        assert_eq!(validate_id(&huge).unwrap_err().shown.chars().count(), 140);
+    }
 
     #[test]
     fn revocation_wins_over_allow_and_unknown_ids_are_refused() {

@@ -32,38 +32,12 @@ use fedcart_common::privacy::dp::{
     Accountant, AdaptiveClip, CentralGaussian, DistributedNoise, DistributedSkellam, DpError,
     DpTask,
 };
-use serde::{Deserialize, Serialize};
+use fedcart_common::task::TaskKind;
 
 use crate::config::{ClipNorm, DpMode, DpSettings, RunConfig};
-use crate::engine::TaskPlan;
+pub use crate::record::PrivacyRecord;
 use crate::record::{Outcome, RoundRecord};
-
-/// What the ledger recorded about one committed training round.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PrivacyRecord {
-    /// Who added the noise.
-    pub mode: DpMode,
-    /// Sampling rate of the round, selected / connected.
-    pub sampling_rate: f64,
-    /// The noise multiplier the round was accounted at (in distributed mode,
-    /// lowered by dropouts: `z·√(survivors / selected)`).
-    pub noise_multiplier: f64,
-    /// The clip norm of the round.
-    pub clip: f64,
-    /// The fixed denominator (merchants selected).
-    pub denominator: usize,
-    /// Adaptive clipping: the noised fraction of merchants not clipped.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unclipped_fraction: Option<f64>,
-    /// The clip norm of the next round.
-    pub next_clip: f64,
-    /// ε of the whole run so far, at `delta`.
-    pub epsilon: f64,
-    /// δ of the guarantee.
-    pub delta: f64,
-    /// Rounds composed so far.
-    pub steps: u64,
-}
+use crate::task::TaskPlan;
 
 /// The coordinator's DP state for one run.
 #[derive(Debug, Clone)]
@@ -116,7 +90,7 @@ impl Ledger {
             epsilon: None,
         };
         for r in history {
-            if let (Some(p), Outcome::Committed, "train") = (&r.privacy, r.outcome, r.kind.as_str())
+            if let (Some(p), Outcome::Committed, TaskKind::Train) = (&r.privacy, r.outcome, r.kind)
             {
                 ledger
                     .accountant

@@ -2,10 +2,17 @@
 //!
 //! - [`engine`]: the transport-agnostic round engine (selection, streaming
 //!   aggregation, quorum, commit).
-//! - [`store`]: the durable redb store of run, versions and history.
+//! - [`store`]: the durable redb store of run, versions and history;
+//!   [`record`]: what it remembers of each round; [`task`]: the task plan.
+//! - [`config`]: the validated configuration; [`ledger`]: the DP ledger.
 //! - [`service`]: the gRPC driver of the engine.
-//! - [`simulate`]: the in-process simulator, the engine's second driver.
+//!
+//! The simulator, the engine's second driver, is its own crate
+//! (`fedcart-sim`, in `coordinator/sim/`), so that this one depends on
+//! neither the merchant agent nor the simulator's plotting and progress bars.
 //! - [`privacy`]: the `privacy` budget-planning command.
+//! - [`secure_round`]: the secure-aggregation parameters of a round, for
+//!   both drivers.
 //! - [`server`]: wiring config → store → engine → service, as one call.
 //! - [`tls`], [`identity`], [`certs`], [`limits`]: mutual TLS, merchant
 //!   identities and the allow-list, the development CA, hardening limits.
@@ -22,9 +29,10 @@ pub mod limits;
 pub mod observe;
 pub mod privacy;
 pub mod record;
+pub mod secure_round;
 pub mod server;
 pub mod service;
-pub mod simulate;
 pub mod status;
 pub mod store;
+pub mod task;
 pub mod tls;

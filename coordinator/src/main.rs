@@ -70,10 +70,6 @@ enum Command {
     /// Plan a differential-privacy budget: ε for a noise multiplier, or the
     /// smallest noise multiplier that reaches a target ε.
     Privacy(fedcart_coordinator::privacy::PrivacyArgs),
-    /// Simulate a federation in-process: the real round engine and the real
-    /// local training with N virtual merchants. Without flags it runs the demo
-    /// (MovieLens MF and Telco churn, 10 merchants) on the bundled data.
-    Simulate(Box<fedcart_coordinator::simulate::SimArgs>),
 }
 
 #[derive(Subcommand)]
@@ -181,7 +177,6 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", fedcart_coordinator::privacy::run(&args)?);
             Ok(())
         }
-        Command::Simulate(args) => fedcart_coordinator::simulate::main(*args),
     }
 }
 

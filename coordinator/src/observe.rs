@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::record::{Outcome, RoundRecord};
+use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::service::Shared;
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -133,7 +133,10 @@ impl ObserverState {
             return;
         };
         for r in history.iter().skip(*seen_records) {
-            let labels = [("run", run.clone()), ("kind", r.kind.clone())];
+            let labels = [
+                ("run", run.clone()),
+                ("kind", kind_name(r.kind).to_string()),
+            ];
             let outcome = match r.outcome {
                 Outcome::Committed => "committed",
                 Outcome::Aborted => "aborted",
@@ -151,7 +154,7 @@ impl ObserverState {
             metrics::histogram!("fedcart_task_duration_seconds", &labels)
                 .record(r.duration_ms as f64 / 1000.0);
             for (k, v) in &r.metrics {
-                metrics::gauge!("fedcart_round_metric", "run" => run.clone(), "kind" => r.kind.clone(), "metric" => k.clone()).set(*v);
+                metrics::gauge!("fedcart_round_metric", "run" => run.clone(), "kind" => kind_name(r.kind), "metric" => k.clone()).set(*v);
             }
             let at = r.started_unix_ms + r.duration_ms as i64;
             for m in &r.reported {

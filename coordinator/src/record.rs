@@ -2,7 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use fedcart_common::task::TaskKind;
 use serde::{Deserialize, Serialize};
+
+use crate::config::DpMode;
 
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,8 +26,9 @@ pub struct RoundRecord {
     pub attempt: u32,
     /// The task id sent to agents.
     pub task_id: String,
-    /// `stats`, `train` or `evaluate`.
-    pub kind: String,
+    /// Statistics, training or evaluation (stored as `stats`, `train` or
+    /// `evaluate`, as when this field was a string).
+    pub kind: TaskKind,
     /// Committed or aborted.
     pub outcome: Outcome,
     /// The global version trained from (train) or evaluated (evaluate).
@@ -53,5 +57,72 @@ pub struct RoundRecord {
     /// Differential privacy of a committed training round: clip, noise,
     /// sampling rate and ε so far (replayed on restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub privacy: Option<crate::ledger::PrivacyRecord>,
+    pub privacy: Option<PrivacyRecord>,
+}
+
+/// What the ledger recorded about one committed training round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyRecord {
+    /// Who added the noise.
+    pub mode: DpMode,
+    /// Sampling rate of the round, selected / connected.
+    pub sampling_rate: f64,
+    /// The noise multiplier the round was accounted at (in distributed mode,
+    /// lowered by dropouts: `z·√(survivors / selected)`).
+    pub noise_multiplier: f64,
+    /// The clip norm of the round.
+    pub clip: f64,
+    /// The fixed denominator (merchants selected).
+    pub denominator: usize,
+    /// Adaptive clipping: the noised fraction of merchants not clipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unclipped_fraction: Option<f64>,
+    /// The clip norm of the next round.
+    pub next_clip: f64,
+    /// ε of the whole run so far, at `delta`.
+    pub epsilon: f64,
+    /// δ of the guarantee.
+    pub delta: f64,
+    /// Rounds composed so far.
+    pub steps: u64,
+}
+
+/// The short name of a task kind: the suffix of task ids (`r3a1-train`), the
+/// `kind` of stored records and the metrics' `kind` label.
+pub fn kind_name(kind: TaskKind) -> &'static str {
+    match kind {
+        TaskKind::Stats => "stats",
+        TaskKind::Train => "train",
+        TaskKind::Evaluate => "evaluate",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A training record as the store wrote it while `kind` was a `String`.
+    const OLD_TRAIN: &str = r#"{"round":3,"attempt":2,"task_id":"r3a2-train","kind":"train","outcome":"committed","base_version":2,"selected":["a","b"],"reported":["a","b"],"dropped":[],"rejected":[["c","agent `c` was not selected for this task"]],"metrics":{"loss":0.5},"examples":10.0,"started_unix_ms":1700000000000,"duration_ms":12,"bytes_in":64,"abort_reason":null}"#;
+
+    #[test]
+    fn record_written_with_string_kind_decodes_and_reencodes_unchanged() {
+        let r: RoundRecord = serde_json::from_str(OLD_TRAIN).expect("old record decodes");
+        assert_eq!(r.kind, TaskKind::Train);
+        assert_eq!(r.outcome, Outcome::Committed);
+        assert_eq!(serde_json::to_string(&r).expect("encodes"), OLD_TRAIN);
+    }
+
+    #[test]
+    fn every_kind_is_stored_under_its_old_name() {
+        for kind in [TaskKind::Stats, TaskKind::Train, TaskKind::Evaluate] {
+            let json = serde_json::to_value(kind).expect("encodes");
+            assert_eq!(json, kind_name(kind));
+            let old = OLD_TRAIN.replace(
+                "\"kind\":\"train\"",
+                &format!("\"kind\":\"{}\"", kind_name(kind)),
+            );
+            let r: RoundRecord = serde_json::from_str(&old).expect("decodes");
+            assert_eq!(r.kind, kind);
+        }
+    }
 }

@@ -10,8 +10,6 @@
 mod convert;
 mod secure;
 
-pub use secure::round_config;
-
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -218,22 +216,6 @@ impl Service {
     }
 }
 
-fn validate_merchant_id(id: &str) -> Result<(), Status> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "merchant_id `{}` must be 1–128 characters of [A-Za-z0-9-_.@]",
-            id.chars().take(140).collect::<String>()
-        )))
-    }
-}
-
 #[tonic::async_trait]
 impl Coordinator for Service {
     type JoinStream = WorkStream;
@@ -245,7 +227,8 @@ impl Coordinator for Service {
     ) -> Result<Response<WorkStream>, Status> {
         crate::identity::check_claim(request.extensions(), &request.get_ref().merchant_id)?;
         let req = request.into_inner();
-        validate_merchant_id(&req.merchant_id)?;
+        crate::identity::validate_id(&req.merchant_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel(WORK_QUEUE);
         let session_id = new_session_id();
         let run_id = self.shared.engine().run().run_id.clone();

@@ -58,7 +58,7 @@ fn run_config(agents: usize, dim: usize, rounds: u64, secagg: bool) -> RunConfig
         quorum: agents,
         round_timeout_ms: 600_000,
         evaluate: false,
-        strategy: "fedavg".into(),
+        strategy: Default::default(),
         dp: None,
         secagg: secagg.then_some(SecAggSettings {
             neighbours: None,
@@ -105,7 +105,9 @@ async fn child(agents: usize, dim: usize, rounds: u64, secagg: bool) {
     let history = shared.history().expect("history");
     let durations: Vec<f64> = history
         .iter()
-        .filter(|r| r.kind == "train" && r.outcome == Outcome::Committed)
+        .filter(|r| {
+            r.kind == fedcart_common::task::TaskKind::Train && r.outcome == Outcome::Committed
+        })
         .skip(1)
         .map(|r| r.duration_ms as f64)
         .collect();

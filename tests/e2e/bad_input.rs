@@ -129,7 +129,7 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
         .history()
         .unwrap()
         .into_iter()
-        .find(|r| r.kind == "train")
+        .find(|r| r.kind == fedcart_common::task::TaskKind::Train)
         .unwrap();
     assert_eq!(train.outcome, Outcome::Committed);
     assert_eq!(

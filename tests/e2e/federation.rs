@@ -1,8 +1,8 @@
 //! A full churn federation over gRPC reproduces the in-process reference.
 
-use fedcart_common::federation::reference;
 use fedcart_common::federation::strategy::FedAvg;
 use fedcart_common::model::lr::LogisticRegression;
+use fedcart_common::reference;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use fedcart_common::train::evaluate_lr;
 use fedcart_coordinator::record::Outcome;
@@ -16,14 +16,23 @@ async fn four_agents_over_grpc_match_in_process_fedavg_and_beat_auc_0_80() {
     let shared = &fed.shared;
 
     let history = shared.history().unwrap();
-    let trains: Vec<_> = history.iter().filter(|r| r.kind == "train").collect();
+    let trains: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == fedcart_common::task::TaskKind::Train)
+        .collect();
     assert_eq!(trains.len(), 5);
     assert!(
         trains
             .iter()
             .all(|r| r.outcome == Outcome::Committed && r.reported.len() == 4)
     );
-    assert_eq!(history.iter().filter(|r| r.kind == "evaluate").count(), 5);
+    assert_eq!(
+        history
+            .iter()
+            .filter(|r| r.kind == fedcart_common::task::TaskKind::Evaluate)
+            .count(),
+        5
+    );
 
     let params = shared.model(5).unwrap().unwrap();
     let scaler = shared.standardizer().unwrap();

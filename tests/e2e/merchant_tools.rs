@@ -5,10 +5,10 @@
 use fedcart_client::agent::Agent;
 use fedcart_client::recommend::{recommend, score};
 use fedcart_client::state::StateDir;
-use fedcart_common::data::movielens;
 use fedcart_common::data::tabular::Schema;
 use fedcart_common::metrics::auc;
 use fedcart_common::model::mf::MfHyper;
+use fedcart_common::model::mf::movielens;
 use fedcart_common::task::ModelSpec;
 use fedcart_tests::*;
 

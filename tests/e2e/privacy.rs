@@ -2,10 +2,10 @@
 //! the task they receive, the coordinator adds seeded Gaussian noise to the
 //! sum, and every training round records the accountant's ε.
 
-use fedcart_common::federation::reference::stats_step;
 use fedcart_common::federation::strategy::{FedAvg, Strategy};
 use fedcart_common::privacy::dp::accountant::epsilon_for;
 use fedcart_common::privacy::dp::{CentralGaussian, DpTask};
+use fedcart_common::reference::stats_step;
 use fedcart_common::seed;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use fedcart_common::train::run_task;
@@ -22,7 +22,10 @@ async fn agents_clip_the_coordinator_noises_and_each_round_records_epsilon() {
     let fed = federate_files(&split.files, run.clone()).await;
     let shared = &fed.shared;
     let history = shared.history().unwrap();
-    let trains: Vec<_> = history.iter().filter(|r| r.kind == "train").collect();
+    let trains: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == fedcart_common::task::TaskKind::Train)
+        .collect();
     assert_eq!(trains.len(), 3);
     for (t, r) in trains.iter().enumerate() {
         assert_eq!(r.outcome, Outcome::Committed);

@@ -66,7 +66,9 @@ fn coordinator_dropped_after_round_2_resumes_and_versions_read_back_bit_identica
             let committed = history
                 .iter()
                 .filter(|r| {
-                    r.kind == "train" && r.round == round && r.outcome == Outcome::Committed
+                    r.kind == fedcart_common::task::TaskKind::Train
+                        && r.round == round
+                        && r.outcome == Outcome::Committed
                 })
                 .count();
             assert_eq!(committed, 1, "round {round} committed exactly once");

@@ -3,8 +3,8 @@
 //! plain FedAvg of exactly the agents whose masked inputs are in the sum, and
 //! a round with too few survivors must abort without committing anything.
 
-use fedcart_common::federation::reference;
 use fedcart_common::federation::strategy::FedAvg;
+use fedcart_common::reference;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::LocalData;
 use fedcart_coordinator::config::{RunConfig, SecAggSettings};
@@ -66,7 +66,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn trains(history: &[RoundRecord]) -> Vec<&RoundRecord> {
-    history.iter().filter(|r| r.kind == "train").collect()
+    history
+        .iter()
+        .filter(|r| r.kind == fedcart_common::task::TaskKind::Train)
+        .collect()
 }
 
 /// Four merchants, `dying` of them scripted to disconnect at `die` in the
@@ -273,8 +276,8 @@ async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secur
 /// without secure aggregation; returns the final model and the last held-out
 /// evaluation metrics.
 async fn movielens_federation(secure: bool) -> (Vec<f32>, std::collections::BTreeMap<String, f64>) {
-    use fedcart_common::data::movielens;
     use fedcart_common::model::mf::MfHyper;
+    use fedcart_common::model::mf::movielens;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../data/ml-latest-small/ratings.csv");
     let rows = movielens::load_ratings(&path).unwrap();
@@ -307,7 +310,7 @@ async fn movielens_federation(secure: bool) -> (Vec<f32>, std::collections::BTre
     );
     let eval = history
         .iter()
-        .rfind(|r| r.kind == "evaluate")
+        .rfind(|r| r.kind == fedcart_common::task::TaskKind::Evaluate)
         .expect("an evaluation")
         .metrics
         .clone();
@@ -353,7 +356,7 @@ async fn telco_federation(
     assert!(
         history
             .iter()
-            .filter(|r| r.kind != "evaluate")
+            .filter(|r| r.kind != fedcart_common::task::TaskKind::Evaluate)
             .all(|r| r.outcome == Outcome::Committed && r.reported.len() == 4),
         "{history:?}"
     );

@@ -5,9 +5,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use fedcart_common::data::movielens;
 use fedcart_common::federation::update::f32s_to_le;
 use fedcart_common::model::mf::MfHyper;
+use fedcart_common::model::mf::movielens;
 use fedcart_common::task::ModelSpec;
 use fedcart_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,36 +1,14 @@
-//! Churn tasks for the MLP family: the statistics step, local training from
-//! the global model and held-out evaluation, mirroring logistic regression's
-//! so the two families federate (and compare) identically.
+//! What the two churn families (logistic regression and the MLP) share: the
+//! local data checks, the statistics step, the classification metrics and the
+//! iid partition the simulator, benchmarks and tests build merchants with.
 
 use std::collections::BTreeMap;
 
-use crate::model::mlp::{Mlp, MlpShape};
-use crate::task::{ModelSpec, TaskKind, TaskSpec};
-use crate::train::{
-    ChurnData, LocalData, TaskOutput, TrainError, classification_metrics, weighted_delta,
-};
+use super::{ChurnData, LocalData, TaskOutput, TrainError};
+use crate::metrics::{Confusion, auc, log_loss};
 
-/// He-initialised parameters drawn from the run seed (zeros if the shape is
-/// unusable; the first task then reports [`TrainError::InvalidModel`]).
-pub fn mlp_initial_params(spec: &ModelSpec, seed: u64) -> Vec<f32> {
-    let ModelSpec::ChurnMlp {
-        num_features,
-        hidden,
-    } = spec
-    else {
-        return vec![0.0; spec.model_len()];
-    };
-    let shape = MlpShape {
-        num_features: *num_features,
-        hidden: hidden.clone(),
-    };
-    match Mlp::he_init(shape, &mut crate::seed::rng(seed, &["mlp-init"])) {
-        Ok(m) => m.params().to_vec(),
-        Err(_) => vec![0.0; spec.model_len()],
-    }
-}
-
-fn churn_data(data: &LocalData, num_features: usize) -> Result<&ChurnData, TrainError> {
+/// The merchant's churn data, checked against the model's feature width.
+pub fn churn_data(data: &LocalData, num_features: usize) -> Result<&ChurnData, TrainError> {
     let churn = data.churn.as_ref().ok_or(TrainError::NoData("churn"))?;
     if churn.train.x.ncols() != num_features {
         return Err(TrainError::FeatureWidth {
@@ -41,81 +19,28 @@ fn churn_data(data: &LocalData, num_features: usize) -> Result<&ChurnData, Train
     Ok(churn)
 }
 
-/// Carries out a churn-MLP task (see `train::run_task`).
-pub fn mlp_task(
-    spec: &TaskSpec,
-    num_features: usize,
-    hidden: &[usize],
-    global: &[f32],
-    data: &LocalData,
-) -> Result<TaskOutput, TrainError> {
-    let churn = churn_data(data, num_features)?;
-    if spec.kind == TaskKind::Stats {
-        let update = crate::data::standardize::stats_update(&churn.train.x);
-        let weight = update.weight;
-        return Ok(TaskOutput {
-            update: Some(update),
-            metrics: BTreeMap::new(),
-            weight,
-        });
+/// The statistics step of a churn family: feature sums and counts of the
+/// training rows (see `data::standardize::stats_update`).
+pub fn stats_output(churn: &ChurnData) -> TaskOutput {
+    let update = crate::data::standardize::stats_update(&churn.train.x);
+    let weight = update.weight;
+    TaskOutput {
+        update: Some(update),
+        metrics: BTreeMap::new(),
+        weight,
     }
-    let shape = MlpShape {
-        num_features,
-        hidden: hidden.to_vec(),
-    };
-    if global.len() != shape.param_len() {
-        return Err(TrainError::ModelLength {
-            expected: shape.param_len(),
-            got: global.len(),
-        });
-    }
-    let scaler = spec
-        .standardizer
-        .as_ref()
-        .ok_or(TrainError::MissingStandardizer)?;
-    let mut model =
-        Mlp::from_params(shape, global).map_err(|e| TrainError::InvalidModel(e.to_string()))?;
-    match spec.kind {
-        TaskKind::Train => {
-            let x = scaler.transform(&churn.train.x);
-            let mut rng = crate::seed::rng(
-                spec.seed,
-                &["train-mlp", &data.merchant_id, &spec.round.to_string()],
-            );
-            let report = model.fit_with(
-                &x,
-                &churn.train.y,
-                &spec.sgd,
-                spec.sgd.early_stopping.as_ref(),
-                &mut rng,
-            );
-            let n = churn.train.len() as f64;
-            let update = weighted_delta(model.params(), global, n)?;
-            let mut metrics = BTreeMap::from([
-                ("train_loss".to_string(), f64::from(report.train_loss)),
-                ("epochs_run".to_string(), report.epochs_run as f64),
-                ("best_epoch".to_string(), report.best_epoch as f64),
-            ]);
-            if let Some(v) = report.valid_loss {
-                metrics.insert("early_stop_valid_loss".to_string(), f64::from(v));
-            }
-            Ok(TaskOutput {
-                update: Some(update),
-                metrics,
-                weight: n,
-            })
-        }
-        TaskKind::Evaluate => {
-            let probs = model.predict_proba(&scaler.transform(&churn.valid.x));
-            let y = churn.valid.y.as_slice().expect("contiguous labels");
-            Ok(TaskOutput {
-                update: None,
-                metrics: classification_metrics(y, &probs),
-                weight: churn.valid.len() as f64,
-            })
-        }
-        TaskKind::Stats => unreachable!("handled above"),
-    }
+}
+
+/// The standard churn metrics from labels and predicted probabilities.
+pub fn classification_metrics(y: &[f32], probs: &[f32]) -> BTreeMap<String, f64> {
+    let c = Confusion::at(y, probs, 0.5);
+    BTreeMap::from([
+        ("auc".to_string(), auc(y, probs)),
+        ("log_loss".to_string(), log_loss(y, probs)),
+        ("accuracy".to_string(), c.accuracy()),
+        ("precision".to_string(), c.precision()),
+        ("recall".to_string(), c.recall()),
+    ])
 }
 
 /// Deals a churn dataset's rows into `merchants` iid shards (seeded) and
@@ -153,10 +78,12 @@ pub fn partition_churn(
 mod tests {
     use super::*;
     use crate::data::tabular::Schema;
-    use crate::federation::reference::{evaluate, federate};
     use crate::federation::strategy::FedAvg;
     use crate::model::lr::SgdParams;
     use crate::model::mlp::EarlyStopping;
+    use crate::reference::{evaluate, federate};
+    use crate::task::{ModelSpec, TaskKind, TaskSpec};
+    use crate::train::{LocalData, TrainError};
 
     fn telco() -> crate::data::tabular::TabularDataset {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -4,66 +4,11 @@
 //! Training starts from the global parameters (`fit_with`), supports L2
 //! regularisation, class weights and a FedProx proximal term.
 
-use ndarray::{Array1, Array2, ArrayView1, Axis};
+use ndarray::{Array1, Array2, Axis};
 use rand::Rng;
 use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
 
-use crate::model::mlp::EarlyStopping;
-
-/// How examples of each class are weighted in the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ClassWeight {
-    /// Every example counts once.
-    #[default]
-    None,
-    /// Each class weighted by `n / (2 · n_class)` on the local data, as
-    /// scikit-learn's `class_weight="balanced"`.
-    Balanced,
-}
-
-/// Hyper-parameters of local SGD training, shared by the churn models.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SgdParams {
-    /// Passes over the local training data per round.
-    pub epochs: usize,
-    /// Examples per mini-batch.
-    pub batch_size: usize,
-    /// Step size.
-    pub learning_rate: f32,
-    /// L2 penalty on the weights (not the bias).
-    pub l2: f32,
-    /// Class weighting of the loss.
-    #[serde(default)]
-    pub class_weight: ClassWeight,
-    /// FedProx proximal coefficient μ: adds `μ/2 ‖w − w_global‖²` (0 = off).
-    #[serde(default)]
-    pub prox_mu: f32,
-    /// Early stopping on a validation split carved from the local training
-    /// rows (`None` trains for exactly `epochs`).
-    #[serde(default)]
-    pub early_stopping: Option<EarlyStopping>,
-}
-
-/// Defaults tuned on Telco churn with five merchants (see BENCHMARKS.md,
-/// "Churn and orders pipeline"): ten local epochs at step 0.02 bring logistic
-/// regression to scikit-learn's AUC, centrally and federated, within 20
-/// rounds; a larger step makes the centralised last iterate noisy. The MLP
-/// uses Adam and wants a step near 0.001.
-impl Default for SgdParams {
-    fn default() -> Self {
-        Self {
-            epochs: 10,
-            batch_size: 32,
-            learning_rate: 0.02,
-            l2: 1e-4,
-            class_weight: ClassWeight::None,
-            prox_mu: 0.0,
-            early_stopping: None,
-        }
-    }
-}
+pub use crate::model::sgd::{ClassWeight, SgdParams, example_weights};
 
 /// A binary logistic-regression model.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,21 +25,6 @@ fn sigmoid(z: f32) -> f32 {
     } else {
         let e = z.exp();
         e / (1.0 + e)
-    }
-}
-
-/// Per-example loss weights for the given labels and class-weight policy.
-pub fn example_weights(y: ArrayView1<f32>, policy: ClassWeight) -> Array1<f32> {
-    match policy {
-        ClassWeight::None => Array1::ones(y.len()),
-        ClassWeight::Balanced => {
-            let n = y.len() as f32;
-            let pos = y.iter().filter(|&&v| v > 0.5).count() as f32;
-            let neg = n - pos;
-            let wp = if pos > 0.0 { n / (2.0 * pos) } else { 1.0 };
-            let wn = if neg > 0.0 { n / (2.0 * neg) } else { 1.0 };
-            y.mapv(|v| if v > 0.5 { wp } else { wn })
-        }
     }
 }
 
@@ -150,7 +80,7 @@ impl LogisticRegression {
         let anchor_w = self.weights.clone();
         let anchor_b = self.bias;
         let (mut order, valid) = match &params.early_stopping {
-            Some(e) if n >= 10 => crate::model::mlp::split_rows(y, e.validation_fraction, rng),
+            Some(e) if n >= 10 => crate::model::sgd::split_rows(y, e.validation_fraction, rng),
             _ => ((0..n).collect(), Vec::new()),
         };
         let patience = params
@@ -221,6 +151,7 @@ impl LogisticRegression {
 mod tests {
     use super::*;
     use crate::metrics::auc;
+    use crate::model::sgd::EarlyStopping;
     use ndarray::array;
 
     #[test]

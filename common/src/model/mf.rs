@@ -15,21 +15,21 @@
 //! diluted by everyone who never saw it (see [`MfAggregation`]).
 
 mod eval;
+mod family;
 mod kernels;
-
-use std::collections::BTreeMap;
+pub mod movielens;
 
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use super::TrainError;
 use crate::data::catalogue::Catalogue;
 use crate::data::interactions::Interaction;
 use crate::federation::update::{Segment, Update, WeightLayout};
-use crate::task::{TaskKind, TaskSpec};
-use crate::train::{TaskOutput, TrainError};
 
 pub use eval::{ranking_metrics, rmse_of};
+pub use family::MfShape;
 pub use kernels::{bpr_epoch, explicit_epoch};
 
 /// How the coordinator averages the item rows.
@@ -257,153 +257,6 @@ impl MfData {
             }
         }
     }
-}
-
-/// The shape of an MF task, unpacked from its `ModelSpec`.
-#[derive(Debug, Clone, Copy)]
-pub struct MfShape<'a> {
-    /// Catalogue size.
-    pub num_items: usize,
-    /// Latent factors k.
-    pub k: usize,
-    /// Implicit (BPR) rather than explicit feedback.
-    pub implicit: bool,
-    /// Hyper-parameters.
-    pub hyper: &'a MfHyper,
-}
-
-/// Carries out an MF task: trains from `global` and returns the item-side
-/// update, or evaluates `global` with the private user state.
-pub fn run_mf_task(
-    spec: &TaskSpec,
-    shape: MfShape<'_>,
-    global: &[f32],
-    data: &mut MfData,
-    merchant: &str,
-) -> Result<TaskOutput, TrainError> {
-    let (n, k, h) = (shape.num_items, shape.k, shape.hyper);
-    if spec.kind == TaskKind::Stats {
-        return Ok(TaskOutput {
-            update: None,
-            metrics: BTreeMap::new(),
-            weight: 0.0,
-        });
-    }
-    if global.len() != model_len(n, k) {
-        return Err(TrainError::ModelLength {
-            expected: model_len(n, k),
-            got: global.len(),
-        });
-    }
-    if let Some(r) = data
-        .train
-        .iter()
-        .chain(&data.test)
-        .find(|r| r.item as usize >= n)
-    {
-        return Err(TrainError::ItemOutOfRange {
-            item: r.item as usize,
-            num_items: n,
-        });
-    }
-    data.ensure_users(k, spec.seed, h.init_std, merchant);
-    let unknown = data.unknown_items as f64;
-    if spec.kind == TaskKind::Evaluate {
-        let (mut metrics, weight) = if shape.implicit {
-            eval::implicit_metrics(global, n, k, data)
-        } else {
-            let rmse = rmse_of(global, n, k, h.clip, data);
-            (
-                BTreeMap::from([("rmse".into(), rmse)]),
-                data.test.len() as f64,
-            )
-        };
-        metrics.insert("unknown_items".into(), unknown);
-        return Ok(TaskOutput {
-            update: None,
-            metrics,
-            weight,
-        });
-    }
-    if data.train.is_empty() {
-        return Ok(TaskOutput {
-            update: None,
-            metrics: BTreeMap::from([("unknown_items".into(), unknown)]),
-            weight: 0.0,
-        });
-    }
-    let mut rng = crate::seed::rng(spec.seed, &["mf-train", merchant, &spec.round.to_string()]);
-    let mut local = global.to_vec();
-    let (mu, items) = local.split_at_mut(1);
-    let (ib, itf) = items.split_at_mut(n);
-    let mut counts = vec![0.0f32; n];
-    let st = &mut data.state;
-    let mut order: Vec<u32> = (0..data.train.len() as u32).collect();
-    let mut loss = 0.0;
-    if shape.implicit {
-        let by_user = eval::UserItems::new(&data.train, data.users.len());
-        for _ in 0..h.epochs.max(1) {
-            shuffle(&mut order, &mut rng);
-            loss = bpr_epoch(
-                h,
-                k,
-                &data.train,
-                &order,
-                &by_user,
-                &mut st.factors,
-                ib,
-                itf,
-                &mut counts,
-                &mut rng,
-            );
-        }
-    } else {
-        let mut sum = 0.0f64;
-        for r in &data.train {
-            counts[r.item as usize] += 1.0;
-            sum += f64::from(r.value);
-        }
-        // μ is a statistic, not a learned weight: the agent reports its own
-        // mean and the per-example-weighted aggregate is the pooled mean.
-        // The initial model's μ = 0 means "unknown yet", so the first round
-        // trains around the local mean.
-        let local_mean = (sum / data.train.len() as f64) as f32;
-        let mu_train = if global[MU] == 0.0 {
-            local_mean
-        } else {
-            global[MU]
-        };
-        mu[0] = local_mean;
-        for _ in 0..h.epochs.max(1) {
-            shuffle(&mut order, &mut rng);
-            loss = explicit_epoch(
-                h,
-                k,
-                &data.train,
-                &order,
-                mu_train,
-                &mut st.bias,
-                &mut st.factors,
-                ib,
-                itf,
-            );
-        }
-    }
-    if !loss.is_finite() || local.iter().any(|v| !v.is_finite()) {
-        return Err(TrainError::Diverged);
-    }
-    let weight = data.train.len() as f64;
-    let update = item_update(global, &local, &counts, weight, n, k, h.aggregation)?;
-    let name = if shape.implicit {
-        "bpr_loss"
-    } else {
-        "train_mse"
-    };
-    Ok(TaskOutput {
-        update: Some(update),
-        metrics: BTreeMap::from([(name.into(), loss), ("unknown_items".into(), unknown)]),
-        weight,
-    })
 }
 
 /// Builds the item-side update from the local and global vectors: per item

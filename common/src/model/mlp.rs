@@ -25,7 +25,8 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::model::lr::{SgdParams, example_weights};
+pub use crate::model::sgd::EarlyStopping;
+use crate::model::sgd::{SgdParams, example_weights, split_rows};
 
 /// Adam's decay rates and stabiliser, the values of Kingma & Ba (2015).
 const BETA1: f32 = 0.9;
@@ -34,24 +35,6 @@ const ADAM_EPS: f32 = 1e-8;
 
 /// Probabilities are clipped to `[P_EPS, 1 − P_EPS]` inside the loss.
 const P_EPS: f64 = 1e-7;
-
-/// Stop training when the loss on a local validation split stops improving.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct EarlyStopping {
-    /// Fraction of the training rows held back for validation (stratified).
-    pub validation_fraction: f64,
-    /// Epochs without improvement tolerated before stopping.
-    pub patience: usize,
-}
-
-impl Default for EarlyStopping {
-    fn default() -> Self {
-        Self {
-            validation_fraction: 0.1,
-            patience: 3,
-        }
-    }
-}
 
 /// Why an MLP could not be built.
 #[derive(Debug, Error, PartialEq)]
@@ -108,7 +91,8 @@ impl MlpShape {
         self.widths().windows(2).map(|p| p[0] * p[1] + p[1]).sum()
     }
 
-    fn check(&self) -> Result<(), MlpError> {
+    /// Refuses zero-width layers (the only unusable shape).
+    pub fn check(&self) -> Result<(), MlpError> {
         if self.widths().contains(&0) {
             return Err(MlpError::ZeroWidth(self.widths()));
         }
@@ -371,25 +355,6 @@ impl Mlp {
         }
         report
     }
-}
-
-/// A stratified split of `0..y.len()` into (train, validation), drawn from `rng`.
-pub(crate) fn split_rows<R: Rng>(
-    y: &Array1<f32>,
-    fraction: f64,
-    rng: &mut R,
-) -> (Vec<usize>, Vec<usize>) {
-    let (mut train, mut valid) = (Vec::new(), Vec::new());
-    for class in [true, false] {
-        let mut idx: Vec<usize> = (0..y.len()).filter(|&i| (y[i] > 0.5) == class).collect();
-        idx.shuffle(rng);
-        let k = ((idx.len() as f64) * fraction.clamp(0.0, 0.5)).round() as usize;
-        valid.extend_from_slice(&idx[..k]);
-        train.extend_from_slice(&idx[k..]);
-    }
-    train.sort_unstable();
-    valid.sort_unstable();
-    (train, valid)
 }
 
 #[cfg(test)]

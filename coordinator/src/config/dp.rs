@@ -258,22 +258,6 @@ impl DpSettings {
                     .into(),
             );
         }
-        let strategy = crate::engine::strategy_by_name(&run.strategy).map_err(|message| {
-            ConfigError::Invalid {
-                field: "run.strategy",
-                message,
-            }
-        })?;
-        if strategy.needs_individual_updates() {
-            return bad(
-                "run.strategy",
-                format!(
-                    "`{}` needs every individual update; differential privacy noises only \
-                     their sum (use fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox)",
-                    run.strategy
-                ),
-            );
-        }
         Ok(())
     }
 }

@@ -31,7 +31,7 @@ fn run(dp: DpSettings, selected: usize) -> RunConfig {
         quorum: 1,
         round_timeout_ms: 1_000,
         evaluate: false,
-        strategy: "fedavg".into(),
+        strategy: Default::default(),
         secagg: None,
         dp: Some(dp),
     }
@@ -238,7 +238,15 @@ fn distributed_noise_added_by_agents_under_secure_aggregation_has_the_target_sca
             weight: 1.0,
         })
         .collect();
-    let mut hook = crate::simulate::dp_noise_hook(&sa, &noise, 7, &plan.task_id);
+    // Each agent adds its Skellam share, as the simulator's agents do.
+    let mut hook = |id: u32, input: &mut fedcart_common::privacy::secagg::EncodedInput| {
+        let mut rng = fedcart_common::seed::rng(7, &["dp-skellam", &plan.task_id, &id.to_string()]);
+        fedcart_common::privacy::dp::distributed::noise_encoded(input, &sa, &noise, &mut rng)
+            .map_err(|e| fedcart_common::privacy::secagg::SecAggError::Config {
+                parameter: "dp",
+                message: e.to_string(),
+            })
+    };
     let out = run_in_memory_with(&sa, &zeros, &Dropouts::none(), 1, &mut hook).unwrap();
     let survivors: Vec<String> = plan.selected.clone();
     engine
@@ -287,7 +295,8 @@ fn bad_dp_settings_are_refused_naming_the_field() {
     dist.mode = DpMode::Distributed;
     assert_eq!(field(dist, &|_| {}), "run.dp.mode");
     assert_eq!(
-        field(ok.clone(), &|c| c.strategy = "fedmedian".into()),
+        field(ok.clone(), &|c| c.strategy =
+            fedcart_common::federation::strategy::StrategySpec::FedMedian),
         "run.strategy"
     );
     let mut target = ok.clone();

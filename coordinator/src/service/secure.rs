@@ -35,11 +35,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, MutexGuard};
 
 use fedcart_common::privacy::secagg::{
-    AdvertiseKeys, AfterMasked, RingVec, RoundInvite, SecAggConfig, SecAggError, ServerSession,
-    ShareUpload, Stage, SurvivorSignature, UnmaskResponse, bytes_per_element, masked_to_bytes,
-    round_seed, stage_name,
+    AdvertiseKeys, AfterMasked, RingVec, RoundInvite, SecAggError, ServerSession, ShareUpload,
+    Stage, SurvivorSignature, UnmaskResponse, bytes_per_element, masked_to_bytes, round_seed,
+    stage_name,
 };
-use fedcart_common::task::TaskSpec;
 use fedcart_proto::v1 as pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -47,8 +46,8 @@ use tonic::{Response, Status, Streaming};
 
 use super::Shared;
 use super::convert::secagg_status;
-use crate::config::SecAggSettings;
 use crate::engine::{Submission, TaskPlan};
+use crate::secure_round::round_config;
 
 /// The secure round in progress: the server's session and who is expected
 /// to answer the open stage.
@@ -72,30 +71,6 @@ pub(super) struct SecureRound {
 
 /// The shutdown signal fired while a secure round was running.
 pub(super) struct Interrupted;
-
-/// The secure-aggregation parameters of one round with `n` invited agents,
-/// for both drivers (this service and the simulator): the whole update
-/// (values ‖ coordinate weights ‖ weight) of `spec`, with the ring, clip and
-/// graph [`SecAggConfig::for_task`] picks for the task kind (the 2^64 ring
-/// for the statistics step's raw sums; values clipped at `settings.clip`
-/// otherwise; the complete graph up to 64 agents, SecAgg+ beyond, or
-/// `settings.neighbours`).
-pub fn round_config(settings: &SecAggSettings, spec: &TaskSpec, n: usize) -> SecAggConfig {
-    let mut cfg = SecAggConfig::for_task(
-        spec.kind,
-        spec.update_len(),
-        spec.update_layout().num_coord_weights,
-        n,
-        settings.clip,
-        settings.neighbours,
-    );
-    cfg.verify_survivors = settings.verify_survivors;
-    // Distributed DP: the encoding the agents' noise was calibrated for.
-    if let Some(noise) = spec.dp.as_ref().and_then(|d| d.distributed) {
-        noise.configure(&mut cfg);
-    }
-    cfg
-}
 
 impl Shared {
     fn secure_round(&self) -> MutexGuard<'_, Option<SecureRound>> {

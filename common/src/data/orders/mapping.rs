@@ -120,6 +120,96 @@ pub struct OrdersMapping {
     pub delimiter: Delimiter,
 }
 
+/// Column settings given one by one (command-line flags, a config table),
+/// each `None` when not given. Both `fedcart-client prepare` and the
+/// simulator build their mapping through [`MappingOverrides::apply`], so the
+/// same flags mean the same thing in both.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MappingOverrides {
+    /// Customer identifier column.
+    pub customer: Option<String>,
+    /// Catalogue item column.
+    pub item: Option<String>,
+    /// Order time column.
+    pub timestamp: Option<String>,
+    /// How the order time is written.
+    pub timestamp_format: Option<TimestampFormat>,
+    /// Quantity column.
+    pub quantity: Option<String>,
+    /// Order-line value column.
+    pub amount: Option<String>,
+    /// Explicit rating column.
+    pub rating: Option<String>,
+    /// Merchant or store column.
+    pub merchant: Option<String>,
+    /// Field separator.
+    pub delimiter: Option<Delimiter>,
+}
+
+/// A mapping built from overrides alone lacks a required column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the `{field}` column is required")]
+pub struct MissingColumn {
+    /// The mapping key of the missing column (`customer`, `timestamp` or
+    /// `amount`), for callers to name their own flag.
+    pub field: &'static str,
+}
+
+impl MappingOverrides {
+    /// `base` (a mapping file, or a known export's mapping) with every given
+    /// override applied. Without a base, the overrides form the mapping and
+    /// must name the customer, timestamp and amount columns (checked in that
+    /// order); the format is then `auto` and the delimiter a comma unless
+    /// overridden.
+    pub fn apply(&self, base: Option<OrdersMapping>) -> Result<OrdersMapping, MissingColumn> {
+        let mut map = match base {
+            Some(map) => map,
+            None => {
+                let required = |v: &Option<String>, field: &'static str| {
+                    v.clone().ok_or(MissingColumn { field })
+                };
+                OrdersMapping {
+                    customer: required(&self.customer, "customer")?,
+                    item: None,
+                    timestamp: required(&self.timestamp, "timestamp")?,
+                    timestamp_format: TimestampFormat::Auto,
+                    quantity: None,
+                    amount: required(&self.amount, "amount")?,
+                    rating: None,
+                    merchant: None,
+                    delimiter: Delimiter::Comma,
+                }
+            }
+        };
+        for (v, field) in [
+            (&self.customer, &mut map.customer),
+            (&self.timestamp, &mut map.timestamp),
+            (&self.amount, &mut map.amount),
+        ] {
+            if let Some(v) = v {
+                field.clone_from(v);
+            }
+        }
+        for (v, field) in [
+            (&self.item, &mut map.item),
+            (&self.quantity, &mut map.quantity),
+            (&self.rating, &mut map.rating),
+            (&self.merchant, &mut map.merchant),
+        ] {
+            if v.is_some() {
+                field.clone_from(v);
+            }
+        }
+        if let Some(f) = self.timestamp_format {
+            map.timestamp_format = f;
+        }
+        if let Some(d) = self.delimiter {
+            map.delimiter = d;
+        }
+        Ok(map)
+    }
+}
+
 impl OrdersMapping {
     /// The mapping of the bundled CDNOW file `data/cdnow/CDNOW_master.txt`:
     /// whitespace-separated, `YYYYMMDD` dates, no item column.

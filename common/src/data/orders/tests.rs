@@ -287,9 +287,9 @@ fn cdnow_loads_through_the_mapping_and_derives_rfm_without_interactions() {
 
 #[test]
 fn cdnow_churn_lr_learns_and_federated_matches_centralised() {
-    use crate::federation::reference::{evaluate, federate};
     use crate::federation::strategy::FedAvg;
     use crate::model::lr::SgdParams;
+    use crate::reference::{evaluate, federate};
     use crate::task::{ModelSpec, TaskKind, TaskSpec};
     use crate::train::LocalData;
 

@@ -67,6 +67,38 @@ pub fn rmse_of(global: &[f32], n: usize, k: usize, clip: Option<[f32; 2]>, data:
     }
 }
 
+/// The model's score of each test interaction, in order: `b_i + p_u·q_i`,
+/// plus `μ + b_u` and clipped to `clip` when `with_user_bias` (explicit
+/// feedback, the prediction `rmse_of` measures).
+pub fn test_scores(
+    global: &[f32],
+    n: usize,
+    k: usize,
+    with_user_bias: bool,
+    clip: Option<[f32; 2]>,
+    data: &MfData,
+) -> Vec<f32> {
+    let s = &data.state;
+    data.test
+        .iter()
+        .map(|r| {
+            let (u, i) = (r.user as usize, r.item as usize);
+            let (b, f) = item_offsets(n, k, i);
+            let pu = &s.factors[u * k..(u + 1) * k];
+            let dot: f32 = pu.iter().zip(&global[f..f + k]).map(|(p, q)| p * q).sum();
+            let mut pred = if with_user_bias {
+                global[0] + s.bias[u] + global[b] + dot
+            } else {
+                global[b] + dot
+            };
+            if let Some([lo, hi]) = clip {
+                pred = pred.clamp(lo, hi);
+            }
+            pred
+        })
+        .collect()
+}
+
 /// HR@10 and NDCG@10 contributions of one held-out item: its 0-based rank
 /// among `scores`, skipping the user's training items `exclude` (sorted).
 /// Ties count against the held-out item, so a constant model scores nothing.

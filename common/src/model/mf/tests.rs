@@ -7,10 +7,10 @@ use std::path::Path;
 use rand::RngExt;
 
 use super::*;
-use crate::data::movielens;
 use crate::federation::aggregate::SumAccumulator;
-use crate::federation::reference::federate;
 use crate::federation::strategy::{FedAvg, Strategy};
+use crate::model::mf::movielens;
+use crate::reference::federate;
 use crate::task::{ModelSpec, TaskKind, TaskSpec};
 use crate::train::{LocalData, TrainError, run_task};
 

@@ -293,7 +293,7 @@ impl DistributedSkellam {
 pub fn noise_encoded<R: Rng + ?Sized>(
     input: &mut crate::privacy::secagg::EncodedInput,
     config: &crate::privacy::secagg::SecAggConfig,
-    noise: &super::task::DistributedNoise,
+    noise: &DistributedNoise,
     rng: &mut R,
 ) -> Result<(), DpError> {
     let dim = noise.skellam.dim;
@@ -344,6 +344,34 @@ pub fn max_scale(
             value: f64::from(modulus_bits),
             reason: "the ring cannot hold the summed encodings plus noise at any scale",
         })
+    }
+}
+
+/// Agent-side noise of a distributed-DP round: Skellam noise added to the
+/// fixed-point encoding before masking (see this module).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistributedNoise {
+    /// Noise on the model coordinates: multiplier, clip, encoding scale,
+    /// dimension and the number of agents the noise is split across.
+    pub skellam: DistributedSkellam,
+    /// Skellam variance (in encoded units) each agent adds to the clip-bit
+    /// coordinate; 0 without adaptive clipping.
+    pub bit_variance: f64,
+    /// The value clip secure aggregation must use: `max(C, ½)` so that
+    /// neither a clipped delta coordinate nor a clip bit is clipped again.
+    pub secagg_clip: f32,
+    /// The ring the scale was sized for (2^32 or 2^64).
+    pub modulus_bits: u32,
+}
+
+impl DistributedNoise {
+    /// Sets the encoding of a secure-aggregation configuration to the one the
+    /// noise was calibrated for (value clip, fixed-point scale and ring). Agents and
+    /// the coordinator must both call this on the round's configuration.
+    pub fn configure(&self, config: &mut crate::privacy::secagg::SecAggConfig) {
+        config.clip = self.secagg_clip;
+        config.scale = self.skellam.scale;
+        config.modulus_bits = self.modulus_bits;
     }
 }
 

@@ -16,10 +16,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::distributed::DistributedSkellam;
+pub use super::distributed::DistributedNoise;
 use super::{DpError, dp_update};
+use crate::federation::update::Update;
 use crate::federation::update::{Segment, WeightLayout};
-use crate::train::TaskOutput;
 
 /// The privacy instructions of one training task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,34 +34,6 @@ pub struct DpTask {
     /// (distributed mode); absent when the coordinator adds it (central mode).
     #[serde(default)]
     pub distributed: Option<DistributedNoise>,
-}
-
-/// Agent-side noise of a distributed-DP round: Skellam noise added to the
-/// fixed-point encoding before masking (see [`super::distributed`]).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct DistributedNoise {
-    /// Noise on the model coordinates: multiplier, clip, encoding scale,
-    /// dimension and the number of agents the noise is split across.
-    pub skellam: DistributedSkellam,
-    /// Skellam variance (in encoded units) each agent adds to the clip-bit
-    /// coordinate; 0 without adaptive clipping.
-    pub bit_variance: f64,
-    /// The value clip secure aggregation must use: `max(C, ½)` so that
-    /// neither a clipped delta coordinate nor a clip bit is clipped again.
-    pub secagg_clip: f32,
-    /// The ring the scale was sized for (2^32 or 2^64).
-    pub modulus_bits: u32,
-}
-
-impl DistributedNoise {
-    /// Sets the encoding of a secure-aggregation configuration to the one the
-    /// noise was calibrated for (value clip, fixed-point scale and ring). Agents and
-    /// the coordinator must both call this on the round's configuration.
-    pub fn configure(&self, config: &mut crate::privacy::secagg::SecAggConfig) {
-        config.clip = self.secagg_clip;
-        config.scale = self.skellam.scale;
-        config.modulus_bits = self.modulus_bits;
-    }
 }
 
 impl DpTask {
@@ -86,22 +58,23 @@ impl DpTask {
     }
 }
 
-/// Replaces a training output's update by its DP form: the per-example delta
+/// Replaces a training output's update (taken from `update`, the
+/// `TaskOutput::update` field) by its DP form: the per-example delta
 /// clipped to `dp.clip`, weight 1, per-coordinate weights 1, plus the clip
 /// bit when asked. `model_layout` is the model's own layout (without the bit).
 pub fn privatise(
     dp: &DpTask,
     model_layout: &WeightLayout,
-    out: &mut TaskOutput,
+    out: &mut Option<Update>,
 ) -> Result<(), DpError> {
-    let Some(update) = out.update.take() else {
+    let Some(update) = out.take() else {
         return Ok(());
     };
     let (mut clipped, report) = dp_update(&update, model_layout, dp.clip)?;
     if dp.clip_bit {
         clipped.values.push(if report.clipped { -0.5 } else { 0.5 });
     }
-    out.update = Some(clipped);
+    *out = Some(clipped);
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::SecAggError;
-use crate::task::TaskKind;
+use crate::kind::TaskKind;
 
 /// Largest number of holders of one secret: Shamir over GF(256) has 255
 /// non-zero evaluation points, and every holder needs its own.

@@ -4,13 +4,13 @@
 use std::path::Path;
 
 use super::*;
-use crate::data::movielens;
 use crate::data::tabular::Schema;
-use crate::federation::reference::stats_step;
 use crate::model::churn::partition_churn;
 use crate::model::lr::SgdParams;
 use crate::model::mf::MfHyper;
+use crate::model::mf::movielens;
 use crate::privacy::dp::clip::l2_norm;
+use crate::reference::stats_step;
 use crate::task::{ModelSpec, TaskKind, TaskSpec};
 use crate::train::{LocalData, run_task};
 

@@ -1,0 +1,129 @@
+//! The churn logistic-regression family: federated parameters `[w_1 … w_d, b]`,
+//! divided uniformly; nothing private. The numerics live in [`super::lr`].
+
+use std::collections::BTreeMap;
+
+use super::churn::{churn_data, classification_metrics, stats_output};
+use super::lr::LogisticRegression;
+use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta};
+use crate::data::standardize::Standardizer;
+use crate::data::tabular::TabularDataset;
+
+/// Logistic regression for churn on `num_features` encoded features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChurnLr {
+    /// Encoded feature count (see `tabular::Schema::num_features`).
+    pub num_features: usize,
+}
+
+impl ChurnLr {
+    /// The checks every non-statistics task makes, in order: the data, the
+    /// global model's length, then the standardiser.
+    fn prepare<'a>(
+        &self,
+        ctx: &RoundContext<'a>,
+        global: &[f32],
+        data: &LocalData,
+    ) -> Result<&'a Standardizer, TrainError> {
+        churn_data(data, self.num_features)?;
+        if global.len() != self.model_len() {
+            return Err(TrainError::ModelLength {
+                expected: self.model_len(),
+                got: global.len(),
+            });
+        }
+        ctx.standardizer.ok_or(TrainError::MissingStandardizer)
+    }
+}
+
+impl FederatedModel for ChurnLr {
+    fn name(&self) -> &'static str {
+        "churn-lr"
+    }
+
+    fn data_family(&self) -> &'static str {
+        "churn"
+    }
+
+    fn model_len(&self) -> usize {
+        self.num_features + 1
+    }
+
+    fn stats_len(&self) -> usize {
+        2 * self.num_features
+    }
+
+    fn stats(
+        &self,
+        _ctx: &RoundContext<'_>,
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        Ok(stats_output(churn_data(data, self.num_features)?))
+    }
+
+    fn fit(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        let scaler = self.prepare(ctx, global, data)?;
+        let churn = churn_data(data, self.num_features)?;
+        let mut model = LogisticRegression::from_params(global);
+        let x = scaler.transform(&churn.train.x);
+        let mut rng = crate::seed::rng(
+            ctx.seed,
+            &["train", &data.merchant_id, &ctx.round.to_string()],
+        );
+        let loss = model.fit_with(&x, &churn.train.y, ctx.sgd, &mut rng);
+        let local = model.to_params();
+        let n = churn.train.len() as f64;
+        let update = weighted_delta(&local, global, n)?;
+        let metrics = BTreeMap::from([("train_loss".to_string(), f64::from(loss))]);
+        Ok(TaskOutput {
+            update: Some(update),
+            metrics,
+            weight: n,
+        })
+    }
+
+    fn evaluate(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        let scaler = self.prepare(ctx, global, data)?;
+        let churn = churn_data(data, self.num_features)?;
+        let model = LogisticRegression::from_params(global);
+        Ok(TaskOutput {
+            update: None,
+            metrics: evaluate_lr(&model, scaler, &churn.valid),
+            weight: churn.valid.len() as f64,
+        })
+    }
+
+    fn score(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError> {
+        let scaler = self.prepare(ctx, global, data)?;
+        let churn = churn_data(data, self.num_features)?;
+        let model = LogisticRegression::from_params(global);
+        Ok(model.predict_proba(&scaler.transform(&churn.valid.x)))
+    }
+}
+
+/// Held-out metrics of a logistic-regression model: AUC, log-loss, accuracy,
+/// precision and recall at 0.5.
+pub fn evaluate_lr(
+    model: &LogisticRegression,
+    scaler: &Standardizer,
+    ds: &TabularDataset,
+) -> BTreeMap<String, f64> {
+    let probs = model.predict_proba(&scaler.transform(&ds.x));
+    let y = ds.y.as_slice().expect("contiguous labels");
+    classification_metrics(y, &probs)
+}

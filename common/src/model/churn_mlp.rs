@@ -1,0 +1,157 @@
+//! The churn MLP family: federated parameters are all weights and biases,
+//! flat (see [`MlpShape`]), divided uniformly; nothing private. It mirrors
+//! [`super::churn_lr`] so the two families federate (and compare) identically.
+
+use std::collections::BTreeMap;
+
+use super::churn::{churn_data, classification_metrics, stats_output};
+use super::mlp::{Mlp, MlpShape};
+use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta};
+use crate::data::standardize::Standardizer;
+
+/// A ReLU multi-layer perceptron for churn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChurnMlp<'a> {
+    /// Encoded feature count.
+    pub num_features: usize,
+    /// Hidden layer widths.
+    pub hidden: &'a [usize],
+}
+
+impl ChurnMlp<'_> {
+    fn shape(&self) -> MlpShape {
+        MlpShape {
+            num_features: self.num_features,
+            hidden: self.hidden.to_vec(),
+        }
+    }
+
+    /// The checks every non-statistics task makes, in order, and the global
+    /// model rebuilt from its flat parameters.
+    fn prepare<'s>(
+        &self,
+        ctx: &RoundContext<'s>,
+        global: &[f32],
+        data: &LocalData,
+    ) -> Result<(&'s Standardizer, Mlp), TrainError> {
+        churn_data(data, self.num_features)?;
+        let shape = self.shape();
+        if global.len() != shape.param_len() {
+            return Err(TrainError::ModelLength {
+                expected: shape.param_len(),
+                got: global.len(),
+            });
+        }
+        let scaler = ctx.standardizer.ok_or(TrainError::MissingStandardizer)?;
+        let model =
+            Mlp::from_params(shape, global).map_err(|e| TrainError::InvalidModel(e.to_string()))?;
+        Ok((scaler, model))
+    }
+}
+
+impl FederatedModel for ChurnMlp<'_> {
+    fn name(&self) -> &'static str {
+        "churn-mlp"
+    }
+
+    fn data_family(&self) -> &'static str {
+        "churn"
+    }
+
+    fn model_len(&self) -> usize {
+        self.shape().param_len()
+    }
+
+    fn stats_len(&self) -> usize {
+        2 * self.num_features
+    }
+
+    /// He-initialised parameters drawn from the run seed (zeros would never
+    /// break symmetry); zeros if the shape is unusable, and the first task then
+    /// reports [`TrainError::InvalidModel`].
+    fn initial_params(&self, seed: u64) -> Vec<f32> {
+        match Mlp::he_init(self.shape(), &mut crate::seed::rng(seed, &["mlp-init"])) {
+            Ok(m) => m.params().to_vec(),
+            Err(_) => vec![0.0; self.model_len()],
+        }
+    }
+
+    fn check(&self) -> Result<(), TrainError> {
+        self.shape()
+            .check()
+            .map_err(|e| TrainError::InvalidModel(e.to_string()))
+    }
+
+    fn stats(
+        &self,
+        _ctx: &RoundContext<'_>,
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        Ok(stats_output(churn_data(data, self.num_features)?))
+    }
+
+    fn fit(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        let (scaler, mut model) = self.prepare(ctx, global, data)?;
+        let churn = churn_data(data, self.num_features)?;
+        let x = scaler.transform(&churn.train.x);
+        let mut rng = crate::seed::rng(
+            ctx.seed,
+            &["train-mlp", &data.merchant_id, &ctx.round.to_string()],
+        );
+        let report = model.fit_with(
+            &x,
+            &churn.train.y,
+            ctx.sgd,
+            ctx.sgd.early_stopping.as_ref(),
+            &mut rng,
+        );
+        let n = churn.train.len() as f64;
+        let update = weighted_delta(model.params(), global, n)?;
+        let mut metrics = BTreeMap::from([
+            ("train_loss".to_string(), f64::from(report.train_loss)),
+            ("epochs_run".to_string(), report.epochs_run as f64),
+            ("best_epoch".to_string(), report.best_epoch as f64),
+        ]);
+        if let Some(v) = report.valid_loss {
+            metrics.insert("early_stop_valid_loss".to_string(), f64::from(v));
+        }
+        Ok(TaskOutput {
+            update: Some(update),
+            metrics,
+            weight: n,
+        })
+    }
+
+    fn evaluate(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        let (scaler, model) = self.prepare(ctx, global, data)?;
+        let churn = churn_data(data, self.num_features)?;
+        let probs = model.predict_proba(&scaler.transform(&churn.valid.x));
+        let y = churn.valid.y.as_slice().expect("contiguous labels");
+        Ok(TaskOutput {
+            update: None,
+            metrics: classification_metrics(y, &probs),
+            weight: churn.valid.len() as f64,
+        })
+    }
+
+    fn score(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError> {
+        let (scaler, model) = self.prepare(ctx, global, data)?;
+        let churn = churn_data(data, self.num_features)?;
+        Ok(model.predict_proba(&scaler.transform(&churn.valid.x)))
+    }
+}

@@ -1,0 +1,278 @@
+//! The matrix-factorisation family behind [`FederatedModel`]: the checks of
+//! a task, local training of the item side (the user side updated in place in
+//! the agent's private state), evaluation and scoring.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use super::eval::{self, rmse_of};
+use super::kernels::{bpr_epoch, explicit_epoch};
+use super::{MU, MfData, MfHyper, initial_params, item_update, layout, model_len, shuffle};
+use crate::federation::update::WeightLayout;
+use crate::model::sgd::SgdParams;
+use crate::model::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError};
+
+/// The matrix-factorisation family, explicit or implicit (BPR): a view of
+/// `ModelSpec::Mf` / `ModelSpec::MfImplicit` (the only place the two are
+/// unpacked is `ModelSpec::model`).
+#[derive(Debug, Clone, Copy)]
+pub struct MfShape<'a> {
+    /// Catalogue size.
+    pub num_items: usize,
+    /// Latent factors k.
+    pub k: usize,
+    /// Implicit (BPR) rather than explicit feedback.
+    pub implicit: bool,
+    /// Hyper-parameters.
+    pub hyper: &'a MfHyper,
+}
+
+/// The merchant's id and MF data, or [`TrainError::NoData`].
+fn mf_data(data: &mut LocalData) -> Result<(&str, &mut MfData), TrainError> {
+    let LocalData {
+        merchant_id, mf, ..
+    } = data;
+    Ok((merchant_id, mf.as_mut().ok_or(TrainError::NoData("mf"))?))
+}
+
+impl MfShape<'_> {
+    /// The checks of a train or evaluate task, in order (model length, item
+    /// range), then the private user state made ready for `k` factors.
+    fn prepare(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut MfData,
+        merchant: &str,
+    ) -> Result<(), TrainError> {
+        let (n, k) = (self.num_items, self.k);
+        if global.len() != model_len(n, k) {
+            return Err(TrainError::ModelLength {
+                expected: model_len(n, k),
+                got: global.len(),
+            });
+        }
+        if let Some(r) = data
+            .train
+            .iter()
+            .chain(&data.test)
+            .find(|r| r.item as usize >= n)
+        {
+            return Err(TrainError::ItemOutOfRange {
+                item: r.item as usize,
+                num_items: n,
+            });
+        }
+        data.ensure_users(k, ctx.seed, self.hyper.init_std, merchant);
+        Ok(())
+    }
+}
+
+impl FederatedModel for MfShape<'_> {
+    fn name(&self) -> &'static str {
+        if self.implicit { "mf-implicit" } else { "mf" }
+    }
+
+    fn data_family(&self) -> &'static str {
+        "mf"
+    }
+
+    fn model_len(&self) -> usize {
+        model_len(self.num_items, self.k)
+    }
+
+    fn layout(&self) -> WeightLayout {
+        layout(self.num_items, self.k, self.hyper.aggregation)
+    }
+
+    /// μ and biases 0, small seeded random item factors.
+    fn initial_params(&self, seed: u64) -> Vec<f32> {
+        initial_params(self.num_items, self.k, self.hyper.init_std, seed)
+    }
+
+    fn local_epochs(&self, _sgd: &SgdParams) -> usize {
+        self.hyper.epochs
+    }
+
+    /// At least one factor; step sizes, penalties and the initial spread
+    /// finite and non-negative; a clip range with `min <= max`.
+    fn check(&self) -> Result<(), TrainError> {
+        let h = self.hyper;
+        let invalid = |what: &str| Err(TrainError::InvalidModel(what.to_string()));
+        if self.k == 0 {
+            return invalid("matrix factorisation needs at least one factor");
+        }
+        for (name, v) in [
+            ("learning_rate", h.learning_rate),
+            ("bias_learning_rate", h.bias_learning_rate),
+            ("reg_factors", h.reg_factors),
+            ("reg_bias", h.reg_bias),
+            ("init_std", h.init_std),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return invalid(&format!("MF `{name}` must be finite and >= 0, got {v}"));
+            }
+        }
+        if let Some([lo, hi]) = h.clip
+            && !matches!(lo.partial_cmp(&hi), Some(Ordering::Less | Ordering::Equal))
+        {
+            return invalid(&format!("MF `clip` needs min <= max, got [{lo}, {hi}]"));
+        }
+        Ok(())
+    }
+
+    /// MF needs no statistics step: an empty output of weight 0.
+    fn stats(
+        &self,
+        _ctx: &RoundContext<'_>,
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        mf_data(data)?;
+        Ok(TaskOutput {
+            update: None,
+            metrics: BTreeMap::new(),
+            weight: 0.0,
+        })
+    }
+
+    /// RMSE (explicit) or HR@10 / NDCG@10 (implicit) of `global` with the
+    /// private user state, plus the count of unknown items.
+    fn evaluate(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        let (merchant, data) = mf_data(data)?;
+        self.prepare(ctx, global, data, merchant)?;
+        let (n, k, h) = (self.num_items, self.k, self.hyper);
+        let unknown = data.unknown_items as f64;
+        let (mut metrics, weight) = if self.implicit {
+            eval::implicit_metrics(global, n, k, data)
+        } else {
+            let rmse = rmse_of(global, n, k, h.clip, data);
+            (
+                BTreeMap::from([("rmse".into(), rmse)]),
+                data.test.len() as f64,
+            )
+        };
+        metrics.insert("unknown_items".into(), unknown);
+        Ok(TaskOutput {
+            update: None,
+            metrics,
+            weight,
+        })
+    }
+
+    fn score(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<Vec<f32>, TrainError> {
+        let (merchant, data) = mf_data(data)?;
+        self.prepare(ctx, global, data, merchant)?;
+        let clip = if self.implicit { None } else { self.hyper.clip };
+        Ok(eval::test_scores(
+            global,
+            self.num_items,
+            self.k,
+            !self.implicit,
+            clip,
+            data,
+        ))
+    }
+
+    /// Trains from `global` and returns the item-side update; the user
+    /// biases and factors are updated in place in [`MfData::state`].
+    fn fit(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut LocalData,
+    ) -> Result<TaskOutput, TrainError> {
+        let (merchant, data) = mf_data(data)?;
+        self.prepare(ctx, global, data, merchant)?;
+        let (n, k, h) = (self.num_items, self.k, self.hyper);
+        let unknown = data.unknown_items as f64;
+        if data.train.is_empty() {
+            return Ok(TaskOutput {
+                update: None,
+                metrics: BTreeMap::from([("unknown_items".into(), unknown)]),
+                weight: 0.0,
+            });
+        }
+        let mut rng = crate::seed::rng(ctx.seed, &["mf-train", merchant, &ctx.round.to_string()]);
+        let mut local = global.to_vec();
+        let (mu, items) = local.split_at_mut(1);
+        let (ib, itf) = items.split_at_mut(n);
+        let mut counts = vec![0.0f32; n];
+        let st = &mut data.state;
+        let mut order: Vec<u32> = (0..data.train.len() as u32).collect();
+        let mut loss = 0.0;
+        if self.implicit {
+            let by_user = eval::UserItems::new(&data.train, data.users.len());
+            for _ in 0..h.epochs.max(1) {
+                shuffle(&mut order, &mut rng);
+                loss = bpr_epoch(
+                    h,
+                    k,
+                    &data.train,
+                    &order,
+                    &by_user,
+                    &mut st.factors,
+                    ib,
+                    itf,
+                    &mut counts,
+                    &mut rng,
+                );
+            }
+        } else {
+            let mut sum = 0.0f64;
+            for r in &data.train {
+                counts[r.item as usize] += 1.0;
+                sum += f64::from(r.value);
+            }
+            // μ is a statistic, not a learned weight: the agent reports its own
+            // mean and the per-example-weighted aggregate is the pooled mean.
+            // The initial model's μ = 0 means "unknown yet", so the first round
+            // trains around the local mean.
+            let local_mean = (sum / data.train.len() as f64) as f32;
+            let mu_train = if global[MU] == 0.0 {
+                local_mean
+            } else {
+                global[MU]
+            };
+            mu[0] = local_mean;
+            for _ in 0..h.epochs.max(1) {
+                shuffle(&mut order, &mut rng);
+                loss = explicit_epoch(
+                    h,
+                    k,
+                    &data.train,
+                    &order,
+                    mu_train,
+                    &mut st.bias,
+                    &mut st.factors,
+                    ib,
+                    itf,
+                );
+            }
+        }
+        if !loss.is_finite() || local.iter().any(|v| !v.is_finite()) {
+            return Err(TrainError::Diverged);
+        }
+        let weight = data.train.len() as f64;
+        let update = item_update(global, &local, &counts, weight, n, k, h.aggregation)?;
+        let name = if self.implicit {
+            "bpr_loss"
+        } else {
+            "train_mse"
+        };
+        Ok(TaskOutput {
+            update: Some(update),
+            metrics: BTreeMap::from([(name.into(), loss), ("unknown_items".into(), unknown)]),
+            weight,
+        })
+    }
+}

@@ -1,0 +1,213 @@
+//! The simulator's command-line flags, as written by the user: every one
+//! optional, so that a flag can override the `--config` TOML file, which
+//! overrides the defaults. [`Settings`](crate::Settings) validates them.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use fedcart_common::federation::strategy::StrategySpec;
+use serde::{Deserialize, Serialize};
+
+use crate::data::orders::OrdersArgs;
+use crate::data::{DataSpec, TaskChoice};
+
+/// Flags of `fedcart-sim`. Every flag may also be set in the
+/// `--config` TOML file (same names, `-` as `_`); flags win over the file.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimArgs {
+    /// TOML file with any of the settings below.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Dataset: `movielens:PATH`, `telco:PATH`, `orders:PATH` (an orders export
+    /// read through the column mapping below; plain `orders` is the bundled
+    /// CDNOW log). Without --data and --task the demo runs MovieLens MF and Telco churn.
+    #[arg(long)]
+    pub data: Option<DataSpec>,
+    /// Explicit training file (used instead of splitting --data); needs --test.
+    #[arg(long, requires = "test")]
+    pub train: Option<PathBuf>,
+    /// Explicit held-out file; needs --train.
+    #[arg(long, requires = "train")]
+    pub test: Option<PathBuf>,
+    /// Task: `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
+    /// default 16), or `noop:D` (random D-float updates, no training).
+    #[arg(long)]
+    pub task: Option<TaskChoice>,
+    /// Number of virtual merchants [default: 10].
+    #[arg(long)]
+    pub merchants: Option<usize>,
+    /// Training rounds [default: 20].
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Fraction of merchants selected per round [default: 1].
+    #[arg(long)]
+    pub fraction: Option<f64>,
+    /// Local epochs per round [default: 5 for MF, 3 for churn-mlp, 1 otherwise].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp].
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Mini-batch size for churn models [default: 32].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Latent factors of MF models [default: 32].
+    #[arg(long)]
+    pub factors: Option<usize>,
+    /// Partitioner: `iid`, `dirichlet:ALPHA` (label skew: churn class, or the
+    /// customers' item popularity for MF), `zipf:S` (size skew), `natural` (one
+    /// merchant per store of an orders export's --merchant-col) [default: iid].
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Strategy: fedavg, fedprox:MU, fedavgm[:β[:η]], fedadam[:η], fedyogi[:η],
+    /// fedadagrad[:η], fedmedian, fedtrimmedavg:β, krum:F, multikrum:F:M [default: fedavg].
+    #[arg(long)]
+    pub strategy: Option<StrategySpec>,
+    /// Use secure aggregation (refused with robust strategies). On by default
+    /// in the no-argument demo; off by default when --task, --data or
+    /// --train/--test choose an experiment.
+    #[arg(long, overrides_with = "no_secagg")]
+    pub secagg: bool,
+    /// Do not use secure aggregation (also in the demo).
+    #[arg(long)]
+    #[serde(skip)]
+    pub no_secagg: bool,
+    /// Secure aggregation clips every update value to [-X, X] [default: 1 for
+    /// noop, 1e5 otherwise: updates are weighted by example counts, and MF's global mean μ by the merchant's rating count].
+    #[arg(long)]
+    pub secagg_clip: Option<f32>,
+    /// Probability that a selected merchant drops out of a task [default: 0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Fraction of merchants that are malicious [default: 0].
+    #[arg(long)]
+    pub malicious: Option<f64>,
+    /// What malicious merchants do to their update: `scale:X` or `signflip` [default: scale:10].
+    #[arg(long)]
+    pub attack: Option<String>,
+    /// Seed of everything random [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Worker threads (0 = one per core) [default: 0].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Directory for metrics.json, metrics.csv, report.html and the plots.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Differential privacy: L2 clip norm C of each merchant's delta, or
+    /// `adaptive` (a private quantile estimate). Turns DP-FedAvg on.
+    #[arg(long)]
+    pub dp_clip: Option<String>,
+    /// DP noise multiplier σ (noise std = σ·C on the sum); or --target-epsilon.
+    #[arg(long)]
+    pub dp_noise: Option<f64>,
+    /// Solve σ up front so that ε after --rounds rounds is at most E.
+    #[arg(long)]
+    pub target_epsilon: Option<f64>,
+    /// δ of the DP guarantee [default: 1e-5].
+    #[arg(long)]
+    pub dp_delta: Option<f64>,
+    /// Who adds the noise: `central` (coordinator) or `distributed` (agents,
+    /// under --secagg) [default: central].
+    #[arg(long)]
+    pub dp_mode: Option<DpModeName>,
+    /// How merchants reach the engine: `inproc` (direct calls, a rayon pool)
+    /// or `grpc` (the real coordinator service on loopback and the real
+    /// merchant agent per merchant, for fidelity and overhead) [default: inproc].
+    #[arg(long)]
+    pub transport: Option<Transport>,
+    /// Column mapping and churn labelling of `--data orders:PATH` (the
+    /// `[orders]` table of the config file).
+    #[command(flatten)]
+    pub orders: OrdersArgs,
+    /// How rounds are driven: `sync` (select, wait for every selected
+    /// merchant, commit) or `fedbuff` (buffered asynchronous aggregation:
+    /// merchants train concurrently on the version they downloaded; every
+    /// --buffer updates, weighted by --staleness, make one version). With
+    /// fedbuff, --rounds counts committed versions [default: sync].
+    #[arg(long)]
+    pub mode: Option<ModeName>,
+    /// FedBuff: K, the updates buffered per committed version
+    /// [default: max(1, concurrency/4)].
+    #[arg(long, value_name = "K")]
+    pub buffer: Option<usize>,
+    /// FedBuff: C, the merchants training at the same time
+    /// [default: ⌈fraction × merchants⌉].
+    #[arg(long, value_name = "C")]
+    pub concurrency: Option<usize>,
+    /// FedBuff: weight s(τ) of an update τ versions stale: `sqrt` = 1/√(1+τ),
+    /// `const` = 1, `poly:A` = (1+τ)^-A [default: sqrt].
+    #[arg(long, value_name = "F")]
+    pub staleness: Option<String>,
+    /// FedBuff: server learning rate η multiplying the buffered mean step
+    /// [default: 1].
+    #[arg(long)]
+    pub server_lr: Option<f64>,
+    /// Virtual clock: log-standard-deviation σ of the merchants' speed factors,
+    /// drawn once per merchant from a lognormal with median 1 (0 = all
+    /// equally fast; 1 = heavy-tailed, the slowest of 100 ~10× the median)
+    /// [default: 0.5].
+    #[arg(long, value_name = "SIGMA")]
+    pub speed_sigma: Option<f64>,
+    /// Virtual clock: seconds one training example takes for one local epoch
+    /// at speed 1; a task lasts this × examples × epochs × speed [default: 0.001].
+    #[arg(long, value_name = "SECONDS")]
+    pub example_seconds: Option<f64>,
+    /// Virtual clock: fraction of merchants online in each availability period
+    /// (the rest, chosen by seed per period, cannot be handed work) [default: 1].
+    #[arg(long, value_name = "FRACTION")]
+    pub availability: Option<f64>,
+    /// Virtual clock: length of an availability period in virtual seconds
+    /// [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub availability_period: Option<f64>,
+}
+
+/// How the simulated merchants reach the round engine (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Direct calls into the engine from a rayon pool.
+    Inproc,
+    /// The real gRPC service on loopback and one real agent per merchant.
+    Grpc,
+}
+
+/// How rounds are driven (`--mode`); FedBuff's parameters come from their
+/// own flags (see [`Mode`](crate::mode::Mode)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeName {
+    /// Synchronous rounds.
+    Sync,
+    /// Buffered asynchronous aggregation.
+    Fedbuff,
+}
+
+/// Who adds the differential-privacy noise (`--dp-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpModeName {
+    /// The coordinator, to the aggregate.
+    Central,
+    /// The agents, each a share, under secure aggregation.
+    Distributed,
+}
+
+/// Parses the names `--help` lists, for callers that build [`SimArgs`] in
+/// code (tests, scripts).
+macro_rules! from_str_by_value_enum {
+    ($($t:ty),*) => {$(
+        impl std::str::FromStr for $t {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                <Self as ValueEnum>::from_str(s, false)
+            }
+        }
+    )*};
+}
+
+from_str_by_value_enum!(Transport, ModeName, DpModeName);

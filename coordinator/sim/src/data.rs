@@ -1,0 +1,433 @@
+//! Builds the simulated merchants and the model of one experiment from a
+//! dataset spec (`movielens:PATH`, `telco:PATH`, `orders:PATH`, `noop`) and a
+//! partitioner.
+
+pub mod orders;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::interactions::Interaction;
+use fedcart_common::data::movielens;
+use fedcart_common::data::partition::Partitioner;
+use fedcart_common::data::split;
+use fedcart_common::data::tabular::{Schema, TabularDataset};
+use fedcart_common::model::mf::{MfData, MfHyper};
+use fedcart_common::task::ModelSpec;
+use fedcart_common::train::{ChurnData, LocalData};
+
+/// Where the bundled MovieLens ratings live, relative to the repository root.
+pub const DEFAULT_MOVIELENS: &str = "data/ml-latest-small/ratings.csv";
+/// Where the bundled Telco churn table lives, relative to the repository root.
+pub const DEFAULT_TELCO: &str = "data/telco-churn/Telco-Customer-Churn.csv";
+
+/// A parsed `--data` value.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum DataSpec {
+    /// MovieLens-format ratings CSV.
+    MovieLens(PathBuf),
+    /// Telco-churn-format CSV.
+    Telco(PathBuf),
+    /// A merchant orders export read through a column mapping.
+    Orders(Box<orders::OrdersSource>),
+    /// No data (for `noop:D`).
+    None,
+}
+
+impl DataSpec {
+    /// Parses `movielens:PATH`, `telco:PATH`, `orders:PATH`, or `movielens`,
+    /// `telco`, `orders` (the bundled files). An orders source still needs
+    /// [`DataSpec::with_orders`] for its mapping.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (kind, path) = match s.split_once(':') {
+            Some((k, p)) => (k, Some(PathBuf::from(p))),
+            None => (s, None),
+        };
+        match kind {
+            "movielens" => Ok(Self::MovieLens(
+                path.unwrap_or_else(|| DEFAULT_MOVIELENS.into()),
+            )),
+            "telco" => Ok(Self::Telco(path.unwrap_or_else(|| DEFAULT_TELCO.into()))),
+            "orders" => Ok(Self::Orders(Box::new(orders::OrdersSource::new(path)))),
+            other => {
+                bail!("unknown dataset `{other}` (known: movielens:PATH, telco:PATH, orders:PATH)")
+            }
+        }
+    }
+
+    /// Short name for reports.
+    pub fn name(&self) -> String {
+        match self {
+            Self::MovieLens(p) => format!("movielens:{}", p.display()),
+            Self::Telco(p) => format!("telco:{}", p.display()),
+            Self::Orders(o) => format!("orders:{}", o.path.display()),
+            Self::None => "none".into(),
+        }
+    }
+
+    /// The value as a user writes it for `--data`: the bare kind for a
+    /// bundled dataset, `kind:PATH` otherwise (the `data` of the reported
+    /// settings).
+    pub fn written(&self) -> String {
+        match self {
+            Self::MovieLens(p) if p.as_path() == Path::new(DEFAULT_MOVIELENS) => "movielens".into(),
+            Self::Telco(p) if p.as_path() == Path::new(DEFAULT_TELCO) => "telco".into(),
+            Self::Orders(o) if o.bundled => "orders".into(),
+            other => other.name(),
+        }
+    }
+
+    /// Resolves an orders source's mapping and churn labelling from the
+    /// settings (other datasets pass through).
+    pub fn with_orders(self, args: &orders::OrdersArgs) -> anyhow::Result<Self> {
+        Ok(match self {
+            Self::Orders(o) => Self::Orders(Box::new(o.resolve(args)?)),
+            other => other,
+        })
+    }
+}
+
+/// A parsed `--task` value.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum TaskChoice {
+    /// Explicit MF (RMSE).
+    Mf,
+    /// Implicit MF (BPR, HR@10).
+    MfImplicit,
+    /// Churn logistic regression.
+    ChurnLr,
+    /// Churn multi-layer perceptron with one or two hidden layers
+    /// (`h2 == 0`: one layer).
+    ChurnMlp {
+        /// First hidden layer width.
+        h1: usize,
+        /// Second hidden layer width, 0 for none.
+        h2: usize,
+    },
+    /// Random updates of this length, no training.
+    Noop(usize),
+}
+
+impl TaskChoice {
+    /// Parses `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden
+    /// widths, default 16) and `noop:D`.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "mf" => Self::Mf,
+            "mf-implicit" => Self::MfImplicit,
+            "churn-lr" => Self::ChurnLr,
+            "churn-mlp" => Self::ChurnMlp {
+                h1: DEFAULT_HIDDEN,
+                h2: 0,
+            },
+            _ => {
+                if let Some(widths) = s.strip_prefix("churn-mlp:") {
+                    let w: Vec<usize> = widths
+                        .split(',')
+                        .map(|w| w.trim().parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .ok()
+                        .filter(|w: &Vec<usize>| (1..=2).contains(&w.len()))
+                        .filter(|w| w.iter().all(|&x| (1..=4096).contains(&x)))
+                        .with_context(|| {
+                            format!(
+                                "`{s}`: give one or two hidden widths in 1..=4096, \
+                                 e.g. churn-mlp:32 or churn-mlp:32,16"
+                            )
+                        })?;
+                    return Ok(Self::ChurnMlp {
+                        h1: w[0],
+                        h2: w.get(1).copied().unwrap_or(0),
+                    });
+                }
+                match s.strip_prefix("noop:").map(str::parse::<usize>) {
+                    Some(Ok(d)) if d > 0 => Self::Noop(d),
+                    _ => bail!(
+                        "unknown task `{s}` (known: mf, mf-implicit, churn-lr, \
+                         churn-mlp[:H1[,H2]], noop:D)"
+                    ),
+                }
+            }
+        })
+    }
+
+    /// Whether this is a churn family (LR or MLP).
+    pub fn is_churn(self) -> bool {
+        matches!(self, Self::ChurnLr | Self::ChurnMlp { .. })
+    }
+
+    /// The churn model of this task over `num_features` encoded features.
+    pub fn churn_model(self, num_features: usize) -> ModelSpec {
+        match self {
+            Self::ChurnMlp { h1, h2 } => ModelSpec::ChurnMlp {
+                num_features,
+                hidden: [h1, h2].into_iter().filter(|&h| h > 0).collect(),
+            },
+            _ => ModelSpec::ChurnLr { num_features },
+        }
+    }
+
+    /// The dataset this task uses when `--data` is not given.
+    pub fn default_data(self) -> DataSpec {
+        match self {
+            Self::Mf | Self::MfImplicit => DataSpec::MovieLens(DEFAULT_MOVIELENS.into()),
+            Self::ChurnLr | Self::ChurnMlp { .. } => DataSpec::Telco(DEFAULT_TELCO.into()),
+            Self::Noop(_) => DataSpec::None,
+        }
+    }
+
+    /// Short name for reports.
+    pub fn name(self) -> String {
+        match self {
+            Self::Mf => "mf".into(),
+            Self::MfImplicit => "mf-implicit".into(),
+            Self::ChurnLr => "churn-lr".into(),
+            Self::ChurnMlp { h1, h2: 0 } if h1 == DEFAULT_HIDDEN => "churn-mlp".into(),
+            Self::ChurnMlp { h1, h2: 0 } => format!("churn-mlp:{h1}"),
+            Self::ChurnMlp { h1, h2 } => format!("churn-mlp:{h1},{h2}"),
+            Self::Noop(d) => format!("noop:{d}"),
+        }
+    }
+
+    /// The headline metric and whether larger is better.
+    pub fn headline(self) -> Option<(&'static str, bool)> {
+        match self {
+            Self::Mf => Some(("rmse", false)),
+            Self::MfImplicit => Some(("hr@10", true)),
+            Self::ChurnLr | Self::ChurnMlp { .. } => Some(("auc", true)),
+            Self::Noop(_) => None,
+        }
+    }
+}
+
+impl std::str::FromStr for DataSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<String> for DataSpec {
+    type Error = anyhow::Error;
+
+    fn try_from(s: String) -> anyhow::Result<Self> {
+        Self::parse(&s)
+    }
+}
+
+impl std::str::FromStr for TaskChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<String> for TaskChoice {
+    type Error = anyhow::Error;
+
+    fn try_from(s: String) -> anyhow::Result<Self> {
+        Self::parse(&s)
+    }
+}
+
+/// Hidden width of `churn-mlp` without explicit widths (the width the MLP
+/// tests in `fedcart_common::model::churn` reach Telco's LR AUC with).
+pub const DEFAULT_HIDDEN: usize = 16;
+
+/// The merchants of an experiment and the model they federate.
+pub struct Population {
+    /// One entry per merchant, in merchant order.
+    pub merchants: Vec<LocalData>,
+    /// The model family and shape.
+    pub model: ModelSpec,
+}
+
+/// Loads the data and deals it into `n` merchants.
+pub fn build(
+    task: TaskChoice,
+    data: &DataSpec,
+    files: Option<(&Path, &Path)>,
+    n: usize,
+    partitioner: Partitioner,
+    mf: MfHyper,
+    factors: usize,
+    seed: u64,
+) -> anyhow::Result<Population> {
+    let id = |k: usize| format!("m{k:04}");
+    match (task, data) {
+        (TaskChoice::Noop(dim), _) => Ok(Population {
+            merchants: (0..n)
+                .map(|k| LocalData {
+                    merchant_id: id(k),
+                    ..Default::default()
+                })
+                .collect(),
+            model: ModelSpec::Noop { dim },
+        }),
+        (TaskChoice::Mf | TaskChoice::MfImplicit, DataSpec::MovieLens(path)) => {
+            let implicit = task == TaskChoice::MfImplicit;
+            let (all, train, test) = match files {
+                Some((tr, te)) => {
+                    let train = load_ratings(tr)?;
+                    let test = load_ratings(te)?;
+                    let all = [train.clone(), test.clone()].concat();
+                    (all, train, test)
+                }
+                None => {
+                    let rows = load_ratings(path)?;
+                    let (train, test) = if implicit {
+                        movielens::leave_last_out(&movielens::implicit(&rows, 4.0))
+                    } else {
+                        movielens::random_split(&rows, 0.2, seed)
+                    };
+                    (rows, train, test)
+                }
+            };
+            let catalogue = Catalogue::from_interactions(&all);
+            let users: Vec<String> = all
+                .iter()
+                .map(|r| r.user.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let labels = popularity_buckets(&all, &users);
+            let parts = partitioner.deal(&labels, None, n, seed)?;
+            let merchants = parts
+                .iter()
+                .enumerate()
+                .map(|(k, part)| {
+                    let set: BTreeSet<String> = part.iter().map(|&u| users[u].clone()).collect();
+                    LocalData {
+                        merchant_id: id(k),
+                        mf: Some(MfData::new(
+                            &movielens::rows_of(&train, &set),
+                            &movielens::rows_of(&test, &set),
+                            &catalogue,
+                        )),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            Ok(Population {
+                merchants,
+                model: mf_model(implicit, catalogue.len(), factors, mf),
+            })
+        }
+        (t, DataSpec::Orders(src)) => orders::build(t, src, n, partitioner, mf, factors, seed),
+        (TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. }, DataSpec::Telco(path)) => {
+            let schema = Schema::telco();
+            let load = |p: &Path| {
+                schema
+                    .load_csv(p)
+                    .with_context(|| format!("loading {}", p.display()))
+            };
+            let (train, test) = match files {
+                Some((tr, te)) => (load(tr)?, Some(load(te)?)),
+                None => (load(path)?, None),
+            };
+            let labels =
+                |ds: &TabularDataset| -> Vec<u32> { ds.y.iter().map(|&y| y as u32).collect() };
+            let parts = partitioner.deal(&labels(&train), None, n, seed)?;
+            let test_parts = match &test {
+                Some(t) => Some(partitioner.deal(&labels(t), None, n, seed ^ 1)?),
+                None => None,
+            };
+            let merchants = parts
+                .iter()
+                .enumerate()
+                .map(|(k, rows)| {
+                    let part = train.select(rows);
+                    let churn = match (&test, &test_parts) {
+                        (Some(t), Some(tp)) => ChurnData {
+                            train: part,
+                            valid: t.select(&tp[k]),
+                        },
+                        _ => {
+                            let y = part.y.as_slice().expect("contiguous labels").to_vec();
+                            let (tr, va) = split::stratified_train_test(&y, 0.2, seed);
+                            ChurnData {
+                                train: part.select(&tr),
+                                valid: part.select(&va),
+                            }
+                        }
+                    };
+                    LocalData {
+                        merchant_id: id(k),
+                        churn: Some(churn),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            Ok(Population {
+                merchants,
+                model: task.churn_model(schema.num_features()),
+            })
+        }
+        (t, d) => bail!("task `{}` cannot run on dataset `{}`", t.name(), d.name()),
+    }
+}
+
+/// The MF model spec of an experiment.
+fn mf_model(implicit: bool, num_items: usize, factors: usize, hyper: MfHyper) -> ModelSpec {
+    if implicit {
+        ModelSpec::MfImplicit {
+            num_items,
+            factors,
+            hyper,
+        }
+    } else {
+        ModelSpec::Mf {
+            num_items,
+            factors,
+            hyper,
+        }
+    }
+}
+
+fn load_ratings(path: &Path) -> anyhow::Result<Vec<Interaction>> {
+    movielens::load_ratings(path).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Each user's label for Dirichlet skew: the quintile (0–4) of the mean
+/// popularity rank of the items they rated, so a skewed split gives some
+/// merchants blockbuster audiences and others long-tail ones.
+fn popularity_buckets(rows: &[Interaction], users: &[String]) -> Vec<u32> {
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for r in rows {
+        *count.entry(&r.item).or_default() += 1;
+    }
+    let mut items: Vec<(&str, usize)> = count.into_iter().collect();
+    items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let n_items = items.len().max(1) as f64;
+    let rank: HashMap<&str, f64> = items
+        .iter()
+        .enumerate()
+        .map(|(r, (i, _))| (*i, r as f64 / n_items))
+        .collect();
+    let mut sums: HashMap<&str, (f64, usize)> = HashMap::new();
+    for r in rows {
+        let e = sums.entry(&r.user).or_default();
+        e.0 += rank[r.item.as_str()];
+        e.1 += 1;
+    }
+    let mut means: Vec<(f64, usize)> = users
+        .iter()
+        .enumerate()
+        .map(|(u, id)| {
+            let (s, c) = sums[id.as_str()];
+            (s / c as f64, u)
+        })
+        .collect();
+    means.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut labels = vec![0u32; users.len()];
+    for (pos, (_, u)) in means.iter().enumerate() {
+        labels[*u] = (pos * 5 / users.len().max(1)) as u32;
+    }
+    labels
+}

@@ -1,0 +1,410 @@
+//! `--data orders:PATH`: a merchant orders export read through a column
+//! mapping (`fedcart_common::data::orders`) into per-merchant churn features and
+//! recommender interactions — exactly what `fedcart-client prepare` derives
+//! on a merchant's own machine.
+//!
+//! The mapping comes from `--orders-mapping FILE` (the TOML format of
+//! `prepare --mapping`), the `[orders]` table of the simulator's config, and
+//! the `--*-col` flags, later ones overriding earlier ones. With the
+//! `natural` partitioner and a merchant column, every store of the export is
+//! one merchant and derives its own features from its own orders; otherwise
+//! the customers of the whole export are dealt into `--merchants` merchants.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::interactions::Interaction;
+use fedcart_common::data::movielens;
+use fedcart_common::data::orders::{
+    self, BadRowPolicy, ChurnConfig, Delimiter, Order, OrdersMapping, Prepared, TimestampFormat,
+    derive::FEATURE_NAMES, mapping::MappingOverrides, mapping::SECONDS_PER_DAY,
+};
+use fedcart_common::data::partition::Partitioner;
+use fedcart_common::data::split;
+use fedcart_common::data::tabular::TabularDataset;
+use fedcart_common::model::mf::{MfData, MfHyper};
+use fedcart_common::train::{ChurnData, LocalData};
+use serde::{Deserialize, Serialize};
+
+use super::{Population, TaskChoice};
+
+/// Where the bundled CDNOW orders log lives, relative to the repository root.
+pub const DEFAULT_CDNOW: &str = "data/cdnow/CDNOW_master.txt";
+
+/// The churn cutoff used for the bundled CDNOW log (the window then ends
+/// inside the file, so every label is observed).
+const CDNOW_CUTOFF: &str = "1997-09-30";
+const CDNOW_WINDOW_DAYS: u32 = 180;
+/// Churn window when none is given (as `fedcart-client prepare`).
+const DEFAULT_WINDOW_DAYS: u32 = 90;
+/// Share of each merchant's customers held out for evaluation.
+const HOLDOUT: f64 = 0.2;
+
+/// How to read `--data orders:PATH`: the column mapping and the churn
+/// labelling. On the command line every field is a flag; in the config file
+/// they form the `[orders]` table (`customer = "…"`, `timestamp = "…"`, …,
+/// the field names of the mapping file).
+#[derive(Debug, Clone, Default, PartialEq, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrdersArgs {
+    /// Orders column mapping as a TOML file (the format of `fedcart-client
+    /// prepare --mapping`, e.g. client/examples/cdnow-mapping.toml); the
+    /// column flags below override its entries.
+    #[arg(long = "orders-mapping")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<PathBuf>,
+    /// Orders: customer id column.
+    #[arg(long = "customer-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    /// Orders: item id column (needed by the MF tasks).
+    #[arg(long = "item-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    /// Orders: order time column.
+    #[arg(long = "timestamp-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    /// Orders: order time format (auto, unix_seconds, iso8601, yyyymmdd).
+    #[arg(long = "timestamp-format")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp_format: Option<TimestampFormat>,
+    /// Orders: quantity column (default: every row is one unit).
+    #[arg(long = "quantity-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<String>,
+    /// Orders: line value column.
+    #[arg(long = "amount-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount: Option<String>,
+    /// Orders: explicit rating column (needed by `--task mf`).
+    #[arg(long = "rating-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rating: Option<String>,
+    /// Orders: merchant/store column (one merchant per store with `--partition natural`).
+    #[arg(long = "merchant-col")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant: Option<String>,
+    /// Orders: field separator (comma, tab, semicolon, pipe, whitespace).
+    #[arg(long = "delimiter")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delimiter: Option<Delimiter>,
+    /// Orders: churn cutoff date [default: the last order minus the churn window].
+    #[arg(long = "cutoff")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cutoff: Option<String>,
+    /// Orders: a customer churned if they bought nothing this many days after the cutoff [default: 90].
+    #[arg(long = "churn-window-days")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn_window_days: Option<u32>,
+    /// Orders: unreadable rows fail the run or are skipped (fail, skip) [default: fail].
+    #[arg(long = "on-bad-row")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_bad_row: Option<BadRowPolicy>,
+}
+
+impl OrdersArgs {
+    /// The column flags, to apply over the mapping file.
+    fn overrides(&self) -> MappingOverrides {
+        MappingOverrides {
+            customer: self.customer.clone(),
+            item: self.item.clone(),
+            timestamp: self.timestamp.clone(),
+            timestamp_format: self.timestamp_format,
+            quantity: self.quantity.clone(),
+            amount: self.amount.clone(),
+            rating: self.rating.clone(),
+            merchant: self.merchant.clone(),
+            delimiter: self.delimiter,
+        }
+    }
+
+    /// Field by field, `self` where set, else `file`.
+    pub fn or(self, file: Self) -> Self {
+        Self {
+            mapping: self.mapping.or(file.mapping),
+            customer: self.customer.or(file.customer),
+            item: self.item.or(file.item),
+            timestamp: self.timestamp.or(file.timestamp),
+            timestamp_format: self.timestamp_format.or(file.timestamp_format),
+            quantity: self.quantity.or(file.quantity),
+            amount: self.amount.or(file.amount),
+            rating: self.rating.or(file.rating),
+            merchant: self.merchant.or(file.merchant),
+            delimiter: self.delimiter.or(file.delimiter),
+            cutoff: self.cutoff.or(file.cutoff),
+            churn_window_days: self.churn_window_days.or(file.churn_window_days),
+            on_bad_row: self.on_bad_row.or(file.on_bad_row),
+        }
+    }
+}
+
+/// A resolved orders source: the file, its mapping and the churn labelling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrdersSource {
+    /// The export.
+    pub path: PathBuf,
+    /// `orders` without a path: the bundled CDNOW log with its known mapping.
+    pub bundled: bool,
+    /// The column mapping (`None` until [`OrdersSource::resolve`]).
+    pub mapping: Option<OrdersMapping>,
+    /// Cutoff as unix seconds (`None`: the last order minus the window).
+    pub cutoff: Option<i64>,
+    /// Churn window in days.
+    pub churn_window_days: u32,
+    /// Bad-row policy.
+    pub on_bad_row: BadRowPolicy,
+}
+
+impl OrdersSource {
+    /// An unresolved source for `path` (`None`: the bundled CDNOW log).
+    pub fn new(path: Option<PathBuf>) -> Self {
+        Self {
+            bundled: path.is_none(),
+            path: path.unwrap_or_else(|| DEFAULT_CDNOW.into()),
+            mapping: None,
+            cutoff: None,
+            churn_window_days: DEFAULT_WINDOW_DAYS,
+            on_bad_row: BadRowPolicy::Fail,
+        }
+    }
+
+    /// Applies the mapping file, the `[orders]` table and the flags.
+    pub fn resolve(mut self, args: &OrdersArgs) -> anyhow::Result<Self> {
+        let base = match &args.mapping {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading orders mapping {}", p.display()))?;
+                Some(
+                    toml::from_str::<OrdersMapping>(&text)
+                        .with_context(|| format!("parsing orders mapping {}", p.display()))?,
+                )
+            }
+            None if self.bundled => Some(OrdersMapping::cdnow()),
+            None => None,
+        };
+        let map = args.overrides().apply(base).map_err(|e| {
+            anyhow::anyhow!(
+                "`orders:{}` needs a column mapping: give --orders-mapping FILE, or \
+                 --{}-col (`{}` in the config's [orders] table)",
+                self.path.display(),
+                e.field,
+                e.field
+            )
+        })?;
+        let (default_cutoff, default_window) = if self.bundled && args.mapping.is_none() {
+            (Some(CDNOW_CUTOFF), CDNOW_WINDOW_DAYS)
+        } else {
+            (None, DEFAULT_WINDOW_DAYS)
+        };
+        self.cutoff = match args.cutoff.as_deref().or(default_cutoff) {
+            Some(c) => Some(
+                TimestampFormat::Auto
+                    .parse(c.trim())
+                    .map_err(|m| anyhow::anyhow!("--cutoff: {m}"))?,
+            ),
+            None => None,
+        };
+        self.churn_window_days = args.churn_window_days.unwrap_or(default_window);
+        if self.churn_window_days == 0 {
+            bail!("--churn-window-days must be at least 1");
+        }
+        self.on_bad_row = args.on_bad_row.unwrap_or_default();
+        self.mapping = Some(map);
+        Ok(self)
+    }
+
+    fn mapping(&self) -> &OrdersMapping {
+        self.mapping
+            .as_ref()
+            .expect("Settings resolve every orders source before building")
+    }
+
+    /// Reads the export; the cutoff defaults to the last order minus the window.
+    fn read(&self) -> anyhow::Result<(Vec<Order>, ChurnConfig)> {
+        let (rows, report) = orders::read_orders(&self.path, self.mapping(), self.on_bad_row)
+            .with_context(|| format!("reading orders {}", self.path.display()))?;
+        if report.rows_skipped() > 0 {
+            tracing::warn!(file = %self.path.display(), skipped = report.rows_skipped(),
+                examples = ?report.examples, "orders rows skipped");
+        }
+        let window = i64::from(self.churn_window_days) * SECONDS_PER_DAY;
+        let cutoff = match self.cutoff {
+            Some(c) => c,
+            None => {
+                let last =
+                    rows.iter().map(|o| o.timestamp).max().with_context(|| {
+                        format!("{}: no orders to learn from", self.path.display())
+                    })?;
+                // Midnight of the day after the last order, minus the window.
+                (last.div_euclid(SECONDS_PER_DAY) + 1) * SECONDS_PER_DAY - window
+            }
+        };
+        Ok((rows, ChurnConfig::new(cutoff, self.churn_window_days)))
+    }
+}
+
+/// Builds the merchants of an experiment on orders data.
+pub fn build(
+    task: TaskChoice,
+    src: &OrdersSource,
+    n: usize,
+    partitioner: Partitioner,
+    mf: MfHyper,
+    factors: usize,
+    seed: u64,
+) -> anyhow::Result<Population> {
+    let (rows, cfg) = src.read()?;
+    let derive = |rows: &[Order]| {
+        orders::derive(rows, &cfg).with_context(|| format!("deriving {}", src.path.display()))
+    };
+    // Natural: one merchant per store, each deriving from its own orders.
+    let stores: Option<Vec<Prepared>> = if partitioner == Partitioner::Natural {
+        let Some(col) = &src.mapping().merchant else {
+            bail!(
+                "the `natural` partitioner needs the orders' merchant column: give \
+                 --merchant-col (`merchant` in the mapping) for {}",
+                src.path.display()
+            );
+        };
+        let mut by_store: BTreeMap<&str, Vec<Order>> = BTreeMap::new();
+        for o in &rows {
+            let store = o.merchant.as_deref().unwrap_or("");
+            by_store.entry(store).or_default().push(o.clone());
+        }
+        let mut out = Vec::new();
+        for (store, rows) in by_store {
+            let p = derive(&rows)?;
+            if p.features.is_empty() {
+                tracing::warn!(store, column = %col, "store has no customers before the cutoff; left out");
+            } else {
+                out.push(p);
+            }
+        }
+        if out.is_empty() {
+            bail!(
+                "{}: no store has customers before the cutoff",
+                src.path.display()
+            );
+        }
+        Some(out)
+    } else {
+        None
+    };
+    let id = |k: usize| format!("m{k:04}");
+    match task {
+        TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. } => {
+            let model = task.churn_model(FEATURE_NAMES.len());
+            let split_local = |k: usize, part: TabularDataset| {
+                let y = part.y.as_slice().expect("contiguous labels").to_vec();
+                let (tr, va) = split::stratified_train_test(&y, HOLDOUT, seed);
+                LocalData {
+                    merchant_id: id(k),
+                    churn: Some(ChurnData {
+                        train: part.select(&tr),
+                        valid: part.select(&va),
+                    }),
+                    ..Default::default()
+                }
+            };
+            let merchants = match stores {
+                Some(stores) => stores
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, p)| split_local(k, p.features))
+                    .collect(),
+                None => {
+                    let all = derive(&rows)?.features;
+                    let labels: Vec<u32> = all.y.iter().map(|&y| y as u32).collect();
+                    partitioner
+                        .deal(&labels, None, n, seed)?
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, part)| split_local(k, all.select(&part)))
+                        .collect()
+                }
+            };
+            Ok(Population { merchants, model })
+        }
+        TaskChoice::Mf | TaskChoice::MfImplicit => {
+            let implicit = task == TaskChoice::MfImplicit;
+            if src.mapping().item.is_none() {
+                bail!(
+                    "task `{}` needs interactions: map the item column of {} (--item-col)",
+                    task.name(),
+                    src.path.display()
+                );
+            }
+            if !implicit && src.mapping().rating.is_none() {
+                bail!(
+                    "task `mf` predicts explicit ratings: map the rating column of {} \
+                     (--rating-col), or run `mf-implicit` on purchases",
+                    src.path.display()
+                );
+            }
+            let split_rows = |rows: &[Interaction]| {
+                if implicit {
+                    movielens::leave_last_out(rows)
+                } else {
+                    movielens::random_split(rows, HOLDOUT, seed)
+                }
+            };
+            // Per merchant: (train, test) interactions.
+            let parts: Vec<(Vec<Interaction>, Vec<Interaction>)> = match stores {
+                Some(stores) => stores.iter().map(|p| split_rows(&p.interactions)).collect(),
+                None => {
+                    let all = derive(&rows)?.interactions;
+                    let (train, test) = split_rows(&all);
+                    let users: Vec<String> = all
+                        .iter()
+                        .map(|r| r.user.clone())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    let labels = super::popularity_buckets(&all, &users);
+                    partitioner
+                        .deal(&labels, None, n, seed)?
+                        .iter()
+                        .map(|part| {
+                            let set: BTreeSet<String> =
+                                part.iter().map(|&u| users[u].clone()).collect();
+                            (
+                                movielens::rows_of(&train, &set),
+                                movielens::rows_of(&test, &set),
+                            )
+                        })
+                        .collect()
+                }
+            };
+            let all: Vec<Interaction> = parts
+                .iter()
+                .flat_map(|(a, b)| a.iter().chain(b))
+                .cloned()
+                .collect();
+            if all.is_empty() {
+                bail!("{}: no interactions before the cutoff", src.path.display());
+            }
+            let catalogue = Catalogue::from_interactions(&all);
+            let merchants = parts
+                .iter()
+                .enumerate()
+                .map(|(k, (train, test))| LocalData {
+                    merchant_id: id(k),
+                    mf: Some(MfData::new(train, test, &catalogue)),
+                    ..Default::default()
+                })
+                .collect();
+            Ok(Population {
+                merchants,
+                model: super::mf_model(implicit, catalogue.len(), factors, mf),
+            })
+        }
+        TaskChoice::Noop(_) => bail!("task `{}` takes no data", task.name()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,181 @@
+//! Orders data in the simulator: CDNOW churn through a column mapping, the
+//! MLP on Telco, a config file's `[orders]` table with the natural
+//! partition, and the errors a bad mapping gives.
+
+use std::path::PathBuf;
+
+use crate::{Experiment, Settings, SimArgs, run_all};
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+fn run(a: SimArgs) -> anyhow::Result<Vec<Experiment>> {
+    run_all(&Settings::from_args(a)?)
+}
+
+/// CDNOW's mapping given as flags (not the bundled shortcut).
+fn cdnow_args() -> SimArgs {
+    let mut a = SimArgs {
+        data: Some(
+            format!("orders:{}", repo(super::DEFAULT_CDNOW))
+                .parse()
+                .unwrap(),
+        ),
+        task: Some("churn-lr".parse().unwrap()),
+        merchants: Some(5),
+        rounds: Some(3),
+        ..Default::default()
+    };
+    a.orders.customer = Some("customer_id".into());
+    a.orders.timestamp = Some("date".into());
+    a.orders.timestamp_format = Some("yyyymmdd".parse().unwrap());
+    a.orders.amount = Some("dollar_value".into());
+    a.orders.quantity = Some("number_of_cds".into());
+    a.orders.delimiter = Some("whitespace".parse().unwrap());
+    a.orders.cutoff = Some("1997-09-30".into());
+    a.orders.churn_window_days = Some(180);
+    a
+}
+
+#[test]
+fn churn_lr_on_the_cdnow_orders_export_reaches_auc_above_0_70() {
+    let exps = run(cdnow_args()).unwrap();
+    let e = &exps[0];
+    let auc = e.final_metrics["auc"];
+    assert!(auc > 0.70, "auc {auc}");
+    // 8 RFM features + bias, every merchant reporting every round.
+    assert_eq!(e.model_len, 9);
+    assert!(e.rounds.iter().all(|r| r.reported == 5 && r.committed));
+    assert!(e.name.starts_with("churn-lr on orders:"), "{}", e.name);
+}
+
+#[test]
+fn churn_mlp_on_telco_reaches_auc_above_0_80() {
+    let a = SimArgs {
+        data: Some(
+            format!("telco:{}", repo(crate::data::DEFAULT_TELCO))
+                .parse()
+                .unwrap(),
+        ),
+        task: Some("churn-mlp".parse().unwrap()),
+        merchants: Some(4),
+        rounds: Some(3),
+        ..Default::default()
+    };
+    let e = &run(a).unwrap()[0];
+    let auc = e.final_metrics["auc"];
+    assert!(auc > 0.80, "auc {auc}");
+    // 45 features → 16 hidden → 1.
+    assert_eq!(e.model_len, 45 * 16 + 16 + 16 + 1);
+    assert_eq!(e.task, "churn-mlp");
+}
+
+#[test]
+fn an_unknown_column_is_named_with_the_file() {
+    let mut a = cdnow_args();
+    a.orders.customer = Some("client_no".into());
+    let err = format!("{:#}", run(a).unwrap_err());
+    assert!(
+        err.contains("client_no") && err.contains("CDNOW_master.txt"),
+        "{err}"
+    );
+    // Without any mapping the flags to give are named.
+    let mut a = cdnow_args();
+    a.orders = Default::default();
+    let err = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        err.contains("--orders-mapping") && err.contains("--customer-col"),
+        "{err}"
+    );
+}
+
+/// A small multi-store export: store `s{k}` sells to its own customers, who
+/// favour items by store; some customers stop buying in the last months.
+fn write_stores_csv(path: &std::path::Path) {
+    use std::fmt::Write as _;
+    let mut text = String::from("order_date,store,customer,sku,qty,total\n");
+    for store in 0..3u32 {
+        for c in 0..40u32 {
+            let churner = c % 3 == 0;
+            let orders = 2 + (c % 5);
+            for k in 0..orders {
+                // Loyal customers keep buying through December; churners stop in August.
+                let month = if churner {
+                    1 + k % 7
+                } else {
+                    1 + (k * 5 + c) % 12
+                };
+                let day = 1 + (c + k) % 27;
+                let item = (store * 7 + c + k) % 20;
+                writeln!(
+                    text,
+                    "2023-{month:02}-{day:02},s{store},c{store}-{c},sku{item},{},{}.50",
+                    1 + k % 2,
+                    10 + c % 30
+                )
+                .unwrap();
+            }
+        }
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn the_config_orders_table_with_natural_partition_makes_one_merchant_per_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("orders.csv");
+    write_stores_csv(&csv);
+    let cfg = dir.path().join("sim.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data = \"orders:{}\"\ntask = \"mf-implicit\"\nrounds = 2\nepochs = 1\n\
+             partition = \"natural\"\nfactors = 4\n\n[orders]\ncustomer = \"customer\"\n\
+             item = \"sku\"\ntimestamp = \"order_date\"\namount = \"total\"\nquantity = \"qty\"\n\
+             merchant = \"store\"\ncutoff = \"2023-10-01\"\nchurn_window_days = 60\n",
+            csv.display()
+        ),
+    )
+    .unwrap();
+    let a = SimArgs {
+        config: Some(cfg.clone()),
+        ..Default::default()
+    };
+    let e = &run(a.clone()).unwrap()[0];
+    // Three stores → three merchants, whatever --merchants says.
+    assert_eq!(e.merchants, 3);
+    assert!(e.rounds.iter().all(|r| r.reported == 3 && r.committed));
+    assert!(
+        e.final_metrics.contains_key("hr@10"),
+        "{:?}",
+        e.final_metrics
+    );
+    // Churn on the same table: each store derives its own RFM rows.
+    let mut b = a.clone();
+    b.task = Some("churn-lr".parse().unwrap());
+    let e = &run(b).unwrap()[0];
+    assert_eq!(e.merchants, 3);
+    assert!(e.final_metrics.contains_key("auc"));
+    // Explicit MF needs a rating column, natural a merchant column.
+    let mut c = a.clone();
+    c.task = Some("mf".parse().unwrap());
+    let err = run(c).unwrap_err().to_string();
+    assert!(err.contains("--rating-col"), "{err}");
+    let mut d = a;
+    d.task = Some("churn-lr".parse().unwrap());
+    d.orders.merchant = None;
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("merchant = \"store\"\n", ""),
+    )
+    .unwrap();
+    let err = run(d).unwrap_err().to_string();
+    assert!(err.contains("--merchant-col"), "{err}");
+}

@@ -1,0 +1,187 @@
+//! What one experiment measured: its rounds, final metrics, per-merchant
+//! metrics and timings, as the drivers fill them in and `output` writes them.
+
+use std::collections::BTreeMap;
+
+use fedcart_common::task::ModelSpec;
+use serde::Serialize;
+
+use crate::data::{DataSpec, TaskChoice};
+use crate::settings::Settings;
+
+/// One training round as reported.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RoundRow {
+    /// Round number (= version committed).
+    pub round: u64,
+    /// Merchants selected.
+    pub selected: usize,
+    /// Merchants whose update was accepted.
+    pub reported: usize,
+    /// Whether the round committed.
+    pub committed: bool,
+    /// Weighted mean of the training metrics.
+    pub train: BTreeMap<String, f64>,
+    /// Weighted mean of the held-out metrics of the new version.
+    pub eval: BTreeMap<String, f64>,
+    /// Update bytes sent by merchants.
+    pub bytes_up: u64,
+    /// Model bytes downloaded by merchants.
+    pub bytes_down: u64,
+    /// Wall-clock seconds of the round (train + evaluate).
+    pub seconds: f64,
+    /// Of `seconds`, the secure aggregation (all parties, in-process).
+    pub secagg_seconds: f64,
+    /// Update coordinates clipped by secure aggregation's encoding.
+    pub clipped: u64,
+    /// Differential privacy: ε of the run after this round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// Differential privacy: the clip norm C of this round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_clip: Option<f64>,
+    /// Virtual time (see `clock.rs`) when this version was committed: the
+    /// axis on which synchronous rounds and FedBuff compare. Deterministic.
+    pub virtual_seconds: f64,
+    /// FedBuff: mean staleness τ of the buffered updates (0 in sync mode).
+    pub staleness_mean: f64,
+    /// FedBuff: largest staleness τ among the buffered updates.
+    pub staleness_max: u64,
+}
+
+/// Wall-clock timings of an experiment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timing {
+    /// Loading and partitioning the data.
+    pub load_seconds: f64,
+    /// All rounds.
+    pub total_seconds: f64,
+    /// Mean seconds per round after the first.
+    pub seconds_per_round: f64,
+}
+
+/// The outcome of one experiment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Experiment {
+    /// `task on data`.
+    pub name: String,
+    /// Task name.
+    pub task: String,
+    /// Dataset spec.
+    pub data: String,
+    /// Merchants simulated.
+    pub merchants: usize,
+    /// Federated parameters.
+    pub model_len: usize,
+    /// Strategy name.
+    pub strategy: String,
+    /// Partitioner.
+    pub partition: String,
+    /// `sync` or `fedbuff`.
+    pub mode: String,
+    /// Final held-out metrics (the last round's `eval`).
+    #[serde(rename = "final")]
+    pub final_metrics: BTreeMap<String, f64>,
+    /// Every round.
+    pub rounds: Vec<RoundRow>,
+    /// Each merchant's held-out metrics of the final model.
+    pub per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Timings (vary between runs).
+    pub timing: Timing,
+    /// Local-only vs federated vs centralised, per merchant (computed with
+    /// `fedcart_common::reference::federation_value` when `--out` is given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation_value: Option<fedcart_common::reference::FederationValue>,
+    /// Differential privacy of the run, when `--dp-clip` was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySummary>,
+    /// The final global model's parameters (not written to the outputs;
+    /// for comparing runs, e.g. the two transports).
+    #[serde(skip)]
+    pub final_model: Vec<f32>,
+    #[serde(skip)]
+    headline: Option<(&'static str, bool)>,
+}
+
+/// The privacy guarantee of a finished experiment.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PrivacySummary {
+    /// `central` or `distributed`.
+    pub mode: fedcart_coordinator::config::DpMode,
+    /// The planned noise multiplier σ (solved from `--target-epsilon` if given).
+    pub noise_multiplier: f64,
+    /// δ of the guarantee.
+    pub delta: f64,
+    /// ε after the last round.
+    pub epsilon: f64,
+    /// The clip norm of the last round.
+    pub clip: f64,
+    /// Whether the clip followed the private quantile estimate.
+    pub adaptive: bool,
+}
+
+impl Experiment {
+    /// An experiment with no rounds yet.
+    pub fn new(
+        task: TaskChoice,
+        data: &DataSpec,
+        s: &Settings,
+        merchants: usize,
+        model: &ModelSpec,
+        load_seconds: f64,
+    ) -> Self {
+        Self {
+            name: format!("{} on {}", task.name(), data.name()),
+            task: task.name(),
+            data: data.name(),
+            merchants,
+            model_len: model.model_len(),
+            strategy: s.strategy.to_string(),
+            partition: format!("{:?}", s.partition),
+            mode: s.mode.name().into(),
+            final_metrics: BTreeMap::new(),
+            rounds: Vec::new(),
+            per_merchant: BTreeMap::new(),
+            federation_value: None,
+            privacy: None,
+            timing: Timing {
+                load_seconds,
+                ..Default::default()
+            },
+            final_model: Vec::new(),
+            headline: task.headline(),
+        }
+    }
+
+    /// Fills the final metrics and timings once the rounds are done.
+    pub fn finish(&mut self) {
+        self.final_metrics = self
+            .rounds
+            .last()
+            .map(|r| r.eval.clone())
+            .unwrap_or_default();
+        self.timing.total_seconds = self.rounds.iter().map(|r| r.seconds).sum();
+        let later: Vec<f64> = self.rounds.iter().skip(1).map(|r| r.seconds).collect();
+        self.timing.seconds_per_round = if later.is_empty() {
+            self.timing.total_seconds
+        } else {
+            later.iter().sum::<f64>() / later.len() as f64
+        };
+    }
+
+    /// The headline metric and whether larger is better (None for `noop`).
+    pub fn headline(&self) -> Option<(&'static str, bool)> {
+        self.headline
+    }
+
+    /// The same experiment with every timing field zeroed, for comparisons.
+    pub fn without_timings(&self) -> serde_json::Value {
+        let mut e = self.clone();
+        e.timing = Timing::default();
+        e.rounds.iter_mut().for_each(|r| {
+            r.seconds = 0.0;
+            r.secagg_seconds = 0.0;
+        });
+        serde_json::to_value(e).expect("serialisable")
+    }
+}

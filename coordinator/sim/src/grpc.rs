@@ -1,0 +1,348 @@
+//! `simulate --transport grpc`: the same experiment run through the real
+//! coordinator service on loopback and one real merchant agent
+//! (`fedcart_client::agent::Agent`) per merchant, all in one tokio runtime.
+//!
+//! Nothing is shortcut: agents join over HTTP/2, receive pushed tasks,
+//! download the model in chunks, train with `run_task` and stream their
+//! updates back; the service validates, folds and commits through the same
+//! engine and redb store as `serve`. The experiment is then read back from
+//! what the service recorded — the round records (train/eval metrics,
+//! selection, the update bytes it received) — so the report is the same as
+//! in-process and the two transports can be compared: with one seed they
+//! commit the same models up to the order of floating-point additions
+//! (updates are folded in arrival order here, in merchant order in-process).
+//!
+//! Fidelity needs every task to be drawn from the same pool of merchants,
+//! so the run waits for all of them to be connected before each selection
+//! (`Selection::min_available`). Dropout is the agent disconnecting from
+//! the task it was pushed (the [`Agent::drop_out`] hook, decided by the same
+//! seeded draw as in-process); it reconnects before the next task. With
+//! `--secagg` the service and agents run the real secure-aggregation stages
+//! over gRPC (`service/secure.rs`, the agent's `secure.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fedcart_client::agent::{Agent, TaskDecision, TaskObserver};
+use fedcart_client::config::Backoff;
+use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
+use fedcart_common::train::{LocalData, run_task};
+use rand::RngExt;
+use tokio::sync::watch;
+
+use super::data::{DataSpec, Population, TaskChoice};
+use super::{Experiment, RoundRow, Settings};
+use fedcart_coordinator::config::RunConfig;
+use fedcart_coordinator::record::{Outcome, RoundRecord, kind_name};
+
+/// Deadline of a task over loopback. Never reached in a healthy run (every
+/// selected agent answers or disconnects first); it bounds a run whose agent
+/// reconnected before its old session was seen to close.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Keepalive pings on the agents' Join streams.
+const PING: Duration = Duration::from_secs(5);
+
+/// Runs one experiment over loopback gRPC (see the module docs).
+pub fn run(
+    s: &Settings,
+    task: TaskChoice,
+    data: &DataSpec,
+    pop: Population,
+    mut run: RunConfig,
+    load_seconds: f64,
+) -> anyhow::Result<Experiment> {
+    let n = pop.merchants.len();
+    run.round_timeout_ms = ROUND_TIMEOUT.as_millis() as u64;
+    run.selection.min_available = n;
+    let threads = match s.threads {
+        0 => std::thread::available_parallelism().map_or(1, |p| p.get()),
+        t => t,
+    };
+    let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
+    // Baselines for the federation-value report, on untouched copies.
+    let originals = (s.out.is_some() && !matches!(pop.model, ModelSpec::Noop { .. }))
+        .then(|| pop.merchants.clone());
+    // The runtime lives on its own thread: the command may be called from
+    // within a runtime (the binary's `main` is async), where neither
+    // `block_on` nor dropping a runtime is allowed.
+    let name = exp.name.clone();
+    let done = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    // Local training runs on the blocking pool: at most one per core.
+                    .max_blocking_threads(threads)
+                    .enable_all()
+                    .build()
+                    .context("building the tokio runtime")?
+                    .block_on(drive(s, run, pop.merchants, &name))
+            })
+            .join()
+    })
+    .map_err(|_| anyhow::anyhow!("the gRPC simulation thread panicked"))??;
+    exp.rounds = rows(&done.history, &done.stamps, done.started, done.model_len);
+    exp.per_merchant = done.per_merchant;
+    if let Some(originals) = originals {
+        exp.federation_value = Some(
+            fedcart_common::reference::federation_value(&done.template, &originals, s.rounds)
+                .context("computing the federation-value baselines")?,
+        );
+    }
+    exp.final_model = done.final_model;
+    exp.finish();
+    Ok(exp)
+}
+
+/// What a finished gRPC run leaves behind.
+struct Done {
+    history: Vec<RoundRecord>,
+    /// When each history record was seen written.
+    stamps: Vec<Instant>,
+    /// When the first task was opened.
+    started: Instant,
+    model_len: u64,
+    final_model: Vec<f32>,
+    per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
+    /// A training spec of the run (for the federation-value baselines).
+    template: TaskSpec,
+}
+
+async fn drive(
+    s: &Settings,
+    run: RunConfig,
+    merchants: Vec<LocalData>,
+    name: &str,
+) -> anyhow::Result<Done> {
+    let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a loopback port")?;
+    let (model, sgd) = (run.model.clone(), run.sgd.clone());
+    // Plaintext mode rate-limits per address; here every agent is 127.0.0.1.
+    let opts = fedcart_coordinator::server::ServeOptions {
+        limits: fedcart_coordinator::limits::Limits::loopback(),
+        ..fedcart_coordinator::server::ServeOptions::insecure()
+    };
+    let running = fedcart_coordinator::server::start_with(
+        listener,
+        &dir.path().join("simulation.redb"),
+        run,
+        PING,
+        opts,
+    )
+    .await
+    .context("starting the coordinator service")?;
+    let shared = Arc::clone(&running.shared);
+    let url = format!("http://{}", running.addr);
+    let (stop, stop_rx) = watch::channel(false);
+    let mut agents = Vec::with_capacity(merchants.len());
+    for data in merchants {
+        let mut agent = Agent::new(url.clone(), data);
+        agent.backoff = Backoff {
+            initial_ms: 10,
+            max_ms: 200,
+        };
+        if s.dropout > 0.0 {
+            agent.observer = Some(Arc::new(Dropouts {
+                seed: s.seed,
+                probability: s.dropout,
+                merchant_id: agent.data.merchant_id.clone(),
+            }));
+        }
+        let rx = stop_rx.clone();
+        agents.push(tokio::spawn(async move {
+            let result = agent.run(rx).await;
+            (agent, result)
+        }));
+    }
+
+    let bar = super::progress_bar(s.rounds, name);
+    let mut progress = running.progress.clone();
+    let mut stamps = Vec::new();
+    let mut started = None;
+    loop {
+        let p = progress.borrow_and_update().clone();
+        if started.is_none() && (p.open_task.is_some() || p.records > 0) {
+            started = Some(Instant::now());
+        }
+        while (stamps.len() as u64) < p.records {
+            stamps.push(Instant::now());
+        }
+        bar.set_position(p.version);
+        if p.finished {
+            break;
+        }
+        progress
+            .changed()
+            .await
+            .context("the coordinator stopped before the run finished")?;
+    }
+    bar.finish_and_clear();
+
+    // The store keys records by task id, so `r10…` sorts before `r2…`: put
+    // them back in the engine's order (statistics, then per round the
+    // training attempts, then the evaluation attempts).
+    let mut history = shared.history()?;
+    let rank = |kind: &str| match kind {
+        "stats" => 0,
+        "train" => 1,
+        _ => 2,
+    };
+    history.sort_by_key(|r| (r.round, rank(kind_name(r.kind)), r.attempt));
+    let version = progress.borrow().version;
+    let final_model = shared
+        .model(version)?
+        .with_context(|| format!("final model version {version} is missing"))?
+        .to_vec();
+    let standardizer = shared.standardizer();
+    let _ = stop.send(true);
+    let mut finished = Vec::with_capacity(agents.len());
+    for handle in agents {
+        let (agent, result) = handle.await.context("an agent task panicked")?;
+        result.with_context(|| format!("agent {}", agent.data.merchant_id))?;
+        finished.push(agent);
+    }
+    running.shutdown().await?;
+
+    let template = TaskSpec {
+        kind: TaskKind::Train,
+        model,
+        sgd,
+        seed: s.seed,
+        round: version,
+        standardizer,
+        dp: None,
+    };
+    let per_merchant = per_merchant(&history, &template, &final_model, &mut finished)?;
+    let mut template = template;
+    template.round = 0;
+    template.standardizer = None;
+    Ok(Done {
+        stamps,
+        started: started.unwrap_or_else(Instant::now),
+        model_len: final_model.len() as u64,
+        history,
+        final_model,
+        per_merchant,
+        template,
+    })
+}
+
+/// Each merchant's held-out metrics of the final model, for the merchants
+/// that answered the last evaluation. The coordinator keeps only their
+/// weighted mean, so the agents' (pure) evaluation is re-run on their own
+/// data after the run: the same numbers they sent.
+fn per_merchant(
+    history: &[RoundRecord],
+    spec: &TaskSpec,
+    model: &[f32],
+    agents: &mut [Agent],
+) -> anyhow::Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    let Some(last) = history
+        .iter()
+        .rev()
+        .find(|r| kind_name(r.kind) == "evaluate" && r.outcome == Outcome::Committed)
+    else {
+        return Ok(BTreeMap::new());
+    };
+    let mut spec = spec.clone();
+    spec.kind = TaskKind::Evaluate;
+    let mut out = BTreeMap::new();
+    for agent in agents
+        .iter_mut()
+        .filter(|a| last.reported.contains(&a.data.merchant_id))
+    {
+        let o = run_task(&spec, model, &mut agent.data)
+            .with_context(|| format!("evaluating merchant {}", agent.data.merchant_id))?;
+        out.insert(agent.data.merchant_id.clone(), o.metrics);
+    }
+    Ok(out)
+}
+
+/// The report's rows from the service's round records, as the in-process
+/// driver builds them: a training task and the evaluation of its version
+/// make one row. Bytes are payloads: the update bytes the service received
+/// and the model bytes each answering agent downloaded.
+fn rows(
+    history: &[RoundRecord],
+    stamps: &[Instant],
+    started: Instant,
+    model_len: u64,
+) -> Vec<RoundRow> {
+    let mut out = Vec::new();
+    let mut row: Option<(RoundRow, Instant)> = None;
+    for (k, r) in history.iter().enumerate() {
+        let begin = if k == 0 { started } else { stamps[k - 1] };
+        let end = stamps.get(k).copied().unwrap_or(begin);
+        let down = 4 * model_len * r.reported.len() as u64;
+        match kind_name(r.kind) {
+            "train" => {
+                let new = RoundRow {
+                    round: r.round,
+                    selected: r.selected.len(),
+                    reported: r.reported.len(),
+                    committed: r.outcome == Outcome::Committed,
+                    train: r.metrics.clone(),
+                    bytes_up: r.bytes_in,
+                    bytes_down: down,
+                    epsilon: r.privacy.as_ref().map(|p| p.epsilon),
+                    dp_clip: r.privacy.as_ref().map(|p| p.clip),
+                    ..Default::default()
+                };
+                // An evaluation follows a committed round when the run evaluates.
+                let evaluated = history.get(k + 1).is_some_and(|next| {
+                    kind_name(next.kind) == "evaluate" && next.round == r.round
+                });
+                if new.committed && evaluated {
+                    row = Some((new, begin));
+                } else {
+                    out.push(RoundRow {
+                        seconds: end.duration_since(begin).as_secs_f64(),
+                        ..new
+                    });
+                }
+            }
+            "evaluate" => {
+                if let Some((mut new, begin)) = row.take() {
+                    new.eval = r.metrics.clone();
+                    new.bytes_up += r.bytes_in;
+                    new.bytes_down += down;
+                    new.seconds = end.duration_since(begin).as_secs_f64();
+                    out.push(new);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
+
+/// `--dropout` over gRPC: the same per-task draw as the in-process transport,
+/// made by each real agent through its [`TaskObserver`] seam.
+struct Dropouts {
+    seed: u64,
+    probability: f64,
+    merchant_id: String,
+}
+
+impl TaskObserver for Dropouts {
+    fn on_task(&self, task_id: &str) -> TaskDecision {
+        // The in-process draw: statistics tasks never drop.
+        let drop = !task_id.ends_with("-stats")
+            && fedcart_common::seed::rng(self.seed, &["dropout", task_id, &self.merchant_id])
+                .random::<f64>()
+                < self.probability;
+        if drop {
+            TaskDecision::Abandon
+        } else {
+            TaskDecision::Accept
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The gRPC transport against the in-process one: same seed, same models
+//! (up to the order of float additions), same selections, drop-outs and
+//! bytes; and the knobs it cannot honour are refused by name.
+
+use std::path::PathBuf;
+
+use crate::{Experiment, Settings, SimArgs, run_all};
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+fn both(a: &SimArgs) -> (Experiment, Experiment) {
+    let run = |t: &str| {
+        let mut a = a.clone();
+        a.transport = Some(t.parse().unwrap());
+        run_all(&Settings::from_args(a).unwrap()).unwrap().remove(0)
+    };
+    (run("inproc"), run("grpc"))
+}
+
+/// Same rounds, selections, drop-outs, bytes and (within `tol`) metrics and
+/// final parameters.
+fn assert_same(inproc: &Experiment, grpc: &Experiment, tol: f32, secure: bool) {
+    assert_eq!(inproc.rounds.len(), grpc.rounds.len());
+    for (a, b) in inproc.rounds.iter().zip(&grpc.rounds) {
+        assert_eq!(
+            (a.round, a.selected, a.reported, a.committed),
+            (b.round, b.selected, b.reported, b.committed)
+        );
+        // Under secure aggregation the service counts the masked frames it
+        // received (ring words, not f32), so only plaintext bytes compare.
+        if !secure {
+            assert_eq!((a.bytes_up, a.bytes_down), (b.bytes_up, b.bytes_down));
+        }
+        for (x, y) in [(&a.train, &b.train), (&a.eval, &b.eval)] {
+            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+            for (k, v) in x {
+                let w = y[k];
+                assert!((v - w).abs() <= 1e-6 * v.abs().max(1.0), "{k}: {v} vs {w}");
+            }
+        }
+    }
+    assert_eq!(inproc.final_model.len(), grpc.final_model.len());
+    assert!(!inproc.final_model.is_empty());
+    let worst = inproc
+        .final_model
+        .iter()
+        .zip(&grpc.final_model)
+        .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+        .fold(0.0f32, f32::max);
+    assert!(worst <= tol, "largest parameter difference {worst}");
+    assert_eq!(
+        inproc.per_merchant.keys().collect::<Vec<_>>(),
+        grpc.per_merchant.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn churn_over_grpc_commits_the_same_model_as_in_process() {
+    let a = SimArgs {
+        task: Some("churn-lr".parse().unwrap()),
+        data: Some(
+            format!("telco:{}", repo(crate::data::DEFAULT_TELCO))
+                .parse()
+                .unwrap(),
+        ),
+        merchants: Some(4),
+        // Past ten rounds: task ids "r10…" sort before "r2…" as text, and the
+        // report must still list the rounds in the order they ran.
+        rounds: Some(11),
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    assert_eq!(
+        grpc.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<_>>()
+    );
+    assert_same(&inproc, &grpc, 1e-5, false);
+    assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
+    assert!(grpc.final_metrics["auc"] > 0.8);
+    assert!(
+        grpc.rounds
+            .iter()
+            .all(|r| r.bytes_up > 0 && r.seconds > 0.0)
+    );
+}
+
+#[test]
+fn secure_churn_over_grpc_matches_in_process_within_quantisation() {
+    // The statistics step and every training round run the real SecAgg
+    // protocol between the service and the agents; only the stochastic
+    // rounding differs from the in-process run (agents draw their own).
+    let a = SimArgs {
+        task: Some("churn-lr".parse().unwrap()),
+        data: Some(
+            format!("telco:{}", repo(crate::data::DEFAULT_TELCO))
+                .parse()
+                .unwrap(),
+        ),
+        merchants: Some(4),
+        rounds: Some(2),
+        secagg: true,
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
+    let (p, q) = (inproc.final_metrics["auc"], grpc.final_metrics["auc"]);
+    assert!(q > 0.8 && (p - q).abs() < 2e-3, "auc {p} vs {q}");
+    let worst = inproc
+        .final_model
+        .iter()
+        .zip(&grpc.final_model)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-2, "largest parameter difference {worst}");
+}
+
+#[test]
+fn distributed_dp_over_grpc_is_accounted_like_in_process_and_still_learns() {
+    // Agents add their Skellam share to the encoded input before masking
+    // (from OS entropy, so the two runs differ by the noise only); the
+    // coordinator configures the same ring and scale and accounts the same ε.
+    let a = SimArgs {
+        task: Some("churn-lr".parse().unwrap()),
+        data: Some(
+            format!("telco:{}", repo(crate::data::DEFAULT_TELCO))
+                .parse()
+                .unwrap(),
+        ),
+        merchants: Some(4),
+        rounds: Some(3),
+        secagg: true,
+        dp_clip: Some("1".into()),
+        dp_noise: Some(0.05),
+        dp_mode: Some(crate::DpModeName::Distributed),
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
+    let eps = |e: &Experiment| e.rounds.iter().map(|r| r.epsilon).collect::<Vec<_>>();
+    assert_eq!(eps(&inproc), eps(&grpc));
+    assert!(eps(&grpc).iter().all(|e| e.is_some_and(|e| e > 0.0)));
+    let (p, q) = (inproc.final_metrics["auc"], grpc.final_metrics["auc"]);
+    assert!(
+        p > 0.75 && q > 0.75 && (p - q).abs() < 0.03,
+        "auc {p} vs {q}"
+    );
+}
+
+#[test]
+fn mf_over_grpc_matches_in_process_with_a_fraction_and_drop_outs() {
+    let a = SimArgs {
+        task: Some("mf".parse().unwrap()),
+        data: Some(
+            format!("movielens:{}", repo(crate::data::DEFAULT_MOVIELENS))
+                .parse()
+                .unwrap(),
+        ),
+        merchants: Some(6),
+        rounds: Some(3),
+        epochs: Some(1),
+        fraction: Some(0.5),
+        dropout: Some(0.3),
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    assert_same(&inproc, &grpc, 1e-4, false);
+    // Seed 42 drops one of the three merchants selected in round 1.
+    assert!(
+        grpc.rounds.iter().any(|r| r.reported < r.selected),
+        "{:?}",
+        grpc.rounds
+    );
+    let (p, q) = (inproc.final_metrics["rmse"], grpc.final_metrics["rmse"]);
+    assert!((p - q).abs() < 1e-5, "rmse {p} vs {q}");
+}
+
+#[test]
+fn mf_under_secure_aggregation_over_grpc_matches_in_process() {
+    let a = SimArgs {
+        task: Some("mf".parse().unwrap()),
+        data: Some(
+            format!("movielens:{}", repo(crate::data::DEFAULT_MOVIELENS))
+                .parse()
+                .unwrap(),
+        ),
+        merchants: Some(4),
+        rounds: Some(2),
+        epochs: Some(1),
+        secagg: true,
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    // Both decode fixed-point sums of the same updates, each with its own
+    // seeded rounding: equal within the encoding's quantisation.
+    assert_same(&inproc, &grpc, 2e-3, true);
+    assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
+}
+
+#[test]
+fn knobs_the_real_agent_cannot_honour_are_refused_by_name() {
+    let base = SimArgs {
+        task: Some("noop:8".parse().unwrap()),
+        transport: Some(crate::Transport::Grpc),
+        ..Default::default()
+    };
+    let mut a = base.clone();
+    a.mode = Some(crate::ModeName::Fedbuff);
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        e.contains("--mode fedbuff") && e.contains("--transport grpc"),
+        "{e}"
+    );
+    let mut a = base;
+    a.malicious = Some(0.2);
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("--malicious"), "{e}");
+}
+
+#[test]
+fn min_available_waits_for_the_pool_without_widening_the_selection() {
+    use fedcart_common::task::ModelSpec;
+    use fedcart_coordinator::config::{RunConfig, Selection};
+    use fedcart_coordinator::engine::{Engine, EngineError};
+    let dir = tempfile::tempdir().unwrap();
+    let store = fedcart_coordinator::store::Store::open(&dir.path().join("s.redb")).unwrap();
+    let run = RunConfig {
+        run_id: "r".into(),
+        seed: 1,
+        rounds: 1,
+        model: ModelSpec::Noop { dim: 4 },
+        sgd: Default::default(),
+        selection: Selection {
+            fraction: 0.5,
+            min_agents: 1,
+            max_agents: 6,
+            min_available: 6,
+        },
+        quorum: 1,
+        round_timeout_ms: 1000,
+        evaluate: false,
+        strategy: Default::default(),
+        secagg: None,
+        dp: None,
+    };
+    let mut engine = Engine::open(store, run).unwrap();
+    let ids: Vec<String> = (0..6).map(|k| format!("m{k}")).collect();
+    assert!(matches!(
+        engine.start_task(&ids[..5]),
+        Err(EngineError::NotEnoughAgents {
+            available: 5,
+            needed: 6
+        })
+    ));
+    // All six connected: half of them are selected, not all six.
+    assert_eq!(engine.start_task(&ids).unwrap().selected.len(), 3);
+}

@@ -1,0 +1,382 @@
+//! `fedcart-sim`: the researchers' simulator.
+//!
+//! It is the second driver of the round engine: the same [`Engine`] the gRPC
+//! service drives, with N virtual merchants calling the same
+//! `fedcart_common::train::run_task` the agent calls, in-process on a rayon
+//! pool. Results are folded into the engine in merchant order, so a seed gives
+//! identical metrics whatever the thread count.
+
+mod args;
+pub mod clock;
+pub mod data;
+mod dp;
+pub mod experiment;
+pub mod fedbuff;
+mod grpc;
+pub mod mode;
+pub mod output;
+pub mod plots;
+mod settings;
+mod submit;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::Context;
+use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
+use fedcart_common::train::{LocalData, run_task};
+use rand::RngExt;
+use rayon::prelude::*;
+
+pub use args::SimArgs;
+pub use args::{DpModeName, ModeName, Transport};
+use data::TaskChoice;
+pub use experiment::{Experiment, RoundRow};
+use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
+use fedcart_coordinator::engine::Engine;
+use fedcart_coordinator::record::Outcome;
+use fedcart_coordinator::store::Store;
+pub use settings::{Attack, Settings};
+
+/// Results computed per chunk of merchants: bounds memory to `CHUNK` updates
+/// in flight however many merchants a round selects.
+const CHUNK: usize = 64;
+
+/// Runs the command: every experiment the settings describe, then the table,
+/// the output files and the one-line JSON summary.
+pub fn run_command(args: SimArgs) -> anyhow::Result<()> {
+    let settings = Settings::from_args(args)?;
+    let experiments = run_all(&settings)?;
+    output::print_table(&experiments);
+    if let Some(dir) = &settings.out {
+        output::write_all(dir, &settings, &experiments)?;
+        eprintln!("wrote {}", dir.display());
+    }
+    println!("{}", output::summary_json(&experiments));
+    Ok(())
+}
+
+/// Runs every experiment of `settings` (the demo runs two).
+pub fn run_all(settings: &Settings) -> anyhow::Result<Vec<Experiment>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(settings.threads)
+        .build()
+        .context("building the thread pool")?;
+    settings
+        .experiments()
+        .into_iter()
+        .map(|(task, data)| run_one(settings, task, &data, &pool))
+        .collect()
+}
+
+/// Runs one experiment through the engine.
+pub fn run_one(
+    s: &Settings,
+    task: TaskChoice,
+    data: &data::DataSpec,
+    pool: &rayon::ThreadPool,
+) -> anyhow::Result<Experiment> {
+    let strategy = s.strategy.build();
+    let load_start = Instant::now();
+    let pop = data::build(
+        task,
+        data,
+        s.files(),
+        s.merchants,
+        s.partition,
+        s.mf_hyper(task),
+        s.factors,
+        s.seed,
+    )?;
+    let load_seconds = load_start.elapsed().as_secs_f64();
+    let mut sgd = s.sgd(task);
+    sgd.prox_mu = strategy.prox_mu();
+    let n = pop.merchants.len();
+    let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
+    let run = RunConfig {
+        run_id: "simulation".into(),
+        seed: s.seed,
+        rounds: s.rounds,
+        model: pop.model.clone(),
+        sgd,
+        selection: Selection {
+            // FedBuff opens a task for exactly the buffered merchants.
+            fraction: match s.mode {
+                mode::Mode::Sync => s.fraction,
+                mode::Mode::FedBuff(_) => 1.0,
+            },
+            min_agents: 1,
+            max_agents: n,
+            min_available: 0,
+        },
+        quorum: 1,
+        round_timeout_ms: u64::MAX / 2,
+        evaluate: !matches!(pop.model, ModelSpec::Noop { .. }),
+        strategy: s.strategy.clone(),
+        secagg: s.secagg.then(|| SecAggSettings {
+            neighbours: None,
+            clip: s.secagg_clip(task),
+            verify_survivors: false,
+            stage_timeout_ms: None,
+        }),
+        dp: s.dp.clone().map(|mut dp| {
+            dp.population = Some(n);
+            dp
+        }),
+    };
+    run.validate()?;
+    if s.transport == Transport::Grpc {
+        return grpc::run(s, task, data, pop, run, load_seconds);
+    }
+    let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
+    // Not fsync'd: the store is deleted with `dir` when the run ends.
+    let store = Store::open_scratch(&dir.path().join("simulation.redb"))?;
+    let mut engine = Engine::open(store, run)?;
+
+    let ids: Vec<String> = pop
+        .merchants
+        .iter()
+        .map(|m| m.merchant_id.clone())
+        .collect();
+    let index: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| (id.as_str(), k))
+        .collect();
+    let malicious = s.malicious_set(n);
+    // Baselines for the federation-value report, on untouched copies.
+    let originals = (s.out.is_some() && !matches!(pop.model, ModelSpec::Noop { .. }))
+        .then(|| pop.merchants.clone());
+    let merchants: Vec<Mutex<LocalData>> = pop.merchants.into_iter().map(Mutex::new).collect();
+    let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
+    let bar = progress_bar(s.rounds, &exp.name);
+    let mut round_start = Instant::now();
+    let mut row = RoundRow::default();
+    if let mode::Mode::FedBuff(cfg) = &s.mode {
+        // Runs the engine to completion: the synchronous loop below then
+        // has nothing left to do.
+        let cx = fedbuff::Ctx {
+            s,
+            cfg,
+            ids: &ids,
+            merchants: &merchants,
+            fleet: &fleet,
+            malicious: &malicious,
+            pool,
+            bar: &bar,
+        };
+        fedbuff::drive(&cx, &mut engine, &mut exp)?;
+    }
+    let mut now = 0.0;
+    while !engine.finished() {
+        // Training is offered to the merchants online now; statistics and
+        // evaluation (measurements) to everyone.
+        let available = match engine.next_task() {
+            Some((_, TaskKind::Train)) => fleet.online_ids(&ids, now),
+            _ => ids.clone(),
+        };
+        let plan = engine.start_task(&available)?;
+        if plan.spec.kind == TaskKind::Train {
+            round_start = Instant::now();
+            row = RoundRow {
+                round: plan.round,
+                ..Default::default()
+            };
+        }
+        let global = engine.global();
+        let mut todo = Vec::with_capacity(plan.selected.len());
+        for id in &plan.selected {
+            let k = index[id.as_str()];
+            let dropped = plan.spec.kind != TaskKind::Stats
+                && s.dropout > 0.0
+                && fedcart_common::seed::rng(s.seed, &["dropout", &plan.task_id, id])
+                    .random::<f64>()
+                    < s.dropout;
+            if dropped {
+                engine.drop_agent(id);
+            } else {
+                todo.push(k);
+            }
+        }
+        let mut per_merchant = BTreeMap::new();
+        let mut secure_inputs: Vec<(String, fedcart_common::federation::update::Update)> =
+            Vec::new();
+        for chunk in todo.chunks(CHUNK) {
+            let outs: Vec<_> = pool.install(|| {
+                chunk
+                    .par_iter()
+                    .map(|&k| {
+                        let mut m = merchants[k].lock().expect("merchant lock");
+                        run_task(&plan.spec, &global, &mut m)
+                    })
+                    .collect()
+            });
+            let mut subs = Vec::with_capacity(chunk.len());
+            let mut senders = Vec::with_capacity(chunk.len());
+            for (&k, out) in chunk.iter().zip(outs) {
+                let id = &ids[k];
+                let Some(mut out) = submit::accept(&mut engine, id, out) else {
+                    continue;
+                };
+                if plan.spec.kind == TaskKind::Train
+                    && malicious.contains(&k)
+                    && let Some(u) = &mut out.update
+                {
+                    s.attack.apply(&mut u.values);
+                }
+                if plan.spec.kind == TaskKind::Evaluate {
+                    per_merchant.insert(id.clone(), out.metrics.clone());
+                }
+                let sub = submit::route(id, out, plan.secure, &mut secure_inputs);
+                row.bytes_down += 4 * plan.model_len;
+                row.bytes_up += sub.bytes;
+                subs.push((id.clone(), sub));
+                senders.push(k);
+            }
+            // One batch per chunk: validated and folded in parallel, in
+            // merchant order (bit-identical to one-by-one submission).
+            let results =
+                pool.install(|| engine.submit_many("simulation", plan.round, &plan.task_id, subs));
+            for (&k, result) in senders.iter().zip(results) {
+                if let Err(e) = result {
+                    tracing::warn!(merchant = %ids[k], error = %e, "submission refused");
+                }
+            }
+        }
+        if plan.secure {
+            let started = Instant::now();
+            row.clipped += secure_sum(&mut engine, &plan, secure_inputs, s.seed)?;
+            row.secagg_seconds += started.elapsed().as_secs_f64();
+        }
+        let record = engine.finish_task()?;
+        match plan.spec.kind {
+            TaskKind::Stats => {}
+            TaskKind::Train => {
+                row.selected = record.selected.len();
+                row.reported = record.reported.len();
+                row.committed = record.outcome == Outcome::Committed;
+                row.train = record.metrics.clone();
+                if let Some(p) = &record.privacy {
+                    row.epsilon = Some(p.epsilon);
+                    row.dp_clip = Some(p.clip);
+                }
+                now += fleet.round_seconds(&record.selected, &index);
+                row.virtual_seconds = now;
+                if !engine.run().evaluate || !row.committed {
+                    row.seconds = round_start.elapsed().as_secs_f64();
+                    exp.rounds.push(std::mem::take(&mut row));
+                    bar.inc(1);
+                }
+            }
+            TaskKind::Evaluate => {
+                row.eval = record.metrics.clone();
+                row.seconds = round_start.elapsed().as_secs_f64();
+                exp.per_merchant = per_merchant;
+                exp.rounds.push(std::mem::take(&mut row));
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    exp.privacy = engine.ledger().map(|l| experiment::PrivacySummary {
+        mode: l.settings().mode,
+        noise_multiplier: l.noise_multiplier(),
+        delta: l.settings().delta,
+        epsilon: l.epsilon().unwrap_or(0.0),
+        clip: exp
+            .rounds
+            .last()
+            .and_then(|r| r.dp_clip)
+            .unwrap_or(l.clip()),
+        adaptive: l.settings().clip == fedcart_coordinator::config::ClipNorm::Adaptive,
+    });
+    if let Some(originals) = originals {
+        let template = TaskSpec {
+            kind: TaskKind::Train,
+            model: engine.run().model.clone(),
+            sgd: engine.run().sgd.clone(),
+            seed: s.seed,
+            round: 0,
+            standardizer: None,
+            dp: None,
+        };
+        exp.federation_value = Some(
+            fedcart_common::reference::federation_value(
+                &template,
+                &originals,
+                s.mode.baseline_rounds(s.rounds, n),
+            )
+            .context("computing the federation-value baselines")?,
+        );
+    }
+    exp.final_model = engine.global().to_vec();
+    exp.finish();
+    Ok(exp)
+}
+
+/// Runs secure aggregation over the round's updates (all parties in this
+/// process, the real protocol and encoding) and hands the engine the decoded
+/// sum. Returns the number of clipped coordinates.
+fn secure_sum(
+    engine: &mut Engine,
+    plan: &fedcart_coordinator::engine::TaskPlan,
+    inputs: Vec<(String, fedcart_common::federation::update::Update)>,
+    seed: u64,
+) -> anyhow::Result<u64> {
+    use fedcart_common::privacy::secagg::{Dropouts, run_in_memory, run_in_memory_with};
+    let n = inputs.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let settings = engine
+        .run()
+        .secagg
+        .clone()
+        .expect("secure task has settings");
+    // The same parameters as a gRPC round (2^64 ring for the statistics step).
+    let cfg = fedcart_coordinator::secure_round::round_config(&settings, &plan.spec, n);
+    let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
+    let noise = plan.spec.dp.as_ref().and_then(|d| d.distributed);
+    let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
+    let out = match &noise {
+        Some(noise) => run_in_memory_with(
+            &cfg,
+            &updates,
+            &Dropouts::none(),
+            round_seed,
+            &mut dp::noise_hook(&cfg, noise, seed, &plan.task_id),
+        ),
+        None => run_in_memory(&cfg, &updates, &Dropouts::none(), round_seed),
+    }
+    .with_context(|| format!("secure aggregation of task {}", plan.task_id))?;
+    drop(updates);
+    let survivors: Vec<String> = out
+        .output
+        .survivors
+        .iter()
+        .map(|&i| ids[i as usize].clone())
+        .collect();
+    let clipped = out.output.sum.clipped;
+    engine
+        .set_secure_sum(&survivors, out.output.sum.into_accumulator())
+        .map_err(|e| anyhow::anyhow!("handing the secure sum to the engine: {e}"))?;
+    Ok(clipped)
+}
+
+fn progress_bar(rounds: u64, name: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(rounds);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] round {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(name.to_string());
+    bar
+}

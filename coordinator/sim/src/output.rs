@@ -1,0 +1,267 @@
+//! What a simulation reports: the summary table, `metrics.json` (schema
+//! below), `metrics.csv`, `report.html` (with the SVG plots inline), the
+//! PNG/SVG plot files (`plots.rs`), and the one-line JSON summary.
+//!
+//! `metrics.json` schema: `{ "settings": {…}, "experiments": [ { "name",
+//! "task", "data", "merchants", "model_len", "strategy", "mode", "final": {metric:
+//! value}, "rounds": [ { "round", "selected", "reported", "committed",
+//! "train": {…}, "eval": {…}, "bytes_up", "bytes_down", "seconds",
+//! "virtual_seconds", "staleness_mean", "staleness_max" } ],
+//! "per_merchant": { id: {metric: value} }, "timing": { "load_seconds",
+//! "total_seconds", "seconds_per_round" } } ] }`. Only the `seconds` and
+//! `timing` fields vary between two runs with the same seed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+
+use super::experiment::{Experiment, RoundRow};
+use super::settings::Settings;
+
+/// Prints the summary table to stdout.
+pub fn print_table(experiments: &[Experiment]) {
+    let mut t = comfy_table::Table::new();
+    t.set_header([
+        "experiment",
+        "merchants",
+        "rounds",
+        "strategy",
+        "first",
+        "final",
+        "s/round",
+        "MB moved",
+    ]);
+    for e in experiments {
+        let metric = |r: Option<&RoundRow>| match (e.headline(), r) {
+            (Some((k, _)), Some(r)) => r.eval.get(k).map_or("-".into(), |v| format!("{k} {v:.4}")),
+            _ => "-".into(),
+        };
+        let bytes: u64 = e.rounds.iter().map(|r| r.bytes_up + r.bytes_down).sum();
+        t.add_row([
+            e.name.clone(),
+            e.merchants.to_string(),
+            e.rounds.len().to_string(),
+            e.strategy.clone(),
+            metric(e.rounds.first()),
+            metric(e.rounds.last()),
+            format!("{:.4}", e.timing.seconds_per_round),
+            format!("{:.1}", bytes as f64 / 1e6),
+        ]);
+    }
+    println!("{t}");
+}
+
+/// The one-line JSON summary printed last.
+pub fn summary_json(experiments: &[Experiment]) -> String {
+    let list: Vec<serde_json::Value> = experiments
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "name": e.name,
+                "task": e.task,
+                "merchants": e.merchants,
+                "rounds": e.rounds.len(),
+                "strategy": e.strategy,
+                "final": e.final_metrics,
+                "seconds_per_round": e.timing.seconds_per_round,
+            })
+        })
+        .collect();
+    serde_json::json!({ "experiments": list }).to_string()
+}
+
+/// Writes `metrics.json`, `metrics.csv` and `report.html` into `dir`.
+pub fn write_all(dir: &Path, s: &Settings, experiments: &[Experiment]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::json!({ "settings": s, "experiments": experiments });
+    let path = dir.join("metrics.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    let path = dir.join("metrics.csv");
+    std::fs::write(&path, csv_text(experiments))
+        .with_context(|| format!("writing {}", path.display()))?;
+    let plots = super::plots::write_all(dir, experiments)?;
+    let path = dir.join("report.html");
+    std::fs::write(&path, html(s, experiments, &plots))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn csv_text(experiments: &[Experiment]) -> String {
+    let mut keys: Vec<String> = experiments
+        .iter()
+        .flat_map(|e| e.rounds.iter().flat_map(|r| r.eval.keys().cloned()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut out =
+        String::from("experiment,round,selected,reported,committed,bytes_up,bytes_down,seconds");
+    for k in &keys {
+        let _ = write!(out, ",{k}");
+    }
+    let dp = experiments
+        .iter()
+        .any(|e| e.rounds.iter().any(|r| r.epsilon.is_some()));
+    if dp {
+        out.push_str(",epsilon");
+    }
+    out += ",mode,virtual_seconds,staleness_mean";
+    out.push('\n');
+    for e in experiments {
+        for r in &e.rounds {
+            let _ = write!(
+                out,
+                "\"{}\",{},{},{},{},{},{},{:.6}",
+                e.name,
+                r.round,
+                r.selected,
+                r.reported,
+                r.committed,
+                r.bytes_up,
+                r.bytes_down,
+                r.seconds
+            );
+            for k in &keys {
+                match r.eval.get(k) {
+                    Some(v) => {
+                        let _ = write!(out, ",{v}");
+                    }
+                    None => out.push(','),
+                }
+            }
+            if dp {
+                out.push(',');
+                if let Some(eps) = r.epsilon {
+                    let _ = write!(out, "{eps}");
+                }
+            }
+            let _ = write!(
+                out,
+                ",{},{:.6},{:.4}",
+                e.mode, r.virtual_seconds, r.staleness_mean
+            );
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The federation-value table: each merchant's headline metric alone,
+/// federated and centralised.
+fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&str>) -> String {
+    let Some(key) = metric.or_else(|| v.centralized_pooled.keys().next().map(String::as_str))
+    else {
+        return String::new();
+    };
+    let cell = |m: Option<&BTreeMap<String, f64>>| {
+        m.and_then(|m| m.get(key))
+            .map_or_else(|| "–".to_string(), |x| format!("{x:.4}"))
+    };
+    let mut out = format!(
+        "<h3>Federation value ({} after {} rounds; centralised on all rows: {})</h3>\
+         <table><tr><th>merchant</th><th>local-only</th><th>federated</th><th>centralised</th></tr>",
+        esc(key),
+        v.rounds,
+        cell(Some(&v.centralized_pooled))
+    );
+    for m in &v.merchants {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&m.merchant),
+            cell(Some(&m.local_only)),
+            cell(Some(&m.federated)),
+            cell(m.centralized.as_ref())
+        );
+    }
+    out += "</table>";
+    out
+}
+
+fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plot>]) -> String {
+    let mut out = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>fedcart simulation</title>\
+         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
+         td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>\
+         <h1>fedcart simulation</h1><h2>Settings</h2><pre>",
+    );
+    out += &esc(&serde_json::to_string_pretty(s).unwrap_or_default());
+    out += "</pre>";
+    for (i, e) in experiments.iter().enumerate() {
+        let _ = write!(
+            out,
+            "<h2>{}</h2><p>{} merchants, strategy {}, partition {}, {:.4} s per round after the first.</p>",
+            esc(&e.name),
+            e.merchants,
+            esc(&e.strategy),
+            esc(&e.partition),
+            e.timing.seconds_per_round
+        );
+        if let Some(p) = &e.privacy {
+            let _ = write!(
+                out,
+                "<p class=\"dp\">Differential privacy ({:?} noise, merchant level): \
+                 ε = {:.3} at δ = {:e} after {} rounds, noise multiplier {:.4}, \
+                 {} clip norm {:.4}.</p>",
+                p.mode,
+                p.epsilon,
+                p.delta,
+                e.rounds.len(),
+                p.noise_multiplier,
+                if p.adaptive { "adaptive" } else { "fixed" },
+                p.clip
+            );
+        }
+        for p in plots.get(i).into_iter().flatten() {
+            let _ = write!(
+                out,
+                "<figure>{}<figcaption>{}.png, {}.svg</figcaption></figure>",
+                p.svg,
+                esc(&p.name),
+                esc(&p.name)
+            );
+        }
+        let keys: Vec<&String> = e.final_metrics.keys().collect();
+        out += "<table><tr><th>round</th><th>reported</th>";
+        for k in &keys {
+            let _ = write!(out, "<th>{}</th>", esc(k));
+        }
+        let dp = e.privacy.is_some();
+        if dp {
+            out += "<th>ε</th>";
+        }
+        out += "<th>s</th></tr>";
+        for r in &e.rounds {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}/{}</td>",
+                r.round, r.reported, r.selected
+            );
+            for k in &keys {
+                let _ = write!(
+                    out,
+                    "<td>{:.4}</td>",
+                    r.eval.get(*k).copied().unwrap_or(f64::NAN)
+                );
+            }
+            if dp {
+                let _ = write!(out, "<td>{:.3}</td>", r.epsilon.unwrap_or(f64::NAN));
+            }
+            let _ = write!(out, "<td>{:.3}</td></tr>", r.seconds);
+        }
+        out += "</table>";
+        if let Some(v) = &e.federation_value {
+            out += &value_table(v, e.headline().map(|(k, _)| k));
+        }
+    }
+    out += "</body></html>\n";
+    out
+}

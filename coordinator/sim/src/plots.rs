@@ -1,0 +1,317 @@
+//! The simulator's plot files: PNG and SVG drawn with `plotters`.
+//!
+//! Per experiment: the headline metric by round and by virtual time (see
+//! `clock.rs`), and — when the federation-value baselines were computed —
+//! each merchant's metric trained alone, federated and centralised. Every
+//! plot is written as `<name>.png` and `<name>.svg`; `report.html` inlines the
+//! SVGs.
+//!
+//! Text is laid out with the DejaVu Sans font compiled into the binary
+//! (plotters' `ab_glyph` backend), never a system font: the plots render the
+//! same on a fresh machine without fontconfig or any font installed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use anyhow::{Context, anyhow};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::experiment::Experiment;
+
+/// Pixel size of every plot.
+pub const SIZE: (u32, u32) = (800, 480);
+
+const FONT: &str = "sans-serif";
+
+/// Colours of the series, in order (matplotlib's first four, for familiarity).
+const PALETTE: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+];
+
+/// One plot written to disk.
+#[derive(Debug, Clone)]
+pub struct Plot {
+    /// File stem, e.g. `churn-lr-auc-by-round`.
+    pub name: String,
+    /// Title shown above the chart.
+    pub title: String,
+    /// The SVG document (also written to `<name>.svg`).
+    pub svg: String,
+    /// Where the PNG was written.
+    pub png: PathBuf,
+}
+
+/// Registers the embedded font under the family name plotters asks for.
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_err()
+        {
+            // The bytes are a fixed, valid TrueType file compiled in.
+            unreachable!("the embedded DejaVu Sans font does not parse");
+        }
+    });
+}
+
+/// What one chart shows.
+enum Chart<'a> {
+    /// Lines: (label, points).
+    Lines {
+        x_desc: &'a str,
+        y_desc: &'a str,
+        series: Vec<(String, Vec<(f64, f64)>)>,
+        /// Where the legend goes: away from where the curve ends up.
+        legend: SeriesLabelPosition,
+    },
+    /// Grouped bars: category labels, then (series label, value per category).
+    Bars {
+        y_desc: &'a str,
+        categories: Vec<String>,
+        series: Vec<(String, Vec<Option<f64>>)>,
+    },
+}
+
+/// Writes every plot of `experiments` into `dir` and returns them, per experiment.
+pub fn write_all(dir: &Path, experiments: &[Experiment]) -> anyhow::Result<Vec<Vec<Plot>>> {
+    register_font();
+    experiments
+        .iter()
+        .map(|e| {
+            charts(e)
+                .into_iter()
+                .map(|(name, title, chart)| write_one(dir, &name, &title, &chart))
+                .collect()
+        })
+        .collect()
+}
+
+/// The charts of one experiment: (file stem, title, chart).
+fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
+    let Some((key, higher_is_better)) = e.headline() else {
+        return Vec::new();
+    };
+    let legend = || {
+        if higher_is_better {
+            SeriesLabelPosition::LowerRight
+        } else {
+            SeriesLabelPosition::UpperRight
+        }
+    };
+    let mut out = Vec::new();
+    let by = |x: &dyn Fn(&super::RoundRow) -> f64| -> Vec<(f64, f64)> {
+        e.rounds
+            .iter()
+            .filter_map(|r| r.eval.get(key).map(|v| (x(r), *v)))
+            .collect()
+    };
+    let label = format!("{} ({})", e.strategy, e.mode);
+    let rounds = by(&|r| r.round as f64);
+    if !rounds.is_empty() {
+        out.push((
+            format!("{}-{key}-by-round", e.task),
+            format!("{}: {key} by round", e.task),
+            Chart::Lines {
+                x_desc: if e.mode == "fedbuff" {
+                    "version"
+                } else {
+                    "round"
+                },
+                y_desc: key,
+                series: vec![(label.clone(), rounds)],
+                legend: legend(),
+            },
+        ));
+        out.push((
+            format!("{}-{key}-by-time", e.task),
+            format!("{}: {key} by virtual time", e.task),
+            Chart::Lines {
+                x_desc: "virtual seconds",
+                y_desc: key,
+                series: vec![(label, by(&|r| r.virtual_seconds))],
+                legend: legend(),
+            },
+        ));
+    }
+    if let Some(v) = &e.federation_value {
+        let get = |m: Option<&std::collections::BTreeMap<String, f64>>| {
+            m.and_then(|m| m.get(key)).copied()
+        };
+        out.push((
+            format!("{}-federation-value", e.task),
+            format!("{}: {key} per merchant after {} rounds", e.task, v.rounds),
+            Chart::Bars {
+                y_desc: key,
+                categories: v.merchants.iter().map(|m| m.merchant.clone()).collect(),
+                series: vec![
+                    (
+                        "local-only".into(),
+                        v.merchants
+                            .iter()
+                            .map(|m| get(Some(&m.local_only)))
+                            .collect(),
+                    ),
+                    (
+                        "federated".into(),
+                        v.merchants
+                            .iter()
+                            .map(|m| get(Some(&m.federated)))
+                            .collect(),
+                    ),
+                    (
+                        "centralised".into(),
+                        v.merchants
+                            .iter()
+                            .map(|m| get(m.centralized.as_ref()))
+                            .collect(),
+                    ),
+                ],
+            },
+        ));
+    }
+    out
+}
+
+fn write_one(dir: &Path, name: &str, title: &str, chart: &Chart<'_>) -> anyhow::Result<Plot> {
+    let png = dir.join(format!("{name}.png"));
+    {
+        let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
+        draw(&root, title, chart).map_err(|e| anyhow!("drawing {}: {e}", png.display()))?;
+        root.present()
+            .map_err(|e| anyhow!("writing {}: {e}", png.display()))?;
+    }
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        draw(&root, title, chart).map_err(|e| anyhow!("drawing {name}.svg: {e}"))?;
+        root.present()
+            .map_err(|e| anyhow!("drawing {name}.svg: {e}"))?;
+    }
+    let path = dir.join(format!("{name}.svg"));
+    std::fs::write(&path, &svg).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Plot {
+        name: name.into(),
+        title: title.into(),
+        svg,
+        png,
+    })
+}
+
+/// A range around `values` with a little headroom, never empty.
+fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.08).max(1e-3 * hi.abs().max(1.0));
+    (lo - pad, hi + pad)
+}
+
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    chart: &Chart<'_>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    root.fill(&WHITE)?;
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(title, (FONT, 20))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64);
+    match chart {
+        Chart::Lines {
+            x_desc,
+            y_desc,
+            series,
+            legend,
+        } => {
+            let (x0, x1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
+            let (y0, y1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
+            let mut c = builder.build_cartesian_2d(x0..x1, y0..y1)?;
+            c.configure_mesh()
+                .x_desc(*x_desc)
+                .y_desc(*y_desc)
+                .label_style((FONT, 13))
+                .axis_desc_style((FONT, 15))
+                .draw()?;
+            for (i, (label, pts)) in series.iter().enumerate() {
+                let colour = PALETTE[i % PALETTE.len()];
+                c.draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)))?
+                    .label(label.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2))
+                    });
+                // Markers only while they stay readable.
+                if pts.len() <= 60 {
+                    c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+                }
+            }
+            c.configure_series_labels()
+                .position(legend.clone())
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font((FONT, 13))
+                .draw()?;
+        }
+        Chart::Bars {
+            y_desc,
+            categories,
+            series,
+        } => {
+            let n = categories.len().max(1);
+            let (lo, hi) = span(series.iter().flat_map(|s| s.1.iter().flatten().copied()));
+            let mut c =
+                builder.build_cartesian_2d(-0.5..(n as f64 - 0.5), lo.min(hi - 1e-3)..hi)?;
+            let cats = categories.clone();
+            c.configure_mesh()
+                .disable_x_mesh()
+                .x_labels(n)
+                .x_label_formatter(&move |x| {
+                    let i = x.round();
+                    if (x - i).abs() < 1e-6 && i >= 0.0 {
+                        cats.get(i as usize).cloned().unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
+                })
+                .x_desc("merchant")
+                .y_desc(*y_desc)
+                .label_style((FONT, 13))
+                .axis_desc_style((FONT, 15))
+                .draw()?;
+            let width = 0.8 / series.len().max(1) as f64;
+            for (s, (label, values)) in series.iter().enumerate() {
+                let colour = PALETTE[s % PALETTE.len()];
+                let bars = values.iter().enumerate().filter_map(|(i, v)| {
+                    let left = i as f64 - 0.4 + s as f64 * width;
+                    v.map(|v| {
+                        Rectangle::new([(left, lo), (left + width * 0.9, v)], colour.filled())
+                    })
+                });
+                c.draw_series(bars)?
+                    .label(label.as_str())
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled())
+                    });
+            }
+            c.configure_series_labels()
+                .position(SeriesLabelPosition::LowerRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font((FONT, 13))
+                .draw()?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

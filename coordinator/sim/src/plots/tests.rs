@@ -1,0 +1,153 @@
+//! Plot files: present, decodable, the right size, not blank, labelled.
+
+use std::collections::BTreeMap;
+
+use fedcart_common::reference::{FederationValue, MerchantValue};
+
+use super::*;
+use crate::{RoundRow, Settings, SimArgs, data};
+
+/// A churn experiment with made-up rows (no training needed to plot).
+fn experiment() -> Experiment {
+    let s = Settings::from_args(SimArgs {
+        task: Some("churn-lr".parse().unwrap()),
+        ..Default::default()
+    })
+    .unwrap();
+    let task = data::TaskChoice::ChurnLr;
+    let model = fedcart_common::task::ModelSpec::ChurnLr { num_features: 3 };
+    let mut e = Experiment::new(task, &task.default_data(), &s, 3, &model, 0.0);
+    let metric = |v: f64| BTreeMap::from([("auc".to_string(), v)]);
+    e.rounds = (1..=6)
+        .map(|r| RoundRow {
+            round: r,
+            committed: true,
+            eval: metric(0.7 + 0.02 * r as f64),
+            virtual_seconds: 1.5 * r as f64,
+            ..Default::default()
+        })
+        .collect();
+    e.federation_value = Some(FederationValue {
+        rounds: 6,
+        centralized_pooled: metric(0.84),
+        merchants: (0..3)
+            .map(|k| MerchantValue {
+                merchant: format!("m{k:04}"),
+                local_only: metric(0.6 + 0.05 * k as f64),
+                federated: metric(0.8),
+                centralized: Some(metric(0.83)),
+            })
+            .collect(),
+    });
+    e.finish();
+    e
+}
+
+/// Decodes a PNG: (width, height, pixel-value variance).
+fn decode(path: &Path) -> (u32, u32, f64) {
+    let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = &buf[..info.buffer_size()];
+    let mean = px.iter().map(|&b| f64::from(b)).sum::<f64>() / px.len() as f64;
+    let var = px
+        .iter()
+        .map(|&b| (f64::from(b) - mean).powi(2))
+        .sum::<f64>()
+        / px.len() as f64;
+    (info.width, info.height, var)
+}
+
+#[test]
+fn every_plot_is_written_as_a_sized_non_blank_png_and_a_labelled_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let plots = write_all(dir.path(), &[experiment()]).unwrap();
+    let names: Vec<&str> = plots[0].iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "churn-lr-auc-by-round",
+            "churn-lr-auc-by-time",
+            "churn-lr-federation-value"
+        ]
+    );
+    for p in &plots[0] {
+        let (w, h, var) = decode(&dir.path().join(format!("{}.png", p.name)));
+        assert_eq!((w, h), SIZE, "{}", p.name);
+        assert!(var > 100.0, "{} looks blank (variance {var})", p.name);
+        let svg = std::fs::read_to_string(dir.path().join(format!("{}.svg", p.name))).unwrap();
+        assert_eq!(svg, p.svg);
+        assert!(
+            svg.starts_with("<svg") && svg.contains(&p.title),
+            "{}",
+            p.name
+        );
+        assert!(
+            texts(&svg).contains(&"auc".into()),
+            "{}: no y-axis label",
+            p.name
+        );
+    }
+    let svg = |k: usize| texts(&plots[0][k].svg);
+    assert!(svg(0).contains(&"round".into()), "{:?}", svg(0));
+    assert!(svg(1).contains(&"virtual seconds".into()));
+    for label in [
+        "merchant",
+        "m0002",
+        "local-only",
+        "federated",
+        "centralised",
+    ] {
+        assert!(
+            svg(2).contains(&label.into()),
+            "{label} not in {:?}",
+            svg(2)
+        );
+    }
+}
+
+/// The text nodes of an SVG document, trimmed.
+fn texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let body = &t[t.find('>')? + 1..];
+            Some(body[..body.find("</text>")?].trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn text_is_drawn_with_the_embedded_font() {
+    // The same chart without its title differs in the title band: the
+    // glyphs were rasterised (no system font was needed to find them).
+    let dir = tempfile::tempdir().unwrap();
+    register_font();
+    let chart = Chart::Lines {
+        x_desc: "round",
+        y_desc: "auc",
+        series: vec![("a".into(), vec![(1.0, 0.5), (2.0, 0.6)])],
+        legend: SeriesLabelPosition::LowerRight,
+    };
+    let a = write_one(dir.path(), "a", "A title with glyphs", &chart).unwrap();
+    let b = write_one(dir.path(), "b", "", &chart).unwrap();
+    assert_ne!(
+        std::fs::read(&a.png).unwrap(),
+        std::fs::read(&b.png).unwrap()
+    );
+}
+
+#[test]
+fn an_experiment_without_a_metric_has_no_plots() {
+    let s = Settings::from_args(SimArgs {
+        task: Some("noop:3".parse().unwrap()),
+        ..Default::default()
+    })
+    .unwrap();
+    let task = data::TaskChoice::Noop(3);
+    let model = fedcart_common::task::ModelSpec::Noop { dim: 3 };
+    let e = Experiment::new(task, &data::DataSpec::None, &s, 2, &model, 0.0);
+    let dir = tempfile::tempdir().unwrap();
+    assert!(write_all(dir.path(), &[e]).unwrap()[0].is_empty());
+}

@@ -1,0 +1,383 @@
+//! The simulator's settings: command-line flags over an optional TOML file
+//! over the defaults, validated once into [`Settings`].
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use fedcart_common::data::partition::Partitioner;
+use fedcart_common::federation::strategy::StrategySpec;
+use fedcart_common::model::lr::SgdParams;
+use fedcart_common::model::mf::MfHyper;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use super::args::{SimArgs, Transport};
+use super::data::{DataSpec, TaskChoice};
+
+/// What malicious merchants send.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Attack {
+    /// Their honest update times X.
+    Scale(f32),
+    /// Their honest update negated.
+    SignFlip,
+}
+
+impl Attack {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        if s == "signflip" {
+            return Ok(Self::SignFlip);
+        }
+        match s.strip_prefix("scale:").map(str::parse::<f32>) {
+            Some(Ok(x)) if x.is_finite() => Ok(Self::Scale(x)),
+            _ => bail!("unknown attack `{s}` (known: scale:X, signflip)"),
+        }
+    }
+
+    /// Rewrites an honest update.
+    pub fn apply(&self, values: &mut [f32]) {
+        let f = match self {
+            Self::Scale(x) => *x,
+            Self::SignFlip => -1.0,
+        };
+        values.iter_mut().for_each(|v| *v *= f);
+    }
+}
+
+/// Validated settings of a simulation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// `--data`, if given, with an orders export's mapping resolved.
+    #[serde(serialize_with = "written_data")]
+    pub data: Option<DataSpec>,
+    /// Explicit train/test files.
+    pub train_test: Option<(PathBuf, PathBuf)>,
+    /// `--task`, if given.
+    #[serde(serialize_with = "task_name")]
+    pub task: Option<TaskChoice>,
+    /// Merchants.
+    pub merchants: usize,
+    /// Rounds.
+    pub rounds: u64,
+    /// Selection fraction.
+    pub fraction: f64,
+    /// Local epochs (None = per-task default).
+    pub epochs: Option<usize>,
+    /// Local learning rate (None = per-task default).
+    pub lr: Option<f32>,
+    /// Churn mini-batch size.
+    pub batch_size: usize,
+    /// MF factors.
+    pub factors: usize,
+    /// Partitioner.
+    #[serde(serialize_with = "debug_str")]
+    pub partition: Partitioner,
+    /// The server strategy (reported by name).
+    pub strategy: StrategySpec,
+    /// Secure aggregation.
+    pub secagg: bool,
+    /// Secure-aggregation clip (None = per-task default).
+    pub secagg_clip: Option<f32>,
+    /// Per-task dropout probability.
+    pub dropout: f64,
+    /// Malicious fraction.
+    pub malicious: f64,
+    /// Attack of malicious merchants.
+    pub attack: Attack,
+    /// Seed.
+    pub seed: u64,
+    /// Threads (0 = cores).
+    #[serde(skip)]
+    pub threads: usize,
+    /// Output directory.
+    #[serde(skip)]
+    pub out: Option<PathBuf>,
+    /// Differential privacy (population filled in per experiment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp: Option<fedcart_coordinator::config::DpSettings>,
+    /// How to read an orders export (flags over the `[orders]` table).
+    pub orders: super::data::orders::OrdersArgs,
+    /// How merchants reach the engine.
+    pub transport: Transport,
+    /// Synchronous rounds or FedBuff.
+    pub mode: super::mode::Mode,
+    /// The virtual clock (merchant speeds and availability).
+    pub clock: super::clock::ClockSettings,
+}
+
+fn debug_str<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:?}"))
+}
+
+fn written_data<S: serde::Serializer>(v: &Option<DataSpec>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(d) => s.serialize_some(&d.written()),
+        None => s.serialize_none(),
+    }
+}
+
+fn task_name<S: serde::Serializer>(v: &Option<TaskChoice>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(t) => s.serialize_some(&t.name()),
+        None => s.serialize_none(),
+    }
+}
+
+/// Names a setting in an error the way the user wrote it: the flag, or the
+/// key of the `--config` file when the value came from there.
+struct Names<'a> {
+    /// The `--config` file, if any.
+    file: Option<&'a Path>,
+}
+
+impl Names<'_> {
+    /// `--flag`, or `` `flag` in FILE `` when `from_flag` is false and a file was read.
+    fn of(&self, flag: &str, from_flag: bool) -> String {
+        match self.file {
+            Some(f) if !from_flag => format!(
+                "`{}` in {}",
+                flag.trim_start_matches("--").replace('-', "_"),
+                f.display()
+            ),
+            _ => flag.to_string(),
+        }
+    }
+}
+
+impl Settings {
+    /// Merges flags over the TOML file over the defaults and validates every
+    /// rule in one place; errors name the flag or config key.
+    pub fn from_args(args: SimArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str::<SimArgs>(&text)
+                    .with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => SimArgs::default(),
+        };
+        let names = Names {
+            file: args.config.as_deref(),
+        };
+        macro_rules! pick {
+            ($f:ident, $d:expr) => {
+                args.$f.clone().or(file.$f.clone()).unwrap_or($d)
+            };
+        }
+        // The name of the flag or key a value came from, for errors.
+        macro_rules! name {
+            ($f:ident, $flag:expr) => {
+                names.of($flag, args.$f.is_some())
+            };
+        }
+        let clock = super::clock::ClockSettings::from_args(&args, &file)?;
+        let mode =
+            super::mode::Mode::from_args(&args, &file, pick!(merchants, 10), pick!(fraction, 1.0))?;
+        let train_test = match (
+            args.train.clone().or(file.train.clone()),
+            args.test.clone().or(file.test.clone()),
+        ) {
+            (Some(a), Some(b)) => Some((a, b)),
+            (None, None) => None,
+            _ => bail!("--train and --test go together"),
+        };
+        let strategy = pick!(strategy, StrategySpec::FedAvg);
+        let task = args.task.or(file.task);
+        let orders = args.orders.clone().or(file.orders.clone());
+        let data = match args.data.clone().or(file.data.clone()) {
+            Some(d) => Some(
+                d.with_orders(&orders)
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", name!(data, "--data")))?,
+            ),
+            None => None,
+        };
+        let secagg = if args.no_secagg {
+            false
+        } else if args.secagg || file.secagg {
+            true
+        } else {
+            // The no-argument demo shows the product as merchants get it:
+            // secure aggregation on (unless the strategy needs every update).
+            let demo = task.is_none() && data.is_none() && train_test.is_none();
+            demo && strategy.require_streaming("secure aggregation").is_ok()
+        };
+        let s = Self {
+            data,
+            train_test,
+            task,
+            merchants: pick!(merchants, 10),
+            rounds: pick!(rounds, 20),
+            fraction: pick!(fraction, 1.0),
+            epochs: args.epochs.or(file.epochs),
+            lr: args.lr.or(file.lr),
+            batch_size: pick!(batch_size, 32),
+            factors: pick!(factors, 32),
+            partition: pick!(partition, "iid".into())
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", name!(partition, "--partition")))?,
+            strategy,
+            secagg,
+            secagg_clip: args.secagg_clip.or(file.secagg_clip),
+            dropout: pick!(dropout, 0.0),
+            malicious: pick!(malicious, 0.0),
+            attack: Attack::parse(&pick!(attack, "scale:10".into()))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", name!(attack, "--attack")))?,
+            seed: pick!(seed, 42),
+            threads: pick!(threads, 0),
+            out: args.out.clone().or(file.out.clone()),
+            dp: super::dp::settings(
+                args.dp_clip.clone().or(file.dp_clip.clone()),
+                args.dp_noise.or(file.dp_noise),
+                args.target_epsilon.or(file.target_epsilon),
+                args.dp_delta.or(file.dp_delta),
+                args.dp_mode.or(file.dp_mode),
+            )?,
+            orders,
+            transport: pick!(transport, Transport::Inproc),
+            mode,
+            clock,
+        };
+        if s.merchants == 0 {
+            bail!("{} must be ≥ 1", name!(merchants, "--merchants"));
+        }
+        if s.rounds == 0 {
+            bail!("{} must be ≥ 1", name!(rounds, "--rounds"));
+        }
+        if !(s.fraction > 0.0 && s.fraction <= 1.0) {
+            bail!(
+                "{} {} is not in (0, 1]",
+                name!(fraction, "--fraction"),
+                s.fraction
+            );
+        }
+        for (name, v) in [
+            (name!(dropout, "--dropout"), s.dropout),
+            (name!(malicious, "--malicious"), s.malicious),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{name} {v} is not in [0, 1)");
+            }
+        }
+        if s.transport == Transport::Grpc {
+            check_grpc(&s)?;
+        }
+        if let Some(lr) = s.lr
+            && !(lr.is_finite() && lr > 0.0)
+        {
+            bail!("{} {lr} must be finite and positive", name!(lr, "--lr"));
+        }
+        // Protections that hide individual updates need a streaming strategy.
+        if s.secagg {
+            s.strategy
+                .require_streaming("secure aggregation")
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {e}; or pass --no-secagg",
+                        name!(strategy, "--strategy")
+                    )
+                })?;
+        }
+        if s.dp.is_some() {
+            s.strategy
+                .require_streaming("differential privacy")
+                .map_err(|e| anyhow::anyhow!("{}: {e}", name!(strategy, "--strategy")))?;
+        }
+        if let Some(dp) = &s.dp
+            && dp.mode == fedcart_coordinator::config::DpMode::Distributed
+            && !s.secagg
+        {
+            bail!("--dp-mode distributed adds the noise under secure aggregation; add --secagg");
+        }
+        Ok(s)
+    }
+
+    /// The (task, data) pairs to run: one, or the two of the demo.
+    pub fn experiments(&self) -> Vec<(TaskChoice, DataSpec)> {
+        match (self.task, &self.data) {
+            (Some(t), Some(d)) => vec![(t, d.clone())],
+            (Some(t), None) => vec![(t, t.default_data())],
+            (None, Some(d)) => {
+                let t = match d {
+                    DataSpec::Telco(_) | DataSpec::Orders(_) => TaskChoice::ChurnLr,
+                    _ => TaskChoice::Mf,
+                };
+                vec![(t, d.clone())]
+            }
+            (None, None) => vec![
+                (TaskChoice::Mf, TaskChoice::Mf.default_data()),
+                (TaskChoice::ChurnLr, TaskChoice::ChurnLr.default_data()),
+            ],
+        }
+    }
+
+    /// The secure-aggregation clip for `task`.
+    pub fn secagg_clip(&self, task: TaskChoice) -> f32 {
+        self.secagg_clip.unwrap_or(match task {
+            TaskChoice::Noop(_) => 1.0,
+            _ => 1e5,
+        })
+    }
+
+    /// The explicit train/test files, if given.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        self.train_test
+            .as_ref()
+            .map(|(a, b)| (a.as_path(), b.as_path()))
+    }
+
+    /// Local SGD parameters of a churn task.
+    pub fn sgd(&self, task: TaskChoice) -> SgdParams {
+        // The MLP trains with Adam, which wants a far smaller step than SGD.
+        let mlp = matches!(task, TaskChoice::ChurnMlp { .. });
+        SgdParams {
+            epochs: self.epochs.unwrap_or(if mlp { 3 } else { 1 }),
+            batch_size: self.batch_size,
+            learning_rate: self.lr.unwrap_or(if mlp { 0.001 } else { 0.05 }),
+            ..Default::default()
+        }
+    }
+
+    /// MF hyper-parameters: the tuned ones of BENCHMARKS.md (k = 32, lr 0.01,
+    /// reg 0.1/0.05, 5 local epochs) unless overridden.
+    pub fn mf_hyper(&self, task: TaskChoice) -> MfHyper {
+        let implicit = task == TaskChoice::MfImplicit;
+        let lr = self.lr.unwrap_or(if implicit { 0.05 } else { 0.01 });
+        MfHyper {
+            learning_rate: lr,
+            bias_learning_rate: lr,
+            reg_factors: if implicit { 0.01 } else { 0.1 },
+            reg_bias: if implicit { 0.01 } else { 0.05 },
+            epochs: self.epochs.unwrap_or(5),
+            negatives: 4,
+            ..Default::default()
+        }
+    }
+
+    /// The malicious merchants (indices), chosen by seed.
+    pub fn malicious_set(&self, n: usize) -> BTreeSet<usize> {
+        let count = (self.malicious * n as f64).round() as usize;
+        let mut all: Vec<usize> = (0..n).collect();
+        all.shuffle(&mut fedcart_common::seed::rng(self.seed, &["malicious"]));
+        all.into_iter().take(count).collect()
+    }
+}
+
+/// Refuses the settings the gRPC transport cannot honour, naming the flag.
+fn check_grpc(s: &Settings) -> anyhow::Result<()> {
+    if s.mode != super::mode::Mode::Sync {
+        bail!(
+            "--mode fedbuff is not available with --transport grpc: the service runs \
+             synchronous rounds only (the engine accepts updates for the open task); \
+             run FedBuff with --transport inproc"
+        );
+    }
+    if s.malicious > 0.0 {
+        bail!(
+            "--malicious is not available with --transport grpc: the real agent only sends \
+             its honest update; study attacks with --transport inproc"
+        );
+    }
+    Ok(())
+}

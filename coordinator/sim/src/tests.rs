@@ -1,0 +1,416 @@
+//! Simulator tests: the short demo, determinism across thread counts, the
+//! secure-aggregation refusal, a robust strategy holding against attackers,
+//! and secure aggregation matching plaintext (MF, and churn with its 64-bit
+//! statistics step).
+
+use std::path::PathBuf;
+
+use super::*;
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+fn args() -> SimArgs {
+    SimArgs {
+        merchants: Some(4),
+        rounds: Some(2),
+        ..Default::default()
+    }
+}
+
+fn run(a: SimArgs) -> Vec<Experiment> {
+    run_all(&Settings::from_args(a).unwrap()).unwrap()
+}
+
+#[test]
+fn short_demo_trains_both_models_and_writes_the_report() {
+    let out = tempfile::tempdir().unwrap();
+    // The demo's two experiments, on the bundled files, shortened.
+    let mut a = args();
+    a.out = Some(out.path().to_path_buf());
+    a.task = Some("mf".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
+    a.epochs = Some(2);
+    let mut exps = run(a.clone());
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
+    a.epochs = Some(1);
+    exps.extend(run(a.clone()));
+    let rmse = exps[0].final_metrics["rmse"];
+    let auc = exps[1].final_metrics["auc"];
+    assert!(rmse < 1.1, "rmse {rmse}");
+    assert!(auc > 0.8, "auc {auc}");
+    // RMSE improves from round 1 to round 2; every merchant reported.
+    assert!(exps[0].rounds[1].eval["rmse"] < exps[0].rounds[0].eval["rmse"]);
+    assert!(
+        exps.iter()
+            .all(|e| e.rounds.iter().all(|r| r.reported == 4 && r.committed))
+    );
+    assert_eq!(exps[1].per_merchant.len(), 4);
+    let s = Settings::from_args(a).unwrap();
+    output::write_all(out.path(), &s, &exps).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["experiments"][1]["final"]["auc"].as_f64(), Some(auc));
+    let csv = std::fs::read_to_string(out.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4);
+    let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("auc by round"));
+    for plot in [
+        "mf-rmse-by-round",
+        "churn-lr-auc-by-time",
+        "churn-lr-federation-value",
+    ] {
+        for ext in ["png", "svg"] {
+            assert!(
+                out.path().join(format!("{plot}.{ext}")).is_file(),
+                "{plot}.{ext}"
+            );
+        }
+    }
+    // Federation value: every merchant compared three ways (MF has no
+    // per-merchant centralised figure: user factors live in the pooled model).
+    assert!(html.contains("Federation value (auc"));
+    for (k, e) in exps.iter().enumerate() {
+        let v = e
+            .federation_value
+            .as_ref()
+            .expect("baselines computed with --out");
+        assert_eq!(v.merchants.len(), 4);
+        assert_eq!(v.merchants.iter().all(|m| m.centralized.is_some()), k == 1);
+        assert_eq!(
+            json["experiments"][k]["federation_value"]["merchants"]
+                .as_array()
+                .map(Vec::len),
+            Some(4)
+        );
+    }
+    let line: serde_json::Value = serde_json::from_str(&output::summary_json(&exps)).unwrap();
+    assert_eq!(line["experiments"][0]["final"]["rmse"].as_f64(), Some(rmse));
+}
+
+#[test]
+fn same_seed_gives_identical_metrics_whatever_the_thread_count() {
+    let mut a = args();
+    a.task = Some("mf".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
+    a.epochs = Some(1);
+    a.fraction = Some(0.5);
+    a.dropout = Some(0.2);
+    a.partition = Some("dirichlet:0.5".into());
+    a.threads = Some(1);
+    let one = run(a.clone());
+    a.threads = Some(3);
+    let three = run(a.clone());
+    assert_eq!(one[0].without_timings(), three[0].without_timings());
+    a.seed = Some(7);
+    let other = run(a);
+    assert_ne!(one[0].without_timings(), other[0].without_timings());
+}
+
+#[test]
+fn robust_strategies_are_refused_with_secure_aggregation() {
+    let mut a = args();
+    a.task = Some("noop:10".parse().unwrap());
+    a.strategy = Some("fedmedian".parse().unwrap());
+    a.secagg = true;
+    let err = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        err.contains("--strategy")
+            && err.contains("fedmedian")
+            && err.contains("secure aggregation"),
+        "{err}"
+    );
+}
+
+#[test]
+fn median_holds_where_fedavg_breaks_under_scaled_updates() {
+    let mut a = args();
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
+    a.merchants = Some(10);
+    a.rounds = Some(3);
+    a.malicious = Some(0.2);
+    a.attack = Some("scale:-20".into());
+    let auc = |strategy: &str| {
+        let mut a = a.clone();
+        a.strategy = Some(strategy.parse().unwrap());
+        run(a)[0].final_metrics["auc"]
+    };
+    let (avg, median) = (auc("fedavg"), auc("fedmedian"));
+    assert!(
+        median > 0.8 && avg < median - 0.05,
+        "fedavg {avg}, fedmedian {median}"
+    );
+}
+
+#[test]
+fn bad_settings_are_explained() {
+    let mut a = args();
+    a.data = Some("orders:x.csv".parse().unwrap());
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("needs a column mapping"), "{e}");
+    let e = "parquet:x"
+        .parse::<data::DataSpec>()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown dataset `parquet`"), "{e}");
+    let e = "churn-mlp:0"
+        .parse::<data::TaskChoice>()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hidden widths"), "{e}");
+    assert!("noop:x".parse::<data::TaskChoice>().is_err());
+    let mut a = args();
+    a.fraction = Some(1.5);
+    assert!(
+        Settings::from_args(a)
+            .unwrap_err()
+            .to_string()
+            .contains("fraction")
+    );
+}
+
+#[test]
+fn secure_aggregation_matches_plaintext_within_quantisation() {
+    let mut a = args();
+    a.task = Some("mf".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
+    a.epochs = Some(1);
+    let plain = run(a.clone());
+    a.secagg = true;
+    let secure = run(a);
+    let (p, s) = (
+        plain[0].final_metrics["rmse"],
+        secure[0].final_metrics["rmse"],
+    );
+    assert!((p - s).abs() < 2e-3, "plaintext rmse {p}, secure rmse {s}");
+    assert!(
+        secure[0]
+            .rounds
+            .iter()
+            .all(|r| r.reported == 4 && r.clipped == 0)
+    );
+}
+
+#[test]
+fn churn_lr_with_secure_aggregation_reaches_the_plaintext_auc() {
+    let mut a = args();
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
+    a.epochs = Some(1);
+    let plain = run(a.clone());
+    a.secagg = true;
+    let secure = run(a);
+    let (p, s) = (
+        plain[0].final_metrics["auc"],
+        secure[0].final_metrics["auc"],
+    );
+    assert!(s > 0.8, "secure auc {s}");
+    assert!((p - s).abs() < 1e-3, "plaintext auc {p}, secure auc {s}");
+    assert!(
+        secure[0]
+            .rounds
+            .iter()
+            .all(|r| r.reported == 4 && r.clipped == 0 && r.committed)
+    );
+}
+
+/// Runs only the statistics step of churn-lr on Telco through the engine, as
+/// `run_one` does, and returns the standardiser the engine agreed on.
+fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standardizer {
+    let mut a = args();
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
+    a.secagg = secure;
+    let s = Settings::from_args(a).unwrap();
+    let (task, spec) = s.experiments().remove(0);
+    let pop = data::build(
+        task,
+        &spec,
+        s.files(),
+        s.merchants,
+        s.partition,
+        s.mf_hyper(task),
+        s.factors,
+        s.seed,
+    )
+    .unwrap();
+    let n = pop.merchants.len();
+    let run = RunConfig {
+        run_id: "simulation".into(),
+        seed: s.seed,
+        rounds: 1,
+        model: pop.model.clone(),
+        sgd: s.sgd(task),
+        selection: Selection {
+            fraction: 1.0,
+            min_agents: 1,
+            max_agents: n,
+            min_available: 0,
+        },
+        quorum: 1,
+        round_timeout_ms: u64::MAX / 2,
+        evaluate: false,
+        strategy: Default::default(),
+        secagg: secure.then(|| SecAggSettings {
+            neighbours: None,
+            clip: s.secagg_clip(task),
+            verify_survivors: false,
+            stage_timeout_ms: None,
+        }),
+        dp: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("stats.redb")).unwrap();
+    let mut engine = Engine::open(store, run).unwrap();
+    let ids: Vec<String> = pop
+        .merchants
+        .iter()
+        .map(|m| m.merchant_id.clone())
+        .collect();
+    let plan = engine.start_task(&ids).unwrap();
+    assert_eq!((plan.spec.kind, plan.secure), (TaskKind::Stats, secure));
+    let mut inputs = Vec::new();
+    for (id, mut m) in ids.iter().zip(pop.merchants) {
+        let out = run_task(&plan.spec, &engine.global(), &mut m).unwrap();
+        let update = if secure {
+            inputs.push((id.clone(), out.update.unwrap()));
+            None
+        } else {
+            out.update
+        };
+        let sub = fedcart_coordinator::engine::Submission {
+            update,
+            metrics: out.metrics,
+            weight: out.weight,
+            bytes: 0,
+        };
+        engine
+            .submit(id, "simulation", plan.round, &plan.task_id, sub)
+            .unwrap();
+    }
+    if secure {
+        assert_eq!(secure_sum(&mut engine, &plan, inputs, s.seed).unwrap(), 0);
+    }
+    engine.finish_task().unwrap();
+    engine
+        .standardizer()
+        .expect("agreed after the step")
+        .clone()
+}
+
+#[test]
+fn secure_statistics_step_agrees_with_the_plaintext_standardiser() {
+    let (plain, secure) = (telco_standardizer(false), telco_standardizer(true));
+    assert_eq!(plain.mean.len(), secure.mean.len());
+    // TotalCharges: a mean in the thousands, from Σx² ≈ 1e10 per merchant.
+    assert!(plain.mean.iter().any(|&m| m > 1000.0));
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+    for j in 0..plain.mean.len() {
+        assert!(
+            close(secure.mean[j], plain.mean[j]) && close(secure.std[j], plain.std[j]),
+            "feature {j}: secure ({}, {}) vs plaintext ({}, {})",
+            secure.mean[j],
+            secure.std[j],
+            plain.mean[j],
+            plain.std[j]
+        );
+    }
+}
+
+/// The flags' own parser, as `fedcart-sim` runs it.
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: SimArgs,
+}
+
+#[test]
+fn typed_flags_are_parsed_once_and_errors_name_the_flag() {
+    use clap::Parser;
+    let err = |argv: &[&str]| {
+        let mut full = vec!["fedcart-sim"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    for (argv, flag) in [
+        (&["--transport", "quic"][..], "--transport"),
+        (&["--mode", "async"][..], "--mode"),
+        (&["--dp-mode", "local"][..], "--dp-mode"),
+        (&["--strategy", "fedmagic"][..], "--strategy"),
+        (&["--task", "svm"][..], "--task"),
+        (&["--data", "parquet:x"][..], "--data"),
+    ] {
+        let e = err(argv);
+        assert!(e.contains(flag) && e.contains(argv[1]), "{argv:?}: {e}");
+    }
+    let a = Cli::try_parse_from([
+        "fedcart-sim",
+        "--strategy",
+        "fedadam:0.05",
+        "--mode",
+        "fedbuff",
+    ])
+    .unwrap()
+    .args;
+    assert_eq!(a.strategy.unwrap().to_string(), "fedadam:0.05");
+    assert_eq!(a.mode, Some(crate::ModeName::Fedbuff));
+}
+
+#[test]
+fn rules_read_from_the_config_file_name_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.toml");
+    std::fs::write(&path, "fraction = 1.5\n").unwrap();
+    let a = SimArgs {
+        config: Some(path.clone()),
+        ..Default::default()
+    };
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(e.contains("`fraction` in") && e.contains("sim.toml"), "{e}");
+    std::fs::write(&path, "strategy = \"fedmagic\"\n").unwrap();
+    let a = SimArgs {
+        config: Some(path),
+        ..Default::default()
+    };
+    let e = format!("{:#}", Settings::from_args(a).unwrap_err());
+    assert!(e.contains("strategy") && e.contains("fedmagic"), "{e}");
+}

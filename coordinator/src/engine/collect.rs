@@ -1,0 +1,303 @@
+//! Collection: the checks on each submission (run, stale task id,
+//! selection, duplicates, drops, validation), the running sum the accepted
+//! updates are folded into, and the secure-aggregation hand-over.
+
+use std::collections::BTreeSet;
+
+use fedcart_common::federation::aggregate::SumAccumulator;
+use fedcart_common::federation::update::{Update, UpdateError};
+use fedcart_common::task::TaskKind;
+
+use super::{Accumulation, Engine, OpenTask, Submission, SubmitError};
+
+impl Engine {
+    /// The cheap checks that need no payload: run, task, selection, duplicates.
+    /// Drivers call it before reading a large upload.
+    pub fn precheck(
+        &self,
+        agent: &str,
+        run_id: &str,
+        round: u64,
+        task_id: &str,
+    ) -> Result<(), SubmitError> {
+        if run_id != self.run.run_id {
+            return Err(SubmitError::WrongRun {
+                expected: self.run.run_id.clone(),
+                got: run_id.into(),
+            });
+        }
+        let Some(open) = &self.open else {
+            return Err(SubmitError::Closed {
+                round,
+                task_id: task_id.into(),
+                open: "nothing".into(),
+            });
+        };
+        if open.plan.round != round || open.plan.task_id != task_id {
+            return Err(SubmitError::Closed {
+                round,
+                task_id: task_id.into(),
+                open: format!("round {} task `{}`", open.plan.round, open.plan.task_id),
+            });
+        }
+        if !open.selected.contains(agent) {
+            return Err(SubmitError::NotSelected(agent.into()));
+        }
+        if open.reported.contains(agent) {
+            return Err(SubmitError::Duplicate(agent.into()));
+        }
+        if open.dropped.contains(agent) {
+            return Err(SubmitError::Dropped(agent.into()));
+        }
+        Ok(())
+    }
+
+    /// Accepts one result, folding its update into the round's aggregate.
+    /// A rejected result is recorded and leaves the aggregate untouched.
+    pub fn submit(
+        &mut self,
+        agent: &str,
+        run_id: &str,
+        round: u64,
+        task_id: &str,
+        sub: Submission,
+    ) -> Result<(), SubmitError> {
+        self.precheck(agent, run_id, round, task_id)?;
+        let open = self.open.as_mut().expect("precheck found an open task");
+        let result = Self::accept(open, &sub);
+        match &result {
+            Ok(()) => {
+                open.reported.insert(agent.to_string());
+                open.bytes_in += sub.bytes;
+            }
+            Err(e) => {
+                tracing::warn!(agent, task = task_id, error = %e, "update rejected");
+                open.rejected.push((agent.to_string(), e.to_string()));
+            }
+        }
+        result
+    }
+
+    /// Accepts a batch of results, in order, with the same checks and the
+    /// same outcome as calling [`Engine::submit`] for each, but checks and
+    /// folds the updates on the current rayon pool (the simulator's). The
+    /// fold is bit-identical to one-by-one submission (see
+    /// `SumAccumulator::add_many`), so results do not depend on the thread
+    /// count. Updates refused for a NaN/Inf value are found in the fold pass
+    /// and recorded as rejected after the batch's other refusals.
+    pub fn submit_many(
+        &mut self,
+        run_id: &str,
+        round: u64,
+        task_id: &str,
+        subs: Vec<(String, Submission)>,
+    ) -> Vec<Result<(), SubmitError>> {
+        use rayon::prelude::*;
+        let (streaming, mut shape) = match &self.open {
+            Some(open) => {
+                let (len, layout) = (open.plan.spec.update_len(), open.plan.spec.update_layout());
+                let streaming = matches!(open.acc, Accumulation::Sum(_));
+                let shape: Vec<_> = subs
+                    .par_iter()
+                    .map(|(_, s)| {
+                        s.update.as_ref().map(|u| match streaming {
+                            true => u.validate_shape(len, &layout),
+                            false => u.validate(len, &layout),
+                        })
+                    })
+                    .collect();
+                (streaming, shape)
+            }
+            None => (false, Vec::new()),
+        };
+        let mut results = Vec::with_capacity(subs.len());
+        let mut accepted = Vec::new();
+        for (i, (agent, sub)) in subs.into_iter().enumerate() {
+            if let Err(e) = self.precheck(&agent, run_id, round, task_id) {
+                results.push(Err(e));
+                continue;
+            }
+            let open = self.open.as_mut().expect("precheck found an open task");
+            let pre = shape[i].take();
+            match Self::check(open, &sub, |_| pre.unwrap_or(Ok(()))) {
+                Ok(()) => {
+                    open.reported.insert(agent.clone());
+                    accepted.push((i, agent, sub));
+                    results.push(Ok(()));
+                }
+                Err(e) => {
+                    tracing::warn!(agent, task = task_id, error = %e, "update rejected");
+                    open.rejected.push((agent, e.to_string()));
+                    results.push(Err(e));
+                }
+            }
+        }
+        let Some(open) = self.open.as_mut() else {
+            return results;
+        };
+        let mut non_finite = vec![false; accepted.len()];
+        if let (true, Accumulation::Sum(acc)) = (streaming, &mut open.acc) {
+            let (owners, refs): (Vec<usize>, Vec<&Update>) = accepted
+                .iter()
+                .enumerate()
+                .filter_map(|(j, (_, _, s))| s.update.as_ref().map(|u| (j, u)))
+                .unzip();
+            for k in acc.add_many(&refs).expect("lengths were validated") {
+                non_finite[owners[k]] = true;
+            }
+        }
+        for ((i, agent, sub), bad) in accepted.into_iter().zip(non_finite) {
+            if bad {
+                let values = &sub.update.as_ref().expect("only updates are folded").values;
+                let index =
+                    fedcart_common::federation::update::first_non_finite(values).unwrap_or(0);
+                let e = SubmitError::from(UpdateError::NotFinite {
+                    index,
+                    value: values[index],
+                });
+                tracing::warn!(agent, task = task_id, error = %e, "update rejected");
+                open.reported.remove(&agent);
+                open.rejected.push((agent, e.to_string()));
+                results[i] = Err(e);
+                continue;
+            }
+            open.bytes_in += sub.bytes;
+            Self::add_metrics(open, &sub);
+            if let Accumulation::Individual(list) = &mut open.acc {
+                list.extend(sub.update);
+            }
+        }
+        results
+    }
+
+    fn accept(open: &mut OpenTask, sub: &Submission) -> Result<(), SubmitError> {
+        let (len, layout) = (open.plan.spec.update_len(), open.plan.spec.update_layout());
+        Self::check(open, sub, |u| u.validate(len, &layout))?;
+        if let Some(u) = &sub.update {
+            match &mut open.acc {
+                Accumulation::Sum(acc) => acc.add(u)?,
+                Accumulation::Individual(list) => list.push(u.clone()),
+            }
+        }
+        Self::add_metrics(open, sub);
+        Ok(())
+    }
+
+    /// Every check of one result, without folding it; `validate` checks the
+    /// update itself (lengths, finiteness, weights).
+    fn check(
+        open: &OpenTask,
+        sub: &Submission,
+        validate: impl FnOnce(&Update) -> Result<(), UpdateError>,
+    ) -> Result<(), SubmitError> {
+        if let Some((k, _)) = sub.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(SubmitError::BadMetric(k.clone()));
+        }
+        if !(sub.weight.is_finite() && sub.weight >= 0.0) {
+            return Err(UpdateError::BadWeight(sub.weight).into());
+        }
+        let spec = &open.plan.spec;
+        if open.plan.secure && sub.update.is_some() {
+            return Err(SubmitError::PlaintextInSecureTask(
+                open.plan.task_id.clone(),
+            ));
+        }
+        match (&sub.update, spec.kind) {
+            (None, TaskKind::Evaluate) => {}
+            (None, _) if open.plan.secure => {}
+            (Some(u), TaskKind::Train | TaskKind::Stats) => validate(u)?,
+            (Some(u), TaskKind::Evaluate) => {
+                return Err(UpdateError::WrongLength {
+                    expected: 0,
+                    got: u.values.len(),
+                }
+                .into());
+            }
+            (None, _) => {
+                return Err(UpdateError::WrongLength {
+                    expected: spec.update_len(),
+                    got: 0,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn add_metrics(open: &mut OpenTask, sub: &Submission) {
+        for (k, v) in &sub.metrics {
+            *open.metric_sums.entry(k.clone()).or_default() += v * sub.weight;
+        }
+        open.metric_weight += sub.weight;
+    }
+
+    /// Hands over the unmasked sum of a secure task and the agents whose
+    /// inputs it contains. The engine never sees an individual update of a
+    /// secure task: only this sum.
+    pub fn set_secure_sum(
+        &mut self,
+        survivors: &[String],
+        sum: SumAccumulator,
+    ) -> Result<(), SubmitError> {
+        let open = self
+            .open
+            .as_mut()
+            .ok_or_else(|| SubmitError::UnexpectedSecureSum("none".into()))?;
+        if !open.plan.secure || open.secure_survivors.is_some() {
+            return Err(SubmitError::UnexpectedSecureSum(open.plan.task_id.clone()));
+        }
+        let len = open.plan.spec.update_len();
+        let ncw = open.plan.spec.update_layout().num_coord_weights;
+        if sum.sum_values().len() != len {
+            return Err(UpdateError::WrongLength {
+                expected: len,
+                got: sum.sum_values().len(),
+            }
+            .into());
+        }
+        if sum.num_coord_weights() != ncw {
+            return Err(UpdateError::WrongWeightLength {
+                expected: ncw,
+                got: sum.num_coord_weights(),
+            }
+            .into());
+        }
+        let survivors: BTreeSet<String> = survivors
+            .iter()
+            .filter(|s| open.selected.contains(*s))
+            .cloned()
+            .collect();
+        open.acc = Accumulation::Sum(sum);
+        open.secure_survivors = Some(survivors);
+        Ok(())
+    }
+
+    /// Records that secure aggregation of the open task failed (too few
+    /// survivors, unrecoverable shares): the task aborts with `reason` in its
+    /// round record, and nothing of the masked sum reaches the engine.
+    pub fn abort_secure(&mut self, reason: String) {
+        if let Some(open) = &mut self.open
+            && open.plan.secure
+        {
+            open.secure_abort = Some(reason);
+        }
+    }
+
+    /// Counts a selected agent that disconnected as dropped for the open task.
+    pub fn drop_agent(&mut self, agent: &str) {
+        if let Some(open) = &mut self.open
+            && open.selected.contains(agent)
+            && !open.reported.contains(agent)
+            && open.dropped.insert(agent.to_string())
+        {
+            tracing::info!(agent, task = %open.plan.task_id, "agent dropped");
+        }
+    }
+
+    /// Selected agents that have neither reported nor dropped.
+    pub fn pending(&self) -> usize {
+        self.open
+            .as_ref()
+            .map_or(0, |o| o.selected.len() - o.reported.len() - o.dropped.len())
+    }
+}

@@ -1,0 +1,135 @@
+//! Commit: closing a task. With a quorum the aggregate goes through the
+//! privacy ledger and the strategy and is committed to the store; without
+//! one the task aborts, nothing changes, and the round is attempted again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use fedcart_common::data::standardize::Standardizer;
+use fedcart_common::task::TaskKind;
+
+use super::{Accumulation, Engine, EngineError};
+use crate::record::{Outcome, RoundRecord, kind_name};
+use crate::store::Commit;
+
+impl Engine {
+    /// Closes the open task: commits with a quorum, otherwise aborts.
+    pub fn finish_task(&mut self) -> Result<RoundRecord, EngineError> {
+        let open = self.open.take().ok_or(EngineError::NoTask)?;
+        let kind = open.plan.spec.kind;
+        let kind_str = kind_name(kind);
+        *self
+            .attempts
+            .entry((open.plan.round, kind_str))
+            .or_insert(0) += 1;
+        let quorum = if kind == TaskKind::Evaluate {
+            1
+        } else {
+            self.run.quorum
+        };
+        // Under secure aggregation only agents inside the unmasked sum count.
+        let contributors: BTreeSet<String> = match (&open.secure_survivors, open.plan.secure) {
+            (Some(s), _) => s.clone(),
+            (None, true) => BTreeSet::new(),
+            (None, false) => open.reported.clone(),
+        };
+        let reported = contributors.len();
+        let metrics: BTreeMap<String, f64> = if open.metric_weight > 0.0 {
+            open.metric_sums
+                .iter()
+                .map(|(k, v)| (k.clone(), v / open.metric_weight))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let mut record = RoundRecord {
+            round: open.plan.round,
+            attempt: open.plan.attempt,
+            task_id: open.plan.task_id.clone(),
+            kind,
+            outcome: Outcome::Aborted,
+            base_version: open.plan.model_version,
+            selected: open.selected.iter().cloned().collect(),
+            reported: contributors.iter().cloned().collect(),
+            dropped: open.selected.difference(&contributors).cloned().collect(),
+            rejected: open.rejected.clone(),
+            metrics,
+            examples: open.metric_weight,
+            started_unix_ms: open.started_unix_ms,
+            duration_ms: open.started.elapsed().as_millis() as u64,
+            bytes_in: open.bytes_in,
+            abort_reason: None,
+            privacy: None,
+        };
+        if reported < quorum || open.secure_abort.is_some() {
+            record.abort_reason = Some(match &open.secure_abort {
+                Some(reason) => format!("secure aggregation: {reason}"),
+                None => format!("{reported} results, quorum is {quorum}"),
+            });
+            tracing::warn!(task = %record.task_id, reported, quorum, "task aborted");
+            if kind == TaskKind::Evaluate {
+                self.pending_eval = false;
+            }
+            self.store.append_history(&record)?;
+            return Ok(record);
+        }
+        match kind {
+            TaskKind::Stats => {
+                let Accumulation::Sum(acc) = &open.acc else {
+                    unreachable!("stats tasks sum")
+                };
+                let moments = acc.mean_delta(&Default::default());
+                let st = Standardizer::from_moments(&moments);
+                record.outcome = Outcome::Committed;
+                let json = serde_json::to_value(&st).expect("serialisable");
+                self.store
+                    .append_history_with_meta(&record, &[("standardizer", json)])?;
+                self.standardizer = Some(st);
+            }
+            TaskKind::Evaluate => {
+                record.outcome = Outcome::Committed;
+                self.store.append_history(&record)?;
+                self.pending_eval = false;
+            }
+            TaskKind::Train => {
+                let layout = open.plan.spec.update_layout();
+                let mut ledger = self.ledger.clone();
+                let next = match (&open.acc, &mut ledger) {
+                    (Accumulation::Sum(acc), Some(l)) => {
+                        let (step, privacy) =
+                            l.release(acc, &open.plan, open.population, reported, self.run.seed)?;
+                        record.privacy = Some(privacy);
+                        self.strategy.apply(&self.global, &step)
+                    }
+                    (Accumulation::Sum(acc), None) => {
+                        self.strategy.apply(&self.global, &acc.mean_delta(&layout))
+                    }
+                    (Accumulation::Individual(list), _) => {
+                        self.strategy
+                            .aggregate_individual(&self.global, list, &layout)
+                    }
+                };
+                if let Some(i) = next.iter().position(|v| !v.is_finite()) {
+                    record.abort_reason = Some(format!("aggregate value {i} is not finite"));
+                    record.privacy = None;
+                    self.store.append_history(&record)?;
+                    return Ok(record);
+                }
+                record.outcome = Outcome::Committed;
+                let version = self.version + 1;
+                self.store.commit(Commit {
+                    version,
+                    params: &next,
+                    record: &record,
+                    strategy_state: &self.strategy.state(),
+                })?;
+                self.version = version;
+                self.global = Arc::new(next);
+                self.ledger = ledger;
+                self.pending_eval = self.run.evaluate;
+                tracing::info!(version, reported, "version committed");
+            }
+        }
+        Ok(record)
+    }
+}

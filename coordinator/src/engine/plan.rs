@@ -1,0 +1,133 @@
+//! Planning: which task comes next, which agents are selected (seeded by the
+//! run seed and the task id), and the task spec and seeds they receive.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use fedcart_common::federation::aggregate::SumAccumulator;
+use fedcart_common::task::{TaskKind, TaskSpec};
+use rand::seq::SliceRandom;
+
+use super::{Accumulation, Engine, EngineError, OpenTask, TaskPlan, unix_ms};
+use crate::config::Selection;
+use crate::record::kind_name;
+
+impl Engine {
+    /// The round and kind of the task [`Engine::start_task`] would open next
+    /// (None when finished); drivers use it to pick whom to offer it to.
+    pub fn next_task(&self) -> Option<(u64, TaskKind)> {
+        self.next_kind()
+    }
+
+    pub(super) fn next_kind(&self) -> Option<(u64, TaskKind)> {
+        if self.run.model.stats_len() > 0 && self.standardizer.is_none() {
+            Some((0, TaskKind::Stats))
+        } else if self.pending_eval {
+            Some((self.version, TaskKind::Evaluate))
+        } else if self.version < self.run.rounds {
+            Some((self.version + 1, TaskKind::Train))
+        } else {
+            None
+        }
+    }
+
+    /// Selects agents among `available` and opens the next task.
+    pub fn start_task(&mut self, available: &[String]) -> Result<TaskPlan, EngineError> {
+        if let Some(open) = &self.open {
+            return Err(EngineError::TaskOpen(open.plan.task_id.clone()));
+        }
+        let (round, kind) = self.next_kind().ok_or(EngineError::Finished)?;
+        let sel = &self.run.selection;
+        let needed = sel.min_agents.max(sel.min_available);
+        if available.len() < needed {
+            return Err(EngineError::NotEnoughAgents {
+                available: available.len(),
+                needed,
+            });
+        }
+        let kind_name = kind_name(kind);
+        let attempt = self.attempts.get(&(round, kind_name)).copied().unwrap_or(0) + 1;
+        let task_id = format!("r{round}a{attempt}-{kind_name}");
+        let (selected, population) = select(available, sel, self.run.seed, &task_id);
+
+        let spec = TaskSpec {
+            kind,
+            model: self.run.model.clone(),
+            sgd: self.run.sgd.clone(),
+            seed: self.run.seed,
+            round,
+            standardizer: self.standardizer.clone(),
+            dp: match (&self.ledger, kind) {
+                (Some(l), TaskKind::Train) => Some(l.task(selected.len(), self.global.len())?),
+                _ => None,
+            },
+        };
+        let needs_model = kind != TaskKind::Stats;
+        let secure = self.run.secagg.is_some() && kind != TaskKind::Evaluate;
+        let plan = TaskPlan {
+            secure,
+            round,
+            attempt,
+            task_id,
+            model_version: self.version,
+            model_len: if needs_model {
+                self.global.len() as u64
+            } else {
+                0
+            },
+            selected: selected.clone(),
+            spec,
+        };
+        let acc = if kind == TaskKind::Train && self.strategy.needs_individual_updates() {
+            Accumulation::Individual(Vec::new())
+        } else {
+            let layout = plan.spec.update_layout();
+            Accumulation::Sum(SumAccumulator::new(
+                plan.spec.update_len(),
+                layout.num_coord_weights,
+            ))
+        };
+        self.open = Some(OpenTask {
+            plan: plan.clone(),
+            selected: selected.into_iter().collect(),
+            reported: BTreeSet::new(),
+            dropped: BTreeSet::new(),
+            rejected: Vec::new(),
+            acc,
+            metric_sums: BTreeMap::new(),
+            metric_weight: 0.0,
+            started: Instant::now(),
+            started_unix_ms: unix_ms(),
+            bytes_in: 0,
+            secure_survivors: None,
+            population,
+            secure_abort: None,
+        });
+        tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
+        Ok(plan)
+    }
+}
+
+/// Draws the agents of task `task_id` from `available`: `fraction` of the
+/// distinct agents (rounded up, clamped to `[min_agents, max_agents]` and to
+/// what is there), shuffled by the run seed and the task id so that a run
+/// replays exactly. Returns the selected agents, sorted, and the number of
+/// distinct agents available (the population the privacy ledger samples).
+pub(super) fn select(
+    available: &[String],
+    sel: &Selection,
+    seed: u64,
+    task_id: &str,
+) -> (Vec<String>, usize) {
+    let want = ((available.len() as f64 * sel.fraction).ceil() as usize)
+        .clamp(sel.min_agents, sel.max_agents)
+        .min(available.len());
+    let mut pool: Vec<String> = available.to_vec();
+    pool.sort();
+    pool.dedup();
+    let population = pool.len();
+    pool.shuffle(&mut fedcart_common::seed::rng(seed, &["select", task_id]));
+    let mut selected: Vec<String> = pool.into_iter().take(want).collect();
+    selected.sort();
+    (selected, population)
+}

@@ -1,0 +1,251 @@
+//! Unit tests of the round engine over a temporary redb store: selection,
+//! quorum, abort and retry, the submission checks, and the FedAvg commit.
+
+use fedcart_common::federation::update::Update;
+use fedcart_common::task::{ModelSpec, TaskKind};
+
+use super::plan::select;
+use super::*;
+use crate::config::Selection;
+use crate::record::Outcome;
+
+const DIM: usize = 3;
+
+fn agents(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("m{i:02}")).collect()
+}
+
+fn selection(fraction: f64, min_agents: usize, max_agents: usize) -> Selection {
+    Selection {
+        fraction,
+        min_agents,
+        max_agents,
+        min_available: 0,
+    }
+}
+
+/// A training-only run of a `Noop` model of `DIM` values.
+fn run(selection: Selection, quorum: usize) -> RunConfig {
+    RunConfig {
+        run_id: "engine".into(),
+        seed: 11,
+        rounds: 3,
+        model: ModelSpec::Noop { dim: DIM },
+        sgd: Default::default(),
+        selection,
+        quorum,
+        round_timeout_ms: 1_000,
+        evaluate: false,
+        strategy: Default::default(),
+        secagg: None,
+        dp: None,
+    }
+}
+
+/// An engine over a fresh store in a temporary directory (kept alive by the
+/// returned guard).
+fn engine(run: RunConfig) -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open_scratch(&dir.path().join("engine.redb")).expect("store");
+    let engine = Engine::open(store, run).expect("engine opens");
+    (dir, engine)
+}
+
+fn update(values: [f32; DIM], weight: f64) -> Submission {
+    Submission {
+        update: Some(Update {
+            values: values.to_vec(),
+            coord_weights: vec![],
+            weight,
+        }),
+        metrics: [("loss".to_string(), 1.0)].into(),
+        weight,
+        bytes: 12,
+    }
+}
+
+fn submit(
+    e: &mut Engine,
+    plan: &TaskPlan,
+    agent: &str,
+    sub: Submission,
+) -> Result<(), SubmitError> {
+    e.submit(agent, "engine", plan.round, &plan.task_id, sub)
+}
+
+#[test]
+fn selection_takes_the_fraction_rounded_up_within_min_and_max() {
+    let all = agents(10);
+    let (picked, population) = select(&all, &selection(0.25, 2, 5), 1, "r1a1-train");
+    assert_eq!((picked.len(), population), (3, 10));
+    let (picked, _) = select(&all, &selection(1.0, 2, 5), 1, "r1a1-train");
+    assert_eq!(picked.len(), 5, "capped at max_agents");
+    let (picked, _) = select(&all, &selection(0.01, 4, 5), 1, "r1a1-train");
+    assert_eq!(picked.len(), 4, "raised to min_agents");
+    let mut twice = all.clone();
+    twice.extend(all.clone());
+    let (picked, population) = select(&twice, &selection(1.0, 1, 100), 1, "r1a1-train");
+    assert_eq!((picked, population), (all, 10), "duplicates count once");
+}
+
+#[test]
+fn selection_is_deterministic_for_a_seed_and_task() {
+    let all = agents(20);
+    let sel = selection(0.25, 1, 20);
+    let (a, _) = select(&all, &sel, 7, "r1a1-train");
+    let mut shuffled = all.clone();
+    shuffled.reverse();
+    assert_eq!(
+        select(&shuffled, &sel, 7, "r1a1-train").0,
+        a,
+        "input order is irrelevant"
+    );
+    assert!(a.windows(2).all(|w| w[0] < w[1]), "sorted");
+    let others: Vec<_> = (0..8)
+        .map(|s| select(&all, &sel, s, "r1a1-train").0)
+        .collect();
+    assert!(others.iter().any(|o| *o != a), "the seed changes the draw");
+    let next_attempt = select(&all, &sel, 7, "r1a2-train").0;
+    let next_round = select(&all, &sel, 7, "r2a1-train").0;
+    assert!(
+        next_attempt != a || next_round != a,
+        "the task id changes the draw"
+    );
+}
+
+#[test]
+fn start_task_waits_for_min_available_agents() {
+    let mut sel = selection(0.5, 2, 4);
+    sel.min_available = 6;
+    let (_dir, mut e) = engine(run(sel, 2));
+    match e.start_task(&agents(5)) {
+        Err(EngineError::NotEnoughAgents { available, needed }) => {
+            assert_eq!((available, needed), (5, 6));
+        }
+        other => panic!("expected NotEnoughAgents, got {other:?}"),
+    }
+    assert!(e.open_task().is_none());
+    let plan = e.start_task(&agents(6)).expect("enough agents now");
+    assert_eq!(
+        plan.selected.len(),
+        3,
+        "fraction of 6, not of min_available"
+    );
+    assert_eq!((plan.round, plan.attempt), (1, 1));
+    assert_eq!(plan.task_id, "r1a1-train");
+    assert_eq!(plan.spec.kind, TaskKind::Train);
+    assert_eq!(plan.spec.seed, 11);
+}
+
+#[test]
+fn quorum_met_commits_the_fedavg_of_the_submitted_updates() {
+    let (_dir, mut e) = engine(run(selection(1.0, 3, 3), 2));
+    let before = e.global();
+    let plan = e.start_task(&agents(3)).expect("task");
+    // Updates carry weighted deltas: FedAvg is global + Σ values / Σ weight.
+    let subs = [([1.0, 2.0, -3.0], 1.0), ([4.0, 0.5, 3.0], 3.0)];
+    for (agent, (values, weight)) in plan.selected.iter().zip(subs) {
+        submit(&mut e, &plan, agent, update(values, weight)).expect("accepted");
+    }
+    let record = e.finish_task().expect("finish");
+    assert_eq!(record.outcome, Outcome::Committed);
+    assert_eq!(record.kind, TaskKind::Train);
+    assert_eq!(record.reported, plan.selected[..2].to_vec());
+    assert_eq!(record.dropped, vec![plan.selected[2].clone()]);
+    assert_eq!(record.examples, 4.0);
+    assert_eq!(record.bytes_in, 24);
+    assert_eq!(e.version(), 1);
+    let expected: Vec<f32> = (0..DIM)
+        .map(|i| {
+            let sum = f64::from(subs[0].0[i]) + f64::from(subs[1].0[i]);
+            before[i] + (sum / 4.0) as f32
+        })
+        .collect();
+    assert_eq!(*e.global(), expected);
+    assert_eq!(e.store().model(1).expect("store").expect("v1"), expected);
+    assert_eq!(e.store().history().expect("history"), vec![record]);
+}
+
+#[test]
+fn quorum_missed_aborts_and_retries_the_same_round_with_the_model_unchanged() {
+    let (_dir, mut e) = engine(run(selection(1.0, 3, 3), 2));
+    let before = e.global();
+    let plan = e.start_task(&agents(3)).expect("task");
+    submit(&mut e, &plan, &plan.selected[0], update([9.0; DIM], 1.0)).expect("accepted");
+    let record = e.finish_task().expect("finish");
+    assert_eq!(record.outcome, Outcome::Aborted);
+    assert_eq!(
+        record.abort_reason.as_deref(),
+        Some("1 results, quorum is 2")
+    );
+    assert_eq!(e.version(), 0);
+    assert_eq!(e.global(), before);
+    assert_eq!(e.store().latest_version().expect("store"), Some(0));
+
+    let retry = e.start_task(&agents(3)).expect("retry");
+    assert_eq!((retry.round, retry.attempt), (1, 2));
+    assert_eq!(retry.task_id, "r1a2-train");
+    assert_eq!(retry.model_version, 0);
+}
+
+#[test]
+fn a_stale_task_id_is_rejected() {
+    let (_dir, mut e) = engine(run(selection(1.0, 2, 2), 2));
+    let first = e.start_task(&agents(2)).expect("task");
+    e.finish_task().expect("abort");
+    let retry = e.start_task(&agents(2)).expect("retry");
+    let agent = &retry.selected[0];
+    let err = submit(&mut e, &first, agent, update([1.0; DIM], 1.0)).expect_err("stale");
+    assert!(matches!(err, SubmitError::Closed { ref task_id, .. } if task_id == "r1a1-train"));
+    submit(&mut e, &retry, agent, update([1.0; DIM], 1.0)).expect("the open task accepts");
+    let err = e
+        .submit(
+            agent,
+            "another-run",
+            retry.round,
+            &retry.task_id,
+            update([1.0; DIM], 1.0),
+        )
+        .expect_err("wrong run");
+    assert!(matches!(err, SubmitError::WrongRun { .. }));
+}
+
+#[test]
+fn a_duplicate_submission_is_rejected_and_not_counted_twice() {
+    let (_dir, mut e) = engine(run(selection(1.0, 2, 2), 1));
+    let plan = e.start_task(&agents(2)).expect("task");
+    let agent = plan.selected[0].clone();
+    submit(&mut e, &plan, &agent, update([2.0; DIM], 1.0)).expect("first");
+    let err = submit(&mut e, &plan, &agent, update([100.0; DIM], 1.0)).expect_err("second");
+    assert_eq!(err, SubmitError::Duplicate(agent.clone()));
+    let record = e.finish_task().expect("finish");
+    assert_eq!(record.outcome, Outcome::Committed);
+    assert_eq!(record.reported, vec![agent]);
+    assert_eq!(record.examples, 1.0);
+    assert_eq!(*e.global(), vec![2.0; DIM], "only the first update counts");
+}
+
+#[test]
+fn a_dropped_agent_is_excluded_from_the_round() {
+    let (_dir, mut e) = engine(run(selection(1.0, 3, 3), 1));
+    let plan = e.start_task(&agents(3)).expect("task");
+    let (a, b) = (plan.selected[0].clone(), plan.selected[1].clone());
+    assert_eq!(e.pending(), 3);
+    e.drop_agent(&a);
+    e.drop_agent("not-selected");
+    assert_eq!(e.pending(), 2);
+    let err = submit(&mut e, &plan, &a, update([50.0; DIM], 1.0)).expect_err("dropped");
+    assert_eq!(err, SubmitError::Dropped(a.clone()));
+    submit(&mut e, &plan, &b, update([1.0; DIM], 1.0)).expect("accepted");
+    let err = submit(&mut e, &plan, "stranger", update([1.0; DIM], 1.0)).expect_err("stranger");
+    assert_eq!(err, SubmitError::NotSelected("stranger".into()));
+    let record = e.finish_task().expect("finish");
+    assert_eq!(record.outcome, Outcome::Committed);
+    assert_eq!(record.reported, vec![b]);
+    assert!(record.dropped.contains(&a));
+    assert_eq!(
+        *e.global(),
+        vec![1.0; DIM],
+        "the dropped agent's update is not in it"
+    );
+}

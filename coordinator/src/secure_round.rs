@@ -1,0 +1,32 @@
+//! The secure-aggregation parameters of a round, shared by both drivers of
+//! the engine (the gRPC service and the simulator), so that neither imports
+//! the other's transport.
+
+use fedcart_common::privacy::secagg::SecAggConfig;
+use fedcart_common::task::TaskSpec;
+
+use crate::config::SecAggSettings;
+
+/// The secure-aggregation parameters of one round with `n` invited agents,
+/// for both drivers (the gRPC service and the simulator): the whole update
+/// (values ‖ coordinate weights ‖ weight) of `spec`, with the ring, clip and
+/// graph [`SecAggConfig::for_task`] picks for the task kind (the 2^64 ring
+/// for the statistics step's raw sums; values clipped at `settings.clip`
+/// otherwise; the complete graph up to 64 agents, SecAgg+ beyond, or
+/// `settings.neighbours`).
+pub fn round_config(settings: &SecAggSettings, spec: &TaskSpec, n: usize) -> SecAggConfig {
+    let mut cfg = SecAggConfig::for_task(
+        spec.kind,
+        spec.update_len(),
+        spec.update_layout().num_coord_weights,
+        n,
+        settings.clip,
+        settings.neighbours,
+    );
+    cfg.verify_survivors = settings.verify_survivors;
+    // Distributed DP: the encoding the agents' noise was calibrated for.
+    if let Some(noise) = spec.dp.as_ref().and_then(|d| d.distributed) {
+        noise.configure(&mut cfg);
+    }
+    cfg
+}
