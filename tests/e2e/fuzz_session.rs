@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fedcart_client::secure::{Reply, SecureTasks, send};
-use fedcart_common::federation::reference;
+use fedcart_common::reference;
 use fedcart_common::federation::strategy::FedAvg;
 use fedcart_common::privacy::secagg::{
     AdvertiseKeys, RoundInvite, SecAggConfig, ShareUpload, UnmaskResponse, masked_from_bytes,
@@ -435,7 +435,7 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
     let spec: TaskSpec = serde_json::from_slice(&task.spec_json).unwrap();
     let mut data = merchant(0);
     let global = if task.model_len > 0 {
-        fedcart_client::agent::download(&mut client, &session, &task)
+        fedcart_client::transfer::download(&mut client, &session, &task)
             .await
             .expect("download")
     } else {
@@ -525,7 +525,7 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
         a.stop().await;
     }
     let history = shared.history().unwrap();
-    let trains: Vec<_> = history.iter().filter(|r| r.kind == "train").collect();
+    let trains: Vec<_> = history.iter().filter(|r| r.kind == TaskKind::Train).collect();
     assert_eq!(trains.len(), 1, "{history:?}");
     assert_eq!(trains[0].outcome, Outcome::Committed);
     assert_eq!(trains[0].reported, vec!["m0", "m1", "m2"]);
