@@ -618,7 +618,10 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
 
     let store = Store::open(&dir.path().join("coordinator.redb")).expect("store opens");
     let history = store.history().expect("history");
-    let trains: Vec<_> = history.iter().filter(|r| r.kind == TaskKind::Train).collect();
+    let trains: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Train)
+        .collect();
     let mut committed: BTreeMap<u64, Vec<&_>> = BTreeMap::new();
     for r in trains.iter().filter(|r| r.outcome == Outcome::Committed) {
         committed.entry(r.round).or_default().push(*r);

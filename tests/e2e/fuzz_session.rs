@@ -14,12 +14,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fedcart_client::secure::{Reply, SecureTasks, send};
-use fedcart_common::reference;
 use fedcart_common::federation::strategy::FedAvg;
 use fedcart_common::privacy::secagg::{
     AdvertiseKeys, RoundInvite, SecAggConfig, ShareUpload, UnmaskResponse, masked_from_bytes,
     stage_name,
 };
+use fedcart_common::reference;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use fedcart_coordinator::certs::{self, CertDir};
@@ -525,7 +525,10 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
         a.stop().await;
     }
     let history = shared.history().unwrap();
-    let trains: Vec<_> = history.iter().filter(|r| r.kind == TaskKind::Train).collect();
+    let trains: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Train)
+        .collect();
     assert_eq!(trains.len(), 1, "{history:?}");
     assert_eq!(trains[0].outcome, Outcome::Committed);
     assert_eq!(trains[0].reported, vec!["m0", "m1", "m2"]);
