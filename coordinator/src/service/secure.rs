@@ -103,6 +103,9 @@ impl Shared {
         };
         if tx.is_none_or(|tx| tx.try_send(Ok(work)).is_err()) {
             tracing::info!(merchant, stage, task = %plan.task_id, "secure-aggregation request not delivered");
+        } else {
+            // The chaos test (tests/chaos) kills processes on this line.
+            tracing::debug!(merchant, stage, task = %plan.task_id, "secure-aggregation request sent");
         }
     }
 }
