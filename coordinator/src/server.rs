@@ -77,7 +77,7 @@ pub async fn start_with(
     let run_id = run.run_id.clone();
     let store = Store::open(store_path)?;
     let engine = Engine::open(store, run)?;
-    let shared = Shared::new(engine, ping);
+    let shared = Shared::new(engine, ping, opts.limits.upload_idle_timeout);
     let addr = listener.local_addr().context("listener address")?;
     let (shutdown, rx) = watch::channel(false);
     let mut server_rx = rx.clone();
