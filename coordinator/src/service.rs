@@ -167,6 +167,15 @@ impl Shared {
         });
     }
 
+    /// Test seam: every later store write fails, as on a broken disk.
+    #[cfg(test)]
+    pub(crate) fn fail_store_writes(&self) {
+        self.engine()
+            .store()
+            .fail_writes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Records that the task loop failed with `cause`: progress reports it,
     /// so readiness turns false and `serve` stops.
     pub fn fail(&self, cause: String) {
