@@ -39,6 +39,15 @@ pub struct Limits {
     pub upload_idle_timeout: Duration,
 }
 
+/// Most rejections a task's round record lists: an agent may retry after a
+/// refusal, so without a cap its refusals would grow the record (and the
+/// coordinator's memory) for as long as the round is open. The last entry
+/// then says that further ones were not recorded.
+pub const MAX_REJECTIONS: usize = 64;
+
+/// Longest rejection reason kept in a round record, in characters.
+pub const MAX_REJECTION_CHARS: usize = 256;
+
 /// Most metrics one result may report. Agents send a handful (loss, AUC,
 /// RMSE, …); each distinct name is kept in the round record and becomes a
 /// Prometheus series, so the number must be bounded.

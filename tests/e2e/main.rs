@@ -6,6 +6,7 @@ mod dashboard;
 mod examples;
 mod federation;
 mod fuzz;
+mod hardening;
 mod merchant_tools;
 mod privacy;
 mod restart;

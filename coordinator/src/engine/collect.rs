@@ -10,13 +10,7 @@ use fedcart_common::task::TaskKind;
 
 use super::{Accumulation, Engine, OpenTask, Submission, SubmitError};
 
-/// Most rejections a task's record lists: an agent may retry after a
-/// refusal, so without a cap its refusals would grow the record (and the
-/// coordinator's memory) for as long as the round is open.
-pub const MAX_REJECTIONS: usize = 64;
-
-/// Longest rejection reason kept, in characters.
-pub const MAX_REJECTION_CHARS: usize = 256;
+use crate::limits::{MAX_REJECTION_CHARS, MAX_REJECTIONS};
 
 /// Records a refusal in the open task, within [`MAX_REJECTIONS`] entries of
 /// at most [`MAX_REJECTION_CHARS`] characters; the last entry says that
