@@ -7,6 +7,7 @@ mod examples;
 mod federation;
 mod fuzz;
 mod fuzz_session;
+mod hardening;
 mod merchant_tools;
 mod privacy;
 mod restart;

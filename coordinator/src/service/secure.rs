@@ -283,12 +283,7 @@ pub(super) async fn submit_masked(
             header.payload_len
         )));
     }
-    let _slot = shared
-        .upload_slots
-        .acquire()
-        .await
-        .map_err(|_| Status::unavailable("shutting down"))?;
-    let payload = super::read_payload(&mut stream, declared).await?;
+    let (_slot, payload) = super::receive_payload(shared, &mut stream, declared).await?;
     {
         let mut guard = shared.secure_round();
         let round = guard
