@@ -149,7 +149,10 @@ mod server;
 mod wire;
 
 pub use client::ClientSession;
-pub use config::{COMPLETE_GRAPH_UP_TO, MAX_HOLDERS, MIN_STEPS_PER_CLIP, STATS_CLIP, SecAggConfig};
+pub use config::{
+    COMPLETE_GRAPH_UP_TO, MAX_HOLDERS, MIN_NEIGHBOURS, MIN_STEPS_PER_CLIP, STATS_CLIP, SecAggConfig,
+};
+pub use crypto::SHARE_CIPHERTEXT_LEN;
 pub use driver::{
     Dropouts, EncodedHook, InMemoryOutcome, Traffic, round_seed, rounding_rng, run_in_memory,
     run_in_memory_with,
@@ -305,6 +308,28 @@ pub enum SecAggError {
         valid: usize,
         /// The threshold t.
         need: usize,
+    },
+    /// The unmasked sum holds a coordinate that no `count` agents following
+    /// the protocol could have produced: some agent sent an out-of-range
+    /// input (a wrapped weight, a residue beyond its clip). The round's sum
+    /// is refused whole.
+    #[error(
+        "round refused: the decoded sum's {what} coordinate {index} is {value}, beyond the \
+         {bound} that {count} agents within the round's clip and max_weight can reach; an agent \
+         sent an out-of-range masked input"
+    )]
+    SumOutOfRange {
+        /// Which part of the vector: `value`, `coordinate weight`, `weight`
+        /// or `clipped count`.
+        what: &'static str,
+        /// Position in the encoded vector.
+        index: usize,
+        /// The decoded value.
+        value: f64,
+        /// The largest magnitude honest agents can reach.
+        bound: f64,
+        /// Agents whose inputs are in the sum.
+        count: usize,
     },
     /// An agent refused a request that would break the protocol's guarantees.
     #[error("refused: {0}")]
