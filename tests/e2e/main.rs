@@ -7,6 +7,7 @@ mod examples;
 mod federation;
 mod fuzz;
 mod merchant_tools;
+mod policy;
 mod privacy;
 mod restart;
 mod secure;
