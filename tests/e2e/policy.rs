@@ -26,7 +26,7 @@ fn noop_run(run_id: &str, secure: bool) -> RunConfig {
     run.model = ModelSpec::Noop { dim: 200 };
     run.evaluate = false;
     run.round_timeout_ms = 3_000;
-    run.secagg = secure.then(|| SecAggSettings {
+    run.secagg = secure.then_some(SecAggSettings {
         neighbours: None,
         clip: 1.0,
         verify_survivors: false,
