@@ -82,6 +82,7 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             max_ms: 500,
         },
         tls: None,
+        privacy: Default::default(),
     }
 }
 

@@ -9,6 +9,7 @@ mod fuzz;
 mod fuzz_session;
 mod hardening;
 mod merchant_tools;
+mod policy;
 mod privacy;
 mod restart;
 mod secure;

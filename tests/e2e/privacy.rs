@@ -29,6 +29,9 @@ async fn agents_clip_the_coordinator_noises_and_each_round_records_epsilon() {
     assert_eq!(trains.len(), 3);
     for (t, r) in trains.iter().enumerate() {
         assert_eq!(r.outcome, Outcome::Committed);
+        // The clear-text header carries weight 1 under DP, not the row
+        // count: the recorded total is the number of reports.
+        assert_eq!(r.examples, r.reported.len() as f64, "round {}", t + 1);
         let p = r.privacy.as_ref().expect("ε recorded");
         let want = epsilon_for(1.0, z, t as u64 + 1, delta).unwrap().epsilon;
         assert!(
