@@ -34,15 +34,46 @@ use fedcart_common::privacy::dp::{
 };
 use fedcart_common::task::TaskKind;
 
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
 use crate::config::{ClipNorm, DpMode, DpSettings, RunConfig};
 pub use crate::record::PrivacyRecord;
-use crate::record::{Outcome, RoundRecord};
+use crate::record::RoundRecord;
 use crate::task::TaskPlan;
+
+/// Where the coordinator's noise (the Gaussian on the sum, and the noise on
+/// the clip-bit count of adaptive clipping) comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseSource {
+    /// A ChaCha20 stream seeded from the operating system's CSPRNG for every
+    /// release. The only private choice, and the service's: the run seed is
+    /// sent to every agent in each task spec, so noise derived from it could
+    /// be regenerated and subtracted by any merchant.
+    #[default]
+    Os,
+    /// Derived from the run seed and the task id, so that a simulation
+    /// replays bit for bit. **Not private**: anyone who knows the seed
+    /// removes the noise. For the simulator's experiments only.
+    SeededNotPrivate,
+}
+
+impl NoiseSource {
+    /// How reports label the source.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Os => "os csprng (fresh per release)",
+            Self::SeededNotPrivate => "seeded (reproducible simulation, not private)",
+        }
+    }
+}
 
 /// The coordinator's DP state for one run.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     settings: DpSettings,
+    /// Where the noise comes from (the OS unless a simulation asks).
+    noise: NoiseSource,
     /// Overall noise multiplier `z` (what the accountant is told).
     z: f64,
     /// Noise multiplier of the delta sum (`z` without adaptive clipping).
@@ -81,6 +112,7 @@ impl Ledger {
         };
         let mut ledger = Self {
             settings: settings.clone(),
+            noise: NoiseSource::Os,
             z,
             z_delta,
             sigma_b,
@@ -89,9 +121,10 @@ impl Ledger {
             accountant: Accountant::new(),
             epsilon: None,
         };
+        // Every record with a privacy entry released a sum: the committed
+        // rounds, and a revealed secure sum that could not be committed.
         for r in history {
-            if let (Some(p), Outcome::Committed, TaskKind::Train) = (&r.privacy, r.outcome, r.kind)
-            {
+            if let (Some(p), TaskKind::Train) = (&r.privacy, r.kind) {
                 ledger
                     .accountant
                     .step(p.sampling_rate, p.noise_multiplier)
@@ -117,6 +150,17 @@ impl Ledger {
         Ok(())
     }
 
+    /// Where the noise comes from.
+    pub fn noise_source(&self) -> NoiseSource {
+        self.noise
+    }
+
+    /// Chooses where the noise comes from; [`NoiseSource::Os`] unless a
+    /// simulation wants reproducible (and therefore not private) noise.
+    pub fn set_noise_source(&mut self, source: NoiseSource) {
+        self.noise = source;
+    }
+
     /// The noise multiplier every round is planned at.
     pub fn noise_multiplier(&self) -> f64 {
         self.z
@@ -130,6 +174,20 @@ impl Ledger {
     /// ε spent so far (None before the first committed round).
     pub fn epsilon(&self) -> Option<f64> {
         self.epsilon
+    }
+
+    /// ε spent so far and ε after one more training round at the planned
+    /// noise multiplier and the accounted sampling rate: the budget check
+    /// made before a round starts.
+    pub fn epsilon_if_one_more_round(&self) -> Result<(f64, f64), DpError> {
+        let delta = self.settings.delta;
+        let spent = match self.accountant.steps() {
+            0 => 0.0,
+            _ => self.accountant.epsilon(delta)?.epsilon,
+        };
+        let mut next = self.accountant.clone();
+        next.step(ACCOUNTED_SAMPLING_RATE, self.z)?;
+        Ok((spent, next.epsilon(delta)?.epsilon))
     }
 
     /// The settings in force.
@@ -211,23 +269,43 @@ impl Ledger {
     /// Releases the round: noise (central mode), the fixed-denominator step
     /// of the model's length, the clip update and the accounting. `sum` holds
     /// the clipped updates of the `survivors` merchants whose inputs it
-    /// contains, out of `plan.selected`; `population` were connected.
+    /// contains, out of `plan.selected`. The noise comes from the
+    /// [`NoiseSource`]; `seed` (the run seed) is used only by the seeded,
+    /// simulation-only source.
     pub fn release(
         &mut self,
         sum: &SumAccumulator,
         plan: &TaskPlan,
-        population: usize,
         survivors: usize,
         seed: u64,
+    ) -> Result<(Vec<f32>, PrivacyRecord), DpError> {
+        match self.noise {
+            NoiseSource::Os => {
+                let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+                let mut rng = ChaCha20Rng::from_rng(&mut os);
+                self.release_with(sum, plan, survivors, &mut rng)
+            }
+            NoiseSource::SeededNotPrivate => {
+                let mut rng = fedcart_common::seed::rng(seed, &["dp-noise", &plan.task_id]);
+                self.release_with(sum, plan, survivors, &mut rng)
+            }
+        }
+    }
+
+    fn release_with<R: rand::Rng>(
+        &mut self,
+        sum: &SumAccumulator,
+        plan: &TaskPlan,
+        survivors: usize,
+        rng: &mut R,
     ) -> Result<(Vec<f32>, PrivacyRecord), DpError> {
         let m = plan.selected.len().max(1);
         let model_len = plan.spec.model.model_len();
         let mut values = sum.sum_values().to_vec();
-        let mut rng = fedcart_common::seed::rng(seed, &["dp-noise", &plan.task_id]);
         let z_accounted = match self.settings.mode {
             DpMode::Central => {
                 CentralGaussian::new(self.z_delta, self.clip)?
-                    .add_to_sum(&mut values[..model_len], &mut rng);
+                    .add_to_sum(&mut values[..model_len], rng);
                 self.z
             }
             DpMode::Distributed => {
@@ -244,13 +322,13 @@ impl Ledger {
         if let Some(a) = &mut self.adaptive {
             let bit_sum = values.get(model_len).copied().unwrap_or(0.0);
             let fraction = match self.settings.mode {
-                DpMode::Central => a.update(bit_sum, m as f64, &mut rng)?,
+                DpMode::Central => a.update(bit_sum, m as f64, rng)?,
                 DpMode::Distributed => a.update_noised(bit_sum, m as f64)?,
             };
             unclipped_fraction = Some(fraction);
             self.clip = a.clip();
         }
-        let q = (m as f64 / population.max(m) as f64).min(1.0);
+        let q = ACCOUNTED_SAMPLING_RATE;
         self.accountant.step(q, z_accounted)?;
         let eps = self.accountant.epsilon(self.settings.delta)?;
         self.epsilon = Some(eps.epsilon);
@@ -269,6 +347,13 @@ impl Ledger {
         Ok((step, record))
     }
 }
+
+/// The sampling rate every round is accounted at: 1, whatever fraction of
+/// the connected agents the cohort is. Amplification by
+/// subsampling needs a selection the adversary cannot see, and ours is
+/// neither secret nor unpredictable: it is derived from the run seed (sent
+/// to every agent) and the task id, and published in every round record.
+pub const ACCOUNTED_SAMPLING_RATE: f64 = 1.0;
 
 #[cfg(test)]
 mod tests;

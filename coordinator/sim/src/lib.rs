@@ -127,6 +127,7 @@ pub fn run_one(
             dp.population = Some(n);
             dp
         }),
+        max_attempts: s.max_attempts,
     };
     run.validate()?;
     if s.transport == Transport::Grpc {

@@ -294,6 +294,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
             stage_timeout_ms: None,
         }),
         dp: None,
+        max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
     };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("stats.redb")).unwrap();

@@ -174,7 +174,9 @@ impl DpSettings {
             return Ok(z);
         }
         let target = self.target_epsilon.unwrap_or(f64::NAN);
-        let q = self.planned_sampling_rate(run);
+        // Rounds are accounted without amplification by subsampling (the
+        // selection is public: see `ledger::ACCOUNTED_SAMPLING_RATE`).
+        let q = crate::ledger::ACCOUNTED_SAMPLING_RATE;
         solve_noise_multiplier(
             target,
             self.delta,

@@ -8,7 +8,7 @@ use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use rand::seq::SliceRandom;
 
-use super::{Accumulation, Engine, EngineError, OpenTask, TaskPlan, unix_ms};
+use super::{Accumulation, Engine, EngineError, OpenTask, RunStop, TaskPlan, unix_ms};
 use crate::config::Selection;
 use crate::record::kind_name;
 
@@ -20,7 +20,9 @@ impl Engine {
     }
 
     pub(super) fn next_kind(&self) -> Option<(u64, TaskKind)> {
-        if self.run.model.stats_len() > 0 && self.standardizer.is_none() {
+        if self.stopped.is_some() {
+            None
+        } else if self.run.model.stats_len() > 0 && self.standardizer.is_none() {
             Some((0, TaskKind::Stats))
         } else if self.pending_eval {
             Some((self.version, TaskKind::Evaluate))
@@ -37,6 +39,9 @@ impl Engine {
             return Err(EngineError::TaskOpen(open.plan.task_id.clone()));
         }
         let (round, kind) = self.next_kind().ok_or(EngineError::Finished)?;
+        if kind == TaskKind::Train {
+            self.check_budget(round)?;
+        }
         let sel = &self.run.selection;
         let needed = sel.min_agents.max(sel.min_available);
         if available.len() < needed {
@@ -48,7 +53,7 @@ impl Engine {
         let kind_name = kind_name(kind);
         let attempt = self.attempts.get(&(round, kind_name)).copied().unwrap_or(0) + 1;
         let task_id = format!("r{round}a{attempt}-{kind_name}");
-        let (selected, population) = select(available, sel, self.run.seed, &task_id);
+        let (selected, _population) = select(available, sel, self.run.seed, &task_id);
 
         let spec = TaskSpec {
             kind,
@@ -100,11 +105,38 @@ impl Engine {
             started_unix_ms: unix_ms(),
             bytes_in: 0,
             secure_survivors: None,
-            population,
             secure_abort: None,
         });
         tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
         Ok(plan)
+    }
+}
+
+impl Engine {
+    /// Stops the run, before anything is sent, when composing training
+    /// round `round` would take ε above `run.dp.target_epsilon`.
+    fn check_budget(&mut self, round: u64) -> Result<(), EngineError> {
+        let Some(l) = &self.ledger else {
+            return Ok(());
+        };
+        let Some(target) = l.settings().target_epsilon else {
+            return Ok(());
+        };
+        let (spent, next) = l.epsilon_if_one_more_round()?;
+        if next <= target * (1.0 + 1e-9) {
+            return Ok(());
+        }
+        let stop = RunStop::Budget {
+            round,
+            spent,
+            next,
+            target,
+        };
+        tracing::error!(round, spent, next, target, "{stop}");
+        let json = serde_json::to_value(&stop).expect("serialisable");
+        self.store.put_meta_json(&[("stopped", json)])?;
+        self.stopped = Some(stop.clone());
+        Err(EngineError::Stopped(stop))
     }
 }
 
