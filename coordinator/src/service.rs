@@ -23,7 +23,7 @@ use futures::Stream;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Engine, EngineError, Submission, SubmitError};
+use crate::engine::{Engine, EngineError, RunStop, Submission, SubmitError};
 
 /// Bytes per model download chunk: well under gRPC's 4 MiB default limit.
 pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
@@ -51,8 +51,10 @@ pub struct Progress {
     pub agents: usize,
     /// The open task id, if any.
     pub open_task: Option<String>,
-    /// True once the run has finished.
+    /// True once the run has finished (all rounds, or stopped early).
     pub finished: bool,
+    /// Why the run stopped before its last round, if it did.
+    pub stopped: Option<String>,
 }
 
 struct AgentEntry {
@@ -95,6 +97,7 @@ impl Shared {
         let progress = Progress {
             version: engine.version(),
             finished: engine.finished(),
+            stopped: engine.stopped().map(|s| s.to_string()),
             ..Default::default()
         };
         Arc::new(Self {
@@ -136,12 +139,14 @@ impl Shared {
         let engine = self.engine();
         let open_task = engine.open_task().map(|p| p.task_id.clone());
         let (version, finished) = (engine.version(), engine.finished());
+        let stopped = engine.stopped().map(|s| s.to_string());
         drop(engine);
         self.progress.send_modify(|p| {
             p.agents = agents;
             p.open_task = open_task;
             p.version = version;
             p.finished = finished;
+            p.stopped = stopped;
         });
     }
 
@@ -162,6 +167,11 @@ impl Shared {
     /// Every history record in the store, oldest first.
     pub fn history(&self) -> Result<Vec<crate::record::RoundRecord>, crate::store::StoreError> {
         self.engine().store().history()
+    }
+
+    /// Why the run stopped before its last round, if it did.
+    pub fn stopped(&self) -> Option<RunStop> {
+        self.engine().stopped().cloned()
     }
 
     /// The feature statistics agreed in the statistics step, if any.
@@ -457,10 +467,11 @@ impl Coordinator for Service {
             last_round_json: last
                 .map(|r| serde_json::to_string(&r).expect("serialisable"))
                 .unwrap_or_default(),
-            phase: match (engine.finished(), engine.open_task()) {
-                (true, _) => "finished".into(),
-                (false, Some(p)) => p.task_id.clone(),
-                (false, None) => "waiting for agents".into(),
+            phase: match (engine.stopped(), engine.finished(), engine.open_task()) {
+                (Some(stop), _, _) => format!("stopped: {stop}"),
+                (None, true, _) => "finished".into(),
+                (None, false, Some(p)) => p.task_id.clone(),
+                (None, false, None) => "waiting for agents".into(),
             },
         }))
     }
@@ -511,13 +522,29 @@ pub async fn run_tasks(
         }
         if shared.engine().finished() {
             shared.bump();
-            tracing::info!("run finished");
-            return Ok(());
+            let stopped = shared.engine().stopped().cloned();
+            return match stopped {
+                // An exhausted privacy budget is a planned end, not a fault.
+                Some(stop @ RunStop::Budget { .. }) => {
+                    tracing::warn!("run stopped: {stop}");
+                    Ok(())
+                }
+                Some(stop) => {
+                    tracing::error!("run stopped: {stop}");
+                    Err(EngineError::Stopped(stop))
+                }
+                None => {
+                    tracing::info!("run finished");
+                    Ok(())
+                }
+            };
         }
         let available = shared.connected();
         let started = shared.engine().start_task(&available);
         let plan = match started {
             Ok(plan) => plan,
+            // The budget check stopped the run: the loop's top ends it.
+            Err(EngineError::Stopped(_)) => continue,
             Err(EngineError::NotEnoughAgents { .. }) => {
                 tokio::select! {
                     _ = changed.changed() => continue,
@@ -590,5 +617,26 @@ pub async fn run_tasks(
             metrics = ?record.metrics, "task closed");
         shared.progress.send_modify(|p| p.records += 1);
         shared.bump();
+        if record.outcome == crate::record::Outcome::Aborted && !shared.engine().finished() {
+            // Back off before the next attempt, so that a round that keeps
+            // failing fast does not spin (run.max_attempts ends it).
+            tokio::select! {
+                _ = tokio::time::sleep(retry_backoff(record.attempt)) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
     }
+}
+
+/// First wait after an aborted attempt; it doubles with every attempt.
+const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// Longest wait between two attempts of a round.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait after attempt `attempt` (from 1) of a round aborted.
+fn retry_backoff(attempt: u32) -> Duration {
+    RETRY_BACKOFF_INITIAL
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(RETRY_BACKOFF_MAX)
 }

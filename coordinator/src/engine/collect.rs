@@ -283,6 +283,21 @@ impl Engine {
         }
     }
 
+    /// Counts a selected agent whose local task failed (its training
+    /// diverged, it had no data) as dropped for the open task, recording
+    /// `reason` with the rejections so that a round that keeps aborting can
+    /// name its cause (see [`RunStop::GaveUp`](super::RunStop::GaveUp)).
+    pub fn fail_agent(&mut self, agent: &str, reason: String) {
+        if let Some(open) = &mut self.open
+            && open.selected.contains(agent)
+            && !open.reported.contains(agent)
+            && open.dropped.insert(agent.to_string())
+        {
+            tracing::info!(agent, task = %open.plan.task_id, %reason, "local task failed");
+            open.rejected.push((agent.to_string(), reason));
+        }
+    }
+
     /// Counts a selected agent that disconnected as dropped for the open task.
     pub fn drop_agent(&mut self, agent: &str) {
         if let Some(open) = &mut self.open

@@ -10,7 +10,7 @@ use fedcart_common::task::ModelSpec;
 
 use super::*;
 use crate::config::{SecAggSettings, Selection};
-use crate::engine::{Engine, Submission};
+use crate::engine::{Engine, EngineError, RunStop, Submission};
 use crate::record::Outcome;
 use crate::store::Store;
 
@@ -391,4 +391,72 @@ fn target_epsilon_is_met_by_the_solved_noise_over_the_planned_rounds() {
         last = round(&mut engine, &all, 0.0, None).privacy.unwrap().epsilon;
     }
     assert!(last <= 2.0 && last > 1.99, "final epsilon {last}");
+}
+
+/// The budget is enforced: in distributed mode dropouts lower the noise a
+/// round is accounted at (z·√(survivors / selected)), so ε grows faster than
+/// planned; the run stops before the round that would exceed
+/// `target_epsilon`, saying so, and the ε spent never exceeds the target.
+#[test]
+fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
+    use fedcart_common::federation::aggregate::SumAccumulator;
+    let dir = tempfile::tempdir().unwrap();
+    let all = agents(10);
+    let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
+    settings.noise_multiplier = None;
+    settings.target_epsilon = Some(2.0);
+    settings.mode = DpMode::Distributed;
+    let mut cfg = run(settings, 4);
+    cfg.secagg = Some(SecAggSettings {
+        neighbours: None,
+        clip: 1.0,
+        verify_survivors: false,
+        stage_timeout_ms: None,
+    });
+    let mut engine = Engine::open(Store::open(&dir.path().join("b.redb")).unwrap(), cfg).unwrap();
+    let mut spent = Vec::new();
+    let stop = loop {
+        let plan = match engine.start_task(&all) {
+            Ok(plan) => plan,
+            Err(EngineError::Stopped(stop)) => break stop,
+            Err(e) => panic!("{e}"),
+        };
+        // Half of the four selected survive the secure round.
+        let survivors = &plan.selected[..2];
+        let sum = SumAccumulator::new(plan.spec.update_len(), 0);
+        engine.set_secure_sum(survivors, sum).unwrap();
+        let rec = engine.finish_task().unwrap();
+        assert_eq!(rec.outcome, Outcome::Committed);
+        spent.push(rec.privacy.unwrap().epsilon);
+    };
+    assert!(engine.finished());
+    assert_eq!(engine.stopped(), Some(&stop));
+    let RunStop::Budget {
+        round,
+        spent: at_stop,
+        next,
+        target,
+    } = stop.clone()
+    else {
+        panic!("{stop:?}");
+    };
+    assert!(round < 3, "the planned 3 rounds fit only without dropouts");
+    assert_eq!(round as usize, spent.len() + 1);
+    assert_eq!(Some(&at_stop), spent.last());
+    assert!(at_stop <= target && next > target, "{stop}");
+    let text = stop.to_string();
+    assert!(
+        text.contains("target_epsilon 2") && text.contains(&format!("round {round}")),
+        "{text}"
+    );
+    // The stop is stored with the run: a restarted engine stays stopped.
+    drop(engine);
+    let cfg = engine_cfg_of(&dir);
+    let again = Engine::open(Store::open(&dir.path().join("b.redb")).unwrap(), cfg).unwrap();
+    assert_eq!(again.stopped(), Some(&stop));
+}
+
+fn engine_cfg_of(dir: &tempfile::TempDir) -> RunConfig {
+    let store = Store::open(&dir.path().join("b.redb")).unwrap();
+    store.meta_json::<RunConfig>("run_config").unwrap().unwrap()
 }
