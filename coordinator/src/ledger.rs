@@ -176,17 +176,30 @@ impl Ledger {
         self.epsilon
     }
 
-    /// ε spent so far and ε after one more training round at the planned
-    /// noise multiplier and the accounted sampling rate: the budget check
-    /// made before a round starts.
-    pub fn epsilon_if_one_more_round(&self) -> Result<(f64, f64), DpError> {
+    /// ε spent so far and the most ε can be after one more training round
+    /// of `selected` merchants that commits with at least `quorum` of them:
+    /// the budget check made before a round starts. In distributed mode each
+    /// dropout removes its share of the noise, so the worst case is a round
+    /// that commits with only `quorum` survivors (`z·√(quorum / selected)`).
+    pub fn epsilon_if_one_more_round(
+        &self,
+        selected: usize,
+        quorum: usize,
+    ) -> Result<(f64, f64), DpError> {
         let delta = self.settings.delta;
         let spent = match self.accountant.steps() {
             0 => 0.0,
             _ => self.accountant.epsilon(delta)?.epsilon,
         };
+        let z = match self.settings.mode {
+            DpMode::Central => self.z,
+            DpMode::Distributed => {
+                let m = selected.max(1);
+                self.z * (quorum.clamp(1, m) as f64 / m as f64).sqrt()
+            }
+        };
         let mut next = self.accountant.clone();
-        next.step(ACCOUNTED_SAMPLING_RATE, self.z)?;
+        next.step(ACCOUNTED_SAMPLING_RATE, z)?;
         Ok((spent, next.epsilon(delta)?.epsilon))
     }
 

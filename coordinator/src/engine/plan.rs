@@ -39,9 +39,6 @@ impl Engine {
             return Err(EngineError::TaskOpen(open.plan.task_id.clone()));
         }
         let (round, kind) = self.next_kind().ok_or(EngineError::Finished)?;
-        if kind == TaskKind::Train {
-            self.check_budget(round)?;
-        }
         let sel = &self.run.selection;
         let needed = sel.min_agents.max(sel.min_available);
         if available.len() < needed {
@@ -54,6 +51,9 @@ impl Engine {
         let attempt = self.attempts.get(&(round, kind_name)).copied().unwrap_or(0) + 1;
         let task_id = format!("r{round}a{attempt}-{kind_name}");
         let (selected, _population) = select(available, sel, self.run.seed, &task_id);
+        if kind == TaskKind::Train {
+            self.check_budget(round, selected.len())?;
+        }
 
         let spec = TaskSpec {
             kind,
@@ -114,15 +114,16 @@ impl Engine {
 
 impl Engine {
     /// Stops the run, before anything is sent, when composing training
-    /// round `round` would take ε above `run.dp.target_epsilon`.
-    fn check_budget(&mut self, round: u64) -> Result<(), EngineError> {
+    /// round `round` of `selected` merchants could take ε above
+    /// `run.dp.target_epsilon`.
+    fn check_budget(&mut self, round: u64, selected: usize) -> Result<(), EngineError> {
         let Some(l) = &self.ledger else {
             return Ok(());
         };
         let Some(target) = l.settings().target_epsilon else {
             return Ok(());
         };
-        let (spent, next) = l.epsilon_if_one_more_round()?;
+        let (spent, next) = l.epsilon_if_one_more_round(selected, self.run.quorum)?;
         if next <= target * (1.0 + 1e-9) {
             return Ok(());
         }

@@ -395,8 +395,9 @@ fn target_epsilon_is_met_by_the_solved_noise_over_the_planned_rounds() {
 
 /// The budget is enforced: in distributed mode dropouts lower the noise a
 /// round is accounted at (z·√(survivors / selected)), so ε grows faster than
-/// planned; the run stops before the round that would exceed
-/// `target_epsilon`, saying so, and the ε spent never exceeds the target.
+/// planned; the run stops before the round that could exceed
+/// `target_epsilon` (rounds that commit with the quorum of 3 of 4), saying
+/// so, and the ε spent never exceeds the target.
 #[test]
 fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     use fedcart_common::federation::aggregate::SumAccumulator;
@@ -407,6 +408,7 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     settings.target_epsilon = Some(2.0);
     settings.mode = DpMode::Distributed;
     let mut cfg = run(settings, 4);
+    cfg.quorum = 3;
     cfg.secagg = Some(SecAggSettings {
         neighbours: None,
         clip: 1.0,
@@ -421,8 +423,8 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
             Err(EngineError::Stopped(stop)) => break stop,
             Err(e) => panic!("{e}"),
         };
-        // Half of the four selected survive the secure round.
-        let survivors = &plan.selected[..2];
+        // Three of the four selected survive the secure round.
+        let survivors = &plan.selected[..3];
         let sum = SumAccumulator::new(plan.spec.update_len(), 0);
         engine.set_secure_sum(survivors, sum).unwrap();
         let rec = engine.finish_task().unwrap();
@@ -440,8 +442,10 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     else {
         panic!("{stop:?}");
     };
-    assert!(round < 3, "the planned 3 rounds fit only without dropouts");
-    assert_eq!(round as usize, spent.len() + 1);
+    // Three rounds at z·√(3/4) cost what four at z do: the third does not fit.
+    assert_eq!(round, 3, "{stop} {spent:?}");
+    assert_eq!(spent.len(), 2);
+    assert!(spent.iter().all(|&e| e <= target), "{spent:?}");
     assert_eq!(Some(&at_stop), spent.last());
     assert!(at_stop <= target && next > target, "{stop}");
     let text = stop.to_string();
@@ -453,7 +457,12 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     drop(engine);
     let cfg = engine_cfg_of(&dir);
     let again = Engine::open(Store::open(&dir.path().join("b.redb")).unwrap(), cfg).unwrap();
-    assert_eq!(again.stopped(), Some(&stop));
+    assert!(
+        matches!(again.stopped(), Some(RunStop::Budget { round: 3, .. })),
+        "{:?}",
+        again.stopped()
+    );
+    assert!(again.finished());
 }
 
 fn engine_cfg_of(dir: &tempfile::TempDir) -> RunConfig {
