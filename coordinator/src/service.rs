@@ -517,9 +517,8 @@ pub async fn run_tasks(
 ) -> Result<(), EngineError> {
     let mut changed = shared.changed.subscribe();
     loop {
-        if *shutdown.borrow() {
-            return Ok(());
-        }
+        // A finished (or stopped) run reports how it ended even when the
+        // shutdown signal came right after.
         if shared.engine().finished() {
             shared.bump();
             let stopped = shared.engine().stopped().cloned();
@@ -538,6 +537,9 @@ pub async fn run_tasks(
                     Ok(())
                 }
             };
+        }
+        if *shutdown.borrow() {
+            return Ok(());
         }
         let available = shared.connected();
         let started = shared.engine().start_task(&available);
