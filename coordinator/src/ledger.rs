@@ -6,7 +6,8 @@
 //! weight-1 updates into the noised step, moves the adaptive clip, composes
 //! the round into the RDP [`Accountant`] and writes a [`PrivacyRecord`] into
 //! the round record. Replaying those records rebuilds the ledger exactly, so
-//! a restarted coordinator continues the same ε history.
+//! a restarted coordinator continues the same ε history (the noise itself is
+//! fresh: see *Noise*).
 //!
 //! # The estimator and its sensitivity
 //!
@@ -20,11 +21,41 @@
 //! denominator reveals nothing. A round with dropouts is damped by
 //! reported / selected rather than re-weighted.
 //!
-//! Sampling: the engine selects a fixed-size cohort uniformly from the
-//! connected agents; the accountant treats it as Poisson sampling at rate
-//! `q = selected / connected`, the usual approximation of DP-FedAvg
-//! deployments. The one-off feature-statistics step of churn models and the
-//! reported training/evaluation metrics are outside the guarantee.
+//! # Noise
+//!
+//! Central noise (the Gaussian on the sum and the noise on the clip-bit count
+//! of adaptive clipping) comes from a ChaCha20 stream seeded from the OS
+//! CSPRNG for every release ([`NoiseSource::Os`]). It must not derive from
+//! the run seed: every agent receives the seed in each task spec and could
+//! regenerate and subtract the noise. Only the simulator uses
+//! [`NoiseSource::SeededNotPrivate`], and labels its reports so.
+//!
+//! # Accounting
+//!
+//! Every round is composed at sampling rate `q = 1`
+//! ([`ACCOUNTED_SAMPLING_RATE`]): the cohort is drawn from the public run
+//! seed and published in the round records, so subsampling amplifies
+//! nothing. A released sum is accounted whether or not its round commits (a
+//! revealed secure sum that cannot be committed is accounted, and the run
+//! stops). With `target_epsilon` the engine stops the run before a round that
+//! could take ε above the target, assuming in distributed mode that it
+//! commits with only `run.quorum` survivors.
+//!
+//! Approximations that remain, with their direction:
+//! - Distributed mode analyses the sum of the agents' Skellam shares as a
+//!   Gaussian of the same variance. Skellam's RDP exceeds the Gaussian's by a
+//!   term that vanishes as the variance grows (Agarwal et al. 2021): ε is
+//!   slightly **under**-stated, negligibly at the scales `distributed_noise`
+//!   picks.
+//! - Fixed-size versus Poisson sampling does not arise at `q = 1`. If a
+//!   secret selection ever restores `q < 1`, accounting a fixed-size cohort
+//!   as Poisson sampling under-states ε slightly (and the fixed denominator
+//!   assumes add/remove adjacency).
+//! - Dropouts in distributed mode are accounted exactly (`z·√(k/m)`), after
+//!   the fact; the pre-round budget check uses the worst case.
+//!
+//! The one-off feature-statistics step of churn models and the reported
+//! training/evaluation metrics are outside the guarantee.
 
 use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::privacy::dp::distributed::max_scale;
