@@ -87,8 +87,9 @@ pub struct DpSettings {
     /// Noise std divided by the clip norm; give this or `target_epsilon`.
     #[serde(default)]
     pub noise_multiplier: Option<f64>,
-    /// Solve the noise multiplier up front so that ε after `rounds` rounds at
-    /// the planned sampling rate is at most this.
+    /// Solve the noise multiplier up front so that ε after `rounds` rounds
+    /// (accounted at sampling rate 1) is at most this; the run stops before
+    /// a round that could exceed it.
     #[serde(default)]
     pub target_epsilon: Option<f64>,
     /// δ of the (ε, δ) guarantee; keep it below 1 / population.
@@ -96,9 +97,10 @@ pub struct DpSettings {
     /// Who adds the noise.
     #[serde(default)]
     pub mode: DpMode,
-    /// Number of merchants in the federation, for the planned sampling rate
-    /// of `target_epsilon` (without it the plan uses `selection.fraction`).
-    /// Each round's ε uses the actual rate, selected / connected.
+    /// Number of merchants in the federation, for the planned cohort (the
+    /// default adaptive-clip count noise). ε is accounted at sampling rate 1
+    /// whatever the cohort (the selection is public: see
+    /// `ledger::ACCOUNTED_SAMPLING_RATE`), and so is `target_epsilon`.
     #[serde(default)]
     pub population: Option<usize>,
     /// Adaptive clipping: the first clip norm.

@@ -145,7 +145,7 @@ impl Engine {
 /// distinct agents (rounded up, clamped to `[min_agents, max_agents]` and to
 /// what is there), shuffled by the run seed and the task id so that a run
 /// replays exactly. Returns the selected agents, sorted, and the number of
-/// distinct agents available (the population the privacy ledger samples).
+/// distinct agents available (the population the cohort was drawn from).
 pub(super) fn select(
     available: &[String],
     sel: &Selection,
