@@ -71,6 +71,21 @@ pub struct RunConfig {
     /// agents, noise on the sum, ε after every round (see `config::dp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpSettings>,
+    /// Attempts of one round (statistics, training or evaluation) before the
+    /// run gives up on it and stops with the dominant cause, instead of
+    /// retrying a round that can never commit for ever. The service backs
+    /// off between attempts. Default [`DEFAULT_MAX_ATTEMPTS`].
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+/// Attempts of one round before the run stops: enough to ride out a few
+/// rounds lost to dropouts, few enough that a round that can never commit
+/// ends the run within minutes.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
 }
 
 /// Secure-aggregation settings of a run (see `fedcart_common::privacy::secagg`).
@@ -226,6 +241,9 @@ impl RunConfig {
         }
         if self.round_timeout_ms == 0 {
             return bad("run.round_timeout_ms", "must be positive".into());
+        }
+        if self.max_attempts == 0 {
+            return bad("run.max_attempts", "must be ≥ 1".into());
         }
         if !(self.sgd.learning_rate.is_finite() && self.sgd.learning_rate > 0.0) {
             return bad(

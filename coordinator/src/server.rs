@@ -273,6 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.redb");
         let run = RunConfig {
+            max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
             run_id: "fatal".into(),
             seed: 1,
             rounds: 1,

@@ -27,7 +27,7 @@ use futures::Stream;
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Engine, EngineError, Submission, SubmitError};
+use crate::engine::{Engine, EngineError, RunStop, Submission, SubmitError};
 
 /// Bytes per model download chunk: well under gRPC's 4 MiB default limit.
 pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
@@ -55,13 +55,15 @@ pub struct Progress {
     pub agents: usize,
     /// The open task id, if any.
     pub open_task: Option<String>,
-    /// True once the run has finished.
+    /// True once the run has finished (all rounds, or stopped early).
     pub finished: bool,
     /// Uploads in flight (header accepted, payload not yet folded in).
     pub uploads: usize,
     /// Why the task loop failed, if it did: the coordinator no longer runs
     /// rounds, reports itself not ready and `serve` exits non-zero.
     pub failed: Option<String>,
+    /// Why the run stopped before its last round, if it did.
+    pub stopped: Option<String>,
 }
 
 struct AgentEntry {
@@ -113,6 +115,7 @@ impl Shared {
         let progress = Progress {
             version: engine.version(),
             finished: engine.finished(),
+            stopped: engine.stopped().map(|s| s.to_string()),
             ..Default::default()
         };
         Arc::new(Self {
@@ -156,12 +159,14 @@ impl Shared {
         let engine = self.engine();
         let open_task = engine.open_task().map(|p| p.task_id.clone());
         let (version, finished) = (engine.version(), engine.finished());
+        let stopped = engine.stopped().map(|s| s.to_string());
         drop(engine);
         self.progress.send_modify(|p| {
             p.agents = agents;
             p.open_task = open_task;
             p.version = version;
             p.finished = finished;
+            p.stopped = stopped;
         });
     }
 
@@ -254,6 +259,11 @@ impl Shared {
     /// Every history record in the store, oldest first.
     pub fn history(&self) -> Result<Vec<crate::record::RoundRecord>, crate::store::StoreError> {
         self.engine().store().history()
+    }
+
+    /// Why the run stopped before its last round, if it did.
+    pub fn stopped(&self) -> Option<RunStop> {
+        self.engine().stopped().cloned()
     }
 
     /// The feature statistics agreed in the statistics step, if any.
@@ -575,10 +585,11 @@ impl Coordinator for Service {
             last_round_json: last
                 .map(|r| serde_json::to_string(&r).expect("serialisable"))
                 .unwrap_or_default(),
-            phase: match (engine.finished(), engine.open_task()) {
-                (true, _) => "finished".into(),
-                (false, Some(p)) => p.task_id.clone(),
-                (false, None) => "waiting for agents".into(),
+            phase: match (engine.stopped(), engine.finished(), engine.open_task()) {
+                (Some(stop), _, _) => format!("stopped: {stop}"),
+                (None, true, _) => "finished".into(),
+                (None, false, Some(p)) => p.task_id.clone(),
+                (None, false, None) => "waiting for agents".into(),
             },
         }))
     }
@@ -670,18 +681,36 @@ pub async fn run_tasks(
 ) -> Result<(), EngineError> {
     let mut changed = shared.changed.subscribe();
     loop {
-        if *shutdown.borrow() {
-            return Ok(());
-        }
+        // A finished (or stopped) run reports how it ended even when the
+        // shutdown signal came right after.
         if shared.engine().finished() {
             shared.bump();
-            tracing::info!("run finished");
+            let stopped = shared.engine().stopped().cloned();
+            return match stopped {
+                // An exhausted privacy budget is a planned end, not a fault.
+                Some(stop @ RunStop::Budget { .. }) => {
+                    tracing::warn!("run stopped: {stop}");
+                    Ok(())
+                }
+                Some(stop) => {
+                    tracing::error!("run stopped: {stop}");
+                    Err(EngineError::Stopped(stop))
+                }
+                None => {
+                    tracing::info!("run finished");
+                    Ok(())
+                }
+            };
+        }
+        if *shutdown.borrow() {
             return Ok(());
         }
         let available = shared.connected();
         let started = shared.engine().start_task(&available);
         let plan = match started {
             Ok(plan) => plan,
+            // The budget check stopped the run: the loop's top ends it.
+            Err(EngineError::Stopped(_)) => continue,
             Err(EngineError::NotEnoughAgents { .. }) => {
                 tokio::select! {
                     _ = changed.changed() => continue,
@@ -754,5 +783,26 @@ pub async fn run_tasks(
             metrics = ?record.metrics, "task closed");
         shared.progress.send_modify(|p| p.records += 1);
         shared.bump();
+        if record.outcome == crate::record::Outcome::Aborted && !shared.engine().finished() {
+            // Back off before the next attempt, so that a round that keeps
+            // failing fast does not spin (run.max_attempts ends it).
+            tokio::select! {
+                _ = tokio::time::sleep(retry_backoff(record.attempt)) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
     }
+}
+
+/// First wait after an aborted attempt; it doubles with every attempt.
+const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// Longest wait between two attempts of a round.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait after attempt `attempt` (from 1) of a round aborted.
+fn retry_backoff(attempt: u32) -> Duration {
+    RETRY_BACKOFF_INITIAL
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(RETRY_BACKOFF_MAX)
 }

@@ -441,6 +441,7 @@ mod tests {
         let err = rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let run = crate::config::RunConfig {
+                max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
                 run_id: "corrupt".into(),
                 seed: 1,
                 rounds: 1,

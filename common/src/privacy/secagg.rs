@@ -88,6 +88,13 @@
 //! server checks this before asking for any share, and on abort the masked
 //! sum is dropped unread: no partial sum is ever output.
 //!
+//! The threshold protects a single round only. A driver that unmasks a sum
+//! and then refuses it (e.g. for want of its own quorum) and retries over the
+//! same inputs with other survivors lets the difference of the two sums
+//! reveal individual inputs; the coordinator's drivers therefore never
+//! unmask with fewer than max(t, quorum) inputs, and stop the run rather
+//! than retry a sum that was revealed but not committed.
+//!
 //! # Structural invariant
 //!
 //! The server role never holds an individual update in the clear: it sees

@@ -316,6 +316,21 @@ impl Engine {
         }
     }
 
+    /// Counts a selected agent whose local task failed (its training
+    /// diverged, it had no data) as dropped for the open task, recording
+    /// `reason` with the rejections so that a round that keeps aborting can
+    /// name its cause (see [`RunStop::GaveUp`](super::RunStop::GaveUp)).
+    pub fn fail_agent(&mut self, agent: &str, reason: String) {
+        if let Some(open) = &mut self.open
+            && open.selected.contains(agent)
+            && !open.reported.contains(agent)
+            && open.dropped.insert(agent.to_string())
+        {
+            tracing::info!(agent, task = %open.plan.task_id, %reason, "local task failed");
+            open.rejected.push((agent.to_string(), reason));
+        }
+    }
+
     /// Counts a selected agent that disconnected as dropped for the open task.
     pub fn drop_agent(&mut self, agent: &str) {
         if let Some(open) = &mut self.open
@@ -350,6 +365,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_scratch(&dir.path().join("e.redb")).unwrap();
         let run = RunConfig {
+            max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
             run_id: "bounded".into(),
             seed: 3,
             rounds: 1,
