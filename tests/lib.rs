@@ -82,6 +82,7 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             max_ms: 500,
         },
         tls: None,
+        privacy: Default::default(),
     }
 }
 
@@ -118,6 +119,7 @@ pub fn churn_run(run_id: &str, rounds: u64, merchants: usize, quorum: usize) -> 
         strategy: Default::default(),
         secagg: None,
         dp: None,
+        max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
     }
 }
 

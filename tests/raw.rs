@@ -9,6 +9,7 @@ use fedcart_common::task::TaskSpec;
 use fedcart_common::train::{LocalData, TaskOutput, run_task};
 use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
@@ -122,6 +123,29 @@ impl RawAgent {
             if masked {
                 return;
             }
+        }
+    }
+
+    /// Takes part honestly in the next secure task, answering every
+    /// secure-aggregation request, until `stop` turns true; returns the
+    /// stages it was asked for, in order (what the coordinator sent it).
+    pub async fn secure_logging_stages(mut self, mut stop: watch::Receiver<bool>) -> Vec<String> {
+        let task = self.next_task().await;
+        let out = self.compute(&task).await;
+        let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
+        let mut secure = SecureTasks::default();
+        secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
+        let mut stages = Vec::new();
+        loop {
+            let req = tokio::select! {
+                req = self.next_secagg() => req,
+                _ = stop.wait_for(|s| *s) => return stages,
+            };
+            stages.push(req.stage.clone());
+            let reply = secure.respond(&self.session_id, &req).expect("honest step");
+            send(&mut self.client, reply)
+                .await
+                .expect("answer accepted");
         }
     }
 

@@ -208,6 +208,12 @@ impl Agent {
         }
     }
 
+    /// Checks every task against `policy` (see [`crate::policy`]).
+    pub fn with_policy(mut self, policy: crate::policy::PrivacyPolicy) -> Self {
+        self.secure = crate::secure::SecureTasks::with_policy(policy);
+        self
+    }
+
     /// Runs sessions until `shutdown` becomes true, reconnecting with
     /// exponential backoff after every failure. Today every failure is
     /// logged and retried, so this returns `Ok`; the `Result` leaves room to
@@ -336,6 +342,22 @@ impl Agent {
                 task_id: task.task_id.clone(),
                 source,
             })?;
+        if let Err(v) = self
+            .secure
+            .policy()
+            .check_task(&spec, task.secure_aggregation)
+        {
+            // Nothing is downloaded, trained or sent: the coordinator counts
+            // this agent as missing from the task.
+            tracing::warn!(
+                task = %task.task_id,
+                setting = %format_args!("privacy.{}", v.setting),
+                task_value = %v.task,
+                policy_value = %v.policy,
+                "{v}"
+            );
+            return Ok(());
+        }
         let global = if task.model_len > 0 {
             download(client, session_id, &task).await?
         } else {
@@ -354,6 +376,12 @@ impl Agent {
         let family = spec.model.data_family();
         let seed = spec.seed;
         let noise = spec.dp.as_ref().and_then(|d| d.distributed);
+        // Under differential privacy the example count is private (see
+        // `fedcart_common::privacy::dp::clip`): the clear-text header of a
+        // training or evaluation result carries weight 1, not the row count.
+        // The statistics step still needs its row counts (they are its sum's
+        // denominator) and sends them under its own protection.
+        let hide_count = spec.dp.is_some() && spec.kind != fedcart_common::task::TaskKind::Stats;
         let data = std::mem::take(&mut self.data);
         let (data, out) = tokio::task::spawn_blocking(move || {
             let mut data = data;
@@ -363,6 +391,12 @@ impl Agent {
         .await
         .map_err(AgentError::TaskPanicked)?;
         self.data = data;
+        let out = out.map(|mut out| {
+            if hide_count {
+                out.weight = 1.0;
+            }
+            out
+        });
         if let (Some(state), Ok(out)) = (&self.state, &out) {
             if let Some(mf) = &self.data.mf {
                 state.save_users(&mf.state)?;

@@ -105,6 +105,10 @@ pub struct AgentConfig {
     /// an `--insecure` coordinator accepts.
     #[serde(default)]
     pub tls: Option<crate::tls::AgentTls>,
+    /// The protections this merchant requires of every task (`[privacy]`);
+    /// see [`crate::policy::PrivacyPolicy`] for the keys and defaults.
+    #[serde(default)]
+    pub privacy: crate::policy::PrivacyPolicy,
 }
 
 impl AgentConfig {

@@ -7,6 +7,8 @@
 //! - [`config`]: `merchant.toml` and environment overrides.
 //! - [`data`]: loading the merchant's files into `LocalData`.
 //! - [`tls`]: the merchant's mutual-TLS identity.
+//! - [`policy`]: the merchant's privacy policy (`[privacy]`), checked on
+//!   every task before anything leaves the agent.
 //! - [`state`]: durable local state (global models, private user factors,
 //!   metrics); [`recommend`]: offline top-K and churn scores from it.
 //!
@@ -20,6 +22,7 @@
 pub mod agent;
 pub mod config;
 pub mod data;
+pub mod policy;
 pub mod prepare;
 pub mod recommend;
 pub mod secure;

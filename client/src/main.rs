@@ -93,7 +93,8 @@ async fn main() -> anyhow::Result<()> {
             let cfg = AgentConfig::load(&config)?;
             let local =
                 data::load(&cfg).with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
-            let mut agent = Agent::new(cfg.coordinator.clone(), local);
+            let mut agent =
+                Agent::new(cfg.coordinator.clone(), local).with_policy(cfg.privacy.clone());
             if cfg.state_dir.is_some() {
                 agent = agent
                     .with_state(state_of(&cfg)?)

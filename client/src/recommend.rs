@@ -9,7 +9,6 @@ use fedcart_common::data::catalogue::Catalogue;
 use fedcart_common::data::tabular::{self, Schema};
 use fedcart_common::model::lr::LogisticRegression;
 use fedcart_common::model::mf::{MfData, item_offsets};
-use fedcart_common::task::ModelSpec;
 
 use crate::state::{StateDir, StateError};
 
@@ -102,14 +101,9 @@ pub fn recommend(
     let Some((meta, global)) = state.load_global("mf")? else {
         return Err(RecommendError::NoRecommender);
     };
-    let (num_items, factors) = match meta.spec.model {
-        ModelSpec::Mf {
-            num_items, factors, ..
-        }
-        | ModelSpec::MfImplicit {
-            num_items, factors, ..
-        } => (num_items, factors),
-        _ => return Err(RecommendError::UnexpectedSpec),
+    let (num_items, factors) = match meta.spec.model.mf_shape() {
+        Some(shape) => (shape.num_items, shape.k),
+        None => return Err(RecommendError::UnexpectedSpec),
     };
     if num_items != catalogue.len() {
         return Err(RecommendError::CatalogueMismatch {

@@ -60,6 +60,17 @@ pub enum SecureError {
     /// session ends and the agent reconnects.
     #[error("secure-aggregation answer not delivered")]
     NotDelivered(#[source] tonic::Status),
+    /// The round is below the merchant's privacy policy; nothing was sent.
+    #[error("round {round} task `{task_id}`")]
+    Policy {
+        /// Round named by the request.
+        round: u64,
+        /// Task named by the request.
+        task_id: String,
+        /// Which setting the round falls short of.
+        #[source]
+        source: crate::policy::PolicyViolation,
+    },
     /// The protocol step panicked on its blocking thread.
     #[error("secure-aggregation step panicked")]
     Panicked(#[source] tokio::task::JoinError),
@@ -97,9 +108,21 @@ struct Held {
 #[derive(Default)]
 pub struct SecureTasks {
     held: Option<Held>,
+    /// The merchant's policy, checked on the invitation and the roster.
+    policy: crate::policy::PrivacyPolicy,
 }
 
 impl SecureTasks {
+    /// No held task, checking rounds against `policy`.
+    pub fn with_policy(policy: crate::policy::PrivacyPolicy) -> Self {
+        Self { held: None, policy }
+    }
+
+    /// The merchant's privacy policy.
+    pub fn policy(&self) -> &crate::policy::PrivacyPolicy {
+        &self.policy
+    }
+
     /// Keeps the output of a secure task until the coordinator asks for its
     /// masked input. A newer task replaces an older one: the coordinator runs
     /// one task at a time.
@@ -144,6 +167,12 @@ impl SecureTasks {
     }
 
     fn step(&mut self, session_id: &str, req: &pb::SecAggRequest) -> Result<Reply, SecureError> {
+        let policy = &self.policy;
+        let refuse = |source| SecureError::Policy {
+            round: req.round,
+            task_id: req.task_id.clone(),
+            source,
+        };
         let held = match &mut self.held {
             Some(h)
                 if h.run_id == req.run_id && h.round == req.round && h.task_id == req.task_id =>
@@ -174,6 +203,7 @@ impl SecureTasks {
         };
         if stage == stage_name::ADVERTISE {
             let invite = RoundInvite::from_json(&req.body).map_err(protocol)?;
+            policy.check_round(&invite.config).map_err(refuse)?;
             let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
             let mut session =
                 ClientSession::new(invite.config, invite.id, invite.round_seed, &mut os);
@@ -188,6 +218,9 @@ impl SecureTasks {
         match stage {
             stage_name::SHARE_KEYS => {
                 let roster = KeyRoster::from_bytes(&req.body).map_err(protocol)?;
+                policy
+                    .check_degree(session.config(), roster.keys.len())
+                    .map_err(refuse)?;
                 let upload = session.share_keys(&roster).map_err(protocol)?;
                 Ok(message(upload.to_bytes()))
             }
@@ -287,6 +320,21 @@ impl SecureTasks {
                     }
                     tracing::warn!(%status, "secure-aggregation answer refused");
                 }
+            }
+            Err((
+                stage,
+                SecureError::Policy {
+                    task_id, source, ..
+                },
+            )) => {
+                tracing::warn!(
+                    stage,
+                    task = %task_id,
+                    setting = %format_args!("privacy.{}", source.setting),
+                    task_value = %source.task,
+                    policy_value = %source.policy,
+                    "secure round refused by the privacy policy: {source}"
+                );
             }
             Err((stage, e)) => {
                 tracing::warn!(stage, error = %e, "secure-aggregation request not answered");

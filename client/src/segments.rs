@@ -61,9 +61,9 @@ pub fn segments(
     schema: &Schema,
     out: &Path,
 ) -> Result<usize, SegmentsError> {
-    // k-means trains on the churn features, so its global model is kept under
-    // the `churn` data family.
-    let Some((meta, params)) = state.load_global("churn")? else {
+    // k-means trains on the churn features but keeps its centres under its
+    // own state key, beside the churn model (`ModelSpec::state_key`).
+    let Some((meta, params)) = state.load_global("segments")? else {
         return Err(SegmentsError::NoModel);
     };
     let ModelSpec::KMeans { k, .. } = meta.spec.model else {

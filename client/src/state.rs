@@ -159,9 +159,10 @@ impl StateDir {
         }
     }
 
-    /// Stores the global model of `spec`'s family.
+    /// Stores the global model of `spec` under its state key (its data family,
+    /// or `segments` for k-means, so an analysis never replaces a model).
     pub fn save_global(&self, meta: &GlobalMeta, params: &[f32]) -> Result<(), StateError> {
-        let family = meta.spec.model.data_family();
+        let family = meta.spec.model.state_key();
         write_atomic(
             &self.dir.join(format!("global-{family}.f32")),
             &fedcart_common::federation::update::f32s_to_le(params),
@@ -170,7 +171,7 @@ impl StateDir {
         write_atomic(&path, &to_json(&path, meta, true)?)
     }
 
-    /// The latest stored global model of `family` (`mf`, `churn`, …).
+    /// The latest stored global model under `family` (`mf`, `churn`, `segments`, …).
     pub fn load_global(&self, family: &str) -> Result<Option<(GlobalMeta, Vec<f32>)>, StateError> {
         let Some(meta) = self.read_json::<GlobalMeta>(&format!("global-{family}.json"))? else {
             return Ok(None);
@@ -218,6 +219,40 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segments_centres_are_kept_beside_the_churn_model_not_over_it() {
+        use fedcart_common::model::sgd::SgdParams;
+        use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let spec = |model: ModelSpec| TaskSpec {
+            kind: TaskKind::Train,
+            model,
+            sgd: SgdParams::default(),
+            seed: 1,
+            round: 1,
+            standardizer: None,
+            dp: None,
+        };
+        let meta = |model| GlobalMeta {
+            run_id: "r".into(),
+            version: 1,
+            spec: spec(model),
+        };
+        let churn = meta(ModelSpec::ChurnLr { num_features: 2 });
+        let segments = meta(ModelSpec::KMeans {
+            k: 2,
+            num_features: 2,
+            init: Vec::new(),
+        });
+        state.save_global(&churn, &[1.0, 2.0, 3.0]).unwrap();
+        state.save_global(&segments, &[4.0; 6]).unwrap();
+        let (m, p) = state.load_global("churn").unwrap().unwrap();
+        assert_eq!((m.spec.model, p), (churn.spec.model, vec![1.0, 2.0, 3.0]));
+        let (m, p) = state.load_global("segments").unwrap().unwrap();
+        assert_eq!((m.spec.model, p), (segments.spec.model, vec![4.0; 6]));
+    }
 
     #[test]
     fn metrics_round_trip_and_a_missing_file_is_none() {

@@ -13,9 +13,30 @@ use tonic::transport::Channel;
 /// leaves room for framing while keeping the number of messages small.
 pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
 
+/// Largest model the agent accepts, in bytes (256 M parameters). The task
+/// announces the model's length; an absurd announcement is refused before
+/// anything is allocated for it.
+pub const MAX_MODEL_BYTES: u64 = 1 << 30;
+
+/// Most bytes reserved for a download before its data arrives: the buffer
+/// grows with the chunks actually received, never from the announcement alone.
+const DOWNLOAD_PREALLOC: usize = 16 << 20;
+
 /// Why a model download or an upload failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
+    /// The task announced a model larger than [`MAX_MODEL_BYTES`].
+    #[error(
+        "task `{task_id}` announces a model of {model_len} parameters, more than the {max} bytes an agent accepts"
+    )]
+    ModelTooLarge {
+        /// The task whose model was announced.
+        task_id: String,
+        /// The announced number of f32 values.
+        model_len: u64,
+        /// [`MAX_MODEL_BYTES`].
+        max: u64,
+    },
     /// The coordinator refused to start the download.
     #[error("download model for task `{task_id}`")]
     Download {
@@ -76,6 +97,15 @@ pub async fn download(
     session_id: &str,
     task: &pb::TaskAssignment,
 ) -> Result<Vec<f32>, TransferError> {
+    let expected = task
+        .model_len
+        .checked_mul(4)
+        .filter(|b| *b <= MAX_MODEL_BYTES)
+        .ok_or_else(|| TransferError::ModelTooLarge {
+            task_id: task.task_id.clone(),
+            model_len: task.model_len,
+            max: MAX_MODEL_BYTES,
+        })? as usize;
     let req = pb::ModelRequest {
         session_id: session_id.into(),
         run_id: task.run_id.clone(),
@@ -91,8 +121,7 @@ pub async fn download(
             status,
         })?
         .into_inner();
-    let expected = task.model_len as usize * 4;
-    let mut bytes = Vec::with_capacity(expected);
+    let mut bytes = Vec::with_capacity(expected.min(DOWNLOAD_PREALLOC));
     while let Some(chunk) = stream
         .message()
         .await
@@ -176,4 +205,29 @@ pub async fn submit_chunked(
         .submit_update(futures::stream::iter(chunks))
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_absurd_model_length_is_refused_before_any_allocation() {
+        // Never connected: the length is refused before the request is sent.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let mut client = CoordinatorClient::new(channel);
+        for model_len in [u64::MAX / 2, u64::MAX, MAX_MODEL_BYTES / 4 + 1] {
+            let task = pb::TaskAssignment {
+                task_id: "r1a1-train".into(),
+                model_len,
+                ..Default::default()
+            };
+            let err = download(&mut client, "s", &task).await.unwrap_err();
+            assert!(
+                matches!(err, TransferError::ModelTooLarge { .. }),
+                "{model_len}: {err}"
+            );
+            assert!(err.to_string().contains("r1a1-train"), "{err}");
+        }
+    }
 }

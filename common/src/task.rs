@@ -133,6 +133,17 @@ impl ModelSpec {
         self.model().data_family()
     }
 
+    /// The key under which an agent keeps this model's latest global version
+    /// in its local state: the data family, except for analyses that share a
+    /// family's data without replacing its model (k-means segments on the
+    /// churn features must not overwrite the churn model).
+    pub fn state_key(&self) -> &'static str {
+        match self {
+            ModelSpec::KMeans { .. } => "segments",
+            other => other.data_family(),
+        }
+    }
+
     /// Short name for logs and reports.
     pub fn name(&self) -> &'static str {
         self.model().name()

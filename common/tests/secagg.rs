@@ -675,3 +675,188 @@ fn overflowing_64_bit_configuration_is_refused_naming_the_parameter() {
         ));
     }
 }
+
+/// Completes a hand-driven round: unmask requests to every survivor, their
+/// answers, and the server's result.
+fn finish_round(
+    mut h: Harness,
+) -> Result<fedcart_common::privacy::secagg::SecAggOutput, SecAggError> {
+    let AfterMasked::Unmask(reqs) = h.server.close_masked()? else {
+        panic!("no survivor check configured")
+    };
+    for r in &reqs {
+        let resp = h.clients[r.to as usize].unmask(r)?;
+        h.server.on_unmask(resp)?;
+    }
+    h.server.finish()
+}
+
+/// Agent 0's honest masked input with `offset` added (wrapping) to
+/// coordinate `index`: what a malicious agent can send, since any residue
+/// below the modulus passes the framing checks.
+fn tampered_masked(h: &mut Harness, index: usize, offset: u64) -> RingVec {
+    let (m, _) = h.clients[0]
+        .masked_input(&h.relays[0], &h.ups[0], &mut rounding_rng(1, 0))
+        .unwrap();
+    let bits = m.modulus_bits();
+    let mut words = m.to_u64_vec();
+    words[index] = words[index].wrapping_add(offset) & (u64::MAX >> (64 - bits));
+    RingVec::from_u64(bits, &words)
+}
+
+#[test]
+fn a_malicious_agent_wrapping_its_weight_slot_gets_the_round_refused() {
+    let c = config(4, 6, 0, false);
+    // The honest round decodes.
+    let mut h = Harness::new(c.clone(), 4);
+    h.masked(&[0, 1, 2, 3]);
+    let honest = finish_round(h).unwrap();
+    assert!(honest.sum.weight <= 4.0 * c.max_weight);
+    // Agent 0 subtracts 5000 from its weight code: the ring wraps it to
+    // almost 2^32, far beyond 4 agents × max_weight.
+    let mut h = Harness::new(c.clone(), 4);
+    let weight_slot = c.num_values + c.num_coord_weights;
+    let bad = tampered_masked(&mut h, weight_slot, 0u64.wrapping_sub(5000));
+    h.server.on_masked_input(0, &bad).unwrap();
+    h.masked(&[1, 2, 3]);
+    let err = finish_round(h).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SecAggError::SumOutOfRange {
+                what: "weight",
+                count: 4,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("out-of-range masked input"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_malicious_agent_sending_a_value_beyond_its_clip_gets_the_round_refused() {
+    let c = config(4, 6, 0, false);
+    // 1.5 × 2^30 codes on value 0: six times the clip of the four agents
+    // together, yet a residue below the modulus like any other.
+    let mut h = Harness::new(c.clone(), 4);
+    let bad = tampered_masked(&mut h, 0, 3 << 29);
+    h.server.on_masked_input(0, &bad).unwrap();
+    h.masked(&[1, 2, 3]);
+    let err = finish_round(h).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SecAggError::SumOutOfRange {
+                what: "value",
+                index: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_share_ciphertext_of_any_other_length_is_refused_before_relaying() {
+    let c = config(4, 6, 0, false);
+    let ids = [0u32, 1, 2, 3];
+    let rs = round_seed(9);
+    let mut server = ServerSession::new(c.clone(), rs, &ids).unwrap();
+    let mut clients: Vec<ClientSession> = ids
+        .iter()
+        .map(|&i| ClientSession::new(c.clone(), i, rs, &mut ChaCha20Rng::seed_from_u64(i.into())))
+        .collect();
+    for cl in &mut clients {
+        server.on_advertise(cl.advertise().unwrap()).unwrap();
+    }
+    let roster = server.close_advertise().unwrap();
+    let honest = clients[0].share_keys(&roster).unwrap();
+    assert!(
+        honest
+            .shares
+            .iter()
+            .all(|s| s.ciphertext.len() == fedcart_common::privacy::secagg::SHARE_CIPHERTEXT_LEN)
+    );
+    // A padded bundle (that would swell agent 1's relay) and a short one.
+    for len in [
+        4 << 20,
+        fedcart_common::privacy::secagg::SHARE_CIPHERTEXT_LEN - 1,
+    ] {
+        let mut bad = honest.clone();
+        bad.shares[0].ciphertext.resize(len, 7);
+        let err = server.on_shares(bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SecAggError::Malformed {
+                    what: "ShareUpload",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("exactly"), "{err}");
+    }
+    // Nothing of the refused uploads is kept: the honest one is still accepted.
+    server.on_shares(honest).unwrap();
+}
+
+#[test]
+fn a_sparse_graph_below_the_minimum_degree_is_refused_by_server_and_agents() {
+    use fedcart_common::privacy::secagg::MIN_NEIGHBOURS;
+    let mut c = SecAggConfig::complete(4, 0, 20, 1.0);
+    for k in 1..MIN_NEIGHBOURS {
+        c.neighbours = k;
+        c.threshold = 2;
+        let err = c.validate(20).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SecAggError::Config {
+                    parameter: "neighbours",
+                    ..
+                }
+            ),
+            "k = {k}: {err}"
+        );
+        assert!(ServerSession::new(c.clone(), [1; 32], &(0..20).collect::<Vec<_>>()).is_err());
+    }
+    c.neighbours = MIN_NEIGHBOURS;
+    c.validate(20).unwrap();
+    // A complete graph is fine however small (two agents: degree 1).
+    SecAggConfig::complete(4, 0, 2, 1.0).validate(2).unwrap();
+    // An agent handed a degree-1 round by a server that skipped the check
+    // refuses before sharing anything.
+    let ids: Vec<u32> = (0..6).collect();
+    let honest = SecAggConfig::complete(4, 0, 6, 1.0);
+    let mut server = ServerSession::new(honest.clone(), [1; 32], &ids).unwrap();
+    let mut low = honest.clone();
+    low.neighbours = 1;
+    low.threshold = 2;
+    let mut agents: Vec<ClientSession> = ids
+        .iter()
+        .map(|&i| {
+            ClientSession::new(
+                low.clone(),
+                i,
+                [1; 32],
+                &mut ChaCha20Rng::seed_from_u64(i.into()),
+            )
+        })
+        .collect();
+    for a in &mut agents {
+        server.on_advertise(a.advertise().unwrap()).unwrap();
+    }
+    let roster = server.close_advertise().unwrap();
+    assert!(matches!(
+        agents[0].share_keys(&roster),
+        Err(SecAggError::Config {
+            parameter: "neighbours",
+            ..
+        })
+    ));
+}

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use fedcart_common::federation::strategy::StrategySpec;
 use fedcart_common::model::lr::SgdParams;
+use fedcart_common::privacy::secagg::MIN_NEIGHBOURS;
 use fedcart_common::task::ModelSpec;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -70,13 +71,30 @@ pub struct RunConfig {
     /// agents, noise on the sum, ε after every round (see `config::dp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpSettings>,
+    /// Attempts of one round (statistics, training or evaluation) before the
+    /// run gives up on it and stops with the dominant cause, instead of
+    /// retrying a round that can never commit for ever. The service backs
+    /// off between attempts. Default [`DEFAULT_MAX_ATTEMPTS`].
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+/// Attempts of one round before the run stops: enough to ride out a few
+/// rounds lost to dropouts, few enough that a round that can never commit
+/// ends the run within minutes.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
 }
 
 /// Secure-aggregation settings of a run (see `fedcart_common::privacy::secagg`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecAggSettings {
-    /// Neighbours per agent (SecAgg+); `None` is the complete graph.
+    /// Neighbours per agent (SecAgg+); `None` is the complete graph up to 64
+    /// agents and 2·⌈log2 n⌉ above. At least `MIN_NEIGHBOURS` (4): a sparse
+    /// graph of lower degree lets the coordinator learn small groups' sums.
     #[serde(default)]
     pub neighbours: Option<usize>,
     /// Every update value is clipped to [-clip, clip] before encoding; the
@@ -224,6 +242,9 @@ impl RunConfig {
         if self.round_timeout_ms == 0 {
             return bad("run.round_timeout_ms", "must be positive".into());
         }
+        if self.max_attempts == 0 {
+            return bad("run.max_attempts", "must be ≥ 1".into());
+        }
         if !(self.sgd.learning_rate.is_finite() && self.sgd.learning_rate > 0.0) {
             return bad(
                 "run.sgd.learning_rate",
@@ -242,6 +263,19 @@ impl RunConfig {
                 return bad(
                     "run.secagg.clip",
                     format!("{} must be finite and positive", sa.clip),
+                );
+            }
+            if let Some(k) = sa.neighbours
+                && k < MIN_NEIGHBOURS
+            {
+                return bad(
+                    "run.secagg.neighbours",
+                    format!(
+                        "{k} is below the minimum {MIN_NEIGHBOURS}: in a sparse graph of low \
+                         degree the coordinator could learn the sums of small groups of agents \
+                         (with 1, of every pair); use at least {MIN_NEIGHBOURS}, or leave it unset \
+                         for the complete graph up to 64 agents"
+                    ),
                 );
             }
             if sa.stage_timeout_ms == Some(0) {
@@ -322,6 +356,33 @@ mod tests {
     fn run() -> RunConfig {
         let (_dir, cfg) = load(EXAMPLE);
         cfg.expect("example loads").run
+    }
+
+    #[test]
+    fn secagg_neighbours_below_the_minimum_are_refused_naming_the_key() {
+        let mut run = run();
+        let settings = |neighbours| {
+            Some(SecAggSettings {
+                neighbours,
+                clip: 1.0,
+                verify_survivors: false,
+                stage_timeout_ms: None,
+            })
+        };
+        run.secagg = settings(Some(1));
+        match run.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "run.secagg.neighbours");
+                assert!(message.contains("pair"), "{message}");
+            }
+            other => panic!("expected run.secagg.neighbours to be refused, got {other:?}"),
+        }
+        run.secagg = settings(Some(MIN_NEIGHBOURS - 1));
+        assert!(run.validate().is_err());
+        run.secagg = settings(Some(MIN_NEIGHBOURS));
+        assert!(run.validate().is_ok());
+        run.secagg = settings(None);
+        assert!(run.validate().is_ok());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use fedcart_common::task::TaskKind;
 use thiserror::Error;
 
 use crate::config::RunConfig;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, NoiseSource};
 use crate::record::kind_name;
 use crate::store::{Store, StoreError};
 
@@ -69,6 +69,9 @@ pub enum EngineError {
     /// A differential-privacy computation failed.
     #[error("differential privacy: {0}")]
     Privacy(#[from] fedcart_common::privacy::dp::DpError),
+    /// The run stopped before its last round (see [`RunStop`]).
+    #[error("the run stopped: {0}")]
+    Stopped(RunStop),
 }
 
 /// Why one submission was refused. Each maps to a specific gRPC status.
@@ -149,8 +152,6 @@ struct OpenTask {
     bytes_in: u64,
     /// Survivors of secure aggregation, once the driver handed over the sum.
     secure_survivors: Option<BTreeSet<String>>,
-    /// Distinct agents available when the task started (the DP population).
-    population: usize,
     /// Why secure aggregation failed, if it did: the task then aborts.
     secure_abort: Option<String>,
 }
@@ -169,6 +170,8 @@ pub struct Engine {
     open: Option<OpenTask>,
     /// Differential privacy of the run, when configured.
     ledger: Option<Ledger>,
+    /// Why the run stopped before its last round, if it did.
+    stopped: Option<RunStop>,
 }
 
 fn unix_ms() -> i64 {
@@ -225,6 +228,7 @@ impl Engine {
             .map(|dp| Ledger::open(dp, &run, &history))
             .transpose()
             .map_err(EngineError::Config)?;
+        let stopped = store.meta_json::<RunStop>("stopped")?;
         let pending_eval = run.evaluate
             && version > 0
             && !history
@@ -241,6 +245,7 @@ impl Engine {
             attempts,
             open: None,
             ledger,
+            stopped,
         })
     }
 
@@ -283,9 +288,26 @@ impl Engine {
         Ok(self.store.model(version)?.map(Arc::new))
     }
 
-    /// True when all rounds are committed and evaluated.
+    /// True when all rounds are committed and evaluated, or the run stopped
+    /// early ([`Engine::stopped`]).
     pub fn finished(&self) -> bool {
         self.next_kind().is_none()
+    }
+
+    /// Why the run stopped before its last round, if it did: a round that
+    /// aborted `run.max_attempts` times, an exhausted privacy budget, or a
+    /// revealed secure sum that could not be committed.
+    pub fn stopped(&self) -> Option<&RunStop> {
+        self.stopped.as_ref()
+    }
+
+    /// Chooses where the DP noise comes from ([`NoiseSource::Os`] unless
+    /// changed). Only the simulator asks for seeded noise, which makes an
+    /// experiment reproducible and its noise public.
+    pub fn set_noise_source(&mut self, source: NoiseSource) {
+        if let Some(l) = &mut self.ledger {
+            l.set_noise_source(source);
+        }
     }
 
     /// The open task, if any.
@@ -297,6 +319,9 @@ impl Engine {
 mod collect;
 mod commit;
 mod plan;
+mod stop;
+
+pub use stop::{DIVERGED, RunStop, dominant_cause};
 
 #[cfg(test)]
 mod tests;

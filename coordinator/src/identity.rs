@@ -9,7 +9,9 @@
 //! effect without a restart. [`AccessInterceptor`] runs before every RPC:
 //! it refuses unknown, revoked or certificate-less callers with a log line
 //! naming the identity, and attaches a [`PeerIdentity`] that `join` compares
-//! with the merchant id the agent claims.
+//! with the merchant id the agent claims. The server also re-reads the list
+//! every [`ACCESS_RECHECK`] and closes the open sessions of merchants it no
+//! longer admits (`service::Shared::close_refused`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,10 @@ use std::time::SystemTime;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Status};
+
+/// How often the coordinator re-reads the access list to close the open
+/// sessions of merchants revoked (or removed) since they joined.
+pub const ACCESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// URI prefix of merchant identities.
 pub const MERCHANT_URI_PREFIX: &str = "fedcart://merchant/";

@@ -6,7 +6,8 @@
 //! weight-1 updates into the noised step, moves the adaptive clip, composes
 //! the round into the RDP [`Accountant`] and writes a [`PrivacyRecord`] into
 //! the round record. Replaying those records rebuilds the ledger exactly, so
-//! a restarted coordinator continues the same ε history.
+//! a restarted coordinator continues the same ε history (the noise itself is
+//! fresh: see *Noise*).
 //!
 //! # The estimator and its sensitivity
 //!
@@ -20,11 +21,41 @@
 //! denominator reveals nothing. A round with dropouts is damped by
 //! reported / selected rather than re-weighted.
 //!
-//! Sampling: the engine selects a fixed-size cohort uniformly from the
-//! connected agents; the accountant treats it as Poisson sampling at rate
-//! `q = selected / connected`, the usual approximation of DP-FedAvg
-//! deployments. The one-off feature-statistics step of churn models and the
-//! reported training/evaluation metrics are outside the guarantee.
+//! # Noise
+//!
+//! Central noise (the Gaussian on the sum and the noise on the clip-bit count
+//! of adaptive clipping) comes from a ChaCha20 stream seeded from the OS
+//! CSPRNG for every release ([`NoiseSource::Os`]). It must not derive from
+//! the run seed: every agent receives the seed in each task spec and could
+//! regenerate and subtract the noise. Only the simulator uses
+//! [`NoiseSource::SeededNotPrivate`], and labels its reports so.
+//!
+//! # Accounting
+//!
+//! Every round is composed at sampling rate `q = 1`
+//! ([`ACCOUNTED_SAMPLING_RATE`]): the cohort is drawn from the public run
+//! seed and published in the round records, so subsampling amplifies
+//! nothing. A released sum is accounted whether or not its round commits (a
+//! revealed secure sum that cannot be committed is accounted, and the run
+//! stops). With `target_epsilon` the engine stops the run before a round that
+//! could take ε above the target, assuming in distributed mode that it
+//! commits with only `run.quorum` survivors.
+//!
+//! Approximations that remain, with their direction:
+//! - Distributed mode analyses the sum of the agents' Skellam shares as a
+//!   Gaussian of the same variance. Skellam's RDP exceeds the Gaussian's by a
+//!   term that vanishes as the variance grows (Agarwal et al. 2021): ε is
+//!   slightly **under**-stated, negligibly at the scales `distributed_noise`
+//!   picks.
+//! - Fixed-size versus Poisson sampling does not arise at `q = 1`. If a
+//!   secret selection ever restores `q < 1`, accounting a fixed-size cohort
+//!   as Poisson sampling under-states ε slightly (and the fixed denominator
+//!   assumes add/remove adjacency).
+//! - Dropouts in distributed mode are accounted exactly (`z·√(k/m)`), after
+//!   the fact; the pre-round budget check uses the worst case.
+//!
+//! The one-off feature-statistics step of churn models and the reported
+//! training/evaluation metrics are outside the guarantee.
 
 use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::privacy::dp::distributed::max_scale;
@@ -34,15 +65,46 @@ use fedcart_common::privacy::dp::{
 };
 use fedcart_common::task::TaskKind;
 
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
 use crate::config::{ClipNorm, DpMode, DpSettings, RunConfig};
 pub use crate::record::PrivacyRecord;
-use crate::record::{Outcome, RoundRecord};
+use crate::record::RoundRecord;
 use crate::task::TaskPlan;
+
+/// Where the coordinator's noise (the Gaussian on the sum, and the noise on
+/// the clip-bit count of adaptive clipping) comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseSource {
+    /// A ChaCha20 stream seeded from the operating system's CSPRNG for every
+    /// release. The only private choice, and the service's: the run seed is
+    /// sent to every agent in each task spec, so noise derived from it could
+    /// be regenerated and subtracted by any merchant.
+    #[default]
+    Os,
+    /// Derived from the run seed and the task id, so that a simulation
+    /// replays bit for bit. **Not private**: anyone who knows the seed
+    /// removes the noise. For the simulator's experiments only.
+    SeededNotPrivate,
+}
+
+impl NoiseSource {
+    /// How reports label the source.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Os => "os csprng (fresh per release)",
+            Self::SeededNotPrivate => "seeded (reproducible simulation, not private)",
+        }
+    }
+}
 
 /// The coordinator's DP state for one run.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     settings: DpSettings,
+    /// Where the noise comes from (the OS unless a simulation asks).
+    noise: NoiseSource,
     /// Overall noise multiplier `z` (what the accountant is told).
     z: f64,
     /// Noise multiplier of the delta sum (`z` without adaptive clipping).
@@ -81,6 +143,7 @@ impl Ledger {
         };
         let mut ledger = Self {
             settings: settings.clone(),
+            noise: NoiseSource::Os,
             z,
             z_delta,
             sigma_b,
@@ -89,9 +152,10 @@ impl Ledger {
             accountant: Accountant::new(),
             epsilon: None,
         };
+        // Every record with a privacy entry released a sum: the committed
+        // rounds, and a revealed secure sum that could not be committed.
         for r in history {
-            if let (Some(p), Outcome::Committed, TaskKind::Train) = (&r.privacy, r.outcome, r.kind)
-            {
+            if let (Some(p), TaskKind::Train) = (&r.privacy, r.kind) {
                 ledger
                     .accountant
                     .step(p.sampling_rate, p.noise_multiplier)
@@ -117,6 +181,17 @@ impl Ledger {
         Ok(())
     }
 
+    /// Where the noise comes from.
+    pub fn noise_source(&self) -> NoiseSource {
+        self.noise
+    }
+
+    /// Chooses where the noise comes from; [`NoiseSource::Os`] unless a
+    /// simulation wants reproducible (and therefore not private) noise.
+    pub fn set_noise_source(&mut self, source: NoiseSource) {
+        self.noise = source;
+    }
+
     /// The noise multiplier every round is planned at.
     pub fn noise_multiplier(&self) -> f64 {
         self.z
@@ -130,6 +205,33 @@ impl Ledger {
     /// ε spent so far (None before the first committed round).
     pub fn epsilon(&self) -> Option<f64> {
         self.epsilon
+    }
+
+    /// ε spent so far and the most ε can be after one more training round
+    /// of `selected` merchants that commits with at least `quorum` of them:
+    /// the budget check made before a round starts. In distributed mode each
+    /// dropout removes its share of the noise, so the worst case is a round
+    /// that commits with only `quorum` survivors (`z·√(quorum / selected)`).
+    pub fn epsilon_if_one_more_round(
+        &self,
+        selected: usize,
+        quorum: usize,
+    ) -> Result<(f64, f64), DpError> {
+        let delta = self.settings.delta;
+        let spent = match self.accountant.steps() {
+            0 => 0.0,
+            _ => self.accountant.epsilon(delta)?.epsilon,
+        };
+        let z = match self.settings.mode {
+            DpMode::Central => self.z,
+            DpMode::Distributed => {
+                let m = selected.max(1);
+                self.z * (quorum.clamp(1, m) as f64 / m as f64).sqrt()
+            }
+        };
+        let mut next = self.accountant.clone();
+        next.step(ACCOUNTED_SAMPLING_RATE, z)?;
+        Ok((spent, next.epsilon(delta)?.epsilon))
     }
 
     /// The settings in force.
@@ -211,23 +313,43 @@ impl Ledger {
     /// Releases the round: noise (central mode), the fixed-denominator step
     /// of the model's length, the clip update and the accounting. `sum` holds
     /// the clipped updates of the `survivors` merchants whose inputs it
-    /// contains, out of `plan.selected`; `population` were connected.
+    /// contains, out of `plan.selected`. The noise comes from the
+    /// [`NoiseSource`]; `seed` (the run seed) is used only by the seeded,
+    /// simulation-only source.
     pub fn release(
         &mut self,
         sum: &SumAccumulator,
         plan: &TaskPlan,
-        population: usize,
         survivors: usize,
         seed: u64,
+    ) -> Result<(Vec<f32>, PrivacyRecord), DpError> {
+        match self.noise {
+            NoiseSource::Os => {
+                let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+                let mut rng = ChaCha20Rng::from_rng(&mut os);
+                self.release_with(sum, plan, survivors, &mut rng)
+            }
+            NoiseSource::SeededNotPrivate => {
+                let mut rng = fedcart_common::seed::rng(seed, &["dp-noise", &plan.task_id]);
+                self.release_with(sum, plan, survivors, &mut rng)
+            }
+        }
+    }
+
+    fn release_with<R: rand::Rng>(
+        &mut self,
+        sum: &SumAccumulator,
+        plan: &TaskPlan,
+        survivors: usize,
+        rng: &mut R,
     ) -> Result<(Vec<f32>, PrivacyRecord), DpError> {
         let m = plan.selected.len().max(1);
         let model_len = plan.spec.model.model_len();
         let mut values = sum.sum_values().to_vec();
-        let mut rng = fedcart_common::seed::rng(seed, &["dp-noise", &plan.task_id]);
         let z_accounted = match self.settings.mode {
             DpMode::Central => {
                 CentralGaussian::new(self.z_delta, self.clip)?
-                    .add_to_sum(&mut values[..model_len], &mut rng);
+                    .add_to_sum(&mut values[..model_len], rng);
                 self.z
             }
             DpMode::Distributed => {
@@ -244,13 +366,13 @@ impl Ledger {
         if let Some(a) = &mut self.adaptive {
             let bit_sum = values.get(model_len).copied().unwrap_or(0.0);
             let fraction = match self.settings.mode {
-                DpMode::Central => a.update(bit_sum, m as f64, &mut rng)?,
+                DpMode::Central => a.update(bit_sum, m as f64, rng)?,
                 DpMode::Distributed => a.update_noised(bit_sum, m as f64)?,
             };
             unclipped_fraction = Some(fraction);
             self.clip = a.clip();
         }
-        let q = (m as f64 / population.max(m) as f64).min(1.0);
+        let q = ACCOUNTED_SAMPLING_RATE;
         self.accountant.step(q, z_accounted)?;
         let eps = self.accountant.epsilon(self.settings.delta)?;
         self.epsilon = Some(eps.epsilon);
@@ -269,6 +391,10 @@ impl Ledger {
         Ok((step, record))
     }
 }
+
+/// The sampling rate every round is accounted at (defined beside the DP
+/// settings, which plan the noise with it).
+pub use crate::config::dp::ACCOUNTED_SAMPLING_RATE;
 
 #[cfg(test)]
 mod tests;

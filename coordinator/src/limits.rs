@@ -5,7 +5,10 @@
 //! plus headroom); every RPC has a deadline (`rpc_timeout`, which for the
 //! client-streamed upload covers the whole stream); each connection may run
 //! only a few RPCs at once; and each merchant identity (or, in plaintext
-//! mode, each remote IP) gets a token bucket of RPCs.
+//! mode, each remote IP) gets a token bucket of RPCs. An upload must keep
+//! moving (`upload_idle_timeout`), and the metrics an agent reports are
+//! capped in number and name length ([`check_metrics`]), since every metric
+//! name becomes part of a round record and a Prometheus series.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +31,49 @@ pub struct Limits {
     pub rpcs_per_second: f64,
     /// Burst of RPCs an agent may make above the sustained rate.
     pub rpc_burst: f64,
+    /// Longest silence inside an upload — before its header, between two
+    /// chunks — before it is cut with `DEADLINE_EXCEEDED`; the whole payload
+    /// must also arrive within one such timeout per 1 MiB chunk (plus one).
+    /// Without it a stream that sends a header and then nothing would hold
+    /// its merchant's upload until `rpc_timeout`.
+    pub upload_idle_timeout: Duration,
+}
+
+/// Most rejections a task's round record lists: an agent may retry after a
+/// refusal, so without a cap its refusals would grow the record (and the
+/// coordinator's memory) for as long as the round is open. The last entry
+/// then says that further ones were not recorded.
+pub const MAX_REJECTIONS: usize = 64;
+
+/// Longest rejection reason kept in a round record, in characters.
+pub const MAX_REJECTION_CHARS: usize = 256;
+
+/// Most metrics one result may report. Agents send a handful (loss, AUC,
+/// RMSE, …); each distinct name is kept in the round record and becomes a
+/// Prometheus series, so the number must be bounded.
+pub const MAX_METRICS: usize = 64;
+
+/// Longest metric name, in bytes.
+pub const MAX_METRIC_NAME_BYTES: usize = 64;
+
+/// Refuses a result whose metrics exceed [`MAX_METRICS`] or
+/// [`MAX_METRIC_NAME_BYTES`], before anything of it is stored; the status
+/// shows at most the start of an offending name.
+pub fn check_metrics(metrics: &HashMap<String, f64>) -> Result<(), Status> {
+    if metrics.len() > MAX_METRICS {
+        return Err(Status::invalid_argument(format!(
+            "{} metrics reported, at most {MAX_METRICS} are accepted",
+            metrics.len()
+        )));
+    }
+    if let Some(name) = metrics.keys().find(|k| k.len() > MAX_METRIC_NAME_BYTES) {
+        let shown: String = name.chars().take(32).collect();
+        return Err(Status::invalid_argument(format!(
+            "metric name `{shown}…` is {} bytes long, at most {MAX_METRIC_NAME_BYTES} are accepted",
+            name.len()
+        )));
+    }
+    Ok(())
 }
 
 impl Default for Limits {
@@ -38,6 +84,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             rpcs_per_second: 50.0,
             rpc_burst: 200.0,
+            upload_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -141,5 +188,23 @@ mod tests {
         assert!((0..3).all(|_| g.take_token("m")));
         assert!(!g.take_token("m"));
         assert!(g.take_token("other"), "buckets are per agent");
+    }
+
+    #[test]
+    fn metric_count_and_name_length_are_capped() {
+        let ok: HashMap<String, f64> = [("auc".to_string(), 0.5)].into();
+        assert!(check_metrics(&ok).is_ok());
+        let many: HashMap<String, f64> =
+            (0..=MAX_METRICS).map(|i| (format!("m{i}"), 1.0)).collect();
+        let err = check_metrics(&many).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("65 metrics"), "{err}");
+        let long: HashMap<String, f64> = [("x".repeat(3 << 20), 1.0)].into();
+        let err = check_metrics(&long).unwrap_err();
+        assert!(err.message().contains("3145728 bytes"), "{err}");
+        assert!(
+            err.message().len() < 200,
+            "the status does not echo the name"
+        );
     }
 }

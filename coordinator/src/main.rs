@@ -34,7 +34,9 @@ enum Command {
         #[arg(long, env = "FEDCART_STORE")]
         store: Option<PathBuf>,
         /// Serve plaintext gRPC without client identities (development only).
-        #[arg(long, env = "FEDCART_INSECURE")]
+        /// The environment may ask for it with FEDCART_INSECURE=true or 1;
+        /// any other value there is an error.
+        #[arg(long)]
         insecure: bool,
         /// Override `serve.http_listen`: `/metrics`, health and dashboard.
         #[arg(long, env = "FEDCART_HTTP_LISTEN")]
@@ -119,7 +121,24 @@ fn init_logs(json: bool) {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // Already logged once, with its cause, when the task loop failed.
+        Err(e)
+            if e.downcast_ref::<fedcart_coordinator::server::TaskLoopFailed>()
+                .is_some() =>
+        {
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_json);
     match cli.command {
@@ -152,6 +171,8 @@ async fn main() -> anyhow::Result<()> {
             insecure,
             http_listen,
         } => {
+            let env = std::env::var_os(fedcart_coordinator::tls::INSECURE_ENV);
+            let insecure = insecure || fedcart_coordinator::tls::insecure_from_env(env.as_deref())?;
             let mut cfg = CoordinatorConfig::load(&config)?;
             if let Some(l) = listen {
                 cfg.serve.listen = l;
@@ -169,7 +190,13 @@ async fn main() -> anyhow::Result<()> {
             let mut progress = running.progress.clone();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-                _ = progress.wait_for(|p| p.finished) => tracing::info!("run finished; shutting down"),
+                // A failed task loop was logged where it happened; `shutdown`
+                // returns its error.
+                r = progress.wait_for(|p| p.finished || p.failed.is_some()) => {
+                    if r.is_ok_and(|p| p.failed.is_none()) {
+                        tracing::info!("run finished; shutting down");
+                    }
+                }
             }
             running.shutdown().await
         }

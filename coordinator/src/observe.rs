@@ -5,9 +5,12 @@
 //! observer task follows the progress channel and folds every new history
 //! record into counters, so the round engine and service need no metric
 //! calls. Every series carries a `run` label, which keeps coordinators in
-//! one process (tests) apart.
+//! one process (tests) apart. Round metrics reported by agents become at
+//! most [`MAX_METRIC_SERIES`] `fedcart_round_metric` series per run, whatever
+//! names agents invent. `/readyz` is false while shutting down and once the
+//! task loop has failed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -35,6 +38,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
         handle
     })
 }
+
+/// Most distinct (kind, metric name) series of `fedcart_round_metric` per
+/// run: metric names come from agents, and each name is a Prometheus series
+/// kept for the life of the process. Names beyond the cap are not exported.
+pub const MAX_METRIC_SERIES: usize = 64;
 
 /// An agent as the dashboard shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +80,8 @@ struct ObserverState {
     agents: Mutex<BTreeMap<String, AgentView>>,
     /// History records folded into counters so far, and the last open task.
     cursor: Mutex<(usize, Option<String>)>,
+    /// The (kind, name) pairs exported as `fedcart_round_metric` so far.
+    series: Mutex<BTreeSet<(&'static str, String)>>,
     ready: watch::Receiver<bool>,
 }
 
@@ -153,9 +163,18 @@ impl ObserverState {
             metrics::counter!("fedcart_update_bytes_in_total", &labels).increment(r.bytes_in);
             metrics::histogram!("fedcart_task_duration_seconds", &labels)
                 .record(r.duration_ms as f64 / 1000.0);
+            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
             for (k, v) in &r.metrics {
+                let key = (kind_name(r.kind), k.clone());
+                if !series.contains(&key) {
+                    if series.len() >= MAX_METRIC_SERIES {
+                        continue;
+                    }
+                    series.insert(key);
+                }
                 metrics::gauge!("fedcart_round_metric", "run" => run.clone(), "kind" => kind_name(r.kind), "metric" => k.clone()).set(*v);
             }
+            drop(series);
             let at = r.started_unix_ms + r.duration_ms as i64;
             for m in &r.reported {
                 let view = agents.entry(m.clone()).or_insert(AgentView {
@@ -183,6 +202,11 @@ async fn metrics_page(State(s): State<Arc<ObserverState>>) -> impl IntoResponse 
 async fn ready(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
     if *s.ready.borrow() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if s.shared.progress().borrow().failed.is_some() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the task loop failed; see the coordinator's log",
+        )
     } else {
         (StatusCode::OK, "ready")
     }
@@ -212,6 +236,7 @@ pub fn spawn(
         run_id,
         agents: Mutex::new(BTreeMap::new()),
         cursor: Mutex::new((0, None)),
+        series: Mutex::new(BTreeSet::new()),
         ready: shutdown.clone(),
     });
     let obs = Arc::clone(&state);

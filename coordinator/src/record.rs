@@ -65,7 +65,8 @@ pub struct RoundRecord {
 pub struct PrivacyRecord {
     /// Who added the noise.
     pub mode: DpMode,
-    /// Sampling rate of the round, selected / connected.
+    /// Sampling rate the round was accounted at: 1, since the selection is
+    /// public (records before this rule hold selected / connected).
     pub sampling_rate: f64,
     /// The noise multiplier the round was accounted at (in distributed mode,
     /// lowered by dropouts: `z·√(survivors / selected)`).

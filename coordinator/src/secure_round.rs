@@ -30,3 +30,14 @@ pub fn round_config(settings: &SecAggSettings, spec: &TaskSpec, n: usize) -> Sec
     }
     cfg
 }
+
+/// The abort reason of a secure round with `in_sum` masked inputs, fewer
+/// than the run's `quorum`. Both drivers check the quorum once the masked
+/// inputs are in and before anything is unmasked: a sum unmasked and then
+/// refused would be retried over the same inputs, and the difference of the
+/// two sums would reveal individual updates.
+pub fn before_unmasking(in_sum: usize, quorum: usize) -> String {
+    format!(
+        "{in_sum} masked inputs, quorum is {quorum}: aborted before unmasking, nothing was revealed"
+    )
+}

@@ -18,6 +18,16 @@ use crate::service::{Progress, Service, Shared, run_tasks};
 use crate::store::Store;
 use crate::tls::Transport;
 
+/// The task loop stopped with an error: the coordinator runs no more rounds.
+/// It has been logged once with its cause when it happened; `serve` exits
+/// non-zero with it.
+#[derive(Debug, thiserror::Error)]
+#[error("the task loop failed: {cause}")]
+pub struct TaskLoopFailed {
+    /// The error and its causes, as one line.
+    pub cause: String,
+}
+
 /// A running coordinator.
 pub struct Running {
     /// The address the gRPC service listens on.
@@ -77,12 +87,12 @@ pub async fn start_with(
     let run_id = run.run_id.clone();
     let store = Store::open(store_path)?;
     let engine = Engine::open(store, run)?;
-    let shared = Shared::new(engine, ping);
+    let shared = Shared::new(engine, ping, opts.limits.upload_idle_timeout);
     let addr = listener.local_addr().context("listener address")?;
     let (shutdown, rx) = watch::channel(false);
     let mut server_rx = rx.clone();
     let svc = Service::new(Arc::clone(&shared)).into_server();
-    let (builder, access) = match &opts.transport {
+    let (builder, access): (_, Option<Arc<Access>>) = match &opts.transport {
         Transport::Tls(files) => (
             tonic::transport::Server::builder()
                 .tls_config(files.server_config()?)
@@ -94,9 +104,13 @@ pub async fn start_with(
             (tonic::transport::Server::builder(), None)
         }
     };
+    if let Some(access) = &access {
+        spawn_access_watch(Arc::clone(access), Arc::clone(&shared), rx.clone());
+    }
     let guard = Guard::new(access, opts.limits.clone());
     let svc = tonic::service::interceptor::InterceptedService::new(svc, guard);
     let (health, health_svc) = tonic_health::server::health_reporter();
+    let tasks_health = health.clone();
     // The store and engine are open: ready.
     health.set_serving::<CoordinatorServer<Service>>().await;
     health
@@ -128,9 +142,21 @@ pub async fn start_with(
     });
     let tasks_shared = Arc::clone(&shared);
     let tasks = tokio::spawn(async move {
-        run_tasks(tasks_shared, rx)
-            .await
-            .map_err(anyhow::Error::from)
+        let Err(e) = run_tasks(Arc::clone(&tasks_shared), rx).await else {
+            return Ok(());
+        };
+        // Fatal: logged here, once, with its cause; readiness turns false and
+        // `Running` reports it, so `serve` stops and exits non-zero.
+        let cause = format!("{:#}", anyhow::Error::from(e));
+        tracing::error!(error = %cause, "the task loop failed; no more rounds will run");
+        tasks_health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        tasks_health
+            .set_not_serving::<CoordinatorServer<Service>>()
+            .await;
+        tasks_shared.fail(cause.clone());
+        Err(TaskLoopFailed { cause }.into())
     });
     Ok(Running {
         addr,
@@ -141,6 +167,25 @@ pub async fn start_with(
         tasks,
         server,
     })
+}
+
+/// Re-reads the access list every [`crate::identity::ACCESS_RECHECK`] and
+/// closes the sessions of merchants it no longer admits, so a revocation
+/// also ends an open Join stream, not only the merchant's next RPC.
+fn spawn_access_watch(access: Arc<Access>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::identity::ACCESS_RECHECK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|v| *v) => break,
+            }
+            // An unreadable file keeps the last good list (logged by `current`).
+            if let Ok(list) = access.current() {
+                shared.close_refused(|id| list.refusal(id));
+            }
+        }
+    });
 }
 
 /// Starts from a loaded `coordinator.toml`. Mutual TLS (`serve.tls`) is
@@ -188,12 +233,112 @@ impl Running {
         Ok(())
     }
 
-    /// Waits until the run has finished all its rounds, then shuts down.
+    /// Waits until the run has finished all its rounds (or the task loop
+    /// failed: then the error is returned), then shuts down.
     pub async fn wait_finished(mut self) -> anyhow::Result<()> {
         self.progress
-            .wait_for(|p| p.finished)
+            .wait_for(|p| p.finished || p.failed.is_some())
             .await
             .context("progress channel closed")?;
         self.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedcart_common::task::ModelSpec;
+    use fedcart_proto::v1 as pb;
+    use fedcart_proto::v1::coordinator_client::CoordinatorClient;
+
+    use super::*;
+    use crate::config::Selection;
+
+    async fn readyz(addr: std::net::SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_task_loop_is_reported_and_turns_readiness_false() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let run = RunConfig {
+            max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+            run_id: "fatal".into(),
+            seed: 1,
+            rounds: 1,
+            model: ModelSpec::Noop { dim: 3 },
+            sgd: Default::default(),
+            selection: Selection {
+                fraction: 1.0,
+                min_agents: 1,
+                max_agents: 1,
+                min_available: 0,
+            },
+            quorum: 1,
+            round_timeout_ms: 60_000,
+            evaluate: false,
+            strategy: Default::default(),
+            secagg: None,
+            dp: None,
+        };
+        let opts = ServeOptions {
+            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            limits: Limits::loopback(),
+            ..ServeOptions::insecure()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = start_with(listener, &path, run, Duration::from_millis(500), opts)
+            .await
+            .unwrap();
+        let http = running.http_addr.unwrap();
+        assert!(readyz(http).await.contains("200"));
+
+        // The store breaks; an agent takes the task and hangs up, so the
+        // task closes and its record cannot be written.
+        running.shared.fail_store_writes();
+        let mut client = CoordinatorClient::connect(format!("http://{}", running.addr))
+            .await
+            .unwrap();
+        let join = pb::JoinRequest {
+            merchant_id: "m0".into(),
+            examples: Default::default(),
+            agent_version: "test".into(),
+        };
+        let mut work = client.join(join).await.unwrap().into_inner();
+        loop {
+            let msg = work.message().await.unwrap().expect("stream open");
+            if let Some(pb::work::Kind::Task(_)) = msg.kind {
+                break;
+            }
+        }
+        drop(work);
+
+        let mut progress = running.progress.clone();
+        let failed = tokio::time::timeout(
+            Duration::from_secs(60),
+            progress.wait_for(|p| p.failed.is_some()),
+        )
+        .await
+        .expect("the failure is reported")
+        .unwrap()
+        .failed
+        .clone()
+        .unwrap();
+        assert!(failed.contains("injected write failure"), "{failed}");
+        assert!(failed.contains(&path.display().to_string()), "{failed}");
+        assert!(readyz(http).await.contains("503"));
+        let err = running.wait_finished().await.unwrap_err();
+        assert!(err.downcast_ref::<TaskLoopFailed>().is_some(), "{err:#}");
     }
 }

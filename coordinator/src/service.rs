@@ -5,12 +5,16 @@
 //! keepalive pings over it. A closed stream removes the agent and counts it as
 //! dropped for the open task. Uploads are streamed; at most `UPLOAD_SLOTS`
 //! payloads are buffered at once, so memory stays O(model size) however many
-//! agents report together.
+//! agents report together. A slot is taken only once payload data arrives,
+//! each merchant has at most one upload in flight, and an upload that stays
+//! silent for the idle timeout is cut, so header-only streams cannot starve
+//! honest uploads. When the access list revokes a merchant, its Join stream
+//! ends with `PERMISSION_DENIED` and it is dropped from the open task.
 
 mod convert;
 mod secure;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,10 +24,10 @@ use fedcart_common::task::TaskKind;
 use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use futures::Stream;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Engine, EngineError, Submission, SubmitError};
+use crate::engine::{Engine, EngineError, RunStop, Submission, SubmitError};
 
 /// Bytes per model download chunk: well under gRPC's 4 MiB default limit.
 pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
@@ -51,13 +55,23 @@ pub struct Progress {
     pub agents: usize,
     /// The open task id, if any.
     pub open_task: Option<String>,
-    /// True once the run has finished.
+    /// True once the run has finished (all rounds, or stopped early).
     pub finished: bool,
+    /// Uploads in flight (header accepted, payload not yet folded in).
+    pub uploads: usize,
+    /// Why the task loop failed, if it did: the coordinator no longer runs
+    /// rounds, reports itself not ready and `serve` exits non-zero.
+    pub failed: Option<String>,
+    /// Why the run stopped before its last round, if it did.
+    pub stopped: Option<String>,
 }
 
 struct AgentEntry {
     merchant_id: String,
     tx: mpsc::Sender<Result<pb::Work, Status>>,
+    /// Ends the Join stream with a status (revocation); dropping it
+    /// without sending leaves the stream to end on its own.
+    kill: Option<oneshot::Sender<Status>>,
 }
 
 /// State shared by the service handlers and the task loop.
@@ -68,6 +82,11 @@ pub struct Shared {
     changed: watch::Sender<u64>,
     progress: watch::Sender<Progress>,
     upload_slots: Semaphore,
+    /// Merchants with an upload in flight: one at a time each.
+    uploading: Mutex<HashSet<String>>,
+    /// Longest silence allowed inside an upload (before the header, between
+    /// chunks) before it is cut.
+    upload_idle: Duration,
     ping_interval: Duration,
     /// Set when the coordinator shuts down: every Join stream ends.
     closing: watch::Sender<bool>,
@@ -90,11 +109,13 @@ fn new_session_id() -> String {
 }
 
 impl Shared {
-    /// Wraps an opened engine.
-    pub fn new(engine: Engine, ping_interval: Duration) -> Arc<Self> {
+    /// Wraps an opened engine; `upload_idle` is the longest silence allowed
+    /// inside an upload (see [`crate::limits::Limits::upload_idle_timeout`]).
+    pub fn new(engine: Engine, ping_interval: Duration, upload_idle: Duration) -> Arc<Self> {
         let progress = Progress {
             version: engine.version(),
             finished: engine.finished(),
+            stopped: engine.stopped().map(|s| s.to_string()),
             ..Default::default()
         };
         Arc::new(Self {
@@ -103,6 +124,8 @@ impl Shared {
             changed: watch::channel(0).0,
             progress: watch::channel(progress).0,
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
+            uploading: Mutex::new(HashSet::new()),
+            upload_idle,
             ping_interval,
             closing: watch::channel(false).0,
             secure: Mutex::new(None),
@@ -136,13 +159,87 @@ impl Shared {
         let engine = self.engine();
         let open_task = engine.open_task().map(|p| p.task_id.clone());
         let (version, finished) = (engine.version(), engine.finished());
+        let stopped = engine.stopped().map(|s| s.to_string());
         drop(engine);
         self.progress.send_modify(|p| {
             p.agents = agents;
             p.open_task = open_task;
             p.version = version;
             p.finished = finished;
+            p.stopped = stopped;
         });
+    }
+
+    /// Test seam: every later store write fails, as on a broken disk.
+    #[cfg(test)]
+    pub(crate) fn fail_store_writes(&self) {
+        self.engine()
+            .store()
+            .fail_writes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Records that the task loop failed with `cause`: progress reports it,
+    /// so readiness turns false and `serve` stops.
+    pub fn fail(&self, cause: String) {
+        self.progress.send_modify(|p| p.failed = Some(cause));
+    }
+
+    /// Ends the session of every connected merchant that `refusal` now
+    /// refuses (revoked, or removed from the allow-list): its Join stream
+    /// ends with `PERMISSION_DENIED` naming the reason, it is counted as
+    /// dropped for the open task and is no longer available for selection.
+    pub fn close_refused(&self, refusal: impl Fn(&str) -> Option<&'static str>) {
+        let mut closed = Vec::new();
+        self.agents().retain(|_, a| match refusal(&a.merchant_id) {
+            Some(why) => {
+                closed.push((a.merchant_id.clone(), why, a.kill.take()));
+                false
+            }
+            None => true,
+        });
+        if closed.is_empty() {
+            return;
+        }
+        for (merchant, why, kill) in closed {
+            tracing::warn!(%merchant, reason = why, "access withdrawn; closing the merchant's session");
+            if let Some(kill) = kill {
+                let _ = kill.send(Status::permission_denied(format!(
+                    "merchant `{merchant}` is {why}: session closed by the coordinator"
+                )));
+            }
+            self.engine().drop_agent(&merchant);
+        }
+        self.bump();
+    }
+
+    /// Marks an upload from `merchant` as in flight until the guard drops;
+    /// refuses a second concurrent one.
+    fn begin_upload(&self, merchant: &str) -> Result<UploadGuard<'_>, Status> {
+        let fresh = self
+            .uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(merchant.to_owned());
+        if !fresh {
+            return Err(Status::resource_exhausted(format!(
+                "an upload from `{merchant}` is already in flight: send one at a time"
+            )));
+        }
+        self.count_uploads();
+        Ok(UploadGuard {
+            shared: self,
+            merchant: merchant.to_owned(),
+        })
+    }
+
+    fn count_uploads(&self) {
+        let n = self
+            .uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        self.progress.send_modify(|p| p.uploads = n);
     }
 
     fn merchant_of(&self, session_id: &str) -> Result<String, Status> {
@@ -162,6 +259,11 @@ impl Shared {
     /// Every history record in the store, oldest first.
     pub fn history(&self) -> Result<Vec<crate::record::RoundRecord>, crate::store::StoreError> {
         self.engine().store().history()
+    }
+
+    /// Why the run stopped before its last round, if it did.
+    pub fn stopped(&self) -> Option<RunStop> {
+        self.engine().stopped().cloned()
     }
 
     /// The feature statistics agreed in the statistics step, if any.
@@ -193,6 +295,23 @@ impl Shared {
             }
             self.bump();
         }
+    }
+}
+
+/// An upload in flight; dropping it lets the merchant upload again.
+struct UploadGuard<'a> {
+    shared: &'a Shared,
+    merchant: String,
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.merchant);
+        self.shared.count_uploads();
     }
 }
 
@@ -230,6 +349,7 @@ impl Coordinator for Service {
         crate::identity::validate_id(&req.merchant_id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel(WORK_QUEUE);
+        let (kill, killed) = oneshot::channel::<Status>();
         let session_id = new_session_id();
         let run_id = self.shared.engine().run().run_id.clone();
         let welcome = pb::Work {
@@ -249,6 +369,7 @@ impl Coordinator for Service {
                 AgentEntry {
                     merchant_id: req.merchant_id.clone(),
                     tx: tx.clone(),
+                    kill: Some(kill),
                 },
             );
         }
@@ -278,8 +399,15 @@ impl Coordinator for Service {
             }
             shared.remove_session(&session_id);
         });
+        // A status sent on `kill` goes out ahead of any queued work and ends
+        // the stream (tonic closes a server stream after its first error).
+        let killed =
+            futures::stream::once(killed).filter_map(|k| std::future::ready(k.ok().map(Err)));
+        let work = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            futures::stream::select_with_strategy(killed, work, |_: &mut ()| {
+                futures::stream::PollNext::Left
+            }),
         )))
     }
 
@@ -330,7 +458,11 @@ impl Coordinator for Service {
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let peer = crate::identity::peer(&request);
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
+        let idle = self.shared.upload_idle;
+        let first = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| idle_status(idle))?;
+        let header = match first? {
             Some(pb::UpdateChunk {
                 part: Some(pb::update_chunk::Part::Header(h)),
             }) => h,
@@ -343,6 +475,8 @@ impl Coordinator for Service {
         };
         let merchant = self.shared.merchant_of(&header.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
+        crate::limits::check_metrics(&header.metrics)?;
+        let _in_flight = self.shared.begin_upload(&merchant)?;
         let (kind, expected_values, expected_weights, secure) = {
             let engine = self.shared.engine();
             engine
@@ -387,13 +521,7 @@ impl Coordinator for Service {
                 "this round expects PAYLOAD_ENCODING_F32",
             ));
         }
-        let _slot = self
-            .shared
-            .upload_slots
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
-        let payload = read_payload(&mut stream, declared).await?;
+        let (_slot, payload) = receive_payload(&self.shared, &mut stream, declared).await?;
         let update = if kind == TaskKind::Evaluate {
             None
         } else {
@@ -457,34 +585,81 @@ impl Coordinator for Service {
             last_round_json: last
                 .map(|r| serde_json::to_string(&r).expect("serialisable"))
                 .unwrap_or_default(),
-            phase: match (engine.finished(), engine.open_task()) {
-                (true, _) => "finished".into(),
-                (false, Some(p)) => p.task_id.clone(),
-                (false, None) => "waiting for agents".into(),
+            phase: match (engine.stopped(), engine.finished(), engine.open_task()) {
+                (Some(stop), _, _) => format!("stopped: {stop}"),
+                (None, true, _) => "finished".into(),
+                (None, false, Some(p)) => p.task_id.clone(),
+                (None, false, None) => "waiting for agents".into(),
             },
         }))
     }
 }
 
-/// Reads the data chunks that follow an upload header: exactly `declared`
-/// bytes, refusing a longer or shorter payload and any non-data chunk.
-pub(crate) async fn read_payload(
+fn idle_status(idle: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "upload idle for {} ms: send the header and the data chunks without pauses",
+        idle.as_millis()
+    ))
+}
+
+/// The next data chunk of an upload (`None` at its end), waiting at most
+/// until `deadline`.
+async fn next_data(
+    stream: &mut Streaming<pb::UpdateChunk>,
+    deadline: tokio::time::Instant,
+    idle: Duration,
+) -> Result<Option<Vec<u8>>, Status> {
+    let chunk = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .map_err(|_| idle_status(idle))??;
+    match chunk {
+        None => Ok(None),
+        Some(pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Data(data)),
+        }) => Ok(Some(data)),
+        Some(_) => Err(Status::invalid_argument(
+            "only data chunks may follow the header",
+        )),
+    }
+}
+
+/// Receives the data chunks that follow an upload header: exactly
+/// `declared` bytes, refusing a longer or shorter payload and any non-data
+/// chunk. An upload slot is taken only when the first data chunk has
+/// arrived (a header-only stream holds none) and is returned with the
+/// payload, to be held until the payload is folded in. Each chunk must
+/// arrive within the idle timeout, and the whole payload within one idle
+/// timeout per 1 MiB chunk (plus one), so a trickle cannot hold a slot.
+pub(crate) async fn receive_payload<'a>(
+    shared: &'a Shared,
     stream: &mut Streaming<pb::UpdateChunk>,
     declared: u64,
-) -> Result<Vec<u8>, Status> {
+) -> Result<(Option<SemaphorePermit<'a>>, Vec<u8>), Status> {
+    let idle = shared.upload_idle;
+    let mut next = next_data(stream, tokio::time::Instant::now() + idle, idle).await?;
+    let slot = match next {
+        None => None,
+        Some(_) => Some(
+            shared
+                .upload_slots
+                .acquire()
+                .await
+                .map_err(|_| Status::unavailable("the coordinator is shutting down"))?,
+        ),
+    };
+    let chunks = declared.div_ceil(MODEL_CHUNK_BYTES as u64) + 1;
+    let whole =
+        tokio::time::Instant::now() + idle.saturating_mul(chunks.min(u32::MAX as u64) as u32);
     let mut payload = Vec::with_capacity(declared as usize);
-    while let Some(chunk) = stream.message().await? {
-        let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
-            return Err(Status::invalid_argument(
-                "only data chunks may follow the header",
-            ));
-        };
+    while let Some(data) = next {
         if payload.len() as u64 + data.len() as u64 > declared {
             return Err(Status::out_of_range(format!(
                 "payload larger than declared: more than {declared} bytes received"
             )));
         }
         payload.extend_from_slice(&data);
+        let deadline = (tokio::time::Instant::now() + idle).min(whole);
+        next = next_data(stream, deadline, idle).await?;
     }
     if payload.len() as u64 != declared {
         return Err(Status::out_of_range(format!(
@@ -492,7 +667,7 @@ pub(crate) async fn read_payload(
             payload.len()
         )));
     }
-    Ok(payload)
+    Ok((slot, payload))
 }
 
 use futures::StreamExt as _;
@@ -506,18 +681,36 @@ pub async fn run_tasks(
 ) -> Result<(), EngineError> {
     let mut changed = shared.changed.subscribe();
     loop {
-        if *shutdown.borrow() {
-            return Ok(());
-        }
+        // A finished (or stopped) run reports how it ended even when the
+        // shutdown signal came right after.
         if shared.engine().finished() {
             shared.bump();
-            tracing::info!("run finished");
+            let stopped = shared.engine().stopped().cloned();
+            return match stopped {
+                // An exhausted privacy budget is a planned end, not a fault.
+                Some(stop @ RunStop::Budget { .. }) => {
+                    tracing::warn!("run stopped: {stop}");
+                    Ok(())
+                }
+                Some(stop) => {
+                    tracing::error!("run stopped: {stop}");
+                    Err(EngineError::Stopped(stop))
+                }
+                None => {
+                    tracing::info!("run finished");
+                    Ok(())
+                }
+            };
+        }
+        if *shutdown.borrow() {
             return Ok(());
         }
         let available = shared.connected();
         let started = shared.engine().start_task(&available);
         let plan = match started {
             Ok(plan) => plan,
+            // The budget check stopped the run: the loop's top ends it.
+            Err(EngineError::Stopped(_)) => continue,
             Err(EngineError::NotEnoughAgents { .. }) => {
                 tokio::select! {
                     _ = changed.changed() => continue,
@@ -590,5 +783,26 @@ pub async fn run_tasks(
             metrics = ?record.metrics, "task closed");
         shared.progress.send_modify(|p| p.records += 1);
         shared.bump();
+        if record.outcome == crate::record::Outcome::Aborted && !shared.engine().finished() {
+            // Back off before the next attempt, so that a round that keeps
+            // failing fast does not spin (run.max_attempts ends it).
+            tokio::select! {
+                _ = tokio::time::sleep(retry_backoff(record.attempt)) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
     }
+}
+
+/// First wait after an aborted attempt; it doubles with every attempt.
+const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// Longest wait between two attempts of a round.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait after attempt `attempt` (from 1) of a round aborted.
+fn retry_backoff(attempt: u32) -> Duration {
+    RETRY_BACKOFF_INITIAL
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(RETRY_BACKOFF_MAX)
 }

@@ -34,6 +34,11 @@ const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
 /// allocation of a value does not double the space a chunk takes.
 const CHUNK_BYTES: usize = 1020 * 1024;
 
+/// Most bytes reserved up front when reading a model; larger models grow as
+/// their chunks are read, so the reservation never depends on stored
+/// metadata alone.
+const MAX_PREALLOC: u64 = 64 << 20;
+
 /// Errors from the store; each names the store file.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -81,6 +86,9 @@ pub struct Store {
     db: Database,
     path: PathBuf,
     durable: bool,
+    /// Test seam: every later write fails, as on a full or broken disk.
+    #[cfg(test)]
+    pub(crate) fail_writes: std::sync::atomic::AtomicBool,
 }
 
 mod sha2_digest {
@@ -111,6 +119,8 @@ impl Store {
             db,
             path: path.into(),
             durable: true,
+            #[cfg(test)]
+            fail_writes: Default::default(),
         };
         let txn = store.db.begin_write().map_err(|e| err(e.into()))?;
         {
@@ -136,6 +146,12 @@ impl Store {
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        #[cfg(test)]
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(self.err(redb::Error::Io(std::io::Error::other(
+                "injected write failure (test)",
+            ))));
+        }
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         if !self.durable {
             txn.set_durability(redb::Durability::None)
@@ -338,15 +354,30 @@ impl Store {
         let meta: VersionMeta = serde_json::from_slice(meta.value())
             .map_err(|_| self.corrupt(format!("version {version} metadata")))?;
         let models = txn.open_table(MODELS).map_err(|e| self.err(e))?;
-        let mut bytes = Vec::with_capacity(meta.len as usize * 4);
+        // The stored length is checked against the chunks actually there,
+        // never trusted for an allocation: a corrupt length must be an
+        // error naming the store, not an abort at start-up.
+        let Some(expected) = meta.len.checked_mul(4) else {
+            return Err(self.corrupt(format!(
+                "version {version} metadata (length {} is impossible)",
+                meta.len
+            )));
+        };
+        let mut bytes = Vec::with_capacity(expected.min(MAX_PREALLOC) as usize);
         for entry in models
             .range((version, 0)..=(version, u32::MAX))
             .map_err(|e| self.err(e))?
         {
             let (_, v) = entry.map_err(|e| self.err(e))?;
+            if bytes.len() as u64 + v.value().len() as u64 > expected {
+                return Err(self.corrupt(format!(
+                    "model version {version} (more bytes stored than its length {})",
+                    meta.len
+                )));
+            }
             bytes.extend_from_slice(v.value());
         }
-        if bytes.len() as u64 != meta.len * 4 || sha256_hex(&bytes) != meta.sha256 {
+        if bytes.len() as u64 != expected || sha256_hex(&bytes) != meta.sha256 {
             return Err(self.corrupt(format!(
                 "model version {version} (length or checksum mismatch)"
             )));
@@ -369,5 +400,70 @@ impl Store {
             );
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_version_length_is_an_error_naming_the_store_not_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let store = Store::open(&path).unwrap();
+        store.init_model(&[1.0, 2.0, 3.0]).unwrap();
+        for len in [u64::MAX / 2, 1 << 40, 4] {
+            let txn = store.db.begin_write().unwrap();
+            {
+                let mut versions = txn.open_table(VERSIONS).unwrap();
+                let meta = VersionMeta {
+                    len,
+                    sha256: "0".repeat(64),
+                };
+                versions
+                    .insert(0, serde_json::to_vec(&meta).unwrap().as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+            let err = store.model(0).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains(&path.display().to_string()), "{shown}");
+            assert!(shown.contains("corrupt"), "{shown}");
+        }
+        drop(store);
+
+        // Start-up refuses the store with an error that names it.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let run = crate::config::RunConfig {
+                max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+                run_id: "corrupt".into(),
+                seed: 1,
+                rounds: 1,
+                model: fedcart_common::task::ModelSpec::Noop { dim: 3 },
+                sgd: Default::default(),
+                selection: crate::config::Selection {
+                    fraction: 1.0,
+                    min_agents: 1,
+                    max_agents: 1,
+                    min_available: 0,
+                },
+                quorum: 1,
+                round_timeout_ms: 1_000,
+                evaluate: false,
+                strategy: Default::default(),
+                secagg: None,
+                dp: None,
+            };
+            let ping = std::time::Duration::from_millis(500);
+            crate::server::start(listener, &path, run, ping).await.err()
+        });
+        let shown = format!("{:#}", err.expect("start-up must fail"));
+        assert!(shown.contains(&path.display().to_string()), "{shown}");
     }
 }

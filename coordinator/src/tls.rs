@@ -1,5 +1,6 @@
 //! Transport security options: mutual TLS from PEM files (the default), or
-//! plaintext only when explicitly asked for with `--insecure`.
+//! plaintext only when explicitly asked for with `--insecure` or
+//! `FEDCART_INSECURE=true` (see [`insecure_from_env`]).
 
 use std::path::PathBuf;
 
@@ -52,4 +53,54 @@ pub enum Transport {
     Tls(TlsFiles),
     /// Plaintext, no identities: development and tests only.
     Insecure,
+}
+
+/// The environment variable that may switch on plaintext gRPC.
+pub const INSECURE_ENV: &str = "FEDCART_INSECURE";
+
+/// `FEDCART_INSECURE` holds something other than an explicit yes or no.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{INSECURE_ENV}=`{value}` is not understood: set it to `true` or `1` to serve plaintext gRPC \
+     (development only), to `false` or `0`, or unset it, to require mutual TLS"
+)]
+pub struct InsecureEnvError {
+    /// The value found, cut to 64 characters.
+    pub value: String,
+}
+
+/// Reads the value of [`INSECURE_ENV`]: plaintext only for an explicit
+/// `true` or `1`; unset, `false` or `0` keep mutual TLS; anything else
+/// (`yes`, `on`, an empty string, a typo) is an error rather than a silent
+/// switch to plaintext, as clap's boolean flags would make it.
+pub fn insecure_from_env(value: Option<&std::ffi::OsStr>) -> Result<bool, InsecureEnvError> {
+    let Some(value) = value else {
+        return Ok(false);
+    };
+    match value.to_str() {
+        Some("true" | "1") => Ok(true),
+        Some("false" | "0") => Ok(false),
+        _ => Err(InsecureEnvError {
+            value: value.to_string_lossy().chars().take(64).collect(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_explicit_true_or_1_selects_plaintext() {
+        let read = |v: &str| insecure_from_env(Some(std::ffi::OsStr::new(v)));
+        assert_eq!(insecure_from_env(None), Ok(false));
+        assert_eq!(read("true"), Ok(true));
+        assert_eq!(read("1"), Ok(true));
+        assert_eq!(read("false"), Ok(false));
+        assert_eq!(read("0"), Ok(false));
+        for bad in ["yes", "on", "", "TRUE ", "ture"] {
+            let err = read(bad).unwrap_err();
+            assert!(err.to_string().contains("FEDCART_INSECURE"), "{err}");
+        }
+    }
 }

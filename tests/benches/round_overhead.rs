@@ -66,6 +66,7 @@ fn run_config(agents: usize, dim: usize, rounds: u64, secagg: bool) -> RunConfig
             verify_survivors: false,
             stage_timeout_ms: Some(600_000),
         }),
+        max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
     }
 }
 

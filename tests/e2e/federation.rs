@@ -68,3 +68,69 @@ async fn four_agents_over_grpc_match_in_process_fedavg_and_beat_auc_0_80() {
         .fold(0.0f32, f32::max);
     assert!(max_diff <= 1e-5, "max |grpc − in-process| = {max_diff}");
 }
+
+/// A round that can never reach its quorum (one of the two selected
+/// merchants joins and never answers) used to be retried for ever. Now the
+/// service backs off between attempts and, after `run.max_attempts`, ends
+/// the run with the dominant cause, stored with the run and shown by the
+/// status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_can_never_reach_its_quorum_ends_the_run_with_its_cause() {
+    use fedcart_coordinator::engine::RunStop;
+    use fedcart_proto::v1 as pb;
+    let mut run = churn_run("e2e-give-up", 2, 2, 2);
+    run.model = fedcart_common::task::ModelSpec::Noop { dim: 10 };
+    run.evaluate = false;
+    run.round_timeout_ms = 2_000;
+    run.max_attempts = 3;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut silent = fedcart_tests::raw::RawAgent::join(
+        coord.addr,
+        fedcart_common::train::LocalData {
+            merchant_id: "m1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let agent = spawn_agent(
+        coord.addr,
+        fedcart_common::train::LocalData {
+            merchant_id: "m0".into(),
+            ..Default::default()
+        },
+    );
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    let stopped = progress.borrow().stopped.clone().expect("a stop reason");
+    assert!(
+        stopped.contains("round 1 (train) aborted 3 times")
+            && stopped.contains("1 results, quorum is 2 (in 3 of 3 attempts)"),
+        "{stopped}"
+    );
+    let Some(RunStop::GaveUp { attempts: 3, .. }) = coord.shared.stopped() else {
+        panic!("{:?}", coord.shared.stopped());
+    };
+    let history = coord.shared.history().unwrap();
+    assert_eq!(history.len(), 3, "{history:?}");
+    assert!(history.iter().all(|r| r.outcome == Outcome::Aborted));
+    let status = silent
+        .client
+        .status(pb::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status
+            .phase
+            .starts_with("stopped: round 1 (train) aborted 3 times"),
+        "{}",
+        status.phase
+    );
+    agent.stop().await;
+    let err = coord
+        .shutdown()
+        .await
+        .expect_err("the run ended with an error");
+    assert!(format!("{err:#}").contains("aborted 3 times"), "{err:#}");
+}

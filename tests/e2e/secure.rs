@@ -390,3 +390,53 @@ async fn telco_churn_with_secure_aggregation_reaches_the_plaintext_auc() {
     );
     assert!(d <= 1e-4, "max |secure − plain| = {d}");
 }
+
+/// The retry attack on secure aggregation: with at least t but fewer than
+/// `quorum` masked inputs, the old coordinator unmasked the sum, then
+/// aborted for want of a quorum and retried over the same inputs, so the
+/// difference of two sums revealed individual updates. Now the round aborts
+/// before any unmask request is sent and no sum reaches the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survivors_at_the_threshold_but_below_the_quorum_abort_before_any_unmask_request() {
+    // Four invited, complete graph: threshold t = 3; quorum 4. One agent
+    // dies before its masked input: three inputs, ≥ t, < quorum.
+    let run = noop_secure_run("e2e-sa-quorum", 1, 4, 4, 100);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut progress = coord.progress.clone();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let dying = RawAgent::join(coord.addr, merchant(3)).await;
+    let dying = tokio::spawn(dying.secure_then_die(DieAt::BeforeMaskedInput));
+    let mut logging = Vec::new();
+    for k in 0..3 {
+        let raw = RawAgent::join(coord.addr, merchant(k)).await;
+        logging.push(tokio::spawn(raw.secure_logging_stages(stop_rx.clone())));
+    }
+    progress.wait_for(|p| p.records >= 1).await.unwrap();
+    stop.send(true).unwrap();
+    dying.await.unwrap();
+    for agent in logging {
+        let stages = agent.await.unwrap();
+        assert!(
+            stages.iter().all(|s| s != "unmask"),
+            "an unmask request was sent: {stages:?}"
+        );
+        assert!(stages.iter().any(|s| s == "masked_input"), "{stages:?}");
+    }
+    let history = coord.shared.history().unwrap();
+    let t = trains(&history);
+    assert_eq!(t.len(), 1, "{history:?}");
+    assert_eq!(t[0].outcome, Outcome::Aborted);
+    assert!(
+        t[0].reported.is_empty(),
+        "a sum reached the engine: {:?}",
+        t[0]
+    );
+    let reason = t[0].abort_reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("3 masked inputs, quorum is 4") && reason.contains("before unmasking"),
+        "abort reason: {reason}"
+    );
+    assert_eq!(coord.shared.model(1).unwrap(), None, "nothing committed");
+    coord.shutdown().await.unwrap();
+}

@@ -176,6 +176,116 @@ async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_merchant_loses_its_open_session_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cd, files) = pki(dir.path());
+    certs::issue(&cd, "m2").unwrap();
+    certs::allow(&files.access, "m2").unwrap();
+    let split = telco_split(2, 5);
+    let store = tempfile::tempdir().unwrap();
+    init_logs();
+    let mut run = churn_run("revoke", 1, 2, 2);
+    run.selection.max_agents = 3;
+    run.evaluate = false;
+    let coord = start_with(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        &store.path().join("c.redb"),
+        run,
+        Duration::from_millis(500),
+        ServeOptions {
+            transport: Transport::Tls(files.clone()),
+            http: None,
+            limits: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
+
+    // m2 joins first, so it is selected in the first task.
+    let channel = Endpoint::from_shared(format!("https://localhost:{}", coord.addr.port()))
+        .unwrap()
+        .tls_config(client_tls(&cd, Some((&cd, "m2"))))
+        .unwrap()
+        .connect_lazy();
+    let join = pb::JoinRequest {
+        merchant_id: "m2".into(),
+        examples: Default::default(),
+        agent_version: "test".into(),
+    };
+    let mut work = CoordinatorClient::new(channel)
+        .join(join)
+        .await
+        .unwrap()
+        .into_inner();
+    let agents: Vec<_> = (0..2)
+        .map(|k| {
+            let id = format!("m{k}");
+            let mut a = fedcart_client::agent::Agent::new(
+                format!("https://localhost:{}", coord.addr.port()),
+                load_merchant(&id, &split.files[k]),
+            );
+            a.tls = Some(client_tls(&cd, Some((&cd, &id))));
+            spawn_configured(a)
+        })
+        .collect();
+    let first = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let msg = work.message().await.unwrap().expect("stream open");
+            if let Some(pb::work::Kind::Task(t)) = msg.kind {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("m2 gets a task");
+
+    // Revoked while connected and selected: its stream ends with a status.
+    certs::revoke(&files.access, "m2").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match work.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the revoked merchant's Join stream is closed");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("`m2` is revoked"),
+        "{}",
+        status.message()
+    );
+
+    // The run goes on with the others and never selects m2 again.
+    let mut progress = coord.progress.clone();
+    tokio::time::timeout(Duration::from_secs(120), progress.wait_for(|p| p.finished))
+        .await
+        .expect("the run finishes without m2")
+        .unwrap();
+    let history = coord.shared.history().unwrap();
+    assert_eq!(history[0].task_id, first.task_id);
+    assert!(history[0].dropped.contains(&"m2".to_string()));
+    assert!(
+        history[1..]
+            .iter()
+            .all(|r| !r.selected.contains(&"m2".to_string()))
+    );
+    assert!(
+        history
+            .iter()
+            .any(|r| r.kind == fedcart_common::task::TaskKind::Train
+                && r.outcome == fedcart_coordinator::record::Outcome::Committed)
+    );
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_is_served_only_when_insecure_is_explicit() {
     let store = tempfile::tempdir().unwrap();
     let coord =

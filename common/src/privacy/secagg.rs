@@ -23,13 +23,28 @@
 //!   list it is shown, and an agent reveals shares only when shown at least `t`
 //!   valid signatures from survivors over exactly the list it signed; with
 //!   `t > (k + 1) / 2` two conflicting lists cannot both gather `t` signatures
-//!   among one agent's holders. Signature keys are advertised in stage 1 and
-//!   must be authenticated by the transport (mutual TLS identities): this module
-//!   has no PKI. A malicious server can still make the round abort, and the
-//!   graph is fixed by the public round seed over the agents that advertised.
-//! * **Not covered**: agents that lie about their input (clipping bounds the
-//!   damage of one agent to ±clip per coordinate), and differential privacy of
-//!   the sum itself (add noise before aggregation for that).
+//!   among one agent's holders. A malicious server can still make the round
+//!   abort, and the graph is fixed by the public round seed over the agents
+//!   that advertised.
+//! * **Keys are relayed by the server, unauthenticated end to end.** Mutual
+//!   TLS authenticates each agent to the server only; the roster (encryption,
+//!   mask and signature keys of every agent) reaches the agents through the
+//!   server, which could substitute keys of its own and so open the shares
+//!   sent to the agents it impersonates. This module has no PKI; binding each
+//!   advertisement to its merchant's certificate is not done yet.
+//! * **Malicious agents are bounded by the sum's range, not by clipping.**
+//!   Clipping runs on the agent, so it binds only honest agents: a malicious
+//!   agent may send any residue below the modulus. The server refuses a
+//!   decoded sum that `|U3|` agents within the round's bounds cannot produce
+//!   ([`SecAggError::SumOutOfRange`]: a value beyond `|U3|`·clip plus ten
+//!   standard deviations of any distributed noise, a weight beyond
+//!   `|U3|`·max_weight, e.g. a wrapped weight slot), aborting the round. Within
+//!   those bounds one malicious agent can still move each summed coordinate by
+//!   up to about 2·`|U3|`·clip and the weight by up to `|U3|`·max_weight, and
+//!   no one can tell which agent it was; a robust, per-update defence needs
+//!   updates in the clear (or zero-knowledge range proofs, not implemented).
+//! * **Not covered**: differential privacy of the sum itself (add noise before
+//!   aggregation for that).
 //!
 //! # Stages
 //!
@@ -47,7 +62,10 @@
 //!    k neighbours and itself; each neighbour's two shares are encrypted with
 //!    ChaCha20-Poly1305 under HKDF-SHA256(X25519 agreement, salt = round seed),
 //!    nonce and associated data binding round, sender and recipient, and
-//!    relayed by the server ([`ShareUpload`] → [`ShareRelay`]). `U2` = agents
+//!    relayed by the server ([`ShareUpload`] → [`ShareRelay`]); every
+//!    ciphertext is exactly [`SHARE_CIPHERTEXT_LEN`] bytes and the server
+//!    refuses any other length, so no sender can swell a neighbour's relay
+//!    past the message limit. `U2` = agents
 //!    whose shares arrived.
 //! 3. **Masked input.** Each agent encodes its whole [`Update`](crate::federation::update::Update) (values ‖
 //!    coordinate weights ‖ weight ‖ clipped count) in fixed point modulo
@@ -70,6 +88,13 @@
 //! server checks this before asking for any share, and on abort the masked
 //! sum is dropped unread: no partial sum is ever output.
 //!
+//! The threshold protects a single round only. A driver that unmasks a sum
+//! and then refuses it (e.g. for want of its own quorum) and retries over the
+//! same inputs with other survivors lets the difference of the two sums
+//! reveal individual inputs; the coordinator's drivers therefore never
+//! unmask with fewer than max(t, quorum) inputs, and stop the run rather
+//! than retry a sum that was revealed but not committed.
+//!
 //! # Structural invariant
 //!
 //! The server role never holds an individual update in the clear: it sees
@@ -88,7 +113,11 @@
 //!   SecAgg). Each agent's cost is O(k·d) PRG output rather than O(n·d). Bell
 //!   et al. show k = O(log n) keeps the sum private when the fraction of
 //!   corrupted and dropped agents is bounded; the privacy of an input rests on
-//!   its k pairwise masks, so for small n prefer the complete graph. k + 1 ≤ 255
+//!   its k pairwise masks, so for small n prefer the complete graph. A sparse
+//!   graph needs k ≥ [`MIN_NEIGHBOURS`] = 4, checked by the server and every
+//!   agent: the server learns each survivor's self mask, so the masked inputs
+//!   of a group of survivors closed under the graph's edges add up to that
+//!   group's sum — with k = 1 (a perfect matching) each pair's. k + 1 ≤ 255
 //!   because shares live in GF(256) (one x-coordinate per holder); an odd k
 //!   needs an even number of agents.
 //! * `threshold` = t — shares needed to recover a secret, 2 ≤ t ≤ k + 1.
@@ -149,7 +178,10 @@ mod server;
 mod wire;
 
 pub use client::ClientSession;
-pub use config::{COMPLETE_GRAPH_UP_TO, MAX_HOLDERS, MIN_STEPS_PER_CLIP, STATS_CLIP, SecAggConfig};
+pub use config::{
+    COMPLETE_GRAPH_UP_TO, MAX_HOLDERS, MIN_NEIGHBOURS, MIN_STEPS_PER_CLIP, STATS_CLIP, SecAggConfig,
+};
+pub use crypto::SHARE_CIPHERTEXT_LEN;
 pub use driver::{
     Dropouts, EncodedHook, InMemoryOutcome, Traffic, round_seed, rounding_rng, run_in_memory,
     run_in_memory_with,
@@ -305,6 +337,28 @@ pub enum SecAggError {
         valid: usize,
         /// The threshold t.
         need: usize,
+    },
+    /// The unmasked sum holds a coordinate that no `count` agents following
+    /// the protocol could have produced: some agent sent an out-of-range
+    /// input (a wrapped weight, a residue beyond its clip). The round's sum
+    /// is refused whole.
+    #[error(
+        "round refused: the decoded sum's {what} coordinate {index} is {value}, beyond the \
+         {bound} that {count} agents within the round's clip and max_weight can reach; an agent \
+         sent an out-of-range masked input"
+    )]
+    SumOutOfRange {
+        /// Which part of the vector: `value`, `coordinate weight`, `weight`
+        /// or `clipped count`.
+        what: &'static str,
+        /// Position in the encoded vector.
+        index: usize,
+        /// The decoded value.
+        value: f64,
+        /// The largest magnitude honest agents can reach.
+        bound: f64,
+        /// Agents whose inputs are in the sum.
+        count: usize,
     },
     /// An agent refused a request that would break the protocol's guarantees.
     #[error("refused: {0}")]

@@ -81,6 +81,11 @@ pub struct SimArgs {
     /// Probability that a selected merchant drops out of a task [default: 0].
     #[arg(long)]
     pub dropout: Option<f64>,
+    /// Attempts of one round before the run stops with the dominant cause of
+    /// its aborts (a round that can never commit is not retried for ever)
+    /// [default: 10].
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
     /// Fraction of merchants that are malicious [default: 0].
     #[arg(long)]
     pub malicious: Option<f64>,

@@ -100,11 +100,7 @@ impl Fleet {
         model: &ModelSpec,
         sgd: &SgdParams,
     ) -> Self {
-        let epochs = match model {
-            ModelSpec::Mf { hyper, .. } | ModelSpec::MfImplicit { hyper, .. } => hyper.epochs,
-            _ => sgd.epochs,
-        }
-        .max(1) as f64;
+        let epochs = model.model().local_epochs(sgd).max(1) as f64;
         let lognormal = LogNormal::new(0.0, c.speed_sigma).expect("σ validated finite, >= 0");
         let speed: Vec<f64> = merchants
             .iter()

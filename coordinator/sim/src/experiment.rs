@@ -95,6 +95,10 @@ pub struct Experiment {
     /// Differential privacy of the run, when `--dp-clip` was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySummary>,
+    /// Why the run stopped before its last round (an exhausted privacy
+    /// budget), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
     /// The final global model's parameters (not written to the outputs;
     /// for comparing runs, e.g. the two transports).
     #[serde(skip)]
@@ -109,6 +113,9 @@ pub struct Experiment {
 /// The privacy guarantee of a finished experiment.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PrivacySummary {
+    /// Where the noise came from: seeded in the simulator, which makes the
+    /// experiment reproducible and the noise public.
+    pub dp_noise: String,
     /// `central` or `distributed`.
     pub mode: fedcart_coordinator::config::DpMode,
     /// The planned noise multiplier σ (solved from `--target-epsilon` if given).
@@ -147,6 +154,7 @@ impl Experiment {
             per_merchant: BTreeMap::new(),
             federation_value: None,
             privacy: None,
+            stopped: None,
             timing: Timing {
                 load_seconds,
                 ..Default::default()

@@ -182,6 +182,18 @@ async fn drive(
             .context("the coordinator stopped before the run finished")?;
     }
     bar.finish_and_clear();
+    if let Some(why) = shared
+        .stopped()
+        .filter(|w| !matches!(w, fedcart_coordinator::engine::RunStop::Budget { .. }))
+    {
+        // The coordinator gave up: stop the agents, then report its reason.
+        let _ = stop.send(true);
+        for handle in agents {
+            let _ = handle.await;
+        }
+        let _ = running.shutdown().await;
+        anyhow::bail!("{name}: {why}");
+    }
 
     // The store keys records by task id, so `r10…` sorts before `r2…`: put
     // them back in the engine's order (statistics, then per round the

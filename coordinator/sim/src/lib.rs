@@ -28,7 +28,7 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
@@ -39,7 +39,8 @@ pub use args::{DpModeName, ModeName, Transport};
 use data::TaskChoice;
 pub use experiment::{Experiment, RoundRow};
 use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
-use fedcart_coordinator::engine::Engine;
+use fedcart_coordinator::engine::{Engine, RunStop};
+use fedcart_coordinator::ledger::NoiseSource;
 use fedcart_coordinator::record::Outcome;
 use fedcart_coordinator::store::Store;
 pub use settings::{Attack, Settings};
@@ -152,6 +153,7 @@ pub fn run_one(
             dp.population = Some(n);
             dp
         }),
+        max_attempts: s.max_attempts,
     };
     run.validate()?;
     if s.transport == Transport::Grpc {
@@ -162,6 +164,9 @@ pub fn run_one(
     // Not fsync'd: the store is deleted with `dir` when the run ends.
     let store = Store::open_scratch(&dir.path().join("simulation.redb"))?;
     let mut engine = Engine::open(store, run)?;
+    // Reproducible experiments: the noise is derived from the seed, which
+    // makes it public. Reports say so (`privacy.dp_noise`).
+    engine.set_noise_source(NoiseSource::SeededNotPrivate);
 
     let ids: Vec<String> = pop
         .merchants
@@ -308,7 +313,17 @@ pub fn run_one(
         }
     }
     bar.finish_and_clear();
+    match engine.stopped() {
+        None => {}
+        // An exhausted budget ends the experiment early; its rounds stand.
+        Some(stop @ RunStop::Budget { .. }) => {
+            eprintln!("{}: {stop}", exp.name);
+            exp.stopped = Some(stop.to_string());
+        }
+        Some(stop) => bail!("{}: {stop}", exp.name),
+    }
     exp.privacy = engine.ledger().map(|l| experiment::PrivacySummary {
+        dp_noise: l.noise_source().label().to_string(),
         mode: l.settings().mode,
         noise_multiplier: l.noise_multiplier(),
         delta: l.settings().delta,
@@ -402,6 +417,16 @@ fn secure_sum(
     use fedcart_common::privacy::secagg::{Dropouts, run_in_memory, run_in_memory_with};
     let n = inputs.len();
     if n == 0 {
+        return Ok(0);
+    }
+    // Every input here reaches the masked sum (no dropouts inside the
+    // protocol): below the quorum, abort before unmasking, as the service
+    // does, so that no refused sum is ever revealed.
+    let quorum = engine.run().quorum;
+    if n < quorum {
+        engine.abort_secure(fedcart_coordinator::secure_round::before_unmasking(
+            n, quorum,
+        ));
         return Ok(0);
     }
     let settings = engine

@@ -81,6 +81,8 @@ pub struct Settings {
     pub secagg_clip: Option<f32>,
     /// Per-task dropout probability.
     pub dropout: f64,
+    /// Attempts of one round before the run stops (`run.max_attempts`).
+    pub max_attempts: u32,
     /// Malicious fraction.
     pub malicious: f64,
     /// Attack of malicious merchants.
@@ -227,6 +229,10 @@ impl Settings {
             secagg,
             secagg_clip: args.secagg_clip.or(file.secagg_clip),
             dropout: pick!(dropout, 0.0),
+            max_attempts: pick!(
+                max_attempts,
+                fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS
+            ),
             malicious: pick!(malicious, 0.0),
             attack: Attack::parse(&pick!(attack, "scale:10".into()))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", name!(attack, "--attack")))?,
@@ -257,6 +263,9 @@ impl Settings {
                 name!(fraction, "--fraction"),
                 s.fraction
             );
+        }
+        if s.max_attempts == 0 {
+            bail!("{} must be ≥ 1", name!(max_attempts, "--max-attempts"));
         }
         for (name, v) in [
             (name!(dropout, "--dropout"), s.dropout),

@@ -8,7 +8,9 @@ use fedcart_common::train::{TaskOutput, TrainError};
 use fedcart_coordinator::engine::{Engine, Submission};
 
 /// The output of a local task, or `None` after dropping the merchant from
-/// the open task when it failed (as a merchant whose training failed would).
+/// the open task when it failed (as a merchant whose training failed would),
+/// with the failure recorded so that a round that keeps aborting is
+/// reported with its cause.
 pub fn accept(
     engine: &mut Engine,
     id: &str,
@@ -18,7 +20,7 @@ pub fn accept(
         Ok(o) => Some(o),
         Err(e) => {
             tracing::warn!(merchant = %id, error = %e, "local task failed; dropped");
-            engine.drop_agent(id);
+            engine.fail_agent(id, e.to_string());
             None
         }
     }

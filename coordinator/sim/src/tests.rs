@@ -294,6 +294,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
             stage_timeout_ms: None,
         }),
         dp: None,
+        max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
     };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("stats.redb")).unwrap();
@@ -413,4 +414,107 @@ fn rules_read_from_the_config_file_name_its_key() {
     };
     let e = format!("{:#}", Settings::from_args(a).unwrap_err());
     assert!(e.contains("strategy") && e.contains("fedmagic"), "{e}");
+}
+
+/// The retry attack on secure aggregation, in the simulator: a secure
+/// round whose masked inputs are fewer than the quorum must abort before
+/// anything is unmasked (no sum reaches the engine), or its retry over the
+/// same inputs would reveal the difference of two sums.
+#[test]
+fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
+    use fedcart_common::federation::update::Update;
+    let ids: Vec<String> = (0..3).map(|k| format!("m{k}")).collect();
+    let run = RunConfig {
+        run_id: "simulation".into(),
+        seed: 5,
+        rounds: 1,
+        model: ModelSpec::Noop { dim: 8 },
+        sgd: Default::default(),
+        selection: Selection {
+            fraction: 1.0,
+            min_agents: 3,
+            max_agents: 3,
+            min_available: 0,
+        },
+        quorum: 3,
+        round_timeout_ms: 1_000,
+        evaluate: false,
+        strategy: Default::default(),
+        secagg: Some(SecAggSettings {
+            neighbours: None,
+            clip: 1.0,
+            verify_survivors: false,
+            stage_timeout_ms: None,
+        }),
+        dp: None,
+        max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), run).unwrap();
+    let plan = engine.start_task(&ids).unwrap();
+    assert!(plan.secure);
+    // Two of the three answer: two inputs (≥ the threshold of 2 for two
+    // agents), one short of the quorum.
+    let mut inputs = Vec::new();
+    for id in &ids[..2] {
+        inputs.push((
+            id.clone(),
+            Update {
+                values: vec![0.25; 8],
+                coord_weights: vec![],
+                weight: 1.0,
+            },
+        ));
+        let sub = fedcart_coordinator::engine::Submission {
+            update: None,
+            metrics: Default::default(),
+            weight: 1.0,
+            bytes: 0,
+        };
+        engine
+            .submit(id, "simulation", plan.round, &plan.task_id, sub)
+            .unwrap();
+    }
+    engine.drop_agent(&ids[2]);
+    assert_eq!(secure_sum(&mut engine, &plan, inputs, 5).unwrap(), 0);
+    let record = engine.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Aborted);
+    assert!(
+        record.reported.is_empty(),
+        "no secure sum may reach the engine: {record:?}"
+    );
+    let reason = record.abort_reason.unwrap_or_default();
+    assert!(
+        reason.contains("2 masked inputs, quorum is 3")
+            && reason.contains("aborted before unmasking"),
+        "{reason}"
+    );
+}
+
+/// A round that can never commit used to be retried for ever at full
+/// speed. Scaled-up poisoned updates make every merchant's local training
+/// diverge from version 1: after `--max-attempts` (default 10) attempts the
+/// run ends with that cause instead of looping.
+#[test]
+fn a_round_where_every_merchant_diverges_ends_the_run_with_that_cause() {
+    let mut a = args();
+    a.task = Some("mf".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
+    a.merchants = Some(10);
+    a.rounds = Some(10);
+    a.malicious = Some(0.2);
+    a.attack = Some("scale:1000".into());
+    a.strategy = Some("fedavg".parse().unwrap());
+    a.no_secagg = true;
+    let err = run_all(&Settings::from_args(a).unwrap()).expect_err("the run gives up");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("round 2 (train) aborted 10 times (run.max_attempts)")
+            && text.contains("every merchant's local training diverged from version 1"),
+        "{text}"
+    );
 }

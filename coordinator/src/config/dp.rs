@@ -14,6 +14,13 @@ use fedcart_common::privacy::dp::accountant::DEFAULT_SIGMA_TOLERANCE;
 use fedcart_common::privacy::dp::{AdaptiveClip, solve_noise_multiplier};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The sampling rate every round is accounted at: 1, whatever fraction of
+/// the connected agents the cohort is. Amplification by
+/// subsampling needs a selection the adversary cannot see, and ours is
+/// neither secret nor unpredictable: it is derived from the run seed (sent
+/// to every agent) and the task id, and published in every round record.
+pub const ACCOUNTED_SAMPLING_RATE: f64 = 1.0;
+
 use super::{ConfigError, RunConfig};
 
 /// Who adds the noise.
@@ -87,8 +94,9 @@ pub struct DpSettings {
     /// Noise std divided by the clip norm; give this or `target_epsilon`.
     #[serde(default)]
     pub noise_multiplier: Option<f64>,
-    /// Solve the noise multiplier up front so that ε after `rounds` rounds at
-    /// the planned sampling rate is at most this.
+    /// Solve the noise multiplier up front so that ε after `rounds` rounds
+    /// (accounted at sampling rate 1) is at most this; the run stops before
+    /// a round that could exceed it.
     #[serde(default)]
     pub target_epsilon: Option<f64>,
     /// δ of the (ε, δ) guarantee; keep it below 1 / population.
@@ -96,9 +104,10 @@ pub struct DpSettings {
     /// Who adds the noise.
     #[serde(default)]
     pub mode: DpMode,
-    /// Number of merchants in the federation, for the planned sampling rate
-    /// of `target_epsilon` (without it the plan uses `selection.fraction`).
-    /// Each round's ε uses the actual rate, selected / connected.
+    /// Number of merchants in the federation, for the planned cohort (the
+    /// default adaptive-clip count noise). ε is accounted at sampling rate 1
+    /// whatever the cohort (the selection is public: see
+    /// `ACCOUNTED_SAMPLING_RATE`), and so is `target_epsilon`.
     #[serde(default)]
     pub population: Option<usize>,
     /// Adaptive clipping: the first clip norm.
@@ -174,7 +183,9 @@ impl DpSettings {
             return Ok(z);
         }
         let target = self.target_epsilon.unwrap_or(f64::NAN);
-        let q = self.planned_sampling_rate(run);
+        // Rounds are accounted without amplification by subsampling (the
+        // selection is public: see `ACCOUNTED_SAMPLING_RATE`).
+        let q = ACCOUNTED_SAMPLING_RATE;
         solve_noise_multiplier(
             target,
             self.delta,

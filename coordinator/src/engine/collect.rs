@@ -10,6 +10,39 @@ use fedcart_common::task::TaskKind;
 
 use super::{Accumulation, Engine, OpenTask, Submission, SubmitError};
 
+use crate::limits::{MAX_REJECTION_CHARS, MAX_REJECTIONS};
+
+/// Records a refusal in the open task, within [`MAX_REJECTIONS`] entries of
+/// at most [`MAX_REJECTION_CHARS`] characters; the last entry says that
+/// further ones were not recorded.
+fn record_rejection(open: &mut OpenTask, agent: String, e: &SubmitError) {
+    let n = open.rejected.len();
+    if n + 1 < MAX_REJECTIONS {
+        let full = e.to_string();
+        let mut reason: String = full.chars().take(MAX_REJECTION_CHARS).collect();
+        if reason.len() < full.len() {
+            reason.push('…');
+        }
+        open.rejected.push((agent, reason));
+    } else if n + 1 == MAX_REJECTIONS {
+        open.rejected.push((
+            "*".into(),
+            format!("{MAX_REJECTIONS} or more rejections: further ones are not recorded"),
+        ));
+    }
+}
+
+/// A metric name cut for a message, so that a huge name from the network
+/// cannot blow up a log line or the round record.
+fn shown_name(name: &str) -> String {
+    if name.len() <= 64 {
+        return name.to_owned();
+    }
+    let mut shown: String = name.chars().take(32).collect();
+    shown.push('…');
+    shown
+}
+
 impl Engine {
     /// The cheap checks that need no payload: run, task, selection, duplicates.
     /// Drivers call it before reading a large upload.
@@ -72,7 +105,7 @@ impl Engine {
             }
             Err(e) => {
                 tracing::warn!(agent, task = task_id, error = %e, "update rejected");
-                open.rejected.push((agent.to_string(), e.to_string()));
+                record_rejection(open, agent.to_string(), e);
             }
         }
         result
@@ -127,7 +160,7 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(agent, task = task_id, error = %e, "update rejected");
-                    open.rejected.push((agent, e.to_string()));
+                    record_rejection(open, agent, &e);
                     results.push(Err(e));
                 }
             }
@@ -157,7 +190,7 @@ impl Engine {
                 });
                 tracing::warn!(agent, task = task_id, error = %e, "update rejected");
                 open.reported.remove(&agent);
-                open.rejected.push((agent, e.to_string()));
+                record_rejection(open, agent, &e);
                 results[i] = Err(e);
                 continue;
             }
@@ -191,7 +224,7 @@ impl Engine {
         validate: impl FnOnce(&Update) -> Result<(), UpdateError>,
     ) -> Result<(), SubmitError> {
         if let Some((k, _)) = sub.metrics.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(SubmitError::BadMetric(k.clone()));
+            return Err(SubmitError::BadMetric(shown_name(k)));
         }
         if !(sub.weight.is_finite() && sub.weight >= 0.0) {
             return Err(UpdateError::BadWeight(sub.weight).into());
@@ -283,6 +316,21 @@ impl Engine {
         }
     }
 
+    /// Counts a selected agent whose local task failed (its training
+    /// diverged, it had no data) as dropped for the open task, recording
+    /// `reason` with the rejections so that a round that keeps aborting can
+    /// name its cause (see [`RunStop::GaveUp`](super::RunStop::GaveUp)).
+    pub fn fail_agent(&mut self, agent: &str, reason: String) {
+        if let Some(open) = &mut self.open
+            && open.selected.contains(agent)
+            && !open.reported.contains(agent)
+            && open.dropped.insert(agent.to_string())
+        {
+            tracing::info!(agent, task = %open.plan.task_id, %reason, "local task failed");
+            open.rejected.push((agent.to_string(), reason));
+        }
+    }
+
     /// Counts a selected agent that disconnected as dropped for the open task.
     pub fn drop_agent(&mut self, agent: &str) {
         if let Some(open) = &mut self.open
@@ -299,5 +347,69 @@ impl Engine {
         self.open
             .as_ref()
             .map_or(0, |o| o.selected.len() - o.reported.len() - o.dropped.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fedcart_common::task::ModelSpec;
+
+    use super::*;
+    use crate::config::{RunConfig, Selection};
+    use crate::store::Store;
+
+    #[test]
+    fn repeated_refusals_with_huge_metric_names_keep_the_record_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_scratch(&dir.path().join("e.redb")).unwrap();
+        let run = RunConfig {
+            max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+            run_id: "bounded".into(),
+            seed: 3,
+            rounds: 1,
+            model: ModelSpec::Noop { dim: 2 },
+            sgd: Default::default(),
+            selection: Selection {
+                fraction: 1.0,
+                min_agents: 1,
+                max_agents: 1,
+                min_available: 0,
+            },
+            quorum: 1,
+            round_timeout_ms: 1_000,
+            evaluate: false,
+            strategy: Default::default(),
+            secagg: None,
+            dp: None,
+        };
+        let mut engine = Engine::open(store, run).unwrap();
+        let plan = engine.start_task(&["m0".into()]).unwrap();
+        let huge = "k".repeat(4 << 20);
+        for _ in 0..1_000 {
+            let sub = Submission {
+                update: Some(Update {
+                    values: vec![0.0; 2],
+                    coord_weights: vec![],
+                    weight: 1.0,
+                }),
+                metrics: BTreeMap::from([(huge.clone(), f64::NAN)]),
+                weight: 1.0,
+                bytes: 8,
+            };
+            let err = engine
+                .submit("m0", "bounded", plan.round, &plan.task_id, sub)
+                .unwrap_err();
+            assert!(
+                err.to_string().len() < 200,
+                "the error does not carry the name"
+            );
+        }
+        let record = engine.finish_task().unwrap();
+        assert_eq!(record.rejected.len(), MAX_REJECTIONS);
+        assert_eq!(record.rejected.last().unwrap().0, "*");
+        let size = serde_json::to_vec(&record).unwrap().len();
+        assert!(size < 64 * 1024, "record is {size} bytes");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use fedcart_common::data::standardize::Standardizer;
 use fedcart_common::task::TaskKind;
 
-use super::{Accumulation, Engine, EngineError};
+use super::{Accumulation, Engine, EngineError, RunStop, dominant_cause};
 use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::store::Commit;
 
@@ -70,8 +70,7 @@ impl Engine {
             if kind == TaskKind::Evaluate {
                 self.pending_eval = false;
             }
-            self.store.append_history(&record)?;
-            return Ok(record);
+            return self.close_aborted(record, None);
         }
         match kind {
             TaskKind::Stats => {
@@ -94,10 +93,15 @@ impl Engine {
             TaskKind::Train => {
                 let layout = open.plan.spec.update_layout();
                 let mut ledger = self.ledger.clone();
+                // The optimiser state (momentum, moments) advances inside
+                // `apply`: keep a copy so an aborted round leaves it as it
+                // was, and only a commit keeps the new state.
+                let before = self.strategy.state();
+                let revealed = open.plan.secure;
                 let next = match (&open.acc, &mut ledger) {
                     (Accumulation::Sum(acc), Some(l)) => {
                         let (step, privacy) =
-                            l.release(acc, &open.plan, open.population, reported, self.run.seed)?;
+                            l.release(acc, &open.plan, reported, self.run.seed)?;
                         record.privacy = Some(privacy);
                         self.strategy.apply(&self.global, &step)
                     }
@@ -110,10 +114,22 @@ impl Engine {
                     }
                 };
                 if let Some(i) = next.iter().position(|v| !v.is_finite()) {
-                    record.abort_reason = Some(format!("aggregate value {i} is not finite"));
-                    record.privacy = None;
-                    self.store.append_history(&record)?;
-                    return Ok(record);
+                    let reason = format!("aggregate value {i} is not finite");
+                    record.abort_reason = Some(reason.clone());
+                    self.strategy.restore(&before);
+                    if !revealed {
+                        record.privacy = None;
+                        return self.close_aborted(record, None);
+                    }
+                    // The unmasked sum was seen: account its noise, and stop
+                    // rather than retry over the same inputs.
+                    self.ledger = ledger;
+                    let stop = RunStop::Revealed {
+                        round: record.round,
+                        task_id: record.task_id.clone(),
+                        reason,
+                    };
+                    return self.close_aborted(record, Some(stop));
                 }
                 record.outcome = Outcome::Committed;
                 let version = self.version + 1;
@@ -128,6 +144,50 @@ impl Engine {
                 self.ledger = ledger;
                 self.pending_eval = self.run.evaluate;
                 tracing::info!(version, reported, "version committed");
+            }
+        }
+        Ok(record)
+    }
+
+    /// Writes an aborted attempt. When it is the round's `run.max_attempts`-th
+    /// (or `stop` is given), the run stops in the same store transaction,
+    /// with the dominant cause of the round's aborts.
+    fn close_aborted(
+        &mut self,
+        record: RoundRecord,
+        stop: Option<RunStop>,
+    ) -> Result<RoundRecord, EngineError> {
+        let key = (record.round, kind_name(record.kind));
+        let attempts = self.attempts.get(&key).copied().unwrap_or(0);
+        let stop = match stop {
+            Some(s) => Some(s),
+            None if attempts >= self.run.max_attempts => {
+                let mut tried: Vec<RoundRecord> = self
+                    .store
+                    .history()?
+                    .into_iter()
+                    .filter(|r| {
+                        (r.round, kind_name(r.kind)) == key && r.outcome == Outcome::Aborted
+                    })
+                    .collect();
+                tried.push(record.clone());
+                Some(RunStop::GaveUp {
+                    round: record.round,
+                    kind: key.1.to_string(),
+                    attempts,
+                    cause: dominant_cause(&tried),
+                })
+            }
+            None => None,
+        };
+        match stop {
+            None => self.store.append_history(&record)?,
+            Some(stop) => {
+                tracing::error!(task = %record.task_id, "{stop}");
+                let json = serde_json::to_value(&stop).expect("serialisable");
+                self.store
+                    .append_history_with_meta(&record, &[("stopped", json)])?;
+                self.stopped = Some(stop);
             }
         }
         Ok(record)

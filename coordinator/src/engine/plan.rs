@@ -8,7 +8,7 @@ use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use rand::seq::SliceRandom;
 
-use super::{Accumulation, Engine, EngineError, OpenTask, TaskPlan, unix_ms};
+use super::{Accumulation, Engine, EngineError, OpenTask, RunStop, TaskPlan, unix_ms};
 use crate::config::Selection;
 use crate::record::kind_name;
 
@@ -20,7 +20,9 @@ impl Engine {
     }
 
     pub(super) fn next_kind(&self) -> Option<(u64, TaskKind)> {
-        if self.run.model.stats_len() > 0 && self.standardizer.is_none() {
+        if self.stopped.is_some() {
+            None
+        } else if self.run.model.stats_len() > 0 && self.standardizer.is_none() {
             Some((0, TaskKind::Stats))
         } else if self.pending_eval {
             Some((self.version, TaskKind::Evaluate))
@@ -48,7 +50,10 @@ impl Engine {
         let kind_name = kind_name(kind);
         let attempt = self.attempts.get(&(round, kind_name)).copied().unwrap_or(0) + 1;
         let task_id = format!("r{round}a{attempt}-{kind_name}");
-        let (selected, population) = select(available, sel, self.run.seed, &task_id);
+        let (selected, _population) = select(available, sel, self.run.seed, &task_id);
+        if kind == TaskKind::Train {
+            self.check_budget(round, selected.len())?;
+        }
 
         let spec = TaskSpec {
             kind,
@@ -100,7 +105,6 @@ impl Engine {
             started_unix_ms: unix_ms(),
             bytes_in: 0,
             secure_survivors: None,
-            population,
             secure_abort: None,
         });
         tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
@@ -108,11 +112,40 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Stops the run, before anything is sent, when composing training
+    /// round `round` of `selected` merchants could take ε above
+    /// `run.dp.target_epsilon`.
+    fn check_budget(&mut self, round: u64, selected: usize) -> Result<(), EngineError> {
+        let Some(l) = &self.ledger else {
+            return Ok(());
+        };
+        let Some(target) = l.settings().target_epsilon else {
+            return Ok(());
+        };
+        let (spent, next) = l.epsilon_if_one_more_round(selected, self.run.quorum)?;
+        if next <= target * (1.0 + 1e-9) {
+            return Ok(());
+        }
+        let stop = RunStop::Budget {
+            round,
+            spent,
+            next,
+            target,
+        };
+        tracing::error!(round, spent, next, target, "{stop}");
+        let json = serde_json::to_value(&stop).expect("serialisable");
+        self.store.put_meta_json(&[("stopped", json)])?;
+        self.stopped = Some(stop.clone());
+        Err(EngineError::Stopped(stop))
+    }
+}
+
 /// Draws the agents of task `task_id` from `available`: `fraction` of the
 /// distinct agents (rounded up, clamped to `[min_agents, max_agents]` and to
 /// what is there), shuffled by the run seed and the task id so that a run
 /// replays exactly. Returns the selected agents, sorted, and the number of
-/// distinct agents available (the population the privacy ledger samples).
+/// distinct agents available (the population the cohort was drawn from).
 pub(super) fn select(
     available: &[String],
     sel: &Selection,

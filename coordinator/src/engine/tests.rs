@@ -39,6 +39,7 @@ fn run(selection: Selection, quorum: usize) -> RunConfig {
         strategy: Default::default(),
         secagg: None,
         dp: None,
+        max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
     }
 }
 
@@ -248,4 +249,56 @@ fn a_dropped_agent_is_excluded_from_the_round() {
         vec![1.0; DIM],
         "the dropped agent's update is not in it"
     );
+}
+
+/// Runs rounds 1 and 2 of a `strategy` run, optionally after an attempt
+/// whose mean step overflows f32 (weighted values at f32::MAX over a total
+/// weight of 2e-30), so that the round aborts after the strategy stepped;
+/// returns the version-2 model and the records.
+fn two_rounds_after(strategy: &str, overflow_first: bool) -> (Vec<f32>, Vec<Outcome>) {
+    let mut cfg = run(selection(1.0, 2, 2), 2);
+    cfg.strategy = strategy.parse().expect("strategy");
+    let (_dir, mut e) = engine(cfg);
+    let all = agents(2);
+    let mut outcomes = Vec::new();
+    if overflow_first {
+        let plan = e.start_task(&all).unwrap();
+        submit(&mut e, &plan, "m00", update([f32::MAX, 1.0, 1.0], 1e-30)).unwrap();
+        submit(&mut e, &plan, "m01", update([f32::MAX, 1.0, 1.0], 1e-30)).unwrap();
+        let rec = e.finish_task().unwrap();
+        assert!(
+            rec.abort_reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains("not finite"),
+            "{rec:?}"
+        );
+        outcomes.push(rec.outcome);
+    }
+    for step in [[0.5, -0.25, 0.125], [0.25, 0.5, -1.0]] {
+        let plan = e.start_task(&all).unwrap();
+        submit(&mut e, &plan, "m00", update(step, 1.0)).unwrap();
+        submit(&mut e, &plan, "m01", update(step, 3.0)).unwrap();
+        outcomes.push(e.finish_task().unwrap().outcome);
+    }
+    (e.global().to_vec(), outcomes)
+}
+
+#[test]
+fn an_aborted_round_leaves_the_server_optimiser_state_untouched() {
+    for strategy in ["fedadam", "fedavgm", "fedyogi"] {
+        let (straight, o1) = two_rounds_after(strategy, false);
+        let (after_abort, o2) = two_rounds_after(strategy, true);
+        assert_eq!(o1, [Outcome::Committed, Outcome::Committed]);
+        assert_eq!(
+            o2,
+            [Outcome::Aborted, Outcome::Committed, Outcome::Committed]
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&after_abort),
+            bits(&straight),
+            "{strategy}: abort then commit must equal a straight commit, bit for bit"
+        );
+    }
 }

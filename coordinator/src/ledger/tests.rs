@@ -10,7 +10,8 @@ use fedcart_common::task::ModelSpec;
 
 use super::*;
 use crate::config::{SecAggSettings, Selection};
-use crate::engine::{Engine, Submission};
+use crate::engine::{Engine, EngineError, RunStop, Submission};
+use crate::record::Outcome;
 use crate::store::Store;
 
 const DIM: usize = 20_000;
@@ -34,6 +35,7 @@ fn run(dp: DpSettings, selected: usize) -> RunConfig {
         strategy: Default::default(),
         secagg: None,
         dp: Some(dp),
+        max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
     }
 }
 
@@ -78,7 +80,7 @@ fn std_dev(xs: &[f32]) -> (f64, f64) {
 }
 
 #[test]
-fn central_noise_on_the_sum_has_std_sigma_c_and_replays_for_a_seed() {
+fn central_noise_on_the_sum_has_std_sigma_c_and_is_fresh_each_run() {
     let dir = tempfile::tempdir().unwrap();
     let all = agents(10);
     let (z, c) = (2.0, 0.5);
@@ -107,7 +109,8 @@ fn central_noise_on_the_sum_has_std_sigma_c_and_replays_for_a_seed() {
         z * c
     );
     assert!(mean.abs() < 0.07, "mean {mean}");
-    // The same seed replays the noise bit for bit; another seed does not.
+    // The noise comes from the OS: the same configuration, seed included,
+    // draws other noise.
     let dir2 = tempfile::tempdir().unwrap();
     let mut again = Engine::open(
         Store::open(&dir2.path().join("b.redb")).unwrap(),
@@ -115,14 +118,64 @@ fn central_noise_on_the_sum_has_std_sigma_c_and_replays_for_a_seed() {
     )
     .unwrap();
     round(&mut again, &all, 0.0, None);
-    assert_eq!(again.global(), engine.global());
-    let mut other_cfg = cfg;
+    assert_ne!(again.global(), engine.global());
+    // The simulator's seeded source replays bit for bit for a seed (and is
+    // therefore not private); another seed draws other noise.
+    let seeded = |cfg: RunConfig| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Engine::open(Store::open(&dir.path().join("s.redb")).unwrap(), cfg).unwrap();
+        e.set_noise_source(NoiseSource::SeededNotPrivate);
+        round(&mut e, &all, 0.0, None);
+        e.global()
+    };
+    let mut other_cfg = cfg.clone();
     other_cfg.seed = 8;
-    let dir3 = tempfile::tempdir().unwrap();
-    let mut other =
-        Engine::open(Store::open(&dir3.path().join("c.redb")).unwrap(), other_cfg).unwrap();
-    round(&mut other, &all, 0.0, None);
-    assert_ne!(other.global(), engine.global());
+    let first = seeded(cfg.clone());
+    assert_eq!(seeded(cfg), first);
+    assert_ne!(seeded(other_cfg), first);
+}
+
+/// The attack of a merchant who knows the run seed (every agent gets it in
+/// the task spec): regenerate the coordinator's noise from
+/// `seed::rng(seed, ["dp-noise", task])`, subtract it from the released step
+/// and read the exact sum of the other merchants' updates. With noise from
+/// the OS the residual is noise of the full scale.
+#[test]
+fn a_merchant_who_knows_the_run_seed_cannot_regenerate_the_central_noise() {
+    use fedcart_common::privacy::dp::CentralGaussian;
+    let dir = tempfile::tempdir().unwrap();
+    let all = agents(10);
+    let (z, c, m) = (2.0, 0.5, 5);
+    let cfg = run(DpSettings::central(c, z, 1e-5), m);
+    let mut engine = Engine::open(
+        Store::open(&dir.path().join("a.redb")).unwrap(),
+        cfg.clone(),
+    )
+    .unwrap();
+    let before = engine.global();
+    let rec = round(&mut engine, &all, 0.0, None);
+    // The attacker's copy of the noise the coordinator used to add.
+    let mut guess = vec![0.0f64; DIM];
+    CentralGaussian::new(z, c).unwrap().add_to_sum(
+        &mut guess,
+        &mut fedcart_common::seed::rng(cfg.seed, &["dp-noise", &rec.task_id]),
+    );
+    // m·step − guessed noise = the sum of the updates (all zero here) if the
+    // guess is right.
+    let residual: Vec<f32> = engine
+        .global()
+        .iter()
+        .zip(before.iter())
+        .zip(&guess)
+        .map(|((a, b), g)| ((f64::from(a - b) * m as f64) - g) as f32)
+        .collect();
+    let (_, sd) = std_dev(&residual);
+    // Independent noise: the residual has std √2·z·C; a regenerated noise
+    // would leave only f32 rounding (std < 1e-5).
+    assert!(
+        (sd / (2f64.sqrt() * z * c) - 1.0).abs() < 0.05,
+        "the noise was regenerated from the seed: residual std {sd}"
+    );
 }
 
 #[test]
@@ -137,12 +190,15 @@ fn epsilon_per_round_equals_the_accountants_and_survives_a_restart() {
     for _ in 0..2 {
         let rec = round(&mut engine, &all, 0.01, None);
         let p = rec.privacy.expect("privacy recorded");
-        assert_eq!(p.sampling_rate, 0.5);
+        assert_eq!(
+            p.sampling_rate, 1.0,
+            "the selection is public: no amplification"
+        );
         assert_eq!(p.denominator, 5);
         eps.push(p.epsilon);
     }
     for (t, e) in eps.iter().enumerate() {
-        let want = epsilon_for(0.5, z, t as u64 + 1, delta).unwrap().epsilon;
+        let want = epsilon_for(1.0, z, t as u64 + 1, delta).unwrap().epsilon;
         assert!((e - want).abs() < 1e-12, "round {}: {e} vs {want}", t + 1);
     }
     assert!(eps[1] > eps[0]);
@@ -152,7 +208,7 @@ fn epsilon_per_round_equals_the_accountants_and_survives_a_restart() {
     let mut engine = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
     assert_eq!(engine.ledger().unwrap().epsilon(), Some(eps[1]));
     let rec = round(&mut engine, &all, 0.01, None);
-    let want = epsilon_for(0.5, z, 3, delta).unwrap().epsilon;
+    let want = epsilon_for(1.0, z, 3, delta).unwrap().epsilon;
     assert!((rec.privacy.unwrap().epsilon - want).abs() < 1e-12);
     let history: Vec<f64> = engine
         .store()
@@ -335,4 +391,81 @@ fn target_epsilon_is_met_by_the_solved_noise_over_the_planned_rounds() {
         last = round(&mut engine, &all, 0.0, None).privacy.unwrap().epsilon;
     }
     assert!(last <= 2.0 && last > 1.99, "final epsilon {last}");
+}
+
+/// The budget is enforced: in distributed mode dropouts lower the noise a
+/// round is accounted at (z·√(survivors / selected)), so ε grows faster than
+/// planned; the run stops before the round that could exceed
+/// `target_epsilon` (rounds that commit with the quorum of 3 of 4), saying
+/// so, and the ε spent never exceeds the target.
+#[test]
+fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
+    use fedcart_common::federation::aggregate::SumAccumulator;
+    let dir = tempfile::tempdir().unwrap();
+    let all = agents(10);
+    let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
+    settings.noise_multiplier = None;
+    settings.target_epsilon = Some(2.0);
+    settings.mode = DpMode::Distributed;
+    let mut cfg = run(settings, 4);
+    cfg.quorum = 3;
+    cfg.secagg = Some(SecAggSettings {
+        neighbours: None,
+        clip: 1.0,
+        verify_survivors: false,
+        stage_timeout_ms: None,
+    });
+    let mut engine = Engine::open(Store::open(&dir.path().join("b.redb")).unwrap(), cfg).unwrap();
+    let mut spent = Vec::new();
+    let stop = loop {
+        let plan = match engine.start_task(&all) {
+            Ok(plan) => plan,
+            Err(EngineError::Stopped(stop)) => break stop,
+            Err(e) => panic!("{e}"),
+        };
+        // Three of the four selected survive the secure round.
+        let survivors = &plan.selected[..3];
+        let sum = SumAccumulator::new(plan.spec.update_len(), 0);
+        engine.set_secure_sum(survivors, sum).unwrap();
+        let rec = engine.finish_task().unwrap();
+        assert_eq!(rec.outcome, Outcome::Committed);
+        spent.push(rec.privacy.unwrap().epsilon);
+    };
+    assert!(engine.finished());
+    assert_eq!(engine.stopped(), Some(&stop));
+    let RunStop::Budget {
+        round,
+        spent: at_stop,
+        next,
+        target,
+    } = stop.clone()
+    else {
+        panic!("{stop:?}");
+    };
+    // Three rounds at z·√(3/4) cost what four at z do: the third does not fit.
+    assert_eq!(round, 3, "{stop} {spent:?}");
+    assert_eq!(spent.len(), 2);
+    assert!(spent.iter().all(|&e| e <= target), "{spent:?}");
+    assert_eq!(Some(&at_stop), spent.last());
+    assert!(at_stop <= target && next > target, "{stop}");
+    let text = stop.to_string();
+    assert!(
+        text.contains("target_epsilon 2") && text.contains(&format!("round {round}")),
+        "{text}"
+    );
+    // The stop is stored with the run: a restarted engine stays stopped.
+    drop(engine);
+    let cfg = engine_cfg_of(&dir);
+    let again = Engine::open(Store::open(&dir.path().join("b.redb")).unwrap(), cfg).unwrap();
+    assert!(
+        matches!(again.stopped(), Some(RunStop::Budget { round: 3, .. })),
+        "{:?}",
+        again.stopped()
+    );
+    assert!(again.finished());
+}
+
+fn engine_cfg_of(dir: &tempfile::TempDir) -> RunConfig {
+    let store = Store::open(&dir.path().join("b.redb")).unwrap();
+    store.meta_json::<RunConfig>("run_config").unwrap().unwrap()
 }

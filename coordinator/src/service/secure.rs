@@ -25,8 +25,18 @@
 //!
 //! Any protocol failure (too few survivors, unrecoverable shares) aborts the
 //! task with the session's error in the round record; the masked sum is
-//! dropped unread and the round is attempted again. Stages after the first
-//! use `secagg.stage_timeout_ms`.
+//! dropped unread and the round is attempted again. Fewer masked inputs than
+//! `run.quorum` abort the task the same way, **before** any unmask request
+//! is sent: a sum unmasked and then refused for want of a quorum would be
+//! retried over the same inputs, and the difference of the two sums would
+//! be one merchant's update. Stages after the first use
+//! `secagg.stage_timeout_ms`.
+//!
+//! The round seed is derived from the run seed and the task id, so anyone
+//! who knows the run seed knows it: it fixes only public things (the
+//! neighbour graph, the HKDF salt, the AEAD nonces and associated data, the
+//! signed survivor message). Every secret of the round (agents' key pairs,
+//! self-mask seeds, distributed-DP noise) comes from each agent's OS CSPRNG.
 //!
 //! No code here holds an individual update in the clear: the coordinator
 //! only ever sees masked bytes, which it never decodes one by one.
@@ -103,6 +113,9 @@ impl Shared {
         };
         if tx.is_none_or(|tx| tx.try_send(Ok(work)).is_err()) {
             tracing::info!(merchant, stage, task = %plan.task_id, "secure-aggregation request not delivered");
+        } else {
+            // The chaos test (tests/chaos) kills processes on this line.
+            tracing::debug!(merchant, stage, task = %plan.task_id, "secure-aggregation request sent");
         }
     }
 }
@@ -280,12 +293,7 @@ pub(super) async fn submit_masked(
             header.payload_len
         )));
     }
-    let _slot = shared
-        .upload_slots
-        .acquire()
-        .await
-        .map_err(|_| Status::unavailable("shutting down"))?;
-    let payload = super::read_payload(&mut stream, declared).await?;
+    let (_slot, payload) = super::receive_payload(shared, &mut stream, declared).await?;
     {
         let mut guard = shared.secure_round();
         let round = guard
@@ -359,7 +367,7 @@ async fn drive(
     changed: &mut watch::Receiver<u64>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Outcome {
-    let (settings, seed, stage_timeout) = {
+    let (settings, seed, stage_timeout, quorum) = {
         let engine = shared.engine();
         let run = engine.run();
         let settings = run
@@ -367,7 +375,7 @@ async fn drive(
             .clone()
             .expect("secure tasks come from runs with secagg settings");
         let timeout = settings.stage_timeout(run.round_timeout_ms);
-        (settings, run.seed, timeout)
+        (settings, run.seed, timeout, run.quorum)
     };
     let n = plan.selected.len();
     let config = round_config(&settings, &plan.spec, n);
@@ -449,6 +457,14 @@ async fn drive(
         .for_each(|x| push(stage_name::MASKED_INPUT, x.to, x.to_bytes()));
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
 
+    // The masked inputs in the sum are final now. Below the quorum the task
+    // would abort after unmasking, and its retry over the same inputs with
+    // other survivors would let the difference of the two sums reveal
+    // individual updates: abort before anything is unmasked.
+    let in_sum = step(shared, |r| Ok(r.answered.len())).expect("counting cannot fail");
+    if in_sum < quorum {
+        return Ok(Err(crate::secure_round::before_unmasking(in_sum, quorum)));
+    }
     let after = match step(shared, |r| r.server().close_masked()) {
         Ok(a) => a,
         Err(e) => return Ok(Err(e)),

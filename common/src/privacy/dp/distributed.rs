@@ -366,12 +366,14 @@ pub struct DistributedNoise {
 
 impl DistributedNoise {
     /// Sets the encoding of a secure-aggregation configuration to the one the
-    /// noise was calibrated for (value clip, fixed-point scale and ring). Agents and
+    /// noise was calibrated for (value clip, fixed-point scale, ring, and the
+    /// per-agent noise variance the sum's sanity bound allows for). Agents and
     /// the coordinator must both call this on the round's configuration.
     pub fn configure(&self, config: &mut crate::privacy::secagg::SecAggConfig) {
         config.clip = self.secagg_clip;
         config.scale = self.skellam.scale;
         config.modulus_bits = self.modulus_bits;
+        config.noise_variance = self.skellam.per_agent_variance().max(self.bit_variance);
     }
 }
 

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use super::crypto::{self, SHARE_LEN, Sign};
+use super::crypto::{self, BUNDLE_LEN, SHARE_LEN, Sign};
 use super::encode::{EncodedInput, encode};
 use super::graph::NeighbourGraph;
 use super::ring::{RingVec, check_shape};
@@ -176,7 +176,7 @@ impl ClientSession {
                     INFO_SHARE,
                     h,
                 )?;
-                let mut plain = Zeroizing::new(Vec::with_capacity(8 + 2 * SHARE_LEN));
+                let mut plain = Zeroizing::new(Vec::with_capacity(BUNDLE_LEN));
                 plain.extend_from_slice(&me.to_le_bytes());
                 plain.extend_from_slice(&h.to_le_bytes());
                 plain.extend_from_slice(&sk_shares[i]);
@@ -258,7 +258,7 @@ impl ClientSession {
             }
             let key = &self.share_keys[&s.from];
             let plain = crypto::open(key, &self.round_seed, s.from, self.id, &s.ciphertext)?;
-            if plain.len() != 8 + 2 * SHARE_LEN
+            if plain.len() != BUNDLE_LEN
                 || plain[..4] != s.from.to_le_bytes()
                 || plain[4..8] != self.id.to_le_bytes()
             {

@@ -61,7 +61,29 @@ pub struct SecAggConfig {
     /// Run the malicious-server consistency check: agents sign the survivor
     /// list and refuse to reveal shares without t valid, matching signatures.
     pub verify_survivors: bool,
+    /// Variance, in encoded units, of the noise one agent may add to each
+    /// value coordinate (distributed differential privacy; 0 without noise).
+    /// Only the sanity bound on the decoded sum uses it
+    /// ([`super::DecodedSum::decode`]): it widens each value's bound by ten
+    /// standard deviations of the summed noise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub noise_variance: f64,
 }
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// Smallest graph degree `neighbours` accepted for a sparse graph (one that
+/// is not complete). The server learns every survivor's self mask, so it can
+/// add the masked inputs of any group of survivors that is closed under the
+/// graph's edges and cancel their pairwise masks: it learns each connected
+/// part's sum. Degree 1 is a perfect matching (every pair's sum leaks); the
+/// degree-k Harary graph stays connected until k agents drop or collude, so
+/// degree 2 (a ring) splits after two dropouts. Four is the floor; SecAgg+'s
+/// 2·⌈log2 n⌉ is the recommendation. A complete graph (k ≥ n − 1) is always
+/// accepted.
+pub const MIN_NEIGHBOURS: usize = 4;
 
 /// The SecAgg+ degree for `n` agents: 2·⌈log2 n⌉ (the logarithmic degree of
 /// Bell et al.), capped at n − 1, at least 1.
@@ -165,6 +187,7 @@ impl SecAggConfig {
             weight_scale: 1.0,
             modulus_bits: 32,
             verify_survivors: false,
+            noise_variance: 0.0,
         };
         c.fit_scale(n);
         c
@@ -253,9 +276,25 @@ impl SecAggConfig {
                 format!("{} must be finite and positive", self.weight_scale),
             );
         }
+        if !(self.noise_variance.is_finite() && self.noise_variance >= 0.0) {
+            return bad(
+                "noise_variance",
+                format!("{} must be finite and >= 0", self.noise_variance),
+            );
+        }
         let k = self.degree(n);
         if k == 0 {
             return bad("neighbours", "must be at least 1".into());
+        }
+        if k < n - 1 && k < MIN_NEIGHBOURS {
+            return bad(
+                "neighbours",
+                format!(
+                    "k = {k} with {n} agents is a sparse graph below the minimum degree \
+                     {MIN_NEIGHBOURS}: the server could learn the sums of small groups of agents \
+                     (k = 1 pairs them up); use at least {MIN_NEIGHBOURS}, or the complete graph"
+                ),
+            );
         }
         if k + 1 > MAX_HOLDERS {
             return bad(

@@ -33,6 +33,15 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// Length in bytes of one Shamir share of a 32-byte secret (x, then 32 y).
 pub(crate) const SHARE_LEN: usize = 33;
 
+/// Plaintext of one share bundle: sender and recipient ids (4 bytes each),
+/// then the pairwise-key share and the self-mask share.
+pub(crate) const BUNDLE_LEN: usize = 8 + 2 * SHARE_LEN;
+
+/// The one length of a share-bundle ciphertext: the bundle plus the 16-byte
+/// Poly1305 tag. The server refuses any other length before relaying, so a
+/// sender cannot inflate a neighbour's relay past the message limit.
+pub const SHARE_CIPHERTEXT_LEN: usize = BUNDLE_LEN + 16;
+
 /// Whether a mask is added to or subtracted from a vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sign {

@@ -147,6 +147,68 @@ fn decode_signed<W: Word>(raw: &[W], config: &SecAggConfig) -> Vec<f64> {
         .collect()
 }
 
+/// Refuses a sum that `count` agents following the protocol cannot produce.
+///
+/// Each honest value code is at most ⌈clip·scale⌉ in magnitude (plus its
+/// share of distributed-DP noise, allowed for at ten standard deviations of
+/// the summed noise), each weight code at most ⌈max_weight·weight_scale⌉ and
+/// each clipped count at most the vector length. A malicious agent may send
+/// any residue; whatever it adds shows up here unless the total stays within
+/// these bounds, which is all a sanity check on the sum can enforce.
+fn check_bounds(
+    config: &SecAggConfig,
+    values: &[f64],
+    unsigned: &dyn Fn(usize) -> u64,
+    count: usize,
+) -> Result<(), SecAggError> {
+    let n = count as f64;
+    let noise = 10.0 * (n * config.noise_variance).sqrt();
+    let value_bound = (n * config.max_value_code() as f64 + noise) / config.scale;
+    let out = |what, index, value: f64, bound| SecAggError::SumOutOfRange {
+        what,
+        index,
+        value,
+        bound,
+        count,
+    };
+    if let Some((i, &v)) = values
+        .iter()
+        .enumerate()
+        .find(|(_, v)| v.abs() > value_bound)
+    {
+        return Err(out("value", i, v, value_bound));
+    }
+    let nv = config.num_values;
+    let nw = config.num_coord_weights;
+    let weight_code_bound = (count as u128).saturating_mul(config.max_weight_code());
+    for i in nv..=nv + nw {
+        if u128::from(unsigned(i)) > weight_code_bound {
+            let what = if i < nv + nw {
+                "coordinate weight"
+            } else {
+                "weight"
+            };
+            return Err(out(
+                what,
+                i,
+                unsigned(i) as f64 / config.weight_scale,
+                weight_code_bound as f64 / config.weight_scale,
+            ));
+        }
+    }
+    let clipped_bound = (count as u128).saturating_mul(config.vector_len() as u128);
+    let clipped = unsigned(nv + nw + 1);
+    if u128::from(clipped) > clipped_bound {
+        return Err(out(
+            "clipped count",
+            nv + nw + 1,
+            clipped as f64,
+            clipped_bound as f64,
+        ));
+    }
+    Ok(())
+}
+
 /// The decoded result of a round: sums over the surviving agents.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedSum {
@@ -165,7 +227,9 @@ pub struct DecodedSum {
 impl DecodedSum {
     /// Decodes an unmasked sum of `count` agents' encodings. Values are read
     /// as two's complement in modulus_bits; validation guarantees the true
-    /// sum lies in range, so this is exact up to quantisation.
+    /// sum lies in range, so this is exact up to quantisation. A sum that
+    /// `count` agents within the round's bounds cannot produce is refused
+    /// with [`SecAggError::SumOutOfRange`] (a malicious agent's doing).
     pub fn decode(config: &SecAggConfig, raw: &RingVec, count: usize) -> Result<Self, SecAggError> {
         if raw.len() != config.vector_len() {
             return Err(SecAggError::WrongLength {
@@ -189,6 +253,7 @@ impl DecodedSum {
         let mask = config.modulus_mask();
         let values = with_words!(&raw.words, v => decode_signed(&v[..nv], config));
         let unsigned = |i: usize| raw.get(i) & mask;
+        check_bounds(config, &values, &unsigned, count)?;
         Ok(Self {
             values,
             coord_weights: (nv..nv + nw)

@@ -238,6 +238,22 @@ impl ServerSession {
                 "agent {from} did not send one share per neighbour"
             )));
         }
+        if let Some(s) = upload
+            .shares
+            .iter()
+            .find(|s| s.ciphertext.len() != crypto::SHARE_CIPHERTEXT_LEN)
+        {
+            return Err(SecAggError::Malformed {
+                what: "ShareUpload",
+                detail: format!(
+                    "agent {from}'s share for agent {} is {} bytes; every share ciphertext is \
+                     exactly {} bytes",
+                    s.to,
+                    s.ciphertext.len(),
+                    crypto::SHARE_CIPHERTEXT_LEN
+                ),
+            });
+        }
         self.uploads.insert(from, upload.shares);
         Ok(())
     }

@@ -112,6 +112,7 @@ fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>)
         strategy: Default::default(),
         secagg: None,
         dp: None,
+        max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
     };
     let dir = tempfile::tempdir().unwrap();
     let mut engine = Engine::open(Store::open(&dir.path().join("s.redb")).unwrap(), run).unwrap();

@@ -1,0 +1,237 @@
+//! The merchant's own privacy policy (`[privacy]` in `merchant.toml`): the
+//! protections a task must carry before this agent works on it.
+//!
+//! The coordinator chooses each task's protections — secure aggregation on
+//! or off, its threshold and graph degree, the survivor-list check, the
+//! differential-privacy settings. Without a local policy the agent would
+//! take whatever it is sent; with one, a task below the policy is refused
+//! before anything leaves the agent (no model download, no update, no
+//! masked input), with a log line naming the setting, the task's value and
+//! the policy's. The coordinator then counts the agent as a dropout.
+//!
+//! What the agent can check is what it is told: central differential
+//! privacy adds its noise on the coordinator, out of the agent's sight, so
+//! `min_noise_multiplier` can only be met by distributed noise (added on
+//! the agents under secure aggregation).
+
+use fedcart_common::privacy::secagg::SecAggConfig;
+use fedcart_common::task::{TaskKind, TaskSpec};
+use serde::{Deserialize, Serialize};
+
+/// The protections this merchant requires; every default accepts what the
+/// coordinator accepted before the policy existed, except rounds of two
+/// agents under secure aggregation (`min_neighbours = 2`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyPolicy {
+    /// Refuse training and statistics tasks that are not securely
+    /// aggregated (default `false`). Evaluation tasks send only metrics.
+    pub require_secure_aggregation: bool,
+    /// Smallest Shamir threshold t accepted: fewer than t colluding holders
+    /// of this agent's shares learn nothing (default 2, the protocol's floor).
+    pub min_threshold: usize,
+    /// Fewest other agents whose pairwise masks must cover this agent's
+    /// input, i.e. the round's graph degree (default 2: in a round of two
+    /// agents the sum minus one's own input is the other's).
+    pub min_neighbours: usize,
+    /// Require the survivor-list signatures that guard against a server
+    /// telling agents different survivor lists (default `false`).
+    pub require_verify_survivors: bool,
+    /// Refuse training tasks without differential privacy (default `false`).
+    pub require_dp: bool,
+    /// Smallest noise multiplier z accepted for a training task; above 0 it
+    /// requires distributed noise (added here, under secure aggregation),
+    /// since the agent cannot see central noise (default 0: no requirement).
+    pub min_noise_multiplier: f64,
+}
+
+impl Default for PrivacyPolicy {
+    fn default() -> Self {
+        Self {
+            require_secure_aggregation: false,
+            min_threshold: 2,
+            min_neighbours: 2,
+            require_verify_survivors: false,
+            require_dp: false,
+            min_noise_multiplier: 0.0,
+        }
+    }
+}
+
+/// A task below the merchant's policy: which setting, what the task offers
+/// and what the policy requires.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "task refused by the merchant's privacy policy: `privacy.{setting}` requires {policy}, \
+     the task has {task}; relax the policy in merchant.toml or ask the platform to raise it"
+)]
+pub struct PolicyViolation {
+    /// The policy key, under `[privacy]`.
+    pub setting: &'static str,
+    /// The task's value.
+    pub task: String,
+    /// The policy's value.
+    pub policy: String,
+}
+
+fn violation(setting: &'static str, task: impl ToString, policy: impl ToString) -> PolicyViolation {
+    PolicyViolation {
+        setting,
+        task: task.to_string(),
+        policy: policy.to_string(),
+    }
+}
+
+impl PrivacyPolicy {
+    /// Checks a pushed task before any work: secure aggregation, differential
+    /// privacy and its noise multiplier.
+    pub fn check_task(&self, spec: &TaskSpec, secure: bool) -> Result<(), PolicyViolation> {
+        let sends_update = matches!(spec.kind, TaskKind::Train | TaskKind::Stats);
+        if self.require_secure_aggregation && sends_update && !secure {
+            return Err(violation(
+                "require_secure_aggregation",
+                "secure aggregation off",
+                "secure aggregation on",
+            ));
+        }
+        if spec.kind != TaskKind::Train {
+            return Ok(());
+        }
+        if self.require_dp && spec.dp.is_none() {
+            return Err(violation(
+                "require_dp",
+                "no differential privacy",
+                "differential privacy",
+            ));
+        }
+        if self.min_noise_multiplier > 0.0 {
+            let z = spec
+                .dp
+                .as_ref()
+                .and_then(|d| d.distributed)
+                .map(|n| n.skellam.noise_multiplier);
+            match z {
+                None => {
+                    return Err(violation(
+                        "min_noise_multiplier",
+                        "no agent-side (distributed) noise",
+                        format!("distributed noise with z >= {}", self.min_noise_multiplier),
+                    ));
+                }
+                Some(z) if z < self.min_noise_multiplier => {
+                    return Err(violation(
+                        "min_noise_multiplier",
+                        format!("z = {z}"),
+                        format!("z >= {}", self.min_noise_multiplier),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a secure round's parameters when the invitation arrives:
+    /// threshold and survivor-list check.
+    pub fn check_round(&self, config: &SecAggConfig) -> Result<(), PolicyViolation> {
+        if config.threshold < self.min_threshold {
+            return Err(violation(
+                "min_threshold",
+                format!("threshold {}", config.threshold),
+                format!("threshold >= {}", self.min_threshold),
+            ));
+        }
+        if self.require_verify_survivors && !config.verify_survivors {
+            return Err(violation(
+                "require_verify_survivors",
+                "no survivor-list check",
+                "the survivor-list check",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the graph degree once the roster fixes the number of agents
+    /// `n`, before any share is sent.
+    pub fn check_degree(&self, config: &SecAggConfig, n: usize) -> Result<(), PolicyViolation> {
+        let k = config.degree(n);
+        if k < self.min_neighbours {
+            return Err(violation(
+                "min_neighbours",
+                format!("{k} neighbours ({n} agents)"),
+                format!("at least {}", self.min_neighbours),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedcart_common::task::ModelSpec;
+
+    fn spec(kind: TaskKind) -> TaskSpec {
+        TaskSpec {
+            kind,
+            model: ModelSpec::Noop { dim: 3 },
+            sgd: Default::default(),
+            seed: 1,
+            round: 1,
+            standardizer: None,
+            dp: None,
+        }
+    }
+
+    #[test]
+    fn the_default_policy_accepts_what_the_coordinator_sends_except_two_agent_rounds() {
+        let p = PrivacyPolicy::default();
+        p.check_task(&spec(TaskKind::Train), false).unwrap();
+        let c = SecAggConfig::complete(3, 0, 3, 1.0);
+        p.check_round(&c).unwrap();
+        p.check_degree(&c, 3).unwrap();
+        let err = p.check_degree(&c, 2).unwrap_err();
+        assert_eq!(err.setting, "min_neighbours");
+    }
+
+    #[test]
+    fn each_refusal_names_the_setting_the_task_value_and_the_policy_value() {
+        let p = PrivacyPolicy {
+            require_secure_aggregation: true,
+            min_threshold: 4,
+            require_dp: true,
+            ..Default::default()
+        };
+        let err = p.check_task(&spec(TaskKind::Train), false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "task refused by the merchant's privacy policy: `privacy.require_secure_aggregation` \
+             requires secure aggregation on, the task has secure aggregation off; relax the \
+             policy in merchant.toml or ask the platform to raise it"
+        );
+        // Evaluation sends metrics only.
+        p.check_task(&spec(TaskKind::Evaluate), false).unwrap();
+        let err = p.check_task(&spec(TaskKind::Train), true).unwrap_err();
+        assert_eq!(err.setting, "require_dp");
+        let c = SecAggConfig::complete(3, 0, 4, 1.0); // t = 3
+        let err = p.check_round(&c).unwrap_err();
+        assert_eq!(
+            (err.setting, err.task.as_str()),
+            ("min_threshold", "threshold 3")
+        );
+        let z = PrivacyPolicy {
+            min_noise_multiplier: 0.5,
+            ..Default::default()
+        };
+        let mut central = spec(TaskKind::Train);
+        central.dp = Some(fedcart_common::privacy::dp::DpTask {
+            clip: 1.0,
+            clip_bit: false,
+            distributed: None,
+        });
+        assert_eq!(
+            z.check_task(&central, true).unwrap_err().setting,
+            "min_noise_multiplier"
+        );
+    }
+}

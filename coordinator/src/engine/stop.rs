@@ -1,0 +1,128 @@
+//! Stopping a run before its last round: a round that aborted
+//! `run.max_attempts` times, a privacy budget that the next round would
+//! exceed, or a secure sum that was revealed but could not be committed.
+//! The reason is stored with the run (meta key `stopped`), so a restarted
+//! coordinator stays stopped and its status says why.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::RoundRecord;
+
+/// The start of the message of a merchant's local training that diverged
+/// (`fedcart_common::model::TrainError::Diverged`), as drivers report it
+/// with [`Engine::fail_agent`](super::Engine::fail_agent).
+pub const DIVERGED: &str = "local training diverged";
+
+/// Why a run stopped before its last round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "stop")]
+pub enum RunStop {
+    /// One round aborted `run.max_attempts` times in a row.
+    GaveUp {
+        /// The round.
+        round: u64,
+        /// `stats`, `train` or `evaluate`.
+        kind: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The dominant cause of the aborts.
+        cause: String,
+    },
+    /// Composing the next training round would exceed `target_epsilon`.
+    Budget {
+        /// The round that was not started.
+        round: u64,
+        /// ε spent so far.
+        spent: f64,
+        /// ε after the next round.
+        next: f64,
+        /// The configured `run.dp.target_epsilon`.
+        target: f64,
+    },
+    /// A secure sum was unmasked but the round could not be committed:
+    /// retrying over the same inputs would let the difference of two sums
+    /// reveal individual updates, so the run stops instead.
+    Revealed {
+        /// The round.
+        round: u64,
+        /// The task whose sum was revealed.
+        task_id: String,
+        /// Why it could not be committed.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for RunStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::GaveUp {
+                round,
+                kind,
+                attempts,
+                cause,
+            } => write!(
+                f,
+                "round {round} ({kind}) aborted {attempts} times (run.max_attempts): {cause}; \
+                 the run stops"
+            ),
+            Self::Budget {
+                round,
+                spent,
+                next,
+                target,
+            } => write!(
+                f,
+                "privacy budget: ε spent {spent:.4}; round {round} would bring it to {next:.4}, \
+                 above run.dp.target_epsilon {target}; the run stops before round {round}"
+            ),
+            Self::Revealed {
+                round,
+                task_id,
+                reason,
+            } => write!(
+                f,
+                "round {round}: the secure sum of task {task_id} was revealed but not committed \
+                 ({reason}); retrying would expose the difference of two sums over the same \
+                 inputs, so the run stops"
+            ),
+        }
+    }
+}
+
+/// The dominant cause of a round's aborted attempts: every merchant's local
+/// training diverged (when every failure or rejection is a divergence),
+/// otherwise the most frequent rejection, otherwise the most frequent abort
+/// reason.
+pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
+    let rejections: Vec<&str> = attempts
+        .iter()
+        .flat_map(|r| r.rejected.iter().map(|(_, why)| why.as_str()))
+        .collect();
+    if !rejections.is_empty() && rejections.iter().all(|why| why.starts_with(DIVERGED)) {
+        let from = attempts.last().map_or(0, |r| r.base_version);
+        return format!("every merchant's local training diverged from version {from}");
+    }
+    let most = |reasons: Vec<&str>| {
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in &reasons {
+            *count.entry(r).or_default() += 1;
+        }
+        count
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(r, n)| (r.to_string(), n, reasons.len()))
+    };
+    if let Some((reason, n, total)) = most(rejections) {
+        return format!("most results were refused: `{reason}` ({n} of {total})");
+    }
+    let aborts: Vec<&str> = attempts
+        .iter()
+        .filter_map(|r| r.abort_reason.as_deref())
+        .collect();
+    match most(aborts) {
+        Some((reason, n, total)) => format!("{reason} (in {n} of {total} attempts)"),
+        None => "no attempt committed".into(),
+    }
+}

@@ -1,0 +1,89 @@
+//! The merchant's privacy policy against a real coordinator: a task whose
+//! protections fall below an agent's `[privacy]` policy is refused by that
+//! agent before anything leaves it, and the round goes on without it.
+
+use fedcart_client::agent::Agent;
+use fedcart_client::config::Backoff;
+use fedcart_client::policy::PrivacyPolicy;
+use fedcart_common::task::{ModelSpec, TaskKind};
+use fedcart_common::train::LocalData;
+use fedcart_coordinator::config::{RunConfig, SecAggSettings};
+use fedcart_coordinator::record::{Outcome, RoundRecord};
+use fedcart_tests::*;
+
+fn merchant(k: usize) -> LocalData {
+    LocalData {
+        merchant_id: format!("m{k}"),
+        ..Default::default()
+    }
+}
+
+/// One round of the model-free task over four agents, quorum three; the
+/// round (and the key-advertising stage, which contains training) closes
+/// when the refusing agent's deadline passes.
+fn noop_run(run_id: &str, secure: bool) -> RunConfig {
+    let mut run = churn_run(run_id, 1, 4, 3);
+    run.model = ModelSpec::Noop { dim: 200 };
+    run.evaluate = false;
+    run.round_timeout_ms = 3_000;
+    run.secagg = secure.then_some(SecAggSettings {
+        neighbours: None,
+        clip: 1.0,
+        verify_survivors: false,
+        stage_timeout_ms: Some(120_000),
+    });
+    run
+}
+
+/// Runs `run` with m0–m2 on the default policy and m3 on `policy`; returns
+/// the training record.
+async fn run_with_strict_m3(run: RunConfig, policy: PrivacyPolicy) -> RoundRecord {
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut agents: Vec<_> = (0..3)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    let mut strict = Agent::new(format!("http://{}", coord.addr), merchant(3)).with_policy(policy);
+    strict.backoff = Backoff {
+        initial_ms: 20,
+        max_ms: 500,
+    };
+    agents.push(spawn_configured(strict));
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let mut trains = history.into_iter().filter(|r| r.kind == TaskKind::Train);
+    let record = trains.next().expect("a training round");
+    assert!(trains.next().is_none());
+    record
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_requiring_secure_aggregation_sends_nothing_to_a_plain_run() {
+    let policy = PrivacyPolicy {
+        require_secure_aggregation: true,
+        ..Default::default()
+    };
+    let r = run_with_strict_m3(noop_run("e2e-policy-plain", false), policy).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
+    assert_eq!(r.dropped, vec!["m3"]);
+    assert!(r.rejected.is_empty(), "m3 sent nothing: {:?}", r.rejected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_minimum_threshold_is_above_the_rounds_sends_no_masked_input() {
+    // Four agents, complete graph: the coordinator's threshold is 3.
+    let policy = PrivacyPolicy {
+        min_threshold: 4,
+        ..Default::default()
+    };
+    let r = run_with_strict_m3(noop_run("e2e-policy-secure", true), policy).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    // The sum is over the three that advertised keys; m3 never did.
+    assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
+    assert_eq!(r.dropped, vec!["m3"]);
+}
