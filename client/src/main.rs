@@ -144,37 +144,37 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Score { config, out } => {
             let cfg = AgentConfig::load(&config)?;
-            let csv = cfg
-                .data
-                .churn_csv
-                .as_ref()
-                .context("`data.churn_csv` is not configured")?;
-            let schema = cfg
-                .data
-                .schema
-                .clone()
-                .unwrap_or_else(fedcart_common::data::tabular::Schema::telco);
-            let n = recommend::score(&state_of(&cfg)?, csv, &schema, &out)
+            let (csv, schema) = customer_table(&cfg)?;
+            let n = recommend::score(&state_of(&cfg)?, &csv, &schema, &out)
                 .with_context(|| format!("scoring {}", csv.display()))?;
             println!("wrote {n} churn scores to {}", out.display());
             Ok(())
         }
         Command::Segments { config, out } => {
             let cfg = AgentConfig::load(&config)?;
-            let csv = cfg
-                .data
-                .churn_csv
-                .as_ref()
-                .context("`data.churn_csv` is not configured")?;
-            let schema = cfg
-                .data
-                .schema
-                .clone()
-                .unwrap_or_else(fedcart_common::data::tabular::Schema::telco);
-            let n = fedcart_client::segments::segments(&state_of(&cfg)?, csv, &schema, &out)
+            let (csv, schema) = customer_table(&cfg)?;
+            let n = fedcart_client::segments::segments(&state_of(&cfg)?, &csv, &schema, &out)
                 .with_context(|| format!("labelling {}", csv.display()))?;
             println!("wrote {n} customer segments to {}", out.display());
             Ok(())
         }
     }
+}
+
+/// The merchant's customer table and its schema (Telco's when none is
+/// configured), as `score` and `segments` read it.
+fn customer_table(
+    cfg: &AgentConfig,
+) -> anyhow::Result<(std::path::PathBuf, fedcart_common::data::tabular::Schema)> {
+    let csv = cfg
+        .data
+        .churn_csv
+        .clone()
+        .context("`data.churn_csv` is not configured")?;
+    let schema = cfg
+        .data
+        .schema
+        .clone()
+        .unwrap_or_else(fedcart_common::data::tabular::Schema::telco);
+    Ok((csv, schema))
 }
