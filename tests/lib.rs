@@ -169,10 +169,14 @@ pub struct AgentHandle {
     pub task: tokio::task::JoinHandle<Agent>,
 }
 
-/// Spawns a real agent for `data` talking to `addr`.
+/// Spawns a real plaintext agent for `data` talking to `addr`. It has no
+/// certificate, so its policy explicitly takes secure rounds without key
+/// binding (`PrivacyPolicy::without_key_binding`); the mTLS tests build
+/// their agents with `Agent::with_key_identity`.
 pub fn spawn_agent(addr: std::net::SocketAddr, data: LocalData) -> AgentHandle {
     let (stop, rx) = watch::channel(false);
-    let mut agent = Agent::new(format!("http://{addr}"), data);
+    let mut agent = Agent::new(format!("http://{addr}"), data)
+        .with_policy(fedcart_client::policy::PrivacyPolicy::without_key_binding());
     agent.backoff = Backoff {
         initial_ms: 20,
         max_ms: 500,

@@ -2,6 +2,7 @@
 //! send exactly the malformed, stale or duplicated input they need. Its
 //! honest path uses the agent's own download/upload functions.
 
+use fedcart_client::policy::PrivacyPolicy;
 use fedcart_client::secure::{SecureTasks, send};
 use fedcart_client::transfer::{download, upload};
 use fedcart_common::privacy::secagg::stage_name;
@@ -108,7 +109,8 @@ impl RawAgent {
         );
         let out = self.compute(&task).await;
         let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
-        let mut secure = SecureTasks::default();
+        // Plaintext loopback: no certificates to bind keys to.
+        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
         secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
         loop {
             let req = self.next_secagg().await;
@@ -133,7 +135,8 @@ impl RawAgent {
         let task = self.next_task().await;
         let out = self.compute(&task).await;
         let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
-        let mut secure = SecureTasks::default();
+        // Plaintext loopback: no certificates to bind keys to.
+        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
         secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
         let mut stages = Vec::new();
         loop {

@@ -210,7 +210,15 @@ impl Agent {
 
     /// Checks every task against `policy` (see [`crate::policy`]).
     pub fn with_policy(mut self, policy: crate::policy::PrivacyPolicy) -> Self {
-        self.secure = crate::secure::SecureTasks::with_policy(policy);
+        self.secure.set_policy(policy);
+        self
+    }
+
+    /// Binds this agent's secure-aggregation keys to its certificate and
+    /// checks its peers' (see [`crate::secure`]); required for secure rounds
+    /// unless the policy's `require_key_binding` is off.
+    pub fn with_key_identity(mut self, identity: crate::tls::KeyIdentity) -> Self {
+        self.secure.set_identity(identity);
         self
     }
 

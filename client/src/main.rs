@@ -103,11 +103,14 @@ async fn main() -> anyhow::Result<()> {
             agent.backoff = cfg.backoff.clone();
             match &cfg.tls {
                 Some(t) => {
-                    agent.tls =
-                        Some(t.client_config().with_context(|| {
-                            format!("the `tls` section of {}", config.display())
-                        })?)
+                    let section = || format!("the `tls` section of {}", config.display());
+                    agent.tls = Some(t.client_config().with_context(section)?);
+                    agent = agent.with_key_identity(t.key_identity().with_context(section)?);
                 }
+                None if cfg.privacy.require_key_binding => tracing::warn!(
+                    "no `tls` section: connecting in plaintext; secure rounds will be refused \
+                     (privacy.require_key_binding needs the merchant's certificate key)"
+                ),
                 None => tracing::warn!("no `tls` section: connecting in plaintext"),
             }
             let (tx, rx) = tokio::sync::watch::channel(false);

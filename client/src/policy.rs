@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 /// The protections this merchant requires; every default accepts what the
 /// coordinator accepted before the policy existed, except rounds of two
-/// agents under secure aggregation (`min_neighbours = 2`).
+/// agents under secure aggregation (`min_neighbours = 2`) and secure rounds
+/// whose keys are not bound to merchant certificates (`require_key_binding`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyPolicy {
@@ -43,6 +44,15 @@ pub struct PrivacyPolicy {
     /// requires distributed noise (added here, under secure aggregation),
     /// since the agent cannot see central noise (default 0: no requirement).
     pub min_noise_multiplier: f64,
+    /// In a secure round, sign this agent's keys with its mTLS key and
+    /// accept the roster only if every entry is signed by the key of a
+    /// certificate from the agent's CA naming the entry's merchant (default
+    /// `true`; see `fedcart_common::privacy::secagg::binding`). Without it
+    /// the coordinator could substitute a merchant's keys and open what is
+    /// sent to it. An agent without a `[tls]` identity then refuses secure
+    /// rounds; `false` accepts unauthenticated keys (plaintext test setups,
+    /// the simulator's loopback transport).
+    pub require_key_binding: bool,
 }
 
 impl Default for PrivacyPolicy {
@@ -54,6 +64,7 @@ impl Default for PrivacyPolicy {
             require_verify_survivors: false,
             require_dp: false,
             min_noise_multiplier: 0.0,
+            require_key_binding: true,
         }
     }
 }
@@ -151,6 +162,30 @@ impl PrivacyPolicy {
         Ok(())
     }
 
+    /// The default policy without key binding: for agents that have no
+    /// certificate by design (plaintext test federations, the simulator's
+    /// in-process loopback transport), which then take the roster's keys
+    /// as the coordinator relays them.
+    pub fn without_key_binding() -> Self {
+        Self {
+            require_key_binding: false,
+            ..Self::default()
+        }
+    }
+
+    /// Checks, when a secure round's invitation arrives, that this agent can
+    /// bind its keys and check its peers' when the policy requires it.
+    pub fn check_binding(&self, has_identity: bool) -> Result<(), PolicyViolation> {
+        if self.require_key_binding && !has_identity {
+            return Err(violation(
+                "require_key_binding",
+                "no [tls] identity on this agent to sign its keys and verify its peers'",
+                "keys bound to merchant certificates",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the graph degree once the roster fixes the number of agents
     /// `n`, before any share is sent.
     pub fn check_degree(&self, config: &SecAggConfig, n: usize) -> Result<(), PolicyViolation> {
@@ -192,6 +227,18 @@ mod tests {
         p.check_degree(&c, 3).unwrap();
         let err = p.check_degree(&c, 2).unwrap_err();
         assert_eq!(err.setting, "min_neighbours");
+        // Key binding is required by default: an agent without a TLS
+        // identity refuses secure rounds unless the merchant opts out.
+        assert_eq!(
+            p.check_binding(false).unwrap_err().setting,
+            "require_key_binding"
+        );
+        p.check_binding(true).unwrap();
+        PrivacyPolicy::without_key_binding()
+            .check_binding(false)
+            .unwrap();
+        let toml: PrivacyPolicy = toml::from_str("require_key_binding = false").unwrap();
+        assert_eq!(toml, PrivacyPolicy::without_key_binding());
     }
 
     #[test]

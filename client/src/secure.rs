@@ -14,6 +14,13 @@
 //! | `sign_survivors` | `SurvivorCheck`     | `SecAgg` RPC with the `SurvivorSignature` |
 //! | `unmask`         | `UnmaskRequest`     | `SecAgg` RPC with the `UnmaskResponse`    |
 //!
+//! Keys are bound to the merchant's certificate (the privacy policy's
+//! `require_key_binding`, on by default): the advertisement is signed with
+//! the mTLS key ([`KeyIdentity`]), and the roster is used only after every
+//! entry's certificate chain, identity and signature verified
+//! ([`verify_roster`]); otherwise the round is refused with one log line
+//! naming the merchant and what failed, and the agent serves later rounds.
+//!
 //! Key material comes from the operating system's generator; the stochastic
 //! rounding of the fixed-point encoding is seeded per task from the run seed,
 //! so a run replays exactly. The plaintext update never leaves this module:
@@ -21,6 +28,10 @@
 
 use fedcart_common::privacy::dp::distributed::noise_encoded;
 use fedcart_common::privacy::dp::task::DistributedNoise;
+use fedcart_common::privacy::secagg::binding::{
+    BindingContext, BindingError, EntryRefused, KeyBinding, KeySignature, UnixTime, signed_message,
+    verify_roster,
+};
 use fedcart_common::privacy::secagg::{
     ClientSession, KeyRoster, RoundInvite, ShareRelay, SurvivorCheck, UnmaskRequest, encode,
     masked_to_bytes, stage_name,
@@ -30,6 +41,7 @@ use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
+use crate::tls::KeyIdentity;
 use crate::transfer::submit_chunked;
 
 /// Why a stage request was not answered ([`SecureTasks::respond`]), or why
@@ -71,6 +83,21 @@ pub enum SecureError {
         #[source]
         source: crate::policy::PolicyViolation,
     },
+    /// A roster entry's key binding failed: the round is refused, nothing
+    /// was sent with the roster's keys.
+    #[error("round {round} task `{task_id}`")]
+    KeyBinding {
+        /// Round named by the request.
+        round: u64,
+        /// Task named by the request.
+        task_id: String,
+        /// Which entry, whose, and what failed.
+        #[source]
+        source: EntryRefused,
+    },
+    /// The advertisement could not be signed with the merchant's key.
+    #[error("signing the key advertisement")]
+    Sign(#[source] BindingError),
     /// The protocol step panicked on its blocking thread.
     #[error("secure-aggregation step panicked")]
     Panicked(#[source] tokio::task::JoinError),
@@ -102,6 +129,8 @@ struct Held {
     /// encoded input before masking.
     noise: Option<DistributedNoise>,
     session: Option<ClientSession>,
+    /// What the round's advertisements are signed for, set with the session.
+    context: Option<BindingContext>,
 }
 
 /// The secure task this agent is taking part in, if any.
@@ -110,12 +139,35 @@ pub struct SecureTasks {
     held: Option<Held>,
     /// The merchant's policy, checked on the invitation and the roster.
     policy: crate::policy::PrivacyPolicy,
+    /// The merchant's mTLS key and trusted CAs, binding keys to certificates.
+    identity: Option<std::sync::Arc<KeyIdentity>>,
 }
 
 impl SecureTasks {
     /// No held task, checking rounds against `policy`.
     pub fn with_policy(policy: crate::policy::PrivacyPolicy) -> Self {
-        Self { held: None, policy }
+        Self {
+            held: None,
+            policy,
+            identity: None,
+        }
+    }
+
+    /// Replaces the policy, keeping the identity.
+    pub fn set_policy(&mut self, policy: crate::policy::PrivacyPolicy) {
+        self.policy = policy;
+    }
+
+    /// Signs this agent's keys with `identity` and checks its peers' against
+    /// its CAs.
+    pub fn with_identity(mut self, identity: KeyIdentity) -> Self {
+        self.identity = Some(std::sync::Arc::new(identity));
+        self
+    }
+
+    /// Sets the key-binding identity (see [`Self::with_identity`]).
+    pub fn set_identity(&mut self, identity: KeyIdentity) {
+        self.identity = Some(std::sync::Arc::new(identity));
     }
 
     /// The merchant's privacy policy.
@@ -143,6 +195,7 @@ impl SecureTasks {
             output: out,
             noise,
             session: None,
+            context: None,
         });
     }
 
@@ -168,6 +221,7 @@ impl SecureTasks {
 
     fn step(&mut self, session_id: &str, req: &pb::SecAggRequest) -> Result<Reply, SecureError> {
         let policy = &self.policy;
+        let identity = self.identity.as_deref();
         let refuse = |source| SecureError::Policy {
             round: req.round,
             task_id: req.task_id.clone(),
@@ -191,7 +245,7 @@ impl SecureTasks {
             stage: req.stage.clone(),
             source,
         };
-        let message = |body: Vec<u8>| {
+        let signed = |body: Vec<u8>, key_signature: Option<KeySignature>| {
             Reply::Message(pb::SecAggMessage {
                 session_id: session_id.to_string(),
                 run_id: req.run_id.clone(),
@@ -199,17 +253,37 @@ impl SecureTasks {
                 task_id: req.task_id.clone(),
                 stage: req.stage.clone(),
                 body,
+                key_signature: key_signature.map(|s| pb::KeySignature {
+                    scheme: u32::from(s.scheme),
+                    signature: s.signature,
+                }),
             })
         };
+        let message = |body: Vec<u8>| signed(body, None);
         if stage == stage_name::ADVERTISE {
             let invite = RoundInvite::from_json(&req.body).map_err(protocol)?;
             policy.check_round(&invite.config).map_err(refuse)?;
+            policy.check_binding(identity.is_some()).map_err(refuse)?;
+            let context = BindingContext {
+                run_id: req.run_id.clone(),
+                round: req.round,
+                task_id: req.task_id.clone(),
+                round_seed: invite.round_seed,
+            };
             let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
             let mut session =
                 ClientSession::new(invite.config, invite.id, invite.round_seed, &mut os);
             let keys = session.advertise().map_err(protocol)?;
+            let signature = identity
+                .map(|id| {
+                    id.signer
+                        .sign(&signed_message(&context, &held.merchant, &keys))
+                        .map_err(SecureError::Sign)
+                })
+                .transpose()?;
             held.session = Some(session);
-            return Ok(message(keys.to_bytes()));
+            held.context = Some(context);
+            return Ok(signed(keys.to_bytes(), signature));
         }
         let session = held.session.as_mut().ok_or_else(|| SecureError::NoUpdate {
             round: req.round,
@@ -221,6 +295,25 @@ impl SecureTasks {
                 policy
                     .check_degree(session.config(), roster.keys.len())
                     .map_err(refuse)?;
+                if policy.require_key_binding {
+                    // Checked on the invitation: with the policy on, a session
+                    // exists only when the agent has an identity.
+                    let (Some(identity), Some(context)) = (identity, &held.context) else {
+                        return Err(refuse(crate::policy::PolicyViolation {
+                            setting: "require_key_binding",
+                            task: "no identity to verify the roster with".into(),
+                            policy: "keys bound to merchant certificates".into(),
+                        }));
+                    };
+                    let bindings: Vec<KeyBinding> =
+                        req.key_bindings.iter().map(key_binding).collect();
+                    verify_roster(&identity.cas, context, &roster, &bindings, UnixTime::now())
+                        .map_err(|source| SecureError::KeyBinding {
+                            round: req.round,
+                            task_id: req.task_id.clone(),
+                            source,
+                        })?;
+                }
                 let upload = session.share_keys(&roster).map_err(protocol)?;
                 Ok(message(upload.to_bytes()))
             }
@@ -336,11 +429,39 @@ impl SecureTasks {
                     "secure round refused by the privacy policy: {source}"
                 );
             }
+            Err((
+                stage,
+                SecureError::KeyBinding {
+                    task_id, source, ..
+                },
+            )) => {
+                tracing::warn!(
+                    stage,
+                    task = %task_id,
+                    merchant = %source.merchant,
+                    agent = source.agent,
+                    "secure round refused: {source}"
+                );
+            }
             Err((stage, e)) => {
                 tracing::warn!(stage, error = %e, "secure-aggregation request not answered");
             }
         }
         Ok(())
+    }
+}
+
+/// A roster entry's binding as the coordinator relayed it. A scheme code
+/// beyond u16 is no TLS scheme: 0, which verification refuses.
+fn key_binding(b: &pb::KeyBinding) -> KeyBinding {
+    KeyBinding {
+        agent: b.agent,
+        merchant_id: b.merchant_id.clone(),
+        certificate_chain: b.certificate_chain.clone(),
+        signature: b.signature.as_ref().map(|s| KeySignature {
+            scheme: u16::try_from(s.scheme).unwrap_or(0),
+            signature: s.signature.clone(),
+        }),
     }
 }
 

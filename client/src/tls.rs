@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use fedcart_common::privacy::secagg::binding::{AdvertSigner, BindingError, TrustedCas};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
@@ -20,6 +21,30 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+    /// A PEM file was read but holds no usable key or CA certificate.
+    #[error("using the TLS {role} {} to bind secure-aggregation keys", path.display())]
+    Binding {
+        /// Which file: `CA bundle` or `private key`.
+        role: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: BindingError,
+    },
+}
+
+/// What binds this agent's secure-aggregation keys to its certificate and
+/// checks its peers' (see `fedcart_common::privacy::secagg::binding`): the
+/// merchant's mTLS private key and the CAs it trusts for merchant
+/// certificates. The coordinator relays the agent's certificate as it saw
+/// it on the connection, so the certificate file itself is not needed here.
+#[derive(Debug)]
+pub struct KeyIdentity {
+    /// Signs this agent's key advertisements.
+    pub signer: AdvertSigner,
+    /// CAs a peer's certificate must chain to.
+    pub cas: TrustedCas,
 }
 
 /// PEM files of the merchant's TLS identity.
@@ -37,16 +62,31 @@ pub struct AgentTls {
     pub domain: Option<String>,
 }
 
+fn read(role: &'static str, path: &PathBuf) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        role,
+        path: path.clone(),
+        source,
+    })
+}
+
 impl AgentTls {
+    /// The key and CAs that bind this agent's secure-aggregation keys.
+    pub fn key_identity(&self) -> Result<KeyIdentity, TlsError> {
+        let bad = |role, path: &PathBuf| {
+            let path = path.clone();
+            move |source| TlsError::Binding { role, path, source }
+        };
+        Ok(KeyIdentity {
+            signer: AdvertSigner::from_pem(&read("private key", &self.key)?)
+                .map_err(bad("private key", &self.key))?,
+            cas: TrustedCas::from_pem(&read("CA bundle", &self.ca)?)
+                .map_err(bad("CA bundle", &self.ca))?,
+        })
+    }
+
     /// The tonic client TLS configuration.
     pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
-        let read = |role, path: &PathBuf| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
-                role,
-                path: path.clone(),
-                source,
-            })
-        };
         let mut cfg = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("CA bundle", &self.ca)?))
             .identity(Identity::from_pem(

@@ -8,6 +8,7 @@
 
 pub mod data;
 pub mod federation;
+pub mod identity;
 pub mod itemsets;
 pub mod kind;
 pub mod metrics;

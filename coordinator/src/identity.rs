@@ -3,7 +3,10 @@
 //!
 //! A merchant's identity is the URI SAN `fedcart://merchant/<id>` of its
 //! client certificate (the TLS handshake has already checked that the
-//! certificate chains to the configured CA). [`Access`] holds the allow-list
+//! certificate chains to the configured CA), read by [`identity_of`]: the id
+//! rule and the parser live in `fedcart_common::identity`, shared with the
+//! agents, which read the same identity from the certificates relayed with a
+//! secure round's key roster. [`Access`] holds the allow-list
 //! and revocation list from a TOML file; the file is re-read whenever its
 //! modification time or size changes, so `certs allow`/`certs revoke` take
 //! effect without a restart. [`AccessInterceptor`] runs before every RPC:
@@ -25,44 +28,10 @@ use tonic::{Request, Status};
 /// sessions of merchants revoked (or removed) since they joined.
 pub const ACCESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// URI prefix of merchant identities.
-pub const MERCHANT_URI_PREFIX: &str = "fedcart://merchant/";
-
-/// The SAN URI that names merchant `id`.
-pub fn merchant_uri(id: &str) -> String {
-    format!("{MERCHANT_URI_PREFIX}{id}")
-}
-
-/// Longest merchant id, in characters (all of them ASCII).
-pub const MAX_MERCHANT_ID_LEN: usize = 128;
-
-/// A merchant id that breaks the rule of [`validate_id`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("merchant id `{shown}` must be 1–128 characters of [A-Za-z0-9-_.@]")]
-pub struct InvalidMerchantId {
-    /// The id as given, cut to 140 characters so that a huge id from the
-    /// network cannot blow up a log line or a status message.
-    pub shown: String,
-}
-
-/// The one merchant-id rule, applied by `join` and by `certs issue/allow/revoke`:
-/// 1 to [`MAX_MERCHANT_ID_LEN`] characters of `[A-Za-z0-9-_.@]`. The alphabet
-/// keeps ids safe inside a URI SAN (`fedcart://merchant/<id>`), in file
-/// names (`<id>.pem`) and in metric labels.
-pub fn validate_id(id: &str) -> Result<(), InvalidMerchantId> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_MERCHANT_ID_LEN
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
-    if ok {
-        Ok(())
-    } else {
-        Err(InvalidMerchantId {
-            shown: id.chars().take(140).collect(),
-        })
-    }
-}
+pub use fedcart_common::identity::{
+    InvalidMerchantId, MAX_MERCHANT_ID_LEN, MERCHANT_URI_PREFIX, identity_of, merchant_uri,
+    validate_id,
+};
 
 /// The access file: who may join, who is revoked (revocation wins).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -150,14 +119,6 @@ impl Access {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity(pub String);
 
-/// Extracts the merchant id from a DER client certificate.
-pub fn identity_of(cert: &[u8]) -> Option<String> {
-    let der = rustls::pki_types::CertificateDer::from(cert);
-    let ee = webpki::EndEntityCert::try_from(&der).ok()?;
-    ee.valid_uri_names()
-        .find_map(|u| u.strip_prefix(MERCHANT_URI_PREFIX).map(str::to_owned))
-}
-
 /// Refuses callers without an admitted certificate identity.
 #[derive(Clone)]
 pub struct AccessInterceptor {
@@ -232,23 +193,6 @@ pub fn check_session(peer: Option<&PeerIdentity>, session_merchant: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn merchant_ids_are_1_to_128_characters_of_the_uri_safe_alphabet() {
-        for ok in ["m0", "shop-7", "a.b@c_d", &"x".repeat(MAX_MERCHANT_ID_LEN)] {
-            assert_eq!(validate_id(ok), Ok(()), "{ok}");
-        }
-        let long = "x".repeat(MAX_MERCHANT_ID_LEN + 1);
-        for bad in ["", "a b", "shop/7", "café", "m0\n", long.as_str()] {
-            assert!(validate_id(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(
-            validate_id("a b").unwrap_err().to_string(),
-            "merchant id `a b` must be 1–128 characters of [A-Za-z0-9-_.@]"
-        );
-        let huge = "é".repeat(1000);
-        assert_eq!(validate_id(&huge).unwrap_err().shown.chars().count(), 140);
-    }
 
     #[test]
     fn revocation_wins_over_allow_and_unknown_ids_are_refused() {

@@ -560,10 +560,16 @@ impl Coordinator for Service {
         request: Request<pb::SecAggMessage>,
     ) -> Result<Response<pb::SecAggReply>, Status> {
         let peer = crate::identity::peer(&request);
+        // The certificates this agent presented on its mTLS connection: what
+        // the coordinator relays with its key advertisement, never a claim.
+        let chain: Vec<Vec<u8>> = request
+            .peer_certs()
+            .map(|certs| certs.iter().map(|c| c.to_vec()).collect())
+            .unwrap_or_default();
         let msg = request.into_inner();
         let merchant = self.shared.merchant_of(&msg.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
-        secure::on_message(&self.shared, &merchant, msg).map(Response::new)
+        secure::on_message(&self.shared, &merchant, chain, msg).map(Response::new)
     }
 
     async fn status(

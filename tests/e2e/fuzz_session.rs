@@ -131,6 +131,18 @@ fn client_tls(ca: &CertDir, id: &str) -> ClientTlsConfig {
         ))
 }
 
+/// The key-binding identity of merchant `id` (its mTLS key and the CA).
+fn key_identity(ca: &CertDir, id: &str) -> fedcart_client::tls::KeyIdentity {
+    fedcart_client::tls::AgentTls {
+        ca: ca.ca_cert(),
+        cert: ca.cert(id),
+        key: ca.key(id),
+        domain: None,
+    }
+    .key_identity()
+    .unwrap()
+}
+
 fn noop_secure_run(n: usize) -> RunConfig {
     let mut run = churn_run("fuzz-mtls", 1, n, n);
     run.model = ModelSpec::Noop { dim: 200 };
@@ -402,8 +414,10 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
     let session = welcome.session_id;
     let agents: Vec<_> = (1..3)
         .map(|k| {
-            let mut a = fedcart_client::agent::Agent::new(url.clone(), merchant(k));
-            a.tls = Some(client_tls(&cd, &format!("m{k}")));
+            let id = format!("m{k}");
+            let mut a = fedcart_client::agent::Agent::new(url.clone(), merchant(k))
+                .with_key_identity(key_identity(&cd, &id));
+            a.tls = Some(client_tls(&cd, &id));
             spawn_configured(a)
         })
         .collect();
@@ -442,7 +456,7 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
         Vec::new()
     };
     let out = run_task(&spec, &global, &mut data).expect("noop task");
-    let mut secure = SecureTasks::default();
+    let mut secure = SecureTasks::default().with_identity(key_identity(&cd, "m0"));
     secure.hold(&task, spec.seed, "m0", None, out);
 
     let mut tallies = BTreeMap::new();

@@ -13,5 +13,6 @@ mod policy;
 mod privacy;
 mod restart;
 mod secure;
+mod secure_keys;
 mod security;
 mod wire_privacy;

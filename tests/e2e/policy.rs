@@ -35,7 +35,8 @@ fn noop_run(run_id: &str, secure: bool) -> RunConfig {
     run
 }
 
-/// Runs `run` with m0–m2 on the default policy and m3 on `policy`; returns
+/// Runs `run` with m0–m2 on the plaintext harness's policy (the default
+/// without key binding) and m3 on `policy`; returns
 /// the training record.
 async fn run_with_strict_m3(run: RunConfig, policy: PrivacyPolicy) -> RoundRecord {
     let store = tempfile::tempdir().unwrap();
@@ -65,7 +66,7 @@ async fn run_with_strict_m3(run: RunConfig, policy: PrivacyPolicy) -> RoundRecor
 async fn an_agent_requiring_secure_aggregation_sends_nothing_to_a_plain_run() {
     let policy = PrivacyPolicy {
         require_secure_aggregation: true,
-        ..Default::default()
+        ..PrivacyPolicy::without_key_binding()
     };
     let r = run_with_strict_m3(noop_run("e2e-policy-plain", false), policy).await;
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
@@ -79,11 +80,25 @@ async fn an_agent_whose_minimum_threshold_is_above_the_rounds_sends_no_masked_in
     // Four agents, complete graph: the coordinator's threshold is 3.
     let policy = PrivacyPolicy {
         min_threshold: 4,
-        ..Default::default()
+        ..PrivacyPolicy::without_key_binding()
     };
     let r = run_with_strict_m3(noop_run("e2e-policy-secure", true), policy).await;
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     // The sum is over the three that advertised keys; m3 never did.
+    assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
+    assert_eq!(r.dropped, vec!["m3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_certificate_refuses_secure_rounds_under_the_default_policy() {
+    // The default policy requires keys bound to merchant certificates; a
+    // plaintext agent has none to sign with or to check its peers' against.
+    let r = run_with_strict_m3(
+        noop_run("e2e-policy-unbound", true),
+        PrivacyPolicy::default(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
     assert_eq!(r.dropped, vec!["m3"]);
 }

@@ -238,7 +238,8 @@ async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secur
     );
 
     // Keys advertised under the other agent's id are refused; our own pass.
-    let mut secure = SecureTasks::default();
+    let mut secure =
+        SecureTasks::with_policy(fedcart_client::policy::PrivacyPolicy::without_key_binding());
     secure.hold(&task, 42, "m0", None, out);
     let req = a.next_secagg().await;
     let Reply::Message(mut msg) = secure.respond(&a.session_id, &req).unwrap() else {

@@ -166,6 +166,7 @@
 
 use thiserror::Error;
 
+pub mod binding;
 mod client;
 mod config;
 mod crypto;

@@ -95,6 +95,11 @@ pub struct Experiment {
     /// Differential privacy of the run, when `--dp-clip` was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySummary>,
+    /// With `--secagg`: how the agents' keys reached each other. The
+    /// simulator has no TLS, so they are never bound to merchant
+    /// certificates, unlike `serve` with its mTLS agents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secagg_keys: Option<String>,
     /// Why the run stopped before its last round (an exhausted privacy
     /// budget), if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,6 +113,20 @@ pub struct Experiment {
     pub report: Vec<String>,
     #[serde(skip)]
     headline: Option<(&'static str, bool)>,
+}
+
+/// What the reports say about key binding under `--secagg` for `transport`.
+pub(crate) fn secagg_keys(transport: crate::args::Transport) -> &'static str {
+    match transport {
+        crate::args::Transport::Inproc => {
+            "in-process: keys handed over in memory, not bound to merchant certificates \
+             (simulation, no TLS)"
+        }
+        crate::args::Transport::Grpc => {
+            "loopback gRPC without TLS: agents run with privacy.require_key_binding = false, \
+             keys not bound to merchant certificates (simulation)"
+        }
+    }
 }
 
 /// The privacy guarantee of a finished experiment.
@@ -154,6 +173,7 @@ impl Experiment {
             per_merchant: BTreeMap::new(),
             federation_value: None,
             privacy: None,
+            secagg_keys: s.secagg.then(|| secagg_keys(s.transport).to_string()),
             stopped: None,
             timing: Timing {
                 load_seconds,

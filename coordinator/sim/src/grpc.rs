@@ -18,7 +18,10 @@
 //! the task it was pushed (the [`Agent::drop_out`] hook, decided by the same
 //! seeded draw as in-process); it reconnects before the next task. With
 //! `--secagg` the service and agents run the real secure-aggregation stages
-//! over gRPC (`service/secure.rs`, the agent's `secure.rs`).
+//! over gRPC (`service/secure.rs`, the agent's `secure.rs`), in an explicitly
+//! unbound mode: there is no TLS on the loopback, so the agents run with
+//! `privacy.require_key_binding = false` and take the roster's keys without
+//! certificate binding (reported as `secagg_keys` in `metrics.json`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -141,7 +144,10 @@ async fn drive(
     let (stop, stop_rx) = watch::channel(false);
     let mut agents = Vec::with_capacity(merchants.len());
     for data in merchants {
-        let mut agent = Agent::new(url.clone(), data);
+        // No TLS on the loopback: the agents explicitly take the roster's
+        // keys unbound, as the report's `secagg_keys` says.
+        let mut agent = Agent::new(url.clone(), data)
+            .with_policy(fedcart_client::policy::PrivacyPolicy::without_key_binding());
         agent.backoff = Backoff {
             initial_ms: 10,
             max_ms: 200,

@@ -7,7 +7,8 @@
 //! value}, "rounds": [ { "round", "selected", "reported", "committed",
 //! "train": {…}, "eval": {…}, "bytes_up", "bytes_down", "seconds",
 //! "virtual_seconds", "staleness_mean", "staleness_max" } ],
-//! "per_merchant": { id: {metric: value} }, "timing": { "load_seconds",
+//! "per_merchant": { id: {metric: value} }, "secagg_keys" (with `--secagg`:
+//! keys are not bound to certificates in a simulation), "timing": { "load_seconds",
 //! "total_seconds", "seconds_per_round" } } ] }`. Only the `seconds` and
 //! `timing` fields vary between two runs with the same seed.
 
@@ -51,6 +52,9 @@ pub fn print_table(experiments: &[Experiment]) {
         ]);
     }
     println!("{t}");
+    if let Some(keys) = experiments.iter().find_map(|e| e.secagg_keys.as_deref()) {
+        println!("secure aggregation keys: {keys}");
+    }
 }
 
 /// The one-line JSON summary printed last.
@@ -227,6 +231,13 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
                 p.noise_multiplier,
                 if p.adaptive { "adaptive" } else { "fixed" },
                 p.clip
+            );
+        }
+        if let Some(keys) = &e.secagg_keys {
+            let _ = write!(
+                out,
+                "<p class=\"dp\">Secure aggregation keys: {}.</p>",
+                esc(keys)
             );
         }
         for p in plots.get(i).into_iter().flatten() {

@@ -3,6 +3,7 @@
 
 use fedcart_common::federation::update::UpdateError;
 use fedcart_common::privacy::secagg::SecAggError;
+use fedcart_common::privacy::secagg::binding::{KeyBinding, KeySignature};
 use fedcart_common::task::TaskKind;
 use fedcart_proto::v1 as pb;
 use tonic::Status;
@@ -66,5 +67,27 @@ pub fn assignment(
         spec_json: serde_json::to_vec(&plan.spec).expect("task specs serialise"),
         deadline_unix_ms,
         secure_aggregation: secure,
+    }
+}
+
+/// The signature an agent sent with its key advertisement.
+pub(super) fn key_signature(sig: Option<pb::KeySignature>) -> Option<KeySignature> {
+    sig.map(|s| KeySignature {
+        // A scheme code beyond u16 is no TLS scheme: 0 is refused as unsupported.
+        scheme: u16::try_from(s.scheme).unwrap_or(0),
+        signature: s.signature,
+    })
+}
+
+/// A roster entry's binding, as relayed to the agents.
+pub(super) fn key_binding_to_pb(b: &KeyBinding) -> pb::KeyBinding {
+    pb::KeyBinding {
+        agent: b.agent,
+        merchant_id: b.merchant_id.clone(),
+        certificate_chain: b.certificate_chain.clone(),
+        signature: b.signature.as_ref().map(|s| pb::KeySignature {
+            scheme: u32::from(s.scheme),
+            signature: s.signature.clone(),
+        }),
     }
 }

@@ -8,7 +8,14 @@
 //!    whose body is the agent's [`RoundInvite`] (configuration, round seed,
 //!    id). Agents train first, then advertise their keys (`SecAgg` RPC). This
 //!    stage closes with the round timeout, since it contains local training.
-//! 2. `share_keys`: the roster goes to every agent that advertised; each
+//!    Over mutual TLS each advertisement must come signed with the agent's
+//!    certificate key ([`binding`]); the signature is checked here, on the
+//!    certificate the handshake verified, so a merchant that signs badly
+//!    drops only itself.
+//! 2. `share_keys`: the roster goes to every agent that advertised, each
+//!    entry with its [`KeyBinding`] (the signature and the certificate chain
+//!    the agent presented on its own connection); every agent verifies them
+//!    all before using a key, so the coordinator cannot substitute keys. Each
 //!    answers with its encrypted shares, which the coordinator relays without
 //!    being able to open them.
 //! 3. `masked_input`: each agent gets the bundles addressed to it and uploads
@@ -44,6 +51,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, MutexGuard};
 
+use fedcart_common::privacy::secagg::binding::{self, BindingContext, KeyBinding};
 use fedcart_common::privacy::secagg::{
     AdvertiseKeys, AfterMasked, RingVec, RoundInvite, SecAggError, ServerSession, ShareUpload,
     Stage, SurvivorSignature, UnmaskResponse, bytes_per_element, masked_to_bytes, round_seed,
@@ -55,7 +63,7 @@ use tokio::time::Instant;
 use tonic::{Response, Status, Streaming};
 
 use super::Shared;
-use super::convert::secagg_status;
+use super::convert::{key_binding_to_pb, key_signature, secagg_status};
 use crate::engine::{Submission, TaskPlan};
 use crate::secure_round::round_config;
 
@@ -74,6 +82,10 @@ pub(super) struct SecureRound {
     ids: BTreeMap<String, u32>,
     /// Id → merchant.
     merchants: Vec<String>,
+    /// What every advertisement is signed for (run, round, task, round seed).
+    context: BindingContext,
+    /// Id → the binding relayed with its roster entry.
+    bindings: BTreeMap<u32, KeyBinding>,
     stage: Stage,
     expected: BTreeSet<u32>,
     answered: BTreeSet<u32>,
@@ -96,6 +108,7 @@ impl Shared {
         run_id: &str,
         stage: &str,
         body: Vec<u8>,
+        key_bindings: Vec<pb::KeyBinding>,
     ) {
         let tx = self
             .agents()
@@ -109,6 +122,7 @@ impl Shared {
                 task_id: plan.task_id.clone(),
                 stage: stage.to_string(),
                 body,
+                key_bindings,
             })),
         };
         if tx.is_none_or(|tx| tx.try_send(Ok(work)).is_err()) {
@@ -183,11 +197,45 @@ fn refuse_impostor(claimed: u32, id: u32) -> Result<(), Status> {
     Ok(())
 }
 
+/// The binding of `merchant`'s advertisement `keys`: with a certificate
+/// chain (mutual TLS), the signature must be there and verify with the end
+/// entity's key over the advertisement in this round; without TLS there is
+/// nothing to check and agents that require binding will refuse the entry.
+fn bind_advertisement(
+    context: &BindingContext,
+    merchant: &str,
+    keys: &AdvertiseKeys,
+    chain: Vec<Vec<u8>>,
+    signature: Option<pb::KeySignature>,
+) -> Result<KeyBinding, Status> {
+    let signature = key_signature(signature);
+    if let Some(cert) = chain.first() {
+        let sig = signature.as_ref().ok_or_else(|| {
+            Status::permission_denied(format!(
+                "the key advertisement of `{merchant}` is not signed with its certificate's key"
+            ))
+        })?;
+        let message = binding::signed_message(context, merchant, keys);
+        binding::verify_signature(cert, &message, sig).map_err(|e| {
+            tracing::warn!(merchant, error = %e, "key advertisement refused");
+            Status::permission_denied(format!("key advertisement of `{merchant}` refused: {e}"))
+        })?;
+    }
+    Ok(KeyBinding {
+        agent: keys.id,
+        merchant_id: merchant.to_string(),
+        certificate_chain: chain,
+        signature,
+    })
+}
+
 /// One stage message from an agent (the `SecAgg` RPC), after the caller
-/// checked the session and its certificate.
+/// checked the session and its certificate; `chain` is the certificate chain
+/// the agent presented on this connection (empty without TLS).
 pub(super) fn on_message(
     shared: &Shared,
     merchant: &str,
+    chain: Vec<Vec<u8>>,
     msg: pb::SecAggMessage,
 ) -> Result<pb::SecAggReply, Status> {
     let stage = match msg.stage.as_str() {
@@ -210,27 +258,30 @@ pub(super) fn on_message(
         round.check_task(&msg.run_id, msg.round, &msg.task_id)?;
         let id = round.expect_answer(merchant, stage)?;
         let body = &msg.body;
-        let server = round.server();
         match stage {
             Stage::Advertise => {
                 let keys = AdvertiseKeys::from_bytes(body).map_err(secagg_status)?;
                 refuse_impostor(keys.id, id)?;
-                server.on_advertise(keys)
+                let bound =
+                    bind_advertisement(&round.context, merchant, &keys, chain, msg.key_signature)?;
+                round.server().on_advertise(keys).map(|()| {
+                    round.bindings.insert(id, bound);
+                })
             }
             Stage::ShareKeys => {
                 let upload = ShareUpload::from_bytes(body).map_err(secagg_status)?;
                 refuse_impostor(upload.from, id)?;
-                server.on_shares(upload)
+                round.server().on_shares(upload)
             }
             Stage::Consistency => {
                 let sig = SurvivorSignature::from_bytes(body).map_err(secagg_status)?;
                 refuse_impostor(sig.from, id)?;
-                server.on_survivor_signature(sig)
+                round.server().on_survivor_signature(sig)
             }
             _ => {
                 let resp = UnmaskResponse::from_bytes(body).map_err(secagg_status)?;
                 refuse_impostor(resp.from, id)?;
-                server.on_unmask(resp)
+                round.server().on_unmask(resp)
             }
         }
         .map_err(secagg_status)?;
@@ -402,6 +453,13 @@ async fn drive(
             .zip(ids.iter().copied())
             .collect(),
         merchants: plan.selected.clone(),
+        context: BindingContext {
+            run_id: run_id.to_string(),
+            round: plan.round,
+            task_id: plan.task_id.clone(),
+            round_seed: rs,
+        },
+        bindings: BTreeMap::new(),
         stage: Stage::Advertise,
         expected: ids.iter().copied().collect(),
         answered: BTreeSet::new(),
@@ -419,28 +477,41 @@ async fn drive(
             run_id,
             stage_name::ADVERTISE,
             invite.to_json(),
+            Vec::new(),
         );
     }
     let push = |stage: &str, to: u32, body: Vec<u8>| {
         let merchant = plan.selected[to as usize].clone();
-        shared.push_secagg(&merchant, plan, run_id, stage, body);
+        shared.push_secagg(&merchant, plan, run_id, stage, body, Vec::new());
     };
     wait_stage(shared, deadline, changed, shutdown).await?;
 
-    // Stage 2: relay the roster.
-    let roster = match step(shared, |r| {
+    // Stage 2: relay the roster, each entry with its certificate binding.
+    let (roster, bindings) = match step(shared, |r| {
         let roster = r.server().close_advertise()?;
         r.open_stage(Stage::ShareKeys, roster.keys.iter().map(|k| k.id));
-        Ok(roster)
+        let bindings: Vec<pb::KeyBinding> = roster
+            .keys
+            .iter()
+            .filter_map(|k| r.bindings.get(&k.id).map(key_binding_to_pb))
+            .collect();
+        Ok((roster, bindings))
     }) {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
     let bytes = roster.to_bytes();
-    roster
-        .keys
-        .iter()
-        .for_each(|k| push(stage_name::SHARE_KEYS, k.id, bytes.clone()));
+    for k in &roster.keys {
+        let merchant = &plan.selected[k.id as usize];
+        shared.push_secagg(
+            merchant,
+            plan,
+            run_id,
+            stage_name::SHARE_KEYS,
+            bytes.clone(),
+            bindings.clone(),
+        );
+    }
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
 
     // Stage 3: relay the share bundles; masked inputs come via SubmitUpdate.

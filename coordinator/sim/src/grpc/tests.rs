@@ -109,6 +109,15 @@ fn secure_churn_over_grpc_matches_in_process_within_quantisation() {
     };
     let (inproc, grpc) = both(&a);
     assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
+    // No TLS in the simulator: both reports say the keys are not bound to
+    // merchant certificates, and how they travelled instead.
+    for (e, how) in [(&inproc, "in-process"), (&grpc, "loopback gRPC")] {
+        let keys = e.secagg_keys.as_deref().expect("stated with --secagg");
+        assert!(
+            keys.starts_with(how) && keys.contains("not bound to merchant certificates"),
+            "{keys}"
+        );
+    }
     let (p, q) = (inproc.final_metrics["auc"], grpc.final_metrics["auc"]);
     assert!(q > 0.8 && (p - q).abs() < 2e-3, "auc {p} vs {q}");
     let worst = inproc

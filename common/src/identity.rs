@@ -1,0 +1,88 @@
+//! Merchant identity: the one rule for merchant ids and the one parser of
+//! the identity a certificate carries.
+//!
+//! A merchant's identity is the URI SAN `fedcart://merchant/<id>` of its
+//! client certificate. The coordinator reads it from every mutual-TLS
+//! connection (`fedcart_coordinator::identity`) and each agent reads it from
+//! the certificates relayed with a secure round's key roster
+//! ([`crate::privacy::secagg::binding`]); both call [`identity_of`], so the
+//! two sides cannot disagree on who a certificate names.
+
+/// URI prefix of merchant identities.
+pub const MERCHANT_URI_PREFIX: &str = "fedcart://merchant/";
+
+/// The SAN URI that names merchant `id`.
+pub fn merchant_uri(id: &str) -> String {
+    format!("{MERCHANT_URI_PREFIX}{id}")
+}
+
+/// Longest merchant id, in characters (all of them ASCII).
+pub const MAX_MERCHANT_ID_LEN: usize = 128;
+
+/// A merchant id that breaks the rule of [`validate_id`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("merchant id `{shown}` must be 1–128 characters of [A-Za-z0-9-_.@]")]
+pub struct InvalidMerchantId {
+    /// The id as given, cut to 140 characters so that a huge id from the
+    /// network cannot blow up a log line or a status message.
+    pub shown: String,
+}
+
+/// The one merchant-id rule, applied by `join`, by `certs issue/allow/revoke`
+/// and by agents checking a roster: 1 to [`MAX_MERCHANT_ID_LEN`] characters of
+/// `[A-Za-z0-9-_.@]`. The alphabet keeps ids safe inside a URI SAN
+/// (`fedcart://merchant/<id>`), in file names (`<id>.pem`) and in metric labels.
+pub fn validate_id(id: &str) -> Result<(), InvalidMerchantId> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_MERCHANT_ID_LEN
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidMerchantId {
+            shown: id.chars().take(140).collect(),
+        })
+    }
+}
+
+/// Extracts the merchant id from a DER end-entity certificate: the first
+/// URI SAN under [`MERCHANT_URI_PREFIX`]. `None` for bytes that are not a
+/// certificate or a certificate that names no merchant. This does not check
+/// the certificate's chain or validity; callers do (the TLS handshake on the
+/// coordinator, [`crate::privacy::secagg::binding`] on agents).
+pub fn identity_of(cert: &[u8]) -> Option<String> {
+    let der = rustls::pki_types::CertificateDer::from(cert);
+    let ee = webpki::EndEntityCert::try_from(&der).ok()?;
+    ee.valid_uri_names()
+        .find_map(|u| u.strip_prefix(MERCHANT_URI_PREFIX).map(str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merchant_ids_are_1_to_128_characters_of_the_uri_safe_alphabet() {
+        for ok in ["m0", "shop-7", "a.b@c_d", &"x".repeat(MAX_MERCHANT_ID_LEN)] {
+            assert_eq!(validate_id(ok), Ok(()), "{ok}");
+        }
+        let long = "x".repeat(MAX_MERCHANT_ID_LEN + 1);
+        for bad in ["", "a b", "shop/7", "café", "m0\n", long.as_str()] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            validate_id("a b").unwrap_err().to_string(),
+            "merchant id `a b` must be 1–128 characters of [A-Za-z0-9-_.@]"
+        );
+        let huge = "é".repeat(1000);
+        assert_eq!(validate_id(&huge).unwrap_err().shown.chars().count(), 140);
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_certificate_name_nobody() {
+        assert_eq!(identity_of(b"not a certificate"), None);
+        assert_eq!(identity_of(&[]), None);
+    }
+}

@@ -1,0 +1,570 @@
+//! Binding each agent's advertised keys to its certificate identity, so a
+//! coordinator that relays the roster cannot substitute keys of its own.
+//!
+//! In the advertise stage each agent signs [`signed_message`] — a
+//! domain-separated encoding of the run id, round, task id (which names the
+//! attempt), round seed, its merchant id and its whole [`AdvertiseKeys`]
+//! (agent id, encryption, mask and survivor-signature keys) — with the
+//! private key of its mutual-TLS certificate ([`AdvertSigner`], through the
+//! rustls crypto provider's signing API). The coordinator relays with each
+//! roster entry a [`KeyBinding`]: the signature and the certificate chain the
+//! agent presented on its own mTLS connection, as the coordinator's TLS stack
+//! saw it. Before using the roster every agent runs [`verify_roster`]: each
+//! certificate must chain to a CA the agent trusts, for client
+//! authentication, at the current time (rustls-webpki); the identity in it
+//! ([`crate::identity::identity_of`], the coordinator's own parser) must be
+//! the entry's merchant id; the signature must verify with the certificate's
+//! public key over the entry's keys in this round; and no merchant may hold
+//! two entries. The coordinator checks each signature as it arrives
+//! ([`verify_signature`]), so one merchant sending a bad signature only drops
+//! itself instead of making every honest agent refuse the round.
+//!
+//! The binding is exactly as strong as the CA: whoever holds the CA's key can
+//! issue a certificate for any merchant id and sign keys under it. Keep the
+//! CA key away from the coordinator's host (`certs init` writes it next to
+//! the server's files only for convenience).
+
+use std::sync::Arc;
+
+use rustls::SignatureScheme;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
+use thiserror::Error;
+
+/// The time certificates are checked at ([`UnixTime::now`] on agents).
+pub use rustls::pki_types::UnixTime;
+
+use super::{AdvertiseKeys, KeyRoster};
+use crate::identity::{InvalidMerchantId, identity_of, validate_id};
+
+/// Domain separator of [`signed_message`]: the signature of an advertisement
+/// can never be mistaken for a TLS handshake signature or any other message.
+pub const DOMAIN: &[u8] = b"fedcart/secagg/key-advertisement/v1\0";
+
+/// Signature schemes an advertisement may be signed with: the TLS 1.3
+/// schemes (no PKCS#1 v1.5, no SHA-1), in order of preference.
+pub const SCHEMES: [SignatureScheme; 6] = [
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ED25519,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::RSA_PSS_SHA256,
+    SignatureScheme::RSA_PSS_SHA384,
+    SignatureScheme::RSA_PSS_SHA512,
+];
+
+/// The round an advertisement is signed for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingContext {
+    /// The coordinator's run.
+    pub run_id: String,
+    /// The round.
+    pub round: u64,
+    /// The task, which names the attempt (`r{round}a{attempt}-{kind}`).
+    pub task_id: String,
+    /// The public round seed of the invitation.
+    pub round_seed: [u8; 32],
+}
+
+/// The bytes a merchant signs for its advertisement `keys` in the round
+/// `ctx`: [`DOMAIN`], then every field length-prefixed (u32, little endian)
+/// or of fixed width, so no two different inputs give the same bytes.
+pub fn signed_message(ctx: &BindingContext, merchant_id: &str, keys: &AdvertiseKeys) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let keys = keys.to_bytes();
+    let mut out = Vec::with_capacity(DOMAIN.len() + 64 + keys.len() + ctx.run_id.len());
+    out.extend_from_slice(DOMAIN);
+    field(&mut out, ctx.run_id.as_bytes());
+    out.extend_from_slice(&ctx.round.to_le_bytes());
+    field(&mut out, ctx.task_id.as_bytes());
+    out.extend_from_slice(&ctx.round_seed);
+    field(&mut out, merchant_id.as_bytes());
+    field(&mut out, &keys);
+    out
+}
+
+/// A signature over [`signed_message`] and the TLS signature scheme that
+/// made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySignature {
+    /// TLS `SignatureScheme` code (e.g. 0x0403, ECDSA P-256 with SHA-256).
+    pub scheme: u16,
+    /// The signature bytes.
+    pub signature: Vec<u8>,
+}
+
+/// What the coordinator relays beside one roster entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBinding {
+    /// The entry's agent id in the round.
+    pub agent: u32,
+    /// The merchant the coordinator says advertised the entry.
+    pub merchant_id: String,
+    /// DER certificates the agent presented on its mTLS connection, end
+    /// entity first (empty when the coordinator runs without TLS).
+    pub certificate_chain: Vec<Vec<u8>>,
+    /// The agent's signature (absent when it had no key to sign with).
+    pub signature: Option<KeySignature>,
+}
+
+/// Why a key or CA file could not be used, or why one entry's binding does
+/// not hold.
+#[derive(Debug, Error, PartialEq)]
+pub enum BindingError {
+    /// The private key PEM holds no usable key.
+    #[error("private key: {0}")]
+    Key(String),
+    /// The CA PEM holds no usable certificate.
+    #[error("CA bundle: {0}")]
+    Ca(String),
+    /// The provider refused to sign.
+    #[error("signing failed: {0}")]
+    Sign(String),
+    /// The roster relays no binding for the entry.
+    #[error("no certificate binding was relayed for it")]
+    Missing,
+    /// No signature came with the entry.
+    #[error("it is not signed")]
+    NoSignature,
+    /// No certificate came with the entry.
+    #[error("no certificate came with it")]
+    NoCertificate,
+    /// The certificate does not chain to a trusted CA (or is expired, or
+    /// not for client authentication).
+    #[error("its certificate does not chain to a trusted CA for client authentication: {0}")]
+    Untrusted(String),
+    /// The certificate names no `fedcart://merchant/<id>`.
+    #[error("its certificate names no fedcart merchant")]
+    NoIdentity,
+    /// The certificate belongs to another merchant.
+    #[error("its certificate belongs to merchant `{certificate}`")]
+    IdentityMismatch {
+        /// The identity in the certificate.
+        certificate: String,
+    },
+    /// The merchant id breaks the merchant-id rule.
+    #[error(transparent)]
+    BadMerchantId(#[from] InvalidMerchantId),
+    /// The signature scheme is not one of [`SCHEMES`].
+    #[error("signature scheme {0:#06x} is not accepted")]
+    UnsupportedScheme(u16),
+    /// The signature does not verify.
+    #[error("its signature does not verify with its certificate's public key")]
+    BadSignature,
+    /// The merchant already holds another entry of the roster.
+    #[error("the merchant also holds the entry of agent {other}")]
+    Duplicate {
+        /// The other entry's agent id.
+        other: u32,
+    },
+}
+
+/// A roster entry an agent refuses: which entry, whose, and why.
+#[derive(Debug, Error, PartialEq)]
+#[error("key advertisement of merchant `{merchant}` (agent {agent}) refused: {reason}")]
+pub struct EntryRefused {
+    /// The entry's agent id.
+    pub agent: u32,
+    /// The merchant id relayed with the entry (cut to 140 characters).
+    pub merchant: String,
+    /// What failed.
+    pub reason: BindingError,
+}
+
+fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// The merchant's mutual-TLS private key, signing its advertisements.
+pub struct AdvertSigner {
+    key: Arc<dyn rustls::sign::SigningKey>,
+}
+
+impl std::fmt::Debug for AdvertSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdvertSigner")
+            .field("algorithm", &self.key.algorithm())
+            .finish()
+    }
+}
+
+impl AdvertSigner {
+    /// Loads the first private key of a PEM file (PKCS#8, SEC1 or PKCS#1)
+    /// through the crypto provider's key loader.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, BindingError> {
+        let der: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &pem[..])
+            .map_err(|e| BindingError::Key(e.to_string()))?
+            .ok_or_else(|| BindingError::Key("no PRIVATE KEY block".into()))?;
+        let key = provider()
+            .key_provider
+            .load_private_key(der)
+            .map_err(|e| BindingError::Key(e.to_string()))?;
+        Ok(Self { key })
+    }
+
+    /// Signs `message` with the first scheme of [`SCHEMES`] the key supports.
+    pub fn sign(&self, message: &[u8]) -> Result<KeySignature, BindingError> {
+        let signer = self.key.choose_scheme(&SCHEMES).ok_or_else(|| {
+            BindingError::Sign(format!(
+                "a {:?} key supports none of the accepted schemes",
+                self.key.algorithm()
+            ))
+        })?;
+        let signature = signer
+            .sign(message)
+            .map_err(|e| BindingError::Sign(e.to_string()))?;
+        Ok(KeySignature {
+            scheme: u16::from(signer.scheme()),
+            signature,
+        })
+    }
+}
+
+/// The CA certificates an agent trusts for its peers' identities.
+#[derive(Debug, Clone)]
+pub struct TrustedCas {
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl TrustedCas {
+    /// Every certificate of a PEM bundle, as trust anchors.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, BindingError> {
+        let mut anchors = Vec::new();
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| BindingError::Ca(e.to_string()))?;
+            let anchor = webpki::anchor_from_trusted_cert(&cert)
+                .map_err(|e| BindingError::Ca(e.to_string()))?;
+            anchors.push(anchor.to_owned());
+        }
+        if anchors.is_empty() {
+            return Err(BindingError::Ca("no CERTIFICATE block".into()));
+        }
+        Ok(Self { anchors })
+    }
+}
+
+/// Verifies `sig` over `message` with the public key of the DER end-entity
+/// certificate `cert`. Does not look at the certificate's chain: the
+/// coordinator calls this on the certificate the TLS handshake verified,
+/// agents through [`verify_entry`].
+pub fn verify_signature(
+    cert: &[u8],
+    message: &[u8],
+    sig: &KeySignature,
+) -> Result<(), BindingError> {
+    let scheme = SignatureScheme::from(sig.scheme);
+    if !SCHEMES.contains(&scheme) {
+        return Err(BindingError::UnsupportedScheme(sig.scheme));
+    }
+    let algs = provider().signature_verification_algorithms;
+    let alg = algs
+        .mapping
+        .iter()
+        .find(|(s, _)| *s == scheme)
+        .and_then(|(_, algs)| algs.first())
+        .ok_or(BindingError::UnsupportedScheme(sig.scheme))?;
+    let der = CertificateDer::from(cert);
+    let ee = webpki::EndEntityCert::try_from(&der)
+        .map_err(|e| BindingError::Untrusted(e.to_string()))?;
+    ee.verify_signature(*alg, message, &sig.signature)
+        .map_err(|_| BindingError::BadSignature)
+}
+
+/// Checks one roster entry: certificate chain to `cas` for client
+/// authentication at `now`, the certificate's identity equal to the entry's
+/// merchant id, and the signature over the entry's keys in `ctx`.
+pub fn verify_entry(
+    cas: &TrustedCas,
+    ctx: &BindingContext,
+    keys: &AdvertiseKeys,
+    binding: &KeyBinding,
+    now: UnixTime,
+) -> Result<(), BindingError> {
+    validate_id(&binding.merchant_id)?;
+    let (ee, intermediates) = binding
+        .certificate_chain
+        .split_first()
+        .ok_or(BindingError::NoCertificate)?;
+    let sig = binding
+        .signature
+        .as_ref()
+        .ok_or(BindingError::NoSignature)?;
+    let ee_der = CertificateDer::from(ee.as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let cert = webpki::EndEntityCert::try_from(&ee_der)
+        .map_err(|e| BindingError::Untrusted(e.to_string()))?;
+    cert.verify_for_usage(
+        provider().signature_verification_algorithms.all,
+        &cas.anchors,
+        &intermediates,
+        now,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| BindingError::Untrusted(e.to_string()))?;
+    match identity_of(ee) {
+        None => return Err(BindingError::NoIdentity),
+        Some(id) if id != binding.merchant_id => {
+            return Err(BindingError::IdentityMismatch {
+                certificate: id.chars().take(140).collect(),
+            });
+        }
+        Some(_) => {}
+    }
+    verify_signature(ee, &signed_message(ctx, &binding.merchant_id, keys), sig)
+}
+
+/// Checks every entry of `roster` against its binding (one binding per
+/// entry, in roster order) with [`verify_entry`], and that no merchant holds
+/// two entries. The first entry that fails is the error.
+pub fn verify_roster(
+    cas: &TrustedCas,
+    ctx: &BindingContext,
+    roster: &KeyRoster,
+    bindings: &[KeyBinding],
+    now: UnixTime,
+) -> Result<(), EntryRefused> {
+    let mut seen = std::collections::BTreeMap::new();
+    for (i, keys) in roster.keys.iter().enumerate() {
+        let binding = bindings.get(i).filter(|b| b.agent == keys.id);
+        let merchant = binding.map_or_else(|| "?".to_string(), |b| b.merchant_id.clone());
+        let refuse = |reason| EntryRefused {
+            agent: keys.id,
+            merchant: merchant.chars().take(140).collect(),
+            reason,
+        };
+        let binding = binding.ok_or_else(|| refuse(BindingError::Missing))?;
+        if let Some(&other) = seen.get(&binding.merchant_id) {
+            return Err(refuse(BindingError::Duplicate { other }));
+        }
+        verify_entry(cas, ctx, keys, binding, now).map_err(refuse)?;
+        seen.insert(binding.merchant_id.clone(), keys.id);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, SanType,
+    };
+
+    use super::*;
+    use crate::identity::merchant_uri;
+
+    struct Ca {
+        pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn new_ca(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let pem = p.clone().self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// A client certificate naming `id`, and a signer with its key.
+    fn merchant(ca: &Ca, id: &str) -> (Vec<u8>, AdvertSigner) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![SanType::URI(merchant_uri(id).try_into().unwrap())];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca.issuer).unwrap();
+        let signer = AdvertSigner::from_pem(key.serialize_pem().as_bytes()).unwrap();
+        (cert.der().to_vec(), signer)
+    }
+
+    fn keys(id: u32, fill: u8) -> AdvertiseKeys {
+        AdvertiseKeys {
+            id,
+            enc_pk: [fill; 32],
+            mask_pk: [fill ^ 0x55; 32],
+            sig_pk: Some([fill ^ 0xaa; 32]),
+        }
+    }
+
+    fn ctx() -> BindingContext {
+        BindingContext {
+            run_id: "run".into(),
+            round: 3,
+            task_id: "r3a0-train".into(),
+            round_seed: [9; 32],
+        }
+    }
+
+    fn bind(cert: &[u8], signer: &AdvertSigner, merchant: &str, k: &AdvertiseKeys) -> KeyBinding {
+        KeyBinding {
+            agent: k.id,
+            merchant_id: merchant.into(),
+            certificate_chain: vec![cert.to_vec()],
+            signature: Some(signer.sign(&signed_message(&ctx(), merchant, k)).unwrap()),
+        }
+    }
+
+    /// Three merchants' honest roster and bindings, under `ca`.
+    fn honest(ca: &Ca) -> (KeyRoster, Vec<KeyBinding>) {
+        let roster = KeyRoster {
+            keys: (0..3).map(|i| keys(i, i as u8 + 1)).collect(),
+        };
+        let bindings = roster
+            .keys
+            .iter()
+            .map(|k| {
+                let id = format!("m{}", k.id);
+                let (cert, signer) = merchant(ca, &id);
+                bind(&cert, &signer, &id, k)
+            })
+            .collect();
+        (roster, bindings)
+    }
+
+    fn verify(ca: &Ca, roster: &KeyRoster, bindings: &[KeyBinding]) -> Result<(), EntryRefused> {
+        let cas = TrustedCas::from_pem(ca.pem.as_bytes()).unwrap();
+        verify_roster(&cas, &ctx(), roster, bindings, UnixTime::now())
+    }
+
+    #[test]
+    fn an_honest_roster_verifies_and_each_forgery_is_refused_naming_the_entry() {
+        let ca = new_ca("fedcart CA");
+        let (roster, bindings) = honest(&ca);
+        assert_eq!(verify(&ca, &roster, &bindings), Ok(()));
+
+        // Keys substituted under the merchant's own signature and certificate.
+        let mut swapped = roster.clone();
+        swapped.keys[2] = keys(2, 0xee);
+        let err = verify(&ca, &swapped, &bindings).unwrap_err();
+        assert_eq!((err.agent, err.merchant.as_str()), (2, "m2"));
+        assert_eq!(err.reason, BindingError::BadSignature);
+        assert_eq!(
+            err.to_string(),
+            "key advertisement of merchant `m2` (agent 2) refused: its signature does not verify \
+             with its certificate's public key"
+        );
+
+        // Another merchant's certificate and signature for the entry of m2.
+        let (cert, signer) = merchant(&ca, "m7");
+        let mut other = bindings.clone();
+        other[2] = bind(&cert, &signer, "m2", &roster.keys[2]);
+        let err = verify(&ca, &roster, &other).unwrap_err();
+        assert_eq!(
+            err.reason,
+            BindingError::IdentityMismatch {
+                certificate: "m7".into()
+            }
+        );
+
+        // A certificate for m2 from a CA the agents do not trust.
+        let rogue = new_ca("rogue CA");
+        let (cert, signer) = merchant(&rogue, "m2");
+        let mut foreign = bindings.clone();
+        foreign[2] = bind(&cert, &signer, "m2", &roster.keys[2]);
+        let err = verify(&ca, &roster, &foreign).unwrap_err();
+        assert!(matches!(err.reason, BindingError::Untrusted(_)), "{err}");
+
+        // One merchant signing two entries.
+        let (cert, signer) = merchant(&ca, "m1");
+        let mut twice = bindings.clone();
+        twice[2] = bind(&cert, &signer, "m1", &roster.keys[2]);
+        let err = verify(&ca, &roster, &twice).unwrap_err();
+        assert_eq!(err.reason, BindingError::Duplicate { other: 1 });
+
+        // No signature, no certificate, no binding at all.
+        let mut unsigned = bindings.clone();
+        unsigned[0].signature = None;
+        assert_eq!(
+            verify(&ca, &roster, &unsigned).unwrap_err().reason,
+            BindingError::NoSignature
+        );
+        let mut bare = bindings.clone();
+        bare[0].certificate_chain.clear();
+        assert_eq!(
+            verify(&ca, &roster, &bare).unwrap_err().reason,
+            BindingError::NoCertificate
+        );
+        assert_eq!(
+            verify(&ca, &roster, &bindings[..2]).unwrap_err().reason,
+            BindingError::Missing
+        );
+    }
+
+    #[test]
+    fn a_signature_holds_only_for_its_round_merchant_and_keys() {
+        let ca = new_ca("fedcart CA");
+        let (cert, signer) = merchant(&ca, "m0");
+        let k = keys(0, 1);
+        let sig = signer.sign(&signed_message(&ctx(), "m0", &k)).unwrap();
+        let check = |c: &BindingContext, m: &str, k: &AdvertiseKeys| {
+            verify_signature(&cert, &signed_message(c, m, k), &sig)
+        };
+        assert_eq!(check(&ctx(), "m0", &k), Ok(()));
+        let other_round = [
+            BindingContext { round: 4, ..ctx() },
+            BindingContext {
+                task_id: "r3a1-train".into(),
+                ..ctx()
+            },
+            BindingContext {
+                run_id: "other".into(),
+                ..ctx()
+            },
+            BindingContext {
+                round_seed: [8; 32],
+                ..ctx()
+            },
+        ];
+        for c in &other_round {
+            assert_eq!(check(c, "m0", &k), Err(BindingError::BadSignature), "{c:?}");
+        }
+        assert_eq!(check(&ctx(), "m1", &k), Err(BindingError::BadSignature));
+        assert_eq!(
+            check(&ctx(), "m0", &AdvertiseKeys { id: 1, ..k.clone() }),
+            Err(BindingError::BadSignature)
+        );
+        // Length prefixes: moving bytes between fields changes the message.
+        let a = BindingContext {
+            run_id: "ab".into(),
+            task_id: "c".into(),
+            ..ctx()
+        };
+        let b = BindingContext {
+            run_id: "a".into(),
+            task_id: "bc".into(),
+            ..ctx()
+        };
+        assert_ne!(signed_message(&a, "m0", &k), signed_message(&b, "m0", &k));
+        assert!(signed_message(&a, "m0", &k).starts_with(DOMAIN));
+        let weak = KeySignature {
+            scheme: 0x0401, // RSA PKCS#1 v1.5 with SHA-256: not accepted
+            ..sig.clone()
+        };
+        assert_eq!(
+            verify_signature(&cert, &signed_message(&ctx(), "m0", &k), &weak),
+            Err(BindingError::UnsupportedScheme(0x0401))
+        );
+    }
+
+    #[test]
+    fn unusable_key_and_ca_files_are_refused_with_the_reason() {
+        assert!(matches!(
+            AdvertSigner::from_pem(b"no key here"),
+            Err(BindingError::Key(_))
+        ));
+        assert!(matches!(
+            TrustedCas::from_pem(b"no certificate here"),
+            Err(BindingError::Ca(_))
+        ));
+    }
+}

@@ -1,0 +1,529 @@
+//! Key binding against a malicious coordinator: the attacks of issue 11.
+//!
+//! A coordinator that relays the roster could put keys of its own in place
+//! of merchant m3's and so open the shares the others send to "m3". Each
+//! agent signs its advertisement with its mTLS key and verifies every entry
+//! of the roster before using a key. The attack tests play the malicious
+//! coordinator in-process: real agents (`SecureTasks`, with identities from
+//! certificates issued by `fedcart-coordinator certs`), the real
+//! `ServerSession`, and the roster relay encoded and decoded as the
+//! protobuf `Work` message the service pushes; the coordinator's part is
+//! done honestly up to the roster, which the test then tampers with. The
+//! honest path also runs over real gRPC and mutual TLS with a real
+//! coordinator.
+
+use std::collections::BTreeMap;
+
+use fedcart_client::agent::Agent;
+use fedcart_client::secure::{Reply, SecureError, SecureTasks};
+use fedcart_client::tls::{AgentTls, KeyIdentity};
+use fedcart_common::federation::update::Update;
+use fedcart_common::privacy::secagg::binding::{
+    AdvertSigner, BindingContext, BindingError, signed_message,
+};
+use fedcart_common::privacy::secagg::{
+    AdvertiseKeys, AfterMasked, ClientSession, KeyRoster, RoundInvite, SecAggConfig, SecAggError,
+    ServerSession, ShareUpload, UnmaskResponse, round_seed, stage_name,
+};
+use fedcart_common::task::{ModelSpec, TaskKind};
+use fedcart_common::train::{LocalData, TaskOutput};
+use fedcart_coordinator::certs::{self, CertDir};
+use fedcart_coordinator::config::SecAggSettings;
+use fedcart_coordinator::record::Outcome;
+use fedcart_coordinator::server::{ServeOptions, start_with};
+use fedcart_coordinator::tls::{TlsFiles, Transport};
+use fedcart_proto::v1 as pb;
+use fedcart_tests::{churn_run, init_logs, spawn_configured};
+use prost::Message;
+use tokio::net::TcpListener;
+
+/// Agents in the round (complete graph, threshold 3).
+const N: usize = 4;
+/// Coordinates of each update.
+const DIM: usize = 16;
+
+/// The platform's CA with merchants m0..m3 and `evil` (a merchant with a
+/// valid certificate, colluding with the coordinator), and a rogue CA of the
+/// coordinator's own that issued a certificate for `m3`.
+struct Pki {
+    ca: CertDir,
+    rogue: CertDir,
+    _dir: tempfile::TempDir,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::new(dir.path().join("ca"));
+    certs::init(&ca, &["localhost".into()]).unwrap();
+    for id in ["m0", "m1", "m2", "m3", "evil"] {
+        certs::issue(&ca, id).unwrap();
+    }
+    let rogue = CertDir::new(dir.path().join("rogue"));
+    certs::init(&rogue, &["localhost".into()]).unwrap();
+    certs::issue(&rogue, "m3").unwrap();
+    Pki {
+        ca,
+        rogue,
+        _dir: dir,
+    }
+}
+
+fn identity(ca: &CertDir, id: &str) -> KeyIdentity {
+    AgentTls {
+        ca: ca.ca_cert(),
+        cert: ca.cert(id),
+        key: ca.key(id),
+        domain: None,
+    }
+    .key_identity()
+    .unwrap()
+}
+
+/// The DER certificate of `id` issued by `ca`.
+fn cert_der(ca: &CertDir, id: &str) -> Vec<u8> {
+    let pem = std::fs::read(ca.cert(id)).unwrap();
+    rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+fn task(attempt: u32) -> pb::TaskAssignment {
+    pb::TaskAssignment {
+        run_id: "keys".into(),
+        round: 1,
+        task_id: format!("r1a{attempt}-train"),
+        secure_aggregation: true,
+        ..Default::default()
+    }
+}
+
+/// Merchant k's update: every coordinate (k + 1) / 100, weight 10.
+fn output(k: usize) -> TaskOutput {
+    let values = vec![(k + 1) as f32 / 100.0; DIM];
+    TaskOutput {
+        update: Some(Update {
+            values,
+            coord_weights: Vec::new(),
+            weight: 10.0,
+        }),
+        metrics: BTreeMap::new(),
+        weight: 10.0,
+    }
+}
+
+/// Passes a pushed stage request through the protobuf codec, as the
+/// service's `Work` stream does.
+fn over_the_wire(req: pb::SecAggRequest) -> pb::SecAggRequest {
+    let work = pb::Work {
+        kind: Some(pb::work::Kind::Secagg(req)),
+    };
+    match pb::Work::decode(work.encode_to_vec().as_slice())
+        .unwrap()
+        .kind
+    {
+        Some(pb::work::Kind::Secagg(r)) => r,
+        other => panic!("not a secagg request: {other:?}"),
+    }
+}
+
+/// What the coordinator holds after the advertise stage: its session, the
+/// roster and one binding per entry (the signature each agent sent and the
+/// certificate it would have presented on its mTLS connection).
+struct Advertised {
+    server: ServerSession,
+    roster: KeyRoster,
+    bindings: Vec<pb::KeyBinding>,
+    config: SecAggConfig,
+    context: BindingContext,
+}
+
+/// Opens a round: every agent holds its update and answers its invitation.
+fn advertise(pki: &Pki, agents: &mut [SecureTasks], t: &pb::TaskAssignment) -> Advertised {
+    let config = SecAggConfig::complete(DIM, 0, N, 1.0);
+    let rs = round_seed(fedcart_common::seed::derive(42, &["secagg", &t.task_id]));
+    let ids: Vec<u32> = (0..N as u32).collect();
+    let mut server = ServerSession::new(config.clone(), rs, &ids).unwrap();
+    let mut bindings = Vec::new();
+    for (k, agent) in agents.iter_mut().enumerate() {
+        let merchant = format!("m{k}");
+        agent.hold(t, 42, &merchant, None, output(k));
+        let invite = RoundInvite {
+            config: config.clone(),
+            round_seed: rs,
+            id: k as u32,
+            participants: N,
+        };
+        let req = over_the_wire(pb::SecAggRequest {
+            run_id: t.run_id.clone(),
+            round: t.round,
+            task_id: t.task_id.clone(),
+            stage: stage_name::ADVERTISE.into(),
+            body: invite.to_json(),
+            key_bindings: Vec::new(),
+        });
+        let Reply::Message(msg) = agent.respond(&format!("s{k}"), &req).unwrap() else {
+            panic!("advertise answers with a message");
+        };
+        assert!(msg.key_signature.is_some(), "m{k} signs its keys");
+        server
+            .on_advertise(AdvertiseKeys::from_bytes(&msg.body).unwrap())
+            .unwrap();
+        bindings.push(pb::KeyBinding {
+            agent: k as u32,
+            merchant_id: merchant.clone(),
+            certificate_chain: vec![cert_der(&pki.ca, &merchant)],
+            signature: msg.key_signature,
+        });
+    }
+    let roster = server.close_advertise().unwrap();
+    Advertised {
+        server,
+        roster,
+        bindings,
+        config,
+        context: BindingContext {
+            run_id: t.run_id.clone(),
+            round: t.round,
+            task_id: t.task_id.clone(),
+            round_seed: rs,
+        },
+    }
+}
+
+/// Sends the (possibly tampered) roster to every agent; returns the refusals
+/// and feeds the share uploads to the server.
+fn share_keys(
+    a: &mut Advertised,
+    agents: &mut [SecureTasks],
+    t: &pb::TaskAssignment,
+) -> Vec<SecureError> {
+    let req = over_the_wire(pb::SecAggRequest {
+        run_id: t.run_id.clone(),
+        round: t.round,
+        task_id: t.task_id.clone(),
+        stage: stage_name::SHARE_KEYS.into(),
+        body: a.roster.to_bytes(),
+        key_bindings: a.bindings.clone(),
+    });
+    let mut refused = Vec::new();
+    for (k, agent) in agents.iter_mut().enumerate() {
+        match agent.respond(&format!("s{k}"), &req) {
+            Ok(Reply::Message(msg)) => a
+                .server
+                .on_shares(ShareUpload::from_bytes(&msg.body).unwrap())
+                .unwrap(),
+            Ok(_) => panic!("share_keys answers with a message"),
+            Err(e) => refused.push(e),
+        }
+    }
+    refused
+}
+
+/// Runs the rest of an honest round; returns the decoded sum's values.
+fn finish(mut a: Advertised, agents: &mut [SecureTasks], t: &pb::TaskAssignment) -> Vec<f64> {
+    let request = |stage: &str, body: Vec<u8>| {
+        over_the_wire(pb::SecAggRequest {
+            run_id: t.run_id.clone(),
+            round: t.round,
+            task_id: t.task_id.clone(),
+            stage: stage.into(),
+            body,
+            key_bindings: Vec::new(),
+        })
+    };
+    for relay in a.server.close_shares().unwrap() {
+        let k = relay.to as usize;
+        let req = request(stage_name::MASKED_INPUT, relay.to_bytes());
+        let Reply::Masked { payload, .. } = agents[k].respond("s", &req).unwrap() else {
+            panic!("masked_input answers with an upload");
+        };
+        a.server.on_masked_bytes(&payload).unwrap();
+    }
+    let AfterMasked::Unmask(requests) = a.server.close_masked().unwrap() else {
+        panic!("no survivor check in this round");
+    };
+    for q in requests {
+        let req = request(stage_name::UNMASK, q.to_bytes());
+        let Reply::Message(msg) = agents[q.to as usize].respond("s", &req).unwrap() else {
+            panic!("unmask answers with a message");
+        };
+        a.server
+            .on_unmask(UnmaskResponse::from_bytes(&msg.body).unwrap())
+            .unwrap();
+    }
+    a.server.finish().unwrap().sum.values
+}
+
+fn agents(pki: &Pki) -> Vec<SecureTasks> {
+    (0..N)
+        .map(|k| SecureTasks::default().with_identity(identity(&pki.ca, &format!("m{k}"))))
+        .collect()
+}
+
+/// The attacker's own keys for agent 3's slot: a real session's, so they
+/// are valid X25519/Ed25519 keys of the right shape.
+fn attacker_keys(a: &Advertised) -> AdvertiseKeys {
+    // Seeded: the test replays exactly (ChaCha8 is a CryptoRng).
+    let mut rng = fedcart_common::seed::rng(7, &["attacker", &a.context.task_id]);
+    let mut own = ClientSession::new(a.config.clone(), 3, a.context.round_seed, &mut rng);
+    own.advertise().unwrap()
+}
+
+/// Signs `keys` as merchant `claimed` with the key of `signer`'s certificate
+/// issued by `ca`.
+fn sign_as(
+    ca: &CertDir,
+    signer: &str,
+    claimed: &str,
+    ctx: &BindingContext,
+    keys: &AdvertiseKeys,
+) -> pb::KeySignature {
+    let key = AdvertSigner::from_pem(&std::fs::read(ca.key(signer)).unwrap()).unwrap();
+    let sig = key.sign(&signed_message(ctx, claimed, keys)).unwrap();
+    pb::KeySignature {
+        scheme: u32::from(sig.scheme),
+        signature: sig.signature,
+    }
+}
+
+/// Every agent refused the roster because of m3's entry, for `reason`; the
+/// server then has no shares, the round aborts and no sum is released.
+fn assert_refused_over_m3(
+    mut a: Advertised,
+    agents: &mut [SecureTasks],
+    t: &pb::TaskAssignment,
+    reason: impl Fn(&BindingError) -> bool,
+) {
+    let refused = share_keys(&mut a, agents, t);
+    assert_eq!(refused.len(), N, "every agent refuses: {refused:?}");
+    for e in &refused {
+        let SecureError::KeyBinding { source, .. } = e else {
+            panic!("refused for another reason: {e}");
+        };
+        assert_eq!(
+            (source.agent, source.merchant.as_str()),
+            (3, "m3"),
+            "{source}"
+        );
+        assert!(reason(&source.reason), "{source}");
+    }
+    assert!(
+        matches!(
+            a.server.close_shares(),
+            Err(SecAggError::TooFewSurvivors { have: 0, .. })
+        ),
+        "the round must abort with no sum"
+    );
+}
+
+#[test]
+fn secure_round_with_keys_substituted_by_the_coordinator_is_refused_by_every_agent() {
+    let pki = pki();
+    let mut agents = agents(&pki);
+    let t = task(0);
+    let mut a = advertise(&pki, &mut agents, &t);
+    // The coordinator's own valid-looking keys in m3's entry, m3's
+    // signature and certificate copied.
+    a.roster.keys[3] = attacker_keys(&a);
+    assert_refused_over_m3(a, &mut agents, &t, |r| *r == BindingError::BadSignature);
+
+    // The agents keep serving: the next attempt, honestly relayed, commits
+    // the exact sum of the four inputs.
+    let t = task(1);
+    let mut a = advertise(&pki, &mut agents, &t);
+    assert!(share_keys(&mut a, &mut agents, &t).is_empty());
+    let sum = finish(a, &mut agents, &t);
+    for v in sum {
+        assert!(
+            (v - 0.1).abs() < 1e-5,
+            "sum {v}, expected 0.01 + 0.02 + 0.03 + 0.04"
+        );
+    }
+}
+
+#[test]
+fn secure_round_whose_m3_entry_carries_another_merchants_certificate_is_refused() {
+    let pki = pki();
+    let mut agents = agents(&pki);
+    let t = task(0);
+    let mut a = advertise(&pki, &mut agents, &t);
+    // A colluding merchant with a valid certificate signs the coordinator's
+    // keys as "m3": the signature verifies, the identity does not match.
+    let keys = attacker_keys(&a);
+    a.bindings[3].signature = Some(sign_as(&pki.ca, "evil", "m3", &a.context, &keys));
+    a.bindings[3].certificate_chain = vec![cert_der(&pki.ca, "evil")];
+    a.roster.keys[3] = keys;
+    assert_refused_over_m3(a, &mut agents, &t, |r| {
+        *r == BindingError::IdentityMismatch {
+            certificate: "evil".into(),
+        }
+    });
+}
+
+#[test]
+fn secure_round_whose_m3_certificate_comes_from_another_ca_is_refused() {
+    let pki = pki();
+    let mut agents = agents(&pki);
+    let t = task(0);
+    let mut a = advertise(&pki, &mut agents, &t);
+    // The coordinator's own CA issued "m3" a certificate and signed its keys.
+    let keys = attacker_keys(&a);
+    a.bindings[3].signature = Some(sign_as(&pki.rogue, "m3", "m3", &a.context, &keys));
+    a.bindings[3].certificate_chain = vec![cert_der(&pki.rogue, "m3")];
+    a.roster.keys[3] = keys;
+    assert_refused_over_m3(a, &mut agents, &t, |r| {
+        matches!(r, BindingError::Untrusted(_))
+    });
+}
+
+#[test]
+fn secure_round_with_an_unsigned_or_uncertified_entry_is_refused() {
+    let pki = pki();
+    let mut agents = agents(&pki);
+    let t = task(0);
+    let mut a = advertise(&pki, &mut agents, &t);
+    a.bindings[3].certificate_chain.clear();
+    assert_refused_over_m3(a, &mut agents, &t, |r| *r == BindingError::NoCertificate);
+    let t = task(1);
+    let mut a = advertise(&pki, &mut agents, &t);
+    a.bindings[3].signature = None;
+    assert_refused_over_m3(a, &mut agents, &t, |r| *r == BindingError::NoSignature);
+}
+
+fn client_tls(ca: &CertDir, id: &str) -> tonic::transport::ClientTlsConfig {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca.ca_cert()).unwrap()))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(
+            std::fs::read(ca.cert(id)).unwrap(),
+            std::fs::read(ca.key(id)).unwrap(),
+        ))
+}
+
+/// The next non-ping message of a work stream.
+async fn next_work(work: &mut tonic::Streaming<pb::Work>) -> pb::work::Kind {
+    loop {
+        let msg = work.message().await.unwrap().expect("stream open");
+        match msg.kind {
+            Some(pb::work::Kind::Ping(_)) | None => continue,
+            Some(k) => return k,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_round_over_mtls_binds_keys_and_a_badly_signed_advertisement_drops_only_its_sender()
+{
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::new(dir.path());
+    certs::init(&ca, &["localhost".into()]).unwrap();
+    let files = TlsFiles::in_dir(dir.path());
+    for k in 0..N {
+        certs::issue(&ca, &format!("m{k}")).unwrap();
+        certs::allow(&files.access, &format!("m{k}")).unwrap();
+    }
+    let mut run = churn_run("keys-mtls", 1, N, N - 1);
+    run.model = ModelSpec::Noop { dim: 50 };
+    run.evaluate = false;
+    run.secagg = Some(SecAggSettings {
+        neighbours: None,
+        clip: 1.0,
+        verify_survivors: false,
+        stage_timeout_ms: Some(120_000),
+    });
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_with(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        &store.path().join("c.redb"),
+        run,
+        std::time::Duration::from_millis(500),
+        ServeOptions {
+            transport: Transport::Tls(files),
+            ..ServeOptions::insecure()
+        },
+    )
+    .await
+    .expect("TLS coordinator starts");
+    let url = format!("https://localhost:{}", coord.addr.port());
+
+    // m0 joins by hand and signs its advertisement badly.
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .tls_config(client_tls(&ca, "m0"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+    let mut work = client
+        .join(pb::JoinRequest {
+            merchant_id: "m0".into(),
+            examples: Default::default(),
+            agent_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pb::work::Kind::Welcome(welcome) = next_work(&mut work).await else {
+        panic!("welcome first");
+    };
+    // The honest agents, with their certificates and signing keys.
+    let honest: Vec<_> = (1..N)
+        .map(|k| {
+            let id = format!("m{k}");
+            let data = LocalData {
+                merchant_id: id.clone(),
+                ..Default::default()
+            };
+            let mut a = Agent::new(url.clone(), data).with_key_identity(identity(&ca, &id));
+            a.tls = Some(client_tls(&ca, &id));
+            spawn_configured(a)
+        })
+        .collect();
+    let pb::work::Kind::Task(t) = next_work(&mut work).await else {
+        panic!("a task after the welcome");
+    };
+    let mut secure = SecureTasks::default().with_identity(identity(&ca, "m0"));
+    secure.hold(&t, 42, "m0", None, output(0));
+    let pb::work::Kind::Secagg(req) = next_work(&mut work).await else {
+        panic!("the advertise request");
+    };
+    let Reply::Message(msg) = secure.respond(&welcome.session_id, &req).unwrap() else {
+        panic!("advertise answers with a message");
+    };
+    let mut forged = msg.clone();
+    if let Some(sig) = forged.key_signature.as_mut() {
+        let last = sig.signature.len() - 1;
+        sig.signature[last] ^= 1;
+    }
+    let err = client.sec_agg(forged).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("refused"), "{err}");
+    let unsigned = pb::SecAggMessage {
+        key_signature: None,
+        ..msg
+    };
+    let err = client.sec_agg(unsigned).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("not signed"), "{err}");
+    // m0 leaves; the others verified each other's bindings and commit.
+    drop(work);
+    drop(client);
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in honest {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let train: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Train)
+        .collect();
+    assert_eq!(train.len(), 1, "{history:?}");
+    assert_eq!(train[0].outcome, Outcome::Committed, "{:?}", train[0]);
+    assert_eq!(train[0].reported, vec!["m1", "m2", "m3"]);
+}
