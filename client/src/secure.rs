@@ -8,8 +8,8 @@
 //!
 //! | request          | body                | answer                                   |
 //! |------------------|---------------------|------------------------------------------|
-//! | `advertise_keys` | [`RoundInvite`] JSON | `SecAgg` RPC with [`AdvertiseKeys`](fedcart_common::privacy::secagg::AdvertiseKeys) |
-//! | `share_keys`     | `KeyRoster`         | `SecAgg` RPC with the `ShareUpload`       |
+//! | `advertise_keys` | [`RoundInvite`] JSON | `SecAgg` RPC with [`AdvertiseKeys`](fedcart_common::privacy::secagg::AdvertiseKeys) and its `key_signature` |
+//! | `share_keys`     | `KeyRoster` + `key_bindings` | `SecAgg` RPC with the `ShareUpload`, once every binding verified |
 //! | `masked_input`   | `ShareRelay`        | `SubmitUpdate`, `PAYLOAD_ENCODING_MASKED_U32`, the masked frame |
 //! | `sign_survivors` | `SurvivorCheck`     | `SecAgg` RPC with the `SurvivorSignature` |
 //! | `unmask`         | `UnmaskRequest`     | `SecAgg` RPC with the `UnmaskResponse`    |

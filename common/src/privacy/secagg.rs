@@ -23,15 +23,35 @@
 //!   list it is shown, and an agent reveals shares only when shown at least `t`
 //!   valid signatures from survivors over exactly the list it signed; with
 //!   `t > (k + 1) / 2` two conflicting lists cannot both gather `t` signatures
-//!   among one agent's holders. A malicious server can still make the round
-//!   abort, and the graph is fixed by the public round seed over the agents
-//!   that advertised.
-//! * **Keys are relayed by the server, unauthenticated end to end.** Mutual
-//!   TLS authenticates each agent to the server only; the roster (encryption,
-//!   mask and signature keys of every agent) reaches the agents through the
-//!   server, which could substitute keys of its own and so open the shares
-//!   sent to the agents it impersonates. This module has no PKI; binding each
-//!   advertisement to its merchant's certificate is not done yet.
+//!   among one agent's holders. The Ed25519 verifying keys travel in the
+//!   roster, bound to the agents' certificates like every other key (below),
+//!   so the server cannot sign a list in an agent's name. A malicious server
+//!   can still make the round abort, and the graph is fixed by the public
+//!   round seed over the agents that advertised.
+//! * **Keys are bound to certificates** ([`binding`]). The server relays
+//!   the roster, so it could otherwise put keys of its own in place of an
+//!   agent's and open the shares sent to it. Each agent signs its
+//!   advertisement — run, round, task (attempt), round seed, merchant id and
+//!   all its keys, domain-separated — with its mutual-TLS key; the server
+//!   relays with every entry that signature and the certificate chain the
+//!   agent presented on its own connection; every agent verifies each entry
+//!   (chain to its trusted CA for client authentication, certificate
+//!   identity = the entry's merchant id, signature, one entry per merchant)
+//!   before using any key, and refuses the round otherwise. What a malicious
+//!   server **can still do**: drop or exclude agents (leave an entry out of
+//!   the roster, relay nothing, close a stage early) — each agent's policy
+//!   bounds the degree and threshold it accepts, and a round with too few
+//!   survivors aborts without output; show different agents different
+//!   subsets of valid entries or different survivor lists (the
+//!   `verify_survivors` check is what stops it from collecting both secrets
+//!   of one agent); replay nothing useful, since a signature holds for one
+//!   task attempt only. What it **cannot** do without the CA's key: make an
+//!   agent use keys that its owner did not advertise for this round. The
+//!   binding is only as strong as the CA: whoever holds the CA key can
+//!   certify a key of its own for any merchant id, so the CA key must not
+//!   live on the coordinator's host. Without TLS (the simulator, plaintext
+//!   test setups) nothing is bound; agents accept that only when told to
+//!   (`privacy.require_key_binding = false`).
 //! * **Malicious agents are bounded by the sum's range, not by clipping.**
 //!   Clipping runs on the agent, so it binds only honest agents: a malicious
 //!   agent may send any residue below the modulus. The server refuses a
@@ -53,9 +73,12 @@
 //!
 //! 1. **Advertise keys.** Each agent draws two X25519 key pairs — one whose
 //!    agreements key the encryption of shares, one whose agreements seed the
-//!    pairwise masks — and sends the public keys ([`AdvertiseKeys`]). The
+//!    pairwise masks — and sends the public keys ([`AdvertiseKeys`]), signed
+//!    with its certificate key over gRPC ([`binding::signed_message`]). The
 //!    server broadcasts the roster of the `U1` agents that answered
-//!    ([`KeyRoster`]). Everyone derives the k-regular neighbour graph over `U1`
+//!    ([`KeyRoster`], with one [`binding::KeyBinding`] per entry); each agent
+//!    verifies every binding ([`binding::verify_roster`]) before stage 2.
+//!    Everyone derives the k-regular neighbour graph over `U1`
 //!    from the public round seed ([`NeighbourGraph`]).
 //! 2. **Share keys.** Each agent draws a self-mask seed `b` (32 bytes) and
 //!    Shamir-shares `b` and its pairwise-mask secret key t-of-(k + 1) among its
