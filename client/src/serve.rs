@@ -20,9 +20,10 @@
 //! **Hot swap.** Everything a request reads is one immutable [`Snapshot`]
 //! behind an `Arc`, published through a `tokio::sync::watch` channel: a
 //! request clones the `Arc` once and answers from it, so a swap never drops
-//! or tears a request. A reloader polls the state files' sizes and
-//! modification times every `--poll-ms` (default 500 ms); when they changed
-//! it builds a new snapshot off the request path and publishes it. A model
+//! or tears a request. A reloader polls the state directory every
+//! `--poll-ms` (default 500 ms) — the model meta files' contents and the user
+//! factors' size and modification time; when they changed it builds a new
+//! snapshot off the request path and publishes it. A model
 //! whose parameter file does not match its meta (the agent is between the
 //! two writes, see [`crate::state`]) is skipped until the next poll, so the
 //! old snapshot keeps serving.
@@ -229,25 +230,30 @@ pub fn build_snapshot(state: &StateDir, local: &LocalFiles) -> Result<Snapshot, 
     })
 }
 
-/// Sizes and modification times of the state files a snapshot is built
-/// from: a change means a new version may be there.
-fn fingerprint(dir: &Path) -> Vec<Option<(u64, SystemTime)>> {
-    [
-        "global-mf.json",
-        "global-mf.f32",
-        "mf-users.json",
-        "global-churn.json",
-        "global-churn.f32",
-        "global-segments.json",
-        "global-segments.f32",
-    ]
-    .iter()
-    .map(|f| {
-        std::fs::metadata(dir.join(f))
+/// What the reloader compares between polls: the contents of the (small)
+/// meta files, which carry each version and its parameters' checksum, and
+/// the size and modification time of the user factors. A change means a
+/// new version may be there.
+#[derive(Debug, PartialEq)]
+struct Fingerprint {
+    metas: Vec<Option<Vec<u8>>>,
+    users: Option<(u64, SystemTime)>,
+}
+
+fn fingerprint(dir: &Path) -> Fingerprint {
+    Fingerprint {
+        metas: [
+            "global-mf.json",
+            "global-churn.json",
+            "global-segments.json",
+        ]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).ok())
+        .collect(),
+        users: std::fs::metadata(dir.join("mf-users.json"))
             .ok()
-            .and_then(|m| Some((m.len(), m.modified().ok()?)))
-    })
-    .collect()
+            .and_then(|m| Some((m.len(), m.modified().ok()?))),
+    }
 }
 
 /// Shared by the handlers: the local files and the current snapshot.
@@ -290,6 +296,9 @@ pub async fn start(
     poll: Duration,
 ) -> Result<Running, ServeError> {
     let local = Arc::new(local);
+    // Taken before the first build, so that a version written during it is
+    // picked up by the first poll.
+    let initial = fingerprint(state.path());
     let first = loop {
         // The agent may be writing a model right now: read again.
         match build_snapshot(&state, &local) {
@@ -308,7 +317,7 @@ pub async fn start(
     let reload_local = local.clone();
     let mut reload_stop = stop_rx.clone();
     tokio::spawn(async move {
-        let mut seen = fingerprint(state.path());
+        let mut seen = initial;
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -698,6 +707,7 @@ mod tests {
                     seen.push((route, body["model_version"].as_u64().unwrap()));
                     answers.push((path, body));
                     n += 1;
+                    assert!(n < 100_000, "client {c}: version 2 never served");
                     if n == PER_PHASE {
                         // Everyone has load running; the swap happens while
                         // the clients keep sending.
