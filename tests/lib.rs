@@ -76,6 +76,8 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             split_seed: 7,
             ratings_csv: None,
             catalogue: None,
+            item_names: None,
+            delimiter: Default::default(),
         },
         backoff: Backoff {
             initial_ms: 20,
@@ -207,3 +209,28 @@ impl AgentHandle {
 }
 
 pub mod raw;
+
+/// `target/<profile>`, where the workspace's binaries sit next to `deps/`,
+/// for tests that run the real `fedcart-coordinator` and `fedcart-client`
+/// processes; builds them when they are missing (CI builds them first).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf();
+    let missing = ["fedcart-coordinator", "fedcart-client"]
+        .iter()
+        .any(|b| !dir.join(b).exists());
+    if missing {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "fedcart-coordinator", "-p", "fedcart-client"])
+            .arg("--bins")
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building the binaries failed");
+    }
+    dir
+}

@@ -378,6 +378,7 @@ impl Agent {
                 run_id: task.run_id.clone(),
                 version: task.model_version,
                 spec: spec.clone(),
+                sha256: None,
             };
             state.save_global(&meta, &global)?;
         }

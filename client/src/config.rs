@@ -1,8 +1,16 @@
 //! Agent configuration: `merchant.toml` → validated plain structs, with
-//! environment overrides for the coordinator address and paths.
+//! environment overrides for the coordinator address and every path.
+//!
+//! Relative paths in the file are relative to the file's own directory, so a
+//! merchant kit (`fedcart-coordinator certs issue --kit DIR`) runs from any
+//! working directory. Every setting that names a file or address can be
+//! overridden by `FEDCART_<SECTION>_<KEY>` (see [`ENV_OVERRIDES`]); a
+//! relative path given in the environment is relative to the working
+//! directory, like any path typed in a shell.
 
 use std::path::{Path, PathBuf};
 
+use fedcart_common::data::orders::Delimiter;
 use fedcart_common::data::tabular::Schema;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +35,27 @@ pub enum ConfigError {
         /// when one is misspelled.
         #[source]
         source: toml::de::Error,
+    },
+    /// An environment override is empty, not UTF-8, names a missing file,
+    /// or sets only part of the `[tls]` section.
+    #[error("{}: environment variable {var}: {message}", path.display())]
+    Env {
+        /// The configuration file the override applies to.
+        path: PathBuf,
+        /// The variable, e.g. `FEDCART_TLS_CERT`.
+        var: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// `data.delimiter` is `whitespace`, which only orders exports support.
+    #[error(
+        "{}: `data.delimiter` = whitespace is only for orders exports (`prepare --delimiter`); \
+         customer and ratings tables need comma, tab, semicolon or pipe",
+        path.display()
+    )]
+    Delimiter {
+        /// The file.
+        path: PathBuf,
     },
     /// `data.holdout` is outside (0, 1).
     #[error("{}: `data.holdout` = {value} must be in (0, 1)", path.display())]
@@ -79,6 +108,22 @@ pub struct DataConfig {
     /// The platform's shared catalogue (one item id per line); required with `ratings_csv`.
     #[serde(default)]
     pub catalogue: Option<std::path::PathBuf>,
+    /// Display names of catalogue items: a CSV with a header whose first
+    /// column is the item id and second its name (MovieLens' `movies.csv`
+    /// fits as is). `recommend` and `serve` show them beside the ids.
+    #[serde(default)]
+    pub item_names: Option<PathBuf>,
+    /// Field separator of `churn_csv`, `ratings_csv` and `item_names`:
+    /// comma (default), tab, semicolon or pipe.
+    #[serde(default)]
+    pub delimiter: Delimiter,
+}
+
+impl DataConfig {
+    /// The separator byte of the merchant's CSV files (checked at load).
+    pub fn delimiter_byte(&self) -> u8 {
+        self.delimiter.byte().unwrap_or(b',')
+    }
 }
 
 fn holdout() -> f64 {
@@ -111,9 +156,49 @@ pub struct AgentConfig {
     pub privacy: crate::policy::PrivacyPolicy,
 }
 
+/// Every environment override of `merchant.toml`, with the key it replaces.
+/// Paths given here are relative to the working directory.
+pub const ENV_OVERRIDES: [(&str, &str); 10] = [
+    ("FEDCART_COORDINATOR", "coordinator"),
+    ("FEDCART_MERCHANT_ID", "merchant_id"),
+    ("FEDCART_STATE_DIR", "state_dir"),
+    ("FEDCART_DATA_CHURN_CSV", "data.churn_csv"),
+    ("FEDCART_DATA_RATINGS_CSV", "data.ratings_csv"),
+    ("FEDCART_DATA_CATALOGUE", "data.catalogue"),
+    ("FEDCART_DATA_ITEM_NAMES", "data.item_names"),
+    ("FEDCART_TLS_CA", "tls.ca"),
+    ("FEDCART_TLS_CERT", "tls.cert"),
+    ("FEDCART_TLS_KEY", "tls.key"),
+];
+
+/// Joins a relative `p` onto `base` (the configuration file's directory).
+pub fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+/// The directory that relative paths in the file at `path` are relative to.
+pub fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
 impl AgentConfig {
-    /// Reads a TOML file and applies environment overrides.
+    /// Reads a TOML file, resolves its relative paths against the file's
+    /// directory and applies the environment overrides ([`ENV_OVERRIDES`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, |var| std::env::var_os(var))
+    }
+
+    /// [`AgentConfig::load`] with the environment given as a function
+    /// (tests pass a map instead of mutating the process environment).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -122,22 +207,138 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        if let Ok(v) = std::env::var("FEDCART_COORDINATOR") {
-            cfg.coordinator = v;
-        }
-        if let Ok(v) = std::env::var("FEDCART_MERCHANT_ID") {
-            cfg.merchant_id = v;
-        }
-        if let Ok(v) = std::env::var("FEDCART_STATE_DIR") {
-            cfg.state_dir = Some(v.into());
-        }
+        cfg.resolve_paths(&base_dir(path));
+        cfg.apply_env(path, env)?;
         if !(cfg.data.holdout > 0.0 && cfg.data.holdout < 1.0) {
             return Err(ConfigError::Holdout {
                 path: path.to_owned(),
                 value: cfg.data.holdout,
             });
         }
+        if cfg.data.delimiter.byte().is_none() {
+            return Err(ConfigError::Delimiter {
+                path: path.to_owned(),
+            });
+        }
         Ok(cfg)
+    }
+
+    /// Makes every relative path of the file relative to `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        let d = &mut self.data;
+        for p in [
+            &mut self.state_dir,
+            &mut d.churn_csv,
+            &mut d.ratings_csv,
+            &mut d.catalogue,
+            &mut d.item_names,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(base, p);
+        }
+        if let Some(t) = &mut self.tls {
+            for p in [&mut t.ca, &mut t.cert, &mut t.key] {
+                resolve(base, p);
+            }
+        }
+    }
+
+    /// Applies [`ENV_OVERRIDES`]; a bad value is an error naming the variable.
+    fn apply_env(
+        &mut self,
+        path: &Path,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(), ConfigError> {
+        let err = |var: &'static str, message: String| ConfigError::Env {
+            path: path.to_owned(),
+            var,
+            message,
+        };
+        // The value of `var`, if set: non-empty UTF-8.
+        let get = |var: &'static str| -> Result<Option<String>, ConfigError> {
+            match env(var) {
+                None => Ok(None),
+                Some(v) => match v.into_string() {
+                    Ok(s) if !s.trim().is_empty() => Ok(Some(s)),
+                    Ok(_) => Err(err(var, "is set but empty".into())),
+                    Err(v) => Err(err(var, format!("{v:?} is not UTF-8"))),
+                },
+            }
+        };
+        // A file named by `var` must exist, so the error names the variable
+        // rather than surfacing later as an unreadable path.
+        let file = |var: &'static str| -> Result<Option<PathBuf>, ConfigError> {
+            let Some(v) = get(var)? else { return Ok(None) };
+            let p = PathBuf::from(v);
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_file() => Ok(Some(p)),
+                Ok(_) => Err(err(var, format!("{} is not a file", p.display()))),
+                Err(e) => Err(err(var, format!("{}: {e}", p.display()))),
+            }
+        };
+        if let Some(v) = get("FEDCART_COORDINATOR")? {
+            self.coordinator = v;
+        }
+        if let Some(v) = get("FEDCART_MERCHANT_ID")? {
+            self.merchant_id = v;
+        }
+        if let Some(v) = get("FEDCART_STATE_DIR")? {
+            self.state_dir = Some(v.into());
+        }
+        let d = &mut self.data;
+        for (var, slot) in [
+            ("FEDCART_DATA_CHURN_CSV", &mut d.churn_csv),
+            ("FEDCART_DATA_RATINGS_CSV", &mut d.ratings_csv),
+            ("FEDCART_DATA_CATALOGUE", &mut d.catalogue),
+            ("FEDCART_DATA_ITEM_NAMES", &mut d.item_names),
+        ] {
+            if let Some(p) = file(var)? {
+                *slot = Some(p);
+            }
+        }
+        let (ca, cert, key) = (
+            file("FEDCART_TLS_CA")?,
+            file("FEDCART_TLS_CERT")?,
+            file("FEDCART_TLS_KEY")?,
+        );
+        match &mut self.tls {
+            Some(t) => {
+                for (slot, v) in [(&mut t.ca, ca), (&mut t.cert, cert), (&mut t.key, key)] {
+                    if let Some(v) = v {
+                        *slot = v;
+                    }
+                }
+            }
+            None => match (ca, cert, key) {
+                (None, None, None) => {}
+                (Some(ca), Some(cert), Some(key)) => {
+                    self.tls = Some(crate::tls::AgentTls {
+                        ca,
+                        cert,
+                        key,
+                        domain: None,
+                    })
+                }
+                (ca, cert, _) => {
+                    let missing = if ca.is_none() {
+                        "FEDCART_TLS_CA"
+                    } else if cert.is_none() {
+                        "FEDCART_TLS_CERT"
+                    } else {
+                        "FEDCART_TLS_KEY"
+                    };
+                    return Err(err(
+                        missing,
+                        "is needed too: the file has no `[tls]` section, so \
+                         FEDCART_TLS_CA, FEDCART_TLS_CERT and FEDCART_TLS_KEY must all be set"
+                            .into(),
+                    ));
+                }
+            },
+        }
+        Ok(())
     }
 }
 
@@ -176,5 +377,95 @@ mod tests {
         );
         let cause = std::error::Error::source(&err).unwrap().to_string();
         assert!(cause.contains("holdot"), "{cause}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_from_the_config_files_directory_not_the_cwd() {
+        let dir = tempfile::tempdir().unwrap();
+        let kit = dir.path().join("kit");
+        std::fs::create_dir(&kit).unwrap();
+        let path = kit.join("merchant.toml");
+        std::fs::write(
+            &path,
+            "coordinator = \"https://localhost:1\"\nmerchant_id = \"m0\"\nstate_dir = \"state\"\n\
+             [data]\nchurn_csv = \"data/customers.csv\"\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"/abs/m0.pem\"\nkey = \"m0.key\"\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::load_with_env(&path, |_| None).unwrap();
+        assert_eq!(cfg.state_dir, Some(kit.join("state")));
+        assert_eq!(cfg.data.churn_csv, Some(kit.join("data/customers.csv")));
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.ca, kit.join("ca.pem"));
+        assert_eq!(tls.cert, PathBuf::from("/abs/m0.pem"));
+        assert_eq!(tls.key, kit.join("m0.key"));
+    }
+
+    #[test]
+    fn environment_overrides_replace_paths_and_a_bad_value_names_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("merchant.toml");
+        std::fs::write(
+            &path,
+            "coordinator = \"https://localhost:1\"\nmerchant_id = \"m0\"\n[data]\n",
+        )
+        .unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "").unwrap();
+        let env = |vars: Vec<(&'static str, std::ffi::OsString)>| {
+            move |k: &str| vars.iter().find(|(v, _)| *v == k).map(|(_, x)| x.clone())
+        };
+        let all = vec![
+            ("FEDCART_TLS_CA", pem.clone().into_os_string()),
+            ("FEDCART_TLS_CERT", pem.clone().into_os_string()),
+            ("FEDCART_TLS_KEY", pem.clone().into_os_string()),
+            ("FEDCART_DATA_CHURN_CSV", pem.clone().into_os_string()),
+        ];
+        let cfg = AgentConfig::load_with_env(&path, env(all)).unwrap();
+        assert_eq!(cfg.tls.unwrap().key, pem);
+        assert_eq!(cfg.data.churn_csv, Some(pem.clone()));
+
+        let missing = dir.path().join("nope.pem");
+        let err = AgentConfig::load_with_env(
+            &path,
+            env(vec![("FEDCART_TLS_CERT", missing.clone().into_os_string())]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("FEDCART_TLS_CERT") && err.contains(&missing.display().to_string()),
+            "{err}"
+        );
+        let err = AgentConfig::load_with_env(
+            &path,
+            env(vec![("FEDCART_TLS_CERT", pem.clone().into_os_string())]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("FEDCART_TLS_CA"), "{err}");
+        let err = AgentConfig::load_with_env(&path, env(vec![("FEDCART_STATE_DIR", "".into())]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("FEDCART_STATE_DIR is set but empty")
+                || err.contains("FEDCART_STATE_DIR: is set but empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_whitespace_delimiter_is_refused_for_customer_tables() {
+        let (_dir, path, result) = load_text(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\ndelimiter = \"whitespace\"\n",
+        );
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&path.display().to_string()) && err.contains("data.delimiter"),
+            "{err}"
+        );
+        let (_dir, _path, result) = load_text(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\ndelimiter = \"semicolon\"\n",
+        );
+        assert_eq!(result.unwrap().data.delimiter_byte(), b';');
     }
 }

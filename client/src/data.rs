@@ -24,6 +24,21 @@ pub enum DataError {
         #[source]
         source: tabular::DataError,
     },
+    /// `data.churn_csv` is not configured but a command needs it.
+    #[error("`data.churn_csv` is not configured")]
+    NoChurnCsv,
+    /// `data.ratings_csv` is not configured but a command needs it.
+    #[error("`data.ratings_csv` is not configured")]
+    NoRatings,
+    /// The item names file (`data.item_names`) could not be read.
+    #[error("loading item names {}", path.display())]
+    ItemNames {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error, with the line.
+        #[source]
+        source: csv::Error,
+    },
     /// `data.ratings_csv` is set without `data.catalogue`.
     #[error("`data.ratings_csv` needs `data.catalogue`")]
     NoCatalogue,
@@ -47,6 +62,76 @@ pub enum DataError {
     },
 }
 
+/// The merchant's customer table (`data.churn_csv`), its schema (Telco's
+/// when none is configured) and its field separator: what `score`,
+/// `segments` and `serve` read.
+#[derive(Debug, Clone)]
+pub struct CustomerTable {
+    /// The file.
+    pub path: PathBuf,
+    /// Its columns.
+    pub schema: Schema,
+    /// Its field separator.
+    pub delimiter: u8,
+}
+
+impl CustomerTable {
+    /// The table named in the configuration.
+    pub fn from_config(cfg: &AgentConfig) -> Result<Self, DataError> {
+        Ok(Self {
+            path: cfg.data.churn_csv.clone().ok_or(DataError::NoChurnCsv)?,
+            schema: cfg.data.schema.clone().unwrap_or_else(Schema::telco),
+            delimiter: cfg.data.delimiter_byte(),
+        })
+    }
+
+    /// Reads every row.
+    pub fn load(&self) -> Result<tabular::TabularDataset, DataError> {
+        self.schema
+            .load_csv_delimited(&self.path, self.delimiter)
+            .map_err(|source| DataError::Churn {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Display names of catalogue items, from `data.item_names`: a file with a
+/// header whose first column is the item id and second the name.
+pub fn item_names(
+    path: &Path,
+    delimiter: u8,
+) -> Result<std::collections::HashMap<String, String>, DataError> {
+    let err = |source| DataError::ItemNames {
+        path: path.to_owned(),
+        source,
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(true)
+        .flexible(true)
+        .from_path(path)
+        .map_err(err)?;
+    let mut out = std::collections::HashMap::new();
+    for record in rdr.records() {
+        let record = record.map_err(err)?;
+        if let (Some(id), Some(name)) = (record.get(0), record.get(1)) {
+            out.insert(id.trim().to_owned(), name.trim().to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// The item names of the configuration, or none when `data.item_names` is unset.
+pub fn configured_item_names(
+    cfg: &AgentConfig,
+) -> Result<std::collections::HashMap<String, String>, DataError> {
+    match &cfg.data.item_names {
+        Some(p) => item_names(p, cfg.data.delimiter_byte()),
+        None => Ok(Default::default()),
+    }
+}
+
 /// Reads every dataset named in the configuration.
 pub fn load(cfg: &AgentConfig) -> Result<LocalData, DataError> {
     let mut data = LocalData {
@@ -55,10 +140,12 @@ pub fn load(cfg: &AgentConfig) -> Result<LocalData, DataError> {
     };
     if let Some(path) = &cfg.data.churn_csv {
         let schema = cfg.data.schema.clone().unwrap_or_else(Schema::telco);
-        let ds = schema.load_csv(path).map_err(|source| DataError::Churn {
-            path: path.clone(),
-            source,
-        })?;
+        let ds = schema
+            .load_csv_delimited(path, cfg.data.delimiter_byte())
+            .map_err(|source| DataError::Churn {
+                path: path.clone(),
+                source,
+            })?;
         let labels = ds.y.to_vec();
         let (train, valid) =
             split::stratified_train_test(&labels, cfg.data.holdout, cfg.data.split_seed);
@@ -78,10 +165,13 @@ pub fn load(cfg: &AgentConfig) -> Result<LocalData, DataError> {
 pub fn load_mf(path: &Path, cfg: &AgentConfig) -> Result<MfData, DataError> {
     let cat_path = cfg.data.catalogue.as_ref().ok_or(DataError::NoCatalogue)?;
     let catalogue = catalogue(cat_path)?;
-    let rows = movielens::load_ratings(path).map_err(|source| DataError::Ratings {
-        path: path.to_owned(),
-        source,
-    })?;
+    let rows =
+        movielens::load_ratings_delimited(path, cfg.data.delimiter_byte()).map_err(|source| {
+            DataError::Ratings {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
     let (train, test) = movielens::random_split(&rows, cfg.data.holdout, cfg.data.split_seed);
     Ok(MfData::new(&train, &test, &catalogue))
 }

@@ -10,7 +10,9 @@
 //! - [`policy`]: the merchant's privacy policy (`[privacy]`), checked on
 //!   every task before anything leaves the agent.
 //! - [`state`]: durable local state (global models, private user factors,
-//!   metrics); [`recommend`]: offline top-K and churn scores from it.
+//!   metrics); [`recommend`]: offline top-K and churn scores from it;
+//!   [`serve`]: the merchant's local JSON API on the same state, hot-swapping
+//!   new versions.
 //!
 //! Each module returns its own error enum (`AgentError`, `ConfigError`,
 //! `DataError`, `StateError`, …); only the binary turns them into `anyhow`.
@@ -18,6 +20,11 @@
 //! Training itself is `fedcart_common::train::run_task`, the same code the
 //! simulator runs.
 #![forbid(unsafe_code)]
+
+// The serving fixture (`benches/serve_fixture.rs`) is shared by the load
+// benchmark and `serve`'s tests, and names the crate from outside.
+#[cfg(test)]
+extern crate self as fedcart_client;
 
 pub mod agent;
 pub mod config;
@@ -27,6 +34,7 @@ pub mod prepare;
 pub mod recommend;
 pub mod secure;
 pub mod segments;
+pub mod serve;
 pub mod state;
 pub mod tls;
 pub mod transfer;

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use std::io::Write;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedcart_client::state::StateDir;
@@ -39,7 +41,7 @@ enum Command {
         /// Customer id (as in the ratings file).
         #[arg(long)]
         customer: String,
-        /// How many items.
+        /// How many items (1 to 1000).
         #[arg(long, default_value_t = 10)]
         k: usize,
     },
@@ -48,7 +50,7 @@ enum Command {
         /// The agent's TOML configuration.
         #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
         config: PathBuf,
-        /// Output CSV.
+        /// Output CSV (`-` for standard output).
         #[arg(long, default_value = "churn_scores.csv")]
         out: PathBuf,
     },
@@ -58,10 +60,14 @@ enum Command {
         /// The agent's TOML configuration.
         #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
         config: PathBuf,
-        /// Output CSV.
+        /// Output CSV (`-` for standard output).
         #[arg(long, default_value = "segments.csv")]
         out: PathBuf,
     },
+    /// The merchant's local JSON API (recommendations, churn scores,
+    /// segments, model versions) on the agent's state, picking up new model
+    /// versions as the agent receives them.
+    Serve(fedcart_client::serve::ServeArgs),
 }
 
 fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
@@ -130,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
             customer,
             k,
         } => {
+            recommend::check_k(k).context("--k")?;
             let cfg = AgentConfig::load(&config)?;
             let ratings = cfg
                 .data
@@ -138,46 +145,54 @@ async fn main() -> anyhow::Result<()> {
                 .context("`data.ratings_csv` is not configured")?;
             let mf = data::load_mf(ratings, &cfg)?;
             let cat = data::catalogue(cfg.data.catalogue.as_ref().expect("checked by load_mf"))?;
+            let names = data::configured_item_names(&cfg)?;
             let recs = recommend::recommend(&state_of(&cfg)?, &mf, &cat, &customer, k)
                 .with_context(|| format!("recommending for customer `{customer}`"))?;
             for r in recs {
-                println!("{}\t{:.4}", r.item, r.score);
+                match names.get(&r.item) {
+                    Some(name) => println!("{}\t{:.4}\t{name}", r.item, r.score),
+                    None => println!("{}\t{:.4}", r.item, r.score),
+                }
             }
             Ok(())
         }
         Command::Score { config, out } => {
             let cfg = AgentConfig::load(&config)?;
-            let (csv, schema) = customer_table(&cfg)?;
-            let n = recommend::score(&state_of(&cfg)?, &csv, &schema, &out)
-                .with_context(|| format!("scoring {}", csv.display()))?;
-            println!("wrote {n} churn scores to {}", out.display());
+            let table = data::CustomerTable::from_config(&cfg)?;
+            let mut w = recommend::open_output(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let n = recommend::score(&state_of(&cfg)?, &table, &mut w, &out)
+                .with_context(|| format!("scoring {}", table.path.display()))?;
+            w.flush()
+                .with_context(|| format!("writing {}", out.display()))?;
+            if out != std::path::Path::new("-") {
+                println!("wrote {n} churn scores to {}", out.display());
+            }
             Ok(())
         }
         Command::Segments { config, out } => {
             let cfg = AgentConfig::load(&config)?;
-            let (csv, schema) = customer_table(&cfg)?;
-            let n = fedcart_client::segments::segments(&state_of(&cfg)?, &csv, &schema, &out)
-                .with_context(|| format!("labelling {}", csv.display()))?;
-            println!("wrote {n} customer segments to {}", out.display());
+            let table = data::CustomerTable::from_config(&cfg)?;
+            let mut w = recommend::open_output(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let n = fedcart_client::segments::segments(&state_of(&cfg)?, &table, &mut w, &out)
+                .with_context(|| format!("labelling {}", table.path.display()))?;
+            w.flush()
+                .with_context(|| format!("writing {}", out.display()))?;
+            if out != std::path::Path::new("-") {
+                println!("wrote {n} customer segments to {}", out.display());
+            }
             Ok(())
         }
+        Command::Serve(args) => {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                let _ = tx.send(true);
+            });
+            fedcart_client::serve::run(&args, rx)
+                .await
+                .with_context(|| format!("serving {}", args.config.display()))
+        }
     }
-}
-
-/// The merchant's customer table and its schema (Telco's when none is
-/// configured), as `score` and `segments` read it.
-fn customer_table(
-    cfg: &AgentConfig,
-) -> anyhow::Result<(std::path::PathBuf, fedcart_common::data::tabular::Schema)> {
-    let csv = cfg
-        .data
-        .churn_csv
-        .clone()
-        .context("`data.churn_csv` is not configured")?;
-    let schema = cfg
-        .data
-        .schema
-        .clone()
-        .unwrap_or_else(fedcart_common::data::tabular::Schema::telco);
-    Ok((csv, schema))
 }

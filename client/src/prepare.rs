@@ -112,7 +112,10 @@ pub enum PrepareError {
     /// The summary could not be encoded as JSON.
     #[error("encoding the summary")]
     EncodeSummary(#[source] serde_json::Error),
-    /// `summary.json` could not be written.
+    /// The `[data]` snippet could not be encoded as TOML.
+    #[error("encoding the [data] snippet")]
+    EncodeSnippet(#[source] toml::ser::Error),
+    /// `summary.json` (or the `[data]` snippet) could not be written.
     #[error("writing {}", path.display())]
     WriteSummary {
         /// The file.
@@ -132,6 +135,56 @@ struct Summary<'a> {
     read: &'a orders::ReadReport,
     rows_skipped: u64,
     derived: &'a orders::derive::DeriveSummary,
+}
+
+/// The file `prepare` writes the `[data]` lines for `merchant.toml` into.
+pub const SNIPPET: &str = "merchant-data.toml";
+
+/// The schema of `features.csv`: the customer id, the RFM features and the
+/// churn label as `prepare` writes them.
+pub fn features_schema() -> fedcart_common::data::tabular::Schema {
+    fedcart_common::data::tabular::Schema {
+        id: "customer_id".into(),
+        label: "churned".into(),
+        positive: vec!["1".into()],
+        negative: vec!["0".into()],
+        numeric: orders::derive::FEATURE_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        categorical: Vec::new(),
+        blank_numeric: Default::default(),
+    }
+}
+
+/// The `[data]` section that points an agent at what `prepare` wrote into
+/// `out` (absolute paths, so it can be pasted into any `merchant.toml`).
+fn data_snippet(out: &Path, interactions: bool) -> Result<String, PrepareError> {
+    let abs = std::fs::canonicalize(out).map_err(|source| PrepareError::CreateOut {
+        path: out.to_owned(),
+        source,
+    })?;
+    let mut data = toml::Table::new();
+    let path = |name: &str| toml::Value::String(abs.join(name).display().to_string());
+    data.insert("churn_csv".into(), path("features.csv"));
+    if interactions {
+        data.insert("ratings_csv".into(), path("interactions.csv"));
+    }
+    let schema = toml::Value::try_from(features_schema()).map_err(PrepareError::EncodeSnippet)?;
+    data.insert("schema".into(), schema);
+    let mut doc = toml::Table::new();
+    doc.insert("data".into(), toml::Value::Table(data));
+    let body = toml::to_string(&doc).map_err(PrepareError::EncodeSnippet)?;
+    let catalogue = if interactions {
+        "# ratings_csv also needs the platform's shared catalogue: add `catalogue = \"...\"`.\n"
+    } else {
+        ""
+    };
+    Ok(format!(
+        "# `[data]` for merchant.toml, written by `fedcart-client prepare`. The churn model\n\
+         # of the run must have num_features = {}.\n{catalogue}{body}",
+        orders::derive::FEATURE_NAMES.len()
+    ))
 }
 
 /// Builds the mapping from the file (if any) and the column flags.
@@ -203,6 +256,12 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
     let text = serde_json::to_string_pretty(&summary).map_err(PrepareError::EncodeSummary)?;
     std::fs::write(&path, text + "\n")
         .map_err(|source| PrepareError::WriteSummary { path, source })?;
+    let snippet = data_snippet(&args.out, prepared.summary.interactions > 0)?;
+    let snippet_path = args.out.join(SNIPPET);
+    std::fs::write(&snippet_path, &snippet).map_err(|source| PrepareError::WriteSummary {
+        path: snippet_path.clone(),
+        source,
+    })?;
     let s = &prepared.summary;
     println!(
         "{}: {} rows read, {} skipped; {} customers, churn rate {:.3} (cutoff {}, {} days); {} interactions; wrote {}",
@@ -215,6 +274,10 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
         s.churn_window_days,
         s.interactions,
         args.out.display()
+    );
+    println!(
+        "\nfor merchant.toml (also in {}):\n\n{snippet}",
+        snippet_path.display()
     );
     if !s.window_covered {
         println!(
@@ -302,6 +365,34 @@ mod tests {
         assert_eq!(summary["derived"]["first_order"], "2024-01-10");
         assert_eq!(summary["derived"]["last_order"], "2024-03-10");
         assert_eq!(summary["derived"]["interactions"], 3);
+
+        // The `[data]` snippet makes a merchant.toml that loads the features.
+        let snippet = std::fs::read_to_string(a.out.join(SNIPPET)).unwrap();
+        let merchant = dir.path().join("merchant.toml");
+        std::fs::write(
+            &merchant,
+            format!("coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n{snippet}"),
+        )
+        .unwrap();
+        let cfg = crate::config::AgentConfig::load_with_env(&merchant, |_| None).unwrap();
+        let ds = crate::data::CustomerTable::from_config(&cfg)
+            .unwrap()
+            .load()
+            .unwrap();
+        assert_eq!(ds.ids, vec!["alice", "bob"]);
+        assert_eq!(ds.y.to_vec(), vec![0.0, 1.0]);
+        assert_eq!(
+            cfg.data.ratings_csv,
+            Some(
+                std::fs::canonicalize(&a.out)
+                    .unwrap()
+                    .join("interactions.csv")
+            )
+        );
+        let rows =
+            fedcart_common::data::movielens::load_ratings(cfg.data.ratings_csv.as_ref().unwrap())
+                .unwrap();
+        assert_eq!(rows.len(), 3, "the interactions read as ratings");
     }
 
     #[test]

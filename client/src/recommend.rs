@@ -6,10 +6,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use fedcart_common::data::catalogue::Catalogue;
-use fedcart_common::data::tabular::{self, Schema};
+use fedcart_common::data::tabular::TabularDataset;
 use fedcart_common::model::lr::LogisticRegression;
 use fedcart_common::model::mf::{MfData, item_offsets};
 
+use crate::data::CustomerTable;
 use crate::state::{StateDir, StateError};
 
 /// Why no recommendation or score could be computed.
@@ -32,6 +33,9 @@ pub enum RecommendError {
     /// The private user factors were never saved.
     #[error("no private user factors stored")]
     NoUserFactors,
+    /// `k` is 0 or above [`MAX_K`].
+    #[error("k = {0} must be between 1 and {MAX_K}")]
+    BadK(usize),
     /// The customer is not in the ratings file.
     #[error("unknown customer `{0}`")]
     UnknownCustomer(String),
@@ -49,15 +53,10 @@ pub enum RecommendError {
     /// The stored churn model has no standardiser.
     #[error("the stored churn model came without feature statistics")]
     NoFeatureStats,
-    /// The customers' CSV could not be read.
-    #[error("loading {}", path.display())]
-    Load {
-        /// The file.
-        path: PathBuf,
-        /// The reader's error (file, line, column).
-        #[source]
-        source: tabular::DataError,
-    },
+    /// The customer table could not be read (the error names the file,
+    /// line and column).
+    #[error(transparent)]
+    Load(Box<crate::data::DataError>),
     /// The stored churn model does not fit the CSV's features.
     #[error("model has {params} parameters, data {features} features")]
     Shape {
@@ -80,13 +79,122 @@ pub enum RecommendError {
     State(#[from] StateError),
 }
 
+/// The most items one request may ask for (`k`): a shop shows tens; a
+/// bound keeps one request's response and sort small.
+pub const MAX_K: usize = 1000;
+
 /// One recommended item.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Recommendation {
     /// Catalogue item id.
     pub item: String,
+    /// The item's display name, when `data.item_names` has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Predicted score (rating for explicit MF, preference for BPR).
     pub score: f32,
+}
+
+/// The stored global recommender and the private user factors: everything
+/// needed to score the catalogue for one of this merchant's customers.
+#[derive(Debug, Clone)]
+pub struct Recommender {
+    /// The global model version.
+    pub version: u64,
+    num_items: usize,
+    factors: usize,
+    global: Vec<f32>,
+    users: fedcart_common::model::mf::UserState,
+}
+
+/// The catalogue indices `u` bought or rated (train and held-out rows).
+pub fn purchased(mf: &MfData, u: usize) -> HashSet<u32> {
+    mf.train
+        .iter()
+        .chain(&mf.test)
+        .filter(|r| r.user as usize == u)
+        .map(|r| r.item)
+        .collect()
+}
+
+/// `k` must be in 1..=[`MAX_K`].
+pub fn check_k(k: usize) -> Result<(), RecommendError> {
+    if k == 0 || k > MAX_K {
+        return Err(RecommendError::BadK(k));
+    }
+    Ok(())
+}
+
+impl Recommender {
+    /// Loads the latest global `mf` model and the user factors; the model
+    /// must have exactly `catalogue_len` items.
+    pub fn load(state: &StateDir, catalogue_len: usize) -> Result<Self, RecommendError> {
+        let Some((meta, global)) = state.load_global("mf")? else {
+            return Err(RecommendError::NoRecommender);
+        };
+        let (num_items, factors) = match meta.spec.model.mf_shape() {
+            Some(shape) => (shape.num_items, shape.k),
+            None => return Err(RecommendError::UnexpectedSpec),
+        };
+        if num_items != catalogue_len {
+            return Err(RecommendError::CatalogueMismatch {
+                model: num_items,
+                catalogue: catalogue_len,
+            });
+        }
+        if global.len() != 1 + num_items * (1 + factors) {
+            return Err(RecommendError::UnexpectedSpec);
+        }
+        let users = state.load_users()?.ok_or(RecommendError::NoUserFactors)?;
+        Ok(Self {
+            version: meta.version,
+            num_items,
+            factors,
+            global,
+            users,
+        })
+    }
+
+    /// The top `k` catalogue indices for local user `u` (an index into
+    /// `MfData::users`) with their scores, best first, ties by index:
+    /// μ + b_i + b_u + p_u·q_i, skipping the items in `exclude`.
+    pub fn top_k(
+        &self,
+        customer: &str,
+        u: usize,
+        k: usize,
+        exclude: &HashSet<u32>,
+    ) -> Result<Vec<(u32, f32)>, RecommendError> {
+        check_k(k)?;
+        let f = self.factors;
+        if self.users.k != f || (u + 1) * f > self.users.factors.len() || u >= self.users.bias.len()
+        {
+            return Err(RecommendError::Untrained {
+                customer: customer.to_owned(),
+                factors: f,
+            });
+        }
+        let global = &self.global;
+        let pu = &self.users.factors[u * f..(u + 1) * f];
+        let bu = self.users.bias[u];
+        let mut scored: Vec<(u32, f32)> = (0..self.num_items as u32)
+            .filter(|i| !exclude.contains(i))
+            .map(|i| {
+                // In range: `load` checked the length against the shape.
+                let (b, q) = item_offsets(self.num_items, f, i as usize);
+                let dot: f32 = pu.iter().zip(&global[q..q + f]).map(|(a, b)| a * b).sum();
+                (i, global[0] + global[b] + bu + dot)
+            })
+            .filter(|(_, s)| s.is_finite())
+            .collect();
+        let by_score = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if scored.len() > k {
+            scored.select_nth_unstable_by(k - 1, by_score);
+            scored.truncate(k);
+        }
+        scored.sort_by(by_score);
+        Ok(scored)
+    }
 }
 
 /// Top `k` items for `customer`: μ + b_i + b_u + p_u·q_i over the catalogue,
@@ -98,72 +206,30 @@ pub fn recommend(
     customer: &str,
     k: usize,
 ) -> Result<Vec<Recommendation>, RecommendError> {
-    let Some((meta, global)) = state.load_global("mf")? else {
-        return Err(RecommendError::NoRecommender);
-    };
-    let (num_items, factors) = match meta.spec.model.mf_shape() {
-        Some(shape) => (shape.num_items, shape.k),
-        None => return Err(RecommendError::UnexpectedSpec),
-    };
-    if num_items != catalogue.len() {
-        return Err(RecommendError::CatalogueMismatch {
-            model: num_items,
-            catalogue: catalogue.len(),
-        });
-    }
-    let users = state.load_users()?.ok_or(RecommendError::NoUserFactors)?;
+    check_k(k)?;
+    let rec = Recommender::load(state, catalogue.len())?;
     let u = mf
         .users
         .iter()
         .position(|c| c == customer)
         .ok_or_else(|| RecommendError::UnknownCustomer(customer.to_owned()))?;
-    if users.k != factors || (u + 1) * factors > users.factors.len() {
-        return Err(RecommendError::Untrained {
-            customer: customer.to_owned(),
-            factors,
-        });
-    }
-    let pu = &users.factors[u * factors..(u + 1) * factors];
-    let bu = users.bias[u];
-    let bought: HashSet<u32> = mf
-        .train
-        .iter()
-        .chain(&mf.test)
-        .filter(|r| r.user as usize == u)
-        .map(|r| r.item)
-        .collect();
-    let mut scored: Vec<(u32, f32)> = (0..num_items as u32)
-        .filter(|i| !bought.contains(i))
-        .map(|i| {
-            let (b, q) = item_offsets(num_items, factors, i as usize);
-            let dot: f32 = pu
-                .iter()
-                .zip(&global[q..q + factors])
-                .map(|(a, b)| a * b)
-                .sum();
-            (i, global[0] + global[b] + bu + dot)
-        })
-        .filter(|(_, s)| s.is_finite())
-        .collect();
-    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    scored.truncate(k);
-    Ok(scored
+    Ok(rec
+        .top_k(customer, u, k, &purchased(mf, u))?
         .into_iter()
         .map(|(i, score)| Recommendation {
             item: catalogue.id(i).expect("index within catalogue").to_owned(),
+            name: None,
             score,
         })
         .collect())
 }
 
-/// Churn probability of every customer in `csv` from the latest global churn
-/// model; writes `customer_id,churn_probability` to `out`. Returns the rows written.
-pub fn score(
+/// Churn probability of every row of `ds` from the latest global churn
+/// model, with that model's version.
+pub fn churn_probabilities(
     state: &StateDir,
-    csv: &Path,
-    schema: &Schema,
-    out: &Path,
-) -> Result<usize, RecommendError> {
+    ds: &TabularDataset,
+) -> Result<(u64, Vec<f32>), RecommendError> {
     let Some((meta, params)) = state.load_global("churn")? else {
         return Err(RecommendError::NoChurnModel);
     };
@@ -171,24 +237,34 @@ pub fn score(
         .spec
         .standardizer
         .ok_or(RecommendError::NoFeatureStats)?;
-    let ds = schema
-        .load_csv(csv)
-        .map_err(|source| RecommendError::Load {
-            path: csv.to_owned(),
-            source,
-        })?;
-    if params.len() != ds.x.ncols() + 1 {
+    if params.len() != ds.x.ncols() + 1 || scaler.mean.len() != ds.x.ncols() {
         return Err(RecommendError::Shape {
             params: params.len(),
             features: ds.x.ncols(),
         });
     }
     let p = LogisticRegression::from_params(&params).predict_proba(&scaler.transform(&ds.x));
+    Ok((meta.version, p.to_vec()))
+}
+
+/// Churn probability of every customer in `table` from the latest global
+/// churn model; writes `customer_id,churn_probability` to `out` (named
+/// `out_name` in errors). Returns the rows written.
+pub fn score(
+    state: &StateDir,
+    table: &CustomerTable,
+    out: &mut dyn std::io::Write,
+    out_name: &Path,
+) -> Result<usize, RecommendError> {
+    let ds = table
+        .load()
+        .map_err(|e| RecommendError::Load(Box::new(e)))?;
+    let (_, p) = churn_probabilities(state, &ds)?;
     let write = |source| RecommendError::Write {
-        path: out.to_owned(),
+        path: out_name.to_owned(),
         source,
     };
-    let mut w = csv::Writer::from_path(out).map_err(write)?;
+    let mut w = csv::Writer::from_writer(out);
     w.write_record(["customer_id", "churn_probability"])
         .map_err(write)?;
     for (id, p) in ds.ids.iter().zip(&p) {
@@ -197,4 +273,16 @@ pub fn score(
     }
     w.flush().map_err(|e| write(e.into()))?;
     Ok(ds.ids.len())
+}
+
+/// Opens `--out`: `-` is standard output, anything else a file (created or
+/// truncated).
+pub fn open_output(path: &Path) -> std::io::Result<Box<dyn std::io::Write>> {
+    if path == Path::new("-") {
+        Ok(Box::new(std::io::stdout().lock()))
+    } else {
+        Ok(Box::new(std::io::BufWriter::new(std::fs::File::create(
+            path,
+        )?)))
+    }
 }

@@ -6,11 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
-use fedcart_common::data::tabular::{self, Schema};
+use fedcart_common::data::tabular::TabularDataset;
 use fedcart_common::model::kmeans;
 use fedcart_common::task::ModelSpec;
 use thiserror::Error;
 
+use crate::data::CustomerTable;
 use crate::state::{StateDir, StateError};
 
 /// Why the customers could not be labelled.
@@ -30,15 +31,10 @@ pub enum SegmentsError {
         /// Local feature width.
         features: usize,
     },
-    /// The features file could not be read.
-    #[error("loading {}", path.display())]
-    Load {
-        /// The file.
-        path: PathBuf,
-        /// The reader's error (file, line, column).
-        #[source]
-        source: tabular::DataError,
-    },
+    /// The customer table could not be read (the error names the file,
+    /// line and column).
+    #[error(transparent)]
+    Load(Box<crate::data::DataError>),
     /// The output could not be written.
     #[error("writing {}", path.display())]
     Write {
@@ -57,10 +53,29 @@ pub enum SegmentsError {
 /// the number of customers.
 pub fn segments(
     state: &StateDir,
-    csv: &Path,
-    schema: &Schema,
-    out: &Path,
+    table: &CustomerTable,
+    out: &mut dyn std::io::Write,
+    out_name: &Path,
 ) -> Result<usize, SegmentsError> {
+    let ds = table.load().map_err(|e| SegmentsError::Load(Box::new(e)))?;
+    let (_, labels) = assign(state, &ds)?;
+    let write = |source| SegmentsError::Write {
+        path: out_name.to_owned(),
+        source,
+    };
+    let mut w = csv::Writer::from_writer(out);
+    w.write_record(["customer", "segment"]).map_err(write)?;
+    for (id, c) in ds.ids.iter().zip(&labels) {
+        w.write_record([id.as_str(), &c.to_string()])
+            .map_err(write)?;
+    }
+    w.flush().map_err(|e| write(e.into()))?;
+    Ok(ds.ids.len())
+}
+
+/// The federation's segment of every row of `ds`, from the stored k-means
+/// centres, with their version.
+pub fn assign(state: &StateDir, ds: &TabularDataset) -> Result<(u64, Vec<usize>), SegmentsError> {
     // k-means trains on the churn features but keeps its centres under its
     // own state key, beside the churn model (`ModelSpec::state_key`).
     let Some((meta, params)) = state.load_global("segments")? else {
@@ -73,27 +88,12 @@ pub fn segments(
         .spec
         .standardizer
         .ok_or(SegmentsError::NoFeatureStats)?;
-    let ds = schema.load_csv(csv).map_err(|source| SegmentsError::Load {
-        path: csv.to_owned(),
-        source,
-    })?;
-    if params.len() != k * ds.x.ncols() {
+    if params.len() != k * ds.x.ncols() || scaler.mean.len() != ds.x.ncols() {
         return Err(SegmentsError::Shape {
             params: params.len(),
             features: ds.x.ncols(),
         });
     }
     let labels = kmeans::assign(&scaler.transform(&ds.x), &params, k);
-    let write = |source| SegmentsError::Write {
-        path: out.to_owned(),
-        source,
-    };
-    let mut w = csv::Writer::from_path(out).map_err(write)?;
-    w.write_record(["customer", "segment"]).map_err(write)?;
-    for (id, (c, _)) in ds.ids.iter().zip(&labels) {
-        w.write_record([id.as_str(), &c.to_string()])
-            .map_err(write)?;
-    }
-    w.flush().map_err(|e| write(e.into()))?;
-    Ok(ds.ids.len())
+    Ok((meta.version, labels.into_iter().map(|(c, _)| c).collect()))
 }

@@ -24,6 +24,11 @@ pub struct GlobalMeta {
     pub version: u64,
     /// The task spec it came with (model shape, standardiser).
     pub spec: TaskSpec,
+    /// SHA-256 (hex) of the parameter file, written with the meta so that a
+    /// reader running beside the agent (`serve`) can tell a parameter file
+    /// from the next version apart from this one's. Absent in older states.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// The agent's state directory.
@@ -90,6 +95,13 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    /// The parameter file does not match its meta's checksum: the agent is
+    /// between writing the two (read again), or the file was altered.
+    #[error("{}: does not match the checksum in its meta file (written concurrently?)", path.display())]
+    Mismatch {
+        /// The parameter file.
+        path: PathBuf,
+    },
     /// A stored model's length is not a whole number of `f32`s.
     #[error("{}: {len} bytes is not a whole number of f32", path.display())]
     Truncated {
@@ -111,6 +123,15 @@ fn to_json<T: Serialize>(path: &Path, value: &T, pretty: bool) -> Result<Vec<u8>
         path: path.to_owned(),
         source,
     })
+}
+
+/// The SHA-256 of `bytes` in lower-case hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Writes `bytes` to `path` atomically and durably.
@@ -161,14 +182,22 @@ impl StateDir {
 
     /// Stores the global model of `spec` under its state key (its data family,
     /// or `segments` for k-means, so an analysis never replaces a model).
+    /// The parameters go first and the meta, with their checksum, last.
     pub fn save_global(&self, meta: &GlobalMeta, params: &[f32]) -> Result<(), StateError> {
         let family = meta.spec.model.state_key();
-        write_atomic(
-            &self.dir.join(format!("global-{family}.f32")),
-            &fedcart_common::federation::update::f32s_to_le(params),
-        )?;
+        let bytes = fedcart_common::federation::update::f32s_to_le(params);
+        write_atomic(&self.dir.join(format!("global-{family}.f32")), &bytes)?;
+        let meta = GlobalMeta {
+            sha256: Some(sha256_hex(&bytes)),
+            ..meta.clone()
+        };
         let path = self.dir.join(format!("global-{family}.json"));
-        write_atomic(&path, &to_json(&path, meta, true)?)
+        write_atomic(&path, &to_json(&path, &meta, true)?)
+    }
+
+    /// The state directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
     }
 
     /// The latest stored global model under `family` (`mf`, `churn`, `segments`, …).
@@ -181,6 +210,13 @@ impl StateDir {
             Ok(bytes) => bytes,
             Err(source) => return Err(StateError::Read { path, source }),
         };
+        if meta
+            .sha256
+            .as_ref()
+            .is_some_and(|want| *want != sha256_hex(&bytes))
+        {
+            return Err(StateError::Mismatch { path });
+        }
         if bytes.len() % 4 != 0 {
             return Err(StateError::Truncated {
                 path,
@@ -239,6 +275,7 @@ mod tests {
             run_id: "r".into(),
             version: 1,
             spec: spec(model),
+            sha256: None,
         };
         let churn = meta(ModelSpec::ChurnLr { num_features: 2 });
         let segments = meta(ModelSpec::KMeans {
@@ -276,5 +313,44 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(err.to_string(), path.display().to_string());
+    }
+
+    #[test]
+    fn a_parameter_file_from_another_version_than_its_meta_is_detected() {
+        use fedcart_common::model::sgd::SgdParams;
+        use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let meta = GlobalMeta {
+            run_id: "r".into(),
+            version: 1,
+            spec: TaskSpec {
+                kind: TaskKind::Train,
+                model: ModelSpec::ChurnLr { num_features: 2 },
+                sgd: SgdParams::default(),
+                seed: 1,
+                round: 1,
+                standardizer: None,
+                dp: None,
+            },
+            sha256: None,
+        };
+        state.save_global(&meta, &[1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(
+            state.load_global("churn").unwrap().unwrap().1,
+            vec![1.0, 2.0, 3.0]
+        );
+        // The agent has written version 2's parameters but not yet its meta.
+        let f32s = dir.path().join("global-churn.f32");
+        std::fs::write(
+            &f32s,
+            fedcart_common::federation::update::f32s_to_le(&[4.0, 5.0, 6.0]),
+        )
+        .unwrap();
+        let err = state.load_global("churn").unwrap_err();
+        assert!(
+            matches!(&err, StateError::Mismatch { path } if *path == f32s),
+            "{err:?}"
+        );
     }
 }

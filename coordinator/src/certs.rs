@@ -3,7 +3,8 @@
 //!
 //! `init` creates a CA and the coordinator's server certificate; `issue`
 //! signs one client certificate per merchant whose identity is the URI SAN
-//! `fedcart://merchant/<id>` (see [`crate::identity`]); `revoke` adds the
+//! `fedcart://merchant/<id>` (see [`crate::identity`]) and, with `--kit`,
+//! writes the merchant's ready-to-run folder ([`write_kit`]); `revoke` adds the
 //! identity to the access file's revocation list, which the coordinator
 //! re-reads without a restart. Keys are written with mode 0600. Production
 //! deployments can bring their own CA: the coordinator only needs a CA bundle,
@@ -140,6 +141,103 @@ pub fn issue(dir: &CertDir, id: &str) -> anyhow::Result<()> {
     write_file(&dir.key(id), &key.serialize_pem(), true)?;
     write_file(&dir.cert(id), &cert.pem(), false)?;
     Ok(())
+}
+
+/// The name of the agent configuration inside a merchant kit.
+pub const KIT_CONFIG: &str = "merchant.toml";
+
+/// Writes merchant `id`'s kit into `kit`: its key (0600) and certificate as
+/// issued in `dir`, the CA certificate, a `data/` folder for its files, and
+/// a `merchant.toml` that names them by relative paths (the agent resolves
+/// them against the file's directory, so the kit runs from anywhere) and
+/// points at `coordinator_url` (`https://host:port`). Refuses to overwrite a
+/// kit's configuration or key.
+pub fn write_kit(
+    dir: &CertDir,
+    id: &str,
+    kit: &Path,
+    coordinator_url: &str,
+    domain: Option<&str>,
+) -> anyhow::Result<()> {
+    crate::identity::validate_id(id)?;
+    check_coordinator_url(coordinator_url)?;
+    let config = kit.join(KIT_CONFIG);
+    let key = kit.join(format!("{id}.key"));
+    for p in [&config, &key] {
+        if p.exists() {
+            bail!("{} exists: refusing to overwrite a kit", p.display());
+        }
+    }
+    std::fs::create_dir_all(kit.join("data"))
+        .with_context(|| format!("creating {}", kit.join("data").display()))?;
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    write_file(&key, &read(dir.key(id))?, true)?;
+    write_file(&kit.join(format!("{id}.pem")), &read(dir.cert(id))?, false)?;
+    write_file(&kit.join("ca.pem"), &read(dir.ca_cert())?, false)?;
+    let domain = match domain {
+        Some(d) => format!("domain = {}\n", toml_string(d)),
+        None => {
+            "# domain = \"...\"  # name on the coordinator's certificate; default: the URL's host\n"
+                .to_string()
+        }
+    };
+    let text = format!(
+        "# fedcart merchant kit for `{id}`: run it with\n\
+         #   fedcart-client run --config {KIT_CONFIG}\n\
+         # from any directory. Relative paths below are relative to this file.\n\
+         # Environment overrides: FEDCART_COORDINATOR, FEDCART_STATE_DIR,\n\
+         # FEDCART_DATA_CHURN_CSV, FEDCART_DATA_RATINGS_CSV, FEDCART_DATA_CATALOGUE,\n\
+         # FEDCART_DATA_ITEM_NAMES, FEDCART_TLS_CA, FEDCART_TLS_CERT, FEDCART_TLS_KEY.\n\
+         \n\
+         coordinator = {url}\n\
+         merchant_id = {id_s}\n\
+         # Latest global models, private user factors, last metrics.\n\
+         state_dir = \"state\"\n\
+         \n\
+         [data]\n\
+         # Your customer table with a churn label (Telco schema unless `schema` is set;\n\
+         # `fedcart-client prepare` prints the `[data]` lines for a prepared orders export).\n\
+         churn_csv = \"data/customers.csv\"\n\
+         # Field separator: comma, tab, semicolon or pipe.\n\
+         delimiter = \"comma\"\n\
+         holdout = 0.2\n\
+         \n\
+         [tls]\n\
+         ca = \"ca.pem\"\n\
+         cert = \"{id}.pem\"\n\
+         key = \"{id}.key\"\n\
+         {domain}\
+         \n\
+         # The protections this merchant requires of every task (see the README).\n\
+         [privacy]\n\
+         require_secure_aggregation = false\n\
+         require_dp = false\n",
+        url = toml_string(coordinator_url),
+        id_s = toml_string(id),
+    );
+    write_file(&config, &text, false)
+}
+
+/// A kit's coordinator URL must be `https://HOST[:PORT]`: kit agents speak
+/// mutual TLS.
+pub fn check_coordinator_url(coordinator_url: &str) -> anyhow::Result<()> {
+    let uri: tonic::codegen::http::Uri = coordinator_url
+        .parse()
+        .with_context(|| format!("--coordinator-url `{coordinator_url}` is not a URL"))?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none() {
+        bail!(
+            "--coordinator-url `{coordinator_url}` must be `https://HOST:PORT`: \
+             kit agents speak mutual TLS"
+        );
+    }
+    Ok(())
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 /// Adds `id` to the allow-list of the access file (creating it).

@@ -3,6 +3,12 @@
 //! `RunConfig` describes the federated run (and is stored with it, so a
 //! restarted coordinator resumes exactly the run it was doing);
 //! `ServeConfig` is how this process serves it.
+//!
+//! Relative paths in the file (`serve.store`, `serve.tls.*`) are relative to
+//! the file's directory, not to the working directory. The TLS files can be
+//! overridden by `FEDCART_TLS_CA`, `FEDCART_TLS_CERT`, `FEDCART_TLS_KEY` and
+//! `FEDCART_TLS_ACCESS` (relative to the working directory); the command
+//! line adds `FEDCART_STORE`, `FEDCART_LISTEN` and `FEDCART_HTTP_LISTEN`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -185,6 +191,17 @@ pub enum ConfigError {
         /// The parser's message (with line and column).
         message: String,
     },
+    /// An environment override is empty, not UTF-8, names a missing file,
+    /// or sets only part of `[serve.tls]`.
+    #[error("{file}: environment variable {var}: {message}", file = file.display())]
+    Env {
+        /// The configuration file the override applies to.
+        file: PathBuf,
+        /// The variable.
+        var: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
     /// A field has an invalid value.
     #[error("invalid `{field}`: {message}")]
     Invalid {
@@ -195,19 +212,123 @@ pub enum ConfigError {
     },
 }
 
+/// The environment overrides of `[serve.tls]`, with the key each replaces.
+pub const TLS_ENV: [(&str, &str); 4] = [
+    ("FEDCART_TLS_CA", "serve.tls.ca"),
+    ("FEDCART_TLS_CERT", "serve.tls.cert"),
+    ("FEDCART_TLS_KEY", "serve.tls.key"),
+    ("FEDCART_TLS_ACCESS", "serve.tls.access"),
+];
+
 impl CoordinatorConfig {
-    /// Reads and validates a TOML file.
+    /// Reads and validates a TOML file; relative paths are resolved against
+    /// its directory and the `FEDCART_TLS_*` overrides applied.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, |v| std::env::var_os(v))
+    }
+
+    /// [`CoordinatorConfig::load`] with the environment given as a function.
+    pub fn load_with_env(
+        path: &Path,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             file: path.into(),
             source,
         })?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             file: path.into(),
             message: e.to_string(),
         })?;
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut cfg.serve.store);
+        if let Some(t) = &mut cfg.serve.tls {
+            for p in [&mut t.ca, &mut t.cert, &mut t.key, &mut t.access] {
+                resolve(p);
+            }
+        }
+        cfg.apply_tls_env(path, env)?;
         cfg.run.validate()?;
         Ok(cfg)
+    }
+
+    /// Applies [`TLS_ENV`]; a bad value is an error naming the variable.
+    fn apply_tls_env(
+        &mut self,
+        path: &Path,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(), ConfigError> {
+        let err = |var: &'static str, message: String| ConfigError::Env {
+            file: path.into(),
+            var,
+            message,
+        };
+        let mut found: [Option<PathBuf>; 4] = Default::default();
+        for ((var, _), slot) in TLS_ENV.iter().zip(&mut found) {
+            let Some(v) = env(var) else { continue };
+            let Some(v) = v.to_str().filter(|v| !v.trim().is_empty()) else {
+                return Err(err(var, format!("{v:?} is not a non-empty UTF-8 path")));
+            };
+            let p = PathBuf::from(v);
+            // The access file may not exist yet (`certs issue` creates it);
+            // the others must.
+            if *var != "FEDCART_TLS_ACCESS" {
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => return Err(err(var, format!("{} is not a file", p.display()))),
+                    Err(e) => return Err(err(var, format!("{}: {e}", p.display()))),
+                }
+            }
+            *slot = Some(p);
+        }
+        let [ca, cert, key, access] = found;
+        match &mut self.serve.tls {
+            Some(t) => {
+                for (slot, v) in [
+                    (&mut t.ca, ca),
+                    (&mut t.cert, cert),
+                    (&mut t.key, key),
+                    (&mut t.access, access),
+                ] {
+                    if let Some(v) = v {
+                        *slot = v;
+                    }
+                }
+            }
+            None => match (ca, cert, key, access) {
+                (None, None, None, None) => {}
+                (Some(ca), Some(cert), Some(key), Some(access)) => {
+                    self.serve.tls = Some(crate::tls::TlsFiles {
+                        ca,
+                        cert,
+                        key,
+                        access,
+                    })
+                }
+                (ca, cert, key, _) => {
+                    let missing = [ca.is_none(), cert.is_none(), key.is_none(), true]
+                        .iter()
+                        .position(|m| *m)
+                        .map_or("FEDCART_TLS_ACCESS", |i| TLS_ENV[i].0);
+                    return Err(err(
+                        missing,
+                        "is needed too: the file has no `[serve.tls]` section, so all of \
+                         FEDCART_TLS_CA, FEDCART_TLS_CERT, FEDCART_TLS_KEY and FEDCART_TLS_ACCESS \
+                         must be set"
+                            .into(),
+                    ));
+                }
+            },
+        }
+        Ok(())
     }
 }
 
@@ -351,6 +472,37 @@ mod tests {
         assert!(text.contains("coordinator.toml"), "{text}");
         assert!(text.contains("run.strategy"), "{text}");
         assert!(text.contains("fedfoo"), "{text}");
+    }
+
+    #[test]
+    fn paths_resolve_from_the_config_files_directory_and_env_overrides_name_the_variable() {
+        let (dir, cfg) = load(EXAMPLE);
+        let cfg = cfg.expect("example loads");
+        assert_eq!(
+            cfg.serve.store,
+            dir.path().join("../../var/coordinator.redb")
+        );
+        let tls = cfg.serve.tls.expect("tls section");
+        assert_eq!(tls.ca, dir.path().join("../../pki/ca.pem"));
+        assert_eq!(tls.access, dir.path().join("../../pki/access.toml"));
+
+        let path = dir.path().join("coordinator.toml");
+        let pem = dir.path().join("elsewhere.pem");
+        std::fs::write(&pem, "").unwrap();
+        let with = |var: &'static str, value: PathBuf| {
+            move |k: &str| (k == var).then(|| value.clone().into_os_string())
+        };
+        let cfg = CoordinatorConfig::load_with_env(&path, with("FEDCART_TLS_KEY", pem.clone()))
+            .expect("override applies");
+        assert_eq!(cfg.serve.tls.unwrap().key, pem);
+        let missing = dir.path().join("missing.pem");
+        let err = CoordinatorConfig::load_with_env(&path, with("FEDCART_TLS_CA", missing.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("FEDCART_TLS_CA") && err.contains(&missing.display().to_string()),
+            "{err}"
+        );
     }
 
     fn run() -> RunConfig {

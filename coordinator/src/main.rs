@@ -96,6 +96,19 @@ enum CertsAction {
         /// Access file to add the merchant to (default `<dir>/access.toml`).
         #[arg(long)]
         access: Option<PathBuf>,
+        /// Also write the merchant's ready-to-run kit into this folder: its
+        /// key and certificate, the CA certificate, a `data/` folder and a
+        /// `merchant.toml` with relative paths.
+        #[arg(long, requires = "coordinator_url")]
+        kit: Option<PathBuf>,
+        /// The coordinator's URL as merchants reach it (`https://host:port`),
+        /// written into the kit.
+        #[arg(long, requires = "kit")]
+        coordinator_url: Option<String>,
+        /// Name to verify on the coordinator's certificate, when it is not
+        /// the URL's host.
+        #[arg(long, requires = "kit")]
+        domain: Option<String>,
     },
     /// Revoke a merchant: refused from its next RPC on, no restart needed.
     Revoke {
@@ -216,8 +229,20 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
                 dir.display()
             );
         }
-        CertsAction::Issue { dir, id, access } => {
-            ca::issue(&ca::CertDir::new(&dir), &id)?;
+        CertsAction::Issue {
+            dir,
+            id,
+            access,
+            kit,
+            coordinator_url,
+            domain,
+        } => {
+            let pki = ca::CertDir::new(&dir);
+            // Check the kit's URL before anything is issued.
+            if let Some(url) = &coordinator_url {
+                ca::check_coordinator_url(url)?;
+            }
+            ca::issue(&pki, &id)?;
             let access = access.unwrap_or_else(|| dir.join("access.toml"));
             ca::allow(&access, &id)?;
             println!(
@@ -226,6 +251,15 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
                 dir.display(),
                 access.display()
             );
+            if let (Some(kit), Some(url)) = (&kit, &coordinator_url) {
+                ca::write_kit(&pki, &id, kit, url, domain.as_deref())?;
+                println!(
+                    "kit for `{id}` written to {0}: put the customer table in {0}/data/customers.csv \
+                     (or set FEDCART_DATA_CHURN_CSV) and run `fedcart-client run --config {0}/{1}`",
+                    kit.display(),
+                    ca::KIT_CONFIG
+                );
+            }
         }
         CertsAction::Revoke { access, id } => {
             ca::revoke(&access, &id)?;

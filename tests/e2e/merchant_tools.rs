@@ -61,7 +61,14 @@ async fn score_writes_a_churn_probability_per_customer_that_ranks_churners_first
             .contains_key("auc")
     );
     let out = states.path().join("churn_scores.csv");
-    let n = score(&state, &split.files[0], &Schema::telco(), &out).unwrap();
+    let table = fedcart_client::data::CustomerTable {
+        path: split.files[0].clone(),
+        schema: Schema::telco(),
+        delimiter: b',',
+    };
+    let mut file = std::fs::File::create(&out).unwrap();
+    let n = score(&state, &table, &mut file, &out).unwrap();
+    drop(file);
     let ds = Schema::telco().load_csv(&split.files[0]).unwrap();
     assert_eq!(n, ds.len());
     let mut rd = csv::Reader::from_path(&out).unwrap();

@@ -11,13 +11,19 @@ use crate::data::tabular::DataError;
 
 /// Reads a MovieLens `ratings.csv`. Columns are found by header name, so
 /// their order does not matter; every bad cell is reported with the file,
-/// the 1-based line and the column.
+/// the 1-based line and the column. The names of `fedcart-client prepare`'s
+/// `interactions.csv` (`user,item,value,timestamp`) are accepted as well.
 pub fn load_ratings(path: &Path) -> Result<Vec<Interaction>, DataError> {
+    load_ratings_delimited(path, b',')
+}
+
+/// [`load_ratings`] with another field separator (`\t`, `;`, `|`).
+pub fn load_ratings_delimited(path: &Path, delimiter: u8) -> Result<Vec<Interaction>, DataError> {
     let file = std::fs::File::open(path).map_err(|source| DataError::Io {
         file: path.into(),
         source,
     })?;
-    read_ratings(file, path)
+    read_ratings_delimited(file, path, delimiter)
 }
 
 /// [`load_ratings`] from any reader; `path` only names the source in errors.
@@ -25,7 +31,17 @@ pub fn read_ratings<R: std::io::Read>(
     reader: R,
     path: &Path,
 ) -> Result<Vec<Interaction>, DataError> {
+    read_ratings_delimited(reader, path, b',')
+}
+
+/// [`read_ratings`] with another field separator.
+pub fn read_ratings_delimited<R: std::io::Read>(
+    reader: R,
+    path: &Path,
+    delimiter: u8,
+) -> Result<Vec<Interaction>, DataError> {
     let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
         .has_headers(true)
         .from_reader(reader);
     let row_err = |e: csv::Error| DataError::Row {
@@ -34,10 +50,12 @@ pub fn read_ratings<R: std::io::Read>(
         message: e.to_string(),
     };
     let header = rdr.headers().map_err(row_err)?.clone();
-    let col = |name: &str| {
+    // MovieLens' names, or those of `fedcart-client prepare`'s
+    // `interactions.csv` (`user,item,value,timestamp`).
+    let col = |name: &str, alias: &str| {
         header
             .iter()
-            .position(|h| h.trim() == name)
+            .position(|h| h.trim() == name || h.trim() == alias)
             .ok_or_else(|| DataError::MissingColumn {
                 file: path.into(),
                 column: name.into(),
@@ -45,10 +63,10 @@ pub fn read_ratings<R: std::io::Read>(
             })
     };
     let (cu, ci, cr, ct) = (
-        col("userId")?,
-        col("movieId")?,
-        col("rating")?,
-        col("timestamp")?,
+        col("userId", "user")?,
+        col("movieId", "item")?,
+        col("rating", "value")?,
+        col("timestamp", "timestamp")?,
     );
     let mut out = Vec::new();
     let mut record = csv::StringRecord::new();

@@ -189,13 +189,23 @@ impl Schema {
                 .sum::<usize>()
     }
 
-    /// Reads a CSV file with a header row.
+    /// Reads a comma-separated file with a header row.
     pub fn load_csv(&self, path: &Path) -> Result<TabularDataset, DataError> {
+        self.load_csv_delimited(path, b',')
+    }
+
+    /// Reads a file with a header row whose fields are separated by
+    /// `delimiter` (`,`, `\t`, `;` or `|`, with CSV quoting).
+    pub fn load_csv_delimited(
+        &self,
+        path: &Path,
+        delimiter: u8,
+    ) -> Result<TabularDataset, DataError> {
         let file = std::fs::File::open(path).map_err(|source| DataError::Io {
             file: path.into(),
             source,
         })?;
-        self.read_csv(std::io::BufReader::new(file), path)
+        self.read_delimited(std::io::BufReader::new(file), path, delimiter)
     }
 
     /// Reads CSV from any reader; `path` is used only in error messages.
@@ -204,7 +214,18 @@ impl Schema {
         reader: R,
         path: &Path,
     ) -> Result<TabularDataset, DataError> {
+        self.read_delimited(reader, path, b',')
+    }
+
+    /// [`Schema::read_csv`] with another field separator.
+    pub fn read_delimited<R: std::io::Read>(
+        &self,
+        reader: R,
+        path: &Path,
+        delimiter: u8,
+    ) -> Result<TabularDataset, DataError> {
         let mut rdr = csv::ReaderBuilder::new()
+            .delimiter(delimiter)
             .has_headers(true)
             .flexible(false)
             .from_reader(reader);

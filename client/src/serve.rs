@@ -1,0 +1,763 @@
+//! `fedcart-client serve --http ADDR`: the merchant's local JSON API for its
+//! shop, answered from the agent's local state — the global models the agent
+//! received and its private user factors. Nothing here talks to the
+//! coordinator, and the API is meant for the merchant's own network.
+//!
+//! Routes (all `GET`, JSON bodies):
+//! - `/healthz`: `{"status":"ok"}` once the server runs;
+//! - `/v1/version`: the model version in use per family (`null` before the
+//!   agent received one);
+//! - `/v1/customers/{id}/recommendations?k=10&include_repeats=false`: top-k
+//!   catalogue items, excluding what the customer already bought unless
+//!   `include_repeats=true`, with their names when `data.item_names` has them;
+//! - `/v1/customers/{id}/churn`: the churn probability;
+//! - `/v1/customers/{id}/segment`: the federation's customer segment (once a
+//!   k-means run delivered one).
+//!
+//! Errors are `{"error": "..."}` with 400 (bad `k`, unknown parameter), 404
+//! (unknown customer) or 503 (no model of that family yet).
+//!
+//! **Hot swap.** Everything a request reads is one immutable [`Snapshot`]
+//! behind an `Arc`, published through a `tokio::sync::watch` channel: a
+//! request clones the `Arc` once and answers from it, so a swap never drops
+//! or tears a request. A reloader polls the state directory every
+//! `--poll-ms` (default 500 ms) — the model meta files' contents and the user
+//! factors' size and modification time; when they changed it builds a new
+//! snapshot off the request path and publishes it. A model
+//! whose parameter file does not match its meta (the agent is between the
+//! two writes, see [`crate::state`]) is skipped until the next poll, so the
+//! old snapshot keeps serving.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fedcart_common::data::catalogue::Catalogue;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::config::AgentConfig;
+use crate::data::{self, CustomerTable, DataError};
+use crate::recommend::{self, RecommendError, Recommender};
+use crate::segments;
+use crate::state::{StateDir, StateError};
+
+/// Arguments of `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The agent's TOML configuration (the same file as `run`).
+    #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
+    pub config: PathBuf,
+    /// Address of the HTTP listener, e.g. `127.0.0.1:8080`.
+    #[arg(long, env = "FEDCART_SERVE_HTTP")]
+    pub http: SocketAddr,
+    /// How often to look for a new model version in the state directory, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub poll_ms: u64,
+}
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration could not be used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// `state_dir` is not configured: there is no model to serve.
+    #[error("`state_dir` is not configured: the agent keeps no models to serve")]
+    NoStateDir,
+    /// The state directory could not be opened.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The merchant's files could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The listener could not be bound or failed.
+    #[error("HTTP listener {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The merchant's own files, read once at start: they change only when the
+/// merchant re-exports them (restart `serve` then).
+#[derive(Debug, Default)]
+pub struct LocalFiles {
+    /// Customer rows, for churn scores and segments.
+    customers: Option<fedcart_common::data::tabular::TabularDataset>,
+    /// The recommender's local data, when `data.ratings_csv` is set.
+    mf: Option<MfLocal>,
+}
+
+/// What recommendations need besides the models.
+#[derive(Debug)]
+struct MfLocal {
+    catalogue: Catalogue,
+    names: HashMap<String, String>,
+    /// Customer id → local user index.
+    users: HashMap<String, usize>,
+    /// Items each user bought or rated, by user index.
+    purchased: Vec<HashSet<u32>>,
+}
+
+impl LocalFiles {
+    /// Reads the customer table and the recommender's files named in `cfg`.
+    pub fn load(cfg: &AgentConfig) -> Result<Self, DataError> {
+        let customers = match cfg.data.churn_csv {
+            Some(_) => Some(CustomerTable::from_config(cfg)?.load()?),
+            None => None,
+        };
+        let mf = match &cfg.data.ratings_csv {
+            Some(ratings) => {
+                let mf = data::load_mf(ratings, cfg)?;
+                let catalogue =
+                    data::catalogue(cfg.data.catalogue.as_ref().ok_or(DataError::NoCatalogue)?)?;
+                let mut purchased = vec![HashSet::new(); mf.users.len()];
+                for r in mf.train.iter().chain(&mf.test) {
+                    purchased[r.user as usize].insert(r.item);
+                }
+                Some(MfLocal {
+                    catalogue,
+                    names: data::configured_item_names(cfg)?,
+                    users: mf
+                        .users
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (c.clone(), i))
+                        .collect(),
+                    purchased,
+                })
+            }
+            None => None,
+        };
+        Ok(Self { customers, mf })
+    }
+}
+
+/// One model family as served: its version and per-customer answers, or why
+/// there is none (shown with 503).
+type Served<T> = Result<(u64, T), String>;
+
+/// Everything a request reads, built off the request path and swapped whole.
+#[derive(Debug)]
+pub struct Snapshot {
+    recommender: Served<Recommender>,
+    churn: Served<HashMap<String, f32>>,
+    segments: Served<HashMap<String, usize>>,
+}
+
+/// The versions a snapshot serves, per family (`None`: no model yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Versions {
+    /// Recommender (`mf`) version.
+    pub recommender: Option<u64>,
+    /// Churn model version.
+    pub churn: Option<u64>,
+    /// Segmentation (k-means) version.
+    pub segments: Option<u64>,
+}
+
+impl Snapshot {
+    /// The versions in use.
+    pub fn versions(&self) -> Versions {
+        Versions {
+            recommender: self.recommender.as_ref().ok().map(|r| r.0),
+            churn: self.churn.as_ref().ok().map(|r| r.0),
+            segments: self.segments.as_ref().ok().map(|r| r.0),
+        }
+    }
+}
+
+/// A model file caught between two writes of the agent: keep the previous
+/// snapshot and look again at the next poll.
+#[derive(Debug)]
+pub struct Torn;
+
+fn torn<E: std::fmt::Display>(e: &E, is_torn: bool) -> Result<String, Torn> {
+    if is_torn {
+        Err(Torn)
+    } else {
+        Ok(e.to_string())
+    }
+}
+
+/// Builds a snapshot from the state directory and the local files.
+pub fn build_snapshot(state: &StateDir, local: &LocalFiles) -> Result<Snapshot, Torn> {
+    let mismatch = |e: &StateError| matches!(e, StateError::Mismatch { .. });
+    let recommender = match &local.mf {
+        None => Err("`data.ratings_csv` is not configured".to_string()),
+        Some(mf) => match Recommender::load(state, mf.catalogue.len()) {
+            Ok(r) => Ok((r.version, r)),
+            Err(RecommendError::State(e)) => Err(torn(&e, mismatch(&e))?),
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    let (churn, segments) = match &local.customers {
+        None => {
+            let why = "`data.churn_csv` is not configured".to_string();
+            (Err(why.clone()), Err(why))
+        }
+        Some(ds) => {
+            let churn = match recommend::churn_probabilities(state, ds) {
+                Ok((v, p)) => Ok((v, ds.ids.iter().cloned().zip(p).collect())),
+                Err(RecommendError::State(e)) => Err(torn(&e, mismatch(&e))?),
+                Err(e) => Err(e.to_string()),
+            };
+            let segments = match segments::assign(state, ds) {
+                Ok((v, s)) => Ok((v, ds.ids.iter().cloned().zip(s).collect())),
+                Err(segments::SegmentsError::State(e)) => Err(torn(&e, mismatch(&e))?),
+                Err(e) => Err(e.to_string()),
+            };
+            (churn, segments)
+        }
+    };
+    Ok(Snapshot {
+        recommender,
+        churn,
+        segments,
+    })
+}
+
+/// What the reloader compares between polls: the contents of the (small)
+/// meta files, which carry each version and its parameters' checksum, and
+/// the size and modification time of the user factors. A change means a
+/// new version may be there.
+#[derive(Debug, PartialEq)]
+struct Fingerprint {
+    metas: Vec<Option<Vec<u8>>>,
+    users: Option<(u64, SystemTime)>,
+}
+
+fn fingerprint(dir: &Path) -> Fingerprint {
+    Fingerprint {
+        metas: [
+            "global-mf.json",
+            "global-churn.json",
+            "global-segments.json",
+        ]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).ok())
+        .collect(),
+        users: std::fs::metadata(dir.join("mf-users.json"))
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?))),
+    }
+}
+
+/// Shared by the handlers: the local files and the current snapshot.
+#[derive(Clone)]
+pub struct AppState {
+    local: Arc<LocalFiles>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// A running server: its address, the snapshot channel and a shutdown switch.
+pub struct Running {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// Every published snapshot (tests wait on it for a version).
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets requests in flight finish, and returns.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Waits until the server stops by itself (listener error) or `stop` is set.
+    pub async fn serve_until(self, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+        let _ = stop.wait_for(|s| *s).await;
+        self.shutdown().await
+    }
+}
+
+/// Binds `addr`, loads the first snapshot and serves; the reloader polls
+/// `state` every `poll`.
+pub async fn start(
+    addr: SocketAddr,
+    state: StateDir,
+    local: LocalFiles,
+    poll: Duration,
+) -> Result<Running, ServeError> {
+    let local = Arc::new(local);
+    // Taken before the first build, so that a version written during it is
+    // picked up by the first poll.
+    let initial = fingerprint(state.path());
+    let first = loop {
+        // The agent may be writing a model right now: read again.
+        match build_snapshot(&state, &local) {
+            Ok(s) => break s,
+            Err(Torn) => tokio::task::yield_now().await,
+        }
+    };
+    let (tx, rx) = watch::channel(Arc::new(first));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let reload_local = local.clone();
+    let mut reload_stop = stop_rx.clone();
+    tokio::spawn(async move {
+        let mut seen = initial;
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = reload_stop.wait_for(|s| *s) => return,
+            }
+            let now = fingerprint(state.path());
+            if now == seen {
+                continue;
+            }
+            let (state, local) = (state.clone(), reload_local.clone());
+            match tokio::task::spawn_blocking(move || build_snapshot(&state, &local)).await {
+                Ok(Ok(snap)) => {
+                    let versions = snap.versions();
+                    tracing::info!(?versions, "serving new model versions");
+                    seen = now;
+                    if tx.send(Arc::new(snap)).is_err() {
+                        return;
+                    }
+                }
+                // Caught between two writes: `seen` stays, so the next
+                // poll builds again.
+                Ok(Err(Torn)) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "building a snapshot panicked");
+                    return;
+                }
+            }
+        }
+    });
+    let app = router(AppState {
+        local,
+        snapshot: rx.clone(),
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    Ok(Running {
+        addr,
+        snapshots: rx,
+        shutdown: stop_tx,
+        task,
+    })
+}
+
+/// The routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/version", get(version))
+        .route(
+            "/v1/customers/{customer}/recommendations",
+            get(recommendations),
+        )
+        .route("/v1/customers/{customer}/churn", get(churn))
+        .route("/v1/customers/{customer}/segment", get(segment))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn unknown(customer: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("unknown customer `{customer}`"),
+    )
+}
+
+async fn version(State(app): State<AppState>) -> Json<Versions> {
+    Json(app.snapshot.borrow().versions())
+}
+
+/// Query parameters of the recommendations route.
+const RECOMMEND_PARAMS: &str = "k, include_repeats";
+
+async fn recommendations(
+    State(app): State<AppState>,
+    UrlPath(customer): UrlPath<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
+    let mut k = 10;
+    let mut include_repeats = false;
+    for (name, value) in &params {
+        match name.as_str() {
+            "k" => match value.parse::<usize>() {
+                Ok(v) => k = v,
+                Err(_) => return bad(format!("k = `{value}` is not a whole number")),
+            },
+            "include_repeats" => match value.as_str() {
+                "true" | "1" => include_repeats = true,
+                "false" | "0" => include_repeats = false,
+                _ => return bad(format!("include_repeats = `{value}`: use true or false")),
+            },
+            other => {
+                return bad(format!(
+                    "unknown parameter `{other}` (expected: {RECOMMEND_PARAMS})"
+                ));
+            }
+        }
+    }
+    if let Err(e) = recommend::check_k(k) {
+        return bad(e.to_string());
+    }
+    let Some(mf) = &app.local.mf else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "`data.ratings_csv` is not configured".into(),
+        );
+    };
+    let Some(&u) = mf.users.get(&customer) else {
+        return unknown(&customer);
+    };
+    let snap = app.snapshot.borrow().clone();
+    let (version, rec) = match &snap.recommender {
+        Ok((v, r)) => (*v, r),
+        Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, why.clone()),
+    };
+    let none = HashSet::new();
+    let exclude = if include_repeats {
+        &none
+    } else {
+        &mf.purchased[u]
+    };
+    match rec.top_k(&customer, u, k, exclude) {
+        Ok(top) => {
+            let items: Vec<recommend::Recommendation> = top
+                .into_iter()
+                .filter_map(|(i, score)| {
+                    let id = mf.catalogue.id(i)?;
+                    Some(recommend::Recommendation {
+                        item: id.to_owned(),
+                        name: mf.names.get(id).cloned(),
+                        score,
+                    })
+                })
+                .collect();
+            Json(json!({
+                "customer": customer,
+                "model_version": version,
+                "items": items,
+            }))
+            .into_response()
+        }
+        Err(e @ RecommendError::Untrained { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// A per-customer lookup in one family of the snapshot.
+fn lookup<T: Serialize + Copy>(
+    family: &Served<HashMap<String, T>>,
+    customer: &str,
+    field: &str,
+) -> Response {
+    match family {
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why.clone()),
+        Ok((version, by_customer)) => match by_customer.get(customer) {
+            None => unknown(customer),
+            Some(v) => Json(json!({
+                "customer": customer,
+                "model_version": version,
+                field: v,
+            }))
+            .into_response(),
+        },
+    }
+}
+
+async fn churn(State(app): State<AppState>, UrlPath(customer): UrlPath<String>) -> Response {
+    let snap = app.snapshot.borrow().clone();
+    lookup(&snap.churn, &customer, "churn_probability")
+}
+
+async fn segment(State(app): State<AppState>, UrlPath(customer): UrlPath<String>) -> Response {
+    let snap = app.snapshot.borrow().clone();
+    lookup(&snap.segments, &customer, "segment")
+}
+
+/// `fedcart-client serve`: loads the configuration and the local files,
+/// serves until `stop` is set.
+pub async fn run(args: &ServeArgs, stop: watch::Receiver<bool>) -> Result<(), ServeError> {
+    let cfg = AgentConfig::load(&args.config)?;
+    let dir = cfg.state_dir.clone().ok_or(ServeError::NoStateDir)?;
+    let state = StateDir::open(dir)?;
+    let local = LocalFiles::load(&cfg)?;
+    let running = start(
+        args.http,
+        state,
+        local,
+        Duration::from_millis(args.poll_ms.max(1)),
+    )
+    .await?;
+    tracing::info!(addr = %running.addr, versions = ?running.snapshots.borrow().versions(), "serving");
+    running
+        .serve_until(stop)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: args.http,
+            source,
+        })
+}
+
+#[cfg(test)]
+#[path = "../benches/serve_fixture.rs"]
+mod fixture;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    type Http = Client<HttpConnector, Empty<Bytes>>;
+
+    fn client() -> Http {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    async fn get(http: &Http, addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+        let uri = format!("http://{addr}{path}").parse().expect("uri");
+        let resp = http.get(uri).await.expect("HTTP request");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, serde_json::from_slice(&body).expect("JSON body"))
+    }
+
+    async fn start_fixture(f: &fixture::Fixture) -> Running {
+        let local = LocalFiles::load(&f.cfg).expect("local files");
+        start(
+            "127.0.0.1:0".parse().unwrap(),
+            f.state.clone(),
+            local,
+            Duration::from_millis(5),
+        )
+        .await
+        .expect("server starts")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recommendations_skip_purchases_unless_asked_show_names_and_refuse_bad_input() {
+        let f = fixture::Fixture::new();
+        let server = start_fixture(&f).await;
+        let (addr, http) = (server.addr, client());
+        assert_eq!(
+            get(&http, addr, "/healthz").await,
+            (200, json!({"status": "ok"}))
+        );
+        assert_eq!(
+            get(&http, addr, "/v1/version").await,
+            (200, json!({"recommender": 1, "churn": 1, "segments": null}))
+        );
+        let who = &f.shoppers[0];
+        let mf = data::load_mf(f.cfg.data.ratings_csv.as_ref().unwrap(), &f.cfg).unwrap();
+        let cat = data::catalogue(f.cfg.data.catalogue.as_ref().unwrap()).unwrap();
+        let bought: HashSet<String> = recommend::purchased(&mf, 0)
+            .into_iter()
+            .map(|i| cat.id(i).unwrap().to_owned())
+            .collect();
+        let (status, body) = get(
+            &http,
+            addr,
+            &format!("/v1/customers/{who}/recommendations?k=5"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["model_version"], 1);
+        let items = body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 5);
+        assert!(
+            items
+                .iter()
+                .all(|i| !bought.contains(i["item"].as_str().unwrap()))
+        );
+        assert!(
+            items
+                .iter()
+                .all(|i| i["name"].as_str().is_some_and(|n| !n.is_empty()))
+        );
+        // The same ranking as the command line's `recommend`.
+        let cli = recommend::recommend(&f.state, &mf, &cat, who, 5).unwrap();
+        let ids: Vec<&str> = items.iter().map(|i| i["item"].as_str().unwrap()).collect();
+        assert_eq!(ids, cli.iter().map(|r| r.item.as_str()).collect::<Vec<_>>());
+        // With repeats, the ranking runs over the whole catalogue: purchases
+        // come back in it (this customer bought a lot, so some rank high).
+        let (status, body) = get(
+            &http,
+            addr,
+            &format!("/v1/customers/{who}/recommendations?k=1000&include_repeats=true"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let all = body["items"].as_array().unwrap();
+        assert_eq!(all.len(), 1000);
+        assert!(
+            all.iter()
+                .any(|i| bought.contains(i["item"].as_str().unwrap()))
+        );
+
+        for (query, needle) in [
+            ("k=0", "k = 0"),
+            ("k=1001", "k = 1001"),
+            ("k=ten", "`ten`"),
+            ("include_repeats=maybe", "include_repeats"),
+            ("kk=3", "unknown parameter `kk`"),
+        ] {
+            let (status, body) = get(
+                &http,
+                addr,
+                &format!("/v1/customers/{who}/recommendations?{query}"),
+            )
+            .await;
+            assert_eq!(status, 400, "{query}: {body}");
+            assert!(
+                body["error"].as_str().unwrap().contains(needle),
+                "{query}: {body}"
+            );
+        }
+        for route in ["recommendations", "churn"] {
+            let (status, body) = get(&http, addr, &format!("/v1/customers/nobody/{route}")).await;
+            assert_eq!(status, 404, "{route}");
+            assert_eq!(body["error"], "unknown customer `nobody`");
+        }
+        let (status, body) = get(
+            &http,
+            addr,
+            &format!("/v1/customers/{}/segment", f.customers[0]),
+        )
+        .await;
+        assert_eq!(status, 503, "no k-means model yet: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("segmentation"),
+            "{body}"
+        );
+        server.shutdown().await.unwrap();
+    }
+
+    /// Requests one client sends before the swap, and after it has seen the
+    /// new version on both routes.
+    const PER_PHASE: usize = 20;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_under_load_across_a_hot_swap_never_fail_and_switch_to_the_new_version() {
+        let f = Arc::new(fixture::Fixture::new());
+        let server = start_fixture(&f).await;
+        let addr = server.addr;
+        let ds = Schema::telco()
+            .load_csv(f.cfg.data.churn_csv.as_ref().unwrap())
+            .unwrap();
+        let clients = 8;
+        let barrier = Arc::new(tokio::sync::Barrier::new(clients + 1));
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let (f, barrier) = (f.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                let http = client();
+                // (route, version) of every answer, in order.
+                let mut seen: Vec<(&str, u64)> = Vec::new();
+                let mut n = 0usize;
+                let ask = |n: usize| {
+                    let churn = n.is_multiple_of(2);
+                    let path = if churn {
+                        let who = &f.customers[(c * 131 + n * 7) % f.customers.len()];
+                        format!("/v1/customers/{who}/churn")
+                    } else {
+                        let who = &f.shoppers[(c * 17 + n) % f.shoppers.len()];
+                        format!("/v1/customers/{who}/recommendations?k=10")
+                    };
+                    (if churn { "churn" } else { "recommendations" }, path)
+                };
+                let mut answers = Vec::new();
+                loop {
+                    let (route, path) = ask(n);
+                    let (status, body) = get(&http, addr, &path).await;
+                    assert_eq!(status, 200, "{path}: {body}");
+                    seen.push((route, body["model_version"].as_u64().unwrap()));
+                    answers.push((path, body));
+                    n += 1;
+                    assert!(n < 100_000, "client {c}: version 2 never served");
+                    if n == PER_PHASE {
+                        // Everyone has load running; the swap happens while
+                        // the clients keep sending.
+                        barrier.wait().await;
+                    }
+                    let after = |r: &str| seen.iter().position(|s| *s == (r, 2));
+                    if let (Some(a), Some(b)) = (after("churn"), after("recommendations"))
+                        && seen.len() >= a.max(b) + PER_PHASE
+                    {
+                        break;
+                    }
+                }
+                (seen, answers)
+            }));
+        }
+        barrier.wait().await;
+        f.publish(2);
+        let mut total = 0;
+        for t in tasks {
+            let (seen, answers) = t.await.expect("client task");
+            total += seen.len();
+            // Per route, versions never go back: 1…1 then 2…2.
+            for route in ["churn", "recommendations"] {
+                let v: Vec<u64> = seen.iter().filter(|s| s.0 == route).map(|s| s.1).collect();
+                assert!(v.windows(2).all(|w| w[0] <= w[1]), "{route}: {v:?}");
+                assert_eq!((v[0], *v.last().unwrap()), (1, 2), "{route}");
+            }
+            // Answers of version 2 are version 2's model.
+            let (_, p2) = recommend::churn_probabilities(&f.state, &ds).unwrap();
+            for (path, body) in answers {
+                if body["model_version"] == 2
+                    && let Some(p) = body["churn_probability"].as_f64()
+                {
+                    let who = body["customer"].as_str().unwrap();
+                    let row = ds.ids.iter().position(|c| c == who).unwrap();
+                    assert_eq!(p as f32, p2[row], "{path}");
+                }
+            }
+        }
+        assert!(total >= clients * 2 * PER_PHASE);
+        assert_eq!(
+            server.snapshots.borrow().versions(),
+            Versions {
+                recommender: Some(2),
+                churn: Some(2),
+                segments: None
+            }
+        );
+        server.shutdown().await.unwrap();
+    }
+
+    use fedcart_common::data::tabular::Schema;
+}
