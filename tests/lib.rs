@@ -76,6 +76,8 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             split_seed: 7,
             ratings_csv: None,
             catalogue: None,
+            orders_csv: None,
+            orders: None,
         },
         backoff: Backoff {
             initial_ms: 20,

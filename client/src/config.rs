@@ -76,9 +76,19 @@ pub struct DataConfig {
     /// for recommender tasks.
     #[serde(default)]
     pub ratings_csv: Option<std::path::PathBuf>,
-    /// The platform's shared catalogue (one item id per line); required with `ratings_csv`.
+    /// The platform's shared catalogue (one item id per line); required with
+    /// `ratings_csv` and `orders_csv`.
     #[serde(default)]
     pub catalogue: Option<std::path::PathBuf>,
+    /// The merchant's orders export, for frequent-itemset tasks: one basket
+    /// per customer and timestamp, items mapped through `catalogue`. Read
+    /// with the column mapping `orders` (needs its `item` column).
+    #[serde(default)]
+    pub orders_csv: Option<PathBuf>,
+    /// Column mapping of `orders_csv` (`[data.orders]`, the keys of
+    /// `fedcart-client prepare --mapping`).
+    #[serde(default)]
+    pub orders: Option<fedcart_common::data::orders::OrdersMapping>,
 }
 
 fn holdout() -> f64 {

@@ -10,7 +10,9 @@
 //! - [`policy`]: the merchant's privacy policy (`[privacy]`), checked on
 //!   every task before anything leaves the agent.
 //! - [`state`]: durable local state (global models, private user factors,
-//!   metrics); [`recommend`]: offline top-K and churn scores from it.
+//!   metrics); [`recommend`]: offline top-K and churn scores from it;
+//!   [`segments`] and [`rules`]: customer segments and "bought together"
+//!   lists from the federation's k-means centres and frequent itemsets.
 //!
 //! Each module returns its own error enum (`AgentError`, `ConfigError`,
 //! `DataError`, `StateError`, …); only the binary turns them into `anyhow`.
@@ -25,6 +27,7 @@ pub mod data;
 pub mod policy;
 pub mod prepare;
 pub mod recommend;
+pub mod rules;
 pub mod secure;
 pub mod segments;
 pub mod state;

@@ -12,6 +12,7 @@ mod merchant_tools;
 mod policy;
 mod privacy;
 mod restart;
+mod rules;
 mod secure;
 mod security;
 mod wire_privacy;
