@@ -78,6 +78,8 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             catalogue: None,
             item_names: None,
             delimiter: Default::default(),
+            orders_csv: None,
+            orders: None,
         },
         backoff: Backoff {
             initial_ms: 20,

@@ -105,9 +105,19 @@ pub struct DataConfig {
     /// for recommender tasks.
     #[serde(default)]
     pub ratings_csv: Option<std::path::PathBuf>,
-    /// The platform's shared catalogue (one item id per line); required with `ratings_csv`.
+    /// The platform's shared catalogue (one item id per line); required with
+    /// `ratings_csv` and `orders_csv`.
     #[serde(default)]
     pub catalogue: Option<std::path::PathBuf>,
+    /// The merchant's orders export, for frequent-itemset tasks: one basket
+    /// per customer and timestamp, items mapped through `catalogue`. Read
+    /// with the column mapping `orders` (needs its `item` column).
+    #[serde(default)]
+    pub orders_csv: Option<PathBuf>,
+    /// Column mapping of `orders_csv` (`[data.orders]`, the keys of
+    /// `fedcart-client prepare --mapping`).
+    #[serde(default)]
+    pub orders: Option<fedcart_common::data::orders::OrdersMapping>,
     /// Display names of catalogue items: a CSV with a header whose first
     /// column is the item id and second its name (MovieLens' `movies.csv`
     /// fits as is). `recommend` and `serve` show them beside the ids.
@@ -158,13 +168,14 @@ pub struct AgentConfig {
 
 /// Every environment override of `merchant.toml`, with the key it replaces.
 /// Paths given here are relative to the working directory.
-pub const ENV_OVERRIDES: [(&str, &str); 10] = [
+pub const ENV_OVERRIDES: [(&str, &str); 11] = [
     ("FEDCART_COORDINATOR", "coordinator"),
     ("FEDCART_MERCHANT_ID", "merchant_id"),
     ("FEDCART_STATE_DIR", "state_dir"),
     ("FEDCART_DATA_CHURN_CSV", "data.churn_csv"),
     ("FEDCART_DATA_RATINGS_CSV", "data.ratings_csv"),
     ("FEDCART_DATA_CATALOGUE", "data.catalogue"),
+    ("FEDCART_DATA_ORDERS_CSV", "data.orders_csv"),
     ("FEDCART_DATA_ITEM_NAMES", "data.item_names"),
     ("FEDCART_TLS_CA", "tls.ca"),
     ("FEDCART_TLS_CERT", "tls.cert"),
@@ -231,6 +242,7 @@ impl AgentConfig {
             &mut d.churn_csv,
             &mut d.ratings_csv,
             &mut d.catalogue,
+            &mut d.orders_csv,
             &mut d.item_names,
         ]
         .into_iter()
@@ -292,6 +304,7 @@ impl AgentConfig {
             ("FEDCART_DATA_CHURN_CSV", &mut d.churn_csv),
             ("FEDCART_DATA_RATINGS_CSV", &mut d.ratings_csv),
             ("FEDCART_DATA_CATALOGUE", &mut d.catalogue),
+            ("FEDCART_DATA_ORDERS_CSV", &mut d.orders_csv),
             ("FEDCART_DATA_ITEM_NAMES", &mut d.item_names),
         ] {
             if let Some(p) = file(var)? {

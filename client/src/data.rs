@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::orders;
 use fedcart_common::data::tabular::{self, Schema};
 use fedcart_common::data::{movielens, split};
+use fedcart_common::itemsets::{self, Basket};
 use fedcart_common::model::mf::MfData;
 use fedcart_common::train::{ChurnData, LocalData};
 
@@ -50,6 +52,19 @@ pub enum DataError {
         /// The reader's error.
         #[source]
         source: tabular::DataError,
+    },
+    /// `data.orders_csv` is set without `data.catalogue`, `data.orders`
+    /// or an `item` column in `data.orders`.
+    #[error("`data.orders_csv` needs `data.catalogue` and `[data.orders]` with an `item` column")]
+    NoBasketsMapping,
+    /// The orders export (`data.orders_csv`) could not be read.
+    #[error("loading orders {}", path.display())]
+    Orders {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error (file, line, column, value).
+        #[source]
+        source: fedcart_common::data::orders::OrdersError,
     },
     /// The shared catalogue (`data.catalogue`) could not be read.
     #[error("loading catalogue {}", path.display())]
@@ -157,7 +172,47 @@ pub fn load(cfg: &AgentConfig) -> Result<LocalData, DataError> {
     if let Some(path) = &cfg.data.ratings_csv {
         data.mf = Some(load_mf(path, cfg)?);
     }
+    if let Some(path) = &cfg.data.orders_csv {
+        data.baskets = Some(load_baskets(path, cfg)?);
+    }
     Ok(data)
+}
+
+/// The merchant's baskets (one per customer and timestamp) from its orders
+/// export, items mapped through the shared catalogue. Lines of items the
+/// catalogue does not know are left out and counted in a warning.
+pub fn load_baskets(path: &Path, cfg: &AgentConfig) -> Result<Vec<Basket>, DataError> {
+    let (Some(cat_path), Some(map)) = (&cfg.data.catalogue, &cfg.data.orders) else {
+        return Err(DataError::NoBasketsMapping);
+    };
+    if map.item.is_none() {
+        return Err(DataError::NoBasketsMapping);
+    }
+    let catalogue = catalogue(cat_path)?;
+    let (orders, _) =
+        orders::read_orders(path, map, orders::BadRowPolicy::Fail).map_err(|source| {
+            DataError::Orders {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    let unknown = orders
+        .iter()
+        .filter(|o| {
+            o.item
+                .as_deref()
+                .is_some_and(|i| catalogue.index(i).is_none())
+        })
+        .count();
+    if unknown > 0 {
+        tracing::warn!(
+            file = %path.display(),
+            catalogue = %cat_path.display(),
+            lines = unknown,
+            "order lines whose item is not in the catalogue are left out of the baskets"
+        );
+    }
+    Ok(itemsets::baskets(&orders, &catalogue))
 }
 
 /// The merchant's ratings mapped through the shared catalogue, with a seeded

@@ -13,6 +13,8 @@
 //!   metrics); [`recommend`]: offline top-K and churn scores from it;
 //!   [`serve`]: the merchant's local JSON API on the same state, hot-swapping
 //!   new versions.
+//!   [`segments`] and [`rules`]: customer segments and "bought together"
+//!   lists from the federation's k-means centres and frequent itemsets.
 //!
 //! Each module returns its own error enum (`AgentError`, `ConfigError`,
 //! `DataError`, `StateError`, …); only the binary turns them into `anyhow`.
@@ -32,6 +34,7 @@ pub mod data;
 pub mod policy;
 pub mod prepare;
 pub mod recommend;
+pub mod rules;
 pub mod secure;
 pub mod segments;
 pub mod serve;

@@ -54,6 +54,24 @@ enum Command {
         #[arg(long, default_value = "churn_scores.csv")]
         out: PathBuf,
     },
+    /// "Bought together" lists as CSV (`item,bought_with,support,confidence,lift`)
+    /// for the items this merchant sells, offline from the federation's
+    /// frequent itemsets in the local state.
+    Rules {
+        /// The agent's TOML configuration (needs `data.orders_csv`,
+        /// `[data.orders]` and `data.catalogue`).
+        #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
+        config: PathBuf,
+        /// Output CSV.
+        #[arg(long, default_value = "rules.csv")]
+        out: PathBuf,
+        /// Smallest confidence of a rule listed.
+        #[arg(long, default_value_t = 0.1)]
+        min_confidence: f64,
+        /// Rules listed per item, best lift first.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+    },
     /// The federation's customer segment of each customer as CSV
     /// (`customer,segment`), offline from the local state.
     Segments {
@@ -168,6 +186,44 @@ async fn main() -> anyhow::Result<()> {
             if out != std::path::Path::new("-") {
                 println!("wrote {n} churn scores to {}", out.display());
             }
+            Ok(())
+        }
+        Command::Rules {
+            config,
+            out,
+            min_confidence,
+            top,
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let orders = cfg
+                .data
+                .orders_csv
+                .clone()
+                .context("`data.orders_csv` is not configured")?;
+            let baskets = data::load_baskets(&orders, &cfg)?;
+            let cat = data::catalogue(
+                cfg.data
+                    .catalogue
+                    .as_ref()
+                    .expect("checked by load_baskets"),
+            )?;
+            let w = fedcart_client::rules::bought_together(
+                &state_of(&cfg)?,
+                &cat,
+                &baskets,
+                min_confidence,
+                top,
+                &out,
+            )
+            .with_context(|| format!("writing the bought-together lists to {}", out.display()))?;
+            println!(
+                "wrote {} rules for {} items to {} (from {} frequent itemsets over {} baskets of the federation)",
+                w.rows,
+                w.items,
+                out.display(),
+                w.itemsets,
+                w.baskets
+            );
             Ok(())
         }
         Command::Segments { config, out } => {

@@ -188,8 +188,29 @@ pub enum ItemsetsError {
     },
 }
 
+/// Why a stored or downloaded itemsets state (see [`Apriori::encode`]) was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("itemsets state value {index}: {reason}")]
+pub struct StateError {
+    /// Position in the state vector.
+    pub index: usize,
+    /// What is wrong there.
+    pub reason: String,
+}
+
+/// f32 holds every integer below 2^24 exactly: item indices, lengths and the
+/// two halves of a count in an encoded state stay below it.
+pub const EXACT_F32: u64 = 1 << 24;
+
+/// Format tag, the first value of an encoded state.
+const STATE_FORMAT: f32 = 1.0;
+
+/// Values before the itemsets in an encoded state: format, level, baskets
+/// (high, low), frequent itemsets, candidates, candidate size.
+pub const STATE_HEADER: usize = 7;
+
 /// The coordinator's level-wise state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Apriori {
     min_count: u64,
     max_len: usize,
@@ -278,6 +299,191 @@ impl Apriori {
         self.frequent.extend(kept);
         self.level += 1;
         Ok(())
+    }
+}
+
+impl Apriori {
+    /// The state as a flat f32 vector: the "global model" of an itemsets run,
+    /// which the coordinator commits as each level's version and agents
+    /// download (chunked like any model) to count the next candidates.
+    ///
+    /// Layout: [`STATE_HEADER`] values (format 1, level, total baskets as
+    /// high and low 24-bit halves, number of frequent itemsets, number of
+    /// candidates, candidate size), then each frequent itemset as its
+    /// length, its items and its count (two halves), then the candidates'
+    /// items, flat. Every value is an integer below 2^24, so f32 holds it
+    /// exactly; counts up to 2^48. Fails on an item index or a length beyond that.
+    pub fn encode(&self) -> Result<Vec<f32>, StateError> {
+        let mut out = Vec::with_capacity(
+            STATE_HEADER
+                + self
+                    .frequent
+                    .iter()
+                    .map(|f| f.items.len() + 3)
+                    .sum::<usize>()
+                + self.candidates.iter().map(Vec::len).sum::<usize>(),
+        );
+        let small = |out: &mut Vec<f32>, v: u64| -> Result<(), StateError> {
+            if v >= EXACT_F32 {
+                return Err(StateError {
+                    index: out.len(),
+                    reason: format!("{v} does not fit below 2^24"),
+                });
+            }
+            out.push(v as f32);
+            Ok(())
+        };
+        let count = |out: &mut Vec<f32>, v: u64| -> Result<(), StateError> {
+            small(out, v / EXACT_F32)?;
+            small(out, v % EXACT_F32)
+        };
+        out.push(STATE_FORMAT);
+        small(&mut out, self.level as u64)?;
+        count(&mut out, self.baskets)?;
+        small(&mut out, self.frequent.len() as u64)?;
+        small(&mut out, self.candidates.len() as u64)?;
+        small(&mut out, self.candidates.first().map_or(0, Vec::len) as u64)?;
+        for f in &self.frequent {
+            small(&mut out, f.items.len() as u64)?;
+            for &i in &f.items {
+                small(&mut out, u64::from(i))?;
+            }
+            count(&mut out, f.count)?;
+        }
+        for c in &self.candidates {
+            for &i in c {
+                small(&mut out, u64::from(i))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The level and the number of candidates of an encoded state, from its
+    /// header alone (what the coordinator needs to size a level's task).
+    pub fn header(state: &[f32]) -> Result<(usize, usize), StateError> {
+        let mut r = Reader { state, at: 0 };
+        r.header().map(|h| (h.level, h.candidates))
+    }
+
+    /// Decodes [`Apriori::encode`]'s vector, checking every value (a state
+    /// comes from the store or the network): integers, items below
+    /// `num_items`, itemsets sorted and of the sizes the header announces,
+    /// nothing left over.
+    pub fn decode(
+        state: &[f32],
+        num_items: usize,
+        min_count: u64,
+        max_len: usize,
+    ) -> Result<Self, StateError> {
+        let mut r = Reader { state, at: 0 };
+        let h = r.header()?;
+        let mut frequent = Vec::with_capacity(h.frequent.min(state.len()));
+        for _ in 0..h.frequent {
+            let len = r.small()? as usize;
+            let items = r.items(len, num_items)?;
+            let count = r.count()?;
+            frequent.push(Itemset { items, count });
+        }
+        if h.candidates > 0 && h.size != h.level {
+            return Err(r.bad(format!(
+                "candidates of size {} at level {}",
+                h.size, h.level
+            )));
+        }
+        let mut candidates = Vec::with_capacity(h.candidates.min(state.len()));
+        for _ in 0..h.candidates {
+            candidates.push(r.items(h.size, num_items)?);
+        }
+        if r.at != state.len() {
+            return Err(r.bad(format!("{} values left over", state.len() - r.at)));
+        }
+        Ok(Self {
+            min_count: min_count.max(1),
+            max_len,
+            level: h.level,
+            candidates,
+            frequent,
+            baskets: h.baskets,
+        })
+    }
+}
+
+/// The decoded header of a state.
+struct Header {
+    level: usize,
+    baskets: u64,
+    frequent: usize,
+    candidates: usize,
+    size: usize,
+}
+
+/// A checked cursor over an encoded state.
+struct Reader<'a> {
+    state: &'a [f32],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn bad(&self, reason: String) -> StateError {
+        StateError {
+            index: self.at,
+            reason,
+        }
+    }
+
+    fn small(&mut self) -> Result<u64, StateError> {
+        let Some(&v) = self.state.get(self.at) else {
+            return Err(self.bad("the state ends early".into()));
+        };
+        if !(v.is_finite() && v >= 0.0 && v.fract() == 0.0 && (v as u64) < EXACT_F32) {
+            return Err(self.bad(format!("{v} is not an integer in [0, 2^24)")));
+        }
+        self.at += 1;
+        Ok(v as u64)
+    }
+
+    fn count(&mut self) -> Result<u64, StateError> {
+        Ok(self.small()? * EXACT_F32 + self.small()?)
+    }
+
+    fn items(&mut self, len: usize, num_items: usize) -> Result<Vec<u32>, StateError> {
+        if len == 0 || self.at + len > self.state.len() {
+            return Err(self.bad(format!("an itemset of {len} items does not fit")));
+        }
+        let mut items = Vec::with_capacity(len);
+        for _ in 0..len {
+            let i = self.small()?;
+            if i as usize >= num_items {
+                return Err(self.bad(format!("item {i} is outside the catalogue of {num_items}")));
+            }
+            if items.last().is_some_and(|&last| u64::from(last) >= i) {
+                return Err(self.bad("itemset not sorted and distinct".into()));
+            }
+            items.push(i as u32);
+        }
+        Ok(items)
+    }
+
+    fn header(&mut self) -> Result<Header, StateError> {
+        if self.state.first() != Some(&STATE_FORMAT) {
+            return Err(self.bad("not an itemsets state (format 1)".into()));
+        }
+        self.at = 1;
+        let level = self.small()? as usize;
+        let baskets = self.count()?;
+        let frequent = self.small()? as usize;
+        let candidates = self.small()? as usize;
+        let size = self.small()? as usize;
+        if level == 0 {
+            return Err(self.bad("level 0".into()));
+        }
+        Ok(Header {
+            level,
+            baskets,
+            frequent,
+            candidates,
+            size,
+        })
     }
 }
 

@@ -9,8 +9,9 @@
 //! [`FederatedModel::check`], and `fit` always starts from the global version.
 //!
 //! The families: churn logistic regression ([`churn_lr`]), the churn MLP
-//! ([`churn_mlp`]), explicit and implicit (BPR) matrix factorisation ([`mf`])
-//! and the overhead-benchmark [`noop`]. Their numerical cores are [`lr`],
+//! ([`churn_mlp`]), explicit and implicit (BPR) matrix factorisation ([`mf`]),
+//! k-means segments ([`kmeans`]), frequent itemsets ([`itemsets`], an
+//! [`Analysis`]) and the overhead-benchmark [`noop`]. Their numerical cores are [`lr`],
 //! [`mlp`] (sharing [`sgd`]) and `mf`'s kernels; [`churn`] holds what both
 //! churn families share.
 //!
@@ -37,6 +38,7 @@
 pub mod churn;
 pub mod churn_lr;
 pub mod churn_mlp;
+pub mod itemsets;
 pub mod kmeans;
 pub mod lr;
 pub mod mf;
@@ -51,6 +53,7 @@ use thiserror::Error;
 use crate::data::standardize::Standardizer;
 use crate::data::tabular::TabularDataset;
 use crate::federation::update::{Update, WeightLayout};
+use crate::itemsets::Basket;
 use mf::MfData;
 use sgd::SgdParams;
 
@@ -88,6 +91,19 @@ pub trait FederatedModel {
     /// How summed updates are divided back into a step.
     fn layout(&self) -> WeightLayout {
         WeightLayout::uniform()
+    }
+
+    /// Length of a training update: the parameter count, except for an
+    /// [`Analysis`] whose update is sized by the task (itemset counts).
+    fn update_len(&self) -> usize {
+        self.model_len()
+    }
+
+    /// The family's [`Analysis`] side when its next version is computed from
+    /// the summed updates rather than stepped by a strategy (frequent
+    /// itemsets); `None` for trained models.
+    fn analysis(&self) -> Option<&dyn Analysis> {
+        None
     }
 
     /// Length of the statistics vector of a `Stats` task (0 if the family
@@ -148,6 +164,32 @@ pub trait FederatedModel {
         global: &[f32],
         data: &mut LocalData,
     ) -> Result<Vec<f32>, TrainError>;
+}
+
+/// A federated analysis: a family whose rounds sum exact statistics (counts)
+/// and whose next global version is a function of that sum, not a model
+/// step. The engine calls [`next_version`](Self::next_version) instead of the
+/// strategy, stops when the state is [`complete`](Self::complete), and
+/// then hands the final state to the agents (one evaluation task). Under
+/// secure aggregation its sums use the statistics step's exact 2^64 ring.
+pub trait Analysis {
+    /// The next global version from the current one and the round's summed
+    /// updates (`sums`, one per update value) and summed weight.
+    fn next_version(
+        &self,
+        global: &[f32],
+        sums: &[f64],
+        total_weight: f64,
+    ) -> Result<Vec<f32>, TrainError>;
+
+    /// True when `global` needs no further round.
+    fn complete(&self, global: &[f32]) -> bool;
+
+    /// The first value of one merchant's update that cannot be what the
+    /// analysis asks for (for counts: a whole number between 0 and the
+    /// update's weight, the merchant's number of baskets), so the engine can
+    /// refuse that update and let the round go on. `None` when it is fine.
+    fn first_bad_value(&self, update: &Update) -> Option<usize>;
 }
 
 /// Why a task could not be carried out locally.
@@ -214,6 +256,9 @@ pub struct LocalData {
     /// Recommender data and the private user state, if the merchant takes
     /// part in matrix-factorisation tasks.
     pub mf: Option<MfData>,
+    /// Baskets (one per order, items as catalogue indices), if the merchant
+    /// takes part in frequent-itemset tasks.
+    pub baskets: Option<Vec<Basket>>,
 }
 
 /// The result of one task.
@@ -233,6 +278,9 @@ impl LocalData {
         let mut out = BTreeMap::new();
         if let Some(c) = &self.churn {
             out.insert("churn".into(), c.train.len() as u64);
+        }
+        if let Some(b) = &self.baskets {
+            out.insert("baskets".into(), b.len() as u64);
         }
         if let Some(m) = &self.mf {
             out.insert("mf".into(), m.train.len() as u64);
@@ -257,10 +305,17 @@ impl LocalData {
             .filter_map(|p| p.mf.as_ref().map(|m| (p.merchant_id.as_str(), m)))
             .collect();
         let mf = (!mf_parts.is_empty()).then(|| MfData::pooled(&mf_parts));
+        let baskets: Vec<Basket> = parts
+            .iter()
+            .filter_map(|p| p.baskets.as_ref())
+            .flatten()
+            .cloned()
+            .collect();
         LocalData {
             merchant_id: merchant_id.to_string(),
             churn,
             mf,
+            baskets: parts.iter().any(|p| p.baskets.is_some()).then_some(baskets),
         }
     }
 }

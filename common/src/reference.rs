@@ -215,6 +215,7 @@ mod tests {
                         valid: part.select(&va),
                     }),
                     mf: None,
+                    baskets: None,
                 }
             })
             .collect()

@@ -8,6 +8,7 @@ use crate::data::standardize::Standardizer;
 use crate::federation::update::WeightLayout;
 use crate::model::churn_lr::ChurnLr;
 use crate::model::churn_mlp::ChurnMlp;
+use crate::model::itemsets::Itemsets;
 use crate::model::kmeans::KMeans;
 use crate::model::lr::SgdParams;
 use crate::model::mf::{MfHyper, MfShape};
@@ -71,6 +72,18 @@ pub enum ModelSpec {
         #[serde(default)]
         init: Vec<f32>,
     },
+    /// Federated frequent itemsets (level-wise Apriori, see
+    /// `model::itemsets`): the global "model" is the encoded Apriori state.
+    Itemsets {
+        /// Catalogue size.
+        num_items: usize,
+        /// Minimum support in baskets across the federation.
+        min_count: u64,
+        /// Candidates of the level a task counts (its update length): set
+        /// by the coordinator for each task ([`ModelSpec::for_version`]).
+        #[serde(default)]
+        candidates: usize,
+    },
 }
 
 impl ModelSpec {
@@ -101,7 +114,45 @@ impl ModelSpec {
                 num_features: *num_features,
                 init,
             }),
+            ModelSpec::Itemsets {
+                num_items,
+                min_count,
+                candidates,
+            } => Box::new(Itemsets {
+                num_items: *num_items,
+                min_count: *min_count,
+                candidates: *candidates,
+            }),
         }
+    }
+
+    /// The spec of a task on global version `global`: the same, except that
+    /// an itemsets task carries the number of candidates of the state's
+    /// current level (its update length). Fails on a state whose header
+    /// does not decode.
+    pub fn for_version(&self, global: &[f32]) -> Result<ModelSpec, TrainError> {
+        match self {
+            ModelSpec::Itemsets {
+                num_items,
+                min_count,
+                ..
+            } => {
+                let (_, candidates) = crate::itemsets::Apriori::header(global)
+                    .map_err(|e| TrainError::InvalidModel(e.to_string()))?;
+                Ok(ModelSpec::Itemsets {
+                    num_items: *num_items,
+                    min_count: *min_count,
+                    candidates,
+                })
+            }
+            other => Ok(other.clone()),
+        }
+    }
+
+    /// True for an analysis (see [`crate::model::Analysis`]): its rounds sum
+    /// exact counts and its versions are states, not trained parameters.
+    pub fn is_analysis(&self) -> bool {
+        self.model().analysis().is_some()
     }
 
     /// The matrix-factorisation shape of an `Mf` or `MfImplicit` spec (what
@@ -140,6 +191,7 @@ impl ModelSpec {
     pub fn state_key(&self) -> &'static str {
         match self {
             ModelSpec::KMeans { .. } => "segments",
+            ModelSpec::Itemsets { .. } => "itemsets",
             other => other.data_family(),
         }
     }
@@ -217,7 +269,7 @@ impl TaskSpec {
         match self.kind {
             TaskKind::Stats => self.model.stats_len(),
             TaskKind::Train => {
-                self.model.model_len() + self.dp.as_ref().map_or(0, DpTask::extra_len)
+                self.model.model().update_len() + self.dp.as_ref().map_or(0, DpTask::extra_len)
             }
             TaskKind::Evaluate => 0,
         }

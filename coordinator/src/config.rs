@@ -375,6 +375,33 @@ impl RunConfig {
         if self.sgd.batch_size == 0 || self.sgd.epochs == 0 {
             return bad("run.sgd", "batch_size and epochs must be ≥ 1".into());
         }
+        if self.model.is_analysis() {
+            if let Err(e) = self.model.check() {
+                return bad("run.model", e.to_string());
+            }
+            // An analysis's next version is computed from the exact sum: no
+            // strategy step, and no noise (which would change the counts).
+            if self.dp.is_some() {
+                return bad(
+                    "run.dp",
+                    format!(
+                        "the {} analysis sums exact counts; differential privacy is not \
+                         supported for it",
+                        self.model.name()
+                    ),
+                );
+            }
+            if self.strategy != StrategySpec::FedAvg {
+                return bad(
+                    "run.strategy",
+                    format!(
+                        "the {} analysis computes each version from the summed counts; \
+                         use \"fedavg\" (the strategy is not applied)",
+                        self.model.name()
+                    ),
+                );
+            }
+        }
         if let Some(dp) = &self.dp {
             dp.validate(self)?;
         }

@@ -113,6 +113,19 @@ pub enum SubmitError {
     /// A plaintext update was sent for a task under secure aggregation.
     #[error("task `{0}` uses secure aggregation: plaintext updates are refused")]
     PlaintextInSecureTask(String),
+    /// An analysis's update holds a value that is not a count (see
+    /// `Analysis::first_bad_value`).
+    #[error(
+        "value {index} of the update is {value}: not a count between 0 and the weight {weight}"
+    )]
+    NotACount {
+        /// Position of the value.
+        index: usize,
+        /// The value sent.
+        value: f32,
+        /// The update's weight (the merchant's baskets).
+        weight: f64,
+    },
     /// A secure sum was handed over for a task that is not secure, or twice.
     #[error("task `{0}` does not expect a secure sum")]
     UnexpectedSecureSum(String),
@@ -172,6 +185,16 @@ pub struct Engine {
     ledger: Option<Ledger>,
     /// Why the run stopped before its last round, if it did.
     stopped: Option<RunStop>,
+    /// An analysis (frequent itemsets) whose latest version needs no
+    /// further round: the run ends after handing it to the agents.
+    complete: bool,
+}
+
+/// Whether `version` is followed by an evaluation task: after every version
+/// when the run evaluates, and always after the last version of an analysis,
+/// which is how its final state (say, the frequent itemsets) reaches the agents.
+fn publishes(run: &RunConfig, version: u64, complete: bool) -> bool {
+    run.evaluate || (run.model.is_analysis() && (complete || version >= run.rounds))
 }
 
 fn unix_ms() -> i64 {
@@ -229,7 +252,12 @@ impl Engine {
             .transpose()
             .map_err(EngineError::Config)?;
         let stopped = store.meta_json::<RunStop>("stopped")?;
-        let pending_eval = run.evaluate
+        let complete = run
+            .model
+            .model()
+            .analysis()
+            .is_some_and(|a| a.complete(&global));
+        let pending_eval = publishes(&run, version, complete)
             && version > 0
             && !history
                 .iter()
@@ -246,6 +274,7 @@ impl Engine {
             open: None,
             ledger,
             stopped,
+            complete,
         })
     }
 

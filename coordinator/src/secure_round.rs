@@ -3,7 +3,7 @@
 //! the other's transport.
 
 use fedcart_common::privacy::secagg::SecAggConfig;
-use fedcart_common::task::TaskSpec;
+use fedcart_common::task::{TaskKind, TaskSpec};
 
 use crate::config::SecAggSettings;
 
@@ -11,12 +11,19 @@ use crate::config::SecAggSettings;
 /// for both drivers (the gRPC service and the simulator): the whole update
 /// (values ‖ coordinate weights ‖ weight) of `spec`, with the ring, clip and
 /// graph [`SecAggConfig::for_task`] picks for the task kind (the 2^64 ring
-/// for the statistics step's raw sums; values clipped at `settings.clip`
+/// for the statistics step's raw sums and an analysis's counts; values clipped at `settings.clip`
 /// otherwise; the complete graph up to 64 agents, SecAgg+ beyond, or
 /// `settings.neighbours`).
 pub fn round_config(settings: &SecAggSettings, spec: &TaskSpec, n: usize) -> SecAggConfig {
+    // An analysis (itemset counts) sums exact integers like the statistics
+    // step: the same 2^64 ring, never clipped at `settings.clip`.
+    let kind = if spec.model.is_analysis() {
+        TaskKind::Stats
+    } else {
+        spec.kind
+    };
     let mut cfg = SecAggConfig::for_task(
-        spec.kind,
+        kind,
         spec.update_len(),
         spec.update_layout().num_coord_weights,
         n,

@@ -13,6 +13,7 @@ mod merchant_tools;
 mod policy;
 mod privacy;
 mod restart;
+mod rules;
 mod secure;
 mod secure_keys;
 mod security;

@@ -51,6 +51,7 @@ fn tiny_merchant(seed: u64) -> LocalData {
             test,
             ..Default::default()
         }),
+        baskets: None,
     }
 }
 

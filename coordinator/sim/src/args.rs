@@ -35,6 +35,13 @@ pub struct SimArgs {
     /// default 16), or `noop:D` (random D-float updates, no training).
     #[arg(long)]
     pub task: Option<TaskChoice>,
+    /// Segments of `--task segments` (the same as `segments:K`; the flag wins).
+    #[arg(long, value_name = "K")]
+    pub k: Option<usize>,
+    /// Minimum support of `--task rules`, in baskets across the federation
+    /// (the same as `rules:MIN`; the flag wins).
+    #[arg(long, value_name = "BASKETS")]
+    pub min_support: Option<u64>,
     /// Number of virtual merchants [default: 10].
     #[arg(long)]
     pub merchants: Option<usize>,

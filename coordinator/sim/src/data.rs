@@ -111,17 +111,14 @@ pub enum TaskChoice {
     /// Random updates of this length, no training.
     Noop(usize),
     /// Federated k-means segmentation of customers' RFM features into k
-    /// segments (`segments[:K]`).
-    Segments(usize),
+    /// segments (`segments:K`), or into the k the federated inertia elbow
+    /// chooses (`segments`, `None`; see `segments::choose_k`).
+    Segments(Option<usize>),
     /// Federated frequent itemsets and association rules with this minimum
     /// support in baskets across the federation (`rules[:MIN]`).
     Rules(u64),
 }
 
-/// Segments of `--task segments` without `:K`: the elbow (largest second
-/// difference, `kmeans::elbow`) of the inertia curve for k = 2..8 on CDNOW's
-/// RFM features (BENCHMARKS.md, "Segments and rules").
-pub const DEFAULT_SEGMENTS: usize = 3;
 /// Minimum support of `--task rules` without `:MIN`, in baskets.
 pub const DEFAULT_MIN_SUPPORT: u64 = 100;
 
@@ -133,7 +130,7 @@ impl TaskChoice {
             "mf" => Self::Mf,
             "mf-implicit" => Self::MfImplicit,
             "churn-lr" => Self::ChurnLr,
-            "segments" => Self::Segments(DEFAULT_SEGMENTS),
+            "segments" => Self::Segments(None),
             "rules" => Self::Rules(DEFAULT_MIN_SUPPORT),
             "churn-mlp" => Self::ChurnMlp {
                 h1: DEFAULT_HIDDEN,
@@ -161,7 +158,7 @@ impl TaskChoice {
                 }
                 if let Some(k) = s.strip_prefix("segments:") {
                     return match k.trim().parse::<usize>() {
-                        Ok(k) if (1..=256).contains(&k) => Ok(Self::Segments(k)),
+                        Ok(k) if (1..=256).contains(&k) => Ok(Self::Segments(Some(k))),
                         _ => bail!("`{s}`: give k in 1..=256, e.g. segments:4"),
                     };
                 }
@@ -196,8 +193,9 @@ impl TaskChoice {
                 num_features,
                 hidden: [h1, h2].into_iter().filter(|&h| h > 0).collect(),
             },
+            // Without k, a placeholder: the simulator chooses k after loading.
             Self::Segments(k) => ModelSpec::KMeans {
-                k,
+                k: k.unwrap_or(1),
                 num_features,
                 init: Vec::new(),
             },
@@ -227,7 +225,8 @@ impl TaskChoice {
             Self::ChurnMlp { h1, h2: 0 } => format!("churn-mlp:{h1}"),
             Self::ChurnMlp { h1, h2 } => format!("churn-mlp:{h1},{h2}"),
             Self::Noop(d) => format!("noop:{d}"),
-            Self::Segments(k) => format!("segments:{k}"),
+            Self::Segments(None) => "segments".into(),
+            Self::Segments(Some(k)) => format!("segments:{k}"),
             Self::Rules(m) => format!("rules:{m}"),
         }
     }

@@ -66,8 +66,10 @@ pub fn run(
     };
     let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
     // Baselines for the federation-value report, on untouched copies.
-    let originals = (s.out.is_some() && !matches!(pop.model, ModelSpec::Noop { .. }))
-        .then(|| pop.merchants.clone());
+    let originals = (s.out.is_some()
+        && !matches!(pop.model, ModelSpec::Noop { .. } | ModelSpec::KMeans { .. })
+        && !pop.model.is_analysis())
+    .then(|| pop.merchants.clone());
     // The runtime lives on its own thread: the command may be called from
     // within a runtime (the binary's `main` is async), where neither
     // `block_on` nor dropping a runtime is allowed.
@@ -87,7 +89,7 @@ pub fn run(
             .join()
     })
     .map_err(|_| anyhow::anyhow!("the gRPC simulation thread panicked"))??;
-    exp.rounds = rows(&done.history, &done.stamps, done.started, done.model_len);
+    exp.rounds = rows(&done.history, &done.stamps, done.started, &done.model_lens);
     exp.per_merchant = done.per_merchant;
     if let Some(originals) = originals {
         exp.federation_value = Some(
@@ -107,7 +109,9 @@ struct Done {
     stamps: Vec<Instant>,
     /// When the first task was opened.
     started: Instant,
-    model_len: u64,
+    /// Length of each version a task handed out (an itemsets run's
+    /// versions, its states, differ in length).
+    model_lens: BTreeMap<u64, u64>,
     final_model: Vec<f32>,
     per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
     /// A training spec of the run (for the federation-value baselines).
@@ -216,6 +220,13 @@ async fn drive(
         .model(version)?
         .with_context(|| format!("final model version {version} is missing"))?
         .to_vec();
+    let mut model_lens = BTreeMap::new();
+    for r in &history {
+        if let std::collections::btree_map::Entry::Vacant(e) = model_lens.entry(r.base_version) {
+            let len = shared.model(r.base_version)?.map_or(0, |m| m.len() as u64);
+            e.insert(len);
+        }
+    }
     let standardizer = shared.standardizer();
     let _ = stop.send(true);
     let mut finished = Vec::with_capacity(agents.len());
@@ -242,7 +253,7 @@ async fn drive(
     Ok(Done {
         stamps,
         started: started.unwrap_or_else(Instant::now),
-        model_len: final_model.len() as u64,
+        model_lens,
         history,
         final_model,
         per_merchant,
@@ -289,13 +300,18 @@ fn rows(
     history: &[RoundRecord],
     stamps: &[Instant],
     started: Instant,
-    model_len: u64,
+    model_lens: &BTreeMap<u64, u64>,
 ) -> Vec<RoundRow> {
     let mut out = Vec::new();
     let mut row: Option<(RoundRow, Instant)> = None;
     for (k, r) in history.iter().enumerate() {
         let begin = if k == 0 { started } else { stamps[k - 1] };
         let end = stamps.get(k).copied().unwrap_or(begin);
+        // Statistics tasks download no model.
+        let model_len = match kind_name(r.kind) {
+            "stats" => 0,
+            _ => model_lens.get(&r.base_version).copied().unwrap_or(0),
+        };
         let down = 4 * model_len * r.reported.len() as u64;
         match kind_name(r.kind) {
             "train" => {

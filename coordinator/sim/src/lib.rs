@@ -112,7 +112,17 @@ pub fn run_one(
     let mut pop = pop;
     // k-means: agree the first centres from the merchants' candidates, and
     // keep the data to profile the segments after the run.
-    let segment_data = if let ModelSpec::KMeans { .. } = pop.model {
+    let mut choice = None;
+    let segment_data = if let ModelSpec::KMeans { num_features, .. } = pop.model {
+        if task == TaskChoice::Segments(None) {
+            let (k, curve) = segments::choose_k(&pop.merchants, num_features, s.seed)?;
+            pop.model = ModelSpec::KMeans {
+                k,
+                num_features,
+                init: Vec::new(),
+            };
+            choice = Some(segments::choice_report(k, &curve));
+        }
         pop.model = segments::with_init(pop.model.clone(), &pop.merchants, s.seed)?;
         Some(pop.merchants.clone())
     } else {
@@ -158,7 +168,7 @@ pub fn run_one(
     run.validate()?;
     if s.transport == Transport::Grpc {
         let exp = grpc::run(s, task, data, pop, run, load_seconds)?;
-        return finish_segments(exp, segment_data.as_deref(), s);
+        return finish_segments(exp, segment_data.as_deref(), s, choice);
     }
     let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
     // Not fsync'd: the store is deleted with `dir` when the run ends.
@@ -180,8 +190,11 @@ pub fn run_one(
         .collect();
     let malicious = s.malicious_set(n);
     // Baselines for the federation-value report, on untouched copies.
-    let originals = (s.out.is_some() && !matches!(pop.model, ModelSpec::Noop { .. }))
-        .then(|| pop.merchants.clone());
+    // Not for k-means: a segmentation has no local-only or centralised
+    // "model quality" per merchant to compare (its report profiles the segments).
+    let originals = (s.out.is_some()
+        && !matches!(pop.model, ModelSpec::Noop { .. } | ModelSpec::KMeans { .. }))
+    .then(|| pop.merchants.clone());
     let merchants: Vec<Mutex<LocalData>> = pop.merchants.into_iter().map(Mutex::new).collect();
     let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
     let bar = progress_bar(s.rounds, &exp.name);
@@ -356,7 +369,7 @@ pub fn run_one(
     }
     exp.final_model = engine.global().to_vec();
     exp.finish();
-    finish_segments(exp, segment_data.as_deref(), s)
+    finish_segments(exp, segment_data.as_deref(), s, choice)
 }
 
 /// Adds the segment profiles of a k-means run to its report (and writes the
@@ -365,6 +378,7 @@ fn finish_segments(
     mut exp: Experiment,
     merchants: Option<&[LocalData]>,
     s: &Settings,
+    choice: Option<String>,
 ) -> anyhow::Result<Experiment> {
     let Some(merchants) = merchants else {
         return Ok(exp);
@@ -377,6 +391,7 @@ fn finish_segments(
     let k = exp.final_model.len() / d.max(1);
     let (profiles, inertia, labels) = segments::profile(merchants, &exp.final_model, k, d)?;
     exp.report = segments::report(&profiles, inertia);
+    exp.report.extend(choice);
     exp.final_metrics.insert("pooled_inertia".into(), inertia);
     if let Some(dir) = &s.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

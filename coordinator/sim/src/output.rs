@@ -76,6 +76,46 @@ pub fn summary_json(experiments: &[Experiment]) -> String {
     serde_json::json!({ "experiments": list }).to_string()
 }
 
+/// The report lines of an analysis (segment profiles, rules) as HTML: runs
+/// of `| a | b |` lines become a table (the `|---|` line dropped), other
+/// lines paragraphs.
+fn report_html(lines: &[String]) -> String {
+    let mut out = String::new();
+    let mut in_table = false;
+    for line in lines {
+        let row = line.trim();
+        if let Some(inner) = row.strip_prefix('|').and_then(|r| r.strip_suffix('|')) {
+            let cells: Vec<&str> = inner.split('|').map(str::trim).collect();
+            if cells
+                .iter()
+                .all(|c| c.chars().all(|ch| matches!(ch, '-' | ':')))
+            {
+                continue;
+            }
+            let tag = if in_table { "td" } else { "th" };
+            if !in_table {
+                out += "<table>";
+                in_table = true;
+            }
+            out += "<tr>";
+            for c in cells {
+                let _ = write!(out, "<{tag}>{}</{tag}>", esc(c));
+            }
+            out += "</tr>";
+        } else {
+            if in_table {
+                out += "</table>";
+                in_table = false;
+            }
+            let _ = write!(out, "<p>{}</p>", esc(row));
+        }
+    }
+    if in_table {
+        out += "</table>";
+    }
+    out
+}
+
 /// Writes `metrics.json`, `metrics.csv` and `report.html` into `dir`.
 pub fn write_all(dir: &Path, s: &Settings, experiments: &[Experiment]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -248,6 +288,13 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
                 esc(&p.name),
                 esc(&p.name)
             );
+        }
+        out += &report_html(&e.report);
+        if e.task.starts_with("segments") {
+            // Written beside this file by the segments run (`plots::segments`).
+            out += "<figure><img src=\"segments.png\" alt=\"customer segments\">\
+                    <figcaption>segments.png: recency against monetary value, \
+                    one colour per segment</figcaption></figure>";
         }
         let keys: Vec<&String> = e.final_metrics.keys().collect();
         out += "<table><tr><th>round</th><th>reported</th>";

@@ -9,6 +9,9 @@
 //! statistics task, so the coordinator sees only the federation's counts —
 //! and `Apriori::on_sum` moves to the next level. Bytes per merchant: the
 //! candidates down (4 bytes per item id) and the counts up (4 bytes each).
+//!
+//! With `--transport grpc` the levels are instead ordinary federated rounds
+//! of the real coordinator service and agents (see [`over_grpc`]).
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -21,7 +24,11 @@ use fedcart_common::privacy::secagg::{Dropouts, SecAggConfig, run_in_memory};
 use fedcart_common::task::{ModelSpec, TaskKind};
 use rayon::prelude::*;
 
-use crate::data::{DataSpec, TaskChoice};
+use fedcart_common::train::LocalData;
+use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
+
+use crate::Transport;
+use crate::data::{DataSpec, Population, TaskChoice};
 use crate::experiment::{Experiment, RoundRow};
 use crate::settings::Settings;
 
@@ -110,6 +117,78 @@ pub fn mine(
     Ok((apriori, rows))
 }
 
+/// `--transport grpc`: the levels as ordinary federated rounds of the real
+/// coordinator service (`ModelSpec::Itemsets`, see
+/// `fedcart_common::model::itemsets`), one real agent per merchant counting
+/// its baskets, with `--secagg` the real secure-aggregation stages; the
+/// frequent itemsets are read from the committed final state. Bytes down
+/// are the whole state each level (frequent itemsets so far and the
+/// candidates), bytes up the counts (8 bytes each under secure aggregation).
+fn over_grpc(
+    s: &Settings,
+    task: TaskChoice,
+    data: &DataSpec,
+    merchants: &[MerchantBaskets],
+    catalogue: &Catalogue,
+    min_support: u64,
+    load_seconds: f64,
+) -> anyhow::Result<(Experiment, Apriori)> {
+    let n = merchants.len();
+    let model = ModelSpec::Itemsets {
+        num_items: catalogue.len(),
+        min_count: min_support,
+        candidates: 0,
+    };
+    // A level of k items needs a basket of k items: the longest basket
+    // bounds the number of levels (one more finds no candidate frequent).
+    let longest = merchants
+        .iter()
+        .flat_map(|(_, b)| b.iter().map(Vec::len))
+        .max()
+        .unwrap_or(0);
+    let run = RunConfig {
+        run_id: "simulation".into(),
+        seed: s.seed,
+        rounds: longest as u64 + 1,
+        model: model.clone(),
+        sgd: Default::default(),
+        selection: Selection {
+            fraction: 1.0,
+            min_agents: n,
+            max_agents: n,
+            min_available: 0,
+        },
+        quorum: n,
+        round_timeout_ms: u64::MAX / 2,
+        evaluate: false,
+        strategy: Default::default(),
+        secagg: s.secagg.then(|| SecAggSettings {
+            neighbours: None,
+            clip: s.secagg_clip(task),
+            verify_survivors: false,
+            stage_timeout_ms: None,
+        }),
+        dp: None,
+        max_attempts: s.max_attempts,
+    };
+    run.validate()?;
+    let pop = Population {
+        merchants: merchants
+            .iter()
+            .map(|(id, b)| LocalData {
+                merchant_id: id.clone(),
+                baskets: Some(b.clone()),
+                ..Default::default()
+            })
+            .collect(),
+        model,
+    };
+    let exp = crate::grpc::run(s, task, data, pop, run, load_seconds)?;
+    let apriori = Apriori::decode(&exp.final_model, catalogue.len(), min_support, 0)
+        .context("the committed itemsets state")?;
+    Ok((exp, apriori))
+}
+
 /// Reads the orders, deals them into merchants and builds their baskets.
 pub fn load(s: &Settings, data: &DataSpec) -> anyhow::Result<(Vec<MerchantBaskets>, Catalogue)> {
     let DataSpec::Orders(src) = data else {
@@ -148,24 +227,38 @@ pub fn run(
     let load_start = Instant::now();
     let (merchants, catalogue) = load(s, data)?;
     let load_seconds = load_start.elapsed().as_secs_f64();
-    let mut exp = Experiment::new(
-        task,
-        data,
-        s,
-        merchants.len(),
-        &ModelSpec::Noop { dim: 0 },
-        load_seconds,
-    );
-    let (apriori, rows) = mine(
-        &merchants,
-        catalogue.len(),
-        min_support,
-        s.secagg,
-        s.seed,
-        pool,
-    )?;
-    exp.rounds = rows;
-    exp.finish();
+    let (mut exp, apriori) = match s.transport {
+        Transport::Inproc => {
+            let mut exp = Experiment::new(
+                task,
+                data,
+                s,
+                merchants.len(),
+                &ModelSpec::Noop { dim: 0 },
+                load_seconds,
+            );
+            let (apriori, rows) = mine(
+                &merchants,
+                catalogue.len(),
+                min_support,
+                s.secagg,
+                s.seed,
+                pool,
+            )?;
+            exp.rounds = rows;
+            exp.finish();
+            (exp, apriori)
+        }
+        Transport::Grpc => over_grpc(
+            s,
+            task,
+            data,
+            &merchants,
+            &catalogue,
+            min_support,
+            load_seconds,
+        )?,
+    };
     let rules = itemsets::rules(apriori.frequent(), apriori.total_baskets(), MIN_CONFIDENCE);
     let name = |items: &[u32]| {
         items

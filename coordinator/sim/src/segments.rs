@@ -85,6 +85,83 @@ pub fn with_init(
     })
 }
 
+/// The k tried by `--task segments` without `:K`.
+pub const K_CANDIDATES: std::ops::RangeInclusive<usize> = 2..=8;
+/// Lloyd rounds run for each candidate k before its inertia is compared.
+const CHOOSE_ROUNDS: usize = 10;
+
+/// The federated choice of k: for each k of [`K_CANDIDATES`], the first
+/// centres agreed from the merchants' candidates ([`with_init`]), then
+/// [`CHOOSE_ROUNDS`] Lloyd rounds, each the sum of the merchants'
+/// per-cluster sums and counts, then the inertia as the sum of each
+/// merchant's local inertia; k is the elbow of that curve
+/// ([`kmeans::elbow`]). Only sums leave a merchant, as in the rounds
+/// proper; the simulator adds them in-process (plaintext) before the
+/// experiment runs with the chosen k on either transport. Returns k and the
+/// curve.
+pub fn choose_k(
+    merchants: &[LocalData],
+    d: usize,
+    seed: u64,
+) -> anyhow::Result<(usize, Vec<(usize, f64)>)> {
+    let scaler = standardizer(merchants, d)?;
+    let xs = merchants
+        .iter()
+        .map(|m| {
+            kmeans::standardised_rows(m, d, &scaler)
+                .with_context(|| format!("merchant {}", m.merchant_id))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut curve = Vec::new();
+    for k in K_CANDIDATES {
+        let start = ModelSpec::KMeans {
+            k,
+            num_features: d,
+            init: Vec::new(),
+        };
+        let ModelSpec::KMeans { init, .. } = with_init(start, merchants, seed)? else {
+            unreachable!("with_init keeps the family");
+        };
+        let mut centres = init;
+        for _ in 0..CHOOSE_ROUNDS {
+            let mut sums = vec![0.0f64; k * d];
+            let mut counts = vec![0u64; k];
+            for x in &xs {
+                let step = kmeans::lloyd_step(x, &centres, k);
+                for (s, v) in sums.iter_mut().zip(&step.sums) {
+                    *s += v;
+                }
+                for (c, v) in counts.iter_mut().zip(&step.counts) {
+                    *c += v;
+                }
+            }
+            for c in 0..k {
+                if counts[c] > 0 {
+                    for j in 0..d {
+                        centres[c * d + j] = (sums[c * d + j] / counts[c] as f64) as f32;
+                    }
+                }
+            }
+        }
+        let inertia: f64 = xs.iter().map(|x| kmeans::inertia(x, &centres, k)).sum();
+        curve.push((k, inertia));
+    }
+    let (ks, inertias): (Vec<usize>, Vec<f64>) = curve.iter().copied().unzip();
+    Ok((kmeans::elbow(&ks, &inertias), curve))
+}
+
+/// The report line of [`choose_k`]'s choice.
+pub fn choice_report(k: usize, curve: &[(usize, f64)]) -> String {
+    let points: Vec<String> = curve
+        .iter()
+        .map(|(k, i)| format!("k={k}: {i:.0}"))
+        .collect();
+    format!(
+        "segments: k = {k}, the elbow of the federated inertia curve ({})",
+        points.join(", ")
+    )
+}
+
 /// One segment's profile.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SegmentProfile {

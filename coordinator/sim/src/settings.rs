@@ -147,6 +147,35 @@ impl Names<'_> {
     }
 }
 
+/// Applies `--k` and `--min-support` (with the flag or key they came from)
+/// to the task they belong to; refuses them with another task.
+fn with_task_flags(
+    task: Option<TaskChoice>,
+    k: Option<(usize, String)>,
+    min_support: Option<(u64, String)>,
+) -> anyhow::Result<Option<TaskChoice>> {
+    let mut task = task;
+    if let Some((k, name)) = k {
+        match task {
+            Some(TaskChoice::Segments(_)) if (1..=256).contains(&k) => {
+                task = Some(TaskChoice::Segments(Some(k)))
+            }
+            Some(TaskChoice::Segments(_)) => bail!("{name}: give k in 1..=256, not {k}"),
+            _ => bail!("{name} sets the segments of --task segments; give --task segments"),
+        }
+    }
+    if let Some((m, name)) = min_support {
+        match task {
+            Some(TaskChoice::Rules(_)) if m >= 1 => task = Some(TaskChoice::Rules(m)),
+            Some(TaskChoice::Rules(_)) => {
+                bail!("{name}: the minimum support is a number of baskets, at least 1")
+            }
+            _ => bail!("{name} sets the minimum support of --task rules; give --task rules"),
+        }
+    }
+    Ok(task)
+}
+
 impl Settings {
     /// Merges flags over the TOML file over the defaults and validates every
     /// rule in one place; errors name the flag or config key.
@@ -186,7 +215,13 @@ impl Settings {
             _ => bail!("--train and --test go together"),
         };
         let strategy = pick!(strategy, StrategySpec::FedAvg);
-        let task = args.task.or(file.task);
+        let task = with_task_flags(
+            args.task.or(file.task),
+            args.k.or(file.k).map(|k| (k, name!(k, "--k"))),
+            args.min_support
+                .or(file.min_support)
+                .map(|m| (m, name!(min_support, "--min-support"))),
+        )?;
         let orders = args.orders.clone().or(file.orders.clone());
         let data = match args.data.clone().or(file.data.clone()) {
             Some(d) => Some(

@@ -238,7 +238,19 @@ impl Engine {
         match (&sub.update, spec.kind) {
             (None, TaskKind::Evaluate) => {}
             (None, _) if open.plan.secure => {}
-            (Some(u), TaskKind::Train | TaskKind::Stats) => validate(u)?,
+            (Some(u), TaskKind::Train | TaskKind::Stats) => {
+                validate(u)?;
+                if spec.kind == TaskKind::Train
+                    && let Some(a) = spec.model.model().analysis()
+                    && let Some(index) = a.first_bad_value(u)
+                {
+                    return Err(SubmitError::NotACount {
+                        index,
+                        value: u.values[index],
+                        weight: u.weight,
+                    });
+                }
+            }
             (Some(u), TaskKind::Evaluate) => {
                 return Err(UpdateError::WrongLength {
                     expected: 0,

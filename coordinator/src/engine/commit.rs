@@ -98,17 +98,35 @@ impl Engine {
                 // was, and only a commit keeps the new state.
                 let before = self.strategy.state();
                 let revealed = open.plan.secure;
-                let next = match (&open.acc, &mut ledger) {
-                    (Accumulation::Sum(acc), Some(l)) => {
+                let model = open.plan.spec.model.model();
+                let next = match (&open.acc, &mut ledger, model.analysis()) {
+                    // An analysis (itemsets): the next state from the sum.
+                    (Accumulation::Sum(acc), None, Some(analysis)) => {
+                        match analysis.next_version(
+                            &self.global,
+                            acc.sum_values(),
+                            acc.total_weight(),
+                        ) {
+                            Ok(next) => next,
+                            Err(e) => {
+                                return self.refuse_revealed(
+                                    record,
+                                    revealed,
+                                    format!("the summed counts were refused: {e}"),
+                                );
+                            }
+                        }
+                    }
+                    (Accumulation::Sum(acc), Some(l), _) => {
                         let (step, privacy) =
                             l.release(acc, &open.plan, reported, self.run.seed)?;
                         record.privacy = Some(privacy);
                         self.strategy.apply(&self.global, &step)
                     }
-                    (Accumulation::Sum(acc), None) => {
+                    (Accumulation::Sum(acc), None, None) => {
                         self.strategy.apply(&self.global, &acc.mean_delta(&layout))
                     }
-                    (Accumulation::Individual(list), _) => {
+                    (Accumulation::Individual(list), _, _) => {
                         self.strategy
                             .aggregate_individual(&self.global, list, &layout)
                     }
@@ -139,14 +157,33 @@ impl Engine {
                     record: &record,
                     strategy_state: &self.strategy.state(),
                 })?;
+                self.complete = model.analysis().is_some_and(|a| a.complete(&next));
                 self.version = version;
                 self.global = Arc::new(next);
                 self.ledger = ledger;
-                self.pending_eval = self.run.evaluate;
+                self.pending_eval = super::publishes(&self.run, version, self.complete);
                 tracing::info!(version, reported, "version committed");
             }
         }
         Ok(record)
+    }
+
+    /// Aborts a training task whose aggregate cannot be committed for
+    /// `reason`. A sum that was revealed by secure aggregation is not
+    /// attempted again over the same inputs: the run stops.
+    fn refuse_revealed(
+        &mut self,
+        mut record: RoundRecord,
+        revealed: bool,
+        reason: String,
+    ) -> Result<RoundRecord, EngineError> {
+        record.abort_reason = Some(reason.clone());
+        let stop = revealed.then(|| RunStop::Revealed {
+            round: record.round,
+            task_id: record.task_id.clone(),
+            reason,
+        });
+        self.close_aborted(record, stop)
     }
 
     /// Writes an aborted attempt. When it is the round's `run.max_attempts`-th

@@ -26,7 +26,7 @@ impl Engine {
             Some((0, TaskKind::Stats))
         } else if self.pending_eval {
             Some((self.version, TaskKind::Evaluate))
-        } else if self.version < self.run.rounds {
+        } else if self.version < self.run.rounds && !self.complete {
             Some((self.version + 1, TaskKind::Train))
         } else {
             None
@@ -55,9 +55,15 @@ impl Engine {
             self.check_budget(round, selected.len())?;
         }
 
+        // An itemsets task is sized by the current state's candidates.
+        let model = self
+            .run
+            .model
+            .for_version(&self.global)
+            .map_err(|e| EngineError::Config(format!("version {}: {e}", self.version)))?;
         let spec = TaskSpec {
             kind,
-            model: self.run.model.clone(),
+            model,
             sgd: self.run.sgd.clone(),
             seed: self.run.seed,
             round,

@@ -302,3 +302,44 @@ fn an_aborted_round_leaves_the_server_optimiser_state_untouched() {
         );
     }
 }
+
+#[test]
+fn an_itemsets_update_that_is_not_a_count_is_refused_and_the_level_commits_without_it() {
+    let mut r = run(selection(1.0, 3, 3), 2);
+    r.model = ModelSpec::Itemsets {
+        num_items: 3,
+        min_count: 2,
+        candidates: 0,
+    };
+    let (_dir, mut e) = engine(r);
+    let plan = e.start_task(&agents(3)).unwrap();
+    assert_eq!(plan.spec.update_len(), 3, "level 1: every item a candidate");
+    let counts = |values: [f32; 3], weight| update(values, weight);
+    let id = plan.task_id.clone();
+    e.submit("m00", "engine", 1, &id, counts([2.0, 1.0, 0.0], 2.0))
+        .unwrap();
+    let err = e
+        .submit("m01", "engine", 1, &id, counts([0.5, 1.0, 0.0], 2.0))
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::NotACount { index: 0, .. }),
+        "{err}"
+    );
+    // More baskets containing an item than the merchant has: refused too.
+    let err = e
+        .submit("m02", "engine", 1, &id, counts([1.0, 3.0, 0.0], 2.0))
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::NotACount { index: 1, .. }),
+        "{err}"
+    );
+    e.submit("m01", "engine", 1, &id, counts([1.0, 2.0, 1.0], 2.0))
+        .unwrap();
+    let record = e.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Committed);
+    // {0}: 3 and {1}: 3 are frequent, {2}: 1 is not: level 2 counts {0, 1}.
+    let (level, candidates) = fedcart_common::itemsets::Apriori::header(&e.global()).unwrap();
+    assert_eq!((level, candidates), (2, 1));
+    let plan = e.start_task(&agents(3)).unwrap();
+    assert_eq!(plan.spec.update_len(), 1);
+}

@@ -22,6 +22,7 @@ impl From<SubmitError> for Status {
             SubmitError::Duplicate(_) => Status::already_exists(msg),
             SubmitError::Invalid(UpdateError::PayloadLength { .. }) => Status::out_of_range(msg),
             SubmitError::Invalid(_)
+            | SubmitError::NotACount { .. }
             | SubmitError::BadMetric(_)
             | SubmitError::PlaintextInSecureTask(_) => Status::invalid_argument(msg),
             SubmitError::UnexpectedSecureSum(_) => Status::failed_precondition(msg),

@@ -125,3 +125,53 @@ fn the_report_lists_rules_and_levels() {
     let dir = a.out.unwrap();
     assert!(dir.join("rules.csv").exists() && dir.join("itemsets.csv").exists());
 }
+
+#[test]
+fn secure_rules_over_grpc_equal_the_in_process_plaintext_rules() {
+    let mut a = grocery(100, false);
+    a.partition = Some("iid".into());
+    a.merchants = Some(4);
+    let plain = mined(a.clone());
+    a.secagg = true;
+    a.transport = Some("grpc".parse().unwrap());
+    a.min_support = Some(100);
+    let s = Settings::from_args(a).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let (task, data) = s.experiments().remove(0);
+    let (exp, secure) = run(&s, task, &data, &pool).unwrap();
+    assert!(plain.frequent.iter().any(|f| f.items.len() == 2));
+    assert_eq!(secure.frequent, plain.frequent);
+    assert_eq!(secure.baskets, plain.baskets);
+    assert_eq!(secure.rules, plain.rules);
+    // One row per level, every merchant in each, bytes both ways.
+    assert!(exp.rounds.len() >= 2);
+    assert!(
+        exp.rounds
+            .iter()
+            .all(|r| r.committed && r.reported == 4 && r.bytes_up > 0 && r.bytes_down > 0)
+    );
+}
+
+#[test]
+fn k_and_min_support_flags_set_their_task_and_are_refused_with_another() {
+    let mut a = grocery(100, false);
+    a.min_support = Some(250);
+    let s = Settings::from_args(a.clone()).unwrap();
+    assert_eq!(s.experiments()[0].0, TaskChoice::Rules(250));
+    a.k = Some(3);
+    let err = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        err.contains("--k") && err.contains("--task segments"),
+        "{err}"
+    );
+    let seg = SimArgs {
+        task: Some("segments".parse().unwrap()),
+        k: Some(5),
+        ..Default::default()
+    };
+    let s = Settings::from_args(seg).unwrap();
+    assert_eq!(s.experiments()[0].0, TaskChoice::Segments(Some(5)));
+}

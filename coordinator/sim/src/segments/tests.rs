@@ -71,3 +71,18 @@ fn secure_segments_over_grpc_equal_the_plaintext_segments() {
     };
     assert_eq!(sizes(&plain), sizes(&secure));
 }
+
+#[test]
+fn segments_without_k_choose_the_elbow_scikit_learn_finds_on_the_pooled_data() {
+    at_root();
+    let mut a = cdnow(3, 10, 2);
+    a.task = Some("segments".parse().unwrap());
+    let e = run(a);
+    // scikit-learn's pooled inertia for k = 2..8 has its elbow (largest
+    // second difference) at k = 3 (BENCHMARKS.md, "Segments and rules").
+    let choice = e.report.last().unwrap();
+    assert!(choice.starts_with("segments: k = 3,"), "{choice}");
+    assert_eq!(e.final_model.len(), 3 * 8);
+    // The report's profile table has one row per chosen segment.
+    assert_eq!(e.report.len(), 3 + 3 + 1);
+}
