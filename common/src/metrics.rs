@@ -1,7 +1,11 @@
 //! Evaluation metrics for the churn classifiers and the recommenders.
 //!
 //! All functions take plain slices so that any model can use them, and return
-//! `f64` so that sums over many merchants stay precise.
+//! `f64` so that sums over many merchants stay precise. [`histogram`] holds
+//! the federated AUC and PR-AUC: per-class score histograms summed across
+//! merchants.
+
+pub mod histogram;
 
 /// Area under the ROC curve, computed from ranks with ties averaged
 /// (equivalent to the Mann–Whitney U statistic). Returns 0.5 when only one

@@ -112,6 +112,21 @@ pub trait FederatedModel {
         0
     }
 
+    /// Length of the vector an `Evaluate` task returns besides its metrics,
+    /// summed across merchants like an update (0: metrics only). The churn
+    /// families send per-class score histograms (`metrics::histogram`).
+    fn eval_len(&self) -> usize {
+        0
+    }
+
+    /// Metrics of the whole federation from the sum of the merchants'
+    /// evaluation vectors ([`eval_len`](Self::eval_len) values): for churn
+    /// the AUC and PR-AUC of the pooled predictions, up to binning. They
+    /// replace the example-weighted means of the same names.
+    fn pooled_metrics(&self, _sum: &[f64]) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
+
     /// The first global model version, from the run seed.
     fn initial_params(&self, _seed: u64) -> Vec<f32> {
         vec![0.0; self.model_len()]

@@ -161,7 +161,10 @@ pub fn stats_step(
     )))
 }
 
-/// Example-weighted mean of every merchant's held-out metrics for `params`.
+/// Example-weighted mean of every merchant's held-out metrics for `params`,
+/// with the metrics the family computes from the summed evaluation vectors
+/// (churn: AUC and PR-AUC from score histograms) in place of their means —
+/// what the engine reports for an evaluation round.
 pub fn evaluate(
     template: &TaskSpec,
     params: &[f32],
@@ -171,17 +174,26 @@ pub fn evaluate(
     spec.kind = TaskKind::Evaluate;
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let mut total = 0.0;
+    let mut pooled = vec![0.0f64; spec.model.eval_len()];
     for m in merchants.iter_mut() {
         let out = run_task(&spec, params, m)?;
         for (k, v) in &out.metrics {
             *sums.entry(k.clone()).or_default() += v * out.weight;
         }
         total += out.weight;
+        if let Some(u) = &out.update {
+            for (s, &v) in pooled.iter_mut().zip(&u.values) {
+                *s += f64::from(v);
+            }
+        }
     }
     if total > 0.0 {
         for v in sums.values_mut() {
             *v /= total;
         }
+    }
+    if !pooled.is_empty() {
+        sums.extend(spec.model.pooled_metrics(&pooled));
     }
     Ok(sums)
 }

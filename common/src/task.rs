@@ -217,6 +217,18 @@ impl ModelSpec {
         self.model().stats_len()
     }
 
+    /// Length of an `Evaluate` task's summable vector (see
+    /// [`FederatedModel::eval_len`]).
+    pub fn eval_len(&self) -> usize {
+        self.model().eval_len()
+    }
+
+    /// The federation's metrics from the summed evaluation vectors (see
+    /// [`FederatedModel::pooled_metrics`]).
+    pub fn pooled_metrics(&self, sum: &[f64]) -> std::collections::BTreeMap<String, f64> {
+        self.model().pooled_metrics(sum)
+    }
+
     /// The first global model version: zeros for LR; He-initialised weights
     /// drawn from the run seed for the MLP (zeros would never break symmetry);
     /// small seeded random item factors for MF.
@@ -271,7 +283,7 @@ impl TaskSpec {
             TaskKind::Train => {
                 self.model.model().update_len() + self.dp.as_ref().map_or(0, DpTask::extra_len)
             }
-            TaskKind::Evaluate => 0,
+            TaskKind::Evaluate => self.model.eval_len(),
         }
     }
 

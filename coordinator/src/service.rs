@@ -522,7 +522,7 @@ impl Coordinator for Service {
             ));
         }
         let (_slot, payload) = receive_payload(&self.shared, &mut stream, declared).await?;
-        let update = if kind == TaskKind::Evaluate {
+        let update = if kind == TaskKind::Evaluate && header.num_values == 0 {
             None
         } else {
             Some(

@@ -34,10 +34,17 @@ pub enum BlankNumeric {
 }
 
 /// The columns of a tabular dataset and how to encode them.
+///
+/// Its TOML form is what a merchant writes under `[data.schema]` and what
+/// `fedcart-sim --schema FILE` reads; unknown keys are refused, and
+/// [`Schema::check`] holds the rules a usable schema follows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Schema {
-    /// Column holding the row's identifier (e.g. customer id).
-    pub id: String,
+    /// Column holding the row's identifier (e.g. customer id); without one,
+    /// rows are identified by their 1-based row number.
+    #[serde(default)]
+    pub id: Option<String>,
     /// Column holding the binary label.
     pub label: String,
     /// Label values read as the positive class (1); every other declared value is 0.
@@ -127,7 +134,7 @@ impl Schema {
             vocabulary: vec!["No".into(), "Yes".into(), none.into()],
         };
         Self {
-            id: "customerID".into(),
+            id: Some("customerID".into()),
             label: "Churn".into(),
             positive: vec!["Yes".into()],
             negative: vec!["No".into()],
@@ -177,6 +184,43 @@ impl Schema {
             ],
             blank_numeric: BlankNumeric::Zero,
         }
+    }
+
+    /// The rules a schema must follow to be readable: no column used twice,
+    /// at least one feature, a label value in at most one class and at least
+    /// one in each, no empty or repeated vocabulary entry.
+    pub fn check(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        let columns = self
+            .id
+            .iter()
+            .chain([&self.label])
+            .chain(&self.numeric)
+            .chain(self.categorical.iter().map(|c| &c.name));
+        for c in columns {
+            if !seen.insert(c.as_str()) {
+                return Err(format!("column `{c}` is used twice in the schema"));
+            }
+        }
+        if self.num_features() == 0 {
+            return Err("the schema declares no `numeric` or `categorical` feature".into());
+        }
+        if self.positive.is_empty() || self.negative.is_empty() {
+            return Err("`positive` and `negative` each need at least one label value".into());
+        }
+        if let Some(v) = self.positive.iter().find(|v| self.negative.contains(v)) {
+            return Err(format!("label value `{v}` is both positive and negative"));
+        }
+        for c in &self.categorical {
+            let distinct: std::collections::BTreeSet<_> = c.vocabulary.iter().collect();
+            if c.vocabulary.is_empty() || distinct.len() != c.vocabulary.len() {
+                return Err(format!(
+                    "categorical `{}` needs a non-empty vocabulary without repeats",
+                    c.name
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Number of encoded features: numeric columns plus one-hot widths.
@@ -240,14 +284,14 @@ impl Schema {
         let col = |name: &str| -> Result<usize, DataError> {
             header
                 .iter()
-                .position(|h| h.trim() == name)
+                .position(|h| h == name)
                 .ok_or_else(|| DataError::MissingColumn {
                     file: path.into(),
                     column: name.into(),
                     header: header.iter().collect::<Vec<_>>().join(","),
                 })
         };
-        let id_col = col(&self.id)?;
+        let id_col = self.id.as_deref().map(col).transpose()?;
         let label_col = col(&self.label)?;
         let numeric_cols = self
             .numeric
@@ -330,7 +374,10 @@ impl Schema {
                 ));
             };
             labels.push(y);
-            ids.push(record.get(id_col).unwrap_or("").to_string());
+            ids.push(match id_col {
+                Some(c) => record.get(c).unwrap_or("").to_string(),
+                None => (ids.len() + 1).to_string(),
+            });
         }
         if ids.is_empty() {
             return Err(DataError::Empty { file: path.into() });
@@ -432,7 +479,7 @@ mod tests {
     #[test]
     fn unknown_category_and_missing_column_are_named() {
         let schema = Schema {
-            id: "id".into(),
+            id: Some("id".into()),
             label: "y".into(),
             positive: vec!["1".into()],
             negative: vec!["0".into()],

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::{ChurnData, LocalData, TaskOutput, TrainError};
+use crate::federation::update::Update;
+use crate::metrics::histogram::{auc_from_histogram, pr_auc_from_histogram, score_histogram};
 use crate::metrics::{Confusion, auc, log_loss};
 
 /// The merchant's churn data, checked against the model's feature width.
@@ -31,16 +33,52 @@ pub fn stats_output(churn: &ChurnData) -> TaskOutput {
     }
 }
 
-/// The standard churn metrics from labels and predicted probabilities.
+/// The standard churn metrics from labels and predicted probabilities. The
+/// AUC is reported only where both classes are present (it is undefined
+/// otherwise); the federation's AUC comes from summed histograms instead
+/// ([`pooled_classification_metrics`]).
 pub fn classification_metrics(y: &[f32], probs: &[f32]) -> BTreeMap<String, f64> {
     let c = Confusion::at(y, probs, 0.5);
-    BTreeMap::from([
-        ("auc".to_string(), auc(y, probs)),
+    let mut m = BTreeMap::from([
         ("log_loss".to_string(), log_loss(y, probs)),
         ("accuracy".to_string(), c.accuracy()),
         ("precision".to_string(), c.precision()),
         ("recall".to_string(), c.recall()),
-    ])
+    ]);
+    let positives = y.iter().filter(|&&v| v > 0.5).count();
+    if positives > 0 && positives < y.len().min(probs.len()) {
+        m.insert("auc".to_string(), auc(y, probs));
+    }
+    m
+}
+
+/// A churn evaluation's output: the merchant's own metrics, and its
+/// per-class score histogram as the summable evaluation vector (weight: the
+/// held-out row count).
+pub fn evaluation_output(y: &[f32], probs: &[f32]) -> TaskOutput {
+    let weight = y.len() as f64;
+    TaskOutput {
+        update: Some(Update {
+            values: score_histogram(y, probs),
+            coord_weights: Vec::new(),
+            weight,
+        }),
+        metrics: classification_metrics(y, probs),
+        weight,
+    }
+}
+
+/// The federation's AUC and PR-AUC from the summed score histograms (absent
+/// when a class is absent from every merchant's held-out rows).
+pub fn pooled_classification_metrics(sum: &[f64]) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    if let Some(v) = auc_from_histogram(sum) {
+        m.insert("auc".to_string(), v);
+    }
+    if let Some(v) = pr_auc_from_histogram(sum) {
+        m.insert("pr_auc".to_string(), v);
+    }
+    m
 }
 
 /// Deals a churn dataset's rows into `merchants` iid shards (seeded) and

@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use super::churn::{churn_data, classification_metrics, stats_output};
+use super::churn::{
+    churn_data, classification_metrics, evaluation_output, pooled_classification_metrics,
+    stats_output,
+};
 use super::lr::LogisticRegression;
 use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta};
 use crate::data::standardize::Standardizer;
@@ -53,6 +56,14 @@ impl FederatedModel for ChurnLr {
         2 * self.num_features
     }
 
+    fn eval_len(&self) -> usize {
+        crate::metrics::histogram::HISTOGRAM_LEN
+    }
+
+    fn pooled_metrics(&self, sum: &[f64]) -> BTreeMap<String, f64> {
+        pooled_classification_metrics(sum)
+    }
+
     fn stats(
         &self,
         _ctx: &RoundContext<'_>,
@@ -96,11 +107,9 @@ impl FederatedModel for ChurnLr {
         let scaler = self.prepare(ctx, global, data)?;
         let churn = churn_data(data, self.num_features)?;
         let model = LogisticRegression::from_params(global);
-        Ok(TaskOutput {
-            update: None,
-            metrics: evaluate_lr(&model, scaler, &churn.valid),
-            weight: churn.valid.len() as f64,
-        })
+        let probs = model.predict_proba(&scaler.transform(&churn.valid.x));
+        let y = churn.valid.y.as_slice().expect("contiguous labels");
+        Ok(evaluation_output(y, &probs))
     }
 
     fn score(

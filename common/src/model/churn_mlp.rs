@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::churn::{churn_data, classification_metrics, stats_output};
+use super::churn::{churn_data, evaluation_output, pooled_classification_metrics, stats_output};
 use super::mlp::{Mlp, MlpShape};
 use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta};
 use crate::data::standardize::Standardizer;
@@ -64,6 +64,14 @@ impl FederatedModel for ChurnMlp<'_> {
 
     fn stats_len(&self) -> usize {
         2 * self.num_features
+    }
+
+    fn eval_len(&self) -> usize {
+        crate::metrics::histogram::HISTOGRAM_LEN
+    }
+
+    fn pooled_metrics(&self, sum: &[f64]) -> BTreeMap<String, f64> {
+        pooled_classification_metrics(sum)
     }
 
     /// He-initialised parameters drawn from the run seed (zeros would never
@@ -137,11 +145,7 @@ impl FederatedModel for ChurnMlp<'_> {
         let churn = churn_data(data, self.num_features)?;
         let probs = model.predict_proba(&scaler.transform(&churn.valid.x));
         let y = churn.valid.y.as_slice().expect("contiguous labels");
-        Ok(TaskOutput {
-            update: None,
-            metrics: classification_metrics(y, &probs),
-            weight: churn.valid.len() as f64,
-        })
+        Ok(evaluation_output(y, &probs))
     }
 
     fn score(

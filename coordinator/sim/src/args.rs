@@ -20,11 +20,17 @@ pub struct SimArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Dataset: `movielens:PATH`, `telco:PATH`, `orders:PATH` (an orders export
+    /// Dataset: `movielens:PATH`, `telco:PATH`, `csv:PATH` (any customer table,
+    /// read with --schema; plain `csv` takes --train/--test), `orders:PATH` (an orders export
     /// read through the column mapping below; plain `orders` is the bundled
     /// CDNOW log). Without --data and --task the demo runs MovieLens MF and Telco churn.
     #[arg(long)]
     pub data: Option<DataSpec>,
+    /// Schema of `--data csv[:PATH]`: a TOML file with the table a merchant
+    /// writes under `[data.schema]` (id, label, positive, negative, numeric,
+    /// categorical).
+    #[arg(long)]
+    pub schema: Option<PathBuf>,
     /// Explicit training file (used instead of splitting --data); needs --test.
     #[arg(long, requires = "test")]
     pub train: Option<PathBuf>,

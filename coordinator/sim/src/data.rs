@@ -1,6 +1,6 @@
 //! Builds the simulated merchants and the model of one experiment from a
-//! dataset spec (`movielens:PATH`, `telco:PATH`, `orders:PATH`, `noop`) and a
-//! partitioner.
+//! dataset spec (`movielens:PATH`, `telco:PATH`, `csv:PATH` with a schema,
+//! `orders:PATH`, `noop`) and a partitioner.
 
 pub mod orders;
 
@@ -31,6 +31,9 @@ pub enum DataSpec {
     MovieLens(PathBuf),
     /// Telco-churn-format CSV.
     Telco(PathBuf),
+    /// Any customer table read through a schema file (`csv:PATH`, or `csv`
+    /// with `--train`/`--test`).
+    Csv(Box<CsvSource>),
     /// A merchant orders export read through a column mapping.
     Orders(Box<orders::OrdersSource>),
     /// No data (for `noop:D`).
@@ -38,9 +41,11 @@ pub enum DataSpec {
 }
 
 impl DataSpec {
-    /// Parses `movielens:PATH`, `telco:PATH`, `orders:PATH`, or `movielens`,
-    /// `telco`, `orders` (the bundled files). An orders source still needs
-    /// [`DataSpec::with_orders`] for its mapping.
+    /// Parses `movielens:PATH`, `telco:PATH`, `csv:PATH`, `orders:PATH`, or
+    /// `movielens`, `telco`, `orders` (the bundled files), `csv` (the tables
+    /// come from `--train`/`--test`). An orders source still needs
+    /// [`DataSpec::with_orders`] for its mapping, a CSV source
+    /// [`DataSpec::with_schema`] for its schema.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         let (kind, path) = match s.split_once(':') {
             Some((k, p)) => (k, Some(PathBuf::from(p))),
@@ -52,8 +57,12 @@ impl DataSpec {
             )),
             "telco" => Ok(Self::Telco(path.unwrap_or_else(|| DEFAULT_TELCO.into()))),
             "orders" => Ok(Self::Orders(Box::new(orders::OrdersSource::new(path)))),
+            "csv" => Ok(Self::Csv(Box::new(CsvSource { path, schema: None }))),
             other => {
-                bail!("unknown dataset `{other}` (known: movielens:PATH, telco:PATH, orders:PATH)")
+                bail!(
+                    "unknown dataset `{other}` (known: movielens:PATH, telco:PATH, \
+                     csv:PATH, orders:PATH)"
+                )
             }
         }
     }
@@ -64,6 +73,10 @@ impl DataSpec {
             Self::MovieLens(p) => format!("movielens:{}", p.display()),
             Self::Telco(p) => format!("telco:{}", p.display()),
             Self::Orders(o) => format!("orders:{}", o.path.display()),
+            Self::Csv(c) => match &c.path {
+                Some(p) => format!("csv:{}", p.display()),
+                None => "csv".into(),
+            },
             Self::None => "none".into(),
         }
     }
@@ -80,6 +93,26 @@ impl DataSpec {
         }
     }
 
+    /// Reads and checks the schema of a CSV source from `schema` (the
+    /// `--schema` file); other datasets refuse a schema. `flag` names where
+    /// the schema came from, for errors.
+    pub fn with_schema(self, schema: Option<&Path>, flag: &str) -> anyhow::Result<Self> {
+        match (self, schema) {
+            (Self::Csv(c), Some(p)) => Ok(Self::Csv(Box::new(CsvSource {
+                path: c.path,
+                schema: Some((p.to_path_buf(), load_schema(p)?)),
+            }))),
+            (Self::Csv(_), None) => {
+                bail!("--data csv needs a schema: give {flag} FILE (the `[data.schema]` table)")
+            }
+            (other, None) => Ok(other),
+            (other, Some(_)) => bail!(
+                "{flag} applies to --data csv only, not to `{}`",
+                other.name()
+            ),
+        }
+    }
+
     /// Resolves an orders source's mapping and churn labelling from the
     /// settings (other datasets pass through).
     pub fn with_orders(self, args: &orders::OrdersArgs) -> anyhow::Result<Self> {
@@ -88,6 +121,30 @@ impl DataSpec {
             other => other,
         })
     }
+}
+
+/// A customer table of `--data csv[:PATH]` and the schema it is read with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsvSource {
+    /// The table, split into training and held-out rows per merchant; `None`
+    /// when `--train` and `--test` give the tables.
+    pub path: Option<PathBuf>,
+    /// The `--schema` file and the schema read from it, once resolved.
+    pub schema: Option<(PathBuf, Schema)>,
+}
+
+/// Reads a schema file: the TOML table a merchant writes under
+/// `[data.schema]`. Errors name the file (and the line and column of a TOML
+/// error, or the rule the schema breaks).
+pub fn load_schema(path: &Path) -> anyhow::Result<Schema> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let schema: Schema =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    schema
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(schema)
 }
 
 /// A parsed `--task` value.
@@ -361,17 +418,29 @@ pub fn build(
         (t, DataSpec::Orders(src)) => orders::build(t, src, n, partitioner, mf, factors, seed),
         (
             TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. } | TaskChoice::Segments(_),
-            DataSpec::Telco(path),
+            DataSpec::Telco(_) | DataSpec::Csv(_),
         ) => {
-            let schema = Schema::telco();
+            let (schema, path) = match data {
+                DataSpec::Telco(path) => (Schema::telco(), Some(path.as_path())),
+                DataSpec::Csv(c) => (
+                    c.schema
+                        .as_ref()
+                        .context("--data csv needs --schema")?
+                        .1
+                        .clone(),
+                    c.path.as_deref(),
+                ),
+                _ => unreachable!("matched above"),
+            };
             let load = |p: &Path| {
                 schema
                     .load_csv(p)
                     .with_context(|| format!("loading {}", p.display()))
             };
-            let (train, test) = match files {
-                Some((tr, te)) => (load(tr)?, Some(load(te)?)),
-                None => (load(path)?, None),
+            let (train, test) = match (files, path) {
+                (Some((tr, te)), _) => (load(tr)?, Some(load(te)?)),
+                (None, Some(path)) => (load(path)?, None),
+                (None, None) => bail!("--data csv without a PATH needs --train and --test"),
             };
             let labels =
                 |ds: &TabularDataset| -> Vec<u32> { ds.y.iter().map(|&y| y as u32).collect() };
@@ -473,3 +542,6 @@ fn popularity_buckets(rows: &[Interaction], users: &[String]) -> Vec<u32> {
     }
     labels
 }
+
+#[cfg(test)]
+mod csv_tests;

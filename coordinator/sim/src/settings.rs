@@ -223,10 +223,12 @@ impl Settings {
                 .map(|m| (m, name!(min_support, "--min-support"))),
         )?;
         let orders = args.orders.clone().or(file.orders.clone());
+        let schema = args.schema.clone().or(file.schema.clone());
         let data = match args.data.clone().or(file.data.clone()) {
             Some(d) => Some(
                 d.with_orders(&orders)
-                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", name!(data, "--data")))?,
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", name!(data, "--data")))?
+                    .with_schema(schema.as_deref(), &name!(schema, "--schema"))?,
             ),
             // Segments and rules default to the bundled orders (CDNOW).
             None => match task {
@@ -236,6 +238,9 @@ impl Settings {
                 _ => None,
             },
         };
+        if schema.is_some() && !matches!(data, Some(DataSpec::Csv(_))) {
+            bail!("{} applies to --data csv only", name!(schema, "--schema"));
+        }
         let secagg = if args.no_secagg {
             false
         } else if args.secagg || file.secagg {
@@ -350,7 +355,9 @@ impl Settings {
             (Some(t), None) => vec![(t, t.default_data())],
             (None, Some(d)) => {
                 let t = match d {
-                    DataSpec::Telco(_) | DataSpec::Orders(_) => TaskChoice::ChurnLr,
+                    DataSpec::Telco(_) | DataSpec::Csv(_) | DataSpec::Orders(_) => {
+                        TaskChoice::ChurnLr
+                    }
                     _ => TaskChoice::Mf,
                 };
                 vec![(t, d.clone())]

@@ -518,3 +518,88 @@ fn a_round_where_every_merchant_diverges_ends_the_run_with_that_cause() {
         "{text}"
     );
 }
+
+/// Issue 13: under a skewed partition (Dirichlet 0.1 over 20 merchants, so
+/// some merchants hold a single class) the reported AUC is the AUC of the
+/// federated model's predictions on the pooled held-out rows, up to the
+/// histogram's binning — not a mean of merchants' AUCs.
+#[test]
+fn reported_auc_under_skew_is_the_auc_of_the_pooled_predictions() {
+    let mut a = args();
+    a.task = Some("churn-lr".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
+    a.merchants = Some(20);
+    a.rounds = Some(3);
+    a.epochs = Some(1);
+    a.partition = Some("dirichlet:0.1".into());
+    let s = Settings::from_args(a).unwrap();
+    let exp = run_all(&s).unwrap().remove(0);
+    // The same merchants, scored with the final model on the pooled rows.
+    let (task, spec) = s.experiments().remove(0);
+    let mut pop = data::build(
+        task,
+        &spec,
+        s.files(),
+        s.merchants,
+        s.partition,
+        s.mf_hyper(task),
+        s.factors,
+        s.seed,
+    )
+    .unwrap();
+    let mut template = TaskSpec {
+        kind: TaskKind::Evaluate,
+        model: pop.model.clone(),
+        sgd: s.sgd(task),
+        seed: s.seed,
+        round: 0,
+        standardizer: None,
+        dp: None,
+    };
+    template.standardizer =
+        fedcart_common::reference::stats_step(&template, &mut pop.merchants).unwrap();
+    let model = template.model.model();
+    let (mut labels, mut scores) = (Vec::new(), Vec::new());
+    let mut single_class = 0;
+    for m in &mut pop.merchants {
+        let churn = m.churn.as_ref().unwrap();
+        let y = churn.valid.y.to_vec();
+        if y.iter().all(|&v| v == y[0]) {
+            single_class += 1;
+            // Such a merchant reports no AUC of its own.
+            assert!(!exp.per_merchant[&m.merchant_id].contains_key("auc"));
+        }
+        labels.extend(y);
+        let ctx = template.context();
+        scores.extend(model.score(&ctx, &exp.final_model, m).unwrap());
+    }
+    assert!(single_class > 0, "the partition is skewed enough to test");
+    let pooled = fedcart_common::metrics::auc(&labels, &scores);
+    let reported = exp.final_metrics["auc"];
+    assert!(
+        (reported - pooled).abs() <= 0.002,
+        "reported {reported}, pooled predictions {pooled}"
+    );
+    assert!(exp.final_metrics["pr_auc"] > 0.0);
+    // What the round used to report — the example-weighted mean of the
+    // merchants' own AUCs, 0.5 for a single-class merchant — is off.
+    let (mut sum, mut weight) = (0.0, 0.0);
+    for m in &pop.merchants {
+        let c = m.churn.as_ref().unwrap();
+        let y = c.valid.y.to_vec();
+        let p = model
+            .score(&template.context(), &exp.final_model, &mut m.clone())
+            .unwrap();
+        sum += fedcart_common::metrics::auc(&y, &p) * y.len() as f64;
+        weight += y.len() as f64;
+    }
+    let mean = sum / weight;
+    assert!(
+        (mean - pooled).abs() > 0.01,
+        "weighted mean {mean}, pooled {pooled}"
+    );
+}

@@ -235,8 +235,11 @@ impl Engine {
                 open.plan.task_id.clone(),
             ));
         }
+        // An evaluation carries a vector only when the family sums one
+        // (churn: per-class score histograms), and then must carry it.
+        let evaluation_vector = spec.update_len() > 0;
         match (&sub.update, spec.kind) {
-            (None, TaskKind::Evaluate) => {}
+            (None, TaskKind::Evaluate) if !evaluation_vector => {}
             (None, _) if open.plan.secure => {}
             (Some(u), TaskKind::Train | TaskKind::Stats) => {
                 validate(u)?;
@@ -251,6 +254,7 @@ impl Engine {
                     });
                 }
             }
+            (Some(u), TaskKind::Evaluate) if evaluation_vector => validate(u)?,
             (Some(u), TaskKind::Evaluate) => {
                 return Err(UpdateError::WrongLength {
                     expected: 0,

@@ -86,6 +86,14 @@ impl Engine {
                 self.standardizer = Some(st);
             }
             TaskKind::Evaluate => {
+                // Metrics that do not average (AUC, PR-AUC) come from the
+                // summed evaluation vectors, replacing the weighted means.
+                if let Accumulation::Sum(acc) = &open.acc
+                    && open.plan.spec.update_len() > 0
+                {
+                    let pooled = open.plan.spec.model.pooled_metrics(acc.sum_values());
+                    record.metrics.extend(pooled);
+                }
                 record.outcome = Outcome::Committed;
                 self.store.append_history(&record)?;
                 self.pending_eval = false;

@@ -1,0 +1,196 @@
+//! `--data csv[:PATH] --schema FILE`: any customer table through a schema
+//! file, and the errors a bad schema or table gets (file, line, column).
+
+use std::path::{Path, PathBuf};
+
+use fedcart_common::data::tabular::Schema;
+
+use crate::{Experiment, Settings, SimArgs, run_all};
+
+fn telco() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../data/telco-churn/Telco-Customer-Churn.csv")
+}
+
+/// Writes `schema` as the TOML a merchant puts under `[data.schema]`.
+fn schema_file(dir: &Path, schema: &Schema) -> PathBuf {
+    let path = dir.join("schema.toml");
+    std::fs::write(&path, toml::to_string(schema).unwrap()).unwrap();
+    path
+}
+
+fn args(task: &str, data: String, schema: Option<PathBuf>) -> SimArgs {
+    SimArgs {
+        merchants: Some(3),
+        rounds: Some(2),
+        epochs: Some(1),
+        task: Some(task.parse().unwrap()),
+        data: Some(data.parse().unwrap()),
+        schema,
+        ..Default::default()
+    }
+}
+
+fn run(a: SimArgs) -> anyhow::Result<Vec<Experiment>> {
+    run_all(&Settings::from_args(a)?)
+}
+
+/// The error of a run, with its causes.
+fn error(a: SimArgs) -> String {
+    match run(a) {
+        Ok(_) => panic!("the run should fail"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn a_schema_file_reproduces_the_built_in_telco_runs_with_or_without_an_id_column() {
+    let dir = tempfile::tempdir().unwrap();
+    for task in ["churn-lr", "churn-mlp"] {
+        let builtin = run(args(task, format!("telco:{}", telco().display()), None)).unwrap();
+        let mut schema = Schema::telco();
+        let path = schema_file(dir.path(), &schema);
+        let csv = run(args(task, format!("csv:{}", telco().display()), Some(path))).unwrap();
+        assert_eq!(builtin[0].final_model, csv[0].final_model, "{task}");
+        assert_eq!(builtin[0].final_metrics, csv[0].final_metrics, "{task}");
+        // Without an id column rows are numbered; the model is the same.
+        schema.id = None;
+        let path = schema_file(dir.path(), &schema);
+        let no_id = run(args(task, format!("csv:{}", telco().display()), Some(path))).unwrap();
+        assert_eq!(builtin[0].final_model, no_id[0].final_model, "{task}");
+    }
+}
+
+#[test]
+fn csv_takes_explicit_train_and_test_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(telco()).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.collect();
+    let (train, test) = (dir.path().join("train.csv"), dir.path().join("test.csv"));
+    let write = |p: &Path, rows: &[&str]| {
+        std::fs::write(p, format!("{header}\n{}\n", rows.join("\n"))).unwrap();
+    };
+    write(&train, &rows[..5600]);
+    write(&test, &rows[5600..]);
+    let mut a = args(
+        "churn-lr",
+        "csv".into(),
+        Some(schema_file(dir.path(), &Schema::telco())),
+    );
+    a.train = Some(train);
+    a.test = Some(test);
+    let exp = run(a).unwrap().remove(0);
+    let auc = exp.final_metrics["auc"];
+    assert!(auc > 0.8, "auc {auc}");
+    // Without tables and without a path there is nothing to read.
+    let err = error(args(
+        "churn-lr",
+        "csv".into(),
+        Some(schema_file(dir.path(), &Schema::telco())),
+    ));
+    assert!(
+        err.contains("--data csv without a PATH needs --train and --test"),
+        "{err}"
+    );
+}
+
+/// A small customer table with its own schema: `tenure` numeric, `plan`
+/// categorical, `left` the label.
+fn small(dir: &Path, rows: &str) -> SimArgs {
+    let schema = dir.join("schema.toml");
+    std::fs::write(
+        &schema,
+        "label = \"left\"\npositive = [\"yes\"]\nnegative = [\"no\"]\nnumeric = [\"tenure\"]\n\
+         [[categorical]]\nname = \"plan\"\nvocabulary = [\"basic\", \"pro\"]\n",
+    )
+    .unwrap();
+    let csv = dir.join("customers.csv");
+    std::fs::write(&csv, rows).unwrap();
+    args("churn-lr", format!("csv:{}", csv.display()), Some(schema))
+}
+
+#[test]
+fn bad_tables_name_the_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("customers.csv").display().to_string();
+    // A missing column: the error lists the header's columns.
+    let err = error(small(dir.path(), "tenure,plan_type,left\n3,basic,no\n"));
+    assert!(
+        err.contains(&format!(
+            "{csv}: line 1: missing column `plan` (header has: tenure,plan_type,left)"
+        )),
+        "{err}"
+    );
+    // Header names are matched exactly.
+    let err = error(small(dir.path(), "tenure,Plan,left\n3,basic,no\n"));
+    assert!(err.contains("missing column `plan`"), "{err}");
+    let err = error(small(
+        dir.path(),
+        "tenure,plan,left\n3,basic,no\nthree,pro,yes\n",
+    ));
+    assert!(
+        err.contains(&format!(
+            "{csv}: line 3, column `tenure`: `three` is not a number"
+        )),
+        "{err}"
+    );
+    let err = error(small(
+        dir.path(),
+        "tenure,plan,left\n3,basic,no\n4,pro,maybe\n",
+    ));
+    assert!(
+        err.contains(&format!(
+            "{csv}: line 3, column `left`: label `maybe` is neither positive"
+        )),
+        "{err}"
+    );
+    let err = error(small(dir.path(), "tenure,plan,left\n3,gold,no\n"));
+    assert!(
+        err.contains(&format!(
+            "{csv}: line 2, column `plan`: `gold` is not in the vocabulary"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_schema_files_and_flags_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("schema.toml");
+    let data = format!("csv:{}", telco().display());
+    // A misspelt key: the TOML error names the file, line and column and
+    // lists the keys a schema has.
+    std::fs::write(&path, "label = \"Churn\"\npositve = [\"Yes\"]\n").unwrap();
+    let err = error(args("churn-lr", data.clone(), Some(path.clone())));
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.contains("line 2, column 1") && err.contains("unknown field `positve`"),
+        "{err}"
+    );
+    // A schema that parses but cannot be used.
+    let mut schema = Schema::telco();
+    schema.negative.push("Yes".into());
+    let err = error(args(
+        "churn-lr",
+        data.clone(),
+        Some(schema_file(dir.path(), &schema)),
+    ));
+    assert!(
+        err.contains("label value `Yes` is both positive and negative"),
+        "{err}"
+    );
+    // csv needs a schema; other datasets refuse one.
+    let err = error(args("churn-lr", data, None));
+    assert!(
+        err.contains("--data csv needs a schema: give --schema FILE"),
+        "{err}"
+    );
+    let err = error(args(
+        "churn-lr",
+        format!("telco:{}", telco().display()),
+        Some(schema_file(dir.path(), &Schema::telco())),
+    ));
+    assert!(err.contains("--schema applies to --data csv only"), "{err}");
+}
