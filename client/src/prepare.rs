@@ -144,7 +144,7 @@ pub const SNIPPET: &str = "merchant-data.toml";
 /// churn label as `prepare` writes them.
 pub fn features_schema() -> fedcart_common::data::tabular::Schema {
     fedcart_common::data::tabular::Schema {
-        id: "customer_id".into(),
+        id: Some("customer_id".into()),
         label: "churned".into(),
         positive: vec!["1".into()],
         negative: vec!["0".into()],

@@ -187,6 +187,7 @@ mod tests {
                 standardizer: None,
                 dp: None,
             },
+            sha256: None,
         }
     }
 
