@@ -25,16 +25,13 @@
 //! - after every coordinator restart, agents whose processes were never
 //!   killed joined the new coordinator by themselves.
 //!
-//! Finding (reported, not fixed here): an agent killed and restarted at once
-//! is back in the coordinator's connected list under the same merchant id
-//! before its stage closes, so `service::secure::wait_stage` keeps waiting
-//! for an answer the new process cannot give (it has no session for the
-//! round) and the stage, or for `advertise_keys` the round, closes only at
-//! its deadline. Results stay correct (the stage closes with the answers it
-//! has), but an agent kill can cost a deadline: the deadlines here are short
-//! (5 s per stage, 10 s per round) so the CI mode stays fast. The ignored
-//! test at the end pins it (60 s observed with a 60 s round deadline):
-//! `cargo test -p fedcart-tests --test chaos -- --ignored`.
+//! An agent killed and restarted at once is back in the coordinator's
+//! connected list under the same merchant id before its stage closes; the
+//! new process has no session for the round and cannot answer. The
+//! coordinator ties each agent's part of a secure round to the session its
+//! invitation went to (`service::secure::wait_stage`), so the stage closes
+//! with the answers it has instead of at its deadline; the last test pins
+//! this with 60 s deadlines (the stage after the kill must open within 10 s).
 //!
 //! Modes. The default (CI) schedule has eight kills: each stage once with an
 //! agent as victim and once with the coordinator, in a seeded order, with the
@@ -687,7 +684,6 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
 }
 
 #[test]
-#[ignore = "bug: an agent killed and restarted before the coordinator notices its old session is gone counts as still owing its answer (wait_stage matches connected agents by merchant id, not session), so the stage stays open until its deadline"]
 fn a_killed_and_restarted_agent_does_not_hold_its_stage_open_until_the_deadline() {
     // Deadlines far longer than a stage needs: the stage after the kill must
     // open because the stage closed with the answers it had, not by timeout.

@@ -80,8 +80,10 @@ pub(super) struct SecureRound {
     modulus_bits: u32,
     /// Merchant → id in the round (its index among the selected agents).
     ids: BTreeMap<String, u32>,
-    /// Id → merchant.
-    merchants: Vec<String>,
+    /// Id → the session its invitation went to. Only that session holds
+    /// the agent's part of the round: a merchant that reconnects under a new
+    /// session (a restarted process) cannot answer, so waiting stops for it.
+    sessions: BTreeMap<u32, String>,
     /// What every advertisement is signed for (run, round, task, round seed).
     context: BindingContext,
     /// Id → the binding relayed with its roster entry.
@@ -99,8 +101,9 @@ impl Shared {
         self.secure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Pushes one stage request to `merchant`; an agent whose queue is gone
-    /// or full simply misses the stage (it becomes a dropout).
+    /// Pushes one stage request to `merchant`'s current session and returns
+    /// that session's id; an agent whose queue is gone or full simply misses
+    /// the stage (it becomes a dropout) and `None` is returned.
     fn push_secagg(
         &self,
         merchant: &str,
@@ -109,12 +112,12 @@ impl Shared {
         stage: &str,
         body: Vec<u8>,
         key_bindings: Vec<pb::KeyBinding>,
-    ) {
-        let tx = self
+    ) -> Option<String> {
+        let target = self
             .agents()
-            .values()
-            .find(|a| a.merchant_id == merchant)
-            .map(|a| a.tx.clone());
+            .iter()
+            .find(|(_, a)| a.merchant_id == merchant)
+            .map(|(session, a)| (session.clone(), a.tx.clone()));
         let work = pb::Work {
             kind: Some(pb::work::Kind::Secagg(pb::SecAggRequest {
                 run_id: run_id.to_string(),
@@ -125,11 +128,16 @@ impl Shared {
                 key_bindings,
             })),
         };
-        if tx.is_none_or(|tx| tx.try_send(Ok(work)).is_err()) {
-            tracing::info!(merchant, stage, task = %plan.task_id, "secure-aggregation request not delivered");
-        } else {
-            // The chaos test (tests/chaos) kills processes on this line.
-            tracing::debug!(merchant, stage, task = %plan.task_id, "secure-aggregation request sent");
+        match target {
+            Some((session, tx)) if tx.try_send(Ok(work)).is_ok() => {
+                // The chaos test (tests/chaos) kills processes on this line.
+                tracing::debug!(merchant, stage, task = %plan.task_id, "secure-aggregation request sent");
+                Some(session)
+            }
+            _ => {
+                tracing::info!(merchant, stage, task = %plan.task_id, "secure-aggregation request not delivered");
+                None
+            }
         }
     }
 }
@@ -452,7 +460,6 @@ async fn drive(
             .cloned()
             .zip(ids.iter().copied())
             .collect(),
-        merchants: plan.selected.clone(),
         context: BindingContext {
             run_id: run_id.to_string(),
             round: plan.round,
@@ -460,6 +467,7 @@ async fn drive(
             round_seed: rs,
         },
         bindings: BTreeMap::new(),
+        sessions: BTreeMap::new(),
         stage: Stage::Advertise,
         expected: ids.iter().copied().collect(),
         answered: BTreeSet::new(),
@@ -471,7 +479,7 @@ async fn drive(
             id: id as u32,
             participants: n,
         };
-        shared.push_secagg(
+        let session = shared.push_secagg(
             merchant,
             plan,
             run_id,
@@ -479,10 +487,19 @@ async fn drive(
             invite.to_json(),
             Vec::new(),
         );
+        if let Some(session) = session {
+            step(shared, |r| {
+                r.sessions.insert(id as u32, session);
+                Ok(())
+            })
+            .expect("recording a session cannot fail");
+        }
     }
     let push = |stage: &str, to: u32, body: Vec<u8>| {
         let merchant = plan.selected[to as usize].clone();
-        shared.push_secagg(&merchant, plan, run_id, stage, body, Vec::new());
+        // A later stage's request goes to the merchant's current session;
+        // waiting for its answer is tied to the invitation's session.
+        let _ = shared.push_secagg(&merchant, plan, run_id, stage, body, Vec::new());
     };
     wait_stage(shared, deadline, changed, shutdown).await?;
 
@@ -503,7 +520,7 @@ async fn drive(
     let bytes = roster.to_bytes();
     for k in &roster.keys {
         let merchant = &plan.selected[k.id as usize];
-        shared.push_secagg(
+        let _ = shared.push_secagg(
             merchant,
             plan,
             run_id,
@@ -610,7 +627,9 @@ fn step<T>(
 }
 
 /// Waits until every agent expected in the open stage has answered or left,
-/// or until `until`.
+/// or until `until`. An agent has left when the session its invitation went
+/// to is gone, even if its merchant joined again under a new session: the
+/// new process holds nothing of this round and will never answer.
 async fn wait_stage(
     shared: &Shared,
     until: Instant,
@@ -618,14 +637,14 @@ async fn wait_stage(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Interrupted> {
     loop {
-        let connected: BTreeSet<String> = shared.connected().into_iter().collect();
+        let live: BTreeSet<String> = shared.agents().keys().cloned().collect();
         let outstanding = {
             let guard = shared.secure_round();
             let r = guard.as_ref().expect("the round is installed by drive");
             r.expected
                 .iter()
                 .filter(|id| {
-                    !r.answered.contains(id) && connected.contains(&r.merchants[**id as usize])
+                    !r.answered.contains(id) && r.sessions.get(id).is_some_and(|s| live.contains(s))
                 })
                 .count()
         };
