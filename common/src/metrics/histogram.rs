@@ -64,11 +64,12 @@ pub fn auc_from_histogram(h: &[f64]) -> Option<f64> {
 /// Average precision (PR-AUC as scikit-learn's `average_precision_score`
 /// computes it) of summed histograms, with each bin one threshold: Σ over
 /// bins from the top of (recall gained) × (precision at that bin). `None`
-/// when there is no positive or the vector has the wrong length.
+/// when either class is absent (with positives only it would be a trivial
+/// 1) or the vector has the wrong length.
 pub fn pr_auc_from_histogram(h: &[f64]) -> Option<f64> {
     let (neg, pos) = split(h)?;
-    let n_pos: f64 = pos.iter().sum();
-    if n_pos <= 0.0 {
+    let (n_neg, n_pos): (f64, f64) = (neg.iter().sum(), pos.iter().sum());
+    if n_neg <= 0.0 || n_pos <= 0.0 {
         return None;
     }
     let (mut tp, mut fp, mut ap) = (0.0, 0.0, 0.0);
@@ -125,6 +126,7 @@ mod tests {
         // A merchant with one class has no AUC of its own.
         assert_eq!(auc_from_histogram(&sum(&parts[..1])), None);
         assert_eq!(pr_auc_from_histogram(&sum(&parts[..1])), None);
+        assert_eq!(pr_auc_from_histogram(&sum(&parts[1..2])), None);
     }
 
     #[test]

@@ -52,16 +52,17 @@ pub fn classification_metrics(y: &[f32], probs: &[f32]) -> BTreeMap<String, f64>
     m
 }
 
-/// A churn evaluation's output: the merchant's own metrics, and its
-/// per-class score histogram as the summable evaluation vector (weight: the
-/// held-out row count).
+/// A churn evaluation's output: the merchant's own metrics (weighted by its
+/// held-out row count), and its per-class score histogram as the summable
+/// evaluation vector. Only the vector's sum is used, so its weight is 1: a
+/// merchant without held-out rows still sends its (empty) histogram.
 pub fn evaluation_output(y: &[f32], probs: &[f32]) -> TaskOutput {
     let weight = y.len() as f64;
     TaskOutput {
         update: Some(Update {
             values: score_histogram(y, probs),
             coord_weights: Vec::new(),
-            weight,
+            weight: 1.0,
         }),
         metrics: classification_metrics(y, probs),
         weight,
@@ -189,6 +190,20 @@ mod tests {
         assert_eq!(a.params.len(), 45 * 16 + 16 + 16 + 1);
         let auc = a.rounds.last().unwrap()["auc"];
         assert!(auc > 0.83, "auc {auc}");
+    }
+
+    #[test]
+    fn an_evaluation_without_held_out_rows_still_sends_a_valid_histogram() {
+        let out = evaluation_output(&[], &[]);
+        let u = out.update.unwrap();
+        u.validate(
+            crate::metrics::histogram::HISTOGRAM_LEN,
+            &Default::default(),
+        )
+        .unwrap();
+        assert!(u.values.iter().all(|&v| v == 0.0));
+        assert_eq!(out.weight, 0.0);
+        assert!(!out.metrics.contains_key("auc"));
     }
 
     #[test]

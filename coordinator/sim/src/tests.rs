@@ -568,7 +568,7 @@ fn reported_auc_under_skew_is_the_auc_of_the_pooled_predictions() {
     for m in &mut pop.merchants {
         let churn = m.churn.as_ref().unwrap();
         let y = churn.valid.y.to_vec();
-        if y.iter().all(|&v| v == y[0]) {
+        if !y.is_empty() && y.iter().all(|&v| v == y[0]) {
             single_class += 1;
             // Such a merchant reports no AUC of its own.
             assert!(!exp.per_merchant[&m.merchant_id].contains_key("auc"));
