@@ -2,6 +2,7 @@
 //!
 //! - [`agent`]: the gRPC session loop (join, tasks, model download, upload,
 //!   reconnect with backoff).
+//! - [`cli`]: the binary's logging flags and shutdown signals.
 //! - [`secure`]: the agent's side of secure aggregation over gRPC.
 //! - [`transfer`]: chunked model download and update upload, used by both.
 //! - [`config`]: `merchant.toml` and environment overrides.
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod policy;

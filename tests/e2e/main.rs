@@ -8,6 +8,7 @@ mod federation;
 mod fuzz;
 mod fuzz_session;
 mod hardening;
+mod lifecycle;
 mod merchant_tools;
 mod policy;
 mod privacy;
