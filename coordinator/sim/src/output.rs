@@ -1,6 +1,6 @@
 //! What a simulation reports: the summary table, `metrics.json` (schema
 //! below), `metrics.csv`, `report.html` (with the SVG plots inline), the
-//! PNG/SVG plot files (`plots.rs`), and the one-line JSON summary.
+//! PNG/SVG plot files (`plots.rs`), and the JSON summary of `--format json`.
 //!
 //! `metrics.json` schema: `{ "settings": {…}, "experiments": [ { "name",
 //! "task", "data", "merchants", "model_len", "strategy", "mode", "final": {metric:
