@@ -236,3 +236,108 @@ pub fn bin_dir() -> PathBuf {
     }
     dir
 }
+
+/// A real binary running as a child process, its stderr (where the
+/// binaries log) read line by line on a thread.
+pub struct Process {
+    /// The child.
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line read so far.
+    pub seen: Vec<String>,
+}
+
+impl Process {
+    /// Starts `bin` (a name in [`bin_dir`]) with `args`, logging at INFO in
+    /// plain text to a pipe.
+    pub fn start(bin: &str, args: &[&str]) -> Self {
+        let mut child = std::process::Command::new(bin_dir().join(bin))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("FEDCART_LOG_JSON")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads stderr until a line contains `needle`; panics after `limit` or
+    /// when the process ends first.
+    pub fn wait_line(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no stderr line with `{needle}` within {limit:?}; stderr so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends SIGTERM, as Docker, Kubernetes and systemd stop a service.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (killing it after `limit`, a guard
+    /// against a hang, not a timing assertion) and reads the rest of its
+    /// stderr. Returns the exit code (None when killed by a signal).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        // The reader thread ends when the process closes stderr, i.e. exits.
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!(
+                        "still running after {limit:?}; stderr:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+        self.child.wait().expect("wait").code()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

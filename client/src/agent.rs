@@ -1,146 +1,41 @@
 //! The merchant agent's session loop: join, receive pushed tasks, download
-//! the global model, train locally, upload the update; reconnect with
-//! backoff whenever the coordinator goes away.
+//! the global model, train locally, upload the update.
+//!
+//! Lifecycle ([`Agent::run`]): a permanent error (see
+//! [`AgentError::is_permanent`]) ends it with that error; a transient one
+//! (coordinator unreachable or restarting) is logged once as a warning and
+//! retried quietly with capped exponential backoff and jitter. When the
+//! coordinator announces that its run has ended, the agent logs it once and
+//! stays idle, reconnecting quietly until a coordinator serves another run.
+//! Each finished task is one INFO line with its local metrics.
+
+mod error;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fedcart_common::task::TaskSpec;
-use fedcart_common::train::{LocalData, run_task};
+use fedcart_common::train::{LocalData, TrainError, run_task};
 use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
+pub use error::{AgentError, Chain};
+
 use crate::config::Backoff;
-use crate::secure::SecureError;
 use crate::state::StateError;
-use crate::transfer::{TransferError, download, upload};
+use crate::transfer::{download, upload};
 
-/// Why a session with the coordinator ended in failure.
-///
-/// The variants fall into four groups: the agent's own setup (bad URL, TLS
-/// configuration, local state), transport (connecting, silence, broken
-/// streams), protocol (the coordinator refused us or sent something
-/// unexpected) and task failures. [`AgentError::is_permanent`] tells the
-/// ones that retrying cannot fix from the transient ones.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    /// The coordinator URL does not parse.
-    #[error("coordinator address `{url}`")]
-    BadUrl {
-        /// The configured URL.
-        url: String,
-        /// The parser's error.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// The TLS configuration was refused by the transport.
-    #[error("TLS configuration")]
-    Tls(#[source] tonic::transport::Error),
-    /// No connection could be made (or the TLS handshake failed).
-    #[error("connecting to {url}")]
-    Connect {
-        /// The coordinator URL.
-        url: String,
-        /// The transport's error.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// The coordinator refused the `Join` call: e.g. a revoked or unknown
-    /// merchant, a certificate naming another merchant, an invalid id.
-    #[error("join")]
-    Join(#[source] tonic::Status),
-    /// The work stream failed before its first message.
-    #[error("reading welcome")]
-    Welcome(#[source] tonic::Status),
-    /// The first message of the work stream was not a welcome.
-    #[error("coordinator did not send a welcome")]
-    NoWelcome,
-    /// A second welcome arrived on the same work stream.
-    #[error("unexpected second welcome")]
-    SecondWelcome,
-    /// Nothing (not even a ping) arrived for three ping intervals.
-    #[error("no message from the coordinator for {0:?}")]
-    Silence(Duration),
-    /// The work stream broke.
-    #[error("work stream failed")]
-    Stream(#[source] tonic::Status),
-    /// The coordinator ended the work stream.
-    #[error("coordinator closed the work stream")]
-    StreamClosed,
-    /// The embedder's [`TaskObserver`] asked the agent to leave this task
-    /// (e.g. a simulated drop-out).
-    #[error("abandoned task `{task_id}` (asked by the observer)")]
-    Abandoned {
-        /// The task left unanswered.
-        task_id: String,
-    },
-    /// A pushed task carried a spec this agent cannot decode.
-    #[error("task `{task_id}`: undecodable spec")]
-    Spec {
-        /// The task.
-        task_id: String,
-        /// The decoder's error.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// Downloading the model or uploading the update failed.
-    #[error(transparent)]
-    Transfer(#[from] TransferError),
-    /// A secure-aggregation answer could not be delivered.
-    #[error(transparent)]
-    Secure(#[from] SecureError),
-    /// The local training task panicked.
-    #[error("training task panicked")]
-    TaskPanicked(#[source] tokio::task::JoinError),
-    /// The local state could not be read or written.
-    #[error(transparent)]
-    State(#[from] StateError),
-}
-
-impl AgentError {
-    /// True for failures that reconnecting cannot fix: a malformed URL, a
-    /// TLS configuration the transport refuses, and a join refused for who
-    /// the merchant is (revoked, not allowed, identity mismatch, invalid id,
-    /// no usable certificate). Everything else may heal on retry.
-    pub fn is_permanent(&self) -> bool {
-        match self {
-            Self::BadUrl { .. } | Self::Tls(_) => true,
-            Self::Join(status) => matches!(
-                status.code(),
-                tonic::Code::PermissionDenied
-                    | tonic::Code::Unauthenticated
-                    | tonic::Code::InvalidArgument
-            ),
-            _ => false,
-        }
-    }
-}
-
-/// Displays an error with its chain of sources, `outer: inner: …`, the way
-/// the session loop logs them.
-struct Chain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
-}
-
-/// How a session ended.
+/// How a session ended without an error.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SessionEnd {
     /// Our own shutdown signal fired.
     Shutdown,
+    /// The coordinator announced that its run is over.
+    RunEnded,
 }
 
 /// The agent: local data plus how to reach the coordinator.
@@ -163,6 +58,8 @@ pub struct Agent {
     pub observer: Option<Arc<dyn TaskObserver>>,
     /// The update of a secure task, held until its masked input is asked for.
     secure: crate::secure::SecureTasks,
+    /// What the lifecycle has logged (outages, runs joined and ended).
+    lifecycle: Lifecycle,
 }
 
 /// What an agent does with a pushed task, as a [`TaskObserver`] decides.
@@ -205,6 +102,7 @@ impl Agent {
             state: None,
             observer: None,
             secure: Default::default(),
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -222,12 +120,18 @@ impl Agent {
         self
     }
 
-    /// Runs sessions until `shutdown` becomes true, reconnecting with
-    /// exponential backoff after every failure. Today every failure is
-    /// logged and retried, so this returns `Ok`; the `Result` leaves room to
-    /// stop on errors for which [`AgentError::is_permanent`] holds.
+    /// Runs sessions until `shutdown` becomes true (then `Ok`) or a
+    /// permanent error occurs (then that error, see
+    /// [`AgentError::is_permanent`]). Transient failures are retried with
+    /// exponential backoff from `backoff.initial_ms` to `backoff.max_ms`,
+    /// each wait drawn between half and all of its nominal length; the first
+    /// failure of an outage is logged as a warning, the retries at debug
+    /// level. After the coordinator announced the end of its run the agent
+    /// waits for the next run, retrying at the longest interval.
     pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
-        let mut wait = Duration::from_millis(self.backoff.initial_ms);
+        let initial = Duration::from_millis(self.backoff.initial_ms);
+        let longest = Duration::from_millis(self.backoff.max_ms.max(self.backoff.initial_ms));
+        let mut wait = initial;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -236,18 +140,22 @@ impl Agent {
             let span = tracing::info_span!("session", merchant = %self.data.merchant_id);
             match self.session(&mut shutdown).instrument(span).await {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::RunEnded) => wait = longest,
+                Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
-                    if self.tasks_done > done_before {
-                        wait = Duration::from_millis(self.backoff.initial_ms);
+                    if self.tasks_done > done_before || self.lifecycle.joined {
+                        wait = initial;
                     }
-                    tracing::warn!(merchant = %self.data.merchant_id, error = %Chain(&e), retry_in = ?wait, "session ended");
+                    self.lifecycle.failed(&e, &self.coordinator, longest);
                 }
             }
+            self.lifecycle.joined = false;
+            let jittered = wait.mul_f64(rand::random_range(0.5..=1.0));
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(jittered) => {}
                 _ = shutdown.changed() => return Ok(()),
             }
-            wait = (wait * 2).min(Duration::from_millis(self.backoff.max_ms));
+            wait = (wait * 2).min(longest);
         }
     }
 
@@ -258,6 +166,26 @@ impl Agent {
                 source,
             }
         })?;
+        let mismatch = |why| AgentError::UrlMismatch {
+            url: self.coordinator.clone(),
+            why,
+        };
+        match (endpoint.uri().scheme_str(), &self.tls) {
+            (Some("https"), Some(_)) | (Some("http"), None) => {}
+            (Some("http"), Some(_)) => {
+                return Err(mismatch(
+                    "http:// would send the TLS identity's traffic in plaintext: use https://",
+                ));
+            }
+            (Some("https"), None) => {
+                return Err(mismatch("https:// needs the `[tls]` section"));
+            }
+            (None, _) => return Err(mismatch("no scheme: write https://HOST:PORT")),
+            (Some(_), _) => return Err(mismatch("the scheme must be https:// (or http://)")),
+        }
+        if endpoint.uri().host().is_none_or(str::is_empty) {
+            return Err(mismatch("no host"));
+        }
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone()).map_err(AgentError::Tls)?;
         }
@@ -299,7 +227,7 @@ impl Agent {
         else {
             return Err(AgentError::NoWelcome);
         };
-        tracing::info!(merchant = %self.data.merchant_id, run = %welcome.run_id, "joined");
+        self.lifecycle.joined(&welcome.run_id, &self.coordinator);
         // Three missed pings mean the connection is dead even if TCP has not noticed.
         let silence = Duration::from_millis(welcome.ping_interval_ms.max(100) * 3);
         loop {
@@ -324,9 +252,17 @@ impl Agent {
                             task_id: task.task_id,
                         });
                     }
-                    self.handle_task(&mut client, &welcome.session_id, task)
-                        .await?;
+                    // A shutdown leaves the task unanswered (the coordinator
+                    // counts a dropout) rather than waiting for training.
+                    tokio::select! {
+                        r = self.handle_task(&mut client, &welcome.session_id, task) => r?,
+                        _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+                    }
                     self.tasks_done += 1;
+                }
+                Some(pb::work::Kind::RunEnded(end)) => {
+                    self.lifecycle.run_ended(&end);
+                    return Ok(SessionEnd::RunEnded);
                 }
                 Some(pb::work::Kind::Ping(_)) | None => {}
                 Some(pb::work::Kind::Welcome(_)) => return Err(AgentError::SecondWelcome),
@@ -383,6 +319,7 @@ impl Agent {
             state.save_global(&meta, &global)?;
         }
         let family = spec.model.data_family();
+        let (kind, model_name) = (spec.kind, spec.model.name().to_string());
         let seed = spec.seed;
         let noise = spec.dp.as_ref().and_then(|d| d.distributed);
         // Under differential privacy the example count is private (see
@@ -412,6 +349,16 @@ impl Agent {
             }
             state.save_metrics(family, &out.metrics)?;
         }
+        if let Ok(out) = &out {
+            tracing::info!(
+                task = %task.task_id,
+                kind = ?kind,
+                version = task.model_version,
+                weight = out.weight,
+                metrics = %Metrics(&out.metrics),
+                "task done"
+            );
+        }
         match out {
             // Under secure aggregation the update waits for the protocol's
             // masked-input stage (see `secure`); nothing is sent in the clear.
@@ -421,6 +368,16 @@ impl Agent {
                 Ok(())
             }
             Ok(out) => Ok(upload(client, session_id, &task, &out).await?),
+            // Every later task of the run would fail the same way.
+            Err(
+                source @ (TrainError::NoData(_)
+                | TrainError::FeatureWidth { .. }
+                | TrainError::ItemOutOfRange { .. }),
+            ) => Err(AgentError::Incompatible {
+                task_id: task.task_id,
+                model: model_name,
+                source,
+            }),
             Err(e) => {
                 // Nothing is sent: the coordinator counts us as missing.
                 tracing::error!(task = %task.task_id, error = %e, "local task failed");
@@ -430,27 +387,70 @@ impl Agent {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Metrics as `name=value` pairs for a log line.
+struct Metrics<'a>(&'a std::collections::BTreeMap<String, f64>);
 
-    #[test]
-    fn bad_urls_and_identity_refusals_are_permanent_and_lost_connections_are_not() {
-        let url = "not a url".to_string();
-        let source = Endpoint::from_shared(url.clone()).unwrap_err();
-        assert!(AgentError::BadUrl { url, source }.is_permanent());
-        let revoked = tonic::Status::permission_denied("merchant `m0` is revoked");
-        assert!(AgentError::Join(revoked).is_permanent());
-        assert!(!AgentError::Join(tonic::Status::unavailable("restarting")).is_permanent());
-        assert!(!AgentError::Stream(tonic::Status::cancelled("gone")).is_permanent());
-        assert!(!AgentError::Silence(Duration::from_secs(3)).is_permanent());
+impl std::fmt::Display for Metrics<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{k}={v:.4}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the lifecycle has said, so that each event is logged once: an
+/// outage as one warning (its retries at debug level), a run joined or ended
+/// as one INFO line.
+#[derive(Debug, Default)]
+struct Lifecycle {
+    /// The current session got its welcome.
+    joined: bool,
+    /// Failed attempts since the last successful join, if any.
+    outage: Option<u64>,
+    /// The run whose end the coordinator announced (the agent is idle).
+    ended: Option<String>,
+}
+
+impl Lifecycle {
+    fn joined(&mut self, run_id: &str, url: &str) {
+        self.joined = true;
+        if self.ended.as_deref() == Some(run_id) {
+            tracing::debug!(run = %run_id, "joined the finished run again");
+            return;
+        }
+        self.ended = None;
+        match self.outage.take() {
+            Some(attempts) => {
+                tracing::info!(run = %run_id, coordinator = %url, attempts, "reconnected")
+            }
+            None => tracing::info!(run = %run_id, coordinator = %url, "joined"),
+        }
     }
 
-    #[test]
-    fn the_session_log_shows_the_whole_source_chain() {
-        let err = AgentError::Join(tonic::Status::permission_denied("merchant `m0` is revoked"));
-        let shown = Chain(&err).to_string();
-        assert!(shown.starts_with("join: "), "{shown}");
-        assert!(shown.contains("merchant `m0` is revoked"), "{shown}");
+    fn run_ended(&mut self, end: &pb::RunEnded) {
+        if self.ended.as_deref() == Some(end.run_id.as_str()) {
+            return;
+        }
+        self.ended = Some(end.run_id.clone());
+        if end.stopped.is_empty() {
+            tracing::info!(run = %end.run_id, version = end.model_version,
+                "the run has finished; waiting for the next run");
+        } else {
+            tracing::info!(run = %end.run_id, version = end.model_version, stopped = %end.stopped,
+                "the run has stopped; waiting for the next run");
+        }
+    }
+
+    fn failed(&mut self, e: &AgentError, url: &str, longest: Duration) {
+        let attempts = self.outage.get_or_insert(0);
+        *attempts += 1;
+        if self.ended.is_some() || *attempts > 1 {
+            tracing::debug!(error = %Chain(e), "coordinator unavailable; retrying");
+        } else {
+            tracing::warn!(coordinator = %url, error = %Chain(e),
+                "lost the coordinator; retrying quietly (every {longest:?} at most) until it is back");
+        }
     }
 }

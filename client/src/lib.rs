@@ -2,6 +2,7 @@
 //!
 //! - [`agent`]: the gRPC session loop (join, tasks, model download, upload,
 //!   reconnect with backoff).
+//! - [`cli`]: the binary's logging flags and shutdown signals.
 //! - [`secure`]: the agent's side of secure aggregation over gRPC.
 //! - [`transfer`]: chunked model download and update upload, used by both.
 //! - [`config`]: `merchant.toml` and environment overrides.
@@ -29,6 +30,7 @@
 extern crate self as fedcart_client;
 
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod policy;

@@ -7,24 +7,27 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedcart_client::state::StateDir;
-use fedcart_client::{agent::Agent, config::AgentConfig, data, recommend};
-use tracing_subscriber::EnvFilter;
+use fedcart_client::{agent::Agent, cli, config::AgentConfig, data, recommend};
 
 /// The fedcart merchant agent: trains on this merchant's data and shares only
 /// model updates with the platform's coordinator.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = cli::LOGGING_HELP)]
 struct Cli {
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long, global = true, env = "FEDCART_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: cli::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Join the coordinator and take part in rounds until interrupted.
+    /// Join the coordinator and take part in rounds until interrupted
+    /// (Ctrl-C or SIGTERM). Exits 1 with one line saying what to fix on a
+    /// permanent error (revoked, wrong identity or TLS files, bad URL, data
+    /// that does not fit the run's model); retries quietly while the
+    /// coordinator is unreachable; stays idle after a run ends, waiting for
+    /// the next one.
     Run {
         /// The agent's TOML configuration (see client/examples/merchant.toml).
         #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
@@ -96,23 +99,40 @@ fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
     StateDir::open(dir).with_context(|| format!("opening the state directory {}", dir.display()))
 }
 
-fn init_logs(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cli.log.init("info");
+    let json = cli.log.log_json;
+    match run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e, json);
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_logs(cli.log_json);
-    match cli.command {
+/// Prints a fatal error as one line (each cause once), with what to fix when
+/// the agent knows it; as a JSON log record under `--log-json`.
+fn report(e: &anyhow::Error, json: bool) {
+    use fedcart_client::agent::{AgentError, Chain};
+    let line = Chain(e.as_ref()).to_string();
+    let fix = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<AgentError>())
+        .and_then(AgentError::what_to_fix);
+    match (json, fix) {
+        (true, fix) => {
+            tracing::error!(error = %line, fix = fix.as_deref().unwrap_or(""), "fedcart-client stopped")
+        }
+        (false, Some(fix)) => eprintln!("error: {line} — fix: {fix}"),
+        (false, None) => eprintln!("error: {line}"),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
             let local =
@@ -139,13 +159,17 @@ async fn main() -> anyhow::Result<()> {
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
+                let which = cli::shutdown_signal().await;
+                tracing::info!("{which}: leaving the coordinator");
                 let _ = tx.send(true);
+                cli::exit_on_second_signal();
             });
             agent
                 .run(rx)
                 .await
-                .with_context(|| format!("agent of coordinator {}", cfg.coordinator))
+                .with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
+            tracing::info!("stopped");
+            Ok(())
         }
         Command::Prepare(args) => fedcart_client::prepare::run(&args)
             .with_context(|| format!("preparing {}", args.orders.display())),

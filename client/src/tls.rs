@@ -1,5 +1,8 @@
 //! The agent's side of mutual TLS: the CA to trust, the merchant's own
 //! certificate (issued with identity `fedcart://merchant/<id>`) and key.
+//! The files are checked before the first connection (PEM contents, a key
+//! that matches the certificate), so that a wrong file is one clear error
+//! naming it rather than a failed handshake retried for ever.
 
 use std::path::PathBuf;
 
@@ -20,6 +23,46 @@ pub enum TlsError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A PEM file holds nothing of what it should.
+    #[error("the TLS {role} {} holds no PEM {what}", path.display())]
+    Empty {
+        /// Which file.
+        role: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What was looked for.
+        what: &'static str,
+    },
+    /// A certificate of the CA bundle is not usable.
+    #[error("the TLS CA bundle {}", path.display())]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// Why rustls refused it.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The private key is not the certificate's.
+    #[error("the TLS private key {} is not the key of the certificate {}", key.display(), cert.display())]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// The key and certificate do not make an identity for another reason
+    /// (e.g. an unsupported key type).
+    #[error("the TLS private key {} and certificate {}", key.display(), cert.display())]
+    Identity {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// Why rustls refused them (e.g. "private key does not match the
+        /// certificate").
+        #[source]
+        source: rustls::Error,
     },
     /// A PEM file was read but holds no usable key or CA certificate.
     #[error("using the TLS {role} {} to bind secure-aggregation keys", path.display())]
@@ -87,15 +130,75 @@ impl AgentTls {
 
     /// The tonic client TLS configuration.
     pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
+        let (ca, cert, key) = (
+            read("CA bundle", &self.ca)?,
+            read("certificate", &self.cert)?,
+            read("private key", &self.key)?,
+        );
+        self.check(&ca, &cert, &key)?;
         let mut cfg = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("CA bundle", &self.ca)?))
-            .identity(Identity::from_pem(
-                read("certificate", &self.cert)?,
-                read("private key", &self.key)?,
-            ));
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key));
         if let Some(d) = &self.domain {
             cfg = cfg.domain_name(d.clone());
         }
         Ok(cfg)
+    }
+}
+
+impl AgentTls {
+    /// Builds the rustls configuration the transport will build, to report
+    /// a wrong file by name before any connection is tried.
+    fn check(&self, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<(), TlsError> {
+        let certs = |role, path: &PathBuf, pem: &[u8]| {
+            let found: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+                .filter_map(Result::ok)
+                .collect();
+            if found.is_empty() {
+                return Err(TlsError::Empty {
+                    role,
+                    path: path.clone(),
+                    what: "certificate",
+                });
+            }
+            Ok(found)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs("CA bundle", &self.ca, ca)? {
+            roots.add(c).map_err(|source| TlsError::Ca {
+                path: self.ca.clone(),
+                source,
+            })?;
+        }
+        let chain = certs("certificate", &self.cert, cert)?;
+        let empty = || TlsError::Empty {
+            role: "private key",
+            path: self.key.clone(),
+            what: "private key",
+        };
+        let key = rustls_pemfile::private_key(&mut &key[..])
+            .map_err(|_| empty())?
+            .ok_or_else(empty)?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let identity = |source| match source {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch {
+                    cert: self.cert.clone(),
+                    key: self.key.clone(),
+                }
+            }
+            source => TlsError::Identity {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                source,
+            },
+        };
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(identity)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(identity)?;
+        Ok(())
     }
 }

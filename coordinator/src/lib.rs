@@ -18,9 +18,12 @@
 //!   identities and the allow-list, the development CA, hardening limits.
 //! - [`observe`]: Prometheus metrics, health and the web dashboard over HTTP;
 //!   [`status`]: the `status` command.
+//! - [`cli`]: logging flags, shutdown signals and one-line errors for the
+//!   binaries (this one and `fedcart-sim`).
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod identity;

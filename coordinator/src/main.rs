@@ -5,17 +5,15 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedcart_coordinator::config::CoordinatorConfig;
-use fedcart_coordinator::{certs as ca, status};
-use tracing_subscriber::EnvFilter;
+use fedcart_coordinator::{certs as ca, cli, status};
 
 /// The fedcart coordinator: orchestrates federated training rounds across
 /// merchants and keeps every model version and round on disk.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = cli::LOGGING_HELP)]
 struct Cli {
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long, global = true, env = "FEDCART_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: cli::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,6 +21,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a federated run over gRPC until it finishes or is interrupted.
+    /// Ctrl-C or SIGTERM stops gracefully: no new connections or tasks, the
+    /// round in flight is abandoned (attempted again after a restart, which
+    /// resumes from the last committed version), agents are disconnected;
+    /// a second signal exits at once.
     Serve {
         /// The coordinator's TOML configuration (see coordinator/examples/coordinator.toml).
         #[arg(long, env = "FEDCART_COORDINATOR_CONFIG")]
@@ -121,18 +123,6 @@ enum CertsAction {
     },
 }
 
-fn init_logs(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match run().await {
@@ -145,7 +135,7 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("Error: {e:?}");
+            eprintln!("error: {}", cli::one_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -153,7 +143,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logs(cli.log_json);
+    cli.log.init("info");
     match cli.command {
         Command::Certs { action } => certs(action),
         Command::Status {
@@ -163,13 +153,16 @@ async fn run() -> anyhow::Result<()> {
             domain,
             json,
         } => {
+            let with_certs = certs.is_some();
             let tls = certs.map(|d| status::ClientTls {
                 ca: d.join("ca.pem"),
                 cert: d.join(format!("{identity}.pem")),
                 key: d.join(format!("{identity}.key")),
                 domain,
             });
-            let s = status::fetch(&coordinator, tls.as_ref()).await?;
+            let s = status::fetch(&coordinator, tls.as_ref())
+                .await
+                .map_err(|e| status::with_hint(e, &coordinator, with_certs))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status::to_json(&s))?);
             } else {
@@ -202,7 +195,10 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!(addr = %running.addr, "coordinator listening");
             let mut progress = running.progress.clone();
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+                which = cli::shutdown_signal() => {
+                    tracing::info!("{which}: shutting down (the round in flight is abandoned; a restart resumes)");
+                    cli::exit_on_second_signal();
+                }
                 // A failed task loop was logged where it happened; `shutdown`
                 // returns its error.
                 r = progress.wait_for(|p| p.finished || p.failed.is_some()) => {
@@ -211,7 +207,9 @@ async fn run() -> anyhow::Result<()> {
                     }
                 }
             }
-            running.shutdown().await
+            running.shutdown().await?;
+            tracing::info!("stopped");
+            Ok(())
         }
         Command::Privacy(args) => {
             println!("{}", fedcart_coordinator::privacy::run(&args)?);

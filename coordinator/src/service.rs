@@ -133,11 +133,40 @@ impl Shared {
     }
 
     /// Ends every agent's Join stream, so a graceful shutdown does not wait
-    /// for agents to hang up first.
+    /// for agents to hang up first; if the run has finished, each stream
+    /// carries `RunEnded` last.
     pub fn close(&self) {
+        // Agents of a finished run learn that it ended, not that the
+        // coordinator went away (the task loop may not have told them yet).
+        self.announce_end();
         let _ = self.closing.send(true);
         self.agents().clear();
         self.upload_slots.close();
+    }
+
+    /// The `RunEnded` message of a finished run (`None` while it runs).
+    fn run_ended(&self) -> Option<pb::Work> {
+        let engine = self.engine();
+        engine.finished().then(|| pb::Work {
+            kind: Some(pb::work::Kind::RunEnded(pb::RunEnded {
+                run_id: engine.run().run_id.clone(),
+                model_version: engine.version(),
+                stopped: engine.stopped().map(|s| s.to_string()).unwrap_or_default(),
+            })),
+        })
+    }
+
+    /// Tells every connected agent that the run is over, so that agents go
+    /// idle instead of treating the coordinator's exit as an outage.
+    fn announce_end(&self) {
+        let Some(end) = self.run_ended() else {
+            return;
+        };
+        for a in self.agents().values() {
+            // A full queue belongs to an agent that is not reading: it will
+            // learn of the end when it reconnects.
+            let _ = a.tx.try_send(Ok(end.clone()));
+        }
     }
 
     /// Watches the run's progress.
@@ -360,6 +389,10 @@ impl Coordinator for Service {
             })),
         };
         tx.try_send(Ok(welcome)).expect("fresh queue has room");
+        // An agent joining a finished run learns so at once.
+        if let Some(end) = self.shared.run_ended() {
+            tx.try_send(Ok(end)).expect("fresh queue has room");
+        }
         {
             let mut agents = self.shared.agents();
             // A merchant that reconnects replaces its stale session.
@@ -691,6 +724,7 @@ pub async fn run_tasks(
         // shutdown signal came right after.
         if shared.engine().finished() {
             shared.bump();
+            shared.announce_end();
             let stopped = shared.engine().stopped().cloned();
             return match stopped {
                 // An exhausted privacy budget is a planned end, not a fault.

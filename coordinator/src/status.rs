@@ -58,6 +58,45 @@ pub async fn fetch(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<pb::Sta
         .into_inner())
 }
 
+/// Adds what to try to a failed [`fetch`] of `url`; `with_certs` tells
+/// whether `--certs` was given.
+pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error {
+    let refused = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<tonic::Status>())
+        .map(tonic::Status::code);
+    let unreachable = e
+        .chain()
+        .any(|c| c.downcast_ref::<tonic::transport::Error>().is_some());
+    let missing_file = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::NotFound);
+    let hint = match refused {
+        Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) => {
+            "the coordinator refused this identity: issue it with `certs issue --id operator` \
+             (which allows it) and pass `--identity operator`"
+                .to_string()
+        }
+        _ if missing_file && with_certs => {
+            "make the operator's certificate with `fedcart-coordinator \
+             certs issue --dir DIR --id operator`, or pass the `--identity` whose files are in DIR"
+                .to_string()
+        }
+        _ if !unreachable => return e,
+        _ if !with_certs && url.starts_with("https://") => format!(
+            "a coordinator with mutual TLS needs `--certs DIR` (ca.pem and <identity>.pem/.key, \
+             see `certs issue --id operator`); one run with --insecure needs \
+             `--coordinator http://HOST:PORT` (tried {url})"
+        ),
+        _ => format!(
+            "nothing answered at {url}: is the coordinator running? `serve` exits when its run \
+             finishes (its last log lines say how the run ended); check `--coordinator`"
+        ),
+    };
+    anyhow::anyhow!("{} — {hint}", crate::cli::one_line(e.as_ref()))
+}
+
 /// The status as JSON (the last round record is embedded as an object).
 pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
     let last: serde_json::Value =

@@ -197,10 +197,10 @@ fn spawn(mut cmd: Command, who: &str, generation: usize, tx: &Sender<Line>) -> P
         let who = who.to_string();
         std::thread::spawn(move || {
             let lines = BufReader::new(stream).lines().map_while(Result::ok);
-            // After the logs (stdout), a marker line tells the test the
-            // process ended; stderr's end is not reported, so the marker
+            // After the logs (stderr), a marker line tells the test the
+            // process ended; stdout's end is not reported, so the marker
             // never overtakes a log line.
-            let marker = (index == 0).then(|| EXITED.to_string());
+            let marker = (index == 1).then(|| EXITED.to_string());
             for raw in lines.chain(marker) {
                 let json = serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
                 let line = Line {
@@ -218,28 +218,9 @@ fn spawn(mut cmd: Command, who: &str, generation: usize, tx: &Sender<Line>) -> P
     Proc { child }
 }
 
-/// `target/debug`, where the workspace's binaries sit next to `deps/`;
-/// builds the two binaries when they are missing.
+/// `target/debug`, where the workspace's binaries sit (built when missing).
 fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf();
-    let missing = ["fedcart-coordinator", "fedcart-client"]
-        .iter()
-        .any(|b| !dir.join(b).exists());
-    if missing {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "fedcart-coordinator", "-p", "fedcart-client"])
-            .arg("--bins")
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building the binaries failed");
-    }
-    dir
+    fedcart_tests::bin_dir()
 }
 
 fn free_port() -> u16 {

@@ -9,6 +9,7 @@ mod fuzz;
 mod fuzz_session;
 mod hardening;
 mod kit;
+mod lifecycle;
 mod merchant_tools;
 mod policy;
 mod privacy;

@@ -170,7 +170,7 @@ async fn drive(
         }));
     }
 
-    let bar = super::progress_bar(s.rounds, name);
+    let bar = super::progress_bar(s.rounds, name, s.progress);
     let mut progress = running.progress.clone();
     let mut stamps = Vec::new();
     let mut started = None;

@@ -24,7 +24,6 @@ mod submit;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -49,22 +48,39 @@ pub use settings::{Attack, Settings};
 /// in flight however many merchants a round selects.
 const CHUNK: usize = 64;
 
-/// Runs the command: every experiment the settings describe, then the table,
-/// the output files and the one-line JSON summary.
-pub fn run_command(args: SimArgs) -> anyhow::Result<()> {
-    let settings = Settings::from_args(args)?;
+/// What the command prints on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// The summary table (and a k-means run's segment profiles).
+    #[default]
+    Table,
+    /// One JSON document (`{"experiments": [...]}`), for `jq` and scripts.
+    Json,
+}
+
+/// Runs the command: every experiment the settings describe, then the
+/// output files and, on stdout, the summary in `format` (nothing else goes
+/// to stdout: progress bars, logs and notes go to stderr). `progress` draws
+/// progress bars on stderr.
+pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Result<()> {
+    let mut settings = Settings::from_args(args)?;
+    settings.progress = progress;
     let experiments = run_all(&settings)?;
-    output::print_table(&experiments);
-    for e in &experiments {
-        for line in &e.report {
-            println!("{line}");
-        }
-    }
     if let Some(dir) = &settings.out {
         output::write_all(dir, &settings, &experiments)?;
         eprintln!("wrote {}", dir.display());
     }
-    println!("{}", output::summary_json(&experiments));
+    match format {
+        Format::Table => {
+            output::print_table(&experiments);
+            for e in &experiments {
+                for line in &e.report {
+                    println!("{line}");
+                }
+            }
+        }
+        Format::Json => println!("{}", output::summary_json(&experiments)),
+    }
     Ok(())
 }
 
@@ -197,7 +213,7 @@ pub fn run_one(
     .then(|| pop.merchants.clone());
     let merchants: Vec<Mutex<LocalData>> = pop.merchants.into_iter().map(Mutex::new).collect();
     let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
-    let bar = progress_bar(s.rounds, &exp.name);
+    let bar = progress_bar(s.rounds, &exp.name, s.progress);
     let mut round_start = Instant::now();
     let mut row = RoundRow::default();
     if let mode::Mode::FedBuff(cfg) = &s.mode {
@@ -479,11 +495,15 @@ fn secure_sum(
     Ok(clipped)
 }
 
-fn progress_bar(rounds: u64, name: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
+/// A progress bar on stderr, hidden unless `show` (a terminal, no `-q`).
+fn progress_bar(rounds: u64, name: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
         return indicatif::ProgressBar::hidden();
     }
-    let bar = indicatif::ProgressBar::new(rounds);
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(rounds),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] round {pos}/{len} {elapsed}")
             .expect("valid template")

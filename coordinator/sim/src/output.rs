@@ -1,6 +1,6 @@
 //! What a simulation reports: the summary table, `metrics.json` (schema
 //! below), `metrics.csv`, `report.html` (with the SVG plots inline), the
-//! PNG/SVG plot files (`plots.rs`), and the one-line JSON summary.
+//! PNG/SVG plot files (`plots.rs`), and the JSON summary of `--format json`.
 //!
 //! `metrics.json` schema: `{ "settings": {…}, "experiments": [ { "name",
 //! "task", "data", "merchants", "model_len", "strategy", "mode", "final": {metric:
@@ -33,6 +33,7 @@ pub fn print_table(experiments: &[Experiment]) {
         "final",
         "s/round",
         "MB moved",
+        "ε",
     ]);
     for e in experiments {
         let metric = |r: Option<&RoundRow>| match (e.headline(), r) {
@@ -49,6 +50,9 @@ pub fn print_table(experiments: &[Experiment]) {
             metric(e.rounds.last()),
             format!("{:.4}", e.timing.seconds_per_round),
             format!("{:.1}", bytes as f64 / 1e6),
+            e.privacy
+                .as_ref()
+                .map_or("-".into(), |p| format!("{:.3}", p.epsilon)),
         ]);
     }
     println!("{t}");
@@ -57,7 +61,10 @@ pub fn print_table(experiments: &[Experiment]) {
     }
 }
 
-/// The one-line JSON summary printed last.
+/// The summary as one JSON document, what `--format json` prints: per
+/// experiment its name, task, merchants, rounds, strategy, final metrics,
+/// seconds per round, ε (with DP), why it stopped early (if it did) and its
+/// analysis lines (k-means segment profiles).
 pub fn summary_json(experiments: &[Experiment]) -> String {
     let list: Vec<serde_json::Value> = experiments
         .iter()
@@ -70,6 +77,9 @@ pub fn summary_json(experiments: &[Experiment]) -> String {
                 "strategy": e.strategy,
                 "final": e.final_metrics,
                 "seconds_per_round": e.timing.seconds_per_round,
+                "epsilon": e.privacy.as_ref().map(|p| p.epsilon),
+                "stopped": e.stopped,
+                "report": e.report,
             })
         })
         .collect();
@@ -114,6 +124,92 @@ fn report_html(lines: &[String]) -> String {
         out += "</table>";
     }
     out
+}
+
+/// The effective settings as readable (name, value) rows for the report:
+/// scalar settings by name, objects flattened with dotted names, and the
+/// partition, attack and differential privacy spelt out.
+pub fn settings_rows(s: &Settings) -> Vec<(String, String)> {
+    use fedcart_common::data::partition::Partitioner;
+    let mut rows = Vec::new();
+    let json = serde_json::to_value(s).unwrap_or_default();
+    if let Some(map) = json.as_object() {
+        for (k, v) in map {
+            match k.as_str() {
+                "partition" => rows.push((
+                    "partition".into(),
+                    match s.partition {
+                        Partitioner::Iid => "iid".into(),
+                        Partitioner::Dirichlet(a) => format!("dirichlet, α = {a}"),
+                        Partitioner::Zipf(z) => format!("zipf, s = {z}"),
+                        Partitioner::Natural => "natural (one merchant per store)".into(),
+                    },
+                )),
+                "attack" if s.malicious > 0.0 => rows.push((
+                    "attack".into(),
+                    match s.attack {
+                        super::settings::Attack::Scale(x) => format!("updates scaled ×{x}"),
+                        super::settings::Attack::SignFlip => "updates sign-flipped".into(),
+                    },
+                )),
+                "attack" => {}
+                "dp" => {}
+                _ => flatten(&k.replace('_', " "), v, &mut rows),
+            }
+        }
+    }
+    match &s.dp {
+        None => rows.push(("differential privacy".into(), "off".into())),
+        Some(dp) => {
+            let clip = match dp.clip {
+                fedcart_coordinator::config::ClipNorm::Fixed(c) => format!("C = {c}"),
+                fedcart_coordinator::config::ClipNorm::Adaptive => "adaptive".into(),
+            };
+            rows.push(("DP clip".into(), clip));
+            if let Some(sigma) = dp.noise_multiplier {
+                rows.push(("DP noise".into(), format!("σ = {sigma}")));
+            }
+            if let Some(eps) = dp.target_epsilon {
+                rows.push(("DP target".into(), format!("ε ≤ {eps}")));
+            }
+            rows.push(("DP δ".into(), format!("{:e}", dp.delta)));
+            rows.push(("DP mode".into(), format!("{:?}", dp.mode).to_lowercase()));
+        }
+    }
+    rows
+}
+
+fn flatten(name: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>) {
+    use serde_json::Value;
+    let text = match v {
+        Value::Null => return,
+        Value::Bool(b) => (if *b { "on" } else { "off" }).to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(t) => t.clone(),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Value::Object(map) => {
+            for (k, v) in map {
+                flatten(&format!("{name}.{}", k.replace('_', " ")), v, rows);
+            }
+            return;
+        }
+    };
+    rows.push((name.to_string(), lower_enum(text)));
+}
+
+/// Enum names serialised in CamelCase (`Inproc`, `Sync`) read better in
+/// lower case.
+fn lower_enum(text: String) -> String {
+    let word = !text.is_empty() && text.chars().all(|c| c.is_ascii_alphabetic());
+    if word && text.starts_with(|c: char| c.is_ascii_uppercase()) {
+        text.to_lowercase()
+    } else {
+        text
+    }
 }
 
 /// Writes `metrics.json`, `metrics.csv` and `report.html` into `dir`.
@@ -244,10 +340,17 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>fedcart simulation</title>\
          <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
          td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>\
-         <h1>fedcart simulation</h1><h2>Settings</h2><pre>",
+         <h1>fedcart simulation</h1><h2>Settings</h2><table class=\"settings\">",
     );
-    out += &esc(&serde_json::to_string_pretty(s).unwrap_or_default());
-    out += "</pre>";
+    for (k, v) in settings_rows(s) {
+        let _ = write!(
+            out,
+            "<tr><th style=\"text-align:left\">{}</th><td style=\"text-align:left\">{}</td></tr>",
+            esc(&k),
+            esc(&v)
+        );
+    }
+    out += "</table>";
     for (i, e) in experiments.iter().enumerate() {
         let _ = write!(
             out,

@@ -239,12 +239,24 @@ fn draw<DB: DrawingBackend>(
             let (x0, x1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
             let (y0, y1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
             let mut c = builder.build_cartesian_2d(x0..x1, y0..y1)?;
-            c.configure_mesh()
-                .x_desc(*x_desc)
+            // Rounds and versions are whole numbers: label only whole ticks.
+            let whole = |x: &f64| {
+                let r = x.round();
+                if (x - r).abs() < 1e-6 {
+                    format!("{}", r as i64)
+                } else {
+                    String::new()
+                }
+            };
+            let mut mesh = c.configure_mesh();
+            mesh.x_desc(*x_desc)
                 .y_desc(*y_desc)
                 .label_style((FONT, 13))
-                .axis_desc_style((FONT, 15))
-                .draw()?;
+                .axis_desc_style((FONT, 15));
+            if matches!(*x_desc, "round" | "version") {
+                mesh.x_label_formatter(&whole);
+            }
+            mesh.draw()?;
             for (i, (label, pts)) in series.iter().enumerate() {
                 let colour = PALETTE[i % PALETTE.len()];
                 c.draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)))?

@@ -106,6 +106,10 @@ pub struct Settings {
     pub mode: super::mode::Mode,
     /// The virtual clock (merchant speeds and availability).
     pub clock: super::clock::ClockSettings,
+    /// Draw progress bars on stderr (set by the command: a terminal and no
+    /// `-q`); never in the reports.
+    #[serde(skip)]
+    pub progress: bool,
 }
 
 fn debug_str<S: serde::Serializer, T: std::fmt::Debug>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -279,6 +283,7 @@ impl Settings {
             seed: pick!(seed, 42),
             threads: pick!(threads, 0),
             out: args.out.clone().or(file.out.clone()),
+            progress: false,
             dp: super::dp::settings(
                 args.dp_clip.clone().or(file.dp_clip.clone()),
                 args.dp_noise.or(file.dp_noise),

@@ -603,3 +603,47 @@ fn reported_auc_under_skew_is_the_auc_of_the_pooled_predictions() {
         "weighted mean {mean}, pooled {pooled}"
     );
 }
+
+#[test]
+fn the_report_spells_the_settings_out_and_shows_epsilon() {
+    let a = SimArgs {
+        task: Some("churn-lr".parse().unwrap()),
+        data: Some(
+            format!("telco:{}", repo(data::DEFAULT_TELCO))
+                .parse()
+                .unwrap(),
+        ),
+        partition: Some("dirichlet:0.5".into()),
+        malicious: Some(0.2),
+        dp_clip: Some("1".into()),
+        dp_noise: Some(10.0),
+        ..args()
+    };
+    let s = Settings::from_args(a).unwrap();
+    let rows = output::settings_rows(&s);
+    let get = |k: &str| {
+        rows.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no `{k}` row in {rows:?}"))
+    };
+    assert_eq!(get("partition"), "dirichlet, α = 0.5");
+    assert_eq!(get("attack"), "updates scaled ×10");
+    assert_eq!(get("DP noise"), "σ = 10");
+    assert_eq!(get("DP clip"), "C = 1");
+    assert_eq!(get("transport"), "inproc");
+    assert_eq!(get("secagg"), "off");
+    // No raw JSON in any value.
+    assert!(
+        rows.iter()
+            .all(|(_, v)| !v.contains('{') && !v.contains('"')),
+        "{rows:?}"
+    );
+
+    let exps = run_all(&s).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&output::summary_json(&exps)).unwrap();
+    let eps = json["experiments"][0]["epsilon"]
+        .as_f64()
+        .expect("ε reported");
+    assert!(eps > 0.0 && eps.is_finite(), "{json}");
+}

@@ -1,0 +1,349 @@
+//! Why a session with the coordinator ended, and which of those reasons
+//! retrying cannot fix: the agent's lifecycle (`Agent::run`) exits on a
+//! permanent error with one line saying what to fix, and backs off quietly
+//! on a transient one.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use fedcart_common::train::TrainError;
+
+use crate::secure::SecureError;
+use crate::state::StateError;
+use crate::transfer::TransferError;
+
+/// Why a session with the coordinator ended in failure.
+///
+/// The variants fall into four groups: the agent's own setup (bad URL, TLS
+/// configuration, local state), transport (connecting, silence, broken
+/// streams), protocol (the coordinator refused us or sent something
+/// unexpected) and task failures. [`AgentError::is_permanent`] tells the
+/// ones that retrying cannot fix from the transient ones.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The coordinator URL does not parse.
+    #[error("coordinator address `{url}`")]
+    BadUrl {
+        /// The configured URL.
+        url: String,
+        /// The parser's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The coordinator URL parses but cannot work with this agent's setup
+    /// (no scheme, another scheme than http/https, `http://` with TLS files,
+    /// `https://` without).
+    #[error("coordinator address `{url}`: {why}")]
+    UrlMismatch {
+        /// The configured URL.
+        url: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The TLS configuration was refused by the transport.
+    #[error("TLS configuration")]
+    Tls(#[source] tonic::transport::Error),
+    /// No connection could be made (or the TLS handshake failed).
+    #[error("connecting to {url}")]
+    Connect {
+        /// The coordinator URL.
+        url: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The coordinator refused the `Join` call: e.g. a revoked or unknown
+    /// merchant, a certificate naming another merchant, an invalid id.
+    #[error("join")]
+    Join(#[source] tonic::Status),
+    /// The work stream failed before its first message.
+    #[error("reading welcome")]
+    Welcome(#[source] tonic::Status),
+    /// The first message of the work stream was not a welcome.
+    #[error("coordinator did not send a welcome")]
+    NoWelcome,
+    /// A second welcome arrived on the same work stream.
+    #[error("unexpected second welcome")]
+    SecondWelcome,
+    /// Nothing (not even a ping) arrived for three ping intervals.
+    #[error("no message from the coordinator for {0:?}")]
+    Silence(Duration),
+    /// The work stream broke.
+    #[error("work stream failed")]
+    Stream(#[source] tonic::Status),
+    /// The coordinator ended the work stream.
+    #[error("coordinator closed the work stream")]
+    StreamClosed,
+    /// The embedder's [`TaskObserver`](super::TaskObserver) asked the agent
+    /// to leave this task (e.g. a simulated drop-out).
+    #[error("abandoned task `{task_id}` (asked by the observer)")]
+    Abandoned {
+        /// The task left unanswered.
+        task_id: String,
+    },
+    /// A pushed task carried a spec this agent cannot decode (the
+    /// coordinator is newer than the agent).
+    #[error("task `{task_id}`: undecodable spec")]
+    Spec {
+        /// The task.
+        task_id: String,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The merchant's data cannot serve the run's model: no data of the
+    /// family the model needs, another feature width, or items outside the
+    /// model's catalogue. Every later task of the run would fail the same way.
+    #[error("task `{task_id}` (model `{model}`): the local data does not fit the run's model")]
+    Incompatible {
+        /// The task that found it.
+        task_id: String,
+        /// The run's model family.
+        model: String,
+        /// What does not fit.
+        #[source]
+        source: TrainError,
+    },
+    /// Downloading the model or uploading the update failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// A secure-aggregation answer could not be delivered.
+    #[error(transparent)]
+    Secure(#[from] SecureError),
+    /// The local training task panicked.
+    #[error("training task panicked")]
+    TaskPanicked(#[source] tokio::task::JoinError),
+    /// The local state could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl AgentError {
+    /// True for failures that reconnecting cannot fix: a malformed URL or
+    /// one that does not match the TLS setup, a TLS configuration the
+    /// transport refuses, a TLS handshake that fails on a certificate (another
+    /// CA, a refused client certificate), plaintext HTTP/2 against a TLS
+    /// port, a join or session refused for who the merchant is (revoked, not
+    /// allowed, identity mismatch, invalid id), a task spec this agent cannot
+    /// read, and local data that does not fit the run's model. Everything else
+    /// (connection refused, a restarting coordinator, broken streams) may heal
+    /// on retry.
+    pub fn is_permanent(&self) -> bool {
+        self.what_to_fix().is_some()
+    }
+
+    /// For a permanent error, what the merchant should fix, as one short
+    /// sentence; `None` for transient errors.
+    pub fn what_to_fix(&self) -> Option<String> {
+        match self {
+            Self::BadUrl { .. } | Self::UrlMismatch { .. } => Some(
+                "set `coordinator` in the agent configuration (or FEDCART_COORDINATOR) to \
+                 https://HOST:PORT (http:// only for a coordinator run with --insecure)"
+                    .into(),
+            ),
+            Self::Tls(_) => Some("check the files of the `[tls]` section".into()),
+            Self::Join(status) | Self::Welcome(status) | Self::Stream(status) => {
+                refused(status).or_else(|| transport_fix(status))
+            }
+            Self::Connect { source, .. } => transport_fix(source),
+            Self::Spec { .. } => {
+                Some("the coordinator runs a newer protocol: upgrade fedcart-client".into())
+            }
+            Self::Incompatible { source, .. } => Some(match source {
+                TrainError::NoData(family) => format!(
+                    "this run trains a model on {family} data: configure it in `[data]` \
+                     (or take part in another run)"
+                ),
+                TrainError::FeatureWidth { .. } => "the customer table's schema (`data.schema`, \
+                     `data.churn_csv`) must produce the features of the run's model"
+                    .to_string(),
+                _ => "`data.catalogue` must be the platform's catalogue for this run".into(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What to fix when the coordinator refused the merchant itself.
+fn refused(status: &tonic::Status) -> Option<String> {
+    match status.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Some(
+            "`merchant_id` must be the identity of the certificate (`tls.cert`), and the \
+             platform operator must admit it (`certs issue`; it may have been revoked)"
+                .into(),
+        ),
+        tonic::Code::InvalidArgument => Some(
+            "`merchant_id` must be 1–128 characters of [A-Za-z0-9-_.@] and match the certificate"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// What to fix when the transport failed in a way retrying cannot heal: a
+/// TLS handshake refused over a certificate, TLS against a plaintext port, or
+/// plaintext HTTP/2 against a TLS port.
+fn transport_fix(err: &(dyn StdError + 'static)) -> Option<String> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        // `io::Error::source` skips the error it wraps: look inside it too.
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn StdError + 'static));
+        for e in [Some(e), inner].into_iter().flatten() {
+            if let Some(tls) = e.downcast_ref::<rustls::Error>()
+                && let Some(fix) = tls_fix(tls)
+            {
+                return Some(fix);
+            }
+            if let Some(h2) = e.downcast_ref::<h2::Error>()
+                && h2.reason() == Some(h2::Reason::FRAME_SIZE_ERROR)
+            {
+                return Some(
+                    "the coordinator speaks TLS: use https:// and a `[tls]` section".into(),
+                );
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+fn tls_fix(e: &rustls::Error) -> Option<String> {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => Some(
+            "the coordinator's certificate is not signed by `tls.ca`: use the platform's CA \
+             certificate"
+                .into(),
+        ),
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => Some(
+            "the coordinator's certificate is not valid for the URL's host: set `tls.domain` \
+             to a name it was issued for"
+                .into(),
+        ),
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            Some("the coordinator's certificate has expired: ask the platform operator".into())
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            Some("the coordinator's certificate is not acceptable: check `tls.ca`".into())
+        }
+        rustls::Error::AlertReceived(
+            A::UnknownCA
+            | A::BadCertificate
+            | A::CertificateUnknown
+            | A::CertificateRequired
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::DecryptError
+            | A::AccessDenied,
+        ) => Some(
+            "the coordinator refused this merchant's certificate: `tls.cert` and `tls.key` must \
+             be issued by the platform's CA (`certs issue`)"
+                .into(),
+        ),
+        rustls::Error::InvalidMessage(_) => Some(
+            "the coordinator does not speak TLS there: check the port, or use http:// for a \
+             coordinator run with --insecure"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Displays an error with its chain of sources, `outer: inner: …`, printing
+/// each cause once: a cause whose text the line already holds (transport
+/// errors often repeat their source in their own message) is skipped.
+pub struct Chain<'a>(pub &'a (dyn StdError + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut line = text(self.0);
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            let text = text(e);
+            if !text.is_empty() && !line.contains(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            next = e.source();
+        }
+        f.write_str(&line)
+    }
+}
+
+/// An error's own message; for a gRPC status, its message (or code) without
+/// the debug dump of its source, which the chain prints next.
+fn text(e: &(dyn StdError + 'static)) -> String {
+    match e.downcast_ref::<tonic::Status>() {
+        Some(s) if s.message().is_empty() => format!("{:?}", s.code()),
+        Some(s) => s.message().to_string(),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::transport::Endpoint;
+
+    #[test]
+    fn bad_urls_and_identity_refusals_are_permanent_and_lost_connections_are_not() {
+        let url = "not a url".to_string();
+        let source = Endpoint::from_shared(url.clone()).unwrap_err();
+        assert!(AgentError::BadUrl { url, source }.is_permanent());
+        let revoked = tonic::Status::permission_denied("merchant `m0` is revoked");
+        assert!(AgentError::Join(revoked.clone()).is_permanent());
+        assert!(AgentError::Stream(revoked).is_permanent());
+        assert!(!AgentError::Join(tonic::Status::unavailable("restarting")).is_permanent());
+        assert!(!AgentError::Stream(tonic::Status::cancelled("gone")).is_permanent());
+        assert!(!AgentError::Silence(Duration::from_secs(3)).is_permanent());
+        assert!(!AgentError::StreamClosed.is_permanent());
+    }
+
+    #[test]
+    fn data_that_does_not_fit_the_model_is_permanent_and_names_the_setting() {
+        let e = AgentError::Incompatible {
+            task_id: "t".into(),
+            model: "churn_lr".into(),
+            source: TrainError::FeatureWidth {
+                expected: 45,
+                got: 3,
+            },
+        };
+        assert!(e.what_to_fix().unwrap().contains("data.schema"));
+        let shown = Chain(&e).to_string();
+        assert!(
+            shown.contains("45") && shown.contains("churn_lr"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_session_log_shows_the_whole_source_chain() {
+        let err = AgentError::Join(tonic::Status::permission_denied("merchant `m0` is revoked"));
+        let shown = Chain(&err).to_string();
+        assert!(shown.starts_with("join: "), "{shown}");
+        assert!(shown.contains("merchant `m0` is revoked"), "{shown}");
+    }
+
+    #[test]
+    fn a_cause_already_in_the_line_is_printed_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Inner;
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Outer(#[source] Inner);
+        #[derive(Debug, thiserror::Error)]
+        #[error("connecting to http://x")]
+        struct Top(#[source] Outer);
+        assert_eq!(
+            Chain(&Top(Outer(Inner))).to_string(),
+            "connecting to http://x: tcp connect error"
+        );
+    }
+}

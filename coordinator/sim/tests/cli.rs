@@ -1,0 +1,74 @@
+//! The `fedcart-sim` command's output contract: stdout holds only the
+//! summary (a table, or one JSON document with `--format json`), logs and
+//! progress go to stderr, and INFO logs are off unless `-v`.
+
+use std::process::Command;
+
+fn sim(extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fedcart-sim"))
+        .args([
+            "--task",
+            "churn-lr",
+            "--merchants",
+            "3",
+            "--rounds",
+            "2",
+            "--data",
+        ])
+        .arg(format!(
+            "telco:{}/../../data/telco-churn/Telco-Customer-Churn.csv",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("fedcart-sim runs")
+}
+
+#[test]
+fn format_json_prints_one_json_document_on_stdout() {
+    let out = sim(&["--format", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    let e = &json["experiments"][0];
+    assert_eq!(e["rounds"], 2, "{json}");
+    assert_eq!(e["merchants"], 3, "{json}");
+    assert!(e["final"]["auc"].as_f64().is_some(), "{json}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains(" INFO "),
+        "INFO logs are off by default: {stderr}"
+    );
+}
+
+#[test]
+fn the_default_output_is_the_table_alone_and_v_brings_info_logs_back() {
+    let out = sim(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("experiment") && stdout.contains("s/round"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().all(|l| !l.trim_start().starts_with('{')),
+        "no JSON on stdout by default: {stdout}"
+    );
+    let verbose = sim(&["-v"]);
+    assert!(verbose.status.success());
+    let stderr = String::from_utf8_lossy(&verbose.stderr);
+    assert!(stderr.contains(" INFO "), "-v shows INFO logs: {stderr}");
+    assert!(
+        !String::from_utf8_lossy(&verbose.stdout).contains(" INFO "),
+        "logs never go to stdout"
+    );
+}

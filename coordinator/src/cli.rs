@@ -1,0 +1,158 @@
+//! What the command-line front ends share (`fedcart-coordinator` and
+//! `fedcart-sim`; the agent has the same in `fedcart_client::cli`): logging
+//! to stderr with `-q`/`-v`/`--log-json`/`RUST_LOG`, SIGTERM handled like
+//! Ctrl-C, and errors printed on one line with each cause once.
+
+use std::error::Error as StdError;
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+/// The logging flags every binary takes (global: before or after the
+/// subcommand).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LogArgs {
+    /// Log less: warnings and errors only (-qq: errors only).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+    /// Log more: -v debug, -vv trace (fedcart's own modules).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "FEDCART_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The `--help` paragraph on logging, shared by the binaries.
+pub const LOGGING_HELP: &str = "\
+Logging: to stderr, in colour only on a terminal. -q/-v lower/raise the level; \
+RUST_LOG, when set, overrides them with tracing's filter syntax \
+(e.g. RUST_LOG=info,fedcart_coordinator::service=debug). \
+FEDCART_LOG_JSON=true logs JSON lines.";
+
+const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+impl LogArgs {
+    /// The filter for a binary whose default level is `default`
+    /// (`"info"` or `"warn"`): `RUST_LOG` if set, else the default moved by
+    /// `-q`/`-v`. Above `info` only fedcart's own crates get louder.
+    pub fn filter(&self, default: &str) -> EnvFilter {
+        if let Ok(f) = EnvFilter::try_from_default_env() {
+            return f;
+        }
+        let base = LEVELS.iter().position(|l| *l == default).unwrap_or(2) as i32;
+        let at = (base - i32::from(self.quiet) + i32::from(self.verbose)).clamp(0, 4) as usize;
+        let level = LEVELS[at];
+        if at <= 2 {
+            return EnvFilter::new(level);
+        }
+        let ours = [
+            "fedcart_coordinator",
+            "fedcart_client",
+            "fedcart_common",
+            "fedcart_sim",
+        ]
+        .map(|c| format!("{c}={level}"))
+        .join(",");
+        EnvFilter::new(format!("{},{ours}", LEVELS[at - 1]))
+    }
+
+    /// Installs the global subscriber: stderr, ANSI colours only when
+    /// stderr is a terminal, text or JSON.
+    pub fn init(&self, default: &str) {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(self.filter(default))
+            .with_writer(std::io::stderr);
+        if self.log_json {
+            builder.json().init();
+        } else {
+            builder.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+    }
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM, the signal Docker, Kubernetes and
+/// systemd stop a service with; returns which one came.
+pub async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupt",
+                _ = term.recv() => "SIGTERM",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "interrupt"
+}
+
+/// After the first signal started a graceful stop, a second one ends the
+/// process at once (exit status 130).
+pub fn exit_on_second_signal() {
+    tokio::spawn(async {
+        let which = shutdown_signal().await;
+        eprintln!("second {which}: exiting without waiting");
+        std::process::exit(130);
+    });
+}
+
+/// An error and its causes on one line, `outer: inner: …`, each cause once:
+/// a cause whose text the line already holds is skipped (transport errors
+/// often repeat their source in their own message).
+pub fn one_line(err: &(dyn StdError + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = e.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_cause_is_printed_once() {
+        let e = anyhow::anyhow!("tcp connect error")
+            .context("tcp connect error")
+            .context("connecting to https://x");
+        assert_eq!(
+            one_line(e.as_ref()),
+            "connecting to https://x: tcp connect error"
+        );
+    }
+
+    #[test]
+    fn quiet_and_verbose_move_the_default_level() {
+        // RUST_LOG, when set, wins over the flags.
+        if std::env::var_os("RUST_LOG").is_some() {
+            return;
+        }
+        let f = |q, v, d| {
+            LogArgs {
+                quiet: q,
+                verbose: v,
+                log_json: false,
+            }
+            .filter(d)
+            .to_string()
+        };
+        assert_eq!(f(0, 0, "info"), "info");
+        assert_eq!(f(1, 0, "info"), "warn");
+        assert_eq!(f(0, 0, "warn"), "warn");
+        assert_eq!(f(0, 1, "warn"), "info");
+        assert!(
+            f(0, 1, "info").contains("fedcart_client=debug"),
+            "{}",
+            f(0, 1, "info")
+        );
+    }
+}

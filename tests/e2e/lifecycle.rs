@@ -1,0 +1,420 @@
+//! The agent's and the coordinator's lifecycle, with the real binaries: a
+//! permanent error ends `fedcart-client run` with exit status 1 and one
+//! line naming the cause and what to fix (one test per cause), and SIGTERM
+//! stops either binary gracefully, after which a restart resumes the run.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedcart_coordinator::certs::{self, CertDir};
+use fedcart_coordinator::server::{Running, ServeOptions, start_with};
+use fedcart_coordinator::store::Store;
+use fedcart_coordinator::tls::{TlsFiles, Transport};
+use fedcart_tests::*;
+use tokio::net::TcpListener;
+
+/// A guard against a hang: permanent errors end the agent within seconds.
+const EXIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// A development CA with merchants m0 and m1 allowed, and a second,
+/// unrelated CA with its own m0 (`other`).
+struct Pki {
+    dir: tempfile::TempDir,
+    ours: CertDir,
+    files: TlsFiles,
+    other: CertDir,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = CertDir::new(dir.path().join("pki"));
+    certs::init(&ours, &["localhost".into()]).unwrap();
+    let files = TlsFiles::in_dir(dir.path().join("pki"));
+    for id in ["m0", "m1"] {
+        certs::issue(&ours, id).unwrap();
+        certs::allow(&files.access, id).unwrap();
+    }
+    let other = CertDir::new(dir.path().join("other"));
+    certs::init(&other, &["localhost".into()]).unwrap();
+    certs::issue(&other, "m0").unwrap();
+    Pki {
+        dir,
+        ours,
+        files,
+        other,
+    }
+}
+
+async fn start_tls(p: &Pki) -> Running {
+    init_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_with(
+        listener,
+        &p.dir.path().join("c.redb"),
+        churn_run("lifecycle", 2, 1, 1),
+        Duration::from_millis(500),
+        ServeOptions {
+            transport: Transport::Tls(p.files.clone()),
+            ..ServeOptions::insecure()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// `merchant.toml` for `id` at `url`, with `extra` appended (a `[tls]`
+/// section, a schema).
+fn agent_toml(dir: &Path, id: &str, url: &str, extra: &str) -> PathBuf {
+    let path = dir.join(format!("{id}-{}.toml", rand_suffix(url, extra)));
+    let text = format!(
+        "coordinator = \"{url}\"\nmerchant_id = \"{id}\"\n\n[data]\nchurn_csv = \"{csv}\"\n\n\
+         [backoff]\ninitial_ms = 50\nmax_ms = 500\n\n{extra}",
+        csv = telco_csv().display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A file name suffix that differs between configurations of one test.
+fn rand_suffix(url: &str, extra: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (url, extra).hash(&mut h);
+    h.finish()
+}
+
+fn tls_section(ca: &Path, cert: &Path, key: &Path) -> String {
+    format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ndomain = \"localhost\"\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    )
+}
+
+/// Runs `fedcart-client run --config <config>` to its end: asserts exit
+/// status 1 and returns the one `error:` line.
+async fn agent_fails(config: &Path) -> String {
+    let config = config.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut agent = Process::start(
+            "fedcart-client",
+            &["run", "--config", config.to_str().unwrap()],
+        );
+        let code = agent.wait_exit(EXIT_LIMIT);
+        let errors: Vec<&String> = agent
+            .seen
+            .iter()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(code, Some(1), "stderr:\n{}", agent.seen.join("\n"));
+        assert_eq!(errors.len(), 1, "stderr:\n{}", agent.seen.join("\n"));
+        assert!(
+            !agent
+                .seen
+                .iter()
+                .any(|l| l.contains("lost the coordinator")),
+            "a permanent error is not retried:\n{}",
+            agent.seen.join("\n")
+        );
+        errors[0].clone()
+    })
+    .await
+    .unwrap()
+}
+
+fn assert_names(line: &str, cause: &str, fix: &str) {
+    assert!(line.contains(cause), "cause `{cause}` missing: {line}");
+    assert!(
+        line.contains(&format!("fix: {fix}")) || line.contains(fix),
+        "fix `{fix}` missing: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_merchant_exits_1_saying_it_is_revoked() {
+    let p = pki();
+    let coord = start_tls(&p).await;
+    certs::revoke(&p.files.access, "m0").unwrap();
+    let url = format!("https://localhost:{}", coord.addr.port());
+    let tls = tls_section(&p.ours.ca_cert(), &p.ours.cert("m0"), &p.ours.key("m0"));
+    let line = agent_fails(&agent_toml(p.dir.path(), "m0", &url, &tls)).await;
+    assert_names(&line, "revoked", "the platform operator must admit it");
+    coord.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_that_is_not_the_certificates_exits_1_naming_both() {
+    let p = pki();
+    let coord = start_tls(&p).await;
+    let url = format!("https://localhost:{}", coord.addr.port());
+    // m1's configuration with m0's certificate.
+    let tls = tls_section(&p.ours.ca_cert(), &p.ours.cert("m0"), &p.ours.key("m0"));
+    let line = agent_fails(&agent_toml(p.dir.path(), "m1", &url, &tls)).await;
+    assert_names(
+        &line,
+        "certificate identity `m0` may not join as `m1`",
+        "`merchant_id` must be the identity of the certificate",
+    );
+    coord.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_is_not_the_certificates_exits_1_naming_both_files() {
+    let p = pki();
+    let url = "https://localhost:1";
+    let tls = tls_section(&p.ours.ca_cert(), &p.ours.cert("m0"), &p.ours.key("m1"));
+    let line = agent_fails(&agent_toml(p.dir.path(), "m0", url, &tls)).await;
+    assert!(
+        line.contains(&format!(
+            "the TLS private key {} is not the key of the certificate {}",
+            p.ours.key("m1").display(),
+            p.ours.cert("m0").display()
+        )),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_file_without_pem_exits_1_naming_the_file() {
+    let p = pki();
+    let url = "https://localhost:1";
+    let csv = telco_csv();
+    let tls = tls_section(&csv, &p.ours.cert("m0"), &p.ours.key("m0"));
+    let line = agent_fails(&agent_toml(p.dir.path(), "m0", url, &tls)).await;
+    assert!(
+        line.contains(&format!(
+            "the TLS CA bundle {} holds no PEM certificate",
+            csv.display()
+        )),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_of_another_ca_exit_1_saying_the_coordinator_is_not_signed_by_it() {
+    let p = pki();
+    let coord = start_tls(&p).await;
+    let url = format!("https://localhost:{}", coord.addr.port());
+    let tls = tls_section(&p.other.ca_cert(), &p.other.cert("m0"), &p.other.key("m0"));
+    let line = agent_fails(&agent_toml(p.dir.path(), "m0", &url, &tls)).await;
+    assert_names(
+        &line,
+        "invalid peer certificate",
+        "the coordinator's certificate is not signed by `tls.ca`",
+    );
+    coord.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_without_scheme_exits_1_saying_how_to_write_it() {
+    let p = pki();
+    let line = agent_fails(&agent_toml(p.dir.path(), "m0", "localhost:50051", "")).await;
+    assert_names(
+        &line,
+        "coordinator address `localhost:50051`: no scheme",
+        "https://HOST:PORT",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_http_against_a_tls_coordinator_exits_1_saying_use_https() {
+    let p = pki();
+    let coord = start_tls(&p).await;
+    let url = format!("http://127.0.0.1:{}", coord.addr.port());
+    let line = agent_fails(&agent_toml(p.dir.path(), "m0", &url, "")).await;
+    assert_names(
+        &line,
+        "frame with invalid size",
+        "the coordinator speaks TLS: use https://",
+    );
+    coord.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_that_does_not_fit_the_runs_model_exits_1_naming_the_widths() {
+    let p = pki();
+    let coord = start_tls(&p).await;
+    let url = format!("https://localhost:{}", coord.addr.port());
+    let extra = format!(
+        "{}\n[data.schema]\nid = \"customerID\"\nlabel = \"Churn\"\npositive = [\"Yes\"]\n\
+         negative = [\"No\"]\nnumeric = [\"tenure\"]\ncategorical = []\n",
+        tls_section(&p.ours.ca_cert(), &p.ours.cert("m0"), &p.ours.key("m0"))
+    );
+    let line = agent_fails(&agent_toml(p.dir.path(), "m0", &url, &extra)).await;
+    assert_names(
+        &line,
+        "local data has 1 features, the model expects 45",
+        "`data.schema`",
+    );
+    coord.shutdown().await.unwrap();
+}
+
+/// A coordinator configuration for the binary: plaintext on `port`, the
+/// churn run over two merchants with `rounds` rounds.
+fn coordinator_toml(dir: &Path, port: u16, rounds: u64) -> PathBuf {
+    let path = dir.join("coordinator.toml");
+    let text = format!(
+        "[serve]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{store}\"\nping_interval_ms = 500\n\n\
+         [run]\nrun_id = \"sigterm\"\nseed = 42\nrounds = {rounds}\nquorum = 2\n\
+         round_timeout_ms = 60000\nevaluate = false\n\
+         model = {{ family = \"churn_lr\", num_features = 45 }}\n\
+         sgd = {{ epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }}\n\
+         selection = {{ fraction = 1.0, min_agents = 2, max_agents = 2 }}\n",
+        store = dir.join("c.redb").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn sigterm_stops_the_coordinator_gracefully_and_a_restart_resumes_the_run() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let split = telco_split(2, 3);
+    let port = free_port();
+    let rounds = 4;
+    let config = coordinator_toml(dir.path(), port, rounds);
+    let args = ["serve", "--insecure", "--config", config.to_str().unwrap()];
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+
+    let mut first = Process::start("fedcart-coordinator", &args);
+    first.wait_line("coordinator listening", EXIT_LIMIT);
+    let a0 = rt.block_on(async { spawn_agent(addr, load_merchant("m0", &split.files[0])) });
+    let a1 = rt.block_on(async { spawn_agent(addr, load_merchant("m1", &split.files[1])) });
+    // Round 1 commits; then m1 leaves, so the run waits for agents midway.
+    first.wait_line("task closed task=r1a1-train outcome=Committed", EXIT_LIMIT);
+    rt.block_on(a1.stop());
+    first.wait_line("agent left merchant=m1", EXIT_LIMIT);
+
+    first.terminate();
+    assert_eq!(
+        first.wait_exit(EXIT_LIMIT),
+        Some(0),
+        "{}",
+        first.seen.join("\n")
+    );
+    let said = first.seen.join("\n");
+    assert!(said.contains("SIGTERM: shutting down"), "{said}");
+    assert!(said.contains("INFO fedcart_coordinator: stopped"), "{said}");
+    let committed = Store::open(&dir.path().join("c.redb"))
+        .unwrap()
+        .latest_version()
+        .unwrap()
+        .unwrap_or(0);
+    assert!(committed >= 1, "version {committed} kept");
+
+    // A restart on the same store resumes; the agents come back.
+    let mut second = Process::start("fedcart-coordinator", &args);
+    second.wait_line("coordinator listening", EXIT_LIMIT);
+    let a1 = rt.block_on(async { spawn_agent(addr, load_merchant("m1", &split.files[1])) });
+    assert_eq!(
+        second.wait_exit(EXIT_LIMIT),
+        Some(0),
+        "{}",
+        second.seen.join("\n")
+    );
+    assert!(second.seen.iter().any(|l| l.contains("run finished")));
+    rt.block_on(async {
+        a0.stop().await;
+        a1.stop().await;
+    });
+    let store = Store::open(&dir.path().join("c.redb")).unwrap();
+    assert_eq!(store.latest_version().unwrap(), Some(rounds));
+    let history = store.history().unwrap();
+    for round in 1..=rounds {
+        let commits = history
+            .iter()
+            .filter(|r| {
+                r.round == round
+                    && r.kind == fedcart_common::task::TaskKind::Train
+                    && r.outcome == fedcart_coordinator::record::Outcome::Committed
+            })
+            .count();
+        assert_eq!(commits, 1, "round {round} committed once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_makes_the_agent_leave_and_a_restarted_agent_finishes_the_run() {
+    let split = telco_split(2, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(
+        &dir.path().join("c.redb"),
+        churn_run("agent-term", 3, 2, 2),
+        0,
+    )
+    .await;
+    let url = format!("http://{}", coord.addr);
+    let config = agent_toml(dir.path(), "m1", &url, "");
+    // The binary's m1 reads the whole Telco file; m0 is in-process.
+    let m0 = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
+    let run = |config: PathBuf| {
+        Process::start(
+            "fedcart-client",
+            &["run", "--config", config.to_str().unwrap()],
+        )
+    };
+    let mut agent = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut agent = run(config);
+            agent.wait_line("joined", EXIT_LIMIT);
+            agent
+        })
+        .await
+        .unwrap()
+    };
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.agents == 2).await.unwrap();
+
+    agent.terminate();
+    let (code, agent) = tokio::task::spawn_blocking(move || (agent.wait_exit(EXIT_LIMIT), agent))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{}", agent.seen.join("\n"));
+    assert!(
+        agent
+            .seen
+            .iter()
+            .any(|l| l.contains("SIGTERM: leaving the coordinator")),
+        "{}",
+        agent.seen.join("\n")
+    );
+    // The coordinator saw it leave.
+    progress.wait_for(|p| p.agents == 1).await.unwrap();
+
+    // Restarted, it rejoins; the run finishes and the agent says so, then
+    // waits for the next run.
+    let agent = tokio::task::spawn_blocking(move || {
+        let mut agent = run(config);
+        agent.wait_line("task done", EXIT_LIMIT);
+        agent.wait_line("the run has finished; waiting for the next run", EXIT_LIMIT);
+        agent
+    })
+    .await
+    .unwrap();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    assert!(
+        !agent
+            .seen
+            .iter()
+            .any(|l| l.contains("lost the coordinator")),
+        "a finished run is not an outage: {}",
+        agent.seen.join("\n")
+    );
+    drop(agent);
+    m0.stop().await;
+    coord.shutdown().await.unwrap();
+}
