@@ -42,6 +42,13 @@ enum Command {
         /// How many items.
         #[arg(long, default_value_t = 10)]
         k: usize,
+        /// Also recommend items the customer already bought.
+        #[arg(long)]
+        include_repeats: bool,
+        /// Repeat-aware list: blend the customer's own frequent items into
+        /// the model's ranking with this weight in [0, 1] (implies repeats).
+        #[arg(long)]
+        repeat_weight: Option<f32>,
     },
     /// Churn probability per customer as CSV, offline from the local state.
     Score {
@@ -126,6 +133,8 @@ async fn main() -> anyhow::Result<()> {
             config,
             customer,
             k,
+            include_repeats,
+            repeat_weight,
         } => {
             let cfg = AgentConfig::load(&config)?;
             let ratings = cfg
@@ -135,7 +144,17 @@ async fn main() -> anyhow::Result<()> {
                 .context("`data.ratings_csv` is not configured")?;
             let mf = data::load_mf(ratings, &cfg)?;
             let cat = data::catalogue(cfg.data.catalogue.as_ref().expect("checked by load_mf"))?;
-            let recs = recommend::recommend(&state_of(&cfg)?, &mf, &cat, &customer, k)
+            if let Some(w) = repeat_weight
+                && !(0.0..=1.0).contains(&w)
+            {
+                anyhow::bail!("--repeat-weight must be in [0, 1], got {w}");
+            }
+            let opts = recommend::RecommendOptions {
+                k,
+                include_repeats,
+                repeat_weight,
+            };
+            let recs = recommend::recommend_with(&state_of(&cfg)?, &mf, &cat, &customer, &opts)
                 .with_context(|| format!("recommending for customer `{customer}`"))?;
             for r in recs {
                 println!("{}\t{:.4}", r.item, r.score);

@@ -23,6 +23,7 @@ use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::federation::strategy::Strategy;
 use fedcart_common::federation::update::{Update, UpdateError};
 use fedcart_common::task::TaskKind;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::RunConfig;
@@ -172,6 +173,21 @@ pub struct Engine {
     ledger: Option<Ledger>,
     /// Why the run stopped before its last round, if it did.
     stopped: Option<RunStop>,
+    /// The best version by the federated validation metric, if any was
+    /// evaluated (meta key `best_version`).
+    best: Option<BestVersion>,
+}
+
+/// The version merchants are served: the best by the federated validation
+/// metric (`ModelSpec::selection_metric`), not necessarily the last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestVersion {
+    /// The version.
+    pub version: u64,
+    /// The validation metric's name.
+    pub metric: String,
+    /// Its example-weighted mean over the merchants at this version.
+    pub value: f64,
 }
 
 fn unix_ms() -> i64 {
@@ -229,6 +245,7 @@ impl Engine {
             .transpose()
             .map_err(EngineError::Config)?;
         let stopped = store.meta_json::<RunStop>("stopped")?;
+        let best = store.meta_json::<BestVersion>("best_version")?;
         let pending_eval = run.evaluate
             && version > 0
             && !history
@@ -246,6 +263,7 @@ impl Engine {
             open: None,
             ledger,
             stopped,
+            best,
         })
     }
 
@@ -299,6 +317,12 @@ impl Engine {
     /// revealed secure sum that could not be committed.
     pub fn stopped(&self) -> Option<&RunStop> {
         self.stopped.as_ref()
+    }
+
+    /// The best version so far by the federated validation metric: the one
+    /// to serve. `None` before the first evaluation that reported it.
+    pub fn best(&self) -> Option<&BestVersion> {
+        self.best.as_ref()
     }
 
     /// Chooses where the DP noise comes from ([`NoiseSource::Os`] unless

@@ -295,6 +295,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
         }),
         dp: None,
         max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("stats.redb")).unwrap();
@@ -448,6 +449,7 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
         }),
         dp: None,
         max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), run).unwrap();
