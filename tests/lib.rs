@@ -124,6 +124,7 @@ pub fn churn_run(run_id: &str, rounds: u64, merchants: usize, quorum: usize) -> 
         secagg: None,
         dp: None,
         max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
     }
 }
 

@@ -47,6 +47,13 @@ enum Command {
         /// How many items (1 to 1000).
         #[arg(long, default_value_t = 10)]
         k: usize,
+        /// Also recommend items the customer already bought.
+        #[arg(long)]
+        include_repeats: bool,
+        /// Repeat-aware list: blend the customer's own frequent items into
+        /// the model's ranking with this weight in [0, 1] (implies repeats).
+        #[arg(long)]
+        repeat_weight: Option<f32>,
     },
     /// Churn probability per customer as CSV, offline from the local state.
     Score {
@@ -177,6 +184,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config,
             customer,
             k,
+            include_repeats,
+            repeat_weight,
         } => {
             recommend::check_k(k).context("--k")?;
             let cfg = AgentConfig::load(&config)?;
@@ -188,7 +197,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let mf = data::load_mf(ratings, &cfg)?;
             let cat = data::catalogue(cfg.data.catalogue.as_ref().expect("checked by load_mf"))?;
             let names = data::configured_item_names(&cfg)?;
-            let recs = recommend::recommend(&state_of(&cfg)?, &mf, &cat, &customer, k)
+            if let Some(w) = repeat_weight
+                && !(0.0..=1.0).contains(&w)
+            {
+                anyhow::bail!("--repeat-weight must be in [0, 1], got {w}");
+            }
+            let opts = recommend::RecommendOptions {
+                k,
+                include_repeats,
+                repeat_weight,
+            };
+            let recs = recommend::recommend_with(&state_of(&cfg)?, &mf, &cat, &customer, &opts)
                 .with_context(|| format!("recommending for customer `{customer}`"))?;
             for r in recs {
                 match names.get(&r.item) {

@@ -2,13 +2,12 @@
 //! the latest global model the agent received plus its private user factors.
 //! Nothing here talks to the coordinator.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use fedcart_common::data::catalogue::Catalogue;
 use fedcart_common::data::tabular::TabularDataset;
 use fedcart_common::model::lr::LogisticRegression;
-use fedcart_common::model::mf::{MfData, item_offsets};
+use fedcart_common::model::mf::{MfData, blend, item_offsets, local_popularity};
 
 use crate::data::CustomerTable;
 use crate::state::{StateDir, StateError};
@@ -197,8 +196,33 @@ impl Recommender {
     }
 }
 
-/// Top `k` items for `customer`: μ + b_i + b_u + p_u·q_i over the catalogue,
-/// skipping items the customer already bought or rated (in `mf`).
+/// How a list of recommendations is built.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecommendOptions {
+    /// How many items.
+    pub k: usize,
+    /// Keep items the customer already bought (excluded by default).
+    pub include_repeats: bool,
+    /// Repeat-aware list: blend the customer's own frequent items into the
+    /// model's ranking with this weight in `[0, 1]` (standardised scores,
+    /// `(1 − w)·model + w·log(1 + times bought)`); implies repeats. `None`
+    /// ranks by the model alone.
+    pub repeat_weight: Option<f32>,
+}
+
+impl RecommendOptions {
+    /// Top `k` unbought items by the model.
+    pub fn top(k: usize) -> Self {
+        Self {
+            k,
+            include_repeats: false,
+            repeat_weight: None,
+        }
+    }
+}
+
+/// Top `k` items for `customer`, skipping items the customer already bought
+/// or rated: [`recommend_with`] with [`RecommendOptions::top`].
 pub fn recommend(
     state: &StateDir,
     mf: &MfData,
@@ -206,15 +230,93 @@ pub fn recommend(
     customer: &str,
     k: usize,
 ) -> Result<Vec<Recommendation>, RecommendError> {
-    check_k(k)?;
-    let rec = Recommender::load(state, catalogue.len())?;
+    recommend_with(state, mf, catalogue, customer, &RecommendOptions::top(k))
+}
+
+/// Recommendations for `customer` from the stored global model and the
+/// private user factors. Explicit MF ranks by the predicted rating
+/// `μ + b_i + b_u + p_u·q_i`; implicit MF by the standardised `b_i + p_u·q_i`
+/// blended with the merchant's own item popularity at the weight its last
+/// validation chose (`UserState::pop_blend`), exactly the ranking its
+/// evaluation measured. With `repeat_weight` the customer's own purchase
+/// counts are blended in too. Shared by `fedcart-client recommend` and any
+/// other front end (HTTP serving).
+pub fn recommend_with(
+    state: &StateDir,
+    mf: &MfData,
+    catalogue: &Catalogue,
+    customer: &str,
+    opts: &RecommendOptions,
+) -> Result<Vec<Recommendation>, RecommendError> {
+    check_k(opts.k)?;
+    let Some((meta, global)) = state.load_global("mf")? else {
+        return Err(RecommendError::NoRecommender);
+    };
+    let (num_items, factors, implicit) = match meta.spec.model.mf_shape() {
+        Some(shape) => (shape.num_items, shape.k, shape.implicit),
+        None => return Err(RecommendError::UnexpectedSpec),
+    };
+    if num_items != catalogue.len() {
+        return Err(RecommendError::CatalogueMismatch {
+            model: num_items,
+            catalogue: catalogue.len(),
+        });
+    }
+    let users = state.load_users()?.ok_or(RecommendError::NoUserFactors)?;
     let u = mf
         .users
         .iter()
         .position(|c| c == customer)
         .ok_or_else(|| RecommendError::UnknownCustomer(customer.to_owned()))?;
-    Ok(rec
-        .top_k(customer, u, k, &purchased(mf, u))?
+    if users.k != factors || (u + 1) * factors > users.factors.len() {
+        return Err(RecommendError::Untrained {
+            customer: customer.to_owned(),
+            factors,
+        });
+    }
+    let pu = &users.factors[u * factors..(u + 1) * factors];
+    let bu = users.bias.get(u).copied().unwrap_or(0.0);
+    let mut times = vec![0.0f32; num_items];
+    for r in mf.train.iter().chain(&mf.valid).chain(&mf.test) {
+        if r.user as usize == u && (r.item as usize) < num_items {
+            times[r.item as usize] += 1.0;
+        }
+    }
+    let mut scores: Vec<f32> = (0..num_items)
+        .map(|i| {
+            let (b, q) = item_offsets(num_items, factors, i);
+            let dot: f32 = pu
+                .iter()
+                .zip(&global[q..q + factors])
+                .map(|(a, b)| a * b)
+                .sum();
+            if implicit {
+                global[b] + dot
+            } else {
+                global[0] + global[b] + bu + dot
+            }
+        })
+        .collect();
+    if implicit {
+        let pop = local_popularity(mf, num_items);
+        let model = standardised(&scores);
+        blend(&model, &pop, users.pop_blend, &mut scores);
+    }
+    if let Some(w) = opts.repeat_weight {
+        let model = standardised(&scores);
+        let own: Vec<f32> = standardised(&times.iter().map(|t| t.ln_1p()).collect::<Vec<_>>());
+        blend(&model, &own, w.clamp(0.0, 1.0), &mut scores);
+    }
+    let keep_repeats = opts.include_repeats || opts.repeat_weight.is_some();
+    let mut scored: Vec<(u32, f32)> = scores
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, s)| s.is_finite() && (keep_repeats || times[i] == 0.0))
+        .map(|(i, s)| (i as u32, s))
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.truncate(opts.k);
+    Ok(scored
         .into_iter()
         .map(|(i, score)| Recommendation {
             item: catalogue.id(i).expect("index within catalogue").to_owned(),
@@ -222,6 +324,21 @@ pub fn recommend(
             score,
         })
         .collect())
+}
+
+/// `v` shifted and scaled to mean 0 and standard deviation 1.
+fn standardised(v: &[f32]) -> Vec<f32> {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let sd = if var > 0.0 { var.sqrt() } else { 1.0 };
+    v.iter()
+        .map(|&x| ((f64::from(x) - mean) / sd) as f32)
+        .collect()
 }
 
 /// Churn probability of every row of `ds` from the latest global churn

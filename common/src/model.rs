@@ -138,6 +138,13 @@ pub trait FederatedModel {
         sgd.epochs
     }
 
+    /// The evaluation metric model selection and early stopping look at,
+    /// and whether higher is better: a metric of the agents' validation
+    /// slices, never of their test data. `None` when the family reports none.
+    fn selection_metric(&self) -> Option<(&'static str, bool)> {
+        None
+    }
+
     /// Checks the shape and hyper-parameters once, before any work. Tasks
     /// with an unusable model also fail on their own (with the same error),
     /// so calling this is an early warning, not a requirement.

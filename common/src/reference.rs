@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::data::standardize::Standardizer;
 use crate::federation::aggregate::SumAccumulator;
 use crate::federation::strategy::Strategy;
+use crate::model::mf::{item_buyers, popularity_metrics};
 use crate::task::{TaskKind, TaskSpec};
 use crate::train::{LocalData, TrainError, run_task};
 
@@ -25,6 +26,17 @@ pub struct Federation {
     pub standardizer: Option<Standardizer>,
     /// Example-weighted mean of the merchants' evaluation metrics after each round.
     pub rounds: Vec<BTreeMap<String, f64>>,
+    /// The round (1-based) with the best federated validation metric, and
+    /// its parameters: the version a merchant is served. `None` when the
+    /// family reports no validation metric.
+    pub best: Option<(u64, Vec<f32>)>,
+}
+
+impl Federation {
+    /// The parameters to serve: the best version by validation, else the last.
+    pub fn served(&self) -> &[f32] {
+        self.best.as_ref().map_or(&self.params, |(_, p)| p)
+    }
 }
 
 /// Per-merchant value of joining the federation: the same merchant's
@@ -44,6 +56,15 @@ pub struct MerchantValue {
     /// exist only in the pooled model, so a per-merchant figure would mix
     /// two models).
     pub centralized: Option<BTreeMap<String, f64>>,
+    /// Implicit recommenders: ranking by this merchant's own bestsellers
+    /// (distinct buyers per item in its training rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub own_popularity: Option<BTreeMap<String, f64>>,
+    /// Implicit recommenders: ranking by every merchant's bestsellers pooled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_popularity: Option<BTreeMap<String, f64>>,
+    /// The merchant's evaluation weight (held-out examples).
+    pub weight: f64,
 }
 
 /// The federation-value report of one population.
@@ -55,6 +76,10 @@ pub struct FederationValue {
     pub centralized_pooled: BTreeMap<String, f64>,
     /// One entry per merchant, in input order.
     pub merchants: Vec<MerchantValue>,
+    /// Example-weighted means over the merchants of each column
+    /// (`local_only`, `federated`, and for implicit recommenders
+    /// `own_popularity`, `global_popularity`).
+    pub pooled: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 /// Trains local-only, federated and centralised versions of `template`'s
@@ -70,31 +95,100 @@ pub fn federation_value(
     let mut pooled = [LocalData::pooled("centralized", merchants)];
     let central = federate(template, &mut pooled, rounds, &mut FedAvg)?;
     let has_private_state = template.model.data_family() == "mf";
+    let implicit = matches!(template.model, crate::task::ModelSpec::MfImplicit { .. });
+    let num_items = template.model.mf_shape().map_or(0, |s| s.num_items);
+    let global_buyers: Option<Vec<u32>> = implicit.then(|| {
+        let mut total = vec![0u32; num_items];
+        for m in merchants.iter().filter_map(|m| m.mf.as_ref()) {
+            for (t, c) in total.iter_mut().zip(item_buyers(m, num_items)) {
+                *t += c;
+            }
+        }
+        total
+    });
     let mut out = Vec::with_capacity(merchants.len());
     for (m, fed_m) in merchants.iter().zip(fed_data.iter_mut()) {
         let mut alone = [m.clone()];
         let local = federate(template, &mut alone, rounds, &mut FedAvg)?;
         let mut spec = template.clone();
+        spec.standardizer = local.standardizer.clone();
+        let local_only = evaluate(&spec, local.served(), &mut alone)?;
         spec.standardizer = fed.standardizer.clone();
-        let federated = evaluate(&spec, &fed.params, std::slice::from_mut(fed_m))?;
+        let (federated, weight) = evaluate_weighted(&spec, fed.served(), fed_m)?;
         let centralized = if has_private_state {
             None
         } else {
             spec.standardizer = central.standardizer.clone();
-            Some(evaluate(&spec, &central.params, &mut [m.clone()])?)
+            Some(evaluate(&spec, central.served(), &mut [m.clone()])?)
+        };
+        let (own_popularity, global_popularity) = match (&global_buyers, &m.mf) {
+            (Some(global), Some(d)) => (
+                Some(popularity_metrics(&item_buyers(d, num_items), d).0),
+                Some(popularity_metrics(global, d).0),
+            ),
+            _ => (None, None),
         };
         out.push(MerchantValue {
             merchant: m.merchant_id.clone(),
-            local_only: local.rounds.last().cloned().unwrap_or_default(),
+            local_only,
             federated,
             centralized,
+            own_popularity,
+            global_popularity,
+            weight,
         });
     }
+    let mut spec = template.clone();
+    spec.standardizer = central.standardizer.clone();
+    let centralized_pooled = evaluate(&spec, central.served(), &mut pooled)?;
     Ok(FederationValue {
         rounds,
-        centralized_pooled: central.rounds.last().cloned().unwrap_or_default(),
+        centralized_pooled,
+        pooled: pooled_columns(&out),
         merchants: out,
     })
+}
+
+/// One column of the per-merchant report.
+type Column = fn(&MerchantValue) -> Option<&BTreeMap<String, f64>>;
+
+/// Example-weighted means of each column of the per-merchant report.
+fn pooled_columns(rows: &[MerchantValue]) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    let columns: [(&str, Column); 4] = [
+        ("local_only", |m| Some(&m.local_only)),
+        ("federated", |m| Some(&m.federated)),
+        ("own_popularity", |m| m.own_popularity.as_ref()),
+        ("global_popularity", |m| m.global_popularity.as_ref()),
+    ];
+    for (name, get) in columns {
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut total = 0.0;
+        for m in rows {
+            let Some(metrics) = get(m) else { continue };
+            for (k, v) in metrics {
+                *sums.entry(k.clone()).or_default() += v * m.weight;
+            }
+            total += m.weight;
+        }
+        if total > 0.0 {
+            sums.values_mut().for_each(|v| *v /= total);
+            out.insert(name.to_string(), sums);
+        }
+    }
+    out
+}
+
+/// One merchant's held-out metrics for `params` and its evaluation weight.
+fn evaluate_weighted(
+    template: &TaskSpec,
+    params: &[f32],
+    merchant: &mut LocalData,
+) -> Result<(BTreeMap<String, f64>, f64), TrainError> {
+    let mut spec = template.clone();
+    spec.kind = TaskKind::Evaluate;
+    let out = run_task(&spec, params, merchant)?;
+    Ok((out.metrics, out.weight))
 }
 
 /// Runs the statistics step (if the model family has one) and `rounds`
@@ -113,6 +207,7 @@ pub fn federate(
     let mut params = spec.model.initial_params(spec.seed);
     let layout = spec.model.layout();
     let mut history = Vec::new();
+    let (mut best, mut best_value): (Option<(u64, Vec<f32>)>, Option<f64>) = (None, None);
     for round in 1..=rounds {
         spec.kind = TaskKind::Train;
         spec.round = round;
@@ -127,12 +222,27 @@ pub fn federate(
             }
         }
         params = strategy.apply(&params, &acc.mean_delta(&layout));
-        history.push(evaluate(&spec, &params, merchants)?);
+        let metrics = evaluate(&spec, &params, merchants)?;
+        // Model selection on the federated validation metric, as the engine does.
+        if let Some((name, higher)) = spec.model.selection_metric()
+            && let Some(&v) = metrics.get(name).filter(|v| v.is_finite())
+        {
+            let better = match best_value {
+                None => true,
+                Some(b) => (higher && v > b) || (!higher && v < b),
+            };
+            if better {
+                best_value = Some(v);
+                best = Some((round, params.clone()));
+            }
+        }
+        history.push(metrics);
     }
     Ok(Federation {
         params,
         standardizer: spec.standardizer,
         rounds: history,
+        best,
     })
 }
 

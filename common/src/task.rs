@@ -201,6 +201,12 @@ impl ModelSpec {
         self.model().name()
     }
 
+    /// The validation metric model selection looks at, and whether higher
+    /// is better (see `FederatedModel::selection_metric`).
+    pub fn selection_metric(&self) -> Option<(&'static str, bool)> {
+        self.model().selection_metric()
+    }
+
     /// Number of federated f32 parameters.
     pub fn model_len(&self) -> usize {
         self.model().model_len()

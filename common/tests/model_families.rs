@@ -119,6 +119,7 @@ fn mf_merchant(implicit: bool) -> LocalData {
         mf: Some(MfData {
             users: (0..users).map(|u| format!("u{u}")).collect(),
             train,
+            valid: Vec::new(),
             test,
             unknown_items: 2,
             state: Default::default(),

@@ -83,6 +83,20 @@ pub struct RunConfig {
     /// off between attempts. Default [`DEFAULT_MAX_ATTEMPTS`].
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Early stopping on the federated validation metric (the model's
+    /// `ModelSpec::selection_metric`): the run stops once that many evaluated
+    /// versions in a row did not improve on the best one. The best version
+    /// is tracked whether or not this is set (`Engine::best`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+/// The patience rule of early stopping (`run.early_stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// Evaluated versions without a new best before the run stops (>= 1).
+    pub patience: u64,
 }
 
 /// Attempts of one round before the run stops: enough to ride out a few
@@ -338,6 +352,25 @@ impl RunConfig {
         let bad = |field, message: String| Err(ConfigError::Invalid { field, message });
         if self.run_id.is_empty() {
             return bad("run.run_id", "must not be empty".into());
+        }
+        if let Some(es) = &self.early_stopping {
+            if es.patience == 0 {
+                return bad("run.early_stopping.patience", "must be at least 1".into());
+            }
+            if self.model.selection_metric().is_none() || !self.evaluate {
+                return bad(
+                    "run.early_stopping",
+                    format!(
+                        "model `{}` reports no validation metric to stop on{}",
+                        self.model.name(),
+                        if self.evaluate {
+                            ""
+                        } else {
+                            " (and run.evaluate is off)"
+                        }
+                    ),
+                );
+            }
         }
         if !(self.selection.fraction > 0.0 && self.selection.fraction <= 1.0) {
             return bad(

@@ -23,6 +23,7 @@ use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::federation::strategy::Strategy;
 use fedcart_common::federation::update::{Update, UpdateError};
 use fedcart_common::task::TaskKind;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::RunConfig;
@@ -188,6 +189,9 @@ pub struct Engine {
     /// An analysis (frequent itemsets) whose latest version needs no
     /// further round: the run ends after handing it to the agents.
     complete: bool,
+    /// The best version by the federated validation metric, if any was
+    /// evaluated (meta key `best_version`).
+    best: Option<BestVersion>,
 }
 
 /// Whether `version` is followed by an evaluation task: after every version
@@ -195,6 +199,18 @@ pub struct Engine {
 /// which is how its final state (say, the frequent itemsets) reaches the agents.
 fn publishes(run: &RunConfig, version: u64, complete: bool) -> bool {
     run.evaluate || (run.model.is_analysis() && (complete || version >= run.rounds))
+}
+
+/// The version merchants are served: the best by the federated validation
+/// metric (`ModelSpec::selection_metric`), not necessarily the last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestVersion {
+    /// The version.
+    pub version: u64,
+    /// The validation metric's name.
+    pub metric: String,
+    /// Its example-weighted mean over the merchants at this version.
+    pub value: f64,
 }
 
 fn unix_ms() -> i64 {
@@ -257,6 +273,7 @@ impl Engine {
             .model()
             .analysis()
             .is_some_and(|a| a.complete(&global));
+        let best = store.meta_json::<BestVersion>("best_version")?;
         let pending_eval = publishes(&run, version, complete)
             && version > 0
             && !history
@@ -275,6 +292,7 @@ impl Engine {
             ledger,
             stopped,
             complete,
+            best,
         })
     }
 
@@ -328,6 +346,12 @@ impl Engine {
     /// revealed secure sum that could not be committed.
     pub fn stopped(&self) -> Option<&RunStop> {
         self.stopped.as_ref()
+    }
+
+    /// The best version so far by the federated validation metric: the one
+    /// to serve. `None` before the first evaluation that reported it.
+    pub fn best(&self) -> Option<&BestVersion> {
+        self.best.as_ref()
     }
 
     /// Chooses where the DP noise comes from ([`NoiseSource::Os`] unless

@@ -274,6 +274,7 @@ mod tests {
         let path = dir.path().join("c.redb");
         let run = RunConfig {
             max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+            early_stopping: None,
             run_id: "fatal".into(),
             seed: 1,
             rounds: 1,

@@ -727,8 +727,9 @@ pub async fn run_tasks(
             shared.announce_end();
             let stopped = shared.engine().stopped().cloned();
             return match stopped {
-                // An exhausted privacy budget is a planned end, not a fault.
-                Some(stop @ RunStop::Budget { .. }) => {
+                // An exhausted privacy budget or early stopping is a
+                // planned end, not a fault.
+                Some(stop) if stop.is_planned() => {
                     tracing::warn!("run stopped: {stop}");
                     Ok(())
                 }

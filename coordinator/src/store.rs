@@ -442,6 +442,7 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let run = crate::config::RunConfig {
                 max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+                early_stopping: None,
                 run_id: "corrupt".into(),
                 seed: 1,
                 rounds: 1,

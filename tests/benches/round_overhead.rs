@@ -67,6 +67,7 @@ fn run_config(agents: usize, dim: usize, rounds: u64, secagg: bool) -> RunConfig
             stage_timeout_ms: Some(600_000),
         }),
         max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
     }
 }
 

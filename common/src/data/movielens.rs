@@ -142,6 +142,27 @@ pub fn random_split(
     (pick(tr), pick(te))
 }
 
+/// Share of the training ratings kept aside for validation (explicit).
+pub const VALIDATION_FRACTION: f64 = 0.1;
+
+/// Carves the validation slice out of `train`: for implicit feedback each
+/// user's latest remaining interaction (the same rule as the test split, so
+/// validation mimics the test one step earlier and the test item is never
+/// seen); for explicit feedback a seeded random [`VALIDATION_FRACTION`].
+/// Returns `(train, valid)`.
+pub fn validation_split(
+    train: &[Interaction],
+    implicit: bool,
+    seed: u64,
+) -> (Vec<Interaction>, Vec<Interaction>) {
+    if implicit {
+        leave_last_out(train)
+    } else {
+        let seed = crate::seed::derive(seed, &["validation"]);
+        random_split(train, VALIDATION_FRACTION, seed)
+    }
+}
+
 /// Implicit feedback from ratings: keeps ratings `>= threshold` as purchases
 /// of value 1.
 pub fn implicit(rows: &[Interaction], threshold: f32) -> Vec<Interaction> {

@@ -28,7 +28,10 @@ use crate::data::catalogue::Catalogue;
 use crate::data::interactions::Interaction;
 use crate::federation::update::{Segment, Update, WeightLayout};
 
-pub use eval::{ranking_metrics, rmse_of};
+pub use eval::{
+    POP_BLEND_GRID, blend, item_buyers, local_popularity, popularity_metrics, ranking_metrics,
+    rmse_of,
+};
 pub use family::MfShape;
 pub use kernels::{bpr_epoch, explicit_epoch};
 
@@ -157,6 +160,11 @@ pub struct UserState {
     pub bias: Vec<f32>,
     /// User factors, `users × k` row-major.
     pub factors: Vec<f32>,
+    /// Weight of the merchant's own item popularity in the blended ranking
+    /// score (implicit only; 0 = the model alone, 1 = popularity alone),
+    /// chosen by the last evaluation on the validation slice.
+    #[serde(default)]
+    pub pop_blend: f32,
 }
 
 /// A merchant's recommender data: interactions in dense indices plus the
@@ -167,6 +175,12 @@ pub struct MfData {
     pub users: Vec<String>,
     /// Training interactions.
     pub train: Vec<Rating>,
+    /// The validation slice, carved out of the training interactions (a
+    /// random 10 % for explicit, each user's latest remaining purchase for
+    /// implicit). Never trained on; model selection, early stopping and the
+    /// popularity blend look only at it, never at `test`.
+    #[serde(default)]
+    pub valid: Vec<Rating>,
     /// Held-out interactions (a random 20 % for explicit, each user's last
     /// purchase for implicit).
     pub test: Vec<Rating>,
@@ -182,6 +196,18 @@ impl MfData {
     /// first appearance, items through the shared catalogue. Interactions with
     /// an item the catalogue lacks are counted in `unknown_items` and skipped.
     pub fn new(train: &[Interaction], test: &[Interaction], catalogue: &Catalogue) -> Self {
+        Self::with_validation(train, &[], test, catalogue)
+    }
+
+    /// [`MfData::new`] with a validation slice (see [`MfData::valid`]);
+    /// users are numbered in order of first appearance in train, validation,
+    /// then test.
+    pub fn with_validation(
+        train: &[Interaction],
+        valid: &[Interaction],
+        test: &[Interaction],
+        catalogue: &Catalogue,
+    ) -> Self {
         let mut users: Vec<String> = Vec::new();
         let mut index: std::collections::HashMap<String, u32> = Default::default();
         let mut unknown = 0u64;
@@ -206,10 +232,12 @@ impl MfData {
             out
         };
         let train = map(train, &mut unknown);
+        let valid = map(valid, &mut unknown);
         let test = map(test, &mut unknown);
         MfData {
             users,
             train,
+            valid,
             test,
             unknown_items: unknown,
             state: UserState::default(),
@@ -230,6 +258,7 @@ impl MfData {
                 ..*r
             };
             out.train.extend(d.train.iter().map(shift));
+            out.valid.extend(d.valid.iter().map(shift));
             out.test.extend(d.test.iter().map(shift));
             out.unknown_items += d.unknown_items;
         }

@@ -60,6 +60,12 @@ pub struct SimArgs {
     /// Local epochs per round [default: 5 for MF, 3 for churn-mlp, 1 otherwise].
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Early stopping: stop once this many evaluated rounds in a row did not
+    /// improve the federated validation metric (val_hr@10 / val_rmse); 0
+    /// turns it off. The best version is reported either way
+    /// [default: 5 for MF, off otherwise].
+    #[arg(long)]
+    pub patience: Option<u64>,
     /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp].
     #[arg(long)]
     pub lr: Option<f32>,

@@ -401,10 +401,13 @@ pub fn build(
                     let set: BTreeSet<String> = part.iter().map(|&u| users[u].clone()).collect();
                     LocalData {
                         merchant_id: id(k),
-                        mf: Some(MfData::new(
+                        mf: Some(with_validation(
                             &movielens::rows_of(&train, &set),
                             &movielens::rows_of(&test, &set),
                             &catalogue,
+                            implicit,
+                            seed,
+                            &id(k),
                         )),
                         ..Default::default()
                     }
@@ -485,6 +488,21 @@ pub fn build(
 }
 
 /// The MF model spec of an experiment.
+/// A merchant's [`MfData`] with its validation slice carved out of its own
+/// training interactions (`movielens::validation_split`, seeded per merchant).
+pub fn with_validation(
+    train: &[Interaction],
+    test: &[Interaction],
+    catalogue: &Catalogue,
+    implicit: bool,
+    seed: u64,
+    merchant: &str,
+) -> MfData {
+    let seed = fedcart_common::seed::derive(seed, &[merchant]);
+    let (train, valid) = movielens::validation_split(train, implicit, seed);
+    MfData::with_validation(&train, &valid, test, catalogue)
+}
+
 fn mf_model(implicit: bool, num_items: usize, factors: usize, hyper: MfHyper) -> ModelSpec {
     if implicit {
         ModelSpec::MfImplicit {

@@ -104,6 +104,11 @@ pub struct Experiment {
     /// budget), if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// Model selection: the best version by the federated validation metric
+    /// and what it scores when served (with the merchants' final private
+    /// state), when the model reports a validation metric.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestSummary>,
     /// The final global model's parameters (not written to the outputs;
     /// for comparing runs, e.g. the two transports).
     #[serde(skip)]
@@ -127,6 +132,27 @@ pub(crate) fn secagg_keys(transport: crate::args::Transport) -> &'static str {
              keys not bound to merchant certificates (simulation)"
         }
     }
+}
+
+/// The version served to merchants: the best by federated validation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BestSummary {
+    /// The best version (= its round).
+    pub round: u64,
+    /// The validation metric that chose it.
+    pub metric: String,
+    /// Its federated value at the best version.
+    pub value: f64,
+    /// The held-out metrics measured right after the best round.
+    pub at_best: BTreeMap<String, f64>,
+    /// The held-out metrics of the best version as served at the end of the
+    /// run (the item side of the best version, each merchant's latest
+    /// private state); the experiment's `final` metrics.
+    pub served: BTreeMap<String, f64>,
+    /// The held-out metrics of the last version.
+    pub last: BTreeMap<String, f64>,
+    /// Each merchant's served metrics.
+    pub served_per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 /// The privacy guarantee of a finished experiment.
@@ -175,6 +201,7 @@ impl Experiment {
             privacy: None,
             secagg_keys: s.secagg.then(|| secagg_keys(s.transport).to_string()),
             stopped: None,
+            best: None,
             timing: Timing {
                 load_seconds,
                 ..Default::default()
@@ -187,11 +214,14 @@ impl Experiment {
 
     /// Fills the final metrics and timings once the rounds are done.
     pub fn finish(&mut self) {
-        self.final_metrics = self
-            .rounds
-            .last()
-            .map(|r| r.eval.clone())
-            .unwrap_or_default();
+        self.final_metrics = match &self.best {
+            Some(b) => b.served.clone(),
+            None => self
+                .rounds
+                .last()
+                .map(|r| r.eval.clone())
+                .unwrap_or_default(),
+        };
         self.timing.total_seconds = self.rounds.iter().map(|r| r.seconds).sum();
         let later: Vec<f64> = self.rounds.iter().skip(1).map(|r| r.seconds).collect();
         self.timing.seconds_per_round = if later.is_empty() {

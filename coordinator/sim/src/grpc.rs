@@ -192,10 +192,7 @@ async fn drive(
             .context("the coordinator stopped before the run finished")?;
     }
     bar.finish_and_clear();
-    if let Some(why) = shared
-        .stopped()
-        .filter(|w| !matches!(w, fedcart_coordinator::engine::RunStop::Budget { .. }))
-    {
+    if let Some(why) = shared.stopped().filter(|w| !w.is_planned()) {
         // The coordinator gave up: stop the agents, then report its reason.
         let _ = stop.send(true);
         for handle in agents {

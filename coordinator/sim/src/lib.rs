@@ -38,7 +38,7 @@ pub use args::{DpModeName, ModeName, Transport};
 use data::TaskChoice;
 pub use experiment::{Experiment, RoundRow};
 use fedcart_coordinator::config::{RunConfig, SecAggSettings, Selection};
-use fedcart_coordinator::engine::{Engine, RunStop};
+use fedcart_coordinator::engine::Engine;
 use fedcart_coordinator::ledger::NoiseSource;
 use fedcart_coordinator::record::Outcome;
 use fedcart_coordinator::store::Store;
@@ -148,6 +148,7 @@ pub fn run_one(
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
     let n = pop.merchants.len();
+    let evaluate = !matches!(pop.model, ModelSpec::Noop { .. });
     let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
     let run = RunConfig {
         run_id: "simulation".into(),
@@ -167,7 +168,7 @@ pub fn run_one(
         },
         quorum: 1,
         round_timeout_ms: u64::MAX / 2,
-        evaluate: !matches!(pop.model, ModelSpec::Noop { .. }),
+        evaluate,
         strategy: s.strategy.clone(),
         secagg: s.secagg.then(|| SecAggSettings {
             neighbours: None,
@@ -180,6 +181,11 @@ pub fn run_one(
             dp
         }),
         max_attempts: s.max_attempts,
+        early_stopping: if evaluate {
+            s.early_stopping(&pop.model)
+        } else {
+            None
+        },
     };
     run.validate()?;
     if s.transport == Transport::Grpc {
@@ -344,8 +350,9 @@ pub fn run_one(
     bar.finish_and_clear();
     match engine.stopped() {
         None => {}
-        // An exhausted budget ends the experiment early; its rounds stand.
-        Some(stop @ RunStop::Budget { .. }) => {
+        // An exhausted budget or early stopping ends the experiment early;
+        // its rounds stand.
+        Some(stop) if stop.is_planned() => {
             eprintln!("{}: {stop}", exp.name);
             exp.stopped = Some(stop.to_string());
         }
@@ -383,9 +390,129 @@ pub fn run_one(
             .context("computing the federation-value baselines")?,
         );
     }
+    exp.best = best_summary(&engine, &exp, &merchants, &ids, pool)?;
+    exp.report.extend(selection_report(&exp));
     exp.final_model = engine.global().to_vec();
     exp.finish();
     finish_segments(exp, segment_data.as_deref(), s, choice)
+}
+
+/// Report lines on model selection and, with `--out`, the baselines.
+fn selection_report(exp: &Experiment) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some((key, higher)) = exp.headline() else {
+        return out;
+    };
+    let get = |m: &BTreeMap<String, f64>| m.get(key).copied().unwrap_or(f64::NAN);
+    if let Some(b) = &exp.best {
+        out.push(format!(
+            "model selection: best version {} by {} = {:.4}; served {key} {:.4} \
+             (measured after round {}: {:.4}; last version: {:.4})",
+            b.round,
+            b.metric,
+            b.value,
+            get(&b.served),
+            b.round,
+            get(&b.at_best),
+            get(&b.last)
+        ));
+    }
+    if let Some(v) = &exp.federation_value {
+        let cols: Vec<String> = v
+            .pooled
+            .iter()
+            .map(|(c, m)| format!("{c} {:.4}", get(m)))
+            .collect();
+        let wins = v
+            .merchants
+            .iter()
+            .filter(|m| {
+                let (f, l) = (get(&m.federated), get(&m.local_only));
+                if higher { f > l } else { f < l }
+            })
+            .count();
+        out.push(format!(
+            "baselines ({key}, pooled over merchants): {}; federated beats local-only \
+             for {wins} of {} merchants",
+            cols.join(", "),
+            v.merchants.len()
+        ));
+    }
+    out
+}
+
+/// The best version by federated validation and its served metrics: the
+/// best item side evaluated with every merchant's final private state
+/// (re-evaluated only when it is not the last version).
+fn best_summary(
+    engine: &Engine,
+    exp: &Experiment,
+    merchants: &[Mutex<LocalData>],
+    ids: &[String],
+    pool: &rayon::ThreadPool,
+) -> anyhow::Result<Option<experiment::BestSummary>> {
+    let Some(best) = engine.best() else {
+        return Ok(None);
+    };
+    let at = |round: u64| {
+        exp.rounds
+            .iter()
+            .find(|r| r.round == round)
+            .map(|r| r.eval.clone())
+            .unwrap_or_default()
+    };
+    let last = exp
+        .rounds
+        .last()
+        .map(|r| r.eval.clone())
+        .unwrap_or_default();
+    let (served, served_per_merchant) = if best.version == engine.version() {
+        (last.clone(), exp.per_merchant.clone())
+    } else {
+        let params = engine
+            .model(best.version)?
+            .with_context(|| format!("best version {} is not stored", best.version))?;
+        let run = engine.run();
+        let spec = TaskSpec {
+            kind: TaskKind::Evaluate,
+            model: run.model.clone(),
+            sgd: run.sgd.clone(),
+            seed: run.seed,
+            round: best.version,
+            standardizer: engine.standardizer().cloned(),
+            dp: None,
+        };
+        let outs: Vec<_> = pool.install(|| {
+            merchants
+                .par_iter()
+                .map(|m| run_task(&spec, &params, &mut m.lock().expect("merchant lock")))
+                .collect()
+        });
+        let (mut sums, mut weight) = (BTreeMap::<String, f64>::new(), 0.0);
+        let mut per = BTreeMap::new();
+        for (id, out) in ids.iter().zip(outs) {
+            let out = out.with_context(|| format!("{id}: evaluating the best version"))?;
+            for (k, v) in &out.metrics {
+                *sums.entry(k.clone()).or_default() += v * out.weight;
+            }
+            weight += out.weight;
+            per.insert(id.clone(), out.metrics);
+        }
+        let mean = sums
+            .into_iter()
+            .map(|(k, v)| (k, if weight > 0.0 { v / weight } else { 0.0 }))
+            .collect();
+        (mean, per)
+    };
+    Ok(Some(experiment::BestSummary {
+        round: best.version,
+        metric: best.metric.clone(),
+        value: best.value,
+        at_best: at(best.version),
+        served,
+        last,
+        served_per_merchant,
+    }))
 }
 
 /// Adds the segment profiles of a k-means run to its report (and writes the

@@ -314,18 +314,27 @@ fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&s
         m.and_then(|m| m.get(key))
             .map_or_else(|| "–".to_string(), |x| format!("{x:.4}"))
     };
+    let pooled = |col: &str| cell(v.pooled.get(col));
     let mut out = format!(
-        "<h3>Federation value ({} after {} rounds; centralised on all rows: {})</h3>\
-         <table><tr><th>merchant</th><th>local-only</th><th>federated</th><th>centralised</th></tr>",
+        "<h3>Federation value ({} of the served version after {} rounds; centralised on all \
+         rows: {})</h3><table><tr><th>merchant</th><th>global popularity</th>\
+         <th>own popularity</th><th>local-only</th><th>federated</th><th>centralised</th></tr>\
+         <tr><td><b>pooled</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>–</td></tr>",
         esc(key),
         v.rounds,
-        cell(Some(&v.centralized_pooled))
+        cell(Some(&v.centralized_pooled)),
+        pooled("global_popularity"),
+        pooled("own_popularity"),
+        pooled("local_only"),
+        pooled("federated"),
     );
     for m in &v.merchants {
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&m.merchant),
+            cell(m.global_popularity.as_ref()),
+            cell(m.own_popularity.as_ref()),
             cell(Some(&m.local_only)),
             cell(Some(&m.federated)),
             cell(m.centralized.as_ref())

@@ -151,6 +151,20 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
                 categories: v.merchants.iter().map(|m| m.merchant.clone()).collect(),
                 series: vec![
                     (
+                        "global popularity".into(),
+                        v.merchants
+                            .iter()
+                            .map(|m| get(m.global_popularity.as_ref()))
+                            .collect(),
+                    ),
+                    (
+                        "own popularity".into(),
+                        v.merchants
+                            .iter()
+                            .map(|m| get(m.own_popularity.as_ref()))
+                            .collect(),
+                    ),
+                    (
                         "local-only".into(),
                         v.merchants
                             .iter()

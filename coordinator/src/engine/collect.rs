@@ -382,6 +382,7 @@ mod tests {
         let store = Store::open_scratch(&dir.path().join("e.redb")).unwrap();
         let run = RunConfig {
             max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+            early_stopping: None,
             run_id: "bounded".into(),
             seed: 3,
             rounds: 1,

@@ -8,11 +8,47 @@ use std::sync::Arc;
 use fedcart_common::data::standardize::Standardizer;
 use fedcart_common::task::TaskKind;
 
-use super::{Accumulation, Engine, EngineError, RunStop, dominant_cause};
+use super::{Accumulation, BestVersion, Engine, EngineError, RunStop, dominant_cause};
 use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::store::Commit;
 
 impl Engine {
+    /// Model selection after an evaluation of the current version: the new
+    /// best version if its federated validation metric improved on the best
+    /// so far (strictly), and the early stop if `run.early_stopping.patience`
+    /// evaluated versions have passed since the best one.
+    fn select(&self, record: &RoundRecord) -> (Option<BestVersion>, Option<RunStop>) {
+        let Some((metric, higher)) = self.run.model.selection_metric() else {
+            return (None, None);
+        };
+        let Some(&value) = record.metrics.get(metric).filter(|v| v.is_finite()) else {
+            return (None, None);
+        };
+        let improved = match &self.best {
+            None => true,
+            Some(b) if higher => value > b.value,
+            Some(b) => value < b.value,
+        };
+        let new_best = improved.then(|| BestVersion {
+            version: self.version,
+            metric: metric.to_string(),
+            value,
+        });
+        let best = new_best.as_ref().or(self.best.as_ref());
+        let stop = match (best, &self.run.early_stopping) {
+            (Some(b), Some(es)) if self.version >= b.version + es.patience => {
+                Some(RunStop::EarlyStopped {
+                    version: self.version,
+                    best_version: b.version,
+                    metric: metric.to_string(),
+                    best: b.value,
+                })
+            }
+            _ => None,
+        };
+        (new_best, stop)
+    }
+
     /// Closes the open task: commits with a quorum, otherwise aborts.
     pub fn finish_task(&mut self) -> Result<RoundRecord, EngineError> {
         let open = self.open.take().ok_or(EngineError::NoTask)?;
@@ -95,7 +131,25 @@ impl Engine {
                     record.metrics.extend(pooled);
                 }
                 record.outcome = Outcome::Committed;
-                self.store.append_history(&record)?;
+                let (best, stop) = self.select(&record);
+                let mut meta = Vec::new();
+                if let Some(b) = &best {
+                    meta.push((
+                        "best_version",
+                        serde_json::to_value(b).expect("serialisable"),
+                    ));
+                }
+                if let Some(s) = &stop {
+                    meta.push(("stopped", serde_json::to_value(s).expect("serialisable")));
+                }
+                self.store.append_history_with_meta(&record, &meta)?;
+                if best.is_some() {
+                    self.best = best;
+                }
+                if let Some(s) = stop {
+                    tracing::info!("{s}");
+                    self.stopped = Some(s);
+                }
                 self.pending_eval = false;
             }
             TaskKind::Train => {

@@ -1,6 +1,7 @@
 //! Stopping a run before its last round: a round that aborted
 //! `run.max_attempts` times, a privacy budget that the next round would
-//! exceed, or a secure sum that was revealed but could not be committed.
+//! exceed, a secure sum that was revealed but could not be committed, or
+//! early stopping on the federated validation metric.
 //! The reason is stored with the run (meta key `stopped`), so a restarted
 //! coordinator stays stopped and its status says why.
 
@@ -52,6 +53,27 @@ pub enum RunStop {
         /// Why it could not be committed.
         reason: String,
     },
+    /// `run.early_stopping.patience` evaluated versions in a row did not
+    /// improve the federated validation metric: a planned end, the best
+    /// version stands.
+    EarlyStopped {
+        /// The last evaluated version.
+        version: u64,
+        /// The best version so far.
+        best_version: u64,
+        /// The validation metric.
+        metric: String,
+        /// Its value at the best version.
+        best: f64,
+    },
+}
+
+impl RunStop {
+    /// A planned end (exhausted privacy budget, early stopping) rather than a
+    /// fault: the committed versions stand and the process exits cleanly.
+    pub fn is_planned(&self) -> bool {
+        matches!(self, Self::Budget { .. } | Self::EarlyStopped { .. })
+    }
 }
 
 impl std::fmt::Display for RunStop {
@@ -86,6 +108,17 @@ impl std::fmt::Display for RunStop {
                 "round {round}: the secure sum of task {task_id} was revealed but not committed \
                  ({reason}); retrying would expose the difference of two sums over the same \
                  inputs, so the run stops"
+            ),
+            Self::EarlyStopped {
+                version,
+                best_version,
+                metric,
+                best,
+            } => write!(
+                f,
+                "early stopping: no better {metric} than version {best_version}'s {best:.4} \
+                 up to version {version} (run.early_stopping.patience); version \
+                 {best_version} is served"
             ),
         }
     }

@@ -40,6 +40,7 @@ fn run(selection: Selection, quorum: usize) -> RunConfig {
         secagg: None,
         dp: None,
         max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
     }
 }
 
@@ -342,4 +343,99 @@ fn an_itemsets_update_that_is_not_a_count_is_refused_and_the_level_commits_witho
     assert_eq!((level, candidates), (2, 1));
     let plan = e.start_task(&agents(3)).unwrap();
     assert_eq!(plan.spec.update_len(), 1);
+}
+
+/// Runs an implicit-MF run of `rounds` rounds whose evaluations report the
+/// given validation HR@10 values in turn (the updates are zeros).
+fn run_with_validation(vals: &[f64], patience: Option<u64>) -> (tempfile::TempDir, Engine) {
+    let model = ModelSpec::MfImplicit {
+        num_items: 2,
+        factors: 1,
+        hyper: Default::default(),
+    };
+    let len = model.model_len();
+    let mut cfg = run(selection(1.0, 1, 1), 1);
+    cfg.rounds = vals.len() as u64;
+    cfg.model = model;
+    cfg.evaluate = true;
+    cfg.early_stopping = patience.map(|patience| crate::config::EarlyStopping { patience });
+    cfg.validate().expect("valid config");
+    let (dir, mut e) = engine(cfg);
+    let mut evals = vals.iter();
+    while !e.finished() {
+        let plan = e.start_task(&agents(1)).unwrap();
+        let sub = match plan.spec.kind {
+            TaskKind::Evaluate => Submission {
+                update: None,
+                metrics: [
+                    ("val_hr@10".to_string(), *evals.next().unwrap()),
+                    ("hr@10".to_string(), 0.5),
+                ]
+                .into(),
+                weight: 10.0,
+                bytes: 0,
+            },
+            _ => Submission {
+                update: Some(Update {
+                    values: vec![0.0; len],
+                    coord_weights: vec![1.0; 2],
+                    weight: 1.0,
+                }),
+                metrics: Default::default(),
+                weight: 1.0,
+                bytes: 0,
+            },
+        };
+        submit(&mut e, &plan, "m00", sub).unwrap();
+        e.finish_task().unwrap();
+    }
+    (dir, e)
+}
+
+#[test]
+fn the_best_version_is_the_one_with_the_best_federated_validation_metric() {
+    let (_dir, e) = run_with_validation(&[0.1, 0.3, 0.2, 0.3, 0.25], None);
+    let best = e.best().expect("a best version");
+    // Ties keep the earlier version; the run goes to its last round.
+    assert_eq!((best.version, best.value), (2, 0.3));
+    assert_eq!(best.metric, "val_hr@10");
+    assert_eq!(e.version(), 5);
+    assert!(e.stopped().is_none());
+}
+
+#[test]
+fn early_stopping_ends_the_run_after_patience_rounds_without_a_new_best() {
+    let (_dir, e) = run_with_validation(&[0.1, 0.3, 0.2, 0.29, 0.5, 0.6], Some(2));
+    assert_eq!(
+        e.version(),
+        4,
+        "stops after versions 3 and 4 failed to beat 2"
+    );
+    let stop = e.stopped().expect("stopped early");
+    assert!(stop.is_planned());
+    assert!(matches!(
+        stop,
+        RunStop::EarlyStopped {
+            version: 4,
+            best_version: 2,
+            ..
+        }
+    ));
+    assert_eq!(e.best().unwrap().version, 2);
+    // The choice and the stop are stored with the run.
+    assert_eq!(
+        e.store()
+            .meta_json::<BestVersion>("best_version")
+            .unwrap()
+            .map(|b| b.version),
+        Some(2)
+    );
+}
+
+#[test]
+fn early_stopping_needs_a_model_with_a_validation_metric() {
+    let mut cfg = run(selection(1.0, 1, 1), 1);
+    cfg.early_stopping = Some(crate::config::EarlyStopping { patience: 3 });
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("run.early_stopping"), "{err}");
 }

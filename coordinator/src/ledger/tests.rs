@@ -36,6 +36,7 @@ fn run(dp: DpSettings, selected: usize) -> RunConfig {
         secagg: None,
         dp: Some(dp),
         max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
     }
 }
 

@@ -47,9 +47,22 @@ impl UserItems {
 
 /// RMSE of the model on the merchant's test ratings (0 if it has none).
 pub fn rmse_of(global: &[f32], n: usize, k: usize, clip: Option<[f32; 2]>, data: &MfData) -> f64 {
+    rmse_on(global, n, k, clip, data, &data.test)
+}
+
+/// RMSE of the model on `rows` of the merchant (its test or validation
+/// ratings; 0 if empty).
+pub fn rmse_on(
+    global: &[f32],
+    n: usize,
+    k: usize,
+    clip: Option<[f32; 2]>,
+    data: &MfData,
+    rows: &[Rating],
+) -> f64 {
     let s = &data.state;
     let mut se = 0.0f64;
-    for r in &data.test {
+    for r in rows {
         let (u, i) = (r.user as usize, r.item as usize);
         let (b, f) = item_offsets(n, k, i);
         let pu = &s.factors[u * k..(u + 1) * k];
@@ -60,10 +73,10 @@ pub fn rmse_of(global: &[f32], n: usize, k: usize, clip: Option<[f32; 2]>, data:
         }
         se += f64::from(r.value - pred).powi(2);
     }
-    if data.test.is_empty() {
+    if rows.is_empty() {
         0.0
     } else {
-        (se / data.test.len() as f64).sqrt()
+        (se / rows.len() as f64).sqrt()
     }
 }
 
@@ -117,39 +130,191 @@ pub fn ranking_metrics(scores: &[f32], target: usize, exclude: &[u32]) -> (f64, 
     }
 }
 
-/// Mean HR@10 and NDCG@10 over the merchant's held-out purchases, with the
-/// number of held-out purchases as the weight.
+/// Weights of the merchant's own popularity tried in the blended score
+/// `(1 − w)·z(model) + w·z(log(1 + popularity))`; 1 is popularity alone,
+/// so a merchant whose validation prefers its bestsellers gets them.
+pub const POP_BLEND_GRID: [f32; 7] = [0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0];
+
+/// The merchant's own popularity of each item, `log(1 + distinct users
+/// who bought it)` over the training interactions, standardised over the
+/// catalogue (all zeros when nothing was bought).
+pub fn local_popularity(data: &MfData, n: usize) -> Vec<f32> {
+    let by_user = UserItems::new(&data.train, data.users.len());
+    let mut count = vec![0u32; n];
+    for u in 0..data.users.len() {
+        let items = by_user.items(u);
+        for (j, &i) in items.iter().enumerate() {
+            if j == 0 || items[j - 1] != i {
+                count[i as usize] += 1;
+            }
+        }
+    }
+    let mut pop: Vec<f32> = count.iter().map(|&c| (c as f32).ln_1p()).collect();
+    standardise(&mut pop);
+    pop
+}
+
+/// Shifts and scales `v` to mean 0 and standard deviation 1 (left centred
+/// when constant), so model scores and popularity blend on one scale.
+fn standardise(v: &mut [f32]) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let sd = if var > 0.0 { var.sqrt() } else { 1.0 };
+    for x in v {
+        *x = ((f64::from(*x) - mean) / sd) as f32;
+    }
+}
+
+/// The model's score of every item for user `u`: `b_i + p_u·q_i`,
+/// standardised over the catalogue.
+pub fn user_scores(global: &[f32], n: usize, k: usize, data: &MfData, u: usize, out: &mut [f32]) {
+    let pu = &data.state.factors[u * k..(u + 1) * k];
+    let biases = &global[1..1 + n];
+    let factors = &global[1 + n..];
+    for (j, sc) in out.iter_mut().enumerate() {
+        let q = &factors[j * k..(j + 1) * k];
+        *sc = biases[j] + pu.iter().zip(q).map(|(a, b)| a * b).sum::<f32>();
+    }
+    standardise(out);
+}
+
+/// Blends standardised model scores with standardised popularity.
+pub fn blend(model: &[f32], pop: &[f32], w: f32, out: &mut [f32]) {
+    for ((o, &m), &p) in out.iter_mut().zip(model).zip(pop) {
+        *o = (1.0 - w) * m + w * p;
+    }
+}
+
+/// Ranking metrics of the merchant's implicit model: HR@10 and NDCG@10 on
+/// the test purchases (`hr@10`, `ndcg@10`) and on the validation slice
+/// (`val_hr@10`, `val_ndcg@10`), with the popularity blend weight
+/// (`pop_blend`) chosen on the validation slice alone: the grid value with
+/// the best validation HR@10 (ties to the smaller weight), or 0 without a
+/// validation slice. A validation item is ranked against everything the user
+/// has not trained on; a test item also excludes the validation items (the
+/// customer bought those too). Returns the metrics, the weight (test
+/// purchases) and the chosen blend.
 pub fn implicit_metrics(
     global: &[f32],
     n: usize,
     k: usize,
     data: &MfData,
-) -> (BTreeMap<String, f64>, f64) {
-    let by_user = UserItems::new(&data.train, data.users.len());
-    let s = &data.state;
-    let biases = &global[1..1 + n];
-    let factors = &global[1 + n..];
+) -> (BTreeMap<String, f64>, f64, f32) {
+    let nu = data.users.len();
+    let by_user = UserItems::new(&data.train, nu);
+    let with_valid = if data.valid.is_empty() {
+        by_user.clone()
+    } else {
+        let mut all = data.train.clone();
+        all.extend_from_slice(&data.valid);
+        UserItems::new(&all, nu)
+    };
+    let pop = local_popularity(data, n);
+    // One scoring pass per user ranks its validation and test items under
+    // every grid weight (a rank is O(n), the scores O(n·k)); the weight is
+    // then chosen on the validation sums alone and its test column reported.
+    let mut valid_of: Vec<Vec<u32>> = vec![Vec::new(); nu];
+    let mut test_of: Vec<Vec<u32>> = vec![Vec::new(); nu];
+    for r in &data.valid {
+        valid_of[r.user as usize].push(r.item);
+    }
+    for r in &data.test {
+        test_of[r.user as usize].push(r.item);
+    }
+    let grid: &[f32] = if data.valid.is_empty() {
+        &[0.0]
+    } else {
+        &POP_BLEND_GRID
+    };
+    let mut model = vec![0.0f32; n];
     let mut scores = vec![0.0f32; n];
+    let mut val = vec![(0.0f64, 0.0f64); grid.len()];
+    let mut test = vec![(0.0f64, 0.0f64); grid.len()];
+    for u in 0..nu {
+        if valid_of[u].is_empty() && test_of[u].is_empty() {
+            continue;
+        }
+        user_scores(global, n, k, data, u, &mut model);
+        for (g, &w) in grid.iter().enumerate() {
+            blend(&model, &pop, w, &mut scores);
+            for &item in &valid_of[u] {
+                let (h, d) = ranking_metrics(&scores, item as usize, by_user.items(u));
+                val[g].0 += h;
+                val[g].1 += d;
+            }
+            for &item in &test_of[u] {
+                let (h, d) = ranking_metrics(&scores, item as usize, with_valid.items(u));
+                test[g].0 += h;
+                test[g].1 += d;
+            }
+        }
+    }
+    let mut best = 0;
+    for g in 1..val.len() {
+        if val[g].0 > val[best].0 {
+            best = g;
+        }
+    }
+    let w = grid[best];
+    let (hr, ndcg) = test[best];
+    let mean = |x: f64, m: usize| if m > 0 { x / m as f64 } else { 0.0 };
+    let mut metrics = BTreeMap::from([
+        ("hr@10".into(), mean(hr, data.test.len())),
+        ("ndcg@10".into(), mean(ndcg, data.test.len())),
+    ]);
+    if !data.valid.is_empty() {
+        let m = data.valid.len();
+        metrics.insert("val_hr@10".into(), mean(val[best].0, m));
+        metrics.insert("val_ndcg@10".into(), mean(val[best].1, m));
+        metrics.insert("val_hr@10_model".into(), mean(val[0].0, m));
+        metrics.insert("val_hr@10_pop".into(), mean(val[grid.len() - 1].0, m));
+        metrics.insert("pop_blend".into(), f64::from(w));
+    }
+    (metrics, data.test.len() as f64, w)
+}
+
+/// Distinct buyers of each item among `data`'s training and validation
+/// interactions (what a popularity baseline counts: it needs no validation).
+pub fn item_buyers(data: &MfData, n: usize) -> Vec<u32> {
+    let mut all = data.train.clone();
+    all.extend_from_slice(&data.valid);
+    let by_user = UserItems::new(&all, data.users.len());
+    let mut count = vec![0u32; n];
+    for u in 0..data.users.len() {
+        let items = by_user.items(u);
+        for (j, &i) in items.iter().enumerate() {
+            if j == 0 || items[j - 1] != i {
+                count[i as usize] += 1;
+            }
+        }
+    }
+    count
+}
+
+/// HR@10 and NDCG@10 of ranking every test purchase by `counts` (a
+/// popularity baseline), excluding the user's training and validation items;
+/// ties count against the held-out item. Returns the metrics and the number
+/// of test purchases.
+pub fn popularity_metrics(counts: &[u32], data: &MfData) -> (BTreeMap<String, f64>, f64) {
+    let scores: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+    let mut all = data.train.clone();
+    all.extend_from_slice(&data.valid);
+    let by_user = UserItems::new(&all, data.users.len());
     let (mut hr, mut ndcg) = (0.0, 0.0);
     for r in &data.test {
-        let u = r.user as usize;
-        let pu = &s.factors[u * k..(u + 1) * k];
-        for (j, sc) in scores.iter_mut().enumerate() {
-            let q = &factors[j * k..(j + 1) * k];
-            *sc = biases[j] + pu.iter().zip(q).map(|(a, b)| a * b).sum::<f32>();
-        }
-        let (h, g) = ranking_metrics(&scores, r.item as usize, by_user.items(u));
+        let (h, g) = ranking_metrics(&scores, r.item as usize, by_user.items(r.user as usize));
         hr += h;
         ndcg += g;
     }
-    let m = data.test.len() as f64;
-    let (hr, ndcg) = if m > 0.0 {
-        (hr / m, ndcg / m)
-    } else {
-        (0.0, 0.0)
-    };
+    let m = data.test.len();
+    let mean = |x: f64| if m > 0 { x / m as f64 } else { 0.0 };
     (
-        BTreeMap::from([("hr@10".into(), hr), ("ndcg@10".into(), ndcg)]),
-        m,
+        BTreeMap::from([("hr@10".into(), mean(hr)), ("ndcg@10".into(), mean(ndcg))]),
+        m as f64,
     )
 }

@@ -55,6 +55,7 @@ impl MfShape<'_> {
         if let Some(r) = data
             .train
             .iter()
+            .chain(&data.valid)
             .chain(&data.test)
             .find(|r| r.item as usize >= n)
         {
@@ -92,6 +93,16 @@ impl FederatedModel for MfShape<'_> {
 
     fn local_epochs(&self, _sgd: &SgdParams) -> usize {
         self.hyper.epochs
+    }
+
+    /// Validation HR@10 (implicit, with the popularity blend) or validation
+    /// RMSE (explicit), reported only by merchants with a validation slice.
+    fn selection_metric(&self) -> Option<(&'static str, bool)> {
+        Some(if self.implicit {
+            ("val_hr@10", true)
+        } else {
+            ("val_rmse", false)
+        })
     }
 
     /// At least one factor; step sizes, penalties and the initial spread
@@ -148,13 +159,17 @@ impl FederatedModel for MfShape<'_> {
         let (n, k, h) = (self.num_items, self.k, self.hyper);
         let unknown = data.unknown_items as f64;
         let (mut metrics, weight) = if self.implicit {
-            eval::implicit_metrics(global, n, k, data)
+            let (metrics, weight, blend) = eval::implicit_metrics(global, n, k, data);
+            data.state.pop_blend = blend;
+            (metrics, weight)
         } else {
             let rmse = rmse_of(global, n, k, h.clip, data);
-            (
-                BTreeMap::from([("rmse".into(), rmse)]),
-                data.test.len() as f64,
-            )
+            let mut metrics = BTreeMap::from([("rmse".into(), rmse)]);
+            if !data.valid.is_empty() {
+                let val = eval::rmse_on(global, n, k, h.clip, data, &data.valid);
+                metrics.insert("val_rmse".into(), val);
+            }
+            (metrics, data.test.len() as f64)
         };
         metrics.insert("unknown_items".into(), unknown);
         Ok(TaskOutput {

@@ -406,3 +406,103 @@ fn items_outside_the_catalogue_of_the_task_are_refused() {
         }
     );
 }
+
+/// A merchant whose customers all buy from the same eight bestsellers:
+/// each user trained on six of them (plus seeded tail items), the seventh
+/// held out for validation and the eighth (or `test_item(u)`) for the test.
+fn bestseller_shop(test_item: impl Fn(u32) -> u32) -> LocalData {
+    let mut rng = crate::seed::rng(5, &["bestsellers"]);
+    let (mut train, mut valid, mut test) = (Vec::new(), Vec::new(), Vec::new());
+    let rating = |user, item| Rating {
+        user,
+        item,
+        value: 1.0,
+    };
+    for u in 0..30u32 {
+        let (v, t) = (u % 8, (u + 1) % 8);
+        for p in (0..8).filter(|&p| p != v && p != t) {
+            train.push(rating(u, p));
+        }
+        for _ in 0..3 {
+            train.push(rating(u, rng.random_range(10..60)));
+        }
+        valid.push(rating(u, v));
+        test.push(rating(u, test_item(u)));
+    }
+    LocalData {
+        merchant_id: "shop".into(),
+        mf: Some(MfData {
+            users: (0..30).map(|u| format!("c{u}")).collect(),
+            train,
+            valid,
+            test,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_popularity_blend_is_chosen_on_the_validation_slice_alone() {
+    let mut s = spec(60, 4, MfHyper::default());
+    s.model = ModelSpec::MfImplicit {
+        num_items: 60,
+        factors: 4,
+        hyper: MfHyper::default(),
+    };
+    s.kind = TaskKind::Evaluate;
+    let params = s.model.initial_params(3);
+    let mut shop = bestseller_shop(|u| (u + 1) % 8);
+    let out = run_task(&s, &params, &mut shop).unwrap();
+    let m = &out.metrics;
+    // The untrained model ranks at random; the shop's bestsellers are right.
+    assert!(m["val_hr@10_model"] < 0.5, "{m:?}");
+    assert_eq!(m["val_hr@10_pop"], 1.0);
+    assert!(m["pop_blend"] > 0.0 && m["val_hr@10"] == 1.0, "{m:?}");
+    assert_eq!(
+        m["hr@10"], 1.0,
+        "the blend carries over to the test purchases"
+    );
+    assert_eq!(
+        shop.mf.as_ref().unwrap().state.pop_blend as f64,
+        m["pop_blend"]
+    );
+    // Other test purchases change the test figures, never the choice.
+    let mut other = bestseller_shop(|u| 10 + u);
+    let out2 = run_task(&s, &params, &mut other).unwrap();
+    for key in ["pop_blend", "val_hr@10", "val_ndcg@10", "val_hr@10_model"] {
+        assert_eq!(out2.metrics[key], m[key], "{key}");
+    }
+    assert_ne!(out2.metrics["hr@10"], m["hr@10"]);
+}
+
+#[test]
+fn validation_split_holds_out_each_users_latest_remaining_purchase() {
+    let row = |user: &str, item: &str, t: i64| Interaction {
+        user: user.into(),
+        item: item.into(),
+        value: 1.0,
+        timestamp: t,
+    };
+    let rows = vec![
+        row("a", "1", 1),
+        row("a", "2", 5),
+        row("a", "3", 9),
+        row("b", "1", 2),
+    ];
+    let (train, test) = movielens::leave_last_out(&rows);
+    let (fit, valid) = movielens::validation_split(&train, true, 1);
+    assert_eq!(test, vec![row("a", "3", 9)]);
+    assert_eq!(
+        valid,
+        vec![row("a", "2", 5)],
+        "the latest item left after the test split"
+    );
+    assert_eq!(fit, vec![row("a", "1", 1), row("b", "1", 2)]);
+    // Explicit: a seeded random tenth, disjoint from what is trained on.
+    let many: Vec<Interaction> = (0..100).map(|i| row("u", &i.to_string(), i)).collect();
+    let (fit, valid) = movielens::validation_split(&many, false, 1);
+    assert_eq!((fit.len(), valid.len()), (90, 10));
+    assert!(valid.iter().all(|v| !fit.contains(v)));
+    assert_eq!(movielens::validation_split(&many, false, 1).1, valid);
+}

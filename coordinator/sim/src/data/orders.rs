@@ -25,7 +25,7 @@ use fedcart_common::data::orders::{
 use fedcart_common::data::partition::Partitioner;
 use fedcart_common::data::split;
 use fedcart_common::data::tabular::TabularDataset;
-use fedcart_common::model::mf::{MfData, MfHyper};
+use fedcart_common::model::mf::MfHyper;
 use fedcart_common::train::{ChurnData, LocalData};
 use serde::{Deserialize, Serialize};
 
@@ -393,7 +393,14 @@ pub fn build(
                 .enumerate()
                 .map(|(k, (train, test))| LocalData {
                     merchant_id: id(k),
-                    mf: Some(MfData::new(train, test, &catalogue)),
+                    mf: Some(super::with_validation(
+                        train,
+                        test,
+                        &catalogue,
+                        implicit,
+                        seed,
+                        &id(k),
+                    )),
                     ..Default::default()
                 })
                 .collect();

@@ -113,6 +113,7 @@ fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>)
         secagg: None,
         dp: None,
         max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let mut engine = Engine::open(Store::open(&dir.path().join("s.redb")).unwrap(), run).unwrap();

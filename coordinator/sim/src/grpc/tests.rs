@@ -257,6 +257,7 @@ fn min_available_waits_for_the_pool_without_widening_the_selection() {
         secagg: None,
         dp: None,
         max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
     };
     let mut engine = Engine::open(store, run).unwrap();
     let ids: Vec<String> = (0..6).map(|k| format!("m{k}")).collect();

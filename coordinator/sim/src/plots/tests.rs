@@ -36,8 +36,12 @@ fn experiment() -> Experiment {
                 local_only: metric(0.6 + 0.05 * k as f64),
                 federated: metric(0.8),
                 centralized: Some(metric(0.83)),
+                own_popularity: None,
+                global_popularity: None,
+                weight: 1.0,
             })
             .collect(),
+        pooled: Default::default(),
     });
     e.finish();
     e
