@@ -116,7 +116,10 @@ async fn secure_itemsets_over_grpc_equal_the_plaintext_result_and_agents_write_t
         cfg.state_dir = Some(dir.path().join(format!("state-{s}")));
         let data = fedcart_client::data::load(&cfg).unwrap();
         baskets.push(data.baskets.clone().unwrap());
+        // A plaintext agent (no certificate): its policy takes secure
+        // rounds without key binding, as `fedcart_tests::spawn_agent`'s.
         let mut agent = Agent::new(cfg.coordinator.clone(), data)
+            .with_policy(fedcart_client::policy::PrivacyPolicy::without_key_binding())
             .with_state(StateDir::open(cfg.state_dir.clone().unwrap()).unwrap())
             .unwrap();
         agent.backoff = cfg.backoff.clone();
