@@ -2,6 +2,7 @@
 //! the latest global model the agent received plus its private user factors.
 //! Nothing here talks to the coordinator.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use fedcart_common::data::catalogue::Catalogue;

@@ -161,6 +161,7 @@ fn over_grpc(
         quorum: n,
         round_timeout_ms: u64::MAX / 2,
         evaluate: false,
+        early_stopping: None,
         strategy: Default::default(),
         secagg: s.secagg.then(|| SecAggSettings {
             neighbours: None,
