@@ -389,7 +389,9 @@ mod tests {
         // The federated column is the federated model on each merchant's own rows.
         let mut spec_fed = spec.clone();
         spec_fed.standardizer = fed.standardizer.clone();
-        let m0 = evaluate(&spec_fed, &fed.params, &mut [merchants[0].clone()]).unwrap();
+        // A merchant's own metrics (its exact AUC, not the pooled-histogram
+        // figures `evaluate` adds for a federation).
+        let (m0, _) = evaluate_weighted(&spec_fed, &fed.params, &mut merchants[0].clone()).unwrap();
         assert_eq!(value.merchants[0].federated, m0);
         for m in &value.merchants {
             let central = m.centralized.as_ref().expect("LR has no private state");
