@@ -30,7 +30,7 @@
 extern crate self as fedcart_client;
 
 pub mod agent;
-pub mod cli;
+pub use fedcart_common::cli;
 pub mod config;
 pub mod data;
 pub mod policy;

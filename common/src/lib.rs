@@ -6,6 +6,8 @@
 //! the same code runs behind gRPC and inside the in-process simulator.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod data;
 pub mod federation;
 pub mod identity;

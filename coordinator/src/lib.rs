@@ -23,7 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
-pub mod cli;
+pub use fedcart_common::cli;
 pub mod config;
 pub mod engine;
 pub mod identity;

@@ -1,7 +1,8 @@
-//! What the command-line front ends share (`fedcart-coordinator` and
-//! `fedcart-sim`; the agent has the same in `fedcart_client::cli`): logging
-//! to stderr with `-q`/`-v`/`--log-json`/`RUST_LOG`, SIGTERM handled like
-//! Ctrl-C, and errors printed on one line with each cause once.
+//! What the command-line front ends share (`fedcart-coordinator`,
+//! `fedcart-client` and `fedcart-sim`; behind the `cli` feature, so the
+//! library users of `fedcart-common` do not link clap or a subscriber):
+//! logging to stderr with `-q`/`-v`/`--log-json`/`RUST_LOG`, SIGTERM handled
+//! like Ctrl-C, and errors printed on one line with each cause once.
 
 use std::error::Error as StdError;
 use std::io::IsTerminal;
