@@ -344,11 +344,14 @@ pub struct Population {
     pub model: ModelSpec,
 }
 
-/// Loads the data and deals it into `n` merchants.
+/// Loads the data and deals it into `n` merchants. `delimiter` separates
+/// the fields of a ratings file or customer table (an orders export carries
+/// its own, in its mapping).
 pub fn build(
     task: TaskChoice,
     data: &DataSpec,
     files: Option<(&Path, &Path)>,
+    delimiter: u8,
     n: usize,
     partitioner: Partitioner,
     mf: MfHyper,
@@ -370,13 +373,13 @@ pub fn build(
             let implicit = task == TaskChoice::MfImplicit;
             let (all, train, test) = match files {
                 Some((tr, te)) => {
-                    let train = load_ratings(tr)?;
-                    let test = load_ratings(te)?;
+                    let train = load_ratings(tr, delimiter)?;
+                    let test = load_ratings(te, delimiter)?;
                     let all = [train.clone(), test.clone()].concat();
                     (all, train, test)
                 }
                 None => {
-                    let rows = load_ratings(path)?;
+                    let rows = load_ratings(path, delimiter)?;
                     let (train, test) = if implicit {
                         movielens::leave_last_out(&movielens::implicit(&rows, 4.0))
                     } else {
@@ -437,7 +440,7 @@ pub fn build(
             };
             let load = |p: &Path| {
                 schema
-                    .load_csv(p)
+                    .load_csv_delimited(p, delimiter)
                     .with_context(|| format!("loading {}", p.display()))
             };
             let (train, test) = match (files, path) {
@@ -519,8 +522,9 @@ fn mf_model(implicit: bool, num_items: usize, factors: usize, hyper: MfHyper) ->
     }
 }
 
-fn load_ratings(path: &Path) -> anyhow::Result<Vec<Interaction>> {
-    movielens::load_ratings(path).with_context(|| format!("loading {}", path.display()))
+fn load_ratings(path: &Path, delimiter: u8) -> anyhow::Result<Vec<Interaction>> {
+    movielens::load_ratings_delimited(path, delimiter)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 /// Each user's label for Dirichlet skew: the quintile (0–4) of the mean

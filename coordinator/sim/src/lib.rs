@@ -119,6 +119,7 @@ pub fn run_one(
         task,
         data,
         s.files(),
+        s.delimiter(),
         s.merchants,
         s.partition,
         s.mf_hyper(task),

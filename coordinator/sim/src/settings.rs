@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::args::{SimArgs, Transport};
 use super::data::{DataSpec, TaskChoice};
+use fedcart_common::data::orders::Delimiter;
 
 /// What malicious merchants send.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -247,6 +248,15 @@ impl Settings {
         if schema.is_some() && !matches!(data, Some(DataSpec::Csv(_))) {
             bail!("{} applies to --data csv only", name!(schema, "--schema"));
         }
+        if orders.delimiter == Some(Delimiter::Whitespace)
+            && !matches!(data, Some(DataSpec::Orders(_)))
+        {
+            bail!(
+                "{}: whitespace separates only orders exports; a ratings file or customer \
+                 table takes comma, tab, semicolon or pipe",
+                names.of("--delimiter", args.orders.delimiter.is_some())
+            );
+        }
         let secagg = if args.no_secagg {
             false
         } else if args.secagg || file.secagg {
@@ -383,6 +393,12 @@ impl Settings {
             TaskChoice::Noop(_) => 1.0,
             _ => 1e5,
         })
+    }
+
+    /// The field separator of a ratings file or customer table
+    /// (`--delimiter`, default comma; orders exports take theirs from the mapping).
+    pub fn delimiter(&self) -> u8 {
+        self.orders.delimiter.and_then(|d| d.byte()).unwrap_or(b',')
     }
 
     /// The explicit train/test files, if given.

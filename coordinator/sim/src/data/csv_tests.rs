@@ -194,3 +194,50 @@ fn bad_schema_files_and_flags_are_explained() {
     ));
     assert!(err.contains("--schema applies to --data csv only"), "{err}");
 }
+
+#[test]
+fn the_delimiter_flag_reads_semicolon_tables_and_tab_separated_ratings() {
+    let dir = tempfile::tempdir().unwrap();
+    let semicolons = dir.path().join("telco-semicolon.csv");
+    // Telco has no quoted fields, so swapping the separator is exact.
+    let text = std::fs::read_to_string(telco()).unwrap();
+    std::fs::write(&semicolons, text.replace(',', ";")).unwrap();
+    let comma = run(args(
+        "churn-lr",
+        format!("telco:{}", telco().display()),
+        None,
+    ))
+    .unwrap();
+    let mut a = args("churn-lr", format!("telco:{}", semicolons.display()), None);
+    a.orders.delimiter = Some("semicolon".parse().unwrap());
+    let semi = run(a).unwrap();
+    assert_eq!(comma[0].final_model, semi[0].final_model);
+    // Without the flag the header is one field: the error names the file.
+    let err = error(args(
+        "churn-lr",
+        format!("telco:{}", semicolons.display()),
+        None,
+    ));
+    assert!(err.contains("telco-semicolon.csv"), "{err}");
+
+    let ratings =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/ml-latest-small/ratings.csv");
+    let tabs = dir.path().join("ratings.tsv");
+    let text = std::fs::read_to_string(&ratings).unwrap();
+    std::fs::write(&tabs, text.replace(',', "\t")).unwrap();
+    let mf = |path: &Path, delimiter: Option<&str>| {
+        let mut a = args("mf", format!("movielens:{}", path.display()), None);
+        a.rounds = Some(1);
+        a.orders.delimiter = delimiter.map(|d| d.parse().unwrap());
+        run(a)
+    };
+    let comma = mf(&ratings, None).unwrap();
+    let tab = mf(&tabs, Some("tab")).unwrap();
+    assert_eq!(comma[0].final_metrics, tab[0].final_metrics);
+
+    // Whitespace runs are for orders exports only: the flag is named.
+    let mut a = args("churn-lr", format!("telco:{}", telco().display()), None);
+    a.orders.delimiter = Some("whitespace".parse().unwrap());
+    let err = format!("{:#}", Settings::from_args(a).unwrap_err());
+    assert!(err.contains("--delimiter"), "{err}");
+}

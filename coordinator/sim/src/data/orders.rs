@@ -88,7 +88,8 @@ pub struct OrdersArgs {
     #[arg(long = "merchant-col")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub merchant: Option<String>,
-    /// Orders: field separator (comma, tab, semicolon, pipe, whitespace).
+    /// Field separator of the data files (comma, tab, semicolon, pipe; whitespace for orders
+    /// exports only) [default: an orders mapping's, else comma].
     #[arg(long = "delimiter")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delimiter: Option<Delimiter>,

@@ -87,6 +87,7 @@ fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>)
         task,
         &data::DataSpec::None,
         None,
+        b',',
         3,
         s.partition,
         s.mf_hyper(task),
