@@ -64,6 +64,23 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    /// The merchant's certificate does not chain to the CA bundle (another
+    /// CA issued it, or it has expired): the coordinator, which trusts the
+    /// same platform CA for merchants, would refuse it after the handshake.
+    #[error(
+        "the TLS certificate {} is not valid under the CA bundle {}: {reason}; `tls.cert` and \
+         `tls.key` must be issued by the platform's CA (`certs issue`), the one in `tls.ca`",
+        cert.display(),
+        ca.display()
+    )]
+    NotIssuedByCa {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The CA bundle.
+        ca: PathBuf,
+        /// What the verifier found (unknown issuer, expired, ...).
+        reason: String,
+    },
     /// A PEM file was read but holds no usable key or CA certificate.
     #[error("using the TLS {role} {} to bind secure-aggregation keys", path.display())]
     Binding {
@@ -197,8 +214,21 @@ impl AgentTls {
             .with_safe_default_protocol_versions()
             .map_err(identity)?
             .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
+            .with_client_auth_cert(chain.clone(), key)
             .map_err(identity)?;
-        Ok(())
+        let cas = TrustedCas::from_pem(ca).map_err(|source| TlsError::Binding {
+            role: "CA bundle",
+            path: self.ca.clone(),
+            source,
+        })?;
+        cas.verify_client_chain(&chain, rustls::pki_types::UnixTime::now())
+            .map_err(|e| TlsError::NotIssuedByCa {
+                cert: self.cert.clone(),
+                ca: self.ca.clone(),
+                reason: match e {
+                    BindingError::Untrusted(why) => why,
+                    other => other.to_string(),
+                },
+            })
     }
 }

@@ -215,6 +215,28 @@ async fn files_of_another_ca_exit_1_saying_the_coordinator_is_not_signed_by_it()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_certificate_of_another_ca_exits_1_naming_the_certificate() {
+    // The right CA bundle, but the merchant's certificate and key come from
+    // another CA: under TLS 1.3 the coordinator would refuse it only after
+    // the handshake, as a closed connection; the agent finds it first.
+    let p = pki();
+    let coord = start_tls(&p).await;
+    let url = format!("https://localhost:{}", coord.addr.port());
+    let tls = tls_section(&p.ours.ca_cert(), &p.other.cert("m0"), &p.other.key("m0"));
+    let line = agent_fails(&agent_toml(p.dir.path(), "m0", &url, &tls)).await;
+    assert_names(
+        &line,
+        &format!(
+            "the TLS certificate {} is not valid under the CA bundle {}",
+            p.other.cert("m0").display(),
+            p.ours.ca_cert().display()
+        ),
+        "must be issued by the platform's CA",
+    );
+    coord.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_url_without_scheme_exits_1_saying_how_to_write_it() {
     let p = pki();
     let line = agent_fails(&agent_toml(p.dir.path(), "m0", "localhost:50051", "")).await;

@@ -243,6 +243,31 @@ impl TrustedCas {
         }
         Ok(Self { anchors })
     }
+
+    /// Checks that the DER chain (end entity first) chains to one of these
+    /// CAs for client authentication at `now`. The coordinator verifies an
+    /// agent's certificate the same way on every connection, so an agent
+    /// checks its own with this before connecting.
+    pub fn verify_client_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), BindingError> {
+        let (ee, intermediates) = chain.split_first().ok_or(BindingError::NoCertificate)?;
+        let cert = webpki::EndEntityCert::try_from(ee)
+            .map_err(|e| BindingError::Untrusted(e.to_string()))?;
+        cert.verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &self.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| BindingError::Untrusted(e.to_string()))
+    }
 }
 
 /// Verifies `sig` over `message` with the public key of the DER end-entity
@@ -291,23 +316,11 @@ pub fn verify_entry(
         .signature
         .as_ref()
         .ok_or(BindingError::NoSignature)?;
-    let ee_der = CertificateDer::from(ee.as_slice());
-    let intermediates: Vec<CertificateDer<'_>> = intermediates
-        .iter()
+    let chain: Vec<CertificateDer<'_>> = std::iter::once(ee)
+        .chain(intermediates)
         .map(|c| CertificateDer::from(c.as_slice()))
         .collect();
-    let cert = webpki::EndEntityCert::try_from(&ee_der)
-        .map_err(|e| BindingError::Untrusted(e.to_string()))?;
-    cert.verify_for_usage(
-        provider().signature_verification_algorithms.all,
-        &cas.anchors,
-        &intermediates,
-        now,
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map_err(|e| BindingError::Untrusted(e.to_string()))?;
+    cas.verify_client_chain(&chain, now)?;
     match identity_of(ee) {
         None => return Err(BindingError::NoIdentity),
         Some(id) if id != binding.merchant_id => {
