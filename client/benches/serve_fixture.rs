@@ -131,6 +131,30 @@ impl Fixture {
         );
     }
 
+    /// Stores `version` of an implicit (BPR) recommender and user state whose
+    /// validation chose `pop_blend`, as the agent does after an implicit
+    /// round.
+    pub fn publish_implicit(&self, version: u64, pop_blend: f32) {
+        let mf = initial_params(self.num_items, FACTORS, 0.1, version);
+        self.save(
+            ModelSpec::MfImplicit {
+                num_items: self.num_items,
+                factors: FACTORS,
+                hyper: MfHyper::default(),
+            },
+            None,
+            version,
+            &mf,
+        );
+        let mut users = self
+            .state
+            .load_users()
+            .expect("user factors readable")
+            .expect("user factors saved");
+        users.pop_blend = pop_blend;
+        self.state.save_users(&users).expect("user factors saved");
+    }
+
     fn save(&self, model: ModelSpec, st: Option<Standardizer>, version: u64, params: &[f32]) {
         let meta = GlobalMeta {
             run_id: "fixture".into(),

@@ -2,7 +2,7 @@
 //! the latest global model the agent received plus its private user factors.
 //! Nothing here talks to the coordinator.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use fedcart_common::data::catalogue::Catalogue;
@@ -96,21 +96,62 @@ pub struct Recommendation {
 }
 
 /// The stored global recommender and the private user factors: everything
-/// needed to score the catalogue for one of this merchant's customers.
+/// needed to score the catalogue for one of this merchant's customers. The
+/// one ranking of the merchant's recommendations, shared by `fedcart-client
+/// recommend` ([`recommend_with`]) and the HTTP API (`serve`).
 #[derive(Debug, Clone)]
 pub struct Recommender {
     /// The global model version.
     pub version: u64,
     num_items: usize,
     factors: usize,
+    implicit: bool,
     global: Vec<f32>,
     users: fedcart_common::model::mf::UserState,
 }
 
-/// The catalogue indices `u` bought or rated (train and held-out rows).
+/// What the ranking needs from the merchant's own purchases: its item
+/// popularity (the blend implicit MF chose on validation) and each
+/// customer's purchase counts. Built once from the merchant's [`MfData`].
+#[derive(Debug, Clone, Default)]
+pub struct Purchases {
+    /// The merchant's standardised item popularity (`local_popularity`).
+    popularity: Vec<f32>,
+    /// Per local user: catalogue index → times bought or rated (train,
+    /// validation and held-out rows).
+    bought: Vec<HashMap<u32, f32>>,
+}
+
+impl Purchases {
+    /// The popularity and purchase counts of `mf` over `num_items` items.
+    pub fn of(mf: &MfData, num_items: usize) -> Self {
+        let mut bought = vec![HashMap::new(); mf.users.len()];
+        for r in mf.train.iter().chain(&mf.valid).chain(&mf.test) {
+            if let Some(b) = bought.get_mut(r.user as usize) {
+                *b.entry(r.item).or_insert(0.0) += 1.0;
+            }
+        }
+        Self {
+            popularity: local_popularity(mf, num_items),
+            bought,
+        }
+    }
+
+    /// Items local user `u` bought or rated.
+    pub fn bought(&self, u: usize) -> impl Iterator<Item = u32> + '_ {
+        self.bought
+            .get(u)
+            .into_iter()
+            .flat_map(|b| b.keys().copied())
+    }
+}
+
+/// The catalogue indices `u` bought or rated (train, validation and
+/// held-out rows).
 pub fn purchased(mf: &MfData, u: usize) -> HashSet<u32> {
     mf.train
         .iter()
+        .chain(&mf.valid)
         .chain(&mf.test)
         .filter(|r| r.user as usize == u)
         .map(|r| r.item)
@@ -132,8 +173,8 @@ impl Recommender {
         let Some((meta, global)) = state.load_global("mf")? else {
             return Err(RecommendError::NoRecommender);
         };
-        let (num_items, factors) = match meta.spec.model.mf_shape() {
-            Some(shape) => (shape.num_items, shape.k),
+        let (num_items, factors, implicit) = match meta.spec.model.mf_shape() {
+            Some(shape) => (shape.num_items, shape.k, shape.implicit),
             None => return Err(RecommendError::UnexpectedSpec),
         };
         if num_items != catalogue_len {
@@ -150,25 +191,36 @@ impl Recommender {
             version: meta.version,
             num_items,
             factors,
+            implicit,
             global,
             users,
         })
     }
 
-    /// The top `k` catalogue indices for local user `u` (an index into
-    /// `MfData::users`) with their scores, best first, ties by index:
-    /// μ + b_i + b_u + p_u·q_i, skipping the items in `exclude`.
-    pub fn top_k(
+    /// The model's item count.
+    pub fn num_items(&self) -> usize {
+        self.num_items
+    }
+
+    /// The top `opts.k` catalogue indices for local user `u` (an index into
+    /// `MfData::users`) with their scores, best first, ties by index.
+    /// Explicit MF ranks by the predicted rating `μ + b_i + b_u + p_u·q_i`;
+    /// implicit MF by the standardised `b_i + p_u·q_i` blended with the
+    /// merchant's own item popularity at the weight its last validation
+    /// chose (`UserState::pop_blend`), exactly the ranking its evaluation
+    /// measured. With `repeat_weight` the customer's own purchase counts are
+    /// blended in too. Items the customer bought are skipped unless
+    /// `include_repeats` (or `repeat_weight`) is set.
+    pub fn rank(
         &self,
         customer: &str,
         u: usize,
-        k: usize,
-        exclude: &HashSet<u32>,
+        purchases: &Purchases,
+        opts: &RecommendOptions,
     ) -> Result<Vec<(u32, f32)>, RecommendError> {
-        check_k(k)?;
-        let f = self.factors;
-        if self.users.k != f || (u + 1) * f > self.users.factors.len() || u >= self.users.bias.len()
-        {
+        check_k(opts.k)?;
+        let (n, f) = (self.num_items, self.factors);
+        if self.users.k != f || (u + 1) * f > self.users.factors.len() {
             return Err(RecommendError::Untrained {
                 customer: customer.to_owned(),
                 factors: f,
@@ -176,21 +228,56 @@ impl Recommender {
         }
         let global = &self.global;
         let pu = &self.users.factors[u * f..(u + 1) * f];
-        let bu = self.users.bias[u];
-        let mut scored: Vec<(u32, f32)> = (0..self.num_items as u32)
-            .filter(|i| !exclude.contains(i))
+        let bu = self.users.bias.get(u).copied().unwrap_or(0.0);
+        let mut scores: Vec<f32> = (0..n)
             .map(|i| {
                 // In range: `load` checked the length against the shape.
-                let (b, q) = item_offsets(self.num_items, f, i as usize);
+                let (b, q) = item_offsets(n, f, i);
                 let dot: f32 = pu.iter().zip(&global[q..q + f]).map(|(a, b)| a * b).sum();
-                (i, global[0] + global[b] + bu + dot)
+                if self.implicit {
+                    global[b] + dot
+                } else {
+                    global[0] + global[b] + bu + dot
+                }
             })
-            .filter(|(_, s)| s.is_finite())
+            .collect();
+        if self.implicit && purchases.popularity.len() == n {
+            let model = standardised(&scores);
+            blend(
+                &model,
+                &purchases.popularity,
+                self.users.pop_blend,
+                &mut scores,
+            );
+        }
+        let empty = HashMap::new();
+        let bought = purchases.bought.get(u).unwrap_or(&empty);
+        if let Some(w) = opts.repeat_weight {
+            let mut times = vec![0.0f32; n];
+            for (&i, &t) in bought {
+                if let Some(x) = times.get_mut(i as usize) {
+                    *x = t.ln_1p();
+                }
+            }
+            let model = standardised(&scores);
+            blend(
+                &model,
+                &standardised(&times),
+                w.clamp(0.0, 1.0),
+                &mut scores,
+            );
+        }
+        let keep_repeats = opts.include_repeats || opts.repeat_weight.is_some();
+        let mut scored: Vec<(u32, f32)> = scores
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (i as u32, s))
+            .filter(|(i, s)| s.is_finite() && (keep_repeats || !bought.contains_key(i)))
             .collect();
         let by_score = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if scored.len() > k {
-            scored.select_nth_unstable_by(k - 1, by_score);
-            scored.truncate(k);
+        if scored.len() > opts.k {
+            scored.select_nth_unstable_by(opts.k - 1, by_score);
+            scored.truncate(opts.k);
         }
         scored.sort_by(by_score);
         Ok(scored)
@@ -235,13 +322,7 @@ pub fn recommend(
 }
 
 /// Recommendations for `customer` from the stored global model and the
-/// private user factors. Explicit MF ranks by the predicted rating
-/// `μ + b_i + b_u + p_u·q_i`; implicit MF by the standardised `b_i + p_u·q_i`
-/// blended with the merchant's own item popularity at the weight its last
-/// validation chose (`UserState::pop_blend`), exactly the ranking its
-/// evaluation measured. With `repeat_weight` the customer's own purchase
-/// counts are blended in too. Shared by `fedcart-client recommend` and any
-/// other front end (HTTP serving).
+/// private user factors, ranked by [`Recommender::rank`].
 pub fn recommend_with(
     state: &StateDir,
     mf: &MfData,
@@ -250,74 +331,15 @@ pub fn recommend_with(
     opts: &RecommendOptions,
 ) -> Result<Vec<Recommendation>, RecommendError> {
     check_k(opts.k)?;
-    let Some((meta, global)) = state.load_global("mf")? else {
-        return Err(RecommendError::NoRecommender);
-    };
-    let (num_items, factors, implicit) = match meta.spec.model.mf_shape() {
-        Some(shape) => (shape.num_items, shape.k, shape.implicit),
-        None => return Err(RecommendError::UnexpectedSpec),
-    };
-    if num_items != catalogue.len() {
-        return Err(RecommendError::CatalogueMismatch {
-            model: num_items,
-            catalogue: catalogue.len(),
-        });
-    }
-    let users = state.load_users()?.ok_or(RecommendError::NoUserFactors)?;
+    let rec = Recommender::load(state, catalogue.len())?;
     let u = mf
         .users
         .iter()
         .position(|c| c == customer)
         .ok_or_else(|| RecommendError::UnknownCustomer(customer.to_owned()))?;
-    if users.k != factors || (u + 1) * factors > users.factors.len() {
-        return Err(RecommendError::Untrained {
-            customer: customer.to_owned(),
-            factors,
-        });
-    }
-    let pu = &users.factors[u * factors..(u + 1) * factors];
-    let bu = users.bias.get(u).copied().unwrap_or(0.0);
-    let mut times = vec![0.0f32; num_items];
-    for r in mf.train.iter().chain(&mf.valid).chain(&mf.test) {
-        if r.user as usize == u && (r.item as usize) < num_items {
-            times[r.item as usize] += 1.0;
-        }
-    }
-    let mut scores: Vec<f32> = (0..num_items)
-        .map(|i| {
-            let (b, q) = item_offsets(num_items, factors, i);
-            let dot: f32 = pu
-                .iter()
-                .zip(&global[q..q + factors])
-                .map(|(a, b)| a * b)
-                .sum();
-            if implicit {
-                global[b] + dot
-            } else {
-                global[0] + global[b] + bu + dot
-            }
-        })
-        .collect();
-    if implicit {
-        let pop = local_popularity(mf, num_items);
-        let model = standardised(&scores);
-        blend(&model, &pop, users.pop_blend, &mut scores);
-    }
-    if let Some(w) = opts.repeat_weight {
-        let model = standardised(&scores);
-        let own: Vec<f32> = standardised(&times.iter().map(|t| t.ln_1p()).collect::<Vec<_>>());
-        blend(&model, &own, w.clamp(0.0, 1.0), &mut scores);
-    }
-    let keep_repeats = opts.include_repeats || opts.repeat_weight.is_some();
-    let mut scored: Vec<(u32, f32)> = scores
-        .into_iter()
-        .enumerate()
-        .filter(|&(i, s)| s.is_finite() && (keep_repeats || times[i] == 0.0))
-        .map(|(i, s)| (i as u32, s))
-        .collect();
-    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    scored.truncate(opts.k);
-    Ok(scored
+    let purchases = Purchases::of(mf, rec.num_items());
+    Ok(rec
+        .rank(customer, u, &purchases, opts)?
         .into_iter()
         .map(|(i, score)| Recommendation {
             item: catalogue.id(i).expect("index within catalogue").to_owned(),

@@ -28,7 +28,7 @@
 //! two writes, see [`crate::state`]) is skipped until the next poll, so the
 //! old snapshot keeps serving.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,8 +108,8 @@ struct MfLocal {
     names: HashMap<String, String>,
     /// Customer id → local user index.
     users: HashMap<String, usize>,
-    /// Items each user bought or rated, by user index.
-    purchased: Vec<HashSet<u32>>,
+    /// The merchant's popularity and each user's purchases, for the ranking.
+    purchases: recommend::Purchases,
 }
 
 impl LocalFiles {
@@ -124,10 +124,7 @@ impl LocalFiles {
                 let mf = data::load_mf(ratings, cfg)?;
                 let catalogue =
                     data::catalogue(cfg.data.catalogue.as_ref().ok_or(DataError::NoCatalogue)?)?;
-                let mut purchased = vec![HashSet::new(); mf.users.len()];
-                for r in mf.train.iter().chain(&mf.test) {
-                    purchased[r.user as usize].insert(r.item);
-                }
+                let purchases = recommend::Purchases::of(&mf, catalogue.len());
                 Some(MfLocal {
                     catalogue,
                     names: data::configured_item_names(cfg)?,
@@ -137,7 +134,7 @@ impl LocalFiles {
                         .enumerate()
                         .map(|(i, c)| (c.clone(), i))
                         .collect(),
-                    purchased,
+                    purchases,
                 })
             }
             None => None,
@@ -399,7 +396,7 @@ async fn version(State(app): State<AppState>) -> Json<Versions> {
 }
 
 /// Query parameters of the recommendations route.
-const RECOMMEND_PARAMS: &str = "k, include_repeats";
+const RECOMMEND_PARAMS: &str = "k, include_repeats, repeat_weight";
 
 async fn recommendations(
     State(app): State<AppState>,
@@ -407,18 +404,21 @@ async fn recommendations(
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
-    let mut k = 10;
-    let mut include_repeats = false;
+    let mut opts = recommend::RecommendOptions::top(10);
     for (name, value) in &params {
         match name.as_str() {
             "k" => match value.parse::<usize>() {
-                Ok(v) => k = v,
+                Ok(v) => opts.k = v,
                 Err(_) => return bad(format!("k = `{value}` is not a whole number")),
             },
             "include_repeats" => match value.as_str() {
-                "true" | "1" => include_repeats = true,
-                "false" | "0" => include_repeats = false,
+                "true" | "1" => opts.include_repeats = true,
+                "false" | "0" => opts.include_repeats = false,
                 _ => return bad(format!("include_repeats = `{value}`: use true or false")),
+            },
+            "repeat_weight" => match value.parse::<f32>() {
+                Ok(w) if (0.0..=1.0).contains(&w) => opts.repeat_weight = Some(w),
+                _ => return bad(format!("repeat_weight = `{value}`: use a number in [0, 1]")),
             },
             other => {
                 return bad(format!(
@@ -427,7 +427,7 @@ async fn recommendations(
             }
         }
     }
-    if let Err(e) = recommend::check_k(k) {
+    if let Err(e) = recommend::check_k(opts.k) {
         return bad(e.to_string());
     }
     let Some(mf) = &app.local.mf else {
@@ -444,13 +444,7 @@ async fn recommendations(
         Ok((v, r)) => (*v, r),
         Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, why.clone()),
     };
-    let none = HashSet::new();
-    let exclude = if include_repeats {
-        &none
-    } else {
-        &mf.purchased[u]
-    };
-    match rec.top_k(&customer, u, k, exclude) {
+    match rec.rank(&customer, u, &mf.purchases, &opts) {
         Ok(top) => {
             let items: Vec<recommend::Recommendation> = top
                 .into_iter()
@@ -536,6 +530,8 @@ mod fixture;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
     use bytes::Bytes;
     use http_body_util::{BodyExt, Empty};
     use hyper_util::client::legacy::Client;
@@ -566,6 +562,59 @@ mod tests {
         )
         .await
         .expect("server starts")
+    }
+
+    /// The item ids of a fresh server's top 10 for `who`.
+    async fn served_ids(f: &fixture::Fixture, who: &str) -> Vec<String> {
+        let server = start_fixture(f).await;
+        let (status, body) = get(
+            &client(),
+            server.addr,
+            &format!("/v1/customers/{who}/recommendations?k=10"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["item"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn implicit_recommendations_blend_the_merchants_popularity_as_the_command_line_does() {
+        let f = fixture::Fixture::new();
+        let who = &f.shoppers[3];
+        let mf = data::load_mf(f.cfg.data.ratings_csv.as_ref().unwrap(), &f.cfg).unwrap();
+        let cat = data::catalogue(f.cfg.data.catalogue.as_ref().unwrap()).unwrap();
+        let cli = |k| -> Vec<String> {
+            recommend::recommend(&f.state, &mf, &cat, who, k)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.item)
+                .collect()
+        };
+        // A blend the validation chose: the API ranks as `recommend` does.
+        f.publish_implicit(2, 0.4);
+        let blended = served_ids(&f, who).await;
+        assert_eq!(blended, cli(10));
+        // All weight on popularity: the merchant's best sellers this
+        // customer has not bought, in popularity order.
+        f.publish_implicit(3, 1.0);
+        let pop = fedcart_common::model::mf::local_popularity(&mf, cat.len());
+        let bought = recommend::purchased(&mf, 3);
+        let mut best: Vec<u32> = (0..cat.len() as u32)
+            .filter(|i| !bought.contains(i))
+            .collect();
+        best.sort_by(|a, b| pop[*b as usize].total_cmp(&pop[*a as usize]).then(a.cmp(b)));
+        let expected: Vec<String> = best[..10]
+            .iter()
+            .map(|&i| cat.id(i).unwrap().to_owned())
+            .collect();
+        assert_eq!(served_ids(&f, who).await, expected);
+        assert_eq!(cli(10), expected);
+        assert_ne!(blended, expected, "the blend weight changes the list");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
