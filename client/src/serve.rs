@@ -10,6 +10,9 @@
 //! - `/v1/customers/{id}/recommendations?k=10&include_repeats=false`: top-k
 //!   catalogue items, excluding what the customer already bought unless
 //!   `include_repeats=true`, with their names when `data.item_names` has them;
+//!   `repeat_weight=W` blends in the customer's own frequent items. The
+//!   ranking is [`Recommender::rank`], the one `fedcart-client recommend`
+//!   prints (an implicit model blended with the merchant's popularity);
 //! - `/v1/customers/{id}/churn`: the churn probability;
 //! - `/v1/customers/{id}/segment`: the federation's customer segment (once a
 //!   k-means run delivered one).
