@@ -47,6 +47,59 @@ pub fn validate_id(id: &str) -> Result<(), InvalidMerchantId> {
     }
 }
 
+/// URI prefix of operator identities: the platform operator's certificates,
+/// which may call the admin and status RPCs but never take part as a
+/// merchant.
+pub const OPERATOR_URI_PREFIX: &str = "fedcart://operator/";
+
+/// The SAN URI that names operator `name` (same alphabet as merchant ids).
+pub fn operator_uri(name: &str) -> String {
+    format!("{OPERATOR_URI_PREFIX}{name}")
+}
+
+/// Who a certificate names: the two kinds of identity `certs` issues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// `fedcart://merchant/<id>`: trains, may see only its own view.
+    Merchant(String),
+    /// `fedcart://operator/<name>`: runs the platform, never trains.
+    Operator(String),
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Merchant(id) => write!(f, "merchant `{id}`"),
+            Role::Operator(name) => write!(f, "operator `{name}`"),
+        }
+    }
+}
+
+/// The role a DER end-entity certificate names, from its URI SANs: exactly
+/// one fedcart identity (a merchant or an operator, with a valid id), else
+/// `None` — a certificate naming two identities is refused rather than
+/// guessed at. Like [`identity_of`], it does not check the chain.
+pub fn role_of(cert: &[u8]) -> Option<Role> {
+    let der = rustls::pki_types::CertificateDer::from(cert);
+    let ee = webpki::EndEntityCert::try_from(&der).ok()?;
+    let mut found = None;
+    for uri in ee.valid_uri_names() {
+        let role = if let Some(id) = uri.strip_prefix(MERCHANT_URI_PREFIX) {
+            Role::Merchant(id.to_owned())
+        } else if let Some(name) = uri.strip_prefix(OPERATOR_URI_PREFIX) {
+            Role::Operator(name.to_owned())
+        } else {
+            continue;
+        };
+        let (Role::Merchant(id) | Role::Operator(id)) = &role;
+        if validate_id(id).is_err() || found.is_some() {
+            return None;
+        }
+        found = Some(role);
+    }
+    found
+}
+
 /// Extracts the merchant id from a DER end-entity certificate: the first
 /// URI SAN under [`MERCHANT_URI_PREFIX`]. `None` for bytes that are not a
 /// certificate or a certificate that names no merchant. This does not check

@@ -1,14 +1,21 @@
 //! A development certificate authority: `fedcart-coordinator certs
 //! init|issue|revoke`.
 //!
-//! `init` creates a CA and the coordinator's server certificate; `issue`
-//! signs one client certificate per merchant whose identity is the URI SAN
-//! `fedcart://merchant/<id>` (see [`crate::identity`]) and, with `--kit`,
-//! writes the merchant's ready-to-run folder ([`write_kit`]); `revoke` adds the
-//! identity to the access file's revocation list, which the coordinator
-//! re-reads without a restart. Keys are written with mode 0600. Production
-//! deployments can bring their own CA: the coordinator only needs a CA bundle,
-//! its own certificate and key, and merchant certificates carrying the URI SAN.
+//! `init` creates a CA, the coordinator's server certificate and the
+//! platform operator's identity: a client certificate naming
+//! `fedcart://operator/operator` (for `status` and the admin RPCs) and a
+//! bearer token file for the HTTP endpoints (`operator.token`). `issue` signs
+//! one client certificate per merchant whose identity is the URI SAN
+//! `fedcart://merchant/<id>` (see [`crate::identity`]), or with `--operator`
+//! another operator's; it refuses to overwrite an issued identity without
+//! `--force`, and with `--kit` writes the merchant's ready-to-run folder
+//! ([`write_kit`]). `revoke` adds the certificate's serial number to the
+//! access file's revocation list, which the coordinator re-reads without a
+//! restart: a certificate issued later for the same id has another serial and
+//! is not revoked by it. Keys and the token are written with mode 0600.
+//! Production deployments can bring their own CA: the coordinator only needs
+//! a CA bundle, its own certificate and key, and client certificates carrying
+//! the URI SAN.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,7 +26,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-use crate::identity::{AccessList, merchant_uri};
+use crate::identity::{AccessList, merchant_uri, operator_uri, serial_of};
 
 /// The CA's subject. `issue` rebuilds the issuer from it and the CA key.
 const CA_NAME: &str = "fedcart development CA";
@@ -51,6 +58,27 @@ impl CertDir {
     pub fn key(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.key"))
     }
+    /// The operator's bearer token for the HTTP endpoints.
+    pub fn operator_token(&self) -> PathBuf {
+        self.dir.join(OPERATOR_TOKEN)
+    }
+}
+
+/// The name of the operator identity `init` issues (its files are
+/// `operator.pem` and `operator.key`; `status` uses it by default).
+pub const OPERATOR: &str = "operator";
+
+/// The file name of the operator's HTTP bearer token inside a certificate
+/// directory.
+pub const OPERATOR_TOKEN: &str = "operator.token";
+
+/// Which kind of identity a certificate carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `fedcart://merchant/<id>`: trains; added to the allow-list.
+    Merchant,
+    /// `fedcart://operator/<id>`: status and admin RPCs, never trains.
+    Operator,
 }
 
 fn ca_params() -> anyhow::Result<CertificateParams> {
@@ -125,17 +153,54 @@ pub fn init(dir: &CertDir, hosts: &[String]) -> anyhow::Result<()> {
     let cert = p.signed_by(&key, &issuer)?;
     write_file(&dir.key("coordinator"), &key.serialize_pem(), true)?;
     write_file(&dir.cert("coordinator"), &cert.pem(), false)?;
+    issue_kind(dir, OPERATOR, Kind::Operator, false)?;
+    let token: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    write_file(&dir.operator_token(), &format!("{token}\n"), true)?;
     Ok(())
 }
 
-/// Issues a client certificate for merchant `id`.
+/// Issues a client certificate for merchant `id`, refusing to replace an
+/// issued one: [`issue_kind`] without `force`.
 pub fn issue(dir: &CertDir, id: &str) -> anyhow::Result<()> {
+    issue_kind(dir, id, Kind::Merchant, false)
+}
+
+/// Issues a client certificate of `kind` for `id` (`<id>.pem`, `<id>.key`)
+/// with a fresh random serial. Refuses to overwrite an existing certificate
+/// or key unless `force`: re-issuing replaces a merchant's identity, and the
+/// old certificate stays valid until it is revoked.
+pub fn issue_kind(dir: &CertDir, id: &str, kind: Kind, force: bool) -> anyhow::Result<()> {
     crate::identity::validate_id(id)?;
+    if !force {
+        for p in [dir.cert(id), dir.key(id)] {
+            if p.exists() {
+                bail!(
+                    "{} exists: `{id}` is already issued; pass --force to issue a new \
+                     certificate (revoke the old one with `certs revoke --id {id}` first if it \
+                     must stop working)",
+                    p.display()
+                );
+            }
+        }
+    }
     let issuer = load_ca(dir)?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
-    p.subject_alt_names = vec![SanType::URI(merchant_uri(id).try_into()?)];
+    let uri = match kind {
+        Kind::Merchant => merchant_uri(id),
+        Kind::Operator => operator_uri(id),
+    };
+    p.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
     p.distinguished_name.push(DnType::CommonName, id);
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    // A positive 16-byte serial (top bit clear), unique per certificate: what
+    // revocation names.
+    let mut serial = rand::random::<[u8; 16]>();
+    serial[0] &= 0x7f;
+    serial[0] |= 0x01;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer)?;
     write_file(&dir.key(id), &key.serialize_pem(), true)?;
@@ -247,15 +312,88 @@ pub fn allow(access: &Path, id: &str) -> anyhow::Result<()> {
     if !list.allow.iter().any(|a| a == id) {
         list.allow.push(id.into());
     }
-    list.revoked.retain(|r| r != id);
     write_file(access, &list.to_toml(), false)
 }
 
-/// Revokes `id`: the coordinator refuses it from its next RPC on.
-pub fn revoke(access: &Path, id: &str) -> anyhow::Result<()> {
+/// The serial of the certificate in `path` (a PEM file), as
+/// [`serial_of`] prints it.
+pub fn serial_of_file(path: &Path) -> anyhow::Result<String> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let der = rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .with_context(|| format!("{} holds no PEM certificate", path.display()))?
+        .with_context(|| format!("reading {}", path.display()))?;
+    serial_of(&der).with_context(|| format!("{}: not an X.509 certificate", path.display()))
+}
+
+/// What [`revoke`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The revoked serial.
+    pub serial: String,
+    /// A warning for the operator (e.g. the id was not on the allow-list).
+    pub warning: Option<String>,
+}
+
+/// Revokes the certificate issued for `id` in `dir` (or the certificate
+/// with `serial`, when its file is gone): the coordinator refuses it from
+/// its next RPC on. An id with no certificate in `dir` is an error that
+/// lists the issued ids; an id not on the allow-list (an operator, a typo)
+/// is revoked with a warning.
+pub fn revoke(
+    access: &Path,
+    dir: &CertDir,
+    id: &str,
+    serial: Option<&str>,
+) -> anyhow::Result<Revoked> {
+    crate::identity::validate_id(id)?;
+    let serial = match serial {
+        Some(s) => {
+            let s = s.replace(':', "").to_ascii_lowercase();
+            if s.is_empty() || !s.chars().all(|c| c.is_ascii_hexdigit()) {
+                bail!("--serial `{s}` must be the certificate's serial number in hex");
+            }
+            s
+        }
+        None => {
+            let cert = dir.cert(id);
+            if !cert.exists() {
+                bail!(
+                    "no certificate issued for `{id}` in {} (issued: {}); pass --dir with the \
+                     directory it was issued in, or --serial",
+                    dir.dir.display(),
+                    issued_ids(dir).join(", ")
+                );
+            }
+            serial_of_file(&cert)?
+        }
+    };
     let mut list = AccessList::load_or_default(access)?;
-    if !list.revoked.iter().any(|r| r == id) {
-        list.revoked.push(id.into());
+    let warning = (!list.allow.iter().any(|a| a == id)).then(|| {
+        format!(
+            "`{id}` is not on the allow-list of {} (an operator, or a typo?)",
+            access.display()
+        )
+    });
+    if !list.revoked_serials.contains(&serial) {
+        list.revoked_serials.push(serial.clone());
     }
-    write_file(access, &list.to_toml(), false)
+    write_file(access, &list.to_toml(), false)?;
+    Ok(Revoked { serial, warning })
+}
+
+/// The ids with a certificate in `dir` (not the CA or the coordinator).
+fn issued_ids(dir: &CertDir) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(&dir.dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let id = name.strip_suffix(".pem")?;
+            (id != "ca" && id != "coordinator").then(|| id.to_owned())
+        })
+        .collect();
+    ids.sort();
+    ids
 }

@@ -170,6 +170,26 @@ pub struct ServeConfig {
     /// Address of the HTTP listener for `/metrics`, health and the dashboard.
     #[serde(default)]
     pub http_listen: Option<SocketAddr>,
+    /// The operator's bearer token every HTTP route but `/healthz` and
+    /// `/readyz` requires (env `FEDCART_HTTP_TOKEN_FILE`). Default with TLS:
+    /// `operator.token` beside `serve.tls.ca`, as `certs init` writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_token_file: Option<PathBuf>,
+}
+
+impl ServeConfig {
+    /// The token file the HTTP listener requires: `http_token_file`, else
+    /// with TLS the `operator.token` beside the CA, else none (plaintext
+    /// development mode).
+    pub fn effective_http_token_file(&self) -> Option<PathBuf> {
+        self.http_token_file.clone().or_else(|| {
+            self.tls.as_ref().map(|t| {
+                t.ca.parent()
+                    .unwrap_or(Path::new("."))
+                    .join(crate::certs::OPERATOR_TOKEN)
+            })
+        })
+    }
 }
 
 fn ping_ms() -> u64 {
@@ -264,6 +284,9 @@ impl CoordinatorConfig {
             }
         };
         resolve(&mut cfg.serve.store);
+        if let Some(p) = &mut cfg.serve.http_token_file {
+            resolve(p);
+        }
         if let Some(t) = &mut cfg.serve.tls {
             for p in [&mut t.ca, &mut t.cert, &mut t.key, &mut t.access] {
                 resolve(p);

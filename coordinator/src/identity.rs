@@ -29,20 +29,39 @@ use tonic::{Request, Status};
 pub const ACCESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub use fedcart_common::identity::{
-    InvalidMerchantId, MAX_MERCHANT_ID_LEN, MERCHANT_URI_PREFIX, identity_of, merchant_uri,
-    validate_id,
+    InvalidMerchantId, MAX_MERCHANT_ID_LEN, MERCHANT_URI_PREFIX, OPERATOR_URI_PREFIX, Role,
+    identity_of, merchant_uri, operator_uri, role_of, validate_id,
 };
 
-/// The access file: who may join, who is revoked (revocation wins).
+/// The access file: who may join, which certificates are revoked
+/// (revocation wins).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessList {
     /// Merchant ids admitted.
     #[serde(default)]
     pub allow: Vec<String>,
-    /// Merchant ids refused even with a valid certificate.
+    /// Merchant ids refused whatever their certificate (older access files;
+    /// `certs revoke` now revokes certificates by serial).
     #[serde(default)]
     pub revoked: Vec<String>,
+    /// Revoked certificates, by serial number (lower-case hex, as
+    /// [`serial_of`] prints it), merchant or operator: a re-issued
+    /// certificate has a new serial, the revoked one stays refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_serials: Vec<String>,
+}
+
+/// The serial number of a DER certificate, as lower-case hex without
+/// separators (`None` for bytes that are not a certificate).
+pub fn serial_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(
+        cert.raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 impl AccessList {
@@ -60,7 +79,15 @@ impl AccessList {
         toml::to_string(self).expect("string lists serialise")
     }
 
-    /// Why `id` is refused, if it is.
+    /// Why the certificate with `serial` is refused, if it is revoked.
+    pub fn serial_refusal(&self, serial: &str) -> Option<&'static str> {
+        self.revoked_serials
+            .iter()
+            .any(|r| r == serial)
+            .then_some("revoked (its certificate's serial is on the revocation list)")
+    }
+
+    /// Why merchant `id` is refused, if it is.
     pub fn refusal(&self, id: &str) -> Option<&'static str> {
         if self.revoked.iter().any(|r| r == id) {
             Some("revoked")
@@ -115,11 +142,24 @@ impl Access {
     }
 }
 
-/// The certificate identity of the caller, attached to each request.
+/// The merchant certificate identity of the caller, attached to each request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity(pub String);
 
-/// Refuses callers without an admitted certificate identity.
+/// The serial of the caller's certificate, attached to each request with
+/// its identity (sessions keep it, so revoking the certificate closes them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSerial(pub String);
+
+/// The operator certificate identity of the caller, attached to each
+/// request instead of a [`PeerIdentity`]: admin and status RPCs only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorIdentity(pub String);
+
+/// Refuses callers without an admitted certificate identity: a merchant on
+/// the allow-list, or an operator certificate the CA issued; either is
+/// refused when its certificate's serial (or, for merchants, its id) is
+/// revoked.
 #[derive(Clone)]
 pub struct AccessInterceptor {
     /// The allow-list.
@@ -133,33 +173,62 @@ impl tonic::service::Interceptor for AccessInterceptor {
             tracing::warn!(?remote, "refused: no client certificate");
             return Err(Status::unauthenticated("a client certificate is required"));
         };
-        let Some(id) = certs.first().and_then(|c| identity_of(c)) else {
+        let Some(leaf) = certs.first() else {
+            return Err(Status::unauthenticated("a client certificate is required"));
+        };
+        let Some(role) = role_of(leaf) else {
             tracing::warn!(
                 ?remote,
-                "refused: certificate has no fedcart merchant identity"
+                "refused: certificate has no (or more than one) fedcart identity"
             );
             return Err(Status::unauthenticated(
-                "the client certificate names no fedcart://merchant/<id>",
+                "the client certificate names no fedcart://merchant/<id> or \
+                 fedcart://operator/<name>",
             ));
         };
+        let serial = serial_of(leaf).unwrap_or_default();
         let list = self.access.current().map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "access list unavailable");
             Status::unavailable("access list unavailable")
         })?;
-        if let Some(why) = list.refusal(&id) {
-            tracing::warn!(merchant = %id, ?remote, reason = why, "refused merchant");
-            return Err(Status::permission_denied(format!(
-                "merchant `{id}` is {why}"
-            )));
+        let refusal = list.serial_refusal(&serial).or(match &role {
+            Role::Merchant(id) => list.refusal(id),
+            Role::Operator(_) => None,
+        });
+        if let Some(why) = refusal {
+            tracing::warn!(%role, serial, ?remote, reason = why, "refused");
+            return Err(Status::permission_denied(format!("{role} is {why}")));
         }
-        req.extensions_mut().insert(PeerIdentity(id));
+        req.extensions_mut().insert(CertSerial(serial));
+        match role {
+            Role::Merchant(id) => req.extensions_mut().insert(PeerIdentity(id)),
+            Role::Operator(name) => {
+                req.extensions_mut().insert(OperatorIdentity(name));
+                None
+            }
+        };
         Ok(req)
+    }
+}
+
+/// Operator certificates run the platform and never take part as a
+/// merchant: every merchant RPC refuses them.
+fn refuse_operator(ext: &tonic::Extensions) -> Result<(), Status> {
+    match ext.get::<OperatorIdentity>() {
+        Some(OperatorIdentity(name)) => {
+            tracing::warn!(operator = %name, "refused: an operator certificate on a merchant RPC");
+            Err(Status::permission_denied(format!(
+                "operator `{name}` may not take part as a merchant: use a merchant certificate"
+            )))
+        }
+        None => Ok(()),
     }
 }
 
 /// In `join`: the claimed merchant id must be the certificate's identity
 /// (when the connection has one; plaintext `--insecure` mode has none).
 pub fn check_claim(ext: &tonic::Extensions, claimed: &str) -> Result<(), Status> {
+    refuse_operator(ext)?;
     match ext.get::<PeerIdentity>() {
         Some(PeerIdentity(id)) if id != claimed => {
             tracing::warn!(merchant = %id, claimed, "refused: join claims another merchant id");
@@ -171,9 +240,30 @@ pub fn check_claim(ext: &tonic::Extensions, claimed: &str) -> Result<(), Status>
     }
 }
 
-/// The caller's certificate identity, taken before a request is consumed.
-pub fn peer<T>(req: &Request<T>) -> Option<PeerIdentity> {
-    req.extensions().get::<PeerIdentity>().cloned()
+/// The caller's merchant identity, taken before a request is consumed
+/// (`None` in plaintext mode); an operator is refused.
+pub fn peer<T>(req: &Request<T>) -> Result<Option<PeerIdentity>, Status> {
+    refuse_operator(req.extensions())?;
+    Ok(req.extensions().get::<PeerIdentity>().cloned())
+}
+
+/// Who called a read-only RPC such as `Status`: the whole view for an
+/// operator (and in plaintext mode, which has no identities), the caller's
+/// own for a merchant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Viewer {
+    /// An operator, or nobody in particular (plaintext mode).
+    Operator,
+    /// A merchant: sees itself only.
+    Merchant(String),
+}
+
+/// The [`Viewer`] of a request.
+pub fn viewer<T>(req: &Request<T>) -> Viewer {
+    match req.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity(id)) => Viewer::Merchant(id.clone()),
+        None => Viewer::Operator,
+    }
 }
 
 /// A session belongs to the merchant that joined it: another certificate
@@ -199,6 +289,7 @@ mod tests {
         let list = AccessList {
             allow: vec!["a".into(), "b".into()],
             revoked: vec!["b".into()],
+            revoked_serials: vec![],
         };
         assert_eq!(list.refusal("a"), None);
         assert_eq!(list.refusal("b"), Some("revoked"));
@@ -208,6 +299,9 @@ mod tests {
     #[test]
     fn access_file_changes_are_picked_up_without_restart() {
         let dir = tempfile::tempdir().unwrap();
+        let cd = crate::certs::CertDir::new(dir.path());
+        crate::certs::init(&cd, &["localhost".into()]).unwrap();
+        crate::certs::issue(&cd, "m1").unwrap();
         let path = dir.path().join("access.toml");
         let access = Access::new(&path).unwrap();
         assert_eq!(
@@ -216,8 +310,74 @@ mod tests {
         );
         crate::certs::allow(&path, "m1").unwrap();
         assert_eq!(access.current().unwrap().refusal("m1"), None);
-        crate::certs::revoke(&path, "m1").unwrap();
-        assert_eq!(access.current().unwrap().refusal("m1"), Some("revoked"));
+        let done = crate::certs::revoke(&path, &cd, "m1", None).unwrap();
+        assert_eq!(done.warning, None);
+        let serial = crate::certs::serial_of_file(&cd.cert("m1")).unwrap();
+        assert_eq!(done.serial, serial);
+        assert!(access.current().unwrap().serial_refusal(&serial).is_some());
+    }
+
+    #[test]
+    fn revocation_targets_the_certificate_so_reissuing_neither_overwrites_nor_unrevokes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cd = crate::certs::CertDir::new(dir.path());
+        crate::certs::init(&cd, &["localhost".into()]).unwrap();
+        let access = dir.path().join("access.toml");
+        crate::certs::issue(&cd, "m1").unwrap();
+        crate::certs::allow(&access, "m1").unwrap();
+        let old = crate::certs::serial_of_file(&cd.cert("m1")).unwrap();
+        crate::certs::revoke(&access, &cd, "m1", None).unwrap();
+        // Issuing again refuses to overwrite, naming the file and --force.
+        let err = format!("{:#}", crate::certs::issue(&cd, "m1").unwrap_err());
+        assert!(
+            err.contains(&cd.cert("m1").display().to_string()) && err.contains("--force"),
+            "{err}"
+        );
+        // With --force: a new serial, admitted; the old one stays revoked.
+        crate::certs::issue_kind(&cd, "m1", crate::certs::Kind::Merchant, true).unwrap();
+        crate::certs::allow(&access, "m1").unwrap();
+        let new = crate::certs::serial_of_file(&cd.cert("m1")).unwrap();
+        assert_ne!(old, new);
+        let list = AccessList::load_or_default(&access).unwrap();
+        assert!(list.serial_refusal(&old).is_some());
+        assert_eq!(list.serial_refusal(&new), None);
+        assert_eq!(list.refusal("m1"), None);
+        // An id never issued is an error listing the issued ones; an id not
+        // on the allow-list (the operator) is revoked with a warning.
+        let err = format!(
+            "{:#}",
+            crate::certs::revoke(&access, &cd, "nosuch", None).unwrap_err()
+        );
+        assert!(
+            err.contains("no certificate issued for `nosuch`") && err.contains("m1, operator"),
+            "{err}"
+        );
+        let done = crate::certs::revoke(&access, &cd, "operator", None).unwrap();
+        assert!(done.warning.unwrap().contains("not on the allow-list"));
+    }
+
+    #[test]
+    fn init_issues_the_operator_identity_and_a_secret_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let cd = crate::certs::CertDir::new(dir.path());
+        crate::certs::init(&cd, &["localhost".into()]).unwrap();
+        let pem = std::fs::read(cd.cert(crate::certs::OPERATOR)).unwrap();
+        let der = rustls_pemfile::certs(&mut &pem[..])
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(role_of(&der), Some(Role::Operator("operator".into())));
+        assert_eq!(identity_of(&der), None, "an operator is no merchant");
+        let token = std::fs::read_to_string(cd.operator_token()).unwrap();
+        assert_eq!(token.trim().len(), 64);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for p in [cd.operator_token(), cd.key(crate::certs::OPERATOR)] {
+                let mode = std::fs::metadata(p).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600);
+            }
+        }
     }
 
     #[test]

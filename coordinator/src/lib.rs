@@ -26,6 +26,7 @@ pub mod certs;
 pub use fedcart_common::cli;
 pub mod config;
 pub mod engine;
+pub mod http_auth;
 pub mod identity;
 pub mod ledger;
 pub mod limits;

@@ -154,9 +154,14 @@ impl tonic::service::Interceptor for Guard {
             Some(a) => a.call(req)?,
             None => req,
         };
-        let key = match req.extensions().get::<crate::identity::PeerIdentity>() {
-            Some(id) => id.0.clone(),
-            None => req
+        let ext = req.extensions();
+        let key = match (
+            ext.get::<crate::identity::PeerIdentity>(),
+            ext.get::<crate::identity::OperatorIdentity>(),
+        ) {
+            (Some(id), _) => id.0.clone(),
+            (None, Some(op)) => format!("operator:{}", op.0),
+            (None, None) => req
                 .remote_addr()
                 .map_or_else(|| "unknown".into(), |a| a.ip().to_string()),
         };

@@ -1,6 +1,6 @@
 //! `fedcart-coordinator`: the platform operator's command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -43,8 +43,14 @@ enum Command {
         /// Override `serve.http_listen`: `/metrics`, health and dashboard.
         #[arg(long, env = "FEDCART_HTTP_LISTEN")]
         http_listen: Option<std::net::SocketAddr>,
+        /// Override `serve.http_token_file`: the operator's bearer token for
+        /// every HTTP route but /healthz and /readyz [default with TLS:
+        /// operator.token beside the CA].
+        #[arg(long, env = "FEDCART_HTTP_TOKEN_FILE")]
+        http_token_file: Option<PathBuf>,
     },
-    /// Development CA: create it, issue merchant certificates, allow or revoke merchants.
+    /// Development CA: create it with the operator's identity, issue merchant (or operator)
+    /// certificates, revoke certificates.
     Certs {
         #[command(subcommand)]
         action: CertsAction,
@@ -61,7 +67,8 @@ enum Command {
         /// Certificate directory holding ca.pem and `<identity>.pem/.key`.
         #[arg(long)]
         certs: Option<PathBuf>,
-        /// Identity whose certificate to present (must be on the allow-list).
+        /// Identity whose certificate to present: the operator `certs init`
+        /// made sees every merchant; a merchant's certificate sees only itself.
         #[arg(long, default_value = "operator")]
         identity: String,
         /// Name to verify on the coordinator's certificate.
@@ -87,14 +94,24 @@ enum CertsAction {
         #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
         hosts: Vec<String>,
     },
-    /// Issue a client certificate for a merchant (and add it to the allow-list).
+    /// Issue a client certificate for a merchant (and add it to the allow-list),
+    /// or with --operator for another platform operator.
     Issue {
         /// Certificate directory made by `init`.
         #[arg(long)]
         dir: PathBuf,
-        /// Merchant id (the certificate's `fedcart://merchant/<id>` SAN).
+        /// Merchant id (the certificate's `fedcart://merchant/<id>` SAN), or
+        /// the operator's name with --operator.
         #[arg(long)]
         id: String,
+        /// Issue an operator certificate (`fedcart://operator/<id>`): status
+        /// and admin RPCs, never training; not added to the allow-list.
+        #[arg(long, conflicts_with = "kit")]
+        operator: bool,
+        /// Replace an identity already issued in `dir` (the old certificate
+        /// stays valid until revoked).
+        #[arg(long)]
+        force: bool,
         /// Access file to add the merchant to (default `<dir>/access.toml`).
         #[arg(long)]
         access: Option<PathBuf>,
@@ -112,14 +129,23 @@ enum CertsAction {
         #[arg(long, requires = "kit")]
         domain: Option<String>,
     },
-    /// Revoke a merchant: refused from its next RPC on, no restart needed.
+    /// Revoke the certificate issued for an id (by its serial): refused from
+    /// its next RPC on, no restart needed. A certificate issued later for the
+    /// same id is not affected.
     Revoke {
         /// Access file (the coordinator's `serve.tls.access`).
         #[arg(long)]
         access: PathBuf,
-        /// Merchant id.
+        /// Merchant id (or operator name).
         #[arg(long)]
         id: String,
+        /// Certificate directory the id was issued in [default: the access
+        /// file's directory].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Revoke this serial number (hex) instead of the certificate file's.
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 
@@ -176,6 +202,7 @@ async fn run() -> anyhow::Result<()> {
             store,
             insecure,
             http_listen,
+            http_token_file,
         } => {
             let env = std::env::var_os(fedcart_coordinator::tls::INSECURE_ENV);
             let insecure = insecure || fedcart_coordinator::tls::insecure_from_env(env.as_deref())?;
@@ -188,6 +215,9 @@ async fn run() -> anyhow::Result<()> {
             }
             if http_listen.is_some() {
                 cfg.serve.http_listen = http_listen;
+            }
+            if http_token_file.is_some() {
+                cfg.serve.http_token_file = http_token_file;
             }
             let running = fedcart_coordinator::server::start_from_config(&cfg, insecure)
                 .await
@@ -223,13 +253,32 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
         CertsAction::Init { dir, hosts } => {
             ca::init(&ca::CertDir::new(&dir), &hosts)?;
             println!(
-                "CA and coordinator certificate written to {}",
+                "CA, coordinator certificate and the operator's identity ({op}.pem/{op}.key for \
+                 `status`, {token} for the HTTP endpoints) written to {dir}",
+                op = ca::OPERATOR,
+                token = ca::OPERATOR_TOKEN,
+                dir = dir.display()
+            );
+        }
+        CertsAction::Issue {
+            dir,
+            id,
+            operator: true,
+            force,
+            ..
+        } => {
+            ca::issue_kind(&ca::CertDir::new(&dir), &id, ca::Kind::Operator, force)?;
+            println!(
+                "issued operator {0}.pem/{0}.key in {1} (`status --identity {0}`)",
+                id,
                 dir.display()
             );
         }
         CertsAction::Issue {
             dir,
             id,
+            operator: false,
+            force,
             access,
             kit,
             coordinator_url,
@@ -240,7 +289,7 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             if let Some(url) = &coordinator_url {
                 ca::check_coordinator_url(url)?;
             }
-            ca::issue(&pki, &id)?;
+            ca::issue_kind(&pki, &id, ca::Kind::Merchant, force)?;
             let access = access.unwrap_or_else(|| dir.join("access.toml"));
             ca::allow(&access, &id)?;
             println!(
@@ -259,9 +308,26 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
                 );
             }
         }
-        CertsAction::Revoke { access, id } => {
-            ca::revoke(&access, &id)?;
-            println!("revoked `{id}` in {}", access.display());
+        CertsAction::Revoke {
+            access,
+            id,
+            dir,
+            serial,
+        } => {
+            let dir = dir.unwrap_or_else(|| {
+                access
+                    .parent()
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            });
+            let done = ca::revoke(&access, &ca::CertDir::new(&dir), &id, serial.as_deref())?;
+            if let Some(w) = &done.warning {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "revoked the certificate of `{id}` (serial {}) in {}",
+                done.serial,
+                access.display()
+            );
         }
     }
     Ok(())

@@ -228,6 +228,7 @@ pub fn spawn(
     shared: Arc<Shared>,
     run_id: String,
     http: Option<TcpListener>,
+    token: Option<crate::http_auth::OperatorToken>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<SocketAddr>> {
     prometheus();
@@ -263,6 +264,20 @@ pub fn spawn(
         .route("/readyz", axum::routing::get(ready))
         .route("/api/status", axum::routing::get(status))
         .with_state(state);
+    let app = match token {
+        Some(t) => app.layer(axum::middleware::from_fn_with_state(
+            Arc::new(t),
+            crate::http_auth::require_operator,
+        )),
+        None => {
+            tracing::warn!(
+                %addr,
+                "the HTTP listener has no operator token: run data is readable by anyone who \
+                 reaches it (development only)"
+            );
+            app
+        }
+    };
     let mut stop = shutdown;
     tokio::spawn(async move {
         let served = axum::serve(listener, app)

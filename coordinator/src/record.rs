@@ -60,6 +60,19 @@ pub struct RoundRecord {
     pub privacy: Option<PrivacyRecord>,
 }
 
+impl RoundRecord {
+    /// The record as merchant `id` may see it: the aggregate figures, and
+    /// itself in the lists of selected, reported, dropped and rejected
+    /// agents; no other merchant's id or fate.
+    pub fn seen_by(mut self, id: &str) -> Self {
+        for list in [&mut self.selected, &mut self.reported, &mut self.dropped] {
+            list.retain(|m| m == id);
+        }
+        self.rejected.retain(|(m, _)| m == id);
+        self
+    }
+}
+
 /// What the ledger recorded about one committed training round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyRecord {

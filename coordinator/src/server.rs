@@ -60,6 +60,9 @@ pub struct ServeOptions {
     pub transport: Transport,
     /// Where to serve `/metrics`, `/healthz`, `/api/status` and the dashboard.
     pub http: Option<TcpListener>,
+    /// The operator's token every HTTP route but the probes requires
+    /// (`None`: open, for `--insecure` development and tests).
+    pub http_token: Option<crate::http_auth::OperatorToken>,
     /// Per-agent and per-RPC limits.
     pub limits: Limits,
 }
@@ -70,6 +73,7 @@ impl ServeOptions {
         Self {
             transport: Transport::Insecure,
             http: None,
+            http_token: None,
             limits: Limits::default(),
         }
     }
@@ -116,7 +120,13 @@ pub async fn start_with(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let observer = crate::observe::spawn(Arc::clone(&shared), run_id, opts.http, rx.clone())?;
+    let observer = crate::observe::spawn(
+        Arc::clone(&shared),
+        run_id,
+        opts.http,
+        opts.http_token,
+        rx.clone(),
+    )?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let limits = opts.limits.clone();
     let server = tokio::spawn(async move {
@@ -182,7 +192,11 @@ fn spawn_access_watch(access: Arc<Access>, shared: Arc<Shared>, mut stop: watch:
             }
             // An unreadable file keeps the last good list (logged by `current`).
             if let Ok(list) = access.current() {
-                shared.close_refused(|id| list.refusal(id));
+                shared.close_refused(|id, serial| {
+                    serial
+                        .and_then(|s| list.serial_refusal(s))
+                        .or_else(|| list.refusal(id))
+                });
             }
         }
     });
@@ -209,6 +223,25 @@ pub async fn start_from_config(cfg: &CoordinatorConfig, insecure: bool) -> anyho
         ),
         None => None,
     };
+    // With TLS the HTTP routes are the operator's; in plaintext development
+    // mode only an explicitly configured token closes them.
+    let token_file = if insecure {
+        cfg.serve.http_token_file.clone()
+    } else {
+        cfg.serve.effective_http_token_file()
+    };
+    let http_token = match (&http, token_file) {
+        (Some(_), Some(path)) => Some(
+            crate::http_auth::OperatorToken::from_file(&path).with_context(|| {
+                format!(
+                    "serve.http_token_file (or FEDCART_HTTP_TOKEN_FILE): the HTTP listener \
+                     requires the operator's token; `certs init` writes {} beside ca.pem",
+                    crate::certs::OPERATOR_TOKEN
+                )
+            })?,
+        ),
+        _ => None,
+    };
     start_with(
         listener,
         &cfg.serve.store,
@@ -217,6 +250,7 @@ pub async fn start_from_config(cfg: &CoordinatorConfig, insecure: bool) -> anyho
         ServeOptions {
             transport,
             http,
+            http_token,
             limits: Limits::default(),
         },
     )

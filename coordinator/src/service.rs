@@ -68,6 +68,9 @@ pub struct Progress {
 
 struct AgentEntry {
     merchant_id: String,
+    /// Serial of the certificate the session joined with (`None` in
+    /// plaintext mode): revoking it closes the session.
+    serial: Option<String>,
     tx: mpsc::Sender<Result<pb::Work, Status>>,
     /// Ends the Join stream with a status (revocation); dropping it
     /// without sending leaves the stream to end on its own.
@@ -218,15 +221,16 @@ impl Shared {
     /// refuses (revoked, or removed from the allow-list): its Join stream
     /// ends with `PERMISSION_DENIED` naming the reason, it is counted as
     /// dropped for the open task and is no longer available for selection.
-    pub fn close_refused(&self, refusal: impl Fn(&str) -> Option<&'static str>) {
+    pub fn close_refused(&self, refusal: impl Fn(&str, Option<&str>) -> Option<&'static str>) {
         let mut closed = Vec::new();
-        self.agents().retain(|_, a| match refusal(&a.merchant_id) {
-            Some(why) => {
-                closed.push((a.merchant_id.clone(), why, a.kill.take()));
-                false
-            }
-            None => true,
-        });
+        self.agents()
+            .retain(|_, a| match refusal(&a.merchant_id, a.serial.as_deref()) {
+                Some(why) => {
+                    closed.push((a.merchant_id.clone(), why, a.kill.take()));
+                    false
+                }
+                None => true,
+            });
         if closed.is_empty() {
             return;
         }
@@ -374,6 +378,10 @@ impl Coordinator for Service {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<WorkStream>, Status> {
         crate::identity::check_claim(request.extensions(), &request.get_ref().merchant_id)?;
+        let serial = request
+            .extensions()
+            .get::<crate::identity::CertSerial>()
+            .map(|s| s.0.clone());
         let req = request.into_inner();
         crate::identity::validate_id(&req.merchant_id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -401,6 +409,7 @@ impl Coordinator for Service {
                 session_id.clone(),
                 AgentEntry {
                     merchant_id: req.merchant_id.clone(),
+                    serial,
                     tx: tx.clone(),
                     kill: Some(kill),
                 },
@@ -448,7 +457,7 @@ impl Coordinator for Service {
         &self,
         request: Request<pb::ModelRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let peer = crate::identity::peer(&request);
+        let peer = crate::identity::peer(&request)?;
         let req = request.into_inner();
         let merchant = self.shared.merchant_of(&req.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
@@ -489,7 +498,7 @@ impl Coordinator for Service {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
-        let peer = crate::identity::peer(&request);
+        let peer = crate::identity::peer(&request)?;
         let mut stream = request.into_inner();
         let idle = self.shared.upload_idle;
         let first = tokio::time::timeout(idle, stream.message())
@@ -592,7 +601,7 @@ impl Coordinator for Service {
         &self,
         request: Request<pb::SecAggMessage>,
     ) -> Result<Response<pb::SecAggReply>, Status> {
-        let peer = crate::identity::peer(&request);
+        let peer = crate::identity::peer(&request)?;
         // The certificates this agent presented on its mTLS connection: what
         // the coordinator relays with its key advertisement, never a claim.
         let chain: Vec<Vec<u8>> = request
@@ -605,17 +614,24 @@ impl Coordinator for Service {
         secure::on_message(&self.shared, &merchant, chain, msg).map(Response::new)
     }
 
+    /// The run's state. An operator (or anyone in plaintext mode) sees every
+    /// merchant of the last round; a merchant sees only itself in it.
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        let viewer = crate::identity::viewer(&request);
         let connected = self.shared.connected();
         let engine = self.shared.engine();
         let last = engine
             .store()
             .history()
             .map_err(|e| Status::internal(e.to_string()))?
-            .pop();
+            .pop()
+            .map(|r| match &viewer {
+                crate::identity::Viewer::Operator => r,
+                crate::identity::Viewer::Merchant(id) => r.seen_by(id),
+            });
         Ok(Response::new(pb::StatusReply {
             run_id: engine.run().run_id.clone(),
             round: engine.open_task().map_or(engine.version(), |p| p.round),

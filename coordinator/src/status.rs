@@ -9,8 +9,8 @@ use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-/// Client TLS files for talking to a coordinator (an operator certificate
-/// issued by `certs issue` and on the allow-list).
+/// Client TLS files for talking to a coordinator: the operator certificate
+/// `certs init` made (the whole view), or a merchant's (its own view).
 #[derive(Debug, Clone)]
 pub struct ClientTls {
     /// CA bundle the coordinator's certificate chains to.
@@ -74,19 +74,21 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
         .any(|io| io.kind() == std::io::ErrorKind::NotFound);
     let hint = match refused {
         Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) => {
-            "the coordinator refused this identity: issue it with `certs issue --id operator` \
-             (which allows it) and pass `--identity operator`"
+            "the coordinator refused this identity (revoked?): use the operator identity \
+             `certs init` made (`--identity operator`), or issue another with \
+             `certs issue --operator --id NAME` and pass `--identity NAME`"
                 .to_string()
         }
         _ if missing_file && with_certs => {
-            "make the operator's certificate with `fedcart-coordinator \
-             certs issue --dir DIR --id operator`, or pass the `--identity` whose files are in DIR"
+            "`certs init` writes the operator's operator.pem/operator.key into its directory: \
+             pass that directory as --certs (or issue another operator with \
+             `certs issue --operator --dir DIR --id NAME` and pass `--identity NAME`)"
                 .to_string()
         }
         _ if !unreachable => return e,
         _ if !with_certs && url.starts_with("https://") => format!(
             "a coordinator with mutual TLS needs `--certs DIR` (ca.pem and <identity>.pem/.key, \
-             see `certs issue --id operator`); one run with --insecure needs \
+             the directory `certs init` made); one run with --insecure needs \
              `--coordinator http://HOST:PORT` (tried {url})"
         ),
         _ => format!(

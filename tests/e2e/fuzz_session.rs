@@ -362,6 +362,7 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
         ServeOptions {
             transport: Transport::Tls(files),
             http: None,
+            http_token: None,
             // Hundreds of RPCs in a burst from one identity: lift the rate
             // limit so the handlers, not the token bucket, answer them.
             limits: Limits {

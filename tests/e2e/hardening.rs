@@ -30,6 +30,7 @@ async fn start_plain(
     let opts = ServeOptions {
         transport: Transport::Insecure,
         http: Some(http),
+        http_token: None,
         limits: Limits {
             upload_idle_timeout: idle,
             ..Limits::loopback()

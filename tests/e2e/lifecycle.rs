@@ -143,7 +143,7 @@ fn assert_names(line: &str, cause: &str, fix: &str) {
 async fn a_revoked_merchant_exits_1_saying_it_is_revoked() {
     let p = pki();
     let coord = start_tls(&p).await;
-    certs::revoke(&p.files.access, "m0").unwrap();
+    certs::revoke(&p.files.access, &p.ours, "m0", None).unwrap();
     let url = format!("https://localhost:{}", coord.addr.port());
     let tls = tls_section(&p.ours.ca_cert(), &p.ours.cert("m0"), &p.ours.key("m0"));
     let line = agent_fails(&agent_toml(p.dir.path(), "m0", &url, &tls)).await;

@@ -56,6 +56,7 @@ async fn start_tls(
         ServeOptions {
             transport: Transport::Tls(files),
             http: Some(http),
+            http_token: None,
             limits: Default::default(),
         },
     )
@@ -169,7 +170,7 @@ async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
     assert!(err.message().contains("session of `m1`"), "{err}");
 
     // Revocation takes effect without a restart.
-    certs::revoke(&files.access, "m1").unwrap();
+    certs::revoke(&files.access, &cd, "m1", None).unwrap();
     let revoked = try_join(addr, Some(client_tls(&cd, Some((&cd, "m1")))), "m1").await;
     assert!(revoked.unwrap_err().contains("revoked"));
     coord.shutdown().await.unwrap();
@@ -195,6 +196,7 @@ async fn a_revoked_merchant_loses_its_open_session_and_the_run_goes_on() {
         ServeOptions {
             transport: Transport::Tls(files.clone()),
             http: None,
+            http_token: None,
             limits: Default::default(),
         },
     )
@@ -240,7 +242,7 @@ async fn a_revoked_merchant_loses_its_open_session_and_the_run_goes_on() {
     .expect("m2 gets a task");
 
     // Revoked while connected and selected: its stream ends with a status.
-    certs::revoke(&files.access, "m2").unwrap();
+    certs::revoke(&files.access, &cd, "m2", None).unwrap();
     let status = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match work.message().await {
@@ -303,6 +305,7 @@ async fn plaintext_is_served_only_when_insecure_is_explicit() {
             ping_interval_ms: 500,
             tls: None,
             http_listen: None,
+            http_token_file: None,
         },
         run: churn_run("r", 1, 1, 1),
     };
@@ -444,4 +447,191 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
+}
+
+/// A raw HTTP/1.1 request with extra header lines; returns the whole
+/// response (status line, headers, body).
+async fn http_raw(addr: std::net::SocketAddr, method: &str, path: &str, extra: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The operator identity `certs init` made reads the whole status; a
+/// merchant's certificate reads only its own part of it; an operator
+/// certificate never takes part as a merchant; a revoked operator is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_every_merchant_merchants_see_themselves_and_operators_never_train() {
+    use fedcart_coordinator::record::RoundRecord;
+    use fedcart_coordinator::status::{ClientTls, fetch};
+    let dir = tempfile::tempdir().unwrap();
+    let (cd, files) = pki(dir.path());
+    let split = telco_split(2, 7);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_tls(&store.path().join("c.redb"), files.clone(), 1).await;
+    let url = format!("https://localhost:{}", coord.addr.port());
+
+    let op = try_join(
+        coord.addr,
+        Some(client_tls(&cd, Some((&cd, certs::OPERATOR)))),
+        "operator",
+    )
+    .await;
+    let err = op.expect_err("an operator certificate may not join");
+    assert!(err.contains("may not take part as a merchant"), "{err}");
+
+    let agents: Vec<_> = (0..2)
+        .map(|k| {
+            let id = format!("m{k}");
+            let mut a =
+                fedcart_client::agent::Agent::new(url.clone(), load_merchant(&id, &split.files[k]));
+            a.tls = Some(client_tls(&cd, Some((&cd, &id))));
+            spawn_configured(a)
+        })
+        .collect();
+    let mut progress = coord.progress.clone();
+    tokio::time::timeout(Duration::from_secs(120), progress.wait_for(|p| p.finished))
+        .await
+        .expect("the run finishes")
+        .unwrap();
+
+    let tls = |id: &str| ClientTls {
+        ca: cd.ca_cert(),
+        cert: cd.cert(id),
+        key: cd.key(id),
+        domain: "localhost".into(),
+    };
+    let all = fetch(&url, Some(&tls(certs::OPERATOR))).await.unwrap();
+    let last: RoundRecord = serde_json::from_str(&all.last_round_json).unwrap();
+    assert_eq!(
+        last.selected,
+        ["m0", "m1"],
+        "the operator sees every merchant"
+    );
+    let own = fetch(&url, Some(&tls("m0"))).await.unwrap();
+    let mine: RoundRecord = serde_json::from_str(&own.last_round_json).unwrap();
+    assert_eq!(mine.selected, ["m0"]);
+    assert!(mine.reported.iter().all(|m| m == "m0"));
+    assert!(
+        !own.last_round_json.contains("m1"),
+        "{}",
+        own.last_round_json
+    );
+    assert_eq!(
+        mine.metrics, last.metrics,
+        "aggregates are the federation's"
+    );
+
+    certs::revoke(&files.access, &cd, certs::OPERATOR, None).unwrap();
+    let err = fetch(&url, Some(&tls(certs::OPERATOR))).await.unwrap_err();
+    assert!(format!("{err:#}").contains("revoked"), "{err:#}");
+
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}
+
+/// Every HTTP route but the probes requires the operator's token: without
+/// it (or with a wrong one) a request gets 401 and no run data; the bearer
+/// header, the browser's `?token=` and its cookie get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_without_the_operators_token_get_no_run_data() {
+    use fedcart_coordinator::http_auth::OperatorToken;
+    let dir = tempfile::tempdir().unwrap();
+    let (cd, files) = pki(dir.path());
+    let store = tempfile::tempdir().unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let coord = start_with(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        &store.path().join("c.redb"),
+        churn_run("secret-run", 1, 2, 2),
+        Duration::from_millis(500),
+        ServeOptions {
+            transport: Transport::Tls(files),
+            http: Some(http),
+            http_token: Some(OperatorToken::from_file(&cd.operator_token()).unwrap()),
+            limits: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
+    let http = coord.http_addr.expect("HTTP listener");
+    let token = std::fs::read_to_string(cd.operator_token()).unwrap();
+    let token = token.trim();
+
+    for path in ["/api/status", "/metrics", "/", "/api/status?token=x"] {
+        for extra in [
+            "",
+            "Authorization: Bearer wrong-token-123456\r\n",
+            "Cookie: fedcart_operator=nope\r\n",
+        ] {
+            let resp = http_raw(http, "GET", path, extra).await;
+            assert!(resp.starts_with("HTTP/1.1 401"), "{path} {extra}: {resp}");
+            assert!(!resp.contains("secret-run"), "{path}: {resp}");
+            assert!(!resp.contains("fedcart_round"), "{path}: {resp}");
+        }
+    }
+    for probe in ["/healthz", "/readyz"] {
+        assert!(
+            http_raw(http, "GET", probe, "")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+    }
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    let status = http_raw(http, "GET", "/api/status", &bearer).await;
+    assert!(
+        status.starts_with("HTTP/1.1 200") && status.contains("secret-run"),
+        "{status}"
+    );
+    assert!(
+        http_raw(http, "GET", "/metrics", &bearer)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+
+    // A browser: `/?token=` sets an HttpOnly cookie and drops the token from
+    // the URL; the cookie then opens the dashboard and its API.
+    let login = http_raw(http, "GET", &format!("/?token={token}"), "").await;
+    assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+    let cookie = login
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .expect("a cookie is set");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap();
+    let with_cookie = format!("Cookie: {pair}\r\n");
+    let page = http_raw(http, "GET", "/", &with_cookie).await;
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("id=\"charts\""),
+        "{page}"
+    );
+    let api = http_raw(http, "GET", "/api/status", &with_cookie).await;
+    assert!(api.contains("secret-run"), "{api}");
+    // The login form posts the same token.
+    let body = format!("token={token}");
+    let posted = http_raw(
+        http,
+        "POST",
+        "/login",
+        &format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(posted.starts_with("HTTP/1.1 303"), "{posted}");
+    coord.shutdown().await.unwrap();
 }

@@ -1,0 +1,183 @@
+//! Who may read the coordinator's HTTP endpoints: the platform operator,
+//! proved by the bearer token `certs init` writes (`operator.token`, see
+//! `serve.http_token_file`). Every route except `/healthz` and `/readyz`
+//! requires it:
+//!
+//! - tools and Prometheus send `Authorization: Bearer <token>` (a scrape
+//!   job's `authorization.credentials_file`);
+//! - a browser opens `/?token=<token>` once (or posts the token to `/login`
+//!   from the form a tokenless `/` shows); the coordinator answers with an
+//!   `HttpOnly`, `SameSite=Strict` cookie and a redirect to the bare `/`, so
+//!   the dashboard's own requests carry it.
+//!
+//! Without a token (a tokenless request or a wrong token) the answer is 401
+//! with no run data. Tokens are compared through their SHA-256 digests, so
+//! the comparison's timing says nothing about the token.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use sha2::{Digest, Sha256};
+
+/// The cookie that carries the operator's token in a browser.
+pub const COOKIE: &str = "fedcart_operator";
+
+/// Routes anyone may read: liveness and readiness probes.
+pub const OPEN_ROUTES: [&str; 2] = ["/healthz", "/readyz"];
+
+/// The operator's token, kept as its digest.
+#[derive(Clone)]
+pub struct OperatorToken {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for OperatorToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OperatorToken(..)")
+    }
+}
+
+/// Why a token file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The file could not be read.
+    #[error("reading the operator token {}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file holds too short a token.
+    #[error(
+        "the operator token {} must hold at least 16 characters (`certs init` writes 64)",
+        path.display()
+    )]
+    TooShort {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+}
+
+impl OperatorToken {
+    /// A token given as text (surrounding whitespace ignored).
+    pub fn new(token: &str) -> Self {
+        Self {
+            digest: Sha256::digest(token.trim().as_bytes()).into(),
+        }
+    }
+
+    /// Reads the token file (one line; `certs init` writes 32 random bytes in
+    /// hex).
+    pub fn from_file(path: &std::path::Path) -> Result<Self, TokenError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+            path: path.into(),
+            source,
+        })?;
+        if text.trim().len() < 16 {
+            return Err(TokenError::TooShort { path: path.into() });
+        }
+        Ok(Self::new(&text))
+    }
+
+    fn matches(&self, candidate: &str) -> bool {
+        let d: [u8; 32] = Sha256::digest(candidate.trim().as_bytes()).into();
+        d == self.digest
+    }
+
+    /// The token a request presents, by header or cookie, is this one.
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if bearer.is_some_and(|t| self.matches(t)) {
+            return true;
+        }
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+            .any(|t| self.matches(t))
+    }
+}
+
+/// The form a browser without the token sees at `/`.
+const LOGIN_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>fedcart coordinator</title>
+<form method="post" action="/login" style="font-family:sans-serif;margin:3em">
+<p>The dashboard is for the platform operator. Paste the token from
+<code>operator.token</code> (written by <code>fedcart-coordinator certs init</code>).</p>
+<input type="password" name="token" size="70" autofocus> <button>Open</button></form>"#;
+
+/// Sets the cookie and sends the browser to the bare dashboard URL.
+fn admit_browser(token: &str) -> Response {
+    let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+    let mut resp = Redirect::to("/").into_response();
+    match HeaderValue::from_str(&cookie) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+            resp
+        }
+        Err(_) => unauthorized(),
+    }
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"fedcart\"")],
+        "the operator's token is required: `Authorization: Bearer <operator.token>`\n",
+    )
+        .into_response()
+}
+
+/// The `token` field of a query string or form body, percent-decoded.
+fn token_field(encoded: &str) -> Option<String> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(encoded)
+        .ok()?
+        .into_iter()
+        .find_map(|(k, v)| (k == "token").then_some(v))
+}
+
+/// The middleware: open probes, the browser login, then the token check.
+pub async fn require_operator(
+    State(token): State<Arc<OperatorToken>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path().to_owned();
+    if OPEN_ROUTES.contains(&path.as_str()) {
+        return next.run(req).await;
+    }
+    if path == "/login" && req.method() == axum::http::Method::POST {
+        let body = axum::body::to_bytes(req.into_body(), 4096)
+            .await
+            .unwrap_or_default();
+        return match token_field(&String::from_utf8_lossy(&body)) {
+            Some(t) if token.matches(&t) => admit_browser(t.trim()),
+            _ => unauthorized(),
+        };
+    }
+    if path == "/"
+        && let Some(t) = req.uri().query().and_then(token_field)
+    {
+        return if token.matches(&t) {
+            admit_browser(t.trim())
+        } else {
+            unauthorized()
+        };
+    }
+    if token.admits(req.headers()) {
+        return next.run(req).await;
+    }
+    if path == "/" {
+        return (StatusCode::UNAUTHORIZED, Html(LOGIN_PAGE)).into_response();
+    }
+    unauthorized()
+}
