@@ -53,8 +53,45 @@ pub struct AgentView {
     pub connected: bool,
     /// Last time we heard from it (join or accepted result), ms since epoch.
     pub last_contact_unix_ms: i64,
-    /// Results accepted from it in this process.
+    /// Tasks it was selected for (over the stored history).
+    pub selected: u64,
+    /// Results accepted from it.
     pub reported: u64,
+    /// Tasks it was selected for but left unanswered (disconnected, late).
+    pub dropped: u64,
+    /// Results refused (invalid, non-finite, out of policy).
+    pub rejected: u64,
+}
+
+impl AgentView {
+    fn new(merchant: String, connected: bool, at: i64) -> Self {
+        Self {
+            merchant,
+            connected,
+            last_contact_unix_ms: at,
+            selected: 0,
+            reported: 0,
+            dropped: 0,
+            rejected: 0,
+        }
+    }
+}
+
+/// History records `/api/status` sends when the request names no page.
+pub const HISTORY_PAGE: usize = 50;
+
+/// Most history records one `/api/status` answer holds.
+pub const MAX_HISTORY_PAGE: usize = 500;
+
+/// The differential-privacy spend the dashboard shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrivacyView {
+    /// ε spent so far (at `delta`), from the last committed training round.
+    pub epsilon: f64,
+    /// The run's ε budget, if it has one.
+    pub budget: Option<f64>,
+    /// δ of the guarantee.
+    pub delta: f64,
 }
 
 /// The JSON of `/api/status`.
@@ -68,10 +105,36 @@ pub struct StatusView {
     pub open_task: Option<String>,
     /// True once every round is done.
     pub finished: bool,
-    /// Known agents.
+    /// Training rounds the run has (the model version it ends at).
+    pub rounds: u64,
+    /// Merchants connected now.
+    pub connected: usize,
+    /// Merchants a task needs before it can start (`selection.min_agents`,
+    /// at least `selection.min_available`): with fewer connected the run
+    /// waits.
+    pub needed: usize,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<String>,
+    /// ε spent against the budget, when the run has differential privacy.
+    pub privacy: Option<PrivacyView>,
+    /// Known agents, with their participation over the stored history.
     pub agents: Vec<AgentView>,
-    /// Every history record, oldest first.
+    /// Records in the whole history.
+    pub history_total: usize,
+    /// Index (from 0, oldest first) of `history`'s first record.
+    pub history_offset: usize,
+    /// One page of the history, oldest first: `?since=N&limit=L` (records
+    /// N.., at most L ≤ 500), by default the last 50.
     pub history: Vec<RoundRecord>,
+}
+
+/// The page `/api/status` answers with.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+pub struct HistoryPage {
+    /// First record wanted (default: the last [`HISTORY_PAGE`]).
+    pub since: Option<usize>,
+    /// Records wanted (default [`HISTORY_PAGE`], at most [`MAX_HISTORY_PAGE`]).
+    pub limit: Option<usize>,
 }
 
 struct ObserverState {
@@ -85,6 +148,13 @@ struct ObserverState {
     ready: watch::Receiver<bool>,
 }
 
+/// The view of merchant `m`, created (disconnected, last seen `at`) if new.
+fn view<'a>(agents: &'a mut BTreeMap<String, AgentView>, m: &str, at: i64) -> &'a mut AgentView {
+    agents
+        .entry(m.to_owned())
+        .or_insert_with(|| AgentView::new(m.to_owned(), false, at))
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -92,14 +162,40 @@ fn now_ms() -> i64 {
 }
 
 impl ObserverState {
-    fn status(&self) -> Result<StatusView, String> {
+    fn status(&self, page: HistoryPage) -> Result<StatusView, String> {
+        self.observe();
         let p = self.shared.progress().borrow().clone();
         let history = self.shared.history().map_err(|e| e.to_string())?;
+        let run = self.shared.run_config();
+        let total = history.len();
+        let limit = page.limit.unwrap_or(HISTORY_PAGE).min(MAX_HISTORY_PAGE);
+        let offset = page.since.unwrap_or(total.saturating_sub(limit)).min(total);
+        let privacy = history
+            .iter()
+            .rev()
+            .find_map(|r| r.privacy.as_ref())
+            .map(|pr| PrivacyView {
+                epsilon: pr.epsilon,
+                budget: run.dp.as_ref().and_then(|d| d.target_epsilon),
+                delta: pr.delta,
+            })
+            .or_else(|| {
+                run.dp.as_ref().map(|d| PrivacyView {
+                    epsilon: 0.0,
+                    budget: d.target_epsilon,
+                    delta: d.delta,
+                })
+            });
         Ok(StatusView {
             run_id: self.run_id.clone(),
             model_version: p.version,
             open_task: p.open_task,
             finished: p.finished,
+            rounds: run.rounds,
+            connected: p.agents,
+            needed: run.selection.min_agents.max(run.selection.min_available),
+            stopped: p.stopped,
+            privacy,
             agents: self
                 .agents
                 .lock()
@@ -107,7 +203,9 @@ impl ObserverState {
                 .values()
                 .cloned()
                 .collect(),
-            history,
+            history_total: total,
+            history_offset: offset,
+            history: history.into_iter().skip(offset).take(limit).collect(),
         })
     }
 
@@ -131,12 +229,9 @@ impl ObserverState {
             a.connected = false;
         }
         for m in connected {
-            let view = agents.entry(m.clone()).or_insert(AgentView {
-                merchant: m,
-                connected: true,
-                last_contact_unix_ms: now_ms(),
-                reported: 0,
-            });
+            let view = agents
+                .entry(m.clone())
+                .or_insert_with(|| AgentView::new(m, true, now_ms()));
             view.connected = true;
         }
         let Ok(history) = self.shared.history() else {
@@ -176,15 +271,19 @@ impl ObserverState {
             }
             drop(series);
             let at = r.started_unix_ms + r.duration_ms as i64;
+            for m in &r.selected {
+                view(&mut agents, m, at).selected += 1;
+            }
             for m in &r.reported {
-                let view = agents.entry(m.clone()).or_insert(AgentView {
-                    merchant: m.clone(),
-                    connected: false,
-                    last_contact_unix_ms: at,
-                    reported: 0,
-                });
-                view.reported += 1;
-                view.last_contact_unix_ms = view.last_contact_unix_ms.max(at);
+                let v = view(&mut agents, m, at);
+                v.reported += 1;
+                v.last_contact_unix_ms = v.last_contact_unix_ms.max(at);
+            }
+            for m in &r.dropped {
+                view(&mut agents, m, at).dropped += 1;
+            }
+            for (m, _) in &r.rejected {
+                view(&mut agents, m, at).rejected += 1;
             }
         }
         *seen_records = history.len();
@@ -212,8 +311,11 @@ async fn ready(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
     }
 }
 
-async fn status(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
-    match s.status() {
+async fn status(
+    State(s): State<Arc<ObserverState>>,
+    axum::extract::Query(page): axum::extract::Query<HistoryPage>,
+) -> impl IntoResponse {
+    match s.status(page) {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }

@@ -304,6 +304,11 @@ impl Shared {
         self.engine().standardizer().cloned()
     }
 
+    /// The run's configuration (rounds, selection, DP budget), for views.
+    pub fn run_config(&self) -> crate::config::RunConfig {
+        self.engine().run().clone()
+    }
+
     /// Connected merchants.
     pub fn connected(&self) -> Vec<String> {
         let mut v: Vec<String> = self

@@ -1,6 +1,7 @@
 //! The dashboard in a real headless browser: after two rounds the page shows
-//! the current round, draws a metric chart as inline SVG, lists the agents,
-//! and logs no console errors. Skipped, with a notice, when no `chromium` is
+//! the current round of the run's total, draws a metric chart as inline SVG,
+//! lists the agents with their participation, and logs no console errors;
+//! while the run waits it shows the quorum shortfall. Skipped, with a notice, when no `chromium` is
 //! installed (`.ci/dashboard-test.sh` runs it where it is).
 
 use std::process::Command;
@@ -22,35 +23,11 @@ fn chromium() -> Option<String> {
         .map(str::to_owned)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_renders_round_chart_and_agents_in_headless_chromium() {
-    let Some(browser) = chromium() else {
-        eprintln!("NOTICE: chromium not installed; dashboard browser test skipped");
-        return;
-    };
-    init_logs();
-    let split = telco_split(2, 13);
-    let store = tempfile::tempdir().unwrap();
-    let mut opts = ServeOptions::insecure();
-    opts.http = Some(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    let coord = start_with(
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        &store.path().join("c.redb"),
-        churn_run("dash", 2, 2, 2),
-        Duration::from_millis(500),
-        opts,
-    )
-    .await
-    .unwrap();
-    let http = coord.http_addr.unwrap();
-    let agents: Vec<_> = (0..2)
-        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
-        .collect();
-    let mut progress = coord.progress.clone();
-    progress.wait_for(|p| p.finished).await.unwrap();
-
+/// Chromium's DOM of `url` after the page's scripts ran (5 s of virtual
+/// time), with its stderr log; asserts that it ran and logged no console
+/// errors.
+async fn dump_dom(browser: String, url: String) -> String {
     let profile = tempfile::tempdir().unwrap();
-    let url = format!("http://{http}/");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(browser)
             .args([
@@ -74,10 +51,61 @@ async fn dashboard_renders_round_chart_and_agents_in_headless_chromium() {
     })
     .await
     .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "chromium failed: {log}");
-    assert!(dom.contains("round: 2"), "current round missing:\n{dom}");
+    let console_errors: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("CONSOLE")
+                && (l.contains("Uncaught") || l.contains("ERROR") || l.contains("error"))
+        })
+        .collect();
+    assert!(
+        console_errors.is_empty(),
+        "console errors: {console_errors:?}"
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn start_dashboard(
+    run: fedcart_coordinator::config::RunConfig,
+    store: &std::path::Path,
+) -> fedcart_coordinator::server::Running {
+    let mut opts = ServeOptions::insecure();
+    opts.http = Some(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    start_with(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        &store.join("c.redb"),
+        run,
+        Duration::from_millis(500),
+        opts,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_renders_round_chart_and_agents_in_headless_chromium() {
+    let Some(browser) = chromium() else {
+        eprintln!("NOTICE: chromium not installed; dashboard browser test skipped");
+        return;
+    };
+    init_logs();
+    let split = telco_split(2, 13);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_dashboard(churn_run("dash", 2, 2, 2), store.path()).await;
+    let http = coord.http_addr.unwrap();
+    let agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+
+    let dom = dump_dom(browser.clone(), format!("http://{http}/")).await;
+    assert!(
+        dom.contains("round: 2 of 2"),
+        "current round missing:\n{dom}"
+    );
     assert!(
         dom.contains("<svg") && dom.contains("<path"),
         "no chart drawn:\n{dom}"
@@ -90,19 +118,64 @@ async fn dashboard_renders_round_chart_and_agents_in_headless_chromium() {
         dom.contains("<td>m0</td>") && dom.contains("<td>m1</td>"),
         "agents missing:\n{dom}"
     );
-    let console_errors: Vec<&str> = log
-        .lines()
-        .filter(|l| {
-            l.contains("CONSOLE")
-                && (l.contains("Uncaught") || l.contains("ERROR") || l.contains("error"))
-        })
-        .collect();
     assert!(
-        console_errors.is_empty(),
-        "console errors: {console_errors:?}"
+        !dom.contains("id=\"shortfall\""),
+        "no shortfall once finished:\n{dom}"
     );
+
+    // The JSON behind it: per-merchant participation and a paginated history.
+    let all: serde_json::Value =
+        serde_json::from_str(&crate::security::http_get(http, "/api/status").await).unwrap();
+    let total = all["history_total"].as_u64().unwrap() as usize;
+    assert!(total >= 3, "{all}");
+    assert_eq!(all["history"].as_array().unwrap().len(), total.min(50));
+    let history = coord.shared.history().unwrap();
+    for a in all["agents"].as_array().unwrap() {
+        let m = a["merchant"].as_str().unwrap().to_string();
+        let count = |f: fn(&fedcart_coordinator::record::RoundRecord) -> &Vec<String>| {
+            history.iter().filter(|r| f(r).contains(&m)).count() as u64
+        };
+        assert_eq!(a["selected"], count(|r| &r.selected), "{a}");
+        assert_eq!(a["reported"], count(|r| &r.reported), "{a}");
+        assert_eq!(a["dropped"], count(|r| &r.dropped), "{a}");
+    }
+    let page: serde_json::Value =
+        serde_json::from_str(&crate::security::http_get(http, "/api/status?since=1&limit=2").await)
+            .unwrap();
+    assert_eq!(page["history_offset"], 1);
+    let ids: Vec<&str> = page["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["task_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [&history[1].task_id, &history[2].task_id]);
     for a in agents {
         a.stop().await;
     }
+    coord.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_quorum_shortfall_while_the_run_waits_for_agents() {
+    let Some(browser) = chromium() else {
+        eprintln!("NOTICE: chromium not installed; dashboard browser test skipped");
+        return;
+    };
+    init_logs();
+    let store = tempfile::tempdir().unwrap();
+    // Three merchants needed; one connects.
+    let coord = start_dashboard(churn_run("short", 2, 3, 3), store.path()).await;
+    let split = telco_split(1, 13);
+    let agent = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.agents == 1).await.unwrap();
+    let dom = dump_dom(browser, format!("http://{}/", coord.http_addr.unwrap())).await;
+    assert!(
+        dom.contains("1 connected, 3 needed"),
+        "no shortfall:\n{dom}"
+    );
+    assert!(dom.contains("round: 0 of 2"), "{dom}");
+    agent.stop().await;
     coord.shutdown().await.unwrap();
 }
