@@ -38,7 +38,7 @@ pub struct SimArgs {
     #[arg(long, requires = "train")]
     pub test: Option<PathBuf>,
     /// Task: `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
-    /// default 16), or `noop:D` (random D-float updates, no training).
+    /// default 16), `churn-gbdt` (boosted trees), or `noop:D` (random D-float updates, no training).
     #[arg(long)]
     pub task: Option<TaskChoice>,
     /// Segments of `--task segments` (the same as `segments:K`; the flag wins).
@@ -66,9 +66,23 @@ pub struct SimArgs {
     /// [default: 5 for MF, off otherwise].
     #[arg(long)]
     pub patience: Option<u64>,
-    /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp].
+    /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp];
+    /// for churn-gbdt the shrinkage of every tree [default: 0.1].
     #[arg(long)]
     pub lr: Option<f32>,
+    /// Trees of `--task churn-gbdt` [default: 100].
+    #[arg(long)]
+    pub trees: Option<usize>,
+    /// Depth of each tree of `--task churn-gbdt` (one round per level)
+    /// [default: 4].
+    #[arg(long)]
+    pub max_depth: Option<usize>,
+    /// Least hessian sum of a leaf of `--task churn-gbdt` [default: 1].
+    #[arg(long)]
+    pub min_child_weight: Option<f32>,
+    /// L2 penalty on the leaves of `--task churn-gbdt` [default: 1].
+    #[arg(long)]
+    pub l2: Option<f32>,
     /// Mini-batch size for churn models [default: 32].
     #[arg(long)]
     pub batch_size: Option<usize>,

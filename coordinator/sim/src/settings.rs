@@ -66,6 +66,8 @@ pub struct Settings {
     pub epochs: Option<usize>,
     /// Early-stopping patience (None = per-task default, 0 = off).
     pub patience: Option<u64>,
+    /// Hyper-parameters of `--task churn-gbdt`.
+    pub gbdt: fedcart_common::model::gbdt::GbdtParams,
     /// Local learning rate (None = per-task default).
     pub lr: Option<f32>,
     /// Churn mini-batch size.
@@ -257,12 +259,35 @@ impl Settings {
             let demo = task.is_none() && data.is_none() && train_test.is_none();
             demo && strategy.require_streaming("secure aggregation").is_ok()
         };
+        let gbdt = {
+            let d = fedcart_common::model::gbdt::GbdtParams::default();
+            let p = fedcart_common::model::gbdt::GbdtParams {
+                trees: pick!(trees, d.trees),
+                max_depth: pick!(max_depth, d.max_depth),
+                min_child_weight: pick!(min_child_weight, d.min_child_weight),
+                l2: pick!(l2, d.l2),
+                learning_rate: match task {
+                    Some(TaskChoice::ChurnGbdt) => pick!(lr, d.learning_rate),
+                    _ => d.learning_rate,
+                },
+                ..d
+            };
+            p.check().map_err(|e| {
+                anyhow::anyhow!("{e} (--trees, --max-depth, --lr, --min-child-weight, --l2)")
+            })?;
+            p
+        };
         let s = Self {
             data,
             train_test,
             task,
             merchants: pick!(merchants, 10),
-            rounds: pick!(rounds, 20),
+            rounds: args.rounds.or(file.rounds).unwrap_or(match task {
+                // Every tree's levels after the sketch round.
+                Some(TaskChoice::ChurnGbdt) => 1 + gbdt.trees as u64 * gbdt.max_depth as u64,
+                _ => 20,
+            }),
+            gbdt,
             fraction: pick!(fraction, 1.0),
             epochs: args.epochs.or(file.epochs),
             patience: args.patience.or(file.patience),
