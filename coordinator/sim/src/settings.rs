@@ -452,7 +452,11 @@ impl Settings {
         model: &fedcart_common::task::ModelSpec,
     ) -> Option<fedcart_coordinator::config::EarlyStopping> {
         model.selection_metric()?;
-        match self.patience.unwrap_or(DEFAULT_PATIENCE) {
+        let default = match model {
+            fedcart_common::task::ModelSpec::ChurnGbdt { .. } => DEFAULT_GBDT_PATIENCE,
+            _ => DEFAULT_PATIENCE,
+        };
+        match self.patience.unwrap_or(default) {
             0 => None,
             patience => Some(fedcart_coordinator::config::EarlyStopping { patience }),
         }
@@ -472,6 +476,11 @@ impl Settings {
 /// purchases (one hit is ~0.1–0.2 %), short enough to stop a run that has
 /// begun to overfit.
 pub const DEFAULT_PATIENCE: u64 = 5;
+
+/// Default early-stopping patience of `churn-gbdt`, in evaluated trees:
+/// one tree moves the validation AUC little, and the validation slices are
+/// small (BENCHMARKS.md, "Federated gradient-boosted trees").
+pub const DEFAULT_GBDT_PATIENCE: u64 = 20;
 
 /// Refuses the settings the gRPC transport cannot honour, naming the flag.
 fn check_grpc(s: &Settings) -> anyhow::Result<()> {
