@@ -480,7 +480,7 @@ pub const DEFAULT_PATIENCE: u64 = 5;
 /// Default early-stopping patience of `churn-gbdt`, in evaluated trees:
 /// one tree moves the validation AUC little, and the validation slices are
 /// small (BENCHMARKS.md, "Federated gradient-boosted trees").
-pub const DEFAULT_GBDT_PATIENCE: u64 = 20;
+pub const DEFAULT_GBDT_PATIENCE: u64 = 50;
 
 /// Refuses the settings the gRPC transport cannot honour, naming the flag.
 fn check_grpc(s: &Settings) -> anyhow::Result<()> {

@@ -45,12 +45,12 @@ pub struct GbdtParams {
 impl Default for GbdtParams {
     fn default() -> Self {
         Self {
-            trees: 100,
-            max_depth: 4,
+            trees: 300,
+            max_depth: 3,
             max_leaves: 0,
             learning_rate: 0.1,
-            min_child_weight: 1.0,
-            l2: 1.0,
+            min_child_weight: 20.0,
+            l2: 10.0,
             max_bins: 255,
             valid_fraction: 0.1,
         }

@@ -293,6 +293,7 @@ fn federated_trees_equal_the_pooled_trees_and_cost_one_round_per_level() {
         trees: 3,
         max_depth: 3,
         min_child_weight: 0.1,
+        l2: 1.0,
         valid_fraction: 0.0,
         ..GbdtParams::default()
     };
