@@ -107,9 +107,9 @@ async fn secure_gbdt_over_grpc_grows_the_in_process_trees_in_one_round_per_level
     // Each agent kept the final model and scores its customers with it.
     let scaler = shared.standardizer().unwrap();
     let final_params = shared.model(rounds).unwrap().unwrap();
-    for k in 0..3 {
+    for (k, m) in merchants.iter().enumerate() {
         let state = StateDir::open(dir.path().join(format!("state-{k}"))).unwrap();
-        let ds = &merchants[k].churn.as_ref().unwrap().valid;
+        let ds = &m.churn.as_ref().unwrap().valid;
         let (version, p) = fedcart_client::recommend::churn_probabilities(&state, ds).unwrap();
         assert_eq!(version, rounds);
         let want = fedcart_common::model::gbdt::predict(&final_params, &scaler, &ds.x).unwrap();

@@ -77,7 +77,7 @@ pub fn edges_from_sketch(
             sums[i]
         )));
     }
-    if !(rows >= 1.0) {
+    if rows.is_nan() || rows < 1.0 {
         return Err(GbdtError::Sum(
             "the sketch round counted no training rows".into(),
         ));

@@ -240,7 +240,7 @@ fn federate(p: &GbdtParams, merchants: &mut [LocalData]) -> (Vec<f32>, Standardi
         params: p,
         level_len: 0,
     };
-    let mut moments = vec![0.0f64; 4];
+    let mut moments = [0.0f64; 4];
     let mut n = 0.0;
     for m in merchants.iter_mut() {
         let ctx = RoundContext {
