@@ -50,6 +50,10 @@ pub enum RecommendError {
     /// No churn model is stored yet.
     #[error("no churn model yet: the agent has not taken part in a churn round")]
     NoChurnModel,
+    /// The stored boosted-trees model cannot be scored (corrupt, or built
+    /// for another feature width).
+    #[error("the stored churn-gbdt model: {0}")]
+    Trees(#[from] fedcart_common::model::gbdt::GbdtError),
     /// The stored churn model has no standardiser.
     #[error("the stored churn model came without feature statistics")]
     NoFeatureStats,
@@ -377,6 +381,12 @@ pub fn churn_probabilities(
         .spec
         .standardizer
         .ok_or(RecommendError::NoFeatureStats)?;
+    if let fedcart_common::task::ModelSpec::ChurnGbdt { .. } = meta.spec.model {
+        // The trees completed so far; a tree still under construction is
+        // ignored.
+        let p = fedcart_common::model::gbdt::predict(&params, &scaler, &ds.x)?;
+        return Ok((meta.version, p));
+    }
     if params.len() != ds.x.ncols() + 1 || scaler.mean.len() != ds.x.ncols() {
         return Err(RecommendError::Shape {
             params: params.len(),

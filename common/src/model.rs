@@ -9,7 +9,8 @@
 //! [`FederatedModel::check`], and `fit` always starts from the global version.
 //!
 //! The families: churn logistic regression ([`churn_lr`]), the churn MLP
-//! ([`churn_mlp`]), explicit and implicit (BPR) matrix factorisation ([`mf`]),
+//! ([`churn_mlp`]), churn gradient-boosted trees ([`gbdt`], an [`Analysis`]
+//! growing one tree level per round), explicit and implicit (BPR) matrix factorisation ([`mf`]),
 //! k-means segments ([`kmeans`]), frequent itemsets ([`itemsets`], an
 //! [`Analysis`]) and the overhead-benchmark [`noop`]. Their numerical cores are [`lr`],
 //! [`mlp`] (sharing [`sgd`]) and `mf`'s kernels; [`churn`] holds what both
@@ -38,6 +39,7 @@
 pub mod churn;
 pub mod churn_lr;
 pub mod churn_mlp;
+pub mod gbdt;
 pub mod itemsets;
 pub mod kmeans;
 pub mod lr;
@@ -206,6 +208,13 @@ pub trait Analysis {
 
     /// True when `global` needs no further round.
     fn complete(&self, global: &[f32]) -> bool;
+
+    /// Whether `global` is a finished model worth evaluating when the run
+    /// evaluates (`run.evaluate`): every version of the itemsets, only the
+    /// states between two trees for boosting.
+    fn checkpoint(&self, _global: &[f32]) -> bool {
+        true
+    }
 
     /// The first value of one merchant's update that cannot be what the
     /// analysis asks for (for counts: a whole number between 0 and the

@@ -204,6 +204,9 @@ pub fn federate(
 ) -> Result<Federation, TrainError> {
     let mut spec = template.clone();
     spec.standardizer = stats_step(&spec, merchants)?;
+    if spec.model.is_analysis() {
+        return federate_analysis(spec, merchants, rounds);
+    }
     let mut params = spec.model.initial_params(spec.seed);
     let layout = spec.model.layout();
     let mut history = Vec::new();
@@ -237,6 +240,68 @@ pub fn federate(
             }
         }
         history.push(metrics);
+    }
+    Ok(Federation {
+        params,
+        standardizer: spec.standardizer,
+        rounds: history,
+        best,
+    })
+}
+
+/// [`federate`] for an analysis (boosted trees, itemsets), as the engine
+/// runs it: each round's task is sized by the state
+/// (`ModelSpec::for_version`), the next state is computed from the plain
+/// sum, and the state is evaluated at its checkpoints (between trees) and
+/// at the end. `rounds` caps the versions; `Federation::rounds` holds one
+/// entry per evaluation and `best` the best evaluated version.
+fn federate_analysis(
+    mut spec: TaskSpec,
+    merchants: &mut [LocalData],
+    rounds: u64,
+) -> Result<Federation, TrainError> {
+    let template = spec.model.clone();
+    let mut params = template.initial_params(spec.seed);
+    let mut history = Vec::new();
+    let (mut best, mut best_value): (Option<(u64, Vec<f32>)>, Option<f64>) = (None, None);
+    for round in 1..=rounds {
+        let model = template.for_version(&params)?;
+        let family = model.model();
+        let analysis = family.analysis().expect("an analysis");
+        if analysis.complete(&params) {
+            break;
+        }
+        spec.model = model.clone();
+        spec.kind = TaskKind::Train;
+        spec.round = round;
+        let mut sums = vec![0.0f64; family.update_len()];
+        let mut weight = 0.0;
+        for m in merchants.iter_mut() {
+            if let Some(u) = run_task(&spec, &params, m)?.update {
+                if u.values.len() != sums.len() {
+                    return Err(TrainError::ModelLength {
+                        expected: sums.len(),
+                        got: u.values.len(),
+                    });
+                }
+                sums.iter_mut()
+                    .zip(&u.values)
+                    .for_each(|(s, v)| *s += f64::from(*v));
+                weight += u.weight;
+            }
+        }
+        params = analysis.next_version(&params, &sums, weight)?;
+        if analysis.checkpoint(&params) || analysis.complete(&params) {
+            let metrics = evaluate(&spec, &params, merchants)?;
+            if let Some((name, higher)) = spec.model.selection_metric()
+                && let Some(&v) = metrics.get(name).filter(|v| v.is_finite())
+                && best_value.is_none_or(|b| (higher && v > b) || (!higher && v < b))
+            {
+                best_value = Some(v);
+                best = Some((round, params.clone()));
+            }
+            history.push(metrics);
+        }
     }
     Ok(Federation {
         params,

@@ -8,6 +8,7 @@ use crate::data::standardize::Standardizer;
 use crate::federation::update::WeightLayout;
 use crate::model::churn_lr::ChurnLr;
 use crate::model::churn_mlp::ChurnMlp;
+use crate::model::gbdt::{ChurnGbdt, GbdtParams};
 use crate::model::itemsets::Itemsets;
 use crate::model::kmeans::KMeans;
 use crate::model::lr::SgdParams;
@@ -72,6 +73,20 @@ pub enum ModelSpec {
         #[serde(default)]
         init: Vec<f32>,
     },
+    /// Gradient-boosted trees for churn (see `model::gbdt`): the global
+    /// "model" is the encoded ensemble, each round one tree level.
+    ChurnGbdt {
+        /// Encoded feature count.
+        num_features: usize,
+        /// Boosting hyper-parameters.
+        #[serde(default)]
+        params: GbdtParams,
+        /// Length of a task's update (the sketch or the current level's
+        /// histograms): set by the coordinator for each task
+        /// ([`ModelSpec::for_version`]).
+        #[serde(default)]
+        level_len: usize,
+    },
     /// Federated frequent itemsets (level-wise Apriori, see
     /// `model::itemsets`): the global "model" is the encoded Apriori state.
     Itemsets {
@@ -114,6 +129,15 @@ impl ModelSpec {
                 num_features: *num_features,
                 init,
             }),
+            ModelSpec::ChurnGbdt {
+                num_features,
+                params,
+                level_len,
+            } => Box::new(ChurnGbdt {
+                num_features: *num_features,
+                params,
+                level_len: *level_len,
+            }),
             ModelSpec::Itemsets {
                 num_items,
                 min_count,
@@ -145,6 +169,16 @@ impl ModelSpec {
                     candidates,
                 })
             }
+            ModelSpec::ChurnGbdt {
+                num_features,
+                params,
+                ..
+            } => Ok(ModelSpec::ChurnGbdt {
+                num_features: *num_features,
+                params: params.clone(),
+                level_len: crate::model::gbdt::level_len(global)
+                    .map_err(|e| TrainError::InvalidModel(e.to_string()))?,
+            }),
             other => Ok(other.clone()),
         }
     }

@@ -197,8 +197,13 @@ pub struct Engine {
 /// Whether `version` is followed by an evaluation task: after every version
 /// when the run evaluates, and always after the last version of an analysis,
 /// which is how its final state (say, the frequent itemsets) reaches the agents.
-fn publishes(run: &RunConfig, version: u64, complete: bool) -> bool {
-    run.evaluate || (run.model.is_analysis() && (complete || version >= run.rounds))
+fn publishes(run: &RunConfig, version: u64, global: &[f32], complete: bool) -> bool {
+    let model = run.model.model();
+    match model.analysis() {
+        // Boosting evaluates only between trees (`Analysis::checkpoint`).
+        Some(a) => complete || version >= run.rounds || (run.evaluate && a.checkpoint(global)),
+        None => run.evaluate,
+    }
 }
 
 /// The version merchants are served: the best by the federated validation
@@ -274,7 +279,7 @@ impl Engine {
             .analysis()
             .is_some_and(|a| a.complete(&global));
         let best = store.meta_json::<BestVersion>("best_version")?;
-        let pending_eval = publishes(&run, version, complete)
+        let pending_eval = publishes(&run, version, &global, complete)
             && version > 0
             && !history
                 .iter()

@@ -38,7 +38,7 @@ pub struct SimArgs {
     #[arg(long, requires = "train")]
     pub test: Option<PathBuf>,
     /// Task: `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
-    /// default 16), or `noop:D` (random D-float updates, no training).
+    /// default 16), `churn-gbdt` (boosted trees), or `noop:D` (random D-float updates, no training).
     #[arg(long)]
     pub task: Option<TaskChoice>,
     /// Segments of `--task segments` (the same as `segments:K`; the flag wins).
@@ -61,14 +61,29 @@ pub struct SimArgs {
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Early stopping: stop once this many evaluated rounds in a row did not
-    /// improve the federated validation metric (val_hr@10 / val_rmse); 0
+    /// improve the federated validation metric (val_hr@10 / val_rmse / val_auc); 0
     /// turns it off. The best version is reported either way
-    /// [default: 5 for MF, off otherwise].
+    /// [default: 5 evaluated rounds for models with a validation metric; 50 evaluated trees
+    /// for churn-gbdt].
     #[arg(long)]
     pub patience: Option<u64>,
-    /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp].
+    /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp];
+    /// for churn-gbdt the shrinkage of every tree [default: 0.1].
     #[arg(long)]
     pub lr: Option<f32>,
+    /// Trees of `--task churn-gbdt` [default: 300].
+    #[arg(long)]
+    pub trees: Option<usize>,
+    /// Depth of each tree of `--task churn-gbdt` (one round per level)
+    /// [default: 3].
+    #[arg(long)]
+    pub max_depth: Option<usize>,
+    /// Least hessian sum of a leaf of `--task churn-gbdt` [default: 20].
+    #[arg(long)]
+    pub min_child_weight: Option<f32>,
+    /// L2 penalty on the leaves of `--task churn-gbdt` [default: 10].
+    #[arg(long)]
+    pub l2: Option<f32>,
     /// Mini-batch size for churn models [default: 32].
     #[arg(long)]
     pub batch_size: Option<usize>,

@@ -165,6 +165,9 @@ pub enum TaskChoice {
         /// Second hidden layer width, 0 for none.
         h2: usize,
     },
+    /// Churn gradient-boosted trees (`churn-gbdt`; hyper-parameters from
+    /// `--trees`, `--max-depth`, `--lr`, `--min-child-weight`, `--l2`).
+    ChurnGbdt,
     /// Random updates of this length, no training.
     Noop(usize),
     /// Federated k-means segmentation of customers' RFM features into k
@@ -187,6 +190,7 @@ impl TaskChoice {
             "mf" => Self::Mf,
             "mf-implicit" => Self::MfImplicit,
             "churn-lr" => Self::ChurnLr,
+            "churn-gbdt" => Self::ChurnGbdt,
             "segments" => Self::Segments(None),
             "rules" => Self::Rules(DEFAULT_MIN_SUPPORT),
             "churn-mlp" => Self::ChurnMlp {
@@ -231,16 +235,19 @@ impl TaskChoice {
                     Some(Ok(d)) if d > 0 => Self::Noop(d),
                     _ => bail!(
                         "unknown task `{s}` (known: mf, mf-implicit, churn-lr, \
-                         churn-mlp[:H1[,H2]], segments[:K], rules[:MIN], noop:D)"
+                         churn-mlp[:H1[,H2]], churn-gbdt, segments[:K], rules[:MIN], noop:D)"
                     ),
                 }
             }
         })
     }
 
-    /// Whether this is a churn family (LR or MLP).
+    /// Whether this is a churn family (LR, MLP or trees).
     pub fn is_churn(self) -> bool {
-        matches!(self, Self::ChurnLr | Self::ChurnMlp { .. })
+        matches!(
+            self,
+            Self::ChurnLr | Self::ChurnMlp { .. } | Self::ChurnGbdt
+        )
     }
 
     /// The churn model of this task over `num_features` encoded features.
@@ -249,6 +256,12 @@ impl TaskChoice {
             Self::ChurnMlp { h1, h2 } => ModelSpec::ChurnMlp {
                 num_features,
                 hidden: [h1, h2].into_iter().filter(|&h| h > 0).collect(),
+            },
+            // Default hyper-parameters: the simulator sets the flags' values.
+            Self::ChurnGbdt => ModelSpec::ChurnGbdt {
+                num_features,
+                params: Default::default(),
+                level_len: 0,
             },
             // Without k, a placeholder: the simulator chooses k after loading.
             Self::Segments(k) => ModelSpec::KMeans {
@@ -264,7 +277,9 @@ impl TaskChoice {
     pub fn default_data(self) -> DataSpec {
         match self {
             Self::Mf | Self::MfImplicit => DataSpec::MovieLens(DEFAULT_MOVIELENS.into()),
-            Self::ChurnLr | Self::ChurnMlp { .. } => DataSpec::Telco(DEFAULT_TELCO.into()),
+            Self::ChurnLr | Self::ChurnMlp { .. } | Self::ChurnGbdt => {
+                DataSpec::Telco(DEFAULT_TELCO.into())
+            }
             Self::Noop(_) => DataSpec::None,
             Self::Segments(_) | Self::Rules(_) => {
                 DataSpec::Orders(Box::new(orders::OrdersSource::new(None)))
@@ -278,6 +293,7 @@ impl TaskChoice {
             Self::Mf => "mf".into(),
             Self::MfImplicit => "mf-implicit".into(),
             Self::ChurnLr => "churn-lr".into(),
+            Self::ChurnGbdt => "churn-gbdt".into(),
             Self::ChurnMlp { h1, h2: 0 } if h1 == DEFAULT_HIDDEN => "churn-mlp".into(),
             Self::ChurnMlp { h1, h2: 0 } => format!("churn-mlp:{h1}"),
             Self::ChurnMlp { h1, h2 } => format!("churn-mlp:{h1},{h2}"),
@@ -293,7 +309,7 @@ impl TaskChoice {
         match self {
             Self::Mf => Some(("rmse", false)),
             Self::MfImplicit => Some(("hr@10", true)),
-            Self::ChurnLr | Self::ChurnMlp { .. } => Some(("auc", true)),
+            Self::ChurnLr | Self::ChurnMlp { .. } | Self::ChurnGbdt => Some(("auc", true)),
             Self::Segments(_) => Some(("inertia", false)),
             Self::Noop(_) | Self::Rules(_) => None,
         }
@@ -423,7 +439,10 @@ pub fn build(
         }
         (t, DataSpec::Orders(src)) => orders::build(t, src, n, partitioner, mf, factors, seed),
         (
-            TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. } | TaskChoice::Segments(_),
+            TaskChoice::ChurnLr
+            | TaskChoice::ChurnMlp { .. }
+            | TaskChoice::ChurnGbdt
+            | TaskChoice::Segments(_),
             DataSpec::Telco(_) | DataSpec::Csv(_),
         ) => {
             let (schema, path) = match data {

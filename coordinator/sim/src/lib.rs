@@ -145,6 +145,9 @@ pub fn run_one(
     } else {
         None
     };
+    if let ModelSpec::ChurnGbdt { params, .. } = &mut pop.model {
+        *params = s.gbdt.clone();
+    }
     let load_seconds = load_start.elapsed().as_secs_f64();
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();

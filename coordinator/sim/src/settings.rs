@@ -67,6 +67,8 @@ pub struct Settings {
     pub epochs: Option<usize>,
     /// Early-stopping patience (None = per-task default, 0 = off).
     pub patience: Option<u64>,
+    /// Hyper-parameters of `--task churn-gbdt`.
+    pub gbdt: fedcart_common::model::gbdt::GbdtParams,
     /// Local learning rate (None = per-task default).
     pub lr: Option<f32>,
     /// Churn mini-batch size.
@@ -267,12 +269,35 @@ impl Settings {
             let demo = task.is_none() && data.is_none() && train_test.is_none();
             demo && strategy.require_streaming("secure aggregation").is_ok()
         };
+        let gbdt = {
+            let d = fedcart_common::model::gbdt::GbdtParams::default();
+            let p = fedcart_common::model::gbdt::GbdtParams {
+                trees: pick!(trees, d.trees),
+                max_depth: pick!(max_depth, d.max_depth),
+                min_child_weight: pick!(min_child_weight, d.min_child_weight),
+                l2: pick!(l2, d.l2),
+                learning_rate: match task {
+                    Some(TaskChoice::ChurnGbdt) => pick!(lr, d.learning_rate),
+                    _ => d.learning_rate,
+                },
+                ..d
+            };
+            p.check().map_err(|e| {
+                anyhow::anyhow!("{e} (--trees, --max-depth, --lr, --min-child-weight, --l2)")
+            })?;
+            p
+        };
         let s = Self {
             data,
             train_test,
             task,
             merchants: pick!(merchants, 10),
-            rounds: pick!(rounds, 20),
+            rounds: args.rounds.or(file.rounds).unwrap_or(match task {
+                // Every tree's levels after the sketch round.
+                Some(TaskChoice::ChurnGbdt) => 1 + gbdt.trees as u64 * gbdt.max_depth as u64,
+                _ => 20,
+            }),
+            gbdt,
             fraction: pick!(fraction, 1.0),
             epochs: args.epochs.or(file.epochs),
             patience: args.patience.or(file.patience),
@@ -443,7 +468,11 @@ impl Settings {
         model: &fedcart_common::task::ModelSpec,
     ) -> Option<fedcart_coordinator::config::EarlyStopping> {
         model.selection_metric()?;
-        match self.patience.unwrap_or(DEFAULT_PATIENCE) {
+        let default = match model {
+            fedcart_common::task::ModelSpec::ChurnGbdt { .. } => DEFAULT_GBDT_PATIENCE,
+            _ => DEFAULT_PATIENCE,
+        };
+        match self.patience.unwrap_or(default) {
             0 => None,
             patience => Some(fedcart_coordinator::config::EarlyStopping { patience }),
         }
@@ -463,6 +492,11 @@ impl Settings {
 /// purchases (one hit is ~0.1–0.2 %), short enough to stop a run that has
 /// begun to overfit.
 pub const DEFAULT_PATIENCE: u64 = 5;
+
+/// Default early-stopping patience of `churn-gbdt`, in evaluated trees:
+/// one tree moves the validation AUC little, and the validation slices are
+/// small (BENCHMARKS.md, "Federated gradient-boosted trees").
+pub const DEFAULT_GBDT_PATIENCE: u64 = 50;
 
 /// Refuses the settings the gRPC transport cannot honour, naming the flag.
 fn check_grpc(s: &Settings) -> anyhow::Result<()> {

@@ -653,3 +653,36 @@ fn the_report_spells_the_settings_out_and_shows_epsilon() {
         .expect("ε reported");
     assert!(eps > 0.0 && eps.is_finite(), "{json}");
 }
+
+#[test]
+fn churn_gbdt_runs_one_round_per_level_through_the_engine_and_serves_a_tree_count() {
+    let mut a = args();
+    a.task = Some("churn-gbdt".parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
+    a.rounds = None;
+    a.trees = Some(4);
+    a.max_depth = Some(2);
+    let s = Settings::from_args(a.clone()).unwrap();
+    // The sketch round, then every tree's levels.
+    assert_eq!(s.rounds, 1 + 4 * 2);
+    let e = run(a.clone());
+    // One evaluated row per tree; the served model is one of them.
+    assert_eq!(e[0].rounds.len(), 4);
+    let last = &e[0].rounds.last().unwrap().eval;
+    assert_eq!(last["trees"], 4.0);
+    assert!(last["auc"] > 0.75, "{last:?}");
+    assert_eq!(run(a)[0].final_model, e[0].final_model);
+    // A bad hyper-parameter names the flags.
+    let mut bad = args();
+    bad.task = Some("churn-gbdt".parse().unwrap());
+    bad.max_depth = Some(40);
+    let err = Settings::from_args(bad).unwrap_err().to_string();
+    assert!(
+        err.contains("max_depth") && err.contains("--max-depth"),
+        "{err}"
+    );
+}

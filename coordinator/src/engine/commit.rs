@@ -17,12 +17,18 @@ impl Engine {
     /// best version if its federated validation metric improved on the best
     /// so far (strictly), and the early stop if `run.early_stopping.patience`
     /// evaluated versions have passed since the best one.
-    fn select(&self, record: &RoundRecord) -> (Option<BestVersion>, Option<RunStop>) {
+    ///
+    /// Patience counts evaluated versions, not versions: boosting commits
+    /// one version per tree level and is evaluated only between trees.
+    fn select(
+        &self,
+        record: &RoundRecord,
+    ) -> Result<(Option<BestVersion>, Option<RunStop>), EngineError> {
         let Some((metric, higher)) = self.run.model.selection_metric() else {
-            return (None, None);
+            return Ok((None, None));
         };
         let Some(&value) = record.metrics.get(metric).filter(|v| v.is_finite()) else {
-            return (None, None);
+            return Ok((None, None));
         };
         let improved = match &self.best {
             None => true,
@@ -34,10 +40,21 @@ impl Engine {
             metric: metric.to_string(),
             value,
         });
-        let best = new_best.as_ref().or(self.best.as_ref());
-        let stop = match (best, &self.run.early_stopping) {
-            (Some(b), Some(es)) if self.version >= b.version + es.patience => {
-                Some(RunStop::EarlyStopped {
+        let stop = match (&self.best, &self.run.early_stopping) {
+            (Some(b), Some(es)) if !improved => {
+                // This evaluation and the committed ones after the best.
+                let since = 1 + self
+                    .store
+                    .history()?
+                    .iter()
+                    .filter(|r| {
+                        r.kind == TaskKind::Evaluate
+                            && r.outcome == Outcome::Committed
+                            && r.round > b.version
+                            && r.round < self.version
+                    })
+                    .count() as u64;
+                (since >= es.patience).then(|| RunStop::EarlyStopped {
                     version: self.version,
                     best_version: b.version,
                     metric: metric.to_string(),
@@ -46,7 +63,7 @@ impl Engine {
             }
             _ => None,
         };
-        (new_best, stop)
+        Ok((new_best, stop))
     }
 
     /// Closes the open task: commits with a quorum, otherwise aborts.
@@ -131,7 +148,7 @@ impl Engine {
                     record.metrics.extend(pooled);
                 }
                 record.outcome = Outcome::Committed;
-                let (best, stop) = self.select(&record);
+                let (best, stop) = self.select(&record)?;
                 let mut meta = Vec::new();
                 if let Some(b) = &best {
                     meta.push((
@@ -223,7 +240,8 @@ impl Engine {
                 self.version = version;
                 self.global = Arc::new(next);
                 self.ledger = ledger;
-                self.pending_eval = super::publishes(&self.run, version, self.complete);
+                self.pending_eval =
+                    super::publishes(&self.run, version, &self.global, self.complete);
                 tracing::info!(version, reported, "version committed");
             }
         }

@@ -297,7 +297,10 @@ pub fn build(
     };
     let id = |k: usize| format!("m{k:04}");
     match task {
-        TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. } | TaskChoice::Segments(_) => {
+        TaskChoice::ChurnLr
+        | TaskChoice::ChurnMlp { .. }
+        | TaskChoice::ChurnGbdt
+        | TaskChoice::Segments(_) => {
             let model = task.churn_model(FEATURE_NAMES.len());
             let split_local = |k: usize, part: TabularDataset| {
                 let y = part.y.as_slice().expect("contiguous labels").to_vec();
