@@ -10,8 +10,9 @@
 //!
 //! The families: churn logistic regression ([`churn_lr`]), the churn MLP
 //! ([`churn_mlp`]), explicit and implicit (BPR) matrix factorisation ([`mf`]),
-//! k-means segments ([`kmeans`]), frequent itemsets ([`itemsets`], an
-//! [`Analysis`]) and the overhead-benchmark [`noop`]. Their numerical cores are [`lr`],
+//! k-means segments ([`kmeans`]; the whole segmentation pipeline — candidate
+//! initialisation, choice of k, Lloyd rounds — is [`segments`], an
+//! [`Analysis`]), frequent itemsets ([`itemsets`], an [`Analysis`]) and the overhead-benchmark [`noop`]. Their numerical cores are [`lr`],
 //! [`mlp`] (sharing [`sgd`]) and `mf`'s kernels; [`churn`] holds what both
 //! churn families share.
 //!
@@ -44,6 +45,7 @@ pub mod lr;
 pub mod mf;
 pub mod mlp;
 pub mod noop;
+pub mod segments;
 pub mod sgd;
 
 use std::collections::BTreeMap;
@@ -206,6 +208,13 @@ pub trait Analysis {
 
     /// True when `global` needs no further round.
     fn complete(&self, global: &[f32]) -> bool;
+
+    /// The most training rounds the analysis can take, when it knows
+    /// (segments: the candidates plus the Lloyd rounds); `run.rounds` must
+    /// leave room for them. `None`: `run.rounds` is the cap (itemsets).
+    fn max_versions(&self) -> Option<u64> {
+        None
+    }
 
     /// The first value of one merchant's update that cannot be what the
     /// analysis asks for (for counts: a whole number between 0 and the
