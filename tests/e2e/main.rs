@@ -18,4 +18,5 @@ mod rules;
 mod secure;
 mod secure_keys;
 mod security;
+mod segments;
 mod wire_privacy;

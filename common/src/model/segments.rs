@@ -29,7 +29,9 @@
 //!    ([`kmeans::elbow`]) is k.
 //! 3. **Lloyd rounds** of the chosen k, continuing from its centres, until
 //!    `lloyd_rounds` updates in all (at least those of the choice) or a
-//!    round that no longer moves a centre. The engine then hands the final
+//!    round that no longer moves the centres (by more than
+//!    [`state::CONVERGED_SHIFT`], which is above the secure ring's
+//!    quantisation, so both paths stop at the same round). The engine then hands the final
 //!    state to every agent (one evaluation task); `fedcart-client segments`
 //!    labels the merchant's customers with it.
 //!
