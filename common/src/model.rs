@@ -216,11 +216,12 @@ pub trait Analysis {
         None
     }
 
-    /// The first value of one merchant's update that cannot be what the
-    /// analysis asks for (for counts: a whole number between 0 and the
-    /// update's weight, the merchant's number of baskets), so the engine can
+    /// The first value of merchant `sender`'s update that cannot be what
+    /// the analysis asks for (for counts: a whole number between 0 and the
+    /// update's weight, the merchant's number of baskets; for segment
+    /// candidates also: only in the sender's own slot), so the engine can
     /// refuse that update and let the round go on. `None` when it is fine.
-    fn first_bad_value(&self, update: &Update) -> Option<usize>;
+    fn first_bad_value(&self, sender: &str, update: &Update) -> Option<usize>;
 }
 
 /// Why a task could not be carried out locally.

@@ -359,9 +359,11 @@ impl Analysis for Segments<'_> {
     /// Counts (candidate sizes, cluster counts) must be whole numbers up to
     /// the merchant's customers, a candidate must hold at least
     /// [`MIN_CANDIDATE_SIZE`] of them, inertias must be non-negative, and a
-    /// candidate answer may fill one slot only (a merchant cannot propose
-    /// in another's name).
-    fn first_bad_value(&self, update: &Update) -> Option<usize> {
+    /// candidate answer may fill the sender's own slot only (a merchant
+    /// cannot propose in another's name). Under secure aggregation none of
+    /// this can be checked per merchant: a malicious merchant can add into
+    /// others' slots, as it can move any summed value.
+    fn first_bad_value(&self, sender: &str, update: &Update) -> Option<usize> {
         let d = self.num_features;
         let count_ok =
             |v: f32| v.is_finite() && v >= 0.0 && v.fract() == 0.0 && f64::from(v) <= update.weight;
@@ -369,7 +371,7 @@ impl Analysis for Segments<'_> {
         match self.exchange.phase {
             Phase::Candidates => {
                 let slot = state::slot_len(self.ks, d);
-                let mut filled = None;
+                let own = self.exchange.slots.iter().position(|s| s == sender);
                 for s in 0..self.exchange.slots.len() {
                     for &k in self.ks {
                         let m = state::CANDIDATES_PER_SEGMENT * k;
@@ -380,7 +382,7 @@ impl Analysis for Segments<'_> {
                             if !count_ok(size) || (size > 0.0 && size < MIN_CANDIDATE_SIZE as f32) {
                                 return Some(i);
                             }
-                            if size > 0.0 && *filled.get_or_insert(s) != s {
+                            if size > 0.0 && own != Some(s) {
                                 return Some(i);
                             }
                         }

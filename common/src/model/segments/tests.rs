@@ -99,7 +99,7 @@ fn federate(ks: &[usize], data: &mut [LocalData]) -> Vec<Vec<f32>> {
         for d in data.iter_mut() {
             let u = m.fit(&ctx, &global, d).unwrap().update.unwrap();
             assert_eq!(u.values.len(), m.update_len());
-            assert_eq!(m.first_bad_value(&u), None);
+            assert_eq!(m.first_bad_value(&d.merchant_id, &u), None);
             acc.add(&u).unwrap();
         }
         global = m
@@ -192,16 +192,18 @@ fn one_k_skips_the_choice_and_a_foreign_slot_or_a_tiny_candidate_is_refused() {
         weight: 100.0,
     };
     u.values[size_at(0, 0)] = 10.0;
-    assert_eq!(m.first_bad_value(&u), None);
-    // Candidates in two slots: one merchant speaking for another.
+    assert_eq!(m.first_bad_value("m0", &u), None);
+    // m1 proposing in m0's slot: one merchant speaking for another.
+    assert_eq!(m.first_bad_value("m1", &u), Some(size_at(0, 0)));
+    // Candidates in two slots.
     u.values[size_at(1, 0)] = 10.0;
-    assert_eq!(m.first_bad_value(&u), Some(size_at(1, 0)));
+    assert_eq!(m.first_bad_value("m0", &u), Some(size_at(1, 0)));
     u.values[size_at(1, 0)] = 0.0;
     // A candidate of fewer customers than the minimum, or more than it has.
     u.values[size_at(0, 1)] = 2.0;
-    assert_eq!(m.first_bad_value(&u), Some(size_at(0, 1)));
+    assert_eq!(m.first_bad_value("m0", &u), Some(size_at(0, 1)));
     u.values[size_at(0, 1)] = 101.0;
-    assert_eq!(m.first_bad_value(&u), Some(size_at(0, 1)));
+    assert_eq!(m.first_bad_value("m0", &u), Some(size_at(0, 1)));
     // No candidate at all: the summed exchange is refused with the reason.
     let global = m.initial_params(1);
     let err = m
