@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use fedcart_common::data::tabular::TabularDataset;
 use fedcart_common::model::kmeans;
+use fedcart_common::model::segments::Segmentation;
 use fedcart_common::task::ModelSpec;
 use thiserror::Error;
 
@@ -23,6 +24,10 @@ pub enum SegmentsError {
     /// The stored model came without the federation's feature statistics.
     #[error("the stored segmentation came without feature statistics")]
     NoFeatureStats,
+    /// The stored segmentation state does not decode (another run's k or
+    /// feature width, or a damaged file).
+    #[error("the stored segmentation state does not decode: {0}")]
+    BadState(fedcart_common::model::TrainError),
     /// The stored model does not match the local features.
     #[error("the segmentation has {params} values, not k · {features}")]
     Shape {
@@ -81,8 +86,19 @@ pub fn assign(state: &StateDir, ds: &TabularDataset) -> Result<(u64, Vec<usize>)
     let Some((meta, params)) = state.load_global("segments")? else {
         return Err(SegmentsError::NoModel);
     };
-    let ModelSpec::KMeans { k, .. } = meta.spec.model else {
-        return Err(SegmentsError::NoModel);
+    // A segmentation pipeline's state holds the centres of every candidate
+    // k; the chosen k's are the segments (none before the choice).
+    let (k, params) = match &meta.spec.model {
+        ModelSpec::KMeans { k, .. } => (*k, params),
+        ModelSpec::Segments {
+            num_features, ks, ..
+        } => {
+            let state = Segmentation::decode(&params, *num_features, ks)
+                .map_err(SegmentsError::BadState)?;
+            let (k, centres) = state.chosen_centres().ok_or(SegmentsError::NoModel)?;
+            (k, centres.to_vec())
+        }
+        _ => return Err(SegmentsError::NoModel),
     };
     let scaler = meta
         .spec

@@ -76,7 +76,7 @@ fn timed(template: &TaskSpec, ms: &mut [LocalData]) -> (f64, u64, f64, f64) {
     let mut params = spec.model.initial_params(spec.seed);
     let (mut tree_rounds, mut up, mut down) = (0u64, 0usize, 0usize);
     loop {
-        let model = template.model.for_version(&params).expect("state");
+        let model = template.model.for_task(&params, &[]).expect("state");
         let family = model.model();
         let analysis = family.analysis().expect("an analysis");
         if analysis.complete(&params) {

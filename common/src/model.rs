@@ -11,8 +11,9 @@
 //! The families: churn logistic regression ([`churn_lr`]), the churn MLP
 //! ([`churn_mlp`]), churn gradient-boosted trees ([`gbdt`], an [`Analysis`]
 //! growing one tree level per round), explicit and implicit (BPR) matrix factorisation ([`mf`]),
-//! k-means segments ([`kmeans`]), frequent itemsets ([`itemsets`], an
-//! [`Analysis`]) and the overhead-benchmark [`noop`]. Their numerical cores are [`lr`],
+//! k-means segments ([`kmeans`]; the whole segmentation pipeline — candidate
+//! initialisation, choice of k, Lloyd rounds — is [`segments`], an
+//! [`Analysis`]), frequent itemsets ([`itemsets`], an [`Analysis`]) and the overhead-benchmark [`noop`]. Their numerical cores are [`lr`],
 //! [`mlp`] (sharing [`sgd`]) and `mf`'s kernels; [`churn`] holds what both
 //! churn families share.
 //!
@@ -46,6 +47,7 @@ pub mod lr;
 pub mod mf;
 pub mod mlp;
 pub mod noop;
+pub mod segments;
 pub mod sgd;
 
 use std::collections::BTreeMap;
@@ -216,11 +218,19 @@ pub trait Analysis {
         true
     }
 
-    /// The first value of one merchant's update that cannot be what the
-    /// analysis asks for (for counts: a whole number between 0 and the
-    /// update's weight, the merchant's number of baskets), so the engine can
+    /// The most training rounds the analysis can take, when it knows
+    /// (segments: the candidates plus the Lloyd rounds); `run.rounds` must
+    /// leave room for them. `None`: `run.rounds` is the cap (itemsets).
+    fn max_versions(&self) -> Option<u64> {
+        None
+    }
+
+    /// The first value of merchant `sender`'s update that cannot be what
+    /// the analysis asks for (for counts: a whole number between 0 and the
+    /// update's weight, the merchant's number of baskets; for segment
+    /// candidates also: only in the sender's own slot), so the engine can
     /// refuse that update and let the round go on. `None` when it is fine.
-    fn first_bad_value(&self, update: &Update) -> Option<usize>;
+    fn first_bad_value(&self, sender: &str, update: &Update) -> Option<usize>;
 }
 
 /// Why a task could not be carried out locally.

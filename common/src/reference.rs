@@ -251,7 +251,7 @@ pub fn federate(
 
 /// [`federate`] for an analysis (boosted trees, itemsets), as the engine
 /// runs it: each round's task is sized by the state
-/// (`ModelSpec::for_version`), the next state is computed from the plain
+/// (`ModelSpec::for_task`, every merchant selected), the next state is computed from the plain
 /// sum, and the state is evaluated at its checkpoints (between trees) and
 /// at the end. `rounds` caps the versions; `Federation::rounds` holds one
 /// entry per evaluation and `best` the best evaluated version.
@@ -264,8 +264,13 @@ fn federate_analysis(
     let mut params = template.initial_params(spec.seed);
     let mut history = Vec::new();
     let (mut best, mut best_value): (Option<(u64, Vec<f32>)>, Option<f64>) = (None, None);
+    let ids: Vec<String> = {
+        let mut ids: Vec<String> = merchants.iter().map(|m| m.merchant_id.clone()).collect();
+        ids.sort();
+        ids
+    };
     for round in 1..=rounds {
-        let model = template.for_version(&params)?;
+        let model = template.for_task(&params, &ids)?;
         let family = model.model();
         let analysis = family.analysis().expect("an analysis");
         if analysis.complete(&params) {

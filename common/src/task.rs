@@ -14,6 +14,7 @@ use crate::model::kmeans::KMeans;
 use crate::model::lr::SgdParams;
 use crate::model::mf::{MfHyper, MfShape};
 use crate::model::noop::Noop;
+use crate::model::segments::{Exchange, Segments};
 use crate::model::{FederatedModel, RoundContext, TrainError};
 use crate::privacy::dp::DpTask;
 
@@ -83,9 +84,30 @@ pub enum ModelSpec {
         params: GbdtParams,
         /// Length of a task's update (the sketch or the current level's
         /// histograms): set by the coordinator for each task
-        /// ([`ModelSpec::for_version`]).
+        /// ([`ModelSpec::for_task`]).
         #[serde(default)]
         level_len: usize,
+    },
+    /// Customer segmentation, the whole pipeline as rounds (see
+    /// `model::segments`): candidate initialisation, the choice of k among
+    /// `ks` by the federated inertia elbow, and the chosen k's Lloyd
+    /// rounds. The global "model" is the encoded pipeline state.
+    Segments {
+        /// Feature width.
+        num_features: usize,
+        /// The candidate k, increasing; one k skips the choice.
+        ks: Vec<usize>,
+        /// Lloyd rounds of every candidate k before their inertias are
+        /// compared.
+        #[serde(default = "default_choose_rounds")]
+        choose_rounds: usize,
+        /// Lloyd updates of the chosen k in all (at least the choice's);
+        /// fewer once a round no longer moves a centre.
+        lloyd_rounds: usize,
+        /// This task's exchange: set by the coordinator for each task
+        /// ([`ModelSpec::for_task`]).
+        #[serde(default)]
+        exchange: Exchange,
     },
     /// Federated frequent itemsets (level-wise Apriori, see
     /// `model::itemsets`): the global "model" is the encoded Apriori state.
@@ -95,7 +117,7 @@ pub enum ModelSpec {
         /// Minimum support in baskets across the federation.
         min_count: u64,
         /// Candidates of the level a task counts (its update length): set
-        /// by the coordinator for each task ([`ModelSpec::for_version`]).
+        /// by the coordinator for each task ([`ModelSpec::for_task`]).
         #[serde(default)]
         candidates: usize,
     },
@@ -138,6 +160,19 @@ impl ModelSpec {
                 params,
                 level_len: *level_len,
             }),
+            ModelSpec::Segments {
+                num_features,
+                ks,
+                choose_rounds,
+                lloyd_rounds,
+                exchange,
+            } => Box::new(Segments {
+                num_features: *num_features,
+                ks,
+                choose_rounds: *choose_rounds,
+                lloyd_rounds: *lloyd_rounds,
+                exchange,
+            }),
             ModelSpec::Itemsets {
                 num_items,
                 min_count,
@@ -150,12 +185,39 @@ impl ModelSpec {
         }
     }
 
-    /// The spec of a task on global version `global`: the same, except that
-    /// an itemsets task carries the number of candidates of the state's
-    /// current level (its update length). Fails on a state whose header
-    /// does not decode.
-    pub fn for_version(&self, global: &[f32]) -> Result<ModelSpec, TrainError> {
+    /// The spec of a task on global version `global` for the `selected`
+    /// merchants (sorted): the same, except that an itemsets task carries
+    /// the number of candidates of the state's current level (its update
+    /// length), and a segments task its exchange (the phase and chosen k of
+    /// the state and, for the candidate exchange, the selected merchants,
+    /// one slot each). Fails on a state whose header does not decode.
+    pub fn for_task(&self, global: &[f32], selected: &[String]) -> Result<ModelSpec, TrainError> {
         match self {
+            ModelSpec::Segments {
+                num_features,
+                ks,
+                choose_rounds,
+                lloyd_rounds,
+                ..
+            } => {
+                let (phase, chosen) = crate::model::segments::Segmentation::header(global)?;
+                let slots = if phase == crate::model::segments::Phase::Candidates {
+                    selected.to_vec()
+                } else {
+                    Vec::new()
+                };
+                Ok(ModelSpec::Segments {
+                    num_features: *num_features,
+                    ks: ks.clone(),
+                    choose_rounds: *choose_rounds,
+                    lloyd_rounds: *lloyd_rounds,
+                    exchange: Exchange {
+                        phase,
+                        chosen,
+                        slots,
+                    },
+                })
+            }
             ModelSpec::Itemsets {
                 num_items,
                 min_count,
@@ -224,7 +286,7 @@ impl ModelSpec {
     /// churn features must not overwrite the churn model).
     pub fn state_key(&self) -> &'static str {
         match self {
-            ModelSpec::KMeans { .. } => "segments",
+            ModelSpec::KMeans { .. } | ModelSpec::Segments { .. } => "segments",
             ModelSpec::Itemsets { .. } => "itemsets",
             other => other.data_family(),
         }
@@ -280,6 +342,10 @@ impl ModelSpec {
     pub fn check(&self) -> Result<(), TrainError> {
         self.model().check()
     }
+}
+
+fn default_choose_rounds() -> usize {
+    crate::model::segments::DEFAULT_CHOOSE_ROUNDS
 }
 
 /// Everything an agent needs to carry out one task.

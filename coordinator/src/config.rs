@@ -435,6 +435,18 @@ impl RunConfig {
             if let Err(e) = self.model.check() {
                 return bad("run.model", e.to_string());
             }
+            if let Some(needed) = self.model.model().analysis().and_then(|a| a.max_versions())
+                && self.rounds < needed
+            {
+                return bad(
+                    "run.rounds",
+                    format!(
+                        "{} is too few for the {} analysis, which can take {needed} rounds",
+                        self.rounds,
+                        self.model.name()
+                    ),
+                );
+            }
             // An analysis's next version is computed from the exact sum: no
             // strategy step, and no noise (which would change the counts).
             if self.dp.is_some() {

@@ -18,5 +18,6 @@ mod rules;
 mod secure;
 mod secure_keys;
 mod security;
+mod segments;
 mod trees;
 mod wire_privacy;

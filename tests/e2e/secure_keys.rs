@@ -68,7 +68,7 @@ fn pki() -> Pki {
     }
 }
 
-fn identity(ca: &CertDir, id: &str) -> KeyIdentity {
+pub(crate) fn identity(ca: &CertDir, id: &str) -> KeyIdentity {
     AgentTls {
         ca: ca.ca_cert(),
         cert: ca.cert(id),
@@ -392,7 +392,7 @@ fn secure_round_with_an_unsigned_or_uncertified_entry_is_refused() {
     assert_refused_over_m3(a, &mut agents, &t, |r| *r == BindingError::NoSignature);
 }
 
-fn client_tls(ca: &CertDir, id: &str) -> tonic::transport::ClientTlsConfig {
+pub(crate) fn client_tls(ca: &CertDir, id: &str) -> tonic::transport::ClientTlsConfig {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca.ca_cert()).unwrap()))

@@ -352,7 +352,7 @@ impl Analysis for ChurnGbdt<'_> {
     /// it: counts and churners lie in `[0, n]`, gradient sums in `[−n, n]`,
     /// hessian sums in `[0, n/4]`. A value outside `[−n, n]` cannot come
     /// from an honest merchant.
-    fn first_bad_value(&self, update: &Update) -> Option<usize> {
+    fn first_bad_value(&self, _sender: &str, update: &Update) -> Option<usize> {
         update
             .values
             .iter()

@@ -211,7 +211,11 @@ impl Analysis for Itemsets {
             .map_err(|e| TrainError::InvalidModel(e.to_string()))
     }
 
-    fn first_bad_value(&self, update: &crate::federation::update::Update) -> Option<usize> {
+    fn first_bad_value(
+        &self,
+        _sender: &str,
+        update: &crate::federation::update::Update,
+    ) -> Option<usize> {
         update.values.iter().position(|&v| {
             !(v.is_finite() && v >= 0.0 && v.fract() == 0.0 && f64::from(v) <= update.weight)
         })

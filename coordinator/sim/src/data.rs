@@ -15,6 +15,7 @@ use fedcart_common::data::partition::Partitioner;
 use fedcart_common::data::split;
 use fedcart_common::data::tabular::{Schema, TabularDataset};
 use fedcart_common::model::mf::{MfData, MfHyper};
+use fedcart_common::model::segments;
 use fedcart_common::task::ModelSpec;
 use fedcart_common::train::{ChurnData, LocalData};
 
@@ -172,7 +173,7 @@ pub enum TaskChoice {
     Noop(usize),
     /// Federated k-means segmentation of customers' RFM features into k
     /// segments (`segments:K`), or into the k the federated inertia elbow
-    /// chooses (`segments`, `None`; see `segments::choose_k`).
+    /// chooses (`segments`, `None`; see `fedcart_common::model::segments`).
     Segments(Option<usize>),
     /// Federated frequent itemsets and association rules with this minimum
     /// support in baskets across the federation (`rules[:MIN]`).
@@ -263,11 +264,14 @@ impl TaskChoice {
                 params: Default::default(),
                 level_len: 0,
             },
-            // Without k, a placeholder: the simulator chooses k after loading.
-            Self::Segments(k) => ModelSpec::KMeans {
-                k: k.unwrap_or(1),
+            // Without k, every k of the default range is tried and the
+            // elbow chosen; `lloyd_rounds` is set from `--rounds` by the run.
+            Self::Segments(k) => ModelSpec::Segments {
                 num_features,
-                init: Vec::new(),
+                ks: k.map_or_else(|| segments::DEFAULT_KS.collect(), |k| vec![k]),
+                choose_rounds: segments::DEFAULT_CHOOSE_ROUNDS,
+                lloyd_rounds: 0,
+                exchange: Default::default(),
             },
             _ => ModelSpec::ChurnLr { num_features },
         }

@@ -127,20 +127,11 @@ pub fn run_one(
         s.seed,
     )?;
     let mut pop = pop;
-    // k-means: agree the first centres from the merchants' candidates, and
-    // keep the data to profile the segments after the run.
-    let mut choice = None;
-    let segment_data = if let ModelSpec::KMeans { num_features, .. } = pop.model {
-        if task == TaskChoice::Segments(None) {
-            let (k, curve) = segments::choose_k(&pop.merchants, num_features, s.seed)?;
-            pop.model = ModelSpec::KMeans {
-                k,
-                num_features,
-                init: Vec::new(),
-            };
-            choice = Some(segments::choice_report(k, &curve));
-        }
-        pop.model = segments::with_init(pop.model.clone(), &pop.merchants, s.seed)?;
+    // Segments: the whole pipeline (candidates, choice of k, Lloyd rounds)
+    // runs as rounds of the engine, `--rounds` Lloyd updates of the chosen
+    // k at most; keep the data to profile the segments after the run.
+    let segment_data = if let ModelSpec::Segments { lloyd_rounds, .. } = &mut pop.model {
+        *lloyd_rounds = usize::try_from(s.rounds).unwrap_or(usize::MAX);
         Some(pop.merchants.clone())
     } else {
         None
@@ -152,12 +143,19 @@ pub fn run_one(
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
     let n = pop.merchants.len();
-    let evaluate = !matches!(pop.model, ModelSpec::Noop { .. });
+    // An analysis hands its final state out in one evaluation anyway.
+    let evaluate = !matches!(pop.model, ModelSpec::Noop { .. }) && !pop.model.is_analysis();
+    let rounds = pop
+        .model
+        .model()
+        .analysis()
+        .and_then(|a| a.max_versions())
+        .unwrap_or(s.rounds);
     let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
     let run = RunConfig {
         run_id: "simulation".into(),
         seed: s.seed,
-        rounds: s.rounds,
+        rounds,
         model: pop.model.clone(),
         sgd,
         selection: Selection {
@@ -192,9 +190,10 @@ pub fn run_one(
         },
     };
     run.validate()?;
+    let spec = run.model.clone();
     if s.transport == Transport::Grpc {
         let exp = grpc::run(s, task, data, pop, run, load_seconds)?;
-        return finish_segments(exp, segment_data.as_deref(), s, choice);
+        return finish_segments(exp, segment_data.as_deref(), &spec, s);
     }
     let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
     // Not fsync'd: the store is deleted with `dir` when the run ends.
@@ -219,7 +218,8 @@ pub fn run_one(
     // Not for k-means: a segmentation has no local-only or centralised
     // "model quality" per merchant to compare (its report profiles the segments).
     let originals = (s.out.is_some()
-        && !matches!(pop.model, ModelSpec::Noop { .. } | ModelSpec::KMeans { .. }))
+        && !matches!(pop.model, ModelSpec::Noop { .. } | ModelSpec::KMeans { .. })
+        && !pop.model.is_analysis())
     .then(|| pop.merchants.clone());
     let merchants: Vec<Mutex<LocalData>> = pop.merchants.into_iter().map(Mutex::new).collect();
     let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
@@ -342,6 +342,14 @@ pub fn run_one(
                     bar.inc(1);
                 }
             }
+            // An analysis's one evaluation (the final state handed out)
+            // completes the last training row, already pushed.
+            TaskKind::Evaluate if !engine.run().evaluate && !exp.rounds.is_empty() => {
+                if let Some(last) = exp.rounds.last_mut() {
+                    last.eval = record.metrics.clone();
+                }
+                exp.per_merchant = per_merchant;
+            }
             TaskKind::Evaluate => {
                 row.eval = record.metrics.clone();
                 row.seconds = round_start.elapsed().as_secs_f64();
@@ -398,7 +406,7 @@ pub fn run_one(
     exp.report.extend(selection_report(&exp));
     exp.final_model = engine.global().to_vec();
     exp.finish();
-    finish_segments(exp, segment_data.as_deref(), s, choice)
+    finish_segments(exp, segment_data.as_deref(), &spec, s)
 }
 
 /// Report lines on model selection and, with `--out`, the baselines.
@@ -519,23 +527,20 @@ fn best_summary(
     }))
 }
 
-/// Adds the segment profiles of a k-means run to its report (and writes the
-/// merchants' labels under `--out`).
+/// Adds the segment profiles of a segmentation run to its report (and
+/// writes the merchants' labels under `--out`): the chosen centres become
+/// the experiment's final model, and the choice of k its last report line.
 fn finish_segments(
     mut exp: Experiment,
     merchants: Option<&[LocalData]>,
+    spec: &ModelSpec,
     s: &Settings,
-    choice: Option<String>,
 ) -> anyhow::Result<Experiment> {
     let Some(merchants) = merchants else {
         return Ok(exp);
     };
-    let d = fedcart_common::data::orders::derive::FEATURE_NAMES.len();
-    let d = merchants
-        .first()
-        .and_then(|m| m.churn.as_ref())
-        .map_or(d, |c| c.train.x.ncols());
-    let k = exp.final_model.len() / d.max(1);
+    let (k, d, centres, choice) = segments::decode_final(spec, &exp.final_model)?;
+    exp.final_model = centres;
     let (profiles, inertia, labels) = segments::profile(merchants, &exp.final_model, k, d)?;
     exp.report = segments::report(&profiles, inertia);
     exp.report.extend(choice);

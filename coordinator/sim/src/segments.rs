@@ -1,30 +1,22 @@
-//! `--task segments`: the simulator's side of federated k-means
-//! (`fedcart_common::model::kmeans`).
+//! `--task segments`: the simulator's side of federated segmentation.
 //!
-//! Before the engine runs, [`with_init`] plays the initialisation exchange
-//! in-process: the merchants' statistics are summed into the standardiser
-//! (the same sums as the engine's statistics step), each merchant proposes
-//! candidate centres from its own local k-means++ ([`kmeans::local_candidates`]),
-//! and the coordinator's [`kmeans::centres_from_candidates`] turns them into the
-//! k first centres, carried by the task's `ModelSpec::KMeans { init }`. The
-//! Lloyd rounds are then ordinary training rounds of either transport. After
-//! the run, [`profile`] labels every merchant's customers with the final
-//! centres and reports each segment's size, mean recency, frequency and
-//! monetary value and churn rate (the orders pipeline's labels).
+//! The whole pipeline — the statistics step, the candidate initialisation,
+//! the choice of k by the federated inertia elbow and the Lloyd rounds — is
+//! `ModelSpec::Segments` (`fedcart_common::model::segments`), run as
+//! ordinary rounds of the engine by either transport, so `--transport grpc`
+//! (with or without `--secagg`) replays the in-process run. After the run,
+//! [`decode_final`] reads the chosen centres from the final state and
+//! [`profile`] labels every merchant's customers with them and reports each
+//! segment's size, mean recency, frequency and monetary value and churn
+//! rate (the orders pipeline's labels).
 
 use anyhow::Context;
 use fedcart_common::data::standardize::Standardizer;
 use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::model::kmeans;
+use fedcart_common::model::segments::Segmentation;
 use fedcart_common::task::ModelSpec;
 use fedcart_common::train::LocalData;
-
-/// Local candidates per merchant and segment: a merchant proposes
-/// `CANDIDATES_PER_SEGMENT · k` local cluster means.
-const CANDIDATES_PER_SEGMENT: usize = 3;
-/// Seeds of the coordinator's clustering of the candidates (as
-/// scikit-learn's `n_init = 10`).
-const INIT_SEEDS: usize = 10;
 
 /// The federation's standardiser from every merchant's summed feature sums.
 pub fn standardizer(merchants: &[LocalData], d: usize) -> anyhow::Result<Standardizer> {
@@ -52,105 +44,39 @@ pub fn standardizer(merchants: &[LocalData], d: usize) -> anyhow::Result<Standar
     Ok(Standardizer::from_moments(&moments))
 }
 
-/// The model with its first centres agreed from the merchants' candidates.
-pub fn with_init(
-    model: ModelSpec,
-    merchants: &[LocalData],
-    seed: u64,
-) -> anyhow::Result<ModelSpec> {
-    let ModelSpec::KMeans {
-        k, num_features, ..
-    } = model
+/// The chosen k, the feature width, the chosen centres and the report line
+/// of the choice (when several k were tried) from a segmentation run's
+/// final state. Fails, naming the phase, when the run ended before k was
+/// chosen.
+pub fn decode_final(
+    spec: &ModelSpec,
+    state: &[f32],
+) -> anyhow::Result<(usize, usize, Vec<f32>, Option<String>)> {
+    let ModelSpec::Segments {
+        num_features, ks, ..
+    } = spec
     else {
-        return Ok(model);
+        anyhow::bail!("not a segmentation run: {}", spec.name());
     };
-    let scaler = standardizer(merchants, num_features)?;
-    let mut candidates = Vec::new();
-    let mut sizes = Vec::new();
-    for m in merchants {
-        let x = kmeans::standardised_rows(m, num_features, &scaler)
-            .with_context(|| format!("merchant {}", m.merchant_id))?;
-        let mut rng = fedcart_common::seed::rng(seed, &["kmeans-candidates", &m.merchant_id]);
-        let (c, s) = kmeans::local_candidates(&x, CANDIDATES_PER_SEGMENT * k, &mut rng);
-        candidates.extend(c);
-        sizes.extend(s);
-    }
-    let mut rng = fedcart_common::seed::rng(seed, &["kmeans-init"]);
-    let init =
-        kmeans::centres_from_candidates(&candidates, &sizes, num_features, k, INIT_SEEDS, &mut rng);
-    Ok(ModelSpec::KMeans {
-        k,
-        num_features,
-        init,
-    })
+    let st = Segmentation::decode(state, *num_features, ks)?;
+    let (k, centres) = st.chosen_centres().with_context(|| {
+        format!(
+            "the segmentation ended at {:?}, before k was chosen",
+            st.phase
+        )
+    })?;
+    let choice = (ks.len() > 1).then(|| {
+        let curve: Vec<(usize, f64)> = ks
+            .iter()
+            .zip(&st.curve)
+            .map(|(&k, &i)| (k, f64::from(i)))
+            .collect();
+        choice_report(k, &curve)
+    });
+    Ok((k, *num_features, centres.to_vec(), choice))
 }
 
-/// The k tried by `--task segments` without `:K`.
-pub const K_CANDIDATES: std::ops::RangeInclusive<usize> = 2..=8;
-/// Lloyd rounds run for each candidate k before its inertia is compared.
-const CHOOSE_ROUNDS: usize = 10;
-
-/// The federated choice of k: for each k of [`K_CANDIDATES`], the first
-/// centres agreed from the merchants' candidates ([`with_init`]), then
-/// [`CHOOSE_ROUNDS`] Lloyd rounds, each the sum of the merchants'
-/// per-cluster sums and counts, then the inertia as the sum of each
-/// merchant's local inertia; k is the elbow of that curve
-/// ([`kmeans::elbow`]). Only sums leave a merchant, as in the rounds
-/// proper; the simulator adds them in-process (plaintext) before the
-/// experiment runs with the chosen k on either transport. Returns k and the
-/// curve.
-pub fn choose_k(
-    merchants: &[LocalData],
-    d: usize,
-    seed: u64,
-) -> anyhow::Result<(usize, Vec<(usize, f64)>)> {
-    let scaler = standardizer(merchants, d)?;
-    let xs = merchants
-        .iter()
-        .map(|m| {
-            kmeans::standardised_rows(m, d, &scaler)
-                .with_context(|| format!("merchant {}", m.merchant_id))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut curve = Vec::new();
-    for k in K_CANDIDATES {
-        let start = ModelSpec::KMeans {
-            k,
-            num_features: d,
-            init: Vec::new(),
-        };
-        let ModelSpec::KMeans { init, .. } = with_init(start, merchants, seed)? else {
-            unreachable!("with_init keeps the family");
-        };
-        let mut centres = init;
-        for _ in 0..CHOOSE_ROUNDS {
-            let mut sums = vec![0.0f64; k * d];
-            let mut counts = vec![0u64; k];
-            for x in &xs {
-                let step = kmeans::lloyd_step(x, &centres, k);
-                for (s, v) in sums.iter_mut().zip(&step.sums) {
-                    *s += v;
-                }
-                for (c, v) in counts.iter_mut().zip(&step.counts) {
-                    *c += v;
-                }
-            }
-            for c in 0..k {
-                if counts[c] > 0 {
-                    for j in 0..d {
-                        centres[c * d + j] = (sums[c * d + j] / counts[c] as f64) as f32;
-                    }
-                }
-            }
-        }
-        let inertia: f64 = xs.iter().map(|x| kmeans::inertia(x, &centres, k)).sum();
-        curve.push((k, inertia));
-    }
-    let (ks, inertias): (Vec<usize>, Vec<f64>) = curve.iter().copied().unzip();
-    Ok((kmeans::elbow(&ks, &inertias), curve))
-}
-
-/// The report line of [`choose_k`]'s choice.
+/// The report line of the federated choice of k.
 pub fn choice_report(k: usize, curve: &[(usize, f64)]) -> String {
     let points: Vec<String> = curve
         .iter()

@@ -97,7 +97,7 @@ impl Engine {
     ) -> Result<(), SubmitError> {
         self.precheck(agent, run_id, round, task_id)?;
         let open = self.open.as_mut().expect("precheck found an open task");
-        let result = Self::accept(open, &sub);
+        let result = Self::accept(open, agent, &sub);
         match &result {
             Ok(()) => {
                 open.reported.insert(agent.to_string());
@@ -152,7 +152,7 @@ impl Engine {
             }
             let open = self.open.as_mut().expect("precheck found an open task");
             let pre = shape[i].take();
-            match Self::check(open, &sub, |_| pre.unwrap_or(Ok(()))) {
+            match Self::check(open, &agent, &sub, |_| pre.unwrap_or(Ok(()))) {
                 Ok(()) => {
                     open.reported.insert(agent.clone());
                     accepted.push((i, agent, sub));
@@ -203,9 +203,9 @@ impl Engine {
         results
     }
 
-    fn accept(open: &mut OpenTask, sub: &Submission) -> Result<(), SubmitError> {
+    fn accept(open: &mut OpenTask, agent: &str, sub: &Submission) -> Result<(), SubmitError> {
         let (len, layout) = (open.plan.spec.update_len(), open.plan.spec.update_layout());
-        Self::check(open, sub, |u| u.validate(len, &layout))?;
+        Self::check(open, agent, sub, |u| u.validate(len, &layout))?;
         if let Some(u) = &sub.update {
             match &mut open.acc {
                 Accumulation::Sum(acc) => acc.add(u)?,
@@ -216,10 +216,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Every check of one result, without folding it; `validate` checks the
-    /// update itself (lengths, finiteness, weights).
+    /// Every check of one result from `agent`, without folding it;
+    /// `validate` checks the update itself (lengths, finiteness, weights).
     fn check(
         open: &OpenTask,
+        agent: &str,
         sub: &Submission,
         validate: impl FnOnce(&Update) -> Result<(), UpdateError>,
     ) -> Result<(), SubmitError> {
@@ -245,7 +246,7 @@ impl Engine {
                 validate(u)?;
                 if spec.kind == TaskKind::Train
                     && let Some(a) = spec.model.model().analysis()
-                    && let Some(index) = a.first_bad_value(u)
+                    && let Some(index) = a.first_bad_value(agent, u)
                 {
                     return Err(SubmitError::NotACount {
                         index,

@@ -55,11 +55,13 @@ impl Engine {
             self.check_budget(round, selected.len())?;
         }
 
-        // An itemsets task is sized by the current state's candidates.
+        // An analysis's task is sized by the current state (itemsets: the
+        // level's candidates; segments: the exchange, one candidate slot
+        // per selected merchant).
         let model = self
             .run
             .model
-            .for_version(&self.global)
+            .for_task(&self.global, &selected)
             .map_err(|e| EngineError::Config(format!("version {}: {e}", self.version)))?;
         let spec = TaskSpec {
             kind,

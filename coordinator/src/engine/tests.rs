@@ -345,6 +345,83 @@ fn an_itemsets_update_that_is_not_a_count_is_refused_and_the_level_commits_witho
     assert_eq!(plan.spec.update_len(), 1);
 }
 
+fn values(values: Vec<f32>, weight: f64) -> Submission {
+    Submission {
+        update: Some(Update {
+            values,
+            coord_weights: vec![],
+            weight,
+        }),
+        metrics: BTreeMap::new(),
+        weight,
+        bytes: 0,
+    }
+}
+
+#[test]
+fn a_segments_candidate_task_gives_each_selected_merchant_a_slot_and_refuses_a_foreign_one() {
+    let mut r = run(selection(0.5, 2, 2), 1);
+    r.model = ModelSpec::Segments {
+        num_features: 1,
+        ks: vec![1],
+        choose_rounds: 0,
+        lloyd_rounds: 2,
+        exchange: Default::default(),
+    };
+    r.rounds = 3;
+    r.validate().unwrap();
+    let (_dir, mut e) = engine(r);
+    // The statistics step: Σx and Σx² of each merchant's customers.
+    let plan = e.start_task(&agents(4)).unwrap();
+    assert_eq!(plan.spec.kind, TaskKind::Stats);
+    for id in &plan.selected {
+        e.submit(
+            id,
+            "engine",
+            0,
+            &plan.task_id,
+            values(vec![10.0, 20.0], 10.0),
+        )
+        .unwrap();
+    }
+    e.finish_task().unwrap();
+    // The candidate task names the two selected merchants, one slot each
+    // (k = 1: three candidate means of one value, then their sizes).
+    let plan = e.start_task(&agents(4)).unwrap();
+    let ModelSpec::Segments { exchange, .. } = &plan.spec.model else {
+        panic!("a segments task");
+    };
+    assert_eq!(exchange.slots, plan.selected);
+    assert_eq!(plan.spec.update_len(), 2 * 6);
+    let (a, b) = (&plan.selected[0], &plan.selected[1]);
+    let mut own = vec![0.0; 12];
+    own[0] = 1.0;
+    own[3] = 10.0;
+    // b answering in a's slot is refused; the round goes on without it.
+    let err = e
+        .submit(b, "engine", 1, &plan.task_id, values(own.clone(), 10.0))
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::NotACount { index: 3, .. }),
+        "{err}"
+    );
+    e.submit(a, "engine", 1, &plan.task_id, values(own, 10.0))
+        .unwrap();
+    let record = e.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Committed);
+    assert_eq!(record.reported, vec![a.clone()]);
+    // The one candidate is the centre; the next task is a Lloyd exchange.
+    let plan = e.start_task(&agents(4)).unwrap();
+    let ModelSpec::Segments { exchange, .. } = &plan.spec.model else {
+        panic!("a segments task");
+    };
+    assert!(exchange.slots.is_empty());
+    assert_eq!((exchange.chosen, plan.spec.update_len()), (1, 3));
+    let state =
+        fedcart_common::model::segments::Segmentation::decode(&e.global(), 1, &[1]).unwrap();
+    assert_eq!(state.centres_of(1), Some(&[1.0f32][..]));
+}
+
 /// Runs an implicit-MF run of `rounds` rounds whose evaluations report the
 /// given validation HR@10 values in turn (the updates are zeros).
 fn run_with_validation(vals: &[f64], patience: Option<u64>) -> (tempfile::TempDir, Engine) {

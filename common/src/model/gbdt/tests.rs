@@ -275,7 +275,7 @@ fn federate(p: &GbdtParams, merchants: &mut [LocalData]) -> (Vec<f32>, Standardi
         let mut weight = 0.0;
         for m in merchants.iter_mut() {
             let u = model.fit(&ctx, &global, m).unwrap().update.unwrap();
-            assert_eq!(model.first_bad_value(&u), None);
+            assert_eq!(model.first_bad_value("m0", &u), None);
             sums.iter_mut()
                 .zip(&u.values)
                 .for_each(|(s, v)| *s += f64::from(*v));
@@ -373,7 +373,7 @@ fn tasks_check_the_state_and_bad_updates_are_named() {
         coord_weights: Vec::new(),
         weight: 20.0,
     };
-    assert_eq!(model.first_bad_value(&u), Some(1));
+    assert_eq!(model.first_bad_value("m0", &u), Some(1));
     let wide = ChurnGbdt {
         num_features: 3,
         ..model
