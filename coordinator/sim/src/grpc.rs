@@ -68,7 +68,7 @@ pub fn run(
     // Baselines for the federation-value report, on untouched copies.
     let originals = (s.out.is_some()
         && !matches!(pop.model, ModelSpec::Noop { .. } | ModelSpec::KMeans { .. })
-        && !pop.model.is_analysis())
+        && (!pop.model.is_analysis() || matches!(pop.model, ModelSpec::ChurnGbdt { .. })))
     .then(|| pop.merchants.clone());
     // The runtime lives on its own thread: the command may be called from
     // within a runtime (the binary's `main` is async), where neither

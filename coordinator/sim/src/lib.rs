@@ -143,8 +143,10 @@ pub fn run_one(
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
     let n = pop.merchants.len();
-    // An analysis hands its final state out in one evaluation anyway.
-    let evaluate = !matches!(pop.model, ModelSpec::Noop { .. }) && !pop.model.is_analysis();
+    // An analysis hands its final state out in one evaluation anyway;
+    // boosted trees are models, evaluated between trees (early stopping).
+    let evaluate = !matches!(pop.model, ModelSpec::Noop { .. })
+        && (!pop.model.is_analysis() || matches!(pop.model, ModelSpec::ChurnGbdt { .. }));
     let rounds = pop
         .model
         .model()
@@ -219,7 +221,7 @@ pub fn run_one(
     // "model quality" per merchant to compare (its report profiles the segments).
     let originals = (s.out.is_some()
         && !matches!(pop.model, ModelSpec::Noop { .. } | ModelSpec::KMeans { .. })
-        && !pop.model.is_analysis())
+        && (!pop.model.is_analysis() || matches!(pop.model, ModelSpec::ChurnGbdt { .. })))
     .then(|| pop.merchants.clone());
     let merchants: Vec<Mutex<LocalData>> = pop.merchants.into_iter().map(Mutex::new).collect();
     let mut exp = Experiment::new(task, data, s, n, &pop.model, load_seconds);
