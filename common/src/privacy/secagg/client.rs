@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use super::crypto::{self, BUNDLE_LEN, SHARE_LEN, Sign};
+use super::crypto::{self, BUNDLE_LEN, SHARE_LEN, SharedAgreements, Sign};
 use super::encode::{EncodedInput, encode};
 use super::graph::NeighbourGraph;
 use super::ring::{RingVec, check_shape};
@@ -37,6 +37,12 @@ pub struct ClientSession {
     round_seed: [u8; 32],
     enc_sk: StaticSecret,
     mask_sk: StaticSecret,
+    /// The public halves of `enc_sk` and `mask_sk`, computed once.
+    enc_pk: [u8; 32],
+    mask_pk: [u8; 32],
+    /// Agreements shared with the other parties of an in-memory round, if
+    /// this session is driven by one (`None` for a real agent).
+    shared: Option<std::sync::Arc<SharedAgreements>>,
     sig_sk: Option<SigningKey>,
     self_seed: Zeroizing<[u8; 32]>,
     dealer: ChaCha20Rng,
@@ -72,6 +78,9 @@ impl ClientSession {
             config,
             id,
             round_seed,
+            enc_pk: PublicKey::from(&enc_sk).to_bytes(),
+            mask_pk: PublicKey::from(&mask_sk).to_bytes(),
+            shared: None,
             enc_sk,
             mask_sk,
             sig_sk,
@@ -83,6 +92,37 @@ impl ClientSession {
             share_keys: BTreeMap::new(),
             mask_peers: Vec::new(),
             signed_survivors: None,
+        }
+    }
+
+    /// As [`ClientSession::new`], for an agent played in the same process as
+    /// the other parties, which computes each pair's agreement once.
+    pub(crate) fn new_sharing<R: CryptoRng>(
+        config: SecAggConfig,
+        id: u32,
+        round_seed: [u8; 32],
+        rng: &mut R,
+        shared: std::sync::Arc<SharedAgreements>,
+    ) -> Self {
+        let mut session = Self::new(config, id, round_seed, rng);
+        session.shared = Some(shared);
+        session
+    }
+
+    /// X25519 agreement with `theirs` (one of this agent's public keys is
+    /// `my_public`) through HKDF, shared with the pair's other end when the
+    /// session has an in-memory driver's cache.
+    fn agree(
+        &self,
+        mine: &StaticSecret,
+        my_public: &[u8; 32],
+        theirs: &[u8; 32],
+        info: &[u8],
+        peer: u32,
+    ) -> Result<Zeroizing<[u8; 32]>, SecAggError> {
+        match &self.shared {
+            Some(shared) => shared.agree(mine, my_public, theirs, &self.round_seed, info, peer),
+            None => crypto::agree(mine, theirs, &self.round_seed, info, peer),
         }
     }
 
@@ -116,8 +156,8 @@ impl ClientSession {
     fn own_keys(&self) -> AdvertiseKeys {
         AdvertiseKeys {
             id: self.id,
-            enc_pk: PublicKey::from(&self.enc_sk).to_bytes(),
-            mask_pk: PublicKey::from(&self.mask_sk).to_bytes(),
+            enc_pk: self.enc_pk,
+            mask_pk: self.mask_pk,
             sig_pk: self.sig_sk.as_ref().map(|k| k.verifying_key().to_bytes()),
         }
     }
@@ -169,13 +209,7 @@ impl ClientSession {
             .enumerate()
             .filter(|&(_, &h)| h != me)
             .map(|(i, &h)| {
-                let key = crypto::agree(
-                    &self.enc_sk,
-                    &map[&h].enc_pk,
-                    &self.round_seed,
-                    INFO_SHARE,
-                    h,
-                )?;
+                let key = self.agree(&self.enc_sk, &self.enc_pk, &map[&h].enc_pk, INFO_SHARE, h)?;
                 let mut plain = Zeroizing::new(Vec::with_capacity(BUNDLE_LEN));
                 plain.extend_from_slice(&me.to_le_bytes());
                 plain.extend_from_slice(&h.to_le_bytes());
@@ -282,10 +316,10 @@ impl ClientSession {
         let mut masks: Vec<([u8; 32], Sign)> = peer_list
             .par_iter()
             .map(|&v| {
-                let seed = crypto::agree(
+                let seed = self.agree(
                     &self.mask_sk,
+                    &self.mask_pk,
                     &self.roster[&v].mask_pk,
-                    &self.round_seed,
                     INFO_MASK,
                     v,
                 )?;
