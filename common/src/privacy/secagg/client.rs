@@ -47,7 +47,14 @@ pub struct ClientSession {
     self_seed: Zeroizing<[u8; 32]>,
     dealer: ChaCha20Rng,
     stage: Stage,
+    /// Every agent id in the roster, sorted (the graph is built over them).
+    roster_ids: Vec<u32>,
+    /// The roster entries of this agent's neighbours only: O(k) per agent,
+    /// not O(n), so that a process playing n agents holds O(n·k) keys.
     roster: BTreeMap<u32, AdvertiseKeys>,
+    /// Survivor-signature keys of every roster entry (malicious-server check
+    /// only: signatures may come from any survivor).
+    sig_keys: BTreeMap<u32, [u8; 32]>,
     /// Shares held, by owner (includes this agent's own shares of itself).
     held: BTreeMap<u32, HeldShares>,
     /// Share-encryption keys agreed with each neighbour in stage 2.
@@ -87,7 +94,9 @@ impl ClientSession {
             self_seed,
             dealer: ChaCha20Rng::from_seed(*dealer_seed),
             stage: Stage::Advertise,
+            roster_ids: Vec::new(),
             roster: BTreeMap::new(),
+            sig_keys: BTreeMap::new(),
             held: BTreeMap::new(),
             share_keys: BTreeMap::new(),
             mask_peers: Vec::new(),
@@ -232,7 +241,17 @@ impl ClientSession {
             self.share_keys.insert(h, key);
             shares.push(share);
         }
-        self.roster = map;
+        if self.config.verify_survivors {
+            self.sig_keys = map
+                .iter()
+                .filter_map(|(&id, k)| k.sig_pk.map(|pk| (id, pk)))
+                .collect();
+        }
+        self.roster = map
+            .into_iter()
+            .filter(|(id, _)| holders.binary_search(id).is_ok())
+            .collect();
+        self.roster_ids = ids;
         self.stage = Stage::MaskedInput;
         Ok(ShareUpload {
             from: self.id,
@@ -274,8 +293,8 @@ impl ClientSession {
                 relay.to, self.id
             )));
         }
-        let ids: Vec<u32> = self.roster.keys().copied().collect();
-        let graph = NeighbourGraph::new(&self.round_seed, &ids, self.config.degree(ids.len()))?;
+        let ids = &self.roster_ids;
+        let graph = NeighbourGraph::new(&self.round_seed, ids, self.config.degree(ids.len()))?;
         let mut peers = BTreeSet::new();
         for s in &relay.shares {
             if s.to != self.id || !graph.adjacent(self.id, s.from) {
@@ -347,7 +366,9 @@ impl ClientSession {
         self.expect(Stage::Consistency)?;
         let list = &check.survivors;
         if !list.windows(2).all(|w| w[0] < w[1])
-            || !list.iter().all(|id| self.roster.contains_key(id))
+            || !list
+                .iter()
+                .all(|id| self.roster_ids.binary_search(id).is_ok())
         {
             return Err(SecAggError::Refused(
                 "survivor list is unsorted or names unknown agents".into(),
@@ -458,7 +479,7 @@ impl ClientSession {
         let message = crypto::survivor_message(&self.round_seed, signed);
         let mut valid = BTreeSet::new();
         for sig in &request.signatures {
-            let Some(pk) = self.roster.get(&sig.from).and_then(|k| k.sig_pk) else {
+            let Some(&pk) = self.sig_keys.get(&sig.from) else {
                 continue;
             };
             if signed.binary_search(&sig.from).is_ok()
