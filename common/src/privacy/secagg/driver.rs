@@ -183,10 +183,20 @@ impl InMemoryRound {
         let roster = server.close_advertise()?.to_bytes();
 
         drop_now(&mut clients, &dropouts.share_keys);
-        for c in clients.iter_mut().flatten() {
-            received[c.id() as usize] += roster.len();
-            let bytes = c.share_keys(&KeyRoster::from_bytes(&roster)?)?.to_bytes();
-            sent[c.id() as usize] += bytes.len();
+        // Every agent receives the same roster bytes: decoded once. The agents
+        // share their keys in parallel (each with its own dealer, so the
+        // result does not depend on the threads); the server takes the
+        // uploads in id order.
+        let decoded = KeyRoster::from_bytes(&roster)?;
+        let uploads: Vec<(u32, Result<Vec<u8>, SecAggError>)> = clients
+            .par_iter_mut()
+            .filter_map(Option::as_mut)
+            .map(|c| (c.id(), c.share_keys(&decoded).map(|u| u.to_bytes())))
+            .collect();
+        for (id, bytes) in uploads {
+            let bytes = bytes?;
+            received[id as usize] += roster.len();
+            sent[id as usize] += bytes.len();
             server.on_shares(ShareUpload::from_bytes(&bytes)?)?;
         }
         let mut relays = vec![None; n];
