@@ -95,8 +95,9 @@
 //!    2^modulus_bits (an agent may then add integer noise for differential
 //!    privacy, [`EncodedInput::add_noise`]) and adds `PRG(b)` and, for each neighbour `v` in `U2`,
 //!    `±PRG(s_uv)` (+ if `u < v`, − otherwise), where `s_uv` =
-//!    HKDF-SHA256(X25519(u, v), salt = round seed). The PRG is AES-256-CTR
-//!    keyed with the full 256-bit seed. The server adds each masked vector into
+//!    HKDF-SHA256(X25519(u, v), salt = round seed). The PRG is AES-128-CTR
+//!    keyed with the seed's first 128 bits (128-bit security; the seeds are
+//!    uniformly random). The server adds each masked vector into
 //!    one running sum as it arrives. `U3` = agents whose vector arrived.
 //! 4. **Unmask.** For every owner in `U2`, the server asks its holders in `U3`
 //!    for the self-mask share if the owner is in `U3`, or for the pairwise-key
@@ -207,8 +208,8 @@ pub use config::{
 };
 pub use crypto::SHARE_CIPHERTEXT_LEN;
 pub use driver::{
-    Dropouts, EncodedHook, InMemoryOutcome, Traffic, round_seed, rounding_rng, run_in_memory,
-    run_in_memory_with,
+    Dropouts, EncodedHook, InMemoryOutcome, InMemoryRound, Traffic, round_seed, rounding_rng,
+    run_in_memory, run_in_memory_with,
 };
 pub use encode::{DecodedSum, EncodedInput, encode};
 pub use graph::NeighbourGraph;

@@ -112,6 +112,13 @@ pub struct SimArgs {
     /// noop, 1e5 otherwise: updates are weighted by example counts, and MF's global mean μ by the merchant's rating count].
     #[arg(long)]
     pub secagg_clip: Option<f32>,
+    /// Secure aggregation's neighbour-graph degree k (SecAgg+): each agent
+    /// masks with k neighbours and shares its secrets among them, like
+    /// Flower's `num_shares` = k + 1. At least 4; at or above the number of
+    /// agents − 1 it is the complete graph [default: the complete graph up to
+    /// 64 agents, 2·⌈log2 n⌉ above].
+    #[arg(long, value_name = "K")]
+    pub secagg_neighbours: Option<usize>,
     /// Probability that a selected merchant drops out of a task [default: 0].
     #[arg(long)]
     pub dropout: Option<f64>,

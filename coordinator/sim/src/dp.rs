@@ -76,7 +76,7 @@ pub fn noise_hook<'a>(
     noise: &'a DistributedNoise,
     seed: u64,
     task_id: &'a str,
-) -> impl FnMut(u32, &mut EncodedInput) -> Result<(), SecAggError> + 'a {
+) -> impl Fn(u32, &mut EncodedInput) -> Result<(), SecAggError> + Sync + 'a {
     move |id, input| {
         let mut rng = fedcart_common::seed::rng(seed, &["dp-skellam", task_id, &id.to_string()]);
         noise_encoded(input, config, noise, &mut rng).map_err(|e| SecAggError::Config {

@@ -229,7 +229,7 @@ fn flush(
     }
     if plan.secure {
         let started = Instant::now();
-        row.clipped += super::secure_sum(engine, &plan, secure_inputs, cx.s.seed)?;
+        row.clipped += super::secure::secure_sum(engine, &plan, secure_inputs, cx.s.seed)?;
         row.secagg_seconds += started.elapsed().as_secs_f64();
     }
     let record = engine.finish_task()?;

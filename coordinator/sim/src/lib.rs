@@ -17,6 +17,7 @@ pub mod mode;
 pub mod output;
 pub mod plots;
 pub mod rules;
+mod secure;
 pub mod segments;
 mod settings;
 mod submit;
@@ -175,7 +176,7 @@ pub fn run_one(
         evaluate,
         strategy: s.strategy.clone(),
         secagg: s.secagg.then(|| SecAggSettings {
-            neighbours: None,
+            neighbours: s.secagg_neighbours,
             clip: s.secagg_clip(task),
             verify_survivors: false,
             stage_timeout_ms: None,
@@ -275,9 +276,16 @@ pub fn run_one(
             }
         }
         let mut per_merchant = BTreeMap::new();
-        let mut secure_inputs: Vec<(String, fedcart_common::federation::update::Update)> =
-            Vec::new();
+        // Secure rounds are opened before training and take each chunk's
+        // updates as they come, so no more than a chunk of them is held.
+        let mut secure = if plan.secure {
+            let expected = todo.iter().map(|&k| ids[k].clone()).collect();
+            secure::SecureRound::open(&engine, &plan, expected, s.seed)?
+        } else {
+            None
+        };
         for chunk in todo.chunks(CHUNK) {
+            let mut secure_inputs = Vec::new();
             let outs: Vec<_> = pool.install(|| {
                 chunk
                     .par_iter()
@@ -318,11 +326,14 @@ pub fn run_one(
                     tracing::warn!(merchant = %ids[k], error = %e, "submission refused");
                 }
             }
+            if let Some(round) = &mut secure {
+                pool.install(|| round.mask(secure_inputs))?;
+            }
         }
-        if plan.secure {
-            let started = Instant::now();
-            row.clipped += secure_sum(&mut engine, &plan, secure_inputs, s.seed)?;
-            row.secagg_seconds += started.elapsed().as_secs_f64();
+        if let Some(round) = secure {
+            let (clipped, seconds) = round.finish(&mut engine)?;
+            row.clipped += clipped;
+            row.secagg_seconds += seconds;
         }
         let record = engine.finish_task()?;
         match plan.spec.kind {
@@ -572,65 +583,6 @@ fn finish_segments(
         plots::segments(dir, merchants, &exp.final_model, k, &labels)?;
     }
     Ok(exp)
-}
-
-/// Runs secure aggregation over the round's updates (all parties in this
-/// process, the real protocol and encoding) and hands the engine the decoded
-/// sum. Returns the number of clipped coordinates.
-fn secure_sum(
-    engine: &mut Engine,
-    plan: &fedcart_coordinator::engine::TaskPlan,
-    inputs: Vec<(String, fedcart_common::federation::update::Update)>,
-    seed: u64,
-) -> anyhow::Result<u64> {
-    use fedcart_common::privacy::secagg::{Dropouts, run_in_memory, run_in_memory_with};
-    let n = inputs.len();
-    if n == 0 {
-        return Ok(0);
-    }
-    // Every input here reaches the masked sum (no dropouts inside the
-    // protocol): below the quorum, abort before unmasking, as the service
-    // does, so that no refused sum is ever revealed.
-    let quorum = engine.run().quorum;
-    if n < quorum {
-        engine.abort_secure(fedcart_coordinator::secure_round::before_unmasking(
-            n, quorum,
-        ));
-        return Ok(0);
-    }
-    let settings = engine
-        .run()
-        .secagg
-        .clone()
-        .expect("secure task has settings");
-    // The same parameters as a gRPC round (2^64 ring for the statistics step).
-    let cfg = fedcart_coordinator::secure_round::round_config(&settings, &plan.spec, n);
-    let (ids, updates): (Vec<String>, Vec<_>) = inputs.into_iter().unzip();
-    let noise = plan.spec.dp.as_ref().and_then(|d| d.distributed);
-    let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
-    let out = match &noise {
-        Some(noise) => run_in_memory_with(
-            &cfg,
-            &updates,
-            &Dropouts::none(),
-            round_seed,
-            &mut dp::noise_hook(&cfg, noise, seed, &plan.task_id),
-        ),
-        None => run_in_memory(&cfg, &updates, &Dropouts::none(), round_seed),
-    }
-    .with_context(|| format!("secure aggregation of task {}", plan.task_id))?;
-    drop(updates);
-    let survivors: Vec<String> = out
-        .output
-        .survivors
-        .iter()
-        .map(|&i| ids[i as usize].clone())
-        .collect();
-    let clipped = out.output.sum.clipped;
-    engine
-        .set_secure_sum(&survivors, out.output.sum.into_accumulator())
-        .map_err(|e| anyhow::anyhow!("handing the secure sum to the engine: {e}"))?;
-    Ok(clipped)
 }
 
 /// A progress bar on stderr, hidden unless `show` (a terminal, no `-q`).

@@ -55,12 +55,14 @@ pub struct Mined {
 }
 
 /// Mines the merchants' baskets level by level; `secure` sums every level
-/// with secure aggregation. Also returns one report row per level.
+/// with secure aggregation (over a graph of degree `neighbours`, or the
+/// default). Also returns one report row per level.
 pub fn mine(
     merchants: &[(String, Vec<Basket>)],
     num_items: usize,
     min_support: u64,
     secure: bool,
+    neighbours: Option<usize>,
     seed: u64,
     pool: &rayon::ThreadPool,
 ) -> anyhow::Result<(Apriori, Vec<RoundRow>)> {
@@ -86,8 +88,14 @@ pub fn mine(
         };
         let acc = if secure {
             let secure_start = Instant::now();
-            let cfg =
-                SecAggConfig::for_task(TaskKind::Stats, cands.len(), 0, merchants.len(), 1e5, None);
+            let cfg = SecAggConfig::for_task(
+                TaskKind::Stats,
+                cands.len(),
+                0,
+                merchants.len(),
+                1e5,
+                neighbours,
+            );
             let round_seed = fedcart_common::seed::derive(seed, &["itemsets", &level.to_string()]);
             let out = run_in_memory(&cfg, &updates, &Dropouts::none(), round_seed)
                 .with_context(|| format!("secure aggregation of level {level}"))?;
@@ -164,7 +172,7 @@ fn over_grpc(
         early_stopping: None,
         strategy: Default::default(),
         secagg: s.secagg.then(|| SecAggSettings {
-            neighbours: None,
+            neighbours: s.secagg_neighbours,
             clip: s.secagg_clip(task),
             verify_survivors: false,
             stage_timeout_ms: None,
@@ -243,6 +251,7 @@ pub fn run(
                 catalogue.len(),
                 min_support,
                 s.secagg,
+                s.secagg_neighbours,
                 s.seed,
                 pool,
             )?;

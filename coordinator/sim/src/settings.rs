@@ -84,6 +84,8 @@ pub struct Settings {
     pub secagg: bool,
     /// Secure-aggregation clip (None = per-task default).
     pub secagg_clip: Option<f32>,
+    /// Secure-aggregation graph degree (None = the per-round default).
+    pub secagg_neighbours: Option<usize>,
     /// Per-task dropout probability.
     pub dropout: f64,
     /// Attempts of one round before the run stops (`run.max_attempts`).
@@ -310,6 +312,7 @@ impl Settings {
             strategy,
             secagg,
             secagg_clip: args.secagg_clip.or(file.secagg_clip),
+            secagg_neighbours: args.secagg_neighbours.or(file.secagg_neighbours),
             dropout: pick!(dropout, 0.0),
             max_attempts: pick!(
                 max_attempts,
@@ -376,6 +379,19 @@ impl Settings {
                         name!(strategy, "--strategy")
                     )
                 })?;
+        }
+        if let Some(k) = s.secagg_neighbours {
+            let flag = name!(secagg_neighbours, "--secagg-neighbours");
+            if !s.secagg {
+                bail!("{flag} sets the secure-aggregation graph; add --secagg");
+            }
+            let min = fedcart_common::privacy::secagg::MIN_NEIGHBOURS;
+            if k < min {
+                bail!(
+                    "{flag} {k} is below the minimum {min}: in a sparse graph of low degree the \
+                     coordinator could learn the sums of small groups of agents"
+                );
+            }
         }
         if s.dp.is_some() {
             s.strategy

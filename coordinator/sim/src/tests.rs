@@ -330,7 +330,10 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
             .unwrap();
     }
     if secure {
-        assert_eq!(secure_sum(&mut engine, &plan, inputs, s.seed).unwrap(), 0);
+        assert_eq!(
+            secure::secure_sum(&mut engine, &plan, inputs, s.seed).unwrap(),
+            0
+        );
     }
     engine.finish_task().unwrap();
     engine
@@ -481,7 +484,10 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
             .unwrap();
     }
     engine.drop_agent(&ids[2]);
-    assert_eq!(secure_sum(&mut engine, &plan, inputs, 5).unwrap(), 0);
+    assert_eq!(
+        secure::secure_sum(&mut engine, &plan, inputs, 5).unwrap(),
+        0
+    );
     let record = engine.finish_task().unwrap();
     assert_eq!(record.outcome, Outcome::Aborted);
     assert!(
@@ -683,6 +689,48 @@ fn churn_gbdt_runs_one_round_per_level_through_the_engine_and_serves_a_tree_coun
     let err = Settings::from_args(bad).unwrap_err().to_string();
     assert!(
         err.contains("max_depth") && err.contains("--max-depth"),
+        "{err}"
+    );
+}
+
+#[test]
+fn secagg_neighbours_sets_the_graph_and_the_exact_ring_sum_does_not_depend_on_it() {
+    let mut a = args();
+    a.merchants = Some(10);
+    a.task = Some("noop:256".parse().unwrap());
+    a.secagg = true;
+    let complete = run(a.clone());
+    a.secagg_neighbours = Some(4);
+    let sparse = run(a.clone());
+    // The masks cancel exactly in the ring: same models, bit for bit.
+    assert_eq!(complete[0].final_model, sparse[0].final_model);
+    assert!(sparse[0].rounds.iter().all(|r| r.reported == 10));
+    // The degree reaches the protocol: an odd degree on an odd number of
+    // agents has no regular graph, and the round says so.
+    a.merchants = Some(9);
+    a.secagg_neighbours = Some(5);
+    let err = format!(
+        "{:#}",
+        run_all(&Settings::from_args(a).unwrap()).unwrap_err()
+    );
+    assert!(err.contains("neighbours"), "{err}");
+}
+
+#[test]
+fn secagg_neighbours_below_the_minimum_or_without_secagg_are_refused_naming_the_flag() {
+    let mut a = args();
+    a.task = Some("noop:10".parse().unwrap());
+    a.secagg_neighbours = Some(6);
+    let err = Settings::from_args(a.clone()).unwrap_err().to_string();
+    assert!(
+        err.contains("--secagg-neighbours") && err.contains("--secagg"),
+        "{err}"
+    );
+    a.secagg = true;
+    a.secagg_neighbours = Some(2);
+    let err = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        err.contains("--secagg-neighbours 2") && err.contains("minimum 4"),
         "{err}"
     );
 }

@@ -296,7 +296,7 @@ fn distributed_noise_added_by_agents_under_secure_aggregation_has_the_target_sca
         })
         .collect();
     // Each agent adds its Skellam share, as the simulator's agents do.
-    let mut hook = |id: u32, input: &mut fedcart_common::privacy::secagg::EncodedInput| {
+    let hook = |id: u32, input: &mut fedcart_common::privacy::secagg::EncodedInput| {
         let mut rng = fedcart_common::seed::rng(7, &["dp-skellam", &plan.task_id, &id.to_string()]);
         fedcart_common::privacy::dp::distributed::noise_encoded(input, &sa, &noise, &mut rng)
             .map_err(|e| fedcart_common::privacy::secagg::SecAggError::Config {
@@ -304,7 +304,7 @@ fn distributed_noise_added_by_agents_under_secure_aggregation_has_the_target_sca
                 message: e.to_string(),
             })
     };
-    let out = run_in_memory_with(&sa, &zeros, &Dropouts::none(), 1, &mut hook).unwrap();
+    let out = run_in_memory_with(&sa, &zeros, &Dropouts::none(), 1, &hook).unwrap();
     let survivors: Vec<String> = plan.selected.clone();
     engine
         .set_secure_sum(&survivors, out.output.sum.into_accumulator())

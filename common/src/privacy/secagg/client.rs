@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use super::crypto::{self, BUNDLE_LEN, SHARE_LEN, Sign};
+use super::crypto::{self, BUNDLE_LEN, SHARE_LEN, SharedAgreements, Sign};
 use super::encode::{EncodedInput, encode};
 use super::graph::NeighbourGraph;
 use super::ring::{RingVec, check_shape};
@@ -37,11 +37,24 @@ pub struct ClientSession {
     round_seed: [u8; 32],
     enc_sk: StaticSecret,
     mask_sk: StaticSecret,
+    /// The public halves of `enc_sk` and `mask_sk`, computed once.
+    enc_pk: [u8; 32],
+    mask_pk: [u8; 32],
+    /// Agreements shared with the other parties of an in-memory round, if
+    /// this session is driven by one (`None` for a real agent).
+    shared: Option<std::sync::Arc<SharedAgreements>>,
     sig_sk: Option<SigningKey>,
     self_seed: Zeroizing<[u8; 32]>,
     dealer: ChaCha20Rng,
     stage: Stage,
+    /// Every agent id in the roster, sorted (the graph is built over them).
+    roster_ids: Vec<u32>,
+    /// The roster entries of this agent's neighbours only: O(k) per agent,
+    /// not O(n), so that a process playing n agents holds O(n·k) keys.
     roster: BTreeMap<u32, AdvertiseKeys>,
+    /// Survivor-signature keys of every roster entry (malicious-server check
+    /// only: signatures may come from any survivor).
+    sig_keys: BTreeMap<u32, [u8; 32]>,
     /// Shares held, by owner (includes this agent's own shares of itself).
     held: BTreeMap<u32, HeldShares>,
     /// Share-encryption keys agreed with each neighbour in stage 2.
@@ -72,17 +85,53 @@ impl ClientSession {
             config,
             id,
             round_seed,
+            enc_pk: PublicKey::from(&enc_sk).to_bytes(),
+            mask_pk: PublicKey::from(&mask_sk).to_bytes(),
+            shared: None,
             enc_sk,
             mask_sk,
             sig_sk,
             self_seed,
             dealer: ChaCha20Rng::from_seed(*dealer_seed),
             stage: Stage::Advertise,
+            roster_ids: Vec::new(),
             roster: BTreeMap::new(),
+            sig_keys: BTreeMap::new(),
             held: BTreeMap::new(),
             share_keys: BTreeMap::new(),
             mask_peers: Vec::new(),
             signed_survivors: None,
+        }
+    }
+
+    /// As [`ClientSession::new`], for an agent played in the same process as
+    /// the other parties, which computes each pair's agreement once.
+    pub(crate) fn new_sharing<R: CryptoRng>(
+        config: SecAggConfig,
+        id: u32,
+        round_seed: [u8; 32],
+        rng: &mut R,
+        shared: std::sync::Arc<SharedAgreements>,
+    ) -> Self {
+        let mut session = Self::new(config, id, round_seed, rng);
+        session.shared = Some(shared);
+        session
+    }
+
+    /// X25519 agreement with `theirs` (one of this agent's public keys is
+    /// `my_public`) through HKDF, shared with the pair's other end when the
+    /// session has an in-memory driver's cache.
+    fn agree(
+        &self,
+        mine: &StaticSecret,
+        my_public: &[u8; 32],
+        theirs: &[u8; 32],
+        info: &[u8],
+        peer: u32,
+    ) -> Result<Zeroizing<[u8; 32]>, SecAggError> {
+        match &self.shared {
+            Some(shared) => shared.agree(mine, my_public, theirs, &self.round_seed, info, peer),
+            None => crypto::agree(mine, theirs, &self.round_seed, info, peer),
         }
     }
 
@@ -116,8 +165,8 @@ impl ClientSession {
     fn own_keys(&self) -> AdvertiseKeys {
         AdvertiseKeys {
             id: self.id,
-            enc_pk: PublicKey::from(&self.enc_sk).to_bytes(),
-            mask_pk: PublicKey::from(&self.mask_sk).to_bytes(),
+            enc_pk: self.enc_pk,
+            mask_pk: self.mask_pk,
             sig_pk: self.sig_sk.as_ref().map(|k| k.verifying_key().to_bytes()),
         }
     }
@@ -169,13 +218,7 @@ impl ClientSession {
             .enumerate()
             .filter(|&(_, &h)| h != me)
             .map(|(i, &h)| {
-                let key = crypto::agree(
-                    &self.enc_sk,
-                    &map[&h].enc_pk,
-                    &self.round_seed,
-                    INFO_SHARE,
-                    h,
-                )?;
+                let key = self.agree(&self.enc_sk, &self.enc_pk, &map[&h].enc_pk, INFO_SHARE, h)?;
                 let mut plain = Zeroizing::new(Vec::with_capacity(BUNDLE_LEN));
                 plain.extend_from_slice(&me.to_le_bytes());
                 plain.extend_from_slice(&h.to_le_bytes());
@@ -198,7 +241,17 @@ impl ClientSession {
             self.share_keys.insert(h, key);
             shares.push(share);
         }
-        self.roster = map;
+        if self.config.verify_survivors {
+            self.sig_keys = map
+                .iter()
+                .filter_map(|(&id, k)| k.sig_pk.map(|pk| (id, pk)))
+                .collect();
+        }
+        self.roster = map
+            .into_iter()
+            .filter(|(id, _)| holders.binary_search(id).is_ok())
+            .collect();
+        self.roster_ids = ids;
         self.stage = Stage::MaskedInput;
         Ok(ShareUpload {
             from: self.id,
@@ -240,8 +293,8 @@ impl ClientSession {
                 relay.to, self.id
             )));
         }
-        let ids: Vec<u32> = self.roster.keys().copied().collect();
-        let graph = NeighbourGraph::new(&self.round_seed, &ids, self.config.degree(ids.len()))?;
+        let ids = &self.roster_ids;
+        let graph = NeighbourGraph::new(&self.round_seed, ids, self.config.degree(ids.len()))?;
         let mut peers = BTreeSet::new();
         for s in &relay.shares {
             if s.to != self.id || !graph.adjacent(self.id, s.from) {
@@ -282,10 +335,10 @@ impl ClientSession {
         let mut masks: Vec<([u8; 32], Sign)> = peer_list
             .par_iter()
             .map(|&v| {
-                let seed = crypto::agree(
+                let seed = self.agree(
                     &self.mask_sk,
+                    &self.mask_pk,
                     &self.roster[&v].mask_pk,
-                    &self.round_seed,
                     INFO_MASK,
                     v,
                 )?;
@@ -313,7 +366,9 @@ impl ClientSession {
         self.expect(Stage::Consistency)?;
         let list = &check.survivors;
         if !list.windows(2).all(|w| w[0] < w[1])
-            || !list.iter().all(|id| self.roster.contains_key(id))
+            || !list
+                .iter()
+                .all(|id| self.roster_ids.binary_search(id).is_ok())
         {
             return Err(SecAggError::Refused(
                 "survivor list is unsorted or names unknown agents".into(),
@@ -424,7 +479,7 @@ impl ClientSession {
         let message = crypto::survivor_message(&self.round_seed, signed);
         let mut valid = BTreeSet::new();
         for sig in &request.signatures {
-            let Some(pk) = self.roster.get(&sig.from).and_then(|k| k.sig_pk) else {
+            let Some(&pk) = self.sig_keys.get(&sig.from) else {
                 continue;
             };
             if signed.binary_search(&sig.from).is_ok()

@@ -1,10 +1,10 @@
 //! The cryptographic building blocks of secure aggregation, each a thin call
 //! into an audited crate: X25519 agreement (`x25519-dalek`), HKDF-SHA256
-//! (`hkdf`), ChaCha20-Poly1305 (`chacha20poly1305`), AES-256-CTR as the mask
+//! (`hkdf`), ChaCha20-Poly1305 (`chacha20poly1305`), AES-128-CTR as the mask
 //! PRG (`aes` + `ctr`), Shamir sharing over GF(256) (`blahaj`) and Ed25519
 //! (`ed25519-dalek`). Nothing here implements a primitive by hand.
 
-use aes::Aes256;
+use aes::Aes128;
 use blahaj::{Share, Sharks};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
@@ -74,6 +74,62 @@ pub(crate) fn agree(
         return Err(SecAggError::BadPublicKey { agent: peer });
     }
     Ok(Zeroizing::new(hkdf32(round_seed, shared.as_bytes(), info)))
+}
+
+/// X25519 agreements computed once per pair of public keys, for a driver
+/// that plays every party of a round in one process (the in-memory driver):
+/// X25519(a, B) and X25519(b, A) are the same bytes, so the second party of
+/// a pair reads what the first computed instead of repeating the scalar
+/// multiplication. Never used across processes: a real agent agrees alone.
+#[derive(Default)]
+pub(crate) struct SharedAgreements {
+    /// Raw shared secrets by the ordered pair of public keys.
+    agreed: std::sync::Mutex<std::collections::HashMap<KeyPair, Zeroizing<[u8; 32]>>>,
+}
+
+/// Two X25519 public keys, the smaller first.
+type KeyPair = ([u8; 32], [u8; 32]);
+
+impl SharedAgreements {
+    /// As [`agree`] for the holder of `mine`, whose public key is `my_public`,
+    /// reusing the pair's shared secret if its other end already computed it.
+    pub(crate) fn agree(
+        &self,
+        mine: &StaticSecret,
+        my_public: &[u8; 32],
+        theirs: &[u8; 32],
+        round_seed: &[u8; 32],
+        info: &[u8],
+        peer: u32,
+    ) -> Result<Zeroizing<[u8; 32]>, SecAggError> {
+        let pair = if my_public <= theirs {
+            (*my_public, *theirs)
+        } else {
+            (*theirs, *my_public)
+        };
+        let known = self
+            .agreed
+            .lock()
+            .expect("agreement cache lock")
+            .get(&pair)
+            .cloned();
+        let shared = match known {
+            Some(shared) => shared,
+            None => {
+                let shared = mine.diffie_hellman(&PublicKey::from(*theirs));
+                if !shared.was_contributory() {
+                    return Err(SecAggError::BadPublicKey { agent: peer });
+                }
+                let bytes = Zeroizing::new(*shared.as_bytes());
+                self.agreed
+                    .lock()
+                    .expect("agreement cache lock")
+                    .insert(pair, bytes.clone());
+                bytes
+            }
+        };
+        Ok(Zeroizing::new(hkdf32(round_seed, shared.as_ref(), info)))
+    }
 }
 
 /// Whether an advertised X25519 public key is of low order (agreement with it
@@ -203,18 +259,24 @@ pub(crate) fn recover(
     Ok(out)
 }
 
-/// The mask PRG: AES-256-CTR keyed with the full 32-byte seed, the 16-byte
-/// counter block being `first_block` big-endian (a zero upper half for every
-/// vector we mask: the 64-bit block counter covers 2^68 bytes). Element `i`
-/// of a mask is the little-endian word (u32 for rings of at most 32 bits, u64
-/// above) at bytes `w·i..w·(i+1)` of the keystream, so any range can be
-/// generated independently of the others. `Ctr64BE` gives the same keystream
-/// as a 128-bit counter while the low half does not wrap, and runs ~1.4x
-/// faster than `Ctr128BE` here. (Its speed depends on the cipher's block
-/// helpers being inlined, which is why fedcart-common builds as one codegen
-/// unit in release: see the workspace `Cargo.toml`.)
+/// The mask PRG: AES-128-CTR keyed with the first 16 bytes of the 32-byte
+/// seed (128-bit security: a seed is uniformly random — a self-mask seed from
+/// the agent's CSPRNG, a pairwise seed from HKDF — so any 16 of its bytes
+/// are a uniformly random AES-128 key), the 16-byte counter block being
+/// `first_block` big-endian (a zero upper half for every vector we mask: the
+/// 64-bit block counter covers 2^68 bytes). Element `i` of a mask is the
+/// little-endian word (u32 for rings of at most 32 bits, u64 above) at bytes
+/// `w·i..w·(i+1)` of the keystream, so any range can be generated
+/// independently of the others. AES-128 rather than AES-256: 10 rounds
+/// instead of 14 for the same 128-bit PRG security, ≈ 1.4x the keystream per
+/// core (`examples/prg_bench.rs`, BENCHMARKS.md). `Ctr64BE` gives the same
+/// keystream as a 128-bit counter while the low half does not wrap, and runs
+/// ~1.4x faster than `Ctr128BE` here. (Its speed depends on the cipher's
+/// block helpers being inlined, which is why fedcart-common builds as one
+/// codegen unit in release: see the workspace `Cargo.toml`.)
 pub(crate) fn keystream(seed: &[u8; 32], first_block: u128, out: &mut [u8]) {
-    let mut cipher = Ctr64BE::<Aes256>::new(seed.into(), &first_block.to_be_bytes().into());
+    let key: &[u8; 16] = seed[..16].try_into().expect("a 32-byte seed has 16 bytes");
+    let mut cipher = Ctr64BE::<Aes128>::new(key.into(), &first_block.to_be_bytes().into());
     cipher.write_keystream(out);
 }
 

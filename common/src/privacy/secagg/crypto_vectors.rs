@@ -118,19 +118,22 @@ fn chacha20poly1305_matches_rfc8439_section_2_8_2() {
 }
 
 #[test]
-fn aes256_ctr_keystream_matches_sp800_38a_f_5_5() {
-    let key = hex32("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
+fn aes128_ctr_keystream_matches_sp800_38a_f_5_1() {
+    // The PRG keys AES-128 with the first 16 bytes of the seed; the other 16
+    // must not matter.
+    let mut seed = [0xa5u8; 32];
+    seed[..16].copy_from_slice(&hex("2b7e151628aed2a6abf7158809cf4f3c"));
     let counter = u128::from_be_bytes(hex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff").try_into().unwrap());
     let plaintext = hex(
         "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51
          30c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710",
     );
     let expected = hex(
-        "601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5
-         2b0930daa23de94ce87017ba2d84988ddfc9c58db67aada613c2dd08457941a6",
+        "874d6191b620e3261bef6864990db6ce9806f66b7970fdff8617187bb9fffdff
+         5ae4df3edbd5d35e5b4f09020db03eab1e031dda2fbe03d1792170a0f3009cee",
     );
     let mut ks = vec![0u8; 64];
-    keystream(&key, counter, &mut ks);
+    keystream(&seed, counter, &mut ks);
     let ct: Vec<u8> = ks.iter().zip(&plaintext).map(|(k, p)| k ^ p).collect();
     assert_eq!(ct, expected);
 }

@@ -4,17 +4,22 @@
 //! simulator to run secure rounds without a network, and the benchmark to
 //! count bytes per agent.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
 use rand::SeedableRng;
 use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
+use rayon::prelude::*;
 
 use super::client::ClientSession;
+use super::crypto::SharedAgreements;
 use super::encode::{EncodedInput, encode};
 use super::server::{AfterMasked, SecAggOutput, ServerSession};
 use super::wire::{
     AdvertiseKeys, KeyRoster, ShareRelay, ShareUpload, SurvivorCheck, SurvivorSignature,
     UnmaskRequest, UnmaskResponse, masked_to_bytes,
 };
-use super::{SecAggConfig, SecAggError};
+use super::{SecAggConfig, SecAggError, Stage};
 use crate::federation::update::Update;
 use crate::seed;
 
@@ -83,12 +88,13 @@ pub fn run_in_memory(
     dropouts: &Dropouts,
     seed: u64,
 ) -> Result<InMemoryOutcome, SecAggError> {
-    run_in_memory_with(config, inputs, dropouts, seed, &mut |_, _| Ok(()))
+    run_in_memory_with(config, inputs, dropouts, seed, &|_, _| Ok(()))
 }
 
 /// A hook on an agent's encoded input, called with the agent's id between
-/// encoding and masking (distributed DP adds its noise there).
-pub type EncodedHook<'a> = dyn FnMut(u32, &mut EncodedInput) -> Result<(), SecAggError> + 'a;
+/// encoding and masking (distributed DP adds its noise there). Agents mask in
+/// parallel, so the hook is shared between threads.
+pub type EncodedHook<'a> = dyn Fn(u32, &mut EncodedInput) -> Result<(), SecAggError> + Sync + 'a;
 
 /// As [`run_in_memory`], with `hook` applied to every agent's encoded input
 /// before it is masked.
@@ -97,100 +103,223 @@ pub fn run_in_memory_with(
     inputs: &[Update],
     dropouts: &Dropouts,
     seed: u64,
-    hook: &mut EncodedHook<'_>,
+    hook: &EncodedHook<'_>,
 ) -> Result<InMemoryOutcome, SecAggError> {
-    let n = inputs.len();
-    let ids: Vec<u32> = (0..n as u32).collect();
-    let rs = round_seed(seed);
-    let mut server = ServerSession::new(config.clone(), rs, &ids)?;
-    let mut sent = vec![0usize; n];
-    let mut received = vec![0usize; n];
-    let mut clients: Vec<Option<ClientSession>> = ids
-        .iter()
-        .map(|&id| {
-            let mut rng =
-                ChaCha20Rng::seed_from_u64(seed::derive(seed, &["secagg-client", &id.to_string()]));
-            Some(ClientSession::new(config.clone(), id, rs, &mut rng))
-        })
+    let mut round = InMemoryRound::new(config, inputs.len(), dropouts, seed)?;
+    let silent: BTreeSet<u32> = dropouts.masked_input.iter().copied().collect();
+    let sending: Vec<(u32, &Update)> = (0..inputs.len() as u32)
+        .filter(|id| !silent.contains(id) && round.expects(*id))
+        .map(|id| (id, &inputs[id as usize]))
         .collect();
-    let drop_now = |clients: &mut Vec<Option<ClientSession>>, list: &[u32]| {
-        list.iter().for_each(|&d| clients[d as usize] = None);
-    };
+    round.mask(&sending, hook)?;
+    round.finish(&dropouts.unmask)
+}
 
-    drop_now(&mut clients, &dropouts.advertise);
-    for c in clients.iter_mut().flatten() {
-        let bytes = c.advertise()?.to_bytes();
-        sent[c.id() as usize] += bytes.len();
-        server.on_advertise(AdvertiseKeys::from_bytes(&bytes)?)?;
-    }
-    let roster = server.close_advertise()?.to_bytes();
+/// One round driven in memory stage by stage, for a caller whose inputs
+/// appear over time (the simulator trains merchants chunk by chunk): keys are
+/// advertised and shared when the round is created, each input is encoded,
+/// masked by its agent and added into the server's running sum as soon as it
+/// is handed to [`InMemoryRound::mask`] — so no more than one call's inputs
+/// and masked vectors are alive at once — and [`InMemoryRound::finish`] runs
+/// the unmask stage. An agent that never gets its input masked is a dropout
+/// of the masked-input stage, recovered like any other.
+pub struct InMemoryRound {
+    config: SecAggConfig,
+    seed: u64,
+    server: ServerSession,
+    /// Agent `i`'s session at index `i`; `None` once it dropped out.
+    clients: Vec<Option<ClientSession>>,
+    /// The encoded share relay addressed to each agent, if it has one.
+    relays: Vec<Option<Vec<u8>>>,
+    sent: Vec<usize>,
+    received: Vec<usize>,
+    masked_len: usize,
+}
 
-    drop_now(&mut clients, &dropouts.share_keys);
-    for c in clients.iter_mut().flatten() {
-        received[c.id() as usize] += roster.len();
-        let bytes = c.share_keys(&KeyRoster::from_bytes(&roster)?)?.to_bytes();
-        sent[c.id() as usize] += bytes.len();
-        server.on_shares(ShareUpload::from_bytes(&bytes)?)?;
-    }
-    let relays: Vec<Vec<u8>> = server
-        .close_shares()?
-        .iter()
-        .map(ShareRelay::to_bytes)
-        .collect();
-
-    drop_now(&mut clients, &dropouts.masked_input);
-    let mut masked_len = 0;
-    for bytes in &relays {
-        let relay = ShareRelay::from_bytes(bytes)?;
-        let Some(c) = clients[relay.to as usize].as_mut() else {
-            continue;
+impl InMemoryRound {
+    /// Runs the advertise and share-keys stages over agents `0..n` (those
+    /// listed in `dropouts.advertise` and `dropouts.share_keys` fall silent
+    /// there). Agent key material comes from seeded ChaCha20, which makes the
+    /// run reproducible; real agents seed from OS entropy.
+    pub fn new(
+        config: &SecAggConfig,
+        n: usize,
+        dropouts: &Dropouts,
+        seed: u64,
+    ) -> Result<Self, SecAggError> {
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let rs = round_seed(seed);
+        let mut server = ServerSession::new(config.clone(), rs, &ids)?;
+        let mut sent = vec![0usize; n];
+        let mut received = vec![0usize; n];
+        // Every party lives here: each pair's X25519 agreement is computed once.
+        let shared = Arc::new(SharedAgreements::default());
+        let mut clients: Vec<Option<ClientSession>> = ids
+            .iter()
+            .map(|&id| {
+                let mut rng = ChaCha20Rng::seed_from_u64(seed::derive(
+                    seed,
+                    &["secagg-client", &id.to_string()],
+                ));
+                Some(ClientSession::new_sharing(
+                    config.clone(),
+                    id,
+                    rs,
+                    &mut rng,
+                    shared.clone(),
+                ))
+            })
+            .collect();
+        let drop_now = |clients: &mut Vec<Option<ClientSession>>, list: &[u32]| {
+            list.iter().for_each(|&d| clients[d as usize] = None);
         };
-        received[relay.to as usize] += bytes.len();
-        let mut rng = rounding_rng(seed, relay.to);
-        let mut encoded = encode(config, &inputs[relay.to as usize], &mut rng)?;
-        hook(relay.to, &mut encoded)?;
-        let masked = c.masked_encoded(&relay, &encoded)?;
-        let wire = masked_to_bytes(relay.to, &masked);
-        drop(masked);
-        masked_len = wire.len();
-        sent[relay.to as usize] += wire.len();
-        server.on_masked_bytes(&wire)?;
-    }
-    let requests = match server.close_masked()? {
-        AfterMasked::Unmask(r) => r,
-        AfterMasked::CheckSurvivors(check) => {
-            let check_bytes = check.to_bytes();
-            for c in clients.iter_mut().flatten() {
-                received[c.id() as usize] += check_bytes.len();
-                let sig = c
-                    .sign_survivors(&SurvivorCheck::from_bytes(&check_bytes)?)?
-                    .to_bytes();
-                sent[c.id() as usize] += sig.len();
-                server.on_survivor_signature(SurvivorSignature::from_bytes(&sig)?)?;
-            }
-            server.close_survivor_check()?
+
+        drop_now(&mut clients, &dropouts.advertise);
+        for c in clients.iter_mut().flatten() {
+            let bytes = c.advertise()?.to_bytes();
+            sent[c.id() as usize] += bytes.len();
+            server.on_advertise(AdvertiseKeys::from_bytes(&bytes)?)?;
         }
-    };
+        let roster = server.close_advertise()?.to_bytes();
 
-    drop_now(&mut clients, &dropouts.unmask);
-    for req in requests {
-        let bytes = req.to_bytes();
-        let Some(c) = clients[req.to as usize].as_mut() else {
-            continue;
-        };
-        received[req.to as usize] += bytes.len();
-        let resp = c.unmask(&UnmaskRequest::from_bytes(&bytes)?)?.to_bytes();
-        sent[req.to as usize] += resp.len();
-        server.on_unmask(UnmaskResponse::from_bytes(&resp)?)?;
+        drop_now(&mut clients, &dropouts.share_keys);
+        // Every agent receives the same roster bytes: decoded once. The agents
+        // share their keys in parallel (each with its own dealer, so the
+        // result does not depend on the threads); the server takes the
+        // uploads in id order.
+        let decoded = KeyRoster::from_bytes(&roster)?;
+        let uploads: Vec<(u32, Result<Vec<u8>, SecAggError>)> = clients
+            .par_iter_mut()
+            .filter_map(Option::as_mut)
+            .map(|c| (c.id(), c.share_keys(&decoded).map(|u| u.to_bytes())))
+            .collect();
+        for (id, bytes) in uploads {
+            let bytes = bytes?;
+            received[id as usize] += roster.len();
+            sent[id as usize] += bytes.len();
+            server.on_shares(ShareUpload::from_bytes(&bytes)?)?;
+        }
+        let mut relays = vec![None; n];
+        for relay in server.close_shares()? {
+            relays[relay.to as usize] = Some(relay.to_bytes());
+        }
+        Ok(Self {
+            config: config.clone(),
+            seed,
+            server,
+            clients,
+            relays,
+            sent,
+            received,
+            masked_len: 0,
+        })
     }
-    let output = server.finish()?;
-    let done: Vec<usize> = clients.iter().flatten().map(|c| c.id() as usize).collect();
-    let mean =
-        |v: &[usize]| done.iter().map(|&i| v[i] as f64).sum::<f64>() / done.len().max(1) as f64;
-    let traffic = Traffic {
-        sent_per_agent: mean(&sent),
-        received_per_agent: mean(&received),
-        masked_vector_bytes: masked_len,
-    };
-    Ok(InMemoryOutcome { output, traffic })
+
+    /// Whether agent `id` is still in the round and has not sent its masked
+    /// input yet.
+    pub fn expects(&self, id: u32) -> bool {
+        self.relays.get(id as usize).is_some_and(Option::is_some)
+            && self.clients[id as usize].is_some()
+    }
+
+    /// Stage 3 for `inputs` (agent id, update): each agent encodes its update
+    /// (stochastic rounding from [`rounding_rng`]), applies `hook`, masks it
+    /// and sends the masked bytes, which the server adds into its running
+    /// sum. The agents mask in parallel (rayon); the server adds in the order
+    /// given. Every update is only borrowed.
+    pub fn mask(
+        &mut self,
+        inputs: &[(u32, &Update)],
+        hook: &EncodedHook<'_>,
+    ) -> Result<(), SecAggError> {
+        let mut work = Vec::with_capacity(inputs.len());
+        for &(id, update) in inputs {
+            if !self.expects(id) {
+                return Err(SecAggError::UnknownAgent {
+                    stage: Stage::MaskedInput,
+                    agent: id,
+                });
+            }
+            let i = id as usize;
+            let relay = self.relays[i].take().expect("checked by expects");
+            let client = self.clients[i].take().expect("checked by expects");
+            work.push((id, client, relay, update));
+        }
+        let (config, seed) = (&self.config, self.seed);
+        let wires: Vec<Result<Vec<u8>, SecAggError>> = work
+            .par_iter_mut()
+            .map(|(id, client, relay, update)| {
+                let relay = ShareRelay::from_bytes(relay)?;
+                let mut rng = rounding_rng(seed, *id);
+                let mut encoded = encode(config, update, &mut rng)?;
+                hook(*id, &mut encoded)?;
+                let masked = client.masked_encoded(&relay, &encoded)?;
+                drop(encoded);
+                Ok(masked_to_bytes(*id, &masked))
+            })
+            .collect();
+        for ((id, client, relay, _), wire) in work.into_iter().zip(wires) {
+            let i = id as usize;
+            self.received[i] += relay.len();
+            self.clients[i] = Some(client);
+            let wire = wire?;
+            self.masked_len = wire.len();
+            self.sent[i] += wire.len();
+            self.server.on_masked_bytes(&wire)?;
+        }
+        Ok(())
+    }
+
+    /// The rest of the round: the agents that got no input masked are
+    /// dropouts; those in `unmask_dropouts` fall silent in the unmask stage.
+    /// The server recovers the masks and returns the sum.
+    pub fn finish(mut self, unmask_dropouts: &[u32]) -> Result<InMemoryOutcome, SecAggError> {
+        let (sent, received) = (&mut self.sent, &mut self.received);
+        let clients = &mut self.clients;
+        for (c, relay) in clients.iter_mut().zip(&self.relays) {
+            if relay.is_some() {
+                *c = None;
+            }
+        }
+        let server = &mut self.server;
+        let requests = match server.close_masked()? {
+            AfterMasked::Unmask(r) => r,
+            AfterMasked::CheckSurvivors(check) => {
+                let check_bytes = check.to_bytes();
+                for c in clients.iter_mut().flatten() {
+                    received[c.id() as usize] += check_bytes.len();
+                    let sig = c
+                        .sign_survivors(&SurvivorCheck::from_bytes(&check_bytes)?)?
+                        .to_bytes();
+                    sent[c.id() as usize] += sig.len();
+                    server.on_survivor_signature(SurvivorSignature::from_bytes(&sig)?)?;
+                }
+                server.close_survivor_check()?
+            }
+        };
+
+        unmask_dropouts
+            .iter()
+            .for_each(|&d| clients[d as usize] = None);
+        for req in requests {
+            let bytes = req.to_bytes();
+            let Some(c) = clients[req.to as usize].as_mut() else {
+                continue;
+            };
+            received[req.to as usize] += bytes.len();
+            let resp = c.unmask(&UnmaskRequest::from_bytes(&bytes)?)?.to_bytes();
+            sent[req.to as usize] += resp.len();
+            server.on_unmask(UnmaskResponse::from_bytes(&resp)?)?;
+        }
+        let done: Vec<usize> = clients.iter().flatten().map(|c| c.id() as usize).collect();
+        let output = self.server.finish()?;
+        let mean =
+            |v: &[usize]| done.iter().map(|&i| v[i] as f64).sum::<f64>() / done.len().max(1) as f64;
+        let traffic = Traffic {
+            sent_per_agent: mean(&self.sent),
+            received_per_agent: mean(&self.received),
+            masked_vector_bytes: self.masked_len,
+        };
+        Ok(InMemoryOutcome { output, traffic })
+    }
 }

@@ -1,0 +1,165 @@
+//! The simulator's secure rounds: every party of the real protocol
+//! (`fedcart_common::privacy::secagg`) in this process, with the round's
+//! parameters from `secure_round::round_config` as over gRPC. The round is
+//! opened (keys advertised and shared) before the merchants train; each chunk
+//! of trained updates is then encoded, masked by its agents in parallel and
+//! added into the server's running masked sum, and dropped: the simulator
+//! holds no update beyond the chunk being masked, whatever the number of
+//! merchants. A merchant whose training failed never sends its masked input
+//! and is recovered like any dropout of that stage.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Context;
+use fedcart_common::federation::update::Update;
+use fedcart_common::privacy::dp::DistributedNoise;
+use fedcart_common::privacy::secagg::{Dropouts, InMemoryRound, SecAggConfig, SecAggError};
+use fedcart_coordinator::engine::{Engine, TaskPlan};
+use fedcart_coordinator::secure_round;
+
+use super::dp;
+
+/// An open secure round of the simulator.
+pub(crate) struct SecureRound {
+    /// Merchant ids by protocol id (the order the round was opened with).
+    ids: Vec<String>,
+    /// Protocol id of each merchant.
+    index: HashMap<String, u32>,
+    round: InMemoryRound,
+    config: SecAggConfig,
+    noise: Option<DistributedNoise>,
+    seed: u64,
+    task_id: String,
+    /// Inputs added into the masked sum so far.
+    masked: usize,
+    /// Wall-clock seconds spent in the protocol (all parties).
+    pub seconds: f64,
+}
+
+impl SecureRound {
+    /// Opens the secure round of `plan` for `merchants` (the agents expected
+    /// to send an input), or `None` when there are none.
+    pub fn open(
+        engine: &Engine,
+        plan: &TaskPlan,
+        merchants: Vec<String>,
+        seed: u64,
+    ) -> anyhow::Result<Option<Self>> {
+        if merchants.is_empty() {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let settings = engine
+            .run()
+            .secagg
+            .clone()
+            .expect("secure task has settings");
+        let n = merchants.len();
+        // The same parameters as a gRPC round (2^64 ring for the statistics step).
+        let config = secure_round::round_config(&settings, &plan.spec, n);
+        let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
+        let round = InMemoryRound::new(&config, n, &Dropouts::none(), round_seed)
+            .with_context(|| format!("secure aggregation of task {}", plan.task_id))?;
+        let index = merchants
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.clone(), i as u32))
+            .collect();
+        Ok(Some(Self {
+            ids: merchants,
+            index,
+            round,
+            config,
+            noise: plan.spec.dp.as_ref().and_then(|d| d.distributed),
+            seed,
+            task_id: plan.task_id.clone(),
+            masked: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    /// Masks `inputs` (merchant, update) and adds them into the masked sum;
+    /// the updates are dropped on return.
+    pub fn mask(&mut self, inputs: Vec<(String, Update)>) -> anyhow::Result<()> {
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut batch = Vec::with_capacity(inputs.len());
+        for (merchant, update) in &inputs {
+            let id = *self
+                .index
+                .get(merchant)
+                .with_context(|| format!("merchant {merchant} is not in the secure round"))?;
+            batch.push((id, update));
+        }
+        let result = match &self.noise {
+            Some(noise) => self.round.mask(
+                &batch,
+                &dp::noise_hook(&self.config, noise, self.seed, &self.task_id),
+            ),
+            None => self.round.mask(&batch, &|_, _| Ok(())),
+        };
+        result.with_context(|| format!("secure aggregation of task {}", self.task_id))?;
+        self.masked += batch.len();
+        self.seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Closes the round: below the run's quorum it aborts before anything is
+    /// unmasked (as the service does, so that no refused sum is ever
+    /// revealed); otherwise it unmasks and hands the engine the decoded sum.
+    /// A round the protocol aborts (too few survivors or shares) aborts the
+    /// task. Returns the number of clipped coordinates and the seconds spent
+    /// in the protocol.
+    pub fn finish(self, engine: &mut Engine) -> anyhow::Result<(u64, f64)> {
+        let started = Instant::now();
+        let quorum = engine.run().quorum;
+        if self.masked < quorum {
+            engine.abort_secure(secure_round::before_unmasking(self.masked, quorum));
+            return Ok((0, self.seconds));
+        }
+        let out = match self.round.finish(&[]) {
+            Ok(out) => out,
+            Err(
+                e @ (SecAggError::TooFewSurvivors { .. } | SecAggError::NotEnoughShares { .. }),
+            ) => {
+                engine.abort_secure(format!("secure aggregation: {e}"));
+                return Ok((0, self.seconds + started.elapsed().as_secs_f64()));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("secure aggregation of task {}", self.task_id));
+            }
+        };
+        let survivors: Vec<String> = out
+            .output
+            .survivors
+            .iter()
+            .map(|&i| self.ids[i as usize].clone())
+            .collect();
+        let clipped = out.output.sum.clipped;
+        engine
+            .set_secure_sum(&survivors, out.output.sum.into_accumulator())
+            .map_err(|e| anyhow::anyhow!("handing the secure sum to the engine: {e}"))?;
+        Ok((clipped, self.seconds + started.elapsed().as_secs_f64()))
+    }
+}
+
+/// Secure aggregation of updates that are all at hand (the FedBuff
+/// driver's buffer): open, mask everything, finish. Returns the number of
+/// clipped coordinates.
+pub(crate) fn secure_sum(
+    engine: &mut Engine,
+    plan: &TaskPlan,
+    inputs: Vec<(String, Update)>,
+    seed: u64,
+) -> anyhow::Result<u64> {
+    let merchants = inputs.iter().map(|(m, _)| m.clone()).collect();
+    let Some(mut round) = SecureRound::open(engine, plan, merchants, seed)? else {
+        return Ok(0);
+    };
+    round.mask(inputs)?;
+    Ok(round.finish(engine)?.0)
+}
