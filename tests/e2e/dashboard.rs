@@ -179,3 +179,50 @@ async fn dashboard_shows_the_quorum_shortfall_while_the_run_waits_for_agents() {
     agent.stop().await;
     coord.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_epsilon_a_dp_run_has_spent() {
+    init_logs();
+    let split = telco_split(2, 13);
+    let store = tempfile::tempdir().unwrap();
+    let mut run = churn_run("dash-dp", 2, 2, 2);
+    run.dp = Some(fedcart_coordinator::config::DpSettings::central(
+        0.5, 1.0, 1e-5,
+    ));
+    let coord = start_dashboard(run, store.path()).await;
+    let http = coord.http_addr.unwrap();
+    let agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    let spent = coord
+        .shared
+        .history()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|r| r.privacy.as_ref().map(|p| p.epsilon))
+        .expect("ε recorded");
+    let status: serde_json::Value =
+        serde_json::from_str(&crate::security::http_get(http, "/api/status").await).unwrap();
+    assert_eq!(
+        status["privacy"]["epsilon"].as_f64(),
+        Some(spent),
+        "{status}"
+    );
+    assert!(spent > 0.0);
+    assert_eq!(status["privacy"]["delta"].as_f64(), Some(1e-5));
+    assert!(status["privacy"]["budget"].is_null(), "no target ε set");
+    if let Some(browser) = chromium() {
+        let dom = dump_dom(browser, format!("http://{http}/")).await;
+        assert!(
+            dom.contains(&format!("ε spent: {spent:.3} (no budget)")),
+            "{dom}"
+        );
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}
