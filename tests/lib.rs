@@ -9,10 +9,12 @@ use fedcart_client::config::{AgentConfig, Backoff, DataConfig};
 use fedcart_common::data::split;
 use fedcart_common::data::tabular::{Schema, TabularDataset};
 use fedcart_common::model::lr::SgdParams;
-use fedcart_common::task::ModelSpec;
+use fedcart_common::task::{ModelSpec, TaskKind};
 use fedcart_common::train::LocalData;
 use fedcart_coordinator::config::{RunConfig, Selection};
+use fedcart_coordinator::record::{Outcome, RoundRecord};
 use fedcart_coordinator::server::{self, Running};
+use fedcart_coordinator::service::Shared;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -341,4 +343,33 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits until `coord`'s run has finished, stops `agents`, and returns the
+/// service's shared state (for models) with the run's history.
+pub async fn finish(
+    coord: Running,
+    agents: Vec<AgentHandle>,
+) -> (std::sync::Arc<Shared>, Vec<RoundRecord>) {
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.expect("the run finishes");
+    for h in agents {
+        h.stop().await;
+    }
+    let history = shared.history().expect("history readable");
+    (shared, history)
+}
+
+/// The training records of `history`, each asserted committed with a
+/// result from every one of `merchants`.
+pub fn committed_trains(history: &[RoundRecord], merchants: usize) -> Vec<&RoundRecord> {
+    let trains: Vec<&RoundRecord> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Train)
+        .collect();
+    for r in &trains {
+        assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+        assert_eq!(r.reported.len(), merchants, "{r:?}");
+    }
+    trains
 }

@@ -14,7 +14,6 @@ use fedcart_common::data::orders::{OrdersMapping, TimestampFormat};
 use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::itemsets::{self, Apriori};
 use fedcart_common::task::{ModelSpec, TaskKind};
-use fedcart_coordinator::record::Outcome;
 use fedcart_tests::*;
 
 use crate::secure::secure_settings;
@@ -126,24 +125,12 @@ async fn secure_itemsets_over_grpc_equal_the_plaintext_result_and_agents_write_t
         handles.push(spawn_configured(agent));
         configs.push(cfg);
     }
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    for h in handles {
-        h.stop().await;
-    }
+    let (shared, history) = finish(coord, handles).await;
 
     // Every level was one secure round of all three stores, then one
     // evaluation handed the final state out.
-    let history = shared.history().unwrap();
-    let trains: Vec<_> = history
-        .iter()
-        .filter(|r| r.kind == TaskKind::Train)
-        .collect();
+    let trains = committed_trains(&history, 3);
     assert!(trains.len() >= 2, "{history:?}");
-    for r in &trains {
-        assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
-        assert_eq!(r.reported.len(), 3, "{r:?}");
-    }
     let published: Vec<_> = history
         .iter()
         .filter(|r| r.kind == TaskKind::Evaluate)

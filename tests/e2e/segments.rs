@@ -20,7 +20,6 @@ use fedcart_common::model::segments::{Phase, Segmentation};
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use fedcart_coordinator::certs::{self, CertDir};
-use fedcart_coordinator::record::Outcome;
 use fedcart_coordinator::server::{ServeOptions, start_with};
 use fedcart_coordinator::tls::{TlsFiles, Transport};
 use fedcart_tests::*;
@@ -199,25 +198,13 @@ async fn secure_segmentation_over_mtls_equals_the_plaintext_pipeline_and_agents_
         handles.push(spawn_configured(agent));
         configs.push(cfg);
     }
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    for h in handles {
-        h.stop().await;
-    }
+    let (shared, history) = finish(coord, handles).await;
 
     // The statistics step, then every exchange one secure round of all
     // three merchants, then one evaluation that handed the state out.
-    let history = shared.history().unwrap();
-    let trains: Vec<_> = history
-        .iter()
-        .filter(|r| r.kind == TaskKind::Train)
-        .collect();
+    let trains = committed_trains(&history, MERCHANTS);
     // Candidates, the choice's 5 + 1 Lloyd rounds, then the chosen k's.
     assert!(trains.len() >= 7, "{history:?}");
-    for r in &trains {
-        assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
-        assert_eq!(r.reported.len(), MERCHANTS, "{r:?}");
-    }
     let published: Vec<_> = history
         .iter()
         .filter(|r| r.kind == TaskKind::Evaluate)

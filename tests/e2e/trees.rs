@@ -50,25 +50,12 @@ async fn secure_gbdt_over_grpc_grows_the_in_process_trees_in_one_round_per_level
         agent.backoff.initial_ms = 20;
         handles.push(spawn_configured(agent));
     }
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    for h in handles {
-        h.stop().await;
-    }
+    let (shared, history) = finish(coord, handles).await;
 
     // The sketch round, then one secure round per tree level; one
     // evaluation per completed tree.
-    let history = shared.history().unwrap();
-    let trains: Vec<_> = history
-        .iter()
-        .filter(|r| r.kind == TaskKind::Train)
-        .collect();
+    let trains = committed_trains(&history, 3);
     assert_eq!(trains.len() as u64, rounds, "{history:#?}");
-    assert!(
-        trains
-            .iter()
-            .all(|r| r.outcome == Outcome::Committed && r.reported.len() == 3)
-    );
     let evaluations: Vec<_> = history
         .iter()
         .filter(|r| r.kind == TaskKind::Evaluate && r.outcome == Outcome::Committed)
