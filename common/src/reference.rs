@@ -37,6 +37,14 @@ impl Federation {
     pub fn served(&self) -> &[f32] {
         self.best.as_ref().map_or(&self.params, |(_, p)| p)
     }
+
+    /// The round of [`served`](Self::served): an evaluation of it with this
+    /// round pairs it with the private user state it was measured with.
+    pub fn served_round(&self) -> u64 {
+        self.best
+            .as_ref()
+            .map_or(self.rounds.len() as u64, |(r, _)| *r)
+    }
 }
 
 /// Per-merchant value of joining the federation: the same merchant's
@@ -112,13 +120,16 @@ pub fn federation_value(
         let local = federate(template, &mut alone, rounds, &mut FedAvg)?;
         let mut spec = template.clone();
         spec.standardizer = local.standardizer.clone();
+        spec.round = local.served_round();
         let local_only = evaluate(&spec, local.served(), &mut alone)?;
         spec.standardizer = fed.standardizer.clone();
+        spec.round = fed.served_round();
         let (federated, weight) = evaluate_weighted(&spec, fed.served(), fed_m)?;
         let centralized = if has_private_state {
             None
         } else {
             spec.standardizer = central.standardizer.clone();
+            spec.round = central.served_round();
             Some(evaluate(&spec, central.served(), &mut [m.clone()])?)
         };
         let (own_popularity, global_popularity) = match (&global_buyers, &m.mf) {
@@ -140,6 +151,7 @@ pub fn federation_value(
     }
     let mut spec = template.clone();
     spec.standardizer = central.standardizer.clone();
+    spec.round = central.served_round();
     let centralized_pooled = evaluate(&spec, central.served(), &mut pooled)?;
     Ok(FederationValue {
         rounds,

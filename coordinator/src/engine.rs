@@ -28,7 +28,7 @@ use thiserror::Error;
 
 use crate::config::RunConfig;
 use crate::ledger::{Ledger, NoiseSource};
-use crate::record::kind_name;
+use crate::record::{Outcome, kind_name};
 use crate::store::{Store, StoreError};
 
 /// Errors of the engine itself (not of a single submission).
@@ -192,6 +192,10 @@ pub struct Engine {
     /// The best version by the federated validation metric, if any was
     /// evaluated (meta key `best_version`).
     best: Option<BestVersion>,
+    /// The version of the last committed evaluation: when the run ends and
+    /// it is not the best version, one more evaluation of the best version
+    /// hands it to the agents ([`Engine::serving_task`]).
+    last_evaluated: Option<u64>,
 }
 
 /// Whether `version` is followed by an evaluation task: after every version
@@ -284,6 +288,11 @@ impl Engine {
             && !history
                 .iter()
                 .any(|r| r.kind == TaskKind::Evaluate && r.round == version);
+        let last_evaluated = history
+            .iter()
+            .rev()
+            .find(|r| r.kind == TaskKind::Evaluate && r.outcome == Outcome::Committed)
+            .map(|r| r.round);
         Ok(Self {
             store,
             run,
@@ -298,6 +307,7 @@ impl Engine {
             stopped,
             complete,
             best,
+            last_evaluated,
         })
     }
 
@@ -357,6 +367,19 @@ impl Engine {
     /// to serve. `None` before the first evaluation that reported it.
     pub fn best(&self) -> Option<&BestVersion> {
         self.best.as_ref()
+    }
+
+    /// The version a final evaluation task must hand to the agents once
+    /// training is over (all rounds, or a planned stop): the best version,
+    /// when the agents last evaluated another one. Agents keep the model of
+    /// the last task they ran, so after it every merchant holds (and
+    /// `fedcart-client recommend` serves) the selected version, not the last.
+    fn serving_task(&self) -> Option<u64> {
+        if self.stopped.as_ref().is_some_and(|s| !s.is_planned()) {
+            return None;
+        }
+        let best = self.best.as_ref()?.version;
+        (self.last_evaluated != Some(best)).then_some(best)
     }
 
     /// Chooses where the DP noise comes from ([`NoiseSource::Os`] unless

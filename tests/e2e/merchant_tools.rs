@@ -169,3 +169,90 @@ fn deploy_configs_load_with_the_real_config_types() {
         assert!(a.tls.is_some() && a.state_dir.is_some(), "{m}");
     }
 }
+
+/// Model selection over gRPC: the run keeps the best version by federated
+/// validation RMSE, and its last task hands that version (not the last one)
+/// to every agent, which keeps it as the model it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_end_up_holding_the_best_version_by_validation_not_the_last() {
+    use fedcart_common::model::mf::MfData;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/ml-latest-small/ratings.csv");
+    let rows: Vec<_> = movielens::load_ratings(&path)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.user.len() <= 2)
+        .collect();
+    let fed = movielens::explicit_federation(&rows, 2, 0.2, 9);
+    let catalogue = &fed.catalogue;
+    let merchants: Vec<_> = movielens::partition_users(&rows, 2, 9)
+        .iter()
+        .enumerate()
+        .map(|(k, users)| {
+            let train = movielens::rows_of(&fed.train, users);
+            let (train, valid) = movielens::validation_split(&train, false, 9);
+            let test = movielens::rows_of(&fed.test, users);
+            fedcart_common::train::LocalData {
+                merchant_id: format!("m{k}"),
+                mf: Some(MfData::with_validation(&train, &valid, &test, catalogue)),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let mut run = churn_run("mf-best", 8, 2, 2);
+    // A large step without a penalty overfits after a few rounds, so the
+    // best version by validation comes before the last one.
+    run.model = ModelSpec::Mf {
+        num_items: catalogue.len(),
+        factors: 8,
+        hyper: MfHyper {
+            learning_rate: 0.05,
+            reg_factors: 0.0,
+            reg_bias: 0.0,
+            epochs: 5,
+            ..Default::default()
+        },
+    };
+    run.early_stopping = Some(fedcart_coordinator::config::EarlyStopping { patience: 3 });
+    let store = tempfile::tempdir().unwrap();
+    let states = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let shared = coord.shared.clone();
+    let agents: Vec<_> = merchants
+        .iter()
+        .map(|m| spawn_with_state(coord.addr, m.clone(), &states.path().join(&m.merchant_id)))
+        .collect();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let evals: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == fedcart_common::task::TaskKind::Evaluate)
+        .collect();
+    let (best, best_rmse) =
+        evals[..evals.len() - 1]
+            .iter()
+            .fold((0, f64::INFINITY), |(b, v), r| {
+                let x = r.metrics["val_rmse"];
+                if x < v { (r.base_version, x) } else { (b, v) }
+            });
+    let latest = evals[evals.len() - 2].base_version;
+    assert!(
+        best < latest,
+        "best {best} (val_rmse {best_rmse}) vs latest {latest}"
+    );
+    // The last task evaluated the best version with the users it was measured with.
+    let serving = evals.last().unwrap();
+    assert_eq!(serving.base_version, best);
+    let measured = evals.iter().find(|r| r.base_version == best).unwrap();
+    assert_eq!(serving.metrics["val_rmse"], measured.metrics["val_rmse"]);
+    let params = shared.model(best).unwrap().unwrap();
+    for m in &merchants {
+        let state = StateDir::open(states.path().join(&m.merchant_id)).unwrap();
+        let (meta, kept) = state.load_global("mf").unwrap().unwrap();
+        assert_eq!(meta.version, best, "{}", m.merchant_id);
+        assert_eq!(&kept, params.as_ref());
+    }
+}

@@ -165,6 +165,55 @@ pub struct UserState {
     /// chosen by the last evaluation on the validation slice.
     #[serde(default)]
     pub pop_blend: f32,
+    /// The user biases and factors as each of the last
+    /// [`KEPT_SNAPSHOTS`] evaluated versions found them, so that evaluating
+    /// an older version again (the coordinator's final serving task hands
+    /// out the best version, not the last) pairs its item side with the user
+    /// side it was measured with, not with users trained on later versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evaluated: Vec<UserSnapshot>,
+}
+
+/// How many evaluated versions' user states an agent keeps: more than the
+/// default patience (5), so an early-stopped run's best version always has
+/// its own. A best version further back is served with the latest users.
+pub const KEPT_SNAPSHOTS: usize = 16;
+
+/// The private user side as one evaluated version found it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserSnapshot {
+    /// The evaluated version (the evaluation task's round).
+    pub version: u64,
+    /// User biases.
+    pub bias: Vec<f32>,
+    /// User factors, `users × k`.
+    pub factors: Vec<f32>,
+}
+
+impl UserState {
+    /// Before evaluating `version`: restores the user side it was first
+    /// evaluated with, or remembers the current one as its own (keeping the
+    /// last [`KEPT_SNAPSHOTS`]). Returns whether it restored.
+    pub fn pair_with_version(&mut self, version: u64) -> bool {
+        if let Some(s) = self.evaluated.iter().find(|s| s.version == version)
+            && s.bias.len() == self.bias.len()
+            && s.factors.len() == self.factors.len()
+        {
+            self.bias.clone_from(&s.bias);
+            self.factors.clone_from(&s.factors);
+            return true;
+        }
+        self.evaluated.retain(|s| s.version != version);
+        self.evaluated.push(UserSnapshot {
+            version,
+            bias: self.bias.clone(),
+            factors: self.factors.clone(),
+        });
+        if self.evaluated.len() > KEPT_SNAPSHOTS {
+            self.evaluated.remove(0);
+        }
+        false
+    }
 }
 
 /// A merchant's recommender data: interactions in dense indices plus the

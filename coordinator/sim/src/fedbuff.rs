@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use fedcart_common::federation::fedbuff::weigh;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
@@ -111,6 +111,12 @@ pub(super) fn drive(cx: &Ctx<'_>, engine: &mut Engine, exp: &mut Experiment) -> 
     let mut row = RoundRow::default();
     let mut wall = Instant::now();
     while !engine.finished() {
+        // Training is over: the serving task hands the best version out.
+        if matches!(engine.next_task(), Some((v, TaskKind::Evaluate)) if v != engine.version()) {
+            let plan = engine.start_task(cx.ids)?;
+            collective(cx, engine, &plan, &mut RoundRow::default())?;
+            continue;
+        }
         // Hand the free slots to idle, online merchants, on the current version.
         let online = cx.fleet.online(cx.fleet.period_of(now));
         let mut idle: Vec<usize> = (0..n).filter(|&k| !busy[k] && online[k]).collect();
@@ -261,7 +267,9 @@ fn collective(
     if plan.secure {
         bail!("the FedBuff driver runs statistics only without secure aggregation");
     }
-    let global = engine.global();
+    let global = engine
+        .model(plan.model_version)?
+        .with_context(|| format!("version {} is not stored", plan.model_version))?;
     let index: HashMap<&str, usize> = cx
         .ids
         .iter()

@@ -260,7 +260,9 @@ pub fn run_one(
                 ..Default::default()
             };
         }
-        let global = engine.global();
+        let global = engine
+            .model(plan.model_version)?
+            .with_context(|| format!("version {} is not stored", plan.model_version))?;
         let mut todo = Vec::with_capacity(plan.selected.len());
         for id in &plan.selected {
             let k = index[id.as_str()];
@@ -355,6 +357,9 @@ pub fn run_one(
                     bar.inc(1);
                 }
             }
+            // The final serving task hands the best version out: its
+            // figures are the best version's (`best_summary`), not a row.
+            TaskKind::Evaluate if plan.model_version != engine.version() => {}
             // An analysis's one evaluation (the final state handed out)
             // completes the last training row, already pushed.
             TaskKind::Evaluate if !engine.run().evaluate && !exp.rounds.is_empty() => {

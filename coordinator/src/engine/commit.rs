@@ -148,7 +148,13 @@ impl Engine {
                     record.metrics.extend(pooled);
                 }
                 record.outcome = Outcome::Committed;
-                let (best, stop) = self.select(&record)?;
+                // The serving task re-evaluates the best version: nothing
+                // to select, and it must not count against the patience.
+                let (best, stop) = if record.base_version == self.version {
+                    self.select(&record)?
+                } else {
+                    (None, None)
+                };
                 let mut meta = Vec::new();
                 if let Some(b) = &best {
                     meta.push((
@@ -167,6 +173,7 @@ impl Engine {
                     tracing::info!("{s}");
                     self.stopped = Some(s);
                 }
+                self.last_evaluated = Some(record.base_version);
                 self.pending_eval = false;
             }
             TaskKind::Train => {

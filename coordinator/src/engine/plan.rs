@@ -21,7 +21,7 @@ impl Engine {
 
     pub(super) fn next_kind(&self) -> Option<(u64, TaskKind)> {
         if self.stopped.is_some() {
-            None
+            self.serving_task().map(|v| (v, TaskKind::Evaluate))
         } else if self.run.model.stats_len() > 0 && self.standardizer.is_none() {
             Some((0, TaskKind::Stats))
         } else if self.pending_eval {
@@ -29,7 +29,7 @@ impl Engine {
         } else if self.version < self.run.rounds && !self.complete {
             Some((self.version + 1, TaskKind::Train))
         } else {
-            None
+            self.serving_task().map(|v| (v, TaskKind::Evaluate))
         }
     }
 
@@ -58,11 +58,21 @@ impl Engine {
         // An analysis's task is sized by the current state (itemsets: the
         // level's candidates; segments: the exchange, one candidate slot
         // per selected merchant).
+        // The final serving task evaluates an older version (the best one);
+        // every other task works on the latest.
+        let base = if kind == TaskKind::Evaluate {
+            round
+        } else {
+            self.version
+        };
+        let params = self
+            .model(base)?
+            .ok_or_else(|| EngineError::Config(format!("version {base} is not stored")))?;
         let model = self
             .run
             .model
-            .for_task(&self.global, &selected)
-            .map_err(|e| EngineError::Config(format!("version {}: {e}", self.version)))?;
+            .for_task(&params, &selected)
+            .map_err(|e| EngineError::Config(format!("version {base}: {e}")))?;
         let spec = TaskSpec {
             kind,
             model,
@@ -82,12 +92,8 @@ impl Engine {
             round,
             attempt,
             task_id,
-            model_version: self.version,
-            model_len: if needs_model {
-                self.global.len() as u64
-            } else {
-                0
-            },
+            model_version: base,
+            model_len: if needs_model { params.len() as u64 } else { 0 },
             selected: selected.clone(),
             spec,
         };

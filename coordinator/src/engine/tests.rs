@@ -445,7 +445,15 @@ fn run_with_validation(vals: &[f64], patience: Option<u64>) -> (tempfile::TempDi
             TaskKind::Evaluate => Submission {
                 update: None,
                 metrics: [
-                    ("val_hr@10".to_string(), *evals.next().unwrap()),
+                    // The final serving task re-evaluates the best version.
+                    (
+                        "val_hr@10".to_string(),
+                        if plan.model_version == e.version() {
+                            *evals.next().unwrap()
+                        } else {
+                            0.0
+                        },
+                    ),
                     ("hr@10".to_string(), 0.5),
                 ]
                 .into(),
@@ -478,6 +486,41 @@ fn the_best_version_is_the_one_with_the_best_federated_validation_metric() {
     assert_eq!(best.metric, "val_hr@10");
     assert_eq!(e.version(), 5);
     assert!(e.stopped().is_none());
+}
+
+#[test]
+fn a_last_evaluation_hands_the_best_version_to_the_agents_without_changing_the_choice() {
+    for (vals, patience) in [
+        (&[0.1, 0.3, 0.2, 0.3, 0.25][..], None),
+        (&[0.1, 0.3, 0.2, 0.29, 0.5, 0.6][..], Some(2)),
+    ] {
+        let (_dir, e) = run_with_validation(vals, patience);
+        assert!(e.finished());
+        let history = e.store().history().unwrap();
+        let last = history.last().unwrap();
+        // The agents' last task evaluated version 2, the best, with its
+        // own parameters; reporting 0.0 there neither moved the best version
+        // nor counted against the patience.
+        assert_eq!(last.kind, TaskKind::Evaluate);
+        assert_eq!((last.round, last.base_version), (2, 2));
+        assert_eq!(e.best().unwrap().version, 2);
+        let evaluations = history
+            .iter()
+            .filter(|r| r.kind == TaskKind::Evaluate)
+            .count();
+        assert_eq!(evaluations, e.version() as usize + 1);
+    }
+    // When the last version is the best, there is nothing more to hand out.
+    let (_dir, e) = run_with_validation(&[0.1, 0.2, 0.3], None);
+    let history = e.store().history().unwrap();
+    assert_eq!(history.last().unwrap().round, 3);
+    assert_eq!(
+        history
+            .iter()
+            .filter(|r| r.kind == TaskKind::Evaluate)
+            .count(),
+        3
+    );
 }
 
 #[test]

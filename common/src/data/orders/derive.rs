@@ -113,6 +113,9 @@ pub fn format_date(ts: i64) -> String {
 struct PairAgg {
     quantity: f32,
     last: i64,
+    /// Position in the export of the line that set `last` (the later line
+    /// on equal timestamps): orders the interactions like the file.
+    last_line: usize,
     /// The latest rating and when it was given.
     rating: Option<(i64, f32)>,
 }
@@ -130,6 +133,10 @@ struct History {
 ///
 /// Interaction values are the latest rating when the export has ratings,
 /// otherwise the total quantity bought; the timestamp is the last purchase.
+/// Interactions come grouped by customer, each customer's in the order of
+/// their last purchase, equal times in the order of the export's lines, so
+/// "the latest interaction, ties to the later one" (leave-last-out) is the
+/// item on the customer's last order line, as the file tells it.
 pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersError> {
     if cfg.churn_window_days == 0 {
         return Err(OrdersError::Config(
@@ -140,7 +147,7 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
     let mut hist: BTreeMap<&str, History> = BTreeMap::new();
     let mut pairs: BTreeMap<(&str, &str), PairAgg> = BTreeMap::new();
     let (mut before, mut within, mut after) = (0, 0, 0);
-    for o in orders {
+    for (line, o) in orders.iter().enumerate() {
         if o.timestamp < cfg.cutoff {
             before += 1;
             let h = hist.entry(&o.customer).or_default();
@@ -151,10 +158,14 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
                 let e = pairs.entry((&o.customer, item)).or_insert(PairAgg {
                     quantity: 0.0,
                     last: i64::MIN,
+                    last_line: 0,
                     rating: None,
                 });
                 e.quantity += o.quantity;
-                e.last = e.last.max(o.timestamp);
+                if o.timestamp >= e.last {
+                    e.last = o.timestamp;
+                    e.last_line = line;
+                }
                 if let Some(r) = o.rating
                     && e.rating.is_none_or(|(t, _)| o.timestamp >= t)
                 {
@@ -179,6 +190,8 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
             h.churned = false;
         }
     }
+    let mut pairs: Vec<((&str, &str), PairAgg)> = pairs.into_iter().collect();
+    pairs.sort_by_key(|((user, _), agg)| (*user, agg.last, agg.last_line));
     let interactions: Vec<Interaction> = pairs
         .into_iter()
         .map(|((user, item), agg)| Interaction {

@@ -213,7 +213,8 @@ fn derivation_matches_hand_computed_rfm_and_labels() {
             FEATURE_NAMES[k]
         );
     }
-    // Interactions: one per (customer, item) before the cutoff, quantities summed.
+    // Interactions: one per (customer, item) before the cutoff, quantities
+    // summed, each customer's in the order of their last purchase.
     let inter: Vec<(&str, &str, f32, i64)> = p
         .interactions
         .iter()
@@ -222,8 +223,8 @@ fn derivation_matches_hand_computed_rfm_and_labels() {
     assert_eq!(
         inter,
         vec![
-            ("a", "x", 2.0, day(50)),
             ("a", "y", 2.0, day(10)),
+            ("a", "x", 2.0, day(50)),
             ("a", "z", 1.0, day(90)),
             ("b", "y", 3.0, day(40))
         ]
@@ -323,4 +324,23 @@ fn cdnow_churn_lr_learns_and_federated_matches_centralised() {
         (fed - central).abs() < 0.005,
         "federated {fed} vs {central}"
     );
+}
+
+#[test]
+fn leave_last_out_holds_out_the_item_on_the_last_order_line_not_the_largest_id() {
+    // One basket at day 5 with "z" before "b" in the file: the held-out item
+    // is "b", the later line (the README protocol of data/grocery-dev), not
+    // "z", which sorts last.
+    let orders = [
+        order("a", "m", day(1), 1.0, 1.0),
+        order("a", "z", day(5), 1.0, 1.0),
+        order("a", "b", day(5), 1.0, 1.0),
+    ];
+    let p = derive(&orders, &ChurnConfig::new(day(10), 5)).unwrap();
+    let (train, test) = crate::data::movielens::leave_last_out(&p.interactions);
+    assert_eq!(test.len(), 1);
+    assert_eq!(test[0].item, "b");
+    let mut kept: Vec<&str> = train.iter().map(|r| r.item.as_str()).collect();
+    kept.sort_unstable();
+    assert_eq!(kept, ["m", "z"]);
 }

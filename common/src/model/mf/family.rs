@@ -156,6 +156,7 @@ impl FederatedModel for MfShape<'_> {
     ) -> Result<TaskOutput, TrainError> {
         let (merchant, data) = mf_data(data)?;
         self.prepare(ctx, global, data, merchant)?;
+        data.state.pair_with_version(ctx.round);
         let (n, k, h) = (self.num_items, self.k, self.hyper);
         let unknown = data.unknown_items as f64;
         let (mut metrics, weight) = if self.implicit {

@@ -506,3 +506,47 @@ fn validation_split_holds_out_each_users_latest_remaining_purchase() {
     assert!(valid.iter().all(|v| !fit.contains(v)));
     assert_eq!(movielens::validation_split(&many, false, 1).1, valid);
 }
+
+#[test]
+fn evaluating_an_older_version_again_pairs_it_with_the_users_it_was_measured_with() {
+    let rows: Vec<Interaction> = ml_rows()
+        .into_iter()
+        .filter(|r| r.user.len() <= 2)
+        .collect();
+    let fed = movielens::explicit_federation(&rows, 2, 0.2, 3);
+    let mut s = spec(fed.catalogue.len(), 8, tuned());
+    let mut m = fed.merchants[0].clone();
+    let mut params = s.model.initial_params(s.seed);
+    let layout = s.model.layout();
+    let mut versions = Vec::new();
+    let mut measured = Vec::new();
+    for round in 1..=3 {
+        s.kind = TaskKind::Train;
+        s.round = round;
+        let out = run_task(&s, &params, &mut m).unwrap();
+        let mut acc = SumAccumulator::new(params.len(), layout.num_coord_weights);
+        acc.add(&out.update.unwrap()).unwrap();
+        params = FedAvg.apply(&params, &acc.mean_delta(&layout));
+        s.kind = TaskKind::Evaluate;
+        measured.push(run_task(&s, &params, &mut m).unwrap().metrics["rmse"]);
+        versions.push(params.clone());
+    }
+    // The users moved on after version 1; evaluating it again (the serving
+    // task) restores the users it was measured with: the same figure.
+    s.round = 1;
+    let again = run_task(&s, &versions[0], &mut m).unwrap().metrics["rmse"];
+    assert_eq!(again, measured[0]);
+    assert_ne!(measured[0], measured[2]);
+    // Only the last KEPT_SNAPSHOTS versions are kept, and they survive serde.
+    let st = &m.mf.as_ref().unwrap().state;
+    assert_eq!(st.evaluated.len(), 3);
+    let json = serde_json::to_string(st).unwrap();
+    let back: UserState = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, st);
+    let mut many = st.clone();
+    for v in 10..40 {
+        many.pair_with_version(v);
+    }
+    assert_eq!(many.evaluated.len(), KEPT_SNAPSHOTS);
+    assert_eq!(many.evaluated[0].version, 40 - KEPT_SNAPSHOTS as u64);
+}

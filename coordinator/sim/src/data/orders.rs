@@ -93,7 +93,8 @@ pub struct OrdersArgs {
     #[arg(long = "delimiter")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delimiter: Option<Delimiter>,
-    /// Orders: churn cutoff date [default: the last order minus the churn window].
+    /// Orders: churn cutoff date [default: the last order minus the churn window; the
+    /// recommender tasks (`mf`, `mf-implicit`) then use every order].
     #[arg(long = "cutoff")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cutoff: Option<String>,
@@ -258,7 +259,16 @@ pub fn build(
     factors: usize,
     seed: u64,
 ) -> anyhow::Result<Population> {
-    let (rows, cfg) = src.read()?;
+    let (rows, mut cfg) = src.read()?;
+    if matches!(task, TaskChoice::Mf | TaskChoice::MfImplicit) && src.cutoff.is_none() {
+        // A recommender learns from every order: the default cutoff (the last
+        // order minus the churn window) is a churn label's, and would hide
+        // the latest purchases, the ones leave-last-out tests on. An explicit
+        // `--cutoff` still cuts the history.
+        let last = rows.iter().map(|o| o.timestamp).max().unwrap_or(0);
+        cfg = ChurnConfig::new(last.saturating_add(1), cfg.churn_window_days);
+    }
+    let cfg = cfg;
     let derive = |rows: &[Order]| {
         orders::derive(rows, &cfg).with_context(|| format!("deriving {}", src.path.display()))
     };
