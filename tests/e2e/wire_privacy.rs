@@ -85,7 +85,12 @@ async fn mf_agents_send_no_user_factor_on_the_wire() {
         .iter()
         .map(|m| {
             let items: std::collections::BTreeSet<u32> =
-                m.mf.as_ref().unwrap().train.iter().map(|r| r.item).collect();
+                m.mf.as_ref()
+                    .unwrap()
+                    .train
+                    .iter()
+                    .map(|r| r.item)
+                    .collect();
             items.len() * 9 * 4
         })
         .sum();
