@@ -27,7 +27,8 @@ pub use error::{AgentError, Chain};
 
 use crate::config::Backoff;
 use crate::state::StateError;
-use crate::transfer::{download, upload};
+use crate::transfer::{RowDownload, download_rows, upload_as};
+use fedcart_common::federation::sparse::RowPrecision;
 
 /// How a session ended without an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,6 +61,22 @@ pub struct Agent {
     secure: crate::secure::SecureTasks,
     /// What the lifecycle has logged (outages, runs joined and ended).
     lifecycle: Lifecycle,
+    /// Precision this merchant asks for downloaded factor rows
+    /// (`transfer.download_precision`); exact by default.
+    pub download_precision: RowPrecision,
+    /// Row-sparse transfers of row-structured models (`transfer.rows`, on by
+    /// default): touched rows up, changed rows down.
+    pub row_transfers: bool,
+    /// The last model of a row-structured run (matrix factorisation) this
+    /// agent downloaded: later downloads fetch only the rows changed since.
+    held: Option<HeldModel>,
+}
+
+/// A downloaded model version, kept for row-sparse downloads.
+struct HeldModel {
+    run_id: String,
+    version: u64,
+    model: Vec<f32>,
 }
 
 /// What an agent does with a pushed task, as a [`TaskObserver`] decides.
@@ -103,6 +120,9 @@ impl Agent {
             observer: None,
             secure: Default::default(),
             lifecycle: Lifecycle::default(),
+            download_precision: RowPrecision::F32,
+            row_transfers: true,
+            held: None,
         }
     }
 
@@ -302,11 +322,34 @@ impl Agent {
             );
             return Ok(());
         }
-        let global = if task.model_len > 0 {
-            download(client, session_id, &task).await?
-        } else {
-            Vec::new()
+        let layout = spec.model.layout();
+        let update_layout = spec.update_layout();
+        let has_rows = self.row_transfers
+            && layout.num_coord_weights > 0
+            && layout.segments.iter().any(|s| s.group_len.is_some());
+        let held = self.held.as_ref().filter(|h| {
+            has_rows && h.run_id == task.run_id && h.model.len() as u64 == task.model_len
+        });
+        let global = match held {
+            _ if task.model_len == 0 => Vec::new(),
+            // The version this agent already holds: nothing to download.
+            Some(h) if h.version == task.model_version => h.model.clone(),
+            _ => {
+                let rows = has_rows.then(|| RowDownload {
+                    layout: &layout,
+                    held: held.map(|h| (h.version, h.model.as_slice())),
+                    precision: self.download_precision,
+                });
+                download_rows(client, session_id, &task, rows).await?
+            }
         };
+        if has_rows && !global.is_empty() {
+            self.held = Some(HeldModel {
+                run_id: task.run_id.clone(),
+                version: task.model_version,
+                model: global.clone(),
+            });
+        }
         if let Some(state) = &self.state
             && !global.is_empty()
         {
@@ -367,7 +410,14 @@ impl Agent {
                     .hold(&task, seed, &self.data.merchant_id, noise, out);
                 Ok(())
             }
-            Ok(out) => Ok(upload(client, session_id, &task, &out).await?),
+            Ok(out) => Ok(upload_as(
+                client,
+                session_id,
+                &task,
+                &out,
+                has_rows.then_some(&update_layout),
+            )
+            .await?),
             // Every later task of the run would fail the same way.
             Err(
                 source @ (TrainError::NoData(_)

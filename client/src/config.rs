@@ -164,6 +164,39 @@ pub struct AgentConfig {
     /// see [`crate::policy::PrivacyPolicy`] for the keys and defaults.
     #[serde(default)]
     pub privacy: crate::policy::PrivacyPolicy,
+    /// How models travel (`[transfer]`).
+    #[serde(default)]
+    pub transfer: TransferConfig,
+}
+
+/// `[transfer]`: how models travel between coordinator and agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferConfig {
+    /// Precision of the factor rows of downloaded recommender models: `f32`
+    /// (exact, the default), `f16` or `int8` (8 bits with a per-row scale),
+    /// which halve or quarter the download; the agent then trains and
+    /// recommends from the rounded model.
+    #[serde(default)]
+    pub download_precision: fedcart_common::federation::sparse::RowPrecision,
+    /// Row-sparse transfers of recommender models (the default): plaintext
+    /// updates as the rows the merchant touched, downloads as the rows
+    /// changed since the version it holds. `false` sends whole vectors.
+    #[serde(default = "yes")]
+    pub rows: bool,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        Self {
+            download_precision: Default::default(),
+            rows: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Every environment override of `merchant.toml`, with the key it replaces.

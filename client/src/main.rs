@@ -152,6 +152,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .context("restoring the private user factors")?;
             }
             agent.backoff = cfg.backoff.clone();
+            agent.download_precision = cfg.transfer.download_precision;
+            agent.row_transfers = cfg.transfer.rows;
             match &cfg.tls {
                 Some(t) => {
                     let section = || format!("the `tls` section of {}", config.display());

@@ -3,6 +3,8 @@
 //! a stream of `ModelChunk`s, an update goes up as one header chunk followed
 //! by data chunks of at most [`UPLOAD_CHUNK_BYTES`].
 
+use fedcart_common::federation::sparse::{self, RowPrecision, SparseError};
+use fedcart_common::federation::update::WeightLayout;
 use fedcart_common::train::TaskOutput;
 use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
@@ -80,6 +82,15 @@ pub enum TransferError {
         /// Bytes the task announced.
         expected: usize,
     },
+    /// A row-sparse model download did not decode.
+    #[error("row-sparse model of task `{task_id}`")]
+    BadRows {
+        /// The task whose model was downloaded.
+        task_id: String,
+        /// What is wrong with it.
+        #[source]
+        source: SparseError,
+    },
     /// The coordinator refused the uploaded update.
     #[error("task `{task_id}`: update rejected")]
     Rejected {
@@ -91,11 +102,34 @@ pub enum TransferError {
     },
 }
 
+/// What the agent already holds of a run's model, for row-sparse downloads.
+#[derive(Debug, Clone, Copy)]
+pub struct RowDownload<'a> {
+    /// The model's weight layout (its rows).
+    pub layout: &'a WeightLayout,
+    /// The version held and its values, if any.
+    pub held: Option<(u64, &'a [f32])>,
+    /// Precision asked for the factor rows.
+    pub precision: RowPrecision,
+}
+
 /// Downloads the model named by `task`, checking offsets and total length.
 pub async fn download(
     client: &mut CoordinatorClient<Channel>,
     session_id: &str,
     task: &pb::TaskAssignment,
+) -> Result<Vec<f32>, TransferError> {
+    download_rows(client, session_id, task, None).await
+}
+
+/// [`download`], asking for the rows changed since the held version (and
+/// factor rows at `rows.precision`) when `rows` is given; the result is the
+/// held copy with those rows applied.
+pub async fn download_rows(
+    client: &mut CoordinatorClient<Channel>,
+    session_id: &str,
+    task: &pb::TaskAssignment,
+    rows: Option<RowDownload<'_>>,
 ) -> Result<Vec<f32>, TransferError> {
     let expected = task
         .model_len
@@ -112,6 +146,12 @@ pub async fn download(
         round: task.round,
         task_id: task.task_id.clone(),
         model_version: task.model_version,
+        cached_version: rows.and_then(|r| r.held).map_or(0, |(v, _)| v),
+        row_precision: match rows.map(|r| r.precision) {
+            Some(RowPrecision::F16) => pb::RowPrecision::F16,
+            Some(RowPrecision::Int8) => pb::RowPrecision::Int8,
+            _ => pb::RowPrecision::F32,
+        } as i32,
     };
     let mut stream = client
         .download_model(req)
@@ -122,6 +162,10 @@ pub async fn download(
         })?
         .into_inner();
     let mut bytes = Vec::with_capacity(expected.min(DOWNLOAD_PREALLOC));
+    // The encoding and length the first chunk announces; a row-sparse model
+    // is never larger than every row plus the row list.
+    let mut announced: Option<(i32, usize)> = None;
+    let rows_cap = expected + 4 * rows.map_or(0, |r| r.layout.num_coord_weights) + 5;
     while let Some(chunk) = stream
         .message()
         .await
@@ -130,25 +174,52 @@ pub async fn download(
             status,
         })?
     {
-        if chunk.offset as usize != bytes.len() || chunk.total_len as usize != expected {
+        let (encoding, total) =
+            *announced.get_or_insert((chunk.encoding, chunk.total_len as usize));
+        let total_ok = if encoding == pb::ModelEncoding::Rows as i32 {
+            rows.is_some() && total <= rows_cap
+        } else {
+            total == expected
+        };
+        if chunk.offset as usize != bytes.len()
+            || chunk.encoding != encoding
+            || chunk.total_len as usize != total
+            || !total_ok
+        {
             return Err(TransferError::OutOfOrder {
                 offset: chunk.offset,
                 have: bytes.len(),
                 expected,
             });
         }
-        if bytes.len() + chunk.data.len() > expected {
-            return Err(TransferError::TooLarge { expected });
+        if bytes.len() + chunk.data.len() > total {
+            return Err(TransferError::TooLarge { expected: total });
         }
         bytes.extend_from_slice(&chunk.data);
     }
-    if bytes.len() != expected {
+    let (encoding, total) = announced.unwrap_or((pb::ModelEncoding::F32 as i32, expected));
+    if bytes.len() != total {
         return Err(TransferError::Short {
             have: bytes.len(),
-            expected,
+            expected: total,
         });
     }
-    Ok(fedcart_common::federation::update::f32s_from_le(&bytes))
+    match rows {
+        Some(r) if encoding == pb::ModelEncoding::Rows as i32 => {
+            let mut model = match r.held {
+                Some((_, held)) if held.len() == expected / 4 => held.to_vec(),
+                _ => vec![0.0; expected / 4],
+            };
+            sparse::apply_model(&bytes, &mut model, r.layout).map_err(|source| {
+                TransferError::BadRows {
+                    task_id: task.task_id.clone(),
+                    source,
+                }
+            })?;
+            Ok(model)
+        }
+        _ => Ok(fedcart_common::federation::update::f32s_from_le(&bytes)),
+    }
 }
 
 /// Uploads a task's plaintext result: the header (weight, metrics, payload
@@ -159,12 +230,32 @@ pub async fn upload(
     task: &pb::TaskAssignment,
     out: &TaskOutput,
 ) -> Result<(), TransferError> {
+    upload_as(client, session_id, task, out, None).await
+}
+
+/// [`upload`], sending a plaintext update as the rows it touched when
+/// `layout` has rows and that form is smaller
+/// (`PAYLOAD_ENCODING_ROWS_F32`).
+pub async fn upload_as(
+    client: &mut CoordinatorClient<Channel>,
+    session_id: &str,
+    task: &pb::TaskAssignment,
+    out: &TaskOutput,
+    layout: Option<&WeightLayout>,
+) -> Result<(), TransferError> {
+    let mut encoding = pb::PayloadEncoding::F32;
     let (payload, num_values, num_weights) = match &out.update {
-        Some(u) => (
-            u.payload_bytes(),
-            u.values.len() as u64,
-            u.coord_weights.len() as u64,
-        ),
+        Some(u) => {
+            let dense = 4 * (u.values.len() + u.coord_weights.len());
+            let payload = match layout.and_then(|l| sparse::encode_update(u, l).ok()) {
+                Some(rows) if rows.len() < dense => {
+                    encoding = pb::PayloadEncoding::RowsF32;
+                    rows
+                }
+                _ => u.payload_bytes(),
+            };
+            (payload, u.values.len() as u64, u.coord_weights.len() as u64)
+        }
         None => (Vec::new(), 0, 0),
     };
     let header = pb::UpdateHeader {
@@ -172,7 +263,7 @@ pub async fn upload(
         run_id: task.run_id.clone(),
         round: task.round,
         task_id: task.task_id.clone(),
-        encoding: pb::PayloadEncoding::F32 as i32,
+        encoding: encoding as i32,
         payload_len: payload.len() as u64,
         num_values,
         num_coord_weights: num_weights,

@@ -46,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         init_std: opt("std", 0.1) as f32,
         clip: (!implicit).then_some([0.5, 5.0]),
         aggregation: MfAggregation::PerItem,
+        ..Default::default()
     };
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small/ratings.csv");
     let rows = movielens::load_ratings(&path)?;

@@ -2,5 +2,6 @@
 
 pub mod aggregate;
 pub mod fedbuff;
+pub mod sparse;
 pub mod strategy;
 pub mod update;

@@ -12,6 +12,7 @@
 //! ends with `PERMISSION_DENIED` and it is dropped from the open task.
 
 mod convert;
+mod rows;
 mod secure;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -466,7 +467,7 @@ impl Coordinator for Service {
         let req = request.into_inner();
         let merchant = self.shared.merchant_of(&req.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
-        let model = {
+        let (model, cached, layout) = {
             let engine = self.shared.engine();
             engine
                 .precheck(&merchant, &req.run_id, req.round, &req.task_id)
@@ -478,12 +479,41 @@ impl Coordinator for Service {
                     plan.task_id, plan.model_version, req.model_version
                 )));
             }
-            engine
+            let layout = plan.spec.model.layout();
+            let model = engine
                 .model(req.model_version)
-                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+            // The version the agent holds, if this run still has it; rows
+            // are sent relative to it.
+            let cached = match req.cached_version {
+                0 => None,
+                v if v == req.model_version => None,
+                v => engine
+                    .model(v)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            };
+            (model, cached, layout)
         };
         let model = model
             .ok_or_else(|| Status::not_found(format!("model version {}", req.model_version)))?;
+        if let Some(bytes) =
+            rows::rows_download(&model, cached.as_ref().map(|c| c.as_slice()), &layout, &req)
+        {
+            let total_len = bytes.len() as u64;
+            let chunks = bytes.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
+            let bytes = Arc::new(bytes);
+            let stream = futures::stream::iter(0..chunks).map(move |i| {
+                let start = i * MODEL_CHUNK_BYTES;
+                let end = (start + MODEL_CHUNK_BYTES).min(bytes.len());
+                Ok(pb::ModelChunk {
+                    offset: start as u64,
+                    total_len,
+                    data: bytes[start..end].to_vec(),
+                    encoding: pb::ModelEncoding::Rows as i32,
+                })
+            });
+            return Ok(Response::new(Box::pin(stream)));
+        }
         let total_len = (model.len() * 4) as u64;
         let floats_per_chunk = MODEL_CHUNK_BYTES / 4;
         let chunks = model.len().div_ceil(floats_per_chunk).max(1);
@@ -494,6 +524,7 @@ impl Coordinator for Service {
                 offset: (start * 4) as u64,
                 total_len,
                 data: fedcart_common::federation::update::f32s_to_le(&model[start..end]),
+                encoding: pb::ModelEncoding::F32 as i32,
             })
         });
         Ok(Response::new(Box::pin(stream)))
@@ -524,7 +555,7 @@ impl Coordinator for Service {
         crate::identity::check_session(peer.as_ref(), &merchant)?;
         crate::limits::check_metrics(&header.metrics)?;
         let _in_flight = self.shared.begin_upload(&merchant)?;
-        let (kind, expected_values, expected_weights, secure) = {
+        let (kind, expected_values, expected_weights, secure, layout) = {
             let engine = self.shared.engine();
             engine
                 .precheck(&merchant, &header.run_id, header.round, &header.task_id)
@@ -536,6 +567,7 @@ impl Coordinator for Service {
                 spec.update_len() as u64,
                 spec.update_layout().num_coord_weights as u64,
                 plan.secure,
+                spec.update_layout(),
             )
         };
         if header.num_values != expected_values || header.num_coord_weights != expected_weights {
@@ -556,14 +588,25 @@ impl Coordinator for Service {
             // aggregation no individual update is ever held in the clear.
             return Err(SubmitError::PlaintextInSecureTask(header.task_id).into());
         }
-        let declared = 4 * (header.num_values + header.num_coord_weights);
+        let rows = header.encoding == pb::PayloadEncoding::RowsF32 as i32;
+        let dense = 4 * (header.num_values + header.num_coord_weights);
+        // A row-sparse payload is never larger than every row plus the row
+        // list; its exact length is checked when it is decoded.
+        let declared = if rows { header.payload_len } else { dense };
+        if rows && header.payload_len > dense + 4 * (1 + header.num_coord_weights) {
+            return Err(Status::invalid_argument(format!(
+                "payload_len {} is larger than a row-sparse form of {} values can be",
+                header.payload_len, header.num_values
+            )));
+        }
         if header.payload_len != declared {
             return Err(Status::invalid_argument(format!(
                 "payload_len {} does not match 4 × ({} + {})",
                 header.payload_len, header.num_values, header.num_coord_weights
             )));
         }
-        if header.encoding != pb::PayloadEncoding::F32 as i32 && kind != TaskKind::Evaluate {
+        if !rows && header.encoding != pb::PayloadEncoding::F32 as i32 && kind != TaskKind::Evaluate
+        {
             return Err(Status::invalid_argument(
                 "this round expects PAYLOAD_ENCODING_F32",
             ));
@@ -571,6 +614,8 @@ impl Coordinator for Service {
         let (_slot, payload) = receive_payload(&self.shared, &mut stream, declared).await?;
         let update = if kind == TaskKind::Evaluate && header.num_values == 0 {
             None
+        } else if rows {
+            Some(rows::decode_upload(&payload, &header, &layout)?)
         } else {
             Some(
                 Update::from_payload(

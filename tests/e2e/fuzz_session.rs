@@ -436,6 +436,8 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
             round: task.round + 1 + g.below(5) as u64,
             task_id: String::from_utf8_lossy(&g.bytes_below(20)).into(),
             model_version: g.next() % 4,
+            cached_version: g.next() % 4,
+            row_precision: (g.next() % 4) as i32,
         };
         let err = client
             .download_model(req)

@@ -71,6 +71,33 @@ pub struct MfHyper {
     pub clip: Option<[f32; 2]>,
     /// Per-item or plain FedAvg weighting of the item rows.
     pub aggregation: MfAggregation,
+    /// Where BPR draws its negatives from.
+    pub negatives_from: NegativePool,
+}
+
+/// The items BPR samples negatives from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NegativePool {
+    /// The whole shared catalogue: every item row moves every round.
+    #[default]
+    Catalogue,
+    /// The items the merchant sold (in its training interactions): its
+    /// update touches only its own rows, a fraction of a large catalogue.
+    Merchant,
+}
+
+impl std::str::FromStr for NegativePool {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "catalogue" => Ok(Self::Catalogue),
+            "merchant" => Ok(Self::Merchant),
+            other => Err(format!(
+                "unknown negative pool `{other}`: use catalogue or merchant"
+            )),
+        }
+    }
 }
 
 impl Default for MfHyper {
@@ -85,6 +112,7 @@ impl Default for MfHyper {
             init_std: 0.1,
             clip: None,
             aggregation: MfAggregation::PerItem,
+            negatives_from: NegativePool::Catalogue,
         }
     }
 }

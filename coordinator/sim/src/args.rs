@@ -119,6 +119,22 @@ pub struct SimArgs {
     /// 64 agents, 2·⌈log2 n⌉ above].
     #[arg(long, value_name = "K")]
     pub secagg_neighbours: Option<usize>,
+    /// Where BPR draws negatives from: `catalogue` (every item) or
+    /// `merchant` (the items the merchant sold, so its update touches only
+    /// its own rows) [default: catalogue].
+    #[arg(long, value_name = "POOL")]
+    pub negatives_from: Option<fedcart_common::model::mf::NegativePool>,
+    /// Wire form of models and updates: `dense` vectors, or `rows`: a
+    /// plaintext update as the catalogue rows the merchant touched and a
+    /// download as the rows changed since the version it holds (MF only;
+    /// secure-aggregation uploads stay dense) [default: dense].
+    #[arg(long)]
+    pub traffic: Option<crate::traffic::TrafficMode>,
+    /// Precision of downloaded factor rows with `--traffic rows`: f32, f16
+    /// or int8 (8 bits with a per-row scale); merchants then train from the
+    /// rounded model [default: f32].
+    #[arg(long, value_name = "P")]
+    pub download_precision: Option<fedcart_common::federation::sparse::RowPrecision>,
     /// Probability that a selected merchant drops out of a task [default: 0].
     #[arg(long)]
     pub dropout: Option<f64>,

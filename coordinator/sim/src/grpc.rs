@@ -156,6 +156,10 @@ async fn drive(
             initial_ms: 10,
             max_ms: 200,
         };
+        // The agents move models as `--traffic` says (the in-process driver
+        // counts the same bytes up; downloads are counted as dense here).
+        agent.row_transfers = s.traffic == crate::traffic::TrafficMode::Rows;
+        agent.download_precision = s.download_precision;
         if s.dropout > 0.0 {
             agent.observer = Some(Arc::new(Dropouts {
                 seed: s.seed,

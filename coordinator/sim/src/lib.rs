@@ -23,9 +23,10 @@ mod settings;
 mod submit;
 #[cfg(test)]
 mod tests;
+pub mod traffic;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -244,6 +245,7 @@ pub fn run_one(
         };
         fedbuff::drive(&cx, &mut engine, &mut exp)?;
     }
+    let mut traffic = traffic::Traffic::new(s.traffic, s.download_precision, n);
     let mut now = 0.0;
     while !engine.finished() {
         // Training is offered to the merchants online now; statistics and
@@ -263,6 +265,13 @@ pub fn run_one(
         let global = engine
             .model(plan.model_version)?
             .with_context(|| format!("version {} is not stored", plan.model_version))?;
+        let model_layout = plan.spec.model.layout();
+        let handed = if plan.spec.kind == TaskKind::Stats {
+            Arc::clone(&global)
+        } else {
+            traffic.handed_out(&global, &model_layout)
+        };
+        let update_layout = plan.spec.update_layout();
         let mut todo = Vec::with_capacity(plan.selected.len());
         for id in &plan.selected {
             let k = index[id.as_str()];
@@ -293,7 +302,7 @@ pub fn run_one(
                     .par_iter()
                     .map(|&k| {
                         let mut m = merchants[k].lock().expect("merchant lock");
-                        run_task(&plan.spec, &global, &mut m)
+                        run_task(&plan.spec, &handed, &mut m)
                     })
                     .collect()
             });
@@ -313,8 +322,19 @@ pub fn run_one(
                 if plan.spec.kind == TaskKind::Evaluate {
                     per_merchant.insert(id.clone(), out.metrics.clone());
                 }
-                let sub = submit::route(id, out, plan.secure, &mut secure_inputs);
-                row.bytes_down += 4 * plan.model_len;
+                let mut sub = submit::route(id, out, plan.secure, &mut secure_inputs);
+                if let Some(bytes) = sub
+                    .update
+                    .as_ref()
+                    .and_then(|u| traffic.upload(u, &update_layout))
+                {
+                    sub.bytes = bytes;
+                }
+                row.bytes_down += if plan.spec.kind == TaskKind::Stats {
+                    4 * plan.model_len
+                } else {
+                    traffic.download(k, plan.model_version, &global, &model_layout)
+                };
                 row.bytes_up += sub.bytes;
                 subs.push((id.clone(), sub));
                 senders.push(k);

@@ -86,6 +86,12 @@ pub struct Settings {
     pub secagg_clip: Option<f32>,
     /// Secure-aggregation graph degree (None = the per-round default).
     pub secagg_neighbours: Option<usize>,
+    /// Where BPR draws negatives from (`--negatives-from`).
+    pub negatives_from: fedcart_common::model::mf::NegativePool,
+    /// Wire form of models and updates (`--traffic`).
+    pub traffic: crate::traffic::TrafficMode,
+    /// Precision of downloaded factor rows (`--download-precision`).
+    pub download_precision: fedcart_common::federation::sparse::RowPrecision,
     /// Per-task dropout probability.
     pub dropout: f64,
     /// Attempts of one round before the run stops (`run.max_attempts`).
@@ -313,6 +319,9 @@ impl Settings {
             secagg,
             secagg_clip: args.secagg_clip.or(file.secagg_clip),
             secagg_neighbours: args.secagg_neighbours.or(file.secagg_neighbours),
+            negatives_from: pick!(negatives_from, Default::default()),
+            traffic: pick!(traffic, Default::default()),
+            download_precision: pick!(download_precision, Default::default()),
             dropout: pick!(dropout, 0.0),
             max_attempts: pick!(
                 max_attempts,
@@ -379,6 +388,14 @@ impl Settings {
                         name!(strategy, "--strategy")
                     )
                 })?;
+        }
+        if s.download_precision != fedcart_common::federation::sparse::RowPrecision::F32
+            && s.traffic != crate::traffic::TrafficMode::Rows
+        {
+            bail!(
+                "{} applies to row-sparse downloads; add --traffic rows",
+                name!(download_precision, "--download-precision")
+            );
         }
         if let Some(k) = s.secagg_neighbours {
             let flag = name!(secagg_neighbours, "--secagg-neighbours");
@@ -473,6 +490,7 @@ impl Settings {
             reg_bias: if implicit { 0.01 } else { 0.05 },
             epochs: self.epochs.unwrap_or(5),
             negatives: 4,
+            negatives_from: self.negatives_from,
             ..Default::default()
         }
     }

@@ -5,6 +5,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
+use super::NegativePool;
 use super::eval::{self, rmse_of};
 use super::kernels::{bpr_epoch, explicit_epoch};
 use super::{MU, MfData, MfHyper, initial_params, item_update, layout, model_len, shuffle};
@@ -228,6 +229,15 @@ impl FederatedModel for MfShape<'_> {
         let mut loss = 0.0;
         if self.implicit {
             let by_user = eval::UserItems::new(&data.train, data.users.len());
+            // The items negatives are drawn from: the whole catalogue, or
+            // only the items this merchant sold (its update then touches
+            // only its own rows, so row-sparse traffic pays off).
+            let pool: Option<Vec<u32>> = (h.negatives_from == NegativePool::Merchant).then(|| {
+                let mut items: Vec<u32> = data.train.iter().map(|r| r.item).collect();
+                items.sort_unstable();
+                items.dedup();
+                items
+            });
             for _ in 0..h.epochs.max(1) {
                 shuffle(&mut order, &mut rng);
                 loss = bpr_epoch(
@@ -240,6 +250,7 @@ impl FederatedModel for MfShape<'_> {
                     ib,
                     itf,
                     &mut counts,
+                    pool.as_deref(),
                     &mut rng,
                 );
             }

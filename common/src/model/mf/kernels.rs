@@ -50,7 +50,7 @@ pub fn explicit_epoch(
 
 /// One epoch of BPR (Rendle et al. 2009): for each positive `(u, i)`, draw
 /// `negatives` items `j` the user has not interacted with (uniformly over the
-/// whole catalogue) and take a step on `−ln σ(x̂_ui − x̂_uj)` with
+/// whole catalogue, or over `pool`) and take a step on `−ln σ(x̂_ui − x̂_uj)` with
 /// `x̂_uj = b_j + p_u·q_j`. Adds to `touches` how many gradient steps each item
 /// received (the evidence that weights its federated update). Returns the
 /// mean loss.
@@ -64,9 +64,13 @@ pub fn bpr_epoch<R: Rng>(
     item_bias: &mut [f32],
     item_factors: &mut [f32],
     touches: &mut [f32],
+    pool: Option<&[u32]>,
     rng: &mut R,
 ) -> f64 {
     let n = item_bias.len() as u32;
+    // Every candidate negative a user can have: all items, or the pool
+    // (sorted, and a superset of every user's training items).
+    let candidates = pool.map_or(n, |p| p.len() as u32);
     let (lr, blr) = (h.learning_rate, h.bias_learning_rate);
     let (reg, regb) = (h.reg_factors, h.reg_bias);
     let mut loss = 0.0f64;
@@ -75,12 +79,15 @@ pub fn bpr_epoch<R: Rng>(
         let r = positives[idx as usize];
         let (u, i) = (r.user as usize, r.item as usize);
         let seen = by_user.items(u);
-        if seen.len() as u32 >= n {
+        if seen.len() as u32 >= candidates {
             continue;
         }
         for _ in 0..h.negatives.max(1) {
             let j = loop {
-                let j = rng.random_range(0..n);
+                let j = match pool {
+                    None => rng.random_range(0..n),
+                    Some(p) => p[rng.random_range(0..p.len())],
+                };
                 if seen.binary_search(&j).is_err() {
                     break j as usize;
                 }

@@ -271,3 +271,45 @@ fn min_available_waits_for_the_pool_without_widening_the_selection() {
     // All six connected: half of them are selected, not all six.
     assert_eq!(engine.start_task(&ids).unwrap().selected.len(), 3);
 }
+
+#[test]
+fn row_sparse_mf_over_grpc_sends_the_same_bytes_up_and_commits_the_same_model() {
+    // Explicit MF touches only the rated items: the agents upload
+    // PAYLOAD_ENCODING_ROWS_F32 and download the rows changed since the
+    // version they hold (MODEL_ENCODING_ROWS), and the service decodes both.
+    let a = SimArgs {
+        task: Some("mf".parse().unwrap()),
+        data: Some(
+            format!("movielens:{}", repo(crate::data::DEFAULT_MOVIELENS))
+                .parse()
+                .unwrap(),
+        ),
+        merchants: Some(4),
+        rounds: Some(3),
+        epochs: Some(1),
+        traffic: Some(crate::traffic::TrafficMode::Rows),
+        ..Default::default()
+    };
+    let (inproc, grpc) = both(&a);
+    let dense = {
+        let mut d = a.clone();
+        d.traffic = None;
+        run_all(&Settings::from_args(d).unwrap()).unwrap().remove(0)
+    };
+    for ((r, g), d) in inproc.rounds.iter().zip(&grpc.rounds).zip(&dense.rounds) {
+        assert_eq!(r.bytes_up, g.bytes_up);
+        // Four MovieLens merchants each rate about half of the 9,724 films.
+        assert!(
+            3 * g.bytes_up < 2 * d.bytes_up,
+            "{} vs dense {}",
+            g.bytes_up,
+            d.bytes_up
+        );
+    }
+    let mut same = inproc.clone();
+    same.rounds
+        .iter_mut()
+        .zip(&grpc.rounds)
+        .for_each(|(r, g)| r.bytes_down = g.bytes_down);
+    assert_same(&same, &grpc, 1e-5, false);
+}
