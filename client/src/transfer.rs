@@ -8,19 +8,19 @@ use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-/// Bytes per upload data chunk. gRPC refuses messages above 4 MiB by default
-/// and the coordinator accepts upload chunks of at most 2 MiB, so 1 MiB
-/// leaves room for framing while keeping the number of messages small.
-pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes per upload data chunk: the coordinator's limit for one chunk (its
+/// decode limit leaves 64 KiB above it for framing), so an update of up to
+/// half a million floats goes up as one message after its header.
+pub const UPLOAD_CHUNK_BYTES: usize = 2 << 20;
 
 /// Largest model the agent accepts, in bytes (256 M parameters). The task
 /// announces the model's length; an absurd announcement is refused before
 /// anything is allocated for it.
 pub const MAX_MODEL_BYTES: u64 = 1 << 30;
 
-/// Most bytes reserved for a download before its data arrives: the buffer
+/// Most values reserved for a download before its data arrives: the buffer
 /// grows with the chunks actually received, never from the announcement alone.
-const DOWNLOAD_PREALLOC: usize = 16 << 20;
+const DOWNLOAD_PREALLOC: usize = 4 << 20;
 
 /// Why a model download or an upload failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,14 @@ pub enum TransferError {
         /// Bytes the task announced.
         expected: usize,
     },
+    /// A chunk does not hold whole little-endian f32 values.
+    #[error("model chunk at offset {offset} has {len} bytes, not whole f32 values")]
+    Misaligned {
+        /// The chunk's offset.
+        offset: u64,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// The stream ended before the announced length.
     #[error("model has {have} bytes, {expected} announced")]
     Short {
@@ -121,7 +129,9 @@ pub async fn download(
             status,
         })?
         .into_inner();
-    let mut bytes = Vec::with_capacity(expected.min(DOWNLOAD_PREALLOC));
+    // Each chunk is converted into the values as it arrives: the model is
+    // never held as bytes as well.
+    let mut values: Vec<f32> = Vec::with_capacity((expected / 4).min(DOWNLOAD_PREALLOC));
     while let Some(chunk) = stream
         .message()
         .await
@@ -130,25 +140,37 @@ pub async fn download(
             status,
         })?
     {
-        if chunk.offset as usize != bytes.len() || chunk.total_len as usize != expected {
+        let have = values.len() * 4;
+        if chunk.offset as usize != have || chunk.total_len as usize != expected {
             return Err(TransferError::OutOfOrder {
                 offset: chunk.offset,
-                have: bytes.len(),
+                have,
                 expected,
             });
         }
-        if bytes.len() + chunk.data.len() > expected {
+        if have + chunk.data.len() > expected {
             return Err(TransferError::TooLarge { expected });
         }
-        bytes.extend_from_slice(&chunk.data);
+        if chunk.data.len() % 4 != 0 {
+            return Err(TransferError::Misaligned {
+                offset: chunk.offset,
+                len: chunk.data.len(),
+            });
+        }
+        values.extend(
+            chunk
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
     }
-    if bytes.len() != expected {
+    if values.len() * 4 != expected {
         return Err(TransferError::Short {
-            have: bytes.len(),
+            have: values.len() * 4,
             expected,
         });
     }
-    Ok(fedcart_common::federation::update::f32s_from_le(&bytes))
+    Ok(values)
 }
 
 /// Uploads a task's plaintext result: the header (weight, metrics, payload
@@ -179,7 +201,7 @@ pub async fn upload(
         weight: out.weight,
         metrics: out.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
     };
-    submit_chunked(client, header, &payload)
+    submit_chunked(client, header, payload.into())
         .await
         .map_err(|status| TransferError::Rejected {
             task_id: task.task_id.clone(),
@@ -189,18 +211,24 @@ pub async fn upload(
 
 /// Sends `header` then `payload` in chunks of [`UPLOAD_CHUNK_BYTES`] as one
 /// `SubmitUpdate` call; the coordinator's status is returned untouched so
-/// that callers can tell a refusal from a broken connection.
+/// that callers can tell a refusal from a broken connection. The chunks are
+/// slices of `payload`, not copies.
 pub async fn submit_chunked(
     client: &mut CoordinatorClient<Channel>,
     header: pb::UpdateHeader,
-    payload: &[u8],
+    payload: bytes::Bytes,
 ) -> Result<(), tonic::Status> {
     let mut chunks = vec![pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Header(header)),
     }];
-    chunks.extend(payload.chunks(UPLOAD_CHUNK_BYTES).map(|c| pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Data(c.to_vec())),
-    }));
+    let mut start = 0;
+    while start < payload.len() {
+        let end = (start + UPLOAD_CHUNK_BYTES).min(payload.len());
+        chunks.push(pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Data(payload.slice(start..end))),
+        });
+        start = end;
+    }
     client
         .submit_update(futures::stream::iter(chunks))
         .await

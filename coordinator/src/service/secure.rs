@@ -503,14 +503,27 @@ async fn drive(
     };
     wait_stage(shared, deadline, changed, shutdown).await?;
 
-    // Stage 2: relay the roster, each entry with its certificate binding.
+    // Stage 2: relay the roster and, to each agent, the certificate bindings
+    // of the entries whose keys it uses (its share holders under SecAgg+):
+    // relaying every binding to every agent would cost O(n²) memory here.
     let (roster, bindings) = match step(shared, |r| {
         let roster = r.server().close_advertise()?;
         r.open_stage(Stage::ShareKeys, roster.keys.iter().map(|k| k.id));
-        let bindings: Vec<pb::KeyBinding> = roster
+        let all: BTreeMap<u32, pb::KeyBinding> = r
+            .bindings
+            .iter()
+            .map(|(&id, b)| (id, key_binding_to_pb(b)))
+            .collect();
+        let bindings: BTreeMap<u32, Vec<pb::KeyBinding>> = roster
             .keys
             .iter()
-            .filter_map(|k| r.bindings.get(&k.id).map(key_binding_to_pb))
+            .map(|k| {
+                let used = r.server().keys_used_by(k.id);
+                (
+                    k.id,
+                    used.iter().filter_map(|h| all.get(h).cloned()).collect(),
+                )
+            })
             .collect();
         Ok((roster, bindings))
     }) {
@@ -526,7 +539,7 @@ async fn drive(
             run_id,
             stage_name::SHARE_KEYS,
             bytes.clone(),
-            bindings.clone(),
+            bindings.get(&k.id).cloned().unwrap_or_default(),
         );
     }
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
@@ -637,14 +650,18 @@ async fn wait_stage(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Interrupted> {
     loop {
-        let live: BTreeSet<String> = shared.agents().keys().cloned().collect();
+        // Counted under both locks (the secure round's first; nothing takes
+        // them the other way round) without copying every session id, which
+        // at a thousand agents made each answer cost a thousand allocations.
         let outstanding = {
             let guard = shared.secure_round();
             let r = guard.as_ref().expect("the round is installed by drive");
+            let agents = shared.agents();
             r.expected
                 .iter()
                 .filter(|id| {
-                    !r.answered.contains(id) && r.sessions.get(id).is_some_and(|s| live.contains(s))
+                    !r.answered.contains(id)
+                        && r.sessions.get(id).is_some_and(|s| agents.contains_key(s))
                 })
                 .count()
         };
