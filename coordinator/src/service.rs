@@ -844,19 +844,20 @@ pub async fn run_tasks(
             plan.secure,
         );
         let targets: Vec<(String, mpsc::Sender<Result<pb::Work, Status>>)> = {
+            // One pass over the sessions (a scan per selected merchant was
+            // quadratic in the number of agents).
             let agents = shared.agents();
+            let by_merchant: HashMap<&str, &mpsc::Sender<Result<pb::Work, Status>>> = agents
+                .values()
+                .map(|a| (a.merchant_id.as_str(), &a.tx))
+                .collect();
             plan.selected
                 .iter()
-                .map(|m| {
-                    (
-                        m.clone(),
-                        agents
-                            .values()
-                            .find(|a| &a.merchant_id == m)
-                            .map(|a| a.tx.clone()),
-                    )
+                .filter_map(|m| {
+                    by_merchant
+                        .get(m.as_str())
+                        .map(|tx| (m.clone(), (*tx).clone()))
                 })
-                .filter_map(|(m, tx)| tx.map(|tx| (m, tx)))
                 .collect()
         };
         for (merchant, tx) in targets {
