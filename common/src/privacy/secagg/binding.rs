@@ -9,8 +9,11 @@
 //! rustls crypto provider's signing API). The coordinator relays with each
 //! roster entry a [`KeyBinding`]: the signature and the certificate chain the
 //! agent presented on its own mTLS connection, as the coordinator's TLS stack
-//! saw it. Before using the roster every agent runs [`verify_roster`]: each
-//! certificate must chain to a CA the agent trusts, for client
+//! saw it. Before using the roster every agent runs [`verify_roster_entries`]
+//! over the entries whose keys it will use (its share holders, or all of
+//! them when survivor lists are signed; [`verify_roster`] checks every
+//! entry), and the coordinator relays to each agent only those bindings:
+//! each certificate must chain to a CA the agent trusts, for client
 //! authentication, at the current time (rustls-webpki); the identity in it
 //! ([`crate::identity::identity_of`], the coordinator's own parser) must be
 //! the entry's merchant id; the signature must verify with the certificate's
