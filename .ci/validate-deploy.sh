@@ -15,15 +15,17 @@ yamllint -d '{extends: default, rules: {line-length: {max: 130}, document-start:
     deploy/k8s deploy/docker/compose.yaml
 
 echo "== kubernetes-validate (strict, against the Kubernetes OpenAPI schemas)"
-kubernetes-validate --strict deploy/k8s/base/coordinator.yaml deploy/k8s/base/merchant-agent.yaml
+kubernetes-validate --strict deploy/k8s/base/coordinator.yaml deploy/k8s/base/merchant-agent.yaml \
+    deploy/k8s/fleet/fleet-job.yaml
 
 echo "== kustomization resources exist"
 python3 - <<'PY'
 import os, sys, yaml
-base = "deploy/k8s/base"
-k = yaml.safe_load(open(os.path.join(base, "kustomization.yaml")))
-assert k["kind"] == "Kustomization", k
-missing = [r for r in k["resources"] if not os.path.exists(os.path.join(base, r))]
+missing = []
+for base in ("deploy/k8s/base", "deploy/k8s/fleet"):
+    k = yaml.safe_load(open(os.path.join(base, "kustomization.yaml")))
+    assert k["kind"] == "Kustomization", k
+    missing += [os.path.join(base, r) for r in k["resources"] if not os.path.exists(os.path.join(base, r))]
 sys.exit(f"missing kustomize resources: {missing}" if missing else 0)
 PY
 
@@ -45,6 +47,19 @@ for name, svc in c["services"].items():
         if tls != [own]:
             bad.append(f"{name} mounts {tls}, expected only {own}")
 sys.exit("\n".join(bad) if bad else 0)
+PY
+
+echo "== fleet Job: only the init container mounts the study CA key"
+python3 - <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open("deploy/k8s/fleet/fleet-job.yaml")) if d]
+job = next(d for d in docs if d["kind"] == "Job")
+assert job["spec"]["completionMode"] == "Indexed", "the fleet Job must be Indexed"
+pod = job["spec"]["template"]["spec"]
+ca_volumes = {v["name"] for v in pod["volumes"] if "secret" in v and v["secret"]["secretName"] == "fedcart-study-ca"}
+bad = [c["name"] for c in pod["containers"]
+       if any(m["name"] in ca_volumes for m in c.get("volumeMounts", []))]
+sys.exit(f"containers mounting the study CA: {bad}" if bad else 0)
 PY
 
 echo "== coordinator/merchant TOML parse"

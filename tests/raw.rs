@@ -198,7 +198,7 @@ impl RawAgent {
             part: Some(pb::update_chunk::Part::Header(header)),
         }];
         msgs.extend(chunks.into_iter().map(|c| pb::UpdateChunk {
-            part: Some(pb::update_chunk::Part::Data(c)),
+            part: Some(pb::update_chunk::Part::Data(c.into())),
         }));
         self.client
             .submit_update(futures::stream::iter(msgs))

@@ -57,6 +57,10 @@ pub struct Agent {
     /// default, and every production agent) accepts every task. See
     /// [`TaskObserver`].
     pub observer: Option<Arc<dyn TaskObserver>>,
+    /// Return from [`Agent::run`] once the coordinator announces the end of
+    /// its run instead of idling until the next one (`fleet
+    /// --exit-when-run-ends`, batch jobs); `false` for `run`.
+    pub exit_on_run_end: bool,
     /// The update of a secure task, held until its masked input is asked for.
     secure: crate::secure::SecureTasks,
     /// What the lifecycle has logged (outages, runs joined and ended).
@@ -118,6 +122,7 @@ impl Agent {
             tls: None,
             state: None,
             observer: None,
+            exit_on_run_end: false,
             secure: Default::default(),
             lifecycle: Lifecycle::default(),
             download_precision: RowPrecision::F32,
@@ -160,6 +165,7 @@ impl Agent {
             let span = tracing::info_span!("session", merchant = %self.data.merchant_id);
             match self.session(&mut shutdown).instrument(span).await {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::RunEnded) if self.exit_on_run_end => return Ok(()),
                 Ok(SessionEnd::RunEnded) => wait = longest,
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {

@@ -7,6 +7,8 @@
 //! - [`transfer`]: chunked model download and update upload, used by both.
 //! - [`config`]: `merchant.toml` and environment overrides.
 //! - [`data`]: loading the merchant's files into `LocalData`.
+//! - [`fleet`]: many real agent sessions in one process (`fedcart-client
+//!   fleet`), for load tests and studies at scale.
 //! - [`tls`]: the merchant's mutual-TLS identity.
 //! - [`policy`]: the merchant's privacy policy (`[privacy]`), checked on
 //!   every task before anything leaves the agent.
@@ -33,6 +35,7 @@ pub mod agent;
 pub use fedcart_common::cli;
 pub mod config;
 pub mod data;
+pub mod fleet;
 pub mod policy;
 pub mod prepare;
 pub mod recommend;

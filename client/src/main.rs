@@ -96,6 +96,13 @@ enum Command {
     /// segments, model versions) on the agent's state, picking up new model
     /// versions as the agent receives them.
     Serve(fedcart_client::serve::ServeArgs),
+    /// Host many real agent sessions in this process, merchants
+    /// `<prefix><first>` to `<prefix><first + merchants - 1>` of a study,
+    /// each with its own certificate, connection and state: for load tests
+    /// and studies of the real protocol at scale (one process per index of
+    /// a Kubernetes Indexed Job, see deploy/k8s/fleet). Runs until
+    /// interrupted, or until the run ends with --exit-when-run-ends.
+    Fleet(Box<fedcart_client::fleet::FleetArgs>),
 }
 
 fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
@@ -283,6 +290,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if out != std::path::Path::new("-") {
                 println!("wrote {n} customer segments to {}", out.display());
             }
+            Ok(())
+        }
+        Command::Fleet(args) => {
+            let agents = fedcart_client::fleet::agents(&args).context("fleet")?;
+            let sessions = agents.len();
+            let range = args.indices();
+            tracing::info!(sessions, first = %args.merchant_id(range.start),
+                last = %args.merchant_id(range.end - 1), coordinator = %args.coordinator, "fleet starting");
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let which = cli::shutdown_signal().await;
+                tracing::info!("{which}: the fleet leaves the coordinator");
+                let _ = tx.send(true);
+                cli::exit_on_second_signal();
+            });
+            let agents = fedcart_client::fleet::run(agents, rx)
+                .await
+                .context("fleet")?;
+            let tasks: u64 = agents.iter().map(|a| a.tasks_done).sum();
+            tracing::info!(sessions, tasks, "fleet stopped");
             Ok(())
         }
         Command::Serve(args) => {

@@ -30,7 +30,7 @@ use fedcart_common::privacy::dp::distributed::noise_encoded;
 use fedcart_common::privacy::dp::task::DistributedNoise;
 use fedcart_common::privacy::secagg::binding::{
     BindingContext, BindingError, EntryRefused, KeyBinding, KeySignature, UnixTime, signed_message,
-    verify_roster,
+    verify_roster_entries,
 };
 use fedcart_common::privacy::secagg::{
     ClientSession, KeyRoster, RoundInvite, ShareRelay, SurvivorCheck, UnmaskRequest, encode,
@@ -307,12 +307,23 @@ impl SecureTasks {
                     };
                     let bindings: Vec<KeyBinding> =
                         req.key_bindings.iter().map(key_binding).collect();
-                    verify_roster(&identity.cas, context, &roster, &bindings, UnixTime::now())
-                        .map_err(|source| SecureError::KeyBinding {
-                            round: req.round,
-                            task_id: req.task_id.clone(),
-                            source,
-                        })?;
+                    // Exactly the entries whose keys this agent uses: its
+                    // share holders (SecAgg+: k + 1 of n), or all of them.
+                    let used = session.keys_used(&roster).map_err(protocol)?;
+                    let used = |id: u32| used.binary_search(&id).is_ok();
+                    verify_roster_entries(
+                        &identity.cas,
+                        context,
+                        &roster,
+                        &bindings,
+                        UnixTime::now(),
+                        used,
+                    )
+                    .map_err(|source| SecureError::KeyBinding {
+                        round: req.round,
+                        task_id: req.task_id.clone(),
+                        source,
+                    })?;
                 }
                 let upload = session.share_keys(&roster).map_err(protocol)?;
                 Ok(message(upload.to_bytes()))
@@ -473,6 +484,6 @@ pub async fn send(
 ) -> Result<(), tonic::Status> {
     match reply {
         Reply::Message(msg) => client.sec_agg(msg).await.map(|_| ()),
-        Reply::Masked { header, payload } => submit_chunked(client, header, &payload).await,
+        Reply::Masked { header, payload } => submit_chunked(client, header, payload.into()).await,
     }
 }

@@ -10,19 +10,19 @@ use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-/// Bytes per upload data chunk. gRPC refuses messages above 4 MiB by default
-/// and the coordinator accepts upload chunks of at most 2 MiB, so 1 MiB
-/// leaves room for framing while keeping the number of messages small.
-pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes per upload data chunk: the coordinator's limit for one chunk (its
+/// decode limit leaves 64 KiB above it for framing), so an update of up to
+/// half a million floats goes up as one message after its header.
+pub const UPLOAD_CHUNK_BYTES: usize = 2 << 20;
 
 /// Largest model the agent accepts, in bytes (256 M parameters). The task
 /// announces the model's length; an absurd announcement is refused before
 /// anything is allocated for it.
 pub const MAX_MODEL_BYTES: u64 = 1 << 30;
 
-/// Most bytes reserved for a download before its data arrives: the buffer
+/// Most values reserved for a download before its data arrives: the buffer
 /// grows with the chunks actually received, never from the announcement alone.
-const DOWNLOAD_PREALLOC: usize = 16 << 20;
+const DOWNLOAD_PREALLOC: usize = 4 << 20;
 
 /// Why a model download or an upload failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,14 @@ pub enum TransferError {
     TooLarge {
         /// Bytes the task announced.
         expected: usize,
+    },
+    /// A chunk does not hold whole little-endian f32 values.
+    #[error("model chunk at offset {offset} has {len} bytes, not whole f32 values")]
+    Misaligned {
+        /// The chunk's offset.
+        offset: u64,
+        /// Its length in bytes.
+        len: usize,
     },
     /// The stream ended before the announced length.
     #[error("model has {have} bytes, {expected} announced")]
@@ -161,9 +169,13 @@ pub async fn download_rows(
             status,
         })?
         .into_inner();
-    let mut bytes = Vec::with_capacity(expected.min(DOWNLOAD_PREALLOC));
-    // The encoding and length the first chunk announces; a row-sparse model
-    // is never larger than every row plus the row list.
+    // Each dense chunk is converted into the values as it arrives (the model
+    // is never held as bytes as well); a row-sparse model is kept as bytes,
+    // never larger than every row plus the row list.
+    let mut values: Vec<f32> = Vec::with_capacity((expected / 4).min(DOWNLOAD_PREALLOC));
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut have = 0usize;
+    // The encoding and length the first chunk announces.
     let mut announced: Option<(i32, usize)> = None;
     let rows_cap = expected + 4 * rows.map_or(0, |r| r.layout.num_coord_weights) + 5;
     while let Some(chunk) = stream
@@ -176,31 +188,48 @@ pub async fn download_rows(
     {
         let (encoding, total) =
             *announced.get_or_insert((chunk.encoding, chunk.total_len as usize));
-        let total_ok = if encoding == pb::ModelEncoding::Rows as i32 {
+        let is_rows = encoding == pb::ModelEncoding::Rows as i32;
+        let total_ok = if is_rows {
             rows.is_some() && total <= rows_cap
         } else {
             total == expected
         };
-        if chunk.offset as usize != bytes.len()
+        if chunk.offset as usize != have
             || chunk.encoding != encoding
             || chunk.total_len as usize != total
             || !total_ok
         {
             return Err(TransferError::OutOfOrder {
                 offset: chunk.offset,
-                have: bytes.len(),
+                have,
                 expected,
             });
         }
-        if bytes.len() + chunk.data.len() > total {
+        if have + chunk.data.len() > total {
             return Err(TransferError::TooLarge { expected: total });
         }
-        bytes.extend_from_slice(&chunk.data);
+        have += chunk.data.len();
+        if is_rows {
+            bytes.extend_from_slice(&chunk.data);
+            continue;
+        }
+        if chunk.data.len() % 4 != 0 {
+            return Err(TransferError::Misaligned {
+                offset: chunk.offset,
+                len: chunk.data.len(),
+            });
+        }
+        values.extend(
+            chunk
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
     }
     let (encoding, total) = announced.unwrap_or((pb::ModelEncoding::F32 as i32, expected));
-    if bytes.len() != total {
+    if have != total {
         return Err(TransferError::Short {
-            have: bytes.len(),
+            have,
             expected: total,
         });
     }
@@ -218,7 +247,7 @@ pub async fn download_rows(
             })?;
             Ok(model)
         }
-        _ => Ok(fedcart_common::federation::update::f32s_from_le(&bytes)),
+        _ => Ok(values),
     }
 }
 
@@ -270,7 +299,7 @@ pub async fn upload_as(
         weight: out.weight,
         metrics: out.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
     };
-    submit_chunked(client, header, &payload)
+    submit_chunked(client, header, payload.into())
         .await
         .map_err(|status| TransferError::Rejected {
             task_id: task.task_id.clone(),
@@ -280,18 +309,24 @@ pub async fn upload_as(
 
 /// Sends `header` then `payload` in chunks of [`UPLOAD_CHUNK_BYTES`] as one
 /// `SubmitUpdate` call; the coordinator's status is returned untouched so
-/// that callers can tell a refusal from a broken connection.
+/// that callers can tell a refusal from a broken connection. The chunks are
+/// slices of `payload`, not copies.
 pub async fn submit_chunked(
     client: &mut CoordinatorClient<Channel>,
     header: pb::UpdateHeader,
-    payload: &[u8],
+    payload: bytes::Bytes,
 ) -> Result<(), tonic::Status> {
     let mut chunks = vec![pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Header(header)),
     }];
-    chunks.extend(payload.chunks(UPLOAD_CHUNK_BYTES).map(|c| pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Data(c.to_vec())),
-    }));
+    let mut start = 0;
+    while start < payload.len() {
+        let end = (start + UPLOAD_CHUNK_BYTES).min(payload.len());
+        chunks.push(pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Data(payload.slice(start..end))),
+        });
+        start = end;
+    }
     client
         .submit_update(futures::stream::iter(chunks))
         .await

@@ -99,10 +99,54 @@ impl AccessList {
     }
 }
 
+/// An [`AccessList`] indexed for the lookups every RPC makes, so that they
+/// cost the same with a hundred thousand merchants as with ten.
+#[derive(Debug, Default)]
+pub struct Admission {
+    allow: std::collections::HashSet<String>,
+    revoked: std::collections::HashSet<String>,
+    revoked_serials: std::collections::HashSet<String>,
+}
+
+impl From<&AccessList> for Admission {
+    fn from(list: &AccessList) -> Self {
+        Self {
+            allow: list.allow.iter().cloned().collect(),
+            revoked: list.revoked.iter().cloned().collect(),
+            revoked_serials: list.revoked_serials.iter().cloned().collect(),
+        }
+    }
+}
+
+impl Admission {
+    /// As [`AccessList::serial_refusal`].
+    pub fn serial_refusal(&self, serial: &str) -> Option<&'static str> {
+        self.revoked_serials
+            .contains(serial)
+            .then_some("revoked (its certificate's serial is on the revocation list)")
+    }
+
+    /// As [`AccessList::refusal`].
+    pub fn refusal(&self, id: &str) -> Option<&'static str> {
+        if self.revoked.contains(id) {
+            Some("revoked")
+        } else if !self.allow.contains(id) {
+            Some("not on the allow-list")
+        } else {
+            None
+        }
+    }
+}
+
+/// When and how big the access file was when last read.
+type Stamp = Option<(SystemTime, u64)>;
+
 /// The allow-list file, re-read when it changes.
 pub struct Access {
     path: PathBuf,
-    cached: Mutex<(Option<(SystemTime, u64)>, AccessList)>,
+    /// The file's stamp, the list read, and its index (shared by every RPC
+    /// until the file changes: no per-RPC copy of the list).
+    cached: Mutex<(Stamp, AccessList, Arc<Admission>)>,
 }
 
 impl Access {
@@ -110,7 +154,7 @@ impl Access {
     pub fn new(path: impl Into<PathBuf>) -> anyhow::Result<Arc<Self>> {
         let access = Self {
             path: path.into(),
-            cached: Mutex::new((None, AccessList::default())),
+            cached: Mutex::new((None, AccessList::default(), Arc::default())),
         };
         access.current()?;
         Ok(Arc::new(access))
@@ -118,7 +162,7 @@ impl Access {
 
     /// The list as it is on disk now; keeps the last good list if the file
     /// became unreadable or invalid (and logs why).
-    pub fn current(&self) -> anyhow::Result<AccessList> {
+    pub fn current(&self) -> anyhow::Result<Arc<Admission>> {
         let stamp = std::fs::metadata(&self.path)
             .ok()
             .and_then(|m| Some((m.modified().ok()?, m.len())));
@@ -130,7 +174,8 @@ impl Access {
                         tracing::info!(path = %self.path.display(), allowed = list.allow.len(),
                             revoked = list.revoked.len(), "access list loaded");
                     }
-                    *cached = (stamp, list);
+                    let index = Arc::new(Admission::from(&list));
+                    *cached = (stamp, list, index);
                 }
                 Err(e) if cached.0.is_none() => return Err(e),
                 Err(e) => {
@@ -138,7 +183,7 @@ impl Access {
                 }
             }
         }
-        Ok(cached.1.clone())
+        Ok(Arc::clone(&cached.2))
     }
 }
 

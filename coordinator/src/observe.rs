@@ -141,8 +141,9 @@ struct ObserverState {
     shared: Arc<Shared>,
     run_id: String,
     agents: Mutex<BTreeMap<String, AgentView>>,
-    /// History records folded into counters so far, and the last open task.
-    cursor: Mutex<(usize, Option<String>)>,
+    /// History records folded into counters so far, the last open task, and
+    /// `Progress::records` when the history was last read.
+    cursor: Mutex<(usize, Option<String>, Option<u64>)>,
     /// The (kind, name) pairs exported as `fedcart_round_metric` so far.
     series: Mutex<BTreeSet<(&'static str, String)>>,
     ready: watch::Receiver<bool>,
@@ -214,7 +215,7 @@ impl ObserverState {
     /// a scrape never lags the history.
     fn observe(&self) {
         let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
-        let (seen_records, last_task) = &mut *cursor;
+        let (seen_records, last_task, seen_progress) = &mut *cursor;
         let run = self.run_id.clone();
         let p = self.shared.progress().borrow().clone();
         metrics::gauge!("fedcart_model_version", "run" => run.clone()).set(p.version as f64);
@@ -234,9 +235,16 @@ impl ObserverState {
                 .or_insert_with(|| AgentView::new(m, true, now_ms()));
             view.connected = true;
         }
+        // The history (read from the store under the engine's lock) changes
+        // only when a task closes: re-read it only then, not on each of the
+        // thousands of progress changes a round of many agents makes.
+        if *seen_progress == Some(p.records) {
+            return;
+        }
         let Ok(history) = self.shared.history() else {
             return;
         };
+        *seen_progress = Some(p.records);
         for r in history.iter().skip(*seen_records) {
             let labels = [
                 ("run", run.clone()),
@@ -338,7 +346,7 @@ pub fn spawn(
         shared,
         run_id,
         agents: Mutex::new(BTreeMap::new()),
-        cursor: Mutex::new((0, None)),
+        cursor: Mutex::new((0, None, None)),
         series: Mutex::new(BTreeSet::new()),
         ready: shutdown.clone(),
     });

@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::{Bytes, BytesMut};
 use fedcart_common::federation::update::Update;
 use fedcart_common::task::TaskKind;
 use fedcart_proto::v1 as pb;
@@ -33,7 +34,9 @@ use crate::engine::{Engine, EngineError, RunStop, Submission, SubmitError};
 /// Bytes per model download chunk: well under gRPC's 4 MiB default limit.
 pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
 
-/// Largest upload chunk accepted; agents send 1 MiB chunks.
+/// Largest upload chunk accepted; agents send chunks of this size
+/// (`fedcart_client::transfer::UPLOAD_CHUNK_BYTES`), so an update of up to
+/// half a million floats is one message.
 pub const MAX_UPLOAD_CHUNK_BYTES: usize = 2 << 20;
 
 /// How many update payloads may be buffered at once. Each is validated as a
@@ -96,6 +99,10 @@ pub struct Shared {
     closing: watch::Sender<bool>,
     /// The secure-aggregation round of the open task, if it is secure.
     secure: Mutex<Option<secure::SecureRound>>,
+    /// The little-endian bytes of the last model version downloaded: every
+    /// agent of a round downloads the same version, and each chunk sent is a
+    /// slice of these shared bytes instead of a fresh conversion per agent.
+    model_bytes: Mutex<Option<(u64, Bytes)>>,
 }
 
 type WorkStream = Pin<Box<dyn Stream<Item = Result<pb::Work, Status>> + Send>>;
@@ -133,6 +140,7 @@ impl Shared {
             ping_interval,
             closing: watch::channel(false).0,
             secure: Mutex::new(None),
+            model_bytes: Mutex::new(None),
         })
     }
 
@@ -288,6 +296,21 @@ impl Shared {
     /// Parameters of a committed version.
     pub fn model(&self, version: u64) -> Result<Option<Arc<Vec<f32>>>, EngineError> {
         self.engine().model(version)
+    }
+
+    /// The little-endian bytes of `model`, version `version`: converted once
+    /// per version and then shared by every download of it.
+    fn model_bytes(&self, version: u64, model: &[f32]) -> Bytes {
+        let cached = || self.model_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, bytes)) = cached().as_ref()
+            && *v == version
+        {
+            return bytes.clone();
+        }
+        // Converted outside the lock: two first downloads may both convert.
+        let bytes = Bytes::from(fedcart_common::federation::update::f32s_to_le(model));
+        *cached() = Some((version, bytes.clone()));
+        bytes
     }
 
     /// Every history record in the store, oldest first.
@@ -496,34 +519,36 @@ impl Coordinator for Service {
         };
         let model = model
             .ok_or_else(|| Status::not_found(format!("model version {}", req.model_version)))?;
-        if let Some(bytes) =
+        if let Some(rows) =
             rows::rows_download(&model, cached.as_ref().map(|c| c.as_slice()), &layout, &req)
         {
-            let total_len = bytes.len() as u64;
-            let chunks = bytes.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
-            let bytes = Arc::new(bytes);
+            let total_len = rows.len() as u64;
+            let chunks = rows.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
+            let rows = bytes::Bytes::from(rows);
             let stream = futures::stream::iter(0..chunks).map(move |i| {
                 let start = i * MODEL_CHUNK_BYTES;
-                let end = (start + MODEL_CHUNK_BYTES).min(bytes.len());
+                let end = (start + MODEL_CHUNK_BYTES).min(rows.len());
                 Ok(pb::ModelChunk {
                     offset: start as u64,
                     total_len,
-                    data: bytes[start..end].to_vec(),
+                    data: rows.slice(start..end),
                     encoding: pb::ModelEncoding::Rows as i32,
                 })
             });
             return Ok(Response::new(Box::pin(stream)));
         }
-        let total_len = (model.len() * 4) as u64;
-        let floats_per_chunk = MODEL_CHUNK_BYTES / 4;
-        let chunks = model.len().div_ceil(floats_per_chunk).max(1);
+        let bytes = self.shared.model_bytes(req.model_version, &model);
+        drop(model);
+        let total_len = bytes.len() as u64;
+        let chunks = bytes.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
+        // Chunks end on whole f32 values (MODEL_CHUNK_BYTES is a multiple of 4).
         let stream = futures::stream::iter(0..chunks).map(move |i| {
-            let start = i * floats_per_chunk;
-            let end = (start + floats_per_chunk).min(model.len());
+            let start = i * MODEL_CHUNK_BYTES;
+            let end = (start + MODEL_CHUNK_BYTES).min(bytes.len());
             Ok(pb::ModelChunk {
-                offset: (start * 4) as u64,
+                offset: start as u64,
                 total_len,
-                data: fedcart_common::federation::update::f32s_to_le(&model[start..end]),
+                data: bytes.slice(start..end),
                 encoding: pb::ModelEncoding::F32 as i32,
             })
         });
@@ -713,7 +738,7 @@ async fn next_data(
     stream: &mut Streaming<pb::UpdateChunk>,
     deadline: tokio::time::Instant,
     idle: Duration,
-) -> Result<Option<Vec<u8>>, Status> {
+) -> Result<Option<Bytes>, Status> {
     let chunk = tokio::time::timeout_at(deadline, stream.message())
         .await
         .map_err(|_| idle_status(idle))??;
@@ -735,11 +760,19 @@ async fn next_data(
 /// payload, to be held until the payload is folded in. Each chunk must
 /// arrive within the idle timeout, and the whole payload within one idle
 /// timeout per 1 MiB chunk (plus one), so a trickle cannot hold a slot.
+///
+/// A payload that arrives as one chunk (any update up to
+/// [`MAX_UPLOAD_CHUNK_BYTES`]) is returned as the decoded message's own
+/// bytes, never copied; only a payload of several chunks is assembled. No
+/// lock is held while a chunk is awaited: the engine and the secure round
+/// are locked only after the payload is complete (a std `MutexGuard` cannot
+/// live across an `.await` in these `Send` handlers), and the only wait
+/// besides the stream is for an upload slot.
 pub(crate) async fn receive_payload<'a>(
     shared: &'a Shared,
     stream: &mut Streaming<pb::UpdateChunk>,
     declared: u64,
-) -> Result<(Option<SemaphorePermit<'a>>, Vec<u8>), Status> {
+) -> Result<(Option<SemaphorePermit<'a>>, Bytes), Status> {
     let idle = shared.upload_idle;
     let mut next = next_data(stream, tokio::time::Instant::now() + idle, idle).await?;
     let slot = match next {
@@ -755,17 +788,37 @@ pub(crate) async fn receive_payload<'a>(
     let chunks = declared.div_ceil(MODEL_CHUNK_BYTES as u64) + 1;
     let whole =
         tokio::time::Instant::now() + idle.saturating_mul(chunks.min(u32::MAX as u64) as u32);
-    let mut payload = Vec::with_capacity(declared as usize);
+    let larger = || {
+        Status::out_of_range(format!(
+            "payload larger than declared: more than {declared} bytes received"
+        ))
+    };
+    let mut first: Option<Bytes> = None;
+    let mut assembled: Option<BytesMut> = None;
     while let Some(data) = next {
-        if payload.len() as u64 + data.len() as u64 > declared {
-            return Err(Status::out_of_range(format!(
-                "payload larger than declared: more than {declared} bytes received"
-            )));
+        let have =
+            first.as_ref().map_or(0, Bytes::len) + assembled.as_ref().map_or(0, BytesMut::len);
+        if have as u64 + data.len() as u64 > declared {
+            return Err(larger());
         }
-        payload.extend_from_slice(&data);
+        match (&mut first, &mut assembled) {
+            (None, None) => first = Some(data),
+            (Some(_), None) => {
+                let mut all = BytesMut::with_capacity(declared as usize);
+                all.extend_from_slice(&first.take().expect("matched Some"));
+                all.extend_from_slice(&data);
+                assembled = Some(all);
+            }
+            (_, Some(all)) => all.extend_from_slice(&data),
+        }
         let deadline = (tokio::time::Instant::now() + idle).min(whole);
         next = next_data(stream, deadline, idle).await?;
     }
+    let payload = match (first, assembled) {
+        (_, Some(all)) => all.freeze(),
+        (Some(one), None) => one,
+        (None, None) => Bytes::new(),
+    };
     if payload.len() as u64 != declared {
         return Err(Status::out_of_range(format!(
             "payload shorter than declared: {} of {declared} bytes",
@@ -836,19 +889,20 @@ pub async fn run_tasks(
             plan.secure,
         );
         let targets: Vec<(String, mpsc::Sender<Result<pb::Work, Status>>)> = {
+            // One pass over the sessions (a scan per selected merchant was
+            // quadratic in the number of agents).
             let agents = shared.agents();
+            let by_merchant: HashMap<&str, &mpsc::Sender<Result<pb::Work, Status>>> = agents
+                .values()
+                .map(|a| (a.merchant_id.as_str(), &a.tx))
+                .collect();
             plan.selected
                 .iter()
-                .map(|m| {
-                    (
-                        m.clone(),
-                        agents
-                            .values()
-                            .find(|a| &a.merchant_id == m)
-                            .map(|a| a.tx.clone()),
-                    )
+                .filter_map(|m| {
+                    by_merchant
+                        .get(m.as_str())
+                        .map(|tx| (m.clone(), (*tx).clone()))
                 })
-                .filter_map(|(m, tx)| tx.map(|tx| (m, tx)))
                 .collect()
         };
         for (merchant, tx) in targets {

@@ -285,7 +285,10 @@ async fn fuzz_masked(
     let mut t = Tally::default();
     let chunked = |g: &mut Gen, bytes: &[u8]| -> Vec<Part> {
         let size = 1 + g.below(bytes.len() / 2);
-        bytes.chunks(size).map(|c| Part::Data(c.to_vec())).collect()
+        bytes
+            .chunks(size)
+            .map(|c| Part::Data(c.to_vec().into()))
+            .collect()
     };
     for case in 0..CASES {
         let mut h = header.clone();

@@ -5,6 +5,7 @@ mod bad_input;
 mod dashboard;
 mod examples;
 mod federation;
+mod fleet;
 mod fuzz;
 mod fuzz_session;
 mod hardening;

@@ -93,6 +93,12 @@ pub(super) struct SecureRound {
     answered: BTreeSet<u32>,
 }
 
+/// Merchant → (its session id, its Join stream's work queue).
+type Targets = std::collections::HashMap<
+    String,
+    (String, tokio::sync::mpsc::Sender<Result<pb::Work, Status>>),
+>;
+
 /// The shutdown signal fired while a secure round was running.
 pub(super) struct Interrupted;
 
@@ -101,11 +107,23 @@ impl Shared {
         self.secure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Pushes one stage request to `merchant`'s current session and returns
-    /// that session's id; an agent whose queue is gone or full simply misses
-    /// the stage (it becomes a dropout) and `None` is returned.
+    /// Each connected merchant's session and work queue, taken once per
+    /// stage: finding a merchant's session by scanning every session for
+    /// each push was quadratic in the number of agents.
+    fn targets(&self) -> Targets {
+        self.agents()
+            .iter()
+            .map(|(session, a)| (a.merchant_id.clone(), (session.clone(), a.tx.clone())))
+            .collect()
+    }
+
+    /// Pushes one stage request to `merchant`'s current session (in
+    /// `targets`) and returns that session's id; an agent whose queue is gone
+    /// or full simply misses the stage (it becomes a dropout) and `None` is
+    /// returned.
     fn push_secagg(
         &self,
+        targets: &Targets,
         merchant: &str,
         plan: &TaskPlan,
         run_id: &str,
@@ -113,11 +131,7 @@ impl Shared {
         body: Vec<u8>,
         key_bindings: Vec<pb::KeyBinding>,
     ) -> Option<String> {
-        let target = self
-            .agents()
-            .iter()
-            .find(|(_, a)| a.merchant_id == merchant)
-            .map(|(session, a)| (session.clone(), a.tx.clone()));
+        let target = targets.get(merchant);
         let work = pb::Work {
             kind: Some(pb::work::Kind::Secagg(pb::SecAggRequest {
                 run_id: run_id.to_string(),
@@ -132,7 +146,7 @@ impl Shared {
             Some((session, tx)) if tx.try_send(Ok(work)).is_ok() => {
                 // The chaos test (tests/chaos) kills processes on this line.
                 tracing::debug!(merchant, stage, task = %plan.task_id, "secure-aggregation request sent");
-                Some(session)
+                Some(session.clone())
             }
             _ => {
                 tracing::info!(merchant, stage, task = %plan.task_id, "secure-aggregation request not delivered");
@@ -472,6 +486,7 @@ async fn drive(
         expected: ids.iter().copied().collect(),
         answered: BTreeSet::new(),
     });
+    let targets = shared.targets();
     for (id, merchant) in plan.selected.iter().enumerate() {
         let invite = RoundInvite {
             config: config.clone(),
@@ -480,6 +495,7 @@ async fn drive(
             participants: n,
         };
         let session = shared.push_secagg(
+            &targets,
             merchant,
             plan,
             run_id,
@@ -495,22 +511,35 @@ async fn drive(
             .expect("recording a session cannot fail");
         }
     }
-    let push = |stage: &str, to: u32, body: Vec<u8>| {
-        let merchant = plan.selected[to as usize].clone();
+    let push = |targets: &Targets, stage: &str, to: u32, body: Vec<u8>| {
+        let merchant = &plan.selected[to as usize];
         // A later stage's request goes to the merchant's current session;
         // waiting for its answer is tied to the invitation's session.
-        let _ = shared.push_secagg(&merchant, plan, run_id, stage, body, Vec::new());
+        let _ = shared.push_secagg(targets, merchant, plan, run_id, stage, body, Vec::new());
     };
     wait_stage(shared, deadline, changed, shutdown).await?;
 
-    // Stage 2: relay the roster, each entry with its certificate binding.
+    // Stage 2: relay the roster and, to each agent, the certificate bindings
+    // of the entries whose keys it uses (its share holders under SecAgg+):
+    // relaying every binding to every agent would cost O(n²) memory here.
     let (roster, bindings) = match step(shared, |r| {
         let roster = r.server().close_advertise()?;
         r.open_stage(Stage::ShareKeys, roster.keys.iter().map(|k| k.id));
-        let bindings: Vec<pb::KeyBinding> = roster
+        let all: BTreeMap<u32, pb::KeyBinding> = r
+            .bindings
+            .iter()
+            .map(|(&id, b)| (id, key_binding_to_pb(b)))
+            .collect();
+        let bindings: BTreeMap<u32, Vec<pb::KeyBinding>> = roster
             .keys
             .iter()
-            .filter_map(|k| r.bindings.get(&k.id).map(key_binding_to_pb))
+            .map(|k| {
+                let used = r.server().keys_used_by(k.id);
+                (
+                    k.id,
+                    used.iter().filter_map(|h| all.get(h).cloned()).collect(),
+                )
+            })
             .collect();
         Ok((roster, bindings))
     }) {
@@ -518,15 +547,17 @@ async fn drive(
         Err(e) => return Ok(Err(e)),
     };
     let bytes = roster.to_bytes();
+    let targets = shared.targets();
     for k in &roster.keys {
         let merchant = &plan.selected[k.id as usize];
         let _ = shared.push_secagg(
+            &targets,
             merchant,
             plan,
             run_id,
             stage_name::SHARE_KEYS,
             bytes.clone(),
-            bindings.clone(),
+            bindings.get(&k.id).cloned().unwrap_or_default(),
         );
     }
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
@@ -540,9 +571,10 @@ async fn drive(
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
+    let targets = shared.targets();
     relays
         .iter()
-        .for_each(|x| push(stage_name::MASKED_INPUT, x.to, x.to_bytes()));
+        .for_each(|x| push(&targets, stage_name::MASKED_INPUT, x.to, x.to_bytes()));
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
 
     // The masked inputs in the sum are final now. Below the quorum the task
@@ -566,10 +598,11 @@ async fn drive(
             })
             .expect("opening a stage cannot fail");
             let bytes = check.to_bytes();
+            let targets = shared.targets();
             check
                 .survivors
                 .iter()
-                .for_each(|&s| push(stage_name::SIGN_SURVIVORS, s, bytes.clone()));
+                .for_each(|&s| push(&targets, stage_name::SIGN_SURVIVORS, s, bytes.clone()));
             wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
             match step(shared, |r| r.server().close_survivor_check()) {
                 Ok(requests) => requests,
@@ -584,9 +617,10 @@ async fn drive(
         Ok(())
     })
     .expect("opening a stage cannot fail");
+    let targets = shared.targets();
     requests
         .iter()
-        .for_each(|q| push(stage_name::UNMASK, q.to, q.to_bytes()));
+        .for_each(|q| push(&targets, stage_name::UNMASK, q.to, q.to_bytes()));
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
     let server = shared
         .secure_round()
@@ -637,14 +671,18 @@ async fn wait_stage(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Interrupted> {
     loop {
-        let live: BTreeSet<String> = shared.agents().keys().cloned().collect();
+        // Counted under both locks (the secure round's first; nothing takes
+        // them the other way round) without copying every session id, which
+        // at a thousand agents made each answer cost a thousand allocations.
         let outstanding = {
             let guard = shared.secure_round();
             let r = guard.as_ref().expect("the round is installed by drive");
+            let agents = shared.agents();
             r.expected
                 .iter()
                 .filter(|id| {
-                    !r.answered.contains(id) && r.sessions.get(id).is_some_and(|s| live.contains(s))
+                    !r.answered.contains(id)
+                        && r.sessions.get(id).is_some_and(|s| agents.contains_key(s))
                 })
                 .count()
         };

@@ -9,8 +9,11 @@
 //! rustls crypto provider's signing API). The coordinator relays with each
 //! roster entry a [`KeyBinding`]: the signature and the certificate chain the
 //! agent presented on its own mTLS connection, as the coordinator's TLS stack
-//! saw it. Before using the roster every agent runs [`verify_roster`]: each
-//! certificate must chain to a CA the agent trusts, for client
+//! saw it. Before using the roster every agent runs [`verify_roster_entries`]
+//! over the entries whose keys it will use (its share holders, or all of
+//! them when survivor lists are signed; [`verify_roster`] checks every
+//! entry), and the coordinator relays to each agent only those bindings:
+//! each certificate must chain to a CA the agent trusts, for client
 //! authentication, at the current time (rustls-webpki); the identity in it
 //! ([`crate::identity::identity_of`], the coordinator's own parser) must be
 //! the entry's merchant id; the signature must verify with the certificate's
@@ -333,9 +336,9 @@ pub fn verify_entry(
     verify_signature(ee, &signed_message(ctx, &binding.merchant_id, keys), sig)
 }
 
-/// Checks every entry of `roster` against its binding (one binding per
-/// entry, in roster order) with [`verify_entry`], and that no merchant holds
-/// two entries. The first entry that fails is the error.
+/// Checks every entry of `roster` against its binding with
+/// [`verify_entry`], and that no merchant holds two entries. The first entry
+/// that fails is the error. See [`verify_roster_entries`].
 pub fn verify_roster(
     cas: &TrustedCas,
     ctx: &BindingContext,
@@ -343,9 +346,29 @@ pub fn verify_roster(
     bindings: &[KeyBinding],
     now: UnixTime,
 ) -> Result<(), EntryRefused> {
+    verify_roster_entries(cas, ctx, roster, bindings, now, |_| true)
+}
+
+/// Checks the entries of `roster` whose agent id satisfies `used` against
+/// their bindings (found by agent id) with [`verify_entry`], and that no
+/// merchant holds two of them. An agent passes the ids whose keys it will
+/// use ([`ClientSession::keys_used`](super::ClientSession::keys_used): its
+/// share holders, or everyone when survivor lists are signed): a key it never
+/// uses cannot carry a secret of its, so only those need a verified binding,
+/// and under SecAgg+ each agent checks k + 1 certificates instead of n.
+pub fn verify_roster_entries(
+    cas: &TrustedCas,
+    ctx: &BindingContext,
+    roster: &KeyRoster,
+    bindings: &[KeyBinding],
+    now: UnixTime,
+    used: impl Fn(u32) -> bool,
+) -> Result<(), EntryRefused> {
+    let by_agent: std::collections::BTreeMap<u32, &KeyBinding> =
+        bindings.iter().map(|b| (b.agent, b)).collect();
     let mut seen = std::collections::BTreeMap::new();
-    for (i, keys) in roster.keys.iter().enumerate() {
-        let binding = bindings.get(i).filter(|b| b.agent == keys.id);
+    for keys in roster.keys.iter().filter(|k| used(k.id)) {
+        let binding = by_agent.get(&keys.id).copied();
         let merchant = binding.map_or_else(|| "?".to_string(), |b| b.merchant_id.clone());
         let refuse = |reason| EntryRefused {
             agent: keys.id,

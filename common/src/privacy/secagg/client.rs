@@ -171,6 +171,25 @@ impl ClientSession {
         }
     }
 
+    /// The ids of the roster entries whose keys this session uses in the
+    /// round `roster` describes: its share holders (its neighbours and
+    /// itself), or every entry when survivor lists are signed (any survivor's
+    /// signature key checks the list). These are the entries an agent must
+    /// verify before [`ClientSession::share_keys`]; the others' keys never
+    /// touch its secrets.
+    pub fn keys_used(&self, roster: &KeyRoster) -> Result<Vec<u32>, SecAggError> {
+        let mut ids: Vec<u32> = roster.keys.iter().map(|k| k.id).collect();
+        ids.sort_unstable();
+        if self.config.verify_survivors {
+            ids.dedup();
+            return Ok(ids);
+        }
+        let n = ids.len();
+        self.config.validate(n)?;
+        let graph = NeighbourGraph::new(&self.round_seed, &ids, self.config.degree(n))?;
+        Ok(graph.holders(self.id))
+    }
+
     /// Stage 2: given everyone's keys, Shamir-shares the pairwise-mask secret
     /// key and the self-mask seed t-of-(k+1) among the neighbours and itself,
     /// and encrypts each neighbour's bundle to that neighbour.

@@ -168,6 +168,16 @@ impl ServerSession {
             .expect("the graph is built when the advertise stage closes")
     }
 
+    /// The agents whose roster entries `id` uses (its share holders, or
+    /// everyone when survivor lists are signed), once the advertise stage
+    /// closed: the bindings to relay to it with the roster.
+    pub fn keys_used_by(&self, id: u32) -> Vec<u32> {
+        if self.config.verify_survivors {
+            return self.keys.keys().copied().collect();
+        }
+        self.graph().holders(id)
+    }
+
     /// Stage 1 input: one agent's keys.
     pub fn on_advertise(&mut self, keys: AdvertiseKeys) -> Result<(), SecAggError> {
         self.expect(Stage::Advertise)?;
