@@ -4,10 +4,13 @@
 //! Lifecycle ([`Agent::run`]): a permanent error (see
 //! [`AgentError::is_permanent`]) ends it with that error; a transient one
 //! (coordinator unreachable or restarting) is logged once as a warning and
-//! retried quietly with capped exponential backoff and jitter. When the
-//! coordinator announces that its run has ended, the agent logs it once and
-//! stays idle, reconnecting quietly until a coordinator serves another run.
-//! Each finished task is one INFO line with its local metrics.
+//! retried quietly with capped exponential backoff and jitter. One session
+//! serves every run the coordinator hosts whose model the merchant's data
+//! serves (each task names its run). When the coordinator announces that a
+//! run has ended, the agent logs it once and stays connected for the other
+//! runs and the next ones; when the coordinator then goes away it
+//! reconnects quietly. Each finished task is one INFO line with its local
+//! metrics.
 
 mod error;
 
@@ -34,8 +37,6 @@ use crate::transfer::{download, upload};
 pub enum SessionEnd {
     /// Our own shutdown signal fired.
     Shutdown,
-    /// The coordinator announced that its run is over.
-    RunEnded,
 }
 
 /// The agent: local data plus how to reach the coordinator.
@@ -140,7 +141,6 @@ impl Agent {
             let span = tracing::info_span!("session", merchant = %self.data.merchant_id);
             match self.session(&mut shutdown).instrument(span).await {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
-                Ok(SessionEnd::RunEnded) => wait = longest,
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
                     if self.tasks_done > done_before || self.lifecycle.joined {
@@ -260,10 +260,8 @@ impl Agent {
                     }
                     self.tasks_done += 1;
                 }
-                Some(pb::work::Kind::RunEnded(end)) => {
-                    self.lifecycle.run_ended(&end);
-                    return Ok(SessionEnd::RunEnded);
-                }
+                // The session stays open for the coordinator's other runs.
+                Some(pb::work::Kind::RunEnded(end)) => self.lifecycle.run_ended(&end),
                 Some(pb::work::Kind::Ping(_)) | None => {}
                 Some(pb::work::Kind::Welcome(_)) => return Err(AgentError::SecondWelcome),
                 Some(pb::work::Kind::Secagg(req)) => {
@@ -409,18 +407,17 @@ struct Lifecycle {
     joined: bool,
     /// Failed attempts since the last successful join, if any.
     outage: Option<u64>,
-    /// The run whose end the coordinator announced (the agent is idle).
-    ended: Option<String>,
+    /// The runs whose end the coordinator announced.
+    ended: std::collections::BTreeSet<String>,
 }
 
 impl Lifecycle {
     fn joined(&mut self, run_id: &str, url: &str) {
         self.joined = true;
-        if self.ended.as_deref() == Some(run_id) {
+        if self.ended.contains(run_id) {
             tracing::debug!(run = %run_id, "joined the finished run again");
             return;
         }
-        self.ended = None;
         match self.outage.take() {
             Some(attempts) => {
                 tracing::info!(run = %run_id, coordinator = %url, attempts, "reconnected")
@@ -430,10 +427,9 @@ impl Lifecycle {
     }
 
     fn run_ended(&mut self, end: &pb::RunEnded) {
-        if self.ended.as_deref() == Some(end.run_id.as_str()) {
+        if !self.ended.insert(end.run_id.clone()) {
             return;
         }
-        self.ended = Some(end.run_id.clone());
         if end.stopped.is_empty() {
             tracing::info!(run = %end.run_id, version = end.model_version,
                 "the run has finished; waiting for the next run");
@@ -446,7 +442,7 @@ impl Lifecycle {
     fn failed(&mut self, e: &AgentError, url: &str, longest: Duration) {
         let attempts = self.outage.get_or_insert(0);
         *attempts += 1;
-        if self.ended.is_some() || *attempts > 1 {
+        if !self.ended.is_empty() || *attempts > 1 {
             tracing::debug!(error = %Chain(e), "coordinator unavailable; retrying");
         } else {
             tracing::warn!(coordinator = %url, error = %Chain(e),

@@ -369,12 +369,50 @@ impl CoordinatorConfig {
     }
 }
 
+/// A run file for `runs submit`: a `[run]` table as in coordinator.toml
+/// (other tables, such as `[serve]`, are ignored).
+#[derive(Deserialize)]
+struct RunFile {
+    run: RunConfig,
+}
+
 impl RunConfig {
+    /// Parses and validates a run from TOML: a `[run]` table (so a
+    /// coordinator.toml can be submitted as it is) or the run's keys at the
+    /// top level. `source` names the file in errors.
+    pub fn from_toml(text: &str, source: &Path) -> Result<Self, ConfigError> {
+        let parse = |message: String| ConfigError::Parse {
+            file: source.into(),
+            message,
+        };
+        let doc: toml::Table = toml::from_str(text).map_err(|e| parse(e.to_string()))?;
+        let run = if doc.get("run").is_some_and(toml::Value::is_table) {
+            toml::from_str::<RunFile>(text)
+                .map(|f| f.run)
+                .map_err(|e| parse(e.to_string()))?
+        } else {
+            toml::from_str::<RunConfig>(text).map_err(|e| parse(e.to_string()))?
+        };
+        run.validate()?;
+        Ok(run)
+    }
+
     /// Checks the values once, before any work starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, message: String| Err(ConfigError::Invalid { field, message });
         if self.run_id.is_empty() {
             return bad("run.run_id", "must not be empty".into());
+        }
+        // The id names the run's sub-tree in the store (`run/<id>/…`).
+        if fedcart_common::identity::validate_id(&self.run_id).is_err() {
+            return bad(
+                "run.run_id",
+                format!(
+                    "`{}` must be 1 to {} characters of [A-Za-z0-9-_.@]",
+                    self.run_id.chars().take(140).collect::<String>(),
+                    fedcart_common::identity::MAX_MERCHANT_ID_LEN
+                ),
+            );
         }
         if let Some(es) = &self.early_stopping {
             if es.patience == 0 {

@@ -301,6 +301,37 @@ impl Engine {
         })
     }
 
+    /// Resumes the run whose configuration `store` holds (a run found in
+    /// the store's registry at start-up).
+    pub fn resume(store: Store) -> Result<Self, EngineError> {
+        let run =
+            store
+                .meta_json::<RunConfig>("run_config")?
+                .ok_or_else(|| StoreError::Corrupt {
+                    path: store.path().into(),
+                    what: "a registered run without its configuration".into(),
+                })?;
+        Self::open(store, run)
+    }
+
+    /// Stops the run for an operator: a task in flight is abandoned (as on
+    /// a shutdown: nothing of it is kept), the stop is stored with the run,
+    /// and no further task starts. A finished run is left as it is.
+    pub fn stop_by_operator(&mut self, by: &str) -> Result<(), EngineError> {
+        if self.finished() {
+            return Ok(());
+        }
+        let stop = RunStop::Operator {
+            by: by.to_owned(),
+            version: self.version,
+        };
+        let json = serde_json::to_value(&stop).expect("serialisable");
+        self.store.put_meta_json(&[("stopped", json)])?;
+        self.open = None;
+        self.stopped = Some(stop);
+        Ok(())
+    }
+
     /// The run configuration in force.
     pub fn run(&self) -> &RunConfig {
         &self.run

@@ -15,6 +15,7 @@ mod policy;
 mod privacy;
 mod restart;
 mod rules;
+mod runs;
 mod secure;
 mod secure_keys;
 mod security;
