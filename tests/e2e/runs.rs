@@ -302,6 +302,53 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         assert_eq!(r["model_version"], ROUNDS, "{out}");
         assert_eq!(r["rounds"], ROUNDS);
     }
+    // A run id is taken once; a new run starts beside the finished ones and
+    // the operator can stop it.
+    let operator = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--coordinator",
+            &url,
+            "--certs",
+            certs_dir.to_str().unwrap(),
+        ]);
+        coordinator_cmd(&all)
+    };
+    let (code, _, err) = operator(&["runs", "submit", "--config", mf.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("run `{MF_RUN}` exists already")),
+        "{err}"
+    );
+    let long = root.join("long.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            &format!("run_id = \"{CHURN_RUN}\""),
+            "run_id = \"churn-long\"",
+        )
+        .replace(&format!("rounds = {ROUNDS}"), "rounds = 100000");
+    std::fs::write(&long, text).unwrap();
+    let (code, out, err) = operator(&["runs", "submit", "--config", long.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = operator(&["runs", "stop", "churn-long", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let stopped: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stopped["finished"], true, "{out}");
+    assert!(
+        stopped["stopped"]
+            .as_str()
+            .unwrap()
+            .contains("stopped by operator `operator`"),
+        "{out}"
+    );
+    let (code, out, _) = operator(&["runs", "show", "churn-long"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("churn-long") && out.contains("stopped by operator"),
+        "{out}"
+    );
+
     // The runs list is the operator's on HTTP too.
     let token = std::fs::read_to_string(root.join("pki/operator.token")).unwrap();
     let (status, body) = http_get(http, "/api/status", None);
@@ -319,7 +366,7 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         .iter()
         .map(|r| r["run_id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, [CHURN_RUN, MF_RUN]);
+    assert_eq!(ids, [CHURN_RUN, MF_RUN, "churn-long"]);
 
     // The merchant's tools work from its one configuration.
     let score = std::process::Command::new(bin_dir().join("fedcart-client"))
