@@ -232,6 +232,18 @@ impl Engine {
     /// configuration; a task that was in flight when the coordinator stopped
     /// is simply attempted again.
     pub fn open(store: Store, configured: RunConfig) -> Result<Self, EngineError> {
+        Self::open_from(store, configured, None)
+    }
+
+    /// [`Engine::open`], with a new run's version 0 set to `initial`
+    /// instead of the model's initial parameters (scheduled retraining
+    /// starts from the previous instance's served version). A resumed run
+    /// keeps its stored versions.
+    pub fn open_from(
+        store: Store,
+        configured: RunConfig,
+        initial: Option<Vec<f32>>,
+    ) -> Result<Self, EngineError> {
         let run = match store.meta_json::<RunConfig>("run_config")? {
             Some(stored) if stored.run_id != configured.run_id => {
                 return Err(EngineError::RunMismatch {
@@ -252,7 +264,19 @@ impl Engine {
                 configured
             }
         };
-        store.init_model(&run.model.initial_params(run.seed))?;
+        let fresh = run.model.initial_params(run.seed);
+        let initial = match initial {
+            Some(v) if v.len() != fresh.len() => {
+                return Err(EngineError::Config(format!(
+                    "a starting version of {} values for a model of {}",
+                    v.len(),
+                    fresh.len()
+                )));
+            }
+            Some(v) => v,
+            None => fresh,
+        };
+        store.init_model(&initial)?;
         let version = store.latest_version()?.unwrap_or(0);
         let global = store.model(version)?.ok_or_else(|| StoreError::Corrupt {
             path: store.path().into(),

@@ -14,8 +14,8 @@ use crate::config::{CoordinatorConfig, RunConfig};
 use crate::engine::EngineError;
 use crate::identity::Access;
 use crate::limits::{Guard, Limits};
-use crate::service::admin::{AdminService, Starter};
-use crate::service::hub::Hub;
+use crate::service::admin::AdminService;
+use crate::service::hub::{Hub, Starter};
 use crate::service::{Progress, Service, Shared, run_tasks};
 use crate::store::StoreFile;
 use crate::tls::Transport;
@@ -65,13 +65,18 @@ fn start_loop(
     shutdown: watch::Receiver<bool>,
     loops: &Loops,
 ) {
+    hub.loop_started();
     let handle = tokio::spawn(async move {
         let result = run_tasks(Arc::clone(&shared), shutdown).await;
-        hub.notify();
         let e = match result {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                hub.after_end(&shared.run_config().run_id);
+                hub.loop_ended();
+                return Ok(());
+            }
             Err(EngineError::Stopped(stop)) if !primary => {
                 tracing::error!(run = %shared.run_config().run_id, "run stopped: {stop}");
+                hub.loop_ended();
                 return Ok(());
             }
             Err(e) => e,
@@ -85,7 +90,7 @@ fn start_loop(
             .await;
         health.set_not_serving::<CoordinatorServer<Service>>().await;
         shared.fail(cause.clone());
-        hub.notify();
+        hub.loop_ended();
         Err(TaskLoopFailed { cause }.into())
     });
     loops.lock().unwrap_or_else(|p| p.into_inner()).push(handle);
@@ -183,24 +188,22 @@ pub async fn start_with(
     // one, and (through the admin service) each run submitted later.
     let loops: Loops = Arc::default();
     let starter: Starter = {
+        // Weak: the hub keeps the starter for scheduled runs.
         let (hub, health, rx, loops) = (
-            Arc::clone(&hub),
+            Arc::downgrade(&hub),
             tasks_health.clone(),
             rx.clone(),
             Arc::clone(&loops),
         );
         Arc::new(move |s: Arc<Shared>| {
+            let Some(hub) = hub.upgrade() else {
+                return;
+            };
             let primary = s.run_config().run_id == run_id;
-            start_loop(
-                s,
-                Arc::clone(&hub),
-                primary,
-                health.clone(),
-                rx.clone(),
-                &loops,
-            );
+            start_loop(s, hub, primary, health.clone(), rx.clone(), &loops);
         })
     };
+    hub.set_starter(Arc::clone(&starter), rx.clone());
     for s in hub.all() {
         starter(s);
     }

@@ -85,6 +85,38 @@ pub struct RunEntry {
     /// The run this one continues from (scheduled retraining), if any.
     #[serde(default)]
     pub continues: Option<String>,
+    /// Scheduled retraining: when this run finishes, the next instance.
+    #[serde(default)]
+    pub schedule: Option<crate::config::Schedule>,
+    /// Which instance of its schedule this run is, from 1.
+    #[serde(default = "first_instance")]
+    pub instance: u64,
+}
+
+fn first_instance() -> u64 {
+    1
+}
+
+impl RunEntry {
+    /// The id of the next instance of a scheduled run: `<base>.<n+1>`,
+    /// where the first instance's id is the base.
+    pub fn next_id(&self) -> String {
+        let base = match self.instance {
+            1 => self.run_id.as_str(),
+            _ => self
+                .run_id
+                .rsplit_once('.')
+                .map_or(self.run_id.as_str(), |(b, _)| b),
+        };
+        format!("{base}.{}", self.instance + 1)
+    }
+
+    /// True when the schedule allows an instance after this one.
+    pub fn repeats(&self) -> bool {
+        self.schedule
+            .as_ref()
+            .is_some_and(|s| s.repeat.is_none_or(|r| self.instance <= r))
+    }
 }
 
 /// Chunk size for model bytes: just under 1 MiB, so that redb's power-of-two
@@ -236,6 +268,8 @@ impl StoreFile {
                     submitted_unix_ms: 0,
                     order: 0,
                     continues: None,
+                    schedule: None,
+                    instance: 1,
                 });
             }
         }
@@ -251,6 +285,8 @@ impl StoreFile {
         run_id: &str,
         submitted_unix_ms: i64,
         continues: Option<String>,
+        schedule: Option<crate::config::Schedule>,
+        instance: u64,
     ) -> Result<RunEntry, StoreError> {
         let existing = self.runs()?;
         if let Some(e) = existing.iter().find(|e| e.run_id == run_id) {
@@ -271,6 +307,8 @@ impl StoreFile {
             submitted_unix_ms,
             order: existing.iter().map(|e| e.order + 1).max().unwrap_or(0),
             continues,
+            schedule,
+            instance,
         };
         if let Some(first) = existing.first().filter(|e| e.submitted_unix_ms == 0) {
             self.put_entry(first)?;

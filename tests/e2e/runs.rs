@@ -444,3 +444,55 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_run_starts_its_next_instance_from_the_version_it_served() {
+    init_logs();
+    let split = telco_split(2, 19);
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&dir.path().join("c.redb"), churn_run("base", 1, 2, 2), 0).await;
+    // Plaintext: the Admin caller is the operator. The schedule's wait is
+    // zero, so the next instance starts as soon as the first finished.
+    let mut admin =
+        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
+            .await
+            .unwrap();
+    let toml = "run_id = \"nightly\"\nseed = 9\nrounds = 2\nquorum = 2\n\
+                round_timeout_ms = 60000\nevaluate = false\n\
+                model = { family = \"churn_lr\", num_features = 45 }\n\
+                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
+                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n\
+                [schedule]\nevery = \"0s\"\nrepeat = 1\n";
+    admin
+        .submit_run(fedcart_proto::v1::SubmitRunRequest {
+            config_toml: toml.into(),
+            source: "nightly.toml".into(),
+        })
+        .await
+        .unwrap();
+    let agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    // Waits for the scheduled instance too (it is pending until it starts).
+    coord.hub.wait_all_ended().await;
+
+    assert_eq!(coord.hub.ids(), ["base", "nightly", "nightly.2"]);
+    let (first, second) = (
+        coord.hub.get("nightly").unwrap(),
+        coord.hub.get("nightly.2").unwrap(),
+    );
+    assert_eq!(
+        second.model(0).unwrap().unwrap(),
+        first.model(2).unwrap().unwrap(),
+        "the next instance starts from the version the first served"
+    );
+    assert_ne!(second.model(0).unwrap(), first.model(0).unwrap());
+    let s = coord.hub.summary("nightly.2").unwrap();
+    assert_eq!(s.continues.as_deref(), Some("nightly"));
+    assert!(s.finished && s.stopped.is_none(), "{s:?}");
+    assert_eq!(s.model_version, 2);
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}

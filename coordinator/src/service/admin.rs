@@ -15,16 +15,12 @@ use fedcart_proto::v1 as pb;
 use fedcart_proto::v1::admin_server::{Admin, AdminServer};
 use tonic::{Request, Response, Status};
 
-use super::hub::{Hub, RunSummary};
+use super::hub::{Hub, RunSummary, Starter};
 use crate::config::RunConfig;
 use crate::identity::{OperatorIdentity, PeerIdentity};
 
 /// Largest run TOML accepted by `SubmitRun`.
 const MAX_RUN_TOML_BYTES: usize = 64 * 1024;
-
-/// Starts a submitted run's task loop; given by the server, which owns the
-/// loops' lifetimes.
-pub type Starter = Arc<dyn Fn(Arc<super::Shared>) + Send + Sync>;
 
 /// The admin service over a [`Hub`].
 #[derive(Clone)]
@@ -109,10 +105,10 @@ impl Admin for AdminService {
         } else {
             req.source.chars().take(256).collect()
         };
-        let run = RunConfig::from_toml(&req.config_toml, Path::new(&source))
+        let (run, schedule) = RunConfig::from_toml(&req.config_toml, Path::new(&source))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let run_id = run.run_id.clone();
-        let (shared, _) = self.hub.submit(run, false, None)?;
+        let (shared, _) = self.hub.submit(run, false, schedule)?;
         tracing::info!(run = %run_id, operator = %by, "run submitted by the operator");
         (self.start)(shared);
         self.hub.notify();

@@ -8,7 +8,8 @@
 //! sessions alone, and stays listed with its versions and history.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -16,7 +17,7 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use super::{AgentEntry, Shared};
-use crate::config::RunConfig;
+use crate::config::{RunConfig, Schedule};
 use crate::engine::{Engine, EngineError};
 use crate::store::{RunEntry, StoreError, StoreFile};
 
@@ -52,6 +53,10 @@ impl From<HubError> for Status {
         }
     }
 }
+
+/// Starts a run's task loop; given by the server, which owns the loops'
+/// lifetimes.
+pub type Starter = Arc<dyn Fn(Arc<Shared>) + Send + Sync>;
 
 /// One hosted run.
 struct Hosted {
@@ -100,6 +105,14 @@ pub struct Hub {
     upload_idle: Duration,
     /// Bumped when a run is added or ends.
     runs_changed: watch::Sender<u64>,
+    /// Scheduled instances waiting for their time.
+    pending: AtomicUsize,
+    /// Task loops running (a loop counts until its run's next instance,
+    /// if any, is scheduled).
+    active: AtomicUsize,
+    /// Starts task loops, and the shutdown signal scheduled waits end on
+    /// (set once by the server).
+    starter: OnceLock<(Starter, watch::Receiver<bool>)>,
 }
 
 fn now_ms() -> i64 {
@@ -125,6 +138,9 @@ impl Hub {
             ping_interval,
             upload_idle,
             runs_changed: watch::channel(0).0,
+            pending: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            starter: OnceLock::new(),
         });
         for entry in hub.file.runs()? {
             let engine = Engine::resume(hub.file.run(&entry)?)?;
@@ -152,15 +168,16 @@ impl Hub {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Submits `run`: a new run gets its sub-tree and version 0; `resume`
-    /// accepts an id the store holds already (then the stored run goes on,
-    /// as `serve --config` has always done), otherwise it is refused.
-    /// Returns the run's state and whether it is new.
+    /// Submits `run` (with its retraining `schedule`, if any): a new run
+    /// gets its sub-tree and version 0; `resume` accepts an id the store
+    /// holds already (then the stored run goes on, as `serve --config` has
+    /// always done), otherwise it is refused. Returns the run's state and
+    /// whether it is new.
     pub fn submit(
         &self,
         run: RunConfig,
         resume: bool,
-        continues: Option<String>,
+        schedule: Option<Schedule>,
     ) -> Result<(Arc<Shared>, bool), HubError> {
         if let Some(h) = self.hosted().iter().find(|h| h.entry.run_id == run.run_id) {
             if resume {
@@ -168,10 +185,93 @@ impl Hub {
             }
             return Err(HubError::Exists(run.run_id));
         }
-        let entry = self.file.register(&run.run_id, now_ms(), continues)?;
+        let entry = self
+            .file
+            .register(&run.run_id, now_ms(), None, schedule, 1)?;
         let engine = Engine::open(self.file.run(&entry)?, run)?;
         tracing::info!(run = %entry.run_id, "run submitted");
         Ok((self.add(entry, engine), true))
+    }
+
+    /// Sets how task loops start and the shutdown signal; called once by
+    /// the server before any loop starts.
+    pub fn set_starter(&self, starter: Starter, shutdown: watch::Receiver<bool>) {
+        let _ = self.starter.set((starter, shutdown));
+    }
+
+    /// A run's task loop ended: when it finished (or stopped early on
+    /// its validation metric) and its schedule allows another instance not
+    /// yet submitted, that instance starts `schedule.every` later from this
+    /// one's served version. A restart restarts the wait.
+    pub fn after_end(self: &Arc<Self>, run_id: &str) {
+        let Some((starter, shutdown)) = self.starter.get().cloned() else {
+            return;
+        };
+        let Some((entry, shared)) = self
+            .hosted()
+            .iter()
+            .find(|h| h.entry.run_id == run_id)
+            .map(|h| (h.entry.clone(), Arc::clone(&h.shared)))
+        else {
+            return;
+        };
+        let clean = matches!(
+            shared.stopped(),
+            None | Some(crate::engine::RunStop::EarlyStopped { .. })
+        );
+        let next_id = entry.next_id();
+        if !shared.engine().finished() || !clean || !entry.repeats() || self.get(&next_id).is_ok() {
+            return;
+        }
+        let every = Duration::from_millis(entry.schedule.as_ref().map_or(0, |s| s.every_ms));
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let hub = Arc::clone(self);
+        tracing::info!(run = %run_id, next = %next_id, ?every, "scheduled retraining: next instance waits");
+        tokio::spawn(async move {
+            let mut shutdown = shutdown;
+            let due = tokio::select! {
+                _ = tokio::time::sleep(every) => true,
+                _ = shutdown.wait_for(|v| *v) => false,
+            };
+            if due {
+                match hub.submit_next(&entry, &shared, next_id) {
+                    Ok(next) => starter(next),
+                    Err(e) => tracing::error!(run = %entry.run_id, error = %e,
+                        "scheduled retraining: the next instance could not start"),
+                }
+            }
+            hub.pending.fetch_sub(1, Ordering::SeqCst);
+            hub.notify();
+        });
+    }
+
+    /// Submits the instance after `prev`: its configuration with the new
+    /// id, version 0 the previous instance's served version.
+    fn submit_next(
+        &self,
+        prev: &RunEntry,
+        shared: &Shared,
+        next_id: String,
+    ) -> Result<Arc<Shared>, HubError> {
+        let mut run = shared.run_config();
+        run.run_id = next_id;
+        let (served, initial) = {
+            let engine = shared.engine();
+            let served = engine.best().map_or(engine.version(), |b| b.version);
+            (served, engine.model(served)?)
+        };
+        let initial = initial.map(|m| m.as_ref().clone());
+        let entry = self.file.register(
+            &run.run_id,
+            now_ms(),
+            Some(prev.run_id.clone()),
+            prev.schedule.clone(),
+            prev.instance + 1,
+        )?;
+        let engine = Engine::open_from(self.file.run(&entry)?, run, initial)?;
+        tracing::info!(run = %entry.run_id, from = %prev.run_id, version = served,
+            "scheduled retraining: next instance submitted");
+        Ok(self.add(entry, engine))
     }
 
     /// Marks `run_id` as the run `Status` describes by default.
@@ -258,9 +358,23 @@ impl Hub {
         self.summary(run_id)
     }
 
-    /// True when every hosted run has ended.
+    /// True when every hosted run has ended and no scheduled instance is
+    /// waiting to start.
     pub fn all_ended(&self) -> bool {
-        self.hosted().iter().all(|h| h.shared.ended())
+        self.pending.load(Ordering::SeqCst) == 0
+            && self.active.load(Ordering::SeqCst) == 0
+            && self.hosted().iter().all(|h| h.shared.ended())
+    }
+
+    /// A task loop starts (see [`Hub::loop_ended`]).
+    pub fn loop_started(&self) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A task loop ended, after [`Hub::after_end`] scheduled what follows.
+    pub fn loop_ended(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        self.notify();
     }
 
     /// Waits until every hosted run has ended (a run submitted meanwhile is
