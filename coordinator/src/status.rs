@@ -117,6 +117,7 @@ pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
         "phase": s.phase,
         "connected_agents": s.connected_agents,
         "last_round": last,
+        "run_ids": s.run_ids,
     })
 }
 
@@ -131,6 +132,10 @@ pub fn to_table(s: &pb::StatusReply) -> String {
         s.model_version.to_string(),
     ]);
     t.add_row(vec!["phase".to_string(), s.phase.clone()]);
+    t.add_row(vec![
+        format!("runs hosted ({})", s.run_ids.len()),
+        s.run_ids.join(", "),
+    ]);
     t.add_row(vec![
         format!("connected agents ({})", s.connected_agents.len()),
         s.connected_agents.join(", "),
