@@ -4,10 +4,13 @@
 //! Lifecycle ([`Agent::run`]): a permanent error (see
 //! [`AgentError::is_permanent`]) ends it with that error; a transient one
 //! (coordinator unreachable or restarting) is logged once as a warning and
-//! retried quietly with capped exponential backoff and jitter. When the
-//! coordinator announces that its run has ended, the agent logs it once and
-//! stays idle, reconnecting quietly until a coordinator serves another run.
-//! Each finished task is one INFO line with its local metrics.
+//! retried quietly with capped exponential backoff and jitter. One session
+//! serves every run the coordinator hosts whose model the merchant's data
+//! serves (each task names its run). When the coordinator announces that a
+//! run has ended, the agent logs it once and stays connected for the other
+//! runs and the next ones; when the coordinator then goes away it
+//! reconnects quietly. Each finished task is one INFO line with its local
+//! metrics.
 
 mod error;
 
@@ -35,7 +38,8 @@ use fedcart_common::federation::sparse::RowPrecision;
 pub enum SessionEnd {
     /// Our own shutdown signal fired.
     Shutdown,
-    /// The coordinator announced that its run is over.
+    /// A run this agent worked for ended and it exits with it
+    /// ([`Agent::exit_on_run_end`]).
     RunEnded,
 }
 
@@ -165,8 +169,7 @@ impl Agent {
             let span = tracing::info_span!("session", merchant = %self.data.merchant_id);
             match self.session(&mut shutdown).instrument(span).await {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
-                Ok(SessionEnd::RunEnded) if self.exit_on_run_end => return Ok(()),
-                Ok(SessionEnd::RunEnded) => wait = longest,
+                Ok(SessionEnd::RunEnded) => return Ok(()),
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
                     if self.tasks_done > done_before || self.lifecycle.joined {
@@ -286,9 +289,13 @@ impl Agent {
                     }
                     self.tasks_done += 1;
                 }
+                // The session stays open for the coordinator's other runs,
+                // unless this agent exits with the run it worked for (fleet).
                 Some(pb::work::Kind::RunEnded(end)) => {
                     self.lifecycle.run_ended(&end);
-                    return Ok(SessionEnd::RunEnded);
+                    if self.exit_on_run_end && self.tasks_done > 0 {
+                        return Ok(SessionEnd::RunEnded);
+                    }
                 }
                 Some(pb::work::Kind::Ping(_)) | None => {}
                 Some(pb::work::Kind::Welcome(_)) => return Err(AgentError::SecondWelcome),
@@ -465,18 +472,17 @@ struct Lifecycle {
     joined: bool,
     /// Failed attempts since the last successful join, if any.
     outage: Option<u64>,
-    /// The run whose end the coordinator announced (the agent is idle).
-    ended: Option<String>,
+    /// The runs whose end the coordinator announced.
+    ended: std::collections::BTreeSet<String>,
 }
 
 impl Lifecycle {
     fn joined(&mut self, run_id: &str, url: &str) {
         self.joined = true;
-        if self.ended.as_deref() == Some(run_id) {
+        if self.ended.contains(run_id) {
             tracing::debug!(run = %run_id, "joined the finished run again");
             return;
         }
-        self.ended = None;
         match self.outage.take() {
             Some(attempts) => {
                 tracing::info!(run = %run_id, coordinator = %url, attempts, "reconnected")
@@ -486,10 +492,9 @@ impl Lifecycle {
     }
 
     fn run_ended(&mut self, end: &pb::RunEnded) {
-        if self.ended.as_deref() == Some(end.run_id.as_str()) {
+        if !self.ended.insert(end.run_id.clone()) {
             return;
         }
-        self.ended = Some(end.run_id.clone());
         if end.stopped.is_empty() {
             tracing::info!(run = %end.run_id, version = end.model_version,
                 "the run has finished; waiting for the next run");
@@ -502,7 +507,7 @@ impl Lifecycle {
     fn failed(&mut self, e: &AgentError, url: &str, longest: Duration) {
         let attempts = self.outage.get_or_insert(0);
         *attempts += 1;
-        if self.ended.is_some() || *attempts > 1 {
+        if !self.ended.is_empty() || *attempts > 1 {
             tracing::debug!(error = %Chain(e), "coordinator unavailable; retrying");
         } else {
             tracing::warn!(coordinator = %url, error = %Chain(e),

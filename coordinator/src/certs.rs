@@ -97,7 +97,14 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
 }
 
 /// Writes `text` to `path`, with mode 0600 when `secret`.
+/// Writes `text` to `path` atomically: a temporary file beside it, then a
+/// rename, so a coordinator re-reading the access list never sees it empty
+/// or half written (which would refuse every merchant).
 fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("writing {}: not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -106,16 +113,17 @@ fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
+        .with_context(|| format!("writing {}", tmp.display()))?;
     #[cfg(unix)]
     if secret {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

@@ -369,12 +369,124 @@ impl CoordinatorConfig {
     }
 }
 
+/// A run file for `runs submit`: a `[run]` table as in coordinator.toml
+/// (other tables, such as `[serve]`, are ignored).
+#[derive(Deserialize)]
+struct RunFile {
+    run: RunConfig,
+}
+
+/// Scheduled retraining of a submitted run (`[schedule]` in its TOML): when
+/// an instance finishes, the next one starts `every` later from its served
+/// version (the best evaluated, else the last), as a new run
+/// `<id>.<n>` with the same configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Wait between the end of one instance and the start of the next, ms.
+    pub every_ms: u64,
+    /// How many instances follow the first (`None`: no limit).
+    pub repeat: Option<u64>,
+}
+
+/// `[schedule]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleToml {
+    every: String,
+    repeat: Option<u64>,
+}
+
+/// A duration such as `24h`, `90m`, `30s`, `500ms` or `7d`, in ms.
+fn parse_every(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration: a whole number and one of ms, s, m, h, d (e.g. \"24h\")"
+            ));
+        }
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_ms))
+        .ok_or_else(|| format!("`{text}` is not a duration: a whole number comes first"))
+}
+
 impl RunConfig {
+    /// Parses and validates a run from TOML: a `[run]` table (so a
+    /// coordinator.toml can be submitted as it is) or the run's keys at the
+    /// top level, with an optional `[schedule]` (`every`, `repeat`).
+    /// `source` names the file in errors.
+    pub fn from_toml(text: &str, source: &Path) -> Result<(Self, Option<Schedule>), ConfigError> {
+        let parse = |message: String| ConfigError::Parse {
+            file: source.into(),
+            message,
+        };
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| parse(e.to_string()))?;
+        let schedule = match doc.remove("schedule") {
+            None => None,
+            Some(v) => {
+                let s: ScheduleToml = v
+                    .try_into()
+                    .map_err(|e: toml::de::Error| parse(format!("[schedule]: {e}")))?;
+                let every_ms = parse_every(&s.every).map_err(|message| ConfigError::Invalid {
+                    field: "schedule.every",
+                    message,
+                })?;
+                Some(Schedule {
+                    every_ms,
+                    repeat: s.repeat,
+                })
+            }
+        };
+        let run = if doc.get("run").is_some_and(toml::Value::is_table) {
+            toml::from_str::<RunFile>(text)
+                .map(|f| f.run)
+                .map_err(|e| parse(e.to_string()))?
+        } else if schedule.is_some() {
+            // The schedule is not one of the run's keys: the rest is.
+            toml::Value::Table(doc)
+                .try_into::<RunConfig>()
+                .map_err(|e| parse(e.to_string()))?
+        } else {
+            toml::from_str::<RunConfig>(text).map_err(|e| parse(e.to_string()))?
+        };
+        run.validate()?;
+        if schedule.is_some() && run.dp.is_some() {
+            return Err(ConfigError::Invalid {
+                field: "schedule",
+                message: "scheduled retraining of a run with `run.dp` would spend the privacy \
+                          budget again in every instance, and ε is not accounted across \
+                          instances: not supported"
+                    .into(),
+            });
+        }
+        Ok((run, schedule))
+    }
+
     /// Checks the values once, before any work starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, message: String| Err(ConfigError::Invalid { field, message });
         if self.run_id.is_empty() {
             return bad("run.run_id", "must not be empty".into());
+        }
+        // The id names the run's sub-tree in the store (`run/<id>/…`).
+        if fedcart_common::identity::validate_id(&self.run_id).is_err() {
+            return bad(
+                "run.run_id",
+                format!(
+                    "`{}` must be 1 to {} characters of [A-Za-z0-9-_.@]",
+                    self.run_id.chars().take(140).collect::<String>(),
+                    fedcart_common::identity::MAX_MERCHANT_ID_LEN
+                ),
+            );
         }
         if let Some(es) = &self.early_stopping {
             if es.patience == 0 {
@@ -653,5 +765,36 @@ mod tests {
         }
         run.strategy = StrategySpec::FedAvg;
         assert!(run.validate().is_ok());
+    }
+
+    #[test]
+    fn a_run_file_takes_a_run_table_or_top_level_keys_and_an_optional_schedule() {
+        let src = Path::new("run.toml");
+        // coordinator.toml as it is: its `[run]`, `[serve]` ignored.
+        let (run, schedule) = RunConfig::from_toml(EXAMPLE, src).unwrap();
+        assert_eq!(schedule, None);
+        let top = toml::to_string(&run).unwrap();
+        assert_eq!(RunConfig::from_toml(&top, src).unwrap().0, run);
+        let (again, schedule) =
+            RunConfig::from_toml(&format!("{top}\n[schedule]\nevery = \"90m\"\n"), src).unwrap();
+        assert_eq!(again, run);
+        assert_eq!(
+            schedule,
+            Some(Schedule {
+                every_ms: 90 * 60_000,
+                repeat: None
+            })
+        );
+        let bad = RunConfig::from_toml(&format!("{top}\n[schedule]\nevery = \"soon\"\n"), src)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("schedule.every") && bad.contains("`soon`"),
+            "{bad}"
+        );
+        let typo = RunConfig::from_toml(&format!("{top}\n[schedule]\nevry = \"1h\"\n"), src)
+            .unwrap_err()
+            .to_string();
+        assert!(typo.contains("run.toml") && typo.contains("evry"), "{typo}");
     }
 }

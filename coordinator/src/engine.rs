@@ -236,6 +236,18 @@ impl Engine {
     /// configuration; a task that was in flight when the coordinator stopped
     /// is simply attempted again.
     pub fn open(store: Store, configured: RunConfig) -> Result<Self, EngineError> {
+        Self::open_from(store, configured, None)
+    }
+
+    /// [`Engine::open`], with a new run's version 0 set to `initial`
+    /// instead of the model's initial parameters (scheduled retraining
+    /// starts from the previous instance's served version). A resumed run
+    /// keeps its stored versions.
+    pub fn open_from(
+        store: Store,
+        configured: RunConfig,
+        initial: Option<Vec<f32>>,
+    ) -> Result<Self, EngineError> {
         let run = match store.meta_json::<RunConfig>("run_config")? {
             Some(stored) if stored.run_id != configured.run_id => {
                 return Err(EngineError::RunMismatch {
@@ -256,7 +268,19 @@ impl Engine {
                 configured
             }
         };
-        store.init_model(&run.model.initial_params(run.seed))?;
+        let fresh = run.model.initial_params(run.seed);
+        let initial = match initial {
+            Some(v) if v.len() != fresh.len() => {
+                return Err(EngineError::Config(format!(
+                    "a starting version of {} values for a model of {}",
+                    v.len(),
+                    fresh.len()
+                )));
+            }
+            Some(v) => v,
+            None => fresh,
+        };
+        store.init_model(&initial)?;
         let version = store.latest_version()?.unwrap_or(0);
         let global = store.model(version)?.ok_or_else(|| StoreError::Corrupt {
             path: store.path().into(),
@@ -309,6 +333,37 @@ impl Engine {
             best,
             last_evaluated,
         })
+    }
+
+    /// Resumes the run whose configuration `store` holds (a run found in
+    /// the store's registry at start-up).
+    pub fn resume(store: Store) -> Result<Self, EngineError> {
+        let run =
+            store
+                .meta_json::<RunConfig>("run_config")?
+                .ok_or_else(|| StoreError::Corrupt {
+                    path: store.path().into(),
+                    what: "a registered run without its configuration".into(),
+                })?;
+        Self::open(store, run)
+    }
+
+    /// Stops the run for an operator: a task in flight is abandoned (as on
+    /// a shutdown: nothing of it is kept), the stop is stored with the run,
+    /// and no further task starts. A finished run is left as it is.
+    pub fn stop_by_operator(&mut self, by: &str) -> Result<(), EngineError> {
+        if self.finished() {
+            return Ok(());
+        }
+        let stop = RunStop::Operator {
+            by: by.to_owned(),
+            version: self.version,
+        };
+        let json = serde_json::to_value(&stop).expect("serialisable");
+        self.store.put_meta_json(&[("stopped", json)])?;
+        self.open = None;
+        self.stopped = Some(stop);
+        Ok(())
     }
 
     /// The run configuration in force.

@@ -17,7 +17,9 @@
 //! - [`tls`], [`identity`], [`certs`], [`limits`]: mutual TLS, merchant
 //!   identities and the allow-list, the development CA, hardening limits.
 //! - [`observe`]: Prometheus metrics, health and the web dashboard over HTTP;
-//!   [`status`]: the `status` command.
+//!   [`status`]: the `status` command; [`runs`]: the `runs` commands (the
+//!   client of the `Admin` service, `service::admin`; the runs themselves
+//!   are `service::hub`).
 //! - [`cli`]: logging flags, shutdown signals and one-line errors for the
 //!   binaries (this one and `fedcart-sim`).
 #![forbid(unsafe_code)]
@@ -33,6 +35,7 @@ pub mod limits;
 pub mod observe;
 pub mod privacy;
 pub mod record;
+pub mod runs;
 pub mod secure_round;
 pub mod server;
 pub mod service;

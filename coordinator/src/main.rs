@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedcart_coordinator::config::CoordinatorConfig;
-use fedcart_coordinator::{certs as ca, cli, status};
+use fedcart_coordinator::{certs as ca, cli, runs, status};
 
 /// The fedcart coordinator: orchestrates federated training rounds across
 /// merchants and keeps every model version and round on disk.
@@ -20,11 +20,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a federated run over gRPC until it finishes or is interrupted.
-    /// Ctrl-C or SIGTERM stops gracefully: no new connections or tasks, the
-    /// round in flight is abandoned (attempted again after a restart, which
-    /// resumes from the last committed version), agents are disconnected;
-    /// a second signal exits at once.
+    /// Serve runs over gRPC: the configuration's run (resumed if the store
+    /// holds it), every unfinished run of the store, and the runs the
+    /// operator submits with `runs submit`. Exits once every run has ended,
+    /// unless --keep-serving. Ctrl-C or SIGTERM stops gracefully: no new
+    /// connections or tasks, the rounds in flight are abandoned (attempted
+    /// again after a restart, which resumes every run from its last
+    /// committed version), agents are disconnected; a second signal exits
+    /// at once.
     Serve {
         /// The coordinator's TOML configuration (see coordinator/examples/coordinator.toml).
         #[arg(long, env = "FEDCART_COORDINATOR_CONFIG")]
@@ -48,6 +51,21 @@ enum Command {
         /// operator.token beside the CA].
         #[arg(long, env = "FEDCART_HTTP_TOKEN_FILE")]
         http_token_file: Option<PathBuf>,
+        /// Keep serving after every run has ended, for runs the operator
+        /// submits later (`runs submit`); finished runs stay viewable.
+        #[arg(long)]
+        keep_serving: bool,
+    },
+    /// The operator's runs: submit a run, list every run, show or stop one
+    /// (the coordinator's `Admin` RPCs; an operator certificate is needed).
+    Runs {
+        #[command(subcommand)]
+        action: RunsAction,
+        #[command(flatten)]
+        conn: Conn,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
     },
     /// Development CA: create it with the operator's identity, issue merchant (or operator)
     /// certificates, revoke certificates.
@@ -81,6 +99,65 @@ enum Command {
     /// Plan a differential-privacy budget: ε for a noise multiplier, or the
     /// smallest noise multiplier that reaches a target ε.
     Privacy(fedcart_coordinator::privacy::PrivacyArgs),
+}
+
+/// How the operator's commands reach the coordinator.
+#[derive(clap::Args)]
+struct Conn {
+    /// Coordinator URL (`https://host:port`).
+    #[arg(
+        long,
+        global = true,
+        env = "FEDCART_COORDINATOR",
+        default_value = "https://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// Certificate directory holding ca.pem and `<identity>.pem/.key`.
+    #[arg(long, global = true)]
+    certs: Option<PathBuf>,
+    /// Identity whose certificate to present (an operator's).
+    #[arg(long, global = true, default_value = "operator")]
+    identity: String,
+    /// Name to verify on the coordinator's certificate.
+    #[arg(long, global = true, default_value = "localhost")]
+    domain: String,
+}
+
+impl Conn {
+    fn tls(&self) -> Option<status::ClientTls> {
+        self.certs.as_ref().map(|d| status::ClientTls {
+            ca: d.join("ca.pem"),
+            cert: d.join(format!("{}.pem", self.identity)),
+            key: d.join(format!("{}.key", self.identity)),
+            domain: self.domain.clone(),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum RunsAction {
+    /// Submit a run: a TOML file with a `[run]` table (a coordinator.toml
+    /// works as it is) or the run's keys at the top level. It starts as soon
+    /// as enough merchants whose data serves its model are connected,
+    /// beside the runs already going.
+    Submit {
+        /// The run's TOML.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List every run, active and finished: round X of N, phase.
+    List,
+    /// Show one run, with its configuration.
+    Show {
+        /// The run's id.
+        id: String,
+    },
+    /// Stop a run: the task in flight is abandoned, the committed versions
+    /// stand, no further task starts.
+    Stop {
+        /// The run's id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -196,6 +273,33 @@ async fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Runs { action, conn, json } => {
+            let action = match action {
+                RunsAction::Submit { config } => runs::Action::Submit(config),
+                RunsAction::List => runs::Action::List,
+                RunsAction::Show { id } => runs::Action::Show(id),
+                RunsAction::Stop { id } => runs::Action::Stop(id),
+            };
+            let tls = conn.tls();
+            let answer = runs::call(&conn.coordinator, tls.as_ref(), &action)
+                .await
+                .map_err(|e| status::with_hint(e, &conn.coordinator, conn.certs.is_some()))?;
+            match (json, &action) {
+                (true, runs::Action::List) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &answer.iter().map(runs::to_json).collect::<Vec<_>>()
+                    )?
+                ),
+                (true, _) => {
+                    for r in &answer {
+                        println!("{}", serde_json::to_string_pretty(&runs::to_json(r))?);
+                    }
+                }
+                (false, _) => print!("{}", runs::to_table(&answer)),
+            }
+            Ok(())
+        }
         Command::Serve {
             config,
             listen,
@@ -203,6 +307,7 @@ async fn run() -> anyhow::Result<()> {
             insecure,
             http_listen,
             http_token_file,
+            keep_serving,
         } => {
             let env = std::env::var_os(fedcart_coordinator::tls::INSECURE_ENV);
             let insecure = insecure || fedcart_coordinator::tls::insecure_from_env(env.as_deref())?;
@@ -224,15 +329,25 @@ async fn run() -> anyhow::Result<()> {
                 .with_context(|| format!("starting from {}", config.display()))?;
             tracing::info!(addr = %running.addr, "coordinator listening");
             let mut progress = running.progress.clone();
+            let hub = std::sync::Arc::clone(&running.hub);
+            let all_ended = async {
+                if keep_serving {
+                    // Only a failed task loop (logged where it happened)
+                    // ends a coordinator that keeps serving.
+                    let _ = progress.wait_for(|p| p.failed.is_some()).await;
+                } else {
+                    hub.wait_all_ended().await;
+                }
+            };
             tokio::select! {
                 which = cli::shutdown_signal() => {
-                    tracing::info!("{which}: shutting down (the round in flight is abandoned; a restart resumes)");
+                    tracing::info!("{which}: shutting down (the rounds in flight are abandoned; a restart resumes)");
                     cli::exit_on_second_signal();
                 }
                 // A failed task loop was logged where it happened; `shutdown`
                 // returns its error.
-                r = progress.wait_for(|p| p.finished || p.failed.is_some()) => {
-                    if r.is_ok_and(|p| p.failed.is_none()) {
+                () = all_ended => {
+                    if hub.failed().is_none() {
                         tracing::info!("run finished; shutting down");
                     }
                 }

@@ -126,6 +126,10 @@ pub struct StatusView {
     /// One page of the history, oldest first: `?since=N&limit=L` (records
     /// N.., at most L ≤ 500), by default the last 50.
     pub history: Vec<RoundRecord>,
+    /// Every run the coordinator hosts, active and finished, in submission
+    /// order (the fields above describe `run_id`, the one it was started
+    /// with).
+    pub runs: Vec<crate::service::hub::RunSummary>,
 }
 
 /// The page `/api/status` answers with.
@@ -139,6 +143,7 @@ pub struct HistoryPage {
 
 struct ObserverState {
     shared: Arc<Shared>,
+    hub: Arc<crate::service::hub::Hub>,
     run_id: String,
     agents: Mutex<BTreeMap<String, AgentView>>,
     /// History records folded into counters so far, the last open task, and
@@ -207,6 +212,7 @@ impl ObserverState {
             history_total: total,
             history_offset: offset,
             history: history.into_iter().skip(offset).take(limit).collect(),
+            runs: self.hub.summaries(),
         })
     }
 
@@ -219,6 +225,12 @@ impl ObserverState {
         let run = self.run_id.clone();
         let p = self.shared.progress().borrow().clone();
         metrics::gauge!("fedcart_model_version", "run" => run.clone()).set(p.version as f64);
+        // The other runs' versions (the rest of the series are the run the
+        // coordinator was started with).
+        for other in self.hub.summaries() {
+            metrics::gauge!("fedcart_model_version", "run" => other.run_id)
+                .set(other.model_version as f64);
+        }
         metrics::gauge!("fedcart_agents_connected", "run" => run.clone()).set(p.agents as f64);
         if p.open_task.is_some() && p.open_task != *last_task {
             metrics::counter!("fedcart_tasks_started_total", "run" => run.clone()).increment(1);
@@ -309,7 +321,7 @@ async fn metrics_page(State(s): State<Arc<ObserverState>>) -> impl IntoResponse 
 async fn ready(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
     if *s.ready.borrow() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-    } else if s.shared.progress().borrow().failed.is_some() {
+    } else if s.hub.failed().is_some() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "the task loop failed; see the coordinator's log",
@@ -336,6 +348,7 @@ pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 /// Both stop when `shutdown` turns true. Returns the HTTP address.
 pub fn spawn(
     shared: Arc<Shared>,
+    hub: Arc<crate::service::hub::Hub>,
     run_id: String,
     http: Option<TcpListener>,
     token: Option<crate::http_auth::OperatorToken>,
@@ -344,6 +357,7 @@ pub fn spawn(
     prometheus();
     let state = Arc::new(ObserverState {
         shared,
+        hub,
         run_id,
         agents: Mutex::new(BTreeMap::new()),
         cursor: Mutex::new((0, None, None)),

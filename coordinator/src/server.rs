@@ -11,11 +11,13 @@ use tokio::sync::watch;
 use fedcart_proto::v1::coordinator_server::CoordinatorServer;
 
 use crate::config::{CoordinatorConfig, RunConfig};
-use crate::engine::Engine;
+use crate::engine::EngineError;
 use crate::identity::Access;
 use crate::limits::{Guard, Limits};
+use crate::service::admin::AdminService;
+use crate::service::hub::{Hub, Starter};
 use crate::service::{Progress, Service, Shared, run_tasks};
-use crate::store::Store;
+use crate::store::StoreFile;
 use crate::tls::Transport;
 
 /// The task loop stopped with an error: the coordinator runs no more rounds.
@@ -34,13 +36,64 @@ pub struct Running {
     pub addr: std::net::SocketAddr,
     /// The address of the HTTP observability listener, if any.
     pub http_addr: Option<std::net::SocketAddr>,
-    /// Progress of the run.
+    /// Progress of the run this coordinator was started with.
     pub progress: watch::Receiver<Progress>,
-    /// Shared state (for status views and tests).
+    /// Shared state of that run (for status views and tests).
     pub shared: Arc<Shared>,
+    /// Every run the coordinator hosts (the one above among them).
+    pub hub: Arc<Hub>,
     shutdown: watch::Sender<bool>,
-    tasks: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The task loop of every run started in this process.
+    loops: Loops,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// The task loops started so far.
+type Loops = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>>>;
+
+/// Starts the task loop of one run. A loop that fails (the store broke) is
+/// logged once with its cause, turns readiness false and is returned by
+/// [`Running::shutdown`]; a run that stopped on a fault (a round that kept
+/// aborting) does the same when it is the coordinator's `--config` run (so
+/// `serve` exits non-zero, as it always has) and is only logged otherwise,
+/// leaving the other runs to go on.
+fn start_loop(
+    shared: Arc<Shared>,
+    hub: Arc<Hub>,
+    primary: bool,
+    health: tonic_health::server::HealthReporter,
+    shutdown: watch::Receiver<bool>,
+    loops: &Loops,
+) {
+    hub.loop_started();
+    let handle = tokio::spawn(async move {
+        let result = run_tasks(Arc::clone(&shared), shutdown).await;
+        let e = match result {
+            Ok(()) => {
+                hub.after_end(&shared.run_config().run_id);
+                hub.loop_ended();
+                return Ok(());
+            }
+            Err(EngineError::Stopped(stop)) if !primary => {
+                tracing::error!(run = %shared.run_config().run_id, "run stopped: {stop}");
+                hub.loop_ended();
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        // Fatal: logged here, once, with its cause; readiness turns false and
+        // `Running` reports it, so `serve` stops and exits non-zero.
+        let cause = format!("{:#}", anyhow::Error::from(e));
+        tracing::error!(error = %cause, "the task loop failed; no more rounds will run");
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        health.set_not_serving::<CoordinatorServer<Service>>().await;
+        shared.fail(cause.clone());
+        hub.loop_ended();
+        Err(TaskLoopFailed { cause }.into())
+    });
+    loops.lock().unwrap_or_else(|p| p.into_inner()).push(handle);
 }
 
 /// Opens the store and engine, then serves plaintext gRPC on `listener`
@@ -89,13 +142,16 @@ pub async fn start_with(
 ) -> anyhow::Result<Running> {
     run.validate().context("run configuration")?;
     let run_id = run.run_id.clone();
-    let store = Store::open(store_path)?;
-    let engine = Engine::open(store, run)?;
-    let shared = Shared::new(engine, ping, opts.limits.upload_idle_timeout);
+    let file = StoreFile::open(store_path)?;
+    let hub = Hub::open(file, ping, opts.limits.upload_idle_timeout)?;
+    // The configured run: resumed if the store holds it, else submitted
+    // beside the runs already there.
+    let (shared, _) = hub.submit(run, true, None)?;
+    hub.set_primary(&run_id);
     let addr = listener.local_addr().context("listener address")?;
     let (shutdown, rx) = watch::channel(false);
     let mut server_rx = rx.clone();
-    let svc = Service::new(Arc::clone(&shared)).into_server();
+    let svc = Service::new(Arc::clone(&hub)).into_server();
     let (builder, access): (_, Option<Arc<Access>>) = match &opts.transport {
         Transport::Tls(files) => (
             tonic::transport::Server::builder()
@@ -109,10 +165,10 @@ pub async fn start_with(
         }
     };
     if let Some(access) = &access {
-        spawn_access_watch(Arc::clone(access), Arc::clone(&shared), rx.clone());
+        spawn_access_watch(Arc::clone(access), Arc::clone(&hub), rx.clone());
     }
     let guard = Guard::new(access, opts.limits.clone());
-    let svc = tonic::service::interceptor::InterceptedService::new(svc, guard);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, guard.clone());
     let (health, health_svc) = tonic_health::server::health_reporter();
     let tasks_health = health.clone();
     // The store and engine are open: ready.
@@ -122,11 +178,37 @@ pub async fn start_with(
         .await;
     let observer = crate::observe::spawn(
         Arc::clone(&shared),
-        run_id,
+        Arc::clone(&hub),
+        run_id.clone(),
         opts.http,
         opts.http_token,
         rx.clone(),
     )?;
+    // Every run's task loop: the stored runs not yet ended, the configured
+    // one, and (through the admin service) each run submitted later.
+    let loops: Loops = Arc::default();
+    let starter: Starter = {
+        // Weak: the hub keeps the starter for scheduled runs.
+        let (hub, health, rx, loops) = (
+            Arc::downgrade(&hub),
+            tasks_health.clone(),
+            rx.clone(),
+            Arc::clone(&loops),
+        );
+        Arc::new(move |s: Arc<Shared>| {
+            let Some(hub) = hub.upgrade() else {
+                return;
+            };
+            let primary = s.run_config().run_id == run_id;
+            start_loop(s, hub, primary, health.clone(), rx.clone(), &loops);
+        })
+    };
+    hub.set_starter(Arc::clone(&starter), rx.clone());
+    for s in hub.all() {
+        starter(s);
+    }
+    let admin = AdminService::new(Arc::clone(&hub), starter).into_server();
+    let admin = tonic::service::interceptor::InterceptedService::new(admin, guard);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let limits = opts.limits.clone();
     let server = tokio::spawn(async move {
@@ -140,6 +222,7 @@ pub async fn start_with(
             .http2_max_header_list_size(limits.max_header_bytes)
             .add_service(health_svc)
             .add_service(svc)
+            .add_service(admin)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = server_rx.wait_for(|v| *v).await;
             })
@@ -150,31 +233,14 @@ pub async fn start_with(
             .await;
         Ok(())
     });
-    let tasks_shared = Arc::clone(&shared);
-    let tasks = tokio::spawn(async move {
-        let Err(e) = run_tasks(Arc::clone(&tasks_shared), rx).await else {
-            return Ok(());
-        };
-        // Fatal: logged here, once, with its cause; readiness turns false and
-        // `Running` reports it, so `serve` stops and exits non-zero.
-        let cause = format!("{:#}", anyhow::Error::from(e));
-        tracing::error!(error = %cause, "the task loop failed; no more rounds will run");
-        tasks_health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        tasks_health
-            .set_not_serving::<CoordinatorServer<Service>>()
-            .await;
-        tasks_shared.fail(cause.clone());
-        Err(TaskLoopFailed { cause }.into())
-    });
     Ok(Running {
         addr,
         http_addr: observer,
         progress: shared.progress(),
         shared,
+        hub,
         shutdown,
-        tasks,
+        loops,
         server,
     })
 }
@@ -182,7 +248,7 @@ pub async fn start_with(
 /// Re-reads the access list every [`crate::identity::ACCESS_RECHECK`] and
 /// closes the sessions of merchants it no longer admits, so a revocation
 /// also ends an open Join stream, not only the merchant's next RPC.
-fn spawn_access_watch(access: Arc<Access>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+fn spawn_access_watch(access: Arc<Access>, hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(crate::identity::ACCESS_RECHECK);
         loop {
@@ -192,7 +258,7 @@ fn spawn_access_watch(access: Arc<Access>, shared: Arc<Shared>, mut stop: watch:
             }
             // An unreadable file keeps the last good list (logged by `current`).
             if let Ok(list) = access.current() {
-                shared.close_refused(|id, serial| {
+                hub.close_refused(|id, serial| {
                     serial
                         .and_then(|s| list.serial_refusal(s))
                         .or_else(|| list.refusal(id))
@@ -261,10 +327,24 @@ impl Running {
     /// Graceful stop: stop handing out tasks, close connections, wait.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        self.shared.close();
-        self.tasks.await.context("task loop panicked")??;
+        self.hub.close();
+        let loops = std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut first_error = None;
+        for l in loops {
+            if let Err(e) = l.await.context("task loop panicked")? {
+                first_error.get_or_insert(e);
+            }
+        }
         self.server.await.context("server panicked")??;
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Waits until every run the coordinator hosts has ended (or a task
+    /// loop failed), then shuts down: what `serve` does unless told to keep
+    /// serving.
+    pub async fn wait_all_finished(self) -> anyhow::Result<()> {
+        self.hub.wait_all_ended().await;
+        self.shutdown().await
     }
 
     /// Waits until the run has finished all its rounds (or the task loop

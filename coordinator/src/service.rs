@@ -11,7 +11,9 @@
 //! honest uploads. When the access list revokes a merchant, its Join stream
 //! ends with `PERMISSION_DENIED` and it is dropped from the open task.
 
+pub mod admin;
 mod convert;
+pub mod hub;
 mod rows;
 mod secure;
 
@@ -70,8 +72,11 @@ pub struct Progress {
     pub stopped: Option<String>,
 }
 
-struct AgentEntry {
+pub(crate) struct AgentEntry {
     merchant_id: String,
+    /// Examples per data family the agent advertised when it joined: it
+    /// is selected for the runs whose model one of them serves.
+    examples: HashMap<String, u64>,
     /// Serial of the certificate the session joined with (`None` in
     /// plaintext mode): revoking it closes the session.
     serial: Option<String>,
@@ -84,7 +89,8 @@ struct AgentEntry {
 /// State shared by the service handlers and the task loop.
 pub struct Shared {
     engine: Mutex<Engine>,
-    agents: Mutex<HashMap<String, AgentEntry>>,
+    /// The agent sessions, shared by every run of the coordinator.
+    agents: Arc<Mutex<HashMap<String, AgentEntry>>>,
     /// Bumped whenever something the task loop waits on changes.
     changed: watch::Sender<u64>,
     progress: watch::Sender<Progress>,
@@ -94,9 +100,8 @@ pub struct Shared {
     /// Longest silence allowed inside an upload (before the header, between
     /// chunks) before it is cut.
     upload_idle: Duration,
-    ping_interval: Duration,
     /// Set when the coordinator shuts down: every Join stream ends.
-    closing: watch::Sender<bool>,
+    closing: Arc<watch::Sender<bool>>,
     /// The secure-aggregation round of the open task, if it is secure.
     secure: Mutex<Option<secure::SecureRound>>,
     /// The little-endian bytes of the last model version downloaded: every
@@ -120,9 +125,16 @@ fn new_session_id() -> String {
 }
 
 impl Shared {
-    /// Wraps an opened engine; `upload_idle` is the longest silence allowed
-    /// inside an upload (see [`crate::limits::Limits::upload_idle_timeout`]).
-    pub fn new(engine: Engine, ping_interval: Duration, upload_idle: Duration) -> Arc<Self> {
+    /// Wraps an opened engine, as one run of a [`hub::Hub`]: the agent
+    /// sessions and the closing signal are the hub's; `upload_idle` is the
+    /// longest silence allowed inside an upload (see
+    /// [`crate::limits::Limits::upload_idle_timeout`]).
+    pub(crate) fn with_sessions(
+        engine: Engine,
+        upload_idle: Duration,
+        agents: Arc<Mutex<HashMap<String, AgentEntry>>>,
+        closing: Arc<watch::Sender<bool>>,
+    ) -> Arc<Self> {
         let progress = Progress {
             version: engine.version(),
             finished: engine.finished(),
@@ -131,17 +143,94 @@ impl Shared {
         };
         Arc::new(Self {
             engine: Mutex::new(engine),
-            agents: Mutex::new(HashMap::new()),
+            agents,
             changed: watch::channel(0).0,
             progress: watch::channel(progress).0,
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
             uploading: Mutex::new(HashSet::new()),
             upload_idle,
-            ping_interval,
-            closing: watch::channel(false).0,
+            closing,
             secure: Mutex::new(None),
             model_bytes: Mutex::new(None),
         })
+    }
+
+    /// Stops accepting uploads for this run (shutdown).
+    fn close_uploads(&self) {
+        self.upload_slots.close();
+    }
+
+    /// True once the run has ended (all rounds, stopped) or its task loop
+    /// failed.
+    pub fn ended(&self) -> bool {
+        let p = self.progress.borrow();
+        p.finished || p.failed.is_some()
+    }
+
+    /// Stops the run for an operator (see [`Engine::stop_by_operator`]);
+    /// its task loop ends at its next step.
+    pub fn stop_by_operator(&self, by: &str) -> Result<(), EngineError> {
+        let stopping_secure = self.engine().open_task().is_some_and(|p| p.secure);
+        if stopping_secure {
+            // The secure session of the abandoned task is dropped unread.
+            *self.secure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        self.engine().stop_by_operator(by)?;
+        self.bump();
+        Ok(())
+    }
+
+    /// The run's phase as `Status` and the runs list show it.
+    pub fn phase(&self) -> String {
+        let engine = self.engine();
+        match (engine.stopped(), engine.finished(), engine.open_task()) {
+            (Some(stop), _, _) => format!("stopped: {stop}"),
+            (None, true, _) => "finished".into(),
+            (None, false, Some(p)) => p.task_id.clone(),
+            (None, false, None) => "waiting for agents".into(),
+        }
+    }
+
+    /// The run's summary for the runs list.
+    pub fn summary(&self, entry: &crate::store::RunEntry) -> hub::RunSummary {
+        let phase = self.phase();
+        let eligible_agents = self.eligible().len();
+        let engine = self.engine();
+        let run = engine.run();
+        hub::RunSummary {
+            run_id: run.run_id.clone(),
+            model: run.model.name().to_owned(),
+            phase,
+            model_version: engine.version(),
+            rounds: run.rounds,
+            finished: engine.finished(),
+            stopped: engine.stopped().map(|s| s.to_string()),
+            best_version: engine.best().map(|b| b.version),
+            submitted_unix_ms: entry.submitted_unix_ms,
+            eligible_agents,
+            needed: run.selection.min_agents.max(run.selection.min_available),
+            continues: entry.continues.clone(),
+        }
+    }
+
+    /// Connected merchants whose data serves this run's model: those that
+    /// advertised examples of its data family (and, for models that need
+    /// no data, and agents that advertised nothing, every one).
+    pub fn eligible(&self) -> Vec<String> {
+        let family = self.engine().run().model.data_family();
+        let mut v: Vec<String> = self
+            .agents()
+            .values()
+            .filter(|a| {
+                family == "noop"
+                    || a.examples.is_empty()
+                    || a.examples.get(family).is_some_and(|n| *n > 0)
+            })
+            .map(|a| a.merchant_id.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// Ends every agent's Join stream, so a graceful shutdown does not wait
@@ -157,7 +246,7 @@ impl Shared {
     }
 
     /// The `RunEnded` message of a finished run (`None` while it runs).
-    fn run_ended(&self) -> Option<pb::Work> {
+    pub(crate) fn run_ended(&self) -> Option<pb::Work> {
         let engine = self.engine();
         engine.finished().then(|| pb::Work {
             kind: Some(pb::work::Kind::RunEnded(pb::RunEnded {
@@ -170,7 +259,7 @@ impl Shared {
 
     /// Tells every connected agent that the run is over, so that agents go
     /// idle instead of treating the coordinator's exit as an outage.
-    fn announce_end(&self) {
+    pub(crate) fn announce_end(&self) {
         let Some(end) = self.run_ended() else {
             return;
         };
@@ -186,7 +275,7 @@ impl Shared {
         self.progress.subscribe()
     }
 
-    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+    pub(crate) fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -194,7 +283,7 @@ impl Shared {
         self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn bump(&self) {
+    pub(crate) fn bump(&self) {
         self.changed.send_modify(|v| *v += 1);
         let agents = self.agents().len();
         let engine = self.engine();
@@ -231,8 +320,26 @@ impl Shared {
     /// ends with `PERMISSION_DENIED` naming the reason, it is counted as
     /// dropped for the open task and is no longer available for selection.
     pub fn close_refused(&self, refusal: impl Fn(&str, Option<&str>) -> Option<&'static str>) {
+        let closed = Self::close_sessions(&self.agents, refusal);
+        if closed.is_empty() {
+            return;
+        }
+        for merchant in closed {
+            self.engine().drop_agent(&merchant);
+        }
+        self.bump();
+    }
+
+    /// Ends the sessions in `agents` that `refusal` refuses, each with
+    /// `PERMISSION_DENIED` naming the reason; returns their merchants.
+    fn close_sessions(
+        agents: &Mutex<HashMap<String, AgentEntry>>,
+        refusal: impl Fn(&str, Option<&str>) -> Option<&'static str>,
+    ) -> Vec<String> {
         let mut closed = Vec::new();
-        self.agents()
+        agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .retain(|_, a| match refusal(&a.merchant_id, a.serial.as_deref()) {
                 Some(why) => {
                     closed.push((a.merchant_id.clone(), why, a.kill.take()));
@@ -240,19 +347,18 @@ impl Shared {
                 }
                 None => true,
             });
-        if closed.is_empty() {
-            return;
-        }
-        for (merchant, why, kill) in closed {
-            tracing::warn!(%merchant, reason = why, "access withdrawn; closing the merchant's session");
-            if let Some(kill) = kill {
-                let _ = kill.send(Status::permission_denied(format!(
-                    "merchant `{merchant}` is {why}: session closed by the coordinator"
-                )));
-            }
-            self.engine().drop_agent(&merchant);
-        }
-        self.bump();
+        closed
+            .into_iter()
+            .map(|(merchant, why, kill)| {
+                tracing::warn!(%merchant, reason = why, "access withdrawn; closing the merchant's session");
+                if let Some(kill) = kill {
+                    let _ = kill.send(Status::permission_denied(format!(
+                        "merchant `{merchant}` is {why}: session closed by the coordinator"
+                    )));
+                }
+                merchant
+            })
+            .collect()
     }
 
     /// Marks an upload from `merchant` as in flight until the guard drops;
@@ -282,15 +388,6 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .len();
         self.progress.send_modify(|p| p.uploads = n);
-    }
-
-    fn merchant_of(&self, session_id: &str) -> Result<String, Status> {
-        self.agents()
-            .get(session_id)
-            .map(|a| a.merchant_id.clone())
-            .ok_or_else(|| {
-                Status::unauthenticated(format!("unknown session `{session_id}`: join first"))
-            })
     }
 
     /// Parameters of a committed version.
@@ -343,21 +440,6 @@ impl Shared {
         v.sort();
         v
     }
-
-    fn remove_session(&self, session_id: &str) {
-        let removed = self.agents().remove(session_id);
-        if let Some(entry) = removed {
-            tracing::info!(merchant = %entry.merchant_id, "agent left");
-            let still_connected = self
-                .agents()
-                .values()
-                .any(|a| a.merchant_id == entry.merchant_id);
-            if !still_connected {
-                self.engine().drop_agent(&entry.merchant_id);
-            }
-            self.bump();
-        }
-    }
 }
 
 /// An upload in flight; dropping it lets the merchant upload again.
@@ -377,16 +459,16 @@ impl Drop for UploadGuard<'_> {
     }
 }
 
-/// The tonic service over [`Shared`].
+/// The tonic service over the runs of a [`hub::Hub`].
 #[derive(Clone)]
 pub struct Service {
-    shared: Arc<Shared>,
+    hub: Arc<hub::Hub>,
 }
 
 impl Service {
-    /// A service handle for `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    /// A service handle for `hub`'s runs.
+    pub fn new(hub: Arc<hub::Hub>) -> Self {
+        Self { hub }
     }
 
     /// The tonic server wrapper, with message limits suited to chunked transfers.
@@ -417,27 +499,41 @@ impl Coordinator for Service {
         let (tx, rx) = mpsc::channel(WORK_QUEUE);
         let (kill, killed) = oneshot::channel::<Status>();
         let session_id = new_session_id();
-        let run_id = self.shared.engine().run().run_id.clone();
+        // The welcome names the default run; tasks name their own.
+        let run_id = self
+            .hub
+            .primary()
+            .map(|s| s.engine().run().run_id.clone())
+            .unwrap_or_default();
         let welcome = pb::Work {
             kind: Some(pb::work::Kind::Welcome(pb::Welcome {
                 session_id: session_id.clone(),
                 run_id,
-                ping_interval_ms: self.shared.ping_interval.as_millis() as u64,
+                ping_interval_ms: self.hub.ping_interval.as_millis() as u64,
             })),
         };
         tx.try_send(Ok(welcome)).expect("fresh queue has room");
-        // An agent joining a finished run learns so at once.
-        if let Some(end) = self.shared.run_ended() {
+        // An agent joining learns at once which runs have ended (the last
+        // few: the queue has room for the session's first messages).
+        for end in self
+            .hub
+            .all()
+            .iter()
+            .rev()
+            .filter_map(|s| s.run_ended())
+            .take(WORK_QUEUE / 2)
+        {
             tx.try_send(Ok(end)).expect("fresh queue has room");
         }
         {
-            let mut agents = self.shared.agents();
+            let mut agents = self.hub.sessions.lock().unwrap_or_else(|p| p.into_inner());
             // A merchant that reconnects replaces its stale session.
             agents.retain(|_, a| a.merchant_id != req.merchant_id);
             agents.insert(
                 session_id.clone(),
                 AgentEntry {
                     merchant_id: req.merchant_id.clone(),
+                    examples: req.examples.clone(),
                     serial,
                     tx: tx.clone(),
                     kill: Some(kill),
@@ -445,10 +541,10 @@ impl Coordinator for Service {
             );
         }
         tracing::info!(merchant = %req.merchant_id, examples = ?req.examples, "agent joined");
-        self.shared.bump();
+        self.hub.bump_all();
 
-        let shared = Arc::clone(&self.shared);
-        let mut closing = self.shared.closing.subscribe();
+        let hub = Arc::clone(&self.hub);
+        let mut closing = self.hub.closing.subscribe();
         if *closing.borrow() {
             return Err(Status::unavailable("the coordinator is shutting down"));
         }
@@ -458,7 +554,7 @@ impl Coordinator for Service {
                 tokio::select! {
                     _ = tx.closed() => break,
                     _ = closing.changed() => break,
-                    _ = tokio::time::sleep(shared.ping_interval) => {
+                    _ = tokio::time::sleep(hub.ping_interval) => {
                         seq += 1;
                         let ping = pb::Work { kind: Some(pb::work::Kind::Ping(pb::Ping { sequence: seq })) };
                         // A full queue means the agent is busy training; skip this ping.
@@ -468,7 +564,7 @@ impl Coordinator for Service {
                     }
                 }
             }
-            shared.remove_session(&session_id);
+            hub.remove_session(&session_id);
         });
         // A status sent on `kill` goes out ahead of any queued work and ends
         // the stream (tonic closes a server stream after its first error).
@@ -488,10 +584,11 @@ impl Coordinator for Service {
     ) -> Result<Response<ChunkStream>, Status> {
         let peer = crate::identity::peer(&request)?;
         let req = request.into_inner();
-        let merchant = self.shared.merchant_of(&req.session_id)?;
+        let merchant = self.hub.merchant_of(&req.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
+        let shared = self.hub.get(&req.run_id)?;
         let (model, cached, layout) = {
-            let engine = self.shared.engine();
+            let engine = shared.engine();
             engine
                 .precheck(&merchant, &req.run_id, req.round, &req.task_id)
                 .map_err(Status::from)?;
@@ -537,7 +634,7 @@ impl Coordinator for Service {
             });
             return Ok(Response::new(Box::pin(stream)));
         }
-        let bytes = self.shared.model_bytes(req.model_version, &model);
+        let bytes = shared.model_bytes(req.model_version, &model);
         drop(model);
         let total_len = bytes.len() as u64;
         let chunks = bytes.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
@@ -561,7 +658,7 @@ impl Coordinator for Service {
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let peer = crate::identity::peer(&request)?;
         let mut stream = request.into_inner();
-        let idle = self.shared.upload_idle;
+        let idle = self.hub.upload_idle();
         let first = tokio::time::timeout(idle, stream.message())
             .await
             .map_err(|_| idle_status(idle))?;
@@ -576,12 +673,13 @@ impl Coordinator for Service {
             }
             None => return Err(Status::invalid_argument("empty upload")),
         };
-        let merchant = self.shared.merchant_of(&header.session_id)?;
+        let merchant = self.hub.merchant_of(&header.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
         crate::limits::check_metrics(&header.metrics)?;
-        let _in_flight = self.shared.begin_upload(&merchant)?;
+        let shared = self.hub.get(&header.run_id)?;
+        let _in_flight = shared.begin_upload(&merchant)?;
         let (kind, expected_values, expected_weights, secure, layout) = {
-            let engine = self.shared.engine();
+            let engine = shared.engine();
             engine
                 .precheck(&merchant, &header.run_id, header.round, &header.task_id)
                 .map_err(Status::from)?;
@@ -606,7 +704,7 @@ impl Coordinator for Service {
             )));
         }
         if header.encoding == pb::PayloadEncoding::MaskedU32 as i32 {
-            return secure::submit_masked(&self.shared, &merchant, header, stream).await;
+            return secure::submit_masked(&shared, &merchant, header, stream).await;
         }
         if secure {
             // Refused before a byte of the payload is read: under secure
@@ -636,7 +734,7 @@ impl Coordinator for Service {
                 "this round expects PAYLOAD_ENCODING_F32",
             ));
         }
-        let (_slot, payload) = receive_payload(&self.shared, &mut stream, declared).await?;
+        let (_slot, payload) = receive_payload(&shared, &mut stream, declared).await?;
         let update = if kind == TaskKind::Evaluate && header.num_values == 0 {
             None
         } else if rows {
@@ -658,14 +756,14 @@ impl Coordinator for Service {
             weight: header.weight,
             bytes: declared,
         };
-        let result = self.shared.engine().submit(
+        let result = shared.engine().submit(
             &merchant,
             &header.run_id,
             header.round,
             &header.task_id,
             sub,
         );
-        self.shared.bump();
+        shared.bump();
         result.map_err(Status::from)?;
         Ok(Response::new(pb::SubmitReply {
             message: format!("accepted update from `{merchant}`"),
@@ -684,9 +782,10 @@ impl Coordinator for Service {
             .map(|certs| certs.iter().map(|c| c.to_vec()).collect())
             .unwrap_or_default();
         let msg = request.into_inner();
-        let merchant = self.shared.merchant_of(&msg.session_id)?;
+        let merchant = self.hub.merchant_of(&msg.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
-        secure::on_message(&self.shared, &merchant, chain, msg).map(Response::new)
+        let shared = self.hub.get(&msg.run_id)?;
+        secure::on_message(&shared, &merchant, chain, msg).map(Response::new)
     }
 
     /// The run's state. An operator (or anyone in plaintext mode) sees every
@@ -696,8 +795,17 @@ impl Coordinator for Service {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         let viewer = crate::identity::viewer(&request);
-        let connected = self.shared.connected();
-        let engine = self.shared.engine();
+        let wanted = request.get_ref().run_id.clone();
+        let shared = if wanted.is_empty() {
+            self.hub
+                .primary()
+                .ok_or_else(|| Status::not_found("this coordinator hosts no run yet"))?
+        } else {
+            self.hub.get(&wanted)?
+        };
+        let connected = shared.connected();
+        let phase = shared.phase();
+        let engine = shared.engine();
         let last = engine
             .store()
             .history()
@@ -715,12 +823,8 @@ impl Coordinator for Service {
             last_round_json: last
                 .map(|r| serde_json::to_string(&r).expect("serialisable"))
                 .unwrap_or_default(),
-            phase: match (engine.stopped(), engine.finished(), engine.open_task()) {
-                (Some(stop), _, _) => format!("stopped: {stop}"),
-                (None, true, _) => "finished".into(),
-                (None, false, Some(p)) => p.task_id.clone(),
-                (None, false, None) => "waiting for agents".into(),
-            },
+            phase,
+            run_ids: self.hub.ids(),
         }))
     }
 }
@@ -838,6 +942,7 @@ pub async fn run_tasks(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), EngineError> {
     let mut changed = shared.changed.subscribe();
+    let run_id = shared.engine().run().run_id.clone();
     loop {
         // A finished (or stopped) run reports how it ended even when the
         // shutdown signal came right after.
@@ -849,15 +954,15 @@ pub async fn run_tasks(
                 // An exhausted privacy budget or early stopping is a
                 // planned end, not a fault.
                 Some(stop) if stop.is_planned() => {
-                    tracing::warn!("run stopped: {stop}");
+                    tracing::warn!(run = %run_id, "run stopped: {stop}");
                     Ok(())
                 }
                 Some(stop) => {
-                    tracing::error!("run stopped: {stop}");
+                    tracing::error!(run = %run_id, "run stopped: {stop}");
                     Err(EngineError::Stopped(stop))
                 }
                 None => {
-                    tracing::info!("run finished");
+                    tracing::info!(run = %run_id, "run finished");
                     Ok(())
                 }
             };
@@ -865,7 +970,7 @@ pub async fn run_tasks(
         if *shutdown.borrow() {
             return Ok(());
         }
-        let available = shared.connected();
+        let available = shared.eligible();
         let started = shared.engine().start_task(&available);
         let plan = match started {
             Ok(plan) => plan,
@@ -879,7 +984,6 @@ pub async fn run_tasks(
             }
             Err(e) => return Err(e),
         };
-        let run_id = shared.engine().run().run_id.clone();
         let timeout = Duration::from_millis(shared.engine().run().round_timeout_ms);
         let deadline = tokio::time::Instant::now() + timeout;
         let msg = convert::assignment(
@@ -939,9 +1043,13 @@ pub async fn run_tasks(
                 _ = shutdown.changed() => return Ok(()),
             }
         }
+        if shared.engine().open_task().is_none() {
+            // An operator stopped the run while the task was open.
+            continue;
+        }
         let record = shared.engine().finish_task()?;
         tracing::info!(task = %record.task_id, outcome = ?record.outcome, reported = record.reported.len(),
-            metrics = ?record.metrics, "task closed");
+            metrics = ?record.metrics, run = %run_id, "task closed");
         shared.progress.send_modify(|p| p.records += 1);
         shared.bump();
         if record.outcome == crate::record::Outcome::Aborted && !shared.engine().finished() {

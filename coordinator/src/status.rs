@@ -28,6 +28,15 @@ pub async fn connect(
     url: &str,
     tls: Option<&ClientTls>,
 ) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
+    Ok(CoordinatorClient::new(channel(url, tls).await?))
+}
+
+/// A channel to `url`, with mutual TLS when `tls` is given (for the
+/// `Coordinator` and `Admin` clients).
+pub async fn channel(
+    url: &str,
+    tls: Option<&ClientTls>,
+) -> anyhow::Result<tonic::transport::Channel> {
     let mut ep = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("coordinator address `{url}`"))?
         .connect_timeout(Duration::from_secs(5))
@@ -42,17 +51,15 @@ pub async fn connect(
                 .domain_name(t.domain.clone()),
         )?;
     }
-    let ch = ep
-        .connect()
+    ep.connect()
         .await
-        .with_context(|| format!("connecting to {url}"))?;
-    Ok(CoordinatorClient::new(ch))
+        .with_context(|| format!("connecting to {url}"))
 }
 
 /// Fetches the status.
 pub async fn fetch(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<pb::StatusReply> {
     let mut c = connect(url, tls).await?;
-    Ok(c.status(pb::StatusRequest {})
+    Ok(c.status(pb::StatusRequest::default())
         .await
         .context("Status RPC")?
         .into_inner())
@@ -110,6 +117,7 @@ pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
         "phase": s.phase,
         "connected_agents": s.connected_agents,
         "last_round": last,
+        "run_ids": s.run_ids,
     })
 }
 
@@ -124,6 +132,10 @@ pub fn to_table(s: &pb::StatusReply) -> String {
         s.model_version.to_string(),
     ]);
     t.add_row(vec!["phase".to_string(), s.phase.clone()]);
+    t.add_row(vec![
+        format!("runs hosted ({})", s.run_ids.len()),
+        s.run_ids.join(", "),
+    ]);
     t.add_row(vec![
         format!("connected agents ({})", s.connected_agents.len()),
         s.connected_agents.join(", "),

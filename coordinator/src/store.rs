@@ -15,8 +15,17 @@
 //! A version becomes visible only in the same write transaction that stores
 //! its chunks and its round record, so a crash at any moment leaves either
 //! the old state or the new one, never a torn model.
+//!
+//! **Many runs, one file.** The store's first run keeps the four tables
+//! under their plain names (so a single-run store from before runs were
+//! first-class is read as it is); every later run has its own sub-tree, the
+//! same four tables named `run/<id>/meta` and so on. The `runs` table lists
+//! every run with its sub-tree and submission time ([`RunEntry`]); a store
+//! without it that holds a run is that run's store ([`StoreFile::runs`]
+//! lists it). A [`Store`] is one run's view; [`StoreFile`] is the file.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -25,10 +34,90 @@ use thiserror::Error;
 
 use crate::record::RoundRecord;
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const MODELS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("models");
-const VERSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("versions");
-const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
+/// The run registry: run id → [`RunEntry`] (JSON).
+const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
+
+/// One run's four tables, named under its sub-tree's prefix.
+#[derive(Debug, Clone)]
+struct Tables {
+    meta: String,
+    models: String,
+    versions: String,
+    history: String,
+}
+
+impl Tables {
+    fn under(prefix: &str) -> Self {
+        Self {
+            meta: format!("{prefix}meta"),
+            models: format!("{prefix}models"),
+            versions: format!("{prefix}versions"),
+            history: format!("{prefix}history"),
+        }
+    }
+    fn meta(&self) -> TableDefinition<'_, &'static str, &'static [u8]> {
+        TableDefinition::new(&self.meta)
+    }
+    fn models(&self) -> TableDefinition<'_, (u64, u32), &'static [u8]> {
+        TableDefinition::new(&self.models)
+    }
+    fn versions(&self) -> TableDefinition<'_, u64, &'static [u8]> {
+        TableDefinition::new(&self.versions)
+    }
+    fn history(&self) -> TableDefinition<'_, u64, &'static [u8]> {
+        TableDefinition::new(&self.history)
+    }
+}
+
+/// A run as the registry (`runs` table) records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEntry {
+    /// The run's id.
+    pub run_id: String,
+    /// Prefix of its tables: empty for the store's first run, else
+    /// `run/<id>/`.
+    pub prefix: String,
+    /// Milliseconds since the Unix epoch when it was submitted (0 for a run
+    /// found in a store from before the registry).
+    pub submitted_unix_ms: i64,
+    /// Position in submission order, from 0.
+    pub order: u64,
+    /// The run this one continues from (scheduled retraining), if any.
+    #[serde(default)]
+    pub continues: Option<String>,
+    /// Scheduled retraining: when this run finishes, the next instance.
+    #[serde(default)]
+    pub schedule: Option<crate::config::Schedule>,
+    /// Which instance of its schedule this run is, from 1.
+    #[serde(default = "first_instance")]
+    pub instance: u64,
+}
+
+fn first_instance() -> u64 {
+    1
+}
+
+impl RunEntry {
+    /// The id of the next instance of a scheduled run: `<base>.<n+1>`,
+    /// where the first instance's id is the base.
+    pub fn next_id(&self) -> String {
+        let base = match self.instance {
+            1 => self.run_id.as_str(),
+            _ => self
+                .run_id
+                .rsplit_once('.')
+                .map_or(self.run_id.as_str(), |(b, _)| b),
+        };
+        format!("{base}.{}", self.instance + 1)
+    }
+
+    /// True when the schedule allows an instance after this one.
+    pub fn repeats(&self) -> bool {
+        self.schedule
+            .as_ref()
+            .is_some_and(|s| s.repeat.is_none_or(|r| self.instance <= r))
+    }
+}
 
 /// Chunk size for model bytes: just under 1 MiB, so that redb's power-of-two
 /// allocation of a value does not double the space a chunk takes.
@@ -81,11 +170,12 @@ pub struct Commit<'a> {
     pub strategy_state: &'a [f32],
 }
 
-/// Handle to the coordinator's store.
+/// Handle to one run's part of the coordinator's store.
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
     durable: bool,
+    tables: Tables,
     /// Test seam: every later write fails, as on a full or broken disk.
     #[cfg(test)]
     pub(crate) fail_writes: std::sync::atomic::AtomicBool,
@@ -104,8 +194,16 @@ mod sha2_digest {
     }
 }
 
-impl Store {
-    /// Opens the store at `path`, creating it (and its tables) if needed.
+/// The coordinator's store file, shared by the runs it holds (redb opens a
+/// file once per process).
+#[derive(Clone)]
+pub struct StoreFile {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl StoreFile {
+    /// Opens the store file at `path`, creating it if needed.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let err = |e: redb::Error| StoreError::Db {
             path: path.into(),
@@ -115,22 +213,161 @@ impl Store {
             std::fs::create_dir_all(parent).map_err(|e| err(redb::Error::Io(e)))?;
         }
         let db = Database::create(path).map_err(|e| err(e.into()))?;
-        let store = Self {
-            db,
+        let file = Self {
+            db: Arc::new(db),
             path: path.into(),
+        };
+        let txn = file.db.begin_write().map_err(|e| file.err(e))?;
+        txn.open_table(RUNS).map_err(|e| file.err(e))?;
+        txn.commit().map_err(|e| file.err(e))?;
+        Ok(file)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            source: Box::new(e.into()),
+        }
+    }
+
+    /// Every run in the store, in submission order. A store written before
+    /// the registry existed lists its one run (found in the plain tables).
+    pub fn runs(&self) -> Result<Vec<RunEntry>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(RUNS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let run: RunEntry =
+                serde_json::from_slice(v.value()).map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("run registry entry `{}`", k.value()),
+                })?;
+            out.push(run);
+        }
+        drop(table);
+        drop(txn);
+        if out.is_empty() {
+            // A single-run store from before the registry: its run is in the
+            // plain tables.
+            let first = self.run_view("")?;
+            if let Some(cfg) = first.meta_json::<serde_json::Value>("run_config")? {
+                let run_id = cfg
+                    .get("run_id")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                out.push(RunEntry {
+                    run_id,
+                    prefix: String::new(),
+                    submitted_unix_ms: 0,
+                    order: 0,
+                    continues: None,
+                    schedule: None,
+                    instance: 1,
+                });
+            }
+        }
+        out.sort_by_key(|r| r.order);
+        Ok(out)
+    }
+
+    /// Registers `run_id` (the first run gets the plain tables, later ones
+    /// `run/<id>/`) and returns its entry; an id already registered returns
+    /// the existing entry unchanged.
+    pub fn register(
+        &self,
+        run_id: &str,
+        submitted_unix_ms: i64,
+        continues: Option<String>,
+        schedule: Option<crate::config::Schedule>,
+        instance: u64,
+    ) -> Result<RunEntry, StoreError> {
+        let existing = self.runs()?;
+        if let Some(e) = existing.iter().find(|e| e.run_id == run_id) {
+            if e.submitted_unix_ms == 0 && e.order == 0 && e.prefix.is_empty() {
+                // A store from before the registry: record its run now.
+                self.put_entry(e)?;
+            }
+            return Ok(e.clone());
+        }
+        let prefix = if existing.is_empty() {
+            String::new()
+        } else {
+            format!("run/{run_id}/")
+        };
+        let entry = RunEntry {
+            run_id: run_id.to_owned(),
+            prefix,
+            submitted_unix_ms,
+            order: existing.iter().map(|e| e.order + 1).max().unwrap_or(0),
+            continues,
+            schedule,
+            instance,
+        };
+        if let Some(first) = existing.first().filter(|e| e.submitted_unix_ms == 0) {
+            self.put_entry(first)?;
+        }
+        self.put_entry(&entry)?;
+        Ok(entry)
+    }
+
+    fn put_entry(&self, entry: &RunEntry) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(RUNS).map_err(|e| self.err(e))?;
+            let bytes = serde_json::to_vec(entry).expect("serialisable");
+            table
+                .insert(entry.run_id.as_str(), bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The store of the run registered as `entry`.
+    pub fn run(&self, entry: &RunEntry) -> Result<Store, StoreError> {
+        self.run_view(&entry.prefix)
+    }
+
+    fn run_view(&self, prefix: &str) -> Result<Store, StoreError> {
+        let store = Store {
+            db: Arc::clone(&self.db),
+            path: self.path.clone(),
             durable: true,
+            tables: Tables::under(prefix),
             #[cfg(test)]
             fail_writes: Default::default(),
         };
-        let txn = store.db.begin_write().map_err(|e| err(e.into()))?;
+        let txn = store.db.begin_write().map_err(|e| store.err(e))?;
         {
-            txn.open_table(META).map_err(|e| err(e.into()))?;
-            txn.open_table(MODELS).map_err(|e| err(e.into()))?;
-            txn.open_table(VERSIONS).map_err(|e| err(e.into()))?;
-            txn.open_table(HISTORY).map_err(|e| err(e.into()))?;
+            let t = &store.tables;
+            txn.open_table(t.meta()).map_err(|e| store.err(e))?;
+            txn.open_table(t.models()).map_err(|e| store.err(e))?;
+            txn.open_table(t.versions()).map_err(|e| store.err(e))?;
+            txn.open_table(t.history()).map_err(|e| store.err(e))?;
         }
-        txn.commit().map_err(|e| err(e.into()))?;
+        txn.commit().map_err(|e| store.err(e))?;
         Ok(store)
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it (and its tables) if needed, as
+    /// the view of its first run (the only run of a single-run store).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        StoreFile::open(path)?.run_view("")
+    }
+
+    /// The view of run `run_id` in the store at `path`, if it holds it.
+    pub fn open_run(path: &Path, run_id: &str) -> Result<Option<Self>, StoreError> {
+        let file = StoreFile::open(path)?;
+        let entry = file.runs()?.into_iter().find(|e| e.run_id == run_id);
+        entry.map(|e| file.run(&e)).transpose()
     }
 
     /// Opens a scratch store whose commits are atomic but not fsync'd
@@ -182,7 +419,9 @@ impl Store {
     /// Reads a raw metadata value.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(META).map_err(|e| self.err(e))?;
+        let table = txn
+            .open_table(self.tables.meta())
+            .map_err(|e| self.err(e))?;
         Ok(table
             .get(key)
             .map_err(|e| self.err(e))?
@@ -206,7 +445,9 @@ impl Store {
     pub fn put_meta_json(&self, entries: &[(&str, serde_json::Value)]) -> Result<(), StoreError> {
         let txn = self.begin_write()?;
         {
-            let mut table = txn.open_table(META).map_err(|e| self.err(e))?;
+            let mut table = txn
+                .open_table(self.tables.meta())
+                .map_err(|e| self.err(e))?;
             for (k, v) in entries {
                 let bytes = serde_json::to_vec(v).expect("JSON values serialise");
                 table
@@ -225,7 +466,9 @@ impl Store {
         let txn = self.begin_write()?;
         self.write_version(&txn, 0, params)?;
         {
-            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let mut meta = txn
+                .open_table(self.tables.meta())
+                .map_err(|e| self.err(e))?;
             meta.insert("latest_version", 0u64.to_le_bytes().as_slice())
                 .map_err(|e| self.err(e))?;
         }
@@ -239,7 +482,9 @@ impl Store {
         params: &[f32],
     ) -> Result<(), StoreError> {
         let bytes = fedcart_common::federation::update::f32s_to_le(params);
-        let mut models = txn.open_table(MODELS).map_err(|e| self.err(e))?;
+        let mut models = txn
+            .open_table(self.tables.models())
+            .map_err(|e| self.err(e))?;
         for (i, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
             models
                 .insert((version, i as u32), chunk)
@@ -249,7 +494,9 @@ impl Store {
             len: params.len() as u64,
             sha256: sha256_hex(&bytes),
         };
-        let mut versions = txn.open_table(VERSIONS).map_err(|e| self.err(e))?;
+        let mut versions = txn
+            .open_table(self.tables.versions())
+            .map_err(|e| self.err(e))?;
         versions
             .insert(
                 version,
@@ -266,7 +513,9 @@ impl Store {
         self.write_version(&txn, commit.version, commit.params)?;
         self.append_history_in(&txn, commit.record)?;
         {
-            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let mut meta = txn
+                .open_table(self.tables.meta())
+                .map_err(|e| self.err(e))?;
             meta.insert("latest_version", commit.version.to_le_bytes().as_slice())
                 .map_err(|e| self.err(e))?;
             let state = fedcart_common::federation::update::f32s_to_le(commit.strategy_state);
@@ -281,7 +530,9 @@ impl Store {
         txn: &redb::WriteTransaction,
         record: &RoundRecord,
     ) -> Result<(), StoreError> {
-        let mut history = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+        let mut history = txn
+            .open_table(self.tables.history())
+            .map_err(|e| self.err(e))?;
         let next = history
             .last()
             .map_err(|e| self.err(e))?
@@ -311,7 +562,9 @@ impl Store {
         let txn = self.begin_write()?;
         self.append_history_in(&txn, record)?;
         {
-            let mut table = txn.open_table(META).map_err(|e| self.err(e))?;
+            let mut table = txn
+                .open_table(self.tables.meta())
+                .map_err(|e| self.err(e))?;
             for (k, v) in entries {
                 let bytes = serde_json::to_vec(v).expect("JSON values serialise");
                 table
@@ -347,13 +600,17 @@ impl Store {
     /// Reads a committed version, verifying its length and checksum.
     pub fn model(&self, version: u64) -> Result<Option<Vec<f32>>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let versions = txn.open_table(VERSIONS).map_err(|e| self.err(e))?;
+        let versions = txn
+            .open_table(self.tables.versions())
+            .map_err(|e| self.err(e))?;
         let Some(meta) = versions.get(version).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
         let meta: VersionMeta = serde_json::from_slice(meta.value())
             .map_err(|_| self.corrupt(format!("version {version} metadata")))?;
-        let models = txn.open_table(MODELS).map_err(|e| self.err(e))?;
+        let models = txn
+            .open_table(self.tables.models())
+            .map_err(|e| self.err(e))?;
         // The stored length is checked against the chunks actually there,
         // never trusted for an allocation: a corrupt length must be an
         // error naming the store, not an abort at start-up.
@@ -390,7 +647,9 @@ impl Store {
     /// All history records, oldest first.
     pub fn history(&self) -> Result<Vec<RoundRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+        let table = txn
+            .open_table(self.tables.history())
+            .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = entry.map_err(|e| self.err(e))?;
@@ -416,7 +675,7 @@ mod tests {
         for len in [u64::MAX / 2, 1 << 40, 4] {
             let txn = store.db.begin_write().unwrap();
             {
-                let mut versions = txn.open_table(VERSIONS).unwrap();
+                let mut versions = txn.open_table(store.tables.versions()).unwrap();
                 let meta = VersionMeta {
                     len,
                     sha256: "0".repeat(64),

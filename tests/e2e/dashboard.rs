@@ -226,3 +226,51 @@ async fn dashboard_shows_the_epsilon_a_dp_run_has_spent() {
     }
     coord.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_finished() {
+    let Some(browser) = chromium() else {
+        eprintln!("NOTICE: chromium not installed; dashboard browser test skipped");
+        return;
+    };
+    init_logs();
+    let split = telco_split(2, 17);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_dashboard(churn_run("dash-a", 2, 2, 2), store.path()).await;
+    let http = coord.http_addr.unwrap();
+    // A second run through the Admin RPC (plaintext: the caller is the
+    // operator), going at the same time as the first.
+    let toml = "run_id = \"dash-b\"\nseed = 9\nrounds = 3\nquorum = 2\n\
+                round_timeout_ms = 60000\nevaluate = false\n\
+                model = { family = \"churn_lr\", num_features = 45 }\n\
+                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
+                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n"
+        .to_string();
+    let mut admin =
+        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
+            .await
+            .unwrap();
+    admin
+        .submit_run(fedcart_proto::v1::SubmitRunRequest {
+            config_toml: toml,
+            source: "dash-b.toml".into(),
+        })
+        .await
+        .unwrap();
+    let agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    coord.hub.wait_all_ended().await;
+
+    let dom = dump_dom(browser, format!("http://{http}/")).await;
+    for (run, rounds) in [("dash-a", 2), ("dash-b", 3)] {
+        let row = format!(
+            "<tr data-run=\"{run}\"><td>{run}</td><td>churn-lr</td><td>round {rounds} of {rounds}</td><td>finished</td>"
+        );
+        assert!(dom.contains(&row), "no row `{row}`:\n{dom}");
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}

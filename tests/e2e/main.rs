@@ -16,6 +16,7 @@ mod policy;
 mod privacy;
 mod restart;
 mod rules;
+mod runs;
 mod secure;
 mod secure_keys;
 mod security;

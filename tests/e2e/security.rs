@@ -404,6 +404,7 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     let json = fedcart_coordinator::status::to_json(&reply);
     assert_eq!(json["model_version"], 2);
     assert_eq!(json["run_id"], "tls");
+    assert_eq!(json["run_ids"], serde_json::json!(["tls"]));
     assert_eq!(json["last_round"]["outcome"], "committed");
     let table = fedcart_coordinator::status::to_table(&reply);
     assert!(

@@ -249,7 +249,7 @@ impl Engine {
                 self.ledger = ledger;
                 self.pending_eval =
                     super::publishes(&self.run, version, &self.global, self.complete);
-                tracing::info!(version, reported, "version committed");
+                tracing::info!(version, reported, run = %self.run.run_id, "version committed");
             }
         }
         Ok(record)

@@ -121,7 +121,7 @@ impl Engine {
             secure_survivors: None,
             secure_abort: None,
         });
-        tracing::info!(task = %plan.task_id, selected = plan.selected.len(), "task started");
+        tracing::info!(task = %plan.task_id, selected = plan.selected.len(), run = %self.run.run_id, "task started");
         Ok(plan)
     }
 }

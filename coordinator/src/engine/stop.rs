@@ -66,13 +66,24 @@ pub enum RunStop {
         /// Its value at the best version.
         best: f64,
     },
+    /// An operator stopped the run (`runs stop`): a planned end, the
+    /// committed versions stand.
+    Operator {
+        /// The operator's certificate name (`plaintext` without TLS).
+        by: String,
+        /// The last committed version when it stopped.
+        version: u64,
+    },
 }
 
 impl RunStop {
     /// A planned end (exhausted privacy budget, early stopping) rather than a
     /// fault: the committed versions stand and the process exits cleanly.
     pub fn is_planned(&self) -> bool {
-        matches!(self, Self::Budget { .. } | Self::EarlyStopped { .. })
+        matches!(
+            self,
+            Self::Budget { .. } | Self::EarlyStopped { .. } | Self::Operator { .. }
+        )
     }
 }
 
@@ -119,6 +130,10 @@ impl std::fmt::Display for RunStop {
                 "early stopping: no better {metric} than version {best_version}'s {best:.4} \
                  up to version {version} (run.early_stopping.patience); version \
                  {best_version} is served"
+            ),
+            Self::Operator { by, version } => write!(
+                f,
+                "stopped by operator `{by}` at version {version} (`runs stop`)"
             ),
         }
     }

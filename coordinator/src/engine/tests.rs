@@ -559,3 +559,42 @@ fn early_stopping_needs_a_model_with_a_validation_metric() {
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("run.early_stopping"), "{err}");
 }
+
+#[test]
+fn an_operator_stop_abandons_the_open_task_and_a_resumed_engine_stays_stopped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("engine.redb");
+    let mut e = Engine::open(Store::open(&path).unwrap(), run(selection(1.0, 2, 2), 2)).unwrap();
+    let plan = e.start_task(&agents(2)).unwrap();
+    for m in agents(2) {
+        submit(&mut e, &plan, &m, update([1.0, 2.0, 3.0], 1.0)).unwrap();
+    }
+    e.finish_task().unwrap();
+    let plan = e.start_task(&agents(2)).unwrap();
+    submit(&mut e, &plan, "m00", update([5.0, 5.0, 5.0], 1.0)).unwrap();
+
+    e.stop_by_operator("ops").unwrap();
+    assert!(e.open_task().is_none(), "the open task is abandoned");
+    assert!(e.finished());
+    assert_eq!(
+        e.stopped(),
+        Some(&RunStop::Operator {
+            by: "ops".into(),
+            version: 1
+        })
+    );
+    assert!(e.stopped().unwrap().is_planned());
+    assert!(matches!(
+        e.start_task(&agents(2)),
+        Err(EngineError::Finished)
+    ));
+    let committed = e.global();
+    drop(e);
+
+    // Nothing of the abandoned task was kept; the stop was.
+    let again = Engine::resume(Store::open(&path).unwrap()).unwrap();
+    assert_eq!(again.version(), 1);
+    assert_eq!(again.global(), committed);
+    assert!(matches!(again.stopped(), Some(RunStop::Operator { .. })));
+    assert!(again.finished());
+}

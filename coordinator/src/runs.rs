@@ -1,0 +1,106 @@
+//! `fedcart-coordinator runs submit | list | show | stop`: the operator's
+//! client of the `Admin` service, printing a table or JSON.
+
+use anyhow::Context;
+use fedcart_proto::v1 as pb;
+use fedcart_proto::v1::admin_client::AdminClient;
+use serde_json::json;
+
+use crate::status::ClientTls;
+
+/// What `runs` is asked to do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Submit the run in this TOML file.
+    Submit(std::path::PathBuf),
+    /// List every run.
+    List,
+    /// Show one run.
+    Show(String),
+    /// Stop one run.
+    Stop(String),
+}
+
+/// Runs `action` against the coordinator at `url`; returns the runs it
+/// answered with.
+pub async fn call(
+    url: &str,
+    tls: Option<&ClientTls>,
+    action: &Action,
+) -> anyhow::Result<Vec<pb::RunInfo>> {
+    let mut c = AdminClient::new(crate::status::channel(url, tls).await?);
+    let one = |r: tonic::Response<pb::RunInfo>| vec![r.into_inner()];
+    Ok(match action {
+        Action::Submit(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            // Checked here first, so the error names the file and line
+            // before anything is sent; the coordinator checks it again.
+            crate::config::RunConfig::from_toml(&text, path)?;
+            one(c
+                .submit_run(pb::SubmitRunRequest {
+                    config_toml: text,
+                    source: path.display().to_string(),
+                })
+                .await
+                .context("SubmitRun RPC")?)
+        }
+        Action::List => {
+            c.list_runs(pb::ListRunsRequest {})
+                .await
+                .context("ListRuns RPC")?
+                .into_inner()
+                .runs
+        }
+        Action::Show(id) => one(c
+            .show_run(pb::RunRequest { run_id: id.clone() })
+            .await
+            .context("ShowRun RPC")?),
+        Action::Stop(id) => one(c
+            .stop_run(pb::RunRequest { run_id: id.clone() })
+            .await
+            .context("StopRun RPC")?),
+    })
+}
+
+/// One run as JSON (its configuration as an object).
+pub fn to_json(r: &pb::RunInfo) -> serde_json::Value {
+    let config: serde_json::Value =
+        serde_json::from_str(&r.config_json).unwrap_or(serde_json::Value::Null);
+    json!({
+        "run_id": r.run_id,
+        "model": r.model,
+        "phase": r.phase,
+        "model_version": r.model_version,
+        "rounds": r.rounds,
+        "finished": r.finished,
+        "stopped": (!r.stopped.is_empty()).then_some(&r.stopped),
+        "best_version": (r.best_version > 0).then_some(r.best_version),
+        "submitted_unix_ms": r.submitted_unix_ms,
+        "eligible_agents": r.eligible_agents,
+        "continues": (!r.continues.is_empty()).then_some(&r.continues),
+        "config": config,
+    })
+}
+
+/// The runs as a table: id, model, round X of N, phase.
+pub fn to_table(runs: &[pb::RunInfo]) -> String {
+    let mut out = format!(
+        "{:<24} {:<14} {:>11} {:>8}  {}\n",
+        "RUN", "MODEL", "ROUND", "AGENTS", "PHASE"
+    );
+    for r in runs {
+        out.push_str(&format!(
+            "{:<24} {:<14} {:>11} {:>8}  {}\n",
+            r.run_id,
+            r.model,
+            format!("{} of {}", r.model_version, r.rounds),
+            r.eligible_agents,
+            r.phase
+        ));
+    }
+    if runs.is_empty() {
+        out.push_str("(no runs)\n");
+    }
+    out
+}

@@ -1,0 +1,481 @@
+//! The runs one coordinator hosts: a registry of per-run [`Shared`] states
+//! (each an [`Engine`] over its own sub-tree of the one store) and the agent
+//! sessions they all share.
+//!
+//! An agent joins once; its `Join` stream carries the work of every run its
+//! data can serve (every message names its run). Each run has its own task
+//! loop ([`super::run_tasks`]); a run that ends leaves the others and the
+//! sessions alone, and stays listed with its versions and history.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::{AgentEntry, Shared};
+use crate::config::{RunConfig, Schedule};
+use crate::engine::{Engine, EngineError};
+use crate::store::{RunEntry, StoreError, StoreFile};
+
+/// Why a run could not be submitted, found or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// A run with this id exists already (finished runs stay in the store).
+    #[error("run `{0}` exists already in this coordinator's store: choose another run_id")]
+    Exists(String),
+    /// No run has this id.
+    #[error("no run `{run}` on this coordinator (runs: {known})")]
+    Unknown {
+        /// The id asked for.
+        run: String,
+        /// The ids there are, comma-separated.
+        known: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The run could not be opened.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl From<HubError> for Status {
+    fn from(e: HubError) -> Self {
+        let msg = e.to_string();
+        match e {
+            HubError::Exists(_) => Status::already_exists(msg),
+            HubError::Unknown { .. } => Status::not_found(msg),
+            HubError::Store(_) | HubError::Engine(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// Starts a run's task loop; given by the server, which owns the loops'
+/// lifetimes.
+pub type Starter = Arc<dyn Fn(Arc<Shared>) + Send + Sync>;
+
+/// One hosted run.
+struct Hosted {
+    entry: RunEntry,
+    shared: Arc<Shared>,
+}
+
+/// A run as `runs list/show`, `/api/status` and the dashboard show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSummary {
+    /// The run's id.
+    pub run_id: String,
+    /// Model family.
+    pub model: String,
+    /// "waiting for agents", the open task, "finished" or "stopped: …".
+    pub phase: String,
+    /// Latest committed version (round X of `rounds`).
+    pub model_version: u64,
+    /// Training rounds the run has.
+    pub rounds: u64,
+    /// True once it ended (all rounds, or stopped).
+    pub finished: bool,
+    /// Why it stopped before its last round, if it did.
+    pub stopped: Option<String>,
+    /// The version merchants are served, once one was evaluated.
+    pub best_version: Option<u64>,
+    /// When it was submitted (ms since the Unix epoch; 0 if unknown).
+    pub submitted_unix_ms: i64,
+    /// Connected merchants whose data serves its model.
+    pub eligible_agents: usize,
+    /// Merchants a task needs before it starts.
+    pub needed: usize,
+    /// The run it continues from (scheduled retraining), if any.
+    pub continues: Option<String>,
+}
+
+/// Every run of one coordinator, and the sessions they share.
+pub struct Hub {
+    file: StoreFile,
+    runs: Mutex<Vec<Hosted>>,
+    /// The run `serve --config` submitted (the default of `Status`).
+    primary: Mutex<Option<String>>,
+    pub(super) sessions: Arc<Mutex<HashMap<String, AgentEntry>>>,
+    pub(super) closing: Arc<watch::Sender<bool>>,
+    pub(super) ping_interval: Duration,
+    upload_idle: Duration,
+    /// Bumped when a run is added or ends.
+    runs_changed: watch::Sender<u64>,
+    /// Scheduled instances waiting for their time.
+    pending: AtomicUsize,
+    /// Task loops running (a loop counts until its run's next instance,
+    /// if any, is scheduled).
+    active: AtomicUsize,
+    /// Starts task loops, and the shutdown signal scheduled waits end on
+    /// (set once by the server).
+    starter: OnceLock<(Starter, watch::Receiver<bool>)>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Hub {
+    /// Opens every run registered in `file` (finished ones too, for their
+    /// views); the caller starts the task loops of those not finished.
+    pub fn open(
+        file: StoreFile,
+        ping_interval: Duration,
+        upload_idle: Duration,
+    ) -> Result<Arc<Self>, HubError> {
+        let hub = Arc::new(Self {
+            file,
+            runs: Mutex::new(Vec::new()),
+            primary: Mutex::new(None),
+            sessions: Arc::default(),
+            closing: Arc::new(watch::channel(false).0),
+            ping_interval,
+            upload_idle,
+            runs_changed: watch::channel(0).0,
+            pending: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            starter: OnceLock::new(),
+        });
+        for entry in hub.file.runs()? {
+            let engine = Engine::resume(hub.file.run(&entry)?)?;
+            hub.add(entry, engine);
+        }
+        Ok(hub)
+    }
+
+    fn add(&self, entry: RunEntry, engine: Engine) -> Arc<Shared> {
+        let shared = Shared::with_sessions(
+            engine,
+            self.upload_idle,
+            Arc::clone(&self.sessions),
+            Arc::clone(&self.closing),
+        );
+        self.hosted().push(Hosted {
+            entry,
+            shared: Arc::clone(&shared),
+        });
+        self.runs_changed.send_modify(|v| *v += 1);
+        shared
+    }
+
+    fn hosted(&self) -> std::sync::MutexGuard<'_, Vec<Hosted>> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Submits `run` (with its retraining `schedule`, if any): a new run
+    /// gets its sub-tree and version 0; `resume` accepts an id the store
+    /// holds already (then the stored run goes on, as `serve --config` has
+    /// always done), otherwise it is refused. Returns the run's state and
+    /// whether it is new.
+    pub fn submit(
+        &self,
+        run: RunConfig,
+        resume: bool,
+        schedule: Option<Schedule>,
+    ) -> Result<(Arc<Shared>, bool), HubError> {
+        if let Some(h) = self.hosted().iter().find(|h| h.entry.run_id == run.run_id) {
+            if resume {
+                return Ok((Arc::clone(&h.shared), false));
+            }
+            return Err(HubError::Exists(run.run_id));
+        }
+        let entry = self
+            .file
+            .register(&run.run_id, now_ms(), None, schedule, 1)?;
+        let engine = Engine::open(self.file.run(&entry)?, run)?;
+        tracing::info!(run = %entry.run_id, "run submitted");
+        Ok((self.add(entry, engine), true))
+    }
+
+    /// Sets how task loops start and the shutdown signal; called once by
+    /// the server before any loop starts.
+    pub fn set_starter(&self, starter: Starter, shutdown: watch::Receiver<bool>) {
+        let _ = self.starter.set((starter, shutdown));
+    }
+
+    /// A run's task loop ended: when it finished (or stopped early on
+    /// its validation metric) and its schedule allows another instance not
+    /// yet submitted, that instance starts `schedule.every` later from this
+    /// one's served version. A restart restarts the wait.
+    pub fn after_end(self: &Arc<Self>, run_id: &str) {
+        let Some((starter, shutdown)) = self.starter.get().cloned() else {
+            return;
+        };
+        let Some((entry, shared)) = self
+            .hosted()
+            .iter()
+            .find(|h| h.entry.run_id == run_id)
+            .map(|h| (h.entry.clone(), Arc::clone(&h.shared)))
+        else {
+            return;
+        };
+        let clean = matches!(
+            shared.stopped(),
+            None | Some(crate::engine::RunStop::EarlyStopped { .. })
+        );
+        let next_id = entry.next_id();
+        if !shared.engine().finished() || !clean || !entry.repeats() || self.get(&next_id).is_ok() {
+            return;
+        }
+        let every = Duration::from_millis(entry.schedule.as_ref().map_or(0, |s| s.every_ms));
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let hub = Arc::clone(self);
+        tracing::info!(run = %run_id, next = %next_id, ?every, "scheduled retraining: next instance waits");
+        tokio::spawn(async move {
+            let mut shutdown = shutdown;
+            let due = tokio::select! {
+                _ = tokio::time::sleep(every) => true,
+                _ = shutdown.wait_for(|v| *v) => false,
+            };
+            if due {
+                match hub.submit_next(&entry, &shared, next_id) {
+                    Ok(next) => starter(next),
+                    Err(e) => tracing::error!(run = %entry.run_id, error = %e,
+                        "scheduled retraining: the next instance could not start"),
+                }
+            }
+            hub.pending.fetch_sub(1, Ordering::SeqCst);
+            hub.notify();
+        });
+    }
+
+    /// Submits the instance after `prev`: its configuration with the new
+    /// id, version 0 the previous instance's served version.
+    fn submit_next(
+        &self,
+        prev: &RunEntry,
+        shared: &Shared,
+        next_id: String,
+    ) -> Result<Arc<Shared>, HubError> {
+        let mut run = shared.run_config();
+        run.run_id = next_id;
+        let (served, initial) = {
+            let engine = shared.engine();
+            let served = engine.best().map_or(engine.version(), |b| b.version);
+            (served, engine.model(served)?)
+        };
+        let initial = initial.map(|m| m.as_ref().clone());
+        let entry = self.file.register(
+            &run.run_id,
+            now_ms(),
+            Some(prev.run_id.clone()),
+            prev.schedule.clone(),
+            prev.instance + 1,
+        )?;
+        let engine = Engine::open_from(self.file.run(&entry)?, run, initial)?;
+        tracing::info!(run = %entry.run_id, from = %prev.run_id, version = served,
+            "scheduled retraining: next instance submitted");
+        Ok(self.add(entry, engine))
+    }
+
+    /// Marks `run_id` as the run `Status` describes by default.
+    pub fn set_primary(&self, run_id: &str) {
+        *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = Some(run_id.to_owned());
+    }
+
+    /// The run `Status` describes without a run id: the primary run, else
+    /// the latest submitted.
+    pub fn primary(&self) -> Option<Arc<Shared>> {
+        let primary = self
+            .primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let hosted = self.hosted();
+        hosted
+            .iter()
+            .find(|h| Some(&h.entry.run_id) == primary.as_ref())
+            .or_else(|| hosted.last())
+            .map(|h| Arc::clone(&h.shared))
+    }
+
+    /// The run `run_id`.
+    pub fn get(&self, run_id: &str) -> Result<Arc<Shared>, HubError> {
+        let hosted = self.hosted();
+        hosted
+            .iter()
+            .find(|h| h.entry.run_id == run_id)
+            .map(|h| Arc::clone(&h.shared))
+            .ok_or_else(|| HubError::Unknown {
+                run: run_id.chars().take(140).collect(),
+                known: hosted
+                    .iter()
+                    .map(|h| h.entry.run_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Every run's state, in submission order.
+    pub fn all(&self) -> Vec<Arc<Shared>> {
+        self.hosted()
+            .iter()
+            .map(|h| Arc::clone(&h.shared))
+            .collect()
+    }
+
+    /// Ids of every run, in submission order.
+    pub fn ids(&self) -> Vec<String> {
+        self.hosted()
+            .iter()
+            .map(|h| h.entry.run_id.clone())
+            .collect()
+    }
+
+    /// Summaries of every run, in submission order.
+    pub fn summaries(&self) -> Vec<RunSummary> {
+        let hosted: Vec<(RunEntry, Arc<Shared>)> = self
+            .hosted()
+            .iter()
+            .map(|h| (h.entry.clone(), Arc::clone(&h.shared)))
+            .collect();
+        hosted.into_iter().map(|(e, s)| s.summary(&e)).collect()
+    }
+
+    /// The summary of `run_id`.
+    pub fn summary(&self, run_id: &str) -> Result<RunSummary, HubError> {
+        let shared = self.get(run_id)?;
+        let entry = self
+            .hosted()
+            .iter()
+            .find(|h| h.entry.run_id == run_id)
+            .map(|h| h.entry.clone())
+            .expect("found above; runs are never removed");
+        Ok(shared.summary(&entry))
+    }
+
+    /// Stops `run_id` for operator `by` (see [`Engine::stop_by_operator`]).
+    pub fn stop(&self, run_id: &str, by: &str) -> Result<RunSummary, HubError> {
+        let shared = self.get(run_id)?;
+        shared.stop_by_operator(by)?;
+        tracing::warn!(run = %run_id, operator = %by, "run stopped by the operator");
+        self.summary(run_id)
+    }
+
+    /// True when every hosted run has ended and no scheduled instance is
+    /// waiting to start.
+    pub fn all_ended(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) == 0
+            && self.active.load(Ordering::SeqCst) == 0
+            && self.hosted().iter().all(|h| h.shared.ended())
+    }
+
+    /// A task loop starts (see [`Hub::loop_ended`]).
+    pub fn loop_started(&self) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A task loop ended, after [`Hub::after_end`] scheduled what follows.
+    pub fn loop_ended(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Waits until every hosted run has ended (a run submitted meanwhile is
+    /// waited for too).
+    pub async fn wait_all_ended(&self) {
+        let mut changed = self.runs_changed.subscribe();
+        loop {
+            if self.all_ended() {
+                return;
+            }
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Tells [`Hub::wait_all_ended`] that a run's state changed.
+    pub fn notify(&self) {
+        self.runs_changed.send_modify(|v| *v += 1);
+    }
+
+    /// The first run that failed, if any: its cause.
+    pub fn failed(&self) -> Option<String> {
+        self.hosted()
+            .iter()
+            .find_map(|h| h.shared.progress().borrow().failed.clone())
+    }
+
+    /// Graceful stop: every run announces its end if it finished, every
+    /// session ends, uploads are refused.
+    pub fn close(&self) {
+        for s in self.all() {
+            s.announce_end();
+            s.close_uploads();
+        }
+        let _ = self.closing.send(true);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Longest silence allowed inside an upload.
+    pub(super) fn upload_idle(&self) -> Duration {
+        self.upload_idle
+    }
+
+    /// The merchant of a session.
+    pub(super) fn merchant_of(&self, session_id: &str) -> Result<String, Status> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session_id)
+            .map(|a| a.merchant_id.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated(format!("unknown session `{session_id}`: join first"))
+            })
+    }
+
+    /// A session ended: the merchant (unless connected again) is dropped
+    /// from every run's open task.
+    pub(super) fn remove_session(&self, session_id: &str) {
+        let removed = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let removed = sessions.remove(session_id);
+            removed.map(|e| {
+                let still = sessions.values().any(|a| a.merchant_id == e.merchant_id);
+                (e.merchant_id, still)
+            })
+        };
+        let Some((merchant, still_connected)) = removed else {
+            return;
+        };
+        tracing::info!(%merchant, "agent left");
+        for s in self.all() {
+            if !still_connected {
+                s.engine().drop_agent(&merchant);
+            }
+            s.bump();
+        }
+    }
+
+    /// Ends the sessions `refusal` now refuses (see
+    /// [`Shared::close_refused`]), in every run.
+    pub fn close_refused(&self, refusal: impl Fn(&str, Option<&str>) -> Option<&'static str>) {
+        let closed = Shared::close_sessions(&self.sessions, refusal);
+        if closed.is_empty() {
+            return;
+        }
+        for s in self.all() {
+            for m in &closed {
+                s.engine().drop_agent(m);
+            }
+            s.bump();
+        }
+    }
+
+    /// Something every run's task loop may wait on changed (an agent joined).
+    pub(super) fn bump_all(&self) {
+        for s in self.all() {
+            s.bump();
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! Runs as first-class objects, with the real binaries over mutual TLS: one
+//! coordinator hosts a churn run and an MF run at the same time, three
+//! merchant agents (one configuration each) take part in both, a SIGKILL of
+//! the coordinator in the middle of both loses nothing committed and a
+//! restart on the same store resumes both, finished runs stay listed, a
+//! merchant's certificate is refused on the admin RPCs, and the merchant's
+//! `score` and `recommend` work from its one configuration.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedcart_coordinator::certs::{self, CertDir};
+use fedcart_coordinator::store::Store;
+use fedcart_tests::*;
+
+/// Bounds a hung process (killed then), not a timing assertion.
+const LIMIT: Duration = Duration::from_secs(300);
+
+const CHURN_RUN: &str = "churn-a";
+const MF_RUN: &str = "mf-a";
+/// Enough rounds that both runs are still going when the coordinator is
+/// killed right after each committed its first version.
+const ROUNDS: u64 = 12;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// The coordinator's configuration: the churn run, mutual TLS, HTTP.
+fn coordinator_toml(dir: &Path, port: u16, http: u16) -> PathBuf {
+    let path = dir.join("coordinator.toml");
+    let pki = dir.join("pki");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[serve]
+listen = "127.0.0.1:{port}"
+http_listen = "127.0.0.1:{http}"
+store = "store.redb"
+ping_interval_ms = 500
+[serve.tls]
+ca = "{pki}/ca.pem"
+cert = "{pki}/coordinator.pem"
+key = "{pki}/coordinator.key"
+access = "{pki}/access.toml"
+[run]
+run_id = "{CHURN_RUN}"
+seed = 42
+rounds = {ROUNDS}
+quorum = 3
+round_timeout_ms = 120000
+evaluate = false
+model = {{ family = "churn_lr", num_features = 45 }}
+sgd = {{ epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }}
+selection = {{ fraction = 1.0, min_agents = 3, max_agents = 3 }}
+"#,
+            pki = pki.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The MF run, as the operator submits it (the run's keys at the top).
+fn mf_toml(dir: &Path, num_items: usize) -> PathBuf {
+    let path = dir.join("mf-run.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"run_id = "{MF_RUN}"
+seed = 7
+rounds = {ROUNDS}
+quorum = 3
+round_timeout_ms = 120000
+evaluate = false
+model = {{ family = "mf", num_items = {num_items}, factors = 8 }}
+sgd = {{ epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }}
+selection = {{ fraction = 1.0, min_agents = 3, max_agents = 3 }}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The catalogue (MovieLens item ids) and each merchant's ratings: the
+/// users with `userId % 3 == k` among the first 20,000 ratings.
+fn movielens_files(dir: &Path) -> (PathBuf, usize, Vec<PathBuf>) {
+    let ml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small");
+    let movies = std::fs::read_to_string(ml.join("movies.csv")).unwrap();
+    let ids: Vec<&str> = movies
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next())
+        .collect();
+    let catalogue = dir.join("catalogue.txt");
+    std::fs::write(&catalogue, ids.join("\n")).unwrap();
+    let ratings = std::fs::read_to_string(ml.join("ratings.csv")).unwrap();
+    let mut lines = ratings.lines();
+    let header = lines.next().unwrap();
+    let mut parts = vec![format!("{header}\n"); 3];
+    for l in lines.take(20_000) {
+        let user: u64 = l.split(',').next().unwrap().parse().unwrap();
+        parts[(user % 3) as usize].push_str(l);
+        parts[(user % 3) as usize].push('\n');
+    }
+    let files = parts
+        .into_iter()
+        .enumerate()
+        .map(|(k, text)| {
+            let p = dir.join(format!("ratings-m{k}.csv"));
+            std::fs::write(&p, text).unwrap();
+            p
+        })
+        .collect();
+    (catalogue, ids.len(), files)
+}
+
+/// One merchant's one configuration: its customer table, its ratings and
+/// the catalogue, its state directory and its certificate.
+fn merchant_toml(dir: &Path, k: usize, port: u16, churn: &Path, ratings: &Path) -> PathBuf {
+    let pki = CertDir::new(dir.join("pki"));
+    let id = format!("m{k}");
+    let path = dir.join(format!("{id}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "coordinator = \"https://localhost:{port}\"\nmerchant_id = \"{id}\"\n\
+             state_dir = \"{state}\"\n\n[data]\nchurn_csv = \"{churn}\"\n\
+             ratings_csv = \"{ratings}\"\ncatalogue = \"{cat}\"\n\n\
+             [backoff]\ninitial_ms = 50\nmax_ms = 500\n\n\
+             [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\ndomain = \"localhost\"\n",
+            state = dir.join(format!("state-{id}")).display(),
+            churn = churn.display(),
+            ratings = ratings.display(),
+            cat = dir.join("catalogue.txt").display(),
+            ca = pki.ca_cert().display(),
+            cert = pki.cert(&id).display(),
+            key = pki.key(&id).display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs `fedcart-coordinator` with `args` to its end: (exit code, stdout,
+/// stderr).
+fn coordinator_cmd(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(bin_dir().join("fedcart-coordinator"))
+        .args(args)
+        .env_remove("FEDCART_COORDINATOR")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `runs list --json` as the operator (or as `identity`).
+fn runs_list(dir: &Path, port: u16, identity: &str) -> (Option<i32>, String, String) {
+    let url = format!("https://localhost:{port}");
+    let certs = dir.join("pki");
+    coordinator_cmd(&[
+        "runs",
+        "list",
+        "--json",
+        "--coordinator",
+        &url,
+        "--certs",
+        certs.to_str().unwrap(),
+        "--identity",
+        identity,
+    ])
+}
+
+/// Reads the coordinator's stderr until each of `runs` logged `needle`.
+fn wait_each_run(coord: &mut Process, needle: &str, runs: &[&str]) {
+    let mut left: Vec<&str> = runs.to_vec();
+    while !left.is_empty() {
+        let line = coord.wait_line(needle, LIMIT);
+        left.retain(|r| {
+            !line.contains(&format!("run={r}")) && !line.contains(&format!("run: {r}"))
+        });
+    }
+}
+
+/// An HTTP GET on the coordinator's listener: (status line, body).
+fn http_get(port: u16, path: &str, token: Option<&str>) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf.lines().next().unwrap_or("").to_owned();
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+#[test]
+fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = CertDir::new(root.join("pki"));
+    certs::init(&pki, &["localhost".into()]).unwrap();
+    let access = root.join("pki/access.toml");
+    for k in 0..3 {
+        certs::issue(&pki, &format!("m{k}")).unwrap();
+        certs::allow(&access, &format!("m{k}")).unwrap();
+    }
+    let (port, http) = (free_port(), free_port());
+    let config = coordinator_toml(root, port, http);
+    let split = telco_split(3, 5);
+    let (_, num_items, ratings) = movielens_files(root);
+    let mf = mf_toml(root, num_items);
+    let merchants: Vec<PathBuf> = (0..3)
+        .map(|k| merchant_toml(root, k, port, &split.files[k], &ratings[k]))
+        .collect();
+
+    let serve = |keep: bool| {
+        let mut args = vec!["serve", "--config", config.to_str().unwrap()];
+        if keep {
+            args.push("--keep-serving");
+        }
+        let mut p = Process::start("fedcart-coordinator", &args);
+        p.wait_line("coordinator listening", LIMIT);
+        p
+    };
+    let mut coord = serve(false);
+    let url = format!("https://localhost:{port}");
+    let certs_dir = root.join("pki");
+    let (code, out, err) = coordinator_cmd(&[
+        "runs",
+        "submit",
+        "--config",
+        mf.to_str().unwrap(),
+        "--coordinator",
+        &url,
+        "--certs",
+        certs_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "runs submit: {out}{err}");
+    assert!(out.contains(MF_RUN), "{out}");
+
+    // A merchant's certificate is refused on the admin RPCs, naming its role.
+    let (code, _, err) = runs_list(root, port, "m0");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("role merchant"), "{err}");
+    assert!(
+        err.contains("PermissionDenied") || err.contains("permission"),
+        "{err}"
+    );
+
+    let agents: Vec<Process> = merchants
+        .iter()
+        .map(|m| Process::start("fedcart-client", &["run", "--config", m.to_str().unwrap()]))
+        .collect();
+
+    // Both runs commit a version; then the coordinator is killed (SIGKILL).
+    wait_each_run(&mut coord, "version committed", &[CHURN_RUN, MF_RUN]);
+    drop(coord);
+    let before: Vec<(String, u64, Vec<Vec<f32>>)> = [CHURN_RUN, MF_RUN]
+        .iter()
+        .map(|run| {
+            let store = Store::open_run(&root.join("store.redb"), run)
+                .unwrap()
+                .expect("the run is in the store");
+            let latest = store.latest_version().unwrap().unwrap();
+            assert!(
+                (1..ROUNDS).contains(&latest),
+                "{run} was in the middle of its rounds when the coordinator was killed: {latest}"
+            );
+            let versions = (0..=latest)
+                .map(|v| store.model(v).unwrap().unwrap())
+                .collect();
+            (run.to_string(), latest, versions)
+        })
+        .collect();
+
+    // A restart on the same store resumes both runs; agents reconnect.
+    let mut coord = serve(true);
+    wait_each_run(&mut coord, "run finished", &[CHURN_RUN, MF_RUN]);
+
+    // Both finished runs stay listed while the coordinator keeps serving.
+    let (code, out, err) = runs_list(root, port, "operator");
+    assert_eq!(code, Some(0), "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{out}");
+    for (r, id) in listed.iter().zip([CHURN_RUN, MF_RUN]) {
+        assert_eq!(r["run_id"], id);
+        assert_eq!(r["finished"], true, "{out}");
+        assert_eq!(r["model_version"], ROUNDS, "{out}");
+        assert_eq!(r["rounds"], ROUNDS);
+    }
+    // A run id is taken once; a new run starts beside the finished ones and
+    // the operator can stop it.
+    let operator = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--coordinator",
+            &url,
+            "--certs",
+            certs_dir.to_str().unwrap(),
+        ]);
+        coordinator_cmd(&all)
+    };
+    let (code, _, err) = operator(&["runs", "submit", "--config", mf.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("run `{MF_RUN}` exists already")),
+        "{err}"
+    );
+    let long = root.join("long.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            &format!("run_id = \"{CHURN_RUN}\""),
+            "run_id = \"churn-long\"",
+        )
+        .replace(&format!("rounds = {ROUNDS}"), "rounds = 100000");
+    std::fs::write(&long, text).unwrap();
+    let (code, out, err) = operator(&["runs", "submit", "--config", long.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = operator(&["runs", "stop", "churn-long", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let stopped: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stopped["finished"], true, "{out}");
+    assert!(
+        stopped["stopped"]
+            .as_str()
+            .unwrap()
+            .contains("stopped by operator `operator`"),
+        "{out}"
+    );
+    let (code, out, _) = operator(&["runs", "show", "churn-long"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("churn-long") && out.contains("stopped by operator"),
+        "{out}"
+    );
+
+    // The runs list is the operator's on HTTP too.
+    let token = std::fs::read_to_string(root.join("pki/operator.token")).unwrap();
+    let (status, body) = http_get(http, "/api/status", None);
+    assert!(status.contains("401"), "{status}");
+    assert!(
+        !body.contains(MF_RUN) && !body.contains(CHURN_RUN),
+        "{body}"
+    );
+    let (status, body) = http_get(http, "/api/status", Some(token.trim()));
+    assert!(status.contains("200"), "{status}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = view["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [CHURN_RUN, MF_RUN, "churn-long"]);
+
+    // The merchant's tools work from its one configuration.
+    let score = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args([
+            "score",
+            "--config",
+            merchants[0].to_str().unwrap(),
+            "--out",
+            "-",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        score.status.success(),
+        "{}",
+        String::from_utf8_lossy(&score.stderr)
+    );
+    let scored = String::from_utf8_lossy(&score.stdout);
+    assert!(scored.lines().count() > 100, "{scored}");
+    let first_user = std::fs::read_to_string(&ratings[0])
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+    let rec = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args(["recommend", "--config", merchants[0].to_str().unwrap()])
+        .args(["--customer", &first_user, "--k", "5"])
+        .output()
+        .unwrap();
+    assert!(
+        rec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&rec.stdout).lines().count(), 5);
+
+    coord.terminate();
+    assert_eq!(coord.wait_exit(LIMIT), Some(0), "{}", coord.seen.join("\n"));
+    drop(agents);
+    // The restarted coordinator went on from each run's last version: it
+    // committed the versions after it, none before.
+    for (run, latest, _) in &before {
+        let committed: Vec<u64> = coord
+            .seen
+            .iter()
+            .filter(|l| l.contains("version committed") && l.ends_with(&format!("run={run}")))
+            .filter_map(|l| l.split("version=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(
+            committed,
+            (latest + 1..=ROUNDS).collect::<Vec<_>>(),
+            "{run}: {}",
+            coord.seen.join("\n")
+        );
+    }
+
+    // Nothing committed before the kill was lost: every version reads back
+    // bit for bit, and each run went on from where it was.
+    for (run, latest, versions) in before {
+        let store = Store::open_run(&root.join("store.redb"), &run)
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.latest_version().unwrap(), Some(ROUNDS));
+        for (v, params) in versions.iter().enumerate() {
+            let again = store.model(v as u64).unwrap().unwrap();
+            assert_eq!(
+                params.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                again.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{run} version {v} (of {latest} before the kill)"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_run_starts_its_next_instance_from_the_version_it_served() {
+    init_logs();
+    let split = telco_split(2, 19);
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&dir.path().join("c.redb"), churn_run("base", 1, 2, 2), 0).await;
+    // Plaintext: the Admin caller is the operator. The schedule's wait is
+    // zero, so the next instance starts as soon as the first finished.
+    let mut admin =
+        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
+            .await
+            .unwrap();
+    let toml = "run_id = \"nightly\"\nseed = 9\nrounds = 2\nquorum = 2\n\
+                round_timeout_ms = 60000\nevaluate = false\n\
+                model = { family = \"churn_lr\", num_features = 45 }\n\
+                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
+                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n\
+                [schedule]\nevery = \"0s\"\nrepeat = 1\n";
+    admin
+        .submit_run(fedcart_proto::v1::SubmitRunRequest {
+            config_toml: toml.into(),
+            source: "nightly.toml".into(),
+        })
+        .await
+        .unwrap();
+    let agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    // Waits for the scheduled instance too (it is pending until it starts).
+    coord.hub.wait_all_ended().await;
+
+    assert_eq!(coord.hub.ids(), ["base", "nightly", "nightly.2"]);
+    let (first, second) = (
+        coord.hub.get("nightly").unwrap(),
+        coord.hub.get("nightly.2").unwrap(),
+    );
+    assert_eq!(
+        second.model(0).unwrap().unwrap(),
+        first.model(2).unwrap().unwrap(),
+        "the next instance starts from the version the first served"
+    );
+    assert_ne!(second.model(0).unwrap(), first.model(0).unwrap());
+    let s = coord.hub.summary("nightly.2").unwrap();
+    assert_eq!(s.continues.as_deref(), Some("nightly"));
+    assert!(s.finished && s.stopped.is_none(), "{s:?}");
+    assert_eq!(s.model_version, 2);
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}
