@@ -69,6 +69,14 @@ pub enum SparseError {
         /// Position in the decoded dense vector.
         index: usize,
     },
+    /// A row's coordinate weight is negative, NaN or infinite.
+    #[error("row {row} has coordinate weight {value}; it must be finite and >= 0")]
+    BadWeight {
+        /// The row.
+        row: u32,
+        /// The weight.
+        value: f32,
+    },
     /// The precision tag is unknown.
     #[error("unknown row precision tag {0}")]
     BadPrecision(u8),
@@ -261,6 +269,9 @@ pub fn decode_update(
     for &row in &rows {
         let mut w = [0.0f32];
         r.f32s_into(&mut w)?;
+        if !(w[0].is_finite() && w[0] >= 0.0) {
+            return Err(SparseError::BadWeight { row, value: w[0] });
+        }
         coord_weights[row as usize] = w[0];
     }
     r.finish()?;

@@ -151,6 +151,30 @@ fn main() {
         &[[4u8, 1, 8].as_slice(), &update.payload_bytes()].concat(),
     );
 
+    // rows_payload reads: 3 % 16 + 1 = 4 items, 1 % 5 + 1 = 2 factors.
+    {
+        use fedcart_common::federation::sparse::{self, RowPrecision};
+        use fedcart_common::model::mf::{MfAggregation, layout, model_len};
+        let l = layout(4, 2, MfAggregation::PerItem);
+        let mut values = vec![0.0f32; model_len(4, 2)];
+        values[0] = 0.25;
+        values[1 + 1] = 1.5;
+        values[1 + 4 + 2 * 3] = -0.75;
+        let mf_update = Update {
+            values,
+            coord_weights: vec![0.0, 2.0, 0.0, 1.0],
+            weight: 1.0,
+        };
+        let rows = sparse::encode_update(&mf_update, &l).expect("MF layout");
+        put("rows_payload", "update", &[[3u8, 1].as_slice(), &rows].concat());
+        let model: Vec<f32> = (0..model_len(4, 2)).map(|i| i as f32 * 0.25).collect();
+        let old = vec![0.0f32; model.len()];
+        for (name, p) in [("model-f32", RowPrecision::F32), ("model-int8", RowPrecision::Int8)] {
+            let bytes = sparse::encode_model(&model, Some(&old), &l, p).expect("MF layout");
+            put("rows_payload", name, &[[3u8, 1].as_slice(), &bytes].concat());
+        }
+    }
+
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
     let head = |file: &str, lines: usize| -> String {
         let text = fs::read_to_string(data.join(file)).expect("bundled data");

@@ -88,6 +88,13 @@ fn corrupt_update_payloads_are_refused_by_name() {
     let mut many = good.clone();
     many[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(dec(&many), SparseError::TooManyRows { .. }));
+    // A negative or NaN row weight.
+    for bad in [-1.0f32, f32::NAN] {
+        let mut w = good.clone();
+        let at = w.len() - 4;
+        w[at..].copy_from_slice(&bad.to_le_bytes());
+        assert!(matches!(dec(&w), SparseError::BadWeight { row: 2, .. }));
+    }
     // A NaN smuggled into a factor.
     let mut nan = good.clone();
     let at = nan.len() - 4 * 2 - 4;
