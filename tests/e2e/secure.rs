@@ -236,6 +236,17 @@ async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secur
         err.message().contains("plaintext updates are refused"),
         "{err}"
     );
+    // So is a row-sparse one: its row list alone would tell which rows the
+    // merchant touched.
+    let mut header = a.header(&task, &out);
+    header.encoding = pb::PayloadEncoding::RowsF32 as i32;
+    header.payload_len = 12;
+    let err = a.send_raw(header, vec![vec![0u8; 12]]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        err.message().contains("plaintext updates are refused"),
+        "{err}"
+    );
 
     // Keys advertised under the other agent's id are refused; our own pass.
     let mut secure =
