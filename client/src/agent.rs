@@ -337,9 +337,7 @@ impl Agent {
         }
         let layout = spec.model.layout();
         let update_layout = spec.update_layout();
-        let has_rows = self.row_transfers
-            && layout.num_coord_weights > 0
-            && layout.segments.iter().any(|s| s.group_len.is_some());
+        let has_rows = self.row_transfers && layout.has_rows();
         let held = self.held.as_ref().filter(|h| {
             has_rows && h.run_id == task.run_id && h.model.len() as u64 == task.model_len
         });

@@ -162,7 +162,7 @@ fn segments(layout: &WeightLayout) -> Result<(Vec<Seg>, usize), SparseError> {
         });
         start += s.len;
     }
-    if layout.num_coord_weights == 0 || !out.iter().any(|s| s.group_len.is_some()) {
+    if !layout.has_rows() {
         return Err(SparseError::NotRowStructured);
     }
     Ok((out, layout.num_coord_weights))

@@ -108,6 +108,13 @@ impl WeightLayout {
         Self::default()
     }
 
+    /// True when the layout has rows: per-coordinate weights shared by the
+    /// groups of its grouped segments (matrix factorisation's item rows), so
+    /// updates and models can travel row-sparse (`federation::sparse`).
+    pub fn has_rows(&self) -> bool {
+        self.num_coord_weights > 0 && self.segments.iter().any(|s| s.group_len.is_some())
+    }
+
     /// Checks that the segments cover exactly `model_len` coordinates and that
     /// every grouped segment has exactly `num_coord_weights` groups.
     pub fn validate(&self, model_len: usize) -> Result<(), UpdateError> {

@@ -47,16 +47,12 @@ impl Traffic {
         }
     }
 
-    fn row_structured(layout: &WeightLayout) -> bool {
-        layout.num_coord_weights > 0 && layout.segments.iter().any(|s| s.group_len.is_some())
-    }
-
     /// The model the merchants are handed for a task: the global model, or
     /// its quantised copy when downloads use a reduced precision.
     pub fn handed_out(&self, global: &Arc<Vec<f32>>, layout: &WeightLayout) -> Arc<Vec<f32>> {
         if self.mode == TrafficMode::Rows
             && self.precision != RowPrecision::F32
-            && Self::row_structured(layout)
+            && layout.has_rows()
         {
             Arc::new(sparse::quantized(global, layout, self.precision))
         } else {
@@ -74,7 +70,7 @@ impl Traffic {
         layout: &WeightLayout,
     ) -> u64 {
         let dense = 4 * global.len() as u64;
-        if self.mode == TrafficMode::Dense || !Self::row_structured(layout) {
+        if self.mode == TrafficMode::Dense || !layout.has_rows() {
             return dense;
         }
         let held = self.held[k].replace((version, Arc::clone(global)));
@@ -94,7 +90,7 @@ impl Traffic {
     /// Bytes of a plaintext upload of `update` in this mode (`None`: keep the
     /// dense count).
     pub fn upload(&self, update: &Update, layout: &WeightLayout) -> Option<u64> {
-        if self.mode == TrafficMode::Dense || !Self::row_structured(layout) {
+        if self.mode == TrafficMode::Dense || !layout.has_rows() {
             return None;
         }
         // The agent sends whichever form is smaller.
