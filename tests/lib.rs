@@ -78,10 +78,12 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             split_seed: 7,
             ratings_csv: None,
             catalogue: None,
+            hash_items: true,
             item_names: None,
             delimiter: Default::default(),
             orders_csv: None,
             orders: None,
+            churn: Default::default(),
         },
         backoff: Backoff {
             initial_ms: 20,

@@ -88,8 +88,10 @@ impl Fixture {
         let table = Schema::telco()
             .load_csv(cfg.data.churn_csv.as_ref().expect("churn_csv"))
             .expect("Telco table");
-        let mut mf: MfData =
-            fedcart_client::data::load_mf(&ratings, &cfg).expect("recommender data");
+        let inter = fedcart_client::data::interactions(&cfg)
+            .expect("recommender data")
+            .expect("ratings configured");
+        let mut mf: MfData = inter.mf(&inter.items(0).expect("the catalogue"));
         mf.ensure_users(FACTORS, 42, 0.1, "m0");
         state.save_users(&mf.state).expect("user factors saved");
         let f = Fixture {

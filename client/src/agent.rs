@@ -78,6 +78,11 @@ pub struct Agent {
     /// The last model of a row-structured run (matrix factorisation) this
     /// agent downloaded: later downloads fetch only the rows changed since.
     held: Option<HeldModel>,
+    /// The recommender's interactions when item ids are hashed into the
+    /// run's rows: re-mapped when a task's model has another row count.
+    interactions: Option<crate::data::Interactions>,
+    /// The row count `data.mf` is mapped into (hashed item ids).
+    mf_rows: usize,
 }
 
 /// A downloaded model version, kept for row-sparse downloads.
@@ -132,7 +137,42 @@ impl Agent {
             download_precision: RowPrecision::F32,
             row_transfers: true,
             held: None,
+            interactions: None,
+            mf_rows: 0,
         }
+    }
+
+    /// Item ids of `data.mf` hashed into `rows` rows: before an MF task
+    /// whose model has another row count, the agent maps `interactions`
+    /// into that many (its user factors start afresh then).
+    pub fn with_hashed_items(
+        mut self,
+        interactions: crate::data::Interactions,
+        rows: usize,
+    ) -> Self {
+        if interactions.hashed() {
+            self.interactions = Some(interactions);
+            self.mf_rows = rows;
+        }
+        self
+    }
+
+    /// Re-maps hashed item ids for a task's model (see
+    /// [`Agent::with_hashed_items`]).
+    fn map_items_for(&mut self, spec: &TaskSpec) -> Result<(), crate::data::DataError> {
+        let (Some(inter), Some(shape)) = (&self.interactions, spec.model.mf_shape()) else {
+            return Ok(());
+        };
+        if shape.num_items != self.mf_rows {
+            let items = inter.items(shape.num_items)?;
+            tracing::info!(
+                rows = shape.num_items,
+                "item ids hashed into the run's item rows"
+            );
+            self.data.mf = Some(inter.mf(&items));
+            self.mf_rows = shape.num_items;
+        }
+        Ok(())
     }
 
     /// Checks every task against `policy` (see [`crate::policy`]).
@@ -333,6 +373,10 @@ impl Agent {
                 policy_value = %v.policy,
                 "{v}"
             );
+            return Ok(());
+        }
+        if let Err(e) = self.map_items_for(&spec) {
+            tracing::error!(task = %task.task_id, error = %e, "cannot map item ids into the run's rows");
             return Ok(());
         }
         let layout = spec.model.layout();

@@ -57,6 +57,15 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
     },
+    /// Two settings that exclude each other are both set, or one needs
+    /// another that is missing.
+    #[error("{}: {message}", path.display())]
+    Data {
+        /// The file.
+        path: PathBuf,
+        /// Which keys, and what to do.
+        message: String,
+    },
     /// `data.holdout` is outside (0, 1).
     #[error("{}: `data.holdout` = {value} must be in (0, 1)", path.display())]
     Holdout {
@@ -105,15 +114,26 @@ pub struct DataConfig {
     /// for recommender tasks.
     #[serde(default)]
     pub ratings_csv: Option<std::path::PathBuf>,
-    /// The platform's shared catalogue (one item id per line); required with
-    /// `ratings_csv` and `orders_csv`.
+    /// The platform's shared catalogue (one item id per line). Without it,
+    /// item ids are hashed into the run's item rows (`hash_items`).
     #[serde(default)]
     pub catalogue: Option<std::path::PathBuf>,
-    /// The merchant's orders export, for frequent-itemset tasks: one basket
-    /// per customer and timestamp, items mapped through `catalogue`. Read
-    /// with the column mapping `orders` (needs its `item` column).
+    /// Without a catalogue, item ids are hashed into the rows of the
+    /// federated item model (the run's `num_items`), so no item list is
+    /// shared (see `HashedItems`). `true` by default; `false` requires
+    /// `catalogue` for item-based tasks.
+    #[serde(default = "yes")]
+    pub hash_items: bool,
+    /// The merchant's orders export, read with the column mapping `orders`.
+    /// It is the merchant's one data source: the agent derives from it the
+    /// churn features and labels (unless `churn_csv` is set), the
+    /// recommender's interactions (unless `ratings_csv` is set; needs the
+    /// `item` column) and the baskets of frequent-itemset tasks.
     #[serde(default)]
     pub orders_csv: Option<PathBuf>,
+    /// How churn labels are derived from `orders_csv` (`[data.churn]`).
+    #[serde(default)]
+    pub churn: ChurnLabels,
     /// Column mapping of `orders_csv` (`[data.orders]`, the keys of
     /// `fedcart-client prepare --mapping`).
     #[serde(default)]
@@ -129,10 +149,65 @@ pub struct DataConfig {
     pub delimiter: Delimiter,
 }
 
+/// `[data.churn]`: how the agent labels churn from the orders export, as
+/// `fedcart-client prepare` does. Training uses the orders before `cutoff`
+/// as history and the `churn_window_days` after it as the label; `score`
+/// and `segments` describe customers by their whole history.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChurnLabels {
+    /// History ends here (ISO-8601, YYYYMMDD or unix seconds). Default: the
+    /// day after the last order minus the churn window, so every label is
+    /// observed.
+    #[serde(default)]
+    pub cutoff: Option<String>,
+    /// A customer churned if they bought nothing this many days after the
+    /// cutoff (default 90).
+    #[serde(default)]
+    pub churn_window_days: Option<u32>,
+    /// Length of the "recent" part of the trend feature (default 90).
+    #[serde(default)]
+    pub trend_window_days: Option<u32>,
+}
+
 impl DataConfig {
     /// The separator byte of the merchant's CSV files (checked at load).
     pub fn delimiter_byte(&self) -> u8 {
         self.delimiter.byte().unwrap_or(b',')
+    }
+}
+
+impl DataConfig {
+    /// Combinations of keys that cannot work, as a message naming them.
+    fn check(&self) -> Result<(), String> {
+        if self.orders_csv.is_some() && self.orders.is_none() {
+            return Err(
+                "`data.orders_csv` needs its column mapping `[data.orders]` \
+                 (customer, timestamp and amount columns at least; item for \
+                 recommendations and rules)"
+                    .into(),
+            );
+        }
+        if self.orders_csv.is_none() && self.churn != ChurnLabels::default() {
+            return Err(
+                "`[data.churn]` labels the orders export: it needs `data.orders_csv`".into(),
+            );
+        }
+        if self.churn.churn_window_days == Some(0) {
+            return Err("`data.churn.churn_window_days` must be at least 1".into());
+        }
+        if let Some(c) = &self.churn.cutoff
+            && let Err(m) = fedcart_common::data::orders::TimestampFormat::Auto.parse(c.trim())
+        {
+            return Err(format!("`data.churn.cutoff` = {c:?}: {m}"));
+        }
+        if !self.hash_items
+            && self.catalogue.is_none()
+            && (self.ratings_csv.is_some() || self.orders_csv.is_some())
+        {
+            return Err("`data.hash_items` = false needs `data.catalogue`".into());
+        }
+        Ok(())
     }
 }
 
@@ -264,6 +339,10 @@ impl AgentConfig {
                 path: path.to_owned(),
             });
         }
+        cfg.data.check().map_err(|message| ConfigError::Data {
+            path: path.to_owned(),
+            message,
+        })?;
         Ok(cfg)
     }
 

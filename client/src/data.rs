@@ -3,8 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use fedcart_common::data::catalogue::Catalogue;
-use fedcart_common::data::orders;
+use std::collections::HashMap;
+
+use fedcart_common::data::catalogue::{Catalogue, HashedItems, ItemIndex};
+use fedcart_common::data::interactions::Interaction;
+use fedcart_common::data::orders::{self, ChurnConfig, Order, mapping::SECONDS_PER_DAY};
 use fedcart_common::data::tabular::{self, Schema};
 use fedcart_common::data::{movielens, split};
 use fedcart_common::itemsets::{self, Basket};
@@ -12,6 +15,14 @@ use fedcart_common::model::mf::MfData;
 use fedcart_common::train::{ChurnData, LocalData};
 
 use crate::config::AgentConfig;
+
+/// Item rows assumed for hashed item ids before any task names the run's
+/// row count; the agent re-maps its interactions when a task's model has
+/// another (see [`Interactions::mf`]).
+pub const HASHED_ROWS_BEFORE_A_TASK: usize = 1 << 16;
+
+/// Churn window when `[data.churn]` gives none (as `prepare`).
+const DEFAULT_CHURN_WINDOW_DAYS: u32 = 90;
 
 /// Why the merchant's data could not be loaded. The source names the file,
 /// and the line and column when a row is at fault.
@@ -41,9 +52,39 @@ pub enum DataError {
         #[source]
         source: csv::Error,
     },
-    /// `data.ratings_csv` is set without `data.catalogue`.
-    #[error("`data.ratings_csv` needs `data.catalogue`")]
+    /// Item-based data without a catalogue while `data.hash_items` is off.
+    #[error("`data.hash_items` = false needs `data.catalogue`")]
     NoCatalogue,
+    /// No recommender data: neither `data.ratings_csv` nor an orders export
+    /// with an `item` column.
+    #[error(
+        "no recommender data: set `data.ratings_csv`, or `data.orders_csv` with an `item` \
+         column in `[data.orders]`"
+    )]
+    NoInteractions,
+    /// No customer table: neither `data.churn_csv` nor `data.orders_csv`.
+    #[error("no customer data: set `data.orders_csv` (with `[data.orders]`) or `data.churn_csv`")]
+    NoCustomers,
+    /// The run's model has a row count hashed item ids cannot use.
+    #[error("the model has {rows} item rows; hashed item ids need 1 to 4294967295")]
+    Rows {
+        /// The model's item rows.
+        rows: usize,
+    },
+    /// Frequent-itemset baskets need the shared catalogue.
+    #[error(
+        "baskets need `data.catalogue`: the federation's rules name items of other merchants, \
+         which hashed ids cannot"
+    )]
+    NoBasketCatalogue,
+    /// The orders export could not be turned into features or labels.
+    #[error("deriving from the orders export {}: {message}", path.display())]
+    Derive {
+        /// The export.
+        path: PathBuf,
+        /// What is wrong (no orders, no customers before the cutoff, …).
+        message: String,
+    },
     /// The ratings file (`data.ratings_csv`) could not be read.
     #[error("loading ratings {}", path.display())]
     Ratings {
@@ -53,9 +94,8 @@ pub enum DataError {
         #[source]
         source: tabular::DataError,
     },
-    /// `data.orders_csv` is set without `data.catalogue`, `data.orders`
-    /// or an `item` column in `data.orders`.
-    #[error("`data.orders_csv` needs `data.catalogue` and `[data.orders]` with an `item` column")]
+    /// `data.orders_csv` is set without an `item` column in `[data.orders]`.
+    #[error("baskets need `data.orders_csv` with an `item` column in `[data.orders]`")]
     NoBasketsMapping,
     /// The orders export (`data.orders_csv`) could not be read.
     #[error("loading orders {}", path.display())]
@@ -77,38 +117,346 @@ pub enum DataError {
     },
 }
 
-/// The merchant's customer table (`data.churn_csv`), its schema (Telco's
-/// when none is configured) and its field separator: what `score`,
+/// The merchant's customer table: `data.churn_csv` read with its schema
+/// (Telco's when none is configured), or else the RFM features derived from
+/// `data.orders_csv` over each customer's whole history. What `score`,
 /// `segments` and `serve` read.
 #[derive(Debug, Clone)]
 pub struct CustomerTable {
     /// The file.
     pub path: PathBuf,
-    /// Its columns.
-    pub schema: Schema,
-    /// Its field separator.
-    pub delimiter: u8,
+    /// How it is read.
+    source: TableSource,
+}
+
+#[derive(Debug, Clone)]
+enum TableSource {
+    Csv { schema: Schema, delimiter: u8 },
+    Orders(Box<AgentConfig>),
 }
 
 impl CustomerTable {
-    /// The table named in the configuration.
-    pub fn from_config(cfg: &AgentConfig) -> Result<Self, DataError> {
-        Ok(Self {
-            path: cfg.data.churn_csv.clone().ok_or(DataError::NoChurnCsv)?,
-            schema: cfg.data.schema.clone().unwrap_or_else(Schema::telco),
-            delimiter: cfg.data.delimiter_byte(),
-        })
+    /// A customer CSV read with `schema`.
+    pub fn csv(path: PathBuf, schema: Schema, delimiter: u8) -> Self {
+        Self {
+            path,
+            source: TableSource::Csv { schema, delimiter },
+        }
     }
 
-    /// Reads every row.
-    pub fn load(&self) -> Result<tabular::TabularDataset, DataError> {
-        self.schema
-            .load_csv_delimited(&self.path, self.delimiter)
-            .map_err(|source| DataError::Churn {
-                path: self.path.clone(),
-                source,
-            })
+    /// The table named in the configuration.
+    pub fn from_config(cfg: &AgentConfig) -> Result<Self, DataError> {
+        if let Some(path) = &cfg.data.churn_csv {
+            return Ok(Self {
+                path: path.clone(),
+                source: TableSource::Csv {
+                    schema: cfg.data.schema.clone().unwrap_or_else(Schema::telco),
+                    delimiter: cfg.data.delimiter_byte(),
+                },
+            });
+        }
+        match &cfg.data.orders_csv {
+            Some(path) => Ok(Self {
+                path: path.clone(),
+                source: TableSource::Orders(Box::new(cfg.clone())),
+            }),
+            None => Err(DataError::NoCustomers),
+        }
     }
+
+    /// Reads every row. From an orders export: one row per customer, the
+    /// features as of the day after the last order (labels unobserved, 0).
+    pub fn load(&self) -> Result<tabular::TabularDataset, DataError> {
+        match &self.source {
+            TableSource::Csv { schema, delimiter } => schema
+                .load_csv_delimited(&self.path, *delimiter)
+                .map_err(|source| DataError::Churn {
+                    path: self.path.clone(),
+                    source,
+                }),
+            TableSource::Orders(cfg) => {
+                let rows = read_orders(&self.path, cfg)?;
+                let window = window_days(cfg);
+                let cutoff = after_last(&rows, &self.path)?;
+                let cc = ChurnConfig {
+                    trend_window_days: trend_days(cfg),
+                    ..ChurnConfig::new(cutoff, window)
+                };
+                Ok(derive(&rows, &cc, &self.path)?.features)
+            }
+        }
+    }
+}
+
+fn window_days(cfg: &AgentConfig) -> u32 {
+    cfg.data
+        .churn
+        .churn_window_days
+        .unwrap_or(DEFAULT_CHURN_WINDOW_DAYS)
+}
+
+fn trend_days(cfg: &AgentConfig) -> u32 {
+    cfg.data.churn.trend_window_days.unwrap_or(90)
+}
+
+/// Midnight (UTC) after the last order: a cutoff that keeps every order.
+fn after_last(rows: &[Order], path: &Path) -> Result<i64, DataError> {
+    let last = rows
+        .iter()
+        .map(|o| o.timestamp)
+        .max()
+        .ok_or_else(|| DataError::Derive {
+            path: path.to_owned(),
+            message: "no orders".into(),
+        })?;
+    Ok((last.div_euclid(SECONDS_PER_DAY) + 1) * SECONDS_PER_DAY)
+}
+
+/// Reads the orders export with the configured mapping (bad rows fail,
+/// naming file, line and column).
+fn read_orders(path: &Path, cfg: &AgentConfig) -> Result<Vec<Order>, DataError> {
+    let map = cfg
+        .data
+        .orders
+        .as_ref()
+        .ok_or(DataError::NoBasketsMapping)?;
+    let (rows, _) =
+        orders::read_orders(path, map, orders::BadRowPolicy::Fail).map_err(|source| {
+            DataError::Orders {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    Ok(rows)
+}
+
+fn derive(rows: &[Order], cc: &ChurnConfig, path: &Path) -> Result<orders::Prepared, DataError> {
+    orders::derive(rows, cc).map_err(|source| DataError::Orders {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The churn training data derived from the orders export: history before
+/// the cutoff (`[data.churn]`, default the day after the last order minus
+/// the window), label = no order within the window after it; a seeded
+/// stratified hold-out as for `churn_csv`.
+fn churn_from_orders(
+    path: &Path,
+    rows: &[Order],
+    cfg: &AgentConfig,
+) -> Result<ChurnData, DataError> {
+    let window = window_days(cfg);
+    let cutoff = match &cfg.data.churn.cutoff {
+        // Checked when the configuration was read.
+        Some(c) => orders::TimestampFormat::Auto
+            .parse(c.trim())
+            .map_err(|message| DataError::Derive {
+                path: path.to_owned(),
+                message: format!("`data.churn.cutoff`: {message}"),
+            })?,
+        None => after_last(rows, path)? - i64::from(window) * SECONDS_PER_DAY,
+    };
+    let cc = ChurnConfig {
+        trend_window_days: trend_days(cfg),
+        ..ChurnConfig::new(cutoff, window)
+    };
+    let ds = derive(rows, &cc, path)?.features;
+    if ds.ids.is_empty() {
+        return Err(DataError::Derive {
+            path: path.to_owned(),
+            message: format!(
+                "no customer ordered before the churn cutoff {}",
+                orders::derive::format_date(cutoff)
+            ),
+        });
+    }
+    let labels = ds.y.to_vec();
+    let (train, valid) =
+        split::stratified_train_test(&labels, cfg.data.holdout, cfg.data.split_seed);
+    Ok(ChurnData {
+        train: ds.select(&train),
+        valid: ds.select(&valid),
+    })
+}
+
+/// How the merchant's item ids map to rows of the federated item model,
+/// and back.
+#[derive(Debug, Clone)]
+pub enum Items {
+    /// The platform's shared catalogue file (`data.catalogue`).
+    Listed(Catalogue),
+    /// Item ids hashed into the run's rows ([`HashedItems`]).
+    Hashed {
+        /// The hash.
+        space: HashedItems,
+        /// The merchant's own item ids in each row, most bought first (a
+        /// row holds several only when their hashes collide).
+        own: HashMap<u32, Vec<String>>,
+    },
+}
+
+impl Items {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        ItemIndex::len(self)
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The item ids of a row: the catalogue's one id, or the merchant's own
+    /// items hashed there (none if it sells nothing in that row).
+    pub fn ids(&self, row: u32) -> Vec<&str> {
+        match self {
+            Items::Listed(c) => c.id(row).into_iter().collect(),
+            Items::Hashed { own, .. } => own
+                .get(&row)
+                .map(|v| v.iter().map(String::as_str).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The row's best-known item id (the catalogue's, or the merchant's most
+    /// bought one there).
+    pub fn label(&self, row: u32) -> Option<&str> {
+        self.ids(row).into_iter().next()
+    }
+}
+
+impl ItemIndex for Items {
+    fn index(&self, id: &str) -> Option<u32> {
+        match self {
+            Items::Listed(c) => c.index(id),
+            Items::Hashed { space, .. } => Some(space.row(id)),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Items::Listed(c) => c.len(),
+            Items::Hashed { space, .. } => space.rows() as usize,
+        }
+    }
+}
+
+/// The recommender's interactions with their local splits, before item ids
+/// are mapped to rows: from `data.ratings_csv`, or derived from
+/// `data.orders_csv` (every order; implicit unless the mapping has a
+/// `rating` column).
+#[derive(Debug, Clone)]
+pub struct Interactions {
+    train: Vec<Interaction>,
+    valid: Vec<Interaction>,
+    test: Vec<Interaction>,
+    catalogue: Option<Catalogue>,
+}
+
+impl Interactions {
+    /// Whether item ids are hashed (no catalogue file): the rows then follow
+    /// the run's model.
+    pub fn hashed(&self) -> bool {
+        self.catalogue.is_none()
+    }
+
+    /// The item rows: the catalogue, or ids hashed into `rows` rows.
+    pub fn items(&self, rows: usize) -> Result<Items, DataError> {
+        if let Some(c) = &self.catalogue {
+            return Ok(Items::Listed(c.clone()));
+        }
+        let space = u32::try_from(rows)
+            .ok()
+            .and_then(|r| HashedItems::new(r).ok())
+            .ok_or(DataError::Rows { rows })?;
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for r in self.train.iter().chain(&self.valid).chain(&self.test) {
+            *count.entry(&r.item).or_default() += 1;
+        }
+        let mut own: HashMap<u32, Vec<(usize, &str)>> = HashMap::new();
+        for (id, n) in count {
+            own.entry(space.row(id)).or_default().push((n, id));
+        }
+        let own = own
+            .into_iter()
+            .map(|(row, mut v)| {
+                v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+                (row, v.into_iter().map(|(_, id)| id.to_owned()).collect())
+            })
+            .collect();
+        Ok(Items::Hashed { space, own })
+    }
+
+    /// The merchant's recommender data mapped through `items`.
+    pub fn mf(&self, items: &Items) -> MfData {
+        MfData::with_validation(&self.train, &self.valid, &self.test, items)
+    }
+}
+
+/// The recommender's interactions named in the configuration, or `None`
+/// when it has none.
+pub fn interactions(cfg: &AgentConfig) -> Result<Option<Interactions>, DataError> {
+    interactions_with(cfg, None)
+}
+
+fn interactions_with(
+    cfg: &AgentConfig,
+    orders_read: Option<&[Order]>,
+) -> Result<Option<Interactions>, DataError> {
+    let catalogue = match &cfg.data.catalogue {
+        Some(p) => Some(catalogue(p)?),
+        None if cfg.data.hash_items => None,
+        None => return Err(DataError::NoCatalogue),
+    };
+    if let Some(path) = &cfg.data.ratings_csv {
+        let rows = movielens::load_ratings_delimited(path, cfg.data.delimiter_byte()).map_err(
+            |source| DataError::Ratings {
+                path: path.to_owned(),
+                source,
+            },
+        )?;
+        let (train, test) = movielens::random_split(&rows, cfg.data.holdout, cfg.data.split_seed);
+        return Ok(Some(Interactions {
+            train,
+            valid: Vec::new(),
+            test,
+            catalogue,
+        }));
+    }
+    let (Some(path), Some(map)) = (&cfg.data.orders_csv, &cfg.data.orders) else {
+        return Ok(None);
+    };
+    if map.item.is_none() {
+        return Ok(None);
+    }
+    let owned;
+    let rows = match orders_read {
+        Some(r) => r,
+        None => {
+            owned = read_orders(path, cfg)?;
+            &owned
+        }
+    };
+    let all = derive(
+        rows,
+        &ChurnConfig::new(after_last(rows, path)?, window_days(cfg)),
+        path,
+    )?
+    .interactions;
+    let implicit = map.rating.is_none();
+    let (train, test) = if implicit {
+        movielens::leave_last_out(&all)
+    } else {
+        movielens::random_split(&all, cfg.data.holdout, cfg.data.split_seed)
+    };
+    let seed = fedcart_common::seed::derive(cfg.data.split_seed, &[&cfg.merchant_id]);
+    let (train, valid) = movielens::validation_split(&train, implicit, seed);
+    Ok(Some(Interactions {
+        train,
+        valid,
+        test,
+        catalogue,
+    }))
 }
 
 /// Display names of catalogue items, from `data.item_names`: a file with a
@@ -147,11 +495,27 @@ pub fn configured_item_names(
     }
 }
 
-/// Reads every dataset named in the configuration.
+/// Reads every dataset named in the configuration; hashed item ids are
+/// mapped into [`HASHED_ROWS_BEFORE_A_TASK`] rows.
 pub fn load(cfg: &AgentConfig) -> Result<LocalData, DataError> {
+    Ok(load_all(cfg, HASHED_ROWS_BEFORE_A_TASK)?.0)
+}
+
+/// Reads every dataset named in the configuration, the orders export once:
+/// the local data (hashed item ids mapped into `hashed_rows` rows) and the
+/// recommender's interactions, which the agent maps again when a run's
+/// model has another row count.
+pub fn load_all(
+    cfg: &AgentConfig,
+    hashed_rows: usize,
+) -> Result<(LocalData, Option<Interactions>), DataError> {
     let mut data = LocalData {
         merchant_id: cfg.merchant_id.clone(),
         ..Default::default()
+    };
+    let orders = match &cfg.data.orders_csv {
+        Some(path) => Some((path, read_orders(path, cfg)?)),
+        None => None,
     };
     if let Some(path) = &cfg.data.churn_csv {
         let schema = cfg.data.schema.clone().unwrap_or_else(Schema::telco);
@@ -168,35 +532,39 @@ pub fn load(cfg: &AgentConfig) -> Result<LocalData, DataError> {
             train: ds.select(&train),
             valid: ds.select(&valid),
         });
+    } else if let Some((path, rows)) = &orders {
+        data.churn = Some(churn_from_orders(path, rows, cfg)?);
     }
-    if let Some(path) = &cfg.data.ratings_csv {
-        data.mf = Some(load_mf(path, cfg)?);
+    let inter = interactions_with(cfg, orders.as_ref().map(|(_, r)| r.as_slice()))?;
+    if let Some(i) = &inter {
+        data.mf = Some(i.mf(&i.items(hashed_rows)?));
     }
-    if let Some(path) = &cfg.data.orders_csv {
-        data.baskets = Some(load_baskets(path, cfg)?);
+    if let (Some((path, rows)), Some(cat)) = (&orders, &cfg.data.catalogue)
+        && cfg.data.orders.as_ref().is_some_and(|m| m.item.is_some())
+    {
+        data.baskets = Some(baskets_of(path, rows, &catalogue(cat)?));
     }
-    Ok(data)
+    Ok((data, inter))
 }
 
 /// The merchant's baskets (one per customer and timestamp) from its orders
-/// export, items mapped through the shared catalogue. Lines of items the
-/// catalogue does not know are left out and counted in a warning.
+/// export, items mapped through the shared catalogue (frequent itemsets
+/// need `data.catalogue`: their rules name items of other merchants too).
+/// Lines of items the catalogue does not know are left out and counted in
+/// a warning.
 pub fn load_baskets(path: &Path, cfg: &AgentConfig) -> Result<Vec<Basket>, DataError> {
-    let (Some(cat_path), Some(map)) = (&cfg.data.catalogue, &cfg.data.orders) else {
-        return Err(DataError::NoBasketsMapping);
+    let Some(cat_path) = &cfg.data.catalogue else {
+        return Err(DataError::NoBasketCatalogue);
     };
-    if map.item.is_none() {
+    if cfg.data.orders.as_ref().is_none_or(|m| m.item.is_none()) {
         return Err(DataError::NoBasketsMapping);
     }
-    let catalogue = catalogue(cat_path)?;
-    let (orders, _) =
-        orders::read_orders(path, map, orders::BadRowPolicy::Fail).map_err(|source| {
-            DataError::Orders {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
-    let unknown = orders
+    let rows = read_orders(path, cfg)?;
+    Ok(baskets_of(path, &rows, &catalogue(cat_path)?))
+}
+
+fn baskets_of(path: &Path, rows: &[Order], catalogue: &Catalogue) -> Vec<Basket> {
+    let unknown = rows
         .iter()
         .filter(|o| {
             o.item
@@ -207,28 +575,11 @@ pub fn load_baskets(path: &Path, cfg: &AgentConfig) -> Result<Vec<Basket>, DataE
     if unknown > 0 {
         tracing::warn!(
             file = %path.display(),
-            catalogue = %cat_path.display(),
             lines = unknown,
             "order lines whose item is not in the catalogue are left out of the baskets"
         );
     }
-    Ok(itemsets::baskets(&orders, &catalogue))
-}
-
-/// The merchant's ratings mapped through the shared catalogue, with a seeded
-/// local hold-out.
-pub fn load_mf(path: &Path, cfg: &AgentConfig) -> Result<MfData, DataError> {
-    let cat_path = cfg.data.catalogue.as_ref().ok_or(DataError::NoCatalogue)?;
-    let catalogue = catalogue(cat_path)?;
-    let rows =
-        movielens::load_ratings_delimited(path, cfg.data.delimiter_byte()).map_err(|source| {
-            DataError::Ratings {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
-    let (train, test) = movielens::random_split(&rows, cfg.data.holdout, cfg.data.split_seed);
-    Ok(MfData::new(&train, &test, &catalogue))
+    itemsets::baskets(rows, catalogue)
 }
 
 /// Reads the shared catalogue.

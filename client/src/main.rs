@@ -149,10 +149,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
-            let local =
-                data::load(&cfg).with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
+            // Hashed item ids start in the rows of the recommender this
+            // merchant holds, so a restart keeps its user factors.
+            let rows = match &cfg.state_dir {
+                Some(_) => state_of(&cfg)?
+                    .mf_rows()
+                    .context("reading the stored recommender")?,
+                None => None,
+            }
+            .unwrap_or(data::HASHED_ROWS_BEFORE_A_TASK);
+            let (local, interactions) = data::load_all(&cfg, rows)
+                .with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
             let mut agent =
                 Agent::new(cfg.coordinator.clone(), local).with_policy(cfg.privacy.clone());
+            if let Some(i) = interactions {
+                agent = agent.with_hashed_items(i, rows);
+            }
             if cfg.state_dir.is_some() {
                 agent = agent
                     .with_state(state_of(&cfg)?)
@@ -198,13 +210,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             recommend::check_k(k).context("--k")?;
             let cfg = AgentConfig::load(&config)?;
-            let ratings = cfg
-                .data
-                .ratings_csv
-                .as_ref()
-                .context("`data.ratings_csv` is not configured")?;
-            let mf = data::load_mf(ratings, &cfg)?;
-            let cat = data::catalogue(cfg.data.catalogue.as_ref().expect("checked by load_mf"))?;
+            let state = state_of(&cfg)?;
+            let interactions = data::interactions(&cfg)?.ok_or(data::DataError::NoInteractions)?;
+            let rows = state
+                .mf_rows()
+                .context("reading the stored recommender")?
+                .unwrap_or(data::HASHED_ROWS_BEFORE_A_TASK);
+            let items = interactions.items(rows)?;
+            let mf = interactions.mf(&items);
             let names = data::configured_item_names(&cfg)?;
             if let Some(w) = repeat_weight
                 && !(0.0..=1.0).contains(&w)
@@ -216,7 +229,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 include_repeats,
                 repeat_weight,
             };
-            let recs = recommend::recommend_with(&state_of(&cfg)?, &mf, &cat, &customer, &opts)
+            let recs = recommend::recommend_with(&state, &mf, &items, &customer, &opts)
                 .with_context(|| format!("recommending for customer `{customer}`"))?;
             for r in recs {
                 match names.get(&r.item) {

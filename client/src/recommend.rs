@@ -5,12 +5,11 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use fedcart_common::data::catalogue::Catalogue;
 use fedcart_common::data::tabular::TabularDataset;
 use fedcart_common::model::lr::LogisticRegression;
 use fedcart_common::model::mf::{MfData, blend, item_offsets, local_popularity};
 
-use crate::data::CustomerTable;
+use crate::data::{CustomerTable, Items};
 use crate::state::{StateDir, StateError};
 
 /// Why no recommendation or score could be computed.
@@ -124,6 +123,9 @@ pub struct Purchases {
     /// Per local user: catalogue index → times bought or rated (train,
     /// validation and held-out rows).
     bought: Vec<HashMap<u32, f32>>,
+    /// The rows the merchant can name (hashed item ids: the rows of its own
+    /// items); `None`: every row.
+    known: Option<Vec<bool>>,
 }
 
 impl Purchases {
@@ -138,7 +140,22 @@ impl Purchases {
         Self {
             popularity: local_popularity(mf, num_items),
             bought,
+            known: None,
         }
+    }
+
+    /// Ranks only the rows `items` can name: with hashed item ids, the rows
+    /// of the merchant's own items (a row of other merchants' items has no
+    /// id here to recommend).
+    pub fn naming(mut self, items: &Items) -> Self {
+        if let Items::Hashed { .. } = items {
+            self.known = Some(
+                (0..items.len() as u32)
+                    .map(|i| !items.ids(i).is_empty())
+                    .collect(),
+            );
+        }
+        self
     }
 
     /// Items local user `u` bought or rated.
@@ -276,7 +293,14 @@ impl Recommender {
             .into_iter()
             .enumerate()
             .map(|(i, s)| (i as u32, s))
-            .filter(|(i, s)| s.is_finite() && (keep_repeats || !bought.contains_key(i)))
+            .filter(|(i, s)| {
+                s.is_finite()
+                    && (keep_repeats || !bought.contains_key(i))
+                    && purchases
+                        .known
+                        .as_ref()
+                        .is_none_or(|k| k.get(*i as usize).copied().unwrap_or(false))
+            })
             .collect();
         let by_score = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if scored.len() > opts.k {
@@ -318,39 +342,50 @@ impl RecommendOptions {
 pub fn recommend(
     state: &StateDir,
     mf: &MfData,
-    catalogue: &Catalogue,
+    items: &Items,
     customer: &str,
     k: usize,
 ) -> Result<Vec<Recommendation>, RecommendError> {
-    recommend_with(state, mf, catalogue, customer, &RecommendOptions::top(k))
+    recommend_with(state, mf, items, customer, &RecommendOptions::top(k))
 }
 
 /// Recommendations for `customer` from the stored global model and the
-/// private user factors, ranked by [`Recommender::rank`].
+/// private user factors, ranked by [`Recommender::rank`], named by
+/// [`named`].
 pub fn recommend_with(
     state: &StateDir,
     mf: &MfData,
-    catalogue: &Catalogue,
+    items: &Items,
     customer: &str,
     opts: &RecommendOptions,
 ) -> Result<Vec<Recommendation>, RecommendError> {
     check_k(opts.k)?;
-    let rec = Recommender::load(state, catalogue.len())?;
+    let rec = Recommender::load(state, items.len())?;
     let u = mf
         .users
         .iter()
         .position(|c| c == customer)
         .ok_or_else(|| RecommendError::UnknownCustomer(customer.to_owned()))?;
-    let purchases = Purchases::of(mf, rec.num_items());
-    Ok(rec
-        .rank(customer, u, &purchases, opts)?
-        .into_iter()
-        .map(|(i, score)| Recommendation {
-            item: catalogue.id(i).expect("index within catalogue").to_owned(),
-            name: None,
-            score,
+    let purchases = Purchases::of(mf, rec.num_items()).naming(items);
+    let ranked = rec.rank(customer, u, &purchases, opts)?;
+    Ok(named(&ranked, items, opts.k))
+}
+
+/// Ranked rows as item ids, at most `k`: a catalogue row is its one id; a
+/// hashed row the merchant's own items there, most bought first (several
+/// only when their ids collide), all with the row's score.
+pub fn named(ranked: &[(u32, f32)], items: &Items, k: usize) -> Vec<Recommendation> {
+    ranked
+        .iter()
+        .flat_map(|&(i, score)| {
+            items.ids(i).into_iter().map(move |id| Recommendation {
+                item: id.to_owned(),
+                name: None,
+                score,
+            })
         })
-        .collect())
+        .take(k)
+        .collect()
 }
 
 /// `v` shifted and scaled to mean 0 and standard deviation 1.

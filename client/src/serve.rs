@@ -42,13 +42,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use fedcart_common::data::catalogue::Catalogue;
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::config::AgentConfig;
-use crate::data::{self, CustomerTable, DataError};
+use crate::data::{self, CustomerTable, DataError, Items};
 use crate::recommend::{self, RecommendError, Recommender};
 use crate::segments;
 use crate::state::{StateDir, StateError};
@@ -107,7 +106,7 @@ pub struct LocalFiles {
 /// What recommendations need besides the models.
 #[derive(Debug)]
 struct MfLocal {
-    catalogue: Catalogue,
+    items: Items,
     names: HashMap<String, String>,
     /// Customer id → local user index.
     users: HashMap<String, usize>,
@@ -117,19 +116,26 @@ struct MfLocal {
 
 impl LocalFiles {
     /// Reads the customer table and the recommender's files named in `cfg`.
+    /// Hashed item ids are mapped into the rows of the recommender the
+    /// state directory holds (a later model with another row count needs a
+    /// restart of `serve`).
     pub fn load(cfg: &AgentConfig) -> Result<Self, DataError> {
-        let customers = match cfg.data.churn_csv {
-            Some(_) => Some(CustomerTable::from_config(cfg)?.load()?),
-            None => None,
+        let customers = match (&cfg.data.churn_csv, &cfg.data.orders_csv) {
+            (None, None) => None,
+            _ => Some(CustomerTable::from_config(cfg)?.load()?),
         };
-        let mf = match &cfg.data.ratings_csv {
-            Some(ratings) => {
-                let mf = data::load_mf(ratings, cfg)?;
-                let catalogue =
-                    data::catalogue(cfg.data.catalogue.as_ref().ok_or(DataError::NoCatalogue)?)?;
-                let purchases = recommend::Purchases::of(&mf, catalogue.len());
+        let rows = cfg
+            .state_dir
+            .as_ref()
+            .and_then(|d| StateDir::open(d).ok()?.mf_rows().ok().flatten())
+            .unwrap_or(data::HASHED_ROWS_BEFORE_A_TASK);
+        let mf = match data::interactions(cfg)? {
+            Some(inter) => {
+                let items = inter.items(rows)?;
+                let mf = inter.mf(&items);
+                let purchases = recommend::Purchases::of(&mf, items.len()).naming(&items);
                 Some(MfLocal {
-                    catalogue,
+                    items,
                     names: data::configured_item_names(cfg)?,
                     users: mf
                         .users
@@ -197,8 +203,11 @@ fn torn<E: std::fmt::Display>(e: &E, is_torn: bool) -> Result<String, Torn> {
 pub fn build_snapshot(state: &StateDir, local: &LocalFiles) -> Result<Snapshot, Torn> {
     let mismatch = |e: &StateError| matches!(e, StateError::Mismatch { .. });
     let recommender = match &local.mf {
-        None => Err("`data.ratings_csv` is not configured".to_string()),
-        Some(mf) => match Recommender::load(state, mf.catalogue.len()) {
+        None => Err(
+            "no recommender data (`data.ratings_csv`, or `data.orders_csv` with an item column)"
+                .to_string(),
+        ),
+        Some(mf) => match Recommender::load(state, mf.items.len()) {
             Ok(r) => Ok((r.version, r)),
             Err(RecommendError::State(e)) => Err(torn(&e, mismatch(&e))?),
             Err(e) => Err(e.to_string()),
@@ -206,7 +215,7 @@ pub fn build_snapshot(state: &StateDir, local: &LocalFiles) -> Result<Snapshot, 
     };
     let (churn, segments) = match &local.customers {
         None => {
-            let why = "`data.churn_csv` is not configured".to_string();
+            let why = "no customer table (`data.orders_csv` or `data.churn_csv`)".to_string();
             (Err(why.clone()), Err(why))
         }
         Some(ds) => {
@@ -436,7 +445,8 @@ async fn recommendations(
     let Some(mf) = &app.local.mf else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "`data.ratings_csv` is not configured".into(),
+            "no recommender data (`data.ratings_csv`, or `data.orders_csv` with an item column)"
+                .into(),
         );
     };
     let Some(&u) = mf.users.get(&customer) else {
@@ -449,17 +459,10 @@ async fn recommendations(
     };
     match rec.rank(&customer, u, &mf.purchases, &opts) {
         Ok(top) => {
-            let items: Vec<recommend::Recommendation> = top
-                .into_iter()
-                .filter_map(|(i, score)| {
-                    let id = mf.catalogue.id(i)?;
-                    Some(recommend::Recommendation {
-                        item: id.to_owned(),
-                        name: mf.names.get(id).cloned(),
-                        score,
-                    })
-                })
-                .collect();
+            let mut items = recommend::named(&top, &mf.items, opts.k);
+            for r in &mut items {
+                r.name = mf.names.get(&r.item).cloned();
+            }
             Json(json!({
                 "customer": customer,
                 "model_version": version,
@@ -589,10 +592,15 @@ mod tests {
     async fn implicit_recommendations_blend_the_merchants_popularity_as_the_command_line_does() {
         let f = fixture::Fixture::new();
         let who = &f.shoppers[3];
-        let mf = data::load_mf(f.cfg.data.ratings_csv.as_ref().unwrap(), &f.cfg).unwrap();
-        let cat = data::catalogue(f.cfg.data.catalogue.as_ref().unwrap()).unwrap();
+        let inter = data::interactions(&f.cfg).unwrap().unwrap();
+        let listed = inter.items(0).unwrap();
+        let mf = inter.mf(&listed);
+        let cat = match &listed {
+            data::Items::Listed(c) => c.clone(),
+            data::Items::Hashed { .. } => unreachable!("the fixture has a catalogue"),
+        };
         let cli = |k| -> Vec<String> {
-            recommend::recommend(&f.state, &mf, &cat, who, k)
+            recommend::recommend(&f.state, &mf, &listed, who, k)
                 .unwrap()
                 .into_iter()
                 .map(|r| r.item)
@@ -634,8 +642,13 @@ mod tests {
             (200, json!({"recommender": 1, "churn": 1, "segments": null}))
         );
         let who = &f.shoppers[0];
-        let mf = data::load_mf(f.cfg.data.ratings_csv.as_ref().unwrap(), &f.cfg).unwrap();
-        let cat = data::catalogue(f.cfg.data.catalogue.as_ref().unwrap()).unwrap();
+        let inter = data::interactions(&f.cfg).unwrap().unwrap();
+        let listed = inter.items(0).unwrap();
+        let mf = inter.mf(&listed);
+        let cat = match &listed {
+            data::Items::Listed(c) => c.clone(),
+            data::Items::Hashed { .. } => unreachable!("the fixture has a catalogue"),
+        };
         let bought: HashSet<String> = recommend::purchased(&mf, 0)
             .into_iter()
             .map(|i| cat.id(i).unwrap().to_owned())
@@ -661,7 +674,7 @@ mod tests {
                 .all(|i| i["name"].as_str().is_some_and(|n| !n.is_empty()))
         );
         // The same ranking as the command line's `recommend`.
-        let cli = recommend::recommend(&f.state, &mf, &cat, who, 5).unwrap();
+        let cli = recommend::recommend(&f.state, &mf, &listed, who, 5).unwrap();
         let ids: Vec<&str> = items.iter().map(|i| i["item"].as_str().unwrap()).collect();
         assert_eq!(ids, cli.iter().map(|r| r.item.as_str()).collect::<Vec<_>>());
         // With repeats, the ranking runs over the whole catalogue: purchases

@@ -229,6 +229,13 @@ impl StateDir {
         )))
     }
 
+    /// The item rows of the stored recommender, if there is one.
+    pub fn mf_rows(&self) -> Result<Option<usize>, StateError> {
+        Ok(self
+            .read_json::<GlobalMeta>("global-mf.json")?
+            .and_then(|m| m.spec.model.mf_shape().map(|s| s.num_items)))
+    }
+
     /// Stores the private MF user state.
     pub fn save_users(&self, state: &UserState) -> Result<(), StateError> {
         let path = self.dir.join("mf-users.json");

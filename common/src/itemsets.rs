@@ -1,7 +1,7 @@
 //! Federated frequent itemsets and association rules over merchants' baskets.
 //!
 //! A basket is one order: the lines of one customer at one timestamp in an
-//! orders export, mapped into the platform catalogue ([`Catalogue`]), so item
+//! orders export, mapped into the platform catalogue ([`Catalogue`](crate::data::catalogue::Catalogue)), so item
 //! `i` means the same product at every merchant. The protocol is level-wise
 //! Apriori, written like `privacy::secagg` as a sans-IO state machine:
 //!
@@ -42,7 +42,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::data::catalogue::Catalogue;
+use crate::data::catalogue::ItemIndex;
 use crate::data::orders::Order;
 use crate::federation::update::Update;
 
@@ -51,7 +51,7 @@ pub type Basket = Vec<u32>;
 
 /// A merchant's baskets from its orders: one per (customer, timestamp), items
 /// outside the catalogue dropped, empty baskets dropped. Deterministic order.
-pub fn baskets(orders: &[Order], catalogue: &Catalogue) -> Vec<Basket> {
+pub fn baskets(orders: &[Order], catalogue: &dyn ItemIndex) -> Vec<Basket> {
     let mut by_key: BTreeMap<(&str, i64), Vec<u32>> = BTreeMap::new();
     for o in orders {
         if let Some(i) = o.item.as_deref().and_then(|id| catalogue.index(id)) {

@@ -3,6 +3,7 @@
 //! restart.
 
 use fedcart_client::agent::Agent;
+use fedcart_client::data::Items;
 use fedcart_client::recommend::{recommend, score};
 use fedcart_client::state::StateDir;
 use fedcart_common::data::tabular::Schema;
@@ -61,11 +62,8 @@ async fn score_writes_a_churn_probability_per_customer_that_ranks_churners_first
             .contains_key("auc")
     );
     let out = states.path().join("churn_scores.csv");
-    let table = fedcart_client::data::CustomerTable {
-        path: split.files[0].clone(),
-        schema: Schema::telco(),
-        delimiter: b',',
-    };
+    let table =
+        fedcart_client::data::CustomerTable::csv(split.files[0].clone(), Schema::telco(), b',');
     let mut file = std::fs::File::create(&out).unwrap();
     let n = score(&state, &table, &mut file, &out).unwrap();
     drop(file);
@@ -123,7 +121,14 @@ async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart()
     let mf = fed.merchants[0].mf.as_ref().unwrap();
     let state = StateDir::open(states.path().join("m0")).unwrap();
     let customer = mf.users[0].clone();
-    let recs = recommend(&state, mf, &fed.catalogue, &customer, 10).unwrap();
+    let recs = recommend(
+        &state,
+        mf,
+        &Items::Listed(fed.catalogue.clone()),
+        &customer,
+        10,
+    )
+    .unwrap();
     assert_eq!(recs.len(), 10);
     assert!(recs.windows(2).all(|w| w[0].score >= w[1].score));
     let bought: std::collections::HashSet<&str> = mf
@@ -135,7 +140,16 @@ async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart()
         .collect();
     assert!(!bought.is_empty());
     assert!(recs.iter().all(|r| !bought.contains(r.item.as_str())));
-    assert!(recommend(&state, mf, &fed.catalogue, "no-such-customer", 10).is_err());
+    assert!(
+        recommend(
+            &state,
+            mf,
+            &Items::Listed(fed.catalogue.clone()),
+            "no-such-customer",
+            10
+        )
+        .is_err()
+    );
 
     // A restarted agent resumes with the trained private factors.
     let restarted = Agent::new("http://127.0.0.1:1", fed.merchants[0].clone())

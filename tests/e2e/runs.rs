@@ -1,10 +1,13 @@
 //! Runs as first-class objects, with the real binaries over mutual TLS: one
 //! coordinator hosts a churn run and an MF run at the same time, three
-//! merchant agents (one configuration each) take part in both, a SIGKILL of
-//! the coordinator in the middle of both loses nothing committed and a
-//! restart on the same store resumes both, finished runs stay listed, a
-//! merchant's certificate is refused on the admin RPCs, and the merchant's
-//! `score` and `recommend` work from its one configuration.
+//! merchant agents take part in both, each from one configuration that
+//! points at nothing but its store's orders export (churn features, labels
+//! and interactions derived by the agent, item ids hashed into the run's
+//! rows: no catalogue file). A SIGKILL of the coordinator in the middle of
+//! both runs loses nothing committed and a restart on the same store
+//! resumes both, finished runs stay listed, a merchant's certificate is
+//! refused on the admin RPCs, and the merchant's `score` and `recommend`
+//! work from its one configuration, naming its own customers and items.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,7 +56,7 @@ rounds = {ROUNDS}
 quorum = 3
 round_timeout_ms = 120000
 evaluate = false
-model = {{ family = "churn_lr", num_features = 45 }}
+model = {{ family = "churn_lr", num_features = 8 }}
 sgd = {{ epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }}
 selection = {{ fraction = 1.0, min_agents = 3, max_agents = 3 }}
 "#,
@@ -64,8 +67,11 @@ selection = {{ fraction = 1.0, min_agents = 3, max_agents = 3 }}
     path
 }
 
+/// Hashed item rows of the MF run: no catalogue, the run just names a size.
+const ITEM_ROWS: usize = 16_384;
+
 /// The MF run, as the operator submits it (the run's keys at the top).
-fn mf_toml(dir: &Path, num_items: usize) -> PathBuf {
+fn mf_toml(dir: &Path) -> PathBuf {
     let path = dir.join("mf-run.toml");
     std::fs::write(
         &path,
@@ -76,7 +82,7 @@ rounds = {ROUNDS}
 quorum = 3
 round_timeout_ms = 120000
 evaluate = false
-model = {{ family = "mf", num_items = {num_items}, factors = 8 }}
+model = {{ family = "mf_implicit", num_items = {ITEM_ROWS}, factors = 8 }}
 sgd = {{ epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }}
 selection = {{ fraction = 1.0, min_agents = 3, max_agents = 3 }}
 "#
@@ -86,42 +92,36 @@ selection = {{ fraction = 1.0, min_agents = 3, max_agents = 3 }}
     path
 }
 
-/// The catalogue (MovieLens item ids) and each merchant's ratings: the
-/// users with `userId % 3 == k` among the first 20,000 ratings.
-fn movielens_files(dir: &Path) -> (PathBuf, usize, Vec<PathBuf>) {
-    let ml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small");
-    let movies = std::fs::read_to_string(ml.join("movies.csv")).unwrap();
-    let ids: Vec<&str> = movies
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split(',').next())
-        .collect();
-    let catalogue = dir.join("catalogue.txt");
-    std::fs::write(&catalogue, ids.join("\n")).unwrap();
-    let ratings = std::fs::read_to_string(ml.join("ratings.csv")).unwrap();
-    let mut lines = ratings.lines();
+/// Three stores of the bundled grocery log, each as its own orders export
+/// (the smallest three: 38–48 households, 2,000–4,000 products each).
+fn store_exports(dir: &Path) -> Vec<PathBuf> {
+    let log = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/grocery/orders.csv");
+    let text = std::fs::read_to_string(log).unwrap();
+    let mut lines = text.lines();
     let header = lines.next().unwrap();
-    let mut parts = vec![format!("{header}\n"); 3];
-    for l in lines.take(20_000) {
-        let user: u64 = l.split(',').next().unwrap().parse().unwrap();
-        parts[(user % 3) as usize].push_str(l);
-        parts[(user % 3) as usize].push('\n');
+    let stores = ["433", "324", "363"];
+    let mut parts = vec![format!("{header}\n"); stores.len()];
+    for l in lines {
+        let store = l.rsplit(',').next().unwrap();
+        if let Some(k) = stores.iter().position(|s| *s == store) {
+            parts[k].push_str(l);
+            parts[k].push('\n');
+        }
     }
-    let files = parts
+    parts
         .into_iter()
         .enumerate()
         .map(|(k, text)| {
-            let p = dir.join(format!("ratings-m{k}.csv"));
+            let p = dir.join(format!("orders-m{k}.csv"));
             std::fs::write(&p, text).unwrap();
             p
         })
-        .collect();
-    (catalogue, ids.len(), files)
+        .collect()
 }
 
-/// One merchant's one configuration: its customer table, its ratings and
-/// the catalogue, its state directory and its certificate.
-fn merchant_toml(dir: &Path, k: usize, port: u16, churn: &Path, ratings: &Path) -> PathBuf {
+/// One merchant's one configuration: its orders export with the column
+/// mapping, its state directory and its certificate. Nothing else.
+fn merchant_toml(dir: &Path, k: usize, port: u16, orders: &Path) -> PathBuf {
     let pki = CertDir::new(dir.join("pki"));
     let id = format!("m{k}");
     let path = dir.join(format!("{id}.toml"));
@@ -129,14 +129,13 @@ fn merchant_toml(dir: &Path, k: usize, port: u16, churn: &Path, ratings: &Path) 
         &path,
         format!(
             "coordinator = \"https://localhost:{port}\"\nmerchant_id = \"{id}\"\n\
-             state_dir = \"{state}\"\n\n[data]\nchurn_csv = \"{churn}\"\n\
-             ratings_csv = \"{ratings}\"\ncatalogue = \"{cat}\"\n\n\
+             state_dir = \"{state}\"\n\n[data]\norders_csv = \"{orders}\"\n\n\
+             [data.orders]\ncustomer = \"customer\"\nitem = \"item\"\n\
+             timestamp = \"timestamp\"\nquantity = \"quantity\"\namount = \"amount\"\n\n\
              [backoff]\ninitial_ms = 50\nmax_ms = 500\n\n\
              [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\ndomain = \"localhost\"\n",
             state = dir.join(format!("state-{id}")).display(),
-            churn = churn.display(),
-            ratings = ratings.display(),
-            cat = dir.join("catalogue.txt").display(),
+            orders = orders.display(),
             ca = pki.ca_cert().display(),
             cert = pki.cert(&id).display(),
             key = pki.key(&id).display(),
@@ -219,11 +218,10 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
     }
     let (port, http) = (free_port(), free_port());
     let config = coordinator_toml(root, port, http);
-    let split = telco_split(3, 5);
-    let (_, num_items, ratings) = movielens_files(root);
-    let mf = mf_toml(root, num_items);
+    let exports = store_exports(root);
+    let mf = mf_toml(root);
     let merchants: Vec<PathBuf> = (0..3)
-        .map(|k| merchant_toml(root, k, port, &split.files[k], &ratings[k]))
+        .map(|k| merchant_toml(root, k, port, &exports[k]))
         .collect();
 
     let serve = |keep: bool| {
@@ -368,44 +366,67 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         .collect();
     assert_eq!(ids, [CHURN_RUN, MF_RUN, "churn-long"]);
 
-    // The merchant's tools work from its one configuration.
-    let score = std::process::Command::new(bin_dir().join("fedcart-client"))
-        .args([
-            "score",
-            "--config",
-            merchants[0].to_str().unwrap(),
-            "--out",
-            "-",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        score.status.success(),
-        "{}",
-        String::from_utf8_lossy(&score.stderr)
-    );
-    let scored = String::from_utf8_lossy(&score.stdout);
-    assert!(scored.lines().count() > 100, "{scored}");
-    let first_user = std::fs::read_to_string(&ratings[0])
-        .unwrap()
+    // The merchant's tools work from its one configuration: churn scores
+    // for every customer of its export, and recommendations that name its
+    // own products, none the customer already bought.
+    let export = std::fs::read_to_string(&exports[0]).unwrap();
+    let rows: Vec<Vec<&str>> = export
         .lines()
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .to_owned();
-    let rec = std::process::Command::new(bin_dir().join("fedcart-client"))
-        .args(["recommend", "--config", merchants[0].to_str().unwrap()])
-        .args(["--customer", &first_user, "--k", "5"])
-        .output()
-        .unwrap();
-    assert!(
-        rec.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rec.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&rec.stdout).lines().count(), 5);
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let customers: std::collections::BTreeSet<&str> = rows.iter().map(|r| r[0]).collect();
+    let products: std::collections::BTreeSet<&str> = rows.iter().map(|r| r[1]).collect();
+    let client = |args: &[&str]| {
+        let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let m0 = merchants[0].to_str().unwrap();
+    let scored = client(&["score", "--config", m0, "--out", "-"]);
+    let scored_ids: std::collections::BTreeSet<&str> = scored
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(scored_ids, customers, "{scored}");
+    let shopper = rows[0][0];
+    let bought: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r[0] == shopper)
+        .map(|r| r[1])
+        .collect();
+    let recs = client(&[
+        "recommend",
+        "--config",
+        m0,
+        "--customer",
+        shopper,
+        "--k",
+        "5",
+    ]);
+    let recommended: Vec<&str> = recs
+        .lines()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(recommended.len(), 5, "{recs}");
+    for item in &recommended {
+        assert!(
+            products.contains(item),
+            "{item} is not a product of m0: {recs}"
+        );
+        assert!(
+            !bought.contains(item),
+            "{shopper} already bought {item}: {recs}"
+        );
+    }
 
     coord.terminate();
     assert_eq!(coord.wait_exit(LIMIT), Some(0), "{}", coord.seen.join("\n"));

@@ -5,6 +5,11 @@
 //! The catalogue is configuration: loaded from a file of ids (one per line) or
 //! built from a ratings file. Items a merchant sells that the catalogue does
 //! not know are counted and reported, never fatal.
+//!
+//! Without a catalogue file, merchants agree on the rows by hashing
+//! ([`HashedItems`]): an item's row is a public hash of its id modulo the
+//! run's item count, so no party ever publishes an item list. Both kinds
+//! implement [`ItemIndex`], which is all the data loaders need.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -122,6 +127,89 @@ impl Catalogue {
     }
 }
 
+/// Raw item id → row of the federated item model: a shared [`Catalogue`]
+/// or [`HashedItems`].
+pub trait ItemIndex {
+    /// The row of `id`, or None for an item this index does not know.
+    fn index(&self, id: &str) -> Option<u32>;
+    /// Number of rows.
+    fn len(&self) -> usize;
+    /// Whether there are no rows.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ItemIndex for Catalogue {
+    fn index(&self, id: &str) -> Option<u32> {
+        Catalogue::index(self, id)
+    }
+    fn len(&self) -> usize {
+        Catalogue::len(self)
+    }
+}
+
+/// Item ids hashed into a fixed number of rows: row = the first 8 bytes of
+/// SHA-256(`fedcart/item-row/v1` ‖ 0 ‖ id), big-endian, modulo `rows`.
+///
+/// Every merchant computes the same row for the same id without anyone
+/// listing the items. The hash is public and unkeyed: whoever sees which
+/// rows a merchant's update touches (the coordinator, for plaintext
+/// row-sparse uploads) can test a guessed item id against them, exactly as
+/// with a shared catalogue; under secure aggregation it sees only the masked
+/// dense sum. Distinct items can share a row (a collision); with `n` items in
+/// `rows` rows about `1 − e^(−n/rows)` of them do, and they share one factor
+/// vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashedItems {
+    rows: u32,
+}
+
+/// Why a hashed item space cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a hashed item space needs at least one row")]
+pub struct NoRows;
+
+impl HashedItems {
+    /// Domain separation of the item hash, so it never coincides with
+    /// another use of SHA-256 over the same ids.
+    const DOMAIN: &'static [u8] = b"fedcart/item-row/v1\0";
+
+    /// `rows` hashed rows (the run's `num_items`).
+    pub fn new(rows: u32) -> Result<Self, NoRows> {
+        if rows == 0 {
+            return Err(NoRows);
+        }
+        Ok(Self { rows })
+    }
+
+    /// The row of `id`.
+    pub fn row(&self, id: &str) -> u32 {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(Self::DOMAIN)
+            .chain_update(id.as_bytes())
+            .finalize();
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&digest[..8]);
+        (u64::from_be_bytes(head) % u64::from(self.rows)) as u32
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> u32 {
+        self.rows
+    }
+}
+
+impl ItemIndex for HashedItems {
+    fn index(&self, id: &str) -> Option<u32> {
+        Some(self.row(id))
+    }
+    fn len(&self) -> usize {
+        self.rows as usize
+    }
+}
+
 /// Sort key putting integer ids in numeric order before any other id.
 fn canonical_key(id: &str) -> (u8, u64, &str) {
     match id.parse::<u64>() {
@@ -163,6 +251,29 @@ mod tests {
         std::fs::write(&path, "a\n\nb\na\n").unwrap();
         let err = Catalogue::load(&path).unwrap_err().to_string();
         assert!(err.contains("line 4") && err.contains("`a`"), "{err}");
+    }
+
+    #[test]
+    fn hashed_rows_are_stable_spread_and_refuse_zero() {
+        let h = HashedItems::new(1 << 16).unwrap();
+        // Pinned: every merchant, build and platform must agree on a row.
+        assert_eq!(h.row("1095275"), h.row("1095275"));
+        let pinned: Vec<u32> = ["1095275", "9878513", "milk"]
+            .iter()
+            .map(|id| h.row(id))
+            .collect();
+        // Computed independently: Python's hashlib over the same bytes.
+        assert_eq!(pinned, [56_696, 60_710, 1_306]);
+        // 5,000 ids over 65,536 rows: collisions near 1 − e^(−n/rows).
+        let ids: Vec<String> = (0..5_000).map(|i| format!("item-{i}")).collect();
+        let distinct: std::collections::HashSet<u32> = ids.iter().map(|i| h.row(i)).collect();
+        assert!(distinct.len() > 4_700, "{}", distinct.len());
+        assert!(
+            ids.iter()
+                .all(|i| ItemIndex::index(&h, i).unwrap() < (1 << 16))
+        );
+        assert_eq!(HashedItems::new(0), Err(NoRows));
+        assert_eq!(ItemIndex::len(&HashedItems::new(7).unwrap()), 7);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
-use crate::data::catalogue::Catalogue;
+use crate::data::catalogue::ItemIndex;
 use crate::data::interactions::Interaction;
 use crate::federation::update::{Segment, Update, WeightLayout};
 
@@ -272,7 +272,7 @@ impl MfData {
     /// Maps a merchant's interactions into dense indices: users in order of
     /// first appearance, items through the shared catalogue. Interactions with
     /// an item the catalogue lacks are counted in `unknown_items` and skipped.
-    pub fn new(train: &[Interaction], test: &[Interaction], catalogue: &Catalogue) -> Self {
+    pub fn new(train: &[Interaction], test: &[Interaction], catalogue: &dyn ItemIndex) -> Self {
         Self::with_validation(train, &[], test, catalogue)
     }
 
@@ -283,7 +283,7 @@ impl MfData {
         train: &[Interaction],
         valid: &[Interaction],
         test: &[Interaction],
-        catalogue: &Catalogue,
+        catalogue: &dyn ItemIndex,
     ) -> Self {
         let mut users: Vec<String> = Vec::new();
         let mut index: std::collections::HashMap<String, u32> = Default::default();

@@ -7,6 +7,7 @@ use std::path::Path;
 use rand::RngExt;
 
 use super::*;
+use crate::data::catalogue::Catalogue;
 use crate::federation::aggregate::SumAccumulator;
 use crate::federation::strategy::{FedAvg, Strategy};
 use crate::model::mf::movielens;
