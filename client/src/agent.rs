@@ -83,6 +83,23 @@ pub struct Agent {
     interactions: Option<crate::data::Interactions>,
     /// The row count `data.mf` is mapped into (hashed item ids).
     mf_rows: usize,
+    /// The run whose private user factors `data.mf.state` holds (`None`:
+    /// not known yet; the first MF run to ask takes them).
+    users_of: Option<String>,
+    /// The user factors of the other MF runs this agent takes part in: each
+    /// run trains its own user side, as if it were the merchant's only run.
+    parked_users: HashMap<String, fedcart_common::model::mf::UserState>,
+}
+
+/// Why [`Agent::from_config`] could not build the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum FromConfigError {
+    /// The merchant's data could not be read.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// The state directory could not be opened or read.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// A downloaded model version, kept for row-sparse downloads.
@@ -116,6 +133,8 @@ impl Agent {
     pub fn with_state(mut self, state: crate::state::StateDir) -> Result<Self, StateError> {
         if let (Some(mf), Some(users)) = (&mut self.data.mf, state.load_users()?) {
             mf.state = users;
+            // Saved together with the model of the run they belong to.
+            self.users_of = state.load_global("mf")?.map(|(meta, _)| meta.run_id);
         }
         self.state = Some(state);
         Ok(self)
@@ -139,6 +158,53 @@ impl Agent {
             held: None,
             interactions: None,
             mf_rows: 0,
+            users_of: None,
+            parked_users: HashMap::new(),
+        }
+    }
+
+    /// An agent for the merchant configuration `cfg`, as `fedcart-client
+    /// run` starts it without TLS: its data read (the orders export once),
+    /// hashed item ids mapped into the rows of the recommender it holds, its
+    /// private state restored, its privacy policy, backoff and transfer
+    /// settings applied.
+    pub fn from_config(cfg: &crate::config::AgentConfig) -> Result<Self, FromConfigError> {
+        let state = match &cfg.state_dir {
+            Some(dir) => Some(crate::state::StateDir::open(dir)?),
+            None => None,
+        };
+        let rows = match &state {
+            Some(s) => s.mf_rows()?,
+            None => None,
+        }
+        .unwrap_or(crate::data::HASHED_ROWS_BEFORE_A_TASK);
+        let (local, interactions) = crate::data::load_all(cfg, rows)?;
+        let mut agent = Agent::new(cfg.coordinator.clone(), local).with_policy(cfg.privacy.clone());
+        if let Some(i) = interactions {
+            agent = agent.with_hashed_items(i, rows);
+        }
+        if let Some(state) = state {
+            agent = agent.with_state(state)?;
+        }
+        agent.backoff = cfg.backoff.clone();
+        agent.download_precision = cfg.transfer.download_precision;
+        agent.row_transfers = cfg.transfer.rows;
+        Ok(agent)
+    }
+
+    /// Gives `data.mf` the private user factors of `run` (see
+    /// `parked_users`), parking the other run's.
+    fn users_for(&mut self, run: &str) {
+        let Some(mf) = &mut self.data.mf else { return };
+        match &self.users_of {
+            Some(owner) if owner == run => {}
+            Some(owner) => {
+                let mine = self.parked_users.remove(run).unwrap_or_default();
+                let theirs = std::mem::replace(&mut mf.state, mine);
+                self.parked_users.insert(owner.clone(), theirs);
+                self.users_of = Some(run.to_owned());
+            }
+            None => self.users_of = Some(run.to_owned()),
         }
     }
 
@@ -169,7 +235,11 @@ impl Agent {
                 rows = shape.num_items,
                 "item ids hashed into the run's item rows"
             );
-            self.data.mf = Some(inter.mf(&items));
+            // Users are numbered alike whatever the rows: their factors stay.
+            let users = self.data.mf.take().map(|m| m.state).unwrap_or_default();
+            let mut mf = inter.mf(&items);
+            mf.state = users;
+            self.data.mf = Some(mf);
             self.mf_rows = shape.num_items;
         }
         Ok(())
@@ -378,6 +448,9 @@ impl Agent {
         if let Err(e) = self.map_items_for(&spec) {
             tracing::error!(task = %task.task_id, error = %e, "cannot map item ids into the run's rows");
             return Ok(());
+        }
+        if spec.model.mf_shape().is_some() {
+            self.users_for(&task.run_id);
         }
         let layout = spec.model.layout();
         let update_layout = spec.update_layout();

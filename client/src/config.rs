@@ -491,6 +491,40 @@ mod tests {
     }
 
     #[test]
+    fn orders_settings_that_cannot_work_are_refused_naming_the_keys() {
+        let head = "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\n";
+        for (text, needle) in [
+            (
+                "orders_csv = \"o.csv\"\n",
+                "`data.orders_csv` needs its column mapping `[data.orders]`",
+            ),
+            (
+                "[data.churn]\nchurn_window_days = 30\n",
+                "`[data.churn]` labels the orders export",
+            ),
+            (
+                "orders_csv = \"o.csv\"\n[data.orders]\ncustomer = \"c\"\ntimestamp = \"t\"\n\
+                 amount = \"a\"\n[data.churn]\ncutoff = \"last tuesday\"\n",
+                "`data.churn.cutoff` = \"last tuesday\"",
+            ),
+            (
+                "orders_csv = \"o.csv\"\n[data.orders]\ncustomer = \"c\"\ntimestamp = \"t\"\n\
+                 amount = \"a\"\n[data.churn]\nchurn_window_days = 0\n",
+                "`data.churn.churn_window_days` must be at least 1",
+            ),
+            (
+                "ratings_csv = \"r.csv\"\nhash_items = false\n",
+                "`data.hash_items` = false needs `data.catalogue`",
+            ),
+        ] {
+            let (_dir, path, result) = load_text(&format!("{head}{text}"));
+            let err = result.unwrap_err().to_string();
+            assert!(err.starts_with(&path.display().to_string()), "{err}");
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn a_misspelled_key_names_the_file_and_the_parser_names_the_key() {
         let (_dir, path, result) = load_text(
             "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\nholdot = 0.2\n",

@@ -290,8 +290,9 @@ pub enum Items {
     Hashed {
         /// The hash.
         space: HashedItems,
-        /// The merchant's own item ids in each row, most bought first (a
-        /// row holds several only when their hashes collide).
+        /// The merchant's own item ids in each row, bought by the most
+        /// customers first (a row holds several only when their hashes
+        /// collide).
         own: HashMap<u32, Vec<String>>,
     },
 }
@@ -319,8 +320,8 @@ impl Items {
         }
     }
 
-    /// The row's best-known item id (the catalogue's, or the merchant's most
-    /// bought one there).
+    /// The row's best-known item id (the catalogue's, or the merchant's
+    /// item there bought by the most customers).
     pub fn label(&self, row: u32) -> Option<&str> {
         self.ids(row).into_iter().next()
     }
@@ -588,4 +589,103 @@ pub fn catalogue(path: &Path) -> Result<Catalogue, DataError> {
         path: path.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A merchant whose one data source is a small orders export: `c1`
+    /// orders until the end, `c2` stops early (a churner), `c3` buys once.
+    fn merchant(dir: &Path) -> AgentConfig {
+        let orders = dir.join("orders.csv");
+        let mut text = String::from("customer,item,timestamp,quantity,amount\n");
+        for day in 1..=60 {
+            text.push_str(&format!(
+                "c1,milk,2024-01-{:02}T10:00:00,1,1.5\n",
+                day.min(28)
+            ));
+        }
+        for (c, item, date) in [
+            ("c1", "bread", "2024-06-01"),
+            ("c1", "jam", "2024-06-30"),
+            ("c2", "milk", "2024-01-03"),
+            ("c2", "bread", "2024-02-01"),
+            ("c2", "eggs", "2024-02-02"),
+            ("c3", "jam", "2024-05-01"),
+        ] {
+            text.push_str(&format!("{c},{item},{date}T09:00:00,1,2.0\n"));
+        }
+        std::fs::write(&orders, text).unwrap();
+        let path = dir.join("merchant.toml");
+        std::fs::write(
+            &path,
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n\
+             [data]\norders_csv = \"orders.csv\"\nholdout = 0.34\n\
+             [data.orders]\ncustomer = \"customer\"\nitem = \"item\"\n\
+             timestamp = \"timestamp\"\nquantity = \"quantity\"\namount = \"amount\"\n",
+        )
+        .unwrap();
+        AgentConfig::load_with_env(&path, |_| None).unwrap()
+    }
+
+    #[test]
+    fn one_orders_export_gives_churn_labels_interactions_and_a_whole_history_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = merchant(dir.path());
+        let (local, inter) = load_all(&cfg, 64).unwrap();
+        // Labels: history before 90 days ahead of the last order (2024-06-30):
+        // c1 and c2 ordered before, only c1 again after.
+        let churn = local.churn.unwrap();
+        let mut labelled: Vec<(String, f32)> = churn
+            .train
+            .ids
+            .iter()
+            .chain(&churn.valid.ids)
+            .cloned()
+            .zip(churn.train.y.iter().chain(churn.valid.y.iter()).copied())
+            .collect();
+        labelled.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(labelled, [("c1".into(), 0.0), ("c2".into(), 1.0)]);
+        // The table `score` reads covers every customer, c3 too.
+        let table = CustomerTable::from_config(&cfg).unwrap().load().unwrap();
+        assert_eq!(table.ids, ["c1", "c2", "c3"]);
+        assert_eq!(table.x.ncols(), orders::derive::FEATURE_NAMES.len());
+        // Interactions from every order; hashed into 64 rows, no catalogue.
+        let inter = inter.unwrap();
+        assert!(inter.hashed());
+        let mf = local.mf.unwrap();
+        assert_eq!(mf.users.len(), 3);
+        let rows = HashedItems::new(64).unwrap();
+        let test_items: Vec<u32> = mf.test.iter().map(|r| r.item).collect();
+        // Leave-last-out: each user's latest item (c3 keeps its only one).
+        assert!(test_items.contains(&rows.row("jam")), "{test_items:?}");
+        assert!(
+            mf.train
+                .iter()
+                .chain(&mf.valid)
+                .chain(&mf.test)
+                .all(|r| r.item < 64)
+        );
+        assert!(local.baskets.is_none(), "baskets need a catalogue");
+    }
+
+    #[test]
+    fn hashed_rows_name_the_merchants_own_items_most_bought_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let inter = interactions(&merchant(dir.path())).unwrap().unwrap();
+        // One row: every item collides, named by how many customers bought
+        // it, then by id.
+        let one = inter.items(1).unwrap();
+        assert_eq!(one.ids(0), ["bread", "jam", "milk", "eggs"]);
+        assert_eq!(one.label(0), Some("bread"));
+        let many = inter.items(1 << 20).unwrap();
+        let milk = HashedItems::new(1 << 20).unwrap().row("milk");
+        assert_eq!(many.ids(milk), ["milk"]);
+        assert_eq!(many.len(), 1 << 20);
+        // A row none of the merchant's items hash to names nothing.
+        let empty = (0..).find(|r| many.ids(*r).is_empty()).unwrap();
+        assert!(many.label(empty).is_none());
+        assert!(matches!(inter.items(0), Err(DataError::Rows { rows: 0 })));
+    }
 }

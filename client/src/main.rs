@@ -149,30 +149,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
-            // Hashed item ids start in the rows of the recommender this
-            // merchant holds, so a restart keeps its user factors.
-            let rows = match &cfg.state_dir {
-                Some(_) => state_of(&cfg)?
-                    .mf_rows()
-                    .context("reading the stored recommender")?,
-                None => None,
-            }
-            .unwrap_or(data::HASHED_ROWS_BEFORE_A_TASK);
-            let (local, interactions) = data::load_all(&cfg, rows)
+            let mut agent = Agent::from_config(&cfg)
                 .with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
-            let mut agent =
-                Agent::new(cfg.coordinator.clone(), local).with_policy(cfg.privacy.clone());
-            if let Some(i) = interactions {
-                agent = agent.with_hashed_items(i, rows);
-            }
-            if cfg.state_dir.is_some() {
-                agent = agent
-                    .with_state(state_of(&cfg)?)
-                    .context("restoring the private user factors")?;
-            }
-            agent.backoff = cfg.backoff.clone();
-            agent.download_precision = cfg.transfer.download_precision;
-            agent.row_transfers = cfg.transfer.rows;
             match &cfg.tls {
                 Some(t) => {
                     let section = || format!("the `tls` section of {}", config.display());

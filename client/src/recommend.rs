@@ -372,7 +372,7 @@ pub fn recommend_with(
 }
 
 /// Ranked rows as item ids, at most `k`: a catalogue row is its one id; a
-/// hashed row the merchant's own items there, most bought first (several
+/// hashed row the merchant's own items there, most customers first (several
 /// only when their ids collide), all with the row's score.
 pub fn named(ranked: &[(u32, f32)], items: &Items, k: usize) -> Vec<Recommendation> {
     ranked

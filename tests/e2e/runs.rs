@@ -517,3 +517,115 @@ async fn a_scheduled_run_starts_its_next_instance_from_the_version_it_served() {
     }
     coord.shutdown().await.unwrap();
 }
+
+/// An implicit-MF run over two agents, as the operator submits it.
+fn mf_run_toml(run_id: &str, seed: u64, rows: usize) -> String {
+    format!(
+        "run_id = \"{run_id}\"\nseed = {seed}\nrounds = 3\nquorum = 2\n\
+         round_timeout_ms = 60000\nevaluate = false\n\
+         model = {{ family = \"mf_implicit\", num_items = {rows}, factors = 4 }}\n\
+         sgd = {{ epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }}\n\
+         selection = {{ fraction = 1.0, min_agents = 2, max_agents = 2 }}\n"
+    )
+}
+
+/// Every committed version of each of `runs`, hosted by one coordinator
+/// (the first run at its start, the others submitted through the admin
+/// API) with one agent per orders export, each from its configuration.
+async fn mf_runs_on(exports: &[PathBuf], runs: &[(&str, u64, usize)]) -> Vec<Vec<Vec<f32>>> {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, rest) = runs.split_first().unwrap();
+    let mut run = churn_run(first.0, 3, 2, 2);
+    run.seed = first.1;
+    run.evaluate = false;
+    run.model = fedcart_common::task::ModelSpec::MfImplicit {
+        num_items: first.2,
+        factors: 4,
+        hyper: Default::default(),
+    };
+    let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
+    let mut admin =
+        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
+            .await
+            .unwrap();
+    for (id, seed, rows) in rest {
+        admin
+            .submit_run(fedcart_proto::v1::SubmitRunRequest {
+                config_toml: mf_run_toml(id, *seed, *rows),
+                source: format!("{id}.toml"),
+            })
+            .await
+            .unwrap();
+    }
+    let agents: Vec<_> = exports
+        .iter()
+        .enumerate()
+        .map(|(k, export)| {
+            let mut cfg = agent_config(&format!("m{k}"), coord.addr, export);
+            cfg.data.churn_csv = None;
+            cfg.data.orders_csv = Some(export.clone());
+            cfg.data.orders = Some(grocery_mapping());
+            cfg.privacy = fedcart_client::policy::PrivacyPolicy::without_key_binding();
+            spawn_configured(fedcart_client::agent::Agent::from_config(&cfg).unwrap())
+        })
+        .collect();
+    coord.hub.wait_all_ended().await;
+    let models = runs
+        .iter()
+        .map(|(id, _, _)| {
+            let run = coord.hub.get(id).unwrap();
+            (0..=3)
+                .map(|v| run.model(v).unwrap().unwrap().to_vec())
+                .collect()
+        })
+        .collect();
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+    models
+}
+
+fn grocery_mapping() -> fedcart_common::data::orders::OrdersMapping {
+    fedcart_common::data::orders::OrdersMapping {
+        customer: "customer".into(),
+        item: Some("item".into()),
+        timestamp: "timestamp".into(),
+        timestamp_format: Default::default(),
+        quantity: Some("quantity".into()),
+        amount: "amount".into(),
+        rating: None,
+        merchant: None,
+        delimiter: Default::default(),
+    }
+}
+
+/// Two MF runs at once from the same agents, with different item rows: each
+/// trains its own private user side, so each commits the models it commits
+/// when it is the merchants' only run (the agents re-map their hashed item
+/// ids between the runs' tasks and park the other run's user factors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mf_runs_at_once_train_as_each_would_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let exports = store_exports(dir.path());
+    let exports = &exports[..2];
+    let (a, b) = (("mf-a", 5, 4_096), ("mf-b", 6, 2_048));
+    let together = mf_runs_on(exports, &[a, b]).await;
+    let alone_a = mf_runs_on(exports, &[a]).await;
+    let alone_b = mf_runs_on(exports, &[b]).await;
+    for (run, (with, alone)) in [
+        (a.0, (&together[0], &alone_a[0])),
+        (b.0, (&together[1], &alone_b[0])),
+    ] {
+        for (v, (x, y)) in with.iter().zip(alone).enumerate().skip(1) {
+            assert_eq!(x.len(), y.len());
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{run} version {v}: differs by {worst}");
+        }
+        assert_ne!(with[3], with[0], "{run} trained");
+    }
+}

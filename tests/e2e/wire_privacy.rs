@@ -193,3 +193,109 @@ async fn with_secagg_on_no_window_of_a_plaintext_update_leaves_the_agent() {
         "only {plain_leaked} windows found in plaintext mode"
     );
 }
+
+/// Agents configured from nothing but their orders exports hash their item
+/// ids into the run's rows: no item id of either merchant's export crosses
+/// the wire in clear, though their row-sparse updates do (ids of six or more
+/// characters are checked; shorter digit strings occur by chance in binary
+/// data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_orders_exports_send_no_item_id_on_the_wire() {
+    let log = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/grocery/orders.csv");
+    let text = std::fs::read_to_string(log).unwrap();
+    let header = text.lines().next().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let exports: Vec<std::path::PathBuf> = ["433", "324"]
+        .iter()
+        .enumerate()
+        .map(|(k, store)| {
+            let mut part = format!("{header}\n");
+            for l in text
+                .lines()
+                .skip(1)
+                .filter(|l| l.ends_with(&format!(",{store}")))
+            {
+                ids.insert(l.split(',').nth(1).unwrap().to_owned());
+                part.push_str(l);
+                part.push('\n');
+            }
+            let p = dir.path().join(format!("orders-{k}.csv"));
+            std::fs::write(&p, part).unwrap();
+            p
+        })
+        .collect();
+    let mut run = churn_run("wire-orders", 2, 2, 2);
+    run.evaluate = false;
+    run.model = ModelSpec::MfImplicit {
+        num_items: 8_192,
+        factors: 4,
+        hyper: MfHyper::default(),
+    };
+    let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let proxy = recording_proxy(coord.addr, Arc::clone(&sent)).await;
+    let agents: Vec<_> = exports
+        .iter()
+        .enumerate()
+        .map(|(k, export)| {
+            let mut cfg = agent_config(&format!("m{k}"), proxy, export);
+            cfg.data.churn_csv = None;
+            cfg.data.orders_csv = Some(export.clone());
+            cfg.data.orders = Some(fedcart_common::data::orders::OrdersMapping {
+                customer: "customer".into(),
+                item: Some("item".into()),
+                timestamp: "timestamp".into(),
+                timestamp_format: Default::default(),
+                quantity: Some("quantity".into()),
+                amount: "amount".into(),
+                rating: None,
+                merchant: None,
+                delimiter: Default::default(),
+            });
+            cfg.privacy = fedcart_client::policy::PrivacyPolicy::without_key_binding();
+            spawn_configured(fedcart_client::agent::Agent::from_config(&cfg).unwrap())
+        })
+        .collect();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        assert!(a.stop().await.tasks_done >= 2);
+    }
+    let wire = sent.lock().unwrap().clone();
+    // Two rounds of two agents' updates: thousands of touched rows of
+    // 5 floats each.
+    assert!(
+        wire.len() > 4 * 1_000 * 5 * 4,
+        "captured only {} bytes",
+        wire.len()
+    );
+    let long: Vec<&String> = ids.iter().filter(|id| id.len() >= 6).collect();
+    assert!(long.len() > 3_000, "only {} ids checked", long.len());
+    let ids_in = |bytes: &[u8]| {
+        let mut found = std::collections::BTreeSet::new();
+        for len in long
+            .iter()
+            .map(|id| id.len())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let of_len: std::collections::HashSet<&[u8]> = long
+                .iter()
+                .filter(|id| id.len() == len)
+                .map(|id| id.as_bytes())
+                .collect();
+            found.extend(
+                bytes
+                    .windows(len)
+                    .filter(|w| of_len.contains(w))
+                    .map(|w| String::from_utf8_lossy(w).into_owned()),
+            );
+        }
+        found
+    };
+    let found = ids_in(&wire);
+    assert!(found.is_empty(), "item ids on the wire: {found:?}");
+    // The search does find an id that is there.
+    let mut planted = wire.clone();
+    planted.extend_from_slice(long[long.len() / 2].as_bytes());
+    assert_eq!(ids_in(&planted).len(), 1);
+}
