@@ -261,8 +261,9 @@ pub fn write_kit(
          #   fedcart-client run --config {KIT_CONFIG}\n\
          # from any directory. Relative paths below are relative to this file.\n\
          # Environment overrides: FEDCART_COORDINATOR, FEDCART_STATE_DIR,\n\
-         # FEDCART_DATA_CHURN_CSV, FEDCART_DATA_RATINGS_CSV, FEDCART_DATA_CATALOGUE,\n\
-         # FEDCART_DATA_ITEM_NAMES, FEDCART_TLS_CA, FEDCART_TLS_CERT, FEDCART_TLS_KEY.\n\
+         # FEDCART_DATA_ORDERS_CSV, FEDCART_DATA_CHURN_CSV, FEDCART_DATA_RATINGS_CSV,\n\
+         # FEDCART_DATA_CATALOGUE, FEDCART_DATA_ITEM_NAMES, FEDCART_TLS_CA, FEDCART_TLS_CERT,\n\
+         # FEDCART_TLS_KEY.\n\
          \n\
          coordinator = {url}\n\
          merchant_id = {id_s}\n\
@@ -270,12 +271,32 @@ pub fn write_kit(
          state_dir = \"state\"\n\
          \n\
          [data]\n\
-         # Your customer table with a churn label (Telco schema unless `schema` is set;\n\
-         # `fedcart-client prepare` prints the `[data]` lines for a prepared orders export).\n\
-         churn_csv = \"data/customers.csv\"\n\
-         # Field separator: comma, tab, semicolon or pipe.\n\
-         delimiter = \"comma\"\n\
+         # Your orders export, one line per order line, with a header. The agent derives from it\n\
+         # the churn features and labels, each customer's purchases for the recommender, and the\n\
+         # item rows: item ids are hashed into the run's rows, so no catalogue file is needed and\n\
+         # no item list leaves this machine. Nothing else is needed to take part in churn and\n\
+         # recommender runs (`fedcart-client prepare` shows what is derived).\n\
+         orders_csv = \"data/orders.csv\"\n\
+         # Fraction of customers (churn) held out for local evaluation.\n\
          holdout = 0.2\n\
+         \n\
+         # The header names of your export's columns (customer, order time and line value are\n\
+         # required; item for recommendations; quantity optional).\n\
+         [data.orders]\n\
+         customer = \"customer\"\n\
+         item = \"item\"\n\
+         timestamp = \"timestamp\"\n\
+         quantity = \"quantity\"\n\
+         amount = \"amount\"\n\
+         # Order time: auto, unix_seconds, iso8601 or yyyymmdd. Separator: comma, tab, semicolon,\n\
+         # pipe or whitespace.\n\
+         timestamp_format = \"auto\"\n\
+         delimiter = \"comma\"\n\
+         \n\
+         # Churn labels: a customer churned if they bought nothing for `churn_window_days` after\n\
+         # the cutoff (default: the day after your last order minus the window).\n\
+         [data.churn]\n\
+         churn_window_days = 90\n\
          \n\
          [tls]\n\
          ca = \"ca.pem\"\n\

@@ -1,7 +1,8 @@
 //! A merchant kit from `fedcart-coordinator certs issue --kit` runs as is:
 //! the real coordinator and agent binaries, started from a working directory
 //! that is neither the kit's nor the coordinator configuration's, with
-//! relative paths in both configurations, complete a round over mutual TLS.
+//! relative paths in both configurations, complete a round over mutual TLS
+//! with nothing in the kit but its orders export.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -10,10 +11,11 @@ use fedcart_coordinator::store::Store;
 use fedcart_tests::*;
 
 /// Every environment override a developer's shell might carry into the test.
-const OVERRIDES: [&str; 16] = [
+const OVERRIDES: [&str; 17] = [
     "FEDCART_COORDINATOR",
     "FEDCART_MERCHANT_ID",
     "FEDCART_STATE_DIR",
+    "FEDCART_DATA_ORDERS_CSV",
     "FEDCART_DATA_CHURN_CSV",
     "FEDCART_DATA_RATINGS_CSV",
     "FEDCART_DATA_CATALOGUE",
@@ -71,8 +73,24 @@ fn a_kit_runs_as_is_from_another_directory_and_completes_a_round() {
         .status()
         .unwrap();
     assert!(status.success());
-    let split = telco_split(2, 11);
-    for (k, file) in split.files.iter().enumerate() {
+    // Two stores of the bundled grocery log, each its own orders export.
+    let log = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/grocery/orders.csv"),
+    )
+    .unwrap();
+    let header = log.lines().next().unwrap();
+    let exports: Vec<String> = ["433", "324"]
+        .iter()
+        .map(|store| {
+            let mut part = format!("{header}\n");
+            for l in log.lines().filter(|l| l.ends_with(&format!(",{store}"))) {
+                part.push_str(l);
+                part.push('\n');
+            }
+            part
+        })
+        .collect();
+    for (k, export) in exports.iter().enumerate() {
         let id = format!("m{k}");
         let kit = root.path().join(format!("kits/{id}"));
         let status = command("fedcart-coordinator", root.path())
@@ -91,8 +109,8 @@ fn a_kit_runs_as_is_from_another_directory_and_completes_a_round() {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "the kit's key is private");
         }
-        // The merchant drops its customer table into the kit.
-        std::fs::copy(file, kit.join("data/customers.csv")).unwrap();
+        // The merchant drops its orders export into the kit: nothing else.
+        std::fs::write(kit.join("data/orders.csv"), export).unwrap();
     }
     assert!(pki.join("access.toml").exists());
     let config = coord.join("coordinator.toml");
@@ -114,7 +132,7 @@ rounds = 1
 quorum = 2
 round_timeout_ms = 60000
 evaluate = false
-model = {{ family = "churn_lr", num_features = 45 }}
+model = {{ family = "churn_lr", num_features = 8 }}
 sgd = {{ epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }}
 selection = {{ fraction = 1.0, min_agents = 2, max_agents = 2 }}
 "#
