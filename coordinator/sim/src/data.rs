@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::catalogue::{Catalogue, ItemIndex};
 use fedcart_common::data::interactions::Interaction;
 use fedcart_common::data::movielens;
 use fedcart_common::data::partition::Partitioner;
@@ -519,7 +519,7 @@ pub fn build(
 pub fn with_validation(
     train: &[Interaction],
     test: &[Interaction],
-    catalogue: &Catalogue,
+    catalogue: &dyn ItemIndex,
     implicit: bool,
     seed: u64,
     merchant: &str,

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use fedcart_common::data::catalogue::Catalogue;
+use fedcart_common::data::catalogue::{Catalogue, HashedItems, ItemIndex};
 use fedcart_common::data::interactions::Interaction;
 use fedcart_common::data::movielens;
 use fedcart_common::data::orders::{
@@ -106,6 +106,11 @@ pub struct OrdersArgs {
     #[arg(long = "on-bad-row")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_bad_row: Option<BadRowPolicy>,
+    /// Orders, recommender tasks: hash item ids into this many model rows, as agents without a
+    /// catalogue file do [default: one row per distinct item of the export].
+    #[arg(long = "hash-items")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_items: Option<u32>,
 }
 
 impl OrdersArgs {
@@ -140,6 +145,7 @@ impl OrdersArgs {
             cutoff: self.cutoff.or(file.cutoff),
             churn_window_days: self.churn_window_days.or(file.churn_window_days),
             on_bad_row: self.on_bad_row.or(file.on_bad_row),
+            hash_items: self.hash_items.or(file.hash_items),
         }
     }
 }
@@ -159,6 +165,8 @@ pub struct OrdersSource {
     pub churn_window_days: u32,
     /// Bad-row policy.
     pub on_bad_row: BadRowPolicy,
+    /// Item ids hashed into this many rows (`None`: the export's catalogue).
+    pub hash_items: Option<HashedItems>,
 }
 
 impl OrdersSource {
@@ -171,6 +179,7 @@ impl OrdersSource {
             cutoff: None,
             churn_window_days: DEFAULT_WINDOW_DAYS,
             on_bad_row: BadRowPolicy::Fail,
+            hash_items: None,
         }
     }
 
@@ -215,6 +224,13 @@ impl OrdersSource {
             bail!("--churn-window-days must be at least 1");
         }
         self.on_bad_row = args.on_bad_row.unwrap_or_default();
+        self.hash_items = match args.hash_items {
+            Some(rows) => Some(
+                HashedItems::new(rows)
+                    .map_err(|_| anyhow::anyhow!("--hash-items must be at least 1"))?,
+            ),
+            None => None,
+        };
         self.mapping = Some(map);
         Ok(self)
     }
@@ -401,7 +417,11 @@ pub fn build(
             if all.is_empty() {
                 bail!("{}: no interactions before the cutoff", src.path.display());
             }
-            let catalogue = Catalogue::from_interactions(&all);
+            let listed = Catalogue::from_interactions(&all);
+            let catalogue: &dyn ItemIndex = match &src.hash_items {
+                Some(h) => h,
+                None => &listed,
+            };
             let merchants = parts
                 .iter()
                 .enumerate()
@@ -410,7 +430,7 @@ pub fn build(
                     mf: Some(super::with_validation(
                         train,
                         test,
-                        &catalogue,
+                        catalogue,
                         implicit,
                         seed,
                         &id(k),

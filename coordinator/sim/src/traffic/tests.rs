@@ -30,6 +30,15 @@ fn grocery_head() -> &'static std::path::Path {
 }
 
 fn grocery(traffic: TrafficMode, pool: &str, precision: RowPrecision) -> Experiment {
+    grocery_with(traffic, pool, precision, None)
+}
+
+fn grocery_with(
+    traffic: TrafficMode,
+    pool: &str,
+    precision: RowPrecision,
+    hash_items: Option<u32>,
+) -> Experiment {
     let path = grocery_head();
     let a = SimArgs {
         task: Some("mf-implicit".parse().unwrap()),
@@ -49,11 +58,28 @@ fn grocery(traffic: TrafficMode, pool: &str, precision: RowPrecision) -> Experim
             quantity: Some("quantity".into()),
             amount: Some("amount".into()),
             merchant: Some("merchant".into()),
+            hash_items,
             ..Default::default()
         },
         ..Default::default()
     };
     run_all(&Settings::from_args(a).unwrap()).unwrap().remove(0)
+}
+
+#[test]
+fn hashed_item_ids_size_the_model_by_the_rows_asked_for_and_train() {
+    let hashed = grocery_with(
+        TrafficMode::Rows,
+        "merchant",
+        RowPrecision::F32,
+        Some(4_096),
+    );
+    assert_eq!(hashed.model_len, 1 + 4_096 * (1 + 8));
+    let exact = grocery(TrafficMode::Rows, "merchant", RowPrecision::F32);
+    // A third of the log has 15,683 distinct products: one row each without hashing.
+    assert_eq!(exact.model_len, 1 + 15_683 * (1 + 8));
+    let hr = hashed.final_metrics["hr@10"];
+    assert!(hr.is_finite() && hr > 0.0, "{hr}");
 }
 
 fn up(e: &Experiment) -> u64 {
