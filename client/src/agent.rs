@@ -199,7 +199,16 @@ impl Agent {
         match &self.users_of {
             Some(owner) if owner == run => {}
             Some(owner) => {
-                let mine = self.parked_users.remove(run).unwrap_or_default();
+                // Parked here, else saved in the run's state by an earlier
+                // life of this agent.
+                let mine = self
+                    .parked_users
+                    .remove(run)
+                    .or_else(|| {
+                        let state = self.state.as_ref()?.run(run).ok()?;
+                        state.load_users().ok().flatten()
+                    })
+                    .unwrap_or_default();
                 let theirs = std::mem::replace(&mut mf.state, mine);
                 self.parked_users.insert(owner.clone(), theirs);
                 self.users_of = Some(run.to_owned());
@@ -487,9 +496,12 @@ impl Agent {
                 spec: spec.clone(),
                 sha256: None,
             };
+            // The latest of any run at the top, and the run's own.
             state.save_global(&meta, &global)?;
+            state.run(&task.run_id)?.save_global(&meta, &global)?;
         }
         let family = spec.model.data_family();
+        let spec_is_mf = spec.model.mf_shape().is_some();
         let (kind, model_name) = (spec.kind, spec.model.name().to_string());
         let seed = spec.seed;
         let noise = spec.dp.as_ref().and_then(|d| d.distributed);
@@ -515,10 +527,14 @@ impl Agent {
             out
         });
         if let (Some(state), Ok(out)) = (&self.state, &out) {
-            if let Some(mf) = &self.data.mf {
-                state.save_users(&mf.state)?;
+            for state in [state.clone(), state.run(&task.run_id)?] {
+                if let Some(mf) = &self.data.mf
+                    && spec_is_mf
+                {
+                    state.save_users(&mf.state)?;
+                }
+                state.save_metrics(family, &out.metrics)?;
             }
-            state.save_metrics(family, &out.metrics)?;
         }
         if let Ok(out) = &out {
             tracing::info!(

@@ -54,6 +54,10 @@ enum Command {
         /// the model's ranking with this weight in [0, 1] (implies repeats).
         #[arg(long)]
         repeat_weight: Option<f32>,
+        /// Answer from this run's model (`runs/<id>/` in the state
+        /// directory) instead of the latest of any run.
+        #[arg(long)]
+        run: Option<String>,
     },
     /// Churn probability per customer as CSV, offline from the local state.
     Score {
@@ -63,6 +67,10 @@ enum Command {
         /// Output CSV (`-` for standard output).
         #[arg(long, default_value = "churn_scores.csv")]
         out: PathBuf,
+        /// Answer from this run's model (`runs/<id>/` in the state
+        /// directory) instead of the latest of any run.
+        #[arg(long)]
+        run: Option<String>,
     },
     /// "Bought together" lists as CSV (`item,bought_with,support,confidence,lift`)
     /// for the items this merchant sells, offline from the federation's
@@ -81,6 +89,10 @@ enum Command {
         /// Rules listed per item, best lift first.
         #[arg(long, default_value_t = 5)]
         top: usize,
+        /// Answer from this run's model (`runs/<id>/` in the state
+        /// directory) instead of the latest of any run.
+        #[arg(long)]
+        run: Option<String>,
     },
     /// The federation's customer segment of each customer as CSV
     /// (`customer,segment`), offline from the local state.
@@ -91,6 +103,10 @@ enum Command {
         /// Output CSV (`-` for standard output).
         #[arg(long, default_value = "segments.csv")]
         out: PathBuf,
+        /// Answer from this run's model (`runs/<id>/` in the state
+        /// directory) instead of the latest of any run.
+        #[arg(long)]
+        run: Option<String>,
     },
     /// The merchant's local JSON API (recommendations, churn scores,
     /// segments, model versions) on the agent's state, picking up new model
@@ -111,6 +127,25 @@ fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
         .as_ref()
         .context("`state_dir` is not configured: the agent keeps no local state")?;
     StateDir::open(dir).with_context(|| format!("opening the state directory {}", dir.display()))
+}
+
+/// The state `--run` names (the latest of any run without it); a run this
+/// agent never worked for is an error listing the ones it did.
+fn run_state(cfg: &AgentConfig, run: Option<&str>) -> anyhow::Result<StateDir> {
+    let state = state_of(cfg)?;
+    let Some(run) = run else { return Ok(state) };
+    let known = state.runs();
+    if !known.iter().any(|r| r == run) {
+        anyhow::bail!(
+            "--run {run}: this agent holds no model of that run (runs it holds: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    Ok(state.run(run)?)
 }
 
 #[tokio::main]
@@ -185,10 +220,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             k,
             include_repeats,
             repeat_weight,
+            run,
         } => {
             recommend::check_k(k).context("--k")?;
             let cfg = AgentConfig::load(&config)?;
-            let state = state_of(&cfg)?;
+            let state = run_state(&cfg, run.as_deref())?;
             let interactions = data::interactions(&cfg)?.ok_or(data::DataError::NoInteractions)?;
             let rows = state
                 .mf_rows()
@@ -217,12 +253,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Score { config, out } => {
+        Command::Score { config, out, run } => {
             let cfg = AgentConfig::load(&config)?;
             let table = data::CustomerTable::from_config(&cfg)?;
             let mut w = recommend::open_output(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
-            let n = recommend::score(&state_of(&cfg)?, &table, &mut w, &out)
+            let n = recommend::score(&run_state(&cfg, run.as_deref())?, &table, &mut w, &out)
                 .with_context(|| format!("scoring {}", table.path.display()))?;
             w.flush()
                 .with_context(|| format!("writing {}", out.display()))?;
@@ -236,6 +272,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             out,
             min_confidence,
             top,
+            run,
         } => {
             let cfg = AgentConfig::load(&config)?;
             let orders = cfg
@@ -251,7 +288,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .expect("checked by load_baskets"),
             )?;
             let w = fedcart_client::rules::bought_together(
-                &state_of(&cfg)?,
+                &run_state(&cfg, run.as_deref())?,
                 &cat,
                 &baskets,
                 min_confidence,
@@ -269,13 +306,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Segments { config, out } => {
+        Command::Segments { config, out, run } => {
             let cfg = AgentConfig::load(&config)?;
             let table = data::CustomerTable::from_config(&cfg)?;
             let mut w = recommend::open_output(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
-            let n = fedcart_client::segments::segments(&state_of(&cfg)?, &table, &mut w, &out)
-                .with_context(|| format!("labelling {}", table.path.display()))?;
+            let n = fedcart_client::segments::segments(
+                &run_state(&cfg, run.as_deref())?,
+                &table,
+                &mut w,
+                &out,
+            )
+            .with_context(|| format!("labelling {}", table.path.display()))?;
             w.flush()
                 .with_context(|| format!("writing {}", out.display()))?;
             if out != std::path::Path::new("-") {

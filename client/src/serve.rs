@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_ms: u64,
+    /// Serve this run's models (`runs/<id>/` in the state directory)
+    /// instead of the latest of any run.
+    #[arg(long)]
+    pub run: Option<String>,
 }
 
 /// Why `serve` could not start.
@@ -120,14 +124,19 @@ impl LocalFiles {
     /// state directory holds (a later model with another row count needs a
     /// restart of `serve`).
     pub fn load(cfg: &AgentConfig) -> Result<Self, DataError> {
+        let state = cfg.state_dir.as_ref().and_then(|d| StateDir::open(d).ok());
+        Self::load_for(cfg, state.as_ref())
+    }
+
+    /// [`LocalFiles::load`] with hashed item ids mapped into the rows of
+    /// the recommender in `state`.
+    pub fn load_for(cfg: &AgentConfig, state: Option<&StateDir>) -> Result<Self, DataError> {
         let customers = match (&cfg.data.churn_csv, &cfg.data.orders_csv) {
             (None, None) => None,
             _ => Some(CustomerTable::from_config(cfg)?.load()?),
         };
-        let rows = cfg
-            .state_dir
-            .as_ref()
-            .and_then(|d| StateDir::open(d).ok()?.mf_rows().ok().flatten())
+        let rows = state
+            .and_then(|s| s.mf_rows().ok().flatten())
             .unwrap_or(data::HASHED_ROWS_BEFORE_A_TASK);
         let mf = match data::interactions(cfg)? {
             Some(inter) => {
@@ -510,8 +519,11 @@ async fn segment(State(app): State<AppState>, UrlPath(customer): UrlPath<String>
 pub async fn run(args: &ServeArgs, stop: watch::Receiver<bool>) -> Result<(), ServeError> {
     let cfg = AgentConfig::load(&args.config)?;
     let dir = cfg.state_dir.clone().ok_or(ServeError::NoStateDir)?;
-    let state = StateDir::open(dir)?;
-    let local = LocalFiles::load(&cfg)?;
+    let mut state = StateDir::open(dir)?;
+    if let Some(run) = &args.run {
+        state = state.run(run)?;
+    }
+    let local = LocalFiles::load_for(&cfg, Some(&state))?;
     let running = start(
         args.http,
         state,

@@ -102,6 +102,14 @@ pub enum StateError {
         /// The parameter file.
         path: PathBuf,
     },
+    /// A run id that cannot name a state directory.
+    #[error("run id `{run_id}`: {message}")]
+    RunId {
+        /// The id (at most 140 characters of it).
+        run_id: String,
+        /// Why it is refused.
+        message: String,
+    },
     /// A stored model's length is not a whole number of `f32`s.
     #[error("{}: {len} bytes is not a whole number of f32", path.display())]
     Truncated {
@@ -158,6 +166,32 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 }
 
 impl StateDir {
+    /// The state of one run, `runs/<run_id>/` under this directory (created):
+    /// the agent keeps each run's latest model, user factors and metrics
+    /// there besides the latest of any run at the top, so `--run` picks one
+    /// of several concurrent runs of a family. The id follows the
+    /// coordinator's rule for run ids (which keeps it a plain directory name).
+    pub fn run(&self, run_id: &str) -> Result<Self, StateError> {
+        fedcart_common::identity::validate_id(run_id).map_err(|e| StateError::RunId {
+            run_id: run_id.chars().take(140).collect(),
+            message: e.to_string(),
+        })?;
+        Self::open(self.dir.join("runs").join(run_id))
+    }
+
+    /// The runs with a state of their own here, sorted.
+    pub fn runs(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.dir.join("runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Opens (creating) `dir`.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StateError> {
         let dir = dir.into();

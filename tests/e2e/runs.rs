@@ -417,6 +417,32 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         .map(|l| l.split('\t').next().unwrap())
         .collect();
     assert_eq!(recommended.len(), 5, "{recs}");
+    // The same from the MF run's own state; a run the agent never worked
+    // for is named with the ones it did.
+    assert_eq!(
+        client(&[
+            "recommend",
+            "--config",
+            m0,
+            "--customer",
+            shopper,
+            "--k",
+            "5",
+            "--run",
+            MF_RUN
+        ]),
+        recs
+    );
+    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args(["score", "--config", m0, "--out", "-", "--run", "nosuch"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--run nosuch") && err.contains(CHURN_RUN) && err.contains(MF_RUN),
+        "{err}"
+    );
     for item in &recommended {
         assert!(
             products.contains(item),
@@ -532,7 +558,11 @@ fn mf_run_toml(run_id: &str, seed: u64, rows: usize) -> String {
 /// Every committed version of each of `runs`, hosted by one coordinator
 /// (the first run at its start, the others submitted through the admin
 /// API) with one agent per orders export, each from its configuration.
-async fn mf_runs_on(exports: &[PathBuf], runs: &[(&str, u64, usize)]) -> Vec<Vec<Vec<f32>>> {
+async fn mf_runs_on(
+    exports: &[PathBuf],
+    runs: &[(&str, u64, usize)],
+    states: Option<&Path>,
+) -> Vec<Vec<Vec<f32>>> {
     let dir = tempfile::tempdir().unwrap();
     let (first, rest) = runs.split_first().unwrap();
     let mut run = churn_run(first.0, 3, 2, 2);
@@ -566,6 +596,7 @@ async fn mf_runs_on(exports: &[PathBuf], runs: &[(&str, u64, usize)]) -> Vec<Vec
             cfg.data.orders_csv = Some(export.clone());
             cfg.data.orders = Some(grocery_mapping());
             cfg.privacy = fedcart_client::policy::PrivacyPolicy::without_key_binding();
+            cfg.state_dir = states.map(|d| d.join(format!("m{k}")));
             spawn_configured(fedcart_client::agent::Agent::from_config(&cfg).unwrap())
         })
         .collect();
@@ -610,9 +641,9 @@ async fn two_mf_runs_at_once_train_as_each_would_alone() {
     let exports = store_exports(dir.path());
     let exports = &exports[..2];
     let (a, b) = (("mf-a", 5, 4_096), ("mf-b", 6, 2_048));
-    let together = mf_runs_on(exports, &[a, b]).await;
-    let alone_a = mf_runs_on(exports, &[a]).await;
-    let alone_b = mf_runs_on(exports, &[b]).await;
+    let together = mf_runs_on(exports, &[a, b], Some(dir.path())).await;
+    let alone_a = mf_runs_on(exports, &[a], None).await;
+    let alone_b = mf_runs_on(exports, &[b], None).await;
     for (run, (with, alone)) in [
         (a.0, (&together[0], &alone_a[0])),
         (b.0, (&together[1], &alone_b[0])),
@@ -627,5 +658,20 @@ async fn two_mf_runs_at_once_train_as_each_would_alone() {
             assert!(worst < 1e-5, "{run} version {v}: differs by {worst}");
         }
         assert_ne!(with[3], with[0], "{run} trained");
+    }
+    // Each agent's state keeps each run's own latest model and user factors
+    // (`--run`), beside the latest of any run at the top.
+    for k in 0..2 {
+        let state =
+            fedcart_client::state::StateDir::open(dir.path().join(format!("m{k}"))).unwrap();
+        assert_eq!(state.runs(), [a.0, b.0]);
+        for (run, models) in [(a.0, &together[0]), (b.0, &together[1])] {
+            let own = state.run(run).unwrap();
+            let (meta, params) = own.load_global("mf").unwrap().unwrap();
+            assert_eq!(meta.run_id, run);
+            assert!(meta.version >= 2, "{run}: {}", meta.version);
+            assert_eq!(params, models[meta.version as usize], "{run} m{k}");
+            assert!(own.load_users().unwrap().is_some(), "{run} m{k}");
+        }
     }
 }
