@@ -226,6 +226,19 @@ pub fn halve(
                 error = ?entry.error,
                 "search trial"
             );
+            if s.progress {
+                // The trials draw no bars of their own: one line each.
+                eprintln!(
+                    "search: rung {}/{}, candidate {k} ({}): {} after {} rounds",
+                    r + 1,
+                    schedule.len(),
+                    flags(&configs[k]),
+                    entry
+                        .value
+                        .map_or_else(|| "failed".to_string(), |v| format!("{v:.4}")),
+                    entry.rounds
+                );
+            }
             scored.push((k, entry.value));
             trials[k].rungs.push(entry);
         }
