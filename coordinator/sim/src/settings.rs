@@ -84,7 +84,9 @@ pub struct Settings {
     /// rounds (`search.rs`), when on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub search: Option<u64>,
-    /// Configurations the search starts from.
+    /// Configurations the search starts from (reported by the search
+    /// section, which lists them all).
+    #[serde(skip)]
     pub search_candidates: usize,
     /// Partitioner.
     #[serde(serialize_with = "debug_str")]
