@@ -354,12 +354,11 @@ fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&s
 /// score, kept or dropped.
 fn search_table(s: &super::experiment::SearchSummary) -> String {
     let mut out = format!(
-        "<h3>Hyper-parameter search: {} of {} budgeted rounds, {} by the best version's \
-         federated {} ({} is better)</h3><table><tr><th>candidate</th><th>factors</th>\
+        "<h3>Hyper-parameter search: {} of {} budgeted rounds, trials ranked by their best \
+         version's federated {} ({} is better)</h3><table><tr><th>candidate</th><th>factors</th>\
          <th>lr</th><th>reg</th><th>epochs</th><th>negatives</th>",
         s.rounds_used,
         s.budget,
-        esc(&s.metric),
         esc(&s.metric),
         if s.higher_is_better {
             "higher"

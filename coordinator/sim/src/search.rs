@@ -358,7 +358,7 @@ fn summary_lines(s: &SearchSummary) -> Vec<String> {
     ];
     if s.chosen != 0 {
         out.push(format!(
-            "search: the given settings (candidate 0): {}",
+            "search: the given settings (candidate 0): {}, dropped",
             value(&s.trials[0])
         ));
     }
