@@ -7,8 +7,8 @@
 //! rung spends more than B / R of the budget B and a candidate's allotment
 //! about doubles from rung to rung (successive halving: Karnin, Koren and
 //! Somekh, ICML 2013; Jamieson and Talwalkar, AISTATS 2016). After each rung
-//! the better half, rounded up, goes on; after the last one (two
-//! candidates, or one when n = 2^k + 1 rounds down to it) the best is chosen.
+//! the better half, rounded up, goes on; the last rung always runs two
+//! (2^(R−1) < n ≤ 2^R), and the better of them is chosen.
 
 /// One rung of the schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -94,6 +94,10 @@ mod tests {
             .map(|r| r.candidates)
             .collect();
         assert_eq!(got, vec![5, 3, 2]);
+        for n in 2..40 {
+            let last = schedule(1000, n).unwrap().last().unwrap().candidates;
+            assert_eq!(last, 2, "{n} candidates");
+        }
     }
 
     #[test]
