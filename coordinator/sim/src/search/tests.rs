@@ -176,3 +176,29 @@ fn search_settings_that_cannot_work_are_refused_naming_the_flag() {
     a.search_candidates = Some(1);
     assert!(refused(a).contains("--search-candidates must be ≥ 2"));
 }
+
+#[test]
+fn the_config_key_turns_the_search_on_and_its_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.toml");
+    std::fs::write(&path, "task = \"mf\"\nsearch = 40\nsearch_candidates = 4\n").unwrap();
+    let s = Settings::from_args(SimArgs {
+        config: Some(path.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!((s.search, s.search_candidates), (Some(40), 4));
+    std::fs::write(&path, "task = \"mf\"\nsearch = 5\nsearch_candidates = 4\n").unwrap();
+    let e = Settings::from_args(SimArgs {
+        config: Some(path),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("`search` in")
+            && e.contains("at least 8")
+            && e.contains("`search_candidates` in"),
+        "{e}"
+    );
+}
