@@ -90,6 +90,27 @@ pub struct SimArgs {
     /// Latent factors of MF models [default: 32].
     #[arg(long)]
     pub factors: Option<usize>,
+    /// L2 penalty on the factors of MF models; the bias penalty keeps its
+    /// default ratio to it (½ for mf, 1 for mf-implicit)
+    /// [default: 0.1 for mf, 0.01 for mf-implicit].
+    #[arg(long)]
+    pub reg: Option<f32>,
+    /// Sampled negatives per purchase of `--task mf-implicit` (BPR) [default: 4].
+    #[arg(long)]
+    pub negatives: Option<usize>,
+    /// Federated hyper-parameter search of `--task mf` / `mf-implicit`: successive
+    /// halving over --search-candidates configurations (factors, reg, lr,
+    /// epochs, negatives; the given settings and others drawn with --seed from a
+    /// grid around them), within ROUNDS training rounds in all. Each trial is
+    /// an ordinary federated run (same transport, secure aggregation if on),
+    /// scored by its best version's federated validation metric; the winner
+    /// then trains for --rounds. Off by default.
+    #[arg(long, value_name = "ROUNDS")]
+    pub search: Option<u64>,
+    /// Configurations the search starts from, the given settings among them
+    /// [default: 8].
+    #[arg(long, value_name = "N")]
+    pub search_candidates: Option<usize>,
     /// Partitioner: `iid`, `dirichlet:ALPHA` (label skew: churn class, or the
     /// customers' item popularity for MF), `zipf:S` (size skew), `natural` (one
     /// merchant per store of an orders export's --merchant-col) [default: iid].

@@ -116,8 +116,100 @@ pub struct Experiment {
     /// Analysis tasks' report (segment profiles, rules), as Markdown lines.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub report: Vec<String>,
+    /// The hyper-parameter search that chose this run's configuration
+    /// (`--search`), with every trial.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchSummary>,
     #[serde(skip)]
     headline: Option<(&'static str, bool)>,
+    #[serde(skip)]
+    selection: Option<(&'static str, bool)>,
+}
+
+/// One configuration of the hyper-parameter search (`--search`): the MF
+/// knobs it tunes, as `--factors`, `--lr`, `--reg`, `--epochs` and
+/// `--negatives` set them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SearchConfig {
+    /// Latent factors k.
+    pub factors: usize,
+    /// Local learning rate (factors and biases).
+    #[serde(serialize_with = "shortest_f32")]
+    pub lr: f32,
+    /// L2 penalty on the factors (the biases' keeps its default ratio).
+    #[serde(serialize_with = "shortest_f32")]
+    pub reg: f32,
+    /// Local epochs per round.
+    pub epochs: usize,
+    /// BPR negatives per purchase (unused by explicit MF).
+    pub negatives: usize,
+}
+
+/// An f32 as the shortest decimal that reads back as it (0.01, not
+/// 0.009999999776482582), the way `--lr` would be written.
+fn shortest_f32<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(v.to_string().parse().unwrap_or(f64::from(*v)))
+}
+
+/// What one trial measured in one rung: an ordinary federated run of at
+/// most the rung's rounds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrialRung {
+    /// The rung (0 = first).
+    pub rung: usize,
+    /// Training rounds the run was given.
+    pub allotted: u64,
+    /// Training rounds it spent (fewer after an early stop; a failed run
+    /// is charged its allotment).
+    pub rounds: u64,
+    /// Its best version by the federated validation metric.
+    pub best_version: Option<u64>,
+    /// That version's federated validation metric: the trial's score.
+    pub value: Option<f64>,
+    /// Why the run failed, if it did (it then ranks last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether the candidate went on to the next rung (or, in the last
+    /// rung, was chosen).
+    pub kept: bool,
+    /// Update bytes the merchants sent during the run.
+    pub bytes_up: u64,
+    /// Wall-clock seconds of its rounds.
+    pub seconds: f64,
+}
+
+/// One candidate of the search and the rungs it ran.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchTrial {
+    /// Index of the candidate (0 = the settings as given).
+    pub candidate: usize,
+    /// Its configuration.
+    pub config: SearchConfig,
+    /// Every rung it ran, in order.
+    pub rungs: Vec<TrialRung>,
+}
+
+/// The hyper-parameter search of an experiment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchSummary {
+    /// The validation metric that ranks the trials.
+    pub metric: String,
+    /// Whether larger values of it are better.
+    pub higher_is_better: bool,
+    /// The budget in training rounds (`--search`).
+    pub budget: u64,
+    /// Training rounds the trials spent.
+    pub rounds_used: u64,
+    /// The rungs as planned.
+    pub schedule: Vec<crate::halving::Rung>,
+    /// Every candidate.
+    pub trials: Vec<SearchTrial>,
+    /// The candidate chosen (its index in `trials`).
+    pub chosen: usize,
+    /// Wall-clock seconds of all trials' rounds.
+    pub seconds: f64,
+    /// `seconds` per round spent.
+    pub seconds_per_round: f64,
 }
 
 /// What the reports say about key binding under `--secagg` for `transport`.
@@ -208,7 +300,9 @@ impl Experiment {
             },
             final_model: Vec::new(),
             report: Vec::new(),
+            search: None,
             headline: task.headline(),
+            selection: model.selection_metric(),
         }
     }
 
@@ -236,6 +330,12 @@ impl Experiment {
         self.headline
     }
 
+    /// The model-selection metric (the federated validation metric that
+    /// chooses the best version) and whether larger is better.
+    pub fn selection_metric(&self) -> Option<(&'static str, bool)> {
+        self.selection
+    }
+
     /// The same experiment with every timing field zeroed, for comparisons.
     pub fn without_timings(&self) -> serde_json::Value {
         let mut e = self.clone();
@@ -244,6 +344,14 @@ impl Experiment {
             r.seconds = 0.0;
             r.secagg_seconds = 0.0;
         });
+        if let Some(s) = &mut e.search {
+            s.seconds = 0.0;
+            s.seconds_per_round = 0.0;
+            s.trials
+                .iter_mut()
+                .flat_map(|t| &mut t.rungs)
+                .for_each(|r| r.seconds = 0.0);
+        }
         serde_json::to_value(e).expect("serialisable")
     }
 }

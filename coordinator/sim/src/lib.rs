@@ -13,10 +13,12 @@ mod dp;
 pub mod experiment;
 pub mod fedbuff;
 mod grpc;
+pub mod halving;
 pub mod mode;
 pub mod output;
 pub mod plots;
 pub mod rules;
+pub mod search;
 mod secure;
 pub mod segments;
 mod settings;
@@ -103,6 +105,7 @@ pub fn run_all(settings: &Settings) -> anyhow::Result<Vec<Experiment>> {
                 }
                 Ok(exp)
             }
+            _ if settings.search.is_some() => search::run(settings, task, &data, &pool),
             _ => run_one(settings, task, &data, &pool),
         })
         .collect()

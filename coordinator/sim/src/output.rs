@@ -9,7 +9,12 @@
 //! "virtual_seconds", "staleness_mean", "staleness_max" } ],
 //! "per_merchant": { id: {metric: value} }, "secagg_keys" (with `--secagg`:
 //! keys are not bound to certificates in a simulation), "timing": { "load_seconds",
-//! "total_seconds", "seconds_per_round" } } ] }`. Only the `seconds` and
+//! "total_seconds", "seconds_per_round" }, "search" (with `--search`: { "metric",
+//! "higher_is_better", "budget", "rounds_used", "schedule": [ { "candidates",
+//! "rounds" } ], "trials": [ { "candidate", "config": { "factors", "lr", "reg",
+//! "epochs", "negatives" }, "rungs": [ { "rung", "allotted", "rounds",
+//! "best_version", "value", "error"?, "kept", "bytes_up", "seconds" } ] } ],
+//! "chosen", "seconds", "seconds_per_round" }) } ] }`. Only the `seconds` and
 //! `timing` fields vary between two runs with the same seed.
 
 use std::collections::BTreeMap;
@@ -344,6 +349,73 @@ fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&s
     out
 }
 
+/// The hyper-parameter search's trials: one row per candidate, its
+/// configuration, then per rung the rounds it spent and its validation
+/// score, kept or dropped.
+fn search_table(s: &super::experiment::SearchSummary) -> String {
+    let mut out = format!(
+        "<h3>Hyper-parameter search: {} of {} budgeted rounds, trials ranked by their best \
+         version's federated {} ({} is better)</h3><table><tr><th>candidate</th><th>factors</th>\
+         <th>lr</th><th>reg</th><th>epochs</th><th>negatives</th>",
+        s.rounds_used,
+        s.budget,
+        esc(&s.metric),
+        if s.higher_is_better {
+            "higher"
+        } else {
+            "lower"
+        }
+    );
+    for (r, rung) in s.schedule.iter().enumerate() {
+        let _ = write!(
+            out,
+            "<th>rung {} ({} × {} rounds)</th>",
+            r + 1,
+            rung.candidates,
+            rung.rounds
+        );
+    }
+    out += "<th>outcome</th></tr>";
+    for t in &s.trials {
+        let c = &t.config;
+        let _ = write!(
+            out,
+            "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
+            t.candidate,
+            if t.candidate == 0 { " (given)" } else { "" },
+            c.factors,
+            c.lr,
+            c.reg,
+            c.epochs,
+            c.negatives
+        );
+        for r in 0..s.schedule.len() {
+            let cell = t
+                .rungs
+                .iter()
+                .find(|x| x.rung == r)
+                .map_or(String::new(), |x| match (x.value, &x.error) {
+                    (Some(v), _) => format!(
+                        "{v:.4} (v{}, {} rounds)",
+                        x.best_version.unwrap_or(0),
+                        x.rounds
+                    ),
+                    (None, Some(e)) => format!("failed: {e}"),
+                    (None, None) => format!("no metric ({} rounds)", x.rounds),
+                });
+            let _ = write!(out, "<td>{}</td>", esc(&cell));
+        }
+        let outcome = if t.candidate == s.chosen {
+            "chosen".to_string()
+        } else {
+            format!("dropped after rung {}", t.rungs.len())
+        };
+        let _ = write!(out, "<td>{outcome}</td></tr>");
+    }
+    out += "</table>";
+    out
+}
+
 fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plot>]) -> String {
     let mut out = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>fedcart simulation</title>\
@@ -402,6 +474,9 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
             );
         }
         out += &report_html(&e.report);
+        if let Some(search) = &e.search {
+            out += &search_table(search);
+        }
         if e.task.starts_with("segments") {
             // Written beside this file by the segments run (`plots::segments`).
             out += "<figure><img src=\"segments.png\" alt=\"customer segments\">\

@@ -75,6 +75,19 @@ pub struct Settings {
     pub batch_size: usize,
     /// MF factors.
     pub factors: usize,
+    /// L2 penalty on MF factors (None = per-task default; the bias penalty
+    /// keeps its default ratio to it).
+    pub reg: Option<f32>,
+    /// BPR negatives per purchase (None = the default, 4).
+    pub negatives: Option<usize>,
+    /// `--search ROUNDS`: the hyper-parameter search's budget in training
+    /// rounds (`search.rs`), when on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<u64>,
+    /// Configurations the search starts from (reported by the search
+    /// section, which lists them all).
+    #[serde(skip)]
+    pub search_candidates: usize,
     /// Partitioner.
     #[serde(serialize_with = "debug_str")]
     pub partition: Partitioner,
@@ -312,6 +325,10 @@ impl Settings {
             lr: args.lr.or(file.lr),
             batch_size: pick!(batch_size, 32),
             factors: pick!(factors, 32),
+            reg: args.reg.or(file.reg),
+            negatives: args.negatives.or(file.negatives),
+            search: args.search.or(file.search),
+            search_candidates: pick!(search_candidates, DEFAULT_SEARCH_CANDIDATES),
             partition: pick!(partition, "iid".into())
                 .parse()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", name!(partition, "--partition")))?,
@@ -377,6 +394,39 @@ impl Settings {
             && !(lr.is_finite() && lr > 0.0)
         {
             bail!("{} {lr} must be finite and positive", name!(lr, "--lr"));
+        }
+        if let Some(reg) = s.reg
+            && !(reg.is_finite() && reg >= 0.0)
+        {
+            bail!("{} {reg} must be finite and ≥ 0", name!(reg, "--reg"));
+        }
+        if s.negatives == Some(0) {
+            bail!("{} must be ≥ 1", name!(negatives, "--negatives"));
+        }
+        if let Some(budget) = s.search {
+            let flag = name!(search, "--search");
+            let candidates = name!(search_candidates, "--search-candidates");
+            if !matches!(s.task, Some(TaskChoice::Mf | TaskChoice::MfImplicit)) {
+                bail!("{flag} tunes matrix factorisation: give --task mf or --task mf-implicit");
+            }
+            if s.dp.is_some() {
+                bail!(
+                    "{flag} is refused with differential privacy: every trial releases models \
+                     that ε would not account for"
+                );
+            }
+            if s.search_candidates < 2 {
+                bail!("{candidates} must be ≥ 2 (the given settings and at least one other)");
+            }
+            if super::halving::schedule(budget, s.search_candidates).is_none() {
+                bail!(
+                    "{flag} {budget} cannot give each of the {} candidates a round in the first \
+                     of {} rungs: give at least {} rounds, or fewer {candidates}",
+                    s.search_candidates,
+                    super::halving::rungs(s.search_candidates),
+                    super::halving::min_budget(s.search_candidates)
+                );
+            }
         }
         // Protections that hide individual updates need a streaming strategy.
         if s.secagg {
@@ -479,17 +529,25 @@ impl Settings {
     }
 
     /// MF hyper-parameters: the tuned ones of BENCHMARKS.md (k = 32, lr 0.01,
-    /// reg 0.1/0.05, 5 local epochs) unless overridden.
+    /// reg 0.1/0.05, 5 local epochs; BPR lr 0.05, reg 0.01, 4 negatives)
+    /// unless overridden. `--reg` sets the factors' penalty and scales the
+    /// biases' by the same factor.
     pub fn mf_hyper(&self, task: TaskChoice) -> MfHyper {
         let implicit = task == TaskChoice::MfImplicit;
         let lr = self.lr.unwrap_or(if implicit { 0.05 } else { 0.01 });
+        let (factors, bias) = if implicit { (0.01, 0.01) } else { (0.1, 0.05) };
+        let (reg_factors, reg_bias) = match self.reg {
+            None => (factors, bias),
+            // Exactly the default bias penalty when r is the default.
+            Some(r) => (r, bias * (r / factors)),
+        };
         MfHyper {
             learning_rate: lr,
             bias_learning_rate: lr,
-            reg_factors: if implicit { 0.01 } else { 0.1 },
-            reg_bias: if implicit { 0.01 } else { 0.05 },
+            reg_factors,
+            reg_bias,
             epochs: self.epochs.unwrap_or(5),
-            negatives: 4,
+            negatives: self.negatives.unwrap_or(4),
             negatives_from: self.negatives_from,
             ..Default::default()
         }
@@ -520,6 +578,10 @@ impl Settings {
         all.into_iter().take(count).collect()
     }
 }
+
+/// Configurations a `--search` starts from unless `--search-candidates`
+/// says otherwise: three rungs of successive halving (8, 4, 2).
+pub const DEFAULT_SEARCH_CANDIDATES: usize = 8;
 
 /// Default early-stopping patience, in evaluated rounds: long enough to
 /// ride out the round-to-round noise of HR@10 on a few hundred validation
