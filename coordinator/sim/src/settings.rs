@@ -88,6 +88,12 @@ pub struct Settings {
     pub secagg_neighbours: Option<usize>,
     /// Where BPR draws negatives from (`--negatives-from`).
     pub negatives_from: fedcart_common::model::mf::NegativePool,
+    /// MF factor penalty (`--reg`; None = per-task default).
+    pub reg: Option<f32>,
+    /// iALS confidence scale (`--alpha`; None = default).
+    pub alpha: Option<f32>,
+    /// iALS proximal weight (`--proximal`; None = default).
+    pub proximal: Option<f32>,
     /// Wire form of models and updates (`--traffic`).
     pub traffic: crate::traffic::TrafficMode,
     /// Precision of downloaded factor rows (`--download-precision`).
@@ -320,6 +326,9 @@ impl Settings {
             secagg_clip: args.secagg_clip.or(file.secagg_clip),
             secagg_neighbours: args.secagg_neighbours.or(file.secagg_neighbours),
             negatives_from: pick!(negatives_from, Default::default()),
+            reg: args.reg.or(file.reg),
+            alpha: args.alpha.or(file.alpha),
+            proximal: args.proximal.or(file.proximal),
             traffic: pick!(traffic, Default::default()),
             download_precision: pick!(download_precision, Default::default()),
             dropout: pick!(dropout, 0.0),
@@ -481,16 +490,35 @@ impl Settings {
     /// MF hyper-parameters: the tuned ones of BENCHMARKS.md (k = 32, lr 0.01,
     /// reg 0.1/0.05, 5 local epochs) unless overridden.
     pub fn mf_hyper(&self, task: TaskChoice) -> MfHyper {
+        if task == TaskChoice::MfIals {
+            return self.ials_hyper();
+        }
         let implicit = task == TaskChoice::MfImplicit;
         let lr = self.lr.unwrap_or(if implicit { 0.05 } else { 0.01 });
         MfHyper {
             learning_rate: lr,
             bias_learning_rate: lr,
-            reg_factors: if implicit { 0.01 } else { 0.1 },
+            reg_factors: self.reg.unwrap_or(if implicit { 0.01 } else { 0.1 }),
             reg_bias: if implicit { 0.01 } else { 0.05 },
             epochs: self.epochs.unwrap_or(5),
             negatives: 4,
             negatives_from: self.negatives_from,
+            ..Default::default()
+        }
+    }
+
+    /// iALS hyper-parameters (`--task mf-ials`): the defaults chosen on the
+    /// merchants' validation slices (BENCHMARKS.md, "iALS") unless overridden;
+    /// `--epochs` counts local (items, users) sweeps per round.
+    pub fn ials_hyper(&self) -> MfHyper {
+        let reg = self.reg.unwrap_or(IALS_REG);
+        MfHyper {
+            algorithm: fedcart_common::model::mf::ImplicitAlgorithm::Ials,
+            reg_factors: reg,
+            reg_bias: reg,
+            alpha: self.alpha.unwrap_or(IALS_ALPHA),
+            proximal: self.proximal.unwrap_or(IALS_PROXIMAL),
+            epochs: self.epochs.unwrap_or(1),
             ..Default::default()
         }
     }
@@ -520,6 +548,13 @@ impl Settings {
         all.into_iter().take(count).collect()
     }
 }
+
+/// Default iALS penalty λ (factors and biases).
+pub const IALS_REG: f32 = 2.0;
+/// Default iALS confidence scale α.
+pub const IALS_ALPHA: f32 = 4.0;
+/// Default iALS proximal weight ρ.
+pub const IALS_PROXIMAL: f32 = 1.0;
 
 /// Default early-stopping patience, in evaluated rounds: long enough to
 /// ride out the round-to-round noise of HR@10 on a few hundred validation
