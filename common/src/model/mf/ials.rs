@@ -263,7 +263,7 @@ pub fn solve_items(
         .map_err(|()| TrainError::Singular("the item rows this merchant did not sell".into()))?;
     let mut weights = vec![num_users as f32; n];
     let mut rhs = vec![0.0f64; d];
-    for i in 0..n {
+    for (i, weight) in weights.iter_mut().enumerate() {
         let (b_off, f_off) = item_offsets(n, k, i);
         for f in 0..k {
             rhs[f] = rho * f64::from(global[f_off + f]);
@@ -291,7 +291,7 @@ pub fn solve_items(
                 total += e;
             }
             solve_spd(a, &mut rhs, || format!("item {i}"))?;
-            weights[i] = (num_users as f64 + total) as f32;
+            *weight = (num_users as f64 + total) as f32;
         }
         for f in 0..k {
             local[f_off + f] = rhs[f] as f32;

@@ -104,10 +104,10 @@ fn the_user_solve_zeroes_the_gradient_over_every_cell() {
         // ∂/∂p_u of Σ_i c_ui (s_ui − y_ui)² / 2 + λ‖p_u‖² / 2, cell by cell.
         for f in 0..K {
             let mut grad = f64::from(h.reg_factors) * f64::from(users[u * K + f]);
-            for i in 0..N {
-                let y = if c[u][i] > 1.0 { 1.0 } else { 0.0 };
+            for (i, &cui) in c[u].iter().enumerate() {
+                let y = if cui > 1.0 { 1.0 } else { 0.0 };
                 let (_, off) = item_offsets(N, K, i);
-                grad += c[u][i] * (score(&g, &users, u, i) - y) * f64::from(g[off + f]);
+                grad += cui * (score(&g, &users, u, i) - y) * f64::from(g[off + f]);
             }
             assert!(grad.abs() < 1e-4, "user {u} factor {f}: gradient {grad}");
         }
@@ -202,15 +202,11 @@ fn the_federated_item_step_is_the_confidence_weighted_mean_of_the_merchants_solv
         acc.add(&update).unwrap();
     }
     let next = FedAvg.apply(&g, &acc.mean_delta(&layout));
-    for j in 1..g.len() {
+    for (j, &got) in next.iter().enumerate().skip(1) {
         let i = if j <= N { j - 1 } else { (j - 1 - N) / K };
         let (w0, w1) = (solves[0].1[i], solves[1].1[i]);
         let want = (solves[0].0[j] * w0 + solves[1].0[j] * w1) / (w0 + w1);
-        assert!(
-            (next[j] - want).abs() < 1e-4,
-            "coordinate {j}: {} vs {want}",
-            next[j]
-        );
+        assert!((got - want).abs() < 1e-4, "coordinate {j}: {got} vs {want}");
     }
     assert_eq!(next[0], g[0], "μ is not an iALS parameter");
 }
