@@ -133,7 +133,7 @@ pub struct SimArgs {
     #[arg(long)]
     pub alpha: Option<f32>,
     /// iALS proximal weight ρ pulling a merchant's item solve towards the
-    /// global rows [default: 1].
+    /// global rows [default: 0.1].
     #[arg(long, value_name = "RHO")]
     pub proximal: Option<f32>,
     /// Wire form of models and updates: `dense` vectors, or `rows`: a

@@ -554,7 +554,7 @@ pub const IALS_REG: f32 = 2.0;
 /// Default iALS confidence scale α.
 pub const IALS_ALPHA: f32 = 4.0;
 /// Default iALS proximal weight ρ.
-pub const IALS_PROXIMAL: f32 = 1.0;
+pub const IALS_PROXIMAL: f32 = 0.1;
 
 /// Default early-stopping patience, in evaluated rounds: long enough to
 /// ride out the round-to-round noise of HR@10 on a few hundred validation
