@@ -261,8 +261,21 @@ pub fn solve_items(
     let mut shared = base.clone();
     cholesky(&mut shared)
         .map_err(|()| TrainError::Singular("the item rows this merchant did not sell".into()))?;
+    // Their right-hand side is ρ·x_global alone, so A⁻¹ is formed once
+    // (row-major, column by column) and each row costs one product.
+    let mut unsold = vec![0.0f64; d * d];
+    let mut column = vec![0.0f64; d];
+    for c in 0..d {
+        column.fill(0.0);
+        column[c] = 1.0;
+        cholesky_solve(&shared, &mut column);
+        for r in 0..d {
+            unsold[r * d + c] = column[r];
+        }
+    }
     let mut weights = vec![num_users as f32; n];
     let mut rhs = vec![0.0f64; d];
+    let mut row = vec![0.0f64; d];
     for (i, weight) in weights.iter_mut().enumerate() {
         let (b_off, f_off) = item_offsets(n, k, i);
         for f in 0..k {
@@ -271,7 +284,11 @@ pub fn solve_items(
         rhs[k] = rho * f64::from(global[b_off]);
         let (buyers, extra) = by_item.row(i);
         if buyers.is_empty() {
-            cholesky_solve(&shared, &mut rhs);
+            for (r, out) in row.iter_mut().enumerate() {
+                let m = &unsold[r * d..(r + 1) * d];
+                *out = m.iter().zip(&rhs).map(|(a, x)| a * x).sum::<f64>();
+            }
+            rhs.copy_from_slice(&row);
             if !rhs.iter().all(|x| x.is_finite()) {
                 return Err(TrainError::Singular(format!("item {i}")));
             }
