@@ -273,6 +273,10 @@ pub enum TrainError {
     /// The update could not be put in its differentially private form.
     #[error("differential privacy: {0}")]
     Privacy(crate::privacy::dp::DpError),
+    /// A closed-form solve (iALS) met normal equations that are not
+    /// positive definite or not finite; names the item or user.
+    #[error("singular normal equations for {0}: the solve has no unique finite solution")]
+    Singular(String),
     /// A train task arrived before the statistics step finished.
     #[error("the task needs feature statistics but carries none")]
     MissingStandardizer,

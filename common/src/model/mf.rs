@@ -16,6 +16,7 @@
 
 mod eval;
 mod family;
+pub mod ials;
 mod kernels;
 pub mod movielens;
 
@@ -73,6 +74,27 @@ pub struct MfHyper {
     pub aggregation: MfAggregation,
     /// Where BPR draws its negatives from.
     pub negatives_from: NegativePool,
+    /// How an implicit model is trained: BPR (SGD on sampled pairs) or
+    /// iALS (closed-form alternating solves over every cell, see [`ials`]).
+    /// Explicit MF ignores it.
+    pub algorithm: ImplicitAlgorithm,
+    /// iALS confidence scale α: a purchase of strength `v` weighs
+    /// `1 + α·ln(1 + v)` against 1 for every unbought item.
+    pub alpha: f32,
+    /// iALS proximal weight ρ pulling each merchant's item solve towards
+    /// the global rows (0: the merchant's own solve).
+    pub proximal: f32,
+}
+
+/// The training algorithm of an implicit MF model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ImplicitAlgorithm {
+    /// Bayesian personalised ranking with sampled negatives (SGD).
+    #[default]
+    Bpr,
+    /// Implicit alternating least squares with confidence weights.
+    Ials,
 }
 
 /// The items BPR samples negatives from.
@@ -113,6 +135,9 @@ impl Default for MfHyper {
             clip: None,
             aggregation: MfAggregation::PerItem,
             negatives_from: NegativePool::Catalogue,
+            algorithm: ImplicitAlgorithm::Bpr,
+            alpha: 1.0,
+            proximal: 0.0,
         }
     }
 }

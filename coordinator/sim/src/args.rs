@@ -37,7 +37,7 @@ pub struct SimArgs {
     /// Explicit held-out file; needs --train.
     #[arg(long, requires = "train")]
     pub test: Option<PathBuf>,
-    /// Task: `mf`, `mf-implicit`, `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
+    /// Task: `mf`, `mf-implicit` (BPR), `mf-ials` (implicit ALS), `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
     /// default 16), `churn-gbdt` (boosted trees), or `noop:D` (random D-float updates, no training).
     #[arg(long)]
     pub task: Option<TaskChoice>,
@@ -90,10 +90,10 @@ pub struct SimArgs {
     /// Latent factors of MF models [default: 32].
     #[arg(long)]
     pub factors: Option<usize>,
-    /// L2 penalty on the factors of MF models; the bias penalty keeps its
-    /// default ratio to it (½ for mf, 1 for mf-implicit)
-    /// [default: 0.1 for mf, 0.01 for mf-implicit].
-    #[arg(long)]
+    /// L2 penalty λ on the factors of MF models; the bias penalty keeps its
+    /// default ratio to it (½ for mf, 1 for mf-implicit and mf-ials)
+    /// [default: 0.1 for mf, 0.01 for mf-implicit, 2 for mf-ials].
+    #[arg(long, value_name = "LAMBDA")]
     pub reg: Option<f32>,
     /// Sampled negatives per purchase of `--task mf-implicit` (BPR) [default: 4].
     #[arg(long)]
@@ -145,6 +145,14 @@ pub struct SimArgs {
     /// its own rows) [default: catalogue].
     #[arg(long, value_name = "POOL")]
     pub negatives_from: Option<fedcart_common::model::mf::NegativePool>,
+    /// iALS confidence scale α: a purchase of quantity v weighs 1 + α·ln(1 + v)
+    /// against 1 for an item not bought [default: 4].
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// iALS proximal weight ρ pulling a merchant's item solve towards the
+    /// global rows [default: 0.1].
+    #[arg(long, value_name = "RHO")]
+    pub proximal: Option<f32>,
     /// Wire form of models and updates: `dense` vectors, or `rows`: a
     /// plaintext update as the catalogue rows the merchant touched and a
     /// download as the rows changed since the version it holds (MF only;

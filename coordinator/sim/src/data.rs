@@ -156,6 +156,8 @@ pub enum TaskChoice {
     Mf,
     /// Implicit MF (BPR, HR@10).
     MfImplicit,
+    /// Implicit MF trained by iALS (`mf-ials`; HR@10).
+    MfIals,
     /// Churn logistic regression.
     ChurnLr,
     /// Churn multi-layer perceptron with one or two hidden layers
@@ -190,6 +192,7 @@ impl TaskChoice {
         Ok(match s {
             "mf" => Self::Mf,
             "mf-implicit" => Self::MfImplicit,
+            "mf-ials" => Self::MfIals,
             "churn-lr" => Self::ChurnLr,
             "churn-gbdt" => Self::ChurnGbdt,
             "segments" => Self::Segments(None),
@@ -235,12 +238,22 @@ impl TaskChoice {
                 match s.strip_prefix("noop:").map(str::parse::<usize>) {
                     Some(Ok(d)) if d > 0 => Self::Noop(d),
                     _ => bail!(
-                        "unknown task `{s}` (known: mf, mf-implicit, churn-lr, \
+                        "unknown task `{s}` (known: mf, mf-implicit, mf-ials, churn-lr, \
                          churn-mlp[:H1[,H2]], churn-gbdt, segments[:K], rules[:MIN], noop:D)"
                     ),
                 }
             }
         })
+    }
+
+    /// Whether this is a recommender (explicit or implicit MF).
+    pub fn is_mf(self) -> bool {
+        matches!(self, Self::Mf | Self::MfImplicit | Self::MfIals)
+    }
+
+    /// Whether this is an implicit recommender (BPR or iALS).
+    pub fn is_implicit_mf(self) -> bool {
+        matches!(self, Self::MfImplicit | Self::MfIals)
     }
 
     /// Whether this is a churn family (LR, MLP or trees).
@@ -280,7 +293,9 @@ impl TaskChoice {
     /// The dataset this task uses when `--data` is not given.
     pub fn default_data(self) -> DataSpec {
         match self {
-            Self::Mf | Self::MfImplicit => DataSpec::MovieLens(DEFAULT_MOVIELENS.into()),
+            Self::Mf | Self::MfImplicit | Self::MfIals => {
+                DataSpec::MovieLens(DEFAULT_MOVIELENS.into())
+            }
             Self::ChurnLr | Self::ChurnMlp { .. } | Self::ChurnGbdt => {
                 DataSpec::Telco(DEFAULT_TELCO.into())
             }
@@ -296,6 +311,7 @@ impl TaskChoice {
         match self {
             Self::Mf => "mf".into(),
             Self::MfImplicit => "mf-implicit".into(),
+            Self::MfIals => "mf-ials".into(),
             Self::ChurnLr => "churn-lr".into(),
             Self::ChurnGbdt => "churn-gbdt".into(),
             Self::ChurnMlp { h1, h2: 0 } if h1 == DEFAULT_HIDDEN => "churn-mlp".into(),
@@ -312,7 +328,7 @@ impl TaskChoice {
     pub fn headline(self) -> Option<(&'static str, bool)> {
         match self {
             Self::Mf => Some(("rmse", false)),
-            Self::MfImplicit => Some(("hr@10", true)),
+            Self::MfImplicit | Self::MfIals => Some(("hr@10", true)),
             Self::ChurnLr | Self::ChurnMlp { .. } | Self::ChurnGbdt => Some(("auc", true)),
             Self::Segments(_) => Some(("inertia", false)),
             Self::Noop(_) | Self::Rules(_) => None,
@@ -389,8 +405,8 @@ pub fn build(
                 .collect(),
             model: ModelSpec::Noop { dim },
         }),
-        (TaskChoice::Mf | TaskChoice::MfImplicit, DataSpec::MovieLens(path)) => {
-            let implicit = task == TaskChoice::MfImplicit;
+        (t, DataSpec::MovieLens(path)) if t.is_mf() => {
+            let implicit = task.is_implicit_mf();
             let (all, train, test) = match files {
                 Some((tr, te)) => {
                     let train = load_ratings(tr, delimiter)?;

@@ -101,6 +101,10 @@ pub struct Settings {
     pub secagg_neighbours: Option<usize>,
     /// Where BPR draws negatives from (`--negatives-from`).
     pub negatives_from: fedcart_common::model::mf::NegativePool,
+    /// iALS confidence scale (`--alpha`; None = default).
+    pub alpha: Option<f32>,
+    /// iALS proximal weight (`--proximal`; None = default).
+    pub proximal: Option<f32>,
     /// Wire form of models and updates (`--traffic`).
     pub traffic: crate::traffic::TrafficMode,
     /// Precision of downloaded factor rows (`--download-precision`).
@@ -337,6 +341,8 @@ impl Settings {
             secagg_clip: args.secagg_clip.or(file.secagg_clip),
             secagg_neighbours: args.secagg_neighbours.or(file.secagg_neighbours),
             negatives_from: pick!(negatives_from, Default::default()),
+            alpha: args.alpha.or(file.alpha),
+            proximal: args.proximal.or(file.proximal),
             traffic: pick!(traffic, Default::default()),
             download_precision: pick!(download_precision, Default::default()),
             dropout: pick!(dropout, 0.0),
@@ -533,6 +539,9 @@ impl Settings {
     /// unless overridden. `--reg` sets the factors' penalty and scales the
     /// biases' by the same factor.
     pub fn mf_hyper(&self, task: TaskChoice) -> MfHyper {
+        if task == TaskChoice::MfIals {
+            return self.ials_hyper();
+        }
         let implicit = task == TaskChoice::MfImplicit;
         let lr = self.lr.unwrap_or(if implicit { 0.05 } else { 0.01 });
         let (factors, bias) = if implicit { (0.01, 0.01) } else { (0.1, 0.05) };
@@ -549,6 +558,22 @@ impl Settings {
             epochs: self.epochs.unwrap_or(5),
             negatives: self.negatives.unwrap_or(4),
             negatives_from: self.negatives_from,
+            ..Default::default()
+        }
+    }
+
+    /// iALS hyper-parameters (`--task mf-ials`): the defaults chosen on the
+    /// merchants' validation slices (BENCHMARKS.md, "iALS") unless overridden;
+    /// `--epochs` counts local (items, users) sweeps per round.
+    pub fn ials_hyper(&self) -> MfHyper {
+        let reg = self.reg.unwrap_or(IALS_REG);
+        MfHyper {
+            algorithm: fedcart_common::model::mf::ImplicitAlgorithm::Ials,
+            reg_factors: reg,
+            reg_bias: reg,
+            alpha: self.alpha.unwrap_or(IALS_ALPHA),
+            proximal: self.proximal.unwrap_or(IALS_PROXIMAL),
+            epochs: self.epochs.unwrap_or(1),
             ..Default::default()
         }
     }
@@ -582,6 +607,13 @@ impl Settings {
 /// Configurations a `--search` starts from unless `--search-candidates`
 /// says otherwise: three rungs of successive halving (8, 4, 2).
 pub const DEFAULT_SEARCH_CANDIDATES: usize = 8;
+
+/// Default iALS penalty λ (factors and biases).
+pub const IALS_REG: f32 = 2.0;
+/// Default iALS confidence scale α.
+pub const IALS_ALPHA: f32 = 4.0;
+/// Default iALS proximal weight ρ.
+pub const IALS_PROXIMAL: f32 = 0.1;
 
 /// Default early-stopping patience, in evaluated rounds: long enough to
 /// ride out the round-to-round noise of HR@10 on a few hundred validation

@@ -222,6 +222,45 @@ fn secure_aggregation_matches_plaintext_within_quantisation() {
 }
 
 #[test]
+fn ials_under_secure_aggregation_matches_plaintext_within_quantisation() {
+    // iALS's update is a sum of confidence-weighted item rows like BPR's:
+    // the masked sum decodes to the plaintext step up to fixed-point rounding.
+    let mut a = args();
+    a.task = Some("mf-ials".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
+    a.factors = Some(8);
+    let plain = run(a.clone());
+    a.secagg = true;
+    let secure = run(a);
+    assert_eq!(plain[0].task, "mf-ials");
+    let (p, s) = (
+        plain[0].final_metrics["hr@10"],
+        secure[0].final_metrics["hr@10"],
+    );
+    assert!(
+        p > 0.0 && (p - s).abs() < 5e-3,
+        "plaintext hr@10 {p}, secure {s}"
+    );
+    assert!(
+        secure[0]
+            .rounds
+            .iter()
+            .all(|r| r.reported == 4 && r.committed && r.clipped == 0)
+    );
+    let worst = plain[0]
+        .final_model
+        .iter()
+        .zip(&secure[0].final_model)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-2, "largest parameter difference {worst}");
+}
+
+#[test]
 fn churn_lr_with_secure_aggregation_reaches_the_plaintext_auc() {
     let mut a = args();
     a.task = Some("churn-lr".parse().unwrap());

@@ -5,9 +5,9 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use super::NegativePool;
 use super::eval::{self, rmse_of};
 use super::kernels::{bpr_epoch, explicit_epoch};
+use super::{ImplicitAlgorithm, NegativePool, ials};
 use super::{MU, MfData, MfHyper, initial_params, item_update, layout, model_len, shuffle};
 use crate::federation::update::WeightLayout;
 use crate::model::sgd::SgdParams;
@@ -68,11 +68,31 @@ impl MfShape<'_> {
         data.ensure_users(k, ctx.seed, self.hyper.init_std, merchant);
         Ok(())
     }
+
+    /// True for an implicit model trained by iALS.
+    pub fn is_ials(&self) -> bool {
+        self.implicit && self.hyper.algorithm == ImplicitAlgorithm::Ials
+    }
+
+    /// iALS: the user side solved in closed form against `global`'s items,
+    /// so an evaluated or scored version is paired with its own users.
+    fn refresh_users(&self, global: &[f32], data: &mut MfData) -> Result<(), TrainError> {
+        if self.is_ials() {
+            let (n, k, h) = (self.num_items, self.k, self.hyper);
+            let cells = ials::Cells::new(data, n, h.alpha, false);
+            ials::solve_users(global, n, k, h, &cells, &mut data.state.factors)?;
+        }
+        Ok(())
+    }
 }
 
 impl FederatedModel for MfShape<'_> {
     fn name(&self) -> &'static str {
-        if self.implicit { "mf-implicit" } else { "mf" }
+        match (self.implicit, self.hyper.algorithm) {
+            (false, _) => "mf",
+            (true, ImplicitAlgorithm::Bpr) => "mf-implicit",
+            (true, ImplicitAlgorithm::Ials) => "mf-ials",
+        }
     }
 
     fn data_family(&self) -> &'static str {
@@ -83,8 +103,14 @@ impl FederatedModel for MfShape<'_> {
         model_len(self.num_items, self.k)
     }
 
+    /// iALS always weights item rows per item (its confidence weights).
     fn layout(&self) -> WeightLayout {
-        layout(self.num_items, self.k, self.hyper.aggregation)
+        let aggregation = if self.is_ials() {
+            super::MfAggregation::PerItem
+        } else {
+            self.hyper.aggregation
+        };
+        layout(self.num_items, self.k, aggregation)
     }
 
     /// μ and biases 0, small seeded random item factors.
@@ -125,6 +151,16 @@ impl FederatedModel for MfShape<'_> {
                 return invalid(&format!("MF `{name}` must be finite and >= 0, got {v}"));
             }
         }
+        for (name, v) in [("alpha", h.alpha), ("proximal", h.proximal)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return invalid(&format!("MF `{name}` must be finite and >= 0, got {v}"));
+            }
+        }
+        if self.is_ials() && h.reg_factors <= 0.0 {
+            return invalid(
+                "iALS needs `reg_factors` > 0: the user solve is not positive definite without it",
+            );
+        }
         if let Some([lo, hi]) = h.clip
             && !matches!(lo.partial_cmp(&hi), Some(Ordering::Less | Ordering::Equal))
         {
@@ -157,7 +193,11 @@ impl FederatedModel for MfShape<'_> {
     ) -> Result<TaskOutput, TrainError> {
         let (merchant, data) = mf_data(data)?;
         self.prepare(ctx, global, data, merchant)?;
-        data.state.pair_with_version(ctx.round);
+        if self.is_ials() {
+            self.refresh_users(global, data)?;
+        } else {
+            data.state.pair_with_version(ctx.round);
+        }
         let (n, k, h) = (self.num_items, self.k, self.hyper);
         let unknown = data.unknown_items as f64;
         let (mut metrics, weight) = if self.implicit {
@@ -189,6 +229,7 @@ impl FederatedModel for MfShape<'_> {
     ) -> Result<Vec<f32>, TrainError> {
         let (merchant, data) = mf_data(data)?;
         self.prepare(ctx, global, data, merchant)?;
+        self.refresh_users(global, data)?;
         let clip = if self.implicit { None } else { self.hyper.clip };
         Ok(eval::test_scores(
             global,
@@ -217,6 +258,18 @@ impl FederatedModel for MfShape<'_> {
                 update: None,
                 metrics: BTreeMap::from([("unknown_items".into(), unknown)]),
                 weight: 0.0,
+            });
+        }
+        if self.is_ials() {
+            let (update, loss) = ials::fit(global, n, k, h, data)?;
+            let weight = update.weight;
+            return Ok(TaskOutput {
+                update: Some(update),
+                metrics: BTreeMap::from([
+                    ("ials_loss".into(), loss),
+                    ("unknown_items".into(), unknown),
+                ]),
+                weight,
             });
         }
         let mut rng = crate::seed::rng(ctx.seed, &["mf-train", merchant, &ctx.round.to_string()]);

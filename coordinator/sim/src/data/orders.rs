@@ -276,7 +276,7 @@ pub fn build(
     seed: u64,
 ) -> anyhow::Result<Population> {
     let (rows, mut cfg) = src.read()?;
-    if matches!(task, TaskChoice::Mf | TaskChoice::MfImplicit) && src.cutoff.is_none() {
+    if task.is_mf() && src.cutoff.is_none() {
         // A recommender learns from every order: the default cutoff (the last
         // order minus the churn window) is a churn label's, and would hide
         // the latest purchases, the ones leave-last-out tests on. An explicit
@@ -359,8 +359,8 @@ pub fn build(
             };
             Ok(Population { merchants, model })
         }
-        TaskChoice::Mf | TaskChoice::MfImplicit => {
-            let implicit = task == TaskChoice::MfImplicit;
+        TaskChoice::Mf | TaskChoice::MfImplicit | TaskChoice::MfIals => {
+            let implicit = task.is_implicit_mf();
             if src.mapping().item.is_none() {
                 bail!(
                     "task `{}` needs interactions: map the item column of {} (--item-col)",
