@@ -95,6 +95,55 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
     }
 }
 
+/// Stores of the bundled grocery log (`data/grocery/orders.csv`), each
+/// written to `dir` as its own orders export `orders-m<k>.csv` (header
+/// included), in the order given.
+pub fn store_exports(dir: &Path, stores: &[&str]) -> Vec<PathBuf> {
+    let log = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/grocery/orders.csv");
+    let text = std::fs::read_to_string(log).expect("the bundled grocery log");
+    let mut lines = text.lines();
+    let header = lines.next().expect("a header line");
+    let mut parts = vec![format!("{header}\n"); stores.len()];
+    for l in lines {
+        let store = l.rsplit(',').next().unwrap_or("");
+        if let Some(k) = stores.iter().position(|s| *s == store) {
+            parts[k].push_str(l);
+            parts[k].push('\n');
+        }
+    }
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(k, text)| {
+            let p = dir.join(format!("orders-m{k}.csv"));
+            std::fs::write(&p, text).expect("export written");
+            p
+        })
+        .collect()
+}
+
+/// The agent configuration of merchant `id` whose one data source is the
+/// grocery-format orders export `export` (no catalogue: hashed item ids),
+/// without key binding (plaintext tests).
+pub fn orders_agent_config(id: &str, addr: std::net::SocketAddr, export: &Path) -> AgentConfig {
+    let mut cfg = agent_config(id, addr, export);
+    cfg.data.churn_csv = None;
+    cfg.data.orders_csv = Some(export.into());
+    cfg.data.orders = Some(fedcart_common::data::orders::OrdersMapping {
+        customer: "customer".into(),
+        item: Some("item".into()),
+        timestamp: "timestamp".into(),
+        timestamp_format: Default::default(),
+        quantity: Some("quantity".into()),
+        amount: "amount".into(),
+        rating: None,
+        merchant: None,
+        delimiter: Default::default(),
+    });
+    cfg.privacy = fedcart_client::policy::PrivacyPolicy::without_key_binding();
+    cfg
+}
+
 /// Loads a merchant's data exactly as the agent binary does.
 pub fn load_merchant(id: &str, file: &Path) -> LocalData {
     let cfg = agent_config(id, "127.0.0.1:1".parse().expect("addr"), file);

@@ -582,6 +582,25 @@ mod tests {
         .expect("server starts")
     }
 
+    /// The fixture's recommender data as `recommend` reads it: the data, its
+    /// item rows and the catalogue behind them.
+    fn fixture_recommender(
+        f: &fixture::Fixture,
+    ) -> (
+        fedcart_common::model::mf::MfData,
+        Items,
+        fedcart_common::data::catalogue::Catalogue,
+    ) {
+        let inter = data::interactions(&f.cfg).unwrap().unwrap();
+        let listed = inter.items(0).unwrap();
+        let mf = inter.mf(&listed);
+        let Items::Listed(cat) = &listed else {
+            unreachable!("the fixture has a catalogue")
+        };
+        let cat = cat.clone();
+        (mf, listed, cat)
+    }
+
     /// The item ids of a fresh server's top 10 for `who`.
     async fn served_ids(f: &fixture::Fixture, who: &str) -> Vec<String> {
         let server = start_fixture(f).await;
@@ -604,13 +623,7 @@ mod tests {
     async fn implicit_recommendations_blend_the_merchants_popularity_as_the_command_line_does() {
         let f = fixture::Fixture::new();
         let who = &f.shoppers[3];
-        let inter = data::interactions(&f.cfg).unwrap().unwrap();
-        let listed = inter.items(0).unwrap();
-        let mf = inter.mf(&listed);
-        let cat = match &listed {
-            data::Items::Listed(c) => c.clone(),
-            data::Items::Hashed { .. } => unreachable!("the fixture has a catalogue"),
-        };
+        let (mf, listed, cat) = fixture_recommender(&f);
         let cli = |k| -> Vec<String> {
             recommend::recommend(&f.state, &mf, &listed, who, k)
                 .unwrap()
@@ -654,13 +667,7 @@ mod tests {
             (200, json!({"recommender": 1, "churn": 1, "segments": null}))
         );
         let who = &f.shoppers[0];
-        let inter = data::interactions(&f.cfg).unwrap().unwrap();
-        let listed = inter.items(0).unwrap();
-        let mf = inter.mf(&listed);
-        let cat = match &listed {
-            data::Items::Listed(c) => c.clone(),
-            data::Items::Hashed { .. } => unreachable!("the fixture has a catalogue"),
-        };
+        let (mf, listed, cat) = fixture_recommender(&f);
         let bought: HashSet<String> = recommend::purchased(&mf, 0)
             .into_iter()
             .map(|i| cat.id(i).unwrap().to_owned())

@@ -92,33 +92,6 @@ selection = {{ fraction = 1.0, min_agents = 3, max_agents = 3 }}
     path
 }
 
-/// Three stores of the bundled grocery log, each as its own orders export
-/// (the smallest three: 38–48 households, 2,000–4,000 products each).
-fn store_exports(dir: &Path) -> Vec<PathBuf> {
-    let log = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/grocery/orders.csv");
-    let text = std::fs::read_to_string(log).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let stores = ["433", "324", "363"];
-    let mut parts = vec![format!("{header}\n"); stores.len()];
-    for l in lines {
-        let store = l.rsplit(',').next().unwrap();
-        if let Some(k) = stores.iter().position(|s| *s == store) {
-            parts[k].push_str(l);
-            parts[k].push('\n');
-        }
-    }
-    parts
-        .into_iter()
-        .enumerate()
-        .map(|(k, text)| {
-            let p = dir.join(format!("orders-m{k}.csv"));
-            std::fs::write(&p, text).unwrap();
-            p
-        })
-        .collect()
-}
-
 /// One merchant's one configuration: its orders export with the column
 /// mapping, its state directory and its certificate. Nothing else.
 fn merchant_toml(dir: &Path, k: usize, port: u16, orders: &Path) -> PathBuf {
@@ -218,7 +191,8 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
     }
     let (port, http) = (free_port(), free_port());
     let config = coordinator_toml(root, port, http);
-    let exports = store_exports(root);
+    // The smallest three stores: 38–48 households, 2,000–4,000 products each.
+    let exports = store_exports(root, &["433", "324", "363"]);
     let mf = mf_toml(root);
     let merchants: Vec<PathBuf> = (0..3)
         .map(|k| merchant_toml(root, k, port, &exports[k]))
@@ -403,7 +377,7 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         .filter(|r| r[0] == shopper)
         .map(|r| r[1])
         .collect();
-    let recs = client(&[
+    let recommend = [
         "recommend",
         "--config",
         m0,
@@ -411,7 +385,8 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         shopper,
         "--k",
         "5",
-    ]);
+    ];
+    let recs = client(&recommend);
     let recommended: Vec<&str> = recs
         .lines()
         .map(|l| l.split('\t').next().unwrap())
@@ -419,20 +394,7 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
     assert_eq!(recommended.len(), 5, "{recs}");
     // The same from the MF run's own state; a run the agent never worked
     // for is named with the ones it did.
-    assert_eq!(
-        client(&[
-            "recommend",
-            "--config",
-            m0,
-            "--customer",
-            shopper,
-            "--k",
-            "5",
-            "--run",
-            MF_RUN
-        ]),
-        recs
-    );
+    assert_eq!(client(&[&recommend[..], &["--run", MF_RUN]].concat()), recs);
     let out = std::process::Command::new(bin_dir().join("fedcart-client"))
         .args(["score", "--config", m0, "--out", "-", "--run", "nosuch"])
         .output()
@@ -591,11 +553,7 @@ async fn mf_runs_on(
         .iter()
         .enumerate()
         .map(|(k, export)| {
-            let mut cfg = agent_config(&format!("m{k}"), coord.addr, export);
-            cfg.data.churn_csv = None;
-            cfg.data.orders_csv = Some(export.clone());
-            cfg.data.orders = Some(grocery_mapping());
-            cfg.privacy = fedcart_client::policy::PrivacyPolicy::without_key_binding();
+            let mut cfg = orders_agent_config(&format!("m{k}"), coord.addr, export);
             cfg.state_dir = states.map(|d| d.join(format!("m{k}")));
             spawn_configured(fedcart_client::agent::Agent::from_config(&cfg).unwrap())
         })
@@ -617,20 +575,6 @@ async fn mf_runs_on(
     models
 }
 
-fn grocery_mapping() -> fedcart_common::data::orders::OrdersMapping {
-    fedcart_common::data::orders::OrdersMapping {
-        customer: "customer".into(),
-        item: Some("item".into()),
-        timestamp: "timestamp".into(),
-        timestamp_format: Default::default(),
-        quantity: Some("quantity".into()),
-        amount: "amount".into(),
-        rating: None,
-        merchant: None,
-        delimiter: Default::default(),
-    }
-}
-
 /// Two MF runs at once from the same agents, with different item rows: each
 /// trains its own private user side, so each commits the models it commits
 /// when it is the merchants' only run (the agents re-map their hashed item
@@ -638,8 +582,8 @@ fn grocery_mapping() -> fedcart_common::data::orders::OrdersMapping {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mf_runs_at_once_train_as_each_would_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let exports = store_exports(dir.path());
-    let exports = &exports[..2];
+    let exports = store_exports(dir.path(), &["433", "324"]);
+    let exports = &exports[..];
     let (a, b) = (("mf-a", 5, 4_096), ("mf-b", 6, 2_048));
     let together = mf_runs_on(exports, &[a, b], Some(dir.path())).await;
     let alone_a = mf_runs_on(exports, &[a], None).await;

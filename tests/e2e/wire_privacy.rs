@@ -201,28 +201,16 @@ async fn with_secagg_on_no_window_of_a_plaintext_update_leaves_the_agent() {
 /// data).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_on_orders_exports_send_no_item_id_on_the_wire() {
-    let log = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/grocery/orders.csv");
-    let text = std::fs::read_to_string(log).unwrap();
-    let header = text.lines().next().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut ids = std::collections::BTreeSet::new();
-    let exports: Vec<std::path::PathBuf> = ["433", "324"]
+    let exports = store_exports(dir.path(), &["433", "324"]);
+    let ids: std::collections::BTreeSet<String> = exports
         .iter()
-        .enumerate()
-        .map(|(k, store)| {
-            let mut part = format!("{header}\n");
-            for l in text
-                .lines()
+        .flat_map(|e| {
+            let text = std::fs::read_to_string(e).unwrap();
+            text.lines()
                 .skip(1)
-                .filter(|l| l.ends_with(&format!(",{store}")))
-            {
-                ids.insert(l.split(',').nth(1).unwrap().to_owned());
-                part.push_str(l);
-                part.push('\n');
-            }
-            let p = dir.path().join(format!("orders-{k}.csv"));
-            std::fs::write(&p, part).unwrap();
-            p
+                .map(|l| l.split(',').nth(1).unwrap().to_owned())
+                .collect::<Vec<_>>()
         })
         .collect();
     let mut run = churn_run("wire-orders", 2, 2, 2);
@@ -239,21 +227,7 @@ async fn agents_on_orders_exports_send_no_item_id_on_the_wire() {
         .iter()
         .enumerate()
         .map(|(k, export)| {
-            let mut cfg = agent_config(&format!("m{k}"), proxy, export);
-            cfg.data.churn_csv = None;
-            cfg.data.orders_csv = Some(export.clone());
-            cfg.data.orders = Some(fedcart_common::data::orders::OrdersMapping {
-                customer: "customer".into(),
-                item: Some("item".into()),
-                timestamp: "timestamp".into(),
-                timestamp_format: Default::default(),
-                quantity: Some("quantity".into()),
-                amount: "amount".into(),
-                rating: None,
-                merchant: None,
-                delimiter: Default::default(),
-            });
-            cfg.privacy = fedcart_client::policy::PrivacyPolicy::without_key_binding();
+            let cfg = orders_agent_config(&format!("m{k}"), proxy, export);
             spawn_configured(fedcart_client::agent::Agent::from_config(&cfg).unwrap())
         })
         .collect();
