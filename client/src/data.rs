@@ -17,9 +17,10 @@ use fedcart_common::train::{ChurnData, LocalData};
 use crate::config::AgentConfig;
 
 /// Item rows assumed for hashed item ids before any task names the run's
-/// row count; the agent re-maps its interactions when a task's model has
-/// another (see [`Interactions::mf`]).
-pub const HASHED_ROWS_BEFORE_A_TASK: usize = 1 << 16;
+/// row count (the example recommender run's, so the usual first task needs
+/// no re-mapping); the agent re-maps its interactions when a task's model
+/// has another (see [`Interactions::mf`]).
+pub const HASHED_ROWS_BEFORE_A_TASK: usize = 1 << 17;
 
 /// Churn window when `[data.churn]` gives none (as `prepare`).
 const DEFAULT_CHURN_WINDOW_DAYS: u32 = 90;
