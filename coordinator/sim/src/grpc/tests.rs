@@ -14,6 +14,20 @@ fn repo(path: &str) -> String {
         .to_string()
 }
 
+/// `--task TASK --data KIND:PATH` on the bundled `telco` or `movielens`
+/// data, every other setting at its default.
+fn bundled(task: &str, data: &str) -> SimArgs {
+    let path = match data {
+        "telco" => crate::data::DEFAULT_TELCO,
+        _ => crate::data::DEFAULT_MOVIELENS,
+    };
+    SimArgs {
+        task: Some(task.parse().unwrap()),
+        data: Some(format!("{data}:{}", repo(path)).parse().unwrap()),
+        ..Default::default()
+    }
+}
+
 fn both(a: &SimArgs) -> (Experiment, Experiment) {
     let run = |t: &str| {
         let mut a = a.clone();
@@ -63,17 +77,11 @@ fn assert_same(inproc: &Experiment, grpc: &Experiment, tol: f32, secure: bool) {
 #[test]
 fn churn_over_grpc_commits_the_same_model_as_in_process() {
     let a = SimArgs {
-        task: Some("churn-lr".parse().unwrap()),
-        data: Some(
-            format!("telco:{}", repo(crate::data::DEFAULT_TELCO))
-                .parse()
-                .unwrap(),
-        ),
         merchants: Some(4),
         // Past ten rounds: task ids "r10…" sort before "r2…" as text, and the
         // report must still list the rounds in the order they ran.
         rounds: Some(11),
-        ..Default::default()
+        ..bundled("churn-lr", "telco")
     };
     let (inproc, grpc) = both(&a);
     assert_eq!(
@@ -96,16 +104,10 @@ fn secure_churn_over_grpc_matches_in_process_within_quantisation() {
     // protocol between the service and the agents; only the stochastic
     // rounding differs from the in-process run (agents draw their own).
     let a = SimArgs {
-        task: Some("churn-lr".parse().unwrap()),
-        data: Some(
-            format!("telco:{}", repo(crate::data::DEFAULT_TELCO))
-                .parse()
-                .unwrap(),
-        ),
         merchants: Some(4),
         rounds: Some(2),
         secagg: true,
-        ..Default::default()
+        ..bundled("churn-lr", "telco")
     };
     let (inproc, grpc) = both(&a);
     assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
@@ -135,19 +137,13 @@ fn distributed_dp_over_grpc_is_accounted_like_in_process_and_still_learns() {
     // (from OS entropy, so the two runs differ by the noise only); the
     // coordinator configures the same ring and scale and accounts the same ε.
     let a = SimArgs {
-        task: Some("churn-lr".parse().unwrap()),
-        data: Some(
-            format!("telco:{}", repo(crate::data::DEFAULT_TELCO))
-                .parse()
-                .unwrap(),
-        ),
         merchants: Some(4),
         rounds: Some(3),
         secagg: true,
         dp_clip: Some("1".into()),
         dp_noise: Some(0.05),
         dp_mode: Some(crate::DpModeName::Distributed),
-        ..Default::default()
+        ..bundled("churn-lr", "telco")
     };
     let (inproc, grpc) = both(&a);
     assert!(grpc.rounds.iter().all(|r| r.reported == 4 && r.committed));
@@ -164,18 +160,12 @@ fn distributed_dp_over_grpc_is_accounted_like_in_process_and_still_learns() {
 #[test]
 fn mf_over_grpc_matches_in_process_with_a_fraction_and_drop_outs() {
     let a = SimArgs {
-        task: Some("mf".parse().unwrap()),
-        data: Some(
-            format!("movielens:{}", repo(crate::data::DEFAULT_MOVIELENS))
-                .parse()
-                .unwrap(),
-        ),
         merchants: Some(6),
         rounds: Some(3),
         epochs: Some(1),
         fraction: Some(0.5),
         dropout: Some(0.3),
-        ..Default::default()
+        ..bundled("mf", "movielens")
     };
     let (inproc, grpc) = both(&a);
     assert_same(&inproc, &grpc, 1e-4, false);
@@ -192,17 +182,11 @@ fn mf_over_grpc_matches_in_process_with_a_fraction_and_drop_outs() {
 #[test]
 fn mf_under_secure_aggregation_over_grpc_matches_in_process() {
     let a = SimArgs {
-        task: Some("mf".parse().unwrap()),
-        data: Some(
-            format!("movielens:{}", repo(crate::data::DEFAULT_MOVIELENS))
-                .parse()
-                .unwrap(),
-        ),
         merchants: Some(4),
         rounds: Some(2),
         epochs: Some(1),
         secagg: true,
-        ..Default::default()
+        ..bundled("mf", "movielens")
     };
     let (inproc, grpc) = both(&a);
     // Both decode fixed-point sums of the same updates, each with its own
@@ -216,17 +200,11 @@ fn ials_under_secure_aggregation_over_grpc_matches_in_process() {
     // The real agents solve their users and items in closed form and mask
     // the weighted rows; the service unmasks the same sum as the simulator.
     let a = SimArgs {
-        task: Some("mf-ials".parse().unwrap()),
-        data: Some(
-            format!("movielens:{}", repo(crate::data::DEFAULT_MOVIELENS))
-                .parse()
-                .unwrap(),
-        ),
         merchants: Some(4),
         rounds: Some(2),
         factors: Some(8),
         secagg: true,
-        ..Default::default()
+        ..bundled("mf-ials", "movielens")
     };
     let (inproc, grpc) = both(&a);
     // Not `assert_same`: each side rounds its fixed-point encoding with its
@@ -321,17 +299,11 @@ fn row_sparse_mf_over_grpc_sends_the_same_bytes_up_and_commits_the_same_model() 
     // PAYLOAD_ENCODING_ROWS_F32 and download the rows changed since the
     // version they hold (MODEL_ENCODING_ROWS), and the service decodes both.
     let a = SimArgs {
-        task: Some("mf".parse().unwrap()),
-        data: Some(
-            format!("movielens:{}", repo(crate::data::DEFAULT_MOVIELENS))
-                .parse()
-                .unwrap(),
-        ),
         merchants: Some(4),
         rounds: Some(3),
         epochs: Some(1),
         traffic: Some(crate::traffic::TrafficMode::Rows),
-        ..Default::default()
+        ..bundled("mf", "movielens")
     };
     let (inproc, grpc) = both(&a);
     let dense = {
@@ -365,12 +337,6 @@ fn a_small_search_runs_its_trials_as_secure_rounds_over_grpc_and_chooses_as_in_p
     // the same validation scores, so it keeps and chooses the same ones.
     let out = tempfile::tempdir().unwrap();
     let a = SimArgs {
-        task: Some("mf".parse().unwrap()),
-        data: Some(
-            format!("movielens:{}", repo(crate::data::DEFAULT_MOVIELENS))
-                .parse()
-                .unwrap(),
-        ),
         merchants: Some(4),
         rounds: Some(2),
         epochs: Some(1),
@@ -378,7 +344,7 @@ fn a_small_search_runs_its_trials_as_secure_rounds_over_grpc_and_chooses_as_in_p
         search: Some(8),
         search_candidates: Some(4),
         out: Some(out.path().to_path_buf()),
-        ..Default::default()
+        ..bundled("mf", "movielens")
     };
     let (inproc, grpc) = both(&a);
     let settings = Settings::from_args(SimArgs {

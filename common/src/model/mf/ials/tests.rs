@@ -85,20 +85,18 @@ fn score(model: &[f32], users: &[f32], u: usize, i: usize) -> f64 {
             .sum::<f64>()
 }
 
+/// The closed-form user factors of `data`'s `users` against the item side `g`.
+fn solved_users(data: &MfData, h: &MfHyper, g: &[f32], users: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; users * K];
+    solve_users(g, N, K, h, &Cells::new(data, N, h.alpha, false), &mut out).unwrap();
+    out
+}
+
 #[test]
 fn the_user_solve_zeroes_the_gradient_over_every_cell() {
     let data = shop(5, 1);
     let (h, g) = (hyper(), global(2));
-    let mut users = vec![0.0f32; 5 * K];
-    solve_users(
-        &g,
-        N,
-        K,
-        &h,
-        &Cells::new(&data, N, h.alpha, false),
-        &mut users,
-    )
-    .unwrap();
+    let users = solved_users(&data, &h, &g, 5);
     let c = confidences(&data, h.alpha);
     for u in 0..5 {
         // ∂/∂p_u of Σ_i c_ui (s_ui − y_ui)² / 2 + λ‖p_u‖² / 2, cell by cell.
@@ -118,16 +116,7 @@ fn the_user_solve_zeroes_the_gradient_over_every_cell() {
 fn the_item_solve_zeroes_the_proximal_gradient_over_every_cell() {
     let data = shop(6, 3);
     let (h, g) = (hyper(), global(4));
-    let mut users = vec![0.0f32; 6 * K];
-    solve_users(
-        &g,
-        N,
-        K,
-        &h,
-        &Cells::new(&data, N, h.alpha, false),
-        &mut users,
-    )
-    .unwrap();
+    let users = solved_users(&data, &h, &g, 6);
     let mut local = g.clone();
     let weights = solve_items(
         &g,
