@@ -98,9 +98,10 @@ pub struct SimArgs {
     /// Sampled negatives per purchase of `--task mf-implicit` (BPR) [default: 4].
     #[arg(long)]
     pub negatives: Option<usize>,
-    /// Federated hyper-parameter search of `--task mf` / `mf-implicit`: successive
-    /// halving over --search-candidates configurations (factors, reg, lr,
-    /// epochs, negatives; the given settings and others drawn with --seed from a
+    /// Federated hyper-parameter search of `--task mf` / `mf-implicit` / `mf-ials`:
+    /// successive halving over --search-candidates configurations (factors, reg,
+    /// lr, epochs, negatives; iALS: factors, reg, alpha, epochs; the given
+    /// settings and others drawn with --seed from a
     /// grid around them), within ROUNDS training rounds in all. Each trial is
     /// an ordinary federated run (same transport, secure aggregation if on),
     /// scored by its best version's federated validation metric; the winner

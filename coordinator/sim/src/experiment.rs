@@ -127,8 +127,8 @@ pub struct Experiment {
 }
 
 /// One configuration of the hyper-parameter search (`--search`): the MF
-/// knobs it tunes, as `--factors`, `--lr`, `--reg`, `--epochs` and
-/// `--negatives` set them.
+/// knobs it tunes, as `--factors`, `--lr`, `--reg`, `--epochs`,
+/// `--negatives` and (iALS) `--alpha` set them.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct SearchConfig {
     /// Latent factors k.
@@ -141,14 +141,26 @@ pub struct SearchConfig {
     pub reg: f32,
     /// Local epochs per round.
     pub epochs: usize,
-    /// BPR negatives per purchase (unused by explicit MF).
+    /// BPR negatives per purchase (unused by explicit MF and iALS).
     pub negatives: usize,
+    /// iALS confidence scale α (`None` for the SGD tasks, which have none).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shortest_f32_opt")]
+    pub alpha: Option<f32>,
 }
 
 /// An f32 as the shortest decimal that reads back as it (0.01, not
 /// 0.009999999776482582), the way `--lr` would be written.
 fn shortest_f32<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(v.to_string().parse().unwrap_or(f64::from(*v)))
+}
+
+/// [`shortest_f32`] of a value that is there (`skip_serializing_if` drops
+/// the others).
+fn shortest_f32_opt<S: serde::Serializer>(v: &Option<f32>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => shortest_f32(v, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// What one trial measured in one rung: an ordinary federated run of at

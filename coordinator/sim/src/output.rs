@@ -12,7 +12,7 @@
 //! "total_seconds", "seconds_per_round" }, "search" (with `--search`: { "metric",
 //! "higher_is_better", "budget", "rounds_used", "schedule": [ { "candidates",
 //! "rounds" } ], "trials": [ { "candidate", "config": { "factors", "lr", "reg",
-//! "epochs", "negatives" }, "rungs": [ { "rung", "allotted", "rounds",
+//! "epochs", "negatives", "alpha" (iALS) }, "rungs": [ { "rung", "allotted", "rounds",
 //! "best_version", "value", "error"?, "kept", "bytes_up", "seconds" } ] } ],
 //! "chosen", "seconds", "seconds_per_round" }) } ] }`. Only the `seconds` and
 //! `timing` fields vary between two runs with the same seed.
@@ -356,7 +356,7 @@ fn search_table(s: &super::experiment::SearchSummary) -> String {
     let mut out = format!(
         "<h3>Hyper-parameter search: {} of {} budgeted rounds, trials ranked by their best \
          version's federated {} ({} is better)</h3><table><tr><th>candidate</th><th>factors</th>\
-         <th>lr</th><th>reg</th><th>epochs</th><th>negatives</th>",
+         <th>lr (SGD) / α (iALS)</th><th>reg</th><th>epochs</th><th>negatives</th>",
         s.rounds_used,
         s.budget,
         esc(&s.metric),
@@ -384,10 +384,14 @@ fn search_table(s: &super::experiment::SearchSummary) -> String {
             t.candidate,
             if t.candidate == 0 { " (given)" } else { "" },
             c.factors,
-            c.lr,
+            c.alpha.map_or_else(|| c.lr.to_string(), |a| format!("α {a}")),
             c.reg,
             c.epochs,
-            c.negatives
+            if c.alpha.is_some() {
+                "–".to_string()
+            } else {
+                c.negatives.to_string()
+            }
         );
         for r in 0..s.schedule.len() {
             let cell = t

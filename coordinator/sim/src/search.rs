@@ -16,6 +16,11 @@
 //! | local epochs | ⌈½⌉, 1, 2 | 3, 5, 10 |
 //! | negatives (mf-implicit only) | ⌈¼⌉, 1, 2 | 1, 4, 8 |
 //!
+//! `mf-ials` has no learning rate and draws no negatives; its grid is
+//! factors × {½, 1, 2, 4}, the penalty λ × {¼, 1, 4}, the confidence scale
+//! α × {¼, 1, 4} (`--alpha`) and local sweeps {⌈½⌉, 1, 2} (`--epochs`): the
+//! defaults give k 16–128, λ 0.5 / 2 / 8, α 1 / 4 / 16 and 1 or 2 sweeps.
+//!
 //! **Trials.** A trial is `run_one` with the candidate's configuration and
 //! the rung's rounds: a fresh federated run through the same engine and the
 //! same transport as the experiment (in-process or the real gRPC service and
@@ -55,6 +60,8 @@ const FACTORS_DIV: usize = 2;
 const LR: [f32; 3] = [0.5, 1.0, 2.0];
 /// Multiples of the given factor penalty.
 const REG: [f32; 3] = [0.25, 1.0, 4.0];
+/// Multiples of the given iALS confidence scale α.
+const ALPHA: [f32; 3] = [0.25, 1.0, 4.0];
 
 /// Runs the search for `task` on `data`, then the winner for `--rounds`:
 /// the winner's experiment, with the search in its `search` section and
@@ -89,6 +96,7 @@ pub fn given(s: &Settings, task: TaskChoice) -> SearchConfig {
         reg: h.reg_factors,
         epochs: h.epochs,
         negatives: h.negatives,
+        alpha: (task == TaskChoice::MfIals).then_some(h.alpha),
     }
 }
 
@@ -106,18 +114,25 @@ pub fn candidates(s: &Settings, task: TaskChoice) -> anyhow::Result<Vec<SearchCo
         vec![base.negatives]
     };
     let epochs = [base.epochs.div_ceil(2), base.epochs, 2 * base.epochs];
+    // iALS solves in closed form: its knob in place of the learning rate is
+    // the confidence scale α; the SGD tasks have no α.
+    let steps: Vec<(f32, Option<f32>)> = match base.alpha {
+        Some(alpha) => ALPHA.iter().map(|a| (base.lr, Some(alpha * a))).collect(),
+        None => LR.iter().map(|l| (base.lr * l, None)).collect(),
+    };
     let mut grid = Vec::new();
     for f in FACTORS {
-        for lr in LR {
+        for &(lr, alpha) in &steps {
             for reg in REG {
                 for e in epochs {
                     for &n in &negatives {
                         let c = SearchConfig {
                             factors: (base.factors * f / FACTORS_DIV).max(1),
-                            lr: base.lr * lr,
+                            lr,
                             reg: base.reg * reg,
                             epochs: e,
                             negatives: n,
+                            alpha,
                         };
                         if c != base && !grid.contains(&c) {
                             grid.push(c);
@@ -288,6 +303,7 @@ fn with_config(s: &Settings, c: &SearchConfig) -> Settings {
         reg: Some(c.reg),
         epochs: Some(c.epochs),
         negatives: Some(c.negatives),
+        alpha: c.alpha.or(s.alpha),
         ..s.clone()
     }
 }
@@ -317,10 +333,16 @@ fn best_version(exp: &Experiment) -> Option<(u64, f64)> {
 
 /// A configuration as its flags.
 fn flags(c: &SearchConfig) -> String {
-    format!(
-        "--factors {} --lr {} --reg {} --epochs {} --negatives {}",
-        c.factors, c.lr, c.reg, c.epochs, c.negatives
-    )
+    match c.alpha {
+        Some(alpha) => format!(
+            "--factors {} --reg {} --alpha {alpha} --epochs {}",
+            c.factors, c.reg, c.epochs
+        ),
+        None => format!(
+            "--factors {} --lr {} --reg {} --epochs {} --negatives {}",
+            c.factors, c.lr, c.reg, c.epochs, c.negatives
+        ),
+    }
 }
 
 /// The search's summary for stdout and the report.

@@ -412,8 +412,14 @@ impl Settings {
         if let Some(budget) = s.search {
             let flag = name!(search, "--search");
             let candidates = name!(search_candidates, "--search-candidates");
-            if !matches!(s.task, Some(TaskChoice::Mf | TaskChoice::MfImplicit)) {
-                bail!("{flag} tunes matrix factorisation: give --task mf or --task mf-implicit");
+            if !matches!(
+                s.task,
+                Some(TaskChoice::Mf | TaskChoice::MfImplicit | TaskChoice::MfIals)
+            ) {
+                bail!(
+                    "{flag} tunes matrix factorisation: give --task mf, --task mf-implicit or \
+                     --task mf-ials"
+                );
             }
             if s.dp.is_some() {
                 bail!(

@@ -202,3 +202,47 @@ fn the_config_key_turns_the_search_on_and_its_errors_name_the_key() {
         "{e}"
     );
 }
+
+#[test]
+fn an_ials_search_tunes_alpha_in_place_of_the_learning_rate_and_chooses_by_validation() {
+    let mut args = movielens_mf();
+    args.task = Some("mf-ials".parse().unwrap());
+    args.factors = Some(4);
+    let s = Settings::from_args(args).unwrap();
+    let task = TaskChoice::MfIals;
+    let base = given(&s, task);
+    assert_eq!(base.alpha, Some(crate::settings::IALS_ALPHA));
+    let all = candidates(&s, task).unwrap();
+    assert_eq!(all[0], base);
+    for c in &all {
+        // No learning rate or negatives to tune: they stay as given.
+        assert_eq!((c.lr, c.negatives), (base.lr, base.negatives));
+        let a = c.alpha.expect("every iALS candidate has an α");
+        assert!([0.25, 1.0, 4.0].iter().any(|m| a == base.alpha.unwrap() * m));
+        assert!([1, 2].contains(&c.epochs), "sweeps {}", c.epochs);
+    }
+    assert!(all.iter().any(|c| c.alpha != base.alpha));
+    // The trials run with the candidate's α and score by `val_hr@10`.
+    let configs = [
+        base,
+        SearchConfig {
+            alpha: Some(4.0 * base.alpha.unwrap()),
+            factors: 8,
+            ..base
+        },
+    ];
+    let (_, data) = s.experiments().remove(0);
+    let summary = halve(&s, task, &data, &pool(), &configs, 2).unwrap();
+    assert_eq!(summary.metric, "val_hr@10");
+    assert!(summary.higher_is_better);
+    let values: Vec<f64> = summary
+        .trials
+        .iter()
+        .map(|t| t.rungs[0].value.unwrap())
+        .collect();
+    let best = if values[1] > values[0] { 1 } else { 0 };
+    assert_eq!(summary.chosen, best, "{values:?}");
+    // Another α is another model: the two trials do not score alike.
+    assert_ne!(values[0], values[1]);
+    assert!(flags(&configs[1]).contains("--alpha 16"), "{}", flags(&configs[1]));
+}
