@@ -144,7 +144,10 @@ pub struct SearchConfig {
     /// BPR negatives per purchase (unused by explicit MF and iALS).
     pub negatives: usize,
     /// iALS confidence scale α (`None` for the SGD tasks, which have none).
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shortest_f32_opt")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "shortest_f32_opt"
+    )]
     pub alpha: Option<f32>,
 }
 

@@ -384,7 +384,8 @@ fn search_table(s: &super::experiment::SearchSummary) -> String {
             t.candidate,
             if t.candidate == 0 { " (given)" } else { "" },
             c.factors,
-            c.alpha.map_or_else(|| c.lr.to_string(), |a| format!("α {a}")),
+            c.alpha
+                .map_or_else(|| c.lr.to_string(), |a| format!("α {a}")),
             c.reg,
             c.epochs,
             if c.alpha.is_some() {

@@ -17,9 +17,11 @@
 //! | negatives (mf-implicit only) | ⌈¼⌉, 1, 2 | 1, 4, 8 |
 //!
 //! `mf-ials` has no learning rate and draws no negatives; its grid is
-//! factors × {½, 1, 2, 4}, the penalty λ × {¼, 1, 4}, the confidence scale
+//! factors × {½, 1, 2} (an item solve costs k³, so 4× the factors would
+//! cost 64× a round), the penalty λ × {¼, 1, 4}, the confidence scale
 //! α × {¼, 1, 4} (`--alpha`) and local sweeps {⌈½⌉, 1, 2} (`--epochs`): the
-//! defaults give k 16–128, λ 0.5 / 2 / 8, α 1 / 4 / 16 and 1 or 2 sweeps.
+//! defaults give k 16 / 32 / 64, λ 0.5 / 2 / 8, α 1 / 4 / 16 and 1 or 2
+//! sweeps.
 //!
 //! **Trials.** A trial is `run_one` with the candidate's configuration and
 //! the rung's rounds: a fresh federated run through the same engine and the
@@ -120,8 +122,12 @@ pub fn candidates(s: &Settings, task: TaskChoice) -> anyhow::Result<Vec<SearchCo
         Some(alpha) => ALPHA.iter().map(|a| (base.lr, Some(alpha * a))).collect(),
         None => LR.iter().map(|l| (base.lr * l, None)).collect(),
     };
+    let factors = match base.alpha {
+        Some(_) => &FACTORS[..FACTORS.len() - 1],
+        None => &FACTORS[..],
+    };
     let mut grid = Vec::new();
-    for f in FACTORS {
+    for &f in factors {
         for &(lr, alpha) in &steps {
             for reg in REG {
                 for e in epochs {

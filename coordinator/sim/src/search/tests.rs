@@ -218,8 +218,14 @@ fn an_ials_search_tunes_alpha_in_place_of_the_learning_rate_and_chooses_by_valid
         // No learning rate or negatives to tune: they stay as given.
         assert_eq!((c.lr, c.negatives), (base.lr, base.negatives));
         let a = c.alpha.expect("every iALS candidate has an α");
-        assert!([0.25, 1.0, 4.0].iter().any(|m| a == base.alpha.unwrap() * m));
+        assert!(
+            [0.25, 1.0, 4.0]
+                .iter()
+                .any(|m| a == base.alpha.unwrap() * m)
+        );
         assert!([1, 2].contains(&c.epochs), "sweeps {}", c.epochs);
+        // At most twice the given factors: an item solve costs k³.
+        assert!(c.factors <= 2 * base.factors, "k {}", c.factors);
     }
     assert!(all.iter().any(|c| c.alpha != base.alpha));
     // The trials run with the candidate's α and score by `val_hr@10`.
@@ -244,5 +250,9 @@ fn an_ials_search_tunes_alpha_in_place_of_the_learning_rate_and_chooses_by_valid
     assert_eq!(summary.chosen, best, "{values:?}");
     // Another α is another model: the two trials do not score alike.
     assert_ne!(values[0], values[1]);
-    assert!(flags(&configs[1]).contains("--alpha 16"), "{}", flags(&configs[1]));
+    assert!(
+        flags(&configs[1]).contains("--alpha 16"),
+        "{}",
+        flags(&configs[1])
+    );
 }
