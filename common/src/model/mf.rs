@@ -36,7 +36,7 @@ pub use eval::{
 };
 pub use family::MfShape;
 pub use kernels::{bpr_epoch, explicit_epoch};
-pub use personal::{Personalise, Personalised};
+pub use personal::{DEFAULT_PROXIMAL, DEFAULT_PROXIMAL_IALS, Personalise, Personalised};
 
 /// How the coordinator averages the item rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -607,8 +607,8 @@ impl Settings {
     ) -> Option<fedcart_common::model::mf::Personalise> {
         let epochs = self.personalise.filter(|&e| e > 0)?;
         let default = match task {
-            TaskChoice::Mf | TaskChoice::MfImplicit => PERSONALISE_PROXIMAL,
-            TaskChoice::MfIals => PERSONALISE_PROXIMAL_IALS,
+            TaskChoice::Mf | TaskChoice::MfImplicit => fedcart_common::model::mf::DEFAULT_PROXIMAL,
+            TaskChoice::MfIals => fedcart_common::model::mf::DEFAULT_PROXIMAL_IALS,
             _ => return None,
         };
         Some(fedcart_common::model::mf::Personalise {
@@ -653,14 +653,6 @@ pub const IALS_REG: f32 = 2.0;
 pub const IALS_ALPHA: f32 = 4.0;
 /// Default iALS proximal weight ρ.
 pub const IALS_PROXIMAL: f32 = 0.1;
-
-/// Default personalisation proximal weight μ of SGD-trained MF (explicit and
-/// BPR), chosen on the merchants' validation slices (BENCHMARKS.md,
-/// "Personalisation").
-pub const PERSONALISE_PROXIMAL: f32 = 0.1;
-/// Default personalisation proximal weight μ of iALS (its item solve's ρ),
-/// chosen on the merchants' validation slices (BENCHMARKS.md, "Personalisation").
-pub const PERSONALISE_PROXIMAL_IALS: f32 = 1.0;
 
 /// Default early-stopping patience, in evaluated rounds: long enough to
 /// ride out the round-to-round noise of HR@10 on a few hundred validation

@@ -818,7 +818,11 @@ fn personalisation_keeps_each_merchants_copy_only_where_its_validation_improves(
     output::write_all(out.path(), &s, &exps).unwrap();
     let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
     assert!(html.contains("personalised (kept?)") && html.contains("selected copy"));
-    assert!(e.report.iter().any(|l| l.starts_with("personalisation (3 epochs")));
+    assert!(
+        e.report
+            .iter()
+            .any(|l| l.starts_with("personalisation (3 epochs"))
+    );
     assert!(
         e.report
             .iter()

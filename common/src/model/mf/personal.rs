@@ -27,6 +27,13 @@ use super::kernels::{bpr_epoch, explicit_epoch};
 use super::{MU, MfShape, NegativePool, UserState, ials, shuffle};
 use crate::model::{LocalData, RoundContext, TrainError};
 
+/// Default proximal weight μ of SGD-trained MF (explicit and BPR), chosen
+/// on the merchants' validation slices (BENCHMARKS.md, "Personalisation").
+pub const DEFAULT_PROXIMAL: f32 = 0.1;
+/// Default proximal weight μ of iALS (its item solve's ρ), chosen on the
+/// merchants' validation slices (BENCHMARKS.md, "Personalisation").
+pub const DEFAULT_PROXIMAL_IALS: f32 = 1.0;
+
 /// A merchant's personalisation settings: how long to fine-tune and how
 /// strongly the copy is held to the global item side.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -41,6 +48,19 @@ pub struct Personalise {
 }
 
 impl Personalise {
+    /// `epochs` with `proximal`, or the default μ of `shape`'s algorithm.
+    pub fn with_default(epochs: usize, proximal: Option<f32>, shape: &MfShape<'_>) -> Self {
+        let default = if shape.is_ials() {
+            DEFAULT_PROXIMAL_IALS
+        } else {
+            DEFAULT_PROXIMAL
+        };
+        Self {
+            epochs,
+            proximal: proximal.unwrap_or(default),
+        }
+    }
+
     /// μ finite and non-negative.
     pub fn check(&self) -> Result<(), TrainError> {
         if !(self.proximal.is_finite() && self.proximal >= 0.0) {
