@@ -478,7 +478,8 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
         if let Some(p) = &b.personalised {
             out.push(format!(
                 "personalisation ({} epochs, proximal {}): {} of {} merchants kept their copy \
-                 (strictly better {}){}; served {key} with each merchant's selected copy {:.4} \
+                 (strictly better {}){}; pooled {} of the selected copies {:.4} (global copy \
+                 {:.4}); served {key} with each merchant's selected copy {:.4} \
                  (global copy {:.4}; personalised everywhere {:.4})",
                 p.epochs,
                 p.proximal,
@@ -490,6 +491,9 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
                 } else {
                     format!(": {}", p.kept.join(", "))
                 },
+                p.metric,
+                p.selected.get(&p.metric).copied().unwrap_or(f64::NAN),
+                b.served.get(&p.metric).copied().unwrap_or(f64::NAN),
                 get(&p.selected),
                 get(&b.served),
                 get(&p.personalised)
