@@ -259,7 +259,7 @@ pub struct PersonaliseConfig {
     /// Local fine-tuning epochs (iALS: item and user sweeps), at least 1.
     pub epochs: usize,
     /// Proximal weight μ pulling each item row towards the global row
-    /// (finite, ≥ 0) [default: 0.1 for `mf` and BPR, 1 for iALS].
+    /// (finite, ≥ 0) [default: 10 for `mf` and BPR, 100 for iALS].
     #[serde(default)]
     pub proximal: Option<f32>,
 }

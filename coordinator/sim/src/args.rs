@@ -160,7 +160,7 @@ pub struct SimArgs {
     #[arg(long, value_name = "EPOCHS")]
     pub personalise: Option<usize>,
     /// Personalisation's proximal weight μ pulling each fine-tuned item row
-    /// towards the served global row [default: 0.1 (`mf`, BPR), 1 (iALS)].
+    /// towards the served global row [default: 10 (`mf`, BPR), 100 (iALS)].
     #[arg(long, value_name = "MU")]
     pub personalise_proximal: Option<f32>,
     /// Wire form of models and updates: `dense` vectors, or `rows`: a

@@ -28,11 +28,15 @@ use super::{MU, MfShape, NegativePool, UserState, ials, shuffle};
 use crate::model::{LocalData, RoundContext, TrainError};
 
 /// Default proximal weight μ of SGD-trained MF (explicit and BPR), chosen
-/// on the merchants' validation slices (BENCHMARKS.md, "Personalisation").
-pub const DEFAULT_PROXIMAL: f32 = 0.1;
+/// on the merchants' validation slices (BENCHMARKS.md, "Personalisation"):
+/// one epoch's proximal step on a row with `s` steps is `lr·s·μ`, so with
+/// lr 0.01–0.05 and a few steps per row μ must be large to hold a row.
+pub const DEFAULT_PROXIMAL: f32 = 10.0;
 /// Default proximal weight μ of iALS (its item solve's ρ), chosen on the
-/// merchants' validation slices (BENCHMARKS.md, "Personalisation").
-pub const DEFAULT_PROXIMAL_IALS: f32 = 1.0;
+/// merchants' validation slices (BENCHMARKS.md, "Personalisation"): it
+/// competes with `Σ_u p_u p_uᵀ` over all the merchant's users, so a row the
+/// merchant never sold is not pulled to zero by a small μ.
+pub const DEFAULT_PROXIMAL_IALS: f32 = 100.0;
 
 /// A merchant's personalisation settings: how long to fine-tune and how
 /// strongly the copy is held to the global item side.
