@@ -92,6 +92,7 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
         tls: None,
         privacy: Default::default(),
         transfer: Default::default(),
+        personalise: None,
     }
 }
 

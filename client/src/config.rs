@@ -242,6 +242,47 @@ pub struct AgentConfig {
     /// How models travel (`[transfer]`).
     #[serde(default)]
     pub transfer: TransferConfig,
+    /// Personalisation of the recommender when a run ends (`[personalise]`);
+    /// off when absent.
+    #[serde(default)]
+    pub personalise: Option<PersonaliseConfig>,
+}
+
+/// `[personalise]`: when a recommender run ends, the agent fine-tunes a
+/// private copy of the version it was served on its own purchases (local
+/// epochs with a proximal pull towards the global item rows) and serves it
+/// only if its validation slice scores it strictly better. The copy never
+/// leaves the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersonaliseConfig {
+    /// Local fine-tuning epochs (iALS: item and user sweeps), at least 1.
+    pub epochs: usize,
+    /// Proximal weight μ pulling each item row towards the global row
+    /// (finite, ≥ 0) [default: 10 for `mf` and BPR, 100 for iALS].
+    #[serde(default)]
+    pub proximal: Option<f32>,
+}
+
+impl PersonaliseConfig {
+    /// The checks of the section: at least one epoch, μ finite and ≥ 0.
+    fn check(&self) -> Result<(), String> {
+        if self.epochs == 0 {
+            return Err(
+                "`personalise.epochs` must be at least 1 (remove the section to turn \
+                        personalisation off)"
+                    .into(),
+            );
+        }
+        if let Some(mu) = self.proximal
+            && !(mu.is_finite() && mu >= 0.0)
+        {
+            return Err(format!(
+                "`personalise.proximal` = {mu} must be finite and >= 0"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[transfer]`: how models travel between coordinator and agent.
@@ -343,6 +384,12 @@ impl AgentConfig {
             path: path.to_owned(),
             message,
         })?;
+        if let Some(p) = &cfg.personalise {
+            p.check().map_err(|message| ConfigError::Data {
+                path: path.to_owned(),
+                message,
+            })?;
+        }
         Ok(cfg)
     }
 
@@ -477,6 +524,29 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let result = AgentConfig::load(&path);
         (dir, path, result)
+    }
+
+    #[test]
+    fn the_personalise_section_is_read_and_bad_values_are_refused_naming_the_key() {
+        let head = "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n\
+                    [data]\nratings_csv = \"r.csv\"\n[personalise]\n";
+        let (_dir, _, ok) = load_text(&format!("{head}epochs = 5\n"));
+        let p = ok.unwrap().personalise.unwrap();
+        assert_eq!((p.epochs, p.proximal), (5, None));
+        let (_dir, _, ok) = load_text(&format!("{head}epochs = 2\nproximal = 0.5\n"));
+        assert_eq!(ok.unwrap().personalise.unwrap().proximal, Some(0.5));
+        for (body, needle) in [
+            ("epochs = 0\n", "`personalise.epochs` must be at least 1"),
+            (
+                "epochs = 3\nproximal = -1.0\n",
+                "`personalise.proximal` = -1",
+            ),
+            ("epochs = 3\nmu = 1.0\n", "unknown field `mu`"),
+        ] {
+            let (_dir, _, result) = load_text(&format!("{head}{body}"));
+            let err = format!("{:#}", anyhow::Error::from(result.unwrap_err()));
+            assert!(err.contains(needle), "{body}: {err}");
+        }
     }
 
     #[test]

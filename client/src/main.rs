@@ -243,8 +243,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 include_repeats,
                 repeat_weight,
             };
-            let recs = recommend::recommend_with(&state, &mf, &items, &customer, &opts)
-                .with_context(|| format!("recommending for customer `{customer}`"))?;
+            let (recs, version, copy) =
+                recommend::recommend_from(&state, &mf, &items, &customer, &opts)
+                    .with_context(|| format!("recommending for customer `{customer}`"))?;
+            // Which model ranked, on stderr: stdout stays the list.
+            eprintln!("recommender version {version}, {copy} copy");
             for r in recs {
                 match names.get(&r.item) {
                     Some(name) => println!("{}\t{:.4}\t{name}", r.item, r.score),

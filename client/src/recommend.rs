@@ -101,16 +101,41 @@ pub struct Recommendation {
 /// The stored global recommender and the private user factors: everything
 /// needed to score the catalogue for one of this merchant's customers. The
 /// one ranking of the merchant's recommendations, shared by `fedcart-client
-/// recommend` ([`recommend_with`]) and the HTTP API (`serve`).
+/// recommend` ([`recommend_with`]) and the HTTP API (`serve`). Where the
+/// merchant's personalised copy of the stored version won on validation
+/// (`[personalise]`), that copy and its user factors rank instead.
 #[derive(Debug, Clone)]
 pub struct Recommender {
     /// The global model version.
     pub version: u64,
+    /// Which copy of that version ranks: the global one, or the merchant's
+    /// personalised copy where it won on validation.
+    pub copy: ServedCopy,
     num_items: usize,
     factors: usize,
     implicit: bool,
     global: Vec<f32>,
     users: fedcart_common::model::mf::UserState,
+}
+
+/// The copy of a recommender version a merchant serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServedCopy {
+    /// The federation's model with the merchant's user factors.
+    Global,
+    /// The merchant's fine-tuned copy of that version (`[personalise]`),
+    /// kept because its validation slice preferred it.
+    Personalised,
+}
+
+impl std::fmt::Display for ServedCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServedCopy::Global => "global",
+            ServedCopy::Personalised => "personalised",
+        })
+    }
 }
 
 /// What the ranking needs from the merchant's own purchases: its item
@@ -207,9 +232,30 @@ impl Recommender {
         if global.len() != 1 + num_items * (1 + factors) {
             return Err(RecommendError::UnexpectedSpec);
         }
+        // The personalised copy of exactly this run and version, where it
+        // was kept; a copy of an older version is stale.
+        let personal = state.load_personal()?.and_then(|(p, copy)| {
+            (p.kept && p.run_id == meta.run_id && p.version == meta.version)
+                .then_some(copy)
+                .flatten()
+        });
+        if let Some((params, users)) = personal
+            && params.len() == global.len()
+        {
+            return Ok(Self {
+                version: meta.version,
+                copy: ServedCopy::Personalised,
+                num_items,
+                factors,
+                implicit,
+                global: params,
+                users,
+            });
+        }
         let users = state.load_users()?.ok_or(RecommendError::NoUserFactors)?;
         Ok(Self {
             version: meta.version,
+            copy: ServedCopy::Global,
             num_items,
             factors,
             implicit,
@@ -359,6 +405,18 @@ pub fn recommend_with(
     customer: &str,
     opts: &RecommendOptions,
 ) -> Result<Vec<Recommendation>, RecommendError> {
+    recommend_from(state, mf, items, customer, opts).map(|(recs, _, _)| recs)
+}
+
+/// [`recommend_with`], also saying which model ranked: its version and
+/// the copy served (the personalised one where it won on validation).
+pub fn recommend_from(
+    state: &StateDir,
+    mf: &MfData,
+    items: &Items,
+    customer: &str,
+    opts: &RecommendOptions,
+) -> Result<(Vec<Recommendation>, u64, ServedCopy), RecommendError> {
     check_k(opts.k)?;
     let rec = Recommender::load(state, items.len())?;
     let u = mf
@@ -368,7 +426,7 @@ pub fn recommend_with(
         .ok_or_else(|| RecommendError::UnknownCustomer(customer.to_owned()))?;
     let purchases = Purchases::of(mf, rec.num_items()).naming(items);
     let ranked = rec.rank(customer, u, &purchases, opts)?;
-    Ok(named(&ranked, items, opts.k))
+    Ok((named(&ranked, items, opts.k), rec.version, rec.copy))
 }
 
 /// Ranked rows as item ids, at most `k`: a catalogue row is its one id; a

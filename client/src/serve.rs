@@ -264,6 +264,7 @@ fn fingerprint(dir: &Path) -> Fingerprint {
             "global-mf.json",
             "global-churn.json",
             "global-segments.json",
+            "personal-mf.json",
         ]
         .iter()
         .map(|f| std::fs::read(dir.join(f)).ok())
@@ -475,6 +476,7 @@ async fn recommendations(
             Json(json!({
                 "customer": customer,
                 "model_version": version,
+                "model_copy": rec.copy,
                 "items": items,
             }))
             .into_response()
@@ -841,6 +843,81 @@ mod tests {
             }
         );
         server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_personalised_copy_is_served_where_it_won_and_the_global_one_otherwise() {
+        use crate::state::PersonalMeta;
+        let f = fixture::Fixture::new();
+        let who = f.shoppers[5].clone();
+        let (mf, listed, _) = fixture_recommender(&f);
+        let opts = recommend::RecommendOptions::top(10);
+        let cli = || {
+            let (recs, version, copy) =
+                recommend::recommend_from(&f.state, &mf, &listed, &who, &opts).unwrap();
+            let ids: Vec<String> = recs.into_iter().map(|r| r.item).collect();
+            (ids, version, copy)
+        };
+        let (global_list, version, copy) = cli();
+        assert_eq!((version, copy), (1, recommend::ServedCopy::Global));
+        // A fine-tuned copy of version 1 that won on validation.
+        let (_, params) = f.state.load_global("mf").unwrap().unwrap();
+        let tuned = fedcart_common::model::mf::initial_params(
+            (params.len() - 1) / (fixture::FACTORS + 1),
+            fixture::FACTORS,
+            0.1,
+            99,
+        );
+        let mut users = f.state.load_users().unwrap().unwrap();
+        users.factors.iter_mut().for_each(|v| *v = -*v);
+        let meta = |version, kept| PersonalMeta {
+            run_id: "fixture".into(),
+            version,
+            kept,
+            metric: "val_rmse".into(),
+            global_val: Some(0.9),
+            personal_val: Some(if kept { 0.8 } else { 1.0 }),
+            epochs: 5,
+            proximal: 0.1,
+            sha256: None,
+        };
+        f.state
+            .save_personal(&meta(1, true), Some((&tuned, &users)))
+            .unwrap();
+        let (personal_list, version, copy) = cli();
+        assert_eq!((version, copy), (1, recommend::ServedCopy::Personalised));
+        assert_ne!(personal_list, global_list, "the copy ranks differently");
+        // A freshly started server (as after a restart) serves it too, and
+        // says which copy answered.
+        let server = start_fixture(&f).await;
+        let (status, body) = get(
+            &client(),
+            server.addr,
+            &format!("/v1/customers/{who}/recommendations?k=10"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["model_copy"], "personalised");
+        let api: Vec<String> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["item"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(api, personal_list);
+        server.shutdown().await.unwrap();
+        // A copy that lost on validation, or one of another version, is
+        // not served.
+        f.state.save_personal(&meta(1, false), None).unwrap();
+        assert_eq!(
+            cli(),
+            (global_list.clone(), 1, recommend::ServedCopy::Global)
+        );
+        f.state
+            .save_personal(&meta(0, true), Some((&tuned, &users)))
+            .unwrap();
+        assert_eq!(cli(), (global_list, 1, recommend::ServedCopy::Global));
+        assert_eq!(served_ids(&f, &who).await, cli().0);
     }
 
     use fedcart_common::data::tabular::Schema;

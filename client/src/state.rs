@@ -5,7 +5,10 @@
 //! restarted agent resumes with its private user factors.
 //!
 //! Layout: `global-<family>.json` (meta: version, spec) + `global-<family>.f32`
-//! (little-endian parameters), `mf-users.json`, `metrics-<family>.json`.
+//! (little-endian parameters), `mf-users.json`, `metrics-<family>.json`, and
+//! the recommender's personalisation: `personal-mf.json` (what was decided,
+//! for which run and version) + `personal-mf.f32` and `personal-mf-users.json`
+//! (the fine-tuned copy, only when it was kept). None of it is ever uploaded.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -27,6 +30,32 @@ pub struct GlobalMeta {
     /// SHA-256 (hex) of the parameter file, written with the meta so that a
     /// reader running beside the agent (`serve`) can tell a parameter file
     /// from the next version apart from this one's. Absent in older states.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// What personalisation decided for one served recommender (see
+/// `fedcart_common::model::mf::Personalised`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonalMeta {
+    /// The run of the global model it was fine-tuned from.
+    pub run_id: String,
+    /// That global model's version.
+    pub version: u64,
+    /// Whether the fine-tuned copy was kept (strictly better validation);
+    /// only then are its parameters and users stored.
+    pub kept: bool,
+    /// The validation metric compared (`val_hr@10`, `val_rmse`).
+    pub metric: String,
+    /// The global copy's validation figure (`None`: no validation slice).
+    pub global_val: Option<f64>,
+    /// The fine-tuned copy's validation figure.
+    pub personal_val: Option<f64>,
+    /// Fine-tuning epochs.
+    pub epochs: usize,
+    /// The proximal weight μ.
+    pub proximal: f32,
+    /// SHA-256 (hex) of `personal-mf.f32` when kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
 }
@@ -279,6 +308,64 @@ impl StateDir {
     /// The private MF user state, if saved.
     pub fn load_users(&self) -> Result<Option<UserState>, StateError> {
         self.read_json("mf-users.json")
+    }
+
+    /// Stores a personalisation outcome: with `copy` (kept), the fine-tuned
+    /// parameters and users first and the meta, with their checksum, last;
+    /// without, the meta alone (the global copy is served).
+    pub fn save_personal(
+        &self,
+        meta: &PersonalMeta,
+        copy: Option<(&[f32], &UserState)>,
+    ) -> Result<(), StateError> {
+        let mut meta = meta.clone();
+        if let Some((params, users)) = copy {
+            let bytes = fedcart_common::federation::update::f32s_to_le(params);
+            write_atomic(&self.dir.join("personal-mf.f32"), &bytes)?;
+            let path = self.dir.join("personal-mf-users.json");
+            write_atomic(&path, &to_json(&path, users, false)?)?;
+            meta.sha256 = Some(sha256_hex(&bytes));
+        } else {
+            meta.sha256 = None;
+        }
+        let path = self.dir.join("personal-mf.json");
+        write_atomic(&path, &to_json(&path, &meta, true)?)
+    }
+
+    /// The stored personalisation outcome, with the fine-tuned parameters
+    /// and users when it was kept.
+    #[allow(clippy::type_complexity)]
+    pub fn load_personal(
+        &self,
+    ) -> Result<Option<(PersonalMeta, Option<(Vec<f32>, UserState)>)>, StateError> {
+        let Some(meta) = self.read_json::<PersonalMeta>("personal-mf.json")? else {
+            return Ok(None);
+        };
+        if !meta.kept {
+            return Ok(Some((meta, None)));
+        }
+        let path = self.dir.join("personal-mf.f32");
+        let bytes = std::fs::read(&path).map_err(|source| StateError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.sha256.as_deref() != Some(sha256_hex(&bytes).as_str()) {
+            return Err(StateError::Mismatch { path });
+        }
+        if bytes.len() % 4 != 0 {
+            return Err(StateError::Truncated {
+                path,
+                len: bytes.len(),
+            });
+        }
+        let users = self
+            .read_json::<UserState>("personal-mf-users.json")?
+            .ok_or_else(|| StateError::Read {
+                path: self.dir.join("personal-mf-users.json"),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        let params = fedcart_common::federation::update::f32s_from_le(&bytes);
+        Ok(Some((meta, Some((params, users)))))
     }
 
     /// Stores the last local metrics of a family.

@@ -71,8 +71,27 @@ pub struct MerchantValue {
     /// Implicit recommenders: ranking by every merchant's bestsellers pooled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub global_popularity: Option<BTreeMap<String, f64>>,
+    /// With personalisation: the metrics of the merchant's fine-tuned copy
+    /// of the federated model (whether it kept it or not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub personalised: Option<BTreeMap<String, f64>>,
+    /// With personalisation: whether the merchant kept its fine-tuned copy
+    /// (strictly better on its validation slice) and serves it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub personalised_kept: Option<bool>,
     /// The merchant's evaluation weight (held-out examples).
     pub weight: f64,
+}
+
+impl MerchantValue {
+    /// The metrics of the copy the merchant serves after federating: its
+    /// personalised copy where it kept it, else the federated model.
+    pub fn selected(&self) -> &BTreeMap<String, f64> {
+        match (&self.personalised, self.personalised_kept) {
+            (Some(p), Some(true)) => p,
+            _ => &self.federated,
+        }
+    }
 }
 
 /// The federation-value report of one population.
@@ -91,11 +110,14 @@ pub struct FederationValue {
 }
 
 /// Trains local-only, federated and centralised versions of `template`'s
-/// model on copies of `merchants` and compares them merchant by merchant.
+/// model on copies of `merchants` and compares them merchant by merchant;
+/// with `personalise` (recommenders), each merchant also fine-tunes the
+/// federated model and keeps its copy where its validation improves.
 pub fn federation_value(
     template: &TaskSpec,
     merchants: &[LocalData],
     rounds: u64,
+    personalise: Option<&crate::model::mf::Personalise>,
 ) -> Result<FederationValue, TrainError> {
     use crate::federation::strategy::FedAvg;
     let mut fed_data = merchants.to_vec();
@@ -125,6 +147,12 @@ pub fn federation_value(
         spec.standardizer = fed.standardizer.clone();
         spec.round = fed.served_round();
         let (federated, weight) = evaluate_weighted(&spec, fed.served(), fed_m)?;
+        let personal = match personalise {
+            Some(p) if has_private_state => {
+                Some(crate::train::personalise(&spec, fed.served(), fed_m, p)?)
+            }
+            _ => None,
+        };
         let centralized = if has_private_state {
             None
         } else {
@@ -146,6 +174,8 @@ pub fn federation_value(
             centralized,
             own_popularity,
             global_popularity,
+            personalised: personal.as_ref().map(|p| p.personal_metrics.clone()),
+            personalised_kept: personal.as_ref().map(|p| p.kept),
             weight,
         });
     }
@@ -167,11 +197,16 @@ type Column = fn(&MerchantValue) -> Option<&BTreeMap<String, f64>>;
 /// Example-weighted means of each column of the per-merchant report.
 fn pooled_columns(rows: &[MerchantValue]) -> BTreeMap<String, BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
-    let columns: [(&str, Column); 4] = [
+    let columns: [(&str, Column); 6] = [
         ("local_only", |m| Some(&m.local_only)),
         ("federated", |m| Some(&m.federated)),
         ("own_popularity", |m| m.own_popularity.as_ref()),
         ("global_popularity", |m| m.global_popularity.as_ref()),
+        ("personalised", |m| m.personalised.as_ref()),
+        // Each merchant's served copy: its personalised one where kept.
+        ("selected", |m| {
+            m.personalised.as_ref().map(|_| m.selected())
+        }),
     ];
     for (name, get) in columns {
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
@@ -465,7 +500,7 @@ mod tests {
             dp: None,
         };
         let merchants = telco_merchants(4, 3);
-        let value = federation_value(&spec, &merchants, 3).unwrap();
+        let value = federation_value(&spec, &merchants, 3, None).unwrap();
         assert_eq!(value.merchants.len(), 4);
         let fed = federate(&spec, &mut merchants.clone(), 3, &mut FedAvg).unwrap();
         // The federated column is the federated model on each merchant's own rows.

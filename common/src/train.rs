@@ -36,3 +36,23 @@ pub fn run_task(
     }
     Ok(out)
 }
+
+/// A merchant's personalisation of the served recommender `global` (the
+/// version `spec.round`): the one-off proximal fine-tune of
+/// [`crate::model::mf::MfShape::personalise`]. Its result stays with the
+/// merchant; nothing of it is an update. A model that is not matrix
+/// factorisation is [`TrainError::InvalidModel`].
+pub fn personalise(
+    spec: &TaskSpec,
+    global: &[f32],
+    data: &mut LocalData,
+    settings: &crate::model::mf::Personalise,
+) -> Result<crate::model::mf::Personalised, TrainError> {
+    let shape = spec.model.mf_shape().ok_or_else(|| {
+        TrainError::InvalidModel(format!(
+            "personalisation needs a matrix-factorisation model, not `{}`",
+            spec.model.name()
+        ))
+    })?;
+    shape.personalise(&spec.context(), global, data, settings)
+}

@@ -273,3 +273,128 @@ async fn agents_on_orders_exports_send_no_item_id_on_the_wire() {
     planted.extend_from_slice(long[long.len() / 2].as_bytes());
     assert_eq!(ids_in(&planted).len(), 1);
 }
+
+/// A merchant of the explicit MovieLens federation with every tenth
+/// training rating set aside as its validation slice (as agents carve one).
+fn with_validation(m: &fedcart_common::train::LocalData) -> fedcart_common::train::LocalData {
+    let mut m = m.clone();
+    let mf = m.mf.as_mut().unwrap();
+    let all = std::mem::take(&mut mf.train);
+    for (i, r) in all.into_iter().enumerate() {
+        if i % 10 == 0 {
+            mf.valid.push(r);
+        } else {
+            mf.train.push(r);
+        }
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personalised_rows_never_leave_the_agent_and_recommend_serves_the_copy_that_won() {
+    use fedcart_client::recommend::{Recommender, ServedCopy};
+    use fedcart_client::state::StateDir;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/ml-latest-small/ratings.csv");
+    let rows = movielens::load_ratings(&path).unwrap();
+    let fed = movielens::explicit_federation(&rows, 3, 0.2, 4);
+    let mut run = churn_run("pers", 3, 3, 3);
+    run.model = ModelSpec::Mf {
+        num_items: fed.catalogue.len(),
+        factors: 8,
+        hyper: MfHyper::default(),
+    };
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let proxy = recording_proxy(coord.addr, Arc::clone(&sent)).await;
+    let states = tempfile::tempdir().unwrap();
+    let personalise = fedcart_client::config::PersonaliseConfig {
+        epochs: 10,
+        proximal: Some(0.0),
+    };
+    let agents: Vec<_> = fed
+        .merchants
+        .iter()
+        .map(|m| {
+            let dir = states.path().join(&m.merchant_id);
+            let mut agent =
+                fedcart_client::agent::Agent::new(format!("http://{proxy}"), with_validation(m))
+                    .with_policy(fedcart_client::policy::PrivacyPolicy::without_key_binding())
+                    .with_state(StateDir::open(&dir).unwrap())
+                    .unwrap();
+            agent.personalise = Some(personalise.clone());
+            // Returns once the run's end is announced and handled.
+            agent.exit_on_run_end = true;
+            spawn_configured(agent)
+        })
+        .collect();
+    coord.wait_finished().await.unwrap();
+    let mut done = Vec::new();
+    for a in agents {
+        done.push(a.task.await.unwrap());
+    }
+    let wire = sent.lock().unwrap().clone();
+    let mut needles = std::collections::HashSet::new();
+    let mut kept = 0;
+    for agent in &mut done {
+        let state = StateDir::open(states.path().join(&agent.data.merchant_id))
+            .unwrap()
+            .run("pers")
+            .unwrap();
+        let (meta, global) = state.load_global("mf").unwrap().unwrap();
+        let (personal, copy) = state.load_personal().unwrap().expect("personalised");
+        assert_eq!(
+            (personal.run_id.as_str(), personal.version),
+            ("pers", meta.version)
+        );
+        assert_eq!(personal.metric, "val_rmse");
+        let (g, p) = (personal.global_val.unwrap(), personal.personal_val.unwrap());
+        assert_eq!(personal.kept, p < g, "kept only where validation improved");
+        assert_eq!(copy.is_some(), personal.kept);
+        // `recommend` and `serve` rank with the copy that won.
+        let served = Recommender::load(&state, fed.catalogue.len()).unwrap();
+        let expected = if personal.kept {
+            ServedCopy::Personalised
+        } else {
+            ServedCopy::Global
+        };
+        assert_eq!(served.copy, expected);
+        kept += usize::from(personal.kept);
+        // The fine-tuned item rows, kept or not, replayed from the agent's
+        // final state (the fine-tune is deterministic).
+        let mut spec = meta.spec.clone();
+        spec.round = meta.version;
+        let settings = fedcart_common::model::mf::Personalise {
+            epochs: 10,
+            proximal: 0.0,
+        };
+        let out =
+            fedcart_common::train::personalise(&spec, &global, &mut agent.data, &settings).unwrap();
+        // (JSON may round the stored figure in its last bit.)
+        assert_eq!(out.kept, personal.kept);
+        assert!((out.personal_val - p).abs() < 1e-12);
+        if let Some((params, _)) = &copy {
+            assert_eq!(params, &out.params);
+        }
+        let factors = 1 + fed.catalogue.len();
+        for (row, base) in out.params[factors..]
+            .chunks(8)
+            .zip(global[factors..].chunks(8))
+            .filter(|(r, b)| r != b)
+        {
+            assert_ne!(row, base);
+            needles.insert(f32s_to_le(row));
+        }
+    }
+    assert!(
+        needles.len() > 100,
+        "only {} tuned rows checked",
+        needles.len()
+    );
+    let leaked = wire.windows(32).filter(|w| needles.contains(*w)).count();
+    assert_eq!(leaked, 0, "personalised item rows found on the wire");
+    // Ten free epochs on 90 % of a merchant's ratings beat three rounds of
+    // one epoch on validation somewhere.
+    assert!(kept > 0, "no merchant kept its copy");
+}

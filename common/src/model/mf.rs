@@ -19,6 +19,7 @@ mod family;
 pub mod ials;
 mod kernels;
 pub mod movielens;
+mod personal;
 
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -35,6 +36,7 @@ pub use eval::{
 };
 pub use family::MfShape;
 pub use kernels::{bpr_epoch, explicit_epoch};
+pub use personal::{DEFAULT_PROXIMAL, DEFAULT_PROXIMAL_IALS, Personalise, Personalised};
 
 /// How the coordinator averages the item rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -154,6 +154,16 @@ pub struct SimArgs {
     /// global rows [default: 0.1].
     #[arg(long, value_name = "RHO")]
     pub proximal: Option<f32>,
+    /// Personalisation (recommenders): after the best version is served,
+    /// each merchant fine-tunes its own copy of the item side for EPOCHS
+    /// local epochs (iALS: sweeps) and keeps it only where its validation
+    /// slice improves; reported beside the federated copy [default: off].
+    #[arg(long, value_name = "EPOCHS")]
+    pub personalise: Option<usize>,
+    /// Personalisation's proximal weight μ pulling each fine-tuned item row
+    /// towards the served global row [default: 10 (`mf`, BPR), 100 (iALS)].
+    #[arg(long, value_name = "MU")]
+    pub personalise_proximal: Option<f32>,
     /// Wire form of models and updates: `dense` vectors, or `rows`: a
     /// plaintext update as the catalogue rows the merchant touched and a
     /// download as the rows changed since the version it holds (MF only;

@@ -260,6 +260,44 @@ pub struct BestSummary {
     pub last: BTreeMap<String, f64>,
     /// Each merchant's served metrics.
     pub served_per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Personalisation at the serving step (`--personalise`), if on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub personalised: Option<PersonalSummary>,
+}
+
+/// What personalisation did at the serving step: each merchant fine-tuned
+/// the served version and kept its copy where its validation improved.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PersonalSummary {
+    /// Local fine-tuning epochs (`--personalise`).
+    pub epochs: usize,
+    /// The proximal weight μ (`--personalise-proximal`).
+    pub proximal: f32,
+    /// The validation metric each merchant compared its two copies on.
+    pub metric: String,
+    /// The merchants that kept (and serve) their personalised copy.
+    pub kept: Vec<String>,
+    /// Held-out metrics pooled over the merchants, each with the copy it
+    /// serves: its personalised one where kept, else the global one.
+    pub selected: BTreeMap<String, f64>,
+    /// Held-out metrics pooled over the merchants of every personalised
+    /// copy, kept or not (what personalising everywhere would give).
+    pub personalised: BTreeMap<String, f64>,
+    /// Per merchant.
+    pub per_merchant: BTreeMap<String, MerchantPersonal>,
+}
+
+/// One merchant's personalisation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MerchantPersonal {
+    /// Whether it kept the personalised copy.
+    pub kept: bool,
+    /// The served global copy's validation figure.
+    pub global_val: f64,
+    /// The personalised copy's validation figure.
+    pub personal_val: f64,
+    /// The personalised copy's held-out metrics.
+    pub personalised: BTreeMap<String, f64>,
 }
 
 /// The privacy guarantee of a finished experiment.

@@ -93,7 +93,7 @@ pub fn run(
     exp.per_merchant = done.per_merchant;
     if let Some(originals) = originals {
         exp.federation_value = Some(
-            fedcart_common::reference::federation_value(&done.template, &originals, s.rounds)
+            fedcart_common::reference::federation_value(&done.template, &originals, s.rounds, None)
                 .context("computing the federation-value baselines")?,
         );
     }

@@ -439,11 +439,17 @@ pub fn run_one(
                 &template,
                 &originals,
                 s.mode.baseline_rounds(s.rounds, n),
+                s.personalisation(task).as_ref(),
             )
             .context("computing the federation-value baselines")?,
         );
     }
     exp.best = best_summary(&engine, &exp, &merchants, &ids, pool)?;
+    if let (Some(best), Some(p)) = (&mut exp.best, s.personalisation(task)) {
+        best.personalised = Some(personalise(
+            &engine, best.round, &p, &merchants, &ids, pool,
+        )?);
+    }
     exp.report.extend(selection_report(&exp));
     exp.final_model = engine.global().to_vec();
     exp.finish();
@@ -469,6 +475,30 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             get(&b.at_best),
             get(&b.last)
         ));
+        if let Some(p) = &b.personalised {
+            out.push(format!(
+                "personalisation ({} epochs, proximal {}): {} of {} merchants kept their copy \
+                 (strictly better {}){}; pooled {} of the selected copies {:.4} (global copy \
+                 {:.4}); served {key} with each merchant's selected copy {:.4} \
+                 (global copy {:.4}; personalised everywhere {:.4})",
+                p.epochs,
+                p.proximal,
+                p.kept.len(),
+                p.per_merchant.len(),
+                p.metric,
+                if p.kept.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", p.kept.join(", "))
+                },
+                p.metric,
+                p.selected.get(&p.metric).copied().unwrap_or(f64::NAN),
+                b.served.get(&p.metric).copied().unwrap_or(f64::NAN),
+                get(&p.selected),
+                get(&b.served),
+                get(&p.personalised)
+            ));
+        }
     }
     if let Some(v) = &exp.federation_value {
         let cols: Vec<String> = v
@@ -490,6 +520,32 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             cols.join(", "),
             v.merchants.len()
         ));
+        if v.merchants.iter().any(|m| m.personalised_kept.is_some()) {
+            let beats = |f: f64, l: f64| if higher { f > l } else { f < l };
+            let selected_wins = v
+                .merchants
+                .iter()
+                .filter(|m| beats(get(m.selected()), get(&m.local_only)))
+                .count();
+            let kept: Vec<&str> = v
+                .merchants
+                .iter()
+                .filter(|m| m.personalised_kept == Some(true))
+                .map(|m| m.merchant.as_str())
+                .collect();
+            out.push(format!(
+                "with personalisation: {} of {} merchants kept their copy{}; the selected copy \
+                 beats local-only for {selected_wins} of {} merchants",
+                kept.len(),
+                v.merchants.len(),
+                if kept.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", kept.join(", "))
+                },
+                v.merchants.len()
+            ));
+        }
     }
     out
 }
@@ -565,7 +621,103 @@ fn best_summary(
         served,
         last,
         served_per_merchant,
+        personalised: None,
     }))
+}
+
+/// Every merchant personalises the served `version` (in parallel, each on
+/// its own data; their private state is left as served) and keeps its copy
+/// where its validation improves.
+fn personalise(
+    engine: &Engine,
+    version: u64,
+    p: &fedcart_common::model::mf::Personalise,
+    merchants: &[Mutex<LocalData>],
+    ids: &[String],
+    pool: &rayon::ThreadPool,
+) -> anyhow::Result<experiment::PersonalSummary> {
+    let params = engine
+        .model(version)?
+        .with_context(|| format!("served version {version} is not stored"))?;
+    let run = engine.run();
+    let spec = TaskSpec {
+        kind: TaskKind::Evaluate,
+        model: run.model.clone(),
+        sgd: run.sgd.clone(),
+        seed: run.seed,
+        round: version,
+        standardizer: engine.standardizer().cloned(),
+        dp: None,
+    };
+    let outs: Vec<_> = pool.install(|| {
+        merchants
+            .par_iter()
+            .map(|m| {
+                fedcart_common::train::personalise(
+                    &spec,
+                    &params,
+                    &mut m.lock().expect("merchant lock"),
+                    p,
+                )
+            })
+            .collect()
+    });
+    let mut selected = WeightedMean::default();
+    let mut everywhere = WeightedMean::default();
+    let mut kept = Vec::new();
+    let mut per_merchant = BTreeMap::new();
+    let mut metric = String::new();
+    for (id, out) in ids.iter().zip(outs) {
+        let out = out.with_context(|| format!("{id}: personalising version {version}"))?;
+        metric = out.metric.to_string();
+        selected.add(out.selected_metrics(), out.weight);
+        everywhere.add(&out.personal_metrics, out.weight);
+        if out.kept {
+            kept.push(id.clone());
+        }
+        per_merchant.insert(
+            id.clone(),
+            experiment::MerchantPersonal {
+                kept: out.kept,
+                global_val: out.global_val,
+                personal_val: out.personal_val,
+                personalised: out.personal_metrics,
+            },
+        );
+    }
+    Ok(experiment::PersonalSummary {
+        epochs: p.epochs,
+        proximal: p.proximal,
+        metric,
+        kept,
+        selected: selected.mean(),
+        personalised: everywhere.mean(),
+        per_merchant,
+    })
+}
+
+/// An example-weighted mean of metric maps.
+#[derive(Default)]
+struct WeightedMean {
+    sums: BTreeMap<String, f64>,
+    weight: f64,
+}
+
+impl WeightedMean {
+    fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
+        for (k, v) in metrics {
+            *self.sums.entry(k.clone()).or_default() += v * weight;
+        }
+        self.weight += weight;
+    }
+
+    fn mean(self) -> BTreeMap<String, f64> {
+        let w = self.weight;
+        self.sums
+            .into_iter()
+            .map(|(k, v)| (k, if w > 0.0 { v / w } else { 0.0 }))
+            .collect()
+    }
 }
 
 /// Adds the segment profiles of a segmentation run to its report (and

@@ -320,23 +320,59 @@ fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&s
             .map_or_else(|| "–".to_string(), |x| format!("{x:.4}"))
     };
     let pooled = |col: &str| cell(v.pooled.get(col));
+    // With personalisation: each merchant's fine-tuned copy (kept or
+    // discarded on its validation slice) and the copy it serves.
+    let personal = v.merchants.iter().any(|m| m.personalised_kept.is_some());
     let mut out = format!(
         "<h3>Federation value ({} of the served version after {} rounds; centralised on all \
          rows: {})</h3><table><tr><th>merchant</th><th>global popularity</th>\
-         <th>own popularity</th><th>local-only</th><th>federated</th><th>centralised</th></tr>\
-         <tr><td><b>pooled</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>–</td></tr>",
+         <th>own popularity</th><th>local-only</th><th>federated</th>{}<th>centralised</th></tr>\
+         <tr><td><b>pooled</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>–</td></tr>",
         esc(key),
         v.rounds,
         cell(Some(&v.centralized_pooled)),
+        if personal {
+            "<th>personalised (kept?)</th><th>selected copy</th>"
+        } else {
+            ""
+        },
         pooled("global_popularity"),
         pooled("own_popularity"),
         pooled("local_only"),
         pooled("federated"),
+        if personal {
+            format!(
+                "<td>{} ({} of {} kept)</td><td>{}</td>",
+                pooled("personalised"),
+                v.merchants
+                    .iter()
+                    .filter(|m| m.personalised_kept == Some(true))
+                    .count(),
+                v.merchants.len(),
+                pooled("selected")
+            )
+        } else {
+            String::new()
+        },
     );
     for m in &v.merchants {
+        let personal_cells = if personal {
+            let kept = match m.personalised_kept {
+                Some(true) => "kept",
+                Some(false) => "discarded",
+                None => "–",
+            };
+            format!(
+                "<td>{} ({kept})</td><td>{}</td>",
+                cell(m.personalised.as_ref()),
+                cell(Some(m.selected()))
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{personal_cells}<td>{}</td></tr>",
             esc(&m.merchant),
             cell(m.global_popularity.as_ref()),
             cell(m.own_popularity.as_ref()),

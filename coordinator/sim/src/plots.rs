@@ -140,52 +140,58 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
         ));
     }
     if let Some(v) = &e.federation_value {
-        let get = |m: Option<&std::collections::BTreeMap<String, f64>>| {
-            m.and_then(|m| m.get(key)).copied()
-        };
+        use fedcart_common::reference::MerchantValue;
+        type Metrics = std::collections::BTreeMap<String, f64>;
+        let get = |m: Option<&Metrics>| m.and_then(|m| m.get(key)).copied();
+        let personal = v.merchants.iter().any(|m| m.personalised_kept.is_some());
+        // One series per column: the pooled figure first, then each merchant's.
+        let series =
+            |label: &str, pooled: Option<&Metrics>, per: &dyn Fn(&MerchantValue) -> Option<f64>| {
+                let values = std::iter::once(get(pooled))
+                    .chain(v.merchants.iter().map(per))
+                    .collect();
+                (label.to_string(), values)
+            };
+        let mut all = vec![
+            series(
+                "global popularity",
+                v.pooled.get("global_popularity"),
+                &|m| get(m.global_popularity.as_ref()),
+            ),
+            series("own popularity", v.pooled.get("own_popularity"), &|m| {
+                get(m.own_popularity.as_ref())
+            }),
+            series("local-only", v.pooled.get("local_only"), &|m| {
+                get(Some(&m.local_only))
+            }),
+            series("federated", v.pooled.get("federated"), &|m| {
+                get(Some(&m.federated))
+            }),
+            series("centralised", Some(&v.centralized_pooled), &|m| {
+                get(m.centralized.as_ref())
+            }),
+        ];
+        if personal {
+            // The fine-tuned copy where the merchant kept it (no bar where
+            // it was discarded); pooled: every merchant's selected copy.
+            all.push(series(
+                "personalised where kept (pooled: selected)",
+                v.pooled.get("selected"),
+                &|m| match m.personalised_kept {
+                    Some(true) => get(m.personalised.as_ref()),
+                    _ => None,
+                },
+            ));
+        }
         out.push((
             format!("{}-federation-value", e.task),
             format!("{}: {key} per merchant after {} rounds", e.task, v.rounds),
             Chart::Bars {
                 y_desc: key,
-                categories: v.merchants.iter().map(|m| m.merchant.clone()).collect(),
-                series: vec![
-                    (
-                        "global popularity".into(),
-                        v.merchants
-                            .iter()
-                            .map(|m| get(m.global_popularity.as_ref()))
-                            .collect(),
-                    ),
-                    (
-                        "own popularity".into(),
-                        v.merchants
-                            .iter()
-                            .map(|m| get(m.own_popularity.as_ref()))
-                            .collect(),
-                    ),
-                    (
-                        "local-only".into(),
-                        v.merchants
-                            .iter()
-                            .map(|m| get(Some(&m.local_only)))
-                            .collect(),
-                    ),
-                    (
-                        "federated".into(),
-                        v.merchants
-                            .iter()
-                            .map(|m| get(Some(&m.federated)))
-                            .collect(),
-                    ),
-                    (
-                        "centralised".into(),
-                        v.merchants
-                            .iter()
-                            .map(|m| get(m.centralized.as_ref()))
-                            .collect(),
-                    ),
-                ],
+                categories: std::iter::once("pooled".to_string())
+                    .chain(v.merchants.iter().map(|m| m.merchant.clone()))
+                    .collect(),
+                series: all,
             },
         ));
     }

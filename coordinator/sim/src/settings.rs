@@ -105,6 +105,11 @@ pub struct Settings {
     pub alpha: Option<f32>,
     /// iALS proximal weight (`--proximal`; None = default).
     pub proximal: Option<f32>,
+    /// Personalisation's local epochs (`--personalise`; None or 0 = off).
+    pub personalise: Option<usize>,
+    /// Personalisation's proximal weight (`--personalise-proximal`; None =
+    /// the task's default).
+    pub personalise_proximal: Option<f32>,
     /// Wire form of models and updates (`--traffic`).
     pub traffic: crate::traffic::TrafficMode,
     /// Precision of downloaded factor rows (`--download-precision`).
@@ -343,6 +348,8 @@ impl Settings {
             negatives_from: pick!(negatives_from, Default::default()),
             alpha: args.alpha.or(file.alpha),
             proximal: args.proximal.or(file.proximal),
+            personalise: args.personalise.or(file.personalise),
+            personalise_proximal: args.personalise_proximal.or(file.personalise_proximal),
             traffic: pick!(traffic, Default::default()),
             download_precision: pick!(download_precision, Default::default()),
             dropout: pick!(dropout, 0.0),
@@ -392,6 +399,20 @@ impl Settings {
             if !(0.0..1.0).contains(&v) {
                 bail!("{name} {v} is not in [0, 1)");
             }
+        }
+        if let Some(mu) = s.personalise_proximal
+            && !(mu.is_finite() && mu >= 0.0)
+        {
+            bail!(
+                "{} {mu} must be finite and >= 0",
+                name!(personalise_proximal, "--personalise-proximal")
+            );
+        }
+        if s.personalise.is_some_and(|e| e > 0) && !s.task.is_some_and(TaskChoice::is_mf) {
+            bail!(
+                "{} fine-tunes a recommender: give --task mf, mf-implicit or mf-ials",
+                name!(personalise, "--personalise")
+            );
         }
         if s.transport == Transport::Grpc {
             check_grpc(&s)?;
@@ -584,6 +605,24 @@ impl Settings {
         }
     }
 
+    /// Personalisation of a recommender `task` (`--personalise EPOCHS`,
+    /// `--personalise-proximal MU`), `None` when off or for another task.
+    pub fn personalisation(
+        &self,
+        task: TaskChoice,
+    ) -> Option<fedcart_common::model::mf::Personalise> {
+        let epochs = self.personalise.filter(|&e| e > 0)?;
+        let default = match task {
+            TaskChoice::Mf | TaskChoice::MfImplicit => fedcart_common::model::mf::DEFAULT_PROXIMAL,
+            TaskChoice::MfIals => fedcart_common::model::mf::DEFAULT_PROXIMAL_IALS,
+            _ => return None,
+        };
+        Some(fedcart_common::model::mf::Personalise {
+            epochs,
+            proximal: self.personalise_proximal.unwrap_or(default),
+        })
+    }
+
     /// The early-stopping rule of `model`: `--patience` (0 = off), by
     /// default 5 evaluated rounds for models that report a validation metric.
     pub fn early_stopping(
@@ -639,6 +678,13 @@ fn check_grpc(s: &Settings) -> anyhow::Result<()> {
             "--mode fedbuff is not available with --transport grpc: the service runs \
              synchronous rounds only (the engine accepts updates for the open task); \
              run FedBuff with --transport inproc"
+        );
+    }
+    if s.personalise.is_some_and(|e| e > 0) {
+        bail!(
+            "--personalise is not available with --transport grpc: real agents personalise \
+             from their merchant.toml's [personalise] and keep the figures to themselves; \
+             compare personalisation with --transport inproc"
         );
     }
     if s.malicious > 0.0 {

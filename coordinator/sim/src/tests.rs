@@ -773,3 +773,74 @@ fn secagg_neighbours_below_the_minimum_or_without_secagg_are_refused_naming_the_
         "{err}"
     );
 }
+
+#[test]
+fn personalisation_keeps_each_merchants_copy_only_where_its_validation_improves() {
+    let out = tempfile::tempdir().unwrap();
+    let mut a = args();
+    a.task = Some("mf-implicit".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
+    a.factors = Some(8);
+    a.epochs = Some(1);
+    a.personalise = Some(3);
+    a.personalise_proximal = Some(0.01);
+    a.out = Some(out.path().to_path_buf());
+    let exps = run(a.clone());
+    let e = &exps[0];
+    let best = e.best.as_ref().unwrap();
+    let p = best.personalised.as_ref().expect("--personalise reports");
+    assert_eq!((p.epochs, p.metric.as_str()), (3, "val_hr@10"));
+    assert_eq!(p.per_merchant.len(), 4);
+    for (id, m) in &p.per_merchant {
+        // The global copy compared is the one served, with its own users.
+        assert_eq!(m.global_val, best.served_per_merchant[id]["val_hr@10"]);
+        assert_eq!(m.kept, m.personal_val > m.global_val, "{id}");
+        assert_eq!(m.kept, p.kept.contains(id), "{id}");
+    }
+    // The reference federation of the report makes the same choice per
+    // merchant; its "selected" column pools each merchant's served copy.
+    let v = e.federation_value.as_ref().unwrap();
+    let (mut sum, mut weight) = (0.0, 0.0);
+    for m in &v.merchants {
+        let (personal, global) = (m.personalised.as_ref().unwrap(), &m.federated);
+        let kept = personal["val_hr@10"] > global["val_hr@10"];
+        assert_eq!(m.personalised_kept, Some(kept), "{}", m.merchant);
+        let served = if kept { personal } else { global };
+        sum += served["hr@10"] * m.weight;
+        weight += m.weight;
+    }
+    assert!((v.pooled["selected"]["hr@10"] - sum / weight).abs() < 1e-12);
+    let s = Settings::from_args(a).unwrap();
+    output::write_all(out.path(), &s, &exps).unwrap();
+    let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
+    assert!(html.contains("personalised (kept?)") && html.contains("selected copy"));
+    assert!(
+        e.report
+            .iter()
+            .any(|l| l.starts_with("personalisation (3 epochs"))
+    );
+    assert!(
+        e.report
+            .iter()
+            .any(|l| l.contains("the selected copy beats local-only for"))
+    );
+}
+
+#[test]
+fn personalisation_flags_are_checked_naming_the_flag() {
+    let err = |a: SimArgs| format!("{:#}", Settings::from_args(a).unwrap_err());
+    let mut a = args();
+    a.task = Some("churn-lr".parse().unwrap());
+    a.personalise = Some(2);
+    assert!(err(a.clone()).contains("--personalise fine-tunes a recommender"));
+    a.task = Some("mf".parse().unwrap());
+    a.personalise_proximal = Some(-1.0);
+    assert!(err(a.clone()).contains("--personalise-proximal -1"));
+    a.personalise_proximal = None;
+    a.transport = Some(crate::args::Transport::Grpc);
+    assert!(err(a).contains("--personalise is not available with --transport grpc"));
+}

@@ -29,7 +29,7 @@ pub struct MfShape<'a> {
 }
 
 /// The merchant's id and MF data, or [`TrainError::NoData`].
-fn mf_data(data: &mut LocalData) -> Result<(&str, &mut MfData), TrainError> {
+pub(super) fn mf_data(data: &mut LocalData) -> Result<(&str, &mut MfData), TrainError> {
     let LocalData {
         merchant_id, mf, ..
     } = data;
@@ -39,7 +39,7 @@ fn mf_data(data: &mut LocalData) -> Result<(&str, &mut MfData), TrainError> {
 impl MfShape<'_> {
     /// The checks of a train or evaluate task, in order (model length, item
     /// range), then the private user state made ready for `k` factors.
-    fn prepare(
+    pub(super) fn prepare(
         &self,
         ctx: &RoundContext<'_>,
         global: &[f32],
@@ -76,13 +76,45 @@ impl MfShape<'_> {
 
     /// iALS: the user side solved in closed form against `global`'s items,
     /// so an evaluated or scored version is paired with its own users.
-    fn refresh_users(&self, global: &[f32], data: &mut MfData) -> Result<(), TrainError> {
+    pub(super) fn refresh_users(
+        &self,
+        global: &[f32],
+        data: &mut MfData,
+    ) -> Result<(), TrainError> {
         if self.is_ials() {
             let (n, k, h) = (self.num_items, self.k, self.hyper);
             let cells = ials::Cells::new(data, n, h.alpha, false);
             ials::solve_users(global, n, k, h, &cells, &mut data.state.factors)?;
         }
         Ok(())
+    }
+
+    /// The held-out metrics of `global` with the user side as `data` holds
+    /// it (no pairing, no refresh): RMSE (explicit) or HR@10 / NDCG@10
+    /// (implicit, choosing `data.state.pop_blend` on the validation slice),
+    /// the validation figures, the count of unknown items, and the weight.
+    pub(super) fn metrics_of(
+        &self,
+        global: &[f32],
+        data: &mut MfData,
+    ) -> (BTreeMap<String, f64>, f64) {
+        let (n, k, h) = (self.num_items, self.k, self.hyper);
+        let unknown = data.unknown_items as f64;
+        let (mut metrics, weight) = if self.implicit {
+            let (metrics, weight, blend) = eval::implicit_metrics(global, n, k, data);
+            data.state.pop_blend = blend;
+            (metrics, weight)
+        } else {
+            let rmse = rmse_of(global, n, k, h.clip, data);
+            let mut metrics = BTreeMap::from([("rmse".into(), rmse)]);
+            if !data.valid.is_empty() {
+                let val = eval::rmse_on(global, n, k, h.clip, data, &data.valid);
+                metrics.insert("val_rmse".into(), val);
+            }
+            (metrics, data.test.len() as f64)
+        };
+        metrics.insert("unknown_items".into(), unknown);
+        (metrics, weight)
     }
 }
 
@@ -198,22 +230,7 @@ impl FederatedModel for MfShape<'_> {
         } else {
             data.state.pair_with_version(ctx.round);
         }
-        let (n, k, h) = (self.num_items, self.k, self.hyper);
-        let unknown = data.unknown_items as f64;
-        let (mut metrics, weight) = if self.implicit {
-            let (metrics, weight, blend) = eval::implicit_metrics(global, n, k, data);
-            data.state.pop_blend = blend;
-            (metrics, weight)
-        } else {
-            let rmse = rmse_of(global, n, k, h.clip, data);
-            let mut metrics = BTreeMap::from([("rmse".into(), rmse)]);
-            if !data.valid.is_empty() {
-                let val = eval::rmse_on(global, n, k, h.clip, data, &data.valid);
-                metrics.insert("val_rmse".into(), val);
-            }
-            (metrics, data.test.len() as f64)
-        };
-        metrics.insert("unknown_items".into(), unknown);
+        let (metrics, weight) = self.metrics_of(global, data);
         Ok(TaskOutput {
             update: None,
             metrics,

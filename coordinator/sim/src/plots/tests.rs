@@ -38,6 +38,8 @@ fn experiment() -> Experiment {
                 centralized: Some(metric(0.83)),
                 own_popularity: None,
                 global_popularity: None,
+                personalised: None,
+                personalised_kept: None,
                 weight: 1.0,
             })
             .collect(),
