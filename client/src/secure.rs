@@ -293,7 +293,7 @@ impl SecureTasks {
             stage_name::SHARE_KEYS => {
                 let roster = KeyRoster::from_bytes(&req.body).map_err(protocol)?;
                 policy
-                    .check_degree(session.config(), roster.keys.len())
+                    .check_degree(session.config(), roster.ids.len())
                     .map_err(refuse)?;
                 if policy.require_key_binding {
                     // Checked on the invitation: with the policy on, a session

@@ -860,3 +860,72 @@ fn a_sparse_graph_below_the_minimum_degree_is_refused_by_server_and_agents() {
         })
     ));
 }
+
+#[test]
+fn each_agent_gets_only_the_keys_it_uses_and_refuses_a_roster_missing_one_naming_the_agent() {
+    // SecAgg+ over 20 agents: each uses k + 1 entries of the 20.
+    let c = config(20, 6, 0, true);
+    let ids: Vec<u32> = (0..20).collect();
+    let rs = round_seed(11);
+    let mut server = ServerSession::new(c.clone(), rs, &ids).unwrap();
+    let mut clients: Vec<ClientSession> = ids
+        .iter()
+        .map(|&i| ClientSession::new(c.clone(), i, rs, &mut ChaCha20Rng::seed_from_u64(i.into())))
+        .collect();
+    for cl in &mut clients {
+        server.on_advertise(cl.advertise().unwrap()).unwrap();
+    }
+    let full = server.close_advertise().unwrap();
+    assert_eq!(full.ids, ids);
+    let k = c.degree(20);
+    assert!(k + 1 < 20, "a sparse graph: k = {k}");
+    let mine = server.roster_for(0);
+    assert_eq!(mine.ids, ids, "every agent learns the whole id set");
+    let used: Vec<u32> = mine.keys.iter().map(|e| e.id).collect();
+    assert_eq!(used.len(), k + 1);
+    assert_eq!(clients[0].keys_used(&full).unwrap(), used);
+    // Its wire form is the id bitmap (3 bytes for ids 0..20) and k + 1
+    // entries of 69 bytes, not 20.
+    let framing = 2 + 4 + 3 + 4;
+    assert_eq!(mine.to_bytes().len(), framing + (k + 1) * 69);
+    assert_eq!(full.to_bytes().len(), framing + 20 * 69);
+
+    // A holder's keys left out: refused naming that agent, nothing shared.
+    let holder = *used.iter().find(|&&h| h != 0).unwrap();
+    let mut lying = mine.clone();
+    lying.keys.retain(|e| e.id != holder);
+    let err = clients[0].share_keys(&lying).unwrap_err();
+    assert_eq!(
+        err,
+        SecAggError::Refused(format!(
+            "the roster lacks the keys of agent {holder}, which this agent needs"
+        ))
+    );
+    // Keys of an agent the id list does not name.
+    let mut unlisted = mine.clone();
+    unlisted.ids.retain(|&i| i != holder);
+    let err = clients[0].share_keys(&unlisted).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("agent {holder}")),
+        "{err}"
+    );
+    // An unsorted id list is malformed.
+    let mut unsorted = mine.clone();
+    unsorted.ids.swap(0, 1);
+    assert!(matches!(
+        clients[0].share_keys(&unsorted),
+        Err(SecAggError::Malformed { .. })
+    ));
+    // A key it never uses may be missing or present: the full roster and
+    // its own are both accepted (the refusals above changed nothing).
+    for (i, cl) in clients.iter_mut().enumerate() {
+        let roster = if i % 2 == 0 {
+            server.roster_for(i as u32)
+        } else {
+            full.clone()
+        };
+        let roster = KeyRoster::from_bytes(&roster.to_bytes()).unwrap();
+        server.on_shares(cl.share_keys(&roster).unwrap()).unwrap();
+    }
+    server.close_shares().unwrap();
+}

@@ -527,3 +527,51 @@ async fn secure_round_over_mtls_binds_keys_and_a_badly_signed_advertisement_drop
     assert_eq!(train[0].outcome, Outcome::Committed, "{:?}", train[0]);
     assert_eq!(train[0].reported, vec!["m1", "m2", "m3"]);
 }
+
+#[test]
+fn secure_round_whose_roster_lacks_m3s_keys_or_names_an_unlisted_agent_is_refused_naming_agent_3() {
+    let pki = pki();
+    let mut agents = agents(&pki);
+    // m3's keys left out while its id stays listed: every agent uses them
+    // (complete graph), so every agent refuses before sharing anything.
+    let t = task(0);
+    let mut a = advertise(&pki, &mut agents, &t);
+    a.roster.keys.retain(|k| k.id != 3);
+    let refused = share_keys(&mut a, &mut agents, &t);
+    assert_eq!(refused.len(), N, "every agent refuses: {refused:?}");
+    for (k, e) in refused.iter().enumerate() {
+        let SecureError::Protocol { stage, source } = e else {
+            panic!("refused for another reason: {e}");
+        };
+        assert_eq!(stage, stage_name::SHARE_KEYS);
+        let expected = if k == 3 {
+            "the roster does not carry this agent's own keys".to_string()
+        } else {
+            "the roster lacks the keys of agent 3, which this agent needs".to_string()
+        };
+        assert_eq!(*source, SecAggError::Refused(expected), "agent {k}");
+    }
+    assert!(matches!(
+        a.server.close_shares(),
+        Err(SecAggError::TooFewSurvivors { have: 0, .. })
+    ));
+
+    // Agent 3 dropped from the id list but its keys still relayed.
+    let t = task(1);
+    let mut a = advertise(&pki, &mut agents, &t);
+    a.roster.ids.retain(|&id| id != 3);
+    let refused = share_keys(&mut a, &mut agents, &t);
+    assert_eq!(refused.len(), N, "every agent refuses: {refused:?}");
+    for e in &refused {
+        assert!(
+            e.to_string().contains("agent 3") || format!("{e:?}").contains("agent 3"),
+            "{e}"
+        );
+    }
+
+    // The agents keep serving: the next attempt, honestly relayed, commits.
+    let t = task(2);
+    let mut a = advertise(&pki, &mut agents, &t);
+    assert!(share_keys(&mut a, &mut agents, &t).is_empty());
+    assert_eq!(finish(a, &mut agents, &t).len(), DIM);
+}

@@ -75,9 +75,11 @@
 //!    agreements key the encryption of shares, one whose agreements seed the
 //!    pairwise masks — and sends the public keys ([`AdvertiseKeys`]), signed
 //!    with its certificate key over gRPC ([`binding::signed_message`]). The
-//!    server broadcasts the roster of the `U1` agents that answered
-//!    ([`KeyRoster`], with one [`binding::KeyBinding`] per entry); each agent
-//!    verifies every binding ([`binding::verify_roster`]) before stage 2.
+//!    server sends each agent its [`KeyRoster`]: the ids of the `U1` agents
+//!    that answered and the keys of the entries that agent uses (its share
+//!    holders, or all with the malicious-server check), each with its
+//!    [`binding::KeyBinding`]; each agent verifies those bindings
+//!    ([`binding::verify_roster_entries`]) before stage 2.
 //!    Everyone derives the k-regular neighbour graph over `U1`
 //!    from the public round seed ([`NeighbourGraph`]).
 //! 2. **Share keys.** Each agent draws a self-mask seed `b` (32 bytes) and
@@ -208,8 +210,8 @@ pub use config::{
 };
 pub use crypto::SHARE_CIPHERTEXT_LEN;
 pub use driver::{
-    Dropouts, EncodedHook, InMemoryOutcome, InMemoryRound, Traffic, round_seed, rounding_rng,
-    run_in_memory, run_in_memory_with,
+    Dropouts, EncodedHook, InMemoryOutcome, InMemoryRound, StageTimes, Traffic, round_seed,
+    rounding_rng, run_in_memory, run_in_memory_with,
 };
 pub use encode::{DecodedSum, EncodedInput, encode};
 pub use graph::NeighbourGraph;

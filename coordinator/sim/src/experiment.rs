@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use fedcart_common::privacy::secagg::StageTimes;
 use fedcart_common::task::ModelSpec;
 use serde::Serialize;
 
@@ -32,6 +33,9 @@ pub struct RoundRow {
     pub seconds: f64,
     /// Of `seconds`, the secure aggregation (all parties, in-process).
     pub secagg_seconds: f64,
+    /// `secagg_seconds` by protocol stage (in-process secure rounds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secagg_stages: Option<StageTimes>,
     /// Update coordinates clipped by secure aggregation's encoding.
     pub clipped: u64,
     /// Differential privacy: ε of the run after this round.
@@ -396,6 +400,7 @@ impl Experiment {
         e.rounds.iter_mut().for_each(|r| {
             r.seconds = 0.0;
             r.secagg_seconds = 0.0;
+            r.secagg_stages = None;
         });
         if let Some(s) = &mut e.search {
             s.seconds = 0.0;

@@ -235,8 +235,12 @@ fn flush(
     }
     if plan.secure {
         let started = Instant::now();
-        row.clipped += super::secure::secure_sum(engine, &plan, secure_inputs, cx.s.seed)?;
+        let (clipped, times) = super::secure::secure_sum(engine, &plan, secure_inputs, cx.s.seed)?;
+        row.clipped += clipped;
         row.secagg_seconds += started.elapsed().as_secs_f64();
+        row.secagg_stages
+            .get_or_insert_with(Default::default)
+            .add(&times);
     }
     let record = engine.finish_task()?;
     row.round = plan.round;

@@ -356,9 +356,12 @@ pub fn run_one(
             }
         }
         if let Some(round) = secure {
-            let (clipped, seconds) = round.finish(&mut engine)?;
+            let (clipped, seconds, times) = round.finish(&mut engine)?;
             row.clipped += clipped;
             row.secagg_seconds += seconds;
+            row.secagg_stages
+                .get_or_insert_with(Default::default)
+                .add(&times);
         }
         let record = engine.finish_task()?;
         match plan.spec.kind {

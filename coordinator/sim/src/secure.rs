@@ -14,7 +14,9 @@ use std::time::Instant;
 use anyhow::Context;
 use fedcart_common::federation::update::Update;
 use fedcart_common::privacy::dp::DistributedNoise;
-use fedcart_common::privacy::secagg::{Dropouts, InMemoryRound, SecAggConfig, SecAggError};
+use fedcart_common::privacy::secagg::{
+    Dropouts, InMemoryRound, SecAggConfig, SecAggError, StageTimes,
+};
 use fedcart_coordinator::engine::{Engine, TaskPlan};
 use fedcart_coordinator::secure_round;
 
@@ -111,14 +113,15 @@ impl SecureRound {
     /// unmasked (as the service does, so that no refused sum is ever
     /// revealed); otherwise it unmasks and hands the engine the decoded sum.
     /// A round the protocol aborts (too few survivors or shares) aborts the
-    /// task. Returns the number of clipped coordinates and the seconds spent
-    /// in the protocol.
-    pub fn finish(self, engine: &mut Engine) -> anyhow::Result<(u64, f64)> {
+    /// task. Returns the number of clipped coordinates, the seconds spent
+    /// in the protocol and how they split over its stages.
+    pub fn finish(self, engine: &mut Engine) -> anyhow::Result<(u64, f64, StageTimes)> {
         let started = Instant::now();
         let quorum = engine.run().quorum;
+        let times = self.round.times();
         if self.masked < quorum {
             engine.abort_secure(secure_round::before_unmasking(self.masked, quorum));
-            return Ok((0, self.seconds));
+            return Ok((0, self.seconds, times));
         }
         let out = match self.round.finish(&[]) {
             Ok(out) => out,
@@ -126,7 +129,7 @@ impl SecureRound {
                 e @ (SecAggError::TooFewSurvivors { .. } | SecAggError::NotEnoughShares { .. }),
             ) => {
                 engine.abort_secure(format!("secure aggregation: {e}"));
-                return Ok((0, self.seconds + started.elapsed().as_secs_f64()));
+                return Ok((0, self.seconds + started.elapsed().as_secs_f64(), times));
             }
             Err(e) => {
                 return Err(e)
@@ -143,23 +146,28 @@ impl SecureRound {
         engine
             .set_secure_sum(&survivors, out.output.sum.into_accumulator())
             .map_err(|e| anyhow::anyhow!("handing the secure sum to the engine: {e}"))?;
-        Ok((clipped, self.seconds + started.elapsed().as_secs_f64()))
+        Ok((
+            clipped,
+            self.seconds + started.elapsed().as_secs_f64(),
+            out.times,
+        ))
     }
 }
 
 /// Secure aggregation of updates that are all at hand (the FedBuff
 /// driver's buffer): open, mask everything, finish. Returns the number of
-/// clipped coordinates.
+/// clipped coordinates and the time of each stage.
 pub(crate) fn secure_sum(
     engine: &mut Engine,
     plan: &TaskPlan,
     inputs: Vec<(String, Update)>,
     seed: u64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, StageTimes)> {
     let merchants = inputs.iter().map(|(m, _)| m.clone()).collect();
     let Some(mut round) = SecureRound::open(engine, plan, merchants, seed)? else {
-        return Ok(0);
+        return Ok((0, StageTimes::default()));
     };
     round.mask(inputs)?;
-    Ok(round.finish(engine)?.0)
+    let (clipped, _, times) = round.finish(engine)?;
+    Ok((clipped, times))
 }

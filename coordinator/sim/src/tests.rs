@@ -370,7 +370,9 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
     }
     if secure {
         assert_eq!(
-            secure::secure_sum(&mut engine, &plan, inputs, s.seed).unwrap(),
+            secure::secure_sum(&mut engine, &plan, inputs, s.seed)
+                .unwrap()
+                .0,
             0
         );
     }
@@ -524,7 +526,7 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
     }
     engine.drop_agent(&ids[2]);
     assert_eq!(
-        secure::secure_sum(&mut engine, &plan, inputs, 5).unwrap(),
+        secure::secure_sum(&mut engine, &plan, inputs, 5).unwrap().0,
         0
     );
     let record = engine.finish_task().unwrap();

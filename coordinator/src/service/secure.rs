@@ -12,12 +12,15 @@
 //!    certificate key ([`binding`]); the signature is checked here, on the
 //!    certificate the handshake verified, so a merchant that signs badly
 //!    drops only itself.
-//! 2. `share_keys`: the roster goes to every agent that advertised, each
-//!    entry with its [`KeyBinding`] (the signature and the certificate chain
-//!    the agent presented on its own connection); every agent verifies them
-//!    all before using a key, so the coordinator cannot substitute keys. Each
-//!    answers with its encrypted shares, which the coordinator relays without
-//!    being able to open them.
+//! 2. `share_keys`: every agent that advertised gets its roster
+//!    ([`ServerSession::roster_for`]): the ids of all who advertised and the
+//!    keys of the entries it uses (its share holders under SecAgg+, all with
+//!    signed survivor lists), each entry with its [`KeyBinding`] (the
+//!    signature and the certificate chain the agent presented on its own
+//!    connection); every agent verifies them before using a key, so the
+//!    coordinator cannot substitute keys, and refuses a roster that lacks a
+//!    key it needs. Each answers with its encrypted shares, which the
+//!    coordinator relays without being able to open them.
 //! 3. `masked_input`: each agent gets the bundles addressed to it and uploads
 //!    its masked vector through `SubmitUpdate` with
 //!    `PAYLOAD_ENCODING_MASKED_U32` (the bytes of
@@ -519,45 +522,47 @@ async fn drive(
     };
     wait_stage(shared, deadline, changed, shutdown).await?;
 
-    // Stage 2: relay the roster and, to each agent, the certificate bindings
-    // of the entries whose keys it uses (its share holders under SecAgg+):
-    // relaying every binding to every agent would cost O(n²) memory here.
-    let (roster, bindings) = match step(shared, |r| {
-        let roster = r.server().close_advertise()?;
-        r.open_stage(Stage::ShareKeys, roster.keys.iter().map(|k| k.id));
+    // Stage 2: send each agent its roster — every id, but only the keys of
+    // the entries it uses (its share holders under SecAgg+) — with those
+    // entries' certificate bindings. A whole roster and every binding to
+    // every agent would queue O(n²) bytes here (about 100 MB at n = 1,000);
+    // this is O(n·k) keys plus an n-bit id set per agent.
+    let rosters = match step(shared, |r| {
+        let ids = r.server().close_advertise()?.ids;
+        r.open_stage(Stage::ShareKeys, ids.iter().copied());
         let all: BTreeMap<u32, pb::KeyBinding> = r
             .bindings
             .iter()
             .map(|(&id, b)| (id, key_binding_to_pb(b)))
             .collect();
-        let bindings: BTreeMap<u32, Vec<pb::KeyBinding>> = roster
-            .keys
+        let rosters: Vec<(u32, Vec<u8>, Vec<pb::KeyBinding>)> = ids
             .iter()
-            .map(|k| {
-                let used = r.server().keys_used_by(k.id);
-                (
-                    k.id,
-                    used.iter().filter_map(|h| all.get(h).cloned()).collect(),
-                )
+            .map(|&id| {
+                let roster = r.server().roster_for(id);
+                let bindings = roster
+                    .keys
+                    .iter()
+                    .filter_map(|k| all.get(&k.id).cloned())
+                    .collect();
+                (id, roster.to_bytes(), bindings)
             })
             .collect();
-        Ok((roster, bindings))
+        Ok(rosters)
     }) {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
-    let bytes = roster.to_bytes();
     let targets = shared.targets();
-    for k in &roster.keys {
-        let merchant = &plan.selected[k.id as usize];
+    for (id, body, bindings) in rosters {
+        let merchant = &plan.selected[id as usize];
         let _ = shared.push_secagg(
             &targets,
             merchant,
             plan,
             run_id,
             stage_name::SHARE_KEYS,
-            bytes.clone(),
-            bindings.get(&k.id).cloned().unwrap_or_default(),
+            body,
+            bindings,
         );
     }
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;

@@ -453,6 +453,7 @@ mod tests {
     /// Three merchants' honest roster and bindings, under `ca`.
     fn honest(ca: &Ca) -> (KeyRoster, Vec<KeyBinding>) {
         let roster = KeyRoster {
+            ids: vec![0, 1, 2],
             keys: (0..3).map(|i| keys(i, i as u8 + 1)).collect(),
         };
         let bindings = roster

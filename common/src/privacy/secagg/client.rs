@@ -47,8 +47,13 @@ pub struct ClientSession {
     self_seed: Zeroizing<[u8; 32]>,
     dealer: ChaCha20Rng,
     stage: Stage,
-    /// Every agent id in the roster, sorted (the graph is built over them).
+    /// Every agent id in the roster, sorted, kept only with the
+    /// malicious-server check (a survivor list may name any of them): O(n)
+    /// per agent, which a process playing n agents would hold n times.
     roster_ids: Vec<u32>,
+    /// This agent's neighbours in the round's graph, sorted: computed once
+    /// in stage 2, so later stages need not rebuild the O(n) graph.
+    neighbours: Vec<u32>,
     /// The roster entries of this agent's neighbours only: O(k) per agent,
     /// not O(n), so that a process playing n agents holds O(n·k) keys.
     roster: BTreeMap<u32, AdvertiseKeys>,
@@ -95,6 +100,7 @@ impl ClientSession {
             dealer: ChaCha20Rng::from_seed(*dealer_seed),
             stage: Stage::Advertise,
             roster_ids: Vec::new(),
+            neighbours: Vec::new(),
             roster: BTreeMap::new(),
             sig_keys: BTreeMap::new(),
             held: BTreeMap::new(),
@@ -178,47 +184,71 @@ impl ClientSession {
     /// verify before [`ClientSession::share_keys`]; the others' keys never
     /// touch its secrets.
     pub fn keys_used(&self, roster: &KeyRoster) -> Result<Vec<u32>, SecAggError> {
-        let mut ids: Vec<u32> = roster.keys.iter().map(|k| k.id).collect();
-        ids.sort_unstable();
+        let ids = checked_ids(roster)?;
         if self.config.verify_survivors {
-            ids.dedup();
-            return Ok(ids);
+            return Ok(ids.to_vec());
         }
         let n = ids.len();
         self.config.validate(n)?;
-        let graph = NeighbourGraph::new(&self.round_seed, &ids, self.config.degree(n))?;
+        let graph = NeighbourGraph::new(&self.round_seed, ids, self.config.degree(n))?;
         Ok(graph.holders(self.id))
     }
 
-    /// Stage 2: given everyone's keys, Shamir-shares the pairwise-mask secret
-    /// key and the self-mask seed t-of-(k+1) among the neighbours and itself,
-    /// and encrypts each neighbour's bundle to that neighbour.
+    /// Stage 2: given the round's ids and the keys this agent uses,
+    /// Shamir-shares the pairwise-mask secret key and the self-mask seed
+    /// t-of-(k+1) among the neighbours and itself, and encrypts each
+    /// neighbour's bundle to that neighbour.
+    ///
+    /// The roster is refused, naming the agent, when it carries keys of an
+    /// agent it does not list or two entries for one agent, and when it lacks
+    /// the keys of an agent whose keys this one uses ([`Self::keys_used`]);
+    /// entries it does not use are ignored, as their keys never touch its
+    /// secrets.
     pub fn share_keys(&mut self, roster: &KeyRoster) -> Result<ShareUpload, SecAggError> {
         self.expect(Stage::ShareKeys)?;
+        let ids = checked_ids(roster)?;
         let mut map = BTreeMap::new();
         for k in &roster.keys {
-            if map.insert(k.id, k.clone()).is_some() {
+            if ids.binary_search(&k.id).is_err() {
+                return Err(SecAggError::Refused(format!(
+                    "the roster carries keys of agent {}, which its id list does not name",
+                    k.id
+                )));
+            }
+            if map.insert(k.id, k).is_some() {
                 return Err(SecAggError::Duplicate {
                     stage: Stage::ShareKeys,
                     agent: k.id,
                 });
             }
         }
-        if map.get(&self.id) != Some(&self.own_keys()) {
+        if map.get(&self.id).copied() != Some(&self.own_keys()) {
             return Err(SecAggError::Refused(
                 "the roster does not carry this agent's own keys".into(),
             ));
         }
-        if self.config.verify_survivors && map.values().any(|k| k.sig_pk.is_none()) {
-            return Err(SecAggError::Refused(
-                "an agent in the roster has no signature key".into(),
-            ));
-        }
-        let n = map.len();
+        let n = ids.len();
         self.config.validate(n)?;
-        let ids: Vec<u32> = map.keys().copied().collect();
-        let graph = NeighbourGraph::new(&self.round_seed, &ids, self.config.degree(n))?;
+        let graph = NeighbourGraph::new(&self.round_seed, ids, self.config.degree(n))?;
         let holders = graph.holders(self.id);
+        let used: &[u32] = if self.config.verify_survivors {
+            ids
+        } else {
+            &holders
+        };
+        if let Some(missing) = used.iter().find(|id| !map.contains_key(id)) {
+            return Err(SecAggError::Refused(format!(
+                "the roster lacks the keys of agent {missing}, which this agent needs"
+            )));
+        }
+        if self.config.verify_survivors
+            && let Some(k) = map.values().find(|k| k.sig_pk.is_none())
+        {
+            return Err(SecAggError::Refused(format!(
+                "agent {} in the roster has no signature key",
+                k.id
+            )));
+        }
         let t = self.config.threshold;
         let sk_bytes = Zeroizing::new(self.mask_sk.to_bytes());
         let sk_shares = crypto::split(&sk_bytes, t, holders.len(), &mut self.dealer);
@@ -266,11 +296,11 @@ impl ClientSession {
                 .filter_map(|(&id, k)| k.sig_pk.map(|pk| (id, pk)))
                 .collect();
         }
-        self.roster = map
-            .into_iter()
-            .filter(|(id, _)| holders.binary_search(id).is_ok())
-            .collect();
-        self.roster_ids = ids;
+        self.roster = holders.iter().map(|h| (*h, map[h].clone())).collect();
+        self.neighbours = graph.neighbours(self.id);
+        if self.config.verify_survivors {
+            self.roster_ids = ids.to_vec();
+        }
         self.stage = Stage::MaskedInput;
         Ok(ShareUpload {
             from: self.id,
@@ -299,6 +329,16 @@ impl ClientSession {
         relay: &ShareRelay,
         input: &EncodedInput,
     ) -> Result<RingVec, SecAggError> {
+        self.masked_encoded_into(relay, input.clone())
+    }
+
+    /// As [`Self::masked_encoded`], masking the input's own buffer in place
+    /// instead of a copy of it.
+    pub fn masked_encoded_into(
+        &mut self,
+        relay: &ShareRelay,
+        input: EncodedInput,
+    ) -> Result<RingVec, SecAggError> {
         self.expect(Stage::MaskedInput)?;
         check_shape(
             &input.vector,
@@ -312,11 +352,9 @@ impl ClientSession {
                 relay.to, self.id
             )));
         }
-        let ids = &self.roster_ids;
-        let graph = NeighbourGraph::new(&self.round_seed, ids, self.config.degree(ids.len()))?;
         let mut peers = BTreeSet::new();
         for s in &relay.shares {
-            if s.to != self.id || !graph.adjacent(self.id, s.from) {
+            if s.to != self.id || self.neighbours.binary_search(&s.from).is_err() {
                 return Err(SecAggError::Refused(format!(
                     "share from {} is not from a neighbour",
                     s.from
@@ -365,7 +403,7 @@ impl ClientSession {
             })
             .collect::<Result<_, SecAggError>>()?;
         masks.push((*self.self_seed, Sign::Plus));
-        let mut out = input.vector.clone();
+        let mut out = input.vector;
         crypto::apply_masks(&mut out, &masks);
         self.mask_peers = peers.into_iter().collect();
         self.stage = if self.config.verify_survivors {
@@ -515,4 +553,16 @@ impl ClientSession {
         }
         Ok(())
     }
+}
+
+/// The roster's id list, checked to be sorted without duplicates (the wire
+/// form guarantees it; a roster built in memory may not).
+fn checked_ids(roster: &KeyRoster) -> Result<&[u32], SecAggError> {
+    if !roster.ids.windows(2).all(|w| w[0] < w[1]) {
+        return Err(SecAggError::Malformed {
+            what: "KeyRoster",
+            detail: "the id list is not sorted or repeats an id".into(),
+        });
+    }
+    Ok(&roster.ids)
 }

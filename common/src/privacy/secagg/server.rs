@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 use super::crypto;
@@ -25,6 +26,11 @@ use super::wire::{
 use super::{SecAggConfig, SecAggError, Stage};
 
 mod unmask;
+
+/// Whether either X25519 key of an advertisement is of low order.
+fn has_low_order_key(keys: &AdvertiseKeys) -> bool {
+    crypto::is_low_order(&keys.enc_pk) || crypto::is_low_order(&keys.mask_pk)
+}
 
 /// The running sum of masked inputs, modulo 2^modulus_bits: O(d) memory
 /// however many agents report. It has no accessor: its content leaves only
@@ -180,6 +186,22 @@ impl ServerSession {
 
     /// Stage 1 input: one agent's keys.
     pub fn on_advertise(&mut self, keys: AdvertiseKeys) -> Result<(), SecAggError> {
+        let low_order = has_low_order_key(&keys);
+        self.admit(keys, low_order)
+    }
+
+    /// Stage 1 input of many agents at once, as if each were given to
+    /// [`Self::on_advertise`] in turn (the first refusal is returned): the
+    /// low-order checks, one X25519 agreement per key, run in parallel.
+    pub fn on_advertise_many(&mut self, all: Vec<AdvertiseKeys>) -> Result<(), SecAggError> {
+        let low_order: Vec<bool> = all.par_iter().map(has_low_order_key).collect();
+        all.into_iter()
+            .zip(low_order)
+            .try_for_each(|(keys, low)| self.admit(keys, low))
+    }
+
+    /// Admits one advertisement whose low-order check gave `low_order`.
+    fn admit(&mut self, keys: AdvertiseKeys, low_order: bool) -> Result<(), SecAggError> {
         self.expect(Stage::Advertise)?;
         if !self.participants.contains(&keys.id) {
             return Err(SecAggError::UnknownAgent {
@@ -193,7 +215,7 @@ impl ServerSession {
                 keys.id
             )));
         }
-        if crypto::is_low_order(&keys.enc_pk) || crypto::is_low_order(&keys.mask_pk) {
+        if low_order {
             return Err(SecAggError::BadPublicKey { agent: keys.id });
         }
         if self.keys.contains_key(&keys.id) {
@@ -206,7 +228,9 @@ impl ServerSession {
         Ok(())
     }
 
-    /// Closes stage 1 with whoever answered; returns the roster to broadcast.
+    /// Closes stage 1 with whoever answered; returns the full roster (every
+    /// id and every key). What each agent is sent is
+    /// [`Self::roster_for`] that agent: the ids and only the keys it uses.
     pub fn close_advertise(&mut self) -> Result<KeyRoster, SecAggError> {
         self.expect(Stage::Advertise)?;
         let n = self.keys.len();
@@ -221,8 +245,24 @@ impl ServerSession {
         }
         self.stage = Stage::ShareKeys;
         Ok(KeyRoster {
+            ids,
             keys: self.keys.values().cloned().collect(),
         })
+    }
+
+    /// The roster to send agent `id` once the advertise stage closed: every
+    /// id that advertised and the keys of the entries `id` uses
+    /// ([`Self::keys_used_by`]: k + 1 under SecAgg+), so the share-keys
+    /// stage sends O(n·k) keys in all rather than n to each agent.
+    pub fn roster_for(&self, id: u32) -> KeyRoster {
+        KeyRoster {
+            ids: self.keys.keys().copied().collect(),
+            keys: self
+                .keys_used_by(id)
+                .iter()
+                .filter_map(|h| self.keys.get(h).cloned())
+                .collect(),
+        }
     }
 
     /// Stage 2 input: one agent's encrypted bundles, exactly one per neighbour.

@@ -27,11 +27,57 @@ pub struct AdvertiseKeys {
     pub sig_pk: Option<[u8; 32]>,
 }
 
-/// Stage 1 result, server → every agent: all advertised keys.
+/// Stage 1 result, server → one agent: who is in the round, and the keys
+/// that agent uses.
+///
+/// Every agent needs the whole id set (the neighbour graph is built over it)
+/// but only the keys of its share holders (its neighbours and itself), or of
+/// every entry when survivor lists are signed (any survivor's signature key
+/// may check the list). Sending each agent just those makes the share-keys
+/// stage O(n·k) bytes instead of O(n²): on the wire the ids are a bitmap
+/// (n/8 bytes) and the keys k + 1 entries of 69 bytes. An agent refuses a
+/// roster that lacks a key it needs or carries keys of an agent it does not
+/// list ([`ClientSession::share_keys`](super::ClientSession::share_keys));
+/// entries it does not use are ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRoster {
-    /// Keys of every agent that advertised in time, sorted by id.
+    /// Every agent that advertised in time, sorted by id, no duplicates.
+    pub ids: Vec<u32>,
+    /// Keys of some of those agents (see above), sorted by id.
     pub keys: Vec<AdvertiseKeys>,
+}
+
+/// Writes sorted, distinct ids as a bitmap: a u32 byte count, then bit
+/// `id % 8` of byte `id / 8` set for each id. The last byte is never zero,
+/// so the encoding is canonical.
+fn write_id_set(w: &mut Writer, ids: &[u32]) {
+    let len = ids.last().map_or(0, |&m| m as usize / 8 + 1);
+    let mut bitmap = vec![0u8; len];
+    for &id in ids {
+        bitmap[id as usize / 8] |= 1 << (id % 8);
+    }
+    w.bytes(&bitmap);
+}
+
+/// Reads the bitmap of [`write_id_set`] (at most 8 ids per input byte).
+fn read_id_set(r: &mut Reader) -> Result<Vec<u32>, SecAggError> {
+    let n = r.u32()? as usize;
+    let bitmap = r.take(n)?;
+    if bitmap.last() == Some(&0) {
+        return Err(r.err("id bitmap ends in a zero byte".into()));
+    }
+    if n > (u32::MAX as usize).div_ceil(8) {
+        return Err(r.err(format!("id bitmap of {n} bytes names ids beyond u32")));
+    }
+    let mut ids = Vec::with_capacity(bitmap.iter().map(|b| b.count_ones() as usize).sum());
+    for (i, &byte) in bitmap.iter().enumerate() {
+        for bit in 0..8 {
+            if byte & (1 << bit) != 0 {
+                ids.push((i * 8 + bit) as u32);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// One encrypted share bundle (shares of the pairwise-mask secret key and of
@@ -207,12 +253,15 @@ wire!(
     2,
     "KeyRoster",
     |s, w| {
+        write_id_set(&mut w, &s.ids);
         w.u32(s.keys.len() as u32);
         s.keys.iter().for_each(|k| write_keys(&mut w, k));
     },
     |r| {
+        let ids = read_id_set(&mut r)?;
         let n = r.count(69)?;
         KeyRoster {
+            ids,
             keys: (0..n)
                 .map(|_| read_keys(&mut r))
                 .collect::<Result<_, _>>()?,
@@ -345,6 +394,12 @@ pub fn masked_to_bytes(from: u32, masked: &RingVec) -> Vec<u8> {
     w.0
 }
 
+/// The length of [`masked_to_bytes`]'s frame for a vector of `len`
+/// coordinates modulo 2^bits.
+pub(crate) fn masked_frame_len(len: usize, bits: u32) -> usize {
+    11 + len * super::ring::bytes_per_element(bits)
+}
+
 /// Checks the framing of a masked input against the round's configuration
 /// and returns (sender, body bytes): the round's modulus, exactly
 /// `vector_len` coordinates of ⌈bits/8⌉ bytes, and nothing after them.
@@ -420,15 +475,25 @@ mod tests {
         };
         assert_eq!(AdvertiseKeys::from_bytes(&keys.to_bytes()).unwrap(), keys);
         let roster = KeyRoster {
+            ids: vec![0, 5, 7, 8, 1000],
             keys: vec![
                 keys.clone(),
                 AdvertiseKeys {
                     sig_pk: None,
+                    id: 8,
                     ..keys
                 },
             ],
         };
-        assert_eq!(KeyRoster::from_bytes(&roster.to_bytes()).unwrap(), roster);
+        let bytes = roster.to_bytes();
+        // Five ids in a 126-byte bitmap, two entries of 101 and 69 bytes.
+        assert_eq!(bytes.len(), 2 + 4 + 126 + 4 + 101 + 69);
+        assert_eq!(KeyRoster::from_bytes(&bytes).unwrap(), roster);
+        let empty = KeyRoster {
+            ids: vec![],
+            keys: vec![],
+        };
+        assert_eq!(KeyRoster::from_bytes(&empty.to_bytes()).unwrap(), empty);
         assert_eq!(
             UnmaskRequest::from_bytes(&request().to_bytes()).unwrap(),
             request()
@@ -446,6 +511,7 @@ mod tests {
             let v = RingVec::from_u64(bits, &[1, top, 2]);
             let bytes = masked_to_bytes(4, &v);
             assert_eq!(bytes.len(), 11 + 3 * config.bytes_per_element());
+            assert_eq!(bytes.len(), masked_frame_len(3, bits));
             assert_eq!(masked_from_bytes(&bytes, &config).unwrap(), (4, v));
             // A vector of another ring is refused, not misread.
             config.modulus_bits = if bits == 64 { 32 } else { 64 };
@@ -495,5 +561,27 @@ mod tests {
         assert!(masked_from_bytes(&b, &c20).is_err());
         assert!(masked_from_bytes(&b[..last], &c20).is_err());
         assert!(AdvertiseKeys::from_bytes(&[]).is_err());
+    }
+
+    #[test]
+    fn a_roster_id_bitmap_that_is_not_canonical_or_truncated_is_refused() {
+        let roster = KeyRoster {
+            ids: vec![1, 9],
+            keys: vec![],
+        };
+        let bytes = roster.to_bytes();
+        for cut in 0..bytes.len() {
+            assert!(
+                KeyRoster::from_bytes(&bytes[..cut]).is_err(),
+                "prefix {cut}"
+            );
+        }
+        // A trailing zero byte in the bitmap would decode to the same ids.
+        let mut padded = bytes[..2].to_vec();
+        padded.extend_from_slice(&3u32.to_le_bytes());
+        padded.extend_from_slice(&[0b10, 0b10, 0]);
+        padded.extend_from_slice(&0u32.to_le_bytes());
+        let err = KeyRoster::from_bytes(&padded).unwrap_err();
+        assert!(err.to_string().contains("zero byte"), "{err}");
     }
 }

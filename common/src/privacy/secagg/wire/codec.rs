@@ -5,8 +5,10 @@
 use crate::privacy::secagg::SecAggError;
 
 /// Wire format version; bumped on any incompatible change (2: masked inputs
-/// carry their modulus and pack ⌈bits/8⌉ bytes per coordinate).
-pub(super) const VERSION: u8 = 2;
+/// carry their modulus and pack ⌈bits/8⌉ bytes per coordinate; 3: a key
+/// roster carries its id set as a bitmap and only the keys its recipient
+/// uses).
+pub(super) const VERSION: u8 = 3;
 
 /// Little-endian writer.
 pub(super) struct Writer(pub(super) Vec<u8>);
