@@ -287,12 +287,13 @@ impl InMemoryRound {
 
     /// Stage 3 for `inputs` (agent id, update): each agent encodes its update
     /// (stochastic rounding from [`rounding_rng`]), applies `hook`, masks it
-    /// and sends the masked bytes, which the server adds into its running
-    /// sum. The agents mask in parallel (rayon); the server adds in the order
-    /// given. Every update is only borrowed. The server takes each masked
-    /// vector as it is, not through its wire frame (`masked_to_bytes`, whose
-    /// length is counted): copying 4·d bytes per agent into a frame and
-    /// adding them from it cost a tenth of the round at (1000, 100k).
+    /// and hands the masked vector to the server, which adds it into its
+    /// running sum. The agents mask in parallel (rayon); the server adds in
+    /// the order given. Every update is only borrowed. The server takes each
+    /// masked vector as it is, not through its wire frame (`masked_to_bytes`,
+    /// whose length is counted): copying 4·d bytes per agent into a fresh
+    /// frame and adding them from it cost about 5 % of the CPU at
+    /// (1000, 100k) (BENCHMARKS.md).
     pub fn mask(
         &mut self,
         inputs: &[(u32, &Update)],

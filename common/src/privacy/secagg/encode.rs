@@ -55,10 +55,20 @@ impl EncodedInput {
     }
 }
 
+/// Values whose rounding uniforms are drawn in one call.
+const DRAW_BATCH: usize = 256;
+
 /// Stochastic rounding: ⌊y + u⌋ with u uniform in [0, 1).
 #[inline(always)]
 fn round<R: Rng>(y: f64, rng: &mut R) -> i64 {
     floor_to_i64(y + rng.random::<f64>())
+}
+
+/// A 64-bit draw as a uniform f64 in [0, 1), exactly as rand's
+/// `StandardUniform` makes one: its top 53 bits times 2^-53.
+#[inline(always)]
+fn unit_f64(u: u64) -> f64 {
+    (u >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 /// `z.floor() as i64` without the call into libm's `floor` (which the
@@ -114,19 +124,30 @@ fn encode_words<W: Word, R: Rng>(
 ) -> Result<Vec<W>, SecAggError> {
     let clip = f64::from(config.clip);
     let mut vector: Vec<W> = Vec::with_capacity(config.vector_len());
-    for (index, &v) in update.values.iter().enumerate() {
-        if !v.is_finite() {
-            return Err(SecAggError::NotFinite {
-                index,
-                value: f64::from(v),
-            });
+    // The values' uniforms are drawn DRAW_BATCH at a time: the same 64-bit
+    // words, in the same order, as one `random::<f64>()` per value from a
+    // block generator (ChaCha), without its per-draw bookkeeping.
+    let mut draws = [0u8; 8 * DRAW_BATCH];
+    for (batch, values) in update.values.chunks(DRAW_BATCH).enumerate() {
+        let draws = &mut draws[..8 * values.len()];
+        rng.fill_bytes(draws);
+        for (j, (&v, u)) in values.iter().zip(draws.chunks_exact(8)).enumerate() {
+            if !v.is_finite() {
+                return Err(SecAggError::NotFinite {
+                    index: batch * DRAW_BATCH + j,
+                    value: f64::from(v),
+                });
+            }
+            let mut x = f64::from(v);
+            if x.abs() > clip {
+                *clipped += 1;
+                x = x.clamp(-clip, clip);
+            }
+            let u = u64::from_le_bytes(u.try_into().expect("chunks of 8 bytes"));
+            vector.push(W::from_u64(
+                floor_to_i64(x * config.scale + unit_f64(u)) as u64
+            ));
         }
-        let mut x = f64::from(v);
-        if x.abs() > clip {
-            *clipped += 1;
-            x = x.clamp(-clip, clip);
-        }
-        vector.push(W::from_u64(round(x * config.scale, rng) as u64));
     }
     let weights = update
         .coord_weights
@@ -302,6 +323,46 @@ mod tests {
         let mut c = SecAggConfig::complete(4, 1, 3, 1.0);
         c.scale = 1000.0;
         c
+    }
+
+    #[test]
+    fn batched_rounding_draws_equal_one_random_f64_per_value() {
+        // Value counts around the batch size, after the generator was
+        // advanced by an odd number of 32-bit words.
+        for n in [1, 255, 256, 257, 1000] {
+            let mut c = SecAggConfig::complete(n, 0, 3, 1.0);
+            c.scale = 1000.0;
+            let mut gen_values = rand_chacha::ChaCha8Rng::seed_from_u64(n as u64);
+            let update = Update {
+                values: (0..n)
+                    .map(|_| (gen_values.random::<f32>() - 0.5) * 3.0)
+                    .collect(),
+                coord_weights: vec![],
+                weight: 2.0,
+            };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+            let _ = rng.next_u32();
+            let mut reference = rng.clone();
+            let got = encode(&c, &update, &mut rng).unwrap();
+            let mut expected: Vec<u64> = update
+                .values
+                .iter()
+                .map(|&v| {
+                    let x = f64::from(v).clamp(-1.0, 1.0);
+                    (x * c.scale + reference.random::<f64>()).floor() as i64 as u64
+                })
+                .collect();
+            expected.push(round(2.0 * c.weight_scale, &mut reference) as u64);
+            let clipped = update.values.iter().filter(|v| v.abs() > 1.0).count();
+            expected.push(clipped as u64);
+            let want = RingVec::from_u64(c.modulus_bits, &expected);
+            assert_eq!(got.vector, want, "n = {n}");
+            assert_eq!(
+                rng.next_u64(),
+                reference.next_u64(),
+                "n = {n}: streams diverge"
+            );
+        }
     }
 
     #[test]
