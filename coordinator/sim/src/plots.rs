@@ -27,12 +27,15 @@ pub const SIZE: (u32, u32) = (800, 480);
 
 const FONT: &str = "sans-serif";
 
-/// Colours of the series, in order (matplotlib's first four, for familiarity).
-const PALETTE: [RGBColor; 4] = [
+/// Colours of the series, in order (matplotlib's first six, for familiarity:
+/// the federation-value plot has six series with personalisation).
+const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
 ];
 
 /// One plot written to disk.
