@@ -50,13 +50,25 @@ async fn recording_proxy(
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mf_agents_send_no_user_factor_on_the_wire() {
+/// What a recorded MF run returns: the federation, the coordinator's store
+/// (kept alive), the coordinator, the bytes agents sent and the proxy's
+/// address for them.
+type RecordedRun = (
+    movielens::Federated,
+    tempfile::TempDir,
+    fedcart_coordinator::server::Running,
+    Arc<Mutex<Vec<u8>>>,
+    std::net::SocketAddr,
+);
+
+/// Three MovieLens merchants and a 3-round MF run `name` (k = 8) on a real
+/// coordinator, behind a proxy that records every byte the agents send.
+async fn recorded_mf_run(name: &str) -> RecordedRun {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../data/ml-latest-small/ratings.csv");
     let rows = movielens::load_ratings(&path).unwrap();
     let fed = movielens::explicit_federation(&rows, 3, 0.2, 4);
-    let mut run = churn_run("wire", 3, 3, 3);
+    let mut run = churn_run(name, 3, 3, 3);
     run.model = ModelSpec::Mf {
         num_items: fed.catalogue.len(),
         factors: 8,
@@ -66,6 +78,12 @@ async fn mf_agents_send_no_user_factor_on_the_wire() {
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
     let sent = Arc::new(Mutex::new(Vec::new()));
     let proxy = recording_proxy(coord.addr, Arc::clone(&sent)).await;
+    (fed, store, coord, sent, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mf_agents_send_no_user_factor_on_the_wire() {
+    let (fed, _store, coord, sent, proxy) = recorded_mf_run("wire").await;
     let agents: Vec<_> = fed
         .merchants
         .iter()
@@ -294,20 +312,7 @@ fn with_validation(m: &fedcart_common::train::LocalData) -> fedcart_common::trai
 async fn personalised_rows_never_leave_the_agent_and_recommend_serves_the_copy_that_won() {
     use fedcart_client::recommend::{Recommender, ServedCopy};
     use fedcart_client::state::StateDir;
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/ml-latest-small/ratings.csv");
-    let rows = movielens::load_ratings(&path).unwrap();
-    let fed = movielens::explicit_federation(&rows, 3, 0.2, 4);
-    let mut run = churn_run("pers", 3, 3, 3);
-    run.model = ModelSpec::Mf {
-        num_items: fed.catalogue.len(),
-        factors: 8,
-        hyper: MfHyper::default(),
-    };
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let proxy = recording_proxy(coord.addr, Arc::clone(&sent)).await;
+    let (fed, _store, coord, sent, proxy) = recorded_mf_run("pers").await;
     let states = tempfile::tempdir().unwrap();
     let personalise = fedcart_client::config::PersonaliseConfig {
         epochs: 10,

@@ -581,40 +581,21 @@ fn best_summary(
     let (served, served_per_merchant) = if best.version == engine.version() {
         (last.clone(), exp.per_merchant.clone())
     } else {
-        let params = engine
-            .model(best.version)?
-            .with_context(|| format!("best version {} is not stored", best.version))?;
-        let run = engine.run();
-        let spec = TaskSpec {
-            kind: TaskKind::Evaluate,
-            model: run.model.clone(),
-            sgd: run.sgd.clone(),
-            seed: run.seed,
-            round: best.version,
-            standardizer: engine.standardizer().cloned(),
-            dp: None,
-        };
+        let (params, spec) = evaluation_of(engine, best.version, "best")?;
         let outs: Vec<_> = pool.install(|| {
             merchants
                 .par_iter()
                 .map(|m| run_task(&spec, &params, &mut m.lock().expect("merchant lock")))
                 .collect()
         });
-        let (mut sums, mut weight) = (BTreeMap::<String, f64>::new(), 0.0);
+        let mut mean = WeightedMean::default();
         let mut per = BTreeMap::new();
         for (id, out) in ids.iter().zip(outs) {
             let out = out.with_context(|| format!("{id}: evaluating the best version"))?;
-            for (k, v) in &out.metrics {
-                *sums.entry(k.clone()).or_default() += v * out.weight;
-            }
-            weight += out.weight;
+            mean.add(&out.metrics, out.weight);
             per.insert(id.clone(), out.metrics);
         }
-        let mean = sums
-            .into_iter()
-            .map(|(k, v)| (k, if weight > 0.0 { v / weight } else { 0.0 }))
-            .collect();
-        (mean, per)
+        (mean.mean(), per)
     };
     Ok(Some(experiment::BestSummary {
         round: best.version,
@@ -639,19 +620,7 @@ fn personalise(
     ids: &[String],
     pool: &rayon::ThreadPool,
 ) -> anyhow::Result<experiment::PersonalSummary> {
-    let params = engine
-        .model(version)?
-        .with_context(|| format!("served version {version} is not stored"))?;
-    let run = engine.run();
-    let spec = TaskSpec {
-        kind: TaskKind::Evaluate,
-        model: run.model.clone(),
-        sgd: run.sgd.clone(),
-        seed: run.seed,
-        round: version,
-        standardizer: engine.standardizer().cloned(),
-        dp: None,
-    };
+    let (params, spec) = evaluation_of(engine, version, "served")?;
     let outs: Vec<_> = pool.install(|| {
         merchants
             .par_iter()
@@ -697,6 +666,29 @@ fn personalise(
         personalised: everywhere.mean(),
         per_merchant,
     })
+}
+
+/// The stored `version` (the `which` version of the run, for the error)
+/// and an evaluation task of it, as the engine would hand it out.
+fn evaluation_of(
+    engine: &Engine,
+    version: u64,
+    which: &str,
+) -> anyhow::Result<(std::sync::Arc<Vec<f32>>, TaskSpec)> {
+    let params = engine
+        .model(version)?
+        .with_context(|| format!("{which} version {version} is not stored"))?;
+    let run = engine.run();
+    let spec = TaskSpec {
+        kind: TaskKind::Evaluate,
+        model: run.model.clone(),
+        sgd: run.sgd.clone(),
+        seed: run.seed,
+        round: version,
+        standardizer: engine.standardizer().cloned(),
+        dp: None,
+    };
+    Ok((params, spec))
 }
 
 /// An example-weighted mean of metric maps.

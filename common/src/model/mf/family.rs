@@ -69,6 +69,26 @@ impl MfShape<'_> {
         Ok(())
     }
 
+    /// [`prepare`](Self::prepare), then `data`'s users made those of the
+    /// version `global` is: iALS solves them against its items, SGD pairs the
+    /// ones measured with it (`UserState::pair_with_version`). What an
+    /// evaluation and a personalisation start from.
+    pub(super) fn users_of_version(
+        &self,
+        ctx: &RoundContext<'_>,
+        global: &[f32],
+        data: &mut MfData,
+        merchant: &str,
+    ) -> Result<(), TrainError> {
+        self.prepare(ctx, global, data, merchant)?;
+        if self.is_ials() {
+            self.refresh_users(global, data)
+        } else {
+            data.state.pair_with_version(ctx.round);
+            Ok(())
+        }
+    }
+
     /// True for an implicit model trained by iALS.
     pub fn is_ials(&self) -> bool {
         self.implicit && self.hyper.algorithm == ImplicitAlgorithm::Ials
@@ -224,12 +244,7 @@ impl FederatedModel for MfShape<'_> {
         data: &mut LocalData,
     ) -> Result<TaskOutput, TrainError> {
         let (merchant, data) = mf_data(data)?;
-        self.prepare(ctx, global, data, merchant)?;
-        if self.is_ials() {
-            self.refresh_users(global, data)?;
-        } else {
-            data.state.pair_with_version(ctx.round);
-        }
+        self.users_of_version(ctx, global, data, merchant)?;
         let (metrics, weight) = self.metrics_of(global, data);
         Ok(TaskOutput {
             update: None,

@@ -129,12 +129,7 @@ impl MfShape<'_> {
     ) -> Result<Personalised, TrainError> {
         p.check()?;
         let (merchant, data) = mf_data(data)?;
-        self.prepare(ctx, global, data, merchant)?;
-        if self.is_ials() {
-            self.refresh_users(global, data)?;
-        } else {
-            data.state.pair_with_version(ctx.round);
-        }
+        self.users_of_version(ctx, global, data, merchant)?;
         let (global_metrics, weight) = self.metrics_of(global, data);
         let served_users = data.state.clone();
         let tuned = self.fine_tune(ctx, global, data, merchant, p);
