@@ -265,26 +265,37 @@ struct Harness {
     ups: Vec<Update>,
 }
 
+/// A server and agents 0..n of round `seed`, every agent's keys advertised
+/// and the advertise stage closed: the server, the agents and the roster.
+fn advertised(
+    c: &SecAggConfig,
+    n: usize,
+    seed: u64,
+) -> (ServerSession, Vec<ClientSession>, KeyRoster) {
+    let ids: Vec<u32> = (0..n as u32).collect();
+    let rs = round_seed(seed);
+    let mut server = ServerSession::new(c.clone(), rs, &ids).unwrap();
+    let mut clients: Vec<ClientSession> = ids
+        .iter()
+        .map(|&i| {
+            ClientSession::new(
+                c.clone(),
+                i,
+                rs,
+                &mut ChaCha20Rng::seed_from_u64(u64::from(i)),
+            )
+        })
+        .collect();
+    for cl in &mut clients {
+        server.on_advertise(cl.advertise().unwrap()).unwrap();
+    }
+    let roster = server.close_advertise().unwrap();
+    (server, clients, roster)
+}
+
 impl Harness {
     fn new(c: SecAggConfig, n: usize) -> Self {
-        let ids: Vec<u32> = (0..n as u32).collect();
-        let rs = round_seed(9);
-        let mut server = ServerSession::new(c.clone(), rs, &ids).unwrap();
-        let mut clients: Vec<ClientSession> = ids
-            .iter()
-            .map(|&i| {
-                ClientSession::new(
-                    c.clone(),
-                    i,
-                    rs,
-                    &mut ChaCha20Rng::seed_from_u64(u64::from(i)),
-                )
-            })
-            .collect();
-        for cl in &mut clients {
-            server.on_advertise(cl.advertise().unwrap()).unwrap();
-        }
-        let roster = server.close_advertise().unwrap();
+        let (mut server, mut clients, roster) = advertised(&c, n, 9);
         for cl in &mut clients {
             server.on_shares(cl.share_keys(&roster).unwrap()).unwrap();
         }
@@ -763,17 +774,7 @@ fn a_malicious_agent_sending_a_value_beyond_its_clip_gets_the_round_refused() {
 #[test]
 fn a_share_ciphertext_of_any_other_length_is_refused_before_relaying() {
     let c = config(4, 6, 0, false);
-    let ids = [0u32, 1, 2, 3];
-    let rs = round_seed(9);
-    let mut server = ServerSession::new(c.clone(), rs, &ids).unwrap();
-    let mut clients: Vec<ClientSession> = ids
-        .iter()
-        .map(|&i| ClientSession::new(c.clone(), i, rs, &mut ChaCha20Rng::seed_from_u64(i.into())))
-        .collect();
-    for cl in &mut clients {
-        server.on_advertise(cl.advertise().unwrap()).unwrap();
-    }
-    let roster = server.close_advertise().unwrap();
+    let (mut server, mut clients, roster) = advertised(&c, 4, 9);
     let honest = clients[0].share_keys(&roster).unwrap();
     assert!(
         honest
@@ -866,16 +867,7 @@ fn each_agent_gets_only_the_keys_it_uses_and_refuses_a_roster_missing_one_naming
     // SecAgg+ over 20 agents: each uses k + 1 entries of the 20.
     let c = config(20, 6, 0, true);
     let ids: Vec<u32> = (0..20).collect();
-    let rs = round_seed(11);
-    let mut server = ServerSession::new(c.clone(), rs, &ids).unwrap();
-    let mut clients: Vec<ClientSession> = ids
-        .iter()
-        .map(|&i| ClientSession::new(c.clone(), i, rs, &mut ChaCha20Rng::seed_from_u64(i.into())))
-        .collect();
-    for cl in &mut clients {
-        server.on_advertise(cl.advertise().unwrap()).unwrap();
-    }
-    let full = server.close_advertise().unwrap();
+    let (mut server, mut clients, full) = advertised(&c, 20, 11);
     assert_eq!(full.ids, ids);
     let k = c.degree(20);
     assert!(k + 1 < 20, "a sparse graph: k = {k}");
