@@ -452,7 +452,7 @@ fn interactions_with(
         movielens::random_split(&all, cfg.data.holdout, cfg.data.split_seed)
     };
     let seed = fedcart_common::seed::derive(cfg.data.split_seed, &[&cfg.merchant_id]);
-    let (train, valid) = movielens::validation_split(&train, implicit, seed);
+    let (train, valid) = movielens::validation_split_by_basket(&train, &test, implicit, seed);
     Ok(Some(Interactions {
         train,
         valid,

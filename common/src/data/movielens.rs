@@ -149,7 +149,8 @@ pub const VALIDATION_FRACTION: f64 = 0.1;
 /// user's latest remaining interaction (the same rule as the test split, so
 /// validation mimics the test one step earlier and the test item is never
 /// seen); for explicit feedback a seeded random [`VALIDATION_FRACTION`].
-/// Returns `(train, valid)`.
+/// For ratings, where each row is its own event; orders use
+/// [`validation_split_by_basket`]. Returns `(train, valid)`.
 pub fn validation_split(
     train: &[Interaction],
     implicit: bool,
@@ -160,6 +161,29 @@ pub fn validation_split(
     } else {
         let seed = crate::seed::derive(seed, &["validation"]);
         random_split(train, VALIDATION_FRACTION, seed)
+    }
+}
+
+/// [`validation_split`] for purchases from an orders log, where an order is
+/// a basket of lines with one timestamp. For implicit feedback, each user's
+/// last line of the basket *before the one the test item came from*
+/// ([`leave_last_basket_out`]): the test item is the last line of the
+/// user's latest basket, so the validation item is the last line of an
+/// earlier one, the test rule one basket back. The line above the test item
+/// in the same basket is a different kind of item: an export that sorts a
+/// basket's lines (grocery-dev's sorts them by product id) makes the last
+/// line special, and validation must hold that kind of line to choose what
+/// the test rewards. Only `test`'s timestamps are read, never its items.
+pub fn validation_split_by_basket(
+    train: &[Interaction],
+    test: &[Interaction],
+    implicit: bool,
+    seed: u64,
+) -> (Vec<Interaction>, Vec<Interaction>) {
+    if implicit {
+        leave_last_basket_out(train, test)
+    } else {
+        validation_split(train, false, seed)
     }
 }
 
@@ -203,6 +227,54 @@ pub fn leave_last_out(rows: &[Interaction]) -> (Vec<Interaction>, Vec<Interactio
         }
     }
     (train, test)
+}
+
+/// Leave-last-basket-out: for each user, the latest row (ties broken by the
+/// later row) among those *strictly earlier* than the user's held-out row in
+/// `test`, so the slice is the last line of an earlier basket, as the test
+/// item is the last line of the latest one. A user without a test row or
+/// without an earlier row falls back to [`leave_last_out`]'s rule; a user with
+/// a single row keeps it. Returns `(train, valid)`.
+pub fn leave_last_basket_out(
+    rows: &[Interaction],
+    test: &[Interaction],
+) -> (Vec<Interaction>, Vec<Interaction>) {
+    let before: BTreeMap<&str, i64> = test
+        .iter()
+        .map(|r| (r.user.as_str(), r.timestamp))
+        .collect();
+    let mut last: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut earlier: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for (k, r) in rows.iter().enumerate() {
+        let u = r.user.as_str();
+        *count.entry(u).or_default() += 1;
+        let e = last.entry(u).or_insert(k);
+        if r.timestamp >= rows[*e].timestamp {
+            *e = k;
+        }
+        if before.get(u).is_some_and(|&t| r.timestamp < t) {
+            let e = earlier.entry(u).or_insert(k);
+            if r.timestamp >= rows[*e].timestamp {
+                *e = k;
+            }
+        }
+    }
+    let held: BTreeSet<usize> = last
+        .iter()
+        .filter(|(u, _)| count[*u] >= 2)
+        .map(|(u, &k)| earlier.get(u).copied().unwrap_or(k))
+        .collect();
+    let mut train = Vec::with_capacity(rows.len());
+    let mut valid = Vec::with_capacity(held.len());
+    for (k, r) in rows.iter().enumerate() {
+        if held.contains(&k) {
+            valid.push(r.clone());
+        } else {
+            train.push(r.clone());
+        }
+    }
+    (train, valid)
 }
 
 /// Deals the distinct users of `rows` into `merchants` groups after a seeded

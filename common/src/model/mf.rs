@@ -281,7 +281,8 @@ pub struct MfData {
     pub train: Vec<Rating>,
     /// The validation slice, carved out of the training interactions (a
     /// random 10 % for explicit, each user's latest remaining purchase for
-    /// implicit). Never trained on; model selection, early stopping and the
+    /// implicit; from an orders log, the last line of the basket before the
+    /// tested one). Never trained on; model selection, early stopping and the
     /// popularity blend look only at it, never at `test`.
     #[serde(default)]
     pub valid: Vec<Rating>,

@@ -445,6 +445,7 @@ pub fn build(
                             &movielens::rows_of(&test, &set),
                             &catalogue,
                             implicit,
+                            false,
                             seed,
                             &id(k),
                         )),
@@ -531,17 +532,24 @@ pub fn build(
 
 /// The MF model spec of an experiment.
 /// A merchant's [`MfData`] with its validation slice carved out of its own
-/// training interactions (`movielens::validation_split`, seeded per merchant).
+/// training interactions, seeded per merchant: `movielens::validation_split`
+/// for ratings, `validation_split_by_basket` when `baskets` (rows derived
+/// from an orders log, where the test item is the last line of a basket).
 pub fn with_validation(
     train: &[Interaction],
     test: &[Interaction],
     catalogue: &dyn ItemIndex,
     implicit: bool,
+    baskets: bool,
     seed: u64,
     merchant: &str,
 ) -> MfData {
     let seed = fedcart_common::seed::derive(seed, &[merchant]);
-    let (train, valid) = movielens::validation_split(train, implicit, seed);
+    let (train, valid) = if baskets {
+        movielens::validation_split_by_basket(train, test, implicit, seed)
+    } else {
+        movielens::validation_split(train, implicit, seed)
+    };
     MfData::with_validation(&train, &valid, test, catalogue)
 }
 

@@ -478,7 +478,7 @@ fn the_popularity_blend_is_chosen_on_the_validation_slice_alone() {
 }
 
 #[test]
-fn validation_split_holds_out_each_users_latest_remaining_purchase() {
+fn validation_split_holds_out_each_users_last_line_of_an_earlier_basket() {
     let row = |user: &str, item: &str, t: i64| Interaction {
         user: user.into(),
         item: item.into(),
@@ -490,16 +490,48 @@ fn validation_split_holds_out_each_users_latest_remaining_purchase() {
         row("a", "2", 5),
         row("a", "3", 9),
         row("b", "1", 2),
+        // c's last basket (day 9) has two lines; d has a single basket.
+        row("c", "1", 1),
+        row("c", "2", 5),
+        row("c", "7", 5),
+        row("c", "3", 9),
+        row("c", "4", 9),
+        row("d", "1", 3),
+        row("d", "2", 3),
+        row("d", "3", 3),
     ];
     let (train, test) = movielens::leave_last_out(&rows);
-    let (fit, valid) = movielens::validation_split(&train, true, 1);
-    assert_eq!(test, vec![row("a", "3", 9)]);
+    let (fit, valid) = movielens::validation_split_by_basket(&train, &test, true, 1);
+    assert_eq!(
+        test,
+        vec![row("a", "3", 9), row("c", "4", 9), row("d", "3", 3)]
+    );
     assert_eq!(
         valid,
-        vec![row("a", "2", 5)],
-        "the latest item left after the test split"
+        vec![row("a", "2", 5), row("c", "7", 5), row("d", "2", 3)],
+        "the last line of the latest earlier basket (c: day 5's, not the line \
+         above the test item); a single basket falls back to the line above"
     );
-    assert_eq!(fit, vec![row("a", "1", 1), row("b", "1", 2)]);
+    assert_eq!(
+        fit,
+        vec![
+            row("a", "1", 1),
+            row("b", "1", 2),
+            row("c", "1", 1),
+            row("c", "2", 5),
+            row("c", "3", 9),
+            row("d", "1", 3),
+        ]
+    );
+    // Only the test rows' timestamps are read, never their items.
+    let blind: Vec<Interaction> = test
+        .iter()
+        .map(|r| row(&r.user, "?", r.timestamp))
+        .collect();
+    assert_eq!(
+        movielens::validation_split_by_basket(&train, &blind, true, 1).1,
+        valid
+    );
     // Explicit: a seeded random tenth, disjoint from what is trained on.
     let many: Vec<Interaction> = (0..100).map(|i| row("u", &i.to_string(), i)).collect();
     let (fit, valid) = movielens::validation_split(&many, false, 1);

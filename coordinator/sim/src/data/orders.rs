@@ -432,6 +432,7 @@ pub fn build(
                         test,
                         catalogue,
                         implicit,
+                        true,
                         seed,
                         &id(k),
                     )),
