@@ -173,7 +173,12 @@ fn standardise(v: &mut [f32]) {
 /// The model's score of every item for user `u`: `b_i + p_u·q_i`,
 /// standardised over the catalogue.
 pub fn user_scores(global: &[f32], n: usize, k: usize, data: &MfData, u: usize, out: &mut [f32]) {
-    let pu = &data.state.factors[u * k..(u + 1) * k];
+    scores_of(global, n, &data.state.factors[u * k..(u + 1) * k], out);
+}
+
+/// Standardised scores of every item for the user factors `pu`.
+fn scores_of(global: &[f32], n: usize, pu: &[f32], out: &mut [f32]) {
+    let k = pu.len();
     let biases = &global[1..1 + n];
     let factors = &global[1 + n..];
     for (j, sc) in out.iter_mut().enumerate() {
@@ -197,13 +202,18 @@ pub fn blend(model: &[f32], pop: &[f32], w: f32, out: &mut [f32]) {
 /// the best validation HR@10 (ties to the smaller weight), or 0 without a
 /// validation slice. A validation item is ranked against everything the user
 /// has not trained on; a test item also excludes the validation items (the
-/// customer bought those too). Returns the metrics, the weight (test
-/// purchases) and the chosen blend.
+/// customer bought those too). With `test_users` (`users × k`), the test
+/// items are ranked with those user factors instead of `data.state`'s: the
+/// users refitted on their whole known history, validation included, once
+/// validation has done its choosing (iALS, whose user side is a closed-form
+/// solve). Returns the metrics, the weight (test purchases) and the chosen
+/// blend.
 pub fn implicit_metrics(
     global: &[f32],
     n: usize,
     k: usize,
     data: &MfData,
+    test_users: Option<&[f32]>,
 ) -> (BTreeMap<String, f64>, f64, f32) {
     let nu = data.users.len();
     let by_user = UserItems::new(&data.train, nu);
@@ -232,6 +242,7 @@ pub fn implicit_metrics(
         &POP_BLEND_GRID
     };
     let mut model = vec![0.0f32; n];
+    let mut model_test = vec![0.0f32; n];
     let mut scores = vec![0.0f32; n];
     let mut val = vec![(0.0f64, 0.0f64); grid.len()];
     let mut test = vec![(0.0f64, 0.0f64); grid.len()];
@@ -240,6 +251,13 @@ pub fn implicit_metrics(
             continue;
         }
         user_scores(global, n, k, data, u, &mut model);
+        let for_test = match test_users {
+            Some(users) if !test_of[u].is_empty() => {
+                scores_of(global, n, &users[u * k..(u + 1) * k], &mut model_test);
+                &model_test
+            }
+            _ => &model,
+        };
         for (g, &w) in grid.iter().enumerate() {
             blend(&model, &pop, w, &mut scores);
             for &item in &valid_of[u] {
@@ -247,6 +265,10 @@ pub fn implicit_metrics(
                 val[g].0 += h;
                 val[g].1 += d;
             }
+            if test_of[u].is_empty() {
+                continue;
+            }
+            blend(for_test, &pop, w, &mut scores);
             for &item in &test_of[u] {
                 let (h, d) = ranking_metrics(&scores, item as usize, with_valid.items(u));
                 test[g].0 += h;

@@ -109,19 +109,45 @@ impl MfShape<'_> {
         Ok(())
     }
 
+    /// iALS with a validation slice: the user side solved again on each
+    /// customer's training purchases *and* validation item, for ranking the
+    /// test once validation has chosen (a served model knows the whole
+    /// history; the test item is still never seen). `None` for other models
+    /// or without a validation slice.
+    fn users_with_valid(
+        &self,
+        global: &[f32],
+        data: &MfData,
+    ) -> Result<Option<Vec<f32>>, TrainError> {
+        if !self.is_ials() || data.valid.is_empty() {
+            return Ok(None);
+        }
+        let (n, k, h) = (self.num_items, self.k, self.hyper);
+        let cells = ials::Cells::with_valid(data, n, h.alpha);
+        let mut users = vec![0.0f32; data.users.len() * k];
+        ials::solve_users(global, n, k, h, &cells, &mut users)?;
+        Ok(Some(users))
+    }
+
     /// The held-out metrics of `global` with the user side as `data` holds
     /// it (no pairing, no refresh): RMSE (explicit) or HR@10 / NDCG@10
     /// (implicit, choosing `data.state.pop_blend` on the validation slice),
     /// the validation figures, the count of unknown items, and the weight.
+    /// iALS ranks the test with its users refitted on training and validation
+    /// purchases ([`users_with_valid`](Self::users_with_valid)), returned
+    /// third; `data.state` is left as it was.
     pub(super) fn metrics_of(
         &self,
         global: &[f32],
         data: &mut MfData,
-    ) -> (BTreeMap<String, f64>, f64) {
+    ) -> Result<(BTreeMap<String, f64>, f64, Option<Vec<f32>>), TrainError> {
         let (n, k, h) = (self.num_items, self.k, self.hyper);
         let unknown = data.unknown_items as f64;
+        let mut refit = None;
         let (mut metrics, weight) = if self.implicit {
-            let (metrics, weight, blend) = eval::implicit_metrics(global, n, k, data);
+            refit = self.users_with_valid(global, data)?;
+            let (metrics, weight, blend) =
+                eval::implicit_metrics(global, n, k, data, refit.as_deref());
             data.state.pop_blend = blend;
             (metrics, weight)
         } else {
@@ -134,7 +160,7 @@ impl MfShape<'_> {
             (metrics, data.test.len() as f64)
         };
         metrics.insert("unknown_items".into(), unknown);
-        (metrics, weight)
+        Ok((metrics, weight, refit))
     }
 }
 
@@ -245,7 +271,11 @@ impl FederatedModel for MfShape<'_> {
     ) -> Result<TaskOutput, TrainError> {
         let (merchant, data) = mf_data(data)?;
         self.users_of_version(ctx, global, data, merchant)?;
-        let (metrics, weight) = self.metrics_of(global, data);
+        let (metrics, weight, refit) = self.metrics_of(global, data)?;
+        // iALS serves what ranked the test: users of the whole known history.
+        if let Some(users) = refit {
+            data.state.factors = users;
+        }
         Ok(TaskOutput {
             update: None,
             metrics,

@@ -33,7 +33,7 @@
 
 use ndarray::{Array1, Array2, ArrayView2};
 
-use super::{MfData, MfHyper, item_offsets};
+use super::{MfData, MfHyper, Rating, item_offsets};
 use crate::federation::update::Update;
 use crate::model::TrainError;
 
@@ -57,10 +57,26 @@ impl Cells {
     /// Groups the merchant's training purchases by user (`by_item` false)
     /// or by item; repeated (user, item) rows add their strengths.
     pub fn new(data: &MfData, n: usize, alpha: f32, by_item: bool) -> Self {
-        let rows = if by_item { n } else { data.users.len() };
-        let mut pairs: Vec<(u32, u32, f32)> = data
-            .train
-            .iter()
+        Self::of(data.train.iter(), data.users.len(), n, alpha, by_item)
+    }
+
+    /// [`Cells::new`] over the training purchases and the validation slice:
+    /// a customer's whole known history, for the user side a served version
+    /// ranks the test with once validation has chosen it.
+    pub fn with_valid(data: &MfData, n: usize, alpha: f32) -> Self {
+        let rows = data.train.iter().chain(&data.valid);
+        Self::of(rows, data.users.len(), n, alpha, false)
+    }
+
+    fn of<'a>(
+        cells: impl Iterator<Item = &'a Rating>,
+        num_users: usize,
+        n: usize,
+        alpha: f32,
+        by_item: bool,
+    ) -> Self {
+        let rows = if by_item { n } else { num_users };
+        let mut pairs: Vec<(u32, u32, f32)> = cells
             .map(|r| {
                 if by_item {
                     (r.item, r.user, r.value)

@@ -130,12 +130,21 @@ impl MfShape<'_> {
         p.check()?;
         let (merchant, data) = mf_data(data)?;
         self.users_of_version(ctx, global, data, merchant)?;
-        let (global_metrics, weight) = self.metrics_of(global, data);
-        let served_users = data.state.clone();
+        // iALS serves users refitted on the whole known history (what ranked
+        // the test); the fine-tune itself starts from the training users.
+        let (global_metrics, weight, refit) = self.metrics_of(global, data)?;
+        let mut served_users = data.state.clone();
+        if let Some(users) = refit {
+            served_users.factors = users;
+        }
         let tuned = self.fine_tune(ctx, global, data, merchant, p);
-        let result = tuned.map(|params| {
-            let (personal_metrics, _) = self.metrics_of(&params, data);
-            (params, personal_metrics, data.state.clone())
+        let result = tuned.and_then(|params| {
+            let (personal_metrics, _, refit) = self.metrics_of(&params, data)?;
+            let mut users = data.state.clone();
+            if let Some(factors) = refit {
+                users.factors = factors;
+            }
+            Ok((params, personal_metrics, users))
         });
         data.state = served_users;
         let (params, personal_metrics, mut users) = result?;

@@ -327,3 +327,53 @@ fn federated_ials_ranks_held_out_purchases_above_popularity_on_movielens() {
         "federated iALS hr@10 {hr} vs popularity {pop:?}"
     );
 }
+
+#[test]
+fn an_evaluation_ranks_the_test_with_users_refitted_on_validation_and_serves_them() {
+    // Each customer also has a validation purchase and a test purchase.
+    let mut data = shop(5, 21);
+    let mut rng = crate::seed::rng(22, &["ials-held-out"]);
+    for u in 0..5u32 {
+        for slice in [&mut data.valid, &mut data.test] {
+            slice.push(Rating {
+                user: u,
+                item: rng.random_range(0..N as u32),
+                value: 1.0,
+            });
+        }
+    }
+    let mut spec = spec_of(hyper(), 1);
+    spec.kind = TaskKind::Evaluate;
+    let g = global(23);
+    let mut m = LocalData {
+        merchant_id: "m".into(),
+        mf: Some(data.clone()),
+        ..Default::default()
+    };
+    let out = run_task(&spec, &g, &mut m).unwrap();
+    let h = hyper();
+    let trained = solved_users(&data, &h, &g, 5);
+    let mut refit = vec![0.0f32; 5 * K];
+    solve_users(
+        &g,
+        N,
+        K,
+        &h,
+        &Cells::with_valid(&data, N, h.alpha),
+        &mut refit,
+    )
+    .unwrap();
+    assert_ne!(trained, refit, "the validation purchases move the users");
+    let mut expect = data.clone();
+    expect.state.factors = trained;
+    let (with_refit, _, _) = eval::implicit_metrics(&g, N, K, &expect, Some(&refit));
+    let (train_only, _, _) = eval::implicit_metrics(&g, N, K, &expect, None);
+    // Validation, which chooses, is ranked with the training users only.
+    for key in ["val_hr@10", "val_ndcg@10", "pop_blend"] {
+        assert_eq!(out.metrics[key], train_only[key], "{key}");
+    }
+    // The test is ranked with the refitted users, which are then served.
+    assert_eq!(out.metrics["ndcg@10"], with_refit["ndcg@10"]);
+    assert_ne!(with_refit["ndcg@10"], train_only["ndcg@10"]);
+    assert_eq!(m.mf.unwrap().state.factors, refit);
+}
