@@ -135,12 +135,12 @@ impl MfShape<'_> {
     /// the validation figures, the count of unknown items, and the weight.
     /// iALS ranks the test with its users refitted on training and validation
     /// purchases ([`users_with_valid`](Self::users_with_valid)), returned
-    /// third; `data.state` is left as it was.
+    /// in [`Measured::refit`]; `data.state` is left as it was.
     pub(super) fn metrics_of(
         &self,
         global: &[f32],
         data: &mut MfData,
-    ) -> Result<(BTreeMap<String, f64>, f64, Option<Vec<f32>>), TrainError> {
+    ) -> Result<Measured, TrainError> {
         let (n, k, h) = (self.num_items, self.k, self.hyper);
         let unknown = data.unknown_items as f64;
         let mut refit = None;
@@ -160,7 +160,11 @@ impl MfShape<'_> {
             (metrics, data.test.len() as f64)
         };
         metrics.insert("unknown_items".into(), unknown);
-        Ok((metrics, weight, refit))
+        Ok(Measured {
+            metrics,
+            weight,
+            refit,
+        })
     }
 }
 
@@ -271,15 +275,15 @@ impl FederatedModel for MfShape<'_> {
     ) -> Result<TaskOutput, TrainError> {
         let (merchant, data) = mf_data(data)?;
         self.users_of_version(ctx, global, data, merchant)?;
-        let (metrics, weight, refit) = self.metrics_of(global, data)?;
+        let measured = self.metrics_of(global, data)?;
         // iALS serves what ranked the test: users of the whole known history.
-        if let Some(users) = refit {
+        if let Some(users) = measured.refit {
             data.state.factors = users;
         }
         Ok(TaskOutput {
             update: None,
-            metrics,
-            weight,
+            metrics: measured.metrics,
+            weight: measured.weight,
         })
     }
 
@@ -417,4 +421,13 @@ impl FederatedModel for MfShape<'_> {
             weight,
         })
     }
+}
+
+/// What [`MfShape::metrics_of`] measured: the metrics, the evaluation weight
+/// (held-out examples) and, for iALS, the users refitted on training and
+/// validation purchases that ranked the test.
+pub(super) struct Measured {
+    pub metrics: BTreeMap<String, f64>,
+    pub weight: f64,
+    pub refit: Option<Vec<f32>>,
 }

@@ -132,19 +132,20 @@ impl MfShape<'_> {
         self.users_of_version(ctx, global, data, merchant)?;
         // iALS serves users refitted on the whole known history (what ranked
         // the test); the fine-tune itself starts from the training users.
-        let (global_metrics, weight, refit) = self.metrics_of(global, data)?;
+        let measured = self.metrics_of(global, data)?;
+        let (global_metrics, weight) = (measured.metrics, measured.weight);
         let mut served_users = data.state.clone();
-        if let Some(users) = refit {
+        if let Some(users) = measured.refit {
             served_users.factors = users;
         }
         let tuned = self.fine_tune(ctx, global, data, merchant, p);
         let result = tuned.and_then(|params| {
-            let (personal_metrics, _, refit) = self.metrics_of(&params, data)?;
+            let measured = self.metrics_of(&params, data)?;
             let mut users = data.state.clone();
-            if let Some(factors) = refit {
+            if let Some(factors) = measured.refit {
                 users.factors = factors;
             }
-            Ok((params, personal_metrics, users))
+            Ok((params, measured.metrics, users))
         });
         data.state = served_users;
         let (params, personal_metrics, mut users) = result?;
