@@ -189,7 +189,16 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
         }
         out.push((
             format!("{}-federation-value", e.task),
-            format!("{}: {key} per merchant after {} rounds", e.task, v.rounds),
+            match &e.best {
+                Some(b) => format!(
+                    "{}: {key} per merchant (served version {}; baselines {} rounds)",
+                    e.task, b.round, v.rounds
+                ),
+                None => format!(
+                    "{}: {key} per merchant (baselines {} rounds)",
+                    e.task, v.rounds
+                ),
+            },
             Chart::Bars {
                 y_desc: key,
                 categories: std::iter::once("pooled".to_string())
