@@ -607,4 +607,45 @@ mod tests {
         }
         assert!(value.centralized_pooled["auc"] > 0.8);
     }
+
+    #[test]
+    fn served_figures_are_the_federated_column_and_a_missing_merchant_is_named() {
+        let spec = TaskSpec {
+            kind: TaskKind::Train,
+            model: ModelSpec::ChurnLr {
+                num_features: Schema::telco().num_features(),
+            },
+            sgd: SgdParams::default(),
+            seed: 3,
+            round: 0,
+            standardizer: None,
+            dp: None,
+        };
+        let merchants = telco_merchants(3, 3);
+        let figures = |k: usize| ServedFigures {
+            metrics: BTreeMap::from([("auc".to_string(), 0.5 + 0.1 * k as f64)]),
+            personalised: None,
+        };
+        let mut served: BTreeMap<String, ServedFigures> =
+            (0..3).map(|k| (format!("m{k}"), figures(k))).collect();
+        let value = federation_value(&spec, &merchants, 2, Federated::Served(&served)).unwrap();
+        for (k, m) in value.merchants.iter().enumerate() {
+            assert_eq!(m.federated, figures(k).metrics);
+            assert!(m.weight > 0.0 && m.personalised.is_none());
+        }
+        let total: f64 = value.merchants.iter().map(|m| m.weight).sum();
+        let mean: f64 = value
+            .merchants
+            .iter()
+            .map(|m| m.federated["auc"] * m.weight)
+            .sum::<f64>()
+            / total;
+        assert!((value.pooled["federated"]["auc"] - mean).abs() < 1e-12);
+        served.remove("m1");
+        let err = federation_value(&spec, &merchants, 2, Federated::Served(&served)).unwrap_err();
+        assert!(
+            matches!(&err, ValueError::MissingServed(m) if m == "m1"),
+            "{err}"
+        );
+    }
 }
