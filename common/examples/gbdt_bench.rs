@@ -20,7 +20,7 @@ use fedcart_common::data::partition::Partitioner;
 use fedcart_common::data::tabular::{Schema, TabularDataset};
 use fedcart_common::federation::strategy::FedAvg;
 use fedcart_common::model::gbdt::{Ensemble, GbdtParams};
-use fedcart_common::reference::{evaluate, federate, federation_value, stats_step};
+use fedcart_common::reference::{Federated, evaluate, federate, federation_value, stats_step};
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{ChurnData, LocalData, run_task};
 
@@ -133,7 +133,8 @@ fn compare(name: &str, template: &TaskSpec, ms: &[LocalData]) {
     let central = federate(template, &mut pooled, r, &mut FedAvg).expect("pooled");
     s.standardizer = central.standardizer.clone();
     let pooled_auc = evaluate(&s, central.served(), &mut pooled).expect("eval")["auc"];
-    let value = federation_value(template, ms, r, None).expect("federation value");
+    let value =
+        federation_value(template, ms, r, Federated::Reference(None)).expect("federation value");
     let wins = value
         .merchants
         .iter()

@@ -57,7 +57,9 @@ pub struct MerchantValue {
     pub merchant: String,
     /// Metrics of the model trained on this merchant's data alone.
     pub local_only: BTreeMap<String, f64>,
-    /// Metrics of the federated model (with this merchant's private state).
+    /// Metrics of the federated model's served version (with this
+    /// merchant's private state): the reported run's own figures under
+    /// [`Federated::Served`].
     pub federated: BTreeMap<String, f64>,
     /// Metrics of the centralised model on this merchant's held-out rows;
     /// `None` for families with private per-merchant state (MF user factors
@@ -97,7 +99,8 @@ impl MerchantValue {
 /// The federation-value report of one population.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FederationValue {
-    /// Rounds each of the three trainings ran (FedAvg, every merchant each round).
+    /// Rounds the baselines (local-only, centralised, and a reference
+    /// federation) trained: FedAvg, every merchant each round.
     pub rounds: u64,
     /// Held-out metrics of the centralised model over all merchants' rows.
     pub centralized_pooled: BTreeMap<String, f64>,
@@ -109,19 +112,67 @@ pub struct FederationValue {
     pub pooled: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
-/// Trains local-only, federated and centralised versions of `template`'s
-/// model on copies of `merchants` and compares them merchant by merchant;
-/// with `personalise` (recommenders), each merchant also fine-tunes the
-/// federated model and keeps its copy where its validation improves.
+/// One merchant's figures under the version a federation serves.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServedFigures {
+    /// Its held-out metrics under the served version, with its private state.
+    pub metrics: BTreeMap<String, f64>,
+    /// With personalisation: the metrics of its fine-tuned copy and whether
+    /// it kept (serves) it.
+    pub personalised: Option<(BTreeMap<String, f64>, bool)>,
+}
+
+/// Where the federated column of [`federation_value`] comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Federated<'a> {
+    /// A reference federation trained here (FedAvg, every merchant each
+    /// round, the baselines' rounds) and the version it would serve; with a
+    /// [`Personalise`](crate::model::mf::Personalise), every merchant also
+    /// fine-tunes that version (recommenders). For callers without a run of
+    /// their own.
+    Reference(Option<&'a crate::model::mf::Personalise>),
+    /// The figures of the run being reported, by merchant id: the report's
+    /// federated (and personalised) column is that run's served version,
+    /// whatever its strategy, selection, early stopping or personalisation.
+    Served(&'a BTreeMap<String, ServedFigures>),
+}
+
+/// Why a federation-value report could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    /// A baseline's training or evaluation failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// [`Federated::Served`] lacks a merchant of the population.
+    #[error("merchant {0} has no figures for the served version")]
+    MissingServed(String),
+}
+
+/// Trains local-only and centralised versions of `template`'s model on
+/// copies of `merchants` and compares them merchant by merchant with the
+/// federated model's figures (`federated`: the reported run's served
+/// version, or a reference federation trained here).
 pub fn federation_value(
     template: &TaskSpec,
     merchants: &[LocalData],
     rounds: u64,
-    personalise: Option<&crate::model::mf::Personalise>,
-) -> Result<FederationValue, TrainError> {
+    federated: Federated<'_>,
+) -> Result<FederationValue, ValueError> {
     use crate::federation::strategy::FedAvg;
-    let mut fed_data = merchants.to_vec();
-    let fed = federate(template, &mut fed_data, rounds, &mut FedAvg)?;
+    let served: Vec<ServedFigures> = match federated {
+        Federated::Served(by_id) => merchants
+            .iter()
+            .map(|m| {
+                by_id
+                    .get(&m.merchant_id)
+                    .cloned()
+                    .ok_or_else(|| ValueError::MissingServed(m.merchant_id.clone()))
+            })
+            .collect::<Result<_, _>>()?,
+        Federated::Reference(personalise) => {
+            reference_figures(template, merchants, rounds, personalise)?
+        }
+    };
     let mut pooled = [LocalData::pooled("centralized", merchants)];
     let central = federate(template, &mut pooled, rounds, &mut FedAvg)?;
     let has_private_state = template.model.data_family() == "mf";
@@ -137,22 +188,15 @@ pub fn federation_value(
         total
     });
     let mut out = Vec::with_capacity(merchants.len());
-    for (m, fed_m) in merchants.iter().zip(fed_data.iter_mut()) {
+    for (m, fed) in merchants.iter().zip(served) {
         let mut alone = [m.clone()];
         let local = federate(template, &mut alone, rounds, &mut FedAvg)?;
         let mut spec = template.clone();
         spec.standardizer = local.standardizer.clone();
         spec.round = local.served_round();
-        let local_only = evaluate(&spec, local.served(), &mut alone)?;
-        spec.standardizer = fed.standardizer.clone();
-        spec.round = fed.served_round();
-        let (federated, weight) = evaluate_weighted(&spec, fed.served(), fed_m)?;
-        let personal = match personalise {
-            Some(p) if has_private_state => {
-                Some(crate::train::personalise(&spec, fed.served(), fed_m, p)?)
-            }
-            _ => None,
-        };
+        // The evaluation weight (held-out examples) is the merchant's,
+        // whatever the model.
+        let (local_only, weight) = evaluate_pooled(&spec, local.served(), &mut alone)?;
         let centralized = if has_private_state {
             None
         } else {
@@ -167,15 +211,19 @@ pub fn federation_value(
             ),
             _ => (None, None),
         };
+        let (personalised, personalised_kept) = match fed.personalised {
+            Some((p, kept)) => (Some(p), Some(kept)),
+            None => (None, None),
+        };
         out.push(MerchantValue {
             merchant: m.merchant_id.clone(),
             local_only,
-            federated,
+            federated: fed.metrics,
             centralized,
             own_popularity,
             global_popularity,
-            personalised: personal.as_ref().map(|p| p.personal_metrics.clone()),
-            personalised_kept: personal.as_ref().map(|p| p.kept),
+            personalised,
+            personalised_kept,
             weight,
         });
     }
@@ -189,6 +237,40 @@ pub fn federation_value(
         pooled: pooled_columns(&out),
         merchants: out,
     })
+}
+
+/// Each merchant's figures under the version a reference federation of
+/// `rounds` FedAvg rounds serves, evaluated with the private state the
+/// federation left it; with `personalise` (recommenders), its fine-tuned copy.
+fn reference_figures(
+    template: &TaskSpec,
+    merchants: &[LocalData],
+    rounds: u64,
+    personalise: Option<&crate::model::mf::Personalise>,
+) -> Result<Vec<ServedFigures>, TrainError> {
+    use crate::federation::strategy::FedAvg;
+    let mut fed_data = merchants.to_vec();
+    let fed = federate(template, &mut fed_data, rounds, &mut FedAvg)?;
+    let mut spec = template.clone();
+    spec.standardizer = fed.standardizer.clone();
+    spec.round = fed.served_round();
+    let has_private_state = template.model.data_family() == "mf";
+    let mut out = Vec::with_capacity(merchants.len());
+    for m in fed_data.iter_mut() {
+        let (metrics, _) = evaluate_weighted(&spec, fed.served(), m)?;
+        let personalised = match personalise {
+            Some(p) if has_private_state => {
+                let p = crate::train::personalise(&spec, fed.served(), m, p)?;
+                Some((p.personal_metrics, p.kept))
+            }
+            _ => None,
+        };
+        out.push(ServedFigures {
+            metrics,
+            personalised,
+        });
+    }
+    Ok(out)
 }
 
 /// One column of the per-merchant report.
@@ -397,6 +479,15 @@ pub fn evaluate(
     params: &[f32],
     merchants: &mut [LocalData],
 ) -> Result<BTreeMap<String, f64>, TrainError> {
+    Ok(evaluate_pooled(template, params, merchants)?.0)
+}
+
+/// [`evaluate`] and the merchants' total evaluation weight.
+fn evaluate_pooled(
+    template: &TaskSpec,
+    params: &[f32],
+    merchants: &mut [LocalData],
+) -> Result<(BTreeMap<String, f64>, f64), TrainError> {
     let mut spec = template.clone();
     spec.kind = TaskKind::Evaluate;
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
@@ -422,7 +513,7 @@ pub fn evaluate(
     if !pooled.is_empty() {
         sums.extend(spec.model.pooled_metrics(&pooled));
     }
-    Ok(sums)
+    Ok((sums, total))
 }
 
 #[cfg(test)]
@@ -500,7 +591,7 @@ mod tests {
             dp: None,
         };
         let merchants = telco_merchants(4, 3);
-        let value = federation_value(&spec, &merchants, 3, None).unwrap();
+        let value = federation_value(&spec, &merchants, 3, Federated::Reference(None)).unwrap();
         assert_eq!(value.merchants.len(), 4);
         let fed = federate(&spec, &mut merchants.clone(), 3, &mut FedAvg).unwrap();
         // The federated column is the federated model on each merchant's own rows.
@@ -515,5 +606,46 @@ mod tests {
             assert!(m.local_only["auc"] > 0.5 && m.federated["auc"] > 0.5 && central["auc"] > 0.5);
         }
         assert!(value.centralized_pooled["auc"] > 0.8);
+    }
+
+    #[test]
+    fn served_figures_are_the_federated_column_and_a_missing_merchant_is_named() {
+        let spec = TaskSpec {
+            kind: TaskKind::Train,
+            model: ModelSpec::ChurnLr {
+                num_features: Schema::telco().num_features(),
+            },
+            sgd: SgdParams::default(),
+            seed: 3,
+            round: 0,
+            standardizer: None,
+            dp: None,
+        };
+        let merchants = telco_merchants(3, 3);
+        let figures = |k: usize| ServedFigures {
+            metrics: BTreeMap::from([("auc".to_string(), 0.5 + 0.1 * k as f64)]),
+            personalised: None,
+        };
+        let mut served: BTreeMap<String, ServedFigures> =
+            (0..3).map(|k| (format!("m{k}"), figures(k))).collect();
+        let value = federation_value(&spec, &merchants, 2, Federated::Served(&served)).unwrap();
+        for (k, m) in value.merchants.iter().enumerate() {
+            assert_eq!(m.federated, figures(k).metrics);
+            assert!(m.weight > 0.0 && m.personalised.is_none());
+        }
+        let total: f64 = value.merchants.iter().map(|m| m.weight).sum();
+        let mean: f64 = value
+            .merchants
+            .iter()
+            .map(|m| m.federated["auc"] * m.weight)
+            .sum::<f64>()
+            / total;
+        assert!((value.pooled["federated"]["auc"] - mean).abs() < 1e-12);
+        served.remove("m1");
+        let err = federation_value(&spec, &merchants, 2, Federated::Served(&served)).unwrap_err();
+        assert!(
+            matches!(&err, ValueError::MissingServed(m) if m == "m1"),
+            "{err}"
+        );
     }
 }

@@ -93,8 +93,13 @@ pub fn run(
     exp.per_merchant = done.per_merchant;
     if let Some(originals) = originals {
         exp.federation_value = Some(
-            fedcart_common::reference::federation_value(&done.template, &originals, s.rounds, None)
-                .context("computing the federation-value baselines")?,
+            fedcart_common::reference::federation_value(
+                &done.template,
+                &originals,
+                s.rounds,
+                fedcart_common::reference::Federated::Reference(None),
+            )
+            .context("computing the federation-value baselines")?,
         );
     }
     exp.final_model = done.final_model;

@@ -427,6 +427,12 @@ pub fn run_one(
             .unwrap_or(l.clip()),
         adaptive: l.settings().clip == fedcart_coordinator::config::ClipNorm::Adaptive,
     });
+    exp.best = best_summary(&engine, &exp, &merchants, &ids, pool)?;
+    if let (Some(best), Some(p)) = (&mut exp.best, s.personalisation(task)) {
+        best.personalised = Some(personalise(
+            &engine, best.round, &p, &merchants, &ids, pool,
+        )?);
+    }
     if let Some(originals) = originals {
         let template = TaskSpec {
             kind: TaskKind::Train,
@@ -437,21 +443,18 @@ pub fn run_one(
             standardizer: None,
             dp: None,
         };
+        // The federated column is this run's served version, merchant by
+        // merchant; only the baselines are trained for the report.
+        let served = served_figures(&engine, &exp, &merchants, &ids, pool)?;
         exp.federation_value = Some(
             fedcart_common::reference::federation_value(
                 &template,
                 &originals,
                 s.mode.baseline_rounds(s.rounds, n),
-                s.personalisation(task).as_ref(),
+                fedcart_common::reference::Federated::Served(&served),
             )
             .context("computing the federation-value baselines")?,
         );
-    }
-    exp.best = best_summary(&engine, &exp, &merchants, &ids, pool)?;
-    if let (Some(best), Some(p)) = (&mut exp.best, s.personalisation(task)) {
-        best.personalised = Some(personalise(
-            &engine, best.round, &p, &merchants, &ids, pool,
-        )?);
     }
     exp.report.extend(selection_report(&exp));
     exp.final_model = engine.global().to_vec();
@@ -607,6 +610,66 @@ fn best_summary(
         served_per_merchant,
         personalised: None,
     }))
+}
+
+/// Each merchant's figures under the version the run serves (the best by
+/// validation, else the last) and, with personalisation, under its
+/// fine-tuned copy: the federated column of the federation-value report.
+/// A merchant missing from the served figures (the last evaluation, when
+/// it is the served version, heard only from the merchants it selected or
+/// that did not drop out) is evaluated here on the served version, as the
+/// engine would hand it out: the table has every merchant, and its pooled
+/// federated figure is `best.served` whenever that covers every merchant.
+fn served_figures(
+    engine: &Engine,
+    exp: &Experiment,
+    merchants: &[Mutex<LocalData>],
+    ids: &[String],
+    pool: &rayon::ThreadPool,
+) -> anyhow::Result<BTreeMap<String, fedcart_common::reference::ServedFigures>> {
+    let (version, per_merchant) = match &exp.best {
+        Some(b) => (b.round, &b.served_per_merchant),
+        None => (engine.version(), &exp.per_merchant),
+    };
+    let missing: Vec<usize> = (0..ids.len())
+        .filter(|&k| !per_merchant.contains_key(&ids[k]))
+        .collect();
+    let mut metrics = per_merchant.clone();
+    if !missing.is_empty() {
+        let (params, spec) = evaluation_of(engine, version, "served")?;
+        let outs: Vec<_> = pool.install(|| {
+            missing
+                .par_iter()
+                .map(|&k| {
+                    run_task(
+                        &spec,
+                        &params,
+                        &mut merchants[k].lock().expect("merchant lock"),
+                    )
+                })
+                .collect()
+        });
+        for (&k, out) in missing.iter().zip(outs) {
+            let out = out.with_context(|| format!("{}: evaluating version {version}", ids[k]))?;
+            metrics.insert(ids[k].clone(), out.metrics);
+        }
+    }
+    let personal = exp.best.as_ref().and_then(|b| b.personalised.as_ref());
+    Ok(metrics
+        .into_iter()
+        .map(|(id, metrics)| {
+            let personalised = personal
+                .and_then(|p| p.per_merchant.get(&id))
+                .map(|m| (m.personalised.clone(), m.kept));
+            (
+                id,
+                fedcart_common::reference::ServedFigures {
+                    metrics,
+                    personalised,
+                },
+            )
+        })
+        .collect())
 }
 
 /// Every merchant personalises the served `version` (in parallel, each on

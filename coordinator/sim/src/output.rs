@@ -324,8 +324,8 @@ fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&s
     // discarded on its validation slice) and the copy it serves.
     let personal = v.merchants.iter().any(|m| m.personalised_kept.is_some());
     let mut out = format!(
-        "<h3>Federation value ({} of the served version after {} rounds; centralised on all \
-         rows: {})</h3><table><tr><th>merchant</th><th>global popularity</th>\
+        "<h3>Federation value ({} of the run's served version; baselines trained {} rounds; \
+         centralised on all rows: {})</h3><table><tr><th>merchant</th><th>global popularity</th>\
          <th>own popularity</th><th>local-only</th><th>federated</th>{}<th>centralised</th></tr>\
          <tr><td><b>pooled</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>–</td></tr>",
         esc(key),

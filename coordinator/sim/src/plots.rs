@@ -16,6 +16,7 @@ use std::sync::Once;
 use anyhow::{Context, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::experiment::Experiment;
 
@@ -188,7 +189,16 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
         }
         out.push((
             format!("{}-federation-value", e.task),
-            format!("{}: {key} per merchant after {} rounds", e.task, v.rounds),
+            match &e.best {
+                Some(b) => format!(
+                    "{}: {key} per merchant (served version {}; baselines {} rounds)",
+                    e.task, b.round, v.rounds
+                ),
+                None => format!(
+                    "{}: {key} per merchant (baselines {} rounds)",
+                    e.task, v.rounds
+                ),
+            },
             Chart::Bars {
                 y_desc: key,
                 categories: std::iter::once("pooled".to_string())
@@ -240,18 +250,44 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// A chart on `area` with the title and the axes' label areas.
+fn builder<'a, 'b, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    title: &str,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut b = ChartBuilder::on(area);
+    b.caption(title, (FONT, 20))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64);
+    b
+}
+
+/// Legend swatch side, gap to its label, gap between entries, row height
+/// and padding of the bar chart's legend strip, in pixels.
+const SWATCH: i32 = 12;
+const SWATCH_GAP: i32 = 6;
+const ENTRY_GAP: i32 = 22;
+const ROW: i32 = 20;
+const LEGEND_PAD: i32 = 6;
+
+/// Where a bar chart's parts landed, in the image's pixels: the plotting
+/// area (the bars) and the legend (below the chart, outside the plotting
+/// area, so it never hides a bar).
+#[derive(Debug, Clone, PartialEq)]
+struct BarsLayout {
+    /// x and y pixel ranges of the plotting area.
+    plot: (std::ops::Range<i32>, std::ops::Range<i32>),
+    /// x and y pixel ranges of the legend's entries.
+    legend: (std::ops::Range<i32>, std::ops::Range<i32>),
+}
+
 fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     title: &str,
     chart: &Chart<'_>,
-) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+) -> Result<Option<BarsLayout>, DrawingAreaErrorKind<DB::ErrorType>> {
     root.fill(&WHITE)?;
-    let mut builder = ChartBuilder::on(root);
-    builder
-        .caption(title, (FONT, 20))
-        .margin(14)
-        .x_label_area_size(44)
-        .y_label_area_size(64);
     match chart {
         Chart::Lines {
             x_desc,
@@ -261,7 +297,7 @@ fn draw<DB: DrawingBackend>(
         } => {
             let (x0, x1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
             let (y0, y1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
-            let mut c = builder.build_cartesian_2d(x0..x1, y0..y1)?;
+            let mut c = builder(root, title).build_cartesian_2d(x0..x1, y0..y1)?;
             // Rounds and versions are whole numbers: label only whole ticks.
             let whole = |x: &f64| {
                 let r = x.round();
@@ -298,16 +334,53 @@ fn draw<DB: DrawingBackend>(
                 .border_style(BLACK)
                 .label_font((FONT, 13))
                 .draw()?;
+            Ok(None)
         }
         Chart::Bars {
             y_desc,
             categories,
             series,
         } => {
+            // The legend gets its own strip below the chart: every bar may
+            // reach any height, so no corner of the plotting area is free.
+            let style: TextStyle = (FONT, 13).into();
+            let (width, height) = root.dim_in_pixel();
+            let mut rows: Vec<Vec<(usize, i32)>> = vec![Vec::new()];
+            let mut row_width = Vec::new();
+            let mut x = 0;
+            for (s, (label, _)) in series.iter().enumerate() {
+                let text = root.estimate_text_size(label, &style)?.0 as i32;
+                let w = SWATCH + SWATCH_GAP + text;
+                if x > 0 && x + w > width as i32 - 2 * LEGEND_PAD {
+                    row_width.push(x - ENTRY_GAP);
+                    rows.push(Vec::new());
+                    x = 0;
+                }
+                if let Some(row) = rows.last_mut() {
+                    row.push((s, x));
+                }
+                x += w + ENTRY_GAP;
+            }
+            row_width.push((x - ENTRY_GAP).max(0));
+            let strip = rows.len() as i32 * ROW + 2 * LEGEND_PAD;
+            let (chart_area, legend_area) = root.split_vertically(height as i32 - strip);
             let n = categories.len().max(1);
             let (lo, hi) = span(series.iter().flat_map(|s| s.1.iter().flatten().copied()));
-            let mut c =
-                builder.build_cartesian_2d(-0.5..(n as f64 - 0.5), lo.min(hi - 1e-3)..hi)?;
+            let mut c = builder(&chart_area, title)
+                .build_cartesian_2d(-0.5..(n as f64 - 0.5), lo.min(hi - 1e-3)..hi)?;
+            // Category labels shrink until they fit their slot.
+            let slot = c.plotting_area().dim_in_pixel().0 as f64 / n as f64;
+            let mut size = 13.0;
+            while size > 8.0 {
+                let widest = categories
+                    .iter()
+                    .map(|l| root.estimate_text_size(l, &(FONT, size).into()))
+                    .try_fold(0, |m, w| w.map(|w| m.max(w.0)))?;
+                if f64::from(widest) <= 0.9 * slot {
+                    break;
+                }
+                size -= 1.0;
+            }
             let cats = categories.clone();
             c.configure_mesh()
                 .disable_x_mesh()
@@ -323,32 +396,53 @@ fn draw<DB: DrawingBackend>(
                 .x_desc("merchant")
                 .y_desc(*y_desc)
                 .label_style((FONT, 13))
+                .x_label_style((FONT, size))
                 .axis_desc_style((FONT, 15))
                 .draw()?;
-            let width = 0.8 / series.len().max(1) as f64;
-            for (s, (label, values)) in series.iter().enumerate() {
+            let bar_width = 0.8 / series.len().max(1) as f64;
+            for (s, (_, values)) in series.iter().enumerate() {
                 let colour = PALETTE[s % PALETTE.len()];
                 let bars = values.iter().enumerate().filter_map(|(i, v)| {
-                    let left = i as f64 - 0.4 + s as f64 * width;
+                    let left = i as f64 - 0.4 + s as f64 * bar_width;
                     v.map(|v| {
-                        Rectangle::new([(left, lo), (left + width * 0.9, v)], colour.filled())
+                        Rectangle::new([(left, lo), (left + bar_width * 0.9, v)], colour.filled())
                     })
                 });
-                c.draw_series(bars)?
-                    .label(label.as_str())
-                    .legend(move |(x, y)| {
-                        Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled())
-                    });
+                c.draw_series(bars)?;
             }
-            c.configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .label_font((FONT, 13))
-                .draw()?;
+            // Rows centred under the chart.
+            let label_style = style.pos(Pos::new(HPos::Left, VPos::Center));
+            let mut left = width as i32;
+            let mut right = 0;
+            for (r, entries) in rows.iter().enumerate() {
+                let x0 = (width as i32 - row_width[r]) / 2;
+                left = left.min(x0);
+                right = right.max(x0 + row_width[r]);
+                let y = LEGEND_PAD + r as i32 * ROW + ROW / 2;
+                for &(s, dx) in entries {
+                    let colour = PALETTE[s % PALETTE.len()];
+                    let x = x0 + dx;
+                    legend_area.draw(&Rectangle::new(
+                        [(x, y - SWATCH / 2), (x + SWATCH, y + SWATCH / 2)],
+                        colour.filled(),
+                    ))?;
+                    legend_area.draw(&Text::new(
+                        series[s].0.as_str(),
+                        (x + SWATCH + SWATCH_GAP, y),
+                        label_style.clone(),
+                    ))?;
+                }
+            }
+            let (bx, by) = legend_area.get_base_pixel();
+            Ok(Some(BarsLayout {
+                plot: c.plotting_area().get_pixel_range(),
+                legend: (
+                    bx + left..bx + right,
+                    by + LEGEND_PAD..by + LEGEND_PAD + rows.len() as i32 * ROW,
+                ),
+            }))
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

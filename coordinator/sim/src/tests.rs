@@ -803,8 +803,9 @@ fn personalisation_keeps_each_merchants_copy_only_where_its_validation_improves(
         assert_eq!(m.kept, m.personal_val > m.global_val, "{id}");
         assert_eq!(m.kept, p.kept.contains(id), "{id}");
     }
-    // The reference federation of the report makes the same choice per
-    // merchant; its "selected" column pools each merchant's served copy.
+    // The report's federated and personalised columns are this run's, so
+    // they make the same choice per merchant; its "selected" column pools
+    // each merchant's served copy.
     let v = e.federation_value.as_ref().unwrap();
     let (mut sum, mut weight) = (0.0, 0.0);
     for m in &v.merchants {
@@ -845,4 +846,104 @@ fn personalisation_flags_are_checked_naming_the_flag() {
     a.personalise_proximal = None;
     a.transport = Some(crate::args::Transport::Grpc);
     assert!(err(a).contains("--personalise is not available with --transport grpc"));
+}
+
+#[test]
+fn federation_value_federated_column_is_the_served_version_of_the_run() {
+    // Server momentum: a plain FedAvg federation (what the report used to
+    // re-run on its own) is a different model, so the federated column must
+    // come from this run to match it.
+    for (task, personalise) in [("mf-ials", None), ("mf-implicit", Some(2)), ("mf", None)] {
+        let out = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.task = Some(task.parse().unwrap());
+        a.data = Some(
+            format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+                .parse()
+                .unwrap(),
+        );
+        a.rounds = Some(3);
+        a.strategy = Some("fedavgm".parse().unwrap());
+        a.factors = Some(8);
+        a.epochs = Some(1);
+        a.personalise = personalise;
+        a.out = Some(out.path().to_path_buf());
+        let exps = run(a);
+        let e = &exps[0];
+        let best = e.best.as_ref().expect("recommenders select a version");
+        let v = e.federation_value.as_ref().expect("baselines with --out");
+        assert_eq!(v.merchants.len(), 4, "{task}");
+        for m in &v.merchants {
+            assert_eq!(
+                m.federated, best.served_per_merchant[&m.merchant],
+                "{task} {}",
+                m.merchant
+            );
+            match &best.personalised {
+                Some(p) => {
+                    let mine = &p.per_merchant[&m.merchant];
+                    assert_eq!(m.personalised.as_ref(), Some(&mine.personalised));
+                    assert_eq!(m.personalised_kept, Some(mine.kept));
+                }
+                None => assert!(m.personalised.is_none() && m.personalised_kept.is_none()),
+            }
+        }
+        // Pooled: the example-weighted mean the run's served figures are.
+        let pooled = &v.pooled["federated"];
+        assert_eq!(
+            pooled.keys().collect::<Vec<_>>(),
+            best.served.keys().collect::<Vec<_>>()
+        );
+        for (k, served) in &best.served {
+            assert!(
+                (pooled[k] - served).abs() <= 1e-12 * served.abs().max(1.0),
+                "{task} pooled {k}: federation value {} vs served {served}",
+                pooled[k]
+            );
+        }
+        if let Some(p) = &best.personalised {
+            for (k, selected) in &p.selected {
+                let got = v.pooled["selected"][k];
+                assert!(
+                    (got - selected).abs() <= 1e-12 * selected.abs().max(1.0),
+                    "{k}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn federation_value_of_a_sampled_run_has_every_merchant_under_the_served_version() {
+    // Half the merchants are selected per task, evaluations included: the
+    // merchants the served evaluation heard from keep its figures, the
+    // others are evaluated on the same served version.
+    let out = tempfile::tempdir().unwrap();
+    let mut a = args();
+    a.task = Some("mf-ials".parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
+    a.rounds = Some(1);
+    a.fraction = Some(0.5);
+    a.factors = Some(8);
+    a.out = Some(out.path().to_path_buf());
+    let exps = run(a);
+    let best = exps[0].best.as_ref().unwrap();
+    let v = exps[0].federation_value.as_ref().unwrap();
+    assert_eq!(v.merchants.len(), 4);
+    // One round: the served version is the last, measured on two merchants.
+    assert_eq!(best.served_per_merchant.len(), 2);
+    let heard: Vec<_> = v
+        .merchants
+        .iter()
+        .filter_map(|m| Some((m, best.served_per_merchant.get(&m.merchant)?)))
+        .collect();
+    assert!(!heard.is_empty());
+    for (m, served) in heard {
+        assert_eq!(&m.federated, served, "{}", m.merchant);
+    }
+    assert!(v.merchants.iter().all(|m| m.federated["hr@10"].is_finite()));
 }

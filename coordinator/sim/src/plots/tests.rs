@@ -157,3 +157,124 @@ fn an_experiment_without_a_metric_has_no_plots() {
     let dir = tempfile::tempdir().unwrap();
     assert!(write_all(dir.path(), &[e]).unwrap()[0].is_empty());
 }
+
+/// The attribute `name` of an SVG element's opening tag, as a number.
+fn attr(tag: &str, name: &str) -> Option<f64> {
+    let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+    tag[start..].split('"').next()?.parse().ok()
+}
+
+/// The palette-coloured rectangles (bars, legend swatches) of an SVG:
+/// (x0, y0, x1, y1).
+fn coloured_rects(svg: &str) -> Vec<(f64, f64, f64, f64)> {
+    let palette: Vec<String> = PALETTE
+        .iter()
+        .map(|c| format!("fill=\"#{:02X}{:02X}{:02X}\"", c.0, c.1, c.2))
+        .collect();
+    svg.split("<rect")
+        .skip(1)
+        .filter_map(|t| {
+            let tag = &t[..t.find("/>")?];
+            palette
+                .iter()
+                .any(|p| tag.contains(p.as_str()))
+                .then_some(())?;
+            let (x, y) = (attr(tag, "x")?, attr(tag, "y")?);
+            Some((x, y, x + attr(tag, "width")?, y + attr(tag, "height")?))
+        })
+        .collect()
+}
+
+/// Each text node of an SVG with its anchor point: (text, x, y).
+fn placed_texts(svg: &str) -> Vec<(String, f64, f64)> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let tag = &t[..t.find('>')?];
+            let body = &t[t.find('>')? + 1..];
+            let text = body[..body.find("</text>")?].trim().to_string();
+            Some((text, attr(tag, "x")?, attr(tag, "y")?))
+        })
+        .collect()
+}
+
+#[test]
+fn the_federation_value_legend_covers_no_bar() {
+    // Twenty merchants, the six columns of a personalised recommender, every
+    // bar near the top: no corner of the plotting area is free for a legend.
+    let mut e = experiment();
+    let metric = |v: f64| BTreeMap::from([("auc".to_string(), v)]);
+    let level = |k: usize, s: usize| 0.8 + 0.01 * ((k * 7 + s) % 5) as f64;
+    let v = e.federation_value.as_mut().unwrap();
+    v.merchants = (0..20)
+        .map(|k| MerchantValue {
+            merchant: format!("m{k:04}"),
+            global_popularity: Some(metric(level(k, 0))),
+            own_popularity: Some(metric(level(k, 1))),
+            local_only: metric(level(k, 2)),
+            federated: metric(level(k, 3)),
+            centralized: Some(metric(level(k, 4))),
+            personalised: Some(metric(level(k, 5))),
+            personalised_kept: Some(true),
+            weight: 1.0,
+        })
+        .collect();
+    for (s, col) in [
+        "global_popularity",
+        "own_popularity",
+        "local_only",
+        "federated",
+        "selected",
+    ]
+    .iter()
+    .enumerate()
+    {
+        v.pooled.insert(col.to_string(), metric(level(20, s)));
+    }
+    register_font();
+    let (_, title, chart) = charts(&e).pop().unwrap();
+    let Chart::Bars { series, .. } = &chart else {
+        panic!("the federation-value chart has bars");
+    };
+    let labels: Vec<String> = series.iter().map(|s| s.0.clone()).collect();
+    assert_eq!(labels.len(), 6);
+    let mut svg = String::new();
+    let layout = {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        let layout = draw(&root, &title, &chart).unwrap().unwrap();
+        root.present().unwrap();
+        layout
+    };
+    // The legend lies in the image, wholly below the plotting area.
+    let (legend_x, legend_y) = &layout.legend;
+    assert!(legend_y.start >= layout.plot.1.end, "{layout:?}");
+    assert!(
+        legend_x.start >= 0 && legend_x.end <= SIZE.0 as i32,
+        "{layout:?}"
+    );
+    assert!(legend_y.end <= SIZE.1 as i32, "{layout:?}");
+    // In the drawn SVG: every label is there, and no coloured rectangle (a
+    // bar, or another entry's swatch) crosses a label's text box.
+    let rects = coloured_rects(&svg);
+    assert!(rects.len() > 20 * 6, "{} bars", rects.len());
+    let texts = placed_texts(&svg);
+    let mut scratch = String::new();
+    let sizer = SVGBackend::with_string(&mut scratch, SIZE).into_drawing_area();
+    for label in &labels {
+        let &(_, x, y) = texts
+            .iter()
+            .find(|t| &t.0 == label)
+            .unwrap_or_else(|| panic!("legend label {label} not drawn"));
+        let (w, h) = sizer.estimate_text_size(label, &(FONT, 13).into()).unwrap();
+        let (x0, x1, y0, y1) = (
+            x,
+            x + f64::from(w),
+            y - f64::from(h) / 2.0,
+            y + f64::from(h) / 2.0,
+        );
+        for r in &rects {
+            let crosses = r.0 < x1 && x0 < r.2 && r.1 < y1 && y0 < r.3;
+            assert!(!crosses, "legend label {label} at ({x}, {y}) crosses {r:?}");
+        }
+    }
+}
