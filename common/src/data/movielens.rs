@@ -207,26 +207,37 @@ pub fn leave_last_out(rows: &[Interaction]) -> (Vec<Interaction>, Vec<Interactio
     let mut count: BTreeMap<&str, usize> = BTreeMap::new();
     for (k, r) in rows.iter().enumerate() {
         *count.entry(&r.user).or_default() += 1;
-        let e = last.entry(&r.user).or_insert(k);
-        if r.timestamp >= rows[*e].timestamp {
-            *e = k;
-        }
+        keep_latest(&mut last, rows, k);
     }
     let held: BTreeSet<usize> = last
         .iter()
         .filter(|(u, _)| count[*u] >= 2)
         .map(|(_, &k)| k)
         .collect();
-    let mut train = Vec::with_capacity(rows.len());
-    let mut test = Vec::with_capacity(held.len());
+    split_off(rows, &held)
+}
+
+/// Records row `k` as its user's latest in `latest` if no earlier-listed row
+/// is later in time (ties go to the later row).
+fn keep_latest<'a>(latest: &mut BTreeMap<&'a str, usize>, rows: &'a [Interaction], k: usize) {
+    let e = latest.entry(rows[k].user.as_str()).or_insert(k);
+    if rows[k].timestamp >= rows[*e].timestamp {
+        *e = k;
+    }
+}
+
+/// `(rows not in held, rows in held)`, each in the original order.
+fn split_off(rows: &[Interaction], held: &BTreeSet<usize>) -> (Vec<Interaction>, Vec<Interaction>) {
+    let mut kept = Vec::with_capacity(rows.len());
+    let mut out = Vec::with_capacity(held.len());
     for (k, r) in rows.iter().enumerate() {
         if held.contains(&k) {
-            test.push(r.clone());
+            out.push(r.clone());
         } else {
-            train.push(r.clone());
+            kept.push(r.clone());
         }
     }
-    (train, test)
+    (kept, out)
 }
 
 /// Leave-last-basket-out: for each user, the latest row (ties broken by the
@@ -249,15 +260,9 @@ pub fn leave_last_basket_out(
     for (k, r) in rows.iter().enumerate() {
         let u = r.user.as_str();
         *count.entry(u).or_default() += 1;
-        let e = last.entry(u).or_insert(k);
-        if r.timestamp >= rows[*e].timestamp {
-            *e = k;
-        }
+        keep_latest(&mut last, rows, k);
         if before.get(u).is_some_and(|&t| r.timestamp < t) {
-            let e = earlier.entry(u).or_insert(k);
-            if r.timestamp >= rows[*e].timestamp {
-                *e = k;
-            }
+            keep_latest(&mut earlier, rows, k);
         }
     }
     let held: BTreeSet<usize> = last
@@ -265,16 +270,7 @@ pub fn leave_last_basket_out(
         .filter(|(u, _)| count[*u] >= 2)
         .map(|(u, &k)| earlier.get(u).copied().unwrap_or(k))
         .collect();
-    let mut train = Vec::with_capacity(rows.len());
-    let mut valid = Vec::with_capacity(held.len());
-    for (k, r) in rows.iter().enumerate() {
-        if held.contains(&k) {
-            valid.push(r.clone());
-        } else {
-            train.push(r.clone());
-        }
-    }
-    (train, valid)
+    split_off(rows, &held)
 }
 
 /// Deals the distinct users of `rows` into `merchants` groups after a seeded
