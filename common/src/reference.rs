@@ -551,6 +551,21 @@ mod tests {
             .collect()
     }
 
+    /// A Telco churn logistic-regression training spec seeded with `seed`.
+    fn churn_lr_spec(seed: u64) -> TaskSpec {
+        TaskSpec {
+            kind: TaskKind::Train,
+            model: ModelSpec::ChurnLr {
+                num_features: Schema::telco().num_features(),
+            },
+            sgd: SgdParams::default(),
+            seed,
+            round: 0,
+            standardizer: None,
+            dp: None,
+        }
+    }
+
     #[test]
     fn telco_lr_federation_reaches_auc_above_0_8_and_is_deterministic() {
         let spec = TaskSpec {
@@ -579,17 +594,7 @@ mod tests {
 
     #[test]
     fn federation_value_compares_each_merchant_three_ways() {
-        let spec = TaskSpec {
-            kind: TaskKind::Train,
-            model: ModelSpec::ChurnLr {
-                num_features: Schema::telco().num_features(),
-            },
-            sgd: SgdParams::default(),
-            seed: 3,
-            round: 0,
-            standardizer: None,
-            dp: None,
-        };
+        let spec = churn_lr_spec(3);
         let merchants = telco_merchants(4, 3);
         let value = federation_value(&spec, &merchants, 3, Federated::Reference(None)).unwrap();
         assert_eq!(value.merchants.len(), 4);
@@ -610,17 +615,7 @@ mod tests {
 
     #[test]
     fn served_figures_are_the_federated_column_and_a_missing_merchant_is_named() {
-        let spec = TaskSpec {
-            kind: TaskKind::Train,
-            model: ModelSpec::ChurnLr {
-                num_features: Schema::telco().num_features(),
-            },
-            sgd: SgdParams::default(),
-            seed: 3,
-            round: 0,
-            standardizer: None,
-            dp: None,
-        };
+        let spec = churn_lr_spec(3);
         let merchants = telco_merchants(3, 3);
         let figures = |k: usize| ServedFigures {
             metrics: BTreeMap::from([("auc".to_string(), 0.5 + 0.1 * k as f64)]),
