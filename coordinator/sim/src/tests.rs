@@ -23,6 +23,18 @@ fn args() -> SimArgs {
     }
 }
 
+/// [`args`] running `task` on the bundled MovieLens ratings.
+fn movielens_args(task: &str) -> SimArgs {
+    let mut a = args();
+    a.task = Some(task.parse().unwrap());
+    a.data = Some(
+        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
+            .parse()
+            .unwrap(),
+    );
+    a
+}
+
 fn run(a: SimArgs) -> Vec<Experiment> {
     run_all(&Settings::from_args(a).unwrap()).unwrap()
 }
@@ -107,13 +119,7 @@ fn short_demo_trains_both_models_and_writes_the_report() {
 
 #[test]
 fn same_seed_gives_identical_metrics_whatever_the_thread_count() {
-    let mut a = args();
-    a.task = Some("mf".parse().unwrap());
-    a.data = Some(
-        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = movielens_args("mf");
     a.epochs = Some(1);
     a.fraction = Some(0.5);
     a.dropout = Some(0.2);
@@ -197,13 +203,7 @@ fn bad_settings_are_explained() {
 
 #[test]
 fn secure_aggregation_matches_plaintext_within_quantisation() {
-    let mut a = args();
-    a.task = Some("mf".parse().unwrap());
-    a.data = Some(
-        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = movielens_args("mf");
     a.epochs = Some(1);
     let plain = run(a.clone());
     a.secagg = true;
@@ -225,13 +225,7 @@ fn secure_aggregation_matches_plaintext_within_quantisation() {
 fn ials_under_secure_aggregation_matches_plaintext_within_quantisation() {
     // iALS's update is a sum of confidence-weighted item rows like BPR's:
     // the masked sum decodes to the plaintext step up to fixed-point rounding.
-    let mut a = args();
-    a.task = Some("mf-ials".parse().unwrap());
-    a.data = Some(
-        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = movielens_args("mf-ials");
     a.factors = Some(8);
     let plain = run(a.clone());
     a.secagg = true;
@@ -549,13 +543,7 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
 /// run ends with that cause instead of looping.
 #[test]
 fn a_round_where_every_merchant_diverges_ends_the_run_with_that_cause() {
-    let mut a = args();
-    a.task = Some("mf".parse().unwrap());
-    a.data = Some(
-        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = movielens_args("mf");
     a.merchants = Some(10);
     a.rounds = Some(10);
     a.malicious = Some(0.2);
@@ -779,13 +767,7 @@ fn secagg_neighbours_below_the_minimum_or_without_secagg_are_refused_naming_the_
 #[test]
 fn personalisation_keeps_each_merchants_copy_only_where_its_validation_improves() {
     let out = tempfile::tempdir().unwrap();
-    let mut a = args();
-    a.task = Some("mf-implicit".parse().unwrap());
-    a.data = Some(
-        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = movielens_args("mf-implicit");
     a.factors = Some(8);
     a.epochs = Some(1);
     a.personalise = Some(3);
@@ -855,13 +837,7 @@ fn federation_value_federated_column_is_the_served_version_of_the_run() {
     // come from this run to match it.
     for (task, personalise) in [("mf-ials", None), ("mf-implicit", Some(2)), ("mf", None)] {
         let out = tempfile::tempdir().unwrap();
-        let mut a = args();
-        a.task = Some(task.parse().unwrap());
-        a.data = Some(
-            format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
-                .parse()
-                .unwrap(),
-        );
+        let mut a = movielens_args(task);
         a.rounds = Some(3);
         a.strategy = Some("fedavgm".parse().unwrap());
         a.factors = Some(8);
@@ -919,13 +895,7 @@ fn federation_value_of_a_sampled_run_has_every_merchant_under_the_served_version
     // merchants the served evaluation heard from keep its figures, the
     // others are evaluated on the same served version.
     let out = tempfile::tempdir().unwrap();
-    let mut a = args();
-    a.task = Some("mf-ials".parse().unwrap());
-    a.data = Some(
-        format!("movielens:{}", repo(data::DEFAULT_MOVIELENS))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = movielens_args("mf-ials");
     a.rounds = Some(1);
     a.fraction = Some(0.5);
     a.factors = Some(8);
