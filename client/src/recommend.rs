@@ -294,8 +294,16 @@ impl Recommender {
             });
         }
         let global = &self.global;
-        let pu = &self.users.factors[u * f..(u + 1) * f];
-        let bu = self.users.bias.get(u).copied().unwrap_or(0.0);
+        // The users the evaluation of this version measured the test with.
+        let (bias, users) = self.users.serving_side(self.version);
+        if (u + 1) * f > users.len() {
+            return Err(RecommendError::Untrained {
+                customer: customer.to_owned(),
+                factors: f,
+            });
+        }
+        let pu = &users[u * f..(u + 1) * f];
+        let bu = bias.get(u).copied().unwrap_or(0.0);
         let mut scores: Vec<f32> = (0..n)
             .map(|i| {
                 // In range: `load` checked the length against the shape.

@@ -96,7 +96,17 @@ async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart()
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../data/ml-latest-small/ratings.csv");
     let rows = movielens::load_ratings(&path).unwrap();
-    let fed = movielens::explicit_federation(&rows, 2, 0.2, 9);
+    let mut fed = movielens::explicit_federation(&rows, 2, 0.2, 9);
+    // Every tenth training rating validates, as the agent's data loader does.
+    for m in &mut fed.merchants {
+        let mf = m.mf.as_mut().unwrap();
+        let (train, valid) = std::mem::take(&mut mf.train)
+            .into_iter()
+            .enumerate()
+            .partition::<Vec<_>, _>(|(j, _)| j % 10 != 9);
+        mf.train = train.into_iter().map(|(_, r)| r).collect();
+        mf.valid = valid.into_iter().map(|(_, r)| r).collect();
+    }
     let num_items = fed.catalogue.len();
     let mut run = churn_run("mf", 2, 2, 2);
     run.model = ModelSpec::Mf {
@@ -131,9 +141,53 @@ async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart()
     .unwrap();
     assert_eq!(recs.len(), 10);
     assert!(recs.windows(2).all(|w| w[0].score >= w[1].score));
+    // Ranked with the users solved on training and validation ratings that
+    // measured the served version's test where validation preferred them,
+    // else with the trained ones.
+    let mut solved = 0;
+    for (k, m) in fed.merchants.iter().enumerate() {
+        let mf = m.mf.as_ref().unwrap();
+        let state = StateDir::open(states.path().join(format!("m{k}"))).unwrap();
+        let top = recommend(
+            &state,
+            mf,
+            &Items::Listed(fed.catalogue.clone()),
+            &mf.users[0],
+            1,
+        )
+        .unwrap()
+        .remove(0);
+        let (meta, global) = state.load_global("mf").unwrap().unwrap();
+        let users = state.load_users().unwrap().unwrap();
+        let predicted = |(bias, factors): (&[f32], &[f32])| {
+            let i = fed.catalogue.index(&top.item).unwrap() as usize;
+            let (b, q) = fedcart_common::model::mf::item_offsets(num_items, 8, i);
+            let dot: f32 = factors[..8]
+                .iter()
+                .zip(&global[q..q + 8])
+                .map(|(a, b)| a * b)
+                .sum();
+            global[0] + global[b] + bias[0] + dot
+        };
+        let trained = predicted((&users.bias, &users.factors));
+        match &users.served {
+            Some(s) => {
+                assert_eq!(s.version, meta.version);
+                assert_eq!(top.score, predicted((&s.bias, &s.factors)));
+                assert_ne!(top.score, trained);
+                solved += 1;
+            }
+            None => assert_eq!(top.score, trained),
+        }
+    }
+    assert!(
+        solved > 0,
+        "no merchant's validation preferred solved users"
+    );
     let bought: std::collections::HashSet<&str> = mf
         .train
         .iter()
+        .chain(&mf.valid)
         .chain(&mf.test)
         .filter(|r| r.user == 0)
         .map(|r| fed.catalogue.id(r.item).unwrap())

@@ -20,6 +20,7 @@ pub mod ials;
 mod kernels;
 pub mod movielens;
 mod personal;
+mod refit;
 
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -227,6 +228,15 @@ pub struct UserState {
     /// side it was measured with, not with users trained on later versions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evaluated: Vec<UserSnapshot>,
+    /// Explicit MF: the user biases and factors solved again on training
+    /// *and* validation ratings against the version last evaluated
+    /// (`version`), kept where validation preferred solved users to the
+    /// trained ones (see `refit`). The test is measured and the merchant
+    /// served with them; training never reads them, so later rounds go on
+    /// from [`bias`](Self::bias) and [`factors`](Self::factors), which never
+    /// saw a validation rating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<UserSnapshot>,
 }
 
 /// How many evaluated versions' user states an agent keeps: more than the
@@ -246,6 +256,16 @@ pub struct UserSnapshot {
 }
 
 impl UserState {
+    /// The user biases and factors to serve `version` with: the
+    /// [`served`](Self::served) users solved for that version where there
+    /// are some, else the trained ones.
+    pub fn serving_side(&self, version: u64) -> (&[f32], &[f32]) {
+        match &self.served {
+            Some(s) if s.version == version => (&s.bias, &s.factors),
+            _ => (&self.bias, &self.factors),
+        }
+    }
+
     /// Before evaluating `version`: restores the user side it was first
     /// evaluated with, or remembers the current one as its own (keeping the
     /// last [`KEPT_SNAPSHOTS`]). Returns whether it restored.

@@ -61,13 +61,25 @@ pub fn rmse_on(
     rows: &[Rating],
 ) -> f64 {
     let s = &data.state;
+    rmse_with(global, n, k, clip, (&s.bias, &s.factors), rows)
+}
+
+/// RMSE on `rows` with the user side `(biases, factors)` given (0 if empty).
+pub fn rmse_with(
+    global: &[f32],
+    n: usize,
+    k: usize,
+    clip: Option<[f32; 2]>,
+    (bias, factors): (&[f32], &[f32]),
+    rows: &[Rating],
+) -> f64 {
     let mut se = 0.0f64;
     for r in rows {
         let (u, i) = (r.user as usize, r.item as usize);
         let (b, f) = item_offsets(n, k, i);
-        let pu = &s.factors[u * k..(u + 1) * k];
+        let pu = &factors[u * k..(u + 1) * k];
         let dot: f32 = pu.iter().zip(&global[f..f + k]).map(|(p, q)| p * q).sum();
-        let mut pred = global[0] + s.bias[u] + global[b] + dot;
+        let mut pred = global[0] + bias[u] + global[b] + dot;
         if let Some([lo, hi]) = clip {
             pred = pred.clamp(lo, hi);
         }

@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use super::eval::{self, rmse_of};
 use super::kernels::{bpr_epoch, explicit_epoch};
 use super::{ImplicitAlgorithm, NegativePool, ials};
-use super::{MU, MfData, MfHyper, initial_params, item_update, layout, model_len, shuffle};
+use super::{
+    MU, MfData, MfHyper, UserSnapshot, UserState, initial_params, item_update, layout, model_len,
+    shuffle,
+};
 use crate::federation::update::WeightLayout;
 use crate::model::sgd::SgdParams;
 use crate::model::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError};
@@ -133,9 +136,13 @@ impl MfShape<'_> {
     /// it (no pairing, no refresh): RMSE (explicit) or HR@10 / NDCG@10
     /// (implicit, choosing `data.state.pop_blend` on the validation slice),
     /// the validation figures, the count of unknown items, and the weight.
-    /// iALS ranks the test with its users refitted on training and validation
-    /// purchases ([`users_with_valid`](Self::users_with_valid)), returned
-    /// in [`Measured::refit`]; `data.state` is left as it was.
+    /// Validation is measured with the trained users. iALS ranks the test
+    /// with its users refitted on training and validation purchases
+    /// ([`users_with_valid`](Self::users_with_valid)); explicit MF measures
+    /// it with users solved on training and validation ratings where
+    /// validation preferred solved users (`refit::explicit_served_users`).
+    /// Either is returned in [`Measured::refit`]; `data.state` is left as
+    /// it was.
     pub(super) fn metrics_of(
         &self,
         global: &[f32],
@@ -143,21 +150,27 @@ impl MfShape<'_> {
     ) -> Result<Measured, TrainError> {
         let (n, k, h) = (self.num_items, self.k, self.hyper);
         let unknown = data.unknown_items as f64;
-        let mut refit = None;
-        let (mut metrics, weight) = if self.implicit {
-            refit = self.users_with_valid(global, data)?;
+        let (mut metrics, weight, refit) = if self.implicit {
+            let users = self.users_with_valid(global, data)?;
             let (metrics, weight, blend) =
-                eval::implicit_metrics(global, n, k, data, refit.as_deref());
+                eval::implicit_metrics(global, n, k, data, users.as_deref());
             data.state.pop_blend = blend;
-            (metrics, weight)
+            (metrics, weight, users.map(Refit::Ials))
         } else {
-            let rmse = rmse_of(global, n, k, h.clip, data);
+            let served = super::refit::explicit_served_users(global, n, k, h, data)?;
+            let rmse = match &served {
+                Some((bias, factors)) => {
+                    eval::rmse_with(global, n, k, h.clip, (bias, factors), &data.test)
+                }
+                None => rmse_of(global, n, k, h.clip, data),
+            };
             let mut metrics = BTreeMap::from([("rmse".into(), rmse)]);
             if !data.valid.is_empty() {
                 let val = eval::rmse_on(global, n, k, h.clip, data, &data.valid);
                 metrics.insert("val_rmse".into(), val);
             }
-            (metrics, data.test.len() as f64)
+            let refit = served.map(|(bias, factors)| Refit::Explicit { bias, factors });
+            (metrics, data.test.len() as f64, refit)
         };
         metrics.insert("unknown_items".into(), unknown);
         Ok(Measured {
@@ -276,10 +289,8 @@ impl FederatedModel for MfShape<'_> {
         let (merchant, data) = mf_data(data)?;
         self.users_of_version(ctx, global, data, merchant)?;
         let measured = self.metrics_of(global, data)?;
-        // iALS serves what ranked the test: users of the whole known history.
-        if let Some(users) = measured.refit {
-            data.state.factors = users;
-        }
+        // Served: what measured the test, users of the whole known history.
+        data.state.take_refit(measured.refit, ctx.round);
         Ok(TaskOutput {
             update: None,
             metrics: measured.metrics,
@@ -296,15 +307,20 @@ impl FederatedModel for MfShape<'_> {
         let (merchant, data) = mf_data(data)?;
         self.prepare(ctx, global, data, merchant)?;
         self.refresh_users(global, data)?;
-        let clip = if self.implicit { None } else { self.hyper.clip };
-        Ok(eval::test_scores(
-            global,
-            self.num_items,
-            self.k,
-            !self.implicit,
-            clip,
-            data,
-        ))
+        let (n, k, h) = (self.num_items, self.k, self.hyper);
+        if self.implicit {
+            return Ok(eval::test_scores(global, n, k, false, None, data));
+        }
+        // The predictions the evaluation measured: with the served users.
+        let mut state = data.state.clone();
+        if let Some((bias, factors)) = super::refit::explicit_served_users(global, n, k, h, data)? {
+            state.bias = bias;
+            state.factors = factors;
+        }
+        let served = std::mem::replace(&mut data.state, state);
+        let scores = eval::test_scores(global, n, k, true, h.clip, data);
+        data.state = served;
+        Ok(scores)
     }
 
     /// Trains from `global` and returns the item-side update; the user
@@ -424,10 +440,42 @@ impl FederatedModel for MfShape<'_> {
 }
 
 /// What [`MfShape::metrics_of`] measured: the metrics, the evaluation weight
-/// (held-out examples) and, for iALS, the users refitted on training and
-/// validation purchases that ranked the test.
+/// (held-out examples) and the users refitted on training and validation
+/// interactions that measured the test, if any.
 pub(super) struct Measured {
     pub metrics: BTreeMap<String, f64>,
     pub weight: f64,
-    pub refit: Option<Vec<f32>>,
+    pub refit: Option<Refit>,
+}
+
+/// A user side solved on training and validation interactions for
+/// measuring the test and serving.
+pub(super) enum Refit {
+    /// iALS user factors. They replace the trained ones: iALS solves its
+    /// users afresh from the item side every round, so training never
+    /// starts from them.
+    Ials(Vec<f32>),
+    /// Explicit MF user biases and factors. They go beside the trained ones
+    /// ([`UserState::served`]): SGD trains on from the users it left, which
+    /// must not have seen a validation rating.
+    Explicit { bias: Vec<f32>, factors: Vec<f32> },
+}
+
+impl UserState {
+    /// Keeps what an evaluation of `version` served with: iALS factors in
+    /// place, explicit users in [`UserState::served`]. An explicit
+    /// evaluation that kept the trained users clears `served`.
+    pub(super) fn take_refit(&mut self, refit: Option<Refit>, version: u64) {
+        match refit {
+            Some(Refit::Ials(factors)) => self.factors = factors,
+            Some(Refit::Explicit { bias, factors }) => {
+                self.served = Some(UserSnapshot {
+                    version,
+                    bias,
+                    factors,
+                });
+            }
+            None => self.served = None,
+        }
+    }
 }

@@ -121,60 +121,105 @@ impl Cells {
     }
 }
 
+/// `s − Σ x_p·y_p` over equal-length slices, in some order of summation.
+type MinusDot = fn(f64, &[f64], &[f64]) -> f64;
+
 /// Cholesky factorisation in place of the symmetric matrix `a` (lower
-/// triangle read and overwritten with `L`, `a = L·Lᵀ`). Fails when a pivot
-/// is not positive and finite: the matrix is not positive definite.
-fn cholesky(a: &mut Array2<f64>) -> Result<(), ()> {
+/// triangle read and overwritten with `L`, `a = L·Lᵀ`), the dot products
+/// taken by `minus`. Fails when a pivot is not positive and finite: the
+/// matrix is not positive definite.
+fn cholesky(a: &mut Array2<f64>, minus: MinusDot) -> Result<(), ()> {
     let d = a.nrows();
+    let a = a.as_slice_mut().ok_or(())?;
     for j in 0..d {
-        let mut s = a[[j, j]];
-        for p in 0..j {
-            s -= a[[j, p]] * a[[j, p]];
-        }
+        let (upper, lower) = a.split_at_mut((j + 1) * d);
+        let row_j = &mut upper[j * d..];
+        let s = minus(row_j[j], &row_j[..j], &row_j[..j]);
         if !(s.is_finite() && s > 0.0) {
             return Err(());
         }
         let l = s.sqrt();
-        a[[j, j]] = l;
-        for i in j + 1..d {
-            let mut s = a[[i, j]];
-            for p in 0..j {
-                s -= a[[i, p]] * a[[j, p]];
-            }
-            a[[i, j]] = s / l;
+        row_j[j] = l;
+        for row_i in lower.chunks_exact_mut(d) {
+            row_i[j] = minus(row_i[j], &row_i[..j], &row_j[..j]) / l;
         }
     }
     Ok(())
 }
 
-/// Solves `L·Lᵀ x = b` in place of `b`, with `l` from [`cholesky`].
-fn cholesky_solve(l: &Array2<f64>, b: &mut [f64]) {
-    let d = l.nrows();
-    for i in 0..d {
-        let mut s = b[i];
-        for p in 0..i {
-            s -= l[[i, p]] * b[p];
+/// `s − x_0·y_0 − x_1·y_1 − …`, subtracted in that order (the rounding of
+/// the textbook loop, so iALS solves replay bit for bit).
+fn minus_dot(s: f64, x: &[f64], y: &[f64]) -> f64 {
+    x.iter().zip(y).fold(s, |s, (a, b)| s - a * b)
+}
+
+/// `s − Σ x_p·y_p` with four running sums: no chain of dependent adds, so
+/// the loop vectorises (several times faster at k ≥ 64), rounding otherwise.
+fn minus_dot_unordered(s: f64, x: &[f64], y: &[f64]) -> f64 {
+    let (xc, xr) = x.as_chunks::<4>();
+    let (yc, yr) = y.as_chunks::<4>();
+    let mut acc = [0.0f64; 4];
+    for (a, b) in xc.iter().zip(yc) {
+        for l in 0..4 {
+            acc[l] += a[l] * b[l];
         }
-        b[i] = s / l[[i, i]];
+    }
+    let tail: f64 = xr.iter().zip(yr).map(|(a, b)| a * b).sum();
+    s - ((acc[0] + acc[1]) + (acc[2] + acc[3]) + tail)
+}
+
+/// Solves `L·Lᵀ x = b` in place of `b`, with `l` from [`cholesky`].
+fn cholesky_solve(l: &Array2<f64>, b: &mut [f64], minus: MinusDot) {
+    let d = l.nrows();
+    let l = l
+        .as_slice()
+        .expect("`cholesky` factorised a standard-layout matrix");
+    for i in 0..d {
+        let row = &l[i * d..(i + 1) * d];
+        b[i] = minus(b[i], &row[..i], &b[..i]) / row[i];
     }
     for i in (0..d).rev() {
         let mut s = b[i];
         for p in i + 1..d {
-            s -= l[[p, i]] * b[p];
+            s -= l[p * d + i] * b[p];
         }
-        b[i] = s / l[[i, i]];
+        b[i] = s / l[i * d + i];
     }
 }
 
 /// Factorises `a` and solves `a·x = b` in place of `b`; `what` names the
-/// system in the error (an item or a user).
-fn solve_spd(
-    mut a: Array2<f64>,
+/// system in the error (an item or a user). Sums in a fixed order, so
+/// iALS replays bit for bit.
+pub(super) fn solve_spd(
+    a: Array2<f64>,
     b: &mut [f64],
     what: impl Fn() -> String,
 ) -> Result<(), TrainError> {
-    cholesky(&mut a).map_err(|()| TrainError::Singular(what()))?;
-    cholesky_solve(&a, b);
+    solve_spd_with(a, b, what, minus_dot)
+}
+
+/// [`solve_spd`] with vectorised dot products (deterministic too, rounded
+/// differently): for systems solved afresh, where no earlier figure pins
+/// the rounding.
+pub(super) fn solve_spd_unordered(
+    a: Array2<f64>,
+    b: &mut [f64],
+    what: impl Fn() -> String,
+) -> Result<(), TrainError> {
+    solve_spd_with(a, b, what, minus_dot_unordered)
+}
+
+fn solve_spd_with(
+    mut a: Array2<f64>,
+    b: &mut [f64],
+    what: impl Fn() -> String,
+    minus: MinusDot,
+) -> Result<(), TrainError> {
+    if !a.is_standard_layout() {
+        a = a.as_standard_layout().into_owned();
+    }
+    cholesky(&mut a, minus).map_err(|()| TrainError::Singular(what()))?;
+    cholesky_solve(&a, b, minus);
     if b.iter().all(|x| x.is_finite()) {
         Ok(())
     } else {
@@ -275,7 +320,7 @@ pub fn solve_items(
     base[[k, k]] += f64::from(h.reg_bias) + rho;
     // Items nobody here bought share one factorisation.
     let mut shared = base.clone();
-    cholesky(&mut shared)
+    cholesky(&mut shared, minus_dot)
         .map_err(|()| TrainError::Singular("the item rows this merchant did not sell".into()))?;
     // Their right-hand side is ρ·x_global alone, so A⁻¹ is formed once
     // (row-major, column by column) and each row costs one product.
@@ -284,7 +329,7 @@ pub fn solve_items(
     for c in 0..d {
         column.fill(0.0);
         column[c] = 1.0;
-        cholesky_solve(&shared, &mut column);
+        cholesky_solve(&shared, &mut column, minus_dot);
         for r in 0..d {
             unsold[r * d + c] = column[r];
         }

@@ -130,21 +130,17 @@ impl MfShape<'_> {
         p.check()?;
         let (merchant, data) = mf_data(data)?;
         self.users_of_version(ctx, global, data, merchant)?;
-        // iALS serves users refitted on the whole known history (what ranked
+        // Served: users refitted on the whole known history (what measured
         // the test); the fine-tune itself starts from the training users.
         let measured = self.metrics_of(global, data)?;
         let (global_metrics, weight) = (measured.metrics, measured.weight);
         let mut served_users = data.state.clone();
-        if let Some(users) = measured.refit {
-            served_users.factors = users;
-        }
+        served_users.take_refit(measured.refit, ctx.round);
         let tuned = self.fine_tune(ctx, global, data, merchant, p);
         let result = tuned.and_then(|params| {
             let measured = self.metrics_of(&params, data)?;
             let mut users = data.state.clone();
-            if let Some(factors) = measured.refit {
-                users.factors = factors;
-            }
+            users.take_refit(measured.refit, ctx.round);
             Ok((params, measured.metrics, users))
         });
         data.state = served_users;
