@@ -20,19 +20,7 @@ pub struct UserItems {
 impl UserItems {
     /// Groups `ratings` by user; duplicates are kept once.
     pub fn new(ratings: &[Rating], num_users: usize) -> Self {
-        let mut offsets = vec![0usize; num_users + 1];
-        for r in ratings {
-            offsets[r.user as usize + 1] += 1;
-        }
-        for u in 0..num_users {
-            offsets[u + 1] += offsets[u];
-        }
-        let mut fill = offsets.clone();
-        let mut items = vec![0u32; ratings.len()];
-        for r in ratings {
-            items[fill[r.user as usize]] = r.item;
-            fill[r.user as usize] += 1;
-        }
+        let (offsets, mut items) = group_by_user(ratings, num_users, |r| r.item);
         for u in 0..num_users {
             items[offsets[u]..offsets[u + 1]].sort_unstable();
         }
@@ -43,6 +31,29 @@ impl UserItems {
     pub fn items(&self, u: usize) -> &[u32] {
         &self.items[self.offsets[u]..self.offsets[u + 1]]
     }
+}
+
+/// `of` each of `ratings`, grouped by user in a stable counting sort: user
+/// `u`'s at `values[offsets[u]..offsets[u + 1]]`. Returns `(offsets, values)`.
+pub(super) fn group_by_user<T: Copy>(
+    ratings: &[Rating],
+    num_users: usize,
+    of: impl Fn(&Rating) -> T,
+) -> (Vec<usize>, Vec<T>) {
+    let mut offsets = vec![0usize; num_users + 1];
+    for r in ratings {
+        offsets[r.user as usize + 1] += 1;
+    }
+    for u in 0..num_users {
+        offsets[u + 1] += offsets[u];
+    }
+    let mut fill = offsets.clone();
+    let mut values: Vec<T> = ratings.iter().map(&of).collect();
+    for r in ratings {
+        values[fill[r.user as usize]] = of(r);
+        fill[r.user as usize] += 1;
+    }
+    (offsets, values)
 }
 
 /// RMSE of the model on the merchant's test ratings (0 if it has none).

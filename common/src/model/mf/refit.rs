@@ -7,7 +7,7 @@
 
 use ndarray::{Array1, Array2, Axis, Slice};
 
-use super::eval::{rmse_on, rmse_with};
+use super::eval::{group_by_user, rmse_on, rmse_with};
 use super::ials::solve_spd_unordered;
 use super::{MfData, MfHyper, Rating, item_offsets};
 use crate::model::TrainError;
@@ -135,19 +135,7 @@ impl ByUser {
 }
 
 fn by_user(ratings: &[Rating], num_users: usize) -> ByUser {
-    let mut start = vec![0usize; num_users + 1];
-    for r in ratings {
-        start[r.user as usize + 1] += 1;
-    }
-    for u in 0..num_users {
-        start[u + 1] += start[u];
-    }
-    let mut fill = start.clone();
-    let mut rows = ratings.to_vec();
-    for r in ratings {
-        rows[fill[r.user as usize]] = *r;
-        fill[r.user as usize] += 1;
-    }
+    let (start, rows) = group_by_user(ratings, num_users, |r| *r);
     ByUser { start, rows }
 }
 

@@ -87,6 +87,14 @@ fn the_solve_recovers_users_whose_ratings_the_items_explain() {
     assert_eq!((b[3], &f[3 * K..]), (0.0, &[0.0; K][..]));
 }
 
+fn lightly_regularised() -> MfHyper {
+    MfHyper {
+        reg_factors: 0.01,
+        reg_bias: 0.01,
+        ..Default::default()
+    }
+}
+
 fn evaluate(h: MfHyper, g: &[f32], data: &MfData, round: u64) -> (LocalData, f64, f64) {
     let spec = TaskSpec {
         kind: TaskKind::Evaluate,
@@ -112,12 +120,7 @@ fn evaluate(h: MfHyper, g: &[f32], data: &MfData, round: u64) -> (LocalData, f64
 
 #[test]
 fn an_evaluation_serves_users_solved_on_validation_where_validation_prefers_them() {
-    let g = global(3);
-    let h = MfHyper {
-        reg_factors: 0.01,
-        reg_bias: 0.01,
-        ..Default::default()
-    };
+    let (g, h) = (global(3), lightly_regularised());
     let (data, _, _) = shop(&g);
     // The trained users are the seeded initial ones: far from the truth.
     let (m, rmse, val) = evaluate(h.clone(), &g, &data, 4);
@@ -151,12 +154,7 @@ fn an_evaluation_serves_users_solved_on_validation_where_validation_prefers_them
 
 #[test]
 fn users_validation_does_not_prefer_are_not_served_and_a_stale_choice_is_cleared() {
-    let g = global(3);
-    let h = MfHyper {
-        reg_factors: 0.01,
-        reg_bias: 0.01,
-        ..Default::default()
-    };
+    let (g, h) = (global(3), lightly_regularised());
     let (mut data, _, _) = shop(&g);
     // Trained users already equal to the solve on training ratings: the
     // solve cannot beat them on validation.
