@@ -665,6 +665,35 @@ mod tests {
     }
 
     #[test]
+    fn an_mf_runs_hyper_parameters_load_from_the_model_table() {
+        let line = EXAMPLE
+            .lines()
+            .find(|l| l.starts_with("model = "))
+            .expect("the example names its model");
+        let mf = "model = { family = \"mf\", num_items = 50, factors = 8, \
+                  hyper = { refit_users = true, learning_rate = 0.02 } }";
+        let (_dir, cfg) = load(&EXAMPLE.replace(line, mf));
+        let cfg = cfg.expect("loads");
+        let shape = cfg.run.model.mf_shape().expect("an MF run");
+        assert!(shape.hyper.refit_users && !shape.implicit);
+        assert_eq!((shape.k, shape.hyper.learning_rate), (8, 0.02));
+        // Keys left out keep their defaults: the solve is off.
+        let (_dir, cfg) = load(&EXAMPLE.replace(
+            line,
+            "model = { family = \"mf\", num_items = 50, factors = 8 }",
+        ));
+        assert!(
+            !cfg.expect("loads")
+                .run
+                .model
+                .mf_shape()
+                .unwrap()
+                .hyper
+                .refit_users
+        );
+    }
+
+    #[test]
     fn missing_strategy_defaults_to_fedavg() {
         let (_dir, cfg) = load(&EXAMPLE.replace("strategy = \"fedavg\"\n", ""));
         assert_eq!(cfg.expect("loads").run.strategy, StrategySpec::FedAvg);

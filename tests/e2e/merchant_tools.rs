@@ -112,7 +112,10 @@ async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart()
     run.model = ModelSpec::Mf {
         num_items,
         factors: 8,
-        hyper: MfHyper::default(),
+        hyper: MfHyper {
+            refit_users: true,
+            ..Default::default()
+        },
     };
     let store = tempfile::tempdir().unwrap();
     let states = tempfile::tempdir().unwrap();

@@ -87,6 +87,12 @@ pub struct MfHyper {
     /// iALS proximal weight ρ pulling each merchant's item solve towards
     /// the global rows (0: the merchant's own solve).
     pub proximal: f32,
+    /// Explicit MF: measure the test and serve with users solved in closed
+    /// form on training and validation ratings, where users solved on
+    /// training alone beat the trained ones on validation (`refit`). Off by
+    /// default: at small k the solve costs about as much as the round's
+    /// training (BENCHMARKS.md). iALS always serves its refitted users.
+    pub refit_users: bool,
 }
 
 /// The training algorithm of an implicit MF model.
@@ -141,6 +147,7 @@ impl Default for MfHyper {
             algorithm: ImplicitAlgorithm::Bpr,
             alpha: 1.0,
             proximal: 0.0,
+            refit_users: false,
         }
     }
 }

@@ -154,6 +154,13 @@ pub struct SimArgs {
     /// global rows [default: 0.1].
     #[arg(long, value_name = "RHO")]
     pub proximal: Option<f32>,
+    /// Explicit MF: measure the test and serve with users solved in closed
+    /// form on training and validation ratings, where users solved on
+    /// training alone beat the trained ones on the merchant's validation
+    /// slice; costs about one local training pass per evaluation at k = 32
+    /// [default: off].
+    #[arg(long)]
+    pub refit_users: bool,
     /// Personalisation (recommenders): after the best version is served,
     /// each merchant fine-tunes its own copy of the item side for EPOCHS
     /// local epochs (iALS: sweeps) and keeps it only where its validation

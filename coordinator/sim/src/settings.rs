@@ -105,6 +105,8 @@ pub struct Settings {
     pub alpha: Option<f32>,
     /// iALS proximal weight (`--proximal`; None = default).
     pub proximal: Option<f32>,
+    /// Explicit MF serves users solved on validation too (`--refit-users`).
+    pub refit_users: bool,
     /// Personalisation's local epochs (`--personalise`; None or 0 = off).
     pub personalise: Option<usize>,
     /// Personalisation's proximal weight (`--personalise-proximal`; None =
@@ -348,6 +350,7 @@ impl Settings {
             negatives_from: pick!(negatives_from, Default::default()),
             alpha: args.alpha.or(file.alpha),
             proximal: args.proximal.or(file.proximal),
+            refit_users: args.refit_users || file.refit_users,
             personalise: args.personalise.or(file.personalise),
             personalise_proximal: args.personalise_proximal.or(file.personalise_proximal),
             traffic: pick!(traffic, Default::default()),
@@ -412,6 +415,13 @@ impl Settings {
             bail!(
                 "{} fine-tunes a recommender: give --task mf, mf-implicit or mf-ials",
                 name!(personalise, "--personalise")
+            );
+        }
+        if s.refit_users && s.task.is_some_and(|t| t != TaskChoice::Mf) {
+            bail!(
+                "{} solves the users of explicit MF: give --task mf (iALS always serves \
+                 users refitted on validation; BPR has no closed-form user solve)",
+                names.of("--refit-users", args.refit_users)
             );
         }
         if s.transport == Transport::Grpc {
@@ -585,6 +595,7 @@ impl Settings {
             epochs: self.epochs.unwrap_or(5),
             negatives: self.negatives.unwrap_or(4),
             negatives_from: self.negatives_from,
+            refit_users: self.refit_users && !implicit,
             ..Default::default()
         }
     }

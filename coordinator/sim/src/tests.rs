@@ -831,6 +831,27 @@ fn personalisation_flags_are_checked_naming_the_flag() {
 }
 
 #[test]
+fn refit_users_reaches_explicit_mf_only_and_is_refused_elsewhere_naming_the_flag() {
+    let mut a = args();
+    a.task = Some("mf".parse().unwrap());
+    let hyper = |a: SimArgs| {
+        let s = Settings::from_args(a).unwrap();
+        s.mf_hyper(s.task.unwrap())
+    };
+    assert!(!hyper(a.clone()).refit_users, "off by default");
+    a.refit_users = true;
+    assert!(hyper(a.clone()).refit_users);
+    for task in ["mf-ials", "mf-implicit", "churn-lr"] {
+        a.task = Some(task.parse().unwrap());
+        let e = format!("{:#}", Settings::from_args(a.clone()).unwrap_err());
+        assert!(
+            e.contains("--refit-users solves the users of explicit MF"),
+            "{task}: {e}"
+        );
+    }
+}
+
+#[test]
 fn federation_value_federated_column_is_the_served_version_of_the_run() {
     // Server momentum: a plain FedAvg federation (what the report used to
     // re-run on its own) is a different model, so the federated column must

@@ -139,11 +139,12 @@ fn by_user(ratings: &[Rating], num_users: usize) -> ByUser {
     ByUser { start, rows }
 }
 
-/// Explicit MF with a validation slice: the user side to measure the test and
-/// serve the merchant with, once validation has chosen the version. The users
+/// Explicit MF with a validation slice and `refit_users` on: the user side
+/// to measure the test and serve the merchant with, once validation has
+/// chosen the version. The users
 /// are solved on training ratings alone first; only if those beat the trained
 /// users on the validation slice (strictly) are the users solved on training
-/// and validation ratings returned. `None` keeps the trained users: no
+/// and validation ratings returned. `None` keeps the trained users: off, no
 /// validation slice, or validation preferred them.
 pub(super) fn explicit_served_users(
     global: &[f32],
@@ -152,7 +153,7 @@ pub(super) fn explicit_served_users(
     h: &MfHyper,
     data: &MfData,
 ) -> Result<Option<UserSide>, TrainError> {
-    if data.valid.is_empty() {
+    if !h.refit_users || data.valid.is_empty() {
         return Ok(None);
     }
     let users = data.users.len();

@@ -91,6 +91,7 @@ fn lightly_regularised() -> MfHyper {
     MfHyper {
         reg_factors: 0.01,
         reg_bias: 0.01,
+        refit_users: true,
         ..Default::default()
     }
 }
@@ -153,7 +154,7 @@ fn an_evaluation_serves_users_solved_on_validation_where_validation_prefers_them
 }
 
 #[test]
-fn users_validation_does_not_prefer_are_not_served_and_a_stale_choice_is_cleared() {
+fn users_validation_does_not_prefer_or_an_operator_turned_off_are_not_served() {
     let (g, h) = (global(3), lightly_regularised());
     let (mut data, _, _) = shop(&g);
     // Trained users already equal to the solve on training ratings: the
@@ -171,7 +172,7 @@ fn users_validation_does_not_prefer_are_not_served_and_a_stale_choice_is_cleared
         }),
         ..Default::default()
     };
-    let (m, rmse, _) = evaluate(h, &g, &data, 1);
+    let (m, rmse, _) = evaluate(h.clone(), &g, &data, 1);
     let state = &m.mf.as_ref().unwrap().state;
     assert!(state.served.is_none(), "the earlier choice is cleared");
     assert_eq!(rmse, rmse_of(&g, N, K, None, &data));
@@ -179,6 +180,18 @@ fn users_validation_does_not_prefer_are_not_served_and_a_stale_choice_is_cleared
         state.serving_side(1),
         (&data.state.bias[..], &data.state.factors[..])
     );
+    // Off (the default), nothing is solved even where validation would
+    // prefer it.
+    let (data, _, _) = shop(&g);
+    let off = MfHyper {
+        refit_users: false,
+        ..h
+    };
+    let (m, rmse, _) = evaluate(off, &g, &data, 4);
+    assert!(m.mf.as_ref().unwrap().state.served.is_none());
+    let mut trained = data.clone();
+    trained.state.clone_from(&m.mf.as_ref().unwrap().state);
+    assert_eq!(rmse, rmse_of(&g, N, K, None, &trained));
 }
 
 /// `‖(ZᵀZ + D)x − Zᵀy‖∞` of user `u`'s solve on `rows`.
