@@ -81,21 +81,13 @@ pub fn rmse_with(
     n: usize,
     k: usize,
     clip: Option<[f32; 2]>,
-    (bias, factors): (&[f32], &[f32]),
+    users: (&[f32], &[f32]),
     rows: &[Rating],
 ) -> f64 {
-    let mut se = 0.0f64;
-    for r in rows {
-        let (u, i) = (r.user as usize, r.item as usize);
-        let (b, f) = item_offsets(n, k, i);
-        let pu = &factors[u * k..(u + 1) * k];
-        let dot: f32 = pu.iter().zip(&global[f..f + k]).map(|(p, q)| p * q).sum();
-        let mut pred = global[0] + bias[u] + global[b] + dot;
-        if let Some([lo, hi]) = clip {
-            pred = pred.clamp(lo, hi);
-        }
-        se += f64::from(r.value - pred).powi(2);
-    }
+    let se: f64 = rows
+        .iter()
+        .map(|r| f64::from(r.value - predict(global, n, k, true, clip, users, r)).powi(2))
+        .sum();
     if rows.is_empty() {
         0.0
     } else {
@@ -103,36 +95,46 @@ pub fn rmse_with(
     }
 }
 
-/// The model's score of each test interaction, in order: `b_i + p_u·q_i`,
-/// plus `μ + b_u` and clipped to `clip` when `with_user_bias` (explicit
-/// feedback, the prediction `rmse_of` measures).
+/// The model's score of each of `rows`, in order (see [`predict`]).
 pub fn test_scores(
     global: &[f32],
     n: usize,
     k: usize,
     with_user_bias: bool,
     clip: Option<[f32; 2]>,
-    data: &MfData,
+    users: (&[f32], &[f32]),
+    rows: &[Rating],
 ) -> Vec<f32> {
-    let s = &data.state;
-    data.test
-        .iter()
-        .map(|r| {
-            let (u, i) = (r.user as usize, r.item as usize);
-            let (b, f) = item_offsets(n, k, i);
-            let pu = &s.factors[u * k..(u + 1) * k];
-            let dot: f32 = pu.iter().zip(&global[f..f + k]).map(|(p, q)| p * q).sum();
-            let mut pred = if with_user_bias {
-                global[0] + s.bias[u] + global[b] + dot
-            } else {
-                global[b] + dot
-            };
-            if let Some([lo, hi]) = clip {
-                pred = pred.clamp(lo, hi);
-            }
-            pred
-        })
+    rows.iter()
+        .map(|r| predict(global, n, k, with_user_bias, clip, users, r))
         .collect()
+}
+
+/// The model's score of `r` with the user side `(biases, factors)`:
+/// `b_i + p_u·q_i`, plus `μ + b_u` and clipped to `clip` when
+/// `with_user_bias` (explicit feedback, the prediction RMSE measures).
+fn predict(
+    global: &[f32],
+    n: usize,
+    k: usize,
+    with_user_bias: bool,
+    clip: Option<[f32; 2]>,
+    (bias, factors): (&[f32], &[f32]),
+    r: &Rating,
+) -> f32 {
+    let (u, i) = (r.user as usize, r.item as usize);
+    let (b, f) = item_offsets(n, k, i);
+    let pu = &factors[u * k..(u + 1) * k];
+    let dot: f32 = pu.iter().zip(&global[f..f + k]).map(|(p, q)| p * q).sum();
+    let mut pred = if with_user_bias {
+        global[0] + bias[u] + global[b] + dot
+    } else {
+        global[b] + dot
+    };
+    if let Some([lo, hi]) = clip {
+        pred = pred.clamp(lo, hi);
+    }
+    pred
 }
 
 /// HR@10 and NDCG@10 contributions of one held-out item: its 0-based rank

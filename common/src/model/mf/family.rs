@@ -308,19 +308,18 @@ impl FederatedModel for MfShape<'_> {
         self.prepare(ctx, global, data, merchant)?;
         self.refresh_users(global, data)?;
         let (n, k, h) = (self.num_items, self.k, self.hyper);
+        let trained = (&data.state.bias[..], &data.state.factors[..]);
         if self.implicit {
-            return Ok(eval::test_scores(global, n, k, false, None, data));
+            return Ok(eval::test_scores(
+                global, n, k, false, None, trained, &data.test,
+            ));
         }
         // The predictions the evaluation measured: with the served users.
-        let mut state = data.state.clone();
-        if let Some((bias, factors)) = super::refit::explicit_served_users(global, n, k, h, data)? {
-            state.bias = bias;
-            state.factors = factors;
-        }
-        let served = std::mem::replace(&mut data.state, state);
-        let scores = eval::test_scores(global, n, k, true, h.clip, data);
-        data.state = served;
-        Ok(scores)
+        let solved = super::refit::explicit_served_users(global, n, k, h, data)?;
+        let users = solved.as_ref().map_or(trained, |(b, f)| (&b[..], &f[..]));
+        Ok(eval::test_scores(
+            global, n, k, true, h.clip, users, &data.test,
+        ))
     }
 
     /// Trains from `global` and returns the item-side update; the user
