@@ -145,6 +145,20 @@ pub fn orders_agent_config(id: &str, addr: std::net::SocketAddr, export: &Path) 
     cfg
 }
 
+/// Moves every tenth training rating of each MF merchant into its
+/// validation slice, as the agent's data loader carves one out.
+pub fn validate_every_tenth_rating(merchants: &mut [LocalData]) {
+    for m in merchants {
+        let mf = m.mf.as_mut().expect("MF data");
+        let (train, valid): (Vec<_>, Vec<_>) = std::mem::take(&mut mf.train)
+            .into_iter()
+            .enumerate()
+            .partition(|(j, _)| j % 10 != 9);
+        mf.train = train.into_iter().map(|(_, r)| r).collect();
+        mf.valid = valid.into_iter().map(|(_, r)| r).collect();
+    }
+}
+
 /// Loads a merchant's data exactly as the agent binary does.
 pub fn load_merchant(id: &str, file: &Path) -> LocalData {
     let cfg = agent_config(id, "127.0.0.1:1".parse().expect("addr"), file);

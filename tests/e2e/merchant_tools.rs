@@ -97,16 +97,7 @@ async fn recommend_gives_top_k_unbought_items_and_user_factors_survive_restart()
         .join("../data/ml-latest-small/ratings.csv");
     let rows = movielens::load_ratings(&path).unwrap();
     let mut fed = movielens::explicit_federation(&rows, 2, 0.2, 9);
-    // Every tenth training rating validates, as the agent's data loader does.
-    for m in &mut fed.merchants {
-        let mf = m.mf.as_mut().unwrap();
-        let (train, valid) = std::mem::take(&mut mf.train)
-            .into_iter()
-            .enumerate()
-            .partition::<Vec<_>, _>(|(j, _)| j % 10 != 9);
-        mf.train = train.into_iter().map(|(_, r)| r).collect();
-        mf.valid = valid.into_iter().map(|(_, r)| r).collect();
-    }
+    validate_every_tenth_rating(&mut fed.merchants);
     let num_items = fed.catalogue.len();
     let mut run = churn_run("mf", 2, 2, 2);
     run.model = ModelSpec::Mf {

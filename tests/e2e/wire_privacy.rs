@@ -61,9 +61,10 @@ type RecordedRun = (
     std::net::SocketAddr,
 );
 
-/// Three MovieLens merchants and a 3-round MF run `name` (k = 8) on a real
-/// coordinator, behind a proxy that records every byte the agents send.
-async fn recorded_mf_run(name: &str) -> RecordedRun {
+/// Three MovieLens merchants and a 3-round MF run `name` (k = 8, `hyper`)
+/// on a real coordinator, behind a proxy that records every byte the agents
+/// send.
+async fn recorded_mf_run(name: &str, hyper: MfHyper) -> RecordedRun {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../data/ml-latest-small/ratings.csv");
     let rows = movielens::load_ratings(&path).unwrap();
@@ -72,7 +73,7 @@ async fn recorded_mf_run(name: &str) -> RecordedRun {
     run.model = ModelSpec::Mf {
         num_items: fed.catalogue.len(),
         factors: 8,
-        hyper: MfHyper::default(),
+        hyper,
     };
     let store = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
@@ -83,7 +84,13 @@ async fn recorded_mf_run(name: &str) -> RecordedRun {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mf_agents_send_no_user_factor_on_the_wire() {
-    let (fed, _store, coord, sent, proxy) = recorded_mf_run("wire").await;
+    // Users solved on validation ratings are served too: they stay home.
+    let hyper = MfHyper {
+        refit_users: true,
+        ..Default::default()
+    };
+    let (mut fed, _store, coord, sent, proxy) = recorded_mf_run("wire", hyper).await;
+    validate_every_tenth_rating(&mut fed.merchants);
     let agents: Vec<_> = fed
         .merchants
         .iter()
@@ -118,17 +125,22 @@ async fn mf_agents_send_no_user_factor_on_the_wire() {
         wire.len()
     );
     let mut needles = std::collections::HashSet::new();
+    let mut solved = 0;
     for agent in &trained {
         let state = &agent.data.mf.as_ref().unwrap().state;
         assert_eq!(state.k, 8);
+        let served = state.served.as_ref().map(|s| &s.factors[..]);
+        solved += usize::from(served.is_some());
         for row in state
             .factors
             .chunks(8)
+            .chain(served.unwrap_or_default().chunks(8))
             .filter(|r| r.iter().any(|v| *v != 0.0))
         {
             needles.insert(f32s_to_le(row));
         }
     }
+    assert!(solved > 0, "no merchant served solved users");
     let checked = needles.len();
     let leaked = wire.windows(32).filter(|w| needles.contains(*w)).count();
     assert_eq!(leaked, 0, "user factor rows found on the wire");
@@ -312,7 +324,7 @@ fn with_validation(m: &fedcart_common::train::LocalData) -> fedcart_common::trai
 async fn personalised_rows_never_leave_the_agent_and_recommend_serves_the_copy_that_won() {
     use fedcart_client::recommend::{Recommender, ServedCopy};
     use fedcart_client::state::StateDir;
-    let (fed, _store, coord, sent, proxy) = recorded_mf_run("pers").await;
+    let (fed, _store, coord, sent, proxy) = recorded_mf_run("pers", MfHyper::default()).await;
     let states = tempfile::tempdir().unwrap();
     let personalise = fedcart_client::config::PersonaliseConfig {
         epochs: 10,
