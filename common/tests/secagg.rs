@@ -921,3 +921,47 @@ fn each_agent_gets_only_the_keys_it_uses_and_refuses_a_roster_missing_one_naming
     }
     server.close_shares().unwrap();
 }
+
+#[test]
+fn a_batch_of_masked_inputs_sums_like_one_at_a_time_and_a_bad_entry_adds_none() {
+    // 40,000 values: the batched add splits the vector across threads.
+    let c = config(4, 40_000, 3, false);
+    let one_by_one = {
+        let mut h = Harness::new(c.clone(), 4);
+        h.masked(&[0, 1, 2, 3]);
+        finish_round(h).unwrap()
+    };
+    let mut h = Harness::new(c.clone(), 4);
+    let masked: Vec<RingVec> = (0..4u32)
+        .map(|i| {
+            h.clients[i as usize]
+                .masked_input(
+                    &h.relays[i as usize],
+                    &h.ups[i as usize],
+                    &mut rounding_rng(1, i),
+                )
+                .unwrap()
+                .0
+        })
+        .collect();
+    // A duplicate, an unknown agent, or a vector of the wrong ring each
+    // refuse the whole batch, naming the entry; nothing was added, so the
+    // honest batch that follows still sums exactly.
+    let wrong_ring = RingVec::zeros(64, c.vector_len());
+    for (bad, want) in [
+        (
+            vec![(0, &masked[0]), (1, &masked[1]), (1, &masked[1])],
+            "agent 1",
+        ),
+        (vec![(0, &masked[0]), (7, &masked[1])], "agent 7"),
+        (vec![(0, &masked[0]), (2, &wrong_ring)], "masked input"),
+    ] {
+        let err = h.server.on_masked_inputs(&bad).unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    let batch: Vec<(u32, &RingVec)> = (0..4u32).map(|i| (i, &masked[i as usize])).collect();
+    h.server.on_masked_inputs(&batch).unwrap();
+    let batched = finish_round(h).unwrap();
+    assert_eq!(batched.sum, one_by_one.sum);
+    assert_eq!(batched.survivors, vec![0, 1, 2, 3]);
+}

@@ -10,6 +10,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use ctr::Ctr64BE;
 use ctr::cipher::{KeyIvInit, StreamCipher};
+use curve25519_dalek::montgomery::MontgomeryPoint;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use hkdf::Hkdf;
 use rayon::prelude::*;
@@ -135,7 +136,23 @@ impl SharedAgreements {
 /// Whether an advertised X25519 public key is of low order (agreement with it
 /// gives the all-zero secret whatever the other key). The server refuses such
 /// keys at advertise time, so one bad agent cannot make every neighbour fail.
+///
+/// A key on the curve is checked in Edwards form (`to_edwards`, then
+/// `is_small_order`: three doublings), about a fifth of an X25519 ladder;
+/// it is the same answer, since a clamped scalar is a multiple of 8 below the
+/// group order ℓ, so its product with a point is the identity exactly when
+/// the point's order divides 8. A key on the twist (honest agents never send
+/// one, `to_edwards` returns `None` for it) takes the probe agreement itself.
 pub(crate) fn is_low_order(public: &[u8; 32]) -> bool {
+    match MontgomeryPoint(*public).to_edwards(0) {
+        Some(point) => point.is_small_order(),
+        None => probe_is_low_order(public),
+    }
+}
+
+/// The definition [`is_low_order`] shortcuts: agreement with a fixed secret
+/// is all zero.
+fn probe_is_low_order(public: &[u8; 32]) -> bool {
     let probe = StaticSecret::from([0x5a; 32]);
     !probe
         .diffie_hellman(&PublicKey::from(*public))

@@ -209,3 +209,47 @@ fn ed25519_matches_rfc8032_test_1() {
     assert!(verify(&public, b"", &sig));
     assert!(!verify(&public, b"x", &sig));
 }
+
+#[test]
+fn the_edwards_low_order_check_agrees_with_the_probe_agreement() {
+    use curve25519_dalek::constants::EIGHT_TORSION;
+    use rand::{RngExt, SeedableRng};
+    let p_minus_one = hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+    let p = hex32("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+    let p_plus_one = hex32("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+    // Every point of order dividing 8 in Montgomery form, the non-canonical
+    // encodings of u = 0 and 1 (p, p + 1), and u = −1 (a low-order point of
+    // the twist, which `to_edwards` refuses), each also with bit 255 set
+    // (X25519 ignores it).
+    let mut low: Vec<[u8; 32]> = EIGHT_TORSION
+        .iter()
+        .map(|t| t.to_montgomery().to_bytes())
+        .chain([p_minus_one, p, p_plus_one])
+        .collect();
+    low.extend(low.clone().into_iter().map(|mut u| {
+        u[31] |= 0x80;
+        u
+    }));
+    for u in &low {
+        assert!(probe_is_low_order(u), "{u:02x?} is of low order");
+        assert!(is_low_order(u), "{u:02x?}");
+    }
+    // Honest keys, and arbitrary bytes: about half of those are on the
+    // twist, so both branches of the check are taken.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let mut twist = 0;
+    for i in 0..600 {
+        let u = if i % 3 == 0 {
+            PublicKey::from(&StaticSecret::from(rng.random::<[u8; 32]>())).to_bytes()
+        } else {
+            rng.random::<[u8; 32]>()
+        };
+        twist += usize::from(MontgomeryPoint(u).to_edwards(0).is_none());
+        assert_eq!(is_low_order(&u), probe_is_low_order(&u), "{u:02x?}");
+        assert!(!is_low_order(&u));
+    }
+    assert!(
+        (100..300).contains(&twist),
+        "{twist} of 400 random keys on the twist"
+    );
+}

@@ -12,6 +12,8 @@
 //! On the wire an element takes ⌈bits/8⌉ little-endian bytes: 4 at 32 bits,
 //! 8 at 64, 3 at 24.
 
+use rayon::prelude::*;
+
 use super::SecAggError;
 
 /// A machine word the ring arithmetic runs in.
@@ -233,6 +235,32 @@ impl RingVec {
         self.reduce();
     }
 
+    /// Adds every vector of `others` (same modulus and length) in one pass
+    /// split by coordinate range across rayon threads: a range of the sum
+    /// stays in cache while the vectors stream through it, and the threads
+    /// are woken once for all of them rather than once per vector.
+    pub fn wrapping_add_all(&mut self, others: &[&RingVec]) {
+        for other in others {
+            assert_eq!(self.bits, other.bits, "adding vectors of different rings");
+            assert_eq!(
+                self.len(),
+                other.len(),
+                "adding vectors of different lengths"
+            );
+        }
+        match &mut self.words {
+            Words::U32(a) => add_all_slices(a, others, |o| match &o.words {
+                Words::U32(b) => b.as_slice(),
+                Words::U64(_) => unreachable!("the word type follows from the modulus"),
+            }),
+            Words::U64(a) => add_all_slices(a, others, |o| match &o.words {
+                Words::U64(b) => b.as_slice(),
+                Words::U32(_) => unreachable!("the word type follows from the modulus"),
+            }),
+        }
+        self.reduce();
+    }
+
     /// Adds the signed integers `delta` (modulo 2^bits) to elements
     /// `offset..offset + delta.len()`.
     pub(crate) fn add_signed(&mut self, offset: usize, delta: &[i64]) {
@@ -258,6 +286,11 @@ impl RingVec {
 
     /// True when every element is below 2^bits.
     pub(crate) fn in_range(&self) -> bool {
+        if self.bits == 32 || self.bits == 64 {
+            // Every word is: no pass over the elements (a model-sized vector
+            // per agent on the server's serial path).
+            return true;
+        }
         let m = !mask_u64(self.bits);
         with_words!(&self.words, v => v.iter().all(|x| x.to_u64() & m == 0))
     }
@@ -299,6 +332,17 @@ pub(crate) fn packed_in_range(bits: u32, body: &[u8]) -> bool {
 
 fn add_slices<W: Word>(a: &mut [W], b: &[W]) {
     a.iter_mut().zip(b).for_each(|(x, y)| *x = x.wadd(*y));
+}
+
+/// [`RingVec::wrapping_add_all`] in one word type.
+fn add_all_slices<W: Word>(a: &mut [W], others: &[&RingVec], words: fn(&RingVec) -> &[W]) {
+    const CHUNK: usize = 1 << 14;
+    a.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, a)| {
+        let start = ci * CHUNK;
+        for other in others {
+            add_slices(a, &words(other)[start..start + a.len()]);
+        }
+    });
 }
 
 /// Checks a masked vector's modulus and length against what the round expects.

@@ -361,23 +361,38 @@ impl ServerSession {
     /// is only borrowed; nothing of it is kept apart from the sum.
     pub fn on_masked_input(&mut self, from: u32, masked: &RingVec) -> Result<(), SecAggError> {
         self.check_masked_sender(from)?;
-        check_shape(
-            masked,
-            "masked input",
-            self.config.modulus_bits,
-            self.config.vector_len(),
-        )?;
-        if !masked.in_range() {
-            return Err(SecAggError::Malformed {
-                what: "masked input",
-                detail: "coordinate outside the modulus".into(),
-            });
-        }
+        self.check_masked_vector(masked)?;
         self.sum
             .as_mut()
             .expect("the sum exists from stage 3 on")
             .add(masked);
         self.survivors.insert(from);
+        Ok(())
+    }
+
+    /// Stage 3 inputs of several agents at once (the in-memory driver's
+    /// batch): each is checked as by [`Self::on_masked_input`], and all are
+    /// added in one parallel pass. If any is refused, none is added and the
+    /// first refusal is returned.
+    pub fn on_masked_inputs(&mut self, inputs: &[(u32, &RingVec)]) -> Result<(), SecAggError> {
+        let mut seen = BTreeSet::new();
+        for &(from, masked) in inputs {
+            self.check_masked_sender(from)?;
+            if !seen.insert(from) {
+                return Err(SecAggError::Duplicate {
+                    stage: Stage::MaskedInput,
+                    agent: from,
+                });
+            }
+            self.check_masked_vector(masked)?;
+        }
+        let vectors: Vec<&RingVec> = inputs.iter().map(|&(_, v)| v).collect();
+        self.sum
+            .as_mut()
+            .expect("the sum exists from stage 3 on")
+            .sum
+            .wrapping_add_all(&vectors);
+        self.survivors.extend(seen);
         Ok(())
     }
 
@@ -414,6 +429,23 @@ impl ServerSession {
             return Err(SecAggError::Duplicate {
                 stage: Stage::MaskedInput,
                 agent: from,
+            });
+        }
+        Ok(())
+    }
+
+    /// A masked vector's ring, length and range.
+    fn check_masked_vector(&self, masked: &RingVec) -> Result<(), SecAggError> {
+        check_shape(
+            masked,
+            "masked input",
+            self.config.modulus_bits,
+            self.config.vector_len(),
+        )?;
+        if !masked.in_range() {
+            return Err(SecAggError::Malformed {
+                what: "masked input",
+                detail: "coordinate outside the modulus".into(),
             });
         }
         Ok(())
