@@ -93,9 +93,9 @@ const ROUNDER: f64 = 6_755_399_441_055_744.0;
 /// [`encode_batch_wide`] (`floor_to_i64(x · scale + unit_f64(u))`) with no
 /// branch and no integer–float conversion the baseline x86-64 target lacks
 /// in vector form, so the loop vectorises. The uniform is rebuilt exactly
-/// (u >> 11 < 2^53 as 2·(u >> 12) + bit 11), the floor is the nearest integer
-/// minus one where that rounded up, and the integer is read from the bits of
-/// `floor + ROUNDER`. Clipped values are counted; returns whether every value
+/// ((u >> 11)·2^-53 as (u >> 12)·2^-52 + bit 11·2^-53, a sum without
+/// rounding), the nearest integer is read from the bits of `z + ROUNDER`, and
+/// one is taken off where that rounded up: the floor. Clipped values are counted; returns whether every value
 /// was finite (the caller then finds the first that was not).
 #[inline(always)]
 fn encode_batch<W: Word>(
@@ -107,26 +107,27 @@ fn encode_batch<W: Word>(
     clipped: &mut usize,
 ) -> bool {
     const TWO_52: f64 = 4_503_599_627_370_496.0;
+    const TWO_M52: f64 = 1.0 / (1u64 << 52) as f64;
     const TWO_M53: f64 = 1.0 / (1u64 << 53) as f64;
     let mut finite = true;
     let mut count = 0usize;
     for ((o, &v), &u) in out.iter_mut().zip(values).zip(draws) {
-        finite &= v.is_finite();
         let x = f64::from(v);
-        count += usize::from(x.abs() > clip);
-        let x = if x > clip {
-            clip
-        } else if x < -clip {
-            -clip
-        } else {
-            x
-        };
+        let magnitude = x.abs();
+        finite &= magnitude < f64::INFINITY;
+        count += usize::from(magnitude > clip);
+        // The clamp of a finite value, written as the compare-and-select
+        // that is one `minpd` and one `maxpd`.
+        let x = if x < clip { x } else { clip };
+        let x = if x > -clip { x } else { -clip };
         let high = f64::from_bits(0x4330_0000_0000_0000 | (u >> 12)) - TWO_52;
-        let low = if (u >> 11) & 1 == 1 { 1.0 } else { 0.0 };
-        let z = x * scale + (high * 2.0 + low) * TWO_M53;
-        let nearest = (z + ROUNDER) - ROUNDER;
-        let floor = nearest - if nearest > z { 1.0 } else { 0.0 };
-        let code = ((floor + ROUNDER).to_bits() as i64).wrapping_sub(ROUNDER.to_bits() as i64);
+        let low = if (u >> 11) & 1 == 1 { TWO_M53 } else { 0.0 };
+        let z = x * scale + (high * TWO_M52 + low);
+        let shifted = z + ROUNDER;
+        let nearest = shifted - ROUNDER;
+        let code = (shifted.to_bits() as i64)
+            .wrapping_sub(ROUNDER.to_bits() as i64)
+            .wrapping_sub(i64::from(nearest > z));
         *o = W::from_u64(code as u64);
     }
     *clipped += count;
