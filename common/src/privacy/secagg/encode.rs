@@ -95,8 +95,9 @@ const ROUNDER: f64 = 6_755_399_441_055_744.0;
 /// in vector form, so the loop vectorises. The uniform is rebuilt exactly
 /// ((u >> 11)·2^-53 as (u >> 12)·2^-52 + bit 11·2^-53, a sum without
 /// rounding), the nearest integer is read from the bits of `z + ROUNDER`, and
-/// one is taken off where that rounded up: the floor. Clipped values are counted; returns whether every value
-/// was finite (the caller then finds the first that was not).
+/// one is taken off where that rounded up: the floor. Clipped values are
+/// counted; returns whether every value was finite (the caller then finds
+/// the first that was not).
 #[inline(always)]
 fn encode_batch<W: Word>(
     values: &[f32],
@@ -443,6 +444,29 @@ mod tests {
         }
     }
 
+    type Batch<W> = fn(&[f32], &[u64], f64, f64, &mut [W], &mut usize) -> bool;
+
+    /// The codes and clipped count one encoding loop gives (all finite).
+    fn codes<W: Word>(
+        f: Batch<W>,
+        values: &[f32],
+        draws: &[u64],
+        clip: f32,
+        scale: f64,
+    ) -> (Vec<W>, usize) {
+        let mut out = vec![W::default(); values.len()];
+        let mut clipped = 0;
+        assert!(f(
+            values,
+            draws,
+            f64::from(clip),
+            scale,
+            &mut out,
+            &mut clipped
+        ));
+        (out, clipped)
+    }
+
     #[test]
     fn the_vectorised_loop_gives_the_codes_of_the_wide_one() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -472,66 +496,23 @@ mod tests {
         let largest = (FAST_LIMIT - 1.0) / f64::from(clip) * 0.999_999;
         for scale in [1.0, 1000.0, 2f64.powi(30) / 3.0, 1.25e6, largest] {
             assert!(f64::from(clip) * scale + 1.0 < FAST_LIMIT);
-            for bits in [32u32, 64] {
-                let (mut fast, mut wide) = (vec![0u64; values.len()], vec![0u64; values.len()]);
-                let (mut fast_clipped, mut wide_clipped) = (0, 0);
-                let c = f64::from(clip);
-                assert!(encode_batch(
-                    &values,
-                    &draws,
-                    c,
-                    scale,
-                    &mut fast,
-                    &mut fast_clipped
-                ));
-                assert!(encode_batch_wide(
-                    &values,
-                    &draws,
-                    c,
-                    scale,
-                    &mut wide,
-                    &mut wide_clipped
-                ));
-                let (f32w, w32w) = if bits == 32 {
-                    let mut a = vec![0u32; values.len()];
-                    let mut b = vec![0u32; values.len()];
-                    let (mut x, mut y) = (0, 0);
-                    encode_batch(&values, &draws, c, scale, &mut a, &mut x);
-                    encode_batch_wide(&values, &draws, c, scale, &mut b, &mut y);
-                    (a, b)
-                } else {
-                    (vec![], vec![])
-                };
-                assert_eq!(fast, wide, "scale {scale}");
-                assert_eq!(f32w, w32w, "scale {scale}, 32-bit words");
-                assert_eq!(fast_clipped, wide_clipped, "scale {scale}");
-                assert_eq!(
-                    fast_clipped,
-                    4 + values.iter().skip(14).filter(|v| v.abs() > clip).count()
-                );
-            }
+            let wide = codes::<u64>(encode_batch_wide, &values, &draws, clip, scale);
+            assert_eq!(codes(encode_batch, &values, &draws, clip, scale), wide);
+            assert_eq!(
+                codes::<u32>(encode_batch, &values, &draws, clip, scale),
+                codes(encode_batch_wide, &values, &draws, clip, scale),
+            );
+            let clipped = 4 + values[14..].iter().filter(|v| v.abs() > clip).count();
+            assert_eq!(wide.1, clipped, "scale {scale}");
         }
         // A non-finite value is reported by both.
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut v = values[..8].to_vec();
             v[5] = bad;
-            let mut out = vec![0u32; 8];
-            assert!(!encode_batch(
-                &v,
-                &draws[..8],
-                1.5,
-                1000.0,
-                &mut out,
-                &mut 0
-            ));
-            assert!(!encode_batch_wide(
-                &v,
-                &draws[..8],
-                1.5,
-                1000.0,
-                &mut out,
-                &mut 0
-            ));
+            let loops: [Batch<u32>; 2] = [encode_batch, encode_batch_wide];
+            for f in loops {
+                assert!(!f(&v, &draws[..8], 1.5, 1000.0, &mut [0u32; 8], &mut 0));
+            }
         }
     }
 
