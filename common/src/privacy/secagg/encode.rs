@@ -488,7 +488,12 @@ mod tests {
             -0.5,
         ];
         values.extend((0..4_000).map(|_| (rng.random::<f32>() - 0.5) * 4.0));
+        // At scale 1, 2^-53 plus the largest uniform (1 − 2^-53, whose last
+        // bit is bit 11 of the draw) is exactly 1: a floor that lost that
+        // bit would give 0.
+        values.push(2f32.powi(-53));
         let mut draws: Vec<u64> = (0..values.len()).map(|_| rng.random()).collect();
+        *draws.last_mut().unwrap() = u64::MAX;
         // Uniforms at both ends of [0, 1) and at bit 11's edges.
         draws[..6].copy_from_slice(&[0, u64::MAX, 1 << 11, (1 << 11) - 1, 1 << 12, 1 << 63]);
         // Scales of a small federation, of a large one, of the 2^64 ring,
