@@ -51,6 +51,11 @@ impl MaskedSum {
         self.sum.wrapping_add_assign(masked);
     }
 
+    /// Adds several masked vectors in one parallel pass.
+    fn add_all(&mut self, masked: &[&RingVec]) {
+        self.sum.wrapping_add_all(masked);
+    }
+
     /// Adds one masked vector given as packed little-endian bytes
     /// (⌈bits/8⌉ per coordinate), without copying it into a vector first.
     /// Elements wrap in the machine word; `finish` reduces.
@@ -390,8 +395,7 @@ impl ServerSession {
         self.sum
             .as_mut()
             .expect("the sum exists from stage 3 on")
-            .sum
-            .wrapping_add_all(&vectors);
+            .add_all(&vectors);
         self.survivors.extend(seen);
         Ok(())
     }
