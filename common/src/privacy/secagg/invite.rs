@@ -104,4 +104,22 @@ mod tests {
         ));
         assert!(RoundInvite::from_json(b"{").is_err());
     }
+
+    /// The agent masks with the scales the coordinator sent, so a number
+    /// must parse to exactly the value that was written. A decimal longer
+    /// than `f64` can hold once parsed (with serde_json's default, fast
+    /// parser) to a neighbour of the value its shortest form parses to, and
+    /// the invitation changed on its second trip (found by the
+    /// `round_invite` fuzz target).
+    #[test]
+    fn long_decimals_parse_to_the_value_their_shortest_form_does() {
+        let json = br#"{"config":{"num_values":5,"num_coord_weights":0,"neighbours":2,"threshold":2,"clip":1.0,"scale":357913941.2,"max_weight":1000000.7777777777777777777777777777777777777777777770,"weight_scale":0.4,"modulus_bits":32,"verify_survivors":false},"round_seed":[246,225,157,8,203,40,255,12,174,72,252,14,34,19,83,1,5,190,100,176,167,42,132,97,88,38,120,255,216,103,1,199],"id":0,"participants":3}"#;
+        let invite = RoundInvite::from_json(json).unwrap();
+        let nearest: f64 = "1000000.777777777777777777777777777777777777777777777"
+            .parse()
+            .unwrap();
+        assert_eq!(invite.config.max_weight, nearest);
+        let again = RoundInvite::from_json(&invite.to_json()).unwrap();
+        assert_eq!(again, invite);
+    }
 }
