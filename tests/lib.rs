@@ -140,6 +140,7 @@ pub fn orders_agent_config(id: &str, addr: std::net::SocketAddr, export: &Path) 
         rating: None,
         merchant: None,
         delimiter: Default::default(),
+        decimal: Default::default(),
     });
     cfg.privacy = fedcart_client::policy::PrivacyPolicy::without_key_binding();
     cfg

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use fedcart_common::data::orders::mapping::MappingOverrides;
 use fedcart_common::data::orders::{
-    self, BadRowPolicy, ChurnConfig, Delimiter, OrdersMapping, TimestampFormat,
+    self, BadRowPolicy, ChurnConfig, DecimalMark, Delimiter, OrdersMapping, TimestampFormat,
 };
 use serde::Serialize;
 
@@ -30,7 +30,8 @@ pub struct PrepareArgs {
     /// Order time column.
     #[arg(long)]
     pub timestamp_col: Option<String>,
-    /// Order time format: auto, unix_seconds, iso8601 or yyyymmdd.
+    /// Order time format: auto, unix_seconds, iso8601, yyyymmdd, or a strftime pattern such
+    /// as `%d/%m/%Y %H:%M`.
     #[arg(long)]
     pub timestamp_format: Option<TimestampFormat>,
     /// Quantity column (omit: each row counts as one unit).
@@ -48,6 +49,9 @@ pub struct PrepareArgs {
     /// Field separator: comma, tab, semicolon, pipe or whitespace.
     #[arg(long)]
     pub delimiter: Option<Delimiter>,
+    /// Decimal mark of the quantity and amount columns: point or comma.
+    #[arg(long)]
+    pub decimal: Option<DecimalMark>,
     /// History ends at this date (ISO-8601, YYYYMMDD or unix seconds).
     #[arg(long)]
     pub cutoff: String,
@@ -209,12 +213,13 @@ pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError
         customer: args.customer_col.clone(),
         item: args.item_col.clone(),
         timestamp: args.timestamp_col.clone(),
-        timestamp_format: args.timestamp_format,
+        timestamp_format: args.timestamp_format.clone(),
         quantity: args.quantity_col.clone(),
         amount: args.amount_col.clone(),
         rating: args.rating_col.clone(),
         merchant: args.merchant_col.clone(),
         delimiter: args.delimiter,
+        decimal: args.decimal,
     };
     overrides
         .apply(base)
@@ -304,6 +309,7 @@ mod tests {
             rating_col: None,
             merchant_col: None,
             delimiter: None,
+            decimal: None,
             cutoff: "2024-03-01".into(),
             churn_window_days: 30,
             trend_window_days: 90,
@@ -425,6 +431,59 @@ mod tests {
             )
         );
         assert!(!a.out.exists(), "nothing is written after a failure");
+    }
+
+    /// A European spreadsheet export: `;` between fields, day-first dates,
+    /// decimal commas and a currency sign. Without the flags the first
+    /// amount is refused with the flag that reads it; with them the export
+    /// prepares like an ISO one.
+    #[test]
+    fn prepare_reads_a_european_export_with_pattern_and_decimal_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let orders = dir.path().join("orders.csv");
+        std::fs::write(
+            &orders,
+            "customer;sku;placed_at;qty;total\n\
+             alice;A1;10/01/2024 10:00;2;20,00 €\n\
+             alice;B2;10/02/2024 09:30;1;1.005,50 €\n\
+             bob;A1;15/01/2024 00:00;1;10 €\n",
+        )
+        .unwrap();
+        let mut a = args(dir.path(), orders.clone());
+        a.delimiter = Some(Delimiter::Semicolon);
+        a.timestamp_format = Some("%d/%m/%Y %H:%M".parse().unwrap());
+        a.on_bad_row = BadRowPolicy::Fail;
+        let err = run(&a).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            format!(
+                "{}: line 2, column `total`: `20,00 €` is not a number with a decimal point \
+                 (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)",
+                orders.display()
+            )
+        );
+        a.decimal = Some("comma".parse().unwrap());
+        run(&a).unwrap();
+        let features = std::fs::read_to_string(a.out.join("features.csv")).unwrap();
+        let lines: Vec<&str> = features.lines().collect();
+        // alice: 2 orders worth 20 + 1005.5 before the cutoff (2024-03-01).
+        let alice: Vec<&str> = lines[1].split(',').collect();
+        assert_eq!(
+            alice[..4],
+            ["alice", "19.604166", "2", "1025.5"],
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("bob,46,1,10,46,10,46,"),
+            "{}",
+            lines[2]
+        );
+        let inter = std::fs::read_to_string(a.out.join("interactions.csv")).unwrap();
+        assert_eq!(
+            inter,
+            "user,item,value,timestamp\nalice,A1,2,1704880800\nalice,B2,1,1707557400\nbob,A1,1,1705276800\n"
+        );
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn config(id: &str, addr: std::net::SocketAddr, orders: &Path, catalogue: &Path)
         rating: None,
         merchant: None,
         delimiter: Default::default(),
+        decimal: Default::default(),
     });
     cfg
 }

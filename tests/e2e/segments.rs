@@ -75,6 +75,7 @@ fn prepared(dir: &Path) -> Vec<PathBuf> {
                 rating_col: None,
                 merchant_col: None,
                 delimiter: None,
+                decimal: None,
                 cutoff: "1997-09-30".into(),
                 churn_window_days: 180,
                 trend_window_days: 90,

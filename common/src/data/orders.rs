@@ -24,7 +24,7 @@ pub mod mapping;
 pub mod read;
 
 pub use derive::{ChurnConfig, Prepared, derive};
-pub use mapping::{Delimiter, OrdersMapping, TimestampFormat};
+pub use mapping::{DecimalMark, Delimiter, OrdersMapping, TimestampFormat};
 pub use read::{read_orders, read_orders_from};
 
 /// One order line of the export, after mapping and validation.

@@ -7,9 +7,13 @@
 use std::path::Path;
 
 use fedcart_common::data::orders::{
-    BadRowPolicy, Delimiter, Order, OrdersMapping, TimestampFormat, read_orders_from,
+    BadRowPolicy, DecimalMark, Delimiter, Order, OrdersMapping, TimestampFormat, read_orders_from,
 };
 use libfuzzer_sys::fuzz_target;
+
+fn pattern(p: &str) -> TimestampFormat {
+    p.parse().expect("a valid strftime pattern")
+}
 
 fn full_mapping(delimiter: Delimiter, timestamp_format: TimestampFormat) -> OrdersMapping {
     OrdersMapping {
@@ -22,6 +26,7 @@ fn full_mapping(delimiter: Delimiter, timestamp_format: TimestampFormat) -> Orde
         rating: Some("rating".into()),
         merchant: Some("store".into()),
         delimiter,
+        decimal: Default::default(),
     }
 }
 
@@ -61,8 +66,18 @@ fuzz_target!(|data: &[u8]| {
         TimestampFormat::UnixSeconds,
         TimestampFormat::Iso8601,
         TimestampFormat::Yyyymmdd,
-    ][usize::from((pick >> 1) & 3)];
-    let mapping = match (pick >> 3) % 6 {
+    ][usize::from((pick >> 1) & 3)]
+    .clone();
+    let layout = pick >> 3;
+    // Layouts 6 and above add the formats a spreadsheet writes: a decimal
+    // comma, a US date, a European date.
+    let (format, decimal) = match layout / 6 {
+        1 => (format, DecimalMark::Comma),
+        2 => (pattern("%m/%d/%Y %H:%M"), DecimalMark::Point),
+        3 => (pattern("%d.%m.%Y"), DecimalMark::Comma),
+        _ => (format, DecimalMark::Point),
+    };
+    let mut mapping = match layout % 6 {
         0 => OrdersMapping::cdnow(),
         1 => full_mapping(Delimiter::Comma, format),
         2 => full_mapping(Delimiter::Tab, format),
@@ -70,6 +85,9 @@ fuzz_target!(|data: &[u8]| {
         4 => full_mapping(Delimiter::Pipe, format),
         _ => full_mapping(Delimiter::Whitespace, format),
     };
+    if layout >= 6 {
+        mapping.decimal = decimal;
+    }
     let path = Path::new("fuzz.csv");
     let Ok((orders, report)) = read_orders_from(csv, path, &mapping, policy) else {
         return;

@@ -56,8 +56,12 @@ impl std::str::FromStr for Delimiter {
 }
 
 /// How the timestamp column is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+///
+/// In a mapping file and on the command line it is one string: `auto`,
+/// `unix_seconds`, `iso8601`, `yyyymmdd`, or a strftime pattern (anything
+/// with a `%`), so `"%d/%m/%Y %H:%M"` reads `31/01/2024 18:05`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
 pub enum TimestampFormat {
     /// Decide per value: 8 digits are `YYYYMMDD`, other integers unix
     /// seconds, anything with a `-` ISO-8601. (An 8-digit unix time would
@@ -71,6 +75,10 @@ pub enum TimestampFormat {
     Iso8601,
     /// `YYYYMMDD` (a calendar date, taken at midnight UTC).
     Yyyymmdd,
+    /// A strftime pattern in chrono's syntax (`%Y`, `%m`, `%d`, `%H`, `%M`,
+    /// `%S`, `%b`, `%p`, `%z`, …). A time without `%z` is taken as UTC, a
+    /// date without a time as midnight UTC, like the built-in formats.
+    Pattern(String),
 }
 
 impl std::str::FromStr for TimestampFormat {
@@ -81,10 +89,134 @@ impl std::str::FromStr for TimestampFormat {
             "unix_seconds" | "unix" => Ok(Self::UnixSeconds),
             "iso8601" | "iso" => Ok(Self::Iso8601),
             "yyyymmdd" => Ok(Self::Yyyymmdd),
+            pattern if pattern.contains('%') => {
+                use chrono::format::{Item, StrftimeItems};
+                if StrftimeItems::new(pattern).any(|i| matches!(i, Item::Error)) {
+                    return Err(format!(
+                        "timestamp format `{pattern}` is not a valid strftime pattern \
+                         (an unknown `%` directive?)"
+                    ));
+                }
+                Ok(Self::Pattern(pattern.to_string()))
+            }
             other => Err(format!(
-                "timestamp format must be auto, unix_seconds, iso8601 or yyyymmdd, not `{other}`"
+                "timestamp format must be auto, unix_seconds, iso8601, yyyymmdd or a strftime \
+                 pattern such as `%d/%m/%Y %H:%M`, not `{other}`"
             )),
         }
+    }
+}
+
+impl TryFrom<String> for TimestampFormat {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<TimestampFormat> for String {
+    fn from(f: TimestampFormat) -> String {
+        match f {
+            TimestampFormat::Auto => "auto".into(),
+            TimestampFormat::UnixSeconds => "unix_seconds".into(),
+            TimestampFormat::Iso8601 => "iso8601".into(),
+            TimestampFormat::Yyyymmdd => "yyyymmdd".into(),
+            TimestampFormat::Pattern(p) => p,
+        }
+    }
+}
+
+/// How the quantity, amount and rating columns write a fraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DecimalMark {
+    /// `1234.50`, `1,234.50`, `$1,234.50`.
+    #[default]
+    Point,
+    /// `1234,50`, `1.234,50`, `1 234,50 €` (many European exports, usually
+    /// with `;` as the delimiter).
+    Comma,
+}
+
+impl std::str::FromStr for DecimalMark {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "point" | "." => Ok(Self::Point),
+            "comma" | "," => Ok(Self::Comma),
+            other => Err(format!(
+                "decimal mark must be point or comma, not `{other}`"
+            )),
+        }
+    }
+}
+
+/// Currency symbols a money cell may carry before or after its number.
+const CURRENCY_SYMBOLS: &[char] = &[
+    '$', '€', '£', '¥', '₹', '₩', '₽', '₺', '₪', '₫', '฿', '₴', '₦', '₱', '¢', '₡', '₲', '₵', '₸',
+];
+
+impl DecimalMark {
+    /// The number a cell of the export holds, or `None` when it holds none.
+    ///
+    /// Beyond what Rust's float parser takes (`12.5`, `-3`, `1e3`), it
+    /// reads the way spreadsheets and shops write money: one currency
+    /// symbol before or after the number (`$12.50`, `-$12.50`, `12,50 €`),
+    /// and digit groups of three separated by the other mark, a space or an
+    /// apostrophe (`1,234.50`; with [`DecimalMark::Comma`] `1.234,50`). A
+    /// group that is not three digits (`1,5` with a decimal point) is not a
+    /// number: that cell is a mistake to report, not a value to guess.
+    pub fn parse(self, raw: &str) -> Option<f32> {
+        let s = raw.trim();
+        if self == DecimalMark::Point
+            && let Ok(v) = s.parse::<f32>()
+        {
+            return Some(v);
+        }
+        let (negative, s) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest.trim_start()),
+            None => (false, s),
+        };
+        let s = s
+            .trim_start_matches(CURRENCY_SYMBOLS)
+            .trim_end_matches(CURRENCY_SYMBOLS)
+            .trim();
+        let (negative, s) = match s.strip_prefix('-') {
+            Some(rest) if !negative => (true, rest),
+            Some(_) => return None,
+            None => (negative, s),
+        };
+        let (mark, group) = match self {
+            DecimalMark::Point => ('.', ','),
+            DecimalMark::Comma => (',', '.'),
+        };
+        let (int, frac) = match s.split_once(mark) {
+            Some((i, f)) => (i, Some(f)),
+            None => (s, None),
+        };
+        let is_group =
+            |c: char| c == group || c == ' ' || c == '\u{a0}' || c == '\u{202f}' || c == '\'';
+        let mut digits = String::with_capacity(s.len() + 1);
+        for (i, g) in int.split(is_group).enumerate() {
+            let ok = if i == 0 {
+                (1..=3).contains(&g.len()) || !int.contains(is_group) && !g.is_empty()
+            } else {
+                g.len() == 3
+            };
+            if !ok || !g.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            digits.push_str(g);
+        }
+        if let Some(f) = frac {
+            if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            digits.push('.');
+            digits.push_str(f);
+        }
+        let v: f32 = digits.parse().ok()?;
+        Some(if negative { -v } else { v })
     }
 }
 
@@ -118,6 +250,9 @@ pub struct OrdersMapping {
     /// Field separator.
     #[serde(default)]
     pub delimiter: Delimiter,
+    /// Decimal mark of the quantity, amount and rating columns.
+    #[serde(default)]
+    pub decimal: DecimalMark,
 }
 
 /// Column settings given one by one (command-line flags, a config table),
@@ -144,6 +279,8 @@ pub struct MappingOverrides {
     pub merchant: Option<String>,
     /// Field separator.
     pub delimiter: Option<Delimiter>,
+    /// Decimal mark of the number columns.
+    pub decimal: Option<DecimalMark>,
 }
 
 /// A mapping built from overrides alone lacks a required column.
@@ -178,6 +315,7 @@ impl MappingOverrides {
                     rating: None,
                     merchant: None,
                     delimiter: Delimiter::Comma,
+                    decimal: DecimalMark::Point,
                 }
             }
         };
@@ -200,11 +338,14 @@ impl MappingOverrides {
                 field.clone_from(v);
             }
         }
-        if let Some(f) = self.timestamp_format {
-            map.timestamp_format = f;
+        if let Some(f) = &self.timestamp_format {
+            map.timestamp_format = f.clone();
         }
         if let Some(d) = self.delimiter {
             map.delimiter = d;
+        }
+        if let Some(d) = self.decimal {
+            map.decimal = d;
         }
         Ok(map)
     }
@@ -224,6 +365,7 @@ impl OrdersMapping {
             rating: None,
             merchant: None,
             delimiter: Delimiter::Whitespace,
+            decimal: DecimalMark::Point,
         }
     }
 }
@@ -349,32 +491,51 @@ fn parse_iso(s: &str) -> Option<i64> {
     }
 }
 
+/// Unix seconds of `raw` read with the strftime pattern `p`.
+fn parse_pattern(raw: &str, p: &str) -> Result<i64, String> {
+    use chrono::format::{Parsed, StrftimeItems, parse};
+    let mut parsed = Parsed::new();
+    parse(&mut parsed, raw, StrftimeItems::new(p))
+        .map_err(|e| format!("`{raw}` does not match the timestamp format `{p}` ({e})"))?;
+    let secs = if parsed.offset().is_some() {
+        parsed.to_datetime().map(|t| t.timestamp())
+    } else {
+        parsed
+            .to_naive_datetime_with_offset(0)
+            .map(|t| t.and_utc().timestamp())
+            .or_else(|_| {
+                parsed
+                    .to_naive_date()
+                    .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc().timestamp())
+            })
+    };
+    secs.map_err(|e| format!("`{raw}` read with the timestamp format `{p}` is not a date ({e})"))
+}
+
 impl TimestampFormat {
     /// Unix seconds of `raw`, or a message saying what was expected.
-    pub fn parse(self, raw: &str) -> Result<i64, String> {
-        let parsed = match self {
-            TimestampFormat::UnixSeconds => parse_unix(raw),
-            TimestampFormat::Iso8601 => parse_iso(raw),
-            TimestampFormat::Yyyymmdd => parse_yyyymmdd(raw),
+    pub fn parse(&self, raw: &str) -> Result<i64, String> {
+        let (parsed, expected) = match self {
+            TimestampFormat::Pattern(p) => return parse_pattern(raw, p),
+            TimestampFormat::UnixSeconds => (parse_unix(raw), "unix seconds"),
+            TimestampFormat::Iso8601 => (parse_iso(raw), "an ISO-8601 date or date-time"),
+            TimestampFormat::Yyyymmdd => (parse_yyyymmdd(raw), "a YYYYMMDD date"),
             TimestampFormat::Auto => {
-                if raw.contains('-') && raw.len() >= 10 {
+                let parsed = if raw.contains('-') && raw.len() >= 10 {
                     parse_iso(raw)
                 } else if raw.len() == 8 {
                     parse_yyyymmdd(raw)
                 } else {
                     parse_unix(raw)
-                }
+                };
+                (
+                    parsed,
+                    "unix seconds, an ISO-8601 date or YYYYMMDD (another layout needs \
+                     a strftime timestamp format, e.g. `%m/%d/%Y %H:%M`)",
+                )
             }
         };
-        parsed.ok_or_else(|| {
-            let expected = match self {
-                TimestampFormat::UnixSeconds => "unix seconds",
-                TimestampFormat::Iso8601 => "an ISO-8601 date or date-time",
-                TimestampFormat::Yyyymmdd => "a YYYYMMDD date",
-                TimestampFormat::Auto => "unix seconds, an ISO-8601 date or YYYYMMDD",
-            };
-            format!("`{raw}` is not {expected}")
-        })
+        parsed.ok_or_else(|| format!("`{raw}` is not {expected}"))
     }
 }
 

@@ -1,10 +1,13 @@
 //! Reading an orders export through its [`OrdersMapping`] into validated
 //! [`Order`]s, with the bad-row policy applied row by row.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+use std::rc::Rc;
 
-use super::mapping::{Delimiter, OrdersMapping};
+use super::mapping::{DecimalMark, Delimiter, OrdersMapping};
 use super::{BadRowPolicy, BadRowReason, Order, OrdersError, ReadReport};
 
 /// How many skip messages the report keeps as examples.
@@ -27,10 +30,7 @@ impl Columns {
         let find = |name: &str| {
             header.iter().position(|h| h == name).ok_or_else(|| {
                 let hint = if header.len() == 1 {
-                    format!(
-                        "; the header split into a single field, is the delimiter ({:?}) right?",
-                        map.delimiter
-                    )
+                    delimiter_hint(map.delimiter, &header[0], name)
                 } else {
                     String::new()
                 };
@@ -109,6 +109,32 @@ pub fn read_orders_from<R: Read>(
     Ok((orders, report))
 }
 
+/// What to say when the header did not split: which other delimiter would
+/// have found the missing column, if one would.
+fn delimiter_hint(used: Delimiter, header: &str, column: &str) -> String {
+    let fits = [
+        (Delimiter::Comma, "comma"),
+        (Delimiter::Tab, "tab"),
+        (Delimiter::Semicolon, "semicolon"),
+        (Delimiter::Pipe, "pipe"),
+    ]
+    .into_iter()
+    .find(|(d, _)| {
+        *d != used
+            && d.byte()
+                .is_some_and(|b| header.split(char::from(b)).any(|h| h.trim() == column))
+    });
+    match fits {
+        Some((_, name)) => format!(
+            "; the header split into a single field with the delimiter {used:?}, it splits \
+             with {name}: `--delimiter {name}`, or `delimiter = \"{name}\"` in the mapping"
+        ),
+        None => {
+            format!("; the header split into a single field, is the delimiter ({used:?}) right?")
+        }
+    }
+}
+
 type Record = (u64, Vec<String>);
 
 /// The non-blank lines of the export as `(1-based line, fields)`.
@@ -124,18 +150,66 @@ fn records<'a, R: Read + 'a>(
     };
     match delimiter.byte() {
         Some(sep) => {
+            // Records end at `\n` only: with CRLF line ends the csv crate's
+            // own terminator counts every record's line one short
+            // (BurntSushi/rust-csv#395). The `\r` left at the end of the
+            // last field is trimmed with every other cell. An export whose
+            // lines end in a lone `\r` (old Mac spreadsheets) has no `\n` in
+            // its first block: it gets the csv crate's terminator, and its
+            // records are numbered by count (the crate counts `\n` only).
+            let mut reader = BufReader::with_capacity(1 << 16, reader);
+            let head = reader.fill_buf().map_err(|source| OrdersError::Io {
+                file: path.into(),
+                source,
+            })?;
+            let cr_only = head.contains(&b'\r') && !head.contains(&b'\n');
+            // The csv crate also skips empty lines itself and gives the
+            // record after them the first empty line's number
+            // (BurntSushi/rust-csv#208); `BlankLines` notes which lines are
+            // empty so the number can be moved past them.
+            let blanks = Rc::new(RefCell::new(VecDeque::new()));
+            let reader = BlankLines {
+                inner: reader,
+                line: 1,
+                at_line_start: true,
+                blanks: Rc::clone(&blanks),
+            };
             let rdr = csv::ReaderBuilder::new()
                 .has_headers(false)
                 .flexible(true)
                 .delimiter(sep)
+                .terminator(if cr_only {
+                    csv::Terminator::CRLF
+                } else {
+                    csv::Terminator::Any(b'\n')
+                })
                 .from_reader(reader);
-            Ok(Box::new(rdr.into_records().map(move |r| {
-                let r = r.map_err(|e| {
-                    let line = e.position().map_or(0, |p| p.line());
-                    row_err(line, &e)
-                })?;
-                let line = r.position().map_or(0, |p| p.line());
-                Ok((line, r.iter().map(str::to_string).collect()))
+            let true_line = move |pos: Option<&csv::Position>| {
+                if cr_only {
+                    return pos.map_or(0, |p| p.record() + 1);
+                }
+                let mut line = pos.map_or(0, csv::Position::line);
+                let mut blanks = blanks.borrow_mut();
+                while blanks.front().is_some_and(|&l| l < line) {
+                    blanks.pop_front();
+                }
+                while blanks.front() == Some(&line) {
+                    blanks.pop_front();
+                    line += 1;
+                }
+                line
+            };
+            Ok(Box::new(rdr.into_records().filter_map(move |r| {
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => return Some(Err(row_err(true_line(e.position()), &e))),
+                };
+                // A blank CRLF line is a record of one `\r`: not a row.
+                if r.len() == 1 && r[0].trim().is_empty() {
+                    return None;
+                }
+                let line = true_line(r.position());
+                Some(Ok((line, r.iter().map(str::to_string).collect())))
             })))
         }
         None => {
@@ -152,6 +226,36 @@ fn records<'a, R: Read + 'a>(
                 }
             })))
         }
+    }
+}
+
+/// A reader that notes the numbers of the empty lines (`\n` right after
+/// `\n`, or first in the file) that pass through it. The csv reader reads
+/// ahead by one buffer, so the queue holds at most the empty lines of one
+/// buffer beyond the record being numbered.
+struct BlankLines<R> {
+    inner: R,
+    /// The line of the next byte.
+    line: u64,
+    at_line_start: bool,
+    blanks: Rc<RefCell<VecDeque<u64>>>,
+}
+
+impl<R: Read> Read for BlankLines<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                if self.at_line_start {
+                    self.blanks.borrow_mut().push_back(self.line);
+                }
+                self.line += 1;
+                self.at_line_start = true;
+            } else {
+                self.at_line_start = false;
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -180,13 +284,31 @@ fn parse_row(
     let get = |c: usize| fields[c].trim();
     let number = |c: usize, bad: BadRowReason, negative: BadRowReason| {
         let raw = get(c);
-        let v: f32 = raw
-            .parse()
-            .ok()
+        let v: f32 = map
+            .decimal
+            .parse(raw)
             .filter(|v: &f32| v.is_finite())
-            .ok_or_else(|| cell(c, bad, format!("`{raw}` is not a finite number")))?;
+            .ok_or_else(|| {
+                let message = if raw.is_empty() {
+                    "empty, not a number".to_string()
+                } else if map.decimal == DecimalMark::Point
+                    && DecimalMark::Comma.parse(raw).is_some()
+                {
+                    format!("`{raw}` is not a number with a decimal point (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)")
+                } else {
+                    format!("`{raw}` is not a finite number")
+                };
+                cell(c, bad, message)
+            })?;
         if v < 0.0 && bad != BadRowReason::BadRating {
-            return Err(cell(c, negative, format!("`{raw}` is negative")));
+            return Err(cell(
+                c,
+                negative,
+                format!(
+                    "`{raw}` is negative (a return or a refund? the bad-row policy `skip` \
+                     leaves such rows out and counts them)"
+                ),
+            ));
         }
         Ok(v)
     };

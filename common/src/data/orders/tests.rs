@@ -18,6 +18,7 @@ fn mapping() -> OrdersMapping {
         rating: None,
         merchant: None,
         delimiter: Delimiter::Comma,
+        decimal: Default::default(),
     }
 }
 
@@ -50,7 +51,74 @@ fn unparsable_date_names_file_line_and_column() {
     let text = format!("{HEADER}c1,i1,2024-01-01,1,9.5\nc2,i2,2024-02-30,1,3\n");
     assert_eq!(
         fail_message(&text, &mapping()),
-        "orders.csv: line 3, column `ts`: `2024-02-30` is not unix seconds, an ISO-8601 date or YYYYMMDD"
+        "orders.csv: line 3, column `ts`: `2024-02-30` is not unix seconds, an ISO-8601 date or YYYYMMDD \
+         (another layout needs a strftime timestamp format, e.g. `%m/%d/%Y %H:%M`)"
+    );
+}
+
+/// Windows and Python's `csv` module end lines with CRLF; line numbers
+/// must still be the ones an editor shows, after blank lines too, and a
+/// quoted cell may span lines.
+#[test]
+fn line_numbers_are_the_editors_whatever_the_line_ends() {
+    let rows = [
+        "customer,item,ts,qty,price",
+        "c1,i1,2024-01-01,1,\"9.5\"",
+        "",
+        "\"c2\ncontinued\",i2,2024-01-02,1,3",
+        "c3,i2,2024-02-30,1,3",
+        "c4,i2,2024-01-03,1,3",
+        "",
+        "",
+        "c5,i2,2024-13-01,1,3",
+        "c6,i2,2024-01-03,1,-3",
+    ];
+    for end in ["\n", "\r\n"] {
+        let text = rows.join(end) + end;
+        let (orders, report) = read(&text, &mapping(), BadRowPolicy::Skip).unwrap();
+        assert_eq!(orders.len(), 3, "{end:?}");
+        assert_eq!(orders[0].amount, 9.5);
+        assert_eq!(orders[1].customer, "c2\ncontinued");
+        let lines: Vec<&str> = report
+            .examples
+            .iter()
+            .map(|e| e.split(", column").next().unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "orders.csv: line 6",
+                "orders.csv: line 10",
+                "orders.csv: line 11"
+            ],
+            "{end:?}"
+        );
+    }
+}
+
+/// Old Mac spreadsheets end lines with a lone CR.
+#[test]
+fn lone_carriage_returns_end_lines_too() {
+    let text = "customer,item,ts,qty,price\rc1,i1,2024-01-01,1,9.5\rc2,i2,2024-02-30,1,3\r";
+    assert!(
+        fail_message(text, &mapping()).starts_with("orders.csv: line 3, column `ts`:"),
+        "{}",
+        fail_message(text, &mapping())
+    );
+    let good = "customer,item,ts,qty,price\rc1,i1,2024-01-01,1,9.5\r";
+    let (orders, _) = read(good, &mapping(), BadRowPolicy::Fail).unwrap();
+    assert_eq!(orders.len(), 1);
+    assert_eq!(orders[0].amount, 9.5);
+}
+
+#[test]
+fn a_header_that_did_not_split_names_the_delimiter_that_splits_it() {
+    let text = "customer;item;ts;qty;price\nc1;i1;2024-01-01;1;9.5\n";
+    assert_eq!(
+        fail_message(text, &mapping()),
+        "orders.csv: line 1: missing column `customer` (header has: customer;item;ts;qty;price); \
+         the header split into a single field with the delimiter Comma, it splits with semicolon: \
+         `--delimiter semicolon`, or `delimiter = \"semicolon\"` in the mapping"
     );
 }
 
@@ -60,7 +128,8 @@ fn negative_quantity_names_file_line_and_column() {
         format!("{HEADER}c1,i1,2024-01-01,1,9.5\nc1,i2,2024-01-02,1,3\nc2,i1,1704067200,-2,3\n");
     assert_eq!(
         fail_message(&text, &mapping()),
-        "orders.csv: line 4, column `qty`: `-2` is negative"
+        "orders.csv: line 4, column `qty`: `-2` is negative (a return or a refund? \
+         the bad-row policy `skip` leaves such rows out and counts them)"
     );
 }
 
@@ -70,7 +139,8 @@ fn wrong_delimiter_is_named_with_a_hint() {
     assert_eq!(
         fail_message(text, &mapping()),
         "orders.csv: line 1: missing column `customer` (header has: customer\titem\tts\tqty\tprice); \
-         the header split into a single field, is the delimiter (Comma) right?"
+         the header split into a single field with the delimiter Comma, it splits with tab: \
+         `--delimiter tab`, or `delimiter = \"tab\"` in the mapping"
     );
     let mut tab = mapping();
     tab.delimiter = Delimiter::Tab;
@@ -125,7 +195,8 @@ fn skip_policy_counts_every_reason_exactly() {
     assert_eq!(report.examples.len(), 5);
     assert_eq!(
         report.examples[0],
-        "orders.csv: line 3, column `ts`: `yesterday` is not unix seconds, an ISO-8601 date or YYYYMMDD"
+        "orders.csv: line 3, column `ts`: `yesterday` is not unix seconds, an ISO-8601 date or YYYYMMDD \
+         (another layout needs a strftime timestamp format, e.g. `%m/%d/%Y %H:%M`)"
     );
     // The blank line is not a row, so line numbers stay true to the file.
     assert!(report.examples.iter().all(|e| !e.contains("line 8")));
@@ -140,6 +211,101 @@ fn mapping_round_trips_through_json_with_defaults() {
     assert_eq!(m.item, None);
     let bad = r#"{"customer":"c","timestamp":"t","amount":"a","colour":"x"}"#;
     assert!(serde_json::from_str::<OrdersMapping>(bad).is_err());
+}
+
+#[test]
+fn strftime_patterns_read_spreadsheet_dates_and_bad_ones_are_refused() {
+    let us: TimestampFormat = "%m/%d/%Y %H:%M".parse().unwrap();
+    assert_eq!(us.parse("01/31/2024 18:05"), Ok(1_706_724_300));
+    // A date alone is midnight UTC, as with the built-in formats.
+    let eu: TimestampFormat = "%d.%m.%Y".parse().unwrap();
+    assert_eq!(eu.parse("31.01.2024"), Ok(1_706_659_200));
+    // An offset in the value is honoured.
+    let zoned: TimestampFormat = "%Y-%m-%d %H:%M %z".parse().unwrap();
+    assert_eq!(zoned.parse("2024-01-31 19:05 +0100"), Ok(1_706_724_300));
+    let month: TimestampFormat = "%d %b %Y".parse().unwrap();
+    assert_eq!(month.parse("31 Jan 2024"), Ok(1_706_659_200));
+    assert_eq!(
+        us.parse("31/01/2024 18:05").unwrap_err(),
+        "`31/01/2024 18:05` does not match the timestamp format `%m/%d/%Y %H:%M` \
+         (input is out of range)"
+    );
+    assert_eq!(
+        "%Y-%".parse::<TimestampFormat>().unwrap_err(),
+        "timestamp format `%Y-%` is not a valid strftime pattern (an unknown `%` directive?)"
+    );
+    assert!(
+        "dd/mm/yyyy"
+            .parse::<TimestampFormat>()
+            .unwrap_err()
+            .contains("a strftime pattern such as `%d/%m/%Y %H:%M`, not `dd/mm/yyyy`")
+    );
+}
+
+#[test]
+fn decimal_marks_read_money_as_shops_write_it() {
+    let point = DecimalMark::Point;
+    let comma = DecimalMark::Comma;
+    assert_eq!(point.parse("12.5"), Some(12.5));
+    assert_eq!(point.parse("$1,234.50"), Some(1234.5));
+    assert_eq!(point.parse("-$12.50"), Some(-12.5));
+    assert_eq!(point.parse("$-12.50"), Some(-12.5));
+    assert_eq!(point.parse("1 234 567"), Some(1_234_567.0));
+    assert_eq!(point.parse("£ 3"), Some(3.0));
+    assert_eq!(comma.parse("12,50 €"), Some(12.5));
+    assert_eq!(comma.parse("1.234,50"), Some(1234.5));
+    assert_eq!(comma.parse("1\u{a0}234,5"), Some(1234.5));
+    assert_eq!(comma.parse("7"), Some(7.0));
+    // Not numbers: a group of the wrong size, two marks, words, nothing.
+    for bad in ["1,5", "1,2345.6", "12.5.0", "--3", "$", "", "abc", "1.5€x"] {
+        assert_eq!(point.parse(bad), None, "{bad}");
+    }
+    for bad in ["1.5", "1,2,3", "12,", ""] {
+        assert_eq!(comma.parse(bad), None, "{bad}");
+    }
+    assert_eq!("comma".parse(), Ok(comma));
+    assert!(
+        "dot"
+            .parse::<DecimalMark>()
+            .unwrap_err()
+            .contains("point or comma")
+    );
+}
+
+#[test]
+fn a_european_export_reads_with_its_mapping_and_errors_say_how() {
+    let text = "customer;item;ts;qty;price\n\
+                c1;i1;31.01.2024;1;12,50 €\n\
+                c2;i2;01.02.2024;2;1.234,00 €\n";
+    let mut map = mapping();
+    map.delimiter = Delimiter::Semicolon;
+    map.timestamp_format = "%d.%m.%Y".parse().unwrap();
+    assert_eq!(
+        fail_message(text, &map),
+        "orders.csv: line 2, column `price`: `12,50 €` is not a number with a decimal point \
+         (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)"
+    );
+    map.decimal = DecimalMark::Comma;
+    let (orders, report) = read(text, &map, BadRowPolicy::Fail).unwrap();
+    assert_eq!(report.rows_ok, 2);
+    assert_eq!(
+        orders.iter().map(|o| o.amount).collect::<Vec<_>>(),
+        [12.5, 1234.0]
+    );
+    assert_eq!(orders[1].timestamp, 1_706_745_600);
+    let empty = "customer;item;ts;qty;price\nc1;i1;31.01.2024;;3\n";
+    assert_eq!(
+        fail_message(empty, &map),
+        "orders.csv: line 2, column `qty`: empty, not a number"
+    );
+    // The mapping with its pattern and mark survives a trip through TOML.
+    let toml_text = toml::to_string(&map).unwrap();
+    assert!(
+        toml_text.contains("timestamp_format = \"%d.%m.%Y\""),
+        "{toml_text}"
+    );
+    assert!(toml_text.contains("decimal = \"comma\""), "{toml_text}");
+    assert_eq!(toml::from_str::<OrdersMapping>(&toml_text).unwrap(), map);
 }
 
 fn day(d: i64) -> i64 {

@@ -19,8 +19,8 @@ use fedcart_common::data::catalogue::{Catalogue, HashedItems, ItemIndex};
 use fedcart_common::data::interactions::Interaction;
 use fedcart_common::data::movielens;
 use fedcart_common::data::orders::{
-    self, BadRowPolicy, ChurnConfig, Delimiter, Order, OrdersMapping, Prepared, TimestampFormat,
-    derive::FEATURE_NAMES, mapping::MappingOverrides, mapping::SECONDS_PER_DAY,
+    self, BadRowPolicy, ChurnConfig, DecimalMark, Delimiter, Order, OrdersMapping, Prepared,
+    TimestampFormat, derive::FEATURE_NAMES, mapping::MappingOverrides, mapping::SECONDS_PER_DAY,
 };
 use fedcart_common::data::partition::Partitioner;
 use fedcart_common::data::split;
@@ -68,7 +68,8 @@ pub struct OrdersArgs {
     #[arg(long = "timestamp-col")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
-    /// Orders: order time format (auto, unix_seconds, iso8601, yyyymmdd).
+    /// Orders: order time format (auto, unix_seconds, iso8601, yyyymmdd, or a strftime
+    /// pattern such as `%d/%m/%Y %H:%M`).
     #[arg(long = "timestamp-format")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timestamp_format: Option<TimestampFormat>,
@@ -93,6 +94,11 @@ pub struct OrdersArgs {
     #[arg(long = "delimiter")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delimiter: Option<Delimiter>,
+    /// Orders: decimal mark of the quantity, amount and rating columns (point, comma)
+    /// [default: an orders mapping's, else point].
+    #[arg(long = "decimal")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decimal: Option<DecimalMark>,
     /// Orders: churn cutoff date [default: the last order minus the churn window; the
     /// recommender tasks (`mf`, `mf-implicit`) then use every order].
     #[arg(long = "cutoff")]
@@ -120,12 +126,13 @@ impl OrdersArgs {
             customer: self.customer.clone(),
             item: self.item.clone(),
             timestamp: self.timestamp.clone(),
-            timestamp_format: self.timestamp_format,
+            timestamp_format: self.timestamp_format.clone(),
             quantity: self.quantity.clone(),
             amount: self.amount.clone(),
             rating: self.rating.clone(),
             merchant: self.merchant.clone(),
             delimiter: self.delimiter,
+            decimal: self.decimal,
         }
     }
 
@@ -142,6 +149,7 @@ impl OrdersArgs {
             rating: self.rating.or(file.rating),
             merchant: self.merchant.or(file.merchant),
             delimiter: self.delimiter.or(file.delimiter),
+            decimal: self.decimal.or(file.decimal),
             cutoff: self.cutoff.or(file.cutoff),
             churn_window_days: self.churn_window_days.or(file.churn_window_days),
             on_bad_row: self.on_bad_row.or(file.on_bad_row),
