@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use crate::data::csv_lines::line_records;
 use crate::data::interactions::Interaction;
 use crate::data::tabular::DataError;
 
@@ -40,16 +41,19 @@ pub fn read_ratings_delimited<R: std::io::Read>(
     path: &Path,
     delimiter: u8,
 ) -> Result<Vec<Interaction>, DataError> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .has_headers(true)
-        .from_reader(reader);
-    let row_err = |e: csv::Error| DataError::Row {
+    let mut records = line_records(reader, delimiter).map_err(|source| DataError::Io {
         file: path.into(),
-        line: e.position().map_or(1, |p| p.line()),
+        source,
+    })?;
+    let row_err = |(line, e): (u64, csv::Error)| DataError::Row {
+        file: path.into(),
+        line,
         message: e.to_string(),
     };
-    let header = rdr.headers().map_err(row_err)?.clone();
+    let Some(header) = records.next() else {
+        return Err(DataError::Empty { file: path.into() });
+    };
+    let (_, header) = header.map_err(row_err)?;
     // MovieLens' names, or those of `fedcart-client prepare`'s
     // `interactions.csv` (`user,item,value,timestamp`).
     let col = |name: &str, alias: &str| {
@@ -69,9 +73,8 @@ pub fn read_ratings_delimited<R: std::io::Read>(
         col("timestamp", "timestamp")?,
     );
     let mut out = Vec::new();
-    let mut record = csv::StringRecord::new();
-    while rdr.read_record(&mut record).map_err(row_err)? {
-        let line = record.position().map_or(0, |p| p.line());
+    for record in records {
+        let (line, record) = record.map_err(row_err)?;
         let cell = |c: usize, name: &str| {
             record
                 .get(c)
@@ -318,6 +321,15 @@ mod tests {
         assert!(
             msg.contains("r.csv") && msg.contains("line 3") && msg.contains("`rating`"),
             "{msg}"
+        );
+        // MovieLens ships with CRLF line ends: the line is still the editor's.
+        let text = "userId,movieId,rating,timestamp\r\n1,2,4.0,10\r\n\r\n1,3,high,11\r\n";
+        let msg = read_ratings(text.as_bytes(), Path::new("r.csv"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "r.csv: line 4, column `rating`: `high` is not a finite number"
         );
         let text = "userId,rating,timestamp\n1,4.0,10\n";
         let msg = read_ratings(text.as_bytes(), Path::new("r.csv"))

@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2};
+
+use crate::data::csv_lines::line_records;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -268,19 +270,19 @@ impl Schema {
         path: &Path,
         delimiter: u8,
     ) -> Result<TabularDataset, DataError> {
-        let mut rdr = csv::ReaderBuilder::new()
-            .delimiter(delimiter)
-            .has_headers(true)
-            .flexible(false)
-            .from_reader(reader);
-        let header = rdr
-            .headers()
-            .map_err(|e| DataError::Row {
-                file: path.into(),
-                line: 1,
-                message: e.to_string(),
-            })?
-            .clone();
+        let mut records = line_records(reader, delimiter).map_err(|source| DataError::Io {
+            file: path.into(),
+            source,
+        })?;
+        let row_err = |(line, e): (u64, csv::Error)| DataError::Row {
+            file: path.into(),
+            line,
+            message: e.to_string(),
+        };
+        let Some(header) = records.next() else {
+            return Err(DataError::Empty { file: path.into() });
+        };
+        let (_, header) = header.map_err(row_err)?;
         let col = |name: &str| -> Result<usize, DataError> {
             header
                 .iter()
@@ -308,13 +310,15 @@ impl Schema {
         let mut ids = Vec::new();
         let mut feats: Vec<f32> = Vec::new();
         let mut labels = Vec::new();
-        for record in rdr.records() {
-            let record = record.map_err(|e| DataError::Row {
-                file: path.into(),
-                line: e.position().map_or(0, |p| p.line()),
-                message: e.to_string(),
-            })?;
-            let line = record.position().map_or(0, |p| p.line());
+        for record in records {
+            let (line, record) = record.map_err(row_err)?;
+            if record.len() != header.len() {
+                return Err(DataError::Row {
+                    file: path.into(),
+                    line,
+                    message: format!("{} fields, the header has {}", record.len(), header.len()),
+                });
+            }
             let cell_err = |column: &str, message: String| DataError::Cell {
                 file: path.into(),
                 line,
@@ -512,6 +516,34 @@ mod tests {
         let err = schema
             .read_csv("id,a,c,y\n1,2,p\n".as_bytes(), Path::new("f.csv"))
             .unwrap_err();
-        assert!(err.to_string().starts_with("f.csv: line 2:"), "{err}");
+        assert_eq!(err.to_string(), "f.csv: line 2: 3 fields, the header has 4");
+    }
+
+    /// A table saved on Windows (CRLF) with a blank line: the line named is
+    /// the one an editor shows, and the last column reads without its `\r`.
+    #[test]
+    fn crlf_tables_name_the_editors_line() {
+        let schema = Schema {
+            id: Some("id".into()),
+            label: "y".into(),
+            positive: vec!["1".into()],
+            negative: vec!["0".into()],
+            numeric: vec!["a".into()],
+            categorical: vec![],
+            blank_numeric: BlankNumeric::Error,
+        };
+        let text = "id,a,y\r\n1,2,0\r\n\r\n2,3,1\r\n";
+        let ds = schema
+            .read_csv(text.as_bytes(), Path::new("f.csv"))
+            .unwrap();
+        assert_eq!(ds.y.to_vec(), [0.0, 1.0]);
+        let text = "id,a,y\r\n1,2,0\r\n\r\n2,x,1\r\n";
+        let err = schema
+            .read_csv(text.as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.csv: line 4, column `a`: `x` is not a number"
+        );
     }
 }

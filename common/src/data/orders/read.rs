@@ -1,11 +1,8 @@
 //! Reading an orders export through its [`OrdersMapping`] into validated
 //! [`Order`]s, with the bad-row policy applied row by row.
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::rc::Rc;
 
 use super::mapping::{DecimalMark, Delimiter, OrdersMapping};
 use super::{BadRowPolicy, BadRowReason, Order, OrdersError, ReadReport};
@@ -150,66 +147,15 @@ fn records<'a, R: Read + 'a>(
     };
     match delimiter.byte() {
         Some(sep) => {
-            // Records end at `\n` only: with CRLF line ends the csv crate's
-            // own terminator counts every record's line one short
-            // (BurntSushi/rust-csv#395). The `\r` left at the end of the
-            // last field is trimmed with every other cell. An export whose
-            // lines end in a lone `\r` (old Mac spreadsheets) has no `\n` in
-            // its first block: it gets the csv crate's terminator, and its
-            // records are numbered by count (the crate counts `\n` only).
-            let mut reader = BufReader::with_capacity(1 << 16, reader);
-            let head = reader.fill_buf().map_err(|source| OrdersError::Io {
-                file: path.into(),
-                source,
+            let records = crate::data::csv_lines::line_records(reader, sep).map_err(|source| {
+                OrdersError::Io {
+                    file: path.into(),
+                    source,
+                }
             })?;
-            let cr_only = head.contains(&b'\r') && !head.contains(&b'\n');
-            // The csv crate also skips empty lines itself and gives the
-            // record after them the first empty line's number
-            // (BurntSushi/rust-csv#208); `BlankLines` notes which lines are
-            // empty so the number can be moved past them.
-            let blanks = Rc::new(RefCell::new(VecDeque::new()));
-            let reader = BlankLines {
-                inner: reader,
-                line: 1,
-                at_line_start: true,
-                blanks: Rc::clone(&blanks),
-            };
-            let rdr = csv::ReaderBuilder::new()
-                .has_headers(false)
-                .flexible(true)
-                .delimiter(sep)
-                .terminator(if cr_only {
-                    csv::Terminator::CRLF
-                } else {
-                    csv::Terminator::Any(b'\n')
-                })
-                .from_reader(reader);
-            let true_line = move |pos: Option<&csv::Position>| {
-                if cr_only {
-                    return pos.map_or(0, |p| p.record() + 1);
-                }
-                let mut line = pos.map_or(0, csv::Position::line);
-                let mut blanks = blanks.borrow_mut();
-                while blanks.front().is_some_and(|&l| l < line) {
-                    blanks.pop_front();
-                }
-                while blanks.front() == Some(&line) {
-                    blanks.pop_front();
-                    line += 1;
-                }
-                line
-            };
-            Ok(Box::new(rdr.into_records().filter_map(move |r| {
-                let r = match r {
-                    Ok(r) => r,
-                    Err(e) => return Some(Err(row_err(true_line(e.position()), &e))),
-                };
-                // A blank CRLF line is a record of one `\r`: not a row.
-                if r.len() == 1 && r[0].trim().is_empty() {
-                    return None;
-                }
-                let line = true_line(r.position());
-                Some(Ok((line, r.iter().map(str::to_string).collect())))
+            Ok(Box::new(records.map(move |r| match r {
+                Ok((line, r)) => Ok((line, r.iter().map(str::to_string).collect())),
+                Err((line, e)) => Err(row_err(line, &e)),
             })))
         }
         None => {
@@ -226,36 +172,6 @@ fn records<'a, R: Read + 'a>(
                 }
             })))
         }
-    }
-}
-
-/// A reader that notes the numbers of the empty lines (`\n` right after
-/// `\n`, or first in the file) that pass through it. The csv reader reads
-/// ahead by one buffer, so the queue holds at most the empty lines of one
-/// buffer beyond the record being numbered.
-struct BlankLines<R> {
-    inner: R,
-    /// The line of the next byte.
-    line: u64,
-    at_line_start: bool,
-    blanks: Rc<RefCell<VecDeque<u64>>>,
-}
-
-impl<R: Read> Read for BlankLines<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        for &b in &buf[..n] {
-            if b == b'\n' {
-                if self.at_line_start {
-                    self.blanks.borrow_mut().push_back(self.line);
-                }
-                self.line += 1;
-                self.at_line_start = true;
-            } else {
-                self.at_line_start = false;
-            }
-        }
-        Ok(n)
     }
 }
 
