@@ -18,6 +18,8 @@
 //!   new versions.
 //!   [`segments`] and [`rules`]: customer segments and "bought together"
 //!   lists from the federation's k-means centres and frequent itemsets.
+//! - [`prepare`] and [`schema`]: looking at a merchant's files before a run
+//!   (features from an orders export; a drafted schema for a customer table).
 //!
 //! Each module returns its own error enum (`AgentError`, `ConfigError`,
 //! `DataError`, `StateError`, …); only the binary turns them into `anyhow`.
@@ -40,6 +42,7 @@ pub mod policy;
 pub mod prepare;
 pub mod recommend;
 pub mod rules;
+pub mod schema;
 pub mod secure;
 pub mod segments;
 pub mod serve;

@@ -36,6 +36,11 @@ enum Command {
     /// Derive features, churn labels and interactions from an orders export,
     /// and write them (with a summary) for inspection.
     Prepare(Box<fedcart_client::prepare::PrepareArgs>),
+    /// Draft the `[data.schema]` section for a customer table (id, label and
+    /// its churned value, numeric columns, categorical columns with their
+    /// values), with a comment for every column left out and why. Review it
+    /// before use: every merchant of a run reads its table with one schema.
+    Schema(Box<fedcart_client::schema::SchemaArgs>),
     /// Top-K items for one customer, offline from the local state.
     Recommend {
         /// The agent's TOML configuration.
@@ -214,6 +219,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Prepare(args) => fedcart_client::prepare::run(&args)
             .with_context(|| format!("preparing {}", args.orders.display())),
+        Command::Schema(args) => fedcart_client::schema::run(&args)
+            .with_context(|| format!("drafting a schema for {}", args.csv.display())),
         Command::Recommend {
             config,
             customer,

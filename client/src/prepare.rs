@@ -158,6 +158,7 @@ pub fn features_schema() -> fedcart_common::data::tabular::Schema {
             .collect(),
         categorical: Vec::new(),
         blank_numeric: Default::default(),
+        unknown_category: Default::default(),
     }
 }
 

@@ -10,12 +10,16 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array1, Array2};
 
 use crate::data::csv_lines::line_records;
+
+mod draft;
+pub use draft::{Draft, DraftOptions};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// A categorical column and its vocabulary; the one-hot block follows the
 /// vocabulary's order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Categorical {
     /// Column name in the CSV header.
     pub name: String,
@@ -33,6 +37,19 @@ pub enum BlankNumeric {
     /// A blank cell is read as 0 (Telco's `TotalCharges` is blank exactly
     /// when `tenure` is 0, so nothing has been charged yet).
     Zero,
+}
+
+/// What a categorical cell outside its column's vocabulary means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownCategory {
+    /// The cell is an error naming the value and the vocabulary.
+    #[default]
+    Error,
+    /// The column's one-hot block stays all zeros. For schemas shared by
+    /// merchants whose tables hold values another's did not (a drafted
+    /// schema sets it).
+    Zeros,
 }
 
 /// The columns of a tabular dataset and how to encode them.
@@ -60,6 +77,10 @@ pub struct Schema {
     /// Policy for blank numeric cells.
     #[serde(default)]
     pub blank_numeric: BlankNumeric,
+    /// Policy for categorical values outside the vocabulary (and blank
+    /// categorical cells).
+    #[serde(default)]
+    pub unknown_category: UnknownCategory,
 }
 
 /// A loaded dataset: one row per example.
@@ -114,6 +135,14 @@ pub enum DataError {
         /// 1-based line number.
         line: u64,
         /// What was wrong.
+        message: String,
+    },
+    /// A schema could not be drafted from the table without an option.
+    #[error("{file}: {message}")]
+    Draft {
+        /// The table.
+        file: PathBuf,
+        /// What is missing and which option gives it.
         message: String,
     },
     /// The file has a header but no rows.
@@ -185,6 +214,7 @@ impl Schema {
                 },
             ],
             blank_numeric: BlankNumeric::Zero,
+            unknown_category: UnknownCategory::Error,
         }
     }
 
@@ -350,17 +380,20 @@ impl Schema {
             let mut offset = self.numeric.len();
             for (&c, cat) in cat_cols.iter().zip(&self.categorical) {
                 let raw = record.get(c).unwrap_or("").trim();
-                let pos = cat
-                    .vocabulary
-                    .iter()
-                    .position(|v| v == raw)
-                    .ok_or_else(|| {
-                        cell_err(
+                match cat.vocabulary.iter().position(|v| v == raw) {
+                    Some(pos) => row[offset + pos] = 1.0,
+                    None if self.unknown_category == UnknownCategory::Zeros => {}
+                    None => {
+                        return Err(cell_err(
                             &cat.name,
-                            format!("`{raw}` is not in the vocabulary {:?}", cat.vocabulary),
-                        )
-                    })?;
-                row[offset + pos] = 1.0;
+                            format!(
+                                "`{raw}` is not in the vocabulary {:?} (`unknown_category = \"zeros\"` \
+                                 in the schema reads such values as none of them)",
+                                cat.vocabulary
+                            ),
+                        ));
+                    }
+                }
                 offset += cat.vocabulary.len();
             }
             let raw_label = record.get(label_col).unwrap_or("").trim();
@@ -493,6 +526,7 @@ mod tests {
                 vocabulary: vec!["p".into(), "q".into()],
             }],
             blank_numeric: BlankNumeric::Error,
+            unknown_category: UnknownCategory::Error,
         };
         let err = schema
             .read_csv("id,a,c,y\n1,2,z,0\n".as_bytes(), Path::new("f.csv"))
@@ -531,6 +565,7 @@ mod tests {
             numeric: vec!["a".into()],
             categorical: vec![],
             blank_numeric: BlankNumeric::Error,
+            unknown_category: UnknownCategory::Error,
         };
         let text = "id,a,y\r\n1,2,0\r\n\r\n2,3,1\r\n";
         let ds = schema

@@ -28,7 +28,8 @@ pub struct SimArgs {
     pub data: Option<DataSpec>,
     /// Schema of `--data csv[:PATH]`: a TOML file with the table a merchant
     /// writes under `[data.schema]` (id, label, positive, negative, numeric,
-    /// categorical).
+    /// categorical), or `auto` to draft one from the table (printed to
+    /// standard error; `fedcart-client schema` writes the same draft to a file).
     #[arg(long)]
     pub schema: Option<PathBuf>,
     /// Explicit training file (used instead of splitting --data); needs --test.

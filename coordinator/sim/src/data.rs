@@ -97,14 +97,47 @@ impl DataSpec {
     /// Reads and checks the schema of a CSV source from `schema` (the
     /// `--schema` file); other datasets refuse a schema. `flag` names where
     /// the schema came from, for errors.
-    pub fn with_schema(self, schema: Option<&Path>, flag: &str) -> anyhow::Result<Self> {
+    ///
+    /// `auto` drafts the schema from the table itself (read with
+    /// `delimiter`) and prints the draft, with its notes, to standard error.
+    pub fn with_schema(
+        self,
+        schema: Option<&Path>,
+        flag: &str,
+        delimiter: u8,
+    ) -> anyhow::Result<Self> {
         match (self, schema) {
+            (Self::Csv(c), Some(p)) if p == Path::new("auto") => {
+                let Some(table) = c.path.clone() else {
+                    bail!(
+                        "{flag} auto drafts the schema from `--data csv:PATH`; with --train and \
+                         --test give a schema file (`fedcart-client schema --csv TRAIN` drafts one)"
+                    );
+                };
+                let file = std::fs::File::open(&table)
+                    .with_context(|| format!("reading {}", table.display()))?;
+                let draft = Schema::draft(file, &table, delimiter, &Default::default())
+                    .map_err(|e| anyhow::anyhow!("{flag} auto: {e}"))?;
+                eprintln!(
+                    "{flag} auto: drafted this schema (to keep it: `fedcart-client schema --csv \
+                     {}`):\n{}",
+                    table.display(),
+                    draft.to_toml(&table, None)
+                );
+                Ok(Self::Csv(Box::new(CsvSource {
+                    path: c.path,
+                    schema: Some((p.to_path_buf(), draft.schema)),
+                })))
+            }
             (Self::Csv(c), Some(p)) => Ok(Self::Csv(Box::new(CsvSource {
                 path: c.path,
                 schema: Some((p.to_path_buf(), load_schema(p)?)),
             }))),
             (Self::Csv(_), None) => {
-                bail!("--data csv needs a schema: give {flag} FILE (the `[data.schema]` table)")
+                bail!(
+                    "--data csv needs a schema: give {flag} FILE (the `[data.schema]` table), or \
+                     `{flag} auto` to draft one from the table"
+                )
             }
             (other, None) => Ok(other),
             (other, Some(_)) => bail!(

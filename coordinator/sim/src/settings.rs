@@ -269,7 +269,11 @@ impl Settings {
             Some(d) => Some(
                 d.with_orders(&orders)
                     .map_err(|e| anyhow::anyhow!("{}: {e:#}", name!(data, "--data")))?
-                    .with_schema(schema.as_deref(), &name!(schema, "--schema"))?,
+                    .with_schema(
+                        schema.as_deref(),
+                        &name!(schema, "--schema"),
+                        orders.delimiter.and_then(Delimiter::byte).unwrap_or(b','),
+                    )?,
             ),
             // Segments and rules default to the bundled orders (CDNOW).
             None => match task {

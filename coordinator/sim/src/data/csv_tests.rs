@@ -61,6 +61,44 @@ fn a_schema_file_reproduces_the_built_in_telco_runs_with_or_without_an_id_column
     }
 }
 
+/// `--schema auto` drafts the schema from the table: the run is the one a
+/// file holding that draft gives, and it learns Telco churn as well as the
+/// hand-written schema (the same columns, vocabularies in sorted order).
+#[test]
+fn schema_auto_drafts_from_the_table_and_learns_as_the_hand_written_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = format!("csv:{}", telco().display());
+    let auto = run(args("churn-lr", data.clone(), Some("auto".into()))).unwrap();
+    let file = std::fs::File::open(telco()).unwrap();
+    let draft = Schema::draft(file, &telco(), b',', &Default::default()).unwrap();
+    let drafted = run(args(
+        "churn-lr",
+        data.clone(),
+        Some(schema_file(dir.path(), &draft.schema)),
+    ))
+    .unwrap();
+    assert_eq!(auto[0].final_model, drafted[0].final_model);
+    let builtin = run(args(
+        "churn-lr",
+        format!("telco:{}", telco().display()),
+        None,
+    ))
+    .unwrap();
+    let (a, b) = (
+        auto[0].final_metrics["auc"],
+        builtin[0].final_metrics["auc"],
+    );
+    assert!(
+        a > 0.8 && (a - b).abs() < 0.01,
+        "auto {a}, hand-written {b}"
+    );
+    // Without a table to draft from, the error says what to do instead.
+    let mut a = args("churn-lr", "csv".into(), Some("auto".into()));
+    a.train = Some(telco());
+    a.test = Some(telco());
+    assert!(error(a).contains("--schema auto drafts the schema from `--data csv:PATH`"),);
+}
+
 #[test]
 fn csv_takes_explicit_train_and_test_tables() {
     let dir = tempfile::tempdir().unwrap();
@@ -184,7 +222,7 @@ fn bad_schema_files_and_flags_are_explained() {
     // csv needs a schema; other datasets refuse one.
     let err = error(args("churn-lr", data, None));
     assert!(
-        err.contains("--data csv needs a schema: give --schema FILE"),
+        err.contains("--data csv needs a schema: give --schema FILE (the `[data.schema]` table), or `--schema auto`"),
         "{err}"
     );
     let err = error(args(

@@ -1,0 +1,597 @@
+//! A first [`Schema`] for a customer table nobody has described yet.
+//!
+//! Writing a schema by hand means listing every column and every value of
+//! every categorical one. [`Schema::draft`] reads the table once and
+//! proposes one: the id column, the label and which of its two values is
+//! the positive class, numeric columns, categorical columns with their
+//! vocabularies (sorted, so two drafts over the same values agree), and a
+//! note for every column it left out and why. It is a draft: the merchant
+//! (or the operator, for every merchant of a run) reads it and keeps it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+
+use super::{BlankNumeric, Categorical, DataError, Schema, UnknownCategory};
+use crate::data::csv_lines::line_records;
+
+/// Choices the draft cannot make from the data alone.
+#[derive(Debug, Clone, Default)]
+pub struct DraftOptions {
+    /// The label column (default: a two-valued column named like a churn
+    /// label: `churn`, `churned`, `exited`, `attrition`, `label`, `target`…).
+    pub label: Option<String>,
+    /// The label value of the positive class (default: the one of the two
+    /// that reads as yes: `1`, `yes`, `true`, `churned`…).
+    pub positive: Option<String>,
+    /// Most distinct values a categorical column may have (default 50);
+    /// text columns with more are left out.
+    pub max_categories: Option<usize>,
+}
+
+/// A drafted schema and what the draft decided without being told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draft {
+    /// The schema; [`Schema::check`] holds for it.
+    pub schema: Schema,
+    /// Data rows read.
+    pub rows: usize,
+    /// One line per decision worth reviewing (a column left out, blank
+    /// numbers read as 0, the label value taken as positive).
+    pub notes: Vec<String>,
+}
+
+const DEFAULT_MAX_CATEGORIES: usize = 50;
+/// Below this many rows a column of distinct integers may be a feature.
+const ID_LIKE_MIN_ROWS: usize = 20;
+
+/// What one pass over a column saw.
+#[derive(Default)]
+struct ColumnStats {
+    blanks: usize,
+    /// Every non-blank cell reads as a finite number.
+    numeric: bool,
+    /// Every non-blank cell is an integer.
+    integral: bool,
+    /// Counts of each value while there are at most `cap` of them.
+    values: BTreeMap<String, usize>,
+    /// More distinct values than the cap.
+    many: bool,
+    /// Every value seen so far (for the all-distinct test).
+    seen: HashSet<String>,
+    repeats: bool,
+}
+
+fn is_label_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "churn",
+        "churned",
+        "exited",
+        "attrition",
+        "attrition_flag",
+        "label",
+        "target",
+        "y",
+        "class",
+        "left",
+    ]
+    .contains(&n.as_str())
+        || n.contains("churn")
+}
+
+fn is_id_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n == "id"
+        || n.ends_with("_id")
+        || n.ends_with(" id")
+        || name.ends_with("Id")
+        || name.ends_with("ID")
+        || n.contains("customer")
+}
+
+fn reads_as_yes(v: &str) -> bool {
+    let v = v.to_ascii_lowercase();
+    [
+        "1",
+        "yes",
+        "y",
+        "true",
+        "t",
+        "churn",
+        "churned",
+        "left",
+        "attrited customer",
+        "attrited",
+    ]
+    .contains(&v.as_str())
+}
+
+fn reads_as_no(v: &str) -> bool {
+    let v = v.to_ascii_lowercase();
+    [
+        "0",
+        "no",
+        "n",
+        "false",
+        "f",
+        "stayed",
+        "retained",
+        "existing customer",
+        "existing",
+    ]
+    .contains(&v.as_str())
+}
+
+impl Schema {
+    /// Drafts a schema from the table `reader` (`path` names it in
+    /// errors), separated by `delimiter`. Errors name the file and say
+    /// which option would settle what the data could not.
+    pub fn draft<R: Read>(
+        reader: R,
+        path: &Path,
+        delimiter: u8,
+        opts: &DraftOptions,
+    ) -> Result<Draft, DataError> {
+        let cap = opts.max_categories.unwrap_or(DEFAULT_MAX_CATEGORIES);
+        let err = |message: String| DataError::Draft {
+            file: path.into(),
+            message,
+        };
+        let mut records = line_records(reader, delimiter).map_err(|source| DataError::Io {
+            file: path.into(),
+            source,
+        })?;
+        let row_err = |(line, e): (u64, csv::Error)| DataError::Row {
+            file: path.into(),
+            line,
+            message: e.to_string(),
+        };
+        let Some(header) = records.next() else {
+            return Err(DataError::Empty { file: path.into() });
+        };
+        let header: Vec<String> = header
+            .map_err(row_err)?
+            .1
+            .iter()
+            .map(|h| h.trim().to_string())
+            .collect();
+        let mut stats: Vec<ColumnStats> = header
+            .iter()
+            .map(|_| ColumnStats {
+                numeric: true,
+                integral: true,
+                ..Default::default()
+            })
+            .collect();
+        let mut rows = 0;
+        for record in records {
+            let (line, record) = record.map_err(row_err)?;
+            if record.len() != header.len() {
+                return Err(DataError::Row {
+                    file: path.into(),
+                    line,
+                    message: format!("{} fields, the header has {}", record.len(), header.len()),
+                });
+            }
+            rows += 1;
+            for (st, raw) in stats.iter_mut().zip(record.iter()) {
+                let v = raw.trim();
+                if v.is_empty() {
+                    st.blanks += 1;
+                    continue;
+                }
+                match v.parse::<f64>() {
+                    Ok(x) if x.is_finite() && st.numeric => st.integral &= x.fract() == 0.0,
+                    _ => st.numeric = false,
+                }
+                if !st.repeats && !st.seen.insert(v.to_string()) {
+                    st.repeats = true;
+                    st.seen = HashSet::new();
+                }
+                if !st.many {
+                    *st.values.entry(v.to_string()).or_default() += 1;
+                    if st.values.len() > cap {
+                        st.many = true;
+                        st.values.clear();
+                    }
+                }
+            }
+        }
+        if rows == 0 {
+            return Err(DataError::Empty { file: path.into() });
+        }
+        let two_valued = |c: usize| !stats[c].many && stats[c].values.len() == 2;
+        let column = |name: &str| {
+            header
+                .iter()
+                .position(|h| h == name)
+                .ok_or_else(|| DataError::MissingColumn {
+                    file: path.into(),
+                    column: name.into(),
+                    header: header.join(","),
+                })
+        };
+
+        let label = match &opts.label {
+            Some(name) => {
+                let c = column(name)?;
+                if !two_valued(c) || stats[c].blanks > 0 {
+                    return Err(err(format!(
+                        "label column `{name}` must hold exactly two values and no blank cell \
+                         (it holds {}{})",
+                        if stats[c].many {
+                            format!("more than {cap} values")
+                        } else {
+                            format!("{} values", stats[c].values.len())
+                        },
+                        if stats[c].blanks > 0 {
+                            format!(" and {} blank cells", stats[c].blanks)
+                        } else {
+                            String::new()
+                        }
+                    )));
+                }
+                c
+            }
+            None => {
+                let named: Vec<usize> = (0..header.len())
+                    .filter(|&c| is_label_name(&header[c]) && two_valued(c) && stats[c].blanks == 0)
+                    .collect();
+                match named[..] {
+                    [c] => c,
+                    _ => {
+                        let candidates: Vec<&str> = (0..header.len())
+                            .filter(|&c| two_valued(c) && stats[c].blanks == 0)
+                            .map(|c| header[c].as_str())
+                            .collect();
+                        return Err(err(format!(
+                            "cannot tell which column is the label: give it with `--label \
+                             COLUMN` (columns with exactly two values: {})",
+                            if candidates.is_empty() {
+                                "none".to_string()
+                            } else {
+                                candidates.join(", ")
+                            }
+                        )));
+                    }
+                }
+            }
+        };
+        let label_values: Vec<&String> = stats[label].values.keys().collect();
+        let positive = match &opts.positive {
+            Some(p) => {
+                if !label_values.contains(&p) {
+                    return Err(err(format!(
+                        "`{p}` is not a value of the label column `{}` (its values: `{}`, `{}`)",
+                        header[label], label_values[0], label_values[1]
+                    )));
+                }
+                p.clone()
+            }
+            None => {
+                let yes: Vec<&&String> = label_values.iter().filter(|v| reads_as_yes(v)).collect();
+                let no: Vec<&&String> = label_values.iter().filter(|v| reads_as_no(v)).collect();
+                match (&yes[..], &no[..]) {
+                    ([y], _) => (**y).clone(),
+                    ([], [n]) => label_values
+                        .iter()
+                        .find(|v| **v != **n)
+                        .map(|v| (*v).clone())
+                        .expect("two values"),
+                    _ => {
+                        return Err(err(format!(
+                            "cannot tell which label value means churned: give it with \
+                             `--positive VALUE` (the label column `{}` holds `{}` and `{}`)",
+                            header[label], label_values[0], label_values[1]
+                        )));
+                    }
+                }
+            }
+        };
+        let negative = label_values
+            .iter()
+            .find(|v| ***v != positive)
+            .map(|v| (*v).clone())
+            .expect("two values");
+        let mut notes = vec![format!(
+            "label `{}`: `{positive}` is churned (positive), `{negative}` is not",
+            header[label]
+        )];
+
+        // The id: a column of distinct values named like one, else the first
+        // column of distinct non-numeric values.
+        let distinct = |c: usize| !stats[c].repeats && stats[c].blanks == 0;
+        let id = (0..header.len())
+            .filter(|&c| c != label && distinct(c))
+            .find(|&c| is_id_name(&header[c]))
+            .or_else(|| {
+                (0..header.len()).find(|&c| c != label && distinct(c) && !stats[c].numeric)
+            });
+        if let Some(c) = id {
+            notes.push(format!("id `{}`: every row has its own value", header[c]));
+        }
+
+        let mut numeric = Vec::new();
+        let mut categorical = Vec::new();
+        let mut blank_numbers = Vec::new();
+        for (c, name) in header.iter().enumerate() {
+            if c == label || Some(c) == id {
+                continue;
+            }
+            let st = &stats[c];
+            let non_blank = rows - st.blanks;
+            if non_blank == 0 {
+                notes.push(format!("left out `{name}`: every cell is blank"));
+            } else if !st.many && st.values.len() == 1 && st.blanks == 0 {
+                notes.push(format!("left out `{name}`: one value only"));
+            } else if st.numeric {
+                if rows >= ID_LIKE_MIN_ROWS && distinct(c) && st.integral {
+                    notes.push(format!(
+                        "left out `{name}`: distinct integers on every row, a row number or \
+                         an identifier rather than a feature"
+                    ));
+                    continue;
+                }
+                if st.blanks > 0 {
+                    blank_numbers.push(format!("`{name}` ({})", st.blanks));
+                }
+                numeric.push(name.clone());
+            } else if st.many {
+                notes.push(format!(
+                    "left out `{name}`: text with more than {cap} distinct values (free text, \
+                     names or amounts the number reader does not take)"
+                ));
+            } else {
+                categorical.push(Categorical {
+                    name: name.clone(),
+                    vocabulary: st.values.keys().cloned().collect(),
+                });
+                if st.blanks > 0 {
+                    notes.push(format!(
+                        "`{name}`: {} blank cells encode as none of its values",
+                        st.blanks
+                    ));
+                }
+            }
+        }
+        let blank_numeric = if blank_numbers.is_empty() {
+            BlankNumeric::Error
+        } else {
+            notes.push(format!(
+                "blank numbers read as 0 (`blank_numeric = \"zero\"`): {}",
+                blank_numbers.join(", ")
+            ));
+            BlankNumeric::Zero
+        };
+        let schema = Schema {
+            id: id.map(|c| header[c].clone()),
+            label: header[label].clone(),
+            positive: vec![positive],
+            negative: vec![negative],
+            numeric,
+            categorical,
+            blank_numeric,
+            unknown_category: UnknownCategory::Zeros,
+        };
+        schema.check().map_err(err)?;
+        Ok(Draft {
+            schema,
+            rows,
+            notes,
+        })
+    }
+}
+
+impl Draft {
+    /// The draft as TOML, its notes as comments above it. With `section`
+    /// (e.g. `data.schema`) the tables are nested under it, ready for a
+    /// merchant's configuration; without, it is a `--schema` file.
+    pub fn to_toml(&self, file: &Path, section: Option<&str>) -> String {
+        let mut out = format!(
+            "# Schema drafted from {} ({} rows). Review it: every merchant of a run\n\
+             # must read its table with the same schema.\n",
+            file.display(),
+            self.rows
+        );
+        for n in &self.notes {
+            out.push_str(&format!("# - {n}\n"));
+        }
+        if let Some(path) = section {
+            out.push_str(&format!(
+                "# Paste it after the keys of `[{}]`: a TOML table runs to the next header.\n",
+                path.rsplit_once('.').map_or(path, |(parent, _)| parent)
+            ));
+        }
+        let body = match section {
+            None => toml::to_string(&self.schema),
+            Some(path) => {
+                let mut value = toml::Value::try_from(&self.schema).expect("a schema is TOML");
+                for key in path.rsplit('.') {
+                    let mut t = toml::map::Map::new();
+                    t.insert(key.to_string(), value);
+                    value = toml::Value::Table(t);
+                }
+                toml::to_string(&value)
+            }
+        };
+        out.push_str(&body.expect("a schema serialises to TOML"));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draft(text: &str, opts: &DraftOptions) -> Result<Draft, DataError> {
+        Schema::draft(text.as_bytes(), Path::new("t.csv"), b',', opts)
+    }
+
+    fn telco_path() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/telco-churn/Telco-Customer-Churn.csv")
+    }
+
+    /// On Telco the draft finds what the hand-written schema says, up to
+    /// vocabulary order and `SeniorCitizen` (0/1, numeric either way).
+    #[test]
+    fn telco_drafts_to_the_hand_written_schema() {
+        let file = std::fs::File::open(telco_path()).unwrap();
+        let d = Schema::draft(file, &telco_path(), b',', &DraftOptions::default()).unwrap();
+        let telco = Schema::telco();
+        assert_eq!(d.rows, 7043);
+        assert_eq!(d.schema.id, telco.id);
+        assert_eq!(d.schema.label, "Churn");
+        assert_eq!(
+            (d.schema.positive.clone(), d.schema.negative.clone()),
+            (telco.positive, telco.negative)
+        );
+        assert_eq!(d.schema.numeric, telco.numeric);
+        assert_eq!(d.schema.blank_numeric, BlankNumeric::Zero);
+        assert_eq!(d.schema.categorical.len(), telco.categorical.len());
+        for (got, want) in d.schema.categorical.iter().zip(&telco.categorical) {
+            assert_eq!(got.name, want.name);
+            let mut w = want.vocabulary.clone();
+            w.sort();
+            assert_eq!(got.vocabulary, w, "{}", got.name);
+        }
+        // The drafted schema reads the table it came from, as the
+        // hand-written one does.
+        let ds = d.schema.load_csv(&telco_path()).unwrap();
+        assert_eq!(ds.len(), 7043);
+        assert_eq!(ds.y.iter().filter(|&&v| v > 0.5).count(), 1869);
+        assert!(
+            d.notes.iter().any(|n| n.contains("`TotalCharges` (11)")),
+            "{:?}",
+            d.notes
+        );
+    }
+
+    /// A bank's churn table in another shape: a row number and a surname
+    /// to leave out, an `Exited` label of 0/1, a blank-free numeric set.
+    #[test]
+    fn another_table_drafts_with_notes_for_what_it_left_out() {
+        let mut text =
+            String::from("RowNumber,CustomerId,Surname,Geography,Age,Balance,Exited,Bank\n");
+        let places = ["France", "Spain", "Germany"];
+        for r in 0..60 {
+            text.push_str(&format!(
+                "{},{},Name{},{},{},{}.5,{},Acme\n",
+                r + 1,
+                15_600_000 + r * 7,
+                r,
+                places[r % 3],
+                20 + r % 40,
+                1000 * (r % 9),
+                u8::from(r % 4 == 0),
+            ));
+        }
+        let d = draft(&text, &DraftOptions::default()).unwrap();
+        assert_eq!(d.schema.id.as_deref(), Some("CustomerId"));
+        assert_eq!(d.schema.label, "Exited");
+        assert_eq!(
+            (d.schema.positive[0].as_str(), d.schema.negative[0].as_str()),
+            ("1", "0")
+        );
+        assert_eq!(d.schema.numeric, ["Age", "Balance"]);
+        assert_eq!(d.schema.categorical.len(), 1);
+        assert_eq!(
+            d.schema.categorical[0].vocabulary,
+            ["France", "Germany", "Spain"]
+        );
+        let left_out: Vec<&str> = d
+            .notes
+            .iter()
+            .filter_map(|n| n.strip_prefix("left out `"))
+            .map(|n| n.split('`').next().unwrap())
+            .collect();
+        assert_eq!(left_out, ["RowNumber", "Surname", "Bank"]);
+        // The TOML reads back to the schema, standalone and nested.
+        let toml_text = d.to_toml(Path::new("bank.csv"), None);
+        assert!(
+            toml_text.starts_with("# Schema drafted from bank.csv (60 rows)."),
+            "{toml_text}"
+        );
+        assert_eq!(toml::from_str::<Schema>(&toml_text).unwrap(), d.schema);
+        #[derive(serde::Deserialize)]
+        struct Data {
+            schema: Schema,
+        }
+        #[derive(serde::Deserialize)]
+        struct Config {
+            data: Data,
+        }
+        let nested = d.to_toml(Path::new("bank.csv"), Some("data.schema"));
+        assert!(nested.contains("[data.schema]"), "{nested}");
+        assert_eq!(
+            toml::from_str::<Config>(&nested).unwrap().data.schema,
+            d.schema
+        );
+    }
+
+    #[test]
+    fn what_the_data_cannot_settle_is_asked_for_by_option() {
+        let text = "id,a,status,flag\n1,2,gone,x\n2,3,kept,y\n3,4,gone,x\n";
+        let e = draft(text, &DraftOptions::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.csv: cannot tell which column is the label: give it with `--label COLUMN` \
+             (columns with exactly two values: status, flag)"
+        );
+        let opts = DraftOptions {
+            label: Some("status".into()),
+            ..Default::default()
+        };
+        let e = draft(text, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.csv: cannot tell which label value means churned: give it with `--positive VALUE` \
+             (the label column `status` holds `gone` and `kept`)"
+        );
+        let opts = DraftOptions {
+            positive: Some("gone".into()),
+            ..opts
+        };
+        let d = draft(text, &opts).unwrap();
+        assert_eq!(
+            (d.schema.positive[0].as_str(), d.schema.negative[0].as_str()),
+            ("gone", "kept")
+        );
+        let opts = DraftOptions {
+            label: Some("a".into()),
+            positive: None,
+            ..Default::default()
+        };
+        assert_eq!(
+            draft(text, &opts).unwrap_err().to_string(),
+            "t.csv: label column `a` must hold exactly two values and no blank cell (it holds 3 values)"
+        );
+    }
+
+    /// A value another merchant's table lacks reads as none of the
+    /// vocabulary under a drafted schema, instead of failing the table.
+    #[test]
+    fn drafted_schemas_read_unknown_categories_as_zeros() {
+        let d = draft("id,c,churn\n1,p,0\n2,q,1\n", &DraftOptions::default()).unwrap();
+        let ds = d
+            .schema
+            .read_csv(
+                "id,c,churn\n1,r,0\n2,q,1\n".as_bytes(),
+                Path::new("other.csv"),
+            )
+            .unwrap();
+        assert_eq!(ds.x.row(0).to_vec(), [0.0, 0.0]);
+        assert_eq!(ds.x.row(1).to_vec(), [0.0, 1.0]);
+        let strict = Schema {
+            unknown_category: UnknownCategory::Error,
+            ..d.schema
+        };
+        let e = strict
+            .read_csv("id,c,churn\n1,r,0\n".as_bytes(), Path::new("other.csv"))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("`unknown_category = \"zeros\"`"),
+            "{e}"
+        );
+    }
+}
