@@ -294,7 +294,7 @@ pub fn run_one(
         // updates as they come, so no more than a chunk of them is held.
         let mut secure = if plan.secure {
             let expected = todo.iter().map(|&k| ids[k].clone()).collect();
-            secure::SecureRound::open(&engine, &plan, expected, s.seed)?
+            secure::SecureRound::open(&mut engine, &plan, expected, s.seed)?
         } else {
             None
         };

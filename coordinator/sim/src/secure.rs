@@ -41,14 +41,24 @@ pub(crate) struct SecureRound {
 
 impl SecureRound {
     /// Opens the secure round of `plan` for `merchants` (the agents expected
-    /// to send an input), or `None` when there are none.
+    /// to send an input), or `None` when there are none. With one merchant
+    /// there is no sum to hide a value in: the task aborts (and the round is
+    /// tried again, as after any abort) without its input being read.
     pub fn open(
-        engine: &Engine,
+        engine: &mut Engine,
         plan: &TaskPlan,
         merchants: Vec<String>,
         seed: u64,
     ) -> anyhow::Result<Option<Self>> {
         if merchants.is_empty() {
+            return Ok(None);
+        }
+        if merchants.len() == 1 {
+            engine.abort_secure(
+                "secure aggregation needs at least 2 agents in the round, 1 took part: \
+                 aborted, its input was not read"
+                    .into(),
+            );
             return Ok(None);
         }
         let started = Instant::now();

@@ -537,6 +537,70 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
     );
 }
 
+/// A secure round with a single agent in it has no sum to hide its input
+/// in: the task aborts without the input being read, and the run goes on to
+/// the next attempt (it used to end the run with a protocol error).
+#[test]
+fn a_secure_round_of_one_agent_aborts_instead_of_ending_the_run() {
+    use fedcart_common::federation::update::Update;
+    let ids = vec!["m0".to_string()];
+    let run = RunConfig {
+        run_id: "simulation".into(),
+        seed: 5,
+        rounds: 1,
+        model: ModelSpec::Noop { dim: 8 },
+        sgd: Default::default(),
+        selection: Selection {
+            fraction: 1.0,
+            min_agents: 1,
+            max_agents: 1,
+            min_available: 0,
+        },
+        quorum: 1,
+        round_timeout_ms: 1_000,
+        evaluate: false,
+        strategy: Default::default(),
+        secagg: Some(SecAggSettings {
+            neighbours: None,
+            clip: 1.0,
+            verify_survivors: false,
+            stage_timeout_ms: None,
+        }),
+        dp: None,
+        max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
+        early_stopping: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), run).unwrap();
+    let plan = engine.start_task(&ids).unwrap();
+    assert!(plan.secure);
+    let sub = fedcart_coordinator::engine::Submission {
+        update: None,
+        metrics: Default::default(),
+        weight: 1.0,
+        bytes: 0,
+    };
+    engine
+        .submit(&ids[0], "simulation", plan.round, &plan.task_id, sub)
+        .unwrap();
+    let input = Update {
+        values: vec![0.25; 8],
+        coord_weights: vec![],
+        weight: 1.0,
+    };
+    let (clipped, _) = secure::secure_sum(&mut engine, &plan, vec![(ids[0].clone(), input)], 5)
+        .expect("one agent aborts the task, not the run");
+    assert_eq!(clipped, 0);
+    let record = engine.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Aborted);
+    let reason = record.abort_reason.unwrap_or_default();
+    assert!(reason.contains("needs at least 2 agents"), "{reason}");
+    assert!(
+        engine.stopped().is_none(),
+        "one abort does not stop the run"
+    );
+}
+
 /// A round that can never commit used to be retried for ever at full
 /// speed. Scaled-up poisoned updates make every merchant's local training
 /// diverge from version 1: after `--max-attempts` (default 10) attempts the
