@@ -15,7 +15,13 @@ use fedcart_sim::{Format, SimArgs};
 /// summary table on stdout, or one JSON document with --format json. Logs go
 /// to stderr, warnings only by default (-v: INFO).
 #[derive(Parser)]
-#[command(name = "fedcart-sim", version, about, after_help = cli::LOGGING_HELP)]
+#[command(
+    name = "fedcart-sim",
+    version,
+    about,
+    after_help = cli::LOGGING_HELP,
+    allow_negative_numbers = true
+)]
 struct Cli {
     #[command(flatten)]
     log: cli::LogArgs,

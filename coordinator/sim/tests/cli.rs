@@ -72,3 +72,13 @@ fn the_default_output_is_the_table_alone_and_v_brings_info_logs_back() {
         "logs never go to stdout"
     );
 }
+
+/// A negative value reaches the flag's own check, which says what is
+/// allowed, instead of clap reading `-1` as an unknown flag.
+#[test]
+fn a_negative_value_gets_the_flags_own_error() {
+    let out = sim(&["--dp-clip", "-1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "error: --dp-clip -1 must be finite and > 0");
+}
