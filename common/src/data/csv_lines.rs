@@ -91,7 +91,7 @@ impl<R: Read> Iterator for LineRecords<R> {
             }
             let n = record.len();
             // A blank CRLF line is a record of one `\r`: not a row.
-            if n == 1 && record[0].trim().is_empty() {
+            if n == 0 || n == 1 && record[0].trim().is_empty() {
                 continue;
             }
             let line = self.line(record.position());

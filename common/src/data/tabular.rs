@@ -316,7 +316,7 @@ impl Schema {
         let col = |name: &str| -> Result<usize, DataError> {
             header
                 .iter()
-                .position(|h| h == name)
+                .position(|h| h.trim() == name)
                 .ok_or_else(|| DataError::MissingColumn {
                     file: path.into(),
                     column: name.into(),

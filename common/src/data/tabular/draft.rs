@@ -181,7 +181,8 @@ impl Schema {
                     st.blanks += 1;
                     continue;
                 }
-                match v.parse::<f64>() {
+                // As the reader parses numbers (`1e39` overflows an f32).
+                match v.parse::<f32>() {
                     Ok(x) if x.is_finite() && st.numeric => st.integral &= x.fract() == 0.0,
                     _ => st.numeric = false,
                 }
@@ -388,14 +389,27 @@ impl Draft {
     /// (e.g. `data.schema`) the tables are nested under it, ready for a
     /// merchant's configuration; without, it is a `--schema` file.
     pub fn to_toml(&self, file: &Path, section: Option<&str>) -> String {
+        // A comment ends at a line break and holds no control character;
+        // a column name may hold either.
+        let one_line = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_debug().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        };
         let mut out = format!(
             "# Schema drafted from {} ({} rows). Review it: every merchant of a run\n\
              # must read its table with the same schema.\n",
-            file.display(),
+            one_line(&file.display().to_string()),
             self.rows
         );
         for n in &self.notes {
-            out.push_str(&format!("# - {n}\n"));
+            out.push_str(&format!("# - {}\n", one_line(n)));
         }
         if let Some(path) = section {
             out.push_str(&format!(
@@ -566,6 +580,29 @@ mod tests {
             draft(text, &opts).unwrap_err().to_string(),
             "t.csv: label column `a` must hold exactly two values and no blank cell (it holds 3 values)"
         );
+    }
+
+    /// Headers padded with spaces, and a column name holding a line break
+    /// and a NUL (found by the `tabular_csv` fuzz target): the draft reads
+    /// its table and its TOML, comments included, parses back.
+    #[test]
+    fn odd_headers_still_give_a_draft_that_reads_and_parses() {
+        let text = "id , churn ,\"x\n\0y\",n\n1,0,k,3\n2,1,k,4\n";
+        let d = draft(text, &DraftOptions::default()).unwrap();
+        assert_eq!(d.schema.label, "churn");
+        assert_eq!(d.schema.numeric, ["n"]);
+        assert!(
+            d.notes.iter().any(|n| n.contains("left out `x\n\0y`")),
+            "{:?}",
+            d.notes
+        );
+        let ds = d
+            .schema
+            .read_csv(text.as_bytes(), Path::new("t.csv"))
+            .unwrap();
+        assert_eq!(ds.len(), 2);
+        let toml_text = d.to_toml(Path::new("t.csv"), None);
+        assert_eq!(toml::from_str::<Schema>(&toml_text).unwrap(), d.schema);
     }
 
     /// A value another merchant's table lacks reads as none of the
