@@ -8,6 +8,7 @@ use std::path::Path;
 
 use crate::data::csv_lines::line_records;
 use crate::data::interactions::Interaction;
+use crate::data::orders::TimestampFormat;
 use crate::data::tabular::DataError;
 
 /// Reads a MovieLens `ratings.csv`. Columns are found by header name, so
@@ -102,7 +103,15 @@ pub fn read_ratings_delimited<R: std::io::Read>(
             .filter(|v: &f32| v.is_finite())
             .ok_or_else(|| bad("rating", r, "a finite number"))?;
         let t = cell(ct, "timestamp")?;
-        let timestamp: i64 = t.parse().map_err(|_| bad("timestamp", t, "an integer"))?;
+        // Unix seconds as MovieLens writes them, or a date as other exports do.
+        let timestamp = TimestampFormat::Auto
+            .parse(t)
+            .map_err(|m| DataError::Cell {
+                file: path.into(),
+                line,
+                column: "timestamp".into(),
+                message: m,
+            })?;
         out.push(Interaction {
             user,
             item,
@@ -320,6 +329,21 @@ mod tests {
         let msg = err.to_string();
         assert!(
             msg.contains("r.csv") && msg.contains("line 3") && msg.contains("`rating`"),
+            "{msg}"
+        );
+        // Dates other exports write read as timestamps; a bad one is named.
+        let text = "user,item,value,timestamp\n1,2,4.0,2024-01-31\n1,3,5,20240201\n";
+        let rows = read_ratings(text.as_bytes(), Path::new("r.csv")).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.timestamp).collect::<Vec<_>>(),
+            [1_706_659_200, 1_706_745_600]
+        );
+        let text = "user,item,value,timestamp\n1,2,4.0,31/01/2024\n";
+        let msg = read_ratings(text.as_bytes(), Path::new("r.csv"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("r.csv: line 2, column `timestamp`: `31/01/2024` is not unix seconds"),
             "{msg}"
         );
         // MovieLens ships with CRLF line ends: the line is still the editor's.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array1, Array2};
 
 use crate::data::csv_lines::line_records;
+use crate::data::orders::DecimalMark;
 
 mod draft;
 pub use draft::{Draft, DraftOptions};
@@ -368,9 +369,8 @@ impl Schema {
                         }
                     }
                 } else {
-                    let v: f32 = raw
-                        .parse()
-                        .map_err(|_| cell_err(name, format!("`{raw}` is not a number")))?;
+                    let v = parse_number(raw)
+                        .ok_or_else(|| cell_err(name, format!("`{raw}` is not a number")))?;
                     if !v.is_finite() {
                         return Err(cell_err(name, format!("`{raw}` is not finite")));
                     }
@@ -427,6 +427,12 @@ impl Schema {
             y: Array1::from(labels),
         })
     }
+}
+
+/// A numeric cell: what Rust's float parser takes, plus the money a shop
+/// writes (`$1,234.50`, `1 234`; see [`DecimalMark::parse`]).
+pub(crate) fn parse_number(raw: &str) -> Option<f32> {
+    DecimalMark::Point.parse(raw)
 }
 
 impl TabularDataset {
@@ -551,6 +557,33 @@ mod tests {
             .read_csv("id,a,c,y\n1,2,p\n".as_bytes(), Path::new("f.csv"))
             .unwrap_err();
         assert_eq!(err.to_string(), "f.csv: line 2: 3 fields, the header has 4");
+    }
+
+    /// Numbers as a shop's export writes money read as numbers.
+    #[test]
+    fn numeric_cells_take_currency_signs_and_digit_groups() {
+        let schema = Schema {
+            id: None,
+            label: "y".into(),
+            positive: vec!["1".into()],
+            negative: vec!["0".into()],
+            numeric: vec!["spend".into()],
+            categorical: vec![],
+            blank_numeric: BlankNumeric::Error,
+            unknown_category: UnknownCategory::Error,
+        };
+        let text = "spend,y\n$29.85,0\n\"$1,889.50\",1\n-3,0\n";
+        let ds = schema
+            .read_csv(text.as_bytes(), Path::new("f.csv"))
+            .unwrap();
+        assert_eq!(ds.x.column(0).to_vec(), [29.85, 1889.5, -3.0]);
+        let err = schema
+            .read_csv("spend,y\n\"1,5\",0\n".as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.csv: line 2, column `spend`: `1,5` is not a number"
+        );
     }
 
     /// A table saved on Windows (CRLF) with a blank line: the line named is

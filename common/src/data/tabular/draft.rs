@@ -182,8 +182,8 @@ impl Schema {
                     continue;
                 }
                 // As the reader parses numbers (`1e39` overflows an f32).
-                match v.parse::<f32>() {
-                    Ok(x) if x.is_finite() && st.numeric => st.integral &= x.fract() == 0.0,
+                match super::parse_number(v) {
+                    Some(x) if x.is_finite() && st.numeric => st.integral &= x.fract() == 0.0,
                     _ => st.numeric = false,
                 }
                 if !st.repeats && !st.seen.insert(v.to_string()) {
