@@ -1,6 +1,7 @@
 //! Data loading: customer tables, orders exports, MovieLens, splits, partitions and standardisation.
 
 pub mod catalogue;
+pub mod cells;
 pub mod csv_lines;
 pub mod interactions;
 pub mod movielens;

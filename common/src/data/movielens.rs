@@ -6,9 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use crate::data::csv_lines::line_records;
+use crate::data::cells::TimestampFormat;
 use crate::data::interactions::Interaction;
-use crate::data::orders::TimestampFormat;
 use crate::data::tabular::DataError;
 
 /// Reads a MovieLens `ratings.csv`. Columns are found by header name, so
@@ -42,19 +41,7 @@ pub fn read_ratings_delimited<R: std::io::Read>(
     path: &Path,
     delimiter: u8,
 ) -> Result<Vec<Interaction>, DataError> {
-    let mut records = line_records(reader, delimiter).map_err(|source| DataError::Io {
-        file: path.into(),
-        source,
-    })?;
-    let row_err = |(line, e): (u64, csv::Error)| DataError::Row {
-        file: path.into(),
-        line,
-        message: e.to_string(),
-    };
-    let Some(header) = records.next() else {
-        return Err(DataError::Empty { file: path.into() });
-    };
-    let (_, header) = header.map_err(row_err)?;
+    let (header, records) = crate::data::tabular::table(reader, path, delimiter)?;
     // MovieLens' names, or those of `fedcart-client prepare`'s
     // `interactions.csv` (`user,item,value,timestamp`).
     let col = |name: &str, alias: &str| {
@@ -75,7 +62,7 @@ pub fn read_ratings_delimited<R: std::io::Read>(
     );
     let mut out = Vec::new();
     for record in records {
-        let (line, record) = record.map_err(row_err)?;
+        let (line, record) = record?;
         let cell = |c: usize, name: &str| {
             record
                 .get(c)

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2};
 
+use crate::data::cells::DecimalMark;
 use crate::data::csv_lines::line_records;
-use crate::data::orders::DecimalMark;
 
 mod draft;
 pub use draft::{Draft, DraftOptions};
@@ -301,19 +301,7 @@ impl Schema {
         path: &Path,
         delimiter: u8,
     ) -> Result<TabularDataset, DataError> {
-        let mut records = line_records(reader, delimiter).map_err(|source| DataError::Io {
-            file: path.into(),
-            source,
-        })?;
-        let row_err = |(line, e): (u64, csv::Error)| DataError::Row {
-            file: path.into(),
-            line,
-            message: e.to_string(),
-        };
-        let Some(header) = records.next() else {
-            return Err(DataError::Empty { file: path.into() });
-        };
-        let (_, header) = header.map_err(row_err)?;
+        let (header, records) = table(reader, path, delimiter)?;
         let col = |name: &str| -> Result<usize, DataError> {
             header
                 .iter()
@@ -342,7 +330,7 @@ impl Schema {
         let mut feats: Vec<f32> = Vec::new();
         let mut labels = Vec::new();
         for record in records {
-            let (line, record) = record.map_err(row_err)?;
+            let (line, record) = record?;
             if record.len() != header.len() {
                 return Err(DataError::Row {
                     file: path.into(),
@@ -429,6 +417,32 @@ impl Schema {
     }
 }
 
+/// A data record of a table and its line, or why it could not be read.
+pub(crate) type TableRow = Result<(u64, csv::StringRecord), DataError>;
+
+/// The header of a delimited table and its data records, each with its
+/// line; errors name `path`.
+pub(crate) fn table<'a, R: std::io::Read + 'a>(
+    reader: R,
+    path: &'a Path,
+    delimiter: u8,
+) -> Result<(csv::StringRecord, impl Iterator<Item = TableRow> + 'a), DataError> {
+    let mut records = line_records(reader, delimiter).map_err(|source| DataError::Io {
+        file: path.into(),
+        source,
+    })?;
+    let row_err = move |(line, e): (u64, csv::Error)| DataError::Row {
+        file: path.into(),
+        line,
+        message: e.to_string(),
+    };
+    let Some(header) = records.next() else {
+        return Err(DataError::Empty { file: path.into() });
+    };
+    let (_, header) = header.map_err(row_err)?;
+    Ok((header, records.map(move |r| r.map_err(row_err))))
+}
+
 /// A numeric cell: what Rust's float parser takes, plus the money a shop
 /// writes (`$1,234.50`, `1 234`; see [`DecimalMark::parse`]).
 pub(crate) fn parse_number(raw: &str) -> Option<f32> {
@@ -489,6 +503,21 @@ impl TabularDataset {
 mod tests {
     use super::*;
 
+    /// Id `id`, label `y` (1 positive, 0 negative), the numeric columns
+    /// `numeric`, strict policies.
+    fn label_y(numeric: &[&str]) -> Schema {
+        Schema {
+            id: Some("id".into()),
+            label: "y".into(),
+            positive: vec!["1".into()],
+            negative: vec!["0".into()],
+            numeric: numeric.iter().map(|n| n.to_string()).collect(),
+            categorical: vec![],
+            blank_numeric: BlankNumeric::Error,
+            unknown_category: UnknownCategory::Error,
+        }
+    }
+
     fn telco_path() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/telco-churn/Telco-Customer-Churn.csv")
     }
@@ -522,17 +551,11 @@ mod tests {
     #[test]
     fn unknown_category_and_missing_column_are_named() {
         let schema = Schema {
-            id: Some("id".into()),
-            label: "y".into(),
-            positive: vec!["1".into()],
-            negative: vec!["0".into()],
-            numeric: vec!["a".into()],
             categorical: vec![Categorical {
                 name: "c".into(),
                 vocabulary: vec!["p".into(), "q".into()],
             }],
-            blank_numeric: BlankNumeric::Error,
-            unknown_category: UnknownCategory::Error,
+            ..label_y(&["a"])
         };
         let err = schema
             .read_csv("id,a,c,y\n1,2,z,0\n".as_bytes(), Path::new("f.csv"))
@@ -564,13 +587,7 @@ mod tests {
     fn numeric_cells_take_currency_signs_and_digit_groups() {
         let schema = Schema {
             id: None,
-            label: "y".into(),
-            positive: vec!["1".into()],
-            negative: vec!["0".into()],
-            numeric: vec!["spend".into()],
-            categorical: vec![],
-            blank_numeric: BlankNumeric::Error,
-            unknown_category: UnknownCategory::Error,
+            ..label_y(&["spend"])
         };
         let text = "spend,y\n$29.85,0\n\"$1,889.50\",1\n-3,0\n";
         let ds = schema
@@ -590,16 +607,7 @@ mod tests {
     /// the one an editor shows, and the last column reads without its `\r`.
     #[test]
     fn crlf_tables_name_the_editors_line() {
-        let schema = Schema {
-            id: Some("id".into()),
-            label: "y".into(),
-            positive: vec!["1".into()],
-            negative: vec!["0".into()],
-            numeric: vec!["a".into()],
-            categorical: vec![],
-            blank_numeric: BlankNumeric::Error,
-            unknown_category: UnknownCategory::Error,
-        };
+        let schema = label_y(&["a"]);
         let text = "id,a,y\r\n1,2,0\r\n\r\n2,3,1\r\n";
         let ds = schema
             .read_csv(text.as_bytes(), Path::new("f.csv"))

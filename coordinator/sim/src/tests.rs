@@ -458,15 +458,10 @@ fn rules_read_from_the_config_file_name_its_key() {
     assert!(e.contains("strategy") && e.contains("fedmagic"), "{e}");
 }
 
-/// The retry attack on secure aggregation, in the simulator: a secure
-/// round whose masked inputs are fewer than the quorum must abort before
-/// anything is unmasked (no sum reaches the engine), or its retry over the
-/// same inputs would reveal the difference of two sums.
-#[test]
-fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
-    use fedcart_common::federation::update::Update;
-    let ids: Vec<String> = (0..3).map(|k| format!("m{k}")).collect();
-    let run = RunConfig {
+/// A secure noop run (8 values) of one round in which `agents` agents are
+/// selected and all of them make the quorum.
+fn secure_noop_run(agents: usize) -> RunConfig {
+    RunConfig {
         run_id: "simulation".into(),
         seed: 5,
         rounds: 1,
@@ -474,11 +469,11 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
         sgd: Default::default(),
         selection: Selection {
             fraction: 1.0,
-            min_agents: 3,
-            max_agents: 3,
+            min_agents: agents,
+            max_agents: agents,
             min_available: 0,
         },
-        quorum: 3,
+        quorum: agents,
         round_timeout_ms: 1_000,
         evaluate: false,
         strategy: Default::default(),
@@ -491,7 +486,18 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
         dp: None,
         max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
         early_stopping: None,
-    };
+    }
+}
+
+/// The retry attack on secure aggregation, in the simulator: a secure
+/// round whose masked inputs are fewer than the quorum must abort before
+/// anything is unmasked (no sum reaches the engine), or its retry over the
+/// same inputs would reveal the difference of two sums.
+#[test]
+fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
+    use fedcart_common::federation::update::Update;
+    let ids: Vec<String> = (0..3).map(|k| format!("m{k}")).collect();
+    let run = secure_noop_run(3);
     let dir = tempfile::tempdir().unwrap();
     let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), run).unwrap();
     let plan = engine.start_task(&ids).unwrap();
@@ -544,32 +550,7 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
 fn a_secure_round_of_one_agent_aborts_instead_of_ending_the_run() {
     use fedcart_common::federation::update::Update;
     let ids = vec!["m0".to_string()];
-    let run = RunConfig {
-        run_id: "simulation".into(),
-        seed: 5,
-        rounds: 1,
-        model: ModelSpec::Noop { dim: 8 },
-        sgd: Default::default(),
-        selection: Selection {
-            fraction: 1.0,
-            min_agents: 1,
-            max_agents: 1,
-            min_available: 0,
-        },
-        quorum: 1,
-        round_timeout_ms: 1_000,
-        evaluate: false,
-        strategy: Default::default(),
-        secagg: Some(SecAggSettings {
-            neighbours: None,
-            clip: 1.0,
-            verify_survivors: false,
-            stage_timeout_ms: None,
-        }),
-        dp: None,
-        max_attempts: fedcart_coordinator::config::DEFAULT_MAX_ATTEMPTS,
-        early_stopping: None,
-    };
+    let run = secure_noop_run(1);
     let dir = tempfile::tempdir().unwrap();
     let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), run).unwrap();
     let plan = engine.start_task(&ids).unwrap();

@@ -13,7 +13,6 @@ use std::io::Read;
 use std::path::Path;
 
 use super::{BlankNumeric, Categorical, DataError, Schema, UnknownCategory};
-use crate::data::csv_lines::line_records;
 
 /// Choices the draft cannot make from the data alone.
 #[derive(Debug, Clone, Default)]
@@ -138,24 +137,8 @@ impl Schema {
             file: path.into(),
             message,
         };
-        let mut records = line_records(reader, delimiter).map_err(|source| DataError::Io {
-            file: path.into(),
-            source,
-        })?;
-        let row_err = |(line, e): (u64, csv::Error)| DataError::Row {
-            file: path.into(),
-            line,
-            message: e.to_string(),
-        };
-        let Some(header) = records.next() else {
-            return Err(DataError::Empty { file: path.into() });
-        };
-        let header: Vec<String> = header
-            .map_err(row_err)?
-            .1
-            .iter()
-            .map(|h| h.trim().to_string())
-            .collect();
+        let (header, records) = super::table(reader, path, delimiter)?;
+        let header: Vec<String> = header.iter().map(|h| h.trim().to_string()).collect();
         let mut stats: Vec<ColumnStats> = header
             .iter()
             .map(|_| ColumnStats {
@@ -166,7 +149,7 @@ impl Schema {
             .collect();
         let mut rows = 0;
         for record in records {
-            let (line, record) = record.map_err(row_err)?;
+            let (line, record) = record?;
             if record.len() != header.len() {
                 return Err(DataError::Row {
                     file: path.into(),

@@ -1,0 +1,343 @@
+//! How a cell of a merchant's file reads as a time or a number: the
+//! timestamp formats (built-in layouts and strftime patterns) and the
+//! decimal marks of money columns. Below every reader (orders exports,
+//! customer tables, ratings files), so they all read a cell alike.
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds in a day; all durations in the features are in days.
+pub const SECONDS_PER_DAY: i64 = 86_400;
+
+/// How the timestamp column is written.
+///
+/// In a mapping file and on the command line it is one string: `auto`,
+/// `unix_seconds`, `iso8601`, `yyyymmdd`, or a strftime pattern (anything
+/// with a `%`), so `"%d/%m/%Y %H:%M"` reads `31/01/2024 18:05`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
+pub enum TimestampFormat {
+    /// Decide per value: 8 digits are `YYYYMMDD`, other integers unix
+    /// seconds, anything with a `-` ISO-8601. (An 8-digit unix time would
+    /// be before March 1973, so the overlap does not arise in practice.)
+    #[default]
+    Auto,
+    /// Integer seconds since 1970-01-01 UTC.
+    UnixSeconds,
+    /// `YYYY-MM-DD`, optionally followed by `T` or a space and
+    /// `HH:MM[:SS[.fff]]` and `Z` or `±HH:MM`.
+    Iso8601,
+    /// `YYYYMMDD` (a calendar date, taken at midnight UTC).
+    Yyyymmdd,
+    /// A strftime pattern in chrono's syntax (`%Y`, `%m`, `%d`, `%H`, `%M`,
+    /// `%S`, `%b`, `%p`, `%z`, …). A time without `%z` is taken as UTC, a
+    /// date without a time as midnight UTC, like the built-in formats.
+    Pattern(String),
+}
+
+impl std::str::FromStr for TimestampFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "unix_seconds" | "unix" => Ok(Self::UnixSeconds),
+            "iso8601" | "iso" => Ok(Self::Iso8601),
+            "yyyymmdd" => Ok(Self::Yyyymmdd),
+            pattern if pattern.contains('%') => {
+                use chrono::format::{Item, StrftimeItems};
+                if StrftimeItems::new(pattern).any(|i| matches!(i, Item::Error)) {
+                    return Err(format!(
+                        "timestamp format `{pattern}` is not a valid strftime pattern \
+                         (an unknown `%` directive?)"
+                    ));
+                }
+                Ok(Self::Pattern(pattern.to_string()))
+            }
+            other => Err(format!(
+                "timestamp format must be auto, unix_seconds, iso8601, yyyymmdd or a strftime \
+                 pattern such as `%d/%m/%Y %H:%M`, not `{other}`"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for TimestampFormat {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<TimestampFormat> for String {
+    fn from(f: TimestampFormat) -> String {
+        match f {
+            TimestampFormat::Auto => "auto".into(),
+            TimestampFormat::UnixSeconds => "unix_seconds".into(),
+            TimestampFormat::Iso8601 => "iso8601".into(),
+            TimestampFormat::Yyyymmdd => "yyyymmdd".into(),
+            TimestampFormat::Pattern(p) => p,
+        }
+    }
+}
+
+/// How the quantity, amount and rating columns write a fraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DecimalMark {
+    /// `1234.50`, `1,234.50`, `$1,234.50`.
+    #[default]
+    Point,
+    /// `1234,50`, `1.234,50`, `1 234,50 €` (many European exports, usually
+    /// with `;` as the delimiter).
+    Comma,
+}
+
+impl std::str::FromStr for DecimalMark {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "point" | "." => Ok(Self::Point),
+            "comma" | "," => Ok(Self::Comma),
+            other => Err(format!(
+                "decimal mark must be point or comma, not `{other}`"
+            )),
+        }
+    }
+}
+
+/// Currency symbols a money cell may carry before or after its number.
+const CURRENCY_SYMBOLS: &[char] = &[
+    '$', '€', '£', '¥', '₹', '₩', '₽', '₺', '₪', '₫', '฿', '₴', '₦', '₱', '¢', '₡', '₲', '₵', '₸',
+];
+
+impl DecimalMark {
+    /// The number a cell of the export holds, or `None` when it holds none.
+    ///
+    /// Beyond what Rust's float parser takes (`12.5`, `-3`, `1e3`), it
+    /// reads the way spreadsheets and shops write money: one currency
+    /// symbol before or after the number (`$12.50`, `-$12.50`, `12,50 €`),
+    /// and digit groups of three separated by the other mark, a space or an
+    /// apostrophe (`1,234.50`; with [`DecimalMark::Comma`] `1.234,50`). A
+    /// group that is not three digits (`1,5` with a decimal point) is not a
+    /// number: that cell is a mistake to report, not a value to guess.
+    pub fn parse(self, raw: &str) -> Option<f32> {
+        let s = raw.trim();
+        if self == DecimalMark::Point
+            && let Ok(v) = s.parse::<f32>()
+        {
+            return Some(v);
+        }
+        let (negative, s) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest.trim_start()),
+            None => (false, s),
+        };
+        let s = s
+            .trim_start_matches(CURRENCY_SYMBOLS)
+            .trim_end_matches(CURRENCY_SYMBOLS)
+            .trim();
+        let (negative, s) = match s.strip_prefix('-') {
+            Some(rest) if !negative => (true, rest),
+            Some(_) => return None,
+            None => (negative, s),
+        };
+        let (mark, group) = match self {
+            DecimalMark::Point => ('.', ','),
+            DecimalMark::Comma => (',', '.'),
+        };
+        let (int, frac) = match s.split_once(mark) {
+            Some((i, f)) => (i, Some(f)),
+            None => (s, None),
+        };
+        let is_group =
+            |c: char| c == group || c == ' ' || c == '\u{a0}' || c == '\u{202f}' || c == '\'';
+        let mut digits = String::with_capacity(s.len() + 1);
+        for (i, g) in int.split(is_group).enumerate() {
+            let ok = if i == 0 {
+                (1..=3).contains(&g.len()) || !int.contains(is_group) && !g.is_empty()
+            } else {
+                g.len() == 3
+            };
+            if !ok || !g.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            digits.push_str(g);
+        }
+        if let Some(f) = frac {
+            if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            digits.push('.');
+            digits.push_str(f);
+        }
+        let v: f32 = digits.parse().ok()?;
+        Some(if negative { -v } else { v })
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// `days_from_civil`), or `None` if the date does not exist.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> Option<i64> {
+    if !(1..=12).contains(&m) || d == 0 {
+        return None;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_len = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if d > month_len[(m - 1) as usize] {
+        return None;
+    }
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
+/// Parses `n` ASCII digits at the start of `s`.
+fn digits(s: &str, n: usize) -> Option<u32> {
+    let part = s.get(..n)?;
+    if part.bytes().all(|b| b.is_ascii_digit()) {
+        part.parse().ok()
+    } else {
+        None
+    }
+}
+
+fn parse_yyyymmdd(s: &str) -> Option<i64> {
+    if s.len() != 8 {
+        return None;
+    }
+    let days = days_from_civil(
+        i64::from(digits(s, 4)?),
+        digits(&s[4..], 2)?,
+        digits(&s[6..], 2)?,
+    )?;
+    Some(days * SECONDS_PER_DAY)
+}
+
+fn parse_unix(s: &str) -> Option<i64> {
+    let body = s.strip_prefix('-').unwrap_or(s);
+    if body.is_empty() || !body.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn parse_iso(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if s.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let days = days_from_civil(
+        i64::from(digits(s, 4)?),
+        digits(&s[5..], 2)?,
+        digits(&s[8..], 2)?,
+    )?;
+    let mut secs = days * SECONDS_PER_DAY;
+    let rest = &s[10..];
+    if rest.is_empty() {
+        return Some(secs);
+    }
+    let rest = rest.strip_prefix('T').or_else(|| rest.strip_prefix(' '))?;
+    let (h, mi) = (digits(rest, 2)?, digits(rest.get(3..)?, 2)?);
+    if rest.as_bytes().get(2) != Some(&b':') || h > 23 || mi > 59 {
+        return None;
+    }
+    let mut rest = &rest[5..];
+    let mut sec = 0;
+    if let Some(r) = rest.strip_prefix(':') {
+        sec = digits(r, 2)?;
+        if sec > 60 {
+            return None;
+        }
+        rest = &r[2..];
+        if let Some(frac) = rest.strip_prefix('.') {
+            let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+            if n == 0 {
+                return None;
+            }
+            rest = &frac[n..];
+        }
+    }
+    secs += i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(sec);
+    match rest {
+        "" | "Z" => Some(secs),
+        _ => {
+            let sign = match rest.as_bytes()[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let off = &rest[1..];
+            let (oh, om) = match off.len() {
+                5 if off.as_bytes()[2] == b':' => (digits(off, 2)?, digits(&off[3..], 2)?),
+                4 => (digits(off, 2)?, digits(&off[2..], 2)?),
+                2 => (digits(off, 2)?, 0),
+                _ => return None,
+            };
+            // Local time minus its offset is UTC.
+            Some(secs - sign * (i64::from(oh) * 3600 + i64::from(om) * 60))
+        }
+    }
+}
+
+/// Unix seconds of `raw` read with the strftime pattern `p`.
+fn parse_pattern(raw: &str, p: &str) -> Result<i64, String> {
+    use chrono::format::{Parsed, StrftimeItems, parse};
+    let mut parsed = Parsed::new();
+    parse(&mut parsed, raw, StrftimeItems::new(p))
+        .map_err(|e| format!("`{raw}` does not match the timestamp format `{p}` ({e})"))?;
+    let secs = if parsed.offset().is_some() {
+        parsed.to_datetime().map(|t| t.timestamp())
+    } else {
+        parsed
+            .to_naive_datetime_with_offset(0)
+            .map(|t| t.and_utc().timestamp())
+            .or_else(|_| {
+                parsed
+                    .to_naive_date()
+                    .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc().timestamp())
+            })
+    };
+    secs.map_err(|e| format!("`{raw}` read with the timestamp format `{p}` is not a date ({e})"))
+}
+
+impl TimestampFormat {
+    /// Unix seconds of `raw`, or a message saying what was expected.
+    pub fn parse(&self, raw: &str) -> Result<i64, String> {
+        let (parsed, expected) = match self {
+            TimestampFormat::Pattern(p) => return parse_pattern(raw, p),
+            TimestampFormat::UnixSeconds => (parse_unix(raw), "unix seconds"),
+            TimestampFormat::Iso8601 => (parse_iso(raw), "an ISO-8601 date or date-time"),
+            TimestampFormat::Yyyymmdd => (parse_yyyymmdd(raw), "a YYYYMMDD date"),
+            TimestampFormat::Auto => {
+                let parsed = if raw.contains('-') && raw.len() >= 10 {
+                    parse_iso(raw)
+                } else if raw.len() == 8 {
+                    parse_yyyymmdd(raw)
+                } else {
+                    parse_unix(raw)
+                };
+                (
+                    parsed,
+                    "unix seconds, an ISO-8601 date or YYYYMMDD (another layout needs \
+                     a strftime timestamp format, e.g. `%m/%d/%Y %H:%M`)",
+                )
+            }
+        };
+        parsed.ok_or_else(|| format!("`{raw}` is not {expected}"))
+    }
+}
