@@ -13,7 +13,7 @@ use fedcart_common::data::interactions::Interaction;
 use fedcart_common::data::movielens;
 use fedcart_common::data::partition::Partitioner;
 use fedcart_common::data::split;
-use fedcart_common::data::tabular::{Schema, TabularDataset};
+use fedcart_common::data::tabular::{DataError, Schema, TabularDataset};
 use fedcart_common::model::mf::{MfData, MfHyper};
 use fedcart_common::model::segments;
 use fedcart_common::task::ModelSpec;
@@ -116,8 +116,18 @@ impl DataSpec {
                 };
                 let file = std::fs::File::open(&table)
                     .with_context(|| format!("reading {}", table.display()))?;
-                let draft = Schema::draft(file, &table, delimiter, &Default::default())
-                    .map_err(|e| anyhow::anyhow!("{flag} auto: {e}"))?;
+                let draft = Schema::draft(file, &table, delimiter, &Default::default()).map_err(
+                    |e| match e {
+                        // The flags that settle it are the client's.
+                        DataError::Draft { .. } => anyhow::anyhow!(
+                            "{flag} auto: {e}; `fedcart-client schema --csv {} --label COLUMN \
+                             --positive VALUE --out schema.toml` writes that draft, then give \
+                             {flag} schema.toml",
+                            table.display()
+                        ),
+                        e => anyhow::anyhow!("{flag} auto: {e}"),
+                    },
+                )?;
                 eprintln!(
                     "{flag} auto: drafted this schema (to keep it: `fedcart-client schema --csv \
                      {}`):\n{}",

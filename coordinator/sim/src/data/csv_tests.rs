@@ -92,6 +92,20 @@ fn schema_auto_drafts_from_the_table_and_learns_as_the_hand_written_one() {
         a > 0.8 && (a - b).abs() < 0.01,
         "auto {a}, hand-written {b}"
     );
+    // What the draft cannot tell is asked for with the client's flags.
+    let unlabelled = dir.path().join("unlabelled.csv");
+    std::fs::write(&unlabelled, "id,a,status\n1,2,gone\n2,3,kept\n").unwrap();
+    let err = error(args(
+        "churn-lr",
+        format!("csv:{}", unlabelled.display()),
+        Some("auto".into()),
+    ));
+    assert!(
+        err.contains("cannot tell which column is the label")
+            && err.contains("`fedcart-client schema --csv")
+            && err.contains("then give --schema schema.toml"),
+        "{err}"
+    );
     // Without a table to draft from, the error says what to do instead.
     let mut a = args("churn-lr", "csv".into(), Some("auto".into()));
     a.train = Some(telco());
