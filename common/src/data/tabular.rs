@@ -331,13 +331,6 @@ impl Schema {
         let mut labels = Vec::new();
         for record in records {
             let (line, record) = record?;
-            if record.len() != header.len() {
-                return Err(DataError::Row {
-                    file: path.into(),
-                    line,
-                    message: format!("{} fields, the header has {}", record.len(), header.len()),
-                });
-            }
             let cell_err = |column: &str, message: String| DataError::Cell {
                 file: path.into(),
                 line,
@@ -421,7 +414,8 @@ impl Schema {
 pub(crate) type TableRow = Result<(u64, csv::StringRecord), DataError>;
 
 /// The header of a delimited table and its data records, each with its
-/// line; errors name `path`.
+/// line; a record of another width than the header's is an error. Errors
+/// name `path`.
 pub(crate) fn table<'a, R: std::io::Read + 'a>(
     reader: R,
     path: &'a Path,
@@ -440,7 +434,19 @@ pub(crate) fn table<'a, R: std::io::Read + 'a>(
         return Err(DataError::Empty { file: path.into() });
     };
     let (_, header) = header.map_err(row_err)?;
-    Ok((header, records.map(move |r| r.map_err(row_err))))
+    let width = header.len();
+    let rows = records.map(move |r| {
+        let (line, record) = r.map_err(row_err)?;
+        if record.len() != width {
+            return Err(DataError::Row {
+                file: path.into(),
+                line,
+                message: format!("{} fields, the header has {width}", record.len()),
+            });
+        }
+        Ok((line, record))
+    });
+    Ok((header, rows))
 }
 
 /// A numeric cell: what Rust's float parser takes, plus the money a shop
