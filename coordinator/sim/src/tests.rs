@@ -489,13 +489,36 @@ fn secure_noop_run(agents: usize) -> RunConfig {
     }
 }
 
+/// Agent `id` reports on the secure task of `plan` (its update travels
+/// masked, so the engine gets none); returns the input it masks.
+fn report_masked(
+    engine: &mut Engine,
+    plan: &fedcart_coordinator::engine::TaskPlan,
+    id: &str,
+) -> (String, fedcart_common::federation::update::Update) {
+    let sub = fedcart_coordinator::engine::Submission {
+        update: None,
+        metrics: Default::default(),
+        weight: 1.0,
+        bytes: 0,
+    };
+    engine
+        .submit(id, "simulation", plan.round, &plan.task_id, sub)
+        .unwrap();
+    let input = fedcart_common::federation::update::Update {
+        values: vec![0.25; 8],
+        coord_weights: vec![],
+        weight: 1.0,
+    };
+    (id.to_string(), input)
+}
+
 /// The retry attack on secure aggregation, in the simulator: a secure
 /// round whose masked inputs are fewer than the quorum must abort before
 /// anything is unmasked (no sum reaches the engine), or its retry over the
 /// same inputs would reveal the difference of two sums.
 #[test]
 fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
-    use fedcart_common::federation::update::Update;
     let ids: Vec<String> = (0..3).map(|k| format!("m{k}")).collect();
     let run = secure_noop_run(3);
     let dir = tempfile::tempdir().unwrap();
@@ -506,23 +529,7 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
     // agents), one short of the quorum.
     let mut inputs = Vec::new();
     for id in &ids[..2] {
-        inputs.push((
-            id.clone(),
-            Update {
-                values: vec![0.25; 8],
-                coord_weights: vec![],
-                weight: 1.0,
-            },
-        ));
-        let sub = fedcart_coordinator::engine::Submission {
-            update: None,
-            metrics: Default::default(),
-            weight: 1.0,
-            bytes: 0,
-        };
-        engine
-            .submit(id, "simulation", plan.round, &plan.task_id, sub)
-            .unwrap();
+        inputs.push(report_masked(&mut engine, &plan, id));
     }
     engine.drop_agent(&ids[2]);
     assert_eq!(
@@ -548,28 +555,14 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
 /// the next attempt (it used to end the run with a protocol error).
 #[test]
 fn a_secure_round_of_one_agent_aborts_instead_of_ending_the_run() {
-    use fedcart_common::federation::update::Update;
     let ids = vec!["m0".to_string()];
     let run = secure_noop_run(1);
     let dir = tempfile::tempdir().unwrap();
     let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), run).unwrap();
     let plan = engine.start_task(&ids).unwrap();
     assert!(plan.secure);
-    let sub = fedcart_coordinator::engine::Submission {
-        update: None,
-        metrics: Default::default(),
-        weight: 1.0,
-        bytes: 0,
-    };
-    engine
-        .submit(&ids[0], "simulation", plan.round, &plan.task_id, sub)
-        .unwrap();
-    let input = Update {
-        values: vec![0.25; 8],
-        coord_weights: vec![],
-        weight: 1.0,
-    };
-    let (clipped, _) = secure::secure_sum(&mut engine, &plan, vec![(ids[0].clone(), input)], 5)
+    let input = report_masked(&mut engine, &plan, &ids[0]);
+    let (clipped, _) = secure::secure_sum(&mut engine, &plan, vec![input], 5)
         .expect("one agent aborts the task, not the run");
     assert_eq!(clipped, 0);
     let record = engine.finish_task().unwrap();
