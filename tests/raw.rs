@@ -185,6 +185,7 @@ impl RawAgent {
             num_coord_weights: u.coord_weights.len() as u64,
             weight: out.weight,
             metrics: Default::default(),
+            failure: String::new(),
         }
     }
 

@@ -450,8 +450,8 @@ impl Agent {
             .policy()
             .check_task(&spec, task.secure_aggregation)
         {
-            // Nothing is downloaded, trained or sent: the coordinator counts
-            // this agent as missing from the task.
+            // Nothing is downloaded, trained or sent but the refusal: the
+            // coordinator counts this agent as dropped from the task.
             tracing::warn!(
                 task = %task.task_id,
                 setting = %format_args!("privacy.{}", v.setting),
@@ -459,10 +459,19 @@ impl Agent {
                 policy_value = %v.policy,
                 "{v}"
             );
+            self.decline(
+                client,
+                session_id,
+                &task,
+                crate::transfer::DECLINED_BY_POLICY,
+            )
+            .await;
             return Ok(());
         }
         if let Err(e) = self.map_items_for(&spec) {
             tracing::error!(task = %task.task_id, error = %e, "cannot map item ids into the run's rows");
+            self.decline(client, session_id, &task, crate::transfer::UNMAPPED_ITEMS)
+                .await;
             return Ok(());
         }
         if spec.model.mf_shape().is_some() {
@@ -580,10 +589,31 @@ impl Agent {
                 source,
             }),
             Err(e) => {
-                // Nothing is sent: the coordinator counts us as missing.
+                // Only the failure's kind is sent, so that the coordinator
+                // drops us from the task now rather than at its deadline.
                 tracing::error!(task = %task.task_id, error = %e, "local task failed");
+                self.decline(client, session_id, &task, e.public_reason())
+                    .await;
                 Ok(())
             }
+        }
+    }
+
+    /// Tells the coordinator this agent drops out of `task`, with a fixed,
+    /// data-free `reason`, so that the round need not wait for its
+    /// deadline. Best effort: a refusal (the task closed meanwhile) or a
+    /// broken connection is logged; the coordinator then counts the agent
+    /// as missing, as before.
+    async fn decline(
+        &self,
+        client: &mut CoordinatorClient<Channel>,
+        session_id: &str,
+        task: &pb::TaskAssignment,
+        reason: &str,
+    ) {
+        let named = (task.run_id.as_str(), task.round, task.task_id.as_str());
+        if let Err(e) = crate::transfer::report_failure(client, session_id, named, reason).await {
+            tracing::warn!(task = %task.task_id, error = %e, "the coordinator was not told");
         }
     }
 }

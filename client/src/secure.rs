@@ -374,6 +374,7 @@ impl SecureTasks {
                         .iter()
                         .map(|(k, v)| (k.clone(), *v))
                         .collect(),
+                    failure: String::new(),
                 };
                 // The plaintext update is no longer needed.
                 held.output.update = None;
@@ -405,6 +406,7 @@ impl SecureTasks {
     ) -> Result<(), SecureError> {
         let mut me = std::mem::take(self);
         let session_id_owned = session_id.to_string();
+        let named = (req.run_id.clone(), req.round, req.task_id.clone());
         let (me, reply) = tokio::task::spawn_blocking(move || {
             let reply = me.respond(&session_id_owned, &req);
             (me, reply.map_err(|e| (req.stage.clone(), e)))
@@ -412,6 +414,9 @@ impl SecureTasks {
         .await
         .map_err(SecureError::Panicked)?;
         *self = me;
+        // Why this agent leaves the round, told to the coordinator so that
+        // it stops waiting for us: a fixed, data-free reason.
+        let mut leaving = None;
         match reply {
             Ok(reply) => {
                 if let Err(status) = send(client, reply).await {
@@ -439,6 +444,7 @@ impl SecureTasks {
                     policy_value = %source.policy,
                     "secure round refused by the privacy policy: {source}"
                 );
+                leaving = Some(crate::transfer::DECLINED_BY_POLICY);
             }
             Err((
                 stage,
@@ -453,9 +459,24 @@ impl SecureTasks {
                     agent = source.agent,
                     "secure round refused: {source}"
                 );
+                leaving = Some(crate::transfer::KEY_BINDING_REFUSED);
+            }
+            // Nothing held: the task's failure was reported when it failed
+            // (or the round is over).
+            Err((stage, e @ SecureError::NoUpdate { .. })) => {
+                tracing::warn!(stage, error = %e, "secure-aggregation request not answered");
             }
             Err((stage, e)) => {
                 tracing::warn!(stage, error = %e, "secure-aggregation request not answered");
+                leaving = Some(crate::transfer::STEP_FAILED);
+            }
+        }
+        if let Some(reason) = leaving {
+            let (run_id, round, task_id) = &named;
+            let named = (run_id.as_str(), *round, task_id.as_str());
+            if let Err(e) = crate::transfer::report_failure(client, session_id, named, reason).await
+            {
+                tracing::warn!(task = %task_id, error = %e, "the coordinator was not told");
             }
         }
         Ok(())

@@ -298,11 +298,53 @@ pub async fn upload_as(
         num_coord_weights: num_weights,
         weight: out.weight,
         metrics: out.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        failure: String::new(),
     };
     submit_chunked(client, header, payload.into())
         .await
         .map_err(|status| TransferError::Rejected {
             task_id: task.task_id.clone(),
+            status,
+        })
+}
+
+/// The reason an agent gives for a task its privacy policy refuses.
+pub const DECLINED_BY_POLICY: &str = "declined by the merchant's privacy policy";
+
+/// The reason an agent gives when its items cannot be placed in the run's
+/// catalogue rows.
+pub const UNMAPPED_ITEMS: &str = "the merchant's items cannot be mapped into the run's catalogue";
+
+/// The reason an agent gives for leaving a secure round whose key
+/// bindings it could not verify.
+pub const KEY_BINDING_REFUSED: &str = "a roster key binding failed verification";
+
+/// The reason an agent gives for leaving a secure round whose step it could
+/// not carry out (a malformed or refused request).
+pub const STEP_FAILED: &str = "a secure-aggregation step failed";
+
+/// Tells the coordinator that this agent's local task failed, with a fixed,
+/// data-free `reason`: it counts the agent as dropped for the task at once
+/// instead of waiting for the round's deadline. Nothing of the data or the
+/// update is sent.
+pub async fn report_failure(
+    client: &mut CoordinatorClient<Channel>,
+    session_id: &str,
+    (run_id, round, task_id): (&str, u64, &str),
+    reason: &str,
+) -> Result<(), TransferError> {
+    let header = pb::UpdateHeader {
+        session_id: session_id.into(),
+        run_id: run_id.into(),
+        round,
+        task_id: task_id.into(),
+        failure: reason.into(),
+        ..Default::default()
+    };
+    submit_chunked(client, header, bytes::Bytes::new())
+        .await
+        .map_err(|status| TransferError::Rejected {
+            task_id: task_id.into(),
             status,
         })
 }

@@ -282,6 +282,27 @@ pub enum TrainError {
     MissingStandardizer,
 }
 
+impl TrainError {
+    /// What an agent may tell the coordinator about this failure: a fixed
+    /// text per kind, without the values, user or item names the full
+    /// message carries (a singular solve names a user). A divergence
+    /// starts with "local training diverged", which the coordinator reads
+    /// to name a round's cause when every merchant's training diverged.
+    pub fn public_reason(&self) -> &'static str {
+        match self {
+            Self::NoData(_) => "the merchant has no data of the task's family",
+            Self::ModelLength { .. } => "the global model does not have the task's length",
+            Self::FeatureWidth { .. } => "the local features do not have the model's width",
+            Self::Diverged => "local training diverged (non-finite parameter)",
+            Self::ItemOutOfRange { .. } => "a local item is outside the model's catalogue",
+            Self::InvalidModel(_) => "invalid model",
+            Self::Privacy(_) => "the update could not be put in its differentially private form",
+            Self::Singular(_) => "singular normal equations in a closed-form solve",
+            Self::MissingStandardizer => "the task needs feature statistics but carries none",
+        }
+    }
+}
+
 /// A merchant's churn data, split locally into training and held-out rows.
 #[derive(Debug, Clone)]
 pub struct ChurnData {

@@ -76,6 +76,35 @@ pub fn check_metrics(metrics: &HashMap<String, f64>) -> Result<(), Status> {
     Ok(())
 }
 
+/// Longest failure reason an agent may give (`UpdateHeader.failure`).
+pub const MAX_FAILURE_BYTES: usize = 200;
+
+/// Checks an agent's failure report (`UpdateHeader.failure`) before it is
+/// recorded: at most [`MAX_FAILURE_BYTES`], no control characters (it goes
+/// into a round record and log lines), and nothing but the header (the
+/// agent sends no update with it).
+pub fn check_failure(header: &fedcart_proto::v1::UpdateHeader) -> Result<(), Status> {
+    let reason = &header.failure;
+    if reason.len() > MAX_FAILURE_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "failure reason is {} bytes long, at most {MAX_FAILURE_BYTES} are accepted",
+            reason.len()
+        )));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "failure reason contains control characters",
+        ));
+    }
+    if header.payload_len != 0 || header.num_values != 0 || header.num_coord_weights != 0 {
+        return Err(Status::invalid_argument(
+            "a failure report carries no update: payload_len, num_values and \
+             num_coord_weights must be 0",
+        ));
+    }
+    Ok(())
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -179,6 +208,49 @@ impl tonic::service::Interceptor for Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_report_is_short_printable_and_carries_no_update() {
+        let ok = fedcart_proto::v1::UpdateHeader {
+            failure: "local training diverged (non-finite parameter)".into(),
+            ..Default::default()
+        };
+        assert!(check_failure(&ok).is_ok());
+        let refused = |h: fedcart_proto::v1::UpdateHeader| check_failure(&h).unwrap_err();
+        let long = refused(fedcart_proto::v1::UpdateHeader {
+            failure: "x".repeat(MAX_FAILURE_BYTES + 1),
+            ..ok.clone()
+        });
+        assert_eq!(long.code(), tonic::Code::InvalidArgument);
+        assert!(
+            long.message().contains("201 bytes long, at most 200"),
+            "{long}"
+        );
+        let control = refused(fedcart_proto::v1::UpdateHeader {
+            failure: "diverged\n\u{1b}[31mfake log line".into(),
+            ..ok.clone()
+        });
+        assert!(
+            control.message().contains("control characters"),
+            "{control}"
+        );
+        for h in [
+            fedcart_proto::v1::UpdateHeader {
+                payload_len: 4,
+                ..ok.clone()
+            },
+            fedcart_proto::v1::UpdateHeader {
+                num_values: 1,
+                ..ok.clone()
+            },
+            fedcart_proto::v1::UpdateHeader {
+                num_coord_weights: 1,
+                ..ok.clone()
+            },
+        ] {
+            assert!(refused(h).message().contains("carries no update"));
+        }
+    }
 
     #[test]
     fn bucket_allows_the_burst_then_refuses() {

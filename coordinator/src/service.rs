@@ -693,6 +693,9 @@ impl Coordinator for Service {
                 spec.update_layout(),
             )
         };
+        if !header.failure.is_empty() {
+            return decline(&shared, &merchant, &header, secure);
+        }
         if header.num_values != expected_values || header.num_coord_weights != expected_weights {
             return Err(Status::invalid_argument(format!(
                 "wrong vector length: update has {} values and {} coordinate weights, task `{}` needs {} and {}",
@@ -827,6 +830,28 @@ impl Coordinator for Service {
             run_ids: self.hub.ids(),
         }))
     }
+}
+
+/// An agent's report that its local task failed (`UpdateHeader.failure`):
+/// it is dropped from the open task now, its reason recorded with the
+/// round's rejections (so that a round that keeps aborting names its
+/// cause), and a secure round stops waiting for it.
+fn decline(
+    shared: &Shared,
+    merchant: &str,
+    header: &pb::UpdateHeader,
+    secure: bool,
+) -> Result<Response<pb::SubmitReply>, Status> {
+    crate::limits::check_failure(header)?;
+    tracing::warn!(merchant, task = %header.task_id, reason = %header.failure, "an agent's local task failed");
+    shared.engine().fail_agent(merchant, header.failure.clone());
+    if secure {
+        secure::decline(shared, merchant);
+    }
+    shared.bump();
+    Ok(Response::new(pb::SubmitReply {
+        message: format!("dropped from task `{}`", header.task_id),
+    }))
 }
 
 fn idle_status(idle: Duration) -> Status {

@@ -5,6 +5,7 @@
 use fedcart_client::agent::Agent;
 use fedcart_client::config::Backoff;
 use fedcart_client::policy::PrivacyPolicy;
+use fedcart_client::transfer::DECLINED_BY_POLICY;
 use fedcart_common::task::{ModelSpec, TaskKind};
 use fedcart_common::train::LocalData;
 use fedcart_coordinator::config::{RunConfig, SecAggSettings};
@@ -18,14 +19,15 @@ fn merchant(k: usize) -> LocalData {
     }
 }
 
-/// One round of the model-free task over four agents, quorum three; the
-/// round (and the key-advertising stage, which contains training) closes
-/// when the refusing agent's deadline passes.
+/// One round of the model-free task over four agents, quorum three. The
+/// refusing agent tells the coordinator it leaves the task, so the round
+/// (and the key-advertising stage, which contains training) closes when
+/// the other three have answered, not at the minute-long deadline.
 fn noop_run(run_id: &str, secure: bool) -> RunConfig {
     let mut run = churn_run(run_id, 1, 4, 3);
     run.model = ModelSpec::Noop { dim: 200 };
     run.evaluate = false;
-    run.round_timeout_ms = 3_000;
+    run.round_timeout_ms = 60_000;
     run.secagg = secure.then_some(SecAggSettings {
         neighbours: None,
         clip: 1.0,
@@ -72,7 +74,16 @@ async fn an_agent_requiring_secure_aggregation_sends_nothing_to_a_plain_run() {
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
     assert_eq!(r.dropped, vec!["m3"]);
-    assert!(r.rejected.is_empty(), "m3 sent nothing: {:?}", r.rejected);
+    assert_eq!(
+        r.rejected,
+        declined_by_m3(DECLINED_BY_POLICY),
+        "m3 sent nothing but its refusal"
+    );
+}
+
+/// The round record's rejections when m3 alone left the task with `reason`.
+fn declined_by_m3(reason: &str) -> Vec<(String, String)> {
+    vec![("m3".to_string(), reason.to_string())]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,6 +98,7 @@ async fn an_agent_whose_minimum_threshold_is_above_the_rounds_sends_no_masked_in
     // The sum is over the three that advertised keys; m3 never did.
     assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
     assert_eq!(r.dropped, vec!["m3"]);
+    assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,4 +113,5 @@ async fn an_agent_without_a_certificate_refuses_secure_rounds_under_the_default_
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
     assert_eq!(r.dropped, vec!["m3"]);
+    assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY));
 }

@@ -286,3 +286,42 @@ fn check_refuses_unusable_mf_hyper_parameters() {
     };
     assert!(no_factors.check().is_err());
 }
+
+/// What an agent tells the coordinator of a failed task names no user,
+/// item or value of its data, and a divergence keeps the prefix the
+/// coordinator reads to name a round's cause.
+#[test]
+fn a_failures_public_reason_carries_nothing_of_the_data() {
+    let errors = [
+        TrainError::NoData("mf"),
+        TrainError::ModelLength {
+            expected: 9173,
+            got: 9181,
+        },
+        TrainError::FeatureWidth {
+            expected: 9173,
+            got: 9181,
+        },
+        TrainError::Diverged,
+        TrainError::ItemOutOfRange {
+            item: 9181,
+            num_items: 9173,
+        },
+        TrainError::InvalidModel("customer 9181".into()),
+        TrainError::Singular("customer 9181".into()),
+        TrainError::MissingStandardizer,
+    ];
+    for e in &errors {
+        let reason = e.public_reason();
+        assert!(
+            !reason.contains("9181") && !reason.contains("9173"),
+            "{e}: {reason}"
+        );
+        assert!(reason.len() <= 200);
+    }
+    assert!(
+        TrainError::Diverged
+            .public_reason()
+            .starts_with("local training diverged")
+    );
+}

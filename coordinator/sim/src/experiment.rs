@@ -105,9 +105,15 @@ pub struct Experiment {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secagg_keys: Option<String>,
     /// Why the run stopped before its last round (an exhausted privacy
-    /// budget), if it did.
+    /// budget, early stopping, or a fault), if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// The run ended on a fault (`stopped` says which: a round aborted
+    /// `run.max_attempts` times, a revealed sum): the rounds it committed
+    /// are reported, nothing is served from it, and the command exits with
+    /// an error once every output is written.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub failed: bool,
     /// Model selection: the best version by the federated validation metric
     /// and what it scores when served (with the merchants' final private
     /// state), when the model reports a validation metric.
@@ -350,6 +356,7 @@ impl Experiment {
             privacy: None,
             secagg_keys: s.secagg.then(|| secagg_keys(s.transport).to_string()),
             stopped: None,
+            failed: false,
             best: None,
             timing: Timing {
                 load_seconds,
@@ -380,6 +387,16 @@ impl Experiment {
         } else {
             later.iter().sum::<f64>() / later.len() as f64
         };
+    }
+
+    /// The report line of a failed run: its cause and what stands.
+    pub fn failure_line(&self) -> String {
+        let committed = self.rounds.iter().filter(|r| r.committed).count();
+        format!(
+            "the run failed: {}; the {committed} committed round(s) before it are reported, \
+             and no version is served",
+            self.stopped.as_deref().unwrap_or("no cause recorded")
+        )
     }
 
     /// The headline metric and whether larger is better (None for `noop`).

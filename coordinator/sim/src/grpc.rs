@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use super::data::{DataSpec, Population, TaskChoice};
 use super::{Experiment, RoundRow, Settings};
 use fedcart_coordinator::config::RunConfig;
+use fedcart_coordinator::engine::RunStop;
 use fedcart_coordinator::record::{Outcome, RoundRecord, kind_name};
 
 /// Deadline of a task over loopback. Never reached in a healthy run (every
@@ -91,6 +92,16 @@ pub fn run(
     .map_err(|_| anyhow::anyhow!("the gRPC simulation thread panicked"))??;
     exp.rounds = rows(&done.history, &done.stamps, done.started, &done.model_lens);
     exp.per_merchant = done.per_merchant;
+    if let Some(why) = &done.stopped {
+        exp.stopped = Some(why.to_string());
+        exp.failed = !why.is_planned();
+    }
+    if exp.failed {
+        exp.report.push(exp.failure_line());
+        exp.final_model = done.final_model;
+        exp.finish();
+        return Ok(exp);
+    }
     if let Some(originals) = originals {
         exp.federation_value = Some(
             fedcart_common::reference::federation_value(
@@ -109,6 +120,8 @@ pub fn run(
 
 /// What a finished gRPC run leaves behind.
 struct Done {
+    /// Why the coordinator ended the run before its last round, if it did.
+    stopped: Option<RunStop>,
     history: Vec<RoundRecord>,
     /// When each history record was seen written.
     stamps: Vec<Instant>,
@@ -201,14 +214,11 @@ async fn drive(
             .context("the coordinator stopped before the run finished")?;
     }
     bar.finish_and_clear();
-    if let Some(why) = shared.stopped().filter(|w| !w.is_planned()) {
-        // The coordinator gave up: stop the agents, then report its reason.
-        let _ = stop.send(true);
-        for handle in agents {
-            let _ = handle.await;
-        }
-        let _ = running.shutdown().await;
-        anyhow::bail!("{name}: {why}");
+    // Why the coordinator ended the run early, if it did. A fault (it
+    // gave up on a round) still leaves the committed rounds to report.
+    let stopped = shared.stopped();
+    if let Some(why) = stopped.as_ref().filter(|w| w.is_planned()) {
+        eprintln!("{name}: {why}");
     }
 
     // The store keys records by task id, so `r10…` sorts before `r2…`: put
@@ -241,7 +251,13 @@ async fn drive(
         result.with_context(|| format!("agent {}", agent.data.merchant_id))?;
         finished.push(agent);
     }
-    running.shutdown().await?;
+    match &stopped {
+        // The task loop ended with the fault already in `stopped`.
+        Some(why) if !why.is_planned() => {
+            let _ = running.shutdown().await;
+        }
+        _ => running.shutdown().await?,
+    }
 
     let template = TaskSpec {
         kind: TaskKind::Train,
@@ -257,6 +273,7 @@ async fn drive(
     template.round = 0;
     template.standardizer = None;
     Ok(Done {
+        stopped,
         stamps,
         started: started.unwrap_or_else(Instant::now),
         model_lens,

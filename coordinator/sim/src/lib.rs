@@ -85,7 +85,28 @@ pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Res
         }
         Format::Json => println!("{}", output::summary_json(&experiments)),
     }
-    Ok(())
+    failures(&experiments, settings.out.as_deref())
+}
+
+/// The command's error when a run failed: its cause, and where the rounds
+/// it committed were reported (they were, before this error).
+fn failures(experiments: &[Experiment], out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let failed: Vec<String> = experiments
+        .iter()
+        .filter(|e| e.failed)
+        .map(|e| format!("{}: {}", e.name, e.stopped.as_deref().unwrap_or("failed")))
+        .collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let kept = match out {
+        Some(dir) => format!("{}", dir.join("metrics.json").display()),
+        None => "the summary above".into(),
+    };
+    bail!(
+        "{}; the rounds committed before the failure are in {kept}",
+        failed.join("; ")
+    )
 }
 
 /// Runs every experiment of `settings` (the demo runs two).
@@ -412,7 +433,14 @@ pub fn run_one(
             eprintln!("{}: {stop}", exp.name);
             exp.stopped = Some(stop.to_string());
         }
-        Some(stop) => bail!("{}: {stop}", exp.name),
+        // A fault (a round aborted `run.max_attempts` times, a revealed
+        // sum): the run failed, but the rounds it committed stand and are
+        // reported; the command exits with the cause once every output is
+        // written.
+        Some(stop) => {
+            exp.stopped = Some(stop.to_string());
+            exp.failed = true;
+        }
     }
     exp.privacy = engine.ledger().map(|l| experiment::PrivacySummary {
         dp_noise: l.noise_source().label().to_string(),
@@ -427,6 +455,14 @@ pub fn run_one(
             .unwrap_or(l.clip()),
         adaptive: l.settings().clip == fedcart_coordinator::config::ClipNorm::Adaptive,
     });
+    if exp.failed {
+        // Nothing is served from a failed run: no best version, no
+        // personalised copies, no baselines to set it against.
+        exp.report.push(exp.failure_line());
+        exp.final_model = engine.global().to_vec();
+        exp.finish();
+        return Ok(exp);
+    }
     exp.best = best_summary(&engine, &exp, &merchants, &ids, pool)?;
     if let (Some(best), Some(p)) = (&mut exp.best, s.personalisation(task)) {
         best.personalised = Some(personalise(

@@ -206,7 +206,17 @@ pub fn halve(
                 search: None,
                 ..trial
             };
-            let entry = match crate::run_one(&trial, task, data, pool) {
+            // A failed trial (a round aborted too often) scores nothing.
+            let outcome =
+                crate::run_one(&trial, task, data, pool).and_then(|exp| match exp.failed {
+                    true => Err(anyhow::anyhow!(
+                        "{}: {}",
+                        exp.name,
+                        exp.stopped.as_deref().unwrap_or("failed")
+                    )),
+                    false => Ok(exp),
+                });
+            let entry = match outcome {
                 Ok(exp) => {
                     selection = selection.or(exp.selection_metric());
                     let best = best_version(&exp);

@@ -576,11 +576,14 @@ fn a_secure_round_of_one_agent_aborts_instead_of_ending_the_run() {
 }
 
 /// A round that can never commit used to be retried for ever at full
-/// speed. Scaled-up poisoned updates make every merchant's local training
-/// diverge from version 1: after `--max-attempts` (default 10) attempts the
-/// run ends with that cause instead of looping.
+/// speed; then it ended the run and took the committed rounds with it.
+/// Scaled-up poisoned updates make every merchant's local training diverge
+/// from version 1: after `--max-attempts` (default 10) attempts the run
+/// fails with that cause, and round 1, committed before it, is still in
+/// metrics.json beside the cause, with nothing served.
 #[test]
-fn a_round_where_every_merchant_diverges_ends_the_run_with_that_cause() {
+fn a_round_where_every_merchant_diverges_fails_the_run_and_keeps_its_committed_rounds() {
+    let out = tempfile::tempdir().unwrap();
     let mut a = movielens_args("mf");
     a.merchants = Some(10);
     a.rounds = Some(10);
@@ -588,13 +591,85 @@ fn a_round_where_every_merchant_diverges_ends_the_run_with_that_cause() {
     a.attack = Some("scale:1000".into());
     a.strategy = Some("fedavg".parse().unwrap());
     a.no_secagg = true;
-    let err = run_all(&Settings::from_args(a).unwrap()).expect_err("the run gives up");
+    a.out = Some(out.path().to_path_buf());
+    let err = run_command(a, Format::Json, false).expect_err("the run fails");
     let text = format!("{err:#}");
+    let cause = "round 2 (train) aborted 10 times (run.max_attempts): \
+                 every merchant's local training diverged from version 1";
+    let metrics = out.path().join("metrics.json");
     assert!(
-        text.contains("round 2 (train) aborted 10 times (run.max_attempts)")
-            && text.contains("every merchant's local training diverged from version 1"),
+        text.contains(cause)
+            && text.contains(&format!(
+                "the rounds committed before the failure are in {}",
+                metrics.display()
+            )),
         "{text}"
     );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let e = &m["experiments"][0];
+    assert_eq!(e["failed"], true);
+    assert!(e["stopped"].as_str().unwrap().contains(cause), "{e}");
+    let rounds: Vec<(u64, bool)> = e["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["round"].as_u64().unwrap(),
+                r["committed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let mut expected = vec![(1, true)];
+    expected.extend(std::iter::repeat_n((2, false), 10));
+    assert_eq!(rounds, expected);
+    assert!(
+        e["rounds"][0]["eval"]["rmse"].as_f64().is_some(),
+        "round 1's evaluation stands: {e}"
+    );
+    assert!(
+        e.get("best").is_none(),
+        "nothing is served from a failed run"
+    );
+}
+
+/// Over gRPC an agent whose local training diverged used to send nothing:
+/// every attempt waited for the round's deadline (five minutes in the
+/// simulator) and the run's cause read "0 results". Agents now report the
+/// failure's kind, so the coordinator drops them at once and names the
+/// cause, in plain and secure rounds alike, and the run fails keeping its
+/// report.
+#[test]
+fn over_grpc_agents_report_diverged_training_and_the_run_names_it() {
+    for secure in [false, true] {
+        let mut a = args();
+        a.task = Some("churn-lr".parse().unwrap());
+        a.data = Some(
+            format!("telco:{}", repo(data::DEFAULT_TELCO))
+                .parse()
+                .unwrap(),
+        );
+        a.transport = Some(crate::args::Transport::Grpc);
+        a.lr = Some(1e38);
+        a.max_attempts = Some(2);
+        a.secagg = secure;
+        a.no_secagg = !secure;
+        let exps = run(a);
+        let e = &exps[0];
+        assert!(e.failed, "secure {secure}");
+        let stopped = e.stopped.as_deref().unwrap_or_default();
+        assert!(
+            stopped.contains(
+                "round 1 (train) aborted 2 times (run.max_attempts): \
+                 every merchant's local training diverged from version 0"
+            ),
+            "secure {secure}: {stopped}"
+        );
+        assert_eq!(e.rounds.len(), 2);
+        assert!(e.rounds.iter().all(|r| !r.committed && r.reported == 0));
+        assert!(e.report.iter().any(|l| l.starts_with("the run failed: ")));
+    }
 }
 
 /// Issue 13: under a skewed partition (Dirichlet 0.1 over 20 merchants, so

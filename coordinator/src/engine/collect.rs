@@ -359,6 +359,14 @@ impl Engine {
         }
     }
 
+    /// Whether `agent` was dropped from the open task (it disconnected, or
+    /// its local task failed).
+    pub fn has_dropped(&self, agent: &str) -> bool {
+        self.open
+            .as_ref()
+            .is_some_and(|o| o.dropped.contains(agent))
+    }
+
     /// Selected agents that have neither reported nor dropped.
     pub fn pending(&self) -> usize {
         self.open

@@ -460,6 +460,16 @@ async fn drive(
         &["secagg", &plan.task_id],
     ));
     let ids: Vec<u32> = (0..n as u32).collect();
+    // An agent that already said its local task failed answers nothing.
+    let expected: BTreeSet<u32> = {
+        let engine = shared.engine();
+        plan.selected
+            .iter()
+            .zip(&ids)
+            .filter(|(m, _)| !engine.has_dropped(m))
+            .map(|(_, &id)| id)
+            .collect()
+    };
     let server = match ServerSession::new(config.clone(), rs, &ids) {
         Ok(s) => s,
         Err(e) => return Ok(Err(e.to_string())),
@@ -486,7 +496,7 @@ async fn drive(
         bindings: BTreeMap::new(),
         sessions: BTreeMap::new(),
         stage: Stage::Advertise,
-        expected: ids.iter().copied().collect(),
+        expected,
         answered: BTreeSet::new(),
     });
     let targets = shared.targets();
@@ -669,6 +679,20 @@ fn step<T>(
 /// or until `until`. An agent has left when the session its invitation went
 /// to is gone, even if its merchant joined again under a new session: the
 /// new process holds nothing of this round and will never answer.
+/// Stops waiting for `merchant` in the secure round's open stage: its local
+/// task failed and it said so (`UpdateHeader.failure`), so it answers no
+/// stage. The protocol treats it as any other dropout; an agent can only
+/// withdraw itself (the merchant is its session's).
+pub(super) fn decline(shared: &Shared, merchant: &str) {
+    let mut guard = shared.secure_round();
+    if let Some(r) = guard.as_mut()
+        && let Some(&id) = r.ids.get(merchant)
+        && !r.answered.contains(&id)
+    {
+        r.expected.remove(&id);
+    }
+}
+
 async fn wait_stage(
     shared: &Shared,
     until: Instant,
