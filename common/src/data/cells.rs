@@ -19,6 +19,10 @@ pub enum TimestampFormat {
     /// Decide per value: 8 digits are `YYYYMMDD`, other integers unix
     /// seconds, anything with a `-` ISO-8601. (An 8-digit unix time would
     /// be before March 1973, so the overlap does not arise in practice.)
+    /// An integer of at most 7 digits is refused: as unix seconds it would
+    /// be in the first months of 1970, and it is far more likely a
+    /// spreadsheet's serial day; the error shows both readings and names
+    /// the format that settles it.
     #[default]
     Auto,
     /// Integer seconds since 1970-01-01 UTC.
@@ -28,6 +32,11 @@ pub enum TimestampFormat {
     Iso8601,
     /// `YYYYMMDD` (a calendar date, taken at midnight UTC).
     Yyyymmdd,
+    /// A spreadsheet's serial day: days since 1899-12-30 (Excel's 1900
+    /// date system, LibreOffice's default), the fraction the time of day,
+    /// taken as UTC: `42736.5` is 2017-01-01 12:00. What a date column
+    /// becomes when a spreadsheet saves it as a number.
+    SpreadsheetDays,
     /// A strftime pattern in chrono's syntax (`%Y`, `%m`, `%d`, `%H`, `%M`,
     /// `%S`, `%b`, `%p`, `%z`, …). A time without `%z` is taken as UTC, a
     /// date without a time as midnight UTC, like the built-in formats.
@@ -42,6 +51,7 @@ impl std::str::FromStr for TimestampFormat {
             "unix_seconds" | "unix" => Ok(Self::UnixSeconds),
             "iso8601" | "iso" => Ok(Self::Iso8601),
             "yyyymmdd" => Ok(Self::Yyyymmdd),
+            "spreadsheet_days" | "excel_days" => Ok(Self::SpreadsheetDays),
             pattern if pattern.contains('%') => {
                 use chrono::format::{Item, StrftimeItems};
                 if StrftimeItems::new(pattern).any(|i| matches!(i, Item::Error)) {
@@ -53,8 +63,8 @@ impl std::str::FromStr for TimestampFormat {
                 Ok(Self::Pattern(pattern.to_string()))
             }
             other => Err(format!(
-                "timestamp format must be auto, unix_seconds, iso8601, yyyymmdd or a strftime \
-                 pattern such as `%d/%m/%Y %H:%M`, not `{other}`"
+                "timestamp format must be auto, unix_seconds, iso8601, yyyymmdd, \
+                 spreadsheet_days or a strftime pattern such as `%d/%m/%Y %H:%M`, not `{other}`"
             )),
         }
     }
@@ -74,6 +84,7 @@ impl From<TimestampFormat> for String {
             TimestampFormat::UnixSeconds => "unix_seconds".into(),
             TimestampFormat::Iso8601 => "iso8601".into(),
             TimestampFormat::Yyyymmdd => "yyyymmdd".into(),
+            TimestampFormat::SpreadsheetDays => "spreadsheet_days".into(),
             TimestampFormat::Pattern(p) => p,
         }
     }
@@ -294,6 +305,53 @@ fn parse_iso(s: &str) -> Option<i64> {
     }
 }
 
+/// Serial day of 1970-01-01 in the 1900 date system (epoch 1899-12-30).
+const SERIAL_DAY_OF_1970: f64 = 25_569.0;
+
+/// Last serial day the 1900 date system has (9999-12-31).
+const LAST_SERIAL_DAY: f64 = 2_958_465.0;
+
+/// Unix seconds of a spreadsheet serial day (`42736`, `42736.5`), to the
+/// nearest second.
+fn parse_serial_day(s: &str) -> Option<i64> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    if whole.is_empty() || !(whole.bytes().chain(frac.bytes())).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let days: f64 = s.parse().ok()?;
+    if !(1.0..LAST_SERIAL_DAY + 1.0).contains(&days) {
+        return None;
+    }
+    Some(((days - SERIAL_DAY_OF_1970) * SECONDS_PER_DAY as f64).round() as i64)
+}
+
+/// UTC calendar time of unix seconds, for messages.
+fn show_utc(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0).map_or_else(
+        || format!("{secs} s"),
+        |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    )
+}
+
+/// Auto's refusal of a number that reads best as a serial day: a 1–7 digit
+/// integer (unix seconds of early 1970) or a decimal in the serial range.
+fn ambiguous_serial_day(raw: &str) -> Option<String> {
+    let serial = parse_serial_day(raw)?;
+    let (as_unix, or_unix) = match raw.contains('.') {
+        true => ("is not unix seconds (which are whole)".to_string(), ""),
+        false => (
+            format!("as unix seconds is {}", show_utc(parse_unix(raw)?)),
+            ", or `unix_seconds` if these really are seconds since 1970",
+        ),
+    };
+    Some(format!(
+        "`{raw}` {as_unix}; as a spreadsheet's serial day it is {}. Give the timestamp \
+         format `spreadsheet_days` (`--timestamp-format spreadsheet_days`, or \
+         `timestamp_format = \"spreadsheet_days\"` in the mapping){or_unix}",
+        show_utc(serial)
+    ))
+}
+
 /// Unix seconds of `raw` read with the strftime pattern `p`.
 fn parse_pattern(raw: &str, p: &str) -> Result<i64, String> {
     use chrono::format::{Parsed, StrftimeItems, parse};
@@ -323,11 +381,20 @@ impl TimestampFormat {
             TimestampFormat::UnixSeconds => (parse_unix(raw), "unix seconds"),
             TimestampFormat::Iso8601 => (parse_iso(raw), "an ISO-8601 date or date-time"),
             TimestampFormat::Yyyymmdd => (parse_yyyymmdd(raw), "a YYYYMMDD date"),
+            TimestampFormat::SpreadsheetDays => (
+                parse_serial_day(raw),
+                "a spreadsheet serial day (days since 1899-12-30, from 1 to 2958465)",
+            ),
             TimestampFormat::Auto => {
                 let parsed = if raw.contains('-') && raw.len() >= 10 {
                     parse_iso(raw)
                 } else if raw.len() == 8 {
                     parse_yyyymmdd(raw)
+                } else if raw.len() <= 7 || raw.contains('.') {
+                    if let Some(m) = ambiguous_serial_day(raw) {
+                        return Err(m);
+                    }
+                    parse_unix(raw).filter(|_| raw.starts_with('-'))
                 } else {
                     parse_unix(raw)
                 };

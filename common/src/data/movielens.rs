@@ -90,9 +90,13 @@ pub fn read_ratings_delimited<R: std::io::Read>(
             .filter(|v: &f32| v.is_finite())
             .ok_or_else(|| bad("rating", r, "a finite number"))?;
         let t = cell(ct, "timestamp")?;
-        // Unix seconds as MovieLens writes them, or a date as other exports do.
+        // Unix seconds as MovieLens writes them, or a date as other exports
+        // do. Here times only order each user's events, so a small integer
+        // (an event number), which `auto` refuses in an orders export as a
+        // likely spreadsheet serial day, is taken as seconds.
         let timestamp = TimestampFormat::Auto
             .parse(t)
+            .or_else(|m| TimestampFormat::UnixSeconds.parse(t).map_err(|_| m))
             .map_err(|m| DataError::Cell {
                 file: path.into(),
                 line,

@@ -70,11 +70,12 @@ fuzz_target!(|data: &[u8]| {
     .clone();
     let layout = pick >> 3;
     // Layouts 6 and above add the formats a spreadsheet writes: a decimal
-    // comma, a US date, a European date.
+    // comma, a US date, a European date, serial days.
     let (format, decimal) = match layout / 6 {
         1 => (format, DecimalMark::Comma),
         2 => (pattern("%m/%d/%Y %H:%M"), DecimalMark::Point),
         3 => (pattern("%d.%m.%Y"), DecimalMark::Comma),
+        4 => (TimestampFormat::SpreadsheetDays, DecimalMark::Point),
         _ => (format, DecimalMark::Point),
     };
     let mut mapping = match layout % 6 {

@@ -236,6 +236,49 @@ mod tests {
         assert_eq!(TimestampFormat::UnixSeconds.parse("-86400"), Ok(-86_400));
     }
 
+    /// A date column a spreadsheet saved as numbers: serial days since
+    /// 1899-12-30. `auto` used to read `42736` as unix seconds, eleven
+    /// hours into 1970; it now refuses it showing both readings and the
+    /// format that settles it, and `spreadsheet_days` reads it.
+    #[test]
+    fn spreadsheet_serial_days_are_read_when_named_and_refused_by_auto() {
+        let jan1 = days_from_civil(2017, 1, 1).unwrap() * SECONDS_PER_DAY;
+        let f = TimestampFormat::SpreadsheetDays;
+        assert_eq!(f.parse("42736"), Ok(jan1));
+        assert_eq!(f.parse("42736.5"), Ok(jan1 + 12 * 3600));
+        // 18:05:00 is 0.753472… of a day; to the nearest second.
+        assert_eq!(f.parse("42736.7534722222"), Ok(jan1 + 18 * 3600 + 5 * 60));
+        assert_eq!(f.parse("25569"), Ok(0));
+        for bad in ["", "0", "-1", "4e4", "42736,5", "2958466", "1.2.3", ".5"] {
+            assert!(f.parse(bad).is_err(), "{bad} parsed");
+        }
+        assert_eq!("spreadsheet_days".parse(), Ok(f.clone()));
+        assert_eq!(String::from(f), "spreadsheet_days");
+
+        let auto = TimestampFormat::Auto;
+        let e = auto.parse("42736").unwrap_err();
+        assert!(
+            e.contains("`42736` as unix seconds is 1970-01-01 11:52:16 UTC")
+                && e.contains("as a spreadsheet's serial day it is 2017-01-01 00:00:00 UTC")
+                && e.contains("--timestamp-format spreadsheet_days")
+                && e.contains("or `unix_seconds` if these really are seconds since 1970"),
+            "{e}"
+        );
+        let e = auto.parse("42736.5").unwrap_err();
+        assert!(
+            e.contains("is not unix seconds")
+                && e.contains("2017-01-01 12:00:00 UTC")
+                && !e.contains("unix_seconds"),
+            "{e}"
+        );
+        // Unix seconds of any year since 1973, dates and negative seconds
+        // are read as before.
+        assert_eq!(auto.parse("100000000"), Ok(100_000_000));
+        assert_eq!(auto.parse("1704880800"), Ok(1_704_880_800));
+        assert_eq!(auto.parse("-86400"), Ok(-86_400));
+        assert_eq!(auto.parse("20170101"), Ok(jan1));
+    }
+
     #[test]
     fn malformed_timestamps_say_what_was_expected() {
         let f = TimestampFormat::Auto;
