@@ -12,7 +12,11 @@ use fedcart_client::{agent::Agent, cli, config::AgentConfig, data, recommend};
 /// The fedcart merchant agent: trains on this merchant's data and shares only
 /// model updates with the platform's coordinator.
 #[derive(Parser)]
-#[command(version, about, after_help = cli::LOGGING_HELP)]
+#[command(
+    version,
+    about,
+    after_help = cli::LOGGING_HELP
+)]
 struct Cli {
     #[command(flatten)]
     log: cli::LogArgs,
@@ -35,13 +39,16 @@ enum Command {
     },
     /// Derive features, churn labels and interactions from an orders export,
     /// and write them (with a summary) for inspection.
+    #[command(allow_negative_numbers = true)]
     Prepare(Box<fedcart_client::prepare::PrepareArgs>),
     /// Draft the `[data.schema]` section for a customer table (id, label and
     /// its churned value, numeric columns, categorical columns with their
     /// values), with a comment for every column left out and why. Review it
     /// before use: every merchant of a run reads its table with one schema.
+    #[command(allow_negative_numbers = true)]
     Schema(Box<fedcart_client::schema::SchemaArgs>),
     /// Top-K items for one customer, offline from the local state.
+    #[command(allow_negative_numbers = true)]
     Recommend {
         /// The agent's TOML configuration.
         #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
@@ -80,6 +87,7 @@ enum Command {
     /// "Bought together" lists as CSV (`item,bought_with,support,confidence,lift`)
     /// for the items this merchant sells, offline from the federation's
     /// frequent itemsets in the local state.
+    #[command(allow_negative_numbers = true)]
     Rules {
         /// The agent's TOML configuration (needs `data.orders_csv`,
         /// `[data.orders]` and `data.catalogue`).
@@ -116,6 +124,7 @@ enum Command {
     /// The merchant's local JSON API (recommendations, churn scores,
     /// segments, model versions) on the agent's state, picking up new model
     /// versions as the agent receives them.
+    #[command(allow_negative_numbers = true)]
     Serve(fedcart_client::serve::ServeArgs),
     /// Host many real agent sessions in this process, merchants
     /// `<prefix><first>` to `<prefix><first + merchants - 1>` of a study,
@@ -123,6 +132,7 @@ enum Command {
     /// and studies of the real protocol at scale (one process per index of
     /// a Kubernetes Indexed Job, see deploy/k8s/fleet). Runs until
     /// interrupted, or until the run ends with --exit-when-run-ends.
+    #[command(allow_negative_numbers = true)]
     Fleet(Box<fedcart_client::fleet::FleetArgs>),
 }
 
@@ -230,6 +240,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             run,
         } => {
             recommend::check_k(k).context("--k")?;
+            if let Some(w) = repeat_weight
+                && !(0.0..=1.0).contains(&w)
+            {
+                anyhow::bail!("--repeat-weight must be in [0, 1], got {w}");
+            }
             let cfg = AgentConfig::load(&config)?;
             let state = run_state(&cfg, run.as_deref())?;
             let interactions = data::interactions(&cfg)?.ok_or(data::DataError::NoInteractions)?;
@@ -240,11 +255,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let items = interactions.items(rows)?;
             let mf = interactions.mf(&items);
             let names = data::configured_item_names(&cfg)?;
-            if let Some(w) = repeat_weight
-                && !(0.0..=1.0).contains(&w)
-            {
-                anyhow::bail!("--repeat-weight must be in [0, 1], got {w}");
-            }
             let opts = recommend::RecommendOptions {
                 k,
                 include_repeats,
@@ -284,6 +294,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             top,
             run,
         } => {
+            if !(0.0..=1.0).contains(&min_confidence) {
+                anyhow::bail!("--min-confidence must be in [0, 1], got {min_confidence}");
+            }
             let cfg = AgentConfig::load(&config)?;
             let orders = cfg
                 .data

@@ -448,3 +448,60 @@ async fn sigterm_makes_the_agent_leave_and_a_restarted_agent_finishes_the_run() 
     m0.stop().await;
     coord.shutdown().await.unwrap();
 }
+
+/// A negative value of a numeric flag used to read as an unknown flag
+/// ("unexpected argument '-0' found"); it now gets the flag's own error,
+/// checked before any configuration is read.
+#[test]
+fn a_negative_flag_value_gets_the_flags_own_error() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "recommend",
+                "--config",
+                "/nonexistent/merchant.toml",
+                "--customer",
+                "c1",
+                "--repeat-weight",
+                "-0.5",
+            ],
+            "error: --repeat-weight must be in [0, 1], got -0.5",
+        ),
+        (
+            &[
+                "rules",
+                "--config",
+                "/nonexistent/merchant.toml",
+                "--min-confidence",
+                "-1",
+            ],
+            "error: --min-confidence must be in [0, 1], got -1",
+        ),
+        (
+            &[
+                "fleet",
+                "--coordinator",
+                "http://127.0.0.1:9",
+                "--merchants",
+                "2",
+                "--holdout",
+                "-0.1",
+            ],
+            "error: fleet: --holdout: -0.1 is not in [0, 1)",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+            .args(args)
+            .env_remove("FEDCART_CLIENT_CONFIG")
+            .env_remove("FEDCART_COORDINATOR")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            expected,
+            "{args:?}"
+        );
+    }
+}
