@@ -3,6 +3,7 @@
 
 use fedcart_common::federation::update::f32s_to_le;
 use fedcart_coordinator::record::Outcome;
+use fedcart_proto::v1 as pb;
 use fedcart_tests::raw::RawAgent;
 use fedcart_tests::*;
 use tonic::Code;
@@ -109,11 +110,56 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
         "larger than declared"
     );
 
+    // A failure report (the agent leaves the task) is a header alone, with
+    // a short printable reason, from a selected agent that has not reported.
+    let failure = |agent: &RawAgent, reason: &str| pb::UpdateHeader {
+        session_id: agent.session_id.clone(),
+        run_id: task.run_id.clone(),
+        round: task.round,
+        task_id: task.task_id.clone(),
+        failure: reason.into(),
+        ..Default::default()
+    };
+    assert_rejected!(
+        outsider
+            .send_raw(failure(&outsider, "local training diverged"), vec![])
+            .await,
+        Code::PermissionDenied,
+        "not selected"
+    );
+    let mut h = failure(&evil, "local training diverged");
+    h.payload_len = 4;
+    h.num_values = 1;
+    assert_rejected!(
+        evil.send_raw(h, vec![vec![0; 4]]).await,
+        Code::InvalidArgument,
+        "a failure report carries no update"
+    );
+    assert_rejected!(
+        evil.send_raw(failure(&evil, &"x".repeat(201)), vec![])
+            .await,
+        Code::InvalidArgument,
+        "at most 200 are accepted"
+    );
+    assert_rejected!(
+        evil.send_raw(failure(&evil, "ok\r\nforged log line"), vec![])
+            .await,
+        Code::InvalidArgument,
+        "control characters"
+    );
+
     evil.send_raw(good.clone(), vec![payload.clone()])
         .await
         .expect("the honest update is accepted");
     assert_rejected!(
         evil.send_raw(good, vec![payload]).await,
+        Code::AlreadyExists,
+        "already submitted"
+    );
+    // Nor can an agent leave a task it has reported in: its update stays.
+    assert_rejected!(
+        evil.send_raw(failure(&evil, "local training diverged"), vec![])
+            .await,
         Code::AlreadyExists,
         "already submitted"
     );

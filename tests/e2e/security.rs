@@ -43,6 +43,7 @@ fn client_tls(ca: &CertDir, who: Option<(&CertDir, &str)>) -> ClientTlsConfig {
 async fn start_tls(
     store: &std::path::Path,
     files: TlsFiles,
+    run_id: &str,
     rounds: u64,
 ) -> fedcart_coordinator::server::Running {
     init_logs();
@@ -51,7 +52,7 @@ async fn start_tls(
     start_with(
         listener,
         store,
-        churn_run("tls", rounds, 2, 2),
+        churn_run(run_id, rounds, 2, 2),
         Duration::from_millis(500),
         ServeOptions {
             transport: Transport::Tls(files),
@@ -107,7 +108,7 @@ async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
     certs::init(&other_ca, &["localhost".into()]).unwrap();
     certs::issue(&other_ca, "m0").unwrap();
     let store = tempfile::tempdir().unwrap();
-    let coord = start_tls(&store.path().join("c.redb"), files.clone(), 1).await;
+    let coord = start_tls(&store.path().join("c.redb"), files.clone(), "tls", 1).await;
     let addr = coord.addr;
 
     try_join(addr, Some(client_tls(&cd, Some((&cd, "m0")))), "m0")
@@ -322,7 +323,7 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     let (cd, files) = pki(dir.path());
     let split = telco_split(2, 5);
     let store = tempfile::tempdir().unwrap();
-    let coord = start_tls(&store.path().join("c.redb"), files, 2).await;
+    let coord = start_tls(&store.path().join("c.redb"), files, "tls-metrics", 2).await;
     let http = coord.http_addr.expect("HTTP listener");
 
     // gRPC health over mutual TLS.
@@ -347,7 +348,7 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     );
 
     let before = http_get(http, "/metrics").await;
-    assert!(!before.contains("fedcart_rounds_committed_total{run=\"tls\",kind=\"train\"}"));
+    assert!(!before.contains("fedcart_rounds_committed_total{run=\"tls-metrics\",kind=\"train\"}"));
     let agents: Vec<_> = (0..2)
         .map(|k| {
             let id = format!("m{k}");
@@ -367,22 +368,25 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     let committed = |text: &str| {
         metric(
             text,
-            "fedcart_rounds_committed_total{run=\"tls\",kind=\"train\"}",
+            "fedcart_rounds_committed_total{run=\"tls-metrics\",kind=\"train\"}",
         )
     };
     assert!(committed(&mid) >= 1.0, "{mid}");
     assert_eq!(committed(&after), 2.0, "{after}");
-    assert_eq!(metric(&after, "fedcart_model_version{run=\"tls\"}"), 2.0);
+    assert_eq!(
+        metric(&after, "fedcart_model_version{run=\"tls-metrics\"}"),
+        2.0
+    );
     assert!(
         metric(
             &after,
-            "fedcart_update_bytes_in_total{run=\"tls\",kind=\"train\"}"
+            "fedcart_update_bytes_in_total{run=\"tls-metrics\",kind=\"train\"}"
         ) > 0.0
     );
     assert_eq!(
         metric(
             &after,
-            "fedcart_agents_reported_total{run=\"tls\",kind=\"train\"}"
+            "fedcart_agents_reported_total{run=\"tls-metrics\",kind=\"train\"}"
         ),
         4.0
     );
@@ -403,8 +407,8 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
         .unwrap();
     let json = fedcart_coordinator::status::to_json(&reply);
     assert_eq!(json["model_version"], 2);
-    assert_eq!(json["run_id"], "tls");
-    assert_eq!(json["run_ids"], serde_json::json!(["tls"]));
+    assert_eq!(json["run_id"], "tls-metrics");
+    assert_eq!(json["run_ids"], serde_json::json!(["tls-metrics"]));
     assert_eq!(json["last_round"]["outcome"], "committed");
     let table = fedcart_coordinator::status::to_table(&reply);
     assert!(
@@ -477,7 +481,7 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
     let (cd, files) = pki(dir.path());
     let split = telco_split(2, 7);
     let store = tempfile::tempdir().unwrap();
-    let coord = start_tls(&store.path().join("c.redb"), files.clone(), 1).await;
+    let coord = start_tls(&store.path().join("c.redb"), files.clone(), "tls", 1).await;
     let url = format!("https://localhost:{}", coord.addr.port());
 
     let op = try_join(
