@@ -664,19 +664,23 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
     );
 }
 
+/// Was flaky, about 1 run in 4: it waited for m1's invitation, but a round
+/// starts once `min_agents` (3) of the 4 have joined, and when m1 joined
+/// last it was not selected and no invitation for it ever came. The agent
+/// killed is now whichever is invited first.
 #[test]
-#[ignore = "flaky: about 1 run in 4 sees no matching coordinator line for 120 s (cause not yet found; the fix it pins is in service/secure.rs)"]
 fn a_killed_and_restarted_agent_does_not_hold_its_stage_open_until_the_deadline() {
     // Deadlines far longer than a stage needs: the stage after the kill must
     // open because the stage closed with the answers it had, not by timeout.
     let (_dir, mut cluster, rx) = start_cluster(1, 60_000, 30_000);
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut killed_at: Option<Instant> = None;
+    let mut killed = String::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
-            .expect("coordinator lines within 90 s");
+            .expect("coordinator lines within 120 s");
         if line.who != "coordinator" || line.generation != 0 {
             continue;
         }
@@ -684,15 +688,21 @@ fn a_killed_and_restarted_agent_does_not_hold_its_stage_open_until_the_deadline(
             continue;
         }
         match (killed_at, line.field("stage")) {
-            (None, stage) if stage == stage_name::ADVERTISE && line.field("merchant") == "m1" => {
-                cluster.kill_agent_and_restart(1);
+            (None, stage) if stage == stage_name::ADVERTISE => {
+                let merchant = line.field("merchant");
+                let k: usize = merchant
+                    .strip_prefix('m')
+                    .and_then(|k| k.parse().ok())
+                    .unwrap_or_else(|| panic!("merchant ids are m<k>, got `{merchant}`"));
+                cluster.kill_agent_and_restart(k);
                 killed_at = Some(Instant::now());
+                killed = merchant.to_string();
             }
             (Some(t), stage) if stage == stage_name::SHARE_KEYS => {
                 let waited = t.elapsed();
                 assert!(
                     waited < Duration::from_secs(10),
-                    "the advertise_keys stage stayed open {waited:?} after m1 was killed (deadline 60 s)"
+                    "the advertise_keys stage stayed open {waited:?} after {killed} was killed (deadline 60 s)"
                 );
                 return;
             }

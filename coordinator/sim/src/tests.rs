@@ -35,6 +35,18 @@ fn movielens_args(task: &str) -> SimArgs {
     a
 }
 
+/// [`args`] running `task` on the bundled Telco customer table.
+fn telco_args(task: &str) -> SimArgs {
+    let mut a = args();
+    a.task = Some(task.parse().unwrap());
+    a.data = Some(
+        format!("telco:{}", repo(data::DEFAULT_TELCO))
+            .parse()
+            .unwrap(),
+    );
+    a
+}
+
 fn run(a: SimArgs) -> Vec<Experiment> {
     run_all(&Settings::from_args(a).unwrap()).unwrap()
 }
@@ -151,13 +163,7 @@ fn robust_strategies_are_refused_with_secure_aggregation() {
 
 #[test]
 fn median_holds_where_fedavg_breaks_under_scaled_updates() {
-    let mut a = args();
-    a.task = Some("churn-lr".parse().unwrap());
-    a.data = Some(
-        format!("telco:{}", repo(data::DEFAULT_TELCO))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = telco_args("churn-lr");
     a.merchants = Some(10);
     a.rounds = Some(3);
     a.malicious = Some(0.2);
@@ -256,13 +262,7 @@ fn ials_under_secure_aggregation_matches_plaintext_within_quantisation() {
 
 #[test]
 fn churn_lr_with_secure_aggregation_reaches_the_plaintext_auc() {
-    let mut a = args();
-    a.task = Some("churn-lr".parse().unwrap());
-    a.data = Some(
-        format!("telco:{}", repo(data::DEFAULT_TELCO))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = telco_args("churn-lr");
     a.epochs = Some(1);
     let plain = run(a.clone());
     a.secagg = true;
@@ -284,13 +284,7 @@ fn churn_lr_with_secure_aggregation_reaches_the_plaintext_auc() {
 /// Runs only the statistics step of churn-lr on Telco through the engine, as
 /// `run_one` does, and returns the standardiser the engine agreed on.
 fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standardizer {
-    let mut a = args();
-    a.task = Some("churn-lr".parse().unwrap());
-    a.data = Some(
-        format!("telco:{}", repo(data::DEFAULT_TELCO))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = telco_args("churn-lr");
     a.secagg = secure;
     let s = Settings::from_args(a).unwrap();
     let (task, spec) = s.experiments().remove(0);
@@ -643,13 +637,7 @@ fn a_round_where_every_merchant_diverges_fails_the_run_and_keeps_its_committed_r
 #[test]
 fn over_grpc_agents_report_diverged_training_and_the_run_names_it() {
     for secure in [false, true] {
-        let mut a = args();
-        a.task = Some("churn-lr".parse().unwrap());
-        a.data = Some(
-            format!("telco:{}", repo(data::DEFAULT_TELCO))
-                .parse()
-                .unwrap(),
-        );
+        let mut a = telco_args("churn-lr");
         a.transport = Some(crate::args::Transport::Grpc);
         a.lr = Some(1e38);
         a.max_attempts = Some(2);
@@ -678,13 +666,7 @@ fn over_grpc_agents_report_diverged_training_and_the_run_names_it() {
 /// histogram's binning — not a mean of merchants' AUCs.
 #[test]
 fn reported_auc_under_skew_is_the_auc_of_the_pooled_predictions() {
-    let mut a = args();
-    a.task = Some("churn-lr".parse().unwrap());
-    a.data = Some(
-        format!("telco:{}", repo(data::DEFAULT_TELCO))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = telco_args("churn-lr");
     a.merchants = Some(20);
     a.rounds = Some(3);
     a.epochs = Some(1);
@@ -804,13 +786,7 @@ fn the_report_spells_the_settings_out_and_shows_epsilon() {
 
 #[test]
 fn churn_gbdt_runs_one_round_per_level_through_the_engine_and_serves_a_tree_count() {
-    let mut a = args();
-    a.task = Some("churn-gbdt".parse().unwrap());
-    a.data = Some(
-        format!("telco:{}", repo(data::DEFAULT_TELCO))
-            .parse()
-            .unwrap(),
-    );
+    let mut a = telco_args("churn-gbdt");
     a.rounds = None;
     a.trees = Some(4);
     a.max_depth = Some(2);
