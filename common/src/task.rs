@@ -41,8 +41,12 @@ pub enum ModelSpec {
         num_items: usize,
         /// Latent factors k.
         factors: usize,
-        /// Local training hyper-parameters.
-        #[serde(default)]
+        /// Local training hyper-parameters: the keys a configuration
+        /// gives over [`MfHyper::explicit`].
+        #[serde(
+            default = "MfHyper::explicit",
+            deserialize_with = "crate::model::mf::explicit_hyper"
+        )]
         hyper: MfHyper,
     },
     /// Implicit-feedback matrix factorisation (purchases, BPR, HR@10/NDCG@10).
@@ -51,8 +55,12 @@ pub enum ModelSpec {
         num_items: usize,
         /// Latent factors k.
         factors: usize,
-        /// Local training hyper-parameters.
-        #[serde(default)]
+        /// Local training hyper-parameters: the keys a configuration
+        /// gives over the defaults of its `algorithm` ([`MfHyper::implicit`]).
+        #[serde(
+            default = "MfHyper::bpr",
+            deserialize_with = "crate::model::mf::implicit_hyper"
+        )]
         hyper: MfHyper,
     },
     /// A ReLU multi-layer perceptron for churn (see `mlp`): federated

@@ -639,6 +639,7 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use fedcart_common::federation::strategy::StrategySpec;
+    use fedcart_common::model::mf::MfHyper;
 
     use super::*;
 
@@ -665,31 +666,76 @@ mod tests {
     }
 
     #[test]
-    fn an_mf_runs_hyper_parameters_load_from_the_model_table() {
+    fn an_mf_runs_hyper_parameters_load_from_the_model_table_over_the_familys_defaults() {
         let line = EXAMPLE
             .lines()
             .find(|l| l.starts_with("model = "))
             .expect("the example names its model");
+        let hyper_of = |model: &str| {
+            let (_dir, cfg) = load(&EXAMPLE.replace(line, model));
+            cfg.map(|c| c.run.model.mf_shape().expect("an MF run").hyper.clone())
+        };
         let mf = "model = { family = \"mf\", num_items = 50, factors = 8, \
-                  hyper = { refit_users = true, learning_rate = 0.02 } }";
+                  hyper = { refit_users = true, learning_rate = 0.03 } }";
         let (_dir, cfg) = load(&EXAMPLE.replace(line, mf));
         let cfg = cfg.expect("loads");
         let shape = cfg.run.model.mf_shape().expect("an MF run");
         assert!(shape.hyper.refit_users && !shape.implicit);
-        assert_eq!((shape.k, shape.hyper.learning_rate), (8, 0.02));
-        // Keys left out keep their defaults: the solve is off.
-        let (_dir, cfg) = load(&EXAMPLE.replace(
-            line,
-            "model = { family = \"mf\", num_items = 50, factors = 8 }",
-        ));
-        assert!(
-            !cfg.expect("loads")
-                .run
-                .model
-                .mf_shape()
-                .unwrap()
-                .hyper
-                .refit_users
+        assert_eq!((shape.k, shape.hyper.learning_rate), (8, 0.03));
+        // The keys left out keep the explicit defaults, not those of the
+        // struct (one epoch, another penalty): the simulator's settings.
+        assert_eq!(
+            *shape.hyper,
+            MfHyper {
+                refit_users: true,
+                learning_rate: 0.03,
+                ..MfHyper::explicit()
+            }
+        );
+        let plain = "model = { family = \"mf\", num_items = 50, factors = 8 }";
+        assert_eq!(hyper_of(plain).expect("loads"), MfHyper::explicit());
+        // Implicit models start from their algorithm's defaults.
+        let implicit = "model = { family = \"mf_implicit\", num_items = 50, factors = 8 }";
+        assert_eq!(hyper_of(implicit).expect("loads"), MfHyper::bpr());
+        let epochs = implicit.replace(" }", ", hyper = { epochs = 2 } }");
+        let bpr = hyper_of(&epochs).expect("loads");
+        assert_eq!(
+            bpr,
+            MfHyper {
+                epochs: 2,
+                ..MfHyper::bpr()
+            }
+        );
+        let ials = implicit.replace(" }", ", hyper = { algorithm = \"ials\", alpha = 8.0 } }");
+        let ials = hyper_of(&ials).expect("loads");
+        assert_eq!(
+            ials,
+            MfHyper {
+                alpha: 8.0,
+                ..MfHyper::ials()
+            }
+        );
+        // A misspelt key is named, with the keys there are.
+        let typo = plain.replace(" }", ", hyper = { learning_rat = 0.1 } }");
+        let err = format!("{:#}", hyper_of(&typo).expect_err("refused"));
+        assert!(err.contains("unknown key `learning_rat` in hyper"), "{err}");
+        assert!(err.contains("learning_rate"), "{err}");
+        let bad = implicit.replace(" }", ", hyper = { algorithm = \"als\" } }");
+        let err = format!("{:#}", hyper_of(&bad).expect_err("refused"));
+        assert!(err.contains("hyper.algorithm"), "{err}");
+        // What the coordinator hands the agents reads back as it was.
+        let spec = fedcart_common::task::ModelSpec::MfImplicit {
+            num_items: 50,
+            factors: 8,
+            hyper: MfHyper {
+                clip: Some([1.0, 5.0]),
+                ..ials
+            },
+        };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(
+            serde_json::from_str::<fedcart_common::task::ModelSpec>(&json).unwrap(),
+            spec
         );
     }
 

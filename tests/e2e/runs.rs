@@ -533,7 +533,8 @@ async fn mf_runs_on(
     run.model = fedcart_common::task::ModelSpec::MfImplicit {
         num_items: first.2,
         factors: 4,
-        hyper: Default::default(),
+        // What `mf_run_toml`'s model table (no `hyper`) reads as.
+        hyper: fedcart_common::model::mf::MfHyper::bpr(),
     };
     let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
     let mut admin =

@@ -14,6 +14,7 @@
 //! by one merchant moves by that merchant's full step instead of being
 //! diluted by everyone who never saw it (see [`MfAggregation`]).
 
+mod defaults;
 mod eval;
 mod family;
 pub mod ials;
@@ -31,6 +32,10 @@ use crate::data::catalogue::ItemIndex;
 use crate::data::interactions::Interaction;
 use crate::federation::update::{Segment, Update, WeightLayout};
 
+pub use defaults::{
+    IALS_ALPHA, IALS_PROXIMAL, IALS_REG, IMPLICIT_FACTORS, MF_EPOCHS, MF_FACTORS, MF_LR,
+};
+pub(crate) use defaults::{explicit_hyper, implicit_hyper};
 pub use eval::{
     POP_BLEND_GRID, blend, item_buyers, local_popularity, popularity_metrics, ranking_metrics,
     rmse_of,

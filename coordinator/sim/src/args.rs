@@ -58,7 +58,8 @@ pub struct SimArgs {
     /// Fraction of merchants selected per round [default: 1].
     #[arg(long)]
     pub fraction: Option<f64>,
-    /// Local epochs per round [default: 5 for MF, 3 for churn-mlp, 1 otherwise].
+    /// Local epochs per round [default: 10 for mf, 5 for mf-implicit, 3 for churn-mlp, 1
+    /// otherwise (iALS: local sweeps)].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Early stopping: stop once this many evaluated rounds in a row did not
@@ -68,7 +69,8 @@ pub struct SimArgs {
     /// for churn-gbdt].
     #[arg(long)]
     pub patience: Option<u64>,
-    /// Local learning rate [default: 0.01 for MF, 0.05 for churn-lr, 0.001 (Adam) for churn-mlp];
+    /// Local learning rate [default: 0.02 for mf, 0.05 for mf-implicit and churn-lr, 0.001 (Adam)
+    /// for churn-mlp];
     /// for churn-gbdt the shrinkage of every tree [default: 0.1].
     #[arg(long)]
     pub lr: Option<f32>,
@@ -88,7 +90,7 @@ pub struct SimArgs {
     /// Mini-batch size for churn models [default: 32].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Latent factors of MF models [default: 32].
+    /// Latent factors of MF models [default: 128 for mf, 32 for mf-implicit and mf-ials].
     #[arg(long)]
     pub factors: Option<usize>,
     /// L2 penalty λ on the factors of MF models; the bias penalty keeps its

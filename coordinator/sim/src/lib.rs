@@ -149,7 +149,7 @@ pub fn run_one(
         s.merchants,
         s.partition,
         s.mf_hyper(task),
-        s.factors,
+        s.factors(task),
         s.seed,
     )?;
     let mut pop = pop;

@@ -93,7 +93,7 @@ pub fn run(
 pub fn given(s: &Settings, task: TaskChoice) -> SearchConfig {
     let h = s.mf_hyper(task);
     SearchConfig {
-        factors: s.factors,
+        factors: s.factors(task),
         lr: h.learning_rate,
         reg: h.reg_factors,
         epochs: h.epochs,
@@ -314,7 +314,7 @@ pub fn halve(
 /// The settings with `c`'s knobs.
 fn with_config(s: &Settings, c: &SearchConfig) -> Settings {
     Settings {
-        factors: c.factors,
+        factors: Some(c.factors),
         lr: Some(c.lr),
         reg: Some(c.reg),
         epochs: Some(c.epochs),

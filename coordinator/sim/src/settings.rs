@@ -9,6 +9,7 @@ use fedcart_common::data::partition::Partitioner;
 use fedcart_common::federation::strategy::StrategySpec;
 use fedcart_common::model::lr::SgdParams;
 use fedcart_common::model::mf::MfHyper;
+use fedcart_common::model::mf::{IMPLICIT_FACTORS, MF_FACTORS};
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
@@ -73,8 +74,8 @@ pub struct Settings {
     pub lr: Option<f32>,
     /// Churn mini-batch size.
     pub batch_size: usize,
-    /// MF factors.
-    pub factors: usize,
+    /// MF factors (None = per-task default, [`Settings::factors`]).
+    pub factors: Option<usize>,
     /// L2 penalty on MF factors (None = per-task default; the bias penalty
     /// keeps its default ratio to it).
     pub reg: Option<f32>,
@@ -339,7 +340,7 @@ impl Settings {
             patience: args.patience.or(file.patience),
             lr: args.lr.or(file.lr),
             batch_size: pick!(batch_size, 32),
-            factors: pick!(factors, 32),
+            factors: args.factors.or(file.factors),
             reg: args.reg.or(file.reg),
             negatives: args.negatives.or(file.negatives),
             search: args.search.or(file.search),
@@ -575,48 +576,61 @@ impl Settings {
         }
     }
 
-    /// MF hyper-parameters: the tuned ones of BENCHMARKS.md (k = 32, lr 0.01,
-    /// reg 0.1/0.05, 5 local epochs; BPR lr 0.05, reg 0.01, 4 negatives)
-    /// unless overridden. `--reg` sets the factors' penalty and scales the
-    /// biases' by the same factor.
+    /// Latent factors of `task`'s model: `--factors`, or the default chosen
+    /// on the merchants' validation slices ([`MF_FACTORS`] for explicit MF,
+    /// [`IMPLICIT_FACTORS`] for BPR and iALS).
+    pub fn factors(&self, task: TaskChoice) -> usize {
+        self.factors.unwrap_or(match task {
+            TaskChoice::Mf => MF_FACTORS,
+            _ => IMPLICIT_FACTORS,
+        })
+    }
+
+    /// MF hyper-parameters: [`MfHyper::explicit`], [`MfHyper::bpr`] or
+    /// [`MfHyper::ials`] (each chosen on the merchants' validation slices,
+    /// BENCHMARKS.md) unless overridden. `--reg` sets the factors' penalty
+    /// and, but for iALS, scales the biases' by the same factor.
     pub fn mf_hyper(&self, task: TaskChoice) -> MfHyper {
         if task == TaskChoice::MfIals {
             return self.ials_hyper();
         }
         let implicit = task == TaskChoice::MfImplicit;
-        let lr = self.lr.unwrap_or(if implicit { 0.05 } else { 0.01 });
-        let (factors, bias) = if implicit { (0.01, 0.01) } else { (0.1, 0.05) };
+        let d = if implicit {
+            MfHyper::bpr()
+        } else {
+            MfHyper::explicit()
+        };
+        let lr = self.lr.unwrap_or(d.learning_rate);
         let (reg_factors, reg_bias) = match self.reg {
-            None => (factors, bias),
+            None => (d.reg_factors, d.reg_bias),
             // Exactly the default bias penalty when r is the default.
-            Some(r) => (r, bias * (r / factors)),
+            Some(r) => (r, d.reg_bias * (r / d.reg_factors)),
         };
         MfHyper {
             learning_rate: lr,
             bias_learning_rate: lr,
             reg_factors,
             reg_bias,
-            epochs: self.epochs.unwrap_or(5),
-            negatives: self.negatives.unwrap_or(4),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            negatives: self.negatives.unwrap_or(MfHyper::bpr().negatives),
             negatives_from: self.negatives_from,
             refit_users: self.refit_users && !implicit,
-            ..Default::default()
+            ..d
         }
     }
 
-    /// iALS hyper-parameters (`--task mf-ials`): the defaults chosen on the
-    /// merchants' validation slices (BENCHMARKS.md, "iALS") unless overridden;
-    /// `--epochs` counts local (items, users) sweeps per round.
+    /// iALS hyper-parameters (`--task mf-ials`): [`MfHyper::ials`] unless
+    /// overridden; `--epochs` counts local (items, users) sweeps per round.
     pub fn ials_hyper(&self) -> MfHyper {
-        let reg = self.reg.unwrap_or(IALS_REG);
+        let d = MfHyper::ials();
+        let reg = self.reg.unwrap_or(d.reg_factors);
         MfHyper {
-            algorithm: fedcart_common::model::mf::ImplicitAlgorithm::Ials,
             reg_factors: reg,
             reg_bias: reg,
-            alpha: self.alpha.unwrap_or(IALS_ALPHA),
-            proximal: self.proximal.unwrap_or(IALS_PROXIMAL),
-            epochs: self.epochs.unwrap_or(1),
-            ..Default::default()
+            alpha: self.alpha.unwrap_or(d.alpha),
+            proximal: self.proximal.unwrap_or(d.proximal),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            ..d
         }
     }
 
@@ -667,13 +681,6 @@ impl Settings {
 /// Configurations a `--search` starts from unless `--search-candidates`
 /// says otherwise: three rungs of successive halving (8, 4, 2).
 pub const DEFAULT_SEARCH_CANDIDATES: usize = 8;
-
-/// Default iALS penalty λ (factors and biases).
-pub const IALS_REG: f32 = 2.0;
-/// Default iALS confidence scale α.
-pub const IALS_ALPHA: f32 = 4.0;
-/// Default iALS proximal weight ρ.
-pub const IALS_PROXIMAL: f32 = 0.1;
 
 /// Default early-stopping patience, in evaluated rounds: long enough to
 /// ride out the round-to-round noise of HR@10 on a few hundred validation

@@ -296,7 +296,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
         s.merchants,
         s.partition,
         s.mf_hyper(task),
-        s.factors,
+        s.factors(task),
         s.seed,
     )
     .unwrap();
@@ -683,7 +683,7 @@ fn reported_auc_under_skew_is_the_auc_of_the_pooled_predictions() {
         s.merchants,
         s.partition,
         s.mf_hyper(task),
-        s.factors,
+        s.factors(task),
         s.seed,
     )
     .unwrap();

@@ -371,7 +371,7 @@ fn mf_task_specs_round_trip_as_json_with_default_hyper_parameters() {
         ModelSpec::Mf {
             num_items: 5,
             factors: 2,
-            hyper: MfHyper::default()
+            hyper: MfHyper::explicit()
         }
     );
     let s = spec(5, 2, tuned());

@@ -91,7 +91,7 @@ fn noop_versions(staleness: &str) -> (Vec<Vec<f32>>, Vec<RoundRow>, Vec<String>)
         3,
         s.partition,
         s.mf_hyper(task),
-        s.factors,
+        s.factors(task),
         s.seed,
     )
     .unwrap();

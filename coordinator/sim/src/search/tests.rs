@@ -135,7 +135,12 @@ fn candidates_start_from_the_given_settings_and_follow_the_seed() {
     assert_eq!(a, candidates(&s, TaskChoice::Mf).unwrap());
     for (k, c) in a.iter().enumerate() {
         assert!(!a[..k].contains(c), "candidate {k} repeats");
-        assert!([16, 32, 64, 128].contains(&c.factors));
+        let k = a[0].factors;
+        assert!(
+            [k / 2, k, 2 * k, 4 * k].contains(&c.factors),
+            "k {}",
+            c.factors
+        );
         // Explicit MF draws no negatives: that knob stays as given.
         assert_eq!(c.negatives, a[0].negatives);
     }
@@ -211,7 +216,7 @@ fn an_ials_search_tunes_alpha_in_place_of_the_learning_rate_and_chooses_by_valid
     let s = Settings::from_args(args).unwrap();
     let task = TaskChoice::MfIals;
     let base = given(&s, task);
-    assert_eq!(base.alpha, Some(crate::settings::IALS_ALPHA));
+    assert_eq!(base.alpha, Some(fedcart_common::model::mf::IALS_ALPHA));
     let all = candidates(&s, task).unwrap();
     assert_eq!(all[0], base);
     for c in &all {
