@@ -141,8 +141,9 @@ impl std::fmt::Display for RunStop {
 
 /// The dominant cause of a round's aborted attempts: every merchant's local
 /// training diverged (when every failure or rejection is a divergence),
-/// otherwise the most frequent rejection, otherwise the most frequent abort
-/// reason.
+/// otherwise the most frequent rejection or agent-reported failure (a
+/// withdrawal, such as a privacy policy's refusal), otherwise the most
+/// frequent abort reason.
 pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
     let rejections: Vec<&str> = attempts
         .iter()
@@ -163,7 +164,7 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
             .map(|(r, n)| (r.to_string(), n, reasons.len()))
     };
     if let Some((reason, n, total)) = most(rejections) {
-        return format!("most results were refused: `{reason}` ({n} of {total})");
+        return format!("most results were refused or withdrawn: `{reason}` ({n} of {total})");
     }
     let aborts: Vec<&str> = attempts
         .iter()
