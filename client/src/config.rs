@@ -197,7 +197,7 @@ impl DataConfig {
             return Err("`data.churn.churn_window_days` must be at least 1".into());
         }
         if let Some(c) = &self.churn.cutoff
-            && let Err(m) = fedcart_common::data::orders::TimestampFormat::Auto.parse(c.trim())
+            && let Err(m) = fedcart_common::data::orders::TimestampFormat::parse_setting(c.trim())
         {
             return Err(format!("`data.churn.cutoff` = {c:?}: {m}"));
         }

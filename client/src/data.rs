@@ -250,12 +250,12 @@ fn churn_from_orders(
     let window = window_days(cfg);
     let cutoff = match &cfg.data.churn.cutoff {
         // Checked when the configuration was read.
-        Some(c) => orders::TimestampFormat::Auto
-            .parse(c.trim())
-            .map_err(|message| DataError::Derive {
+        Some(c) => orders::TimestampFormat::parse_setting(c.trim()).map_err(|message| {
+            DataError::Derive {
                 path: path.to_owned(),
                 message: format!("`data.churn.cutoff`: {message}"),
-            })?,
+            }
+        })?,
         None => after_last(rows, path)? - i64::from(window) * SECONDS_PER_DAY,
     };
     let cc = ChurnConfig {

@@ -231,8 +231,7 @@ pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError
 /// and `summary.json` into `args.out`, and prints a one-line digest.
 pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
     let map = resolve_mapping(args)?;
-    let cutoff = TimestampFormat::Auto
-        .parse(args.cutoff.trim())
+    let cutoff = TimestampFormat::parse_setting(args.cutoff.trim())
         .map_err(|m| PrepareError::Cutoff(m.to_string()))?;
     if args.churn_window_days == 0 {
         return Err(PrepareError::ChurnWindow);

@@ -374,6 +374,27 @@ fn parse_pattern(raw: &str, p: &str) -> Result<i64, String> {
 }
 
 impl TimestampFormat {
+    /// Unix seconds of a date typed as a setting (a churn cutoff), read as
+    /// [`TimestampFormat::Auto`] reads a cell. A setting takes no timestamp
+    /// format, so a refusal says how to write the date instead, and a
+    /// number that reads as a spreadsheet's serial day gives that day.
+    pub fn parse_setting(raw: &str) -> Result<i64, String> {
+        TimestampFormat::Auto.parse(raw).map_err(|_| {
+            let serial = ambiguous_serial_day(raw).and_then(|_| parse_serial_day(raw));
+            match serial {
+                Some(secs) => format!(
+                    "`{raw}` is not a date; as a spreadsheet's serial day it is {}: write that \
+                     day as YYYY-MM-DD",
+                    show_utc(secs)
+                ),
+                None => format!(
+                    "`{raw}` is not a date: write it as YYYY-MM-DD (an ISO-8601 date-time, \
+                     YYYYMMDD or unix seconds also read)"
+                ),
+            }
+        })
+    }
+
     /// Unix seconds of `raw`, or a message saying what was expected.
     pub fn parse(&self, raw: &str) -> Result<i64, String> {
         let (parsed, expected) = match self {

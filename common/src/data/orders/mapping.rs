@@ -280,6 +280,28 @@ mod tests {
     }
 
     #[test]
+    fn a_date_setting_reads_as_auto_and_a_refusal_says_how_to_write_the_date() {
+        let jan1 = 1_483_228_800;
+        for ok in ["2017-01-01", "20170101", "1483228800"] {
+            assert_eq!(TimestampFormat::parse_setting(ok), Ok(jan1), "{ok}");
+        }
+        // A cutoff takes no timestamp format: no flag to name, the day instead.
+        let e = TimestampFormat::parse_setting("42736").unwrap_err();
+        assert_eq!(
+            e,
+            "`42736` is not a date; as a spreadsheet's serial day it is 2017-01-01 00:00:00 UTC: \
+             write that day as YYYY-MM-DD"
+        );
+        for bad in ["01/31/2017", "soon", ""] {
+            let e = TimestampFormat::parse_setting(bad).unwrap_err();
+            assert!(
+                e.contains("is not a date: write it as YYYY-MM-DD") && !e.contains("format"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_timestamps_say_what_was_expected() {
         let f = TimestampFormat::Auto;
         for bad in [

@@ -221,8 +221,7 @@ impl OrdersSource {
         };
         self.cutoff = match args.cutoff.as_deref().or(default_cutoff) {
             Some(c) => Some(
-                TimestampFormat::Auto
-                    .parse(c.trim())
+                TimestampFormat::parse_setting(c.trim())
                     .map_err(|m| anyhow::anyhow!("--cutoff: {m}"))?,
             ),
             None => None,
