@@ -349,15 +349,24 @@ pub async fn report_failure(
         })
 }
 
+/// The waits before each retry of an upload the coordinator refused as
+/// `ResourceExhausted` (this agent's RPC rate, or another of its uploads
+/// still in flight): 100 ms doubling, five retries, 3.1 s in all. Retrying
+/// is safe: the coordinator refuses a second result for a task
+/// (`AlreadyExists`), so an upload is never counted twice.
+pub const BUSY_RETRY_MS: [u64; 5] = [100, 200, 400, 800, 1600];
+
 /// Sends `header` then `payload` in chunks of [`UPLOAD_CHUNK_BYTES`] as one
-/// `SubmitUpdate` call; the coordinator's status is returned untouched so
-/// that callers can tell a refusal from a broken connection. The chunks are
-/// slices of `payload`, not copies.
+/// `SubmitUpdate` call, again after [`BUSY_RETRY_MS`] while the coordinator
+/// says it is busy; its last status is returned untouched so that callers
+/// can tell a refusal from a broken connection. The chunks are slices of
+/// `payload`, not copies.
 pub async fn submit_chunked(
     client: &mut CoordinatorClient<Channel>,
     header: pb::UpdateHeader,
     payload: bytes::Bytes,
 ) -> Result<(), tonic::Status> {
+    let task_id = header.task_id.clone();
     let mut chunks = vec![pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Header(header)),
     }];
@@ -369,10 +378,23 @@ pub async fn submit_chunked(
         });
         start = end;
     }
-    client
-        .submit_update(futures::stream::iter(chunks))
-        .await
-        .map(|_| ())
+    let mut waits = BUSY_RETRY_MS.iter();
+    loop {
+        match client
+            .submit_update(futures::stream::iter(chunks.clone()))
+            .await
+        {
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                let Some(&ms) = waits.next() else {
+                    return Err(status);
+                };
+                tracing::debug!(task = %task_id, wait_ms = ms, message = status.message(),
+                    "the coordinator is busy; sending the result again");
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            reply => return reply.map(|_| ()),
+        }
+    }
 }
 
 #[cfg(test)]

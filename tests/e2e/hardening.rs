@@ -1,7 +1,8 @@
 //! Service hardening against a selected but malicious merchant: header-only
 //! uploads cannot starve the upload slots, and oversized or numerous metric
 //! names are refused without growing the round record or the Prometheus
-//! series.
+//! series. And for an honest one: an upload refused for the RPC rate is sent
+//! again.
 
 use std::time::Duration;
 
@@ -24,6 +25,19 @@ async fn start_plain(
     run: fedcart_coordinator::config::RunConfig,
     idle: Duration,
 ) -> Running {
+    let limits = Limits {
+        upload_idle_timeout: idle,
+        ..Limits::loopback()
+    };
+    start_limited(store, run, limits).await
+}
+
+/// A plaintext coordinator with an HTTP listener and `limits`.
+async fn start_limited(
+    store: &std::path::Path,
+    run: fedcart_coordinator::config::RunConfig,
+    limits: Limits,
+) -> Running {
     init_logs();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -31,10 +45,7 @@ async fn start_plain(
         transport: Transport::Insecure,
         http: Some(http),
         http_token: None,
-        limits: Limits {
-            upload_idle_timeout: idle,
-            ..Limits::loopback()
-        },
+        limits,
     };
     start_with(listener, store, run, Duration::from_millis(500), opts)
         .await
@@ -220,4 +231,34 @@ async fn oversized_metrics_are_refused_and_records_and_series_stay_bounded() {
         "{series} round-metric series"
     );
     coord.shutdown().await.unwrap();
+}
+
+/// An agent over its RPC rate has its result refused as `ResourceExhausted`
+/// and sends it again after a backoff (`transfer::BUSY_RETRY_MS`), so a
+/// burst of RPCs costs it a wait, not its place in the round. The bucket
+/// holds fewer RPCs than the agent makes up to its training upload and
+/// refills at one token per 2 s: that upload is refused, and only a retry
+/// gets in (without retries the agent's session ends and the round aborts
+/// attempt after attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_refused_for_the_rpc_rate_is_sent_again_and_counts() {
+    let split = telco_split(1, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = churn_run("e2e-busy", 1, 1, 1);
+    run.evaluate = false;
+    let limits = Limits {
+        rpcs_per_second: 0.5,
+        rpc_burst: 3.0,
+        ..Limits::loopback()
+    };
+    let coord = start_limited(&dir.path().join("c.redb"), run, limits).await;
+    let agent = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
+    let (_shared, history) = finish(coord, vec![agent]).await;
+    // The statistics task and the training round both committed with the
+    // agent's result, the training upload retried until a token came.
+    assert_eq!(history.len(), 2, "{history:?}");
+    for r in &history {
+        assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+        assert_eq!(r.reported, vec!["m0"], "{r:?}");
+    }
 }
