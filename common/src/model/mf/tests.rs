@@ -315,16 +315,7 @@ fn pooling_keeps_customers_of_different_merchants_apart() {
 fn federated_bpr_ranks_held_out_purchases_above_popularity() {
     let fed = movielens::implicit_federation(&ml_rows(), 10, 4.0, 42);
     let n = fed.catalogue.len();
-    let hyper = MfHyper {
-        learning_rate: 0.05,
-        bias_learning_rate: 0.05,
-        reg_factors: 0.01,
-        reg_bias: 0.01,
-        epochs: 5,
-        negatives: 4,
-        ..Default::default()
-    };
-    let mut s = spec(n, 32, hyper);
+    let mut s = spec(n, 32, MfHyper::bpr());
     s.model = ModelSpec::MfImplicit {
         num_items: n,
         factors: 32,
