@@ -8,8 +8,7 @@ use anyhow::{Context, bail};
 use fedcart_common::data::partition::Partitioner;
 use fedcart_common::federation::strategy::StrategySpec;
 use fedcart_common::model::lr::SgdParams;
-use fedcart_common::model::mf::MfHyper;
-use fedcart_common::model::mf::{IMPLICIT_FACTORS, MF_FACTORS};
+use fedcart_common::model::mf::{IMPLICIT_FACTORS, MF_FACTORS, MfHyper};
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
@@ -612,7 +611,7 @@ impl Settings {
             reg_factors,
             reg_bias,
             epochs: self.epochs.unwrap_or(d.epochs),
-            negatives: self.negatives.unwrap_or(MfHyper::bpr().negatives),
+            negatives: self.negatives.unwrap_or(d.negatives),
             negatives_from: self.negatives_from,
             refit_users: self.refit_users && !implicit,
             ..d

@@ -129,6 +129,23 @@ fn short_demo_trains_both_models_and_writes_the_report() {
     assert!((summary - rmse).abs() < 1e-12, "{summary} vs {rmse}");
 }
 
+/// Without flags the simulator trains each MF family with the defaults a
+/// coordinator's run configuration reads (`MfHyper::explicit`, `bpr`,
+/// `ials`), so a simulated study and a real run of it train alike.
+#[test]
+fn mf_defaults_are_those_of_a_run_configuration() {
+    use fedcart_common::model::mf::MfHyper;
+    for (task, hyper, k) in [
+        ("mf", MfHyper::explicit(), 128),
+        ("mf-implicit", MfHyper::bpr(), 32),
+        ("mf-ials", MfHyper::ials(), 32),
+    ] {
+        let s = Settings::from_args(movielens_args(task)).unwrap();
+        let t = s.task.unwrap();
+        assert_eq!((s.mf_hyper(t), s.factors(t)), (hyper, k), "{task}");
+    }
+}
+
 #[test]
 fn same_seed_gives_identical_metrics_whatever_the_thread_count() {
     let mut a = movielens_args("mf");
