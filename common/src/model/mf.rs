@@ -33,7 +33,8 @@ use crate::data::interactions::Interaction;
 use crate::federation::update::{Segment, Update, WeightLayout};
 
 pub use defaults::{
-    IALS_ALPHA, IALS_PROXIMAL, IALS_REG, IMPLICIT_FACTORS, MF_EPOCHS, MF_FACTORS, MF_LR,
+    IALS_ALPHA, IALS_PROXIMAL, IALS_REG, IMPLICIT_FACTORS, MF_DP_FACTORS, MF_EPOCHS, MF_FACTORS,
+    MF_LR,
 };
 pub(crate) use defaults::{explicit_hyper, implicit_hyper};
 pub use eval::{

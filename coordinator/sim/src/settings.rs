@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use fedcart_common::data::partition::Partitioner;
 use fedcart_common::federation::strategy::StrategySpec;
 use fedcart_common::model::lr::SgdParams;
-use fedcart_common::model::mf::{IMPLICIT_FACTORS, MF_FACTORS, MfHyper};
+use fedcart_common::model::mf::{IMPLICIT_FACTORS, MF_DP_FACTORS, MF_FACTORS, MfHyper};
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
@@ -577,16 +577,19 @@ impl Settings {
 
     /// Latent factors of `task`'s model: `--factors`, or the default chosen
     /// on the merchants' validation slices ([`MF_FACTORS`] for explicit MF,
-    /// [`IMPLICIT_FACTORS`] for BPR and iALS).
+    /// [`MF_DP_FACTORS`] for it under DP, [`IMPLICIT_FACTORS`] for BPR and
+    /// iALS).
     pub fn factors(&self, task: TaskChoice) -> usize {
         self.factors.unwrap_or(match task {
+            TaskChoice::Mf if self.dp.is_some() => MF_DP_FACTORS,
             TaskChoice::Mf => MF_FACTORS,
             _ => IMPLICIT_FACTORS,
         })
     }
 
-    /// MF hyper-parameters: [`MfHyper::explicit`], [`MfHyper::bpr`] or
-    /// [`MfHyper::ials`] (each chosen on the merchants' validation slices,
+    /// MF hyper-parameters: [`MfHyper::explicit`] (under DP
+    /// [`MfHyper::explicit_dp`]), [`MfHyper::bpr`] or [`MfHyper::ials`]
+    /// (each chosen on the merchants' validation slices,
     /// BENCHMARKS.md) unless overridden. `--reg` sets the factors' penalty
     /// and, but for iALS, scales the biases' by the same factor.
     pub fn mf_hyper(&self, task: TaskChoice) -> MfHyper {
@@ -594,10 +597,10 @@ impl Settings {
             return self.ials_hyper();
         }
         let implicit = task == TaskChoice::MfImplicit;
-        let d = if implicit {
-            MfHyper::bpr()
-        } else {
-            MfHyper::explicit()
+        let d = match (implicit, self.dp.is_some()) {
+            (true, _) => MfHyper::bpr(),
+            (false, true) => MfHyper::explicit_dp(),
+            (false, false) => MfHyper::explicit(),
         };
         let lr = self.lr.unwrap_or(d.learning_rate);
         let (reg_factors, reg_bias) = match self.reg {

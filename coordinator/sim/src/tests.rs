@@ -144,6 +144,13 @@ fn mf_defaults_are_those_of_a_run_configuration() {
         let t = s.task.unwrap();
         assert_eq!((s.mf_hyper(t), s.factors(t)), (hyper, k), "{task}");
     }
+    // Under DP-FedAvg explicit MF takes the smaller model validation chose.
+    let mut a = movielens_args("mf");
+    a.dp_clip = Some("adaptive".into());
+    a.target_epsilon = Some(4.0);
+    let s = Settings::from_args(a).unwrap();
+    let t = s.task.unwrap();
+    assert_eq!((s.mf_hyper(t), s.factors(t)), (MfHyper::explicit_dp(), 32));
 }
 
 #[test]

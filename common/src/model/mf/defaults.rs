@@ -15,6 +15,12 @@ pub const MF_FACTORS: usize = 128;
 pub const MF_LR: f32 = 0.02;
 /// Local epochs per round of explicit MF, chosen with [`MF_FACTORS`].
 pub const MF_EPOCHS: usize = 10;
+/// Latent factors of explicit MF under DP-FedAvg unless given: each
+/// merchant's update is clipped to one norm and noised per coordinate, so a
+/// model of 4× the coordinates loses more than it gains; validation RMSE
+/// preferred k 32, lr 0.01 and 5 epochs at every ε tried (BENCHMARKS.md,
+/// "Explicit MF defaults").
+pub const MF_DP_FACTORS: usize = 32;
 /// Latent factors of the implicit models (BPR and iALS) unless given.
 pub const IMPLICIT_FACTORS: usize = 32;
 /// iALS penalty λ (factors and biases).
@@ -34,6 +40,16 @@ impl MfHyper {
             reg_bias: 0.05,
             epochs: MF_EPOCHS,
             ..Self::default()
+        }
+    }
+
+    /// Explicit MF under DP-FedAvg (with [`MF_DP_FACTORS`]).
+    pub fn explicit_dp() -> Self {
+        Self {
+            learning_rate: 0.01,
+            bias_learning_rate: 0.01,
+            epochs: 5,
+            ..Self::explicit()
         }
     }
 
