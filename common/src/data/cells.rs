@@ -379,9 +379,12 @@ impl TimestampFormat {
     /// format, so a refusal says how to write the date instead, and a
     /// number that reads as a spreadsheet's serial day gives that day.
     pub fn parse_setting(raw: &str) -> Result<i64, String> {
-        TimestampFormat::Auto.parse(raw).map_err(|_| {
-            let serial = ambiguous_serial_day(raw).and_then(|_| parse_serial_day(raw));
-            match serial {
+        // Once `Auto` has refused it, a number in the serial range is one
+        // it refused as ambiguous (8 digits read as YYYYMMDD, longer ones
+        // as unix seconds, both outside that range).
+        TimestampFormat::Auto
+            .parse(raw)
+            .map_err(|_| match parse_serial_day(raw) {
                 Some(secs) => format!(
                     "`{raw}` is not a date; as a spreadsheet's serial day it is {}: write that \
                      day as YYYY-MM-DD",
@@ -391,8 +394,7 @@ impl TimestampFormat {
                     "`{raw}` is not a date: write it as YYYY-MM-DD (an ISO-8601 date-time, \
                      YYYYMMDD or unix seconds also read)"
                 ),
-            }
-        })
+            })
     }
 
     /// Unix seconds of `raw`, or a message saying what was expected.
