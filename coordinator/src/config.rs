@@ -293,6 +293,16 @@ impl CoordinatorConfig {
             }
         }
         cfg.apply_tls_env(path, env)?;
+        let doc: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: path.into(),
+            message: e.to_string(),
+        })?;
+        cfg.run
+            .under_dp_defaults(doc.get("run").and_then(toml::Value::as_table))
+            .map_err(|message| ConfigError::Parse {
+                file: path.into(),
+                message,
+            })?;
         cfg.run.validate()?;
         Ok(cfg)
     }
@@ -446,18 +456,22 @@ impl RunConfig {
                 })
             }
         };
-        let run = if doc.get("run").is_some_and(toml::Value::is_table) {
-            toml::from_str::<RunFile>(text)
+        let (mut run, table) = if let Some(toml::Value::Table(t)) = doc.get("run") {
+            let run = toml::from_str::<RunFile>(text)
                 .map(|f| f.run)
-                .map_err(|e| parse(e.to_string()))?
+                .map_err(|e| parse(e.to_string()))?;
+            (run, t.clone())
         } else if schedule.is_some() {
             // The schedule is not one of the run's keys: the rest is.
-            toml::Value::Table(doc)
+            let run = toml::Value::Table(doc.clone())
                 .try_into::<RunConfig>()
-                .map_err(|e| parse(e.to_string()))?
+                .map_err(|e| parse(e.to_string()))?;
+            (run, doc)
         } else {
-            toml::from_str::<RunConfig>(text).map_err(|e| parse(e.to_string()))?
+            let run = toml::from_str::<RunConfig>(text).map_err(|e| parse(e.to_string()))?;
+            (run, doc)
         };
+        run.under_dp_defaults(Some(&table)).map_err(parse)?;
         run.validate()?;
         if schedule.is_some() && run.dp.is_some() {
             return Err(ConfigError::Invalid {
@@ -469,6 +483,31 @@ impl RunConfig {
             });
         }
         Ok((run, schedule))
+    }
+
+    /// Under DP-FedAvg, an explicit MF run's `hyper` keys that `table` (the
+    /// run's TOML table, as written) leaves out take
+    /// [`MfHyper::explicit_dp`](fedcart_common::model::mf::MfHyper::explicit_dp)'s
+    /// values instead of the no-DP defaults the model table was read over:
+    /// clipping and noise on every coordinate favour the smaller, slower
+    /// settings (BENCHMARKS.md, "Explicit MF defaults"). `factors` is
+    /// always given, so it is the operator's. The keys were checked when the
+    /// model table was read.
+    fn under_dp_defaults(&mut self, table: Option<&toml::Table>) -> Result<(), String> {
+        let ModelSpec::Mf { hyper, .. } = &mut self.model else {
+            return Ok(());
+        };
+        if self.dp.is_none() {
+            return Ok(());
+        }
+        let given = table
+            .and_then(|t| t.get("model"))
+            .and_then(|m| m.get("hyper"))
+            .cloned()
+            .unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+        *hyper = fedcart_common::model::mf::explicit_dp_hyper(given)
+            .map_err(|e| format!("run.model.hyper: {e}"))?;
+        Ok(())
     }
 
     /// Checks the values once, before any work starts.
@@ -737,6 +776,61 @@ mod tests {
             serde_json::from_str::<fedcart_common::task::ModelSpec>(&json).unwrap(),
             spec
         );
+    }
+
+    #[test]
+    fn an_explicit_mf_run_under_dp_reads_its_hyper_table_over_the_dp_defaults() {
+        let line = EXAMPLE
+            .lines()
+            .find(|l| l.starts_with("model = "))
+            .expect("the example names its model");
+        let dp = "\n[run.dp]\nclip = 1.0\nnoise_multiplier = 1.0\ndelta = 1e-5\n\
+                  population = 100\n";
+        let mf = "model = { family = \"mf\", num_items = 50, factors = 32 }";
+        let epochs = "model = { family = \"mf\", num_items = 50, factors = 32, \
+                      hyper = { epochs = 7, refit_users = true } }";
+        let implicit = "model = { family = \"mf_implicit\", num_items = 50, factors = 32 }";
+        let src = Path::new("run.toml");
+        for (model, with_dp, want) in [
+            (mf, true, MfHyper::explicit_dp()),
+            (mf, false, MfHyper::explicit()),
+            (
+                epochs,
+                true,
+                MfHyper {
+                    epochs: 7,
+                    refit_users: true,
+                    ..MfHyper::explicit_dp()
+                },
+            ),
+            (
+                epochs,
+                false,
+                MfHyper {
+                    epochs: 7,
+                    refit_users: true,
+                    ..MfHyper::explicit()
+                },
+            ),
+            // No DP-specific defaults were chosen for the implicit models.
+            (implicit, true, MfHyper::bpr()),
+        ] {
+            let text = EXAMPLE.replace(line, model) + if with_dp { dp } else { "" };
+            let (_dir, cfg) = load(&text);
+            let run = cfg.expect("loads").run;
+            assert_eq!(run.dp.is_some(), with_dp);
+            let hyper = run.model.mf_shape().expect("an MF run").hyper.clone();
+            assert_eq!(hyper, want, "{model} (dp: {with_dp})");
+            // A submitted run reads the same, with a `[run]` table or the
+            // run's keys at the top level.
+            let (submitted, _) = RunConfig::from_toml(&text, src).expect("loads");
+            assert_eq!(submitted, run);
+            let top = toml::to_string(&run).expect("serialises");
+            assert_eq!(RunConfig::from_toml(&top, src).expect("loads").0, run);
+        }
+        // The DP defaults are the smaller, slower settings.
+        let (dp, plain) = (MfHyper::explicit_dp(), MfHyper::explicit());
+        assert!(dp.learning_rate < plain.learning_rate && dp.epochs < plain.epochs);
     }
 
     #[test]

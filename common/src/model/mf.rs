@@ -34,7 +34,7 @@ use crate::federation::update::{Segment, Update, WeightLayout};
 
 pub use defaults::{
     IALS_ALPHA, IALS_PROXIMAL, IALS_REG, IMPLICIT_FACTORS, MF_DP_FACTORS, MF_EPOCHS, MF_FACTORS,
-    MF_LR,
+    MF_LR, explicit_dp_hyper,
 };
 pub(crate) use defaults::{explicit_hyper, implicit_hyper};
 pub use eval::{

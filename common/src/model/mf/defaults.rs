@@ -96,6 +96,12 @@ pub(crate) fn explicit_hyper<'de, D: Deserializer<'de>>(d: D) -> Result<MfHyper,
     over_defaults(d, |_| MfHyper::explicit())
 }
 
+/// Reads an explicit model's `hyper` table over [`MfHyper::explicit_dp`]:
+/// what a run under DP-FedAvg trains with where its table is silent.
+pub fn explicit_dp_hyper<'de, D: Deserializer<'de>>(d: D) -> Result<MfHyper, D::Error> {
+    over_defaults(d, |_| MfHyper::explicit_dp())
+}
+
 /// Reads an implicit model's `hyper` table over the defaults of its
 /// `algorithm` (BPR unless the table names another).
 pub(crate) fn implicit_hyper<'de, D: Deserializer<'de>>(d: D) -> Result<MfHyper, D::Error> {
