@@ -37,6 +37,17 @@ impl Delimiter {
             Delimiter::Whitespace => None,
         }
     }
+
+    /// The word that selects it (`--delimiter`, `delimiter = "…"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Delimiter::Comma => "comma",
+            Delimiter::Tab => "tab",
+            Delimiter::Semicolon => "semicolon",
+            Delimiter::Pipe => "pipe",
+            Delimiter::Whitespace => "whitespace",
+        }
+    }
 }
 
 impl std::str::FromStr for Delimiter {

@@ -110,25 +110,27 @@ pub fn read_orders_from<R: Read>(
 /// have found the missing column, if one would.
 fn delimiter_hint(used: Delimiter, header: &str, column: &str) -> String {
     let fits = [
-        (Delimiter::Comma, "comma"),
-        (Delimiter::Tab, "tab"),
-        (Delimiter::Semicolon, "semicolon"),
-        (Delimiter::Pipe, "pipe"),
+        Delimiter::Comma,
+        Delimiter::Tab,
+        Delimiter::Semicolon,
+        Delimiter::Pipe,
     ]
     .into_iter()
-    .find(|(d, _)| {
+    .find(|d| {
         *d != used
             && d.byte()
                 .is_some_and(|b| header.split(char::from(b)).any(|h| h.trim() == column))
     });
+    let used = used.name();
     match fits {
-        Some((_, name)) => format!(
-            "; the header split into a single field with the delimiter {used:?}, it splits \
-             with {name}: `--delimiter {name}`, or `delimiter = \"{name}\"` in the mapping"
-        ),
-        None => {
-            format!("; the header split into a single field, is the delimiter ({used:?}) right?")
+        Some(d) => {
+            let name = d.name();
+            format!(
+                "; the header split into a single field with the delimiter {used}, it splits \
+                 with {name}: `--delimiter {name}`, or `delimiter = \"{name}\"` in the mapping"
+            )
         }
+        None => format!("; the header split into a single field, is the delimiter ({used}) right?"),
     }
 }
 

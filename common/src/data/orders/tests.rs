@@ -117,7 +117,7 @@ fn a_header_that_did_not_split_names_the_delimiter_that_splits_it() {
     assert_eq!(
         fail_message(text, &mapping()),
         "orders.csv: line 1: missing column `customer` (header has: customer;item;ts;qty;price); \
-         the header split into a single field with the delimiter Comma, it splits with semicolon: \
+         the header split into a single field with the delimiter comma, it splits with semicolon: \
          `--delimiter semicolon`, or `delimiter = \"semicolon\"` in the mapping"
     );
 }
@@ -139,7 +139,7 @@ fn wrong_delimiter_is_named_with_a_hint() {
     assert_eq!(
         fail_message(text, &mapping()),
         "orders.csv: line 1: missing column `customer` (header has: customer\titem\tts\tqty\tprice); \
-         the header split into a single field with the delimiter Comma, it splits with tab: \
+         the header split into a single field with the delimiter comma, it splits with tab: \
          `--delimiter tab`, or `delimiter = \"tab\"` in the mapping"
     );
     let mut tab = mapping();
