@@ -421,6 +421,15 @@ impl TimestampFormat {
                 } else {
                     parse_unix(raw)
                 };
+                if parsed.is_none()
+                    && let Some(hint) = layout_hint(raw)
+                {
+                    return Err(format!(
+                        "`{raw}` is not unix seconds, an ISO-8601 date or YYYYMMDD: \
+                         give its layout as a timestamp format (`--timestamp-format`, or \
+                         `timestamp_format` in the mapping), {hint}"
+                    ));
+                }
                 (
                     parsed,
                     "unix seconds, an ISO-8601 date or YYYYMMDD (another layout needs \
@@ -429,5 +438,56 @@ impl TimestampFormat {
             }
         };
         parsed.ok_or_else(|| format!("`{raw}` is not {expected}"))
+    }
+}
+
+/// The strftime layouts a date such as `31/01/2017 11:53` or `1.2.2017`
+/// (day, month and a four-digit year, either order of the first two,
+/// then optionally hours and minutes, with seconds) reads with, as a
+/// hint: `` `%d/%m/%Y %H:%M` `` when the first number cannot be a month,
+/// the month-first layout when the second cannot, both otherwise. `None`
+/// for any other shape, or when the layout would not read `raw` after all.
+fn layout_hint(raw: &str) -> Option<String> {
+    let (date, time) = match raw.split_once([' ', 'T']) {
+        Some((d, t)) => (d, Some(t)),
+        None => (raw, None),
+    };
+    let sep = ['/', '.', '-'].into_iter().find(|&c| date.contains(c))?;
+    let parts: Vec<&str> = date.split(sep).collect();
+    let number = |s: &str| -> Option<u32> {
+        (!s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let [a, b, y] = parts[..] else {
+        return None;
+    };
+    let (a, b) = (number(a)?, number(b)?);
+    if y.len() != 4 || number(y).is_none() || a == 0 || b == 0 || a > 31 || b > 31 {
+        return None;
+    }
+    let clock = match time {
+        None => "",
+        Some(t) => match t.split(':').count() {
+            2 => " %H:%M",
+            3 => " %H:%M:%S",
+            _ => return None,
+        },
+    };
+    let clock = if raw.contains('T') {
+        clock.replacen(' ', "T", 1)
+    } else {
+        clock.to_string()
+    };
+    let day_first = format!("%d{sep}%m{sep}%Y{clock}");
+    let month_first = format!("%m{sep}%d{sep}%Y{clock}");
+    let reads = |p: &str| parse_pattern(raw, p).is_ok();
+    match (a > 12, b > 12) {
+        (true, false) if reads(&day_first) => Some(format!("`{day_first}`")),
+        (false, true) if reads(&month_first) => Some(format!("`{month_first}`")),
+        (false, false) if reads(&day_first) && reads(&month_first) => Some(format!(
+            "`{day_first}` (day first) or `{month_first}` (month first)"
+        )),
+        _ => None,
     }
 }

@@ -330,4 +330,51 @@ mod tests {
             Err("`1997-09-30` is not a YYYYMMDD date".into())
         );
     }
+
+    #[test]
+    fn a_day_month_year_timestamp_is_refused_with_the_layouts_that_read_it() {
+        let auto = TimestampFormat::Auto;
+        let refusal = |raw: &str| auto.parse(raw).expect_err("refused");
+        let lead = "is not unix seconds, an ISO-8601 date or YYYYMMDD: give its layout as a \
+                    timestamp format (`--timestamp-format`, or `timestamp_format` in the mapping), ";
+        // Either order reads `01/02/2017`: both are offered.
+        assert_eq!(
+            refusal("01/02/2017 11:53"),
+            format!(
+                "`01/02/2017 11:53` {lead}`%d/%m/%Y %H:%M` (day first) or \
+                 `%m/%d/%Y %H:%M` (month first)"
+            )
+        );
+        // A first number above 12 is a day, a second one a month's day.
+        assert_eq!(
+            refusal("31.01.2017"),
+            format!("`31.01.2017` {lead}`%d.%m.%Y`")
+        );
+        assert_eq!(
+            refusal("1/31/2017 08:05:09"),
+            format!("`1/31/2017 08:05:09` {lead}`%m/%d/%Y %H:%M:%S`")
+        );
+        // Each offered layout reads the value it was offered for.
+        for (raw, layout) in [
+            ("31.01.2017", "%d.%m.%Y"),
+            ("1/31/2017 08:05:09", "%m/%d/%Y %H:%M:%S"),
+            ("01-02-2017T11:53", "%d-%m-%YT%H:%M"),
+        ] {
+            let read = TimestampFormat::Pattern(layout.into()).parse(raw);
+            assert!(read.is_ok(), "{raw} with {layout}: {read:?}");
+            assert!(refusal(raw).contains(layout), "{}", refusal(raw));
+        }
+        // No layout reads an impossible date, a two-digit year or other
+        // shapes: the general advice stands.
+        for raw in [
+            "31/31/2017",
+            "97/09/30",
+            "12/1/99",
+            "yesterday",
+            "1/2/2017 noon",
+        ] {
+            let e = refusal(raw);
+            assert!(e.contains("e.g. `%m/%d/%Y %H:%M`"), "{e}");
+        }
+    }
 }
