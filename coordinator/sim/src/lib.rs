@@ -629,12 +629,25 @@ fn best_summary(
         });
         let mut mean = WeightedMean::default();
         let mut per = BTreeMap::new();
+        // As the engine commits an evaluation: metrics that do not average
+        // (AUC, PR-AUC) from the summed evaluation vectors, so the served
+        // figures read like every round's.
+        let mut sum = vec![0.0f64; spec.model.eval_len()];
         for (id, out) in ids.iter().zip(outs) {
             let out = out.with_context(|| format!("{id}: evaluating the best version"))?;
             mean.add(&out.metrics, out.weight);
+            if let Some(u) = &out.update {
+                for (s, &v) in sum.iter_mut().zip(&u.values) {
+                    *s += f64::from(v);
+                }
+            }
             per.insert(id.clone(), out.metrics);
         }
-        (mean.mean(), per)
+        let mut served = mean.mean();
+        if !sum.is_empty() {
+            served.extend(spec.model.pooled_metrics(&sum));
+        }
+        (served, per)
     };
     Ok(Some(experiment::BestSummary {
         round: best.version,
@@ -655,7 +668,9 @@ fn best_summary(
 /// it is the served version, heard only from the merchants it selected or
 /// that did not drop out) is evaluated here on the served version, as the
 /// engine would hand it out: the table has every merchant, and its pooled
-/// federated figure is `best.served` whenever that covers every merchant.
+/// federated figure is `best.served` whenever that covers every merchant
+/// (but for AUC and PR-AUC, which the table averages over merchants like
+/// its other columns and `best.served` reads off the summed histograms).
 fn served_figures(
     engine: &Engine,
     exp: &Experiment,

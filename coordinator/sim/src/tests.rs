@@ -809,6 +809,43 @@ fn the_report_spells_the_settings_out_and_shows_epsilon() {
 }
 
 #[test]
+fn a_served_churn_version_that_is_not_the_last_reads_its_auc_as_the_round_did() {
+    // AUC and PR-AUC do not average over merchants: a round's come from the
+    // summed score histograms. The best version, re-evaluated to be served,
+    // must report them the same way, or the served figure of the very
+    // version that was measured differs from its measurement.
+    let mut a = telco_args("churn-gbdt");
+    a.merchants = Some(10);
+    a.rounds = None;
+    a.trees = Some(10);
+    a.max_depth = Some(2);
+    let e = &run(a)[0];
+    let best = e.best.as_ref().expect("churn models select a version");
+    let last = e.rounds.last().expect("evaluated rounds").round;
+    assert!(
+        best.round < last,
+        "the case needs best {} < last {last}",
+        best.round
+    );
+    for k in [
+        "auc",
+        "val_auc",
+        "pr_auc",
+        "val_pr_auc",
+        "log_loss",
+        "accuracy",
+    ] {
+        let (served, measured) = (best.served[k], best.at_best[k]);
+        assert!(
+            (served - measured).abs() <= 1e-12,
+            "{k}: served {served} vs measured after round {}: {measured}",
+            best.round
+        );
+    }
+    assert_ne!(best.at_best["auc"], best.last["auc"]);
+}
+
+#[test]
 fn churn_gbdt_runs_one_round_per_level_through_the_engine_and_serves_a_tree_count() {
     let mut a = telco_args("churn-gbdt");
     a.rounds = None;
