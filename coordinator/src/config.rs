@@ -704,19 +704,24 @@ mod tests {
         assert_eq!(json["strategy"], "fedprox:0.01");
     }
 
-    #[test]
-    fn an_mf_runs_hyper_parameters_load_from_the_model_table_over_the_familys_defaults() {
+    /// The example configuration with its `model = …` line replaced.
+    fn with_model(model: &str) -> String {
         let line = EXAMPLE
             .lines()
             .find(|l| l.starts_with("model = "))
             .expect("the example names its model");
+        EXAMPLE.replace(line, model)
+    }
+
+    #[test]
+    fn an_mf_runs_hyper_parameters_load_from_the_model_table_over_the_familys_defaults() {
         let hyper_of = |model: &str| {
-            let (_dir, cfg) = load(&EXAMPLE.replace(line, model));
+            let (_dir, cfg) = load(&with_model(model));
             cfg.map(|c| c.run.model.mf_shape().expect("an MF run").hyper.clone())
         };
         let mf = "model = { family = \"mf\", num_items = 50, factors = 8, \
                   hyper = { refit_users = true, learning_rate = 0.03 } }";
-        let (_dir, cfg) = load(&EXAMPLE.replace(line, mf));
+        let (_dir, cfg) = load(&with_model(mf));
         let cfg = cfg.expect("loads");
         let shape = cfg.run.model.mf_shape().expect("an MF run");
         assert!(shape.hyper.refit_users && !shape.implicit);
@@ -780,10 +785,6 @@ mod tests {
 
     #[test]
     fn an_explicit_mf_run_under_dp_reads_its_hyper_table_over_the_dp_defaults() {
-        let line = EXAMPLE
-            .lines()
-            .find(|l| l.starts_with("model = "))
-            .expect("the example names its model");
         let dp = "\n[run.dp]\nclip = 1.0\nnoise_multiplier = 1.0\ndelta = 1e-5\n\
                   population = 100\n";
         let mf = "model = { family = \"mf\", num_items = 50, factors = 32 }";
@@ -815,7 +816,7 @@ mod tests {
             // No DP-specific defaults were chosen for the implicit models.
             (implicit, true, MfHyper::bpr()),
         ] {
-            let text = EXAMPLE.replace(line, model) + if with_dp { dp } else { "" };
+            let text = with_model(model) + if with_dp { dp } else { "" };
             let (_dir, cfg) = load(&text);
             let run = cfg.expect("loads").run;
             assert_eq!(run.dp.is_some(), with_dp);
