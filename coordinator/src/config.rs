@@ -293,6 +293,8 @@ impl CoordinatorConfig {
             }
         }
         cfg.apply_tls_env(path, env)?;
+        // The run's table as written: which `hyper` keys it gives (the typed
+        // read above keeps TOML's line numbers in its errors, a table does not).
         let doc: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             file: path.into(),
             message: e.to_string(),
