@@ -266,15 +266,12 @@ impl Settings {
         let orders = args.orders.clone().or(file.orders.clone());
         let schema = args.schema.clone().or(file.schema.clone());
         let data = match args.data.clone().or(file.data.clone()) {
-            Some(d) => Some(
-                d.with_orders(&orders)
-                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", name!(data, "--data")))?
-                    .with_schema(
-                        schema.as_deref(),
-                        &name!(schema, "--schema"),
-                        orders.delimiter.and_then(Delimiter::byte).unwrap_or(b','),
-                    )?,
-            ),
+            // The orders settings' errors name their own flag or `orders:PATH`.
+            Some(d) => Some(d.with_orders(&orders)?.with_schema(
+                schema.as_deref(),
+                &name!(schema, "--schema"),
+                orders.delimiter.and_then(Delimiter::byte).unwrap_or(b','),
+            )?),
             // Segments and rules default to the bundled orders (CDNOW).
             None => match task {
                 Some(t @ (TaskChoice::Segments(_) | TaskChoice::Rules(_))) => {

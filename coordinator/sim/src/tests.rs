@@ -210,6 +210,21 @@ fn bad_settings_are_explained() {
     a.data = Some("orders:x.csv".parse().unwrap());
     let e = Settings::from_args(a).unwrap_err().to_string();
     assert!(e.contains("needs a column mapping"), "{e}");
+    // An orders flag's error names that flag, once, not `--data`.
+    let mut a = args();
+    a.data = Some("orders".parse().unwrap());
+    a.orders.cutoff = Some("30/09/1997".into());
+    let e = format!("{:#}", Settings::from_args(a).unwrap_err());
+    assert!(e.starts_with("--cutoff: `30/09/1997` is not a date"), "{e}");
+    let mut a = args();
+    a.data = Some("orders".parse().unwrap());
+    a.orders.mapping = Some("cdnow".into());
+    let e = format!("{:#}", Settings::from_args(a).unwrap_err());
+    assert!(
+        e.starts_with("--orders-mapping `cdnow`: reading the mapping file")
+            && e.contains("client/examples/cdnow-mapping.toml"),
+        "{e}"
+    );
     let e = "parquet:x"
         .parse::<data::DataSpec>()
         .unwrap_err()

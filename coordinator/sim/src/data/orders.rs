@@ -195,11 +195,16 @@ impl OrdersSource {
     pub fn resolve(mut self, args: &OrdersArgs) -> anyhow::Result<Self> {
         let base = match &args.mapping {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading orders mapping {}", p.display()))?;
+                let text = std::fs::read_to_string(p).with_context(|| {
+                    format!(
+                        "--orders-mapping `{}`: reading the mapping file (a TOML table of \
+                         column names, e.g. client/examples/cdnow-mapping.toml)",
+                        p.display()
+                    )
+                })?;
                 Some(
                     toml::from_str::<OrdersMapping>(&text)
-                        .with_context(|| format!("parsing orders mapping {}", p.display()))?,
+                        .with_context(|| format!("--orders-mapping `{}`", p.display()))?,
                 )
             }
             None if self.bundled => Some(OrdersMapping::cdnow()),
