@@ -338,6 +338,19 @@ pub struct TaskOutput {
     pub weight: f64,
 }
 
+impl TaskOutput {
+    /// Adds this output's update values into `sum` (an evaluation's summable
+    /// vector, whose total gives the metrics that do not average, AUC and
+    /// PR-AUC: `ModelSpec::pooled_metrics`); nothing without an update.
+    pub fn add_values_to(&self, sum: &mut [f64]) {
+        if let Some(u) = &self.update {
+            for (s, &v) in sum.iter_mut().zip(&u.values) {
+                *s += f64::from(v);
+            }
+        }
+    }
+}
+
 impl LocalData {
     /// Example counts per data family, as advertised when joining.
     pub fn examples(&self) -> BTreeMap<String, u64> {

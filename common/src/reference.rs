@@ -499,11 +499,7 @@ fn evaluate_pooled(
             *sums.entry(k.clone()).or_default() += v * out.weight;
         }
         total += out.weight;
-        if let Some(u) = &out.update {
-            for (s, &v) in pooled.iter_mut().zip(&u.values) {
-                *s += f64::from(v);
-            }
-        }
+        out.add_values_to(&mut pooled);
     }
     if total > 0.0 {
         for v in sums.values_mut() {

@@ -636,11 +636,7 @@ fn best_summary(
         for (id, out) in ids.iter().zip(outs) {
             let out = out.with_context(|| format!("{id}: evaluating the best version"))?;
             mean.add(&out.metrics, out.weight);
-            if let Some(u) = &out.update {
-                for (s, &v) in sum.iter_mut().zip(&u.values) {
-                    *s += f64::from(v);
-                }
-            }
+            out.add_values_to(&mut sum);
             per.insert(id.clone(), out.metrics);
         }
         let mut served = mean.mean();
