@@ -448,8 +448,9 @@ impl TimestampFormat {
 /// the month-first layout when the second cannot, both otherwise. `None`
 /// for any other shape, or when the layout would not read `raw` after all.
 fn layout_hint(raw: &str) -> Option<String> {
-    let (date, time) = match raw.split_once([' ', 'T']) {
-        Some((d, t)) => (d, Some(t)),
+    // The date, then the character before the clock (a space or `T`) and the clock.
+    let (date, time) = match raw.find([' ', 'T']) {
+        Some(i) => (&raw[..i], Some((&raw[i..=i], &raw[i + 1..]))),
         None => (raw, None),
     };
     let sep = ['/', '.', '-'].into_iter().find(|&c| date.contains(c))?;
@@ -467,17 +468,12 @@ fn layout_hint(raw: &str) -> Option<String> {
         return None;
     }
     let clock = match time {
-        None => "",
-        Some(t) => match t.split(':').count() {
-            2 => " %H:%M",
-            3 => " %H:%M:%S",
+        None => String::new(),
+        Some((at, t)) => match t.split(':').count() {
+            2 => format!("{at}%H:%M"),
+            3 => format!("{at}%H:%M:%S"),
             _ => return None,
         },
-    };
-    let clock = if raw.contains('T') {
-        clock.replacen(' ', "T", 1)
-    } else {
-        clock.to_string()
     };
     let day_first = format!("%d{sep}%m{sep}%Y{clock}");
     let month_first = format!("%m{sep}%d{sep}%Y{clock}");
