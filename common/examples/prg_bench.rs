@@ -2,7 +2,8 @@
 //! thread: keystream GB/s of AES-128-CTR and AES-256-CTR (the `aes` crate
 //! picks its backend — VAES-512, VAES-256 or AES-NI — at run time) and of
 //! ChaCha8/12/20 (`rand_chacha`), written into a 64 KiB buffer as the masking
-//! loop does; and microseconds per X25519 agreement (`x25519-dalek`).
+//! loop does; and microseconds per X25519 agreement (`x25519-dalek`, and AWS-LC's,
+//! which secure rounds use).
 //!
 //! Run: `cargo run --release -p fedcart-common --example prg_bench`
 //! (optional: `-- <MiB per cipher>`, default 2048).
@@ -48,6 +49,19 @@ fn main() {
         let mut c = Ctr64BE::<Aes128>::new(key16.into(), &iv.into());
         c.write_keystream(buf);
     });
+    // The same keystream through AWS-LC's AES-128-CTR (a 128-bit counter,
+    // equal to the 64-bit one while its low half does not wrap): zero the
+    // chunk, then encrypt it in place.
+    let aes128_lc = rate(total, |i, buf| {
+        use aws_lc_rs::cipher::{AES_128, EncryptingKey, EncryptionContext, UnboundCipherKey};
+        use aws_lc_rs::iv::FixedLength;
+        let iv = ((i * CHUNK / 16) as u128).to_be_bytes();
+        let unbound = UnboundCipherKey::new(&AES_128, &key[..16]).expect("16-byte key");
+        let c = EncryptingKey::ctr(unbound).expect("AES-128-CTR");
+        buf.fill(0);
+        c.less_safe_encrypt(buf, EncryptionContext::Iv128(FixedLength::from(iv)))
+            .expect("CTR encrypts any length");
+    });
     let aes256 = rate(total, |i, buf| {
         let iv = ((i * CHUNK / 16) as u128).to_be_bytes();
         let mut c = Ctr64BE::<Aes256>::new(&key.into(), &iv.into());
@@ -62,6 +76,7 @@ fn main() {
     println!("keystream, one thread, {mib} MiB per cipher (GB/s, best of 3):");
     for (name, r) in [
         ("AES-128-CTR (Ctr64BE)", aes128),
+        ("AES-128-CTR (aws-lc-rs)", aes128_lc),
         ("AES-256-CTR (Ctr64BE)", aes256),
         ("ChaCha8 (rand_chacha)", chacha8),
         ("ChaCha12 (rand_chacha)", chacha12),
@@ -87,5 +102,35 @@ fn main() {
         black_box(PublicKey::from(&secrets[i % 64]));
     }
     let base_us = start.elapsed().as_secs_f64() / reps as f64 * 1e6;
-    println!("X25519 agreement: {agree_us:.1} µs; public key from secret: {base_us:.1} µs");
+    println!(
+        "X25519 (x25519-dalek): agreement {agree_us:.1} µs; public key from secret: {base_us:.1} µs"
+    );
+
+    // The same through AWS-LC, which secure rounds use (`SecretKey`).
+    use aws_lc_rs::agreement::{PrivateKey, UnparsedPublicKey, X25519, agree};
+    let keys: Vec<PrivateKey> = secrets
+        .iter()
+        .map(|s| PrivateKey::from_private_key(&X25519, s.as_bytes()).expect("32 bytes"))
+        .collect();
+    let start = Instant::now();
+    for i in 0..reps {
+        let peer = UnparsedPublicKey::new(&X25519, publics[(i * 7 + 1) % 64].as_bytes());
+        let out = agree(&keys[i % 64], peer, (), |k| Ok(k[0])).expect("contributory");
+        black_box(out);
+    }
+    let agree_us = start.elapsed().as_secs_f64() / reps as f64 * 1e6;
+    let start = Instant::now();
+    for i in 0..reps {
+        // AWS-LC derives the public key when it loads the secret.
+        let key = PrivateKey::from_private_key(&X25519, secrets[i % 64].as_bytes());
+        black_box(
+            key.expect("32 bytes")
+                .compute_public_key()
+                .expect("public key"),
+        );
+    }
+    let base_us = start.elapsed().as_secs_f64() / reps as f64 * 1e6;
+    println!(
+        "X25519 (aws-lc-rs): agreement {agree_us:.1} µs; public key from secret: {base_us:.1} µs"
+    );
 }

@@ -9,10 +9,9 @@ use ed25519_dalek::SigningKey;
 use rand::{CryptoRng, Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rayon::prelude::*;
-use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use super::crypto::{self, BUNDLE_LEN, SHARE_LEN, SharedAgreements, Sign};
+use super::crypto::{self, BUNDLE_LEN, SHARE_LEN, SecretKey, SharedAgreements, Sign};
 use super::encode::{EncodedInput, encode};
 use super::graph::NeighbourGraph;
 use super::ring::{RingVec, check_shape};
@@ -35,8 +34,8 @@ pub struct ClientSession {
     config: SecAggConfig,
     id: u32,
     round_seed: [u8; 32],
-    enc_sk: StaticSecret,
-    mask_sk: StaticSecret,
+    enc_sk: SecretKey,
+    mask_sk: SecretKey,
     /// The public halves of `enc_sk` and `mask_sk`, computed once.
     enc_pk: [u8; 32],
     mask_pk: [u8; 32],
@@ -79,8 +78,8 @@ impl ClientSession {
         round_seed: [u8; 32],
         rng: &mut R,
     ) -> Self {
-        let enc_sk = StaticSecret::random_from_rng(rng);
-        let mask_sk = StaticSecret::random_from_rng(rng);
+        let enc_sk = SecretKey::random_from_rng(rng);
+        let mask_sk = SecretKey::random_from_rng(rng);
         let sig_sk = config.verify_survivors.then(|| SigningKey::generate(rng));
         let mut self_seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(self_seed.as_mut());
@@ -90,8 +89,8 @@ impl ClientSession {
             config,
             id,
             round_seed,
-            enc_pk: PublicKey::from(&enc_sk).to_bytes(),
-            mask_pk: PublicKey::from(&mask_sk).to_bytes(),
+            enc_pk: enc_sk.public_key(),
+            mask_pk: mask_sk.public_key(),
             shared: None,
             enc_sk,
             mask_sk,
@@ -129,7 +128,7 @@ impl ClientSession {
     /// session has an in-memory driver's cache.
     fn agree(
         &self,
-        mine: &StaticSecret,
+        mine: &SecretKey,
         my_public: &[u8; 32],
         theirs: &[u8; 32],
         info: &[u8],
@@ -250,7 +249,7 @@ impl ClientSession {
             )));
         }
         let t = self.config.threshold;
-        let sk_bytes = Zeroizing::new(self.mask_sk.to_bytes());
+        let sk_bytes = self.mask_sk.to_bytes();
         let sk_shares = crypto::split(&sk_bytes, t, holders.len(), &mut self.dealer);
         let b_shares = crypto::split(&self.self_seed, t, holders.len(), &mut self.dealer);
         let me = self.id;

@@ -30,33 +30,99 @@ fn x25519_matches_rfc7748_section_5_2() {
         ),
     ];
     for (scalar, u, out) in cases {
-        let secret = StaticSecret::from(hex32(scalar));
-        let shared = secret.diffie_hellman(&PublicKey::from(hex32(u)));
-        assert_eq!(shared.as_bytes(), &hex32(out));
+        let secret = SecretKey::from_bytes(hex32(scalar));
+        let shared = secret.diffie_hellman(&hex32(u)).unwrap();
+        assert_eq!(*shared, hex32(out));
     }
 }
 
 #[test]
 fn x25519_matches_rfc7748_section_6_1() {
-    let alice = StaticSecret::from(hex32(
+    let alice = SecretKey::from_bytes(hex32(
         "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
     ));
-    let bob = StaticSecret::from(hex32(
+    let bob = SecretKey::from_bytes(hex32(
         "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb",
     ));
-    let alice_pub = PublicKey::from(&alice);
-    let bob_pub = PublicKey::from(&bob);
+    let alice_pub = alice.public_key();
+    let bob_pub = bob.public_key();
     assert_eq!(
-        alice_pub.as_bytes(),
-        &hex32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+        alice_pub,
+        hex32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
     );
     assert_eq!(
-        bob_pub.as_bytes(),
-        &hex32("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+        bob_pub,
+        hex32("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
     );
     let shared = hex32("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742");
-    assert_eq!(alice.diffie_hellman(&bob_pub).as_bytes(), &shared);
-    assert_eq!(bob.diffie_hellman(&alice_pub).as_bytes(), &shared);
+    assert_eq!(*alice.diffie_hellman(&bob_pub).unwrap(), shared);
+    assert_eq!(*bob.diffie_hellman(&alice_pub).unwrap(), shared);
+}
+
+#[test]
+fn x25519_matches_rfc7748_section_5_2_iterated_1000_times() {
+    // k = u = 9; each step computes X25519(k, u), then u = old k, k = result.
+    let mut k = hex32("0900000000000000000000000000000000000000000000000000000000000000");
+    let mut u = k;
+    for i in 1..=1000 {
+        let out = *SecretKey::from_bytes(k).diffie_hellman(&u).unwrap();
+        u = k;
+        k = out;
+        if i == 1 {
+            assert_eq!(
+                k,
+                hex32("422c8e7a6227d7bca1350b3e2bb7279f7897b87bb6854b783c60e80311ae3079")
+            );
+        }
+    }
+    assert_eq!(
+        k,
+        hex32("684cf59ba83309552800ef566f2f4d3c1c3887c49360e3875f2eb94d99532c51")
+    );
+}
+
+/// AWS-LC's X25519 gives x25519-dalek's bytes (the implementation secure
+/// rounds used before), so a seeded round keeps its keys, masks and sums:
+/// public keys and agreements of random secrets, random peer bytes (about
+/// half of them on the twist, with bit 255 set or not), and the same
+/// refusal of every low-order point.
+#[test]
+fn aws_lc_x25519_gives_the_bytes_of_x25519_dalek() {
+    use curve25519_dalek::constants::EIGHT_TORSION;
+    use rand::{RngExt, SeedableRng};
+    use x25519_dalek::{PublicKey, StaticSecret};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7748);
+    for i in 0..500 {
+        let bytes: [u8; 32] = rng.random();
+        let ours = SecretKey::from_bytes(bytes);
+        let theirs = StaticSecret::from(bytes);
+        assert_eq!(ours.public_key(), PublicKey::from(&theirs).to_bytes());
+        let peer: [u8; 32] = if i % 2 == 0 {
+            PublicKey::from(&StaticSecret::from(rng.random::<[u8; 32]>())).to_bytes()
+        } else {
+            rng.random()
+        };
+        let reference = theirs.diffie_hellman(&PublicKey::from(peer));
+        assert!(reference.was_contributory());
+        assert_eq!(
+            *ours.diffie_hellman(&peer).unwrap(),
+            *reference.as_bytes(),
+            "secret {bytes:02x?}, peer {peer:02x?}"
+        );
+    }
+    for t in EIGHT_TORSION.iter() {
+        for high in [0, 0x80] {
+            let mut u = t.to_montgomery().to_bytes();
+            u[31] |= high;
+            let secret: [u8; 32] = rng.random();
+            assert!(
+                !StaticSecret::from(secret)
+                    .diffie_hellman(&PublicKey::from(u))
+                    .was_contributory()
+            );
+            assert!(SecretKey::from_bytes(secret).diffie_hellman(&u).is_none());
+        }
+    }
 }
 
 #[test]
@@ -240,7 +306,7 @@ fn the_edwards_low_order_check_agrees_with_the_probe_agreement() {
     let mut twist = 0;
     for i in 0..600 {
         let u = if i % 3 == 0 {
-            PublicKey::from(&StaticSecret::from(rng.random::<[u8; 32]>())).to_bytes()
+            SecretKey::from_bytes(rng.random::<[u8; 32]>()).public_key()
         } else {
             rng.random::<[u8; 32]>()
         };

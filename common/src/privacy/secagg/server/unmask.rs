@@ -3,7 +3,6 @@
 //! the masks from the running sum.
 
 use rayon::prelude::*;
-use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::{SecAggOutput, ServerSession};
@@ -103,8 +102,8 @@ impl ServerSession {
             .par_iter()
             .map(|&v| {
                 let sk_bytes = crypto::recover(t, self.sk_shares.get(&v).unwrap_or(&none), v)?;
-                let sk = StaticSecret::from(*sk_bytes);
-                if PublicKey::from(&sk).to_bytes() != self.keys[&v].mask_pk {
+                let sk = crypto::SecretKey::from_bytes(*sk_bytes);
+                if sk.public_key() != self.keys[&v].mask_pk {
                     return Err(SecAggError::KeyMismatch { agent: v });
                 }
                 self.graph()
