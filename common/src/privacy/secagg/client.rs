@@ -338,6 +338,23 @@ impl ClientSession {
         relay: &ShareRelay,
         input: EncodedInput,
     ) -> Result<RingVec, SecAggError> {
+        let (mut out, masks) = self.input_and_masks(relay, input)?;
+        crypto::apply_masks(&mut out, &masks);
+        Ok(out)
+    }
+
+    /// Everything [`ClientSession::masked_encoded_into`] does but adding the
+    /// masks: checks the relay, keeps the neighbours' shares, derives the
+    /// pairwise and self mask seeds and moves to the next stage, then returns
+    /// the encoded input **unmasked** with the masks it must take. Only the
+    /// in-memory driver calls it, to expand each pair's mask once for both
+    /// ends ([`crypto::apply_masks_shared`]) before any vector reaches the
+    /// server.
+    pub(crate) fn input_and_masks(
+        &mut self,
+        relay: &ShareRelay,
+        input: EncodedInput,
+    ) -> Result<(RingVec, Vec<crypto::Mask>), SecAggError> {
         self.expect(Stage::MaskedInput)?;
         check_shape(
             &input.vector,
@@ -402,15 +419,13 @@ impl ClientSession {
             })
             .collect::<Result<_, SecAggError>>()?;
         masks.push((*self.self_seed, Sign::Plus));
-        let mut out = input.vector;
-        crypto::apply_masks(&mut out, &masks);
         self.mask_peers = peers.into_iter().collect();
         self.stage = if self.config.verify_survivors {
             Stage::Consistency
         } else {
             Stage::Unmask
         };
-        Ok(out)
+        Ok((input.vector, masks))
     }
 
     /// Optional stage (malicious-server check): signs the survivor list the

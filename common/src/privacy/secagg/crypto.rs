@@ -53,6 +53,9 @@ pub(crate) enum Sign {
     Minus,
 }
 
+/// One mask: the PRG seed and whether its output is added or subtracted.
+pub(crate) type Mask = ([u8; 32], Sign);
+
 /// HKDF-SHA256 with `salt`, expanded to 32 bytes under `LABEL ‖ info`.
 pub(crate) fn hkdf32(salt: &[u8], ikm: &[u8], info: &[u8]) -> [u8; 32] {
     let hk = Hkdf::<Sha256>::new(Some(salt), ikm);
@@ -380,6 +383,85 @@ fn apply_masks_words<W: Word>(target: &mut [W], masks: &[([u8; 32], Sign)]) {
             for (seed, sign) in masks {
                 keystream(seed, first_block, bytes);
                 mask_chunk(chunk, bytes, *sign);
+            }
+        },
+    );
+}
+
+/// Keystream bytes per work unit of [`apply_masks_shared`]: 16 KiB, so that
+/// a 100k-coordinate vector still splits into enough units for every core
+/// (one AES key schedule per unit and seed is still under 1 % of its cost).
+const SHARED_CHUNK_BYTES: usize = 16 * 1024;
+
+/// As [`apply_masks`] on each of `targets` with its own `masks[i]`, for a
+/// driver that plays several agents in one process: a seed that masks more
+/// than one of them — the two ends of a pair, with opposite signs — is
+/// expanded once per coordinate range and added to (or subtracted from)
+/// each. Every target ends with exactly the words [`apply_masks`] gives it
+/// (the additions commute modulo 2^bits), at half the keystream when every
+/// pair is in the batch. Targets must share one length and word type;
+/// any that do not are masked alone.
+pub(crate) fn apply_masks_shared(targets: &mut [RingVec], masks: &[Vec<Mask>]) {
+    assert_eq!(targets.len(), masks.len(), "one mask list per target");
+    let len = targets.first().map_or(0, RingVec::len);
+    let mut u32s: Vec<(&mut [u32], &[Mask])> = Vec::new();
+    let mut u64s: Vec<(&mut [u64], &[Mask])> = Vec::new();
+    for (target, masks) in targets.iter_mut().zip(masks) {
+        if target.len() != len {
+            apply_masks(target, masks);
+            continue;
+        }
+        match &mut target.words {
+            Words::U32(v) => u32s.push((v, masks)),
+            Words::U64(v) => u64s.push((v, masks)),
+        }
+    }
+    apply_masks_shared_words(u32s, len);
+    apply_masks_shared_words(u64s, len);
+    targets.iter_mut().for_each(RingVec::reduce);
+}
+
+/// A seed and the targets it masks, each with its sign.
+type SeedUses = ([u8; 32], Vec<(usize, Sign)>);
+
+fn apply_masks_shared_words<W: Word>(targets: Vec<(&mut [W], &[Mask])>, len: usize) {
+    if targets.is_empty() {
+        return;
+    }
+    // Each distinct seed with the targets (and signs) it masks, in order of
+    // first use.
+    let mut index: std::collections::HashMap<[u8; 32], usize> = Default::default();
+    let mut uses: Vec<SeedUses> = Vec::new();
+    for (t, (_, masks)) in targets.iter().enumerate() {
+        for (seed, sign) in masks.iter() {
+            let at = *index.entry(*seed).or_insert_with(|| {
+                uses.push((*seed, Vec::new()));
+                uses.len() - 1
+            });
+            uses[at].1.push((t, *sign));
+        }
+    }
+    // Coordinate range `ci` of every target, for one worker to own.
+    let chunk_len = SHARED_CHUNK_BYTES / W::BYTES;
+    let mut ranges: Vec<Vec<&mut [W]>> = (0..len.div_ceil(chunk_len))
+        .map(|_| Vec::with_capacity(targets.len()))
+        .collect();
+    for (target, _) in targets {
+        for (ci, chunk) in target.chunks_mut(chunk_len).enumerate() {
+            ranges[ci].push(chunk);
+        }
+    }
+    ranges.into_par_iter().enumerate().for_each_init(
+        || vec![0u8; SHARED_CHUNK_BYTES],
+        |buf, (ci, mut chunks)| {
+            let words = chunks.first().map_or(0, |c| c.len());
+            let bytes = &mut buf[..words * W::BYTES];
+            let first_block = (ci * SHARED_CHUNK_BYTES / 16) as u128;
+            for (seed, users) in &uses {
+                keystream(seed, first_block, bytes);
+                for &(t, sign) in users {
+                    mask_chunk(chunks[t], bytes, sign);
+                }
             }
         },
     );

@@ -232,6 +232,62 @@ fn chunked_masks_equal_one_long_keystream() {
     }
 }
 
+/// The in-memory driver's batch masking gives every vector the words it
+/// would get masked alone: pairs inside the batch (one seed, opposite
+/// signs), seeds of peers outside it, self masks, a seed used by three
+/// vectors, every ring width (u32 and u64 words, reduced and full), lengths
+/// that end mid-chunk, and a vector of another length (masked alone).
+#[test]
+fn batch_masking_with_shared_keystreams_equals_masking_each_vector_alone() {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for bits in [32u32, 24, 64, 40] {
+        let len = 3 * SHARED_CHUNK_BYTES / 4 + 7;
+        let n = 6;
+        let pair: Vec<Vec<[u8; 32]>> = (0..n)
+            .map(|_| (0..n).map(|_| rng.random()).collect())
+            .collect();
+        let common: [u8; 32] = rng.random();
+        let mut masks: Vec<Vec<([u8; 32], Sign)>> = (0..n)
+            .map(|u| {
+                let mut m: Vec<([u8; 32], Sign)> = (0..n)
+                    .filter(|&v| v != u)
+                    .map(|v| {
+                        let (lo, hi) = (u.min(v), u.max(v));
+                        let sign = if u < v { Sign::Plus } else { Sign::Minus };
+                        (pair[lo][hi], sign)
+                    })
+                    .collect();
+                m.push((rng.random(), Sign::Plus)); // a peer outside the batch
+                m.push((rng.random(), Sign::Minus));
+                m.push((rng.random(), Sign::Plus)); // the self mask
+                m
+            })
+            .collect();
+        for m in masks.iter_mut().take(3) {
+            m.push((common, Sign::Plus));
+        }
+        let mut vectors: Vec<RingVec> = (0..n)
+            .map(|u| {
+                let l = if u == 4 { len - 3 } else { len };
+                let words: Vec<u64> = (0..l).map(|_| rng.random()).collect();
+                let mut v = RingVec::from_u64(64, &words);
+                if bits < 64 {
+                    let m = crate::privacy::secagg::ring::mask_u64(bits);
+                    v = RingVec::from_u64(bits, &words.iter().map(|w| w & m).collect::<Vec<_>>());
+                }
+                v
+            })
+            .collect();
+        let mut alone = vectors.clone();
+        for (v, m) in alone.iter_mut().zip(&masks) {
+            apply_masks(v, m);
+        }
+        apply_masks_shared(&mut vectors, &masks);
+        assert_eq!(vectors, alone, "{bits} bits");
+    }
+}
+
 #[test]
 fn shamir_recovers_from_any_threshold_subset_and_not_below() {
     use rand::SeedableRng;

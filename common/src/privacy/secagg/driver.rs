@@ -15,7 +15,7 @@ use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 use rayon::prelude::*;
 
 use super::client::ClientSession;
-use super::crypto::SharedAgreements;
+use super::crypto::{self, SharedAgreements};
 use super::encode::{EncodedInput, encode};
 use super::ring::RingVec;
 use super::server::{AfterMasked, SecAggOutput, ServerSession};
@@ -288,8 +288,13 @@ impl InMemoryRound {
     /// Stage 3 for `inputs` (agent id, update): each agent encodes its update
     /// (stochastic rounding from [`rounding_rng`]), applies `hook`, masks it
     /// and hands the masked vector to the server, which adds it into its
-    /// running sum. The agents mask in parallel (rayon); the server adds the
-    /// batch in one parallel pass ([`ServerSession::on_masked_inputs`]).
+    /// running sum. The agents encode and derive their masks in parallel
+    /// (rayon); the batch is then masked in one pass in which each pair's
+    /// keystream is expanded once for both ends
+    /// ([`crypto::apply_masks_shared`]; each vector gets exactly the words
+    /// it would get masked alone, half the AES work when the whole graph is
+    /// in the batch), and the server adds the batch in one parallel pass
+    /// ([`ServerSession::on_masked_inputs`]).
     /// Every update is only borrowed. The server takes each
     /// masked vector as it is, not through its wire frame (`masked_to_bytes`,
     /// whose length is counted): copying 4·d bytes per agent into a fresh
@@ -315,14 +320,38 @@ impl InMemoryRound {
         }
         let started = Instant::now();
         let (config, seed) = (&self.config, self.seed);
-        let wires: Vec<Result<RingVec, SecAggError>> = work
+        let prepared: Vec<Result<(RingVec, Vec<_>), SecAggError>> = work
             .par_iter_mut()
             .map(|(id, client, relay, update)| {
                 let relay = ShareRelay::from_bytes(relay)?;
                 let mut rng = rounding_rng(seed, *id);
                 let mut encoded = encode(config, update, &mut rng)?;
                 hook(*id, &mut encoded)?;
-                client.masked_encoded_into(&relay, encoded)
+                client.input_and_masks(&relay, encoded)
+            })
+            .collect();
+        // Every party is here: each pair's mask is expanded once for both
+        // ends, and every vector is masked before the server sees it.
+        let (mut vectors, mut masks) = (Vec::new(), Vec::new());
+        let status: Vec<Result<(), SecAggError>> = prepared
+            .into_iter()
+            .map(|p| {
+                let (vector, its_masks) = p?;
+                vectors.push(vector);
+                masks.push(its_masks);
+                Ok(())
+            })
+            .collect();
+        crypto::apply_masks_shared(&mut vectors, &masks);
+        let mut vectors = vectors.into_iter();
+        let wires: Vec<Result<RingVec, SecAggError>> = status
+            .into_iter()
+            .map(|s| {
+                s.map(|()| {
+                    vectors
+                        .next()
+                        .expect("one masked vector per prepared input")
+                })
             })
             .collect();
         let masked = Instant::now();
