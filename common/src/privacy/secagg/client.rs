@@ -405,7 +405,7 @@ impl ClientSession {
             });
         }
         let peer_list: Vec<u32> = peers.iter().copied().collect();
-        let mut masks: Vec<([u8; 32], Sign)> = peer_list
+        let mut masks: Vec<crypto::Mask> = peer_list
             .par_iter()
             .map(|&v| {
                 let seed = self.agree(

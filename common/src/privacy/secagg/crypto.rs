@@ -365,12 +365,12 @@ pub(crate) fn keystream(seed: &[u8; 32], first_block: u128, out: &mut [u8]) {
 /// modulo 2^bits (the caller reduces the result). Work is split by
 /// coordinate range across rayon threads, and within a range every mask is
 /// streamed through one cache-resident buffer.
-pub(crate) fn apply_masks(target: &mut RingVec, masks: &[([u8; 32], Sign)]) {
+pub(crate) fn apply_masks(target: &mut RingVec, masks: &[Mask]) {
     with_words!(&mut target.words, v => apply_masks_words(v, masks));
     target.reduce();
 }
 
-fn apply_masks_words<W: Word>(target: &mut [W], masks: &[([u8; 32], Sign)]) {
+fn apply_masks_words<W: Word>(target: &mut [W], masks: &[Mask]) {
     if masks.is_empty() {
         return;
     }

@@ -81,7 +81,7 @@ impl ServerSession {
     /// The seeds to remove: minus each survivor's self mask, and for each
     /// dropped agent the opposite of every pairwise mask its surviving
     /// neighbours added.
-    fn recover_masks(&self) -> Result<Vec<([u8; 32], Sign)>, SecAggError> {
+    fn recover_masks(&self) -> Result<Vec<crypto::Mask>, SecAggError> {
         let t = self.config.threshold;
         let none = Vec::new();
         let survivors: Vec<u32> = self.survivors.iter().copied().collect();
@@ -91,14 +91,14 @@ impl ServerSession {
             .copied()
             .filter(|o| !self.survivors.contains(o))
             .collect();
-        let mut masks: Vec<([u8; 32], Sign)> = survivors
+        let mut masks: Vec<crypto::Mask> = survivors
             .par_iter()
             .map(|&u| {
                 let b = crypto::recover(t, self.b_shares.get(&u).unwrap_or(&none), u)?;
                 Ok((*b, Sign::Minus))
             })
             .collect::<Result<_, SecAggError>>()?;
-        let pairwise: Vec<Vec<([u8; 32], Sign)>> = dropped
+        let pairwise: Vec<Vec<crypto::Mask>> = dropped
             .par_iter()
             .map(|&v| {
                 let sk_bytes = crypto::recover(t, self.sk_shares.get(&v).unwrap_or(&none), v)?;
