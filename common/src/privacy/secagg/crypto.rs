@@ -401,9 +401,9 @@ const SHARED_CHUNK_BYTES: usize = 16 * 1024;
 /// (the additions commute modulo 2^bits), at half the keystream when every
 /// pair is in the batch. Targets must share one length and word type;
 /// any that do not are masked alone.
-pub(crate) fn apply_masks_shared(targets: &mut [RingVec], masks: &[Vec<Mask>]) {
+pub(crate) fn apply_masks_shared(mut targets: Vec<&mut RingVec>, masks: &[&[Mask]]) {
     assert_eq!(targets.len(), masks.len(), "one mask list per target");
-    let len = targets.first().map_or(0, RingVec::len);
+    let len = targets.first().map_or(0, |t| t.len());
     let mut u32s: Vec<(&mut [u32], &[Mask])> = Vec::new();
     let mut u64s: Vec<(&mut [u64], &[Mask])> = Vec::new();
     for (target, masks) in targets.iter_mut().zip(masks) {
@@ -418,7 +418,7 @@ pub(crate) fn apply_masks_shared(targets: &mut [RingVec], masks: &[Vec<Mask>]) {
     }
     apply_masks_shared_words(u32s, len);
     apply_masks_shared_words(u64s, len);
-    targets.iter_mut().for_each(RingVec::reduce);
+    targets.iter_mut().for_each(|t| t.reduce());
 }
 
 /// A seed and the targets it masks, each with its sign.

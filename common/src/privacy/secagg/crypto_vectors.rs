@@ -283,7 +283,8 @@ fn batch_masking_with_shared_keystreams_equals_masking_each_vector_alone() {
         for (v, m) in alone.iter_mut().zip(&masks) {
             apply_masks(v, m);
         }
-        apply_masks_shared(&mut vectors, &masks);
+        let lists: Vec<&[Mask]> = masks.iter().map(Vec::as_slice).collect();
+        apply_masks_shared(vectors.iter_mut().collect(), &lists);
         assert_eq!(vectors, alone, "{bits} bits");
     }
 }

@@ -320,7 +320,7 @@ impl InMemoryRound {
         }
         let started = Instant::now();
         let (config, seed) = (&self.config, self.seed);
-        let prepared: Vec<Result<(RingVec, Vec<_>), SecAggError>> = work
+        let mut prepared: Vec<Result<(RingVec, Vec<_>), SecAggError>> = work
             .par_iter_mut()
             .map(|(id, client, relay, update)| {
                 let relay = ShareRelay::from_bytes(relay)?;
@@ -332,28 +332,13 @@ impl InMemoryRound {
             .collect();
         // Every party is here: each pair's mask is expanded once for both
         // ends, and every vector is masked before the server sees it.
-        let (mut vectors, mut masks) = (Vec::new(), Vec::new());
-        let status: Vec<Result<(), SecAggError>> = prepared
-            .into_iter()
-            .map(|p| {
-                let (vector, its_masks) = p?;
-                vectors.push(vector);
-                masks.push(its_masks);
-                Ok(())
-            })
-            .collect();
-        crypto::apply_masks_shared(&mut vectors, &masks);
-        let mut vectors = vectors.into_iter();
-        let wires: Vec<Result<RingVec, SecAggError>> = status
-            .into_iter()
-            .map(|s| {
-                s.map(|()| {
-                    vectors
-                        .next()
-                        .expect("one masked vector per prepared input")
-                })
-            })
-            .collect();
+        let (targets, masks): (Vec<_>, Vec<_>) = prepared
+            .iter_mut()
+            .filter_map(|p| p.as_mut().ok())
+            .map(|(vector, masks)| (vector, masks.as_slice()))
+            .unzip();
+        crypto::apply_masks_shared(targets, &masks);
+        let wires = prepared.into_iter().map(|p| p.map(|(vector, _)| vector));
         let masked = Instant::now();
         self.times.mask += (masked - started).as_secs_f64();
         let mut inputs = Vec::with_capacity(work.len());
