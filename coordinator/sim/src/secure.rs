@@ -24,9 +24,11 @@ use super::dp;
 
 /// An open secure round of the simulator.
 pub(crate) struct SecureRound {
-    /// Merchant ids by protocol id (the order the round was opened with).
+    /// Merchant ids by agent index (the order the round was opened with:
+    /// the order in which chunks are trained, so that each chunk's agents
+    /// are neighbours on the round's ring, `InMemoryRound`).
     ids: Vec<String>,
-    /// Protocol id of each merchant.
+    /// Agent index of each merchant.
     index: HashMap<String, u32>,
     round: InMemoryRound,
     config: SecAggConfig,

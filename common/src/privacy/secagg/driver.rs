@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use super::client::ClientSession;
 use super::crypto::{self, SharedAgreements};
 use super::encode::{EncodedInput, encode};
+use super::graph::NeighbourGraph;
 use super::ring::RingVec;
 use super::server::{AfterMasked, SecAggOutput, ServerSession};
 use super::wire::{
@@ -121,7 +122,7 @@ pub fn rounding_rng(seed: u64, id: u32) -> ChaCha8Rng {
     seed::rng(seed, &["secagg-rounding", &id.to_string()])
 }
 
-/// Runs one round over `inputs` (agent `i` has id `i`) with the given
+/// Runs one round over `inputs` (agent `i` is `inputs[i]`'s) with the given
 /// dropouts. Agent key material comes from seeded ChaCha20, which makes the
 /// run reproducible; real agents seed from OS entropy.
 pub fn run_in_memory(
@@ -165,10 +166,24 @@ pub fn run_in_memory_with(
 /// and masked vectors are alive at once — and [`InMemoryRound::finish`] runs
 /// the unmask stage. An agent that never gets its input masked is a dropout
 /// of the masked-input stage, recovered like any other.
+///
+/// Callers name agents by index, `0..n`; each agent's protocol id (the id
+/// its messages carry and the server knows it by) is its index's place on
+/// the round's SecAgg+ ring ([`NeighbourGraph::ring`]), so that agents with
+/// consecutive indices are neighbours. A caller that hands in its inputs in
+/// index order, a chunk at a time, then has most of each agent's neighbours
+/// in the same call, whose pair masks [`InMemoryRound::mask`] expands once
+/// for both ends. Everything else an agent draws from its index (its keys,
+/// its stochastic rounding, the hook), and every id in and out of this type
+/// is an index, so the sum does not depend on the mapping.
 pub struct InMemoryRound {
     config: SecAggConfig,
     seed: u64,
     server: ServerSession,
+    /// Protocol id of agent `i` at index `i`.
+    pid: Vec<u32>,
+    /// Agent index of protocol id `p` at index `p`.
+    agent: Vec<u32>,
     /// Agent `i`'s session at index `i`; `None` once it dropped out.
     clients: Vec<Option<ClientSession>>,
     /// The encoded share relay addressed to each agent, if it has one.
@@ -181,8 +196,8 @@ pub struct InMemoryRound {
 
 impl InMemoryRound {
     /// Runs the advertise and share-keys stages over agents `0..n` (those
-    /// listed in `dropouts.advertise` and `dropouts.share_keys` fall silent
-    /// there). Agent key material comes from seeded ChaCha20, which makes the
+    /// listed in `dropouts.advertise` and `dropouts.share_keys`, by index,
+    /// fall silent there). Agent key material comes from seeded ChaCha20, which makes the
     /// run reproducible; real agents seed from OS entropy.
     pub fn new(
         config: &SecAggConfig,
@@ -193,6 +208,12 @@ impl InMemoryRound {
         let started = Instant::now();
         let ids: Vec<u32> = (0..n as u32).collect();
         let rs = round_seed(seed);
+        let pid = ring_order(config, &rs, &ids);
+        let mut agent = vec![0u32; n];
+        for (i, &p) in pid.iter().enumerate() {
+            agent[p as usize] = i as u32;
+        }
+        let at = |p: u32| agent[p as usize] as usize;
         let mut server = ServerSession::new(config.clone(), rs, &ids)?;
         let mut sent = vec![0usize; n];
         let mut received = vec![0usize; n];
@@ -203,14 +224,19 @@ impl InMemoryRound {
         // not depend on the threads.
         let mut clients: Vec<Option<ClientSession>> = ids
             .par_iter()
-            .map(|&id| {
+            .map(|&i| {
                 let mut rng = ChaCha20Rng::seed_from_u64(seed::derive(
                     seed,
-                    &["secagg-client", &id.to_string()],
+                    &["secagg-client", &i.to_string()],
                 ));
-                let session =
-                    ClientSession::new_sharing(config.clone(), id, rs, &mut rng, shared.clone());
-                (!silent.contains(&id)).then_some(session)
+                let session = ClientSession::new_sharing(
+                    config.clone(),
+                    pid[i as usize],
+                    rs,
+                    &mut rng,
+                    shared.clone(),
+                );
+                (!silent.contains(&i)).then_some(session)
             })
             .collect();
         let drop_now = |clients: &mut Vec<Option<ClientSession>>, list: &[u32]| {
@@ -224,7 +250,7 @@ impl InMemoryRound {
             .collect::<Result<_, SecAggError>>()?;
         let mut keys = Vec::with_capacity(adverts.len());
         for (id, bytes) in adverts {
-            sent[id as usize] += bytes.len();
+            sent[at(id)] += bytes.len();
             keys.push(AdvertiseKeys::from_bytes(&bytes)?);
         }
         server.on_advertise_many(keys)?;
@@ -247,13 +273,13 @@ impl InMemoryRound {
             })
             .collect::<Result<_, SecAggError>>()?;
         for (id, roster_len, bytes) in uploads {
-            received[id as usize] += roster_len;
-            sent[id as usize] += bytes.len();
+            received[at(id)] += roster_len;
+            sent[at(id)] += bytes.len();
             server.on_shares(ShareUpload::from_bytes(&bytes)?)?;
         }
         let mut relays = vec![None; n];
         for relay in server.close_shares()? {
-            relays[relay.to as usize] = Some(relay.to_bytes());
+            relays[at(relay.to)] = Some(relay.to_bytes());
         }
         let times = StageTimes {
             advertise: (advertised - started).as_secs_f64(),
@@ -264,6 +290,8 @@ impl InMemoryRound {
             config: config.clone(),
             seed,
             server,
+            pid,
+            agent,
             clients,
             relays,
             sent,
@@ -278,14 +306,14 @@ impl InMemoryRound {
         self.times
     }
 
-    /// Whether agent `id` is still in the round and has not sent its masked
+    /// Whether agent `id` (an index) is still in the round and has not sent its masked
     /// input yet.
     pub fn expects(&self, id: u32) -> bool {
         self.relays.get(id as usize).is_some_and(Option::is_some)
             && self.clients[id as usize].is_some()
     }
 
-    /// Stage 3 for `inputs` (agent id, update): each agent encodes its update
+    /// Stage 3 for `inputs` (agent index, update): each agent encodes its update
     /// (stochastic rounding from [`rounding_rng`]), applies `hook`, masks it
     /// and hands the masked vector to the server, which adds it into its
     /// running sum. The agents encode and derive their masks in parallel
@@ -349,7 +377,7 @@ impl InMemoryRound {
             let masked = wire?;
             self.masked_len = masked_frame_len(masked.len(), masked.modulus_bits());
             self.sent[i] += self.masked_len;
-            inputs.push((id, masked));
+            inputs.push((self.pid[i], masked));
         }
         let inputs: Vec<(u32, &RingVec)> = inputs.iter().map(|(id, v)| (*id, v)).collect();
         self.server.on_masked_inputs(&inputs)?;
@@ -358,10 +386,13 @@ impl InMemoryRound {
     }
 
     /// The rest of the round: the agents that got no input masked are
-    /// dropouts; those in `unmask_dropouts` fall silent in the unmask stage.
-    /// The server recovers the masks and returns the sum.
+    /// dropouts; those in `unmask_dropouts` (indices) fall silent in the
+    /// unmask stage. The server recovers the masks and returns the sum, its
+    /// survivors and dropouts given as indices, in order.
     pub fn finish(mut self, unmask_dropouts: &[u32]) -> Result<InMemoryOutcome, SecAggError> {
         let started = Instant::now();
+        let agent = &self.agent;
+        let at = |p: u32| agent[p as usize] as usize;
         let (sent, received) = (&mut self.sent, &mut self.received);
         let clients = &mut self.clients;
         for (c, relay) in clients.iter_mut().zip(&self.relays) {
@@ -375,11 +406,11 @@ impl InMemoryRound {
             AfterMasked::CheckSurvivors(check) => {
                 let check_bytes = check.to_bytes();
                 for c in clients.iter_mut().flatten() {
-                    received[c.id() as usize] += check_bytes.len();
+                    received[at(c.id())] += check_bytes.len();
                     let sig = c
                         .sign_survivors(&SurvivorCheck::from_bytes(&check_bytes)?)?
                         .to_bytes();
-                    sent[c.id() as usize] += sig.len();
+                    sent[at(c.id())] += sig.len();
                     server.on_survivor_signature(SurvivorSignature::from_bytes(&sig)?)?;
                 }
                 server.close_survivor_check()?
@@ -391,18 +422,23 @@ impl InMemoryRound {
             .for_each(|&d| clients[d as usize] = None);
         for req in requests {
             let bytes = req.to_bytes();
-            let Some(c) = clients[req.to as usize].as_mut() else {
+            let to = at(req.to);
+            let Some(c) = clients[to].as_mut() else {
                 continue;
             };
-            received[req.to as usize] += bytes.len();
+            received[to] += bytes.len();
             let resp = c.unmask(&UnmaskRequest::from_bytes(&bytes)?)?.to_bytes();
-            sent[req.to as usize] += resp.len();
+            sent[to] += resp.len();
             server.on_unmask(UnmaskResponse::from_bytes(&resp)?)?;
         }
-        let done: Vec<usize> = clients.iter().flatten().map(|c| c.id() as usize).collect();
+        let done: Vec<usize> = clients.iter().flatten().map(|c| at(c.id())).collect();
         let unmasked = Instant::now();
         self.times.unmask += (unmasked - started).as_secs_f64();
-        let output = self.server.finish()?;
+        let mut output = self.server.finish()?;
+        for list in [&mut output.survivors, &mut output.dropped] {
+            list.iter_mut().for_each(|p| *p = self.agent[*p as usize]);
+            list.sort_unstable();
+        }
         self.times.finish += unmasked.elapsed().as_secs_f64();
         let mean =
             |v: &[usize]| done.iter().map(|&i| v[i] as f64).sum::<f64>() / done.len().max(1) as f64;
@@ -416,5 +452,52 @@ impl InMemoryRound {
             traffic,
             times: self.times,
         })
+    }
+}
+
+/// Protocol ids for agents `0..n` that put agent `i` at place `i` of the
+/// round's SecAgg+ ring (identity when no graph can be built: the server
+/// then refuses the round with the reason). The server builds the graph
+/// over the agents that advertised; with advertise-stage dropouts the ring
+/// differs and the places are only near, which costs speed, not
+/// correctness.
+fn ring_order(config: &SecAggConfig, round_seed: &[u8; 32], ids: &[u32]) -> Vec<u32> {
+    match NeighbourGraph::new(round_seed, ids, config.degree(ids.len())) {
+        Ok(graph) => graph.ring().to_vec(),
+        Err(_) => ids.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Agents with consecutive indices are neighbours on the ring the server
+    /// builds, so a batch of consecutive agents shares most of its pair
+    /// masks; ids come back out as indices (`check_round` in
+    /// `tests/secagg.rs` checks the sums and survivor lists with dropouts).
+    #[test]
+    fn consecutive_agents_are_neighbours_on_the_servers_ring() {
+        let n = 40;
+        let mut config = SecAggConfig::sparse(8, 0, n, 1.0);
+        config.neighbours = 6;
+        let round = InMemoryRound::new(&config, n, &Dropouts::none(), 11).unwrap();
+        assert_ne!(
+            round.pid,
+            (0..n as u32).collect::<Vec<_>>(),
+            "a shuffled ring"
+        );
+        for i in 0..n {
+            let holders = round.server.keys_used_by(round.pid[i]);
+            for d in 1..=3 {
+                let next = round.pid[(i + d) % n];
+                assert!(
+                    holders.contains(&next),
+                    "agent {i} and agent {}",
+                    (i + d) % n
+                );
+            }
+            assert_eq!(round.agent[round.pid[i] as usize], i as u32);
+        }
     }
 }

@@ -78,6 +78,12 @@ impl NeighbourGraph {
         self.k
     }
 
+    /// The agent ids in ring order: under SecAgg+ each agent's neighbours
+    /// are the agents nearest it here.
+    pub fn ring(&self) -> &[u32] {
+        &self.ring
+    }
+
     /// Whether `id` is in the graph.
     pub fn contains(&self, id: u32) -> bool {
         self.position.contains_key(&id)
