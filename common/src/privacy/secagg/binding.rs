@@ -22,16 +22,30 @@
 //! ([`verify_signature`]), so one merchant sending a bad signature only drops
 //! itself instead of making every honest agent refuse the round.
 //!
+//! An agent checks the same peers' certificate chains round after round, so
+//! [`TrustedCas::verify_client_chain`] remembers, process-wide, each chain it
+//! has verified (by SHA-256 of the trust anchors and the chain's DER bytes)
+//! with the window of time in which every certificate of the chain is
+//! valid: the same chain under the same anchors at a time inside that
+//! window is accepted without verifying its signatures again; at any other
+//! time, or for any other bytes, it is verified in full. The result of a
+//! full verification depends only on those bytes and the time, so the
+//! answer is the same; a fleet's sessions share what any of them verified.
+//! Advertisement signatures are verified every time: they are fresh each
+//! round.
+//!
 //! The binding is exactly as strong as the CA: whoever holds the CA's key can
 //! issue a certificate for any merchant id and sign keys under it. Keep the
 //! CA key away from the coordinator's host (`certs init` writes it next to
 //! the server's files only for convenience).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use rustls::SignatureScheme;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// The time certificates are checked at ([`UnixTime::now`] on agents).
@@ -229,6 +243,41 @@ impl AdvertSigner {
 #[derive(Debug, Clone)]
 pub struct TrustedCas {
     anchors: Vec<TrustAnchor<'static>>,
+    /// SHA-256 of the anchors, the first part of a verified chain's key.
+    anchors_digest: [u8; 32],
+}
+
+/// When every certificate of a verified chain is valid, in Unix seconds,
+/// both ends included (as rustls-webpki checks them).
+#[derive(Debug, Clone, Copy)]
+struct Validity {
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Chains this process has verified (see the module documentation), by
+/// [`TrustedCas::chain_key`]. Bounded: emptied when it reaches
+/// [`VERIFIED_CHAINS_MAX`] entries, which costs only re-verification.
+static VERIFIED_CHAINS: LazyLock<Mutex<HashMap<[u8; 32], Validity>>> =
+    LazyLock::new(Mutex::default);
+
+/// At most this many remembered chains (about 4 MiB).
+const VERIFIED_CHAINS_MAX: usize = 65_536;
+
+/// The window in which every certificate of `chain` is valid, or `None` if
+/// one of them does not parse (then nothing is remembered).
+fn validity_of(chain: &[CertificateDer<'_>]) -> Option<Validity> {
+    let mut window = Validity {
+        not_before: i64::MIN,
+        not_after: i64::MAX,
+    };
+    for cert in chain {
+        let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        let v = cert.validity();
+        window.not_before = window.not_before.max(v.not_before.timestamp());
+        window.not_after = window.not_after.min(v.not_after.timestamp());
+    }
+    Some(window)
 }
 
 impl TrustedCas {
@@ -244,14 +293,86 @@ impl TrustedCas {
         if anchors.is_empty() {
             return Err(BindingError::Ca("no CERTIFICATE block".into()));
         }
-        Ok(Self { anchors })
+        let mut h = Sha256::new();
+        h.update(b"fedcart/trusted-cas/v1\0");
+        for a in &anchors {
+            let constraints = a.name_constraints.as_ref().map(|c| c.as_ref());
+            for part in [
+                Some(a.subject.as_ref()),
+                Some(a.subject_public_key_info.as_ref()),
+                constraints,
+            ] {
+                match part {
+                    Some(bytes) => {
+                        h.update([1]);
+                        h.update((bytes.len() as u64).to_le_bytes());
+                        h.update(bytes);
+                    }
+                    None => h.update([0]),
+                }
+            }
+        }
+        Ok(Self {
+            anchors,
+            anchors_digest: h.finalize().into(),
+        })
+    }
+
+    /// The key of a chain verified under these anchors.
+    fn chain_key(&self, chain: &[CertificateDer<'_>]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.anchors_digest);
+        h.update((chain.len() as u64).to_le_bytes());
+        for cert in chain {
+            h.update((cert.len() as u64).to_le_bytes());
+            h.update(cert.as_ref());
+        }
+        h.finalize().into()
+    }
+
+    /// Whether this process remembers `chain` as verified under these
+    /// anchors at `now`.
+    fn remembers(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> bool {
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let key = self.chain_key(chain);
+        VERIFIED_CHAINS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .is_some_and(|v| v.not_before <= now && now <= v.not_after)
     }
 
     /// Checks that the DER chain (end entity first) chains to one of these
     /// CAs for client authentication at `now`. The coordinator verifies an
     /// agent's certificate the same way on every connection, so an agent
-    /// checks its own with this before connecting.
+    /// checks its own with this before connecting. A chain this process
+    /// verified under the same anchors is accepted again without checking
+    /// its signatures while `now` is inside every certificate's validity
+    /// (module documentation).
     pub fn verify_client_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), BindingError> {
+        if self.remembers(chain, now) {
+            return Ok(());
+        }
+        self.verify_chain_in_full(chain, now)?;
+        if let Some(validity) = validity_of(chain) {
+            let key = self.chain_key(chain);
+            let mut verified = VERIFIED_CHAINS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if verified.len() >= VERIFIED_CHAINS_MAX {
+                verified.clear();
+            }
+            verified.insert(key, validity);
+        }
+        Ok(())
+    }
+
+    /// [`Self::verify_client_chain`] without the memory of verified chains.
+    fn verify_chain_in_full(
         &self,
         chain: &[CertificateDer<'_>],
         now: UnixTime,
@@ -591,6 +712,91 @@ mod tests {
             verify_signature(&cert, &signed_message(&ctx(), "m0", &k), &weak),
             Err(BindingError::UnsupportedScheme(0x0401))
         );
+    }
+
+    /// A CA-signed certificate valid from `from` to `to` (years, 1 January):
+    /// an intermediate CA when `id` is `None`, else a client certificate.
+    fn issued(
+        ca: &Ca,
+        id: Option<&str>,
+        from: i32,
+        to: i32,
+    ) -> (Vec<u8>, CertificateParams, KeyPair) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.not_before = rcgen::date_time_ymd(from, 1, 1);
+        p.not_after = rcgen::date_time_ymd(to, 1, 1);
+        match id {
+            Some(id) => {
+                p.subject_alt_names = vec![SanType::URI(merchant_uri(id).try_into().unwrap())];
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            None => {
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                p.distinguished_name
+                    .push(DnType::CommonName, "intermediate");
+            }
+        }
+        let key = KeyPair::generate().unwrap();
+        let der = p.signed_by(&key, &ca.issuer).unwrap().der().to_vec();
+        (der, p, key)
+    }
+
+    /// 1 January of `year`, noon.
+    fn at(year: i32) -> UnixTime {
+        let t = rcgen::date_time_ymd(year, 1, 1).unix_timestamp() + 12 * 3600;
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(t as u64))
+    }
+
+    /// The memory of verified chains answers as a full verification would:
+    /// a remembered chain is refused outside the validity of its shortest-
+    /// lived certificate (here the intermediate), under other anchors, and
+    /// when one byte differs; a refused chain is never remembered.
+    #[test]
+    fn a_remembered_chain_is_accepted_only_where_a_full_verification_accepts_it() {
+        let root = new_ca("fedcart root");
+        let (inter_der, inter_params, inter_key) = issued(&root, None, 2020, 2031);
+        let inter = Ca {
+            pem: String::new(),
+            issuer: Issuer::new(inter_params, inter_key),
+        };
+        let (leaf, _, _) = issued(&inter, Some("m7"), 2024, 2040);
+        let chain = [
+            CertificateDer::from(leaf.as_slice()),
+            CertificateDer::from(inter_der.as_slice()),
+        ];
+        let cas = TrustedCas::from_pem(root.pem.as_bytes()).unwrap();
+        assert!(!cas.remembers(&chain, at(2027)));
+        assert_eq!(cas.verify_client_chain(&chain, at(2027)), Ok(()));
+        assert!(cas.remembers(&chain, at(2027)), "remembered once verified");
+        assert!(cas.remembers(&chain, at(2030)));
+        for year in [2023, 2032, 2039] {
+            assert!(!cas.remembers(&chain, at(year)), "{year}");
+            let full = cas.verify_chain_in_full(&chain, at(year));
+            assert!(full.is_err(), "{year}");
+            assert_eq!(cas.verify_client_chain(&chain, at(year)), full, "{year}");
+        }
+        assert_eq!(cas.verify_client_chain(&chain, at(2030)), Ok(()));
+
+        // Another CA's agent has not verified it, and refuses it.
+        let other = TrustedCas::from_pem(new_ca("other").pem.as_bytes()).unwrap();
+        assert!(!other.remembers(&chain, at(2027)));
+        assert!(other.verify_client_chain(&chain, at(2027)).is_err());
+        assert!(
+            !other.remembers(&chain, at(2027)),
+            "a refusal is not remembered"
+        );
+
+        // One flipped bit of the leaf's signature: new bytes, verified in full.
+        let mut forged = leaf.clone();
+        *forged.last_mut().unwrap() ^= 1;
+        let forged_chain = [
+            CertificateDer::from(forged.as_slice()),
+            CertificateDer::from(inter_der.as_slice()),
+        ];
+        assert!(!cas.remembers(&forged_chain, at(2027)));
+        assert!(cas.verify_client_chain(&forged_chain, at(2027)).is_err());
+        // The leaf alone, without its intermediate, does not chain.
+        assert!(cas.verify_client_chain(&chain[..1], at(2027)).is_err());
     }
 
     #[test]
