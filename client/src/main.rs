@@ -228,7 +228,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Prepare(args) => fedcart_client::prepare::run(&args)
-            .with_context(|| format!("preparing {}", args.orders.display())),
+            .map_err(|e| fedcart_client::prepare::cli_error(e, &args)),
         Command::Schema(args) => fedcart_client::schema::run(&args)
             .with_context(|| format!("drafting a schema for {}", args.csv.display())),
         Command::Recommend {

@@ -227,6 +227,17 @@ pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError
         .map_err(|e| PrepareError::MissingColumn(e.field))
 }
 
+/// [`run`]'s error as the command line shows it: an error about the orders
+/// data already names the file (and line), so it is shown as it is; any
+/// other (a flag, the mapping, the output directory) is prefixed with the
+/// export being prepared.
+pub fn cli_error(err: PrepareError, args: &PrepareArgs) -> anyhow::Error {
+    match err {
+        PrepareError::Orders(e) => anyhow::Error::new(e),
+        other => anyhow::Error::new(other).context(format!("preparing {}", args.orders.display())),
+    }
+}
+
 /// Runs `prepare`: reads, derives, writes `features.csv`, `interactions.csv`
 /// and `summary.json` into `args.out`, and prints a one-line digest.
 pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
@@ -423,14 +434,23 @@ mod tests {
         ) = (None, None, None, None, None);
         a.on_bad_row = BadRowPolicy::Fail;
         let err = run(&a).unwrap_err();
+        let shown = format!(
+            "{}: line 3, column `day`: `2024011` is not a YYYYMMDD date",
+            orders.display()
+        );
+        assert_eq!(format!("{err:#}"), shown);
+        // The command line names the file once.
+        assert_eq!(format!("{:#}", cli_error(err, &a)), shown);
+        assert!(!a.out.exists(), "nothing is written after a failure");
+        // An error that names no file is prefixed with the export's.
+        a.churn_window_days = 0;
         assert_eq!(
-            format!("{err:#}"),
+            format!("{:#}", cli_error(run(&a).unwrap_err(), &a)),
             format!(
-                "{}: line 3, column `day`: `2024011` is not a YYYYMMDD date",
+                "preparing {}: --churn-window-days must be at least 1",
                 orders.display()
             )
         );
-        assert!(!a.out.exists(), "nothing is written after a failure");
     }
 
     /// A European spreadsheet export: `;` between fields, day-first dates,
