@@ -148,6 +148,26 @@ pub enum ValueError {
     MissingServed(String),
 }
 
+/// The task a merchant trains alone with for its local-only column:
+/// `template`, except that gradient-boosted trees keep the same share of
+/// the merchant's own rows per leaf. `min_child_weight` is a hessian sum
+/// sized for the federation's training rows; alone, a merchant holding a
+/// fraction `f` of them uses `f` times it (at least 1, XGBoost's default,
+/// unless the federation's value is smaller). Otherwise a store of 40
+/// customers, whose rows hold a hessian sum of at most 10, could never
+/// split: its local-only model would be a constant, AUC 0.5, and every
+/// federation would "beat" it.
+fn alone_template(template: &TaskSpec, m: &LocalData, total_rows: usize) -> TaskSpec {
+    let mut spec = template.clone();
+    if let crate::task::ModelSpec::ChurnGbdt { params, .. } = &mut spec.model {
+        let rows = m.churn.as_ref().map_or(0, |c| c.train.len());
+        let share = rows as f32 / total_rows.max(1) as f32;
+        params.min_child_weight =
+            (params.min_child_weight * share).max(params.min_child_weight.min(1.0));
+    }
+    spec
+}
+
 /// Trains local-only and centralised versions of `template`'s model on
 /// copies of `merchants` and compares them merchant by merchant with the
 /// federated model's figures (`federated`: the reported run's served
@@ -187,11 +207,17 @@ pub fn federation_value(
         }
         total
     });
+    let total_rows: usize = merchants
+        .iter()
+        .filter_map(|m| m.churn.as_ref())
+        .map(|c| c.train.len())
+        .sum();
     let mut out = Vec::with_capacity(merchants.len());
     for (m, fed) in merchants.iter().zip(served) {
         let mut alone = [m.clone()];
-        let local = federate(template, &mut alone, rounds, &mut FedAvg)?;
-        let mut spec = template.clone();
+        let alone_template = alone_template(template, m, total_rows);
+        let local = federate(&alone_template, &mut alone, rounds, &mut FedAvg)?;
+        let mut spec = alone_template;
         spec.standardizer = local.standardizer.clone();
         spec.round = local.served_round();
         // The evaluation weight (held-out examples) is the merchant's,
@@ -200,6 +226,7 @@ pub fn federation_value(
         let centralized = if has_private_state {
             None
         } else {
+            let mut spec = template.clone();
             spec.standardizer = central.standardizer.clone();
             spec.round = central.served_round();
             Some(evaluate(&spec, central.served(), &mut [m.clone()])?)
@@ -607,6 +634,62 @@ mod tests {
             assert!(m.local_only["auc"] > 0.5 && m.federated["auc"] > 0.5 && central["auc"] > 0.5);
         }
         assert!(value.centralized_pooled["auc"] > 0.8);
+    }
+
+    /// Alone, a merchant's trees get its share of `min_child_weight`: a
+    /// Telco merchant with 1/60 of the rows (about 94, hessian sum at most
+    /// 24) cannot split a node into two children of 20 and would be a
+    /// constant model; with its share (floored at 1) it grows real trees.
+    /// Other families train alone with the template unchanged.
+    #[test]
+    fn a_small_merchant_alone_grows_trees_with_its_share_of_min_child_weight() {
+        use crate::model::gbdt::ensemble::Node;
+        use crate::model::gbdt::{Ensemble, GbdtParams};
+        let merchants = telco_merchants(60, 7);
+        let total: usize = merchants
+            .iter()
+            .map(|m| m.churn.as_ref().unwrap().train.len())
+            .sum();
+        let params = GbdtParams {
+            trees: 3,
+            ..GbdtParams::default()
+        };
+        assert_eq!(params.min_child_weight, 20.0, "the federation's default");
+        let spec = TaskSpec {
+            model: ModelSpec::ChurnGbdt {
+                num_features: Schema::telco().num_features(),
+                params: params.clone(),
+                level_len: 0,
+            },
+            ..churn_lr_spec(7)
+        };
+        let alone = alone_template(&spec, &merchants[0], total);
+        let ModelSpec::ChurnGbdt { params: mine, .. } = &alone.model else {
+            unreachable!()
+        };
+        assert_eq!(mine.min_child_weight, 1.0, "20/60 is floored at 1");
+        let big = alone_template(&spec, &LocalData::pooled("all", &merchants), total);
+        let ModelSpec::ChurnGbdt { params: all, .. } = &big.model else {
+            unreachable!()
+        };
+        assert!((all.min_child_weight - 20.0).abs() < 1e-4, "all the rows");
+        let lr = churn_lr_spec(7);
+        assert_eq!(alone_template(&lr, &merchants[0], total), lr);
+
+        let rounds = 1 + (params.trees * params.max_depth) as u64;
+        let splits = |spec: &TaskSpec| {
+            let out = federate(spec, &mut [merchants[0].clone()], rounds, &mut FedAvg).unwrap();
+            let ensemble = Ensemble::decode(&out.params).unwrap();
+            assert!(!ensemble.trees.is_empty());
+            let split = |n: &&Node| matches!(n, Node::Split { .. });
+            let counts = ensemble
+                .trees
+                .iter()
+                .map(|t| t.nodes.iter().filter(split).count());
+            counts.sum::<usize>()
+        };
+        assert_eq!(splits(&spec), 0, "with 20 every tree is one leaf");
+        assert!(splits(&alone) > 0, "with its share it splits");
     }
 
     #[test]
