@@ -264,6 +264,17 @@ static VERIFIED_CHAINS: LazyLock<Mutex<HashMap<[u8; 32], Validity>>> =
 /// At most this many remembered chains (about 4 MiB).
 const VERIFIED_CHAINS_MAX: usize = 65_536;
 
+/// Whether the chain with `key` was verified and `now` is inside its
+/// window.
+fn remembered(key: &[u8; 32], now: UnixTime) -> bool {
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    VERIFIED_CHAINS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(key)
+        .is_some_and(|v| v.not_before <= now && now <= v.not_after)
+}
+
 /// The window in which every certificate of `chain` is valid, or `None` if
 /// one of them does not parse (then nothing is remembered).
 fn validity_of(chain: &[CertificateDer<'_>]) -> Option<Validity> {
@@ -332,14 +343,9 @@ impl TrustedCas {
 
     /// Whether this process remembers `chain` as verified under these
     /// anchors at `now`.
+    #[cfg(test)]
     fn remembers(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> bool {
-        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        let key = self.chain_key(chain);
-        VERIFIED_CHAINS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .is_some_and(|v| v.not_before <= now && now <= v.not_after)
+        remembered(&self.chain_key(chain), now)
     }
 
     /// Checks that the DER chain (end entity first) chains to one of these
@@ -354,12 +360,12 @@ impl TrustedCas {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), BindingError> {
-        if self.remembers(chain, now) {
+        let key = self.chain_key(chain);
+        if remembered(&key, now) {
             return Ok(());
         }
         self.verify_chain_in_full(chain, now)?;
         if let Some(validity) = validity_of(chain) {
-            let key = self.chain_key(chain);
             let mut verified = VERIFIED_CHAINS
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
