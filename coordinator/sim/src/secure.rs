@@ -94,29 +94,31 @@ impl SecureRound {
     }
 
     /// Masks `inputs` (merchant, update) and adds them into the masked sum;
-    /// the updates are dropped on return.
+    /// each update is dropped as soon as its agent has encoded it.
     pub fn mask(&mut self, inputs: Vec<(String, Update)>) -> anyhow::Result<()> {
         if inputs.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
         let mut batch = Vec::with_capacity(inputs.len());
-        for (merchant, update) in &inputs {
+        for (merchant, update) in inputs {
             let id = *self
                 .index
-                .get(merchant)
+                .get(&merchant)
                 .with_context(|| format!("merchant {merchant} is not in the secure round"))?;
             batch.push((id, update));
         }
+        let sent = batch.len();
+        // The round drops each update once it is encoded.
         let result = match &self.noise {
             Some(noise) => self.round.mask(
-                &batch,
+                batch,
                 &dp::noise_hook(&self.config, noise, self.seed, &self.task_id),
             ),
-            None => self.round.mask(&batch, &|_, _| Ok(())),
+            None => self.round.mask(batch, &|_, _| Ok(())),
         };
         result.with_context(|| format!("secure aggregation of task {}", self.task_id))?;
-        self.masked += batch.len();
+        self.masked += sent;
         self.seconds += started.elapsed().as_secs_f64();
         Ok(())
     }
