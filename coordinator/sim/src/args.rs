@@ -52,7 +52,8 @@ pub struct SimArgs {
     /// Number of virtual merchants [default: 10].
     #[arg(long)]
     pub merchants: Option<usize>,
-    /// Training rounds [default: 20].
+    /// Training rounds [default: 20; for churn-gbdt 1 + trees × max-depth: the
+    /// feature sketch, then one round per level of each tree].
     #[arg(long)]
     pub rounds: Option<u64>,
     /// Fraction of merchants selected per round [default: 1].

@@ -376,7 +376,9 @@ impl Experiment {
             Some(b) => b.served.clone(),
             None => self
                 .rounds
-                .last()
+                .iter()
+                .rev()
+                .find(|r| !r.eval.is_empty())
                 .map(|r| r.eval.clone())
                 .unwrap_or_default(),
         };

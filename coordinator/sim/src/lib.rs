@@ -254,6 +254,10 @@ pub fn run_one(
     let bar = progress_bar(s.rounds, &exp.name, s.progress);
     let mut round_start = Instant::now();
     let mut row = RoundRow::default();
+    // A committed training round waits in `row` for the evaluation of its
+    // version; a round that none follows (the sketch round and the inner
+    // levels of a boosted tree) is pushed as it is when the next begins.
+    let mut awaiting_eval = false;
     if let mode::Mode::FedBuff(cfg) = &s.mode {
         // Runs the engine to completion: the synchronous loop below then
         // has nothing left to do.
@@ -279,6 +283,13 @@ pub fn run_one(
             _ => ids.clone(),
         };
         let plan = engine.start_task(&available)?;
+        let evaluates_row =
+            plan.spec.kind == TaskKind::Evaluate && plan.model_version == engine.version();
+        if awaiting_eval && !evaluates_row {
+            awaiting_eval = false;
+            exp.rounds.push(std::mem::take(&mut row));
+            bar.inc(1);
+        }
         if plan.spec.kind == TaskKind::Train {
             round_start = Instant::now();
             row = RoundRow {
@@ -398,10 +409,12 @@ pub fn run_one(
                 }
                 now += fleet.round_seconds(&record.selected, &index);
                 row.virtual_seconds = now;
+                row.seconds = round_start.elapsed().as_secs_f64();
                 if !engine.run().evaluate || !row.committed {
-                    row.seconds = round_start.elapsed().as_secs_f64();
                     exp.rounds.push(std::mem::take(&mut row));
                     bar.inc(1);
+                } else {
+                    awaiting_eval = true;
                 }
             }
             // The final serving task hands the best version out: its
@@ -416,6 +429,7 @@ pub fn run_one(
                 exp.per_merchant = per_merchant;
             }
             TaskKind::Evaluate => {
+                awaiting_eval = false;
                 row.eval = record.metrics.clone();
                 row.seconds = round_start.elapsed().as_secs_f64();
                 exp.per_merchant = per_merchant;
@@ -423,6 +437,9 @@ pub fn run_one(
                 bar.inc(1);
             }
         }
+    }
+    if awaiting_eval {
+        exp.rounds.push(row);
     }
     bar.finish_and_clear();
     match engine.stopped() {

@@ -41,6 +41,9 @@ pub fn print_table(experiments: &[Experiment]) {
         "ε",
     ]);
     for e in experiments {
+        // The first and last evaluated rounds (a boosted tree's inner levels
+        // and its sketch round are rounds without an evaluation).
+        let evaluated = |r: &&RoundRow| e.headline().is_some_and(|(k, _)| r.eval.contains_key(k));
         let metric = |r: Option<&RoundRow>| match (e.headline(), r) {
             (Some((k, _)), Some(r)) => r.eval.get(k).map_or("-".into(), |v| format!("{k} {v:.4}")),
             _ => "-".into(),
@@ -51,8 +54,8 @@ pub fn print_table(experiments: &[Experiment]) {
             e.merchants.to_string(),
             e.rounds.len().to_string(),
             e.strategy.clone(),
-            metric(e.rounds.first()),
-            metric(e.rounds.last()),
+            metric(e.rounds.iter().find(evaluated)),
+            metric(e.rounds.iter().rev().find(evaluated)),
             format!("{:.4}", e.timing.seconds_per_round),
             format!("{:.1}", bytes as f64 / 1e6),
             e.privacy

@@ -386,6 +386,20 @@ impl Settings {
         if s.rounds == 0 {
             bail!("{} must be ≥ 1", name!(rounds, "--rounds"));
         }
+        let first_tree = 1 + s.gbdt.max_depth as u64;
+        if matches!(s.task, Some(TaskChoice::ChurnGbdt)) && s.rounds < first_tree {
+            bail!(
+                "{} {} ends before the first tree is grown: churn-gbdt spends one round on the \
+                 feature sketch, then one per level of each tree ({} {}); give at least \
+                 {first_tree}, or leave it out and set the number of trees with {} (the rounds \
+                 are then counted for you)",
+                name!(rounds, "--rounds"),
+                s.rounds,
+                name!(max_depth, "--max-depth"),
+                s.gbdt.max_depth,
+                name!(trees, "--trees"),
+            );
+        }
         if !(s.fraction > 0.0 && s.fraction <= 1.0) {
             bail!(
                 "{} {} is not in (0, 1]",

@@ -870,12 +870,46 @@ fn churn_gbdt_runs_one_round_per_level_through_the_engine_and_serves_a_tree_coun
     // The sketch round, then every tree's levels.
     assert_eq!(s.rounds, 1 + 4 * 2);
     let e = run(a.clone());
-    // One evaluated row per tree; the served model is one of them.
-    assert_eq!(e[0].rounds.len(), 4);
+    // One row per round, each with its own uploads (the sketch round's
+    // quantiles, then each level's histograms; they used to be dropped
+    // with the row of every round no evaluation followed), and an
+    // evaluation after each tree; the served model is one of them.
+    let rows = &e[0].rounds;
+    assert_eq!(rows.len(), 9);
+    assert_eq!(
+        rows.iter().map(|r| r.round).collect::<Vec<_>>(),
+        (1..=9).collect::<Vec<_>>()
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.committed && r.bytes_up > 0 && r.seconds > 0.0),
+        "{rows:?}"
+    );
+    let evaluated: Vec<u64> = rows
+        .iter()
+        .filter(|r| !r.eval.is_empty())
+        .map(|r| r.round)
+        .collect();
+    assert_eq!(evaluated, [3, 5, 7, 9]);
     let last = &e[0].rounds.last().unwrap().eval;
     assert_eq!(last["trees"], 4.0);
     assert!(last["auc"] > 0.75, "{last:?}");
-    assert_eq!(run(a)[0].final_model, e[0].final_model);
+    assert_eq!(run(a.clone())[0].final_model, e[0].final_model);
+    // Rounds that end before the first tree is grown are refused, naming
+    // the flags (they used to serve the untrained model, AUC 0.5).
+    let mut short = a.clone();
+    short.rounds = Some(2);
+    let err = Settings::from_args(short).unwrap_err().to_string();
+    assert!(
+        err.contains("--rounds 2 ends before the first tree")
+            && err.contains("--max-depth 2")
+            && err.contains("at least 3")
+            && err.contains("--trees"),
+        "{err}"
+    );
+    let mut one_tree = a.clone();
+    one_tree.rounds = Some(3);
+    assert_eq!(Settings::from_args(one_tree).unwrap().rounds, 3);
     // A bad hyper-parameter names the flags.
     let mut bad = args();
     bad.task = Some("churn-gbdt".parse().unwrap());

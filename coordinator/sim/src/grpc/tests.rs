@@ -102,6 +102,35 @@ fn churn_over_grpc_commits_the_same_model_as_in_process() {
 }
 
 #[test]
+fn boosted_trees_over_grpc_report_the_rounds_of_the_in_process_run() {
+    // Every round is a row on both transports, the sketch round and the
+    // inner levels of each tree included, with the same uploads and
+    // downloads; only the rounds that end a tree carry an evaluation.
+    let a = SimArgs {
+        merchants: Some(4),
+        trees: Some(3),
+        max_depth: Some(2),
+        ..bundled("churn-gbdt", "telco")
+    };
+    let (inproc, grpc) = both(&a);
+    assert_eq!(
+        grpc.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<_>>()
+    );
+    assert_same(&inproc, &grpc, 1e-5, false);
+    let evaluated = |e: &Experiment| -> Vec<u64> {
+        e.rounds
+            .iter()
+            .filter(|r| !r.eval.is_empty())
+            .map(|r| r.round)
+            .collect()
+    };
+    assert_eq!(evaluated(&inproc), [3, 5, 7]);
+    assert_eq!(evaluated(&grpc), [3, 5, 7]);
+    assert!(inproc.rounds.iter().all(|r| r.bytes_up > 0));
+}
+
+#[test]
 fn secure_churn_over_grpc_matches_in_process_within_quantisation() {
     // The statistics step and every training round run the real SecAgg
     // protocol between the service and the agents; only the stochastic
