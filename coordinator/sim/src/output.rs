@@ -543,15 +543,19 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
                 "<tr><td>{}</td><td>{}/{}</td>",
                 r.round, r.reported, r.selected
             );
+            // A round without an evaluation (an inner level of a boosted
+            // tree, a round that did not commit) shows a dash.
             for k in &keys {
-                let _ = write!(
-                    out,
-                    "<td>{:.4}</td>",
-                    r.eval.get(*k).copied().unwrap_or(f64::NAN)
-                );
+                match r.eval.get(*k) {
+                    Some(v) => _ = write!(out, "<td>{v:.4}</td>"),
+                    None => out += "<td>–</td>",
+                }
             }
             if dp {
-                let _ = write!(out, "<td>{:.3}</td>", r.epsilon.unwrap_or(f64::NAN));
+                match r.epsilon {
+                    Some(eps) => _ = write!(out, "<td>{eps:.3}</td>"),
+                    None => out += "<td>–</td>",
+                }
             }
             let _ = write!(out, "<td>{:.3}</td></tr>", r.seconds);
         }

@@ -891,6 +891,14 @@ fn churn_gbdt_runs_one_round_per_level_through_the_engine_and_serves_a_tree_coun
         .map(|r| r.round)
         .collect();
     assert_eq!(evaluated, [3, 5, 7, 9]);
+    // The report's round table shows a dash where a round has no evaluation.
+    let out = tempfile::tempdir().unwrap();
+    output::write_all(out.path(), &Settings::from_args(a.clone()).unwrap(), &e).unwrap();
+    let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
+    assert!(
+        !html.contains("NaN") && html.contains("<tr><td>1</td><td>4/4</td><td>–</td>"),
+        "{html}"
+    );
     let last = &e[0].rounds.last().unwrap().eval;
     assert_eq!(last["trees"], 4.0);
     assert!(last["auc"] > 0.75, "{last:?}");
