@@ -35,7 +35,10 @@ pub enum PartitionError {
     #[error("partitioner `{0}`: {1}")]
     BadParameter(String, String),
     /// More merchants than units.
-    #[error("cannot deal {units} units into {merchants} merchants")]
+    #[error(
+        "cannot deal {units} customers (users, for a recommender) among {merchants} merchants: \
+         each merchant needs at least one; ask for at most {units} merchants"
+    )]
     TooFewUnits {
         /// Units available.
         units: usize,
@@ -195,6 +198,19 @@ mod tests {
         assert!("dirichlet".parse::<Partitioner>().is_err());
         assert!("zipf:-1".parse::<Partitioner>().is_err());
         assert!("shards".parse::<Partitioner>().is_err());
+    }
+
+    #[test]
+    fn more_merchants_than_customers_is_refused_with_the_most_there_can_be() {
+        let err = Partitioner::Iid
+            .deal(&[0; 610], None, 700, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("610 customers") && err.contains("at most 610 merchants"),
+            "{err}"
+        );
+        assert!(Partitioner::Iid.deal(&[0; 610], None, 610, 1).is_ok());
     }
 
     #[test]
