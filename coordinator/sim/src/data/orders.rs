@@ -255,8 +255,14 @@ impl OrdersSource {
 
     /// Reads the export; the cutoff defaults to the last order minus the window.
     pub(crate) fn read(&self) -> anyhow::Result<(Vec<Order>, ChurnConfig)> {
+        // Every reading error names the file (and line) itself.
         let (rows, report) = orders::read_orders(&self.path, self.mapping(), self.on_bad_row)
-            .with_context(|| format!("reading orders {}", self.path.display()))?;
+            .map_err(|e| match e {
+                orders::OrdersError::Config(_) => {
+                    anyhow::Error::new(e).context(format!("reading orders {}", self.path.display()))
+                }
+                e => anyhow::Error::new(e),
+            })?;
         if report.rows_skipped() > 0 {
             tracing::warn!(file = %self.path.display(), skipped = report.rows_skipped(),
                 examples = ?report.examples, "orders rows skipped");

@@ -84,6 +84,11 @@ fn an_unknown_column_is_named_with_the_file() {
         err.contains("client_no") && err.contains("CDNOW_master.txt"),
         "{err}"
     );
+    assert_eq!(
+        err.matches("CDNOW_master.txt").count(),
+        1,
+        "named once: {err}"
+    );
     // Without any mapping the flags to give are named.
     let mut a = cdnow_args();
     a.orders = Default::default();
