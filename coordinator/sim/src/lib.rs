@@ -219,8 +219,17 @@ pub fn run_one(
     };
     run.validate()?;
     let spec = run.model.clone();
+    let churn_rows: usize = pop
+        .merchants
+        .iter()
+        .filter_map(|m| m.churn.as_ref().map(|c| c.train.y.len()))
+        .sum();
     if s.transport == Transport::Grpc {
-        let exp = grpc::run(s, task, data, pop, run, load_seconds)?;
+        let mut exp = grpc::run(s, task, data, pop, run, load_seconds)?;
+        if !exp.failed {
+            exp.report
+                .extend(unsplit_note(&spec, &exp.final_model, churn_rows));
+        }
         return finish_segments(exp, segment_data.as_deref(), &spec, s);
     }
     let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
@@ -510,9 +519,23 @@ pub fn run_one(
         );
     }
     exp.report.extend(selection_report(&exp));
+    exp.report
+        .extend(unsplit_note(&spec, &engine.global(), churn_rows));
     exp.final_model = engine.global().to_vec();
     exp.finish();
     finish_segments(exp, segment_data.as_deref(), &spec, s)
+}
+
+/// Boosted trees none of which split: why, and what to change
+/// (`Ensemble::unsplit_note`); `churn_rows` are the merchants' training
+/// rows, each of which keeps `valid_fraction` of them aside.
+fn unsplit_note(spec: &ModelSpec, global: &[f32], churn_rows: usize) -> Option<String> {
+    let ModelSpec::ChurnGbdt { params, .. } = spec else {
+        return None;
+    };
+    let ens = fedcart_common::model::gbdt::Ensemble::decode(global).ok()?;
+    let grown = (churn_rows as f64 * (1.0 - params.valid_fraction)).round() as usize;
+    ens.unsplit_note(params, grown)
 }
 
 /// Report lines on model selection and, with `--out`, the baselines.

@@ -181,6 +181,43 @@ impl Ensemble {
         }
     }
 
+    /// Why the model is the churn rate alone, when it has trees and none
+    /// of them split; `None` otherwise. `train_rows` is the number of rows
+    /// the trees were grown on (the federation's, validation slices left
+    /// out): a split needs a hessian sum of `min_child_weight` on each side,
+    /// about `2 · min_child_weight / (p · (1 − p))` rows at churn rate `p`,
+    /// which a small or very unbalanced federation does not have with the
+    /// default.
+    pub fn unsplit_note(&self, p: &super::GbdtParams, train_rows: usize) -> Option<String> {
+        if self.trees.is_empty() || self.trees.iter().any(|t| t.leaves() > 1) {
+            return None;
+        }
+        let rate = f64::from(sigmoid(self.base_score));
+        let per_row = rate * (1.0 - rate);
+        let mcw = f64::from(p.min_child_weight);
+        let head = format!(
+            "churn-gbdt: none of the {} trees split, so the model predicts the churn rate \
+             ({rate:.3}) for everyone",
+            self.trees.len()
+        );
+        Some(if train_rows as f64 * per_row < 2.0 * mcw {
+            format!(
+                "{head}: a split needs a hessian sum of min_child_weight ({mcw}) on each side, \
+                 about {:.0} training rows at this churn rate (p·(1−p) = {per_row:.3} per row), \
+                 and the trees were grown on {train_rows}; give a min_child_weight below {:.2} \
+                 (--min-child-weight, or `min_child_weight` in the run's gbdt settings)",
+                (2.0 * mcw / per_row).ceil(),
+                train_rows as f64 * per_row / 2.0
+            )
+        } else {
+            format!(
+                "{head}: no feature separates churners from the others by enough to gain at \
+                 min_child_weight {mcw} and l2 {}",
+                p.l2
+            )
+        })
+    }
+
     /// Number of bins of each feature (edges + 1).
     pub fn bins_per_feature(&self) -> Vec<usize> {
         self.edges.iter().map(|e| e.len() + 1).collect()

@@ -105,6 +105,34 @@ fn a_level_picks_the_split_makes_leaves_at_the_depth_limit_and_starts_the_next_t
 }
 
 #[test]
+fn trees_that_never_split_are_explained() {
+    let p = GbdtParams::default();
+    // A churn rate of 0.929 (p·(1−p) = 0.066): min_child_weight 20 on each
+    // side needs about 607 rows.
+    let mut e = sketched(vec![vec![0.5], vec![-1.0, 1.0]], 3);
+    e.base_score = (0.929f32 / 0.071).ln();
+    let mut stump = Tree::open_root(3);
+    stump.nodes[0] = Node::Leaf(0.0);
+    e.trees = vec![stump.clone(), stump];
+    let note = e.unsplit_note(&p, 84).expect("no tree split");
+    assert!(
+        note.contains("none of the 2 trees split")
+            && note.contains("about 607 training rows")
+            && note.contains("grown on 84")
+            && note.contains("below 2.77")
+            && note.contains("--min-child-weight"),
+        "{note}"
+    );
+    // Enough rows: the features are the reason, not the rows.
+    let note = e.unsplit_note(&p, 5000).expect("no tree split");
+    assert!(note.contains("no feature separates"), "{note}");
+    // A model with a split, or with no tree yet, needs no note.
+    assert_eq!(example().unsplit_note(&p, 84), None);
+    e.trees.clear();
+    assert_eq!(e.unsplit_note(&p, 84), None);
+}
+
+#[test]
 fn max_leaves_keeps_the_splits_with_the_largest_gains() {
     let mut ens = sketched(vec![vec![0.0]], 2);
     // Root: split G = (−3, 3), H = (1, 1).

@@ -283,6 +283,39 @@ impl OrdersSource {
     }
 }
 
+/// A churn model learns from the orders before the cutoff: refuses an
+/// export with none, saying where the cutoff fell and how to move it
+/// (otherwise every store is left out, or zero customers are dealt).
+fn no_history_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> anyhow::Result<()> {
+    let (Some(first), Some(last)) = (
+        rows.iter().map(|o| o.timestamp).min(),
+        rows.iter().map(|o| o.timestamp).max(),
+    ) else {
+        bail!("{}: no orders to learn from", src.path.display());
+    };
+    if first < cfg.cutoff {
+        return Ok(());
+    }
+    let date = orders::derive::format_date;
+    let how = match src.cutoff {
+        Some(_) => "--cutoff".to_string(),
+        None => format!(
+            "the day after the last order minus --churn-window-days {}",
+            cfg.churn_window_days
+        ),
+    };
+    bail!(
+        "{}: no order falls before the churn cutoff {} ({how}), so no customer has a history \
+         to learn from; the orders run from {} to {} ({} days): give a --cutoff between those \
+         dates, or a --churn-window-days shorter than the span",
+        src.path.display(),
+        date(cfg.cutoff),
+        date(first),
+        date(last),
+        (last - first).div_euclid(SECONDS_PER_DAY) + 1,
+    )
+}
+
 /// Builds the merchants of an experiment on orders data.
 pub fn build(
     task: TaskChoice,
@@ -303,6 +336,9 @@ pub fn build(
         cfg = ChurnConfig::new(last.saturating_add(1), cfg.churn_window_days);
     }
     let cfg = cfg;
+    if !task.is_mf() {
+        no_history_check(src, &rows, &cfg)?;
+    }
     let derive = |rows: &[Order]| {
         orders::derive(rows, &cfg).with_context(|| format!("deriving {}", src.path.display()))
     };

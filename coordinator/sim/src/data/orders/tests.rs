@@ -99,6 +99,32 @@ fn an_unknown_column_is_named_with_the_file() {
     );
 }
 
+#[test]
+fn a_cutoff_before_every_order_is_refused_with_the_dates_and_the_fix() {
+    // CDNOW runs from 1997-01-01 to 1998-06-30.
+    let mut a = cdnow_args();
+    a.orders.cutoff = Some("1996-12-01".into());
+    let err = run(a).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "CDNOW_master.txt: no order falls before the churn cutoff 1996-12-01 (--cutoff)"
+        ) && err.contains("from 1997-01-01 to 1998-06-30 (546 days)")
+            && err.contains("--churn-window-days shorter"),
+        "{err}"
+    );
+    // The default cutoff: the day after the last order minus the window.
+    let mut a = cdnow_args();
+    a.orders.cutoff = None;
+    a.orders.churn_window_days = Some(600);
+    let err = run(a).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "cutoff 1996-11-08 (the day after the last order minus --churn-window-days 600)"
+        ),
+        "{err}"
+    );
+}
+
 /// A small multi-store export: store `s{k}` sells to its own customers, who
 /// favour items by store; some customers stop buying in the last months.
 fn write_stores_csv(path: &std::path::Path) {
