@@ -974,6 +974,7 @@ pub async fn run_tasks(
         if shared.engine().finished() {
             shared.bump();
             shared.announce_end();
+            warn_if_unsplit(&shared);
             let stopped = shared.engine().stopped().cloned();
             return match stopped {
                 // An exhausted privacy budget or early stopping is a
@@ -1099,4 +1100,16 @@ fn retry_backoff(attempt: u32) -> Duration {
     RETRY_BACKOFF_INITIAL
         .saturating_mul(1 << attempt.saturating_sub(1).min(16))
         .min(RETRY_BACKOFF_MAX)
+}
+
+/// Boosted trees none of which split predict the churn rate alone: the
+/// operator is told why and what to change (`Ensemble::unsplit_note`).
+fn warn_if_unsplit(shared: &Shared) {
+    let engine = shared.engine();
+    if let fedcart_common::task::ModelSpec::ChurnGbdt { params, .. } = &engine.run().model
+        && let Ok(ens) = fedcart_common::model::gbdt::Ensemble::decode(&engine.global())
+        && let Some(note) = ens.unsplit_note(params, None)
+    {
+        tracing::warn!(run = %engine.run().run_id, "{note}");
+    }
 }

@@ -535,7 +535,7 @@ fn unsplit_note(spec: &ModelSpec, global: &[f32], churn_rows: usize) -> Option<S
     };
     let ens = fedcart_common::model::gbdt::Ensemble::decode(global).ok()?;
     let grown = (churn_rows as f64 * (1.0 - params.valid_fraction)).round() as usize;
-    ens.unsplit_note(params, grown)
+    ens.unsplit_note(params, Some(grown))
 }
 
 /// Report lines on model selection and, with `--out`, the baselines.

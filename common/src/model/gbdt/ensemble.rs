@@ -188,7 +188,8 @@ impl Ensemble {
     /// about `2 · min_child_weight / (p · (1 − p))` rows at churn rate `p`,
     /// which a small or very unbalanced federation does not have with the
     /// default.
-    pub fn unsplit_note(&self, p: &super::GbdtParams, train_rows: usize) -> Option<String> {
+    /// The coordinator, which never sees a row count, passes `None`.
+    pub fn unsplit_note(&self, p: &super::GbdtParams, train_rows: Option<usize>) -> Option<String> {
         if self.trees.is_empty() || self.trees.iter().any(|t| t.leaves() > 1) {
             return None;
         }
@@ -200,21 +201,30 @@ impl Ensemble {
              ({rate:.3}) for everyone",
             self.trees.len()
         );
-        Some(if train_rows as f64 * per_row < 2.0 * mcw {
-            format!(
-                "{head}: a split needs a hessian sum of min_child_weight ({mcw}) on each side, \
-                 about {:.0} training rows at this churn rate (p·(1−p) = {per_row:.3} per row), \
-                 and the trees were grown on {train_rows}; give a min_child_weight below {:.2} \
-                 (--min-child-weight, or `min_child_weight` in the run's gbdt settings)",
-                (2.0 * mcw / per_row).ceil(),
-                train_rows as f64 * per_row / 2.0
-            )
-        } else {
-            format!(
-                "{head}: no feature separates churners from the others by enough to gain at \
-                 min_child_weight {mcw} and l2 {}",
+        let needed = (2.0 * mcw / per_row).ceil();
+        Some(match train_rows {
+            None => format!(
+                "{head}. A split needs a hessian sum of min_child_weight ({mcw}) on each side, \
+                 about {needed:.0} training rows across the merchants at this churn rate \
+                 (p·(1−p) = {per_row:.3} per row): if they hold fewer, give a smaller \
+                 `min_child_weight` in the run's gbdt settings; otherwise no feature separates \
+                 churners from the others by enough to gain at l2 {}",
                 p.l2
-            )
+            ),
+            Some(rows) if rows as f64 * per_row < 2.0 * mcw => format!(
+                "{head}: a split needs a hessian sum of min_child_weight ({mcw}) on each side, \
+                 about {needed:.0} training rows at this churn rate (p·(1−p) = {per_row:.3} per \
+                 row), and the trees were grown on {rows}; give a min_child_weight below {:.2} \
+                 (--min-child-weight, or `min_child_weight` in the run's gbdt settings)",
+                rows as f64 * per_row / 2.0
+            ),
+            Some(_) => {
+                format!(
+                    "{head}: no feature separates churners from the others by enough to gain at \
+                 min_child_weight {mcw} and l2 {}",
+                    p.l2
+                )
+            }
         })
     }
 

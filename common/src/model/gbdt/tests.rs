@@ -114,7 +114,7 @@ fn trees_that_never_split_are_explained() {
     let mut stump = Tree::open_root(3);
     stump.nodes[0] = Node::Leaf(0.0);
     e.trees = vec![stump.clone(), stump];
-    let note = e.unsplit_note(&p, 84).expect("no tree split");
+    let note = e.unsplit_note(&p, Some(84)).expect("no tree split");
     assert!(
         note.contains("none of the 2 trees split")
             && note.contains("about 607 training rows")
@@ -124,12 +124,20 @@ fn trees_that_never_split_are_explained() {
         "{note}"
     );
     // Enough rows: the features are the reason, not the rows.
-    let note = e.unsplit_note(&p, 5000).expect("no tree split");
+    let note = e.unsplit_note(&p, Some(5000)).expect("no tree split");
     assert!(note.contains("no feature separates"), "{note}");
+    // The coordinator knows no row count: both causes, the rows first.
+    let note = e.unsplit_note(&p, None).expect("no tree split");
+    assert!(
+        note.contains("about 607 training rows across the merchants")
+            && note.contains("`min_child_weight` in the run's gbdt settings")
+            && !note.contains("--min-child-weight"),
+        "{note}"
+    );
     // A model with a split, or with no tree yet, needs no note.
-    assert_eq!(example().unsplit_note(&p, 84), None);
+    assert_eq!(example().unsplit_note(&p, Some(84)), None);
     e.trees.clear();
-    assert_eq!(e.unsplit_note(&p, 84), None);
+    assert_eq!(e.unsplit_note(&p, Some(84)), None);
 }
 
 #[test]
