@@ -101,6 +101,22 @@ pub enum PrepareError {
     /// `--churn-window-days` is zero.
     #[error("--churn-window-days must be at least 1")]
     ChurnWindow,
+    /// No order falls before the cutoff: no customer to learn from.
+    #[error(
+        "no order falls before --cutoff {cutoff}, so there is no customer to learn from; \
+         the orders run from {first} to {last}: give a cutoff after {first}"
+    )]
+    NothingBeforeCutoff {
+        /// The cutoff date.
+        cutoff: String,
+        /// The first order's date.
+        first: String,
+        /// The last order's date.
+        last: String,
+    },
+    /// The export holds no order at all.
+    #[error("the export holds no orders (a header and nothing else?)")]
+    NoOrders,
     /// Reading, deriving or writing the orders data failed.
     #[error(transparent)]
     Orders(#[from] orders::OrdersError),
@@ -253,6 +269,20 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
         churn_window_days: args.churn_window_days,
         trend_window_days: args.trend_window_days,
     };
+    let (Some(first), Some(last)) = (
+        orders.iter().map(|o| o.timestamp).min(),
+        orders.iter().map(|o| o.timestamp).max(),
+    ) else {
+        return Err(PrepareError::NoOrders);
+    };
+    if first >= cfg.cutoff {
+        let date = orders::derive::format_date;
+        return Err(PrepareError::NothingBeforeCutoff {
+            cutoff: date(cfg.cutoff),
+            first: date(first),
+            last: date(last),
+        });
+    }
     let prepared = orders::derive(&orders, &cfg)?;
     std::fs::create_dir_all(&args.out).map_err(|source| PrepareError::CreateOut {
         path: args.out.clone(),
@@ -451,6 +481,34 @@ mod tests {
                 orders.display()
             )
         );
+    }
+
+    /// A cutoff before every order (or an export of only a header) leaves
+    /// no customer: refused with the dates, nothing written.
+    #[test]
+    fn prepare_refuses_a_cutoff_before_every_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let orders = dir.path().join("orders.csv");
+        std::fs::write(
+            &orders,
+            "customer,sku,placed_at,qty,total\n\
+             alice,A1,2024-04-10,2,20.00\n\
+             bob,B2,2024-05-02,1,5.50\n",
+        )
+        .unwrap();
+        let a = args(dir.path(), orders.clone());
+        assert_eq!(
+            format!("{:#}", cli_error(run(&a).unwrap_err(), &a)),
+            format!(
+                "preparing {}: no order falls before --cutoff 2024-03-01, so there is no \
+                 customer to learn from; the orders run from 2024-04-10 to 2024-05-02: give a \
+                 cutoff after 2024-04-10",
+                orders.display()
+            )
+        );
+        assert!(!a.out.exists(), "nothing is written");
+        std::fs::write(&orders, "customer,sku,placed_at,qty,total\n").unwrap();
+        assert!(matches!(run(&a), Err(PrepareError::NoOrders)));
     }
 
     /// A European spreadsheet export: `;` between fields, day-first dates,
