@@ -125,6 +125,37 @@ fn a_cutoff_before_every_order_is_refused_with_the_dates_and_the_fix() {
     );
 }
 
+#[test]
+fn a_recommender_with_nothing_to_test_on_says_so() {
+    // Every customer bought once: leave-last-out holds nothing out.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("once.csv");
+    let mut text = String::from("customer,item,timestamp,amount\n");
+    for c in 0..40 {
+        text += &format!("c{c},i{},2024-01-{:02},1\n", c % 7, 1 + c % 28);
+    }
+    std::fs::write(&csv, text).unwrap();
+    let mut a = SimArgs {
+        data: Some(format!("orders:{}", csv.display()).parse().unwrap()),
+        task: Some("mf-implicit".parse().unwrap()),
+        merchants: Some(2),
+        rounds: Some(2),
+        ..Default::default()
+    };
+    a.orders.customer = Some("customer".into());
+    a.orders.item = Some("item".into());
+    a.orders.timestamp = Some("timestamp".into());
+    a.orders.amount = Some("amount".into());
+    let e = &run(a).unwrap()[0];
+    assert!(
+        e.report
+            .iter()
+            .any(|l| l.starts_with("no merchant holds a held-out interaction, so no hr@10")),
+        "{:?}",
+        e.report
+    );
+}
+
 /// A small multi-store export: store `s{k}` sells to its own customers, who
 /// favour items by store; some customers stop buying in the last months.
 fn write_stores_csv(path: &std::path::Path) {
