@@ -283,6 +283,13 @@ pub fn run(
         apriori.frequent().len(),
         rules.len()
     ));
+    if rules.is_empty() {
+        exp.report.push(no_rules_hint(
+            apriori.frequent(),
+            apriori.total_baskets(),
+            min_support,
+        ));
+    }
     exp.report
         .push("| antecedent | consequent | support | confidence | lift |".into());
     exp.report.push("|---|---|---:|---:|---:|".into());
@@ -371,6 +378,30 @@ pub fn write(dir: &std::path::Path, mined: &Mined) -> anyhow::Result<()> {
     let path = dir.join("bought_together.csv");
     std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Why a run found no rule, and the flag that changes it: no item (or no
+/// pair of items) reaches `min_support` baskets, or every pair that does
+/// falls under the confidence floor.
+fn no_rules_hint(frequent: &[Itemset], baskets: u64, min_support: u64) -> String {
+    let percent = (baskets / 100).max(1);
+    if frequent.is_empty() {
+        format!(
+            "no item is in {min_support} or more of the {baskets} baskets: give a smaller \
+             --min-support (1 % of the baskets is {percent})"
+        )
+    } else if frequent.iter().all(|f| f.items.len() < 2) {
+        format!(
+            "{} items reach {min_support} baskets, but no two of them are bought together that \
+             often: give a smaller --min-support (1 % of the baskets is {percent})",
+            frequent.len()
+        )
+    } else {
+        format!(
+            "every rule among the frequent itemsets has a confidence under {MIN_CONFIDENCE}: the \
+             items are bought together less often than apart"
+        )
+    }
 }
 
 #[cfg(test)]

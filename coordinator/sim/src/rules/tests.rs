@@ -127,6 +127,19 @@ fn the_report_lists_rules_and_levels() {
 }
 
 #[test]
+fn a_run_without_rules_says_which_setting_to_lower() {
+    let e = run_all(&Settings::from_args(grocery(100_000, false)).unwrap())
+        .unwrap()
+        .remove(0);
+    assert!(
+        e.report[1].starts_with("no item is in 100000 or more of the 22332 baskets")
+            && e.report[1].contains("--min-support (1 % of the baskets is 223)"),
+        "{:?}",
+        e.report
+    );
+}
+
+#[test]
 fn secure_rules_over_grpc_equal_the_in_process_plaintext_rules() {
     let mut a = grocery(100, false);
     a.partition = Some("iid".into());
