@@ -280,6 +280,21 @@ impl Settings {
                 _ => None,
             },
         };
+        if !matches!(data, Some(DataSpec::Orders(_))) {
+            let given = match args.orders.first_orders_only() {
+                Some((flag, _)) => Some(flag.to_string()),
+                None => file
+                    .orders
+                    .first_orders_only()
+                    .map(|(_, key)| format!("`{key}` in the config's [orders] table")),
+            };
+            if let Some(given) = given {
+                bail!(
+                    "{given} reads an orders export, but the data is not one: give --data \
+                     orders:PATH (or `data = \"orders:PATH\"` in the config file)"
+                );
+            }
+        }
         if schema.is_some() && !matches!(data, Some(DataSpec::Csv(_))) {
             bail!("{} applies to --data csv only", name!(schema, "--schema"));
         }

@@ -120,6 +120,39 @@ pub struct OrdersArgs {
 }
 
 impl OrdersArgs {
+    /// The first setting given that only an orders export reads, as its
+    /// flag and its key in the `[orders]` table (`--delimiter` also reads
+    /// customer tables and ratings files, so it is not one of them).
+    pub fn first_orders_only(&self) -> Option<(&'static str, &'static str)> {
+        [
+            (self.mapping.is_some(), "--orders-mapping", "mapping"),
+            (self.customer.is_some(), "--customer-col", "customer"),
+            (self.item.is_some(), "--item-col", "item"),
+            (self.timestamp.is_some(), "--timestamp-col", "timestamp"),
+            (
+                self.timestamp_format.is_some(),
+                "--timestamp-format",
+                "timestamp_format",
+            ),
+            (self.quantity.is_some(), "--quantity-col", "quantity"),
+            (self.amount.is_some(), "--amount-col", "amount"),
+            (self.rating.is_some(), "--rating-col", "rating"),
+            (self.merchant.is_some(), "--merchant-col", "merchant"),
+            (self.decimal.is_some(), "--decimal", "decimal"),
+            (self.cutoff.is_some(), "--cutoff", "cutoff"),
+            (
+                self.churn_window_days.is_some(),
+                "--churn-window-days",
+                "churn_window_days",
+            ),
+            (self.on_bad_row.is_some(), "--on-bad-row", "on_bad_row"),
+            (self.hash_items.is_some(), "--hash-items", "hash_items"),
+        ]
+        .into_iter()
+        .find(|(given, _, _)| *given)
+        .map(|(_, flag, key)| (flag, key))
+    }
+
     /// The column flags, to apply over the mapping file.
     fn overrides(&self) -> MappingOverrides {
         MappingOverrides {

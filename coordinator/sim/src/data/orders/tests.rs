@@ -156,6 +156,43 @@ fn a_recommender_with_nothing_to_test_on_says_so() {
     );
 }
 
+#[test]
+fn orders_settings_without_an_orders_export_are_refused() {
+    // A column flag with the bundled demo data would be ignored silently.
+    let mut a = SimArgs::default();
+    a.orders.customer = Some("customer_id".into());
+    let err = Settings::from_args(a).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "--customer-col reads an orders export, but the data is not one: give --data \
+         orders:PATH (or `data = \"orders:PATH\"` in the config file)"
+    );
+    // The same from a config file's [orders] table.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sim.toml");
+    std::fs::write(
+        &cfg,
+        "data = \"telco\"\n[orders]\ncutoff = \"2024-01-01\"\n",
+    )
+    .unwrap();
+    let a = SimArgs {
+        config: Some(cfg),
+        ..Default::default()
+    };
+    let err = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        err.starts_with("`cutoff` in the config's [orders] table reads an orders export"),
+        "{err}"
+    );
+    // --delimiter also reads customer tables.
+    let mut a = SimArgs {
+        data: Some("telco".parse().unwrap()),
+        ..Default::default()
+    };
+    a.orders.delimiter = Some(",".parse().unwrap());
+    assert!(Settings::from_args(a).is_ok());
+}
+
 /// A small multi-store export: store `s{k}` sells to its own customers, who
 /// favour items by store; some customers stop buying in the last months.
 fn write_stores_csv(path: &std::path::Path) {
