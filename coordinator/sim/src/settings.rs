@@ -281,12 +281,16 @@ impl Settings {
             },
         };
         if !matches!(data, Some(DataSpec::Orders(_))) {
+            // A config file's [orders] table is refused only when the file's
+            // own data is not an export: with --data on the command line it
+            // may be a base shared with runs on other data.
             let given = match args.orders.first_orders_only() {
                 Some((flag, _)) => Some(flag.to_string()),
-                None => file
+                None if args.data.is_none() => file
                     .orders
                     .first_orders_only()
                     .map(|(_, key)| format!("`{key}` in the config's [orders] table")),
+                None => None,
             };
             if let Some(given) = given {
                 bail!(
@@ -446,6 +450,59 @@ impl Settings {
                 "{} fine-tunes a recommender: give --task mf, mf-implicit or mf-ials",
                 name!(personalise, "--personalise")
             );
+        }
+        // Flags of one model family given with another task would be
+        // ignored without a word. Only flags: a config file may be a base
+        // shared by several tasks, its other families' keys unused.
+        if let Some(task) = s.task {
+            let gbdt = task == TaskChoice::ChurnGbdt;
+            for (set, flag, what, applies) in [
+                (args.trees.is_some(), "--trees", "boosted trees", gbdt),
+                (
+                    args.max_depth.is_some(),
+                    "--max-depth",
+                    "boosted trees",
+                    gbdt,
+                ),
+                (
+                    args.min_child_weight.is_some(),
+                    "--min-child-weight",
+                    "boosted trees",
+                    gbdt,
+                ),
+                (args.l2.is_some(), "--l2", "boosted trees", gbdt),
+                (
+                    args.factors.is_some(),
+                    "--factors",
+                    "matrix factorisation",
+                    task.is_mf(),
+                ),
+                (
+                    args.reg.is_some(),
+                    "--reg",
+                    "matrix factorisation",
+                    task.is_mf(),
+                ),
+                (
+                    args.negatives.is_some(),
+                    "--negatives",
+                    "matrix factorisation",
+                    task.is_mf(),
+                ),
+                (
+                    args.alpha.is_some(),
+                    "--alpha",
+                    "matrix factorisation",
+                    task.is_mf(),
+                ),
+            ] {
+                if set && !applies {
+                    bail!(
+                        "{flag} sets {what}, not --task {}: leave it out, or give a task it sets",
+                        task.name()
+                    );
+                }
+            }
         }
         if s.refit_users && s.task.is_some_and(|t| t != TaskChoice::Mf) {
             bail!(

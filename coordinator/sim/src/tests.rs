@@ -918,6 +918,21 @@ fn churn_gbdt_runs_one_round_per_level_through_the_engine_and_serves_a_tree_coun
     let mut one_tree = a.clone();
     one_tree.rounds = Some(3);
     assert_eq!(Settings::from_args(one_tree).unwrap().rounds, 3);
+    // A boosted-tree flag with another task, or an MF one with boosted
+    // trees, is refused rather than ignored.
+    let mut other = telco_args("churn-lr");
+    other.trees = Some(5);
+    assert_eq!(
+        Settings::from_args(other).unwrap_err().to_string(),
+        "--trees sets boosted trees, not --task churn-lr: leave it out, or give a task it sets"
+    );
+    let mut other = a.clone();
+    other.factors = Some(8);
+    let err = Settings::from_args(other).unwrap_err().to_string();
+    assert!(
+        err.starts_with("--factors sets matrix factorisation, not --task churn-gbdt"),
+        "{err}"
+    );
     // A bad hyper-parameter names the flags.
     let mut bad = args();
     bad.task = Some("churn-gbdt".parse().unwrap());

@@ -176,7 +176,7 @@ fn orders_settings_without_an_orders_export_are_refused() {
     )
     .unwrap();
     let a = SimArgs {
-        config: Some(cfg),
+        config: Some(cfg.clone()),
         ..Default::default()
     };
     let err = Settings::from_args(a).unwrap_err().to_string();
@@ -184,6 +184,13 @@ fn orders_settings_without_an_orders_export_are_refused() {
         err.starts_with("`cutoff` in the config's [orders] table reads an orders export"),
         "{err}"
     );
+    // With --data on the command line the file may be a shared base.
+    let a = SimArgs {
+        config: Some(cfg),
+        data: Some("movielens".parse().unwrap()),
+        ..Default::default()
+    };
+    assert!(Settings::from_args(a).is_ok());
     // --delimiter also reads customer tables.
     let mut a = SimArgs {
         data: Some("telco".parse().unwrap()),
