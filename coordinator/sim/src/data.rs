@@ -521,10 +521,9 @@ pub fn build(
                 ),
                 _ => unreachable!("matched above"),
             };
-            let load = |p: &Path| {
-                schema
-                    .load_csv_delimited(p, delimiter)
-                    .with_context(|| format!("loading {}", p.display()))
+            // Every loading error names the file (and line) itself.
+            let load = |p: &Path| -> anyhow::Result<TabularDataset> {
+                Ok(schema.load_csv_delimited(p, delimiter)?)
             };
             let (train, test) = match (files, path) {
                 (Some((tr, te)), _) => (load(tr)?, Some(load(te)?)),
@@ -613,8 +612,8 @@ fn mf_model(implicit: bool, num_items: usize, factors: usize, hyper: MfHyper) ->
 }
 
 fn load_ratings(path: &Path, delimiter: u8) -> anyhow::Result<Vec<Interaction>> {
-    movielens::load_ratings_delimited(path, delimiter)
-        .with_context(|| format!("loading {}", path.display()))
+    // Every loading error names the file (and line) itself.
+    Ok(movielens::load_ratings_delimited(path, delimiter)?)
 }
 
 /// Each user's label for Dirichlet skew: the quintile (0–4) of the mean

@@ -175,6 +175,7 @@ fn bad_tables_name_the_file_line_and_column() {
         )),
         "{err}"
     );
+    assert_eq!(err.matches(&csv).count(), 1, "named once: {err}");
     // Header names are matched exactly.
     let err = error(small(dir.path(), "tenure,Plan,left\n3,basic,no\n"));
     assert!(err.contains("missing column `plan`"), "{err}");
