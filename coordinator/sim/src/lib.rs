@@ -229,7 +229,7 @@ pub fn run_one(
         if !exp.failed {
             exp.report
                 .extend(unsplit_note(&spec, &exp.final_model, churn_rows));
-            exp.report.extend(untested_note(&exp));
+            exp.report.extend(untested_note(task, &exp));
         }
         return finish_segments(exp, segment_data.as_deref(), &spec, s);
     }
@@ -522,7 +522,7 @@ pub fn run_one(
     exp.report.extend(selection_report(&exp));
     exp.report
         .extend(unsplit_note(&spec, &engine.global(), churn_rows));
-    exp.report.extend(untested_note(&exp));
+    exp.report.extend(untested_note(task, &exp));
     exp.final_model = engine.global().to_vec();
     exp.finish();
     finish_segments(exp, segment_data.as_deref(), &spec, s)
@@ -543,10 +543,10 @@ fn unsplit_note(spec: &ModelSpec, global: &[f32], churn_rows: usize) -> Option<S
 /// A recommender run whose merchants hold nothing to test on (every
 /// customer bought a single item, say) reports no held-out metric: said in
 /// the report rather than left as a table of dashes.
-fn untested_note(exp: &Experiment) -> Option<String> {
+fn untested_note(task: TaskChoice, exp: &Experiment) -> Option<String> {
     let (key, _) = exp.headline()?;
     let measured = exp.rounds.iter().any(|r| r.eval.contains_key(key));
-    (exp.task.starts_with("mf") && !measured && !exp.rounds.is_empty()).then(|| {
+    (task.is_mf() && !measured && !exp.rounds.is_empty()).then(|| {
         format!(
             "no merchant holds a held-out interaction, so no {key} was measured: leave-last-out \
              (implicit tasks) tests a customer's latest item only when they bought at least 2 \
