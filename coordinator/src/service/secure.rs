@@ -675,10 +675,6 @@ fn step<T>(
     f(round).map_err(|e| e.to_string())
 }
 
-/// Waits until every agent expected in the open stage has answered or left,
-/// or until `until`. An agent has left when the session its invitation went
-/// to is gone, even if its merchant joined again under a new session: the
-/// new process holds nothing of this round and will never answer.
 /// Stops waiting for `merchant` in the secure round's open stage: its local
 /// task failed and it said so (`UpdateHeader.failure`), so it answers no
 /// stage. The protocol treats it as any other dropout; an agent can only
@@ -693,6 +689,11 @@ pub(super) fn decline(shared: &Shared, merchant: &str) {
     }
 }
 
+/// Waits until every agent expected in the open stage has answered, left or
+/// declined, or until `until`. An agent has left when the session its
+/// invitation went to is gone, even if its merchant joined again under a new
+/// session: the new process holds nothing of this round and will never
+/// answer.
 async fn wait_stage(
     shared: &Shared,
     until: Instant,
