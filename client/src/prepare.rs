@@ -269,10 +269,7 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
         churn_window_days: args.churn_window_days,
         trend_window_days: args.trend_window_days,
     };
-    let (Some(first), Some(last)) = (
-        orders.iter().map(|o| o.timestamp).min(),
-        orders.iter().map(|o| o.timestamp).max(),
-    ) else {
+    let Some((first, last)) = orders::time_span(&orders) else {
         return Err(PrepareError::NoOrders);
     };
     if first >= cfg.cutoff {

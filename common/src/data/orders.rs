@@ -46,6 +46,15 @@ pub struct Order {
     pub merchant: Option<String>,
 }
 
+/// The times of the first and last orders (Unix seconds), or `None` when
+/// there is no order.
+pub fn time_span(orders: &[Order]) -> Option<(i64, i64)> {
+    orders.iter().fold(None, |span, o| match span {
+        None => Some((o.timestamp, o.timestamp)),
+        Some((first, last)) => Some((first.min(o.timestamp), last.max(o.timestamp))),
+    })
+}
+
 /// What to do with a row that cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

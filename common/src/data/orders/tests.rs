@@ -510,3 +510,15 @@ fn leave_last_out_holds_out_the_item_on_the_last_order_line_not_the_largest_id()
     kept.sort_unstable();
     assert_eq!(kept, ["m", "z"]);
 }
+
+#[test]
+fn time_span_is_the_first_and_last_order_in_any_file_order() {
+    assert_eq!(time_span(&[]), None);
+    let orders = [
+        order("a", "m", day(3), 1.0, 1.0),
+        order("b", "z", day(9), 1.0, 1.0),
+        order("a", "b", day(1), 1.0, 1.0),
+    ];
+    assert_eq!(time_span(&orders), Some((day(1), day(9))));
+    assert_eq!(time_span(&orders[..1]), Some((day(3), day(3))));
+}

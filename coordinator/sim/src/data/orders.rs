@@ -320,10 +320,7 @@ impl OrdersSource {
 /// export with none, saying where the cutoff fell and how to move it
 /// (otherwise every store is left out, or zero customers are dealt).
 fn no_history_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> anyhow::Result<()> {
-    let (Some(first), Some(last)) = (
-        rows.iter().map(|o| o.timestamp).min(),
-        rows.iter().map(|o| o.timestamp).max(),
-    ) else {
+    let Some((first, last)) = orders::time_span(rows) else {
         bail!("{}: no orders to learn from", src.path.display());
     };
     if first < cfg.cutoff {
