@@ -6,13 +6,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ed25519_dalek::SigningKey;
-use rand::{CryptoRng, Rng, SeedableRng};
+use rand::{CryptoRng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 use super::crypto::{self, BUNDLE_LEN, SHARE_LEN, SecretKey, SharedAgreements, Sign};
-use super::encode::{EncodedInput, encode};
+use super::encode::{Draws, EncodedInput, encode};
 use super::graph::NeighbourGraph;
 use super::ring::{RingVec, check_shape};
 use super::wire::{
@@ -311,11 +311,11 @@ impl ClientSession {
     /// with stochastic rounding drawn from `rounding`). Returns the masked
     /// vector (modulo 2^modulus_bits) and this agent's clipped-coordinate
     /// count.
-    pub fn masked_input<R: Rng>(
+    pub fn masked_input<D: Draws>(
         &mut self,
         relay: &ShareRelay,
         update: &Update,
-        rounding: &mut R,
+        rounding: &mut D,
     ) -> Result<(RingVec, usize), SecAggError> {
         let encoded = encode(&self.config, update, rounding)?;
         let clipped = encoded.clipped();

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::SeedableRng;
-use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
+use rand_chacha::ChaCha20Rng;
 use rayon::prelude::*;
 
 use super::client::ClientSession;
 use super::crypto::{self, SharedAgreements};
-use super::encode::{EncodedInput, encode};
+use super::encode::{EncodedInput, RoundingDraws, encode};
 use super::graph::NeighbourGraph;
 use super::ring::RingVec;
 use super::server::{AfterMasked, SecAggOutput, ServerSession};
@@ -119,8 +119,8 @@ pub fn round_seed(seed: u64) -> [u8; 32] {
 
 /// The stochastic-rounding generator the driver gives agent `id`, so tests
 /// can re-encode an input exactly as the agent did.
-pub fn rounding_rng(seed: u64, id: u32) -> ChaCha8Rng {
-    seed::rng(seed, &["secagg-rounding", &id.to_string()])
+pub fn rounding_rng(seed: u64, id: u32) -> RoundingDraws {
+    RoundingDraws::from_key(seed::rng(seed, &["secagg-rounding", &id.to_string()]).get_seed())
 }
 
 /// Runs one round over `inputs` (agent `i` is `inputs[i]`'s) with the given
