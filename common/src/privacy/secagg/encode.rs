@@ -62,9 +62,9 @@ const DRAW_BATCH: usize = 256;
 
 /// Where stochastic rounding's uniforms come from: 64-bit draws, taken in
 /// order, each made a uniform in [0, 1) as rand's `StandardUniform` makes
-/// an f64. Every `rand::Rng` is a source (a real agent rounds with its
-/// OS-seeded generator); [`RoundingDraws`] is the seeded one of the
-/// in-memory driver.
+/// an f64. Every `rand::Rng` is a source (a real agent rounds with a
+/// ChaCha8 generator seeded per task from the run seed, `client::secure`);
+/// [`RoundingDraws`] is the in-memory driver's.
 pub trait Draws {
     /// Overwrites `out` with the next `out.len()` draws.
     fn fill_u64(&mut self, out: &mut [u64]);
