@@ -120,8 +120,9 @@ impl Draws for RoundingDraws {
     }
 }
 
-/// Stochastic rounding: ⌊y + u⌋ with u uniform in [0, 1).
-#[inline(always)]
+/// Stochastic rounding: ⌊y + u⌋ with u uniform in [0, 1), one draw at a
+/// time (what the batched loops of [`encode`] must equal; tests only).
+#[cfg(test)]
 fn round<D: Draws>(y: f64, draws: &mut D) -> i64 {
     floor_to_i64(y + unit_f64(draws.next_draw()))
 }
@@ -290,22 +291,33 @@ fn encode_words<W: Word, D: Draws>(
             });
         }
     }
-    let weights = update
-        .coord_weights
-        .iter()
-        .map(|&w| f64::from(w))
-        .chain([update.weight]);
-    for (i, w) in weights.enumerate() {
-        let index = config.num_values + i;
-        if !w.is_finite() || w < 0.0 {
-            return Err(SecAggError::NotFinite { index, value: w });
+    // The coordinate weights and the weight, likewise DRAW_BATCH at a time
+    // (one draw each, continuing the values' stream).
+    let num_weights = update.coord_weights.len() + 1;
+    let weight_at = |i: usize| {
+        update
+            .coord_weights
+            .get(i)
+            .map_or(update.weight, |&w| f64::from(w))
+    };
+    for start in (0..num_weights).step_by(DRAW_BATCH) {
+        let draws = &mut draws[..DRAW_BATCH.min(num_weights - start)];
+        rng.fill_u64(draws);
+        for (j, &u) in draws.iter().enumerate() {
+            let w = weight_at(start + j);
+            let index = config.num_values + start + j;
+            if !w.is_finite() || w < 0.0 {
+                return Err(SecAggError::NotFinite { index, value: w });
+            }
+            let mut x = w;
+            if x > config.max_weight {
+                *clipped += 1;
+                x = config.max_weight;
+            }
+            vector.push(W::from_u64(
+                floor_to_i64(x * config.weight_scale + unit_f64(u)) as u64,
+            ));
         }
-        let mut x = w;
-        if x > config.max_weight {
-            *clipped += 1;
-            x = config.max_weight;
-        }
-        vector.push(W::from_u64(round(x * config.weight_scale, rng) as u64));
     }
     vector.push(W::from_u64(*clipped as u64));
     Ok(vector)
@@ -468,17 +480,20 @@ mod tests {
 
     #[test]
     fn batched_rounding_draws_equal_one_random_f64_per_value() {
-        // Value counts around the batch size, after the generator was
-        // advanced by an odd number of 32-bit words.
-        for n in [1, 255, 256, 257, 1000] {
-            let mut c = SecAggConfig::complete(n, 0, 3, 1.0);
+        // Value and coordinate-weight counts around the batch size, after the
+        // generator was advanced by an odd number of 32-bit words; some
+        // weights above max_weight (clipped).
+        for (n, m) in [(1, 0), (255, 1), (256, 255), (257, 256), (1000, 600)] {
+            let mut c = SecAggConfig::complete(n, m, 3, 1.0);
             c.scale = 1000.0;
+            c.max_weight = 5.0;
+            c.weight_scale = 100.0;
             let mut gen_values = rand_chacha::ChaCha8Rng::seed_from_u64(n as u64);
             let update = Update {
                 values: (0..n)
                     .map(|_| (gen_values.random::<f32>() - 0.5) * 3.0)
                     .collect(),
-                coord_weights: vec![],
+                coord_weights: (0..m).map(|_| gen_values.random::<f32>() * 6.0).collect(),
                 weight: 2.0,
             };
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
@@ -493,15 +508,22 @@ mod tests {
                     (x * c.scale + reference.random::<f64>()).floor() as i64 as u64
                 })
                 .collect();
-            expected.push(round(2.0 * c.weight_scale, &mut reference) as u64);
-            let clipped = update.values.iter().filter(|v| v.abs() > 1.0).count();
+            let weights = update.coord_weights.iter().map(|&w| f64::from(w));
+            for w in weights.chain([update.weight]) {
+                let x = w.min(c.max_weight);
+                expected.push(round(x * c.weight_scale, &mut reference) as u64);
+            }
+            let clipped_weights = update.coord_weights.iter().filter(|&&w| w > 5.0).count();
+            assert!(m < 255 || clipped_weights > 0, "m = {m}: no weight clipped");
+            let clipped = update.values.iter().filter(|v| v.abs() > 1.0).count() + clipped_weights;
             expected.push(clipped as u64);
             let want = RingVec::from_u64(c.modulus_bits, &expected);
-            assert_eq!(got.vector, want, "n = {n}");
+            assert_eq!(got.vector, want, "n = {n}, m = {m}");
+            assert_eq!(got.clipped(), clipped, "n = {n}, m = {m}");
             assert_eq!(
                 rng.next_u64(),
                 reference.next_u64(),
-                "n = {n}: streams diverge"
+                "n = {n}, m = {m}: streams diverge"
             );
         }
     }
@@ -741,5 +763,23 @@ mod tests {
             encode(&c, &u, &mut rng),
             Err(SecAggError::NotFinite { index: 1, .. })
         ));
+        // A weight that is not finite, or negative, is named by its index
+        // in the encoded vector (values first).
+        let bad_coord_weight = Update {
+            values: vec![0.5, 0.0, 0.0, 0.0],
+            coord_weights: vec![f32::INFINITY],
+            weight: 1.0,
+        };
+        let negative_weight = Update {
+            coord_weights: vec![1.0],
+            weight: -1.0,
+            ..bad_coord_weight.clone()
+        };
+        for (u, at) in [(bad_coord_weight, 4), (negative_weight, 5)] {
+            match encode(&c, &u, &mut rng) {
+                Err(SecAggError::NotFinite { index, .. }) => assert_eq!(index, at),
+                other => panic!("expected NotFinite at {at}, got {other:?}"),
+            }
+        }
     }
 }
