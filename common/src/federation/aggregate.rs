@@ -200,10 +200,14 @@ impl SumAccumulator {
                     }
                 }
                 Some(g) => {
-                    for (j, i) in range.enumerate() {
-                        let w = self.coord_weights[j / g];
+                    // One weight per group of g consecutive coordinates.
+                    let groups = out[range.clone()]
+                        .chunks_mut(g.max(1))
+                        .zip(self.values[range].chunks(g.max(1)))
+                        .zip(&self.coord_weights);
+                    for ((o, v), &w) in groups {
                         if w > 0.0 {
-                            out[i] = (self.values[i] / w) as f32;
+                            o.iter_mut().zip(v).for_each(|(o, s)| *o = (s / w) as f32);
                         }
                     }
                 }

@@ -24,8 +24,9 @@ pub fn per_update_steps(updates: &[Update], layout: &WeightLayout) -> Vec<(Vec<f
             let mut offset = 0;
             for seg in &layout.segments {
                 if let Some(g) = seg.group_len {
-                    for j in 0..seg.len {
-                        touched[offset + j] = u.coord_weights[j / g] > 0.0;
+                    let groups = touched[offset..offset + seg.len].chunks_mut(g.max(1));
+                    for (t, &w) in groups.zip(&u.coord_weights) {
+                        t.fill(w > 0.0);
                     }
                 }
                 offset += seg.len;

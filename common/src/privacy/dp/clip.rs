@@ -107,14 +107,23 @@ pub fn dp_update(
     } else {
         let mut offset = 0;
         for seg in &layout.segments {
-            for j in 0..seg.len {
-                let i = offset + j;
-                let w = match seg.group_len {
-                    None => update.weight,
-                    Some(g) => f64::from(update.coord_weights[j / g]),
-                };
+            let range = offset..offset + seg.len;
+            let (d, v) = (&mut delta[range.clone()], &update.values[range]);
+            let divide = |d: &mut [f32], v: &[f32], w: f64| {
                 if w > 0.0 {
-                    delta[i] = (f64::from(update.values[i]) / w) as f32;
+                    d.iter_mut()
+                        .zip(v)
+                        .for_each(|(d, v)| *d = (f64::from(*v) / w) as f32);
+                }
+            };
+            match seg.group_len {
+                None => divide(d, v, update.weight),
+                // One weight per group of g consecutive coordinates.
+                Some(g) => {
+                    let groups = d.chunks_mut(g.max(1)).zip(v.chunks(g.max(1)));
+                    for ((d, v), &w) in groups.zip(&update.coord_weights) {
+                        divide(d, v, f64::from(w));
+                    }
                 }
             }
             offset += seg.len;
