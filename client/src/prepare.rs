@@ -322,17 +322,93 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
         "\nfor merchant.toml (also in {}):\n\n{snippet}",
         snippet_path.display()
     );
-    if !s.window_covered {
-        println!(
-            "warning: the export ends before the churn window does; churn labels are partly unobserved"
-        );
+    if let Some(warning) = window_warning((first, last), cfg.cutoff, cfg.churn_window_days) {
+        eprintln!("warning: {warning}");
     }
     Ok(())
+}
+
+/// What to tell a merchant whose export ends before the churn window does
+/// (`None` when the window is covered, as `DeriveSummary::window_covered`
+/// decides): a customer who came back after the export's last order looks
+/// churned. Names the dates and the latest cutoff that observes every label,
+/// or says that the export is too short for the window.
+fn window_warning((first, last): (i64, i64), cutoff: i64, window_days: u32) -> Option<String> {
+    const DAY: i64 = 86_400;
+    let window_end = cutoff + i64::from(window_days) * DAY;
+    if last >= window_end - DAY {
+        return None;
+    }
+    let date = orders::derive::format_date;
+    let latest_cutoff = last - i64::from(window_days) * DAY;
+    let fix = if latest_cutoff > first {
+        format!(
+            "for labels the export observes, give --cutoff {} or earlier (its last order minus \
+             --churn-window-days {window_days})",
+            date(latest_cutoff)
+        )
+    } else {
+        format!(
+            "the export spans {} days, fewer than the {window_days}-day churn window, so no cutoff \
+             observes the labels: give a longer export or a shorter --churn-window-days",
+            (last - first) / DAY
+        )
+    };
+    Some(if last < cutoff {
+        format!(
+            "no order falls after the cutoff {} (the export ends {}), so every customer is labelled \
+             churned and the churn labels say nothing; the interactions are unaffected; {fix}",
+            date(cutoff),
+            date(last)
+        )
+    } else {
+        format!(
+            "the export ends {}, {} of the {window_days} days of the churn window after the cutoff {}: \
+             a customer who comes back later is labelled churned; {fix}",
+            date(last),
+            (last - cutoff) / DAY,
+            date(cutoff)
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_churn_window_the_export_does_not_cover_is_explained_with_the_cutoff_that_fixes_it() {
+        let day = 86_400;
+        let jan_1 = 1_483_228_800; // 2017-01-01
+        // Covered: the export runs to the end of the 90-day window.
+        let year_before = jan_1 - 365 * day;
+        assert_eq!(
+            window_warning((year_before, jan_1 + 95 * day), jan_1, 90),
+            None
+        );
+        // Partly covered: 30 of 90 days.
+        let partly = window_warning((year_before, jan_1 + 30 * day), jan_1, 90).unwrap();
+        assert!(
+            partly.contains("the export ends 2017-01-31, 30 of the 90 days")
+                && partly.contains("--cutoff 2016-11-02 or earlier"),
+            "{partly}"
+        );
+        // Nothing after the cutoff: every label is "churned".
+        let none = window_warning((year_before, jan_1 - 10 * day), jan_1, 90).unwrap();
+        assert!(
+            none.starts_with(
+                "no order falls after the cutoff 2017-01-01 (the export ends 2016-12-22)"
+            ) && none.contains("every customer is labelled churned")
+                && none.contains("--cutoff 2016-09-23 or earlier"),
+            "{none}"
+        );
+        // An export shorter than the window: no cutoff helps.
+        let short = window_warning((jan_1, jan_1 + 20 * day), jan_1 + 5 * day, 90).unwrap();
+        assert!(
+            short.contains("the export spans 20 days, fewer than the 90-day churn window"),
+            "{short}"
+        );
+    }
 
     fn args(dir: &Path, orders: PathBuf) -> PrepareArgs {
         PrepareArgs {
