@@ -30,7 +30,8 @@ const DEFAULT_CHURN_WINDOW_DAYS: u32 = 90;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The churn CSV (`data.churn_csv`) could not be read.
-    #[error("loading churn data {}", path.display())]
+    /// The source names the file (and line, column): not repeated here.
+    #[error("reading the customer table")]
     Churn {
         /// The file.
         path: PathBuf,
@@ -87,7 +88,8 @@ pub enum DataError {
         message: String,
     },
     /// The ratings file (`data.ratings_csv`) could not be read.
-    #[error("loading ratings {}", path.display())]
+    /// The source names the file (and line, column): not repeated here.
+    #[error("reading the ratings file")]
     Ratings {
         /// The file.
         path: PathBuf,
@@ -99,7 +101,9 @@ pub enum DataError {
     #[error("baskets need `data.orders_csv` with an `item` column in `[data.orders]`")]
     NoBasketsMapping,
     /// The orders export (`data.orders_csv`) could not be read.
-    #[error("loading orders {}", path.display())]
+    /// The source names the file (and line, column), or is a churn
+    /// setting: not repeated here.
+    #[error("reading the orders export")]
     Orders {
         /// The file.
         path: PathBuf,
@@ -108,7 +112,8 @@ pub enum DataError {
         source: fedcart_common::data::orders::OrdersError,
     },
     /// The shared catalogue (`data.catalogue`) could not be read.
-    #[error("loading catalogue {}", path.display())]
+    /// The source names the file (and line, column): not repeated here.
+    #[error("reading the catalogue")]
     Catalogue {
         /// The file.
         path: PathBuf,
@@ -628,6 +633,34 @@ mod tests {
         )
         .unwrap();
         AgentConfig::load_with_env(&path, |_| None).unwrap()
+    }
+
+    #[test]
+    fn a_data_error_names_the_file_once_with_its_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = merchant(dir.path());
+        let orders = dir.path().join("orders.csv");
+        let chain = |e: DataError| {
+            let e = anyhow::Error::new(e);
+            format!("{e:#}")
+        };
+        std::fs::write(
+            &orders,
+            "customer,item,timestamp,quantity,amount\nc1,milk,2024-01-01,1,x\n",
+        )
+        .unwrap();
+        let table = CustomerTable::from_config(&cfg).unwrap();
+        let bad_cell = chain(table.load().unwrap_err());
+        let file = orders.display().to_string();
+        assert_eq!(bad_cell.matches(&file).count(), 1, "{bad_cell}");
+        assert!(
+            bad_cell.starts_with("reading the orders export: ")
+                && bad_cell.contains("line 2, column `amount`"),
+            "{bad_cell}"
+        );
+        std::fs::remove_file(&orders).unwrap();
+        let missing = chain(table.load().unwrap_err());
+        assert_eq!(missing.matches(&file).count(), 1, "{missing}");
     }
 
     #[test]

@@ -278,8 +278,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let table = data::CustomerTable::from_config(&cfg)?;
             let mut w = recommend::open_output(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
+            // A reading error names the table's file itself.
             let n = recommend::score(&run_state(&cfg, run.as_deref())?, &table, &mut w, &out)
-                .with_context(|| format!("scoring {}", table.path.display()))?;
+                .map_err(|e| match e {
+                    e @ recommend::RecommendError::Load(_) => anyhow::Error::new(e),
+                    e => anyhow::Error::new(e).context(format!("scoring {}", table.path.display())),
+                })?;
             w.flush()
                 .with_context(|| format!("writing {}", out.display()))?;
             if out != std::path::Path::new("-") {
@@ -340,7 +344,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 &mut w,
                 &out,
             )
-            .with_context(|| format!("labelling {}", table.path.display()))?;
+            .map_err(|e| match e {
+                e @ fedcart_client::segments::SegmentsError::Load(_) => anyhow::Error::new(e),
+                e => anyhow::Error::new(e).context(format!("labelling {}", table.path.display())),
+            })?;
             w.flush()
                 .with_context(|| format!("writing {}", out.display()))?;
             if out != std::path::Path::new("-") {
