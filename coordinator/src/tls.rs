@@ -36,13 +36,82 @@ impl TlsFiles {
 
     /// A tonic server TLS configuration that requires a client certificate
     /// chaining to `ca` (no certificate or another CA fails the handshake).
+    /// Each file is checked first, so a wrong one is named with its setting
+    /// (`serve.tls.*`) rather than left to the transport's "no root trust
+    /// anchors" or "keys may not be consistent".
     pub fn server_config(&self) -> anyhow::Result<ServerTlsConfig> {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let (ca, cert, key) = (read(&self.ca)?, read(&self.cert)?, read(&self.key)?);
+        self.check(&ca, &cert, &key)?;
         Ok(ServerTlsConfig::new()
-            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
-            .client_ca_root(Certificate::from_pem(read(&self.ca)?))
+            .identity(Identity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(ca))
             .client_auth_optional(false))
+    }
+
+    /// Builds the rustls server configuration the transport will build (CA
+    /// roots, certificate chain, the key that matches it) from the PEM bytes.
+    fn check(&self, ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::Result<()> {
+        let certs = |setting: &str, path: &PathBuf, pem: &[u8]| {
+            let found: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+                .filter_map(Result::ok)
+                .collect();
+            if found.is_empty() {
+                anyhow::bail!(
+                    "`{setting}` {} holds no PEM certificate (a `-----BEGIN CERTIFICATE-----` block)",
+                    path.display()
+                );
+            }
+            Ok(found)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs("serve.tls.ca", &self.ca, ca)? {
+            roots.add(c).with_context(|| {
+                format!(
+                    "`serve.tls.ca` {}: not a usable CA certificate",
+                    self.ca.display()
+                )
+            })?;
+        }
+        let chain = certs("serve.tls.cert", &self.cert, cert)?;
+        let key = rustls_pemfile::private_key(&mut &key[..])
+            .ok()
+            .flatten()
+            .with_context(|| {
+                format!(
+                    "`serve.tls.key` {} holds no PEM private key (a `-----BEGIN PRIVATE KEY-----` block)",
+                    self.key.display()
+                )
+            })?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::clone(&provider),
+        )
+        .build()
+        .with_context(|| format!("`serve.tls.ca` {}", self.ca.display()))?;
+        let mismatch = |e: rustls::Error| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                anyhow::anyhow!(
+                    "`serve.tls.key` {} is not the private key of `serve.tls.cert` {}",
+                    self.key.display(),
+                    self.cert.display()
+                )
+            }
+            e => anyhow::anyhow!(
+                "the coordinator's certificate `serve.tls.cert` {} and key `serve.tls.key` {}: {e}",
+                self.cert.display(),
+                self.key.display()
+            ),
+        };
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(mismatch)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(mismatch)?;
+        Ok(())
     }
 }
 
@@ -89,6 +158,45 @@ pub fn insecure_from_env(value: Option<&std::ffi::OsStr>) -> Result<bool, Insecu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wrong_tls_file_is_named_with_its_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = crate::certs::CertDir::new(dir.path());
+        crate::certs::init(&certs, &["localhost".into()]).unwrap();
+        let files = TlsFiles::in_dir(dir.path());
+        assert!(files.server_config().is_ok());
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let message = |files: TlsFiles| format!("{:#}", files.server_config().unwrap_err());
+        let no_ca = message(TlsFiles {
+            ca: garbage.clone(),
+            ..files.clone()
+        });
+        assert!(
+            no_ca.starts_with("`serve.tls.ca`") && no_ca.contains("garbage.pem"),
+            "{no_ca}"
+        );
+        let no_cert = message(TlsFiles {
+            cert: garbage.clone(),
+            ..files.clone()
+        });
+        assert!(no_cert.starts_with("`serve.tls.cert`"), "{no_cert}");
+        let no_key = message(TlsFiles {
+            key: garbage,
+            ..files.clone()
+        });
+        assert!(no_key.starts_with("`serve.tls.key`"), "{no_key}");
+        // The operator's key beside the coordinator's certificate.
+        let wrong_key = message(TlsFiles {
+            key: certs.key("operator"),
+            ..files.clone()
+        });
+        assert!(
+            wrong_key.contains("operator.key is not the private key of `serve.tls.cert`"),
+            "{wrong_key}"
+        );
+    }
 
     #[test]
     fn only_an_explicit_true_or_1_selects_plaintext() {
