@@ -44,16 +44,38 @@ pub async fn channel(
     if let Some(t) = tls {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        ep = ep.tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(read(&t.ca)?))
-                .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
-                .domain_name(t.domain.clone()),
-        )?;
+        ep = ep
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read(&t.ca)?))
+                    .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
+                    .domain_name(t.domain.clone()),
+            )
+            .map_err(|e| BadIdentity::new(t, &e))?;
     }
     ep.connect()
         .await
         .with_context(|| format!("connecting to {url}"))
+}
+
+/// The operator's TLS files do not make an identity (found before any
+/// connection is tried, so no "is the coordinator running?" hint).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadIdentity(String);
+
+impl BadIdentity {
+    fn new(t: &ClientTls, e: &tonic::transport::Error) -> Self {
+        let reason = crate::cli::one_line(e);
+        let (cert, key, ca) = (t.cert.display(), t.key.display(), t.ca.display());
+        Self(if reason.contains("KeyMismatch") {
+            format!("{key} is not the private key of {cert}")
+        } else if reason.contains("no certificates") {
+            format!("{cert} holds no PEM certificate")
+        } else {
+            format!("the identity {cert} / {key} with the CA {ca}: {reason}")
+        })
+    }
 }
 
 /// Fetches the status.
@@ -68,6 +90,9 @@ pub async fn fetch(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<pb::Sta
 /// Adds what to try to a failed [`fetch`] of `url`; `with_certs` tells
 /// whether `--certs` was given.
 pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error {
+    if e.chain().any(|c| c.is::<BadIdentity>()) {
+        return e;
+    }
     let refused = e
         .chain()
         .find_map(|c| c.downcast_ref::<tonic::Status>())
@@ -155,4 +180,47 @@ pub fn to_table(s: &pb::StatusReply) -> String {
         }
     }
     t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_operator_key_that_is_not_the_certificates_is_named_without_a_network_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = crate::certs::CertDir::new(dir.path());
+        crate::certs::init(&certs, &["localhost".into()]).unwrap();
+        let tls = |key| ClientTls {
+            ca: certs.ca_cert(),
+            cert: certs.cert("operator"),
+            key,
+            domain: "localhost".into(),
+        };
+        // The port is never dialled: the identity is refused first.
+        let url = "https://127.0.0.1:1";
+        let wrong = tls(certs.key("coordinator"));
+        let e = channel(url, Some(&wrong)).await.unwrap_err();
+        let message = format!("{:#}", with_hint(e, url, true));
+        assert_eq!(
+            message,
+            format!(
+                "{} is not the private key of {}",
+                certs.key("coordinator").display(),
+                certs.cert("operator").display()
+            )
+        );
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let no_cert = ClientTls {
+            cert: garbage.clone(),
+            ..tls(certs.key("operator"))
+        };
+        let e = channel(url, Some(&no_cert)).await.unwrap_err();
+        let message = format!("{:#}", with_hint(e, url, true));
+        assert_eq!(
+            message,
+            format!("{} holds no PEM certificate", garbage.display())
+        );
+    }
 }
