@@ -278,9 +278,12 @@ impl TaskChoice {
                         ),
                     };
                 }
-                match s.strip_prefix("noop:").map(str::parse::<usize>) {
+                match s.strip_prefix("noop:").map(|d| d.trim().parse::<usize>()) {
                     Some(Ok(d)) if d > 0 => Self::Noop(d),
-                    _ => bail!(
+                    Some(_) => {
+                        bail!("`{s}`: give the update's length D (>= 1 values), e.g. noop:100000")
+                    }
+                    None => bail!(
                         "unknown task `{s}` (known: mf, mf-implicit, mf-ials, churn-lr, \
                          churn-mlp[:H1[,H2]], churn-gbdt, segments[:K], rules[:MIN], noop:D)"
                     ),

@@ -235,7 +235,12 @@ fn bad_settings_are_explained() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("hidden widths"), "{e}");
-    assert!("noop:x".parse::<data::TaskChoice>().is_err());
+    for bad in ["noop:x", "noop:0", "noop:"] {
+        let e = bad.parse::<data::TaskChoice>().unwrap_err().to_string();
+        assert!(e.contains("give the update's length D"), "{bad}: {e}");
+    }
+    let e = "knn".parse::<data::TaskChoice>().unwrap_err().to_string();
+    assert!(e.starts_with("unknown task `knn`"), "{e}");
     let mut a = args();
     a.fraction = Some(1.5);
     assert!(
