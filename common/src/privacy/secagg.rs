@@ -213,7 +213,9 @@ pub use driver::{
     Dropouts, EncodedHook, InMemoryOutcome, InMemoryRound, StageTimes, Traffic, round_seed,
     rounding_rng, run_in_memory, run_in_memory_with,
 };
-pub use encode::{DecodedSum, Draws, EncodedInput, RoundingDraws, encode};
+pub use encode::{
+    CLIPPED_WARNING, DecodedSum, Draws, EncodedInput, RoundingDraws, clipping_warning, encode,
+};
 pub use graph::NeighbourGraph;
 pub use invite::{RoundInvite, stage_name};
 pub use ring::{RingVec, bytes_per_element};

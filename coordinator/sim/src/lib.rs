@@ -523,6 +523,10 @@ pub fn run_one(
     exp.report
         .extend(unsplit_note(&spec, &engine.global(), churn_rows));
     exp.report.extend(untested_note(task, &exp));
+    if s.secagg {
+        exp.report
+            .extend(clipping_note(&spec, &exp, s.secagg_clip(task)));
+    }
     exp.final_model = engine.global().to_vec();
     exp.finish();
     finish_segments(exp, segment_data.as_deref(), &spec, s)
@@ -543,6 +547,22 @@ fn unsplit_note(spec: &ModelSpec, global: &[f32], churn_rows: usize) -> Option<S
 /// A recommender run whose merchants hold nothing to test on (every
 /// customer bought a single item, say) reports no held-out metric: said in
 /// the report rather than left as a table of dashes.
+/// The round of a secure run that clipped the largest fraction of its
+/// training coordinates, when that is above the warning threshold: a clip
+/// too low for these updates distorts every sum without failing a round.
+fn clipping_note(spec: &ModelSpec, exp: &Experiment, clip: f32) -> Option<String> {
+    let per_update = spec.model().update_len() + spec.layout().num_coord_weights + 1;
+    let (round, fraction) = exp
+        .rounds
+        .iter()
+        .filter(|r| r.reported > 0)
+        .map(|r| (r.round, r.clipped as f64 / (r.reported * per_update) as f64))
+        .max_by(|a, b| a.1.total_cmp(&b.1))?;
+    let setting = format!("--secagg-clip (now {clip:?})");
+    fedcart_common::privacy::secagg::clipping_warning(fraction, &setting)
+        .map(|w| format!("round {round}: {w}"))
+}
+
 fn untested_note(task: TaskChoice, exp: &Experiment) -> Option<String> {
     let (key, _) = exp.headline()?;
     let measured = exp.rounds.iter().any(|r| r.eval.contains_key(key));

@@ -272,6 +272,29 @@ fn secure_aggregation_matches_plaintext_within_quantisation() {
 }
 
 #[test]
+fn a_secure_aggregation_clip_that_distorts_the_sum_is_reported() {
+    let mut a = telco_args("churn-lr");
+    a.secagg = true;
+    let fine = run(a.clone());
+    let note = |e: &Experiment| {
+        e.report
+            .iter()
+            .find(|l| l.contains("secure aggregation clipped"))
+            .cloned()
+    };
+    assert_eq!(note(&fine[0]), None, "{:?}", fine[0].report);
+    a.secagg_clip = Some(1e-9);
+    let clipped = run(a);
+    let line = note(&clipped[0]).expect("a note on the clipped sums");
+    assert!(
+        clipped[0].rounds.iter().all(|r| r.clipped > 0)
+            && line.contains("% of the summed coordinates")
+            && line.ends_with("raise --secagg-clip (now 1e-9)"),
+        "{line}"
+    );
+}
+
+#[test]
 fn ials_under_secure_aggregation_matches_plaintext_within_quantisation() {
     // iALS's update is a sum of confidence-weighted item rows like BPR's:
     // the masked sum decodes to the plaintext step up to fixed-point rounding.

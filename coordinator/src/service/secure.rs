@@ -658,6 +658,9 @@ async fn drive(
         .collect();
     tracing::info!(task = %plan.task_id, survivors = survivors.len(), dropped = output.dropped.len(),
         clipped_fraction = output.sum.clipped_fraction(), "secure sum recovered");
+    if let Some(warning) = output.sum.clipping_warning("`run.secagg.clip`") {
+        tracing::warn!(task = %plan.task_id, "{warning}");
+    }
     let handed = shared
         .engine()
         .set_secure_sum(&survivors, output.sum.into_accumulator());

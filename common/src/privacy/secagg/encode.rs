@@ -57,6 +57,24 @@ impl EncodedInput {
     }
 }
 
+/// The clipped fraction of a round's coordinates above which drivers warn:
+/// a few outliers are what clipping is for; one coordinate in a hundred
+/// means the clip is too low for these updates.
+pub const CLIPPED_WARNING: f64 = 0.01;
+
+/// The warning for a round that clipped `fraction` of its coordinates, if
+/// above [`CLIPPED_WARNING`]; `setting` names where the clip is set.
+pub fn clipping_warning(fraction: f64, setting: &str) -> Option<String> {
+    (fraction > CLIPPED_WARNING).then(|| {
+        format!(
+            "secure aggregation clipped {:.1} % of the summed coordinates: each value is clipped \
+             to the secure-aggregation clip before encoding, so the sum is distorted; raise \
+             {setting}",
+            100.0 * fraction
+        )
+    })
+}
+
 /// Values whose rounding uniforms are drawn in one call.
 const DRAW_BATCH: usize = 256;
 
@@ -460,6 +478,13 @@ impl DecodedSum {
         }
     }
 
+    /// A warning when more than [`CLIPPED_WARNING`] of the coordinates were
+    /// clipped: the sum is then a distorted one, and nothing else says so.
+    /// `setting` names where the clip is set (a flag or a config key).
+    pub fn clipping_warning(&self, setting: &str) -> Option<String> {
+        clipping_warning(self.clipped_fraction(), setting)
+    }
+
     /// The sums as the coordinator's streaming accumulator, ready for
     /// [`SumAccumulator::mean_delta`].
     pub fn into_accumulator(self) -> SumAccumulator {
@@ -691,6 +716,13 @@ mod tests {
         let d = DecodedSum::decode(&c, e.vector(), 1).unwrap();
         assert_eq!(d.clipped, 3);
         assert!((d.clipped_fraction() - 3.0 / 6.0).abs() < 1e-12);
+        let warning = d.clipping_warning("--secagg-clip").unwrap();
+        assert!(
+            warning.starts_with("secure aggregation clipped 50.0 % ")
+                && warning.ends_with("raise --secagg-clip"),
+            "{warning}"
+        );
+        assert_eq!(clipping_warning(CLIPPED_WARNING, "x"), None);
         assert_eq!(d.values[1], 1.0);
         assert_eq!(d.values[2], -1.0);
         assert!((d.values[0] - 0.5).abs() <= 1e-3);
