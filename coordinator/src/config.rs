@@ -529,6 +529,12 @@ impl RunConfig {
                 ),
             );
         }
+        if self.rounds == 0 {
+            return bad(
+                "run.rounds",
+                "0 must be ≥ 1: round r commits version r, and a run ends after its last".into(),
+            );
+        }
         if let Some(es) = &self.early_stopping {
             if es.patience == 0 {
                 return bad("run.early_stopping.patience", "must be at least 1".into());
@@ -913,6 +919,21 @@ mod tests {
         run.secagg = settings(Some(MIN_NEIGHBOURS));
         assert!(run.validate().is_ok());
         run.secagg = settings(None);
+        assert!(run.validate().is_ok());
+    }
+
+    #[test]
+    fn a_run_of_zero_rounds_is_refused_naming_the_key() {
+        let mut run = run();
+        run.rounds = 0;
+        match run.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "run.rounds");
+                assert!(message.starts_with("0 must be ≥ 1"), "{message}");
+            }
+            other => panic!("expected run.rounds to be refused, got {other:?}"),
+        }
+        run.rounds = 1;
         assert!(run.validate().is_ok());
     }
 

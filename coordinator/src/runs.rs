@@ -28,15 +28,29 @@ pub async fn call(
     tls: Option<&ClientTls>,
     action: &Action,
 ) -> anyhow::Result<Vec<pb::RunInfo>> {
+    // A run to submit is read and checked before connecting, so a wrong
+    // file is named (with its line) whether or not the coordinator is up;
+    // the coordinator checks it again.
+    let submitted = match action {
+        Action::Submit(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            crate::config::RunConfig::from_toml(&text, path).map_err(|e| match e {
+                // The other errors name the file already.
+                e @ crate::config::ConfigError::Invalid { .. } => {
+                    anyhow::Error::new(e).context(path.display().to_string())
+                }
+                e => anyhow::Error::new(e),
+            })?;
+            Some(text)
+        }
+        _ => None,
+    };
     let mut c = AdminClient::new(crate::status::channel(url, tls).await?);
     let one = |r: tonic::Response<pb::RunInfo>| vec![r.into_inner()];
     Ok(match action {
         Action::Submit(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            // Checked here first, so the error names the file and line
-            // before anything is sent; the coordinator checks it again.
-            crate::config::RunConfig::from_toml(&text, path)?;
+            let text = submitted.expect("read above");
             one(c
                 .submit_run(pb::SubmitRunRequest {
                     config_toml: text,
@@ -103,4 +117,30 @@ pub fn to_table(runs: &[pb::RunInfo]) -> String {
         out.push_str("(no runs)\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_run_file_is_checked_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/recommender.toml"
+        ))
+        .unwrap();
+        std::fs::write(&path, example.replace("rounds = 10", "rounds = 0")).unwrap();
+        // Nothing listens on port 1: the file must be refused first.
+        let e = call("http://127.0.0.1:1", None, &Action::Submit(path.clone()))
+            .await
+            .unwrap_err();
+        let message = format!("{e:#}");
+        assert!(
+            message.starts_with(&format!("{}: invalid `run.rounds`", path.display())),
+            "{message}"
+        );
+    }
 }
