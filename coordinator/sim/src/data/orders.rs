@@ -346,6 +346,55 @@ fn no_history_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> an
     )
 }
 
+/// A churn label is "no order within the window after the cutoff": with no
+/// order after the cutoff every customer is labelled churned, and a churn
+/// model has nothing to learn or to be measured on; refused, with the
+/// latest cutoff that works. A window the export only partly covers is a
+/// warning (a customer who came back later looks churned).
+fn no_label_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> anyhow::Result<()> {
+    let Some((first, last)) = orders::time_span(rows) else {
+        return Ok(());
+    };
+    let date = orders::derive::format_date;
+    let window = i64::from(cfg.churn_window_days) * SECONDS_PER_DAY;
+    let fix = if last - window > first {
+        format!(
+            "give a --cutoff of {} or earlier (the last order minus --churn-window-days {})",
+            date(last - window),
+            cfg.churn_window_days
+        )
+    } else {
+        format!(
+            "the export spans {} days, fewer than the --churn-window-days {}: shorten the window",
+            (last - first).div_euclid(SECONDS_PER_DAY),
+            cfg.churn_window_days
+        )
+    };
+    if last < cfg.cutoff {
+        bail!(
+            "{}: no order falls after the churn cutoff {} (the orders run from {} to {}), so \
+             every customer would be labelled churned and a churn model has nothing to learn \
+             or to be measured on; {fix}",
+            src.path.display(),
+            date(cfg.cutoff),
+            date(first),
+            date(last)
+        );
+    }
+    if last < cfg.cutoff + window - SECONDS_PER_DAY {
+        tracing::warn!(
+            "{}: the orders end {}, {} of the {} days of the churn window after the cutoff {}: a \
+             customer who came back later is labelled churned; {fix}",
+            src.path.display(),
+            date(last),
+            (last - cfg.cutoff).div_euclid(SECONDS_PER_DAY),
+            cfg.churn_window_days,
+            date(cfg.cutoff)
+        );
+    }
+    Ok(())
+}
+
 /// Builds the merchants of an experiment on orders data.
 pub fn build(
     task: TaskChoice,
@@ -368,6 +417,9 @@ pub fn build(
     let cfg = cfg;
     if !task.is_mf() {
         no_history_check(src, &rows, &cfg)?;
+    }
+    if task.is_churn() {
+        no_label_check(src, &rows, &cfg)?;
     }
     let derive = |rows: &[Order]| {
         orders::derive(rows, &cfg).with_context(|| format!("deriving {}", src.path.display()))

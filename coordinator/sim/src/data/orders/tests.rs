@@ -126,6 +126,22 @@ fn a_cutoff_before_every_order_is_refused_with_the_dates_and_the_fix() {
 }
 
 #[test]
+fn a_cutoff_after_every_order_is_refused_for_churn_with_the_latest_cutoff_that_works() {
+    // CDNOW runs from 1997-01-01 to 1998-06-30.
+    let mut a = cdnow_args();
+    a.orders.cutoff = Some("1998-09-01".into());
+    let err = run(a).unwrap_err().to_string();
+    assert!(
+        err.contains("CDNOW_master.txt: no order falls after the churn cutoff 1998-09-01")
+            && err.contains("every customer would be labelled churned")
+            && err.contains(
+                "--cutoff of 1998-01-01 or earlier (the last order minus --churn-window-days 180)"
+            ),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_recommender_with_nothing_to_test_on_says_so() {
     // Every customer bought once: leave-last-out holds nothing out.
     let dir = tempfile::tempdir().unwrap();
