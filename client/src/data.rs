@@ -263,6 +263,24 @@ fn churn_from_orders(
         })?,
         None => after_last(rows, path)? - i64::from(window) * SECONDS_PER_DAY,
     };
+    // A cutoff after the last order labels every customer churned: nothing
+    // to learn, and a model that would be measured on nothing.
+    if let Some((_, last)) = orders::time_span(rows)
+        && last < cutoff
+    {
+        let date = orders::derive::format_date;
+        return Err(DataError::Derive {
+            path: path.to_owned(),
+            message: format!(
+                "`data.churn.cutoff` {} is after the last order ({}), so every customer would \
+                 be labelled churned; set it to {} or earlier (the last order minus \
+                 `data.churn.churn_window_days` {window}), or leave it out",
+                date(cutoff),
+                date(last),
+                date(last - i64::from(window) * SECONDS_PER_DAY)
+            ),
+        });
+    }
     let cc = ChurnConfig {
         trend_window_days: trend_days(cfg),
         ..ChurnConfig::new(cutoff, window)
@@ -633,6 +651,22 @@ mod tests {
         )
         .unwrap();
         AgentConfig::load_with_env(&path, |_| None).unwrap()
+    }
+
+    #[test]
+    fn a_churn_cutoff_after_the_last_order_is_refused_naming_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = merchant(dir.path());
+        let path = dir.path().join("merchant.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text + "[data.churn]\ncutoff = \"2024-09-01\"\n").unwrap();
+        let cfg = AgentConfig::load_with_env(&path, |_| None).unwrap();
+        let e = format!("{:#}", anyhow::Error::new(load(&cfg).unwrap_err()));
+        assert!(
+            e.contains("`data.churn.cutoff` 2024-09-01 is after the last order (2024-06-30)")
+                && e.contains("set it to 2024-04-01 or earlier"),
+            "{e}"
+        );
     }
 
     #[test]
