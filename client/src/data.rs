@@ -264,8 +264,10 @@ fn churn_from_orders(
         None => after_last(rows, path)? - i64::from(window) * SECONDS_PER_DAY,
     };
     // A cutoff after the last order labels every customer churned: nothing
-    // to learn, and a model that would be measured on nothing.
-    if let Some((_, last)) = orders::time_span(rows)
+    // to learn, and a model that would be measured on nothing; a window the
+    // export only partly covers labels late returners churned.
+    let last = orders::time_span(rows).map(|(_, last)| last);
+    if let Some(last) = last
         && last < cutoff
     {
         let date = orders::derive::format_date;
@@ -280,6 +282,21 @@ fn churn_from_orders(
                 date(last - i64::from(window) * SECONDS_PER_DAY)
             ),
         });
+    }
+    if let Some(last) = last
+        && last < cutoff + i64::from(window) * SECONDS_PER_DAY - SECONDS_PER_DAY
+    {
+        let date = orders::derive::format_date;
+        tracing::warn!(
+            "{}: the orders end {}, {} of the {window} days of the churn window after \
+             `data.churn.cutoff` {}: a customer who came back later is labelled churned; set it to \
+             {} or earlier, or leave it out",
+            path.display(),
+            date(last),
+            (last - cutoff).div_euclid(SECONDS_PER_DAY),
+            date(cutoff),
+            date(last - i64::from(window) * SECONDS_PER_DAY)
+        );
     }
     let cc = ChurnConfig {
         trend_window_days: trend_days(cfg),
