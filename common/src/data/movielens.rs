@@ -48,11 +48,7 @@ pub fn read_ratings_delimited<R: std::io::Read>(
         header
             .iter()
             .position(|h| h.trim() == name || h.trim() == alias)
-            .ok_or_else(|| DataError::MissingColumn {
-                file: path.into(),
-                column: name.into(),
-                header: header.iter().collect::<Vec<_>>().join(","),
-            })
+            .ok_or_else(|| DataError::missing_column(path, name, header.iter()))
     };
     let (cu, ci, cr, ct) = (
         col("userId", "user")?,
@@ -311,6 +307,42 @@ mod tests {
             value,
             timestamp,
         }
+    }
+
+    #[test]
+    fn a_ratings_file_without_a_header_or_with_another_separator_says_so() {
+        let read = |text: &str| {
+            read_ratings(text.as_bytes(), Path::new("r.dat"))
+                .unwrap_err()
+                .to_string()
+        };
+        // MovieLens 1M's ratings.dat: `::`, no header.
+        let one_m = read("1::1193::5::978300760\n1::661::3::978302109\n");
+        assert!(
+            one_m.contains("separated by `::`: convert it to commas")
+                && one_m.ends_with(
+                    "it looks like data, not a header: add a header line naming the columns"
+                ),
+            "{one_m}"
+        );
+        // MovieLens 100k's u.data: tabs, no header.
+        let hundred_k = read("196\t242\t3\t881250949\n");
+        assert!(
+            hundred_k.contains("separated by tab: give the file's separator (`--delimiter`"),
+            "{hundred_k}"
+        );
+        // Commas, no header.
+        let no_header = read("1,2,4.0,10\n");
+        assert!(
+            no_header.ends_with("; the first line looks like data, not a header: add a header line naming the columns"),
+            "{no_header}"
+        );
+        // A real header with other names: no guess.
+        let other = read("user_id,item_id,score,ts\n1,2,4.0,10\n");
+        assert!(
+            other.ends_with("(header has: user_id,item_id,score,ts)"),
+            "{other}"
+        );
     }
 
     #[test]

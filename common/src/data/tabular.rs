@@ -107,14 +107,17 @@ pub enum DataError {
         source: std::io::Error,
     },
     /// A required column is missing from the header.
-    #[error("{file}: line 1: missing column `{column}` (header has: {header})")]
+    #[error(
+        "{file}: line 1: missing column `{}` (header has: {}){}",
+        found.column,
+        found.header,
+        found.hint
+    )]
     MissingColumn {
         /// The file.
         file: PathBuf,
-        /// The missing column.
-        column: String,
-        /// The header as read, for comparison.
-        header: String,
+        /// The column and the header (boxed: errors travel in `Result`s).
+        found: Box<MissingColumn>,
     },
     /// A cell could not be parsed.
     #[error("{file}: line {line}, column `{column}`: {message}")]
@@ -306,11 +309,7 @@ impl Schema {
             header
                 .iter()
                 .position(|h| h.trim() == name)
-                .ok_or_else(|| DataError::MissingColumn {
-                    file: path.into(),
-                    column: name.into(),
-                    header: header.iter().collect::<Vec<_>>().join(","),
-                })
+                .ok_or_else(|| DataError::missing_column(path, name, header.iter()))
         };
         let id_col = self.id.as_deref().map(col).transpose()?;
         let label_col = col(&self.label)?;
@@ -416,6 +415,74 @@ pub(crate) type TableRow = Result<(u64, csv::StringRecord), DataError>;
 /// The header of a delimited table and its data records, each with its
 /// line; a record of another width than the header's is an error. Errors
 /// name `path`.
+/// The details of [`DataError::MissingColumn`].
+#[derive(Debug)]
+pub struct MissingColumn {
+    /// The missing column.
+    pub column: String,
+    /// The header as read, for comparison.
+    pub header: String,
+    /// Why the header may be wrong ([`header_hint`]), or empty.
+    pub hint: String,
+}
+
+impl DataError {
+    /// A required column is not in `header` (the fields as split).
+    pub(crate) fn missing_column<'h>(
+        file: &Path,
+        column: &str,
+        header: impl Iterator<Item = &'h str>,
+    ) -> Self {
+        let fields: Vec<&str> = header.collect();
+        Self::MissingColumn {
+            file: file.into(),
+            found: Box::new(MissingColumn {
+                column: column.into(),
+                header: fields.join(","),
+                hint: header_hint(&fields),
+            }),
+        }
+    }
+}
+
+/// What a header that lacks a required column may really be: a first line
+/// of data (a file without a header, as MovieLens 100k's `u.data` and 1M's
+/// `ratings.dat` are), or a line that did not split on the separator.
+pub(crate) fn header_hint(fields: &[&str]) -> String {
+    let numeric = |f: &str| f.trim().parse::<f64>().is_ok();
+    if fields.len() == 1
+        && let Some(sep) = ["::", "\t", ";", "|"]
+            .iter()
+            .find(|s| fields[0].contains(**s))
+    {
+        let name = if *sep == "\t" {
+            "tab".to_string()
+        } else {
+            format!("`{sep}`")
+        };
+        let fix = if *sep == "::" {
+            "convert it to commas (e.g. `sed 's/::/,/g'`)".to_string()
+        } else {
+            "give the file's separator (`--delimiter`, or `delimiter` in the configuration)"
+                .to_string()
+        };
+        let data = if fields[0].split(*sep).all(numeric) {
+            ", and it looks like data, not a header: add a header line naming the columns"
+        } else {
+            ""
+        };
+        return format!(
+            "; the line did not split: its fields are separated by {name}: {fix}{data}"
+        );
+    }
+    if !fields.is_empty() && fields.iter().all(|f| numeric(f)) {
+        return "; the first line looks like data, not a header: add a header line naming the \
+                columns"
+            .into();
+    }
+    String::new()
+}
+
 pub(crate) fn table<'a, R: std::io::Read + 'a>(
     reader: R,
     path: &'a Path,

@@ -180,14 +180,9 @@ impl Schema {
         }
         let two_valued = |c: usize| !stats[c].many && stats[c].values.len() == 2;
         let column = |name: &str| {
-            header
-                .iter()
-                .position(|h| h == name)
-                .ok_or_else(|| DataError::MissingColumn {
-                    file: path.into(),
-                    column: name.into(),
-                    header: header.join(","),
-                })
+            header.iter().position(|h| h == name).ok_or_else(|| {
+                DataError::missing_column(path, name, header.iter().map(String::as_str))
+            })
         };
 
         let label = match &opts.label {
