@@ -65,14 +65,14 @@ impl TlsFiles {
             }
             Ok(found)
         };
+        // As the transport does: certificates it cannot use are skipped.
         let mut roots = rustls::RootCertStore::empty();
-        for c in certs("serve.tls.ca", &self.ca, ca)? {
-            roots.add(c).with_context(|| {
-                format!(
-                    "`serve.tls.ca` {}: not a usable CA certificate",
-                    self.ca.display()
-                )
-            })?;
+        let (usable, _) = roots.add_parsable_certificates(certs("serve.tls.ca", &self.ca, ca)?);
+        if usable == 0 {
+            anyhow::bail!(
+                "`serve.tls.ca` {} holds no usable CA certificate",
+                self.ca.display()
+            );
         }
         let chain = certs("serve.tls.cert", &self.cert, cert)?;
         let key = rustls_pemfile::private_key(&mut &key[..])
