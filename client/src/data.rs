@@ -266,37 +266,35 @@ fn churn_from_orders(
     // A cutoff after the last order labels every customer churned: nothing
     // to learn, and a model that would be measured on nothing; a window the
     // export only partly covers labels late returners churned.
-    let last = orders::time_span(rows).map(|(_, last)| last);
-    if let Some(last) = last
-        && last < cutoff
-    {
+    if let Some((_, last)) = orders::time_span(rows) {
+        use orders::derive::LabelCoverage;
         let date = orders::derive::format_date;
-        return Err(DataError::Derive {
-            path: path.to_owned(),
-            message: format!(
-                "`data.churn.cutoff` {} is after the last order ({}), so every customer would \
-                 be labelled churned; set it to {} or earlier (the last order minus \
-                 `data.churn.churn_window_days` {window}), or leave it out",
-                date(cutoff),
-                date(last),
-                date(last - i64::from(window) * SECONDS_PER_DAY)
-            ),
-        });
-    }
-    if let Some(last) = last
-        && last < cutoff + i64::from(window) * SECONDS_PER_DAY - SECONDS_PER_DAY
-    {
-        let date = orders::derive::format_date;
-        tracing::warn!(
-            "{}: the orders end {}, {} of the {window} days of the churn window after \
-             `data.churn.cutoff` {}: a customer who came back later is labelled churned; set it to \
-             {} or earlier, or leave it out",
-            path.display(),
-            date(last),
-            (last - cutoff).div_euclid(SECONDS_PER_DAY),
-            date(cutoff),
+        let fix = format!(
+            "set it to {} or earlier (the last order minus `data.churn.churn_window_days` \
+             {window}), or leave it out",
             date(last - i64::from(window) * SECONDS_PER_DAY)
         );
+        match LabelCoverage::of(last, cutoff, window) {
+            LabelCoverage::Covered => {}
+            LabelCoverage::Nothing => {
+                return Err(DataError::Derive {
+                    path: path.to_owned(),
+                    message: format!(
+                        "`data.churn.cutoff` {} is after the last order ({}), so every customer \
+                         would be labelled churned; {fix}",
+                        date(cutoff),
+                        date(last)
+                    ),
+                });
+            }
+            LabelCoverage::Partial { days } => tracing::warn!(
+                "{}: the orders end {}, {days} of the {window} days of the churn window after \
+                 `data.churn.cutoff` {}: a customer who came back later is labelled churned; {fix}",
+                path.display(),
+                date(last),
+                date(cutoff)
+            ),
+        }
     }
     let cc = ChurnConfig {
         trend_window_days: trend_days(cfg),

@@ -329,47 +329,40 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
 }
 
 /// What to tell a merchant whose export ends before the churn window does
-/// (`None` when the window is covered, as `DeriveSummary::window_covered`
-/// decides): a customer who came back after the export's last order looks
-/// churned. Names the dates and the latest cutoff that observes every label,
-/// or says that the export is too short for the window.
+/// (`None` when the window is covered): a customer who came back after the
+/// export's last order looks churned. Names the dates and the latest cutoff
+/// that observes every label, or says that the export is too short for the
+/// window.
 fn window_warning((first, last): (i64, i64), cutoff: i64, window_days: u32) -> Option<String> {
-    const DAY: i64 = 86_400;
-    let window_end = cutoff + i64::from(window_days) * DAY;
-    if last >= window_end - DAY {
-        return None;
-    }
+    use orders::derive::LabelCoverage;
     let date = orders::derive::format_date;
-    let latest_cutoff = last - i64::from(window_days) * DAY;
-    let fix = if latest_cutoff > first {
-        format!(
+    let fix = match LabelCoverage::latest_cutoff(first, last, window_days) {
+        Some(latest) => format!(
             "for labels the export observes, give --cutoff {} or earlier (its last order minus \
              --churn-window-days {window_days})",
-            date(latest_cutoff)
-        )
-    } else {
-        format!(
+            date(latest)
+        ),
+        None => format!(
             "the export spans {} days, fewer than the {window_days}-day churn window, so no cutoff \
              observes the labels: give a longer export or a shorter --churn-window-days",
-            (last - first) / DAY
-        )
+            (last - first).div_euclid(86_400)
+        ),
     };
-    Some(if last < cutoff {
-        format!(
+    match LabelCoverage::of(last, cutoff, window_days) {
+        LabelCoverage::Covered => None,
+        LabelCoverage::Nothing => Some(format!(
             "no order falls after the cutoff {} (the export ends {}), so every customer is labelled \
              churned and the churn labels say nothing; the interactions are unaffected; {fix}",
             date(cutoff),
             date(last)
-        )
-    } else {
-        format!(
-            "the export ends {}, {} of the {window_days} days of the churn window after the cutoff {}: \
-             a customer who comes back later is labelled churned; {fix}",
+        )),
+        LabelCoverage::Partial { days } => Some(format!(
+            "the export ends {}, {days} of the {window_days} days of the churn window after the \
+             cutoff {}: a customer who comes back later is labelled churned; {fix}",
             date(last),
-            (last - cutoff) / DAY,
             date(cutoff)
-        )
-    })
+        )),
+    }
 }
 
 #[cfg(test)]

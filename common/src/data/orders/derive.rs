@@ -95,6 +95,47 @@ pub struct Prepared {
     pub summary: DeriveSummary,
 }
 
+/// How much of the churn window after `cutoff` an export whose orders run
+/// from `first` to `last` (unix seconds) observes. A label is "no order
+/// within `window_days` after the cutoff": where the export ends before the
+/// window does, a customer who came back later is labelled churned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelCoverage {
+    /// The export runs to the window's last day: every label is observed.
+    Covered,
+    /// The export ends this many whole days into the window.
+    Partial {
+        /// Days of the window the export covers.
+        days: i64,
+    },
+    /// No order falls after the cutoff: every customer is labelled churned.
+    Nothing,
+}
+
+impl LabelCoverage {
+    /// The coverage of the window after `cutoff` by orders ending at `last`.
+    pub fn of(last: i64, cutoff: i64, window_days: u32) -> Self {
+        let window_end = cutoff + i64::from(window_days) * SECONDS_PER_DAY;
+        if last >= window_end - SECONDS_PER_DAY {
+            Self::Covered
+        } else if last < cutoff {
+            Self::Nothing
+        } else {
+            Self::Partial {
+                days: (last - cutoff).div_euclid(SECONDS_PER_DAY),
+            }
+        }
+    }
+
+    /// The latest cutoff whose labels an export from `first` to `last`
+    /// observes (its last order minus the window), or `None` when the export
+    /// is no longer than the window and no cutoff would.
+    pub fn latest_cutoff(first: i64, last: i64, window_days: u32) -> Option<i64> {
+        let cutoff = last - i64::from(window_days) * SECONDS_PER_DAY;
+        (cutoff > first).then_some(cutoff)
+    }
+}
+
 /// Calendar date `YYYY-MM-DD` of unix seconds (H. Hinnant's `civil_from_days`).
 pub fn format_date(ts: i64) -> String {
     let z = ts.div_euclid(SECONDS_PER_DAY) + 719_468;
@@ -260,7 +301,9 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
         interactions: interactions.len(),
         first_order: first_ts.map(format_date),
         last_order: last_ts.map(format_date),
-        window_covered: last_ts.is_some_and(|t| t >= window_end - SECONDS_PER_DAY),
+        window_covered: last_ts.is_some_and(|t| {
+            LabelCoverage::of(t, cfg.cutoff, cfg.churn_window_days) == LabelCoverage::Covered
+        }),
     };
     let x: Vec<f32> = x.into_iter().map(|v| v as f32).collect();
     Ok(Prepared {

@@ -410,6 +410,25 @@ fn derivation_matches_hand_computed_rfm_and_labels() {
 }
 
 #[test]
+fn label_coverage_says_how_much_of_the_churn_window_an_export_observes() {
+    use super::derive::LabelCoverage;
+    // A 30-day window after day 100.
+    let of = |last_day| LabelCoverage::of(day(last_day), day(100), 30);
+    assert_eq!(of(129), LabelCoverage::Covered, "to the window's last day");
+    assert_eq!(of(200), LabelCoverage::Covered);
+    assert_eq!(of(128), LabelCoverage::Partial { days: 28 });
+    assert_eq!(of(100), LabelCoverage::Partial { days: 0 });
+    assert_eq!(of(99), LabelCoverage::Nothing, "no order after the cutoff");
+    // The latest cutoff observing every label: the last order minus the
+    // window, unless that falls before the first order.
+    assert_eq!(
+        LabelCoverage::latest_cutoff(day(10), day(100), 30),
+        Some(day(70))
+    );
+    assert_eq!(LabelCoverage::latest_cutoff(day(80), day(100), 30), None);
+}
+
+#[test]
 fn ratings_become_interaction_values_latest_first() {
     let mut o1 = order("a", "x", day(1), 1.0, 1.0);
     o1.rating = Some(2.0);

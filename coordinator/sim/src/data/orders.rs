@@ -352,26 +352,26 @@ fn no_history_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> an
 /// latest cutoff that works. A window the export only partly covers is a
 /// warning (a customer who came back later looks churned).
 fn no_label_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> anyhow::Result<()> {
+    use orders::derive::LabelCoverage;
     let Some((first, last)) = orders::time_span(rows) else {
         return Ok(());
     };
     let date = orders::derive::format_date;
-    let window = i64::from(cfg.churn_window_days) * SECONDS_PER_DAY;
-    let fix = if last - window > first {
-        format!(
-            "give a --cutoff of {} or earlier (the last order minus --churn-window-days {})",
-            date(last - window),
-            cfg.churn_window_days
-        )
-    } else {
-        format!(
-            "the export spans {} days, fewer than the --churn-window-days {}: shorten the window",
-            (last - first).div_euclid(SECONDS_PER_DAY),
-            cfg.churn_window_days
-        )
+    let window = cfg.churn_window_days;
+    let fix = match LabelCoverage::latest_cutoff(first, last, window) {
+        Some(latest) => format!(
+            "give a --cutoff of {} or earlier (the last order minus --churn-window-days {window})",
+            date(latest)
+        ),
+        None => format!(
+            "the export spans {} days, fewer than the --churn-window-days {window}: shorten the \
+             window",
+            (last - first).div_euclid(SECONDS_PER_DAY)
+        ),
     };
-    if last < cfg.cutoff {
-        bail!(
+    match LabelCoverage::of(last, cfg.cutoff, window) {
+        LabelCoverage::Covered => {}
+        LabelCoverage::Nothing => bail!(
             "{}: no order falls after the churn cutoff {} (the orders run from {} to {}), so \
              every customer would be labelled churned and a churn model has nothing to learn \
              or to be measured on; {fix}",
@@ -379,18 +379,14 @@ fn no_label_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> anyh
             date(cfg.cutoff),
             date(first),
             date(last)
-        );
-    }
-    if last < cfg.cutoff + window - SECONDS_PER_DAY {
-        tracing::warn!(
-            "{}: the orders end {}, {} of the {} days of the churn window after the cutoff {}: a \
-             customer who came back later is labelled churned; {fix}",
+        ),
+        LabelCoverage::Partial { days } => tracing::warn!(
+            "{}: the orders end {}, {days} of the {window} days of the churn window after the \
+             cutoff {}: a customer who came back later is labelled churned; {fix}",
             src.path.display(),
             date(last),
-            (last - cfg.cutoff).div_euclid(SECONDS_PER_DAY),
-            cfg.churn_window_days,
             date(cfg.cutoff)
-        );
+        ),
     }
     Ok(())
 }
