@@ -179,6 +179,22 @@ pub fn run_one(
         .analysis()
         .and_then(|a| a.max_versions())
         .unwrap_or(s.rounds);
+    // Secure aggregation hides an update only among others: a round of one
+    // merchant always aborts, so say so before training instead of after
+    // max_attempts aborted rounds.
+    let per_round = ((n as f64 * s.fraction).ceil() as usize).clamp(1, n.max(1));
+    if s.secagg && s.mode == mode::Mode::Sync && per_round < 2 {
+        let why = "secure aggregation hides each update among the others'";
+        if n < 2 {
+            bail!("--secagg needs at least 2 merchants ({why}); this federation has {n}");
+        }
+        bail!(
+            "--secagg needs at least 2 merchants in each round ({why}), but --fraction {} selects \
+             {per_round} of {n}: give a --fraction of at least {}",
+            s.fraction,
+            2.0 / n as f64
+        );
+    }
     let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
     let run = RunConfig {
         run_id: "simulation".into(),

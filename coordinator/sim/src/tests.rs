@@ -272,6 +272,31 @@ fn secure_aggregation_matches_plaintext_within_quantisation() {
 }
 
 #[test]
+fn secure_aggregation_with_one_merchant_a_round_is_refused_before_training() {
+    let err = |a: SimArgs| {
+        format!(
+            "{:#}",
+            run_all(&Settings::from_args(a).unwrap()).unwrap_err()
+        )
+    };
+    let mut a = telco_args("churn-lr");
+    a.secagg = true;
+    a.merchants = Some(1);
+    let one = err(a.clone());
+    assert!(
+        one.starts_with("--secagg needs at least 2 merchants") && one.ends_with("has 1"),
+        "{one}"
+    );
+    a.merchants = Some(10);
+    a.fraction = Some(0.1);
+    let few = err(a);
+    assert!(
+        few.contains("--fraction 0.1 selects 1 of 10: give a --fraction of at least 0.2"),
+        "{few}"
+    );
+}
+
+#[test]
 fn a_secure_aggregation_clip_that_distorts_the_sum_is_reported() {
     let mut a = telco_args("churn-lr");
     a.secagg = true;
