@@ -3,7 +3,7 @@
 //! honest path uses the agent's own download/upload functions.
 
 use fedcart_client::policy::PrivacyPolicy;
-use fedcart_client::secure::{SecureTasks, send};
+use fedcart_client::secure::{Reply, SecureTasks, send};
 use fedcart_client::transfer::{download, upload};
 use fedcart_common::privacy::secagg::stage_name;
 use fedcart_common::task::TaskSpec;
@@ -152,6 +152,42 @@ impl RawAgent {
         }
     }
 
+    /// Takes part in every secure task with the agent's own protocol code,
+    /// but lowers (wrapping) the example-weight slot of each masked input it
+    /// sends by 5,000 codes: an input no honest agent could produce, so the
+    /// unmasked sum is out of range. Stops when `stop` turns true or the
+    /// coordinator closes the session; returns how many masked inputs it sent.
+    pub async fn secure_wrapping_weight(mut self, mut stop: watch::Receiver<bool>) -> usize {
+        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
+        let mut sent = 0;
+        loop {
+            let message = tokio::select! {
+                m = self.work.message() => m,
+                _ = stop.wait_for(|s| *s) => return sent,
+            };
+            let Ok(Some(pb::Work { kind: Some(kind) })) = message else {
+                return sent;
+            };
+            match kind {
+                pb::work::Kind::Task(task) => {
+                    let out = self.compute(&task).await;
+                    let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
+                    secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
+                }
+                pb::work::Kind::Secagg(req) => {
+                    let mut reply = secure.respond(&self.session_id, &req).expect("a step");
+                    if let Reply::Masked { payload, .. } = &mut reply {
+                        wrap_weight_slot(payload, 5_000);
+                        sent += 1;
+                    }
+                    // A refused input is the coordinator's answer, not ours.
+                    let _ = send(&mut self.client, reply).await;
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Carries out `task` honestly and returns the output without sending it.
     pub async fn compute(&mut self, task: &pb::TaskAssignment) -> TaskOutput {
         let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
@@ -206,4 +242,20 @@ impl RawAgent {
             .await
             .map(|r| r.into_inner())
     }
+}
+
+/// Lowers, wrapping in the round's modulus, the example-weight slot of a
+/// masked-input frame (tag, version, sender u32, modulus bits u8, count u32,
+/// then `count` little-endian coordinates; the weight is the last but one).
+fn wrap_weight_slot(frame: &mut [u8], by: u64) {
+    let bits = u32::from(frame[6]);
+    let count = u32::from_le_bytes(frame[7..11].try_into().expect("4 bytes")) as usize;
+    let width = bits.div_ceil(8) as usize;
+    let at = 11 + (count - 2) * width;
+    let slot = &mut frame[at..at + width];
+    let mut word = [0u8; 8];
+    word[..width].copy_from_slice(slot);
+    let mask = u64::MAX >> (64 - bits);
+    let wrapped = u64::from_le_bytes(word).wrapping_sub(by) & mask;
+    slot.copy_from_slice(&wrapped.to_le_bytes()[..width]);
 }

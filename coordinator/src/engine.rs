@@ -166,8 +166,13 @@ struct OpenTask {
     bytes_in: u64,
     /// Survivors of secure aggregation, once the driver handed over the sum.
     secure_survivors: Option<BTreeSet<String>>,
+    /// What secure aggregation's clip cut from that sum.
+    secure_clipped: Option<crate::record::ClippedRecord>,
     /// Why secure aggregation failed, if it did: the task then aborts.
     secure_abort: Option<String>,
+    /// When secure aggregation failed after unmasking (the sum was seen):
+    /// the survivors whose inputs it held. The run then stops.
+    secure_revealed: Option<usize>,
 }
 
 /// The coordinator's round engine over a durable store.

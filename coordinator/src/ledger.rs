@@ -346,17 +346,11 @@ impl Ledger {
         let m = plan.selected.len().max(1);
         let model_len = plan.spec.model.model_len();
         let mut values = sum.sum_values().to_vec();
-        let z_accounted = match self.settings.mode {
-            DpMode::Central => {
-                CentralGaussian::new(self.z_delta, self.clip)?
-                    .add_to_sum(&mut values[..model_len], rng);
-                self.z
-            }
-            DpMode::Distributed => {
-                let k = survivors.min(m) as f64;
-                self.z * (k / m as f64).sqrt()
-            }
-        };
+        if self.settings.mode == DpMode::Central {
+            CentralGaussian::new(self.z_delta, self.clip)?
+                .add_to_sum(&mut values[..model_len], rng);
+        }
+        let z_accounted = self.z_accounted(survivors, m);
         let step: Vec<f32> = values[..model_len]
             .iter()
             .map(|v| (v / m as f64) as f32)
@@ -372,11 +366,46 @@ impl Ledger {
             unclipped_fraction = Some(fraction);
             self.clip = a.clip();
         }
+        let record = self.step(z_accounted, used_clip, m, unclipped_fraction)?;
+        Ok((step, record))
+    }
+
+    /// Accounts a training round whose secure sum was unmasked and then
+    /// refused (out of the round's bounds): nothing is released, but the
+    /// sum, with the agents' noise in it, was seen. The clip stays as it was.
+    pub fn account_revealed(
+        &mut self,
+        plan: &TaskPlan,
+        survivors: usize,
+    ) -> Result<PrivacyRecord, DpError> {
+        let m = plan.selected.len().max(1);
+        let z_accounted = self.z_accounted(survivors, m);
+        self.step(z_accounted, self.clip, m, None)
+    }
+
+    /// The noise multiplier a round of `survivors` out of `m` selected is
+    /// accounted at: z centrally; in distributed mode each survivor added
+    /// 1/m of the variance, so z·√(survivors / m).
+    fn z_accounted(&self, survivors: usize, m: usize) -> f64 {
+        match self.settings.mode {
+            DpMode::Central => self.z,
+            DpMode::Distributed => self.z * (survivors.min(m) as f64 / m as f64).sqrt(),
+        }
+    }
+
+    /// One accounted round and its record.
+    fn step(
+        &mut self,
+        z_accounted: f64,
+        used_clip: f64,
+        m: usize,
+        unclipped_fraction: Option<f64>,
+    ) -> Result<PrivacyRecord, DpError> {
         let q = ACCOUNTED_SAMPLING_RATE;
         self.accountant.step(q, z_accounted)?;
         let eps = self.accountant.epsilon(self.settings.delta)?;
         self.epsilon = Some(eps.epsilon);
-        let record = PrivacyRecord {
+        Ok(PrivacyRecord {
             mode: self.settings.mode,
             sampling_rate: q,
             noise_multiplier: z_accounted,
@@ -387,8 +416,7 @@ impl Ledger {
             epsilon: eps.epsilon,
             delta: self.settings.delta,
             steps: self.accountant.steps(),
-        };
-        Ok((step, record))
+        })
     }
 }
 

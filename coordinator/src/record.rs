@@ -58,6 +58,10 @@ pub struct RoundRecord {
     /// sampling rate and ε so far (replayed on restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyRecord>,
+    /// Secure aggregation of a committed task: how much of the sum its clip
+    /// cut (a sum, like everything else the service learns of a secure task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg_clipped: Option<ClippedRecord>,
 }
 
 impl RoundRecord {
@@ -70,6 +74,26 @@ impl RoundRecord {
         }
         self.rejected.retain(|(m, _)| m == id);
         self
+    }
+}
+
+/// The coordinates secure aggregation clipped in one task, over every
+/// survivor: each value beyond `run.secagg.clip` is cut to it before
+/// encoding, so a clip too low for the updates distorts the sum without
+/// failing the round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClippedRecord {
+    /// Coordinates clipped, summed over the survivors.
+    pub coordinates: u64,
+    /// Their fraction of every coordinate the survivors encoded.
+    pub fraction: f64,
+}
+
+impl ClippedRecord {
+    /// The operator's warning when the clip distorted the sum
+    /// ([`secagg::clipping_warning`](fedcart_common::privacy::secagg::clipping_warning)).
+    pub fn warning(&self) -> Option<String> {
+        fedcart_common::privacy::secagg::clipping_warning(self.fraction, "`run.secagg.clip`")
     }
 }
 

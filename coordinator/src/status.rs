@@ -178,6 +178,17 @@ pub fn to_table(s: &pb::StatusReply) -> String {
         for (k, v) in &r.metrics {
             t.add_row(vec![format!("  {k}"), format!("{v:.4}")]);
         }
+        if let Some(c) = r.secagg_clipped.filter(|c| c.coordinates > 0) {
+            t.add_row(vec![
+                "  secure aggregation".to_string(),
+                c.warning().unwrap_or_else(|| {
+                    format!(
+                        "clipped {:.2} % of the summed coordinates",
+                        100.0 * c.fraction
+                    )
+                }),
+            ]);
+        }
     }
     t.to_string()
 }
@@ -185,6 +196,49 @@ pub fn to_table(s: &pb::StatusReply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_says_when_secure_aggregation_clipped_the_last_sum() {
+        let record = |clipped: Option<(u64, f64)>| {
+            let mut v = serde_json::json!({
+                "round": 3, "attempt": 1, "task_id": "r3a1-train", "kind": "train",
+                "outcome": "committed", "base_version": 2, "selected": ["a", "b"],
+                "reported": ["a", "b"], "dropped": [], "rejected": [], "metrics": {"loss": 0.5},
+                "examples": 10.0, "started_unix_ms": 0, "duration_ms": 12, "bytes_in": 64,
+            });
+            if let Some((coordinates, fraction)) = clipped {
+                v["secagg_clipped"] = serde_json::json!({
+                    "coordinates": coordinates, "fraction": fraction
+                });
+            }
+            pb::StatusReply {
+                last_round_json: v.to_string(),
+                ..Default::default()
+            }
+        };
+        let row = |t: &str| {
+            t.lines()
+                .find(|l| l.contains("secure aggregation"))
+                .map(str::to_string)
+        };
+        // A plaintext task, or a secure one the clip did not touch: no row.
+        assert_eq!(row(&to_table(&record(None))), None);
+        assert_eq!(row(&to_table(&record(Some((0, 0.0))))), None);
+        let few = row(&to_table(&record(Some((3, 0.0012))))).expect("a row");
+        assert!(
+            few.contains("clipped 0.12 % of the summed coordinates"),
+            "{few}"
+        );
+        // Over 1 %: the warning, naming the setting to raise.
+        let many = to_table(&record(Some((9_000, 0.9))));
+        assert!(
+            many.contains("secure aggregation clipped 90.0 %")
+                && many.contains("`run.secagg.clip`"),
+            "{many}"
+        );
+        // Old records (no field) still decode into the table.
+        assert!(to_table(&record(None)).contains("r3a1-train (Committed, 2 reported)"));
+    }
 
     #[tokio::test]
     async fn an_operator_key_that_is_not_the_certificates_is_named_without_a_network_hint() {

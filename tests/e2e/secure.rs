@@ -452,3 +452,49 @@ async fn survivors_at_the_threshold_but_below_the_quorum_abort_before_any_unmask
     assert_eq!(coord.shared.model(1).unwrap(), None, "nothing committed");
     coord.shutdown().await.unwrap();
 }
+
+/// A malicious merchant sends, in every attempt, a masked input whose
+/// example weight wraps the ring: the unmasked sum is out of range and is
+/// refused. The coordinator has seen that sum, so it must not run the round
+/// again over the same inputs (a second sum over another survivor set,
+/// minus the first, would be one honest merchant's update): the run stops
+/// after the first attempt, naming why, instead of retrying up to
+/// `max_attempts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_unmasked_sum_stops_the_run_instead_of_being_retried() {
+    use fedcart_coordinator::engine::RunStop;
+    let mut run = noop_secure_run("e2e-sa-revealed", 2, 4, 3, 100);
+    run.max_attempts = 3;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let malicious = RawAgent::join(coord.addr, merchant(3)).await;
+    let malicious = tokio::spawn(malicious.secure_wrapping_weight(stop_rx));
+    let agents: Vec<_> = (0..3)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    stop_tx.send(true).unwrap();
+    let sent = malicious.await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let history = coord.shared.history().unwrap();
+    let t = trains(&history);
+    assert_eq!(t.len(), 1, "one attempt only: {history:?}");
+    assert_eq!(sent, 1, "one masked input asked for");
+    assert_eq!(t[0].outcome, Outcome::Aborted);
+    let reason = t[0].abort_reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("weight coordinate") && reason.contains("out-of-range masked input"),
+        "{reason}"
+    );
+    let Some(RunStop::Revealed { round: 1, .. }) = coord.shared.stopped() else {
+        panic!("{:?}", coord.shared.stopped());
+    };
+    assert!(
+        coord.shared.model(1).unwrap().is_none(),
+        "nothing committed"
+    );
+}

@@ -393,3 +393,17 @@ pub enum SecAggError {
     #[error("refused: {0}")]
     Refused(String),
 }
+
+impl SecAggError {
+    /// When the error came after the masks were removed, the number of
+    /// agents whose inputs the raw sum holds: whoever ran the server has
+    /// seen that sum, so a refused one must never be computed again over
+    /// the same inputs (the difference of two such sums would be one
+    /// agent's input). `None` for every error that leaves the sum unread.
+    pub fn revealed_sum_of(&self) -> Option<usize> {
+        match self {
+            Self::SumOutOfRange { count, .. } => Some(*count),
+            _ => None,
+        }
+    }
+}

@@ -327,7 +327,10 @@ fn rows(
 ) -> Vec<RoundRow> {
     let mut out = Vec::new();
     let mut row: Option<(RoundRow, Instant)> = None;
+    // As in-process, a statistics task's clipped count joins the next row.
+    let mut carried = 0;
     for (k, r) in history.iter().enumerate() {
+        let clipped = r.secagg_clipped.map_or(0, |c| c.coordinates);
         let begin = if k == 0 { started } else { stamps[k - 1] };
         let end = stamps.get(k).copied().unwrap_or(begin);
         // Statistics tasks download no model.
@@ -346,6 +349,7 @@ fn rows(
                     train: r.metrics.clone(),
                     bytes_up: r.bytes_in,
                     bytes_down: down,
+                    clipped: std::mem::take(&mut carried) + clipped,
                     epsilon: r.privacy.as_ref().map(|p| p.epsilon),
                     dp_clip: r.privacy.as_ref().map(|p| p.clip),
                     ..Default::default()
@@ -368,11 +372,12 @@ fn rows(
                     new.eval = r.metrics.clone();
                     new.bytes_up += r.bytes_in;
                     new.bytes_down += down;
+                    new.clipped += clipped;
                     new.seconds = end.duration_since(begin).as_secs_f64();
                     out.push(new);
                 }
             }
-            _ => {}
+            _ => carried += clipped,
         }
     }
     out

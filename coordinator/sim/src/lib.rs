@@ -243,9 +243,8 @@ pub fn run_one(
     if s.transport == Transport::Grpc {
         let mut exp = grpc::run(s, task, data, pop, run, load_seconds)?;
         if !exp.failed {
-            exp.report
-                .extend(unsplit_note(&spec, &exp.final_model, churn_rows));
-            exp.report.extend(untested_note(task, &exp));
+            let notes = closing_notes(s, task, &spec, &exp, &exp.final_model, churn_rows);
+            exp.report.extend(notes);
         }
         return finish_segments(exp, segment_data.as_deref(), &spec, s);
     }
@@ -536,16 +535,28 @@ pub fn run_one(
         );
     }
     exp.report.extend(selection_report(&exp));
-    exp.report
-        .extend(unsplit_note(&spec, &engine.global(), churn_rows));
-    exp.report.extend(untested_note(task, &exp));
-    if s.secagg {
-        exp.report
-            .extend(clipping_note(&spec, &exp, s.secagg_clip(task)));
-    }
+    let notes = closing_notes(s, task, &spec, &exp, &engine.global(), churn_rows);
+    exp.report.extend(notes);
     exp.final_model = engine.global().to_vec();
     exp.finish();
     finish_segments(exp, segment_data.as_deref(), &spec, s)
+}
+
+/// The report's closing notes, whichever transport ran the rounds.
+fn closing_notes(
+    s: &Settings,
+    task: TaskChoice,
+    spec: &ModelSpec,
+    exp: &Experiment,
+    model: &[f32],
+    churn_rows: usize,
+) -> Vec<String> {
+    let mut out: Vec<String> = unsplit_note(spec, model, churn_rows).into_iter().collect();
+    out.extend(untested_note(task, exp));
+    if s.secagg {
+        out.extend(clipping_note(spec, exp, s.secagg_clip(task)));
+    }
+    out
 }
 
 /// Boosted trees none of which split: why, and what to change
@@ -560,9 +571,6 @@ fn unsplit_note(spec: &ModelSpec, global: &[f32], churn_rows: usize) -> Option<S
     ens.unsplit_note(params, Some(grown))
 }
 
-/// A recommender run whose merchants hold nothing to test on (every
-/// customer bought a single item, say) reports no held-out metric: said in
-/// the report rather than left as a table of dashes.
 /// The round of a secure run that clipped the largest fraction of its
 /// training coordinates, when that is above the warning threshold: a clip
 /// too low for these updates distorts every sum without failing a round.
@@ -579,6 +587,9 @@ fn clipping_note(spec: &ModelSpec, exp: &Experiment, clip: f32) -> Option<String
         .map(|w| format!("round {round}: {w}"))
 }
 
+/// A recommender run whose merchants hold nothing to test on (every
+/// customer bought a single item, say) reports no held-out metric: said in
+/// the report rather than left as a table of dashes.
 fn untested_note(task: TaskChoice, exp: &Experiment) -> Option<String> {
     let (key, _) = exp.headline()?;
     let measured = exp.rounds.iter().any(|r| r.eval.contains_key(key));

@@ -145,6 +145,12 @@ impl SecureRound {
                 engine.abort_secure(format!("secure aggregation: {e}"));
                 return Ok((0, self.seconds + started.elapsed().as_secs_f64(), times));
             }
+            // Unmasked, then refused (an out-of-range input): the engine
+            // stops the run rather than retry, as the service does.
+            Err(e) if let Some(count) = e.revealed_sum_of() => {
+                engine.refuse_unmasked_sum(e.to_string(), count);
+                return Ok((0, self.seconds + started.elapsed().as_secs_f64(), times));
+            }
             Err(e) => {
                 return Err(e)
                     .with_context(|| format!("secure aggregation of task {}", self.task_id));
@@ -158,7 +164,7 @@ impl SecureRound {
             .collect();
         let clipped = out.output.sum.clipped;
         engine
-            .set_secure_sum(&survivors, out.output.sum.into_accumulator())
+            .set_secure_sum(&survivors, out.output.sum)
             .map_err(|e| anyhow::anyhow!("handing the secure sum to the engine: {e}"))?;
         Ok((
             clipped,

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeSet;
 
-use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::federation::update::{Update, UpdateError};
+use fedcart_common::privacy::secagg::DecodedSum;
 use fedcart_common::task::TaskKind;
 
 use super::{Accumulation, Engine, OpenTask, Submission, SubmitError};
 
 use crate::limits::{MAX_REJECTION_CHARS, MAX_REJECTIONS};
+use crate::record::ClippedRecord;
 
 /// Records a refusal in the open task, within [`MAX_REJECTIONS`] entries of
 /// at most [`MAX_REJECTION_CHARS`] characters; the last entry says that
@@ -281,14 +282,20 @@ impl Engine {
         open.metric_weight += sub.weight;
     }
 
-    /// Hands over the unmasked sum of a secure task and the agents whose
+    /// Hands over the decoded sum of a secure task and the agents whose
     /// inputs it contains. The engine never sees an individual update of a
-    /// secure task: only this sum.
+    /// secure task: only this sum, and how much of it the clip cut (kept in
+    /// the task's record).
     pub fn set_secure_sum(
         &mut self,
         survivors: &[String],
-        sum: SumAccumulator,
+        decoded: DecodedSum,
     ) -> Result<(), SubmitError> {
+        let clipped = ClippedRecord {
+            coordinates: decoded.clipped,
+            fraction: decoded.clipped_fraction(),
+        };
+        let sum = decoded.into_accumulator();
         let open = self
             .open
             .as_mut()
@@ -319,6 +326,7 @@ impl Engine {
             .collect();
         open.acc = Accumulation::Sum(sum);
         open.secure_survivors = Some(survivors);
+        open.secure_clipped = Some(clipped);
         Ok(())
     }
 
@@ -328,8 +336,25 @@ impl Engine {
     pub fn abort_secure(&mut self, reason: String) {
         if let Some(open) = &mut self.open
             && open.plan.secure
+            && open.secure_abort.is_none()
         {
             open.secure_abort = Some(reason);
+        }
+    }
+
+    /// Records that the open task's secure sum was unmasked, over the inputs
+    /// of `survivors` agents, and then refused for `reason` (out of the
+    /// round's bounds: a malicious agent's doing). The task aborts and,
+    /// since its sum was seen, the run stops instead of retrying: the same
+    /// inputs over another survivor set would give a second sum, and the
+    /// difference of the two would be one merchant's update. A training
+    /// round's privacy is accounted (the sum held the agents' noise).
+    pub fn refuse_unmasked_sum(&mut self, reason: String, survivors: usize) {
+        if let Some(open) = &mut self.open
+            && open.plan.secure
+        {
+            open.secure_abort = Some(reason);
+            open.secure_revealed = Some(survivors);
         }
     }
 

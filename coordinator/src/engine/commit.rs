@@ -113,7 +113,18 @@ impl Engine {
             bytes_in: open.bytes_in,
             abort_reason: None,
             privacy: None,
+            secagg_clipped: open.secure_clipped,
         };
+        if let (Some(reason), Some(survivors)) = (&open.secure_abort, open.secure_revealed) {
+            let reason = format!("secure aggregation: {reason}");
+            tracing::warn!(task = %record.task_id, %reason, "an unmasked sum was refused: the run stops");
+            if kind == TaskKind::Train
+                && let Some(ledger) = &mut self.ledger
+            {
+                record.privacy = Some(ledger.account_revealed(&open.plan, survivors)?);
+            }
+            return self.refuse_revealed(record, true, reason);
+        }
         if reported < quorum || open.secure_abort.is_some() {
             record.abort_reason = Some(match &open.secure_abort {
                 Some(reason) => format!("secure aggregation: {reason}"),

@@ -119,7 +119,9 @@ impl Engine {
             started_unix_ms: unix_ms(),
             bytes_in: 0,
             secure_survivors: None,
+            secure_clipped: None,
             secure_abort: None,
+            secure_revealed: None,
         });
         tracing::info!(task = %plan.task_id, selected = plan.selected.len(), run = %self.run.run_id, "task started");
         Ok(plan)

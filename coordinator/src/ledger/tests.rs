@@ -306,9 +306,7 @@ fn distributed_noise_added_by_agents_under_secure_aggregation_has_the_target_sca
     };
     let out = run_in_memory_with(&sa, &zeros, &Dropouts::none(), 1, &hook).unwrap();
     let survivors: Vec<String> = plan.selected.clone();
-    engine
-        .set_secure_sum(&survivors, out.output.sum.into_accumulator())
-        .unwrap();
+    engine.set_secure_sum(&survivors, out.output.sum).unwrap();
     let rec = engine.finish_task().unwrap();
     let p = rec.privacy.unwrap();
     assert_eq!(p.noise_multiplier, z);
@@ -401,7 +399,7 @@ fn target_epsilon_is_met_by_the_solved_noise_over_the_planned_rounds() {
 /// so, and the ε spent never exceeds the target.
 #[test]
 fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
-    use fedcart_common::federation::aggregate::SumAccumulator;
+    use fedcart_common::privacy::secagg::DecodedSum;
     let dir = tempfile::tempdir().unwrap();
     let all = agents(10);
     let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
@@ -426,7 +424,13 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
         };
         // Three of the four selected survive the secure round.
         let survivors = &plan.selected[..3];
-        let sum = SumAccumulator::new(plan.spec.update_len(), 0);
+        let sum = DecodedSum {
+            values: vec![0.0; plan.spec.update_len()],
+            coord_weights: Vec::new(),
+            weight: 0.0,
+            count: survivors.len(),
+            clipped: 0,
+        };
         engine.set_secure_sum(survivors, sum).unwrap();
         let rec = engine.finish_task().unwrap();
         assert_eq!(rec.outcome, Outcome::Committed);
@@ -469,4 +473,55 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
 fn engine_cfg_of(dir: &tempfile::TempDir) -> RunConfig {
     let store = Store::open(&dir.path().join("b.redb")).unwrap();
     store.meta_json::<RunConfig>("run_config").unwrap().unwrap()
+}
+
+/// A secure sum that was unmasked and then refused (a malicious agent's
+/// out-of-range input) released nothing, but the coordinator saw it with the
+/// agents' noise in it: the round is accounted at the noise of its
+/// survivors, the run stops rather than retrying over the same inputs, and a
+/// restarted engine replays both.
+#[test]
+fn a_refused_unmasked_sum_is_accounted_and_stops_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = agents(10);
+    let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
+    settings.mode = DpMode::Distributed;
+    let mut cfg = run(settings, 4);
+    cfg.quorum = 3;
+    cfg.secagg = Some(SecAggSettings {
+        neighbours: None,
+        clip: 1.0,
+        verify_survivors: false,
+        stage_timeout_ms: None,
+    });
+    let path = dir.path().join("r.redb");
+    let mut engine = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let plan = engine.start_task(&all).unwrap();
+    engine.refuse_unmasked_sum("round refused: out of range".into(), 3);
+    let rec = engine.finish_task().unwrap();
+    assert_eq!(rec.outcome, Outcome::Aborted);
+    assert_eq!(
+        rec.abort_reason.as_deref(),
+        Some("secure aggregation: round refused: out of range")
+    );
+    let p = rec.privacy.expect("accounted");
+    let z = engine.ledger().unwrap().noise_multiplier();
+    assert!(
+        (p.noise_multiplier - z * (3.0f64 / 4.0).sqrt()).abs() < 1e-12,
+        "{p:?}"
+    );
+    assert!(p.epsilon > 0.0 && p.steps == 1, "{p:?}");
+    assert_eq!(engine.ledger().unwrap().epsilon(), Some(p.epsilon));
+    assert!(
+        matches!(engine.stopped(), Some(RunStop::Revealed { round: 1, .. })),
+        "{:?}",
+        engine.stopped()
+    );
+    assert!(engine.finished());
+    assert!(engine.start_task(&all).is_err(), "no second attempt");
+    assert_eq!(engine.version(), 0, "{}", plan.task_id);
+    drop(engine);
+    let again = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
+    assert_eq!(again.ledger().unwrap().epsilon(), Some(p.epsilon));
+    assert!(matches!(again.stopped(), Some(RunStop::Revealed { .. })));
 }

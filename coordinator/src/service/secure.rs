@@ -649,7 +649,13 @@ async fn drive(
         .map_err(|_| Interrupted)?;
     let output = match output {
         Ok(o) => o,
-        Err(e) => return Ok(Err(e.to_string())),
+        Err(e) => {
+            if let Some(count) = e.revealed_sum_of() {
+                // Unmasked, then refused: never to be computed again.
+                shared.engine().refuse_unmasked_sum(e.to_string(), count);
+            }
+            return Ok(Err(e.to_string()));
+        }
     };
     let survivors: Vec<String> = output
         .survivors
@@ -661,10 +667,13 @@ async fn drive(
     if let Some(warning) = output.sum.clipping_warning("`run.secagg.clip`") {
         tracing::warn!(task = %plan.task_id, "{warning}");
     }
-    let handed = shared
-        .engine()
-        .set_secure_sum(&survivors, output.sum.into_accumulator());
-    Ok(handed.map_err(|e| e.to_string()))
+    let count = survivors.len();
+    let mut engine = shared.engine();
+    Ok(engine.set_secure_sum(&survivors, output.sum).map_err(|e| {
+        // The sum was unmasked: refused, it must not be computed again.
+        engine.refuse_unmasked_sum(e.to_string(), count);
+        e.to_string()
+    }))
 }
 
 /// Runs one step on the open round's session; a protocol error becomes the

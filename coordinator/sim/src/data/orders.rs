@@ -68,7 +68,7 @@ pub struct OrdersArgs {
     #[arg(long = "timestamp-col")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
-    /// Orders: order time format (auto, unix_seconds, iso8601, yyyymmdd, spreadsheet_days,
+    /// Orders: order time format (auto, unix_seconds, unix_ms, iso8601, yyyymmdd, spreadsheet_days,
     /// or a strftime pattern such as `%d/%m/%Y %H:%M`).
     #[arg(long = "timestamp-format")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -43,8 +43,8 @@ fn assert_same(inproc: &Experiment, grpc: &Experiment, tol: f32, secure: bool) {
     assert_eq!(inproc.rounds.len(), grpc.rounds.len());
     for (a, b) in inproc.rounds.iter().zip(&grpc.rounds) {
         assert_eq!(
-            (a.round, a.selected, a.reported, a.committed),
-            (b.round, b.selected, b.reported, b.committed)
+            (a.round, a.selected, a.reported, a.committed, a.clipped),
+            (b.round, b.selected, b.reported, b.committed, b.clipped)
         );
         // Under secure aggregation the service counts the masked frames it
         // received (ring words, not f32), so only plaintext bytes compare.
@@ -161,6 +161,34 @@ fn secure_churn_over_grpc_matches_in_process_within_quantisation() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-2, "largest parameter difference {worst}");
+}
+
+#[test]
+fn a_clip_too_low_is_counted_by_the_service_as_in_process_and_reported() {
+    // The service records what the clip cut from each secure sum (the
+    // round record's `secagg_clipped`); the rows count the same coordinates
+    // as the in-process run, and the report warns the same way.
+    let a = SimArgs {
+        merchants: Some(4),
+        rounds: Some(2),
+        secagg: true,
+        secagg_clip: Some(1e-9),
+        ..bundled("churn-lr", "telco")
+    };
+    let (inproc, grpc) = both(&a);
+    for (x, y) in inproc.rounds.iter().zip(&grpc.rounds) {
+        assert!(y.committed && y.clipped > 0, "round {}", y.round);
+        assert_eq!(x.clipped, y.clipped, "round {}", y.round);
+    }
+    let note = |e: &Experiment| {
+        e.report
+            .iter()
+            .find(|l| l.contains("secure aggregation clipped"))
+            .cloned()
+    };
+    let line = note(&grpc).expect("the report warns");
+    assert_eq!(note(&inproc), Some(line.clone()));
+    assert!(line.ends_with("raise --secagg-clip (now 1e-9)"), "{line}");
 }
 
 #[test]

@@ -52,7 +52,8 @@ impl ServerSession {
 
     /// Closes stage 4: recovers every needed seed (aborting, with the sum
     /// unread, if any owner has fewer than t shares), removes the masks and
-    /// decodes. Cost: one PRG per survivor plus one per (dropped agent,
+    /// decodes (refusing, with the sum seen, a sum out of the round's
+    /// bounds: [`SecAggError::revealed_sum_of`]). Cost: one PRG per survivor plus one per (dropped agent,
     /// surviving neighbour) pair, spread over rayon threads.
     pub fn finish(mut self) -> Result<SecAggOutput, SecAggError> {
         self.expect(Stage::Unmask)?;
@@ -69,6 +70,8 @@ impl ServerSession {
             .copied()
             .filter(|o| !self.survivors.contains(o))
             .collect();
+        // The sum is unmasked from here on: a refusal below is one whose
+        // sum was seen (`SecAggError::revealed_sum_of`).
         let decoded = DecodedSum::decode(&self.config, &sum, survivors.len())?;
         Ok(SecAggOutput {
             raw_sum: sum,
