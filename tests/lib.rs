@@ -84,6 +84,7 @@ pub fn agent_config(id: &str, addr: std::net::SocketAddr, file: &Path) -> AgentC
             orders_csv: None,
             orders: None,
             churn: Default::default(),
+            on_bad_row: Default::default(),
         },
         backoff: Backoff {
             initial_ms: 20,

@@ -147,6 +147,12 @@ pub struct DataConfig {
     /// comma (default), tab, semicolon or pipe.
     #[serde(default)]
     pub delimiter: Delimiter,
+    /// What the agent does with a row of `orders_csv` it cannot use (a
+    /// return's negative quantity, a blank customer id, an unreadable
+    /// date): `fail` (default) stops, naming the line and column; `skip`
+    /// leaves the row out and logs how many were left out, by reason.
+    #[serde(default)]
+    pub on_bad_row: fedcart_common::data::orders::BadRowPolicy,
 }
 
 /// `[data.churn]`: how the agent labels churn from the orders export, as

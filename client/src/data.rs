@@ -111,6 +111,20 @@ pub enum DataError {
         #[source]
         source: fedcart_common::data::orders::OrdersError,
     },
+    /// A row of the orders export cannot be used, and the policy is to
+    /// stop. The source names the file, line and column.
+    #[error(
+        "reading the orders export (`on_bad_row = \"skip\"` under [data] in merchant.toml \
+         leaves unusable rows out and logs how many)"
+    )]
+    OrdersRow {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error (file, line, column, value), boxed to keep
+        /// the error small.
+        #[source]
+        source: Box<fedcart_common::data::orders::OrdersError>,
+    },
     /// The shared catalogue (`data.catalogue`) could not be read.
     /// The source names the file (and line, column): not repeated here.
     #[error("reading the catalogue")]
@@ -226,13 +240,34 @@ fn read_orders(path: &Path, cfg: &AgentConfig) -> Result<Vec<Order>, DataError> 
         .orders
         .as_ref()
         .ok_or(DataError::NoBasketsMapping)?;
-    let (rows, _) =
-        orders::read_orders(path, map, orders::BadRowPolicy::Fail).map_err(|source| {
-            DataError::Orders {
+    let (rows, report) =
+        orders::read_orders(path, map, cfg.data.on_bad_row).map_err(|source| match source {
+            orders::OrdersError::Cell { .. } | orders::OrdersError::Row { .. } => {
+                DataError::OrdersRow {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                }
+            }
+            source => DataError::Orders {
                 path: path.to_owned(),
                 source,
-            }
+            },
         })?;
+    if report.rows_skipped() > 0 {
+        let reasons: Vec<String> = report
+            .skipped
+            .iter()
+            .map(|(reason, n)| format!("{n} {}", reason.as_str()))
+            .collect();
+        tracing::warn!(
+            "{}: left out {} of {} rows (`on_bad_row = \"skip\"`): {}; first: {}",
+            path.display(),
+            report.rows_skipped(),
+            report.rows_read,
+            reasons.join(", "),
+            report.examples.first().map_or("", String::as_str)
+        );
+    }
     Ok(rows)
 }
 
@@ -703,13 +738,41 @@ mod tests {
         let file = orders.display().to_string();
         assert_eq!(bad_cell.matches(&file).count(), 1, "{bad_cell}");
         assert!(
-            bad_cell.starts_with("reading the orders export: ")
+            bad_cell.starts_with("reading the orders export (`on_bad_row = \"skip\"` under [data]")
                 && bad_cell.contains("line 2, column `amount`"),
             "{bad_cell}"
         );
         std::fs::remove_file(&orders).unwrap();
         let missing = chain(table.load().unwrap_err());
         assert_eq!(missing.matches(&file).count(), 1, "{missing}");
+    }
+
+    #[test]
+    fn a_return_line_stops_the_agent_naming_the_setting_that_leaves_it_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = merchant(dir.path());
+        let orders = dir.path().join("orders.csv");
+        let mut text = std::fs::read_to_string(&orders).unwrap();
+        text.push_str("c2,eggs,2024-02-05T09:00:00,-1,-2.0\n");
+        std::fs::write(&orders, text).unwrap();
+        let path = dir.path().join("merchant.toml");
+        let cfg = AgentConfig::load_with_env(&path, |_| None).unwrap();
+        let e = format!("{:#}", anyhow::Error::new(load(&cfg).unwrap_err()));
+        assert!(
+            e.contains("`on_bad_row = \"skip\"` under [data] in merchant.toml")
+                && e.contains("line 68, column `quantity`: `-1` is negative"),
+            "{e}"
+        );
+        // The setting the message names is accepted and leaves the row out.
+        let toml = std::fs::read_to_string(&path).unwrap();
+        let toml = toml.replace("[data]\n", "[data]\non_bad_row = \"skip\"\n");
+        std::fs::write(&path, toml).unwrap();
+        let cfg = AgentConfig::load_with_env(&path, |_| None).unwrap();
+        assert_eq!(cfg.data.on_bad_row, orders::BadRowPolicy::Skip);
+        let rows = read_orders(&orders, &cfg).unwrap();
+        assert_eq!(rows.len(), 66);
+        assert!(rows.iter().all(|o| o.quantity >= 0.0));
+        load(&cfg).unwrap();
     }
 
     #[test]
