@@ -30,7 +30,7 @@ pub struct PrepareArgs {
     /// Order time column.
     #[arg(long)]
     pub timestamp_col: Option<String>,
-    /// Order time format: auto, unix_seconds, iso8601, yyyymmdd, spreadsheet_days (serial
+    /// Order time format: auto, unix_seconds, unix_ms, iso8601, yyyymmdd, spreadsheet_days (serial
     /// days since 1899-12-30), or a strftime pattern such as `%d/%m/%Y %H:%M`.
     #[arg(long)]
     pub timestamp_format: Option<TimestampFormat>,

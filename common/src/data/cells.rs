@@ -16,9 +16,12 @@ pub const SECONDS_PER_DAY: i64 = 86_400;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(try_from = "String", into = "String")]
 pub enum TimestampFormat {
-    /// Decide per value: 8 digits are `YYYYMMDD`, other integers unix
-    /// seconds, anything with a `-` ISO-8601. (An 8-digit unix time would
-    /// be before March 1973, so the overlap does not arise in practice.)
+    /// Decide per value: 8 digits are `YYYYMMDD`, integers of 9 to 11
+    /// digits unix seconds, of 12 or 13 digits unix milliseconds (as
+    /// seconds they would be after the year 5000; as milliseconds they are
+    /// 1973 to 2286: what JavaScript and many exports write), anything with
+    /// a `-` ISO-8601. (An 8-digit unix time would be before March 1973, so
+    /// the overlap does not arise in practice.)
     /// An integer of at most 7 digits is refused: as unix seconds it would
     /// be in the first months of 1970, and it is far more likely a
     /// spreadsheet's serial day; the error shows both readings and names
@@ -27,6 +30,8 @@ pub enum TimestampFormat {
     Auto,
     /// Integer seconds since 1970-01-01 UTC.
     UnixSeconds,
+    /// Integer milliseconds since 1970-01-01 UTC (JavaScript's `Date.now()`).
+    UnixMillis,
     /// `YYYY-MM-DD`, optionally followed by `T` or a space and
     /// `HH:MM[:SS[.fff]]` and `Z` or `±HH:MM`.
     Iso8601,
@@ -49,6 +54,7 @@ impl std::str::FromStr for TimestampFormat {
         match s {
             "auto" => Ok(Self::Auto),
             "unix_seconds" | "unix" => Ok(Self::UnixSeconds),
+            "unix_ms" | "unix_milliseconds" => Ok(Self::UnixMillis),
             "iso8601" | "iso" => Ok(Self::Iso8601),
             "yyyymmdd" => Ok(Self::Yyyymmdd),
             "spreadsheet_days" | "excel_days" => Ok(Self::SpreadsheetDays),
@@ -63,7 +69,7 @@ impl std::str::FromStr for TimestampFormat {
                 Ok(Self::Pattern(pattern.to_string()))
             }
             other => Err(format!(
-                "timestamp format must be auto, unix_seconds, iso8601, yyyymmdd, \
+                "timestamp format must be auto, unix_seconds, unix_ms, iso8601, yyyymmdd, \
                  spreadsheet_days or a strftime pattern such as `%d/%m/%Y %H:%M`, not `{other}`"
             )),
         }
@@ -82,6 +88,7 @@ impl From<TimestampFormat> for String {
         match f {
             TimestampFormat::Auto => "auto".into(),
             TimestampFormat::UnixSeconds => "unix_seconds".into(),
+            TimestampFormat::UnixMillis => "unix_ms".into(),
             TimestampFormat::Iso8601 => "iso8601".into(),
             TimestampFormat::Yyyymmdd => "yyyymmdd".into(),
             TimestampFormat::SpreadsheetDays => "spreadsheet_days".into(),
@@ -247,6 +254,11 @@ fn parse_unix(s: &str) -> Option<i64> {
     s.parse().ok()
 }
 
+/// Unix milliseconds, floored to the second.
+fn parse_unix_ms(s: &str) -> Option<i64> {
+    parse_unix(s).map(|ms| ms.div_euclid(1000))
+}
+
 fn parse_iso(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     if s.len() < 10 || b[4] != b'-' || b[7] != b'-' {
@@ -402,6 +414,7 @@ impl TimestampFormat {
         let (parsed, expected) = match self {
             TimestampFormat::Pattern(p) => return parse_pattern(raw, p),
             TimestampFormat::UnixSeconds => (parse_unix(raw), "unix seconds"),
+            TimestampFormat::UnixMillis => (parse_unix_ms(raw), "unix milliseconds"),
             TimestampFormat::Iso8601 => (parse_iso(raw), "an ISO-8601 date or date-time"),
             TimestampFormat::Yyyymmdd => (parse_yyyymmdd(raw), "a YYYYMMDD date"),
             TimestampFormat::SpreadsheetDays => (
@@ -418,6 +431,14 @@ impl TimestampFormat {
                         return Err(m);
                     }
                     parse_unix(raw).filter(|_| raw.starts_with('-'))
+                } else if matches!(raw.strip_prefix('-').unwrap_or(raw).len(), 12 | 13) {
+                    parse_unix_ms(raw)
+                } else if raw.len() > 13 && parse_unix(raw).is_some() {
+                    return Err(format!(
+                        "`{raw}` is not unix seconds or milliseconds (as seconds it is past the \
+                         year 5000, as milliseconds past 2286): if it counts micro- or \
+                         nanoseconds, convert the column to seconds or ISO-8601 dates"
+                    ));
                 } else {
                     parse_unix(raw)
                 };

@@ -290,6 +290,33 @@ mod tests {
         assert_eq!(auto.parse("20170101"), Ok(jan1));
     }
 
+    /// Exports written by JavaScript count milliseconds: `auto` used to read
+    /// `1483293522000` as seconds, in the year 48973. Twelve and thirteen
+    /// digits are milliseconds (as seconds they would be past the year
+    /// 5000); longer integers are refused naming the unit; `unix_ms` reads
+    /// milliseconds of any length.
+    #[test]
+    fn unix_milliseconds_are_read_by_auto_and_by_name() {
+        let auto = TimestampFormat::Auto;
+        assert_eq!(auto.parse("1483293522000"), Ok(1_483_293_522));
+        assert_eq!(auto.parse("1483293522999"), Ok(1_483_293_522));
+        assert_eq!(auto.parse("100000000000"), Ok(100_000_000));
+        // Eleven digits stay seconds (the year 2286 to 5138).
+        assert_eq!(auto.parse("10000000000"), Ok(10_000_000_000));
+        let e = auto.parse("1483293522000000").unwrap_err();
+        assert!(e.contains("micro- or nanoseconds"), "{e}");
+        let ms = TimestampFormat::UnixMillis;
+        assert_eq!("unix_ms".parse(), Ok(ms.clone()));
+        assert_eq!("unix_milliseconds".parse(), Ok(ms.clone()));
+        assert_eq!(String::from(ms.clone()), "unix_ms");
+        assert_eq!(ms.parse("1483293522000"), Ok(1_483_293_522));
+        assert_eq!(ms.parse("-1500"), Ok(-2));
+        assert_eq!(
+            ms.parse("12.5"),
+            Err("`12.5` is not unix milliseconds".into())
+        );
+    }
+
     #[test]
     fn a_date_setting_reads_as_auto_and_a_refusal_says_how_to_write_the_date() {
         let jan1 = 1_483_228_800;
