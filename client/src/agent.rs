@@ -520,7 +520,7 @@ impl Agent {
         let spec_is_mf = spec.model.mf_shape().is_some();
         let (kind, model_name) = (spec.kind, spec.model.name().to_string());
         let seed = spec.seed;
-        let noise = spec.dp.as_ref().and_then(|d| d.distributed);
+        let dp = spec.dp.clone();
         // Under differential privacy the example count is private (see
         // `fedcart_common::privacy::dp::clip`): the clear-text header of a
         // training or evaluation result carries weight 1, not the row count.
@@ -567,7 +567,7 @@ impl Agent {
             // masked-input stage (see `secure`); nothing is sent in the clear.
             Ok(out) if task.secure_aggregation => {
                 self.secure
-                    .hold(&task, seed, &self.data.merchant_id, noise, out);
+                    .hold(&task, seed, &self.data.merchant_id, dp, out);
                 Ok(())
             }
             Ok(out) => Ok(upload_as(

@@ -14,6 +14,7 @@
 //! `min_noise_multiplier` can only be met by distributed noise (added on
 //! the agents under secure aggregation).
 
+use fedcart_common::privacy::dp::distributed::DistributedSkellam;
 use fedcart_common::privacy::secagg::SecAggConfig;
 use fedcart_common::task::{TaskKind, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -36,13 +37,17 @@ pub struct PrivacyPolicy {
     /// agents the sum minus one's own input is the other's).
     pub min_neighbours: usize,
     /// Require the survivor-list signatures that guard against a server
-    /// telling agents different survivor lists (default `false`).
+    /// telling agents different survivor lists, with a threshold that is a
+    /// majority of the share holders, without which the check does not hold
+    /// (default `false`).
     pub require_verify_survivors: bool,
     /// Refuse training tasks without differential privacy (default `false`).
     pub require_dp: bool,
     /// Smallest noise multiplier z accepted for a training task; above 0 it
     /// requires distributed noise (added here, under secure aggregation),
     /// since the agent cannot see central noise (default 0: no requirement).
+    /// Checked on the task's z, then, once the round's size is known, on
+    /// the z the sum gets when all its agents add their shares.
     pub min_noise_multiplier: f64,
     /// In a secure round, sign this agent's keys with its mTLS key and
     /// accept the roster only if every entry is signed by the key of a
@@ -142,6 +147,31 @@ impl PrivacyPolicy {
         Ok(())
     }
 
+    /// Checks a distributed-DP round's noise against `min_noise_multiplier`
+    /// once the round's size is known: the multiplier the sum gets at best,
+    /// when every one of the round's `agents` adds its share,
+    /// z·√(agents / min_survivors). The task's z alone is not enough: the
+    /// coordinator also sets how many agents the noise is split across, and
+    /// a split across more agents than the round has shrinks every share.
+    pub fn check_noise(
+        &self,
+        noise: &DistributedSkellam,
+        agents: usize,
+    ) -> Result<(), PolicyViolation> {
+        let best = noise.effective_noise_multiplier(agents);
+        if self.min_noise_multiplier > 0.0 && (best.is_nan() || best < self.min_noise_multiplier) {
+            return Err(violation(
+                "min_noise_multiplier",
+                format!(
+                    "z = {} split across {} agents, {agents} in the round: z = {best:.3} at best",
+                    noise.noise_multiplier, noise.min_survivors
+                ),
+                format!("z >= {}", self.min_noise_multiplier),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks a secure round's parameters when the invitation arrives:
     /// threshold and survivor-list check.
     pub fn check_round(&self, config: &SecAggConfig) -> Result<(), PolicyViolation> {
@@ -157,6 +187,20 @@ impl PrivacyPolicy {
                 "require_verify_survivors",
                 "no survivor-list check",
                 "the survivor-list check",
+            ));
+        }
+        // The check holds only when two disjoint survivor lists cannot both
+        // gather t signatures: t must be a majority of the k + 1 holders.
+        let holders = config.neighbours + 1;
+        if self.require_verify_survivors && 2 * config.threshold <= holders {
+            return Err(violation(
+                "require_verify_survivors",
+                format!(
+                    "threshold {} of {holders} share holders (two survivor lists could each \
+                     gather it)",
+                    config.threshold
+                ),
+                format!("a majority threshold (> {holders}/2)"),
             ));
         }
         Ok(())
@@ -216,6 +260,57 @@ mod tests {
             standardizer: None,
             dp: None,
         }
+    }
+
+    /// The coordinator sets the task's z and how many agents the noise is
+    /// split across: a floor on z alone would let it shrink every share by
+    /// splitting across more agents than the round has.
+    #[test]
+    fn the_noise_floor_is_checked_on_what_the_rounds_agents_can_add() {
+        let p = PrivacyPolicy {
+            min_noise_multiplier: 1.0,
+            ..PrivacyPolicy::default()
+        };
+        let planned = DistributedSkellam::new(1.0, 1.0, 1000.0, 10, 4).unwrap();
+        p.check_noise(&planned, 4).unwrap();
+        p.check_noise(&planned, 6).unwrap();
+        let inflated = DistributedSkellam::new(1.0, 1.0, 1000.0, 10, 1_000_000).unwrap();
+        let e = p.check_noise(&inflated, 4).unwrap_err();
+        assert_eq!(e.setting, "min_noise_multiplier");
+        assert!(
+            e.task
+                .contains("split across 1000000 agents, 4 in the round: z = 0.002 at best"),
+            "{}",
+            e.task
+        );
+        // A round that lost one of its four planned agents before it began
+        // cannot give z = 1 either; without a floor anything goes.
+        assert!(p.check_noise(&planned, 3).is_err());
+        PrivacyPolicy::default().check_noise(&inflated, 4).unwrap();
+    }
+
+    /// Survivor lists signed by fewer than a majority of the share holders
+    /// do not stop a server from showing two groups different lists.
+    #[test]
+    fn the_survivor_check_is_required_with_a_majority_threshold() {
+        let p = PrivacyPolicy {
+            require_verify_survivors: true,
+            ..PrivacyPolicy::default()
+        };
+        let mut c = SecAggConfig::complete(3, 0, 5, 1.0);
+        c.verify_survivors = true;
+        assert_eq!((c.neighbours, c.threshold), (4, 3));
+        p.check_round(&c).unwrap();
+        c.threshold = 2;
+        let e = p.check_round(&c).unwrap_err();
+        assert_eq!(e.setting, "require_verify_survivors");
+        assert!(
+            e.task.contains("threshold 2 of 5 share holders"),
+            "{}",
+            e.task
+        );
+        // Without the requirement the policy leaves the threshold to min_threshold.
+        PrivacyPolicy::default().check_round(&c).unwrap();
     }
 
     #[test]

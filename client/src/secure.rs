@@ -27,14 +27,14 @@
 //! only its masked encoding does.
 
 use fedcart_common::privacy::dp::distributed::noise_encoded;
-use fedcart_common::privacy::dp::task::DistributedNoise;
+use fedcart_common::privacy::dp::task::DpTask;
 use fedcart_common::privacy::secagg::binding::{
     BindingContext, BindingError, EntryRefused, KeyBinding, KeySignature, UnixTime, signed_message,
     verify_roster_entries,
 };
 use fedcart_common::privacy::secagg::{
-    ClientSession, KeyRoster, RoundInvite, ShareRelay, SurvivorCheck, UnmaskRequest, encode,
-    masked_to_bytes, stage_name,
+    ClientSession, KeyRoster, RoundInvite, SecAggError, ShareRelay, SurvivorCheck, UnmaskRequest,
+    encode, masked_to_bytes, stage_name,
 };
 use fedcart_common::train::TaskOutput;
 use fedcart_proto::v1 as pb;
@@ -125,9 +125,10 @@ struct Held {
     seed: u64,
     merchant: String,
     output: TaskOutput,
-    /// Distributed DP: this agent's share of the Skellam noise goes onto its
-    /// encoded input before masking.
-    noise: Option<DistributedNoise>,
+    /// The task's differential privacy. In distributed mode this agent's
+    /// share of the Skellam noise goes onto its encoded input before
+    /// masking, once checked against the round (`DistributedNoise::check_round`).
+    dp: Option<DpTask>,
     session: Option<ClientSession>,
     /// What the round's advertisements are signed for, set with the session.
     context: Option<BindingContext>,
@@ -183,7 +184,7 @@ impl SecureTasks {
         task: &pb::TaskAssignment,
         seed: u64,
         merchant: &str,
-        noise: Option<DistributedNoise>,
+        dp: Option<DpTask>,
         out: TaskOutput,
     ) {
         self.held = Some(Held {
@@ -193,7 +194,7 @@ impl SecureTasks {
             seed,
             merchant: merchant.to_string(),
             output: out,
-            noise,
+            dp,
             session: None,
             context: None,
         });
@@ -325,6 +326,19 @@ impl SecureTasks {
                         source,
                     })?;
                 }
+                // Distributed DP: the noise must protect this round before
+                // any of it is added (its encoding, coordinates, clip and
+                // the agents it is split across).
+                if let Some(dp) = &held.dp
+                    && let Some(noise) = &dp.distributed
+                {
+                    noise
+                        .check_round(session.config(), dp.clip, dp.clip_bit)
+                        .map_err(|e| protocol(SecAggError::Refused(e)))?;
+                    policy
+                        .check_noise(&noise.skellam, roster.ids.len())
+                        .map_err(refuse)?;
+                }
                 let upload = session.share_keys(&roster).map_err(protocol)?;
                 Ok(message(upload.to_bytes()))
             }
@@ -341,15 +355,13 @@ impl SecureTasks {
                 let mut encoded =
                     encode(session.config(), update, &mut rounding).map_err(protocol)?;
                 let clipped = encoded.clipped();
-                if let Some(noise) = &held.noise {
+                if let Some(noise) = held.dp.as_ref().and_then(|d| d.distributed.as_ref()) {
                     // The noise must stay secret from the coordinator: OS entropy.
                     let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
                     noise_encoded(&mut encoded, session.config(), noise, &mut os).map_err(|e| {
                         SecureError::Protocol {
                             stage: stage.to_string(),
-                            source: fedcart_common::privacy::secagg::SecAggError::Refused(
-                                e.to_string(),
-                            ),
+                            source: SecAggError::Refused(e.to_string()),
                         }
                     })?;
                 }

@@ -15,9 +15,12 @@
 use std::collections::BTreeMap;
 
 use fedcart_client::agent::Agent;
+use fedcart_client::policy::PrivacyPolicy;
 use fedcart_client::secure::{Reply, SecureError, SecureTasks};
 use fedcart_client::tls::{AgentTls, KeyIdentity};
 use fedcart_common::federation::update::Update;
+use fedcart_common::privacy::dp::distributed::DistributedSkellam;
+use fedcart_common::privacy::dp::task::{DistributedNoise, DpTask};
 use fedcart_common::privacy::secagg::binding::{
     AdvertSigner, BindingContext, BindingError, signed_message,
 };
@@ -142,13 +145,25 @@ struct Advertised {
 /// Opens a round: every agent holds its update and answers its invitation.
 fn advertise(pki: &Pki, agents: &mut [SecureTasks], t: &pb::TaskAssignment) -> Advertised {
     let config = SecAggConfig::complete(DIM, 0, N, 1.0);
+    advertise_with(pki, agents, t, config, None)
+}
+
+/// [`advertise`] with the round's configuration and the task's
+/// differential privacy as the coordinator sets them.
+fn advertise_with(
+    pki: &Pki,
+    agents: &mut [SecureTasks],
+    t: &pb::TaskAssignment,
+    config: SecAggConfig,
+    dp: Option<DpTask>,
+) -> Advertised {
     let rs = round_seed(fedcart_common::seed::derive(42, &["secagg", &t.task_id]));
     let ids: Vec<u32> = (0..N as u32).collect();
     let mut server = ServerSession::new(config.clone(), rs, &ids).unwrap();
     let mut bindings = Vec::new();
     for (k, agent) in agents.iter_mut().enumerate() {
         let merchant = format!("m{k}");
-        agent.hold(t, 42, &merchant, None, output(k));
+        agent.hold(t, 42, &merchant, dp.clone(), output(k));
         let invite = RoundInvite {
             config: config.clone(),
             round_seed: rs,
@@ -574,4 +589,96 @@ fn secure_round_whose_roster_lacks_m3s_keys_or_names_an_unlisted_agent_is_refuse
     let mut a = advertise(&pki, &mut agents, &t);
     assert!(share_keys(&mut a, &mut agents, &t).is_empty());
     assert_eq!(finish(a, &mut agents, &t).len(), DIM);
+}
+
+/// Distributed DP against a curious coordinator, which sets both the noise
+/// each agent adds and the round it adds it to. Splitting the noise across
+/// far more agents than the round has shrinks every share: an agent whose
+/// policy sets a floor on z refuses the round at the share-keys stage,
+/// before any masked input. Noise laid on fewer coordinates than the update
+/// has, or calibrated for another encoding, is refused by every agent. The
+/// round as planned runs to its sum.
+#[test]
+fn distributed_noise_split_too_thin_or_on_too_few_coordinates_is_refused() {
+    let pki = pki();
+    let t = task(0);
+    let mut config = SecAggConfig::complete(DIM, 0, N, 1.0);
+    let planned = DistributedNoise {
+        skellam: DistributedSkellam::new(1.0, 1.0, 1000.0, DIM, N).unwrap(),
+        bit_variance: 0.0,
+        secagg_clip: 1.0,
+        modulus_bits: 32,
+    };
+    planned.configure(&mut config);
+    let dp = |noise| DpTask {
+        clip: 1.0,
+        clip_bit: false,
+        distributed: Some(noise),
+    };
+    let with_floor = || {
+        let mut agents = agents(&pki);
+        for a in &mut agents {
+            a.set_policy(PrivacyPolicy {
+                min_noise_multiplier: 0.5,
+                ..a.policy().clone()
+            });
+        }
+        agents
+    };
+    let mut honest = with_floor();
+    let mut a = advertise_with(&pki, &mut honest, &t, config.clone(), Some(dp(planned)));
+    assert!(share_keys(&mut a, &mut honest, &t).is_empty());
+    assert_eq!(finish(a, &mut honest, &t).len(), DIM);
+
+    let thin = DistributedNoise {
+        skellam: DistributedSkellam::new(1.0, 1.0, 1000.0, DIM, 1_000_000).unwrap(),
+        ..planned
+    };
+    let mut floored = with_floor();
+    let mut a = advertise_with(&pki, &mut floored, &t, config.clone(), Some(dp(thin)));
+    let refused = share_keys(&mut a, &mut floored, &t);
+    assert_eq!(refused.len(), N, "{refused:?}");
+    let chain = |e: &SecureError| {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            text = format!("{text}: {s}");
+            source = s.source();
+        }
+        text
+    };
+    for e in &refused {
+        let text = chain(e);
+        assert!(
+            matches!(e, SecureError::Policy { .. })
+                && text.contains("min_noise_multiplier")
+                && text.contains("split across 1000000 agents, 4 in the round"),
+            "{text}"
+        );
+    }
+    assert!(
+        a.server.close_shares().is_err(),
+        "no masked input is asked for"
+    );
+
+    let few = DistributedNoise {
+        skellam: DistributedSkellam::new(1.0, 1.0, 1000.0, 1, N).unwrap(),
+        ..planned
+    };
+    let mut scaled = config.clone();
+    scaled.scale *= 100.0;
+    for (noise, config, why) in [
+        (few, &config, "covers 1 coordinates, the update has 16"),
+        (planned, &scaled, "calibrated for the scale 1000"),
+    ] {
+        // Without a floor in the policy: the noise is still refused.
+        let mut plain = agents(&pki);
+        let mut a = advertise_with(&pki, &mut plain, &t, config.clone(), Some(dp(noise)));
+        let refused = share_keys(&mut a, &mut plain, &t);
+        assert_eq!(refused.len(), N, "{refused:?}");
+        assert!(
+            refused.iter().all(|e| chain(e).contains(why)),
+            "{refused:?}"
+        );
+    }
 }

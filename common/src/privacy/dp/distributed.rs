@@ -375,6 +375,78 @@ impl DistributedNoise {
         config.modulus_bits = self.modulus_bits;
         config.noise_variance = self.skellam.per_agent_variance().max(self.bit_variance);
     }
+
+    /// The agent's check, before it adds its share, that this noise was
+    /// planned for the secure round it is asked for. The coordinator sets
+    /// both, and every way they could disagree shrinks what each agent adds
+    /// relative to its input:
+    /// * the parameters are in range (a deserialised task skipped
+    ///   [`DistributedSkellam::new`]'s checks);
+    /// * the noise was calibrated for the round's encoding: its fixed-point
+    ///   scale, value clip and ring ([`Self::configure`]);
+    /// * it covers every model coordinate of the update (`dim`: the round's
+    ///   values less the clip bit) and a delta clipped to `dp_clip` (the clip
+    ///   the agent's training applied) at most.
+    ///
+    /// How many agents the noise is split across (`min_survivors`) is the
+    /// merchant's policy's to judge against the round's size
+    /// ([`DistributedSkellam::effective_noise_multiplier`] of its agents).
+    pub fn check_round(
+        &self,
+        config: &crate::privacy::secagg::SecAggConfig,
+        dp_clip: f64,
+        clip_bit: bool,
+    ) -> Result<(), String> {
+        let k = &self.skellam;
+        DistributedSkellam::new(k.noise_multiplier, k.clip, k.scale, k.dim, k.min_survivors)
+            .map_err(|e| format!("the round's distributed noise: {e}"))?;
+        if !(self.bit_variance.is_finite() && self.bit_variance >= 0.0) {
+            return Err(format!(
+                "the round's clip-bit noise variance {} is not a variance",
+                self.bit_variance
+            ));
+        }
+        let mismatch = |what: &str, noise: String, round: String| {
+            Err(format!(
+                "the distributed noise was calibrated for {what} {noise}, the secure round uses \
+                 {round}: each agent's share would not give the planned noise"
+            ))
+        };
+        if config.scale != k.scale {
+            return mismatch("the scale", k.scale.to_string(), config.scale.to_string());
+        }
+        if config.clip != self.secagg_clip {
+            return mismatch(
+                "the value clip",
+                self.secagg_clip.to_string(),
+                config.clip.to_string(),
+            );
+        }
+        if config.modulus_bits != self.modulus_bits {
+            return mismatch(
+                "the ring",
+                format!("2^{}", self.modulus_bits),
+                format!("2^{}", config.modulus_bits),
+            );
+        }
+        let values = config.num_values;
+        if k.dim + usize::from(clip_bit) != values {
+            return Err(format!(
+                "the distributed noise covers {} coordinates, the update has {values} model \
+                 coordinates: the others would go without noise",
+                k.dim,
+                values = values - usize::from(clip_bit)
+            ));
+        }
+        if k.clip < dp_clip {
+            return Err(format!(
+                "the distributed noise is calibrated for deltas clipped to {}, the round clips \
+                 them to {dp_clip}",
+                k.clip
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

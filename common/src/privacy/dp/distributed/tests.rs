@@ -153,3 +153,61 @@ fn bad_distributed_settings_are_refused_by_name() {
         "variance"
     );
 }
+
+/// What a curious coordinator could set to shrink each agent's noise
+/// relative to its input — noise on fewer coordinates than the update,
+/// another encoding than the round's, a clip below the one training
+/// applied, parameters out of range — is refused by the agent's check; the
+/// round as the ledger plans it passes.
+#[test]
+fn an_agent_refuses_noise_that_does_not_protect_its_round() {
+    use crate::privacy::secagg::SecAggConfig;
+    let dim = 50;
+    let honest = DistributedNoise {
+        skellam: DistributedSkellam::new(1.0, 0.5, 4096.0, dim, 4).unwrap(),
+        bit_variance: 0.0,
+        secagg_clip: 0.5,
+        modulus_bits: 32,
+    };
+    let mut config = SecAggConfig::complete(dim, 0, 4, 0.5);
+    honest.configure(&mut config);
+    assert_eq!(honest.check_round(&config, 0.5, false), Ok(()));
+    let refused = |noise: DistributedNoise, config: &SecAggConfig, dp_clip| {
+        noise
+            .check_round(config, dp_clip, false)
+            .expect_err("refused")
+    };
+    let mut few_coordinates = honest;
+    few_coordinates.skellam.dim = 1;
+    let e = refused(few_coordinates, &config, 0.5);
+    assert!(e.contains("covers 1 coordinates, the update has 50"), "{e}");
+    let mut scaled = config.clone();
+    scaled.scale *= 1000.0;
+    let e = refused(honest, &scaled, 0.5);
+    assert!(e.contains("the scale 4096"), "{e}");
+    let mut clipped = config.clone();
+    clipped.clip = 50.0;
+    assert!(refused(honest, &clipped, 0.5).contains("the value clip 0.5"));
+    let mut ring = config.clone();
+    ring.modulus_bits = 64;
+    assert!(refused(honest, &ring, 0.5).contains("the ring 2^32"));
+    let e = refused(honest, &config, 5.0);
+    assert!(
+        e.contains("deltas clipped to 0.5, the round clips them to 5"),
+        "{e}"
+    );
+    let mut zero = honest;
+    zero.skellam.noise_multiplier = -1.0;
+    assert!(refused(zero, &config, 0.5).contains("noise_multiplier"));
+    let mut nan_bit = honest;
+    nan_bit.bit_variance = f64::NAN;
+    assert!(refused(nan_bit, &config, 0.5).contains("clip-bit noise variance"));
+    // With adaptive clipping the clip bit is one more value, noised apart.
+    let mut with_bit = SecAggConfig::complete(dim + 1, 0, 4, 0.5);
+    let adaptive = DistributedNoise {
+        bit_variance: 2.0,
+        ..honest
+    };
+    adaptive.configure(&mut with_bit);
+    assert_eq!(adaptive.check_round(&with_bit, 0.5, true), Ok(()));
+}
