@@ -79,6 +79,15 @@ pub enum DataError {
          which hashed ids cannot"
     )]
     NoBasketCatalogue,
+    /// No customer of the orders export ordered before the churn cutoff:
+    /// nothing to learn churn from.
+    #[error("deriving churn labels from the orders export {}: {message}", path.display())]
+    NoChurnHistory {
+        /// The file.
+        path: PathBuf,
+        /// The dates, the cutoff and what to change.
+        message: String,
+    },
     /// The orders export could not be turned into features or labels.
     #[error("deriving from the orders export {}: {message}", path.display())]
     Derive {
@@ -337,13 +346,36 @@ fn churn_from_orders(
     };
     let ds = derive(rows, &cc, path)?.features;
     if ds.ids.is_empty() {
-        return Err(DataError::Derive {
+        let date = orders::derive::format_date;
+        let span = orders::time_span(rows)
+            .map(|(first, last)| {
+                format!(
+                    "the orders run from {} to {} ({} days), ",
+                    date(first),
+                    date(last),
+                    (last - first).div_euclid(SECONDS_PER_DAY)
+                )
+            })
+            .unwrap_or_default();
+        let setting = match &cfg.data.churn.cutoff {
+            Some(_) => "`data.churn.cutoff`",
+            None => "the cutoff (the last order minus `data.churn.churn_window_days`)",
+        };
+        return Err(DataError::NoChurnHistory {
             path: path.to_owned(),
             message: format!(
-                "no customer ordered before the churn cutoff {}",
-                orders::derive::format_date(cutoff)
+                "no customer ordered before the churn cutoff {}: {span}and {setting} leaves no \
+                 history before it; set a shorter `churn_window_days` or a later `cutoff` under \
+                 [data.churn]",
+                date(cutoff)
             ),
         });
+    }
+    if let Some(span) = orders::time_span(rows)
+        && let Some(note) =
+            orders::derive::one_label_note(ds.y.iter().copied(), span, cutoff, window)
+    {
+        tracing::warn!("{}: {note} (`[data.churn]`)", path.display());
     }
     let labels = ds.y.to_vec();
     let (train, valid) =
@@ -608,7 +640,17 @@ pub fn load_all(
             valid: ds.select(&valid),
         });
     } else if let Some((path, rows)) = &orders {
-        data.churn = Some(churn_from_orders(path, rows, cfg)?);
+        data.churn = match churn_from_orders(path, rows, cfg) {
+            Ok(churn) => Some(churn),
+            // An export shorter than the default churn window still serves
+            // the recommender, rules and segments: churn tasks are declined
+            // (the coordinator counts a dropout) and the merchant is told why.
+            Err(e @ DataError::NoChurnHistory { .. }) if cfg.data.churn.cutoff.is_none() => {
+                tracing::warn!("{e}; churn tasks will be declined");
+                None
+            }
+            Err(e) => return Err(e),
+        };
     }
     let inter = interactions_with(cfg, orders.as_ref().map(|(_, r)| r.as_slice()))?;
     if let Some(i) = &inter {
@@ -745,6 +787,42 @@ mod tests {
         std::fs::remove_file(&orders).unwrap();
         let missing = chain(table.load().unwrap_err());
         assert_eq!(missing.matches(&file).count(), 1, "{missing}");
+    }
+
+    /// Two months of orders against the default 90-day churn window: no
+    /// customer has history before the cutoff. The agent still starts (its
+    /// recommender data is there) and says why churn tasks are declined; a
+    /// cutoff the merchant set is refused with the dates and the fix.
+    #[test]
+    fn an_export_shorter_than_the_churn_window_still_serves_the_recommender() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = merchant(dir.path());
+        let orders = dir.path().join("orders.csv");
+        let text = std::fs::read_to_string(&orders).unwrap();
+        let short: String = text
+            .lines()
+            .filter(|l| !l.contains("2024-06") && !l.contains("2024-05"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&orders, short).unwrap();
+        let path = dir.path().join("merchant.toml");
+        let cfg = AgentConfig::load_with_env(&path, |_| None).unwrap();
+        let data = load(&cfg).unwrap();
+        assert!(data.churn.is_none());
+        assert!(data.mf.is_some());
+        let e = churn_from_orders(&orders, &read_orders(&orders, &cfg).unwrap(), &cfg).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("no customer ordered before the churn cutoff 2023-11-05")
+                && e.contains("the orders run from 2024-01-01 to 2024-02-02 (31 days)")
+                && e.contains("set a shorter `churn_window_days`"),
+            "{e}"
+        );
+        let toml = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, toml + "[data.churn]\ncutoff = \"2023-12-01\"\n").unwrap();
+        let cfg = AgentConfig::load_with_env(&path, |_| None).unwrap();
+        let e = load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("`data.churn.cutoff` leaves no history"), "{e}");
     }
 
     #[test]

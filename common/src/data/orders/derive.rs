@@ -136,6 +136,47 @@ impl LabelCoverage {
     }
 }
 
+/// What to say when every customer got the same churn label: a churn model
+/// then has nothing to learn or to be measured on. Names the export's dates
+/// (`span`: first and last order), the cutoff and the window, so that a
+/// placeholder date at the end of an export (`9999-12-31`, which drags the
+/// default cutoff with it) or a window that does not fit these customers
+/// shows. `None` when both labels occur, or there are no customers.
+pub fn one_label_note(
+    labels: impl IntoIterator<Item = f32>,
+    (first, last): (i64, i64),
+    cutoff: i64,
+    window_days: u32,
+) -> Option<String> {
+    let (mut churned, mut total) = (0usize, 0usize);
+    for y in labels {
+        total += 1;
+        churned += usize::from(y > 0.5);
+    }
+    if total == 0 || (churned > 0 && churned < total) {
+        return None;
+    }
+    let what = if churned == total {
+        format!(
+            "all {total} customers are labelled churned (none ordered in the {window_days} days \
+             after the cutoff {})",
+            format_date(cutoff)
+        )
+    } else {
+        format!(
+            "none of the {total} customers is labelled churned (every one ordered in the \
+             {window_days} days after the cutoff {})",
+            format_date(cutoff)
+        )
+    };
+    Some(format!(
+        "{what}; the orders run from {} to {}: a churn model has nothing to learn. Check the \
+         export for a placeholder or mistyped date, or set the cutoff and churn window",
+        format_date(first),
+        format_date(last)
+    ))
+}
+
 /// Calendar date `YYYY-MM-DD` of unix seconds (H. Hinnant's `civil_from_days`).
 pub fn format_date(ts: i64) -> String {
     let z = ts.div_euclid(SECONDS_PER_DAY) + 719_468;

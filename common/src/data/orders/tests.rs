@@ -541,3 +541,26 @@ fn time_span_is_the_first_and_last_order_in_any_file_order() {
     assert_eq!(time_span(&orders), Some((day(1), day(9))));
     assert_eq!(time_span(&orders[..1]), Some((day(3), day(3))));
 }
+
+/// One label for every customer is said, with the dates that explain it:
+/// a placeholder order in 9999 drags the default cutoff with it.
+#[test]
+fn a_single_churn_label_is_named_with_the_exports_dates() {
+    use super::derive::one_label_note;
+    let day = |d: i64| d * SECONDS_PER_DAY;
+    let span = (day(17_167), day(2_932_896));
+    let note = one_label_note([1.0, 1.0, 1.0], span, day(2_932_806), 90).unwrap();
+    assert!(
+        note.starts_with("all 3 customers are labelled churned (none ordered in the 90 days after the cutoff 9999-10-02)")
+            && note.contains("the orders run from 2017-01-01 to 9999-12-31")
+            && note.contains("placeholder or mistyped date"),
+        "{note}"
+    );
+    let none = one_label_note([0.0, 0.0], span, day(17_200), 30).unwrap();
+    assert!(
+        none.starts_with("none of the 2 customers is labelled churned"),
+        "{none}"
+    );
+    assert_eq!(one_label_note([0.0, 1.0], span, day(17_200), 30), None);
+    assert_eq!(one_label_note([], span, day(17_200), 30), None);
+}

@@ -460,6 +460,22 @@ pub fn build(
         | TaskChoice::ChurnGbdt
         | TaskChoice::Segments(_) => {
             let model = task.churn_model(FEATURE_NAMES.len());
+            // Every customer with one label: nothing to learn or measure.
+            let one_label = |labels: Vec<f32>| -> anyhow::Result<()> {
+                let span = orders::time_span(&rows).unwrap_or_default();
+                match orders::derive::one_label_note(
+                    labels,
+                    span,
+                    cfg.cutoff,
+                    cfg.churn_window_days,
+                ) {
+                    Some(note) if task.is_churn() => bail!(
+                        "{}: {note} (--cutoff, --churn-window-days)",
+                        src.path.display()
+                    ),
+                    _ => Ok(()),
+                }
+            };
             let split_local = |k: usize, part: TabularDataset| {
                 let y = part.y.as_slice().expect("contiguous labels").to_vec();
                 let (tr, va) = split::stratified_train_test(&y, HOLDOUT, seed);
@@ -473,13 +489,22 @@ pub fn build(
                 }
             };
             let merchants = match stores {
-                Some(stores) => stores
-                    .into_iter()
-                    .enumerate()
-                    .map(|(k, p)| split_local(k, p.features))
-                    .collect(),
+                Some(stores) => {
+                    one_label(
+                        stores
+                            .iter()
+                            .flat_map(|p| p.features.y.iter().copied())
+                            .collect(),
+                    )?;
+                    stores
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, p)| split_local(k, p.features))
+                        .collect()
+                }
                 None => {
                     let all = derive(&rows)?.features;
+                    one_label(all.y.to_vec())?;
                     let labels: Vec<u32> = all.y.iter().map(|&y| y as u32).collect();
                     partitioner
                         .deal(&labels, None, n, seed)?
