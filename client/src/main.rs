@@ -267,8 +267,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             eprintln!("recommender version {version}, {copy} copy");
             for r in recs {
                 match names.get(&r.item) {
-                    Some(name) => println!("{}\t{:.4}\t{name}", r.item, r.score),
-                    None => println!("{}\t{:.4}", r.item, r.score),
+                    Some(name) => fedcart_common::outln!("{}\t{:.4}\t{name}", r.item, r.score)?,
+                    None => fedcart_common::outln!("{}\t{:.4}", r.item, r.score)?,
                 }
             }
             Ok(())
@@ -287,7 +287,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             w.flush()
                 .with_context(|| format!("writing {}", out.display()))?;
             if out != std::path::Path::new("-") {
-                println!("wrote {n} churn scores to {}", out.display());
+                fedcart_common::outln!("wrote {n} churn scores to {}", out.display())?;
             }
             Ok(())
         }
@@ -323,14 +323,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 &out,
             )
             .with_context(|| format!("writing the bought-together lists to {}", out.display()))?;
-            println!(
+            fedcart_common::outln!(
                 "wrote {} rules for {} items to {} (from {} frequent itemsets over {} baskets of the federation)",
                 w.rows,
                 w.items,
                 out.display(),
                 w.itemsets,
                 w.baskets
-            );
+            )?;
             Ok(())
         }
         Command::Segments { config, out, run } => {
@@ -351,7 +351,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             w.flush()
                 .with_context(|| format!("writing {}", out.display()))?;
             if out != std::path::Path::new("-") {
-                println!("wrote {n} customer segments to {}", out.display());
+                fedcart_common::outln!("wrote {n} customer segments to {}", out.display())?;
             }
             Ok(())
         }

@@ -135,6 +135,9 @@ pub enum PrepareError {
     /// The `[data]` snippet could not be encoded as TOML.
     #[error("encoding the [data] snippet")]
     EncodeSnippet(#[source] toml::ser::Error),
+    /// The summary could not be written to standard output.
+    #[error("writing to standard output")]
+    Stdout(#[source] std::io::Error),
     /// `summary.json` (or the `[data]` snippet) could not be written.
     #[error("writing {}", path.display())]
     WriteSummary {
@@ -306,7 +309,7 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
         source,
     })?;
     let s = &prepared.summary;
-    println!(
+    fedcart_common::outln!(
         "{}: {} rows read, {} skipped; {} customers, churn rate {:.3} (cutoff {}, {} days); {} interactions; wrote {}",
         args.orders.display(),
         report.rows_read,
@@ -317,11 +320,12 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
         s.churn_window_days,
         s.interactions,
         args.out.display()
-    );
-    println!(
+    ).map_err(PrepareError::Stdout)?;
+    fedcart_common::outln!(
         "\nfor merchant.toml (also in {}):\n\n{snippet}",
         snippet_path.display()
-    );
+    )
+    .map_err(PrepareError::Stdout)?;
     if let Some(warning) = window_warning((first, last), cfg.cutoff, cfg.churn_window_days) {
         eprintln!("warning: {warning}");
     }

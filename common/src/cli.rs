@@ -99,6 +99,33 @@ pub fn exit_on_second_signal() {
     });
 }
 
+/// Writes `text` and a newline to standard output. A reader that went away
+/// (`| head -1`, `| true`) ends the program quietly with status 0, as it
+/// ends `cat` or `ripgrep`, instead of the panic `println!` gives; any other
+/// write error is returned. The binaries print their results through
+/// [`outln!`](crate::outln).
+pub fn print(text: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out
+        .write_fmt(text)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        result => result,
+    }
+}
+
+/// `println!` for the binaries' results, through [`print`]: a closed pipe
+/// ends the program quietly; evaluates to `std::io::Result<()>`.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::print(format_args!($($arg)*))
+    };
+}
+
 /// An error and its causes on one line, `outer: inner: …`, each cause once:
 /// a cause whose text the line already holds is skipped (transport errors
 /// often repeat their source in their own message).

@@ -267,9 +267,9 @@ async fn run() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| status::with_hint(e, &coordinator, with_certs))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status::to_json(&s))?);
+                fedcart_common::outln!("{}", serde_json::to_string_pretty(&status::to_json(&s))?)?;
             } else {
-                println!("{}", status::to_table(&s));
+                fedcart_common::outln!("{}", status::to_table(&s))?;
             }
             Ok(())
         }
@@ -285,15 +285,18 @@ async fn run() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| status::with_hint(e, &conn.coordinator, conn.certs.is_some()))?;
             match (json, &action) {
-                (true, runs::Action::List) => println!(
+                (true, runs::Action::List) => fedcart_common::outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &answer.iter().map(runs::to_json).collect::<Vec<_>>()
                     )?
-                ),
+                )?,
                 (true, _) => {
                     for r in &answer {
-                        println!("{}", serde_json::to_string_pretty(&runs::to_json(r))?);
+                        fedcart_common::outln!(
+                            "{}",
+                            serde_json::to_string_pretty(&runs::to_json(r))?
+                        )?;
                     }
                 }
                 (false, _) => print!("{}", runs::to_table(&answer)),
@@ -357,7 +360,7 @@ async fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Privacy(args) => {
-            println!("{}", fedcart_coordinator::privacy::run(&args)?);
+            fedcart_common::outln!("{}", fedcart_coordinator::privacy::run(&args)?)?;
             Ok(())
         }
     }
@@ -367,13 +370,13 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
     match action {
         CertsAction::Init { dir, hosts } => {
             ca::init(&ca::CertDir::new(&dir), &hosts)?;
-            println!(
+            fedcart_common::outln!(
                 "CA, coordinator certificate and the operator's identity ({op}.pem/{op}.key for \
                  `status`, {token} for the HTTP endpoints) written to {dir}",
                 op = ca::OPERATOR,
                 token = ca::OPERATOR_TOKEN,
                 dir = dir.display()
-            );
+            )?;
         }
         CertsAction::Issue {
             dir,
@@ -383,11 +386,11 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             ..
         } => {
             ca::issue_kind(&ca::CertDir::new(&dir), &id, ca::Kind::Operator, force)?;
-            println!(
+            fedcart_common::outln!(
                 "issued operator {0}.pem/{0}.key in {1} (`status --identity {0}`)",
                 id,
                 dir.display()
-            );
+            )?;
         }
         CertsAction::Issue {
             dir,
@@ -407,20 +410,20 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             ca::issue_kind(&pki, &id, ca::Kind::Merchant, force)?;
             let access = access.unwrap_or_else(|| dir.join("access.toml"));
             ca::allow(&access, &id)?;
-            println!(
+            fedcart_common::outln!(
                 "issued {0}.pem/{0}.key in {1}; allowed in {2}",
                 id,
                 dir.display(),
                 access.display()
-            );
+            )?;
             if let (Some(kit), Some(url)) = (&kit, &coordinator_url) {
                 ca::write_kit(&pki, &id, kit, url, domain.as_deref())?;
-                println!(
+                fedcart_common::outln!(
                     "kit for `{id}` written to {0}: put the customer table in {0}/data/customers.csv \
                      (or set FEDCART_DATA_CHURN_CSV) and run `fedcart-client run --config {0}/{1}`",
                     kit.display(),
                     ca::KIT_CONFIG
-                );
+                )?;
             }
         }
         CertsAction::Revoke {
@@ -438,11 +441,11 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             if let Some(w) = &done.warning {
                 eprintln!("warning: {w}");
             }
-            println!(
+            fedcart_common::outln!(
                 "revoked the certificate of `{id}` (serial {}) in {}",
                 done.serial,
                 access.display()
-            );
+            )?;
         }
     }
     Ok(())

@@ -76,14 +76,14 @@ pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Res
     }
     match format {
         Format::Table => {
-            output::print_table(&experiments);
+            output::print_table(&experiments)?;
             for e in &experiments {
                 for line in &e.report {
-                    println!("{line}");
+                    fedcart_common::outln!("{line}")?;
                 }
             }
         }
-        Format::Json => println!("{}", output::summary_json(&experiments)),
+        Format::Json => fedcart_common::outln!("{}", output::summary_json(&experiments))?,
     }
     failures(&experiments, settings.out.as_deref())
 }

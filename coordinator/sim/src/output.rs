@@ -27,7 +27,7 @@ use super::experiment::{Experiment, RoundRow};
 use super::settings::Settings;
 
 /// Prints the summary table to stdout.
-pub fn print_table(experiments: &[Experiment]) {
+pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
     let mut t = comfy_table::Table::new();
     t.set_header([
         "experiment",
@@ -63,10 +63,11 @@ pub fn print_table(experiments: &[Experiment]) {
                 .map_or("-".into(), |p| format!("{:.3}", p.epsilon)),
         ]);
     }
-    println!("{t}");
+    fedcart_common::outln!("{t}")?;
     if let Some(keys) = experiments.iter().find_map(|e| e.secagg_keys.as_deref()) {
-        println!("secure aggregation keys: {keys}");
+        fedcart_common::outln!("secure aggregation keys: {keys}")?;
     }
+    Ok(())
 }
 
 /// The summary as one JSON document, what `--format json` prints: per

@@ -82,3 +82,24 @@ fn a_negative_value_gets_the_flags_own_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim(), "error: --dp-clip -1 must be finite and > 0");
 }
+
+/// `fedcart-sim … | head -1`: a reader that goes away before the table is
+/// printed ends the run quietly with status 0, as it ends `cat`, instead
+/// of `println!`'s panic (status 101, "failed printing to stdout").
+#[test]
+fn a_reader_that_went_away_ends_the_run_quietly() {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_fedcart-sim"))
+        .args(["--task", "noop:10", "--merchants", "2", "--rounds", "1"])
+        .stdout(writer)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("fedcart-sim runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("panicked"),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
