@@ -370,6 +370,16 @@ fn parse_pattern(raw: &str, p: &str) -> Result<i64, String> {
     let mut parsed = Parsed::new();
     parse(&mut parsed, raw, StrftimeItems::new(p))
         .map_err(|e| format!("`{raw}` does not match the timestamp format `{p}` ({e})"))?;
+    // `%Y` takes `17` as the year 17: an export that writes two-digit
+    // years wants `%y` (1969–2068).
+    if p.contains("%Y")
+        && let Some(year) = parsed.year().filter(|y| (0..100).contains(y))
+    {
+        return Err(format!(
+            "`{raw}` read with the timestamp format `{p}` is in the year {year}: for two-digit \
+             years write `%y` instead of `%Y`"
+        ));
+    }
     let secs = if parsed.offset().is_some() {
         parsed.to_datetime().map(|t| t.timestamp())
     } else {

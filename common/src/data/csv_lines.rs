@@ -29,11 +29,34 @@ pub struct LineRecords<R> {
     cr_only: bool,
 }
 
+/// What to do about text that is not UTF-8: the advice of [`message`].
+pub const NOT_UTF8: &str = "save the file as UTF-8 (Excel: \"CSV UTF-8\"); a Latin-1 or \
+     Windows-1252 export converts with `iconv -f WINDOWS-1252 -t UTF-8`";
+
+/// A record's error as a merchant reads it: the csv crate's own text,
+/// except for text that is not UTF-8, which names the field and the fix
+/// instead of the crate's byte offsets.
+pub fn message(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::Utf8 { err, .. } => {
+            format!("field {} is not UTF-8 text: {NOT_UTF8}", err.field() + 1)
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// Records of `reader` separated by `delimiter`. Records may differ in
 /// length (callers compare with the header and say so with the line).
+/// A UTF-16 file (Excel's "Unicode text") is refused with the fix.
 pub fn line_records<R: Read>(reader: R, delimiter: u8) -> std::io::Result<LineRecords<R>> {
     let mut reader = BufReader::with_capacity(1 << 16, reader);
     let head = reader.fill_buf()?;
+    if head.starts_with(&[0xFF, 0xFE]) || head.starts_with(&[0xFE, 0xFF]) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the file is UTF-16 text (Excel's \"Unicode text\"), not UTF-8: {NOT_UTF8}"),
+        ));
+    }
     let cr_only = head.contains(&b'\r') && !head.contains(&b'\n');
     let blanks = Rc::new(RefCell::new(VecDeque::new()));
     let reader = BlankLines {

@@ -495,7 +495,7 @@ pub(crate) fn table<'a, R: std::io::Read + 'a>(
     let row_err = move |(line, e): (u64, csv::Error)| DataError::Row {
         file: path.into(),
         line,
-        message: e.to_string(),
+        message: crate::data::csv_lines::message(&e),
     };
     let Some(header) = records.next() else {
         return Err(DataError::Empty { file: path.into() });

@@ -290,6 +290,20 @@ mod tests {
         assert_eq!(auto.parse("20170101"), Ok(jan1));
     }
 
+    /// `01/01/17` with `%m/%d/%Y` used to be read as the year 17 AD.
+    #[test]
+    fn two_digit_years_under_a_four_digit_pattern_name_the_fix() {
+        let f: TimestampFormat = "%m/%d/%Y".parse().unwrap();
+        let e = f.parse("01/01/17").unwrap_err();
+        assert!(
+            e.contains("is in the year 17: for two-digit years write `%y` instead of `%Y`"),
+            "{e}"
+        );
+        let y: TimestampFormat = "%m/%d/%y".parse().unwrap();
+        assert_eq!(y.parse("01/01/17"), Ok(1_483_228_800));
+        assert_eq!(f.parse("01/01/2017"), Ok(1_483_228_800));
+    }
+
     /// Exports written by JavaScript count milliseconds: `auto` used to read
     /// `1483293522000` as seconds, in the year 48973. Twelve and thirteen
     /// digits are milliseconds (as seconds they would be past the year

@@ -157,7 +157,7 @@ fn records<'a, R: Read + 'a>(
             })?;
             Ok(Box::new(records.map(move |r| match r {
                 Ok((line, r)) => Ok((line, r.iter().map(str::to_string).collect())),
-                Err((line, e)) => Err(row_err(line, &e)),
+                Err((line, e)) => Err(row_err(line, &crate::data::csv_lines::message(&e))),
             })))
         }
         None => {
@@ -165,6 +165,10 @@ fn records<'a, R: Read + 'a>(
             Ok(Box::new(lines.filter_map(move |(i, l)| {
                 let line = i as u64 + 1;
                 match l {
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Some(Err(row_err(
+                        line,
+                        &format!("not UTF-8 text: {}", crate::data::csv_lines::NOT_UTF8),
+                    ))),
                     Err(e) => Some(Err(row_err(line, &e))),
                     Ok(text) => {
                         let fields: Vec<String> =

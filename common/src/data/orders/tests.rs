@@ -564,3 +564,36 @@ fn a_single_churn_label_is_named_with_the_exports_dates() {
     assert_eq!(one_label_note([0.0, 1.0], span, day(17_200), 30), None);
     assert_eq!(one_label_note([], span, day(17_200), 30), None);
 }
+
+/// A Windows-1252 export (`José` as one byte) names the line and field and
+/// how to convert it, not the csv crate's byte offsets; a UTF-16 file
+/// (Excel's "Unicode text") is refused before its first line.
+#[test]
+fn text_that_is_not_utf8_names_its_line_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let latin1 = dir.path().join("latin1.csv");
+    let mut bytes = b"customer,item,ts,qty,price\nc1,milk,2024-01-01,1,2\nJos".to_vec();
+    bytes.extend([0xE9]);
+    bytes.extend(b",bread,2024-01-02,1,2\n");
+    std::fs::write(&latin1, &bytes).unwrap();
+    let e = read_orders(&latin1, &mapping(), BadRowPolicy::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.ends_with("latin1.csv: line 3: field 1 is not UTF-8 text: save the file as UTF-8 (Excel: \"CSV UTF-8\"); a Latin-1 or Windows-1252 export converts with `iconv -f WINDOWS-1252 -t UTF-8`"),
+        "{e}"
+    );
+    let utf16 = dir.path().join("utf16.csv");
+    let mut bytes = vec![0xFF, 0xFE];
+    for u in "customer,item\n".encode_utf16() {
+        bytes.extend(u.to_le_bytes());
+    }
+    std::fs::write(&utf16, &bytes).unwrap();
+    let e = read_orders(&utf16, &mapping(), BadRowPolicy::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("utf16.csv: the file is UTF-16 text (Excel's \"Unicode text\"), not UTF-8"),
+        "{e}"
+    );
+}
