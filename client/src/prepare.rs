@@ -95,6 +95,18 @@ pub enum PrepareError {
     /// (the mapping field, e.g. `customer` for `--customer-col`).
     #[error("without --mapping, --{0}-col is required")]
     MissingColumn(&'static str),
+    /// The mapping file leaves out a required column and no flag gives it.
+    #[error(
+        "the mapping {} has no `{field}` column: add `{field} = \"…\"` to it or give \
+         --{field}-col",
+        path.display()
+    )]
+    MappingLacks {
+        /// The mapping file.
+        path: PathBuf,
+        /// The mapping key (`customer`, `timestamp` or `amount`).
+        field: &'static str,
+    },
     /// `--cutoff` is not a date.
     #[error("--cutoff: {0}")]
     Cutoff(String),
@@ -213,23 +225,25 @@ fn data_snippet(out: &Path, interactions: bool) -> Result<String, PrepareError> 
 
 /// Builds the mapping from the file (if any) and the column flags.
 pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError> {
-    let base = match &args.mapping {
+    // The file is read as settings, so that it may leave out a column a
+    // flag gives; the flags win where both name one.
+    let file = match &args.mapping {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|source| PrepareError::ReadMapping {
                     path: path.clone(),
                     source,
                 })?;
-            Some(toml::from_str::<OrdersMapping>(&text).map_err(|source| {
+            toml::from_str::<MappingOverrides>(&text).map_err(|source| {
                 PrepareError::ParseMapping {
                     path: path.clone(),
                     source,
                 }
-            })?)
+            })?
         }
-        None => None,
+        None => MappingOverrides::default(),
     };
-    let overrides = MappingOverrides {
+    let flags = MappingOverrides {
         customer: args.customer_col.clone(),
         item: args.item_col.clone(),
         timestamp: args.timestamp_col.clone(),
@@ -241,9 +255,13 @@ pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError
         delimiter: args.delimiter,
         decimal: args.decimal,
     };
-    overrides
-        .apply(base)
-        .map_err(|e| PrepareError::MissingColumn(e.field))
+    flags.or(file).apply(None).map_err(|e| match &args.mapping {
+        Some(path) => PrepareError::MappingLacks {
+            path: path.clone(),
+            field: e.field,
+        },
+        None => PrepareError::MissingColumn(e.field),
+    })
 }
 
 /// [`run`]'s error as the command line shows it: an error about the orders
@@ -510,6 +528,42 @@ mod tests {
             fedcart_common::data::movielens::load_ratings(cfg.data.ratings_csv.as_ref().unwrap())
                 .unwrap();
         assert_eq!(rows.len(), 3, "the interactions read as ratings");
+    }
+
+    /// A mapping file that names some columns, and flags for the rest
+    /// ("later ones winning"): the file used to be refused whole for a
+    /// missing key.
+    #[test]
+    fn a_partial_mapping_file_is_completed_by_the_column_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let mapping = dir.path().join("m.toml");
+        std::fs::write(&mapping, "customer = \"cust\"\ntimestamp = \"day\"\n").unwrap();
+        let mut a = args(dir.path(), dir.path().join("orders.csv"));
+        a.mapping = Some(mapping.clone());
+        (a.customer_col, a.item_col, a.timestamp_col, a.quantity_col) = (None, None, None, None);
+        a.amount_col = Some("amt".into());
+        let map = resolve_mapping(&a).unwrap();
+        assert_eq!(
+            (
+                map.customer.as_str(),
+                map.timestamp.as_str(),
+                map.amount.as_str()
+            ),
+            ("cust", "day", "amt")
+        );
+        // A flag wins over the file.
+        a.customer_col = Some("buyer".into());
+        assert_eq!(resolve_mapping(&a).unwrap().customer, "buyer");
+        a.amount_col = None;
+        let e = resolve_mapping(&a).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "the mapping {} has no `amount` column: add `amount = \"…\"` to it or give \
+                 --amount-col",
+                mapping.display()
+            )
+        );
     }
 
     #[test]

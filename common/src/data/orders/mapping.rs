@@ -101,11 +101,14 @@ pub struct OrdersMapping {
     pub decimal: DecimalMark,
 }
 
-/// Column settings given one by one (command-line flags, a config table),
-/// each `None` when not given. Both `fedcart-client prepare` and the
-/// simulator build their mapping through [`MappingOverrides::apply`], so the
-/// same flags mean the same thing in both.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Column settings given one by one (command-line flags, a config table,
+/// a mapping file read as settings: its keys are [`OrdersMapping`]'s), each
+/// `None` when not given. Both `fedcart-client prepare` and the simulator
+/// build their mapping through [`MappingOverrides::apply`], so the same
+/// flags mean the same thing in both, and a mapping file may leave out
+/// columns the flags give.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MappingOverrides {
     /// Customer identifier column.
     pub customer: Option<String>,
@@ -139,6 +142,23 @@ pub struct MissingColumn {
 }
 
 impl MappingOverrides {
+    /// Field by field, `self` where given, else `file`: flags over a
+    /// mapping file.
+    pub fn or(self, file: Self) -> Self {
+        Self {
+            customer: self.customer.or(file.customer),
+            item: self.item.or(file.item),
+            timestamp: self.timestamp.or(file.timestamp),
+            timestamp_format: self.timestamp_format.or(file.timestamp_format),
+            quantity: self.quantity.or(file.quantity),
+            amount: self.amount.or(file.amount),
+            rating: self.rating.or(file.rating),
+            merchant: self.merchant.or(file.merchant),
+            delimiter: self.delimiter.or(file.delimiter),
+            decimal: self.decimal.or(file.decimal),
+        }
+    }
+
     /// `base` (a mapping file, or a known export's mapping) with every given
     /// override applied. Without a base, the overrides form the mapping and
     /// must name the customer, timestamp and amount columns (checked in that

@@ -235,23 +235,36 @@ impl OrdersSource {
                         p.display()
                     )
                 })?;
-                Some(
-                    toml::from_str::<OrdersMapping>(&text)
-                        .with_context(|| format!("--orders-mapping `{}`", p.display()))?,
-                )
+                // Read as settings: the file may leave out a column a flag
+                // gives, the flags winning where both name one.
+                let file = toml::from_str::<MappingOverrides>(&text)
+                    .with_context(|| format!("--orders-mapping `{}`", p.display()))?;
+                let map = args.overrides().or(file).apply(None).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--orders-mapping `{}` has no `{}` column: add it there, or give \
+                         --{}-col",
+                        p.display(),
+                        e.field,
+                        e.field
+                    )
+                })?;
+                Some(map)
             }
             None if self.bundled => Some(OrdersMapping::cdnow()),
             None => None,
         };
-        let map = args.overrides().apply(base).map_err(|e| {
-            anyhow::anyhow!(
-                "`orders:{}` needs a column mapping: give --orders-mapping FILE, or \
-                 --{}-col (`{}` in the config's [orders] table)",
-                self.path.display(),
-                e.field,
-                e.field
-            )
-        })?;
+        let map = match base {
+            Some(map) if args.mapping.is_some() => map,
+            base => args.overrides().apply(base).map_err(|e| {
+                anyhow::anyhow!(
+                    "`orders:{}` needs a column mapping: give --orders-mapping FILE, or \
+                     --{}-col (`{}` in the config's [orders] table)",
+                    self.path.display(),
+                    e.field,
+                    e.field
+                )
+            })?,
+        };
         let (default_cutoff, default_window) = if self.bundled && args.mapping.is_none() {
             (Some(CDNOW_CUTOFF), CDNOW_WINDOW_DAYS)
         } else {

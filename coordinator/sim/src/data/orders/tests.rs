@@ -164,6 +164,35 @@ fn a_placeholder_date_that_labels_every_customer_churned_is_refused_naming_the_d
 }
 
 #[test]
+fn a_partial_mapping_file_is_completed_by_the_column_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = dir.path().join("partial.toml");
+    std::fs::write(
+        &mapping,
+        "customer = \"customer_id\"\ntimestamp = \"date\"\ntimestamp_format = \"yyyymmdd\"\n\
+         delimiter = \"whitespace\"\n",
+    )
+    .unwrap();
+    let mut a = cdnow_args();
+    a.orders.mapping = Some(mapping.clone());
+    (
+        a.orders.customer,
+        a.orders.timestamp,
+        a.orders.timestamp_format,
+    ) = (None, None, None);
+    a.orders.delimiter = None;
+    a.rounds = Some(1);
+    let e = &run(a.clone()).unwrap()[0];
+    assert!(e.final_metrics.contains_key("auc"), "{:?}", e.final_metrics);
+    a.orders.amount = None;
+    let err = run(a).unwrap_err().to_string();
+    assert!(
+        err.contains("partial.toml` has no `amount` column: add it there, or give --amount-col"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_recommender_with_nothing_to_test_on_says_so() {
     // Every customer bought once: leave-last-out holds nothing out.
     let dir = tempfile::tempdir().unwrap();
