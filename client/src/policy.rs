@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyPolicy {
     /// Refuse training and statistics tasks that are not securely
-    /// aggregated (default `false`). Evaluation tasks send only metrics.
+    /// aggregated (default `false`). Evaluation tasks are not checked: they
+    /// are never securely aggregated, and send metrics and (churn models) a
+    /// per-class score histogram of the held-out rows in the clear.
     pub require_secure_aggregation: bool,
     /// Smallest Shamir threshold t accepted: fewer than t colluding holders
     /// of this agent's shares learn nothing (default 2, the protocol's floor).
