@@ -36,8 +36,15 @@ pub enum RecommendError {
     #[error("k = {0} must be between 1 and {MAX_K}")]
     BadK(usize),
     /// The customer is not in the ratings file.
-    #[error("unknown customer `{0}`")]
-    UnknownCustomer(String),
+    #[error(
+        "unknown customer `{customer}`: no purchase of theirs is in the data (known ids look like `{example}`)"
+    )]
+    UnknownCustomer {
+        /// The id asked for.
+        customer: String,
+        /// A customer the data does know, to compare the id's form with.
+        example: String,
+    },
     /// The customer has no factors of the model's width.
     #[error("customer `{customer}` has no trained factors (k = {factors})")]
     Untrained {
@@ -427,11 +434,14 @@ pub fn recommend_from(
 ) -> Result<(Vec<Recommendation>, u64, ServedCopy), RecommendError> {
     check_k(opts.k)?;
     let rec = Recommender::load(state, items.len())?;
-    let u = mf
-        .users
-        .iter()
-        .position(|c| c == customer)
-        .ok_or_else(|| RecommendError::UnknownCustomer(customer.to_owned()))?;
+    // Ids are trimmed when the data is read: so is the one asked for.
+    let customer = customer.trim();
+    let u = mf.users.iter().position(|c| c == customer).ok_or_else(|| {
+        RecommendError::UnknownCustomer {
+            customer: customer.to_owned(),
+            example: mf.users.first().cloned().unwrap_or_default(),
+        }
+    })?;
     let purchases = Purchases::of(mf, rec.num_items()).naming(items);
     let ranked = rec.rank(customer, u, &purchases, opts)?;
     Ok((named(&ranked, items, opts.k), rec.version, rec.copy))

@@ -845,6 +845,30 @@ mod tests {
         server.shutdown().await.unwrap();
     }
 
+    /// `recommend --customer " c1 "` (a pasted id): ids are trimmed when the
+    /// data is read, so the one asked for is too; an id the data does not
+    /// know shows the form of one it does.
+    #[test]
+    fn a_customer_id_is_trimmed_and_an_unknown_one_shows_a_known_form() {
+        let f = fixture::Fixture::new();
+        let who = f.shoppers[5].clone();
+        let (mf, listed, _) = fixture_recommender(&f);
+        let plain = recommend::recommend(&f.state, &mf, &listed, &who, 5).unwrap();
+        let padded = recommend::recommend(&f.state, &mf, &listed, &format!(" {who}\t"), 5).unwrap();
+        assert_eq!(plain, padded);
+        let e = recommend::recommend(&f.state, &mf, &listed, "nobody", 5)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "unknown customer `nobody`: no purchase of theirs is in the data (known ids look \
+                 like `{}`)",
+                mf.users[0]
+            )
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_personalised_copy_is_served_where_it_won_and_the_global_one_otherwise() {
         use crate::state::PersonalMeta;

@@ -33,7 +33,8 @@ pub enum TimestampFormat {
     /// Integer milliseconds since 1970-01-01 UTC (JavaScript's `Date.now()`).
     UnixMillis,
     /// `YYYY-MM-DD`, optionally followed by `T` or a space and
-    /// `HH:MM[:SS[.fff]]` and `Z` or `±HH:MM`.
+    /// `HH:MM[:SS[.fff]]` and `Z` or `±HH:MM` (`±HHMM`, `±HH`), also after a
+    /// space as Shopify writes it (`2017-01-01 17:58:42 -0500`), or ` UTC`.
     Iso8601,
     /// `YYYYMMDD` (a calendar date, taken at midnight UTC).
     Yyyymmdd,
@@ -296,6 +297,14 @@ fn parse_iso(s: &str) -> Option<i64> {
         }
     }
     secs += i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(sec);
+    // Shopify and Rails write the offset after a space:
+    // `2017-01-01 17:58:42 -0500`, and some exports ` UTC`.
+    let rest = match rest.strip_prefix(' ') {
+        Some("UTC") => "Z",
+        Some(off) if off.starts_with(['+', '-']) => off,
+        Some(_) => return None,
+        None => rest,
+    };
     match rest {
         "" | "Z" => Some(secs),
         _ => {

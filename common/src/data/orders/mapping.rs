@@ -265,6 +265,11 @@ mod tests {
         assert_eq!(f.parse("1997-09-30T03:02+02:00"), Ok(t + 3720));
         assert_eq!(f.parse("1997-09-29T23:00:00-0100"), Ok(t));
         assert_eq!(TimestampFormat::UnixSeconds.parse("-86400"), Ok(-86_400));
+        // Shopify's `Created at`: the offset after a space; ` UTC` too.
+        assert_eq!(f.parse("1997-09-29 20:02:03 -0500"), Ok(t + 3723));
+        assert_eq!(f.parse("1997-09-30 01:02:03 UTC"), Ok(t + 3723));
+        assert!(f.parse("1997-09-30 01:02:03 PST").is_err());
+        assert!(f.parse("1997-09-30 01:02:03 ").is_err());
     }
 
     /// A date column a spreadsheet saved as numbers: serial days since

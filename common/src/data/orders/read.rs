@@ -214,9 +214,15 @@ fn parse_row(
                 let message = if raw.is_empty() {
                     "empty, not a number".to_string()
                 } else if map.decimal == DecimalMark::Point
-                    && DecimalMark::Comma.parse(raw).is_some()
+                    && DecimalMark::Comma.parse(raw).is_some_and(f32::is_finite)
                 {
                     format!("`{raw}` is not a number with a decimal point (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)")
+                } else if map.decimal == DecimalMark::Comma
+                    && DecimalMark::Point.parse(raw).is_some_and(f32::is_finite)
+                {
+                    format!("`{raw}` is not a number with a decimal comma (the mapping's `decimal = \"comma\"` or `--decimal comma`; this one has a decimal point)")
+                } else if raw.parse::<f64>().is_ok_and(|v| v.is_finite() && v.abs() > 1.0) {
+                    format!("`{raw}` is too large (the largest is about 3.4e38)")
                 } else {
                     format!("`{raw}` is not a finite number")
                 };

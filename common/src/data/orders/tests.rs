@@ -597,3 +597,23 @@ fn text_that_is_not_utf8_names_its_line_and_the_fix() {
         "{e}"
     );
 }
+
+/// A number too large for the f32 it is read into, and a decimal point
+/// under a decimal-comma mapping, say so rather than "not a finite number".
+#[test]
+fn a_huge_amount_and_the_other_decimal_mark_are_named() {
+    let huge = fail_message(&format!("{HEADER}c1,milk,2024-01-01,1,1e308\n"), &mapping());
+    assert!(
+        huge.ends_with("`1e308` is too large (the largest is about 3.4e38)"),
+        "{huge}"
+    );
+    let comma = OrdersMapping {
+        decimal: DecimalMark::Comma,
+        ..mapping()
+    };
+    let point = fail_message(&format!("{HEADER}c1,milk,2024-01-01,1,340.00\n"), &comma);
+    assert!(
+        point.ends_with("`340.00` is not a number with a decimal comma (the mapping's `decimal = \"comma\"` or `--decimal comma`; this one has a decimal point)"),
+        "{point}"
+    );
+}
