@@ -190,6 +190,7 @@ pub fn features_schema() -> fedcart_common::data::tabular::Schema {
         categorical: Vec::new(),
         blank_numeric: Default::default(),
         unknown_category: Default::default(),
+        decimal: Default::default(),
     }
 }
 

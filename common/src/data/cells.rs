@@ -129,6 +129,19 @@ const CURRENCY_SYMBOLS: &[char] = &[
 ];
 
 impl DecimalMark {
+    /// The default mark (serde leaves it out).
+    pub fn is_point(&self) -> bool {
+        *self == DecimalMark::Point
+    }
+
+    /// `point` or `comma`, as settings write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecimalMark::Point => "point",
+            DecimalMark::Comma => "comma",
+        }
+    }
+
     /// The number a cell of the export holds, or `None` when it holds none.
     ///
     /// Beyond what Rust's float parser takes (`12.5`, `-3`, `1e3`), it

@@ -82,6 +82,10 @@ pub struct Schema {
     /// categorical cells).
     #[serde(default)]
     pub unknown_category: UnknownCategory,
+    /// How numeric cells write a fraction: `point` (default: `1,234.50`)
+    /// or `comma` (`1.234,50`, as European spreadsheets save them).
+    #[serde(default, skip_serializing_if = "DecimalMark::is_point")]
+    pub decimal: DecimalMark,
 }
 
 /// A loaded dataset: one row per example.
@@ -219,6 +223,7 @@ impl Schema {
             ],
             blank_numeric: BlankNumeric::Zero,
             unknown_category: UnknownCategory::Error,
+            decimal: Default::default(),
         }
     }
 
@@ -349,8 +354,23 @@ impl Schema {
                         }
                     }
                 } else {
-                    let v = parse_number(raw)
-                        .ok_or_else(|| cell_err(name, format!("`{raw}` is not a number")))?;
+                    let v = self.decimal.parse(raw).ok_or_else(|| {
+                        let other = match self.decimal {
+                            DecimalMark::Point => DecimalMark::Comma,
+                            DecimalMark::Comma => DecimalMark::Point,
+                        };
+                        let hint = match other.parse(raw) {
+                            Some(v) if v.is_finite() => format!(
+                                " with a decimal {} (this one has a decimal {}: `decimal = \"{}\"` \
+                                 under [data.schema], `decimal` in a --schema file)",
+                                self.decimal.name(),
+                                other.name(),
+                                other.name()
+                            ),
+                            _ => String::new(),
+                        };
+                        cell_err(name, format!("`{raw}` is not a number{hint}"))
+                    })?;
                     if !v.is_finite() {
                         return Err(cell_err(name, format!("`{raw}` is not finite")));
                     }
@@ -588,6 +608,7 @@ mod tests {
             categorical: vec![],
             blank_numeric: BlankNumeric::Error,
             unknown_category: UnknownCategory::Error,
+            decimal: Default::default(),
         }
     }
 
@@ -672,7 +693,9 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "f.csv: line 2, column `spend`: `1,5` is not a number"
+            "f.csv: line 2, column `spend`: `1,5` is not a number with a decimal point (this one \
+             has a decimal comma: `decimal = \"comma\"` under [data.schema], `decimal` in a \
+             --schema file)"
         );
     }
 

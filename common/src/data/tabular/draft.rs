@@ -13,6 +13,7 @@ use std::io::Read;
 use std::path::Path;
 
 use super::{BlankNumeric, Categorical, DataError, Schema, UnknownCategory};
+use crate::data::cells::DecimalMark;
 
 /// Choices the draft cannot make from the data alone.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +60,15 @@ struct ColumnStats {
     /// Every value seen so far (for the all-distinct test).
     seen: HashSet<String>,
     repeats: bool,
+    /// The same under a decimal comma (`1.234,50`).
+    numeric_comma: bool,
+    integral_comma: bool,
+    /// Non-blank cells that read as no number, and the first of them with
+    /// its line (under the decimal point; under the comma).
+    not_numbers: usize,
+    first_not_number: Option<(u64, String)>,
+    not_numbers_comma: usize,
+    first_not_number_comma: Option<(u64, String)>,
 }
 
 fn is_label_name(name: &str) -> bool {
@@ -144,12 +154,14 @@ impl Schema {
             .map(|_| ColumnStats {
                 numeric: true,
                 integral: true,
+                numeric_comma: true,
+                integral_comma: true,
                 ..Default::default()
             })
             .collect();
         let mut rows = 0;
         for record in records {
-            let (_, record) = record?;
+            let (line, record) = record?;
             rows += 1;
             for (st, raw) in stats.iter_mut().zip(record.iter()) {
                 let v = raw.trim();
@@ -159,8 +171,24 @@ impl Schema {
                 }
                 // As the reader parses numbers (`1e39` overflows an f32).
                 match super::parse_number(v) {
-                    Some(x) if x.is_finite() && st.numeric => st.integral &= x.fract() == 0.0,
-                    _ => st.numeric = false,
+                    Some(x) if x.is_finite() => st.integral &= x.fract() == 0.0,
+                    _ => {
+                        st.numeric = false;
+                        st.not_numbers += 1;
+                        if st.first_not_number.is_none() {
+                            st.first_not_number = Some((line, v.to_string()));
+                        }
+                    }
+                }
+                match DecimalMark::Comma.parse(v) {
+                    Some(x) if x.is_finite() => st.integral_comma &= x.fract() == 0.0,
+                    _ => {
+                        st.numeric_comma = false;
+                        st.not_numbers_comma += 1;
+                        if st.first_not_number_comma.is_none() {
+                            st.first_not_number_comma = Some((line, v.to_string()));
+                        }
+                    }
                 }
                 if !st.repeats && !st.seen.insert(v.to_string()) {
                     st.repeats = true;
@@ -178,6 +206,24 @@ impl Schema {
         if rows == 0 {
             return Err(DataError::Empty { file: path.into() });
         }
+        // A decimal comma when some column reads as numbers only with it
+        // (`29,85`) and none only with a decimal point.
+        let only = |a: fn(&ColumnStats) -> bool, b: fn(&ColumnStats) -> bool| {
+            stats.iter().any(|st| st.blanks < rows && a(st) && !b(st))
+        };
+        let decimal = if only(|s| s.numeric_comma, |s| s.numeric)
+            && !only(|s| s.numeric, |s| s.numeric_comma)
+        {
+            for st in &mut stats {
+                st.numeric = st.numeric_comma;
+                st.integral = st.integral_comma;
+                st.not_numbers = st.not_numbers_comma;
+                st.first_not_number = st.first_not_number_comma.take();
+            }
+            DecimalMark::Comma
+        } else {
+            DecimalMark::Point
+        };
         let two_valued = |c: usize| !stats[c].many && stats[c].values.len() == 2;
         let column = |name: &str| {
             header.iter().position(|h| h == name).ok_or_else(|| {
@@ -195,7 +241,16 @@ impl Schema {
                         if stats[c].many {
                             format!("more than {cap} values")
                         } else {
-                            format!("{} values", stats[c].values.len())
+                            let values = &stats[c].values;
+                            let shown: Vec<String> =
+                                values.keys().take(8).map(|v| format!("`{v}`")).collect();
+                            format!(
+                                "{} value{}: {}{}",
+                                values.len(),
+                                if values.len() == 1 { "" } else { "s" },
+                                shown.join(", "),
+                                if values.len() > 8 { ", …" } else { "" }
+                            )
                         },
                         if stats[c].blanks > 0 {
                             format!(" and {} blank cells", stats[c].blanks)
@@ -270,6 +325,11 @@ impl Schema {
             "label `{}`: `{positive}` is churned (positive), `{negative}` is not",
             header[label]
         )];
+        if decimal == DecimalMark::Comma {
+            notes.push(
+                "numbers use a decimal comma (`1.234,50`): `decimal = \"comma\"`".to_string(),
+            );
+        }
 
         // The id: a column of distinct values named like one, else the first
         // column of distinct non-numeric values.
@@ -309,6 +369,18 @@ impl Schema {
                     blank_numbers.push(format!("`{name}` ({})", st.blanks));
                 }
                 numeric.push(name.clone());
+            } else if let Some((line, value)) = st
+                .first_not_number
+                .as_ref()
+                .filter(|_| st.not_numbers * 10 <= non_blank)
+            {
+                // Mostly numbers: a placeholder (`NA`, `-`) or a typo, not text.
+                notes.push(format!(
+                    "left out `{name}`: numbers but for {} cells (`{value}` on line {line}): \
+                     blank them (with `blank_numeric = \"zero\"` they read as 0) or fix them, \
+                     then list `{name}` under `numeric`",
+                    st.not_numbers
+                ));
             } else if st.many {
                 notes.push(format!(
                     "left out `{name}`: text with more than {cap} distinct values (free text, \
@@ -345,6 +417,7 @@ impl Schema {
             categorical,
             blank_numeric,
             unknown_category: UnknownCategory::Zeros,
+            decimal,
         };
         schema.check().map_err(err)?;
         Ok(Draft {
@@ -549,7 +622,72 @@ mod tests {
         };
         assert_eq!(
             draft(text, &opts).unwrap_err().to_string(),
-            "t.csv: label column `a` must hold exactly two values and no blank cell (it holds 3 values)"
+            "t.csv: label column `a` must hold exactly two values and no blank cell (it holds 3 \
+             values: `2`, `3`, `4`)"
+        );
+    }
+
+    /// A European spreadsheet's table (`;`, `29,85`) drafts numeric columns
+    /// with `decimal = "comma"`, and the schema then reads it; a mostly
+    /// numeric column with a placeholder (`NA`) is named as such with its
+    /// line, not as free text.
+    #[test]
+    fn decimal_commas_and_placeholders_in_numbers_are_drafted_by_name() {
+        let mut text = String::from("id;spend;total;churn\n");
+        for i in 0..30 {
+            let total = if i == 7 {
+                "NA".to_string()
+            } else {
+                format!("{},5", 100 + i)
+            };
+            text += &format!(
+                "c{i};{},{:02};{total};{}\n",
+                20 + i,
+                i,
+                ["Yes", "No"][i % 2]
+            );
+        }
+        let d = Schema::draft(
+            text.as_bytes(),
+            Path::new("t.csv"),
+            b';',
+            &DraftOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(d.schema.decimal, DecimalMark::Comma);
+        assert_eq!(d.schema.numeric, ["spend"]);
+        assert!(
+            d.notes.iter().any(|n| n.contains("decimal = \"comma\"")),
+            "{:?}",
+            d.notes
+        );
+        assert!(
+            d.notes.iter().any(
+                |n| n.starts_with("left out `total`: numbers but for 1 cells (`NA` on line 9)")
+            ),
+            "{:?}",
+            d.notes
+        );
+        let ds = d
+            .schema
+            .read_delimited(text.as_bytes(), Path::new("t.csv"), b';')
+            .unwrap();
+        assert_eq!(ds.x[[1, 0]], 21.01);
+        // The same table read as if its numbers had decimal points says which
+        // setting to change.
+        let point = Schema {
+            decimal: DecimalMark::Point,
+            ..d.schema
+        };
+        let e = point
+            .read_delimited(text.as_bytes(), Path::new("t.csv"), b';')
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t.csv: line 2, column `spend`: `20,00` is not a number with a decimal point (this \
+             one has a decimal comma: `decimal = \"comma\"` under [data.schema], `decimal` in a \
+             --schema file)"
         );
     }
 
