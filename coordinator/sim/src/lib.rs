@@ -593,12 +593,23 @@ fn clipping_note(spec: &ModelSpec, exp: &Experiment, clip: f32) -> Option<String
 fn untested_note(task: TaskChoice, exp: &Experiment) -> Option<String> {
     let (key, _) = exp.headline()?;
     let measured = exp.rounds.iter().any(|r| r.eval.contains_key(key));
-    (task.is_mf() && !measured && !exp.rounds.is_empty()).then(|| {
-        format!(
+    if measured || exp.rounds.is_empty() {
+        return None;
+    }
+    if task.is_mf() {
+        return Some(format!(
             "no merchant holds a held-out interaction, so no {key} was measured: leave-last-out \
              (implicit tasks) tests a customer's latest item only when they bought at least 2 \
              items, and keeps a validation item only from 3; a random split (mf) needs more \
              ratings per merchant"
+        ));
+    }
+    task.is_churn().then(|| {
+        format!(
+            "no merchant holds held-out customers of both classes, so no {key} was measured: \
+             each merchant tests on a fifth of its customers, stratified by label; give fewer \
+             --merchants ({} now), or more customers per merchant",
+            exp.merchants
         )
     })
 }

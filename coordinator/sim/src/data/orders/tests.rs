@@ -193,6 +193,46 @@ fn a_partial_mapping_file_is_completed_by_the_column_flags() {
 }
 
 #[test]
+fn a_churn_model_with_nothing_to_test_on_says_so() {
+    // 20 customers over 15 merchants: one or two each, nobody's held-out
+    // fifth holds both classes.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("few.csv");
+    let mut text = String::from("customer,timestamp,amount\n");
+    for c in 0..20 {
+        for k in 0..=(c % 4) {
+            text += &format!(
+                "c{c},2017-{:02}-{:02},{}\n",
+                1 + (c + 3 * k) % 12,
+                1 + c,
+                5 + k
+            );
+        }
+    }
+    std::fs::write(&csv, text).unwrap();
+    let mut a = SimArgs {
+        data: Some(format!("orders:{}", csv.display()).parse().unwrap()),
+        task: Some("churn-lr".parse().unwrap()),
+        merchants: Some(15),
+        rounds: Some(2),
+        ..Default::default()
+    };
+    a.orders.customer = Some("customer".into());
+    a.orders.timestamp = Some("timestamp".into());
+    a.orders.amount = Some("amount".into());
+    a.orders.churn_window_days = Some(60);
+    let e = &run(a).unwrap()[0];
+    assert!(
+        e.report.iter().any(|l| l.starts_with(
+            "no merchant holds held-out customers of both classes, so no auc was measured"
+        ) && l
+            .ends_with("give fewer --merchants (15 now), or more customers per merchant")),
+        "{:?}",
+        e.report
+    );
+}
+
+#[test]
 fn a_recommender_with_nothing_to_test_on_says_so() {
     // Every customer bought once: leave-last-out holds nothing out.
     let dir = tempfile::tempdir().unwrap();
