@@ -363,7 +363,10 @@ impl Agent {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<SessionEnd, AgentError> {
         let mut client = self.connect().await?;
-        let examples: HashMap<String, u64> = self.data.examples().into_iter().collect();
+        let examples = self
+            .secure
+            .policy()
+            .advertised_examples(self.data.examples());
         let join = pb::JoinRequest {
             merchant_id: self.data.merchant_id.clone(),
             examples,

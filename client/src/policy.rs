@@ -149,6 +149,22 @@ impl PrivacyPolicy {
         Ok(())
     }
 
+    /// The example counts this agent advertises when it joins, per data
+    /// family. The coordinator uses them only to tell which runs an agent
+    /// can serve (a family with rows); a merchant whose policy requires
+    /// secure aggregation or differential privacy tells it only that: 1 for
+    /// a family with rows, 0 for one without, not how many.
+    pub fn advertised_examples(
+        &self,
+        examples: impl IntoIterator<Item = (String, u64)>,
+    ) -> std::collections::HashMap<String, u64> {
+        let coarse = self.require_secure_aggregation || self.require_dp;
+        examples
+            .into_iter()
+            .map(|(family, n)| (family, if coarse { n.min(1) } else { n }))
+            .collect()
+    }
+
     /// Checks a distributed-DP round's noise against `min_noise_multiplier`
     /// once the round's size is known: the multiplier the sum gets at best,
     /// when every one of the round's `agents` adds its share,
@@ -289,6 +305,26 @@ mod tests {
         // cannot give z = 1 either; without a floor anything goes.
         assert!(p.check_noise(&planned, 3).is_err());
         PrivacyPolicy::default().check_noise(&inflated, 4).unwrap();
+    }
+
+    #[test]
+    fn a_merchant_requiring_protection_advertises_which_families_it_holds_not_how_many_rows() {
+        let counts = || [("churn".to_string(), 5634), ("mf".to_string(), 0)];
+        let open = PrivacyPolicy::default().advertised_examples(counts());
+        assert_eq!((open["churn"], open["mf"]), (5634, 0));
+        for policy in [
+            PrivacyPolicy {
+                require_secure_aggregation: true,
+                ..PrivacyPolicy::default()
+            },
+            PrivacyPolicy {
+                require_dp: true,
+                ..PrivacyPolicy::default()
+            },
+        ] {
+            let coarse = policy.advertised_examples(counts());
+            assert_eq!((coarse["churn"], coarse["mf"]), (1, 0));
+        }
     }
 
     /// Survivor lists signed by fewer than a majority of the share holders
