@@ -402,6 +402,16 @@ impl Settings {
         if s.merchants == 0 {
             bail!("{} must be ≥ 1", name!(merchants, "--merchants"));
         }
+        if s.partition == Partitioner::Natural
+            && (args.merchants.is_some() || file.merchants.is_some())
+        {
+            tracing::warn!(
+                "{} {} is ignored with --partition natural: each store of the export is one \
+                 merchant",
+                name!(merchants, "--merchants"),
+                s.merchants
+            );
+        }
         if s.rounds == 0 {
             bail!("{} must be ≥ 1", name!(rounds, "--rounds"));
         }

@@ -447,6 +447,14 @@ pub fn build(
             let store = o.merchant.as_deref().unwrap_or("");
             by_store.entry(store).or_default().push(o.clone());
         }
+        if let Some(blank) = by_store.get("") {
+            tracing::warn!(
+                "{}: {} order lines have a blank `{col}` cell; together they make one more \
+                 store, named \"\": fill the column or leave those lines out",
+                src.path.display(),
+                blank.len()
+            );
+        }
         let mut out = Vec::new();
         for (store, rows) in by_store {
             let p = derive(&rows)?;
