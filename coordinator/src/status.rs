@@ -44,14 +44,24 @@ pub async fn channel(
     if let Some(t) = tls {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let (ca, cert, key) = (read(&t.ca)?, read(&t.cert)?, read(&t.key)?);
+        check_identity(t, &ca, &cert, &key).map_err(|e| BadIdentity(format!("{e:#}")))?;
         ep = ep
             .tls_config(
                 ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(read(&t.ca)?))
-                    .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .identity(Identity::from_pem(cert, key))
                     .domain_name(t.domain.clone()),
             )
-            .map_err(|e| BadIdentity::new(t, &e))?;
+            .map_err(|e| {
+                BadIdentity(format!(
+                    "the identity {} / {} with the CA {}: {}",
+                    t.cert.display(),
+                    t.key.display(),
+                    t.ca.display(),
+                    crate::cli::one_line(&e)
+                ))
+            })?;
     }
     ep.connect()
         .await
@@ -64,18 +74,27 @@ pub async fn channel(
 #[error("{0}")]
 pub struct BadIdentity(String);
 
-impl BadIdentity {
-    fn new(t: &ClientTls, e: &tonic::transport::Error) -> Self {
-        let reason = crate::cli::one_line(e);
-        let (cert, key, ca) = (t.cert.display(), t.key.display(), t.ca.display());
-        Self(if reason.contains("KeyMismatch") {
-            format!("{key} is not the private key of {cert}")
-        } else if reason.contains("no certificates") {
-            format!("{cert} holds no PEM certificate")
-        } else {
-            format!("the identity {cert} / {key} with the CA {ca}: {reason}")
-        })
-    }
+/// Builds the rustls client configuration the transport will build from
+/// the operator's files (the coordinator's CA, its certificate and the key
+/// that must match it), so a wrong file is named rather than left to the
+/// transport's error text.
+fn check_identity(t: &ClientTls, ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::Result<()> {
+    use crate::tls::{IdentityFiles, PemFile};
+    let files = IdentityFiles {
+        ca: PemFile::new(None, &t.ca, ca),
+        cert: PemFile::new(None, &t.cert, cert),
+        key: PemFile::new(None, &t.key, key),
+    };
+    let id = files.parse()?;
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| files.inconsistent(e))?
+    .with_root_certificates(id.roots)
+    .with_client_auth_cert(id.chain, id.key)
+    .map_err(|e| files.inconsistent(e))?;
+    Ok(())
 }
 
 /// Fetches the status.
@@ -274,7 +293,10 @@ mod tests {
         let message = format!("{:#}", with_hint(e, url, true));
         assert_eq!(
             message,
-            format!("{} holds no PEM certificate", garbage.display())
+            format!(
+                "{} holds no PEM certificate (a `-----BEGIN CERTIFICATE-----` block)",
+                garbage.display()
+            )
         );
     }
 }

@@ -53,65 +53,120 @@ impl TlsFiles {
     /// Builds the rustls server configuration the transport will build (CA
     /// roots, certificate chain, the key that matches it) from the PEM bytes.
     fn check(&self, ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::Result<()> {
-        let certs = |setting: &str, path: &PathBuf, pem: &[u8]| {
-            let found: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
-                .filter_map(Result::ok)
-                .collect();
-            if found.is_empty() {
-                anyhow::bail!(
-                    "`{setting}` {} holds no PEM certificate (a `-----BEGIN CERTIFICATE-----` block)",
-                    path.display()
-                );
-            }
-            Ok(found)
+        let files = IdentityFiles {
+            ca: PemFile::new(Some("serve.tls.ca"), &self.ca, ca),
+            cert: PemFile::new(Some("serve.tls.cert"), &self.cert, cert),
+            key: PemFile::new(Some("serve.tls.key"), &self.key, key),
         };
-        // As the transport does: certificates it cannot use are skipped.
-        let mut roots = rustls::RootCertStore::empty();
-        let (usable, _) = roots.add_parsable_certificates(certs("serve.tls.ca", &self.ca, ca)?);
-        if usable == 0 {
-            anyhow::bail!(
-                "`serve.tls.ca` {} holds no usable CA certificate",
-                self.ca.display()
-            );
-        }
-        let chain = certs("serve.tls.cert", &self.cert, cert)?;
-        let key = rustls_pemfile::private_key(&mut &key[..])
-            .ok()
-            .flatten()
-            .with_context(|| {
-                format!(
-                    "`serve.tls.key` {} holds no PEM private key (a `-----BEGIN PRIVATE KEY-----` block)",
-                    self.key.display()
-                )
-            })?;
+        let id = files.parse()?;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            std::sync::Arc::new(roots),
+            std::sync::Arc::new(id.roots),
             std::sync::Arc::clone(&provider),
         )
         .build()
         .with_context(|| format!("`serve.tls.ca` {}", self.ca.display()))?;
-        let mismatch = |e: rustls::Error| match e {
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| files.inconsistent(e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(id.chain, id.key)
+            .map_err(|e| files.inconsistent(e))?;
+        Ok(())
+    }
+}
+
+/// One PEM file of a TLS identity, and the setting it came from (`None`
+/// when the path alone names it, as for the operator's `--certs DIR`).
+pub(crate) struct PemFile<'a> {
+    setting: Option<&'a str>,
+    path: &'a std::path::Path,
+    pem: &'a [u8],
+}
+
+impl<'a> PemFile<'a> {
+    pub(crate) fn new(setting: Option<&'a str>, path: &'a std::path::Path, pem: &'a [u8]) -> Self {
+        Self { setting, path, pem }
+    }
+
+    /// `` `serve.tls.key` /etc/fedcart/coordinator.key `` or the path alone.
+    fn name(&self) -> String {
+        match self.setting {
+            Some(s) => format!("`{s}` {}", self.path.display()),
+            None => self.path.display().to_string(),
+        }
+    }
+}
+
+/// The CA bundle, certificate and key of one side of mutual TLS, read the
+/// way rustls (under tonic) will use them, so that a wrong file is named
+/// before the transport reports "no root trust anchors" or "keys may not be
+/// consistent". The server ([`TlsFiles::check`]) and the operator's client
+/// (`status`, `runs`) both check their files through it.
+pub(crate) struct IdentityFiles<'a> {
+    pub(crate) ca: PemFile<'a>,
+    pub(crate) cert: PemFile<'a>,
+    pub(crate) key: PemFile<'a>,
+}
+
+/// What [`IdentityFiles::parse`] read.
+pub(crate) struct ParsedIdentity {
+    pub(crate) roots: rustls::RootCertStore,
+    pub(crate) chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub(crate) key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+impl IdentityFiles<'_> {
+    /// The roots (certificates the transport cannot use are skipped, as it
+    /// skips them; a bundle with none usable is refused), the chain and the key.
+    pub(crate) fn parse(&self) -> anyhow::Result<ParsedIdentity> {
+        let certs = |file: &PemFile| {
+            let found: Vec<_> = rustls_pemfile::certs(&mut &file.pem[..])
+                .filter_map(Result::ok)
+                .collect();
+            if found.is_empty() {
+                anyhow::bail!(
+                    "{} holds no PEM certificate (a `-----BEGIN CERTIFICATE-----` block)",
+                    file.name()
+                );
+            }
+            Ok(found)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let (usable, _) = roots.add_parsable_certificates(certs(&self.ca)?);
+        if usable == 0 {
+            anyhow::bail!("{} holds no usable CA certificate", self.ca.name());
+        }
+        let chain = certs(&self.cert)?;
+        let key = rustls_pemfile::private_key(&mut &self.key.pem[..])
+            .ok()
+            .flatten()
+            .with_context(|| {
+                format!(
+                    "{} holds no PEM private key (a `-----BEGIN PRIVATE KEY-----` block)",
+                    self.key.name()
+                )
+            })?;
+        Ok(ParsedIdentity { roots, chain, key })
+    }
+
+    /// rustls' refusal of the certificate and key as a pair, naming both
+    /// files: above all, a key that is not the certificate's.
+    pub(crate) fn inconsistent(&self, e: rustls::Error) -> anyhow::Error {
+        match e {
             rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
                 anyhow::anyhow!(
-                    "`serve.tls.key` {} is not the private key of `serve.tls.cert` {}",
-                    self.key.display(),
-                    self.cert.display()
+                    "{} is not the private key of {}",
+                    self.key.name(),
+                    self.cert.name()
                 )
             }
             e => anyhow::anyhow!(
-                "the coordinator's certificate `serve.tls.cert` {} and key `serve.tls.key` {}: {e}",
-                self.cert.display(),
-                self.key.display()
+                "the certificate {} and key {}: {e}",
+                self.cert.name(),
+                self.key.name()
             ),
-        };
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(mismatch)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .map_err(mismatch)?;
-        Ok(())
+        }
     }
 }
 
