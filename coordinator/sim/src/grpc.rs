@@ -108,7 +108,7 @@ pub fn run(
                 &done.template,
                 &originals,
                 s.rounds,
-                fedcart_common::reference::Federated::Reference(None),
+                fedcart_common::reference::Federated::Served(&done.served),
             )
             .context("computing the federation-value baselines")?,
         );
@@ -132,6 +132,8 @@ struct Done {
     model_lens: BTreeMap<u64, u64>,
     final_model: Vec<f32>,
     per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Every merchant's metrics under the final version (with `--out`).
+    served: BTreeMap<String, fedcart_common::reference::ServedFigures>,
     /// A training spec of the run (for the federation-value baselines).
     template: TaskSpec,
 }
@@ -269,6 +271,14 @@ async fn drive(
         dp: None,
     };
     let per_merchant = per_merchant(&history, &template, &final_model, &mut finished)?;
+    // The federation-value report's federated column: the run's own final
+    // version on every merchant (as the in-process report uses the run's
+    // served version), not a reference FedAvg trained after it.
+    let served = if s.out.is_some() {
+        served_figures(&template, &final_model, &mut finished)?
+    } else {
+        BTreeMap::new()
+    };
     let mut template = template;
     template.round = 0;
     template.standardizer = None;
@@ -280,8 +290,33 @@ async fn drive(
         history,
         final_model,
         per_merchant,
+        served,
         template,
     })
+}
+
+/// Every merchant's held-out metrics under `model`, with its agent's
+/// private state: the federated column of the federation-value report.
+fn served_figures(
+    spec: &TaskSpec,
+    model: &[f32],
+    agents: &mut [Agent],
+) -> anyhow::Result<BTreeMap<String, fedcart_common::reference::ServedFigures>> {
+    let mut spec = spec.clone();
+    spec.kind = TaskKind::Evaluate;
+    let mut out = BTreeMap::new();
+    for agent in agents.iter_mut() {
+        let o = run_task(&spec, model, &mut agent.data)
+            .with_context(|| format!("evaluating merchant {}", agent.data.merchant_id))?;
+        out.insert(
+            agent.data.merchant_id.clone(),
+            fedcart_common::reference::ServedFigures {
+                metrics: o.metrics,
+                personalised: None,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// Each merchant's held-out metrics of the final model, for the merchants

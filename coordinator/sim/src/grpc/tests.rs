@@ -191,6 +191,34 @@ fn a_clip_too_low_is_counted_by_the_service_as_in_process_and_reported() {
     assert!(line.ends_with("raise --secagg-clip (now 1e-9)"), "{line}");
 }
 
+/// The federation-value report's federated column is the run's own model
+/// on every merchant, over gRPC as in-process: with DP it is the noised
+/// run's figure, not a plain FedAvg trained after it.
+#[test]
+fn the_federated_column_over_grpc_is_the_runs_own_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = SimArgs {
+        merchants: Some(4),
+        rounds: Some(2),
+        dp_clip: Some("1".into()),
+        dp_noise: Some(1.0),
+        out: Some(dir.path().to_path_buf()),
+        transport: Some("grpc".parse().unwrap()),
+        ..bundled("churn-lr", "telco")
+    };
+    let e = run_all(&Settings::from_args(a).unwrap()).unwrap().remove(0);
+    let value = e
+        .federation_value
+        .as_ref()
+        .expect("a federation-value report");
+    let federated = value.pooled["federated"]["accuracy"];
+    let last = e.rounds.last().unwrap().eval["accuracy"];
+    assert!(
+        (federated - last).abs() < 1e-9,
+        "federated column {federated}, the run's last evaluation {last}"
+    );
+}
+
 #[test]
 fn distributed_dp_over_grpc_is_accounted_like_in_process_and_still_learns() {
     // Agents add their Skellam share to the encoded input before masking
