@@ -42,6 +42,10 @@ pub struct Selection {
     pub min_available: usize,
 }
 
+/// The most parameters a run's model may have (2^30 f32 values, 4 GiB):
+/// the coordinator holds a version in memory and every agent downloads it.
+pub const MAX_MODEL_VALUES: usize = 1 << 30;
+
 /// The federated run: model, rounds, selection and aggregation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -590,10 +594,41 @@ impl RunConfig {
         if self.sgd.batch_size == 0 || self.sgd.epochs == 0 {
             return bad("run.sgd", "batch_size and epochs must be ≥ 1".into());
         }
-        if self.model.is_analysis() {
-            if let Err(e) = self.model.check() {
-                return bad("run.model", e.to_string());
+        // The model's size first: the coordinator allocates it when the run
+        // opens, and a catalogue of billions of rows must be a refusal
+        // naming the setting, not an aborted process.
+        if let ModelSpec::Mf {
+            num_items, factors, ..
+        }
+        | ModelSpec::MfImplicit {
+            num_items, factors, ..
+        } = &self.model
+        {
+            let values = (*num_items as u128) * (*factors as u128 + 1);
+            if *num_items == 0 || values > MAX_MODEL_VALUES as u128 {
+                return bad(
+                    "run.model",
+                    format!(
+                        "num_items {num_items} × (factors {factors} + 1) must be between 1 and \
+                         {MAX_MODEL_VALUES} values (4 GiB of f32): hash the catalogue into fewer \
+                         rows or use fewer factors"
+                    ),
+                );
             }
+        }
+        if let Err(e) = self.model.check() {
+            return bad("run.model", e.to_string());
+        }
+        if self.model.model_len() > MAX_MODEL_VALUES {
+            return bad(
+                "run.model",
+                format!(
+                    "{} values, more than the {MAX_MODEL_VALUES} (4 GiB of f32) a run may hold",
+                    self.model.model_len()
+                ),
+            );
+        }
+        if self.model.is_analysis() {
             if let Some(needed) = self.model.model().analysis().and_then(|a| a.max_versions())
                 && self.rounds < needed
             {
@@ -893,6 +928,68 @@ mod tests {
     fn run() -> RunConfig {
         let (_dir, cfg) = load(EXAMPLE);
         cfg.expect("example loads").run
+    }
+
+    /// A model the coordinator could not allocate (a catalogue of billions
+    /// of rows), or one the agents cannot train (no factors, a hidden layer
+    /// of width 0), is refused by name when the run is configured or
+    /// submitted, and when a stored run is opened, instead of aborting the
+    /// coordinator or the agents.
+    #[test]
+    fn a_model_too_large_or_without_a_shape_is_refused_naming_run_model() {
+        let refused = |model: ModelSpec| {
+            let mut r = run();
+            r.model = model;
+            match r.validate() {
+                Err(ConfigError::Invalid { field, message }) => {
+                    assert_eq!(field, "run.model", "{message}");
+                    message
+                }
+                other => panic!("expected run.model to be refused, got {other:?}"),
+            }
+        };
+        let huge = refused(ModelSpec::MfImplicit {
+            num_items: 4_000_000_000,
+            factors: 64,
+            hyper: Default::default(),
+        });
+        assert!(
+            huge.contains("num_items 4000000000 × (factors 64 + 1)"),
+            "{huge}"
+        );
+        let none = refused(ModelSpec::MfImplicit {
+            num_items: 100,
+            factors: 0,
+            hyper: Default::default(),
+        });
+        assert!(none.contains("at least one factor"), "{none}");
+        refused(ModelSpec::ChurnMlp {
+            num_features: 8,
+            hidden: vec![0],
+        });
+        refused(ModelSpec::Noop {
+            dim: MAX_MODEL_VALUES + 1,
+        });
+        // A stored run that predates the check is refused by name when opened.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let mut r = run();
+        {
+            let store = crate::store::Store::open(&path).unwrap();
+            r.model = ModelSpec::MfImplicit {
+                num_items: 4_000_000_000,
+                factors: 64,
+                hyper: Default::default(),
+            };
+            let json = serde_json::to_value(&r).unwrap();
+            store.put_meta_json(&[("run_config", json)]).unwrap();
+        }
+        let store = crate::store::Store::open(&path).unwrap();
+        let e = crate::engine::Engine::open(store, r)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("num_items 4000000000"), "{e}");
     }
 
     #[test]

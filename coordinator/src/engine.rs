@@ -273,6 +273,15 @@ impl Engine {
                 configured
             }
         };
+        // A run stored before a check existed (a model too large to
+        // allocate, say) is refused by name instead of aborting the process.
+        run.validate().map_err(|e| {
+            EngineError::Config(format!(
+                "run `{}` in {}: {e}",
+                run.run_id,
+                store.path().display()
+            ))
+        })?;
         let fresh = run.model.initial_params(run.seed);
         let initial = match initial {
             Some(v) if v.len() != fresh.len() => {
