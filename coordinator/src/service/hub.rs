@@ -143,8 +143,19 @@ impl Hub {
             starter: OnceLock::new(),
         });
         for entry in hub.file.runs()? {
-            let engine = Engine::resume(hub.file.run(&entry)?)?;
-            hub.add(entry, engine);
+            // A stored run the engine refuses (one that predates a check,
+            // such as a model too large to allocate) is left out with an
+            // error naming it; the store keeps it, and the other runs are
+            // served.
+            match Engine::resume(hub.file.run(&entry)?) {
+                Ok(engine) => {
+                    hub.add(entry, engine);
+                }
+                Err(EngineError::Config(reason)) => {
+                    tracing::error!(run = %entry.run_id, %reason, "stored run left out: it cannot be opened");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(hub)
     }
@@ -477,5 +488,48 @@ impl Hub {
         for s in self.all() {
             s.bump();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedcart_common::task::ModelSpec;
+
+    /// A stored run the engine now refuses (a model too large to allocate,
+    /// stored before the check) no longer keeps the coordinator from
+    /// starting: it is left out, and the other runs are served.
+    #[test]
+    fn a_stored_run_that_cannot_be_opened_is_left_out_and_the_others_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let run = |id: &str| {
+            let cfg = dir.path().join("coordinator.toml");
+            std::fs::write(&cfg, include_str!("../../examples/coordinator.toml")).unwrap();
+            let mut run = crate::config::CoordinatorConfig::load(&cfg).unwrap().run;
+            run.run_id = id.into();
+            run
+        };
+        let good = run("good");
+        let mut bad = run("bad");
+        {
+            let file = StoreFile::open(&path).unwrap();
+            let entry = file.register("good", 1, None, None, 1).unwrap();
+            Engine::open(file.run(&entry).unwrap(), good).unwrap();
+            let entry = file.register("bad", 2, None, None, 1).unwrap();
+            bad.model = ModelSpec::MfImplicit {
+                num_items: 4_000_000_000,
+                factors: 64,
+                hyper: Default::default(),
+            };
+            let json = serde_json::to_value(&bad).unwrap();
+            file.run(&entry)
+                .unwrap()
+                .put_meta_json(&[("run_config", json)])
+                .unwrap();
+        }
+        let file = StoreFile::open(&path).unwrap();
+        let hub = Hub::open(file, Duration::from_secs(10), Duration::from_secs(10)).unwrap();
+        assert_eq!(hub.ids(), ["good"]);
     }
 }
