@@ -182,6 +182,26 @@ pub fn issue(dir: &CertDir, id: &str) -> anyhow::Result<()> {
 /// old certificate stays valid until it is revoked.
 pub fn issue_kind(dir: &CertDir, id: &str, kind: Kind, force: bool) -> anyhow::Result<()> {
     crate::identity::validate_id(id)?;
+    // Their files are the CA's and the coordinator's (and `certs init`'s
+    // operator): issuing over them, even with --force, would replace the CA
+    // or the server identity with a client certificate.
+    let reserved = match kind {
+        Kind::Merchant => &["ca", "coordinator", "operator"][..],
+        Kind::Operator => &["ca", "coordinator"][..],
+    };
+    if reserved.contains(&id) {
+        bail!(
+            "`{id}` names the files of the {} in {}: choose another id",
+            match id {
+                "ca" => "certificate authority (ca.pem, ca.key)",
+                "coordinator" => "coordinator's own certificate (coordinator.pem, coordinator.key)",
+                _ => "operator identity `certs init` made (operator.pem, operator.key)",
+            },
+            dir.ca_cert()
+                .parent()
+                .map_or_else(String::new, |p| p.display().to_string())
+        );
+    }
     if !force {
         for p in [dir.cert(id), dir.key(id)] {
             if p.exists() {
@@ -425,4 +445,35 @@ fn issued_ids(dir: &CertDir) -> Vec<String> {
         .collect();
     ids.sort();
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `certs issue --id ca --force` replaced the CA with a merchant's
+    /// certificate (and every later issue chained to nothing): the names of
+    /// the CA's, the coordinator's and the operator's files are refused.
+    #[test]
+    fn the_names_of_the_cas_and_the_servers_files_cannot_be_issued_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertDir::new(dir.path());
+        init(&certs, &["localhost".into()]).unwrap();
+        let ca = std::fs::read(certs.ca_cert()).unwrap();
+        for id in ["ca", "coordinator", "operator"] {
+            let e = issue_kind(&certs, id, Kind::Merchant, true)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`{id}` names the files of the")), "{e}");
+        }
+        assert!(issue_kind(&certs, "ca", Kind::Operator, true).is_err());
+        assert_eq!(
+            std::fs::read(certs.ca_cert()).unwrap(),
+            ca,
+            "the CA is untouched"
+        );
+        // The operator identity itself can be re-issued, and merchants issued.
+        issue_kind(&certs, OPERATOR, Kind::Operator, true).unwrap();
+        issue(&certs, "m0").unwrap();
+    }
 }
