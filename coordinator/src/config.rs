@@ -429,11 +429,26 @@ fn parse_every(text: &str) -> Result<u64, String> {
             ));
         }
     };
-    n.parse::<u64>()
+    let ms = n
+        .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(unit_ms))
-        .ok_or_else(|| format!("`{text}` is not a duration: a whole number comes first"))
+        .ok_or_else(|| format!("`{text}` is not a duration: a whole number comes first"))?;
+    // A wait of years is a typo that no list shows.
+    if ms > MAX_EVERY_MS {
+        return Err(format!(
+            "`{text}` must be at most 366d (the wait between one instance's end and the next \
+             one's start)"
+        ));
+    }
+    Ok(ms)
 }
+
+/// The shortest wait between the instances of an unbounded schedule (no
+/// `repeat`): back to back they would retrain without pause, for ever.
+const MIN_EVERY_MS: u64 = 1_000;
+/// The longest wait between scheduled instances.
+const MAX_EVERY_MS: u64 = 366 * 86_400_000;
 
 impl RunConfig {
     /// Parses and validates a run from TOML: a `[run]` table (so a
@@ -456,6 +471,16 @@ impl RunConfig {
                     field: "schedule.every",
                     message,
                 })?;
+                if s.repeat.is_none() && every_ms < MIN_EVERY_MS {
+                    return Err(ConfigError::Invalid {
+                        field: "schedule.every",
+                        message: format!(
+                            "`{}` without `repeat` would start instances back to back for ever: \
+                             wait at least 1s, or give `repeat`",
+                            s.every
+                        ),
+                    });
+                }
                 Some(Schedule {
                     every_ms,
                     repeat: s.repeat,
@@ -1082,6 +1107,23 @@ mod tests {
             bad.contains("schedule.every") && bad.contains("`soon`"),
             "{bad}"
         );
+        let schedule = |every: &str, repeat: &str| {
+            RunConfig::from_toml(
+                &format!("{top}\n[schedule]\nevery = \"{every}\"\n{repeat}"),
+                src,
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        for every in ["99999999999d", "367d"] {
+            let e = schedule(every, "").unwrap_err();
+            assert!(e.contains("must be at most 366d"), "{every}: {e}");
+        }
+        let e = schedule("0s", "").unwrap_err();
+        assert!(e.contains("back to back for ever"), "{e}");
+        for (every, repeat) in [("1s", ""), ("366d", ""), ("0s", "repeat = 1\n")] {
+            schedule(every, repeat).unwrap();
+        }
         let typo = RunConfig::from_toml(&format!("{top}\n[schedule]\nevry = \"1h\"\n"), src)
             .unwrap_err()
             .to_string();
