@@ -278,6 +278,13 @@ impl ObserverState {
             metrics::counter!("fedcart_update_bytes_in_total", &labels).increment(r.bytes_in);
             metrics::histogram!("fedcart_task_duration_seconds", &labels)
                 .record(r.duration_ms as f64 / 1000.0);
+            // ε after every released round (README: "shown in /metrics").
+            if let Some(p) = &r.privacy {
+                metrics::gauge!("fedcart_dp_epsilon", "run" => run.clone()).set(p.epsilon);
+            }
+            if let Some(c) = &r.secagg_clipped {
+                metrics::gauge!("fedcart_secagg_clipped_fraction", &labels).set(c.fraction);
+            }
             let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
             for (k, v) in &r.metrics {
                 let key = (kind_name(r.kind), k.clone());

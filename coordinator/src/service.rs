@@ -828,6 +828,11 @@ impl Coordinator for Service {
                 .unwrap_or_default(),
             phase,
             run_ids: self.hub.ids(),
+            epsilon: engine.ledger().and_then(|l| l.epsilon()),
+            delta: engine
+                .ledger()
+                .filter(|l| l.epsilon().is_some())
+                .map(|l| l.settings().delta),
         }))
     }
 }

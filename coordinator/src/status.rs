@@ -162,6 +162,8 @@ pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
         "connected_agents": s.connected_agents,
         "last_round": last,
         "run_ids": s.run_ids,
+        "epsilon": s.epsilon,
+        "delta": s.delta,
     })
 }
 
@@ -176,6 +178,12 @@ pub fn to_table(s: &pb::StatusReply) -> String {
         s.model_version.to_string(),
     ]);
     t.add_row(vec!["phase".to_string(), s.phase.clone()]);
+    if let (Some(eps), Some(delta)) = (s.epsilon, s.delta) {
+        t.add_row(vec![
+            "differential privacy".to_string(),
+            format!("ε = {eps:.3} spent so far (δ = {delta:e})"),
+        ]);
+    }
     t.add_row(vec![
         format!("runs hosted ({})", s.run_ids.len()),
         s.run_ids.join(", "),

@@ -46,13 +46,22 @@ async fn start_tls(
     run_id: &str,
     rounds: u64,
 ) -> fedcart_coordinator::server::Running {
+    start_tls_run(store, files, churn_run(run_id, rounds, 2, 2)).await
+}
+
+/// [`start_tls`] with the run as given.
+async fn start_tls_run(
+    store: &std::path::Path,
+    files: TlsFiles,
+    run: fedcart_coordinator::config::RunConfig,
+) -> fedcart_coordinator::server::Running {
     init_logs();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     start_with(
         listener,
         store,
-        churn_run(run_id, rounds, 2, 2),
+        run,
         Duration::from_millis(500),
         ServeOptions {
             transport: Transport::Tls(files),
@@ -323,7 +332,12 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     let (cd, files) = pki(dir.path());
     let split = telco_split(2, 5);
     let store = tempfile::tempdir().unwrap();
-    let coord = start_tls(&store.path().join("c.redb"), files, "tls-metrics", 2).await;
+    // With central DP: ε is one of the gauges.
+    let mut run = churn_run("tls-metrics", 2, 2, 2);
+    run.dp = Some(fedcart_coordinator::config::DpSettings::central(
+        1.0, 1.0, 1e-5,
+    ));
+    let coord = start_tls_run(&store.path().join("c.redb"), files, run).await;
     let http = coord.http_addr.expect("HTTP listener");
 
     // gRPC health over mutual TLS.
@@ -390,6 +404,8 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
         ),
         4.0
     );
+    let epsilon = metric(&after, "fedcart_dp_epsilon{run=\"tls-metrics\"}");
+    assert!(epsilon > 0.0 && epsilon.is_finite(), "{after}");
     let status = http_get(http, "/api/status").await;
     assert!(status.contains("\"model_version\":2"), "{status}");
     assert!(http_get(http, "/").await.contains("id=\"charts\""));
@@ -410,9 +426,14 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     assert_eq!(json["run_id"], "tls-metrics");
     assert_eq!(json["run_ids"], serde_json::json!(["tls-metrics"]));
     assert_eq!(json["last_round"]["outcome"], "committed");
+    // ε spent, as /metrics has it.
+    assert_eq!(json["epsilon"].as_f64(), Some(epsilon));
+    assert_eq!(json["delta"].as_f64(), Some(1e-5));
     let table = fedcart_coordinator::status::to_table(&reply);
     assert!(
-        table.contains("model version") && table.contains("finished"),
+        table.contains("model version")
+            && table.contains("finished")
+            && table.contains(&format!("ε = {epsilon:.3} spent so far (δ = 1e-5)")),
         "{table}"
     );
     assert!(
