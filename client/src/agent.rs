@@ -581,16 +581,29 @@ impl Agent {
                 has_rows.then_some(&update_layout),
             )
             .await?),
-            // Every later task of the run would fail the same way.
+            // Every later task of this run would fail the same way, but the
+            // agent's other runs need not: it declines, says what does not
+            // fit and what to change, and stays.
             Err(
                 source @ (TrainError::NoData(_)
                 | TrainError::FeatureWidth { .. }
                 | TrainError::ItemOutOfRange { .. }),
-            ) => Err(AgentError::Incompatible {
-                task_id: task.task_id,
-                model: model_name,
-                source,
-            }),
+            ) => {
+                let reason = source.public_reason();
+                let e = AgentError::Incompatible {
+                    task_id: task.task_id.clone(),
+                    model: model_name,
+                    source,
+                };
+                tracing::error!(
+                    run = %task.run_id,
+                    error = %crate::agent::Chain(&e),
+                    fix = e.what_to_fix().unwrap_or_default(),
+                    "this merchant's data does not fit the run's model: its tasks are declined"
+                );
+                self.decline(client, session_id, &task, reason).await;
+                Ok(())
+            }
             Err(e) => {
                 // Only the failure's kind is sent, so that the coordinator
                 // drops us from the task now rather than at its deadline.

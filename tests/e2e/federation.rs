@@ -134,3 +134,33 @@ async fn a_round_that_can_never_reach_its_quorum_ends_the_run_with_its_cause() {
         .expect_err("the run ended with an error");
     assert!(format!("{err:#}").contains("aborted 3 times"), "{err:#}");
 }
+
+/// A run whose model does not fit a merchant's data (the operator gave
+/// `num_features = 3`; the customer table makes 45): the agent declines
+/// that run's tasks with the reason, says what does not fit, and stays
+/// connected for the coordinator's other runs, instead of exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_data_does_not_fit_a_run_declines_its_tasks_and_stays() {
+    let split = telco_split(1, 5);
+    let mut run = churn_run("e2e-misfit", 1, 1, 1);
+    run.model = fedcart_common::task::ModelSpec::ChurnLr { num_features: 3 };
+    run.max_attempts = 2;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let agent = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    let history = coord.shared.history().unwrap();
+    assert!(
+        !history.is_empty() && history.iter().all(|r| r.outcome == Outcome::Aborted),
+        "{history:?}"
+    );
+    let shown = format!("{history:?}");
+    assert!(
+        shown.contains("the local features do not have the model's width"),
+        "{shown}"
+    );
+    assert_eq!(coord.shared.connected(), ["m0"], "the agent stayed");
+    // The agent's task ends only when stopped: it did not exit on an error.
+    agent.stop().await;
+}

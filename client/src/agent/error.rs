@@ -154,8 +154,10 @@ impl AgentError {
                     "this run trains a model on {family} data: configure it in `[data]` \
                      (or take part in another run)"
                 ),
-                TrainError::FeatureWidth { .. } => "the customer table's schema (`data.schema`, \
-                     `data.churn_csv`) must produce the features of the run's model"
+                TrainError::FeatureWidth { .. } => "the run's model and this merchant's \
+                     customer features must agree: either the run's `num_features` (the \
+                     operator's) or the customer table's schema (`data.schema`, \
+                     `data.churn_csv`) is wrong"
                     .to_string(),
                 _ => "`data.catalogue` must be the platform's catalogue for this run".into(),
             }),
