@@ -125,7 +125,9 @@ impl AgentError {
     /// CA, a refused client certificate), plaintext HTTP/2 against a TLS
     /// port, a join or session refused for who the merchant is (revoked, not
     /// allowed, identity mismatch, invalid id), a task spec this agent cannot
-    /// read, and local data that does not fit the run's model. Everything else
+    /// read, and local data that does not fit the run's model (which the
+    /// agent logs with its fix and answers by declining that run's tasks,
+    /// not by exiting). Everything else
     /// (connection refused, a restarting coordinator, broken streams) may heal
     /// on retry.
     pub fn is_permanent(&self) -> bool {
