@@ -415,6 +415,22 @@ impl Settings {
         if s.rounds == 0 {
             bail!("{} must be ≥ 1", name!(rounds, "--rounds"));
         }
+        // FedBuff folds buffered gradient updates; an analysis builds each
+        // version from the exact sums of one synchronous round (a tree
+        // level, a k-means step, an itemset level) and cannot take them.
+        if matches!(s.mode, super::mode::Mode::FedBuff(_))
+            && matches!(
+                s.task,
+                Some(TaskChoice::ChurnGbdt | TaskChoice::Segments(_) | TaskChoice::Rules(_))
+            )
+        {
+            bail!(
+                "--mode fedbuff is for models trained from updates (mf, mf-implicit, churn-lr, \
+                 churn-mlp, noop): `{}` builds each version from the exact sums of one \
+                 synchronous round; leave --mode out",
+                s.task.map(TaskChoice::name).unwrap_or_default()
+            );
+        }
         let first_tree = 1 + s.gbdt.max_depth as u64;
         if matches!(s.task, Some(TaskChoice::ChurnGbdt)) && s.rounds < first_tree {
             bail!(

@@ -1213,3 +1213,22 @@ fn federation_value_of_a_sampled_run_has_every_merchant_under_the_served_version
     }
     assert!(v.merchants.iter().all(|m| m.federated["hr@10"].is_finite()));
 }
+
+/// `--mode fedbuff` with an analysis ran and printed wrong results (a tree
+/// ensemble measured on NaN, k-means exchanges out of step): refused.
+#[test]
+fn fedbuff_is_refused_for_analyses_built_from_exact_sums() {
+    for task in ["churn-gbdt", "segments", "rules"] {
+        let a = SimArgs {
+            task: Some(task.parse().unwrap()),
+            mode: Some(crate::args::ModeName::Fedbuff),
+            ..Default::default()
+        };
+        let err = Settings::from_args(a).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--mode fedbuff is for models trained from updates")
+                && err.contains(&format!("`{task}")),
+            "{task}: {err}"
+        );
+    }
+}
