@@ -55,7 +55,16 @@ pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
             e.rounds.len().to_string(),
             e.strategy.clone(),
             metric(e.rounds.iter().find(evaluated)),
-            metric(e.rounds.iter().rev().find(evaluated)),
+            // The served version's figure, as `final` in metrics.json and
+            // `--format json` (the last version's is in the model-selection
+            // line when they differ).
+            match e.headline() {
+                Some((k, _)) => e
+                    .final_metrics
+                    .get(k)
+                    .map_or("-".into(), |v| format!("{k} {v:.4}")),
+                None => "-".into(),
+            },
             format!("{:.4}", e.timing.seconds_per_round),
             format!("{:.1}", bytes as f64 / 1e6),
             e.privacy

@@ -103,3 +103,45 @@ fn a_reader_that_went_away_ends_the_run_quietly() {
         out.status
     );
 }
+
+/// The table's `final` is the served version's figure, as `final` in the
+/// JSON: with FedAvgM overshooting, model selection serves version 1 while
+/// the last version is far worse, and the table showed the last.
+#[test]
+fn the_tables_final_is_the_served_versions_figure_as_in_the_json() {
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fedcart-sim"))
+            .args([
+                "--task",
+                "mf",
+                "--merchants",
+                "5",
+                "--rounds",
+                "2",
+                "--epochs",
+                "1",
+            ])
+            .args(["--strategy", "fedavgm", "--data"])
+            .arg(format!(
+                "movielens:{}/../../data/ml-latest-small/ratings.csv",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("fedcart-sim runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&run(&["--format", "json"])).unwrap();
+    let served = json["experiments"][0]["final"]["rmse"].as_f64().unwrap();
+    let table = run(&[]);
+    assert!(table.contains("model selection: best version 1"), "{table}");
+    let row = table.lines().find(|l| l.contains("fedavgm")).unwrap();
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert_eq!(cells[6], format!("rmse {served:.4}"), "{table}");
+}
