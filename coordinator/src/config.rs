@@ -739,6 +739,26 @@ impl RunConfig {
                     message: e.to_string(),
                 })?;
         }
+        // Krum's guarantee holds against f Byzantine updates among at least
+        // 2f + 3; below that it silently degrades to whatever it keeps.
+        if let StrategySpec::Krum {
+            byzantine, keep, ..
+        } = self.strategy
+        {
+            let most = self.selection.max_agents;
+            if 2 * byzantine + 3 > most || keep > most {
+                return Err(ConfigError::Invalid {
+                    field: "run.strategy",
+                    message: format!(
+                        "{} tolerates {byzantine} malicious merchants only among at least {} \
+                         updates (2f + 3), and keeps {keep}; a round has at most {most} \
+                         (selection.max_agents): lower f or select more merchants",
+                        self.strategy,
+                        2 * byzantine + 3
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -1015,6 +1035,30 @@ mod tests {
             .expect("refused")
             .to_string();
         assert!(e.contains("num_items 4000000000"), "{e}");
+    }
+
+    /// `krum:20` with ten merchants ran, Krum quietly keeping what it could:
+    /// f needs 2f + 3 updates, and Multi-Krum cannot keep more than a round has.
+    #[test]
+    fn krum_beyond_its_bound_is_refused_naming_the_strategy() {
+        let mut r = run();
+        r.selection.min_agents = 3;
+        r.selection.max_agents = 10;
+        r.quorum = 3;
+        for ok in ["krum:3", "multikrum:2:5"] {
+            r.strategy = ok.parse().unwrap();
+            r.validate().unwrap();
+        }
+        for bad in ["krum:4", "krum:20", "multikrum:1:11"] {
+            r.strategy = bad.parse().unwrap();
+            match r.validate() {
+                Err(ConfigError::Invalid { field, message }) => {
+                    assert_eq!(field, "run.strategy");
+                    assert!(message.contains("selection.max_agents"), "{message}");
+                }
+                other => panic!("{bad}: expected a refusal, got {other:?}"),
+            }
+        }
     }
 
     #[test]
