@@ -94,7 +94,12 @@ impl OperatorToken {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            // The scheme's name is case-insensitive (RFC 9110 §11.1).
+            .and_then(|v| {
+                v.get(..7)
+                    .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                    .map(|_| &v[7..])
+            });
         if bearer.is_some_and(|t| self.matches(t)) {
             return true;
         }
@@ -180,4 +185,27 @@ pub async fn require_operator(
         return (StatusCode::UNAUTHORIZED, Html(LOGIN_PAGE)).into_response();
     }
     unauthorized()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Authorization: bearer …` (any case of the scheme, as RFC 9110
+    /// allows) is admitted; another scheme or token is not.
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        let token = OperatorToken::new("0123456789abcdef0123");
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, value.parse().unwrap());
+            token.admits(&h)
+        };
+        for ok in ["Bearer", "bearer", "BEARER"] {
+            assert!(with(&format!("{ok} 0123456789abcdef0123")), "{ok}");
+        }
+        assert!(!with("Basic 0123456789abcdef0123"));
+        assert!(!with("Bearer 0123456789abcdef0124"));
+        assert!(!with("Bearer"));
+    }
 }

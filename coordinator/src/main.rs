@@ -419,8 +419,9 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             if let (Some(kit), Some(url)) = (&kit, &coordinator_url) {
                 ca::write_kit(&pki, &id, kit, url, domain.as_deref())?;
                 fedcart_common::outln!(
-                    "kit for `{id}` written to {0}: put the customer table in {0}/data/customers.csv \
-                     (or set FEDCART_DATA_CHURN_CSV) and run `fedcart-client run --config {0}/{1}`",
+                    "kit for `{id}` written to {0}: put the merchant's orders export in \
+                     {0}/data/orders.csv (its columns mapped under [data.orders] in {0}/{1}; or set \
+                     FEDCART_DATA_ORDERS_CSV) and run `fedcart-client run --config {0}/{1}`",
                     kit.display(),
                     ca::KIT_CONFIG
                 )?;
