@@ -157,7 +157,18 @@ pub async fn start_with(
             tonic::transport::Server::builder()
                 .tls_config(files.server_config()?)
                 .context("TLS configuration")?,
-            Some(Access::new(&files.access)?),
+            {
+                // Allowed (it may be written later), but until then every
+                // merchant is refused: say so at start, naming the setting.
+                if !files.access.exists() {
+                    tracing::warn!(
+                        "`serve.tls.access` {} does not exist: no merchant is admitted until it \
+                         does (`certs init` writes it; `certs issue` adds each merchant)",
+                        files.access.display()
+                    );
+                }
+                Some(Access::new(&files.access)?)
+            },
         ),
         Transport::Insecure => {
             tracing::warn!("serving plaintext gRPC without client identities (--insecure)");
