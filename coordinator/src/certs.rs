@@ -141,6 +141,22 @@ fn load_ca(dir: &CertDir) -> anyhow::Result<Issuer<'static, KeyPair>> {
 /// Creates the CA and the coordinator's certificate for `hosts` (DNS names or
 /// IP addresses clients dial). Refuses to overwrite an existing CA.
 pub fn init(dir: &CertDir, hosts: &[String]) -> anyhow::Result<()> {
+    // Checked before anything is written: a refused name must not leave a
+    // CA behind that the next attempt then refuses to replace.
+    for host in hosts {
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'*'));
+        if !ok {
+            bail!(
+                "--host `{host}` is not a DNS name or IP address the coordinator's certificate \
+                 can carry: letters, digits, `-` and `.` (an internationalised name in its \
+                 xn-- form)"
+            );
+        }
+    }
     std::fs::create_dir_all(&dir.dir).with_context(|| format!("creating {}", dir.dir.display()))?;
     if dir.ca_key().exists() {
         bail!(
@@ -450,6 +466,18 @@ fn issued_ids(dir: &CertDir) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_the_certificate_cannot_carry_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertDir::new(dir.path().join("pki"));
+        for bad in ["", "bad host", "ünï.example"] {
+            let e = init(&certs, &[bad.into()]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--host `{bad}`")), "{e}");
+            assert!(!certs.ca_key().exists(), "nothing written for `{bad}`");
+        }
+        init(&certs, &["xn--n-8ia.example".into(), "127.0.0.1".into()]).unwrap();
+    }
 
     /// `certs issue --id ca --force` replaced the CA with a merchant's
     /// certificate (and every later issue chained to nothing): the names of
