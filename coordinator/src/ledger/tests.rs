@@ -405,15 +405,7 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
     settings.noise_multiplier = None;
     settings.target_epsilon = Some(2.0);
-    settings.mode = DpMode::Distributed;
-    let mut cfg = run(settings, 4);
-    cfg.quorum = 3;
-    cfg.secagg = Some(SecAggSettings {
-        neighbours: None,
-        clip: 1.0,
-        verify_survivors: false,
-        stage_timeout_ms: None,
-    });
+    let cfg = distributed_secure_run(settings);
     let mut engine = Engine::open(Store::open(&dir.path().join("b.redb")).unwrap(), cfg).unwrap();
     let mut spent = Vec::new();
     let stop = loop {
@@ -470,6 +462,21 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     assert!(again.finished());
 }
 
+/// `settings` in distributed mode over a secure run of 4 selected agents
+/// that commits with 3.
+fn distributed_secure_run(mut settings: DpSettings) -> RunConfig {
+    settings.mode = DpMode::Distributed;
+    let mut cfg = run(settings, 4);
+    cfg.quorum = 3;
+    cfg.secagg = Some(SecAggSettings {
+        neighbours: None,
+        clip: 1.0,
+        verify_survivors: false,
+        stage_timeout_ms: None,
+    });
+    cfg
+}
+
 fn engine_cfg_of(dir: &tempfile::TempDir) -> RunConfig {
     let store = Store::open(&dir.path().join("b.redb")).unwrap();
     store.meta_json::<RunConfig>("run_config").unwrap().unwrap()
@@ -484,16 +491,8 @@ fn engine_cfg_of(dir: &tempfile::TempDir) -> RunConfig {
 fn a_refused_unmasked_sum_is_accounted_and_stops_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let all = agents(10);
-    let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
-    settings.mode = DpMode::Distributed;
-    let mut cfg = run(settings, 4);
-    cfg.quorum = 3;
-    cfg.secagg = Some(SecAggSettings {
-        neighbours: None,
-        clip: 1.0,
-        verify_survivors: false,
-        stage_timeout_ms: None,
-    });
+    let settings = DpSettings::central(1.0, 1.0, 1e-5);
+    let cfg = distributed_secure_run(settings);
     let path = dir.path().join("r.redb");
     let mut engine = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
     let plan = engine.start_task(&all).unwrap();
