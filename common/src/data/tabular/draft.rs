@@ -49,10 +49,11 @@ const ID_LIKE_MIN_ROWS: usize = 20;
 #[derive(Default)]
 struct ColumnStats {
     blanks: usize,
-    /// Every non-blank cell reads as a finite number.
-    numeric: bool,
-    /// Every non-blank cell is an integer.
-    integral: bool,
+    /// How the non-blank cells read as numbers with a decimal point (after
+    /// the draft chose a decimal comma: with it).
+    numbers: Numbers,
+    /// The same with a decimal comma (`1.234,50`).
+    comma: Numbers,
     /// Counts of each value while there are at most `cap` of them.
     values: BTreeMap<String, usize>,
     /// More distinct values than the cap.
@@ -60,15 +61,44 @@ struct ColumnStats {
     /// Every value seen so far (for the all-distinct test).
     seen: HashSet<String>,
     repeats: bool,
-    /// The same under a decimal comma (`1.234,50`).
-    numeric_comma: bool,
-    integral_comma: bool,
-    /// Non-blank cells that read as no number, and the first of them with
-    /// its line (under the decimal point; under the comma).
+}
+
+/// How a column's non-blank cells read as numbers under one decimal mark.
+struct Numbers {
+    /// Every one reads as a finite number.
+    numeric: bool,
+    /// Every one is an integer.
+    integral: bool,
+    /// Those that read as no number, and the first of them with its line.
     not_numbers: usize,
     first_not_number: Option<(u64, String)>,
-    not_numbers_comma: usize,
-    first_not_number_comma: Option<(u64, String)>,
+}
+
+impl Default for Numbers {
+    fn default() -> Self {
+        Self {
+            numeric: true,
+            integral: true,
+            not_numbers: 0,
+            first_not_number: None,
+        }
+    }
+}
+
+impl Numbers {
+    /// Notes cell `v` of `line`, read as `x` (`None`: not a number).
+    fn see(&mut self, x: Option<f32>, line: u64, v: &str) {
+        match x {
+            Some(x) if x.is_finite() => self.integral &= x.fract() == 0.0,
+            _ => {
+                self.numeric = false;
+                self.not_numbers += 1;
+                if self.first_not_number.is_none() {
+                    self.first_not_number = Some((line, v.to_string()));
+                }
+            }
+        }
+    }
 }
 
 fn is_label_name(name: &str) -> bool {
@@ -149,16 +179,7 @@ impl Schema {
         };
         let (header, records) = super::table(reader, path, delimiter)?;
         let header: Vec<String> = header.iter().map(|h| h.trim().to_string()).collect();
-        let mut stats: Vec<ColumnStats> = header
-            .iter()
-            .map(|_| ColumnStats {
-                numeric: true,
-                integral: true,
-                numeric_comma: true,
-                integral_comma: true,
-                ..Default::default()
-            })
-            .collect();
+        let mut stats: Vec<ColumnStats> = header.iter().map(|_| ColumnStats::default()).collect();
         let mut rows = 0;
         for record in records {
             let (line, record) = record?;
@@ -170,26 +191,8 @@ impl Schema {
                     continue;
                 }
                 // As the reader parses numbers (`1e39` overflows an f32).
-                match super::parse_number(v) {
-                    Some(x) if x.is_finite() => st.integral &= x.fract() == 0.0,
-                    _ => {
-                        st.numeric = false;
-                        st.not_numbers += 1;
-                        if st.first_not_number.is_none() {
-                            st.first_not_number = Some((line, v.to_string()));
-                        }
-                    }
-                }
-                match DecimalMark::Comma.parse(v) {
-                    Some(x) if x.is_finite() => st.integral_comma &= x.fract() == 0.0,
-                    _ => {
-                        st.numeric_comma = false;
-                        st.not_numbers_comma += 1;
-                        if st.first_not_number_comma.is_none() {
-                            st.first_not_number_comma = Some((line, v.to_string()));
-                        }
-                    }
-                }
+                st.numbers.see(super::parse_number(v), line, v);
+                st.comma.see(DecimalMark::Comma.parse(v), line, v);
                 if !st.repeats && !st.seen.insert(v.to_string()) {
                     st.repeats = true;
                     st.seen = HashSet::new();
@@ -211,14 +214,11 @@ impl Schema {
         let only = |a: fn(&ColumnStats) -> bool, b: fn(&ColumnStats) -> bool| {
             stats.iter().any(|st| st.blanks < rows && a(st) && !b(st))
         };
-        let decimal = if only(|s| s.numeric_comma, |s| s.numeric)
-            && !only(|s| s.numeric, |s| s.numeric_comma)
+        let decimal = if only(|s| s.comma.numeric, |s| s.numbers.numeric)
+            && !only(|s| s.numbers.numeric, |s| s.comma.numeric)
         {
             for st in &mut stats {
-                st.numeric = st.numeric_comma;
-                st.integral = st.integral_comma;
-                st.not_numbers = st.not_numbers_comma;
-                st.first_not_number = st.first_not_number_comma.take();
+                st.numbers = std::mem::take(&mut st.comma);
             }
             DecimalMark::Comma
         } else {
@@ -338,7 +338,7 @@ impl Schema {
             .filter(|&c| c != label && distinct(c))
             .find(|&c| is_id_name(&header[c]))
             .or_else(|| {
-                (0..header.len()).find(|&c| c != label && distinct(c) && !stats[c].numeric)
+                (0..header.len()).find(|&c| c != label && distinct(c) && !stats[c].numbers.numeric)
             });
         if let Some(c) = id {
             notes.push(format!("id `{}`: every row has its own value", header[c]));
@@ -357,8 +357,8 @@ impl Schema {
                 notes.push(format!("left out `{name}`: every cell is blank"));
             } else if !st.many && st.values.len() == 1 && st.blanks == 0 {
                 notes.push(format!("left out `{name}`: one value only"));
-            } else if st.numeric {
-                if rows >= ID_LIKE_MIN_ROWS && distinct(c) && st.integral {
+            } else if st.numbers.numeric {
+                if rows >= ID_LIKE_MIN_ROWS && distinct(c) && st.numbers.integral {
                     notes.push(format!(
                         "left out `{name}`: distinct integers on every row, a row number or \
                          an identifier rather than a feature"
@@ -370,16 +370,17 @@ impl Schema {
                 }
                 numeric.push(name.clone());
             } else if let Some((line, value)) = st
+                .numbers
                 .first_not_number
                 .as_ref()
-                .filter(|_| st.not_numbers * 10 <= non_blank)
+                .filter(|_| st.numbers.not_numbers * 10 <= non_blank)
             {
                 // Mostly numbers: a placeholder (`NA`, `-`) or a typo, not text.
                 notes.push(format!(
                     "left out `{name}`: numbers but for {} cells (`{value}` on line {line}): \
                      blank them (with `blank_numeric = \"zero\"` they read as 0) or fix them, \
                      then list `{name}` under `numeric`",
-                    st.not_numbers
+                    st.numbers.not_numbers
                 ));
             } else if st.many {
                 notes.push(format!(
