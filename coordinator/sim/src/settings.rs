@@ -603,6 +603,45 @@ impl Settings {
                 name!(download_precision, "--download-precision")
             );
         }
+        // A flag that only shapes another one's feature is refused without
+        // it, as --secagg-neighbours without --secagg is, rather than ignored.
+        let given = |flag: bool, file: bool| flag || file;
+        for (set, needs, flag, missing) in [
+            (
+                given(args.secagg_clip.is_some(), file.secagg_clip.is_some()),
+                s.secagg,
+                name!(secagg_clip, "--secagg-clip"),
+                "--secagg",
+            ),
+            (
+                given(args.attack.is_some(), file.attack.is_some()),
+                s.malicious > 0.0,
+                name!(attack, "--attack"),
+                "--malicious FRACTION",
+            ),
+            (
+                given(
+                    args.search_candidates.is_some(),
+                    file.search_candidates.is_some(),
+                ),
+                s.search.is_some(),
+                name!(search_candidates, "--search-candidates"),
+                "--search ROUNDS",
+            ),
+            (
+                given(
+                    args.personalise_proximal.is_some(),
+                    file.personalise_proximal.is_some(),
+                ),
+                s.personalise.is_some_and(|e| e > 0),
+                name!(personalise_proximal, "--personalise-proximal"),
+                "--personalise EPOCHS",
+            ),
+        ] {
+            if set && !needs {
+                bail!("{flag} has no effect without {missing}: add it, or leave {flag} out");
+            }
+        }
         if let Some(k) = s.secagg_neighbours {
             let flag = name!(secagg_neighbours, "--secagg-neighbours");
             if !s.secagg {

@@ -1232,3 +1232,42 @@ fn fedbuff_is_refused_for_analyses_built_from_exact_sums() {
         );
     }
 }
+
+/// Flags that only shape another flag's feature were silently ignored
+/// without it (`--secagg-clip` without `--secagg`, …): refused, naming both.
+#[test]
+fn a_flag_without_the_feature_it_shapes_is_refused() {
+    let base = || SimArgs {
+        task: Some("churn-lr".parse().unwrap()),
+        ..Default::default()
+    };
+    type Case = (fn(&mut SimArgs), &'static str);
+    let cases: [Case; 4] = [
+        (
+            |a| a.secagg_clip = Some(5.0),
+            "--secagg-clip has no effect without --secagg",
+        ),
+        (
+            |a| a.attack = Some("signflip".into()),
+            "--attack has no effect without --malicious FRACTION",
+        ),
+        (
+            |a| a.search_candidates = Some(4),
+            "--search-candidates has no effect without --search ROUNDS",
+        ),
+        (
+            |a| a.personalise_proximal = Some(1.0),
+            "--personalise-proximal has no effect without --personalise EPOCHS",
+        ),
+    ];
+    for (set, want) in cases {
+        let mut a = base();
+        set(&mut a);
+        let err = Settings::from_args(a).unwrap_err().to_string();
+        assert!(err.starts_with(want), "{err}");
+    }
+    let mut a = base();
+    a.secagg = true;
+    a.secagg_clip = Some(5.0);
+    Settings::from_args(a).unwrap();
+}
