@@ -270,12 +270,37 @@ async fn drive(
         standardizer,
         dp: None,
     };
-    let per_merchant = per_merchant(&history, &template, &final_model, &mut finished)?;
-    // The federation-value report's federated column: the run's own final
-    // version on every merchant (as the in-process report uses the run's
-    // served version), not a reference FedAvg trained after it.
+    // Each merchant's held-out metrics of the final model, evaluated once:
+    // those that answered the last evaluation make the per-merchant table
+    // (the coordinator keeps only their weighted mean); with `--out`, every
+    // merchant makes the federation-value report's federated column (the
+    // run's own final version, as the in-process report uses the run's
+    // served version, not a reference FedAvg trained after it).
+    let reported: Vec<String> = history
+        .iter()
+        .rev()
+        .find(|r| kind_name(r.kind) == "evaluate" && r.outcome == Outcome::Committed)
+        .map(|r| r.reported.clone())
+        .unwrap_or_default();
+    let evaluated = evaluate(&template, &final_model, &mut finished, |id| {
+        s.out.is_some() || reported.iter().any(|r| r == id)
+    })?;
+    let per_merchant = evaluated
+        .iter()
+        .filter(|(id, _)| reported.contains(id))
+        .map(|(id, m)| (id.clone(), m.clone()))
+        .collect();
     let served = if s.out.is_some() {
-        served_figures(&template, &final_model, &mut finished)?
+        evaluated
+            .into_iter()
+            .map(|(id, metrics)| {
+                let figures = fedcart_common::reference::ServedFigures {
+                    metrics,
+                    personalised: None,
+                };
+                (id, figures)
+            })
+            .collect()
     } else {
         BTreeMap::new()
     };
@@ -295,54 +320,19 @@ async fn drive(
     })
 }
 
-/// Every merchant's held-out metrics under `model`, with its agent's
-/// private state: the federated column of the federation-value report.
-fn served_figures(
+/// The held-out metrics under `model` of the merchants `which` picks, each
+/// with its agent's private state: the agents' (pure) evaluation re-run on
+/// their own data after the run, the same numbers they sent.
+fn evaluate(
     spec: &TaskSpec,
     model: &[f32],
     agents: &mut [Agent],
-) -> anyhow::Result<BTreeMap<String, fedcart_common::reference::ServedFigures>> {
-    let mut spec = spec.clone();
-    spec.kind = TaskKind::Evaluate;
-    let mut out = BTreeMap::new();
-    for agent in agents.iter_mut() {
-        let o = run_task(&spec, model, &mut agent.data)
-            .with_context(|| format!("evaluating merchant {}", agent.data.merchant_id))?;
-        out.insert(
-            agent.data.merchant_id.clone(),
-            fedcart_common::reference::ServedFigures {
-                metrics: o.metrics,
-                personalised: None,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// Each merchant's held-out metrics of the final model, for the merchants
-/// that answered the last evaluation. The coordinator keeps only their
-/// weighted mean, so the agents' (pure) evaluation is re-run on their own
-/// data after the run: the same numbers they sent.
-fn per_merchant(
-    history: &[RoundRecord],
-    spec: &TaskSpec,
-    model: &[f32],
-    agents: &mut [Agent],
+    which: impl Fn(&str) -> bool,
 ) -> anyhow::Result<BTreeMap<String, BTreeMap<String, f64>>> {
-    let Some(last) = history
-        .iter()
-        .rev()
-        .find(|r| kind_name(r.kind) == "evaluate" && r.outcome == Outcome::Committed)
-    else {
-        return Ok(BTreeMap::new());
-    };
     let mut spec = spec.clone();
     spec.kind = TaskKind::Evaluate;
     let mut out = BTreeMap::new();
-    for agent in agents
-        .iter_mut()
-        .filter(|a| last.reported.contains(&a.data.merchant_id))
-    {
+    for agent in agents.iter_mut().filter(|a| which(&a.data.merchant_id)) {
         let o = run_task(&spec, model, &mut agent.data)
             .with_context(|| format!("evaluating merchant {}", agent.data.merchant_id))?;
         out.insert(agent.data.merchant_id.clone(), o.metrics);
