@@ -145,6 +145,14 @@ async fn mf_agents_send_no_user_factor_on_the_wire() {
     let leaked = wire.windows(32).filter(|w| needles.contains(*w)).count();
     assert_eq!(leaked, 0, "user factor rows found on the wire");
     assert!(checked > 100, "only {checked} user rows checked");
+    // The search does find a row that is there: one user row spliced into
+    // the middle of the capture, as an upload would carry it.
+    let row = needles.iter().next().unwrap().clone();
+    let mut planted = wire[..wire.len() / 2].to_vec();
+    planted.extend_from_slice(&row);
+    planted.extend_from_slice(&wire[wire.len() / 2..]);
+    let found = planted.windows(32).filter(|w| needles.contains(*w)).count();
+    assert_eq!(found, 1, "a planted user row was not found");
 }
 
 /// Runs a two-round federation of the model-free task (seeded random updates)
@@ -411,6 +419,10 @@ async fn personalised_rows_never_leave_the_agent_and_recommend_serves_the_copy_t
     );
     let leaked = wire.windows(32).filter(|w| needles.contains(*w)).count();
     assert_eq!(leaked, 0, "personalised item rows found on the wire");
+    let mut planted = wire.clone();
+    planted.extend_from_slice(needles.iter().next().unwrap());
+    let found = planted.windows(32).filter(|w| needles.contains(*w)).count();
+    assert_eq!(found, 1, "a planted item row was not found");
     // Ten free epochs on 90 % of a merchant's ratings beat three rounds of
     // one epoch on validation somewhere.
     assert!(kept > 0, "no merchant kept its copy");
