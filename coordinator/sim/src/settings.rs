@@ -512,13 +512,43 @@ impl Settings {
                 (
                     args.negatives.is_some(),
                     "--negatives",
-                    "matrix factorisation",
-                    task.is_mf(),
+                    "BPR's negative samples (mf-implicit)",
+                    task == TaskChoice::MfImplicit,
+                ),
+                (
+                    args.negatives_from.is_some(),
+                    "--negatives-from",
+                    "BPR's negative samples (mf-implicit)",
+                    task == TaskChoice::MfImplicit,
                 ),
                 (
                     args.alpha.is_some(),
                     "--alpha",
-                    "matrix factorisation",
+                    "iALS's confidence scale (mf-ials)",
+                    task == TaskChoice::MfIals,
+                ),
+                (
+                    args.proximal.is_some(),
+                    "--proximal",
+                    "iALS's proximal weight (mf-ials)",
+                    task == TaskChoice::MfIals,
+                ),
+                (
+                    args.lr.is_some(),
+                    "--lr",
+                    "a gradient step (iALS, k-means and rules solve in closed form)",
+                    !matches!(
+                        task,
+                        TaskChoice::MfIals
+                            | TaskChoice::Noop(_)
+                            | TaskChoice::Segments(_)
+                            | TaskChoice::Rules(_)
+                    ),
+                ),
+                (
+                    args.traffic == Some(crate::traffic::TrafficMode::Rows),
+                    "--traffic rows",
+                    "row-sparse transfers of a recommender's item rows",
                     task.is_mf(),
                 ),
             ] {

@@ -1271,3 +1271,66 @@ fn a_flag_without_the_feature_it_shapes_is_refused() {
     a.secagg_clip = Some(5.0);
     Settings::from_args(a).unwrap();
 }
+
+/// A recommender's flag given with a variant that does not read it was
+/// silently ignored (`--negatives` with explicit MF or iALS, `--alpha` and
+/// `--proximal` outside iALS, `--lr` with iALS, `--traffic rows` with a churn
+/// model): refused, naming the flag and the task.
+#[test]
+fn a_flag_of_another_recommender_variant_is_refused() {
+    type Case = (&'static str, fn(&mut SimArgs), &'static str);
+    let cases: [Case; 6] = [
+        ("mf", |a| a.negatives = Some(8), "--negatives sets BPR's"),
+        (
+            "mf-ials",
+            |a| a.negatives_from = Some(Default::default()),
+            "--negatives-from sets BPR's",
+        ),
+        (
+            "mf-implicit",
+            |a| a.alpha = Some(10.0),
+            "--alpha sets iALS's",
+        ),
+        ("mf", |a| a.proximal = Some(1.0), "--proximal sets iALS's"),
+        ("mf-ials", |a| a.lr = Some(0.1), "--lr sets a gradient step"),
+        (
+            "churn-lr",
+            |a| a.traffic = Some(crate::traffic::TrafficMode::Rows),
+            "--traffic rows sets row-sparse transfers",
+        ),
+    ];
+    for (task, set, want) in cases {
+        let mut a = SimArgs {
+            task: Some(task.parse().unwrap()),
+            ..Default::default()
+        };
+        set(&mut a);
+        let err = Settings::from_args(a).unwrap_err().to_string();
+        assert!(
+            err.starts_with(want) && err.contains(&format!("not --task {task}")),
+            "{err}"
+        );
+    }
+    // The variant that reads each flag takes it.
+    for (task, set) in [
+        (
+            "mf-implicit",
+            (|a| a.negatives = Some(8)) as fn(&mut SimArgs),
+        ),
+        ("mf-ials", |a| {
+            a.alpha = Some(10.0);
+            a.proximal = Some(1.0);
+        }),
+        ("mf", |a| {
+            a.lr = Some(0.01);
+            a.traffic = Some(crate::traffic::TrafficMode::Rows);
+        }),
+    ] {
+        let mut a = SimArgs {
+            task: Some(task.parse().unwrap()),
+            ..Default::default()
+        };
+        set(&mut a);
+        Settings::from_args(a).unwrap();
+    }
+}
