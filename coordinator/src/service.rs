@@ -193,7 +193,10 @@ impl Shared {
 
     /// The run's summary for the runs list.
     pub fn summary(&self, entry: &crate::store::RunEntry) -> hub::RunSummary {
-        let phase = self.phase();
+        let mut phase = self.phase();
+        if let Some(by) = &entry.schedule_ended_by {
+            phase.push_str(&format!("; schedule ended by {by}"));
+        }
         let eligible_agents = self.eligible().len();
         let engine = self.engine();
         let run = engine.run();

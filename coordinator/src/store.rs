@@ -91,6 +91,10 @@ pub struct RunEntry {
     /// Which instance of its schedule this run is, from 1.
     #[serde(default = "first_instance")]
     pub instance: u64,
+    /// The operator who ended the schedule after this instance finished
+    /// (`runs stop` of a finished instance): no further instance starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_ended_by: Option<String>,
 }
 
 fn first_instance() -> u64 {
@@ -113,9 +117,11 @@ impl RunEntry {
 
     /// True when the schedule allows an instance after this one.
     pub fn repeats(&self) -> bool {
-        self.schedule
-            .as_ref()
-            .is_some_and(|s| s.repeat.is_none_or(|r| self.instance <= r))
+        self.schedule_ended_by.is_none()
+            && self
+                .schedule
+                .as_ref()
+                .is_some_and(|s| s.repeat.is_none_or(|r| self.instance <= r))
     }
 }
 
@@ -270,6 +276,7 @@ impl StoreFile {
                     continues: None,
                     schedule: None,
                     instance: 1,
+                    schedule_ended_by: None,
                 });
             }
         }
@@ -309,12 +316,23 @@ impl StoreFile {
             continues,
             schedule,
             instance,
+            schedule_ended_by: None,
         };
         if let Some(first) = existing.first().filter(|e| e.submitted_unix_ms == 0) {
             self.put_entry(first)?;
         }
         self.put_entry(&entry)?;
         Ok(entry)
+    }
+
+    /// Records that `by` ended the schedule of the registered run `entry`.
+    pub fn end_schedule(&self, entry: &RunEntry, by: &str) -> Result<RunEntry, StoreError> {
+        let ended = RunEntry {
+            schedule_ended_by: Some(by.to_owned()),
+            ..entry.clone()
+        };
+        self.put_entry(&ended)?;
+        Ok(ended)
     }
 
     fn put_entry(&self, entry: &RunEntry) -> Result<(), StoreError> {

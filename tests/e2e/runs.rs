@@ -506,6 +506,70 @@ async fn a_scheduled_run_starts_its_next_instance_from_the_version_it_served() {
     coord.shutdown().await.unwrap();
 }
 
+/// `runs stop` of an instance that finished while its schedule waits (a
+/// month here) ends the schedule: the wait is cut short, no instance
+/// follows, the run reads as finished with its schedule ended by the
+/// operator, and the store keeps that for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_finished_scheduled_run_ends_its_schedule() {
+    init_logs();
+    let split = telco_split(2, 19);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.redb");
+    let coord = start_coordinator(&path, churn_run("base", 1, 2, 2), 0).await;
+    let mut admin =
+        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
+            .await
+            .unwrap();
+    let toml = "run_id = \"nightly\"\nseed = 9\nrounds = 1\nquorum = 2\n\
+                round_timeout_ms = 60000\nevaluate = false\n\
+                model = { family = \"churn_lr\", num_features = 45 }\n\
+                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
+                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n\
+                [schedule]\nevery = \"30d\"\n";
+    admin
+        .submit_run(fedcart_proto::v1::SubmitRunRequest {
+            config_toml: toml.into(),
+            source: "nightly.toml".into(),
+        })
+        .await
+        .unwrap();
+    let agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    let mut progress = coord.hub.get("nightly").unwrap().progress();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    let info = admin
+        .stop_run(fedcart_proto::v1::RunRequest {
+            run_id: "nightly".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.finished && info.stopped.is_empty(), "{info:?}");
+    assert!(
+        info.phase.starts_with("finished; schedule ended by "),
+        "{info:?}"
+    );
+    // Without the stop this waits a month for `nightly.2`.
+    tokio::time::timeout(Duration::from_secs(300), coord.hub.wait_all_ended())
+        .await
+        .expect("the scheduled instance still waits after the stop");
+    assert_eq!(coord.hub.ids(), ["base", "nightly"]);
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+    let file = fedcart_coordinator::store::StoreFile::open(&path).unwrap();
+    let nightly = file
+        .runs()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.run_id == "nightly")
+        .unwrap();
+    assert!(nightly.schedule_ended_by.is_some() && !nightly.repeats());
+}
+
 /// An implicit-MF run over two agents, as the operator submits it.
 fn mf_run_toml(run_id: &str, seed: u64, rows: usize) -> String {
     format!(

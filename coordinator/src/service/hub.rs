@@ -238,13 +238,17 @@ impl Hub {
         self.pending.fetch_add(1, Ordering::SeqCst);
         let hub = Arc::clone(self);
         tracing::info!(run = %run_id, next = %next_id, ?every, "scheduled retraining: next instance waits");
+        let mut changed = self.runs_changed.subscribe();
         tokio::spawn(async move {
             let mut shutdown = shutdown;
+            let ended = |hub: &Hub| !hub.entry(&entry.run_id).repeats();
             let due = tokio::select! {
                 _ = tokio::time::sleep(every) => true,
                 _ = shutdown.wait_for(|v| *v) => false,
+                // The operator ended the schedule (`runs stop`).
+                _ = changed.wait_for(|_| ended(&hub)) => false,
             };
-            if due {
+            if due && !ended(&hub) {
                 match hub.submit_next(&entry, &shared, next_id) {
                     Ok(next) => starter(next),
                     Err(e) => tracing::error!(run = %entry.run_id, error = %e,
@@ -352,21 +356,40 @@ impl Hub {
     /// The summary of `run_id`.
     pub fn summary(&self, run_id: &str) -> Result<RunSummary, HubError> {
         let shared = self.get(run_id)?;
-        let entry = self
-            .hosted()
-            .iter()
-            .find(|h| h.entry.run_id == run_id)
-            .map(|h| h.entry.clone())
-            .expect("found above; runs are never removed");
-        Ok(shared.summary(&entry))
+        Ok(shared.summary(&self.entry(run_id)))
     }
 
     /// Stops `run_id` for operator `by` (see [`Engine::stop_by_operator`]).
+    /// A run that already finished while its schedule waits to start the
+    /// next instance has that schedule ended instead: the wait is cut
+    /// short and no instance follows, across restarts too.
     pub fn stop(&self, run_id: &str, by: &str) -> Result<RunSummary, HubError> {
         let shared = self.get(run_id)?;
+        if shared.engine().finished() {
+            let entry = self.entry(run_id);
+            if entry.repeats() && self.get(&entry.next_id()).is_err() {
+                let ended = self.file.end_schedule(&entry, by)?;
+                if let Some(h) = self.hosted().iter_mut().find(|h| h.entry.run_id == run_id) {
+                    h.entry = ended;
+                }
+                self.runs_changed.send_modify(|v| *v += 1);
+                tracing::warn!(run = %run_id, operator = %by, next = %entry.next_id(),
+                    "schedule ended by the operator: no further instance starts");
+            }
+            return self.summary(run_id);
+        }
         shared.stop_by_operator(by)?;
         tracing::warn!(run = %run_id, operator = %by, "run stopped by the operator");
         self.summary(run_id)
+    }
+
+    /// The registry entry of a hosted run.
+    fn entry(&self, run_id: &str) -> RunEntry {
+        self.hosted()
+            .iter()
+            .find(|h| h.entry.run_id == run_id)
+            .map(|h| h.entry.clone())
+            .expect("a hosted run; runs are never removed")
     }
 
     /// True when every hosted run has ended and no scheduled instance is
