@@ -515,8 +515,13 @@ impl Agent {
                 spec: spec.clone(),
                 sha256: None,
             };
-            // The latest of any run at the top, and the run's own.
-            state.save_global(&meta, &global)?;
+            // The latest of any run at the top, and the run's own. A
+            // version 0 is untrained (or, for a scheduled instance, the
+            // previous instance's served version, already at the top): it
+            // never replaces what `score` and `recommend` answer from.
+            if task.model_version > 0 {
+                state.save_global(&meta, &global)?;
+            }
             state.run(&task.run_id)?.save_global(&meta, &global)?;
         }
         let family = spec.model.data_family();
@@ -546,7 +551,10 @@ impl Agent {
             out
         });
         if let (Some(state), Ok(out)) = (&self.state, &out) {
-            for state in [state.clone(), state.run(&task.run_id)?] {
+            // The top keeps what goes with its model (saved above only
+            // from version 1 on); the run's own directory keeps everything.
+            let top = (task.model_version > 0).then(|| state.clone());
+            for state in top.into_iter().chain([state.run(&task.run_id)?]) {
                 if let Some(mf) = &self.data.mf
                     && spec_is_mf
                 {
@@ -691,8 +699,14 @@ impl Lifecycle {
     fn failed(&mut self, e: &AgentError, url: &str, longest: Duration) {
         let attempts = self.outage.get_or_insert(0);
         *attempts += 1;
-        if !self.ended.is_empty() || *attempts > 1 {
+        if *attempts > 1 {
             tracing::debug!(error = %Chain(e), "coordinator unavailable; retrying");
+        } else if !self.ended.is_empty() {
+            // A coordinator whose runs ended may exit on purpose: not a
+            // warning, but said once, so that a waiting agent's log shows
+            // why nothing happens.
+            tracing::info!(coordinator = %url, error = %Chain(e),
+                "the coordinator is unreachable since the run ended; retrying quietly (every {longest:?} at most) until it is back");
         } else {
             tracing::warn!(coordinator = %url, error = %Chain(e),
                 "lost the coordinator; retrying quietly (every {longest:?} at most) until it is back");

@@ -318,3 +318,91 @@ async fn agents_end_up_holding_the_best_version_by_validation_not_the_last() {
         assert_eq!(&kept, params.as_ref());
     }
 }
+
+/// Abandons every task pushed to it (a merchant that keeps dropping out).
+struct AbandonAll;
+
+impl fedcart_client::agent::TaskObserver for AbandonAll {
+    fn on_task(&self, _task_id: &str) -> fedcart_client::agent::TaskDecision {
+        fedcart_client::agent::TaskDecision::Abandon
+    }
+}
+
+/// A run that never commits a version (its quorum fails once and it gives
+/// up) must not replace the model `score` and `recommend` answer from: the
+/// agent keeps the untrained version 0 it downloaded under the run's own
+/// directory only, and its top still holds the last run's trained version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_never_trained_leaves_the_served_model_alone() {
+    let states = tempfile::tempdir().unwrap();
+    let state = |k: usize| states.path().join(format!("m{k}"));
+    let merchant = |k: usize| fedcart_common::train::LocalData {
+        merchant_id: format!("m{k}"),
+        ..Default::default()
+    };
+    let noop_run = |id: &str, rounds: u64| {
+        let mut run = churn_run(id, rounds, 2, 2);
+        run.model = ModelSpec::Noop { dim: 8 };
+        run.evaluate = false;
+        run
+    };
+    // A run that trains: the agents' tops hold its version 1 (the model
+    // the second round downloads).
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), noop_run("base", 2), 0).await;
+    let agents: Vec<_> = (0..2)
+        .map(|k| spawn_with_state(coord.addr, merchant(k), &state(k)))
+        .collect();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let top = |k: usize| {
+        let (meta, _) = StateDir::open(state(k))
+            .unwrap()
+            .load_global("noop")
+            .unwrap()
+            .unwrap();
+        (meta.run_id, meta.version)
+    };
+    assert_eq!(top(0), ("base".to_owned(), 1));
+
+    // A run whose first round loses one of its two merchants and gives up.
+    let store = tempfile::tempdir().unwrap();
+    let mut run = noop_run("never", 2);
+    run.max_attempts = 1;
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let m0 = spawn_with_state(coord.addr, merchant(0), &state(0));
+    let mut dropper = Agent::new(format!("http://{}", coord.addr), merchant(1))
+        .with_state(StateDir::open(state(1)).unwrap())
+        .unwrap();
+    dropper.backoff.initial_ms = 20;
+    dropper.observer = Some(std::sync::Arc::new(AbandonAll));
+    let m1 = spawn_configured(dropper);
+    let shared = coord.shared.clone();
+    // Giving up ends the task loop with the stop as its error.
+    let e = coord.wait_finished().await.unwrap_err();
+    assert!(format!("{e:#}").contains("quorum is 2"), "{e:#}");
+    assert!(
+        matches!(
+            shared.stopped(),
+            Some(fedcart_coordinator::engine::RunStop::GaveUp { .. })
+        ),
+        "{:?}",
+        shared.stopped()
+    );
+    m0.stop().await;
+    m1.stop().await;
+    // Merchant 0 did download the new run's version 0 ...
+    let (meta, _) = StateDir::open(state(0))
+        .unwrap()
+        .run("never")
+        .unwrap()
+        .load_global("noop")
+        .unwrap()
+        .unwrap();
+    assert_eq!(meta.version, 0);
+    // ... and still serves the trained one.
+    assert_eq!(top(0), ("base".to_owned(), 1));
+    assert_eq!(top(1), ("base".to_owned(), 1));
+}
