@@ -59,6 +59,19 @@ impl TlsFiles {
             key: PemFile::new(Some("serve.tls.key"), &self.key, key),
         };
         let id = files.parse()?;
+        // A CA certificate served as the coordinator's own starts, and every
+        // agent's handshake then fails on a name or key usage it lacks.
+        let leaf = x509_parser::parse_x509_certificate(&id.chain[0])
+            .map(|(_, c)| c.is_ca())
+            .unwrap_or(false);
+        if leaf {
+            anyhow::bail!(
+                "`serve.tls.cert` {} is a CA certificate, not the coordinator's own: give the \
+                 certificate `certs init` wrote for the coordinator (coordinator.pem), signed by \
+                 that CA",
+                self.cert.display()
+            );
+        }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             std::sync::Arc::new(id.roots),
@@ -250,6 +263,17 @@ mod tests {
         assert!(
             wrong_key.contains("operator.key is not the private key of `serve.tls.cert`"),
             "{wrong_key}"
+        );
+        // The CA's own certificate and key served as the coordinator's.
+        let ca_served = message(TlsFiles {
+            cert: files.ca.clone(),
+            key: certs.ca_key(),
+            ..files.clone()
+        });
+        assert!(
+            ca_served.starts_with("`serve.tls.cert`")
+                && ca_served.contains("ca.pem is a CA certificate"),
+            "{ca_served}"
         );
     }
 
