@@ -172,7 +172,8 @@ impl Access {
                 Ok(list) => {
                     if list != cached.1 {
                         tracing::info!(path = %self.path.display(), allowed = list.allow.len(),
-                            revoked = list.revoked.len(), "access list loaded");
+                            revoked_merchants = list.revoked.len(),
+                            revoked_certificates = list.revoked_serials.len(), "access list loaded");
                     }
                     let index = Arc::new(Admission::from(&list));
                     *cached = (stamp, list, index);
