@@ -267,16 +267,13 @@ pub fn write_kit(
     kit: &Path,
     coordinator_url: &str,
     domain: Option<&str>,
-) -> anyhow::Result<()> {
+    force: bool,
+) -> anyhow::Result<KitWritten> {
     crate::identity::validate_id(id)?;
     check_coordinator_url(coordinator_url)?;
+    check_kit(id, kit, force)?;
     let config = kit.join(KIT_CONFIG);
     let key = kit.join(format!("{id}.key"));
-    for p in [&config, &key] {
-        if p.exists() {
-            bail!("{} exists: refusing to overwrite a kit", p.display());
-        }
-    }
     std::fs::create_dir_all(kit.join("data"))
         .with_context(|| format!("creating {}", kit.join("data").display()))?;
     let read = |p: PathBuf| {
@@ -285,6 +282,10 @@ pub fn write_kit(
     write_file(&key, &read(dir.key(id))?, true)?;
     write_file(&kit.join(format!("{id}.pem")), &read(dir.cert(id))?, false)?;
     write_file(&kit.join("ca.pem"), &read(dir.ca_cert())?, false)?;
+    if config.exists() {
+        // Renewed with --force: the merchant's own settings stay.
+        return Ok(KitWritten::IdentityRenewed);
+    }
     let domain = match domain {
         Some(d) => format!("domain = {}\n", toml_string(d)),
         None => {
@@ -347,7 +348,37 @@ pub fn write_kit(
         url = toml_string(coordinator_url),
         id_s = toml_string(id),
     );
-    write_file(&config, &text, false)
+    write_file(&config, &text, false)?;
+    Ok(KitWritten::New)
+}
+
+/// What [`write_kit`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KitWritten {
+    /// A whole kit: identity, CA and a fresh `merchant.toml`.
+    New,
+    /// Only the identity and CA files of an existing kit (`--force`): its
+    /// `merchant.toml`, data and state stay as the merchant left them.
+    IdentityRenewed,
+}
+
+/// Refuses a kit folder that already holds a kit, unless `force` (which
+/// renews its identity files and keeps its `merchant.toml`); called before
+/// anything is issued, so that a refusal leaves the CA directory as it was.
+pub fn check_kit(id: &str, kit: &Path, force: bool) -> anyhow::Result<()> {
+    if force {
+        return Ok(());
+    }
+    for p in [kit.join(KIT_CONFIG), kit.join(format!("{id}.key"))] {
+        if p.exists() {
+            bail!(
+                "{} exists: refusing to overwrite a kit (add --force to renew its key and \
+                 certificate, keeping its {KIT_CONFIG})",
+                p.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A kit's coordinator URL must be `https://HOST[:PORT]`: kit agents speak
@@ -466,6 +497,47 @@ fn issued_ids(dir: &CertDir) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `certs issue --force --kit` into an existing kit issued the new
+    /// certificate, then refused the kit: the merchant kept the old one.
+    /// Now a kit is checked before anything is issued, and `--force`
+    /// renews its identity files while its `merchant.toml` stays.
+    #[test]
+    fn a_forced_issue_renews_a_kits_identity_and_keeps_its_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertDir::new(dir.path().join("pki"));
+        init(&certs, &["localhost".into()]).unwrap();
+        let kit = dir.path().join("kit");
+        let url = "https://localhost:7443";
+        issue_kind(&certs, "m1", Kind::Merchant, false).unwrap();
+        assert_eq!(
+            write_kit(&certs, "m1", &kit, url, None, false).unwrap(),
+            KitWritten::New
+        );
+        let e = check_kit("m1", &kit, false).unwrap_err().to_string();
+        assert!(
+            e.contains("merchant.toml exists") && e.contains("--force"),
+            "{e}"
+        );
+        let config = kit.join(KIT_CONFIG);
+        let edited = std::fs::read_to_string(&config).unwrap() + "# the merchant's edit\n";
+        std::fs::write(&config, &edited).unwrap();
+        let old = std::fs::read(kit.join("m1.pem")).unwrap();
+        check_kit("m1", &kit, true).unwrap();
+        issue_kind(&certs, "m1", Kind::Merchant, true).unwrap();
+        assert_eq!(
+            write_kit(&certs, "m1", &kit, url, None, true).unwrap(),
+            KitWritten::IdentityRenewed
+        );
+        let renewed = std::fs::read(kit.join("m1.pem")).unwrap();
+        assert_ne!(renewed, old);
+        assert_eq!(renewed, std::fs::read(certs.cert("m1")).unwrap());
+        assert_eq!(
+            std::fs::read(kit.join("m1.key")).unwrap(),
+            std::fs::read(certs.key("m1")).unwrap()
+        );
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+    }
 
     #[test]
     fn a_host_the_certificate_cannot_carry_is_refused_before_anything_is_written() {

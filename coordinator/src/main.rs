@@ -407,6 +407,9 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             if let Some(url) = &coordinator_url {
                 ca::check_coordinator_url(url)?;
             }
+            if let Some(kit) = &kit {
+                ca::check_kit(&id, kit, force)?;
+            }
             ca::issue_kind(&pki, &id, ca::Kind::Merchant, force)?;
             let access = access.unwrap_or_else(|| dir.join("access.toml"));
             ca::allow(&access, &id)?;
@@ -417,7 +420,16 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
                 access.display()
             )?;
             if let (Some(kit), Some(url)) = (&kit, &coordinator_url) {
-                ca::write_kit(&pki, &id, kit, url, domain.as_deref())?;
+                let written = ca::write_kit(&pki, &id, kit, url, domain.as_deref(), force)?;
+                if written == ca::KitWritten::IdentityRenewed {
+                    fedcart_common::outln!(
+                        "kit for `{id}` in {0}: key, certificate and CA renewed; its {1}, data and \
+                         state kept (restart the merchant's agent to use the new certificate)",
+                        kit.display(),
+                        ca::KIT_CONFIG
+                    )?;
+                    return Ok(());
+                }
                 fedcart_common::outln!(
                     "kit for `{id}` written to {0}: put the merchant's orders export in \
                      {0}/data/orders.csv (its columns mapped under [data.orders] in {0}/{1}; or set \
