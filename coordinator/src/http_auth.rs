@@ -120,6 +120,23 @@ const LOGIN_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>fedcart 
 <code>operator.token</code> (written by <code>fedcart-coordinator certs init</code>).</p>
 <input type="password" name="token" size="70" autofocus> <button>Open</button></form>"#;
 
+/// Shown above the form again after a browser sent a token that is not
+/// the operator's.
+const WRONG_TOKEN: &str = r#"<p style="font-family:sans-serif;margin:3em 3em 0;color:#b00020">
+That is not the operator's token. Paste the whole line of <code>operator.token</code> from this
+coordinator's certificate directory (a token from another <code>certs init</code> does not open it).</p>"#;
+
+/// The login page, with the wrong-token note when a browser's token failed
+/// (`401`, so scripts still see the refusal).
+fn login_page(wrong: bool) -> Response {
+    let page = if wrong {
+        LOGIN_PAGE.replacen("<form", &format!("{WRONG_TOKEN}\n<form"), 1)
+    } else {
+        LOGIN_PAGE.to_owned()
+    };
+    (StatusCode::UNAUTHORIZED, Html(page)).into_response()
+}
+
 /// Sets the cookie and sends the browser to the bare dashboard URL.
 fn admit_browser(token: &str) -> Response {
     let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
@@ -164,9 +181,11 @@ pub async fn require_operator(
         let body = axum::body::to_bytes(req.into_body(), 4096)
             .await
             .unwrap_or_default();
+        // The form's answer is a page a person reads: the form again, saying
+        // what went wrong.
         return match token_field(&String::from_utf8_lossy(&body)) {
             Some(t) if token.matches(&t) => admit_browser(t.trim()),
-            _ => unauthorized(),
+            _ => login_page(true),
         };
     }
     if path == "/"
@@ -175,14 +194,14 @@ pub async fn require_operator(
         return if token.matches(&t) {
             admit_browser(t.trim())
         } else {
-            unauthorized()
+            login_page(true)
         };
     }
     if token.admits(req.headers()) {
         return next.run(req).await;
     }
     if path == "/" {
-        return (StatusCode::UNAUTHORIZED, Html(LOGIN_PAGE)).into_response();
+        return login_page(false);
     }
     unauthorized()
 }

@@ -659,5 +659,28 @@ async fn http_requests_without_the_operators_token_get_no_run_data() {
     )
     .await;
     assert!(posted.starts_with("HTTP/1.1 303"), "{posted}");
+    // A wrong token from the form or the URL gets the form again, saying
+    // so, and no cookie.
+    let body = "token=not-the-token";
+    let wrong = http_raw(
+        http,
+        "POST",
+        "/login",
+        &format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    let by_url = http_raw(http, "GET", "/?token=not-the-token", "").await;
+    for resp in [wrong, by_url] {
+        assert!(
+            resp.starts_with("HTTP/1.1 401")
+                && resp.contains("That is not the operator's token")
+                && resp.contains("<form")
+                && !resp.contains("set-cookie"),
+            "{resp}"
+        );
+    }
     coord.shutdown().await.unwrap();
 }
