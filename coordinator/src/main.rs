@@ -95,6 +95,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The run to describe (`runs list` names them); default: the run
+        /// `serve --config` submitted, else the latest submitted.
+        #[arg(long, value_name = "RUN_ID")]
+        run: Option<String>,
     },
     /// Plan a differential-privacy budget: ε for a noise multiplier, or the
     /// smallest noise multiplier that reaches a target ε.
@@ -255,6 +259,7 @@ async fn run() -> anyhow::Result<()> {
             identity,
             domain,
             json,
+            run,
         } => {
             let with_certs = certs.is_some();
             let tls = certs.map(|d| status::ClientTls {
@@ -263,7 +268,7 @@ async fn run() -> anyhow::Result<()> {
                 key: d.join(format!("{identity}.key")),
                 domain,
             });
-            let s = status::fetch(&coordinator, tls.as_ref())
+            let s = status::fetch(&coordinator, tls.as_ref(), run.as_deref())
                 .await
                 .map_err(|e| status::with_hint(e, &coordinator, with_certs))?;
             if json {

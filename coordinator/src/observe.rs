@@ -4,8 +4,8 @@
 //! Metrics are derived from what the coordinator already records: an
 //! observer task follows the progress channel and folds every new history
 //! record into counters, so the round engine and service need no metric
-//! calls. Every series carries a `run` label, which keeps coordinators in
-//! one process (tests) apart. Round metrics reported by agents become at
+//! calls. Every series carries a `run` label: every run the coordinator
+//! hosts is folded, and coordinators in one process (tests) stay apart. Round metrics reported by agents become at
 //! most [`MAX_METRIC_SERIES`] `fedcart_round_metric` series per run, whatever
 //! names agents invent. `/readyz` is false while shutting down and once the
 //! task loop has failed.
@@ -127,18 +127,21 @@ pub struct StatusView {
     /// N.., at most L ≤ 500), by default the last 50.
     pub history: Vec<RoundRecord>,
     /// Every run the coordinator hosts, active and finished, in submission
-    /// order (the fields above describe `run_id`, the one it was started
-    /// with).
+    /// order (the fields above describe `run_id`: the one asked for with
+    /// `?run=ID`, else the one the coordinator was started with).
     pub runs: Vec<crate::service::hub::RunSummary>,
 }
 
 /// The page `/api/status` answers with.
-#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct HistoryPage {
     /// First record wanted (default: the last [`HISTORY_PAGE`]).
     pub since: Option<usize>,
     /// Records wanted (default [`HISTORY_PAGE`], at most [`MAX_HISTORY_PAGE`]).
     pub limit: Option<usize>,
+    /// The run to describe (`?run=ID`; default the one the coordinator was
+    /// started with).
+    pub run: Option<String>,
 }
 
 struct ObserverState {
@@ -146,12 +149,20 @@ struct ObserverState {
     hub: Arc<crate::service::hub::Hub>,
     run_id: String,
     agents: Mutex<BTreeMap<String, AgentView>>,
-    /// History records folded into counters so far, the last open task, and
-    /// `Progress::records` when the history was last read.
-    cursor: Mutex<(usize, Option<String>, Option<u64>)>,
-    /// The (kind, name) pairs exported as `fedcart_round_metric` so far.
-    series: Mutex<BTreeSet<(&'static str, String)>>,
+    /// Per run: history records folded into counters so far, the last open
+    /// task, and `Progress::records` when the history was last read.
+    cursor: Mutex<BTreeMap<String, RunCursor>>,
+    /// Per run, the (kind, name) pairs exported as `fedcart_round_metric`.
+    series: Mutex<BTreeMap<String, BTreeSet<(&'static str, String)>>>,
     ready: watch::Receiver<bool>,
+}
+
+/// How far the observer has folded one run.
+#[derive(Default)]
+struct RunCursor {
+    records: usize,
+    last_task: Option<String>,
+    progress: Option<u64>,
 }
 
 /// The view of merchant `m`, created (disconnected, last seen `at`) if new.
@@ -168,11 +179,22 @@ fn now_ms() -> i64 {
 }
 
 impl ObserverState {
-    fn status(&self, page: HistoryPage) -> Result<StatusView, String> {
+    fn status(&self, page: HistoryPage) -> Result<StatusView, (StatusCode, String)> {
         self.observe();
-        let p = self.shared.progress().borrow().clone();
-        let history = self.shared.history().map_err(|e| e.to_string())?;
-        let run = self.shared.run_config();
+        let (run_id, shared) = match &page.run {
+            Some(id) => (
+                id.clone(),
+                self.hub
+                    .get(id)
+                    .map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))?,
+            ),
+            None => (self.run_id.clone(), Arc::clone(&self.shared)),
+        };
+        let p = shared.progress().borrow().clone();
+        let history = shared
+            .history()
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let run = shared.run_config();
         let total = history.len();
         let limit = page.limit.unwrap_or(HISTORY_PAGE).min(MAX_HISTORY_PAGE);
         let offset = page.since.unwrap_or(total.saturating_sub(limit)).min(total);
@@ -193,7 +215,7 @@ impl ObserverState {
                 })
             });
         Ok(StatusView {
-            run_id: self.run_id.clone(),
+            run_id,
             model_version: p.version,
             open_task: p.open_task,
             finished: p.finished,
@@ -220,22 +242,8 @@ impl ObserverState {
     /// agent views. Runs on every progress change and before each scrape, so
     /// a scrape never lags the history.
     fn observe(&self) {
-        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
-        let (seen_records, last_task, seen_progress) = &mut *cursor;
-        let run = self.run_id.clone();
-        let p = self.shared.progress().borrow().clone();
-        metrics::gauge!("fedcart_model_version", "run" => run.clone()).set(p.version as f64);
-        // The other runs' versions (the rest of the series are the run the
-        // coordinator was started with).
-        for other in self.hub.summaries() {
-            metrics::gauge!("fedcart_model_version", "run" => other.run_id)
-                .set(other.model_version as f64);
-        }
-        metrics::gauge!("fedcart_agents_connected", "run" => run.clone()).set(p.agents as f64);
-        if p.open_task.is_some() && p.open_task != *last_task {
-            metrics::counter!("fedcart_tasks_started_total", "run" => run.clone()).increment(1);
-        }
-        last_task.clone_from(&p.open_task);
+        let mut cursors = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        // Sessions are shared by every run.
         let connected = self.shared.connected();
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         for a in agents.values_mut() {
@@ -247,17 +255,39 @@ impl ObserverState {
                 .or_insert_with(|| AgentView::new(m, true, now_ms()));
             view.connected = true;
         }
+        for (run, shared) in self.hub.runs() {
+            let cursor = cursors.entry(run.clone()).or_default();
+            self.observe_run(&run, &shared, cursor, &mut agents);
+        }
+    }
+
+    /// Folds what is new in one run into its series (each labelled `run`).
+    fn observe_run(
+        &self,
+        run: &str,
+        shared: &Shared,
+        cursor: &mut RunCursor,
+        agents: &mut BTreeMap<String, AgentView>,
+    ) {
+        let run = run.to_owned();
+        let p = shared.progress().borrow().clone();
+        metrics::gauge!("fedcart_model_version", "run" => run.clone()).set(p.version as f64);
+        metrics::gauge!("fedcart_agents_connected", "run" => run.clone()).set(p.agents as f64);
+        if p.open_task.is_some() && p.open_task != cursor.last_task {
+            metrics::counter!("fedcart_tasks_started_total", "run" => run.clone()).increment(1);
+        }
+        cursor.last_task.clone_from(&p.open_task);
         // The history (read from the store under the engine's lock) changes
         // only when a task closes: re-read it only then, not on each of the
         // thousands of progress changes a round of many agents makes.
-        if *seen_progress == Some(p.records) {
+        if cursor.progress == Some(p.records) {
             return;
         }
-        let Ok(history) = self.shared.history() else {
+        let Ok(history) = shared.history() else {
             return;
         };
-        *seen_progress = Some(p.records);
-        for r in history.iter().skip(*seen_records) {
+        cursor.progress = Some(p.records);
+        for r in history.iter().skip(cursor.records) {
             let labels = [
                 ("run", run.clone()),
                 ("kind", kind_name(r.kind).to_string()),
@@ -285,7 +315,8 @@ impl ObserverState {
             if let Some(c) = &r.secagg_clipped {
                 metrics::gauge!("fedcart_secagg_clipped_fraction", &labels).set(c.fraction);
             }
-            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            let mut all_series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            let series = all_series.entry(run.clone()).or_default();
             for (k, v) in &r.metrics {
                 let key = (kind_name(r.kind), k.clone());
                 if !series.contains(&key) {
@@ -296,24 +327,24 @@ impl ObserverState {
                 }
                 metrics::gauge!("fedcart_round_metric", "run" => run.clone(), "kind" => kind_name(r.kind), "metric" => k.clone()).set(*v);
             }
-            drop(series);
+            drop(all_series);
             let at = r.started_unix_ms + r.duration_ms as i64;
             for m in &r.selected {
-                view(&mut agents, m, at).selected += 1;
+                view(agents, m, at).selected += 1;
             }
             for m in &r.reported {
-                let v = view(&mut agents, m, at);
+                let v = view(agents, m, at);
                 v.reported += 1;
                 v.last_contact_unix_ms = v.last_contact_unix_ms.max(at);
             }
             for m in &r.dropped {
-                view(&mut agents, m, at).dropped += 1;
+                view(agents, m, at).dropped += 1;
             }
             for (m, _) in &r.rejected {
-                view(&mut agents, m, at).rejected += 1;
+                view(agents, m, at).rejected += 1;
             }
         }
-        *seen_records = history.len();
+        cursor.records = history.len();
     }
 }
 
@@ -344,7 +375,7 @@ async fn status(
 ) -> impl IntoResponse {
     match s.status(page) {
         Ok(v) => axum::Json(v).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -367,8 +398,8 @@ pub fn spawn(
         hub,
         run_id,
         agents: Mutex::new(BTreeMap::new()),
-        cursor: Mutex::new((0, None, None)),
-        series: Mutex::new(BTreeSet::new()),
+        cursor: Mutex::new(BTreeMap::new()),
+        series: Mutex::new(BTreeMap::new()),
         ready: shutdown.clone(),
     });
     let obs = Arc::clone(&state);

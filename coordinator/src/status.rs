@@ -97,13 +97,17 @@ fn check_identity(t: &ClientTls, ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::
     Ok(())
 }
 
-/// Fetches the status.
-pub async fn fetch(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<pb::StatusReply> {
+/// Fetches the status of `run` (default: the coordinator's primary run).
+pub async fn fetch(
+    url: &str,
+    tls: Option<&ClientTls>,
+    run: Option<&str>,
+) -> anyhow::Result<pb::StatusReply> {
     let mut c = connect(url, tls).await?;
-    Ok(c.status(pb::StatusRequest::default())
-        .await
-        .context("Status RPC")?
-        .into_inner())
+    let request = pb::StatusRequest {
+        run_id: run.unwrap_or_default().to_owned(),
+    };
+    Ok(c.status(request).await.context("Status RPC")?.into_inner())
 }
 
 /// Adds what to try to a failed [`fetch`] of `url`; `with_certs` tells

@@ -229,10 +229,6 @@ async fn dashboard_shows_the_epsilon_a_dp_run_has_spent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_finished() {
-    let Some(browser) = chromium() else {
-        eprintln!("NOTICE: chromium not installed; dashboard browser test skipped");
-        return;
-    };
     init_logs();
     let split = telco_split(2, 17);
     let store = tempfile::tempdir().unwrap();
@@ -262,12 +258,59 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
         .collect();
     coord.hub.wait_all_ended().await;
 
-    let dom = dump_dom(browser, format!("http://{http}/")).await;
-    for (run, rounds) in [("dash-a", 2), ("dash-b", 3)] {
-        let row = format!(
-            "<tr data-run=\"{run}\"><td>{run}</td><td>churn-lr</td><td>round {rounds} of {rounds}</td><td>finished</td>"
+    // Every run's series are in /metrics, not only the first run's.
+    let metrics = crate::security::http_get(http, "/metrics").await;
+    for (run, rounds) in [("dash-a", 2.0), ("dash-b", 3.0)] {
+        let series = |name: &str| format!("{name}{{run=\"{run}\",kind=\"train\"}}");
+        assert_eq!(
+            crate::security::metric(&metrics, &series("fedcart_rounds_committed_total")),
+            rounds,
+            "{metrics}"
         );
-        assert!(dom.contains(&row), "no row `{row}`:\n{dom}");
+        assert_eq!(
+            crate::security::metric(&metrics, &format!("fedcart_model_version{{run=\"{run}\"}}")),
+            rounds
+        );
+    }
+    // `/api/status?run=ID` describes that run; an unknown id is a 404.
+    let b: serde_json::Value = serde_json::from_str(
+        &crate::security::http_get(http, "/api/status?run=dash-b&limit=500").await,
+    )
+    .unwrap();
+    assert_eq!(b["run_id"], "dash-b");
+    assert_eq!(b["model_version"], 3);
+    let kinds: Vec<&str> = b["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["stats", "train", "train", "train"], "{b}");
+    let missing = crate::security::http_raw(http, "GET", "/api/status?run=nope", "").await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    // So does `status --run ID`.
+    let url = format!("http://{}", coord.addr);
+    let reply = fedcart_coordinator::status::fetch(&url, None, Some("dash-b"))
+        .await
+        .unwrap();
+    assert_eq!((reply.run_id.as_str(), reply.round), ("dash-b", 3));
+
+    if let Some(browser) = chromium() {
+        let dom = dump_dom(browser.clone(), format!("http://{http}/")).await;
+        for (run, rounds) in [("dash-a", 2), ("dash-b", 3)] {
+            let row = format!(
+                "<tr data-run=\"{run}\"><td><a href=\"?run={run}\">{run}</a></td><td>churn-lr</td><td>round {rounds} of {rounds}</td><td>finished</td>"
+            );
+            assert!(dom.contains(&row), "no row `{row}`:\n{dom}");
+        }
+        // The run's link shows that run.
+        let dom = dump_dom(browser, format!("http://{http}/?run=dash-b")).await;
+        assert!(
+            dom.contains("run: dash-b") && dom.contains("round: 3 of 3"),
+            "{dom}"
+        );
+    } else {
+        eprintln!("NOTICE: chromium not installed; dashboard browser checks skipped");
     }
     for a in agents {
         a.stop().await;

@@ -418,7 +418,7 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
         domain: "localhost".into(),
     };
     let url = format!("https://localhost:{}", coord.addr.port());
-    let reply = fedcart_coordinator::status::fetch(&url, Some(&tls))
+    let reply = fedcart_coordinator::status::fetch(&url, Some(&tls), None)
         .await
         .unwrap();
     let json = fedcart_coordinator::status::to_json(&reply);
@@ -437,7 +437,7 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
         "{table}"
     );
     assert!(
-        fedcart_coordinator::status::fetch(&url, None)
+        fedcart_coordinator::status::fetch(&url, None, None)
             .await
             .is_err(),
         "status without a certificate is refused"
@@ -477,7 +477,7 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 /// A raw HTTP/1.1 request with extra header lines; returns the whole
 /// response (status line, headers, body).
-async fn http_raw(addr: std::net::SocketAddr, method: &str, path: &str, extra: &str) -> String {
+pub async fn http_raw(addr: std::net::SocketAddr, method: &str, path: &str, extra: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
@@ -535,14 +535,16 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
         key: cd.key(id),
         domain: "localhost".into(),
     };
-    let all = fetch(&url, Some(&tls(certs::OPERATOR))).await.unwrap();
+    let all = fetch(&url, Some(&tls(certs::OPERATOR)), None)
+        .await
+        .unwrap();
     let last: RoundRecord = serde_json::from_str(&all.last_round_json).unwrap();
     assert_eq!(
         last.selected,
         ["m0", "m1"],
         "the operator sees every merchant"
     );
-    let own = fetch(&url, Some(&tls("m0"))).await.unwrap();
+    let own = fetch(&url, Some(&tls("m0")), None).await.unwrap();
     let mine: RoundRecord = serde_json::from_str(&own.last_round_json).unwrap();
     assert_eq!(mine.selected, ["m0"]);
     assert!(mine.reported.iter().all(|m| m == "m0"));
@@ -557,7 +559,9 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
     );
 
     certs::revoke(&files.access, &cd, certs::OPERATOR, None).unwrap();
-    let err = fetch(&url, Some(&tls(certs::OPERATOR))).await.unwrap_err();
+    let err = fetch(&url, Some(&tls(certs::OPERATOR)), None)
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("revoked"), "{err:#}");
 
     for a in agents {

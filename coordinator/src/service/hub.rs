@@ -335,6 +335,14 @@ impl Hub {
             .collect()
     }
 
+    /// Every run with its id, in submission order.
+    pub fn runs(&self) -> Vec<(String, Arc<Shared>)> {
+        self.hosted()
+            .iter()
+            .map(|h| (h.entry.run_id.clone(), Arc::clone(&h.shared)))
+            .collect()
+    }
+
     /// Ids of every run, in submission order.
     pub fn ids(&self) -> Vec<String> {
         self.hosted()
