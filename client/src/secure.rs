@@ -118,7 +118,6 @@ pub enum Reply {
 }
 
 struct Held {
-    run_id: String,
     round: u64,
     task_id: String,
     /// Run seed, for the stochastic-rounding generator.
@@ -134,10 +133,12 @@ struct Held {
     context: Option<BindingContext>,
 }
 
-/// The secure task this agent is taking part in, if any.
+/// The secure tasks this agent is taking part in: at most one per run (a
+/// coordinator runs one task of a run at a time, but several runs at once,
+/// each with its own secure rounds).
 #[derive(Default)]
 pub struct SecureTasks {
-    held: Option<Held>,
+    held: std::collections::HashMap<String, Held>,
     /// The merchant's policy, checked on the invitation and the roster.
     policy: crate::policy::PrivacyPolicy,
     /// The merchant's mTLS key and trusted CAs, binding keys to certificates.
@@ -148,7 +149,7 @@ impl SecureTasks {
     /// No held task, checking rounds against `policy`.
     pub fn with_policy(policy: crate::policy::PrivacyPolicy) -> Self {
         Self {
-            held: None,
+            held: Default::default(),
             policy,
             identity: None,
         }
@@ -177,8 +178,9 @@ impl SecureTasks {
     }
 
     /// Keeps the output of a secure task until the coordinator asks for its
-    /// masked input. A newer task replaces an older one: the coordinator runs
-    /// one task at a time.
+    /// masked input. A newer task of the same run replaces an older one (the
+    /// coordinator runs one task of a run at a time); another run's task is
+    /// kept beside it.
     pub fn hold(
         &mut self,
         task: &pb::TaskAssignment,
@@ -187,22 +189,24 @@ impl SecureTasks {
         dp: Option<DpTask>,
         out: TaskOutput,
     ) {
-        self.held = Some(Held {
-            run_id: task.run_id.clone(),
-            round: task.round,
-            task_id: task.task_id.clone(),
-            seed,
-            merchant: merchant.to_string(),
-            output: out,
-            dp,
-            session: None,
-            context: None,
-        });
+        self.held.insert(
+            task.run_id.clone(),
+            Held {
+                round: task.round,
+                task_id: task.task_id.clone(),
+                seed,
+                merchant: merchant.to_string(),
+                output: out,
+                dp,
+                session: None,
+                context: None,
+            },
+        );
     }
 
     /// True while an update is held for a secure task.
     pub fn holding(&self) -> bool {
-        self.held.is_some()
+        !self.held.is_empty()
     }
 
     /// One protocol step: the answer to `req`, without sending it. On any
@@ -215,7 +219,7 @@ impl SecureTasks {
     ) -> Result<Reply, SecureError> {
         let result = self.step(session_id, req);
         if result.is_err() || req.stage == stage_name::UNMASK {
-            self.held = None;
+            self.held.remove(&req.run_id);
         }
         result
     }
@@ -228,12 +232,8 @@ impl SecureTasks {
             task_id: req.task_id.clone(),
             source,
         };
-        let held = match &mut self.held {
-            Some(h)
-                if h.run_id == req.run_id && h.round == req.round && h.task_id == req.task_id =>
-            {
-                h
-            }
+        let held = match self.held.get_mut(&req.run_id) {
+            Some(h) if h.round == req.round && h.task_id == req.task_id => h,
             _ => {
                 return Err(SecureError::NoUpdate {
                     round: req.round,
@@ -432,7 +432,7 @@ impl SecureTasks {
         match reply {
             Ok(reply) => {
                 if let Err(status) = send(client, reply).await {
-                    self.held = None;
+                    self.held.remove(&named.0);
                     if matches!(
                         status.code(),
                         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown

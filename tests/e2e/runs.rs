@@ -570,6 +570,57 @@ async fn stopping_a_finished_scheduled_run_ends_its_schedule() {
     assert!(nightly.schedule_ended_by.is_some() && !nightly.repeats());
 }
 
+/// Two runs with secure aggregation at once over the same agents: each
+/// agent holds one secure update per run (it held one in all, so each run's
+/// task threw away the other's and both aborted every attempt). Both runs
+/// finish with every task committed at its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_secure_runs_at_once_over_the_same_agents_both_finish() {
+    init_logs();
+    let split = telco_split(3, 23);
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = churn_run("sec-a", 2, 3, 3);
+    first.evaluate = false;
+    first.secagg = Some(crate::secure::secure_settings(1.0));
+    let coord = start_coordinator(&dir.path().join("c.redb"), first, 0).await;
+    let mut admin =
+        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
+            .await
+            .unwrap();
+    let toml = "run_id = \"sec-b\"\nseed = 9\nrounds = 2\nquorum = 3\n\
+                round_timeout_ms = 60000\nevaluate = false\n\
+                model = { family = \"churn_lr\", num_features = 45 }\n\
+                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
+                selection = { fraction = 1.0, min_agents = 3, max_agents = 3 }\n\
+                [secagg]\nclip = 1.0\nstage_timeout_ms = 120000\n";
+    admin
+        .submit_run(fedcart_proto::v1::SubmitRunRequest {
+            config_toml: toml.into(),
+            source: "sec-b.toml".into(),
+        })
+        .await
+        .unwrap();
+    let agents: Vec<_> = (0..3)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    coord.hub.wait_all_ended().await;
+    for run in ["sec-a", "sec-b"] {
+        let shared = coord.hub.get(run).unwrap();
+        assert!(shared.stopped().is_none(), "{run}: {:?}", shared.stopped());
+        let history = shared.history().unwrap();
+        assert!(
+            history.iter().all(|r| r.outcome == fedcart_coordinator::record::Outcome::Committed),
+            "{run}: {history:?}"
+        );
+        // The statistics step and both rounds, each at its first attempt.
+        assert_eq!(history.len(), 3, "{run}: {history:?}");
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}
+
 /// An implicit-MF run over two agents, as the operator submits it.
 fn mf_run_toml(run_id: &str, seed: u64, rows: usize) -> String {
     format!(
