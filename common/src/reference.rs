@@ -94,6 +94,19 @@ impl MerchantValue {
             _ => &self.federated,
         }
     }
+
+    /// Drops every figure (a merchant with nothing held out).
+    fn clear_metrics(&mut self) {
+        for m in [&mut self.local_only, &mut self.federated]
+            .into_iter()
+            .chain(self.centralized.as_mut())
+            .chain(self.own_popularity.as_mut())
+            .chain(self.global_popularity.as_mut())
+            .chain(self.personalised.as_mut())
+        {
+            m.clear();
+        }
+    }
 }
 
 /// The federation-value report of one population.
@@ -242,7 +255,7 @@ pub fn federation_value(
             Some((p, kept)) => (Some(p), Some(kept)),
             None => (None, None),
         };
-        out.push(MerchantValue {
+        let mut value = MerchantValue {
             merchant: m.merchant_id.clone(),
             local_only,
             federated: fed.metrics,
@@ -252,7 +265,13 @@ pub fn federation_value(
             personalised,
             personalised_kept,
             weight,
-        });
+        };
+        if weight <= 0.0 {
+            // Nothing held out: no figure rather than a 0.0 that reads as
+            // a measurement.
+            value.clear_metrics();
+        }
+        out.push(value);
     }
     let mut spec = template.clone();
     spec.standardizer = central.standardizer.clone();
@@ -318,18 +337,25 @@ fn pooled_columns(rows: &[MerchantValue]) -> BTreeMap<String, BTreeMap<String, f
         }),
     ];
     for (name, get) in columns {
-        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-        let mut total = 0.0;
+        // Each metric over the merchants that have it: a merchant whose
+        // held-out rows are of one class has no AUC, and its weight must
+        // not dilute the others' (it did: a constant model's 0.5 read 0.47).
+        let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         for m in rows {
             let Some(metrics) = get(m) else { continue };
             for (k, v) in metrics {
-                *sums.entry(k.clone()).or_default() += v * m.weight;
+                let (sum, total) = sums.entry(k.clone()).or_default();
+                *sum += v * m.weight;
+                *total += m.weight;
             }
-            total += m.weight;
         }
-        if total > 0.0 {
-            sums.values_mut().for_each(|v| *v /= total);
-            out.insert(name.to_string(), sums);
+        let means: BTreeMap<String, f64> = sums
+            .into_iter()
+            .filter(|(_, (_, total))| *total > 0.0)
+            .map(|(k, (sum, total))| (k, sum / total))
+            .collect();
+        if !means.is_empty() {
+            out.insert(name.to_string(), means);
         }
     }
     out
@@ -549,6 +575,37 @@ mod tests {
     use crate::task::ModelSpec;
     use crate::train::ChurnData;
     use std::path::Path;
+
+    /// A merchant whose held-out rows are of one class has no AUC: the
+    /// pooled AUC is the others' (its weight used to dilute it: a constant
+    /// model's 0.5 over 16 of 17 held-out rows read 0.4706), while its
+    /// other metrics still count.
+    #[test]
+    fn a_pooled_metric_averages_only_the_merchants_that_have_it() {
+        let row = |merchant: &str, weight: f64, metrics: &[(&str, f64)]| {
+            let m: BTreeMap<String, f64> =
+                metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            MerchantValue {
+                merchant: merchant.into(),
+                local_only: m.clone(),
+                federated: m,
+                centralized: None,
+                own_popularity: None,
+                global_popularity: None,
+                personalised: None,
+                personalised_kept: None,
+                weight,
+            }
+        };
+        let rows = [
+            row("a", 10.0, &[("auc", 0.5), ("accuracy", 0.8)]),
+            row("b", 6.0, &[("auc", 0.5), ("accuracy", 0.5)]),
+            row("c", 1.0, &[("accuracy", 1.0)]),
+        ];
+        let pooled = pooled_columns(&rows);
+        assert_eq!(pooled["federated"]["auc"], 0.5);
+        assert!((pooled["local_only"]["accuracy"] - 12.0 / 17.0).abs() < 1e-12);
+    }
 
     fn telco_merchants(n: usize, seed: u64) -> Vec<LocalData> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))

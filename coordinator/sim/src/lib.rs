@@ -664,24 +664,39 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             .iter()
             .map(|(c, m)| format!("{c} {:.4}", get(m)))
             .collect();
-        let wins = v
+        // Only merchants with both figures compare: one whose held-out rows
+        // are of one class has no AUC, one with nothing held out no figure.
+        let comparable: Vec<_> = v
             .merchants
+            .iter()
+            .filter(|m| m.federated.contains_key(key) && m.local_only.contains_key(key))
+            .collect();
+        let wins = comparable
             .iter()
             .filter(|m| {
                 let (f, l) = (get(&m.federated), get(&m.local_only));
                 if higher { f > l } else { f < l }
             })
             .count();
+        let unmeasured = v.merchants.len() - comparable.len();
         out.push(format!(
             "baselines ({key}, pooled over merchants): {}; federated beats local-only \
-             for {wins} of {} merchants",
+             for {wins} of {} merchants{}",
             cols.join(", "),
-            v.merchants.len()
+            comparable.len(),
+            if unmeasured > 0 {
+                format!(
+                    " ({unmeasured} of {} have no held-out {key}: too few held-out rows, or \
+                     all of one class)",
+                    v.merchants.len()
+                )
+            } else {
+                String::new()
+            }
         ));
         if v.merchants.iter().any(|m| m.personalised_kept.is_some()) {
             let beats = |f: f64, l: f64| if higher { f > l } else { f < l };
-            let selected_wins = v
-                .merchants
+            let selected_wins = comparable
                 .iter()
                 .filter(|m| beats(get(m.selected()), get(&m.local_only)))
                 .count();
@@ -701,7 +716,7 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
                 } else {
                     format!(" ({})", kept.join(", "))
                 },
-                v.merchants.len()
+                comparable.len()
             ));
         }
     }
