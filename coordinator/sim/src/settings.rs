@@ -546,6 +546,22 @@ impl Settings {
                     ),
                 ),
                 (
+                    args.batch_size.is_some(),
+                    "--batch-size",
+                    "the mini-batch of churn-lr and churn-mlp",
+                    matches!(task, TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. }),
+                ),
+                (
+                    args.epochs.is_some(),
+                    "--epochs",
+                    "local epochs (boosted trees grow one level a round; k-means and rules \
+                     take one pass)",
+                    !matches!(
+                        task,
+                        TaskChoice::ChurnGbdt | TaskChoice::Segments(_) | TaskChoice::Rules(_)
+                    ),
+                ),
+                (
                     args.traffic == Some(crate::traffic::TrafficMode::Rows),
                     "--traffic rows",
                     "row-sparse transfers of a recommender's item rows",

@@ -1279,7 +1279,17 @@ fn a_flag_without_the_feature_it_shapes_is_refused() {
 #[test]
 fn a_flag_of_another_recommender_variant_is_refused() {
     type Case = (&'static str, fn(&mut SimArgs), &'static str);
-    let cases: [Case; 6] = [
+    let cases: [Case; 8] = [
+        (
+            "mf-ials",
+            |a| a.batch_size = Some(3),
+            "--batch-size sets the mini-batch",
+        ),
+        (
+            "churn-gbdt",
+            |a| a.epochs = Some(7),
+            "--epochs sets local epochs",
+        ),
         ("mf", |a| a.negatives = Some(8), "--negatives sets BPR's"),
         (
             "mf-ials",
