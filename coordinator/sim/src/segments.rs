@@ -173,10 +173,22 @@ pub fn report(profiles: &[SegmentProfile], inertia: f64) -> Vec<String> {
         "| segment | customers | recency (days) | frequency | monetary | churn rate |".into(),
         "|---:|---:|---:|---:|---:|---:|".into(),
     ];
+    let small = kmeans::MIN_CANDIDATE_SIZE as u64;
     for s in profiles {
+        if s.size > 0 && s.size < small {
+            // The means of so few customers are (nearly) their own rows.
+            out.push(format!("| {} | {} | – | – | – | – |", s.segment, s.size));
+            continue;
+        }
         out.push(format!(
             "| {} | {} | {:.1} | {:.2} | {:.2} | {:.3} |",
             s.segment, s.size, s.recency_days, s.frequency, s.monetary, s.churn_rate
+        ));
+    }
+    if profiles.iter().any(|s| s.size > 0 && s.size < small) {
+        out.push(format!(
+            "(a segment of fewer than {small} customers shows no means: they would be those \
+             customers' own figures)"
         ));
     }
     out

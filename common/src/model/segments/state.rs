@@ -341,7 +341,11 @@ impl Segmentation {
             }
             let centres = &mut self.centres[i];
             for c in 0..k {
-                if counts[c] > 0.0 {
+                // A centre moves to its cluster's mean only when that mean
+                // is over at least MIN_CANDIDATE_SIZE customers; a smaller
+                // cluster keeps its centre (itself such a mean), so no
+                // published centre is one customer's row.
+                if counts[c] >= kmeans::MIN_CANDIDATE_SIZE as f64 {
                     for j in 0..d {
                         let v = (s[c * d + j] / counts[c]) as f32;
                         if !v.is_finite() {

@@ -112,6 +112,31 @@ fn federate(ks: &[usize], data: &mut [LocalData]) -> Vec<Vec<f32>> {
     states
 }
 
+/// A Lloyd round in which a cluster holds fewer than MIN_CANDIDATE_SIZE
+/// customers across the federation leaves that centre where it was: its
+/// mean would be (nearly) those customers' own rows, published to every
+/// merchant. A cluster of exactly that many moves.
+#[test]
+fn a_cluster_of_fewer_than_five_customers_does_not_move_its_centre() {
+    let mut s = Segmentation::new(2, &[2], 3);
+    s.phase = Phase::Lloyd;
+    s.chosen = 2;
+    s.centres[0] = vec![0.0, 0.0, 10.0, 10.0];
+    let before = s.centres[0].clone();
+    // Per cluster the sum of its customers' features, then the counts, then
+    // the inertia: cluster 0 holds one customer at (1, 2), cluster 1 five.
+    let sums = [1.0, 2.0, 55.0, 60.0, 1.0, 5.0, 3.0];
+    s.on_sum(&sums, 0, 4, 20).unwrap();
+    assert_eq!(&s.centres[0][..2], &before[..2], "one customer's row");
+    assert_eq!(&s.centres[0][2..], &[11.0, 12.0]);
+    let four = [4.0, 8.0, 60.0, 65.0, kmeans::MIN_CANDIDATE_SIZE as f64 - 1.0, 5.0, 3.0];
+    s.on_sum(&four, 0, 4, 20).unwrap();
+    assert_eq!(&s.centres[0][..2], &before[..2]);
+    let five = [5.0, 10.0, 65.0, 70.0, kmeans::MIN_CANDIDATE_SIZE as f64, 5.0, 3.0];
+    s.on_sum(&five, 0, 4, 20).unwrap();
+    assert_eq!(&s.centres[0][..2], &[1.0, 2.0]);
+}
+
 #[test]
 fn the_state_round_trips_with_its_seed() {
     let mut s = Segmentation::new(3, &[2, 4], u64::MAX - 12345);
