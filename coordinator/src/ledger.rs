@@ -39,7 +39,9 @@
 //! revealed secure sum that cannot be committed is accounted, and the run
 //! stops). With `target_epsilon` the engine stops the run before a round that
 //! could take ε above the target, assuming in distributed mode that it
-//! commits with only `run.quorum` survivors.
+//! commits with only `run.quorum` survivors; the target's `z` is solved for
+//! that worst case over the planned cohort (`DpSettings::noise_multiplier`),
+//! so the planned rounds fit unless more agents are selected than planned.
 //!
 //! Approximations that remain, with their direction:
 //! - Distributed mode analyses the sum of the agents' Skellam shares as a

@@ -75,7 +75,8 @@ fn start_loop(
                 return Ok(());
             }
             Err(EngineError::Stopped(stop)) if !primary => {
-                tracing::error!(run = %shared.run_config().run_id, "run stopped: {stop}");
+                // `run_tasks` logged the stop once, with its level.
+                tracing::debug!(run = %shared.run_config().run_id, "run stopped: {stop}");
                 hub.loop_ended();
                 return Ok(());
             }

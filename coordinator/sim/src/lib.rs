@@ -196,6 +196,7 @@ pub fn run_one(
         );
     }
     let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
+    let quorum = sim_quorum(s, per_round);
     let run = RunConfig {
         run_id: "simulation".into(),
         seed: s.seed,
@@ -208,11 +209,11 @@ pub fn run_one(
                 mode::Mode::Sync => s.fraction,
                 mode::Mode::FedBuff(_) => 1.0,
             },
-            min_agents: 1,
+            min_agents: quorum,
             max_agents: n,
             min_available: 0,
         },
-        quorum: 1,
+        quorum,
         round_timeout_ms: u64::MAX / 2,
         evaluate,
         strategy: s.strategy.clone(),
@@ -999,6 +1000,23 @@ fn finish_segments(
         plots::segments(dir, merchants, &exp.final_model, k, &labels)?;
     }
     Ok(exp)
+}
+
+/// The fewest results a simulated round commits with: 1, except under
+/// distributed DP, whose noise is planned for a commit with only the quorum
+/// (`DpSettings::noise_multiplier`): there it is the round's cohort less the
+/// dropouts `--dropout` makes likely (three standard deviations of the
+/// binomial below the mean), so that a target ε does not buy noise for a
+/// round of one survivor.
+fn sim_quorum(s: &Settings, per_round: usize) -> usize {
+    let distributed =
+        s.dp.as_ref()
+            .is_some_and(|d| d.mode == fedcart_coordinator::config::DpMode::Distributed);
+    if !distributed || s.mode != mode::Mode::Sync {
+        return 1;
+    }
+    let (m, p) = (per_round as f64, s.dropout);
+    ((m * (1.0 - p) - 3.0 * (m * p * (1.0 - p)).sqrt()).floor() as usize).clamp(1, per_round.max(1))
 }
 
 /// A progress bar on stderr, hidden unless `show` (a terminal, no `-q`).

@@ -576,6 +576,14 @@ impl Settings {
                 }
             }
         }
+        // The rules run builds its own run configuration (no noise): the
+        // DP flags would be ignored while the report shows them.
+        if matches!(s.task, Some(TaskChoice::Rules(_))) && s.dp.is_some() {
+            bail!(
+                "the rules analysis sums exact basket counts; differential privacy is not \
+                 supported for it: leave out --dp-clip, --dp-noise and --target-epsilon"
+            );
+        }
         if s.refit_users && s.task.is_some_and(|t| t != TaskChoice::Mf) {
             bail!(
                 "{} solves the users of explicit MF: give --task mf (iALS always serves \

@@ -1344,3 +1344,50 @@ fn a_flag_of_another_recommender_variant_is_refused() {
         Settings::from_args(a).unwrap();
     }
 }
+
+/// `--task rules` with DP flags ran without noise while its report showed
+/// the DP settings: refused, as the segments analysis is.
+#[test]
+fn rules_with_differential_privacy_is_refused() {
+    let a = SimArgs {
+        task: Some("rules".parse().unwrap()),
+        dp_clip: Some("1".into()),
+        target_epsilon: Some(0.5),
+        ..Default::default()
+    };
+    let err = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        err.contains("differential privacy is not supported"),
+        "{err}"
+    );
+}
+
+/// Distributed DP with a target ε: the simulator's rounds committed with a
+/// quorum of 1, so the budget check assumed one survivor's noise share and
+/// refused round 1 (ε 8.98 for a target of 4). Now the quorum is the
+/// cohort less the dropouts `--dropout` makes likely, the noise is planned
+/// for it, and every round runs, ending at the target (below it when agents
+/// drop: their absence is planned for, the survivors' surplus noise is not
+/// spent).
+#[test]
+fn distributed_dp_with_a_target_runs_every_round() {
+    for (dropout, exact) in [(None, true), (Some(0.2), false)] {
+        let a = SimArgs {
+            task: Some("noop:500".parse().unwrap()),
+            merchants: Some(12),
+            rounds: Some(4),
+            secagg: true,
+            dp_clip: Some("1".into()),
+            target_epsilon: Some(4.0),
+            dp_mode: Some(crate::args::DpModeName::Distributed),
+            dropout,
+            ..Default::default()
+        };
+        let e = run(a).remove(0);
+        assert!(e.stopped.is_none(), "{:?}", e.stopped);
+        assert_eq!(e.rounds.len(), 4);
+        let eps = e.privacy.unwrap().epsilon;
+        assert!(eps <= 4.0 + 1e-9, "{eps}");
+        assert_eq!(exact, eps > 3.99, "dropout {dropout:?}: ε {eps}");
+    }
+}

@@ -178,6 +178,15 @@ impl DpSettings {
 
     /// The noise multiplier `z` to account each round with: as configured,
     /// or solved for `target_epsilon` over `run.rounds` rounds.
+    ///
+    /// In distributed mode a round's noise is the survivors' shares, and the
+    /// budget check before each round assumes the worst, a commit with only
+    /// `run.quorum` of the selected agents (`z·√(quorum / selected)`). A
+    /// target is therefore solved for that worst case over the planned
+    /// cohort ([`Self::planned_cohort`]): `z` is the solved multiplier times
+    /// `√(cohort / quorum)`, so every planned round passes the check (it did
+    /// not: the last one was always refused when quorum < cohort). Rounds
+    /// with more survivors are accounted at their larger multiplier.
     pub fn noise_multiplier(&self, run: &RunConfig) -> Result<f64, ConfigError> {
         if let Some(z) = self.noise_multiplier {
             return Ok(z);
@@ -186,7 +195,7 @@ impl DpSettings {
         // Rounds are accounted without amplification by subsampling (the
         // selection is public: see `ACCOUNTED_SAMPLING_RATE`).
         let q = ACCOUNTED_SAMPLING_RATE;
-        solve_noise_multiplier(
+        let z = solve_noise_multiplier(
             target,
             self.delta,
             q,
@@ -197,6 +206,14 @@ impl DpSettings {
         .map_err(|e| ConfigError::Invalid {
             field: "run.dp.target_epsilon",
             message: e.to_string(),
+        })?;
+        Ok(match self.mode {
+            DpMode::Central => z,
+            DpMode::Distributed => {
+                let cohort = self.planned_cohort(run).ceil().max(1.0);
+                let worst = (run.quorum.max(1) as f64).min(cohort);
+                z * (cohort / worst).sqrt()
+            }
         })
     }
 
@@ -243,7 +260,39 @@ impl DpSettings {
         if self.population == Some(0) {
             return bad("run.dp.population", "must be ≥ 1".into());
         }
+        // (ε, δ)-DP with δ ≥ 1/n allows releasing one of n merchants' data
+        // whole: no guarantee at all.
+        let protected = self.population.unwrap_or(run.selection.min_agents).max(1);
+        if self.delta >= 1.0 / protected as f64 {
+            return bad(
+                "run.dp.delta",
+                format!(
+                    "{} is not below 1/{protected} ({} merchants: {}); a δ that large \
+                     allows one merchant's data to be released whole — use 1e-5 or below 1/n²",
+                    self.delta,
+                    protected,
+                    if self.population.is_some() {
+                        "run.dp.population"
+                    } else {
+                        "selection.min_agents"
+                    },
+                ),
+            );
+        }
         let z = self.noise_multiplier(run)?;
+        let clip = match self.clip {
+            ClipNorm::Fixed(c) => c,
+            ClipNorm::Adaptive => self.initial_clip,
+        };
+        if !((z * clip) as f32).is_finite() {
+            return bad(
+                "run.dp.noise_multiplier",
+                format!(
+                    "z = {z} with clip {clip} gives a noise scale z·clip beyond f32: no update \
+                     could carry it"
+                ),
+            );
+        }
         if self.clip == ClipNorm::Adaptive {
             let sigma_b = self.count_noise_std(run, z);
             AdaptiveClip::new(

@@ -149,7 +149,8 @@ impl Engine {
             next,
             target,
         };
-        tracing::error!(round, spent, next, target, "{stop}");
+        // A planned end (the budget), not a fault.
+        tracing::warn!(round, spent, next, target, "{stop}");
         let json = serde_json::to_value(&stop).expect("serialisable");
         self.store.put_meta_json(&[("stopped", json)])?;
         self.stopped = Some(stop.clone());

@@ -392,11 +392,53 @@ fn target_epsilon_is_met_by_the_solved_noise_over_the_planned_rounds() {
     assert!(last <= 2.0 && last > 1.99, "final epsilon {last}");
 }
 
-/// The budget is enforced: in distributed mode dropouts lower the noise a
-/// round is accounted at (z·√(survivors / selected)), so ε grows faster than
-/// planned; the run stops before the round that could exceed
-/// `target_epsilon` (rounds that commit with the quorum of 3 of 4), saying
-/// so, and the ε spent never exceeds the target.
+/// Distributed rounds that commit with only the quorum (3 of the 4
+/// selected) each: `z` is solved for that worst case, so all three planned
+/// rounds run and end at the target (the budget check refused the last one
+/// when the plan assumed every agent's share).
+#[test]
+fn a_distributed_target_is_planned_for_rounds_that_commit_with_the_quorum() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = agents(10);
+    let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
+    settings.noise_multiplier = None;
+    settings.target_epsilon = Some(2.0);
+    let cfg = distributed_secure_run(settings);
+    let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), cfg).unwrap();
+    let spent = distributed_rounds_with_three_survivors(&mut engine, &all);
+    assert!(engine.stopped().is_none(), "{:?}", engine.stopped());
+    assert_eq!(engine.version(), 3);
+    let last = *spent.last().unwrap();
+    assert!(last <= 2.0 && last > 1.99, "{spent:?}");
+}
+
+/// Distributed training rounds in which only the first three selected
+/// agents survive, until the run ends; the ε after each.
+fn distributed_rounds_with_three_survivors(engine: &mut Engine, all: &[String]) -> Vec<f64> {
+    use fedcart_common::privacy::secagg::DecodedSum;
+    let mut spent = Vec::new();
+    while let Ok(plan) = engine.start_task(all) {
+        let survivors = &plan.selected[..3];
+        let sum = DecodedSum {
+            values: vec![0.0; plan.spec.update_len()],
+            coord_weights: Vec::new(),
+            weight: 0.0,
+            count: survivors.len(),
+            clipped: 0,
+        };
+        engine.set_secure_sum(survivors, sum).unwrap();
+        let rec = engine.finish_task().unwrap();
+        assert_eq!(rec.outcome, Outcome::Committed);
+        spent.push(rec.privacy.unwrap().epsilon);
+    }
+    spent
+}
+
+/// The budget is enforced: a cohort larger than the plan's (5 selected
+/// where `selection.min_agents` planned 4) with only the quorum of 3
+/// surviving has less noise per round than planned (z·√(3 / 5)), so ε grows
+/// faster; the run stops before the round that could exceed
+/// `target_epsilon`, saying so, and the ε spent never exceeds the target.
 #[test]
 fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     use fedcart_common::privacy::secagg::DecodedSum;
@@ -405,7 +447,8 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
     settings.noise_multiplier = None;
     settings.target_epsilon = Some(2.0);
-    let cfg = distributed_secure_run(settings);
+    let mut cfg = distributed_secure_run(settings);
+    cfg.selection.max_agents = 10;
     let mut engine = Engine::open(Store::open(&dir.path().join("b.redb")).unwrap(), cfg).unwrap();
     let mut spent = Vec::new();
     let stop = loop {
@@ -414,7 +457,8 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
             Err(EngineError::Stopped(stop)) => break stop,
             Err(e) => panic!("{e}"),
         };
-        // Three of the four selected survive the secure round.
+        assert_eq!(plan.selected.len(), 5);
+        // Three of the five selected survive the secure round.
         let survivors = &plan.selected[..3];
         let sum = DecodedSum {
             values: vec![0.0; plan.spec.update_len()],
@@ -439,7 +483,7 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     else {
         panic!("{stop:?}");
     };
-    // Three rounds at z·√(3/4) cost what four at z do: the third does not fit.
+    // Rounds at √(4/5) of the planned worst case: the third does not fit.
     assert_eq!(round, 3, "{stop} {spent:?}");
     assert_eq!(spent.len(), 2);
     assert!(spent.iter().all(|&e| e <= target), "{spent:?}");
@@ -523,4 +567,33 @@ fn a_refused_unmasked_sum_is_accounted_and_stops_the_run() {
     let again = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
     assert_eq!(again.ledger().unwrap().epsilon(), Some(p.epsilon));
     assert!(matches!(again.stopped(), Some(RunStop::Revealed { .. })));
+}
+
+/// δ at or above 1/n (n the population, else `selection.min_agents`) is no
+/// guarantee, and a noise scale z·clip beyond f32 cannot be added: both are
+/// refused at submission, naming the field (they ran, and the second failed
+/// every round with a non-finite aggregate).
+#[test]
+fn a_meaningless_delta_or_an_overflowing_noise_scale_is_refused() {
+    let refused = |dp: DpSettings| match run(dp, 4).validate() {
+        Err(crate::config::ConfigError::Invalid { field, message }) => (field, message),
+        other => panic!("{other:?}"),
+    };
+    let (field, message) = refused(DpSettings::central(1.0, 1.0, 0.25));
+    assert_eq!(field, "run.dp.delta");
+    assert!(message.contains("not below 1/4"), "{message}");
+    // The population, when given, is the n: 5e-4 is below 1/1000.
+    let mut with_population = DpSettings::central(1.0, 1.0, 5e-4);
+    with_population.population = Some(1000);
+    run(with_population.clone(), 4).validate().unwrap();
+    with_population.population = Some(3000);
+    assert_eq!(refused(with_population).0, "run.dp.delta");
+    assert_eq!(
+        refused(DpSettings::central(1.0, 1e300, 1e-5)).0,
+        "run.dp.noise_multiplier"
+    );
+    assert_eq!(
+        refused(DpSettings::central(1e300, 1.0, 1e-5)).0,
+        "run.dp.noise_multiplier"
+    );
 }
