@@ -93,6 +93,8 @@ pub fn to_json(r: &pb::RunInfo) -> serde_json::Value {
         "submitted_unix_ms": r.submitted_unix_ms,
         "eligible_agents": r.eligible_agents,
         "continues": (!r.continues.is_empty()).then_some(&r.continues),
+        "epsilon": r.epsilon,
+        "delta": r.delta,
         "config": config,
     })
 }
@@ -100,16 +102,22 @@ pub fn to_json(r: &pb::RunInfo) -> serde_json::Value {
 /// The runs as a table: id, model, round X of N, phase.
 pub fn to_table(runs: &[pb::RunInfo]) -> String {
     let mut out = format!(
-        "{:<24} {:<14} {:>11} {:>8}  {}\n",
-        "RUN", "MODEL", "ROUND", "AGENTS", "PHASE"
+        "{:<24} {:<14} {:>11} {:>8} {:>9}  {}\n",
+        "RUN", "MODEL", "ROUND", "AGENTS", "EPSILON", "PHASE"
     );
     for r in runs {
+        // ε spent (DP runs only; 0 before the first released round).
+        let epsilon = match (r.delta, r.epsilon) {
+            (None, _) => "-".to_string(),
+            (Some(_), e) => format!("{:.3}", e.unwrap_or(0.0)),
+        };
         out.push_str(&format!(
-            "{:<24} {:<14} {:>11} {:>8}  {}\n",
+            "{:<24} {:<14} {:>11} {:>8} {:>9}  {}\n",
             r.run_id,
             r.model,
             format!("{} of {}", r.model_version, r.rounds),
             r.eligible_agents,
+            epsilon,
             r.phase
         ));
     }

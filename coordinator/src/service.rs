@@ -213,6 +213,8 @@ impl Shared {
             eligible_agents,
             needed: run.selection.min_agents.max(run.selection.min_available),
             continues: entry.continues.clone(),
+            epsilon: engine.ledger().and_then(|l| l.epsilon()),
+            delta: engine.ledger().map(|l| l.settings().delta),
         }
     }
 

@@ -240,7 +240,8 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
                 round_timeout_ms = 60000\nevaluate = false\n\
                 model = { family = \"churn_lr\", num_features = 45 }\n\
                 sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
-                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n"
+                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n\
+                [dp]\nclip = 1.0\nnoise_multiplier = 1.0\ndelta = 1e-5\n"
         .to_string();
     let mut admin =
         fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
@@ -272,6 +273,34 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
             rounds
         );
     }
+    // The submitted run's ε is in its series, its summary and `runs show`.
+    let spent = coord
+        .hub
+        .get("dash-b")
+        .unwrap()
+        .history()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|r| r.privacy.as_ref().map(|p| p.epsilon))
+        .expect("ε recorded");
+    assert!(spent > 0.0);
+    assert_eq!(
+        crate::security::metric(&metrics, "fedcart_dp_epsilon{run=\"dash-b\"}"),
+        spent
+    );
+    let summary = coord.hub.summary("dash-b").unwrap();
+    assert_eq!((summary.epsilon, summary.delta), (Some(spent), Some(1e-5)));
+    assert_eq!(coord.hub.summary("dash-a").unwrap().delta, None);
+    let shown = admin
+        .show_run(fedcart_proto::v1::RunRequest {
+            run_id: "dash-b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.epsilon, Some(spent));
+    assert!(fedcart_coordinator::runs::to_table(&[shown]).contains(&format!("{spent:.3}")));
     // `/api/status?run=ID` describes that run; an unknown id is a 404.
     let b: serde_json::Value = serde_json::from_str(
         &crate::security::http_get(http, "/api/status?run=dash-b&limit=500").await,
@@ -279,6 +308,7 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
     .unwrap();
     assert_eq!(b["run_id"], "dash-b");
     assert_eq!(b["model_version"], 3);
+    assert_eq!(b["privacy"]["epsilon"].as_f64(), Some(spent), "{b}");
     let kinds: Vec<&str> = b["history"]
         .as_array()
         .unwrap()

@@ -609,7 +609,9 @@ async fn two_secure_runs_at_once_over_the_same_agents_both_finish() {
         assert!(shared.stopped().is_none(), "{run}: {:?}", shared.stopped());
         let history = shared.history().unwrap();
         assert!(
-            history.iter().all(|r| r.outcome == fedcart_coordinator::record::Outcome::Committed),
+            history
+                .iter()
+                .all(|r| r.outcome == fedcart_coordinator::record::Outcome::Committed),
             "{run}: {history:?}"
         );
         // The statistics step and both rounds, each at its first attempt.

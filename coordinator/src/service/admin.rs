@@ -72,6 +72,8 @@ pub fn run_info(s: &RunSummary, config_json: String) -> pb::RunInfo {
         submitted_unix_ms: s.submitted_unix_ms,
         eligible_agents: s.eligible_agents as u64,
         continues: s.continues.clone().unwrap_or_default(),
+        epsilon: s.epsilon,
+        delta: s.delta,
     }
 }
 

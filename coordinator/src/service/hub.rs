@@ -91,6 +91,13 @@ pub struct RunSummary {
     pub needed: usize,
     /// The run it continues from (scheduled retraining), if any.
     pub continues: Option<String>,
+    /// With differential privacy: ε spent so far (after its first released
+    /// round) and the δ it holds at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// δ of `epsilon`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
 }
 
 /// Every run of one coordinator, and the sessions they share.

@@ -129,10 +129,26 @@ fn a_cluster_of_fewer_than_five_customers_does_not_move_its_centre() {
     s.on_sum(&sums, 0, 4, 20).unwrap();
     assert_eq!(&s.centres[0][..2], &before[..2], "one customer's row");
     assert_eq!(&s.centres[0][2..], &[11.0, 12.0]);
-    let four = [4.0, 8.0, 60.0, 65.0, kmeans::MIN_CANDIDATE_SIZE as f64 - 1.0, 5.0, 3.0];
+    let four = [
+        4.0,
+        8.0,
+        60.0,
+        65.0,
+        kmeans::MIN_CANDIDATE_SIZE as f64 - 1.0,
+        5.0,
+        3.0,
+    ];
     s.on_sum(&four, 0, 4, 20).unwrap();
     assert_eq!(&s.centres[0][..2], &before[..2]);
-    let five = [5.0, 10.0, 65.0, 70.0, kmeans::MIN_CANDIDATE_SIZE as f64, 5.0, 3.0];
+    let five = [
+        5.0,
+        10.0,
+        65.0,
+        70.0,
+        kmeans::MIN_CANDIDATE_SIZE as f64,
+        5.0,
+        3.0,
+    ];
     s.on_sum(&five, 0, 4, 20).unwrap();
     assert_eq!(&s.centres[0][..2], &[1.0, 2.0]);
 }
