@@ -62,6 +62,10 @@ pub struct Timing {
     pub total_seconds: f64,
     /// Mean seconds per round after the first.
     pub seconds_per_round: f64,
+    /// With `--out`: training and evaluating the report's baselines
+    /// (local-only, centralised, popularity) after the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baselines_seconds: Option<f64>,
 }
 
 /// The outcome of one experiment.

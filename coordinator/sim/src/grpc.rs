@@ -103,15 +103,14 @@ pub fn run(
         return Ok(exp);
     }
     if let Some(originals) = originals {
-        exp.federation_value = Some(
-            fedcart_common::reference::federation_value(
-                &done.template,
-                &originals,
-                s.rounds,
-                fedcart_common::reference::Federated::Served(&done.served),
-            )
-            .context("computing the federation-value baselines")?,
-        );
+        crate::baselines(
+            &mut exp,
+            &done.template,
+            &originals,
+            s.rounds,
+            &done.served,
+            s.progress,
+        )?;
     }
     exp.final_model = done.final_model;
     exp.finish();

@@ -525,15 +525,14 @@ pub fn run_one(
         // The federated column is this run's served version, merchant by
         // merchant; only the baselines are trained for the report.
         let served = served_figures(&engine, &exp, &merchants, &ids, pool)?;
-        exp.federation_value = Some(
-            fedcart_common::reference::federation_value(
-                &template,
-                &originals,
-                s.mode.baseline_rounds(s.rounds, n),
-                fedcart_common::reference::Federated::Served(&served),
-            )
-            .context("computing the federation-value baselines")?,
-        );
+        baselines(
+            &mut exp,
+            &template,
+            &originals,
+            s.mode.baseline_rounds(s.rounds, n),
+            &served,
+            s.progress,
+        )?;
     }
     exp.report.extend(selection_report(&exp));
     let notes = closing_notes(s, task, &spec, &exp, &engine.global(), churn_rows);
@@ -615,6 +614,54 @@ fn untested_note(task: TaskChoice, exp: &Experiment) -> Option<String> {
     })
 }
 
+/// Trains and evaluates the report's baselines (`--out`): every merchant
+/// alone, the pooled data, and the popularity rankings, `rounds` rounds
+/// each. Said before it starts (on a large log it takes longer than the
+/// run) and timed into `timing.baselines_seconds`.
+pub(crate) fn baselines(
+    exp: &mut Experiment,
+    template: &TaskSpec,
+    originals: &[LocalData],
+    rounds: u64,
+    served: &BTreeMap<String, fedcart_common::reference::ServedFigures>,
+    show: bool,
+) -> anyhow::Result<()> {
+    let spinner = if show {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(format!(
+            "{}: training the report's baselines ({} merchants alone, all data pooled; leave \
+             out --out to skip)",
+            exp.name,
+            originals.len()
+        ));
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    tracing::info!(
+        merchants = originals.len(),
+        rounds,
+        "training the report's baselines (each merchant alone, all data pooled): leave out \
+         --out to skip them"
+    );
+    let start = std::time::Instant::now();
+    exp.federation_value = Some(
+        fedcart_common::reference::federation_value(
+            template,
+            originals,
+            rounds,
+            fedcart_common::reference::Federated::Served(served),
+        )
+        .context("computing the federation-value baselines")?,
+    );
+    spinner.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    exp.timing.baselines_seconds = Some(seconds);
+    tracing::info!(seconds = format_args!("{seconds:.1}"), "baselines done");
+    Ok(())
+}
+
 /// Report lines on model selection and, with `--out`, the baselines.
 fn selection_report(exp: &Experiment) -> Vec<String> {
     let mut out = Vec::new();
@@ -634,6 +681,28 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             get(&b.at_best),
             get(&b.last)
         ));
+        // A "best" version chosen among equal scores is a tie, not a choice.
+        let scores: Vec<f64> = exp
+            .rounds
+            .iter()
+            .filter_map(|r| r.eval.get(&b.metric).copied())
+            .collect();
+        if scores.len() > 1 && scores.iter().all(|v| (v - scores[0]).abs() < 1e-12) {
+            out.push(format!(
+                "note: every one of the {} evaluated versions scored {} = {:.4} on validation, so \
+                 version {} was served as the first of a tie: training never moved the \
+                 validation metric{}",
+                scores.len(),
+                b.metric,
+                scores[0],
+                b.round,
+                if b.metric.starts_with("val_hr") {
+                    " (the merchants' own bestsellers decided every ranking: see pop_blend)"
+                } else {
+                    ""
+                }
+            ));
+        }
         if let Some(p) = &b.personalised {
             out.push(format!(
                 "personalisation ({} epochs, proximal {}): {} of {} merchants kept their copy \
@@ -680,6 +749,25 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             })
             .count();
         let unmeasured = v.merchants.len() - comparable.len();
+        // The served model below a baseline the merchants had without it.
+        let served = v.pooled.get("federated").map(get);
+        let better = |x: f64, y: f64| if higher { x > y } else { x < y };
+        let beaten: Vec<String> = ["own_popularity", "local_only", "global_popularity"]
+            .iter()
+            .filter_map(|c| {
+                let b = v.pooled.get(*c).map(get)?;
+                (served.is_some_and(|f| better(b, f)))
+                    .then(|| format!("{} {b:.4}", c.replace('_', " ")))
+            })
+            .collect();
+        let below = match (served, beaten.is_empty()) {
+            (Some(f), false) => Some(format!(
+                "note: the served model's pooled {key} {f:.4} is below {}: on these merchants \
+                 joining the federation did not pay (see the per-merchant table for where)",
+                beaten.join(" and ")
+            )),
+            _ => None,
+        };
         out.push(format!(
             "baselines ({key}, pooled over merchants): {}; federated beats local-only \
              for {wins} of {} merchants{}",
@@ -695,6 +783,7 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
                 String::new()
             }
         ));
+        out.extend(below);
         if v.merchants.iter().any(|m| m.personalised_kept.is_some()) {
             let beats = |f: f64, l: f64| if higher { f > l } else { f < l };
             let selected_wins = comparable
