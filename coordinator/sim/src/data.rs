@@ -24,6 +24,22 @@ pub const DEFAULT_MOVIELENS: &str = "data/ml-latest-small/ratings.csv";
 /// Where the bundled Telco churn table lives, relative to the repository root.
 pub const DEFAULT_TELCO: &str = "data/telco-churn/Telco-Customer-Churn.csv";
 
+/// The bundled file `rel` (`data/...`): relative to the working directory,
+/// as the README runs it from the repository root; from elsewhere, the
+/// repository this binary was built from, when it is still there (a new
+/// user's `target/release/fedcart-sim` run from their home directory used to
+/// fail with "data/...: No such file or directory").
+pub fn bundled(rel: &str) -> PathBuf {
+    let here = Path::new(rel);
+    if here.exists() {
+        return here.to_path_buf();
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel);
+    std::fs::canonicalize(&repo).unwrap_or_else(|_| here.to_path_buf())
+}
+
 /// A parsed `--data` value.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(try_from = "String")]
@@ -54,9 +70,9 @@ impl DataSpec {
         };
         match kind {
             "movielens" => Ok(Self::MovieLens(
-                path.unwrap_or_else(|| DEFAULT_MOVIELENS.into()),
+                path.unwrap_or_else(|| bundled(DEFAULT_MOVIELENS)),
             )),
-            "telco" => Ok(Self::Telco(path.unwrap_or_else(|| DEFAULT_TELCO.into()))),
+            "telco" => Ok(Self::Telco(path.unwrap_or_else(|| bundled(DEFAULT_TELCO)))),
             "orders" => Ok(Self::Orders(Box::new(orders::OrdersSource::new(path)))),
             "csv" => Ok(Self::Csv(Box::new(CsvSource { path, schema: None }))),
             other => {
@@ -87,8 +103,8 @@ impl DataSpec {
     /// settings).
     pub fn written(&self) -> String {
         match self {
-            Self::MovieLens(p) if p.as_path() == Path::new(DEFAULT_MOVIELENS) => "movielens".into(),
-            Self::Telco(p) if p.as_path() == Path::new(DEFAULT_TELCO) => "telco".into(),
+            Self::MovieLens(p) if *p == bundled(DEFAULT_MOVIELENS) => "movielens".into(),
+            Self::Telco(p) if *p == bundled(DEFAULT_TELCO) => "telco".into(),
             Self::Orders(o) if o.bundled => "orders".into(),
             other => other.name(),
         }
@@ -128,9 +144,17 @@ impl DataSpec {
                         e => anyhow::anyhow!("{flag} auto: {e}"),
                     },
                 )?;
+                // The command that drafts the same schema, separator included.
+                let separator = match delimiter {
+                    b',' => String::new(),
+                    b'\t' => " --delimiter tab".into(),
+                    b';' => " --delimiter semicolon".into(),
+                    b'|' => " --delimiter pipe".into(),
+                    other => format!(" --delimiter '{}'", other as char),
+                };
                 eprintln!(
                     "{flag} auto: drafted this schema (to keep it: `fedcart-client schema --csv \
-                     {}`):\n{}",
+                     {}{separator} --out schema.toml`, then {flag} schema.toml):\n{}",
                     table.display(),
                     draft.to_toml(&table, None)
                 );
@@ -183,8 +207,23 @@ pub struct CsvSource {
 pub fn load_schema(path: &Path) -> anyhow::Result<Schema> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let schema: Schema =
+    // What `fedcart-client schema --out` writes: the table under its
+    // `[data.schema]` header, ready to paste into merchant.toml. Read as is.
+    let doc: toml::Table =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let nested = doc.len() == 1
+        && doc
+            .get("data")
+            .and_then(|d| d.as_table())
+            .is_some_and(|d| d.len() == 1 && d.contains_key("schema"));
+    let schema: Schema = if nested {
+        let table = doc["data"]["schema"].clone();
+        table
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("{} [data.schema]: {e}", path.display()))?
+    } else {
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+    };
     schema
         .check()
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -340,10 +379,10 @@ impl TaskChoice {
     pub fn default_data(self) -> DataSpec {
         match self {
             Self::Mf | Self::MfImplicit | Self::MfIals => {
-                DataSpec::MovieLens(DEFAULT_MOVIELENS.into())
+                DataSpec::MovieLens(bundled(DEFAULT_MOVIELENS))
             }
             Self::ChurnLr | Self::ChurnMlp { .. } | Self::ChurnGbdt => {
-                DataSpec::Telco(DEFAULT_TELCO.into())
+                DataSpec::Telco(bundled(DEFAULT_TELCO))
             }
             Self::Noop(_) => DataSpec::None,
             Self::Segments(_) | Self::Rules(_) => {

@@ -284,11 +284,20 @@ pub fn run(
         rules.len()
     ));
     if rules.is_empty() {
-        exp.report.push(no_rules_hint(
-            apriori.frequent(),
-            apriori.total_baskets(),
-            min_support,
-        ));
+        let multi = merchants
+            .iter()
+            .flat_map(|(_, b)| b)
+            .any(|basket| basket.len() > 1);
+        exp.report.push(if multi {
+            no_rules_hint(apriori.frequent(), apriori.total_baskets(), min_support)
+        } else {
+            format!(
+                "every one of the {} baskets holds a single item, so no two items are ever \
+                 bought together: rules need baskets (orders) of several items; with one line \
+                 per order in the export, no --min-support finds any",
+                apriori.total_baskets()
+            )
+        });
     }
     exp.report
         .push("| antecedent | consequent | support | confidence | lift |".into());

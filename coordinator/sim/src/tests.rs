@@ -1391,3 +1391,29 @@ fn distributed_dp_with_a_target_runs_every_round() {
         assert_eq!(exact, eps > 3.99, "dropout {dropout:?}: ε {eps}");
     }
 }
+
+/// The schema `fedcart-client schema --out` writes (under its
+/// `[data.schema]` header, to paste into merchant.toml) loads as the
+/// simulator's `--schema` file as is; it was refused with "unknown field
+/// `data`".
+#[test]
+fn a_drafted_schema_file_loads_with_its_data_schema_header() {
+    use fedcart_common::data::tabular::Schema;
+    let table = std::path::PathBuf::from(repo(data::DEFAULT_TELCO));
+    let file = std::fs::File::open(&table).unwrap();
+    let draft = Schema::draft(file, &table, b',', &Default::default()).unwrap();
+    // What the client writes (`fedcart_client::schema::draft`).
+    let text = draft.to_toml(&table, Some("data.schema"));
+    assert!(text.contains("[data.schema]"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("schema.toml");
+    std::fs::write(&path, &text).unwrap();
+    assert_eq!(data::load_schema(&path).unwrap(), draft.schema);
+    // The bare table still loads; a wrong key inside the header is named.
+    std::fs::write(&path, draft.to_toml(&table, None)).unwrap();
+    assert_eq!(data::load_schema(&path).unwrap(), draft.schema);
+    assert!(text.contains("\nlabel = "), "{text}");
+    std::fs::write(&path, text.replace("\nlabel = ", "\nlabels = ")).unwrap();
+    let e = data::load_schema(&path).unwrap_err().to_string();
+    assert!(e.contains("[data.schema]") && e.contains("labels"), "{e}");
+}

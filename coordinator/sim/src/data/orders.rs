@@ -215,7 +215,7 @@ impl OrdersSource {
     pub fn new(path: Option<PathBuf>) -> Self {
         Self {
             bundled: path.is_none(),
-            path: path.unwrap_or_else(|| DEFAULT_CDNOW.into()),
+            path: path.unwrap_or_else(|| super::bundled(DEFAULT_CDNOW)),
             mapping: None,
             cutoff: None,
             churn_window_days: DEFAULT_WINDOW_DAYS,
