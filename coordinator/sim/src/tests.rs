@@ -1417,3 +1417,22 @@ fn a_drafted_schema_file_loads_with_its_data_schema_header() {
     let e = data::load_schema(&path).unwrap_err().to_string();
     assert!(e.contains("[data.schema]") && e.contains("labels"), "{e}");
 }
+
+/// `--data movielens` (and the other bundled sets) resolve from a working
+/// directory other than the repository root — the tests run in
+/// `coordinator/sim` — while the repository is there; `written()` still
+/// reads as the bare kind.
+#[test]
+fn bundled_data_is_found_from_another_working_directory() {
+    assert!(!std::path::Path::new(data::DEFAULT_MOVIELENS).exists());
+    for kind in ["movielens", "telco", "orders"] {
+        let spec = data::DataSpec::parse(kind).unwrap();
+        let path = match &spec {
+            data::DataSpec::MovieLens(p) | data::DataSpec::Telco(p) => p.clone(),
+            data::DataSpec::Orders(o) => o.path.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(path.exists(), "{kind}: {}", path.display());
+        assert_eq!(spec.written(), kind);
+    }
+}
