@@ -224,7 +224,8 @@ pub fn blend(model: &[f32], pop: &[f32], w: f32, out: &mut [f32]) {
 /// the test purchases (`hr@10`, `ndcg@10`) and on the validation slice
 /// (`val_hr@10`, `val_ndcg@10`), with the popularity blend weight
 /// (`pop_blend`) chosen on the validation slice alone: the grid value with
-/// the best validation HR@10 (ties to the smaller weight), or 0 without a
+/// the best validation HR@10, then NDCG@10 (exact ties to the larger
+/// weight, popularity), or 0 without a
 /// validation slice. A validation item is ranked against everything the user
 /// has not trained on; a test item also excludes the validation items (the
 /// customer bought those too). With `test_users` (`users × k`), the test
@@ -301,9 +302,13 @@ pub fn implicit_metrics(
             }
         }
     }
+    // The best validation HR@10, then NDCG@10; an exact tie goes to the
+    // larger popularity weight: the model has to beat the merchant's own
+    // bestsellers on validation to move its ranking (a tie chose the model
+    // alone, and small stores, with a few validation hits, tie often).
     let mut best = 0;
     for g in 1..val.len() {
-        if val[g].0 > val[best].0 {
+        if (val[g].0, val[g].1) >= (val[best].0, val[best].1) {
             best = g;
         }
     }

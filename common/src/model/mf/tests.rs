@@ -468,6 +468,51 @@ fn the_popularity_blend_is_chosen_on_the_validation_slice_alone() {
     assert_ne!(out2.metrics["hr@10"], m["hr@10"]);
 }
 
+/// A blend weight is the model's only where it beats the merchant's own
+/// bestsellers on validation: when every weight ranks every validation item
+/// the same (here each user's only untried item), the tie goes to
+/// popularity alone. It went to the model alone, which served small stores
+/// (a few validation hits, frequent ties) below their own bestsellers.
+#[test]
+fn a_validation_tie_keeps_the_merchants_own_bestsellers() {
+    let mut s = spec(4, 2, MfHyper::default());
+    s.model = ModelSpec::MfImplicit {
+        num_items: 4,
+        factors: 2,
+        hyper: MfHyper::default(),
+    };
+    s.kind = TaskKind::Evaluate;
+    let params = s.model.initial_params(3);
+    let rating = |user, item| Rating {
+        user,
+        item,
+        value: 1.0,
+    };
+    // Each user trained on two items; the third is validation, the fourth
+    // the test: one candidate left at validation time, ranked first by any
+    // blend.
+    let (mut train, mut valid, mut test) = (Vec::new(), Vec::new(), Vec::new());
+    for u in 0..6u32 {
+        train.extend([rating(u, u % 4), rating(u, (u + 1) % 4)]);
+        valid.push(rating(u, (u + 2) % 4));
+        test.push(rating(u, (u + 3) % 4));
+    }
+    let mut shop = LocalData {
+        merchant_id: "tiny".into(),
+        mf: Some(MfData {
+            users: (0..6).map(|u| format!("c{u}")).collect(),
+            train,
+            valid,
+            test,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let m = run_task(&s, &params, &mut shop).unwrap().metrics;
+    assert_eq!((m["val_hr@10_model"], m["val_hr@10_pop"]), (1.0, 1.0), "{m:?}");
+    assert_eq!(m["pop_blend"], 1.0, "{m:?}");
+}
+
 #[test]
 fn validation_split_holds_out_each_users_last_line_of_an_earlier_basket() {
     let row = |user: &str, item: &str, t: i64| Interaction {
