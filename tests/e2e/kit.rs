@@ -160,9 +160,12 @@ selection = {{ fraction = 1.0, min_agents = 2, max_agents = 2 }}
     let store = Store::open(&coord.join("store.redb")).expect("store beside its config");
     assert_eq!(store.latest_version().unwrap(), Some(1));
     for k in 0..2 {
+        // The run's own directory: with `evaluate = false` an agent holds
+        // only the version 0 it trained from, which never goes to the top
+        // (what `score` answers from).
         let state = root
             .path()
-            .join(format!("kits/m{k}/state/global-churn.json"));
+            .join(format!("kits/m{k}/state/runs/kit/global-churn.json"));
         assert!(
             state.exists(),
             "{} kept beside the kit's config",

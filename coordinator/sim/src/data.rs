@@ -30,14 +30,20 @@ pub const DEFAULT_TELCO: &str = "data/telco-churn/Telco-Customer-Churn.csv";
 /// user's `target/release/fedcart-sim` run from their home directory used to
 /// fail with "data/...: No such file or directory").
 pub fn bundled(rel: &str) -> PathBuf {
-    let here = Path::new(rel);
+    bundled_from(rel, Path::new(""))
+}
+
+/// [`bundled`] with the working directory `cwd` (relative paths stay
+/// relative to it).
+pub fn bundled_from(rel: &str, cwd: &Path) -> PathBuf {
+    let here = cwd.join(rel);
     if here.exists() {
-        return here.to_path_buf();
+        return here;
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .join(rel);
-    std::fs::canonicalize(&repo).unwrap_or_else(|_| here.to_path_buf())
+    std::fs::canonicalize(&repo).unwrap_or(here)
 }
 
 /// A parsed `--data` value.

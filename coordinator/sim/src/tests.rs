@@ -1424,7 +1424,15 @@ fn a_drafted_schema_file_loads_with_its_data_schema_header() {
 /// reads as the bare kind.
 #[test]
 fn bundled_data_is_found_from_another_working_directory() {
-    assert!(!std::path::Path::new(data::DEFAULT_MOVIELENS).exists());
+    let elsewhere = tempfile::tempdir().unwrap();
+    for rel in [
+        data::DEFAULT_MOVIELENS,
+        data::DEFAULT_TELCO,
+        data::orders::DEFAULT_CDNOW,
+    ] {
+        let found = data::bundled_from(rel, elsewhere.path());
+        assert!(found.is_absolute() && found.exists(), "{}", found.display());
+    }
     for kind in ["movielens", "telco", "orders"] {
         let spec = data::DataSpec::parse(kind).unwrap();
         let path = match &spec {

@@ -509,7 +509,11 @@ fn a_validation_tie_keeps_the_merchants_own_bestsellers() {
         ..Default::default()
     };
     let m = run_task(&s, &params, &mut shop).unwrap().metrics;
-    assert_eq!((m["val_hr@10_model"], m["val_hr@10_pop"]), (1.0, 1.0), "{m:?}");
+    assert_eq!(
+        (m["val_hr@10_model"], m["val_hr@10_pop"]),
+        (1.0, 1.0),
+        "{m:?}"
+    );
     assert_eq!(m["pop_blend"], 1.0, "{m:?}");
 }
 
