@@ -196,14 +196,7 @@ async fn dashboard_shows_the_epsilon_a_dp_run_has_spent() {
         .collect();
     let mut progress = coord.progress.clone();
     progress.wait_for(|p| p.finished).await.unwrap();
-    let spent = coord
-        .shared
-        .history()
-        .unwrap()
-        .iter()
-        .rev()
-        .find_map(|r| r.privacy.as_ref().map(|p| p.epsilon))
-        .expect("ε recorded");
+    let spent = epsilon_spent(&coord.shared);
     let status: serde_json::Value =
         serde_json::from_str(&crate::security::http_get(http, "/api/status").await).unwrap();
     assert_eq!(
@@ -274,16 +267,7 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
         );
     }
     // The submitted run's ε is in its series, its summary and `runs show`.
-    let spent = coord
-        .hub
-        .get("dash-b")
-        .unwrap()
-        .history()
-        .unwrap()
-        .iter()
-        .rev()
-        .find_map(|r| r.privacy.as_ref().map(|p| p.epsilon))
-        .expect("ε recorded");
+    let spent = epsilon_spent(&coord.hub.get("dash-b").unwrap());
     assert!(spent > 0.0);
     assert_eq!(
         crate::security::metric(&metrics, "fedcart_dp_epsilon{run=\"dash-b\"}"),
@@ -346,4 +330,14 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
         a.stop().await;
     }
     coord.shutdown().await.unwrap();
+}
+
+/// The ε a run's last released round recorded.
+fn epsilon_spent(run: &fedcart_coordinator::service::Shared) -> f64 {
+    run.history()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|r| r.privacy.as_ref().map(|p| p.epsilon))
+        .expect("ε recorded")
 }

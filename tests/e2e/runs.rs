@@ -454,31 +454,48 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
     }
 }
 
+/// A churn-lr run `run_id` over `agents` agents (all of them selected and
+/// needed), without evaluation, as the operator's TOML, followed by `extra`
+/// (tables such as `[schedule]`).
+fn churn_run_toml(run_id: &str, rounds: u64, agents: usize, extra: &str) -> String {
+    format!(
+        "run_id = \"{run_id}\"\nseed = 9\nrounds = {rounds}\nquorum = {agents}\n\
+         round_timeout_ms = 60000\nevaluate = false\n\
+         model = {{ family = \"churn_lr\", num_features = 45 }}\n\
+         sgd = {{ epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }}\n\
+         selection = {{ fraction = 1.0, min_agents = {agents}, max_agents = {agents} }}\n{extra}"
+    )
+}
+
+/// Submits `toml` to the coordinator at `addr` through the Admin service
+/// (plaintext: the caller is the operator) and returns the client.
+async fn submit_toml(
+    addr: std::net::SocketAddr,
+    toml: String,
+) -> fedcart_proto::v1::admin_client::AdminClient<tonic::transport::Channel> {
+    let mut admin = fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    admin
+        .submit_run(fedcart_proto::v1::SubmitRunRequest {
+            config_toml: toml,
+            source: "run.toml".into(),
+        })
+        .await
+        .unwrap();
+    admin
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_run_starts_its_next_instance_from_the_version_it_served() {
     init_logs();
     let split = telco_split(2, 19);
     let dir = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&dir.path().join("c.redb"), churn_run("base", 1, 2, 2), 0).await;
-    // Plaintext: the Admin caller is the operator. The schedule's wait is
-    // zero, so the next instance starts as soon as the first finished.
-    let mut admin =
-        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
-            .await
-            .unwrap();
-    let toml = "run_id = \"nightly\"\nseed = 9\nrounds = 2\nquorum = 2\n\
-                round_timeout_ms = 60000\nevaluate = false\n\
-                model = { family = \"churn_lr\", num_features = 45 }\n\
-                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
-                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n\
-                [schedule]\nevery = \"0s\"\nrepeat = 1\n";
-    admin
-        .submit_run(fedcart_proto::v1::SubmitRunRequest {
-            config_toml: toml.into(),
-            source: "nightly.toml".into(),
-        })
-        .await
-        .unwrap();
+    // The schedule's wait is zero, so the next instance starts as soon as
+    // the first finished.
+    let toml = churn_run_toml("nightly", 2, 2, "[schedule]\nevery = \"0s\"\nrepeat = 1\n");
+    submit_toml(coord.addr, toml).await;
     let agents: Vec<_> = (0..2)
         .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
         .collect();
@@ -517,23 +534,8 @@ async fn stopping_a_finished_scheduled_run_ends_its_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.redb");
     let coord = start_coordinator(&path, churn_run("base", 1, 2, 2), 0).await;
-    let mut admin =
-        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
-            .await
-            .unwrap();
-    let toml = "run_id = \"nightly\"\nseed = 9\nrounds = 1\nquorum = 2\n\
-                round_timeout_ms = 60000\nevaluate = false\n\
-                model = { family = \"churn_lr\", num_features = 45 }\n\
-                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
-                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n\
-                [schedule]\nevery = \"30d\"\n";
-    admin
-        .submit_run(fedcart_proto::v1::SubmitRunRequest {
-            config_toml: toml.into(),
-            source: "nightly.toml".into(),
-        })
-        .await
-        .unwrap();
+    let toml = churn_run_toml("nightly", 1, 2, "[schedule]\nevery = \"30d\"\n");
+    let mut admin = submit_toml(coord.addr, toml).await;
     let agents: Vec<_> = (0..2)
         .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
         .collect();
@@ -583,23 +585,13 @@ async fn two_secure_runs_at_once_over_the_same_agents_both_finish() {
     first.evaluate = false;
     first.secagg = Some(crate::secure::secure_settings(1.0));
     let coord = start_coordinator(&dir.path().join("c.redb"), first, 0).await;
-    let mut admin =
-        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
-            .await
-            .unwrap();
-    let toml = "run_id = \"sec-b\"\nseed = 9\nrounds = 2\nquorum = 3\n\
-                round_timeout_ms = 60000\nevaluate = false\n\
-                model = { family = \"churn_lr\", num_features = 45 }\n\
-                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
-                selection = { fraction = 1.0, min_agents = 3, max_agents = 3 }\n\
-                [secagg]\nclip = 1.0\nstage_timeout_ms = 120000\n";
-    admin
-        .submit_run(fedcart_proto::v1::SubmitRunRequest {
-            config_toml: toml.into(),
-            source: "sec-b.toml".into(),
-        })
-        .await
-        .unwrap();
+    let toml = churn_run_toml(
+        "sec-b",
+        2,
+        3,
+        "[secagg]\nclip = 1.0\nstage_timeout_ms = 120000\n",
+    );
+    submit_toml(coord.addr, toml).await;
     let agents: Vec<_> = (0..3)
         .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
         .collect();

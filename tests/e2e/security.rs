@@ -651,31 +651,11 @@ async fn http_requests_without_the_operators_token_get_no_run_data() {
     let api = http_raw(http, "GET", "/api/status", &with_cookie).await;
     assert!(api.contains("secret-run"), "{api}");
     // The login form posts the same token.
-    let body = format!("token={token}");
-    let posted = http_raw(
-        http,
-        "POST",
-        "/login",
-        &format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-    .await;
+    let posted = post_login(http, &format!("token={token}")).await;
     assert!(posted.starts_with("HTTP/1.1 303"), "{posted}");
     // A wrong token from the form or the URL gets the form again, saying
     // so, and no cookie.
-    let body = "token=not-the-token";
-    let wrong = http_raw(
-        http,
-        "POST",
-        "/login",
-        &format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-    .await;
+    let wrong = post_login(http, "token=not-the-token").await;
     let by_url = http_raw(http, "GET", "/?token=not-the-token", "").await;
     for resp in [wrong, by_url] {
         assert!(
@@ -687,4 +667,18 @@ async fn http_requests_without_the_operators_token_get_no_run_data() {
         );
     }
     coord.shutdown().await.unwrap();
+}
+
+/// The dashboard's login form posting `body` (`token=…`).
+async fn post_login(http: std::net::SocketAddr, body: &str) -> String {
+    http_raw(
+        http,
+        "POST",
+        "/login",
+        &format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await
 }

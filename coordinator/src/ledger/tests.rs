@@ -405,19 +405,28 @@ fn a_distributed_target_is_planned_for_rounds_that_commit_with_the_quorum() {
     settings.target_epsilon = Some(2.0);
     let cfg = distributed_secure_run(settings);
     let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), cfg).unwrap();
-    let spent = distributed_rounds_with_three_survivors(&mut engine, &all);
-    assert!(engine.stopped().is_none(), "{:?}", engine.stopped());
+    let (spent, stop) = distributed_rounds_with_three_survivors(&mut engine, &all);
+    assert!(stop.is_none() && engine.stopped().is_none(), "{stop:?}");
     assert_eq!(engine.version(), 3);
     let last = *spent.last().unwrap();
     assert!(last <= 2.0 && last > 1.99, "{spent:?}");
 }
 
 /// Distributed training rounds in which only the first three selected
-/// agents survive, until the run ends; the ε after each.
-fn distributed_rounds_with_three_survivors(engine: &mut Engine, all: &[String]) -> Vec<f64> {
+/// agents survive, until the run ends: the ε after each, and the stop that
+/// refused the next round, if one did.
+fn distributed_rounds_with_three_survivors(
+    engine: &mut Engine,
+    all: &[String],
+) -> (Vec<f64>, Option<RunStop>) {
     use fedcart_common::privacy::secagg::DecodedSum;
     let mut spent = Vec::new();
-    while let Ok(plan) = engine.start_task(all) {
+    loop {
+        let plan = match engine.start_task(all) {
+            Ok(plan) => plan,
+            Err(EngineError::Stopped(stop)) => return (spent, Some(stop)),
+            Err(_) => return (spent, None),
+        };
         let survivors = &plan.selected[..3];
         let sum = DecodedSum {
             values: vec![0.0; plan.spec.update_len()],
@@ -431,7 +440,6 @@ fn distributed_rounds_with_three_survivors(engine: &mut Engine, all: &[String]) 
         assert_eq!(rec.outcome, Outcome::Committed);
         spent.push(rec.privacy.unwrap().epsilon);
     }
-    spent
 }
 
 /// The budget is enforced: a cohort larger than the plan's (5 selected
@@ -441,7 +449,6 @@ fn distributed_rounds_with_three_survivors(engine: &mut Engine, all: &[String]) 
 /// `target_epsilon`, saying so, and the ε spent never exceeds the target.
 #[test]
 fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
-    use fedcart_common::privacy::secagg::DecodedSum;
     let dir = tempfile::tempdir().unwrap();
     let all = agents(10);
     let mut settings = DpSettings::central(1.0, 1.0, 1e-5);
@@ -450,28 +457,9 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     let mut cfg = distributed_secure_run(settings);
     cfg.selection.max_agents = 10;
     let mut engine = Engine::open(Store::open(&dir.path().join("b.redb")).unwrap(), cfg).unwrap();
-    let mut spent = Vec::new();
-    let stop = loop {
-        let plan = match engine.start_task(&all) {
-            Ok(plan) => plan,
-            Err(EngineError::Stopped(stop)) => break stop,
-            Err(e) => panic!("{e}"),
-        };
-        assert_eq!(plan.selected.len(), 5);
-        // Three of the five selected survive the secure round.
-        let survivors = &plan.selected[..3];
-        let sum = DecodedSum {
-            values: vec![0.0; plan.spec.update_len()],
-            coord_weights: Vec::new(),
-            weight: 0.0,
-            count: survivors.len(),
-            clipped: 0,
-        };
-        engine.set_secure_sum(survivors, sum).unwrap();
-        let rec = engine.finish_task().unwrap();
-        assert_eq!(rec.outcome, Outcome::Committed);
-        spent.push(rec.privacy.unwrap().epsilon);
-    };
+    // Three of the five selected survive each secure round.
+    let (spent, stop) = distributed_rounds_with_three_survivors(&mut engine, &all);
+    let stop = stop.expect("the budget stops the run");
     assert!(engine.finished());
     assert_eq!(engine.stopped(), Some(&stop));
     let RunStop::Budget {
