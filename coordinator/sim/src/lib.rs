@@ -165,6 +165,20 @@ pub fn run_one(
     if let ModelSpec::ChurnGbdt { params, .. } = &mut pop.model {
         *params = s.gbdt.clone();
     }
+    // A recommender with nothing to test on anywhere would train every
+    // round and report no figure: say why before training.
+    let untested = pop
+        .merchants
+        .iter()
+        .all(|m| m.mf.as_ref().is_none_or(|d| d.test.is_empty()));
+    if task.is_mf() && untested {
+        bail!(
+            "{}: no merchant holds a held-out interaction, so nothing could be measured: \
+             leave-last-out (implicit tasks) tests a customer's latest item only when they bought \
+             at least 2 items; a random split (mf) needs more ratings per merchant",
+            data.name()
+        );
+    }
     let load_seconds = load_start.elapsed().as_secs_f64();
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
