@@ -26,8 +26,15 @@ impl Columns {
     fn find(map: &OrdersMapping, header: &[String], file: &Path) -> Result<Self, OrdersError> {
         let find = |name: &str| {
             header.iter().position(|h| h == name).ok_or_else(|| {
+                // Another case or stray spaces: the header field meant.
+                let near = header
+                    .iter()
+                    .find(|h| h.trim().eq_ignore_ascii_case(name.trim()));
                 let hint = if header.len() == 1 {
                     delimiter_hint(map.delimiter, &header[0], name)
+                } else if let Some(near) = near {
+                    // Names match exactly, case and spaces included.
+                    format!("; did you mean `{near}`?")
                 } else {
                     String::new()
                 };

@@ -44,6 +44,13 @@ fn missing_column_names_file_line_and_column() {
         fail_message(&format!("{HEADER}c1,i1,2024-01-01,1,9.5\n"), &map),
         "orders.csv: line 1: missing column `amount` (header has: customer|item|ts|qty|price)"
     );
+    // A name in another case is pointed at.
+    map.amount = "Price".into();
+    assert_eq!(
+        fail_message(&format!("{HEADER}c1,i1,2024-01-01,1,9.5\n"), &map),
+        "orders.csv: line 1: missing column `Price` (header has: customer|item|ts|qty|price); \
+         did you mean `price`?"
+    );
 }
 
 #[test]
