@@ -170,6 +170,11 @@ impl Fleet {
         online
     }
 
+    /// How many merchants are online in every period.
+    pub fn online_count(&self) -> usize {
+        self.task_seconds.len() - self.offline
+    }
+
     /// The ids (of `ids`, in merchant order) online at virtual time `t`.
     pub fn online_ids(&self, ids: &[String], t: f64) -> Vec<String> {
         let online = self.online(self.period_of(t));

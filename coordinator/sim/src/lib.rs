@@ -210,7 +210,10 @@ pub fn run_one(
         );
     }
     let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
-    let quorum = sim_quorum(s, per_round);
+    // Training rounds draw from the merchants online (`--availability`).
+    let online = fleet.online_count().max(1);
+    let per_round_online = ((online as f64 * s.fraction).ceil() as usize).clamp(1, online);
+    let quorum = sim_quorum(s, per_round_online);
     let run = RunConfig {
         run_id: "simulation".into(),
         seed: s.seed,

@@ -1371,8 +1371,13 @@ fn rules_with_differential_privacy_is_refused() {
 /// spent).
 #[test]
 fn distributed_dp_with_a_target_runs_every_round() {
-    for (dropout, exact) in [(None, true), (Some(0.2), false)] {
-        let a = SimArgs {
+    for (dropout, availability, exact) in [
+        (None, None, true),
+        (Some(0.2), None, false),
+        // Half the merchants offline: the quorum is sized on those online.
+        (None, Some(0.5), false),
+    ] {
+        let mut a = SimArgs {
             task: Some("noop:500".parse().unwrap()),
             merchants: Some(12),
             rounds: Some(4),
@@ -1383,6 +1388,7 @@ fn distributed_dp_with_a_target_runs_every_round() {
             dropout,
             ..Default::default()
         };
+        a.availability = availability;
         let e = run(a).remove(0);
         assert!(e.stopped.is_none(), "{:?}", e.stopped);
         assert_eq!(e.rounds.len(), 4);
