@@ -109,8 +109,9 @@ impl DataSpec {
     /// settings).
     pub fn written(&self) -> String {
         match self {
-            Self::MovieLens(p) if *p == bundled(DEFAULT_MOVIELENS) => "movielens".into(),
-            Self::Telco(p) if *p == bundled(DEFAULT_TELCO) => "telco".into(),
+            // The bundled file, wherever the working directory found it.
+            Self::MovieLens(p) if p.ends_with(DEFAULT_MOVIELENS) => "movielens".into(),
+            Self::Telco(p) if p.ends_with(DEFAULT_TELCO) => "telco".into(),
             Self::Orders(o) if o.bundled => "orders".into(),
             other => other.name(),
         }
@@ -151,12 +152,9 @@ impl DataSpec {
                     },
                 )?;
                 // The command that drafts the same schema, separator included.
-                let separator = match delimiter {
-                    b',' => String::new(),
-                    b'\t' => " --delimiter tab".into(),
-                    b';' => " --delimiter semicolon".into(),
-                    b'|' => " --delimiter pipe".into(),
-                    other => format!(" --delimiter '{}'", other as char),
+                let separator = match (delimiter as char).to_string().parse() {
+                    Ok(fedcart_common::data::orders::Delimiter::Comma) | Err(_) => String::new(),
+                    Ok(d) => format!(" --delimiter {}", d.name()),
                 };
                 eprintln!(
                     "{flag} auto: drafted this schema (to keep it: `fedcart-client schema --csv \
