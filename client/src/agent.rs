@@ -420,6 +420,9 @@ impl Agent {
                 // The session stays open for the coordinator's other runs,
                 // unless this agent exits with the run it worked for (fleet).
                 Some(pb::work::Kind::RunEnded(end)) => {
+                    // A secure round the run ended during leaves its
+                    // update and session keys held: dropped now.
+                    self.secure.forget(&end.run_id);
                     self.lifecycle.run_ended(&end);
                     self.personalise_after(&end.run_id).await?;
                     if self.exit_on_run_end && self.tasks_done > 0 {
@@ -517,8 +520,9 @@ impl Agent {
             };
             // The latest of any run at the top, and the run's own. A
             // version 0 is untrained (or, for a scheduled instance, the
-            // previous instance's served version, already at the top): it
-            // never replaces what `score` and `recommend` answer from.
+            // previous instance's served version, at the top already when
+            // that instance evaluated it): it never replaces what `score`
+            // and `recommend` answer from.
             if task.model_version > 0 {
                 state.save_global(&meta, &global)?;
             }

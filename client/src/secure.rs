@@ -204,9 +204,10 @@ impl SecureTasks {
         );
     }
 
-    /// True while an update is held for a secure task.
-    pub fn holding(&self) -> bool {
-        !self.held.is_empty()
+    /// Drops what is held for `run_id` (its update and session keys): the
+    /// run ended, and no unmask request will come for it.
+    pub fn forget(&mut self, run_id: &str) {
+        self.held.remove(run_id);
     }
 
     /// One protocol step: the answer to `req`, without sending it. On any
