@@ -114,6 +114,9 @@ pub struct Hub {
     runs_changed: watch::Sender<u64>,
     /// Scheduled instances waiting for their time.
     pending: AtomicUsize,
+    /// Held while a schedule is checked and its next instance registered,
+    /// or the schedule ended: `runs stop` and a due instance never both win.
+    schedules: Mutex<()>,
     /// Task loops running (a loop counts until its run's next instance,
     /// if any, is scheduled).
     active: AtomicUsize,
@@ -146,6 +149,7 @@ impl Hub {
             upload_idle,
             runs_changed: watch::channel(0).0,
             pending: AtomicUsize::new(0),
+            schedules: Mutex::new(()),
             active: AtomicUsize::new(0),
             starter: OnceLock::new(),
         });
@@ -255,11 +259,16 @@ impl Hub {
                 // The operator ended the schedule (`runs stop`).
                 _ = changed.wait_for(|_| ended(&hub)) => false,
             };
-            if due && !ended(&hub) {
-                match hub.submit_next(&entry, &shared, next_id) {
-                    Ok(next) => starter(next),
-                    Err(e) => tracing::error!(run = %entry.run_id, error = %e,
+            if due {
+                let next = {
+                    let _schedules = hub.schedules.lock().unwrap_or_else(|p| p.into_inner());
+                    (!ended(&hub)).then(|| hub.submit_next(&entry, &shared, next_id))
+                };
+                match next {
+                    Some(Ok(next)) => starter(next),
+                    Some(Err(e)) => tracing::error!(run = %entry.run_id, error = %e,
                         "scheduled retraining: the next instance could not start"),
+                    None => {}
                 }
             }
             hub.pending.fetch_sub(1, Ordering::SeqCst);
@@ -381,6 +390,7 @@ impl Hub {
     pub fn stop(&self, run_id: &str, by: &str) -> Result<RunSummary, HubError> {
         let shared = self.get(run_id)?;
         if shared.engine().finished() {
+            let _schedules = self.schedules.lock().unwrap_or_else(|p| p.into_inner());
             let entry = self.entry(run_id);
             if entry.repeats() && self.get(&entry.next_id()).is_err() {
                 let ended = self.file.end_schedule(&entry, by)?;
