@@ -148,7 +148,8 @@ struct ObserverState {
     shared: Arc<Shared>,
     hub: Arc<crate::service::hub::Hub>,
     run_id: String,
-    agents: Mutex<BTreeMap<String, AgentView>>,
+    /// Per run, its merchants' participation (connection is shared).
+    agents: Mutex<BTreeMap<String, BTreeMap<String, AgentView>>>,
     /// Per run: history records folded into counters so far, the last open
     /// task, and `Progress::records` when the history was last read.
     cursor: Mutex<BTreeMap<String, RunCursor>>,
@@ -161,7 +162,10 @@ struct ObserverState {
 #[derive(Default)]
 struct RunCursor {
     records: usize,
-    last_task: Option<String>,
+    /// Tasks counted as started while open and not yet in the history:
+    /// each task counts once, seen open or only once it closed (a run the
+    /// observer does not wake for opens and closes tasks between looks).
+    counted_open: BTreeSet<String>,
     progress: Option<u64>,
 }
 
@@ -228,9 +232,9 @@ impl ObserverState {
                 .agents
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
-                .collect(),
+                .get(&run.run_id)
+                .map(|a| a.values().cloned().collect())
+                .unwrap_or_default(),
             history_total: total,
             history_offset: offset,
             history: history.into_iter().skip(offset).take(limit).collect(),
@@ -245,19 +249,20 @@ impl ObserverState {
         let mut cursors = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
         // Sessions are shared by every run.
         let connected = self.shared.connected();
-        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        for a in agents.values_mut() {
-            a.connected = false;
-        }
-        for m in connected {
-            let view = agents
-                .entry(m.clone())
-                .or_insert_with(|| AgentView::new(m, true, now_ms()));
-            view.connected = true;
-        }
+        let mut all = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         for (run, shared) in self.hub.runs() {
+            let agents = all.entry(run.clone()).or_default();
+            for a in agents.values_mut() {
+                a.connected = false;
+            }
+            for m in &connected {
+                let view = agents
+                    .entry(m.clone())
+                    .or_insert_with(|| AgentView::new(m.clone(), true, now_ms()));
+                view.connected = true;
+            }
             let cursor = cursors.entry(run.clone()).or_default();
-            self.observe_run(&run, &shared, cursor, &mut agents);
+            self.observe_run(&run, &shared, cursor, agents);
         }
     }
 
@@ -273,10 +278,11 @@ impl ObserverState {
         let p = shared.progress().borrow().clone();
         metrics::gauge!("fedcart_model_version", "run" => run.clone()).set(p.version as f64);
         metrics::gauge!("fedcart_agents_connected", "run" => run.clone()).set(p.agents as f64);
-        if p.open_task.is_some() && p.open_task != cursor.last_task {
+        if let Some(t) = &p.open_task
+            && cursor.counted_open.insert(t.clone())
+        {
             metrics::counter!("fedcart_tasks_started_total", "run" => run.clone()).increment(1);
         }
-        cursor.last_task.clone_from(&p.open_task);
         // The history (read from the store under the engine's lock) changes
         // only when a task closes: re-read it only then, not on each of the
         // thousands of progress changes a round of many agents makes.
@@ -288,6 +294,9 @@ impl ObserverState {
         };
         cursor.progress = Some(p.records);
         for r in history.iter().skip(cursor.records) {
+            if !cursor.counted_open.remove(&r.task_id) {
+                metrics::counter!("fedcart_tasks_started_total", "run" => run.clone()).increment(1);
+            }
             let labels = [
                 ("run", run.clone()),
                 ("kind", kind_name(r.kind).to_string()),

@@ -273,6 +273,13 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
         crate::security::metric(&metrics, "fedcart_dp_epsilon{run=\"dash-b\"}"),
         spent
     );
+    // Every task of the submitted run counts as started once (the observer
+    // follows the first run's progress, and saw few of these open).
+    assert_eq!(
+        crate::security::metric(&metrics, "fedcart_tasks_started_total{run=\"dash-b\"}"),
+        4.0,
+        "{metrics}"
+    );
     let summary = coord.hub.summary("dash-b").unwrap();
     assert_eq!((summary.epsilon, summary.delta), (Some(spent), Some(1e-5)));
     assert_eq!(coord.hub.summary("dash-a").unwrap().delta, None);
@@ -293,6 +300,15 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
     assert_eq!(b["run_id"], "dash-b");
     assert_eq!(b["model_version"], 3);
     assert_eq!(b["privacy"]["epsilon"].as_f64(), Some(spent), "{b}");
+    // Its agents' participation is its own: the statistics step and three
+    // rounds each, not the sum over both runs.
+    let selected: Vec<u64> = b["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["selected"].as_u64().unwrap())
+        .collect();
+    assert_eq!(selected, [4, 4], "{b}");
     let kinds: Vec<&str> = b["history"]
         .as_array()
         .unwrap()
