@@ -367,6 +367,22 @@ pub enum KitWritten {
 /// anything is issued, so that a refusal leaves the CA directory as it was.
 pub fn check_kit(id: &str, kit: &Path, force: bool) -> anyhow::Result<()> {
     if force {
+        // Renewing another merchant's kit would put this identity beside a
+        // merchant.toml that claims the other id.
+        let config = kit.join(KIT_CONFIG);
+        if let Ok(text) = std::fs::read_to_string(&config) {
+            let owner = text
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|t| t.get("merchant_id")?.as_str().map(str::to_owned));
+            if let Some(owner) = owner.filter(|o| o != id) {
+                bail!(
+                    "{} is the kit of merchant `{owner}`, not `{id}`: give `{id}` its own --kit \
+                     folder",
+                    config.display()
+                );
+            }
+        }
         return Ok(());
     }
     for p in [kit.join(KIT_CONFIG), kit.join(format!("{id}.key"))] {
@@ -537,6 +553,9 @@ mod tests {
             std::fs::read(certs.key("m1")).unwrap()
         );
         assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+        // Another merchant's kit is not renewed with this identity.
+        let e = check_kit("m2", &kit, true).unwrap_err().to_string();
+        assert!(e.contains("is the kit of merchant `m1`, not `m2`"), "{e}");
     }
 
     #[test]
