@@ -812,7 +812,11 @@ impl Coordinator for Service {
             self.hub.get(&wanted)?
         };
         let connected = shared.connected();
-        let phase = shared.phase();
+        // As `runs list` shows it (with a schedule ended by the operator).
+        let phase = self
+            .hub
+            .summary(&shared.run_config().run_id)
+            .map_or_else(|_| shared.phase(), |s| s.phase);
         let engine = shared.engine();
         let last = engine
             .store()
@@ -834,10 +838,7 @@ impl Coordinator for Service {
             phase,
             run_ids: self.hub.ids(),
             epsilon: engine.ledger().and_then(|l| l.epsilon()),
-            delta: engine
-                .ledger()
-                .filter(|l| l.epsilon().is_some())
-                .map(|l| l.settings().delta),
+            delta: engine.ledger().map(|l| l.settings().delta),
         }))
     }
 }
