@@ -50,6 +50,12 @@ async fn recording_proxy(
     addr
 }
 
+/// How many 32-byte windows of `bytes` (eight little-endian f32s: a row of
+/// factors, or a window of an update) are among `needles`.
+fn rows_found(bytes: &[u8], needles: &std::collections::HashSet<Vec<u8>>) -> usize {
+    bytes.windows(32).filter(|w| needles.contains(*w)).count()
+}
+
 /// What a recorded MF run returns: the federation, the coordinator's store
 /// (kept alive), the coordinator, the bytes agents sent and the proxy's
 /// address for them.
@@ -142,7 +148,7 @@ async fn mf_agents_send_no_user_factor_on_the_wire() {
     }
     assert!(solved > 0, "no merchant served solved users");
     let checked = needles.len();
-    let leaked = wire.windows(32).filter(|w| needles.contains(*w)).count();
+    let leaked = rows_found(&wire, &needles);
     assert_eq!(leaked, 0, "user factor rows found on the wire");
     assert!(checked > 100, "only {checked} user rows checked");
     // The search does find a row that is there: one user row spliced into
@@ -151,7 +157,7 @@ async fn mf_agents_send_no_user_factor_on_the_wire() {
     let mut planted = wire[..wire.len() / 2].to_vec();
     planted.extend_from_slice(&row);
     planted.extend_from_slice(&wire[wire.len() / 2..]);
-    let found = planted.windows(32).filter(|w| needles.contains(*w)).count();
+    let found = rows_found(&planted, &needles);
     assert_eq!(found, 1, "a planted user row was not found");
 }
 
@@ -214,7 +220,7 @@ async fn leaked_update_windows(secure: bool) -> (usize, usize) {
             );
         }
     }
-    let leaked = wire.windows(32).filter(|w| needles.contains(*w)).count();
+    let leaked = rows_found(&wire, &needles);
     (leaked, needles.len())
 }
 
@@ -417,11 +423,11 @@ async fn personalised_rows_never_leave_the_agent_and_recommend_serves_the_copy_t
         "only {} tuned rows checked",
         needles.len()
     );
-    let leaked = wire.windows(32).filter(|w| needles.contains(*w)).count();
+    let leaked = rows_found(&wire, &needles);
     assert_eq!(leaked, 0, "personalised item rows found on the wire");
     let mut planted = wire.clone();
     planted.extend_from_slice(needles.iter().next().unwrap());
-    let found = planted.windows(32).filter(|w| needles.contains(*w)).count();
+    let found = rows_found(&planted, &needles);
     assert_eq!(found, 1, "a planted item row was not found");
     // Ten free epochs on 90 % of a merchant's ratings beat three rounds of
     // one epoch on validation somewhere.

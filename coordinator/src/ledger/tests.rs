@@ -425,7 +425,8 @@ fn distributed_rounds_with_three_survivors(
         let plan = match engine.start_task(all) {
             Ok(plan) => plan,
             Err(EngineError::Stopped(stop)) => return (spent, Some(stop)),
-            Err(_) => return (spent, None),
+            Err(EngineError::Finished) => return (spent, None),
+            Err(e) => panic!("{e}"),
         };
         let survivors = &plan.selected[..3];
         let sum = DecodedSum {
