@@ -347,6 +347,8 @@ impl Running {
                 first_error.get_or_insert(e);
             }
         }
+        // After the loops: a loop that ended may have scheduled a wait.
+        self.hub.join_waiters().await;
         self.server.await.context("server panicked")??;
         first_error.map_or(Ok(()), Err)
     }

@@ -117,6 +117,9 @@ pub struct Hub {
     /// Held while a schedule is checked and its next instance registered,
     /// or the schedule ended: `runs stop` and a due instance never both win.
     schedules: Mutex<()>,
+    /// The tasks waiting out a schedule: a shutdown joins them, so that
+    /// their reference to the hub (and its store) is gone when it returns.
+    waiters: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Task loops running (a loop counts until its run's next instance,
     /// if any, is scheduled).
     active: AtomicUsize,
@@ -150,6 +153,7 @@ impl Hub {
             runs_changed: watch::channel(0).0,
             pending: AtomicUsize::new(0),
             schedules: Mutex::new(()),
+            waiters: Mutex::new(Vec::new()),
             active: AtomicUsize::new(0),
             starter: OnceLock::new(),
         });
@@ -250,7 +254,7 @@ impl Hub {
         let hub = Arc::clone(self);
         tracing::info!(run = %run_id, next = %next_id, ?every, "scheduled retraining: next instance waits");
         let mut changed = self.runs_changed.subscribe();
-        tokio::spawn(async move {
+        let waiter = tokio::spawn(async move {
             let mut shutdown = shutdown;
             let ended = |hub: &Hub| !hub.entry(&entry.run_id).repeats();
             let due = tokio::select! {
@@ -274,6 +278,18 @@ impl Hub {
             hub.pending.fetch_sub(1, Ordering::SeqCst);
             hub.notify();
         });
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.retain(|w| !w.is_finished());
+        waiters.push(waiter);
+    }
+
+    /// Waits for the tasks waiting out a schedule to end (after the
+    /// shutdown signal, which ends their wait).
+    pub async fn join_waiters(&self) {
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in waiters {
+            let _ = w.await;
+        }
     }
 
     /// Submits the instance after `prev`: its configuration with the new
