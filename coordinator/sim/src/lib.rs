@@ -251,7 +251,7 @@ pub fn run_one(
             None
         },
     };
-    run.validate()?;
+    run.validate().map_err(flag_error)?;
     let spec = run.model.clone();
     let churn_rows: usize = pop
         .merchants
@@ -1106,6 +1106,28 @@ fn finish_segments(
         plots::segments(dir, merchants, &exp.final_model, k, &labels)?;
     }
     Ok(exp)
+}
+
+/// A run configuration's refusal, naming the flag that set the field
+/// (`--dp-delta` rather than `run.dp.delta`) where one did.
+fn flag_error(e: fedcart_coordinator::config::ConfigError) -> anyhow::Error {
+    use fedcart_coordinator::config::ConfigError;
+    let flag = |field: &str| match field {
+        "run.dp.delta" => Some("--dp-delta"),
+        "run.dp.clip" => Some("--dp-clip"),
+        "run.dp.noise_multiplier" => Some("--dp-noise"),
+        "run.dp.target_epsilon" => Some("--target-epsilon"),
+        "run.dp.mode" => Some("--dp-mode"),
+        "run.rounds" => Some("--rounds"),
+        "run.strategy" => Some("--strategy"),
+        _ => None,
+    };
+    match e {
+        ConfigError::Invalid { field, message } if flag(field).is_some() => {
+            anyhow::anyhow!("invalid {}: {message}", flag(field).unwrap_or(field))
+        }
+        e => e.into(),
+    }
 }
 
 /// The fewest results a simulated round commits with: 1, except under

@@ -1450,3 +1450,21 @@ fn bundled_data_is_found_from_another_working_directory() {
         assert_eq!(spec.written(), kind);
     }
 }
+
+/// A DP setting the run configuration refuses is named by the flag that
+/// gave it (`--dp-delta`), not by the configuration key (`run.dp.delta`).
+#[test]
+fn a_refused_dp_setting_names_its_flag() {
+    let mut a = telco_args("churn-lr");
+    a.merchants = Some(10);
+    a.dp_clip = Some("1".into());
+    a.dp_noise = Some(0.5);
+    a.dp_delta = Some(0.5);
+    let e = run_all(&Settings::from_args(a).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("invalid --dp-delta: 0.5 is not below 1/10"),
+        "{e}"
+    );
+}

@@ -288,7 +288,7 @@ impl DpSettings {
             return bad(
                 "run.dp.noise_multiplier",
                 format!(
-                    "z = {z} with clip {clip} gives a noise scale z·clip beyond f32: no update \
+                    "z = {z:e} with clip {clip:e} gives a noise scale z·clip beyond f32: no update \
                      could carry it"
                 ),
             );
