@@ -229,24 +229,13 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
     let http = coord.http_addr.unwrap();
     // A second run through the Admin RPC (plaintext: the caller is the
     // operator), going at the same time as the first.
-    let toml = "run_id = \"dash-b\"\nseed = 9\nrounds = 3\nquorum = 2\n\
-                round_timeout_ms = 60000\nevaluate = false\n\
-                model = { family = \"churn_lr\", num_features = 45 }\n\
-                sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }\n\
-                selection = { fraction = 1.0, min_agents = 2, max_agents = 2 }\n\
-                [dp]\nclip = 1.0\nnoise_multiplier = 1.0\ndelta = 1e-5\n"
-        .to_string();
-    let mut admin =
-        fedcart_proto::v1::admin_client::AdminClient::connect(format!("http://{}", coord.addr))
-            .await
-            .unwrap();
-    admin
-        .submit_run(fedcart_proto::v1::SubmitRunRequest {
-            config_toml: toml,
-            source: "dash-b.toml".into(),
-        })
-        .await
-        .unwrap();
+    let toml = crate::runs::churn_run_toml(
+        "dash-b",
+        3,
+        2,
+        "[dp]\nclip = 1.0\nnoise_multiplier = 1.0\ndelta = 1e-5\n",
+    );
+    let mut admin = crate::runs::submit_toml(coord.addr, toml).await;
     let agents: Vec<_> = (0..2)
         .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
         .collect();

@@ -457,7 +457,7 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
 /// A churn-lr run `run_id` over `agents` agents (all of them selected and
 /// needed), without evaluation, as the operator's TOML, followed by `extra`
 /// (tables such as `[schedule]`).
-fn churn_run_toml(run_id: &str, rounds: u64, agents: usize, extra: &str) -> String {
+pub(crate) fn churn_run_toml(run_id: &str, rounds: u64, agents: usize, extra: &str) -> String {
     format!(
         "run_id = \"{run_id}\"\nseed = 9\nrounds = {rounds}\nquorum = {agents}\n\
          round_timeout_ms = 60000\nevaluate = false\n\
@@ -469,7 +469,7 @@ fn churn_run_toml(run_id: &str, rounds: u64, agents: usize, extra: &str) -> Stri
 
 /// Submits `toml` to the coordinator at `addr` through the Admin service
 /// (plaintext: the caller is the operator) and returns the client.
-async fn submit_toml(
+pub(crate) async fn submit_toml(
     addr: std::net::SocketAddr,
     toml: String,
 ) -> fedcart_proto::v1::admin_client::AdminClient<tonic::transport::Channel> {
