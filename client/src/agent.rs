@@ -104,6 +104,12 @@ pub enum FromConfigError {
     /// The state directory could not be opened or read.
     #[error(transparent)]
     State(#[from] StateError),
+    /// `privacy.max_epsilon` without a state directory to keep its ledger in.
+    #[error(
+        "`privacy.max_epsilon` needs `state_dir`: the agent keeps its privacy ledger there, \
+         across restarts and runs"
+    )]
+    BudgetWithoutState,
 }
 
 /// A downloaded model version, kept for row-sparse downloads.
@@ -174,6 +180,9 @@ impl Agent {
     /// private state restored, its privacy policy, backoff and transfer
     /// settings applied.
     pub fn from_config(cfg: &crate::config::AgentConfig) -> Result<Self, FromConfigError> {
+        if cfg.privacy.max_epsilon.is_some() && cfg.state_dir.is_none() {
+            return Err(FromConfigError::BudgetWithoutState);
+        }
         let state = match &cfg.state_dir {
             Some(dir) => Some(crate::state::StateDir::open(dir)?),
             None => None,
@@ -189,6 +198,11 @@ impl Agent {
             agent = agent.with_hashed_items(i, rows);
         }
         if let Some(state) = state {
+            if let Some(cap) = cfg.privacy.max_epsilon {
+                let budget =
+                    crate::budget::Budget::open(state.clone(), cap, cfg.privacy.epsilon_delta)?;
+                agent.secure.set_budget(budget);
+            }
             agent = agent.with_state(state)?;
         }
         agent.backoff = cfg.backoff.clone();
@@ -263,6 +277,14 @@ impl Agent {
     /// Checks every task against `policy` (see [`crate::policy`]).
     pub fn with_policy(mut self, policy: crate::policy::PrivacyPolicy) -> Self {
         self.secure.set_policy(policy);
+        self
+    }
+
+    /// Charges every distributed-DP round this agent sends an update in to
+    /// `budget`, refusing those that would pass its cap (see
+    /// [`crate::budget`]); `from_config` opens it from `privacy.max_epsilon`.
+    pub fn with_budget(mut self, budget: crate::budget::Budget) -> Self {
+        self.secure.set_budget(budget);
         self
     }
 
@@ -451,11 +473,7 @@ impl Agent {
                 task_id: task.task_id.clone(),
                 source,
             })?;
-        if let Err(v) = self
-            .secure
-            .policy()
-            .check_task(&spec, task.secure_aggregation)
-        {
+        if let Err(v) = self.secure.check_task(&spec, task.secure_aggregation) {
             // Nothing is downloaded, trained or sent but the refusal: the
             // coordinator counts this agent as dropped from the task.
             tracing::warn!(

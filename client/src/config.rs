@@ -390,6 +390,18 @@ impl AgentConfig {
             path: path.to_owned(),
             message,
         })?;
+        cfg.privacy.check().map_err(|message| ConfigError::Data {
+            path: path.to_owned(),
+            message,
+        })?;
+        if cfg.privacy.max_epsilon.is_some() && cfg.state_dir.is_none() {
+            return Err(ConfigError::Data {
+                path: path.to_owned(),
+                message: "`privacy.max_epsilon` needs `state_dir` (or FEDCART_STATE_DIR): the \
+                          agent keeps its privacy ledger there, across restarts and runs"
+                    .into(),
+            });
+        }
         if let Some(p) = &cfg.personalise {
             p.check().map_err(|message| ConfigError::Data {
                 path: path.to_owned(),
@@ -552,6 +564,45 @@ mod tests {
             let (_dir, _, result) = load_text(&format!("{head}{body}"));
             let err = format!("{:#}", anyhow::Error::from(result.unwrap_err()));
             assert!(err.contains(needle), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_epsilon_cap_needs_a_state_dir_and_sane_values_naming_the_key() {
+        let head = "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n";
+        let data = "[data]\nratings_csv = \"r.csv\"\n";
+        let (_dir, _, ok) = load_text(&format!(
+            "{head}state_dir = \"state\"\n{data}[privacy]\nmax_epsilon = 8.0\n"
+        ));
+        let privacy = ok.unwrap().privacy;
+        assert_eq!(
+            (privacy.max_epsilon, privacy.epsilon_delta),
+            (Some(8.0), 1e-5)
+        );
+        for (body, needle) in [
+            (
+                format!("{head}{data}[privacy]\nmax_epsilon = 8.0\n"),
+                "`privacy.max_epsilon` needs `state_dir`",
+            ),
+            (
+                format!("{head}state_dir = \"s\"\n{data}[privacy]\nmax_epsilon = -1.0\n"),
+                "`privacy.max_epsilon` = -1 must be finite and > 0",
+            ),
+            (
+                format!("{head}{data}[privacy]\nepsilon_delta = 1.0\n"),
+                "`privacy.epsilon_delta` = 1 must be in (0, 1)",
+            ),
+            (
+                format!("{head}{data}[privacy]\nmin_noise_multiplier = -0.5\n"),
+                "`privacy.min_noise_multiplier` = -0.5 must be finite and >= 0",
+            ),
+        ] {
+            let (_dir, path, result) = load_text(&body);
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains(needle) && err.contains(&path.display().to_string()),
+                "{body}: {err}"
+            );
         }
     }
 

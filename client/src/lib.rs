@@ -11,7 +11,8 @@
 //!   fleet`), for load tests and studies at scale.
 //! - [`tls`]: the merchant's mutual-TLS identity.
 //! - [`policy`]: the merchant's privacy policy (`[privacy]`), checked on
-//!   every task before anything leaves the agent.
+//!   every task before anything leaves the agent; [`budget`]: its ε cap
+//!   across runs, a ledger in the state directory.
 //! - [`state`]: durable local state (global models, private user factors,
 //!   metrics); [`recommend`]: offline top-K and churn scores from it;
 //!   [`serve`]: the merchant's local JSON API on the same state, hot-swapping
@@ -34,6 +35,7 @@
 extern crate self as fedcart_client;
 
 pub mod agent;
+pub mod budget;
 pub use fedcart_common::cli;
 pub mod config;
 pub mod data;

@@ -121,6 +121,14 @@ enum Command {
         #[arg(long)]
         run: Option<String>,
     },
+    /// The merchant's privacy budget (`privacy.max_epsilon`): ε spent so
+    /// far against the cap, and the rounds charged per run, from the
+    /// agent's ledger in its state directory.
+    Budget {
+        /// The agent's TOML configuration.
+        #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
+        config: PathBuf,
+    },
     /// The merchant's local JSON API (recommendations, churn scores,
     /// segments, model versions) on the agent's state, picking up new model
     /// versions as the agent receives them.
@@ -353,6 +361,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if out != std::path::Path::new("-") {
                 fedcart_common::outln!("wrote {n} customer segments to {}", out.display())?;
             }
+            Ok(())
+        }
+        Command::Budget { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let Some(cap) = cfg.privacy.max_epsilon else {
+                anyhow::bail!(
+                    "{}: no `privacy.max_epsilon`, so the agent keeps no privacy ledger (set it to \
+                     cap the ε this merchant's updates may spend over every run)",
+                    config.display()
+                );
+            };
+            let budget = fedcart_client::budget::Budget::open(
+                state_of(&cfg)?,
+                cap,
+                cfg.privacy.epsilon_delta,
+            )?;
+            fedcart_common::outln!("{}", budget.report().trim_end())?;
             Ok(())
         }
         Command::Fleet(args) => {

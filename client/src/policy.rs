@@ -60,6 +60,15 @@ pub struct PrivacyPolicy {
     /// rounds; `false` accepts unauthenticated keys (plaintext test setups,
     /// the simulator's loopback transport).
     pub require_key_binding: bool,
+    /// The most ε (at `epsilon_delta`) this merchant's updates may ever
+    /// spend, over every training round of every run (default: no cap). The
+    /// agent keeps its own ledger in `state_dir` (which this key requires)
+    /// and refuses a round that would pass the cap before its update leaves
+    /// (see [`crate::budget`]). Only agent-side (distributed) noise can be
+    /// counted, so with a cap a training task without it is refused.
+    pub max_epsilon: Option<f64>,
+    /// δ of `max_epsilon` (default 1e-5).
+    pub epsilon_delta: f64,
 }
 
 impl Default for PrivacyPolicy {
@@ -72,6 +81,8 @@ impl Default for PrivacyPolicy {
             require_dp: false,
             min_noise_multiplier: 0.0,
             require_key_binding: true,
+            max_epsilon: None,
+            epsilon_delta: 1e-5,
         }
     }
 }
@@ -101,6 +112,30 @@ fn violation(setting: &'static str, task: impl ToString, policy: impl ToString) 
 }
 
 impl PrivacyPolicy {
+    /// The checks of the section's values: a message naming the key.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.min_noise_multiplier.is_finite() && self.min_noise_multiplier >= 0.0) {
+            return Err(format!(
+                "`privacy.min_noise_multiplier` = {} must be finite and >= 0",
+                self.min_noise_multiplier
+            ));
+        }
+        if let Some(e) = self.max_epsilon
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(format!(
+                "`privacy.max_epsilon` = {e} must be finite and > 0 (remove the key for no cap)"
+            ));
+        }
+        if !(self.epsilon_delta > 0.0 && self.epsilon_delta < 1.0) {
+            return Err(format!(
+                "`privacy.epsilon_delta` = {} must be in (0, 1), e.g. 1e-5",
+                self.epsilon_delta
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks a pushed task before any work: secure aggregation, differential
     /// privacy and its noise multiplier.
     pub fn check_task(&self, spec: &TaskSpec, secure: bool) -> Result<(), PolicyViolation> {
@@ -120,6 +155,18 @@ impl PrivacyPolicy {
                 "require_dp",
                 "no differential privacy",
                 "differential privacy",
+            ));
+        }
+        if let Some(cap) = self.max_epsilon
+            && spec.dp.as_ref().and_then(|d| d.distributed).is_none()
+        {
+            return Err(violation(
+                "max_epsilon",
+                "no agent-side (distributed) noise: this agent cannot count the round's ε",
+                format!(
+                    "distributed noise within ε <= {cap} at δ = {:e}",
+                    self.epsilon_delta
+                ),
             ));
         }
         if self.min_noise_multiplier > 0.0 {
@@ -413,5 +460,21 @@ mod tests {
             z.check_task(&central, true).unwrap_err().setting,
             "min_noise_multiplier"
         );
+        // An ε cap counts agent-side noise only: a training task without it
+        // (no DP, or central noise) is refused; other kinds are not charged.
+        let capped = PrivacyPolicy {
+            max_epsilon: Some(8.0),
+            ..Default::default()
+        };
+        for task in [spec(TaskKind::Train), central.clone()] {
+            let err = capped.check_task(&task, true).unwrap_err();
+            assert_eq!(err.setting, "max_epsilon");
+            assert!(
+                err.task.contains("no agent-side (distributed) noise"),
+                "{err}"
+            );
+        }
+        capped.check_task(&spec(TaskKind::Evaluate), false).unwrap();
+        capped.check_task(&spec(TaskKind::Stats), true).unwrap();
     }
 }

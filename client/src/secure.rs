@@ -98,6 +98,18 @@ pub enum SecureError {
     /// The advertisement could not be signed with the merchant's key.
     #[error("signing the key advertisement")]
     Sign(#[source] BindingError),
+    /// The merchant's privacy ledger could not record the round: nothing
+    /// was sent.
+    #[error("round {round} task `{task_id}`")]
+    Ledger {
+        /// Round named by the request.
+        round: u64,
+        /// Task named by the request.
+        task_id: String,
+        /// What failed.
+        #[source]
+        source: crate::budget::ChargeError,
+    },
     /// The protocol step panicked on its blocking thread.
     #[error("secure-aggregation step panicked")]
     Panicked(#[source] tokio::task::JoinError),
@@ -131,6 +143,9 @@ struct Held {
     session: Option<ClientSession>,
     /// What the round's advertisements are signed for, set with the session.
     context: Option<BindingContext>,
+    /// Distributed DP under a budget: the noise multiplier the round is
+    /// charged at, fixed once the roster's size is known.
+    charge_at: Option<f64>,
 }
 
 /// The secure tasks this agent is taking part in: at most one per run (a
@@ -143,6 +158,9 @@ pub struct SecureTasks {
     policy: crate::policy::PrivacyPolicy,
     /// The merchant's mTLS key and trusted CAs, binding keys to certificates.
     identity: Option<std::sync::Arc<KeyIdentity>>,
+    /// The merchant's ε ledger (`privacy.max_epsilon`), charged before each
+    /// distributed-DP masked input leaves.
+    budget: Option<crate::budget::Budget>,
 }
 
 impl SecureTasks {
@@ -152,7 +170,38 @@ impl SecureTasks {
             held: Default::default(),
             policy,
             identity: None,
+            budget: None,
         }
+    }
+
+    /// Charges distributed-DP rounds to `budget` and refuses those that
+    /// would pass it (see [`crate::budget`]).
+    pub fn set_budget(&mut self, budget: crate::budget::Budget) {
+        self.budget = Some(budget);
+    }
+
+    /// The merchant's ε ledger, when its policy caps ε.
+    pub fn budget(&self) -> Option<&crate::budget::Budget> {
+        self.budget.as_ref()
+    }
+
+    /// Checks a pushed task against the policy and, for a distributed-DP
+    /// training task, against the budget at the task's noise multiplier
+    /// (the most the round can have; the share-keys stage checks again at
+    /// the round's size).
+    pub fn check_task(
+        &self,
+        spec: &fedcart_common::task::TaskSpec,
+        secure: bool,
+    ) -> Result<(), crate::policy::PolicyViolation> {
+        self.policy.check_task(spec, secure)?;
+        if let Some(budget) = &self.budget
+            && spec.kind == fedcart_common::task::TaskKind::Train
+            && let Some(noise) = spec.dp.as_ref().and_then(|d| d.distributed.as_ref())
+        {
+            budget.check(noise.skellam.noise_multiplier)?;
+        }
+        Ok(())
     }
 
     /// Replaces the policy, keeping the identity.
@@ -200,6 +249,7 @@ impl SecureTasks {
                 dp,
                 session: None,
                 context: None,
+                charge_at: None,
             },
         );
     }
@@ -228,6 +278,7 @@ impl SecureTasks {
     fn step(&mut self, session_id: &str, req: &pb::SecAggRequest) -> Result<Reply, SecureError> {
         let policy = &self.policy;
         let identity = self.identity.as_deref();
+        let budget = &mut self.budget;
         let refuse = |source| SecureError::Policy {
             round: req.round,
             task_id: req.task_id.clone(),
@@ -339,6 +390,15 @@ impl SecureTasks {
                     policy
                         .check_noise(&noise.skellam, roster.ids.len())
                         .map_err(refuse)?;
+                    if let Some(budget) = budget {
+                        let z = crate::budget::round_noise_multiplier(
+                            noise.skellam.noise_multiplier,
+                            noise.skellam.min_survivors,
+                            roster.ids.len(),
+                        );
+                        budget.check(z).map_err(refuse)?;
+                        held.charge_at = Some(z);
+                    }
                 }
                 let upload = session.share_keys(&roster).map_err(protocol)?;
                 Ok(message(upload.to_bytes()))
@@ -357,6 +417,37 @@ impl SecureTasks {
                     encode(session.config(), update, &mut rounding).map_err(protocol)?;
                 let clipped = encoded.clipped();
                 if let Some(noise) = held.dp.as_ref().and_then(|d| d.distributed.as_ref()) {
+                    // Charged, durably, before anything of this round leaves.
+                    if let Some(budget) = budget {
+                        let spent = crate::budget::Spent {
+                            run_id: req.run_id.clone(),
+                            round: req.round,
+                            task_id: req.task_id.clone(),
+                            noise_multiplier: held
+                                .charge_at
+                                .unwrap_or(noise.skellam.noise_multiplier),
+                            at_unix_ms: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as u64),
+                        };
+                        let epsilon = budget.charge(spent).map_err(|source| match source {
+                            crate::budget::ChargeError::Over(v) => refuse(v),
+                            source => SecureError::Ledger {
+                                round: req.round,
+                                task_id: req.task_id.clone(),
+                                source,
+                            },
+                        })?;
+                        let (cap, delta) = budget.limit();
+                        tracing::info!(
+                            task = %req.task_id,
+                            epsilon = %format_args!("{epsilon:.3}"),
+                            max_epsilon = cap,
+                            delta,
+                            rounds = budget.rounds().len(),
+                            "round charged to the privacy budget"
+                        );
+                    }
                     // The noise must stay secret from the coordinator: OS entropy.
                     let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
                     noise_encoded(&mut encoded, session.config(), noise, &mut os).map_err(|e| {

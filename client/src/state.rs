@@ -231,7 +231,11 @@ impl StateDir {
         Ok(Self { dir })
     }
 
-    fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StateError> {
+    /// Reads `name` from this directory (`None` when it does not exist).
+    pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
         let path = self.dir.join(name);
         match std::fs::read(&path) {
             Ok(b) => match serde_json::from_slice(&b) {
@@ -241,6 +245,12 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateError::Read { path, source }),
         }
+    }
+
+    /// Writes `value` as `name` in this directory, atomically and durably.
+    pub(crate) fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        let path = self.dir.join(name);
+        write_atomic(&path, &to_json(&path, value, true)?)
     }
 
     /// Stores the global model of `spec` under its state key (its data family,

@@ -115,3 +115,85 @@ async fn an_agent_without_a_certificate_refuses_secure_rounds_under_the_default_
     assert_eq!(r.dropped, vec!["m3"]);
     assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY));
 }
+
+/// A curious coordinator that wants more of a merchant than its budget
+/// allows runs more rounds, then another run. The merchant's own ledger
+/// (`privacy.max_epsilon`, in its state directory) charges each round it
+/// sends a noised masked input in and refuses the rest before anything
+/// leaves, in this run, in the next one, and after the agent restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchants_epsilon_cap_holds_across_rounds_runs_and_restarts() {
+    use fedcart_client::budget::{Budget, LEDGER_FILE};
+    use fedcart_client::state::StateDir;
+    use fedcart_common::privacy::dp::accountant::epsilon_for;
+    use fedcart_coordinator::config::{DpMode, DpSettings};
+
+    let (z, delta) = (1.0, 1e-5);
+    let distributed = |run_id: &str, rounds: u64| {
+        let mut run = noop_run(run_id, true);
+        run.rounds = rounds;
+        let mut dp = DpSettings::central(1.0, z, delta);
+        dp.mode = DpMode::Distributed;
+        run.dp = Some(dp);
+        run
+    };
+    // Room for one full-participation round at z and not for two.
+    let one = epsilon_for(1.0, z, 1, delta).unwrap().epsilon;
+    let two = epsilon_for(1.0, z, 2, delta).unwrap().epsilon;
+    let policy = PrivacyPolicy {
+        max_epsilon: Some((one + two) / 2.0),
+        epsilon_delta: delta,
+        ..PrivacyPolicy::without_key_binding()
+    };
+    let state = tempfile::tempdir().unwrap();
+    let trains = |shared: &fedcart_coordinator::service::Shared| {
+        let history = shared.history().unwrap();
+        history
+            .into_iter()
+            .filter(|r| r.kind == TaskKind::Train)
+            .collect::<Vec<RoundRecord>>()
+    };
+    for (run, rounds, m3_rounds) in [
+        (distributed("e2e-budget-a", 3), 3, vec![1]),
+        // Another run, a restarted agent on the same state: nothing left.
+        (distributed("e2e-budget-b", 1), 1, vec![]),
+    ] {
+        let store = tempfile::tempdir().unwrap();
+        let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+        let mut agents: Vec<_> = (0..3)
+            .map(|k| spawn_agent(coord.addr, merchant(k)))
+            .collect();
+        let dir = StateDir::open(state.path()).unwrap();
+        let budget = Budget::open(dir, policy.max_epsilon.unwrap(), delta).unwrap();
+        let mut strict = Agent::new(format!("http://{}", coord.addr), merchant(3))
+            .with_policy(policy.clone())
+            .with_budget(budget);
+        strict.backoff = Backoff {
+            initial_ms: 20,
+            max_ms: 500,
+        };
+        agents.push(spawn_configured(strict));
+        let shared = coord.shared.clone();
+        coord.wait_finished().await.unwrap();
+        for a in agents {
+            a.stop().await;
+        }
+        let records = trains(&shared);
+        assert_eq!(records.len(), rounds, "{records:?}");
+        for r in &records {
+            assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+            if m3_rounds.contains(&r.round) {
+                assert_eq!(r.reported, vec!["m0", "m1", "m2", "m3"], "{r:?}");
+            } else {
+                assert_eq!(r.reported, vec!["m0", "m1", "m2"], "{r:?}");
+                assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY), "{r:?}");
+            }
+        }
+    }
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.path().join(LEDGER_FILE)).unwrap()).unwrap();
+    let charged = ledger["rounds"].as_array().unwrap();
+    assert_eq!(charged.len(), 1, "{ledger}");
+    assert_eq!(charged[0]["run_id"], "e2e-budget-a");
+    assert_eq!(charged[0]["noise_multiplier"], z);
+}

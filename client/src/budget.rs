@@ -1,0 +1,302 @@
+//! The merchant's own privacy budget (`privacy.max_epsilon` in
+//! `merchant.toml`): a ledger, kept in the agent's state directory, of every
+//! training round this agent sent a differentially private update in, over
+//! every run of every coordinator it ever worked for.
+//!
+//! The coordinator keeps a ledger of each run, but the coordinator is the
+//! party the budget protects against: it decides how many rounds a run has,
+//! how many runs there are, and which agents each round takes. A curious
+//! coordinator that wants more of a merchant than one run's ε only has to
+//! run more rounds or start another run. This ledger is the merchant's own
+//! count, which the coordinator cannot reset, and the agent refuses any
+//! round that would take it past `max_epsilon` before its update leaves.
+//!
+//! # What is charged
+//!
+//! Only distributed noise can be counted here: central noise is added on
+//! the coordinator, out of the agent's sight, so with a budget set a
+//! training task without agent-side noise is refused (its ε, from where the
+//! merchant stands, is unbounded). Each round in which this agent sends its
+//! masked input costs one Gaussian step at sampling rate 1 (the agent
+//! cannot verify the coordinator's sampling, and knows it was picked) with
+//! noise multiplier `z·√(min(n, m)/m)`: the task's `z`, split across `m`
+//! planned survivors, in a round of `n` agents. That is the noise the sum
+//! carries when at least `min(n, m)` agents' shares reach it, the premise
+//! of distributed DP; a round of fewer agents than planned is charged at
+//! its lower multiplier. The charge is written (fsync, rename) *before* the
+//! masked input is built, so a crash after sending never forgets a round;
+//! a round that fails after the charge stays charged.
+//!
+//! Evaluation metrics, the churn models' feature statistics and the
+//! analyses' (segments, rules) exchanges are not differentially private and
+//! are not charged; the coordinator's ledger does not count them either.
+//!
+//! The ledger keeps Rényi DP per order ([`Accountant`]), so ε is recomputed
+//! at whatever δ the policy names, and a changed δ needs no migration.
+
+use std::path::PathBuf;
+
+use fedcart_common::privacy::dp::Accountant;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::PolicyViolation;
+use crate::state::{StateDir, StateError};
+
+/// The ledger's file in the agent's state directory.
+pub const LEDGER_FILE: &str = "privacy-ledger.json";
+
+/// One charged round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spent {
+    /// The run.
+    pub run_id: String,
+    /// The round (model version it trained towards).
+    pub round: u64,
+    /// The task.
+    pub task_id: String,
+    /// The noise multiplier the round was charged at.
+    pub noise_multiplier: f64,
+    /// When it was charged (Unix milliseconds).
+    pub at_unix_ms: u64,
+}
+
+/// The ledger as stored: the composed RDP and every charged round.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Ledger {
+    accountant: Accountant,
+    rounds: Vec<Spent>,
+}
+
+/// The budget: `max_epsilon` at `delta` against the stored ledger.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    state: StateDir,
+    max_epsilon: f64,
+    delta: f64,
+    ledger: Ledger,
+}
+
+/// Why a charge could not be made: over the budget, or the ledger could not
+/// be written (then nothing may be sent either).
+#[derive(Debug, thiserror::Error)]
+pub enum ChargeError {
+    /// The round would take the ledger past `max_epsilon`.
+    #[error(transparent)]
+    Over(#[from] PolicyViolation),
+    /// The ledger could not be written.
+    #[error("recording the round in the privacy ledger")]
+    State(#[source] StateError),
+    /// The round's noise multiplier is not a positive number.
+    #[error("the round's noise multiplier {0} is not a positive number")]
+    Noise(f64),
+}
+
+impl Budget {
+    /// Opens the ledger in `state` (empty when the file does not exist). A
+    /// ledger that does not decode is an error naming the file, never a
+    /// fresh start: that would reset the budget.
+    pub fn open(state: StateDir, max_epsilon: f64, delta: f64) -> Result<Self, StateError> {
+        let ledger = state.read_json::<Ledger>(LEDGER_FILE)?.unwrap_or_default();
+        Ok(Self {
+            state,
+            max_epsilon,
+            delta,
+            ledger,
+        })
+    }
+
+    /// The ledger's path.
+    pub fn path(&self) -> PathBuf {
+        self.state.path().join(LEDGER_FILE)
+    }
+
+    /// ε spent so far at the policy's δ (0 before any round).
+    pub fn spent(&self) -> f64 {
+        epsilon(&self.ledger.accountant, self.delta)
+    }
+
+    /// The charged rounds, oldest first.
+    pub fn rounds(&self) -> &[Spent] {
+        &self.ledger.rounds
+    }
+
+    /// The policy's cap and δ.
+    pub fn limit(&self) -> (f64, f64) {
+        (self.max_epsilon, self.delta)
+    }
+
+    /// ε after one more round at `noise_multiplier` (∞ for a multiplier
+    /// that is not a positive number).
+    pub fn after(&self, noise_multiplier: f64) -> f64 {
+        let mut acc = self.ledger.accountant.clone();
+        match acc.step(1.0, noise_multiplier) {
+            Ok(()) => epsilon(&acc, self.delta),
+            Err(_) => f64::INFINITY,
+        }
+    }
+
+    /// Refuses a round at `noise_multiplier` that would take the ledger past
+    /// the cap.
+    pub fn check(&self, noise_multiplier: f64) -> Result<(), PolicyViolation> {
+        let after = self.after(noise_multiplier);
+        if after <= self.max_epsilon {
+            return Ok(());
+        }
+        Err(PolicyViolation {
+            setting: "max_epsilon",
+            task: format!(
+                "one more round at z = {noise_multiplier:.4} would bring this merchant's ε to \
+                 {after:.3} ({:.3} spent over {} rounds, ledger {})",
+                self.spent(),
+                self.ledger.rounds.len(),
+                self.path().display()
+            ),
+            policy: format!("ε <= {} at δ = {:e}", self.max_epsilon, self.delta),
+        })
+    }
+
+    /// Checks and records one round, durably, before its update may leave.
+    /// Returns ε after it.
+    pub fn charge(&mut self, spent: Spent) -> Result<f64, ChargeError> {
+        let z = spent.noise_multiplier;
+        if !(z.is_finite() && z > 0.0) {
+            return Err(ChargeError::Noise(z));
+        }
+        self.check(z)?;
+        let mut next = self.ledger.clone();
+        next.accountant
+            .step(1.0, z)
+            .map_err(|_| ChargeError::Noise(z))?;
+        next.rounds.push(spent);
+        self.state
+            .write_json(LEDGER_FILE, &next)
+            .map_err(ChargeError::State)?;
+        self.ledger = next;
+        Ok(self.spent())
+    }
+}
+
+impl Budget {
+    /// What `fedcart-client budget` prints: ε spent against the cap, then
+    /// one line per run (its rounds and the ε of those rounds alone).
+    pub fn report(&self) -> String {
+        let mut out = format!(
+            "privacy budget: ε {:.3} of {} spent at δ = {:e} over {} rounds (ledger {})\n",
+            self.spent(),
+            self.max_epsilon,
+            self.delta,
+            self.ledger.rounds.len(),
+            self.path().display()
+        );
+        let mut runs: std::collections::BTreeMap<&str, Accountant> = Default::default();
+        for r in &self.ledger.rounds {
+            // Charged multipliers were checked positive and finite.
+            let _ = runs
+                .entry(&r.run_id)
+                .or_default()
+                .step(1.0, r.noise_multiplier);
+        }
+        if !runs.is_empty() {
+            out.push_str("run\trounds\tε of its rounds alone\n");
+        }
+        for (run, acc) in runs {
+            out.push_str(&format!(
+                "{run}\t{}\t{:.3}\n",
+                acc.steps(),
+                epsilon(&acc, self.delta)
+            ));
+        }
+        out
+    }
+}
+
+fn epsilon(acc: &Accountant, delta: f64) -> f64 {
+    if acc.steps() == 0 {
+        return 0.0;
+    }
+    acc.epsilon(delta).map_or(f64::INFINITY, |r| r.epsilon)
+}
+
+/// The multiplier a distributed-DP round is charged at: the task's `z` split
+/// across `planned` survivors, in a round of `agents` agents.
+pub fn round_noise_multiplier(z: f64, planned: usize, agents: usize) -> f64 {
+    let planned = planned.max(1);
+    z * (agents.min(planned) as f64 / planned as f64).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedcart_common::privacy::dp::accountant::epsilon_for;
+
+    fn spent(round: u64, z: f64) -> Spent {
+        Spent {
+            run_id: "r".into(),
+            round,
+            task_id: format!("r{round}a1-train"),
+            noise_multiplier: z,
+            at_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn rounds_compose_as_full_participation_gaussian_steps_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let one = epsilon_for(1.0, 2.0, 1, 1e-5).unwrap().epsilon;
+        let three = epsilon_for(1.0, 2.0, 3, 1e-5).unwrap().epsilon;
+        let four = epsilon_for(1.0, 2.0, 4, 1e-5).unwrap().epsilon;
+        let cap = (three + four) / 2.0;
+        let mut b = Budget::open(state.clone(), cap, 1e-5).unwrap();
+        assert_eq!(b.spent(), 0.0);
+        assert!((b.charge(spent(1, 2.0)).unwrap() - one).abs() < 1e-9);
+        b.charge(spent(2, 2.0)).unwrap();
+        // The agent restarts: the ledger is read back, not started afresh.
+        let mut b = Budget::open(state.clone(), cap, 1e-5).unwrap();
+        assert!((b.charge(spent(3, 2.0)).unwrap() - three).abs() < 1e-9);
+        let refused = b.charge(spent(4, 2.0)).unwrap_err();
+        let text = refused.to_string();
+        assert!(
+            matches!(refused, ChargeError::Over(_))
+                && text.contains("privacy.max_epsilon")
+                && text.contains(&format!("{four:.3}"))
+                && text.contains("over 3 rounds")
+                && text.contains(LEDGER_FILE),
+            "{text}"
+        );
+        let b = Budget::open(state, cap, 1e-5).unwrap();
+        assert_eq!(b.rounds().len(), 3, "a refused round is not recorded");
+        let report = b.report();
+        assert!(
+            report.starts_with(&format!(
+                "privacy budget: ε {three:.3} of {cap} spent at δ = 1e-5 over 3 rounds"
+            )) && report.contains(&format!("\nr\t3\t{three:.3}\n")),
+            "{report}"
+        );
+        assert_eq!(b.rounds()[2], spent(3, 2.0));
+        // More noise per round costs less: the same cap holds more rounds.
+        assert!(b.check(20.0).is_ok());
+    }
+
+    #[test]
+    fn a_ledger_that_does_not_decode_is_an_error_naming_it_not_a_fresh_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(LEDGER_FILE), b"{\"rounds\": [").unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let e = Budget::open(state, 1.0, 1e-5).unwrap_err();
+        assert!(e.to_string().contains(LEDGER_FILE), "{e}");
+    }
+
+    #[test]
+    fn a_round_of_fewer_agents_than_planned_is_charged_at_its_lower_noise() {
+        assert_eq!(round_noise_multiplier(2.0, 4, 10), 2.0);
+        assert_eq!(round_noise_multiplier(2.0, 4, 4), 2.0);
+        assert!((round_noise_multiplier(2.0, 4, 1) - 1.0).abs() < 1e-12);
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Budget::open(StateDir::open(dir.path()).unwrap(), 100.0, 1e-5).unwrap();
+        for z in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(matches!(b.charge(spent(1, z)), Err(ChargeError::Noise(_))));
+        }
+        assert!(b.rounds().is_empty());
+    }
+}
