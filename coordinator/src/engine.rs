@@ -111,6 +111,19 @@ pub enum SubmitError {
     /// A metric is not a finite number.
     #[error("metric `{0}` is not finite")]
     BadMetric(String),
+    /// A metric times the weight, summed with the others', leaves f64: one
+    /// agent's figures would make the round's mean infinite.
+    #[error("metric `{0}` weighted by the update's weight overflows the round's sum")]
+    MetricOverflow(String),
+    /// A value of an evaluation vector (a churn model's per-class score
+    /// histogram) that is not a count.
+    #[error("evaluation histogram bin {index} holds {value}: not a count")]
+    NotAHistogramCount {
+        /// Position of the value.
+        index: usize,
+        /// The value sent.
+        value: f32,
+    },
     /// A plaintext update was sent for a task under secure aggregation.
     #[error("task `{0}` uses secure aggregation: plaintext updates are refused")]
     PlaintextInSecureTask(String),

@@ -75,6 +75,49 @@ impl RoundRecord {
         self.rejected.retain(|(m, _)| m == id);
         self
     }
+
+    /// Makes every number of the record storable: JSON has no NaN or ∞
+    /// (serde writes `null`, which the record cannot be read back from), so
+    /// a non-finite metric is dropped and any other non-finite figure is
+    /// replaced by ±`f64::MAX`. Returns what was changed, for a warning.
+    /// Submissions are checked before they are folded in; this is the last
+    /// line, so that no figure can make a stored history unreadable.
+    pub fn make_storable(&mut self) -> Vec<String> {
+        let mut changed = Vec::new();
+        self.metrics.retain(|k, v| {
+            let keep = v.is_finite();
+            if !keep {
+                changed.push(format!("metric `{k}` = {v} dropped"));
+            }
+            keep
+        });
+        let mut clamp = |name: &str, v: &mut f64| {
+            if !v.is_finite() {
+                changed.push(format!("`{name}` = {v} stored as ±f64::MAX"));
+                *v = if v.is_nan() {
+                    0.0
+                } else {
+                    f64::MAX.copysign(*v)
+                };
+            }
+        };
+        clamp("examples", &mut self.examples);
+        if let Some(p) = &mut self.privacy {
+            clamp("privacy.sampling_rate", &mut p.sampling_rate);
+            clamp("privacy.noise_multiplier", &mut p.noise_multiplier);
+            clamp("privacy.clip", &mut p.clip);
+            clamp("privacy.next_clip", &mut p.next_clip);
+            clamp("privacy.epsilon", &mut p.epsilon);
+            clamp("privacy.delta", &mut p.delta);
+            if let Some(u) = &mut p.unclipped_fraction {
+                clamp("privacy.unclipped_fraction", u);
+            }
+        }
+        if let Some(c) = &mut self.secagg_clipped {
+            clamp("secagg_clipped.fraction", &mut c.fraction);
+        }
+        changed
+    }
 }
 
 /// The coordinates secure aggregation clipped in one task, over every
@@ -162,5 +205,38 @@ mod tests {
             let r: RoundRecord = serde_json::from_str(&old).expect("decodes");
             assert_eq!(r.kind, kind);
         }
+    }
+
+    #[test]
+    fn a_record_with_non_finite_figures_is_stored_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open_scratch(&dir.path().join("r.redb")).unwrap();
+        let record = RoundRecord {
+            round: 1,
+            attempt: 1,
+            task_id: "r1a1-evaluate".into(),
+            kind: TaskKind::Evaluate,
+            outcome: Outcome::Committed,
+            base_version: 1,
+            selected: vec!["m0".into()],
+            reported: vec!["m0".into()],
+            dropped: vec![],
+            rejected: vec![],
+            metrics: [("pr_auc", f64::INFINITY), ("auc", 0.75), ("loss", f64::NAN)]
+                .map(|(k, v)| (k.to_string(), v))
+                .into(),
+            examples: f64::INFINITY,
+            started_unix_ms: 0,
+            duration_ms: 0,
+            bytes_in: 0,
+            abort_reason: None,
+            privacy: None,
+            secagg_clipped: None,
+        };
+        store.append_history(&record).unwrap();
+        let back = store.history().unwrap().pop().unwrap();
+        assert_eq!(back.metrics.len(), 1);
+        assert_eq!(back.metrics["auc"], 0.75);
+        assert_eq!(back.examples, f64::MAX);
     }
 }

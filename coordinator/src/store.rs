@@ -555,10 +555,17 @@ impl Store {
             .last()
             .map_err(|e| self.err(e))?
             .map_or(0, |(k, _)| k.value() + 1);
+        let mut storable = record.clone();
+        let changed = storable.make_storable();
+        if !changed.is_empty() {
+            tracing::warn!(task = %record.task_id, changed = %changed.join("; "), "a round record held numbers JSON cannot store");
+        }
         history
             .insert(
                 next,
-                serde_json::to_vec(record).expect("serialisable").as_slice(),
+                serde_json::to_vec(&storable)
+                    .expect("serialisable")
+                    .as_slice(),
             )
             .map_err(|e| self.err(e))?;
         Ok(())

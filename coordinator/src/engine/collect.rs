@@ -231,6 +231,17 @@ impl Engine {
         if !(sub.weight.is_finite() && sub.weight >= 0.0) {
             return Err(UpdateError::BadWeight(sub.weight).into());
         }
+        // Each figure is finite, but its weighted sum with the others' must
+        // stay so too, or the round's means (and its record) are ∞.
+        if !(open.metric_weight + sub.weight).is_finite() {
+            return Err(UpdateError::BadWeight(sub.weight).into());
+        }
+        for (k, v) in &sub.metrics {
+            let sum = open.metric_sums.get(k).copied().unwrap_or(0.0) + v * sub.weight;
+            if !sum.is_finite() {
+                return Err(SubmitError::MetricOverflow(shown_name(k)));
+            }
+        }
         let spec = &open.plan.spec;
         if open.plan.secure && sub.update.is_some() {
             return Err(SubmitError::PlaintextInSecureTask(
@@ -256,7 +267,17 @@ impl Engine {
                     });
                 }
             }
-            (Some(u), TaskKind::Evaluate) if evaluation_vector => validate(u)?,
+            (Some(u), TaskKind::Evaluate) if evaluation_vector => {
+                validate(u)?;
+                // Histogram counts: a negative one would let pooled figures
+                // (AUC, PR-AUC) divide by zero or leave [0, 1].
+                if let Some(index) = u.values.iter().position(|v| *v < 0.0) {
+                    return Err(SubmitError::NotAHistogramCount {
+                        index,
+                        value: u.values[index],
+                    });
+                }
+            }
             (Some(u), TaskKind::Evaluate) => {
                 return Err(UpdateError::WrongLength {
                     expected: 0,
@@ -462,5 +483,69 @@ mod tests {
         assert_eq!(record.rejected.last().unwrap().0, "*");
         let size = serde_json::to_vec(&record).unwrap().len();
         assert!(size < 64 * 1024, "record is {size} bytes");
+    }
+
+    /// A malicious merchant's finite figures whose weighted sum is not:
+    /// rejected, the round goes on, and the stored history stays readable
+    /// (an ∞ in a record used to be stored as JSON `null` and end the
+    /// coordinator at its next read or restart).
+    #[test]
+    fn figures_whose_weighted_sum_overflows_are_rejected_and_the_history_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_scratch(&dir.path().join("e.redb")).unwrap();
+        let run = RunConfig {
+            max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
+            early_stopping: None,
+            run_id: "overflow".into(),
+            seed: 3,
+            rounds: 1,
+            model: ModelSpec::Noop { dim: 2 },
+            sgd: Default::default(),
+            selection: Selection {
+                fraction: 1.0,
+                min_agents: 3,
+                max_agents: 3,
+                min_available: 0,
+            },
+            quorum: 1,
+            round_timeout_ms: 1_000,
+            evaluate: false,
+            strategy: Default::default(),
+            secagg: None,
+            dp: None,
+        };
+        let mut engine = Engine::open(store, run).unwrap();
+        let agents: Vec<String> = ["m0", "m1", "m2"].map(String::from).to_vec();
+        let plan = engine.start_task(&agents).unwrap();
+        let sub = |loss: f64, weight: f64| Submission {
+            update: Some(Update {
+                values: vec![0.5; 2],
+                coord_weights: vec![],
+                weight,
+            }),
+            metrics: BTreeMap::from([("loss".to_string(), loss)]),
+            weight,
+            bytes: 8,
+        };
+        let mut submit =
+            |agent: &str, s| engine.submit(agent, "overflow", plan.round, &plan.task_id, s);
+        let e = submit("m0", sub(1e308, 10.0)).unwrap_err();
+        assert!(
+            matches!(e, SubmitError::MetricOverflow(ref k) if k == "loss"),
+            "{e}"
+        );
+        submit("m1", sub(0.25, f64::MAX)).unwrap();
+        // Each weight is finite; their sum is not.
+        let e = submit("m2", sub(0.25, f64::MAX)).unwrap_err();
+        assert!(
+            matches!(e, SubmitError::Invalid(UpdateError::BadWeight(_))),
+            "{e}"
+        );
+        let record = engine.finish_task().unwrap();
+        assert_eq!(record.outcome, crate::record::Outcome::Committed);
+        assert_eq!(record.reported, vec!["m1"]);
+        assert_eq!(record.metrics["loss"], 0.25);
+        let history = engine.store().history().unwrap();
+        assert_eq!(history.last().unwrap().reported, vec!["m1"]);
     }
 }

@@ -598,3 +598,65 @@ fn an_operator_stop_abandons_the_open_task_and_a_resumed_engine_stays_stopped() 
     assert!(matches!(again.stopped(), Some(RunStop::Operator { .. })));
     assert!(again.finished());
 }
+
+/// A churn evaluation's per-class score histogram with a negative count
+/// (which made the pooled PR-AUC divide by zero and its record unreadable)
+/// is rejected; the honest merchant's histogram is pooled.
+#[test]
+fn an_evaluation_histogram_with_a_negative_count_is_rejected() {
+    let model = ModelSpec::ChurnLr { num_features: 2 };
+    let mut cfg = run(selection(1.0, 2, 2), 1);
+    cfg.rounds = 1;
+    cfg.model = model;
+    cfg.evaluate = true;
+    cfg.validate().expect("valid config");
+    let (_dir, mut e) = engine(cfg);
+    let mut evaluated = false;
+    while !e.finished() {
+        let plan = e.start_task(&agents(2)).unwrap();
+        let len = plan.spec.update_len();
+        let vector = |values: Vec<f32>| Submission {
+            update: Some(Update {
+                values,
+                coord_weights: vec![],
+                weight: 5.0,
+            }),
+            metrics: Default::default(),
+            weight: 5.0,
+            bytes: 0,
+        };
+        if plan.spec.kind == TaskKind::Evaluate && plan.model_version == 1 && !evaluated {
+            let mut forged = vec![0.0; len];
+            forged[0] = 5.0;
+            forged[len / 2 - 1] = -1.0;
+            forged[len - 1] = 1.0;
+            let err = submit(&mut e, &plan, "m00", vector(forged)).unwrap_err();
+            assert!(
+                matches!(err, SubmitError::NotAHistogramCount { index, value } if index == len / 2 - 1 && value == -1.0),
+                "{err}"
+            );
+            let mut honest = vec![0.0; len];
+            honest[0] = 3.0;
+            honest[len - 1] = 2.0;
+            submit(&mut e, &plan, "m01", vector(honest)).unwrap();
+            evaluated = true;
+        } else {
+            let values = vec![
+                if plan.spec.kind == TaskKind::Stats {
+                    1.0
+                } else {
+                    0.0
+                };
+                len
+            ];
+            for a in agents(2) {
+                submit(&mut e, &plan, &a, vector(values.clone())).unwrap();
+            }
+        }
+        let record = e.finish_task().unwrap();
+        assert_eq!(record.outcome, Outcome::Committed, "{record:?}");
+        assert!(record.metrics.values().all(|v| v.is_finite()), "{record:?}");
+    }
+    assert!(evaluated);
+    e.store().history().unwrap();
+}

@@ -24,6 +24,8 @@ impl From<SubmitError> for Status {
             SubmitError::Invalid(_)
             | SubmitError::NotACount { .. }
             | SubmitError::BadMetric(_)
+            | SubmitError::MetricOverflow(_)
+            | SubmitError::NotAHistogramCount { .. }
             | SubmitError::PlaintextInSecureTask(_) => Status::invalid_argument(msg),
             SubmitError::UnexpectedSecureSum(_) => Status::failed_precondition(msg),
         }
