@@ -277,6 +277,12 @@ pub fn check_claim(ext: &tonic::Extensions, claimed: &str) -> Result<(), Status>
     refuse_operator(ext)?;
     match ext.get::<PeerIdentity>() {
         Some(PeerIdentity(id)) if id != claimed => {
+            // The claim is the caller's to size: shown cut, like any id.
+            let mut shown: String = claimed.chars().take(140).collect();
+            if shown.len() < claimed.len() {
+                shown.push('…');
+            }
+            let claimed = shown;
             tracing::warn!(merchant = %id, claimed, "refused: join claims another merchant id");
             Err(Status::permission_denied(format!(
                 "certificate identity `{id}` may not join as `{claimed}`"

@@ -76,6 +76,37 @@ pub fn check_metrics(metrics: &HashMap<String, f64>) -> Result<(), Status> {
     Ok(())
 }
 
+/// Most data families an agent may advertise when it joins.
+pub const MAX_FAMILIES: usize = 16;
+
+/// Refuses a join whose advertised example counts (`JoinRequest.examples`)
+/// exceed [`MAX_FAMILIES`] families or [`MAX_METRIC_NAME_BYTES`] per name,
+/// before anything of it is kept or logged; returns the counts as one short
+/// line for the log.
+pub fn check_examples(examples: &HashMap<String, u64>) -> Result<String, Status> {
+    if examples.len() > MAX_FAMILIES {
+        return Err(Status::invalid_argument(format!(
+            "{} data families advertised, at most {MAX_FAMILIES} are accepted",
+            examples.len()
+        )));
+    }
+    if let Some(name) = examples.keys().find(|k| k.len() > MAX_METRIC_NAME_BYTES) {
+        let shown: String = name.chars().take(32).collect();
+        return Err(Status::invalid_argument(format!(
+            "data family name `{shown}…` is {} bytes long, at most {MAX_METRIC_NAME_BYTES} are \
+             accepted",
+            name.len()
+        )));
+    }
+    let mut sorted: Vec<_> = examples.iter().collect();
+    sorted.sort();
+    Ok(sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
 /// Longest failure reason an agent may give (`UpdateHeader.failure`).
 pub const MAX_FAILURE_BYTES: usize = 200;
 
@@ -208,6 +239,24 @@ impl tonic::service::Interceptor for Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A join's advertised families are bounded before they are kept or
+    /// logged (a 2 MB map used to be written to the log on every join).
+    #[test]
+    fn a_join_advertising_too_many_or_too_long_families_is_refused_and_logs_one_short_line() {
+        let ok: HashMap<String, u64> = [("mf".to_string(), 0), ("churn".to_string(), 5634)].into();
+        assert_eq!(check_examples(&ok).unwrap(), "churn=5634,mf=0");
+        let many: HashMap<String, u64> = (0..=MAX_FAMILIES).map(|i| (format!("f{i}"), 1)).collect();
+        let e = check_examples(&many).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("17 data families"), "{e}");
+        let long: HashMap<String, u64> = [("x".repeat(2 << 20), 1)].into();
+        let e = check_examples(&long).unwrap_err();
+        assert!(
+            e.message().len() < 200 && e.message().contains("2097152 bytes"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_failure_report_is_short_printable_and_carries_no_update() {

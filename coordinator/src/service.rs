@@ -530,9 +530,35 @@ impl Coordinator for Service {
         {
             tx.try_send(Ok(end)).expect("fresh queue has room");
         }
+        let examples = crate::limits::check_examples(&req.examples)?;
         {
             let mut agents = self.hub.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            // A merchant that reconnects replaces its stale session.
+            // A merchant that reconnects replaces its stale session. An agent
+            // reconnects only once its own stream ended, so a previous
+            // stream still open belongs to another agent of the same
+            // merchant: it is closed with a status saying so (the agent
+            // stops, rather than taking the session back), not left open
+            // without tasks.
+            let mut replaced = 0;
+            for a in agents.values_mut() {
+                if a.merchant_id == req.merchant_id
+                    && let Some(kill) = a.kill.take()
+                {
+                    replaced += 1;
+                    let _ = kill.send(Status::already_exists(format!(
+                        "merchant `{}` joined again on another connection, which replaces this \
+                         session",
+                        req.merchant_id
+                    )));
+                }
+            }
+            if replaced > 0 {
+                tracing::warn!(
+                    merchant = %req.merchant_id,
+                    "merchant joined again: its previous session is closed (two agents with one \
+                     identity, or a reconnect before the old connection timed out)"
+                );
+            }
             agents.retain(|_, a| a.merchant_id != req.merchant_id);
             agents.insert(
                 session_id.clone(),
@@ -545,7 +571,7 @@ impl Coordinator for Service {
                 },
             );
         }
-        tracing::info!(merchant = %req.merchant_id, examples = ?req.examples, "agent joined");
+        tracing::info!(merchant = %req.merchant_id, %examples, "agent joined");
         self.hub.bump_all();
 
         let hub = Arc::clone(&self.hub);
@@ -811,7 +837,11 @@ impl Coordinator for Service {
         } else {
             self.hub.get(&wanted)?
         };
-        let connected = shared.connected();
+        let mut connected = shared.connected();
+        if let crate::identity::Viewer::Merchant(id) = &viewer {
+            // Who else is connected is the operator's to see.
+            connected.retain(|m| m == id);
+        }
         // As `runs list` shows it (with a schedule ended by the operator).
         let phase = self
             .hub
@@ -823,9 +853,15 @@ impl Coordinator for Service {
             .history()
             .map_err(|e| Status::internal(e.to_string()))?
             .pop()
-            .map(|r| match &viewer {
-                crate::identity::Viewer::Operator => r,
-                crate::identity::Viewer::Merchant(id) => r.seen_by(id),
+            .and_then(|r| match &viewer {
+                crate::identity::Viewer::Operator => Some(r),
+                // A round's aggregates are for the merchants it selected: an
+                // outsider (or one left out) could otherwise follow a run it
+                // takes no part in, and with one other merchant in the round
+                // subtract its own share from the totals.
+                crate::identity::Viewer::Merchant(id) => {
+                    r.selected.contains(id).then(|| r.seen_by(id))
+                }
             });
         Ok(Response::new(pb::StatusReply {
             run_id: engine.run().run_id.clone(),

@@ -545,6 +545,12 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
         "the operator sees every merchant"
     );
     let own = fetch(&url, Some(&tls("m0")), None).await.unwrap();
+    assert_eq!(all.connected_agents, ["m0", "m1"]);
+    assert_eq!(
+        own.connected_agents,
+        ["m0"],
+        "who else is connected is not shown"
+    );
     let mine: RoundRecord = serde_json::from_str(&own.last_round_json).unwrap();
     assert_eq!(mine.selected, ["m0"]);
     assert!(mine.reported.iter().all(|m| m == "m0"));
@@ -681,4 +687,43 @@ async fn post_login(http: std::net::SocketAddr, body: &str) -> String {
         ),
     )
     .await
+}
+
+/// Two agents with one merchant identity: the second to join replaces the
+/// first, whose stream is closed with a status saying why, and the first
+/// stops with what to fix instead of idling on an open stream that gets no
+/// tasks (or taking the session back in turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_with_the_same_identity_takes_over_and_the_first_stops_saying_why() {
+    use fedcart_client::agent::Agent;
+    let store = tempfile::tempdir().unwrap();
+    // Three agents are needed: no task starts, the sessions only idle.
+    let coord = start_coordinator(
+        &store.path().join("c.redb"),
+        churn_run("e2e-twice", 1, 3, 3),
+        0,
+    )
+    .await;
+    let mut progress = coord.shared.progress();
+    let m0 = || fedcart_common::train::LocalData {
+        merchant_id: "m0".into(),
+        ..Default::default()
+    };
+    let mut first = Agent::new(format!("http://{}", coord.addr), m0());
+    let (_stop_first, rx) = tokio::sync::watch::channel(false);
+    let first = tokio::spawn(async move { first.run(rx).await });
+    progress.wait_for(|p| p.agents == 1).await.unwrap();
+    let second = spawn_agent(coord.addr, m0());
+    let err = first.await.unwrap().expect_err("the replaced agent stops");
+    let fix = err.what_to_fix().expect("a permanent error");
+    assert!(
+        err.to_string()
+            .contains("joined again on another connection")
+            || format!("{err:?}").contains("joined again"),
+        "{err:?}"
+    );
+    assert!(fix.contains("one agent per merchant"), "{fix}");
+    progress.wait_for(|p| p.agents == 1).await.unwrap();
+    assert_eq!(coord.shared.connected(), vec!["m0"]);
+    second.stop().await;
 }

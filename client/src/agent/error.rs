@@ -176,6 +176,13 @@ fn refused(status: &tonic::Status) -> Option<String> {
              platform operator must admit it (`certs issue`; it may have been revoked)"
                 .into(),
         ),
+        // Only another session of the same merchant closes a Join stream so.
+        tonic::Code::AlreadyExists => Some(
+            "another agent joined the coordinator as this merchant and took over its session: \
+             run one agent per merchant (stop the other one, or give each store its own kit \
+             and identity)"
+                .into(),
+        ),
         tonic::Code::InvalidArgument => Some(
             "`merchant_id` must be 1–128 characters of [A-Za-z0-9-_.@] and match the certificate"
                 .into(),
