@@ -188,6 +188,50 @@ impl RawAgent {
         }
     }
 
+    /// Takes part in every secure task with the agent's own protocol code,
+    /// but flips a byte of every share bundle it sends its neighbours, so
+    /// that none of them can open its shares (and no one could rebuild its
+    /// masks). Stops when `stop` turns true or the coordinator closes the
+    /// session; returns how many share uploads it forged.
+    pub async fn secure_forging_shares(mut self, mut stop: watch::Receiver<bool>) -> usize {
+        use fedcart_common::privacy::secagg::ShareUpload;
+        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
+        let mut forged = 0;
+        loop {
+            let message = tokio::select! {
+                m = self.work.message() => m,
+                _ = stop.wait_for(|s| *s) => return forged,
+            };
+            let Ok(Some(pb::Work { kind: Some(kind) })) = message else {
+                return forged;
+            };
+            match kind {
+                pb::work::Kind::Task(task) => {
+                    let out = self.compute(&task).await;
+                    let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
+                    secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
+                }
+                pb::work::Kind::Secagg(req) => {
+                    let Ok(mut reply) = secure.respond(&self.session_id, &req) else {
+                        continue;
+                    };
+                    if let Reply::Message(msg) = &mut reply
+                        && req.stage == stage_name::SHARE_KEYS
+                    {
+                        let mut upload = ShareUpload::from_bytes(&msg.body).expect("our upload");
+                        for bundle in &mut upload.shares {
+                            bundle.ciphertext[0] ^= 0x5a;
+                        }
+                        msg.body = upload.to_bytes();
+                        forged += 1;
+                    }
+                    let _ = send(&mut self.client, reply).await;
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Carries out `task` honestly and returns the output without sending it.
     pub async fn compute(&mut self, task: &pb::TaskAssignment) -> TaskOutput {
         let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");

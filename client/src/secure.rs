@@ -520,7 +520,7 @@ impl SecureTasks {
         *self = me;
         // Why this agent leaves the round, told to the coordinator so that
         // it stops waiting for us: a fixed, data-free reason.
-        let mut leaving = None;
+        let mut leaving: Option<String> = None;
         match reply {
             Ok(reply) => {
                 if let Err(status) = send(client, reply).await {
@@ -548,7 +548,7 @@ impl SecureTasks {
                     policy_value = %source.policy,
                     "secure round refused by the privacy policy: {source}"
                 );
-                leaving = Some(crate::transfer::DECLINED_BY_POLICY);
+                leaving = Some(crate::transfer::DECLINED_BY_POLICY.into());
             }
             Err((
                 stage,
@@ -563,22 +563,35 @@ impl SecureTasks {
                     agent = source.agent,
                     "secure round refused: {source}"
                 );
-                leaving = Some(crate::transfer::KEY_BINDING_REFUSED);
+                leaving = Some(crate::transfer::KEY_BINDING_REFUSED.into());
             }
             // Nothing held: the task's failure was reported when it failed
             // (or the round is over).
             Err((stage, e @ SecureError::NoUpdate { .. })) => {
                 tracing::warn!(stage, error = %e, "secure-aggregation request not answered");
             }
+            // A neighbour sent shares this agent cannot open: named, so that
+            // the coordinator can set the sender aside.
+            Err((
+                stage,
+                e @ SecureError::Protocol {
+                    source: SecAggError::BadCiphertext { from, .. },
+                    ..
+                },
+            )) => {
+                tracing::warn!(stage, error = %e, "secure round left: a neighbour's shares are forged");
+                leaving = Some(crate::transfer::forged_shares(from));
+            }
             Err((stage, e)) => {
                 tracing::warn!(stage, error = %e, "secure-aggregation request not answered");
-                leaving = Some(crate::transfer::STEP_FAILED);
+                leaving = Some(crate::transfer::STEP_FAILED.into());
             }
         }
         if let Some(reason) = leaving {
             let (run_id, round, task_id) = &named;
             let named = (run_id.as_str(), *round, task_id.as_str());
-            if let Err(e) = crate::transfer::report_failure(client, session_id, named, reason).await
+            if let Err(e) =
+                crate::transfer::report_failure(client, session_id, named, &reason).await
             {
                 tracing::warn!(task = %task_id, error = %e, "the coordinator was not told");
             }

@@ -323,6 +323,14 @@ pub const KEY_BINDING_REFUSED: &str = "a roster key binding failed verification"
 /// not carry out (a malformed or refused request).
 pub const STEP_FAILED: &str = "a secure-aggregation step failed";
 
+/// The reason an agent gives for leaving a secure round in which the share
+/// bundle of agent `from` failed authentication
+/// ([`fedcart_common::privacy::secagg::FORGED_SHARES`] and the number): the
+/// coordinator sets the merchant so accused aside (its `Engine::accuse`).
+pub fn forged_shares(from: u32) -> String {
+    format!("{}{from}", fedcart_common::privacy::secagg::FORGED_SHARES)
+}
+
 /// Tells the coordinator that this agent's local task failed, with a fixed,
 /// data-free `reason`: it counts the agent as dropped for the task at once
 /// instead of waiting for the round's deadline. Nothing of the data or the

@@ -214,6 +214,13 @@ pub struct Engine {
     /// it is not the best version, one more evaluation of the best version
     /// hands it to the agents ([`Engine::serving_task`]).
     last_evaluated: Option<u64>,
+    /// Secure rounds: who reported a share bundle from whom that failed
+    /// authentication (accused → accusers), over the run ([`Engine::accuse`]).
+    accusations: BTreeMap<String, BTreeSet<String>>,
+    /// Merchants no task of this run selects any more (see [`Engine::accuse`]).
+    set_aside: BTreeSet<String>,
+    /// Those of `set_aside` a task record has named.
+    noted_aside: BTreeSet<String>,
 }
 
 /// Whether `version` is followed by an evaluation task: after every version
@@ -359,6 +366,9 @@ impl Engine {
             complete,
             best,
             last_evaluated,
+            accusations: BTreeMap::new(),
+            set_aside: BTreeSet::new(),
+            noted_aside: BTreeSet::new(),
         })
     }
 

@@ -894,6 +894,7 @@ fn decline(
     shared.engine().fail_agent(merchant, header.failure.clone());
     if secure {
         secure::decline(shared, merchant);
+        secure::accusation(shared, merchant, &header.failure);
     }
     shared.bump();
     Ok(Response::new(pb::SubmitReply {

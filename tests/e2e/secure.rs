@@ -498,3 +498,55 @@ async fn a_refused_unmasked_sum_stops_the_run_instead_of_being_retried() {
         "nothing committed"
     );
 }
+
+/// A malicious merchant forges every share bundle it sends, so that no one
+/// can open its shares and the round cannot finish. Each neighbour that
+/// fails to open one names the sender; accused by two or more, the forger is set
+/// aside for the rest of the run, and the retried round commits the honest
+/// merchants' sum (it used to abort until the run gave up, each honest agent
+/// blamed for "a secure-aggregation step failed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commits() {
+    let mut run = noop_secure_run("e2e-sa-forged", 1, 4, 3, 1000);
+    run.selection.min_agents = 3;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let forger = RawAgent::join(coord.addr, merchant(3)).await;
+    let forger = tokio::spawn(forger.secure_forging_shares(stopped));
+    let agents: Vec<_> = (0..3)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    let _ = stop.send(true);
+    assert!(forger.await.unwrap() >= 1, "the forger sent its shares");
+    for a in agents {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let t = trains(&history);
+    assert_eq!(t.len(), 2, "{history:?}");
+    assert_eq!(t[0].outcome, Outcome::Aborted, "{:?}", t[0]);
+    // Its neighbours (the SecAgg+ graph's) named it; it alone is set aside.
+    let accusers = t[0]
+        .rejected
+        .iter()
+        .filter(|(who, why)| {
+            who != "m3" && why.starts_with("shares failed authentication from agent")
+        })
+        .count();
+    assert!(accusers >= 2, "{:?}", t[0].rejected);
+    let aside: Vec<&str> = t[0]
+        .rejected
+        .iter()
+        .filter(|(_, why)| why.contains("set aside"))
+        .map(|(who, _)| who.as_str())
+        .collect();
+    assert_eq!(aside, ["m3"], "{:?}", t[0].rejected);
+    assert_eq!(t[1].outcome, Outcome::Committed, "{:?}", t[1]);
+    assert_eq!(t[1].selected, vec!["m0", "m1", "m2"]);
+    let expected = fedavg_over(&run, &(0..3).map(merchant).collect::<Vec<_>>(), 1);
+    let model = shared.model(1).unwrap().unwrap();
+    assert!(max_diff(&model, &expected) <= 1e-5);
+}

@@ -204,6 +204,10 @@ mod ring;
 mod server;
 mod wire;
 
+/// The start of the failure reason an agent reports when a neighbour's
+/// share bundle fails authentication; the sender's agent number follows.
+pub const FORGED_SHARES: &str = "shares failed authentication from agent ";
+
 pub use client::ClientSession;
 pub use config::{
     COMPLETE_GRAPH_UP_TO, MAX_HOLDERS, MIN_NEIGHBOURS, MIN_STEPS_PER_CLIP, STATS_CLIP, SecAggConfig,

@@ -394,6 +394,42 @@ impl Engine {
         }
     }
 
+    /// Records that `accuser` could not open the share bundle `accused` sent
+    /// it in a secure round, and sets merchants aside from the run's later
+    /// tasks. A sender of forged shares can always make the round fail (no
+    /// one can rebuild its masks), and the coordinator cannot tell a forged
+    /// bundle from a false accusation, so the rule is built for one
+    /// malicious merchant: a merchant accused by two or more others is set
+    /// aside alone (one liar cannot produce two accusations); a merchant
+    /// accused by one is set aside together with its accuser (one of the two
+    /// is lying). Either way the malicious merchant is out after its first
+    /// attempt, and the retry runs without it; at worst one honest merchant
+    /// is set aside with it. Returns the merchants newly set aside.
+    pub fn accuse(&mut self, accuser: &str, accused: &str) -> Vec<String> {
+        if accuser == accused {
+            return Vec::new();
+        }
+        self.accusations
+            .entry(accused.to_string())
+            .or_default()
+            .insert(accuser.to_string());
+        let mut aside = BTreeSet::new();
+        for (accused, accusers) in &self.accusations {
+            aside.insert(accused.clone());
+            if accusers.len() == 1 {
+                aside.extend(accusers.iter().cloned());
+            }
+        }
+        let new: Vec<String> = aside.difference(&self.set_aside).cloned().collect();
+        self.set_aside = aside;
+        new
+    }
+
+    /// Merchants set aside by [`Engine::accuse`].
+    pub fn set_aside(&self) -> &BTreeSet<String> {
+        &self.set_aside
+    }
+
     /// Counts a selected agent that disconnected as dropped for the open task.
     pub fn drop_agent(&mut self, agent: &str) {
         if let Some(open) = &mut self.open

@@ -68,7 +68,19 @@ impl Engine {
 
     /// Closes the open task: commits with a quorum, otherwise aborts.
     pub fn finish_task(&mut self) -> Result<RoundRecord, EngineError> {
-        let open = self.open.take().ok_or(EngineError::NoTask)?;
+        let mut open = self.open.take().ok_or(EngineError::NoTask)?;
+        // Who this task's accusations set aside, in its record.
+        for m in self.set_aside.intersection(&open.selected) {
+            if self.noted_aside.insert(m.clone()) {
+                open.rejected.push((
+                    m.clone(),
+                    "set aside for the rest of the run: a secure round's share bundle it sent \
+                     failed authentication (or, accused by one merchant only, it or its accuser \
+                     is lying)"
+                        .into(),
+                ));
+            }
+        }
         let kind = open.plan.spec.kind;
         let kind_str = kind_name(kind);
         *self

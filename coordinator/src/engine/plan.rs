@@ -39,6 +39,17 @@ impl Engine {
             return Err(EngineError::TaskOpen(open.plan.task_id.clone()));
         }
         let (round, kind) = self.next_kind().ok_or(EngineError::Finished)?;
+        let kept: Vec<String>;
+        let available = if self.set_aside.is_empty() {
+            available
+        } else {
+            kept = available
+                .iter()
+                .filter(|a| !self.set_aside.contains(*a))
+                .cloned()
+                .collect();
+            &kept[..]
+        };
         let sel = &self.run.selection;
         let needed = sel.min_agents.max(sel.min_available);
         if available.len() < needed {

@@ -660,3 +660,25 @@ fn an_evaluation_histogram_with_a_negative_count_is_rejected() {
     assert!(evaluated);
     e.store().history().unwrap();
 }
+
+/// The set-aside rule for one malicious merchant: accused by two or more,
+/// the accused alone; accused by one, the accused and its accuser (one of
+/// the two lies); later tasks select none of them.
+#[test]
+fn accused_merchants_are_set_aside_by_the_one_liar_rule() {
+    let mut cfg = run(selection(1.0, 2, 8), 2);
+    cfg.rounds = 2;
+    let (_dir, mut e) = engine(cfg);
+    // A liar accusing an honest merchant takes itself out with it.
+    assert_eq!(e.accuse("m03", "m00"), ["m00", "m03"]);
+    // A second accusation against the same merchant clears its first
+    // accuser: two merchants do not lie together.
+    assert!(e.accuse("m01", "m02").len() == 2);
+    assert!(e.accuse("m04", "m02").is_empty());
+    let aside: Vec<&str> = e.set_aside().iter().map(String::as_str).collect();
+    assert_eq!(aside, ["m00", "m02", "m03"]);
+    // Self-accusations count for nothing.
+    assert!(e.accuse("m05", "m05").is_empty());
+    let plan = e.start_task(&agents(6)).unwrap();
+    assert_eq!(plan.selected, ["m01", "m04", "m05"]);
+}

@@ -701,6 +701,38 @@ pub(super) fn decline(shared: &Shared, merchant: &str) {
     }
 }
 
+/// An agent's report that the share bundle of another agent of the round
+/// failed authentication ([`fedcart_common::privacy::secagg::FORGED_SHARES`]
+/// and its number): the engine weighs the accusation
+/// ([`crate::engine::Engine::accuse`]). Any other reason, or a number that is
+/// not in the round, is no accusation.
+pub(super) fn accusation(shared: &Shared, accuser: &str, reason: &str) {
+    let Some(from) = reason
+        .strip_prefix(fedcart_common::privacy::secagg::FORGED_SHARES)
+        .and_then(|n| n.parse::<u32>().ok())
+    else {
+        return;
+    };
+    let accused = {
+        let guard = shared.secure_round();
+        let Some(r) = guard.as_ref() else { return };
+        match r.ids.iter().find(|(_, id)| **id == from) {
+            Some((m, _)) => m.clone(),
+            None => return,
+        }
+    };
+    let aside = shared.engine().accuse(accuser, &accused);
+    if !aside.is_empty() {
+        tracing::warn!(
+            accuser,
+            accused = %accused,
+            set_aside = %aside.join(", "),
+            "a secure round's share bundle failed authentication: merchants set aside for the \
+             rest of the run"
+        );
+    }
+}
+
 /// Waits until every agent expected in the open stage has answered, left or
 /// declined, or until `until`. An agent has left when the session its
 /// invitation went to is gone, even if its merchant joined again under a new
