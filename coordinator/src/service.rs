@@ -197,9 +197,45 @@ impl Shared {
         if let Some(by) = &entry.schedule_ended_by {
             phase.push_str(&format!("; schedule ended by {by}"));
         }
-        let eligible_agents = self.eligible().len();
+        let eligible = self.eligible();
+        let eligible_agents = eligible.len();
+        let connected = self.connected();
         let engine = self.engine();
         let run = engine.run();
+        let needed = run.selection.min_agents.max(run.selection.min_available);
+        if phase == "waiting for agents" {
+            // Say why a run with agents connected does not start.
+            let family = run.model.data_family();
+            let shown = |list: &[&String]| {
+                let mut text: Vec<&str> = list.iter().take(5).map(|m| m.as_str()).collect();
+                if list.len() > 5 {
+                    text.push("…");
+                }
+                text.join(", ")
+            };
+            let without: Vec<&String> = connected
+                .iter()
+                .filter(|m| eligible.binary_search(m).is_err())
+                .collect();
+            let aside: Vec<&String> = engine
+                .set_aside()
+                .iter()
+                .filter(|m| eligible.binary_search(m).is_ok())
+                .collect();
+            phase = format!(
+                "waiting for agents: {} of {needed} needed can serve it",
+                eligible_agents - aside.len()
+            );
+            if !without.is_empty() {
+                phase.push_str(&format!(
+                    "; connected without {family} data: {}",
+                    shown(&without)
+                ));
+            }
+            if !aside.is_empty() {
+                phase.push_str(&format!("; set aside: {}", shown(&aside)));
+            }
+        }
         hub::RunSummary {
             run_id: run.run_id.clone(),
             model: run.model.name().to_owned(),
@@ -211,7 +247,7 @@ impl Shared {
             best_version: engine.best().map(|b| b.version),
             submitted_unix_ms: entry.submitted_unix_ms,
             eligible_agents,
-            needed: run.selection.min_agents.max(run.selection.min_available),
+            needed,
             continues: entry.continues.clone(),
             epsilon: engine.ledger().and_then(|l| l.epsilon()),
             delta: engine.ledger().map(|l| l.settings().delta),

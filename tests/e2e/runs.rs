@@ -729,3 +729,34 @@ async fn two_mf_runs_at_once_train_as_each_would_alone() {
         }
     }
 }
+
+/// A run whose connected agents cannot serve it says so: how many of the
+/// needed agents can, and which connected merchants hold none of its data,
+/// instead of a bare "waiting for agents".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waiting_for_agents_names_the_connected_merchants_without_its_data() {
+    let split = telco_split(2, 23);
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = churn_run("recs", 1, 2, 2);
+    run.model = fedcart_common::task::ModelSpec::MfImplicit {
+        num_items: 2,
+        factors: 1,
+        hyper: Default::default(),
+    };
+    let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
+    let mut progress = coord.hub.get("recs").unwrap().progress();
+    // Churn customers only: no purchase histories for the recommender.
+    let agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    progress.wait_for(|p| p.agents == 2).await.unwrap();
+    let phase = coord.hub.summary("recs").unwrap().phase;
+    assert_eq!(
+        phase,
+        "waiting for agents: 0 of 2 needed can serve it; connected without mf data: m0, m1"
+    );
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}
