@@ -141,6 +141,7 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
                 .to_string()
         }
         _ if !unreachable => return e,
+        _ if let Some(fix) = transport_fix(e.as_ref(), url) => fix,
         _ if !with_certs && url.starts_with("https://") => format!(
             "a coordinator with mutual TLS needs `--certs DIR` (ca.pem and <identity>.pem/.key, \
              the directory `certs init` made); one run with --insecure needs \
@@ -152,6 +153,87 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
         ),
     };
     anyhow::anyhow!("{} — {hint}", crate::cli::one_line(e.as_ref()))
+}
+
+/// What to fix when the connection to `url` failed for a reason other
+/// than nobody listening: the TLS handshake (which CA, which name, expired,
+/// this identity refused), TLS against a plaintext port or plaintext
+/// against a TLS one; `None` otherwise.
+fn transport_fix(err: &(dyn std::error::Error + 'static), url: &str) -> Option<String> {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    let mut next = Some(err);
+    while let Some(e) = next {
+        // `io::Error::source` skips the error it wraps: look inside it too.
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for e in [Some(e), inner].into_iter().flatten() {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                return Some(format!(
+                    "nothing answered at {url}: is the coordinator running? `serve` exits when \
+                     its run finishes (its last log lines say how the run ended); check \
+                     `--coordinator`"
+                ));
+            }
+            if let Some(h2) = e.downcast_ref::<h2::Error>()
+                && h2.reason() == Some(h2::Reason::FRAME_SIZE_ERROR)
+            {
+                return Some(format!(
+                    "the coordinator at {url} speaks TLS: use https:// and `--certs DIR`"
+                ));
+            }
+            let Some(tls) = e.downcast_ref::<rustls::Error>() else {
+                continue;
+            };
+            return Some(match tls {
+                rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+                    "the coordinator's certificate is not signed by the CA in `--certs` \
+                     (ca.pem): pass the directory `certs init` made for this coordinator"
+                        .into()
+                }
+                rustls::Error::InvalidCertificate(
+                    C::NotValidForName | C::NotValidForNameContext { .. },
+                ) => format!(
+                    "the coordinator's certificate is not issued for the host of {url} (or \
+                     `--domain`): connect by a name it was issued for, e.g. `--domain localhost`"
+                ),
+                rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+                    "the coordinator's certificate has expired: renew it with `certs init` \
+                     (or the platform's CA)"
+                        .into()
+                }
+                rustls::Error::AlertReceived(
+                    A::UnknownCA
+                    | A::BadCertificate
+                    | A::CertificateUnknown
+                    | A::CertificateRequired
+                    | A::CertificateExpired
+                    | A::CertificateRevoked
+                    | A::DecryptError
+                    | A::AccessDenied,
+                ) => "the coordinator refused this identity's certificate: `--certs` must hold \
+                      an identity its CA issued (`--identity NAME`)"
+                    .into(),
+                rustls::Error::InvalidMessage(_) => format!(
+                    "the coordinator at {url} does not speak TLS: use http:// for a coordinator \
+                     run with --insecure, or check the port"
+                ),
+                _ => continue,
+            });
+        }
+        next = e.source();
+    }
+    // Something answered a plaintext call and hung up (a TLS port does so,
+    // or answers with a frame no plaintext HTTP/2 peer sends).
+    url.starts_with("http://").then(|| {
+        format!(
+            "the coordinator at {url} did not answer plaintext gRPC: if it serves mutual TLS \
+             (it does unless run with --insecure), use https:// and `--certs DIR`"
+        )
+    })
 }
 
 /// The status as JSON (the last round record is embedded as an object).

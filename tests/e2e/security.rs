@@ -727,3 +727,46 @@ async fn a_second_agent_with_the_same_identity_takes_over_and_the_first_stops_sa
     assert_eq!(coord.shared.connected(), vec!["m0"]);
     second.stop().await;
 }
+
+/// The operator's `status` and `runs` name what is wrong with a connection
+/// that fails for a reason other than nobody listening: plaintext against
+/// the TLS port, a coordinator certificate from another CA or for another
+/// name, and nothing listening at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_connection_failures_name_their_cause() {
+    use fedcart_coordinator::status::{ClientTls, fetch, with_hint};
+    let dir = tempfile::tempdir().unwrap();
+    let (cd, files) = pki(dir.path());
+    let other = CertDir::new(dir.path().join("other"));
+    certs::init(&other, &["localhost".into()]).unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_tls(&store.path().join("c.redb"), files, "hints", 1).await;
+    let port = coord.addr.port();
+    let tls = |cd: &CertDir, domain: &str| ClientTls {
+        ca: cd.ca_cert(),
+        cert: cd.cert(certs::OPERATOR),
+        key: cd.key(certs::OPERATOR),
+        domain: domain.into(),
+    };
+    let hint = |url: String, tls: Option<ClientTls>| async move {
+        let e = fetch(&url, tls.as_ref(), None).await.unwrap_err();
+        format!("{:#}", with_hint(e, &url, tls.is_some()))
+    };
+    let https = format!("https://localhost:{port}");
+    let plain = hint(format!("http://127.0.0.1:{port}"), None).await;
+    assert!(
+        plain.contains("speaks TLS: use https://")
+            || plain.contains("use https:// and `--certs DIR`"),
+        "{plain}"
+    );
+    let foreign = hint(https.clone(), Some(tls(&other, "localhost"))).await;
+    assert!(
+        foreign.contains("not signed by the CA in `--certs`"),
+        "{foreign}"
+    );
+    let name = hint(https.clone(), Some(tls(&cd, "shop.example"))).await;
+    assert!(name.contains("not issued for the host"), "{name}");
+    coord.shutdown().await.unwrap();
+    let gone = hint(https, Some(tls(&cd, "localhost"))).await;
+    assert!(gone.contains("nothing answered at"), "{gone}");
+}
