@@ -149,6 +149,25 @@ fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
         .state_dir
         .as_ref()
         .context("`state_dir` is not configured: the agent keeps no local state")?;
+    // Reading commands never create it: a mistyped path would otherwise
+    // read as "no model yet" and leave an empty directory behind.
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => anyhow::bail!(
+            "`state_dir` {} is a file, not the agent's state directory",
+            dir.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "the state directory {} does not exist: no agent has run with this `state_dir` yet \
+             (check `state_dir` in the configuration or FEDCART_STATE_DIR; a relative path is \
+             resolved against the configuration file's folder)",
+            dir.display()
+        ),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading the state directory {}", dir.display()));
+        }
+    }
     StateDir::open(dir).with_context(|| format!("opening the state directory {}", dir.display()))
 }
 

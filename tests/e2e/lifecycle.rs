@@ -491,3 +491,36 @@ fn a_negative_flag_value_gets_the_flags_own_error() {
         );
     }
 }
+
+/// The reading commands (`score`, `recommend`, …) never create the state
+/// directory: a mistyped `state_dir` is named as missing, not read as "no
+/// model yet" with an empty directory left behind.
+#[test]
+fn a_reading_command_names_a_missing_state_directory_and_creates_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("merchant.toml");
+    std::fs::write(
+        &config,
+        "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \"nowhere\"\n\
+         [data]\nratings_csv = \"r.csv\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args(["recommend", "--config"])
+        .arg(&config)
+        .args(["--customer", "c1"])
+        .env_remove("FEDCART_STATE_DIR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let missing = dir.path().join("nowhere");
+    assert!(
+        stderr.contains(&format!(
+            "the state directory {} does not exist",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!missing.exists(), "nothing is created");
+}
