@@ -68,8 +68,7 @@ pub enum TlsError {
     /// CA issued it, or it has expired): the coordinator, which trusts the
     /// same platform CA for merchants, would refuse it after the handshake.
     #[error(
-        "the TLS certificate {} is not valid under the CA bundle {}: {reason}; `tls.cert` and \
-         `tls.key` must be issued by the platform's CA (`certs issue`), the one in `tls.ca`",
+        "the TLS certificate {} is not valid under the CA bundle {}: {reason}{advice}",
         cert.display(),
         ca.display()
     )]
@@ -80,6 +79,8 @@ pub enum TlsError {
         ca: PathBuf,
         /// What the verifier found (unknown issuer, expired, ...).
         reason: String,
+        /// What to do, when the reason is not a date (empty then).
+        advice: &'static str,
     },
     /// A PEM file was read but holds no usable key or CA certificate.
     #[error("using the TLS {role} {} to bind secure-aggregation keys", path.display())]
@@ -222,13 +223,24 @@ impl AgentTls {
             source,
         })?;
         cas.verify_client_chain(&chain, rustls::pki_types::UnixTime::now())
-            .map_err(|e| TlsError::NotIssuedByCa {
-                cert: self.cert.clone(),
-                ca: self.ca.clone(),
-                reason: match e {
+            .map_err(|e| {
+                let reason = match e {
                     BindingError::Untrusted(why) => why,
                     other => other.to_string(),
-                },
+                };
+                // An expired or not yet valid certificate says what to do.
+                let dated = reason.contains("expired on") || reason.contains("valid only from");
+                TlsError::NotIssuedByCa {
+                    cert: self.cert.clone(),
+                    ca: self.ca.clone(),
+                    reason,
+                    advice: if dated {
+                        ""
+                    } else {
+                        "; `tls.cert` and `tls.key` must be issued by the platform's CA \
+                         (`certs issue`), the one in `tls.ca`"
+                    },
+                }
             })
     }
 }

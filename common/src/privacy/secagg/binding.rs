@@ -396,7 +396,36 @@ impl TrustedCas {
             None,
         )
         .map(|_| ())
-        .map_err(|e| BindingError::Untrusted(e.to_string()))
+        .map_err(|e| BindingError::Untrusted(untrusted_reason(&e)))
+    }
+}
+
+/// A chain verification failure as a person reads it: dates for an expired
+/// or not yet valid certificate, the usual causes named, webpki's own
+/// wording otherwise.
+fn untrusted_reason(e: &webpki::Error) -> String {
+    let date = |t: UnixTime| {
+        chrono::DateTime::from_timestamp(t.as_secs() as i64, 0).map_or_else(
+            || format!("{} s", t.as_secs()),
+            |d| d.format("%Y-%m-%d %H:%M UTC").to_string(),
+        )
+    };
+    match e {
+        webpki::Error::CertExpired { time, not_after } => format!(
+            "the certificate expired on {} (it is now {}): renew it (`certs issue --force`)",
+            date(*not_after),
+            date(*time)
+        ),
+        webpki::Error::CertNotValidYet { time, not_before } => format!(
+            "the certificate is valid only from {} (it is now {}): check this machine's clock",
+            date(*not_before),
+            date(*time)
+        ),
+        webpki::Error::UnknownIssuer => "it was not issued by this CA".into(),
+        webpki::Error::InvalidSignatureForPublicKey => {
+            "its signature does not verify under this CA's key".into()
+        }
+        other => other.to_string(),
     }
 }
 
@@ -751,6 +780,28 @@ mod tests {
     fn at(year: i32) -> UnixTime {
         let t = rcgen::date_time_ymd(year, 1, 1).unix_timestamp() + 12 * 3600;
         UnixTime::since_unix_epoch(std::time::Duration::from_secs(t as u64))
+    }
+
+    /// An expired or not yet valid certificate is refused with its dates,
+    /// and another CA's with the cause, not webpki's debug form.
+    #[test]
+    fn a_refused_chain_says_why_in_words_and_dates() {
+        let root = new_ca("fedcart root");
+        let (leaf, _, _) = issued(&root, Some("m7"), 2024, 2026);
+        let chain = [CertificateDer::from(leaf.as_slice())];
+        let cas = TrustedCas::from_pem(root.pem.as_bytes()).unwrap();
+        let why = |cas: &TrustedCas, year| match cas.verify_chain_in_full(&chain, at(year)) {
+            Err(BindingError::Untrusted(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            why(&cas, 2030),
+            "the certificate expired on 2026-01-01 00:00 UTC (it is now 2030-01-01 12:00 UTC): \
+             renew it (`certs issue --force`)"
+        );
+        assert!(why(&cas, 2023).starts_with("the certificate is valid only from 2024-01-01"));
+        let other = TrustedCas::from_pem(new_ca("other").pem.as_bytes()).unwrap();
+        assert_eq!(why(&other, 2025), "it was not issued by this CA");
     }
 
     /// The memory of verified chains answers as a full verification would:
