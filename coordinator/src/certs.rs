@@ -459,6 +459,14 @@ pub fn revoke(
     serial: Option<&str>,
 ) -> anyhow::Result<Revoked> {
     crate::identity::validate_id(id)?;
+    // A revocation written to a new file would reach no coordinator.
+    if !access.is_file() {
+        bail!(
+            "the access file {} does not exist: pass the coordinator's `serve.tls.access` \
+             (the access.toml `certs init` wrote beside the CA)",
+            access.display()
+        );
+    }
     let serial = match serial {
         Some(s) => {
             let s = s.replace(':', "").to_ascii_lowercase();
@@ -474,7 +482,10 @@ pub fn revoke(
                     "no certificate issued for `{id}` in {} (issued: {}); pass --dir with the \
                      directory it was issued in, or --serial",
                     dir.dir.display(),
-                    issued_ids(dir).join(", ")
+                    match issued_ids(dir) {
+                        ids if ids.is_empty() => "none".to_string(),
+                        ids => ids.join(", "),
+                    }
                 );
             }
             serial_of_file(&cert)?

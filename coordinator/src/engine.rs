@@ -282,9 +282,7 @@ impl Engine {
                 });
             }
             Some(stored) => {
-                if stored != configured {
-                    tracing::warn!(run = %stored.run_id, "configuration differs from the stored run; resuming with the stored one");
-                }
+                warn_if_changed(&stored, &configured);
                 stored
             }
             None => {
@@ -495,6 +493,51 @@ mod plan;
 mod stop;
 
 pub use stop::{DIVERGED, RunStop, dominant_cause};
+
+/// The top-level settings of `configured` that differ from `stored`, as
+/// `key: stored → configured` (JSON values), for the operator's warning.
+pub fn changed_settings(stored: &RunConfig, configured: &RunConfig) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (
+        serde_json::to_value(stored),
+        serde_json::to_value(configured),
+    ) else {
+        return Vec::new();
+    };
+    let null = serde_json::Value::Null;
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
+            (x != y).then(|| {
+                let cut = |v: &serde_json::Value| {
+                    let t = v.to_string();
+                    if t.len() > 60 {
+                        format!("{}…", t.chars().take(60).collect::<String>())
+                    } else {
+                        t
+                    }
+                };
+                format!("{k}: {} → {}", cut(x), cut(y))
+            })
+        })
+        .collect()
+}
+
+/// Warns when a run given again (`serve --config`, a restart) differs from
+/// the one its store holds: the stored one goes on, the edit is ignored.
+pub fn warn_if_changed(stored: &RunConfig, configured: &RunConfig) {
+    let changed = changed_settings(stored, configured);
+    if !changed.is_empty() {
+        tracing::warn!(
+            run = %stored.run_id,
+            changed = %changed.join("; "),
+            "the configuration differs from the run the store holds, which goes on unchanged: \
+             give the run a new `run_id` (or use another store) to start one with these settings"
+        );
+    }
+}
 
 #[cfg(test)]
 mod tests;

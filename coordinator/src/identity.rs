@@ -406,6 +406,20 @@ mod tests {
         );
         let done = crate::certs::revoke(&access, &cd, "operator", None).unwrap();
         assert!(done.warning.unwrap().contains("not on the allow-list"));
+        // A mistyped access file is named, not created with the revocation.
+        let typo = dir.path().join("acess.toml");
+        let err = format!(
+            "{:#}",
+            crate::certs::revoke(&typo, &cd, "m1", None).unwrap_err()
+        );
+        assert!(
+            err.contains(&format!(
+                "the access file {} does not exist",
+                typo.display()
+            )),
+            "{err}"
+        );
+        assert!(!typo.exists());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `fedcart-coordinator`: the platform operator's command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -450,10 +450,9 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             dir,
             serial,
         } => {
-            let dir = dir.unwrap_or_else(|| {
-                access
-                    .parent()
-                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            let dir = dir.unwrap_or_else(|| match access.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
             });
             let done = ca::revoke(&access, &ca::CertDir::new(&dir), &id, serial.as_deref())?;
             if let Some(w) = &done.warning {

@@ -33,8 +33,11 @@ pub async fn call(
     // the coordinator checks it again.
     let submitted = match action {
         Action::Submit(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| crate::status::ReadConfig {
+                    path: path.clone(),
+                    source,
+                })?;
             crate::config::RunConfig::from_toml(&text, path).map_err(|e| match e {
                 // The other errors name the file already.
                 e @ crate::config::ConfigError::Invalid { .. } => {

@@ -110,10 +110,24 @@ pub async fn fetch(
     Ok(c.status(request).await.context("Status RPC")?.into_inner())
 }
 
+/// The run configuration `runs submit` was given could not be read: the
+/// operator's file, not a certificate (no TLS hint applies).
+#[derive(Debug, thiserror::Error)]
+#[error("reading {}", path.display())]
+pub struct ReadConfig {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// The cause.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Adds what to try to a failed [`fetch`] of `url`; `with_certs` tells
 /// whether `--certs` was given.
 pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error {
-    if e.chain().any(|c| c.is::<BadIdentity>()) {
+    if e.chain()
+        .any(|c| c.is::<BadIdentity>() || c.is::<ReadConfig>())
+    {
         return e;
     }
     let refused = e
@@ -351,6 +365,18 @@ mod tests {
         );
         // Old records (no field) still decode into the table.
         assert!(to_table(&record(None)).contains("r3a1-train (Committed, 2 reported)"));
+    }
+
+    /// `runs submit` of a missing configuration says so, without the hint
+    /// about the operator's certificate files.
+    #[test]
+    fn a_missing_run_configuration_gets_no_certificate_hint() {
+        let e = anyhow::Error::new(ReadConfig {
+            path: "nope.toml".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        let message = format!("{:#}", with_hint(e, "https://localhost:50051", true));
+        assert_eq!(message, "reading nope.toml: entity not found");
     }
 
     #[tokio::test]

@@ -324,3 +324,29 @@ macro_rules! from_str_by_value_enum {
 }
 
 from_str_by_value_enum!(Transport, ModeName, DpModeName);
+
+impl SimArgs {
+    /// Makes the relative input paths of a `--config` file (data, schema,
+    /// train and test tables) relative to `base`, its folder, where they
+    /// exist there; the output directory stays the working directory's.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        // A path that exists beside the file is the file's; one that does
+        // not stays as written (relative to the working directory, as the
+        // examples run from the repository root are).
+        let join = |p: &mut PathBuf| {
+            let beside = base.join(&*p);
+            if p.is_relative() && !base.as_os_str().is_empty() && beside.exists() {
+                *p = beside;
+            }
+        };
+        for p in [&mut self.schema, &mut self.train, &mut self.test]
+            .into_iter()
+            .flatten()
+        {
+            join(p);
+        }
+        if let Some(data) = &mut self.data {
+            data.resolve_paths(base);
+        }
+    }
+}

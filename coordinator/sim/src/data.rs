@@ -64,6 +64,30 @@ pub enum DataSpec {
 }
 
 impl DataSpec {
+    /// Makes a relative path of the spec relative to `base` (a `--config`
+    /// file's folder); the bundled files are found on their own.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        // A path that exists beside the file is the file's; one that does
+        // not stays as written (relative to the working directory, as the
+        // examples run from the repository root are).
+        let join = |p: &mut PathBuf| {
+            let beside = base.join(&*p);
+            if p.is_relative() && !base.as_os_str().is_empty() && beside.exists() {
+                *p = beside;
+            }
+        };
+        match self {
+            DataSpec::MovieLens(p) | DataSpec::Telco(p) => join(p),
+            DataSpec::Csv(c) => {
+                if let Some(p) = &mut c.path {
+                    join(p);
+                }
+            }
+            DataSpec::Orders(o) if !o.bundled => join(&mut o.path),
+            DataSpec::Orders(_) | DataSpec::None => {}
+        }
+    }
+
     /// Parses `movielens:PATH`, `telco:PATH`, `csv:PATH`, `orders:PATH`, or
     /// `movielens`, `telco`, `orders` (the bundled files), `csv` (the tables
     /// come from `--train`/`--test`). An orders source still needs

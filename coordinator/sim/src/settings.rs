@@ -225,8 +225,13 @@ impl Settings {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str::<SimArgs>(&text)
-                    .with_context(|| format!("parsing {}", p.display()))?
+                let mut file = toml::from_str::<SimArgs>(&text)
+                    .with_context(|| format!("parsing {}", p.display()))?;
+                // As the merchant's and the coordinator's files: relative
+                // paths are the file's folder's, not the working directory's.
+                let base = p.parent().unwrap_or(Path::new(""));
+                file.resolve_paths(base);
+                file
             }
             None => SimArgs::default(),
         };

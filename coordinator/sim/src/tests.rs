@@ -544,6 +544,26 @@ fn rules_read_from_the_config_file_name_its_key() {
     assert!(e.contains("strategy") && e.contains("fedmagic"), "{e}");
 }
 
+/// Relative input paths in a `--config` file are the file's folder's where
+/// they exist there (the working directory's otherwise, as the repository's
+/// examples are written).
+#[test]
+fn config_file_paths_resolve_beside_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.csv"), "").unwrap();
+    let path = dir.path().join("sim.toml");
+    std::fs::write(&path, "data = \"telco:t.csv\"\ntask = \"churn-lr\"\n").unwrap();
+    let a = SimArgs {
+        config: Some(path),
+        ..Default::default()
+    };
+    let s = Settings::from_args(a).unwrap();
+    assert_eq!(
+        s.data,
+        Some(crate::data::DataSpec::Telco(dir.path().join("t.csv")))
+    );
+}
+
 /// A secure noop run (8 values) of one round in which `agents` agents are
 /// selected and all of them make the quorum.
 fn secure_noop_run(agents: usize) -> RunConfig {

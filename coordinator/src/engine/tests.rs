@@ -682,3 +682,18 @@ fn accused_merchants_are_set_aside_by_the_one_liar_rule() {
     let plan = e.start_task(&agents(6)).unwrap();
     assert_eq!(plan.selected, ["m01", "m04", "m05"]);
 }
+
+/// A run given again with edited settings is named setting by setting in
+/// the operator's warning (the stored run goes on unchanged).
+#[test]
+fn changed_settings_name_each_edited_key_with_both_values() {
+    let stored = run(selection(1.0, 2, 8), 2);
+    let mut edited = stored.clone();
+    edited.rounds = 5;
+    edited.quorum = 3;
+    assert_eq!(
+        changed_settings(&stored, &edited),
+        ["quorum: 2 → 3", "rounds: 3 → 5"]
+    );
+    assert!(changed_settings(&stored, &stored).is_empty());
+}

@@ -205,9 +205,16 @@ impl Hub {
         resume: bool,
         schedule: Option<Schedule>,
     ) -> Result<(Arc<Shared>, bool), HubError> {
-        if let Some(h) = self.hosted().iter().find(|h| h.entry.run_id == run.run_id) {
+        let hosted = self
+            .hosted()
+            .iter()
+            .find(|h| h.entry.run_id == run.run_id)
+            .map(|h| Arc::clone(&h.shared));
+        if let Some(shared) = hosted {
             if resume {
-                return Ok((Arc::clone(&h.shared), false));
+                // Compared without the runs' lock held.
+                crate::engine::warn_if_changed(&shared.run_config(), &run);
+                return Ok((shared, false));
             }
             return Err(HubError::Exists(run.run_id));
         }
