@@ -157,35 +157,15 @@ impl RawAgent {
     /// sends by 5,000 codes: an input no honest agent could produce, so the
     /// unmasked sum is out of range. Stops when `stop` turns true or the
     /// coordinator closes the session; returns how many masked inputs it sent.
-    pub async fn secure_wrapping_weight(mut self, mut stop: watch::Receiver<bool>) -> usize {
-        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
-        let mut sent = 0;
-        loop {
-            let message = tokio::select! {
-                m = self.work.message() => m,
-                _ = stop.wait_for(|s| *s) => return sent,
-            };
-            let Ok(Some(pb::Work { kind: Some(kind) })) = message else {
-                return sent;
-            };
-            match kind {
-                pb::work::Kind::Task(task) => {
-                    let out = self.compute(&task).await;
-                    let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
-                    secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
-                }
-                pb::work::Kind::Secagg(req) => {
-                    let mut reply = secure.respond(&self.session_id, &req).expect("a step");
-                    if let Reply::Masked { payload, .. } = &mut reply {
-                        wrap_weight_slot(payload, 5_000);
-                        sent += 1;
-                    }
-                    // A refused input is the coordinator's answer, not ours.
-                    let _ = send(&mut self.client, reply).await;
-                }
-                _ => {}
+    pub async fn secure_wrapping_weight(self, stop: watch::Receiver<bool>) -> usize {
+        self.secure_tampering(stop, |_, reply| match reply {
+            Reply::Masked { payload, .. } => {
+                wrap_weight_slot(payload, 5_000);
+                true
             }
-        }
+            Reply::Message(_) => false,
+        })
+        .await
     }
 
     /// Takes part in every secure task with the agent's own protocol code,
@@ -193,17 +173,40 @@ impl RawAgent {
     /// that none of them can open its shares (and no one could rebuild its
     /// masks). Stops when `stop` turns true or the coordinator closes the
     /// session; returns how many share uploads it forged.
-    pub async fn secure_forging_shares(mut self, mut stop: watch::Receiver<bool>) -> usize {
+    pub async fn secure_forging_shares(self, stop: watch::Receiver<bool>) -> usize {
         use fedcart_common::privacy::secagg::ShareUpload;
+        self.secure_tampering(stop, |req, reply| match reply {
+            Reply::Message(msg) if req.stage == stage_name::SHARE_KEYS => {
+                let mut upload = ShareUpload::from_bytes(&msg.body).expect("our upload");
+                for bundle in &mut upload.shares {
+                    bundle.ciphertext[0] ^= 0x5a;
+                }
+                msg.body = upload.to_bytes();
+                true
+            }
+            _ => false,
+        })
+        .await
+    }
+
+    /// Takes part in every secure task with the agent's own protocol code,
+    /// passing each answer through `tamper` before it is sent, until `stop`
+    /// turns true or the coordinator closes the session; returns how many
+    /// answers `tamper` changed (it says so by returning true).
+    async fn secure_tampering(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        mut tamper: impl FnMut(&pb::SecAggRequest, &mut Reply) -> bool,
+    ) -> usize {
         let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
-        let mut forged = 0;
+        let mut tampered = 0;
         loop {
             let message = tokio::select! {
                 m = self.work.message() => m,
-                _ = stop.wait_for(|s| *s) => return forged,
+                _ = stop.wait_for(|s| *s) => return tampered,
             };
             let Ok(Some(pb::Work { kind: Some(kind) })) = message else {
-                return forged;
+                return tampered;
             };
             match kind {
                 pb::work::Kind::Task(task) => {
@@ -215,16 +218,10 @@ impl RawAgent {
                     let Ok(mut reply) = secure.respond(&self.session_id, &req) else {
                         continue;
                     };
-                    if let Reply::Message(msg) = &mut reply
-                        && req.stage == stage_name::SHARE_KEYS
-                    {
-                        let mut upload = ShareUpload::from_bytes(&msg.body).expect("our upload");
-                        for bundle in &mut upload.shares {
-                            bundle.ciphertext[0] ^= 0x5a;
-                        }
-                        msg.body = upload.to_bytes();
-                        forged += 1;
+                    if tamper(&req, &mut reply) {
+                        tampered += 1;
                     }
+                    // A refused answer is the coordinator's, not ours.
                     let _ = send(&mut self.client, reply).await;
                 }
                 _ => {}

@@ -41,12 +41,24 @@ fn noop_run(run_id: &str, secure: bool) -> RunConfig {
 /// without key binding) and m3 on `policy`; returns
 /// the training record.
 async fn run_with_strict_m3(run: RunConfig, policy: PrivacyPolicy) -> RoundRecord {
+    let mut trains = train_records_with_m3(run, |m3| m3.with_policy(policy)).await;
+    let record = trains.remove(0);
+    assert!(trains.is_empty());
+    record
+}
+
+/// Runs `run` to its end with m0–m2 on the plaintext harness's policy and
+/// m3 built by `m3` from a plain agent; returns the training records.
+async fn train_records_with_m3(
+    run: RunConfig,
+    m3: impl FnOnce(Agent) -> Agent,
+) -> Vec<RoundRecord> {
     let store = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
     let mut agents: Vec<_> = (0..3)
         .map(|k| spawn_agent(coord.addr, merchant(k)))
         .collect();
-    let mut strict = Agent::new(format!("http://{}", coord.addr), merchant(3)).with_policy(policy);
+    let mut strict = m3(Agent::new(format!("http://{}", coord.addr), merchant(3)));
     strict.backoff = Backoff {
         initial_ms: 20,
         max_ms: 500,
@@ -58,10 +70,10 @@ async fn run_with_strict_m3(run: RunConfig, policy: PrivacyPolicy) -> RoundRecor
         a.stop().await;
     }
     let history = shared.history().unwrap();
-    let mut trains = history.into_iter().filter(|r| r.kind == TaskKind::Train);
-    let record = trains.next().expect("a training round");
-    assert!(trains.next().is_none());
-    record
+    history
+        .into_iter()
+        .filter(|r| r.kind == TaskKind::Train)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,39 +158,16 @@ async fn a_merchants_epsilon_cap_holds_across_rounds_runs_and_restarts() {
         ..PrivacyPolicy::without_key_binding()
     };
     let state = tempfile::tempdir().unwrap();
-    let trains = |shared: &fedcart_coordinator::service::Shared| {
-        let history = shared.history().unwrap();
-        history
-            .into_iter()
-            .filter(|r| r.kind == TaskKind::Train)
-            .collect::<Vec<RoundRecord>>()
-    };
     for (run, rounds, m3_rounds) in [
         (distributed("e2e-budget-a", 3), 3, vec![1]),
         // Another run, a restarted agent on the same state: nothing left.
         (distributed("e2e-budget-b", 1), 1, vec![]),
     ] {
-        let store = tempfile::tempdir().unwrap();
-        let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
-        let mut agents: Vec<_> = (0..3)
-            .map(|k| spawn_agent(coord.addr, merchant(k)))
-            .collect();
         let dir = StateDir::open(state.path()).unwrap();
         let budget = Budget::open(dir, policy.max_epsilon.unwrap(), delta).unwrap();
-        let mut strict = Agent::new(format!("http://{}", coord.addr), merchant(3))
-            .with_policy(policy.clone())
-            .with_budget(budget);
-        strict.backoff = Backoff {
-            initial_ms: 20,
-            max_ms: 500,
-        };
-        agents.push(spawn_configured(strict));
-        let shared = coord.shared.clone();
-        coord.wait_finished().await.unwrap();
-        for a in agents {
-            a.stop().await;
-        }
-        let records = trains(&shared);
+        let policy = policy.clone();
+        let records =
+            train_records_with_m3(run, |m3| m3.with_policy(policy).with_budget(budget)).await;
         assert_eq!(records.len(), rounds, "{records:?}");
         for r in &records {
             assert_eq!(r.outcome, Outcome::Committed, "{r:?}");

@@ -467,22 +467,23 @@ mod tests {
     use crate::config::{RunConfig, Selection};
     use crate::store::Store;
 
-    #[test]
-    fn repeated_refusals_with_huge_metric_names_keep_the_record_bounded() {
+    /// A one-round run of a two-value `Noop` model selecting exactly
+    /// `agents` agents, quorum 1, over a scratch store.
+    fn noop_engine(run_id: &str, agents: usize) -> (tempfile::TempDir, Engine) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_scratch(&dir.path().join("e.redb")).unwrap();
         let run = RunConfig {
             max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
             early_stopping: None,
-            run_id: "bounded".into(),
+            run_id: run_id.into(),
             seed: 3,
             rounds: 1,
             model: ModelSpec::Noop { dim: 2 },
             sgd: Default::default(),
             selection: Selection {
                 fraction: 1.0,
-                min_agents: 1,
-                max_agents: 1,
+                min_agents: agents,
+                max_agents: agents,
                 min_available: 0,
             },
             quorum: 1,
@@ -492,7 +493,12 @@ mod tests {
             secagg: None,
             dp: None,
         };
-        let mut engine = Engine::open(store, run).unwrap();
+        (dir, Engine::open(store, run).unwrap())
+    }
+
+    #[test]
+    fn repeated_refusals_with_huge_metric_names_keep_the_record_bounded() {
+        let (_dir, mut engine) = noop_engine("bounded", 1);
         let plan = engine.start_task(&["m0".into()]).unwrap();
         let huge = "k".repeat(4 << 20);
         for _ in 0..1_000 {
@@ -527,30 +533,7 @@ mod tests {
     /// coordinator at its next read or restart).
     #[test]
     fn figures_whose_weighted_sum_overflows_are_rejected_and_the_history_stays_readable() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_scratch(&dir.path().join("e.redb")).unwrap();
-        let run = RunConfig {
-            max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
-            early_stopping: None,
-            run_id: "overflow".into(),
-            seed: 3,
-            rounds: 1,
-            model: ModelSpec::Noop { dim: 2 },
-            sgd: Default::default(),
-            selection: Selection {
-                fraction: 1.0,
-                min_agents: 3,
-                max_agents: 3,
-                min_available: 0,
-            },
-            quorum: 1,
-            round_timeout_ms: 1_000,
-            evaluate: false,
-            strategy: Default::default(),
-            secagg: None,
-            dp: None,
-        };
-        let mut engine = Engine::open(store, run).unwrap();
+        let (_dir, mut engine) = noop_engine("overflow", 3);
         let agents: Vec<String> = ["m0", "m1", "m2"].map(String::from).to_vec();
         let plan = engine.start_task(&agents).unwrap();
         let sub = |loss: f64, weight: f64| Submission {
