@@ -112,6 +112,27 @@ pub fn identity_of(cert: &[u8]) -> Option<String> {
         .find_map(|u| u.strip_prefix(MERCHANT_URI_PREFIX).map(str::to_owned))
 }
 
+/// Whether a TLS error is the peer's alert that it refused this side's
+/// certificate (unknown CA, bad, expired, revoked, missing, or access
+/// denied): what the agent and the operator's tools each turn into
+/// "the coordinator refused this certificate".
+pub fn refused_our_certificate(e: &rustls::Error) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        e,
+        rustls::Error::AlertReceived(
+            A::UnknownCA
+                | A::BadCertificate
+                | A::CertificateUnknown
+                | A::CertificateRequired
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::DecryptError
+                | A::AccessDenied,
+        )
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

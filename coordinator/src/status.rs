@@ -174,7 +174,7 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
 /// this identity refused), TLS against a plaintext port or plaintext
 /// against a TLS one; `None` otherwise.
 fn transport_fix(err: &(dyn std::error::Error + 'static), url: &str) -> Option<String> {
-    use rustls::{AlertDescription as A, CertificateError as C};
+    use rustls::CertificateError as C;
     let mut next = Some(err);
     while let Some(e) = next {
         // `io::Error::source` skips the error it wraps: look inside it too.
@@ -219,18 +219,11 @@ fn transport_fix(err: &(dyn std::error::Error + 'static), url: &str) -> Option<S
                      (or the platform's CA)"
                         .into()
                 }
-                rustls::Error::AlertReceived(
-                    A::UnknownCA
-                    | A::BadCertificate
-                    | A::CertificateUnknown
-                    | A::CertificateRequired
-                    | A::CertificateExpired
-                    | A::CertificateRevoked
-                    | A::DecryptError
-                    | A::AccessDenied,
-                ) => "the coordinator refused this identity's certificate: `--certs` must hold \
+                e if fedcart_common::identity::refused_our_certificate(e) => {
+                    "the coordinator refused this identity's certificate: `--certs` must hold \
                       an identity its CA issued (`--identity NAME`)"
-                    .into(),
+                        .into()
+                }
                 rustls::Error::InvalidMessage(_) => format!(
                     "the coordinator at {url} does not speak TLS: use http:// for a coordinator \
                      run with --insecure, or check the port"

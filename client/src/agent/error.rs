@@ -222,7 +222,7 @@ fn transport_fix(err: &(dyn StdError + 'static)) -> Option<String> {
 }
 
 fn tls_fix(e: &rustls::Error) -> Option<String> {
-    use rustls::{AlertDescription as A, CertificateError as C};
+    use rustls::CertificateError as C;
     match e {
         rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => Some(
             "the coordinator's certificate is not signed by `tls.ca`: use the platform's CA \
@@ -242,16 +242,7 @@ fn tls_fix(e: &rustls::Error) -> Option<String> {
         rustls::Error::InvalidCertificate(_) => {
             Some("the coordinator's certificate is not acceptable: check `tls.ca`".into())
         }
-        rustls::Error::AlertReceived(
-            A::UnknownCA
-            | A::BadCertificate
-            | A::CertificateUnknown
-            | A::CertificateRequired
-            | A::CertificateExpired
-            | A::CertificateRevoked
-            | A::DecryptError
-            | A::AccessDenied,
-        ) => Some(
+        e if fedcart_common::identity::refused_our_certificate(e) => Some(
             "the coordinator refused this merchant's certificate: `tls.cert` and `tls.key` must \
              be issued by the platform's CA (`certs issue`)"
                 .into(),
