@@ -471,7 +471,7 @@ impl DataError {
 pub(crate) fn header_hint(fields: &[&str]) -> String {
     let numeric = |f: &str| f.trim().parse::<f64>().is_ok();
     if fields.len() == 1
-        && let Some(sep) = ["::", "\t", ";", "|"]
+        && let Some(sep) = ["::", "\t", ";", "|", ","]
             .iter()
             .find(|s| fields[0].contains(**s))
     {
@@ -595,6 +595,24 @@ impl TabularDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A comma-separated table read with another delimiter (`--delimiter
+    /// semicolon` on Telco's export) says which separator its header has.
+    #[test]
+    fn a_header_that_did_not_split_names_its_separator_commas_included() {
+        for (header, sep) in [
+            ("customerID,gender,tenure", "`,`"),
+            ("a;b;c", "`;`"),
+            ("a\tb", "tab"),
+        ] {
+            let hint = header_hint(&[header]);
+            assert!(
+                hint.contains(&format!("its fields are separated by {sep}"))
+                    && hint.contains("--delimiter"),
+                "{header}: {hint}"
+            );
+        }
+    }
 
     /// Id `id`, label `y` (1 positive, 0 negative), the numeric columns
     /// `numeric`, strict policies.
