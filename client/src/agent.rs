@@ -362,6 +362,19 @@ impl Agent {
         if endpoint.uri().host().is_none_or(str::is_empty) {
             return Err(mismatch("no host"));
         }
+        // A port outside 1–65535 parses as a URI but can never connect: it
+        // would be retried quietly for ever.
+        let port = endpoint
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().rsplit_once(':'))
+            .map(|(_, p)| p)
+            .filter(|p| !p.contains(']'));
+        if let Some(port) = port
+            && !port.parse::<u16>().is_ok_and(|p| p > 0)
+        {
+            return Err(mismatch("the port must be a number from 1 to 65535"));
+        }
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone()).map_err(AgentError::Tls)?;
         }

@@ -290,6 +290,25 @@ fn text(e: &(dyn StdError + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port no socket can have is a permanent error naming the URL, not
+    /// an outage retried quietly for ever.
+    #[tokio::test]
+    async fn a_coordinator_url_with_an_impossible_port_stops_the_agent() {
+        for url in ["http://127.0.0.1:99999", "http://127.0.0.1:0"] {
+            let mut agent = crate::agent::Agent::new(url, Default::default());
+            let (_stop, rx) = tokio::sync::watch::channel(false);
+            let e = agent.run(rx).await.unwrap_err();
+            assert!(e.is_permanent(), "{url}: {e}");
+            assert!(
+                Chain(&e)
+                    .to_string()
+                    .contains("the port must be a number from 1 to 65535")
+                    && e.to_string().contains(url),
+                "{url}: {e}"
+            );
+        }
+    }
     use tonic::transport::Endpoint;
 
     #[test]
