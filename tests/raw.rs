@@ -80,6 +80,22 @@ impl RawAgent {
         }
     }
 
+    /// Answers every task honestly until the run ends or the stream closes
+    /// (a scripted agent whose part is over, left to serve the rest of the
+    /// run, say the evaluation that hands out its last version).
+    pub async fn serve(mut self) {
+        while let Ok(Some(work)) = self.work.message().await {
+            let done = match work.kind {
+                Some(pb::work::Kind::Task(task)) => self.answer(&task).await.is_err(),
+                Some(pb::work::Kind::RunEnded(_)) => true,
+                _ => false,
+            };
+            if done {
+                return;
+            }
+        }
+    }
+
     /// Waits for the next pushed secure-aggregation request, skipping pings.
     pub async fn next_secagg(&mut self) -> pb::SecAggRequest {
         loop {

@@ -161,14 +161,33 @@ pub async fn download_rows(
             _ => pb::RowPrecision::F32,
         } as i32,
     };
-    let mut stream = client
-        .download_model(req)
-        .await
-        .map_err(|status| TransferError::Download {
-            task_id: task.task_id.clone(),
-            status,
-        })?
-        .into_inner();
+    // A download refused for this agent's RPC rate is asked again, like an
+    // upload ([`BUSY_RETRY_MS`]): dropping out of the task instead would
+    // abort a round the agent is selected for.
+    let mut waits = BUSY_RETRY_MS.iter();
+    let mut stream = loop {
+        match client.download_model(req.clone()).await {
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                let Some(&ms) = waits.next() else {
+                    return Err(TransferError::Download {
+                        task_id: task.task_id.clone(),
+                        status,
+                    });
+                };
+                tracing::debug!(task = %task.task_id, wait_ms = ms, message = status.message(),
+                    "the coordinator is busy; asking for the model again");
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            reply => {
+                break reply
+                    .map_err(|status| TransferError::Download {
+                        task_id: task.task_id.clone(),
+                        status,
+                    })?
+                    .into_inner();
+            }
+        }
+    };
     // Each dense chunk is converted into the values as it arrives (the model
     // is never held as bytes as well); a row-sparse model is kept as bytes,
     // never larger than every row plus the row list.

@@ -66,7 +66,9 @@ pub struct RunConfig {
     pub quorum: usize,
     /// Deadline of each task, in milliseconds from its start.
     pub round_timeout_ms: u64,
-    /// Run an evaluation task after every committed round.
+    /// Run an evaluation task after every committed round. Off, the last
+    /// version is still handed to the agents in one evaluation task after
+    /// the last round (or a planned stop).
     #[serde(default = "yes")]
     pub evaluate: bool,
     /// Aggregation strategy, parsed once when the file is read (written as

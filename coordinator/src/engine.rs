@@ -224,14 +224,17 @@ pub struct Engine {
 }
 
 /// Whether `version` is followed by an evaluation task: after every version
-/// when the run evaluates, and always after the last version of an analysis,
-/// which is how its final state (say, the frequent itemsets) reaches the agents.
+/// when the run evaluates, and always after the last version, which is how
+/// the final model (or an analysis's final state, say the frequent itemsets)
+/// reaches the agents even when `run.evaluate` is off: an agent keeps the
+/// model of the last task it ran, and without this it would hold only the
+/// version it last trained from.
 fn publishes(run: &RunConfig, version: u64, global: &[f32], complete: bool) -> bool {
     let model = run.model.model();
     match model.analysis() {
         // Boosting evaluates only between trees (`Analysis::checkpoint`).
         Some(a) => complete || version >= run.rounds || (run.evaluate && a.checkpoint(global)),
-        None => run.evaluate,
+        None => run.evaluate || version >= run.rounds,
     }
 }
 
@@ -468,8 +471,11 @@ impl Engine {
         if self.stopped.as_ref().is_some_and(|s| !s.is_planned()) {
             return None;
         }
-        let best = self.best.as_ref()?.version;
-        (self.last_evaluated != Some(best)).then_some(best)
+        // Without evaluations there is no best: the latest version (a run
+        // with `run.evaluate` off that a budget stopped before its last
+        // round).
+        let serve = self.best.as_ref().map_or(self.version, |b| b.version);
+        (serve > 0 && self.last_evaluated != Some(serve)).then_some(serve)
     }
 
     /// Chooses where the DP noise comes from ([`NoiseSource::Os`] unless

@@ -164,13 +164,21 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
         "already submitted"
     );
     slow.answer(&slow_task).await.unwrap();
+    // The raw sessions serve the rest of the run (the evaluation that hands
+    // out the trained version selects five of the six).
+    let raw: Vec<_> = [evil, slow, outsider]
+        .into_iter()
+        .map(|a| tokio::spawn(a.serve()))
+        .collect();
 
     let shared = coord.shared.clone();
     coord.wait_finished().await.unwrap();
     for a in agents {
         a.stop().await;
     }
-    drop(outsider);
+    for a in raw {
+        a.await.unwrap();
+    }
     let train = shared
         .history()
         .unwrap()
@@ -219,15 +227,15 @@ async fn run_with_a_dropout(quorum: usize) -> Vec<fedcart_coordinator::record::R
     assert_eq!(train.task_id, "r1a1-train");
     // Disconnect mid-round, after being selected and before answering.
     drop(flaky);
-    if quorum == 4 {
-        // The round aborts; the merchant comes back as a well-behaved agent.
-        let mut progress = coord.progress.clone();
-        progress.wait_for(|p| p.records >= 2).await.unwrap();
-        agents.push(spawn_agent(
-            coord.addr,
-            load_merchant("merchant-3", &split.files[3]),
-        ));
-    }
+    // With quorum 4 the round aborts, with quorum 3 it commits without it;
+    // either way the merchant comes back as a well-behaved agent (the
+    // evaluation that hands out the last version selects all four).
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.records >= 2).await.unwrap();
+    agents.push(spawn_agent(
+        coord.addr,
+        load_merchant("merchant-3", &split.files[3]),
+    ));
     let shared = coord.shared.clone();
     coord.wait_finished().await.unwrap();
     for a in agents {

@@ -263,10 +263,12 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
         spent
     );
     // Every task of the submitted run counts as started once (the observer
-    // follows the first run's progress, and saw few of these open).
+    // follows the first run's progress, and saw few of these open): the
+    // statistics step, three rounds and the evaluation that hands out the
+    // last version.
     assert_eq!(
         crate::security::metric(&metrics, "fedcart_tasks_started_total{run=\"dash-b\"}"),
-        4.0,
+        5.0,
         "{metrics}"
     );
     let summary = coord.hub.summary("dash-b").unwrap();
@@ -289,22 +291,26 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
     assert_eq!(b["run_id"], "dash-b");
     assert_eq!(b["model_version"], 3);
     assert_eq!(b["privacy"]["epsilon"].as_f64(), Some(spent), "{b}");
-    // Its agents' participation is its own: the statistics step and three
-    // rounds each, not the sum over both runs.
+    // Its agents' participation is its own: the statistics step, three
+    // rounds and the final evaluation each, not the sum over both runs.
     let selected: Vec<u64> = b["agents"]
         .as_array()
         .unwrap()
         .iter()
         .map(|a| a["selected"].as_u64().unwrap())
         .collect();
-    assert_eq!(selected, [4, 4], "{b}");
+    assert_eq!(selected, [5, 5], "{b}");
     let kinds: Vec<&str> = b["history"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["stats", "train", "train", "train"], "{b}");
+    assert_eq!(
+        kinds,
+        ["stats", "train", "train", "train", "evaluate"],
+        "{b}"
+    );
     let missing = crate::security::http_raw(http, "GET", "/api/status?run=nope", "").await;
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     // So does `status --run ID`.

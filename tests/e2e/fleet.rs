@@ -79,8 +79,8 @@ async fn a_fleet_of_twenty_certified_sessions_completes_two_secure_rounds_and_ex
     coord.wait_finished().await.unwrap();
     let agents = fleet.await.unwrap().expect("every session ends cleanly");
     assert!(
-        agents.iter().all(|a| a.tasks_done == 2),
-        "each session served both rounds"
+        agents.iter().all(|a| a.tasks_done == 3),
+        "each session served both rounds and the final version's evaluation"
     );
     let history = shared.history().unwrap();
     assert_eq!(committed_trains(&history, N).len(), 2, "{history:?}");

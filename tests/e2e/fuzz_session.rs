@@ -520,6 +520,20 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
     tallies.insert(stage_name::UNMASK, t);
     send(&mut client, Reply::Message(msg)).await.unwrap();
 
+    // The evaluation that hands out the committed version, answered honestly.
+    let pb::work::Kind::Task(eval) = next_work(&mut work).await else {
+        panic!("the final evaluation after the round");
+    };
+    assert!(eval.task_id.ends_with("-evaluate"), "{}", eval.task_id);
+    let spec: TaskSpec = serde_json::from_slice(&eval.spec_json).unwrap();
+    let global = fedcart_client::transfer::download(&mut client, &session, &eval)
+        .await
+        .expect("download");
+    let out = run_task(&spec, &global, &mut data).expect("noop evaluation");
+    fedcart_client::transfer::upload(&mut client, &session, &eval, &out)
+        .await
+        .expect("upload");
+
     eprintln!("fuzz over mTLS, {CASES} mutations per stage: {tallies:?}");
     for (stage, t) in &tallies {
         // A sixth of the masked-input mutations target its decoder; the rest

@@ -204,6 +204,12 @@ async fn oversized_metrics_are_refused_and_records_and_series_stay_bounded() {
         .await
         .expect("the honest update is accepted");
     good.answer(&good_task).await.unwrap();
+    // The evaluation that hands out the trained version.
+    for agent in [&mut evil, &mut good] {
+        let task = agent.next_task().await;
+        assert!(task.task_id.ends_with("-evaluate"), "{}", task.task_id);
+        agent.answer(&task).await.unwrap();
+    }
 
     let mut progress = coord.progress.clone();
     progress.wait_for(|p| p.finished).await.unwrap();
@@ -233,9 +239,11 @@ async fn oversized_metrics_are_refused_and_records_and_series_stay_bounded() {
     coord.shutdown().await.unwrap();
 }
 
-/// An agent over its RPC rate has its result refused as `ResourceExhausted`
-/// and sends it again after a backoff (`transfer::BUSY_RETRY_MS`), so a
-/// burst of RPCs costs it a wait, not its place in the round. The bucket
+/// An agent over its RPC rate has its result (or its model download)
+/// refused as `ResourceExhausted` and asks again after a backoff
+/// (`transfer::BUSY_RETRY_MS`), so a burst of RPCs costs it a wait, not its
+/// place in the round (a refused download used to drop the agent out of
+/// the evaluation after the round, attempt after attempt). The bucket
 /// holds fewer RPCs than the agent makes up to its training upload and
 /// refills at one token per 2 s: that upload is refused, and only a retry
 /// gets in (without retries the agent's session ends and the round aborts
@@ -254,9 +262,10 @@ async fn an_upload_refused_for_the_rpc_rate_is_sent_again_and_counts() {
     let coord = start_limited(&dir.path().join("c.redb"), run, limits).await;
     let agent = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
     let (_shared, history) = finish(coord, vec![agent]).await;
-    // The statistics task and the training round both committed with the
-    // agent's result, the training upload retried until a token came.
-    assert_eq!(history.len(), 2, "{history:?}");
+    // The statistics task, the training round and the evaluation that hands
+    // out its version all committed with the agent's result, the uploads
+    // retried until a token came.
+    assert_eq!(history.len(), 3, "{history:?}");
     for r in &history {
         assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
         assert_eq!(r.reported, vec!["m0"], "{r:?}");

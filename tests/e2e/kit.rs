@@ -160,9 +160,7 @@ selection = {{ fraction = 1.0, min_agents = 2, max_agents = 2 }}
     let store = Store::open(&coord.join("store.redb")).expect("store beside its config");
     assert_eq!(store.latest_version().unwrap(), Some(1));
     for k in 0..2 {
-        // The run's own directory: with `evaluate = false` an agent holds
-        // only the version 0 it trained from, which never goes to the top
-        // (what `score` answers from).
+        // The run's own directory.
         let state = root
             .path()
             .join(format!("kits/m{k}/state/runs/kit/global-churn.json"));
@@ -171,6 +169,16 @@ selection = {{ fraction = 1.0, min_agents = 2, max_agents = 2 }}
             "{} kept beside the kit's config",
             state.display()
         );
+        // The run does not evaluate between rounds, yet its trained version
+        // reached the merchant (the final evaluation task hands it out), so
+        // `score` answers from it.
+        let top =
+            fedcart_client::state::StateDir::open(root.path().join(format!("kits/m{k}/state")))
+                .unwrap()
+                .load_global("churn")
+                .unwrap()
+                .map(|(meta, _)| (meta.run_id, meta.version));
+        assert_eq!(top, Some(("kit".to_owned(), 1)), "merchant m{k}");
     }
     let stray: Vec<_> = std::fs::read_dir(&elsewhere).unwrap().collect();
     assert!(

@@ -346,8 +346,9 @@ async fn a_run_that_never_trained_leaves_the_served_model_alone() {
         run.evaluate = false;
         run
     };
-    // A run that trains: the agents' tops hold its version 1 (the model
-    // the second round downloads).
+    // A run that trains: the agents' tops hold its last version, 2 (the
+    // run does not evaluate between rounds, but its final version is handed
+    // out in one evaluation task).
     let store = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), noop_run("base", 2), 0).await;
     let agents: Vec<_> = (0..2)
@@ -365,7 +366,7 @@ async fn a_run_that_never_trained_leaves_the_served_model_alone() {
             .unwrap();
         (meta.run_id, meta.version)
     };
-    assert_eq!(top(0), ("base".to_owned(), 1));
+    assert_eq!(top(0), ("base".to_owned(), 2));
 
     // A run whose first round loses one of its two merchants and gives up.
     let store = tempfile::tempdir().unwrap();
@@ -403,6 +404,6 @@ async fn a_run_that_never_trained_leaves_the_served_model_alone() {
         .unwrap();
     assert_eq!(meta.version, 0);
     // ... and still serves the trained one.
-    assert_eq!(top(0), ("base".to_owned(), 1));
-    assert_eq!(top(1), ("base".to_owned(), 1));
+    assert_eq!(top(0), ("base".to_owned(), 2));
+    assert_eq!(top(1), ("base".to_owned(), 2));
 }

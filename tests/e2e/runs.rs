@@ -606,8 +606,9 @@ async fn two_secure_runs_at_once_over_the_same_agents_both_finish() {
                 .all(|r| r.outcome == fedcart_coordinator::record::Outcome::Committed),
             "{run}: {history:?}"
         );
-        // The statistics step and both rounds, each at its first attempt.
-        assert_eq!(history.len(), 3, "{run}: {history:?}");
+        // The statistics step, both rounds and the evaluation that hands out
+        // the last version, each at its first attempt.
+        assert_eq!(history.len(), 4, "{run}: {history:?}");
     }
     for a in agents {
         a.stop().await;

@@ -86,14 +86,17 @@ async fn one_round_with_deaths(
         let raw = RawAgent::join(coord.addr, merchant(k)).await;
         scripted.push(tokio::spawn(raw.secure_then_die(die)));
     }
-    let agents: Vec<_> = (0..4 - dying)
+    let mut agents: Vec<_> = (0..4 - dying)
         .map(|k| spawn_agent(coord.addr, merchant(k)))
         .collect();
     let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
     for s in scripted {
         s.await.unwrap();
     }
+    // The dead merchants come back with real agents for the evaluation that
+    // hands out the committed version (it selects all four).
+    agents.extend((4 - dying..4).map(|k| spawn_agent(coord.addr, merchant(k))));
+    coord.wait_finished().await.unwrap();
     for a in agents {
         a.stop().await;
     }

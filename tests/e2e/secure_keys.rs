@@ -487,18 +487,17 @@ async fn secure_round_over_mtls_binds_keys_and_a_badly_signed_advertisement_drop
         panic!("welcome first");
     };
     // The honest agents, with their certificates and signing keys.
-    let honest: Vec<_> = (1..N)
-        .map(|k| {
-            let id = format!("m{k}");
-            let data = LocalData {
-                merchant_id: id.clone(),
-                ..Default::default()
-            };
-            let mut a = Agent::new(url.clone(), data).with_key_identity(identity(&ca, &id));
-            a.tls = Some(client_tls(&ca, &id));
-            spawn_configured(a)
-        })
-        .collect();
+    let spawn_honest = |k: usize| {
+        let id = format!("m{k}");
+        let data = LocalData {
+            merchant_id: id.clone(),
+            ..Default::default()
+        };
+        let mut a = Agent::new(url.clone(), data).with_key_identity(identity(&ca, &id));
+        a.tls = Some(client_tls(&ca, &id));
+        spawn_configured(a)
+    };
+    let mut honest: Vec<_> = (1..N).map(spawn_honest).collect();
     let pb::work::Kind::Task(t) = next_work(&mut work).await else {
         panic!("a task after the welcome");
     };
@@ -528,6 +527,11 @@ async fn secure_round_over_mtls_binds_keys_and_a_badly_signed_advertisement_drop
     // m0 leaves; the others verified each other's bindings and commit.
     drop(work);
     drop(client);
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.records >= 1).await.unwrap();
+    // m0 comes back honest for the evaluation that hands out the version
+    // (it selects all four).
+    honest.push(spawn_honest(0));
     let shared = coord.shared.clone();
     coord.wait_finished().await.unwrap();
     for a in honest {

@@ -575,7 +575,6 @@ fn an_operator_stop_abandons_the_open_task_and_a_resumed_engine_stays_stopped() 
 
     e.stop_by_operator("ops").unwrap();
     assert!(e.open_task().is_none(), "the open task is abandoned");
-    assert!(e.finished());
     assert_eq!(
         e.stopped(),
         Some(&RunStop::Operator {
@@ -584,19 +583,36 @@ fn an_operator_stop_abandons_the_open_task_and_a_resumed_engine_stays_stopped() 
         })
     );
     assert!(e.stopped().unwrap().is_planned());
-    assert!(matches!(
-        e.start_task(&agents(2)),
-        Err(EngineError::Finished)
-    ));
+    // A planned stop still hands the last version to the agents (the run
+    // does not evaluate, so there is no best to prefer): one evaluation of
+    // version 1, after which the run is over.
+    assert!(!e.finished());
     let committed = e.global();
     drop(e);
 
     // Nothing of the abandoned task was kept; the stop was.
-    let again = Engine::resume(Store::open(&path).unwrap()).unwrap();
+    let mut again = Engine::resume(Store::open(&path).unwrap()).unwrap();
     assert_eq!(again.version(), 1);
     assert_eq!(again.global(), committed);
     assert!(matches!(again.stopped(), Some(RunStop::Operator { .. })));
+    let serve = again.start_task(&agents(2)).unwrap();
+    assert_eq!((serve.spec.kind, serve.round), (TaskKind::Evaluate, 1));
+    assert_eq!(serve.task_id, "r1a1-evaluate");
+    for m in agents(2) {
+        let sub = Submission {
+            update: None,
+            metrics: Default::default(),
+            weight: 1.0,
+            bytes: 0,
+        };
+        submit(&mut again, &serve, &m, sub).unwrap();
+    }
+    again.finish_task().unwrap();
     assert!(again.finished());
+    assert!(matches!(
+        again.start_task(&agents(2)),
+        Err(EngineError::Finished)
+    ));
 }
 
 /// A churn evaluation's per-class score histogram with a negative count
@@ -696,4 +712,43 @@ fn changed_settings_name_each_edited_key_with_both_values() {
         ["quorum: 2 → 3", "rounds: 3 → 5"]
     );
     assert!(changed_settings(&stored, &stored).is_empty());
+}
+
+/// With `run.evaluate` off no version is evaluated between rounds, but the
+/// last one still reaches the agents: one evaluation task of the final
+/// version follows the last round (an agent keeps the model of its last
+/// task, and would otherwise hold only the version it last trained from).
+#[test]
+fn a_run_that_does_not_evaluate_still_hands_its_final_version_to_the_agents() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = run(selection(1.0, 2, 2), 2);
+    cfg.rounds = 2;
+    assert!(!cfg.evaluate);
+    let mut e = Engine::open(Store::open(&dir.path().join("e.redb")).unwrap(), cfg).unwrap();
+    let mut kinds = Vec::new();
+    while !e.finished() {
+        let plan = e.start_task(&agents(2)).unwrap();
+        kinds.push((plan.spec.kind, plan.round));
+        for m in agents(2) {
+            let sub = match plan.spec.kind {
+                TaskKind::Train => update([1.0, 2.0, 3.0], 1.0),
+                _ => Submission {
+                    update: None,
+                    metrics: Default::default(),
+                    weight: 1.0,
+                    bytes: 0,
+                },
+            };
+            submit(&mut e, &plan, &m, sub).unwrap();
+        }
+        assert_eq!(e.finish_task().unwrap().outcome, Outcome::Committed);
+    }
+    assert_eq!(
+        kinds,
+        [
+            (TaskKind::Train, 1),
+            (TaskKind::Train, 2),
+            (TaskKind::Evaluate, 2)
+        ]
+    );
 }
