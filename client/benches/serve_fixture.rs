@@ -55,6 +55,7 @@ fn spec(model: ModelSpec, standardizer: Option<Standardizer>) -> TaskSpec {
         round: 1,
         standardizer,
         dp: None,
+        best_version: None,
     }
 }
 

@@ -324,6 +324,7 @@ mod tests {
             round: 1,
             standardizer: None,
             dp: None,
+            best_version: None,
         }
     }
 

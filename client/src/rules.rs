@@ -186,6 +186,7 @@ mod tests {
                 round: 2,
                 standardizer: None,
                 dp: None,
+                best_version: None,
             },
             sha256: None,
         }

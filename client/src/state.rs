@@ -408,6 +408,7 @@ mod tests {
             round: 1,
             standardizer: None,
             dp: None,
+            best_version: None,
         };
         let meta = |model| GlobalMeta {
             run_id: "r".into(),
@@ -470,6 +471,7 @@ mod tests {
                 round: 1,
                 standardizer: None,
                 dp: None,
+                best_version: None,
             },
             sha256: None,
         };

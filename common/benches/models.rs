@@ -61,6 +61,7 @@ fn mf_epochs(c: &mut Criterion) {
             round: 1,
             standardizer: None,
             dp: None,
+            best_version: None,
         };
         let global = spec.model.initial_params(1);
         let ratings = data.mf.as_ref().map_or(0, |m| m.train.len());

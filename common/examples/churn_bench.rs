@@ -67,6 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let mlp = TaskSpec {
         model: ModelSpec::ChurnMlp {
@@ -134,6 +135,7 @@ fn cdnow() -> Result<(), Box<dyn std::error::Error>> {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let mlp = TaskSpec {
         model: ModelSpec::ChurnMlp {

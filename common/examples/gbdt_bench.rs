@@ -59,6 +59,7 @@ fn spec(params: GbdtParams) -> TaskSpec {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     }
 }
 

@@ -87,6 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let metric = if implicit { "hr@10" } else { "rmse" };
     println!(

@@ -73,6 +73,8 @@ pub struct RoundContext<'a> {
     pub round: u64,
     /// Global feature scaling agreed in the statistics step, if any.
     pub standardizer: Option<&'a Standardizer>,
+    /// The version the run serves so far, if any ([`TaskSpec::best_version`](crate::task::TaskSpec::best_version)).
+    pub best_version: Option<u64>,
 }
 
 /// One federated model family: the seam `train::run_task` dispatches through.

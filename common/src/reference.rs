@@ -643,6 +643,7 @@ mod tests {
             round: 0,
             standardizer: None,
             dp: None,
+            best_version: None,
         }
     }
 
@@ -663,6 +664,7 @@ mod tests {
             round: 0,
             standardizer: None,
             dp: None,
+            best_version: None,
         };
         let mut merchants = telco_merchants(4, 42);
         let a = federate(&spec, &mut merchants, 5, &mut FedAvg).unwrap();

@@ -377,6 +377,13 @@ pub struct TaskSpec {
     /// distributed mode, the agent's noise). `run_task` clips accordingly.
     #[serde(default)]
     pub dp: Option<DpTask>,
+    /// An evaluation's view of model selection: the version the run serves
+    /// so far (its best by the federated validation metric), if any. An MF
+    /// agent keeps the user side it evaluated that version with however
+    /// many versions follow, so the final serving task can pair the best
+    /// version with its own users (`mf::UserState::pair_with_version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_version: Option<u64>,
 }
 
 impl TaskSpec {
@@ -387,6 +394,7 @@ impl TaskSpec {
             seed: self.seed,
             round: self.round,
             standardizer: self.standardizer.as_ref(),
+            best_version: self.best_version,
         }
     }
 

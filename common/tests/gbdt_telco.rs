@@ -50,6 +50,7 @@ fn telco_federated_gbdt_reaches_0_845_auc_within_0_005_of_pooled_gbdt() {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let fed = federate(&template, &mut merchants, rounds, &mut FedAvg).unwrap();
     let mut s = template.clone();

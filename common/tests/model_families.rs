@@ -137,6 +137,7 @@ fn spec(model: ModelSpec, sgd: SgdParams, standardizer: Option<Standardizer>) ->
         round: 0,
         standardizer,
         dp: None,
+        best_version: None,
     }
 }
 

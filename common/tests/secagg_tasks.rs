@@ -83,6 +83,7 @@ fn telco_stats(merchants: usize) -> (Vec<Update>, usize) {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let updates = partition_churn(&ds, merchants, 0.2, 42)
         .iter_mut()

@@ -427,6 +427,7 @@ fn reference_step(base: &[f32], reported: &[String], round: u64) -> Vec<f32> {
         round,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let layout = model.layout();
     let mut acc = SumAccumulator::new(base.len(), layout.num_coord_weights);

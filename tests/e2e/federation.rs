@@ -58,6 +58,7 @@ async fn four_agents_over_grpc_match_in_process_fedavg_and_beat_auc_0_80() {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let expected = reference::federate(&template, &mut merchants, 5, &mut FedAvg).unwrap();
     assert_eq!(expected.standardizer.as_ref(), Some(&scaler));

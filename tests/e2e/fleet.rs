@@ -99,6 +99,7 @@ async fn a_fleet_of_twenty_certified_sessions_completes_two_secure_rounds_and_ex
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let expected = reference::federate(&template, &mut merchants.clone(), 2, &mut FedAvg)
         .unwrap()

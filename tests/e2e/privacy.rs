@@ -62,6 +62,7 @@ async fn agents_clip_and_a_merchant_who_knows_the_seed_cannot_remove_the_coordin
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     spec.standardizer = stats_step(&spec, &mut merchants).unwrap();
     spec.kind = TaskKind::Train;

@@ -50,6 +50,7 @@ fn fedavg_over(run: &RunConfig, merchants: &[LocalData], rounds: u64) -> Vec<f32
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let mut merchants = merchants.to_vec();
     reference::federate(&template, &mut merchants, rounds, &mut FedAvg)

@@ -118,6 +118,7 @@ fn plaintext(spec: &ModelSpec, merchants: &mut [LocalData], seed: u64) -> (Vec<f
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let mut acc = SumAccumulator::new(task.update_len(), 0);
     for m in merchants.iter_mut() {

@@ -92,6 +92,7 @@ async fn secure_gbdt_over_grpc_grows_the_in_process_trees_in_one_round_per_level
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let plain = fedcart_common::reference::federate(&template, &mut merchants, rounds, &mut FedAvg)
         .unwrap();

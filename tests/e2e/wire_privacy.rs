@@ -207,6 +207,7 @@ async fn leaked_update_windows(secure: bool) -> (usize, usize) {
             round,
             standardizer: None,
             dp: None,
+            best_version: None,
         };
         for m in &merchants {
             let out = run_task(&spec, &[], &mut m.clone()).unwrap();

@@ -139,6 +139,7 @@ mod tests {
             round: 0,
             standardizer: None,
             dp: None,
+            best_version: None,
         }
     }
 

@@ -237,6 +237,7 @@ mod tests {
             seed: 1,
             round: 1,
             standardizer: None,
+            best_version: None,
         }
     }
 

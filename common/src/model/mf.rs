@@ -254,7 +254,8 @@ pub struct UserState {
 
 /// How many evaluated versions' user states an agent keeps: more than the
 /// default patience (5), so an early-stopped run's best version always has
-/// its own. A best version further back is served with the latest users.
+/// its own. The run's best version so far, which evaluation tasks name
+/// (`TaskSpec::best_version`), is kept however far back it is.
 pub const KEPT_SNAPSHOTS: usize = 16;
 
 /// The private user side as one evaluated version found it.
@@ -281,8 +282,9 @@ impl UserState {
 
     /// Before evaluating `version`: restores the user side it was first
     /// evaluated with, or remembers the current one as its own (keeping the
-    /// last [`KEPT_SNAPSHOTS`]). Returns whether it restored.
-    pub fn pair_with_version(&mut self, version: u64) -> bool {
+    /// last [`KEPT_SNAPSHOTS`], and `best`'s, the run's best version so far,
+    /// however old). Returns whether it restored.
+    pub fn pair_with_version(&mut self, version: u64, best: Option<u64>) -> bool {
         if let Some(s) = self.evaluated.iter().find(|s| s.version == version)
             && s.bias.len() == self.bias.len()
             && s.factors.len() == self.factors.len()
@@ -297,8 +299,13 @@ impl UserState {
             bias: self.bias.clone(),
             factors: self.factors.clone(),
         });
-        if self.evaluated.len() > KEPT_SNAPSHOTS {
-            self.evaluated.remove(0);
+        // The best version's snapshot does not count against the others'.
+        let pinned = |s: &UserSnapshot| best == Some(s.version) && s.version != version;
+        let others = self.evaluated.iter().filter(|s| !pinned(s)).count();
+        if others > KEPT_SNAPSHOTS
+            && let Some(oldest) = self.evaluated.iter().position(|s| !pinned(s))
+        {
+            self.evaluated.remove(oldest);
         }
         false
     }

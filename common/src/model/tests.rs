@@ -97,6 +97,7 @@ fn context<'a>(sgd: &'a SgdParams, scaler: Option<&'a Standardizer>) -> RoundCon
         seed: 11,
         round: 0,
         standardizer: scaler,
+        best_version: None,
     }
 }
 

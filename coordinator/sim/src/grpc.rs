@@ -268,6 +268,7 @@ async fn drive(
         round: version,
         standardizer,
         dp: None,
+        best_version: None,
     };
     // Each merchant's held-out metrics of the final model, evaluated once:
     // those that answered the last evaluation make the per-merchant table

@@ -538,6 +538,7 @@ pub fn run_one(
             round: 0,
             standardizer: None,
             dp: None,
+            best_version: None,
         };
         // The federated column is this run's served version, merchant by
         // merchant; only the baselines are trained for the report.
@@ -1035,6 +1036,7 @@ fn evaluation_of(
         round: version,
         standardizer: engine.standardizer().cloned(),
         dp: None,
+        best_version: None,
     };
     Ok((params, spec))
 }

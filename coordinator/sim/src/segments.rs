@@ -32,6 +32,7 @@ pub fn standardizer(merchants: &[LocalData], d: usize) -> anyhow::Result<Standar
         seed: 0,
         round: 0,
         standardizer: None,
+        best_version: None,
     };
     let mut acc = SumAccumulator::new(2 * d, 0);
     for m in merchants {

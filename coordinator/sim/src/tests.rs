@@ -807,6 +807,7 @@ fn reported_auc_under_skew_is_the_auc_of_the_pooled_predictions() {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     template.standardizer =
         fedcart_common::reference::stats_step(&template, &mut pop.merchants).unwrap();

@@ -95,6 +95,10 @@ impl Engine {
                 (Some(l), TaskKind::Train) => Some(l.task(selected.len(), self.global.len())?),
                 _ => None,
             },
+            best_version: match kind {
+                TaskKind::Evaluate => self.best.as_ref().map(|b| b.version),
+                _ => None,
+            },
         };
         let needs_model = kind != TaskKind::Stats;
         let secure = self.run.secagg.is_some() && kind != TaskKind::Evaluate;

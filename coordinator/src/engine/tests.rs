@@ -423,7 +423,9 @@ fn a_segments_candidate_task_gives_each_selected_merchant_a_slot_and_refuses_a_f
 }
 
 /// Runs an implicit-MF run of `rounds` rounds whose evaluations report the
-/// given validation HR@10 values in turn (the updates are zeros).
+/// given validation HR@10 values in turn (the updates are zeros). Every
+/// evaluation task names the best version so far (`TaskSpec::best_version`,
+/// which agents keep the users of), and no other task does.
 fn run_with_validation(vals: &[f64], patience: Option<u64>) -> (tempfile::TempDir, Engine) {
     let model = ModelSpec::MfImplicit {
         num_items: 2,
@@ -441,6 +443,14 @@ fn run_with_validation(vals: &[f64], patience: Option<u64>) -> (tempfile::TempDi
     let mut evals = vals.iter();
     while !e.finished() {
         let plan = e.start_task(&agents(1)).unwrap();
+        let best = match plan.spec.kind {
+            TaskKind::Evaluate => e.best().map(|b| b.version),
+            _ => None,
+        };
+        assert_eq!(plan.spec.best_version, best, "{}", plan.task_id);
+        if plan.model_version < e.version() {
+            assert!(best.is_some(), "the serving task names the best version");
+        }
         let sub = match plan.spec.kind {
             TaskKind::Evaluate => Submission {
                 update: None,

@@ -502,6 +502,7 @@ fn cdnow_churn_lr_learns_and_federated_matches_centralised() {
         round: 0,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let c = federate(&spec, &mut pooled, 10, &mut FedAvg).unwrap();
     let f = federate(&spec, &mut merchants, 10, &mut FedAvg).unwrap();

@@ -284,6 +284,7 @@ fn federate(p: &GbdtParams, merchants: &mut [LocalData]) -> (Vec<f32>, Standardi
             seed: 1,
             round: 0,
             standardizer: None,
+            best_version: None,
         };
         let u = base.stats(&ctx, m).unwrap().update.unwrap();
         moments
@@ -306,6 +307,7 @@ fn federate(p: &GbdtParams, merchants: &mut [LocalData]) -> (Vec<f32>, Standardi
             seed: 1,
             round: rounds,
             standardizer: Some(&scaler),
+            best_version: None,
         };
         let mut sums = vec![0.0f64; model.level_len];
         let mut weight = 0.0;
@@ -393,6 +395,7 @@ fn tasks_check_the_state_and_bad_updates_are_named() {
         seed: 1,
         round: 1,
         standardizer: Some(&scaler),
+        best_version: None,
     };
     let mut m = merchant("a", 20, 0);
     let mut bad = model.initial_params(0);

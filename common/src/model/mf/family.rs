@@ -87,7 +87,7 @@ impl MfShape<'_> {
         if self.is_ials() {
             self.refresh_users(global, data)
         } else {
-            data.state.pair_with_version(ctx.round);
+            data.state.pair_with_version(ctx.round, ctx.best_version);
             Ok(())
         }
     }

@@ -33,6 +33,7 @@ fn spec(num_items: usize, factors: usize, hyper: MfHyper) -> TaskSpec {
         round: 1,
         standardizer: None,
         dp: None,
+        best_version: None,
     }
 }
 
@@ -619,8 +620,50 @@ fn evaluating_an_older_version_again_pairs_it_with_the_users_it_was_measured_wit
     assert_eq!(&back, st);
     let mut many = st.clone();
     for v in 10..40 {
-        many.pair_with_version(v);
+        many.pair_with_version(v, None);
     }
     assert_eq!(many.evaluated.len(), KEPT_SNAPSHOTS);
     assert_eq!(many.evaluated[0].version, 40 - KEPT_SNAPSHOTS as u64);
+}
+
+/// The run's best version (which evaluation tasks name) keeps its user
+/// snapshot however many versions are evaluated after it, so the final
+/// serving task pairs it with the users it was measured with; once another
+/// version is the best, the old one ages out like any other.
+#[test]
+fn the_best_versions_users_are_kept_past_the_snapshot_window() {
+    let snapshot = |v: u64| UserSnapshot {
+        version: v,
+        bias: vec![v as f32; 2],
+        factors: vec![v as f32; 4],
+    };
+    let mut st = UserState {
+        k: 2,
+        seed: 1,
+        bias: vec![0.0; 2],
+        factors: vec![0.0; 4],
+        evaluated: vec![snapshot(1), snapshot(2), snapshot(3)],
+        ..Default::default()
+    };
+    for v in 4..60 {
+        // The users train on between evaluations.
+        st.bias = vec![v as f32 + 0.5; 2];
+        st.factors = vec![v as f32 + 0.5; 4];
+        assert!(!st.pair_with_version(v, Some(2)));
+    }
+    assert_eq!(st.evaluated.len(), KEPT_SNAPSHOTS + 1);
+    assert!(st.evaluated.iter().any(|s| s.version == 2));
+    // The serving task evaluates version 2 again: its own users come back.
+    assert!(st.pair_with_version(2, Some(2)));
+    assert_eq!(
+        (st.bias.clone(), st.factors.clone()),
+        (vec![2.0; 2], vec![2.0; 4])
+    );
+    // Without the pin (the best moved on), version 2 ages out.
+    for v in 60..80 {
+        st.pair_with_version(v, Some(70));
+    }
+    assert!(!st.evaluated.iter().any(|s| s.version == 2));
+    assert_eq!(st.evaluated.len(), KEPT_SNAPSHOTS + 1);
+    assert!(st.evaluated.iter().any(|s| s.version == 70));
 }

@@ -78,6 +78,7 @@ fn federate(ks: &[usize], data: &mut [LocalData]) -> Vec<Vec<f32>> {
         seed: 9,
         round: 1,
         standardizer: Some(&scaler),
+        best_version: None,
     };
     let ids: Vec<String> = data.iter().map(|d| d.merchant_id.clone()).collect();
     let first = Exchange::default();
@@ -263,6 +264,7 @@ fn a_task_for_another_phase_or_a_merchant_without_a_slot_is_refused() {
         seed: 1,
         round: 1,
         standardizer: Some(&scaler),
+        best_version: None,
     };
     let exchange = Exchange {
         phase: Phase::Candidates,

@@ -182,6 +182,7 @@ fn stale_updates_are_committed_with_the_smaller_weight() {
             round: v as u64 - tau,
             standardizer: None,
             dp: None,
+            best_version: None,
         };
         let mut local = LocalData {
             merchant_id: merchant.clone(),

@@ -264,6 +264,7 @@ fn spec_of(hyper: MfHyper, round: u64) -> TaskSpec {
         round,
         standardizer: None,
         dp: None,
+        best_version: None,
     }
 }
 

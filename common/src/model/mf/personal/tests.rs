@@ -76,6 +76,7 @@ fn ctx() -> RoundContext<'static> {
         seed: 11,
         round: 4,
         standardizer: None,
+        best_version: None,
     }
 }
 

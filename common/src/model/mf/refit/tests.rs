@@ -109,6 +109,7 @@ fn evaluate(h: MfHyper, g: &[f32], data: &MfData, round: u64) -> (LocalData, f64
         round,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     let mut m = LocalData {
         merchant_id: "m".into(),

@@ -32,6 +32,7 @@ fn churn_spec() -> (TaskSpec, Vec<LocalData>) {
         round: 1,
         standardizer: None,
         dp: None,
+        best_version: None,
     };
     spec.standardizer = stats_step(&spec, &mut merchants).unwrap();
     (spec, merchants)
@@ -111,6 +112,7 @@ fn mf_per_item_updates_are_clipped_over_every_coordinate() {
             clip_bit: false,
             distributed: None,
         }),
+        best_version: None,
     };
     let global = spec.model.initial_params(7);
     let layout = spec.update_layout();
