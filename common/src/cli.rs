@@ -19,8 +19,10 @@ pub struct LogArgs {
     /// Log more: -v debug, -vv trace (fedcart's own modules).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long, global = true, env = "FEDCART_LOG_JSON")]
+    /// Log as JSON lines instead of human-readable text
+    /// (FEDCART_LOG_JSON takes true/false, yes/no, on/off or 1/0).
+    #[arg(long, global = true, env = "FEDCART_LOG_JSON",
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
 }
 
@@ -38,9 +40,31 @@ impl LogArgs {
     /// (`"info"` or `"warn"`): `RUST_LOG` if set, else the default moved by
     /// `-q`/`-v`. Above `info` only fedcart's own crates get louder.
     pub fn filter(&self, default: &str) -> EnvFilter {
-        if let Ok(f) = EnvFilter::try_from_default_env() {
-            return f;
+        self.filter_with(std::env::var("RUST_LOG").ok().as_deref(), default)
+            .0
+    }
+
+    /// [`filter`](Self::filter) with `rust_log` as `RUST_LOG`'s value, and
+    /// the warning to log when that value is not a valid filter (it is then
+    /// ignored, but said so: a typo must not silently log at another level).
+    fn filter_with(&self, rust_log: Option<&str>, default: &str) -> (EnvFilter, Option<String>) {
+        let mut warning = None;
+        if let Some(value) = rust_log.filter(|v| !v.trim().is_empty()) {
+            match EnvFilter::try_new(value) {
+                Ok(f) => return (f, None),
+                Err(e) => {
+                    warning = Some(format!(
+                        "RUST_LOG={value:?} is not a valid log filter ({e}); ignored, logging at \
+                         the default level (example: RUST_LOG=info,fedcart_coordinator::service=debug)"
+                    ));
+                }
+            }
         }
+        (self.flag_filter(default), warning)
+    }
+
+    /// The default level moved by `-q`/`-v`.
+    fn flag_filter(&self, default: &str) -> EnvFilter {
         let base = LEVELS.iter().position(|l| *l == default).unwrap_or(2) as i32;
         let at = (base - i32::from(self.quiet) + i32::from(self.verbose)).clamp(0, 4) as usize;
         let level = LEVELS[at];
@@ -61,13 +85,18 @@ impl LogArgs {
     /// Installs the global subscriber: stderr, ANSI colours only when
     /// stderr is a terminal, text or JSON.
     pub fn init(&self, default: &str) {
+        let (filter, warning) =
+            self.filter_with(std::env::var("RUST_LOG").ok().as_deref(), default);
         let builder = tracing_subscriber::fmt()
-            .with_env_filter(self.filter(default))
+            .with_env_filter(filter)
             .with_writer(std::io::stderr);
         if self.log_json {
             builder.json().init();
         } else {
             builder.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
         }
     }
 }
@@ -182,5 +211,31 @@ mod tests {
             "{}",
             f(0, 1, "info")
         );
+    }
+
+    /// A valid `RUST_LOG` wins over the flags; an invalid one is ignored
+    /// with a warning naming it (it used to be ignored silently), and an
+    /// empty one is as if unset.
+    #[test]
+    fn an_invalid_rust_log_is_named_not_silently_ignored() {
+        let args = LogArgs {
+            quiet: 1,
+            ..LogArgs::default()
+        };
+        let (f, w) = args.filter_with(Some("debug,fedcart_client=trace"), "info");
+        assert_eq!(
+            (f.to_string().contains("fedcart_client=trace"), w),
+            (true, None)
+        );
+        let (f, w) = args.filter_with(Some("info,fedcart_client=loud"), "info");
+        assert_eq!(f.to_string(), "warn", "the flags' level");
+        let w = w.expect("a warning");
+        assert!(
+            w.contains("RUST_LOG=\"info,fedcart_client=loud\" is not a valid log filter")
+                && w.contains("ignored"),
+            "{w}"
+        );
+        let (f, w) = args.filter_with(Some(" "), "info");
+        assert_eq!((f.to_string(), w), ("warn".to_string(), None));
     }
 }

@@ -524,3 +524,44 @@ fn a_reading_command_names_a_missing_state_directory_and_creates_none() {
     );
     assert!(!missing.exists(), "nothing is created");
 }
+
+/// `FEDCART_LOG_JSON=yes` turns JSON logs on (it was refused as an invalid
+/// value for `--log-json`: only true/false were taken), and a `RUST_LOG` that
+/// is not a valid filter is named in a warning instead of silently ignored.
+#[test]
+fn log_settings_take_yes_and_an_invalid_rust_log_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("merchant.toml");
+    std::fs::write(
+        &config,
+        "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \"nowhere\"\n\
+         [data]\nratings_csv = \"r.csv\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args(["recommend", "--config"])
+        .arg(&config)
+        .args(["--customer", "c1"])
+        .env_remove("FEDCART_STATE_DIR")
+        .env("FEDCART_LOG_JSON", "yes")
+        .env("RUST_LOG", "info,fedcart_client=loud")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The command itself ran (and failed on its missing state directory).
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("invalid value"), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("is not a valid log filter"))
+        .unwrap_or_else(|| panic!("no warning about RUST_LOG: {stderr}"));
+    let json: serde_json::Value = serde_json::from_str(warning).expect("a JSON log line");
+    assert_eq!(json["level"], "WARN", "{warning}");
+    assert!(
+        json["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("info,fedcart_client=loud")),
+        "{warning}"
+    );
+}
