@@ -498,20 +498,7 @@ fn a_negative_flag_value_gets_the_flags_own_error() {
 #[test]
 fn a_reading_command_names_a_missing_state_directory_and_creates_none() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("merchant.toml");
-    std::fs::write(
-        &config,
-        "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \"nowhere\"\n\
-         [data]\nratings_csv = \"r.csv\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
-        .args(["recommend", "--config"])
-        .arg(&config)
-        .args(["--customer", "c1"])
-        .env_remove("FEDCART_STATE_DIR")
-        .output()
-        .unwrap();
+    let out = recommend_without_state(dir.path(), &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let missing = dir.path().join("nowhere");
@@ -525,28 +512,39 @@ fn a_reading_command_names_a_missing_state_directory_and_creates_none() {
     assert!(!missing.exists(), "nothing is created");
 }
 
-/// `FEDCART_LOG_JSON=yes` turns JSON logs on (it was refused as an invalid
-/// value for `--log-json`: only true/false were taken), and a `RUST_LOG` that
-/// is not a valid filter is named in a warning instead of silently ignored.
-#[test]
-fn log_settings_take_yes_and_an_invalid_rust_log_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("merchant.toml");
+/// `fedcart-client recommend` with a config in `dir` whose `state_dir`
+/// (`nowhere`) does not exist, with `envs` set.
+fn recommend_without_state(dir: &Path, envs: &[(&str, &str)]) -> std::process::Output {
+    let config = dir.join("merchant.toml");
     std::fs::write(
         &config,
         "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \"nowhere\"\n\
          [data]\nratings_csv = \"r.csv\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+    std::process::Command::new(bin_dir().join("fedcart-client"))
         .args(["recommend", "--config"])
         .arg(&config)
         .args(["--customer", "c1"])
         .env_remove("FEDCART_STATE_DIR")
-        .env("FEDCART_LOG_JSON", "yes")
-        .env("RUST_LOG", "info,fedcart_client=loud")
+        .envs(envs.iter().copied())
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `FEDCART_LOG_JSON=yes` turns JSON logs on (it was refused as an invalid
+/// value for `--log-json`: only true/false were taken), and a `RUST_LOG` that
+/// is not a valid filter is named in a warning instead of silently ignored.
+#[test]
+fn log_settings_take_yes_and_an_invalid_rust_log_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = recommend_without_state(
+        dir.path(),
+        &[
+            ("FEDCART_LOG_JSON", "yes"),
+            ("RUST_LOG", "info,fedcart_client=loud"),
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     // The command itself ran (and failed on its missing state directory).
     assert_eq!(out.status.code(), Some(1), "{stderr}");

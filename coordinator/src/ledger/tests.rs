@@ -48,16 +48,23 @@ fn agents(n: usize) -> Vec<String> {
 /// coordinate (already clipped form: weight 1) and, if asked, a clip bit.
 fn round(engine: &mut Engine, all: &[String], value: f32, bit: Option<f32>) -> RoundRecord {
     let plan = engine.start_task(all).unwrap();
+    let mut values = vec![value; DIM];
+    values.extend(bit);
+    assert_eq!(values.len(), plan.spec.update_len());
+    let update = Update {
+        values,
+        coord_weights: vec![],
+        weight: 1.0,
+    };
+    report_all(engine, &plan, Some(update));
+    engine.finish_task().unwrap()
+}
+
+/// Every agent `plan` selected reports `update` (weight 1, no figures).
+fn report_all(engine: &mut Engine, plan: &crate::engine::TaskPlan, update: Option<Update>) {
     for id in &plan.selected {
-        let mut values = vec![value; DIM];
-        values.extend(bit);
-        assert_eq!(values.len(), plan.spec.update_len());
         let sub = Submission {
-            update: Some(Update {
-                values,
-                coord_weights: vec![],
-                weight: 1.0,
-            }),
+            update: update.clone(),
             metrics: Default::default(),
             weight: 1.0,
             bytes: 0,
@@ -66,7 +73,6 @@ fn round(engine: &mut Engine, all: &[String], value: f32, bit: Option<f32>) -> R
             .submit(id, "dp", plan.round, &plan.task_id, sub)
             .unwrap();
     }
-    engine.finish_task().unwrap()
 }
 
 /// The evaluation that hands the final version to the agents once training
@@ -85,17 +91,7 @@ fn serve_final(engine: &mut Engine, all: &[String]) -> bool {
 
 /// Every agent `plan` selected reports no figures; the task commits.
 fn evaluate_without_figures(engine: &mut Engine, plan: &crate::engine::TaskPlan) {
-    for id in &plan.selected {
-        let sub = Submission {
-            update: None,
-            metrics: Default::default(),
-            weight: 1.0,
-            bytes: 0,
-        };
-        engine
-            .submit(id, "dp", plan.round, &plan.task_id, sub)
-            .unwrap();
-    }
+    report_all(engine, plan, None);
     assert_eq!(engine.finish_task().unwrap().outcome, Outcome::Committed);
 }
 
