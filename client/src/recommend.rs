@@ -15,9 +15,16 @@ use crate::state::{StateDir, StateError};
 /// Why no recommendation or score could be computed.
 #[derive(Debug, thiserror::Error)]
 pub enum RecommendError {
-    /// No MF model is stored yet.
-    #[error("no recommender model yet: the agent has not taken part in an MF round")]
-    NoRecommender,
+    /// No MF model is stored yet (`held`: what is, e.g. a churn model of
+    /// the run `--run` named).
+    #[error(
+        "no recommender model yet: the agent has not taken part in an MF round{}",
+        if held.is_empty() { String::new() } else { format!(" (this state holds: {})", held.join(", ")) }
+    )]
+    NoRecommender {
+        /// The models the state holds instead ([`StateDir::held_models`]).
+        held: Vec<String>,
+    },
     /// The stored `mf` model's spec is not a matrix-factorisation spec.
     #[error("stored `mf` model has an unexpected spec")]
     UnexpectedSpec,
@@ -224,7 +231,9 @@ impl Recommender {
     /// must have exactly `catalogue_len` items.
     pub fn load(state: &StateDir, catalogue_len: usize) -> Result<Self, RecommendError> {
         let Some((meta, global)) = state.load_global("mf")? else {
-            return Err(RecommendError::NoRecommender);
+            return Err(RecommendError::NoRecommender {
+                held: state.held_models(),
+            });
         };
         let (num_items, factors, implicit) = match meta.spec.model.mf_shape() {
             Some(shape) => (shape.num_items, shape.k, shape.implicit),

@@ -184,6 +184,26 @@ pub struct Versions {
     pub segments: Option<u64>,
 }
 
+/// For the logs: `recommender version 2, churn version 2, segments none`
+/// (the derived `Debug` printed the struct).
+impl std::fmt::Display for Versions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let families = [
+            ("recommender", self.recommender),
+            ("churn", self.churn),
+            ("segments", self.segments),
+        ];
+        for (i, (name, version)) in families.into_iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            match version {
+                Some(v) => write!(f, "{sep}{name} version {v}")?,
+                None => write!(f, "{sep}{name} none")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Snapshot {
     /// The versions in use.
     pub fn versions(&self) -> Versions {
@@ -352,7 +372,7 @@ pub async fn start(
             match tokio::task::spawn_blocking(move || build_snapshot(&state, &local)).await {
                 Ok(Ok(snap)) => {
                     let versions = snap.versions();
-                    tracing::info!(?versions, "serving new model versions");
+                    tracing::info!(%versions, "serving new model versions");
                     seen = now;
                     if tx.send(Arc::new(snap)).is_err() {
                         return;
@@ -533,7 +553,7 @@ pub async fn run(args: &ServeArgs, stop: watch::Receiver<bool>) -> Result<(), Se
         Duration::from_millis(args.poll_ms.max(1)),
     )
     .await?;
-    tracing::info!(addr = %running.addr, versions = ?running.snapshots.borrow().versions(), "serving");
+    tracing::info!(addr = %running.addr, versions = %running.snapshots.borrow().versions(), "serving");
     running
         .serve_until(stop)
         .await
@@ -834,13 +854,19 @@ mod tests {
             }
         }
         assert!(total >= clients * 2 * PER_PHASE);
+        let versions = server.snapshots.borrow().versions();
         assert_eq!(
-            server.snapshots.borrow().versions(),
+            versions,
             Versions {
                 recommender: Some(2),
                 churn: Some(2),
                 segments: None
             }
+        );
+        // What the logs say.
+        assert_eq!(
+            versions.to_string(),
+            "recommender version 2, churn version 2, segments none"
         );
         server.shutdown().await.unwrap();
     }

@@ -208,6 +208,31 @@ impl StateDir {
         Self::open(self.dir.join("runs").join(run_id))
     }
 
+    /// The global models stored here, as `family version V of run R`,
+    /// sorted by family (for errors that say what there is instead).
+    pub fn held_models(&self) -> Vec<String> {
+        let mut families: Vec<String> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|n| Some(n.strip_prefix("global-")?.strip_suffix(".json")?.to_owned()))
+            .collect();
+        families.sort();
+        families
+            .into_iter()
+            .filter_map(|family| {
+                let meta = self
+                    .read_json::<GlobalMeta>(&format!("global-{family}.json"))
+                    .ok()??;
+                Some(format!(
+                    "{family} version {} of run `{}`",
+                    meta.version, meta.run_id
+                ))
+            })
+            .collect()
+    }
+
     /// The runs with a state of their own here, sorted.
     pub fn runs(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(self.dir.join("runs"))
@@ -428,6 +453,25 @@ mod tests {
         assert_eq!((m.spec.model, p), (churn.spec.model, vec![1.0, 2.0, 3.0]));
         let (m, p) = state.load_global("segments").unwrap().unwrap();
         assert_eq!((m.spec.model, p), (segments.spec.model, vec![4.0; 6]));
+        // `recommend` on this state (a churn run's, say `--run r`) says what
+        // it holds instead of only "no recommender model yet".
+        assert_eq!(
+            state.held_models(),
+            [
+                "churn version 1 of run `r`",
+                "segments version 1 of run `r`"
+            ]
+        );
+        let Err(err) = crate::recommend::Recommender::load(&state, 10) else {
+            panic!("no recommender here");
+        };
+        assert_eq!(
+            err.to_string(),
+            "no recommender model yet: the agent has not taken part in an MF round (this state \
+             holds: churn version 1 of run `r`, segments version 1 of run `r`)"
+        );
+        let empty = StateDir::open(dir.path().join("empty")).unwrap();
+        assert!(empty.held_models().is_empty());
     }
 
     #[test]
