@@ -162,32 +162,18 @@ pub async fn download_rows(
         } as i32,
     };
     // A download refused for this agent's RPC rate is asked again, like an
-    // upload ([`BUSY_RETRY_MS`]): dropping out of the task instead would
-    // abort a round the agent is selected for.
-    let mut waits = BUSY_RETRY_MS.iter();
-    let mut stream = loop {
-        match client.download_model(req.clone()).await {
-            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                let Some(&ms) = waits.next() else {
-                    return Err(TransferError::Download {
-                        task_id: task.task_id.clone(),
-                        status,
-                    });
-                };
-                tracing::debug!(task = %task.task_id, wait_ms = ms, message = status.message(),
-                    "the coordinator is busy; asking for the model again");
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-            }
-            reply => {
-                break reply
-                    .map_err(|status| TransferError::Download {
-                        task_id: task.task_id.clone(),
-                        status,
-                    })?
-                    .into_inner();
-            }
-        }
-    };
+    // upload: dropping out of the task instead would abort a round the
+    // agent is selected for.
+    let mut stream = while_busy(&task.task_id, "asking for the model", || {
+        let (mut client, req) = (client.clone(), req.clone());
+        async move { client.download_model(req).await }
+    })
+    .await
+    .map_err(|status| TransferError::Download {
+        task_id: task.task_id.clone(),
+        status,
+    })?
+    .into_inner();
     // Each dense chunk is converted into the values as it arrives (the model
     // is never held as bytes as well); a row-sparse model is kept as bytes,
     // never larger than every row plus the row list.
@@ -376,7 +362,7 @@ pub async fn report_failure(
         })
 }
 
-/// The waits before each retry of an upload the coordinator refused as
+/// The waits before each retry of an upload (or a model download) the coordinator refused as
 /// `ResourceExhausted` (this agent's RPC rate, or another of its uploads
 /// still in flight): 100 ms doubling, five retries, 3.1 s in all. Retrying
 /// is safe: the coordinator refuses a second result for a task
@@ -405,21 +391,38 @@ pub async fn submit_chunked(
         });
         start = end;
     }
+    while_busy(&task_id, "sending the result", || {
+        let (mut client, chunks) = (client.clone(), chunks.clone());
+        async move { client.submit_update(futures::stream::iter(chunks)).await }
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Calls `call` (an RPC on a clone of the agent's client: a handle, not a
+/// connection) again after each of [`BUSY_RETRY_MS`] while the coordinator
+/// refuses it as `ResourceExhausted`; the last reply is returned untouched.
+/// `doing` says what is tried again in the debug log.
+async fn while_busy<T, Fut>(
+    task_id: &str,
+    doing: &str,
+    mut call: impl FnMut() -> Fut,
+) -> Result<T, tonic::Status>
+where
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
     let mut waits = BUSY_RETRY_MS.iter();
     loop {
-        match client
-            .submit_update(futures::stream::iter(chunks.clone()))
-            .await
-        {
+        match call().await {
             Err(status) if status.code() == tonic::Code::ResourceExhausted => {
                 let Some(&ms) = waits.next() else {
                     return Err(status);
                 };
                 tracing::debug!(task = %task_id, wait_ms = ms, message = status.message(),
-                    "the coordinator is busy; sending the result again");
+                    "the coordinator is busy; {doing} again");
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
-            reply => return reply.map(|_| ()),
+            reply => return reply,
         }
     }
 }
