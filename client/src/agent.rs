@@ -27,6 +27,16 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
+/// The largest HTTP/2 DATA frame the agent accepts (its SETTINGS_MAX_FRAME_SIZE),
+/// as the coordinator's `server::MAX_FRAME_BYTES`: a model download comes in
+/// 256 KiB frames instead of HTTP/2's default 16 KiB, 16× fewer writes on the
+/// coordinator's side and fewer wake-ups on the agent's.
+pub const MAX_FRAME_BYTES: u32 = 256 << 10;
+const _: () = assert!(
+    MAX_FRAME_BYTES >= 16 << 10 && MAX_FRAME_BYTES < 1 << 24,
+    "HTTP/2 range"
+);
+
 pub use error::{AgentError, Chain};
 
 use crate::config::Backoff;
@@ -381,6 +391,7 @@ impl Agent {
         let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
+            .max_frame_size(Some(MAX_FRAME_BYTES))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .connect()
