@@ -33,6 +33,19 @@ impl Engine {
         }
     }
 
+    /// Whether a task of `kind` at `round` hands the run's model out: the
+    /// evaluation of the last version (the run ends after it unless a better
+    /// one is then served), or the serving task of the best version after
+    /// training ends. Every available merchant takes part, whatever
+    /// `selection` says, so that each one holds the model it is served from.
+    fn hands_out(&self, kind: TaskKind, round: u64) -> bool {
+        kind == TaskKind::Evaluate
+            && (self.stopped.is_some()
+                || !self.pending_eval
+                || round >= self.run.rounds
+                || self.complete)
+    }
+
     /// Selects agents among `available` and opens the next task.
     pub fn start_task(&mut self, available: &[String]) -> Result<TaskPlan, EngineError> {
         if let Some(open) = &self.open {
@@ -61,7 +74,13 @@ impl Engine {
         let kind_name = kind_name(kind);
         let attempt = self.attempts.get(&(round, kind_name)).copied().unwrap_or(0) + 1;
         let task_id = format!("r{round}a{attempt}-{kind_name}");
-        let (selected, _population) = select(available, sel, self.run.seed, &task_id);
+        // The evaluation that hands the run's model out goes to every
+        // merchant there, not to a sample: each one serves from it.
+        let (selected, _population) = if self.hands_out(kind, round) {
+            every(available)
+        } else {
+            select(available, sel, self.run.seed, &task_id)
+        };
         if kind == TaskKind::Train {
             self.check_budget(round, selected.len())?;
         }
@@ -171,6 +190,16 @@ impl Engine {
         self.stopped = Some(stop.clone());
         Err(EngineError::Stopped(stop))
     }
+}
+
+/// Every distinct agent of `available`, sorted (the hand-out, see
+/// [`Engine::hands_out`]), and their number.
+fn every(available: &[String]) -> (Vec<String>, usize) {
+    let mut all = available.to_vec();
+    all.sort();
+    all.dedup();
+    let n = all.len();
+    (all, n)
 }
 
 /// Draws the agents of task `task_id` from `available`: `fraction` of the

@@ -762,3 +762,84 @@ fn a_run_that_does_not_evaluate_still_hands_its_final_version_to_the_agents() {
         ]
     );
 }
+
+/// Runs `cfg` with the merchants `agents(n)` all connected, each selected
+/// merchant answering its task (zero updates, validation values `vals` in
+/// turn at each evaluation of a new version), and returns each task's kind,
+/// model version and number of selected merchants.
+fn run_selecting(cfg: RunConfig, n: usize, vals: &[f64]) -> Vec<(TaskKind, u64, usize)> {
+    let (_dir, mut e) = engine(cfg);
+    let mut evals = vals.iter();
+    let mut tasks = Vec::new();
+    while !e.finished() {
+        let plan = e.start_task(&agents(n)).unwrap();
+        tasks.push((plan.spec.kind, plan.model_version, plan.selected.len()));
+        let layout = plan.spec.update_layout();
+        let val = match plan.spec.kind {
+            TaskKind::Evaluate if plan.model_version == e.version() => *evals.next().unwrap(),
+            _ => 0.0,
+        };
+        for m in &plan.selected {
+            let sub = match plan.spec.kind {
+                TaskKind::Evaluate => Submission {
+                    update: None,
+                    metrics: [("val_hr@10".to_string(), val)].into(),
+                    weight: 1.0,
+                    bytes: 0,
+                },
+                _ => Submission {
+                    update: Some(Update {
+                        values: vec![0.0; plan.spec.update_len()],
+                        coord_weights: vec![1.0; layout.num_coord_weights],
+                        weight: 1.0,
+                    }),
+                    metrics: Default::default(),
+                    weight: 1.0,
+                    bytes: 0,
+                },
+            };
+            submit(&mut e, &plan, m, sub).unwrap();
+        }
+        assert_eq!(e.finish_task().unwrap().outcome, Outcome::Committed);
+    }
+    tasks
+}
+
+#[test]
+fn the_model_is_handed_out_to_every_merchant_not_to_a_sample() {
+    use TaskKind::{Evaluate, Train};
+    // Half of 6 merchants take part in each round; every one of them must
+    // hold the model it is served from.
+    let mut cfg = run(selection(0.5, 1, 6), 1);
+    cfg.model = ModelSpec::MfImplicit {
+        num_items: 2,
+        factors: 1,
+        hyper: Default::default(),
+    };
+    cfg.evaluate = true;
+    // Version 2 is the best: the last evaluation (version 3) and the
+    // serving task (version 2) go to all six.
+    assert_eq!(
+        run_selecting(cfg.clone(), 6, &[0.1, 0.3, 0.2]),
+        [
+            (Train, 0, 3),
+            (Evaluate, 1, 3),
+            (Train, 1, 3),
+            (Evaluate, 2, 3),
+            (Train, 2, 3),
+            (Evaluate, 3, 6),
+            (Evaluate, 2, 6),
+        ]
+    );
+    // Without evaluations, the one evaluation of the last version.
+    cfg.evaluate = false;
+    assert_eq!(
+        run_selecting(cfg, 6, &[0.0]),
+        [
+            (Train, 0, 3),
+            (Train, 1, 3),
+            (Train, 2, 3),
+            (Evaluate, 3, 6)
+        ]
+    );
+}
