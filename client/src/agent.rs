@@ -31,10 +31,15 @@ use tracing::Instrument;
 /// as the coordinator's `server::MAX_FRAME_BYTES`: a model download comes in
 /// 256 KiB frames instead of HTTP/2's default 16 KiB, 16× fewer writes on the
 /// coordinator's side and fewer wake-ups on the agent's.
+///
+/// It must stay below 0x15_03_00 bytes: an agent that speaks plaintext
+/// HTTP/2 to a TLS port reads the server's TLS alert (`15 03 0x …`) as a
+/// frame header of that length, and only a frame too large to accept tells
+/// it to use https:// (`error::transport_fix`).
 pub const MAX_FRAME_BYTES: u32 = 256 << 10;
 const _: () = assert!(
-    MAX_FRAME_BYTES >= 16 << 10 && MAX_FRAME_BYTES < 1 << 24,
-    "HTTP/2 range"
+    MAX_FRAME_BYTES >= 16 << 10 && MAX_FRAME_BYTES < 0x15_03_00,
+    "HTTP/2's range, and a TLS alert read as a frame header must be too large"
 );
 
 pub use error::{AgentError, Chain};
@@ -710,6 +715,8 @@ struct Lifecycle {
     joined: bool,
     /// Failed attempts since the last successful join, if any.
     outage: Option<u64>,
+    /// A session of this process ever got its welcome.
+    ever_joined: bool,
     /// The runs whose end the coordinator announced.
     ended: std::collections::BTreeSet<String>,
 }
@@ -717,6 +724,7 @@ struct Lifecycle {
 impl Lifecycle {
     fn joined(&mut self, run_id: &str, url: &str) {
         self.joined = true;
+        self.ever_joined = true;
         if self.ended.contains(run_id) {
             tracing::debug!(run = %run_id, "joined the finished run again");
             return;
@@ -753,6 +761,11 @@ impl Lifecycle {
             // why nothing happens.
             tracing::info!(coordinator = %url, error = %Chain(e),
                 "the coordinator is unreachable since the run ended; retrying quietly (every {longest:?} at most) until it is back");
+        } else if !self.ever_joined {
+            // Never connected: not "lost", and the likely fix is named.
+            let why = error::unreachable_cause(e).unwrap_or("it did not answer");
+            tracing::warn!(coordinator = %url, error = %Chain(e),
+                "cannot reach the coordinator: {why}; retrying quietly (every {longest:?} at most) until it answers");
         } else {
             tracing::warn!(coordinator = %url, error = %Chain(e),
                 "lost the coordinator; retrying quietly (every {longest:?} at most) until it is back");

@@ -117,11 +117,7 @@ async fn agent_fails_after(config: &Path, may_retry: bool) -> String {
         assert_eq!(code, Some(1), "stderr:\n{}", agent.seen.join("\n"));
         assert_eq!(errors.len(), 1, "stderr:\n{}", agent.seen.join("\n"));
         assert!(
-            may_retry
-                || !agent
-                    .seen
-                    .iter()
-                    .any(|l| l.contains("lost the coordinator")),
+            may_retry || !agent.seen.iter().any(|l| l.contains("retrying quietly")),
             "a permanent error is not retried:\n{}",
             agent.seen.join("\n")
         );
@@ -562,4 +558,49 @@ fn log_settings_take_yes_and_an_invalid_rust_log_is_named() {
             .is_some_and(|m| m.contains("info,fedcart_client=loud")),
         "{warning}"
     );
+}
+
+/// An agent that never reached its coordinator said it had "lost" it, with
+/// a transport error as the only clue. The first warning now says it cannot
+/// reach it and why, naming the setting to check: a port nothing listens on,
+/// a host name that does not resolve (`.invalid` never does, RFC 6761).
+/// Both may heal, so the agent keeps retrying until it is stopped.
+#[test]
+fn an_agent_that_never_reached_the_coordinator_names_the_setting_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = format!("http://127.0.0.1:{}", free_port());
+    for (url, cause) in [
+        (
+            refused.as_str(),
+            "nothing accepts connections at that address",
+        ),
+        (
+            "http://coordinator.invalid:50051",
+            "its host name does not resolve",
+        ),
+    ] {
+        let config = agent_toml(dir.path(), "m0", url, "");
+        let mut agent = Process::start(
+            "fedcart-client",
+            &["run", "--config", config.to_str().unwrap()],
+        );
+        let line = agent.wait_line("cannot reach the coordinator", EXIT_LIMIT);
+        assert!(line.contains(cause), "{line}");
+        assert!(line.contains("`coordinator`"), "{line}");
+        agent.terminate();
+        assert_eq!(
+            agent.wait_exit(EXIT_LIMIT),
+            Some(0),
+            "{}",
+            agent.seen.join("\n")
+        );
+        assert!(
+            !agent
+                .seen
+                .iter()
+                .any(|l| l.contains("lost the coordinator")),
+            "{}",
+            agent.seen.join("\n")
+        );
+    }
 }

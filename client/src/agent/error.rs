@@ -194,6 +194,37 @@ fn refused(status: &tonic::Status) -> Option<String> {
 /// What to fix when the transport failed in a way retrying cannot heal: a
 /// TLS handshake refused over a certificate, TLS against a plaintext port, or
 /// plaintext HTTP/2 against a TLS port.
+/// Why a coordinator this agent never reached did not answer, when the
+/// transport says so plainly: its host name does not resolve, or nothing
+/// accepts connections at the address. Both may heal (a coordinator or a
+/// DNS record not up yet), so the agent keeps retrying; the first warning
+/// names the setting to check.
+pub(crate) fn unreachable_cause(err: &AgentError) -> Option<&'static str> {
+    let AgentError::Connect { source, .. } = err else {
+        return None;
+    };
+    let mut next: Option<&(dyn StdError + 'static)> = Some(source);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return Some(
+                "nothing accepts connections at that address (is the coordinator running, and \
+                 is the port in `coordinator` right?)",
+            );
+        }
+        // hyper-util's resolver error has no type of its own to match.
+        if e.to_string().starts_with("dns error") {
+            return Some(
+                "its host name does not resolve (check the host in `coordinator`, or \
+                 FEDCART_COORDINATOR)",
+            );
+        }
+        next = e.source();
+    }
+    None
+}
+
 fn transport_fix(err: &(dyn StdError + 'static)) -> Option<String> {
     let mut next = Some(err);
     while let Some(e) = next {
