@@ -304,6 +304,11 @@ async fn run() -> anyhow::Result<()> {
                         )?;
                     }
                 }
+                (false, runs::Action::Show(_)) => {
+                    for r in &answer {
+                        fedcart_common::outln!("{}", runs::to_detail(r))?;
+                    }
+                }
                 (false, _) => print!("{}", runs::to_table(&answer)),
             }
             Ok(())

@@ -130,6 +130,84 @@ pub fn to_table(runs: &[pb::RunInfo]) -> String {
     out
 }
 
+/// One run as `runs show` prints it: a line per fact (phase, version, best
+/// version, why it stopped, agents, privacy spent, when it was submitted,
+/// the run it continues), then its configuration as TOML, as the operator
+/// wrote it (settings left out of the file show with their defaults).
+pub fn to_detail(r: &pb::RunInfo) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| out.push_str(&format!("{key:<12}{value}\n"));
+    line("run", r.run_id.clone());
+    line("model", r.model.clone());
+    line("phase", r.phase.clone());
+    line(
+        "version",
+        match r.best_version {
+            0 => format!("{} of {} rounds", r.model_version, r.rounds),
+            best => format!(
+                "{} of {} rounds; best version {best} (the one merchants are served)",
+                r.model_version, r.rounds
+            ),
+        },
+    );
+    if !r.stopped.is_empty() {
+        line("stopped", r.stopped.clone());
+    }
+    line(
+        "agents",
+        format!("{} connected with data for this model", r.eligible_agents),
+    );
+    line(
+        "privacy",
+        match (r.delta, r.epsilon) {
+            (None, _) => "no differential privacy".into(),
+            (Some(d), e) => format!("ε {:.3} spent (δ {d:e})", e.unwrap_or(0.0)),
+        },
+    );
+    if r.submitted_unix_ms > 0 {
+        line(
+            "submitted",
+            chrono::DateTime::from_timestamp_millis(r.submitted_unix_ms).map_or_else(
+                || format!("{} ms after the epoch", r.submitted_unix_ms),
+                |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            ),
+        );
+    }
+    if !r.continues.is_empty() {
+        line("continues", r.continues.clone());
+    }
+    out.push_str("\nconfiguration:\n");
+    let config = serde_json::from_str::<serde_json::Value>(&r.config_json)
+        .ok()
+        .map(without_nulls)
+        .and_then(|v| toml::to_string(&v).ok());
+    match config {
+        Some(toml) => {
+            for l in toml.lines() {
+                out.push_str(&format!("  {l}\n"));
+            }
+        }
+        None => out.push_str(&format!("  {}\n", r.config_json)),
+    }
+    out
+}
+
+/// `v` without its null values (TOML has none: an unset option is an
+/// absent key).
+fn without_nulls(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(without_nulls).collect()),
+        v => v,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +231,51 @@ mod tests {
             message.starts_with(&format!("{}: invalid `run.rounds`", path.display())),
             "{message}"
         );
+    }
+
+    /// `runs show` printed the one row of `runs list`, although its help
+    /// promised the configuration: it now prints each fact on its line and
+    /// the configuration as TOML that reads back as the same run.
+    #[test]
+    fn show_prints_the_runs_facts_and_its_configuration_as_toml() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/coordinator.toml");
+        let run = crate::config::CoordinatorConfig::load(&path).unwrap().run;
+        let info = pb::RunInfo {
+            run_id: run.run_id.clone(),
+            model: "churn-lr".into(),
+            phase: "stopped: stopped by operator `ops`".into(),
+            model_version: 3,
+            rounds: run.rounds,
+            finished: true,
+            stopped: "stopped by operator `ops`".into(),
+            config_json: serde_json::to_string(&run).unwrap(),
+            best_version: 2,
+            submitted_unix_ms: 1_764_700_000_000,
+            eligible_agents: 4,
+            continues: String::new(),
+            epsilon: Some(0.5),
+            delta: Some(1e-5),
+        };
+        let text = to_detail(&info);
+        for want in [
+            format!("run         {}", run.run_id),
+            format!("version     3 of {} rounds; best version 2", run.rounds),
+            "stopped     stopped by operator `ops`".into(),
+            "agents      4 connected".into(),
+            "privacy     ε 0.500 spent (δ 1e-5)".into(),
+            "submitted   2025-12-02 18:26:40 UTC".into(),
+        ] {
+            assert!(text.contains(&want), "`{want}` missing:\n{text}");
+        }
+        let (_, config) = text.split_once("configuration:\n").unwrap();
+        let toml: String = config
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
+            .collect();
+        let (back, _) =
+            crate::config::RunConfig::from_toml(&toml, std::path::Path::new("shown.toml"))
+                .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert_eq!(back, run, "{toml}");
     }
 }

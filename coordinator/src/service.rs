@@ -184,7 +184,12 @@ impl Shared {
     pub fn phase(&self) -> String {
         let engine = self.engine();
         match (engine.stopped(), engine.finished(), engine.open_task()) {
-            (Some(stop), _, _) => format!("stopped: {stop}"),
+            // A planned stop still hands the served version out first.
+            (Some(stop), false, _) => match engine.next_task() {
+                Some((v, _)) => format!("stopped: {stop}; handing version {v} out before it ends"),
+                None => format!("stopped: {stop}"),
+            },
+            (Some(stop), true, _) => format!("stopped: {stop}"),
             (None, true, _) => "finished".into(),
             (None, false, Some(p)) => p.task_id.clone(),
             (None, false, None) => "waiting for agents".into(),
