@@ -78,8 +78,8 @@ impl RoundRecord {
 
     /// Makes every number of the record storable: JSON has no NaN or ∞
     /// (serde writes `null`, which the record cannot be read back from), so
-    /// a non-finite metric is dropped and any other non-finite figure is
-    /// replaced by ±`f64::MAX`. Returns what was changed, for a warning.
+    /// a non-finite metric is dropped, any other NaN is replaced by 0 and
+    /// an infinity by ±`f64::MAX`. Returns what was changed, for a warning.
     /// Submissions are checked before they are folded in; this is the last
     /// line, so that no figure can make a stored history unreadable.
     pub fn make_storable(&mut self) -> Vec<String> {
@@ -93,12 +93,15 @@ impl RoundRecord {
         });
         let mut clamp = |name: &str, v: &mut f64| {
             if !v.is_finite() {
-                changed.push(format!("`{name}` = {v} stored as ±f64::MAX"));
-                *v = if v.is_nan() {
-                    0.0
+                let (stored, shown) = if v.is_nan() {
+                    (0.0, "0")
+                } else if *v > 0.0 {
+                    (f64::MAX, "f64::MAX")
                 } else {
-                    f64::MAX.copysign(*v)
+                    (-f64::MAX, "-f64::MAX")
                 };
+                changed.push(format!("`{name}` = {v} stored as {shown}"));
+                *v = stored;
             }
         };
         clamp("examples", &mut self.examples);
@@ -238,5 +241,29 @@ mod tests {
         assert_eq!(back.metrics.len(), 1);
         assert_eq!(back.metrics["auc"], 0.75);
         assert_eq!(back.examples, f64::MAX);
+    }
+
+    /// The warning says what each figure was stored as: 0 for a NaN,
+    /// ±f64::MAX for an infinity (it said "±f64::MAX" for a NaN too).
+    #[test]
+    fn the_warning_names_the_value_each_figure_was_stored_as() {
+        let mut r: RoundRecord = serde_json::from_str(OLD_TRAIN).unwrap();
+        r.examples = f64::NAN;
+        r.metrics.insert("auc".into(), f64::NEG_INFINITY);
+        r.secagg_clipped = Some(ClippedRecord {
+            coordinates: 1,
+            fraction: f64::NEG_INFINITY,
+        });
+        let changed = r.make_storable();
+        assert_eq!(
+            changed,
+            [
+                "metric `auc` = -inf dropped",
+                "`examples` = NaN stored as 0",
+                "`secagg_clipped.fraction` = -inf stored as -f64::MAX",
+            ]
+        );
+        assert_eq!(r.examples, 0.0);
+        assert_eq!(r.secagg_clipped.unwrap().fraction, -f64::MAX);
     }
 }
