@@ -325,8 +325,9 @@ pub fn write_kit(
          timestamp = \"timestamp\"\n\
          quantity = \"quantity\"\n\
          amount = \"amount\"\n\
-         # Order time: auto, unix_seconds, iso8601 or yyyymmdd. Separator: comma, tab, semicolon,\n\
-         # pipe or whitespace.\n\
+         # Order time: auto, unix_seconds, unix_ms, iso8601, yyyymmdd, spreadsheet_days or a\n\
+         # strftime pattern such as \"%d/%m/%Y %H:%M\". Separator: comma, tab, semicolon, pipe or\n\
+         # whitespace.\n\
          timestamp_format = \"auto\"\n\
          delimiter = \"comma\"\n\
          \n\

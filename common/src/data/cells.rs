@@ -11,7 +11,8 @@ pub const SECONDS_PER_DAY: i64 = 86_400;
 /// How the timestamp column is written.
 ///
 /// In a mapping file and on the command line it is one string: `auto`,
-/// `unix_seconds`, `iso8601`, `yyyymmdd`, or a strftime pattern (anything
+/// `unix_seconds`, `unix_ms`, `iso8601`, `yyyymmdd`, `spreadsheet_days`,
+/// or a strftime pattern (anything
 /// with a `%`), so `"%d/%m/%Y %H:%M"` reads `31/01/2024 18:05`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(try_from = "String", into = "String")]
