@@ -80,25 +80,38 @@ pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
 }
 
 /// The summary as one JSON document, what `--format json` prints: per
-/// experiment its name, task, merchants, rounds, strategy, final metrics,
-/// seconds per round, ε (with DP), why it stopped early (if it did) and its
-/// analysis lines (k-means segment profiles).
+/// experiment its name, task, merchants, rounds committed and attempts
+/// aborted, strategy, secure aggregation (how its keys were exchanged, or
+/// null), final metrics, the served version chosen by validation, seconds
+/// per round, ε (with DP), why it stopped early and whether that was a
+/// failure, and its analysis lines (segment profiles, rules) when it has
+/// them.
 pub fn summary_json(experiments: &[Experiment]) -> String {
     let list: Vec<serde_json::Value> = experiments
         .iter()
         .map(|e| {
-            serde_json::json!({
+            let committed = e.rounds.iter().filter(|r| r.committed).count();
+            let mut v = serde_json::json!({
                 "name": e.name,
                 "task": e.task,
                 "merchants": e.merchants,
-                "rounds": e.rounds.len(),
+                "rounds": committed,
+                "aborted_attempts": e.rounds.len() - committed,
                 "strategy": e.strategy,
+                "secagg": e.secagg_keys,
                 "final": e.final_metrics,
+                "best": e.best.as_ref().map(|b| serde_json::json!({
+                    "round": b.round, "metric": b.metric, "value": b.value,
+                })),
                 "seconds_per_round": e.timing.seconds_per_round,
                 "epsilon": e.privacy.as_ref().map(|p| p.epsilon),
                 "stopped": e.stopped,
-                "report": e.report,
-            })
+                "failed": e.failed,
+            });
+            if !e.report.is_empty() {
+                v["report"] = serde_json::json!(e.report);
+            }
+            v
         })
         .collect();
     serde_json::json!({ "experiments": list }).to_string()

@@ -769,6 +769,15 @@ fn over_grpc_agents_report_diverged_training_and_the_run_names_it() {
         assert_eq!(e.rounds.len(), 2);
         assert!(e.rounds.iter().all(|r| !r.committed && r.reported == 0));
         assert!(e.report.iter().any(|l| l.starts_with("the run failed: ")));
+        // `--format json` counts committed rounds apart from aborted
+        // attempts, and says the run failed and how its keys were exchanged.
+        let json: serde_json::Value = serde_json::from_str(&output::summary_json(&exps)).unwrap();
+        let j = &json["experiments"][0];
+        assert_eq!(j["rounds"], 0, "{j}");
+        assert_eq!(j["aborted_attempts"], 2, "{j}");
+        assert_eq!(j["failed"], true, "{j}");
+        assert_eq!(j["secagg"].is_string(), secure, "{j}");
+        assert!(j["report"][0].is_string(), "{j}");
     }
 }
 
