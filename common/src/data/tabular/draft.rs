@@ -179,6 +179,16 @@ impl Schema {
         };
         let (header, records) = super::table(reader, path, delimiter)?;
         let header: Vec<String> = header.iter().map(|h| h.trim().to_string()).collect();
+        if let [only] = &header[..] {
+            // Most often a table read with the wrong separator.
+            let shown: String = only.chars().take(60).collect();
+            return Err(err(format!(
+                "the header line is one column, `{shown}{}`, and a customer table needs at least \
+                 an id and a label column{}",
+                if shown.len() < only.len() { "…" } else { "" },
+                super::header_hint(&[only.as_str()])
+            )));
+        }
         let mut stats: Vec<ColumnStats> = header.iter().map(|_| ColumnStats::default()).collect();
         let mut rows = 0;
         for record in records {
@@ -585,6 +595,27 @@ mod tests {
         assert_eq!(
             toml::from_str::<Config>(&nested).unwrap().data.schema,
             d.schema
+        );
+    }
+
+    /// A comma-separated table drafted with `--delimiter semicolon` is
+    /// named as such, not reported as having no label column.
+    #[test]
+    fn a_table_read_with_the_wrong_separator_is_named_as_such() {
+        let text = "id,gender,churn\n1,f,yes\n2,m,no\n";
+        let e = Schema::draft(
+            text.as_bytes(),
+            Path::new("t.csv"),
+            b';',
+            &DraftOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.csv: the header line is one column, `id,gender,churn`, and a customer table needs \
+             at least an id and a label column; the line did not split: its fields are separated \
+             by `,`: give the file's separator (`--delimiter`, or `delimiter` in the \
+             configuration)"
         );
     }
 
