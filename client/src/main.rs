@@ -257,7 +257,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Prepare(args) => fedcart_client::prepare::run(&args)
             .map_err(|e| fedcart_client::prepare::cli_error(e, &args)),
         Command::Schema(args) => fedcart_client::schema::run(&args)
-            .with_context(|| format!("drafting a schema for {}", args.csv.display())),
+            // Each error names the file it is about (the table or --out).
+            .context("drafting a schema"),
         Command::Recommend {
             config,
             customer,
