@@ -167,6 +167,9 @@ enum Accumulation {
 
 struct OpenTask {
     plan: TaskPlan,
+    /// An evaluation that selected a sample of the available merchants
+    /// (recorded as `RoundRecord::sampled`).
+    sampled: bool,
     selected: BTreeSet<String>,
     reported: BTreeSet<String>,
     dropped: BTreeSet<String>,
@@ -210,10 +213,11 @@ pub struct Engine {
     /// The best version by the federated validation metric, if any was
     /// evaluated (meta key `best_version`).
     best: Option<BestVersion>,
-    /// The version of the last committed evaluation: when the run ends and
-    /// it is not the best version, one more evaluation of the best version
-    /// hands it to the agents ([`Engine::serving_task`]).
-    last_evaluated: Option<u64>,
+    /// The version of the last committed evaluation, and whether it reached
+    /// only a sample of the merchants: when the run ends and that is not the
+    /// best version, or was sampled, one more evaluation of the best version
+    /// hands it to every agent ([`Engine::serving_task`]).
+    last_evaluated: Option<(u64, bool)>,
     /// Secure rounds: who reported a share bundle from whom that failed
     /// authentication (accused → accusers), over the run ([`Engine::accuse`]).
     accusations: BTreeMap<String, BTreeSet<String>>,
@@ -351,7 +355,7 @@ impl Engine {
             .iter()
             .rev()
             .find(|r| r.kind == TaskKind::Evaluate && r.outcome == Outcome::Committed)
-            .map(|r| r.round);
+            .map(|r| (r.round, r.sampled));
         Ok(Self {
             store,
             run,
@@ -475,7 +479,7 @@ impl Engine {
         // with `run.evaluate` off that a budget stopped before its last
         // round).
         let serve = self.best.as_ref().map_or(self.version, |b| b.version);
-        (serve > 0 && self.last_evaluated != Some(serve)).then_some(serve)
+        (serve > 0 && self.last_evaluated != Some((serve, false))).then_some(serve)
     }
 
     /// Chooses where the DP noise comes from ([`NoiseSource::Os`] unless

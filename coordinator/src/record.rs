@@ -62,6 +62,12 @@ pub struct RoundRecord {
     /// cut (a sum, like everything else the service learns of a secure task).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secagg_clipped: Option<ClippedRecord>,
+    /// An evaluation that reached a sample of the available merchants, not
+    /// every one: if the run ends serving its version, that version is
+    /// handed out once more, to every merchant. Absent (false) in records
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sampled: bool,
 }
 
 impl RoundRecord {
@@ -235,6 +241,7 @@ mod tests {
             abort_reason: None,
             privacy: None,
             secagg_clipped: None,
+            sampled: false,
         };
         store.append_history(&record).unwrap();
         let back = store.history().unwrap().pop().unwrap();

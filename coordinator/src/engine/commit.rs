@@ -126,6 +126,7 @@ impl Engine {
             abort_reason: None,
             privacy: None,
             secagg_clipped: open.secure_clipped,
+            sampled: open.sampled,
         };
         if let (Some(reason), Some(survivors)) = (&open.secure_abort, open.secure_revealed) {
             let reason = format!("secure aggregation: {reason}");
@@ -196,7 +197,7 @@ impl Engine {
                     tracing::info!("{s}");
                     self.stopped = Some(s);
                 }
-                self.last_evaluated = Some(record.base_version);
+                self.last_evaluated = Some((record.base_version, record.sampled));
                 self.pending_eval = false;
             }
             TaskKind::Train => {

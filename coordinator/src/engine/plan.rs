@@ -76,11 +76,12 @@ impl Engine {
         let task_id = format!("r{round}a{attempt}-{kind_name}");
         // The evaluation that hands the run's model out goes to every
         // merchant there, not to a sample: each one serves from it.
-        let (selected, _population) = if self.hands_out(kind, round) {
+        let (selected, population) = if self.hands_out(kind, round) {
             every(available)
         } else {
             select(available, sel, self.run.seed, &task_id)
         };
+        let sampled = kind == TaskKind::Evaluate && selected.len() < population;
         if kind == TaskKind::Train {
             self.check_budget(round, selected.len())?;
         }
@@ -142,6 +143,7 @@ impl Engine {
         };
         self.open = Some(OpenTask {
             plan: plan.clone(),
+            sampled,
             selected: selected.into_iter().collect(),
             reported: BTreeSet::new(),
             dropped: BTreeSet::new(),

@@ -768,10 +768,31 @@ fn a_run_that_does_not_evaluate_still_hands_its_final_version_to_the_agents() {
 /// turn at each evaluation of a new version), and returns each task's kind,
 /// model version and number of selected merchants.
 fn run_selecting(cfg: RunConfig, n: usize, vals: &[f64]) -> Vec<(TaskKind, u64, usize)> {
-    let (_dir, mut e) = engine(cfg);
+    run_selecting_stopped(cfg, n, vals, usize::MAX)
+}
+
+/// [`run_selecting`], the operator stopping the run once `stop_after`
+/// tasks have committed, and the engine then reopened from its store.
+fn run_selecting_stopped(
+    cfg: RunConfig,
+    n: usize,
+    vals: &[f64],
+    stop_after: usize,
+) -> Vec<(TaskKind, u64, usize)> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("engine.redb");
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
     let mut evals = vals.iter();
     let mut tasks = Vec::new();
+    let mut stopped = false;
     while !e.finished() {
+        if tasks.len() == stop_after && !stopped {
+            stopped = true;
+            e.stop_by_operator("ops").unwrap();
+            drop(e);
+            e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+            continue;
+        }
         let plan = e.start_task(&agents(n)).unwrap();
         tasks.push((plan.spec.kind, plan.model_version, plan.selected.len()));
         let layout = plan.spec.update_layout();
@@ -828,6 +849,31 @@ fn the_model_is_handed_out_to_every_merchant_not_to_a_sample() {
             (Evaluate, 2, 3),
             (Train, 2, 3),
             (Evaluate, 3, 6),
+            (Evaluate, 2, 6),
+        ]
+    );
+    // Stopped once version 2, the best so far, was evaluated by a sample
+    // (the evaluation of the best is the last one): it is handed out
+    // once more, to all six, after a restart too.
+    assert_eq!(
+        run_selecting_stopped(cfg.clone(), 6, &[0.1, 0.3, 0.3], 4),
+        [
+            (Train, 0, 3),
+            (Evaluate, 1, 3),
+            (Train, 1, 3),
+            (Evaluate, 2, 3),
+            (Evaluate, 2, 6),
+        ]
+    );
+    // Every merchant evaluated it already: nothing follows the stop.
+    let mut all = cfg.clone();
+    all.selection = selection(1.0, 1, 6);
+    assert_eq!(
+        run_selecting_stopped(all, 6, &[0.1, 0.3], 4),
+        [
+            (Train, 0, 6),
+            (Evaluate, 1, 6),
+            (Train, 1, 6),
             (Evaluate, 2, 6),
         ]
     );
