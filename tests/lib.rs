@@ -286,26 +286,30 @@ pub mod raw;
 
 /// `target/<profile>`, where the workspace's binaries sit next to `deps/`,
 /// for tests that run the real `fedcart-coordinator` and `fedcart-client`
-/// processes; builds them when they are missing (CI builds them first).
+/// processes. The first call in a test process brings them up to date with
+/// the sources (`cargo build --workspace --bins`, the command `.ci/run`
+/// builds them with, so it does nothing there): a test must never drive a
+/// binary built before the change it tests.
 pub fn bin_dir() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_bins).clone()
+}
+
+fn build_bins() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>")
         .to_path_buf();
-    let missing = ["fedcart-coordinator", "fedcart-client"]
-        .iter()
-        .any(|b| !dir.join(b).exists());
-    if missing {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "fedcart-coordinator", "-p", "fedcart-client"])
-            .arg("--bins")
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building the binaries failed");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--workspace", "--bins"]);
+    if dir.file_name().is_some_and(|p| p == "release") {
+        build.arg("--release");
     }
+    let status = build.status().expect("cargo build");
+    assert!(status.success(), "building the binaries failed");
     dir
 }
 
