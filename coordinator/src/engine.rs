@@ -351,6 +351,17 @@ impl Engine {
             && !history
                 .iter()
                 .any(|r| r.kind == TaskKind::Evaluate && r.round == version);
+        // Set aside stays set aside across a restart; the records name each
+        // merchant once.
+        let accusations = store
+            .meta_json::<BTreeMap<String, BTreeSet<String>>>("accusations")?
+            .unwrap_or_default();
+        let noted_aside = history
+            .iter()
+            .flat_map(|r| &r.rejected)
+            .filter(|(_, reason)| reason == commit::SET_ASIDE)
+            .map(|(m, _)| m.clone())
+            .collect();
         let last_evaluated = history
             .iter()
             .rev()
@@ -371,9 +382,9 @@ impl Engine {
             complete,
             best,
             last_evaluated,
-            accusations: BTreeMap::new(),
-            set_aside: BTreeSet::new(),
-            noted_aside: BTreeSet::new(),
+            set_aside: collect::set_aside_by(&accusations),
+            accusations,
+            noted_aside,
         })
     }
 

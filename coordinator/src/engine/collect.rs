@@ -2,7 +2,7 @@
 //! selection, duplicates, drops, validation), the running sum the accepted
 //! updates are folded into, and the secure-aggregation hand-over.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fedcart_common::federation::update::{Update, UpdateError};
 use fedcart_common::privacy::secagg::DecodedSum;
@@ -42,6 +42,19 @@ fn shown_name(name: &str) -> String {
     let mut shown: String = name.chars().take(32).collect();
     shown.push('…');
     shown
+}
+
+/// The merchants [`Engine::accuse`]'s rule sets aside, given who accused
+/// whom (accused → accusers).
+pub(super) fn set_aside_by(accusations: &BTreeMap<String, BTreeSet<String>>) -> BTreeSet<String> {
+    let mut aside = BTreeSet::new();
+    for (accused, accusers) in accusations {
+        aside.insert(accused.clone());
+        if accusers.len() == 1 {
+            aside.extend(accusers.iter().cloned());
+        }
+    }
+    aside
 }
 
 impl Engine {
@@ -404,22 +417,25 @@ impl Engine {
     /// accused by one is set aside together with its accuser (one of the two
     /// is lying). Either way the malicious merchant is out after its first
     /// attempt, and the retry runs without it; at worst one honest merchant
-    /// is set aside with it. Returns the merchants newly set aside.
+    /// is set aside with it. The accusations are stored (meta key
+    /// `accusations`), so a restarted coordinator keeps the same merchants
+    /// aside. Returns the merchants newly set aside.
     pub fn accuse(&mut self, accuser: &str, accused: &str) -> Vec<String> {
-        if accuser == accused {
+        if accuser == accused
+            || !self
+                .accusations
+                .entry(accused.to_string())
+                .or_default()
+                .insert(accuser.to_string())
+        {
             return Vec::new();
         }
-        self.accusations
-            .entry(accused.to_string())
-            .or_default()
-            .insert(accuser.to_string());
-        let mut aside = BTreeSet::new();
-        for (accused, accusers) in &self.accusations {
-            aside.insert(accused.clone());
-            if accusers.len() == 1 {
-                aside.extend(accusers.iter().cloned());
-            }
+        let json = serde_json::to_value(&self.accusations).expect("names serialise");
+        if let Err(e) = self.store.put_meta_json(&[("accusations", json)]) {
+            // Still set aside in this process; only a restart would forget.
+            tracing::error!(accuser, accused, error = %e, "storing an accusation failed");
         }
+        let aside = set_aside_by(&self.accusations);
         let new: Vec<String> = aside.difference(&self.set_aside).cloned().collect();
         self.set_aside = aside;
         new

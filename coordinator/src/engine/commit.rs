@@ -12,6 +12,12 @@ use super::{Accumulation, BestVersion, Engine, EngineError, RunStop, dominant_ca
 use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::store::Commit;
 
+/// The reason a task record gives for a merchant set aside by
+/// [`Engine::accuse`], once per merchant (`Engine::noted_aside`).
+pub(super) const SET_ASIDE: &str = "set aside for the rest of the run: a secure round's share \
+     bundle it sent failed authentication (or, accused by one merchant only, it or its accuser \
+     is lying)";
+
 impl Engine {
     /// Model selection after an evaluation of the current version: the new
     /// best version if its federated validation metric improved on the best
@@ -72,13 +78,7 @@ impl Engine {
         // Who this task's accusations set aside, in its record.
         for m in self.set_aside.intersection(&open.selected) {
             if self.noted_aside.insert(m.clone()) {
-                open.rejected.push((
-                    m.clone(),
-                    "set aside for the rest of the run: a secure round's share bundle it sent \
-                     failed authentication (or, accused by one merchant only, it or its accuser \
-                     is lying)"
-                        .into(),
-                ));
+                open.rejected.push((m.clone(), SET_ASIDE.into()));
             }
         }
         let kind = open.plan.spec.kind;

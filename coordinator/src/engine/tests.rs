@@ -709,6 +709,58 @@ fn accused_merchants_are_set_aside_by_the_one_liar_rule() {
     assert_eq!(plan.selected, ["m01", "m04", "m05"]);
 }
 
+/// What the accusations set aside stays aside when the coordinator
+/// restarts, and each merchant is named as set aside in one record only.
+#[test]
+fn merchants_set_aside_stay_aside_across_a_restart() {
+    let cfg = run(selection(1.0, 2, 8), 2);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("engine.redb");
+    let reopen = || Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let named = |e: &Engine| -> Vec<String> {
+        let history = e.store().history().unwrap();
+        history
+            .iter()
+            .flat_map(|r| &r.rejected)
+            .filter(|(_, reason)| reason.starts_with("set aside"))
+            .map(|(m, _)| m.clone())
+            .collect()
+    };
+    let finish = |e: &mut Engine, plan: &TaskPlan, by: &[&str]| {
+        for m in by {
+            submit(e, plan, m, update([1.0; DIM], 1.0)).unwrap();
+        }
+        assert_eq!(e.finish_task().unwrap().outcome, Outcome::Committed);
+    };
+    let mut e = reopen();
+    let plan = e.start_task(&agents(6)).unwrap();
+    assert_eq!(plan.selected.len(), 6);
+    // Accused during the task: its record names both.
+    assert_eq!(e.accuse("m03", "m00"), ["m00", "m03"]);
+    finish(&mut e, &plan, &["m01", "m02"]);
+    assert_eq!(named(&e), ["m00", "m03"]);
+    drop(e);
+
+    let mut e = reopen();
+    let aside: Vec<&str> = e.set_aside().iter().map(String::as_str).collect();
+    assert_eq!(aside, ["m00", "m03"]);
+    let plan = e.start_task(&agents(6)).unwrap();
+    assert_eq!(plan.selected, ["m01", "m02", "m04", "m05"]);
+    // A second accuser of m00 after the restart is weighed with the stored
+    // accusation: two accusers, so m00 alone.
+    assert!(e.accuse("m01", "m00").is_empty());
+    finish(&mut e, &plan, &["m01", "m02"]);
+    drop(e);
+
+    let mut e = reopen();
+    let aside: Vec<&str> = e.set_aside().iter().map(String::as_str).collect();
+    assert_eq!(aside, ["m00"]);
+    let plan = e.start_task(&agents(6)).unwrap();
+    assert_eq!(plan.selected, ["m01", "m02", "m03", "m04", "m05"]);
+    finish(&mut e, &plan, &["m01", "m02"]);
+    assert_eq!(named(&e), ["m00", "m03"]);
+}
+
 /// A run given again with edited settings is named setting by setting in
 /// the operator's warning (the stored run goes on unchanged).
 #[test]
