@@ -924,6 +924,40 @@ mod tests {
         assert!(dp.learning_rate < plain.learning_rate && dp.epochs < plain.epochs);
     }
 
+    /// `[run.dp]` is refused where its ε could not hold: for every analysis
+    /// (each sums exact counts) and for a scheduled run (each instance would
+    /// spend the budget again, unaccounted), the error naming the key. Each
+    /// run loads without the `[run.dp]`.
+    #[test]
+    fn dp_is_refused_for_analyses_and_for_scheduled_runs_naming_the_key() {
+        let dp = "\n[run.dp]\nclip = 1.0\nnoise_multiplier = 1.0\ndelta = 1e-5\n\
+                  population = 100\n";
+        for model in [
+            "model = { family = \"itemsets\", num_items = 50, min_count = 2 }",
+            "model = { family = \"segments\", num_features = 8, ks = [2, 3], lloyd_rounds = 4 }",
+            "model = { family = \"churn_gbdt\", num_features = 8 }",
+        ] {
+            let (_dir, plain) = load(&with_model(model));
+            plain.unwrap_or_else(|e| panic!("{model} without DP: {e}"));
+            let (_dir, cfg) = load(&(with_model(model) + dp));
+            let e = cfg.expect_err(model).to_string();
+            assert!(
+                e.contains("run.dp") && e.contains("not supported"),
+                "{model}: {e}"
+            );
+        }
+        let src = Path::new("run.toml");
+        let schedule = "\n[schedule]\nevery = \"1h\"\n";
+        RunConfig::from_toml(&format!("{EXAMPLE}{schedule}"), src).expect("loads without DP");
+        let e = RunConfig::from_toml(&format!("{EXAMPLE}{dp}{schedule}"), src)
+            .expect_err("scheduled under DP")
+            .to_string();
+        assert!(
+            e.contains("schedule") && e.contains("privacy budget again"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn missing_strategy_defaults_to_fedavg() {
         let (_dir, cfg) = load(&EXAMPLE.replace("strategy = \"fedavg\"\n", ""));

@@ -583,4 +583,39 @@ mod tests {
         let history = engine.store().history().unwrap();
         assert_eq!(history.last().unwrap().reported, vec!["m1"]);
     }
+
+    /// A plaintext weight that is negative or not a number is refused by
+    /// the engine (a negative one would flip the sign of its update in the
+    /// mean), and the round commits with the honest merchant.
+    #[test]
+    fn a_negative_or_nan_weight_is_refused_and_the_round_goes_on() {
+        let (_dir, mut engine) = noop_engine("weights", 3);
+        let agents: Vec<String> = ["m0", "m1", "m2"].map(String::from).to_vec();
+        let plan = engine.start_task(&agents).unwrap();
+        let sub = |weight: f64| Submission {
+            update: Some(Update {
+                values: vec![0.5; 2],
+                coord_weights: vec![],
+                weight,
+            }),
+            metrics: BTreeMap::new(),
+            weight,
+            bytes: 8,
+        };
+        let mut submit =
+            |agent: &str, s| engine.submit(agent, "weights", plan.round, &plan.task_id, s);
+        for (agent, weight) in [("m0", -1.0), ("m1", f64::NAN)] {
+            let e = submit(agent, sub(weight)).unwrap_err();
+            assert!(
+                matches!(e, SubmitError::Invalid(UpdateError::BadWeight(_))),
+                "{agent}: {e}"
+            );
+        }
+        submit("m2", sub(1.0)).unwrap();
+        let record = engine.finish_task().unwrap();
+        assert_eq!(record.outcome, crate::record::Outcome::Committed);
+        assert_eq!(record.reported, vec!["m2"]);
+        let rejected: Vec<&str> = record.rejected.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(rejected, ["m0", "m1"]);
+    }
 }

@@ -162,6 +162,61 @@ fn central_noise_on_the_sum_has_std_sigma_c_and_is_fresh_each_run() {
     assert_ne!(seeded(other_cfg), first);
 }
 
+/// The released step divides by the number of merchants *selected*, not by
+/// the number who reported: a dropout damps the step instead of being
+/// re-weighted (which would let the sensitivity depend on who reported).
+/// The same seeded noise in both runs: with one of five dropped, the step
+/// is smaller by exactly that merchant's update / 5.
+#[test]
+fn a_dropout_damps_the_central_dp_step_by_the_fixed_denominator() {
+    let all = agents(10);
+    let cfg = run(DpSettings::central(0.5, 2.0, 1e-5), 5);
+    let v = 0.002_f32; // norm 0.002·√20000 ≈ 0.28, under the clip 0.5
+    let step = |report: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Engine::open(
+            Store::open(&dir.path().join("d.redb")).unwrap(),
+            cfg.clone(),
+        )
+        .unwrap();
+        e.set_noise_source(NoiseSource::SeededNotPrivate);
+        let before = e.global();
+        let plan = e.start_task(&all).unwrap();
+        assert_eq!(plan.selected.len(), 5);
+        for id in plan.selected.iter().take(report) {
+            let sub = Submission {
+                update: Some(Update {
+                    values: vec![v; DIM],
+                    coord_weights: vec![],
+                    weight: 1.0,
+                }),
+                metrics: Default::default(),
+                weight: 1.0,
+                bytes: 0,
+            };
+            e.submit(id, "dp", plan.round, &plan.task_id, sub).unwrap();
+        }
+        let rec = e.finish_task().unwrap();
+        assert_eq!(rec.outcome, Outcome::Committed);
+        assert_eq!(rec.reported.len(), report);
+        let after = e.global();
+        after
+            .iter()
+            .zip(before.iter())
+            .map(|(a, b)| a - b)
+            .collect::<Vec<f32>>()
+    };
+    let (five, four) = (step(5), step(4));
+    for (j, (a, b)) in five.iter().zip(&four).enumerate() {
+        // Reported / selected would give (4v + noise) / 4 instead.
+        assert!(
+            ((a - b) - v / 5.0).abs() < 1e-5,
+            "coordinate {j}: {a} - {b} is not v / 5 = {}",
+            v / 5.0
+        );
+    }
+}
+
 /// The attack of a merchant who knows the run seed (every agent gets it in
 /// the task spec): regenerate the coordinator's noise from
 /// `seed::rng(seed, ["dp-noise", task])`, subtract it from the released step
