@@ -474,7 +474,11 @@ impl Agent {
                     // A secure round the run ended during leaves its
                     // update and session keys held: dropped now.
                     self.secure.forget(&end.run_id);
-                    self.lifecycle.run_ended(&end);
+                    let held = self
+                        .state
+                        .as_ref()
+                        .and_then(|s| s.held_version(&end.run_id));
+                    self.lifecycle.run_ended(&end, held);
                     self.personalise_after(&end.run_id).await?;
                     if self.exit_on_run_end && self.tasks_done > 0 {
                         return Ok(SessionEnd::RunEnded);
@@ -737,16 +741,31 @@ impl Lifecycle {
         }
     }
 
-    fn run_ended(&mut self, end: &pb::RunEnded) {
+    /// Logs that a run ended; `held` is the latest version of its models
+    /// this agent's state holds.
+    fn run_ended(&mut self, end: &pb::RunEnded, held: Option<u64>) {
         if !self.ended.insert(end.run_id.clone()) {
             return;
         }
+        // 0: the run failed (nothing was handed out), or an older
+        // coordinator that does not say.
+        let served = (end.served_version > 0).then_some(end.served_version);
         if end.stopped.is_empty() {
-            tracing::info!(run = %end.run_id, version = end.model_version,
+            tracing::info!(run = %end.run_id, version = end.model_version, served,
                 "the run has finished; waiting for the next run");
         } else {
-            tracing::info!(run = %end.run_id, version = end.model_version, stopped = %end.stopped,
-                "the run has stopped; waiting for the next run");
+            tracing::info!(run = %end.run_id, version = end.model_version, served,
+                stopped = %end.stopped, "the run has stopped; waiting for the next run");
+        }
+        // A merchant away when the run handed its served version out holds
+        // another one until a later run hands it a model: said, not hidden.
+        if let (Some(served), Some(held)) = (served, held)
+            && held != served
+        {
+            tracing::warn!(run = %end.run_id, held, served,
+                "this merchant holds version {held} of the run, not version {served}, which the run \
+                 serves: it was not connected when the run handed that version out, and keeps \
+                 version {held} until a later run hands it a model");
         }
     }
 

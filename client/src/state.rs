@@ -233,6 +233,24 @@ impl StateDir {
             .collect()
     }
 
+    /// The latest version of `run_id`'s models this directory holds, if it
+    /// holds any (read only: no directory is created for a run never
+    /// joined).
+    pub fn held_version(&self, run_id: &str) -> Option<u64> {
+        fedcart_common::identity::validate_id(run_id).ok()?;
+        let run = Self {
+            dir: self.dir.join("runs").join(run_id),
+        };
+        std::fs::read_dir(&run.dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("global-") && n.ends_with(".json"))
+            .filter_map(|n| run.read_json::<GlobalMeta>(&n).ok()?)
+            .map(|meta| meta.version)
+            .max()
+    }
+
     /// The runs with a state of their own here, sorted.
     pub fn runs(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(self.dir.join("runs"))
@@ -472,6 +490,18 @@ mod tests {
         );
         let empty = StateDir::open(dir.path().join("empty")).unwrap();
         assert!(empty.held_models().is_empty());
+        // A run's version, read without creating a directory for a run
+        // never joined (nor for an id that is no run id).
+        state
+            .run("r")
+            .unwrap()
+            .save_global(&meta(ModelSpec::ChurnLr { num_features: 0 }), &[1.0])
+            .unwrap();
+        assert_eq!(state.held_version("r"), Some(1));
+        for never in ["other", "../r"] {
+            assert_eq!(state.held_version(never), None);
+        }
+        assert_eq!(state.runs(), ["r"]);
     }
 
     #[test]

@@ -483,14 +483,20 @@ impl Engine {
     /// the last task they ran, so after it every merchant holds (and
     /// `fedcart-client recommend` serves) the selected version, not the last.
     fn serving_task(&self) -> Option<u64> {
+        let serve = self.served_version()?;
+        (serve > 0 && self.last_evaluated != Some((serve, false))).then_some(serve)
+    }
+
+    /// The version the run serves its merchants: the best so far, or
+    /// without evaluations the latest (a run with `run.evaluate` off that a
+    /// budget stopped before its last round). `None` once the run failed:
+    /// nothing is handed out then, and each merchant keeps what it last
+    /// evaluated.
+    pub fn served_version(&self) -> Option<u64> {
         if self.stopped.as_ref().is_some_and(|s| !s.is_planned()) {
             return None;
         }
-        // Without evaluations there is no best: the latest version (a run
-        // with `run.evaluate` off that a budget stopped before its last
-        // round).
-        let serve = self.best.as_ref().map_or(self.version, |b| b.version);
-        (serve > 0 && self.last_evaluated != Some((serve, false))).then_some(serve)
+        Some(self.best.as_ref().map_or(self.version, |b| b.version))
     }
 
     /// Chooses where the DP noise comes from ([`NoiseSource::Os`] unless

@@ -299,6 +299,7 @@ impl Shared {
                 run_id: engine.run().run_id.clone(),
                 model_version: engine.version(),
                 stopped: engine.stopped().map(|s| s.to_string()).unwrap_or_default(),
+                served_version: engine.served_version().unwrap_or(0),
             })),
         })
     }

@@ -431,6 +431,112 @@ async fn sigterm_makes_the_agent_leave_and_a_restarted_agent_finishes_the_run() 
     coord.shutdown().await.unwrap();
 }
 
+/// A merchant that was away when its run handed the served version out
+/// learns, when it comes back, that it holds another version than the one
+/// the run serves (it keeps it until a later run hands it a model); one
+/// that holds the served version is told nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_back_after_its_run_ended_is_told_it_holds_another_version_than_the_served_one()
+{
+    use fedcart_client::state::{GlobalMeta, StateDir};
+    use fedcart_common::task::{TaskKind, TaskSpec};
+    let split = telco_split(1, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let run_id = "away";
+    let cfg = churn_run(run_id, 3, 1, 1);
+    let coord = start_coordinator(&dir.path().join("c.redb"), cfg.clone(), 0).await;
+    let m0 = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    m0.stop().await;
+    let history = coord.shared.history().unwrap();
+    let served = history
+        .iter()
+        .rev()
+        .find(|r| r.kind == TaskKind::Evaluate)
+        .expect("the run handed a version out")
+        .round;
+    let held = (1..=3).find(|v| *v != served).unwrap();
+
+    // m1 took part in an earlier session and holds version `held` of the
+    // run in its state directory, as the agent stores it.
+    let state_dir = dir.path().join("m1-state");
+    let hold = |version: u64| {
+        let spec = TaskSpec {
+            kind: TaskKind::Evaluate,
+            model: cfg.model.clone(),
+            sgd: cfg.sgd.clone(),
+            seed: cfg.seed,
+            round: version,
+            standardizer: None,
+            dp: None,
+            best_version: None,
+        };
+        let meta = GlobalMeta {
+            run_id: run_id.into(),
+            version,
+            spec,
+            sha256: None,
+        };
+        let model = coord.shared.model(version).unwrap().expect("committed");
+        let state = StateDir::open(&state_dir).unwrap();
+        state
+            .run(run_id)
+            .unwrap()
+            .save_global(&meta, &model)
+            .unwrap();
+    };
+    let config = dir.path().join("m1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "coordinator = \"http://{addr}\"\nmerchant_id = \"m1\"\nstate_dir = \"{state}\"\n\n\
+             [data]\nchurn_csv = \"{csv}\"\n",
+            addr = coord.addr,
+            state = state_dir.display(),
+            csv = telco_csv().display()
+        ),
+    )
+    .unwrap();
+    let back = || {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut agent = Process::start(
+                "fedcart-client",
+                &["run", "--config", config.to_str().unwrap()],
+            );
+            agent.wait_line("the run has finished", EXIT_LIMIT);
+            agent.terminate();
+            assert_eq!(
+                agent.wait_exit(EXIT_LIMIT),
+                Some(0),
+                "{}",
+                agent.seen.join("\n")
+            );
+            std::mem::take(&mut agent.seen)
+        })
+    };
+    hold(held);
+    let seen = back().await.unwrap();
+    let told =
+        format!("holds version {held} of the run, not version {served}, which the run serves");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains(&told) && l.contains("not connected")),
+        "{told}:\n{}",
+        seen.join("\n")
+    );
+    // Holding the served version: nothing more to say.
+    hold(served);
+    let seen = back().await.unwrap();
+    assert!(
+        !seen.iter().any(|l| l.contains("holds version")),
+        "{}",
+        seen.join("\n")
+    );
+    coord.shutdown().await.unwrap();
+}
+
 /// A negative value of a numeric flag used to read as an unknown flag
 /// ("unexpected argument '-0' found"); it now gets the flag's own error,
 /// checked before any configuration is read.
