@@ -415,14 +415,39 @@ fn malformed_bytes_give_errors_at_every_entry_point() {
 #[test]
 fn server_refuses_a_low_order_public_key_at_advertise() {
     let c = config(3, 4, 0, false);
+    // The identity (every agreement with it is zero), u = 1 (order 4) and a
+    // point of order 8 (libsodium's blocklist), as either key.
+    let mut order8 = [0u8; 32];
+    order8.copy_from_slice(&[
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ]);
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    for low in [[0; 32], one, order8] {
+        for enc in [true, false] {
+            let mut server = ServerSession::new(c.clone(), [1; 32], &[0, 1, 2]).unwrap();
+            let mut client =
+                ClientSession::new(c.clone(), 0, [1; 32], &mut ChaCha20Rng::seed_from_u64(0));
+            let mut keys = client.advertise().unwrap();
+            if enc {
+                keys.enc_pk = low;
+            } else {
+                keys.mask_pk = low;
+            }
+            assert_eq!(
+                server.on_advertise(keys),
+                Err(SecAggError::BadPublicKey { agent: 0 }),
+                "{low:02x?} as {}",
+                if enc { "enc_pk" } else { "mask_pk" }
+            );
+        }
+    }
+    // The honest advertisement is accepted.
     let mut server = ServerSession::new(c.clone(), [1; 32], &[0, 1, 2]).unwrap();
     let mut client = ClientSession::new(c, 0, [1; 32], &mut ChaCha20Rng::seed_from_u64(0));
-    let mut keys = client.advertise().unwrap();
-    keys.mask_pk = [0; 32]; // the identity: every agreement with it is zero
-    assert_eq!(
-        server.on_advertise(keys),
-        Err(SecAggError::BadPublicKey { agent: 0 })
-    );
+    assert_eq!(server.on_advertise(client.advertise().unwrap()), Ok(()));
 }
 
 #[test]

@@ -751,4 +751,35 @@ mod tests {
         let shown = format!("{:#}", err.expect("start-up must fail"));
         assert!(shown.contains(&path.display().to_string()), "{shown}");
     }
+
+    /// A stored version whose bytes were changed in place (same length) is
+    /// refused by its checksum, naming the store and the version; it is
+    /// never handed out as a model.
+    #[test]
+    fn a_version_tampered_with_at_the_same_length_fails_its_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let store = Store::open(&path).unwrap();
+        store.init_model(&[1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(store.model(0).unwrap(), Some(vec![1.0, 2.0, 3.0]));
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut models = txn.open_table(store.tables.models()).unwrap();
+            let mut bytes = models
+                .get((0, 0))
+                .unwrap()
+                .expect("chunk 0")
+                .value()
+                .to_vec();
+            bytes[5] ^= 0x01; // 2.0 becomes another finite f32
+            models.insert((0, 0), bytes.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let shown = store.model(0).unwrap_err().to_string();
+        assert!(shown.contains(&path.display().to_string()), "{shown}");
+        assert!(
+            shown.contains("model version 0") && shown.contains("checksum"),
+            "{shown}"
+        );
+    }
 }
