@@ -237,7 +237,16 @@ fn share_keys(
 }
 
 /// Runs the rest of an honest round; returns the decoded sum's values.
-fn finish(mut a: Advertised, agents: &mut [SecureTasks], t: &pb::TaskAssignment) -> Vec<f64> {
+fn finish(a: Advertised, agents: &mut [SecureTasks], t: &pb::TaskAssignment) -> Vec<f64> {
+    finish_masked(a, agents, t).1
+}
+
+/// [`finish`], also returning each agent's masked input as it was sent.
+fn finish_masked(
+    mut a: Advertised,
+    agents: &mut [SecureTasks],
+    t: &pb::TaskAssignment,
+) -> (Vec<Vec<u8>>, Vec<f64>) {
     let request = |stage: &str, body: Vec<u8>| {
         over_the_wire(pb::SecAggRequest {
             run_id: t.run_id.clone(),
@@ -248,6 +257,7 @@ fn finish(mut a: Advertised, agents: &mut [SecureTasks], t: &pb::TaskAssignment)
             key_bindings: Vec::new(),
         })
     };
+    let mut masked = Vec::new();
     for relay in a.server.close_shares().unwrap() {
         let k = relay.to as usize;
         let req = request(stage_name::MASKED_INPUT, relay.to_bytes());
@@ -255,6 +265,7 @@ fn finish(mut a: Advertised, agents: &mut [SecureTasks], t: &pb::TaskAssignment)
             panic!("masked_input answers with an upload");
         };
         a.server.on_masked_bytes(&payload).unwrap();
+        masked.push(payload.to_vec());
     }
     let AfterMasked::Unmask(requests) = a.server.close_masked().unwrap() else {
         panic!("no survivor check in this round");
@@ -268,7 +279,7 @@ fn finish(mut a: Advertised, agents: &mut [SecureTasks], t: &pb::TaskAssignment)
             .on_unmask(UnmaskResponse::from_bytes(&msg.body).unwrap())
             .unwrap();
     }
-    a.server.finish().unwrap().sum.values
+    (masked, a.server.finish().unwrap().sum.values)
 }
 
 fn agents(pki: &Pki) -> Vec<SecureTasks> {
@@ -331,6 +342,41 @@ fn assert_refused_over_m3(
         ),
         "the round must abort with no sum"
     );
+}
+
+/// An agent's secrets come from its OS, never from what the coordinator or
+/// the other merchants know (the run seed, the task id, the round seed):
+/// the same round given twice to fresh agents holding the same updates
+/// draws other key pairs and other masked inputs (other pairwise and
+/// self-mask seeds), and both rounds decode the same sum.
+#[test]
+fn an_agents_keys_and_masks_come_from_its_os_not_from_the_run_seed() {
+    let pki = pki();
+    let t = task(0);
+    let round = || {
+        let mut agents = agents(&pki);
+        let mut a = advertise(&pki, &mut agents, &t);
+        assert!(share_keys(&mut a, &mut agents, &t).is_empty());
+        let keys = a.roster.keys.clone();
+        let (masked, sum) = finish_masked(a, &mut agents, &t);
+        (keys, masked, sum)
+    };
+    let (keys1, masked1, sum1) = round();
+    let (keys2, masked2, sum2) = round();
+    assert_eq!(keys1.len(), N);
+    for (k1, k2) in keys1.iter().zip(&keys2) {
+        assert_eq!(k1.id, k2.id);
+        assert_ne!(k1.enc_pk, k2.enc_pk, "agent {}", k1.id);
+        assert_ne!(k1.mask_pk, k2.mask_pk, "agent {}", k1.id);
+    }
+    assert_eq!(masked1.len(), N);
+    for (k, (m1, m2)) in masked1.iter().zip(&masked2).enumerate() {
+        assert_eq!(m1.len(), m2.len());
+        assert_ne!(m1, m2, "masked input {k}");
+    }
+    for (a, b) in sum1.iter().zip(&sum2) {
+        assert!((a - 0.1).abs() < 1e-5 && (b - 0.1).abs() < 1e-5, "{a} {b}");
+    }
 }
 
 #[test]
