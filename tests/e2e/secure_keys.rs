@@ -379,6 +379,62 @@ fn an_agents_keys_and_masks_come_from_its_os_not_from_the_run_seed() {
     }
 }
 
+/// A round's ε is charged to the merchant's ledger, durably, before its
+/// masked input leaves: an agent whose ledger cannot be written sends no
+/// masked input for that round (the others do), and its budget is unchanged.
+#[test]
+fn an_agent_whose_ledger_cannot_be_written_sends_no_masked_input() {
+    use fedcart_client::budget::Budget;
+    use fedcart_client::state::StateDir;
+    let pki = pki();
+    let t = task(0);
+    let mut config = SecAggConfig::complete(DIM, 0, N, 1.0);
+    let noise = DistributedNoise {
+        skellam: DistributedSkellam::new(1.0, 1.0, 1000.0, DIM, N).unwrap(),
+        bit_variance: 0.0,
+        secagg_clip: 1.0,
+        modulus_bits: 32,
+    };
+    noise.configure(&mut config);
+    let dp = DpTask {
+        clip: 1.0,
+        clip_bit: false,
+        distributed: Some(noise),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ledger_dir = dir.path().join("m0-state");
+    let mut agents = agents(&pki);
+    let budget = Budget::open(StateDir::open(&ledger_dir).unwrap(), 100.0, 1e-5).unwrap();
+    agents[0].set_budget(budget);
+    let mut a = advertise_with(&pki, &mut agents, &t, config, Some(dp));
+    assert!(share_keys(&mut a, &mut agents, &t).is_empty());
+    // A file where the ledger's directory was: no write succeeds, not even
+    // as root.
+    std::fs::remove_dir_all(&ledger_dir).unwrap();
+    std::fs::write(&ledger_dir, b"not a directory").unwrap();
+    let mut sent = Vec::new();
+    for relay in a.server.close_shares().unwrap() {
+        let k = relay.to as usize;
+        let req = over_the_wire(pb::SecAggRequest {
+            run_id: t.run_id.clone(),
+            round: t.round,
+            task_id: t.task_id.clone(),
+            stage: stage_name::MASKED_INPUT.into(),
+            body: relay.to_bytes(),
+            key_bindings: Vec::new(),
+        });
+        match agents[k].respond("s", &req) {
+            Ok(Reply::Masked { .. }) => sent.push(k),
+            Err(e @ SecureError::Ledger { .. }) if k == 0 => {
+                assert!(e.to_string().contains("r1a0-train"), "{e}");
+            }
+            other => panic!("agent {k}: {other:?}"),
+        }
+    }
+    assert_eq!(sent, [1, 2, 3]);
+    assert!(agents[0].budget().unwrap().rounds().is_empty());
+}
+
 #[test]
 fn secure_round_with_keys_substituted_by_the_coordinator_is_refused_by_every_agent() {
     let pki = pki();
