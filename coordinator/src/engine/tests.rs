@@ -941,3 +941,56 @@ fn the_model_is_handed_out_to_every_merchant_not_to_a_sample() {
         ]
     );
 }
+
+/// A secure sum that was unmasked but cannot be committed (its aggregate is
+/// not finite) was seen all the same: the run stops, across a restart,
+/// rather than retry a round whose second sum, over other survivors,
+/// would tell the difference of two sums.
+#[test]
+fn an_unmasked_sum_that_cannot_be_committed_stops_the_run_instead_of_a_retry() {
+    use fedcart_common::privacy::secagg::DecodedSum;
+    let mut cfg = run(selection(1.0, 3, 3), 2);
+    cfg.secagg = Some(crate::config::SecAggSettings {
+        neighbours: None,
+        clip: 1.0,
+        verify_survivors: false,
+        stage_timeout_ms: None,
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("engine.redb");
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let plan = e.start_task(&agents(3)).unwrap();
+    assert!(plan.secure);
+    let survivors = agents(3);
+    let sum = DecodedSum {
+        // Each finite; their mean does not fit an f32.
+        values: vec![1e300; DIM],
+        coord_weights: Vec::new(),
+        weight: 3.0,
+        count: 3,
+        clipped: 0,
+    };
+    e.set_secure_sum(&survivors, sum).unwrap();
+    let record = e.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Aborted);
+    assert!(
+        record
+            .abort_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("not finite")),
+        "{:?}",
+        record.abort_reason
+    );
+    assert!(
+        matches!(e.stopped(), Some(RunStop::Revealed { round: 1, .. })),
+        "{:?}",
+        e.stopped()
+    );
+    assert!(e.finished());
+    assert!(e.start_task(&agents(3)).is_err(), "no second attempt");
+    drop(e);
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
+    assert!(matches!(e.stopped(), Some(RunStop::Revealed { .. })));
+    assert!(e.start_task(&agents(3)).is_err(), "none after a restart");
+    assert_eq!(e.version(), 0);
+}
