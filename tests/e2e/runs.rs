@@ -223,7 +223,8 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
     assert_eq!(code, Some(0), "runs submit: {out}{err}");
     assert!(out.contains(MF_RUN), "{out}");
 
-    // A merchant's certificate is refused on the admin RPCs, naming its role.
+    // A merchant's certificate is refused on every admin RPC, naming its
+    // role: it can neither list, show, submit nor stop a run.
     let (code, _, err) = runs_list(root, port, "m0");
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("role merchant"), "{err}");
@@ -231,6 +232,23 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         err.contains("PermissionDenied") || err.contains("permission"),
         "{err}"
     );
+    let as_merchant = [
+        "--coordinator",
+        &url,
+        "--certs",
+        certs_dir.to_str().unwrap(),
+    ];
+    let as_merchant = [&as_merchant[..], &["--identity", "m0"]].concat();
+    for action in [
+        &["show", MF_RUN][..],
+        &["stop", MF_RUN][..],
+        &["submit", "--config", mf.to_str().unwrap()][..],
+    ] {
+        let args = [&["runs"][..], action, &as_merchant].concat();
+        let (code, out, err) = coordinator_cmd(&args);
+        assert_eq!(code, Some(1), "runs {action:?} as m0: {out}{err}");
+        assert!(err.contains("role merchant"), "runs {action:?}: {err}");
+    }
 
     let agents: Vec<Process> = merchants
         .iter()
