@@ -230,7 +230,27 @@ async fn plaintext_uploads_and_messages_for_another_agent_are_refused_in_a_secur
     assert!(task.secure_aggregation);
     let out = a.compute(&task).await;
 
-    // A plaintext update is refused before its payload is read.
+    // A plaintext update is refused before a byte of its payload is read:
+    // its header alone, the stream then held open, gets the refusal (the
+    // limit only guards against a hang).
+    use futures::StreamExt;
+    let header = pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(a.header(&task, &out))),
+    };
+    let held_open = futures::stream::iter([header]).chain(futures::stream::pending());
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        a.client.submit_update(held_open),
+    )
+    .await
+    .expect("refused on its header, without waiting for the payload")
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        err.message().contains("plaintext updates are refused"),
+        "{err}"
+    );
+    // And with its payload.
     let header = a.header(&task, &out);
     let payload =
         fedcart_common::federation::update::f32s_to_le(&out.update.as_ref().unwrap().values);
