@@ -990,3 +990,40 @@ fn a_batch_of_masked_inputs_sums_like_one_at_a_time_and_a_bad_entry_adds_none() 
     assert_eq!(batched.sum, one_by_one.sum);
     assert_eq!(batched.survivors, vec![0, 1, 2, 3]);
 }
+
+/// What an agent handed a different id set than its neighbours meets: a
+/// share from an agent it does not count as a neighbour, or one addressed
+/// to another agent, in its relay. It refuses the relay, naming the sender,
+/// and sends no masked input; the honest relay still works.
+#[test]
+fn a_relay_with_a_share_from_a_non_neighbour_or_for_another_agent_is_refused() {
+    let n = 30;
+    let c = config(n, 4, 0, true);
+    let mut h = Harness::new(c, n);
+    let neighbours: Vec<u32> = h.relays[0].shares.iter().map(|s| s.from).collect();
+    assert!(neighbours.len() < n - 1, "a sparse graph: {neighbours:?}");
+    let stranger = (1..n as u32)
+        .find(|j| !neighbours.contains(j))
+        .expect("a non-neighbour");
+    // A share from the stranger: relayed by a coordinator that showed the
+    // stranger another graph, in which agent 0 is its neighbour.
+    let mut relay = h.relays[0].clone();
+    relay.shares[0].from = stranger;
+    let err = h.clients[0]
+        .masked_input(&relay, &h.ups[0], &mut rounding_rng(1, 0))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("share from {stranger} is not from a neighbour")),
+        "{err}"
+    );
+    // A share addressed to another agent.
+    let mut relay = h.relays[0].clone();
+    relay.shares[0].to = neighbours[0];
+    let err = h.clients[0]
+        .masked_input(&relay, &h.ups[0], &mut rounding_rng(1, 0))
+        .unwrap_err();
+    assert!(err.to_string().contains("is not from a neighbour"), "{err}");
+    // The relay as the server built it is accepted.
+    h.masked(&[0]);
+}
