@@ -188,6 +188,38 @@ async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_merchant_loses_its_open_session_and_the_run_goes_on() {
+    loses_its_open_session_and_the_run_goes_on(
+        |access, cd| {
+            certs::revoke(access, cd, "m2", None).unwrap();
+        },
+        "`m2` is revoked",
+    )
+    .await;
+}
+
+/// The same when the operator takes the merchant off the allow-list
+/// (`access.toml` edited while the coordinator runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_taken_off_the_allow_list_loses_its_open_session_and_the_run_goes_on() {
+    loses_its_open_session_and_the_run_goes_on(
+        |access, _| {
+            let mut list =
+                fedcart_coordinator::identity::AccessList::load_or_default(access).unwrap();
+            list.allow.retain(|id| id != "m2");
+            std::fs::write(access, list.to_toml()).unwrap();
+        },
+        "`m2` is not on the allow-list",
+    )
+    .await;
+}
+
+/// m2, connected and selected, is refused by `refuse` (given the access
+/// file and the CA): its Join stream ends with PERMISSION_DENIED saying
+/// `why`, and the run finishes with the others, never selecting m2 again.
+async fn loses_its_open_session_and_the_run_goes_on(
+    refuse: impl FnOnce(&std::path::Path, &CertDir),
+    why: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let (cd, files) = pki(dir.path());
     certs::issue(&cd, "m2").unwrap();
@@ -251,8 +283,8 @@ async fn a_revoked_merchant_loses_its_open_session_and_the_run_goes_on() {
     .await
     .expect("m2 gets a task");
 
-    // Revoked while connected and selected: its stream ends with a status.
-    certs::revoke(&files.access, &cd, "m2", None).unwrap();
+    // Refused while connected and selected: its stream ends with a status.
+    refuse(&files.access, &cd);
     let status = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match work.message().await {
@@ -265,11 +297,7 @@ async fn a_revoked_merchant_loses_its_open_session_and_the_run_goes_on() {
     .await
     .expect("the revoked merchant's Join stream is closed");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-    assert!(
-        status.message().contains("`m2` is revoked"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains(why), "{}", status.message());
 
     // The run goes on with the others and never selects m2 again.
     let mut progress = coord.progress.clone();
