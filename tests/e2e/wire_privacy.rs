@@ -243,11 +243,23 @@ async fn with_secagg_on_no_window_of_a_plaintext_update_leaves_the_agent() {
 /// ids into the run's rows: no item id of either merchant's export crosses
 /// the wire in clear, though their row-sparse updates do (ids of six or more
 /// characters are checked; shorter digit strings occur by chance in binary
-/// data).
+/// data). Nor does any customer id: each is rewritten in the exports to a
+/// marked form (`household-<id>`) that cannot occur by chance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_on_orders_exports_send_no_item_id_on_the_wire() {
+async fn agents_on_orders_exports_send_no_item_or_customer_id_on_the_wire() {
     let dir = tempfile::tempdir().unwrap();
     let exports = store_exports(dir.path(), &["433", "324"]);
+    const MARK: &[u8] = b"household-";
+    for e in &exports {
+        let text = std::fs::read_to_string(e).unwrap();
+        let mut lines = text.lines();
+        let mut out = format!("{}\n", lines.next().unwrap());
+        for l in lines {
+            let (customer, rest) = l.split_once(',').unwrap();
+            out.push_str(&format!("household-{customer},{rest}\n"));
+        }
+        std::fs::write(e, out).unwrap();
+    }
     let ids: std::collections::BTreeSet<String> = exports
         .iter()
         .flat_map(|e| {
@@ -313,6 +325,10 @@ async fn agents_on_orders_exports_send_no_item_id_on_the_wire() {
     };
     let found = ids_in(&wire);
     assert!(found.is_empty(), "item ids on the wire: {found:?}");
+    assert!(
+        !wire.windows(MARK.len()).any(|w| w == MARK),
+        "a customer id on the wire"
+    );
     // The search does find an id that is there.
     let mut planted = wire.clone();
     planted.extend_from_slice(long[long.len() / 2].as_bytes());
