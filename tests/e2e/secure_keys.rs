@@ -379,6 +379,20 @@ fn an_agents_keys_and_masks_come_from_its_os_not_from_the_run_seed() {
     }
 }
 
+/// The round's configuration and the distributed noise planned for it
+/// (z = 1 over the round's N agents).
+fn planned_noise() -> (SecAggConfig, DistributedNoise) {
+    let mut config = SecAggConfig::complete(DIM, 0, N, 1.0);
+    let planned = DistributedNoise {
+        skellam: DistributedSkellam::new(1.0, 1.0, 1000.0, DIM, N).unwrap(),
+        bit_variance: 0.0,
+        secagg_clip: 1.0,
+        modulus_bits: 32,
+    };
+    planned.configure(&mut config);
+    (config, planned)
+}
+
 /// A round's ε is charged to the merchant's ledger, durably, before its
 /// masked input leaves: an agent whose ledger cannot be written sends no
 /// masked input for that round (the others do), and its budget is unchanged.
@@ -388,14 +402,7 @@ fn an_agent_whose_ledger_cannot_be_written_sends_no_masked_input() {
     use fedcart_client::state::StateDir;
     let pki = pki();
     let t = task(0);
-    let mut config = SecAggConfig::complete(DIM, 0, N, 1.0);
-    let noise = DistributedNoise {
-        skellam: DistributedSkellam::new(1.0, 1.0, 1000.0, DIM, N).unwrap(),
-        bit_variance: 0.0,
-        secagg_clip: 1.0,
-        modulus_bits: 32,
-    };
-    noise.configure(&mut config);
+    let (config, noise) = planned_noise();
     let dp = DpTask {
         clip: 1.0,
         clip_bit: false,
@@ -708,14 +715,7 @@ fn secure_round_whose_roster_lacks_m3s_keys_or_names_an_unlisted_agent_is_refuse
 fn distributed_noise_split_too_thin_or_on_too_few_coordinates_is_refused() {
     let pki = pki();
     let t = task(0);
-    let mut config = SecAggConfig::complete(DIM, 0, N, 1.0);
-    let planned = DistributedNoise {
-        skellam: DistributedSkellam::new(1.0, 1.0, 1000.0, DIM, N).unwrap(),
-        bit_variance: 0.0,
-        secagg_clip: 1.0,
-        modulus_bits: 32,
-    };
-    planned.configure(&mut config);
+    let (config, planned) = planned_noise();
     let dp = |noise| DpTask {
         clip: 1.0,
         clip_bit: false,
