@@ -764,8 +764,8 @@ impl Lifecycle {
         {
             tracing::warn!(run = %end.run_id, held, served,
                 "this merchant holds version {held} of the run, not version {served}, which the run \
-                 serves: it was not connected when the run handed that version out, and keeps \
-                 version {held} until a later run hands it a model");
+                 serves: it missed the evaluation that handed that version out (it was away, or that \
+                 task failed here), and keeps version {held} until a later run hands it a model");
         }
     }
 

@@ -522,7 +522,7 @@ async fn a_merchant_back_after_its_run_ended_is_told_it_holds_another_version_th
         format!("holds version {held} of the run, not version {served}, which the run serves");
     assert!(
         seen.iter()
-            .any(|l| l.contains(&told) && l.contains("not connected")),
+            .any(|l| l.contains(&told) && l.contains("missed the evaluation")),
         "{told}:\n{}",
         seen.join("\n")
     );
