@@ -305,6 +305,26 @@ fn build_bins() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build.args(["build", "--workspace", "--bins"]);
+    // What cargo sets for this test process (the package's name, its
+    // manifest, …) is not the shell's: build scripts that ask to rerun when
+    // such a variable changes (ring's) would rebuild half the tree.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+            || key == "CARGO_TARGET_TMPDIR"
+            || key == "CARGO_RUSTC_CURRENT_DIR"
+        {
+            build.env_remove(key.as_ref());
+        }
+    }
     if dir.file_name().is_some_and(|p| p == "release") {
         build.arg("--release");
     }
