@@ -189,6 +189,8 @@ struct OpenTask {
     /// When secure aggregation failed after unmasking (the sum was seen):
     /// the survivors whose inputs it held. The run then stops.
     secure_revealed: Option<usize>,
+    /// This task stored the unmask marker ([`Engine::before_unmask`]).
+    marked: bool,
 }
 
 /// The coordinator's round engine over a durable store.
@@ -225,6 +227,10 @@ pub struct Engine {
     set_aside: BTreeSet<String>,
     /// Those of `set_aside` a task record has named.
     noted_aside: BTreeSet<String>,
+    /// The merchants of the last secure sum whose unmask requests left
+    /// without a commit or a known failure following (meta key `unmasking`):
+    /// its round is retried over exactly them (see `unmask`).
+    unmasking: Option<unmask::Unmasking>,
 }
 
 /// Whether `version` is followed by an evaluation task: after every version
@@ -362,6 +368,7 @@ impl Engine {
             .filter(|(_, reason)| reason == commit::SET_ASIDE)
             .map(|(m, _)| m.clone())
             .collect();
+        let unmasking = unmask::load(&store)?;
         let last_evaluated = history
             .iter()
             .rev()
@@ -385,6 +392,7 @@ impl Engine {
             set_aside: collect::set_aside_by(&accusations),
             accusations,
             noted_aside,
+            unmasking,
         })
     }
 
@@ -518,6 +526,7 @@ mod collect;
 mod commit;
 mod plan;
 mod stop;
+mod unmask;
 
 pub use stop::{DIVERGED, RunStop, dominant_cause};
 

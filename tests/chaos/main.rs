@@ -359,10 +359,13 @@ impl Cluster {
         }
     }
 
-    fn kill_coordinator_and_restart(&mut self) {
+    fn kill_coordinator(&mut self) {
         if let Some(mut c) = self.coordinator.take() {
             c.kill();
         }
+    }
+
+    fn restart_coordinator(&mut self) {
         self.coordinator_generation += 1;
         self.start_coordinator();
     }
@@ -468,6 +471,9 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
     let mut next = 0;
     let mut done = Vec::new();
     let mut logged_commits = BTreeSet::new();
+    // Rounds whose coordinator was killed once the unmask requests were
+    // leaving, with the merchants the stored marker names.
+    let mut pinned: Vec<(u64, BTreeSet<String>)> = Vec::new();
     // Coordinator generation → merchants that joined it.
     let mut joined: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
     let started = Instant::now();
@@ -514,7 +520,13 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
                 if hit {
                     let task = line.field("task").to_string();
                     match kill.victim {
-                        Victim::Coordinator => cluster.kill_coordinator_and_restart(),
+                        Victim::Coordinator => {
+                            cluster.kill_coordinator();
+                            if kill.stage == stage_name::UNMASK {
+                                pinned.push(unmask_marker(dir.path(), &task));
+                            }
+                            cluster.restart_coordinator();
+                        }
                         Victim::Agent(k) => cluster.kill_agent_and_restart(k),
                     }
                     eprintln!(
@@ -655,14 +667,47 @@ fn kills_at_every_secure_aggregation_stage_lose_nothing_and_commit_each_round_on
         );
         worst = worst.max(d);
     }
+    // A coordinator killed while its unmask requests were leaving may have
+    // seen that sum: the round committed over exactly the same merchants
+    // (another set would let the two sums' difference show an update).
+    for (round, survivors) in &pinned {
+        let r = committed[round][0];
+        let reported: BTreeSet<String> = r.reported.iter().cloned().collect();
+        assert_eq!(
+            &reported, survivors,
+            "round {round} was being unmasked over {survivors:?} when the coordinator was \
+             killed, and committed over {reported:?}"
+        );
+    }
     let aborted = trains
         .iter()
         .filter(|r| r.outcome == Outcome::Aborted)
         .count();
     eprintln!(
-        "chaos: {} train records ({aborted} aborted), every version within {worst:e} of the reference",
+        "chaos: {} train records ({aborted} aborted), every version within {worst:e} of the \
+         reference; rounds retried over the merchants of a possibly unmasked sum: {pinned:?}",
         trains.len()
     );
+}
+
+/// The round and merchants of the unmask marker the (killed) coordinator
+/// stored before its unmask requests for `task` left.
+fn unmask_marker(dir: &Path, task: &str) -> (u64, BTreeSet<String>) {
+    let store = Store::open(&dir.join("coordinator.redb")).expect("store opens");
+    let bytes = store
+        .meta("unmasking")
+        .expect("meta reads")
+        .unwrap_or_else(|| panic!("no unmask marker stored before {task}'s unmask requests"));
+    let marker: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON marker");
+    assert_eq!(marker["task_id"], task, "marker {marker}");
+    let round = marker["round"].as_u64().expect("round");
+    let survivors = marker["survivors"]
+        .as_array()
+        .expect("survivors")
+        .iter()
+        .map(|m| m.as_str().expect("names").to_string())
+        .collect();
+    (round, survivors)
 }
 
 /// Was flaky, about 1 run in 4: it waited for m1's invitation, but a round

@@ -78,6 +78,13 @@ impl Engine {
         // merchant there, not to a sample: each one serves from it.
         let (selected, population) = if self.hands_out(kind, round) {
             every(available)
+        } else if let Some(pinned) = self.pinned(round, kind).cloned() {
+            // A secure sum of this round may have been unmasked before a
+            // restart: the retry is over exactly its merchants (`unmask`).
+            (
+                self.select_pinned(round, pinned, available)?,
+                available.len(),
+            )
         } else {
             select(available, sel, self.run.seed, &task_id)
         };
@@ -158,6 +165,7 @@ impl Engine {
             secure_clipped: None,
             secure_abort: None,
             secure_revealed: None,
+            marked: false,
         });
         tracing::info!(task = %plan.task_id, selected = plan.selected.len(), run = %self.run.run_id, "task started");
         Ok(plan)

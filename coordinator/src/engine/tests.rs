@@ -994,3 +994,135 @@ fn an_unmasked_sum_that_cannot_be_committed_stops_the_run_instead_of_a_retry() {
     assert!(e.start_task(&agents(3)).is_err(), "none after a restart");
     assert_eq!(e.version(), 0);
 }
+
+/// A secure run of `Noop` over a store at `path`, all merchants selected.
+fn secure_run() -> RunConfig {
+    let mut cfg = run(selection(1.0, 3, 6), 3);
+    cfg.secagg = Some(crate::config::SecAggSettings {
+        neighbours: None,
+        clip: 1.0,
+        verify_survivors: false,
+        stage_timeout_ms: None,
+    });
+    cfg
+}
+
+fn secure_sum(count: usize) -> fedcart_common::privacy::secagg::DecodedSum {
+    fedcart_common::privacy::secagg::DecodedSum {
+        values: vec![0.5 * count as f64; DIM],
+        coord_weights: Vec::new(),
+        weight: count as f64,
+        count,
+        clipped: 0,
+    }
+}
+
+fn names(v: &[String]) -> BTreeSet<String> {
+    v.iter().cloned().collect()
+}
+
+/// A secure round whose unmask requests left before the coordinator went
+/// away (no commit, no known failure) may have shown its sum: after a
+/// restart the round is retried over exactly the merchants whose inputs
+/// that sum held, waits for every one of them, and an attempt whose inputs
+/// are not exactly theirs aborts before unmasking. Without this, the retry
+/// would select all six, and a sum over six next to one over four gives
+/// the total of two merchants' updates (one merchant's, one apart).
+#[test]
+fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_only() {
+    let cfg = secure_run();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("engine.redb");
+    let all = agents(6);
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let plan = e.start_task(&all).unwrap();
+    assert_eq!(plan.selected, all);
+    // Two dropped before their masked inputs: the sum holds four.
+    let four = names(&all[..4]);
+    e.before_unmask(&four).unwrap();
+    drop(e); // killed before the commit
+
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let without_m03: Vec<String> = all.iter().filter(|m| *m != "m03").cloned().collect();
+    assert!(
+        matches!(
+            e.start_task(&without_m03),
+            Err(EngineError::NotEnoughAgents {
+                available: 3,
+                needed: 4
+            })
+        ),
+        "the retry waits for every merchant of the sum"
+    );
+    let plan = e.start_task(&all).unwrap();
+    assert_eq!(names(&plan.selected), four, "exactly the sum's merchants");
+    // One of them drops this time: the attempt aborts before unmasking.
+    let three = names(&all[..3]);
+    let refused = e.before_unmask(&three).unwrap_err();
+    assert!(refused.contains("\"m03\""), "{refused}");
+    assert!(refused.contains("nothing was revealed"), "{refused}");
+    e.abort_secure(refused);
+    let record = e.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Aborted);
+    // A failure with nothing unmasked does not free a pin set by an
+    // earlier process: that attempt's sum may still have been seen.
+    let plan = e.start_task(&all).unwrap();
+    assert_eq!(names(&plan.selected), four);
+    e.before_unmask(&four).unwrap();
+    e.nothing_unmasked();
+    e.abort_secure("too few shares".into());
+    e.finish_task().unwrap();
+    drop(e);
+
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let plan = e.start_task(&all).unwrap();
+    assert_eq!(
+        names(&plan.selected),
+        four,
+        "still pinned after another restart"
+    );
+    e.before_unmask(&four).unwrap();
+    let plan_four: Vec<String> = four.iter().cloned().collect();
+    e.set_secure_sum(&plan_four, secure_sum(4)).unwrap();
+    let record = e.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Committed);
+    assert_eq!(names(&record.reported), four);
+    assert_eq!(e.version(), 1);
+
+    // The next round is on another base: free selection again. Its own
+    // unmasking fails with nothing recovered, so the marker goes and the
+    // retry after a restart selects afresh.
+    let plan = e.start_task(&all).unwrap();
+    assert_eq!(plan.selected, all);
+    e.before_unmask(&names(&all[..5])).unwrap();
+    e.nothing_unmasked();
+    e.abort_secure("too few shares".into());
+    e.finish_task().unwrap();
+    drop(e);
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
+    let plan = e.start_task(&all).unwrap();
+    assert_eq!(plan.selected, all, "nothing was unmasked: no pin");
+}
+
+/// A merchant of a possibly unmasked sum that the run then sets aside can
+/// never take part again: the run stops, naming it, instead of waiting.
+#[test]
+fn a_pinned_merchant_set_aside_stops_the_run() {
+    let cfg = secure_run();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("engine.redb");
+    let all = agents(6);
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    e.start_task(&all).unwrap();
+    e.before_unmask(&names(&all[..4])).unwrap();
+    // An accusation sets the accused and its accuser aside.
+    assert_eq!(e.accuse("m04", "m01").len(), 2);
+    drop(e);
+    let mut e = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
+    let stopped = e.start_task(&all).unwrap_err();
+    assert!(stopped.to_string().contains("`m01`"), "{stopped}");
+    assert!(matches!(
+        e.stopped(),
+        Some(RunStop::Revealed { round: 1, .. })
+    ));
+}

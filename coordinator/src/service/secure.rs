@@ -627,6 +627,20 @@ async fn drive(
     };
 
     // Stage 4: ask each survivor for its shares, then remove the masks.
+    // First the engine stores whose inputs the sum holds, so that a
+    // restarted coordinator retries this round over exactly them (or it
+    // refuses: a retry after a restart over other merchants).
+    let inputs_of: BTreeSet<String> = step(shared, |r| {
+        Ok(r.server()
+            .survivors()
+            .iter()
+            .filter_map(|&i| plan.selected.get(i as usize).cloned())
+            .collect())
+    })
+    .expect("reading the survivors cannot fail");
+    if let Err(reason) = shared.engine().before_unmask(&inputs_of) {
+        return Ok(Err(reason));
+    }
     step(shared, |r| {
         r.open_stage(Stage::Unmask, requests.iter().map(|q| q.to));
         Ok(())
@@ -650,9 +664,11 @@ async fn drive(
     let output = match output {
         Ok(o) => o,
         Err(e) => {
-            if let Some(count) = e.revealed_sum_of() {
+            match e.revealed_sum_of() {
                 // Unmasked, then refused: never to be computed again.
-                shared.engine().refuse_unmasked_sum(e.to_string(), count);
+                Some(count) => shared.engine().refuse_unmasked_sum(e.to_string(), count),
+                // Nothing recovered: the retry may select afresh.
+                None => shared.engine().nothing_unmasked(),
             }
             return Ok(Err(e.to_string()));
         }

@@ -455,6 +455,12 @@ impl ServerSession {
         Ok(())
     }
 
+    /// The agents whose masked inputs the sum holds (final once stage 3
+    /// closed): the sum an unmasking reveals is theirs.
+    pub fn survivors(&self) -> &BTreeSet<u32> {
+        &self.survivors
+    }
+
     /// Closes stage 3 with whoever answered.
     pub fn close_masked(&mut self) -> Result<AfterMasked, SecAggError> {
         self.expect(Stage::MaskedInput)?;

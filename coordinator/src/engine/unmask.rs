@@ -1,0 +1,180 @@
+//! A secure sum is released over one set of inputs only, across restarts.
+//!
+//! Unmasking a secure task's sum shows the coordinator the sum of its
+//! survivors' updates. Were the same round (the same base version, so the
+//! same updates) unmasked again over another survivor set, the difference of
+//! the two sums would be the updates of the merchants in one set and not the
+//! other: one merchant's update when the sets differ by one. Within one
+//! process the engine never retries a task whose sum it saw
+//! ([`RunStop::Revealed`](super::RunStop::Revealed)); this module carries
+//! the rule across a coordinator restart.
+//!
+//! Before the first unmask request of a task leaves, the driver calls
+//! [`Engine::before_unmask`] with the merchants whose masked inputs are in
+//! the sum, and the engine stores them (meta key `unmasking`) with the
+//! round, kind and base version. If the task then commits, the marker is
+//! moot (the next task works on another base). If it fails with nothing
+//! unmasked, the driver says so ([`Engine::nothing_unmasked`]) and the
+//! marker goes. Otherwise — the coordinator was killed, shut down or lost its
+//! store between the unmask requests and the commit — a restarted engine
+//! cannot tell whether the sum was seen, and takes it as seen: the task is
+//! retried over exactly the stored merchants (all of them selected, the
+//! round waiting until each one is connected), and an attempt whose masked
+//! inputs are not exactly theirs is aborted before anything is unmasked.
+//! The retried sum is then the one that may have been seen (new masks, the
+//! same inputs), and nothing new is revealed.
+
+use std::collections::BTreeSet;
+
+use fedcart_common::task::TaskKind;
+use serde::{Deserialize, Serialize};
+
+use super::{Engine, EngineError, RunStop};
+
+/// Meta key of the marker.
+const KEY: &str = "unmasking";
+
+/// The marker stored before a secure task's unmask requests leave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct Unmasking {
+    /// The round.
+    round: u64,
+    /// The task kind (`stats`, `train`).
+    kind: TaskKind,
+    /// The version the task's inputs were computed from.
+    base_version: u64,
+    /// The task whose unmask requests were about to leave.
+    task_id: String,
+    /// The merchants whose masked inputs the sum holds.
+    survivors: BTreeSet<String>,
+}
+
+/// The marker in `store`, if any (a cleared marker is stored as `null`).
+pub(super) fn load(store: &crate::store::Store) -> Result<Option<Unmasking>, EngineError> {
+    Ok(store.meta_json::<Option<Unmasking>>(KEY)?.flatten())
+}
+
+impl Engine {
+    /// The merchants a secure task of `kind` at `round` must be run over:
+    /// those of a sum that may have been unmasked before a restart (see the
+    /// module documentation), when the task works on the same base.
+    pub(super) fn pinned(&self, round: u64, kind: TaskKind) -> Option<&BTreeSet<String>> {
+        self.unmasking
+            .as_ref()
+            .filter(|u| u.round == round && u.kind == kind && u.base_version == self.version)
+            .map(|u| &u.survivors)
+    }
+
+    /// Selection of a pinned task: exactly the pinned merchants, once every
+    /// one of them is available. A pinned merchant set aside by the run can
+    /// never take part again: the run stops instead of waiting for it.
+    pub(super) fn select_pinned(
+        &mut self,
+        round: u64,
+        pinned: BTreeSet<String>,
+        available: &[String],
+    ) -> Result<Vec<String>, EngineError> {
+        if let Some(aside) = pinned.iter().find(|m| self.set_aside.contains(*m)) {
+            let stop = RunStop::Revealed {
+                round,
+                task_id: self
+                    .unmasking
+                    .as_ref()
+                    .map_or(String::new(), |u| u.task_id.clone()),
+                reason: format!(
+                    "its sum may have been unmasked before the coordinator restarted, and \
+                     merchant `{aside}`, whose input it held, is now set aside"
+                ),
+            };
+            let json = serde_json::to_value(&stop).expect("serialisable");
+            self.store.put_meta_json(&[("stopped", json)])?;
+            tracing::error!("{stop}");
+            self.stopped = Some(stop.clone());
+            return Err(EngineError::Stopped(stop));
+        }
+        let present: BTreeSet<&String> = available.iter().collect();
+        let missing: Vec<&String> = pinned.iter().filter(|m| !present.contains(m)).collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                round,
+                missing = ?missing,
+                "the round's secure sum may have been unmasked before the coordinator \
+                 restarted: it is retried over exactly the same merchants, and waits for these"
+            );
+            return Err(EngineError::NotEnoughAgents {
+                available: pinned.len() - missing.len(),
+                needed: pinned.len(),
+            });
+        }
+        Ok(pinned.into_iter().collect())
+    }
+
+    /// Called by a driver before the first unmask request of the open
+    /// secure task leaves, with the merchants whose masked inputs the sum
+    /// holds. Stores them durably; refuses (the task must then abort,
+    /// nothing unmasked) when the task is pinned to another set or the
+    /// store cannot keep the marker.
+    pub fn before_unmask(&mut self, survivors: &BTreeSet<String>) -> Result<(), String> {
+        let Some(open) = &mut self.open else {
+            return Err("no task is open".into());
+        };
+        let (round, kind, base_version) = (
+            open.plan.round,
+            open.plan.spec.kind,
+            open.plan.model_version,
+        );
+        let task_id = open.plan.task_id.clone();
+        if let Some(pinned) = self
+            .unmasking
+            .as_ref()
+            .filter(|u| u.round == round && u.kind == kind && u.base_version == base_version)
+            .map(|u| &u.survivors)
+        {
+            if pinned == survivors {
+                return Ok(());
+            }
+            let missing: Vec<&String> = pinned.difference(survivors).collect();
+            let extra: Vec<&String> = survivors.difference(pinned).collect();
+            return Err(format!(
+                "the round's sum may have been unmasked over {} merchants before the coordinator \
+                 restarted; this attempt's masked inputs differ (missing {missing:?}, extra \
+                 {extra:?}): aborted before unmasking, nothing was revealed",
+                pinned.len()
+            ));
+        }
+        let marker = Unmasking {
+            round,
+            kind,
+            base_version,
+            task_id,
+            survivors: survivors.clone(),
+        };
+        let json = serde_json::to_value(&marker).expect("serialisable");
+        self.store.put_meta_json(&[(KEY, json)]).map_err(|e| {
+            format!(
+                "the survivors could not be stored before unmasking ({e}): aborted before \
+                 unmasking, nothing was revealed"
+            )
+        })?;
+        open.marked = true;
+        self.unmasking = Some(marker);
+        Ok(())
+    }
+
+    /// Called by a driver when the open secure task's unmasking failed with
+    /// no sum recovered: the marker it stored goes, and the retry selects
+    /// freely. A task pinned by an earlier process keeps the pin (that
+    /// attempt's sum may have been seen), and if the store cannot clear the
+    /// marker the retry stays pinned too (the safe side).
+    pub fn nothing_unmasked(&mut self) {
+        if !self.open.as_ref().is_some_and(|o| o.marked) {
+            return;
+        }
+        match self.store.put_meta_json(&[(KEY, serde_json::Value::Null)]) {
+            Ok(()) => self.unmasking = None,
+            Err(e) => {
+                tracing::warn!(error = %e, "the unmask marker could not be cleared: the retry keeps its merchants");
+            }
+        }
+    }
+}
