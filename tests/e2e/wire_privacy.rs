@@ -450,3 +450,81 @@ async fn personalised_rows_never_leave_the_agent_and_recommend_serves_the_copy_t
     // one epoch on validation somewhere.
     assert!(kept > 0, "no merchant kept its copy");
 }
+
+/// The bytes three Telco merchants' agents under `policy` send while a
+/// one-round secure churn run `name` goes through the recording proxy, and
+/// each merchant's churn row count.
+async fn joined_under(
+    policy: fedcart_client::policy::PrivacyPolicy,
+    name: &str,
+) -> (Vec<u8>, Vec<u64>) {
+    let split = telco_split(3, 5);
+    let mut run = churn_run(name, 1, 3, 3);
+    run.secagg = Some(crate::secure::secure_settings(1.0));
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let proxy = recording_proxy(coord.addr, Arc::clone(&sent)).await;
+    let merchants: Vec<_> = split
+        .files
+        .iter()
+        .enumerate()
+        .map(|(k, f)| load_merchant(&format!("m{k}"), f))
+        .collect();
+    let agents: Vec<_> = merchants
+        .iter()
+        .map(|m| {
+            let agent = fedcart_client::agent::Agent::new(format!("http://{proxy}"), m.clone())
+                .with_policy(policy.clone());
+            spawn_configured(agent)
+        })
+        .collect();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let rows = merchants.iter().map(|m| m.examples()["churn"]).collect();
+    let wire = sent.lock().unwrap().clone();
+    (wire, rows)
+}
+
+/// How often `JoinRequest.examples` carries `("churn", n)` in `wire`: the
+/// map entry as protobuf encodes it (key 1, value 2).
+fn churn_entries(wire: &[u8], n: u64) -> usize {
+    let mut entry = vec![0x0a, 5];
+    entry.extend_from_slice(b"churn");
+    entry.push(0x10);
+    let mut v = n;
+    while v >= 0x80 {
+        entry.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    entry.push(v as u8);
+    wire.windows(entry.len()).filter(|w| *w == entry).count()
+}
+
+/// An agent whose privacy policy requires secure aggregation tells the
+/// coordinator which data families it holds when it joins, not how many
+/// rows: on the wire, each of its `JoinRequest.examples` entries for
+/// `churn` is 1, and its row count appears in none. The same merchants
+/// under a policy without that requirement send their row counts, so the
+/// check can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protective_policy_advertises_which_families_a_merchant_holds_not_how_many_rows() {
+    use fedcart_client::policy::PrivacyPolicy;
+    let protective = PrivacyPolicy {
+        require_secure_aggregation: true,
+        ..PrivacyPolicy::without_key_binding()
+    };
+    let (wire, rows) = joined_under(protective, "wire-join-coarse").await;
+    assert!(rows.iter().all(|&n| n > 1000), "{rows:?}");
+    assert!(churn_entries(&wire, 1) >= 3, "one join per agent at least");
+    for n in &rows {
+        assert_eq!(churn_entries(&wire, *n), 0, "row count {n} on the wire");
+    }
+    let (wire, rows) = joined_under(PrivacyPolicy::without_key_binding(), "wire-join-full").await;
+    for n in &rows {
+        assert!(churn_entries(&wire, *n) >= 1, "row count {n} not found");
+    }
+    assert_eq!(churn_entries(&wire, 1), 0);
+}
