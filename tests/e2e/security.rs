@@ -520,14 +520,18 @@ pub async fn http_raw(addr: std::net::SocketAddr, method: &str, path: &str, extr
 }
 
 /// The operator identity `certs init` made reads the whole status; a
-/// merchant's certificate reads only its own part of it; an operator
-/// certificate never takes part as a merchant; a revoked operator is refused.
+/// merchant's certificate reads only its own part of it (none of a round
+/// that did not select it); an operator certificate never takes part as a
+/// merchant; a revoked operator is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_see_every_merchant_merchants_see_themselves_and_operators_never_train() {
     use fedcart_coordinator::record::RoundRecord;
     use fedcart_coordinator::status::{ClientTls, fetch};
     let dir = tempfile::tempdir().unwrap();
     let (cd, files) = pki(dir.path());
+    // A merchant of the federation that no round of this run selects.
+    certs::issue(&cd, "m2").unwrap();
+    certs::allow(&files.access, "m2").unwrap();
     let split = telco_split(2, 7);
     let store = tempfile::tempdir().unwrap();
     let coord = start_tls(&store.path().join("c.redb"), files.clone(), "tls", 1).await;
@@ -590,6 +594,18 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
     assert_eq!(
         mine.metrics, last.metrics,
         "aggregates are the federation's"
+    );
+    // A merchant the round did not select reads none of its aggregates,
+    // and nobody connected; it learns the run's id and progress only.
+    let outside = fetch(&url, Some(&tls("m2")), None).await.unwrap();
+    assert_eq!(
+        outside.last_round_json, "",
+        "a round that did not select m2"
+    );
+    assert!(outside.connected_agents.is_empty());
+    assert_eq!(
+        (outside.run_id.as_str(), outside.model_version),
+        ("tls", all.model_version)
     );
 
     certs::revoke(&files.access, &cd, certs::OPERATOR, None).unwrap();
