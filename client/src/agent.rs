@@ -478,7 +478,14 @@ impl Agent {
                         .state
                         .as_ref()
                         .and_then(|s| s.held_version(&end.run_id));
-                    self.lifecycle.run_ended(&end, held);
+                    self.lifecycle.run_ended(&end);
+                    if let Some(held) = held
+                        && end.served_version > 0
+                        && held != end.served_version
+                    {
+                        self.fetch_served(&mut client, &welcome.session_id, &end, held)
+                            .await;
+                    }
                     self.personalise_after(&end.run_id).await?;
                     if self.exit_on_run_end && self.tasks_done > 0 {
                         return Ok(SessionEnd::RunEnded);
@@ -560,74 +567,10 @@ impl Agent {
                 model: global.clone(),
             });
         }
-        if let Some(state) = &self.state
-            && !global.is_empty()
-        {
-            let meta = crate::state::GlobalMeta {
-                run_id: task.run_id.clone(),
-                version: task.model_version,
-                spec: spec.clone(),
-                sha256: None,
-            };
-            // The latest of any run at the top, and the run's own. A
-            // version 0 is untrained (or, for a scheduled instance, the
-            // previous instance's served version, at the top already when
-            // that instance evaluated it): it never replaces what `score`
-            // and `recommend` answer from.
-            if task.model_version > 0 {
-                state.save_global(&meta, &global)?;
-            }
-            state.run(&task.run_id)?.save_global(&meta, &global)?;
-        }
-        let family = spec.model.data_family();
-        let spec_is_mf = spec.model.mf_shape().is_some();
-        let (kind, model_name) = (spec.kind, spec.model.name().to_string());
+        let model_name = spec.model.name().to_string();
         let seed = spec.seed;
         let dp = spec.dp.clone();
-        // Under differential privacy the example count is private (see
-        // `fedcart_common::privacy::dp::clip`): the clear-text header of a
-        // training or evaluation result carries weight 1, not the row count.
-        // The statistics step still needs its row counts (they are its sum's
-        // denominator) and sends them under its own protection.
-        let hide_count = spec.dp.is_some() && spec.kind != fedcart_common::task::TaskKind::Stats;
-        let data = std::mem::take(&mut self.data);
-        let (data, out) = tokio::task::spawn_blocking(move || {
-            let mut data = data;
-            let out = run_task(&spec, &global, &mut data);
-            (data, out)
-        })
-        .await
-        .map_err(AgentError::TaskPanicked)?;
-        self.data = data;
-        let out = out.map(|mut out| {
-            if hide_count {
-                out.weight = 1.0;
-            }
-            out
-        });
-        if let (Some(state), Ok(out)) = (&self.state, &out) {
-            // The top keeps what goes with its model (saved above only
-            // from version 1 on); the run's own directory keeps everything.
-            let top = (task.model_version > 0).then(|| state.clone());
-            for state in top.into_iter().chain([state.run(&task.run_id)?]) {
-                if let Some(mf) = &self.data.mf
-                    && spec_is_mf
-                {
-                    state.save_users(&mf.state)?;
-                }
-                state.save_metrics(family, &out.metrics)?;
-            }
-        }
-        if let Ok(out) = &out {
-            tracing::info!(
-                task = %task.task_id,
-                kind = ?kind,
-                version = task.model_version,
-                weight = out.weight,
-                metrics = %Metrics(&out.metrics),
-                "task done"
-            );
-        }
+        let out = self.run_locally(&task, spec, global).await?;
         match out {
             // Under secure aggregation the update waits for the protocol's
             // masked-input stage (see `secure`); nothing is sent in the clear.
@@ -676,6 +619,161 @@ impl Agent {
                 Ok(())
             }
         }
+    }
+
+    /// A merchant away when its run handed the served version out holds
+    /// version `held` of the run instead: it fetches the served version now
+    /// and evaluates it on its own data, as the hand-out would have (an MF
+    /// agent fits its users to it), so that `score` and `recommend` answer
+    /// from the version the run serves. Best effort: on failure the merchant
+    /// keeps the version it holds, and the log says why.
+    async fn fetch_served(
+        &mut self,
+        client: &mut CoordinatorClient<Channel>,
+        session_id: &str,
+        end: &pb::RunEnded,
+        held: u64,
+    ) {
+        let served = end.served_version;
+        // Said before anything is awaited: the line follows the run's end.
+        tracing::info!(run = %end.run_id, held, served,
+            "this merchant holds version {held} of the run, not version {served}, which the run \
+             serves: it missed the evaluation that handed that version out (it was away, or that \
+             task failed here); fetching version {served}");
+        match self.adopt_served(client, session_id, end).await {
+            Ok(()) => tracing::info!(run = %end.run_id, served,
+                "version {served} fetched and evaluated here: `score` and `recommend` answer from it"),
+            Err(why) => tracing::warn!(run = %end.run_id, held, served,
+                "fetching version {served} failed ({why}): this merchant keeps version {held} until \
+                 a later run hands it a model"),
+        }
+    }
+
+    async fn adopt_served(
+        &mut self,
+        client: &mut CoordinatorClient<Channel>,
+        session_id: &str,
+        end: &pb::RunEnded,
+    ) -> Result<(), String> {
+        let state = self.state.as_ref().ok_or("no state directory")?;
+        let run = state.run(&end.run_id).map_err(|e| e.to_string())?;
+        let (meta, held) = run
+            .latest_global()
+            .map_err(|e| e.to_string())?
+            .ok_or("no model of the run is stored")?;
+        let served = end.served_version;
+        // The task the hand-out would have sent: the served version's
+        // evaluation, which keeps the user side fitted to it.
+        let spec = TaskSpec {
+            kind: fedcart_common::task::TaskKind::Evaluate,
+            round: served,
+            best_version: Some(served),
+            dp: None,
+            ..meta.spec
+        };
+        self.map_items_for(&spec).map_err(|e| e.to_string())?;
+        if spec.model.mf_shape().is_some() {
+            self.users_for(&end.run_id);
+        }
+        let task = pb::TaskAssignment {
+            run_id: end.run_id.clone(),
+            round: served,
+            task_id: String::new(),
+            kind: pb::TaskKind::Evaluate as i32,
+            model_version: served,
+            model_len: held.len() as u64,
+            spec_json: Vec::new(),
+            deadline_unix_ms: 0,
+            secure_aggregation: false,
+        };
+        let global = crate::transfer::download(client, session_id, &task)
+            .await
+            .map_err(|e| Chain(&e).to_string())?;
+        match self.run_locally(&task, spec, global).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(Chain(&e).to_string()),
+        }
+    }
+
+    /// Runs `task` locally on `global` with `spec` and keeps what the state
+    /// directory holds of it: the model (at the top from version 1 on, and
+    /// in the run's own directory), then the user side and the metrics.
+    async fn run_locally(
+        &mut self,
+        task: &pb::TaskAssignment,
+        spec: TaskSpec,
+        global: Vec<f32>,
+    ) -> Result<Result<fedcart_common::train::TaskOutput, TrainError>, AgentError> {
+        if let Some(state) = &self.state
+            && !global.is_empty()
+        {
+            let meta = crate::state::GlobalMeta {
+                run_id: task.run_id.clone(),
+                version: task.model_version,
+                spec: spec.clone(),
+                sha256: None,
+            };
+            // The latest of any run at the top, and the run's own. A
+            // version 0 is untrained (or, for a scheduled instance, the
+            // previous instance's served version, at the top already when
+            // that instance evaluated it): it never replaces what `score`
+            // and `recommend` answer from.
+            if task.model_version > 0 {
+                state.save_global(&meta, &global)?;
+            }
+            state.run(&task.run_id)?.save_global(&meta, &global)?;
+        }
+        let family = spec.model.data_family();
+        let spec_is_mf = spec.model.mf_shape().is_some();
+        let kind = spec.kind;
+        // Under differential privacy the example count is private (see
+        // `fedcart_common::privacy::dp::clip`): the clear-text header of a
+        // training or evaluation result carries weight 1, not the row count.
+        // The statistics step still needs its row counts (they are its sum's
+        // denominator) and sends them under its own protection.
+        let hide_count = spec.dp.is_some() && spec.kind != fedcart_common::task::TaskKind::Stats;
+        let data = std::mem::take(&mut self.data);
+        let (data, out) = tokio::task::spawn_blocking(move || {
+            let mut data = data;
+            let out = run_task(&spec, &global, &mut data);
+            (data, out)
+        })
+        .await
+        .map_err(AgentError::TaskPanicked)?;
+        self.data = data;
+        let out = out.map(|mut out| {
+            if hide_count {
+                out.weight = 1.0;
+            }
+            out
+        });
+        if let (Some(state), Ok(out)) = (&self.state, &out) {
+            // The top keeps what goes with its model (saved above only
+            // from version 1 on); the run's own directory keeps everything.
+            let top = (task.model_version > 0).then(|| state.clone());
+            for state in top.into_iter().chain([state.run(&task.run_id)?]) {
+                if let Some(mf) = &self.data.mf
+                    && spec_is_mf
+                {
+                    state.save_users(&mf.state)?;
+                }
+                state.save_metrics(family, &out.metrics)?;
+            }
+        }
+        if let Ok(out) = &out
+            && !task.task_id.is_empty()
+        {
+            tracing::info!(
+                task = %task.task_id,
+                kind = ?kind,
+                version = task.model_version,
+                weight = out.weight,
+                metrics = %Metrics(&out.metrics),
+                "task done"
+            );
+        }
+        Ok(out)
     }
 
     /// Tells the coordinator this agent drops out of `task`, with a fixed,
@@ -741,9 +839,8 @@ impl Lifecycle {
         }
     }
 
-    /// Logs that a run ended; `held` is the latest version of its models
-    /// this agent's state holds.
-    fn run_ended(&mut self, end: &pb::RunEnded, held: Option<u64>) {
+    /// Logs that a run ended.
+    fn run_ended(&mut self, end: &pb::RunEnded) {
         if !self.ended.insert(end.run_id.clone()) {
             return;
         }
@@ -756,16 +853,6 @@ impl Lifecycle {
         } else {
             tracing::info!(run = %end.run_id, version = end.model_version, served,
                 stopped = %end.stopped, "the run has stopped; waiting for the next run");
-        }
-        // A merchant away when the run handed its served version out holds
-        // another one until a later run hands it a model: said, not hidden.
-        if let (Some(served), Some(held)) = (served, held)
-            && held != served
-        {
-            tracing::warn!(run = %end.run_id, held, served,
-                "this merchant holds version {held} of the run, not version {served}, which the run \
-                 serves: it missed the evaluation that handed that version out (it was away, or that \
-                 task failed here), and keeps version {held} until a later run hands it a model");
         }
     }
 

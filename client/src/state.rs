@@ -345,6 +345,35 @@ impl StateDir {
         )))
     }
 
+    /// The stored global model of the highest version here, whatever its
+    /// family (a run's directory holds one per model the run trains).
+    pub fn latest_global(&self) -> Result<Option<(GlobalMeta, Vec<f32>)>, StateError> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(None);
+        };
+        let mut best: Option<(u64, String)> = None;
+        for name in entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+        {
+            let Some(family) = name
+                .strip_prefix("global-")
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if let Some(meta) = self.read_json::<GlobalMeta>(&name)?
+                && best.as_ref().is_none_or(|(v, _)| meta.version > *v)
+            {
+                best = Some((meta.version, family.to_string()));
+            }
+        }
+        match best {
+            Some((_, family)) => self.load_global(&family),
+            None => Ok(None),
+        }
+    }
+
     /// The item rows of the stored recommender, if there is one.
     pub fn mf_rows(&self) -> Result<Option<usize>, StateError> {
         Ok(self

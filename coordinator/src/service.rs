@@ -660,6 +660,9 @@ impl Coordinator for Service {
         let merchant = self.hub.merchant_of(&req.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
         let shared = self.hub.get(&req.run_id)?;
+        if req.task_id.is_empty() {
+            return served_download(&shared, &merchant, &req);
+        }
         let (model, cached, layout) = {
             let engine = shared.engine();
             engine
@@ -709,20 +712,7 @@ impl Coordinator for Service {
         }
         let bytes = shared.model_bytes(req.model_version, &model);
         drop(model);
-        let total_len = bytes.len() as u64;
-        let chunks = bytes.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
-        // Chunks end on whole f32 values (MODEL_CHUNK_BYTES is a multiple of 4).
-        let stream = futures::stream::iter(0..chunks).map(move |i| {
-            let start = i * MODEL_CHUNK_BYTES;
-            let end = (start + MODEL_CHUNK_BYTES).min(bytes.len());
-            Ok(pb::ModelChunk {
-                offset: start as u64,
-                total_len,
-                data: bytes.slice(start..end),
-                encoding: pb::ModelEncoding::F32 as i32,
-            })
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(f32_chunks(bytes)))
     }
 
     async fn submit_update(
@@ -942,6 +932,72 @@ fn decline(
     Ok(Response::new(pb::SubmitReply {
         message: format!("dropped from task `{}`", header.task_id),
     }))
+}
+
+/// A model's little-endian f32 bytes as a chunk stream; chunks end on whole
+/// values (MODEL_CHUNK_BYTES is a multiple of 4).
+fn f32_chunks(bytes: Bytes) -> ChunkStream {
+    let total_len = bytes.len() as u64;
+    let chunks = bytes.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
+    Box::pin(futures::stream::iter(0..chunks).map(move |i| {
+        let start = i * MODEL_CHUNK_BYTES;
+        let end = (start + MODEL_CHUNK_BYTES).min(bytes.len());
+        Ok(pb::ModelChunk {
+            offset: start as u64,
+            total_len,
+            data: bytes.slice(start..end),
+            encoding: pb::ModelEncoding::F32 as i32,
+        })
+    }))
+}
+
+/// `DownloadModel` without a task: the version an ended run serves, for a
+/// merchant the run selected (one away when the run handed that version out
+/// fetches it when it comes back). Anything else is refused by name: a
+/// running run hands its models out through its tasks, a failed one serves
+/// nothing, and a merchant the run never selected gets none of its models.
+fn served_download(
+    shared: &Shared,
+    merchant: &str,
+    req: &pb::ModelRequest,
+) -> Result<Response<ChunkStream>, Status> {
+    let model = {
+        let engine = shared.engine();
+        let run_id = &engine.run().run_id;
+        if !engine.finished() {
+            return Err(Status::failed_precondition(format!(
+                "run `{run_id}` has not ended: its models are handed out by its tasks"
+            )));
+        }
+        let served = engine.served_version().ok_or_else(|| {
+            Status::failed_precondition(format!("run `{run_id}` failed: it serves no version"))
+        })?;
+        if req.model_version != served {
+            return Err(Status::failed_precondition(format!(
+                "run `{run_id}` serves version {served}, not version {}",
+                req.model_version
+            )));
+        }
+        let selected = engine
+            .store()
+            .history()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .iter()
+            .any(|r| r.selected.iter().any(|m| m == merchant));
+        if !selected {
+            return Err(Status::permission_denied(format!(
+                "merchant `{merchant}` took no part in run `{run_id}`"
+            )));
+        }
+        engine
+            .model(served)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("model version {served}")))?
+    };
+    tracing::info!(merchant, run = %req.run_id, version = req.model_version, "served version fetched after the run ended");
+    Ok(Response::new(f32_chunks(Bytes::from(
+        fedcart_common::federation::update::f32s_to_le(&model),
+    ))))
 }
 
 fn idle_status(idle: Duration) -> Status {

@@ -432,12 +432,13 @@ async fn sigterm_makes_the_agent_leave_and_a_restarted_agent_finishes_the_run() 
 }
 
 /// A merchant that was away when its run handed the served version out
-/// learns, when it comes back, that it holds another version than the one
-/// the run serves (it keeps it until a later run hands it a model); one
-/// that holds the served version is told nothing more.
+/// fetches that version when it comes back and evaluates it on its own data,
+/// as the hand-out would have: its state then holds the served version, and
+/// it says so. A merchant the run never selected is refused that model, by
+/// name, and keeps what it holds; one that holds the served version fetches
+/// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_merchant_back_after_its_run_ended_is_told_it_holds_another_version_than_the_served_one()
-{
+async fn a_merchant_back_after_its_run_ended_fetches_the_served_version_it_missed() {
     use fedcart_client::state::{GlobalMeta, StateDir};
     use fedcart_common::task::{TaskKind, TaskSpec};
     let split = telco_split(1, 4);
@@ -458,17 +459,21 @@ async fn a_merchant_back_after_its_run_ended_is_told_it_holds_another_version_th
         .round;
     let held = (1..=3).find(|v| *v != served).unwrap();
 
-    // m1 took part in an earlier session and holds version `held` of the
-    // run in its state directory, as the agent stores it.
-    let state_dir = dir.path().join("m1-state");
-    let hold = |version: u64| {
+    // A merchant's state directory holding version `version` of the run, as
+    // the agent stores it (with the run's feature statistics), and its
+    // configuration.
+    let standardizer = coord.shared.standardizer();
+    assert!(standardizer.is_some(), "a churn run standardises");
+    let hold = |merchant: &str, version: u64| {
+        let state_dir = dir.path().join(format!("{merchant}-state"));
+        let _ = std::fs::remove_dir_all(&state_dir);
         let spec = TaskSpec {
             kind: TaskKind::Evaluate,
             model: cfg.model.clone(),
             sgd: cfg.sgd.clone(),
             seed: cfg.seed,
             round: version,
-            standardizer: None,
+            standardizer: standardizer.clone(),
             dp: None,
             best_version: None,
         };
@@ -485,27 +490,31 @@ async fn a_merchant_back_after_its_run_ended_is_told_it_holds_another_version_th
             .unwrap()
             .save_global(&meta, &model)
             .unwrap();
+        let config = dir.path().join(format!("{merchant}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "coordinator = \"http://{addr}\"\nmerchant_id = \"{merchant}\"\nstate_dir = \"{state}\"\n\n\
+                 [data]\nchurn_csv = \"{csv}\"\n",
+                addr = coord.addr,
+                state = state_dir.display(),
+                csv = split.files[0].display()
+            ),
+        )
+        .unwrap();
+        (config, state_dir)
     };
-    let config = dir.path().join("m1.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "coordinator = \"http://{addr}\"\nmerchant_id = \"m1\"\nstate_dir = \"{state}\"\n\n\
-             [data]\nchurn_csv = \"{csv}\"\n",
-            addr = coord.addr,
-            state = state_dir.display(),
-            csv = telco_csv().display()
-        ),
-    )
-    .unwrap();
-    let back = || {
-        let config = config.clone();
+    // Runs the agent until the line `until` (the run's end, or the fetch's
+    // outcome), then stops it. The line saying that it fetches is written
+    // with the run's end, before anything is awaited: once the run's end is
+    // read, a fetch that is not announced by the exit never starts.
+    let back = |config: std::path::PathBuf, until: &'static str| {
         tokio::task::spawn_blocking(move || {
             let mut agent = Process::start(
                 "fedcart-client",
                 &["run", "--config", config.to_str().unwrap()],
             );
-            agent.wait_line("the run has finished", EXIT_LIMIT);
+            agent.wait_line(until, EXIT_LIMIT);
             agent.terminate();
             assert_eq!(
                 agent.wait_exit(EXIT_LIMIT),
@@ -516,21 +525,46 @@ async fn a_merchant_back_after_its_run_ended_is_told_it_holds_another_version_th
             std::mem::take(&mut agent.seen)
         })
     };
-    hold(held);
-    let seen = back().await.unwrap();
-    let told =
-        format!("holds version {held} of the run, not version {served}, which the run serves");
+    let (config, state_dir) = hold("m0", held);
+    let seen = back(config, "fetched and evaluated here").await.unwrap();
+    let told = format!(
+        "holds version {held} of the run, not version {served}, which the run serves: it missed \
+         the evaluation that handed that version out"
+    );
     assert!(
-        seen.iter()
-            .any(|l| l.contains(&told) && l.contains("missed the evaluation")),
+        seen.iter().any(|l| l.contains(&told)),
         "{told}:\n{}",
         seen.join("\n")
     );
-    // Holding the served version: nothing more to say.
-    hold(served);
-    let seen = back().await.unwrap();
+    let state = StateDir::open(&state_dir).unwrap();
+    assert_eq!(state.held_version(run_id), Some(served));
+    let (top, model) = state.load_global("churn").unwrap().expect("at the top");
+    assert_eq!(top.version, served, "score answers from the served version");
+    assert_eq!(
+        &model,
+        coord.shared.model(served).unwrap().unwrap().as_ref()
+    );
+    assert!(state.load_metrics("churn").unwrap().is_some());
+
+    // A merchant the run never selected gets none of its models.
+    let (config, state_dir) = hold("m1", held);
+    let seen = back(config, "failed (").await.unwrap();
     assert!(
-        !seen.iter().any(|l| l.contains("holds version")),
+        seen.iter()
+            .any(|l| l.contains(&format!("fetching version {served} failed"))
+                && l.contains("took no part in run `away`")
+                && l.contains(&format!("keeps version {held}"))),
+        "{}",
+        seen.join("\n")
+    );
+    let state = StateDir::open(&state_dir).unwrap();
+    assert_eq!(state.held_version(run_id), Some(held));
+
+    // Holding the served version: nothing more to do or say.
+    let (config, _) = hold("m0", served);
+    let seen = back(config, "the run has finished").await.unwrap();
+    assert!(
+        !seen.iter().any(|l| l.contains("which the run serves")),
         "{}",
         seen.join("\n")
     );
