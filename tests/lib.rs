@@ -406,6 +406,17 @@ impl Process {
         assert!(status.success());
     }
 
+    /// Sends SIGTERM and waits for the exit (within `limit`, a guard
+    /// against a hang), which must be clean (status 0); returns everything
+    /// the process wrote to stderr.
+    pub fn stop_cleanly(&mut self, limit: Duration) -> String {
+        self.terminate();
+        let code = self.wait_exit(limit);
+        let said = self.seen.join("\n");
+        assert_eq!(code, Some(0), "exit status after SIGTERM; stderr:\n{said}");
+        said
+    }
+
     /// Waits for the process to exit (killing it after `limit`, a guard
     /// against a hang, not a timing assertion) and reads the rest of its
     /// stderr. Returns the exit code (None when killed by a signal).

@@ -235,7 +235,11 @@ pub async fn start_with(
     }
     let admin = AdminService::new(Arc::clone(&hub), starter).into_server();
     let admin = tonic::service::interceptor::InterceptedService::new(admin, guard);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's `tcp_nodelay` below applies only to a listener tonic
+    // binds itself: an incoming stream sets its own. Without it, every small
+    // message after another (a pushed task, a secure-aggregation stage, a
+    // reply's trailers) waited for the agent's delayed ACK, about 40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let limits = opts.limits.clone();
     let server = tokio::spawn(async move {
         builder

@@ -310,14 +310,7 @@ fn sigterm_stops_the_coordinator_gracefully_and_a_restart_resumes_the_run() {
     rt.block_on(a1.stop());
     first.wait_line("agent left merchant=m1", EXIT_LIMIT);
 
-    first.terminate();
-    assert_eq!(
-        first.wait_exit(EXIT_LIMIT),
-        Some(0),
-        "{}",
-        first.seen.join("\n")
-    );
-    let said = first.seen.join("\n");
+    let said = first.stop_cleanly(EXIT_LIMIT);
     assert!(said.contains("SIGTERM: shutting down"), "{said}");
     assert!(said.contains("INFO fedcart_coordinator: stopped"), "{said}");
     let committed = Store::open(&dir.path().join("c.redb"))
@@ -515,13 +508,7 @@ async fn a_merchant_back_after_its_run_ended_fetches_the_served_version_it_misse
                 &["run", "--config", config.to_str().unwrap()],
             );
             agent.wait_line(until, EXIT_LIMIT);
-            agent.terminate();
-            assert_eq!(
-                agent.wait_exit(EXIT_LIMIT),
-                Some(0),
-                "{}",
-                agent.seen.join("\n")
-            );
+            agent.stop_cleanly(EXIT_LIMIT);
             std::mem::take(&mut agent.seen)
         })
     };
@@ -727,13 +714,7 @@ fn an_agent_that_never_reached_the_coordinator_names_the_setting_to_check() {
         let line = agent.wait_line("cannot reach the coordinator", EXIT_LIMIT);
         assert!(line.contains(cause), "{line}");
         assert!(line.contains("`coordinator`"), "{line}");
-        agent.terminate();
-        assert_eq!(
-            agent.wait_exit(EXIT_LIMIT),
-            Some(0),
-            "{}",
-            agent.seen.join("\n")
-        );
+        agent.stop_cleanly(EXIT_LIMIT);
         assert!(
             !agent
                 .seen

@@ -446,8 +446,7 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         );
     }
 
-    coord.terminate();
-    assert_eq!(coord.wait_exit(LIMIT), Some(0), "{}", coord.seen.join("\n"));
+    coord.stop_cleanly(LIMIT);
     drop(agents);
     // The restarted coordinator went on from each run's last version: it
     // committed the versions after it, none before.
