@@ -451,6 +451,12 @@ pub fn spawn(
     };
     let mut stop = shutdown;
     tokio::spawn(async move {
+        // As the gRPC listener: no small write waits for a delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set on an HTTP connection");
+            }
+        });
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|v| *v).await;
