@@ -235,11 +235,7 @@ pub async fn start_with(
     }
     let admin = AdminService::new(Arc::clone(&hub), starter).into_server();
     let admin = tonic::service::interceptor::InterceptedService::new(admin, guard);
-    // The builder's `tcp_nodelay` below applies only to a listener tonic
-    // binds itself: an incoming stream sets its own. Without it, every small
-    // message after another (a pushed task, a secure-aggregation stage, a
-    // reply's trailers) waited for the agent's delayed ACK, about 40 ms.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = accepting(listener);
     let limits = opts.limits.clone();
     let server = tokio::spawn(async move {
         builder
@@ -391,6 +387,15 @@ impl Running {
     }
 }
 
+/// The gRPC server's connections. The builder's `tcp_nodelay` applies only
+/// to a listener tonic binds itself: an incoming stream sets its own.
+/// Without it, every small message after another (a pushed task, a
+/// secure-aggregation stage, a reply's trailers) waited for the agent's
+/// delayed ACK, about 40 ms (BENCHMARKS.md, session 28).
+fn accepting(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 #[cfg(test)]
 mod tests {
     use fedcart_common::task::ModelSpec;
@@ -413,6 +418,18 @@ mod tests {
             .next()
             .unwrap_or("")
             .to_owned()
+    }
+
+    /// Every connection the gRPC server accepts has Nagle's algorithm off.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        use futures::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = accepting(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.expect("a connection").unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
