@@ -558,6 +558,97 @@ async fn a_merchant_back_after_its_run_ended_fetches_the_served_version_it_misse
     coord.shutdown().await.unwrap();
 }
 
+/// The recommender's side of the same: an MF merchant whose state holds
+/// an older version of its run than the served one fetches the served
+/// version on its return, fits its own users to it (they never leave the
+/// agent), and `recommend` answers from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mf_merchant_back_after_its_run_ended_fits_its_users_to_the_served_version() {
+    use fedcart_client::state::StateDir;
+    let dir = tempfile::tempdir().unwrap();
+    let exports = store_exports(dir.path(), &["433", "324"]);
+    let run_id = "away-mf";
+    let mut run = churn_run(run_id, 3, 2, 2);
+    run.evaluate = false;
+    run.model = fedcart_common::task::ModelSpec::MfImplicit {
+        num_items: 4_096,
+        factors: 4,
+        hyper: Default::default(),
+    };
+    let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
+    let configs: Vec<_> = exports
+        .iter()
+        .enumerate()
+        .map(|(k, export)| {
+            let mut cfg = orders_agent_config(&format!("m{k}"), coord.addr, export);
+            cfg.state_dir = Some(dir.path().join(format!("state-m{k}")));
+            cfg
+        })
+        .collect();
+    let agents: Vec<_> = configs
+        .iter()
+        .map(|cfg| spawn_configured(fedcart_client::agent::Agent::from_config(cfg).unwrap()))
+        .collect();
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let served = 3;
+    // m0 missed the hand-out: its state holds version 2, at the top too.
+    let state = StateDir::open(dir.path().join("state-m0")).unwrap();
+    let older = coord.shared.model(2).unwrap().unwrap();
+    for s in [state.clone(), state.run(run_id).unwrap()] {
+        let (mut meta, _) = s.load_global("mf").unwrap().expect("an MF model");
+        meta.version = 2;
+        s.save_global(&meta, &older).unwrap();
+    }
+    assert_eq!(state.held_version(run_id), Some(2));
+    let config = dir.path().join("m0.toml");
+    std::fs::write(&config, toml::to_string(&configs[0]).unwrap()).unwrap();
+    let config_arg = config.to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut agent = Process::start("fedcart-client", &["run", "--config", &config_arg]);
+        agent.wait_line("fetched and evaluated here", EXIT_LIMIT);
+        agent.stop_cleanly(EXIT_LIMIT);
+    })
+    .await
+    .unwrap();
+    assert_eq!(state.held_version(run_id), Some(served));
+    let (top, params) = state.load_global("mf").unwrap().unwrap();
+    assert_eq!(top.version, served);
+    assert_eq!(
+        &params,
+        coord.shared.model(served).unwrap().unwrap().as_ref()
+    );
+    assert!(state.load_users().unwrap().is_some(), "users fitted here");
+    // A customer of store 433 gets a list from the served version.
+    let customer = std::fs::read_to_string(&exports[0])
+        .unwrap()
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split(',').next().map(str::to_string))
+        .unwrap();
+    let config_arg = config.to_str().unwrap().to_string();
+    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args([
+            "recommend",
+            "--config",
+            &config_arg,
+            "--customer",
+            &customer,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty());
+    coord.shutdown().await.unwrap();
+}
+
 /// A negative value of a numeric flag used to read as an unknown flag
 /// ("unexpected argument '-0' found"); it now gets the flag's own error,
 /// checked before any configuration is read.
