@@ -333,6 +333,21 @@ fn build_bins() -> PathBuf {
     dir
 }
 
+/// Runs `fedcart-client` with `args` to its end, which must be a success;
+/// returns what it printed.
+pub fn run_client(args: &[&str]) -> String {
+    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args(args)
+        .output()
+        .expect("fedcart-client starts");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A real binary running as a child process, its stderr (where the
 /// binaries log) read line by line on a thread.
 pub struct Process {

@@ -695,24 +695,14 @@ impl Coordinator for Service {
         if let Some(rows) =
             rows::rows_download(&model, cached.as_ref().map(|c| c.as_slice()), &layout, &req)
         {
-            let total_len = rows.len() as u64;
-            let chunks = rows.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
-            let rows = bytes::Bytes::from(rows);
-            let stream = futures::stream::iter(0..chunks).map(move |i| {
-                let start = i * MODEL_CHUNK_BYTES;
-                let end = (start + MODEL_CHUNK_BYTES).min(rows.len());
-                Ok(pb::ModelChunk {
-                    offset: start as u64,
-                    total_len,
-                    data: rows.slice(start..end),
-                    encoding: pb::ModelEncoding::Rows as i32,
-                })
-            });
-            return Ok(Response::new(Box::pin(stream)));
+            return Ok(Response::new(model_chunks(
+                Bytes::from(rows),
+                pb::ModelEncoding::Rows,
+            )));
         }
         let bytes = shared.model_bytes(req.model_version, &model);
         drop(model);
-        Ok(Response::new(f32_chunks(bytes)))
+        Ok(Response::new(model_chunks(bytes, pb::ModelEncoding::F32)))
     }
 
     async fn submit_update(
@@ -934,9 +924,9 @@ fn decline(
     }))
 }
 
-/// A model's little-endian f32 bytes as a chunk stream; chunks end on whole
-/// values (MODEL_CHUNK_BYTES is a multiple of 4).
-fn f32_chunks(bytes: Bytes) -> ChunkStream {
+/// A model's bytes in `encoding` as a chunk stream; dense chunks end on
+/// whole f32 values (MODEL_CHUNK_BYTES is a multiple of 4).
+fn model_chunks(bytes: Bytes, encoding: pb::ModelEncoding) -> ChunkStream {
     let total_len = bytes.len() as u64;
     let chunks = bytes.len().div_ceil(MODEL_CHUNK_BYTES).max(1);
     Box::pin(futures::stream::iter(0..chunks).map(move |i| {
@@ -946,7 +936,7 @@ fn f32_chunks(bytes: Bytes) -> ChunkStream {
             offset: start as u64,
             total_len,
             data: bytes.slice(start..end),
-            encoding: pb::ModelEncoding::F32 as i32,
+            encoding: encoding as i32,
         })
     }))
 }
@@ -995,9 +985,10 @@ fn served_download(
             .ok_or_else(|| Status::not_found(format!("model version {served}")))?
     };
     tracing::info!(merchant, run = %req.run_id, version = req.model_version, "served version fetched after the run ended");
-    Ok(Response::new(f32_chunks(Bytes::from(
-        fedcart_common::federation::update::f32s_to_le(&model),
-    ))))
+    Ok(Response::new(model_chunks(
+        Bytes::from(fedcart_common::federation::update::f32s_to_le(&model)),
+        pb::ModelEncoding::F32,
+    )))
 }
 
 fn idle_status(idle: Duration) -> Status {

@@ -629,23 +629,14 @@ async fn an_mf_merchant_back_after_its_run_ended_fits_its_users_to_the_served_ve
         .nth(1)
         .and_then(|l| l.split(',').next().map(str::to_string))
         .unwrap();
-    let config_arg = config.to_str().unwrap().to_string();
-    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
-        .args([
-            "recommend",
-            "--config",
-            &config_arg,
-            "--customer",
-            &customer,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.stdout.is_empty());
+    let listed = run_client(&[
+        "recommend",
+        "--config",
+        config.to_str().unwrap(),
+        "--customer",
+        &customer,
+    ]);
+    assert!(!listed.is_empty());
     coord.shutdown().await.unwrap();
 }
 

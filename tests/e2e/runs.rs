@@ -381,18 +381,7 @@ fn two_concurrent_runs_survive_a_coordinator_kill_finish_and_stay_listed() {
         .collect();
     let customers: std::collections::BTreeSet<&str> = rows.iter().map(|r| r[0]).collect();
     let products: std::collections::BTreeSet<&str> = rows.iter().map(|r| r[1]).collect();
-    let client = |args: &[&str]| {
-        let out = std::process::Command::new(bin_dir().join("fedcart-client"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let client = run_client;
     let m0 = merchants[0].to_str().unwrap();
     let scored = client(&["score", "--config", m0, "--out", "-"]);
     let scored_ids: std::collections::BTreeSet<&str> = scored

@@ -716,7 +716,7 @@ fn merchants_set_aside_stay_aside_across_a_restart() {
     let cfg = run(selection(1.0, 2, 8), 2);
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("engine.redb");
-    let reopen = || Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let reopen = || reopen(&path, &cfg);
     let named = |e: &Engine| -> Vec<String> {
         let history = e.store().history().unwrap();
         history
@@ -833,7 +833,7 @@ fn run_selecting_stopped(
 ) -> Vec<(TaskKind, u64, usize)> {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("engine.redb");
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let mut e = reopen(&path, &cfg);
     let mut evals = vals.iter();
     let mut tasks = Vec::new();
     let mut stopped = false;
@@ -842,7 +842,7 @@ fn run_selecting_stopped(
             stopped = true;
             e.stop_by_operator("ops").unwrap();
             drop(e);
-            e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+            e = reopen(&path, &cfg);
             continue;
         }
         let plan = e.start_task(&agents(n)).unwrap();
@@ -958,7 +958,7 @@ fn an_unmasked_sum_that_cannot_be_committed_stops_the_run_instead_of_a_retry() {
     });
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("engine.redb");
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let mut e = reopen(&path, &cfg);
     let plan = e.start_task(&agents(3)).unwrap();
     assert!(plan.secure);
     let survivors = agents(3);
@@ -989,7 +989,7 @@ fn an_unmasked_sum_that_cannot_be_committed_stops_the_run_instead_of_a_retry() {
     assert!(e.finished());
     assert!(e.start_task(&agents(3)).is_err(), "no second attempt");
     drop(e);
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
+    let mut e = reopen(&path, &cfg);
     assert!(matches!(e.stopped(), Some(RunStop::Revealed { .. })));
     assert!(e.start_task(&agents(3)).is_err(), "none after a restart");
     assert_eq!(e.version(), 0);
@@ -1017,6 +1017,12 @@ fn secure_sum(count: usize) -> fedcart_common::privacy::secagg::DecodedSum {
     }
 }
 
+/// The engine over the store at `path` (a new one, or one reopened after
+/// a restart).
+fn reopen(path: &std::path::Path, cfg: &RunConfig) -> Engine {
+    Engine::open(Store::open(path).unwrap(), cfg.clone()).unwrap()
+}
+
 fn names(v: &[String]) -> BTreeSet<String> {
     v.iter().cloned().collect()
 }
@@ -1034,7 +1040,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("engine.redb");
     let all = agents(6);
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let mut e = reopen(&path, &cfg);
     let plan = e.start_task(&all).unwrap();
     assert_eq!(plan.selected, all);
     // Two dropped before their masked inputs: the sum holds four.
@@ -1042,7 +1048,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     e.before_unmask(&four).unwrap();
     drop(e); // killed before the commit
 
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let mut e = reopen(&path, &cfg);
     let without_m03: Vec<String> = all.iter().filter(|m| *m != "m03").cloned().collect();
     assert!(
         matches!(
@@ -1074,7 +1080,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     e.finish_task().unwrap();
     drop(e);
 
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let mut e = reopen(&path, &cfg);
     let plan = e.start_task(&all).unwrap();
     assert_eq!(
         names(&plan.selected),
@@ -1099,7 +1105,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     e.abort_secure("too few shares".into());
     e.finish_task().unwrap();
     drop(e);
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
+    let mut e = reopen(&path, &cfg);
     let plan = e.start_task(&all).unwrap();
     assert_eq!(plan.selected, all, "nothing was unmasked: no pin");
 }
@@ -1112,13 +1118,13 @@ fn a_pinned_merchant_set_aside_stops_the_run() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("engine.redb");
     let all = agents(6);
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg.clone()).unwrap();
+    let mut e = reopen(&path, &cfg);
     e.start_task(&all).unwrap();
     e.before_unmask(&names(&all[..4])).unwrap();
     // An accusation sets the accused and its accuser aside.
     assert_eq!(e.accuse("m04", "m01").len(), 2);
     drop(e);
-    let mut e = Engine::open(Store::open(&path).unwrap(), cfg).unwrap();
+    let mut e = reopen(&path, &cfg);
     let stopped = e.start_task(&all).unwrap_err();
     assert!(stopped.to_string().contains("`m01`"), "{stopped}");
     assert!(matches!(
