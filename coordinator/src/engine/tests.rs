@@ -949,13 +949,7 @@ fn the_model_is_handed_out_to_every_merchant_not_to_a_sample() {
 #[test]
 fn an_unmasked_sum_that_cannot_be_committed_stops_the_run_instead_of_a_retry() {
     use fedcart_common::privacy::secagg::DecodedSum;
-    let mut cfg = run(selection(1.0, 3, 3), 2);
-    cfg.secagg = Some(crate::config::SecAggSettings {
-        neighbours: None,
-        clip: 1.0,
-        verify_survivors: false,
-        stage_timeout_ms: None,
-    });
+    let cfg = secure_run(selection(1.0, 3, 3), 2);
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("engine.redb");
     let mut e = reopen(&path, &cfg);
@@ -995,9 +989,9 @@ fn an_unmasked_sum_that_cannot_be_committed_stops_the_run_instead_of_a_retry() {
     assert_eq!(e.version(), 0);
 }
 
-/// A secure run of `Noop` over a store at `path`, all merchants selected.
-fn secure_run() -> RunConfig {
-    let mut cfg = run(selection(1.0, 3, 6), 3);
+/// [`run`] with secure aggregation (the complete graph, clip 1).
+fn secure_run(selection: Selection, quorum: usize) -> RunConfig {
+    let mut cfg = run(selection, quorum);
     cfg.secagg = Some(crate::config::SecAggSettings {
         neighbours: None,
         clip: 1.0,
@@ -1017,10 +1011,27 @@ fn secure_sum(count: usize) -> fedcart_common::privacy::secagg::DecodedSum {
     }
 }
 
+/// A secure run's configuration and a fresh store path for it (in the
+/// returned directory).
+fn secure_store() -> (tempfile::TempDir, std::path::PathBuf, RunConfig) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("engine.redb");
+    (dir, path, secure_run(selection(1.0, 3, 6), 3))
+}
+
 /// The engine over the store at `path` (a new one, or one reopened after
 /// a restart).
 fn reopen(path: &std::path::Path, cfg: &RunConfig) -> Engine {
     Engine::open(Store::open(path).unwrap(), cfg.clone()).unwrap()
+}
+
+/// As the gRPC driver goes through a secure task whose unmasking recovers
+/// nothing (too few shares): the marker, the failure, the abort.
+fn unmask_recovering_nothing(e: &mut Engine, survivors: &BTreeSet<String>) {
+    e.before_unmask(survivors).unwrap();
+    e.nothing_unmasked();
+    e.abort_secure("too few shares".into());
+    assert_eq!(e.finish_task().unwrap().outcome, Outcome::Aborted);
 }
 
 fn names(v: &[String]) -> BTreeSet<String> {
@@ -1036,9 +1047,7 @@ fn names(v: &[String]) -> BTreeSet<String> {
 /// the total of two merchants' updates (one merchant's, one apart).
 #[test]
 fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_only() {
-    let cfg = secure_run();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("engine.redb");
+    let (_dir, path, cfg) = secure_store();
     let all = agents(6);
     let mut e = reopen(&path, &cfg);
     let plan = e.start_task(&all).unwrap();
@@ -1074,10 +1083,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     // earlier process: that attempt's sum may still have been seen.
     let plan = e.start_task(&all).unwrap();
     assert_eq!(names(&plan.selected), four);
-    e.before_unmask(&four).unwrap();
-    e.nothing_unmasked();
-    e.abort_secure("too few shares".into());
-    e.finish_task().unwrap();
+    unmask_recovering_nothing(&mut e, &four);
     drop(e);
 
     let mut e = reopen(&path, &cfg);
@@ -1100,10 +1106,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     // retry after a restart selects afresh.
     let plan = e.start_task(&all).unwrap();
     assert_eq!(plan.selected, all);
-    e.before_unmask(&names(&all[..5])).unwrap();
-    e.nothing_unmasked();
-    e.abort_secure("too few shares".into());
-    e.finish_task().unwrap();
+    unmask_recovering_nothing(&mut e, &names(&all[..5]));
     drop(e);
     let mut e = reopen(&path, &cfg);
     let plan = e.start_task(&all).unwrap();
@@ -1114,9 +1117,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
 /// never take part again: the run stops, naming it, instead of waiting.
 #[test]
 fn a_pinned_merchant_set_aside_stops_the_run() {
-    let cfg = secure_run();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("engine.redb");
+    let (_dir, path, cfg) = secure_store();
     let all = agents(6);
     let mut e = reopen(&path, &cfg);
     e.start_task(&all).unwrap();
