@@ -348,6 +348,9 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
     if let Some(warning) = window_warning((first, last), cfg.cutoff, cfg.churn_window_days) {
         eprintln!("warning: {warning}");
     }
+    if let Some(note) = &report.stray_dates {
+        eprintln!("warning: {}: {note}", args.orders.display());
+    }
     Ok(())
 }
 

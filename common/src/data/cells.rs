@@ -105,9 +105,11 @@ impl From<TimestampFormat> for String {
 pub enum DecimalMark {
     /// `1234.50`, `1,234.50`, `$1,234.50`.
     #[default]
+    #[serde(alias = ".")]
     Point,
     /// `1234,50`, `1.234,50`, `1 234,50 €` (many European exports, usually
     /// with `;` as the delimiter).
+    #[serde(alias = ",")]
     Comma,
 }
 
@@ -150,8 +152,10 @@ impl DecimalMark {
     /// symbol before or after the number (`$12.50`, `-$12.50`, `12,50 €`),
     /// and digit groups of three separated by the other mark, a space or an
     /// apostrophe (`1,234.50`; with [`DecimalMark::Comma`] `1.234,50`). A
-    /// group that is not three digits (`1,5` with a decimal point) is not a
-    /// number: that cell is a mistake to report, not a value to guess.
+    /// group that is not three digits (`1,5` with a decimal point), or a
+    /// grouped number that starts with a zero (`0,500`, which no shop writes
+    /// for five hundred but a kilogram export does for half a kilo), is not
+    /// a number: that cell is a mistake to report, not a value to guess.
     pub fn parse(self, raw: &str) -> Option<f32> {
         let s = raw.trim();
         if self == DecimalMark::Point
@@ -185,7 +189,11 @@ impl DecimalMark {
         let mut digits = String::with_capacity(s.len() + 1);
         for (i, g) in int.split(is_group).enumerate() {
             let ok = if i == 0 {
-                (1..=3).contains(&g.len()) || !int.contains(is_group) && !g.is_empty()
+                if int.contains(is_group) {
+                    (1..=3).contains(&g.len()) && !g.starts_with('0')
+                } else {
+                    !g.is_empty()
+                }
             } else {
                 g.len() == 3
             };
@@ -268,6 +276,27 @@ fn parse_unix(s: &str) -> Option<i64> {
     }
     s.parse().ok()
 }
+
+/// Unix seconds with a fraction (`1483285772.250`, as some exports and
+/// pandas write them), floored to the second; whole seconds too.
+fn parse_unix_fraction(s: &str) -> Option<i64> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs = parse_unix(whole)?;
+    // `-5.5` is 5.5 s before 1970: floored, that is −6.
+    let fractional = frac.bytes().any(|b| b != b'0');
+    Some(if whole.starts_with('-') && fractional {
+        secs - 1
+    } else {
+        secs
+    })
+}
+
+/// The first unix second of the year 3000: an order time past it read as
+/// unix seconds is almost surely milliseconds (or a typo), never an order.
+const YEAR_3000: i64 = 32_503_680_000;
 
 /// Unix milliseconds, floored to the second.
 fn parse_unix_ms(s: &str) -> Option<i64> {
@@ -444,9 +473,21 @@ impl TimestampFormat {
 
     /// Unix seconds of `raw`, or a message saying what was expected.
     pub fn parse(&self, raw: &str) -> Result<i64, String> {
+        if raw.is_empty() {
+            return Err("empty, not a date".into());
+        }
         let (parsed, expected) = match self {
             TimestampFormat::Pattern(p) => return parse_pattern(raw, p),
-            TimestampFormat::UnixSeconds => (parse_unix(raw), "unix seconds"),
+            TimestampFormat::UnixSeconds => match parse_unix_fraction(raw) {
+                Some(secs) if secs >= YEAR_3000 => {
+                    return Err(format!(
+                        "`{raw}` as unix seconds is {}, past the year 3000: if the column \
+                         counts milliseconds, give the timestamp format `unix_ms`",
+                        show_utc(secs)
+                    ));
+                }
+                parsed => (parsed, "unix seconds"),
+            },
             TimestampFormat::UnixMillis => (parse_unix_ms(raw), "unix milliseconds"),
             TimestampFormat::Iso8601 => (parse_iso(raw), "an ISO-8601 date or date-time"),
             TimestampFormat::Yyyymmdd => (parse_yyyymmdd(raw), "a YYYYMMDD date"),
@@ -463,7 +504,14 @@ impl TimestampFormat {
                     if let Some(m) = ambiguous_serial_day(raw) {
                         return Err(m);
                     }
-                    parse_unix(raw).filter(|_| raw.starts_with('-'))
+                    // Seconds with a fraction: nine or more whole digits
+                    // (from 1973 on), beyond any serial day.
+                    match raw.split_once('.') {
+                        Some((whole, _)) if whole.trim_start_matches('-').len() >= 9 => {
+                            parse_unix_fraction(raw)
+                        }
+                        _ => parse_unix(raw).filter(|_| raw.starts_with('-')),
+                    }
                 } else if matches!(raw.strip_prefix('-').unwrap_or(raw).len(), 12 | 13) {
                     parse_unix_ms(raw)
                 } else if raw.len() > 13 && parse_unix(raw).is_some() {

@@ -190,6 +190,11 @@ pub struct ReadReport {
     pub skipped: BTreeMap<BadRowReason, u64>,
     /// The first few skip messages, so a merchant can see real examples.
     pub examples: Vec<String>,
+    /// Order lines dated far outside the rest of the export (a placeholder
+    /// such as `1900-01-01`, a mistyped year): what a merchant should check,
+    /// naming lines and dates. Such lines are kept, so callers warn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stray_dates: Option<String>,
 }
 
 impl ReadReport {

@@ -15,12 +15,16 @@ pub use crate::data::cells::{DecimalMark, SECONDS_PER_DAY, TimestampFormat, days
 pub enum Delimiter {
     /// `,` with CSV quoting.
     #[default]
+    #[serde(alias = ",")]
     Comma,
     /// A tab, with CSV quoting.
+    #[serde(alias = "\t")]
     Tab,
     /// `;` with CSV quoting (common in European spreadsheet exports).
+    #[serde(alias = ";")]
     Semicolon,
     /// `|` with CSV quoting.
+    #[serde(alias = "|")]
     Pipe,
     /// Runs of spaces or tabs, no quoting (fixed-width style dumps such as CDNOW).
     Whitespace,
@@ -270,6 +274,35 @@ mod tests {
         assert_eq!(f.parse("1997-09-30 01:02:03 UTC"), Ok(t + 3723));
         assert!(f.parse("1997-09-30 01:02:03 PST").is_err());
         assert!(f.parse("1997-09-30 01:02:03 ").is_err());
+    }
+
+    /// Unix seconds with a fraction read (floored) in `unix_seconds` and
+    /// `auto`; milliseconds given as `unix_seconds` are refused past the
+    /// year 3000 with the format that reads them; an empty cell says so.
+    #[test]
+    fn unix_seconds_take_a_fraction_and_milliseconds_read_as_seconds_are_refused() {
+        let secs = TimestampFormat::UnixSeconds;
+        let auto = TimestampFormat::Auto;
+        for f in [&secs, &auto] {
+            assert_eq!(f.parse("1483285772.000"), Ok(1_483_285_772));
+            assert_eq!(f.parse("1483285772.75"), Ok(1_483_285_772));
+        }
+        assert_eq!(secs.parse("-5.5"), Ok(-6));
+        assert_eq!(secs.parse("-0.5"), Ok(-1));
+        assert!(secs.parse("1483285772.").is_ok());
+        assert!(secs.parse("1483285772.5x").is_err());
+        let e = secs.parse("1483285772000").unwrap_err();
+        assert!(
+            e.contains("past the year 3000") && e.contains("`unix_ms`"),
+            "{e}"
+        );
+        assert_eq!(
+            TimestampFormat::UnixMillis.parse("1483285772000"),
+            Ok(1_483_285_772)
+        );
+        for f in [secs, auto, TimestampFormat::Iso8601] {
+            assert_eq!(f.parse(""), Err("empty, not a date".to_string()));
+        }
     }
 
     /// A date column a spreadsheet saved as numbers: serial days since

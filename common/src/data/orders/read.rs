@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-use super::mapping::{DecimalMark, Delimiter, OrdersMapping};
+use super::mapping::{DecimalMark, Delimiter, OrdersMapping, SECONDS_PER_DAY};
 use super::{BadRowPolicy, BadRowReason, Order, OrdersError, ReadReport};
 
 /// How many skip messages the report keeps as examples.
@@ -88,6 +88,7 @@ pub fn read_orders_from<R: Read>(
     let header: Vec<String> = header.1.iter().map(|h| h.trim().to_string()).collect();
     let cols = Columns::find(map, &header, path)?;
     let mut orders = Vec::new();
+    let mut lines = Vec::new();
     let mut report = ReadReport::default();
     for row in rows {
         let (line, fields) = row?;
@@ -96,6 +97,7 @@ pub fn read_orders_from<R: Read>(
             Ok(order) => {
                 report.rows_ok += 1;
                 orders.push(order);
+                lines.push(line);
             }
             Err(e) if policy == BadRowPolicy::Skip => {
                 let reason = match &e {
@@ -110,7 +112,55 @@ pub fn read_orders_from<R: Read>(
             Err(e) => return Err(e),
         }
     }
+    report.stray_dates = stray_dates(&orders, &lines);
     Ok((orders, report))
+}
+
+/// Lines dated far outside the rest of the export. The middle 98 % of the
+/// lines' dates set the export's span; a line more than twice that span
+/// (and at least a year) before or after it is stray: a placeholder date
+/// (`1900-01-01`, `1970-01-01`) or a mistyped year, which would stretch
+/// its customer's tenure and gaps between orders. Exports of fewer than
+/// 100 lines have no such middle and are not checked.
+fn stray_dates(orders: &[Order], lines: &[u64]) -> Option<String> {
+    const MIN_LINES: usize = 100;
+    if orders.len() < MIN_LINES {
+        return None;
+    }
+    let mut times: Vec<i64> = orders.iter().map(|o| o.timestamp).collect();
+    times.sort_unstable();
+    let (lo, hi) = (times[times.len() / 100], times[times.len() * 99 / 100]);
+    let margin = (2 * (hi - lo)).max(365 * SECONDS_PER_DAY);
+    let stray: Vec<(u64, i64)> = orders
+        .iter()
+        .zip(lines)
+        .filter(|(o, _)| o.timestamp < lo - margin || o.timestamp > hi + margin)
+        .map(|(o, &line)| (line, o.timestamp))
+        .collect();
+    if stray.is_empty() {
+        return None;
+    }
+    let date = super::derive::format_date;
+    let shown: Vec<String> = stray
+        .iter()
+        .take(3)
+        .map(|(line, t)| format!("line {line} {}", date(*t)))
+        .collect();
+    Some(format!(
+        "{} order line{} dated far outside the others, which run from {} to {} (98 % of \
+         lines): {}{}. A placeholder or mistyped date stretches its customer's tenure and gaps \
+         between orders: correct those lines, or remove them from the export",
+        stray.len(),
+        if stray.len() == 1 { " is" } else { "s are" },
+        date(lo),
+        date(hi),
+        shown.join(", "),
+        if stray.len() > shown.len() {
+            ", …"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// What to say when the header did not split: which other delimiter would

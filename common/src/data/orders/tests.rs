@@ -263,11 +263,18 @@ fn decimal_marks_read_money_as_shops_write_it() {
     assert_eq!(comma.parse("1.234,50"), Some(1234.5));
     assert_eq!(comma.parse("1\u{a0}234,5"), Some(1234.5));
     assert_eq!(comma.parse("7"), Some(7.0));
-    // Not numbers: a group of the wrong size, two marks, words, nothing.
-    for bad in ["1,5", "1,2345.6", "12.5.0", "--3", "$", "", "abc", "1.5€x"] {
+    assert_eq!(point.parse("0.500"), Some(0.5));
+    assert_eq!(comma.parse("0,500"), Some(0.5));
+    // Not numbers: a group of the wrong size, a grouped number with a
+    // leading zero (`0,500` is half a kilo with a decimal comma, never five
+    // hundred), two marks, words, nothing.
+    for bad in [
+        "1,5", "1,2345.6", "0,500", "0,880", "-0,250", "012,345", "12.5.0", "--3", "$", "", "abc",
+        "1.5€x",
+    ] {
         assert_eq!(point.parse(bad), None, "{bad}");
     }
-    for bad in ["1.5", "1,2,3", "12,", ""] {
+    for bad in ["1.5", "1,2,3", "12,", "0.500,5", ""] {
         assert_eq!(comma.parse(bad), None, "{bad}");
     }
     assert_eq!("comma".parse(), Ok(comma));
@@ -290,6 +297,14 @@ fn a_european_export_reads_with_its_mapping_and_errors_say_how() {
     assert_eq!(
         fail_message(text, &map),
         "orders.csv: line 2, column `price`: `12,50 €` is not a number with a decimal point \
+         (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)"
+    );
+    // Half a kilo is not read as five hundred: the grouped reading of
+    // `0,500` is refused and the message points at the decimal comma.
+    let weights = "customer;item;ts;qty;price\nc1;i1;31.01.2024;0,500;3\n";
+    assert_eq!(
+        fail_message(weights, &map),
+        "orders.csv: line 2, column `qty`: `0,500` is not a number with a decimal point \
          (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)"
     );
     map.decimal = DecimalMark::Comma;
@@ -623,5 +638,32 @@ fn a_huge_amount_and_the_other_decimal_mark_are_named() {
     assert!(
         point.ends_with("`340.00` is not a number with a decimal comma (the mapping's `decimal = \"comma\"` or `--decimal comma`; this one has a decimal point)"),
         "{point}"
+    );
+}
+
+/// A placeholder or mistyped year among a year of orders is named with its
+/// line and date (it would stretch its customer's tenure), and an export
+/// whose dates are all plausible gets no note.
+#[test]
+fn lines_dated_far_outside_the_export_are_named() {
+    let mut text = String::from("customer,item,ts,qty,price\n");
+    for i in 0..300 {
+        text.push_str(&format!(
+            "c{},i{},2017-{:02}-15,1,2.5\n",
+            i % 40,
+            i % 7,
+            i % 12 + 1
+        ));
+    }
+    let (_, clean) = read(&text, &mapping(), BadRowPolicy::Fail).unwrap();
+    assert_eq!(clean.stray_dates, None);
+    text.push_str("c3,i1,1917-03-04,1,2.5\nc5,i2,1970-01-01,1,2.5\n");
+    let (orders, report) = read(&text, &mapping(), BadRowPolicy::Fail).unwrap();
+    assert_eq!(orders.len(), 302, "the lines are kept");
+    let note = report.stray_dates.unwrap();
+    assert!(
+        note.starts_with("2 order lines are dated far outside the others, which run from 2017-01-15 to 2017-12-15")
+            && note.contains("line 302 1917-03-04, line 303 1970-01-01"),
+        "{note}"
     );
 }

@@ -313,6 +313,9 @@ impl OrdersSource {
             tracing::warn!(file = %self.path.display(), skipped = report.rows_skipped(),
                 examples = ?report.examples, "orders rows skipped");
         }
+        if let Some(note) = &report.stray_dates {
+            tracing::warn!("{}: {note}", self.path.display());
+        }
         let window = i64::from(self.churn_window_days) * SECONDS_PER_DAY;
         let cutoff = match self.cutoff {
             Some(c) => c,
