@@ -194,6 +194,20 @@ impl DataConfig {
                     .into(),
             );
         }
+        if let Some(orders) = &self.orders
+            && self.delimiter != Delimiter::Comma
+            && orders.delimiter == Delimiter::Comma
+            && self.churn_csv.is_none()
+            && self.ratings_csv.is_none()
+            && self.item_names.is_none()
+        {
+            return Err(format!(
+                "`data.delimiter` = \"{}\" separates `churn_csv`, `ratings_csv` and `item_names`, \
+                 none of which is set; the orders export's separator is `delimiter` in \
+                 `[data.orders]` (now the default comma): move the key there",
+                self.delimiter.name()
+            ));
+        }
         if self.orders_csv.is_none() && self.churn != ChurnLabels::default() {
             return Err(
                 "`[data.churn]` labels the orders export: it needs `data.orders_csv`".into(),
@@ -400,6 +414,17 @@ impl AgentConfig {
                 message: "`privacy.max_epsilon` needs `state_dir` (or FEDCART_STATE_DIR): the \
                           agent keeps its privacy ledger there, across restarts and runs"
                     .into(),
+            });
+        }
+        if cfg.backoff.initial_ms == 0 || cfg.backoff.max_ms < cfg.backoff.initial_ms {
+            // A zero wait reconnects in a busy loop.
+            return Err(ConfigError::Data {
+                path: path.to_owned(),
+                message: format!(
+                    "`backoff.initial_ms` = {} must be ≥ 1 and `backoff.max_ms` = {} at least \
+                     as large (milliseconds; leave the section out for 100 and 5000)",
+                    cfg.backoff.initial_ms, cfg.backoff.max_ms
+                ),
             });
         }
         if let Some(p) = &cfg.personalise {
@@ -753,5 +778,45 @@ mod tests {
             "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\ndelimiter = \"semicolon\"\n",
         );
         assert_eq!(result.unwrap().data.delimiter_byte(), b';');
+    }
+
+    /// `data.delimiter` does not reach the orders export, whose separator
+    /// is its mapping's: set where it separates nothing, it is refused
+    /// saying where the key belongs; the mapping takes `;` as the flag does.
+    #[test]
+    fn a_data_delimiter_that_separates_nothing_points_at_the_orders_mapping() {
+        let head = "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\n\
+                    orders_csv = \"orders.csv\"\n";
+        let orders = "orders = { customer = \"c\", item = \"i\", timestamp = \"t\", amount = \"a\"";
+        let (_dir, path, result) =
+            load_text(&format!("{head}delimiter = \"semicolon\"\n{orders} }}\n"));
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&path.display().to_string())
+                && err.contains("`data.delimiter` = \"semicolon\" separates `churn_csv`")
+                && err.contains("`delimiter` in `[data.orders]`"),
+            "{err}"
+        );
+        let (_dir, _path, result) = load_text(&format!("{head}{orders}, delimiter = \";\" }}\n"));
+        let cfg = result.unwrap();
+        assert_eq!(
+            cfg.data.orders.unwrap().delimiter,
+            fedcart_common::data::orders::Delimiter::Semicolon
+        );
+    }
+
+    /// A zero backoff would reconnect in a busy loop.
+    #[test]
+    fn a_zero_backoff_is_refused() {
+        for backoff in [
+            "initial_ms = 0\nmax_ms = 0",
+            "initial_ms = 500\nmax_ms = 100",
+        ] {
+            let (_dir, _path, result) = load_text(&format!(
+                "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\n[backoff]\n{backoff}\n"
+            ));
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("`backoff.initial_ms`"), "{err}");
+        }
     }
 }
