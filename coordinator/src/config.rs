@@ -298,6 +298,15 @@ impl CoordinatorConfig {
                 resolve(p);
             }
         }
+        if cfg.serve.ping_interval_ms == 0 {
+            // A zero interval pings every agent in a busy loop.
+            return Err(ConfigError::Parse {
+                file: path.into(),
+                message: "invalid `serve.ping_interval_ms`: 0 must be ≥ 1 (milliseconds between \
+                          keepalive pings on each agent's stream; leave it out for 5000)"
+                    .into(),
+            });
+        }
         cfg.apply_tls_env(path, env)?;
         // The run's table as written: which `hyper` keys it gives (the typed
         // read above keeps TOML's line numbers in its errors, a table does not).
@@ -603,7 +612,10 @@ impl RunConfig {
         if self.quorum == 0 || self.quorum > self.selection.min_agents {
             return bad(
                 "run.quorum",
-                format!("{} must be ≥ 1 and ≤ selection.min_agents", self.quorum),
+                format!(
+                    "{} must be ≥ 1 and ≤ selection.min_agents ({})",
+                    self.quorum, self.selection.min_agents
+                ),
             );
         }
         if self.round_timeout_ms == 0 {
@@ -618,8 +630,22 @@ impl RunConfig {
                 format!("{} must be finite and positive", self.sgd.learning_rate),
             );
         }
-        if self.sgd.batch_size == 0 || self.sgd.epochs == 0 {
-            return bad("run.sgd", "batch_size and epochs must be ≥ 1".into());
+        if self.sgd.batch_size == 0 {
+            return bad("run.sgd.batch_size", "0 must be ≥ 1".into());
+        }
+        if self.sgd.epochs == 0 {
+            return bad("run.sgd.epochs", "0 must be ≥ 1".into());
+        }
+        // A NaN penalty would reach every agent's weights (and cannot even
+        // be written into a task spec's JSON); a negative one rewards large
+        // weights.
+        for (field, v) in [
+            ("run.sgd.l2", self.sgd.l2),
+            ("run.sgd.prox_mu", self.sgd.prox_mu),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(field, format!("{v} must be finite and ≥ 0"));
+            }
         }
         // The model's size first: the coordinator allocates it when the run
         // opens, and a catalogue of billions of rows must be a refusal
@@ -1095,6 +1121,81 @@ mod tests {
                 other => panic!("{bad}: expected a refusal, got {other:?}"),
             }
         }
+    }
+
+    /// Values that would make a run do nothing, spin, or carry NaN into
+    /// every agent's weights are refused at load, naming the key.
+    #[test]
+    fn settings_that_cannot_train_or_would_spin_are_refused_naming_the_key() {
+        let sgd = "sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }";
+        for (line, field, says) in [
+            (
+                sgd.replace("l2 = 0.0", "l2 = nan"),
+                "run.sgd.l2",
+                "NaN must be finite",
+            ),
+            (
+                sgd.replace("l2 = 0.0", "l2 = inf"),
+                "run.sgd.l2",
+                "inf must be finite",
+            ),
+            (
+                sgd.replace("l2 = 0.0", "l2 = -50.0"),
+                "run.sgd.l2",
+                "-50 must be finite and ≥ 0",
+            ),
+            (
+                sgd.replace("epochs = 1", "epochs = 0"),
+                "run.sgd.epochs",
+                "0 must be ≥ 1",
+            ),
+            (
+                sgd.replace("batch_size = 32", "batch_size = 0"),
+                "run.sgd.batch_size",
+                "0 must be ≥ 1",
+            ),
+        ] {
+            let (_dir, cfg) = load(&EXAMPLE.replace(sgd, &line));
+            match cfg {
+                Err(ConfigError::Invalid { field: f, message }) => {
+                    assert_eq!(f, field, "{line}");
+                    assert!(message.contains(says), "{line}: {message}");
+                }
+                other => panic!("{line}: expected a refusal, got {other:?}"),
+            }
+        }
+        for (model, says) in [
+            (
+                r#"model = { family = "churn_lr", num_features = 0 }"#,
+                "churn-lr needs at least one feature",
+            ),
+            (
+                r#"model = { family = "mf_implicit", num_items = 50, factors = 4, hyper = { epochs = 0 } }"#,
+                "`epochs` must be ≥ 1",
+            ),
+            (
+                r#"model = { family = "mf_implicit", num_items = 50, factors = 4, hyper = { negatives = 0 } }"#,
+                "BPR needs `negatives` ≥ 1",
+            ),
+            (
+                r#"model = { family = "mf_implicit", num_items = 50, factors = 4, hyper = { learning_rate = 0.0 } }"#,
+                "`learning_rate` must be > 0",
+            ),
+        ] {
+            match load(&with_model(model)).1 {
+                Err(ConfigError::Invalid { field, message }) => {
+                    assert_eq!(field, "run.model", "{model}");
+                    assert!(message.contains(says), "{model}: {message}");
+                }
+                other => panic!("{model}: expected a refusal, got {other:?}"),
+            }
+        }
+        let (_dir, cfg) = load(&EXAMPLE.replace("ping_interval_ms = 5000", "ping_interval_ms = 0"));
+        let e = cfg.unwrap_err().to_string();
+        assert!(
+            e.contains("coordinator.toml: invalid `serve.ping_interval_ms`: 0 must be ≥ 1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -324,7 +324,13 @@ async fn run() -> anyhow::Result<()> {
         } => {
             let env = std::env::var_os(fedcart_coordinator::tls::INSECURE_ENV);
             let insecure = insecure || fedcart_coordinator::tls::insecure_from_env(env.as_deref())?;
-            let mut cfg = CoordinatorConfig::load(&config)?;
+            let mut cfg = CoordinatorConfig::load(&config).map_err(|e| match e {
+                // The other errors name the file already.
+                e @ fedcart_coordinator::config::ConfigError::Invalid { .. } => {
+                    anyhow::Error::new(e).context(config.display().to_string())
+                }
+                e => anyhow::Error::new(e),
+            })?;
             if let Some(l) = listen {
                 cfg.serve.listen = l;
             }
@@ -336,6 +342,14 @@ async fn run() -> anyhow::Result<()> {
             }
             if http_token_file.is_some() {
                 cfg.serve.http_token_file = http_token_file;
+            }
+            if cfg.serve.http_listen == Some(cfg.serve.listen) {
+                anyhow::bail!(
+                    "{}: `serve.http_listen` and `serve.listen` (or --http-listen and --listen) \
+                     are both {}: the HTTP listener (/metrics, dashboard) needs a port of its own",
+                    config.display(),
+                    cfg.serve.listen
+                );
             }
             let running = fedcart_coordinator::server::start_from_config(&cfg, insecure)
                 .await

@@ -157,16 +157,9 @@ pub async fn start_with(
 ) -> anyhow::Result<Running> {
     run.validate().context("run configuration")?;
     let run_id = run.run_id.clone();
-    let file = StoreFile::open(store_path)?;
-    let hub = Hub::open(file, ping, opts.limits.upload_idle_timeout)?;
-    // The configured run: resumed if the store holds it, else submitted
-    // beside the runs already there.
-    let (shared, _) = hub.submit(run, true, None)?;
-    hub.set_primary(&run_id);
-    let addr = listener.local_addr().context("listener address")?;
-    let (shutdown, rx) = watch::channel(false);
-    let mut server_rx = rx.clone();
-    let svc = Service::new(Arc::clone(&hub)).into_server();
+    // TLS files first: a start that cannot serve must not store its run
+    // (the next start, with the files fixed, would then resume this run's
+    // settings instead of reading the configuration anew).
     let (builder, access): (_, Option<Arc<Access>>) = match &opts.transport {
         Transport::Tls(files) => (
             tonic::transport::Server::builder()
@@ -190,6 +183,16 @@ pub async fn start_with(
             (tonic::transport::Server::builder(), None)
         }
     };
+    let file = StoreFile::open(store_path)?;
+    let hub = Hub::open(file, ping, opts.limits.upload_idle_timeout)?;
+    // The configured run: resumed if the store holds it, else submitted
+    // beside the runs already there.
+    let (shared, _) = hub.submit(run, true, None)?;
+    hub.set_primary(&run_id);
+    let addr = listener.local_addr().context("listener address")?;
+    let (shutdown, rx) = watch::channel(false);
+    let mut server_rx = rx.clone();
+    let svc = Service::new(Arc::clone(&hub)).into_server();
     if let Some(access) = &access {
         spawn_access_watch(Arc::clone(access), Arc::clone(&hub), rx.clone());
     }
@@ -432,14 +435,61 @@ mod tests {
         assert!(accepted.nodelay().unwrap());
     }
 
+    /// A start whose TLS files cannot be read fails naming the setting and
+    /// stores nothing: the next start, files fixed, runs the configuration
+    /// as now written (not the first attempt's, as a stored run would be).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_task_loop_is_reported_and_turns_readiness_false() {
+    async fn a_start_that_cannot_serve_tls_stores_no_run() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.redb");
-        let run = RunConfig {
+        let missing = dir.path().join("missing.pem");
+        let tls = crate::tls::TlsFiles {
+            ca: missing.clone(),
+            cert: missing.clone(),
+            key: missing.clone(),
+            access: dir.path().join("access.txt"),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let opts = ServeOptions {
+            transport: Transport::Tls(tls),
+            ..ServeOptions::insecure()
+        };
+        let run = one_round_run("first");
+        let err = start_with(listener, &path, run, Duration::from_millis(500), opts)
+            .await
+            .err()
+            .expect("no TLS files, no start");
+        assert!(
+            format!("{err:#}").contains("`serve.tls.ca`: reading"),
+            "{err:#}"
+        );
+        let runs = crate::store::StoreFile::open(&path)
+            .unwrap()
+            .runs()
+            .unwrap();
+        assert!(runs.is_empty(), "{runs:?}");
+
+        let mut run = one_round_run("first");
+        run.rounds = 2;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = start_with(
+            listener,
+            &path,
+            run,
+            Duration::from_millis(500),
+            ServeOptions::insecure(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(running.shared.run_config().rounds, 2);
+        running.shutdown().await.unwrap();
+    }
+
+    fn one_round_run(run_id: &str) -> RunConfig {
+        RunConfig {
             max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
             early_stopping: None,
-            run_id: "fatal".into(),
+            run_id: run_id.into(),
             seed: 1,
             rounds: 1,
             model: ModelSpec::Noop { dim: 3 },
@@ -456,7 +506,14 @@ mod tests {
             strategy: Default::default(),
             secagg: None,
             dp: None,
-        };
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_task_loop_is_reported_and_turns_readiness_false() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let run = one_round_run("fatal");
         let opts = ServeOptions {
             http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
             limits: Limits::loopback(),

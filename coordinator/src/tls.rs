@@ -40,9 +40,14 @@ impl TlsFiles {
     /// (`serve.tls.*`) rather than left to the transport's "no root trust
     /// anchors" or "keys may not be consistent".
     pub fn server_config(&self) -> anyhow::Result<ServerTlsConfig> {
-        let read =
-            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let (ca, cert, key) = (read(&self.ca)?, read(&self.cert)?, read(&self.key)?);
+        let read = |p: &PathBuf, field: &str| {
+            std::fs::read(p).with_context(|| format!("`{field}`: reading {}", p.display()))
+        };
+        let (ca, cert, key) = (
+            read(&self.ca, "serve.tls.ca")?,
+            read(&self.cert, "serve.tls.cert")?,
+            read(&self.key, "serve.tls.key")?,
+        );
         self.check(&ca, &cert, &key)?;
         Ok(ServerTlsConfig::new()
             .identity(Identity::from_pem(cert, key))

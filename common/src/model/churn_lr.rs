@@ -56,6 +56,15 @@ impl FederatedModel for ChurnLr {
         2 * self.num_features
     }
 
+    fn check(&self) -> Result<(), TrainError> {
+        if self.num_features == 0 {
+            return Err(TrainError::InvalidModel(
+                "churn-lr needs at least one feature (`num_features` ≥ 1)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn eval_len(&self) -> usize {
         crate::metrics::histogram::HISTOGRAM_LEN
     }

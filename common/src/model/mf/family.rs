@@ -251,6 +251,20 @@ impl FederatedModel for MfShape<'_> {
                 return invalid(&format!("MF `{name}` must be finite and >= 0, got {v}"));
             }
         }
+        if h.epochs == 0 {
+            return invalid("MF `epochs` must be ≥ 1: with 0 a round trains nothing");
+        }
+        if !self.is_ials() && h.learning_rate <= 0.0 {
+            return invalid(&format!(
+                "MF `learning_rate` must be > 0 (got {}): with 0 a round trains nothing",
+                h.learning_rate
+            ));
+        }
+        if self.implicit && !self.is_ials() && h.negatives == 0 {
+            return invalid(
+                "BPR needs `negatives` ≥ 1: each purchase is ranked against sampled items",
+            );
+        }
         if self.is_ials() && h.reg_factors <= 0.0 {
             return invalid(
                 "iALS needs `reg_factors` > 0: the user solve is not positive definite without it",
