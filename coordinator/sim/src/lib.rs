@@ -623,11 +623,23 @@ fn untested_note(task: TaskChoice, exp: &Experiment) -> Option<String> {
         ));
     }
     task.is_churn().then(|| {
+        // A natural partition keeps the export's stores: the merchant count
+        // is the data's, not a setting.
+        let fix = if exp.partition.starts_with("Natural") {
+            format!(
+                "the natural partition keeps the export's {} stores; pool them with another \
+                 --partition and fewer --merchants, or give a longer export",
+                exp.merchants
+            )
+        } else {
+            format!(
+                "give fewer --merchants ({} now), or more customers per merchant",
+                exp.merchants
+            )
+        };
         format!(
             "no merchant holds held-out customers of both classes, so no {key} was measured: \
-             each merchant tests on a fifth of its customers, stratified by label; give fewer \
-             --merchants ({} now), or more customers per merchant",
-            exp.merchants
+             each merchant tests on a fifth of its customers, stratified by label; {fix}"
         )
     })
 }
@@ -687,17 +699,23 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
         return out;
     };
     let get = |m: &BTreeMap<String, f64>| m.get(key).copied().unwrap_or(f64::NAN);
+    // A figure to print: `–` where none was measured, never `NaN`.
+    let shown = |v: Option<f64>| match v {
+        Some(v) if v.is_finite() => format!("{v:.4}"),
+        _ => "–".to_string(),
+    };
+    let show = |m: &BTreeMap<String, f64>| shown(m.get(key).copied());
     if let Some(b) = &exp.best {
         out.push(format!(
-            "model selection: best version {} by {} = {:.4}; served {key} {:.4} \
-             (measured after round {}: {:.4}; last version: {:.4})",
+            "model selection: best version {} by {} = {:.4}; served {key} {} \
+             (measured after round {}: {}; last version: {})",
             b.round,
             b.metric,
             b.value,
-            get(&b.served),
+            show(&b.served),
             b.round,
-            get(&b.at_best),
-            get(&b.last)
+            show(&b.at_best),
+            show(&b.last)
         ));
         // A "best" version chosen among equal scores is a tie, not a choice.
         let scores: Vec<f64> = exp
@@ -724,9 +742,9 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
         if let Some(p) = &b.personalised {
             out.push(format!(
                 "personalisation ({} epochs, proximal {}): {} of {} merchants kept their copy \
-                 (strictly better {}){}; pooled {} of the selected copies {:.4} (global copy \
-                 {:.4}); served {key} with each merchant's selected copy {:.4} \
-                 (global copy {:.4}; personalised everywhere {:.4})",
+                 (strictly better {}){}; pooled {} of the selected copies {} (global copy \
+                 {}); served {key} with each merchant's selected copy {} \
+                 (global copy {}; personalised everywhere {})",
                 p.epochs,
                 p.proximal,
                 p.kept.len(),
@@ -738,11 +756,11 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
                     format!(": {}", p.kept.join(", "))
                 },
                 p.metric,
-                p.selected.get(&p.metric).copied().unwrap_or(f64::NAN),
-                b.served.get(&p.metric).copied().unwrap_or(f64::NAN),
-                get(&p.selected),
-                get(&b.served),
-                get(&p.personalised)
+                shown(p.selected.get(&p.metric).copied()),
+                shown(b.served.get(&p.metric).copied()),
+                show(&p.selected),
+                show(&b.served),
+                show(&p.personalised)
             ));
         }
     }
@@ -750,7 +768,7 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
         let cols: Vec<String> = v
             .pooled
             .iter()
-            .map(|(c, m)| format!("{c} {:.4}", get(m)))
+            .map(|(c, m)| format!("{c} {}", show(m)))
             .collect();
         // Only merchants with both figures compare: one whose held-out rows
         // are of one class has no AUC, one with nothing held out no figure.
@@ -1121,6 +1139,8 @@ fn flag_error(e: fedcart_coordinator::config::ConfigError) -> anyhow::Error {
         "run.dp.target_epsilon" => Some("--target-epsilon"),
         "run.dp.mode" => Some("--dp-mode"),
         "run.rounds" => Some("--rounds"),
+        "run.sgd.epochs" => Some("--epochs"),
+        "run.sgd.learning_rate" => Some("--lr"),
         "run.strategy" => Some("--strategy"),
         _ => None,
     };
