@@ -232,6 +232,60 @@ fn a_churn_model_with_nothing_to_test_on_says_so() {
     );
 }
 
+/// The same stores kept as the export's (natural partition), with the
+/// report's baselines: no figure reads `NaN` (one not measured is `–`),
+/// and the note does not advise a merchant count the partition ignores.
+#[test]
+fn natural_stores_with_nothing_to_test_on_report_no_nan() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("few.csv");
+    let mut text = String::from("customer,timestamp,amount,store\n");
+    for c in 0..20 {
+        for k in 0..=(c % 4) {
+            text += &format!(
+                "c{c},2017-{:02}-{:02},{},s{}\n",
+                1 + (c + 3 * k) % 12,
+                1 + c,
+                5 + k,
+                c % 15
+            );
+        }
+    }
+    std::fs::write(&csv, text).unwrap();
+    let mut a = SimArgs {
+        data: Some(format!("orders:{}", csv.display()).parse().unwrap()),
+        task: Some("churn-lr".parse().unwrap()),
+        partition: Some("natural".into()),
+        rounds: Some(2),
+        out: Some(dir.path().join("out")),
+        ..Default::default()
+    };
+    a.orders.customer = Some("customer".into());
+    a.orders.timestamp = Some("timestamp".into());
+    a.orders.amount = Some("amount".into());
+    a.orders.merchant = Some("store".into());
+    a.orders.churn_window_days = Some(60);
+    let e = &run(a).unwrap()[0];
+    assert!(
+        e.report.iter().any(|l| l.starts_with("baselines (auc")),
+        "{:?}",
+        e.report
+    );
+    assert!(
+        e.report.iter().all(|l| !l.contains("NaN")),
+        "{:?}",
+        e.report
+    );
+    assert!(
+        e.report.iter().any(
+            |l| l.contains("the natural partition keeps the export's 15 stores")
+                && !l.contains("give fewer --merchants")
+        ),
+        "{:?}",
+        e.report
+    );
+}
+
 #[test]
 fn a_recommender_with_nothing_to_test_on_is_refused_before_training() {
     // Every customer bought once: leave-last-out holds nothing out.
