@@ -46,7 +46,11 @@ pub enum PartitionError {
         merchants: usize,
     },
     /// `natural` needs a group column the data set lacks.
-    #[error("the `natural` partitioner needs a merchant/store column, which this data set lacks")]
+    #[error(
+        "the `natural` partitioner needs a merchant/store column, which this data set lacks: \
+         it keeps an orders export's stores (`--data orders:PATH --merchant-col COLUMN`); for \
+         this data choose iid, dirichlet:ALPHA or zipf:S"
+    )]
     NoGroups,
 }
 

@@ -23,8 +23,24 @@ struct Columns {
 }
 
 impl Columns {
-    fn find(map: &OrdersMapping, header: &[String], file: &Path) -> Result<Self, OrdersError> {
+    fn find(
+        map: &OrdersMapping,
+        header: &[String],
+        header_line: u64,
+        file: &Path,
+    ) -> Result<Self, OrdersError> {
         let find = |name: &str| {
+            // Two columns of one name: either could be meant.
+            if header.iter().filter(|h| *h == name).count() > 1 {
+                return Err(OrdersError::Row {
+                    file: file.into(),
+                    line: header_line,
+                    message: format!(
+                        "the header names the column `{name}` more than once: rename one of \
+                         them so the mapping names one column"
+                    ),
+                });
+            }
             header.iter().position(|h| h == name).ok_or_else(|| {
                 // Another case or stray spaces: the header field meant.
                 let near = header
@@ -82,11 +98,35 @@ pub fn read_orders_from<R: Read>(
     policy: BadRowPolicy,
 ) -> Result<(Vec<Order>, ReadReport), OrdersError> {
     let mut rows = records(reader, path, map.delimiter)?;
-    let Some(header) = rows.next().transpose()? else {
+    let Some(mut header) = rows.next().transpose()? else {
         return Err(OrdersError::Empty { file: path.into() });
     };
+    if let Some(declared) = excel_separator_line(&header.1, map.delimiter) {
+        // Excel's `sep=;` first line: skipped when it declares the
+        // separator in use, else the fix is named.
+        if declared != map.delimiter.byte().map(char::from) {
+            let name = declared
+                .and_then(|c| c.to_string().parse::<Delimiter>().ok())
+                .map_or("the one it names", Delimiter::name);
+            return Err(OrdersError::Row {
+                file: path.into(),
+                line: header.0,
+                message: format!(
+                    "a spreadsheet's `sep=` line declaring the separator `{}`: give \
+                     `--delimiter {name}` (or `delimiter = \"{name}\"` in the mapping), or \
+                     delete the line",
+                    declared.map_or(String::new(), String::from)
+                ),
+            });
+        }
+        let Some(next) = rows.next().transpose()? else {
+            return Err(OrdersError::Empty { file: path.into() });
+        };
+        header = next;
+    }
+    let header_line = header.0;
     let header: Vec<String> = header.1.iter().map(|h| h.trim().to_string()).collect();
-    let cols = Columns::find(map, &header, path)?;
+    let cols = Columns::find(map, &header, header_line, path)?;
     let mut orders = Vec::new();
     let mut lines = Vec::new();
     let mut report = ReadReport::default();
@@ -161,6 +201,57 @@ fn stray_dates(orders: &[Order], lines: &[u64]) -> Option<String> {
             ""
         }
     ))
+}
+
+/// The separator a spreadsheet's first line `sep=X` declares (`None`
+/// inside for an empty declaration), or `None` when the header is not such
+/// a line. Split by the mapping's separator `sep=;` is `["sep=", ""]` when
+/// it declares that separator, one field `sep=;` otherwise.
+fn excel_separator_line(fields: &[String], delimiter: Delimiter) -> Option<Option<char>> {
+    match fields {
+        [only] => only
+            .trim()
+            .strip_prefix("sep=")
+            .map(|rest| rest.chars().next()),
+        [first, second] if first.trim() == "sep=" && second.is_empty() => {
+            Some(delimiter.byte().map(char::from))
+        }
+        _ => None,
+    }
+}
+
+/// How a negative number is written when it is not `-12.50`: an
+/// accountant's `(12.50)`, a trailing `12.50-`, or a Unicode minus
+/// `−12.50`. `None` when `raw` is none of these with a number inside.
+fn other_negative(raw: &str, decimal: DecimalMark) -> Option<&'static str> {
+    let (inner, written) =
+        if let Some(inner) = raw.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
+            (inner, "in parentheses")
+        } else if let Some(inner) = raw.strip_suffix('-') {
+            (inner, "with a trailing minus")
+        } else if let Some(inner) = raw.strip_prefix('\u{2212}') {
+            (inner, "with a Unicode minus sign")
+        } else {
+            return None;
+        };
+    decimal
+        .parse(inner)
+        .is_some_and(|v| v.is_finite() && v > 0.0)
+        .then_some(written)
+}
+
+/// The ISO-4217-like code (`EUR`, `usd`) before or after an amount that
+/// otherwise reads as a number.
+fn currency_code(raw: &str, decimal: DecimalMark) -> Option<&str> {
+    let is_code = |w: &str| w.len() == 3 && w.chars().all(|c| c.is_ascii_alphabetic());
+    let (code, rest) = match raw.split_once(' ') {
+        Some((a, b)) if is_code(a) => (a, b),
+        _ => match raw.rsplit_once(' ') {
+            Some((a, b)) if is_code(b) => (b, a),
+            _ => return None,
+        },
+    };
+    decimal.parse(rest.trim()).map(|_| code)
 }
 
 /// What to say when the header did not split: which other delimiter would
@@ -250,7 +341,17 @@ fn parse_row(
         return Err(OrdersError::Row {
             file: path.into(),
             line,
-            message: format!("{} fields, the header has {}", fields.len(), cols.width),
+            message: format!(
+                "{} fields, the header has {}{}",
+                fields.len(),
+                cols.width,
+                if fields.iter().any(|f| f.contains('\n')) {
+                    " (a field runs over several lines: an opening `\"` without its closing \
+                     quote, on this line or one above?)"
+                } else {
+                    ""
+                }
+            ),
         });
     }
     let cell = |c: usize, reason: BadRowReason, message: String| OrdersError::Cell {
@@ -263,11 +364,32 @@ fn parse_row(
     let get = |c: usize| fields[c].trim();
     let number = |c: usize, bad: BadRowReason, negative: BadRowReason| {
         let raw = get(c);
+        // Quoted in messages as the merchant would see it in an editor:
+        // a NUL or another control character is shown escaped, not raw.
+        let shown = if raw.chars().any(char::is_control) {
+            raw.escape_debug().to_string()
+        } else {
+            raw.to_string()
+        };
+        let raw_for_msg = shown.as_str();
+        if bad != BadRowReason::BadRating
+            && let Some(written) = other_negative(raw, map.decimal)
+        {
+            return Err(cell(
+                c,
+                negative,
+                format!(
+                    "`{raw_for_msg}` is negative, written {written} (a return or a refund? the \
+                     bad-row policy `skip` leaves such rows out and counts them)"
+                ),
+            ));
+        }
         let v: f32 = map
             .decimal
             .parse(raw)
             .filter(|v: &f32| v.is_finite())
             .ok_or_else(|| {
+                let raw = raw_for_msg;
                 let message = if raw.is_empty() {
                     "empty, not a number".to_string()
                 } else if map.decimal == DecimalMark::Point
@@ -280,6 +402,11 @@ fn parse_row(
                     format!("`{raw}` is not a number with a decimal comma (the mapping's `decimal = \"comma\"` or `--decimal comma`; this one has a decimal point)")
                 } else if raw.parse::<f64>().is_ok_and(|v| v.is_finite() && v.abs() > 1.0) {
                     format!("`{raw}` is too large (the largest is about 3.4e38)")
+                } else if let Some(code) = currency_code(raw, map.decimal) {
+                    format!(
+                        "`{raw}` carries the currency code `{code}`: the column must hold the \
+                         amount alone (a symbol such as $ or € is read, a code is not)"
+                    )
                 } else {
                     format!("`{raw}` is not a finite number")
                 };

@@ -667,3 +667,66 @@ fn lines_dated_far_outside_the_export_are_named() {
         "{note}"
     );
 }
+
+/// Cells a spreadsheet or an accounting export writes differently are
+/// named for what they are: negatives in parentheses, with a trailing or a
+/// Unicode minus; an amount with a currency code; a NUL shown escaped.
+#[test]
+fn other_ways_of_writing_numbers_are_named_for_what_they_are() {
+    let head = "customer,item,ts,qty,price\n";
+    for (cell, says) in [
+        (
+            "(1.49)",
+            "`(1.49)` is negative, written in parentheses (a return or a refund?",
+        ),
+        (
+            "1.49-",
+            "`1.49-` is negative, written with a trailing minus",
+        ),
+        (
+            "\u{2212}1.49",
+            "is negative, written with a Unicode minus sign",
+        ),
+        ("EUR 11.15", "`EUR 11.15` carries the currency code `EUR`"),
+        ("11.15 usd", "`11.15 usd` carries the currency code `usd`"),
+        ("1\u{0}", "`1\\0` is not a finite number"),
+    ] {
+        let text = format!("{head}c1,i1,2017-01-01,1,\"{cell}\"\n");
+        let m = fail_message(&text, &mapping());
+        assert!(m.contains(says), "{cell}: {m}");
+    }
+    // Skipped under `skip` as the negatives they are.
+    let text = format!("{head}c1,i1,2017-01-01,1,(1.49)\nc2,i1,2017-01-02,1,2\n");
+    let (orders, report) = read(&text, &mapping(), BadRowPolicy::Skip).unwrap();
+    assert_eq!(orders.len(), 1);
+    assert_eq!(report.skipped[&BadRowReason::NegativeAmount], 1);
+}
+
+/// A spreadsheet's `sep=` first line is skipped when it declares the
+/// separator in use and named with the flag when it does not; a header
+/// with a mapped name twice and a quote left open are named.
+#[test]
+fn sep_lines_duplicate_columns_and_open_quotes_are_named() {
+    let body = "customer;item;ts;qty;price\nc1;i1;2017-01-01;1;2\n";
+    let mut semi = mapping();
+    semi.delimiter = Delimiter::Semicolon;
+    let (orders, _) = read(&format!("sep=;\n{body}"), &semi, BadRowPolicy::Fail).unwrap();
+    assert_eq!(orders.len(), 1);
+    assert_eq!(
+        fail_message(&format!("sep=;\n{body}"), &mapping()),
+        "orders.csv: line 1: a spreadsheet's `sep=` line declaring the separator `;`: give \
+         `--delimiter semicolon` (or `delimiter = \"semicolon\"` in the mapping), or delete the line"
+    );
+    let twice = "customer,item,ts,qty,price,price\nc1,i1,2017-01-01,1,2,3\n";
+    assert_eq!(
+        fail_message(twice, &mapping()),
+        "orders.csv: line 1: the header names the column `price` more than once: rename one of \
+         them so the mapping names one column"
+    );
+    let open = "customer,item,ts,qty,price\nc1,\"i1,2017-01-01,1,2\nc2,i2,2017-01-02,1,2\n";
+    let m = fail_message(open, &mapping());
+    assert!(
+        m.contains("an opening `\"` without its closing quote"),
+        "{m}"
+    );
+}
