@@ -360,16 +360,30 @@ impl Agent {
         let mismatch = |why| AgentError::UrlMismatch {
             url: self.coordinator.clone(),
             why,
+            fix: None,
         };
         match (endpoint.uri().scheme_str(), &self.tls) {
             (Some("https"), Some(_)) | (Some("http"), None) => {}
             (Some("http"), Some(_)) => {
-                return Err(mismatch(
-                    "http:// would send the TLS identity's traffic in plaintext: use https://",
-                ));
+                return Err(AgentError::UrlMismatch {
+                    url: self.coordinator.clone(),
+                    why: "http:// would send the TLS identity's traffic in plaintext",
+                    fix: Some(
+                        "write the address as https://HOST:PORT; for a coordinator run with \
+                         --insecure (plaintext, no identities), remove the `[tls]` section instead",
+                    ),
+                });
             }
             (Some("https"), None) => {
-                return Err(mismatch("https:// needs the `[tls]` section"));
+                return Err(AgentError::UrlMismatch {
+                    url: self.coordinator.clone(),
+                    why: "https:// needs this merchant's TLS identity, and none is configured",
+                    fix: Some(
+                        "add the `[tls]` section (ca, cert, key: `certs issue --kit` writes \
+                         them; `fedcart-client fleet` takes --certs DIR), or write http:// for a \
+                         coordinator run with --insecure",
+                    ),
+                });
             }
             (None, _) => return Err(mismatch("no scheme: write https://HOST:PORT")),
             (Some(_), _) => return Err(mismatch("the scheme must be https:// (or http://)")),

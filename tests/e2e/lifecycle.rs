@@ -243,6 +243,39 @@ async fn a_url_without_scheme_exits_1_saying_how_to_write_it() {
     );
 }
 
+/// The scheme and the `[tls]` section disagree: the fix names the side
+/// to change (the section to add, or to remove for an --insecure
+/// coordinator), not only the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheme_that_disagrees_with_the_tls_section_says_which_to_change() {
+    let p = pki();
+    let line = agent_fails(&agent_toml(
+        p.dir.path(),
+        "m0",
+        "https://localhost:50051",
+        "",
+    ))
+    .await;
+    assert_names(
+        &line,
+        "https:// needs this merchant's TLS identity, and none is configured",
+        "add the `[tls]` section",
+    );
+    let tls = tls_section(&p.ours.ca_cert(), &p.ours.cert("m0"), &p.ours.key("m0"));
+    let line = agent_fails(&agent_toml(
+        p.dir.path(),
+        "m0",
+        "http://localhost:50051",
+        &tls,
+    ))
+    .await;
+    assert_names(
+        &line,
+        "http:// would send the TLS identity's traffic in plaintext",
+        "remove the `[tls]` section instead",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_http_against_a_tls_coordinator_exits_1_saying_use_https() {
     let p = pki();

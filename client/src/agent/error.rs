@@ -39,6 +39,9 @@ pub enum AgentError {
         url: String,
         /// What is wrong with it.
         why: &'static str,
+        /// What to change, when the scheme and the TLS setup disagree
+        /// (`None`: write the address as https://HOST:PORT).
+        fix: Option<&'static str>,
     },
     /// The TLS configuration was refused by the transport.
     #[error("TLS configuration")]
@@ -138,6 +141,7 @@ impl AgentError {
     /// sentence; `None` for transient errors.
     pub fn what_to_fix(&self) -> Option<String> {
         match self {
+            Self::UrlMismatch { fix: Some(fix), .. } => Some((*fix).into()),
             Self::BadUrl { .. } | Self::UrlMismatch { .. } => Some(
                 "set `coordinator` in the agent configuration (or FEDCART_COORDINATOR) to \
                  https://HOST:PORT (http:// only for a coordinator run with --insecure)"
