@@ -56,7 +56,7 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub cutoff: String,
     /// A customer churned if they bought nothing this many days after the cutoff.
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..))]
     pub churn_window_days: u32,
     /// Length in days of the "recent" part of the trend feature.
     #[arg(long, default_value_t = 90)]

@@ -71,7 +71,8 @@ pub struct StateDir {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// The state directory could not be created.
-    #[error("creating {}", path.display())]
+    #[error("creating the state directory {}{}", path.display(),
+        if path.is_file() { " (`state_dir` names a file, not a directory)" } else { "" })]
     Create {
         /// The directory.
         path: PathBuf,
@@ -465,6 +466,22 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `state_dir` pointing at a file says so, not only "File exists".
+    #[test]
+    fn a_state_dir_that_is_a_file_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, "x").unwrap();
+        let e = StateDir::open(&file).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "creating the state directory {} (`state_dir` names a file, not a directory)",
+                file.display()
+            )
+        );
+    }
 
     #[test]
     fn segments_centres_are_kept_beside_the_churn_model_not_over_it() {

@@ -105,7 +105,7 @@ pub struct OrdersArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cutoff: Option<String>,
     /// Orders: a customer churned if they bought nothing this many days after the cutoff [default: 90].
-    #[arg(long = "churn-window-days")]
+    #[arg(long = "churn-window-days", value_parser = clap::value_parser!(u32).range(1..))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub churn_window_days: Option<u32>,
     /// Orders: unreadable rows fail the run or are skipped (fail, skip) [default: fail].
