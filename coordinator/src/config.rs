@@ -164,6 +164,7 @@ fn strategy_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StrategySpec, 
 #[serde(deny_unknown_fields)]
 pub struct ServeConfig {
     /// Address for the gRPC service.
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// Path of the redb store.
     pub store: PathBuf,
@@ -174,7 +175,7 @@ pub struct ServeConfig {
     #[serde(default)]
     pub tls: Option<crate::tls::TlsFiles>,
     /// Address of the HTTP listener for `/metrics`, health and the dashboard.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_listen_addr")]
     pub http_listen: Option<SocketAddr>,
     /// The operator's bearer token every HTTP route but `/healthz` and
     /// `/readyz` requires (env `FEDCART_HTTP_TOKEN_FILE`). Default with TLS:
@@ -200,6 +201,30 @@ impl ServeConfig {
 
 fn ping_ms() -> u64 {
     5_000
+}
+
+/// A listening address, `IP:PORT`. A host name (`localhost:50051`) is
+/// refused with the addresses that mean what it usually does: a listener
+/// binds an interface, and names are not resolved.
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "`{s}` is not IP:PORT: write e.g. 127.0.0.1:50051 (this host only) or \
+             0.0.0.0:50051 (every interface); host names are not resolved"
+        )
+    })
+}
+
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parse_listen_addr(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn optional_listen_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| parse_listen_addr(&s).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// The whole `coordinator.toml`.
@@ -1195,6 +1220,25 @@ mod tests {
         assert!(
             e.contains("coordinator.toml: invalid `serve.ping_interval_ms`: 0 must be ≥ 1"),
             "{e}"
+        );
+    }
+
+    /// `listen = "localhost:50051"` is refused with the addresses to write
+    /// (a listener binds an interface; names are not resolved).
+    #[test]
+    fn a_host_name_as_listen_address_says_to_write_an_ip() {
+        let (_dir, cfg) = load(&EXAMPLE.replace(
+            &format!("listen = \"{}\"", load(EXAMPLE).1.unwrap().serve.listen),
+            "listen = \"localhost:50051\"",
+        ));
+        let e = cfg.unwrap_err().to_string();
+        assert!(
+            e.contains("`localhost:50051` is not IP:PORT: write e.g. 127.0.0.1:50051"),
+            "{e}"
+        );
+        assert_eq!(
+            parse_listen_addr("0.0.0.0:9090"),
+            Ok("0.0.0.0:9090".parse().unwrap())
         );
     }
 

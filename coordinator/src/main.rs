@@ -33,7 +33,7 @@ enum Command {
         #[arg(long, env = "FEDCART_COORDINATOR_CONFIG")]
         config: PathBuf,
         /// Override `serve.listen` (env FEDCART_LISTEN).
-        #[arg(long, env = "FEDCART_LISTEN")]
+        #[arg(long, env = "FEDCART_LISTEN", value_parser = fedcart_coordinator::config::parse_listen_addr)]
         listen: Option<std::net::SocketAddr>,
         /// Override `serve.store` (env FEDCART_STORE).
         #[arg(long, env = "FEDCART_STORE")]
@@ -44,7 +44,7 @@ enum Command {
         #[arg(long)]
         insecure: bool,
         /// Override `serve.http_listen`: `/metrics`, health and dashboard.
-        #[arg(long, env = "FEDCART_HTTP_LISTEN")]
+        #[arg(long, env = "FEDCART_HTTP_LISTEN", value_parser = fedcart_coordinator::config::parse_listen_addr)]
         http_listen: Option<std::net::SocketAddr>,
         /// Override `serve.http_token_file`: the operator's bearer token for
         /// every HTTP route but /healthz and /readyz [default with TLS:

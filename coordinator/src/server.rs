@@ -302,7 +302,15 @@ fn spawn_access_watch(access: Arc<Access>, hub: Arc<Hub>, mut stop: watch::Recei
 /// required unless `insecure`.
 pub async fn start_from_config(cfg: &CoordinatorConfig, insecure: bool) -> anyhow::Result<Running> {
     let transport = match (&cfg.serve.tls, insecure) {
-        (_, true) => Transport::Insecure,
+        (Some(_), true) => {
+            tracing::warn!(
+                "--insecure (or FEDCART_INSECURE): the `[serve.tls]` section is ignored: no TLS, \
+                 no merchant identities, and the HTTP routes are open unless \
+                 `serve.http_token_file` is given"
+            );
+            Transport::Insecure
+        }
+        (None, true) => Transport::Insecure,
         (Some(files), false) => Transport::Tls(files.clone()),
         (None, false) => anyhow::bail!(
             "`serve.tls` is not configured: give the TLS files or run with --insecure"
