@@ -638,7 +638,22 @@ pub fn build(
                 model: task.churn_model(schema.num_features()),
             })
         }
-        (t, d) => bail!("task `{}` cannot run on dataset `{}`", t.name(), d.name()),
+        (t, d) => {
+            let fits = match d {
+                DataSpec::MovieLens(_) => "mf, mf-implicit or mf-ials",
+                DataSpec::Telco(_) | DataSpec::Csv(_) => {
+                    "churn-lr, churn-mlp, churn-gbdt or segments"
+                }
+                DataSpec::None => "noop:D",
+                DataSpec::Orders(_) => "any task its columns serve",
+            };
+            bail!(
+                "task `{}` cannot run on dataset `{}`, which runs {fits}; an orders export \
+                 (`--data orders:PATH`) serves the recommender, churn, segment and rule tasks",
+                t.name(),
+                d.name()
+            )
+        }
     }
 }
 

@@ -241,6 +241,15 @@ fn bad_settings_are_explained() {
     }
     let e = "knn".parse::<data::TaskChoice>().unwrap_err().to_string();
     assert!(e.starts_with("unknown task `knn`"), "{e}");
+    // A task the dataset cannot serve names the tasks it can.
+    let e = format!(
+        "{:#}",
+        run_all(&Settings::from_args(telco_args("mf")).unwrap()).unwrap_err()
+    );
+    assert!(
+        e.contains("which runs churn-lr, churn-mlp, churn-gbdt or segments"),
+        "{e}"
+    );
     let mut a = args();
     a.fraction = Some(1.5);
     assert!(
