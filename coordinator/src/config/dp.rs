@@ -260,6 +260,20 @@ impl DpSettings {
         if self.population == Some(0) {
             return bad("run.dp.population", "must be ≥ 1".into());
         }
+        // Each round selects at least min_agents merchants: a smaller
+        // federation would overstate the sampling amplification.
+        if let Some(p) = self.population
+            && p < run.selection.min_agents
+        {
+            return bad(
+                "run.dp.population",
+                format!(
+                    "{p} is fewer than selection.min_agents ({}): every round selects at least \
+                     that many merchants, so the federation holds at least as many",
+                    run.selection.min_agents
+                ),
+            );
+        }
         // (ε, δ)-DP with δ ≥ 1/n allows releasing one of n merchants' data
         // whole: no guarantee at all.
         let protected = self.population.unwrap_or(run.selection.min_agents).max(1);

@@ -669,7 +669,12 @@ fn a_meaningless_delta_or_an_overflowing_noise_scale_is_refused() {
     with_population.population = Some(1000);
     run(with_population.clone(), 4).validate().unwrap();
     with_population.population = Some(3000);
-    assert_eq!(refused(with_population).0, "run.dp.delta");
+    assert_eq!(refused(with_population.clone()).0, "run.dp.delta");
+    // A federation smaller than a round's cohort is not one.
+    with_population.population = Some(2);
+    let (field, message) = refused(with_population);
+    assert_eq!(field, "run.dp.population");
+    assert!(message.contains("fewer than selection.min_agents (4)"), "{message}");
     assert_eq!(
         refused(DpSettings::central(1.0, 1e300, 1e-5)).0,
         "run.dp.noise_multiplier"
