@@ -70,6 +70,15 @@ pub enum RecommendError {
     /// The stored churn model has no standardiser.
     #[error("the stored churn model came without feature statistics")]
     NoFeatureStats,
+    /// The stored churn model is a run's untrained version 0.
+    #[error(
+        "the churn model stored for run `{run_id}` is its untrained version 0: no round of \
+         that run has finished with this agent yet (score once it has, or name another run)"
+    )]
+    Untrained0 {
+        /// The run.
+        run_id: String,
+    },
     /// The customer table could not be read (the error names the file,
     /// line and column).
     #[error(transparent)]
@@ -497,10 +506,15 @@ pub fn churn_probabilities(
     let Some((meta, params)) = state.load_global("churn")? else {
         return Err(RecommendError::NoChurnModel);
     };
-    let scaler = meta
-        .spec
-        .standardizer
-        .ok_or(RecommendError::NoFeatureStats)?;
+    let Some(scaler) = meta.spec.standardizer else {
+        return Err(if meta.version == 0 {
+            RecommendError::Untrained0 {
+                run_id: meta.run_id,
+            }
+        } else {
+            RecommendError::NoFeatureStats
+        });
+    };
     if let fedcart_common::task::ModelSpec::ChurnGbdt { .. } = meta.spec.model {
         // The trees completed so far; a tree still under construction is
         // ignored.
@@ -554,5 +568,55 @@ pub fn open_output(path: &Path) -> std::io::Result<Box<dyn std::io::Write>> {
         Ok(Box::new(std::io::BufWriter::new(std::fs::File::create(
             path,
         )?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedcart_common::model::sgd::SgdParams;
+    use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
+    use ndarray::{Array1, Array2};
+
+    use super::*;
+    use crate::state::GlobalMeta;
+
+    /// A run's untrained version 0 (stored when its first task arrived,
+    /// before the statistics step agreed any scaling) is named as such,
+    /// not as a model "without feature statistics".
+    #[test]
+    fn scoring_a_runs_untrained_version_says_no_round_has_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let meta = |version| GlobalMeta {
+            run_id: "c-1".into(),
+            version,
+            spec: TaskSpec {
+                kind: TaskKind::Train,
+                model: ModelSpec::ChurnLr { num_features: 2 },
+                sgd: SgdParams::default(),
+                seed: 1,
+                round: 1,
+                standardizer: None,
+                dp: None,
+                best_version: None,
+            },
+            sha256: None,
+        };
+        let ds = TabularDataset {
+            ids: vec!["a".into()],
+            x: Array2::zeros((1, 2)),
+            y: Array1::zeros(1),
+        };
+        state.save_global(&meta(0), &[0.0; 3]).unwrap();
+        assert_eq!(
+            churn_probabilities(&state, &ds).unwrap_err().to_string(),
+            "the churn model stored for run `c-1` is its untrained version 0: no round of that \
+             run has finished with this agent yet (score once it has, or name another run)"
+        );
+        state.save_global(&meta(3), &[0.0; 3]).unwrap();
+        assert!(matches!(
+            churn_probabilities(&state, &ds),
+            Err(RecommendError::NoFeatureStats)
+        ));
     }
 }
