@@ -60,11 +60,13 @@ pub async fn call(
                     source: path.display().to_string(),
                 })
                 .await
+                .map_err(crate::status::Refused)
                 .context("SubmitRun RPC")?)
         }
         Action::List => {
             c.list_runs(pb::ListRunsRequest {})
                 .await
+                .map_err(crate::status::Refused)
                 .context("ListRuns RPC")?
                 .into_inner()
                 .runs
@@ -72,10 +74,12 @@ pub async fn call(
         Action::Show(id) => one(c
             .show_run(pb::RunRequest { run_id: id.clone() })
             .await
+            .map_err(crate::status::Refused)
             .context("ShowRun RPC")?),
         Action::Stop(id) => one(c
             .stop_run(pb::RunRequest { run_id: id.clone() })
             .await
+            .map_err(crate::status::Refused)
             .context("StopRun RPC")?),
     })
 }

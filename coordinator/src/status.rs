@@ -107,7 +107,11 @@ pub async fn fetch(
     let request = pb::StatusRequest {
         run_id: run.unwrap_or_default().to_owned(),
     };
-    Ok(c.status(request).await.context("Status RPC")?.into_inner())
+    Ok(c.status(request)
+        .await
+        .map_err(Refused)
+        .context("Status RPC")?
+        .into_inner())
 }
 
 /// The run configuration `runs submit` was given could not be read: the
@@ -122,6 +126,28 @@ pub struct ReadConfig {
     pub source: std::io::Error,
 }
 
+/// A call the coordinator answered with an error status, shown as the
+/// status's message alone (tonic's own display adds the code's description
+/// and quotes the message); the code stays readable for [`with_hint`], and
+/// the transport error beneath, if any, is its source.
+#[derive(Debug)]
+pub struct Refused(pub tonic::Status);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.message() {
+            "" => write!(f, "{:?}", self.0.code()),
+            message => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for Refused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
 /// Adds what to try to a failed [`fetch`] of `url`; `with_certs` tells
 /// whether `--certs` was given.
 pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error {
@@ -130,10 +156,11 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
     {
         return e;
     }
-    let refused = e
-        .chain()
-        .find_map(|c| c.downcast_ref::<tonic::Status>())
-        .map(tonic::Status::code);
+    let refused = e.chain().find_map(|c| {
+        c.downcast_ref::<tonic::Status>()
+            .or_else(|| c.downcast_ref::<Refused>().map(|r| &r.0))
+            .map(tonic::Status::code)
+    });
     let unreachable = e
         .chain()
         .any(|c| c.downcast_ref::<tonic::transport::Error>().is_some());
@@ -143,9 +170,9 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
         .any(|io| io.kind() == std::io::ErrorKind::NotFound);
     let hint = match refused {
         Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) => {
-            "the coordinator refused this identity (revoked?): use the operator identity \
-             `certs init` made (`--identity operator`), or issue another with \
-             `certs issue --operator --id NAME` and pass `--identity NAME`"
+            "the coordinator refused this identity: use the operator identity `certs init` made \
+             (`--identity operator`), or issue another with `certs issue --operator --id NAME` \
+             and pass `--identity NAME`"
                 .to_string()
         }
         _ if missing_file && with_certs => {

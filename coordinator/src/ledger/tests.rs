@@ -674,7 +674,10 @@ fn a_meaningless_delta_or_an_overflowing_noise_scale_is_refused() {
     with_population.population = Some(2);
     let (field, message) = refused(with_population);
     assert_eq!(field, "run.dp.population");
-    assert!(message.contains("fewer than selection.min_agents (4)"), "{message}");
+    assert!(
+        message.contains("fewer than selection.min_agents (4)"),
+        "{message}"
+    );
     assert_eq!(
         refused(DpSettings::central(1.0, 1e300, 1e-5)).0,
         "run.dp.noise_multiplier"
