@@ -362,8 +362,14 @@ impl Process {
     /// Starts `bin` (a name in [`bin_dir`]) with `args`, logging at INFO in
     /// plain text to a pipe.
     pub fn start(bin: &str, args: &[&str]) -> Self {
+        Self::start_with_env(bin, args, &[])
+    }
+
+    /// [`Process::start`] with `env` set in the child's environment.
+    pub fn start_with_env(bin: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut child = std::process::Command::new(bin_dir().join(bin))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env_remove("FEDCART_LOG_JSON")
             .stdin(std::process::Stdio::null())

@@ -230,7 +230,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
             match &cfg.tls {
                 Some(t) => {
-                    let section = || format!("the `tls` section of {}", config.display());
+                    // A file the environment put there is named by its variable.
+                    let from_env: Vec<&str> =
+                        ["FEDCART_TLS_CA", "FEDCART_TLS_CERT", "FEDCART_TLS_KEY"]
+                            .into_iter()
+                            .filter(|v| std::env::var_os(v).is_some())
+                            .collect();
+                    let section = || match from_env.as_slice() {
+                        [] => format!("the `tls` section of {}", config.display()),
+                        vars => format!(
+                            "the `tls` section of {} with {} from the environment",
+                            config.display(),
+                            vars.join(", ")
+                        ),
+                    };
                     agent.tls = Some(t.client_config().with_context(section)?);
                     agent = agent.with_key_identity(t.key_identity().with_context(section)?);
                 }

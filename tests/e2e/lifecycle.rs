@@ -102,11 +102,24 @@ async fn agent_fails(config: &Path) -> String {
 /// permanent error shows (plaintext against TLS: the server may first just
 /// close the connection, which is what a restarting coordinator does too).
 async fn agent_fails_after(config: &Path, may_retry: bool) -> String {
+    agent_fails_with_env(config, may_retry, Vec::new()).await
+}
+
+/// [`agent_fails_after`] with `env` (variable, value) in the agent's
+/// environment.
+async fn agent_fails_with_env(
+    config: &Path,
+    may_retry: bool,
+    env: Vec<(&'static str, std::ffi::OsString)>,
+) -> String {
     let config = config.to_owned();
     tokio::task::spawn_blocking(move || {
-        let mut agent = Process::start(
+        let env: Vec<(&str, &std::ffi::OsStr)> =
+            env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+        let mut agent = Process::start_with_env(
             "fedcart-client",
             &["run", "--config", config.to_str().unwrap()],
+            &env,
         );
         let code = agent.wait_exit(EXIT_LIMIT);
         let errors: Vec<&String> = agent
@@ -230,6 +243,21 @@ async fn a_merchant_certificate_of_another_ca_exits_1_naming_the_certificate() {
         "must be issued by the platform's CA",
     );
     coord.shutdown().await.unwrap();
+}
+
+/// A TLS file the environment overrides is named with its variable: the
+/// merchant's file is right, the variable's key is another CA's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_file_from_the_environment_is_named_by_its_variable() {
+    let p = pki();
+    let tls = tls_section(&p.ours.ca_cert(), &p.ours.cert("m0"), &p.ours.key("m0"));
+    let config = agent_toml(p.dir.path(), "m0", "https://localhost:50051", &tls);
+    let env = vec![("FEDCART_TLS_KEY", p.other.key("m0").into_os_string())];
+    let line = agent_fails_with_env(&config, false, env).await;
+    assert!(
+        line.contains("with FEDCART_TLS_KEY from the environment"),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
