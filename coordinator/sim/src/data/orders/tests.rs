@@ -192,53 +192,11 @@ fn a_partial_mapping_file_is_completed_by_the_column_flags() {
     );
 }
 
-#[test]
-fn a_churn_model_with_nothing_to_test_on_says_so() {
-    // 20 customers over 15 merchants: one or two each, nobody's held-out
-    // fifth holds both classes.
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("few.csv");
-    let mut text = String::from("customer,timestamp,amount\n");
-    for c in 0..20 {
-        for k in 0..=(c % 4) {
-            text += &format!(
-                "c{c},2017-{:02}-{:02},{}\n",
-                1 + (c + 3 * k) % 12,
-                1 + c,
-                5 + k
-            );
-        }
-    }
-    std::fs::write(&csv, text).unwrap();
-    let mut a = SimArgs {
-        data: Some(format!("orders:{}", csv.display()).parse().unwrap()),
-        task: Some("churn-lr".parse().unwrap()),
-        merchants: Some(15),
-        rounds: Some(2),
-        ..Default::default()
-    };
-    a.orders.customer = Some("customer".into());
-    a.orders.timestamp = Some("timestamp".into());
-    a.orders.amount = Some("amount".into());
-    a.orders.churn_window_days = Some(60);
-    let e = &run(a).unwrap()[0];
-    assert!(
-        e.report.iter().any(|l| l.starts_with(
-            "no merchant holds held-out customers of both classes, so no auc was measured"
-        ) && l
-            .ends_with("give fewer --merchants (15 now), or more customers per merchant")),
-        "{:?}",
-        e.report
-    );
-}
-
-/// The same stores kept as the export's (natural partition), with the
-/// report's baselines: no figure reads `NaN` (one not measured is `–`),
-/// and the note does not advise a merchant count the partition ignores.
-#[test]
-fn natural_stores_with_nothing_to_test_on_report_no_nan() {
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("few.csv");
+/// Churn on 20 customers with one to four orders each in `dir/few.csv`
+/// (a `store` column of 15 stores when `stores`): nobody's held-out fifth
+/// holds both classes. The arguments run it for two rounds.
+fn few_customers(dir: &std::path::Path, stores: bool) -> SimArgs {
+    let csv = dir.join("few.csv");
     let mut text = String::from("customer,timestamp,amount,store\n");
     for c in 0..20 {
         for k in 0..=(c % 4) {
@@ -255,16 +213,49 @@ fn natural_stores_with_nothing_to_test_on_report_no_nan() {
     let mut a = SimArgs {
         data: Some(format!("orders:{}", csv.display()).parse().unwrap()),
         task: Some("churn-lr".parse().unwrap()),
-        partition: Some("natural".into()),
         rounds: Some(2),
-        out: Some(dir.path().join("out")),
         ..Default::default()
     };
     a.orders.customer = Some("customer".into());
     a.orders.timestamp = Some("timestamp".into());
     a.orders.amount = Some("amount".into());
-    a.orders.merchant = Some("store".into());
     a.orders.churn_window_days = Some(60);
+    if stores {
+        a.orders.merchant = Some("store".into());
+    }
+    a
+}
+
+#[test]
+fn a_churn_model_with_nothing_to_test_on_says_so() {
+    // 20 customers over 15 merchants: one or two each.
+    let dir = tempfile::tempdir().unwrap();
+    let a = SimArgs {
+        merchants: Some(15),
+        ..few_customers(dir.path(), false)
+    };
+    let e = &run(a).unwrap()[0];
+    assert!(
+        e.report.iter().any(|l| l.starts_with(
+            "no merchant holds held-out customers of both classes, so no auc was measured"
+        ) && l
+            .ends_with("give fewer --merchants (15 now), or more customers per merchant")),
+        "{:?}",
+        e.report
+    );
+}
+
+/// The same customers in the export's 15 stores (natural partition), with
+/// the report's baselines: no figure reads `NaN` (one not measured is `–`),
+/// and the note does not advise a merchant count the partition ignores.
+#[test]
+fn natural_stores_with_nothing_to_test_on_report_no_nan() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = SimArgs {
+        partition: Some("natural".into()),
+        out: Some(dir.path().join("out")),
+        ..few_customers(dir.path(), true)
+    };
     let e = &run(a).unwrap()[0];
     assert!(
         e.report.iter().any(|l| l.starts_with("baselines (auc")),
