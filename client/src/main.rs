@@ -434,14 +434,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
+            let cfg = AgentConfig::load(&args.config)?;
+            let state = run_state(&cfg, args.run.as_deref())?;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
+                // Ctrl-C or SIGTERM (Docker, Kubernetes, systemd): stop
+                // accepting, finish the requests in flight.
+                let which = cli::shutdown_signal().await;
+                tracing::info!("{which}: stopping");
                 let _ = tx.send(true);
+                cli::exit_on_second_signal();
             });
-            fedcart_client::serve::run(&args, rx)
+            fedcart_client::serve::run(&args, &cfg, state, rx)
                 .await
-                .with_context(|| format!("serving {}", args.config.display()))
+                .with_context(|| format!("serving {}", args.config.display()))?;
+            tracing::info!("stopped");
+            Ok(())
         }
     }
 }

@@ -60,9 +60,16 @@ pub enum RecommendError {
         /// The model's factor count.
         factors: usize,
     },
-    /// No churn model is stored yet.
-    #[error("no churn model yet: the agent has not taken part in a churn round")]
-    NoChurnModel,
+    /// No churn model is stored yet (`held`: what is, e.g. a recommender
+    /// of the run `--run` named).
+    #[error(
+        "no churn model yet: the agent has not taken part in a churn round{}",
+        if held.is_empty() { String::new() } else { format!(" (this state holds: {})", held.join(", ")) }
+    )]
+    NoChurnModel {
+        /// The models the state holds instead ([`StateDir::held_models`]).
+        held: Vec<String>,
+    },
     /// The stored boosted-trees model cannot be scored (corrupt, or built
     /// for another feature width).
     #[error("the stored churn-gbdt model: {0}")]
@@ -504,7 +511,9 @@ pub fn churn_probabilities(
     ds: &TabularDataset,
 ) -> Result<(u64, Vec<f32>), RecommendError> {
     let Some((meta, params)) = state.load_global("churn")? else {
-        return Err(RecommendError::NoChurnModel);
+        return Err(RecommendError::NoChurnModel {
+            held: state.held_models(),
+        });
     };
     let Some(scaler) = meta.spec.standardizer else {
         return Err(if meta.version == 0 {

@@ -59,7 +59,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
     pub config: PathBuf,
     /// Address of the HTTP listener, e.g. `127.0.0.1:8080`.
-    #[arg(long, env = "FEDCART_SERVE_HTTP")]
+    #[arg(long, env = "FEDCART_SERVE_HTTP", value_parser = fedcart_common::cli::parse_listen_addr)]
     pub http: SocketAddr,
     /// How often to look for a new model version in the state directory, in
     /// milliseconds.
@@ -77,9 +77,6 @@ pub enum ServeError {
     /// The configuration could not be used.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// `state_dir` is not configured: there is no model to serve.
-    #[error("`state_dir` is not configured: the agent keeps no models to serve")]
-    NoStateDir,
     /// The state directory could not be opened.
     #[error(transparent)]
     State(#[from] StateError),
@@ -538,14 +535,16 @@ async fn segment(State(app): State<AppState>, UrlPath(customer): UrlPath<String>
 
 /// `fedcart-client serve`: loads the configuration and the local files,
 /// serves until `stop` is set.
-pub async fn run(args: &ServeArgs, stop: watch::Receiver<bool>) -> Result<(), ServeError> {
-    let cfg = AgentConfig::load(&args.config)?;
-    let dir = cfg.state_dir.clone().ok_or(ServeError::NoStateDir)?;
-    let mut state = StateDir::open(dir)?;
-    if let Some(run) = &args.run {
-        state = state.run(run)?;
-    }
-    let local = LocalFiles::load_for(&cfg, Some(&state))?;
+/// `state` is the state directory `args.run` names, checked by the caller
+/// as the reading commands check it (it exists; the run is one the agent
+/// worked for), so `serve` refuses what `recommend` refuses.
+pub async fn run(
+    args: &ServeArgs,
+    cfg: &AgentConfig,
+    state: StateDir,
+    stop: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let local = LocalFiles::load_for(cfg, Some(&state))?;
     let running = start(
         args.http,
         state,

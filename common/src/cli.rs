@@ -172,6 +172,18 @@ pub fn one_line(err: &(dyn StdError + 'static)) -> String {
     line
 }
 
+/// A listening address, `IP:PORT`. A host name (`localhost:50051`) is
+/// refused with the addresses that mean what it usually does: a listener
+/// binds an interface, and names are not resolved.
+pub fn parse_listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "`{s}` is not IP:PORT: write e.g. 127.0.0.1:50051 (this host only) or \
+             0.0.0.0:50051 (every interface); host names are not resolved"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

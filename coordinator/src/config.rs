@@ -203,17 +203,7 @@ fn ping_ms() -> u64 {
     5_000
 }
 
-/// A listening address, `IP:PORT`. A host name (`localhost:50051`) is
-/// refused with the addresses that mean what it usually does: a listener
-/// binds an interface, and names are not resolved.
-pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
-    s.trim().parse().map_err(|_| {
-        format!(
-            "`{s}` is not IP:PORT: write e.g. 127.0.0.1:50051 (this host only) or \
-             0.0.0.0:50051 (every interface); host names are not resolved"
-        )
-    })
-}
+pub use fedcart_common::cli::parse_listen_addr;
 
 fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     parse_listen_addr(&String::deserialize(d)?).map_err(serde::de::Error::custom)

@@ -868,3 +868,60 @@ fn an_agent_that_never_reached_the_coordinator_names_the_setting_to_check() {
         );
     }
 }
+
+/// The merchant's `serve` refuses what `recommend` refuses (a state
+/// directory no agent has written, a run the agent never worked for), and
+/// stops cleanly on SIGTERM, as Docker, Kubernetes and systemd stop it.
+#[test]
+fn merchant_serve_checks_its_state_like_recommend_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("merchant.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\nstate_dir = \"{}\"\n\n[data]\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let serve = |extra: &[&str]| {
+        let mut args = vec![
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Process::start("fedcart-client", &args)
+    };
+    let mut p = serve(&[]);
+    assert_eq!(p.wait_exit(EXIT_LIMIT), Some(1));
+    assert!(
+        p.seen
+            .iter()
+            .any(|l| l.contains("does not exist: no agent has run with this `state_dir` yet")),
+        "{:?}",
+        p.seen
+    );
+    assert!(!state.exists(), "serve created no state directory");
+
+    std::fs::create_dir_all(&state).unwrap();
+    let mut p = serve(&["--run", "nope"]);
+    assert_eq!(p.wait_exit(EXIT_LIMIT), Some(1));
+    assert!(
+        p.seen.iter().any(|l| l
+            .contains("--run nope: this agent holds no model of that run (runs it holds: none)")),
+        "{:?}",
+        p.seen
+    );
+
+    let mut p = serve(&[]);
+    p.wait_line("serving", EXIT_LIMIT);
+    let said = p.stop_cleanly(EXIT_LIMIT);
+    assert!(
+        said.contains("SIGTERM: stopping") && said.contains("stopped"),
+        "{said}"
+    );
+}
