@@ -217,11 +217,13 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Torn;
 
-fn torn<E: std::fmt::Display>(e: &E, is_torn: bool) -> Result<String, Torn> {
+fn torn(e: &StateError, is_torn: bool) -> Result<String, Torn> {
     if is_torn {
         Err(Torn)
     } else {
-        Ok(e.to_string())
+        // The cause too: a state file's path alone says nothing of what is
+        // wrong with it.
+        Ok(fedcart_common::cli::one_line(e))
     }
 }
 
@@ -416,7 +418,64 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/customers/{customer}/churn", get(churn))
         .route("/v1/customers/{customer}/segment", get(segment))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Every error answer is `{"error": …}` JSON: axum's own (a method the
+/// route does not take, a path segment that is not UTF-8, a malformed
+/// query) come as empty or plain-text bodies, which are rewritten here
+/// with their status and headers (`allow` on a 405) kept.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match (text.is_empty(), status) {
+        (false, _) => text,
+        (true, StatusCode::METHOD_NOT_ALLOWED) => {
+            "method not allowed: every route answers GET (and HEAD)".to_string()
+        }
+        (true, s) => s.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let mut json = error(status, message);
+    for (name, value) in parts.headers.iter() {
+        if name != axum::http::header::CONTENT_TYPE {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
+}
+
+/// Why a query is ambiguous: a parameter named twice (refused rather than
+/// letting the last win), or `None`.
+fn repeated_param(params: &[(String, String)]) -> Option<String> {
+    params
+        .iter()
+        .enumerate()
+        .find(|(i, (name, _))| params[..*i].iter().any(|(n, _)| n == name))
+        .map(|(_, (name, _))| format!("parameter `{name}` is given more than once"))
+}
+
+/// A route that takes no parameters refuses any, as the recommendations
+/// route refuses unknown ones: the 400 to answer, or `None`.
+fn no_params(params: &[(String, String)]) -> Option<Response> {
+    params.first().map(|(name, _)| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter `{name}` (this route takes none)"),
+        )
+    })
 }
 
 fn error(status: StatusCode, message: String) -> Response {
@@ -440,10 +499,15 @@ const RECOMMEND_PARAMS: &str = "k, include_repeats, repeat_weight";
 async fn recommendations(
     State(app): State<AppState>,
     UrlPath(customer): UrlPath<String>,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
+    let customer = customer.trim().to_string();
     let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
+    if let Some(why) = repeated_param(&params) {
+        return bad(why);
+    }
     let mut opts = recommend::RecommendOptions::top(10);
+    let mut repeats_off = false;
     for (name, value) in &params {
         match name.as_str() {
             "k" => match value.parse::<usize>() {
@@ -452,7 +516,10 @@ async fn recommendations(
             },
             "include_repeats" => match value.as_str() {
                 "true" | "1" => opts.include_repeats = true,
-                "false" | "0" => opts.include_repeats = false,
+                "false" | "0" => {
+                    opts.include_repeats = false;
+                    repeats_off = true;
+                }
                 _ => return bad(format!("include_repeats = `{value}`: use true or false")),
             },
             "repeat_weight" => match value.parse::<f32>() {
@@ -468,6 +535,13 @@ async fn recommendations(
     }
     if let Err(e) = recommend::check_k(opts.k) {
         return bad(e.to_string());
+    }
+    if repeats_off && opts.repeat_weight.is_some() {
+        return bad(
+            "repeat_weight blends the customer's own frequent items into the list, which \
+             include_repeats = false leaves out: give one or the other"
+                .into(),
+        );
     }
     let Some(mf) = &app.local.mf else {
         return error(
@@ -523,14 +597,28 @@ fn lookup<T: Serialize + Copy>(
     }
 }
 
-async fn churn(State(app): State<AppState>, UrlPath(customer): UrlPath<String>) -> Response {
+async fn churn(
+    State(app): State<AppState>,
+    UrlPath(customer): UrlPath<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    if let Some(r) = no_params(&params) {
+        return r;
+    }
     let snap = app.snapshot.borrow().clone();
-    lookup(&snap.churn, &customer, "churn_probability")
+    lookup(&snap.churn, customer.trim(), "churn_probability")
 }
 
-async fn segment(State(app): State<AppState>, UrlPath(customer): UrlPath<String>) -> Response {
+async fn segment(
+    State(app): State<AppState>,
+    UrlPath(customer): UrlPath<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    if let Some(r) = no_params(&params) {
+        return r;
+    }
     let snap = app.snapshot.borrow().clone();
-    lookup(&snap.segments, &customer, "segment")
+    lookup(&snap.segments, customer.trim(), "segment")
 }
 
 /// `fedcart-client serve`: loads the configuration and the local files,
@@ -739,6 +827,11 @@ mod tests {
             ("k=ten", "`ten`"),
             ("include_repeats=maybe", "include_repeats"),
             ("kk=3", "unknown parameter `kk`"),
+            ("k=3&k=5", "parameter `k` is given more than once"),
+            (
+                "include_repeats=false&repeat_weight=0.3",
+                "give one or the other",
+            ),
         ] {
             let (status, body) = get(
                 &http,
@@ -757,6 +850,36 @@ mod tests {
             assert_eq!(status, 404, "{route}");
             assert_eq!(body["error"], "unknown customer `nobody`");
         }
+        // Ids are trimmed as the command line trims them; a route without
+        // parameters refuses one; axum's own refusals answer JSON too.
+        let known = &f.customers[0];
+        let (status, body) = get(&http, addr, &format!("/v1/customers/%20{known}%20/churn")).await;
+        assert_eq!((status, &body["customer"]), (200, &json!(known)), "{body}");
+        let (status, body) = get(&http, addr, &format!("/v1/customers/{known}/churn?k=3")).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("unknown parameter `k`")
+        );
+        let (status, body) = get(&http, addr, "/v1/customers/%ff%fe/churn").await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("UTF-8"), "{body}");
+        let post = hyper::Request::post(format!("http://{addr}/v1/version"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = http.request(post).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 405);
+        assert_eq!(resp.headers()["allow"], "GET,HEAD");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("method not allowed")
+        );
         let (status, body) = get(
             &http,
             addr,
@@ -769,6 +892,25 @@ mod tests {
             "{body}"
         );
         server.shutdown().await.unwrap();
+    }
+
+    /// A state file that does not parse is answered with its cause, not
+    /// its path alone.
+    #[test]
+    fn a_corrupt_state_file_is_served_as_its_cause() {
+        let f = fixture::Fixture::new();
+        let local = LocalFiles::load(&f.cfg).expect("local files");
+        std::fs::write(
+            f.state.path().join("global-mf.json"),
+            "{\"run_id\": \"rec\n",
+        )
+        .unwrap();
+        let snap = build_snapshot(&f.state, &local).expect("not torn");
+        let why = snap.recommender.map(|_| ()).expect_err("no recommender");
+        assert!(
+            why.contains("global-mf.json") && why.contains("line 2"),
+            "{why}"
+        );
     }
 
     /// Requests one client sends before the swap, and after it has seen the
