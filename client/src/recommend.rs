@@ -136,6 +136,8 @@ pub struct Recommendation {
 /// (`[personalise]`), that copy and its user factors rank instead.
 #[derive(Debug, Clone)]
 pub struct Recommender {
+    /// The run the version belongs to.
+    pub run_id: String,
     /// The global model version.
     pub version: u64,
     /// Which copy of that version ranks: the global one, or the merchant's
@@ -275,6 +277,7 @@ impl Recommender {
             && params.len() == global.len()
         {
             return Ok(Self {
+                run_id: meta.run_id,
                 version: meta.version,
                 copy: ServedCopy::Personalised,
                 num_items,
@@ -286,6 +289,7 @@ impl Recommender {
         }
         let users = state.load_users()?.ok_or(RecommendError::NoUserFactors)?;
         Ok(Self {
+            run_id: meta.run_id,
             version: meta.version,
             copy: ServedCopy::Global,
             num_items,
@@ -504,17 +508,38 @@ fn standardised(v: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// A stored model version and the run it belongs to (versions count per
+/// run, so a version alone does not tell two runs' models apart).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModelVersion {
+    /// The run.
+    pub run_id: String,
+    /// Its version.
+    pub version: u64,
+}
+
+impl ModelVersion {
+    /// The version of the model `meta` describes.
+    pub fn of(meta: &crate::state::GlobalMeta) -> Self {
+        Self {
+            run_id: meta.run_id.clone(),
+            version: meta.version,
+        }
+    }
+}
+
 /// Churn probability of every row of `ds` from the latest global churn
-/// model, with that model's version.
+/// model, with that model's run and version.
 pub fn churn_probabilities(
     state: &StateDir,
     ds: &TabularDataset,
-) -> Result<(u64, Vec<f32>), RecommendError> {
+) -> Result<(ModelVersion, Vec<f32>), RecommendError> {
     let Some((meta, params)) = state.load_global("churn")? else {
         return Err(RecommendError::NoChurnModel {
             held: state.held_models(),
         });
     };
+    let tag = ModelVersion::of(&meta);
     let Some(scaler) = meta.spec.standardizer else {
         return Err(if meta.version == 0 {
             RecommendError::Untrained0 {
@@ -528,7 +553,7 @@ pub fn churn_probabilities(
         // The trees completed so far; a tree still under construction is
         // ignored.
         let p = fedcart_common::model::gbdt::predict(&params, &scaler, &ds.x)?;
-        return Ok((meta.version, p));
+        return Ok((tag, p));
     }
     if params.len() != ds.x.ncols() + 1 || scaler.mean.len() != ds.x.ncols() {
         return Err(RecommendError::Shape {
@@ -537,7 +562,7 @@ pub fn churn_probabilities(
         });
     }
     let p = LogisticRegression::from_params(&params).predict_proba(&scaler.transform(&ds.x));
-    Ok((meta.version, p.to_vec()))
+    Ok((tag, p.to_vec()))
 }
 
 /// Churn probability of every customer in `table` from the latest global

@@ -80,7 +80,10 @@ pub fn segments(
 
 /// The federation's segment of every row of `ds`, from the stored k-means
 /// centres, with their version.
-pub fn assign(state: &StateDir, ds: &TabularDataset) -> Result<(u64, Vec<usize>), SegmentsError> {
+pub fn assign(
+    state: &StateDir,
+    ds: &TabularDataset,
+) -> Result<(crate::recommend::ModelVersion, Vec<usize>), SegmentsError> {
     // k-means trains on the churn features but keeps its centres under its
     // own state key, beside the churn model (`ModelSpec::state_key`).
     let Some((meta, params)) = state.load_global("segments")? else {
@@ -100,6 +103,7 @@ pub fn assign(state: &StateDir, ds: &TabularDataset) -> Result<(u64, Vec<usize>)
         }
         _ => return Err(SegmentsError::NoModel),
     };
+    let tag = crate::recommend::ModelVersion::of(&meta);
     let scaler = meta
         .spec
         .standardizer
@@ -111,5 +115,5 @@ pub fn assign(state: &StateDir, ds: &TabularDataset) -> Result<(u64, Vec<usize>)
         });
     }
     let labels = kmeans::assign(&scaler.transform(&ds.x), &params, k);
-    Ok((meta.version, labels.into_iter().map(|(c, _)| c).collect()))
+    Ok((tag, labels.into_iter().map(|(c, _)| c).collect()))
 }

@@ -48,7 +48,7 @@ use tokio::sync::watch;
 
 use crate::config::AgentConfig;
 use crate::data::{self, CustomerTable, DataError, Items};
-use crate::recommend::{self, RecommendError, Recommender};
+use crate::recommend::{self, ModelVersion, RecommendError, Recommender};
 use crate::segments;
 use crate::state::{StateDir, StateError};
 
@@ -160,7 +160,7 @@ impl LocalFiles {
 
 /// One model family as served: its version and per-customer answers, or why
 /// there is none (shown with 503).
-type Served<T> = Result<(u64, T), String>;
+type Served<T> = Result<(ModelVersion, T), String>;
 
 /// Everything a request reads, built off the request path and swapped whole.
 #[derive(Debug)]
@@ -205,9 +205,9 @@ impl Snapshot {
     /// The versions in use.
     pub fn versions(&self) -> Versions {
         Versions {
-            recommender: self.recommender.as_ref().ok().map(|r| r.0),
-            churn: self.churn.as_ref().ok().map(|r| r.0),
-            segments: self.segments.as_ref().ok().map(|r| r.0),
+            recommender: self.recommender.as_ref().ok().map(|r| r.0.version),
+            churn: self.churn.as_ref().ok().map(|r| r.0.version),
+            segments: self.segments.as_ref().ok().map(|r| r.0.version),
         }
     }
 }
@@ -236,7 +236,13 @@ pub fn build_snapshot(state: &StateDir, local: &LocalFiles) -> Result<Snapshot, 
                 .to_string(),
         ),
         Some(mf) => match Recommender::load(state, mf.items.len()) {
-            Ok(r) => Ok((r.version, r)),
+            Ok(r) => Ok((
+                ModelVersion {
+                    run_id: r.run_id.clone(),
+                    version: r.version,
+                },
+                r,
+            )),
             Err(RecommendError::State(e)) => Err(torn(&e, mismatch(&e))?),
             Err(e) => Err(e.to_string()),
         },
@@ -555,7 +561,7 @@ async fn recommendations(
     };
     let snap = app.snapshot.borrow().clone();
     let (version, rec) = match &snap.recommender {
-        Ok((v, r)) => (*v, r),
+        Ok((v, r)) => (v, r),
         Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, why.clone()),
     };
     match rec.rank(&customer, u, &mf.purchases, &opts) {
@@ -566,7 +572,8 @@ async fn recommendations(
             }
             Json(json!({
                 "customer": customer,
-                "model_version": version,
+                "model_version": version.version,
+                "model_run": version.run_id,
                 "model_copy": rec.copy,
                 "items": items,
             }))
@@ -589,7 +596,8 @@ fn lookup<T: Serialize + Copy>(
             None => unknown(customer),
             Some(v) => Json(json!({
                 "customer": customer,
-                "model_version": version,
+                "model_version": version.version,
+                "model_run": version.run_id,
                 field: v,
             }))
             .into_response(),
@@ -789,6 +797,8 @@ mod tests {
         .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["model_version"], 1);
+        // Versions count per run: the run names which version 1.
+        assert_eq!(body["model_run"], "fixture");
         let items = body["items"].as_array().unwrap();
         assert_eq!(items.len(), 5);
         assert!(
@@ -855,6 +865,7 @@ mod tests {
         let known = &f.customers[0];
         let (status, body) = get(&http, addr, &format!("/v1/customers/%20{known}%20/churn")).await;
         assert_eq!((status, &body["customer"]), (200, &json!(known)), "{body}");
+        assert_eq!(body["model_run"], "fixture");
         let (status, body) = get(&http, addr, &format!("/v1/customers/{known}/churn?k=3")).await;
         assert_eq!(status, 400, "{body}");
         assert!(

@@ -116,7 +116,7 @@ async fn secure_gbdt_over_grpc_grows_the_in_process_trees_in_one_round_per_level
         let state = StateDir::open(dir.path().join(format!("state-{k}"))).unwrap();
         let ds = &m.churn.as_ref().unwrap().valid;
         let (version, p) = fedcart_client::recommend::churn_probabilities(&state, ds).unwrap();
-        assert_eq!(version, best);
+        assert_eq!(version.version, best);
         let want = fedcart_common::model::gbdt::predict(&final_params, &scaler, &ds.x).unwrap();
         assert_eq!(p, want);
     }
