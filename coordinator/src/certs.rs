@@ -404,11 +404,30 @@ pub fn check_coordinator_url(coordinator_url: &str) -> anyhow::Result<()> {
     let uri: tonic::codegen::http::Uri = coordinator_url
         .parse()
         .with_context(|| format!("--coordinator-url `{coordinator_url}` is not a URL"))?;
-    if uri.scheme_str() != Some("https") || uri.host().is_none() {
+    if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
         bail!(
             "--coordinator-url `{coordinator_url}` must be `https://HOST:PORT`: \
              kit agents speak mutual TLS"
         );
+    }
+    // What the agent would refuse at its first connection, refused before
+    // any kit is written (a port it cannot reach, credentials in the URL)
+    // or silently dropped (a path or query).
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let why = if authority.contains('@') {
+        Some("user info (`user:password@`) has no place in it")
+    } else if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        Some("it takes no path or query")
+    } else {
+        match authority.rsplit_once(':').filter(|(_, p)| !p.contains(']')) {
+            Some((_, port)) if !port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                Some("the port must be a number from 1 to 65535")
+            }
+            _ => None,
+        }
+    };
+    if let Some(why) = why {
+        bail!("--coordinator-url `{coordinator_url}` must be `https://HOST:PORT`: {why}");
     }
     Ok(())
 }
@@ -525,6 +544,39 @@ fn issued_ids(dir: &CertDir) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kit's URL is refused where its agent would refuse it, before any
+    /// kit is written: a port out of range, credentials, a path or query.
+    #[test]
+    fn a_kit_url_the_agent_would_refuse_is_refused_when_issued() {
+        for ok in [
+            "https://localhost:50051",
+            "https://localhost:50051/",
+            "https://coord.example",
+            "https://[::1]:7443",
+        ] {
+            check_coordinator_url(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, why) in [
+            (
+                "https://localhost:99999",
+                "the port must be a number from 1 to 65535",
+            ),
+            (
+                "https://localhost:0",
+                "the port must be a number from 1 to 65535",
+            ),
+            ("https://user:pw@localhost:7443", "user info"),
+            (
+                "https://localhost:7443/path?x=1",
+                "it takes no path or query",
+            ),
+            ("http://localhost:7443", "kit agents speak mutual TLS"),
+        ] {
+            let e = check_coordinator_url(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     /// `certs issue --force --kit` into an existing kit issued the new
     /// certificate, then refused the kit: the merchant kept the old one.
