@@ -166,6 +166,27 @@ pub fn agents(args: &FleetArgs) -> Result<Vec<Agent>, FleetError> {
     if args.merchants == 0 {
         return Err(bad("--merchants", "must be at least 1".into()));
     }
+    // The last merchant's index must exist: saturating arithmetic would
+    // silently host fewer sessions (none at all at the top of the range).
+    let start = match args.job_index {
+        Some(i) => i.checked_mul(args.merchants),
+        None => Some(args.first),
+    };
+    if start.and_then(|s| s.checked_add(args.merchants)).is_none() {
+        let flag = if args.job_index.is_some() {
+            "--job-index"
+        } else {
+            "--first"
+        };
+        return Err(bad(
+            flag,
+            format!(
+                "the slice of {} merchants starting there runs past the largest index ({})",
+                args.merchants,
+                usize::MAX
+            ),
+        ));
+    }
     let range = args.indices();
     let total = args.total.unwrap_or(range.end);
     if range.end > total {
@@ -332,6 +353,11 @@ mod tests {
         let e = err(&["--merchants", "10", "--job-index", "1", "--total", "15"]);
         assert!(e.starts_with("--total") && e.contains("10 to 19"), "{e}");
         assert!(err(&["--merchants", "1", "--prefix", "bad id/"]).starts_with("--prefix"));
+        // A slice past the largest index hosted no session and exited 0.
+        let top = usize::MAX.to_string();
+        assert!(err(&["--merchants", "2", "--first", &top]).starts_with("--first"));
+        let half = (usize::MAX / 2 + 1).to_string();
+        assert!(err(&["--merchants", "2", "--job-index", &half]).starts_with("--job-index"));
         assert!(
             Cli::try_parse_from([
                 "fleet",
