@@ -132,8 +132,9 @@ pub struct StatusView {
     pub runs: Vec<crate::service::hub::RunSummary>,
 }
 
-/// The page `/api/status` answers with.
+/// The page `/api/status` answers with (another parameter is refused).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HistoryPage {
     /// First record wanted (default: the last [`HISTORY_PAGE`]).
     pub since: Option<usize>,
@@ -388,6 +389,44 @@ async fn status(
     }
 }
 
+/// Under `/api/`, every error answers `{"error": …}` JSON, as the API's
+/// answers are JSON: axum's own refusals (a malformed or unknown query
+/// parameter, a method the route does not take, no such route) and the
+/// handlers' text ones are rewritten, status and headers kept. The other
+/// routes (`/metrics`, the probes, the page) keep their text.
+async fn api_errors_as_json(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let api = req.uri().path().starts_with("/api");
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !api || is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    let mut json = (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
+}
+
 /// The dashboard page: one self-contained HTML file, no external resources.
 pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 
@@ -449,6 +488,8 @@ pub fn spawn(
             app
         }
     };
+    // Outermost, so that the token's refusals are JSON under /api too.
+    let app = app.layer(axum::middleware::from_fn(api_errors_as_json));
     let mut stop = shutdown;
     tokio::spawn(async move {
         // As the gRPC listener: no small write waits for a delayed ACK.

@@ -313,6 +313,26 @@ async fn dashboard_lists_every_run_with_its_round_after_two_concurrent_runs_fini
     );
     let missing = crate::security::http_raw(http, "GET", "/api/status?run=nope", "").await;
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    // The API's refusals are JSON, its own and axum's alike: an unknown
+    // run, an unknown or malformed parameter, a method it does not take.
+    for (method, path, status, says) in [
+        ("GET", "/api/status?run=nope", "404", "no run `nope`"),
+        ("GET", "/api/status?foo=1", "400", "unknown field `foo`"),
+        ("GET", "/api/status?limit=abc", "400", "limit"),
+        ("POST", "/api/status", "405", "method not allowed"),
+        ("GET", "/api/nothing", "404", "not found"),
+    ] {
+        let resp = crate::security::http_raw(http, method, path, "").await;
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status}"))
+                && resp
+                    .to_ascii_lowercase()
+                    .contains("content-type: application/json")
+                && resp.contains("{\"error\":")
+                && resp.contains(says),
+            "{method} {path}: {resp}"
+        );
+    }
     // So does `status --run ID`.
     let url = format!("http://{}", coord.addr);
     let reply = fedcart_coordinator::status::fetch(&url, None, Some("dash-b"))
