@@ -287,16 +287,17 @@ fn parse_unix_fraction(s: &str) -> Option<i64> {
     let secs = parse_unix(whole)?;
     // `-5.5` is 5.5 s before 1970: floored, that is −6.
     let fractional = frac.bytes().any(|b| b != b'0');
-    Some(if whole.starts_with('-') && fractional {
-        secs - 1
+    if whole.starts_with('-') && fractional {
+        secs.checked_sub(1)
     } else {
-        secs
-    })
+        Some(secs)
+    }
 }
 
-/// The first unix second of the year 3000: an order time past it read as
-/// unix seconds is almost surely milliseconds (or a typo), never an order.
-const YEAR_3000: i64 = 32_503_680_000;
+/// 10¹² unix seconds, the year 33658: read as seconds, a 13-digit time is
+/// milliseconds (every date since 2001 is 13 digits of them), never an
+/// order. No other format reads a date that late (years stop at 9999).
+const MS_AS_SECONDS: i64 = 1_000_000_000_000;
 
 /// Unix milliseconds, floored to the second.
 fn parse_unix_ms(s: &str) -> Option<i64> {
@@ -432,6 +433,12 @@ fn parse_pattern(raw: &str, p: &str) -> Result<i64, String> {
              years write `%y` instead of `%Y`"
         ));
     }
+    // As every other format: years end at 9999 (chrono reads `+12345`).
+    if let Some(year) = parsed.year().filter(|y| !(-9999..=9999).contains(y)) {
+        return Err(format!(
+            "`{raw}` read with the timestamp format `{p}` is in the year {year}, past 9999"
+        ));
+    }
     let secs = if parsed.offset().is_some() {
         parsed.to_datetime().map(|t| t.timestamp())
     } else {
@@ -479,10 +486,10 @@ impl TimestampFormat {
         let (parsed, expected) = match self {
             TimestampFormat::Pattern(p) => return parse_pattern(raw, p),
             TimestampFormat::UnixSeconds => match parse_unix_fraction(raw) {
-                Some(secs) if secs >= YEAR_3000 => {
+                Some(secs) if secs >= MS_AS_SECONDS => {
                     return Err(format!(
-                        "`{raw}` as unix seconds is {}, past the year 3000: if the column \
-                         counts milliseconds, give the timestamp format `unix_ms`",
+                        "`{raw}` as unix seconds is {}, tens of thousands of years ahead: if \
+                         the column counts milliseconds, give the timestamp format `unix_ms`",
                         show_utc(secs)
                     ));
                 }

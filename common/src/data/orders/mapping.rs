@@ -293,8 +293,23 @@ mod tests {
         assert!(secs.parse("1483285772.5x").is_err());
         let e = secs.parse("1483285772000").unwrap_err();
         assert!(
-            e.contains("past the year 3000") && e.contains("`unix_ms`"),
+            e.contains("tens of thousands of years ahead") && e.contains("`unix_ms`"),
             "{e}"
+        );
+        // The latest date any other format reads (9999-12-31) still reads as
+        // seconds, so a file written back in seconds reads again.
+        let last = TimestampFormat::Iso8601
+            .parse("9999-12-31T23:59:59")
+            .unwrap();
+        assert_eq!(secs.parse(&last.to_string()), Ok(last));
+        assert!(secs.parse("-9223372036854775808.5").is_err(), "no overflow");
+        assert!(
+            "%Y-%m-%d"
+                .parse::<TimestampFormat>()
+                .unwrap()
+                .parse("+12345-01-01")
+                .unwrap_err()
+                .contains("past 9999")
         );
         assert_eq!(
             TimestampFormat::UnixMillis.parse("1483285772000"),

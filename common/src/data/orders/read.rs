@@ -170,11 +170,16 @@ fn stray_dates(orders: &[Order], lines: &[u64]) -> Option<String> {
     let mut times: Vec<i64> = orders.iter().map(|o| o.timestamp).collect();
     times.sort_unstable();
     let (lo, hi) = (times[times.len() / 100], times[times.len() * 99 / 100]);
-    let margin = (2 * (hi - lo)).max(365 * SECONDS_PER_DAY);
+    // Saturating: unix seconds may sit anywhere in i64.
+    let margin = hi
+        .saturating_sub(lo)
+        .saturating_mul(2)
+        .max(365 * SECONDS_PER_DAY);
+    let (from, to) = (lo.saturating_sub(margin), hi.saturating_add(margin));
     let stray: Vec<(u64, i64)> = orders
         .iter()
         .zip(lines)
-        .filter(|(o, _)| o.timestamp < lo - margin || o.timestamp > hi + margin)
+        .filter(|(o, _)| o.timestamp < from || o.timestamp > to)
         .map(|(o, &line)| (line, o.timestamp))
         .collect();
     if stray.is_empty() {

@@ -666,6 +666,23 @@ fn lines_dated_far_outside_the_export_are_named() {
             && note.contains("line 302 1917-03-04, line 303 1970-01-01"),
         "{note}"
     );
+    // Unix seconds at both ends of i64 are checked without overflow.
+    let mut map = mapping();
+    map.timestamp_format = TimestampFormat::UnixSeconds;
+    let mut text = String::from("customer,item,ts,qty,price\n");
+    for i in 0..200 {
+        let t = if i % 2 == 0 {
+            i64::MIN
+        } else {
+            999_999_999_999
+        };
+        text.push_str(&format!("c{i},i1,{t},1,2.5\n"));
+    }
+    text.push_str("c1,i1,0,1,2.5\n");
+    let (orders, report) = read(&text, &map, BadRowPolicy::Fail).unwrap();
+    assert_eq!(orders.len(), 201);
+    // Two halves and a line between them: none lies outside the others.
+    assert_eq!(report.stray_dates, None);
 }
 
 /// Cells a spreadsheet or an accounting export writes differently are
