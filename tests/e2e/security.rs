@@ -206,7 +206,12 @@ async fn a_merchant_taken_off_the_allow_list_loses_its_open_session_and_the_run_
             let mut list =
                 fedcart_coordinator::identity::AccessList::load_or_default(access).unwrap();
             list.allow.retain(|id| id != "m2");
-            std::fs::write(access, list.to_toml()).unwrap();
+            // Replaced whole, as `certs` replaces it: a file truncated and
+            // then written can be read empty in between by the
+            // coordinator's watch, which then refuses everyone.
+            let tmp = access.with_extension("tmp");
+            std::fs::write(&tmp, list.to_toml()).unwrap();
+            std::fs::rename(&tmp, access).unwrap();
         },
         "`m2` is not on the allow-list",
     )
