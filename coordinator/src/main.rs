@@ -251,6 +251,7 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.log.init("info");
+    fedcart_common::malloc::tune_for_transfers();
     match cli.command {
         Command::Certs { action } => certs(action),
         Command::Status {

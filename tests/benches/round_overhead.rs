@@ -270,6 +270,9 @@ async fn parent(agents: usize, dim: usize, rounds: u64, secagg: bool, tls: bool)
 
 fn main() {
     let args = Args::parse();
+    // As `fedcart-coordinator` and `fedcart-client` do at start (this binary
+    // stands in for both).
+    fedcart_common::malloc::tune_for_transfers();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
