@@ -176,6 +176,20 @@ pub enum ItemsetsError {
         /// Counts received.
         got: usize,
     },
+    /// The next level would have more candidates than [`MAX_CANDIDATES`]:
+    /// each merchant would count and upload all of them, and the
+    /// coordinator hold them, so the analysis stops here instead.
+    #[error(
+        "level {level} would count more than {MAX_CANDIDATES} candidate itemsets (every merchant \
+         counts and uploads one value per candidate): raise the minimum support (now {min_count} \
+         baskets) or cap the itemset size below {level}"
+    )]
+    TooManyCandidates {
+        /// The level that was not started.
+        level: usize,
+        /// The run's minimum support, in baskets.
+        min_count: u64,
+    },
     /// A summed count is negative, fractional or not finite.
     #[error("level {level}: count {index} is {value}, not a basket count")]
     BadCount {
@@ -201,6 +215,13 @@ pub struct StateError {
 /// f32 holds every integer below 2^24 exactly: item indices, lengths and the
 /// two halves of a count in an encoded state stay below it.
 pub const EXACT_F32: u64 = 1 << 24;
+
+/// The most candidate itemsets one level may count (two f32 values each
+/// in an update: 16 MB per merchant at the cap). Past it a low minimum
+/// support on a real catalogue (every pair of 20,000 items, or every
+/// subset of one 40-item basket) would take the coordinator's and the
+/// merchants' memory; [`Apriori::on_sum`] refuses the level instead.
+pub const MAX_CANDIDATES: usize = 2_000_000;
 
 /// Format tag, the first value of an encoded state.
 const STATE_FORMAT: f32 = 1.0;
@@ -291,11 +312,17 @@ impl Apriori {
             }
         }
         kept.sort();
-        self.candidates = if self.max_len != 0 && self.level >= self.max_len {
+        let next = if self.max_len != 0 && self.level >= self.max_len {
             Vec::new()
         } else {
-            next_candidates(&kept)
+            next_candidates_up_to(&kept, MAX_CANDIDATES).ok_or(
+                ItemsetsError::TooManyCandidates {
+                    level: self.level + 1,
+                    min_count: self.min_count,
+                },
+            )?
         };
+        self.candidates = next;
         self.frequent.extend(kept);
         self.level += 1;
         Ok(())
@@ -489,6 +516,12 @@ impl Reader<'_> {
 
 /// Apriori's join and prune: (k+1)-candidates from sorted frequent k-itemsets.
 pub fn next_candidates(frequent: &[Itemset]) -> Vec<Vec<u32>> {
+    next_candidates_up_to(frequent, usize::MAX).expect("no bound")
+}
+
+/// [`next_candidates`], or `None` as soon as there are more than `cap`
+/// (without building them all).
+pub fn next_candidates_up_to(frequent: &[Itemset], cap: usize) -> Option<Vec<Vec<u32>>> {
     let known: HashSet<&[u32]> = frequent.iter().map(|f| f.items.as_slice()).collect();
     let mut out = Vec::new();
     for (a_i, a) in frequent.iter().enumerate() {
@@ -509,8 +542,32 @@ pub fn next_candidates(frequent: &[Itemset]) -> Vec<Vec<u32>> {
                 known.contains(sub.as_slice())
             });
             if all_frequent {
+                if out.len() == cap {
+                    return None;
+                }
                 out.push(c);
             }
+        }
+    }
+    Some(out)
+}
+
+/// An itemset's item ids as one text field, separated by spaces: an id
+/// that itself holds a space, a tab or a double quote is written in double
+/// quotes (its quotes doubled), so the list always reads back one way
+/// (`a "b c" d` is three items). Lists of plain ids are unchanged.
+pub fn item_list<'a>(ids: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for id in ids {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if id.is_empty() || id.contains([' ', '\t', '"']) {
+            out.push('"');
+            out.push_str(&id.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(id);
         }
     }
     out
@@ -544,7 +601,12 @@ pub fn rules(frequent: &[Itemset], total_baskets: u64, min_confidence: f64) -> V
     let mut out = Vec::new();
     for f in frequent.iter().filter(|f| f.items.len() >= 2) {
         let k = f.items.len();
-        for mask in 1..(1u32 << k) - 1 {
+        // An itemset of 64 items would have 2^64 rules; the candidate cap
+        // keeps levels far below that.
+        if k >= 64 {
+            continue;
+        }
+        for mask in 1..(1u64 << k) - 1 {
             let (a, c): (Vec<u32>, Vec<u32>) = {
                 let mut a = Vec::new();
                 let mut c = Vec::new();

@@ -106,3 +106,39 @@ fn a_sum_that_is_not_a_count_vector_is_refused() {
         Err(ItemsetsError::BadCount { index: 1, .. })
     ));
 }
+
+#[test]
+fn a_level_past_the_candidate_cap_is_refused_before_it_is_built() {
+    // 2,100 items each in one basket: every one of their 2,203,950 pairs
+    // would be a level-2 candidate.
+    let n = 2_100;
+    let mut a = Apriori::new(n, 1, 0);
+    let e = a.on_sum(&vec![1.0; n], 1.0).unwrap_err();
+    assert_eq!(
+        e,
+        ItemsetsError::TooManyCandidates {
+            level: 2,
+            min_count: 1
+        }
+    );
+    assert!(
+        e.to_string()
+            .contains("raise the minimum support (now 1 baskets)"),
+        "{e}"
+    );
+    // At 2,000 items (1,999,000 pairs) the level is counted; capped at size
+    // 1 nothing is built at all.
+    let mut a = Apriori::new(2_000, 1, 0);
+    a.on_sum(&vec![1.0; 2_000], 1.0).unwrap();
+    assert_eq!(a.candidates().len(), 1_999_000);
+    let mut a = Apriori::new(n, 1, 1);
+    a.on_sum(&vec![1.0; n], 1.0).unwrap();
+    assert!(a.finished());
+}
+
+#[test]
+fn item_lists_read_back_one_way_whatever_the_ids_hold() {
+    assert_eq!(item_list(["milk", "eggs"]), "milk eggs");
+    assert_eq!(item_list(["a b", "a", "b"]), "\"a b\" a b");
+    assert_eq!(item_list(["x\"y", "a,b"]), "\"x\"\"y\" a,b");
+}
