@@ -40,6 +40,7 @@ pub use fedcart_common::cli;
 pub mod config;
 pub mod data;
 pub mod fleet;
+pub mod output;
 pub mod policy;
 pub mod prepare;
 pub mod recommend;

@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use std::io::Write;
-
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedcart_client::state::StateDir;
@@ -99,9 +97,9 @@ enum Command {
         /// Smallest confidence of a rule listed.
         #[arg(long, default_value_t = 0.1)]
         min_confidence: f64,
-        /// Rules listed per item, best lift first.
-        #[arg(long, default_value_t = 5)]
-        top: usize,
+        /// Rules listed per item, best lift first (at least 1).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        top: u64,
         /// Answer from this run's model (`runs/<id>/` in the state
         /// directory) instead of the latest of any run.
         #[arg(long)]
@@ -194,6 +192,7 @@ fn run_state(cfg: &AgentConfig, run: Option<&str>) -> anyhow::Result<StateDir> {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     cli.log.init("info");
+    fedcart_common::malloc::tune_for_transfers();
     let json = cli.log.log_json;
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -317,7 +316,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Score { config, out, run } => {
             let cfg = AgentConfig::load(&config)?;
             let table = data::CustomerTable::from_config(&cfg)?;
-            let mut w = recommend::open_output(&out)
+            let mut w = fedcart_client::output::Output::create(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
             // A reading error names the table's file itself.
             let n = recommend::score(&run_state(&cfg, run.as_deref())?, &table, &mut w, &out)
@@ -325,7 +324,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     e @ recommend::RecommendError::Load(_) => anyhow::Error::new(e),
                     e => anyhow::Error::new(e).context(format!("scoring {}", table.path.display())),
                 })?;
-            w.flush()
+            // Only now does the file replace the previous one.
+            w.commit()
                 .with_context(|| format!("writing {}", out.display()))?;
             if out != std::path::Path::new("-") {
                 fedcart_common::outln!("wrote {n} churn scores to {}", out.display())?;
@@ -360,7 +360,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 &cat,
                 &baskets,
                 min_confidence,
-                top,
+                usize::try_from(top).unwrap_or(usize::MAX),
                 &out,
             )
             .with_context(|| format!("writing the bought-together lists to {}", out.display()))?;
@@ -377,7 +377,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Segments { config, out, run } => {
             let cfg = AgentConfig::load(&config)?;
             let table = data::CustomerTable::from_config(&cfg)?;
-            let mut w = recommend::open_output(&out)
+            let mut w = fedcart_client::output::Output::create(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
             let n = fedcart_client::segments::segments(
                 &run_state(&cfg, run.as_deref())?,
@@ -389,7 +389,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 e @ fedcart_client::segments::SegmentsError::Load(_) => anyhow::Error::new(e),
                 e => anyhow::Error::new(e).context(format!("labelling {}", table.path.display())),
             })?;
-            w.flush()
+            w.commit()
                 .with_context(|| format!("writing {}", out.display()))?;
             if out != std::path::Path::new("-") {
                 fedcart_common::outln!("wrote {n} customer segments to {}", out.display())?;

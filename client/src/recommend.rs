@@ -593,18 +593,6 @@ pub fn score(
     Ok(ds.ids.len())
 }
 
-/// Opens `--out`: `-` is standard output, anything else a file (created or
-/// truncated).
-pub fn open_output(path: &Path) -> std::io::Result<Box<dyn std::io::Write>> {
-    if path == Path::new("-") {
-        Ok(Box::new(std::io::stdout().lock()))
-    } else {
-        Ok(Box::new(std::io::BufWriter::new(std::fs::File::create(
-            path,
-        )?)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use fedcart_common::model::sgd::SgdParams;

@@ -120,18 +120,15 @@ pub fn bought_together(
     for r in itemsets::bought_together(&rules, &sold) {
         by_item.entry(r.antecedent[0]).or_default().push(r);
     }
-    let name = |items: &[u32]| {
-        items
-            .iter()
-            .map(|&i| catalogue.id(i).unwrap_or("?"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let name =
+        |items: &[u32]| itemsets::item_list(items.iter().map(|&i| catalogue.id(i).unwrap_or("?")));
     let write = |source| RulesError::Write {
         path: out.to_owned(),
         source,
     };
-    let mut w = csv::Writer::from_path(out).map_err(write)?;
+    // Staged: a failure part-way leaves the previous lists in place.
+    let mut staged = crate::output::Output::create(out).map_err(|e| write(e.into()))?;
+    let mut w = csv::Writer::from_writer(&mut staged);
     w.write_record(["item", "bought_with", "support", "confidence", "lift"])
         .map_err(write)?;
     let mut rows = 0;
@@ -155,6 +152,8 @@ pub fn bought_together(
         }
     }
     w.flush().map_err(|e| write(e.into()))?;
+    drop(w);
+    staged.commit().map_err(|e| write(e.into()))?;
     Ok(Written {
         rows,
         items: by_item.len(),

@@ -1,0 +1,113 @@
+//! `--out` files that are written whole or not at all.
+//!
+//! `score`, `segments` and `rules` write a file a merchant's other tools
+//! read (yesterday's churn scores, say). Writing it in place would leave it
+//! empty or cut short whenever the command fails after opening it — an
+//! unreadable customer table, a missing model, a full disk. [`Output`]
+//! writes beside the final name and renames over it only once everything
+//! was written, so a failed command leaves the previous file as it was.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Where a command's rows go: standard output (`-`), or a file staged
+/// beside its final name until [`Output::commit`].
+pub struct Output {
+    writer: Box<dyn Write>,
+    /// `(staging file, final path)` for a file output; removed on drop
+    /// unless committed.
+    staged: Option<(PathBuf, PathBuf)>,
+}
+
+impl Output {
+    /// Opens `path` (`-` is standard output). A file's rows go to a hidden
+    /// staging file in the same directory (so the final rename never
+    /// crosses file systems).
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        if path == Path::new("-") {
+            return Ok(Self {
+                writer: Box::new(std::io::stdout().lock()),
+                staged: None,
+            });
+        }
+        let name = path.file_name().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name")
+        })?;
+        let mut staging = std::ffi::OsString::from(".");
+        staging.push(name);
+        staging.push(format!(".{}.partial", std::process::id()));
+        let tmp = path.with_file_name(staging);
+        let file = std::fs::File::create(&tmp)?;
+        Ok(Self {
+            writer: Box::new(std::io::BufWriter::new(file)),
+            staged: Some((tmp, path.to_owned())),
+        })
+    }
+
+    /// Flushes the rows and, for a file, puts it in place of any previous
+    /// one.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        self.writer.flush()?;
+        if let Some((tmp, path)) = self.staged.take() {
+            // Closes the staging file before it is renamed.
+            self.writer = Box::new(std::io::sink());
+            if let Err(e) = std::fs::rename(&tmp, &path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writer.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = self.staged.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_the_previous_file_and_no_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scores.csv");
+        std::fs::write(&path, "yesterday\n").unwrap();
+        {
+            let mut out = Output::create(&path).unwrap();
+            out.write_all(b"half of tod").unwrap();
+            // Dropped without commit: the command failed.
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "yesterday\n");
+        let mut out = Output::create(&path).unwrap();
+        out.write_all(b"today\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "yesterday\n");
+        out.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "today\n");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["scores.csv"]);
+    }
+
+    #[test]
+    fn a_directory_that_does_not_exist_is_an_error_at_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Output::create(&dir.path().join("none/scores.csv")).is_err());
+    }
+}
