@@ -193,12 +193,15 @@ impl CustomerTable {
         }
     }
 
-    /// Reads every row. From an orders export: one row per customer, the
+    /// Reads every row's features, for scoring and labelling. A customer
+    /// table needs no label (a row with none, or with a value that is not a
+    /// label, reads label 0: the customers to score are those whose outcome
+    /// is not known yet). From an orders export: one row per customer, the
     /// features as of the day after the last order (labels unobserved, 0).
     pub fn load(&self) -> Result<tabular::TabularDataset, DataError> {
         match &self.source {
             TableSource::Csv { schema, delimiter } => schema
-                .load_csv_delimited(&self.path, *delimiter)
+                .load_features_delimited(&self.path, *delimiter)
                 .map_err(|source| DataError::Churn {
                     path: self.path.clone(),
                     source,

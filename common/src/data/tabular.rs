@@ -161,6 +161,25 @@ pub enum DataError {
     },
 }
 
+/// `path`, buffered, or the error naming it.
+fn open(path: &Path) -> Result<std::io::BufReader<std::fs::File>, DataError> {
+    std::fs::File::open(path)
+        .map(std::io::BufReader::new)
+        .map_err(|source| DataError::Io {
+            file: path.into(),
+            source,
+        })
+}
+
+/// Whether a table's label column must hold a label on every row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Labels {
+    /// Training and evaluation: every row's label is positive or negative.
+    Required,
+    /// Scoring: labels are not needed (see [`Schema::load_features_delimited`]).
+    IfKnown,
+}
+
 impl Schema {
     /// The schema of the IBM Telco customer churn CSV, as shipped.
     pub fn telco() -> Self {
@@ -286,11 +305,7 @@ impl Schema {
         path: &Path,
         delimiter: u8,
     ) -> Result<TabularDataset, DataError> {
-        let file = std::fs::File::open(path).map_err(|source| DataError::Io {
-            file: path.into(),
-            source,
-        })?;
-        self.read_delimited(std::io::BufReader::new(file), path, delimiter)
+        self.read_with(open(path)?, path, delimiter, Labels::Required)
     }
 
     /// Reads CSV from any reader; `path` is used only in error messages.
@@ -309,6 +324,29 @@ impl Schema {
         path: &Path,
         delimiter: u8,
     ) -> Result<TabularDataset, DataError> {
+        self.read_with(reader, path, delimiter, Labels::Required)
+    }
+
+    /// [`Schema::load_csv_delimited`] for scoring: the label column may be
+    /// missing, and a row whose label is blank or neither positive nor
+    /// negative (a customer whose outcome is not known yet, the very
+    /// customers a churn score is for) reads as label 0. The features are
+    /// read and checked as for training.
+    pub fn load_features_delimited(
+        &self,
+        path: &Path,
+        delimiter: u8,
+    ) -> Result<TabularDataset, DataError> {
+        self.read_with(open(path)?, path, delimiter, Labels::IfKnown)
+    }
+
+    fn read_with<R: std::io::Read>(
+        &self,
+        reader: R,
+        path: &Path,
+        delimiter: u8,
+        label_use: Labels,
+    ) -> Result<TabularDataset, DataError> {
         let (header, records) = table(reader, path, delimiter)?;
         let col = |name: &str| -> Result<usize, DataError> {
             header
@@ -317,7 +355,10 @@ impl Schema {
                 .ok_or_else(|| DataError::missing_column(path, name, header.iter()))
         };
         let id_col = self.id.as_deref().map(col).transpose()?;
-        let label_col = col(&self.label)?;
+        let label_col = match label_use {
+            Labels::Required => Some(col(&self.label)?),
+            Labels::IfKnown => col(&self.label).ok(),
+        };
         let numeric_cols = self
             .numeric
             .iter()
@@ -333,6 +374,8 @@ impl Schema {
         let mut ids = Vec::new();
         let mut feats: Vec<f32> = Vec::new();
         let mut labels = Vec::new();
+        // The line each customer id was first read on.
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
         for record in records {
             let (line, record) = record?;
             let cell_err = |column: &str, message: String| DataError::Cell {
@@ -372,7 +415,18 @@ impl Schema {
                         cell_err(name, format!("`{raw}` is not a number{hint}"))
                     })?;
                     if !v.is_finite() {
-                        return Err(cell_err(name, format!("`{raw}` is not finite")));
+                        // `1e308` parses as an f64 but not into the f32
+                        // the models hold: say so rather than "not finite".
+                        let why = if raw
+                            .trim_start_matches(['+', '-'])
+                            .parse::<f64>()
+                            .is_ok_and(f64::is_finite)
+                        {
+                            "is beyond the range of the models' 32-bit numbers (±3.4e38)"
+                        } else {
+                            "is not finite"
+                        };
+                        return Err(cell_err(name, format!("`{raw}` {why}")));
                     }
                     v
                 };
@@ -396,10 +450,10 @@ impl Schema {
                 }
                 offset += cat.vocabulary.len();
             }
-            let raw_label = record.get(label_col).unwrap_or("").trim();
+            let raw_label = label_col.and_then(|c| record.get(c)).unwrap_or("").trim();
             let y = if self.positive.iter().any(|p| p == raw_label) {
                 1.0
-            } else if self.negative.iter().any(|p| p == raw_label) {
+            } else if self.negative.iter().any(|p| p == raw_label) || label_use == Labels::IfKnown {
                 0.0
             } else {
                 return Err(cell_err(
@@ -412,7 +466,21 @@ impl Schema {
             };
             labels.push(y);
             ids.push(match id_col {
-                Some(c) => record.get(c).unwrap_or("").to_string(),
+                Some(c) => {
+                    let id = record.get(c).unwrap_or("").trim();
+                    if let Some(first) = seen.insert(id.to_string(), line) {
+                        let column = self.id.as_deref().unwrap_or_default();
+                        return Err(cell_err(
+                            column,
+                            format!(
+                                "customer `{id}` is already on line {first}: each customer is \
+                                 one row (a table with repeated rows would weigh those \
+                                 customers twice, and scores would list them twice)"
+                            ),
+                        ));
+                    }
+                    id.to_string()
+                }
                 None => (ids.len() + 1).to_string(),
             });
         }
@@ -632,6 +700,45 @@ mod tests {
 
     fn telco_path() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/telco-churn/Telco-Customer-Churn.csv")
+    }
+
+    #[test]
+    fn scoring_reads_customers_whose_outcome_is_not_known_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = label_y(&["x"]);
+        // Blank and not-yet-known labels, and then no label column at all.
+        let with = dir.path().join("with.csv");
+        std::fs::write(&with, "id,x,y\na,1,1\nb,2,\nc,3,pending\n").unwrap();
+        let ds = schema.load_features_delimited(&with, b',').unwrap();
+        assert_eq!(ds.ids, ["a", "b", "c"]);
+        assert_eq!(ds.x.column(0).to_vec(), [1.0, 2.0, 3.0]);
+        assert_eq!(ds.y.to_vec(), [1.0, 0.0, 0.0]);
+        let without = dir.path().join("without.csv");
+        std::fs::write(&without, "id,x\na,1\nb,2\n").unwrap();
+        let ds = schema.load_features_delimited(&without, b',').unwrap();
+        assert_eq!(ds.ids, ["a", "b"]);
+        // Features are still checked; training still needs every label.
+        std::fs::write(&without, "id,x\na,one\n").unwrap();
+        let e = schema.load_features_delimited(&without, b',').unwrap_err();
+        assert!(e.to_string().contains("line 2, column `x`"), "{e}");
+        let e = schema.load_csv(&with).unwrap_err();
+        assert!(e.to_string().contains("line 3, column `y`"), "{e}");
+        // A customer twice.
+        std::fs::write(&without, "id,x\na,1\nb,2\na,3\n").unwrap();
+        let e = schema.load_features_delimited(&without, b',').unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("line 4, column `id`: customer `a` is already on line 2"),
+            "{e}"
+        );
+        // Finite, but not as an f32.
+        std::fs::write(&without, "id,x\na,1e308\nb,inf\n").unwrap();
+        let e = schema.load_features_delimited(&without, b',').unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("`1e308` is beyond the range of the models' 32-bit numbers (±3.4e38)"),
+            "{e}"
+        );
     }
 
     #[test]
