@@ -33,9 +33,15 @@ fn write_split(ds: &TabularDataset, path: &Path) -> std::io::Result<()> {
 }
 
 fn show(name: &str, m: &BTreeMap<String, f64>) {
+    // Undefined figures (no predicted or actual churner) are absent.
+    let get = |k: &str| m.get(k).map_or("–".to_string(), |v| format!("{v:.4}"));
     println!(
-        "{name:<26} auc {:.4}  log_loss {:.4}  accuracy {:.4}  precision {:.4}  recall {:.4}",
-        m["auc"], m["log_loss"], m["accuracy"], m["precision"], m["recall"]
+        "{name:<26} auc {}  log_loss {}  accuracy {}  precision {}  recall {}",
+        get("auc"),
+        get("log_loss"),
+        get("accuracy"),
+        get("precision"),
+        get("recall")
     );
 }
 

@@ -34,17 +34,24 @@ pub fn stats_output(churn: &ChurnData) -> TaskOutput {
 }
 
 /// The standard churn metrics from labels and predicted probabilities. The
-/// AUC is reported only where both classes are present (it is undefined
-/// otherwise); the federation's AUC comes from summed histograms instead
+/// AUC is reported only where both classes are present, precision only
+/// where some customer is predicted to churn and recall only where some
+/// customer churned (each is undefined otherwise, and a 0 would be averaged
+/// into the federation's figure as if the model had missed); the
+/// federation's AUC comes from summed histograms instead
 /// ([`pooled_classification_metrics`]).
 pub fn classification_metrics(y: &[f32], probs: &[f32]) -> BTreeMap<String, f64> {
     let c = Confusion::at(y, probs, 0.5);
     let mut m = BTreeMap::from([
         ("log_loss".to_string(), log_loss(y, probs)),
         ("accuracy".to_string(), c.accuracy()),
-        ("precision".to_string(), c.precision()),
-        ("recall".to_string(), c.recall()),
     ]);
+    if c.tp + c.fp > 0 {
+        m.insert("precision".to_string(), c.precision());
+    }
+    if c.tp + c.fn_ > 0 {
+        m.insert("recall".to_string(), c.recall());
+    }
     let positives = y.iter().filter(|&&v| v > 0.5).count();
     if positives > 0 && positives < y.len().min(probs.len()) {
         m.insert("auc".to_string(), auc(y, probs));
@@ -227,5 +234,19 @@ mod tests {
                 got: 45
             }
         );
+    }
+
+    /// A merchant with no churner has no recall, and a model that predicts
+    /// no churner no precision: they were 0.0 and averaged in as misses.
+    #[test]
+    fn undefined_precision_and_recall_are_absent_not_zero() {
+        let m = classification_metrics(&[0.0, 0.0], &[0.2, 0.9]);
+        assert_eq!(m.get("precision"), Some(&0.0));
+        assert!(!m.contains_key("recall") && !m.contains_key("auc"), "{m:?}");
+        let m = classification_metrics(&[1.0, 0.0], &[0.2, 0.1]);
+        assert_eq!(m.get("recall"), Some(&0.0));
+        assert!(!m.contains_key("precision"), "{m:?}");
+        let m = classification_metrics(&[1.0, 0.0], &[0.8, 0.1]);
+        assert_eq!((m["precision"], m["recall"]), (1.0, 1.0));
     }
 }
