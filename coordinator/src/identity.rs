@@ -141,12 +141,23 @@ impl Admission {
 /// When and how big the access file was when last read.
 type Stamp = Option<(SystemTime, u64)>;
 
+/// What [`Access`] last read.
+struct Cached {
+    /// The file's stamp when it was last looked at.
+    stamp: Stamp,
+    /// Whether the file was ever looked at (a missing file at the start is
+    /// an empty list; one that disappears later keeps the list it had).
+    loaded: bool,
+    list: AccessList,
+    /// The index of `list`, shared by every RPC until the file changes: no
+    /// per-RPC copy of the list.
+    index: Arc<Admission>,
+}
+
 /// The allow-list file, re-read when it changes.
 pub struct Access {
     path: PathBuf,
-    /// The file's stamp, the list read, and its index (shared by every RPC
-    /// until the file changes: no per-RPC copy of the list).
-    cached: Mutex<(Stamp, AccessList, Arc<Admission>)>,
+    cached: Mutex<Cached>,
 }
 
 impl Access {
@@ -154,37 +165,72 @@ impl Access {
     pub fn new(path: impl Into<PathBuf>) -> anyhow::Result<Arc<Self>> {
         let access = Self {
             path: path.into(),
-            cached: Mutex::new((None, AccessList::default(), Arc::default())),
+            cached: Mutex::new(Cached {
+                stamp: None,
+                loaded: false,
+                list: AccessList::default(),
+                index: Arc::default(),
+            }),
         };
         access.current()?;
         Ok(Arc::new(access))
     }
 
-    /// The list as it is on disk now; keeps the last good list if the file
-    /// became unreadable or invalid (and logs why).
+    /// The list as it is on disk now. Keeps the last good list (and logs
+    /// why, once per change of the file) when the file became unreadable or
+    /// invalid, and when a file that held entries is found empty or gone:
+    /// that is what a file being rewritten in place (truncated, then
+    /// written) or replaced by delete-and-create looks like between two
+    /// writes, and taking it at its word would refuse every merchant and
+    /// forget every revocation until the next write lands. To admit nobody,
+    /// write `allow = []`.
     pub fn current(&self) -> anyhow::Result<Arc<Admission>> {
         let stamp = std::fs::metadata(&self.path)
             .ok()
             .and_then(|m| Some((m.modified().ok()?, m.len())));
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.0 != stamp || stamp.is_none() {
-            match AccessList::load_or_default(&self.path) {
-                Ok(list) => {
-                    if list != cached.1 {
-                        tracing::info!(path = %self.path.display(), allowed = list.allow.len(),
-                            revoked_merchants = list.revoked.len(),
-                            revoked_certificates = list.revoked_serials.len(), "access list loaded");
+        if cached.loaded && cached.stamp == stamp {
+            return Ok(Arc::clone(&cached.index));
+        }
+        let held = |what: &str| {
+            tracing::warn!(path = %self.path.display(),
+                "access list {what}; keeping the previous one (a file being rewritten looks like \
+                 this; to admit nobody, write `allow = []`)")
+        };
+        let had_entries = cached.list != AccessList::default();
+        match std::fs::read_to_string(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && had_entries => {
+                held("file is gone")
+            }
+            Ok(text) if text.trim().is_empty() && had_entries => held("file is empty"),
+            read => {
+                let parsed = match read {
+                    Ok(text) => {
+                        toml::from_str(&text).with_context(|| format!("{}", self.path.display()))
                     }
-                    let index = Arc::new(Admission::from(&list));
-                    *cached = (stamp, list, index);
-                }
-                Err(e) if cached.0.is_none() => return Err(e),
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "access list unreadable; keeping the previous one")
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AccessList::default()),
+                    Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+                };
+                match parsed {
+                    Ok(list) => {
+                        if list != cached.list {
+                            tracing::info!(path = %self.path.display(), allowed = list.allow.len(),
+                                revoked_merchants = list.revoked.len(),
+                                revoked_certificates = list.revoked_serials.len(), "access list loaded");
+                        }
+                        cached.index = Arc::new(Admission::from(&list));
+                        cached.list = list;
+                    }
+                    Err(e) if !cached.loaded => return Err(e),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "access list unreadable; keeping the previous one")
+                    }
                 }
             }
         }
-        Ok(Arc::clone(&cached.2))
+        cached.stamp = stamp;
+        cached.loaded = true;
+        Ok(Arc::clone(&cached.index))
     }
 }
 
@@ -367,6 +413,43 @@ mod tests {
         let serial = crate::certs::serial_of_file(&cd.cert("m1")).unwrap();
         assert_eq!(done.serial, serial);
         assert!(access.current().unwrap().serial_refusal(&serial).is_some());
+    }
+
+    #[test]
+    fn a_file_caught_mid_rewrite_keeps_the_list_and_an_explicit_empty_list_admits_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.toml");
+        std::fs::write(&path, "allow = [\"m1\"]\nrevoked_serials = [\"0a\"]\n").unwrap();
+        let access = Access::new(&path).unwrap();
+        let admits_m1 = |access: &Access| {
+            let list = access.current().unwrap();
+            (
+                list.refusal("m1").is_none(),
+                list.serial_refusal("0a").is_some(),
+            )
+        };
+        assert_eq!(admits_m1(&access), (true, true));
+        // Truncated for an in-place rewrite: neither m1 nor the revocation
+        // is dropped in between.
+        std::fs::File::create(&path).unwrap();
+        assert_eq!(admits_m1(&access), (true, true));
+        std::fs::write(&path, "\n  \n").unwrap();
+        assert_eq!(admits_m1(&access), (true, true));
+        // Deleted, then created again.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(admits_m1(&access), (true, true));
+        std::fs::write(&path, "allow = [\"m1\", \"m2\"]\n").unwrap();
+        assert_eq!(admits_m1(&access), (true, false));
+        assert_eq!(access.current().unwrap().refusal("m2"), None);
+        // Said in so many words, an empty list is taken.
+        std::fs::write(&path, "allow = []\n").unwrap();
+        assert_eq!(admits_m1(&access), (false, false));
+        // A file missing from the start is an empty list, as before.
+        let fresh = Access::new(dir.path().join("none.toml")).unwrap();
+        assert_eq!(
+            fresh.current().unwrap().refusal("m1"),
+            Some("not on the allow-list")
+        );
     }
 
     #[test]

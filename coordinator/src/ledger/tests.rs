@@ -663,7 +663,12 @@ fn a_meaningless_delta_or_an_overflowing_noise_scale_is_refused() {
     };
     let (field, message) = refused(DpSettings::central(1.0, 1.0, 0.25));
     assert_eq!(field, "run.dp.delta");
-    assert!(message.contains("not below 1/4"), "{message}");
+    assert!(message.contains("above 0.01"), "{message}");
+    let mut large = DpSettings::central(1.0, 1.0, 0.005);
+    large.population = Some(400);
+    let (field, message) = refused(large);
+    assert_eq!(field, "run.dp.delta");
+    assert!(message.contains("not below 1/400"), "{message}");
     // The population, when given, is the n: 5e-4 is below 1/1000.
     let mut with_population = DpSettings::central(1.0, 1.0, 5e-4);
     with_population.population = Some(1000);
