@@ -305,6 +305,14 @@ impl ModelSpec {
         self.model().name()
     }
 
+    /// Whether local training adds FedProx's proximal term `μ/2 ‖w − w_g‖²`
+    /// (`SgdParams::prox_mu`): the gradient-trained churn models do; MF's
+    /// solvers, the trees and the analyses do not, so a FedProx strategy
+    /// there would be FedAvg under another name.
+    pub fn takes_proximal_term(&self) -> bool {
+        matches!(self, ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. })
+    }
+
     /// The validation metric model selection looks at, and whether higher
     /// is better (see `FederatedModel::selection_metric`).
     pub fn selection_metric(&self) -> Option<(&'static str, bool)> {

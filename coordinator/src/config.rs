@@ -58,7 +58,9 @@ pub struct RunConfig {
     pub rounds: u64,
     /// The model family.
     pub model: ModelSpec,
-    /// Local training hyper-parameters.
+    /// Local training hyper-parameters (the defaults when left out: the
+    /// analyses — itemsets, segments — train nothing and need none).
+    #[serde(default)]
     pub sgd: SgdParams,
     /// Agent selection.
     pub selection: Selection,
@@ -782,6 +784,26 @@ impl RunConfig {
                     message: e.to_string(),
                 })?;
         }
+        // FedProx is a client-side term: a model whose local training has
+        // none would run FedAvg while the run's records say FedProx.
+        if !self.model.takes_proximal_term() {
+            let given = match self.strategy {
+                StrategySpec::FedProx { .. } => Some("run.strategy"),
+                _ if self.sgd.prox_mu > 0.0 => Some("run.sgd.prox_mu"),
+                _ => None,
+            };
+            if let Some(field) = given {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!(
+                        "FedProx's proximal term is added by churn-lr and churn-mlp local \
+                         training; the `{}` model's has none, so it would run plain FedAvg: use \
+                         `fedavg`",
+                        self.model.name()
+                    ),
+                });
+            }
+        }
         // Krum's guarantee holds against f Byzantine updates among at least
         // 2f + 3; below that it silently degrades to whatever it keeps.
         if let StrategySpec::Krum {
@@ -1136,6 +1158,42 @@ mod tests {
                 other => panic!("{bad}: expected a refusal, got {other:?}"),
             }
         }
+    }
+
+    /// An analysis trains nothing: its run needs no `sgd` line (README's
+    /// itemsets example failed with "missing field `sgd`").
+    #[test]
+    fn a_run_without_sgd_takes_the_defaults() {
+        let line = "sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }";
+        assert!(EXAMPLE.contains(line));
+        let (_dir, cfg) = load(&EXAMPLE.replace(line, ""));
+        assert_eq!(cfg.unwrap().run.sgd, SgdParams::default());
+    }
+
+    /// FedProx with a model whose local training has no proximal term ran
+    /// as FedAvg while its records said FedProx.
+    #[test]
+    fn fedprox_is_refused_for_a_model_without_a_proximal_term() {
+        let mut r = run();
+        r.strategy = "fedprox:0.1".parse().unwrap();
+        r.validate().unwrap();
+        r.model = ModelSpec::Noop { dim: 4 };
+        match r.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "run.strategy");
+                assert!(message.contains("`noop` model's has none"), "{message}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        r.strategy = StrategySpec::FedAvg;
+        r.sgd.prox_mu = 0.5;
+        assert!(matches!(
+            r.validate(),
+            Err(ConfigError::Invalid {
+                field: "run.sgd.prox_mu",
+                ..
+            })
+        ));
     }
 
     /// Values that would make a run do nothing, spin, or carry NaN into

@@ -186,18 +186,33 @@ impl std::str::FromStr for StrategySpec {
                 }
                 StrategySpec::FedProx { mu }
             }
-            "fedavgm" => StrategySpec::FedAvgM {
-                momentum: num(0, "momentum")?,
-                lr: num(1, "server learning rate")?,
-            },
-            "fedadam" | "fedyogi" | "fedadagrad" => StrategySpec::Adaptive {
-                kind: match head {
-                    "fedadam" => AdaptiveKind::Adam,
-                    "fedyogi" => AdaptiveKind::Yogi,
-                    _ => AdaptiveKind::Adagrad,
-                },
-                eta: num(0, "server learning rate η")?,
-            },
+            "fedavgm" => {
+                let momentum = num(0, "momentum")?;
+                let lr = num(1, "server learning rate")?;
+                // β ≥ 1 never forgets a step; η ≤ 0 never moves (or moves
+                // against) the model.
+                if momentum.is_some_and(|b| !(0.0..1.0).contains(&b)) {
+                    return Err(out_of_range("the momentum β must be in [0, 1)"));
+                }
+                if lr.is_some_and(|eta| eta <= 0.0) {
+                    return Err(out_of_range("the server learning rate η must be > 0"));
+                }
+                StrategySpec::FedAvgM { momentum, lr }
+            }
+            "fedadam" | "fedyogi" | "fedadagrad" => {
+                let eta = num(0, "server learning rate η")?;
+                if eta.is_some_and(|eta| eta <= 0.0) {
+                    return Err(out_of_range("the server learning rate η must be > 0"));
+                }
+                StrategySpec::Adaptive {
+                    kind: match head {
+                        "fedadam" => AdaptiveKind::Adam,
+                        "fedyogi" => AdaptiveKind::Yogi,
+                        _ => AdaptiveKind::Adagrad,
+                    },
+                    eta,
+                }
+            }
             "fedmedian" => StrategySpec::FedMedian,
             "fedtrimmedavg" => {
                 let beta = required(0, "trim fraction β")?;
@@ -346,6 +361,12 @@ pub trait Strategy: Send {
         false
     }
 
+    /// The fewest updates a round needs for the strategy's guarantee (Krum:
+    /// 2f + 3); a round with fewer is aborted rather than aggregated.
+    fn min_updates(&self) -> usize {
+        1
+    }
+
     /// Applies the weighted mean step of a round to the global parameters.
     fn apply(&mut self, global: &[f32], mean_delta: &[f32]) -> Vec<f32>;
 
@@ -461,6 +482,26 @@ mod tests {
         assert!(strategy_by_name("fedtrimmedavg:0.7").is_err());
         assert!(strategy_by_name("krum:x").err().unwrap().contains("`x`"));
         assert!(strategy_by_name("fedavg:1").is_err());
+    }
+
+    /// A server step of 0 never moved the model, a negative one ran it
+    /// backwards, and a momentum of 1 or more never forgot a step.
+    #[test]
+    fn server_rates_and_momenta_that_cannot_train_are_refused() {
+        for (n, says) in [
+            ("fedavgm:0.9:0", "η must be > 0"),
+            ("fedavgm:-5:-5", "β must be in [0, 1)"),
+            ("fedavgm:1", "β must be in [0, 1)"),
+            ("fedadam:-1", "η must be > 0"),
+            ("fedyogi:-1", "η must be > 0"),
+            ("fedadagrad:0", "η must be > 0"),
+        ] {
+            let e = n.parse::<StrategySpec>().unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains(n), "{n}: {e}");
+        }
+        for ok in ["fedavgm:0", "fedavgm:0.5:2", "fedadam:0.1"] {
+            ok.parse::<StrategySpec>().unwrap();
+        }
     }
 
     #[test]

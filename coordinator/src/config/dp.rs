@@ -274,6 +274,19 @@ impl DpSettings {
                 ),
             );
         }
+        // δ is the chance the guarantee fails outright: past 1 % it is no
+        // guarantee whatever the federation's size (a federation of one
+        // merchant passed the 1/n check below with δ = 0.9, at ε 0).
+        if self.delta > 0.01 {
+            return bad(
+                "run.dp.delta",
+                format!(
+                    "{} is above 0.01: δ is the probability that the guarantee fails \
+                     outright — use 1e-5 or below 1/n² (n merchants)",
+                    self.delta
+                ),
+            );
+        }
         // (ε, δ)-DP with δ ≥ 1/n allows releasing one of n merchants' data
         // whole: no guarantee at all.
         let protected = self.population.unwrap_or(run.selection.min_agents).max(1);

@@ -193,6 +193,10 @@ impl Strategy for Krum {
         true
     }
 
+    fn min_updates(&self) -> usize {
+        (2 * self.byzantine + 3).max(self.keep)
+    }
+
     fn apply(&mut self, global: &[f32], mean_delta: &[f32]) -> Vec<f32> {
         global.iter().zip(mean_delta).map(|(g, d)| g + d).collect()
     }
