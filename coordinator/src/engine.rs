@@ -175,7 +175,10 @@ struct OpenTask {
     dropped: BTreeSet<String>,
     rejected: Vec<(String, String)>,
     acc: Accumulation,
-    metric_sums: BTreeMap<String, f64>,
+    /// Per metric: the weighted sum of the figures reported and the weight
+    /// of the agents that reported it (a figure undefined on an agent's
+    /// rows, such as recall without a churner, is left out, not a 0).
+    metric_sums: BTreeMap<String, (f64, f64)>,
     metric_weight: f64,
     started: Instant,
     started_unix_ms: i64,

@@ -250,7 +250,7 @@ impl Engine {
             return Err(UpdateError::BadWeight(sub.weight).into());
         }
         for (k, v) in &sub.metrics {
-            let sum = open.metric_sums.get(k).copied().unwrap_or(0.0) + v * sub.weight;
+            let sum = open.metric_sums.get(k).map_or(0.0, |s| s.0) + v * sub.weight;
             if !sum.is_finite() {
                 return Err(SubmitError::MetricOverflow(shown_name(k)));
             }
@@ -311,7 +311,9 @@ impl Engine {
 
     fn add_metrics(open: &mut OpenTask, sub: &Submission) {
         for (k, v) in &sub.metrics {
-            *open.metric_sums.entry(k.clone()).or_default() += v * sub.weight;
+            let (sum, weight) = open.metric_sums.entry(k.clone()).or_default();
+            *sum += v * sub.weight;
+            *weight += sub.weight;
         }
         open.metric_weight += sub.weight;
     }

@@ -99,14 +99,13 @@ impl Engine {
             (None, false) => open.reported.clone(),
         };
         let reported = contributors.len();
-        let metrics: BTreeMap<String, f64> = if open.metric_weight > 0.0 {
-            open.metric_sums
-                .iter()
-                .map(|(k, v)| (k.clone(), v / open.metric_weight))
-                .collect()
-        } else {
-            BTreeMap::new()
-        };
+        // Each figure's mean over the agents that reported it.
+        let metrics: BTreeMap<String, f64> = open
+            .metric_sums
+            .iter()
+            .filter(|(_, (_, w))| *w > 0.0)
+            .map(|(k, (sum, w))| (k.clone(), sum / w))
+            .collect();
         let mut record = RoundRecord {
             round: open.plan.round,
             attempt: open.plan.attempt,
@@ -147,6 +146,22 @@ impl Engine {
             if kind == TaskKind::Evaluate {
                 self.pending_eval = false;
             }
+            return self.close_aborted(record, None);
+        }
+        // Krum's guarantee needs 2f + 3 updates: with fewer (merchants
+        // sampled, dropped or rejected) the round is not aggregated.
+        let needed = self.strategy.min_updates();
+        if kind == TaskKind::Train
+            && let Accumulation::Individual(list) = &open.acc
+            && list.len() < needed
+        {
+            let reason = format!(
+                "{} needs at least {needed} updates; {} arrived",
+                self.strategy.name(),
+                list.len()
+            );
+            tracing::warn!(task = %record.task_id, %reason, "task aborted");
+            record.abort_reason = Some(reason);
             return self.close_aborted(record, None);
         }
         match kind {

@@ -168,6 +168,22 @@ fn quorum_met_commits_the_fedavg_of_the_submitted_updates() {
     assert_eq!(e.store().history().expect("history"), vec![record]);
 }
 
+/// A figure one agent could not compute (recall without a churner) is
+/// averaged over the agents that reported it, not counted as a 0.
+#[test]
+fn each_metric_is_averaged_over_the_agents_that_reported_it() {
+    let (_dir, mut e) = engine(run(selection(1.0, 2, 2), 2));
+    let plan = e.start_task(&agents(2)).expect("task");
+    let mut with = update([0.0; DIM], 1.0);
+    with.metrics = [("loss".to_string(), 1.0), ("recall".to_string(), 0.8)].into();
+    submit(&mut e, &plan, &plan.selected[0], with).expect("accepted");
+    submit(&mut e, &plan, &plan.selected[1], update([0.0; DIM], 3.0)).expect("accepted");
+    let record = e.finish_task().expect("finish");
+    assert_eq!(record.metrics["loss"], 1.0);
+    assert_eq!(record.metrics["recall"], 0.8);
+    assert_eq!(record.examples, 4.0);
+}
+
 #[test]
 fn quorum_missed_aborts_and_retries_the_same_round_with_the_model_unchanged() {
     let (_dir, mut e) = engine(run(selection(1.0, 3, 3), 2));
@@ -188,6 +204,33 @@ fn quorum_missed_aborts_and_retries_the_same_round_with_the_model_unchanged() {
     assert_eq!((retry.round, retry.attempt), (1, 2));
     assert_eq!(retry.task_id, "r1a2-train");
     assert_eq!(retry.model_version, 0);
+}
+
+/// Krum tolerates f liars only among 2f + 3 updates: a round with fewer
+/// (here two of five selected merchants dropped) is aborted, not aggregated
+/// by whatever Krum keeps.
+#[test]
+fn a_krum_round_with_fewer_than_2f_plus_3_updates_is_aborted() {
+    let mut r = run(selection(1.0, 3, 5), 3);
+    r.strategy = "krum:1".parse().unwrap();
+    let (_dir, mut e) = engine(r);
+    let before = e.global();
+    let plan = e.start_task(&agents(5)).expect("task");
+    for agent in &plan.selected[..4] {
+        submit(&mut e, &plan, agent, update([1.0; DIM], 1.0)).expect("accepted");
+    }
+    let record = e.finish_task().expect("finish");
+    assert_eq!(record.outcome, Outcome::Aborted);
+    assert_eq!(
+        record.abort_reason.as_deref(),
+        Some("krum:1 needs at least 5 updates; 4 arrived")
+    );
+    assert_eq!(e.global(), before);
+    let plan = e.start_task(&agents(5)).expect("retry");
+    for agent in &plan.selected {
+        submit(&mut e, &plan, agent, update([1.0; DIM], 1.0)).expect("accepted");
+    }
+    assert_eq!(e.finish_task().expect("finish").outcome, Outcome::Committed);
 }
 
 #[test]
