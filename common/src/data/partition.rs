@@ -134,7 +134,16 @@ impl Partitioner {
                     by_label[labels[u] as usize].push(u);
                 }
                 for members in by_label {
-                    let draws: Vec<f64> = (0..n).map(|_| gamma.sample(&mut rng) + 1e-12).collect();
+                    let raw: Vec<f64> = (0..n).map(|_| gamma.sample(&mut rng)).collect();
+                    // A tiny α makes every Gamma(α) draw underflow to (next
+                    // to) zero, where adding the guard below made the shares
+                    // equal: the most skewed split came out balanced. Those
+                    // draws are redone in log space.
+                    let draws: Vec<f64> = if raw.iter().all(|&g| g < 1e-9) {
+                        log_space_shares(alpha, n, &mut rng)?
+                    } else {
+                        raw.into_iter().map(|g| g + 1e-12).collect()
+                    };
                     let sizes = apportion(&draws, members.len());
                     let mut it = members.into_iter();
                     for (k, size) in sizes.into_iter().enumerate() {
@@ -155,6 +164,27 @@ impl Partitioner {
         }
         Ok(out)
     }
+}
+
+/// Dirichlet(α, …, α) shares of `n` parts for an α so small that Gamma(α)
+/// draws underflow: `ln G = ln G' + ln(U) / α` with `G' ~ Gamma(α + 1)` and
+/// `U` uniform (Marsaglia and Tsang's boost), normalised by the largest, so
+/// the shares keep their ratios where `exp` of each log would be 0.
+fn log_space_shares(
+    alpha: f64,
+    n: usize,
+    rng: &mut impl rand::RngExt,
+) -> Result<Vec<f64>, PartitionError> {
+    let boosted = Gamma::new(alpha + 1.0, 1.0)
+        .map_err(|e| PartitionError::BadParameter(format!("dirichlet:{alpha}"), e.to_string()))?;
+    let logs: Vec<f64> = (0..n)
+        .map(|_| {
+            let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            boosted.sample(rng).ln() + u.ln() / alpha
+        })
+        .collect();
+    let top = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Ok(logs.iter().map(|l| (l - top).exp()).collect())
 }
 
 /// Splits `total` into integer sizes proportional to `shares` (largest
@@ -255,6 +285,24 @@ mod tests {
         };
         let (skewed, mixed) = (purity(0.1), purity(100.0));
         assert!(skewed > 0.6 && mixed < 0.35, "{skewed} {mixed}");
+    }
+
+    #[test]
+    fn a_tiny_alpha_is_the_most_skewed_split_not_a_balanced_one() {
+        // Every Gamma(1e-4) draw underflows; the split used to come out
+        // equal (200 units each).
+        let labels: Vec<u32> = (0..4000).map(|u| (u % 4) as u32).collect();
+        for alpha in [1e-4, 1e-9] {
+            let p = Partitioner::Dirichlet(alpha)
+                .deal(&labels, None, 20, 3)
+                .unwrap();
+            check_complete(&p, 4000);
+            let mut sizes: Vec<usize> = p.iter().map(Vec::len).collect();
+            sizes.sort_unstable();
+            // Each label lands (all but the one unit every merchant keeps)
+            // on one merchant.
+            assert!(sizes[19] >= 950 && sizes[10] <= 8, "{alpha}: {sizes:?}");
+        }
     }
 
     #[test]
