@@ -605,16 +605,28 @@ fn lookup<T: Serialize + Copy>(
     }
 }
 
+/// A per-customer figure of the current snapshot's `family`, as `field`;
+/// these routes take no query parameter.
+fn per_customer<T: Serialize + Copy>(
+    app: &AppState,
+    customer: &str,
+    params: &[(String, String)],
+    family: fn(&Snapshot) -> &Served<HashMap<String, T>>,
+    field: &str,
+) -> Response {
+    if let Some(r) = no_params(params) {
+        return r;
+    }
+    let snap = app.snapshot.borrow().clone();
+    lookup(family(&snap), customer.trim(), field)
+}
+
 async fn churn(
     State(app): State<AppState>,
     UrlPath(customer): UrlPath<String>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
-    if let Some(r) = no_params(&params) {
-        return r;
-    }
-    let snap = app.snapshot.borrow().clone();
-    lookup(&snap.churn, customer.trim(), "churn_probability")
+    per_customer(&app, &customer, &params, |s| &s.churn, "churn_probability")
 }
 
 async fn segment(
@@ -622,11 +634,7 @@ async fn segment(
     UrlPath(customer): UrlPath<String>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
-    if let Some(r) = no_params(&params) {
-        return r;
-    }
-    let snap = app.snapshot.borrow().clone();
-    lookup(&snap.segments, customer.trim(), "segment")
+    per_customer(&app, &customer, &params, |s| &s.segments, "segment")
 }
 
 /// `fedcart-client serve`: loads the configuration and the local files,
