@@ -61,12 +61,13 @@ pub fn mine(
     merchants: &[(String, Vec<Basket>)],
     num_items: usize,
     min_support: u64,
+    max_len: usize,
     secure: bool,
     neighbours: Option<usize>,
     seed: u64,
     pool: &rayon::ThreadPool,
 ) -> anyhow::Result<(Apriori, Vec<RoundRow>)> {
-    let mut apriori = Apriori::new(num_items, min_support, 0);
+    let mut apriori = Apriori::new(num_items, min_support, max_len);
     let mut rows = Vec::new();
     while !apriori.finished() {
         let started = Instant::now();
@@ -157,7 +158,7 @@ fn over_grpc(
     let run = RunConfig {
         run_id: "simulation".into(),
         seed: s.seed,
-        rounds: longest as u64 + 1,
+        rounds: (longest as u64 + 1).min(s.rounds),
         model: model.clone(),
         sgd: Default::default(),
         selection: Selection {
@@ -250,6 +251,9 @@ pub fn run(
                 &merchants,
                 catalogue.len(),
                 min_support,
+                // One level a round, as in a real federation: `--rounds`
+                // caps the itemset size.
+                usize::try_from(s.rounds).unwrap_or(usize::MAX),
                 s.secagg,
                 s.secagg_neighbours,
                 s.seed,
@@ -270,13 +274,8 @@ pub fn run(
         )?,
     };
     let rules = itemsets::rules(apriori.frequent(), apriori.total_baskets(), MIN_CONFIDENCE);
-    let name = |items: &[u32]| {
-        items
-            .iter()
-            .map(|&i| catalogue.id(i).unwrap_or("?"))
-            .collect::<Vec<_>>()
-            .join("+")
-    };
+    let name =
+        |items: &[u32]| itemsets::item_list(items.iter().map(|&i| catalogue.id(i).unwrap_or("?")));
     exp.report.push(format!(
         "rules: {} baskets, {} frequent itemsets (min support {min_support} baskets), {} rules (confidence >= {MIN_CONFIDENCE})",
         apriori.total_baskets(),
@@ -332,60 +331,71 @@ pub fn run(
     Ok((exp, mined))
 }
 
-/// Writes `rules.csv` (global rules) and `itemsets.csv` under `dir`.
+/// Writes `rules.csv` (global rules), `itemsets.csv` and
+/// `bought_together.csv` under `dir`: CSV with quoting, an itemset's ids as
+/// one field ([`itemsets::item_list`]).
 pub fn write(dir: &std::path::Path, mined: &Mined) -> anyhow::Result<()> {
-    use std::fmt::Write as _;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = |items: &[u32]| {
-        items
-            .iter()
-            .map(|&i| mined.catalogue.id(i).unwrap_or("?"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        itemsets::item_list(items.iter().map(|&i| mined.catalogue.id(i).unwrap_or("?")))
     };
-    let mut out = String::from("antecedent,consequent,support,confidence,lift\n");
-    for r in &mined.rules {
-        let _ = writeln!(
-            out,
-            "{},{},{},{},{}",
-            name(&r.antecedent),
-            name(&r.consequent),
-            r.support,
-            r.confidence,
-            r.lift
-        );
-    }
-    let path = dir.join("rules.csv");
-    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
-    let mut out = String::from("itemset,count,support\n");
-    for f in &mined.frequent {
-        let _ = writeln!(
-            out,
-            "{},{},{}",
-            name(&f.items),
-            f.count,
-            f.count as f64 / mined.baskets.max(1) as f64
-        );
-    }
-    let path = dir.join("itemsets.csv");
-    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
-    // Each merchant's "bought together" lists: the single-item rules from the
-    // items it sells, best lift first.
-    let mut out = String::from("merchant,item,bought_with,confidence,lift\n");
-    for (merchant, sold) in &mined.sold {
-        for r in itemsets::bought_together(&mined.rules, sold) {
-            let _ = writeln!(
-                out,
-                "{merchant},{},{},{},{}",
+    let write = |file: &str, header: &[&str], rows: &mut dyn Iterator<Item = Vec<String>>| {
+        let path = dir.join(file);
+        let mut w =
+            csv::Writer::from_path(&path).with_context(|| format!("writing {}", path.display()))?;
+        let all = || -> Result<(), csv::Error> {
+            w.write_record(header)?;
+            for r in rows {
+                w.write_record(&r)?;
+            }
+            Ok(w.flush()?)
+        };
+        all().with_context(|| format!("writing {}", path.display()))
+    };
+    write(
+        "rules.csv",
+        &["antecedent", "consequent", "support", "confidence", "lift"],
+        &mut mined.rules.iter().map(|r| {
+            vec![
                 name(&r.antecedent),
                 name(&r.consequent),
-                r.confidence,
-                r.lift
-            );
-        }
-    }
-    let path = dir.join("bought_together.csv");
-    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+                r.support.to_string(),
+                r.confidence.to_string(),
+                r.lift.to_string(),
+            ]
+        }),
+    )?;
+    write(
+        "itemsets.csv",
+        &["itemset", "count", "support"],
+        &mut mined.frequent.iter().map(|f| {
+            vec![
+                name(&f.items),
+                f.count.to_string(),
+                (f.count as f64 / mined.baskets.max(1) as f64).to_string(),
+            ]
+        }),
+    )?;
+    // Each merchant's "bought together" lists: the single-item rules from the
+    // items it sells, best lift first.
+    write(
+        "bought_together.csv",
+        &["merchant", "item", "bought_with", "confidence", "lift"],
+        &mut mined.sold.iter().flat_map(|(merchant, sold)| {
+            itemsets::bought_together(&mined.rules, sold)
+                .into_iter()
+                .map(|r| {
+                    vec![
+                        merchant.clone(),
+                        name(&r.antecedent),
+                        name(&r.consequent),
+                        r.confidence.to_string(),
+                        r.lift.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>()
+        }),
+    )?;
     Ok(())
 }
 

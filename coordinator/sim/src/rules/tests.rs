@@ -188,3 +188,59 @@ fn k_and_min_support_flags_set_their_task_and_are_refused_with_another() {
     let s = Settings::from_args(seg).unwrap();
     assert_eq!(s.experiments()[0].0, TaskChoice::Segments(Some(5)));
 }
+
+/// Item ids with commas, quotes and spaces broke the CSVs' columns (the
+/// fields were not quoted) and made an itemset read two ways.
+#[test]
+fn item_ids_with_separators_and_quotes_keep_the_csv_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = dir.path().join("orders.csv");
+    let mut text = String::from("customer,item,timestamp,quantity,amount,merchant\n");
+    for (b, c) in (0..6).zip(["c1", "c2", "c3", "c4", "c5", "c6"]) {
+        let m = if b % 2 == 0 { "s1" } else { "s2" };
+        for item in ["\"a,b\"", "\"x\"\"y\"", "a b"] {
+            text += &format!("{c},{item},2024-01-0{},1,1.0,{m}\n", b + 1);
+        }
+    }
+    std::fs::write(&orders, text).unwrap();
+    let mut a = grocery(3, false);
+    a.data = Some(format!("orders:{}", orders.display()).parse().unwrap());
+    let out = dir.path().join("out");
+    a.out = Some(out.clone());
+    run_all(&Settings::from_args(a).unwrap()).unwrap();
+    for (file, width) in [
+        ("itemsets.csv", 3),
+        ("rules.csv", 5),
+        ("bought_together.csv", 5),
+    ] {
+        let mut r = csv::Reader::from_path(out.join(file)).unwrap();
+        let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+        assert!(!rows.is_empty(), "{file}");
+        assert!(
+            rows.iter().all(|row| row.len() == width),
+            "{file}: {rows:?}"
+        );
+    }
+    let mut r = csv::Reader::from_path(out.join("itemsets.csv")).unwrap();
+    let sets: Vec<String> = r.records().map(|row| row.unwrap()[0].to_string()).collect();
+    assert!(
+        sets.contains(&"\"a b\" a,b \"x\"\"y\"".to_string()),
+        "{sets:?}"
+    );
+}
+
+/// One level a round, as in a real federation: `--rounds` caps the
+/// itemset size in process too (it was ignored there).
+#[test]
+fn rounds_cap_the_itemset_size() {
+    let all = mined(grocery(100, false));
+    assert!(all.frequent.iter().any(|f| f.items.len() == 2));
+    let mut a = grocery(100, false);
+    a.rounds = Some(1);
+    let singles = mined(a);
+    assert!(singles.frequent.iter().all(|f| f.items.len() == 1));
+    assert_eq!(
+        singles.frequent.len(),
+        all.frequent.iter().filter(|f| f.items.len() == 1).count()
+    );
+}
