@@ -176,7 +176,12 @@ pub fn report(profiles: &[SegmentProfile], inertia: f64) -> Vec<String> {
     ];
     let small = kmeans::MIN_CANDIDATE_SIZE as u64;
     for s in profiles {
-        if s.size > 0 && s.size < small {
+        if s.size == 0 {
+            // No customer is nearest this centre: there are no means.
+            out.push(format!("| {} | 0 | – | – | – | – |", s.segment));
+            continue;
+        }
+        if s.size < small {
             // The means of so few customers are (nearly) their own rows.
             out.push(format!("| {} | {} | – | – | – | – |", s.segment, s.size));
             continue;
@@ -190,6 +195,14 @@ pub fn report(profiles: &[SegmentProfile], inertia: f64) -> Vec<String> {
         out.push(format!(
             "(a segment of fewer than {small} customers shows no means: they would be those \
              customers' own figures)"
+        ));
+    }
+    let empty = profiles.iter().filter(|s| s.size == 0).count();
+    if empty > 0 {
+        out.push(format!(
+            "({empty} of the {} segments hold no customer: the data has fewer distinct customer \
+             profiles than k; give a smaller --k)",
+            profiles.len()
         ));
     }
     out

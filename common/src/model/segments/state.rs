@@ -299,8 +299,10 @@ impl Segmentation {
             }
             if sizes.is_empty() {
                 return Err(TrainError::InvalidModel(format!(
-                    "no merchant proposed a candidate centre for k = {k} (each needs \
-                     at least {} customers per local cluster)",
+                    "no merchant proposed a candidate centre for k = {k}: a merchant \
+                     proposes a local cluster only when it holds at least {} of its customers \
+                     (fewer would reveal them); give a smaller k, or fewer merchants with more \
+                     customers each (simulator: fewer --merchants)",
                     kmeans::MIN_CANDIDATE_SIZE
                 )));
             }

@@ -118,3 +118,28 @@ fn the_whole_pipeline_over_grpc_under_secure_aggregation_chooses_the_in_process_
     assert!(worst < 1e-3, "largest centre difference {worst}");
     assert_eq!(plain.report[3..], secure.report[3..]);
 }
+
+/// A centre no customer is nearest was shown as a segment of zero means.
+#[test]
+fn an_empty_segment_shows_no_means_and_the_report_says_why() {
+    let profile = |segment, size| super::SegmentProfile {
+        segment,
+        size,
+        recency_days: 3.0,
+        frequency: 2.0,
+        monetary: 10.0,
+        churn_rate: 0.5,
+    };
+    let lines = super::report(&[profile(0, 40), profile(1, 0)], 1.0);
+    assert!(
+        lines.contains(&"| 1 | 0 | – | – | – | – |".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("(1 of the 2 segments hold no customer"),
+        "{lines:?}"
+    );
+}
