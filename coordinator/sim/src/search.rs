@@ -263,7 +263,7 @@ pub fn halve(
                     "search: rung {}/{}, candidate {k} ({}): {} after {} rounds",
                     r + 1,
                     schedule.len(),
-                    flags(&configs[k]),
+                    flags(&configs[k], task == TaskChoice::MfImplicit),
                     entry
                         .value
                         .map_or_else(|| "failed".to_string(), |v| format!("{v:.4}")),
@@ -347,16 +347,21 @@ fn best_version(exp: &Experiment) -> Option<(u64, f64)> {
     best
 }
 
-/// A configuration as its flags.
-fn flags(c: &SearchConfig) -> String {
+/// A configuration as the flags that give it (`--negatives` for BPR only:
+/// explicit MF refuses it), ready to paste.
+fn flags(c: &SearchConfig, bpr: bool) -> String {
     match c.alpha {
         Some(alpha) => format!(
             "--factors {} --reg {} --alpha {alpha} --epochs {}",
             c.factors, c.reg, c.epochs
         ),
-        None => format!(
+        None if bpr => format!(
             "--factors {} --lr {} --reg {} --epochs {} --negatives {}",
             c.factors, c.lr, c.reg, c.epochs, c.negatives
+        ),
+        None => format!(
+            "--factors {} --lr {} --reg {} --epochs {}",
+            c.factors, c.lr, c.reg, c.epochs
         ),
     }
 }
@@ -390,7 +395,7 @@ fn summary_lines(s: &SearchSummary) -> Vec<String> {
         format!(
             "search: chosen candidate {} ({}): {}",
             s.chosen,
-            flags(&winner.config),
+            flags(&winner.config, s.metric != "val_rmse"),
             value(winner)
         ),
     ];

@@ -256,8 +256,27 @@ fn an_ials_search_tunes_alpha_in_place_of_the_learning_rate_and_chooses_by_valid
     // Another α is another model: the two trials do not score alike.
     assert_ne!(values[0], values[1]);
     assert!(
-        flags(&configs[1]).contains("--alpha 16"),
+        flags(&configs[1], false).contains("--alpha 16"),
         "{}",
-        flags(&configs[1])
+        flags(&configs[1], false)
     );
+}
+
+/// The chosen configuration's flags paste back: explicit MF refuses
+/// `--negatives`, which the report listed.
+#[test]
+fn the_chosen_flags_are_the_ones_the_task_takes() {
+    let c = SearchConfig {
+        factors: 8,
+        lr: 0.02,
+        reg: 0.01,
+        epochs: 5,
+        negatives: 4,
+        alpha: None,
+    };
+    assert_eq!(
+        flags(&c, false),
+        "--factors 8 --lr 0.02 --reg 0.01 --epochs 5"
+    );
+    assert!(flags(&c, true).ends_with("--negatives 4"));
 }
