@@ -47,7 +47,7 @@ pub struct SimArgs {
     pub k: Option<usize>,
     /// Minimum support of `--task rules`, in baskets across the federation
     /// (the same as `rules:MIN`; the flag wins).
-    #[arg(long, value_name = "BASKETS")]
+    #[arg(long, value_name = "BASKETS", value_parser = baskets)]
     pub min_support: Option<u64>,
     /// Number of virtual merchants [default: 10].
     #[arg(long)]
@@ -121,8 +121,9 @@ pub struct SimArgs {
     /// merchant per store of an orders export's --merchant-col) [default: iid].
     #[arg(long)]
     pub partition: Option<String>,
-    /// Strategy: fedavg, fedprox:MU, fedavgm[:β[:η]], fedadam[:η], fedyogi[:η],
-    /// fedadagrad[:η], fedmedian, fedtrimmedavg:β, krum:F, multikrum:F:M [default: fedavg].
+    /// Strategy: fedavg, fedprox:MU (churn-lr, churn-mlp), fedavgm[:β[:η]], fedadam[:η],
+    /// fedyogi[:η], fedadagrad[:η], fedmedian, fedtrimmedavg:β, krum:F (rounds of fewer than
+    /// 2F + 3 updates abort), multikrum:F:M [default: fedavg].
     #[arg(long)]
     pub strategy: Option<StrategySpec>,
     /// Use secure aggregation (refused with robust strategies). On by default
@@ -186,7 +187,8 @@ pub struct SimArgs {
     /// rounded model [default: f32].
     #[arg(long, value_name = "P")]
     pub download_precision: Option<fedcart_common::federation::sparse::RowPrecision>,
-    /// Probability that a selected merchant drops out of a task [default: 0].
+    /// Probability that a merchant selected for a training round drops out of it (evaluations
+    /// hear from every merchant they select, so the figures are the federation's) [default: 0].
     #[arg(long)]
     pub dropout: Option<f64>,
     /// Attempts of one round before the run stops with the dominant cause of
@@ -349,4 +351,15 @@ impl SimArgs {
             data.resolve_paths(base);
         }
     }
+}
+
+/// `--min-support`: a whole number of baskets (not a fraction of them).
+fn baskets(text: &str) -> Result<u64, String> {
+    text.trim().parse().map_err(|_| {
+        format!(
+            "`{text}` is not a number of baskets: give the minimum support as a whole number of \
+             baskets across the federation, at least 1 (not a fraction: 1 % of 22,332 baskets \
+             is 223)"
+        )
+    })
 }

@@ -92,7 +92,9 @@ pub struct Experiment {
     pub final_metrics: BTreeMap<String, f64>,
     /// Every round.
     pub rounds: Vec<RoundRow>,
-    /// Each merchant's held-out metrics of the final model.
+    /// Each merchant's held-out metrics of the final model: the served
+    /// version's (the best by validation) where the run selects one, as
+    /// `final`.
     pub per_merchant: BTreeMap<String, BTreeMap<String, f64>>,
     /// Timings (vary between runs).
     pub timing: Timing,

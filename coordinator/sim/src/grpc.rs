@@ -92,6 +92,24 @@ pub fn run(
     .map_err(|_| anyhow::anyhow!("the gRPC simulation thread panicked"))??;
     exp.rounds = rows(&done.history, &done.stamps, done.started, &done.model_lens);
     exp.per_merchant = done.per_merchant;
+    // The run's ε as in process: the coordinator's accounting of its last
+    // release, with its real (operating-system) noise.
+    if let (Some(dp), Some(last)) = (
+        &s.dp,
+        done.history.iter().rev().find_map(|r| r.privacy.as_ref()),
+    ) {
+        exp.privacy = Some(crate::experiment::PrivacySummary {
+            dp_noise: fedcart_coordinator::ledger::NoiseSource::Os
+                .label()
+                .to_string(),
+            mode: last.mode,
+            noise_multiplier: last.noise_multiplier,
+            delta: last.delta,
+            epsilon: last.epsilon,
+            clip: last.clip,
+            adaptive: dp.clip == fedcart_coordinator::config::ClipNorm::Adaptive,
+        });
+    }
     if let Some(why) = &done.stopped {
         exp.stopped = Some(why.to_string());
         exp.failed = !why.is_planned();
@@ -421,8 +439,10 @@ struct Dropouts {
 
 impl TaskObserver for Dropouts {
     fn on_task(&self, task_id: &str) -> TaskDecision {
-        // The in-process draw: statistics tasks never drop.
-        let drop = !task_id.ends_with("-stats")
+        // The in-process draw: only training tasks drop (an evaluation is
+        // heard from every merchant it selects, so the figures are the
+        // federation's, not a random subset's).
+        let drop = task_id.ends_with("-train")
             && fedcart_common::seed::rng(self.seed, &["dropout", task_id, &self.merchant_id])
                 .random::<f64>()
                 < self.probability;

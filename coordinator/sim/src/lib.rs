@@ -111,6 +111,10 @@ fn failures(experiments: &[Experiment], out: Option<&std::path::Path>) -> anyhow
 
 /// Runs every experiment of `settings` (the demo runs two).
 pub fn run_all(settings: &Settings) -> anyhow::Result<Vec<Experiment>> {
+    // An --out that cannot be written is found now, not after the run.
+    if let Some(dir) = &settings.out {
+        check_out_dir(dir)?;
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(settings.threads)
         .build()
@@ -209,6 +213,17 @@ pub fn run_one(
             2.0 / n as f64
         );
     }
+    // Krum's guarantee needs 2f + 3 updates a round (a round with fewer is
+    // aborted): a --fraction that never selects that many is refused here.
+    let needed = strategy.min_updates();
+    if s.mode == mode::Mode::Sync && per_round < needed {
+        bail!(
+            "--strategy {} needs at least {needed} updates a round, but --fraction {} selects \
+             {per_round} of {n} merchants: select more, or lower f",
+            s.strategy,
+            s.fraction
+        );
+    }
     let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
     // Training rounds draw from the merchants online (`--availability`).
     let online = fleet.online_count().max(1);
@@ -258,10 +273,25 @@ pub fn run_one(
         .iter()
         .filter_map(|m| m.churn.as_ref().map(|c| c.train.y.len()))
         .sum();
+    // Customers labelled churned anywhere (training or held out): with none,
+    // no partition can measure an AUC.
+    let churners: usize = pop
+        .merchants
+        .iter()
+        .filter_map(|m| m.churn.as_ref())
+        .map(|c| {
+            c.train
+                .y
+                .iter()
+                .chain(&c.valid.y)
+                .filter(|&&y| y > 0.5)
+                .count()
+        })
+        .sum();
     if s.transport == Transport::Grpc {
         let mut exp = grpc::run(s, task, data, pop, run, load_seconds)?;
         if !exp.failed {
-            let notes = closing_notes(s, task, &spec, &exp, &exp.final_model, churn_rows);
+            let notes = closing_notes(s, task, &spec, &exp, &exp.final_model, churn_rows, churners);
             exp.report.extend(notes);
         }
         return finish_segments(exp, segment_data.as_deref(), &spec, s);
@@ -353,7 +383,9 @@ pub fn run_one(
         let mut todo = Vec::with_capacity(plan.selected.len());
         for id in &plan.selected {
             let k = index[id.as_str()];
-            let dropped = plan.spec.kind != TaskKind::Stats
+            // Only training drops: an evaluation's figures are every
+            // selected merchant's, not a random subset's.
+            let dropped = plan.spec.kind == TaskKind::Train
                 && s.dropout > 0.0
                 && fedcart_common::seed::rng(s.seed, &["dropout", &plan.task_id, id])
                     .random::<f64>()
@@ -524,6 +556,11 @@ pub fn run_one(
         return Ok(exp);
     }
     exp.best = best_summary(&engine, &exp, &merchants, &ids, pool)?;
+    // `per_merchant` is the served version's, as `final` is (the last
+    // version's figures stay in the rounds).
+    if let Some(best) = &exp.best {
+        exp.per_merchant = best.served_per_merchant.clone();
+    }
     if let (Some(best), Some(p)) = (&mut exp.best, s.personalisation(task)) {
         best.personalised = Some(personalise(
             &engine, best.round, &p, &merchants, &ids, pool,
@@ -553,7 +590,7 @@ pub fn run_one(
         )?;
     }
     exp.report.extend(selection_report(&exp));
-    let notes = closing_notes(s, task, &spec, &exp, &engine.global(), churn_rows);
+    let notes = closing_notes(s, task, &spec, &exp, &engine.global(), churn_rows, churners);
     exp.report.extend(notes);
     exp.final_model = engine.global().to_vec();
     exp.finish();
@@ -568,9 +605,10 @@ fn closing_notes(
     exp: &Experiment,
     model: &[f32],
     churn_rows: usize,
+    churners: usize,
 ) -> Vec<String> {
     let mut out: Vec<String> = unsplit_note(spec, model, churn_rows).into_iter().collect();
-    out.extend(untested_note(task, exp));
+    out.extend(untested_note(task, exp, churn_rows > 0 && churners == 0));
     if s.secagg {
         out.extend(clipping_note(spec, exp, s.secagg_clip(task)));
     }
@@ -608,7 +646,7 @@ fn clipping_note(spec: &ModelSpec, exp: &Experiment, clip: f32) -> Option<String
 /// A recommender run whose merchants hold nothing to test on (every
 /// customer bought a single item, say) reports no held-out metric: said in
 /// the report rather than left as a table of dashes.
-fn untested_note(task: TaskChoice, exp: &Experiment) -> Option<String> {
+fn untested_note(task: TaskChoice, exp: &Experiment, no_churner: bool) -> Option<String> {
     let (key, _) = exp.headline()?;
     let measured = exp.rounds.iter().any(|r| r.eval.contains_key(key));
     if measured || exp.rounds.is_empty() {
@@ -625,7 +663,14 @@ fn untested_note(task: TaskChoice, exp: &Experiment) -> Option<String> {
     task.is_churn().then(|| {
         // A natural partition keeps the export's stores: the merchant count
         // is the data's, not a setting.
-        let fix = if exp.partition.starts_with("Natural") {
+        let fix = if no_churner {
+            "no customer of any merchant is labelled churned: check which label values count \
+             as churned (the schema's `positive`) or, for an orders export, the churn window \
+             and cutoff"
+                .to_string()
+        } else if exp.merchants <= 1 {
+            "with one merchant, give more customers".to_string()
+        } else if exp.partition.starts_with("Natural") {
             format!(
                 "the natural partition keeps the export's {} stores; pool them with another \
                  --partition and fewer --merchants, or give a longer export",
@@ -798,8 +843,13 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             .collect();
         let below = match (served, beaten.is_empty()) {
             (Some(f), false) => Some(format!(
-                "note: the served model's pooled {key} {f:.4} is below {}: on these merchants \
+                "note: the served model's pooled {key} {f:.4} is {} {}: on these merchants \
                  joining the federation did not pay (see the per-merchant table for where)",
+                if higher {
+                    "below"
+                } else {
+                    "worse than (above)"
+                },
                 beaten.join(" and ")
             )),
             _ => None,
@@ -874,7 +924,11 @@ fn best_summary(
         .last()
         .map(|r| r.eval.clone())
         .unwrap_or_default();
-    let (served, served_per_merchant) = if best.version == engine.version() {
+    // The last evaluation's figures serve when they are the best version's
+    // and heard from every merchant; with dropouts (or a sample) they are a
+    // subset's, and the served version is evaluated on everyone below.
+    let everyone = ids.iter().all(|id| exp.per_merchant.contains_key(id));
+    let (served, served_per_merchant) = if best.version == engine.version() && everyone {
         (last.clone(), exp.per_merchant.clone())
     } else {
         let (params, spec) = evaluation_of(engine, best.version, "best")?;
@@ -1059,26 +1113,26 @@ fn evaluation_of(
     Ok((params, spec))
 }
 
-/// An example-weighted mean of metric maps.
+/// An example-weighted mean of metric maps, each figure over the maps that
+/// hold it (as the engine commits an evaluation).
 #[derive(Default)]
 struct WeightedMean {
-    sums: BTreeMap<String, f64>,
-    weight: f64,
+    sums: BTreeMap<String, (f64, f64)>,
 }
 
 impl WeightedMean {
     fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
         for (k, v) in metrics {
-            *self.sums.entry(k.clone()).or_default() += v * weight;
+            let (sum, w) = self.sums.entry(k.clone()).or_default();
+            *sum += v * weight;
+            *w += weight;
         }
-        self.weight += weight;
     }
 
     fn mean(self) -> BTreeMap<String, f64> {
-        let w = self.weight;
         self.sums
             .into_iter()
-            .map(|(k, v)| (k, if w > 0.0 { v / w } else { 0.0 }))
+            .map(|(k, (v, w))| (k, if w > 0.0 { v / w } else { 0.0 }))
             .collect()
     }
 }
@@ -1086,6 +1140,21 @@ impl WeightedMean {
 /// Adds the segment profiles of a segmentation run to its report (and
 /// writes the merchants' labels under `--out`): the chosen centres become
 /// the experiment's final model, and the choice of k its last report line.
+/// Creates `--out` and checks that a file can be written in it.
+fn check_out_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let refused = |e: std::io::Error| {
+        anyhow::anyhow!(
+            "--out {}: {e}; nothing was run (give a directory that can be created and written)",
+            dir.display()
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(refused)?;
+    let probe = dir.join(format!(".fedcart-sim-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(refused)?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
 fn finish_segments(
     mut exp: Experiment,
     merchants: Option<&[LocalData]>,

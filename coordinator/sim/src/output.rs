@@ -49,10 +49,18 @@ pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
             _ => "-".into(),
         };
         let bytes: u64 = e.rounds.iter().map(|r| r.bytes_up + r.bytes_down).sum();
+        // Committed rounds, as `rounds` in `--format json`; aborted
+        // attempts follow in brackets.
+        let committed = e.rounds.iter().filter(|r| r.committed).count();
+        let aborted = e.rounds.len() - committed;
         t.add_row([
             e.name.clone(),
             e.merchants.to_string(),
-            e.rounds.len().to_string(),
+            if aborted == 0 {
+                committed.to_string()
+            } else {
+                format!("{committed} (+{aborted} aborted)")
+            },
             e.strategy.clone(),
             metric(e.rounds.iter().find(evaluated)),
             // The served version's figure, as `final` in metrics.json and
@@ -518,7 +526,7 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
                 p.mode,
                 p.epsilon,
                 p.delta,
-                e.rounds.len(),
+                e.rounds.iter().filter(|r| r.committed).count(),
                 p.noise_multiplier,
                 if p.adaptive { "adaptive" } else { "fixed" },
                 p.clip

@@ -132,16 +132,21 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
                 legend: legend(),
             },
         ));
-        out.push((
-            format!("{}-{key}-by-time", e.task),
-            format!("{}: {key} by virtual time", e.task),
-            Chart::Lines {
-                x_desc: "virtual seconds",
-                y_desc: key,
-                series: vec![(label, by(&|r| r.virtual_seconds))],
-                legend: legend(),
-            },
-        ));
+        // Only the in-process transport runs the virtual clock (over gRPC
+        // every row's virtual time is 0: a vertical line, no plot).
+        let by_time = by(&|r| r.virtual_seconds);
+        if by_time.iter().any(|&(t, _)| t > 0.0) {
+            out.push((
+                format!("{}-{key}-by-time", e.task),
+                format!("{}: {key} by virtual time", e.task),
+                Chart::Lines {
+                    x_desc: "virtual seconds",
+                    y_desc: key,
+                    series: vec![(label, by_time)],
+                    legend: legend(),
+                },
+            ));
+        }
     }
     if let Some(v) = &e.federation_value {
         use fedcart_common::reference::MerchantValue;

@@ -436,6 +436,22 @@ impl Settings {
                 s.task.map(TaskChoice::name).unwrap_or_default()
             );
         }
+        // FedBuff's driver runs the churn models' feature-statistics step in
+        // the clear only: refused here with the flags, not after loading.
+        if matches!(s.mode, super::mode::Mode::FedBuff(_))
+            && s.secagg
+            && matches!(
+                s.task,
+                Some(TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. })
+            )
+        {
+            bail!(
+                "--mode fedbuff with --secagg: FedBuff runs {}'s feature-statistics step only \
+                 without secure aggregation; leave out --secagg, or run it synchronously (leave \
+                 out --mode)",
+                s.task.map(TaskChoice::name).unwrap_or_default()
+            );
+        }
         let first_tree = 1 + s.gbdt.max_depth as u64;
         if matches!(s.task, Some(TaskChoice::ChurnGbdt)) && s.rounds < first_tree {
             bail!(
@@ -579,6 +595,44 @@ impl Settings {
                         task.name()
                     );
                 }
+            }
+        }
+        // FedProx's proximal term lives in churn-lr's and churn-mlp's local
+        // training; elsewhere the run would be FedAvg reported as FedProx.
+        if let (StrategySpec::FedProx { .. }, Some(task)) = (&s.strategy, s.task)
+            && !matches!(task, TaskChoice::ChurnLr | TaskChoice::ChurnMlp { .. })
+        {
+            bail!(
+                "{} {}: FedProx's proximal term is added by churn-lr and churn-mlp local \
+                 training; --task {} has none, so the run would be plain FedAvg: leave \
+                 --strategy out{}",
+                name!(strategy, "--strategy"),
+                s.strategy,
+                task.name(),
+                if task == TaskChoice::MfIals {
+                    " (iALS's own proximal pull is --proximal)"
+                } else {
+                    ""
+                }
+            );
+        }
+        // The rules analysis counts every merchant's baskets at every level,
+        // exactly: no sampling, no dropouts, no server strategy, no attack.
+        if matches!(s.task, Some(TaskChoice::Rules(_))) {
+            let ignored = [
+                (
+                    s.strategy != StrategySpec::FedAvg,
+                    name!(strategy, "--strategy"),
+                ),
+                (s.fraction != 1.0, name!(fraction, "--fraction")),
+                (s.dropout != 0.0, name!(dropout, "--dropout")),
+                (s.malicious != 0.0, name!(malicious, "--malicious")),
+            ];
+            if let Some((_, flag)) = ignored.into_iter().find(|(set, _)| *set) {
+                bail!(
+                    "{flag}: the rules analysis counts every merchant's baskets at every level, \
+                     exactly (no sampling, dropouts, server strategy or attack); leave it out"
+                );
             }
         }
         // The rules run builds its own run configuration (no noise): the
@@ -922,6 +976,13 @@ fn check_grpc(s: &Settings) -> anyhow::Result<()> {
         bail!(
             "--malicious is not available with --transport grpc: the real agent only sends \
              its honest update; study attacks with --transport inproc"
+        );
+    }
+    if s.clock.availability < 1.0 {
+        bail!(
+            "--availability is not available with --transport grpc: every real agent is \
+             connected and selectable, and the virtual clock that takes merchants offline runs \
+             in-process only; study availability with --transport inproc"
         );
     }
     Ok(())

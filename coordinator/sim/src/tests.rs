@@ -1497,12 +1497,141 @@ fn a_refused_dp_setting_names_its_flag() {
     a.merchants = Some(10);
     a.dp_clip = Some("1".into());
     a.dp_noise = Some(0.5);
-    a.dp_delta = Some(0.5);
+    a.merchants = Some(200);
+    a.dp_delta = Some(0.008);
+    let e = run_all(&Settings::from_args(a.clone()).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("invalid --dp-delta: 0.008 is not below 1/200"),
+        "{e}"
+    );
+    // Whatever the federation's size, a δ above 1 % is no guarantee.
+    a.merchants = Some(1);
+    a.dp_delta = Some(0.9);
     let e = run_all(&Settings::from_args(a).unwrap())
         .unwrap_err()
         .to_string();
     assert!(
-        e.starts_with("invalid --dp-delta: 0.5 is not below 1/10"),
+        e.starts_with("invalid --dp-delta: 0.9 is above 0.01"),
         "{e}"
+    );
+}
+
+/// FedProx on a model whose local training has no proximal term ran as
+/// FedAvg under FedProx's name; the rules analysis took a strategy,
+/// sampling, dropouts and an attack and ignored them; Krum ran on rounds
+/// smaller than its 2f + 3.
+#[test]
+fn strategies_and_flags_a_task_would_ignore_are_refused() {
+    let refused = |a: SimArgs, says: &[&str]| {
+        let e = match Settings::from_args(a) {
+            Ok(s) => run_all(&s).map(|_| ()).unwrap_err().to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(says.iter().all(|s| e.contains(s)), "{e}");
+    };
+    for task in ["mf", "mf-implicit", "mf-ials", "noop:10"] {
+        let mut a = args();
+        a.task = Some(task.parse().unwrap());
+        a.strategy = Some("fedprox:10".parse().unwrap());
+        refused(a, &["--strategy fedprox:10", "plain FedAvg"]);
+    }
+    let mut a = telco_args("churn-lr");
+    a.strategy = Some("fedprox:10".parse().unwrap());
+    Settings::from_args(a).unwrap();
+    for (set, flag) in [
+        (
+            (|a: &mut SimArgs| a.strategy = Some("fedmedian".parse().unwrap())) as fn(&mut SimArgs),
+            "--strategy",
+        ),
+        (|a| a.fraction = Some(0.5), "--fraction"),
+        (|a| a.dropout = Some(0.5), "--dropout"),
+        (|a| a.malicious = Some(0.2), "--malicious"),
+    ] {
+        let mut a = args();
+        a.task = Some("rules:2".parse().unwrap());
+        set(&mut a);
+        refused(a, &[flag, "every merchant's baskets"]);
+    }
+    let mut a = telco_args("churn-lr");
+    a.merchants = Some(10);
+    a.strategy = Some("krum:1".parse().unwrap());
+    a.fraction = Some(0.3);
+    refused(a, &["krum:1 needs at least 5 updates", "selects 3 of 10"]);
+    let mut a = telco_args("churn-lr");
+    a.mode = Some(crate::ModeName::Fedbuff);
+    a.secagg = true;
+    refused(a, &["--mode fedbuff with --secagg", "leave out --secagg"]);
+}
+
+/// An --out that cannot be written failed only after the whole run; over
+/// gRPC, --availability was ignored (every real agent is selectable).
+#[test]
+fn an_unwritable_out_and_availability_over_grpc_are_refused_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let mut a = args();
+    a.task = Some("noop:10".parse().unwrap());
+    a.out = Some(file.join("out"));
+    let e = run_all(&Settings::from_args(a).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("--out ") && e.contains("nothing was run"),
+        "{e}"
+    );
+    let mut a = telco_args("churn-lr");
+    a.transport = Some(crate::Transport::Grpc);
+    a.availability = Some(0.3);
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        e.starts_with("--availability is not available with --transport grpc"),
+        "{e}"
+    );
+}
+
+/// With dropouts the last evaluation hears from a subset; when that is the
+/// served version, `final` was that subset's figure.
+#[test]
+fn the_served_figures_cover_every_merchant_under_dropouts() {
+    let mut a = movielens_args("mf");
+    a.dropout = Some(0.5);
+    a.rounds = Some(2);
+    a.patience = Some(0);
+    let e = run(a).remove(0);
+    let best = e.best.as_ref().expect("mf selects on val_rmse");
+    assert_eq!(
+        best.served_per_merchant.len(),
+        4,
+        "{:?}",
+        best.served_per_merchant.keys()
+    );
+    assert_eq!(e.final_metrics, best.served);
+    assert_eq!(e.per_merchant, best.served_per_merchant);
+}
+
+/// Every label negative: fewer merchants cannot help, and the note said so.
+#[test]
+fn a_table_without_a_churner_says_to_check_the_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo(data::DEFAULT_TELCO)).unwrap();
+    let no = dir.path().join("no-churn.csv");
+    std::fs::write(
+        &no,
+        text.replace(",Yes\n", ",No\n")
+            .replace(",Yes\r\n", ",No\r\n"),
+    )
+    .unwrap();
+    let mut a = telco_args("churn-lr");
+    a.data = Some(format!("telco:{}", no.display()).parse().unwrap());
+    let e = run(a).remove(0);
+    assert!(
+        e.report
+            .iter()
+            .any(|l| l.contains("no customer of any merchant is labelled churned")),
+        "{:?}",
+        e.report
     );
 }

@@ -238,6 +238,10 @@ fn distributed_dp_over_grpc_is_accounted_like_in_process_and_still_learns() {
     let eps = |e: &Experiment| e.rounds.iter().map(|r| r.epsilon).collect::<Vec<_>>();
     assert_eq!(eps(&inproc), eps(&grpc));
     assert!(eps(&grpc).iter().all(|e| e.is_some_and(|e| e > 0.0)));
+    // The summary's ε (table, metrics.json, report) too, not only the rows'.
+    let summary = |e: &Experiment| e.privacy.as_ref().map(|p| (p.epsilon, p.delta));
+    assert!(summary(&grpc).is_some());
+    assert_eq!(summary(&inproc), summary(&grpc));
     let (p, q) = (inproc.final_metrics["auc"], grpc.final_metrics["auc"]);
     assert!(
         p > 0.75 && q > 0.75 && (p - q).abs() < 0.03,
