@@ -302,7 +302,9 @@ fn csv_text(experiments: &[Experiment]) -> String {
             let _ = write!(
                 out,
                 "\"{}\",{},{},{},{},{},{},{:.6}",
-                e.name,
+                // RFC 4180: a quote inside a quoted field is doubled (a data
+                // file named `a"b.csv` broke the row).
+                e.name.replace('"', "\"\""),
                 r.round,
                 r.selected,
                 r.reported,

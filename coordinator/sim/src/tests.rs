@@ -92,6 +92,17 @@ fn short_demo_trains_both_models_and_writes_the_report() {
     assert_eq!(json["experiments"][1]["final"]["auc"].as_f64(), Some(auc));
     let csv = std::fs::read_to_string(out.path().join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 4);
+    // A quote in an experiment's name (it comes from the data file's name)
+    // stays inside its field: the row was cut short at the quote.
+    let mut odd = exps.clone();
+    odd[0].name = "mf on \"a,b\".csv".into();
+    let odd_out = tempfile::tempdir().unwrap();
+    output::write_all(odd_out.path(), &s, &odd).unwrap();
+    let mut rows = csv::Reader::from_path(odd_out.path().join("metrics.csv")).unwrap();
+    let width = rows.headers().unwrap().len();
+    let first = rows.records().next().unwrap().unwrap();
+    assert_eq!((&first[0], &first[1]), ("mf on \"a,b\".csv", "1"));
+    assert_eq!(first.len(), width);
     let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("auc by round"));
     for plot in [
