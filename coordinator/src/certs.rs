@@ -465,6 +465,8 @@ pub struct Revoked {
     pub serial: String,
     /// A warning for the operator (e.g. the id was not on the allow-list).
     pub warning: Option<String>,
+    /// The serial was revoked already: the access file was left as it was.
+    pub already: bool,
 }
 
 /// Revokes the certificate issued for `id` in `dir` (or the certificate
@@ -518,11 +520,16 @@ pub fn revoke(
             access.display()
         )
     });
-    if !list.revoked_serials.contains(&serial) {
+    let already = list.revoked_serials.contains(&serial);
+    if !already {
         list.revoked_serials.push(serial.clone());
+        write_file(access, &list.to_toml(), false)?;
     }
-    write_file(access, &list.to_toml(), false)?;
-    Ok(Revoked { serial, warning })
+    Ok(Revoked {
+        serial,
+        warning,
+        already,
+    })
 }
 
 /// The ids with a certificate in `dir` (not the CA or the coordinator).

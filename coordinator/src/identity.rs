@@ -409,10 +409,15 @@ mod tests {
         crate::certs::allow(&path, "m1").unwrap();
         assert_eq!(access.current().unwrap().refusal("m1"), None);
         let done = crate::certs::revoke(&path, &cd, "m1", None).unwrap();
-        assert_eq!(done.warning, None);
+        assert_eq!((done.warning, done.already), (None, false));
         let serial = crate::certs::serial_of_file(&cd.cert("m1")).unwrap();
         assert_eq!(done.serial, serial);
         assert!(access.current().unwrap().serial_refusal(&serial).is_some());
+        // Revoking it again says so and leaves the file alone.
+        let before = std::fs::read(&path).unwrap();
+        let again = crate::certs::revoke(&path, &cd, "m1", None).unwrap();
+        assert_eq!((again.serial, again.already), (serial, true));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
     #[test]

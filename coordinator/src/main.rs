@@ -478,11 +478,23 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             if let Some(w) = &done.warning {
                 eprintln!("warning: {w}");
             }
-            fedcart_common::outln!(
-                "revoked the certificate of `{id}` (serial {}) in {}",
-                done.serial,
-                access.display()
-            )?;
+            if done.already {
+                // Said, not silent: a second revoke of the same file is
+                // usually a wrong --dir or id (the certificate meant is
+                // still admitted).
+                fedcart_common::outln!(
+                    "the certificate of `{id}` (serial {}) was already revoked in {}; nothing \
+                     changed",
+                    done.serial,
+                    access.display()
+                )?;
+            } else {
+                fedcart_common::outln!(
+                    "revoked the certificate of `{id}` (serial {}) in {}",
+                    done.serial,
+                    access.display()
+                )?;
+            }
         }
     }
     Ok(())
