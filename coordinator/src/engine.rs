@@ -342,12 +342,14 @@ impl Engine {
         for r in &history {
             *attempts.entry((r.round, kind_name(r.kind))).or_insert(0) += 1;
         }
-        let ledger = run
+        let mut ledger = run
             .dp
             .as_ref()
             .map(|dp| Ledger::open(dp, &run, &history))
             .transpose()
             .map_err(EngineError::Config)?;
+        let unmasking = unmask::load(&store)?;
+        unmask::record_lost(&store, &history, ledger.as_mut(), &mut attempts, &unmasking)?;
         let stopped = store.meta_json::<RunStop>("stopped")?;
         let complete = run
             .model
@@ -371,7 +373,6 @@ impl Engine {
             .filter(|(_, reason)| reason == commit::SET_ASIDE)
             .map(|(m, _)| m.clone())
             .collect();
-        let unmasking = unmask::load(&store)?;
         let last_evaluated = history
             .iter()
             .rev()

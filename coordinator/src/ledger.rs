@@ -37,7 +37,8 @@
 //! seed and published in the round records, so subsampling amplifies
 //! nothing. A released sum is accounted whether or not its round commits (a
 //! revealed secure sum that cannot be committed is accounted, and the run
-//! stops). With `target_epsilon` the engine stops the run before a round that
+//! stops; a sum whose unmask requests left before the coordinator stopped is
+//! accounted when it restarts, `engine::unmask`). With `target_epsilon` the engine stops the run before a round that
 //! could take ε above the target, assuming in distributed mode that it
 //! commits with only `run.quorum` survivors; the target's `z` is solved for
 //! that worst case over the planned cohort (`DpSettings::noise_multiplier`),
@@ -380,7 +381,21 @@ impl Ledger {
         plan: &TaskPlan,
         survivors: usize,
     ) -> Result<PrivacyRecord, DpError> {
-        let m = plan.selected.len().max(1);
+        self.account_seen(survivors, plan.selected.len())
+    }
+
+    /// Accounts a sum of `survivors` inputs out of `selected` merchants that
+    /// may have been seen without a record of it: a coordinator stopped after
+    /// its unmask requests left and before the round's record was written
+    /// (see `engine::unmask`). Accounted as [`Ledger::account_revealed`]
+    /// accounts a sum seen and refused: the retry adds fresh noise to the
+    /// same inputs, a second release.
+    pub fn account_seen(
+        &mut self,
+        survivors: usize,
+        selected: usize,
+    ) -> Result<PrivacyRecord, DpError> {
+        let m = selected.max(1);
         let z_accounted = self.z_accounted(survivors, m);
         self.step(z_accounted, self.clip, m, None)
     }

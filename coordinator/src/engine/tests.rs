@@ -1176,3 +1176,76 @@ fn a_pinned_merchant_set_aside_stops_the_run() {
         Some(RunStop::Revealed { round: 1, .. })
     ));
 }
+
+/// A DP round whose unmask requests left before the coordinator went away
+/// may have shown its noised sum; the retry adds fresh noise to the same
+/// inputs, a second release. The restarted engine records the lost attempt
+/// (aborted, accounted) once, however often it restarts, and a retry that
+/// reaches its own unmask requests is accounted again if it is lost too.
+/// Without this the ε history counted only the release that committed.
+#[test]
+fn a_dp_sum_possibly_seen_before_a_restart_is_accounted_once() {
+    let (_dir, path, mut cfg) = secure_store();
+    let mut dp = crate::config::DpSettings::central(1.0, 1.0, 1e-5);
+    dp.mode = crate::config::DpMode::Distributed;
+    cfg.dp = Some(dp);
+    let all = agents(6);
+    let four = names(&all[..4]);
+    let mut e = reopen(&path, &cfg);
+    let first = e.start_task(&all).unwrap();
+    e.before_unmask(&four).unwrap();
+    drop(e); // killed before the commit
+
+    let e = reopen(&path, &cfg);
+    let history = e.store().history().unwrap();
+    drop(e);
+    let e = reopen(&path, &cfg);
+    let again = e.store().history().unwrap();
+    assert_eq!(again, history, "a second restart adds nothing");
+    assert_eq!(history.len(), 1, "{history:?}");
+    let lost = &history[0];
+    assert_eq!(lost.task_id, first.task_id);
+    assert_eq!(lost.outcome, Outcome::Aborted);
+    assert_eq!(lost.abort_reason.as_deref(), Some(super::unmask::LOST));
+    assert_eq!(names(&lost.reported), four);
+    assert_eq!(lost.dropped, all[4..].to_vec());
+    let p = lost.privacy.as_ref().expect("accounted");
+    assert_eq!(p.steps, 1);
+    // Four of six selected added their noise: z·√(4/6).
+    assert!(
+        (p.noise_multiplier - (4.0f64 / 6.0).sqrt()).abs() < 1e-12,
+        "{p:?}"
+    );
+    assert_eq!(e.ledger().unwrap().epsilon(), Some(p.epsilon));
+    drop(e);
+
+    // The retry (pinned to the four) reaches its unmask requests and is
+    // lost as well: accounted as a second release.
+    let mut e = reopen(&path, &cfg);
+    let retry = e.start_task(&all).unwrap();
+    assert_ne!(retry.task_id, first.task_id);
+    assert_eq!(names(&retry.selected), four);
+    e.before_unmask(&four).unwrap();
+    drop(e);
+    let mut e = reopen(&path, &cfg);
+    let history = e.store().history().unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[1].task_id, retry.task_id);
+    let second = history[1].privacy.as_ref().expect("accounted");
+    assert_eq!(second.steps, 2);
+    assert!(second.epsilon > p.epsilon);
+    // The next retry commits: three releases in all.
+    let plan = e.start_task(&all).unwrap();
+    e.before_unmask(&four).unwrap();
+    let plan_four: Vec<String> = four.iter().cloned().collect();
+    e.set_secure_sum(&plan_four, secure_sum(4)).unwrap();
+    let record = e.finish_task().unwrap();
+    assert_eq!(
+        (record.outcome, &record.task_id),
+        (Outcome::Committed, &plan.task_id)
+    );
+    assert_eq!(record.privacy.as_ref().map(|p| p.steps), Some(3));
+    drop(e);
+    let e = reopen(&path, &cfg);
+    assert_eq!(e.store().history().unwrap().len(), 3);
+}

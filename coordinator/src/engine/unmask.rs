@@ -23,6 +23,14 @@
 //! inputs are not exactly theirs is aborted before anything is unmasked.
 //! The retried sum is then the one that may have been seen (new masks, the
 //! same inputs), and nothing new is revealed.
+//!
+//! Nothing new about the inputs, that is: with distributed DP each attempt
+//! carries fresh noise, so a sum seen before the restart and the retry's are
+//! two releases. The restarted engine writes the lost attempt's record
+//! ([`record_lost`]: aborted, [`LOST`], with the ledger's accounting of the
+//! sum in a DP training round) before anything else, once; and the marker
+//! follows each pinned retry whose unmask requests leave, so a retry lost
+//! the same way is accounted too.
 
 use std::collections::BTreeSet;
 
@@ -30,6 +38,7 @@ use fedcart_common::task::TaskKind;
 use serde::{Deserialize, Serialize};
 
 use super::{Engine, EngineError, RunStop};
+use crate::record::{Outcome, PrivacyRecord, RoundRecord};
 
 /// Meta key of the marker.
 const KEY: &str = "unmasking";
@@ -47,7 +56,104 @@ pub(super) struct Unmasking {
     task_id: String,
     /// The merchants whose masked inputs the sum holds.
     survivors: BTreeSet<String>,
+    /// The merchants selected for the task (the DP ledger's denominator;
+    /// empty in markers stored before it was kept: taken as `survivors`).
+    #[serde(default)]
+    selected: Vec<String>,
 }
+
+/// A task whose unmask requests left (`marker`) and that has no record in
+/// `history`: the coordinator stopped before writing it, and its sum may
+/// have been seen. It gets its record now, aborted, with the ledger's
+/// accounting of that sum in a DP training round, and counts as an attempt:
+/// the retry's release is a second one (fresh noise over the same inputs),
+/// and without this record the ε history would count only that one. A
+/// marker whose task has a record (it committed, or failed knowingly) is
+/// left alone.
+pub(super) fn record_lost(
+    store: &crate::store::Store,
+    history: &[RoundRecord],
+    ledger: Option<&mut crate::ledger::Ledger>,
+    attempts: &mut std::collections::BTreeMap<(u64, &'static str), u32>,
+    marker: &Option<Unmasking>,
+) -> Result<(), EngineError> {
+    let Some(u) = marker else {
+        return Ok(());
+    };
+    if history.iter().any(|r| r.task_id == u.task_id) {
+        return Ok(());
+    }
+    let privacy = match (ledger, u.kind) {
+        (Some(l), TaskKind::Train) => Some(
+            l.account_seen(u.survivors.len(), u.selected_count())
+                .map_err(|e| EngineError::Config(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let count = attempts
+        .entry((u.round, crate::record::kind_name(u.kind)))
+        .or_insert(0);
+    *count += 1;
+    let record = u.lost_record(*count, privacy);
+    tracing::warn!(task = %record.task_id, epsilon = ?record.privacy.as_ref().map(|p| p.epsilon),
+        "the coordinator stopped after this task's unmask requests left; its sum is taken as seen");
+    store.append_history(&record)?;
+    Ok(())
+}
+
+impl Unmasking {
+    /// The record of that task when the coordinator stopped before writing
+    /// one: aborted, its sum taken as seen (with `privacy`, the ledger's
+    /// accounting of it, in a DP training round).
+    fn lost_record(&self, attempt: u32, privacy: Option<PrivacyRecord>) -> RoundRecord {
+        let selected = if self.selected.is_empty() {
+            self.survivors.iter().cloned().collect()
+        } else {
+            self.selected.clone()
+        };
+        let dropped = selected
+            .iter()
+            .filter(|m| !self.survivors.contains(*m))
+            .cloned()
+            .collect();
+        RoundRecord {
+            round: self.round,
+            attempt,
+            task_id: self.task_id.clone(),
+            kind: self.kind,
+            outcome: Outcome::Aborted,
+            base_version: self.base_version,
+            selected,
+            reported: self.survivors.iter().cloned().collect(),
+            dropped,
+            rejected: Vec::new(),
+            metrics: Default::default(),
+            examples: 0.0,
+            started_unix_ms: super::unix_ms(),
+            duration_ms: 0,
+            bytes_in: 0,
+            abort_reason: Some(LOST.to_string()),
+            privacy,
+            secagg_clipped: None,
+            sampled: false,
+        }
+    }
+
+    /// The number of merchants selected (see [`Unmasking::selected`]).
+    fn selected_count(&self) -> usize {
+        if self.selected.is_empty() {
+            self.survivors.len()
+        } else {
+            self.selected.len()
+        }
+    }
+}
+
+/// The abort reason of a task whose coordinator stopped after its unmask
+/// requests left and before its record was written.
+pub const LOST: &str = "the coordinator stopped after this task's unmask requests left and before \
+                        its record was written: its sum is taken as seen (accounted, with \
+                        differential privacy) and the round is retried over the same merchants";
 
 /// The marker in `store`, if any (a cleared marker is stored as `null`).
 pub(super) fn load(store: &crate::store::Store) -> Result<Option<Unmasking>, EngineError> {
@@ -124,15 +230,31 @@ impl Engine {
             open.plan.model_version,
         );
         let task_id = open.plan.task_id.clone();
+        let selected = open.plan.selected.clone();
         if let Some(pinned) = self
             .unmasking
             .as_ref()
             .filter(|u| u.round == round && u.kind == kind && u.base_version == base_version)
-            .map(|u| &u.survivors)
         {
-            if pinned == survivors {
+            if &pinned.survivors == survivors {
+                // The marker now names this attempt: were the coordinator
+                // to stop again before its record, a restart accounts this
+                // release too (the agents' noise is fresh each attempt).
+                // It stays unmarked, so a failure keeps the pin.
+                let mut marker = pinned.clone();
+                marker.task_id = task_id;
+                marker.selected = selected;
+                let json = serde_json::to_value(&marker).expect("serialisable");
+                self.store.put_meta_json(&[(KEY, json)]).map_err(|e| {
+                    format!(
+                        "the survivors could not be stored before unmasking ({e}): aborted \
+                         before unmasking, nothing was revealed"
+                    )
+                })?;
+                self.unmasking = Some(marker);
                 return Ok(());
             }
+            let pinned = &pinned.survivors;
             let missing: Vec<&String> = pinned.difference(survivors).collect();
             let extra: Vec<&String> = survivors.difference(pinned).collect();
             return Err(format!(
@@ -148,6 +270,7 @@ impl Engine {
             base_version,
             task_id,
             survivors: survivors.clone(),
+            selected,
         };
         let json = serde_json::to_value(&marker).expect("serialisable");
         self.store.put_meta_json(&[(KEY, json)]).map_err(|e| {
