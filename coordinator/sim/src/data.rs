@@ -491,6 +491,9 @@ pub struct Population {
     pub merchants: Vec<LocalData>,
     /// The model family and shape.
     pub model: ModelSpec,
+    /// What the report says about the data as read (rows skipped, stray
+    /// dates): empty when there is nothing to say.
+    pub notes: Vec<String>,
 }
 
 /// Loads the data and deals it into `n` merchants. `delimiter` separates
@@ -517,6 +520,7 @@ pub fn build(
                 })
                 .collect(),
             model: ModelSpec::Noop { dim },
+            notes: Vec::new(),
         }),
         (t, DataSpec::MovieLens(path)) if t.is_mf() => {
             let implicit = task.is_implicit_mf();
@@ -569,6 +573,7 @@ pub fn build(
             Ok(Population {
                 merchants,
                 model: mf_model(implicit, catalogue.len(), factors, mf),
+                notes: Vec::new(),
             })
         }
         (t, DataSpec::Orders(src)) => orders::build(t, src, n, partitioner, mf, factors, seed),
@@ -636,6 +641,7 @@ pub fn build(
             Ok(Population {
                 merchants,
                 model: task.churn_model(schema.num_features()),
+                notes: Vec::new(),
             })
         }
         (t, d) => {

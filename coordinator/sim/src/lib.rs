@@ -157,6 +157,9 @@ pub fn run_one(
         s.seed,
     )?;
     let mut pop = pop;
+    // Said in the report, above everything else: what reading the data
+    // skipped or doubted (it was on standard error only).
+    let data_notes = std::mem::take(&mut pop.notes);
     // Segments: the whole pipeline (candidates, choice of k, Lloyd rounds)
     // runs as rounds of the engine, `--rounds` Lloyd updates of the chosen
     // k at most; keep the data to profile the segments after the run.
@@ -290,6 +293,7 @@ pub fn run_one(
         .sum();
     if s.transport == Transport::Grpc {
         let mut exp = grpc::run(s, task, data, pop, run, load_seconds)?;
+        exp.report.splice(0..0, data_notes);
         if !exp.failed {
             let notes = closing_notes(s, task, &spec, &exp, &exp.final_model, churn_rows, churners);
             exp.report.extend(notes);
@@ -547,6 +551,7 @@ pub fn run_one(
             .unwrap_or(l.clip()),
         adaptive: l.settings().clip == fedcart_coordinator::config::ClipNorm::Adaptive,
     });
+    exp.report.splice(0..0, data_notes);
     if exp.failed {
         // Nothing is served from a failed run: no best version, no
         // personalised copies, no baselines to set it against.

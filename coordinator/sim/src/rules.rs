@@ -192,6 +192,9 @@ fn over_grpc(
             })
             .collect(),
         model,
+        // Not carried on this path (`load` reads the export apart): skipped
+        // rows are on standard error only.
+        notes: Vec::new(),
     };
     let exp = crate::grpc::run(s, task, data, pop, run, load_seconds)?;
     let apriori = Apriori::decode(&exp.final_model, catalogue.len(), min_support, 0)

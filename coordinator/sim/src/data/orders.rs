@@ -301,6 +301,13 @@ impl OrdersSource {
 
     /// Reads the export; the cutoff defaults to the last order minus the window.
     pub(crate) fn read(&self) -> anyhow::Result<(Vec<Order>, ChurnConfig)> {
+        self.read_noting().map(|(rows, cfg, _)| (rows, cfg))
+    }
+
+    /// As [`OrdersSource::read`], with what the report should say about the
+    /// export: rows skipped (`--on-bad-row skip`) and stray dates, which
+    /// were on standard error only.
+    pub(crate) fn read_noting(&self) -> anyhow::Result<(Vec<Order>, ChurnConfig, Vec<String>)> {
         // Every reading error names the file (and line) itself.
         let (rows, report) = orders::read_orders(&self.path, self.mapping(), self.on_bad_row)
             .map_err(|e| match e {
@@ -309,12 +316,30 @@ impl OrdersSource {
                 }
                 e => anyhow::Error::new(e),
             })?;
+        let mut notes = Vec::new();
         if report.rows_skipped() > 0 {
             tracing::warn!(file = %self.path.display(), skipped = report.rows_skipped(),
                 examples = ?report.examples, "orders rows skipped");
+            let reasons: Vec<String> = report
+                .skipped
+                .iter()
+                .map(|(reason, n)| format!("{} {n}", reason.as_str()))
+                .collect();
+            notes.push(format!(
+                "{}: {} of {} rows skipped (--on-bad-row skip): {}{}",
+                self.path.display(),
+                report.rows_skipped(),
+                report.rows_read,
+                reasons.join(", "),
+                report
+                    .examples
+                    .first()
+                    .map_or(String::new(), |e| format!("; the first: {e}"))
+            ));
         }
         if let Some(note) = &report.stray_dates {
             tracing::warn!("{}: {note}", self.path.display());
+            notes.push(format!("{}: {note}", self.path.display()));
         }
         let window = i64::from(self.churn_window_days) * SECONDS_PER_DAY;
         let cutoff = match self.cutoff {
@@ -328,7 +353,11 @@ impl OrdersSource {
                 (last.div_euclid(SECONDS_PER_DAY) + 1) * SECONDS_PER_DAY - window
             }
         };
-        Ok((rows, ChurnConfig::new(cutoff, self.churn_window_days)))
+        Ok((
+            rows,
+            ChurnConfig::new(cutoff, self.churn_window_days),
+            notes,
+        ))
     }
 }
 
@@ -417,7 +446,7 @@ pub fn build(
     factors: usize,
     seed: u64,
 ) -> anyhow::Result<Population> {
-    let (rows, mut cfg) = src.read()?;
+    let (rows, mut cfg, notes) = src.read_noting()?;
     if task.is_mf() && src.cutoff.is_none() {
         // A recommender learns from every order: the default cutoff (the last
         // order minus the churn window) is a churn label's, and would hide
@@ -538,7 +567,11 @@ pub fn build(
                         .collect()
                 }
             };
-            Ok(Population { merchants, model })
+            Ok(Population {
+                merchants,
+                model,
+                notes,
+            })
         }
         TaskChoice::Mf | TaskChoice::MfImplicit | TaskChoice::MfIals => {
             let implicit = task.is_implicit_mf();
@@ -623,6 +656,7 @@ pub fn build(
             Ok(Population {
                 merchants,
                 model: super::mf_model(implicit, catalogue.len(), factors, mf),
+                notes,
             })
         }
         TaskChoice::Noop(_) => bail!("task `{}` takes no data", task.name()),

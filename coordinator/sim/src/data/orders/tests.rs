@@ -436,3 +436,39 @@ fn the_config_orders_table_with_natural_partition_makes_one_merchant_per_store()
     let err = run(d).unwrap_err().to_string();
     assert!(err.contains("--merchant-col"), "{err}");
 }
+
+/// Rows skipped under `--on-bad-row skip` were counted on standard error
+/// only: the report (summary, metrics.json, analysis.md, report.html) now
+/// opens with the count by reason and the first example, naming the file.
+#[test]
+fn rows_skipped_while_reading_are_in_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cdnow-with-bad-rows.txt");
+    let mut text = std::fs::read_to_string(repo(super::DEFAULT_CDNOW)).unwrap();
+    let rows = text.lines().count() - 1;
+    text += " 00003 1997O301  1   5.00\n 00004 19970302  1   -3.00\n";
+    std::fs::write(&path, text).unwrap();
+    let mut a = cdnow_args();
+    a.data = Some(format!("orders:{}", path.display()).parse().unwrap());
+    a.rounds = Some(1);
+    // Refused by default, naming the line.
+    let e = run(a.clone()).unwrap_err();
+    assert!(
+        format!("{e:#}").contains(&format!("line {}", rows + 2)),
+        "{e:#}"
+    );
+    a.orders.on_bad_row = Some(fedcart_common::data::orders::BadRowPolicy::Skip);
+    let e = &run(a).unwrap()[0];
+    let first = &e.report[0];
+    assert!(
+        first.starts_with(&format!(
+            "{}: 2 of {} rows skipped (--on-bad-row skip): bad_timestamp 1, negative_amount 1; \
+             the first: ",
+            path.display(),
+            rows + 2
+        )),
+        "{:?}",
+        e.report
+    );
+    assert!(first.contains("1997O301"), "{first}");
+}
