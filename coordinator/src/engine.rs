@@ -342,6 +342,13 @@ impl Engine {
         for r in &history {
             *attempts.entry((r.round, kind_name(r.kind))).or_insert(0) += 1;
         }
+        if let Some(w) = run
+            .dp
+            .as_ref()
+            .and_then(|dp| dp.weak_guarantee_warning(&run))
+        {
+            tracing::warn!(run = %run.run_id, "{w}");
+        }
         let mut ledger = run
             .dp
             .as_ref()

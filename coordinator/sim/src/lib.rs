@@ -614,10 +614,32 @@ fn closing_notes(
 ) -> Vec<String> {
     let mut out: Vec<String> = unsplit_note(spec, model, churn_rows).into_iter().collect();
     out.extend(untested_note(task, exp, churn_rows > 0 && churners == 0));
+    out.extend(weak_privacy_note(exp));
     if s.secagg {
         out.extend(clipping_note(spec, exp, s.secagg_clip(task)));
     }
     out
+}
+
+/// Above this ε a differential-privacy guarantee bounds little in
+/// practice: an observer's odds of telling whether a merchant took part may
+/// grow by e^ε (e^10 ≈ 22,000).
+const WEAK_EPSILON: f64 = 10.0;
+
+/// A DP run whose ε came out above [`WEAK_EPSILON`]: said, with what to
+/// change, rather than left as a large number in the table.
+fn weak_privacy_note(exp: &Experiment) -> Option<String> {
+    let p = exp.privacy.as_ref()?;
+    (p.epsilon > WEAK_EPSILON).then(|| {
+        format!(
+            "ε = {} at δ = {:e} is above {WEAK_EPSILON}: a guarantee this weak bounds little in \
+             practice (an observer's odds of telling whether a merchant took part may grow by \
+             e^ε); raise --dp-noise (now {}), give --target-epsilon, or run fewer --rounds",
+            output::epsilon_text(p.epsilon),
+            p.delta,
+            p.noise_multiplier
+        )
+    })
 }
 
 /// Boosted trees none of which split: why, and what to change

@@ -77,7 +77,7 @@ pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
             format!("{:.1}", bytes as f64 / 1e6),
             e.privacy
                 .as_ref()
-                .map_or("-".into(), |p| format!("{:.3}", p.epsilon)),
+                .map_or("-".into(), |p| epsilon_text(p.epsilon)),
         ]);
     }
     fedcart_common::outln!("{t}")?;
@@ -338,6 +338,17 @@ fn csv_text(experiments: &[Experiment]) -> String {
     out
 }
 
+/// ε as the tables show it: three decimals, in scientific notation from
+/// 10,000 on (a run with almost no noise reached ε ≈ 1.65e12, thirteen
+/// digits of a meaningless number).
+pub(crate) fn epsilon_text(eps: f64) -> String {
+    if eps.abs() >= 1e4 {
+        format!("{eps:.3e}")
+    } else {
+        format!("{eps:.3}")
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -523,10 +534,10 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
             let _ = write!(
                 out,
                 "<p class=\"dp\">Differential privacy ({:?} noise, merchant level): \
-                 ε = {:.3} at δ = {:e} after {} rounds, noise multiplier {:.4}, \
+                 ε = {} at δ = {:e} after {} rounds, noise multiplier {:.4}, \
                  {} clip norm {:.4}.</p>",
                 p.mode,
-                p.epsilon,
+                epsilon_text(p.epsilon),
                 p.delta,
                 e.rounds.iter().filter(|r| r.committed).count(),
                 p.noise_multiplier,
@@ -586,7 +597,7 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
             }
             if dp {
                 match r.epsilon {
-                    Some(eps) => _ = write!(out, "<td>{eps:.3}</td>"),
+                    Some(eps) => _ = write!(out, "<td>{}</td>", epsilon_text(eps)),
                     None => out += "<td>–</td>",
                 }
             }

@@ -1529,6 +1529,44 @@ fn a_refused_dp_setting_names_its_flag() {
     );
 }
 
+/// A run with almost no noise reached ε ≈ 1.65e12, printed as a
+/// thirteen-digit number and nothing else; the report now says that such a
+/// guarantee bounds little and what to change, and a run within its target
+/// gets no such note.
+#[test]
+fn a_vacuous_privacy_guarantee_is_called_out() {
+    let mut a = telco_args("churn-lr");
+    a.merchants = Some(5);
+    a.rounds = Some(2);
+    a.dp_clip = Some("1".into());
+    a.dp_noise = Some(1e-6);
+    let e = &run(a.clone())[0];
+    let eps = e.privacy.as_ref().unwrap().epsilon;
+    assert!(eps > 1e9, "{eps}");
+    let note = e
+        .report
+        .iter()
+        .find(|l| l.starts_with("ε = "))
+        .unwrap_or_else(|| panic!("{:?}", e.report));
+    assert!(
+        note.starts_with(&format!(
+            "ε = {} at δ = 1e-5 is above 10",
+            output::epsilon_text(eps)
+        )) && note.contains("raise --dp-noise (now 0.000001)"),
+        "{note}"
+    );
+    assert!(output::epsilon_text(eps).contains('e'), "{eps}");
+    a.dp_noise = None;
+    a.target_epsilon = Some(2.0);
+    let e = &run(a)[0];
+    assert!(e.privacy.as_ref().unwrap().epsilon <= 2.0);
+    assert!(
+        !e.report.iter().any(|l| l.starts_with("ε = ")),
+        "{:?}",
+        e.report
+    );
+}
+
 /// FedProx on a model whose local training has no proximal term ran as
 /// FedAvg under FedProx's name; the rules analysis took a strategy,
 /// sampling, dropouts and an attack and ignored them; Krum ran on rounds

@@ -217,6 +217,35 @@ impl DpSettings {
         })
     }
 
+    /// What the operator should hear when a fixed `noise_multiplier` takes
+    /// the run's planned rounds past ε = 10 (without a `target_epsilon` to
+    /// stop it): the ε it reaches, and what to change. ε is computed as the
+    /// ledger accounts a round (sampling rate 1, central noise; distributed
+    /// rounds with dropouts reach more).
+    pub fn weak_guarantee_warning(&self, run: &RunConfig) -> Option<String> {
+        const WEAK: f64 = 10.0;
+        if self.target_epsilon.is_some() {
+            return None;
+        }
+        let z = self.noise_multiplier?;
+        let eps = fedcart_common::privacy::dp::accountant::epsilon_for(
+            ACCOUNTED_SAMPLING_RATE,
+            z,
+            run.rounds.max(1),
+            self.delta,
+        )
+        .ok()?
+        .epsilon;
+        (eps > WEAK).then(|| {
+            format!(
+                "run.dp: noise_multiplier {z} over {} rounds reaches ε = {eps:.3e} at δ = {:e}, \
+                 above {WEAK}: a guarantee this weak bounds little in practice; raise \
+                 noise_multiplier, or set target_epsilon to stop the run at a budget",
+                run.rounds, self.delta
+            )
+        })
+    }
+
     /// Std of the noise on the sum of clip bits (adaptive clipping).
     pub fn count_noise_std(&self, run: &RunConfig, z: f64) -> f64 {
         self.count_noise_std

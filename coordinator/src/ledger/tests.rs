@@ -692,3 +692,47 @@ fn a_meaningless_delta_or_an_overflowing_noise_scale_is_refused() {
         "run.dp.noise_multiplier"
     );
 }
+
+/// A fixed noise multiplier too small for the planned rounds ran without a
+/// word; the operator now hears the ε it reaches (as the ledger accounts
+/// it) and what to change, and nothing when the plan stays within ε = 10
+/// or a target stops the run.
+#[test]
+fn a_noise_multiplier_too_small_for_the_planned_rounds_is_called_out() {
+    let mut cfg = run(DpSettings::central(1.0, 0.5, 1e-5), 5);
+    cfg.rounds = 5;
+    let eps = epsilon_for(1.0, 0.5, 5, 1e-5).unwrap().epsilon;
+    assert!(eps > 10.0, "{eps}");
+    let w = cfg
+        .dp
+        .as_ref()
+        .unwrap()
+        .weak_guarantee_warning(&cfg)
+        .expect("a warning");
+    assert!(
+        w.starts_with(&format!(
+            "run.dp: noise_multiplier 0.5 over 5 rounds reaches ε = {eps:.3e} at δ = 1e-5"
+        )),
+        "{w}"
+    );
+    assert!(epsilon_for(1.0, 2.0, 5, 1e-5).unwrap().epsilon < 10.0);
+    let within = run(DpSettings::central(1.0, 2.0, 1e-5), 5);
+    let within = RunConfig {
+        rounds: 5,
+        ..within
+    };
+    assert_eq!(
+        within.dp.as_ref().unwrap().weak_guarantee_warning(&within),
+        None
+    );
+    let mut targeted = cfg.clone();
+    targeted.dp.as_mut().unwrap().target_epsilon = Some(50.0);
+    assert_eq!(
+        targeted
+            .dp
+            .as_ref()
+            .unwrap()
+            .weak_guarantee_warning(&targeted),
+        None
+    );
+}
