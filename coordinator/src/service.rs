@@ -240,6 +240,24 @@ impl Shared {
             if !aside.is_empty() {
                 phase.push_str(&format!("; set aside: {}", shown(&aside)));
             }
+            // A round retried over exactly the merchants of a sum that may
+            // have been unmasked waits for each of them: name those missing.
+            if let Some(pinned) = engine.pinned_merchants() {
+                let missing: Vec<&String> = pinned
+                    .iter()
+                    .filter(|m| eligible.binary_search(m).is_err())
+                    .collect();
+                if !missing.is_empty() {
+                    phase = format!(
+                        "waiting for {} of the {} merchants of a sum that may have been \
+                         unmasked before a restart (the round is retried over exactly them; \
+                         `runs stop` ends the run): {}",
+                        missing.len(),
+                        pinned.len(),
+                        shown(&missing)
+                    );
+                }
+            }
         }
         hub::RunSummary {
             run_id: run.run_id.clone(),

@@ -1101,6 +1101,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     drop(e); // killed before the commit
 
     let mut e = reopen(&path, &cfg);
+    assert_eq!(e.pinned_merchants(), Some(&four), "the status names them");
     let without_m03: Vec<String> = all.iter().filter(|m| *m != "m03").cloned().collect();
     assert!(
         matches!(
@@ -1143,6 +1144,7 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     assert_eq!(record.outcome, Outcome::Committed);
     assert_eq!(names(&record.reported), four);
     assert_eq!(e.version(), 1);
+    assert_eq!(e.pinned_merchants(), None, "committed: no longer pinned");
 
     // The next round is on another base: free selection again. Its own
     // unmasking fails with nothing recovered, so the marker goes and the

@@ -171,6 +171,16 @@ impl Engine {
             .map(|u| &u.survivors)
     }
 
+    /// The merchants the next secure task must be run over because its sum
+    /// may have been unmasked before a restart (its base is still the
+    /// current version), for the operator's status.
+    pub fn pinned_merchants(&self) -> Option<&BTreeSet<String>> {
+        self.unmasking
+            .as_ref()
+            .filter(|u| u.base_version == self.version)
+            .map(|u| &u.survivors)
+    }
+
     /// Selection of a pinned task: exactly the pinned merchants, once every
     /// one of them is available. A pinned merchant set aside by the run can
     /// never take part again: the run stops instead of waiting for it.
