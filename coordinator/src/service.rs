@@ -485,6 +485,12 @@ impl Shared {
         self.engine().stopped().cloned()
     }
 
+    /// The best version by federated validation so far (the one served),
+    /// if the model reports a validation metric.
+    pub fn best(&self) -> Option<crate::engine::BestVersion> {
+        self.engine().best().cloned()
+    }
+
     /// The feature statistics agreed in the statistics step, if any.
     pub fn standardizer(&self) -> Option<fedcart_common::data::standardize::Standardizer> {
         self.engine().standardizer().cloned()

@@ -92,6 +92,31 @@ pub fn run(
     .map_err(|_| anyhow::anyhow!("the gRPC simulation thread panicked"))??;
     exp.rounds = rows(&done.history, &done.stamps, done.started, &done.model_lens);
     exp.per_merchant = done.per_merchant;
+    // Model selection as in process: the best version, what it scored right
+    // after its round, and as served.
+    if let Some((best, served)) = done.best {
+        let at = |round: u64| {
+            exp.rounds
+                .iter()
+                .find(|r| r.round == round)
+                .map(|r| r.eval.clone())
+                .unwrap_or_default()
+        };
+        exp.best = Some(crate::experiment::BestSummary {
+            round: best.version,
+            metric: best.metric,
+            value: best.value,
+            at_best: at(best.version),
+            served,
+            last: exp
+                .rounds
+                .last()
+                .map(|r| r.eval.clone())
+                .unwrap_or_default(),
+            served_per_merchant: exp.per_merchant.clone(),
+            personalised: None,
+        });
+    }
     // The run's ε as in process: the coordinator's accounting of its last
     // release, with its real (operating-system) noise.
     if let (Some(dp), Some(last)) = (
@@ -137,6 +162,12 @@ pub fn run(
 
 /// What a finished gRPC run leaves behind.
 struct Done {
+    /// The best version by federated validation, with its figures as served
+    /// (every merchant, its agent's final private state).
+    best: Option<(
+        fedcart_coordinator::engine::BestVersion,
+        BTreeMap<String, f64>,
+    )>,
     /// Why the coordinator ended the run before its last round, if it did.
     stopped: Option<RunStop>,
     history: Vec<RoundRecord>,
@@ -255,6 +286,16 @@ async fn drive(
         .model(version)?
         .with_context(|| format!("final model version {version} is missing"))?
         .to_vec();
+    // The version merchants are served: the best by federated validation
+    // (the coordinator's final serving task handed it out), else the last.
+    let best = shared.best();
+    let served_model = match &best {
+        Some(b) if b.version != version => shared
+            .model(b.version)?
+            .with_context(|| format!("best version {} is missing", b.version))?
+            .to_vec(),
+        _ => final_model.clone(),
+    };
     let mut model_lens = BTreeMap::new();
     for r in &history {
         if let std::collections::btree_map::Entry::Vacant(e) = model_lens.entry(r.base_version) {
@@ -288,24 +329,48 @@ async fn drive(
         dp: None,
         best_version: None,
     };
-    // Each merchant's held-out metrics of the final model, evaluated once:
-    // those that answered the last evaluation make the per-merchant table
-    // (the coordinator keeps only their weighted mean); with `--out`, every
-    // merchant makes the federation-value report's federated column (the
-    // run's own final version, as the in-process report uses the run's
-    // served version, not a reference FedAvg trained after it).
+    // Each merchant's held-out metrics of the served version, evaluated
+    // once with its agent's private state: those that answered the last
+    // evaluation make the per-merchant table of a run without model
+    // selection (the coordinator keeps only their weighted mean); with
+    // model selection or `--out`, every merchant (the served figures, and
+    // the federation-value report's federated column: the run's own served
+    // version, as in process, not a reference FedAvg trained after it).
     let reported: Vec<String> = history
         .iter()
         .rev()
         .find(|r| kind_name(r.kind) == "evaluate" && r.outcome == Outcome::Committed)
         .map(|r| r.reported.clone())
         .unwrap_or_default();
-    let evaluated = evaluate(&template, &final_model, &mut finished, |id| {
-        s.out.is_some() || reported.iter().any(|r| r == id)
+    // Evaluated as of the served version's round, as in process: the agents
+    // pair a version with the private state they measured it with.
+    let served_spec = TaskSpec {
+        round: best.as_ref().map_or(version, |b| b.version),
+        ..template.clone()
+    };
+    let outputs = evaluate(&served_spec, &served_model, &mut finished, |id| {
+        s.out.is_some() || best.is_some() || reported.iter().any(|r| r == id)
     })?;
+    // As the engine commits an evaluation: an example-weighted mean per
+    // metric, and those that do not average (AUC) from the summed vectors.
+    let served_mean = {
+        let mut mean = crate::WeightedMean::default();
+        let mut sum = vec![0.0f64; template.model.eval_len()];
+        for out in outputs.values() {
+            mean.add(&out.metrics, out.weight);
+            out.add_values_to(&mut sum);
+        }
+        let mut m = mean.mean();
+        if !sum.is_empty() {
+            m.extend(template.model.pooled_metrics(&sum));
+        }
+        m
+    };
+    let evaluated: BTreeMap<String, BTreeMap<String, f64>> =
+        outputs.into_iter().map(|(id, o)| (id, o.metrics)).collect();
     let per_merchant = evaluated
         .iter()
-        .filter(|(id, _)| reported.contains(id))
+        .filter(|(id, _)| best.is_some() || reported.contains(id))
         .map(|(id, m)| (id.clone(), m.clone()))
         .collect();
     let served = if s.out.is_some() {
@@ -326,6 +391,7 @@ async fn drive(
     template.round = 0;
     template.standardizer = None;
     Ok(Done {
+        best: best.map(|b| (b, served_mean)),
         stopped,
         stamps,
         started: started.unwrap_or_else(Instant::now),
@@ -346,14 +412,14 @@ fn evaluate(
     model: &[f32],
     agents: &mut [Agent],
     which: impl Fn(&str) -> bool,
-) -> anyhow::Result<BTreeMap<String, BTreeMap<String, f64>>> {
+) -> anyhow::Result<BTreeMap<String, fedcart_common::model::TaskOutput>> {
     let mut spec = spec.clone();
     spec.kind = TaskKind::Evaluate;
     let mut out = BTreeMap::new();
     for agent in agents.iter_mut().filter(|a| which(&a.data.merchant_id)) {
         let o = run_task(&spec, model, &mut agent.data)
             .with_context(|| format!("evaluating merchant {}", agent.data.merchant_id))?;
-        out.insert(agent.data.merchant_id.clone(), o.metrics);
+        out.insert(agent.data.merchant_id.clone(), o);
     }
     Ok(out)
 }

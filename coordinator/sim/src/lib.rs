@@ -295,6 +295,7 @@ pub fn run_one(
         let mut exp = grpc::run(s, task, data, pop, run, load_seconds)?;
         exp.report.splice(0..0, data_notes);
         if !exp.failed {
+            exp.report.extend(selection_report(&exp));
             let notes = closing_notes(s, task, &spec, &exp, &exp.final_model, churn_rows, churners);
             exp.report.extend(notes);
         }
@@ -1143,12 +1144,12 @@ fn evaluation_of(
 /// An example-weighted mean of metric maps, each figure over the maps that
 /// hold it (as the engine commits an evaluation).
 #[derive(Default)]
-struct WeightedMean {
+pub(crate) struct WeightedMean {
     sums: BTreeMap<String, (f64, f64)>,
 }
 
 impl WeightedMean {
-    fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
+    pub(crate) fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
         for (k, v) in metrics {
             let (sum, w) = self.sums.entry(k.clone()).or_default();
             *sum += v * weight;
@@ -1156,7 +1157,7 @@ impl WeightedMean {
         }
     }
 
-    fn mean(self) -> BTreeMap<String, f64> {
+    pub(crate) fn mean(self) -> BTreeMap<String, f64> {
         self.sums
             .into_iter()
             .map(|(k, (v, w))| (k, if w > 0.0 { v / w } else { 0.0 }))

@@ -486,3 +486,41 @@ fn a_small_search_runs_its_trials_as_secure_rounds_over_grpc_and_chooses_as_in_p
     assert_eq!(trials.len(), 4);
     assert!(grpc.report[0].starts_with("search: successive halving of 4 configurations"));
 }
+
+/// Over gRPC the report showed the last version as `final`, with no model
+/// selection, while the coordinator served the best version by validation:
+/// the two transports now report the same selection and served figures.
+#[test]
+fn grpc_reports_the_best_version_it_serves_as_in_process() {
+    let a = SimArgs {
+        merchants: Some(5),
+        rounds: Some(4),
+        epochs: Some(1),
+        ..bundled("mf-implicit", "movielens")
+    };
+    let (inproc, grpc) = both(&a);
+    let (p, q) = (inproc.best.as_ref().unwrap(), grpc.best.as_ref().unwrap());
+    assert_eq!((p.round, &p.metric), (q.round, &q.metric));
+    assert!(
+        (p.value - q.value).abs() < 1e-6,
+        "{} vs {}",
+        p.value,
+        q.value
+    );
+    for (k, v) in &p.served {
+        let w = q.served[k];
+        assert!((v - w).abs() <= 1e-5 * v.abs().max(1.0), "{k}: {v} vs {w}");
+    }
+    assert_eq!(grpc.final_metrics, q.served);
+    assert_eq!(
+        p.served_per_merchant.keys().collect::<Vec<_>>(),
+        q.served_per_merchant.keys().collect::<Vec<_>>()
+    );
+    for e in [&inproc, &grpc] {
+        assert!(
+            e.report.iter().any(|l| l.starts_with("model selection")),
+            "{:?}",
+            e.report
+        );
+    }
+}
