@@ -141,7 +141,9 @@ pub fn bought_together(
         });
         for r in list.iter().take(top) {
             w.write_record([
-                name(&r.antecedent),
+                // One item (the rule's single antecedent), as the export
+                // spells it; `bought_with` may be several, as a list.
+                catalogue.id(r.antecedent[0]).unwrap_or("?").to_string(),
                 name(&r.consequent),
                 format!("{:.6}", r.support),
                 format!("{:.6}", r.confidence),
@@ -210,7 +212,9 @@ mod tests {
     fn lists_name_the_merchants_items_with_support_confidence_and_lift() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
-        let cat = Catalogue::from_ids(["milk", "bread", "jam"]);
+        // An id with a space is written as is in `item` (it was a quoted
+        // list of one, matching no item id).
+        let cat = Catalogue::from_ids(["oat milk", "bread", "jam"]);
         let out = dir.path().join("rules.csv");
         let err = bought_together(&state, &cat, &[], 0.1, 5, &out).unwrap_err();
         assert!(err.to_string().contains("fedcart-client run"), "{err}");
@@ -230,9 +234,9 @@ mod tests {
         // milk → bread: support 3/4, confidence 3/3, lift 1 / (4/4).
         assert_eq!(
             text,
-            "item,bought_with,support,confidence,lift\nmilk,bread,0.750000,1.000000,1.000000\n"
+            "item,bought_with,support,confidence,lift\noat milk,bread,0.750000,1.000000,1.000000\n"
         );
-        let short = Catalogue::from_ids(["milk"]);
+        let short = Catalogue::from_ids(["oat milk"]);
         assert!(matches!(
             bought_together(&state, &short, &[vec![0]], 0.1, 5, &out),
             Err(RulesError::Catalogue {

@@ -390,7 +390,13 @@ pub fn write(dir: &std::path::Path, mined: &Mined) -> anyhow::Result<()> {
                 .map(|r| {
                     vec![
                         merchant.clone(),
-                        name(&r.antecedent),
+                        // One item, as the export spells it; `bought_with`
+                        // may be several, as a list.
+                        mined
+                            .catalogue
+                            .id(r.antecedent[0])
+                            .unwrap_or("?")
+                            .to_string(),
                         name(&r.consequent),
                         r.confidence.to_string(),
                         r.lift.to_string(),

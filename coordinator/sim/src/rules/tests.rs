@@ -227,6 +227,18 @@ fn item_ids_with_separators_and_quotes_keep_the_csv_columns() {
         sets.contains(&"\"a b\" a,b \"x\"\"y\"".to_string()),
         "{sets:?}"
     );
+    // `item` is one id, as the export spells it (it was written as a list
+    // of one, `"a b"` with its quotes, which matched no item id).
+    let mut r = csv::Reader::from_path(out.join("bought_together.csv")).unwrap();
+    let items: std::collections::BTreeSet<String> =
+        r.records().map(|row| row.unwrap()[1].to_string()).collect();
+    assert_eq!(
+        items,
+        ["a b", "a,b", "x\"y"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
 }
 
 /// One level a round, as in a real federation: `--rounds` caps the
