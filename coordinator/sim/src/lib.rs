@@ -1235,6 +1235,8 @@ fn flag_error(e: fedcart_coordinator::config::ConfigError) -> anyhow::Error {
         "run.dp.noise_multiplier" => Some("--dp-noise"),
         "run.dp.target_epsilon" => Some("--target-epsilon"),
         "run.dp.mode" => Some("--dp-mode"),
+        // DP as a whole (a model that takes none): the flags that turned it on.
+        "run.dp" => Some("--dp-clip (with --dp-noise or --target-epsilon)"),
         "run.rounds" => Some("--rounds"),
         "run.sgd.epochs" => Some("--epochs"),
         "run.sgd.learning_rate" => Some("--lr"),

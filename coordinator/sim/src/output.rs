@@ -340,9 +340,10 @@ fn csv_text(experiments: &[Experiment]) -> String {
 
 /// ε as the tables show it: three decimals, in scientific notation from
 /// 10,000 on (a run with almost no noise reached ε ≈ 1.65e12, thirteen
-/// digits of a meaningless number).
+/// digits of a meaningless number) and below 0.001 (`--target-epsilon
+/// 0.001` showed as 0.000).
 pub(crate) fn epsilon_text(eps: f64) -> String {
-    if eps.abs() >= 1e4 {
+    if eps.abs() >= 1e4 || (eps != 0.0 && eps.abs() < 1e-3) {
         format!("{eps:.3e}")
     } else {
         format!("{eps:.3}")

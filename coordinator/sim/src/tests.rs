@@ -1556,6 +1556,10 @@ fn a_vacuous_privacy_guarantee_is_called_out() {
         "{note}"
     );
     assert!(output::epsilon_text(eps).contains('e'), "{eps}");
+    assert_eq!(
+        [0.0004, 0.0, 2.5].map(output::epsilon_text),
+        ["4.000e-4", "0.000", "2.500"]
+    );
     a.dp_noise = None;
     a.target_epsilon = Some(2.0);
     let e = &run(a)[0];
@@ -1612,6 +1616,16 @@ fn strategies_and_flags_a_task_would_ignore_are_refused() {
     a.mode = Some(crate::ModeName::Fedbuff);
     a.secagg = true;
     refused(a, &["--mode fedbuff with --secagg", "leave out --secagg"]);
+    // DP on an analysis named the configuration key `run.dp`, which a
+    // simulator user never wrote.
+    let mut a = telco_args("churn-gbdt");
+    a.rounds = None;
+    a.dp_clip = Some("1".into());
+    a.dp_noise = Some(1.0);
+    refused(
+        a,
+        &["invalid --dp-clip", "differential privacy is not supported"],
+    );
 }
 
 /// An --out that cannot be written failed only after the whole run; over
