@@ -71,9 +71,12 @@ pub struct Schema {
     pub positive: Vec<String>,
     /// Label values read as the negative class (0).
     pub negative: Vec<String>,
-    /// Numeric feature columns, in feature order.
+    /// Numeric feature columns, in feature order (none when left out).
+    #[serde(default)]
     pub numeric: Vec<String>,
-    /// Categorical feature columns, one-hot encoded after the numeric ones.
+    /// Categorical feature columns, one-hot encoded after the numeric ones
+    /// (none when left out).
+    #[serde(default)]
     pub categorical: Vec<Categorical>,
     /// Policy for blank numeric cells.
     #[serde(default)]
@@ -588,7 +591,27 @@ pub(crate) fn table<'a, R: std::io::Read + 'a>(
     let Some(header) = records.next() else {
         return Err(DataError::Empty { file: path.into() });
     };
-    let (_, header) = header.map_err(row_err)?;
+    let (header_line, header) = header.map_err(row_err)?;
+    // A name given twice would be read from whichever column comes first,
+    // silently (`id,spend,spend,churn`).
+    let mut first: std::collections::HashMap<&str, usize> = Default::default();
+    for (k, name) in header.iter().enumerate() {
+        let name = name.trim();
+        if name.is_empty() {
+            continue;
+        }
+        if let Some(j) = first.insert(name, k) {
+            return Err(DataError::Row {
+                file: path.into(),
+                line: header_line,
+                message: format!(
+                    "the header names the column `{name}` twice (fields {} and {}): rename one",
+                    j + 1,
+                    k + 1
+                ),
+            });
+        }
+    }
     let width = header.len();
     let rows = records.map(move |r| {
         let (line, record) = r.map_err(row_err)?;
@@ -700,6 +723,26 @@ mod tests {
 
     fn telco_path() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/telco-churn/Telco-Customer-Churn.csv")
+    }
+
+    #[test]
+    fn a_header_naming_a_column_twice_is_refused_and_feature_lists_may_be_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dup.csv");
+        std::fs::write(&path, "id,x,x,y\na,1,2,1\nb,2,3,0\n").unwrap();
+        let e = label_y(&["x"]).load_csv(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("line 1")
+                && e.contains("the header names the column `x` twice (fields 2 and 3)"),
+            "{e}"
+        );
+        // A schema without categorical columns needs no `categorical = []`.
+        let schema: Schema = toml::from_str(
+            "label = \"y\"\npositive = [\"1\"]\nnegative = [\"0\"]\nnumeric = [\"x\"]\n",
+        )
+        .unwrap();
+        assert!(schema.categorical.is_empty());
+        schema.check().unwrap();
     }
 
     #[test]
