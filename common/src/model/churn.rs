@@ -41,6 +41,10 @@ pub fn stats_output(churn: &ChurnData) -> TaskOutput {
 /// federation's AUC comes from summed histograms instead
 /// ([`pooled_classification_metrics`]).
 pub fn classification_metrics(y: &[f32], probs: &[f32]) -> BTreeMap<String, f64> {
+    // Nothing to measure on: no figure (a log-loss of 0 read as perfect).
+    if y.is_empty() || probs.is_empty() {
+        return BTreeMap::new();
+    }
     let c = Confusion::at(y, probs, 0.5);
     let mut m = BTreeMap::from([
         ("log_loss".to_string(), log_loss(y, probs)),
@@ -248,5 +252,7 @@ mod tests {
         assert!(!m.contains_key("precision"), "{m:?}");
         let m = classification_metrics(&[1.0, 0.0], &[0.8, 0.1]);
         assert_eq!((m["precision"], m["recall"]), (1.0, 1.0));
+        // No held-out row: no figure at all (accuracy and log-loss were 0).
+        assert!(classification_metrics(&[], &[]).is_empty());
     }
 }
