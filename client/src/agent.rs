@@ -158,8 +158,13 @@ impl Agent {
     pub fn with_state(mut self, state: crate::state::StateDir) -> Result<Self, StateError> {
         if let (Some(mf), Some(users)) = (&mut self.data.mf, state.load_users()?) {
             mf.state = users;
-            // Saved together with the model of the run they belong to.
-            self.users_of = state.load_global("mf")?.map(|(meta, _)| meta.run_id);
+            // Saved together with the model of the run they belong to: its
+            // meta says which (the parameters are not needed, and a damaged
+            // parameter file must not keep the agent from starting: the
+            // coordinator hands the model out again).
+            self.users_of = state
+                .read_json::<crate::state::GlobalMeta>("global-mf.json")?
+                .map(|meta| meta.run_id);
         }
         self.state = Some(state);
         Ok(self)

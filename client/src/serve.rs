@@ -212,6 +212,10 @@ impl Snapshot {
     }
 }
 
+/// How often `start` reads a state caught between two writes again before
+/// it serves the mismatch as an error (20 ms apart: a second in all).
+const TORN_RETRIES: u32 = 50;
+
 /// A model file caught between two writes of the agent: keep the previous
 /// snapshot and look again at the next poll.
 #[derive(Debug)]
@@ -229,7 +233,18 @@ fn torn(e: &StateError, is_torn: bool) -> Result<String, Torn> {
 
 /// Builds a snapshot from the state directory and the local files.
 pub fn build_snapshot(state: &StateDir, local: &LocalFiles) -> Result<Snapshot, Torn> {
-    let mismatch = |e: &StateError| matches!(e, StateError::Mismatch { .. });
+    build_snapshot_with(state, local, true)
+}
+
+/// As [`build_snapshot`]; with `wait_torn` false, a parameter file that
+/// does not match its meta is served as that model's error (503) instead of
+/// being read again.
+fn build_snapshot_with(
+    state: &StateDir,
+    local: &LocalFiles,
+    wait_torn: bool,
+) -> Result<Snapshot, Torn> {
+    let mismatch = |e: &StateError| wait_torn && matches!(e, StateError::Mismatch { .. });
     let recommender = match &local.mf {
         None => Err(
             "no recommender data (`data.ratings_csv`, or `data.orders_csv` with an item column)"
@@ -343,11 +358,19 @@ pub async fn start(
     // Taken before the first build, so that a version written during it is
     // picked up by the first poll.
     let initial = fingerprint(state.path());
+    // The agent may be writing a model right now (a state of the older
+    // layout can be caught between its two files): read again, a few times.
+    // A mismatch that lasts is no write in progress but a damaged file: it
+    // is served as that model's error, and the rest is served (this looped
+    // at full speed forever, before binding the port, on such a state).
+    let mut tries = 0;
     let first = loop {
-        // The agent may be writing a model right now: read again.
-        match build_snapshot(&state, &local) {
+        match build_snapshot_with(&state, &local, tries < TORN_RETRIES) {
             Ok(s) => break s,
-            Err(Torn) => tokio::task::yield_now().await,
+            Err(Torn) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     };
     let (tx, rx) = watch::channel(Arc::new(first));
@@ -908,6 +931,35 @@ mod tests {
         assert_eq!(status, 503, "no k-means model yet: {body}");
         assert!(
             body["error"].as_str().unwrap().contains("segmentation"),
+            "{body}"
+        );
+        server.shutdown().await.unwrap();
+    }
+
+    /// A state of the older layout (one fixed parameter file) whose
+    /// parameters do not match their meta for good: `serve` looped at full
+    /// speed before binding its port and ignored SIGTERM. It now serves the
+    /// mismatch as the recommender's error and the churn scores as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_model_file_is_served_as_its_error_and_the_rest_is_served() {
+        let f = fixture::Fixture::new();
+        for e in std::fs::read_dir(f.state.path()).unwrap().flatten() {
+            let name = e.file_name().into_string().unwrap();
+            if name.starts_with("global-mf") && name.ends_with(".f32") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        std::fs::write(f.state.path().join("global-mf.f32"), [0u8; 8]).unwrap();
+        let server = start_fixture(&f).await;
+        let who = &f.customers[0];
+        let http = client();
+        let (status, body) = get(&http, server.addr, &format!("/v1/customers/{who}/churn")).await;
+        assert_eq!(status, 200, "{body}");
+        let path = format!("/v1/customers/{}/recommendations?k=3", f.shoppers[3]);
+        let (status, body) = get(&http, server.addr, &path).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("checksum"),
             "{body}"
         );
         server.shutdown().await.unwrap();

@@ -172,6 +172,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// The name of a data file written for a meta with checksum `sha`.
+fn data_file(stem: &str, sha: &str, ext: &str) -> String {
+    format!("{stem}-{}.{ext}", &sha[..16.min(sha.len())])
+}
+
 /// Writes `bytes` to `path` atomically and durably.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let tmp = path.with_extension("tmp");
@@ -299,17 +304,63 @@ impl StateDir {
 
     /// Stores the global model of `spec` under its state key (its data family,
     /// or `segments` for k-means, so an analysis never replaces a model).
-    /// The parameters go first and the meta, with their checksum, last.
+    /// The parameters go first, to a file named by their checksum, and the
+    /// meta, with that checksum, last; the previous parameter files go only
+    /// then. Each file is written atomically, and so is the pair: an agent
+    /// stopped between the two writes leaves the previous meta naming the
+    /// previous file, which is still there (with one fixed parameter file,
+    /// the new parameters beside the old meta failed their checksum, and the
+    /// agent could not start again).
     pub fn save_global(&self, meta: &GlobalMeta, params: &[f32]) -> Result<(), StateError> {
         let family = meta.spec.model.state_key();
         let bytes = fedcart_common::federation::update::f32s_to_le(params);
-        write_atomic(&self.dir.join(format!("global-{family}.f32")), &bytes)?;
+        let sha = sha256_hex(&bytes);
+        let stem = format!("global-{family}");
+        let file = data_file(&stem, &sha, "f32");
+        write_atomic(&self.dir.join(&file), &bytes)?;
         let meta = GlobalMeta {
-            sha256: Some(sha256_hex(&bytes)),
+            sha256: Some(sha),
             ..meta.clone()
         };
-        let path = self.dir.join(format!("global-{family}.json"));
-        write_atomic(&path, &to_json(&path, &meta, true)?)
+        let path = self.dir.join(format!("{stem}.json"));
+        write_atomic(&path, &to_json(&path, &meta, true)?)?;
+        self.remove_data_files(&stem, "f32", &file);
+        Ok(())
+    }
+
+    /// The parameter file a meta with checksum `sha` names: `stem-<16 hex>.ext`
+    /// when it exists, else the fixed `stem.ext` of states written before
+    /// files were named by checksum.
+    fn data_path(&self, stem: &str, sha: Option<&str>, ext: &str) -> PathBuf {
+        if let Some(sha) = sha {
+            let named = self.dir.join(data_file(stem, sha, ext));
+            if named.exists() {
+                return named;
+            }
+        }
+        self.dir.join(format!("{stem}.{ext}"))
+    }
+
+    /// Removes `stem`'s parameter files other than `keep` (older versions,
+    /// the fixed-name file of an older layout, one left by an agent stopped
+    /// before its meta). Best effort: a file left behind is only space.
+    fn remove_data_files(&self, stem: &str, ext: &str, keep: &str) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for name in entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+        {
+            let ours = name == format!("{stem}.{ext}")
+                || name
+                    .strip_prefix(&format!("{stem}-"))
+                    .and_then(|rest| rest.strip_suffix(&format!(".{ext}")))
+                    .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            if ours && name != keep {
+                let _ = std::fs::remove_file(self.dir.join(&name));
+            }
+        }
     }
 
     /// The state directory.
@@ -322,7 +373,7 @@ impl StateDir {
         let Some(meta) = self.read_json::<GlobalMeta>(&format!("global-{family}.json"))? else {
             return Ok(None);
         };
-        let path = self.dir.join(format!("global-{family}.f32"));
+        let path = self.data_path(&format!("global-{family}"), meta.sha256.as_deref(), "f32");
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(source) => return Err(StateError::Read { path, source }),
@@ -402,17 +453,28 @@ impl StateDir {
         copy: Option<(&[f32], &UserState)>,
     ) -> Result<(), StateError> {
         let mut meta = meta.clone();
+        // As `save_global`: the copy's files are named by its checksum and
+        // written before the meta that names them, older ones removed after.
+        let mut keep = (String::new(), String::new());
         if let Some((params, users)) = copy {
             let bytes = fedcart_common::federation::update::f32s_to_le(params);
-            write_atomic(&self.dir.join("personal-mf.f32"), &bytes)?;
-            let path = self.dir.join("personal-mf-users.json");
+            let sha = sha256_hex(&bytes);
+            keep = (
+                data_file("personal-mf", &sha, "f32"),
+                data_file("personal-mf-users", &sha, "json"),
+            );
+            write_atomic(&self.dir.join(&keep.0), &bytes)?;
+            let path = self.dir.join(&keep.1);
             write_atomic(&path, &to_json(&path, users, false)?)?;
-            meta.sha256 = Some(sha256_hex(&bytes));
+            meta.sha256 = Some(sha);
         } else {
             meta.sha256 = None;
         }
         let path = self.dir.join("personal-mf.json");
-        write_atomic(&path, &to_json(&path, &meta, true)?)
+        write_atomic(&path, &to_json(&path, &meta, true)?)?;
+        self.remove_data_files("personal-mf", "f32", &keep.0);
+        self.remove_data_files("personal-mf-users", "json", &keep.1);
+        Ok(())
     }
 
     /// The stored personalisation outcome, with the fine-tuned parameters
@@ -427,7 +489,7 @@ impl StateDir {
         if !meta.kept {
             return Ok(Some((meta, None)));
         }
-        let path = self.dir.join("personal-mf.f32");
+        let path = self.data_path("personal-mf", meta.sha256.as_deref(), "f32");
         let bytes = std::fs::read(&path).map_err(|source| StateError::Read {
             path: path.clone(),
             source,
@@ -441,10 +503,16 @@ impl StateDir {
                 len: bytes.len(),
             });
         }
+        let users_path = self.data_path("personal-mf-users", meta.sha256.as_deref(), "json");
+        let users_name = users_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("personal-mf-users.json")
+            .to_owned();
         let users = self
-            .read_json::<UserState>("personal-mf-users.json")?
+            .read_json::<UserState>(&users_name)?
             .ok_or_else(|| StateError::Read {
-                path: self.dir.join("personal-mf-users.json"),
+                path: users_path.clone(),
                 source: std::io::ErrorKind::NotFound.into(),
             })?;
         let params = fedcart_common::federation::update::f32s_from_le(&bytes);
@@ -600,13 +668,42 @@ mod tests {
             state.load_global("churn").unwrap().unwrap().1,
             vec![1.0, 2.0, 3.0]
         );
-        // The agent has written version 2's parameters but not yet its meta.
+        let data_files = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("global-churn") && n.ends_with(".f32"))
+                .collect();
+            v.sort();
+            v
+        };
+        // The agent was stopped after writing version 2's parameters and
+        // before its meta (seen when an agent was killed mid-round: with one
+        // fixed parameter file it could not start again). The meta still
+        // names version 1's file, which is still there.
+        let v2 = fedcart_common::federation::update::f32s_to_le(&[4.0, 5.0, 6.0]);
+        let v2_file = data_file("global-churn", &sha256_hex(&v2), "f32");
+        std::fs::write(dir.path().join(&v2_file), &v2).unwrap();
+        assert_eq!(data_files().len(), 2);
+        let (read, params) = state.load_global("churn").unwrap().unwrap();
+        assert_eq!((read.version, params), (1, vec![1.0, 2.0, 3.0]));
+        // The next save leaves only its own file.
+        let meta2 = GlobalMeta {
+            version: 2,
+            ..meta.clone()
+        };
+        state.save_global(&meta2, &[7.0, 8.0]).unwrap();
+        let (read, params) = state.load_global("churn").unwrap().unwrap();
+        assert_eq!((read.version, params), (2, vec![7.0, 8.0]));
+        assert_eq!(data_files().len(), 1, "{:?}", data_files());
+        // A state of the older layout (one fixed parameter file) caught
+        // between its two writes is still told apart, naming the file.
         let f32s = dir.path().join("global-churn.f32");
-        std::fs::write(
-            &f32s,
-            fedcart_common::federation::update::f32s_to_le(&[4.0, 5.0, 6.0]),
-        )
-        .unwrap();
+        for f in data_files() {
+            std::fs::remove_file(dir.path().join(f)).unwrap();
+        }
+        std::fs::write(&f32s, &v2).unwrap();
         let err = state.load_global("churn").unwrap_err();
         assert!(
             matches!(&err, StateError::Mismatch { path } if *path == f32s),
