@@ -479,6 +479,34 @@ const MIN_EVERY_MS: u64 = 1_000;
 const MAX_EVERY_MS: u64 = 366 * 86_400_000;
 
 impl RunConfig {
+    /// Refuses a key of the run's `sgd` or `model` table that no field
+    /// reads. Those types skip unknown keys (they travel to agents, which
+    /// must read a newer coordinator's specs), so a misspelt `class_weigth`
+    /// or `prox_muu` was dropped without a word and the run trained with
+    /// the default. Every field is serialised, so a written key missing from
+    /// the typed value serialised back is one nothing read.
+    fn unknown_inline_keys(&self, table: &toml::Table) -> Result<(), String> {
+        let typed = [
+            ("sgd", toml::Value::try_from(&self.sgd)),
+            ("model", toml::Value::try_from(&self.model)),
+        ];
+        for (key, known) in typed {
+            let (Some(toml::Value::Table(written)), Ok(toml::Value::Table(known))) =
+                (table.get(key), known)
+            else {
+                continue;
+            };
+            if let Some(k) = written.keys().find(|k| !known.contains_key(*k)) {
+                let takes: Vec<&str> = known.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "unknown key `{k}` in `run.{key}` (it takes: {})",
+                    takes.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Parses and validates a run from TOML: a `[run]` table (so a
     /// coordinator.toml can be submitted as it is) or the run's keys at the
     /// top level, with an optional `[schedule]` (`every`, `repeat`).
@@ -553,6 +581,9 @@ impl RunConfig {
     /// always given, so it is the operator's. The keys were checked when the
     /// model table was read.
     fn under_dp_defaults(&mut self, table: Option<&toml::Table>) -> Result<(), String> {
+        if let Some(t) = table {
+            self.unknown_inline_keys(t)?;
+        }
         let ModelSpec::Mf { hyper, .. } = &mut self.model else {
             return Ok(());
         };
@@ -1168,6 +1199,37 @@ mod tests {
         assert!(EXAMPLE.contains(line));
         let (_dir, cfg) = load(&EXAMPLE.replace(line, ""));
         assert_eq!(cfg.unwrap().run.sgd, SgdParams::default());
+    }
+
+    /// A misspelt key inside `sgd = { … }` or `model = { … }` was dropped
+    /// without a word (the run trained with the default); it is refused
+    /// naming the key and the table, in a coordinator.toml and a submitted run.
+    #[test]
+    fn a_misspelt_key_in_sgd_or_model_is_refused() {
+        let line = "sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0 }";
+        let typo =
+            "sgd = { epochs = 1, batch_size = 32, learning_rate = 0.05, l2 = 0.0, prox_muu = 0.5 }";
+        let (_dir, cfg) = load(&EXAMPLE.replace(line, typo));
+        let e = cfg.unwrap_err().to_string();
+        assert!(
+            e.contains("unknown key `prox_muu` in `run.sgd`") && e.contains("prox_mu"),
+            "{e}"
+        );
+        let e = RunConfig::from_toml(&EXAMPLE.replace(line, typo), Path::new("run.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `prox_muu` in `run.sgd`"), "{e}");
+        let model = EXAMPLE
+            .lines()
+            .find(|l| l.trim_start().starts_with("model = {"))
+            .expect("the example's model line");
+        let typo = model.replacen("family", "num_hiden = 3, family", 1);
+        let (_dir, cfg) = load(&EXAMPLE.replace(model, &typo));
+        let e = cfg.unwrap_err().to_string();
+        assert!(e.contains("unknown key `num_hiden` in `run.model`"), "{e}");
+        // Every key the example writes is read.
+        let (_dir, cfg) = load(EXAMPLE);
+        cfg.unwrap();
     }
 
     /// FedProx with a model whose local training has no proximal term ran
