@@ -26,10 +26,10 @@ struct Cli {
 enum Command {
     /// Join the coordinator and take part in rounds until interrupted
     /// (Ctrl-C or SIGTERM). Exits 1 with one line saying what to fix on a
-    /// permanent error (revoked, wrong identity or TLS files, bad URL, data
-    /// that does not fit the run's model); retries quietly while the
-    /// coordinator is unreachable; stays idle after a run ends, waiting for
-    /// the next one.
+    /// permanent error (revoked, wrong identity or TLS files, bad URL);
+    /// declines the tasks of a run whose model its data does not fit, saying
+    /// why, and stays for the others; retries quietly while the coordinator
+    /// is unreachable; stays idle after a run ends, waiting for the next one.
     Run {
         /// The agent's TOML configuration (see client/examples/merchant.toml).
         #[arg(long, env = "FEDCART_CLIENT_CONFIG")]

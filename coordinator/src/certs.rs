@@ -485,7 +485,7 @@ pub fn revoke(
     if !access.is_file() {
         bail!(
             "the access file {} does not exist: pass the coordinator's `serve.tls.access` \
-             (the access.toml `certs init` wrote beside the CA)",
+             (the access.toml `certs issue` wrote beside the CA)",
             access.display()
         );
     }

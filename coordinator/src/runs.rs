@@ -76,12 +76,45 @@ pub async fn call(
             .await
             .map_err(crate::status::Refused)
             .context("ShowRun RPC")?),
-        Action::Stop(id) => one(c
-            .stop_run(pb::RunRequest { run_id: id.clone() })
-            .await
-            .map_err(crate::status::Refused)
-            .context("StopRun RPC")?),
+        Action::Stop(id) => {
+            // A run that had ended already is left as it was: said, not
+            // only shown (a second stop printed the table as the first did).
+            let before = c
+                .show_run(pb::RunRequest { run_id: id.clone() })
+                .await
+                .map_err(crate::status::Refused)
+                .context("ShowRun RPC")?
+                .into_inner();
+            let stopped = one(c
+                .stop_run(pb::RunRequest { run_id: id.clone() })
+                .await
+                .map_err(crate::status::Refused)
+                .context("StopRun RPC")?);
+            if let Some(note) = already_ended(&before) {
+                eprintln!("{note}");
+            }
+            stopped
+        }
     })
+}
+
+/// What `runs stop` says of a run that had ended before it was asked: a
+/// stopped run stays stopped, a finished one finished (a scheduled run's
+/// schedule is still ended by the stop).
+fn already_ended(r: &pb::RunInfo) -> Option<String> {
+    if !r.stopped.is_empty() {
+        Some(format!(
+            "run `{}` was already stopped ({}); its versions are unchanged",
+            r.run_id, r.stopped
+        ))
+    } else if r.finished {
+        Some(format!(
+            "run `{}` had already finished (version {}); its versions are unchanged",
+            r.run_id, r.model_version
+        ))
+    } else {
+        None
+    }
 }
 
 /// One run as JSON (its configuration as an object).
@@ -215,6 +248,31 @@ fn without_nulls(v: serde_json::Value) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second `runs stop`, or one of a finished run, printed the table
+    /// and nothing else; it now says the run had ended and nothing changed.
+    #[test]
+    fn stopping_a_run_that_had_ended_says_so() {
+        let mut r = pb::RunInfo {
+            run_id: "rec".into(),
+            model_version: 7,
+            ..Default::default()
+        };
+        assert_eq!(already_ended(&r), None);
+        r.finished = true;
+        assert_eq!(
+            already_ended(&r).as_deref(),
+            Some("run `rec` had already finished (version 7); its versions are unchanged")
+        );
+        r.stopped = "stopped by operator `ops`".into();
+        assert_eq!(
+            already_ended(&r).as_deref(),
+            Some(
+                "run `rec` was already stopped (stopped by operator `ops`); its versions are \
+                 unchanged"
+            )
+        );
+    }
 
     #[tokio::test]
     async fn a_run_file_is_checked_before_connecting() {

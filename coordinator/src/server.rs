@@ -171,7 +171,8 @@ pub async fn start_with(
                 if !files.access.exists() {
                     tracing::warn!(
                         "`serve.tls.access` {} does not exist: no merchant is admitted until it \
-                         does (`certs init` writes it; `certs issue` adds each merchant)",
+                         does (`certs issue` creates it beside the CA and adds each merchant it \
+                         issues)",
                         files.access.display()
                     );
                 }

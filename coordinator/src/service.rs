@@ -227,10 +227,15 @@ impl Shared {
                 .iter()
                 .filter(|m| eligible.binary_search(m).is_ok())
                 .collect();
-            phase = format!(
-                "waiting for agents: {} of {needed} needed can serve it",
-                eligible_agents - aside.len()
-            );
+            let can = eligible_agents - aside.len();
+            phase = if can >= needed {
+                // Enough of them: read between two tasks (or before the
+                // first), the loop is starting one; "waiting for agents:
+                // 3 of 3 needed" read as a contradiction.
+                format!("starting the next task ({can} of {needed} needed can serve it)")
+            } else {
+                format!("waiting for agents: {can} of {needed} needed can serve it")
+            };
             if !without.is_empty() {
                 phase.push_str(&format!(
                     "; connected without {family} data: {}",
