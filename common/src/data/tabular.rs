@@ -286,6 +286,20 @@ impl Schema {
         Ok(())
     }
 
+    /// The encoded features' names, in feature order: each numeric column,
+    /// then `column=value` for each vocabulary entry of each categorical one.
+    pub fn feature_names(&self) -> Vec<String> {
+        self.numeric
+            .iter()
+            .cloned()
+            .chain(
+                self.categorical
+                    .iter()
+                    .flat_map(|c| c.vocabulary.iter().map(move |v| format!("{}={v}", c.name))),
+            )
+            .collect()
+    }
+
     /// Number of encoded features: numeric columns plus one-hot widths.
     pub fn num_features(&self) -> usize {
         self.numeric.len()

@@ -496,6 +496,23 @@ pub struct Population {
     pub notes: Vec<String>,
 }
 
+/// The encoded features' names of the data's customer rows: the orders
+/// pipeline's on an orders export, the schema's on a customer table (empty
+/// for data without customer rows).
+pub fn feature_names(data: &Option<DataSpec>) -> Vec<String> {
+    match data {
+        Some(DataSpec::Orders(_)) => fedcart_common::data::orders::derive::FEATURE_NAMES
+            .map(String::from)
+            .to_vec(),
+        Some(DataSpec::Telco(_)) => Schema::telco().feature_names(),
+        Some(DataSpec::Csv(c)) => c
+            .schema
+            .as_ref()
+            .map_or_else(Vec::new, |(_, s)| s.feature_names()),
+        _ => Vec::new(),
+    }
+}
+
 /// Loads the data and deals it into `n` merchants. `delimiter` separates
 /// the fields of a ratings file or customer table (an orders export carries
 /// its own, in its mapping).

@@ -1195,14 +1195,17 @@ fn finish_segments(
     let (k, d, centres, choice) = segments::decode_final(spec, &exp.final_model)?;
     exp.final_model = centres;
     let (profiles, inertia, labels) = segments::profile(merchants, &exp.final_model, k, d)?;
-    exp.report = segments::report(&profiles, inertia);
+    let names = data::feature_names(&s.data);
+    exp.report = segments::report(&profiles, inertia, &names);
     exp.report.extend(choice);
     exp.final_metrics.insert("pooled_inertia".into(), inertia);
     if let Some(dir) = &s.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // Each customer's raw features too: the pooled data of the
         // scikit-learn reference (coordinator/sim/examples/kmeans_reference.py).
-        let mut out = String::from("merchant,row,segment");
+        // `customer` is the table's or export's id (the row within the
+        // merchant stays, for the reference script).
+        let mut out = String::from("merchant,row,customer,segment");
         for j in 0..d {
             out.push_str(&format!(",f{j}"));
         }
@@ -1210,8 +1213,14 @@ fn finish_segments(
         for (m, l) in merchants.iter().zip(&labels) {
             let churn = m.churn.as_ref().context("segments need RFM features")?;
             let rows = churn.train.x.rows().into_iter().chain(churn.valid.x.rows());
-            for (i, (c, row)) in l.iter().zip(rows).enumerate() {
-                out.push_str(&format!("{},{i},{c}", m.merchant_id));
+            let ids = churn.train.ids.iter().chain(&churn.valid.ids);
+            for (i, ((c, row), id)) in l.iter().zip(rows).zip(ids).enumerate() {
+                let id = if id.contains([',', '"', '\n', '\r']) {
+                    format!("\"{}\"", id.replace('"', "\"\""))
+                } else {
+                    id.clone()
+                };
+                out.push_str(&format!("{},{i},{id},{c}", m.merchant_id));
                 for v in row {
                     out.push_str(&format!(",{v}"));
                 }
@@ -1220,7 +1229,7 @@ fn finish_segments(
         }
         let path = dir.join("segments.csv");
         std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
-        plots::segments(dir, merchants, &exp.final_model, k, &labels)?;
+        plots::segments(dir, merchants, &exp.final_model, k, &labels, &names)?;
     }
     Ok(exp)
 }

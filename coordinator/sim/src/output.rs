@@ -569,8 +569,9 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
         if e.task.starts_with("segments") {
             // Written beside this file by the segments run (`plots::segments`).
             out += "<figure><img src=\"segments.png\" alt=\"customer segments\">\
-                    <figcaption>segments.png: recency against monetary value, \
-                    one colour per segment</figcaption></figure>";
+                    <figcaption>segments.png: each customer's first feature against its \
+                    third (recency against monetary value on an orders export), one colour \
+                    per segment</figcaption></figure>";
         }
         let keys: Vec<&String> = e.final_metrics.keys().collect();
         out += "<table><tr><th>round</th><th>reported</th>";

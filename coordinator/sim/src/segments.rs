@@ -167,11 +167,25 @@ pub fn profile(
     Ok((p, inertia, labels))
 }
 
-/// The report lines of a segmentation.
-pub fn report(profiles: &[SegmentProfile], inertia: f64) -> Vec<String> {
+/// The headers of the profile's three feature means: recency, frequency
+/// and monetary value on an orders export (its first three features), and
+/// the first three features' own names on a customer table (they were
+/// labelled RFM whatever the columns were).
+pub fn profile_headers(names: &[String]) -> [String; 3] {
+    let rfm = names.len() >= 3 && names[..3] == ["recency_days", "frequency", "monetary"];
+    if rfm || names.len() < 3 {
+        ["recency (days)", "frequency", "monetary"].map(String::from)
+    } else {
+        [0, 1, 2].map(|j| format!("mean {}", names[j]))
+    }
+}
+
+/// The report lines of a segmentation; `names` are the features' names.
+pub fn report(profiles: &[SegmentProfile], inertia: f64, names: &[String]) -> Vec<String> {
+    let [a, b, c] = profile_headers(names);
     let mut out = vec![
         format!("segments: pooled inertia {inertia:.2}"),
-        "| segment | customers | recency (days) | frequency | monetary | churn rate |".into(),
+        format!("| segment | customers | {a} | {b} | {c} | churn rate |"),
         "|---:|---:|---:|---:|---:|---:|".into(),
     ];
     let small = kmeans::MIN_CANDIDATE_SIZE as u64;

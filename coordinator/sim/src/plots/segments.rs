@@ -22,8 +22,16 @@ pub fn segments(
     _centres: &[f32],
     k: usize,
     labels: &[Vec<usize>],
+    names: &[String],
 ) -> anyhow::Result<()> {
     register_font();
+    // The first and third features, named as the report names them.
+    let [x_name, _, y_name] = crate::segments::profile_headers(names);
+    let x_desc = x_name.trim_start_matches("mean ").to_string();
+    let y_desc = match y_name.as_str() {
+        "monetary" => "log10(1 + monetary)".to_string(),
+        other => format!("log10(1 + {})", other.trim_start_matches("mean ")),
+    };
     let mut pts: Vec<(f64, f64, usize)> = Vec::new();
     for (m, l) in merchants.iter().zip(labels) {
         let Some(c) = &m.churn else { continue };
@@ -51,8 +59,8 @@ pub fn segments(
         .build_cartesian_2d(0.0..x1, 0.0..y1)
         .map_err(|e| err(&e))?;
     c.configure_mesh()
-        .x_desc("recency (days)")
-        .y_desc("log10(1 + monetary)")
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 15))
         .draw()

@@ -130,7 +130,21 @@ fn an_empty_segment_shows_no_means_and_the_report_says_why() {
         monetary: 10.0,
         churn_rate: 0.5,
     };
-    let lines = super::report(&[profile(0, 40), profile(1, 0)], 1.0);
+    let rfm: Vec<String> = fedcart_common::data::orders::derive::FEATURE_NAMES
+        .map(String::from)
+        .to_vec();
+    let lines = super::report(&[profile(0, 40), profile(1, 0)], 1.0, &rfm);
+    assert_eq!(
+        lines[1],
+        "| segment | customers | recency (days) | frequency | monetary | churn rate |"
+    );
+    // A customer table's features are named as they are, not as RFM.
+    let table = ["spend", "tenure", "plan=basic"].map(String::from);
+    let other = super::report(&[profile(0, 40)], 1.0, &table);
+    assert_eq!(
+        other[1],
+        "| segment | customers | mean spend | mean tenure | mean plan=basic | churn rate |"
+    );
     assert!(
         lines.contains(&"| 1 | 0 | – | – | – | – |".to_string()),
         "{lines:?}"
@@ -142,4 +156,36 @@ fn an_empty_segment_shows_no_means_and_the_report_says_why() {
             .starts_with("(1 of the 2 segments hold no customer"),
         "{lines:?}"
     );
+}
+
+/// Segments of a customer table were profiled under RFM headers whatever
+/// its columns were, and `segments.csv` numbered rows without the
+/// customers' ids: the headers now name the table's features, and each row
+/// carries its customer.
+#[test]
+fn segments_of_a_customer_table_are_named_by_its_features_and_customers() {
+    at_root();
+    let dir = tempfile::tempdir().unwrap();
+    let e = run(SimArgs {
+        task: Some("segments:3".parse().unwrap()),
+        data: Some("telco".parse().unwrap()),
+        merchants: Some(3),
+        rounds: Some(5),
+        seed: Some(7),
+        out: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    });
+    let names = fedcart_common::data::tabular::Schema::telco().feature_names();
+    assert_eq!(
+        e.report[1],
+        format!(
+            "| segment | customers | mean {} | mean {} | mean {} | churn rate |",
+            names[0], names[1], names[2]
+        )
+    );
+    let mut r = csv::Reader::from_path(dir.path().join("segments.csv")).unwrap();
+    let header: Vec<&str> = r.headers().unwrap().iter().take(4).collect();
+    assert_eq!(header, ["merchant", "row", "customer", "segment"]);
+    let first = r.records().next().unwrap().unwrap();
+    assert!(first[2].contains('-'), "a Telco customerID: {first:?}");
 }
