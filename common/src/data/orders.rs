@@ -177,6 +177,19 @@ pub enum OrdersError {
     /// The cutoff or window settings are unusable.
     #[error("invalid churn settings: {0}")]
     Config(String),
+    /// A customer's derived feature is out of the models' range (each cell
+    /// was, but their sum is not).
+    #[error(
+        "customer `{customer}`: {feature} sums to {value:.3e}, beyond the range of the models' 32-bit numbers (±3.4e38): check that customer's quantity and amount cells"
+    )]
+    OutOfRange {
+        /// The customer.
+        customer: String,
+        /// The feature.
+        feature: &'static str,
+        /// Its value.
+        value: f64,
+    },
 }
 
 /// Counts from reading an export.

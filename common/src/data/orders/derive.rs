@@ -346,6 +346,18 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
             LabelCoverage::of(t, cfg.cutoff, cfg.churn_window_days) == LabelCoverage::Covered
         }),
     };
+    // Cells are checked one by one when read, but their sums are not: five
+    // lines of 3.3e38 make an infinite monetary value, which broke training
+    // later with advice about the learning rate. Refused here, naming the
+    // customer and the feature.
+    let width = FEATURE_NAMES.len();
+    if let Some(at) = x.iter().position(|v| !((*v as f32).is_finite())) {
+        return Err(OrdersError::OutOfRange {
+            customer: ids[at / width].clone(),
+            feature: FEATURE_NAMES[at % width],
+            value: x[at],
+        });
+    }
     let x: Vec<f32> = x.into_iter().map(|v| v as f32).collect();
     Ok(Prepared {
         interactions,

@@ -747,3 +747,23 @@ fn sep_lines_duplicate_columns_and_open_quotes_are_named() {
         "{m}"
     );
 }
+
+/// Each cell is within f32's range, but a customer's sum was not checked:
+/// five lines of 3.3e38 made an infinite monetary value that broke training
+/// later with advice about the learning rate. Refused, naming the customer.
+#[test]
+fn a_customer_whose_sums_leave_f32_range_is_refused_by_name() {
+    let mut orders: Vec<Order> = (0..5)
+        .map(|k| order("big", "x", day(10 + k), 1.0, 3.3e38))
+        .collect();
+    orders.push(order("small", "x", day(20), 1.0, 5.0));
+    let e = derive(&orders, &ChurnConfig::new(day(100), 30))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("customer `big`: monetary sums to 1.650e39, beyond the range"),
+        "{e}"
+    );
+    orders.truncate(1);
+    derive(&orders, &ChurnConfig::new(day(100), 30)).unwrap();
+}
