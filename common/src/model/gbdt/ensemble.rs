@@ -201,6 +201,15 @@ impl Ensemble {
              ({rate:.3}) for everyone",
             self.trees.len()
         );
+        // One class only (the sketch clamps the rate to [1e-6, 1 - 1e-6]): no split
+        // can gain and no min_child_weight helps; the labels are the cause.
+        if per_row < 2e-6 {
+            return Some(format!(
+                "{head}: every training customer has the same label, so there is nothing to \
+                 separate; check which label values count as churned (a customer table's \
+                 `positive` and `negative`, or the orders' churn window and cutoff)"
+            ));
+        }
         let needed = (2.0 * mcw / per_row).ceil();
         Some(match train_rows {
             None => format!(

@@ -134,6 +134,15 @@ fn trees_that_never_split_are_explained() {
             && !note.contains("--min-child-weight"),
         "{note}"
     );
+    // One class only: the labels are the cause, not min_child_weight (it
+    // advised "a min_child_weight below 0.00").
+    let mut one = e.clone();
+    one.base_score = -20.0;
+    let note = one.unsplit_note(&p, Some(84)).expect("no tree split");
+    assert!(
+        note.contains("every training customer has the same label") && !note.contains("below"),
+        "{note}"
+    );
     // A model with a split, or with no tree yet, needs no note.
     assert_eq!(example().unsplit_note(&p, Some(84)), None);
     e.trees.clear();
