@@ -885,7 +885,12 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
         out.push(format!(
             "baselines ({key}, pooled over merchants): {}; federated beats local-only \
              for {wins} of {} merchants{}",
-            cols.join(", "),
+            // None measurable (every merchant too small): said, not blank.
+            if cols.is_empty() {
+                "none measured".to_string()
+            } else {
+                cols.join(", ")
+            },
             comparable.len(),
             if unmeasured > 0 {
                 format!(

@@ -262,6 +262,14 @@ fn natural_stores_with_nothing_to_test_on_report_no_nan() {
         "{:?}",
         e.report
     );
+    // No pooled baseline is measurable here: said, not an empty list.
+    assert!(
+        e.report
+            .iter()
+            .all(|l| !l.contains("pooled over merchants): ;")),
+        "{:?}",
+        e.report
+    );
     assert!(
         e.report.iter().all(|l| !l.contains("NaN")),
         "{:?}",
