@@ -4,11 +4,16 @@
 //! file, fsync, rename), so a crash leaves the previous version intact and a
 //! restarted agent resumes with its private user factors.
 //!
-//! Layout: `global-<family>.json` (meta: version, spec) + `global-<family>.f32`
+//! Layout: `global-<family>.json` (meta: version, spec, the parameters'
+//! SHA-256) + `global-<family>-<first 16 hex digits of it>.f32`
 //! (little-endian parameters), `mf-users.json`, `metrics-<family>.json`, and
 //! the recommender's personalisation: `personal-mf.json` (what was decided,
-//! for which run and version) + `personal-mf.f32` and `personal-mf-users.json`
-//! (the fine-tuned copy, only when it was kept). None of it is ever uploaded.
+//! for which run and version) + `personal-mf-<hash>.f32` and
+//! `personal-mf-users-<hash>.json` (the fine-tuned copy, only when it was
+//! kept). Parameter files are named by their checksum and written before the
+//! meta that names them, so a meta and its parameters always go together
+//! (states written before read `global-<family>.f32` and `personal-mf.f32`).
+//! None of it is ever uploaded.
 
 use std::collections::BTreeMap;
 use std::io::Write;
