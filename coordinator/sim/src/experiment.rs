@@ -376,6 +376,23 @@ impl Experiment {
         }
     }
 
+    /// The held-out metrics measured right after `round` (empty if none).
+    pub fn eval_at(&self, round: u64) -> BTreeMap<String, f64> {
+        self.rounds
+            .iter()
+            .find(|r| r.round == round)
+            .map(|r| r.eval.clone())
+            .unwrap_or_default()
+    }
+
+    /// The last round's held-out metrics (empty if none).
+    pub fn last_eval(&self) -> BTreeMap<String, f64> {
+        self.rounds
+            .last()
+            .map(|r| r.eval.clone())
+            .unwrap_or_default()
+    }
+
     /// Fills the final metrics and timings once the rounds are done.
     pub fn finish(&mut self) {
         self.final_metrics = match &self.best {

@@ -95,24 +95,13 @@ pub fn run(
     // Model selection as in process: the best version, what it scored right
     // after its round, and as served.
     if let Some((best, served)) = done.best {
-        let at = |round: u64| {
-            exp.rounds
-                .iter()
-                .find(|r| r.round == round)
-                .map(|r| r.eval.clone())
-                .unwrap_or_default()
-        };
         exp.best = Some(crate::experiment::BestSummary {
             round: best.version,
             metric: best.metric,
             value: best.value,
-            at_best: at(best.version),
+            at_best: exp.eval_at(best.version),
             served,
-            last: exp
-                .rounds
-                .last()
-                .map(|r| r.eval.clone())
-                .unwrap_or_default(),
+            last: exp.last_eval(),
             served_per_merchant: exp.per_merchant.clone(),
             personalised: None,
         });

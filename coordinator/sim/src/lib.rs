@@ -945,18 +945,7 @@ fn best_summary(
     let Some(best) = engine.best() else {
         return Ok(None);
     };
-    let at = |round: u64| {
-        exp.rounds
-            .iter()
-            .find(|r| r.round == round)
-            .map(|r| r.eval.clone())
-            .unwrap_or_default()
-    };
-    let last = exp
-        .rounds
-        .last()
-        .map(|r| r.eval.clone())
-        .unwrap_or_default();
+    let last = exp.last_eval();
     // The last evaluation's figures serve when they are the best version's
     // and heard from every merchant; with dropouts (or a sample) they are a
     // subset's, and the served version is evaluated on everyone below.
@@ -993,7 +982,7 @@ fn best_summary(
         round: best.version,
         metric: best.metric.clone(),
         value: best.value,
-        at_best: at(best.version),
+        at_best: exp.eval_at(best.version),
         served,
         last,
         served_per_merchant,
