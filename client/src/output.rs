@@ -30,6 +30,25 @@ impl Output {
                 staged: None,
             });
         }
+        // Something other than a regular file (`/dev/null`, a FIFO another
+        // tool reads) is written in place: renaming the staged file over it
+        // replaced the device with a regular file (run as root, `--out
+        // /dev/null` broke /dev/null for the whole machine).
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Ok(Self {
+                writer: Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+                staged: None,
+            });
+        }
+        // A symbolic link keeps pointing where it did: the file it names is
+        // staged beside and replaced, not the link.
+        let target;
+        let path = if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            target = std::fs::canonicalize(path)?;
+            target.as_path()
+        } else {
+            path
+        };
         let name = path.file_name().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name")
         })?;
@@ -103,6 +122,62 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["scores.csv"]);
+    }
+
+    /// `--out /dev/null` (a device) or a FIFO is written in place: the
+    /// staged file was renamed over it, and as root `/dev/null` became a
+    /// regular file. A FIFO stands in for the device here (no root needed);
+    /// a symbolic link keeps its target's place.
+    #[cfg(unix)]
+    #[test]
+    fn a_device_or_fifo_is_written_in_place_and_a_link_keeps_pointing() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+        };
+        let mut out = Output::create(&fifo).unwrap();
+        out.write_all(b"rows\n").unwrap();
+        out.commit().unwrap();
+        assert_eq!(reader.join().unwrap(), "rows\n");
+        assert!(
+            std::fs::symlink_metadata(&fifo)
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
+        // /dev/null itself, where it is writable: still a device after.
+        if let Ok(mut out) = Output::create(Path::new("/dev/null")) {
+            out.write_all(b"x").unwrap();
+            out.commit().unwrap();
+            assert!(
+                std::fs::metadata("/dev/null")
+                    .unwrap()
+                    .file_type()
+                    .is_char_device()
+            );
+        }
+        let real = dir.path().join("scores.csv");
+        std::fs::write(&real, "old\n").unwrap();
+        let link = dir.path().join("latest.csv");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let mut out = Output::create(&link).unwrap();
+        out.write_all(b"new\n").unwrap();
+        out.commit().unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "new\n");
     }
 
     #[test]
