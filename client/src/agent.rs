@@ -279,7 +279,9 @@ impl Agent {
             return Ok(());
         };
         if shape.num_items != self.mf_rows {
-            let items = inter.items(shape.num_items)?;
+            // A catalogue of another length is refused (the task declined):
+            // its rows would land on other items' rows of this run.
+            let items = inter.items_for_run(shape.num_items)?;
             tracing::info!(
                 rows = shape.num_items,
                 "item ids hashed into the run's item rows"

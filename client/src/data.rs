@@ -67,6 +67,19 @@ pub enum DataError {
     /// No customer table: neither `data.churn_csv` nor `data.orders_csv`.
     #[error("no customer data: set `data.orders_csv` (with `[data.orders]`) or `data.churn_csv`")]
     NoCustomers,
+    /// The run's model has another number of item rows than the catalogue
+    /// file lists: the run uses another catalogue, or hashed item ids.
+    #[error(
+        "the run's model has {rows} item rows and `data.catalogue` lists {listed} items: the run \
+         uses another catalogue, or hashed item ids (leave `data.catalogue` out to hash this \
+         merchant's ids as the run's other merchants do)"
+    )]
+    CatalogueRows {
+        /// The model's item rows.
+        rows: usize,
+        /// Items the catalogue file lists.
+        listed: usize,
+    },
     /// The run's model has a row count hashed item ids cannot use.
     #[error("the model has {rows} item rows; hashed item ids need 1 to 4294967295")]
     Rows {
@@ -471,6 +484,20 @@ impl Interactions {
     /// the run's model.
     pub fn hashed(&self) -> bool {
         self.catalogue.is_none()
+    }
+
+    /// The item rows a run's model of `rows` item rows is trained on: the
+    /// catalogue's, which must then list exactly `rows` items (its row `i`
+    /// is the federation's row `i` only when every merchant reads the same
+    /// file), or ids hashed into `rows` rows.
+    pub fn items_for_run(&self, rows: usize) -> Result<Items, DataError> {
+        match &self.catalogue {
+            Some(c) if c.len() != rows => Err(DataError::CatalogueRows {
+                rows,
+                listed: c.len(),
+            }),
+            _ => self.items(rows),
+        }
     }
 
     /// The item rows: the catalogue, or ids hashed into `rows` rows.
@@ -917,5 +944,35 @@ mod tests {
         let empty = (0..).find(|r| many.ids(*r).is_empty()).unwrap();
         assert!(many.label(empty).is_none());
         assert!(matches!(inter.items(0), Err(DataError::Rows { rows: 0 })));
+    }
+
+    /// A merchant with a catalogue file joining a run of another item count
+    /// (a hashed-items run, say) trained its catalogue's row i on the run's
+    /// row i, another item for the others, and could not recommend after:
+    /// the run's tasks are now refused for it, saying what to change.
+    #[test]
+    fn a_catalogue_of_another_length_than_the_runs_rows_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = merchant(dir.path());
+        let list = dir.path().join("catalogue.txt");
+        std::fs::write(&list, "bread\njam\nmilk\neggs\n").unwrap();
+        cfg.data.catalogue = Some(list);
+        let inter = interactions(&cfg).unwrap().unwrap();
+        assert!(matches!(inter.items_for_run(4), Ok(Items::Listed(_))));
+        let e = inter.items_for_run(1 << 17).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DataError::CatalogueRows {
+                    rows: 131072,
+                    listed: 4
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("leave `data.catalogue` out"), "{e}");
+        // Without a catalogue, ids are hashed into whatever the run has.
+        let hashed = interactions(&merchant(dir.path())).unwrap().unwrap();
+        assert_eq!(hashed.items_for_run(1 << 17).unwrap().len(), 1 << 17);
     }
 }
