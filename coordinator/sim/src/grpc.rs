@@ -340,21 +340,7 @@ async fn drive(
     let outputs = evaluate(&served_spec, &served_model, &mut finished, |id| {
         s.out.is_some() || best.is_some() || reported.iter().any(|r| r == id)
     })?;
-    // As the engine commits an evaluation: an example-weighted mean per
-    // metric, and those that do not average (AUC) from the summed vectors.
-    let served_mean = {
-        let mut mean = crate::WeightedMean::default();
-        let mut sum = vec![0.0f64; template.model.eval_len()];
-        for out in outputs.values() {
-            mean.add(&out.metrics, out.weight);
-            out.add_values_to(&mut sum);
-        }
-        let mut m = mean.mean();
-        if !sum.is_empty() {
-            m.extend(template.model.pooled_metrics(&sum));
-        }
-        m
-    };
+    let served_mean = crate::pooled_evaluation(&template.model, outputs.values());
     let evaluated: BTreeMap<String, BTreeMap<String, f64>> =
         outputs.into_iter().map(|(id, o)| (id, o.metrics)).collect();
     let per_merchant = evaluated

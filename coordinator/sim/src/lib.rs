@@ -960,22 +960,16 @@ fn best_summary(
                 .map(|m| run_task(&spec, &params, &mut m.lock().expect("merchant lock")))
                 .collect()
         });
-        let mut mean = WeightedMean::default();
-        let mut per = BTreeMap::new();
-        // As the engine commits an evaluation: metrics that do not average
-        // (AUC, PR-AUC) from the summed evaluation vectors, so the served
-        // figures read like every round's.
-        let mut sum = vec![0.0f64; spec.model.eval_len()];
-        for (id, out) in ids.iter().zip(outs) {
-            let out = out.with_context(|| format!("{id}: evaluating the best version"))?;
-            mean.add(&out.metrics, out.weight);
-            out.add_values_to(&mut sum);
-            per.insert(id.clone(), out.metrics);
-        }
-        let mut served = mean.mean();
-        if !sum.is_empty() {
-            served.extend(spec.model.pooled_metrics(&sum));
-        }
+        let outs = ids
+            .iter()
+            .zip(outs)
+            .map(|(id, out)| {
+                let out = out.with_context(|| format!("{id}: evaluating the best version"))?;
+                Ok((id.clone(), out))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let served = pooled_evaluation(&spec.model, outs.iter().map(|(_, o)| o));
+        let per = outs.into_iter().map(|(id, o)| (id, o.metrics)).collect();
         (served, per)
     };
     Ok(Some(experiment::BestSummary {
@@ -1135,15 +1129,36 @@ fn evaluation_of(
     Ok((params, spec))
 }
 
+/// The federation's figures from every merchant's evaluation, as the engine
+/// commits an evaluation: an example-weighted mean per metric, and those
+/// that do not average (AUC, PR-AUC) from the summed evaluation vectors, so
+/// served figures read like every round's.
+pub(crate) fn pooled_evaluation<'a>(
+    model: &ModelSpec,
+    outs: impl IntoIterator<Item = &'a fedcart_common::model::TaskOutput>,
+) -> BTreeMap<String, f64> {
+    let mut mean = WeightedMean::default();
+    let mut sum = vec![0.0f64; model.eval_len()];
+    for out in outs {
+        mean.add(&out.metrics, out.weight);
+        out.add_values_to(&mut sum);
+    }
+    let mut m = mean.mean();
+    if !sum.is_empty() {
+        m.extend(model.pooled_metrics(&sum));
+    }
+    m
+}
+
 /// An example-weighted mean of metric maps, each figure over the maps that
 /// hold it (as the engine commits an evaluation).
 #[derive(Default)]
-pub(crate) struct WeightedMean {
+struct WeightedMean {
     sums: BTreeMap<String, (f64, f64)>,
 }
 
 impl WeightedMean {
-    pub(crate) fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
+    fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
         for (k, v) in metrics {
             let (sum, w) = self.sums.entry(k.clone()).or_default();
             *sum += v * weight;
@@ -1151,7 +1166,7 @@ impl WeightedMean {
         }
     }
 
-    pub(crate) fn mean(self) -> BTreeMap<String, f64> {
+    fn mean(self) -> BTreeMap<String, f64> {
         self.sums
             .into_iter()
             .map(|(k, (v, w))| (k, if w > 0.0 { v / w } else { 0.0 }))
