@@ -331,8 +331,10 @@ impl CoordinatorConfig {
             file: path.into(),
             message: e.to_string(),
         })?;
-        cfg.run
-            .under_dp_defaults(doc.get("run").and_then(toml::Value::as_table))
+        let run_table = doc.get("run").and_then(toml::Value::as_table);
+        run_table
+            .map_or(Ok(()), |t| cfg.run.unknown_inline_keys(t))
+            .and_then(|()| cfg.run.under_dp_defaults(run_table))
             .map_err(|message| ConfigError::Parse {
                 file: path.into(),
                 message,
@@ -558,6 +560,7 @@ impl RunConfig {
             let run = toml::from_str::<RunConfig>(text).map_err(|e| parse(e.to_string()))?;
             (run, doc)
         };
+        run.unknown_inline_keys(&table).map_err(parse)?;
         run.under_dp_defaults(Some(&table)).map_err(parse)?;
         run.validate()?;
         if schedule.is_some() && run.dp.is_some() {
@@ -581,9 +584,6 @@ impl RunConfig {
     /// always given, so it is the operator's. The keys were checked when the
     /// model table was read.
     fn under_dp_defaults(&mut self, table: Option<&toml::Table>) -> Result<(), String> {
-        if let Some(t) = table {
-            self.unknown_inline_keys(t)?;
-        }
         let ModelSpec::Mf { hyper, .. } = &mut self.model else {
             return Ok(());
         };
