@@ -25,7 +25,13 @@
 //! of distributed DP; a round of fewer agents than planned is charged at
 //! its lower multiplier. The charge is written (fsync, rename) *before* the
 //! masked input is built, so a crash after sending never forgets a round;
-//! a round that fails after the charge stays charged.
+//! a round that fails after the charge stays charged. The unmask request
+//! then names the sum's survivors `s` (agents that dropped after the roster
+//! add no noise): before revealing a share the agent charges the round
+//! again at `z·√(min(s, m)/m)` when that is lower ([`Budget::settle`]).
+//! The count is signed by the survivors only under `verify_survivors`; a
+//! coordinator that deviates from the protocol, or never asks this agent,
+//! can still leave the ledger at the first charge.
 //!
 //! Evaluation metrics, the churn models' feature statistics and the
 //! analyses' (segments, rules) exchanges are not differentially private and
@@ -177,6 +183,44 @@ impl Budget {
 }
 
 impl Budget {
+    /// Re-charges a round already charged once its survivors are known: a
+    /// sum of fewer noise shares than planned carries less noise, so the
+    /// round's entry drops to `noise_multiplier` when that is lower (never
+    /// higher: the first charge stays the floor), and the accountant is
+    /// composed again from the entries. A round with no entry is charged
+    /// now. Written durably before the agent answers; returns ε after it,
+    /// `None` when nothing changed. The cap is not checked: the masked input
+    /// has left, so the round is spent whatever the agent does next.
+    pub fn settle(&mut self, spent: Spent) -> Result<Option<f64>, ChargeError> {
+        let z = spent.noise_multiplier;
+        if !(z.is_finite() && z > 0.0) {
+            return Err(ChargeError::Noise(z));
+        }
+        let mut next = self.ledger.clone();
+        let same = |r: &Spent| {
+            r.run_id == spent.run_id && r.round == spent.round && r.task_id == spent.task_id
+        };
+        match next.rounds.iter_mut().rev().find(|r| same(r)) {
+            Some(r) if r.noise_multiplier <= z => return Ok(None),
+            Some(r) => r.noise_multiplier = z,
+            None => next.rounds.push(spent),
+        }
+        let mut acc = Accountant::with_orders(next.accountant.orders().to_vec())
+            .map_err(|_| ChargeError::Noise(z))?;
+        for r in &next.rounds {
+            acc.step(1.0, r.noise_multiplier)
+                .map_err(|_| ChargeError::Noise(r.noise_multiplier))?;
+        }
+        next.accountant = acc;
+        self.state
+            .write_json(LEDGER_FILE, &next)
+            .map_err(ChargeError::State)?;
+        self.ledger = next;
+        Ok(Some(self.spent()))
+    }
+}
+
+impl Budget {
     /// What `fedcart-client budget` prints: ε spent against the cap, then
     /// one line per run (its rounds and the ε of those rounds alone).
     pub fn report(&self) -> String {
@@ -285,6 +329,36 @@ mod tests {
         let state = StateDir::open(dir.path()).unwrap();
         let e = Budget::open(state, 1.0, 1e-5).unwrap_err();
         assert!(e.to_string().contains(LEDGER_FILE), "{e}");
+    }
+
+    #[test]
+    fn a_round_settled_at_fewer_survivors_is_recharged_durably_and_never_lowered() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let mut b = Budget::open(state.clone(), 100.0, 1e-5).unwrap();
+        b.charge(spent(1, 2.0)).unwrap();
+        b.charge(spent(2, 2.0)).unwrap();
+        // Round 2's sum held fewer shares than planned: z 2 → 1.
+        let after = b.settle(spent(2, 1.0)).unwrap().unwrap();
+        let mut want = Accountant::new();
+        want.step(1.0, 2.0).unwrap();
+        want.step(1.0, 1.0).unwrap();
+        let want = want.epsilon(1e-5).unwrap().epsilon;
+        assert!((after - want).abs() < 1e-9, "{after} vs {want}");
+        // Read back after a restart; a later, larger figure changes nothing.
+        let mut b = Budget::open(state.clone(), 100.0, 1e-5).unwrap();
+        assert!((b.spent() - want).abs() < 1e-9);
+        assert_eq!(b.rounds().len(), 2);
+        assert_eq!(b.rounds()[1].noise_multiplier, 1.0);
+        assert_eq!(b.settle(spent(2, 1.5)).unwrap(), None);
+        assert_eq!(b.rounds()[1].noise_multiplier, 1.0);
+        // A round never charged (its charge was lost) is charged now.
+        b.settle(spent(3, 3.0)).unwrap().unwrap();
+        assert_eq!(b.rounds().len(), 3);
+        assert!(matches!(
+            b.settle(spent(3, f64::NAN)),
+            Err(ChargeError::Noise(_))
+        ));
     }
 
     #[test]

@@ -43,6 +43,16 @@ pub struct PrivacyPolicy {
     /// majority of the share holders, without which the check does not hold
     /// (default `false`).
     pub require_verify_survivors: bool,
+    /// Fewest masked inputs (this agent's included) a secure sum may hold
+    /// for this agent to reveal its shares at the unmask stage (default 0:
+    /// no floor beyond the threshold). Read off the survivor list of the
+    /// unmask request, which only `require_verify_survivors` makes
+    /// trustworthy (signed by at least t survivors); without it a
+    /// coordinator that deviates from the protocol can show each agent
+    /// another list. With both, a coordinator that closes the round with
+    /// fewer inputs, to isolate one merchant's, gets no shares from the
+    /// agents that hold this policy.
+    pub min_survivors: usize,
     /// Refuse training tasks without differential privacy (default `false`).
     pub require_dp: bool,
     /// Smallest noise multiplier z accepted for a training task; above 0 it
@@ -78,6 +88,7 @@ impl Default for PrivacyPolicy {
             min_threshold: 2,
             min_neighbours: 2,
             require_verify_survivors: false,
+            min_survivors: 0,
             require_dp: false,
             min_noise_multiplier: 0.0,
             require_key_binding: true,
@@ -290,6 +301,19 @@ impl PrivacyPolicy {
                 "require_key_binding",
                 "no [tls] identity on this agent to sign its keys and verify its peers'",
                 "keys bound to merchant certificates",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the unmask stage's survivor count, `survivors` masked inputs
+    /// in the sum, against `min_survivors`.
+    pub fn check_survivors(&self, survivors: usize) -> Result<(), PolicyViolation> {
+        if survivors < self.min_survivors {
+            return Err(violation(
+                "min_survivors",
+                format!("a sum of {survivors} masked inputs"),
+                format!("at least {}", self.min_survivors),
             ));
         }
         Ok(())

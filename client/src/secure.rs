@@ -491,6 +491,74 @@ impl SecureTasks {
             }
             stage_name::UNMASK => {
                 let request = UnmaskRequest::from_bytes(&req.body).map_err(protocol)?;
+                // The sum's inputs are known now: the list this request
+                // names (signed by t survivors with the survivor check).
+                let survivors = request.survivors.len();
+                if let Some(noise) = held.dp.as_ref().and_then(|d| d.distributed.as_ref())
+                    && (budget.is_some() || policy.min_noise_multiplier > 0.0)
+                {
+                    if survivors == 0 {
+                        return Err(protocol(SecAggError::Refused(
+                            "unmask request names no survivors: the round's noise cannot be \
+                             accounted"
+                                .into(),
+                        )));
+                    }
+                    // A sum of fewer shares than charged for carries less
+                    // noise: charged again, durably, before any share
+                    // leaves, and kept even if this agent then refuses (the
+                    // other holders may unmask the sum without it).
+                    if let Some(budget) = budget {
+                        let z = crate::budget::round_noise_multiplier(
+                            noise.skellam.noise_multiplier,
+                            noise.skellam.min_survivors,
+                            survivors,
+                        );
+                        let spent = crate::budget::Spent {
+                            run_id: req.run_id.clone(),
+                            round: req.round,
+                            task_id: req.task_id.clone(),
+                            noise_multiplier: z,
+                            at_unix_ms: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as u64),
+                        };
+                        let settled =
+                            budget.settle(spent).map_err(|source| SecureError::Ledger {
+                                round: req.round,
+                                task_id: req.task_id.clone(),
+                                source,
+                            })?;
+                        if let Some(epsilon) = settled {
+                            let (cap, delta) = budget.limit();
+                            tracing::warn!(
+                                task = %req.task_id,
+                                survivors,
+                                planned = noise.skellam.min_survivors,
+                                noise_multiplier = %format_args!("{z:.4}"),
+                                epsilon = %format_args!("{epsilon:.3}"),
+                                max_epsilon = cap,
+                                delta,
+                                "the sum holds fewer noise shares than charged for: round charged again"
+                            );
+                            if epsilon > cap {
+                                return Err(refuse(crate::policy::PolicyViolation {
+                                    setting: "max_epsilon",
+                                    task: format!(
+                                        "a sum of {survivors} of {} planned shares (z = {z:.4}) \
+                                         brings this merchant's ε to {epsilon:.3}",
+                                        noise.skellam.min_survivors
+                                    ),
+                                    policy: format!("ε <= {cap} at δ = {delta:e}"),
+                                }));
+                            }
+                        }
+                    }
+                    policy
+                        .check_noise(&noise.skellam, survivors)
+                        .map_err(refuse)?;
+                }
+                policy.check_survivors(survivors).map_err(refuse)?;
                 let response = session.unmask(&request).map_err(protocol)?;
                 Ok(message(response.to_bytes()))
             }

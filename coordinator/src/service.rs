@@ -762,9 +762,19 @@ impl Coordinator for Service {
         let _in_flight = shared.begin_upload(&merchant)?;
         let (kind, expected_values, expected_weights, secure, layout) = {
             let engine = shared.engine();
-            engine
-                .precheck(&merchant, &header.run_id, header.round, &header.task_id)
-                .map_err(Status::from)?;
+            match engine.precheck(&merchant, &header.run_id, header.round, &header.task_id) {
+                // A survivor of a secure round that leaves a later stage
+                // (it refused to reveal shares): its input stays in the sum,
+                // and the stage stops waiting for it now, not at its deadline.
+                Err(crate::engine::SubmitError::Duplicate(_))
+                    if !header.failure.is_empty()
+                        && engine.open_task().is_some_and(|p| p.secure) =>
+                {
+                    drop(engine);
+                    return withdraw_survivor(&shared, &merchant, &header);
+                }
+                checked => checked.map_err(Status::from)?,
+            }
             let plan = engine.open_task().expect("precheck found an open task");
             let spec = &plan.spec;
             (
@@ -950,6 +960,27 @@ fn decline(
     shared.bump();
     Ok(Response::new(pb::SubmitReply {
         message: format!("dropped from task `{}`", header.task_id),
+    }))
+}
+
+/// A secure round's survivor leaving a stage after its masked input (it
+/// refused the unmask request, or could not answer it): the open stage stops
+/// waiting for it and the reason goes with the round's rejections.
+fn withdraw_survivor(
+    shared: &Shared,
+    merchant: &str,
+    header: &pb::UpdateHeader,
+) -> Result<Response<pb::SubmitReply>, Status> {
+    crate::limits::check_failure(header)?;
+    tracing::warn!(merchant, task = %header.task_id, reason = %header.failure, "a survivor of the secure round left it");
+    shared
+        .engine()
+        .note_rejection(merchant, header.failure.clone());
+    secure::decline(shared, merchant);
+    secure::accusation(shared, merchant, &header.failure);
+    shared.bump();
+    Ok(Response::new(pb::SubmitReply {
+        message: format!("left the secure stages of task `{}`", header.task_id),
     }))
 }
 

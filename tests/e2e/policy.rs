@@ -186,3 +186,149 @@ async fn a_merchants_epsilon_cap_holds_across_rounds_runs_and_restarts() {
     assert_eq!(charged[0]["run_id"], "e2e-budget-a");
     assert_eq!(charged[0]["noise_multiplier"], z);
 }
+
+/// A round whose sum holds fewer noise shares than the agents were charged
+/// for: m3 advertises keys, then leaves before sharing them (its policy
+/// wants more neighbours than the round of four has), so the sum holds
+/// three of the four planned shares. Each survivor's own ledger is charged
+/// again at the unmask stage, before it reveals a share, at the noise the
+/// sum carries, `z·√(3/4)`: what the coordinator's ledger accounts, not
+/// the `z` of a full round charged when the masked input left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchants_ledger_is_charged_at_the_survivors_of_the_sum_not_the_roster() {
+    use fedcart_client::budget::Budget;
+    use fedcart_client::state::StateDir;
+    use fedcart_common::privacy::dp::accountant::epsilon_for;
+    use fedcart_coordinator::config::{DpMode, DpSettings};
+
+    let (z, delta) = (1.0, 1e-5);
+    let mut run = noop_run("e2e-budget-survivors", true);
+    let mut dp = DpSettings::central(1.0, z, delta);
+    dp.mode = DpMode::Distributed;
+    run.dp = Some(dp);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let states: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut agents: Vec<_> = states
+        .iter()
+        .enumerate()
+        .map(|(k, state)| {
+            let budget = Budget::open(StateDir::open(state.path()).unwrap(), 1e3, delta).unwrap();
+            let agent = Agent::new(format!("http://{}", coord.addr), merchant(k))
+                .with_policy(PrivacyPolicy {
+                    max_epsilon: Some(1e3),
+                    epsilon_delta: delta,
+                    ..PrivacyPolicy::without_key_binding()
+                })
+                .with_budget(budget);
+            spawn_configured(agent)
+        })
+        .collect();
+    let mut leaver =
+        Agent::new(format!("http://{}", coord.addr), merchant(3)).with_policy(PrivacyPolicy {
+            min_neighbours: 4,
+            ..PrivacyPolicy::without_key_binding()
+        });
+    leaver.backoff = Backoff {
+        initial_ms: 20,
+        max_ms: 500,
+    };
+    agents.push(spawn_configured(leaver));
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let trains: Vec<RoundRecord> = shared
+        .history()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == TaskKind::Train)
+        .collect();
+    assert_eq!(trains.len(), 1, "{trains:?}");
+    let r = &trains[0];
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    assert_eq!(r.reported, vec!["m0", "m1", "m2"], "{r:?}");
+    let accounted = r.privacy.as_ref().expect("a DP round").noise_multiplier;
+    let want = z * (3.0f64 / 4.0).sqrt();
+    assert!((accounted - want).abs() < 1e-12, "{accounted}");
+    let epsilon = epsilon_for(1.0, want, 1, delta).unwrap().epsilon;
+    for state in &states {
+        let b = Budget::open(StateDir::open(state.path()).unwrap(), 1e3, delta).unwrap();
+        assert_eq!(b.rounds().len(), 1, "{:?}", b.rounds());
+        assert!(
+            (b.rounds()[0].noise_multiplier - want).abs() < 1e-12,
+            "{:?}",
+            b.rounds()
+        );
+        assert!(
+            (b.spent() - epsilon).abs() < 1e-9,
+            "{} vs {epsilon}",
+            b.spent()
+        );
+    }
+}
+
+/// A coordinator that closes a secure round with fewer masked inputs than a
+/// merchant's `privacy.min_survivors` (here three of four, m3 having left
+/// after advertising its keys) gets no shares from that merchant: with the
+/// threshold at three of the three survivors, the sum cannot be unmasked,
+/// the attempt aborts and is retried, and nothing is ever committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reveals_no_shares_for_a_sum_of_fewer_inputs_than_its_policy_allows() {
+    let mut run = noop_run("e2e-policy-survivors", true);
+    run.max_attempts = 2;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let policy = |min_survivors, min_neighbours| PrivacyPolicy {
+        min_survivors,
+        min_neighbours,
+        ..PrivacyPolicy::without_key_binding()
+    };
+    let mut agents = Vec::new();
+    for (k, p) in [
+        (0, policy(4, 2)),
+        (1, policy(0, 2)),
+        (2, policy(0, 2)),
+        (3, policy(0, 4)),
+    ] {
+        let mut a = Agent::new(format!("http://{}", coord.addr), merchant(k)).with_policy(p);
+        a.backoff = Backoff {
+            initial_ms: 20,
+            max_ms: 500,
+        };
+        agents.push(spawn_configured(a));
+    }
+    let shared = coord.shared.clone();
+    let ended = coord.wait_finished().await;
+    assert!(
+        ended
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("run.max_attempts")),
+        "{ended:?}"
+    );
+    for a in agents {
+        a.stop().await;
+    }
+    let trains: Vec<RoundRecord> = shared
+        .history()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == TaskKind::Train)
+        .collect();
+    assert_eq!(trains.len(), 2, "{trains:?}");
+    for r in &trains {
+        assert_eq!(r.outcome, Outcome::Aborted, "{r:?}");
+        // m0's refusal is recorded, and ended the stage without its deadline.
+        assert!(
+            r.rejected
+                .contains(&("m0".to_string(), DECLINED_BY_POLICY.to_string())),
+            "{r:?}"
+        );
+    }
+    assert!(shared.model(1).unwrap().is_none(), "nothing committed");
+    assert!(
+        shared.stopped().is_some(),
+        "the run gave up after its attempts"
+    );
+}

@@ -409,6 +409,18 @@ impl Engine {
         }
     }
 
+    /// Records why a merchant whose result is already in the open task
+    /// left it afterwards (a secure round's survivor refusing the unmask
+    /// stage): once per merchant, with the round's rejections.
+    pub fn note_rejection(&mut self, agent: &str, reason: String) {
+        if let Some(open) = &mut self.open
+            && open.reported.contains(agent)
+            && !open.rejected.iter().any(|(a, _)| a == agent)
+        {
+            open.rejected.push((agent.to_string(), reason));
+        }
+    }
+
     /// Records that `accuser` could not open the share bundle `accused` sent
     /// it in a secure round, and sets merchants aside from the run's later
     /// tasks. A sender of forged shares can always make the round fail (no

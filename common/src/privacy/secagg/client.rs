@@ -509,6 +509,18 @@ impl ClientSession {
         }
         if self.config.verify_survivors {
             self.check_signatures(request, &selfs, &pairs)?;
+        } else if !request.survivors.is_empty() {
+            // Unsigned, but it must agree with what is asked of this agent:
+            // the agent's ledger reads its length.
+            let listed = |o: &u32| request.survivors.binary_search(o).is_ok();
+            if !request.survivors.is_sorted_by(|a, b| a < b)
+                || !selfs.iter().all(listed)
+                || pairs.iter().any(listed)
+            {
+                return Err(SecAggError::Refused(
+                    "requested shares disagree with the request's survivor list".into(),
+                ));
+            }
         }
         let pick = |ids: &BTreeSet<u32>, second: bool| {
             ids.iter()

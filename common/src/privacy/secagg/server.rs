@@ -472,8 +472,10 @@ impl ServerSession {
             return Ok(AfterMasked::CheckSurvivors(SurvivorCheck { survivors }));
         }
         self.stage = Stage::Unmask;
+        // The list goes along unsigned: an agent accounts its distributed
+        // noise at the survivors it names (a smaller sum carries less noise).
         Ok(AfterMasked::Unmask(
-            self.make_requests(Vec::new(), Vec::new()),
+            self.make_requests(survivors, Vec::new()),
         ))
     }
 
