@@ -229,13 +229,31 @@ pub fn federation_value(
     for (m, fed) in merchants.iter().zip(served) {
         let mut alone = [m.clone()];
         let alone_template = alone_template(template, m, total_rows);
-        let local = federate(&alone_template, &mut alone, rounds, &mut FedAvg)?;
-        let mut spec = alone_template;
-        spec.standardizer = local.standardizer.clone();
-        spec.round = local.served_round();
         // The evaluation weight (held-out examples) is the merchant's,
-        // whatever the model.
-        let (local_only, weight) = evaluate_pooled(&spec, local.served(), &mut alone)?;
+        // whatever the model. A merchant whose training diverges alone (an
+        // outlier in its data, say) has no local-only figure; the others'
+        // columns are still measured.
+        let (local_only, weight) = match federate(&alone_template, &mut alone, rounds, &mut FedAvg)
+        {
+            Ok(local) => {
+                let mut spec = alone_template;
+                spec.standardizer = local.standardizer.clone();
+                spec.round = local.served_round();
+                evaluate_pooled(&spec, local.served(), &mut alone)?
+            }
+            Err(e) => {
+                tracing::warn!(
+                    merchant = %m.merchant_id,
+                    error = %e,
+                    "the merchant's local-only baseline failed: the report has no local-only \
+                     figure for it"
+                );
+                let mut alone = [m.clone()];
+                let initial = template.model.initial_params(template.seed);
+                let (_, weight) = evaluate_pooled(&alone_template, &initial, &mut alone)?;
+                (BTreeMap::new(), weight)
+            }
+        };
         let centralized = if has_private_state {
             None
         } else {

@@ -190,6 +190,22 @@ pub fn run_one(
     let mut sgd = s.sgd(task);
     sgd.prox_mu = strategy.prox_mu();
     let n = pop.merchants.len();
+    // FedBuff's defaults follow --merchants; a natural partition makes one
+    // merchant per store instead, and a buffer no set of merchants can fill
+    // would wait forever.
+    if let mode::Mode::FedBuff(cfg) = &s.mode
+        && (cfg.buffer > n || cfg.concurrency > n)
+    {
+        bail!(
+            "--mode fedbuff: --concurrency {} and --buffer {} must be in [1, merchants = {n}], and \
+             {} has {n} merchants (without the flags they follow --merchants {} and --fraction): \
+             give --concurrency and --buffer of at most {n}",
+            cfg.concurrency,
+            cfg.buffer,
+            data.name(),
+            s.merchants
+        );
+    }
     // An analysis hands its final state out in one evaluation anyway;
     // boosted trees are models, evaluated between trees (early stopping).
     let evaluate = !matches!(pop.model, ModelSpec::Noop { .. })
@@ -749,15 +765,23 @@ pub(crate) fn baselines(
          --out to skip them"
     );
     let start = std::time::Instant::now();
-    exp.federation_value = Some(
-        fedcart_common::reference::federation_value(
-            template,
-            originals,
-            rounds,
-            fedcart_common::reference::Federated::Served(served),
-        )
-        .context("computing the federation-value baselines")?,
-    );
+    // The run itself is done: a baseline that cannot be computed (the
+    // pooled model diverging on an outlier) costs the report its baselines,
+    // not the run its outputs.
+    match fedcart_common::reference::federation_value(
+        template,
+        originals,
+        rounds,
+        fedcart_common::reference::Federated::Served(served),
+    ) {
+        Ok(value) => exp.federation_value = Some(value),
+        Err(e) => {
+            tracing::warn!(error = %e, "the federation-value baselines could not be computed");
+            exp.report.push(format!(
+                "no federation-value baselines: {e} (the federated figures above are the run's)"
+            ));
+        }
+    }
     spinner.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     exp.timing.baselines_seconds = Some(seconds);

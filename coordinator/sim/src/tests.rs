@@ -1698,3 +1698,40 @@ fn a_table_without_a_churner_says_to_check_the_labels() {
         e.report
     );
 }
+
+/// A ratings file with one absurd value (1e9 on one line): the merchant
+/// holding it diverges and is refused each round, the run finishes, and
+/// with `--out` the baselines that cannot be computed (the pooled model
+/// diverges on the outlier too) cost the report its baseline table, not the
+/// run its outputs.
+#[test]
+fn baselines_that_diverge_on_an_outlier_leave_the_runs_outputs_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo(data::DEFAULT_MOVIELENS)).unwrap();
+    let mut lines: Vec<String> = text.lines().take(4_001).map(str::to_string).collect();
+    let mut cells: Vec<String> = lines[12].split(',').map(str::to_string).collect();
+    cells[2] = "1e9".into();
+    lines[12] = cells.join(",");
+    let file = dir.path().join("ratings.csv");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out");
+    let mut a = args();
+    a.task = Some("mf".parse().unwrap());
+    a.data = Some(format!("movielens:{}", file.display()).parse().unwrap());
+    a.factors = Some(8);
+    a.out = Some(out.clone());
+    let s = Settings::from_args(a).unwrap();
+    let exps = run_all(&s).unwrap();
+    output::write_all(&out, &s, &exps).unwrap();
+    let exp = &exps[0];
+    assert!(exp.federation_value.is_none());
+    assert!(
+        exp.report
+            .iter()
+            .any(|l| l.starts_with("no federation-value baselines:")),
+        "{:?}",
+        exp.report
+    );
+    assert!(out.join("metrics.json").is_file());
+    assert!(out.join("report.html").is_file());
+}

@@ -446,7 +446,7 @@ pub fn build(
     factors: usize,
     seed: u64,
 ) -> anyhow::Result<Population> {
-    let (rows, mut cfg, notes) = src.read_noting()?;
+    let (rows, mut cfg, mut notes) = src.read_noting()?;
     if task.is_mf() && src.cutoff.is_none() {
         // A recommender learns from every order: the default cutoff (the last
         // order minus the churn window) is a churn label's, and would hide
@@ -501,6 +501,14 @@ pub fn build(
                 "{}: no store has customers before the cutoff",
                 src.path.display()
             );
+        }
+        if out.len() != n {
+            notes.push(format!(
+                "{}: --partition natural makes one merchant per store: {} merchants \
+                 (--merchants {n} does not apply)",
+                src.path.display(),
+                out.len()
+            ));
         }
         Some(out)
     } else {
@@ -636,6 +644,19 @@ pub fn build(
                 Some(h) => h,
                 None => &listed,
             };
+            // Hashed rows too few for the items: many items share a row,
+            // and a ranking cannot tell them apart (one row: every item ties).
+            let (items, rows) = (listed.len() as f64, catalogue.len() as f64);
+            let shared = 1.0 - (-items / rows).exp();
+            if src.hash_items.is_some() && shared > 0.1 {
+                notes.push(format!(
+                    "{}: --hash-items {rows} for {items} distinct items: about {:.0} % of the items \
+                     share a row with another, and the figures rank rows, not items (give several \
+                     times as many rows as items)",
+                    src.path.display(),
+                    100.0 * shared
+                ));
+            }
             let merchants = parts
                 .iter()
                 .enumerate()

@@ -80,6 +80,51 @@ fn hashed_item_ids_size_the_model_by_the_rows_asked_for_and_train() {
     assert_eq!(exact.model_len, 1 + 15_683 * (1 + 8));
     let hr = hashed.final_metrics["hr@10"];
     assert!(hr.is_finite() && hr > 0.0, "{hr}");
+    // 15,683 items on 4,096 rows: the report says most items share one.
+    assert!(
+        hashed
+            .report
+            .iter()
+            .any(|l| l.contains("--hash-items 4096 for 15683 distinct items: about 98 %")),
+        "{:?}",
+        hashed.report
+    );
+}
+
+/// FedBuff's buffer is checked against the merchants the natural partition
+/// makes (one per store), not the `--merchants` it ignores: a buffer more
+/// stores than there are could never fill, and the run spun forever.
+#[test]
+fn a_fedbuff_buffer_larger_than_the_stores_is_refused_naming_their_number() {
+    let path = grocery_head();
+    let a = SimArgs {
+        task: Some("mf-implicit".parse().unwrap()),
+        data: Some(format!("orders:{}", path.display()).parse().unwrap()),
+        partition: Some("natural".into()),
+        merchants: Some(30),
+        mode: Some("fedbuff".parse().unwrap()),
+        buffer: Some(25),
+        concurrency: Some(25),
+        rounds: Some(2),
+        orders: OrdersArgs {
+            customer: Some("customer".into()),
+            item: Some("item".into()),
+            timestamp: Some("timestamp".into()),
+            quantity: Some("quantity".into()),
+            amount: Some("amount".into()),
+            merchant: Some("merchant".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = run_all(&Settings::from_args(a).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--buffer 25 must be in [1, merchants = 20]")
+            && err.contains("give --concurrency and --buffer of at most 20"),
+        "{err}"
+    );
 }
 
 fn up(e: &Experiment) -> u64 {
