@@ -85,6 +85,11 @@ impl Engine {
                 self.select_pinned(round, pinned, available)?,
                 available.len(),
             )
+        } else if kind == TaskKind::Evaluate {
+            // Versions are compared on their evaluations (the best version,
+            // early stopping): a sample must be the same merchants each
+            // round, not a fresh draw that makes each figure another subset's.
+            select_cohort(available, sel, self.run.seed)
         } else {
             select(available, sel, self.run.seed, &task_id)
         };
@@ -231,6 +236,29 @@ pub(super) fn select(
     pool.dedup();
     let population = pool.len();
     pool.shuffle(&mut fedcart_common::seed::rng(seed, &["select", task_id]));
+    let mut selected: Vec<String> = pool.into_iter().take(want).collect();
+    selected.sort();
+    (selected, population)
+}
+
+/// Draws an evaluation's agents from `available`: as many as [`select`]
+/// takes, but the same merchants every round of the run. Each merchant gets
+/// a rank from the run seed and its id alone, and the lowest ranks among
+/// those available are taken, so a merchant that is away is replaced by the
+/// next in rank and the rest of the cohort stays.
+pub(super) fn select_cohort(
+    available: &[String],
+    sel: &Selection,
+    seed: u64,
+) -> (Vec<String>, usize) {
+    let want = ((available.len() as f64 * sel.fraction).ceil() as usize)
+        .clamp(sel.min_agents, sel.max_agents)
+        .min(available.len());
+    let mut pool: Vec<String> = available.to_vec();
+    pool.sort();
+    pool.dedup();
+    let population = pool.len();
+    pool.sort_by_cached_key(|m| fedcart_common::seed::derive(seed, &["validation-cohort", m]));
     let mut selected: Vec<String> = pool.into_iter().take(want).collect();
     selected.sort();
     (selected, population)

@@ -4,7 +4,7 @@
 use fedcart_common::federation::update::Update;
 use fedcart_common::task::{ModelSpec, TaskKind};
 
-use super::plan::select;
+use super::plan::{select, select_cohort};
 use super::*;
 use crate::config::Selection;
 use crate::record::Outcome;
@@ -113,6 +113,62 @@ fn selection_is_deterministic_for_a_seed_and_task() {
         next_attempt != a || next_round != a,
         "the task id changes the draw"
     );
+}
+
+#[test]
+fn evaluations_sample_the_same_merchants_every_round_and_replace_only_those_away() {
+    let all = agents(20);
+    let sel = selection(0.25, 1, 20);
+    let (cohort, population) = select_cohort(&all, &sel, 7);
+    assert_eq!((cohort.len(), population), (5, 20));
+    let mut shuffled = all.clone();
+    shuffled.reverse();
+    assert_eq!(select_cohort(&shuffled, &sel, 7).0, cohort);
+    // One of the cohort away: the other four stay, one more is drawn.
+    let away = &cohort[0];
+    let rest: Vec<String> = all.iter().filter(|m| *m != away).cloned().collect();
+    let (next, _) = select_cohort(&rest, &sel, 7);
+    assert_eq!(next.len(), 5);
+    assert!(
+        cohort[1..].iter().all(|m| next.contains(m)),
+        "{cohort:?} {next:?}"
+    );
+    assert!(!next.contains(away));
+    assert!(
+        (0..8).any(|s| select_cohort(&all, &sel, s).0 != cohort),
+        "the run seed changes the cohort"
+    );
+    // Through the engine: two rounds' evaluations go to the same merchants
+    // while training draws afresh.
+    let mut r = run(sel.clone(), 1);
+    r.evaluate = true;
+    let (_dir, mut e) = engine(r);
+    let mut evaluated = Vec::new();
+    for _ in 0..2 {
+        let plan = e.start_task(&all).unwrap();
+        assert_eq!(plan.spec.kind, TaskKind::Train);
+        for m in &plan.selected {
+            submit(&mut e, &plan, m, update([1.0; DIM], 1.0)).unwrap();
+        }
+        e.finish_task().unwrap();
+        let plan = e.start_task(&all).unwrap();
+        assert_eq!(plan.spec.kind, TaskKind::Evaluate);
+        evaluated.push(plan.selected.clone());
+        for m in &plan.selected {
+            let sub = Submission {
+                update: None,
+                metrics: [("loss".to_string(), 1.0)].into(),
+                weight: 1.0,
+                bytes: 0,
+            };
+            submit(&mut e, &plan, m, sub).unwrap();
+        }
+        e.finish_task().unwrap();
+    }
+    // `run` seeds the engine with 11.
+    let cohort = select_cohort(&all, &sel, 11).0;
+    assert_eq!(evaluated[0], cohort);
+    assert_eq!(evaluated[1], cohort);
 }
 
 #[test]
