@@ -126,7 +126,10 @@ pub struct SecAggSettings {
     #[serde(default)]
     pub neighbours: Option<usize>,
     /// Every update value is clipped to [-clip, clip] before encoding; the
-    /// clipped fraction is reported per round.
+    /// clipped fraction is reported per round (default 1e5, the simulator's
+    /// for model tasks: a bound on what one merchant can add, not a clip
+    /// of honest updates).
+    #[serde(default = "default_secagg_clip")]
     pub clip: f32,
     /// Malicious-server consistency check (signed survivor lists).
     #[serde(default)]
@@ -151,6 +154,13 @@ impl SecAggSettings {
 
 fn yes() -> bool {
     true
+}
+
+/// `run.secagg.clip` when left out.
+pub const DEFAULT_SECAGG_CLIP: f32 = 1e5;
+
+fn default_secagg_clip() -> f32 {
+    DEFAULT_SECAGG_CLIP
 }
 
 /// Parses `run.strategy`, naming the key in the error (the TOML parser adds
@@ -1049,6 +1059,25 @@ mod tests {
         assert!(
             e.contains("schedule") && e.contains("privacy budget again"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bare_secagg_table_takes_every_default_the_readme_documents() {
+        let (_dir, cfg) = load(&format!("{EXAMPLE}\n[run.secagg]\n"));
+        let secagg = cfg
+            .expect("loads")
+            .run
+            .secagg
+            .expect("secure aggregation on");
+        assert_eq!(secagg.clip, DEFAULT_SECAGG_CLIP);
+        assert_eq!(secagg.neighbours, None);
+        assert!(!secagg.verify_survivors);
+        assert_eq!(secagg.stage_timeout_ms, None);
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains("clip = 1e5 "),
+            "README documents the default clip"
         );
     }
 
