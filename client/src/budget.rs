@@ -151,7 +151,7 @@ impl Budget {
         Err(PolicyViolation {
             setting: "max_epsilon",
             task: format!(
-                "one more round at z = {noise_multiplier:.4} would bring this merchant's ε to \
+                "one more round at z = {noise_multiplier:.4}, which would bring this merchant's ε to \
                  {after:.3} ({:.3} spent over {} rounds, ledger {})",
                 self.spent(),
                 self.ledger.rounds.len(),

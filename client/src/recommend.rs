@@ -91,11 +91,20 @@ pub enum RecommendError {
     #[error(transparent)]
     Load(Box<crate::data::DataError>),
     /// The stored churn model does not fit the CSV's features.
-    #[error("model has {params} parameters, data {features} features")]
+    #[error(
+        "the churn model of run `{run_id}` (version {version}) was trained on {expected} features \
+         per customer, and this data gives {features}: score the data the run trained on (the \
+         same `data.orders` export or customer table and schema as the agent's), or train a run \
+         on this data"
+    )]
     Shape {
-        /// Parameters of the stored model.
-        params: usize,
-        /// Features per row in the CSV.
+        /// The run the stored model comes from.
+        run_id: String,
+        /// Its version.
+        version: u64,
+        /// Features the stored model takes.
+        expected: usize,
+        /// Features per row in the data.
         features: usize,
     },
     /// The scores could not be written.
@@ -557,7 +566,9 @@ pub fn churn_probabilities(
     }
     if params.len() != ds.x.ncols() + 1 || scaler.mean.len() != ds.x.ncols() {
         return Err(RecommendError::Shape {
-            params: params.len(),
+            run_id: meta.run_id.clone(),
+            version: meta.version,
+            expected: scaler.mean.len(),
             features: ds.x.ncols(),
         });
     }
@@ -640,5 +651,26 @@ mod tests {
             churn_probabilities(&state, &ds),
             Err(RecommendError::NoFeatureStats)
         ));
+        // A table of other features than the run trained on: both counts,
+        // the run and what to do.
+        let mut trained = meta(4);
+        trained.spec.standardizer = Some(fedcart_common::data::standardize::Standardizer {
+            mean: vec![0.0; 2],
+            std: vec![1.0; 2],
+        });
+        state.save_global(&trained, &[0.0; 3]).unwrap();
+        let wide = TabularDataset {
+            ids: vec!["a".into()],
+            x: Array2::zeros((1, 45)),
+            y: Array1::zeros(1),
+        };
+        let e = churn_probabilities(&state, &wide).unwrap_err().to_string();
+        assert!(
+            e.contains("run `c-1` (version 4)")
+                && e.contains("trained on 2 features")
+                && e.contains("this data gives 45")
+                && e.contains("score the data the run trained on"),
+            "{e}"
+        );
     }
 }

@@ -545,8 +545,9 @@ impl SecureTasks {
                                 return Err(refuse(crate::policy::PolicyViolation {
                                     setting: "max_epsilon",
                                     task: format!(
-                                        "a sum of {survivors} of {} planned shares (z = {z:.4}) \
-                                         brings this merchant's ε to {epsilon:.3}",
+                                        "a sum of {survivors} of {} planned noise shares \
+                                         (z = {z:.4}), which brings this merchant's ε to \
+                                         {epsilon:.3}",
                                         noise.skellam.min_survivors
                                     ),
                                     policy: format!("ε <= {cap} at δ = {delta:e}"),

@@ -304,7 +304,8 @@ async fn an_agent_reveals_no_shares_for_a_sum_of_fewer_inputs_than_its_policy_al
     assert!(
         ended
             .as_ref()
-            .is_err_and(|e| e.to_string().contains("run.max_attempts")),
+            .is_err_and(|e| e.to_string().contains("run.max_attempts")
+                && e.to_string().contains("(4 of 4; from m0, m3)")),
         "{ended:?}"
     );
     for a in agents {

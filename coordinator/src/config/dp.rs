@@ -311,7 +311,7 @@ impl DpSettings {
                 "run.dp.delta",
                 format!(
                     "{} is above 0.01: δ is the probability that the guarantee fails \
-                     outright — use 1e-5 or below 1/n² (n merchants)",
+                     outright — use 1e-5 (it must be below 1/n for n merchants; 1/n² is the usual choice)",
                     self.delta
                 ),
             );
@@ -324,7 +324,8 @@ impl DpSettings {
                 "run.dp.delta",
                 format!(
                     "{} is not below 1/{protected} ({} merchants: {}); a δ that large \
-                     allows one merchant's data to be released whole — use 1e-5 or below 1/n²",
+                     allows one merchant's data to be released whole — use 1e-5 (below 1/n is required; 1/n² is \
+                     the usual choice)",
                     self.delta,
                     protected,
                     if self.population.is_some() {

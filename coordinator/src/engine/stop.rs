@@ -164,7 +164,25 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
             .map(|(r, n)| (r.to_string(), n, reasons.len()))
     };
     if let Some((reason, n, total)) = most(rejections) {
-        return format!("most results were refused or withdrawn: `{reason}` ({n} of {total})");
+        // Who gave it: the operator's next question.
+        let who: std::collections::BTreeSet<&str> = attempts
+            .iter()
+            .flat_map(|r| r.rejected.iter())
+            .filter(|(_, why)| *why == reason)
+            .map(|(m, _)| m.as_str())
+            .collect();
+        let mut named: Vec<&str> = who.iter().copied().take(5).collect();
+        let more = who.len() - named.len();
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        named.sort_unstable();
+        return format!(
+            "most results were refused or withdrawn: `{reason}` ({n} of {total}; from {}{more})",
+            named.join(", ")
+        );
     }
     let aborts: Vec<&str> = attempts
         .iter()
