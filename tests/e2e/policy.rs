@@ -69,8 +69,14 @@ async fn train_records_with_m3(
     for a in agents {
         a.stop().await;
     }
-    let history = shared.history().unwrap();
-    history
+    train_records(&shared)
+}
+
+/// The training records of a run, oldest first.
+fn train_records(shared: &fedcart_coordinator::service::Shared) -> Vec<RoundRecord> {
+    shared
+        .history()
+        .unwrap()
         .into_iter()
         .filter(|r| r.kind == TaskKind::Train)
         .collect()
@@ -239,12 +245,7 @@ async fn a_merchants_ledger_is_charged_at_the_survivors_of_the_sum_not_the_roste
     for a in agents {
         a.stop().await;
     }
-    let trains: Vec<RoundRecord> = shared
-        .history()
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.kind == TaskKind::Train)
-        .collect();
+    let trains = train_records(&shared);
     assert_eq!(trains.len(), 1, "{trains:?}");
     let r = &trains[0];
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
@@ -311,12 +312,7 @@ async fn an_agent_reveals_no_shares_for_a_sum_of_fewer_inputs_than_its_policy_al
     for a in agents {
         a.stop().await;
     }
-    let trains: Vec<RoundRecord> = shared
-        .history()
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.kind == TaskKind::Train)
-        .collect();
+    let trains = train_records(&shared);
     assert_eq!(trains.len(), 2, "{trains:?}");
     for r in &trains {
         assert_eq!(r.outcome, Outcome::Aborted, "{r:?}");

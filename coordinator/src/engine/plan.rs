@@ -228,12 +228,7 @@ pub(super) fn select(
     seed: u64,
     task_id: &str,
 ) -> (Vec<String>, usize) {
-    let want = ((available.len() as f64 * sel.fraction).ceil() as usize)
-        .clamp(sel.min_agents, sel.max_agents)
-        .min(available.len());
-    let mut pool: Vec<String> = available.to_vec();
-    pool.sort();
-    pool.dedup();
+    let (mut pool, want) = pool_of(available, sel);
     let population = pool.len();
     pool.shuffle(&mut fedcart_common::seed::rng(seed, &["select", task_id]));
     let mut selected: Vec<String> = pool.into_iter().take(want).collect();
@@ -251,15 +246,23 @@ pub(super) fn select_cohort(
     sel: &Selection,
     seed: u64,
 ) -> (Vec<String>, usize) {
+    let (mut pool, want) = pool_of(available, sel);
+    let population = pool.len();
+    pool.sort_by_cached_key(|m| fedcart_common::seed::derive(seed, &["validation-cohort", m]));
+    let mut selected: Vec<String> = pool.into_iter().take(want).collect();
+    selected.sort();
+    (selected, population)
+}
+
+/// The distinct agents of `available`, sorted, and how many a task takes:
+/// `fraction` of `available` rounded up, clamped to `[min_agents,
+/// max_agents]` and to what is there.
+fn pool_of(available: &[String], sel: &Selection) -> (Vec<String>, usize) {
     let want = ((available.len() as f64 * sel.fraction).ceil() as usize)
         .clamp(sel.min_agents, sel.max_agents)
         .min(available.len());
     let mut pool: Vec<String> = available.to_vec();
     pool.sort();
     pool.dedup();
-    let population = pool.len();
-    pool.sort_by_cached_key(|m| fedcart_common::seed::derive(seed, &["validation-cohort", m]));
-    let mut selected: Vec<String> = pool.into_iter().take(want).collect();
-    selected.sort();
-    (selected, population)
+    (pool, want)
 }
