@@ -115,6 +115,10 @@ pub struct FederationValue {
     /// Rounds the baselines (local-only, centralised, and a reference
     /// federation) trained: FedAvg, every merchant each round.
     pub rounds: u64,
+    /// Baselines that could not be computed, one line each (a merchant
+    /// whose training diverged alone has no local-only figure).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// Held-out metrics of the centralised model over all merchants' rows.
     pub centralized_pooled: BTreeMap<String, f64>,
     /// One entry per merchant, in input order.
@@ -226,6 +230,7 @@ pub fn federation_value(
         .map(|c| c.train.len())
         .sum();
     let mut out = Vec::with_capacity(merchants.len());
+    let mut notes = Vec::new();
     for (m, fed) in merchants.iter().zip(served) {
         let mut alone = [m.clone()];
         let alone_template = alone_template(template, m, total_rows);
@@ -242,12 +247,10 @@ pub fn federation_value(
                 evaluate_pooled(&spec, local.served(), &mut alone)?
             }
             Err(e) => {
-                tracing::warn!(
-                    merchant = %m.merchant_id,
-                    error = %e,
-                    "the merchant's local-only baseline failed: the report has no local-only \
-                     figure for it"
-                );
+                notes.push(format!(
+                    "merchant {}: no local-only figure ({e})",
+                    m.merchant_id
+                ));
                 let mut alone = [m.clone()];
                 let initial = template.model.initial_params(template.seed);
                 let (_, weight) = evaluate_pooled(&alone_template, &initial, &mut alone)?;
@@ -297,6 +300,7 @@ pub fn federation_value(
     let centralized_pooled = evaluate(&spec, central.served(), &mut pooled)?;
     Ok(FederationValue {
         rounds,
+        notes,
         centralized_pooled,
         pooled: pooled_columns(&out),
         merchants: out,

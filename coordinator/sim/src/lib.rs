@@ -243,6 +243,36 @@ pub fn run_one(
             s.fraction
         );
     }
+    // A FedBuff version holds exactly the buffer's updates.
+    if let mode::Mode::FedBuff(cfg) = &s.mode {
+        if cfg.buffer < needed {
+            bail!(
+                "--strategy {} needs at least {needed} updates a version, but --buffer {} holds \
+                 {}: give --buffer {needed} or more",
+                s.strategy,
+                cfg.buffer,
+                cfg.buffer
+            );
+        }
+        if s.secagg && cfg.buffer < 2 {
+            bail!(
+                "--secagg hides each update among the others' of a version, but --buffer 1 holds \
+                 one: give --buffer 2 or more"
+            );
+        }
+    }
+    // Early stopping reads a validation metric; a model without one would
+    // ignore the flag (the no-task demo's churn model keeps going).
+    if s.task.is_some()
+        && s.patience.is_some_and(|p| p > 0)
+        && pop.model.selection_metric().is_none()
+    {
+        bail!(
+            "--patience applies to models that report a validation metric (mf, mf-implicit, \
+             mf-ials, churn-gbdt); task `{}` reports none: leave --patience out",
+            task.name()
+        );
+    }
     let fleet = clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &sgd);
     // Training rounds draw from the merchants online (`--availability`).
     let online = fleet.online_count().max(1);
@@ -774,7 +804,10 @@ pub(crate) fn baselines(
         rounds,
         fedcart_common::reference::Federated::Served(served),
     ) {
-        Ok(value) => exp.federation_value = Some(value),
+        Ok(value) => {
+            exp.report.extend(value.notes.iter().cloned());
+            exp.federation_value = Some(value);
+        }
         Err(e) => {
             tracing::warn!(error = %e, "the federation-value baselines could not be computed");
             exp.report.push(format!(

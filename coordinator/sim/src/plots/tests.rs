@@ -28,6 +28,7 @@ fn experiment() -> Experiment {
         })
         .collect();
     e.federation_value = Some(FederationValue {
+        notes: Vec::new(),
         rounds: 6,
         centralized_pooled: metric(0.84),
         merchants: (0..3)
