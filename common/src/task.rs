@@ -259,6 +259,18 @@ impl ModelSpec {
         self.model().analysis().is_some()
     }
 
+    /// Coordinates that hold a statistic of the merchants' data rather than
+    /// a learned weight, whose update is `value − base` (explicit MF's global
+    /// mean μ). An update computed on an older version must be taken against
+    /// the version it is applied to (FedBuff), or each stale update adds the
+    /// whole statistic again.
+    pub fn statistic_coordinates(&self) -> &'static [usize] {
+        match self {
+            ModelSpec::Mf { .. } => &[crate::model::mf::MU],
+            _ => &[],
+        }
+    }
+
     /// The matrix-factorisation shape of an `Mf` or `MfImplicit` spec (what
     /// the recommender needs to score items), `None` for other families.
     pub fn mf_shape(&self) -> Option<MfShape<'_>> {

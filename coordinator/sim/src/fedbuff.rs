@@ -198,6 +198,13 @@ fn flush(
     }
     let mut taus = Vec::with_capacity(buffer.len());
     let mut secure_inputs = Vec::new();
+    let current = engine.global();
+    // Not under DP: the update was clipped to its norm bound as trained,
+    // and a change after the clip would leave the bound.
+    let statistics = match plan.spec.dp {
+        None => plan.spec.model.statistic_coordinates(),
+        Some(_) => &[],
+    };
     for chunk in buffer.chunks(super::CHUNK) {
         let outs: Vec<_> = cx.pool.install(|| {
             chunk
@@ -221,6 +228,16 @@ fn flush(
             let tau = plan.model_version - j.base_version;
             taus.push(tau);
             if let Some(u) = &mut out.update {
+                // A statistic (explicit MF's μ) is reported against the
+                // version the update is applied to, not the one it trained
+                // on: `value − base` + `base − current`.
+                for &c in statistics {
+                    if let (Some(v), Some(b), Some(now)) =
+                        (u.values.get_mut(c), j.base.get(c), current.get(c))
+                    {
+                        *v += (b - now) * u.weight as f32;
+                    }
+                }
                 if cx.malicious.contains(&j.k) {
                     cx.s.attack.apply(&mut u.values);
                 }
