@@ -157,6 +157,16 @@ impl Agent {
     /// Keeps state in `state`, restoring the private user factors saved there.
     pub fn with_state(mut self, state: crate::state::StateDir) -> Result<Self, StateError> {
         if let (Some(mf), Some(users)) = (&mut self.data.mf, state.load_users()?) {
+            // Row i of the saved state is the customer it names, whatever
+            // the export gained or lost since.
+            if mf.adopt_user_order(&users.users) {
+                tracing::info!(
+                    saved = users.users.len(),
+                    now = mf.users.len(),
+                    "the export's customers changed since the user factors were saved: \
+                     matched by customer id"
+                );
+            }
             mf.state = users;
             // Saved together with the model of the run they belong to: its
             // meta says which (the parameters are not needed, and a damaged
@@ -241,7 +251,7 @@ impl Agent {
             Some(owner) => {
                 // Parked here, else saved in the run's state by an earlier
                 // life of this agent.
-                let mine = self
+                let mut mine = self
                     .parked_users
                     .remove(run)
                     .or_else(|| {
@@ -249,6 +259,18 @@ impl Agent {
                         state.load_users().ok().flatten()
                     })
                     .unwrap_or_default();
+                // Saved by an earlier life of this agent over another list
+                // of customers: its rows cannot be matched to this one's.
+                if !mine.users.is_empty()
+                    && mf.users.get(..mine.users.len()) != Some(&mine.users[..])
+                {
+                    tracing::warn!(
+                        run,
+                        "the run's saved user factors are for another list of customers: \
+                         they start afresh"
+                    );
+                    mine = Default::default();
+                }
                 let theirs = std::mem::replace(&mut mf.state, mine);
                 self.parked_users.insert(owner.clone(), theirs);
                 self.users_of = Some(run.to_owned());
@@ -286,9 +308,10 @@ impl Agent {
                 rows = shape.num_items,
                 "item ids hashed into the run's item rows"
             );
-            // Users are numbered alike whatever the rows: their factors stay.
+            // The users keep their factors, matched by id as on restore.
             let users = self.data.mf.take().map(|m| m.state).unwrap_or_default();
             let mut mf = inter.mf(&items);
+            mf.adopt_user_order(&users.users);
             mf.state = users;
             self.data.mf = Some(mf);
             self.mf_rows = shape.num_items;

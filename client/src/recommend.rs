@@ -157,6 +157,10 @@ pub struct Recommender {
     implicit: bool,
     global: Vec<f32>,
     users: fedcart_common::model::mf::UserState,
+    /// Local user index (the data's order) → row of `users`, matched by
+    /// customer id ([`Recommender::for_users`]); `None`: the same index (a
+    /// state saved without ids).
+    rows: Option<Vec<Option<usize>>>,
 }
 
 /// The copy of a recommender version a merchant serves.
@@ -294,6 +298,7 @@ impl Recommender {
                 implicit,
                 global: params,
                 users,
+                rows: None,
             });
         }
         let users = state.load_users()?.ok_or(RecommendError::NoUserFactors)?;
@@ -306,7 +311,34 @@ impl Recommender {
             implicit,
             global,
             users,
+            rows: None,
         })
+    }
+
+    /// Matches the stored user factors to `customers`, the local data's
+    /// users in index order, by customer id: an export that gained or lost
+    /// customers since the factors were saved moves no one's row onto
+    /// another customer, and a customer the factors never saw has none
+    /// (`Untrained`). A state saved without ids is read by position.
+    pub fn for_users(mut self, customers: &[String]) -> Self {
+        if self.users.users.is_empty() || self.users.users.as_slice() == customers {
+            self.rows = None;
+            return self;
+        }
+        let row: HashMap<&str, usize> = self
+            .users
+            .users
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i))
+            .collect();
+        self.rows = Some(
+            customers
+                .iter()
+                .map(|c| row.get(c.as_str()).copied())
+                .collect(),
+        );
+        self
     }
 
     /// The model's item count.
@@ -332,7 +364,16 @@ impl Recommender {
     ) -> Result<Vec<(u32, f32)>, RecommendError> {
         check_k(opts.k)?;
         let (n, f) = (self.num_items, self.factors);
-        if self.users.k != f || (u + 1) * f > self.users.factors.len() {
+        let untrained = || RecommendError::Untrained {
+            customer: customer.to_owned(),
+            factors: f,
+        };
+        // `u` indexes the local data (purchases); `row` the stored factors.
+        let row = match &self.rows {
+            None => u,
+            Some(rows) => rows.get(u).copied().flatten().ok_or_else(untrained)?,
+        };
+        if self.users.k != f || (row + 1) * f > self.users.factors.len() {
             return Err(RecommendError::Untrained {
                 customer: customer.to_owned(),
                 factors: f,
@@ -341,14 +382,11 @@ impl Recommender {
         let global = &self.global;
         // The users the evaluation of this version measured the test with.
         let (bias, users) = self.users.serving_side(self.version);
-        if (u + 1) * f > users.len() {
-            return Err(RecommendError::Untrained {
-                customer: customer.to_owned(),
-                factors: f,
-            });
+        if (row + 1) * f > users.len() {
+            return Err(untrained());
         }
-        let pu = &users[u * f..(u + 1) * f];
-        let bu = bias.get(u).copied().unwrap_or(0.0);
+        let pu = &users[row * f..(row + 1) * f];
+        let bu = bias.get(row).copied().unwrap_or(0.0);
         let mut scores: Vec<f32> = (0..n)
             .map(|i| {
                 // In range: `load` checked the length against the shape.
@@ -471,7 +509,7 @@ pub fn recommend_from(
     opts: &RecommendOptions,
 ) -> Result<(Vec<Recommendation>, u64, ServedCopy), RecommendError> {
     check_k(opts.k)?;
-    let rec = Recommender::load(state, items.len())?;
+    let rec = Recommender::load(state, items.len())?.for_users(&mf.users);
     // Ids are trimmed when the data is read: so is the one asked for.
     let customer = customer.trim();
     let u = mf.users.iter().position(|c| c == customer).ok_or_else(|| {

@@ -111,6 +111,9 @@ struct MfLocal {
     names: HashMap<String, String>,
     /// Customer id → local user index.
     users: HashMap<String, usize>,
+    /// The customer ids in index order, which each snapshot's user
+    /// factors are matched to by id ([`Recommender::for_users`]).
+    order: Vec<String>,
     /// The merchant's popularity and each user's purchases, for the ranking.
     purchases: recommend::Purchases,
 }
@@ -149,6 +152,7 @@ impl LocalFiles {
                         .enumerate()
                         .map(|(i, c)| (c.clone(), i))
                         .collect(),
+                    order: mf.users.clone(),
                     purchases,
                 })
             }
@@ -250,17 +254,19 @@ fn build_snapshot_with(
             "no recommender data (`data.ratings_csv`, or `data.orders_csv` with an item column)"
                 .to_string(),
         ),
-        Some(mf) => match Recommender::load(state, mf.items.len()) {
-            Ok(r) => Ok((
-                ModelVersion {
-                    run_id: r.run_id.clone(),
-                    version: r.version,
-                },
-                r,
-            )),
-            Err(RecommendError::State(e)) => Err(torn(&e, mismatch(&e))?),
-            Err(e) => Err(e.to_string()),
-        },
+        Some(mf) => {
+            match Recommender::load(state, mf.items.len()).map(|r| r.for_users(&mf.order)) {
+                Ok(r) => Ok((
+                    ModelVersion {
+                        run_id: r.run_id.clone(),
+                        version: r.version,
+                    },
+                    r,
+                )),
+                Err(RecommendError::State(e)) => Err(torn(&e, mismatch(&e))?),
+                Err(e) => Err(e.to_string()),
+            }
+        }
     };
     let (churn, segments) = match &local.customers {
         None => {
@@ -332,11 +338,33 @@ pub struct Running {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// How long a stopping server waits for the connections it has.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 impl Running {
-    /// Stops accepting, lets requests in flight finish, and returns.
+    /// Stops accepting, lets requests in flight finish for up to
+    /// [`SHUTDOWN_GRACE`], and returns. A client that keeps a connection
+    /// open without finishing its request (or at all) is cut off then: it
+    /// held `SIGTERM` off for as long as it liked, until a supervisor's
+    /// `SIGKILL`.
     pub async fn shutdown(self) -> std::io::Result<()> {
+        self.shutdown_within(SHUTDOWN_GRACE).await
+    }
+
+    /// [`Running::shutdown`] with another grace period.
+    pub async fn shutdown_within(mut self, grace: Duration) -> std::io::Result<()> {
         let _ = self.shutdown.send(true);
-        self.task.await.unwrap_or(Ok(()))
+        match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(done) => done.unwrap_or(Ok(())),
+            Err(_) => {
+                tracing::warn!(
+                    seconds = grace.as_secs_f64(),
+                    "connections still open after the shutdown grace period: closed"
+                );
+                self.task.abort();
+                Ok(())
+            }
+        }
     }
 
     /// Waits until the server stops by itself (listener error) or `stop` is set.
@@ -385,6 +413,7 @@ pub async fn start(
     let mut reload_stop = stop_rx.clone();
     tokio::spawn(async move {
         let mut seen = initial;
+        let mut missing = false;
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -396,6 +425,19 @@ pub async fn start(
             if now == seen {
                 continue;
             }
+            // The directory moved or removed: nothing in it changed, so the
+            // models served stay (they read as "no model yet" otherwise).
+            if !state.path().is_dir() {
+                if !missing {
+                    tracing::warn!(
+                        dir = %state.path().display(),
+                        "the state directory is gone: serving the models loaded before it went"
+                    );
+                    missing = true;
+                }
+                continue;
+            }
+            missing = false;
             let (state, local) = (state.clone(), reload_local.clone());
             match tokio::task::spawn_blocking(move || build_snapshot(&state, &local)).await {
                 Ok(Ok(snap)) => {
@@ -1105,6 +1147,127 @@ mod tests {
                 mf.users[0]
             )
         );
+    }
+
+    /// A client that opened a connection and never finished its request
+    /// does not keep the server from stopping: it is cut off after the
+    /// grace period (it held `SIGTERM` off for as long as it stayed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_client_does_not_hold_shutdown_past_the_grace_period() {
+        use tokio::io::AsyncWriteExt;
+        let f = fixture::Fixture::new();
+        let server = start_fixture(&f).await;
+        let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        stalled
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        // Served: the connection is the server's before it is told to stop.
+        let (status, _) = get(&client(), server.addr, "/healthz").await;
+        assert_eq!(status, 200);
+        server
+            .shutdown_within(Duration::from_millis(200))
+            .await
+            .unwrap();
+        drop(stalled);
+    }
+
+    /// The export gained a customer whose first line comes before everyone
+    /// else's: users are numbered in order of first appearance, so every
+    /// other customer's index moved by one. The stored factors are matched
+    /// by customer id, on the command line and by `serve`: each customer
+    /// gets the list it got before, and the newcomer, whom no round has
+    /// seen, has no factors (it had taken the first customer's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_customer_added_to_the_export_moves_no_one_onto_anothers_factors() {
+        use fedcart_common::model::mf::Rating;
+        let f = fixture::Fixture::new();
+        let (mf, listed, _) = fixture_recommender(&f);
+        let shoppers = &f.shoppers[..4];
+        let lists = |mf: &fedcart_common::model::mf::MfData| -> Vec<Vec<String>> {
+            shoppers
+                .iter()
+                .map(|w| {
+                    recommend::recommend(&f.state, mf, &listed, w, 5)
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| r.item)
+                        .collect()
+                })
+                .collect()
+        };
+        let before = lists(&mf);
+        let mut grown = mf.clone();
+        grown.users.insert(0, "newcomer".into());
+        for r in grown
+            .train
+            .iter_mut()
+            .chain(&mut grown.valid)
+            .chain(&mut grown.test)
+        {
+            r.user += 1;
+        }
+        grown.train.insert(
+            0,
+            Rating {
+                user: 0,
+                item: 0,
+                value: 4.0,
+            },
+        );
+        assert_eq!(lists(&grown), before);
+        let e = recommend::recommend(&f.state, &grown, &listed, "newcomer", 5).unwrap_err();
+        assert!(matches!(e, RecommendError::Untrained { .. }), "{e}");
+        // The agent that restarts on the grown export puts the saved users
+        // first again, so that training goes on from each one's own row.
+        let saved = f.state.load_users().unwrap().unwrap();
+        let mut restored = grown.clone();
+        assert!(restored.adopt_user_order(&saved.users));
+        assert_eq!(restored.users[..saved.users.len()], saved.users[..]);
+        assert_eq!(restored.users.last().map(String::as_str), Some("newcomer"));
+        assert_eq!(lists(&restored), before);
+        // `serve` over a file that gained the customer: the same lists.
+        let ratings = f.cfg.data.ratings_csv.clone().unwrap();
+        let text = std::fs::read_to_string(&ratings).unwrap();
+        let (header, rest) = text.split_once('\n').unwrap();
+        let first = rest.lines().next().unwrap();
+        let line = format!("999999{}", &first[first.find(',').unwrap()..]);
+        let grown_file = f.dir.path().join("grown.csv");
+        std::fs::write(&grown_file, format!("{header}\n{line}\n{rest}")).unwrap();
+        let mut cfg = f.cfg.clone();
+        cfg.data.ratings_csv = Some(grown_file);
+        let local = LocalFiles::load(&cfg).expect("local files");
+        let server = start(
+            "127.0.0.1:0".parse().unwrap(),
+            f.state.clone(),
+            local,
+            Duration::from_millis(5),
+        )
+        .await
+        .expect("server starts");
+        for (who, want) in shoppers.iter().zip(&before) {
+            let (status, body) = get(
+                &client(),
+                server.addr,
+                &format!("/v1/customers/{who}/recommendations?k=5"),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            let got: Vec<String> = body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["item"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(&got, want, "{who}");
+        }
+        let (status, _) = get(
+            &client(),
+            server.addr,
+            "/v1/customers/999999/recommendations?k=5",
+        )
+        .await;
+        assert_eq!(status, 404);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

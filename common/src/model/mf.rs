@@ -225,6 +225,13 @@ pub struct UserState {
     pub k: usize,
     /// Run seed the state was initialised from.
     pub seed: u64,
+    /// The customer id of each row, in row order (empty in a state saved
+    /// before ids were kept: its rows are then positions in the data it was
+    /// trained on). A merchant's export gains and loses customers between
+    /// runs; rows are matched by id ([`MfData::adopt_user_order`]), never by
+    /// position.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
     /// User biases, one per local user.
     pub bias: Vec<f32>,
     /// User factors, `users × k` row-major.
@@ -430,6 +437,44 @@ impl MfData {
                 s.factors.push(z * init_std);
             }
         }
+        if s.users.len() != s.bias.len() {
+            s.users = self.users[..s.bias.len().min(self.users.len())].to_vec();
+        }
+    }
+
+    /// Puts the users of `saved` (a stored [`UserState::users`]) first, in
+    /// their stored order, so that row `i` of that state is again user `i`
+    /// here; customers the export gained follow, and customers it lost keep
+    /// their place without interactions. Returns whether anything moved.
+    /// Without ids (an older state) nothing can be matched and nothing moves.
+    pub fn adopt_user_order(&mut self, saved: &[String]) -> bool {
+        if saved.is_empty() || self.users.get(..saved.len()) == Some(saved) {
+            return false;
+        }
+        let known: std::collections::HashSet<&str> = saved.iter().map(String::as_str).collect();
+        let mut order: Vec<String> = saved.to_vec();
+        order.extend(
+            self.users
+                .iter()
+                .filter(|u| !known.contains(u.as_str()))
+                .cloned(),
+        );
+        let place: std::collections::HashMap<&str, u32> = order
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.as_str(), i as u32))
+            .collect();
+        let moved: Vec<u32> = self.users.iter().map(|u| place[u.as_str()]).collect();
+        for r in self
+            .train
+            .iter_mut()
+            .chain(&mut self.valid)
+            .chain(&mut self.test)
+        {
+            r.user = moved[r.user as usize];
+        }
+        self.users = order;
+        true
     }
 }
 

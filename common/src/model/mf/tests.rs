@@ -667,3 +667,41 @@ fn the_best_versions_users_are_kept_past_the_snapshot_window() {
     assert_eq!(st.evaluated.len(), KEPT_SNAPSHOTS + 1);
     assert!(st.evaluated.iter().any(|s| s.version == 70));
 }
+
+/// A stored user state names its rows; data read from an export that
+/// gained and lost customers since is renumbered so that the stored users
+/// come first in their stored order (the one who left keeps its row
+/// without interactions) and the newcomer follows.
+#[test]
+fn the_data_adopts_the_user_order_a_stored_state_names() {
+    let rows = |pairs: &[(&str, &str)]| -> Vec<crate::data::interactions::Interaction> {
+        pairs
+            .iter()
+            .map(|(u, i)| crate::data::interactions::Interaction {
+                user: u.to_string(),
+                item: i.to_string(),
+                value: 1.0,
+                timestamp: 0,
+            })
+            .collect()
+    };
+    let cat = Catalogue::from_ids(["i0", "i1", "i2"]);
+    let mut d = MfData::new(&rows(&[("new", "i0"), ("b", "i1"), ("a", "i2")]), &[], &cat);
+    assert_eq!(d.users, ["new", "b", "a"]);
+    d.ensure_users(2, 7, 0.1, "m");
+    assert_eq!(d.state.users, ["new", "b", "a"], "the state names its rows");
+    let saved = vec!["a".to_string(), "gone".to_string(), "b".to_string()];
+    assert!(d.adopt_user_order(&saved));
+    assert_eq!(d.users, ["a", "gone", "b", "new"]);
+    let named: Vec<(&str, u32)> = d
+        .train
+        .iter()
+        .map(|r| (d.users[r.user as usize].as_str(), r.item))
+        .collect();
+    assert_eq!(named, [("new", 0), ("b", 1), ("a", 2)]);
+    assert!(!d.adopt_user_order(&saved), "already in order");
+    assert!(
+        !d.adopt_user_order(&[]),
+        "a state without ids moves nothing"
+    );
+}
