@@ -52,11 +52,30 @@ impl Output {
         let name = path.file_name().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name")
         })?;
+        // A file the merchant made read-only is not replaced (as root the
+        // rename would go through), and a replaced file keeps its mode: the
+        // staged one is created with the default, which turned a private
+        // (0600) scores file world-readable.
+        let previous = std::fs::metadata(path).ok();
+        if let Some(m) = &previous
+            && m.permissions().readonly()
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is read-only: make it writable, or write elsewhere",
+                    path.display()
+                ),
+            ));
+        }
         let mut staging = std::ffi::OsString::from(".");
         staging.push(name);
         staging.push(format!(".{}.partial", std::process::id()));
         let tmp = path.with_file_name(staging);
         let file = std::fs::File::create(&tmp)?;
+        if let Some(m) = previous {
+            file.set_permissions(m.permissions())?;
+        }
         Ok(Self {
             writer: Box::new(std::io::BufWriter::new(file)),
             staged: Some((tmp, path.to_owned())),
@@ -100,6 +119,26 @@ impl Drop for Output {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_only_file_is_refused_and_a_replaced_file_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scores.csv");
+        std::fs::write(&path, "yesterday\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let e = Output::create(&path).err().expect("read-only refused");
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("scores.csv is read-only"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "yesterday\n");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut out = Output::create(&path).unwrap();
+        out.write_all(b"today\n").unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "today\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
 
     #[test]
     fn a_failed_write_leaves_the_previous_file_and_no_staging_file() {

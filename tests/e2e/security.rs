@@ -178,6 +178,35 @@ async fn only_allowed_merchants_with_our_ca_certificates_are_admitted() {
     };
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     assert!(err.message().contains("session of `m1`"), "{err}");
+    // The same session on the other two calls a merchant makes: an upload
+    // (its header names the session) and a secure-aggregation message.
+    let header = pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+            session_id: w.session_id.clone(),
+            ..Default::default()
+        })),
+    };
+    let Err(err) = CoordinatorClient::new(channel("m0"))
+        .submit_update(futures::stream::iter(vec![header]))
+        .await
+    else {
+        panic!("an upload under m1's session with m0's certificate must be refused");
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("session of `m1`"), "{err}");
+    let Err(err) = CoordinatorClient::new(channel("m0"))
+        .sec_agg(pb::SecAggMessage {
+            session_id: w.session_id.clone(),
+            ..Default::default()
+        })
+        .await
+    else {
+        panic!(
+            "a secure-aggregation message under m1's session with m0's certificate must be refused"
+        );
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("session of `m1`"), "{err}");
 
     // Revocation takes effect without a restart.
     certs::revoke(&files.access, &cd, "m1", None).unwrap();
