@@ -214,6 +214,7 @@ pub struct SimArgs {
     /// Differential privacy: L2 clip norm C of each merchant's delta, or
     /// `adaptive` (a private quantile estimate). Turns DP-FedAvg on.
     #[arg(long)]
+    #[serde(default, deserialize_with = "number_or_text")]
     pub dp_clip: Option<String>,
     /// DP noise multiplier σ (noise std = σ·C on the sum); or --target-epsilon.
     #[arg(long)]
@@ -362,4 +363,19 @@ fn baskets(text: &str) -> Result<u64, String> {
              is 223)"
         )
     })
+}
+
+/// A key that takes a number or a word (`dp_clip = 1.0` or `"adaptive"`),
+/// kept as the text the flag would carry.
+fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(f64),
+        Text(String),
+    }
+    Ok(Some(match Value::deserialize(d)? {
+        Value::Number(x) => x.to_string(),
+        Value::Text(t) => t,
+    }))
 }

@@ -128,6 +128,16 @@ pub fn run(
         exp.stopped = Some(why.to_string());
         exp.failed = !why.is_planned();
     }
+    if s.traffic == crate::traffic::TrafficMode::Rows
+        || s.download_precision != fedcart_common::federation::sparse::RowPrecision::F32
+    {
+        exp.report.push(
+            "note: over --transport grpc the bytes down are counted as dense f32 models (the \
+             agents still download rows as --traffic and --download-precision say; the \
+             in-process transport counts those bytes)"
+                .into(),
+        );
+    }
     if exp.failed {
         exp.report.push(exp.failure_line());
         exp.final_model = done.final_model;

@@ -708,6 +708,17 @@ impl Settings {
                     )
                 })?;
         }
+        // FedBuff's driver moves whole vectors: row-sparse traffic would be
+        // reported as dense, unannounced.
+        if s.traffic == crate::traffic::TrafficMode::Rows
+            && matches!(s.mode, super::mode::Mode::FedBuff(_))
+        {
+            bail!(
+                "{} is measured for synchronous rounds; --mode fedbuff moves whole vectors: \
+                 leave one of them out",
+                name!(traffic, "--traffic rows")
+            );
+        }
         if s.download_precision != fedcart_common::federation::sparse::RowPrecision::F32
             && s.traffic != crate::traffic::TrafficMode::Rows
         {

@@ -427,3 +427,17 @@ fn fedbuff_buffers_no_version_can_commit_with_and_a_patience_nothing_reads_are_r
         "--patience applies to models that report a validation metric",
     );
 }
+
+/// Row-sparse traffic is not modelled by the FedBuff driver (whole vectors
+/// move): refused, where it reported dense bytes as if rows had moved.
+#[test]
+fn row_sparse_traffic_is_refused_under_fedbuff() {
+    let a = SimArgs {
+        task: Some("mf".parse().unwrap()),
+        mode: Some(crate::ModeName::Fedbuff),
+        traffic: Some(crate::traffic::TrafficMode::Rows),
+        ..Default::default()
+    };
+    let err = Settings::from_args(a).unwrap_err().to_string();
+    assert!(err.contains("--mode fedbuff moves whole vectors"), "{err}");
+}
