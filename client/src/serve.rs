@@ -414,6 +414,7 @@ pub async fn start(
     tokio::spawn(async move {
         let mut seen = initial;
         let mut missing = false;
+        let mut torn = 0u32;
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -438,19 +439,44 @@ pub async fn start(
                 continue;
             }
             missing = false;
-            let (state, local) = (state.clone(), reload_local.clone());
-            match tokio::task::spawn_blocking(move || build_snapshot(&state, &local)).await {
+            let (dir, local) = (state.clone(), reload_local.clone());
+            match tokio::task::spawn_blocking(move || build_snapshot(&dir, &local)).await {
                 Ok(Ok(snap)) => {
                     let versions = snap.versions();
                     tracing::info!(%versions, "serving new model versions");
                     seen = now;
+                    torn = 0;
                     if tx.send(Arc::new(snap)).is_err() {
                         return;
                     }
                 }
                 // Caught between two writes: `seen` stays, so the next
-                // poll builds again.
-                Ok(Err(Torn)) => {}
+                // poll builds again; a mismatch that outlasts the retries
+                // is a damaged file, served as its model's error (the rest
+                // is served), and not read again until the files change.
+                Ok(Err(Torn)) => {
+                    torn += 1;
+                    if torn >= TORN_RETRIES {
+                        let (state, local) = (state.clone(), reload_local.clone());
+                        if let Ok(snap) = tokio::task::spawn_blocking(move || {
+                            build_snapshot_with(&state, &local, false)
+                        })
+                        .await
+                        .unwrap_or(Err(Torn))
+                        {
+                            tracing::warn!(
+                                versions = %snap.versions(),
+                                "a model file does not match its checksum: served as that \
+                                 model's error until the agent writes it again"
+                            );
+                            seen = now;
+                            torn = 0;
+                            if tx.send(Arc::new(snap)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "building a snapshot panicked");
                     return;
@@ -1004,6 +1030,38 @@ mod tests {
             body["error"].as_str().unwrap().contains("checksum"),
             "{body}"
         );
+        server.shutdown().await.unwrap();
+    }
+
+    /// A model file damaged while serving (not a write in progress: it
+    /// stays damaged) is, after the retries, served as its model's error
+    /// while the other models move on; it was read and hashed again on
+    /// every poll, forever, without a word.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_model_file_damaged_while_serving_becomes_its_error_after_the_retries() {
+        let f = fixture::Fixture::new();
+        let server = start_fixture(&f).await;
+        let mut snapshots = server.snapshots.clone();
+        f.publish(2);
+        for e in std::fs::read_dir(f.state.path()).unwrap().flatten() {
+            let name = e.file_name().into_string().unwrap();
+            if name.starts_with("global-mf") && name.ends_with(".f32") {
+                let len = e.metadata().unwrap().len() as usize;
+                std::fs::write(e.path(), vec![0u8; len]).unwrap();
+            }
+        }
+        // The users file written again: the reloader reads the state once
+        // more even if it served version 2 before the damage.
+        let users = f.state.load_users().unwrap().unwrap();
+        f.state.save_users(&users).unwrap();
+        let snap = snapshots
+            .wait_for(|s| s.recommender.is_err())
+            .await
+            .unwrap()
+            .clone();
+        let why = snap.recommender.as_ref().map(|_| ()).unwrap_err();
+        assert!(why.contains("checksum") && why.contains("damaged"), "{why}");
+        assert_eq!(snap.churn.as_ref().unwrap().0.version, 2);
         server.shutdown().await.unwrap();
     }
 

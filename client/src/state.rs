@@ -132,7 +132,11 @@ pub enum StateError {
     },
     /// The parameter file does not match its meta's checksum: the agent is
     /// between writing the two (read again), or the file was altered.
-    #[error("{}: does not match the checksum in its meta file (written concurrently?)", path.display())]
+    #[error(
+        "{}: does not match the checksum in its meta file (damaged, or being written: it is read \
+         again; a damaged file is replaced when the coordinator hands the model out again)",
+        path.display()
+    )]
     Mismatch {
         /// The parameter file.
         path: PathBuf,

@@ -588,6 +588,24 @@ impl Settings {
                     "row-sparse transfers of a recommender's item rows",
                     task.is_mf(),
                 ),
+                (
+                    args.orders.hash_items.is_some(),
+                    "--hash-items",
+                    "the hashed item rows of a recommender",
+                    task.is_mf(),
+                ),
+                (
+                    args.orders.rating.is_some(),
+                    "--rating-col",
+                    "the explicit ratings of `mf`",
+                    task == TaskChoice::Mf,
+                ),
+                (
+                    args.orders.churn_window_days.is_some(),
+                    "--churn-window-days",
+                    "the churn label and the default cutoff of customer features",
+                    task.is_churn() || matches!(task, TaskChoice::Segments(_)),
+                ),
             ] {
                 if set && !applies {
                     bail!(

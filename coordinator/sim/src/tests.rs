@@ -1769,3 +1769,56 @@ fn a_config_files_dp_clip_takes_a_number_or_adaptive() {
     let a: SimArgs = toml::from_str("rounds = 2").unwrap();
     assert_eq!(a.dp_clip, None);
 }
+
+/// Order-mapping flags a task does not read are refused, as the other
+/// flags that do not apply are, rather than silently ignored.
+#[test]
+fn order_flags_a_task_does_not_read_are_refused_naming_the_flag() {
+    use crate::data::orders::OrdersArgs;
+    for (task, orders, flag) in [
+        (
+            "churn-lr",
+            OrdersArgs {
+                hash_items: Some(50),
+                ..Default::default()
+            },
+            "--hash-items sets the hashed item rows",
+        ),
+        (
+            "mf-implicit",
+            OrdersArgs {
+                rating: Some("quantity".into()),
+                ..Default::default()
+            },
+            "--rating-col sets the explicit ratings",
+        ),
+        (
+            "mf-implicit",
+            OrdersArgs {
+                churn_window_days: Some(30),
+                ..Default::default()
+            },
+            "--churn-window-days sets the churn label",
+        ),
+    ] {
+        let a = SimArgs {
+            task: Some(task.parse().unwrap()),
+            data: Some(
+                format!("orders:{}", repo("data/grocery/orders.csv"))
+                    .parse()
+                    .unwrap(),
+            ),
+            orders: OrdersArgs {
+                customer: Some("customer".into()),
+                item: Some("item".into()),
+                timestamp: Some("timestamp".into()),
+                quantity: Some("quantity".into()),
+                amount: Some("amount".into()),
+                ..orders
+            },
+            ..Default::default()
+        };
+        let err = Settings::from_args(a).unwrap_err().to_string();
+        assert!(err.contains(flag), "{task}: {err}");
+    }
+}
