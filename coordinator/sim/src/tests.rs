@@ -1775,32 +1775,30 @@ fn a_config_files_dp_clip_takes_a_number_or_adaptive() {
 #[test]
 fn order_flags_a_task_does_not_read_are_refused_naming_the_flag() {
     use crate::data::orders::OrdersArgs;
-    for (task, orders, flag) in [
+    type Set = fn(&mut OrdersArgs);
+    let cases: [(&str, Set, &str); 3] = [
         (
             "churn-lr",
-            OrdersArgs {
-                hash_items: Some(50),
-                ..Default::default()
-            },
+            |o| o.hash_items = Some(50),
             "--hash-items sets the hashed item rows",
         ),
         (
             "mf-implicit",
-            OrdersArgs {
-                rating: Some("quantity".into()),
-                ..Default::default()
-            },
+            |o| o.rating = Some("quantity".into()),
             "--rating-col sets the explicit ratings",
         ),
         (
             "mf-implicit",
-            OrdersArgs {
-                churn_window_days: Some(30),
-                ..Default::default()
-            },
+            |o| o.churn_window_days = Some(30),
             "--churn-window-days sets the churn label",
         ),
-    ] {
+    ];
+    for (task, set, flag) in cases {
+        let mut orders = OrdersArgs {
+            merchant: None,
+            ..OrdersArgs::grocery_columns()
+        };
+        set(&mut orders);
         let a = SimArgs {
             task: Some(task.parse().unwrap()),
             data: Some(
@@ -1808,14 +1806,7 @@ fn order_flags_a_task_does_not_read_are_refused_naming_the_flag() {
                     .parse()
                     .unwrap(),
             ),
-            orders: OrdersArgs {
-                customer: Some("customer".into()),
-                item: Some("item".into()),
-                timestamp: Some("timestamp".into()),
-                quantity: Some("quantity".into()),
-                amount: Some("amount".into()),
-                ..orders
-            },
+            orders,
             ..Default::default()
         };
         let err = Settings::from_args(a).unwrap_err().to_string();

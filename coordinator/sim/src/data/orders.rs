@@ -119,6 +119,23 @@ pub struct OrdersArgs {
     pub hash_items: Option<u32>,
 }
 
+#[cfg(test)]
+impl OrdersArgs {
+    /// The column flags of the bundled grocery log (`data/grocery`), whose
+    /// header names its columns: what the tests on it pass.
+    pub fn grocery_columns() -> Self {
+        Self {
+            customer: Some("customer".into()),
+            item: Some("item".into()),
+            timestamp: Some("timestamp".into()),
+            quantity: Some("quantity".into()),
+            amount: Some("amount".into()),
+            merchant: Some("merchant".into()),
+            ..Default::default()
+        }
+    }
+}
+
 impl OrdersArgs {
     /// The first setting given that only an orders export reads, as its
     /// flag and its key in the `[orders]` table (`--delimiter` also reads

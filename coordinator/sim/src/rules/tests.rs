@@ -26,15 +26,7 @@ fn grocery(min: u64, secure: bool) -> SimArgs {
         ),
         partition: Some("natural".into()),
         secagg: secure,
-        orders: OrdersArgs {
-            customer: Some("customer".into()),
-            item: Some("item".into()),
-            timestamp: Some("timestamp".into()),
-            quantity: Some("quantity".into()),
-            amount: Some("amount".into()),
-            merchant: Some("merchant".into()),
-            ..Default::default()
-        },
+        orders: OrdersArgs::grocery_columns(),
         ..Default::default()
     }
 }

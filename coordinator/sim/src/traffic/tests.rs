@@ -52,14 +52,8 @@ fn grocery_with(
         negatives_from: Some(pool.parse().unwrap()),
         download_precision: Some(precision),
         orders: OrdersArgs {
-            customer: Some("customer".into()),
-            item: Some("item".into()),
-            timestamp: Some("timestamp".into()),
-            quantity: Some("quantity".into()),
-            amount: Some("amount".into()),
-            merchant: Some("merchant".into()),
             hash_items,
-            ..Default::default()
+            ..OrdersArgs::grocery_columns()
         },
         ..Default::default()
     };
@@ -106,15 +100,7 @@ fn a_fedbuff_buffer_larger_than_the_stores_is_refused_naming_their_number() {
         buffer: Some(25),
         concurrency: Some(25),
         rounds: Some(2),
-        orders: OrdersArgs {
-            customer: Some("customer".into()),
-            item: Some("item".into()),
-            timestamp: Some("timestamp".into()),
-            quantity: Some("quantity".into()),
-            amount: Some("amount".into()),
-            merchant: Some("merchant".into()),
-            ..Default::default()
-        },
+        orders: OrdersArgs::grocery_columns(),
         ..Default::default()
     };
     let err = run_all(&Settings::from_args(a).unwrap())
