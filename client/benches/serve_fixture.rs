@@ -158,7 +158,8 @@ impl Fixture {
         self.state.save_users(&users).expect("user factors saved");
     }
 
-    fn save(&self, model: ModelSpec, st: Option<Standardizer>, version: u64, params: &[f32]) {
+    /// Stores `version` of `model` with `params`, as the agent does.
+    pub fn save(&self, model: ModelSpec, st: Option<Standardizer>, version: u64, params: &[f32]) {
         let meta = GlobalMeta {
             run_id: "fixture".into(),
             version,

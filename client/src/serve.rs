@@ -172,6 +172,11 @@ pub struct Snapshot {
     recommender: Served<Recommender>,
     churn: Served<HashMap<String, f32>>,
     segments: Served<HashMap<String, usize>>,
+    /// The stored recommender hashes item ids into another number of rows
+    /// than this server mapped the merchant's items into at start: it can
+    /// only be served after a restart, and the reloader keeps the
+    /// recommender it served until then.
+    rows_changed: bool,
 }
 
 /// The versions a snapshot serves, per family (`None`: no model yet).
@@ -249,6 +254,7 @@ fn build_snapshot_with(
     wait_torn: bool,
 ) -> Result<Snapshot, Torn> {
     let mismatch = |e: &StateError| wait_torn && matches!(e, StateError::Mismatch { .. });
+    let mut rows_changed = false;
     let recommender = match &local.mf {
         None => Err(
             "no recommender data (`data.ratings_csv`, or `data.orders_csv` with an item column)"
@@ -264,6 +270,15 @@ fn build_snapshot_with(
                     r,
                 )),
                 Err(RecommendError::State(e)) => Err(torn(&e, mismatch(&e))?),
+                Err(e @ RecommendError::CatalogueMismatch { .. })
+                    if matches!(mf.items, Items::Hashed { .. }) =>
+                {
+                    rows_changed = true;
+                    Err(format!(
+                        "{e}: the stored recommender hashes item ids into another number of \
+                         rows than `serve` did at start; restart `serve` to serve it"
+                    ))
+                }
                 Err(e) => Err(e.to_string()),
             }
         }
@@ -291,6 +306,7 @@ fn build_snapshot_with(
         recommender,
         churn,
         segments,
+        rows_changed,
     })
 }
 
@@ -441,7 +457,22 @@ pub async fn start(
             missing = false;
             let (dir, local) = (state.clone(), reload_local.clone());
             match tokio::task::spawn_blocking(move || build_snapshot(&dir, &local)).await {
-                Ok(Ok(snap)) => {
+                Ok(Ok(mut snap)) => {
+                    if snap.rows_changed {
+                        let served = tx.borrow().recommender.clone();
+                        tracing::warn!(
+                            "a recommender with another number of hashed item rows was stored: \
+                             restart `serve` to serve it{}",
+                            if served.is_ok() {
+                                "; serving the one loaded before until then"
+                            } else {
+                                ""
+                            }
+                        );
+                        if served.is_ok() {
+                            snap.recommender = served;
+                        }
+                    }
                     let versions = snap.versions();
                     tracing::info!(%versions, "serving new model versions");
                     seen = now;
@@ -1062,6 +1093,51 @@ mod tests {
         let why = snap.recommender.as_ref().map(|_| ()).unwrap_err();
         assert!(why.contains("checksum") && why.contains("damaged"), "{why}");
         assert_eq!(snap.churn.as_ref().unwrap().0.version, 2);
+        server.shutdown().await.unwrap();
+    }
+
+    /// A recommender run whose model hashes item ids into another number
+    /// of rows cannot be served without mapping the merchant's items again
+    /// (a restart): until then the recommender served before stays (every
+    /// recommendation was a 503 until the restart).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recommender_of_another_hashed_row_count_keeps_the_one_served_until_a_restart() {
+        use fedcart_common::model::mf::{MfHyper, initial_params};
+        use fedcart_common::task::ModelSpec;
+        let f = fixture::Fixture::new();
+        let mut cfg = f.cfg.clone();
+        cfg.data.catalogue = None;
+        let local = LocalFiles::load(&cfg).expect("local files");
+        let server = start(
+            "127.0.0.1:0".parse().unwrap(),
+            f.state.clone(),
+            local,
+            Duration::from_millis(5),
+        )
+        .await
+        .expect("server starts");
+        let mut snapshots = server.snapshots.clone();
+        assert_eq!(
+            snapshots.borrow_and_update().versions().recommender,
+            Some(1)
+        );
+        let rows = 4_096;
+        f.save(
+            ModelSpec::Mf {
+                num_items: rows,
+                factors: fixture::FACTORS,
+                hyper: MfHyper::default(),
+            },
+            None,
+            2,
+            &initial_params(rows, fixture::FACTORS, 0.1, 2),
+        );
+        snapshots.changed().await.unwrap();
+        let snap = snapshots.borrow().clone();
+        assert_eq!(snap.versions().recommender, Some(1));
+        let path = format!("/v1/customers/{}/recommendations?k=3", f.shoppers[3]);
+        let (status, body) = get(&client(), server.addr, &path).await;
+        assert_eq!(status, 200, "{body}");
         server.shutdown().await.unwrap();
     }
 

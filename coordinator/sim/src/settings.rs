@@ -670,6 +670,26 @@ impl Settings {
         }
         if s.transport == Transport::Grpc {
             check_grpc(&s)?;
+            // The virtual clock's speeds shape in-process runs only; given
+            // explicitly they would be ignored (their defaults are not).
+            for (given, flag) in [
+                (
+                    args.speed_sigma.or(file.speed_sigma).is_some(),
+                    "--speed-sigma",
+                ),
+                (
+                    args.example_seconds.or(file.example_seconds).is_some(),
+                    "--example-seconds",
+                ),
+            ] {
+                if given {
+                    bail!(
+                        "{flag} is not available with --transport grpc: real agents train at the \
+                         machine's speed, and the virtual clock runs in-process only; study \
+                         merchant speeds with --transport inproc"
+                    );
+                }
+            }
         }
         if let Some(lr) = s.lr
             && !(lr.is_finite() && lr > 0.0)

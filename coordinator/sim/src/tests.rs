@@ -1653,6 +1653,14 @@ fn an_unwritable_out_and_availability_over_grpc_are_refused_before_running() {
         e.starts_with("--availability is not available with --transport grpc"),
         "{e}"
     );
+    let mut a = telco_args("churn-lr");
+    a.transport = Some(crate::Transport::Grpc);
+    a.speed_sigma = Some(1.0);
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert!(
+        e.starts_with("--speed-sigma is not available with --transport grpc"),
+        "{e}"
+    );
 }
 
 /// With dropouts the last evaluation hears from a subset; when that is the
