@@ -173,9 +173,7 @@ pub fn churn_run(run_id: &str, rounds: u64, merchants: usize, quorum: usize) -> 
         run_id: run_id.into(),
         seed: 42,
         rounds,
-        model: ModelSpec::ChurnLr {
-            num_features: Schema::telco().num_features(),
-        },
+        model: ModelSpec::churn_lr(Schema::telco().num_features()),
         sgd: SgdParams {
             epochs: 1,
             batch_size: 32,

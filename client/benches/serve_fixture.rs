@@ -116,7 +116,7 @@ impl Fixture {
             .map(|i| ((i as f32) * 0.37 + version as f32).sin() * 0.5)
             .collect();
         self.save(
-            ModelSpec::ChurnLr { num_features: n },
+            ModelSpec::churn_lr(n),
             Some(self.standardizer.clone()),
             version,
             &churn,

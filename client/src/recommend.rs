@@ -663,7 +663,7 @@ mod tests {
             version,
             spec: TaskSpec {
                 kind: TaskKind::Train,
-                model: ModelSpec::ChurnLr { num_features: 2 },
+                model: ModelSpec::churn_lr(2),
                 sgd: SgdParams::default(),
                 seed: 1,
                 round: 1,

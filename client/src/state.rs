@@ -582,7 +582,7 @@ mod tests {
             spec: spec(model),
             sha256: None,
         };
-        let churn = meta(ModelSpec::ChurnLr { num_features: 2 });
+        let churn = meta(ModelSpec::churn_lr(2));
         let segments = meta(ModelSpec::KMeans {
             k: 2,
             num_features: 2,
@@ -618,7 +618,7 @@ mod tests {
         state
             .run("r")
             .unwrap()
-            .save_global(&meta(ModelSpec::ChurnLr { num_features: 0 }), &[1.0])
+            .save_global(&meta(ModelSpec::churn_lr(0)), &[1.0])
             .unwrap();
         assert_eq!(state.held_version("r"), Some(1));
         for never in ["other", "../r"] {
@@ -662,7 +662,7 @@ mod tests {
             version: 1,
             spec: TaskSpec {
                 kind: TaskKind::Train,
-                model: ModelSpec::ChurnLr { num_features: 2 },
+                model: ModelSpec::churn_lr(2),
                 sgd: SgdParams::default(),
                 seed: 1,
                 round: 1,

@@ -67,7 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let lr = TaskSpec {
         kind: TaskKind::Train,
-        model: ModelSpec::ChurnLr { num_features: d },
+        model: ModelSpec::churn_lr(d),
         sgd: SgdParams::default(),
         seed: 42,
         round: 0,
@@ -76,10 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         best_version: None,
     };
     let mlp = TaskSpec {
-        model: ModelSpec::ChurnMlp {
-            num_features: d,
-            hidden: vec![32],
-        },
+        model: ModelSpec::churn_mlp(d, vec![32]),
         sgd: SgdParams {
             epochs: 5,
             learning_rate: 0.001,
@@ -135,7 +132,7 @@ fn cdnow() -> Result<(), Box<dyn std::error::Error>> {
     let mut pooled = vec![LocalData::pooled("all", &merchants)];
     let lr = TaskSpec {
         kind: TaskKind::Train,
-        model: ModelSpec::ChurnLr { num_features: d },
+        model: ModelSpec::churn_lr(d),
         sgd: SgdParams::default(),
         seed: 42,
         round: 0,
@@ -144,10 +141,7 @@ fn cdnow() -> Result<(), Box<dyn std::error::Error>> {
         best_version: None,
     };
     let mlp = TaskSpec {
-        model: ModelSpec::ChurnMlp {
-            num_features: d,
-            hidden: vec![32],
-        },
+        model: ModelSpec::churn_mlp(d, vec![32]),
         sgd: SgdParams {
             epochs: 5,
             learning_rate: 0.001,

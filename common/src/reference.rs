@@ -657,9 +657,7 @@ mod tests {
     fn churn_lr_spec(seed: u64) -> TaskSpec {
         TaskSpec {
             kind: TaskKind::Train,
-            model: ModelSpec::ChurnLr {
-                num_features: Schema::telco().num_features(),
-            },
+            model: ModelSpec::churn_lr(Schema::telco().num_features()),
             sgd: SgdParams::default(),
             seed,
             round: 0,
@@ -673,9 +671,7 @@ mod tests {
     fn telco_lr_federation_reaches_auc_above_0_8_and_is_deterministic() {
         let spec = TaskSpec {
             kind: TaskKind::Train,
-            model: ModelSpec::ChurnLr {
-                num_features: Schema::telco().num_features(),
-            },
+            model: ModelSpec::churn_lr(Schema::telco().num_features()),
             sgd: SgdParams {
                 epochs: 1,
                 batch_size: 32,

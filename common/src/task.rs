@@ -28,6 +28,11 @@ pub enum ModelSpec {
     ChurnLr {
         /// Encoded feature count (see `tabular::Schema::num_features`).
         num_features: usize,
+        /// Share of each merchant's training rows kept aside as its
+        /// validation slice (`val_auc`, model selection and early stopping);
+        /// 0 keeps none.
+        #[serde(default = "default_valid_fraction")]
+        valid_fraction: f64,
     },
     /// No model: agents return a seeded random update of `dim` values without
     /// training. Used to measure the coordinator's and transport's overhead.
@@ -70,6 +75,10 @@ pub enum ModelSpec {
         num_features: usize,
         /// Hidden layer widths (one or two layers in practice).
         hidden: Vec<usize>,
+        /// Share of each merchant's training rows kept aside as its
+        /// validation slice, as for `ChurnLr`.
+        #[serde(default = "default_valid_fraction")]
+        valid_fraction: f64,
     },
     /// Federated k-means segmentation on `num_features` standardised
     /// features (see `model::kmeans`): the parameters are the k centres.
@@ -132,12 +141,35 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
+    /// Churn logistic regression on `num_features` features, with the
+    /// default validation slice.
+    pub fn churn_lr(num_features: usize) -> Self {
+        ModelSpec::ChurnLr {
+            num_features,
+            valid_fraction: default_valid_fraction(),
+        }
+    }
+
+    /// The churn MLP with `hidden` layer widths, with the default
+    /// validation slice.
+    pub fn churn_mlp(num_features: usize, hidden: Vec<usize>) -> Self {
+        ModelSpec::ChurnMlp {
+            num_features,
+            hidden,
+            valid_fraction: default_valid_fraction(),
+        }
+    }
+
     /// The family's implementation of [`FederatedModel`]: the one place that
     /// lists the families (adding one is a variant above plus an arm here).
     pub fn model(&self) -> Box<dyn FederatedModel + '_> {
         match self {
-            ModelSpec::ChurnLr { num_features } => Box::new(ChurnLr {
+            ModelSpec::ChurnLr {
+                num_features,
+                valid_fraction,
+            } => Box::new(ChurnLr {
                 num_features: *num_features,
+                valid_fraction: *valid_fraction,
             }),
             ModelSpec::Noop { dim } => Box::new(Noop { dim: *dim }),
             ModelSpec::Mf { .. } | ModelSpec::MfImplicit { .. } => {
@@ -146,9 +178,11 @@ impl ModelSpec {
             ModelSpec::ChurnMlp {
                 num_features,
                 hidden,
+                valid_fraction,
             } => Box::new(ChurnMlp {
                 num_features: *num_features,
                 hidden,
+                valid_fraction: *valid_fraction,
             }),
             ModelSpec::KMeans {
                 k,
@@ -370,6 +404,10 @@ impl ModelSpec {
     pub fn check(&self) -> Result<(), TrainError> {
         self.model().check()
     }
+}
+
+fn default_valid_fraction() -> f64 {
+    crate::model::churn::DEFAULT_VALID_FRACTION
 }
 
 fn default_choose_rounds() -> usize {

@@ -6,7 +6,9 @@
 //! values, coordinate weights and weight, of every metric, and (for MF) of the
 //! private user state. A change of numerics, of the order of floating-point
 //! operations or of a random stream changes a fingerprint and fails here.
-//! Only public API present before and after the refactor is used.
+//! Only public API present before and after the refactor is used. The churn
+//! families run without a validation slice (`valid_fraction` 0), as they did
+//! then.
 
 use std::collections::BTreeMap;
 
@@ -216,7 +218,10 @@ fn all_fingerprints() -> BTreeMap<String, u64> {
     let mut out = Vec::new();
     out.extend(family_fingerprints(
         "churn-lr",
-        ModelSpec::ChurnLr { num_features: 4 },
+        ModelSpec::ChurnLr {
+            num_features: 4,
+            valid_fraction: 0.0,
+        },
         SgdParams {
             epochs: 3,
             ..Default::default()
@@ -228,6 +233,7 @@ fn all_fingerprints() -> BTreeMap<String, u64> {
         ModelSpec::ChurnMlp {
             num_features: 4,
             hidden: vec![5, 3],
+            valid_fraction: 0.0,
         },
         SgdParams {
             epochs: 4,

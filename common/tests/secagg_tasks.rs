@@ -75,9 +75,7 @@ fn telco_stats(merchants: usize) -> (Vec<Update>, usize) {
     let ds = schema.load_csv(&path).unwrap();
     let spec = TaskSpec {
         kind: TaskKind::Stats,
-        model: ModelSpec::ChurnLr {
-            num_features: schema.num_features(),
-        },
+        model: ModelSpec::churn_lr(schema.num_features()),
         sgd: SgdParams::default(),
         seed: 42,
         round: 0,

@@ -1167,10 +1167,15 @@ mod tests {
             hyper: Default::default(),
         });
         assert!(none.contains("at least one factor"), "{none}");
-        refused(ModelSpec::ChurnMlp {
+        refused(ModelSpec::churn_mlp(8, vec![0]));
+        let share = refused(ModelSpec::ChurnLr {
             num_features: 8,
-            hidden: vec![0],
+            valid_fraction: 0.6,
         });
+        assert!(
+            share.contains("valid_fraction 0.6 is not in [0, 0.5)"),
+            "{share}"
+        );
         refused(ModelSpec::Noop {
             dim: MAX_MODEL_VALUES + 1,
         });

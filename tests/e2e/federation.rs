@@ -26,12 +26,16 @@ async fn four_agents_over_grpc_match_in_process_fedavg_and_beat_auc_0_80() {
             .iter()
             .all(|r| r.outcome == Outcome::Committed && r.reported.len() == 4)
     );
+    // One evaluation a version, and the hand-out of the best version by
+    // validation AUC when that is not the last.
+    let best = shared.best().expect("churn LR selects by val_auc");
+    assert_eq!(best.metric, "val_auc");
     assert_eq!(
         history
             .iter()
             .filter(|r| r.kind == fedcart_common::task::TaskKind::Evaluate)
             .count(),
-        5
+        5 + usize::from(best.version != 5)
     );
 
     let params = shared.model(5).unwrap().unwrap();
@@ -144,7 +148,7 @@ async fn a_round_that_can_never_reach_its_quorum_ends_the_run_with_its_cause() {
 async fn an_agent_whose_data_does_not_fit_a_run_declines_its_tasks_and_stays() {
     let split = telco_split(1, 5);
     let mut run = churn_run("e2e-misfit", 1, 1, 1);
-    run.model = fedcart_common::task::ModelSpec::ChurnLr { num_features: 3 };
+    run.model = fedcart_common::task::ModelSpec::churn_lr(3);
     run.max_attempts = 2;
     let store = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;

@@ -216,9 +216,7 @@ fn deploy_configs_load_with_the_real_config_types() {
             .unwrap();
     assert_eq!(
         c.run.model,
-        ModelSpec::ChurnLr {
-            num_features: Schema::telco().num_features()
-        }
+        ModelSpec::churn_lr(Schema::telco().num_features())
     );
     assert!(c.serve.tls.is_some() && c.serve.http_listen.is_some());
     for m in [

@@ -93,6 +93,78 @@ pub fn pooled_classification_metrics(sum: &[f64]) -> BTreeMap<String, f64> {
     m
 }
 
+/// Default share of a merchant's training rows a churn model keeps aside as
+/// its validation slice: the federated `val_auc` model selection and early
+/// stopping look at (see BENCHMARKS.md, "Churn model selection", for how it
+/// was chosen).
+pub const DEFAULT_VALID_FRACTION: f64 = 0.1;
+
+/// Refuses a validation share outside `[0, 0.5)`, naming the family's key.
+pub fn check_valid_fraction(family: &str, fraction: f64) -> Result<(), TrainError> {
+    if (0.0..0.5).contains(&fraction) {
+        Ok(())
+    } else {
+        Err(TrainError::InvalidModel(format!(
+            "{family} valid_fraction {fraction} is not in [0, 0.5) (the share of each \
+             merchant's training rows kept aside for validation; 0 keeps none)"
+        )))
+    }
+}
+
+/// The training rows a model fits on and the validation slice kept aside,
+/// split by label (stratified), seeded by the run seed, `salt` and the
+/// merchant: the same rows every round, never trained on.
+pub fn fit_and_valid(
+    churn: &ChurnData,
+    fraction: f64,
+    seed: u64,
+    salt: &str,
+    merchant: &str,
+) -> (Vec<usize>, Vec<usize>) {
+    let y = churn.train.y.as_slice().expect("contiguous labels");
+    let s = crate::seed::derive(seed, &[salt, merchant]);
+    crate::data::split::stratified_train_test(y, fraction, s)
+}
+
+/// A churn evaluation that also scores the validation slice, if there is
+/// one: the held-out rows' metrics (`auc`, …) and the slice's (`val_auc`,
+/// …), weighted by the held-out row count, with both score histograms as
+/// the summable vector (held-out first; see [`pooled_with_validation`]).
+/// Without a slice it is [`evaluation_output`].
+pub fn evaluation_with_validation(
+    y_test: &[f32],
+    p_test: &[f32],
+    validation: Option<(&[f32], &[f32])>,
+) -> TaskOutput {
+    let mut out = evaluation_output(y_test, p_test);
+    let Some((y_val, p_val)) = validation else {
+        return out;
+    };
+    for (k, v) in classification_metrics(y_val, p_val) {
+        out.metrics.insert(format!("val_{k}"), v);
+    }
+    if let Some(u) = &mut out.update {
+        u.values.extend(score_histogram(y_val, p_val));
+    }
+    out
+}
+
+/// The federation's metrics from summed [`evaluation_with_validation`]
+/// vectors: the held-out `auc`/`pr_auc`, and the slice's `val_auc`/
+/// `val_pr_auc` when the vector has the slice's histogram.
+pub fn pooled_with_validation(sum: &[f64]) -> BTreeMap<String, f64> {
+    use crate::metrics::histogram::HISTOGRAM_LEN;
+    if sum.len() != 2 * HISTOGRAM_LEN {
+        return pooled_classification_metrics(sum);
+    }
+    let (held_out, valid) = sum.split_at(HISTOGRAM_LEN);
+    let mut m = pooled_classification_metrics(held_out);
+    for (k, v) in pooled_classification_metrics(valid) {
+        m.insert(format!("val_{k}"), v);
+    }
+    m
+}
+
 /// Deals a churn dataset's rows into `merchants` iid shards (seeded) and
 /// splits each shard locally into training and held-out rows, stratified by
 /// label — how the simulator, benchmarks and tests build churn merchants.
@@ -162,9 +234,7 @@ mod tests {
         let mut merchants = partition_churn(&ds, 5, 0.2, 42);
         let mut pooled = vec![LocalData::pooled("all", &merchants)];
         let s = spec(
-            ModelSpec::ChurnLr {
-                num_features: Schema::telco().num_features(),
-            },
+            ModelSpec::churn_lr(Schema::telco().num_features()),
             SgdParams::default(),
         );
         let c = federate(&s, &mut pooled, 20, &mut FedAvg).unwrap();
@@ -185,10 +255,7 @@ mod tests {
         let ds = telco();
         let mut merchants = partition_churn(&ds, 5, 0.2, 42);
         let s = spec(
-            ModelSpec::ChurnMlp {
-                num_features: Schema::telco().num_features(),
-                hidden: vec![16],
-            },
+            ModelSpec::churn_mlp(Schema::telco().num_features(), vec![16]),
             SgdParams {
                 epochs: 3,
                 learning_rate: 0.001,
@@ -202,6 +269,108 @@ mod tests {
         assert_eq!(a.params.len(), 45 * 16 + 16 + 16 + 1);
         let auc = a.rounds.last().unwrap()["auc"];
         assert!(auc > 0.83, "auc {auc}");
+    }
+
+    /// The validation slice is never trained on: with the standardiser
+    /// fixed, scrambling the slice's rows leaves every training update of
+    /// both families bit for bit unchanged (and changes it without a slice),
+    /// while the evaluation's `val_*` figures move and the held-out ones do
+    /// not. The slice is what model selection reads.
+    #[test]
+    fn churn_models_keep_a_validation_slice_they_never_train_on() {
+        let nf = Schema::telco().num_features();
+        let scramble = |m: &mut LocalData, fraction: f64| {
+            let churn = m.churn.as_mut().unwrap();
+            let (_, va) = fit_and_valid(churn, fraction, 42, "churn-valid", &m.merchant_id);
+            let scramble_all = fraction == 0.0;
+            let rows: Vec<usize> = if scramble_all { vec![0, 1, 2] } else { va };
+            for i in rows {
+                churn.train.x.row_mut(i).mapv_inplace(|v| -3.0 * v + 1.0);
+            }
+        };
+        for (fraction, model) in [
+            (DEFAULT_VALID_FRACTION, ModelSpec::churn_lr(nf)),
+            (DEFAULT_VALID_FRACTION, ModelSpec::churn_mlp(nf, vec![8])),
+            (
+                0.0,
+                ModelSpec::ChurnLr {
+                    num_features: nf,
+                    valid_fraction: 0.0,
+                },
+            ),
+        ] {
+            let mut base = partition_churn(&telco(), 2, 0.2, 7);
+            let mut s = spec(
+                model.clone(),
+                SgdParams {
+                    epochs: 2,
+                    ..Default::default()
+                },
+            );
+            s.standardizer = crate::reference::stats_step(&s, &mut base).unwrap();
+            let params = model.initial_params(42);
+            let mut changed = base.clone();
+            for m in &mut changed {
+                scramble(m, fraction);
+            }
+            let run =
+                |s: &TaskSpec, m: &mut LocalData| crate::train::run_task(s, &params, m).unwrap();
+            let (a, b) = (run(&s, &mut base[0]), run(&s, &mut changed[0]));
+            // Evaluated at the locally trained model (the initial LR scores 1/2 everywhere).
+            let u = a.update.as_ref().unwrap();
+            let trained: Vec<f32> = params
+                .iter()
+                .zip(&u.values)
+                .map(|(p, v)| p + v / u.weight as f32)
+                .collect();
+            let mut e = s.clone();
+            e.kind = TaskKind::Evaluate;
+            let eval = |m: &mut LocalData| crate::train::run_task(&e, &trained, m).unwrap();
+            let (ea, eb) = (eval(&mut base[0]), eval(&mut changed[0]));
+            assert_eq!(ea.metrics["auc"], eb.metrics["auc"], "{}", model.name());
+            if fraction == 0.0 {
+                assert_ne!(a.update, b.update, "without a slice every row trains");
+                assert!(model.selection_metric().is_none());
+                assert!(!ea.metrics.contains_key("val_auc"));
+                continue;
+            }
+            assert_eq!(
+                a.update,
+                b.update,
+                "{} trained on its validation slice",
+                model.name()
+            );
+            assert_eq!(model.selection_metric(), Some(("val_auc", true)));
+            assert_ne!(ea.metrics["val_auc"], eb.metrics["val_auc"]);
+            // The pooled evaluation carries the slice's AUC as well.
+            let sum: Vec<f64> = ea
+                .update
+                .unwrap()
+                .values
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let pooled = model.model().pooled_metrics(&sum);
+            assert!(pooled["val_auc"] > 0.6 && pooled["auc"] > 0.6, "{pooled:?}");
+        }
+    }
+
+    #[test]
+    fn a_validation_share_outside_0_to_one_half_is_refused_naming_the_key() {
+        // A configuration without the key keeps the default slice.
+        let m: ModelSpec =
+            serde_json::from_str(r#"{"family":"churn_mlp","num_features":3,"hidden":[4]}"#)
+                .unwrap();
+        assert_eq!(m, ModelSpec::churn_mlp(3, vec![4]));
+        assert_eq!(m.selection_metric(), Some(("val_auc", true)));
+        for bad in [-0.1, 0.5, f64::NAN] {
+            let m = ModelSpec::ChurnLr {
+                num_features: 3,
+                valid_fraction: bad,
+            };
+            let err = m.model().check().unwrap_err().to_string();
+            assert!(err.contains("churn-lr valid_fraction"), "{err}");
+        }
     }
 
     #[test]
@@ -220,10 +389,7 @@ mod tests {
 
     #[test]
     fn mlp_initial_params_are_seeded_he_and_tasks_check_lengths() {
-        let m = ModelSpec::ChurnMlp {
-            num_features: 4,
-            hidden: vec![3],
-        };
+        let m = ModelSpec::churn_mlp(4, vec![3]);
         assert_eq!(m.initial_params(1), m.initial_params(1));
         assert_ne!(m.initial_params(1), m.initial_params(2));
         assert_eq!(m.initial_params(1).len(), m.model_len());

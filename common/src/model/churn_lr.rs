@@ -4,19 +4,24 @@
 use std::collections::BTreeMap;
 
 use super::churn::{
-    churn_data, classification_metrics, evaluation_output, pooled_classification_metrics,
-    stats_output,
+    check_valid_fraction, churn_data, classification_metrics, evaluation_with_validation,
+    fit_and_valid, pooled_with_validation, stats_output,
 };
 use super::lr::LogisticRegression;
-use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta};
+use super::{
+    ChurnData, FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta,
+};
 use crate::data::standardize::Standardizer;
 use crate::data::tabular::TabularDataset;
 
 /// Logistic regression for churn on `num_features` encoded features.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChurnLr {
     /// Encoded feature count (see `tabular::Schema::num_features`).
     pub num_features: usize,
+    /// Share of each merchant's training rows kept aside as the validation
+    /// slice (`val_auc`); 0 keeps none and turns model selection off.
+    pub valid_fraction: f64,
 }
 
 impl ChurnLr {
@@ -36,6 +41,23 @@ impl ChurnLr {
             });
         }
         ctx.standardizer.ok_or(TrainError::MissingStandardizer)
+    }
+
+    /// The rows the model fits on and the validation slice, the same every
+    /// round (`fit_and_valid`).
+    fn split(
+        &self,
+        ctx: &RoundContext<'_>,
+        churn: &ChurnData,
+        merchant: &str,
+    ) -> (Vec<usize>, Vec<usize>) {
+        fit_and_valid(
+            churn,
+            self.valid_fraction,
+            ctx.seed,
+            "churn-valid",
+            merchant,
+        )
     }
 }
 
@@ -62,15 +84,23 @@ impl FederatedModel for ChurnLr {
                 "churn-lr needs at least one feature (`num_features` ≥ 1)".into(),
             ));
         }
-        Ok(())
+        check_valid_fraction("churn-lr", self.valid_fraction)
     }
 
+    /// Score histograms of the held-out rows, then of the validation slice
+    /// if there is one.
     fn eval_len(&self) -> usize {
-        crate::metrics::histogram::HISTOGRAM_LEN
+        let slices = if self.valid_fraction > 0.0 { 2 } else { 1 };
+        slices * crate::metrics::histogram::HISTOGRAM_LEN
     }
 
     fn pooled_metrics(&self, sum: &[f64]) -> BTreeMap<String, f64> {
-        pooled_classification_metrics(sum)
+        pooled_with_validation(sum)
+    }
+
+    /// The pooled AUC of the validation slices, when there are slices.
+    fn selection_metric(&self) -> Option<(&'static str, bool)> {
+        (self.valid_fraction > 0.0).then_some(("val_auc", true))
     }
 
     fn stats(
@@ -90,14 +120,16 @@ impl FederatedModel for ChurnLr {
         let scaler = self.prepare(ctx, global, data)?;
         let churn = churn_data(data, self.num_features)?;
         let mut model = LogisticRegression::from_params(global);
-        let x = scaler.transform(&churn.train.x);
+        let (fit_rows, _) = self.split(ctx, churn, &data.merchant_id);
+        let part = churn.train.select(&fit_rows);
+        let x = scaler.transform(&part.x);
         let mut rng = crate::seed::rng(
             ctx.seed,
             &["train", &data.merchant_id, &ctx.round.to_string()],
         );
-        let loss = model.fit_with(&x, &churn.train.y, ctx.sgd, &mut rng);
+        let loss = model.fit_with(&x, &part.y, ctx.sgd, &mut rng);
         let local = model.to_params();
-        let n = churn.train.len() as f64;
+        let n = part.len() as f64;
         let update = weighted_delta(&local, global, n)?;
         let metrics = BTreeMap::from([("train_loss".to_string(), f64::from(loss))]);
         Ok(TaskOutput {
@@ -116,9 +148,19 @@ impl FederatedModel for ChurnLr {
         let scaler = self.prepare(ctx, global, data)?;
         let churn = churn_data(data, self.num_features)?;
         let model = LogisticRegression::from_params(global);
-        let probs = model.predict_proba(&scaler.transform(&churn.valid.x));
-        let y = churn.valid.y.as_slice().expect("contiguous labels");
-        Ok(evaluation_output(y, &probs))
+        let p_test = model.predict_proba(&scaler.transform(&churn.valid.x));
+        let y_test = churn.valid.y.as_slice().expect("contiguous labels");
+        if self.valid_fraction == 0.0 {
+            return Ok(evaluation_with_validation(y_test, &p_test, None));
+        }
+        let (_, valid_rows) = self.split(ctx, churn, &data.merchant_id);
+        let slice = churn.train.select(&valid_rows);
+        let p_val = model.predict_proba(&scaler.transform(&slice.x));
+        Ok(evaluation_with_validation(
+            y_test,
+            &p_test,
+            Some((slice.y.as_slice().expect("contiguous labels"), &p_val)),
+        ))
     }
 
     fn score(

@@ -4,18 +4,26 @@
 
 use std::collections::BTreeMap;
 
-use super::churn::{churn_data, evaluation_output, pooled_classification_metrics, stats_output};
+use super::churn::{
+    check_valid_fraction, churn_data, evaluation_with_validation, fit_and_valid,
+    pooled_with_validation, stats_output,
+};
 use super::mlp::{Mlp, MlpShape};
-use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta};
+use super::{
+    ChurnData, FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta,
+};
 use crate::data::standardize::Standardizer;
 
 /// A ReLU multi-layer perceptron for churn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChurnMlp<'a> {
     /// Encoded feature count.
     pub num_features: usize,
     /// Hidden layer widths.
     pub hidden: &'a [usize],
+    /// Share of each merchant's training rows kept aside as the validation
+    /// slice (`val_auc`); 0 keeps none and turns model selection off.
+    pub valid_fraction: f64,
 }
 
 impl ChurnMlp<'_> {
@@ -47,6 +55,23 @@ impl ChurnMlp<'_> {
             Mlp::from_params(shape, global).map_err(|e| TrainError::InvalidModel(e.to_string()))?;
         Ok((scaler, model))
     }
+
+    /// The rows the model fits on and the validation slice, the same every
+    /// round (`fit_and_valid`).
+    fn split(
+        &self,
+        ctx: &RoundContext<'_>,
+        churn: &ChurnData,
+        merchant: &str,
+    ) -> (Vec<usize>, Vec<usize>) {
+        fit_and_valid(
+            churn,
+            self.valid_fraction,
+            ctx.seed,
+            "churn-valid",
+            merchant,
+        )
+    }
 }
 
 impl FederatedModel for ChurnMlp<'_> {
@@ -66,12 +91,20 @@ impl FederatedModel for ChurnMlp<'_> {
         2 * self.num_features
     }
 
+    /// Score histograms of the held-out rows, then of the validation slice
+    /// if there is one.
     fn eval_len(&self) -> usize {
-        crate::metrics::histogram::HISTOGRAM_LEN
+        let slices = if self.valid_fraction > 0.0 { 2 } else { 1 };
+        slices * crate::metrics::histogram::HISTOGRAM_LEN
     }
 
     fn pooled_metrics(&self, sum: &[f64]) -> BTreeMap<String, f64> {
-        pooled_classification_metrics(sum)
+        pooled_with_validation(sum)
+    }
+
+    /// The pooled AUC of the validation slices, when there are slices.
+    fn selection_metric(&self) -> Option<(&'static str, bool)> {
+        (self.valid_fraction > 0.0).then_some(("val_auc", true))
     }
 
     /// He-initialised parameters drawn from the run seed (zeros would never
@@ -87,7 +120,8 @@ impl FederatedModel for ChurnMlp<'_> {
     fn check(&self) -> Result<(), TrainError> {
         self.shape()
             .check()
-            .map_err(|e| TrainError::InvalidModel(e.to_string()))
+            .map_err(|e| TrainError::InvalidModel(e.to_string()))?;
+        check_valid_fraction("churn-mlp", self.valid_fraction)
     }
 
     fn stats(
@@ -106,19 +140,21 @@ impl FederatedModel for ChurnMlp<'_> {
     ) -> Result<TaskOutput, TrainError> {
         let (scaler, mut model) = self.prepare(ctx, global, data)?;
         let churn = churn_data(data, self.num_features)?;
-        let x = scaler.transform(&churn.train.x);
+        let (fit_rows, _) = self.split(ctx, churn, &data.merchant_id);
+        let part = churn.train.select(&fit_rows);
+        let x = scaler.transform(&part.x);
         let mut rng = crate::seed::rng(
             ctx.seed,
             &["train-mlp", &data.merchant_id, &ctx.round.to_string()],
         );
         let report = model.fit_with(
             &x,
-            &churn.train.y,
+            &part.y,
             ctx.sgd,
             ctx.sgd.early_stopping.as_ref(),
             &mut rng,
         );
-        let n = churn.train.len() as f64;
+        let n = part.len() as f64;
         let update = weighted_delta(model.params(), global, n)?;
         let mut metrics = BTreeMap::from([
             ("train_loss".to_string(), f64::from(report.train_loss)),
@@ -143,9 +179,19 @@ impl FederatedModel for ChurnMlp<'_> {
     ) -> Result<TaskOutput, TrainError> {
         let (scaler, model) = self.prepare(ctx, global, data)?;
         let churn = churn_data(data, self.num_features)?;
-        let probs = model.predict_proba(&scaler.transform(&churn.valid.x));
-        let y = churn.valid.y.as_slice().expect("contiguous labels");
-        Ok(evaluation_output(y, &probs))
+        let p_test = model.predict_proba(&scaler.transform(&churn.valid.x));
+        let y_test = churn.valid.y.as_slice().expect("contiguous labels");
+        if self.valid_fraction == 0.0 {
+            return Ok(evaluation_with_validation(y_test, &p_test, None));
+        }
+        let (_, valid_rows) = self.split(ctx, churn, &data.merchant_id);
+        let slice = churn.train.select(&valid_rows);
+        let p_val = model.predict_proba(&scaler.transform(&slice.x));
+        Ok(evaluation_with_validation(
+            y_test,
+            &p_test,
+            Some((slice.y.as_slice().expect("contiguous labels"), &p_val)),
+        ))
     }
 
     fn score(

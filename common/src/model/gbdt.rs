@@ -59,11 +59,11 @@ pub mod sketch;
 
 use std::collections::BTreeMap;
 
-use super::churn::{churn_data, classification_metrics, pooled_classification_metrics};
+use super::churn::{churn_data, evaluation_with_validation, pooled_with_validation};
 use super::{Analysis, ChurnData, FederatedModel, LocalData, RoundContext, TaskOutput, TrainError};
 use crate::data::standardize::Standardizer;
 use crate::federation::update::Update;
-use crate::metrics::histogram::{HISTOGRAM_LEN, score_histogram};
+use crate::metrics::histogram::HISTOGRAM_LEN;
 pub use ensemble::{Ensemble, GbdtError};
 pub use grow::GbdtParams;
 
@@ -90,17 +90,15 @@ pub fn level_len(global: &[f32]) -> Result<usize, GbdtError> {
     })
 }
 
-/// The training rows that grow trees and the validation slice kept aside,
-/// split by label (stratified), seeded by the run seed and the merchant.
+/// The training rows that grow trees and the validation slice kept aside
+/// (the salt keeps the slices of earlier runs).
 fn fit_and_valid(
     churn: &ChurnData,
     params: &GbdtParams,
     seed: u64,
     merchant: &str,
 ) -> (Vec<usize>, Vec<usize>) {
-    let y = churn.train.y.as_slice().expect("contiguous labels");
-    let s = crate::seed::derive(seed, &["gbdt-valid", merchant]);
-    crate::data::split::stratified_train_test(y, params.valid_fraction, s)
+    super::churn::fit_and_valid(churn, params.valid_fraction, seed, "gbdt-valid", merchant)
 }
 
 fn invalid(e: GbdtError) -> TrainError {
@@ -179,12 +177,7 @@ impl FederatedModel for ChurnGbdt<'_> {
         if sum.len() != 2 * HISTOGRAM_LEN {
             return BTreeMap::new();
         }
-        let (held_out, valid) = sum.split_at(HISTOGRAM_LEN);
-        let mut m = pooled_classification_metrics(held_out);
-        for (k, v) in pooled_classification_metrics(valid) {
-            m.insert(format!("val_{k}"), v);
-        }
-        m
+        pooled_with_validation(sum)
     }
 
     fn initial_params(&self, _seed: u64) -> Vec<f32> {
@@ -273,22 +266,9 @@ impl FederatedModel for ChurnGbdt<'_> {
         let y_val = slice.y.as_slice().expect("contiguous labels");
         let p_test = ens.predict_proba(&scaler.transform(&churn.valid.x));
         let p_val = ens.predict_proba(&scaler.transform(&slice.x));
-        let mut metrics = classification_metrics(y_test, &p_test);
-        for (k, v) in classification_metrics(y_val, &p_val) {
-            metrics.insert(format!("val_{k}"), v);
-        }
-        metrics.insert("trees".into(), ens.trees.len() as f64);
-        let mut values = score_histogram(y_test, &p_test);
-        values.extend(score_histogram(y_val, &p_val));
-        Ok(TaskOutput {
-            update: Some(Update {
-                values,
-                coord_weights: Vec::new(),
-                weight: 1.0,
-            }),
-            metrics,
-            weight: y_test.len() as f64,
-        })
+        let mut out = evaluation_with_validation(y_test, &p_test, Some((y_val, &p_val)));
+        out.metrics.insert("trees".into(), ens.trees.len() as f64);
+        Ok(out)
     }
 
     fn score(

@@ -5,6 +5,7 @@
 use ndarray::{Array1, Array2};
 use rand::RngExt;
 
+use super::churn::DEFAULT_VALID_FRACTION;
 use super::churn_lr::ChurnLr;
 use super::churn_mlp::ChurnMlp;
 use super::mf::{MfAggregation, MfData, MfHyper, MfShape, Rating};
@@ -60,10 +61,12 @@ fn families(hyper: &[MfHyper; 2]) -> Vec<Box<dyn FederatedModel + '_>> {
     let mut out: Vec<Box<dyn FederatedModel + '_>> = vec![
         Box::new(ChurnLr {
             num_features: FEATURES,
+            valid_fraction: DEFAULT_VALID_FRACTION,
         }),
         Box::new(ChurnMlp {
             num_features: FEATURES,
             hidden: &HIDDEN,
+            valid_fraction: DEFAULT_VALID_FRACTION,
         }),
         Box::new(Noop { dim: 21 }),
     ];
@@ -182,6 +185,7 @@ fn tasks_check_the_global_length_and_the_local_data_first() {
     let sgd = SgdParams::default();
     let lr = ChurnLr {
         num_features: FEATURES,
+        valid_fraction: DEFAULT_VALID_FRACTION,
     };
     let mut data = tiny_merchant(2);
     let err = lr.fit(&context(&sgd, None), &[0.0; 2], &mut data);
@@ -206,6 +210,7 @@ fn check_refuses_a_zero_width_mlp_layer() {
     let m = ChurnMlp {
         num_features: FEATURES,
         hidden: &[0],
+        valid_fraction: DEFAULT_VALID_FRACTION,
     };
     assert!(matches!(m.check(), Err(TrainError::InvalidModel(_))));
     assert_eq!(m.initial_params(1), vec![0.0; m.model_len()]);

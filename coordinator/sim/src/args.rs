@@ -88,6 +88,12 @@ pub struct SimArgs {
     /// L2 penalty on the leaves of `--task churn-gbdt` [default: 10].
     #[arg(long)]
     pub l2: Option<f32>,
+    /// Share of each merchant's training rows the churn models (`churn-lr`,
+    /// `churn-mlp`, `churn-gbdt`) keep aside as their validation slice, never
+    /// trained on: what model selection and `--patience` read (`val_auc`); 0 keeps
+    /// none (the last version is served) [default: 0.1].
+    #[arg(long, value_name = "SHARE")]
+    pub valid_fraction: Option<f64>,
     /// Mini-batch size for churn models [default: 32].
     #[arg(long)]
     pub batch_size: Option<usize>,

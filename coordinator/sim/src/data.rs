@@ -380,10 +380,10 @@ impl TaskChoice {
     /// The churn model of this task over `num_features` encoded features.
     pub fn churn_model(self, num_features: usize) -> ModelSpec {
         match self {
-            Self::ChurnMlp { h1, h2 } => ModelSpec::ChurnMlp {
+            Self::ChurnMlp { h1, h2 } => ModelSpec::churn_mlp(
                 num_features,
-                hidden: [h1, h2].into_iter().filter(|&h| h > 0).collect(),
-            },
+                [h1, h2].into_iter().filter(|&h| h > 0).collect(),
+            ),
             // Default hyper-parameters: the simulator sets the flags' values.
             Self::ChurnGbdt => ModelSpec::ChurnGbdt {
                 num_features,
@@ -399,7 +399,7 @@ impl TaskChoice {
                 lloyd_rounds: 0,
                 exchange: Default::default(),
             },
-            _ => ModelSpec::ChurnLr { num_features },
+            _ => ModelSpec::churn_lr(num_features),
         }
     }
 

@@ -169,8 +169,12 @@ pub fn run_one(
     } else {
         None
     };
-    if let ModelSpec::ChurnGbdt { params, .. } = &mut pop.model {
-        *params = s.gbdt.clone();
+    match &mut pop.model {
+        ModelSpec::ChurnGbdt { params, .. } => *params = s.gbdt.clone(),
+        ModelSpec::ChurnLr { valid_fraction, .. } | ModelSpec::ChurnMlp { valid_fraction, .. } => {
+            *valid_fraction = s.valid_fraction;
+        }
+        _ => {}
     }
     // A recommender with nothing to test on anywhere would train every
     // round and report no figure: say why before training.
@@ -268,8 +272,8 @@ pub fn run_one(
         && pop.model.selection_metric().is_none()
     {
         bail!(
-            "--patience applies to models that report a validation metric (mf, mf-implicit, \
-             mf-ials, churn-gbdt); task `{}` reports none: leave --patience out",
+            "--patience applies to models that report a validation metric (mf, mf-implicit, mf-ials, \
+             churn-lr, churn-mlp, churn-gbdt); task `{}` reports none: leave --patience out",
             task.name()
         );
     }

@@ -69,6 +69,8 @@ pub struct Settings {
     pub patience: Option<u64>,
     /// Hyper-parameters of `--task churn-gbdt`.
     pub gbdt: fedcart_common::model::gbdt::GbdtParams,
+    /// The churn models' validation share (`--valid-fraction`).
+    pub valid_fraction: f64,
     /// Local learning rate (None = per-task default).
     pub lr: Option<f32>,
     /// Churn mini-batch size.
@@ -326,6 +328,17 @@ impl Settings {
             let demo = task.is_none() && data.is_none() && train_test.is_none();
             demo && strategy.require_streaming("secure aggregation").is_ok()
         };
+        let valid_fraction = pick!(
+            valid_fraction,
+            fedcart_common::model::churn::DEFAULT_VALID_FRACTION
+        );
+        if !(0.0..0.5).contains(&valid_fraction) {
+            bail!(
+                "{} {valid_fraction} is not in [0, 0.5): the share of each merchant's training \
+                 rows kept aside for validation (0 keeps none)",
+                name!(valid_fraction, "--valid-fraction")
+            );
+        }
         let gbdt = {
             let d = fedcart_common::model::gbdt::GbdtParams::default();
             let p = fedcart_common::model::gbdt::GbdtParams {
@@ -333,6 +346,7 @@ impl Settings {
                 max_depth: pick!(max_depth, d.max_depth),
                 min_child_weight: pick!(min_child_weight, d.min_child_weight),
                 l2: pick!(l2, d.l2),
+                valid_fraction,
                 learning_rate: match task {
                     Some(TaskChoice::ChurnGbdt) => pick!(lr, d.learning_rate),
                     _ => d.learning_rate,
@@ -354,6 +368,7 @@ impl Settings {
                 Some(TaskChoice::ChurnGbdt) => 1 + gbdt.trees as u64 * gbdt.max_depth as u64,
                 _ => 20,
             }),
+            valid_fraction,
             gbdt,
             fraction: pick!(fraction, 1.0),
             epochs: args.epochs.or(file.epochs),
@@ -518,6 +533,12 @@ impl Settings {
                     gbdt,
                 ),
                 (args.l2.is_some(), "--l2", "boosted trees", gbdt),
+                (
+                    args.valid_fraction.is_some(),
+                    "--valid-fraction",
+                    "churn models",
+                    task.is_churn(),
+                ),
                 (
                     args.factors.is_some(),
                     "--factors",

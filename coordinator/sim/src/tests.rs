@@ -926,6 +926,60 @@ fn the_report_spells_the_settings_out_and_shows_epsilon() {
     assert!(eps > 0.0 && eps.is_finite(), "{json}");
 }
 
+/// Churn LR and MLP select their served version by the pooled AUC of the
+/// merchants' validation slices and stop on `--patience`, as the trees and
+/// recommenders do (they reported no validation metric: the last version was
+/// served, and `--patience` was refused).
+#[test]
+fn churn_lr_and_mlp_serve_the_best_version_by_validation_auc_and_stop_on_patience() {
+    for task in ["churn-lr", "churn-mlp"] {
+        let mut a = telco_args(task);
+        a.merchants = Some(5);
+        a.rounds = Some(30);
+        a.patience = Some(1);
+        let e = &run(a)[0];
+        let best = e.best.as_ref().expect("churn models select a version");
+        assert_eq!(best.metric, "val_auc", "{task}");
+        assert!(best.value > 0.8, "{task}: val_auc {}", best.value);
+        assert_eq!(best.served["auc"], best.at_best["auc"], "{task}");
+        let stopped = e.stopped.as_deref().unwrap_or_default();
+        let last = e.rounds.last().expect("rounds").round;
+        assert!(
+            last < 30 && stopped.contains("val_auc"),
+            "{task}: {last} rounds, stopped {stopped:?}"
+        );
+    }
+}
+
+/// `--valid-fraction 0` trains on every row and selects nothing (the last
+/// version is served); a share of one half or more, or the flag on a task
+/// that keeps no such slice, is refused naming the flag.
+#[test]
+fn valid_fraction_zero_selects_nothing_and_bad_shares_are_refused_by_flag() {
+    let mut a = telco_args("churn-lr");
+    a.merchants = Some(3);
+    a.rounds = Some(2);
+    a.valid_fraction = Some(0.0);
+    let e = &run(a)[0];
+    assert!(e.best.is_none());
+    assert!(
+        !e.last_eval().contains_key("val_auc"),
+        "{:?}",
+        e.last_eval()
+    );
+    let refused = |a: SimArgs, want: &str| {
+        let err = Settings::from_args(a).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    };
+    let mut a = telco_args("churn-mlp");
+    a.valid_fraction = Some(0.5);
+    refused(a, "--valid-fraction 0.5 is not in [0, 0.5)");
+    let mut a = args();
+    a.task = Some("mf".parse().unwrap());
+    a.valid_fraction = Some(0.2);
+    refused(a, "--valid-fraction");
+}
+
 #[test]
 fn a_served_churn_version_that_is_not_the_last_reads_its_auc_as_the_round_did() {
     // AUC and PR-AUC do not average over merchants: a round's come from the

@@ -729,7 +729,7 @@ fn an_operator_stop_abandons_the_open_task_and_a_resumed_engine_stays_stopped() 
 /// is rejected; the honest merchant's histogram is pooled.
 #[test]
 fn an_evaluation_histogram_with_a_negative_count_is_rejected() {
-    let model = ModelSpec::ChurnLr { num_features: 2 };
+    let model = ModelSpec::churn_lr(2);
     let mut cfg = run(selection(1.0, 2, 2), 1);
     cfg.rounds = 1;
     cfg.model = model;

@@ -509,9 +509,7 @@ fn cdnow_churn_lr_learns_and_federated_matches_centralised() {
     let mut pooled = vec![LocalData::pooled("all", &merchants)];
     let spec = TaskSpec {
         kind: TaskKind::Train,
-        model: ModelSpec::ChurnLr {
-            num_features: FEATURE_NAMES.len(),
-        },
+        model: ModelSpec::churn_lr(FEATURE_NAMES.len()),
         sgd: SgdParams::default(),
         seed: 42,
         round: 0,

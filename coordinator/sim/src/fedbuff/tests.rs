@@ -421,6 +421,8 @@ fn fedbuff_buffers_no_version_can_commit_with_and_a_patience_nothing_reads_are_r
     a.secagg = true;
     refused(a, "give --buffer 2 or more");
     let mut a = churn_args();
+    a.task = Some("noop:8".parse().unwrap());
+    a.data = None;
     a.patience = Some(1);
     refused(
         a,

@@ -193,7 +193,8 @@ fn a_clip_too_low_is_counted_by_the_service_as_in_process_and_reported() {
 
 /// The federation-value report's federated column is the run's own model
 /// on every merchant, over gRPC as in-process: with DP it is the noised
-/// run's figure, not a plain FedAvg trained after it.
+/// run's figure, not a plain FedAvg trained after it (the served version's,
+/// the best by validation AUC).
 #[test]
 fn the_federated_column_over_grpc_is_the_runs_own_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -212,10 +213,10 @@ fn the_federated_column_over_grpc_is_the_runs_own_model() {
         .as_ref()
         .expect("a federation-value report");
     let federated = value.pooled["federated"]["accuracy"];
-    let last = e.rounds.last().unwrap().eval["accuracy"];
+    let served = e.final_metrics["accuracy"];
     assert!(
-        (federated - last).abs() < 1e-9,
-        "federated column {federated}, the run's last evaluation {last}"
+        (federated - served).abs() < 1e-9,
+        "federated column {federated}, the run's served version {served}"
     );
 }
 

@@ -15,7 +15,7 @@ fn experiment() -> Experiment {
     })
     .unwrap();
     let task = data::TaskChoice::ChurnLr;
-    let model = fedcart_common::task::ModelSpec::ChurnLr { num_features: 3 };
+    let model = fedcart_common::task::ModelSpec::churn_lr(3);
     let mut e = Experiment::new(task, &task.default_data(), &s, 3, &model, 0.0);
     let metric = |v: f64| BTreeMap::from([("auc".to_string(), v)]);
     e.rounds = (1..=6)

@@ -21,9 +21,7 @@ fn churn_spec() -> (TaskSpec, Vec<LocalData>) {
     let mut merchants = partition_churn(&ds, 6, 0.2, 42);
     let mut spec = TaskSpec {
         kind: TaskKind::Train,
-        model: ModelSpec::ChurnLr {
-            num_features: Schema::telco().num_features(),
-        },
+        model: ModelSpec::churn_lr(Schema::telco().num_features()),
         sgd: SgdParams {
             learning_rate: 0.5,
             ..Default::default()
