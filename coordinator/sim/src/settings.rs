@@ -432,6 +432,18 @@ impl Settings {
                 s.merchants
             );
         }
+        // The flag only: a mapping file may be shared with natural runs.
+        if args.orders.merchant.is_some() && s.partition != Partitioner::Natural {
+            bail!(
+                "--merchant-col names the store of each order, which only --partition natural \
+                 reads (one merchant per store); with {} {} the customers are dealt into {} \
+                 merchants whatever their store: give --partition natural, or leave \
+                 --merchant-col out",
+                name!(partition, "--partition"),
+                pick!(partition, String::from("iid")),
+                s.merchants
+            );
+        }
         if s.rounds == 0 {
             bail!("{} must be ≥ 1", name!(rounds, "--rounds"));
         }

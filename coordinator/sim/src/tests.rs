@@ -1875,3 +1875,32 @@ fn order_flags_a_task_does_not_read_are_refused_naming_the_flag() {
         assert!(err.contains(flag), "{task}: {err}");
     }
 }
+
+/// `--merchant-col` is read by the natural partition only: with another
+/// partition the stores were pooled and dealt without a word.
+#[test]
+fn a_merchant_column_without_the_natural_partition_is_refused() {
+    use crate::data::orders::OrdersArgs;
+    let grocery = |partition: Option<&str>| SimArgs {
+        task: Some("mf-implicit".parse().unwrap()),
+        data: Some(
+            format!("orders:{}", repo("data/grocery/orders.csv"))
+                .parse()
+                .unwrap(),
+        ),
+        partition: partition.map(String::from),
+        orders: OrdersArgs::grocery_columns(),
+        ..Default::default()
+    };
+    for partition in [None, Some("dirichlet:0.5")] {
+        let err = Settings::from_args(grocery(partition))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--merchant-col names the store")
+                && err.contains("give --partition natural"),
+            "{err}"
+        );
+    }
+    Settings::from_args(grocery(Some("natural"))).unwrap();
+}

@@ -135,6 +135,7 @@ fn a_run_without_rules_says_which_setting_to_lower() {
 fn secure_rules_over_grpc_equal_the_in_process_plaintext_rules() {
     let mut a = grocery(100, false);
     a.partition = Some("iid".into());
+    a.orders.merchant = None;
     a.merchants = Some(4);
     let plain = mined(a.clone());
     a.secagg = true;
