@@ -523,6 +523,7 @@ impl Agent {
                         .as_ref()
                         .and_then(|s| s.held_version(&end.run_id));
                     self.lifecycle.run_ended(&end);
+                    self.publish_served(&end);
                     if let Some(held) = held
                         && end.served_version > 0
                         && held != end.served_version
@@ -729,6 +730,7 @@ impl Agent {
             spec_json: Vec::new(),
             deadline_unix_ms: 0,
             secure_aggregation: false,
+            hands_out: true,
         };
         let global = crate::transfer::download(client, session_id, &task)
             .await
@@ -741,32 +743,35 @@ impl Agent {
     }
 
     /// Runs `task` locally on `global` with `spec` and keeps what the state
-    /// directory holds of it: the model (at the top from version 1 on, and
-    /// in the run's own directory), then the user side and the metrics.
+    /// directory holds of it: the model in the run's own directory, then the
+    /// user side and the metrics; at the top (what `score`, `recommend` and
+    /// `serve` answer from) only a version the run serves ([`Publish`]).
     async fn run_locally(
         &mut self,
         task: &pb::TaskAssignment,
         spec: TaskSpec,
         global: Vec<f32>,
     ) -> Result<Result<fedcart_common::train::TaskOutput, TrainError>, AgentError> {
+        let publish = Publish::of(task, &spec);
+        let meta = crate::state::GlobalMeta {
+            run_id: task.run_id.clone(),
+            version: task.model_version,
+            spec: spec.clone(),
+            sha256: None,
+        };
         if let Some(state) = &self.state
             && !global.is_empty()
         {
-            let meta = crate::state::GlobalMeta {
-                run_id: task.run_id.clone(),
-                version: task.model_version,
-                spec: spec.clone(),
-                sha256: None,
-            };
-            // The latest of any run at the top, and the run's own. A
-            // version 0 is untrained (or, for a scheduled instance, the
-            // previous instance's served version, at the top already when
-            // that instance evaluated it): it never replaces what `score`
-            // and `recommend` answer from.
-            if task.model_version > 0 {
+            let run = state.run(&task.run_id)?;
+            if let (Publish::IfSelected, Some(best)) = (publish, spec.best_version) {
+                // The version evaluated before this one may have become the
+                // best: it is served now.
+                state.adopt(&run.candidate()?, &task.run_id, best)?;
+            }
+            if publish == Publish::Now {
                 state.save_global(&meta, &global)?;
             }
-            state.run(&task.run_id)?.save_global(&meta, &global)?;
+            run.save_global(&meta, &global)?;
         }
         let family = spec.model.data_family();
         let spec_is_mf = spec.model.mf_shape().is_some();
@@ -778,10 +783,10 @@ impl Agent {
         // denominator) and sends them under its own protection.
         let hide_count = spec.dp.is_some() && spec.kind != fedcart_common::task::TaskKind::Stats;
         let data = std::mem::take(&mut self.data);
-        let (data, out) = tokio::task::spawn_blocking(move || {
+        let (data, out, global) = tokio::task::spawn_blocking(move || {
             let mut data = data;
             let out = run_task(&spec, &global, &mut data);
-            (data, out)
+            (data, out, global)
         })
         .await
         .map_err(AgentError::TaskPanicked)?;
@@ -793,16 +798,26 @@ impl Agent {
             out
         });
         if let (Some(state), Ok(out)) = (&self.state, &out) {
-            // The top keeps what goes with its model (saved above only
-            // from version 1 on); the run's own directory keeps everything.
-            let top = (task.model_version > 0).then(|| state.clone());
-            for state in top.into_iter().chain([state.run(&task.run_id)?]) {
+            // The run's own directory keeps everything; the top what goes
+            // with the model it holds; a candidate its evaluation's.
+            let run = state.run(&task.run_id)?;
+            let mut dirs = vec![run.clone()];
+            match publish {
+                Publish::Now => dirs.push(state.clone()),
+                Publish::IfSelected if !global.is_empty() => {
+                    let candidate = run.candidate()?;
+                    candidate.save_global(&meta, &global)?;
+                    dirs.push(candidate);
+                }
+                Publish::IfSelected | Publish::Never => {}
+            }
+            for dir in dirs {
                 if let Some(mf) = &self.data.mf
                     && spec_is_mf
                 {
-                    state.save_users(&mf.state)?;
+                    dir.save_users(&mf.state)?;
                 }
-                state.save_metrics(family, &out.metrics)?;
+                dir.save_metrics(family, &out.metrics)?;
             }
         }
         if let Ok(out) = &out
@@ -818,6 +833,27 @@ impl Agent {
             );
         }
         Ok(out)
+    }
+
+    /// When run `end` ends serving the version this agent evaluated last
+    /// (no later evaluation named it the best), that version goes to the
+    /// top now. Best effort: a state that cannot be written is logged and
+    /// the top keeps the version it holds.
+    fn publish_served(&self, end: &pb::RunEnded) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        if end.served_version == 0 || state.held_version(&end.run_id).is_none() {
+            return;
+        }
+        let adopted = state
+            .run(&end.run_id)
+            .and_then(|run| run.candidate())
+            .and_then(|candidate| state.adopt(&candidate, &end.run_id, end.served_version));
+        if let Err(e) = adopted {
+            tracing::warn!(run = %end.run_id, served = end.served_version, error = %Chain(&e),
+                "could not put the served version where `score` and `recommend` read");
+        }
     }
 
     /// Tells the coordinator this agent drops out of `task`, with a fixed,
@@ -849,6 +885,38 @@ impl std::fmt::Display for Metrics<'_> {
             write!(f, "{sep}{k}={v:.4}")?;
         }
         Ok(())
+    }
+}
+
+/// Whether a task's model goes to the top of the state directory, where
+/// `score`, `recommend` and `serve` read: during a run only a version
+/// selection chose does, so a merchant is not served a version on trial
+/// (every task's version went there: the latest trained one during a run,
+/// then the best again at its end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    /// The evaluation that hands the run's model out (`hands_out`: of the
+    /// last version, which the serving of the best replaces at once if it
+    /// is not the best), the first evaluation of a run (it becomes the best),
+    /// or one of a run that selects nothing.
+    Now,
+    /// The evaluation of a version after the best: kept as the run's
+    /// candidate until the next evaluation (its `best_version`) or the
+    /// run's end (`RunEnded::served_version`) names it.
+    IfSelected,
+    /// Training and statistics tasks, and the untrained version 0.
+    Never,
+}
+
+impl Publish {
+    fn of(task: &pb::TaskAssignment, spec: &TaskSpec) -> Self {
+        if task.model_version == 0 || spec.kind != fedcart_common::task::TaskKind::Evaluate {
+            return Publish::Never;
+        }
+        match spec.best_version {
+            Some(best) if best != task.model_version && !task.hands_out => Publish::IfSelected,
+            _ => Publish::Now,
+        }
     }
 }
 

@@ -223,6 +223,39 @@ impl StateDir {
         Self::open(self.dir.join("runs").join(run_id))
     }
 
+    /// A run's last evaluated version that selection may still choose,
+    /// `candidate/` under the run's directory (created), in the same layout:
+    /// the agent keeps it there, with the users and metrics of its
+    /// evaluation, until the coordinator names it the best (the next
+    /// evaluation's `best_version`, or the run's end), and only then puts it
+    /// at the top, where `score`, `recommend` and `serve` read.
+    pub fn candidate(&self) -> Result<Self, StateError> {
+        Self::open(self.dir.join("candidate"))
+    }
+
+    /// Puts the model `from` holds, if it is version `version` of
+    /// `run_id`, here, with its MF users and its metrics (the global model
+    /// first, as a task stores them). Returns whether it did.
+    pub fn adopt(&self, from: &StateDir, run_id: &str, version: u64) -> Result<bool, StateError> {
+        let Some((meta, params)) = from.latest_global()? else {
+            return Ok(false);
+        };
+        if meta.run_id != run_id || meta.version != version {
+            return Ok(false);
+        }
+        self.save_global(&meta, &params)?;
+        if meta.spec.model.mf_shape().is_some()
+            && let Some(users) = from.load_users()?
+        {
+            self.save_users(&users)?;
+        }
+        let family = meta.spec.model.data_family();
+        if let Some(m) = from.load_metrics(family)? {
+            self.save_metrics(family, &m)?;
+        }
+        Ok(true)
+    }
+
     /// The global models stored here, as `family version V of run R`,
     /// sorted by family (for errors that say what there is instead).
     pub fn held_models(&self) -> Vec<String> {
@@ -543,6 +576,49 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A candidate is adopted only as the version and run named, with the
+    /// metrics of its evaluation.
+    #[test]
+    fn a_candidate_is_adopted_only_as_the_run_and_version_named() {
+        use fedcart_common::model::sgd::SgdParams;
+        use fedcart_common::task::{ModelSpec, TaskKind};
+        let dir = tempfile::tempdir().unwrap();
+        let top = StateDir::open(dir.path()).unwrap();
+        let candidate = top.run("r").unwrap().candidate().unwrap();
+        assert!(
+            !top.adopt(&candidate, "r", 2).unwrap(),
+            "an empty candidate"
+        );
+        let meta = GlobalMeta {
+            run_id: "r".into(),
+            version: 2,
+            spec: TaskSpec {
+                kind: TaskKind::Evaluate,
+                model: ModelSpec::churn_lr(2),
+                sgd: SgdParams::default(),
+                seed: 1,
+                round: 2,
+                standardizer: None,
+                dp: None,
+                best_version: Some(1),
+            },
+            sha256: None,
+        };
+        candidate.save_global(&meta, &[1.0, 2.0, 3.0]).unwrap();
+        let metrics = BTreeMap::from([("auc".to_string(), 0.8)]);
+        candidate.save_metrics("churn", &metrics).unwrap();
+        assert!(!top.adopt(&candidate, "r", 3).unwrap());
+        assert!(!top.adopt(&candidate, "other", 2).unwrap());
+        assert!(top.load_global("churn").unwrap().is_none());
+        assert!(top.adopt(&candidate, "r", 2).unwrap());
+        let (m, p) = top.load_global("churn").unwrap().unwrap();
+        assert_eq!((m.version, p), (2, vec![1.0, 2.0, 3.0]));
+        assert_eq!(top.load_metrics("churn").unwrap(), Some(metrics));
+        // A run's candidate is not a run of its own.
+        assert_eq!(top.runs(), ["r"]);
+        assert_eq!(top.held_version("r"), None);
+    }
 
     /// `state_dir` pointing at a file says so, not only "File exists".
     #[test]

@@ -23,4 +23,8 @@ pub struct TaskPlan {
     /// True when the task's updates go through secure aggregation: agents
     /// submit only metrics, and the driver hands over the unmasked sum.
     pub secure: bool,
+    /// True for the evaluation that hands the run's model out (of the last
+    /// version, or the serving task of the best): every available merchant
+    /// takes it, and keeps its version as the one it serves.
+    pub hands_out: bool,
 }

@@ -278,10 +278,13 @@ async fn agents_end_up_holding_the_best_version_by_validation_not_the_last() {
     let states = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
     let shared = coord.shared.clone();
-    let agents: Vec<_> = merchants
+    let (recorders, agents): (Vec<_>, Vec<_>) = merchants
         .iter()
-        .map(|m| spawn_with_state(coord.addr, m.clone(), &states.path().join(&m.merchant_id)))
-        .collect();
+        .map(|m| {
+            let dir = states.path().join(&m.merchant_id);
+            TopRecorder::agent(coord.addr, m.clone(), dir, "mf")
+        })
+        .unzip();
     coord.wait_finished().await.unwrap();
     for a in agents {
         a.stop().await;
@@ -291,6 +294,26 @@ async fn agents_end_up_holding_the_best_version_by_validation_not_the_last() {
         .iter()
         .filter(|r| r.kind == fedcart_common::task::TaskKind::Evaluate)
         .collect();
+    // What `score` and `recommend` read, seen as each task arrived, was
+    // only ever a version that was the best so far when it was evaluated
+    // (it was the last trained one during the run). The run stops early,
+    // so no evaluation of its last version hands that one out.
+    let mut selected = std::collections::BTreeSet::new();
+    let mut best_so_far = f64::INFINITY;
+    for r in &evals[..evals.len() - 1] {
+        if r.metrics["val_rmse"] < best_so_far {
+            best_so_far = r.metrics["val_rmse"];
+            selected.insert(r.base_version);
+        }
+    }
+    for r in &recorders {
+        let seen = r.seen.lock().unwrap();
+        assert!(seen.len() > evals.len(), "{seen:?}");
+        assert!(
+            seen.iter().flatten().all(|v| selected.contains(v)),
+            "tops seen {seen:?}, versions ever selected {selected:?}"
+        );
+    }
     let (best, best_rmse) =
         evals[..evals.len() - 1]
             .iter()
@@ -314,6 +337,116 @@ async fn agents_end_up_holding_the_best_version_by_validation_not_the_last() {
         let (meta, kept) = state.load_global("mf").unwrap().unwrap();
         assert_eq!(meta.version, best, "{}", m.merchant_id);
         assert_eq!(&kept, params.as_ref());
+    }
+}
+
+/// Records the version at the top of an agent's state directory (what
+/// `score` and `recommend` answer from) as each task arrives.
+struct TopRecorder {
+    dir: std::path::PathBuf,
+    family: &'static str,
+    seen: std::sync::Mutex<Vec<Option<u64>>>,
+}
+
+impl TopRecorder {
+    /// An agent of `data` whose state is `dir`, recording its top.
+    fn agent(
+        addr: std::net::SocketAddr,
+        data: fedcart_common::train::LocalData,
+        dir: std::path::PathBuf,
+        family: &'static str,
+    ) -> (std::sync::Arc<Self>, AgentHandle) {
+        let r = std::sync::Arc::new(TopRecorder {
+            dir,
+            family,
+            seen: Default::default(),
+        });
+        let mut a = Agent::new(format!("http://{addr}"), data)
+            .with_state(StateDir::open(&r.dir).unwrap())
+            .unwrap();
+        a.backoff.initial_ms = 20;
+        a.observer = Some(r.clone());
+        (r, spawn_configured(a))
+    }
+}
+
+impl fedcart_client::agent::TaskObserver for TopRecorder {
+    fn on_task(&self, _task_id: &str) -> fedcart_client::agent::TaskDecision {
+        let top = StateDir::open(&self.dir)
+            .unwrap()
+            .load_global(self.family)
+            .unwrap()
+            .map(|(meta, _)| meta.version);
+        self.seen.lock().unwrap().push(top);
+        fedcart_client::agent::TaskDecision::Accept
+    }
+}
+
+/// A version that becomes the best mid-run reaches the top (where `score`
+/// reads) at the next evaluation, which names it the best; each version
+/// evaluated meanwhile waits as the run's candidate; the evaluation of the
+/// last version hands it out. The top is never a version no evaluation
+/// selected, before the hand-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_selected_mid_run_is_served_from_the_next_evaluation() {
+    let split = telco_split(2, 3);
+    let store = tempfile::tempdir().unwrap();
+    let states = tempfile::tempdir().unwrap();
+    let rounds = 6;
+    let coord = start_coordinator(
+        &store.path().join("c.redb"),
+        churn_run("mid", rounds, 2, 2),
+        0,
+    )
+    .await;
+    let shared = coord.shared.clone();
+    let (recorders, agents): (Vec<_>, Vec<_>) = (0..2)
+        .map(|k| {
+            let data = load_merchant(&format!("m{k}"), &split.files[k]);
+            TopRecorder::agent(
+                coord.addr,
+                data,
+                states.path().join(format!("m{k}")),
+                "churn",
+            )
+        })
+        .unzip();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let mut selected = std::collections::BTreeSet::new();
+    let mut best_so_far = f64::NEG_INFINITY;
+    for r in history
+        .iter()
+        .filter(|r| r.kind == fedcart_common::task::TaskKind::Evaluate && r.base_version < rounds)
+    {
+        if r.metrics["val_auc"] > best_so_far {
+            best_so_far = r.metrics["val_auc"];
+            selected.insert(r.base_version);
+        }
+    }
+    let served = shared.best().expect("selects by val_auc").version;
+    for r in &recorders {
+        let seen: Vec<u64> = r.seen.lock().unwrap().iter().flatten().copied().collect();
+        // The last version is held from its hand-out until the serving of
+        // the best, if it is not the best.
+        assert!(
+            seen.iter().all(|v| selected.contains(v) || *v == rounds),
+            "tops seen {seen:?}, versions selected before the last {selected:?}"
+        );
+        // Promoted from the candidate: neither the first nor the handed-out version.
+        assert!(
+            seen.iter().any(|&v| v > 1 && v < rounds),
+            "tops seen {seen:?}, selected {selected:?}"
+        );
+        let (meta, _) = StateDir::open(&r.dir)
+            .unwrap()
+            .load_global("churn")
+            .unwrap()
+            .unwrap();
+        assert_eq!(meta.version, served, "the top ends on the served version");
     }
 }
 

@@ -76,7 +76,8 @@ impl Engine {
         let task_id = format!("r{round}a{attempt}-{kind_name}");
         // The evaluation that hands the run's model out goes to every
         // merchant there, not to a sample: each one serves from it.
-        let (selected, population) = if self.hands_out(kind, round) {
+        let hands_out = self.hands_out(kind, round);
+        let (selected, population) = if hands_out {
             every(available)
         } else if let Some(pinned) = self.pinned(round, kind).cloned() {
             // A secure sum of this round may have been unmasked before a
@@ -143,6 +144,7 @@ impl Engine {
             model_len: if needs_model { params.len() as u64 } else { 0 },
             selected: selected.clone(),
             spec,
+            hands_out,
         };
         let acc = if kind == TaskKind::Train && self.strategy.needs_individual_updates() {
             Accumulation::Individual(Vec::new())

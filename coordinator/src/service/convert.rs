@@ -70,6 +70,7 @@ pub fn assignment(
         spec_json: serde_json::to_vec(&plan.spec).expect("task specs serialise"),
         deadline_unix_ms,
         secure_aggregation: secure,
+        hands_out: plan.hands_out,
     }
 }
 
