@@ -614,7 +614,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// The routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/v1/version", get(version))
         .route(
             "/v1/customers/{customer}/recommendations",
@@ -694,8 +694,15 @@ fn unknown(customer: &str) -> Response {
     )
 }
 
-async fn version(State(app): State<AppState>) -> Json<Versions> {
-    Json(app.snapshot.borrow().versions())
+async fn healthz(Query(params): Query<Vec<(String, String)>>) -> Response {
+    no_params(&params).unwrap_or_else(|| Json(json!({"status": "ok"})).into_response())
+}
+
+async fn version(
+    State(app): State<AppState>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    no_params(&params).unwrap_or_else(|| Json(app.snapshot.borrow().versions()).into_response())
 }
 
 /// Query parameters of the recommendations route.
@@ -990,6 +997,19 @@ mod tests {
             get(&http, addr, "/v1/version").await,
             (200, json!({"recommender": 1, "churn": 1, "segments": null}))
         );
+        // They take no parameter, as the churn and segment routes (a
+        // probe's `?x=1` was answered as if absent).
+        for path in ["/healthz?x=1", "/v1/version?family=mf"] {
+            let (status, body) = get(&http, addr, path).await;
+            assert_eq!(status, 400, "{path}");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("this route takes none"),
+                "{path}: {body}"
+            );
+        }
         let who = &f.shoppers[0];
         let (mf, listed, cat) = fixture_recommender(&f);
         let bought: HashSet<String> = recommend::purchased(&mf, 0)
