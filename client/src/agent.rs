@@ -837,8 +837,9 @@ impl Agent {
 
     /// When run `end` ends serving the version this agent evaluated last
     /// (no later evaluation named it the best), that version goes to the
-    /// top now. Best effort: a state that cannot be written is logged and
-    /// the top keeps the version it holds.
+    /// top now, unless the top holds another run's model by then
+    /// (`StateDir::publish_served`). Best effort: a state that cannot be
+    /// written is logged and the top keeps the version it holds.
     fn publish_served(&self, end: &pb::RunEnded) {
         let Some(state) = &self.state else {
             return;
@@ -846,11 +847,7 @@ impl Agent {
         if end.served_version == 0 || state.held_version(&end.run_id).is_none() {
             return;
         }
-        let adopted = state
-            .run(&end.run_id)
-            .and_then(|run| run.candidate())
-            .and_then(|candidate| state.adopt(&candidate, &end.run_id, end.served_version));
-        if let Err(e) = adopted {
+        if let Err(e) = state.publish_served(&end.run_id, end.served_version) {
             tracing::warn!(run = %end.run_id, served = end.served_version, error = %Chain(&e),
                 "could not put the served version where `score` and `recommend` read");
         }

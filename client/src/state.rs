@@ -256,6 +256,53 @@ impl StateDir {
         Ok(true)
     }
 
+    /// At the end of run `run_id` serving `version`: puts the run's
+    /// candidate at the top if it is that version and the top still holds
+    /// a model of this run (or none of its family). The end is announced
+    /// again at each join, by when the top may hold a later run's model,
+    /// which it must not replace. Returns whether it did.
+    pub fn publish_served(&self, run_id: &str, version: u64) -> Result<bool, StateError> {
+        let candidate = self.run(run_id)?.candidate()?;
+        let Some((key, meta)) = candidate.latest_meta()? else {
+            return Ok(false);
+        };
+        if meta.run_id != run_id || meta.version != version {
+            return Ok(false);
+        }
+        if let Some(top) = self.read_json::<GlobalMeta>(&format!("global-{key}.json"))?
+            && (top.run_id != run_id || top.version == version)
+        {
+            return Ok(false);
+        }
+        self.adopt(&candidate, run_id, version)
+    }
+
+    /// The meta of the highest version stored here and its state key,
+    /// without reading parameters.
+    fn latest_meta(&self) -> Result<Option<(String, GlobalMeta)>, StateError> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(None);
+        };
+        let mut best: Option<(String, GlobalMeta)> = None;
+        for name in entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+        {
+            let Some(key) = name
+                .strip_prefix("global-")
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if let Some(meta) = self.read_json::<GlobalMeta>(&name)?
+                && best.as_ref().is_none_or(|(_, b)| meta.version > b.version)
+            {
+                best = Some((key.to_owned(), meta));
+            }
+        }
+        Ok(best)
+    }
+
     /// The global models stored here, as `family version V of run R`,
     /// sorted by family (for errors that say what there is instead).
     pub fn held_models(&self) -> Vec<String> {
@@ -618,6 +665,29 @@ mod tests {
         // A run's candidate is not a run of its own.
         assert_eq!(top.runs(), ["r"]);
         assert_eq!(top.held_version("r"), None);
+        // The run's end publishes it again only over this run's own model:
+        // announced at a later join, it leaves another run's model alone.
+        assert!(!top.publish_served("r", 2).unwrap(), "already at the top");
+        let other = GlobalMeta {
+            run_id: "later".into(),
+            version: 1,
+            ..meta.clone()
+        };
+        top.save_global(&other, &[9.0; 3]).unwrap();
+        assert!(!top.publish_served("r", 2).unwrap());
+        let (m, _) = top.load_global("churn").unwrap().unwrap();
+        assert_eq!(m.run_id, "later");
+        let own = GlobalMeta {
+            version: 1,
+            ..meta.clone()
+        };
+        top.save_global(&own, &[0.0; 3]).unwrap();
+        assert!(
+            !top.publish_served("r", 3).unwrap(),
+            "not the served version"
+        );
+        assert!(top.publish_served("r", 2).unwrap());
+        assert_eq!(top.load_global("churn").unwrap().unwrap().0.version, 2);
     }
 
     /// `state_dir` pointing at a file says so, not only "File exists".

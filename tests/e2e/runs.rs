@@ -583,6 +583,8 @@ async fn stopping_a_finished_scheduled_run_ends_its_schedule() {
     for a in agents {
         a.stop().await;
     }
+    // The admin connection closed first: the store is reopened below.
+    drop(admin);
     coord.shutdown().await.unwrap();
     let file = fedcart_coordinator::store::StoreFile::open(&path).unwrap();
     let nightly = file
