@@ -489,28 +489,8 @@ impl StateDir {
     /// The stored global model of the highest version here, whatever its
     /// family (a run's directory holds one per model the run trains).
     pub fn latest_global(&self) -> Result<Option<(GlobalMeta, Vec<f32>)>, StateError> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Ok(None);
-        };
-        let mut best: Option<(u64, String)> = None;
-        for name in entries
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-        {
-            let Some(family) = name
-                .strip_prefix("global-")
-                .and_then(|n| n.strip_suffix(".json"))
-            else {
-                continue;
-            };
-            if let Some(meta) = self.read_json::<GlobalMeta>(&name)?
-                && best.as_ref().is_none_or(|(v, _)| meta.version > *v)
-            {
-                best = Some((meta.version, family.to_string()));
-            }
-        }
-        match best {
-            Some((_, family)) => self.load_global(&family),
+        match self.latest_meta()? {
+            Some((key, _)) => self.load_global(&key),
             None => Ok(None),
         }
     }

@@ -126,6 +126,40 @@ pub fn fit_and_valid(
     crate::data::split::stratified_train_test(y, fraction, s)
 }
 
+/// The training rows churn LR or the MLP fits on: all but its validation
+/// slice (`valid_fraction` of them, the same every round).
+pub fn fit_part(
+    churn: &ChurnData,
+    valid_fraction: f64,
+    seed: u64,
+    merchant: &str,
+) -> crate::data::tabular::TabularDataset {
+    let (fit, _) = fit_and_valid(churn, valid_fraction, seed, "churn-valid", merchant);
+    churn.train.select(&fit)
+}
+
+/// The evaluation of churn LR or the MLP: `predict` (raw feature rows to
+/// probabilities) on the held-out rows and, if it keeps one, on the
+/// validation slice ([`evaluation_with_validation`]).
+pub fn evaluate_with_slice(
+    churn: &ChurnData,
+    valid_fraction: f64,
+    seed: u64,
+    merchant: &str,
+    predict: impl Fn(&ndarray::Array2<f32>) -> Vec<f32>,
+) -> TaskOutput {
+    let p_test = predict(&churn.valid.x);
+    let y_test = churn.valid.y.as_slice().expect("contiguous labels");
+    if valid_fraction == 0.0 {
+        return evaluation_with_validation(y_test, &p_test, None);
+    }
+    let (_, valid) = fit_and_valid(churn, valid_fraction, seed, "churn-valid", merchant);
+    let slice = churn.train.select(&valid);
+    let p_val = predict(&slice.x);
+    let y_val = slice.y.as_slice().expect("contiguous labels");
+    evaluation_with_validation(y_test, &p_test, Some((y_val, &p_val)))
+}
+
 /// A churn evaluation that also scores the validation slice, if there is
 /// one: the held-out rows' metrics (`auc`, …) and the slice's (`val_auc`,
 /// …), weighted by the held-out row count, with both score histograms as

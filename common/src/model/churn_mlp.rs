@@ -5,13 +5,11 @@
 use std::collections::BTreeMap;
 
 use super::churn::{
-    check_valid_fraction, churn_data, evaluation_with_validation, fit_and_valid,
-    pooled_with_validation, stats_output,
+    check_valid_fraction, churn_data, evaluate_with_slice, fit_part, pooled_with_validation,
+    stats_output,
 };
 use super::mlp::{Mlp, MlpShape};
-use super::{
-    ChurnData, FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta,
-};
+use super::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError, weighted_delta};
 use crate::data::standardize::Standardizer;
 
 /// A ReLU multi-layer perceptron for churn.
@@ -54,23 +52,6 @@ impl ChurnMlp<'_> {
         let model =
             Mlp::from_params(shape, global).map_err(|e| TrainError::InvalidModel(e.to_string()))?;
         Ok((scaler, model))
-    }
-
-    /// The rows the model fits on and the validation slice, the same every
-    /// round (`fit_and_valid`).
-    fn split(
-        &self,
-        ctx: &RoundContext<'_>,
-        churn: &ChurnData,
-        merchant: &str,
-    ) -> (Vec<usize>, Vec<usize>) {
-        fit_and_valid(
-            churn,
-            self.valid_fraction,
-            ctx.seed,
-            "churn-valid",
-            merchant,
-        )
     }
 }
 
@@ -140,8 +121,7 @@ impl FederatedModel for ChurnMlp<'_> {
     ) -> Result<TaskOutput, TrainError> {
         let (scaler, mut model) = self.prepare(ctx, global, data)?;
         let churn = churn_data(data, self.num_features)?;
-        let (fit_rows, _) = self.split(ctx, churn, &data.merchant_id);
-        let part = churn.train.select(&fit_rows);
+        let part = fit_part(churn, self.valid_fraction, ctx.seed, &data.merchant_id);
         let x = scaler.transform(&part.x);
         let mut rng = crate::seed::rng(
             ctx.seed,
@@ -179,18 +159,12 @@ impl FederatedModel for ChurnMlp<'_> {
     ) -> Result<TaskOutput, TrainError> {
         let (scaler, model) = self.prepare(ctx, global, data)?;
         let churn = churn_data(data, self.num_features)?;
-        let p_test = model.predict_proba(&scaler.transform(&churn.valid.x));
-        let y_test = churn.valid.y.as_slice().expect("contiguous labels");
-        if self.valid_fraction == 0.0 {
-            return Ok(evaluation_with_validation(y_test, &p_test, None));
-        }
-        let (_, valid_rows) = self.split(ctx, churn, &data.merchant_id);
-        let slice = churn.train.select(&valid_rows);
-        let p_val = model.predict_proba(&scaler.transform(&slice.x));
-        Ok(evaluation_with_validation(
-            y_test,
-            &p_test,
-            Some((slice.y.as_slice().expect("contiguous labels"), &p_val)),
+        Ok(evaluate_with_slice(
+            churn,
+            self.valid_fraction,
+            ctx.seed,
+            &data.merchant_id,
+            |x| model.predict_proba(&scaler.transform(x)),
         ))
     }
 
