@@ -903,11 +903,17 @@ mod tests {
 
     async fn start_fixture(f: &fixture::Fixture) -> Running {
         let local = LocalFiles::load(&f.cfg).expect("local files");
-        start(
+        start_files(f, local, HEADER_READ_TIMEOUT).await
+    }
+
+    /// A server on the fixture's state with `local` files, polling every 5 ms.
+    async fn start_files(f: &fixture::Fixture, local: LocalFiles, header: Duration) -> Running {
+        start_with(
             "127.0.0.1:0".parse().unwrap(),
             f.state.clone(),
             local,
             Duration::from_millis(5),
+            header,
         )
         .await
         .expect("server starts")
@@ -1205,14 +1211,7 @@ mod tests {
         let mut cfg = f.cfg.clone();
         cfg.data.catalogue = None;
         let local = LocalFiles::load(&cfg).expect("local files");
-        let server = start(
-            "127.0.0.1:0".parse().unwrap(),
-            f.state.clone(),
-            local,
-            Duration::from_millis(5),
-        )
-        .await
-        .expect("server starts");
+        let server = start_files(&f, local, HEADER_READ_TIMEOUT).await;
         let mut snapshots = server.snapshots.clone();
         assert_eq!(
             snapshots.borrow_and_update().versions().recommender,
@@ -1411,15 +1410,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let f = fixture::Fixture::new();
         let local = LocalFiles::load(&f.cfg).expect("local files");
-        let server = start_with(
-            "127.0.0.1:0".parse().unwrap(),
-            f.state.clone(),
-            local,
-            Duration::from_millis(5),
-            Duration::from_millis(300),
-        )
-        .await
-        .expect("server starts");
+        let server = start_files(&f, local, Duration::from_millis(300)).await;
         let mut half = tokio::net::TcpStream::connect(server.addr).await.unwrap();
         half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             .await
@@ -1504,14 +1495,7 @@ mod tests {
         let mut cfg = f.cfg.clone();
         cfg.data.ratings_csv = Some(grown_file);
         let local = LocalFiles::load(&cfg).expect("local files");
-        let server = start(
-            "127.0.0.1:0".parse().unwrap(),
-            f.state.clone(),
-            local,
-            Duration::from_millis(5),
-        )
-        .await
-        .expect("server starts");
+        let server = start_files(&f, local, HEADER_READ_TIMEOUT).await;
         for (who, want) in shoppers.iter().zip(&before) {
             let (status, body) = get(
                 &client(),
