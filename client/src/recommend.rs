@@ -602,16 +602,43 @@ pub fn churn_probabilities(
         let p = fedcart_common::model::gbdt::predict(&params, &scaler, &ds.x)?;
         return Ok((tag, p));
     }
-    if params.len() != ds.x.ncols() + 1 || scaler.mean.len() != ds.x.ncols() {
-        return Err(RecommendError::Shape {
-            run_id: meta.run_id.clone(),
-            version: meta.version,
-            expected: scaler.mean.len(),
-            features: ds.x.ncols(),
-        });
+    let shape = || RecommendError::Shape {
+        run_id: meta.run_id.clone(),
+        version: meta.version,
+        expected: scaler.mean.len(),
+        features: ds.x.ncols(),
+    };
+    if scaler.mean.len() != ds.x.ncols() {
+        return Err(shape());
     }
-    let p = LogisticRegression::from_params(&params).predict_proba(&scaler.transform(&ds.x));
-    Ok((tag, p.to_vec()))
+    let x = scaler.transform(&ds.x);
+    let p = match &meta.spec.model {
+        // The MLP was scored as a logistic regression, whose length it
+        // never has: refused as data of another width, naming equal counts.
+        fedcart_common::task::ModelSpec::ChurnMlp {
+            num_features,
+            hidden,
+            ..
+        } if *num_features == ds.x.ncols() => {
+            let shape = fedcart_common::model::mlp::MlpShape {
+                num_features: *num_features,
+                hidden: hidden.clone(),
+            };
+            fedcart_common::model::mlp::Mlp::from_params(shape, &params)
+                .map_err(|_| RecommendError::Shape {
+                    run_id: meta.run_id.clone(),
+                    version: meta.version,
+                    expected: *num_features,
+                    features: ds.x.ncols(),
+                })?
+                .predict_proba(&x)
+        }
+        fedcart_common::task::ModelSpec::ChurnLr { .. } if params.len() == ds.x.ncols() + 1 => {
+            LogisticRegression::from_params(&params).predict_proba(&x)
+        }
+        _ => return Err(shape()),
+    };
+    Ok((tag, p))
 }
 
 /// Churn probability of every customer in `table` from the latest global
@@ -710,5 +737,28 @@ mod tests {
                 && e.contains("score the data the run trained on"),
             "{e}"
         );
+        // An MLP is scored as the MLP it is (it was refused as data of
+        // another width: "trained on 2 features …, and this data gives 2").
+        let mlp = ModelSpec::churn_mlp(2, vec![3]);
+        let params = mlp.initial_params(7);
+        let mut stored = trained.clone();
+        stored.spec.model = mlp;
+        state.save_global(&stored, &params).unwrap();
+        let rows = TabularDataset {
+            ids: vec!["a".into(), "b".into()],
+            x: ndarray::array![[0.5, -1.0], [2.0, 0.25]],
+            y: Array1::zeros(2),
+        };
+        let (version, p) = churn_probabilities(&state, &rows).unwrap();
+        assert_eq!(version.version, 4);
+        let shape = fedcart_common::model::mlp::MlpShape {
+            num_features: 2,
+            hidden: vec![3],
+        };
+        let want = fedcart_common::model::mlp::Mlp::from_params(shape, &params)
+            .unwrap()
+            .predict_proba(&rows.x);
+        assert_eq!(p, want);
+        assert!(churn_probabilities(&state, &wide).is_err());
     }
 }
