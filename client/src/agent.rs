@@ -768,9 +768,6 @@ impl Agent {
                 // best: it is served now.
                 state.adopt(&run.candidate()?, &task.run_id, best)?;
             }
-            if publish == Publish::Now {
-                state.save_global(&meta, &global)?;
-            }
             run.save_global(&meta, &global)?;
         }
         let family = spec.model.data_family();
@@ -802,14 +799,16 @@ impl Agent {
             // with the model it holds; a candidate its evaluation's.
             let run = state.run(&task.run_id)?;
             let mut dirs = vec![run.clone()];
-            match publish {
-                Publish::Now => dirs.push(state.clone()),
-                Publish::IfSelected if !global.is_empty() => {
-                    let candidate = run.candidate()?;
-                    candidate.save_global(&meta, &global)?;
-                    dirs.push(candidate);
-                }
-                Publish::IfSelected | Publish::Never => {}
+            // Only a task that ran: a declined one (data of another width,
+            // say) leaves the served model alone.
+            let keeps = match publish {
+                Publish::Now => Some(state.clone()),
+                Publish::IfSelected => Some(run.candidate()?),
+                Publish::Never => None,
+            };
+            if let Some(dir) = keeps.filter(|_| !global.is_empty()) {
+                dir.save_global(&meta, &global)?;
+                dirs.push(dir);
             }
             for dir in dirs {
                 if let Some(mf) = &self.data.mf
