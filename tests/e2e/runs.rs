@@ -580,20 +580,21 @@ async fn stopping_a_finished_scheduled_run_ends_its_schedule() {
         .await
         .expect("the scheduled instance still waits after the stop");
     assert_eq!(coord.hub.ids(), ["base", "nightly"]);
-    for a in agents {
-        a.stop().await;
-    }
-    // The admin connection closed first: the store is reopened below.
-    drop(admin);
-    coord.shutdown().await.unwrap();
-    let file = fedcart_coordinator::store::StoreFile::open(&path).unwrap();
-    let nightly = file
-        .runs()
+    // What a restart reads, from the store itself (reopening the file in this
+    // process after shutdown raced the server's connection tasks, which can
+    // still hold it for a moment when the suite loads the machine).
+    let nightly = coord
+        .hub
+        .stored_entries()
         .unwrap()
         .into_iter()
         .find(|e| e.run_id == "nightly")
         .unwrap();
     assert!(nightly.schedule_ended_by.is_some() && !nightly.repeats());
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
 }
 
 /// Two runs with secure aggregation at once over the same agents: each

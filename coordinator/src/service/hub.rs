@@ -382,6 +382,11 @@ impl Hub {
             .collect()
     }
 
+    /// The run registry as stored (what a restart reads), in key order.
+    pub fn stored_entries(&self) -> Result<Vec<RunEntry>, StoreError> {
+        self.file.runs()
+    }
+
     /// Ids of every run, in submission order.
     pub fn ids(&self) -> Vec<String> {
         self.hosted()
