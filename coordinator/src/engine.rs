@@ -31,6 +31,8 @@ use crate::ledger::{Ledger, NoiseSource};
 use crate::record::{Outcome, kind_name};
 use crate::store::{Store, StoreError};
 
+pub use selection::MerchantEvaluation;
+
 /// Errors of the engine itself (not of a single submission).
 #[derive(Debug, Error)]
 pub enum EngineError {
@@ -180,6 +182,8 @@ struct OpenTask {
     /// rows, such as recall without a churner, is left out, not a 0).
     metric_sums: BTreeMap<String, (f64, f64)>,
     metric_weight: f64,
+    /// An evaluation's parts, merchant by merchant, for model selection.
+    evaluations: BTreeMap<String, MerchantEvaluation>,
     started: Instant,
     started_unix_ms: i64,
     bytes_in: u64,
@@ -259,8 +263,13 @@ pub struct BestVersion {
     pub version: u64,
     /// The validation metric's name.
     pub metric: String,
-    /// Its example-weighted mean over the merchants at this version.
+    /// Its figure over the merchants that evaluated this version.
     pub value: f64,
+    /// Each of those merchants' part, to compare a later evaluation over
+    /// the same merchants (see `selection`); empty in a store written before
+    /// they were kept.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_merchant: BTreeMap<String, MerchantEvaluation>,
 }
 
 fn unix_ms() -> i64 {
@@ -536,6 +545,7 @@ impl Engine {
 mod collect;
 mod commit;
 mod plan;
+mod selection;
 mod stop;
 mod unmask;
 

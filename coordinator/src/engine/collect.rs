@@ -8,7 +8,7 @@ use fedcart_common::federation::update::{Update, UpdateError};
 use fedcart_common::privacy::secagg::DecodedSum;
 use fedcart_common::task::TaskKind;
 
-use super::{Accumulation, Engine, OpenTask, Submission, SubmitError};
+use super::{Accumulation, Engine, MerchantEvaluation, OpenTask, Submission, SubmitError};
 
 use crate::limits::{MAX_REJECTION_CHARS, MAX_REJECTIONS};
 use crate::record::ClippedRecord;
@@ -209,7 +209,7 @@ impl Engine {
                 continue;
             }
             open.bytes_in += sub.bytes;
-            Self::add_metrics(open, &sub);
+            Self::add_metrics(open, &agent, &sub);
             if let Accumulation::Individual(list) = &mut open.acc {
                 list.extend(sub.update);
             }
@@ -226,7 +226,7 @@ impl Engine {
                 Accumulation::Individual(list) => list.push(u.clone()),
             }
         }
-        Self::add_metrics(open, sub);
+        Self::add_metrics(open, agent, sub);
         Ok(())
     }
 
@@ -309,7 +309,15 @@ impl Engine {
         Ok(())
     }
 
-    fn add_metrics(open: &mut OpenTask, sub: &Submission) {
+    fn add_metrics(open: &mut OpenTask, agent: &str, sub: &Submission) {
+        // Model selection keeps each merchant's part of an evaluation of
+        // the latest version (see `selection`).
+        if open.plan.spec.kind == TaskKind::Evaluate
+            && let Some((metric, _)) = open.plan.spec.model.selection_metric()
+        {
+            open.evaluations
+                .insert(agent.to_string(), MerchantEvaluation::of(sub, metric));
+        }
         for (k, v) in &sub.metrics {
             let (sum, weight) = open.metric_sums.entry(k.clone()).or_default();
             *sum += v * sub.weight;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use fedcart_common::data::standardize::Standardizer;
 use fedcart_common::task::TaskKind;
 
-use super::{Accumulation, BestVersion, Engine, EngineError, RunStop, dominant_cause};
+use super::{
+    Accumulation, BestVersion, Engine, EngineError, OpenTask, RunStop, dominant_cause, selection,
+};
 use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::store::Commit;
 
@@ -29,8 +31,10 @@ impl Engine {
     fn select(
         &self,
         record: &RoundRecord,
+        open: &OpenTask,
     ) -> Result<(Option<BestVersion>, Option<RunStop>), EngineError> {
-        let Some((metric, higher)) = self.run.model.selection_metric() else {
+        let model = &self.run.model;
+        let Some((metric, higher)) = model.selection_metric() else {
             return Ok((None, None));
         };
         let Some(&value) = record.metrics.get(metric).filter(|v| v.is_finite()) else {
@@ -38,13 +42,31 @@ impl Engine {
         };
         let improved = match &self.best {
             None => true,
-            Some(b) if higher => value > b.value,
-            Some(b) => value < b.value,
+            Some(b) => {
+                let len = open.plan.spec.update_len();
+                let c = selection::comparable(model, len, value, &open.evaluations, b);
+                if let Some(n) = c.merchants {
+                    tracing::info!(
+                        version = self.version,
+                        best = b.version,
+                        merchants = n,
+                        "{metric} compared over the merchants that evaluated both: {:.4} against {:.4}",
+                        c.value,
+                        c.best
+                    );
+                }
+                if higher {
+                    c.value > c.best
+                } else {
+                    c.value < c.best
+                }
+            }
         };
         let new_best = improved.then(|| BestVersion {
             version: self.version,
             metric: metric.to_string(),
             value,
+            by_merchant: open.evaluations.clone(),
         });
         let stop = match (&self.best, &self.run.early_stopping) {
             (Some(b), Some(es)) if !improved => {
@@ -190,7 +212,7 @@ impl Engine {
                 // The serving task re-evaluates the best version: nothing
                 // to select, and it must not count against the patience.
                 let (best, stop) = if record.base_version == self.version {
-                    self.select(&record)?
+                    self.select(&record, &open)?
                 } else {
                     (None, None)
                 };

@@ -165,6 +165,7 @@ impl Engine {
             acc,
             metric_sums: BTreeMap::new(),
             metric_weight: 0.0,
+            evaluations: BTreeMap::new(),
             started: Instant::now(),
             started_unix_ms: unix_ms(),
             bytes_in: 0,

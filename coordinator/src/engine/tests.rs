@@ -661,6 +661,149 @@ fn early_stopping_ends_the_run_after_patience_rounds_without_a_new_best() {
     );
 }
 
+/// Runs `model` over `n` merchants, one evaluation after each training
+/// round; `eval(version, merchant)` is that merchant's evaluation of the
+/// latest version (`None`: it drops out). Returns the best version chosen.
+fn run_evaluating(
+    model: ModelSpec,
+    n: usize,
+    rounds: u64,
+    mut eval: impl FnMut(u64, &str) -> Option<Submission>,
+) -> (tempfile::TempDir, Engine) {
+    let mut cfg = run(selection(1.0, n, n), 1);
+    cfg.rounds = rounds;
+    cfg.model = model;
+    cfg.evaluate = true;
+    cfg.validate().expect("valid config");
+    let (dir, mut e) = engine(cfg);
+    while !e.finished() {
+        let plan = e.start_task(&agents(n)).unwrap();
+        let len = plan.spec.update_len();
+        for m in agents(n) {
+            let sub = match plan.spec.kind {
+                TaskKind::Evaluate if plan.model_version == e.version() => {
+                    match eval(plan.model_version, &m) {
+                        Some(sub) => sub,
+                        None => continue,
+                    }
+                }
+                kind => Submission {
+                    update: (len > 0).then(|| Update {
+                        values: vec![if kind == TaskKind::Stats { 1.0 } else { 0.0 }; len],
+                        coord_weights: vec![1.0; plan.spec.update_layout().num_coord_weights],
+                        weight: 1.0,
+                    }),
+                    metrics: Default::default(),
+                    weight: 1.0,
+                    bytes: 0,
+                },
+            };
+            submit(&mut e, &plan, &m, sub).unwrap();
+        }
+        let record = e.finish_task().unwrap();
+        assert_eq!(record.outcome, Outcome::Committed, "{record:?}");
+    }
+    (dir, e)
+}
+
+/// A version is not chosen because a weaker merchant missed its
+/// evaluation: figures over different merchants are compared over the
+/// merchants that evaluated both (the probe that found it: one of three
+/// agents killed mid-evaluation, and the version evaluated by the two
+/// stronger ones was served).
+#[test]
+fn a_version_evaluated_without_a_weaker_merchant_is_compared_over_the_same_merchants() {
+    let model = ModelSpec::MfImplicit {
+        num_items: 2,
+        factors: 1,
+        hyper: Default::default(),
+    };
+    // Validation HR@10 of each merchant at versions 1, 2, 3; m02 is weak
+    // and misses version 2's evaluation.
+    let table = [[0.3, 0.3, 0.0], [0.25, 0.25, -1.0], [0.35, 0.35, 0.0]];
+    let hr = |v: u64, m: &str| {
+        let x = table[v as usize - 1][m[1..].parse::<usize>().unwrap()];
+        (x >= 0.0).then(|| Submission {
+            update: None,
+            metrics: [("val_hr@10".to_string(), x)].into(),
+            weight: 10.0,
+            bytes: 0,
+        })
+    };
+    let (_dir, e) = run_evaluating(model, 3, 3, hr);
+    let history = e.store().history().unwrap();
+    let pooled: Vec<f64> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Evaluate)
+        .take(3)
+        .map(|r| r.metrics["val_hr@10"])
+        .collect();
+    // Version 2's pooled figure (0.25 over two) beats version 1's (0.2 over
+    // three), but over m00 and m01 it is 0.25 against 0.3.
+    assert!(pooled[1] > pooled[0], "{pooled:?}");
+    let best = e.best().unwrap();
+    assert_eq!(best.version, 3, "{pooled:?}");
+    assert_eq!(best.by_merchant.len(), 3);
+    // The parts are stored with the choice, for a resumed engine.
+    let stored = e
+        .store()
+        .meta_json::<BestVersion>("best_version")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&stored, best);
+    assert_eq!(stored.by_merchant["m00"].value, Some(0.35));
+}
+
+/// The same over a pooled metric: churn's validation AUC from summed
+/// score histograms is recomputed from the common merchants' histograms.
+#[test]
+fn a_pooled_validation_auc_is_compared_over_the_merchants_that_evaluated_both() {
+    use fedcart_common::metrics::histogram::{HISTOGRAM_LEN, SCORE_BINS};
+    let model = ModelSpec::churn_lr(2);
+    // Ten negatives and ten positives in the validation half: `neg` and
+    // `pos` give the bins, `swap` of the negatives scored above every
+    // positive.
+    let hist = |neg: usize, pos: usize, swap: usize| {
+        let mut h = vec![0.0f32; 2 * HISTOGRAM_LEN];
+        let valid = &mut h[HISTOGRAM_LEN..];
+        valid[neg] += (10 - swap) as f32;
+        valid[999] += swap as f32;
+        valid[SCORE_BINS + pos] += 10.0;
+        // The held-out half: one of each class.
+        h[0] = 1.0;
+        h[SCORE_BINS + 1] = 1.0;
+        h
+    };
+    let sub = |values: Vec<f32>| Submission {
+        update: Some(Update {
+            values,
+            coord_weights: vec![],
+            weight: 20.0,
+        }),
+        metrics: Default::default(),
+        weight: 20.0,
+        bytes: 0,
+    };
+    // Version 1: m00 orders perfectly (AUC 1), m01 backwards (AUC 0),
+    // pooled 0.5. Version 2: m01 drops out, m00 falls to 0.9.
+    let eval = |v: u64, m: &str| match (v, m) {
+        (1, "m00") => Some(sub(hist(100, 900, 0))),
+        (1, _) => Some(sub(hist(900, 100, 0))),
+        (_, "m00") => Some(sub(hist(100, 900, 1))),
+        _ => None,
+    };
+    let (_dir, e) = run_evaluating(model, 2, 2, eval);
+    let history = e.store().history().unwrap();
+    let aucs: Vec<f64> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Evaluate)
+        .take(2)
+        .map(|r| r.metrics["val_auc"])
+        .collect();
+    assert!((aucs[0] - 0.5).abs() < 1e-9 && aucs[1] > 0.85, "{aucs:?}");
+    assert_eq!(e.best().unwrap().version, 1, "{aucs:?}");
+}
+
 #[test]
 fn early_stopping_needs_a_model_with_a_validation_metric() {
     let mut cfg = run(selection(1.0, 1, 1), 1);
