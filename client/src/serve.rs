@@ -392,11 +392,11 @@ impl Running {
     }
 }
 
-/// How long a client may take to send a request's headers, and how long a
-/// connection may sit idle before its next request, before the server
-/// closes it. Without it a client that opened connections and sent nothing,
-/// or half a header, held them (and their sockets) until shutdown.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers (or idle between
+/// requests) before the server closes its connection. Without it a client
+/// that opened connections and sent nothing, or half a header, held them
+/// (and their sockets) until shutdown.
+pub use fedcart_common::http::HEADER_READ_TIMEOUT;
 
 /// Binds `addr`, loads the first snapshot and serves; the reloader polls
 /// `state` every `poll`.
@@ -538,77 +538,18 @@ pub async fn start_with(
         local,
         snapshot: rx.clone(),
     });
-    let task = tokio::spawn(accept(listener, app, header_read_timeout, stop_rx));
+    let task = tokio::spawn(fedcart_common::http::serve(
+        listener,
+        app,
+        header_read_timeout,
+        stop_rx,
+    ));
     Ok(Running {
         addr,
         snapshots: rx,
         shutdown: stop_tx,
         task,
     })
-}
-
-/// Serves HTTP/1 connections from `listener` until `stop`, then lets each
-/// finish its request in flight and returns once every one is closed (as
-/// `axum::serve` with a graceful shutdown does; hyper's builder is used
-/// directly for its header read timeout, which `axum::serve` leaves unset).
-async fn accept(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    header_read_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    // Each connection's task holds a receiver: all dropped, all closed.
-    let (closed_tx, closed_rx) = watch::channel(());
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
-                ) => continue,
-                // Out of file descriptors and the like: wait for some to close.
-                Err(e) => {
-                    tracing::error!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            },
-            () = stopped(&mut stop) => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let conn =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let mut stop = stop.clone();
-        let closed = closed_rx.clone();
-        tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let mut stopping = false;
-            loop {
-                tokio::select! {
-                    _ = conn.as_mut() => break,
-                    () = stopped(&mut stop), if !stopping => {
-                        stopping = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-            }
-            drop(closed);
-        });
-    }
-    drop(closed_rx);
-    closed_tx.closed().await;
-    Ok(())
-}
-
-/// Resolves once `stop` is set (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// The routes.

@@ -2,8 +2,11 @@
 //! simulator share — models and their local training, aggregation maths,
 //! data loading, and (in their own modules) secure aggregation and privacy.
 //!
-//! This crate never opens a socket and depends on neither tokio nor tonic:
-//! the same code runs behind gRPC and inside the in-process simulator.
+//! Without its features this crate never opens a socket and depends on
+//! neither tokio nor tonic: the same code runs behind gRPC and inside the
+//! in-process simulator. The `cli` feature holds the binaries' front-end
+//! helpers, the `http` feature the HTTP/1 accept loop of the two JSON
+//! listeners.
 // Denied, not forbidden: `malloc` allows the one `mallopt` call.
 #![deny(unsafe_code)]
 
@@ -11,6 +14,8 @@
 pub mod cli;
 pub mod data;
 pub mod federation;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod identity;
 pub mod itemsets;
 pub mod kind;

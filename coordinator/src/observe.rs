@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::service::Shared;
+pub use fedcart_common::http::HEADER_READ_TIMEOUT;
 
 /// The process-wide Prometheus recorder (installed on first use).
 pub fn prometheus() -> &'static PrometheusHandle {
@@ -358,31 +359,52 @@ impl ObserverState {
     }
 }
 
-async fn metrics_page(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
+/// The HTTP routes' view of the observer: a `Weak`, so that a connection
+/// left open (or a request in flight) past shutdown keeps nothing open, the
+/// store least of all. Once the observer is gone every route answers 503.
+type StateRef = std::sync::Weak<ObserverState>;
+
+/// The 503 of a coordinator shutting down (the observer is gone).
+fn gone() -> axum::response::Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+}
+
+async fn metrics_page(State(s): State<StateRef>) -> axum::response::Response {
+    let Some(s) = s.upgrade() else {
+        return gone();
+    };
     s.observe();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         prometheus().render(),
     )
+        .into_response()
 }
 
-async fn ready(State(s): State<Arc<ObserverState>>) -> impl IntoResponse {
+async fn ready(State(s): State<StateRef>) -> axum::response::Response {
+    let Some(s) = s.upgrade() else {
+        return gone();
+    };
     if *s.ready.borrow() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     } else if s.hub.failed().is_some() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "the task loop failed; see the coordinator's log",
         )
+            .into_response()
     } else {
-        (StatusCode::OK, "ready")
+        (StatusCode::OK, "ready").into_response()
     }
 }
 
 async fn status(
-    State(s): State<Arc<ObserverState>>,
+    State(s): State<StateRef>,
     axum::extract::Query(page): axum::extract::Query<HistoryPage>,
-) -> impl IntoResponse {
+) -> axum::response::Response {
+    let Some(s) = s.upgrade() else {
+        return gone();
+    };
     match s.status(page) {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -430,8 +452,21 @@ async fn api_errors_as_json(
 /// The dashboard page: one self-contained HTML file, no external resources.
 pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 
+/// The metrics observer and the HTTP listener, as [`spawn`] started them.
+pub struct Observer {
+    /// The HTTP listener's address, when there is one.
+    pub http_addr: Option<SocketAddr>,
+    /// The observer's task: it holds the only strong reference to the state
+    /// the HTTP routes read (the run, the hub and through them the store),
+    /// so once it has ended no route holds the store open. The HTTP
+    /// listener itself is not joined: its connections close on shutdown or,
+    /// a client stalled mid-request, after [`HEADER_READ_TIMEOUT`], and hold
+    /// nothing in the meantime.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
 /// Starts the metrics observer and, when `http` is given, the HTTP listener.
-/// Both stop when `shutdown` turns true. Returns the HTTP address.
+/// Both stop when `shutdown` turns true.
 pub fn spawn(
     shared: Arc<Shared>,
     hub: Arc<crate::service::hub::Hub>,
@@ -439,7 +474,7 @@ pub fn spawn(
     http: Option<TcpListener>,
     token: Option<crate::http_auth::OperatorToken>,
     shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<Option<SocketAddr>> {
+) -> anyhow::Result<Observer> {
     prometheus();
     let state = Arc::new(ObserverState {
         shared,
@@ -450,9 +485,10 @@ pub fn spawn(
         series: Mutex::new(BTreeMap::new()),
         ready: shutdown.clone(),
     });
-    let obs = Arc::clone(&state);
+    let routes = Arc::downgrade(&state);
+    let obs = state;
     let mut stop = shutdown.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut progress = obs.shared.progress();
         loop {
             obs.observe();
@@ -464,7 +500,10 @@ pub fn spawn(
         obs.observe();
     });
     let Some(listener) = http else {
-        return Ok(None);
+        return Ok(Observer {
+            http_addr: None,
+            task,
+        });
     };
     let addr = listener.local_addr().context("HTTP listener address")?;
     let app = axum::Router::new()
@@ -473,7 +512,7 @@ pub fn spawn(
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route("/readyz", axum::routing::get(ready))
         .route("/api/status", axum::routing::get(status))
-        .with_state(state);
+        .with_state(routes);
     let app = match token {
         Some(t) => app.layer(axum::middleware::from_fn_with_state(
             Arc::new(t),
@@ -490,23 +529,16 @@ pub fn spawn(
     };
     // Outermost, so that the token's refusals are JSON under /api too.
     let app = app.layer(axum::middleware::from_fn(api_errors_as_json));
-    let mut stop = shutdown;
     tokio::spawn(async move {
-        // As the gRPC listener: no small write waits for a delayed ACK.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set on an HTTP connection");
-            }
-        });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|v| *v).await;
-            })
-            .await;
+        let served =
+            fedcart_common::http::serve(listener, app, HEADER_READ_TIMEOUT, shutdown).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP listener failed");
         }
     });
     tracing::info!(%addr, "serving /metrics and the dashboard");
-    Ok(Some(addr))
+    Ok(Observer {
+        http_addr: Some(addr),
+        task,
+    })
 }

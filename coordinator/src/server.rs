@@ -60,10 +60,19 @@ pub struct Running {
     /// The task loop of every run started in this process.
     loops: Loops,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The metrics observer (it holds the run and the hub).
+    observer: tokio::task::JoinHandle<()>,
+    /// The access-list watch (mutual TLS only; it holds the hub).
+    access_watch: Option<tokio::task::JoinHandle<()>>,
+    /// `recv` gives `None` once every [`crate::service::Held`] is dropped:
+    /// no gRPC request task holds a service any more.
+    held: tokio::sync::mpsc::Receiver<()>,
 }
 
-/// The task loops started so far.
-type Loops = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>>>;
+/// The task loops started so far; `None` once a shutdown took them (no loop
+/// starts after that: a run submitted or due meanwhile stays stored and is
+/// resumed by the next start).
+type Loops = Arc<std::sync::Mutex<Option<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>>>>;
 
 /// Starts the task loop of one run. A loop that fails (the store broke) is
 /// logged once with its cause, turns readiness false and is returned by
@@ -79,6 +88,11 @@ fn start_loop(
     shutdown: watch::Receiver<bool>,
     loops: &Loops,
 ) {
+    let mut loops = loops.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(loops) = loops.as_mut() else {
+        tracing::debug!(run = %shared.run_config().run_id, "shutting down: the run's loop is not started");
+        return;
+    };
     hub.loop_started();
     let handle = tokio::spawn(async move {
         let result = run_tasks(Arc::clone(&shared), shutdown).await;
@@ -108,7 +122,7 @@ fn start_loop(
         hub.loop_ended();
         Err(TaskLoopFailed { cause }.into())
     });
-    loops.lock().unwrap_or_else(|p| p.into_inner()).push(handle);
+    loops.push(handle);
 }
 
 /// Opens the store and engine, then serves plaintext gRPC on `listener`
@@ -193,10 +207,11 @@ pub async fn start_with(
     let addr = listener.local_addr().context("listener address")?;
     let (shutdown, rx) = watch::channel(false);
     let mut server_rx = rx.clone();
-    let svc = Service::new(Arc::clone(&hub)).into_server();
-    if let Some(access) = &access {
-        spawn_access_watch(Arc::clone(access), Arc::clone(&hub), rx.clone());
-    }
+    let (held, held_rx) = tokio::sync::mpsc::channel(1);
+    let svc = Service::new(Arc::clone(&hub), held.clone()).into_server();
+    let access_watch = access
+        .as_ref()
+        .map(|a| spawn_access_watch(Arc::clone(a), Arc::clone(&hub), rx.clone()));
     let guard = Guard::new(access, opts.limits.clone());
     let svc = tonic::service::interceptor::InterceptedService::new(svc, guard.clone());
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -216,7 +231,7 @@ pub async fn start_with(
     )?;
     // Every run's task loop: the stored runs not yet ended, the configured
     // one, and (through the admin service) each run submitted later.
-    let loops: Loops = Arc::default();
+    let loops: Loops = Arc::new(std::sync::Mutex::new(Some(Vec::new())));
     let starter: Starter = {
         // Weak: the hub keeps the starter for scheduled runs.
         let (hub, health, rx, loops) = (
@@ -237,7 +252,7 @@ pub async fn start_with(
     for s in hub.all() {
         starter(s);
     }
-    let admin = AdminService::new(Arc::clone(&hub), starter).into_server();
+    let admin = AdminService::new(Arc::clone(&hub), starter, held).into_server();
     let admin = tonic::service::interceptor::InterceptedService::new(admin, guard);
     let incoming = accepting(listener);
     let limits = opts.limits.clone();
@@ -266,20 +281,27 @@ pub async fn start_with(
     });
     Ok(Running {
         addr,
-        http_addr: observer,
+        http_addr: observer.http_addr,
         progress: shared.progress(),
         shared,
         hub,
         shutdown,
         loops,
         server,
+        observer: observer.task,
+        access_watch,
+        held: held_rx,
     })
 }
 
 /// Re-reads the access list every [`crate::identity::ACCESS_RECHECK`] and
 /// closes the sessions of merchants it no longer admits, so a revocation
 /// also ends an open Join stream, not only the merchant's next RPC.
-fn spawn_access_watch(access: Arc<Access>, hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
+fn spawn_access_watch(
+    access: Arc<Access>,
+    hub: Arc<Hub>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(crate::identity::ACCESS_RECHECK);
         loop {
@@ -296,7 +318,7 @@ fn spawn_access_watch(access: Arc<Access>, hub: Arc<Hub>, mut stop: watch::Recei
                 });
             }
         }
-    });
+    })
 }
 
 /// Starts from a loaded `coordinator.toml`. Mutual TLS (`serve.tls`) is
@@ -363,11 +385,29 @@ pub async fn start_from_config(cfg: &CoordinatorConfig, insecure: bool) -> anyho
 }
 
 impl Running {
-    /// Graceful stop: stop handing out tasks, close connections, wait.
+    /// Graceful stop: stop handing out tasks, close connections, wait. When
+    /// it returns, nothing the coordinator started holds the store: the file
+    /// is closed unless the caller keeps a `shared` or `hub` of its own.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.shutdown.send(true);
-        self.hub.close();
-        let loops = std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
+        let Self {
+            shutdown,
+            hub,
+            shared,
+            loops,
+            server,
+            observer,
+            access_watch,
+            mut held,
+            ..
+        } = self;
+        let _ = shutdown.send(true);
+        hub.close();
+        // `None` from now on: no loop starts after this.
+        let loops = loops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
         let mut first_error = None;
         for l in loops {
             if let Err(e) = l.await.context("task loop panicked")? {
@@ -375,8 +415,20 @@ impl Running {
             }
         }
         // After the loops: a loop that ended may have scheduled a wait.
-        self.hub.join_waiters().await;
-        self.server.await.context("server panicked")??;
+        hub.join_waiters().await;
+        let served = server.await.context("server panicked")?;
+        // tonic joins its connections, not hyper's per-request tasks (each
+        // holding a clone of a service): wait until every `Held` is gone.
+        // Each request is bounded by the RPC timeout.
+        let _ = held.recv().await;
+        // Keep-alive tasks of Join streams accepted meanwhile.
+        hub.join_waiters().await;
+        observer.await.context("metrics observer panicked")?;
+        if let Some(w) = access_watch {
+            w.await.context("access-list watch panicked")?;
+        }
+        drop((shared, hub));
+        served?;
         first_error.map_or(Ok(()), Err)
     }
 
@@ -492,6 +544,61 @@ mod tests {
         .unwrap();
         assert_eq!(running.shared.run_config().rounds, 2);
         running.shutdown().await.unwrap();
+    }
+
+    /// When `shutdown` returns, nothing the coordinator started holds the
+    /// store: the file opens again at once, even with an HTTP client stalled
+    /// halfway through a request's headers and an agent's Join stream open
+    /// (before, the HTTP connection's router state held the hub, and with it
+    /// the store, for as long as the client stayed: reopening failed with
+    /// redb's `DatabaseAlreadyOpen`). A current-thread runtime serves
+    /// connections in the order accepted: the two requests answered after
+    /// the stalled one was written mean that it has been read.
+    #[tokio::test]
+    async fn shutdown_returns_with_the_store_closed() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let opts = ServeOptions {
+            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            limits: Limits::loopback(),
+            ..ServeOptions::insecure()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut run = one_round_run("closes");
+        run.selection.min_agents = 2;
+        run.selection.max_agents = 2;
+        let running = start_with(listener, &path, run, Duration::from_millis(500), opts)
+            .await
+            .unwrap();
+        let http = running.http_addr.unwrap();
+        let mut stalled = tokio::net::TcpStream::connect(http).await.unwrap();
+        stalled
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            assert!(readyz(http).await.contains("200"));
+        }
+        // An agent joined (its stream and keep-alive open; the run waits
+        // for a second one).
+        let mut client = CoordinatorClient::connect(format!("http://{}", running.addr))
+            .await
+            .unwrap();
+        let join = pb::JoinRequest {
+            merchant_id: "m0".into(),
+            examples: Default::default(),
+            agent_version: "test".into(),
+        };
+        let work = client.join(join).await.unwrap().into_inner();
+        let (hub, shared) = (
+            Arc::downgrade(&running.hub),
+            Arc::downgrade(&running.shared),
+        );
+        running.shutdown().await.unwrap();
+        assert_eq!((hub.strong_count(), shared.strong_count()), (0, 0));
+        crate::store::StoreFile::open(&path).expect("the store is closed when shutdown returns");
+        drop((stalled, work));
     }
 
     fn one_round_run(run_id: &str) -> RunConfig {

@@ -539,12 +539,23 @@ impl Drop for UploadGuard<'_> {
 #[derive(Clone)]
 pub struct Service {
     hub: Arc<hub::Hub>,
+    /// Last, so it drops after `hub`: see [`Held`].
+    _held: Held,
 }
 
+/// A token kept as the **last** field of each value that reaches the store
+/// and may be owned by tasks the coordinator cannot join (hyper runs each
+/// request in a task of its own, holding a clone of the service, and tonic's
+/// graceful shutdown waits for connections, not for those): it drops after
+/// the value's `Arc`s, and `Running::shutdown` waits until every token is
+/// gone, so when it returns no request still holds the store.
+pub type Held = mpsc::Sender<()>;
+
 impl Service {
-    /// A service handle for `hub`'s runs.
-    pub fn new(hub: Arc<hub::Hub>) -> Self {
-        Self { hub }
+    /// A service handle for `hub`'s runs; `held` is dropped with its last
+    /// clone.
+    pub fn new(hub: Arc<hub::Hub>, held: Held) -> Self {
+        Self { hub, _held: held }
     }
 
     /// The tonic server wrapper, with message limits suited to chunked transfers.
@@ -650,7 +661,7 @@ impl Coordinator for Service {
         if *closing.borrow() {
             return Err(Status::unavailable("the coordinator is shutting down"));
         }
-        tokio::spawn(async move {
+        let pinger = tokio::spawn(async move {
             let mut seq = 0u64;
             loop {
                 tokio::select! {
@@ -668,6 +679,8 @@ impl Coordinator for Service {
             }
             hub.remove_session(&session_id);
         });
+        // It holds the hub: `Running::shutdown` joins it.
+        self.hub.track(pinger);
         // A status sent on `kill` goes out ahead of any queued work and ends
         // the stream (tonic closes a server stream after its first error).
         let killed =

@@ -27,12 +27,19 @@ const MAX_RUN_TOML_BYTES: usize = 64 * 1024;
 pub struct AdminService {
     hub: Arc<Hub>,
     start: Starter,
+    /// Last, so it drops after `hub` (see [`crate::service::Held`]).
+    _held: crate::service::Held,
 }
 
 impl AdminService {
-    /// The service; `start` launches the task loop of each submitted run.
-    pub fn new(hub: Arc<Hub>, start: Starter) -> Self {
-        Self { hub, start }
+    /// The service; `start` launches the task loop of each submitted run;
+    /// `held` is dropped with its last clone.
+    pub fn new(hub: Arc<Hub>, start: Starter, held: crate::service::Held) -> Self {
+        Self {
+            hub,
+            start,
+            _held: held,
+        }
     }
 
     /// The tonic server wrapper.

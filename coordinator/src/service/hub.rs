@@ -117,8 +117,9 @@ pub struct Hub {
     /// Held while a schedule is checked and its next instance registered,
     /// or the schedule ended: `runs stop` and a due instance never both win.
     schedules: Mutex<()>,
-    /// The tasks waiting out a schedule: a shutdown joins them, so that
-    /// their reference to the hub (and its store) is gone when it returns.
+    /// The tasks waiting out a schedule, and each Join stream's keep-alive
+    /// task: a shutdown joins them, so that their reference to the hub (and
+    /// its store) is gone when it returns.
     waiters: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Task loops running (a loop counts until its run's next instance,
     /// if any, is scheduled).
@@ -285,13 +286,18 @@ impl Hub {
             hub.pending.fetch_sub(1, Ordering::SeqCst);
             hub.notify();
         });
-        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        waiters.retain(|w| !w.is_finished());
-        waiters.push(waiter);
+        self.track(waiter);
     }
 
-    /// Waits for the tasks waiting out a schedule to end (after the
-    /// shutdown signal, which ends their wait).
+    /// Keeps `task`, which holds the hub, for [`Hub::join_waiters`].
+    pub(crate) fn track(&self, task: tokio::task::JoinHandle<()>) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.retain(|w| !w.is_finished());
+        waiters.push(task);
+    }
+
+    /// Waits for the tasks waiting out a schedule and the keep-alive tasks
+    /// to end (after the shutdown signal and [`Hub::close`], which end them).
     pub async fn join_waiters(&self) {
         let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
         for w in waiters {

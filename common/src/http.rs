@@ -1,0 +1,84 @@
+//! The HTTP/1 accept loop of the two JSON listeners (`fedcart-client
+//! serve` and the coordinator's dashboard and `/metrics`; behind the `http`
+//! feature). It is `axum::serve` with a graceful shutdown plus what that
+//! leaves unset: hyper's header read timeout, so a client that sends nothing,
+//! or half a request's headers, is disconnected instead of holding its
+//! connection (and whatever the router's state holds) until shutdown.
+
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How long a client may take to send a request's headers, and how long a
+/// connection may sit idle before its next request, before the server
+/// closes it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves HTTP/1 connections from `listener` with `app` until `stop` turns
+/// true (or its sender is gone), then lets each connection finish its
+/// request in flight and returns once every one is closed. Each connection
+/// has `TCP_NODELAY` set (no small write waits for a delayed ACK) and
+/// `header_read_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    // Each connection's task holds a receiver: all dropped, all closed.
+    let (closed_tx, closed_rx) = watch::channel(());
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) => continue,
+                // Out of file descriptors and the like: wait for some to close.
+                Err(e) => {
+                    tracing::error!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an HTTP connection");
+        }
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let mut stop = stop.clone();
+        let closed = closed_rx.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    () = stopped(&mut stop), if !stopping => {
+                        stopping = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(closed);
+        });
+    }
+    drop(closed_rx);
+    closed_tx.closed().await;
+    Ok(())
+}
+
+/// Resolves once `stop` is set (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
