@@ -182,6 +182,11 @@ struct OpenTask {
     /// rows, such as recall without a churner, is left out, not a 0).
     metric_sums: BTreeMap<String, (f64, f64)>,
     metric_weight: f64,
+    /// Each agent's figures and weight as accepted: the record's means are
+    /// summed from these in agent order, not in the order results arrived
+    /// (floating-point sums depend on it), so a replay over gRPC gives the
+    /// same record to the last bit.
+    metric_parts: BTreeMap<String, (BTreeMap<String, f64>, f64)>,
     /// An evaluation's parts, merchant by merchant, for model selection.
     evaluations: BTreeMap<String, MerchantEvaluation>,
     started: Instant,

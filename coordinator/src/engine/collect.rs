@@ -324,6 +324,8 @@ impl Engine {
             *weight += sub.weight;
         }
         open.metric_weight += sub.weight;
+        open.metric_parts
+            .insert(agent.to_string(), (sub.metrics.clone(), sub.weight));
     }
 
     /// Hands over the decoded sum of a secure task and the agents whose

@@ -121,12 +121,22 @@ impl Engine {
             (None, false) => open.reported.clone(),
         };
         let reported = contributors.len();
-        // Each figure's mean over the agents that reported it.
-        let metrics: BTreeMap<String, f64> = open
-            .metric_sums
-            .iter()
+        // Each figure's mean over the agents that reported it, summed in
+        // agent order (`OpenTask::metric_parts`).
+        let mut sums: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+        let mut examples = 0.0;
+        for (figures, weight) in open.metric_parts.values() {
+            for (k, v) in figures {
+                let (sum, w) = sums.entry(k).or_default();
+                *sum += v * weight;
+                *w += weight;
+            }
+            examples += weight;
+        }
+        let metrics: BTreeMap<String, f64> = sums
+            .into_iter()
             .filter(|(_, (_, w))| *w > 0.0)
-            .map(|(k, (sum, w))| (k.clone(), sum / w))
+            .map(|(k, (sum, w))| (k.to_string(), sum / w))
             .collect();
         let mut record = RoundRecord {
             round: open.plan.round,
@@ -140,7 +150,7 @@ impl Engine {
             dropped: open.selected.difference(&contributors).cloned().collect(),
             rejected: open.rejected.clone(),
             metrics,
-            examples: open.metric_weight,
+            examples,
             started_unix_ms: open.started_unix_ms,
             duration_ms: open.started.elapsed().as_millis() as u64,
             bytes_in: open.bytes_in,

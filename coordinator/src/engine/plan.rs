@@ -165,6 +165,7 @@ impl Engine {
             acc,
             metric_sums: BTreeMap::new(),
             metric_weight: 0.0,
+            metric_parts: BTreeMap::new(),
             evaluations: BTreeMap::new(),
             started: Instant::now(),
             started_unix_ms: unix_ms(),

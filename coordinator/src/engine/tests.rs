@@ -240,6 +240,39 @@ fn each_metric_is_averaged_over_the_agents_that_reported_it() {
     assert_eq!(record.examples, 4.0);
 }
 
+/// A round's figures do not depend on the order results arrived in: the
+/// means are summed in agent order (over gRPC, arrival order varies from
+/// run to run, and a floating-point sum with it: these three figures summed
+/// in the order m01, m02, m00 give a mean one unit in the last place above
+/// m00, m01, m02's).
+#[test]
+fn a_rounds_figures_do_not_depend_on_the_order_results_arrived_in() {
+    let parts = [
+        ("m00", 0.674, 12.0),
+        ("m01", 0.995, 29.0),
+        ("m02", 0.797, 48.0),
+    ];
+    let record = |order: [usize; 3]| {
+        let (_dir, mut e) = engine(run(selection(1.0, 3, 3), 3));
+        let plan = e.start_task(&agents(3)).expect("task");
+        for i in order {
+            let (agent, loss, weight) = parts[i];
+            let mut sub = update([0.0; DIM], weight);
+            sub.metrics = [("loss".to_string(), loss)].into();
+            submit(&mut e, &plan, agent, sub).expect("accepted");
+        }
+        e.finish_task().expect("finish")
+    };
+    let (a, b) = (record([0, 1, 2]), record([1, 2, 0]));
+    assert_eq!(a.metrics["loss"].to_bits(), b.metrics["loss"].to_bits());
+    assert_eq!(a.examples, 89.0);
+    // In arrival order the two sums differ (what the record held before).
+    let mean =
+        |order: [usize; 3]| order.iter().map(|&i| parts[i].1 * parts[i].2).sum::<f64>() / 89.0;
+    assert_ne!(mean([0, 1, 2]).to_bits(), mean([1, 2, 0]).to_bits());
+    assert_eq!(a.metrics["loss"].to_bits(), mean([0, 1, 2]).to_bits());
+}
+
 #[test]
 fn quorum_missed_aborts_and_retries_the_same_round_with_the_model_unchanged() {
     let (_dir, mut e) = engine(run(selection(1.0, 3, 3), 2));
