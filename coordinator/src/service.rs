@@ -949,6 +949,14 @@ impl Coordinator for Service {
             run_ids: self.hub.ids(),
             epsilon: engine.ledger().and_then(|l| l.epsilon()),
             delta: engine.ledger().map(|l| l.settings().delta),
+            best_version: engine.best().map(|b| b.version),
+            best_metric: engine.best().map(|b| b.metric.clone()).unwrap_or_default(),
+            // A pooled validation figure is the operator's to see: with its
+            // own figure, a merchant could tell another's from it.
+            best_value: engine
+                .best()
+                .filter(|_| matches!(viewer, crate::identity::Viewer::Operator))
+                .map(|b| b.value),
         }))
     }
 }

@@ -284,6 +284,9 @@ pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
         "run_ids": s.run_ids,
         "epsilon": s.epsilon,
         "delta": s.delta,
+        "best_version": s.best_version,
+        "best_metric": (!s.best_metric.is_empty()).then_some(&s.best_metric),
+        "best_value": s.best_value,
     })
 }
 
@@ -298,6 +301,16 @@ pub fn to_table(s: &pb::StatusReply) -> String {
         s.model_version.to_string(),
     ]);
     t.add_row(vec!["phase".to_string(), s.phase.clone()]);
+    if let Some(v) = s.best_version {
+        let value = s
+            .best_value
+            .map(|x| format!(": {x:.4}"))
+            .unwrap_or_default();
+        t.add_row(vec![
+            "served version".to_string(),
+            format!("{v} (best {} so far{value})", s.best_metric),
+        ]);
+    }
     if let (Some(eps), Some(delta)) = (s.epsilon, s.delta) {
         t.add_row(vec![
             "differential privacy".to_string(),

@@ -491,12 +491,34 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     // ε spent, as /metrics has it.
     assert_eq!(json["epsilon"].as_f64(), Some(epsilon));
     assert_eq!(json["delta"].as_f64(), Some(1e-5));
+    // The version merchants are served, by model selection; its pooled
+    // figure is the operator's alone (below).
+    let best = coord.shared.best().expect("churn LR selects by val_auc");
+    assert_eq!(json["best_version"].as_u64(), Some(best.version));
+    assert_eq!(json["best_metric"], "val_auc");
+    assert!(json["best_value"].is_null(), "{json}");
     let table = fedcart_coordinator::status::to_table(&reply);
     assert!(
         table.contains("model version")
             && table.contains("finished")
-            && table.contains(&format!("ε = {epsilon:.3} spent so far (δ = 1e-5)")),
+            && table.contains(&format!("ε = {epsilon:.3} spent so far (δ = 1e-5)"))
+            && table.contains(&format!("{} (best val_auc so far)", best.version)),
         "{table}"
+    );
+    let operator = fedcart_coordinator::status::ClientTls {
+        cert: cd.cert("operator"),
+        key: cd.key("operator"),
+        ..tls.clone()
+    };
+    let reply = fedcart_coordinator::status::fetch(&url, Some(&operator), None)
+        .await
+        .unwrap();
+    assert_eq!(reply.best_value, Some(best.value));
+    assert!(
+        fedcart_coordinator::status::to_table(&reply).contains(&format!(
+            "{} (best val_auc so far: {:.4})",
+            best.version, best.value
+        ))
     );
     assert!(
         fedcart_coordinator::status::fetch(&url, None, None)
