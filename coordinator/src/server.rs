@@ -582,15 +582,7 @@ mod tests {
         }
         // An agent joined (its stream and keep-alive open; the run waits
         // for a second one).
-        let mut client = CoordinatorClient::connect(format!("http://{}", running.addr))
-            .await
-            .unwrap();
-        let join = pb::JoinRequest {
-            merchant_id: "m0".into(),
-            examples: Default::default(),
-            agent_version: "test".into(),
-        };
-        let work = client.join(join).await.unwrap().into_inner();
+        let work = join_as(running.addr, "m0").await;
         let (hub, shared) = (
             Arc::downgrade(&running.hub),
             Arc::downgrade(&running.shared),
@@ -599,6 +591,20 @@ mod tests {
         assert_eq!((hub.strong_count(), shared.strong_count()), (0, 0));
         crate::store::StoreFile::open(&path).expect("the store is closed when shutdown returns");
         drop((stalled, work));
+    }
+
+    /// Joins the plaintext coordinator at `addr` as merchant `id`; its work
+    /// stream.
+    async fn join_as(addr: std::net::SocketAddr, id: &str) -> tonic::Streaming<pb::Work> {
+        let mut client = CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let join = pb::JoinRequest {
+            merchant_id: id.into(),
+            examples: Default::default(),
+            agent_version: "test".into(),
+        };
+        client.join(join).await.unwrap().into_inner()
     }
 
     fn one_round_run(run_id: &str) -> RunConfig {
@@ -645,15 +651,7 @@ mod tests {
         // The store breaks; an agent takes the task and hangs up, so the
         // task closes and its record cannot be written.
         running.shared.fail_store_writes();
-        let mut client = CoordinatorClient::connect(format!("http://{}", running.addr))
-            .await
-            .unwrap();
-        let join = pb::JoinRequest {
-            merchant_id: "m0".into(),
-            examples: Default::default(),
-            agent_version: "test".into(),
-        };
-        let mut work = client.join(join).await.unwrap().into_inner();
+        let mut work = join_as(running.addr, "m0").await;
         loop {
             let msg = work.message().await.unwrap().expect("stream open");
             if let Some(pb::work::Kind::Task(_)) = msg.kind {
