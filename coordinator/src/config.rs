@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub mod dp;
+mod pinpoint;
 pub use dp::{ClipNorm, DpMode, DpSettings};
 
 /// How agents are chosen for a round.
@@ -305,7 +306,7 @@ impl CoordinatorConfig {
         })?;
         let mut cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             file: path.into(),
-            message: e.to_string(),
+            message: pinpoint::message(&e, &text),
         })?;
         let base = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -558,7 +559,7 @@ impl RunConfig {
         let (mut run, table) = if let Some(toml::Value::Table(t)) = doc.get("run") {
             let run = toml::from_str::<RunFile>(text)
                 .map(|f| f.run)
-                .map_err(|e| parse(e.to_string()))?;
+                .map_err(|e| parse(pinpoint::message(&e, text)))?;
             (run, t.clone())
         } else if schedule.is_some() {
             // The schedule is not one of the run's keys: the rest is.
@@ -567,7 +568,8 @@ impl RunConfig {
                 .map_err(|e| parse(e.to_string()))?;
             (run, doc)
         } else {
-            let run = toml::from_str::<RunConfig>(text).map_err(|e| parse(e.to_string()))?;
+            let run = toml::from_str::<RunConfig>(text)
+                .map_err(|e| parse(pinpoint::message(&e, text)))?;
             (run, doc)
         };
         run.unknown_inline_keys(&table).map_err(parse)?;
