@@ -741,6 +741,25 @@ impl RunConfig {
                 ),
             );
         }
+        // Boosting spends one round on the feature sketch, then one per
+        // level of each tree: with fewer rounds the run "finishes" with no
+        // tree, and its constant model would be served.
+        if let ModelSpec::ChurnGbdt { params, .. } = &self.model {
+            let first_tree = 1 + params.max_depth as u64;
+            if self.rounds < first_tree {
+                return bad(
+                    "run.rounds",
+                    format!(
+                        "{} ends before the first tree is grown: churn_gbdt spends one round on \
+                         the feature sketch, then one per level of each tree (max_depth {}); give \
+                         at least {first_tree}, or 1 + trees × max_depth = {} for every tree",
+                        self.rounds,
+                        params.max_depth,
+                        1 + (params.trees * params.max_depth) as u64
+                    ),
+                );
+            }
+        }
         if self.model.is_analysis() {
             if let Some(needed) = self.model.model().analysis().and_then(|a| a.max_versions())
                 && self.rounds < needed
@@ -803,6 +822,16 @@ impl RunConfig {
             }
             if sa.stage_timeout_ms == Some(0) {
                 return bad("run.secagg.stage_timeout_ms", "must be positive".into());
+            }
+            if self.selection.max_agents < 2 {
+                return bad(
+                    "run.selection.max_agents",
+                    format!(
+                        "{} is too few for secure aggregation, which hides each merchant's update \
+                         in a sum of at least 2: select at least 2, or leave out [run.secagg]",
+                        self.selection.max_agents
+                    ),
+                );
             }
         }
         Ok(())
@@ -1386,6 +1415,54 @@ mod tests {
             parse_listen_addr("0.0.0.0:9090"),
             Ok("0.0.0.0:9090".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn runs_that_cannot_work_are_refused_when_submitted() {
+        // Boosting with fewer rounds than one tree takes: no tree, and a
+        // constant model served (a probe saw it replace a merchant's churn
+        // model).
+        let mut r = run();
+        r.model = ModelSpec::ChurnGbdt {
+            num_features: 8,
+            params: fedcart_common::model::gbdt::GbdtParams {
+                trees: 10,
+                max_depth: 3,
+                ..Default::default()
+            },
+            level_len: 0,
+        };
+        r.rounds = 3;
+        match r.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "run.rounds");
+                assert!(
+                    message.contains("give at least 4") && message.contains("= 31"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected run.rounds to be refused, got {other:?}"),
+        }
+        r.rounds = 4;
+        assert!(r.validate().is_ok());
+        // Secure aggregation over at most one merchant.
+        let mut r = run();
+        r.secagg = Some(SecAggSettings {
+            neighbours: None,
+            clip: 1.0,
+            verify_survivors: false,
+            stage_timeout_ms: None,
+        });
+        r.selection.min_agents = 1;
+        r.selection.max_agents = 1;
+        r.quorum = 1;
+        match r.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "run.selection.max_agents");
+                assert!(message.contains("at least 2"), "{message}");
+            }
+            other => panic!("expected run.selection.max_agents to be refused, got {other:?}"),
+        }
     }
 
     #[test]
