@@ -320,9 +320,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .with_context(|| format!("creating {}", out.display()))?;
             // A reading error names the table's file itself.
             let n = recommend::score(&run_state(&cfg, run.as_deref())?, &table, &mut w, &out)
-                .map_err(|e| match e {
-                    e @ recommend::RecommendError::Load(_) => anyhow::Error::new(e),
-                    e => anyhow::Error::new(e).context(format!("scoring {}", table.path.display())),
+                .map_err(|e| match (e, run.as_deref()) {
+                    (e @ recommend::RecommendError::Load(_), _) => anyhow::Error::new(e),
+                    // Of a named run, "no churn round yet" would be wrong:
+                    // that run has no churn model (a recommender run, or one
+                    // that stopped before any round finished here).
+                    (recommend::RecommendError::NoChurnModel { held }, Some(run)) => {
+                        anyhow::anyhow!(
+                            "--run {run}: that run left no churn model with this agent (a run of \
+                             another model, or one that stopped before a round finished here){}; \
+                             leave out --run for the latest churn model",
+                            if held.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; it holds: {}", held.join(", "))
+                            }
+                        )
+                    }
+                    (e, _) => {
+                        anyhow::Error::new(e).context(format!("scoring {}", table.path.display()))
+                    }
                 })?;
             // Only now does the file replace the previous one.
             w.commit()

@@ -869,6 +869,46 @@ fn an_agent_that_never_reached_the_coordinator_names_the_setting_to_check() {
     }
 }
 
+/// `score --run` of a run that left no churn model (a recommender run, say)
+/// says so, instead of "the agent has not taken part in a churn round".
+#[test]
+fn scoring_a_run_without_a_churn_model_names_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("runs/rec-1")).unwrap();
+    let config = dir.path().join("merchant.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\nstate_dir = \"{}\"\n\n\
+             [data]\nchurn_csv = \"{}\"\n",
+            state.display(),
+            telco_csv().display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("scores.csv");
+    let args = [
+        "score",
+        "--config",
+        config.to_str().unwrap(),
+        "--run",
+        "rec-1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut p = Process::start("fedcart-client", &args);
+    assert_eq!(p.wait_exit(EXIT_LIMIT), Some(1));
+    assert!(
+        p.seen.iter().any(|l| l.contains(
+            "--run rec-1: that run left no churn model with this agent (a run of another model"
+        )),
+        "{:?}",
+        p.seen
+    );
+    assert!(!out.exists());
+}
+
 /// The merchant's `serve` refuses what `recommend` refuses (a state
 /// directory no agent has written, a run the agent never worked for), and
 /// stops cleanly on SIGTERM, as Docker, Kubernetes and systemd stop it.
