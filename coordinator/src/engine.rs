@@ -28,7 +28,7 @@ use thiserror::Error;
 
 use crate::config::RunConfig;
 use crate::ledger::{Ledger, NoiseSource};
-use crate::record::{Outcome, kind_name};
+use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::store::{Store, StoreError};
 
 pub use selection::MerchantEvaluation;
@@ -243,6 +243,9 @@ pub struct Engine {
     /// without a commit or a known failure following (meta key `unmasking`):
     /// its round is retried over exactly them (see `unmask`).
     unmasking: Option<unmask::Unmasking>,
+    /// The last task's record when that task aborted (cleared when a task
+    /// commits): the runs list says why the round is being retried.
+    last_abort: Option<RoundRecord>,
 }
 
 /// Whether `version` is followed by an evaluation task: after every version
@@ -399,6 +402,10 @@ impl Engine {
             .rev()
             .find(|r| r.kind == TaskKind::Evaluate && r.outcome == Outcome::Committed)
             .map(|r| (r.round, r.sampled));
+        let last_abort = history
+            .last()
+            .filter(|r| r.outcome == Outcome::Aborted && r.kind != TaskKind::Evaluate)
+            .cloned();
         Ok(Self {
             store,
             run,
@@ -418,6 +425,7 @@ impl Engine {
             accusations,
             noted_aside,
             unmasking,
+            last_abort,
         })
     }
 
@@ -510,6 +518,26 @@ impl Engine {
         self.best.as_ref()
     }
 
+    /// Why the round being retried aborted last, as the runs list shows it
+    /// ("r3a2-train aborted (attempt 2 of 10): …"), while no task of the
+    /// run has committed since. Evaluations are not retried: none is named.
+    pub fn retrying(&self) -> Option<String> {
+        let r = self.last_abort.as_ref()?;
+        if self.stopped.is_some() || self.finished() {
+            return None;
+        }
+        Some(format!(
+            "{} aborted (attempt {} of {}, run.max_attempts): {}",
+            r.task_id,
+            self.attempts
+                .get(&(r.round, kind_name(r.kind)))
+                .copied()
+                .unwrap_or(r.attempt),
+            self.run.max_attempts,
+            attempt_cause(r)
+        ))
+    }
+
     /// The version a final evaluation task must hand to the agents once
     /// training is over (all rounds, or a planned stop): the best version,
     /// when the agents last evaluated another one. Agents keep the model of
@@ -554,7 +582,7 @@ mod selection;
 mod stop;
 mod unmask;
 
-pub use stop::{DIVERGED, RunStop, dominant_cause};
+pub use stop::{DIVERGED, RunStop, attempt_cause, dominant_cause};
 
 /// The top-level settings of `configured` that differ from `stored`, as
 /// `key: stored → configured` (JSON values), for the operator's warning.

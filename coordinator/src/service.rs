@@ -180,8 +180,14 @@ impl Shared {
         Ok(())
     }
 
-    /// The run's phase as `Status` and the runs list show it.
+    /// The run's phase as `Status` and the runs list show it, with why the
+    /// round in hand is being retried, if it is.
     pub fn phase(&self) -> String {
+        let phase = self.bare_phase();
+        with_retry(&self.engine(), phase)
+    }
+
+    fn bare_phase(&self) -> String {
         let engine = self.engine();
         match (engine.stopped(), engine.finished(), engine.open_task()) {
             // A planned stop still hands the served version out first.
@@ -198,7 +204,7 @@ impl Shared {
 
     /// The run's summary for the runs list.
     pub fn summary(&self, entry: &crate::store::RunEntry) -> hub::RunSummary {
-        let mut phase = self.phase();
+        let mut phase = self.bare_phase();
         if let Some(by) = &entry.schedule_ended_by {
             phase.push_str(&format!("; schedule ended by {by}"));
         }
@@ -264,6 +270,7 @@ impl Shared {
                 }
             }
         }
+        let phase = with_retry(&engine, phase);
         hub::RunSummary {
             run_id: run.run_id.clone(),
             model: run.model.name().to_owned(),
@@ -1330,4 +1337,12 @@ fn warn_if_unsplit(shared: &Shared) {
     {
         tracing::warn!(run = %engine.run().run_id, "{note}");
     }
+}
+
+/// `phase` with why the round in hand is being retried, if it is.
+fn with_retry(engine: &Engine, mut phase: String) -> String {
+    if let Some(why) = engine.retrying() {
+        phase.push_str(&format!("; {why}"));
+    }
+    phase
 }

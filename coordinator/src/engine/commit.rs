@@ -96,6 +96,13 @@ impl Engine {
 
     /// Closes the open task: commits with a quorum, otherwise aborts.
     pub fn finish_task(&mut self) -> Result<RoundRecord, EngineError> {
+        let record = self.close_open_task()?;
+        self.last_abort = (record.outcome == Outcome::Aborted && record.kind != TaskKind::Evaluate)
+            .then(|| record.clone());
+        Ok(record)
+    }
+
+    fn close_open_task(&mut self) -> Result<RoundRecord, EngineError> {
         let mut open = self.open.take().ok_or(EngineError::NoTask)?;
         // Who this task's accusations set aside, in its record.
         for m in self.set_aside.intersection(&open.selected) {

@@ -139,6 +139,23 @@ impl std::fmt::Display for RunStop {
     }
 }
 
+/// Why one attempt aborted: its abort reason and the results refused in
+/// it (the first one's merchant and reason, and how many more).
+pub fn attempt_cause(record: &RoundRecord) -> String {
+    let mut cause = record
+        .abort_reason
+        .clone()
+        .unwrap_or_else(|| "aborted".into());
+    if let Some((who, why)) = record.rejected.first() {
+        cause.push_str(&format!("; refused from {who}: {why}"));
+        let more = record.rejected.len() - 1;
+        if more > 0 {
+            cause.push_str(&format!(" (and {more} more)"));
+        }
+    }
+    cause
+}
+
 /// The dominant cause of a round's aborted attempts: every merchant's local
 /// training diverged (when every failure or rejection is a divergence),
 /// otherwise the most frequent rejection or agent-reported failure (a

@@ -315,11 +315,40 @@ fn a_krum_round_with_fewer_than_2f_plus_3_updates_is_aborted() {
         Some("krum:1 needs at least 5 updates; 4 arrived")
     );
     assert_eq!(e.global(), before);
+    // The runs list says why the round is retried (a probe saw only
+    // "starting the next task" for every attempt), and so it does after a
+    // restart.
+    let why = "r1a1-train aborted (attempt 1 of 10, run.max_attempts): \
+               krum:1 needs at least 5 updates; 4 arrived";
+    assert_eq!(e.retrying().as_deref(), Some(why));
+    let (path, cfg) = (e.store().path().to_owned(), e.run().clone());
+    drop(e);
+    let mut e = reopen(&path, &cfg);
+    assert_eq!(e.retrying().as_deref(), Some(why));
     let plan = e.start_task(&agents(5)).expect("retry");
+    assert_eq!(e.retrying().as_deref(), Some(why), "during the retry");
     for agent in &plan.selected {
         submit(&mut e, &plan, agent, update([1.0; DIM], 1.0)).expect("accepted");
     }
     assert_eq!(e.finish_task().expect("finish").outcome, Outcome::Committed);
+    assert_eq!(e.retrying(), None, "a commit ends the retry");
+}
+
+/// An attempt's cause names the first result refused in it.
+#[test]
+fn an_attempts_cause_names_the_results_refused_in_it() {
+    let (_dir, mut e) = engine(run(selection(1.0, 3, 3), 3));
+    let plan = e.start_task(&agents(3)).expect("task");
+    for agent in &plan.selected[..2] {
+        submit(&mut e, &plan, agent, update([f32::NAN; DIM], 1.0)).expect_err("refused");
+    }
+    e.finish_task().expect("abort");
+    let why = e.retrying().expect("retrying");
+    assert!(
+        why.starts_with("r1a1-train aborted (attempt 1 of 10, run.max_attempts): 0 results, quorum is 3; refused from m0")
+            && why.ends_with("(and 1 more)"),
+        "{why}"
+    );
 }
 
 #[test]
