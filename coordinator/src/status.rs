@@ -301,6 +301,12 @@ pub fn to_table(s: &pb::StatusReply) -> String {
         s.model_version.to_string(),
     ]);
     t.add_row(vec!["phase".to_string(), s.phase.clone()]);
+    // A run that ended chose its best and spent its budget for good.
+    let so_far = if s.phase.starts_with("finished") || s.phase.starts_with("stopped") {
+        ""
+    } else {
+        " so far"
+    };
     if let Some(v) = s.best_version {
         let value = s
             .best_value
@@ -308,13 +314,13 @@ pub fn to_table(s: &pb::StatusReply) -> String {
             .unwrap_or_default();
         t.add_row(vec![
             "served version".to_string(),
-            format!("{v} (best {} so far{value})", s.best_metric),
+            format!("{v} (best {}{so_far}{value})", s.best_metric),
         ]);
     }
     if let (Some(eps), Some(delta)) = (s.epsilon, s.delta) {
         t.add_row(vec![
             "differential privacy".to_string(),
-            format!("ε = {eps:.3} spent so far (δ = {delta:e})"),
+            format!("ε = {eps:.3} spent{so_far} (δ = {delta:e})"),
         ]);
     }
     t.add_row(vec![
@@ -398,6 +404,38 @@ mod tests {
         );
         // Old records (no field) still decode into the table.
         assert!(to_table(&record(None)).contains("r3a1-train (Committed, 2 reported)"));
+    }
+
+    /// "so far" only while the run goes on: a probe read "best … so far" on
+    /// a finished run as a selection still open.
+    #[test]
+    fn the_served_version_and_epsilon_are_so_far_only_while_the_run_goes_on() {
+        let status = |phase: &str| {
+            to_table(&pb::StatusReply {
+                phase: phase.into(),
+                best_version: Some(4),
+                best_metric: "val_auc".into(),
+                best_value: Some(0.84731),
+                epsilon: Some(1.5),
+                delta: Some(1e-5),
+                ..Default::default()
+            })
+        };
+        let running = status("r5a1-train");
+        assert!(
+            running.contains("4 (best val_auc so far: 0.8473)")
+                && running.contains("ε = 1.500 spent so far (δ = 1e-5)"),
+            "{running}"
+        );
+        for ended in ["finished", "stopped: by admin"] {
+            let t = status(ended);
+            assert!(
+                t.contains("4 (best val_auc: 0.8473)")
+                    && t.contains("ε = 1.500 spent (δ = 1e-5)")
+                    && !t.contains("so far"),
+                "{t}"
+            );
+        }
     }
 
     /// `runs submit` of a missing configuration says so, without the hint

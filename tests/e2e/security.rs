@@ -501,8 +501,8 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     assert!(
         table.contains("model version")
             && table.contains("finished")
-            && table.contains(&format!("ε = {epsilon:.3} spent so far (δ = 1e-5)"))
-            && table.contains(&format!("{} (best val_auc so far)", best.version)),
+            && table.contains(&format!("ε = {epsilon:.3} spent (δ = 1e-5)"))
+            && table.contains(&format!("{} (best val_auc)", best.version)),
         "{table}"
     );
     let operator = fedcart_coordinator::status::ClientTls {
@@ -516,7 +516,7 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     assert_eq!(reply.best_value, Some(best.value));
     assert!(
         fedcart_coordinator::status::to_table(&reply).contains(&format!(
-            "{} (best val_auc so far: {:.4})",
+            "{} (best val_auc: {:.4})",
             best.version, best.value
         ))
     );
