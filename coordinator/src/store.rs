@@ -145,6 +145,17 @@ pub enum StoreError {
         /// The cause.
         source: Box<redb::Error>,
     },
+    /// Another process holds the file open (redb locks it): another
+    /// coordinator serving the same `serve.store`.
+    #[error(
+        "store {path} is in use by another process (another coordinator serving the same \
+         `serve.store`?): stop that one, or give this one another `serve.store`",
+        path = path.display()
+    )]
+    InUse {
+        /// The store file.
+        path: PathBuf,
+    },
     /// Stored bytes did not decode or did not match their checksum.
     #[error("store {path}: corrupt {what}")]
     Corrupt {
@@ -218,7 +229,10 @@ impl StoreFile {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| err(redb::Error::Io(e)))?;
         }
-        let db = Database::create(path).map_err(|e| err(e.into()))?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.into() },
+            e => err(e.into()),
+        })?;
         let file = Self {
             db: Arc::new(db),
             path: path.into(),
@@ -690,6 +704,28 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second coordinator on the same store is told another process has
+    /// it (redb said only "Database already open. Cannot acquire lock.").
+    #[test]
+    fn a_store_held_by_another_opener_says_it_is_in_use_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let held = Store::open(&path).unwrap();
+        let Err(e) = Store::open(&path) else {
+            panic!("opened twice")
+        };
+        assert!(matches!(e, StoreError::InUse { .. }), "{e:?}");
+        let shown = e.to_string();
+        assert!(
+            shown.contains(&path.display().to_string())
+                && shown.contains("in use by another process")
+                && shown.contains("`serve.store`"),
+            "{shown}"
+        );
+        drop(held);
+        Store::open(&path).expect("free again");
+    }
 
     #[test]
     fn a_corrupt_version_length_is_an_error_naming_the_store_not_an_allocation() {
