@@ -27,14 +27,14 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML or has unknown, missing or mistyped keys.
-    #[error("{}: invalid agent configuration", path.display())]
+    #[error("{}: invalid agent configuration: {message}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
         /// The parser's error: line, column and key, and the valid keys
-        /// when one is misspelled.
-        #[source]
-        source: toml::de::Error,
+        /// when one is misspelled, in words a merchant reads
+        /// ([`fedcart_common::config_errors::explain`]).
+        message: String,
     },
     /// An environment override is empty, not UTF-8, names a missing file,
     /// or sets only part of the `[tls]` section.
@@ -383,9 +383,9 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        let mut cfg: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            message: fedcart_common::config_errors::explain(&e.to_string(), &text),
         })?;
         cfg.resolve_paths(&base_dir(path));
         cfg.apply_env(path, env)?;
@@ -686,8 +686,16 @@ mod tests {
             err.to_string().starts_with(&path.display().to_string()),
             "{err}"
         );
-        let cause = std::error::Error::source(&err).unwrap().to_string();
-        assert!(cause.contains("holdot"), "{cause}");
+        assert!(err.to_string().contains("holdot"), "{err}");
+        // A value of the wrong type is said in words, not Rust's type names.
+        let (_dir, _, result) = load_text(
+            "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\nholdout = \"0.2\"\n",
+        );
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("invalid type: string \"0.2\", expected a number"),
+            "{err}"
+        );
     }
 
     #[test]

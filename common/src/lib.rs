@@ -12,6 +12,7 @@
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod config_errors;
 pub mod data;
 pub mod federation;
 #[cfg(feature = "http")]

@@ -533,9 +533,12 @@ impl RunConfig {
         let schedule = match doc.remove("schedule") {
             None => None,
             Some(v) => {
-                let s: ScheduleToml = v
-                    .try_into()
-                    .map_err(|e: toml::de::Error| parse(format!("[schedule]: {e}")))?;
+                let s: ScheduleToml = v.try_into().map_err(|e: toml::de::Error| {
+                    parse(fedcart_common::config_errors::explain(
+                        &format!("[schedule]: {e}"),
+                        text,
+                    ))
+                })?;
                 let every_ms = parse_every(&s.every).map_err(|message| ConfigError::Invalid {
                     field: "schedule.every",
                     message,
@@ -557,6 +560,21 @@ impl RunConfig {
             }
         };
         let (mut run, table) = if let Some(toml::Value::Table(t)) = doc.get("run") {
+            // Keys beside `[run]` would be dropped without a word.
+            let beside: Vec<String> = doc
+                .keys()
+                .filter(|k| *k != "run" && *k != "serve")
+                .map(|k| format!("`{k}`"))
+                .collect();
+            if !beside.is_empty() {
+                return Err(parse(format!(
+                    "this file has a `[run]` table and {} outside it: put every key of the \
+                     run inside `[run]` (only `[schedule]` goes beside it, and a `[serve]` \
+                     table is ignored), or remove the \
+                     `[run]` line and write the run's keys at the top level",
+                    beside.join(", ")
+                )));
+            }
             let run = toml::from_str::<RunFile>(text)
                 .map(|f| f.run)
                 .map_err(|e| parse(pinpoint::message(&e, text)))?;
@@ -565,7 +583,7 @@ impl RunConfig {
             // The schedule is not one of the run's keys: the rest is.
             let run = toml::Value::Table(doc.clone())
                 .try_into::<RunConfig>()
-                .map_err(|e| parse(e.to_string()))?;
+                .map_err(|e| parse(fedcart_common::config_errors::explain(&e.to_string(), text)))?;
             (run, doc)
         } else {
             let run = toml::from_str::<RunConfig>(text)
@@ -1576,5 +1594,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(typo.contains("run.toml") && typo.contains("evry"), "{typo}");
+    }
+
+    /// Mistakes a new-user probe made in run files, each answered with
+    /// what to write instead.
+    #[test]
+    fn a_run_file_with_keys_in_the_wrong_place_or_misspelt_says_what_to_write() {
+        let src = Path::new("run.toml");
+        let err = |text: &str| RunConfig::from_toml(text, src).unwrap_err().to_string();
+        // Top-level run keys beside a `[run]` table were dropped silently.
+        let e = err(&format!(
+            "rounds = 50
+seed = 9
+{EXAMPLE}"
+        ));
+        assert!(
+            e.contains("run.toml") && e.contains("a `[run]` table and `rounds`, `seed` outside it"),
+            "{e}"
+        );
+        // `[schedule]` inside `[run]`, and in coordinator.toml.
+        let e = err(&format!("{EXAMPLE}\n[run.schedule]\nevery = \"1h\"\n"));
+        assert!(
+            e.contains("unknown field `schedule`") && e.contains(pinpoint::SCHEDULE_GOES),
+            "{e}"
+        );
+        let (_dir, loaded) = load(&format!("{EXAMPLE}\n[schedule]\nevery = \"1h\"\n"));
+        let e = loaded.unwrap_err().to_string();
+        assert!(e.contains(pinpoint::SCHEDULE_GOES), "{e}");
+        // A misspelt required key of the model table (its keys are read
+        // leniently: they travel to agents) is named, not only the key
+        // missing; with the run's keys at the top level and a schedule too.
+        let typo = EXAMPLE.replace("num_features = 8", "num_featurs = 8");
+        let (run, _) = RunConfig::from_toml(EXAMPLE, src).unwrap();
+        let top = toml::to_string(&run)
+            .unwrap()
+            .replace("num_features = 8", "num_featurs = 8");
+        for text in [typo, format!("{top}\n[schedule]\nevery = \"1h\"\n")] {
+            let e = err(&text);
+            assert!(
+                e.contains("missing field `num_features`")
+                    && e.contains("(`num_featurs` on line")
+                    && e.contains("is it `num_features` misspelt?)"),
+                "{e}"
+            );
+        }
+        // Rust's type names are said in words.
+        let e = err(&EXAMPLE.replace("seed = 42", "seed = \"42\""));
+        assert!(e.contains("expected a whole number (0 or more)"), "{e}");
     }
 }

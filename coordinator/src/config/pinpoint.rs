@@ -10,13 +10,28 @@
 /// `e`'s message, with the key named when `e` is a type error whose span is
 /// an inline table of `text` and exactly one entry of that table (nested
 /// tables included) holds the value the error quotes.
+///
+/// Rust type names are then said in words and a misspelt required key is
+/// named ([`fedcart_common::config_errors::explain`]), and a `schedule` where
+/// no schedule goes says where it does.
 pub fn message(e: &toml::de::Error, text: &str) -> String {
     let shown = e.to_string();
-    match key_of(e, text) {
+    let shown = match key_of(e, text) {
         Some(key) => format!("{}\n(the key `{key}` of this table)", shown.trim_end()),
         None => shown,
+    };
+    let mut shown = fedcart_common::config_errors::explain(&shown, text);
+    if e.message().starts_with("unknown field `schedule`") {
+        shown = format!("{}\n{SCHEDULE_GOES}", shown.trim_end());
     }
+    shown
 }
+
+/// Where `[schedule]` goes, for a file that has it elsewhere
+/// (`[run.schedule]`, or coordinator.toml).
+pub const SCHEDULE_GOES: &str = "(`[schedule]` goes at the top level of a run file given to \
+    `fedcart-coordinator runs submit`, beside `[run]`, not inside it as `[run.schedule]`, and \
+    not in coordinator.toml: the coordinator's own run is not rescheduled)";
 
 fn key_of(e: &toml::de::Error, text: &str) -> Option<String> {
     // `invalid type: …`, or `hyper: invalid type: …` from a nested table
@@ -80,7 +95,7 @@ mod tests {
         );
         let e = error_of(&text);
         assert!(
-            e.contains("invalid type: string \"0.1\", expected f64")
+            e.contains("invalid type: string \"0.1\", expected a number")
                 && e.contains("(the key `valid_fraction` of this table)"),
             "{e}"
         );
