@@ -664,7 +664,7 @@ mod tests {
             format!("{err:#}"),
             format!(
                 "{}: line 2, column `total`: `20,00 €` is not a number with a decimal point \
-                 (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)",
+                 (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping: `[data.orders]` in merchant.toml)",
                 orders.display()
             )
         );

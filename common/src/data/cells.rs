@@ -411,8 +411,9 @@ fn ambiguous_serial_day(raw: &str) -> Option<String> {
     };
     Some(format!(
         "`{raw}` {as_unix}; as a spreadsheet's serial day it is {}. Give the timestamp \
-         format `spreadsheet_days` (`--timestamp-format spreadsheet_days`, or \
-         `timestamp_format = \"spreadsheet_days\"` in the mapping){or_unix}",
+         format `spreadsheet_days` (`--timestamp-format spreadsheet_days` on the command line, \
+         or `timestamp_format = \"spreadsheet_days\"` in the mapping: `[data.orders]` in \
+         merchant.toml){or_unix}",
         show_utc(serial)
     ))
 }
@@ -535,8 +536,9 @@ impl TimestampFormat {
                 {
                     return Err(format!(
                         "`{raw}` is not unix seconds, an ISO-8601 date or YYYYMMDD: \
-                         give its layout as a timestamp format (`--timestamp-format`, or \
-                         `timestamp_format` in the mapping), {hint}"
+                         give its layout as a timestamp format (`--timestamp-format` on the \
+                         command line, or `timestamp_format` in the mapping: `[data.orders]` \
+                         in merchant.toml), {hint}"
                     ));
                 }
                 (

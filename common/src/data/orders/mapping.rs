@@ -450,7 +450,8 @@ mod tests {
         let auto = TimestampFormat::Auto;
         let refusal = |raw: &str| auto.parse(raw).expect_err("refused");
         let lead = "is not unix seconds, an ISO-8601 date or YYYYMMDD: give its layout as a \
-                    timestamp format (`--timestamp-format`, or `timestamp_format` in the mapping), ";
+                    timestamp format (`--timestamp-format` on the command line, or \
+                    `timestamp_format` in the mapping: `[data.orders]` in merchant.toml), ";
         // Either order reads `01/02/2017`: both are offered.
         assert_eq!(
             refusal("01/02/2017 11:53"),

@@ -113,7 +113,7 @@ pub fn read_orders_from<R: Read>(
                 line: header.0,
                 message: format!(
                     "a spreadsheet's `sep=` line declaring the separator `{}`: give \
-                     `--delimiter {name}` (or `delimiter = \"{name}\"` in the mapping), or \
+                     `--delimiter {name}` (or `delimiter = \"{name}\"` in the mapping: `[data.orders]` in merchant.toml), or \
                      delete the line",
                     declared.map_or(String::new(), String::from)
                 ),
@@ -400,7 +400,7 @@ fn parse_row(
                 } else if map.decimal == DecimalMark::Point
                     && DecimalMark::Comma.parse(raw).is_some_and(f32::is_finite)
                 {
-                    format!("`{raw}` is not a number with a decimal point (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)")
+                    format!("`{raw}` is not a number with a decimal point (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping: `[data.orders]` in merchant.toml)")
                 } else if map.decimal == DecimalMark::Comma
                     && DecimalMark::Point.parse(raw).is_some_and(f32::is_finite)
                 {

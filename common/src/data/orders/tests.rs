@@ -297,7 +297,7 @@ fn a_european_export_reads_with_its_mapping_and_errors_say_how() {
     assert_eq!(
         fail_message(text, &map),
         "orders.csv: line 2, column `price`: `12,50 €` is not a number with a decimal point \
-         (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)"
+         (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping: `[data.orders]` in merchant.toml)"
     );
     // Half a kilo is not read as five hundred: the grouped reading of
     // `0,500` is refused and the message points at the decimal comma.
@@ -305,7 +305,7 @@ fn a_european_export_reads_with_its_mapping_and_errors_say_how() {
     assert_eq!(
         fail_message(weights, &map),
         "orders.csv: line 2, column `qty`: `0,500` is not a number with a decimal point \
-         (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping)"
+         (for a decimal comma: `--decimal comma`, or `decimal = \"comma\"` in the mapping: `[data.orders]` in merchant.toml)"
     );
     map.decimal = DecimalMark::Comma;
     let (orders, report) = read(text, &map, BadRowPolicy::Fail).unwrap();
@@ -730,7 +730,7 @@ fn sep_lines_duplicate_columns_and_open_quotes_are_named() {
     assert_eq!(
         fail_message(&format!("sep=;\n{body}"), &mapping()),
         "orders.csv: line 1: a spreadsheet's `sep=` line declaring the separator `;`: give \
-         `--delimiter semicolon` (or `delimiter = \"semicolon\"` in the mapping), or delete the line"
+         `--delimiter semicolon` (or `delimiter = \"semicolon\"` in the mapping: `[data.orders]` in merchant.toml), or delete the line"
     );
     let twice = "customer,item,ts,qty,price,price\nc1,i1,2017-01-01,1,2,3\n";
     assert_eq!(
