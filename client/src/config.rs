@@ -184,6 +184,32 @@ impl DataConfig {
 }
 
 impl DataConfig {
+    /// What the orders export does not serve because a CSV of the same
+    /// data is also set (a merchant who ran `prepare` and then added
+    /// `orders_csv`): one line per CSV that wins, logged when the agent
+    /// reads its data.
+    pub fn shadowed(&self) -> Vec<String> {
+        if self.orders_csv.is_none() {
+            return Vec::new();
+        }
+        let mut notes = Vec::new();
+        if let Some(p) = &self.churn_csv {
+            notes.push(format!(
+                "churn tasks read `data.churn_csv` ({}), not the orders export \
+                 `data.orders_csv`: remove `churn_csv` to label churn from the export",
+                p.display()
+            ));
+        }
+        if let Some(p) = &self.ratings_csv {
+            notes.push(format!(
+                "recommender tasks read `data.ratings_csv` ({}), not the orders export \
+                 `data.orders_csv`: remove `ratings_csv` to take interactions from the export",
+                p.display()
+            ));
+        }
+        notes
+    }
+
     /// Combinations of keys that cannot work, as a message naming them.
     fn check(&self) -> Result<(), String> {
         if self.orders_csv.is_some() && self.orders.is_none() {
@@ -674,6 +700,32 @@ mod tests {
             assert!(err.starts_with(&path.display().to_string()), "{err}");
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    /// Pasted CSVs beside an orders export win, and the agent says so.
+    #[test]
+    fn csvs_beside_an_orders_export_are_named_as_what_the_agent_reads() {
+        let head = "coordinator = \"http://127.0.0.1:1\"\nmerchant_id = \"m0\"\n[data]\n";
+        let orders = "orders_csv = \"o.csv\"\n";
+        let mapping = "[data.orders]\ncustomer = \"c\"\ntimestamp = \"t\"\namount = \"a\"\n";
+        let notes = |keys: &str| {
+            let (_dir, _, result) = load_text(&format!("{head}{keys}{mapping}"));
+            result.unwrap().data.shadowed()
+        };
+        assert!(notes(orders).is_empty());
+        let both = notes(&format!(
+            "{orders}churn_csv = \"c.csv\"\nratings_csv = \"r.csv\"\n"
+        ));
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert!(
+            both[0].starts_with("churn tasks read `data.churn_csv` (")
+                && both[0].contains("c.csv")
+                && both[1].starts_with("recommender tasks read `data.ratings_csv` ("),
+            "{both:?}"
+        );
+        // Without an export, the CSVs are simply the data.
+        let (_dir, _, result) = load_text(&format!("{head}churn_csv = \"c.csv\"\n"));
+        assert!(result.unwrap().data.shadowed().is_empty());
     }
 
     #[test]

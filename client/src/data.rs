@@ -657,6 +657,9 @@ pub fn load_all(
         Some(path) => Some((path, read_orders(path, cfg)?)),
         None => None,
     };
+    for note in cfg.data.shadowed() {
+        tracing::info!("{note}");
+    }
     if let Some(path) = &cfg.data.churn_csv {
         let schema = cfg.data.schema.clone().unwrap_or_else(Schema::telco);
         let ds = schema
