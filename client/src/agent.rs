@@ -108,6 +108,9 @@ pub struct Agent {
     /// Personalisation of the recommender when its run ends
     /// (`[personalise]`); needs a state directory. `None`: off.
     pub personalise: Option<crate::config::PersonaliseConfig>,
+    /// The state directory's lock, held for the agent's life
+    /// ([`StateDir::lock_for_agent`](crate::state::StateDir::lock_for_agent)).
+    state_lock: Option<std::fs::File>,
 }
 
 /// Why [`Agent::from_config`] could not build the agent.
@@ -201,6 +204,7 @@ impl Agent {
             users_of: None,
             parked_users: HashMap::new(),
             personalise: None,
+            state_lock: None,
         }
     }
 
@@ -217,6 +221,9 @@ impl Agent {
             Some(dir) => Some(crate::state::StateDir::open(dir)?),
             None => None,
         };
+        // Before anything is read from it: a second agent on the same
+        // directory would double-spend the ledger and race on its files.
+        let state_lock = state.as_ref().map(|s| s.lock_for_agent()).transpose()?;
         let rows = match &state {
             Some(s) => s.mf_rows()?,
             None => None,
@@ -239,6 +246,7 @@ impl Agent {
         agent.download_precision = cfg.transfer.download_precision;
         agent.row_transfers = cfg.transfer.rows;
         agent.personalise = cfg.personalise.clone();
+        agent.state_lock = state_lock;
         Ok(agent)
     }
 

@@ -85,6 +85,21 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// Another agent process holds this state directory
+    /// ([`StateDir::lock_for_agent`]).
+    #[error(
+        "another agent is running with the state directory {}{}: run one agent per merchant \
+         (stop the other first; two would spend the privacy budget and overwrite the user \
+         factors side by side)",
+        path.display(),
+        pid.map(|p| format!(" (process {p})")).unwrap_or_default()
+    )]
+    InUse {
+        /// The directory.
+        path: PathBuf,
+        /// The process that took the lock, as it wrote it there.
+        pid: Option<u32>,
+    },
     /// A state file exists but could not be read.
     #[error("reading {}", path.display())]
     Read {
@@ -369,6 +384,47 @@ impl StateDir {
         Ok(Self { dir })
     }
 
+    /// Takes this directory for one running agent (`fedcart-client run`):
+    /// an exclusive lock on `agent.lock`, held while the returned file is
+    /// open, and released by the OS when the process ends however it ends.
+    /// A second agent on the same directory is refused naming the first's
+    /// process; the reading commands (`score`, `recommend`, `serve`) take
+    /// no lock.
+    pub fn lock_for_agent(&self) -> Result<std::fs::File, StateError> {
+        use std::io::{Read, Seek, Write};
+        let path = self.dir.join("agent.lock");
+        let io = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let pid = file
+                    .read_to_string(&mut text)
+                    .ok()
+                    .and_then(|_| text.trim().parse().ok());
+                return Err(StateError::InUse {
+                    path: self.dir.clone(),
+                    pid,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(file)
+    }
+
     /// Reads `name` from this directory (`None` when it does not exist).
     pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(
         &self,
@@ -603,6 +659,35 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second `fedcart-client run` of the same kit is refused at start,
+    /// naming the first's process (it used to take the first's session
+    /// over, and both wrote the ledger); the reading commands are not.
+    #[test]
+    fn a_second_agent_on_the_same_state_directory_is_refused_naming_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let held = state.lock_for_agent().expect("the first agent");
+        let again = StateDir::open(dir.path()).unwrap();
+        let e = again.lock_for_agent().expect_err("a second agent");
+        assert!(
+            matches!(e, StateError::InUse { pid: Some(p), .. } if p == std::process::id()),
+            "{e:?}"
+        );
+        let shown = e.to_string();
+        assert!(
+            shown.contains(&dir.path().display().to_string())
+                && shown.contains(&format!("(process {})", std::process::id()))
+                && shown.contains("run one agent per merchant"),
+            "{shown}"
+        );
+        // Readers go on reading.
+        assert_eq!(again.runs(), Vec::<String>::new());
+        drop(held);
+        again
+            .lock_for_agent()
+            .expect("free once the first agent ends");
+    }
 
     /// A candidate is adopted only as the version and run named, with the
     /// metrics of its evaluation.
