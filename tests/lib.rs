@@ -138,6 +138,7 @@ pub fn orders_agent_config(id: &str, addr: std::net::SocketAddr, export: &Path) 
         timestamp_format: Default::default(),
         quantity: Some("quantity".into()),
         amount: "amount".into(),
+        amount_is: Default::default(),
         rating: None,
         merchant: None,
         delimiter: Default::default(),

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use fedcart_common::data::orders::mapping::MappingOverrides;
 use fedcart_common::data::orders::{
-    self, BadRowPolicy, ChurnConfig, DecimalMark, Delimiter, OrdersMapping, TimestampFormat,
+    self, AmountIs, BadRowPolicy, ChurnConfig, DecimalMark, Delimiter, OrdersMapping,
+    TimestampFormat,
 };
 use serde::Serialize;
 
@@ -40,6 +41,10 @@ pub struct PrepareArgs {
     /// Line value column.
     #[arg(long)]
     pub amount_col: Option<String>,
+    /// What the amount column holds: line_total, or unit_price (multiplied by the quantity
+    /// column) [default: line_total].
+    #[arg(long)]
+    pub amount_is: Option<AmountIs>,
     /// Explicit rating column.
     #[arg(long)]
     pub rating_col: Option<String>,
@@ -251,6 +256,7 @@ pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError
         timestamp_format: args.timestamp_format.clone(),
         quantity: args.quantity_col.clone(),
         amount: args.amount_col.clone(),
+        amount_is: args.amount_is,
         rating: args.rating_col.clone(),
         merchant: args.merchant_col.clone(),
         delimiter: args.delimiter,
@@ -439,6 +445,7 @@ mod tests {
             timestamp_format: None,
             quantity_col: Some("qty".into()),
             amount_col: Some("total".into()),
+            amount_is: None,
             rating_col: None,
             merchant_col: None,
             delimiter: None,

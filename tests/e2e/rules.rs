@@ -73,6 +73,7 @@ fn config(id: &str, addr: std::net::SocketAddr, orders: &Path, catalogue: &Path)
         timestamp_format: TimestampFormat::Auto,
         quantity: Some("quantity".into()),
         amount: "amount".into(),
+        amount_is: Default::default(),
         rating: None,
         merchant: None,
         delimiter: Default::default(),

@@ -72,6 +72,7 @@ fn prepared(dir: &Path) -> Vec<PathBuf> {
                 timestamp_format: None,
                 quantity_col: None,
                 amount_col: None,
+                amount_is: None,
                 rating_col: None,
                 merchant_col: None,
                 delimiter: None,

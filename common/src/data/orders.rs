@@ -24,7 +24,7 @@ pub mod mapping;
 pub mod read;
 
 pub use derive::{ChurnConfig, Prepared, derive};
-pub use mapping::{DecimalMark, Delimiter, OrdersMapping, TimestampFormat};
+pub use mapping::{AmountIs, DecimalMark, Delimiter, OrdersMapping, TimestampFormat};
 pub use read::{read_orders, read_orders_from};
 
 /// One order line of the export, after mapping and validation.
@@ -166,6 +166,15 @@ pub enum OrdersError {
         /// 1-based line.
         line: u64,
         /// What was wrong.
+        message: String,
+    },
+    /// The mapping cannot read this export (a setting needs a column the
+    /// mapping does not name).
+    #[error("{file}: {message}")]
+    Mapping {
+        /// The file.
+        file: PathBuf,
+        /// What is missing, naming the keys.
         message: String,
     },
     /// The file has no header line.

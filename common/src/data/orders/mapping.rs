@@ -91,6 +91,10 @@ pub struct OrdersMapping {
     pub quantity: Option<String>,
     /// Order-line value column (the monetary part of RFM).
     pub amount: String,
+    /// What the amount column holds: the line's total (the default) or the
+    /// price of one unit, which the quantity column then multiplies.
+    #[serde(default, skip_serializing_if = "AmountIs::is_line_total")]
+    pub amount_is: AmountIs,
     /// Explicit rating column, used as the interaction value when present.
     #[serde(default)]
     pub rating: Option<String>,
@@ -103,6 +107,47 @@ pub struct OrdersMapping {
     /// Decimal mark of the quantity, amount and rating columns.
     #[serde(default)]
     pub decimal: DecimalMark,
+}
+
+/// What an export's amount column holds (`amount_is`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AmountIs {
+    /// The order line's value: what the customer paid for the line.
+    #[default]
+    LineTotal,
+    /// The price of one unit (e.g. an `UnitPrice` column beside a
+    /// `Quantity` one): the line's value is price × quantity, so the mapping
+    /// needs its `quantity` column.
+    UnitPrice,
+}
+
+impl AmountIs {
+    /// The default (serde leaves it out).
+    pub fn is_line_total(&self) -> bool {
+        *self == AmountIs::LineTotal
+    }
+
+    /// `line_total` or `unit_price`, as settings write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AmountIs::LineTotal => "line_total",
+            AmountIs::UnitPrice => "unit_price",
+        }
+    }
+}
+
+impl std::str::FromStr for AmountIs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "line_total" => Ok(Self::LineTotal),
+            "unit_price" => Ok(Self::UnitPrice),
+            other => Err(format!(
+                "the amount column holds `line_total` or `unit_price`, not `{other}`"
+            )),
+        }
+    }
 }
 
 /// Column settings given one by one (command-line flags, a config table,
@@ -126,6 +171,8 @@ pub struct MappingOverrides {
     pub quantity: Option<String>,
     /// Order-line value column.
     pub amount: Option<String>,
+    /// What the amount column holds.
+    pub amount_is: Option<AmountIs>,
     /// Explicit rating column.
     pub rating: Option<String>,
     /// Merchant or store column.
@@ -156,6 +203,7 @@ impl MappingOverrides {
             timestamp_format: self.timestamp_format.or(file.timestamp_format),
             quantity: self.quantity.or(file.quantity),
             amount: self.amount.or(file.amount),
+            amount_is: self.amount_is.or(file.amount_is),
             rating: self.rating.or(file.rating),
             merchant: self.merchant.or(file.merchant),
             delimiter: self.delimiter.or(file.delimiter),
@@ -182,6 +230,7 @@ impl MappingOverrides {
                     timestamp_format: TimestampFormat::Auto,
                     quantity: None,
                     amount: required(&self.amount, "amount")?,
+                    amount_is: AmountIs::LineTotal,
                     rating: None,
                     merchant: None,
                     delimiter: Delimiter::Comma,
@@ -217,6 +266,9 @@ impl MappingOverrides {
         if let Some(d) = self.decimal {
             map.decimal = d;
         }
+        if let Some(a) = self.amount_is {
+            map.amount_is = a;
+        }
         Ok(map)
     }
 }
@@ -232,6 +284,7 @@ impl OrdersMapping {
             timestamp_format: TimestampFormat::Yyyymmdd,
             quantity: Some("number_of_cds".into()),
             amount: "dollar_value".into(),
+            amount_is: AmountIs::LineTotal,
             rating: None,
             merchant: None,
             delimiter: Delimiter::Whitespace,

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-use super::mapping::{DecimalMark, Delimiter, OrdersMapping, SECONDS_PER_DAY};
+use super::mapping::{AmountIs, DecimalMark, Delimiter, OrdersMapping, SECONDS_PER_DAY};
 use super::{BadRowPolicy, BadRowReason, Order, OrdersError, ReadReport};
 
 /// How many skip messages the report keeps as examples.
@@ -63,6 +63,17 @@ impl Columns {
             })
         };
         let opt = |name: &Option<String>| name.as_deref().map(find).transpose();
+        if map.amount_is == AmountIs::UnitPrice && map.quantity.is_none() {
+            return Err(OrdersError::Mapping {
+                file: file.into(),
+                message: format!(
+                    "the amount column `{}` holds a unit price (`amount_is = \"unit_price\"`), \
+                     so the line's value needs the quantity column: name it (`quantity`, or \
+                     `--quantity-col`)",
+                    map.amount
+                ),
+            });
+        }
         Ok(Self {
             customer: find(&map.customer)?,
             item: opt(&map.item)?,
@@ -457,6 +468,21 @@ fn parse_row(
         BadRowReason::BadAmount,
         BadRowReason::NegativeAmount,
     )?;
+    let amount = match map.amount_is {
+        AmountIs::LineTotal => amount,
+        // Both cells are finite; their product may not be.
+        AmountIs::UnitPrice => Some(amount * quantity).filter(|v| v.is_finite()).ok_or_else(|| {
+            cell(
+                cols.amount,
+                BadRowReason::BadAmount,
+                format!(
+                    "unit price `{}` × quantity `{quantity}` is too large (the largest is about \
+                     3.4e38)",
+                    get(cols.amount)
+                ),
+            )
+        })?,
+    };
     let rating = cols
         .rating
         .map(|c| number(c, BadRowReason::BadRating, BadRowReason::BadRating))

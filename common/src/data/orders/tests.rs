@@ -15,6 +15,7 @@ fn mapping() -> OrdersMapping {
         timestamp_format: TimestampFormat::Auto,
         quantity: Some("qty".into()),
         amount: "price".into(),
+        amount_is: Default::default(),
         rating: None,
         merchant: None,
         delimiter: Delimiter::Comma,
@@ -764,4 +765,89 @@ fn a_customer_whose_sums_leave_f32_range_is_refused_by_name() {
     );
     orders.truncate(1);
     derive(&orders, &ChurnConfig::new(day(100), 30)).unwrap();
+}
+
+/// An export with a unit price beside the quantity (UCI Online Retail's
+/// `UnitPrice` and `Quantity`) gives each line price × quantity; without a
+/// quantity column the mapping is refused naming the keys, and a product
+/// beyond f32 is a bad amount, not ∞.
+#[test]
+fn a_unit_price_column_is_multiplied_by_the_quantity() {
+    let text = format!("{HEADER}c1,i1,2024-01-01,3,2.5\nc1,i2,2024-01-02,1,4\n");
+    let total = read(&text, &mapping(), BadRowPolicy::Fail).unwrap().0;
+    assert_eq!(
+        total.iter().map(|o| o.amount).collect::<Vec<_>>(),
+        [2.5, 4.0]
+    );
+    let unit = OrdersMapping {
+        amount_is: AmountIs::UnitPrice,
+        ..mapping()
+    };
+    let orders = read(&text, &unit, BadRowPolicy::Fail).unwrap().0;
+    assert_eq!(
+        orders.iter().map(|o| o.amount).collect::<Vec<_>>(),
+        [7.5, 4.0]
+    );
+    assert_eq!(orders[0].quantity, 3.0);
+    let without = OrdersMapping {
+        quantity: None,
+        ..unit.clone()
+    };
+    assert_eq!(
+        fail_message(&text, &without),
+        "orders.csv: the amount column `price` holds a unit price (`amount_is = \"unit_price\"`), \
+         so the line's value needs the quantity column: name it (`quantity`, or `--quantity-col`)"
+    );
+    let huge = fail_message(&format!("{HEADER}c1,i1,2024-01-01,1e20,1e20\n"), &unit);
+    assert_eq!(
+        huge,
+        "orders.csv: line 2, column `price`: unit price `1e20` × quantity `100000000000000000000` \
+         is too large (the largest is about 3.4e38)"
+    );
+    // Skipped, not fatal, under the skip policy.
+    let (kept, report) = read(
+        &format!("{HEADER}c1,i1,2024-01-01,1e20,1e20\nc2,i1,2024-01-01,2,1\n"),
+        &unit,
+        BadRowPolicy::Skip,
+    )
+    .unwrap();
+    assert_eq!((kept.len(), kept[0].amount), (1, 2.0));
+    assert_eq!(report.skipped.get(&BadRowReason::BadAmount), Some(&1));
+    // The key reads from a mapping file and round-trips; the default is
+    // left out.
+    let file: OrdersMapping = toml::from_str(
+        "customer = \"customer\"\ntimestamp = \"ts\"\nquantity = \"qty\"\namount = \"price\"\n\
+         amount_is = \"unit_price\"\n",
+    )
+    .unwrap();
+    assert_eq!(file.amount_is, AmountIs::UnitPrice);
+    assert!(
+        toml::to_string(&file)
+            .unwrap()
+            .contains("amount_is = \"unit_price\"")
+    );
+    assert!(!toml::to_string(&mapping()).unwrap().contains("amount_is"));
+    // A flag (`--amount-is`) over a mapping file, as prepare and the
+    // simulator build theirs.
+    let flag = crate::data::orders::mapping::MappingOverrides {
+        amount_is: Some(AmountIs::UnitPrice),
+        ..Default::default()
+    };
+    let none = crate::data::orders::mapping::MappingOverrides::default();
+    assert_eq!(flag.apply(Some(mapping())).unwrap(), unit);
+    assert_eq!(
+        none.clone()
+            .or(flag.clone())
+            .apply(Some(mapping()))
+            .unwrap(),
+        unit
+    );
+    assert_eq!(none.apply(Some(mapping())).unwrap(), mapping());
+    assert_eq!("unit_price".parse::<AmountIs>(), Ok(AmountIs::UnitPrice));
+    assert!(
+        "price"
+            .parse::<AmountIs>()
+            .unwrap_err()
+            .contains("not `price`")
+    );
 }

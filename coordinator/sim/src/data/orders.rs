@@ -19,8 +19,9 @@ use fedcart_common::data::catalogue::{Catalogue, HashedItems, ItemIndex};
 use fedcart_common::data::interactions::Interaction;
 use fedcart_common::data::movielens;
 use fedcart_common::data::orders::{
-    self, BadRowPolicy, ChurnConfig, DecimalMark, Delimiter, Order, OrdersMapping, Prepared,
-    TimestampFormat, derive::FEATURE_NAMES, mapping::MappingOverrides, mapping::SECONDS_PER_DAY,
+    self, AmountIs, BadRowPolicy, ChurnConfig, DecimalMark, Delimiter, Order, OrdersMapping,
+    Prepared, TimestampFormat, derive::FEATURE_NAMES, mapping::MappingOverrides,
+    mapping::SECONDS_PER_DAY,
 };
 use fedcart_common::data::partition::Partitioner;
 use fedcart_common::data::split;
@@ -81,6 +82,11 @@ pub struct OrdersArgs {
     #[arg(long = "amount-col")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amount: Option<String>,
+    /// Orders: what the amount column holds: line_total, or unit_price (multiplied by the
+    /// quantity column) [default: line_total].
+    #[arg(long = "amount-is")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount_is: Option<AmountIs>,
     /// Orders: explicit rating column (needed by `--task mf`).
     #[arg(long = "rating-col")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -153,6 +159,7 @@ impl OrdersArgs {
             ),
             (self.quantity.is_some(), "--quantity-col", "quantity"),
             (self.amount.is_some(), "--amount-col", "amount"),
+            (self.amount_is.is_some(), "--amount-is", "amount_is"),
             (self.rating.is_some(), "--rating-col", "rating"),
             (self.merchant.is_some(), "--merchant-col", "merchant"),
             (self.decimal.is_some(), "--decimal", "decimal"),
@@ -179,6 +186,7 @@ impl OrdersArgs {
             timestamp_format: self.timestamp_format.clone(),
             quantity: self.quantity.clone(),
             amount: self.amount.clone(),
+            amount_is: self.amount_is,
             rating: self.rating.clone(),
             merchant: self.merchant.clone(),
             delimiter: self.delimiter,
@@ -196,6 +204,7 @@ impl OrdersArgs {
             timestamp_format: self.timestamp_format.or(file.timestamp_format),
             quantity: self.quantity.or(file.quantity),
             amount: self.amount.or(file.amount),
+            amount_is: self.amount_is.or(file.amount_is),
             rating: self.rating.or(file.rating),
             merchant: self.merchant.or(file.merchant),
             delimiter: self.delimiter.or(file.delimiter),
