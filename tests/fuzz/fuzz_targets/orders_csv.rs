@@ -1,5 +1,5 @@
-//! A merchant's orders export, read with each delimiter, timestamp format and
-//! bad-row policy (picked by the first input byte). Read or fail, never panic;
+//! A merchant's orders export, read with each delimiter, timestamp format,
+//! amount kind and bad-row policy (picked by the first input byte). Read or fail, never panic;
 //! the orders read, written back as comma-separated unix-seconds CSV and read
 //! again, are the same orders.
 #![no_main]
@@ -7,7 +7,8 @@
 use std::path::Path;
 
 use fedcart_common::data::orders::{
-    BadRowPolicy, DecimalMark, Delimiter, Order, OrdersMapping, TimestampFormat, read_orders_from,
+    AmountIs, BadRowPolicy, DecimalMark, Delimiter, Order, OrdersMapping, TimestampFormat,
+    read_orders_from,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +24,7 @@ fn full_mapping(delimiter: Delimiter, timestamp_format: TimestampFormat) -> Orde
         timestamp_format,
         quantity: Some("qty".into()),
         amount: "amount".into(),
+        amount_is: AmountIs::LineTotal,
         rating: Some("rating".into()),
         merchant: Some("store".into()),
         delimiter,
@@ -88,6 +90,11 @@ fuzz_target!(|data: &[u8]| {
     };
     if layout >= 6 {
         mapping.decimal = decimal;
+    }
+    // Layouts 30 and 31: the amount column holds a unit price (each line
+    // read is then worth price × quantity, written back as a line total).
+    if layout >= 30 {
+        mapping.amount_is = AmountIs::UnitPrice;
     }
     let path = Path::new("fuzz.csv");
     let Ok((orders, report)) = read_orders_from(csv, path, &mapping, policy) else {
