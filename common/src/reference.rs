@@ -113,8 +113,12 @@ impl MerchantValue {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FederationValue {
     /// Rounds the baselines (local-only, centralised, and a reference
-    /// federation) trained: FedAvg, every merchant each round.
+    /// federation) trained at most: FedAvg, every merchant each round.
     pub rounds: u64,
+    /// The run's early-stopping patience, which the baselines follow too
+    /// (each stops after that many evaluations without a new best).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patience: Option<u64>,
     /// Baselines that could not be computed, one line each (a merchant
     /// whose training diverged alone has no local-only figure).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -193,6 +197,7 @@ pub fn federation_value(
     template: &TaskSpec,
     merchants: &[LocalData],
     rounds: u64,
+    patience: Option<u64>,
     federated: Federated<'_>,
 ) -> Result<FederationValue, ValueError> {
     use crate::federation::strategy::FedAvg;
@@ -207,11 +212,11 @@ pub fn federation_value(
             })
             .collect::<Result<_, _>>()?,
         Federated::Reference(personalise) => {
-            reference_figures(template, merchants, rounds, personalise)?
+            reference_figures(template, merchants, rounds, patience, personalise)?
         }
     };
     let mut pooled = [LocalData::pooled("centralized", merchants)];
-    let central = federate(template, &mut pooled, rounds, &mut FedAvg)?;
+    let central = federate_until(template, &mut pooled, rounds, &mut FedAvg, patience)?;
     let has_private_state = template.model.data_family() == "mf";
     let implicit = matches!(template.model, crate::task::ModelSpec::MfImplicit { .. });
     let num_items = template.model.mf_shape().map_or(0, |s| s.num_items);
@@ -238,25 +243,25 @@ pub fn federation_value(
         // whatever the model. A merchant whose training diverges alone (an
         // outlier in its data, say) has no local-only figure; the others'
         // columns are still measured.
-        let (local_only, weight) = match federate(&alone_template, &mut alone, rounds, &mut FedAvg)
-        {
-            Ok(local) => {
-                let mut spec = alone_template;
-                spec.standardizer = local.standardizer.clone();
-                spec.round = local.served_round();
-                evaluate_pooled(&spec, local.served(), &mut alone)?
-            }
-            Err(e) => {
-                notes.push(format!(
-                    "merchant {}: no local-only figure ({e})",
-                    m.merchant_id
-                ));
-                let mut alone = [m.clone()];
-                let initial = template.model.initial_params(template.seed);
-                let (_, weight) = evaluate_pooled(&alone_template, &initial, &mut alone)?;
-                (BTreeMap::new(), weight)
-            }
-        };
+        let (local_only, weight) =
+            match federate_until(&alone_template, &mut alone, rounds, &mut FedAvg, patience) {
+                Ok(local) => {
+                    let mut spec = alone_template;
+                    spec.standardizer = local.standardizer.clone();
+                    spec.round = local.served_round();
+                    evaluate_pooled(&spec, local.served(), &mut alone)?
+                }
+                Err(e) => {
+                    notes.push(format!(
+                        "merchant {}: no local-only figure ({e})",
+                        m.merchant_id
+                    ));
+                    let mut alone = [m.clone()];
+                    let initial = template.model.initial_params(template.seed);
+                    let (_, weight) = evaluate_pooled(&alone_template, &initial, &mut alone)?;
+                    (BTreeMap::new(), weight)
+                }
+            };
         let centralized = if has_private_state {
             None
         } else {
@@ -300,6 +305,7 @@ pub fn federation_value(
     let centralized_pooled = evaluate(&spec, central.served(), &mut pooled)?;
     Ok(FederationValue {
         rounds,
+        patience,
         notes,
         centralized_pooled,
         pooled: pooled_columns(&out),
@@ -314,11 +320,12 @@ fn reference_figures(
     template: &TaskSpec,
     merchants: &[LocalData],
     rounds: u64,
+    patience: Option<u64>,
     personalise: Option<&crate::model::mf::Personalise>,
 ) -> Result<Vec<ServedFigures>, TrainError> {
     use crate::federation::strategy::FedAvg;
     let mut fed_data = merchants.to_vec();
-    let fed = federate(template, &mut fed_data, rounds, &mut FedAvg)?;
+    let fed = federate_until(template, &mut fed_data, rounds, &mut FedAvg, patience)?;
     let mut spec = template.clone();
     spec.standardizer = fed.standardizer.clone();
     spec.round = fed.served_round();
@@ -406,11 +413,26 @@ pub fn federate(
     rounds: u64,
     strategy: &mut dyn Strategy,
 ) -> Result<Federation, TrainError> {
+    federate_until(template, merchants, rounds, strategy, None)
+}
+
+/// [`federate`] with the engine's early stopping: with `patience`, the
+/// federation stops once that many evaluations in a row did not improve on
+/// the best one (`run.early_stopping`), so a baseline gets the stopping
+/// rule of the run it is compared with.
+pub fn federate_until(
+    template: &TaskSpec,
+    merchants: &mut [LocalData],
+    rounds: u64,
+    strategy: &mut dyn Strategy,
+    patience: Option<u64>,
+) -> Result<Federation, TrainError> {
     let mut spec = template.clone();
     spec.standardizer = stats_step(&spec, merchants)?;
     if spec.model.is_analysis() {
-        return federate_analysis(spec, merchants, rounds);
+        return federate_analysis(spec, merchants, rounds, patience);
     }
+    let mut stale = Patience::new(patience);
     let mut params = spec.model.initial_params(spec.seed);
     let layout = spec.model.layout();
     let mut history = Vec::new();
@@ -442,8 +464,12 @@ pub fn federate(
                 best_value = Some(v);
                 best = Some((round, params.clone()));
             }
+            stale.evaluated(better);
         }
         history.push(metrics);
+        if stale.exhausted() {
+            break;
+        }
     }
     Ok(Federation {
         params,
@@ -463,7 +489,9 @@ fn federate_analysis(
     mut spec: TaskSpec,
     merchants: &mut [LocalData],
     rounds: u64,
+    patience: Option<u64>,
 ) -> Result<Federation, TrainError> {
+    let mut stale = Patience::new(patience);
     let template = spec.model.clone();
     let mut params = template.initial_params(spec.seed);
     let mut history = Vec::new();
@@ -504,12 +532,18 @@ fn federate_analysis(
             let metrics = evaluate(&spec, &params, merchants)?;
             if let Some((name, higher)) = spec.model.selection_metric()
                 && let Some(&v) = metrics.get(name).filter(|v| v.is_finite())
-                && best_value.is_none_or(|b| (higher && v > b) || (!higher && v < b))
             {
-                best_value = Some(v);
-                best = Some((round, params.clone()));
+                let better = best_value.is_none_or(|b| (higher && v > b) || (!higher && v < b));
+                if better {
+                    best_value = Some(v);
+                    best = Some((round, params.clone()));
+                }
+                stale.evaluated(better);
             }
             history.push(metrics);
+            if stale.exhausted() {
+                break;
+            }
         }
     }
     Ok(Federation {
@@ -518,6 +552,27 @@ fn federate_analysis(
         rounds: history,
         best,
     })
+}
+
+/// Evaluations in a row without a new best, against the patience of
+/// early stopping (none: never exhausted).
+struct Patience {
+    limit: Option<u64>,
+    stale: u64,
+}
+
+impl Patience {
+    fn new(limit: Option<u64>) -> Self {
+        Self { limit, stale: 0 }
+    }
+
+    fn evaluated(&mut self, improved: bool) {
+        self.stale = if improved { 0 } else { self.stale + 1 };
+    }
+
+    fn exhausted(&self) -> bool {
+        self.limit.is_some_and(|p| self.stale >= p)
+    }
 }
 
 /// The statistics step: the weighted mean of `[Σx, Σx²]` over merchants.
@@ -692,11 +747,58 @@ mod tests {
         assert!(auc > 0.80, "auc {auc}");
     }
 
+    /// With patience, a federation stops after that many evaluations in a
+    /// row without a new best, as the engine does; the baselines of a run
+    /// that stopped early get its rule (a probe saw local-only trained 11
+    /// rounds against a run stopped after 3).
+    #[test]
+    fn a_federation_with_patience_stops_after_evaluations_without_a_new_best() {
+        let mut spec = churn_lr_spec(5);
+        spec.sgd.learning_rate = 0.5;
+        let merchants = telco_merchants(3, 5);
+        let rounds = 12;
+        let full = federate(&spec, &mut merchants.clone(), rounds, &mut FedAvg).unwrap();
+        let (name, higher) = spec.model.selection_metric().expect("val_auc");
+        let values: Vec<f64> = full.rounds.iter().map(|m| m[name]).collect();
+        for patience in [1, 2] {
+            // Where the rule stops, read off the full run's figures.
+            let (mut best, mut stale, mut stop) = (None::<f64>, 0, values.len());
+            for (i, v) in values.iter().enumerate() {
+                if best.is_none_or(|b| if higher { *v > b } else { *v < b }) {
+                    (best, stale) = (Some(*v), 0);
+                } else {
+                    stale += 1;
+                }
+                if stale >= patience {
+                    stop = i + 1;
+                    break;
+                }
+            }
+            assert!(
+                stop < values.len(),
+                "{values:?}: no stop at patience {patience}"
+            );
+            let stopped = federate_until(
+                &spec,
+                &mut merchants.clone(),
+                rounds,
+                &mut FedAvg,
+                Some(patience),
+            )
+            .unwrap();
+            assert_eq!(stopped.rounds, full.rounds[..stop], "patience {patience}");
+            assert!(stopped.served_round() <= stop as u64);
+        }
+        let never = federate_until(&spec, &mut merchants.clone(), rounds, &mut FedAvg, None);
+        assert_eq!(never.unwrap().rounds, full.rounds);
+    }
+
     #[test]
     fn federation_value_compares_each_merchant_three_ways() {
         let spec = churn_lr_spec(3);
         let merchants = telco_merchants(4, 3);
-        let value = federation_value(&spec, &merchants, 3, Federated::Reference(None)).unwrap();
+        let value =
+            federation_value(&spec, &merchants, 3, None, Federated::Reference(None)).unwrap();
         assert_eq!(value.merchants.len(), 4);
         let fed = federate(&spec, &mut merchants.clone(), 3, &mut FedAvg).unwrap();
         // The federated column is the federated model on each merchant's own rows.
@@ -779,7 +881,8 @@ mod tests {
         };
         let mut served: BTreeMap<String, ServedFigures> =
             (0..3).map(|k| (format!("m{k}"), figures(k))).collect();
-        let value = federation_value(&spec, &merchants, 2, Federated::Served(&served)).unwrap();
+        let value =
+            federation_value(&spec, &merchants, 2, None, Federated::Served(&served)).unwrap();
         for (k, m) in value.merchants.iter().enumerate() {
             assert_eq!(m.federated, figures(k).metrics);
             assert!(m.weight > 0.0 && m.personalised.is_none());
@@ -793,7 +896,8 @@ mod tests {
             / total;
         assert!((value.pooled["federated"]["auc"] - mean).abs() < 1e-12);
         served.remove("m1");
-        let err = federation_value(&spec, &merchants, 2, Federated::Served(&served)).unwrap_err();
+        let err =
+            federation_value(&spec, &merchants, 2, None, Federated::Served(&served)).unwrap_err();
         assert!(
             matches!(&err, ValueError::MissingServed(m) if m == "m1"),
             "{err}"

@@ -150,6 +150,7 @@ pub fn run(
             &done.template,
             &originals,
             s.rounds,
+            s.early_stopping(&done.template.model).map(|e| e.patience),
             &done.served,
             s.progress,
         )?;

@@ -641,6 +641,9 @@ pub fn run_one(
             &template,
             &originals,
             s.mode.baseline_rounds(s.rounds, n),
+            // The run's stopping rule: a baseline trained past the point
+            // the run stopped at would be compared unfairly.
+            engine.run().early_stopping.map(|e| e.patience),
             &served,
             s.progress,
         )?;
@@ -776,6 +779,7 @@ pub(crate) fn baselines(
     template: &TaskSpec,
     originals: &[LocalData],
     rounds: u64,
+    patience: Option<u64>,
     served: &BTreeMap<String, fedcart_common::reference::ServedFigures>,
     show: bool,
 ) -> anyhow::Result<()> {
@@ -806,6 +810,7 @@ pub(crate) fn baselines(
         template,
         originals,
         rounds,
+        patience,
         fedcart_common::reference::Federated::Served(served),
     ) {
         Ok(value) => {
@@ -947,8 +952,11 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             _ => None,
         };
         out.push(format!(
-            "baselines ({key}, pooled over merchants): {}; federated beats local-only \
-             for {wins} of {} merchants{}",
+            "baselines ({key}, each merchant's weighted by its held-out rows{}): {}; \
+             federated beats local-only for {wins} of {} merchants{}",
+            v.patience
+                .map(|p| format!("; stopped as the run stops, patience {p}"))
+                .unwrap_or_default(),
             // None measurable (every merchant too small): said, not blank.
             if cols.is_empty() {
                 "none measured".to_string()

@@ -372,12 +372,16 @@ fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&s
     // discarded on its validation slice) and the copy it serves.
     let personal = v.merchants.iter().any(|m| m.personalised_kept.is_some());
     let mut out = format!(
-        "<h3>Federation value ({} of the run's served version; baselines trained {} rounds; \
-         centralised on all rows: {})</h3><table><tr><th>merchant</th><th>global popularity</th>\
+        "<h3>Federation value ({} of the run's served version; baselines trained {} rounds{}; \
+         centralised on all rows: {}; pooled: each column's figures weighted by held-out \
+         rows)</h3><table><tr><th>merchant</th><th>global popularity</th>\
          <th>own popularity</th><th>local-only</th><th>federated</th>{}<th>centralised</th></tr>\
          <tr><td><b>pooled</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>–</td></tr>",
         esc(key),
         v.rounds,
+        v.patience
+            .map(|p| format!(" at most, stopping as the run does (patience {p})"))
+            .unwrap_or_default(),
         cell(Some(&v.centralized_pooled)),
         if personal {
             "<th>personalised (kept?)</th><th>selected copy</th>"

@@ -30,6 +30,7 @@ fn experiment() -> Experiment {
     e.federation_value = Some(FederationValue {
         notes: Vec::new(),
         rounds: 6,
+        patience: None,
         centralized_pooled: metric(0.84),
         merchants: (0..3)
             .map(|k| MerchantValue {
