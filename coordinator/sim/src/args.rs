@@ -211,7 +211,7 @@ pub struct SimArgs {
     /// Seed of everything random [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Worker threads (0 = one per core) [default: 0].
+    /// Worker threads (0 = one per core; at most 1024) [default: 0].
     #[arg(long)]
     pub threads: Option<usize>,
     /// Directory for metrics.json, metrics.csv, report.html and the plots.

@@ -271,6 +271,16 @@ pub fn run_one(
         && s.patience.is_some_and(|p| p > 0)
         && pop.model.selection_metric().is_none()
     {
+        if matches!(
+            pop.model,
+            ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. }
+        ) {
+            bail!(
+                "--patience stops on the validation AUC, and --valid-fraction 0 keeps no \
+                 validation slice: give --valid-fraction above 0 (default 0.1), or leave \
+                 --patience out"
+            );
+        }
         bail!(
             "--patience applies to models that report a validation metric (mf, mf-implicit, mf-ials, \
              churn-lr, churn-mlp, churn-gbdt); task `{}` reports none: leave --patience out",

@@ -339,6 +339,15 @@ impl Settings {
                 name!(valid_fraction, "--valid-fraction")
             );
         }
+        let threads = pick!(threads, 0);
+        if threads > MAX_THREADS {
+            // Each is an OS thread: 100,000 of them never started the run.
+            bail!(
+                "{} {threads} is more worker threads than a simulation uses: give at most \
+                 {MAX_THREADS} (0 = one per core)",
+                name!(threads, "--threads")
+            );
+        }
         let gbdt = {
             let d = fedcart_common::model::gbdt::GbdtParams::default();
             let p = fedcart_common::model::gbdt::GbdtParams {
@@ -404,7 +413,7 @@ impl Settings {
             attack: Attack::parse(&pick!(attack, "scale:10".into()))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", name!(attack, "--attack")))?,
             seed: pick!(seed, 42),
-            threads: pick!(threads, 0),
+            threads,
             out: args.out.clone().or(file.out.clone()),
             progress: false,
             dp: super::dp::settings(
@@ -1026,6 +1035,9 @@ impl Settings {
 /// Configurations a `--search` starts from unless `--search-candidates`
 /// says otherwise: three rungs of successive halving (8, 4, 2).
 pub const DEFAULT_SEARCH_CANDIDATES: usize = 8;
+
+/// The most worker threads `--threads` takes (each an OS thread).
+pub const MAX_THREADS: usize = 1024;
 
 /// Default early-stopping patience, in evaluated rounds: long enough to
 /// ride out the round-to-round noise of HR@10 on a few hundred validation

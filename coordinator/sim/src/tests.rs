@@ -955,25 +955,43 @@ fn churn_lr_and_mlp_serve_the_best_version_by_validation_auc_and_stop_on_patienc
 }
 
 /// `--valid-fraction 0` trains on every row and selects nothing (the last
-/// version is served); a share of one half or more, or the flag on a task
-/// that keeps no such slice, is refused naming the flag.
+/// version is served), and `--patience` with it is refused naming that
+/// cause; a share of one half or more, or the flag on a task that keeps no
+/// such slice, is refused naming the flag (and so are 100,000 `--threads`,
+/// which never started the run).
 #[test]
 fn valid_fraction_zero_selects_nothing_and_bad_shares_are_refused_by_flag() {
     let mut a = telco_args("churn-lr");
     a.merchants = Some(3);
     a.rounds = Some(2);
     a.valid_fraction = Some(0.0);
-    let e = &run(a)[0];
+    let e = &run(a.clone())[0];
     assert!(e.best.is_none());
     assert!(
         !e.last_eval().contains_key("val_auc"),
         "{:?}",
         e.last_eval()
     );
+    // With --patience, the cause is named (it said churn-lr "reports none").
+    a.patience = Some(3);
+    let err = run_all(&Settings::from_args(a).unwrap())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("--valid-fraction 0 keeps no validation slice"),
+        "{err}"
+    );
     let refused = |a: SimArgs, want: &str| {
         let err = Settings::from_args(a).unwrap_err().to_string();
         assert!(err.contains(want), "{err}");
     };
+    let mut a = telco_args("churn-lr");
+    a.threads = Some(100_000);
+    refused(
+        a,
+        "--threads 100000 is more worker threads than a simulation uses",
+    );
     let mut a = telco_args("churn-mlp");
     a.valid_fraction = Some(0.5);
     refused(a, "--valid-fraction 0.5 is not in [0, 0.5)");
