@@ -79,6 +79,19 @@ impl std::str::FromStr for Partitioner {
     }
 }
 
+/// As the flag writes it (`iid`, `dirichlet:0.3`, `zipf:1.2`, `natural`),
+/// so a report names the partition as the command line gave it.
+impl std::fmt::Display for Partitioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Iid => f.write_str("iid"),
+            Self::Dirichlet(a) => write!(f, "dirichlet:{a}"),
+            Self::Zipf(s) => write!(f, "zipf:{s}"),
+            Self::Natural => f.write_str("natural"),
+        }
+    }
+}
+
 impl Partitioner {
     /// Deals units `0..labels.len()` into `n` merchants; `groups` is the
     /// natural merchant column (one value per unit), if the data has one.

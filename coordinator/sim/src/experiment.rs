@@ -346,14 +346,25 @@ impl Experiment {
         model: &ModelSpec,
         load_seconds: f64,
     ) -> Self {
+        // Explicit train/test files are what the run read, not the
+        // dataset's bundled file.
+        let data = match s.files() {
+            Some((train, test)) => format!(
+                "{}:{} (test {})",
+                data.name().split(':').next().unwrap_or("data"),
+                train.display(),
+                test.display()
+            ),
+            None => data.name(),
+        };
         Self {
-            name: format!("{} on {}", task.name(), data.name()),
+            name: format!("{} on {}", task.name(), data),
             task: task.name(),
-            data: data.name(),
+            data,
             merchants,
             model_len: model.model_len(),
             strategy: s.strategy.to_string(),
-            partition: format!("{:?}", s.partition),
+            partition: s.partition.to_string(),
             mode: s.mode.name().into(),
             final_metrics: BTreeMap::new(),
             rounds: Vec::new(),

@@ -262,6 +262,20 @@ impl Settings {
             (None, None) => None,
             _ => bail!("--train and --test go together"),
         };
+        if let Some((train, test)) = &train_test {
+            let same = train == test
+                || matches!(
+                    (std::fs::canonicalize(train), std::fs::canonicalize(test)),
+                    (Ok(a), Ok(b)) if a == b
+                );
+            if same {
+                bail!(
+                    "--train and --test name the same file ({}): every test figure would be \
+                     measured on rows the model trained on; give a held-out file as --test",
+                    test.display()
+                );
+            }
+        }
         let strategy = pick!(strategy, StrategySpec::FedAvg);
         let task = with_task_flags(
             args.task.or(file.task),

@@ -108,8 +108,10 @@ fn schema_auto_drafts_from_the_table_and_learns_as_the_hand_written_one() {
     );
     // Without a table to draft from, the error says what to do instead.
     let mut a = args("churn-lr", "csv".into(), Some("auto".into()));
+    let copy = dir.path().join("test.csv");
+    std::fs::copy(telco(), &copy).unwrap();
     a.train = Some(telco());
-    a.test = Some(telco());
+    a.test = Some(copy);
     assert!(error(a).contains("--schema auto drafts the schema from `--data csv:PATH`"),);
 }
 
@@ -131,11 +133,24 @@ fn csv_takes_explicit_train_and_test_tables() {
         "csv".into(),
         Some(schema_file(dir.path(), &Schema::telco())),
     );
-    a.train = Some(train);
-    a.test = Some(test);
-    let exp = run(a).unwrap().remove(0);
+    a.train = Some(train.clone());
+    a.test = Some(test.clone());
+    let exp = run(a.clone()).unwrap().remove(0);
     let auc = exp.final_metrics["auc"];
     assert!(auc > 0.8, "auc {auc}");
+    // The report names the files read (it named the dataset's default).
+    let data = format!("csv:{} (test {})", train.display(), test.display());
+    assert_eq!(exp.data, data);
+    assert_eq!(exp.name, format!("churn-lr on {data}"));
+    assert_eq!(exp.partition, "iid");
+    // The training file as the test file is refused, by any spelling.
+    a.test = Some(dir.path().join(".").join("train.csv"));
+    let err = error(a);
+    assert!(
+        err.contains("--train and --test name the same file")
+            && err.contains("give a held-out file as --test"),
+        "{err}"
+    );
     // Without tables and without a path there is nothing to read.
     let err = error(args(
         "churn-lr",
