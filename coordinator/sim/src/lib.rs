@@ -1340,7 +1340,14 @@ fn flag_error(e: fedcart_coordinator::config::ConfigError) -> anyhow::Error {
         "run.rounds" => Some("--rounds"),
         "run.sgd.epochs" => Some("--epochs"),
         "run.sgd.learning_rate" => Some("--lr"),
+        "run.sgd.batch_size" => Some("--batch-size"),
+        "run.sgd.prox_mu" => Some("--strategy fedprox:MU"),
         "run.strategy" => Some("--strategy"),
+        "run.max_attempts" => Some("--max-attempts"),
+        "run.early_stopping" | "run.early_stopping.patience" => Some("--patience"),
+        "run.secagg.clip" => Some("--secagg-clip"),
+        "run.secagg.neighbours" => Some("--secagg-neighbours"),
+        "run.selection.fraction" => Some("--fraction"),
         _ => None,
     };
     match e {

@@ -986,6 +986,15 @@ fn valid_fraction_zero_selects_nothing_and_bad_shares_are_refused_by_flag() {
         let err = Settings::from_args(a).unwrap_err().to_string();
         assert!(err.contains(want), "{err}");
     };
+    // A setting the run's validation refuses names the flag given, not
+    // the run configuration's key (`run.sgd.batch_size`).
+    let mut a = telco_args("churn-lr");
+    a.batch_size = Some(0);
+    let err = run_all(&Settings::from_args(a).unwrap())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.starts_with("invalid --batch-size: "), "{err}");
     let mut a = telco_args("churn-lr");
     a.threads = Some(100_000);
     refused(
