@@ -134,8 +134,8 @@ fn compare(name: &str, template: &TaskSpec, ms: &[LocalData]) {
     let central = federate(template, &mut pooled, r, &mut FedAvg).expect("pooled");
     s.standardizer = central.standardizer.clone();
     let pooled_auc = evaluate(&s, central.served(), &mut pooled).expect("eval")["auc"];
-    let value =
-        federation_value(template, ms, r, Federated::Reference(None)).expect("federation value");
+    let value = federation_value(template, ms, r, None, Federated::Reference(None))
+        .expect("federation value");
     let wins = value
         .merchants
         .iter()

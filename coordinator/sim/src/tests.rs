@@ -975,8 +975,7 @@ fn valid_fraction_zero_selects_nothing_and_bad_shares_are_refused_by_flag() {
     // With --patience, the cause is named (it said churn-lr "reports none").
     a.patience = Some(3);
     let err = run_all(&Settings::from_args(a).unwrap())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(
         err.contains("--valid-fraction 0 keeps no validation slice"),
@@ -991,8 +990,7 @@ fn valid_fraction_zero_selects_nothing_and_bad_shares_are_refused_by_flag() {
     let mut a = telco_args("churn-lr");
     a.batch_size = Some(0);
     let err = run_all(&Settings::from_args(a).unwrap())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.starts_with("invalid --batch-size: "), "{err}");
     let mut a = telco_args("churn-lr");
