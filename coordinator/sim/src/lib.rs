@@ -761,7 +761,7 @@ fn untested_note(task: TaskChoice, exp: &Experiment, no_churner: bool) -> Option
                 .to_string()
         } else if exp.merchants <= 1 {
             "with one merchant, give more customers".to_string()
-        } else if exp.partition.starts_with("Natural") {
+        } else if exp.partition == "natural" {
             format!(
                 "the natural partition keeps the export's {} stores; pool them with another \
                  --partition and fewer --merchants, or give a longer export",
