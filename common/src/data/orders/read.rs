@@ -345,6 +345,23 @@ fn records<'a, R: Read + 'a>(
     }
 }
 
+/// The longest cell a message quotes whole; a longer one (a 3 MB
+/// timestamp once made a 3 MB error) is quoted by its start and its length.
+const MAX_QUOTED_CELL: usize = 80;
+
+/// `message` with each quotation of `raw` cut to its first
+/// [`MAX_QUOTED_CELL`] characters when `raw` is longer than that.
+fn shorten_cell(message: String, raw: &str) -> String {
+    if raw.chars().count() <= MAX_QUOTED_CELL {
+        return message;
+    }
+    let start: String = raw.chars().take(MAX_QUOTED_CELL).collect();
+    let short = format!("{start}… ({} bytes in all)", raw.len());
+    // Escaped for display when it holds control characters (`number`).
+    let escaped = raw.escape_debug().to_string();
+    message.replace(raw, &short).replace(&escaped, &short)
+}
+
 fn parse_row(
     cols: &Columns,
     header: &[String],
@@ -375,7 +392,7 @@ fn parse_row(
         line,
         column: header[c].clone(),
         reason,
-        message,
+        message: shorten_cell(message, fields[c].trim()),
     };
     let get = |c: usize| fields[c].trim();
     let number = |c: usize, bad: BadRowReason, negative: BadRowReason| {

@@ -851,3 +851,26 @@ fn a_unit_price_column_is_multiplied_by_the_quantity() {
             .contains("not `price`")
     );
 }
+
+/// A huge bad cell is quoted by its start and its length, not whole.
+#[test]
+fn a_huge_bad_cell_is_quoted_by_its_start() {
+    let long = "9".repeat(100) + &"x".repeat(3_000_000);
+    let e = fail_message(&format!("{HEADER}c1,i1,{long},1,1\n"), &mapping());
+    assert!(e.len() < 2_000, "{} bytes", e.len());
+    assert!(
+        e.starts_with("orders.csv: line 2, column `ts`: ")
+            && e.contains(&format!("{}… (3000100 bytes in all)", "9".repeat(80))),
+        "{}",
+        &e[..e.len().min(500)]
+    );
+    let e = fail_message(&format!("{HEADER}c1,i1,2024-01-01,1,{long}\n"), &mapping());
+    assert!(
+        e.len() < 2_000 && e.contains("(3000100 bytes in all)"),
+        "{}",
+        &e[..e.len().min(500)]
+    );
+    // A short cell is quoted whole, as before.
+    let e = fail_message(&format!("{HEADER}c1,i1,2024-01-01,1,abc\n"), &mapping());
+    assert!(e.contains("`abc`"), "{e}");
+}
