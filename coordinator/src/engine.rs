@@ -248,6 +248,13 @@ pub struct Engine {
     last_abort: Option<RoundRecord>,
 }
 
+/// `record` when it is an aborted attempt the run retries (evaluations are
+/// not retried): what [`Engine::retrying`] names.
+fn retried(record: &RoundRecord) -> Option<RoundRecord> {
+    (record.outcome == Outcome::Aborted && record.kind != TaskKind::Evaluate)
+        .then(|| record.clone())
+}
+
 /// Whether `version` is followed by an evaluation task: after every version
 /// when the run evaluates, and always after the last version, which is how
 /// the final model (or an analysis's final state, say the frequent itemsets)
@@ -402,10 +409,7 @@ impl Engine {
             .rev()
             .find(|r| r.kind == TaskKind::Evaluate && r.outcome == Outcome::Committed)
             .map(|r| (r.round, r.sampled));
-        let last_abort = history
-            .last()
-            .filter(|r| r.outcome == Outcome::Aborted && r.kind != TaskKind::Evaluate)
-            .cloned();
+        let last_abort = history.last().and_then(retried);
         Ok(Self {
             store,
             run,
@@ -519,8 +523,8 @@ impl Engine {
     }
 
     /// Why the round being retried aborted last, as the runs list shows it
-    /// ("r3a2-train aborted (attempt 2 of 10): …"), while no task of the
-    /// run has committed since. Evaluations are not retried: none is named.
+    /// ("r3a2-train aborted (attempt 2 of 10, run.max_attempts): …"), while
+    /// no task of the run has committed since.
     pub fn retrying(&self) -> Option<String> {
         let r = self.last_abort.as_ref()?;
         if self.stopped.is_some() || self.finished() {

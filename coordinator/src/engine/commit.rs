@@ -97,8 +97,7 @@ impl Engine {
     /// Closes the open task: commits with a quorum, otherwise aborts.
     pub fn finish_task(&mut self) -> Result<RoundRecord, EngineError> {
         let record = self.close_open_task()?;
-        self.last_abort = (record.outcome == Outcome::Aborted && record.kind != TaskKind::Evaluate)
-            .then(|| record.clone());
+        self.last_abort = super::retried(&record);
         Ok(record)
     }
 
