@@ -114,17 +114,29 @@ impl DataSpec {
         }
     }
 
+    /// The dataset's kind, as `--data` names it (`movielens`, `telco`,
+    /// `orders`, `csv`; `none`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::MovieLens(_) => "movielens",
+            Self::Telco(_) => "telco",
+            Self::Orders(_) => "orders",
+            Self::Csv(_) => "csv",
+            Self::None => "none",
+        }
+    }
+
     /// Short name for reports.
     pub fn name(&self) -> String {
-        match self {
-            Self::MovieLens(p) => format!("movielens:{}", p.display()),
-            Self::Telco(p) => format!("telco:{}", p.display()),
-            Self::Orders(o) => format!("orders:{}", o.path.display()),
-            Self::Csv(c) => match &c.path {
-                Some(p) => format!("csv:{}", p.display()),
-                None => "csv".into(),
-            },
-            Self::None => "none".into(),
+        let path = match self {
+            Self::MovieLens(p) | Self::Telco(p) => Some(p.as_path()),
+            Self::Orders(o) => Some(o.path.as_path()),
+            Self::Csv(c) => c.path.as_deref(),
+            Self::None => None,
+        };
+        match path {
+            Some(p) => format!("{}:{}", self.kind(), p.display()),
+            None => self.kind().into(),
         }
     }
 

@@ -351,7 +351,7 @@ impl Experiment {
         let data = match s.files() {
             Some((train, test)) => format!(
                 "{}:{} (test {})",
-                data.name().split(':').next().unwrap_or("data"),
+                data.kind(),
                 train.display(),
                 test.display()
             ),
