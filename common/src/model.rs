@@ -260,6 +260,25 @@ pub enum TrainError {
     /// Training produced a NaN or infinite value; nothing is sent.
     #[error("local training diverged (non-finite parameter); lower the learning rate")]
     Diverged,
+    /// Explicit MF diverged: the span of the merchant's training ratings and
+    /// the one farthest from their mean, which is where to look (a rating of
+    /// 1000 among 0.5–5 stars diverges whatever the learning rate).
+    #[error(
+        "local training diverged (non-finite parameter): this merchant's training ratings run from {} to {} around a mean of {}, customer `{customer}`'s {} farthest from it; check such ratings, or lower the learning rate",
+        short(*.min), short(*.max), short(*.mean), short(*.farthest)
+    )]
+    DivergedRatings {
+        /// Smallest training rating.
+        min: f32,
+        /// Largest training rating.
+        max: f32,
+        /// Mean training rating.
+        mean: f32,
+        /// The customer of the rating farthest from the mean.
+        customer: String,
+        /// That rating.
+        farthest: f32,
+    },
     /// A local interaction names an item index outside the task's catalogue
     /// (the merchant's catalogue is newer than the federation's model).
     #[error("local item index {item} is outside the model's catalogue of {num_items} items")]
@@ -284,6 +303,23 @@ pub enum TrainError {
     MissingStandardizer,
 }
 
+/// A number as a person reads it: `4.5`, `3.412`, `1e30` (not 31 digits).
+fn short(v: f32) -> String {
+    if v.is_finite() && v.abs() < 1e6 {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        let s = format!("{v:.3e}");
+        match s.split_once('e') {
+            Some((mantissa, exp)) => {
+                let m = mantissa.trim_end_matches('0').trim_end_matches('.');
+                format!("{m}e{exp}")
+            }
+            None => s,
+        }
+    }
+}
+
 impl TrainError {
     /// What an agent may tell the coordinator about this failure: a fixed
     /// text per kind, without the values, user or item names the full
@@ -295,7 +331,9 @@ impl TrainError {
             Self::NoData(_) => "the merchant has no data of the task's family",
             Self::ModelLength { .. } => "the global model does not have the task's length",
             Self::FeatureWidth { .. } => "the local features do not have the model's width",
-            Self::Diverged => "local training diverged (non-finite parameter)",
+            Self::Diverged | Self::DivergedRatings { .. } => {
+                "local training diverged (non-finite parameter)"
+            }
             Self::ItemOutOfRange { .. } => "a local item is outside the model's catalogue",
             Self::InvalidModel(_) => "invalid model",
             Self::Privacy(_) => "the update could not be put in its differentially private form",

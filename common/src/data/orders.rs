@@ -186,10 +186,11 @@ pub enum OrdersError {
     /// The cutoff or window settings are unusable.
     #[error("invalid churn settings: {0}")]
     Config(String),
-    /// A customer's derived feature is out of the models' range (each cell
-    /// was, but their sum is not).
+    /// A customer's derived feature is beyond what the models standardise
+    /// (`standardize::MAX_FEATURE_MAGNITUDE`; each cell may be within f32's
+    /// range, but their sum or its square is not).
     #[error(
-        "customer `{customer}`: {feature} sums to {value:.3e}, beyond the range of the models' 32-bit numbers (±3.4e38): check that customer's quantity and amount cells"
+        "customer `{customer}`: {feature} comes to {value:.3e}, beyond ±1e15, the largest feature the models standardise (its square must stay within their 32-bit numbers): check that customer's quantity and amount cells"
     )]
     OutOfRange {
         /// The customer.

@@ -10,6 +10,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::federation::update::Update;
 
+/// The largest magnitude a feature may have to be standardised. The
+/// statistics step sends each feature's `Σx²` as a 32-bit float: a square of
+/// 1e30 summed over 10⁸ rows stays below `f32::MAX` (3.4e38), while one value
+/// of 1e20 alone makes it infinite, so that merchant's statistics are refused
+/// and its own rows, scaled by everyone else's spread, wreck its training.
+/// Readers refuse larger cells and features, naming them.
+pub const MAX_FEATURE_MAGNITUDE: f64 = 1e15;
+
 /// Per-feature mean and standard deviation used to scale inputs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Standardizer {

@@ -445,6 +445,15 @@ impl Schema {
                         };
                         return Err(cell_err(name, format!("`{raw}` {why}")));
                     }
+                    if f64::from(v.abs()) > crate::data::standardize::MAX_FEATURE_MAGNITUDE {
+                        return Err(cell_err(
+                            name,
+                            format!(
+                                "`{raw}` is beyond ±1e15, the largest value the models \
+                                 standardise (its square must stay within their 32-bit numbers)"
+                            ),
+                        ));
+                    }
                     v
                 };
             }
@@ -794,6 +803,17 @@ mod tests {
         assert!(
             e.to_string()
                 .ends_with("`1e308` is beyond the range of the models' 32-bit numbers (±3.4e38)"),
+            "{e}"
+        );
+        // An f32, but its square is not: the statistics step would be
+        // refused and the merchant's scaled rows would wreck its training.
+        std::fs::write(&without, "id,x\na,1e15\nb,-2e15\n").unwrap();
+        let e = schema.load_features_delimited(&without, b',').unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "line 3, column `x`: `-2e15` is beyond ±1e15, the largest value the models \
+                 standardise (its square must stay within their 32-bit numbers)"
+            ),
             "{e}"
         );
     }

@@ -435,7 +435,11 @@ impl FederatedModel for MfShape<'_> {
             }
         }
         if !loss.is_finite() || local.iter().any(|v| !v.is_finite()) {
-            return Err(TrainError::Diverged);
+            return Err(if self.implicit {
+                TrainError::Diverged
+            } else {
+                diverged_ratings(data)
+            });
         }
         let weight = data.train.len() as f64;
         let update = item_update(global, &local, &counts, weight, n, k, h.aggregation)?;
@@ -490,5 +494,36 @@ impl UserState {
             }
             None => self.served = None,
         }
+    }
+}
+
+/// Why explicit training diverged, in the data's terms: the span of the
+/// training ratings and the one farthest from their mean (a typo such as
+/// 1000 among 0.5–5 stars diverges whatever the learning rate).
+fn diverged_ratings(data: &MfData) -> TrainError {
+    let n = data.train.len().max(1) as f64;
+    let mean = (data.train.iter().map(|r| f64::from(r.value)).sum::<f64>() / n) as f32;
+    let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
+    let mut farthest: Option<&super::Rating> = None;
+    for r in &data.train {
+        min = min.min(r.value);
+        max = max.max(r.value);
+        if farthest.is_none_or(|f| (r.value - mean).abs() > (f.value - mean).abs()) {
+            farthest = Some(r);
+        }
+    }
+    let Some(far) = farthest else {
+        return TrainError::Diverged;
+    };
+    TrainError::DivergedRatings {
+        min,
+        max,
+        mean,
+        customer: data
+            .users
+            .get(far.user as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", far.user)),
+        farthest: far.value,
     }
 }

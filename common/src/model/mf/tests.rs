@@ -277,6 +277,57 @@ fn unknown_items_are_counted_and_reported_not_fatal() {
     assert_eq!(local.examples()["mf"], 2);
 }
 
+/// A rating of 1000 among 1–5 stars made explicit training diverge with
+/// "lower the learning rate", which no learning rate fixes. The error names
+/// the ratings' span and the customer of the farthest one; what the
+/// coordinator is told stays the fixed, data-free reason.
+#[test]
+fn diverged_explicit_training_names_the_rating_farthest_from_the_mean() {
+    let row = |user: &str, item: &str, value: f32| Interaction {
+        user: user.into(),
+        item: item.into(),
+        value,
+        timestamp: 0,
+    };
+    let catalogue = Catalogue::from_ids(["a", "b", "c"]);
+    let train: Vec<Interaction> = (0..30)
+        .map(|u| {
+            row(
+                &format!("c{u}"),
+                ["a", "b", "c"][u % 3],
+                1.0 + (u % 5) as f32,
+            )
+        })
+        .chain([row("typo", "b", 1e30)])
+        .collect();
+    let mut local = LocalData {
+        merchant_id: "m".into(),
+        mf: Some(MfData::new(&train, &[], &catalogue)),
+        ..Default::default()
+    };
+    let s = spec(3, 2, tuned());
+    let params = s.model.initial_params(1);
+    let e = run_task(&s, &params, &mut local).unwrap_err();
+    assert!(matches!(
+        &e,
+        TrainError::DivergedRatings { min, max, customer, .. }
+            if *min == 1.0 && *max == 1e30 && customer == "typo"
+    ));
+    let text = e.to_string();
+    assert!(
+        text.starts_with("local training diverged (non-finite parameter): this merchant's training ratings run from 1 to 1e30 around a mean of 3.226e28,"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("customer `typo`'s 1e30 farthest from it; check such ratings, or lower the learning rate"),
+        "{text}"
+    );
+    assert_eq!(
+        e.public_reason(),
+        "local training diverged (non-finite parameter)"
+    );
+}
+
 #[test]
 fn ranking_skips_training_items_and_counts_ties_against_the_target() {
     let scores = [0.9, 0.5, 0.8, 0.5, 0.1];
