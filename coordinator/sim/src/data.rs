@@ -555,8 +555,8 @@ pub fn build(
             let implicit = task.is_implicit_mf();
             let (all, train, test) = match files {
                 Some((tr, te)) => {
-                    let train = load_ratings(tr, delimiter)?;
-                    let test = load_ratings(te, delimiter)?;
+                    let train = load_split_ratings(tr, delimiter)?;
+                    let test = load_split_ratings(te, delimiter)?;
                     let all = [train.clone(), test.clone()].concat();
                     (all, train, test)
                 }
@@ -734,6 +734,22 @@ fn mf_model(implicit: bool, num_items: usize, factors: usize, hyper: MfHyper) ->
 fn load_ratings(path: &Path, delimiter: u8) -> anyhow::Result<Vec<Interaction>> {
     // Every loading error names the file (and line) itself.
     Ok(movielens::load_ratings_delimited(path, delimiter)?)
+}
+
+/// [`load_ratings`] for `--train`/`--test`: a file without the ratings'
+/// columns is more likely another kind of data than a broken ratings file,
+/// and without `--data` the files are read as ratings, so the error says how
+/// to read a customer table or an orders export instead.
+fn load_split_ratings(path: &Path, delimiter: u8) -> anyhow::Result<Vec<Interaction>> {
+    movielens::load_ratings_delimited(path, delimiter).map_err(|e| match e {
+        fedcart_common::data::tabular::DataError::MissingColumn { .. } => anyhow::anyhow!(
+            "{e}\n--train and --test are read as ratings (userId,movieId,rating,timestamp or \
+             user,item,value,timestamp) unless --data says otherwise: for a customer table give \
+             --data csv --schema FILE (or --schema auto), for an orders export --data orders \
+             with its column flags"
+        ),
+        e => e.into(),
+    })
 }
 
 /// Each user's label for Dirichlet skew: the quintile (0–4) of the mean

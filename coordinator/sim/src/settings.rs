@@ -320,6 +320,21 @@ impl Settings {
                 );
             }
         }
+        // Read by ratings and customer-table data only: an orders export
+        // ignored them while the report named them as what it read.
+        if train_test.is_some()
+            && let Some(d @ DataSpec::Orders(_)) = &data
+        {
+            bail!(
+                "{} and {} are not read with an orders export ({}): the export is split inside, \
+                 per merchant (the recommender holds out each customer's latest item, churn \
+                 labels come from the cutoff); give the whole export as --data orders:PATH and \
+                 leave them out",
+                name!(train, "--train"),
+                name!(test, "--test"),
+                d.name()
+            );
+        }
         if schema.is_some() && !matches!(data, Some(DataSpec::Csv(_))) {
             bail!("{} applies to --data csv only", name!(schema, "--schema"));
         }

@@ -161,6 +161,31 @@ fn csv_takes_explicit_train_and_test_tables() {
         err.contains("--data csv without a PATH needs --train and --test"),
         "{err}"
     );
+    // An orders export does not read them: it ran the bundled log while the
+    // report named the two files.
+    let mut a = args("churn-lr", "orders".into(), None);
+    a.train = Some(train.clone());
+    a.test = Some(test.clone());
+    let err = error(a.clone());
+    assert!(
+        err.starts_with("--train and --test are not read with an orders export (orders:")
+            && err.ends_with("give the whole export as --data orders:PATH and leave them out"),
+        "{err}"
+    );
+    a.task = Some("segments".parse().unwrap());
+    a.data = None;
+    assert!(error(a).starts_with("--train and --test are not read with an orders export"));
+    // Without --data they are read as ratings: a customer table there
+    // says how to read it instead.
+    let mut a = args("mf", "movielens".into(), None);
+    (a.train, a.test) = (Some(train), Some(test));
+    a.data = None;
+    let err = error(a);
+    assert!(
+        err.contains("missing column `userId`")
+            && err.contains("for a customer table give --data csv --schema FILE"),
+        "{err}"
+    );
 }
 
 /// A small customer table with its own schema: `tenure` numeric, `plan`
