@@ -90,8 +90,23 @@ pub fn write_all(dir: &Path, experiments: &[Experiment]) -> anyhow::Result<Vec<V
         .map(|e| {
             charts(e)
                 .into_iter()
-                .map(|(name, title, chart)| write_one(dir, &name, &title, &chart))
+                .map(|(name, title, chart)| write_one(dir, &file_stem(&name), &title, &chart))
                 .collect()
+        })
+        .collect()
+}
+
+/// A chart's name as a portable file stem: a task's parameters (`noop:1000`,
+/// `churn-mlp:16,8`, `segments:4`) made `:` and `,` part of the file names,
+/// which Windows refuses and shells and URLs treat specially.
+fn file_stem(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@') {
+                c
+            } else {
+                '-'
+            }
         })
         .collect()
 }

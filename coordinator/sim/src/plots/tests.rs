@@ -280,3 +280,28 @@ fn the_federation_value_legend_covers_no_bar() {
         }
     }
 }
+
+/// A task's parameters put `:` and `,` in the file names
+/// (`churn-mlp:16,8-auc-by-round.png`), which Windows refuses and shells
+/// and URLs treat specially; the files are named portably, the titles keep
+/// the task's name.
+#[test]
+fn plot_files_of_a_task_with_parameters_have_portable_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = experiment();
+    e.task = "churn-mlp:16,8".into();
+    let plots = write_all(dir.path(), &[e]).unwrap();
+    let names: Vec<&str> = plots[0].iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "churn-mlp-16-8-auc-by-round",
+            "churn-mlp-16-8-auc-by-time",
+            "churn-mlp-16-8-federation-value"
+        ]
+    );
+    for p in &plots[0] {
+        assert!(dir.path().join(format!("{}.png", p.name)).is_file());
+        assert!(p.title.starts_with("churn-mlp:16,8: "), "{}", p.title);
+    }
+}
