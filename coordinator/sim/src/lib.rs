@@ -69,10 +69,19 @@ pub enum Format {
 pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Result<()> {
     let mut settings = Settings::from_args(args)?;
     settings.progress = progress;
+    let started = std::time::SystemTime::now();
     let experiments = run_all(&settings)?;
     if let Some(dir) = &settings.out {
         output::write_all(dir, &settings, &experiments)?;
+        let removed = output::retire_stale(dir, started)?;
         eprintln!("wrote {}", dir.display());
+        if !removed.is_empty() {
+            eprintln!(
+                "removed {} file(s) an earlier run wrote there and this one did not: {}",
+                removed.len(),
+                removed.join(", ")
+            );
+        }
     }
     match format {
         Format::Table => {

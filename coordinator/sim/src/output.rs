@@ -251,6 +251,67 @@ fn lower_enum(text: String) -> String {
     }
 }
 
+/// Where a run lists the files it wrote into its `--out` directory, so that
+/// the next run into the same directory can retire them.
+pub const MANIFEST: &str = ".fedcart-sim-files";
+
+/// Slack for file times: the kernel stamps files from a coarse clock (one
+/// tick, at most 10 ms), which may read behind the run's own start time.
+const MTIME_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Removes the files an earlier run listed in `dir`'s [`MANIFEST`] that this
+/// run, started at `started`, did not write again — a plot of another task
+/// beside this run's `report.html` read as this run's — then lists the files
+/// written since `started`. Only names an earlier run listed are removed,
+/// never a file of the user's; returns the names removed.
+pub fn retire_stale(dir: &Path, started: std::time::SystemTime) -> anyhow::Result<Vec<String>> {
+    let since = started.checked_sub(MTIME_SLACK).unwrap_or(started);
+    let written_since = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= since)
+    };
+    let mut fresh = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name != MANIFEST
+            && entry.file_type().is_ok_and(|t| t.is_file())
+            && written_since(&entry.path())
+        {
+            fresh.push(name);
+        }
+    }
+    fresh.sort();
+    let manifest = dir.join(MANIFEST);
+    let listed = std::fs::read_to_string(&manifest).unwrap_or_default();
+    let mut removed = Vec::new();
+    for name in listed.lines().map(str::trim) {
+        // A plain name in `dir`, as this function writes them.
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains(['/', '\\'])
+            && name != MANIFEST;
+        if !plain || fresh.iter().any(|f| f == name) {
+            continue;
+        }
+        let path = dir.join(name);
+        let stale_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+        if stale_file && !written_since(&path) {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing {} of an earlier run", path.display()))?;
+            removed.push(name.to_string());
+        }
+    }
+    std::fs::write(&manifest, fresh.join("\n") + "\n")
+        .with_context(|| format!("writing {}", manifest.display()))?;
+    Ok(removed)
+}
+
 /// Writes `metrics.json`, `metrics.csv` and `report.html` into `dir`.
 pub fn write_all(dir: &Path, s: &Settings, experiments: &[Experiment]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -616,4 +677,73 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
     }
     out += "</body></html>\n";
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn age(path: &Path) {
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(hour_ago).unwrap();
+    }
+
+    /// A second run into the same `--out` left the first run's plots of
+    /// another task beside its own report, read as this run's. What an
+    /// earlier run wrote and this one did not is removed; a file of the
+    /// user's, or one named outside the directory, never is.
+    #[test]
+    fn a_run_retires_what_an_earlier_run_wrote_and_it_did_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("notes.txt"), "mine").unwrap();
+        age(&d.join("notes.txt"));
+        let started = SystemTime::now();
+        for f in ["metrics.json", "mf-rmse-by-round.png", "segments.csv"] {
+            std::fs::write(d.join(f), "first").unwrap();
+        }
+        assert!(retire_stale(d, started).unwrap().is_empty());
+        let listed = std::fs::read_to_string(d.join(MANIFEST)).unwrap();
+        assert_eq!(listed, "metrics.json\nmf-rmse-by-round.png\nsegments.csv\n");
+        // The second run: an hour later, another task.
+        for f in [
+            "metrics.json",
+            "mf-rmse-by-round.png",
+            "segments.csv",
+            MANIFEST,
+        ] {
+            age(&d.join(f));
+        }
+        let outside = dir.path().parent().unwrap().join("outside-the-out-dir.txt");
+        let mut manifest = std::fs::read_to_string(d.join(MANIFEST)).unwrap();
+        manifest.push_str("../outside-the-out-dir.txt\nnotes-gone.txt\n");
+        std::fs::write(d.join(MANIFEST), manifest).unwrap();
+        let started = SystemTime::now();
+        for f in ["metrics.json", "churn-lr-auc-by-round.png"] {
+            std::fs::write(d.join(f), "second").unwrap();
+        }
+        let removed = retire_stale(d, started).unwrap();
+        assert_eq!(removed, ["mf-rmse-by-round.png", "segments.csv"]);
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                MANIFEST,
+                "churn-lr-auc-by-round.png",
+                "metrics.json",
+                "notes.txt"
+            ]
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join(MANIFEST)).unwrap(),
+            "churn-lr-auc-by-round.png\nmetrics.json\n"
+        );
+        assert!(!outside.exists() || std::fs::read_to_string(&outside).is_ok());
+    }
 }
