@@ -68,17 +68,50 @@ pub struct RoundRecord {
     /// written before it existed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sampled: bool,
+    /// Set only on the copy a merchant's `status` gets ([`Self::seen_by`]):
+    /// the merchant it was cut for. Never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_by: Option<String>,
 }
 
 impl RoundRecord {
-    /// The record as merchant `id` may see it: the aggregate figures, and
+    /// The record as merchant `id` may see it: the task, its outcome and
     /// itself in the lists of selected, reported, dropped and rejected
-    /// agents; no other merchant's id or fate.
+    /// agents; no other merchant's id or fate, and none of the federation's
+    /// figures. The pooled metrics, example count and bytes are the
+    /// operator's: in a round of two, a merchant would subtract its own
+    /// share and read the other's AUC, or its number of customers. An abort
+    /// reason that names another merchant is replaced.
     pub fn seen_by(mut self, id: &str) -> Self {
+        let others: std::collections::BTreeSet<String> = self
+            .selected
+            .iter()
+            .chain(&self.reported)
+            .chain(&self.dropped)
+            .chain(self.rejected.iter().map(|(m, _)| m))
+            .filter(|m| *m != id)
+            .cloned()
+            .collect();
         for list in [&mut self.selected, &mut self.reported, &mut self.dropped] {
             list.retain(|m| m == id);
         }
         self.rejected.retain(|(m, _)| m == id);
+        self.metrics.clear();
+        self.examples = 0.0;
+        self.bytes_in = 0;
+        if let Some(reason) = &self.abort_reason {
+            let names_another = reason
+                .split(|c: char| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.')))
+                .any(|word| others.contains(word.trim_end_matches('.')));
+            if names_another {
+                self.abort_reason = Some(
+                    "aborted for a cause that names other merchants: the operator's `status` \
+                     shows it"
+                        .into(),
+                );
+            }
+        }
+        self.seen_by = Some(id.to_string());
         self
     }
 
@@ -242,6 +275,7 @@ mod tests {
             privacy: None,
             secagg_clipped: None,
             sampled: false,
+            seen_by: None,
         };
         store.append_history(&record).unwrap();
         let back = store.history().unwrap().pop().unwrap();

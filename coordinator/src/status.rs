@@ -332,15 +332,20 @@ pub fn to_table(s: &pb::StatusReply) -> String {
         s.connected_agents.join(", "),
     ]);
     if let Ok(r) = serde_json::from_str::<crate::record::RoundRecord>(&s.last_round_json) {
+        // A merchant's copy lists only itself: the count would read as the
+        // round's.
+        let who = match &r.seen_by {
+            Some(id) if r.reported.contains(id) => format!("{id} reported"),
+            Some(id) => format!("{id} did not report"),
+            None => format!("{} reported", r.reported.len()),
+        };
         t.add_row(vec![
             "last task".to_string(),
-            format!(
-                "{} ({:?}, {} reported)",
-                r.task_id,
-                r.outcome,
-                r.reported.len()
-            ),
+            format!("{} ({:?}, {who})", r.task_id, r.outcome),
         ]);
+        if let Some(reason) = &r.abort_reason {
+            t.add_row(vec!["  aborted".to_string(), reason.clone()]);
+        }
         for (k, v) in &r.metrics {
             t.add_row(vec![format!("  {k}"), format!("{v:.4}")]);
         }

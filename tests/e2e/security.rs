@@ -647,10 +647,21 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
         "{}",
         own.last_round_json
     );
-    assert_eq!(
-        mine.metrics, last.metrics,
-        "aggregates are the federation's"
-    );
+    // The federation's figures are the operator's: in this round of two,
+    // m0 would subtract its own share and read m1's AUC and customer count.
+    assert!(!last.metrics.is_empty() && last.examples > 0.0);
+    assert!(mine.metrics.is_empty(), "{:?}", mine.metrics);
+    assert_eq!((mine.examples, mine.bytes_in), (0.0, 0));
+    assert_eq!(mine.seen_by.as_deref(), Some("m0"));
+    assert!(all.best_value.is_some());
+    assert_eq!(own.best_value, None);
+    assert_eq!(own.best_version, all.best_version);
+    let table = fedcart_coordinator::status::to_table(&own);
+    assert!(table.contains("m0 reported"), "{table}");
+    for (metric, value) in &last.metrics {
+        let shown = format!("{value:.4}");
+        assert!(!table.contains(&shown), "{metric} {shown} in {table}");
+    }
     // A merchant the round did not select reads none of its aggregates,
     // and nobody connected; it learns the run's id and progress only.
     let outside = fetch(&url, Some(&tls("m2")), None).await.unwrap();

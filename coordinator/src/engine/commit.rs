@@ -164,6 +164,7 @@ impl Engine {
             privacy: None,
             secagg_clipped: open.secure_clipped,
             sampled: open.sampled,
+            seen_by: None,
         };
         if let (Some(reason), Some(survivors)) = (&open.secure_abort, open.secure_revealed) {
             let reason = format!("secure aggregation: {reason}");

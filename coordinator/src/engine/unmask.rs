@@ -136,6 +136,7 @@ impl Unmasking {
             privacy,
             secagg_clipped: None,
             sampled: false,
+            seen_by: None,
         }
     }
 
