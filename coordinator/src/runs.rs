@@ -79,11 +79,13 @@ pub async fn call(
         Action::Stop(id) => {
             // A run that had ended already is left as it was: said, not
             // only shown (a second stop printed the table as the first did).
+            // The look before the stop is part of stopping: its refusal
+            // (no such run) is the stop's.
             let before = c
                 .show_run(pb::RunRequest { run_id: id.clone() })
                 .await
                 .map_err(crate::status::Refused)
-                .context("ShowRun RPC")?
+                .context("StopRun RPC")?
                 .into_inner();
             let stopped = one(c
                 .stop_run(pb::RunRequest { run_id: id.clone() })

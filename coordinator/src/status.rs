@@ -182,6 +182,11 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
                 .to_string()
         }
         _ if !unreachable => return e,
+        // `127.0.0.1:50051` is not a URL: nothing was tried.
+        _ if !url.contains("://") => format!(
+            "`{url}` has no scheme: write https://{url} (or http://{url} for a coordinator \
+             started with --insecure) in `--coordinator` or FEDCART_COORDINATOR"
+        ),
         _ if let Some(fix) = transport_fix(e.as_ref(), url) => fix,
         _ if !with_certs && url.starts_with("https://") => format!(
             "a coordinator with mutual TLS needs `--certs DIR` (ca.pem and <identity>.pem/.key, \
@@ -494,5 +499,23 @@ mod tests {
                 garbage.display()
             )
         );
+    }
+
+    /// `--coordinator 127.0.0.1:47551` was diagnosed as nothing listening
+    /// there; it is a URL without its scheme, and nothing was dialled.
+    #[tokio::test]
+    async fn a_coordinator_address_without_a_scheme_is_told_to_add_one() {
+        let url = "127.0.0.1:1";
+        let e = fetch(url, None, None).await.unwrap_err();
+        let message = format!("{:#}", with_hint(e, url, false));
+        assert!(
+            message.ends_with(
+                "`127.0.0.1:1` has no scheme: write https://127.0.0.1:1 (or http://127.0.0.1:1 \
+                 for a coordinator started with --insecure) in `--coordinator` or \
+                 FEDCART_COORDINATOR"
+            ),
+            "{message}"
+        );
+        assert!(!message.contains("nothing answered"), "{message}");
     }
 }

@@ -591,6 +591,18 @@ async fn stopping_a_finished_scheduled_run_ends_its_schedule() {
         .find(|e| e.run_id == "nightly")
         .unwrap();
     assert!(nightly.schedule_ended_by.is_some() && !nightly.repeats());
+    // Stopping a run the coordinator does not host is the stop's refusal
+    // (it named the look before it, `ShowRun RPC`).
+    let url = format!("http://{}", coord.addr);
+    let stop = fedcart_coordinator::runs::Action::Stop("nope".into());
+    let e = fedcart_coordinator::runs::call(&url, None, &stop)
+        .await
+        .unwrap_err();
+    let message = format!("{e:#}");
+    assert!(
+        message.starts_with("StopRun RPC: no run `nope` on this coordinator"),
+        "{message}"
+    );
     for a in agents {
         a.stop().await;
     }
