@@ -175,6 +175,12 @@ impl AgentError {
 /// What to fix when the coordinator refused the merchant itself.
 fn refused(status: &tonic::Status) -> Option<String> {
     match status.code() {
+        // The identity is right; the operator withdrew it.
+        tonic::Code::PermissionDenied if status.message().contains(" is revoked") => Some(
+            "the platform operator revoked this merchant's certificate: nothing in this kit \
+             can fix it; ask the operator to issue a new one (`certs issue`)"
+                .into(),
+        ),
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Some(
             "`merchant_id` must be the identity of the certificate (`tls.cert`), and the \
              platform operator must admit it (`certs issue`; it may have been revoked)"
@@ -376,6 +382,22 @@ mod tests {
             shown.contains("45") && shown.contains("churn_lr"),
             "{shown}"
         );
+    }
+
+    /// A revoked merchant was told to check `merchant_id` against its
+    /// certificate, as if the kit were wrong.
+    #[test]
+    fn a_revoked_merchant_is_told_to_ask_for_a_new_certificate_not_to_fix_its_kit() {
+        let revoked = AgentError::Join(tonic::Status::permission_denied(
+            "merchant `m3` is revoked (its certificate's serial is on the revocation list)",
+        ));
+        let fix = revoked.what_to_fix().unwrap();
+        assert!(fix.starts_with("the platform operator revoked"), "{fix}");
+        assert!(!fix.contains("merchant_id"), "{fix}");
+        let other = AgentError::Join(tonic::Status::permission_denied(
+            "certificate identity `m1` does not match merchant `m0`",
+        ));
+        assert!(other.what_to_fix().unwrap().contains("`merchant_id` must be"));
     }
 
     #[test]
