@@ -157,8 +157,9 @@ fn state_of(cfg: &AgentConfig) -> anyhow::Result<StateDir> {
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
             "the state directory {} does not exist: no agent has run with this `state_dir` yet \
-             (check `state_dir` in the configuration or FEDCART_STATE_DIR; a relative path is \
-             resolved against the configuration file's folder)",
+             (check `state_dir` in the configuration, resolved against the configuration \
+             file's folder when relative, or FEDCART_STATE_DIR, resolved against the working \
+             directory)",
             dir.display()
         ),
         Err(e) => {

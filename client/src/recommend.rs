@@ -12,15 +12,30 @@ use fedcart_common::model::mf::{MfData, blend, item_offsets, local_popularity};
 use crate::data::{CustomerTable, Items};
 use crate::state::{StateDir, StateError};
 
+/// "No model": what to do when the agent never took part in such a round,
+/// and when the state (of `--run`, say) holds other models instead — that
+/// the agent took part in no such round would then be false.
+fn missing(model: &str, round: &str, held: &[String]) -> String {
+    if held.is_empty() {
+        format!(
+            "no {model} model yet: the agent has not taken part in {round} round; run the agent \
+             (`fedcart-client run`) while the coordinator runs {round} run"
+        )
+    } else {
+        format!(
+            "no {model} model here: this state holds {}, and no {model} model (with --run, name \
+             a run that trains one; without it, the latest run of each kind is read)",
+            held.join(", ")
+        )
+    }
+}
+
 /// Why no recommendation or score could be computed.
 #[derive(Debug, thiserror::Error)]
 pub enum RecommendError {
     /// No MF model is stored yet (`held`: what is, e.g. a churn model of
     /// the run `--run` named).
-    #[error(
-        "no recommender model yet: the agent has not taken part in an MF round{}",
-        if held.is_empty() { String::new() } else { format!(" (this state holds: {})", held.join(", ")) }
-    )]
+    #[error("{}", missing("recommender", "a recommender (MF)", held))]
     NoRecommender {
         /// The models the state holds instead ([`StateDir::held_models`]).
         held: Vec<String>,
@@ -62,10 +77,7 @@ pub enum RecommendError {
     },
     /// No churn model is stored yet (`held`: what is, e.g. a recommender
     /// of the run `--run` named).
-    #[error(
-        "no churn model yet: the agent has not taken part in a churn round{}",
-        if held.is_empty() { String::new() } else { format!(" (this state holds: {})", held.join(", ")) }
-    )]
+    #[error("{}", missing("churn", "a churn", held))]
     NoChurnModel {
         /// The models the state holds instead ([`StateDir::held_models`]).
         held: Vec<String>,

@@ -19,7 +19,10 @@ use crate::state::{StateDir, StateError};
 #[derive(Debug, Error)]
 pub enum SegmentsError {
     /// No k-means model in the local state.
-    #[error("no segmentation yet: the agent has not taken part in a k-means round")]
+    #[error(
+        "no segmentation yet: the agent has not taken part in a segments (k-means) round; run the \
+         agent (`fedcart-client run`) while the coordinator runs a segments run"
+    )]
     NoModel,
     /// The stored model came without the federation's feature statistics.
     #[error("the stored segmentation came without feature statistics")]

@@ -819,8 +819,9 @@ mod tests {
         };
         assert_eq!(
             err.to_string(),
-            "no recommender model yet: the agent has not taken part in an MF round (this state \
-             holds: churn version 1 of run `r`, segments version 1 of run `r`)"
+            "no recommender model here: this state holds churn version 1 of run `r`, segments \
+             version 1 of run `r`, and no recommender model (with --run, name a run that trains \
+             one; without it, the latest run of each kind is read)"
         );
         let empty = StateDir::open(dir.path().join("empty")).unwrap();
         assert!(empty.held_models().is_empty());

@@ -397,7 +397,12 @@ mod tests {
         let other = AgentError::Join(tonic::Status::permission_denied(
             "certificate identity `m1` does not match merchant `m0`",
         ));
-        assert!(other.what_to_fix().unwrap().contains("`merchant_id` must be"));
+        assert!(
+            other
+                .what_to_fix()
+                .unwrap()
+                .contains("`merchant_id` must be")
+        );
     }
 
     #[test]
