@@ -124,14 +124,23 @@ pub enum DataError {
     NoBasketsMapping,
     /// The orders export (`data.orders_csv`) could not be read.
     /// The source names the file (and line, column), or is a churn
-    /// setting: not repeated here.
-    #[error("reading the orders export")]
+    /// setting: not repeated here; a file that is not there is named with
+    /// the setting it came from.
+    #[error(
+        "reading the orders export{}",
+        if missing_file(source) {
+            " (`data.orders_csv` in merchant.toml, or FEDCART_DATA_ORDERS_CSV)"
+        } else {
+            ""
+        }
+    )]
     Orders {
         /// The file.
         path: PathBuf,
-        /// The reader's error (file, line, column, value).
+        /// The reader's error (file, line, column, value), boxed to keep
+        /// the error small.
         #[source]
-        source: fedcart_common::data::orders::OrdersError,
+        source: Box<fedcart_common::data::orders::OrdersError>,
     },
     /// A row of the orders export cannot be used, and the policy is to
     /// stop. The source names the file, line and column.
@@ -157,6 +166,15 @@ pub enum DataError {
         #[source]
         source: tabular::DataError,
     },
+}
+
+/// Whether the export could not be read because it is not there.
+fn missing_file(e: &fedcart_common::data::orders::OrdersError) -> bool {
+    matches!(
+        e,
+        fedcart_common::data::orders::OrdersError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound
+    )
 }
 
 /// The merchant's customer table: `data.churn_csv` read with its schema
@@ -275,7 +293,7 @@ fn read_orders(path: &Path, cfg: &AgentConfig) -> Result<Vec<Order>, DataError> 
             }
             source => DataError::Orders {
                 path: path.to_owned(),
-                source,
+                source: Box::new(source),
             },
         })?;
     if report.rows_skipped() > 0 {
@@ -302,7 +320,7 @@ fn read_orders(path: &Path, cfg: &AgentConfig) -> Result<Vec<Order>, DataError> 
 fn derive(rows: &[Order], cc: &ChurnConfig, path: &Path) -> Result<orders::Prepared, DataError> {
     orders::derive(rows, cc).map_err(|source| DataError::Orders {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -823,6 +841,15 @@ mod tests {
         std::fs::remove_file(&orders).unwrap();
         let missing = chain(table.load().unwrap_err());
         assert_eq!(missing.matches(&file).count(), 1, "{missing}");
+        // Not there: the setting the path came from is named.
+        assert!(
+            missing.starts_with(
+                "reading the orders export (`data.orders_csv` in merchant.toml, or \
+                 FEDCART_DATA_ORDERS_CSV): "
+            ),
+            "{missing}"
+        );
+        assert!(!bad_cell.contains("FEDCART_DATA_ORDERS_CSV"), "{bad_cell}");
     }
 
     /// Two months of orders against the default 90-day churn window: no

@@ -133,13 +133,17 @@ pub enum OrdersError {
         source: std::io::Error,
     },
     /// A mapped column is not in the header.
-    #[error("{file}: line 1: missing column `{column}` (header has: {header}){hint}")]
+    #[error(
+        "{file}: line 1: missing column `{column}`, the mapping's `{key}` (header has: {header}){hint}"
+    )]
     MissingColumn {
         /// The file.
         file: PathBuf,
         /// The mapped column name that was not found.
         column: String,
-        /// The header fields as read, joined by `|`.
+        /// The mapping's key that names it (`customer`, `amount`, …).
+        key: &'static str,
+        /// The header fields as read, each in backticks.
         header: String,
         /// A hint when the delimiter looks wrong (empty otherwise).
         hint: String,

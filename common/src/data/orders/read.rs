@@ -29,7 +29,7 @@ impl Columns {
         header_line: u64,
         file: &Path,
     ) -> Result<Self, OrdersError> {
-        let find = |name: &str| {
+        let find = |key: &'static str, name: &str| {
             // Two columns of one name: either could be meant.
             if header.iter().filter(|h| *h == name).count() > 1 {
                 return Err(OrdersError::Row {
@@ -57,12 +57,19 @@ impl Columns {
                 OrdersError::MissingColumn {
                     file: file.into(),
                     column: name.into(),
-                    header: header.join("|"),
+                    key,
+                    header: header
+                        .iter()
+                        .map(|h| format!("`{h}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     hint,
                 }
             })
         };
-        let opt = |name: &Option<String>| name.as_deref().map(find).transpose();
+        let opt = |key: &'static str, name: &Option<String>| {
+            name.as_deref().map(|n| find(key, n)).transpose()
+        };
         if map.amount_is == AmountIs::UnitPrice && map.quantity.is_none() {
             return Err(OrdersError::Mapping {
                 file: file.into(),
@@ -75,13 +82,13 @@ impl Columns {
             });
         }
         Ok(Self {
-            customer: find(&map.customer)?,
-            item: opt(&map.item)?,
-            timestamp: find(&map.timestamp)?,
-            quantity: opt(&map.quantity)?,
-            amount: find(&map.amount)?,
-            rating: opt(&map.rating)?,
-            merchant: opt(&map.merchant)?,
+            customer: find("customer", &map.customer)?,
+            item: opt("item", &map.item)?,
+            timestamp: find("timestamp", &map.timestamp)?,
+            quantity: opt("quantity", &map.quantity)?,
+            amount: find("amount", &map.amount)?,
+            rating: opt("rating", &map.rating)?,
+            merchant: opt("merchant", &map.merchant)?,
             width: header.len(),
         })
     }
@@ -291,7 +298,8 @@ fn delimiter_hint(used: Delimiter, header: &str, column: &str) -> String {
             let name = d.name();
             format!(
                 "; the header split into a single field with the delimiter {used}, it splits \
-                 with {name}: `--delimiter {name}`, or `delimiter = \"{name}\"` in the mapping"
+                 with {name}: `--delimiter {name}`, or `delimiter = \"{name}\"` in the mapping: \
+                 `[data.orders]` in merchant.toml"
             )
         }
         None => format!("; the header split into a single field, is the delimiter ({used}) right?"),

@@ -43,14 +43,15 @@ fn missing_column_names_file_line_and_column() {
     map.amount = "amount".into();
     assert_eq!(
         fail_message(&format!("{HEADER}c1,i1,2024-01-01,1,9.5\n"), &map),
-        "orders.csv: line 1: missing column `amount` (header has: customer|item|ts|qty|price)"
+        "orders.csv: line 1: missing column `amount`, the mapping's `amount` (header has: \
+         `customer`, `item`, `ts`, `qty`, `price`)"
     );
     // A name in another case is pointed at.
     map.amount = "Price".into();
     assert_eq!(
         fail_message(&format!("{HEADER}c1,i1,2024-01-01,1,9.5\n"), &map),
-        "orders.csv: line 1: missing column `Price` (header has: customer|item|ts|qty|price); \
-         did you mean `price`?"
+        "orders.csv: line 1: missing column `Price`, the mapping's `amount` (header has: \
+         `customer`, `item`, `ts`, `qty`, `price`); did you mean `price`?"
     );
 }
 
@@ -124,9 +125,11 @@ fn a_header_that_did_not_split_names_the_delimiter_that_splits_it() {
     let text = "customer;item;ts;qty;price\nc1;i1;2024-01-01;1;9.5\n";
     assert_eq!(
         fail_message(text, &mapping()),
-        "orders.csv: line 1: missing column `customer` (header has: customer;item;ts;qty;price); \
+        "orders.csv: line 1: missing column `customer`, the mapping's `customer` (header has: \
+         `customer;item;ts;qty;price`); \
          the header split into a single field with the delimiter comma, it splits with semicolon: \
-         `--delimiter semicolon`, or `delimiter = \"semicolon\"` in the mapping"
+         `--delimiter semicolon`, or `delimiter = \"semicolon\"` in the mapping: `[data.orders]` \
+         in merchant.toml"
     );
 }
 
@@ -146,9 +149,11 @@ fn wrong_delimiter_is_named_with_a_hint() {
     let text = "customer\titem\tts\tqty\tprice\nc1\ti1\t20240101\t1\t9.5\n";
     assert_eq!(
         fail_message(text, &mapping()),
-        "orders.csv: line 1: missing column `customer` (header has: customer\titem\tts\tqty\tprice); \
+        "orders.csv: line 1: missing column `customer`, the mapping's `customer` (header has: \
+         `customer\titem\tts\tqty\tprice`); \
          the header split into a single field with the delimiter comma, it splits with tab: \
-         `--delimiter tab`, or `delimiter = \"tab\"` in the mapping"
+         `--delimiter tab`, or `delimiter = \"tab\"` in the mapping: `[data.orders]` in \
+         merchant.toml"
     );
     let mut tab = mapping();
     tab.delimiter = Delimiter::Tab;
