@@ -148,10 +148,17 @@ pub fn read_orders_from<R: Read>(
     let mut orders = Vec::new();
     let mut lines = Vec::new();
     let mut report = ReadReport::default();
+    // No order is placed after today: a later date is a placeholder
+    // (`2099-01-01`) or a mistyped year, which would move the default churn
+    // cutoff past every real order. A day of slack for time zones.
+    let latest = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(i64::MAX, |d| d.as_secs() as i64)
+        .saturating_add(SECONDS_PER_DAY);
     for row in rows {
         let (line, fields) = row?;
         report.rows_read += 1;
-        match parse_row(&cols, &header, map, &fields, line, path) {
+        match parse_row(&cols, &header, map, &fields, line, path, latest) {
             Ok(order) => {
                 report.rows_ok += 1;
                 orders.push(order);
@@ -377,6 +384,7 @@ fn parse_row(
     fields: &[String],
     line: u64,
     path: &Path,
+    latest: i64,
 ) -> Result<Order, OrdersError> {
     if fields.len() != cols.width {
         return Err(OrdersError::Row {
@@ -484,6 +492,22 @@ fn parse_row(
         .timestamp_format
         .parse(get(cols.timestamp))
         .map_err(|m| cell(cols.timestamp, BadRowReason::BadTimestamp, m))?;
+    if timestamp > latest {
+        return Err(cell(
+            cols.timestamp,
+            BadRowReason::BadTimestamp,
+            shorten_cell(
+                format!(
+                    "`{}` is in the future (read as {}): a placeholder date or a mistyped year? \
+                     correct the line, or the bad-row policy `skip` leaves such rows out and \
+                     counts them",
+                    get(cols.timestamp),
+                    super::derive::format_date(timestamp)
+                ),
+                get(cols.timestamp),
+            ),
+        ));
+    }
     let quantity = match cols.quantity {
         Some(c) => number(c, BadRowReason::BadQuantity, BadRowReason::NegativeQuantity)?,
         None => 1.0,

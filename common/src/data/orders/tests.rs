@@ -65,6 +65,35 @@ fn unparsable_date_names_file_line_and_column() {
     );
 }
 
+/// A placeholder date in the future (`2099-01-01` on 1 % of lines) moved
+/// the default churn cutoff to 2098 with no warning: every real customer
+/// read as churned by recency. No order is placed after today: the line is
+/// refused, or left out and counted under `skip`.
+#[test]
+fn an_order_dated_in_the_future_is_a_bad_row() {
+    let text =
+        format!("{HEADER}c1,i1,2024-01-01,1,9.5\nc2,i2,2099-01-01,1,3\nc3,i2,2024-01-03,1,3\n");
+    assert_eq!(
+        fail_message(&text, &mapping()),
+        "orders.csv: line 3, column `ts`: `2099-01-01` is in the future (read as 2099-01-01): a \
+         placeholder date or a mistyped year? correct the line, or the bad-row policy `skip` \
+         leaves such rows out and counts them"
+    );
+    let (orders, report) = read(&text, &mapping(), BadRowPolicy::Skip).unwrap();
+    assert_eq!(orders.len(), 2);
+    assert_eq!(report.skipped[&BadRowReason::BadTimestamp], 1);
+    // Today is not the future (nor tomorrow, in another time zone).
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let text = format!("{HEADER}c1,i1,{today},1,9.5\n");
+    assert_eq!(
+        read(&text, &mapping(), BadRowPolicy::Fail).unwrap().0.len(),
+        1
+    );
+}
+
 /// Windows and Python's `csv` module end lines with CRLF; line numbers
 /// must still be the ones an editor shows, after blank lines too, and a
 /// quoted cell may span lines.
@@ -670,16 +699,13 @@ fn lines_dated_far_outside_the_export_are_named() {
             && note.contains("line 302 1917-03-04, line 303 1970-01-01"),
         "{note}"
     );
-    // Unix seconds at both ends of i64 are checked without overflow.
+    // Unix seconds far apart in i64 are checked without overflow (a date
+    // after today is refused on its own: the far end is in the past).
     let mut map = mapping();
     map.timestamp_format = TimestampFormat::UnixSeconds;
     let mut text = String::from("customer,item,ts,qty,price\n");
     for i in 0..200 {
-        let t = if i % 2 == 0 {
-            i64::MIN
-        } else {
-            999_999_999_999
-        };
+        let t = if i % 2 == 0 { i64::MIN } else { 1_600_000_000 };
         text.push_str(&format!("c{i},i1,{t},1,2.5\n"));
     }
     text.push_str("c1,i1,0,1,2.5\n");
