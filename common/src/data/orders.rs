@@ -187,6 +187,20 @@ pub enum OrdersError {
         /// The file.
         file: PathBuf,
     },
+    /// The bad-row policy `skip` left every row out: what was wrong with
+    /// the first is what to fix (a decimal comma, a date layout), not the
+    /// churn window or the file being empty.
+    #[error(
+        "{file}: every one of its {rows} rows was left out as unusable (the bad-row policy `skip`); the first: {first}"
+    )]
+    AllSkipped {
+        /// The file.
+        file: PathBuf,
+        /// Rows read.
+        rows: u64,
+        /// The first row's error, with its line and column.
+        first: String,
+    },
     /// The cutoff or window settings are unusable.
     #[error("invalid churn settings: {0}")]
     Config(String),

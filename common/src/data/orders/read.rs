@@ -177,6 +177,16 @@ pub fn read_orders_from<R: Read>(
             Err(e) => return Err(e),
         }
     }
+    if orders.is_empty() && report.rows_read > 0 {
+        let first = report.examples.first().cloned().unwrap_or_default();
+        // The example starts with the file's name: not said twice.
+        let prefix = format!("{}: ", path.display());
+        return Err(OrdersError::AllSkipped {
+            file: path.into(),
+            rows: report.rows_read,
+            first: first.strip_prefix(&prefix).unwrap_or(&first).to_string(),
+        });
+    }
     report.stray_dates = stray_dates(&orders, &lines);
     Ok((orders, report))
 }

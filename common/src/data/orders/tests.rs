@@ -94,6 +94,25 @@ fn an_order_dated_in_the_future_is_a_bad_row() {
     );
 }
 
+/// A decimal-comma export read with a decimal point under `skip` lost every
+/// row, and the error then blamed the churn cutoff (the agent) or an empty
+/// file (`prepare`). The error says every row was left out, and why the
+/// first was.
+#[test]
+fn an_export_whose_every_row_is_skipped_says_why_the_first_was() {
+    let text = format!("{HEADER}c1,i1,2024-01-01,1,\"0,5\"\nc2,i2,2024-01-02,1,\"1,5\"\n");
+    let e = read(&text, &mapping(), BadRowPolicy::Skip)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "orders.csv: every one of its 2 rows was left out as unusable (the bad-row policy \
+             `skip`); the first: line 2, column `price`: `0,5` is not a number with a decimal point"
+        ),
+        "{e}"
+    );
+}
+
 /// Windows and Python's `csv` module end lines with CRLF; line numbers
 /// must still be the ones an editor shows, after blank lines too, and a
 /// quoted cell may span lines.
