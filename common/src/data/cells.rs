@@ -422,8 +422,28 @@ fn ambiguous_serial_day(raw: &str) -> Option<String> {
 fn parse_pattern(raw: &str, p: &str) -> Result<i64, String> {
     use chrono::format::{Parsed, StrftimeItems, parse};
     let mut parsed = Parsed::new();
-    parse(&mut parsed, raw, StrftimeItems::new(p))
-        .map_err(|e| format!("`{raw}` does not match the timestamp format `{p}` ({e})"))?;
+    parse(&mut parsed, raw, StrftimeItems::new(p)).map_err(|e| {
+        // Day and month the other way round, the usual mistake: a date
+        // past the 12th fails, and the others are misread silently.
+        let swapped = p
+            .replace("%d", "\u{0}")
+            .replace("%m", "%d")
+            .replace('\u{0}', "%m");
+        let other = (p.contains("%d") && p.contains("%m"))
+            .then(|| {
+                let mut again = Parsed::new();
+                parse(&mut again, raw, StrftimeItems::new(&swapped)).ok()
+            })
+            .flatten()
+            .map(|()| {
+                format!(
+                    "; it reads with `{swapped}`: are days and months the other way round? (then \
+                     every date up to the 12th was read wrong too)"
+                )
+            })
+            .unwrap_or_default();
+        format!("`{raw}` does not match the timestamp format `{p}` ({e}){other}")
+    })?;
     // `%Y` takes `17` as the year 17: an export that writes two-digit
     // years wants `%y` (1969–2068).
     if p.contains("%Y")

@@ -289,8 +289,12 @@ fn strftime_patterns_read_spreadsheet_dates_and_bad_ones_are_refused() {
     assert_eq!(
         us.parse("31/01/2024 18:05").unwrap_err(),
         "`31/01/2024 18:05` does not match the timestamp format `%m/%d/%Y %H:%M` \
-         (input is out of range)"
+         (input is out of range); it reads with `%d/%m/%Y %H:%M`: are days and months the other \
+         way round? (then every date up to the 12th was read wrong too)"
     );
+    // Neither way round: no such hint.
+    let e = us.parse("31/13/2024 18:05").unwrap_err();
+    assert!(e.ends_with("(input is out of range)"), "{e}");
     assert_eq!(
         "%Y-%".parse::<TimestampFormat>().unwrap_err(),
         "timestamp format `%Y-%` is not a valid strftime pattern (an unknown `%` directive?)"
