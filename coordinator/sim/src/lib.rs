@@ -959,8 +959,9 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             .collect();
         let below = match (served, beaten.is_empty()) {
             (Some(f), false) => Some(format!(
-                "note: the served model's pooled {key} {f:.4} is {} {}: on these merchants \
-                 joining the federation did not pay (see the per-merchant table for where)",
+                "note: the served model's {key} on the baselines' terms, {f:.4}, is {} {}: on \
+                 these merchants joining the federation did not pay (see the per-merchant table \
+                 for where)",
                 if higher {
                     "below"
                 } else {
