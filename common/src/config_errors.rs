@@ -11,10 +11,35 @@
 /// like its misspelling, a line naming that key and its line.
 pub fn explain(message: &str, text: &str) -> String {
     let mut out = plain_types(message);
-    if let Some(hint) = misspelt_required(message, text) {
+    if let Some(hint) = misspelt_required(message, text).or_else(|| unquoted_date(message)) {
         out = format!("{}\n{hint}", out.trim_end());
     }
     out
+}
+
+/// TOML reads `cutoff = 2017-02-01` as a date, which serde reports as "a
+/// map" where a string is expected: the value wants quotes. Read off the
+/// source line the parser quotes (`14 | cutoff = 2017-02-01`).
+fn unquoted_date(message: &str) -> Option<String> {
+    if !message.contains("invalid type: map, expected a string") {
+        return None;
+    }
+    message.lines().find_map(|line| {
+        let source = line.split_once(" | ")?.1;
+        let (key, value) = source.split_once('=')?;
+        let value = value.split('#').next()?.trim();
+        let b = value.as_bytes();
+        let date = b.len() >= 10
+            && b[..4].iter().all(u8::is_ascii_digit)
+            && b[4] == b'-'
+            && b[7] == b'-';
+        date.then(|| {
+            format!(
+                "(TOML reads an unquoted {value} as a date; write it as a string: `{} = \"{value}\"`)",
+                key.trim()
+            )
+        })
+    })
 }
 
 /// What serde's `expected <type>` means in a configuration file.
@@ -103,6 +128,31 @@ fn keys(text: &str) -> impl Iterator<Item = (&str, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `cutoff = 2017-02-01` (a TOML date) was refused as "invalid type:
+    /// map, expected a string", which says nothing of quotes.
+    #[test]
+    fn an_unquoted_date_is_told_to_be_quoted() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Orders {
+            cutoff: Option<String>,
+        }
+        let text = "# a run\ncutoff = 2017-02-01\n";
+        let e = toml::from_str::<Orders>(text).unwrap_err().to_string();
+        let shown = explain(&e, text);
+        assert!(
+            shown.ends_with(
+                "(TOML reads an unquoted 2017-02-01 as a date; write it as a string: \
+                 `cutoff = \"2017-02-01\"`)"
+            ),
+            "{shown}"
+        );
+        // A map where a string belongs, not a date: no such hint.
+        let text = "cutoff = { a = 1 }\n";
+        let e = toml::from_str::<Orders>(text).unwrap_err().to_string();
+        assert!(!explain(&e, text).contains("unquoted"), "{e}");
+    }
 
     #[test]
     fn rust_type_names_are_said_in_words() {

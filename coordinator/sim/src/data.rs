@@ -249,8 +249,10 @@ pub fn load_schema(path: &Path) -> anyhow::Result<Schema> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     // What `fedcart-client schema --out` writes: the table under its
     // `[data.schema]` header, ready to paste into merchant.toml. Read as is.
-    let doc: toml::Table =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let doc: toml::Table = toml::from_str(&text).map_err(|e| {
+        let e = fedcart_common::config_errors::explain(&e.to_string(), &text);
+        anyhow::anyhow!("{}: {e}", path.display())
+    })?;
     let nested = doc.len() == 1
         && doc
             .get("data")
@@ -262,7 +264,10 @@ pub fn load_schema(path: &Path) -> anyhow::Result<Schema> {
             .try_into()
             .map_err(|e| anyhow::anyhow!("{} [data.schema]: {e}", path.display()))?
     } else {
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        toml::from_str(&text).map_err(|e| {
+            let e = fedcart_common::config_errors::explain(&e.to_string(), &text);
+            anyhow::anyhow!("{}: {e}", path.display())
+        })?
     };
     schema
         .check()

@@ -227,8 +227,15 @@ impl Settings {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?;
-                let mut file = toml::from_str::<SimArgs>(&text)
-                    .with_context(|| format!("parsing {}", p.display()))?;
+                // As the other configuration files: types in words, a
+                // misspelt key or an unquoted date named.
+                let mut file = toml::from_str::<SimArgs>(&text).map_err(|e| {
+                    anyhow::anyhow!(fedcart_common::config_errors::explain(
+                        &e.to_string(),
+                        &text
+                    ))
+                    .context(format!("parsing {}", p.display()))
+                })?;
                 // As the merchant's and the coordinator's files: relative
                 // paths are the file's folder's, not the working directory's.
                 let base = p.parent().unwrap_or(Path::new(""));

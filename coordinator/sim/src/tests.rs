@@ -1860,6 +1860,34 @@ fn a_config_files_dp_clip_takes_a_number_or_adaptive() {
     assert_eq!(a.dp_clip, None);
 }
 
+/// A config file's unquoted date (`cutoff = 2017-02-01`, a TOML date) was
+/// refused as "invalid type: map, expected a string"; it is told to quote
+/// it, naming the file, as the coordinator's and the agent's files are.
+#[test]
+fn a_config_files_unquoted_date_is_told_to_be_quoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.toml");
+    std::fs::write(
+        &path,
+        "task = \"churn-lr\"\n[orders]\ncutoff = 2017-02-01\n",
+    )
+    .unwrap();
+    let e = Settings::from_args(SimArgs {
+        config: Some(path.clone()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.starts_with(&format!("parsing {}: ", path.display())),
+        "{e}"
+    );
+    assert!(
+        e.ends_with("write it as a string: `cutoff = \"2017-02-01\"`)"),
+        "{e}"
+    );
+}
+
 /// Order-mapping flags a task does not read are refused, as the other
 /// flags that do not apply are, rather than silently ignored.
 #[test]
