@@ -280,6 +280,15 @@ pub fn write_kit(
         std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
     };
     write_file(&key, &read(dir.key(id))?, true)?;
+    // The key goes with the kit and nowhere else: a copy beside the
+    // coordinator's files would let whoever reads them sign as the merchant
+    // (its secure-aggregation keys are bound to it).
+    std::fs::remove_file(dir.key(id)).with_context(|| {
+        format!(
+            "removing {} once copied into the kit",
+            dir.key(id).display()
+        )
+    })?;
     write_file(&kit.join(format!("{id}.pem")), &read(dir.cert(id))?, false)?;
     write_file(&kit.join("ca.pem"), &read(dir.ca_cert())?, false)?;
     if config.exists() {
@@ -619,9 +628,16 @@ mod tests {
         let renewed = std::fs::read(kit.join("m1.pem")).unwrap();
         assert_ne!(renewed, old);
         assert_eq!(renewed, std::fs::read(certs.cert("m1")).unwrap());
+        // The merchant's key is in its kit only, and is the certificate's.
+        assert!(!certs.key("m1").exists());
+        let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(kit.join("m1.key")).unwrap())
+            .unwrap();
+        let cert = std::fs::read_to_string(kit.join("m1.pem")).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).unwrap();
+        let x509 = pem.parse_x509().unwrap();
         assert_eq!(
-            std::fs::read(kit.join("m1.key")).unwrap(),
-            std::fs::read(certs.key("m1")).unwrap()
+            x509.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
         );
         assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
         // Another merchant's kit is not renewed with this identity.

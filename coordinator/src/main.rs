@@ -439,10 +439,15 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             let access = access.unwrap_or_else(|| dir.join("access.toml"));
             ca::allow(&access, &id)?;
             fedcart_common::outln!(
-                "issued {0}.pem/{0}.key in {1}; allowed in {2}",
+                "issued {0}.pem/{0}.key in {1}; allowed in {2}{3}",
                 id,
                 dir.display(),
-                access.display()
+                access.display(),
+                if kit.is_some() && coordinator_url.is_some() {
+                    "; the key moves into the kit, and only there"
+                } else {
+                    ""
+                }
             )?;
             if let (Some(kit), Some(url)) = (&kit, &coordinator_url) {
                 let written = ca::write_kit(&pki, &id, kit, url, domain.as_deref(), force)?;

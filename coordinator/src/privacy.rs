@@ -23,11 +23,14 @@ use serde_json::json;
         .args(["noise_multiplier", "target_epsilon"]),
 ))]
 pub struct PrivacyArgs {
-    /// Probability that each agent takes part in a round (Poisson sampling), in (0, 1].
+    /// Probability that each agent takes part in a round (Poisson sampling),
+    /// in (0, 1]. Default 1: what a coordinator run's ledger and an agent's
+    /// budget charge, since neither can verify a sampled selection.
     #[arg(
         long = "sampling-rate",
         value_name = "Q",
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        default_value_t = 1.0
     )]
     pub sampling_rate: f64,
     /// Noise std divided by the clip norm; give this or --target-epsilon.
@@ -166,6 +169,9 @@ mod tests {
     fn json_output_is_one_object_with_the_figures() {
         let args =
             parse("--sampling-rate 1 --noise-multiplier 5 --steps 50 --delta 1e-6 --json").unwrap();
+        // Without the flag: q = 1, as the run's ledger charges.
+        let same = parse("--noise-multiplier 5 --steps 50 --delta 1e-6 --json").unwrap();
+        assert_eq!(same.sampling_rate, 1.0);
         let out = run(&args).unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert!((v["epsilon"].as_f64().unwrap() - 7.766237903487095).abs() < 1e-3);
