@@ -168,7 +168,11 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
         .collect();
     if !rejections.is_empty() && rejections.iter().all(|why| why.starts_with(DIVERGED)) {
         let from = attempts.last().map_or(0, |r| r.base_version);
-        return format!("every merchant's local training diverged from version {from}");
+        return format!(
+            "every merchant's local training diverged from version {from} (lower the learning \
+             rate, or check the data: each merchant's own log says more, such as its ratings' \
+             span for explicit MF)"
+        );
     }
     let most = |reasons: Vec<&str>| {
         let mut count: BTreeMap<&str, usize> = BTreeMap::new();

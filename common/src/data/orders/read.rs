@@ -187,6 +187,29 @@ pub fn read_orders_from<R: Read>(
             first: first.strip_prefix(&prefix).unwrap_or(&first).to_string(),
         });
     }
+    // Every order in unix time's first two years: the cells were read too
+    // small (seconds as `unix_ms`, YYYYMMDD dates as `unix_seconds`), which
+    // labels every customer churned. Milliseconds read as seconds and dates
+    // after today are refused cell by cell.
+    const TWO_YEARS: i64 = 2 * 365 * SECONDS_PER_DAY;
+    let span = orders.iter().map(|o| o.timestamp);
+    if let (Some(first), Some(last)) = (span.clone().min(), span.max())
+        && (0..TWO_YEARS).contains(&first)
+        && last < TWO_YEARS
+    {
+        let date = super::derive::format_date;
+        return Err(OrdersError::Mapping {
+            file: path.into(),
+            message: format!(
+                "every order reads as dated between {} and {}, in unix time's first two years: \
+                 the timestamp format reads the cells too small (seconds read as `unix_ms`, or \
+                 YYYYMMDD dates as `unix_seconds`?): set `timestamp_format` in the mapping \
+                 (`--timestamp-format`) to what the column holds, or to `auto`",
+                date(first),
+                date(last)
+            ),
+        });
+    }
     report.stray_dates = stray_dates(&orders, &lines);
     Ok((orders, report))
 }

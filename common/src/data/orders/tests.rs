@@ -113,6 +113,34 @@ fn an_export_whose_every_row_is_skipped_says_why_the_first_was() {
     );
 }
 
+/// Unix seconds read as `unix_ms` put every order in January 1970 and
+/// labelled every customer churned, with only a warning about the cutoff;
+/// YYYYMMDD dates read as `unix_seconds` gave August 1970 and an error
+/// about the cutoff. Refused, naming the format as the likely fault.
+#[test]
+fn an_export_read_into_unix_times_first_years_names_the_timestamp_format() {
+    for (format, cells) in [
+        ("unix_ms", ["1483228800", "1485907200"]),
+        ("unix_seconds", ["19970101", "19970325"]),
+    ] {
+        let mut map = mapping();
+        map.timestamp_format = format.parse().unwrap();
+        let text = format!("{HEADER}c1,i1,{},1,9.5\nc2,i2,{},1,3\n", cells[0], cells[1]);
+        let e = fail_message(&text, &map);
+        assert!(
+            e.starts_with("orders.csv: every order reads as dated between 1970-")
+                && e.contains("the timestamp format reads the cells too small")
+                && e.ends_with("to what the column holds, or to `auto`"),
+            "{format}: {e}"
+        );
+    }
+    // Read as what they are, they pass.
+    let mut map = mapping();
+    map.timestamp_format = "unix_seconds".parse().unwrap();
+    let text = format!("{HEADER}c1,i1,1483228800,1,9.5\nc2,i2,1485907200,1,3\n");
+    assert_eq!(read(&text, &map, BadRowPolicy::Fail).unwrap().0.len(), 2);
+}
+
 /// Windows and Python's `csv` module end lines with CRLF; line numbers
 /// must still be the ones an editor shows, after blank lines too, and a
 /// quoted cell may span lines.
