@@ -95,6 +95,10 @@ impl DataSpec {
     /// [`DataSpec::with_schema`] for its schema.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         let (kind, path) = match s.split_once(':') {
+            // `orders:` alone read as the file "" ("error: : No such file").
+            Some((k, p)) if p.trim().is_empty() => {
+                bail!("`{s}` names no file: give {k}:PATH, or `{k}` alone for the bundled data")
+            }
             Some((k, p)) => (k, Some(PathBuf::from(p))),
             None => (s, None),
         };

@@ -241,6 +241,11 @@ fn bad_settings_are_explained() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("unknown dataset `parquet`"), "{e}");
+    let e = "orders:".parse::<data::DataSpec>().unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "`orders:` names no file: give orders:PATH, or `orders` alone for the bundled data"
+    );
     let e = "churn-mlp:0"
         .parse::<data::TaskChoice>()
         .unwrap_err()
