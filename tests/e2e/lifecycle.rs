@@ -156,7 +156,11 @@ async fn a_revoked_merchant_exits_1_saying_it_is_revoked() {
     let url = format!("https://localhost:{}", coord.addr.port());
     let tls = tls_section(&p.ours.ca_cert(), &p.ours.cert("m0"), &p.ours.key("m0"));
     let line = agent_fails(&agent_toml(p.dir.path(), "m0", &url, &tls)).await;
-    assert_names(&line, "revoked", "the platform operator must admit it");
+    assert_names(
+        &line,
+        "revoked",
+        "the platform operator revoked this merchant's certificate",
+    );
     coord.shutdown().await.unwrap();
 }
 
