@@ -900,6 +900,22 @@ impl Settings {
                 .require_streaming("differential privacy")
                 .map_err(|e| anyhow::anyhow!("{}: {e}", name!(strategy, "--strategy")))?;
         }
+        // FedBuff weighs each clipped update by η before the noise is
+        // added: above 1 a merchant moves the sum by η·clip while the noise
+        // and the ledger are sized for the clip, so ε would not hold.
+        if s.dp.is_some()
+            && let super::mode::Mode::FedBuff(f) = &s.mode
+            && f.server_lr > 1.0
+        {
+            bail!(
+                "{} {} above 1 with differential privacy: FedBuff scales each clipped update by it \
+                 before the noise is added, so one merchant could move the sum by {}·clip while \
+                 the noise and ε are sized for the clip; give 1 or less (or leave DP out)",
+                name!(server_lr, "--server-lr"),
+                f.server_lr,
+                f.server_lr
+            );
+        }
         if let Some(dp) = &s.dp
             && dp.mode == fedcart_coordinator::config::DpMode::Distributed
             && !s.secagg

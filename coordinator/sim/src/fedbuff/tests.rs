@@ -285,6 +285,24 @@ fn fedbuff_settings_are_validated() {
         })
     );
     assert!("async".parse::<crate::ModeName>().is_err());
+    // With DP, η above 1 would scale clipped updates past the clip the noise
+    // and the reported ε were sized for (ε 9.0 reported at an effective
+    // noise multiplier of 0.01 with η = 100).
+    let mut a = churn_args();
+    a.mode = Some(crate::ModeName::Fedbuff);
+    a.dp_clip = Some("1".into());
+    a.dp_noise = Some(1.0);
+    a.server_lr = Some(100.0);
+    let e = Settings::from_args(a.clone()).unwrap_err().to_string();
+    assert!(
+        e.starts_with("--server-lr 100 above 1 with differential privacy")
+            && e.ends_with("give 1 or less (or leave DP out)"),
+        "{e}"
+    );
+    a.server_lr = Some(1.0);
+    Settings::from_args(a.clone()).unwrap();
+    a.server_lr = Some(0.5);
+    Settings::from_args(a).unwrap();
     let mut a = churn_args();
     a.availability = Some(0.0);
     assert!(
