@@ -265,6 +265,13 @@ fn flush(
     row.reported = record.reported.len();
     row.committed = record.outcome == Outcome::Committed;
     row.train = record.metrics.clone();
+    // As a synchronous round's row: the ε spent so far and the clip, or
+    // metrics.json, metrics.csv and report.html show none under FedBuff
+    // while the summary gives the total.
+    if let Some(p) = &record.privacy {
+        row.epsilon = Some(p.epsilon);
+        row.dp_clip = Some(p.clip);
+    }
     if !taus.is_empty() {
         row.staleness_mean = taus.iter().sum::<u64>() as f64 / taus.len() as f64;
         row.staleness_max = taus.iter().copied().max().unwrap_or(0);

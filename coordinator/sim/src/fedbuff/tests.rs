@@ -461,3 +461,31 @@ fn row_sparse_traffic_is_refused_under_fedbuff() {
     let err = Settings::from_args(a).unwrap_err().to_string();
     assert!(err.contains("--mode fedbuff moves whole vectors"), "{err}");
 }
+
+/// Under FedBuff with DP every committed version's row carried no ε: the
+/// summary gave the total while metrics.json, metrics.csv and report.html
+/// showed none. Each row carries the ε spent so far, rising, the last the
+/// run's total.
+#[test]
+fn fedbuff_rows_carry_the_epsilon_spent_so_far() {
+    let mut a = churn_args();
+    a.mode = Some(crate::ModeName::Fedbuff);
+    a.merchants = Some(10);
+    a.rounds = Some(4);
+    a.dp_clip = Some("1".into());
+    a.dp_noise = Some(1.0);
+    let exp = run(a).remove(0);
+    let eps: Vec<f64> = exp.rounds.iter().filter_map(|r| r.epsilon).collect();
+    assert_eq!(eps.len(), exp.rounds.iter().filter(|r| r.committed).count());
+    assert!(
+        eps.len() >= 2 && eps.windows(2).all(|w| w[1] > w[0]),
+        "{eps:?}"
+    );
+    let total = exp.privacy.as_ref().unwrap().epsilon;
+    assert_eq!(eps.last().copied(), Some(total));
+    assert!(
+        exp.rounds
+            .iter()
+            .all(|r| r.dp_clip.is_none_or(|c| c == 1.0))
+    );
+}
