@@ -916,6 +916,18 @@ impl Settings {
                 f.server_lr
             );
         }
+        // Distributed noise clips each update to --dp-clip inside the
+        // secure sum: a --secagg-clip was ignored while the report listed it.
+        if let Some(dp) = &s.dp
+            && dp.mode == fedcart_coordinator::config::DpMode::Distributed
+            && s.secagg_clip.is_some()
+        {
+            bail!(
+                "{} does not apply with --dp-mode distributed: each update is clipped to --dp-clip \
+                 inside the secure sum, and that clip is the secure aggregation's; leave it out",
+                name!(secagg_clip, "--secagg-clip")
+            );
+        }
         if let Some(dp) = &s.dp
             && dp.mode == fedcart_coordinator::config::DpMode::Distributed
             && !s.secagg

@@ -150,6 +150,17 @@ fn dp_flags_are_checked_and_named() {
         ]))
         .contains("--secagg")
     );
+    // Distributed noise clips to --dp-clip inside the secure sum: a
+    // --secagg-clip was ignored while the report listed it.
+    let mut a = telco(&[("clip", "1"), ("noise", "1"), ("mode", "distributed")]);
+    a.secagg = true;
+    a.merchants = Some(10);
+    Settings::from_args(a.clone()).unwrap();
+    a.secagg_clip = Some(0.01);
+    assert!(
+        err(a).starts_with("--secagg-clip does not apply with --dp-mode distributed"),
+        "refused"
+    );
     // An unknown --dp-mode is refused by the flag parser itself (see
     // `tests::typed_flags_are_parsed_once_and_errors_name_the_flag`).
     assert!("local".parse::<crate::DpModeName>().is_err());
