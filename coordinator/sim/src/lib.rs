@@ -687,7 +687,10 @@ fn closing_notes(
 ) -> Vec<String> {
     let mut out: Vec<String> = unsplit_note(spec, model, churn_rows).into_iter().collect();
     out.extend(untested_note(task, exp, churn_rows > 0 && churners == 0));
-    out.extend(weak_privacy_note(exp));
+    out.extend(weak_privacy_note(
+        exp,
+        s.dp.as_ref().and_then(|d| d.target_epsilon),
+    ));
     if s.secagg {
         out.extend(clipping_note(spec, exp, s.secagg_clip(task)));
     }
@@ -701,16 +704,27 @@ const WEAK_EPSILON: f64 = 10.0;
 
 /// A DP run whose ε came out above [`WEAK_EPSILON`]: said, with what to
 /// change, rather than left as a large number in the table.
-fn weak_privacy_note(exp: &Experiment) -> Option<String> {
+/// `target`: the `--target-epsilon` the noise was solved from, if given
+/// (the advice then names it, not a --dp-noise the user did not pass).
+fn weak_privacy_note(exp: &Experiment, target: Option<f64>) -> Option<String> {
     let p = exp.privacy.as_ref()?;
     (p.epsilon > WEAK_EPSILON).then(|| {
+        let change = match target {
+            Some(t) => format!(
+                "give a smaller --target-epsilon (now {t}; the noise solved from it is {})",
+                p.noise_multiplier
+            ),
+            None => format!(
+                "raise --dp-noise (now {}), give --target-epsilon",
+                p.noise_multiplier
+            ),
+        };
         format!(
             "ε = {} at δ = {:e} is above {WEAK_EPSILON}: a guarantee this weak bounds little in \
              practice (an observer's odds of telling whether a merchant took part may grow by \
-             e^ε); raise --dp-noise (now {}), give --target-epsilon, or run fewer --rounds",
+             e^ε); {change}, or run fewer --rounds",
             output::epsilon_text(p.epsilon),
             p.delta,
-            p.noise_multiplier
         )
     })
 }

@@ -1607,11 +1607,22 @@ fn a_refused_dp_setting_names_its_flag() {
     // Whatever the federation's size, a δ above 1 % is no guarantee.
     a.merchants = Some(1);
     a.dp_delta = Some(0.9);
-    let e = run_all(&Settings::from_args(a).unwrap())
+    let e = run_all(&Settings::from_args(a.clone()).unwrap())
         .unwrap_err()
         .to_string();
     assert!(
         e.starts_with("invalid --dp-delta: 0.9 is above 0.01"),
+        "{e}"
+    );
+    // A clip that is 0 as an f32 trained nothing while an ε was reported.
+    a.merchants = Some(10);
+    a.dp_delta = None;
+    a.dp_clip = Some("1e-300".into());
+    let e = run_all(&Settings::from_args(a).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("invalid --dp-clip: 1e-300 is below the smallest normal 32-bit number"),
         "{e}"
     );
 }
@@ -1649,12 +1660,21 @@ fn a_vacuous_privacy_guarantee_is_called_out() {
     );
     a.dp_noise = None;
     a.target_epsilon = Some(2.0);
-    let e = &run(a)[0];
+    let e = &run(a.clone())[0];
     assert!(e.privacy.as_ref().unwrap().epsilon <= 2.0);
     assert!(
         !e.report.iter().any(|l| l.starts_with("ε = ")),
         "{:?}",
         e.report
+    );
+    // A loose target: the advice names it, not a --dp-noise never given.
+    a.target_epsilon = Some(1e9);
+    let e = &run(a)[0];
+    let note = e.report.iter().find(|l| l.starts_with("ε = ")).unwrap();
+    assert!(
+        note.contains("give a smaller --target-epsilon (now 1000000000;")
+            && !note.contains("--dp-noise"),
+        "{note}"
     );
 }
 

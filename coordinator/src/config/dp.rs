@@ -260,6 +260,19 @@ impl DpSettings {
             ClipNorm::Fixed(c) if !(c.is_finite() && c > 0.0) => {
                 return bad("run.dp.clip", format!("{c} must be finite and > 0"));
             }
+            // 1e-300 is 0 as the f32 the updates are clipped in: every
+            // update and all the noise vanish, and the run reported its ε as
+            // if it had trained.
+            ClipNorm::Fixed(c) if (c as f32) < f32::MIN_POSITIVE => {
+                return bad(
+                    "run.dp.clip",
+                    format!(
+                        "{c:e} is below the smallest normal 32-bit number ({:e}): every clipped \
+                         update would be 0 and the model would never move",
+                        f32::MIN_POSITIVE
+                    ),
+                );
+            }
             _ => {}
         }
         if !(self.delta > 0.0 && self.delta < 1.0) {
