@@ -73,8 +73,27 @@ impl SecureRound {
         // The same parameters as a gRPC round (2^64 ring for the statistics step).
         let config = secure_round::round_config(&settings, &plan.spec, n);
         let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
-        let round = InMemoryRound::new(&config, n, &Dropouts::none(), round_seed)
-            .with_context(|| format!("secure aggregation of task {}", plan.task_id))?;
+        let round = InMemoryRound::new(&config, n, &Dropouts::none(), round_seed).map_err(|e| {
+            // The encoder names its own parameters (`scale`, `max_weight`,
+            // `modulus_bits`), none of them a flag: the one that set them is
+            // the clip.
+            let flag = match plan.spec.dp.as_ref().and_then(|d| d.distributed) {
+                Some(_) => "--dp-clip (the clip of distributed noise)",
+                None => "--secagg-clip",
+            };
+            let advice = match &e {
+                fedcart_common::privacy::secagg::SecAggError::Config { .. } => format!(
+                    ": the secure sum's fixed-point ring cannot carry this round's updates of \
+                     {n} agents at the clip {:e} set by {flag}; lower it",
+                    settings.clip
+                ),
+                _ => String::new(),
+            };
+            anyhow::Error::new(e).context(format!(
+                "secure aggregation of task {}{advice}",
+                plan.task_id
+            ))
+        })?;
         let index = merchants
             .iter()
             .enumerate()

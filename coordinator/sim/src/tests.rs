@@ -344,6 +344,29 @@ fn a_secure_aggregation_clip_that_distorts_the_sum_is_reported() {
     );
 }
 
+/// A clip the ring cannot carry was refused in the encoder's own terms
+/// (`scale`, `modulus_bits`), none of them a flag; the error names
+/// --secagg-clip and what to do.
+#[test]
+fn a_secure_aggregation_clip_the_ring_cannot_carry_names_the_flag() {
+    let mut a = telco_args("churn-lr");
+    a.secagg = true;
+    a.merchants = Some(10);
+    a.secagg_clip = Some(1e30);
+    let e = run_all(&Settings::from_args(a).unwrap())
+        .map(|_| ())
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.starts_with(
+            "secure aggregation of task r1a1-train: the secure sum's fixed-point ring cannot \
+             carry this round's updates of 10 agents at the clip 1e30 set by --secagg-clip; \
+             lower it: "
+        ),
+        "{e}"
+    );
+}
+
 #[test]
 fn ials_under_secure_aggregation_matches_plaintext_within_quantisation() {
     // iALS's update is a sum of confidence-weighted item rows like BPR's:
