@@ -223,13 +223,13 @@ pub struct SimArgs {
     #[serde(default, deserialize_with = "number_or_text")]
     pub dp_clip: Option<String>,
     /// DP noise multiplier σ (noise std = σ·C on the sum); or --target-epsilon.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub dp_noise: Option<f64>,
     /// Solve σ up front so that ε after --rounds rounds is at most E.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub target_epsilon: Option<f64>,
     /// δ of the DP guarantee [default: 1e-5].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub dp_delta: Option<f64>,
     /// Who adds the noise: `central` (coordinator) or `distributed` (agents,
     /// under --secagg) [default: central].

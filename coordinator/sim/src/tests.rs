@@ -570,6 +570,19 @@ fn typed_flags_are_parsed_once_and_errors_name_the_flag() {
     .args;
     assert_eq!(a.strategy.unwrap().to_string(), "fedadam:0.05");
     assert_eq!(a.mode, Some(crate::ModeName::Fedbuff));
+    // A negative value in exponent notation reaches the check that names
+    // the flag (clap read `-1e-5` as an unknown flag `-1`).
+    let a = Cli::try_parse_from(["fedcart-sim", "--dp-clip", "1", "--dp-delta", "-1e-5"])
+        .unwrap()
+        .args;
+    assert_eq!(a.dp_delta, Some(-1e-5));
+    let e = Settings::from_args(SimArgs {
+        dp_noise: Some(1.0),
+        ..a
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--dp-delta -0.00001 is not in (0, 1)"), "{e}");
 }
 
 #[test]
