@@ -44,6 +44,12 @@ pub struct RoundRow {
     /// Differential privacy: the clip norm C of this round.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dp_clip: Option<f64>,
+    /// Differential privacy: the noise multiplier this round was accounted
+    /// at — the planned σ centrally; in distributed mode σ·√(s/m) for `s`
+    /// of `m` planned agents in the sum, so a round with dropouts shows the
+    /// smaller noise its ε was charged at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_noise: Option<f64>,
     /// Virtual time (see `clock.rs`) when this version was committed: the
     /// axis on which synchronous rounds and FedBuff compare. Deterministic.
     pub virtual_seconds: f64,

@@ -271,6 +271,7 @@ fn flush(
     if let Some(p) = &record.privacy {
         row.epsilon = Some(p.epsilon);
         row.dp_clip = Some(p.clip);
+        row.dp_noise = Some(p.noise_multiplier);
     }
     if !taus.is_empty() {
         row.staleness_mean = taus.iter().sum::<u64>() as f64 / taus.len() as f64;

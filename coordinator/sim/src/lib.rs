@@ -555,6 +555,7 @@ pub fn run_one(
                 if let Some(p) = &record.privacy {
                     row.epsilon = Some(p.epsilon);
                     row.dp_clip = Some(p.clip);
+                    row.dp_noise = Some(p.noise_multiplier);
                 }
                 now += fleet.round_seconds(&record.selected, &index);
                 row.virtual_seconds = now;

@@ -354,7 +354,7 @@ fn csv_text(experiments: &[Experiment]) -> String {
         .iter()
         .any(|e| e.rounds.iter().any(|r| r.epsilon.is_some()));
     if dp {
-        out.push_str(",epsilon");
+        out.push_str(",epsilon,dp_noise");
     }
     out += ",mode,virtual_seconds,staleness_mean";
     out.push('\n');
@@ -386,6 +386,10 @@ fn csv_text(experiments: &[Experiment]) -> String {
                 out.push(',');
                 if let Some(eps) = r.epsilon {
                     let _ = write!(out, "{eps}");
+                }
+                out.push(',');
+                if let Some(z) = r.dp_noise {
+                    let _ = write!(out, "{z}");
                 }
             }
             let _ = write!(

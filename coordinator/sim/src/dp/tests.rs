@@ -131,6 +131,40 @@ fn distributed_mode_noises_inside_secure_aggregation_and_accounts_like_central()
         distributed.privacy.as_ref().unwrap().mode,
         fedcart_coordinator::config::DpMode::Distributed
     );
+    for e in [&central, &distributed] {
+        assert!(e.rounds.iter().all(|r| r.dp_noise == Some(1.0)));
+    }
+}
+
+/// Distributed noise with dropouts: a round's sum holds fewer noise shares,
+/// and its ε is charged at σ·√(s/m). The rows said σ = 1 while their ε
+/// could only be reproduced from the smaller noise; each row now carries
+/// the noise it was accounted at.
+#[test]
+fn each_row_carries_the_noise_its_epsilon_was_charged_at() {
+    let a = SimArgs {
+        task: Some("noop:200".parse().unwrap()),
+        merchants: Some(10),
+        rounds: Some(3),
+        secagg: true,
+        dropout: Some(0.3),
+        dp_clip: Some("0.5".into()),
+        dp_noise: Some(1.0),
+        dp_mode: Some("distributed".parse().unwrap()),
+        ..Default::default()
+    };
+    let e = run_all(&Settings::from_args(a).unwrap()).unwrap().remove(0);
+    let committed: Vec<_> = e.rounds.iter().filter(|r| r.epsilon.is_some()).collect();
+    assert!(!committed.is_empty());
+    let mut short = 0;
+    for r in &committed {
+        let z = r.dp_noise.unwrap();
+        let planned = r.selected as f64;
+        let want = (r.reported.min(r.selected) as f64 / planned).sqrt();
+        assert!((z - want).abs() < 1e-12, "round {}: {z} vs {want}", r.round);
+        short += usize::from(r.reported < r.selected);
+    }
+    assert!(short > 0, "no round lost an agent: {committed:?}");
 }
 
 #[test]
