@@ -798,7 +798,8 @@ impl RunConfig {
                     "run.dp",
                     format!(
                         "the {} analysis sums exact counts; differential privacy is not \
-                         supported for it",
+                         supported for it: leave the DP settings out (secure aggregation still \
+                         hides each merchant's counts from the coordinator)",
                         self.model.name()
                     ),
                 );

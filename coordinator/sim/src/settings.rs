@@ -797,7 +797,8 @@ impl Settings {
             if s.dp.is_some() {
                 bail!(
                     "{flag} is refused with differential privacy: every trial releases models \
-                     that ε would not account for"
+                     that ε would not account for; search without DP, then run the chosen \
+                     settings with it (the report names them)"
                 );
             }
             if s.search_candidates < 2 {
