@@ -331,6 +331,11 @@ fn delimiter_hint(used: Delimiter, header: &str, column: &str) -> String {
         *d != used
             && d.byte()
                 .is_some_and(|b| header.split(char::from(b)).any(|h| h.trim() == column))
+    })
+    // CDNOW's own layout: columns padded with spaces.
+    .or_else(|| {
+        (used != Delimiter::Whitespace && header.split_whitespace().any(|h| h == column))
+            .then_some(Delimiter::Whitespace)
     });
     let used = used.name();
     match fits {
@@ -410,6 +415,17 @@ fn shorten_cell(message: String, raw: &str) -> String {
     message.replace(raw, &short).replace(&escaped, &short)
 }
 
+/// Unix seconds of the usual placeholder dates, each at midnight UTC:
+/// 1970-01-01 (unix 0), 1899-12-30 and 1899-12-31 (spreadsheet day 0),
+/// 1900-01-01, 0001-01-01.
+const PLACEHOLDER_DATES: [i64; 5] = [
+    0,
+    -2_209_161_600,
+    -2_209_075_200,
+    -2_208_988_800,
+    -62_135_596_800,
+];
+
 fn parse_row(
     cols: &Columns,
     header: &[String],
@@ -430,6 +446,10 @@ fn parse_row(
                 if fields.iter().any(|f| f.contains('\n')) {
                     " (a field runs over several lines: an opening `\"` without its closing \
                      quote, on this line or one above?)"
+                } else if map.delimiter == Delimiter::Whitespace {
+                    " (with the delimiter whitespace every run of spaces or tabs separates, \
+                     so a cell holding a space splits in two: for a tab-separated file give \
+                     `--delimiter tab`, or `delimiter = \"tab\"` in the mapping)"
                 } else {
                     ""
                 }
@@ -525,6 +545,26 @@ fn parse_row(
         .timestamp_format
         .parse(get(cols.timestamp))
         .map_err(|m| cell(cols.timestamp, BadRowReason::BadTimestamp, m))?;
+    // The dates a system writes for "unknown": exactly midnight of unix
+    // time's start, of spreadsheets' day 0 and 1, of year 1. A few percent
+    // of such lines escape the stray-date check (its span is the middle
+    // 98 %) and stretch their customers' tenure by decades.
+    if PLACEHOLDER_DATES.contains(&timestamp) {
+        return Err(cell(
+            cols.timestamp,
+            BadRowReason::BadTimestamp,
+            shorten_cell(
+                format!(
+                    "`{}` (read as {}) is a placeholder date, not when the order was placed: \
+                     correct the line, or the bad-row policy `skip` leaves such rows out and \
+                     counts them",
+                    get(cols.timestamp),
+                    super::derive::format_date(timestamp)
+                ),
+                get(cols.timestamp),
+            ),
+        ));
+    }
     if timestamp > latest {
         return Err(cell(
             cols.timestamp,

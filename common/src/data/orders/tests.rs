@@ -141,6 +141,62 @@ fn an_export_read_into_unix_times_first_years_names_the_timestamp_format() {
     assert_eq!(read(&text, &map, BadRowPolicy::Fail).unwrap().0.len(), 2);
 }
 
+/// `1970-01-01` on 3 % of lines escaped the stray-date check (its span is
+/// the middle 98 % of dates) and stretched those customers' tenure by
+/// decades; the run then advised fewer merchants. The usual placeholder
+/// dates are bad rows, named by line; a real time on such a day is not.
+#[test]
+fn placeholder_dates_are_bad_rows() {
+    for (cell, read_as) in [
+        ("1970-01-01", "1970-01-01"),
+        ("1899-12-30", "1899-12-30"),
+        ("1899-12-31", "1899-12-31"),
+        ("1900-01-01", "1900-01-01"),
+        ("0001-01-01", "0001-01-01"),
+    ] {
+        let text = format!("{HEADER}c1,i1,2024-01-01,1,9.5\nc2,i2,{cell},1,3\n");
+        assert_eq!(
+            fail_message(&text, &mapping()),
+            format!(
+                "orders.csv: line 3, column `ts`: `{cell}` (read as {read_as}) is a placeholder \
+                 date, not when the order was placed: correct the line, or the bad-row policy \
+                 `skip` leaves such rows out and counts them"
+            )
+        );
+    }
+    let text = format!("{HEADER}c1,i1,2024-01-01,1,9.5\nc2,i2,1970-01-01T10:15:00,1,3\n");
+    assert_eq!(
+        read(&text, &mapping(), BadRowPolicy::Fail).unwrap().0.len(),
+        2
+    );
+}
+
+/// A TSV read with the whitespace delimiter splits a cell holding a space;
+/// a space-padded export read with commas splits into one field. Each
+/// error names the delimiter to give.
+#[test]
+fn the_whitespace_delimiter_is_named_where_it_splits_or_would() {
+    let mut ws = mapping();
+    ws.delimiter = Delimiter::Whitespace;
+    let tsv = "customer\titem\tts\tqty\tprice\nc1\tgreen tea\t2024-01-01\t1\t9.5\n";
+    let e = fail_message(tsv, &ws);
+    assert!(
+        e.starts_with(
+            "orders.csv: line 2: 6 fields, the header has 5 (with the delimiter whitespace"
+        ) && e.ends_with("`--delimiter tab`, or `delimiter = \"tab\"` in the mapping)"),
+        "{e}"
+    );
+    let padded = "customer  item  ts          qty  price\nc1        i1    2024-01-01  1    9.5\n";
+    let e = fail_message(padded, &mapping());
+    assert!(
+        e.ends_with(
+            "it splits with whitespace: `--delimiter whitespace`, or `delimiter = \"whitespace\"` \
+             in the mapping: `[data.orders]` in merchant.toml"
+        ),
+        "{e}"
+    );
+}
+
 /// Windows and Python's `csv` module end lines with CRLF; line numbers
 /// must still be the ones an editor shows, after blank lines too, and a
 /// quoted cell may span lines.
@@ -741,13 +797,13 @@ fn lines_dated_far_outside_the_export_are_named() {
     }
     let (_, clean) = read(&text, &mapping(), BadRowPolicy::Fail).unwrap();
     assert_eq!(clean.stray_dates, None);
-    text.push_str("c3,i1,1917-03-04,1,2.5\nc5,i2,1970-01-01,1,2.5\n");
+    text.push_str("c3,i1,1917-03-04,1,2.5\nc5,i2,1970-06-15,1,2.5\n");
     let (orders, report) = read(&text, &mapping(), BadRowPolicy::Fail).unwrap();
     assert_eq!(orders.len(), 302, "the lines are kept");
     let note = report.stray_dates.unwrap();
     assert!(
         note.starts_with("2 order lines are dated far outside the others, which run from 2017-01-15 to 2017-12-15")
-            && note.contains("line 302 1917-03-04, line 303 1970-01-01"),
+            && note.contains("line 302 1917-03-04, line 303 1970-06-15"),
         "{note}"
     );
     // Unix seconds far apart in i64 are checked without overflow (a date
@@ -759,7 +815,7 @@ fn lines_dated_far_outside_the_export_are_named() {
         let t = if i % 2 == 0 { i64::MIN } else { 1_600_000_000 };
         text.push_str(&format!("c{i},i1,{t},1,2.5\n"));
     }
-    text.push_str("c1,i1,0,1,2.5\n");
+    text.push_str("c1,i1,1,1,2.5\n");
     let (orders, report) = read(&text, &map, BadRowPolicy::Fail).unwrap();
     assert_eq!(orders.len(), 201);
     // Two halves and a line between them: none lies outside the others.
