@@ -548,37 +548,33 @@ fn parse_row(
     // The dates a system writes for "unknown": exactly midnight of unix
     // time's start, of spreadsheets' day 0 and 1, of year 1. A few percent
     // of such lines escape the stray-date check (its span is the middle
-    // 98 %) and stretch their customers' tenure by decades.
-    if PLACEHOLDER_DATES.contains(&timestamp) {
+    // 98 %) and stretch their customers' tenure by decades. A date after
+    // today is a placeholder or a mistyped year too.
+    let raw = get(cols.timestamp);
+    // Formatted only for a refused line: this runs for every line.
+    let read_as = || super::derive::format_date(timestamp);
+    let refused = if PLACEHOLDER_DATES.contains(&timestamp) {
+        Some(format!(
+            "`{raw}` (read as {}) is a placeholder date, not when the order was placed:",
+            read_as()
+        ))
+    } else if timestamp > latest {
+        Some(format!(
+            "`{raw}` is in the future (read as {}): a placeholder date or a mistyped year?",
+            read_as()
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = refused {
+        let message = format!(
+            "{why} correct the line, or the bad-row policy `skip` leaves such rows out and \
+             counts them"
+        );
         return Err(cell(
             cols.timestamp,
             BadRowReason::BadTimestamp,
-            shorten_cell(
-                format!(
-                    "`{}` (read as {}) is a placeholder date, not when the order was placed: \
-                     correct the line, or the bad-row policy `skip` leaves such rows out and \
-                     counts them",
-                    get(cols.timestamp),
-                    super::derive::format_date(timestamp)
-                ),
-                get(cols.timestamp),
-            ),
-        ));
-    }
-    if timestamp > latest {
-        return Err(cell(
-            cols.timestamp,
-            BadRowReason::BadTimestamp,
-            shorten_cell(
-                format!(
-                    "`{}` is in the future (read as {}): a placeholder date or a mistyped year? \
-                     correct the line, or the bad-row policy `skip` leaves such rows out and \
-                     counts them",
-                    get(cols.timestamp),
-                    super::derive::format_date(timestamp)
-                ),
-                get(cols.timestamp),
-            ),
+            shorten_cell(message, raw),
         ));
     }
     let quantity = match cols.quantity {
