@@ -303,9 +303,13 @@ pub fn derive(orders: &[Order], cfg: &ChurnConfig) -> Result<Prepared, OrdersErr
         };
         let recent = h.occasions.range(recent_start..).count() as f64;
         let past = freq - recent;
-        let recent_rate = recent / f64::from(cfg.trend_window_days.max(1)) * 30.0;
-        let past_span = (recent_start - first) as f64 / day;
-        let past_rate = if past_span > 0.0 {
+        let window = f64::from(cfg.trend_window_days.max(1));
+        let recent_rate = recent / window * 30.0;
+        // The past rate is taken over at least one trend window, as the
+        // recent one is: a first order hours before the window opens would
+        // otherwise divide by hours (a loyal grocery customer read -461).
+        let past_span = ((recent_start - first) as f64 / day).max(window);
+        let past_rate = if past > 0.0 {
             past / past_span * 30.0
         } else {
             0.0

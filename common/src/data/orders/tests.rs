@@ -489,6 +489,35 @@ fn order(c: &str, item: &str, t: i64, qty: f32, amount: f32) -> Order {
 }
 
 #[test]
+fn trend_takes_the_past_rate_over_at_least_one_trend_window() {
+    // Cutoff at day 100, trend window 20 days (it opens at day 80). Customer
+    // a's first basket falls one second before the window opens: its past
+    // rate is one order per 20 days, not one per second (-2,592,000 before).
+    let opens = day(80);
+    let orders = vec![
+        order("a", "x", opens - 1, 1.0, 10.0),
+        order("a", "y", day(90), 1.0, 10.0),
+        // b: a first order 2 days before the window: still at least 20 days.
+        order("b", "x", opens - 2 * 86_400, 1.0, 10.0),
+        order("b", "y", day(95), 1.0, 10.0),
+        order("b", "z", day(96), 1.0, 10.0),
+    ];
+    let cfg = ChurnConfig {
+        cutoff: day(100),
+        churn_window_days: 30,
+        trend_window_days: 20,
+    };
+    let p = derive(&orders, &cfg).unwrap();
+    let trend = FEATURE_NAMES.iter().position(|&n| n == "trend").unwrap();
+    assert_eq!(p.features.ids, vec!["a", "b"]);
+    let got: Vec<f32> = p.features.x.column(trend).to_vec();
+    // a: 1 recent in 20 days = 1.5 per 30 days, 1 past over 20 days = 1.5.
+    assert!((got[0] - 0.0).abs() < 1e-5, "{got:?}");
+    // b: 2 recent = 3.0 per 30 days, 1 past = 1.5.
+    assert!((got[1] - 1.5).abs() < 1e-5, "{got:?}");
+}
+
+#[test]
 fn derivation_matches_hand_computed_rfm_and_labels() {
     // Cutoff at day 100, churn window 30 days, trend window 20 days.
     let orders = vec![
