@@ -21,7 +21,7 @@ pub const MAX_MERCHANT_ID_LEN: usize = 128;
 
 /// A merchant id that breaks the rule of [`validate_id`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("merchant id `{shown}` must be 1–128 characters of [A-Za-z0-9-_.@]")]
+#[error("merchant id `{shown}` must be 1–128 characters of [A-Za-z0-9-_.@], not only dots")]
 pub struct InvalidMerchantId {
     /// The id as given, cut to 140 characters so that a huge id from the
     /// network cannot blow up a log line or a status message.
@@ -30,14 +30,17 @@ pub struct InvalidMerchantId {
 
 /// The one merchant-id rule, applied by `join`, by `certs issue/allow/revoke`
 /// and by agents checking a roster: 1 to [`MAX_MERCHANT_ID_LEN`] characters of
-/// `[A-Za-z0-9-_.@]`. The alphabet keeps ids safe inside a URI SAN
-/// (`fedcart://merchant/<id>`), in file names (`<id>.pem`) and in metric labels.
+/// `[A-Za-z0-9-_.@]`, not only dots. The alphabet keeps ids safe inside a URI SAN
+/// (`fedcart://merchant/<id>`), in file names (`<id>.pem`) and in metric labels;
+/// `.` and `..` would name a directory's own or its parent in a path (a run
+/// id is an agent's `runs/<id>/` folder).
 pub fn validate_id(id: &str) -> Result<(), InvalidMerchantId> {
     let ok = !id.is_empty()
         && id.len() <= MAX_MERCHANT_ID_LEN
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+        && !id.chars().all(|c| c == '.');
     if ok {
         Ok(())
     } else {
@@ -139,16 +142,34 @@ mod tests {
 
     #[test]
     fn merchant_ids_are_1_to_128_characters_of_the_uri_safe_alphabet() {
-        for ok in ["m0", "shop-7", "a.b@c_d", &"x".repeat(MAX_MERCHANT_ID_LEN)] {
+        for ok in [
+            "m0",
+            "shop-7",
+            "a.b@c_d",
+            ".m",
+            "...x",
+            &"x".repeat(MAX_MERCHANT_ID_LEN),
+        ] {
             assert_eq!(validate_id(ok), Ok(()), "{ok}");
         }
         let long = "x".repeat(MAX_MERCHANT_ID_LEN + 1);
-        for bad in ["", "a b", "shop/7", "café", "m0\n", long.as_str()] {
+        // `.` and `..` would be a directory's self or parent as a run folder.
+        for bad in [
+            "",
+            "a b",
+            "shop/7",
+            "café",
+            "m0\n",
+            ".",
+            "..",
+            "...",
+            long.as_str(),
+        ] {
             assert!(validate_id(bad).is_err(), "{bad:?}");
         }
         assert_eq!(
             validate_id("a b").unwrap_err().to_string(),
-            "merchant id `a b` must be 1–128 characters of [A-Za-z0-9-_.@]"
+            "merchant id `a b` must be 1–128 characters of [A-Za-z0-9-_.@], not only dots"
         );
         let huge = "é".repeat(1000);
         assert_eq!(validate_id(&huge).unwrap_err().shown.chars().count(), 140);

@@ -593,6 +593,29 @@ impl RunConfig {
         run.unknown_inline_keys(&table).map_err(parse)?;
         run.under_dp_defaults(Some(&table)).map_err(parse)?;
         run.validate()?;
+        if let Some(s) = &schedule {
+            // Instance n runs as `<id>.<n>`, which must pass the id rule too.
+            let last = s.repeat.map_or(u64::MAX, |r| r.saturating_add(1));
+            let longest = run.run_id.len() + 1 + last.to_string().len();
+            let max = fedcart_common::identity::MAX_MERCHANT_ID_LEN;
+            if longest > max {
+                return Err(ConfigError::Invalid {
+                    field: "run.run_id",
+                    message: format!(
+                        "`{}` is {} characters: a scheduled run's instances are `<id>.<n>` up to \
+                         `<id>.{last}`, {longest} characters, past the {max} an id may have; \
+                         shorten the id{}",
+                        run.run_id,
+                        run.run_id.len(),
+                        if s.repeat.is_none() {
+                            " (without `repeat` there is room for any instance number)"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            }
+        }
         if schedule.is_some() && run.dp.is_some() {
             return Err(ConfigError::Invalid {
                 field: "schedule",
@@ -641,7 +664,7 @@ impl RunConfig {
             return bad(
                 "run.run_id",
                 format!(
-                    "`{}` must be 1 to {} characters of [A-Za-z0-9-_.@]",
+                    "`{}` must be 1 to {} characters of [A-Za-z0-9-_.@], not only dots",
                     self.run_id.chars().take(140).collect::<String>(),
                     fedcart_common::identity::MAX_MERCHANT_ID_LEN
                 ),
@@ -1110,6 +1133,47 @@ mod tests {
             e.contains("schedule") && e.contains("privacy budget again"),
             "{e}"
         );
+    }
+
+    /// A scheduled run's instances are `<id>.<n>`: an id that leaves no
+    /// room for the last instance's suffix is refused at submission (the
+    /// schedule ended with a log line when the instance could not start),
+    /// and `.`/`..` are no run ids (an agent keeps a run in `runs/<id>/`).
+    #[test]
+    fn run_ids_leave_room_for_scheduled_instances_and_are_not_only_dots() {
+        let src = Path::new("run.toml");
+        let with_id = |id: &str, schedule: &str| {
+            EXAMPLE.replace("run_id = \"churn-1\"", &format!("run_id = \"{id}\"")) + schedule
+        };
+        let repeat9 = "\n[schedule]\nevery = \"1h\"\nrepeat = 9\n";
+        let forever = "\n[schedule]\nevery = \"1h\"\n";
+        // repeat = 9: instances 1..=10, so `.10` is the longest suffix.
+        let fits = "x".repeat(128 - 3);
+        RunConfig::from_toml(&with_id(&fits, repeat9), src).expect("room for `.10`");
+        let e = RunConfig::from_toml(&with_id(&"x".repeat(126), repeat9), src)
+            .expect_err("no room for `.10`")
+            .to_string();
+        assert!(
+            e.contains("run.run_id") && e.contains(".10`, 129 characters"),
+            "{e}"
+        );
+        // Without `repeat`, room for any instance number.
+        let e = RunConfig::from_toml(&with_id(&fits, forever), src)
+            .expect_err("unbounded")
+            .to_string();
+        assert!(e.contains("without `repeat`"), "{e}");
+        RunConfig::from_toml(&with_id(&"x".repeat(100), forever), src).expect("short id");
+        // Unscheduled, the whole 128 characters are the run's.
+        RunConfig::from_toml(&with_id(&"x".repeat(128), ""), src).expect("unscheduled");
+        for dots in [".", ".."] {
+            let e = RunConfig::from_toml(&with_id(dots, ""), src)
+                .expect_err(dots)
+                .to_string();
+            assert!(
+                e.contains("run.run_id") && e.contains("not only dots"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

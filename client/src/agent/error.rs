@@ -194,7 +194,7 @@ fn refused(status: &tonic::Status) -> Option<String> {
                 .into(),
         ),
         tonic::Code::InvalidArgument => Some(
-            "`merchant_id` must be 1–128 characters of [A-Za-z0-9-_.@] and match the certificate"
+            "`merchant_id` must be 1–128 characters of [A-Za-z0-9-_.@], not only dots, and match the certificate"
                 .into(),
         ),
         _ => None,
