@@ -135,6 +135,11 @@ pub struct Experiment {
     /// for comparing runs, e.g. the two transports).
     #[serde(skip)]
     pub final_model: Vec<f32>,
+    /// Files the run wrote under `--out` besides the outputs every run
+    /// writes (a segmentation's `segments.csv` and `segments.png`), named
+    /// in the output manifest so that a later run can retire them.
+    #[serde(skip)]
+    pub files: Vec<String>,
     /// Analysis tasks' report (segment profiles, rules), as Markdown lines.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub report: Vec<String>,
@@ -386,6 +391,7 @@ impl Experiment {
                 ..Default::default()
             },
             final_model: Vec::new(),
+            files: Vec::new(),
             report: Vec::new(),
             search: None,
             headline: task.headline(),
@@ -393,11 +399,15 @@ impl Experiment {
         }
     }
 
-    /// The held-out metrics measured right after `round` (empty if none).
+    /// The held-out metrics measured right after `round` committed (empty
+    /// if none): a round retried after an aborted attempt has a row per
+    /// attempt under the same number, and only the committed one measured
+    /// the version.
     pub fn eval_at(&self, round: u64) -> BTreeMap<String, f64> {
         self.rounds
             .iter()
-            .find(|r| r.round == round)
+            .filter(|r| r.round == round)
+            .find(|r| r.committed)
             .map(|r| r.eval.clone())
             .unwrap_or_default()
     }

@@ -40,7 +40,7 @@ use super::experiment::{Experiment, RoundRow};
 use super::mode::FedBuffSettings;
 use super::settings::Settings;
 use super::submit;
-use fedcart_coordinator::engine::{Engine, Submission, TaskPlan};
+use fedcart_coordinator::engine::{Engine, TaskPlan};
 use fedcart_coordinator::record::Outcome;
 
 /// Each merchant's metrics, by id.
@@ -329,12 +329,11 @@ fn collective(
             if plan.spec.kind == TaskKind::Evaluate {
                 per_merchant.insert(id.clone(), out.metrics.clone());
             }
-            let sub = Submission {
-                update: out.update,
-                metrics: out.metrics,
-                weight: out.weight,
-                bytes: 0,
-            };
+            // Plaintext (checked above), so nothing goes to a secure sum;
+            // the bytes are counted as the synchronous driver counts them
+            // (an evaluation's histograms were left out of `bytes_up`).
+            let sub = submit::route(id, out, false, &mut Vec::new());
+            row.bytes_up += sub.bytes;
             if let Err(e) = engine.submit(id, "simulation", plan.round, &plan.task_id, sub) {
                 tracing::warn!(merchant = %id, error = %e, "submission refused");
             }

@@ -69,11 +69,10 @@ pub enum Format {
 pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Result<()> {
     let mut settings = Settings::from_args(args)?;
     settings.progress = progress;
-    let started = std::time::SystemTime::now();
     let experiments = run_all(&settings)?;
     if let Some(dir) = &settings.out {
-        output::write_all(dir, &settings, &experiments)?;
-        let removed = output::retire_stale(dir, started)?;
+        let written = output::write_all(dir, &settings, &experiments)?;
+        let removed = output::retire_stale(dir, &written)?;
         eprintln!("wrote {}", dir.display());
         if !removed.is_empty() {
             eprintln!(
@@ -389,6 +388,22 @@ pub fn run_one(
         .map(|(k, id)| (id.as_str(), k))
         .collect();
     let malicious = s.malicious_set(n);
+    if s.malicious > 0.0 && malicious.is_empty() {
+        bail!(
+            "--malicious {} of {n} merchants rounds to no attacker, so the run would be \
+             an attack-free run labelled as an attack: give at least {} (one merchant)",
+            s.malicious,
+            (1e4 / n as f64).ceil() / 1e4
+        );
+    }
+    if s.malicious > 0.0 && (malicious.len() as f64 - s.malicious * n as f64).abs() > 1e-9 {
+        eprintln!(
+            "--malicious {} of {n} merchants: {} attacker(s), {:.1} % of them",
+            s.malicious,
+            malicious.len(),
+            100.0 * malicious.len() as f64 / n as f64
+        );
+    }
     // Baselines for the federation-value report, on untouched copies.
     // Not for k-means: a segmentation has no local-only or centralised
     // "model quality" per merchant to compare (its report profiles the segments).
@@ -1346,6 +1361,8 @@ fn finish_segments(
         let path = dir.join("segments.csv");
         std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
         plots::segments(dir, merchants, &exp.final_model, k, &labels, &names)?;
+        exp.files
+            .extend(["segments.csv".to_string(), "segments.png".to_string()]);
     }
     Ok(exp)
 }

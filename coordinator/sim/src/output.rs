@@ -255,37 +255,16 @@ fn lower_enum(text: String) -> String {
 /// the next run into the same directory can retire them.
 pub const MANIFEST: &str = ".fedcart-sim-files";
 
-/// Slack for file times: the kernel stamps files from a coarse clock (one
-/// tick, at most 10 ms), which may read behind the run's own start time.
-const MTIME_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
-
 /// Removes the files an earlier run listed in `dir`'s [`MANIFEST`] that this
-/// run, started at `started`, did not write again — a plot of another task
-/// beside this run's `report.html` read as this run's — then lists the files
-/// written since `started`. Only names an earlier run listed are removed,
-/// never a file of the user's; returns the names removed.
-pub fn retire_stale(dir: &Path, started: std::time::SystemTime) -> anyhow::Result<Vec<String>> {
-    let since = started.checked_sub(MTIME_SLACK).unwrap_or(started);
-    let written_since = |path: &Path| {
-        std::fs::metadata(path)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t >= since)
-    };
-    let mut fresh = Vec::new();
-    let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        if name != MANIFEST
-            && entry.file_type().is_ok_and(|t| t.is_file())
-            && written_since(&entry.path())
-        {
-            fresh.push(name);
-        }
-    }
+/// run did not write again (`written`, the names [`write_all`] returns) — a
+/// plot of another task beside this run's `report.html` read as this run's —
+/// then lists `written`. Only names an earlier run listed are removed,
+/// never a file of the user's (one written into the folder during a run
+/// included); returns the names removed.
+pub fn retire_stale(dir: &Path, written: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut fresh: Vec<String> = written.to_vec();
     fresh.sort();
+    fresh.dedup();
     let manifest = dir.join(MANIFEST);
     let listed = std::fs::read_to_string(&manifest).unwrap_or_default();
     let mut removed = Vec::new();
@@ -300,8 +279,7 @@ pub fn retire_stale(dir: &Path, started: std::time::SystemTime) -> anyhow::Resul
             continue;
         }
         let path = dir.join(name);
-        let stale_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
-        if stale_file && !written_since(&path) {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
             std::fs::remove_file(&path)
                 .with_context(|| format!("removing {} of an earlier run", path.display()))?;
             removed.push(name.to_string());
@@ -312,8 +290,15 @@ pub fn retire_stale(dir: &Path, started: std::time::SystemTime) -> anyhow::Resul
     Ok(removed)
 }
 
-/// Writes `metrics.json`, `metrics.csv` and `report.html` into `dir`.
-pub fn write_all(dir: &Path, s: &Settings, experiments: &[Experiment]) -> anyhow::Result<()> {
+/// Writes `metrics.json`, `metrics.csv`, `analysis.md` (when there is a
+/// report), `report.html` and the plots into `dir`; returns the names of
+/// every file the run wrote there (the experiments' own
+/// [`Experiment::files`] included), for [`retire_stale`].
+pub fn write_all(
+    dir: &Path,
+    s: &Settings,
+    experiments: &[Experiment],
+) -> anyhow::Result<Vec<String>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = serde_json::json!({ "settings": s, "experiments": experiments });
     let path = dir.join("metrics.json");
@@ -335,7 +320,17 @@ pub fn write_all(dir: &Path, s: &Settings, experiments: &[Experiment]) -> anyhow
     let path = dir.join("report.html");
     std::fs::write(&path, html(s, experiments, &plots))
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let mut written: Vec<String> = ["metrics.json", "metrics.csv", "report.html"]
+        .map(String::from)
+        .into();
+    if !report.is_empty() {
+        written.push("analysis.md".into());
+    }
+    for p in plots.iter().flatten() {
+        written.extend([format!("{}.png", p.name), format!("{}.svg", p.name)]);
+    }
+    written.extend(experiments.iter().flat_map(|e| e.files.iter().cloned()));
+    Ok(written)
 }
 
 fn csv_text(experiments: &[Experiment]) -> String {
@@ -686,49 +681,42 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, SystemTime};
 
-    fn age(path: &Path) {
-        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
-        let f = std::fs::File::options().write(true).open(path).unwrap();
-        f.set_modified(hour_ago).unwrap();
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
     }
 
     /// A second run into the same `--out` left the first run's plots of
     /// another task beside its own report, read as this run's. What an
     /// earlier run wrote and this one did not is removed; a file of the
-    /// user's, or one named outside the directory, never is.
+    /// user's never is, even one written into the folder while a run went
+    /// on (file times once decided what a run had written, and such a file
+    /// was listed and deleted by the next run), nor one named outside the
+    /// directory.
     #[test]
     fn a_run_retires_what_an_earlier_run_wrote_and_it_did_not() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(d.join("notes.txt"), "mine").unwrap();
-        age(&d.join("notes.txt"));
-        let started = SystemTime::now();
-        for f in ["metrics.json", "mf-rmse-by-round.png", "segments.csv"] {
+        let first = names(&["metrics.json", "mf-rmse-by-round.png", "segments.csv"]);
+        for f in &first {
             std::fs::write(d.join(f), "first").unwrap();
         }
-        assert!(retire_stale(d, started).unwrap().is_empty());
+        // The user's, written while the first run was going.
+        std::fs::write(d.join("my-notes.txt"), "mine").unwrap();
+        assert!(retire_stale(d, &first).unwrap().is_empty());
         let listed = std::fs::read_to_string(d.join(MANIFEST)).unwrap();
         assert_eq!(listed, "metrics.json\nmf-rmse-by-round.png\nsegments.csv\n");
-        // The second run: an hour later, another task.
-        for f in [
-            "metrics.json",
-            "mf-rmse-by-round.png",
-            "segments.csv",
-            MANIFEST,
-        ] {
-            age(&d.join(f));
-        }
+        // The second run: another task, right after.
         let outside = dir.path().parent().unwrap().join("outside-the-out-dir.txt");
         let mut manifest = std::fs::read_to_string(d.join(MANIFEST)).unwrap();
         manifest.push_str("../outside-the-out-dir.txt\nnotes-gone.txt\n");
         std::fs::write(d.join(MANIFEST), manifest).unwrap();
-        let started = SystemTime::now();
-        for f in ["metrics.json", "churn-lr-auc-by-round.png"] {
+        let second = names(&["metrics.json", "churn-lr-auc-by-round.png"]);
+        for f in &second {
             std::fs::write(d.join(f), "second").unwrap();
         }
-        let removed = retire_stale(d, started).unwrap();
+        let removed = retire_stale(d, &second).unwrap();
         assert_eq!(removed, ["mf-rmse-by-round.png", "segments.csv"]);
         let mut left: Vec<String> = std::fs::read_dir(d)
             .unwrap()
@@ -741,6 +729,7 @@ mod tests {
                 MANIFEST,
                 "churn-lr-auc-by-round.png",
                 "metrics.json",
+                "my-notes.txt",
                 "notes.txt"
             ]
         );

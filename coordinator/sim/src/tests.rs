@@ -181,6 +181,25 @@ fn same_seed_gives_identical_metrics_whatever_the_thread_count() {
     assert_ne!(one[0].without_timings(), other[0].without_timings());
 }
 
+/// `--malicious 0.04` of 10 merchants rounded to no attacker: the run was
+/// an attack-free run whose report listed the attack.
+#[test]
+fn a_malicious_fraction_that_rounds_to_no_attacker_is_refused() {
+    let mut a = telco_args("churn-lr");
+    a.merchants = Some(10);
+    a.rounds = Some(1);
+    a.malicious = Some(0.04);
+    let e = run_all(&Settings::from_args(a.clone()).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--malicious 0.04 of 10 merchants") && e.contains("at least 0.1"),
+        "{e}"
+    );
+    a.malicious = Some(0.1);
+    run(a);
+}
+
 #[test]
 fn robust_strategies_are_refused_with_secure_aggregation() {
     let mut a = args();
@@ -1084,6 +1103,36 @@ fn a_served_churn_version_that_is_not_the_last_reads_its_auc_as_the_round_did() 
         );
     }
     assert_ne!(best.at_best["auc"], best.last["auc"]);
+}
+
+/// A round retried after an aborted attempt has two rows under its number;
+/// the summary's "measured after round N" took the aborted one's (empty)
+/// metrics and printed `–` for the served version.
+#[test]
+fn the_best_versions_figures_come_from_the_attempt_that_committed_it() {
+    let mut a = telco_args("churn-lr");
+    a.merchants = Some(3);
+    a.rounds = Some(4);
+    a.dropout = Some(0.7);
+    a.seed = Some(5);
+    a.patience = Some(0);
+    let e = &run(a)[0];
+    let best = e.best.as_ref().expect("churn models select a version");
+    let attempts = e.rounds.iter().filter(|r| r.round == best.round).count();
+    assert!(
+        attempts > 1
+            && e.rounds
+                .iter()
+                .any(|r| r.round == best.round && !r.committed),
+        "the case needs an aborted attempt at round {} ({attempts} rows)",
+        best.round
+    );
+    assert!(
+        !best.at_best.is_empty(),
+        "measured after round {}",
+        best.round
+    );
+    assert_eq!(best.served["auc"], best.at_best["auc"]);
 }
 
 #[test]

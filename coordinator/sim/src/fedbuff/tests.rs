@@ -54,6 +54,14 @@ fn a_full_buffer_without_staleness_replays_synchronous_fedavg() {
     for (rs, rb) in s.rounds.iter().zip(&b.rounds) {
         assert_eq!(rs.eval, rb.eval, "round {}", rs.round);
         assert_eq!(rs.virtual_seconds, rb.virtual_seconds);
+        // The same uploads and downloads, evaluations' histograms included
+        // (FedBuff's collective tasks once counted no bytes up).
+        assert_eq!(
+            (rs.bytes_up, rs.bytes_down),
+            (rb.bytes_up, rb.bytes_down),
+            "round {}",
+            rs.round
+        );
         assert_eq!((rb.reported, rb.staleness_max), (4, 0));
     }
     assert!(s.rounds[0].virtual_seconds > 0.0);
