@@ -527,18 +527,28 @@ impl Engine {
     /// no task of the run has committed since.
     pub fn retrying(&self) -> Option<String> {
         let r = self.last_abort.as_ref()?;
+        Some(format!(
+            "{}: {}",
+            self.retrying_for_merchants()?,
+            attempt_cause(r)
+        ))
+    }
+
+    /// [`Engine::retrying`] without the cause, which names other merchants
+    /// and their refusals: what a merchant's `status` shows.
+    pub fn retrying_for_merchants(&self) -> Option<String> {
+        let r = self.last_abort.as_ref()?;
         if self.stopped.is_some() || self.finished() {
             return None;
         }
         Some(format!(
-            "{} aborted (attempt {} of {}, run.max_attempts): {}",
+            "{} aborted (attempt {} of {}, run.max_attempts)",
             r.task_id,
             self.attempts
                 .get(&(r.round, kind_name(r.kind)))
                 .copied()
                 .unwrap_or(r.attempt),
             self.run.max_attempts,
-            attempt_cause(r)
         ))
     }
 

@@ -100,9 +100,10 @@ impl RoundRecord {
         self.examples = 0.0;
         self.bytes_in = 0;
         if let Some(reason) = &self.abort_reason {
-            let names_another = reason
-                .split(|c: char| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.')))
-                .any(|word| others.contains(word.trim_end_matches('.')));
+            // Any occurrence, not whole words: ids hold `@` and `.`, which
+            // a split on punctuation cut (`x@acme`, `shop.` went through).
+            // Redacting a reason too many is the safe side.
+            let names_another = others.iter().any(|m| reason.contains(m.as_str()));
             if names_another {
                 self.abort_reason = Some(
                     "aborted for a cause that names other merchants: the operator's `status` \
@@ -233,6 +234,28 @@ mod tests {
         assert_eq!(r.kind, TaskKind::Train);
         assert_eq!(r.outcome, Outcome::Committed);
         assert_eq!(serde_json::to_string(&r).expect("encodes"), OLD_TRAIN);
+    }
+
+    /// A merchant's copy of a record keeps an abort reason only when it
+    /// names no other merchant of the round: ids with `@` or a trailing
+    /// `.` went through the word split that decided it.
+    #[test]
+    fn a_merchants_copy_hides_any_abort_reason_naming_another_merchant() {
+        for other in ["x@acme", "shop.", "m1"] {
+            let mut r: RoundRecord = serde_json::from_str(OLD_TRAIN).unwrap();
+            r.selected = vec!["m0".into(), other.into()];
+            r.abort_reason = Some(format!("secure aggregation: shares from {other} missing"));
+            let mine = r.seen_by("m0");
+            let reason = mine.abort_reason.unwrap();
+            assert!(!reason.contains(other), "{other}: {reason}");
+            assert!(reason.contains("operator's `status`"), "{reason}");
+        }
+        let mut r: RoundRecord = serde_json::from_str(OLD_TRAIN).unwrap();
+        r.abort_reason = Some("1 results, quorum is 2".into());
+        assert_eq!(
+            r.seen_by("a").abort_reason.as_deref(),
+            Some("1 results, quorum is 2")
+        );
     }
 
     #[test]

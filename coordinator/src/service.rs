@@ -187,6 +187,31 @@ impl Shared {
         with_retry(&self.engine(), phase)
     }
 
+    /// The run's phase as a merchant may read it: what the run is doing,
+    /// without who else is connected, set aside or missing, how many can
+    /// serve it, or what other merchants' refused results said (the
+    /// operator's phase, [`Shared::summary`], names them).
+    pub fn merchant_phase(&self) -> String {
+        let engine = self.engine();
+        let mut phase = match (engine.stopped(), engine.finished(), engine.open_task()) {
+            (Some(stop), false, _) => match engine.next_task() {
+                Some((v, _)) => format!(
+                    "stopped: {}; handing version {v} out before it ends",
+                    stop.for_merchants()
+                ),
+                None => format!("stopped: {}", stop.for_merchants()),
+            },
+            (Some(stop), true, _) => format!("stopped: {}", stop.for_merchants()),
+            (None, true, _) => "finished".into(),
+            (None, false, Some(p)) => p.task_id.clone(),
+            (None, false, None) => "waiting for agents".into(),
+        };
+        if let Some(why) = engine.retrying_for_merchants() {
+            phase.push_str(&format!("; {why}"));
+        }
+        phase
+    }
+
     fn bare_phase(&self) -> String {
         let engine = self.engine();
         match (engine.stopped(), engine.finished(), engine.open_task()) {
@@ -328,7 +353,12 @@ impl Shared {
             kind: Some(pb::work::Kind::RunEnded(pb::RunEnded {
                 run_id: engine.run().run_id.clone(),
                 model_version: engine.version(),
-                stopped: engine.stopped().map(|s| s.to_string()).unwrap_or_default(),
+                // Every agent receives it: no other merchant's name or
+                // refusal in it.
+                stopped: engine
+                    .stopped()
+                    .map(|s| s.for_merchants())
+                    .unwrap_or_default(),
                 served_version: engine.served_version().unwrap_or(0),
             })),
         })
@@ -923,11 +953,15 @@ impl Coordinator for Service {
             // Who else is connected is the operator's to see.
             connected.retain(|m| m == id);
         }
-        // As `runs list` shows it (with a schedule ended by the operator).
-        let phase = self
-            .hub
-            .summary(&shared.run_config().run_id)
-            .map_or_else(|_| shared.phase(), |s| s.phase);
+        // As `runs list` shows it (with a schedule ended by the operator);
+        // a merchant's has no other merchant in it.
+        let phase = match &viewer {
+            crate::identity::Viewer::Operator => self
+                .hub
+                .summary(&shared.run_config().run_id)
+                .map_or_else(|_| shared.phase(), |s| s.phase),
+            crate::identity::Viewer::Merchant(_) => shared.merchant_phase(),
+        };
         let engine = shared.engine();
         let last = engine
             .store()

@@ -87,6 +87,35 @@ impl RunStop {
     }
 }
 
+impl RunStop {
+    /// The stop as a merchant may read it (its `status`, the `RunEnded`
+    /// message every agent receives): the same words without what came from
+    /// other merchants — the cause of a round that kept aborting names the
+    /// merchants whose results were refused and why (`from x@acme`: "the
+    /// local features do not have the model's width"), and a revealed sum's
+    /// reason may too. A cause every merchant shares (all training diverged)
+    /// is kept: it is the merchant's own as much as anyone's.
+    pub fn for_merchants(&self) -> String {
+        match self {
+            Self::GaveUp {
+                round,
+                kind,
+                attempts,
+                cause,
+            } if !cause.starts_with("every merchant's local training diverged") => format!(
+                "round {round} ({kind}) aborted {attempts} times (run.max_attempts); the run \
+                 stops (the operator's status gives the cause)"
+            ),
+            Self::Revealed { round, task_id, .. } => format!(
+                "round {round}: the secure sum of task {task_id} was revealed but not \
+                 committed; retrying would expose the difference of two sums over the same \
+                 inputs, so the run stops"
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for RunStop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -212,5 +241,62 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
     match most(aborts) {
         Some((reason, n, total)) => format!("{reason} (in {n} of {total} attempts)"),
         None => "no attempt committed".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A merchant's status and the `RunEnded` every agent receives once
+    /// carried "(10 of 10; from x@acme)" and the other merchant's refusal;
+    /// the merchants' wording keeps what the run did, not who did what.
+    #[test]
+    fn the_merchants_wording_of_a_stop_names_no_other_merchant() {
+        let gave_up = RunStop::GaveUp {
+            round: 3,
+            kind: "train".into(),
+            attempts: 10,
+            cause: "most results were refused or withdrawn: `the local features do not have \
+                    the model's width` (10 of 10; from x@acme)"
+                .into(),
+        };
+        assert!(gave_up.to_string().contains("x@acme"));
+        let shown = gave_up.for_merchants();
+        assert!(
+            !shown.contains("x@acme") && !shown.contains("width"),
+            "{shown}"
+        );
+        assert!(
+            shown.starts_with("round 3 (train) aborted 10 times (run.max_attempts)"),
+            "{shown}"
+        );
+        let revealed = RunStop::Revealed {
+            round: 2,
+            task_id: "r2-train".into(),
+            reason: "missing m7's unmasking".into(),
+        };
+        let shown = revealed.for_merchants();
+        assert!(
+            !shown.contains("m7") && shown.contains("r2-train"),
+            "{shown}"
+        );
+        // What every merchant shares, or names no merchant, is kept.
+        let diverged = RunStop::GaveUp {
+            round: 1,
+            kind: "train".into(),
+            attempts: 3,
+            cause: "every merchant's local training diverged from version 0 (lower the \
+                    learning rate)"
+                .into(),
+        };
+        assert_eq!(diverged.for_merchants(), diverged.to_string());
+        let early = RunStop::EarlyStopped {
+            version: 9,
+            best_version: 4,
+            metric: "val_auc".into(),
+            best: 0.8,
+        };
+        assert_eq!(early.for_merchants(), early.to_string());
     }
 }
