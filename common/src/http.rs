@@ -16,11 +16,16 @@ use tokio::sync::watch;
 /// closes it.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Most connections served at once; past it, new ones wait in the
+/// listener's backlog until one closes (each open connection holds a file
+/// descriptor, which the process shares with its store and gRPC).
+pub const MAX_CONNECTIONS: usize = 1024;
+
 /// Serves HTTP/1 connections from `listener` with `app` until `stop` turns
 /// true (or its sender is gone), then lets each connection finish its
 /// request in flight and returns once every one is closed. Each connection
 /// has `TCP_NODELAY` set (no small write waits for a delayed ACK) and
-/// `header_read_timeout`.
+/// `header_read_timeout`; at most [`MAX_CONNECTIONS`] are served at once.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -34,7 +39,12 @@ pub async fn serve(
         .header_read_timeout(header_read_timeout);
     // Each connection's task holds a receiver: all dropped, all closed.
     let (closed_tx, closed_rx) = watch::channel(());
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = stopped(&mut stop) => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -71,6 +81,7 @@ pub async fn serve(
                 }
             }
             drop(closed);
+            drop(slot);
         });
     }
     drop(closed_rx);

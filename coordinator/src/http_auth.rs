@@ -167,6 +167,10 @@ fn token_field(encoded: &str) -> Option<String> {
         .find_map(|(k, v)| (k == "token").then_some(v))
 }
 
+/// How long the login form's body may take to arrive (a browser sends its
+/// few bytes with the headers); a body not in by then is read as no token.
+pub const LOGIN_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The middleware: open probes, the browser login, then the token check.
 pub async fn require_operator(
     State(token): State<Arc<OperatorToken>>,
@@ -178,9 +182,16 @@ pub async fn require_operator(
         return next.run(req).await;
     }
     if path == "/login" && req.method() == axum::http::Method::POST {
-        let body = axum::body::to_bytes(req.into_body(), 4096)
-            .await
-            .unwrap_or_default();
+        // The header timeout does not cover a body: a client announcing one
+        // and sending it slowly, or never, held its connection for ever.
+        let body = tokio::time::timeout(
+            LOGIN_BODY_TIMEOUT,
+            axum::body::to_bytes(req.into_body(), 4096),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
         // The form's answer is a page a person reads: the form again, saying
         // what went wrong.
         return match token_field(&String::from_utf8_lossy(&body)) {

@@ -73,6 +73,13 @@ pub fn check_metrics(metrics: &HashMap<String, f64>) -> Result<(), Status> {
             name.len()
         )));
     }
+    // Names reach the operator's terminal (`status`) and the log: an escape
+    // sequence in one would be played there.
+    if metrics.keys().any(|k| k.chars().any(char::is_control)) {
+        return Err(Status::invalid_argument(
+            "a metric name contains control characters",
+        ));
+    }
     Ok(())
 }
 
@@ -97,6 +104,11 @@ pub fn check_examples(examples: &HashMap<String, u64>) -> Result<String, Status>
              accepted",
             name.len()
         )));
+    }
+    if examples.keys().any(|k| k.chars().any(char::is_control)) {
+        return Err(Status::invalid_argument(
+            "a data family name contains control characters",
+        ));
     }
     let mut sorted: Vec<_> = examples.iter().collect();
     sorted.sort();
@@ -332,5 +344,12 @@ mod tests {
             err.message().len() < 200,
             "the status does not echo the name"
         );
+        // An escape sequence would be played on the operator's terminal.
+        let escape: HashMap<String, f64> = [("auc\u{1b}[2J".to_string(), 0.5)].into();
+        let err = check_metrics(&escape).unwrap_err();
+        assert!(err.message().contains("control characters"), "{err}");
+        let family: HashMap<String, u64> = [("churn\n".to_string(), 3)].into();
+        let err = check_examples(&family).unwrap_err();
+        assert!(err.message().contains("control characters"), "{err}");
     }
 }
