@@ -77,6 +77,10 @@ impl Catalogue {
             file: path.into(),
             source,
         })?;
+        // A byte order mark (Excel's "CSV UTF-8", Notepad) is not part of
+        // the first id: `trim` keeps U+FEFF, and that item's lines were
+        // dropped as "not in the catalogue".
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut out = Catalogue::default();
         for (n, line) in text.lines().enumerate() {
             let id = line.trim();
@@ -248,6 +252,8 @@ mod tests {
         let c = Catalogue::from_ids(["a", "b", "c"]);
         c.save(&path).unwrap();
         assert_eq!(Catalogue::load(&path).unwrap(), c);
+        std::fs::write(&path, "\u{feff}a\r\nb\r\n").unwrap();
+        assert_eq!(Catalogue::load(&path).unwrap().index("a"), Some(0));
         std::fs::write(&path, "a\n\nb\na\n").unwrap();
         let err = Catalogue::load(&path).unwrap_err().to_string();
         assert!(err.contains("line 4") && err.contains("`a`"), "{err}");

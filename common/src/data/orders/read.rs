@@ -164,6 +164,30 @@ pub fn read_orders_from<R: Read>(
                 orders.push(order);
                 lines.push(line);
             }
+            // A row of the wrong width whose cells run over several lines
+            // is an unclosed quote: skipping it would drop every line up to
+            // the next quote (to the end of the file, for one `"12 inch`)
+            // as a single bad row.
+            Err(OrdersError::Row {
+                file,
+                line,
+                message,
+            }) if policy == BadRowPolicy::Skip && fields.iter().any(|f| f.contains('\n')) => {
+                let breaks: usize = fields.iter().map(|f| f.matches('\n').count()).sum();
+                // An unclosed quote at the end of the file also holds its
+                // last line's break.
+                let ends_open = fields.last().is_some_and(|f| f.ends_with('\n'));
+                let spanned = if ends_open { breaks } else { breaks + 1 };
+                return Err(OrdersError::Row {
+                    file,
+                    line,
+                    message: format!(
+                        "{message}; it runs over {} lines, which the bad-row policy `skip` \
+                         would drop with it: correct the quote",
+                        spanned
+                    ),
+                });
+            }
             Err(e) if policy == BadRowPolicy::Skip => {
                 let reason = match &e {
                     OrdersError::Cell { reason, .. } => *reason,
@@ -378,7 +402,28 @@ fn records<'a, R: Read + 'a>(
             })))
         }
         None => {
-            let lines = BufReader::new(reader).lines().enumerate();
+            // As the csv crate's path does: a UTF-8 byte order mark is not
+            // part of the first column's name (it read "missing column
+            // `customer_id`" beside a header listing `customer_id`), and
+            // UTF-16 is named.
+            let mut reader = BufReader::new(reader);
+            let head = reader.fill_buf().map_err(|source| OrdersError::Io {
+                file: path.into(),
+                source,
+            })?;
+            if head.starts_with(&[0xFF, 0xFE]) || head.starts_with(&[0xFE, 0xFF]) {
+                return Err(row_err(
+                    1,
+                    &format!(
+                        "the file is UTF-16 text (Excel's \"Unicode text\"), not UTF-8: {}",
+                        crate::data::csv_lines::NOT_UTF8
+                    ),
+                ));
+            }
+            if head.starts_with(&[0xEF, 0xBB, 0xBF]) {
+                reader.consume(3);
+            }
+            let lines = reader.lines().enumerate();
             Ok(Box::new(lines.filter_map(move |(i, l)| {
                 let line = i as u64 + 1;
                 match l {
@@ -425,6 +470,13 @@ const PLACEHOLDER_DATES: [i64; 5] = [
     -2_208_988_800,
     -62_135_596_800,
 ];
+
+/// 1899-12-30 00:00 UTC, a spreadsheet's day 0: a cell holding only a time
+/// (`10:30`) is that day plus the time, and Lotus-compatible sheets show
+/// the next day, 1899-12-31. Either day, at any time, is no order's date;
+/// only their midnights were among [`PLACEHOLDER_DATES`], and such lines
+/// pass the stray-date check once they are 1 % of the lines.
+const SPREADSHEET_DAY_ZERO: i64 = -2_209_161_600;
 
 fn parse_row(
     cols: &Columns,
@@ -556,6 +608,12 @@ fn parse_row(
     let refused = if PLACEHOLDER_DATES.contains(&timestamp) {
         Some(format!(
             "`{raw}` (read as {}) is a placeholder date, not when the order was placed:",
+            read_as()
+        ))
+    } else if (SPREADSHEET_DAY_ZERO..SPREADSHEET_DAY_ZERO + 2 * 86_400).contains(&timestamp) {
+        Some(format!(
+            "`{raw}` (read as {}) is a spreadsheet's day 0 with a time of day: a time-only \
+             cell, not when the order was placed:",
             read_as()
         ))
     } else if timestamp > latest {

@@ -169,6 +169,65 @@ fn placeholder_dates_are_bad_rows() {
         read(&text, &mapping(), BadRowPolicy::Fail).unwrap().0.len(),
         2
     );
+    // A spreadsheet's time-only cell is day 0 plus the time: 6 of 300
+    // lines passed both checks and gave customers 45,000 days of tenure.
+    for cell in ["1899-12-30T14:05:00", "1899-12-31T23:59:59"] {
+        let text = format!("{HEADER}c1,i1,2024-01-01,1,9.5\nc2,i2,{cell},1,3\n");
+        let e = fail_message(&text, &mapping());
+        assert!(
+            e.starts_with("orders.csv: line 3, column `ts`: ")
+                && e.contains("is a spreadsheet's day 0 with a time of day: a time-only cell"),
+            "{e}"
+        );
+    }
+}
+
+/// One unclosed quote under the `skip` policy dropped every later line as
+/// a single bad row (989 of 1,000 orders gone, "1 skipped"); it stops the
+/// read naming its line. A quoted cell over two lines in a row of the
+/// right width is still read.
+#[test]
+fn an_unclosed_quote_is_not_skipped_with_the_lines_it_swallows() {
+    let mut text = String::from(HEADER);
+    text.push_str("c1,i1,2024-01-01,1,9.5\n");
+    text.push_str("c2,\"12 inch pizza,2024-01-02,1,3\n");
+    for k in 0..20 {
+        text.push_str(&format!("c{k},i{k},2024-01-03,1,2\n"));
+    }
+    let e = read(&text, &mapping(), BadRowPolicy::Skip)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("orders.csv: line 3: ")
+            && e.contains("an opening `\"` without its closing quote")
+            && e.ends_with("it runs over 21 lines, which the bad-row policy `skip` would drop with it: correct the quote"),
+        "{e}"
+    );
+    let text = format!("{HEADER}c1,\"two\nlines\",2024-01-01,1,9.5\nc2,i2,2024-01-02,1,3\n");
+    let (orders, report) = read(&text, &mapping(), BadRowPolicy::Skip).unwrap();
+    assert_eq!((orders.len(), report.skipped.len()), (2, 0));
+    assert_eq!(orders[0].item.as_deref(), Some("two\nlines"));
+}
+
+/// The whitespace delimiter read its lines itself and kept a UTF-8 byte
+/// order mark in the first column's name ("missing column `customer`"
+/// beside a header listing `customer`); UTF-16 is named as on the other
+/// paths.
+#[test]
+fn the_whitespace_delimiter_reads_past_a_byte_order_mark_and_names_utf16() {
+    let mut ws = mapping();
+    ws.delimiter = Delimiter::Whitespace;
+    let text = "\u{feff} customer item ts qty price\n c1 i1 2024-01-01 1 9.5\n";
+    let (orders, _) = read(text, &ws, BadRowPolicy::Fail).unwrap();
+    assert_eq!(orders[0].customer, "c1");
+    let utf16: Vec<u8> = [0xFF, 0xFE]
+        .into_iter()
+        .chain("customer item".encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
+    let e = read_orders_from(&utf16[..], Path::new("orders.csv"), &ws, BadRowPolicy::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("UTF-16") && e.contains("line 1"), "{e}");
 }
 
 /// A TSV read with the whitespace delimiter splits a cell holding a space;
