@@ -339,6 +339,18 @@ impl StoreFile {
         Ok(entry)
     }
 
+    /// Takes `run_id` out of the registry: for a run registered by a
+    /// submission that stopped before its configuration was written (the
+    /// coordinator killed between the two), which holds nothing committed.
+    pub fn unregister(&self, run_id: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(RUNS).map_err(|e| self.err(e))?;
+            table.remove(run_id).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// Records that `by` ended the schedule of the registered run `entry`.
     pub fn end_schedule(&self, entry: &RunEntry, by: &str) -> Result<RunEntry, StoreError> {
         let ended = RunEntry {

@@ -159,11 +159,27 @@ impl Hub {
             starter: OnceLock::new(),
         });
         for entry in hub.file.runs()? {
+            let store = hub.file.run(&entry)?;
+            // Registered, but the submission stopped before the run's
+            // configuration was written (the coordinator killed in between):
+            // nothing of it was committed, and resuming it failed the whole
+            // store for good. It leaves the registry, saying so.
+            if store
+                .meta_json::<serde_json::Value>("run_config")?
+                .is_none()
+            {
+                tracing::warn!(run = %entry.run_id,
+                    "a submitted run that never started (the coordinator stopped before its \
+                     configuration was stored; nothing of it was committed) is taken out of \
+                     the store's registry: submit it again");
+                hub.file.unregister(&entry.run_id)?;
+                continue;
+            }
             // A stored run the engine refuses (one that predates a check,
             // such as a model too large to allocate) is left out with an
             // error naming it; the store keeps it, and the other runs are
             // served.
-            match Engine::resume(hub.file.run(&entry)?) {
+            match Engine::resume(store) {
                 Ok(engine) => {
                     hub.add(entry, engine);
                 }
@@ -254,7 +270,17 @@ impl Hub {
             None | Some(crate::engine::RunStop::EarlyStopped { .. })
         );
         let next_id = entry.next_id();
-        if !shared.engine().finished() || !clean || !entry.repeats() || self.get(&next_id).is_ok() {
+        if !shared.engine().finished() || !clean || !entry.repeats() {
+            return;
+        }
+        if self.get(&next_id).is_ok() {
+            // Started before a restart: nothing to do. Taken by a run the
+            // operator submitted under that id: the schedule cannot go on.
+            if self.entry(&next_id).continues.as_deref() != Some(run_id) {
+                tracing::error!(run = %run_id, next = %next_id,
+                    "scheduled retraining: the next instance's id is taken by another run, so \
+                     the schedule ends; submit the run again under another id to go on");
+            }
             return;
         }
         let every = Duration::from_millis(entry.schedule.as_ref().map_or(0, |s| s.every_ms));
@@ -313,6 +339,12 @@ impl Hub {
         shared: &Shared,
         next_id: String,
     ) -> Result<Arc<Shared>, HubError> {
+        // An id registered meanwhile (the operator submitted a run under
+        // it while this one waited) is another run: opening it again ran
+        // two engines on one run's tables.
+        if self.file.runs()?.iter().any(|e| e.run_id == next_id) {
+            return Err(HubError::Exists(next_id));
+        }
         let mut run = shared.run_config();
         run.run_id = next_id;
         let (served, initial) = {
@@ -613,5 +645,65 @@ mod tests {
         let file = StoreFile::open(&path).unwrap();
         let hub = Hub::open(file, Duration::from_secs(10), Duration::from_secs(10)).unwrap();
         assert_eq!(hub.ids(), ["good"]);
+    }
+
+    /// A coordinator killed between registering a submitted run and storing
+    /// its configuration left a store it never opened again ("a registered
+    /// run without its configuration"). Such a run, with nothing committed,
+    /// leaves the registry; the others are served, and the id can be
+    /// submitted again.
+    #[test]
+    fn a_run_registered_without_its_configuration_leaves_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let cfg = dir.path().join("coordinator.toml");
+        std::fs::write(&cfg, include_str!("../../examples/coordinator.toml")).unwrap();
+        let mut good = crate::config::CoordinatorConfig::load(&cfg).unwrap().run;
+        good.run_id = "good".into();
+        {
+            let file = StoreFile::open(&path).unwrap();
+            let entry = file.register("good", 1, None, None, 1).unwrap();
+            Engine::open(file.run(&entry).unwrap(), good.clone()).unwrap();
+            // Killed right after this.
+            file.register("g44", 2, None, None, 1).unwrap();
+        }
+        let file = StoreFile::open(&path).unwrap();
+        let hub = Hub::open(file, Duration::from_secs(10), Duration::from_secs(10)).unwrap();
+        assert_eq!(hub.ids(), ["good"]);
+        let mut again = good;
+        again.run_id = "g44".into();
+        let (_, new) = hub.submit(again, false, None).unwrap();
+        assert!(new);
+        assert_eq!(hub.ids(), ["good", "g44"]);
+    }
+
+    /// The operator submitted `wk.2` while `wk`'s next instance waited:
+    /// the instance opened a second engine on that run's tables (two task
+    /// loops, and the finished run stored as stopped). It is refused.
+    #[test]
+    fn a_scheduled_instance_whose_id_was_taken_meanwhile_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("coordinator.toml");
+        std::fs::write(&cfg, include_str!("../../examples/coordinator.toml")).unwrap();
+        let mut run = crate::config::CoordinatorConfig::load(&cfg).unwrap().run;
+        run.run_id = "wk".into();
+        let file = StoreFile::open(&dir.path().join("c.redb")).unwrap();
+        let hub = Hub::open(file, Duration::from_secs(10), Duration::from_secs(10)).unwrap();
+        let schedule = Schedule {
+            every_ms: 8_000,
+            repeat: Some(1),
+        };
+        let (first, _) = hub.submit(run.clone(), false, Some(schedule)).unwrap();
+        let mut operators = run;
+        operators.run_id = "wk.2".into();
+        hub.submit(operators, false, None).unwrap();
+        let entry = hub.entry("wk");
+        assert_eq!(entry.next_id(), "wk.2");
+        let e = hub
+            .submit_next(&entry, &first, entry.next_id())
+            .err()
+            .expect("the id is taken");
+        assert!(matches!(e, HubError::Exists(ref id) if id == "wk.2"), "{e}");
+        assert_eq!(hub.ids(), ["wk", "wk.2"]);
     }
 }
