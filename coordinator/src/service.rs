@@ -650,7 +650,7 @@ impl Coordinator for Service {
             tx.try_send(Ok(end)).expect("fresh queue has room");
         }
         let examples = crate::limits::check_examples(&req.examples)?;
-        {
+        let had_session = {
             let mut agents = self.hub.sessions.lock().unwrap_or_else(|p| p.into_inner());
             // A merchant that reconnects replaces its stale session. An agent
             // reconnects only once its own stream ended, so a previous
@@ -678,7 +678,9 @@ impl Coordinator for Service {
                      identity, or a reconnect before the old connection timed out)"
                 );
             }
+            let before = agents.len();
             agents.retain(|_, a| a.merchant_id != req.merchant_id);
+            let had_session = agents.len() < before;
             agents.insert(
                 session_id.clone(),
                 AgentEntry {
@@ -689,6 +691,18 @@ impl Coordinator for Service {
                     kill: Some(kill),
                 },
             );
+            had_session
+        };
+        if had_session {
+            // The replaced session held the merchant's part of any open
+            // task, which the new one never receives: the task stops
+            // waiting for it, as when a session ends (its removal later
+            // finds the merchant connected and drops nothing). A reconnect
+            // before the old connection was noticed dead held a round to
+            // its deadline.
+            for s in self.hub.all() {
+                s.engine().drop_agent(&req.merchant_id);
+            }
         }
         tracing::info!(merchant = %req.merchant_id, %examples, "agent joined");
         self.hub.bump_all();

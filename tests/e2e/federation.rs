@@ -144,6 +144,50 @@ async fn a_round_that_can_never_reach_its_quorum_ends_the_run_with_its_cause() {
 /// `num_features = 3`; the customer table makes 45): the agent declines
 /// that run's tasks with the reason, says what does not fit, and stays
 /// connected for the coordinator's other runs, instead of exiting.
+/// A merchant whose agent joins again before its old connection is noticed
+/// dead (a restart, or a reconnect through a black-holed connection) never
+/// receives the task its old session held: the task stopped waiting for it
+/// only at its deadline. Now the replaced session's part is dropped at once
+/// and the round commits with the others. The run's ten-minute round
+/// deadline makes a hang, not a slow round, what the bound catches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_joining_again_is_dropped_from_the_task_its_old_session_held() {
+    let mut run = churn_run("e2e-rejoin", 1, 2, 1);
+    run.model = fedcart_common::task::ModelSpec::Noop { dim: 10 };
+    run.evaluate = false;
+    run.round_timeout_ms = 600_000;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let data = |id: &str| fedcart_common::train::LocalData {
+        merchant_id: id.into(),
+        ..Default::default()
+    };
+    let mut m0 = fedcart_tests::raw::RawAgent::join(coord.addr, data("m0")).await;
+    let mut m1 = fedcart_tests::raw::RawAgent::join(coord.addr, data("m1")).await;
+    let task = m0.next_task().await;
+    let held = m1.next_task().await;
+    assert_eq!(task.task_id, held.task_id);
+    m0.answer(&task).await.unwrap();
+    // m1's process restarts: a new session, while the old one is open.
+    let _again = fedcart_tests::raw::RawAgent::join(coord.addr, data("m1")).await;
+    let mut progress = coord.progress.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        progress.wait_for(|p| p.version >= 1),
+    )
+    .await
+    .expect("the round commits without waiting for its deadline")
+    .unwrap();
+    let history = coord.shared.history().unwrap();
+    let round = history.last().unwrap();
+    assert_eq!(round.outcome, Outcome::Committed, "{round:?}");
+    assert_eq!(
+        (round.reported.as_slice(), round.dropped.as_slice()),
+        (&["m0".to_string()][..], &["m1".to_string()][..])
+    );
+    coord.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_data_does_not_fit_a_run_declines_its_tasks_and_stays() {
     let split = telco_split(1, 5);
