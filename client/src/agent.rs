@@ -160,6 +160,20 @@ impl Agent {
     /// Keeps state in `state`, restoring the private user factors saved there.
     pub fn with_state(mut self, state: crate::state::StateDir) -> Result<Self, StateError> {
         if let (Some(mf), Some(users)) = (&mut self.data.mf, state.load_users()?) {
+            // Saved together with the model of the run they belong to: its
+            // meta says which (the parameters are not needed, and a damaged
+            // parameter file must not keep the agent from starting: the
+            // coordinator hands the model out again).
+            let owner = state
+                .read_json::<crate::state::GlobalMeta>("global-mf.json")?
+                .map(|meta| meta.run_id);
+            // The top-level copy is saved when a version is served; the
+            // run's own after every task. A restart mid-run resumed from
+            // the served version's users, which could be 36 rounds old.
+            let users = match &owner {
+                Some(run) => state.run(run)?.load_users()?.unwrap_or(users),
+                None => users,
+            };
             // Row i of the saved state is the customer it names, whatever
             // the export gained or lost since.
             if mf.adopt_user_order(&users.users) {
@@ -171,13 +185,7 @@ impl Agent {
                 );
             }
             mf.state = users;
-            // Saved together with the model of the run they belong to: its
-            // meta says which (the parameters are not needed, and a damaged
-            // parameter file must not keep the agent from starting: the
-            // coordinator hands the model out again).
-            self.users_of = state
-                .read_json::<crate::state::GlobalMeta>("global-mf.json")?
-                .map(|meta| meta.run_id);
+            self.users_of = owner;
         }
         self.state = Some(state);
         Ok(self)
@@ -252,21 +260,24 @@ impl Agent {
 
     /// Gives `data.mf` the private user factors of `run` (see
     /// `parked_users`), parking the other run's.
-    fn users_for(&mut self, run: &str) {
-        let Some(mf) = &mut self.data.mf else { return };
+    fn users_for(&mut self, run: &str) -> Result<(), StateError> {
+        let Some(mf) = &mut self.data.mf else {
+            return Ok(());
+        };
         match &self.users_of {
             Some(owner) if owner == run => {}
             Some(owner) => {
                 // Parked here, else saved in the run's state by an earlier
                 // life of this agent.
-                let mut mine = self
-                    .parked_users
-                    .remove(run)
-                    .or_else(|| {
-                        let state = self.state.as_ref()?.run(run).ok()?;
-                        state.load_users().ok().flatten()
-                    })
-                    .unwrap_or_default();
+                // A saved file that does not read is named, not replaced
+                // in silence by fresh factors.
+                let mut mine = match self.parked_users.remove(run) {
+                    Some(parked) => parked,
+                    None => match &self.state {
+                        Some(state) => state.run(run)?.load_users()?.unwrap_or_default(),
+                        None => Default::default(),
+                    },
+                };
                 // Saved by an earlier life of this agent over another list
                 // of customers: its rows cannot be matched to this one's.
                 if !mine.users.is_empty()
@@ -285,6 +296,7 @@ impl Agent {
             }
             None => self.users_of = Some(run.to_owned()),
         }
+        Ok(())
     }
 
     /// Item ids of `data.mf` hashed into `rows` rows: before an MF task
@@ -592,7 +604,7 @@ impl Agent {
             return Ok(());
         }
         if spec.model.mf_shape().is_some() {
-            self.users_for(&task.run_id);
+            self.users_for(&task.run_id)?;
         }
         let layout = spec.model.layout();
         let update_layout = spec.update_layout();
@@ -726,7 +738,7 @@ impl Agent {
         };
         self.map_items_for(&spec).map_err(|e| e.to_string())?;
         if spec.model.mf_shape().is_some() {
-            self.users_for(&end.run_id);
+            self.users_for(&end.run_id).map_err(|e| e.to_string())?;
         }
         let task = pb::TaskAssignment {
             run_id: end.run_id.clone(),
@@ -992,5 +1004,77 @@ impl Lifecycle {
             tracing::warn!(coordinator = %url, error = %Chain(e),
                 "lost the coordinator; retrying quietly (every {longest:?} at most) until it is back");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{GlobalMeta, StateDir};
+    use fedcart_common::model::mf::{MfData, UserState};
+    use fedcart_common::model::sgd::SgdParams;
+    use fedcart_common::task::{ModelSpec, TaskKind};
+
+    /// The top-level user factors are saved when a version is served, the
+    /// run's own after every task: a restart mid-run resumed from the
+    /// served version's (36 rounds old in a probe), and a run's file that
+    /// did not read was replaced by fresh factors without a word.
+    #[test]
+    fn a_restart_mid_run_resumes_the_runs_own_user_factors() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = StateDir::open(dir.path()).unwrap();
+        let meta = GlobalMeta {
+            run_id: "rec".into(),
+            version: 1,
+            spec: TaskSpec {
+                kind: TaskKind::Evaluate,
+                model: ModelSpec::MfImplicit {
+                    num_items: 4,
+                    factors: 2,
+                    hyper: Default::default(),
+                },
+                sgd: SgdParams::default(),
+                seed: 1,
+                round: 1,
+                standardizer: None,
+                dp: None,
+                best_version: Some(1),
+            },
+            sha256: None,
+        };
+        top.save_global(&meta, &[0.0; 8]).unwrap();
+        let users = |seed| UserState {
+            k: 2,
+            seed,
+            users: vec!["a".into()],
+            ..Default::default()
+        };
+        top.save_users(&users(1)).unwrap();
+        top.run("rec").unwrap().save_users(&users(37)).unwrap();
+        let data = || LocalData {
+            mf: Some(MfData {
+                users: vec!["a".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let agent = Agent::new("http://127.0.0.1:1", data())
+            .with_state(StateDir::open(dir.path()).unwrap())
+            .unwrap();
+        assert_eq!(agent.data.mf.as_ref().unwrap().state.seed, 37);
+        assert_eq!(agent.users_of.as_deref(), Some("rec"));
+        let damaged = dir.path().join("runs/rec/mf-users.json");
+        std::fs::write(&damaged, "{\"k\": 2, \"se").unwrap();
+        let e = Agent::new("http://127.0.0.1:1", data())
+            .with_state(StateDir::open(dir.path()).unwrap())
+            .err()
+            .expect("a damaged file is named");
+        assert!(e.to_string().contains("mf-users.json"), "{e}");
+        let e = AgentError::State(e);
+        assert!(e.is_permanent());
+        assert!(
+            e.what_to_fix().unwrap().contains("damaged or unreadable"),
+            "{e}"
+        );
     }
 }

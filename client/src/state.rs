@@ -209,13 +209,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         source,
     };
     let mut f = std::fs::File::create(&tmp).map_err(write)?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(write)?;
-    std::fs::rename(&tmp, path).map_err(|source| StateError::Rename {
-        path: path.to_owned(),
-        source,
-    })?;
+    if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
+        // A disk that filled up kept the partial file, which took more of
+        // the space the next attempt needed.
+        drop(f);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(write(e));
+    }
+    if let Err(source) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StateError::Rename {
+            path: path.to_owned(),
+            source,
+        });
+    }
     if let Some(parent) = path.parent()
         && let Ok(d) = std::fs::File::open(parent)
     {

@@ -167,7 +167,36 @@ impl AgentError {
                     .to_string(),
                 _ => "`data.catalogue` must be the platform's catalogue for this run".into(),
             }),
+            // The agent's own files: retrying reconnected to the
+            // coordinator for ever (a full disk left the merchant's session
+            // dropped and rejoined every few seconds).
+            Self::State(e) => Some(state_fix(e)),
             _ => None,
+        }
+    }
+}
+
+/// What to do about the agent's state directory, for [`AgentError::State`].
+fn state_fix(e: &StateError) -> String {
+    match e {
+        StateError::Create { .. } | StateError::Write { .. } | StateError::Rename { .. } => {
+            "the agent could not write its state directory (the file named above): free disk \
+             space or fix its permissions, then start the agent again"
+                .into()
+        }
+        StateError::InUse { .. } => "run one agent per state directory".into(),
+        StateError::RunId { .. } | StateError::Encode { .. } => {
+            "the agent cannot keep this run's state: report it to the platform operator".into()
+        }
+        StateError::Read { .. }
+        | StateError::Decode { .. }
+        | StateError::Mismatch { .. }
+        | StateError::Truncated { .. } => {
+            "a file of the agent's state directory (named above) is damaged or unreadable: \
+             restore it from a backup, or move a model or user-factor file away for the agent \
+             to start afresh (not the privacy ledger: without it the ε already spent is \
+             forgotten)"
+                .into()
         }
     }
 }

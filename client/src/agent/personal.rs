@@ -39,7 +39,7 @@ impl Agent {
             tracing::error!(run = %run_id, error = %e, "cannot map item ids into the run's rows");
             return Ok(());
         }
-        self.users_for(run_id);
+        self.users_for(run_id)?;
         // The version's own evaluation pairs it with its users.
         let mut spec = meta.spec.clone();
         spec.kind = fedcart_common::task::TaskKind::Evaluate;
