@@ -307,9 +307,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // Which model ranked, on stderr: stdout stays the list.
             eprintln!("recommender version {version}, {copy} copy");
             for r in recs {
+                let item = fedcart_client::output::tsv_cell(&r.item);
                 match names.get(&r.item) {
-                    Some(name) => fedcart_common::outln!("{}\t{:.4}\t{name}", r.item, r.score)?,
-                    None => fedcart_common::outln!("{}\t{:.4}", r.item, r.score)?,
+                    Some(name) => {
+                        let name = fedcart_client::output::tsv_cell(name);
+                        fedcart_common::outln!("{item}\t{:.4}\t{name}", r.score)?
+                    }
+                    None => fedcart_common::outln!("{item}\t{:.4}", r.score)?,
                 }
             }
             Ok(())

@@ -116,6 +116,27 @@ impl Drop for Output {
     }
 }
 
+/// `text` as one cell of a tab-separated line: a tab, line break or
+/// backslash in it is written `\t`, `\n`, `\r`, `\\` (the text format of
+/// PostgreSQL's `COPY`), so an item id holding a line break no longer
+/// splits one recommendation over two lines of `recommend`'s output.
+pub fn tsv_cell(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(['\t', '\n', '\r', '\\']) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 4);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +244,14 @@ mod tests {
     fn a_directory_that_does_not_exist_is_an_error_at_creation() {
         let dir = tempfile::tempdir().unwrap();
         assert!(Output::create(&dir.path().join("none/scores.csv")).is_err());
+    }
+
+    #[test]
+    fn tsv_cells_escape_tabs_line_breaks_and_backslashes() {
+        assert_eq!(tsv_cell("plain id"), "plain id");
+        assert_eq!(
+            tsv_cell("Poster\n\"Wave\"\tA\\B\r"),
+            "Poster\\n\"Wave\"\\tA\\\\B\\r"
+        );
     }
 }

@@ -61,6 +61,18 @@ pub enum TokenError {
         /// The file.
         path: std::path::PathBuf,
     },
+    /// The token holds a character a header or cookie cannot carry as it
+    /// is (the browser login stopped at a `;`, and a non-ASCII token was
+    /// accepted at start-up and then matched no request).
+    #[error(
+        "the operator token {} may hold only printable ASCII without spaces, quotes, `,`, `;` or \
+         `\\` (it is sent in a header and a cookie); `certs init` writes 64 hex digits",
+        path.display()
+    )]
+    Unusable {
+        /// The file.
+        path: std::path::PathBuf,
+    },
 }
 
 impl OperatorToken {
@@ -80,6 +92,12 @@ impl OperatorToken {
         })?;
         if text.trim().len() < 16 {
             return Err(TokenError::TooShort { path: path.into() });
+        }
+        // RFC 6265's cookie-octet: what a cookie value may hold unquoted,
+        // and a bearer header too.
+        let usable = |c: char| c.is_ascii_graphic() && !matches!(c, '"' | ',' | ';' | '\\');
+        if !text.trim().chars().all(usable) {
+            return Err(TokenError::Unusable { path: path.into() });
         }
         Ok(Self::new(&text))
     }
@@ -220,6 +238,28 @@ pub async fn require_operator(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token a cookie or header cannot carry as it is was accepted at
+    /// start-up and locked the operator out of the dashboard.
+    #[test]
+    fn a_token_a_cookie_cannot_carry_is_refused_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("operator.token");
+        for bad in [
+            "0123456789abcdef;0123",
+            "0123456789abcdéf0123",
+            "0123456789 abcdef0123",
+        ] {
+            std::fs::write(&path, format!("{bad}\n")).unwrap();
+            let e = OperatorToken::from_file(&path)
+                .err()
+                .expect(bad)
+                .to_string();
+            assert!(e.contains("printable ASCII"), "{bad}: {e}");
+        }
+        std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
+        assert!(OperatorToken::from_file(&path).is_ok());
+    }
 
     /// `Authorization: bearer …` (any case of the scheme, as RFC 9110
     /// allows) is admitted; another scheme or token is not.

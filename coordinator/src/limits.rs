@@ -154,8 +154,11 @@ impl Default for Limits {
             rpc_timeout: Duration::from_secs(300),
             concurrent_rpcs_per_connection: 16,
             max_header_bytes: 16 * 1024,
-            rpcs_per_second: 50.0,
-            rpc_burst: 200.0,
+            // Honest agents of two fast runs at once (tiny churn models, a
+            // few ms per round) made 50 RPC/s: the README's own federation
+            // was throttled and logged two dozen warnings a second.
+            rpcs_per_second: 500.0,
+            rpc_burst: 1000.0,
             upload_idle_timeout: Duration::from_secs(30),
         }
     }
@@ -177,6 +180,21 @@ impl Limits {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// When a refusal was last logged: one line per agent per
+    /// [`WARN_EVERY`], with the count refused since.
+    warned: Option<Instant>,
+    refused: u64,
+}
+
+/// Shortest gap between two "rate limit exceeded" lines of one agent.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What [`Guard::take_token`] decided.
+#[derive(Debug, PartialEq)]
+enum Token {
+    Granted,
+    /// Refused; `Some(n)`: log it now, with `n` refusals since the last line.
+    Refused(Option<u64>),
 }
 
 /// Identity check plus rate limit, run before every RPC.
@@ -198,6 +216,10 @@ impl Guard {
     }
 
     fn take_token(&self, key: &str) -> bool {
+        self.token(key) == Token::Granted
+    }
+
+    fn token(&self, key: &str) -> Token {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() > 100_000 {
@@ -207,16 +229,22 @@ impl Guard {
         let b = buckets.entry(key.to_owned()).or_insert(Bucket {
             tokens: self.limits.rpc_burst,
             at: now,
+            warned: None,
+            refused: 0,
         });
         let refill = now.duration_since(b.at).as_secs_f64() * self.limits.rpcs_per_second;
         b.tokens = (b.tokens + refill).min(self.limits.rpc_burst);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
-            true
-        } else {
-            false
+            return Token::Granted;
         }
+        b.refused += 1;
+        if b.warned.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+            return Token::Refused(None);
+        }
+        b.warned = Some(now);
+        Token::Refused(Some(std::mem::take(&mut b.refused)))
     }
 }
 
@@ -237,8 +265,10 @@ impl tonic::service::Interceptor for Guard {
                 .remote_addr()
                 .map_or_else(|| "unknown".into(), |a| a.ip().to_string()),
         };
-        if !self.take_token(&key) {
-            tracing::warn!(agent = %key, "rate limit exceeded");
+        if let Token::Refused(log) = self.token(&key) {
+            if let Some(refused) = log {
+                tracing::warn!(agent = %key, refused, "rate limit exceeded (logged once per 10 s per agent, with the RPCs refused since)");
+            }
             return Err(Status::resource_exhausted(format!(
                 "`{key}` exceeded {} RPCs per second",
                 self.limits.rpcs_per_second
@@ -326,6 +356,22 @@ mod tests {
         assert!((0..3).all(|_| g.take_token("m")));
         assert!(!g.take_token("m"));
         assert!(g.take_token("other"), "buckets are per agent");
+        // One log line per agent per WARN_EVERY (two dozen a second once
+        // flooded the README federation's log), counting what it refused.
+        assert_eq!(g.token("other2"), Token::Granted);
+        let g = Guard::new(
+            None,
+            Limits {
+                rpcs_per_second: 1e-9,
+                rpc_burst: 1.0,
+                ..Limits::default()
+            },
+        );
+        assert_eq!(g.token("m"), Token::Granted);
+        assert_eq!(g.token("m"), Token::Refused(Some(1)));
+        assert_eq!(g.token("m"), Token::Refused(None));
+        assert_eq!(g.token("m"), Token::Refused(None));
+        assert_eq!(g.token("n"), Token::Granted, "buckets are per agent");
     }
 
     #[test]
