@@ -215,6 +215,7 @@ impl Guard {
         }
     }
 
+    #[cfg(test)]
     fn take_token(&self, key: &str) -> bool {
         self.token(key) == Token::Granted
     }

@@ -86,6 +86,25 @@ fn check_identity(t: &ClientTls, ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::
         key: PemFile::new(None, &t.key, key),
     };
     let id = files.parse()?;
+    // An expired certificate, or one of another CA, is refused by the
+    // coordinator after the handshake, which the client may read as a
+    // broken pipe ("nothing answered"): checked here against the CA the
+    // coordinator's certificate is checked with, as agents do.
+    let cas = fedcart_common::privacy::secagg::binding::TrustedCas::from_pem(ca)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", t.ca.display()))?;
+    if let Err(e) = cas.verify_client_chain(&id.chain, rustls::pki_types::UnixTime::now()) {
+        let why = match e {
+            fedcart_common::privacy::secagg::binding::BindingError::Untrusted(why) => why,
+            other => other.to_string(),
+        };
+        anyhow::bail!(
+            "{} is not a client certificate the CA in {} vouches for now ({why}): the \
+             coordinator would refuse it; `--certs` must hold an identity of this CA, still \
+             valid (`--identity NAME`; `certs issue --operator` makes one)",
+            t.cert.display(),
+            t.ca.display()
+        );
+    }
     rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -201,6 +220,20 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
     anyhow::anyhow!("{} — {hint}", crate::cli::one_line(e.as_ref()))
 }
 
+/// TLS alerts a server sends about the client's certificate (rustls'
+/// `AlertDescription` names, as its errors print them).
+const OUR_CERTIFICATE_REFUSED: [&str; 9] = [
+    "UnknownCA",
+    "BadCertificate",
+    "UnsupportedCertificate",
+    "CertificateUnknown",
+    "CertificateRequired",
+    "CertificateExpired",
+    "CertificateRevoked",
+    "DecryptError",
+    "AccessDenied",
+];
+
 /// What to fix when the connection to `url` failed for a reason other
 /// than nobody listening: the TLS handshake (which CA, which name, expired,
 /// this identity refused), TLS against a plaintext port or plaintext
@@ -232,6 +265,20 @@ fn transport_fix(err: &(dyn std::error::Error + 'static), url: &str) -> Option<S
                 ));
             }
             let Some(tls) = e.downcast_ref::<rustls::Error>() else {
+                // The server's alert reaches the client after the handshake
+                // (TLS 1.3), through hyper's connection error as text only:
+                // it read "nothing answered … is the coordinator running?".
+                if let Some(alert) = e.to_string().split("received fatal alert: ").nth(1) {
+                    let alert = alert.split(|c: char| !c.is_ascii_alphanumeric()).next();
+                    if alert.is_some_and(|a| OUR_CERTIFICATE_REFUSED.contains(&a)) {
+                        return Some(format!(
+                            "the coordinator refused this identity's certificate ({}): \
+                             `--certs` must hold an identity its CA issued for a client, still \
+                             valid (`--identity NAME`; `certs issue --operator` makes one)",
+                            alert.unwrap_or_default()
+                        ));
+                    }
+                }
                 continue;
             };
             return Some(match tls {
@@ -372,6 +419,24 @@ pub fn to_table(s: &pb::StatusReply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server's refusal of the client's certificate arrives as text in
+    /// hyper's connection error; it was answered "nothing answered … is the
+    /// coordinator running?".
+    #[test]
+    fn a_certificate_the_coordinator_refused_is_named_from_the_alert_text() {
+        for alert in ["CertificateExpired", "UnsupportedCertificate", "UnknownCA"] {
+            let e =
+                std::io::Error::other(format!("connection error: received fatal alert: {alert}"));
+            let fix = transport_fix(&e, "https://localhost:50051").expect(alert);
+            assert!(
+                fix.contains("refused this identity's certificate") && fix.contains(alert),
+                "{fix}"
+            );
+        }
+        let e = std::io::Error::other("connection error: received fatal alert: ProtocolVersion");
+        assert_eq!(transport_fix(&e, "https://localhost:50051"), None);
+    }
 
     #[test]
     fn the_table_says_when_secure_aggregation_clipped_the_last_sum() {

@@ -891,6 +891,21 @@ async fn status_connection_failures_name_their_cause() {
     );
     let name = hint(https.clone(), Some(tls(&cd, "shop.example"))).await;
     assert!(name.contains("not issued for the host"), "{name}");
+    // An identity of another CA, with this coordinator's CA: the
+    // coordinator refuses it after the handshake, which the client read
+    // as a broken pipe ("nothing answered … is the coordinator running?").
+    let stranger = ClientTls {
+        ca: cd.ca_cert(),
+        cert: other.cert(certs::OPERATOR),
+        key: other.key(certs::OPERATOR),
+        domain: "localhost".into(),
+    };
+    let e = fetch(&https, Some(&stranger), None).await.unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("is not a client certificate the CA in") && !e.contains("nothing answered"),
+        "{e}"
+    );
     coord.shutdown().await.unwrap();
     let gone = hint(https, Some(tls(&cd, "localhost"))).await;
     assert!(gone.contains("nothing answered at"), "{gone}");
