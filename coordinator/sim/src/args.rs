@@ -365,8 +365,8 @@ fn baskets(text: &str) -> Result<u64, String> {
     text.trim().parse().map_err(|_| {
         format!(
             "`{text}` is not a number of baskets: give the minimum support as a whole number of \
-             baskets across the federation, at least 1 (not a fraction: 1 % of 22,332 baskets \
-             is 223)"
+             baskets across the federation, at least 1 (not a fraction: for 1 % of a \
+             federation's 20,000 baskets, say, give 200)"
         )
     })
 }

@@ -70,6 +70,15 @@ pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Res
     let mut settings = Settings::from_args(args)?;
     settings.progress = progress;
     let experiments = run_all(&settings)?;
+    // A natural partition has a merchant per store, whatever `--merchants`
+    // (or its default, 10) said: the report's settings showed 10 for a log
+    // of 3 or 20 stores.
+    if settings.partition == fedcart_common::data::partition::Partitioner::Natural
+        && let Some(n) = experiments.first().map(|e| e.merchants)
+        && experiments.iter().all(|e| e.merchants == n)
+    {
+        settings.merchants = n;
+    }
     if let Some(dir) = &settings.out {
         let written = output::write_all(dir, &settings, &experiments)?;
         let removed = output::retire_stale(dir, &written)?;

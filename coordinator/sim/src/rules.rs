@@ -290,7 +290,14 @@ pub fn run(
             .iter()
             .flat_map(|(_, b)| b)
             .any(|basket| basket.len() > 1);
-        exp.report.push(if multi {
+        exp.report.push(if multi && s.rounds < 2 {
+            // Pairs were never counted: a smaller --min-support was advised.
+            format!(
+                "--rounds {} counts single items only (one itemset size per round), and a rule \
+                 needs two: give --rounds 2 or more, or leave it out",
+                s.rounds
+            )
+        } else if multi {
             no_rules_hint(apriori.frequent(), apriori.total_baskets(), min_support)
         } else {
             format!(

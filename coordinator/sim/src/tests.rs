@@ -2070,3 +2070,31 @@ fn a_merchant_column_without_the_natural_partition_is_refused() {
     }
     Settings::from_args(grocery(Some("natural"))).unwrap();
 }
+
+/// A natural partition has one merchant per store: the report's settings
+/// (and metrics.json's) said 10, the `--merchants` default, for a log of
+/// 20 stores.
+#[test]
+fn the_settings_of_a_natural_partition_count_its_stores() {
+    use crate::data::orders::OrdersArgs;
+    let out = tempfile::tempdir().unwrap();
+    let a = SimArgs {
+        task: Some("churn-lr".parse().unwrap()),
+        data: Some(
+            format!("orders:{}", repo("data/grocery/orders.csv"))
+                .parse()
+                .unwrap(),
+        ),
+        partition: Some("natural".into()),
+        orders: OrdersArgs::grocery_columns(),
+        rounds: Some(1),
+        out: Some(out.path().to_path_buf()),
+        ..Default::default()
+    };
+    run_command(a, Format::Json, false).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["settings"]["merchants"], 20);
+    assert_eq!(json["experiments"][0]["merchants"], 20);
+}

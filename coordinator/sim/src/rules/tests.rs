@@ -242,8 +242,22 @@ fn rounds_cap_the_itemset_size() {
     assert!(all.frequent.iter().any(|f| f.items.len() == 2));
     let mut a = grocery(100, false);
     a.rounds = Some(1);
-    let singles = mined(a);
+    let singles = mined(a.clone());
     assert!(singles.frequent.iter().all(|f| f.items.len() == 1));
+    // Its report says why there is no rule (it advised a smaller
+    // --min-support, although pairs were never counted).
+    let s = Settings::from_args(a).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (task, data) = s.experiments().remove(0);
+    let report = run(&s, task, &data, &pool).unwrap().0.report.join("\n");
+    assert!(
+        report.contains("--rounds 1 counts single items only")
+            && !report.contains("smaller --min-support"),
+        "{report}"
+    );
     assert_eq!(
         singles.frequent.len(),
         all.frequent.iter().filter(|f| f.items.len() == 1).count()
