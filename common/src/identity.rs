@@ -136,9 +136,54 @@ pub fn refused_our_certificate(e: &rustls::Error) -> bool {
     )
 }
 
+/// The alerts of [`refused_our_certificate`], as rustls prints them.
+const REFUSED_ALERTS: [&str; 9] = [
+    "UnknownCA",
+    "BadCertificate",
+    "UnsupportedCertificate",
+    "CertificateUnknown",
+    "CertificateRequired",
+    "CertificateExpired",
+    "CertificateRevoked",
+    "DecryptError",
+    "AccessDenied",
+];
+
+/// The alert of a server that refused the client's certificate, found in an
+/// error's text: under TLS 1.3 the server checks the client's certificate
+/// after the client's handshake is done, and the alert reaches the client
+/// on its first read, through hyper's connection error as text only
+/// ("connection error: received fatal alert: CertificateExpired"), where
+/// [`refused_our_certificate`] cannot see it.
+pub fn refused_alert_in(text: &str) -> Option<&'static str> {
+    let alert = text.split("received fatal alert: ").nth(1)?;
+    let name = alert.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
+    REFUSED_ALERTS.iter().copied().find(|a| *a == name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_certificate_is_found_in_an_errors_text() {
+        assert_eq!(
+            refused_alert_in("connection error: received fatal alert: CertificateExpired"),
+            Some("CertificateExpired")
+        );
+        assert_eq!(
+            refused_alert_in("received fatal alert: DecryptError (after 3 ms)"),
+            Some("DecryptError")
+        );
+        assert_eq!(
+            refused_alert_in("received fatal alert: ProtocolVersion"),
+            None
+        );
+        assert_eq!(
+            refused_alert_in("stream closed because of a broken pipe"),
+            None
+        );
+    }
 
     #[test]
     fn merchant_ids_are_1_to_128_characters_of_the_uri_safe_alphabet() {

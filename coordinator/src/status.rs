@@ -220,20 +220,6 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
     anyhow::anyhow!("{} — {hint}", crate::cli::one_line(e.as_ref()))
 }
 
-/// TLS alerts a server sends about the client's certificate (rustls'
-/// `AlertDescription` names, as its errors print them).
-const OUR_CERTIFICATE_REFUSED: [&str; 9] = [
-    "UnknownCA",
-    "BadCertificate",
-    "UnsupportedCertificate",
-    "CertificateUnknown",
-    "CertificateRequired",
-    "CertificateExpired",
-    "CertificateRevoked",
-    "DecryptError",
-    "AccessDenied",
-];
-
 /// What to fix when the connection to `url` failed for a reason other
 /// than nobody listening: the TLS handshake (which CA, which name, expired,
 /// this identity refused), TLS against a plaintext port or plaintext
@@ -268,16 +254,12 @@ fn transport_fix(err: &(dyn std::error::Error + 'static), url: &str) -> Option<S
                 // The server's alert reaches the client after the handshake
                 // (TLS 1.3), through hyper's connection error as text only:
                 // it read "nothing answered … is the coordinator running?".
-                if let Some(alert) = e.to_string().split("received fatal alert: ").nth(1) {
-                    let alert = alert.split(|c: char| !c.is_ascii_alphanumeric()).next();
-                    if alert.is_some_and(|a| OUR_CERTIFICATE_REFUSED.contains(&a)) {
-                        return Some(format!(
-                            "the coordinator refused this identity's certificate ({}): \
-                             `--certs` must hold an identity its CA issued for a client, still \
-                             valid (`--identity NAME`; `certs issue --operator` makes one)",
-                            alert.unwrap_or_default()
-                        ));
-                    }
+                if let Some(alert) = fedcart_common::identity::refused_alert_in(&e.to_string()) {
+                    return Some(format!(
+                        "the coordinator refused this identity's certificate ({alert}): \
+                         `--certs` must hold an identity its CA issued for a client, still \
+                         valid (`--identity NAME`; `certs issue --operator` makes one)"
+                    ));
                 }
                 continue;
             };

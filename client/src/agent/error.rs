@@ -285,6 +285,16 @@ fn transport_fix(err: &(dyn StdError + 'static)) -> Option<String> {
                     "the coordinator speaks TLS: use https:// and a `[tls]` section".into(),
                 );
             }
+            // The server's refusal of our certificate, seen only as text (a
+            // `tls.ca` bundle holding another CA passes the agent's own
+            // check, and the agent retried for ever as if unreachable).
+            if let Some(alert) = fedcart_common::identity::refused_alert_in(&e.to_string()) {
+                return Some(format!(
+                    "the coordinator refused this merchant's certificate ({alert}): `tls.cert` \
+                     and `tls.key` must be issued by the platform's CA (`certs issue`) and \
+                     still valid"
+                ));
+            }
         }
         next = e.source();
     }
@@ -390,6 +400,19 @@ mod tests {
         assert!(AgentError::Join(revoked.clone()).is_permanent());
         assert!(AgentError::Stream(revoked).is_permanent());
         assert!(!AgentError::Join(tonic::Status::unavailable("restarting")).is_permanent());
+        // A `tls.ca` bundle with another CA passes the agent's own check;
+        // the coordinator's refusal arrives as text and was retried for ever.
+        let alert = AgentError::Join(tonic::Status::unavailable(
+            "transport error: connection error: received fatal alert: DecryptError",
+        ));
+        assert!(alert.is_permanent());
+        assert!(
+            alert
+                .what_to_fix()
+                .unwrap()
+                .contains("refused this merchant's certificate (DecryptError)"),
+            "{alert}"
+        );
         assert!(!AgentError::Stream(tonic::Status::cancelled("gone")).is_permanent());
         assert!(!AgentError::Silence(Duration::from_secs(3)).is_permanent());
         assert!(!AgentError::StreamClosed.is_permanent());
