@@ -157,6 +157,11 @@ pub fn read_orders_from<R: Read>(
         .saturating_add(SECONDS_PER_DAY);
     for row in rows {
         let (line, fields) = row?;
+        // A row of delimiters only (`,,,,`, what a spreadsheet writes for
+        // an empty row) is a blank line, not an order with a blank customer.
+        if fields.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
         report.rows_read += 1;
         match parse_row(&cols, &header, map, &fields, line, path, latest) {
             Ok(order) => {

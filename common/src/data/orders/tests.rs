@@ -182,6 +182,21 @@ fn placeholder_dates_are_bad_rows() {
     }
 }
 
+/// A spreadsheet saves empty rows as delimiters only; they were refused as
+/// orders with a blank customer id.
+#[test]
+fn rows_of_delimiters_only_are_blank_lines() {
+    let text = format!("{HEADER}c1,i1,2024-01-01,1,9.5\n,,,,\n , , ,,\nc2,i2,2024-01-02,1,3\n");
+    let (orders, report) = read(&text, &mapping(), BadRowPolicy::Fail).unwrap();
+    assert_eq!((orders.len(), report.rows_read), (2, 2));
+    // A row with some cells is still read and named.
+    let e = fail_message(&format!("{HEADER},i1,2024-01-01,1,9.5\n"), &mapping());
+    assert!(
+        e.contains("line 2") && e.contains("blank customer id"),
+        "{e}"
+    );
+}
+
 /// One unclosed quote under the `skip` policy dropped every later line as
 /// a single bad row (989 of 1,000 orders gone, "1 skipped"); it stops the
 /// read naming its line. A quoted cell over two lines in a row of the
