@@ -364,6 +364,10 @@ fn parse_iso(s: &str) -> Option<i64> {
                 2 => (digits(off, 2)?, 0),
                 _ => return None,
             };
+            // Real offsets run from −12:00 to +14:00 (`+99:99` was read).
+            if oh > 14 || om > 59 {
+                return None;
+            }
             // Local time minus its offset is UTC.
             Some(secs - sign * (i64::from(oh) * 3600 + i64::from(om) * 60))
         }

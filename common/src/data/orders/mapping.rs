@@ -326,6 +326,10 @@ mod tests {
         assert_eq!(f.parse("1997-09-29 20:02:03 -0500"), Ok(t + 3723));
         assert_eq!(f.parse("1997-09-30 01:02:03 UTC"), Ok(t + 3723));
         assert!(f.parse("1997-09-30 01:02:03 PST").is_err());
+        // No real offset passes ±14 hours or 59 minutes.
+        assert!(f.parse("1997-09-30T01:02:03+99:99").is_err());
+        assert!(f.parse("1997-09-30T01:02:03+05:60").is_err());
+        assert_eq!(f.parse("1997-09-30T15:02:03+14:00"), Ok(t + 3723));
         assert!(f.parse("1997-09-30 01:02:03 ").is_err());
     }
 
