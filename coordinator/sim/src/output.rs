@@ -569,7 +569,11 @@ fn search_table(s: &super::experiment::SearchSummary) -> String {
     out
 }
 
-fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plot>]) -> String {
+pub(crate) fn html(
+    s: &Settings,
+    experiments: &[Experiment],
+    plots: &[Vec<super::plots::Plot>],
+) -> String {
     let mut out = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>fedcart simulation</title>\
          <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
@@ -596,10 +600,26 @@ fn html(s: &Settings, experiments: &[Experiment], plots: &[Vec<super::plots::Plo
             e.timing.seconds_per_round
         );
         if let Some(p) = &e.privacy {
+            // Distributed noise: a round that lost agents was charged at
+            // the smaller noise its survivors added, which is what ε
+            // composes; the planned σ alone did not give this ε.
+            let charged = e
+                .rounds
+                .iter()
+                .filter_map(|r| r.dp_noise)
+                .fold(f64::INFINITY, f64::min);
+            let lower = if charged < p.noise_multiplier * (1.0 - 1e-9) {
+                format!(
+                    " planned (rounds that lost agents were charged at down to {charged:.4}, \
+                     each round's in metrics.csv's <code>dp_noise</code>)"
+                )
+            } else {
+                String::new()
+            };
             let _ = write!(
                 out,
                 "<p class=\"dp\">Differential privacy ({:?} noise, merchant level): \
-                 ε = {} at δ = {:e} after {} rounds, noise multiplier {:.4}, \
+                 ε = {} at δ = {:e} after {} rounds, noise multiplier {:.4}{lower}, \
                  {} clip norm {:.4}.</p>",
                 p.mode,
                 epsilon_text(p.epsilon),

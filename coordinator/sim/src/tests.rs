@@ -1592,6 +1592,7 @@ fn rules_with_differential_privacy_is_refused() {
 /// spent).
 #[test]
 fn distributed_dp_with_a_target_runs_every_round() {
+    let mut charged_lower = 0;
     for (dropout, availability, exact) in [
         (None, None, true),
         (Some(0.2), None, false),
@@ -1610,13 +1611,31 @@ fn distributed_dp_with_a_target_runs_every_round() {
             ..Default::default()
         };
         a.availability = availability;
+        let s = Settings::from_args(a.clone()).unwrap();
         let e = run(a).remove(0);
         assert!(e.stopped.is_none(), "{:?}", e.stopped);
         assert_eq!(e.rounds.len(), 4);
-        let eps = e.privacy.unwrap().epsilon;
+        let p = e.privacy.clone().unwrap();
+        let eps = p.epsilon;
         assert!(eps <= 4.0 + 1e-9, "{eps}");
         assert_eq!(exact, eps > 3.99, "dropout {dropout:?}: ε {eps}");
+        // The report's DP line gave the planned σ beside an ε composed at
+        // the smaller σ of rounds that lost agents; it says so now.
+        let charged = e
+            .rounds
+            .iter()
+            .filter_map(|r| r.dp_noise)
+            .fold(f64::INFINITY, f64::min);
+        let html = output::html(&s, std::slice::from_ref(&e), &[]);
+        assert_eq!(
+            html.contains("rounds that lost agents were charged at down to"),
+            charged < p.noise_multiplier * (1.0 - 1e-9),
+            "dropout {dropout:?}: charged {charged}, planned {}",
+            p.noise_multiplier
+        );
+        charged_lower += usize::from(charged < p.noise_multiplier * (1.0 - 1e-9));
     }
+    assert!(charged_lower > 0, "no case lost agents");
 }
 
 /// The schema `fedcart-client schema --out` writes (under its
