@@ -217,14 +217,21 @@ fn data_snippet(out: &Path, interactions: bool) -> Result<String, PrepareError> 
     let mut doc = toml::Table::new();
     doc.insert("data".into(), toml::Value::Table(data));
     let body = toml::to_string(&doc).map_err(PrepareError::EncodeSnippet)?;
-    let catalogue = if interactions {
-        "# ratings_csv also needs the platform's shared catalogue: add `catalogue = \"...\"`.\n"
+    // It said ratings_csv needed a catalogue (item ids are hashed without
+    // one), and not what the agent does differently with these files.
+    let ratings = if interactions {
+        "# With ratings_csv the recommender is held out by a random split (`data.holdout`, 20 %), no\n\
+         # validation slice, on the history before the cutoff; with the export itself\n\
+         # (`data.orders_csv` and `[data.orders]`) each customer's latest purchase is the\n\
+         # test, the basket before it the validation slice, over the whole history.\n"
     } else {
         ""
     };
     Ok(format!(
-        "# `[data]` for merchant.toml, written by `fedcart-client prepare`. The churn model\n\
-         # of the run must have num_features = {}.\n{catalogue}{body}",
+        "# `[data]` for merchant.toml, written by `fedcart-client prepare`, to train on the\n\
+         # files it wrote (they are for inspection: an agent given the orders export derives\n\
+         # the same, and `score` then describes customers as of today, not of the cutoff).\n\
+         # The churn model of the run must have num_features = {}.\n{ratings}{body}",
         orders::derive::FEATURE_NAMES.len()
     ))
 }
