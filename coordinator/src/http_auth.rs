@@ -251,10 +251,10 @@ mod tests {
             "0123456789 abcdef0123",
         ] {
             std::fs::write(&path, format!("{bad}\n")).unwrap();
-            let e = OperatorToken::from_file(&path)
-                .err()
-                .expect(bad)
-                .to_string();
+            let Err(e) = OperatorToken::from_file(&path) else {
+                panic!("{bad} was accepted");
+            };
+            let e = e.to_string();
             assert!(e.contains("printable ASCII"), "{bad}: {e}");
         }
         std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
