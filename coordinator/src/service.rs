@@ -192,35 +192,32 @@ impl Shared {
     /// serve it, or what other merchants' refused results said (the
     /// operator's phase, [`Shared::summary`], names them).
     pub fn merchant_phase(&self) -> String {
-        let engine = self.engine();
-        let mut phase = match (engine.stopped(), engine.finished(), engine.open_task()) {
-            (Some(stop), false, _) => match engine.next_task() {
-                Some((v, _)) => format!(
-                    "stopped: {}; handing version {v} out before it ends",
-                    stop.for_merchants()
-                ),
-                None => format!("stopped: {}", stop.for_merchants()),
-            },
-            (Some(stop), true, _) => format!("stopped: {}", stop.for_merchants()),
-            (None, true, _) => "finished".into(),
-            (None, false, Some(p)) => p.task_id.clone(),
-            (None, false, None) => "waiting for agents".into(),
-        };
-        if let Some(why) = engine.retrying_for_merchants() {
+        let mut phase = self.phase_with(RunStop::for_merchants);
+        if let Some(why) = self.engine().retrying_for_merchants() {
             phase.push_str(&format!("; {why}"));
         }
         phase
     }
 
     fn bare_phase(&self) -> String {
+        self.phase_with(RunStop::to_string)
+    }
+
+    /// What the run is doing, its stop told by `stop`.
+    fn phase_with(&self, stop: impl Fn(&RunStop) -> String) -> String {
         let engine = self.engine();
         match (engine.stopped(), engine.finished(), engine.open_task()) {
             // A planned stop still hands the served version out first.
-            (Some(stop), false, _) => match engine.next_task() {
-                Some((v, _)) => format!("stopped: {stop}; handing version {v} out before it ends"),
-                None => format!("stopped: {stop}"),
+            (Some(s), false, _) => match engine.next_task() {
+                Some((v, _)) => {
+                    format!(
+                        "stopped: {}; handing version {v} out before it ends",
+                        stop(s)
+                    )
+                }
+                None => format!("stopped: {}", stop(s)),
             },
-            (Some(stop), true, _) => format!("stopped: {stop}"),
+            (Some(s), true, _) => format!("stopped: {}", stop(s)),
             (None, true, _) => "finished".into(),
             (None, false, Some(p)) => p.task_id.clone(),
             (None, false, None) => "waiting for agents".into(),

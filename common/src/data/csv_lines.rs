@@ -45,16 +45,24 @@ pub fn message(e: &csv::Error) -> String {
     }
 }
 
+/// Why a file starting with `head` cannot be read: UTF-16 (Excel's
+/// "Unicode text", which starts with its byte order mark), with the fix.
+pub fn utf16_refusal(head: &[u8]) -> Option<String> {
+    (head.starts_with(&[0xFF, 0xFE]) || head.starts_with(&[0xFE, 0xFF])).then(|| {
+        format!("the file is UTF-16 text (Excel's \"Unicode text\"), not UTF-8: {NOT_UTF8}")
+    })
+}
+
 /// Records of `reader` separated by `delimiter`. Records may differ in
 /// length (callers compare with the header and say so with the line).
 /// A UTF-16 file (Excel's "Unicode text") is refused with the fix.
 pub fn line_records<R: Read>(reader: R, delimiter: u8) -> std::io::Result<LineRecords<R>> {
     let mut reader = BufReader::with_capacity(1 << 16, reader);
     let head = reader.fill_buf()?;
-    if head.starts_with(&[0xFF, 0xFE]) || head.starts_with(&[0xFE, 0xFF]) {
+    if let Some(message) = utf16_refusal(head) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("the file is UTF-16 text (Excel's \"Unicode text\"), not UTF-8: {NOT_UTF8}"),
+            message,
         ));
     }
     let cr_only = head.contains(&b'\r') && !head.contains(&b'\n');

@@ -416,14 +416,8 @@ fn records<'a, R: Read + 'a>(
                 file: path.into(),
                 source,
             })?;
-            if head.starts_with(&[0xFF, 0xFE]) || head.starts_with(&[0xFE, 0xFF]) {
-                return Err(row_err(
-                    1,
-                    &format!(
-                        "the file is UTF-16 text (Excel's \"Unicode text\"), not UTF-8: {}",
-                        crate::data::csv_lines::NOT_UTF8
-                    ),
-                ));
+            if let Some(message) = crate::data::csv_lines::utf16_refusal(head) {
+                return Err(row_err(1, &message));
             }
             if head.starts_with(&[0xEF, 0xBB, 0xBF]) {
                 reader.consume(3);
