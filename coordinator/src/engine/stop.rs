@@ -96,23 +96,18 @@ impl RunStop {
     /// reason may too. A cause every merchant shares (all training diverged)
     /// is kept: it is the merchant's own as much as anyone's.
     pub fn for_merchants(&self) -> String {
-        match self {
-            Self::GaveUp {
-                round,
-                kind,
-                attempts,
-                cause,
-            } if !cause.starts_with("every merchant's local training diverged") => format!(
-                "round {round} ({kind}) aborted {attempts} times (run.max_attempts); the run \
-                 stops (the operator's status gives the cause)"
-            ),
-            Self::Revealed { round, task_id, .. } => format!(
-                "round {round}: the secure sum of task {task_id} was revealed but not \
-                 committed; retrying would expose the difference of two sums over the same \
-                 inputs, so the run stops"
-            ),
-            other => other.to_string(),
+        const WITHHELD: &str = "the operator's `status` gives it";
+        let mut seen = self.clone();
+        match &mut seen {
+            Self::GaveUp { cause, .. }
+                if !cause.starts_with("every merchant's local training diverged") =>
+            {
+                *cause = WITHHELD.into();
+            }
+            Self::Revealed { reason, .. } => *reason = WITHHELD.into(),
+            _ => {}
         }
+        seen.to_string()
     }
 }
 
