@@ -71,6 +71,18 @@ pub struct ServeArgs {
     /// instead of the latest of any run.
     #[arg(long)]
     pub run: Option<String>,
+    /// A host name the shop calls this listener by (repeat for several):
+    /// requests naming any other host are refused, so that a web page cannot
+    /// reach the API through a name it points at this machine (DNS
+    /// rebinding). IP addresses, `localhost` and `*.localhost` are always
+    /// answered.
+    #[arg(
+        long = "allow-host",
+        value_name = "NAME",
+        env = "FEDCART_SERVE_ALLOW_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allow_hosts: Vec<String>,
 }
 
 /// Why `serve` could not start.
@@ -344,6 +356,9 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 pub struct AppState {
     local: Arc<LocalFiles>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Host names answered besides IP addresses and `localhost`
+    /// (lowercase, without a trailing dot).
+    allowed_hosts: Arc<[String]>,
 }
 
 /// A running server: its address, the snapshot channel and a shutdown switch.
@@ -406,16 +421,18 @@ pub async fn start(
     local: LocalFiles,
     poll: Duration,
 ) -> Result<Running, ServeError> {
-    start_with(addr, state, local, poll, HEADER_READ_TIMEOUT).await
+    start_with(addr, state, local, poll, HEADER_READ_TIMEOUT, &[]).await
 }
 
-/// [`start`] with another [`HEADER_READ_TIMEOUT`].
+/// [`start`] with another [`HEADER_READ_TIMEOUT`], answering the host names
+/// `allowed_hosts` as well (see [`ServeArgs::allow_hosts`]).
 pub async fn start_with(
     addr: SocketAddr,
     state: StateDir,
     local: LocalFiles,
     poll: Duration,
     header_read_timeout: Duration,
+    allowed_hosts: &[String],
 ) -> Result<Running, ServeError> {
     let local = Arc::new(local);
     // Taken before the first build, so that a version written during it is
@@ -537,6 +554,7 @@ pub async fn start_with(
     let app = router(AppState {
         local,
         snapshot: rx.clone(),
+        allowed_hosts: allowed_hosts.iter().map(|h| host_name(h)).collect(),
     });
     let task = tokio::spawn(fedcart_common::http::serve(
         listener,
@@ -565,7 +583,57 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/customers/{customer}/segment", get(segment))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.allowed_hosts.clone(),
+            check_host,
+        ))
         .with_state(state)
+}
+
+/// `host` as compared: lowercase, without a port or a trailing dot.
+fn host_name(host: &str) -> String {
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        // `[::1]:8080`: the brackets and the port go.
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Refuses a request whose `Host` is a name this listener was not told it
+/// goes by: a browser sends the page's own name, so a page that pointed its
+/// name at this machine (DNS rebinding) is refused, while IP addresses,
+/// `localhost`, `*.localhost` (RFC 6761, always this machine) and the
+/// `--allow-host` names are answered. A request without `Host` comes from
+/// no browser and is answered.
+async fn check_host(
+    State(allowed): State<Arc<[String]>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(host) = req.headers().get(axum::http::header::HOST) else {
+        return next.run(req).await;
+    };
+    let name = host_name(&String::from_utf8_lossy(host.as_bytes()));
+    let answered = name.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || allowed.contains(&name);
+    if answered {
+        return next.run(req).await;
+    }
+    error(
+        StatusCode::FORBIDDEN,
+        format!(
+            "host `{name}` is not a name this API answers to (a web page may be reaching it \
+             through a name pointed at this machine): call it by IP address or `localhost`, or \
+             start `serve` with `--allow-host {name}` if the shop calls it by that name"
+        ),
+    )
 }
 
 /// Every error answer is `{"error": …}` JSON: axum's own (a method the
@@ -796,11 +864,13 @@ pub async fn run(
     stop: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
     let local = LocalFiles::load_for(cfg, Some(&state))?;
-    let running = start(
+    let running = start_with(
         args.http,
         state,
         local,
         Duration::from_millis(args.poll_ms.max(1)),
+        HEADER_READ_TIMEOUT,
+        &args.allow_hosts,
     )
     .await?;
     tracing::info!(addr = %running.addr, versions = %running.snapshots.borrow().versions(), "serving");
@@ -855,6 +925,7 @@ mod tests {
             local,
             Duration::from_millis(5),
             header,
+            &[],
         )
         .await
         .expect("server starts")
@@ -1341,6 +1412,63 @@ mod tests {
             .await
             .unwrap();
         drop(stalled);
+    }
+
+    /// A request naming a host the listener was not told it goes by (a web
+    /// page whose name was pointed at this machine: DNS rebinding) is
+    /// refused with a 403 saying what to do; IP addresses, `localhost`,
+    /// `*.localhost`, the `--allow-host` names and requests without `Host`
+    /// are answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_for_a_host_name_not_allowed_is_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let f = fixture::Fixture::new();
+        let local = LocalFiles::load(&f.cfg).expect("local files");
+        let server = start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            f.state.clone(),
+            local,
+            Duration::from_millis(5),
+            HEADER_READ_TIMEOUT,
+            &["Shop.Internal.".to_string()],
+        )
+        .await
+        .expect("server starts");
+        let port = server.addr.port();
+        let ask = |host: Option<String>| async move {
+            let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+            let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+            let request = format!("GET /v1/version HTTP/1.0\r\n{host}\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        for host in [
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+            "localhost".to_string(),
+            format!("LOCALHOST.:{port}"),
+            "shop.localhost".to_string(),
+            format!("shop.internal:{port}"),
+        ] {
+            let answer = ask(Some(host.clone())).await;
+            assert!(answer.starts_with("HTTP/1.0 200"), "{host}: {answer}");
+        }
+        assert!(ask(None).await.starts_with("HTTP/1.0 200"));
+        for host in [
+            format!("evil.example:{port}"),
+            "localhost.evil.example".into(),
+        ] {
+            let answer = ask(Some(host.clone())).await;
+            assert!(answer.starts_with("HTTP/1.0 403"), "{host}: {answer}");
+            let name = host.split(':').next().unwrap();
+            assert!(
+                answer.contains(&format!("--allow-host {name}")) && answer.contains("\"error\""),
+                "{answer}"
+            );
+        }
+        server.shutdown().await.unwrap();
     }
 
     /// A client that sends half a header, or nothing, is disconnected after
