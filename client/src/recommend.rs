@@ -202,21 +202,48 @@ impl std::fmt::Display for ServedCopy {
 pub struct Purchases {
     /// The merchant's standardised item popularity (`local_popularity`).
     popularity: Vec<f32>,
-    /// Per local user: catalogue index → times bought or rated (train,
-    /// validation and held-out rows).
-    bought: Vec<HashMap<u32, f32>>,
+    /// Per local user: catalogue index → how much of it the customer took
+    /// (train, validation and held-out rows).
+    bought: Vec<HashMap<u32, Taken>>,
     /// The rows the merchant can name (hashed item ids: the rows of its own
     /// items); `None`: every row.
     known: Option<Vec<bool>>,
 }
 
+/// How much of one item (one hashed row) a customer took.
+#[derive(Debug, Clone, Copy, Default)]
+struct Taken {
+    /// Interaction rows: one per item bought or rated (several only where
+    /// hashed item ids share a row).
+    rows: f32,
+    /// Their summed strength: an orders export's quantity over every order
+    /// (an explicit rating where the data has ratings).
+    amount: f32,
+}
+
+impl Taken {
+    /// "Times bought" of a repeat-aware list: an implicit model's summed
+    /// quantity (one interaction holds every order of its item, so its rows
+    /// count 1 for a staple bought every week), at least one per row; an
+    /// explicit model's rated rows.
+    fn times(self, implicit: bool) -> f32 {
+        if implicit && self.amount.is_finite() {
+            self.amount.max(self.rows)
+        } else {
+            self.rows
+        }
+    }
+}
+
 impl Purchases {
     /// The popularity and purchase counts of `mf` over `num_items` items.
     pub fn of(mf: &MfData, num_items: usize) -> Self {
-        let mut bought = vec![HashMap::new(); mf.users.len()];
+        let mut bought = vec![HashMap::<u32, Taken>::new(); mf.users.len()];
         for r in mf.train.iter().chain(&mf.valid).chain(&mf.test) {
             if let Some(b) = bought.get_mut(r.user as usize) {
-                *b.entry(r.item).or_insert(0.0) += 1.0;
+                let taken = b.entry(r.item).or_default();
+                taken.rows += 1.0;
+                taken.amount += r.value;
             }
         }
         Self {
@@ -426,7 +453,7 @@ impl Recommender {
             let mut times = vec![0.0f32; n];
             for (&i, &t) in bought {
                 if let Some(x) = times.get_mut(i as usize) {
-                    *x = t.ln_1p();
+                    *x = t.times(self.implicit).ln_1p();
                 }
             }
             let model = standardised(&scores);
@@ -470,7 +497,8 @@ pub struct RecommendOptions {
     pub include_repeats: bool,
     /// Repeat-aware list: blend the customer's own frequent items into the
     /// model's ranking with this weight in `[0, 1]` (standardised scores,
-    /// `(1 − w)·model + w·log(1 + times bought)`); implies repeats. `None`
+    /// `(1 − w)·model + w·log(1 + times bought)`, times bought being the
+    /// quantity over all orders for an implicit model); implies repeats. `None`
     /// ranks by the model alone.
     pub repeat_weight: Option<f32>,
 }
@@ -689,6 +717,60 @@ mod tests {
 
     use super::*;
     use crate::state::GlobalMeta;
+
+    /// A repeat-aware list ranks the customer's staples by how much of each
+    /// they took over every order (an implicit interaction holds all the
+    /// orders of its item, so counting rows gave every purchase the same
+    /// weight, `ln 2`, and the 157-basket staple tied with a one-off).
+    #[test]
+    fn a_repeat_aware_list_puts_the_customers_staple_before_a_one_off_purchase() {
+        use fedcart_common::model::mf::{Rating, UserState};
+        let n = 3;
+        let rec = |implicit| Recommender {
+            run_id: "r".into(),
+            version: 1,
+            copy: ServedCopy::Global,
+            num_items: n,
+            factors: 1,
+            implicit,
+            // No bias or factor: the model ranks every item alike.
+            global: vec![0.0; 1 + 2 * n],
+            users: UserState {
+                k: 1,
+                users: vec!["c".into()],
+                bias: vec![0.0],
+                factors: vec![0.0],
+                ..Default::default()
+            },
+            rows: None,
+        };
+        let rating = |item, value| Rating {
+            user: 0,
+            item,
+            value,
+        };
+        let mf = MfData {
+            users: vec!["c".into()],
+            // A one-off purchase of item 0 and 12 units of item 2 over the
+            // customer's orders.
+            train: vec![rating(0, 1.0), rating(2, 12.0)],
+            ..Default::default()
+        };
+        let purchases = Purchases::of(&mf, n);
+        let opts = RecommendOptions {
+            k: 3,
+            include_repeats: false,
+            repeat_weight: Some(1.0),
+        };
+        let ranked = rec(true).rank("c", 0, &purchases, &opts).unwrap();
+        let order: Vec<u32> = ranked.iter().map(|&(i, _)| i).collect();
+        assert_eq!(order, [2, 0, 1], "{ranked:?}");
+        assert!(ranked[0].1 > ranked[1].1, "{ranked:?}");
+        // An explicit model's values are ratings, not amounts: each rated
+        // item counts once.
+        let ranked = rec(false).rank("c", 0, &purchases, &opts).unwrap();
+        assert_eq!(ranked[0].1, ranked[1].1, "{ranked:?}");
+    }
 
     /// A run's untrained version 0 (stored when its first task arrived,
     /// before the statistics step agreed any scaling) is named as such,
