@@ -164,6 +164,21 @@ pub enum StateError {
         /// Why it is refused.
         message: String,
     },
+    /// A stored model holds a NaN or an infinity (the coordinator never
+    /// hands one out: the file was altered).
+    #[error(
+        "{}: parameter {index} is {value}, not a finite number (the file was altered; it is \
+         replaced when the coordinator hands the model out again)",
+        path.display()
+    )]
+    NotFinite {
+        /// The model file.
+        path: PathBuf,
+        /// The first non-finite parameter.
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
     /// A stored model's length is not a whole number of `f32`s.
     #[error("{}: {len} bytes is not a whole number of f32", path.display())]
     Truncated {
@@ -484,13 +499,21 @@ impl StateDir {
     /// when it exists, else the fixed `stem.ext` of states written before
     /// files were named by checksum.
     fn data_path(&self, stem: &str, sha: Option<&str>, ext: &str) -> PathBuf {
-        if let Some(sha) = sha {
-            let named = self.dir.join(data_file(stem, sha, ext));
-            if named.exists() {
-                return named;
+        let fixed = self.dir.join(format!("{stem}.{ext}"));
+        match sha {
+            // The file its meta names, unless only an older layout's
+            // fixed-name file is there (a missing file is named as the one
+            // the meta expects).
+            Some(sha) => {
+                let named = self.dir.join(data_file(stem, sha, ext));
+                if named.exists() || !fixed.exists() {
+                    named
+                } else {
+                    fixed
+                }
             }
+            None => fixed,
         }
-        self.dir.join(format!("{stem}.{ext}"))
     }
 
     /// Removes `stem`'s parameter files other than `keep` (older versions,
@@ -543,10 +566,11 @@ impl StateDir {
                 len: bytes.len(),
             });
         }
-        Ok(Some((
-            meta,
-            fedcart_common::federation::update::f32s_from_le(&bytes),
-        )))
+        let params = fedcart_common::federation::update::f32s_from_le(&bytes);
+        if let Some((index, &value)) = params.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(StateError::NotFinite { path, index, value });
+        }
+        Ok(Some((meta, params)))
     }
 
     /// The stored global model of the highest version here, whatever its
@@ -935,6 +959,49 @@ mod tests {
         let err = state.load_global("churn").unwrap_err();
         assert!(
             matches!(&err, StateError::Mismatch { path } if *path == f32s),
+            "{err:?}"
+        );
+    }
+
+    /// A model file altered to hold a NaN (its checksum updated with it) is
+    /// refused naming the file and the parameter: `score` printed NaN for
+    /// every customer and `serve` answered `null` with a 200. A model file
+    /// that is gone is named by the name its meta gave it (it was named by
+    /// an older layout's fixed name, which never existed).
+    #[test]
+    fn a_model_file_with_a_nan_or_gone_is_refused_naming_it() {
+        use fedcart_common::model::sgd::SgdParams;
+        use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let meta = GlobalMeta {
+            run_id: "r".into(),
+            version: 1,
+            spec: TaskSpec {
+                kind: TaskKind::Train,
+                model: ModelSpec::churn_lr(2),
+                sgd: SgdParams::default(),
+                seed: 1,
+                round: 1,
+                standardizer: None,
+                dp: None,
+                best_version: None,
+            },
+            sha256: None,
+        };
+        state.save_global(&meta, &[1.0, f32::NAN, 3.0]).unwrap();
+        let err = state.load_global("churn").unwrap_err();
+        let StateError::NotFinite { path, index, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*index, 1);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("global-churn-") && path.exists(), "{err}");
+        assert!(err.to_string().contains("parameter 1 is NaN"), "{err}");
+        std::fs::remove_file(path).unwrap();
+        let err = state.load_global("churn").unwrap_err();
+        assert!(
+            matches!(&err, StateError::Read { path: p, .. } if p.file_name().unwrap().to_string_lossy() == name),
             "{err:?}"
         );
     }

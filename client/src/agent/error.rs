@@ -191,6 +191,7 @@ fn state_fix(e: &StateError) -> String {
         StateError::Read { .. }
         | StateError::Decode { .. }
         | StateError::Mismatch { .. }
+        | StateError::NotFinite { .. }
         | StateError::Truncated { .. } => {
             "a file of the agent's state directory (named above) is damaged or unreadable: \
              restore it from a backup, or move a model or user-factor file away for the agent \
