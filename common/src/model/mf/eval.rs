@@ -156,8 +156,9 @@ pub fn ranking_metrics(scores: &[f32], target: usize, exclude: &[u32]) -> (f64, 
 }
 
 /// Weights of the merchant's own popularity tried in the blended score
-/// `(1 − w)·z(model) + w·z(log(1 + popularity))`; 1 is popularity alone,
-/// so a merchant whose validation prefers its bestsellers gets them.
+/// `(1 − w)·z(model) + w·z(log(1 + popularity))`; 1 is popularity with its
+/// ties broken by the model (see [`blend`]), so a merchant whose validation
+/// prefers its bestsellers gets them.
 pub const POP_BLEND_GRID: [f32; 7] = [0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0];
 
 /// The merchant's own popularity of each item, `log(1 + distinct users
@@ -213,10 +214,19 @@ fn scores_of(global: &[f32], n: usize, pu: &[f32], out: &mut [f32]) {
     standardise(out);
 }
 
-/// Blends standardised model scores with standardised popularity.
+/// How much of the model a blend of weight 1 keeps: enough to order items
+/// of equal popularity, too little to reorder different popularities.
+const TIE_BREAK: f32 = 1e-4;
+
+/// Blends standardised model scores with standardised popularity. At
+/// `w = 1` the model still breaks popularity's ties: a merchant with one
+/// customer has the same popularity (none) for every item that customer has
+/// not bought, and a tie ranks nothing (ties count against a held-out item,
+/// and a shop would list arbitrary items).
 pub fn blend(model: &[f32], pop: &[f32], w: f32, out: &mut [f32]) {
+    let m_weight = (1.0 - w).max(TIE_BREAK);
     for ((o, &m), &p) in out.iter_mut().zip(model).zip(pop) {
-        *o = (1.0 - w) * m + w * p;
+        *o = m_weight * m + w * p;
     }
 }
 

@@ -570,6 +570,52 @@ fn a_validation_tie_keeps_the_merchants_own_bestsellers() {
     assert_eq!(m["pop_blend"], 1.0, "{m:?}");
 }
 
+/// A merchant with one customer has the same popularity (none) for every
+/// item that customer has not bought: a blend of weight 1 ranked them all
+/// tied, and a tie counts against the held-out item, so a validation tie
+/// (both at 0) chose weight 1 and served HR@10 0 whatever the model. The
+/// model now breaks popularity's ties, and ranks the test purchase it
+/// scores highest first.
+#[test]
+fn a_one_customer_merchants_popularity_ties_are_broken_by_the_model() {
+    let n = 40;
+    let mut s = spec(n, 2, MfHyper::default());
+    s.model = ModelSpec::MfImplicit {
+        num_items: n,
+        factors: 2,
+        hyper: MfHyper::default(),
+    };
+    s.kind = TaskKind::Evaluate;
+    let mut params = s.model.initial_params(3);
+    // Item biases (after the global term): the validation item last, the
+    // test item first.
+    params[1 + 6] = -10.0;
+    params[1 + 7] = 10.0;
+    let rating = |item| Rating {
+        user: 0,
+        item,
+        value: 1.0,
+    };
+    let mut shop = LocalData {
+        merchant_id: "one-customer".into(),
+        mf: Some(MfData {
+            users: vec!["c0".into()],
+            train: (0..6).map(rating).collect(),
+            valid: vec![rating(6)],
+            test: vec![rating(7)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let m = run_task(&s, &params, &mut shop).unwrap().metrics;
+    assert_eq!(
+        (m["val_hr@10_model"], m["val_hr@10_pop"], m["pop_blend"]),
+        (0.0, 0.0, 1.0),
+        "{m:?}"
+    );
+    assert_eq!(m["hr@10"], 1.0, "{m:?}");
+}
+
 #[test]
 fn validation_split_holds_out_each_users_last_line_of_an_earlier_basket() {
     let row = |user: &str, item: &str, t: i64| Interaction {
