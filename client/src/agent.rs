@@ -69,6 +69,8 @@ pub struct Agent {
     pub backoff: Backoff,
     /// Counts of completed tasks, for logs and tests.
     pub tasks_done: u64,
+    /// Sessions opened (welcomes received), for logs and tests.
+    pub sessions: u64,
     /// Mutual TLS; `None` speaks plaintext (only to an `--insecure` coordinator).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Durable local state; `None` keeps everything in memory.
@@ -198,6 +200,7 @@ impl Agent {
             data,
             backoff: Backoff::default(),
             tasks_done: 0,
+            sessions: 0,
             tls: None,
             state: None,
             observer: None,
@@ -499,6 +502,7 @@ impl Agent {
         else {
             return Err(AgentError::NoWelcome);
         };
+        self.sessions += 1;
         self.lifecycle.joined(&welcome.run_id, &self.coordinator);
         // Three missed pings mean the connection is dead even if TCP has not noticed.
         let silence = Duration::from_millis(welcome.ping_interval_ms.max(100) * 3);
@@ -526,8 +530,24 @@ impl Agent {
                     }
                     // A shutdown leaves the task unanswered (the coordinator
                     // counts a dropout) rather than waiting for training.
+                    self.lifecycle.working(&task.run_id);
                     tokio::select! {
-                        r = self.handle_task(&mut client, &welcome.session_id, task) => r?,
+                        r = self.handle_task(&mut client, &welcome.session_id, task) => match r {
+                            // The task closed while the agent worked on it
+                            // (the operator stopped the run, or the round
+                            // timed out or was retried): it is dropped and
+                            // the session goes on. Ending the session logged
+                            // an outage and dropped the agent from the task
+                            // it was about to be sent.
+                            Err(AgentError::Transfer(e)) if e.task_closed().is_some() => {
+                                if let Some((task_id, status)) = e.task_closed() {
+                                    tracing::info!(task = %task_id, reason = status.message(),
+                                        "the task closed before this agent's part of it; dropped");
+                                }
+                                continue;
+                            }
+                            r => r?,
+                        },
                         _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
                     }
                     self.tasks_done += 1;
@@ -949,26 +969,48 @@ struct Lifecycle {
     ever_joined: bool,
     /// The runs whose end the coordinator announced.
     ended: std::collections::BTreeSet<String>,
+    /// Runs this agent was welcomed to or given tasks of, and whose end it
+    /// has not heard: while one is open, losing the coordinator is an
+    /// outage, whatever other runs ended.
+    open: std::collections::BTreeSet<String>,
+    /// The outage in progress was logged as a warning (not as the quiet
+    /// wait after every run ended).
+    warned: bool,
 }
 
 impl Lifecycle {
     fn joined(&mut self, run_id: &str, url: &str) {
         self.joined = true;
         self.ever_joined = true;
-        if self.ended.contains(run_id) {
-            tracing::debug!(run = %run_id, "joined the finished run again");
-            return;
-        }
-        match self.outage.take() {
+        let outage = self.outage.take();
+        let warned = std::mem::take(&mut self.warned);
+        match outage {
+            // An outage logged as a warning is said to be over.
+            Some(attempts) if warned => {
+                tracing::info!(run = %run_id, coordinator = %url, attempts, "reconnected")
+            }
+            _ if self.ended.contains(run_id) => {
+                tracing::debug!(run = %run_id, "joined the finished run again");
+            }
             Some(attempts) => {
                 tracing::info!(run = %run_id, coordinator = %url, attempts, "reconnected")
             }
             None => tracing::info!(run = %run_id, coordinator = %url, "joined"),
         }
+        self.working(run_id);
+    }
+
+    /// Notes that the agent works for `run_id` (welcomed to it or given
+    /// one of its tasks), unless its end was announced.
+    fn working(&mut self, run_id: &str) {
+        if !self.ended.contains(run_id) {
+            self.open.insert(run_id.to_owned());
+        }
     }
 
     /// Logs that a run ended.
     fn run_ended(&mut self, end: &pb::RunEnded) {
+        self.open.remove(&end.run_id);
         if !self.ended.insert(end.run_id.clone()) {
             return;
         }
@@ -989,22 +1031,54 @@ impl Lifecycle {
         *attempts += 1;
         if *attempts > 1 {
             tracing::debug!(error = %Chain(e), "coordinator unavailable; retrying");
-        } else if !self.ended.is_empty() {
+            return;
+        }
+        match self.outage_kind() {
             // A coordinator whose runs ended may exit on purpose: not a
             // warning, but said once, so that a waiting agent's log shows
             // why nothing happens.
-            tracing::info!(coordinator = %url, error = %Chain(e),
-                "the coordinator is unreachable since the run ended; retrying quietly (every {longest:?} at most) until it is back");
-        } else if !self.ever_joined {
+            Outage::AfterRunsEnded => tracing::info!(coordinator = %url, error = %Chain(e),
+                "the coordinator is unreachable since the runs this agent worked for ended; retrying quietly (every {longest:?} at most) until it is back"),
             // Never connected: not "lost", and the likely fix is named.
-            let why = error::unreachable_cause(e).unwrap_or("it did not answer");
-            tracing::warn!(coordinator = %url, error = %Chain(e),
-                "cannot reach the coordinator: {why}; retrying quietly (every {longest:?} at most) until it answers");
-        } else {
-            tracing::warn!(coordinator = %url, error = %Chain(e),
-                "lost the coordinator; retrying quietly (every {longest:?} at most) until it is back");
+            Outage::NeverJoined => {
+                let why = error::unreachable_cause(e).unwrap_or("it did not answer");
+                tracing::warn!(coordinator = %url, error = %Chain(e),
+                    "cannot reach the coordinator: {why}; retrying quietly (every {longest:?} at most) until it answers");
+                self.warned = true;
+            }
+            Outage::Lost => {
+                tracing::warn!(coordinator = %url, error = %Chain(e),
+                    "lost the coordinator; retrying quietly (every {longest:?} at most) until it is back");
+                self.warned = true;
+            }
         }
     }
+
+    /// How an outage starting now is told: quietly only when some run
+    /// ended and none the agent works for is still open (a stopped or
+    /// finished run elsewhere in the store said "since the run ended" in
+    /// the middle of another run).
+    fn outage_kind(&self) -> Outage {
+        if !self.ended.is_empty() && self.open.is_empty() {
+            Outage::AfterRunsEnded
+        } else if !self.ever_joined {
+            Outage::NeverJoined
+        } else {
+            Outage::Lost
+        }
+    }
+}
+
+/// How [`Lifecycle::failed`] tells an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    /// Every run the agent worked for ended: the coordinator may have exited
+    /// on purpose.
+    AfterRunsEnded,
+    /// No session of this process ever got its welcome.
+    NeverJoined,
+    /// The coordinator went away with a run open.
+    Lost,
 }
 
 #[cfg(test)]
@@ -1014,6 +1088,37 @@ mod tests {
     use fedcart_common::model::mf::{MfData, UserState};
     use fedcart_common::model::sgd::SgdParams;
     use fedcart_common::task::{ModelSpec, TaskKind};
+
+    /// Losing the coordinator is told quietly ("since the runs … ended")
+    /// only when no run the agent works for is open: a stopped or finished
+    /// run elsewhere in the store made a restart in the middle of another
+    /// run read as the run having ended, and "reconnected" never followed.
+    #[test]
+    fn an_outage_is_quiet_only_once_every_run_the_agent_works_for_ended() {
+        let ended = |run: &str| pb::RunEnded {
+            run_id: run.into(),
+            model_version: 3,
+            stopped: String::new(),
+            served_version: 3,
+        };
+        let mut life = Lifecycle::default();
+        assert_eq!(life.outage_kind(), Outage::NeverJoined);
+        // Welcomed to a run that finished long ago, as the store says
+        // right after the welcome, then given tasks of another.
+        life.joined("churn-1", "https://c");
+        life.run_ended(&ended("churn-1"));
+        assert_eq!(life.outage_kind(), Outage::AfterRunsEnded);
+        life.working("long-1");
+        assert_eq!(life.outage_kind(), Outage::Lost);
+        // Another run's end changes nothing; its own does.
+        life.run_ended(&ended("r-other"));
+        assert_eq!(life.outage_kind(), Outage::Lost);
+        life.run_ended(&ended("long-1"));
+        assert_eq!(life.outage_kind(), Outage::AfterRunsEnded);
+        // A task of an ended run (its hand-out) does not reopen it.
+        life.working("long-1");
+        assert_eq!(life.outage_kind(), Outage::AfterRunsEnded);
+    }
 
     /// The top-level user factors are saved when a version is served, the
     /// run's own after every task: a restart mid-run resumed from the

@@ -110,6 +110,25 @@ pub enum TransferError {
     },
 }
 
+impl TransferError {
+    /// The task and the coordinator's answer when it refused the download or
+    /// the update because the task is no longer open (it closed, timed out
+    /// or was retried, or the operator stopped the run: `FAILED_PRECONDITION`):
+    /// the task is over for this agent, not its session.
+    pub fn task_closed(&self) -> Option<(&str, &tonic::Status)> {
+        match self {
+            Self::Download { task_id, status }
+            | Self::Stream { task_id, status }
+            | Self::Rejected { task_id, status }
+                if status.code() == tonic::Code::FailedPrecondition =>
+            {
+                Some((task_id, status))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What the agent already holds of a run's model, for row-sparse downloads.
 #[derive(Debug, Clone, Copy)]
 pub struct RowDownload<'a> {
@@ -430,6 +449,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a refusal saying the task is no longer open ends the task alone;
+    /// others (an unknown session after a coordinator restart, a refused
+    /// identity) still end the session.
+    #[test]
+    fn a_task_is_closed_only_by_a_failed_precondition() {
+        let closed = tonic::Status::failed_precondition("round 4 task `r4a1-train` is not open");
+        let task_id = "r4a1-train".to_string();
+        for e in [
+            TransferError::Download {
+                task_id: task_id.clone(),
+                status: closed.clone(),
+            },
+            TransferError::Stream {
+                task_id: task_id.clone(),
+                status: closed.clone(),
+            },
+            TransferError::Rejected {
+                task_id: task_id.clone(),
+                status: closed.clone(),
+            },
+        ] {
+            assert_eq!(e.task_closed().map(|(t, _)| t), Some("r4a1-train"));
+        }
+        for status in [
+            tonic::Status::unauthenticated("unknown session"),
+            tonic::Status::invalid_argument("bad update"),
+        ] {
+            let e = TransferError::Rejected {
+                task_id: task_id.clone(),
+                status,
+            };
+            assert!(e.task_closed().is_none());
+        }
+    }
 
     #[tokio::test]
     async fn an_absurd_model_length_is_refused_before_any_allocation() {

@@ -213,3 +213,72 @@ async fn an_agent_whose_data_does_not_fit_a_run_declines_its_tasks_and_stays() {
     // The agent's task ends only when stopped: it did not exit on an error.
     agent.stop().await;
 }
+
+/// Stops the run from inside the first agent's evaluation of version 2, as
+/// an operator's `runs stop` lands while merchants work.
+struct StopAtRound2 {
+    shared: std::sync::Arc<fedcart_coordinator::service::Shared>,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl fedcart_client::agent::TaskObserver for StopAtRound2 {
+    fn on_task(&self, task_id: &str) -> fedcart_client::agent::TaskDecision {
+        if task_id == "r2a1-evaluate" && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.shared.stop_by_operator("test").expect("the run stops");
+        }
+        fedcart_client::agent::TaskDecision::Accept
+    }
+}
+
+/// A task that closed before the agent's part of it arrived (here the
+/// operator stopped the run as the evaluation was handed out: the model
+/// download is refused; an update sent after the close is refused alike) is
+/// dropped, and the agent stays in its session, where it hears that the run
+/// ended.
+/// It ended the session instead, logging an outage ("lost the
+/// coordinator"), and had to join again (the probe saw every agent dropped
+/// from the next task, which was aborted and sent again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_closed_under_the_agent_keeps_it_in_its_session() {
+    let split = telco_split(2, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(
+        &dir.path().join("c.redb"),
+        churn_run("stop-mid", 6, 2, 2),
+        0,
+    )
+    .await;
+    let stopper = std::sync::Arc::new(StopAtRound2 {
+        shared: coord.shared.clone(),
+        done: Default::default(),
+    });
+    let agents: Vec<_> = (0..2)
+        .map(|k| {
+            let mut a = fedcart_client::agent::Agent::new(
+                format!("http://{}", coord.addr),
+                load_merchant(&format!("merchant-{k}"), &split.files[k]),
+            )
+            .with_policy(fedcart_client::policy::PrivacyPolicy::without_key_binding());
+            a.backoff.initial_ms = 20;
+            a.observer = Some(stopper.clone());
+            // Returns once it hears the run ended: in this session, or in
+            // a later one.
+            a.exit_on_run_end = true;
+            spawn_configured(a)
+        })
+        .collect();
+    for a in agents {
+        let agent = a.task.await.expect("the agent returns when the run ends");
+        assert_eq!(agent.sessions, 1, "the agent joined again");
+        assert!(agent.tasks_done >= 3, "{}", agent.tasks_done);
+    }
+    assert!(coord.shared.stopped().is_some());
+    let history = coord.shared.history().unwrap();
+    assert!(
+        !history
+            .iter()
+            .any(|r| r.task_id == "r2a1-evaluate" && r.outcome == Outcome::Committed),
+        "the stop came during version 2's evaluation"
+    );
+}
