@@ -16,7 +16,7 @@
 
 use fedcart_common::privacy::dp::distributed::DistributedSkellam;
 use fedcart_common::privacy::secagg::SecAggConfig;
-use fedcart_common::task::{TaskKind, TaskSpec};
+use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use serde::{Deserialize, Serialize};
 
 /// The protections this merchant requires; every default accepts what the
@@ -168,7 +168,17 @@ impl PrivacyPolicy {
                 "differential privacy",
             ));
         }
+        // An analysis (segments, frequent itemsets for rules) sums exact
+        // counts and cannot carry differential privacy: like statistics and
+        // evaluation it is not charged, and a cap does not keep the merchant
+        // out of it (`require_dp` does). Boosted trees are a model, and
+        // stay refused under a cap.
+        let segments_or_rules = matches!(
+            spec.model,
+            ModelSpec::KMeans { .. } | ModelSpec::Segments { .. } | ModelSpec::Itemsets { .. }
+        );
         if let Some(cap) = self.max_epsilon
+            && !segments_or_rules
             && spec.dp.as_ref().and_then(|d| d.distributed).is_none()
         {
             return Err(violation(
@@ -501,5 +511,23 @@ mod tests {
         }
         capped.check_task(&spec(TaskKind::Evaluate), false).unwrap();
         capped.check_task(&spec(TaskKind::Stats), true).unwrap();
+        // An analysis (segments, itemsets) cannot carry DP and is not
+        // charged: a capped merchant takes part (it was refused at every
+        // attempt, and the run never finished); `require_dp` keeps it out.
+        let mut segments = spec(TaskKind::Train);
+        segments.model = ModelSpec::KMeans {
+            k: 4,
+            num_features: 3,
+            init: Vec::new(),
+        };
+        capped.check_task(&segments, true).unwrap();
+        let strict = PrivacyPolicy {
+            require_dp: true,
+            ..capped.clone()
+        };
+        assert_eq!(
+            strict.check_task(&segments, true).unwrap_err().setting,
+            "require_dp"
+        );
     }
 }
