@@ -338,6 +338,16 @@ impl ObserverState {
                 }
                 metrics::gauge!("fedcart_round_metric", "run" => run.clone(), "kind" => kind_name(r.kind), "metric" => k.clone()).set(*v);
             }
+            // A metric of this kind the record does not have (undefined in
+            // this round, e.g. a precision without positive predictions) is
+            // NaN, not the figure of an earlier round beside this round's.
+            if r.outcome == crate::record::Outcome::Committed && !r.metrics.is_empty() {
+                for (kind, k) in series.iter() {
+                    if *kind == kind_name(r.kind) && !r.metrics.contains_key(k) {
+                        metrics::gauge!("fedcart_round_metric", "run" => run.clone(), "kind" => *kind, "metric" => k.clone()).set(f64::NAN);
+                    }
+                }
+            }
             drop(all_series);
             let at = r.started_unix_ms + r.duration_ms as i64;
             for m in &r.selected {

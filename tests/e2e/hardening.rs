@@ -239,6 +239,53 @@ async fn oversized_metrics_are_refused_and_records_and_series_stay_bounded() {
     coord.shutdown().await.unwrap();
 }
 
+/// A round metric the latest evaluation does not have (undefined there,
+/// e.g. a precision without positive predictions) is exported as NaN: the
+/// gauge kept an earlier round's figure beside the latest round's others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_metric_the_latest_round_lacks_is_nan_in_metrics() {
+    let split = telco_split(1, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start_plain(
+        &dir.path().join("c.redb"),
+        churn_run("metric-gone", 2, 1, 1),
+        Duration::from_secs(30),
+    )
+    .await;
+    let http = coord.http_addr.unwrap();
+    let mut agent = RawAgent::join(coord.addr, load_merchant("m", &split.files[0])).await;
+    let mut progress = coord.progress.clone();
+    loop {
+        let task = tokio::select! {
+            t = agent.next_task() => t,
+            _ = progress.wait_for(|p| p.finished) => break,
+        };
+        if task.task_id == "r1a1-evaluate" {
+            // The first evaluation reports one metric more.
+            let out = agent.compute(&task).await;
+            let mut header = agent.header(&task, &out);
+            header.metrics = out.metrics.clone().into_iter().collect();
+            header.metrics.insert("probe".into(), 0.25);
+            let payload = out.update.as_ref().unwrap().payload_bytes();
+            agent.send_raw(header, vec![payload]).await.unwrap();
+        } else {
+            agent.answer(&task).await.unwrap();
+        }
+    }
+    let page = crate::security::http_get(http, "/metrics").await;
+    let gauge = |metric: &str| {
+        let prefix = format!(
+            "fedcart_round_metric{{run=\"metric-gone\",kind=\"evaluate\",metric=\"{metric}\"}} "
+        );
+        page.lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {metric} gauge in\n{page}"))
+    };
+    assert_eq!(gauge("probe"), "NaN");
+    assert!(gauge("auc").parse::<f64>().unwrap().is_finite());
+    coord.shutdown().await.unwrap();
+}
+
 /// An agent over its RPC rate has its result (or its model download)
 /// refused as `ResourceExhausted` and asks again after a backoff
 /// (`transfer::BUSY_RETRY_MS`), so a burst of RPCs costs it a wait, not its
