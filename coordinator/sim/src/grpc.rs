@@ -125,7 +125,7 @@ pub fn run(
         });
     }
     if let Some(why) = &done.stopped {
-        exp.stopped = Some(why.to_string());
+        exp.stopped = Some(crate::stop_text(why));
         exp.failed = !why.is_planned();
     }
     if s.traffic == crate::traffic::TrafficMode::Rows
@@ -268,7 +268,7 @@ async fn drive(
     // gave up on a round) still leaves the committed rounds to report.
     let stopped = shared.stopped();
     if let Some(why) = stopped.as_ref().filter(|w| w.is_planned()) {
-        eprintln!("{name}: {why}");
+        eprintln!("{name}: {}", crate::stop_text(why));
     }
 
     // The store keys records by task id, so `r10…` sorts before `r2…`: put

@@ -621,15 +621,15 @@ pub fn run_one(
         // An exhausted budget or early stopping ends the experiment early;
         // its rounds stand.
         Some(stop) if stop.is_planned() => {
-            eprintln!("{}: {stop}", exp.name);
-            exp.stopped = Some(stop.to_string());
+            eprintln!("{}: {}", exp.name, stop_text(stop));
+            exp.stopped = Some(stop_text(stop));
         }
         // A fault (a round aborted `run.max_attempts` times, a revealed
         // sum): the run failed, but the rounds it committed stand and are
         // reported; the command exits with the cause once every output is
         // written.
         Some(stop) => {
-            exp.stopped = Some(stop.to_string());
+            exp.stopped = Some(stop_text(stop));
             exp.failed = true;
         }
     }
@@ -1407,6 +1407,13 @@ fn flag_error(e: fedcart_coordinator::config::ConfigError) -> anyhow::Error {
         }
         e => e.into(),
     }
+}
+
+/// Why the run stopped, in the simulator's terms: its flag where the
+/// coordinator's text names a key of `coordinator.toml`.
+pub(crate) fn stop_text(stop: &fedcart_coordinator::engine::RunStop) -> String {
+    stop.to_string()
+        .replace("(run.early_stopping.patience)", "(--patience)")
 }
 
 /// The fewest results a simulated round commits with: 1, except under
