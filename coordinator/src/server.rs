@@ -198,11 +198,25 @@ pub async fn start_with(
             (tonic::transport::Server::builder(), None)
         }
     };
+    // Said at start: a mistyped store path opened a fresh store without a
+    // word, and the earlier runs looked lost.
+    let existed = store_path.exists();
     let file = StoreFile::open(store_path)?;
     let hub = Hub::open(file, ping, opts.limits.upload_idle_timeout)?;
+    if existed {
+        tracing::info!(store = %store_path.display(), runs = hub.all().len(), "opened the store");
+    } else {
+        tracing::info!(store = %store_path.display(), "created a new store");
+    }
     // The configured run: resumed if the store holds it, else submitted
     // beside the runs already there.
-    let (shared, _) = hub.submit(run, true, None)?;
+    let (shared, submitted) = hub.submit(run, true, None)?;
+    if !submitted && shared.ended() {
+        tracing::warn!(run = %run_id, store = %store_path.display(),
+            "the configuration's run already ended in this store: none of it is left to train \
+             (give `run_id` a new value to train it again, or use another store; `--keep-serving` \
+             keeps the coordinator up for runs submitted with `runs submit`)");
+    }
     hub.set_primary(&run_id);
     let addr = listener.local_addr().context("listener address")?;
     let (shutdown, rx) = watch::channel(false);

@@ -367,6 +367,7 @@ fn sigterm_stops_the_coordinator_gracefully_and_a_restart_resumes_the_run() {
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
 
     let mut first = Process::start("fedcart-coordinator", &args);
+    first.wait_line("created a new store", EXIT_LIMIT);
     first.wait_line("coordinator listening", EXIT_LIMIT);
     let a0 = rt.block_on(async { spawn_agent(addr, load_merchant("m0", &split.files[0])) });
     let a1 = rt.block_on(async { spawn_agent(addr, load_merchant("m1", &split.files[1])) });
@@ -396,10 +397,30 @@ fn sigterm_stops_the_coordinator_gracefully_and_a_restart_resumes_the_run() {
         second.seen.join("\n")
     );
     assert!(second.seen.iter().any(|l| l.contains("run finished")));
+    assert!(
+        second
+            .seen
+            .iter()
+            .any(|l| l.contains("opened the store") && l.contains("runs=1")),
+        "{}",
+        second.seen.join("\n")
+    );
     rt.block_on(async {
         a0.stop().await;
         a1.stop().await;
     });
+    // Started again on the finished run: it says so, and what to do.
+    let mut third = Process::start("fedcart-coordinator", &args);
+    assert_eq!(third.wait_exit(EXIT_LIMIT), Some(0));
+    assert!(
+        third
+            .seen
+            .iter()
+            .any(|l| l.contains("already ended in this store")
+                && l.contains("give `run_id` a new value")),
+        "{}",
+        third.seen.join("\n")
+    );
     let store = Store::open(&dir.path().join("c.redb")).unwrap();
     assert_eq!(store.latest_version().unwrap(), Some(rounds));
     let history = store.history().unwrap();
