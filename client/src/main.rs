@@ -305,7 +305,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 recommend::recommend_from(&state, &mf, &items, &customer, &opts)
                     .with_context(|| format!("recommending for customer `{customer}`"))?;
             // Which model ranked, on stderr: stdout stays the list.
-            eprintln!("recommender version {version}, {copy} copy");
+            eprintln!(
+                "recommender version {} of run `{}`, {copy} copy",
+                version.version, version.run_id
+            );
             for r in recs {
                 let item = fedcart_client::output::tsv_cell(&r.item);
                 match names.get(&r.item) {

@@ -539,15 +539,15 @@ pub fn recommend_with(
     recommend_from(state, mf, items, customer, opts).map(|(recs, _, _)| recs)
 }
 
-/// [`recommend_with`], also saying which model ranked: its version and
-/// the copy served (the personalised one where it won on validation).
+/// [`recommend_with`], also saying which model ranked: its run and version
+/// and the copy served (the personalised one where it won on validation).
 pub fn recommend_from(
     state: &StateDir,
     mf: &MfData,
     items: &Items,
     customer: &str,
     opts: &RecommendOptions,
-) -> Result<(Vec<Recommendation>, u64, ServedCopy), RecommendError> {
+) -> Result<(Vec<Recommendation>, ModelVersion, ServedCopy), RecommendError> {
     check_k(opts.k)?;
     let rec = Recommender::load(state, items.len())?.for_users(&mf.users);
     // Ids are trimmed when the data is read: so is the one asked for.
@@ -560,7 +560,11 @@ pub fn recommend_from(
     })?;
     let purchases = Purchases::of(mf, rec.num_items()).naming(items);
     let ranked = rec.rank(customer, u, &purchases, opts)?;
-    Ok((named(&ranked, items, opts.k), rec.version, rec.copy))
+    let version = ModelVersion {
+        run_id: rec.run_id.clone(),
+        version: rec.version,
+    };
+    Ok((named(&ranked, items, opts.k), version, rec.copy))
 }
 
 /// Ranked rows as item ids, at most `k`: a catalogue row is its one id; a

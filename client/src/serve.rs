@@ -193,8 +193,10 @@ pub struct Snapshot {
     rows_changed: bool,
 }
 
-/// The versions a snapshot serves, per family (`None`: no model yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The versions a snapshot serves, per family (`None`: no model yet), and
+/// the runs they belong to (versions count per run: a new run's version 1
+/// after another's version 3 is a change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Versions {
     /// Recommender (`mf`) version.
     pub recommender: Option<u64>,
@@ -202,22 +204,36 @@ pub struct Versions {
     pub churn: Option<u64>,
     /// Segmentation (k-means) version.
     pub segments: Option<u64>,
+    /// The run of each family's version.
+    pub runs: Runs,
 }
 
-/// For the logs: `recommender version 2, churn version 2, segments none`
+/// The run of each family's served version (`None`: no model yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Runs {
+    /// The recommender's run.
+    pub recommender: Option<String>,
+    /// The churn model's run.
+    pub churn: Option<String>,
+    /// The segmentation's run.
+    pub segments: Option<String>,
+}
+
+/// For the logs: `recommender version 2 of run `rec`, churn none, …`
 /// (the derived `Debug` printed the struct).
 impl std::fmt::Display for Versions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let families = [
-            ("recommender", self.recommender),
-            ("churn", self.churn),
-            ("segments", self.segments),
+            ("recommender", self.recommender, &self.runs.recommender),
+            ("churn", self.churn, &self.runs.churn),
+            ("segments", self.segments, &self.runs.segments),
         ];
-        for (i, (name, version)) in families.into_iter().enumerate() {
+        for (i, (name, version, run)) in families.into_iter().enumerate() {
             let sep = if i == 0 { "" } else { ", " };
-            match version {
-                Some(v) => write!(f, "{sep}{name} version {v}")?,
-                None => write!(f, "{sep}{name} none")?,
+            match (version, run) {
+                (Some(v), Some(run)) => write!(f, "{sep}{name} version {v} of run `{run}`")?,
+                (Some(v), None) => write!(f, "{sep}{name} version {v}")?,
+                (None, _) => write!(f, "{sep}{name} none")?,
             }
         }
         Ok(())
@@ -227,10 +243,19 @@ impl std::fmt::Display for Versions {
 impl Snapshot {
     /// The versions in use.
     pub fn versions(&self) -> Versions {
+        fn of<T>(served: &Served<T>) -> Option<&ModelVersion> {
+            served.as_ref().ok().map(|r| &r.0)
+        }
+        let (rec, churn, seg) = (of(&self.recommender), of(&self.churn), of(&self.segments));
         Versions {
-            recommender: self.recommender.as_ref().ok().map(|r| r.0.version),
-            churn: self.churn.as_ref().ok().map(|r| r.0.version),
-            segments: self.segments.as_ref().ok().map(|r| r.0.version),
+            recommender: rec.map(|m| m.version),
+            churn: churn.map(|m| m.version),
+            segments: seg.map(|m| m.version),
+            runs: Runs {
+                recommender: rec.map(|m| m.run_id.clone()),
+                churn: churn.map(|m| m.run_id.clone()),
+                segments: seg.map(|m| m.run_id.clone()),
+            },
         }
     }
 }
@@ -1013,7 +1038,11 @@ mod tests {
         );
         assert_eq!(
             get(&http, addr, "/v1/version").await,
-            (200, json!({"recommender": 1, "churn": 1, "segments": null}))
+            (
+                200,
+                json!({"recommender": 1, "churn": 1, "segments": null,
+                    "runs": {"recommender": "fixture", "churn": "fixture", "segments": null}})
+            )
         );
         // They take no parameter, as the churn and segment routes (a
         // probe's `?x=1` was answered as if absent).
@@ -1356,13 +1385,19 @@ mod tests {
             Versions {
                 recommender: Some(2),
                 churn: Some(2),
-                segments: None
+                segments: None,
+                runs: Runs {
+                    recommender: Some("fixture".into()),
+                    churn: Some("fixture".into()),
+                    segments: None,
+                },
             }
         );
-        // What the logs say.
+        // What the logs say: a new run's version 1 after another run's
+        // version 3 reads as the change it is.
         assert_eq!(
             versions.to_string(),
-            "recommender version 2, churn version 2, segments none"
+            "recommender version 2 of run `fixture`, churn version 2 of run `fixture`, segments none"
         );
         server.shutdown().await.unwrap();
     }
@@ -1601,7 +1636,8 @@ mod tests {
             let (recs, version, copy) =
                 recommend::recommend_from(&f.state, &mf, &listed, &who, &opts).unwrap();
             let ids: Vec<String> = recs.into_iter().map(|r| r.item).collect();
-            (ids, version, copy)
+            assert_eq!(version.run_id, "fixture");
+            (ids, version.version, copy)
         };
         let (global_list, version, copy) = cli();
         assert_eq!((version, copy), (1, recommend::ServedCopy::Global));
