@@ -643,6 +643,10 @@ pub fn build(
                 (None, Some(path)) => (load(path)?, None),
                 (None, None) => bail!("--data csv without a PATH needs --train and --test"),
             };
+            let mut notes = Vec::new();
+            if let (Some(test), Some(id)) = (&test, &schema.id) {
+                notes.extend(held_out_in_training(&train, test, id));
+            }
             let labels =
                 |ds: &TabularDataset| -> Vec<u32> { ds.y.iter().map(|&y| y as u32).collect() };
             let parts = partitioner.deal(&labels(&train), None, n, seed)?;
@@ -679,7 +683,7 @@ pub fn build(
             Ok(Population {
                 merchants,
                 model: task.churn_model(schema.num_features()),
-                notes: Vec::new(),
+                notes,
             })
         }
         (t, d) => {
@@ -743,6 +747,47 @@ fn mf_model(implicit: bool, num_items: usize, factors: usize, hyper: MfHyper) ->
 fn load_ratings(path: &Path, delimiter: u8) -> anyhow::Result<Vec<Interaction>> {
     // Every loading error names the file (and line) itself.
     Ok(movielens::load_ratings_delimited(path, delimiter)?)
+}
+
+/// The report's note when `--test` rows are also `--train` rows: customers
+/// of both files (by the schema's `id` column), and how many of those rows
+/// are identical (features and label), which the held-out figures then
+/// count as unseen; `None` when no customer is in both. A later snapshot of
+/// the same customers (other features or labels) is a fair test; the note
+/// says which it is.
+fn held_out_in_training(train: &TabularDataset, test: &TabularDataset, id: &str) -> Option<String> {
+    let rows: HashMap<&str, usize> = train
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i))
+        .collect();
+    let (mut shared, mut identical) = (0usize, 0usize);
+    for (j, c) in test.ids.iter().enumerate() {
+        let Some(&i) = rows.get(c.as_str()) else {
+            continue;
+        };
+        shared += 1;
+        if train.y[i] == test.y[j] && train.x.row(i) == test.x.row(j) {
+            identical += 1;
+        }
+    }
+    if shared == 0 {
+        return None;
+    }
+    let n = test.ids.len();
+    Some(if identical > 0 {
+        format!(
+            "warning: {identical} of the {n} --test rows are identical to --train rows (same \
+             `{id}`, features and label): the held-out figures count rows the models trained on \
+             ({shared} test customers are in both files)"
+        )
+    } else {
+        format!(
+            "note: {shared} of the {n} --test customers (by `{id}`) are in --train too, with \
+             other features or labels (a later snapshot of the same customers)"
+        )
+    })
 }
 
 /// [`load_ratings`] for `--train`/`--test`: a file without the ratings'
