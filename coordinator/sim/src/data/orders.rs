@@ -421,11 +421,16 @@ fn no_history_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> an
 /// order after the cutoff every customer is labelled churned, and a churn
 /// model has nothing to learn or to be measured on; refused, with the
 /// latest cutoff that works. A window the export only partly covers is a
-/// warning (a customer who came back later looks churned).
-fn no_label_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> anyhow::Result<()> {
+/// warning for the report (a customer who came back later looks churned),
+/// returned: it went to the log alone, which `-q` and the report dropped.
+fn no_label_check(
+    src: &OrdersSource,
+    rows: &[Order],
+    cfg: &ChurnConfig,
+) -> anyhow::Result<Option<String>> {
     use orders::derive::LabelCoverage;
     let Some((first, last)) = orders::time_span(rows) else {
-        return Ok(());
+        return Ok(None);
     };
     let date = orders::derive::format_date;
     let window = cfg.churn_window_days;
@@ -441,7 +446,7 @@ fn no_label_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> anyh
         ),
     };
     match LabelCoverage::of(last, cfg.cutoff, window) {
-        LabelCoverage::Covered => {}
+        LabelCoverage::Covered => Ok(None),
         LabelCoverage::Nothing => bail!(
             "{}: no order falls after the churn cutoff {} (the orders run from {} to {}), so \
              every customer would be labelled churned and a churn model has nothing to learn \
@@ -451,15 +456,14 @@ fn no_label_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> anyh
             date(first),
             date(last)
         ),
-        LabelCoverage::Partial { days } => tracing::warn!(
-            "{}: the orders end {}, {days} of the {window} days of the churn window after the \
-             cutoff {}: a customer who came back later is labelled churned; {fix}",
+        LabelCoverage::Partial { days } => Ok(Some(format!(
+            "warning: {}: the orders end {}, {days} of the {window} days of the churn window \
+             after the cutoff {}: a customer who came back later is labelled churned; {fix}",
             src.path.display(),
             date(last),
             date(cfg.cutoff)
-        ),
+        ))),
     }
-    Ok(())
 }
 
 /// Builds the merchants of an experiment on orders data.
@@ -486,7 +490,7 @@ pub fn build(
         no_history_check(src, &rows, &cfg)?;
     }
     if task.is_churn() {
-        no_label_check(src, &rows, &cfg)?;
+        notes.extend(no_label_check(src, &rows, &cfg)?);
     }
     let derive = |rows: &[Order]| {
         orders::derive(rows, &cfg).with_context(|| format!("deriving {}", src.path.display()))

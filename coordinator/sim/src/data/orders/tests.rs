@@ -141,6 +141,32 @@ fn a_cutoff_after_every_order_is_refused_for_churn_with_the_latest_cutoff_that_w
     );
 }
 
+/// A churn window the export covers only in part is a warning of the
+/// report (and `metrics.json`): it was a log line alone, which `-q` and
+/// the report dropped, while its labels stood behind every figure.
+#[test]
+fn a_churn_window_the_export_covers_in_part_is_a_report_warning() {
+    // CDNOW runs to 1998-06-30: a 180-day window after 1998-03-01 is 121
+    // days covered.
+    let mut a = cdnow_args();
+    a.orders.cutoff = Some("1998-03-01".into());
+    let exp = run(a).unwrap().remove(0);
+    assert!(
+        exp.report.iter().any(|l| l.starts_with("warning: ")
+            && l.contains("the orders end 1998-06-30, 121 of the 180 days of the churn window")
+            && l.contains("--cutoff of 1998-01-01 or earlier")),
+        "{:?}",
+        exp.report
+    );
+    // A covered window says nothing.
+    let exp = run(cdnow_args()).unwrap().remove(0);
+    assert!(
+        !exp.report.iter().any(|l| l.contains("churn window")),
+        "{:?}",
+        exp.report
+    );
+}
+
 #[test]
 fn a_placeholder_date_that_labels_every_customer_churned_is_refused_naming_the_dates() {
     // CDNOW with one placeholder order in 9999: the default cutoff would
