@@ -936,6 +936,33 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
                 }
             ));
         }
+        // A perfect held-out separation of churners is a column that is
+        // the label in disguise far more often than a model (a probe's
+        // cancellation code gave 1.0000 without a word).
+        if b.metric == "val_auc" && b.value >= 0.9999 {
+            out.push(format!(
+                "warning: val_auc {:.4}: the model separates churners perfectly on customers it \
+                 did not train on; a column that encodes the label (a cancellation flag or date, \
+                 a status code) is the likely cause: check the schema's columns before trusting \
+                 any figure",
+                b.value
+            ));
+        }
+        // The best version is the last one evaluated (a tie keeps the
+        // first): validation was still improving when the rounds ran out.
+        let last_evaluated = exp
+            .rounds
+            .iter()
+            .filter(|r| r.eval.contains_key(&b.metric))
+            .map(|r| r.round)
+            .max();
+        if exp.stopped.is_none() && scores.len() > 2 && last_evaluated == Some(b.round) {
+            out.push(format!(
+                "note: {} was still improving at the last evaluated version ({}): more --rounds \
+                 may serve a better model",
+                b.metric, b.round
+            ));
+        }
         if let Some(p) = &b.personalised {
             out.push(format!(
                 "personalisation ({} epochs, proximal {}): {} of {} merchants kept their copy \

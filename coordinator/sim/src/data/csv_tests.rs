@@ -354,3 +354,70 @@ fn the_delimiter_flag_reads_semicolon_tables_and_tab_separated_ratings() {
     let err = format!("{:#}", Settings::from_args(a).unwrap_err());
     assert!(err.contains("--delimiter"), "{err}");
 }
+
+/// A column that is the label in disguise gives a perfect validation AUC,
+/// which the report now calls out (a probe's leak went unremarked at
+/// 1.0000); the honest table gives no such warning.
+#[test]
+fn a_perfect_validation_auc_is_reported_as_a_likely_label_leak() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(telco()).unwrap();
+    let mut lines = text.lines();
+    let mut out = format!("{},Leak\n", lines.next().unwrap());
+    for l in lines {
+        let leak = if l.ends_with(",Yes") { 1 } else { 0 };
+        out.push_str(&format!("{l},{leak}\n"));
+    }
+    let table = dir.path().join("leak.csv");
+    std::fs::write(&table, out).unwrap();
+    let mut schema = Schema::telco();
+    schema.numeric.push("Leak".into());
+    let mut a = args(
+        "churn-lr",
+        format!("csv:{}", table.display()),
+        Some(schema_file(dir.path(), &schema)),
+    );
+    a.rounds = Some(4);
+    let exp = run(a).unwrap().remove(0);
+    assert!(
+        exp.report
+            .iter()
+            .any(|l| l.starts_with("warning: val_auc 1.0000") && l.contains("encodes the label")),
+        "{:?}",
+        exp.report
+    );
+    let honest = run(args(
+        "churn-lr",
+        format!("csv:{}", telco().display()),
+        Some(schema_file(dir.path(), &Schema::telco())),
+    ))
+    .unwrap()
+    .remove(0);
+    assert!(
+        !honest
+            .report
+            .iter()
+            .any(|l| l.contains("encodes the label")),
+        "{:?}",
+        honest.report
+    );
+}
+
+/// A run whose best validation score is its last evaluated version says
+/// that more rounds may serve a better model (a probe's MLP was served
+/// under-trained, below the majority class, without a note).
+#[test]
+fn a_run_still_improving_at_its_last_round_says_so() {
+    let mut a = args("mf", "movielens".into(), None);
+    a.rounds = Some(4);
+    let exp = run(a).unwrap().remove(0);
+    let best = exp.best.as_ref().expect("selects by validation");
+    assert_eq!(best.round, 4, "{:?}", exp.report);
+    assert!(
+        exp.report.iter().any(|l| l
+            == "note: val_rmse was still improving at the last evaluated version (4): more \
+                --rounds may serve a better model"),
+        "{:?}",
+        exp.report
+    );
+}
