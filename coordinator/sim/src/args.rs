@@ -12,7 +12,8 @@ use crate::data::orders::OrdersArgs;
 use crate::data::{DataSpec, TaskChoice};
 
 /// Flags of `fedcart-sim`. Every flag may also be set in the
-/// `--config` TOML file (same names, `-` as `_`); flags win over the file.
+/// `--config` TOML file (same names, `-` as `_`; the orders flags under
+/// `[orders]`, by their field names); flags win over the file.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimArgs {
@@ -39,7 +40,9 @@ pub struct SimArgs {
     #[arg(long, requires = "train")]
     pub test: Option<PathBuf>,
     /// Task: `mf`, `mf-implicit` (BPR), `mf-ials` (implicit ALS), `churn-lr`, `churn-mlp[:H1[,H2]]` (hidden widths,
-    /// default 16), `churn-gbdt` (boosted trees), or `noop:D` (random D-float updates, no training).
+    /// default 16), `churn-gbdt` (boosted trees), `segments[:K]` (customer segments by federated
+    /// k-means; k chosen by the elbow without K), `rules[:MIN]` (frequent itemsets and "bought
+    /// together" rules), or `noop:D` (random D-float updates, no training).
     #[arg(long)]
     pub task: Option<TaskChoice>,
     /// Segments of `--task segments` (the same as `segments:K`; the flag wins).

@@ -219,6 +219,32 @@ fn with_task_flags(
     Ok(task)
 }
 
+/// Where a key the `--config` file refuses belongs, for the keys a user
+/// writes from the flags' names: the orders column flags go under
+/// `[orders]` by their own names, and the output flags are the command
+/// line's only.
+fn config_key_hint(error: &str) -> Option<String> {
+    let key = error.split("unknown field `").nth(1)?.split('`').next()?;
+    let orders = |name: &str| {
+        format!(
+            "hint: the orders flags go under an `[orders]` table, by their own names: \
+             `--{}` is `[orders]` `{name} = ...`",
+            key.replace('_', "-")
+        )
+    };
+    match key {
+        "orders_mapping" => Some(orders("mapping")),
+        k if k.ends_with("_col") => Some(orders(k.trim_end_matches("_col"))),
+        "cutoff" | "churn_window_days" | "timestamp_format" | "delimiter" | "decimal"
+        | "amount_is" | "on_bad_row" | "hash_items" => Some(orders(key)),
+        "format" | "quiet" | "verbose" | "log_json" | "config" => Some(format!(
+            "hint: `--{}` is a command-line flag only, not a key of the configuration file",
+            key.replace('_', "-")
+        )),
+        _ => None,
+    }
+}
+
 impl Settings {
     /// Merges flags over the TOML file over the defaults and validates every
     /// rule in one place; errors name the flag or config key.
@@ -230,11 +256,12 @@ impl Settings {
                 // As the other configuration files: types in words, a
                 // misspelt key or an unquoted date named.
                 let mut file = toml::from_str::<SimArgs>(&text).map_err(|e| {
-                    anyhow::anyhow!(fedcart_common::config_errors::explain(
-                        &e.to_string(),
-                        &text
-                    ))
-                    .context(format!("parsing {}", p.display()))
+                    let raw = e.to_string();
+                    let mut explained = fedcart_common::config_errors::explain(&raw, &text);
+                    if let Some(hint) = config_key_hint(&raw) {
+                        explained.push_str(&format!("\n{hint}"));
+                    }
+                    anyhow::anyhow!(explained).context(format!("parsing {}", p.display()))
                 })?;
                 // As the merchant's and the coordinator's files: relative
                 // paths are the file's folder's, not the working directory's.

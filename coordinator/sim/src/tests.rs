@@ -2017,6 +2017,43 @@ fn a_config_files_unquoted_date_is_told_to_be_quoted() {
     );
 }
 
+/// README says any flag may go in the `--config` file: the keys a user
+/// writes from the orders flags' names, and the output flags, are refused
+/// with where they belong (the error listed the valid keys alone).
+#[test]
+fn a_config_key_written_from_a_flag_name_says_where_it_belongs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.toml");
+    for (text, hint) in [
+        (
+            "customer_col = \"customer_id\"\n",
+            "hint: the orders flags go under an `[orders]` table, by their own names: \
+             `--customer-col` is `[orders]` `customer = ...`",
+        ),
+        (
+            "orders_mapping = \"m.toml\"\n",
+            "`--orders-mapping` is `[orders]` `mapping = ...`",
+        ),
+        (
+            "cutoff = \"2017-02-01\"\n",
+            "`--cutoff` is `[orders]` `cutoff = ...`",
+        ),
+        (
+            "format = \"json\"\n",
+            "hint: `--format` is a command-line flag only, not a key of the configuration file",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let e = Settings::from_args(SimArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains(hint), "{text}: {e}");
+    }
+}
+
 /// Order-mapping flags a task does not read are refused, as the other
 /// flags that do not apply are, rather than silently ignored.
 #[test]
