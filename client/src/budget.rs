@@ -224,13 +224,22 @@ impl Budget {
     /// What `fedcart-client budget` prints: ε spent against the cap, then
     /// one line per run (its rounds and the ε of those rounds alone).
     pub fn report(&self) -> String {
+        let of = if self.max_epsilon.is_finite() {
+            format!(" of {}", self.max_epsilon)
+        } else {
+            String::new()
+        };
         let mut out = format!(
-            "privacy budget: ε {:.3} of {} spent at δ = {:e} over {} rounds (ledger {})\n",
+            "privacy budget: ε {:.3}{of} spent at δ = {:e} over {} rounds (ledger {}{})\n",
             self.spent(),
-            self.max_epsilon,
             self.delta,
             self.ledger.rounds.len(),
-            self.path().display()
+            self.path().display(),
+            if self.path().exists() {
+                ""
+            } else {
+                ": no such file yet"
+            }
         );
         let mut runs: std::collections::BTreeMap<&str, Accountant> = Default::default();
         for r in &self.ledger.rounds {
@@ -252,6 +261,45 @@ impl Budget {
         }
         out
     }
+}
+
+/// What `fedcart-client budget` prints, and a warning for standard error:
+/// the ledger's report; without a cap, the ledger kept while there was one
+/// (it was said to be none), with a line saying so; `None` without a cap
+/// and without a ledger. The warning: no ledger, yet the state directory
+/// holds runs the agent took part in (a deleted ledger read as nothing
+/// spent).
+pub fn command_report(
+    state: StateDir,
+    max_epsilon: Option<f64>,
+    delta: f64,
+) -> Result<Option<(String, Option<String>)>, StateError> {
+    let kept = state.path().join(LEDGER_FILE).exists();
+    let cap = match max_epsilon {
+        Some(cap) => cap,
+        None if kept => f64::INFINITY,
+        None => return Ok(None),
+    };
+    let budget = Budget::open(state.clone(), cap, delta)?;
+    let mut text = String::new();
+    if max_epsilon.is_none() {
+        text.push_str(
+            "no `privacy.max_epsilon` now, so rounds are neither checked nor charged; the ledger \
+             kept while it was set:\n",
+        );
+    }
+    text.push_str(&budget.report());
+    let runs = state.path().join("runs");
+    let worked = std::fs::read_dir(&runs).is_ok_and(|mut d| d.next().is_some());
+    let warning = (!kept && worked).then(|| {
+        format!(
+            "{} does not exist, yet {} holds runs this agent took part in: if the ledger was \
+             deleted, the ε spent before is forgotten (restore it from a backup)",
+            budget.path().display(),
+            runs.display()
+        )
+    });
+    Ok(Some((text, warning)))
 }
 
 fn epsilon(acc: &Accountant, delta: f64) -> f64 {
@@ -320,6 +368,39 @@ mod tests {
         assert_eq!(b.rounds()[2], spent(3, 2.0));
         // More noise per round costs less: the same cap holds more rounds.
         assert!(b.check(20.0).is_ok());
+        // `budget` without the cap shows the ledger kept (it said there
+        // was none), and says the cap is gone.
+        let (text, warning) = command_report(b.state.clone(), None, 1e-5)
+            .unwrap()
+            .unwrap();
+        assert!(
+            text.starts_with("no `privacy.max_epsilon` now")
+                && text.contains(&format!(
+                    "privacy budget: ε {three:.3} spent at δ = 1e-5 over 3 rounds"
+                )),
+            "{text}"
+        );
+        assert_eq!(warning, None);
+    }
+
+    /// A ledger deleted beside the runs it charged read as nothing spent,
+    /// naming a file that does not exist: now said, with a warning.
+    #[test]
+    fn a_missing_ledger_beside_past_runs_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert!(command_report(state.clone(), None, 1e-5).unwrap().is_none());
+        let (text, warning) = command_report(state.clone(), Some(4.0), 1e-5)
+            .unwrap()
+            .unwrap();
+        assert!(text.contains(": no such file yet"), "{text}");
+        assert_eq!(warning, None, "a fresh agent has nothing to warn about");
+        std::fs::create_dir_all(dir.path().join("runs").join("churn-dp")).unwrap();
+        let (_, warning) = command_report(state, Some(4.0), 1e-5).unwrap().unwrap();
+        assert!(
+            warning.is_some_and(|w| w.contains("the ε spent before is forgotten")),
+            "a ledger gone beside past runs"
+        );
     }
 
     #[test]

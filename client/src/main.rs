@@ -423,19 +423,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Budget { config } => {
             let cfg = AgentConfig::load(&config)?;
-            let Some(cap) = cfg.privacy.max_epsilon else {
-                anyhow::bail!(
+            let no_cap = || {
+                anyhow::anyhow!(
                     "{}: no `privacy.max_epsilon`, so the agent keeps no privacy ledger (set it to \
                      cap the ε this merchant's updates may spend over every run)",
                     config.display()
-                );
+                )
             };
-            let budget = fedcart_client::budget::Budget::open(
+            if cfg.privacy.max_epsilon.is_none() && cfg.state_dir.is_none() {
+                return Err(no_cap());
+            }
+            let Some((report, warning)) = fedcart_client::budget::command_report(
                 state_of(&cfg)?,
-                cap,
+                cfg.privacy.max_epsilon,
                 cfg.privacy.epsilon_delta,
-            )?;
-            fedcart_common::outln!("{}", budget.report().trim_end())?;
+            )?
+            else {
+                return Err(no_cap());
+            };
+            fedcart_common::outln!("{}", report.trim_end())?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
             Ok(())
         }
         Command::Fleet(args) => {
