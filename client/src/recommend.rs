@@ -15,7 +15,7 @@ use crate::state::{StateDir, StateError};
 /// "No model": what to do when the agent never took part in such a round,
 /// and when the state (of `--run`, say) holds other models instead — that
 /// the agent took part in no such round would then be false.
-fn missing(model: &str, round: &str, held: &[String]) -> String {
+pub(crate) fn missing(model: &str, round: &str, held: &[String]) -> String {
     if held.is_empty() {
         format!(
             "no {model} model yet: the agent has not taken part in {round} round; run the agent \

@@ -17,12 +17,20 @@ use crate::state::{StateDir, StateError as LocalStateError};
 /// Why the lists could not be written.
 #[derive(Debug, Error)]
 pub enum RulesError {
-    /// No itemsets in the local state.
+    /// No itemsets in the local state (`held`: what is, e.g. the segments
+    /// of the run `--run` named).
     #[error(
-        "no frequent itemsets yet: run the agent (`fedcart-client run`) while the coordinator \
-         runs an itemsets model (`model = {{ family = \"itemsets\", … }}`) until the run finishes"
+        "{}",
+        crate::recommend::missing(
+            "frequent-itemsets",
+            "an itemsets (`model = { family = \"itemsets\", … }`)",
+            held
+        )
     )]
-    NoItemsets,
+    NoItemsets {
+        /// The models the state holds instead ([`StateDir::held_models`]).
+        held: Vec<String>,
+    },
     /// The stored state is one the agent downloaded to count a level, not
     /// the final result.
     #[error(
@@ -74,8 +82,11 @@ pub struct Written {
 /// The federation's frequent itemsets stored in `state` (the final state of
 /// an itemsets run) and the run's catalogue size.
 pub fn stored_itemsets(state: &StateDir) -> Result<(Apriori, usize), RulesError> {
+    let none = || RulesError::NoItemsets {
+        held: state.held_models(),
+    };
     let Some((meta, params)) = state.load_global("itemsets")? else {
-        return Err(RulesError::NoItemsets);
+        return Err(none());
     };
     let ModelSpec::Itemsets {
         num_items,
@@ -83,7 +94,7 @@ pub fn stored_itemsets(state: &StateDir) -> Result<(Apriori, usize), RulesError>
         ..
     } = meta.spec.model
     else {
-        return Err(RulesError::NoItemsets);
+        return Err(none());
     };
     let apriori = Apriori::decode(&params, num_items, min_count, 0).map_err(RulesError::Corrupt)?;
     if meta.spec.kind != TaskKind::Evaluate {
@@ -217,7 +228,26 @@ mod tests {
         let cat = Catalogue::from_ids(["oat milk", "bread", "jam"]);
         let out = dir.path().join("rules.csv");
         let err = bought_together(&state, &cat, &[], 0.1, 5, &out).unwrap_err();
-        assert!(err.to_string().contains("fedcart-client run"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("no frequent-itemsets model yet")
+                && err.to_string().contains("fedcart-client run"),
+            "{err}"
+        );
+        // Another run's model here (`--run` named a segments run): said,
+        // rather than "run the agent until the run finishes".
+        let mut segments = meta(TaskKind::Evaluate);
+        segments.run_id = "segments-1".into();
+        segments.spec.model = ModelSpec::churn_lr(2);
+        let other = tempfile::tempdir().unwrap();
+        let other_state = StateDir::open(other.path()).unwrap();
+        other_state.save_global(&segments, &[0.0; 3]).unwrap();
+        let err = bought_together(&other_state, &cat, &[], 0.1, 5, &out).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("this state holds churn version 2 of run `segments-1`"),
+            "{err}"
+        );
         // Pooled: milk+bread in 3 of 4 baskets, jam once.
         let pooled = vec![vec![0, 1], vec![0, 1], vec![0, 1, 2], vec![1]];
         let global = final_state(&pooled);
