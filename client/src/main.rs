@@ -191,7 +191,7 @@ fn run_state(cfg: &AgentConfig, run: Option<&str>) -> anyhow::Result<StateDir> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = fedcart_common::cli::parse();
     cli.log.init("info");
     fedcart_common::malloc::tune_for_transfers();
     let json = cli.log.log_json;

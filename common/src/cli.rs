@@ -184,9 +184,106 @@ pub fn parse_listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
     })
 }
 
+/// Parses the command line as `C::parse` does, except that a value refused
+/// for a flag that an environment variable set (`FEDCART_LISTEN=bogus`) says
+/// so: clap names only the flag, which a container's user never passed.
+pub fn parse<C: clap::Parser>() -> C {
+    match C::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let note = matches!(
+                e.kind(),
+                clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
+            )
+            .then(|| env_note(&C::command(), &e.to_string(), |v| std::env::var_os(v)))
+            .flatten();
+            match note {
+                Some(note) => {
+                    let _ = e.print();
+                    eprintln!("{note}");
+                    std::process::exit(e.exit_code());
+                }
+                None => e.exit(),
+            }
+        }
+    }
+}
+
+/// The note for a refused value: the first argument of `cmd` (or its
+/// subcommands) named in `error` whose environment variable `env` has set.
+fn env_note(
+    cmd: &clap::Command,
+    error: &str,
+    env: impl Fn(&str) -> Option<std::ffi::OsString> + Copy,
+) -> Option<String> {
+    for arg in cmd.get_arguments() {
+        let (Some(long), Some(var)) = (arg.get_long(), arg.get_env()) else {
+            continue;
+        };
+        let var = var.to_string_lossy();
+        // The refused value is the variable's (a flag given wins over it).
+        let refused = error
+            .split("invalid value '")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next());
+        if error.contains(&format!("'--{long}"))
+            && let Some(value) = env(&var).filter(|v| Some(&*v.to_string_lossy()) == refused)
+        {
+            return Some(format!(
+                "note: the value comes from the environment variable {var} (set to `{}`), as \
+                 --{long} was not given: fix or unset {var}",
+                value.to_string_lossy()
+            ));
+        }
+    }
+    cmd.get_subcommands()
+        .find_map(|sub| env_note(sub, error, env))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value clap refuses for a flag the environment set names the
+    /// variable (clap named only `--listen`, which the user never passed).
+    #[test]
+    fn a_refused_value_from_the_environment_names_the_variable() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            command: Sub,
+        }
+        #[derive(clap::Subcommand)]
+        enum Sub {
+            Serve {
+                #[arg(long, env = "FEDCART_TEST_LISTEN", value_parser = parse_listen_addr)]
+                listen: std::net::SocketAddr,
+            },
+        }
+        use clap::{CommandFactory, Parser};
+        let env = |v: &str| (v == "FEDCART_TEST_LISTEN").then(|| "bogus".into());
+        let error = "error: invalid value 'bogus' for '--listen <LISTEN>': `bogus` is not IP:PORT";
+        let note = env_note(&Cli::command(), error, env).unwrap();
+        assert!(
+            note.contains("FEDCART_TEST_LISTEN (set to `bogus`)")
+                && note.contains("--listen was not given"),
+            "{note}"
+        );
+        // The flag given on the command line (its value refused): no note.
+        let given = "error: invalid value 'x:1' for '--listen <LISTEN>'";
+        assert_eq!(env_note(&Cli::command(), given, env), None);
+        // Not set: no note; another flag's error: no note.
+        assert_eq!(env_note(&Cli::command(), error, |_| None), None);
+        assert_eq!(
+            env_note(
+                &Cli::command(),
+                "error: invalid value 'x' for '--other <X>'",
+                env
+            ),
+            None
+        );
+        let _ = Cli::try_parse_from(["x", "serve", "--listen", "127.0.0.1:1"]).unwrap();
+    }
 
     #[test]
     fn a_repeated_cause_is_printed_once() {

@@ -249,7 +249,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = fedcart_common::cli::parse();
     cli.log.init("info");
     fedcart_common::malloc::tune_for_transfers();
     match cli.command {

@@ -33,7 +33,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = fedcart_common::cli::parse();
     // The progress bar replaces the per-round INFO lines: warnings only
     // unless -v.
     cli.log.init("warn");
