@@ -441,3 +441,27 @@ fn tasks_check_the_state_and_bad_updates_are_named() {
         .is_err()
     );
 }
+
+/// The shrinkage is refused outside (0, 1]: 1e30 was taken, and the trees
+/// diverged (log loss 11.8) without a word.
+#[test]
+fn a_shrinkage_outside_zero_to_one_is_refused() {
+    for lr in [0.0, -0.1, 1.5, 1e30, f32::NAN, f32::INFINITY] {
+        let p = GbdtParams {
+            learning_rate: lr,
+            ..params()
+        };
+        let e = p.check().unwrap_err();
+        assert!(
+            e.contains("gbdt.learning_rate") && e.contains("(0, 1]"),
+            "{lr}: {e}"
+        );
+    }
+    for lr in [1e-3, 0.1, 1.0] {
+        let p = GbdtParams {
+            learning_rate: lr,
+            ..params()
+        };
+        p.check().unwrap();
+    }
+}
