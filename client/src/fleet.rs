@@ -208,6 +208,17 @@ pub fn agents(args: &FleetArgs) -> Result<Vec<Agent>, FleetError> {
     if let Err(e) = fedcart_common::identity::validate_id(&args.merchant_id(range.start)) {
         return Err(bad("--prefix", e.to_string()));
     }
+    if args.certs.is_none() && args.coordinator.starts_with("https://") {
+        return Err(bad(
+            "--certs",
+            format!(
+                "{} is https://, which needs each merchant's certificate: give --certs DIR \
+                 (ca.pem and <id>.pem / <id>.key per merchant, as `fedcart-coordinator certs \
+                 issue` writes them), or an http:// URL for a coordinator run with --insecure",
+                args.coordinator
+            ),
+        ));
+    }
     let mut data = match &args.data {
         FleetData::None => None,
         FleetData::Churn(path) => Some(deal_churn(args, path, total)?),
@@ -261,7 +272,28 @@ fn deal_churn(
             source,
         })?;
     let labels: Vec<u32> = ds.y.iter().map(|&y| u32::from(y > 0.5)).collect();
-    let parts = args.partition.deal(&labels, None, total, args.seed)?;
+    // The partitioners' own wording is the simulator's (its flags, a
+    // recommender's users): said here in the fleet's terms.
+    let parts = args
+        .partition
+        .deal(&labels, None, total, args.seed)
+        .map_err(|e| match e {
+            PartitionError::NoGroups => FleetError::Args {
+                flag: "--partition",
+                why: "`natural` keeps an orders export's stores, and a fleet deals a customer \
+                      table (`--data churn:PATH`): choose iid, dirichlet:ALPHA or zipf:S"
+                    .into(),
+            },
+            PartitionError::TooFewUnits { units, merchants } => FleetError::Args {
+                flag: "--total",
+                why: format!(
+                    "{} holds {units} customers, too few for {merchants} merchants (each needs \
+                     at least one): give a --total of at most {units}, or a larger table",
+                    path.display()
+                ),
+            },
+            e => FleetError::Partition(e),
+        })?;
     Ok((ds, parts))
 }
 
@@ -402,6 +434,55 @@ mod tests {
             all.iter().sum::<usize>(),
             7043,
             "every row dealt exactly once: {all:?}"
+        );
+        // Refusals in the fleet's terms (they named the simulator's flags
+        // and a recommender's users).
+        let e = agents(&parse(&[
+            "--merchants",
+            "2",
+            "--data",
+            &data,
+            "--partition",
+            "natural",
+        ]))
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(
+            e.starts_with("--partition")
+                && e.contains("--data churn:PATH")
+                && !e.contains("--merchant-col"),
+            "{e}"
+        );
+        let e = agents(&parse(&[
+            "--merchants",
+            "2",
+            "--data",
+            &data,
+            "--total",
+            "100000",
+        ]))
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(
+            e.starts_with("--total") && e.contains("holds 7043 customers") && !e.contains("users"),
+            "{e}"
+        );
+    }
+
+    /// An https:// coordinator without --certs names the flag (the agents
+    /// said "none is configured", and the fix spoke of `[tls]`).
+    #[test]
+    fn an_https_coordinator_without_certs_names_the_flag() {
+        let a = FleetArgs {
+            coordinator: "https://127.0.0.1:1".into(),
+            ..parse(&["--merchants", "2"])
+        };
+        let e = agents(&a).err().expect("refused").to_string();
+        assert!(
+            e.starts_with("--certs: https://127.0.0.1:1 is https://"),
+            "{e}"
         );
     }
 }
