@@ -36,8 +36,65 @@ pub fn prometheus() -> &'static PrometheusHandle {
         // Another recorder may already be installed (embedding); then our
         // series are simply not collected, and /metrics renders empty.
         let _ = metrics::set_global_recorder(recorder);
+        describe();
         handle
     })
+}
+
+/// The `# HELP` line of every family `/metrics` exports.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "fedcart_agents_connected",
+        "Agents connected that can serve the run"
+    );
+    describe_gauge!(
+        "fedcart_model_version",
+        "The run's latest committed model version"
+    );
+    describe_gauge!(
+        "fedcart_round_metric",
+        "The latest committed round's pooled metric, per task kind (NaN: not measured in that round)"
+    );
+    describe_gauge!(
+        "fedcart_dp_epsilon",
+        "Differential-privacy epsilon spent by the run so far"
+    );
+    describe_gauge!(
+        "fedcart_secagg_clipped_fraction",
+        "Fraction of update values secure aggregation clipped in the last round"
+    );
+    describe_counter!(
+        "fedcart_tasks_started_total",
+        "Tasks (statistics, training, evaluation) started"
+    );
+    describe_counter!("fedcart_rounds_committed_total", "Tasks committed");
+    describe_counter!(
+        "fedcart_rounds_aborted_total",
+        "Tasks aborted (fewer results than the quorum by the deadline)"
+    );
+    describe_counter!(
+        "fedcart_agents_selected_total",
+        "Agents selected, summed over tasks"
+    );
+    describe_counter!(
+        "fedcart_agents_reported_total",
+        "Agents whose result arrived, summed over tasks"
+    );
+    describe_counter!(
+        "fedcart_agents_dropped_total",
+        "Selected agents that sent no result, summed over tasks"
+    );
+    describe_counter!(
+        "fedcart_updates_rejected_total",
+        "Results refused (malformed, non-finite, out of range)"
+    );
+    describe_counter!("fedcart_update_bytes_in_total", "Bytes of results received");
+    describe_histogram!(
+        "fedcart_task_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from a task's start to its close"
+    );
 }
 
 /// Most distinct (kind, metric name) series of `fedcart_round_metric` per

@@ -283,6 +283,14 @@ async fn a_round_metric_the_latest_round_lacks_is_nan_in_metrics() {
     };
     assert_eq!(gauge("probe"), "NaN");
     assert!(gauge("auc").parse::<f64>().unwrap().is_finite());
+    // Every family says what it is (none had a `# HELP` line).
+    for family in page.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = family.split(' ').next().unwrap();
+        assert!(
+            page.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}:\n{page}"
+        );
+    }
     coord.shutdown().await.unwrap();
 }
 
