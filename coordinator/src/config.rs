@@ -579,6 +579,16 @@ impl RunConfig {
                 .map(|f| f.run)
                 .map_err(|e| parse(pinpoint::message(&e, text)))?;
             (run, t.clone())
+        } else if doc.contains_key("serve") {
+            // `[serve]` is read beside a `[run]` table (a coordinator.toml);
+            // beside top-level run keys it was refused as an unknown field
+            // while the message above said it is ignored.
+            return Err(parse(
+                "this file has the run's keys at the top level and a `[serve]` table: a \
+                 `[serve]` table goes with a `[run]` table (as in a coordinator.toml, where \
+                 `runs submit` ignores it); put the run's keys under `[run]`, or remove `[serve]`"
+                    .into(),
+            ));
         } else if schedule.is_some() {
             // The schedule is not one of the run's keys: the rest is.
             let run = toml::Value::Table(doc.clone())
@@ -678,7 +688,10 @@ impl RunConfig {
         }
         if let Some(es) = &self.early_stopping {
             if es.patience == 0 {
-                return bad("run.early_stopping.patience", "must be at least 1".into());
+                return bad(
+                    "run.early_stopping.patience",
+                    "must be at least 1 (leave `early_stopping` out to train every round)".into(),
+                );
             }
             if self.model.selection_metric().is_none() || !self.evaluate {
                 return bad(
@@ -1675,6 +1688,17 @@ seed = 9
         ));
         assert!(
             e.contains("run.toml") && e.contains("a `[run]` table and `rounds`, `seed` outside it"),
+            "{e}"
+        );
+        // Top-level run keys and a `[serve]` table: refused as an unknown
+        // field while the message above said `[serve]` is ignored.
+        let e = err(
+            "run_id = \"r\"\nrounds = 2\nmodel = { family = \"churn_lr\" }\n\
+             [serve]\nlisten = \"127.0.0.1:1\"\n",
+        );
+        assert!(
+            e.contains("a `[serve]` table goes with a `[run]` table")
+                && e.contains("put the run's keys under `[run]`, or remove `[serve]`"),
             "{e}"
         );
         // `[schedule]` inside `[run]`, and in coordinator.toml.
