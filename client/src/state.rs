@@ -894,13 +894,11 @@ mod tests {
         assert_eq!(err.to_string(), path.display().to_string());
     }
 
-    #[test]
-    fn a_parameter_file_from_another_version_than_its_meta_is_detected() {
+    /// Version 1 of a churn LR model of run `r`, as stored by a training task.
+    fn churn_meta() -> GlobalMeta {
         use fedcart_common::model::sgd::SgdParams;
         use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::open(dir.path()).unwrap();
-        let meta = GlobalMeta {
+        GlobalMeta {
             run_id: "r".into(),
             version: 1,
             spec: TaskSpec {
@@ -914,7 +912,14 @@ mod tests {
                 best_version: None,
             },
             sha256: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_parameter_file_from_another_version_than_its_meta_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let meta = churn_meta();
         state.save_global(&meta, &[1.0, 2.0, 3.0]).unwrap();
         assert_eq!(
             state.load_global("churn").unwrap().unwrap().1,
@@ -970,25 +975,9 @@ mod tests {
     /// an older layout's fixed name, which never existed).
     #[test]
     fn a_model_file_with_a_nan_or_gone_is_refused_naming_it() {
-        use fedcart_common::model::sgd::SgdParams;
-        use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
-        let meta = GlobalMeta {
-            run_id: "r".into(),
-            version: 1,
-            spec: TaskSpec {
-                kind: TaskKind::Train,
-                model: ModelSpec::churn_lr(2),
-                sgd: SgdParams::default(),
-                seed: 1,
-                round: 1,
-                standardizer: None,
-                dp: None,
-                best_version: None,
-            },
-            sha256: None,
-        };
+        let meta = churn_meta();
         state.save_global(&meta, &[1.0, f32::NAN, 3.0]).unwrap();
         let err = state.load_global("churn").unwrap_err();
         let StateError::NotFinite { path, index, .. } = &err else {
