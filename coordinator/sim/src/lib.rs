@@ -948,6 +948,19 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
                 b.value
             ));
         }
+        // A churn model that flags no customer at the 0.5 threshold: its
+        // accuracy is the share of non-churners, which read as a good model
+        // (0.990 on a table of 1 % churners).
+        if b.served.get("recall") == Some(&0.0) && b.served.contains_key("accuracy") {
+            out.push(format!(
+                "note: the served model flags no customer as churning at the 0.5 threshold \
+                 (recall 0): its accuracy {} is the share of customers who stay; rank customers \
+                 by score (AUC {}, PR-AUC {}) rather than reading accuracy",
+                shown(b.served.get("accuracy").copied()),
+                shown(b.served.get("auc").copied()),
+                shown(b.served.get("pr_auc").copied())
+            ));
+        }
         // The best version is the last one evaluated (a tie keeps the
         // first): validation was still improving when the rounds ran out.
         let last_evaluated = exp

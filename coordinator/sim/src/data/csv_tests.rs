@@ -421,3 +421,42 @@ fn a_run_still_improving_at_its_last_round_says_so() {
         exp.report
     );
 }
+
+/// A model that flags no churner (1 % churners) is served with accuracy
+/// 0.99, the share of customers who stay: the report says so.
+#[test]
+fn a_model_that_flags_no_churner_is_told_to_be_read_by_its_ranking() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(telco()).unwrap();
+    let mut lines = text.lines();
+    let mut out = format!("{}\n", lines.next().unwrap());
+    let mut churners = 0;
+    for l in lines {
+        if l.ends_with(",Yes") {
+            churners += 1;
+            if churners > 50 {
+                continue;
+            }
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    let table = dir.path().join("rare.csv");
+    std::fs::write(&table, out).unwrap();
+    let exp = run(args(
+        "churn-lr",
+        format!("csv:{}", table.display()),
+        Some(schema_file(dir.path(), &Schema::telco())),
+    ))
+    .unwrap()
+    .remove(0);
+    let served = &exp.best.as_ref().unwrap().served;
+    assert_eq!(served["recall"], 0.0, "{served:?}");
+    assert!(
+        exp.report.iter().any(|l| l
+            .starts_with("note: the served model flags no customer as churning")
+            && l.contains("rank customers by score")),
+        "{:?}",
+        exp.report
+    );
+}
