@@ -829,7 +829,7 @@ fn a_pooled_validation_auc_is_compared_over_the_merchants_that_evaluated_both() 
         let mut h = vec![0.0f32; 2 * HISTOGRAM_LEN];
         let valid = &mut h[HISTOGRAM_LEN..];
         valid[neg] += (10 - swap) as f32;
-        valid[999] += swap as f32;
+        valid[SCORE_BINS - 1] += swap as f32;
         valid[SCORE_BINS + pos] += 10.0;
         // The held-out half: one of each class.
         h[0] = 1.0;
