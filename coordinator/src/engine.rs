@@ -107,6 +107,11 @@ pub enum SubmitError {
     /// The agent was counted as dropped (disconnected or late).
     #[error("agent `{0}` was marked as dropped for this task")]
     Dropped(String),
+    /// The agent's update for this task was refused: one update per task,
+    /// so that a round record's refusal is never followed by an accepted
+    /// update from the same merchant.
+    #[error("agent `{0}`'s update for this task was refused: it may send no other")]
+    AlreadyRefused(String),
     /// The update itself is invalid.
     #[error("invalid update: {0}")]
     Invalid(#[from] UpdateError),
@@ -176,6 +181,9 @@ struct OpenTask {
     reported: BTreeSet<String>,
     dropped: BTreeSet<String>,
     rejected: Vec<(String, String)>,
+    /// Agents whose update was refused (also in `dropped`, so the task does
+    /// not wait for them); `rejected` says why, within its cap.
+    refused: BTreeSet<String>,
     acc: Accumulation,
     /// Per metric: the weighted sum of the figures reported and the weight
     /// of the agents that reported it (a figure undefined on an agent's

@@ -818,7 +818,9 @@ impl Coordinator for Service {
         };
         let merchant = self.hub.merchant_of(&header.session_id)?;
         crate::identity::check_session(peer.as_ref(), &merchant)?;
-        crate::limits::check_metrics(&header.metrics)?;
+        crate::limits::check_metrics(&header.metrics).inspect_err(|status| {
+            tracing::warn!(%merchant, error = status.message(), "upload refused");
+        })?;
         let shared = self.hub.get(&header.run_id)?;
         let _in_flight = shared.begin_upload(&merchant)?;
         let (kind, expected_values, expected_weights, secure, layout) = {
@@ -846,84 +848,107 @@ impl Coordinator for Service {
                 spec.update_layout(),
             )
         };
-        if !header.failure.is_empty() {
-            return decline(&shared, &merchant, &header, secure);
-        }
-        if header.num_values != expected_values || header.num_coord_weights != expected_weights {
-            return Err(Status::invalid_argument(format!(
-                "wrong vector length: update has {} values and {} coordinate weights, task `{}` needs {} and {}",
-                header.num_values,
-                header.num_coord_weights,
-                header.task_id,
-                expected_values,
-                expected_weights
-            )));
-        }
-        if header.encoding == pb::PayloadEncoding::MaskedU32 as i32 {
-            return secure::submit_masked(&shared, &merchant, header, stream).await;
-        }
-        if secure {
-            // Refused before a byte of the payload is read: under secure
-            // aggregation no individual update is ever held in the clear.
-            return Err(SubmitError::PlaintextInSecureTask(header.task_id).into());
-        }
-        let rows = header.encoding == pb::PayloadEncoding::RowsF32 as i32;
-        let dense = 4 * (header.num_values + header.num_coord_weights);
-        // A row-sparse payload is never larger than every row plus the row
-        // list; its exact length is checked when it is decoded.
-        let declared = if rows { header.payload_len } else { dense };
-        if rows && header.payload_len > dense + 4 * (1 + header.num_coord_weights) {
-            return Err(Status::invalid_argument(format!(
-                "payload_len {} is larger than a row-sparse form of {} values can be",
-                header.payload_len, header.num_values
-            )));
-        }
-        if header.payload_len != declared {
-            return Err(Status::invalid_argument(format!(
-                "payload_len {} does not match 4 × ({} + {})",
-                header.payload_len, header.num_values, header.num_coord_weights
-            )));
-        }
-        if !rows && header.encoding != pb::PayloadEncoding::F32 as i32 && kind != TaskKind::Evaluate
-        {
-            return Err(Status::invalid_argument(
-                "this round expects PAYLOAD_ENCODING_F32",
-            ));
-        }
-        let (_slot, payload) = receive_payload(&shared, &mut stream, declared).await?;
-        let update = if kind == TaskKind::Evaluate && header.num_values == 0 {
-            None
-        } else if rows {
-            Some(rows::decode_upload(&payload, &header, &layout)?)
-        } else {
-            Some(
-                Update::from_payload(
-                    &payload,
-                    header.num_values as usize,
-                    header.num_coord_weights as usize,
-                    header.weight,
+        let task_id = header.task_id.clone();
+        let declining = !header.failure.is_empty();
+        let result: Result<Response<pb::SubmitReply>, Status> = async {
+            if !header.failure.is_empty() {
+                return decline(&shared, &merchant, &header, secure);
+            }
+            if header.num_values != expected_values || header.num_coord_weights != expected_weights {
+                return Err(Status::invalid_argument(format!(
+                    "wrong vector length: update has {} values and {} coordinate weights, task `{}` needs {} and {}",
+                    header.num_values,
+                    header.num_coord_weights,
+                    header.task_id,
+                    expected_values,
+                    expected_weights
+                )));
+            }
+            if header.encoding == pb::PayloadEncoding::MaskedU32 as i32 {
+                return secure::submit_masked(&shared, &merchant, header, stream).await;
+            }
+            if secure {
+                // Refused before a byte of the payload is read: under secure
+                // aggregation no individual update is ever held in the clear.
+                return Err(SubmitError::PlaintextInSecureTask(header.task_id).into());
+            }
+            let rows = header.encoding == pb::PayloadEncoding::RowsF32 as i32;
+            let dense = 4 * (header.num_values + header.num_coord_weights);
+            // A row-sparse payload is never larger than every row plus the row
+            // list; its exact length is checked when it is decoded.
+            let declared = if rows { header.payload_len } else { dense };
+            if rows && header.payload_len > dense + 4 * (1 + header.num_coord_weights) {
+                return Err(Status::invalid_argument(format!(
+                    "payload_len {} is larger than a row-sparse form of {} values can be",
+                    header.payload_len, header.num_values
+                )));
+            }
+            if header.payload_len != declared {
+                return Err(Status::invalid_argument(format!(
+                    "payload_len {} does not match 4 × ({} + {})",
+                    header.payload_len, header.num_values, header.num_coord_weights
+                )));
+            }
+            if !rows && header.encoding != pb::PayloadEncoding::F32 as i32 && kind != TaskKind::Evaluate
+            {
+                return Err(Status::invalid_argument(
+                    "this round expects PAYLOAD_ENCODING_F32",
+                ));
+            }
+            let (_slot, payload) = receive_payload(&shared, &mut stream, declared).await?;
+            let update = if kind == TaskKind::Evaluate && header.num_values == 0 {
+                None
+            } else if rows {
+                Some(rows::decode_upload(&payload, &header, &layout)?)
+            } else {
+                Some(
+                    Update::from_payload(
+                        &payload,
+                        header.num_values as usize,
+                        header.num_coord_weights as usize,
+                        header.weight,
+                    )
+                    .map_err(|e| Status::out_of_range(e.to_string()))?,
                 )
-                .map_err(|e| Status::out_of_range(e.to_string()))?,
+            };
+            let sub = Submission {
+                update,
+                metrics: header.metrics.into_iter().collect::<BTreeMap<_, _>>(),
+                weight: header.weight,
+                bytes: declared,
+            };
+            let result = shared.engine().submit(
+                &merchant,
+                &header.run_id,
+                header.round,
+                &header.task_id,
+                sub,
+            );
+            shared.bump();
+            result.map_err(Status::from)?;
+            Ok(Response::new(pb::SubmitReply {
+                message: format!("accepted update from `{merchant}`"),
+            }))
+        }
+        .await;
+        // A plaintext update refused for its content (not for a broken
+        // stream) is the merchant's one update for the task, as when the
+        // engine refuses it: recorded, and no other is taken. (A malformed
+        // failure report is only answered: it carries no update.)
+        if let Err(status) = &result
+            && !secure
+            && !declining
+            && matches!(
+                status.code(),
+                tonic::Code::InvalidArgument | tonic::Code::OutOfRange
             )
-        };
-        let sub = Submission {
-            update,
-            metrics: header.metrics.into_iter().collect::<BTreeMap<_, _>>(),
-            weight: header.weight,
-            bytes: declared,
-        };
-        let result = shared.engine().submit(
-            &merchant,
-            &header.run_id,
-            header.round,
-            &header.task_id,
-            sub,
-        );
-        shared.bump();
-        result.map_err(Status::from)?;
-        Ok(Response::new(pb::SubmitReply {
-            message: format!("accepted update from `{merchant}`"),
-        }))
+        {
+            shared
+                .engine()
+                .refuse_upload(&merchant, &task_id, status.message());
+            shared.bump();
+        }
+        result
     }
 
     async fn sec_agg(

@@ -24,9 +24,9 @@ macro_rules! assert_rejected {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_ones() {
-    let split = telco_split(5, 5);
+    let split = telco_split(7, 5);
     let dir = tempfile::tempdir().unwrap();
-    let mut run = churn_run("e2e-bad", 1, 5, 3);
+    let mut run = churn_run("e2e-bad", 1, 7, 3);
     run.evaluate = false;
     let coord = start_coordinator(&dir.path().join("c.redb"), run, 0).await;
     let agents: Vec<_> = (0..3)
@@ -37,17 +37,30 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
             )
         })
         .collect();
-    let mut evil = RawAgent::join(coord.addr, load_merchant("merchant-3", &split.files[3])).await;
-    // A slow merchant keeps the round open until the duplicate has been tried.
-    let mut slow = RawAgent::join(coord.addr, load_merchant("merchant-4", &split.files[4])).await;
-    for agent in [&mut evil, &mut slow] {
+    // Three merchants send bad updates and one honest raw agent answers
+    // before them (the round closes once the last bad one is refused).
+    let mut raw = Vec::new();
+    for k in 3..7 {
+        raw.push(
+            RawAgent::join(
+                coord.addr,
+                load_merchant(&format!("merchant-{k}"), &split.files[k]),
+            )
+            .await,
+        );
+    }
+    for agent in &mut raw {
         let stats = agent.next_task().await;
         assert!(stats.task_id.ends_with("-stats"));
         agent.answer(&stats).await.unwrap();
     }
-    let slow_task = slow.next_task().await;
-    let task = evil.next_task().await;
+    let mut tasks = Vec::new();
+    for agent in &mut raw {
+        tasks.push(agent.next_task().await);
+    }
+    let task = tasks[0].clone();
     assert!(task.task_id.ends_with("-train"));
+    let [mut evil, mut nan, mut long, mut honest]: [RawAgent; 4] = raw.try_into().ok().unwrap();
     let mut outsider = RawAgent::join(coord.addr, load_merchant("outsider", &split.files[0])).await;
 
     let out = evil.compute(&task).await;
@@ -55,6 +68,7 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
     let good = evil.header(&task, &out);
     let payload = update.payload_bytes();
 
+    // Refusals before the update is looked at: nothing is recorded.
     let mut h = good.clone();
     h.round += 1;
     assert_rejected!(
@@ -84,34 +98,10 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
         Code::PermissionDenied,
         "not selected"
     );
-    let mut h = good.clone();
-    h.num_values -= 1;
-    h.payload_len -= 4;
-    assert_rejected!(
-        evil.send_raw(h, vec![payload[..payload.len() - 4].to_vec()])
-            .await,
-        Code::InvalidArgument,
-        "wrong vector length"
-    );
-    for bad in [f32::NAN, f32::INFINITY] {
-        let mut values = update.values.clone();
-        values[3] = bad;
-        assert_rejected!(
-            evil.send_raw(good.clone(), vec![f32s_to_le(&values)]).await,
-            Code::InvalidArgument,
-            "value 3 is not finite"
-        );
-    }
-    let mut longer = payload.clone();
-    longer.extend_from_slice(&[0, 0, 0, 0]);
-    assert_rejected!(
-        evil.send_raw(good.clone(), vec![longer]).await,
-        Code::OutOfRange,
-        "larger than declared"
-    );
 
     // A failure report (the agent leaves the task) is a header alone, with
     // a short printable reason, from a selected agent that has not reported.
+    // A malformed one is answered and carries no update, so it ends nothing.
     let failure = |agent: &RawAgent, reason: &str| pb::UpdateHeader {
         session_id: agent.session_id.clone(),
         run_id: task.run_id.clone(),
@@ -148,25 +138,68 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
         "control characters"
     );
 
-    evil.send_raw(good.clone(), vec![payload.clone()])
+    let honest_out = honest.compute(&tasks[3]).await;
+    let honest_good = honest.header(&tasks[3], &honest_out);
+    let honest_payload = honest_out.update.clone().unwrap().payload_bytes();
+    honest
+        .send_raw(honest_good.clone(), vec![honest_payload.clone()])
         .await
         .expect("the honest update is accepted");
     assert_rejected!(
-        evil.send_raw(good, vec![payload]).await,
+        honest.send_raw(honest_good, vec![honest_payload]).await,
         Code::AlreadyExists,
         "already submitted"
     );
     // Nor can an agent leave a task it has reported in: its update stays.
     assert_rejected!(
-        evil.send_raw(failure(&evil, "local training diverged"), vec![])
+        honest
+            .send_raw(failure(&honest, "local training diverged"), vec![])
             .await,
         Code::AlreadyExists,
         "already submitted"
     );
-    slow.answer(&slow_task).await.unwrap();
-    // The raw sessions serve the rest of the run (the evaluation that hands
-    // out the trained version selects five of the six).
-    let raw: Vec<_> = [evil, slow, outsider]
+    // A refused update is the merchant's one update for the task: the
+    // round record says why, and nothing it sends after is taken (a valid
+    // update after a refused one would sit beside "rejected" in the record).
+    let mut h = good.clone();
+    h.num_values -= 1;
+    h.payload_len -= 4;
+    assert_rejected!(
+        evil.send_raw(h, vec![payload[..payload.len() - 4].to_vec()])
+            .await,
+        Code::InvalidArgument,
+        "wrong vector length"
+    );
+    assert_rejected!(
+        evil.send_raw(good.clone(), vec![payload.clone()]).await,
+        Code::FailedPrecondition,
+        "was refused: it may send no other"
+    );
+    let nan_good = nan.header(&task, &out);
+    let mut values = update.values.clone();
+    values[3] = f32::NAN;
+    assert_rejected!(
+        nan.send_raw(nan_good.clone(), vec![f32s_to_le(&values)])
+            .await,
+        Code::InvalidArgument,
+        "value 3 is not finite"
+    );
+    values[3] = f32::INFINITY;
+    assert_rejected!(
+        nan.send_raw(nan_good, vec![f32s_to_le(&values)]).await,
+        Code::FailedPrecondition,
+        "was refused"
+    );
+    let mut longer = payload.clone();
+    longer.extend_from_slice(&[0, 0, 0, 0]);
+    assert_rejected!(
+        long.send_raw(long.header(&task, &out), vec![longer]).await,
+        Code::OutOfRange,
+        "larger than declared"
+    );
+
+    // The raw sessions serve the rest of the run.
+    let raw: Vec<_> = [evil, nan, long, honest, outsider]
         .into_iter()
         .map(|a| tokio::spawn(a.serve()))
         .collect();
@@ -187,18 +220,29 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
         .unwrap();
     assert_eq!(train.outcome, Outcome::Committed);
     assert_eq!(
-        train.reported.len(),
-        5,
-        "four honest agents plus the honest retry"
+        train.reported,
+        ["merchant-0", "merchant-1", "merchant-2", "merchant-6"],
+        "the three refused merchants are not in the sum"
     );
-    assert_eq!(
+    let why = |m: &str| -> Vec<&str> {
         train
             .rejected
             .iter()
-            .filter(|(a, _)| a == "merchant-3")
-            .count(),
-        2,
-        "NaN and Inf recorded"
+            .filter(|(a, _)| a == m)
+            .map(|(_, r)| r.as_str())
+            .collect()
+    };
+    assert!(
+        matches!(why("merchant-3")[..], [r] if r.contains("wrong vector length")),
+        "{train:?}"
+    );
+    assert!(
+        matches!(why("merchant-4")[..], [r] if r.contains("not finite (NaN)")),
+        "{train:?}"
+    );
+    assert!(
+        matches!(why("merchant-5")[..], [r] if r.contains("larger than declared")),
+        "{train:?}"
     );
 }
 

@@ -13,10 +13,14 @@ use super::{Accumulation, Engine, MerchantEvaluation, OpenTask, Submission, Subm
 use crate::limits::{MAX_REJECTION_CHARS, MAX_REJECTIONS};
 use crate::record::ClippedRecord;
 
-/// Records a refusal in the open task, within [`MAX_REJECTIONS`] entries of
-/// at most [`MAX_REJECTION_CHARS`] characters; the last entry says that
-/// further ones were not recorded.
-fn record_rejection(open: &mut OpenTask, agent: String, e: &SubmitError) {
+/// Records a refused update in the open task, within [`MAX_REJECTIONS`]
+/// entries of at most [`MAX_REJECTION_CHARS`] characters (the last entry
+/// says that further ones were not recorded), and counts its sender as done
+/// with the task: it may send no other update, and the task stops waiting
+/// for it.
+fn record_rejection(open: &mut OpenTask, agent: String, e: &dyn std::fmt::Display) {
+    open.refused.insert(agent.clone());
+    open.dropped.insert(agent.clone());
     let n = open.rejected.len();
     if n + 1 < MAX_REJECTIONS {
         let full = e.to_string();
@@ -93,10 +97,33 @@ impl Engine {
         if open.reported.contains(agent) {
             return Err(SubmitError::Duplicate(agent.into()));
         }
+        if open.refused.contains(agent) {
+            return Err(SubmitError::AlreadyRefused(agent.into()));
+        }
         if open.dropped.contains(agent) {
             return Err(SubmitError::Dropped(agent.into()));
         }
         Ok(())
+    }
+
+    /// Records an upload the transport refused before it reached
+    /// [`Engine::submit`] (a wrong vector length, a payload longer or
+    /// shorter than its header declared, an undecodable encoding) from a
+    /// merchant selected for the open task: logged, in the round's
+    /// rejections, and its sender done with the task, as for an invalid
+    /// update. Anything else (another task, a merchant not selected, one
+    /// already counted) is ignored.
+    pub fn refuse_upload(&mut self, agent: &str, task_id: &str, reason: &str) {
+        let Some(open) = &mut self.open else { return };
+        if open.plan.task_id != task_id
+            || !open.selected.contains(agent)
+            || open.reported.contains(agent)
+            || open.dropped.contains(agent)
+        {
+            return;
+        }
+        tracing::warn!(agent, task = task_id, error = reason, "upload refused");
+        record_rejection(open, agent.to_string(), &reason);
     }
 
     /// Accepts one result, folding its update into the round's aggregate.
@@ -538,28 +565,34 @@ mod tests {
 
     #[test]
     fn repeated_refusals_with_huge_metric_names_keep_the_record_bounded() {
-        let (_dir, mut engine) = noop_engine("bounded", 1);
-        let plan = engine.start_task(&["m0".into()]).unwrap();
+        let merchants: Vec<String> = (0..1_000).map(|k| format!("m{k}")).collect();
+        let (_dir, mut engine) = noop_engine("bounded", merchants.len());
+        let plan = engine.start_task(&merchants).unwrap();
         let huge = "k".repeat(4 << 20);
-        for _ in 0..1_000 {
-            let sub = Submission {
-                update: Some(Update {
-                    values: vec![0.0; 2],
-                    coord_weights: vec![],
-                    weight: 1.0,
-                }),
-                metrics: BTreeMap::from([(huge.clone(), f64::NAN)]),
+        let sub = || Submission {
+            update: Some(Update {
+                values: vec![0.0; 2],
+                coord_weights: vec![],
                 weight: 1.0,
-                bytes: 8,
-            };
+            }),
+            metrics: BTreeMap::from([(huge.clone(), f64::NAN)]),
+            weight: 1.0,
+            bytes: 8,
+        };
+        for m in &merchants {
             let err = engine
-                .submit("m0", "bounded", plan.round, &plan.task_id, sub)
+                .submit(m, "bounded", plan.round, &plan.task_id, sub())
                 .unwrap_err();
             assert!(
                 err.to_string().len() < 200,
                 "the error does not carry the name"
             );
         }
+        // One update per merchant and task: a refused one is its last.
+        let err = engine
+            .submit("m0", "bounded", plan.round, &plan.task_id, sub())
+            .unwrap_err();
+        assert!(matches!(err, SubmitError::AlreadyRefused(_)), "{err}");
         let record = engine.finish_task().unwrap();
         assert_eq!(record.rejected.len(), MAX_REJECTIONS);
         assert_eq!(record.rejected.last().unwrap().0, "*");

@@ -161,6 +161,7 @@ impl Engine {
             selected: selected.into_iter().collect(),
             reported: BTreeSet::new(),
             dropped: BTreeSet::new(),
+            refused: BTreeSet::new(),
             rejected: Vec::new(),
             acc,
             metric_sums: BTreeMap::new(),

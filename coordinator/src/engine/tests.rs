@@ -467,14 +467,14 @@ fn an_aborted_round_leaves_the_server_optimiser_state_untouched() {
 
 #[test]
 fn an_itemsets_update_that_is_not_a_count_is_refused_and_the_level_commits_without_it() {
-    let mut r = run(selection(1.0, 3, 3), 2);
+    let mut r = run(selection(1.0, 4, 4), 2);
     r.model = ModelSpec::Itemsets {
         num_items: 3,
         min_count: 2,
         candidates: 0,
     };
     let (_dir, mut e) = engine(r);
-    let plan = e.start_task(&agents(3)).unwrap();
+    let plan = e.start_task(&agents(4)).unwrap();
     assert_eq!(plan.spec.update_len(), 3, "level 1: every item a candidate");
     let counts = |values: [f32; 3], weight| update(values, weight);
     let id = plan.task_id.clone();
@@ -495,14 +495,19 @@ fn an_itemsets_update_that_is_not_a_count_is_refused_and_the_level_commits_witho
         matches!(err, SubmitError::NotACount { index: 1, .. }),
         "{err}"
     );
-    e.submit("m01", "engine", 1, &id, counts([1.0, 2.0, 1.0], 2.0))
+    // A refused update is the merchant's last for the task.
+    let err = e
+        .submit("m01", "engine", 1, &id, counts([1.0, 2.0, 1.0], 2.0))
+        .unwrap_err();
+    assert!(matches!(err, SubmitError::AlreadyRefused(_)), "{err}");
+    e.submit("m03", "engine", 1, &id, counts([1.0, 2.0, 1.0], 2.0))
         .unwrap();
     let record = e.finish_task().unwrap();
     assert_eq!(record.outcome, Outcome::Committed);
     // {0}: 3 and {1}: 3 are frequent, {2}: 1 is not: level 2 counts {0, 1}.
     let (level, candidates) = fedcart_common::itemsets::Apriori::header(&e.global()).unwrap();
     assert_eq!((level, candidates), (2, 1));
-    let plan = e.start_task(&agents(3)).unwrap();
+    let plan = e.start_task(&agents(4)).unwrap();
     assert_eq!(plan.spec.update_len(), 1);
 }
 

@@ -15,9 +15,9 @@ impl From<SubmitError> for Status {
         let msg = e.to_string();
         match e {
             SubmitError::WrongRun { .. } => Status::not_found(msg),
-            SubmitError::Closed { .. } | SubmitError::Dropped(_) => {
-                Status::failed_precondition(msg)
-            }
+            SubmitError::Closed { .. }
+            | SubmitError::Dropped(_)
+            | SubmitError::AlreadyRefused(_) => Status::failed_precondition(msg),
             SubmitError::NotSelected(_) => Status::permission_denied(msg),
             SubmitError::Duplicate(_) => Status::already_exists(msg),
             SubmitError::Invalid(UpdateError::PayloadLength { .. }) => Status::out_of_range(msg),
