@@ -316,6 +316,21 @@ impl PrivacyPolicy {
         Ok(())
     }
 
+    /// Checks the round's roster, `n` agents, against `min_survivors` before
+    /// any share or masked input is sent: a sum holds at most its roster.
+    /// Refusing only at the unmask stage came too late: this agent's masked
+    /// input was in, and the other agents' shares could unmask it.
+    pub fn check_roster(&self, n: usize) -> Result<(), PolicyViolation> {
+        if n < self.min_survivors {
+            return Err(violation(
+                "min_survivors",
+                format!("a round of {n} agents (a sum holds at most its roster)"),
+                format!("at least {}", self.min_survivors),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the unmask stage's survivor count, `survivors` masked inputs
     /// in the sum, against `min_survivors`.
     pub fn check_survivors(&self, survivors: usize) -> Result<(), PolicyViolation> {

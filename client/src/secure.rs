@@ -348,6 +348,7 @@ impl SecureTasks {
                 policy
                     .check_degree(session.config(), roster.ids.len())
                     .map_err(refuse)?;
+                policy.check_roster(roster.ids.len()).map_err(refuse)?;
                 if policy.require_key_binding {
                     // Checked on the invitation: with the policy on, a session
                     // exists only when the agent has an identity.

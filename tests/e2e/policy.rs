@@ -119,6 +119,24 @@ async fn an_agent_whose_minimum_threshold_is_above_the_rounds_sends_no_masked_in
     assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY));
 }
 
+/// A round whose roster is smaller than a merchant's `min_survivors` gets
+/// nothing from it: it refuses when the roster arrives, before any share or
+/// masked input. (It used to refuse only at the unmask stage, when its
+/// masked input was already in and the others' shares could unmask it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_sends_no_masked_input_to_a_round_smaller_than_its_min_survivors() {
+    let policy = PrivacyPolicy {
+        min_survivors: 5,
+        ..PrivacyPolicy::without_key_binding()
+    };
+    let r = run_with_strict_m3(noop_run("e2e-policy-roster", true), policy).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    // The sum is over the other three; m3's input is not in it.
+    assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
+    assert_eq!(r.dropped, vec!["m3"]);
+    assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_without_a_certificate_refuses_secure_rounds_under_the_default_policy() {
     // The default policy requires keys bound to merchant certificates; a
