@@ -231,7 +231,8 @@ pub fn agents(args: &FleetArgs) -> Result<Vec<Agent>, FleetError> {
             ..Default::default()
         };
         if let Some((ds, parts)) = &mut data {
-            local.churn = Some(churn_slice(ds, &std::mem::take(&mut parts[index]), args));
+            let rows = std::mem::take(&mut parts[index]);
+            local.churn = Some(churn_slice(ds, &rows, &merchant_id, args));
         }
         let mut agent = Agent::new(args.coordinator.clone(), local);
         agent.exit_on_run_end = args.exit_when_run_ends;
@@ -297,11 +298,17 @@ fn deal_churn(
     Ok((ds, parts))
 }
 
-/// One merchant's rows, split into training and held-out rows.
-fn churn_slice(ds: &TabularDataset, rows: &[usize], args: &FleetArgs) -> ChurnData {
+/// One merchant's rows, split into training and held-out rows (each
+/// merchant its own split, as in the simulator).
+fn churn_slice(
+    ds: &TabularDataset,
+    rows: &[usize],
+    merchant_id: &str,
+    args: &FleetArgs,
+) -> ChurnData {
     let mine = ds.select(rows);
     let labels = mine.y.to_vec();
-    let (train, valid) = split::stratified_train_test(&labels, args.holdout, args.seed);
+    let (train, valid) = split::merchant_train_test(&labels, args.holdout, args.seed, merchant_id);
     ChurnData {
         train: mine.select(&train),
         valid: mine.select(&valid),

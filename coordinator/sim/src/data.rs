@@ -666,7 +666,10 @@ pub fn build(
                         },
                         _ => {
                             let y = part.y.as_slice().expect("contiguous labels").to_vec();
-                            let (tr, va) = split::stratified_train_test(&y, 0.2, seed);
+                            // Segments describe every customer: nothing
+                            // is held out.
+                            let holdout = if task.is_churn() { 0.2 } else { 0.0 };
+                            let (tr, va) = split::merchant_train_test(&y, holdout, seed, &id(k));
                             ChurnData {
                                 train: part.select(&tr),
                                 valid: part.select(&va),

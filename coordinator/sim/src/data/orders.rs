@@ -566,9 +566,12 @@ pub fn build(
                     _ => Ok(()),
                 }
             };
+            let holdout = if task.is_churn() { HOLDOUT } else { 0.0 };
             let split_local = |k: usize, part: TabularDataset| {
                 let y = part.y.as_slice().expect("contiguous labels").to_vec();
-                let (tr, va) = split::stratified_train_test(&y, HOLDOUT, seed);
+                // Segments describe every customer in the export's order:
+                // nothing is held out.
+                let (tr, va) = split::merchant_train_test(&y, holdout, seed, &id(k));
                 LocalData {
                     merchant_id: id(k),
                     churn: Some(ChurnData {
