@@ -477,13 +477,23 @@ pub fn build(
     seed: u64,
 ) -> anyhow::Result<Population> {
     let (rows, mut cfg, mut notes) = src.read_noting()?;
-    if task.is_mf() && src.cutoff.is_none() {
+    let segments = matches!(task, TaskChoice::Segments(_));
+    if (task.is_mf() || segments) && src.cutoff.is_none() {
         // A recommender learns from every order: the default cutoff (the last
         // order minus the churn window) is a churn label's, and would hide
-        // the latest purchases, the ones leave-last-out tests on. An explicit
-        // `--cutoff` still cuts the history.
+        // the latest purchases, the ones leave-last-out tests on. Segments
+        // describe each customer's whole history, as the agent's `segments`
+        // does (the churn cutoff left the last 90 days and the customers who
+        // first bought in them out, unsaid). An explicit `--cutoff` still
+        // cuts the history.
         let last = rows.iter().map(|o| o.timestamp).max().unwrap_or(0);
         cfg = ChurnConfig::new(last.saturating_add(1), cfg.churn_window_days);
+    } else if segments {
+        notes.push(format!(
+            "{}: segments describe the orders before the cutoff {} (--cutoff)",
+            src.path.display(),
+            orders::derive::format_date(cfg.cutoff)
+        ));
     }
     let cfg = cfg;
     if !task.is_mf() {

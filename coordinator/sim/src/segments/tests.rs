@@ -189,3 +189,45 @@ fn segments_of_a_customer_table_are_named_by_its_features_and_customers() {
     let first = r.records().next().unwrap().unwrap();
     assert!(first[2].contains('-'), "a Telco customerID: {first:?}");
 }
+
+/// Segments of an orders export describe every customer's whole history,
+/// as the agent's `segments` does: the churn cutoff (the last order minus
+/// 90 days) left out the last three months and the customers who first
+/// bought in them, unsaid.
+#[test]
+fn segments_of_an_orders_export_count_customers_who_bought_only_lately() {
+    use crate::data::orders::OrdersArgs;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orders.csv");
+    let mut lines = vec!["customer,timestamp,amount".to_string()];
+    for c in 0..30 {
+        for month in 1..=(1 + c % 6) {
+            lines.push(format!("early{c},2017-{month:02}-1{},{}", c % 9, 10 + c));
+        }
+    }
+    for c in 0..10 {
+        lines.push(format!("late{c},2017-12-0{},{}", 1 + c % 9, 20 + c));
+    }
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let a = SimArgs {
+        task: Some("segments:2".parse().unwrap()),
+        data: Some(format!("orders:{}", file.display()).parse().unwrap()),
+        orders: OrdersArgs {
+            customer: Some("customer".into()),
+            timestamp: Some("timestamp".into()),
+            amount: Some("amount".into()),
+            ..Default::default()
+        },
+        merchants: Some(2),
+        rounds: Some(3),
+        ..Default::default()
+    };
+    let e = run(a);
+    let customers: u64 = e
+        .report
+        .iter()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| segment"))
+        .map(|l| l.split('|').nth(2).unwrap().trim().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(customers, 40, "{:?}", e.report);
+}
