@@ -47,6 +47,7 @@ pub enum TimestampFormat {
     /// A strftime pattern in chrono's syntax (`%Y`, `%m`, `%d`, `%H`, `%M`,
     /// `%S`, `%b`, `%p`, `%z`, …). A time without `%z` is taken as UTC, a
     /// date without a time as midnight UTC, like the built-in formats.
+    /// `%Z` (a time-zone name) is refused: chrono skips the name.
     Pattern(String),
 }
 
@@ -66,6 +67,21 @@ impl std::str::FromStr for TimestampFormat {
                     return Err(format!(
                         "timestamp format `{pattern}` is not a valid strftime pattern \
                          (an unknown `%` directive?)"
+                    ));
+                }
+                // chrono skips a time-zone name when it parses (`PST`,
+                // `CET`, even `XYZ`), so every time would silently be read
+                // as UTC: names are ambiguous (`CST` is US Central and
+                // China Standard time) and no table of them is kept.
+                if StrftimeItems::new(pattern)
+                    .any(|i| matches!(i, Item::Fixed(chrono::format::Fixed::TimezoneName)))
+                {
+                    return Err(format!(
+                        "timestamp format `{pattern}` has `%Z`, a time-zone name (PST, CET, …), \
+                         which cannot be read: the name would be skipped and every time taken \
+                         as UTC. For numeric offsets (`+0200`, `-08:00`) write `%z`; for \
+                         names, convert the column to UTC or to offsets first (there is no \
+                         time-zone setting), or leave `%Z` out to read the times as UTC"
                     ));
                 }
                 Ok(Self::Pattern(pattern.to_string()))

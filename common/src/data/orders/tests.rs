@@ -465,6 +465,35 @@ fn strftime_patterns_read_spreadsheet_dates_and_bad_ones_are_refused() {
     );
 }
 
+/// chrono skips a `%Z` name, so `31/12/2017 20:00:00 PST` read as 20:00
+/// UTC: the pattern is refused wherever it is given, `%z` still reads.
+#[test]
+fn a_time_zone_name_in_a_timestamp_format_is_refused_and_offsets_are_offered() {
+    let e = "%d/%m/%Y %H:%M:%S %Z"
+        .parse::<TimestampFormat>()
+        .unwrap_err();
+    assert!(
+        e.starts_with("timestamp format `%d/%m/%Y %H:%M:%S %Z` has `%Z`, a time-zone name")
+            && e.contains("every time taken as UTC")
+            && e.contains("write `%z`"),
+        "{e}"
+    );
+    // A mapping file reaches the same check through serde.
+    let map = "customer = \"c\"\ntimestamp = \"t\"\namount = \"a\"\n\
+               timestamp_format = \"%Y-%m-%d %H:%M %Z\"\n";
+    let e = toml::from_str::<OrdersMapping>(map)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("timestamp_format") && e.contains("has `%Z`"),
+        "{e}"
+    );
+    // A literal `%%Z` is no directive, and numeric offsets still read.
+    assert!("%Y-%m-%d %%Z".parse::<TimestampFormat>().is_ok());
+    let zoned: TimestampFormat = "%d/%m/%Y %H:%M:%S %z".parse().unwrap();
+    assert_eq!(zoned.parse("31/12/2017 20:00:00 -0800"), Ok(1_514_779_200));
+}
+
 #[test]
 fn decimal_marks_read_money_as_shops_write_it() {
     let point = DecimalMark::Point;
