@@ -220,6 +220,20 @@ impl DataConfig {
                     .into(),
             );
         }
+        // The mapping keys are the simulator's too, where a store column
+        // feeds `--partition natural`; read here, every store's customers
+        // would be merged into one merchant's.
+        if let Some(column) = self.orders.as_ref().and_then(|o| o.merchant.as_ref()) {
+            return Err(format!(
+                "`merchant = \"{column}\"` in `[data.orders]` names a store column, which an \
+                 agent does not read: an agent reads one store's export, so the customers of \
+                 every store in it would be merged (the same customer id at two stores read as \
+                 one customer). Give this agent its store's rows only (the header and the rows \
+                 whose `{column}` is this store, e.g. with `awk -F, -v s=STORE 'NR == 1 || $N == \
+                 s'`, N the column's position) and remove the key; a multi-store export is for \
+                 the simulator's `--partition natural`"
+            ));
+        }
         if let Some(orders) = &self.orders
             && self.delimiter != Delimiter::Comma
             && orders.delimiter == Delimiter::Comma
@@ -693,6 +707,14 @@ mod tests {
             (
                 "ratings_csv = \"r.csv\"\nhash_items = false\n",
                 "`data.hash_items` = false needs `data.catalogue`",
+            ),
+            // A store column was taken and ignored: every store's customers
+            // merged into one merchant's.
+            (
+                "orders_csv = \"o.csv\"\n[data.orders]\ncustomer = \"c\"\ntimestamp = \"t\"\n\
+                 amount = \"a\"\nmerchant = \"store\"\n",
+                "`merchant = \"store\"` in `[data.orders]` names a store column, which an agent \
+                 does not read",
             ),
         ] {
             let (_dir, path, result) = load_text(&format!("{head}{text}"));

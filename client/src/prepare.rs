@@ -48,8 +48,10 @@ pub struct PrepareArgs {
     /// Explicit rating column.
     #[arg(long)]
     pub rating_col: Option<String>,
-    /// Merchant or store column.
-    #[arg(long)]
+    /// Refused, with what to do instead: a merchant's agent reads one store's
+    /// export, and `prepare` would merge the stores' customers. Kept so the
+    /// flag of the simulator's `--partition natural` gets that answer.
+    #[arg(long, hide = true)]
     pub merchant_col: Option<String>,
     /// Field separator: comma, tab, semicolon, pipe or whitespace.
     #[arg(long)]
@@ -111,6 +113,24 @@ pub enum PrepareError {
         path: PathBuf,
         /// The mapping key (`customer`, `timestamp` or `amount`).
         field: &'static str,
+    },
+    /// A merchant (store) column was given (`--merchant-col`, or `merchant`
+    /// in the mapping file): a merchant's export is one store's, and the
+    /// pipeline would merge the same customer id of different stores.
+    #[error(
+        "{given} names a store column, which a merchant's agent does not read: it reads one \
+         store's export, so the customers of every store in this one would be merged (the same \
+         customer id at two stores read as one customer). Give each store's agent its own \
+         export: keep the header and that store's rows, e.g. `awk -F, -v s=STORE 'NR == 1 || \
+         $N == s' FILE > store.csv` with N the position of `{column}`, and leave the store \
+         column out. A multi-store export is for the simulator: `fedcart-sim --data \
+         orders:FILE --merchant-col {column} --partition natural` (one merchant per store)"
+    )]
+    MerchantColumn {
+        /// Where it was given: the flag, or the mapping file's key.
+        given: String,
+        /// The store column.
+        column: String,
     },
     /// `--cutoff` is not a date.
     #[error("--cutoff: {0}")]
@@ -269,6 +289,25 @@ pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError
         delimiter: args.delimiter,
         decimal: args.decimal,
     };
+    // The mapping format is the simulator's too, where a store column
+    // feeds `--partition natural`; an agent has no use for it.
+    let store = match (&flags.merchant, &file.merchant, &args.mapping) {
+        (Some(column), _, _) => Some((format!("--merchant-col `{column}`"), column)),
+        (None, Some(column), Some(path)) => Some((
+            format!(
+                "`merchant = \"{column}\"` in the mapping {}",
+                path.display()
+            ),
+            column,
+        )),
+        _ => None,
+    };
+    if let Some((given, column)) = store {
+        return Err(PrepareError::MerchantColumn {
+            given,
+            column: column.clone(),
+        });
+    }
     flags.or(file).apply(None).map_err(|e| match &args.mapping {
         Some(path) => PrepareError::MappingLacks {
             path: path.clone(),
@@ -581,6 +620,36 @@ mod tests {
                  --amount-col",
                 mapping.display()
             )
+        );
+    }
+
+    /// A store column was taken and ignored, so the same customer id at two
+    /// stores was read as one customer (528 customers for 990 store and
+    /// customer pairs): refused from the flag and from a mapping file.
+    #[test]
+    fn a_store_column_is_refused_with_how_to_split_the_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(dir.path(), dir.path().join("orders.csv"));
+        a.merchant_col = Some("store".into());
+        let e = resolve_mapping(&a).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--merchant-col `store` names a store column")
+                && e.contains("one store's export")
+                && e.contains("with N the position of `store`")
+                && e.contains("--merchant-col store --partition natural"),
+            "{e}"
+        );
+        let mapping = dir.path().join("m.toml");
+        std::fs::write(&mapping, "merchant = \"shop\"\n").unwrap();
+        a.merchant_col = None;
+        a.mapping = Some(mapping.clone());
+        let e = resolve_mapping(&a).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "`merchant = \"shop\"` in the mapping {} names a store column",
+                mapping.display()
+            )),
+            "{e}"
         );
     }
 
