@@ -602,7 +602,7 @@ pub(crate) fn table<'a, R: std::io::Read + 'a>(
     path: &'a Path,
     delimiter: u8,
 ) -> Result<(csv::StringRecord, impl Iterator<Item = TableRow> + 'a), DataError> {
-    let mut records = line_records(reader, delimiter).map_err(|source| DataError::Io {
+    let mut records = line_records(reader, delimiter, path).map_err(|source| DataError::Io {
         file: path.into(),
         source,
     })?;
@@ -746,6 +746,48 @@ mod tests {
 
     fn telco_path() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/telco-churn/Telco-Customer-Churn.csv")
+    }
+
+    /// Every reader of a merchant's file (customer table, ratings, orders
+    /// export, whitespace-separated too) names a compressed file instead
+    /// of calling its first field "not UTF-8 text".
+    #[test]
+    fn every_reader_names_a_compressed_file_and_how_to_decompress_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let gz = dir.path().join("table.csv.gz");
+        std::fs::write(&gz, [0x1F, 0x8B, 0x08, 0x00, 0x00, 0x00]).unwrap();
+        let fix = "the file is gzip-compressed, not CSV text: decompress it first (`gzip -dk";
+        let shown = [
+            label_y(&["x"]).load_csv(&gz).unwrap_err().to_string(),
+            crate::data::movielens::load_ratings(&gz)
+                .unwrap_err()
+                .to_string(),
+        ];
+        for e in shown {
+            assert!(
+                e.starts_with(&format!("{}: {fix}", gz.display())) && !e.contains("UTF-8"),
+                "{e}"
+            );
+        }
+        let mut map: crate::data::orders::OrdersMapping =
+            toml::from_str("customer = \"c\"\ntimestamp = \"t\"\namount = \"a\"\n").unwrap();
+        for delimiter in [
+            crate::data::orders::Delimiter::Comma,
+            crate::data::orders::Delimiter::Whitespace,
+        ] {
+            map.delimiter = delimiter;
+            let e = crate::data::orders::read_orders(
+                &gz,
+                &map,
+                crate::data::orders::BadRowPolicy::Fail,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(fix) && !e.contains("UTF-8"),
+                "{delimiter:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -395,12 +395,13 @@ fn records<'a, R: Read + 'a>(
     };
     match delimiter.byte() {
         Some(sep) => {
-            let records = crate::data::csv_lines::line_records(reader, sep).map_err(|source| {
-                OrdersError::Io {
-                    file: path.into(),
-                    source,
-                }
-            })?;
+            let records =
+                crate::data::csv_lines::line_records(reader, sep, path).map_err(|source| {
+                    OrdersError::Io {
+                        file: path.into(),
+                        source,
+                    }
+                })?;
             Ok(Box::new(records.map(move |r| match r {
                 Ok((line, r)) => Ok((line, r.iter().map(str::to_string).collect())),
                 Err((line, e)) => Err(row_err(line, &crate::data::csv_lines::message(&e))),
@@ -410,13 +411,13 @@ fn records<'a, R: Read + 'a>(
             // As the csv crate's path does: a UTF-8 byte order mark is not
             // part of the first column's name (it read "missing column
             // `customer_id`" beside a header listing `customer_id`), and
-            // UTF-16 is named.
+            // UTF-16, compression and workbooks are named.
             let mut reader = BufReader::new(reader);
             let head = reader.fill_buf().map_err(|source| OrdersError::Io {
                 file: path.into(),
                 source,
             })?;
-            if let Some(message) = crate::data::csv_lines::utf16_refusal(head) {
+            if let Some(message) = crate::data::csv_lines::unreadable(head, path) {
                 return Err(row_err(1, &message));
             }
             if head.starts_with(&[0xEF, 0xBB, 0xBF]) {
