@@ -101,6 +101,15 @@ impl Numbers {
     }
 }
 
+/// Whether a cell is a placeholder for a missing value (`NA`, `N/A`, `?`,
+/// `null`, `None`, `-`) rather than a value: exports write them where a
+/// cell is empty, and a text column's draft listed them as categories.
+pub(super) fn is_placeholder(v: &str) -> bool {
+    ["?", "-", "--"].contains(&v)
+        || ["na", "n/a", "#n/a", "null", "none", "nil", "nan", "missing"]
+            .contains(&v.to_ascii_lowercase().as_str())
+}
+
 fn is_label_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     [
@@ -398,14 +407,37 @@ impl Schema {
                      names or amounts the number reader does not take)"
                 ));
             } else {
+                // Placeholders stay out of the vocabulary: under the draft's
+                // `unknown_category = "zeros"` they encode as none of its
+                // values, as blank cells do.
+                let (missing, vocabulary): (Vec<_>, Vec<_>) =
+                    st.values.iter().partition(|(v, _)| is_placeholder(v));
+                if vocabulary.is_empty() {
+                    notes.push(format!(
+                        "left out `{name}`: every cell is blank or a placeholder for a missing \
+                         value ({})",
+                        counted(&missing)
+                    ));
+                    continue;
+                }
                 categorical.push(Categorical {
                     name: name.clone(),
-                    vocabulary: st.values.keys().cloned().collect(),
+                    vocabulary: vocabulary.iter().map(|(v, _)| (*v).clone()).collect(),
                 });
                 if st.blanks > 0 {
                     notes.push(format!(
                         "`{name}`: {} blank cells encode as none of its values",
                         st.blanks
+                    ));
+                }
+                if !missing.is_empty() {
+                    let cells: usize = missing.iter().map(|(_, n)| **n).sum();
+                    notes.push(format!(
+                        "`{name}`: {cells} cells hold a placeholder for a missing value ({}): \
+                         left out of the vocabulary, they encode as none of its values, like \
+                         blank cells (`unknown_category = \"zeros\"`); if one is a real value, \
+                         add it to `vocabulary`",
+                        counted(&missing)
                     ));
                 }
             }
@@ -437,6 +469,12 @@ impl Schema {
             notes,
         })
     }
+}
+
+/// Values and their counts as a note lists them: `` `?` 176, `NA` 176 ``.
+fn counted(values: &[(&String, &usize)]) -> String {
+    let shown: Vec<String> = values.iter().map(|(v, n)| format!("`{v}` {n}")).collect();
+    shown.join(", ")
 }
 
 impl Draft {
@@ -721,6 +759,52 @@ mod tests {
              one has a decimal comma: `decimal = \"comma\"` under [data.schema], `decimal` in a \
              --schema file)"
         );
+    }
+
+    /// `?` and `NA` in a text column were drafted as categories beside
+    /// `Month-to-month`: they stay out of the vocabulary, the notes count
+    /// them, and the schema reads them as none of its values, as blanks.
+    #[test]
+    fn placeholders_in_a_text_column_are_left_out_of_its_vocabulary_and_counted() {
+        let mut text = String::from("id,contract,mood,churn\n");
+        for (i, contract) in ["Monthly", "?", "Yearly", "NA", "", "?", "Monthly", "null"]
+            .iter()
+            .enumerate()
+        {
+            let mood = ["N/A", "-"][i % 2];
+            text += &format!("c{i},{contract},{mood},{}\n", i % 2);
+        }
+        let d = draft(&text, &DraftOptions::default()).unwrap();
+        assert_eq!(
+            d.schema.categorical,
+            [Categorical {
+                name: "contract".into(),
+                vocabulary: vec!["Monthly".into(), "Yearly".into()],
+            }]
+        );
+        let has = |note: &str| d.notes.iter().any(|n| n == note);
+        assert!(
+            has(
+                "`contract`: 4 cells hold a placeholder for a missing value (`?` 2, `NA` 1, \
+                 `null` 1): left out of the vocabulary, they encode as none of its values, like \
+                 blank cells (`unknown_category = \"zeros\"`); if one is a real value, add it \
+                 to `vocabulary`"
+            ) && has("`contract`: 1 blank cells encode as none of its values")
+                && has(
+                    "left out `mood`: every cell is blank or a placeholder for a missing \
+                        value (`-` 4, `N/A` 4)"
+                ),
+            "{:?}",
+            d.notes
+        );
+        let ds = d
+            .schema
+            .read_csv(text.as_bytes(), Path::new("t.csv"))
+            .unwrap();
+        assert_eq!(ds.x.row(0).to_vec(), [1.0, 0.0]);
+        for placeholder_or_blank in [1, 3, 4, 7] {
+            assert_eq!(ds.x.row(placeholder_or_blank).to_vec(), [0.0, 0.0]);
+        }
     }
 
     /// Headers padded with spaces, and a column name holding a line break
