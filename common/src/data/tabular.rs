@@ -427,6 +427,24 @@ impl Schema {
                                 other.name(),
                                 other.name()
                             ),
+                            // What the draft says of such a column, at
+                            // the cell the reader stopped on.
+                            _ if draft::is_placeholder(raw) => {
+                                let blank = match self.blank_numeric {
+                                    BlankNumeric::Zero => {
+                                        "this schema's `blank_numeric = \"zero\"` \
+                                                           reads blank cells as 0"
+                                    }
+                                    BlankNumeric::Error => {
+                                        "with `blank_numeric = \"zero\"` in the \
+                                                            schema blank cells read as 0"
+                                    }
+                                };
+                                format!(
+                                    ", a placeholder for a missing value: blank such cells \
+                                     ({blank}) or fill in the numbers"
+                                )
+                            }
                             _ => String::new(),
                         };
                         cell_err(name, format!("`{raw}` is not a number{hint}"))
@@ -870,6 +888,40 @@ mod tests {
         // Every one-hot block has exactly one 1.
         let one_hot_sum: f32 = ds.x.row(0).iter().skip(4).sum();
         assert_eq!(one_hot_sum, Schema::telco().categorical.len() as f32);
+    }
+
+    /// `NA` in a number column said only "is not a number": it says what
+    /// the schema draft says of such a column, and whether this schema
+    /// already reads blank cells as 0.
+    #[test]
+    fn a_placeholder_in_a_number_column_says_to_blank_it() {
+        let text = "id,x,y\na,1,0\nb,NA,1\n";
+        let mut schema = label_y(&["x"]);
+        let e = schema
+            .read_csv(text.as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "f.csv: line 3, column `x`: `NA` is not a number, a placeholder for a missing value: \
+             blank such cells (with `blank_numeric = \"zero\"` in the schema blank cells read as \
+             0) or fill in the numbers"
+        );
+        schema.blank_numeric = BlankNumeric::Zero;
+        let e = schema
+            .read_csv(text.replace("NA", "?").as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "`?` is not a number, a placeholder for a missing value: blank such cells (this \
+                 schema's `blank_numeric = \"zero\"` reads blank cells as 0) or fill in the numbers"
+            ),
+            "{e}"
+        );
+        // Other text is not called a placeholder.
+        let e = schema
+            .read_csv(text.replace("NA", "abc").as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert!(e.to_string().ends_with("`abc` is not a number"), "{e}");
     }
 
     #[test]
