@@ -502,10 +502,20 @@ impl Schema {
             } else {
                 return Err(cell_err(
                     &self.label,
-                    format!(
-                        "label `{raw_label}` is neither positive {:?} nor negative {:?}",
-                        self.positive, self.negative
-                    ),
+                    if raw_label.is_empty() {
+                        // "label `` is neither …" read as a quoting slip.
+                        format!(
+                            "blank label: a row to train or evaluate on needs positive {:?} or \
+                             negative {:?} (a customer whose outcome is not known yet is for \
+                             `score`, which reads blank labels as not known)",
+                            self.positive, self.negative
+                        )
+                    } else {
+                        format!(
+                            "label `{raw_label}` is neither positive {:?} nor negative {:?}",
+                            self.positive, self.negative
+                        )
+                    },
                 ));
             };
             labels.push(y);
@@ -935,6 +945,20 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "x.csv: line 3, column `tenure`: `abc` is not a number"
+        );
+    }
+
+    /// A blank label read "label `` is neither positive … nor negative …".
+    #[test]
+    fn a_blank_label_is_called_blank() {
+        let e = label_y(&["x"])
+            .read_csv("id,x,y\na,1,0\nb,2, \n".as_bytes(), Path::new("f.csv"))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "f.csv: line 3, column `y`: blank label: a row to train or evaluate on needs positive \
+             [\"1\"] or negative [\"0\"] (a customer whose outcome is not known yet is for \
+             `score`, which reads blank labels as not known)"
         );
     }
 
