@@ -553,7 +553,8 @@ fn parse_row(
                 } else if map.decimal == DecimalMark::Comma
                     && DecimalMark::Point.parse(raw).is_some_and(f32::is_finite)
                 {
-                    format!("`{raw}` is not a number with a decimal comma (the mapping's `decimal = \"comma\"` or `--decimal comma`; this one has a decimal point)")
+                    // It named the setting already in use: the fix is the other one.
+                    format!("`{raw}` is not a number with a decimal comma: it has a decimal point, as if the file uses one (then give `--decimal point`, or `decimal = \"point\"` in the mapping: `[data.orders]` in merchant.toml)")
                 } else if raw.parse::<f64>().is_ok_and(|v| v.is_finite() && v.abs() > 1.0) {
                     format!("`{raw}` is too large (the largest is about 3.4e38)")
                 } else if let Some(code) = currency_code(raw, map.decimal) {

@@ -906,11 +906,19 @@ fn a_huge_amount_and_the_other_decimal_mark_are_named() {
         decimal: DecimalMark::Comma,
         ..mapping()
     };
-    let point = fail_message(&format!("{HEADER}c1,milk,2024-01-01,1,340.00\n"), &comma);
-    assert!(
-        point.ends_with("`340.00` is not a number with a decimal comma (the mapping's `decimal = \"comma\"` or `--decimal comma`; this one has a decimal point)"),
-        "{point}"
-    );
+    // The fix is the other setting, not the one in use.
+    for raw in ["340.00", "\"1,234.50\""] {
+        let point = fail_message(&format!("{HEADER}c1,milk,2024-01-01,1,{raw}\n"), &comma);
+        assert!(
+            point.ends_with(&format!(
+                "`{}` is not a number with a decimal comma: it has a decimal point, as if the \
+                 file uses one (then give `--decimal point`, or `decimal = \"point\"` in the \
+                 mapping: `[data.orders]` in merchant.toml)",
+                raw.trim_matches('"')
+            )),
+            "{point}"
+        );
+    }
 }
 
 /// A placeholder or mistyped year among a year of orders is named with its
