@@ -138,6 +138,29 @@ fn is_id_name(name: &str) -> bool {
         || n.contains("customer")
 }
 
+/// A customer column whose values repeat and an order-time column, named
+/// as exports name them: the marks of an orders export (one line per
+/// order or order line), which the drafter was given instead of a table of
+/// one row per customer.
+fn orders_like<'a>(header: &'a [String], stats: &[ColumnStats]) -> Option<(&'a str, &'a str)> {
+    let customer = header.iter().zip(stats).find(|(h, st)| {
+        let n = h.to_ascii_lowercase();
+        st.repeats
+            && ["customer", "email", "user", "buyer", "client"]
+                .iter()
+                .any(|w| n.contains(w))
+    })?;
+    let time = header.iter().find(|h| {
+        let n = h.to_ascii_lowercase();
+        ["date", "time", "created", "placed", "ordered"]
+            .iter()
+            .any(|w| n.contains(w))
+            || n.ends_with("_at")
+            || n.ends_with(" at")
+    })?;
+    Some((customer.0.as_str(), time.as_str()))
+}
+
 fn reads_as_yes(v: &str) -> bool {
     let v = v.to_ascii_lowercase();
     [
@@ -293,12 +316,23 @@ impl Schema {
                             .collect();
                         return Err(err(format!(
                             "cannot tell which column is the label: give it with `--label \
-                             COLUMN` (columns with exactly two values: {})",
+                             COLUMN` (columns with exactly two values: {}){}",
                             if candidates.is_empty() {
                                 "none".to_string()
                             } else {
                                 candidates.join(", ")
-                            }
+                            },
+                            orders_like(&header, &stats)
+                                .map(|(customer, time)| format!(
+                                    "; this looks like an orders export, one line per order \
+                                     (`{customer}` repeats, `{time}` is the order time), not a \
+                                     customer table of one row per customer: an agent reads an \
+                                     orders export as it is (`data.orders_csv` with its column \
+                                     mapping `[data.orders]` in merchant.toml) and derives each \
+                                     customer's features and churn label, which `fedcart-client \
+                                     prepare --orders FILE` shows"
+                                ))
+                                .unwrap_or_default()
                         )));
                     }
                 }
@@ -695,6 +729,35 @@ mod tests {
             "t.csv: label column `a` must hold exactly two values and no blank cell (it holds 3 \
              values: `2`, `3`, `4`)"
         );
+    }
+
+    /// An orders export given to the drafter said only that no column has
+    /// two values: it says what the file looks like and where it goes.
+    #[test]
+    fn an_orders_export_is_named_as_such_with_the_orders_path() {
+        let text = "Order ID,Customer ID,Order Date,Line Total\n\
+                    1,900,01/01/2017 11:53,0.50\n2,900,02/01/2017 10:00,1.25\n\
+                    3,901,03/01/2017 09:30,4.00\n4,902,03/01/2017 09:45,2.00\n";
+        let e = draft(text, &DraftOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "t.csv: cannot tell which column is the label: give it with `--label COLUMN` \
+                 (columns with exactly two values: none); this looks like an orders export, one \
+                 line per order (`Customer ID` repeats, `Order Date` is the order time)"
+            ) && e.contains("`data.orders_csv` with its column mapping `[data.orders]`")
+                && e.contains("`fedcart-client prepare --orders FILE`"),
+            "{e}"
+        );
+        // A customer table without a label is not called an export.
+        let e = draft(
+            "customer_id,signup_date,spend\n1,2017-01-01,3\n2,2017-02-01,4\n3,2017-02-01,5\n",
+            &DraftOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("orders export"), "{e}");
     }
 
     /// A European spreadsheet's table (`;`, `29,85`) drafts numeric columns
