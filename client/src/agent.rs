@@ -868,7 +868,14 @@ impl Agent {
                 version = task.model_version,
                 weight = out.weight,
                 metrics = %Metrics(&out.metrics),
-                "task done"
+                "{}",
+                // A secure task's update still has the protocol's stages to
+                // pass (and this agent's policy to meet) before it leaves.
+                if task.secure_aggregation {
+                    "task computed; its update waits for the secure round"
+                } else {
+                    "task done"
+                }
             );
         }
         Ok(out)
