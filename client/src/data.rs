@@ -231,12 +231,18 @@ impl CustomerTable {
     /// features as of the day after the last order (labels unobserved, 0).
     pub fn load(&self) -> Result<tabular::TabularDataset, DataError> {
         match &self.source {
-            TableSource::Csv { schema, delimiter } => schema
-                .load_features_delimited(&self.path, *delimiter)
-                .map_err(|source| DataError::Churn {
-                    path: self.path.clone(),
-                    source,
-                }),
+            TableSource::Csv { schema, delimiter } => {
+                let (ds, notes) = schema
+                    .load_features_noting(&self.path, *delimiter)
+                    .map_err(|source| DataError::Churn {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                for note in notes {
+                    tracing::warn!("{note}");
+                }
+                Ok(ds)
+            }
             TableSource::Orders(cfg) => {
                 let rows = read_orders(&self.path, cfg)?;
                 let window = window_days(cfg);
@@ -680,12 +686,15 @@ pub fn load_all(
     }
     if let Some(path) = &cfg.data.churn_csv {
         let schema = cfg.data.schema.clone().unwrap_or_else(Schema::telco);
-        let ds = schema
-            .load_csv_delimited(path, cfg.data.delimiter_byte())
+        let (ds, notes) = schema
+            .load_csv_noting(path, cfg.data.delimiter_byte())
             .map_err(|source| DataError::Churn {
                 path: path.clone(),
                 source,
             })?;
+        for note in notes {
+            tracing::warn!("{note}");
+        }
         let labels = ds.y.to_vec();
         let (train, valid) =
             split::stratified_train_test(&labels, cfg.data.holdout, cfg.data.split_seed);

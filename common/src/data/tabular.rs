@@ -357,6 +357,28 @@ impl Schema {
         self.read_with(open(path)?, path, delimiter, Labels::IfKnown)
     }
 
+    /// [`Schema::load_csv_delimited`], with a note per categorical column
+    /// whose cells hold values outside its vocabulary (read as none of its
+    /// values under `unknown_category = "zeros"`): a table with a category
+    /// the schema never saw is otherwise read without a word.
+    pub fn load_csv_noting(
+        &self,
+        path: &Path,
+        delimiter: u8,
+    ) -> Result<(TabularDataset, Vec<String>), DataError> {
+        self.read_noting(open(path)?, path, delimiter, Labels::Required)
+    }
+
+    /// [`Schema::load_features_delimited`] with the notes of
+    /// [`Schema::load_csv_noting`].
+    pub fn load_features_noting(
+        &self,
+        path: &Path,
+        delimiter: u8,
+    ) -> Result<(TabularDataset, Vec<String>), DataError> {
+        self.read_noting(open(path)?, path, delimiter, Labels::IfKnown)
+    }
+
     fn read_with<R: std::io::Read>(
         &self,
         reader: R,
@@ -364,6 +386,16 @@ impl Schema {
         delimiter: u8,
         label_use: Labels,
     ) -> Result<TabularDataset, DataError> {
+        Ok(self.read_noting(reader, path, delimiter, label_use)?.0)
+    }
+
+    fn read_noting<R: std::io::Read>(
+        &self,
+        reader: R,
+        path: &Path,
+        delimiter: u8,
+        label_use: Labels,
+    ) -> Result<(TabularDataset, Vec<String>), DataError> {
         let (header, records) = table(reader, path, delimiter)?;
         let col = |name: &str| -> Result<usize, DataError> {
             header
@@ -393,6 +425,11 @@ impl Schema {
         let mut labels = Vec::new();
         // The line each customer id was first read on.
         let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        // Per categorical column: values outside its vocabulary, counted
+        // (blanks and placeholders such as `NA` are missing values, not
+        // categories, and a drafted schema says so already).
+        let mut unseen: Vec<std::collections::BTreeMap<String, u64>> =
+            vec![Default::default(); self.categorical.len()];
         for record in records {
             let (line, record) = record?;
             let cell_err = |column: &str, message: String| DataError::Cell {
@@ -476,11 +513,15 @@ impl Schema {
                 };
             }
             let mut offset = self.numeric.len();
-            for (&c, cat) in cat_cols.iter().zip(&self.categorical) {
+            for ((&c, cat), unseen) in cat_cols.iter().zip(&self.categorical).zip(&mut unseen) {
                 let raw = record.get(c).unwrap_or("").trim();
                 match cat.vocabulary.iter().position(|v| v == raw) {
                     Some(pos) => row[offset + pos] = 1.0,
-                    None if self.unknown_category == UnknownCategory::Zeros => {}
+                    None if self.unknown_category == UnknownCategory::Zeros => {
+                        if !raw.is_empty() && !draft::is_placeholder(raw) {
+                            *unseen.entry(raw.to_string()).or_default() += 1;
+                        }
+                    }
                     None => {
                         return Err(cell_err(
                             &cat.name,
@@ -542,13 +583,50 @@ impl Schema {
             return Err(DataError::Empty { file: path.into() });
         }
         let n = ids.len();
+        let notes = self
+            .categorical
+            .iter()
+            .zip(unseen)
+            .filter(|(_, values)| !values.is_empty())
+            .map(|(cat, values)| unseen_note(path, &cat.name, &values, n))
+            .collect();
         let x = Array2::from_shape_vec((n, width), feats).expect("rows × width values were pushed");
-        Ok(TabularDataset {
+        let ds = TabularDataset {
             ids,
             x,
             y: Array1::from(labels),
-        })
+        };
+        Ok((ds, notes))
     }
+}
+
+/// The note for a column's values outside its vocabulary: how many rows,
+/// the most frequent values, and what they are read as.
+fn unseen_note(
+    path: &Path,
+    column: &str,
+    values: &std::collections::BTreeMap<String, u64>,
+    rows: usize,
+) -> String {
+    let total: u64 = values.values().sum();
+    let mut by_count: Vec<(&String, &u64)> = values.iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let mut shown: Vec<String> = by_count
+        .iter()
+        .take(3)
+        .map(|(v, c)| format!("`{}` {c}", v.chars().take(40).collect::<String>()))
+        .collect();
+    if by_count.len() > 3 {
+        shown.push(format!("{} more values", by_count.len() - 3));
+    }
+    format!(
+        "{}: column `{column}`: {total} of {rows} rows hold values the schema's vocabulary \
+         lacks ({}); they read as none of its values (`unknown_category = \"zeros\"`), so \
+         the model sees those rows as if the column were blank: add the values to the \
+         vocabulary and train again if they matter",
+        path.display(),
+        shown.join(", ")
+    )
 }
 
 /// A data record of a table and its line, or why it could not be read.
@@ -960,6 +1038,39 @@ mod tests {
              [\"1\"] or negative [\"0\"] (a customer whose outcome is not known yet is for \
              `score`, which reads blank labels as not known)"
         );
+    }
+
+    /// Values a categorical column's vocabulary lacks are counted in a note
+    /// under `unknown_category = "zeros"` (they were read as none of its
+    /// values without a word); blanks and placeholders are missing values.
+    #[test]
+    fn values_outside_a_vocabulary_are_counted_in_a_note() {
+        let schema = Schema {
+            categorical: vec![Categorical {
+                name: "internet".into(),
+                vocabulary: vec!["DSL".into(), "Fiber".into()],
+            }],
+            unknown_category: UnknownCategory::Zeros,
+            ..label_y(&[])
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        let rows =
+            "id,internet,y\n1,DSL,0\n2,Satellite,1\n3,NA,0\n4,,0\n5,Satellite,0\n6,Cable,1\n";
+        std::fs::write(&path, rows).unwrap();
+        let (ds, notes) = schema.load_csv_noting(&path, b',').unwrap();
+        assert_eq!(ds.len(), 6);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("column `internet`: 3 of 6 rows hold values the schema's vocabulary lacks (`Satellite` 2, `Cable` 1)"),
+            "{}",
+            notes[0]
+        );
+        let (_, notes) = schema.load_features_noting(&path, b',').unwrap();
+        assert_eq!(notes.len(), 1);
+        // Inside the vocabulary, or blank: no note.
+        std::fs::write(&path, "id,internet,y\n1,DSL,0\n2,,1\n").unwrap();
+        assert!(schema.load_csv_noting(&path, b',').unwrap().1.is_empty());
     }
 
     #[test]

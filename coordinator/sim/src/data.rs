@@ -635,15 +635,17 @@ pub fn build(
                 _ => unreachable!("matched above"),
             };
             // Every loading error names the file (and line) itself.
-            let load = |p: &Path| -> anyhow::Result<TabularDataset> {
-                Ok(schema.load_csv_delimited(p, delimiter)?)
+            let mut notes = Vec::new();
+            let mut load = |p: &Path| -> anyhow::Result<TabularDataset> {
+                let (ds, unseen) = schema.load_csv_noting(p, delimiter)?;
+                notes.extend(unseen);
+                Ok(ds)
             };
             let (train, test) = match (files, path) {
                 (Some((tr, te)), _) => (load(tr)?, Some(load(te)?)),
                 (None, Some(path)) => (load(path)?, None),
                 (None, None) => bail!("--data csv without a PATH needs --train and --test"),
             };
-            let mut notes = Vec::new();
             if let (Some(test), Some(id)) = (&test, &schema.id) {
                 notes.extend(held_out_in_training(&train, test, id));
             }

@@ -223,6 +223,44 @@ fn small(dir: &Path, rows: &str) -> SimArgs {
     args("churn-lr", format!("csv:{}", csv.display()), Some(schema))
 }
 
+/// A test table holding a category the schema never saw says so in the
+/// report: those rows were read as none of the column's values, unsaid.
+#[test]
+fn a_test_table_with_a_category_the_schema_lacks_is_reported() {
+    use fedcart_common::data::tabular::UnknownCategory;
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(telco()).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.collect();
+    let (train, test) = (dir.path().join("train.csv"), dir.path().join("test.csv"));
+    std::fs::write(&train, format!("{header}\n{}\n", rows[..5600].join("\n"))).unwrap();
+    let renamed = rows[5600..].join("\n").replace(",DSL,", ",Satellite,");
+    std::fs::write(&test, format!("{header}\n{renamed}\n")).unwrap();
+    let satellites = renamed.matches(",Satellite,").count();
+    assert!(satellites > 100);
+    let schema = Schema {
+        unknown_category: UnknownCategory::Zeros,
+        ..Schema::telco()
+    };
+    let mut a = args(
+        "churn-lr",
+        "csv".into(),
+        Some(schema_file(dir.path(), &schema)),
+    );
+    a.train = Some(train);
+    a.test = Some(test);
+    let exp = run(a).unwrap().remove(0);
+    let want = format!("column `InternetService`: {satellites} of ");
+    assert!(
+        exp.report
+            .iter()
+            .any(|l| l.contains(&want) && l.contains("(`Satellite` ")),
+        "{:?}",
+        exp.report
+    );
+}
+
 #[test]
 fn bad_tables_name_the_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
