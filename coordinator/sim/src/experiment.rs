@@ -10,6 +10,65 @@ use serde::Serialize;
 use crate::data::{DataSpec, TaskChoice};
 use crate::settings::Settings;
 
+/// How a column of the federation-value report compares with local-only,
+/// merchant by merchant: shown as "beats local-only for B of N merchants,
+/// ties it for T, loses to it for L" (the report's lines) and in the plot
+/// of many merchants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VersusLocal {
+    /// Merchants whose column figure is better than local-only's.
+    pub better: usize,
+    /// Merchants whose two figures are exactly equal.
+    pub tied: usize,
+    /// Merchants whose column figure is worse.
+    pub worse: usize,
+    /// Merchants compared (a NaN figure is in none of the three).
+    pub of: usize,
+}
+
+impl VersusLocal {
+    /// Counts `merchants` (those with both figures of `key`; any other is
+    /// compared but counted in none of the three) by `column`'s figure
+    /// against local-only's, better as the metric's direction says. A tie
+    /// is an exactly equal figure, not a loss: a recommender's hit counts
+    /// are whole numbers, and a small store often scores the same either
+    /// way (grocery stores read "beats local-only for 3 of 20" for 3 wins,
+    /// 17 ties and no loss).
+    pub fn count<'a>(
+        merchants: impl IntoIterator<Item = &'a fedcart_common::reference::MerchantValue>,
+        key: &str,
+        higher_is_better: bool,
+        column: impl Fn(&fedcart_common::reference::MerchantValue) -> &BTreeMap<String, f64>,
+    ) -> Self {
+        use std::cmp::Ordering;
+        let mut tally = Self::default();
+        for m in merchants {
+            tally.of += 1;
+            let (Some(c), Some(l)) = (column(m).get(key), m.local_only.get(key)) else {
+                continue;
+            };
+            match c.partial_cmp(l) {
+                Some(Ordering::Equal) => tally.tied += 1,
+                Some(o) if (o == Ordering::Greater) == higher_is_better => tally.better += 1,
+                Some(_) => tally.worse += 1,
+                // A NaN figure compares with nothing.
+                None => {}
+            }
+        }
+        tally
+    }
+}
+
+impl std::fmt::Display for VersusLocal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "beats local-only for {} of {} merchants, ties it for {}, loses to it for {}",
+            self.better, self.of, self.tied, self.worse
+        )
+    }
+}
+
 /// One training round as reported.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct RoundRow {

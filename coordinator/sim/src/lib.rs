@@ -1014,13 +1014,10 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             .iter()
             .filter(|m| m.federated.contains_key(key) && m.local_only.contains_key(key))
             .collect();
-        let wins = comparable
-            .iter()
-            .filter(|m| {
-                let (f, l) = (get(&m.federated), get(&m.local_only));
-                if higher { f > l } else { f < l }
-            })
-            .count();
+        let versus_local =
+            experiment::VersusLocal::count(comparable.iter().copied(), key, higher, |m| {
+                &m.federated
+            });
         let unmeasured = v.merchants.len() - comparable.len();
         // The served model below a baseline the merchants had without it.
         let served = v.pooled.get("federated").map(get);
@@ -1052,7 +1049,7 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
         };
         out.push(format!(
             "baselines ({key}, each merchant's weighted by its held-out rows{}): {}; \
-             federated beats local-only for {wins} of {} merchants{}",
+             federated {versus_local}{}",
             v.patience
                 .map(|p| format!("; stopped as the run stops, patience {p}"))
                 .unwrap_or_default(),
@@ -1062,7 +1059,6 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             } else {
                 cols.join(", ")
             },
-            comparable.len(),
             if unmeasured > 0 {
                 format!(
                     " ({unmeasured} of {} have no held-out {key}: too few held-out rows, or \
@@ -1075,11 +1071,12 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
         ));
         out.extend(below);
         if v.merchants.iter().any(|m| m.personalised_kept.is_some()) {
-            let beats = |f: f64, l: f64| if higher { f > l } else { f < l };
-            let selected_wins = comparable
-                .iter()
-                .filter(|m| beats(get(m.selected()), get(&m.local_only)))
-                .count();
+            let selected = experiment::VersusLocal::count(
+                comparable.iter().copied(),
+                key,
+                higher,
+                fedcart_common::reference::MerchantValue::selected,
+            );
             let kept: Vec<&str> = v
                 .merchants
                 .iter()
@@ -1088,7 +1085,7 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
                 .collect();
             out.push(format!(
                 "with personalisation: {} of {} merchants kept their copy{}; the selected copy \
-                 beats local-only for {selected_wins} of {} merchants",
+                 {selected}",
                 kept.len(),
                 v.merchants.len(),
                 if kept.is_empty() {
@@ -1096,7 +1093,6 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
                 } else {
                     format!(" ({})", kept.join(", "))
                 },
-                comparable.len()
             ));
         }
     }

@@ -2154,3 +2154,106 @@ fn the_settings_of_a_natural_partition_count_its_stores() {
     assert_eq!(json["settings"]["merchants"], 20);
     assert_eq!(json["experiments"][0]["merchants"], 20);
 }
+
+/// An experiment of `task` with a federation-value report of these
+/// (local-only, federated) figures of the headline `key`, no training.
+fn value_experiment(
+    task: &str,
+    key: &str,
+    figures: &[(f64, f64)],
+) -> (Experiment, fedcart_common::reference::FederationValue) {
+    use fedcart_common::reference::{FederationValue, MerchantValue};
+    let a = SimArgs {
+        task: Some(task.parse().unwrap()),
+        ..Default::default()
+    };
+    let s = Settings::from_args(a).unwrap();
+    let t = s.task.unwrap();
+    let model = fedcart_common::task::ModelSpec::churn_lr(3);
+    let mut e = Experiment::new(t, &t.default_data(), &s, figures.len(), &model, 0.0);
+    let metric = |v: f64| BTreeMap::from([(key.to_string(), v)]);
+    let v = FederationValue {
+        notes: Vec::new(),
+        rounds: 10,
+        patience: None,
+        centralized_pooled: metric(0.5),
+        merchants: figures
+            .iter()
+            .enumerate()
+            .map(|(k, &(local, federated))| MerchantValue {
+                merchant: format!("m{k:04}"),
+                local_only: metric(local),
+                federated: metric(federated),
+                centralized: None,
+                own_popularity: None,
+                global_popularity: None,
+                personalised: None,
+                personalised_kept: None,
+                weight: 1.0,
+            })
+            .collect(),
+        pooled: Default::default(),
+    };
+    e.federation_value = Some(v.clone());
+    (e, v)
+}
+
+/// The report said "federated beats local-only for 3 of 20 merchants" for
+/// 3 better and 17 exactly tied (grocery stores with the same hit counts
+/// either way), which read as 17 losses; it gives the ties and losses
+/// beside the wins, for the federated column and for the selected copy
+/// with personalisation, and "better" follows the metric's direction.
+#[test]
+fn the_federation_value_line_counts_ties_apart_from_losses() {
+    let mut figures = vec![(0.1, 0.2); 3];
+    figures.extend([(0.05, 0.05); 17]);
+    let (e, _) = value_experiment("mf-implicit", "hr@10", &figures);
+    let line = |e: &Experiment| {
+        selection_report(e)
+            .into_iter()
+            .find(|l| l.starts_with("baselines ("))
+            .unwrap()
+    };
+    assert!(
+        line(&e).contains(
+            "federated beats local-only for 3 of 20 merchants, ties it for 17, loses to it for 0"
+        ),
+        "{}",
+        line(&e)
+    );
+    // RMSE: lower is better.
+    let (e, _) = value_experiment(
+        "mf",
+        "rmse",
+        &[(1.0, 0.9), (1.0, 1.1), (1.0, 1.0), (0.8, 1.2)],
+    );
+    assert!(
+        line(&e).contains(
+            "federated beats local-only for 1 of 4 merchants, ties it for 1, loses to it for 2"
+        ),
+        "{}",
+        line(&e)
+    );
+    // Personalisation: the selected copy is the kept one where kept.
+    let (mut e, mut v) = value_experiment("mf-implicit", "hr@10", &[(0.1, 0.1); 3]);
+    for (m, (kept, personal)) in
+        v.merchants
+            .iter_mut()
+            .zip([(true, 0.2), (false, 0.3), (true, 0.0)])
+    {
+        m.personalised = Some(BTreeMap::from([("hr@10".to_string(), personal)]));
+        m.personalised_kept = Some(kept);
+    }
+    e.federation_value = Some(v);
+    let with = selection_report(&e)
+        .into_iter()
+        .find(|l| l.starts_with("with personalisation:"))
+        .unwrap();
+    assert!(
+        with.contains(
+            "the selected copy beats local-only for 1 of 3 merchants, ties it for 1, loses to it \
+             for 1"
+        ),
+        "{with}"
+    );
+}
