@@ -74,13 +74,30 @@ enum Chart<'a> {
         /// Where the legend goes: away from where the curve ends up.
         legend: SeriesLabelPosition,
     },
-    /// Grouped bars: category labels, then (series label, value per category).
+    /// Grouped bars: category labels, then (series label, its colour's
+    /// index in [`PALETTE`], value per category). A column keeps its colour
+    /// whichever others are left out.
     Bars {
         y_desc: &'a str,
         categories: Vec<String>,
-        series: Vec<(String, Vec<Option<f64>>)>,
+        series: Vec<(String, usize, Vec<Option<f64>>)>,
+    },
+    /// One value per merchant, sorted, as an area about zero, with lines of
+    /// text below the chart: the federation value of more merchants than
+    /// bars can show (a thousand groups of bars in 800 pixels were a smear).
+    Sorted {
+        x_desc: String,
+        y_desc: String,
+        values: Vec<f64>,
+        notes: Vec<String>,
     },
 }
+
+/// Above this many merchants the federation-value plot shows each one's
+/// federated − local-only difference, sorted, instead of a group of bars
+/// per merchant: forty groups of five bars are about the most an 800-pixel
+/// chart keeps readable, with labels that still fit their slot.
+pub const MAX_MERCHANT_BARS: usize = 40;
 
 /// Writes every plot of `experiments` into `dir` and returns them, per experiment.
 pub fn write_all(dir: &Path, experiments: &[Experiment]) -> anyhow::Result<Vec<Vec<Plot>>> {
@@ -164,71 +181,163 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
         }
     }
     if let Some(v) = &e.federation_value {
-        use fedcart_common::reference::MerchantValue;
-        type Metrics = std::collections::BTreeMap<String, f64>;
-        let get = |m: Option<&Metrics>| m.and_then(|m| m.get(key)).copied();
-        let personal = v.merchants.iter().any(|m| m.personalised_kept.is_some());
-        // One series per column: the pooled figure first, then each merchant's.
-        let series =
-            |label: &str, pooled: Option<&Metrics>, per: &dyn Fn(&MerchantValue) -> Option<f64>| {
-                let values = std::iter::once(get(pooled))
-                    .chain(v.merchants.iter().map(per))
-                    .collect();
-                (label.to_string(), values)
-            };
-        let mut all = vec![
-            series(
-                "global popularity",
-                v.pooled.get("global_popularity"),
-                &|m| get(m.global_popularity.as_ref()),
-            ),
-            series("own popularity", v.pooled.get("own_popularity"), &|m| {
-                get(m.own_popularity.as_ref())
-            }),
-            series("local-only", v.pooled.get("local_only"), &|m| {
-                get(Some(&m.local_only))
-            }),
-            series("federated", v.pooled.get("federated"), &|m| {
-                get(Some(&m.federated))
-            }),
-            series("centralised", Some(&v.centralized_pooled), &|m| {
-                get(m.centralized.as_ref())
-            }),
-        ];
-        if personal {
-            // The fine-tuned copy where the merchant kept it (no bar where
-            // it was discarded); pooled: every merchant's selected copy.
-            all.push(series(
-                "personalised where kept (pooled: selected)",
-                v.pooled.get("selected"),
-                &|m| match m.personalised_kept {
-                    Some(true) => get(m.personalised.as_ref()),
-                    _ => None,
-                },
-            ));
+        out.extend(federation_value(e, v, key, higher_is_better));
+    }
+    out
+}
+
+/// The federation-value chart: up to [`MAX_MERCHANT_BARS`] merchants, a
+/// group of bars per merchant after the pooled group; beyond, each
+/// merchant's federated − local-only difference, sorted, with the pooled
+/// figures and the better / tied / worse counts written under it.
+fn federation_value(
+    e: &Experiment,
+    v: &fedcart_common::reference::FederationValue,
+    key: &'static str,
+    higher_is_better: bool,
+) -> Option<(String, String, Chart<'static>)> {
+    use fedcart_common::reference::MerchantValue;
+    type Metrics = std::collections::BTreeMap<String, f64>;
+    let get = |m: Option<&Metrics>| m.and_then(|m| m.get(key)).copied();
+    // What the report's baselines line says of how long they trained.
+    let baselines = match v.patience {
+        Some(p) => format!(
+            "baselines at most {} rounds, stopped as the run stops, patience {p}",
+            v.rounds
+        ),
+        None => format!("baselines {} rounds", v.rounds),
+    };
+    let served = e
+        .best
+        .as_ref()
+        .map(|b| format!("served version {}; ", b.round))
+        .unwrap_or_default();
+    let name = format!("{}-federation-value", e.task);
+    if v.merchants.len() > MAX_MERCHANT_BARS {
+        let both: Vec<&MerchantValue> = v
+            .merchants
+            .iter()
+            .filter(|m| m.federated.contains_key(key) && m.local_only.contains_key(key))
+            .collect();
+        let mut values: Vec<f64> = both
+            .iter()
+            .map(|m| m.federated[key] - m.local_only[key])
+            .filter(|d| d.is_finite())
+            .collect();
+        if values.is_empty() {
+            return None;
         }
-        out.push((
-            format!("{}-federation-value", e.task),
-            match &e.best {
-                Some(b) => format!(
-                    "{}: {key} per merchant (served version {}; baselines {} rounds)",
-                    e.task, b.round, v.rounds
-                ),
-                None => format!(
-                    "{}: {key} per merchant (baselines {} rounds)",
-                    e.task, v.rounds
-                ),
-            },
-            Chart::Bars {
-                y_desc: key,
-                categories: std::iter::once("pooled".to_string())
-                    .chain(v.merchants.iter().map(|m| m.merchant.clone()))
-                    .collect(),
-                series: all,
+        values.sort_by(f64::total_cmp);
+        let tally = super::experiment::VersusLocal::count(
+            both.iter().copied(),
+            key,
+            higher_is_better,
+            |m| &m.federated,
+        );
+        let pooled: Vec<String> = [
+            ("federated", v.pooled.get("federated")),
+            ("local-only", v.pooled.get("local_only")),
+            ("own popularity", v.pooled.get("own_popularity")),
+            ("global popularity", v.pooled.get("global_popularity")),
+            ("selected copy", v.pooled.get("selected")),
+            ("centralised", Some(&v.centralized_pooled)),
+        ]
+        .into_iter()
+        .filter_map(|(label, m)| get(m).map(|x| format!("{label} {x:.4}")))
+        .collect();
+        let unmeasured = v.merchants.len() - both.len();
+        let notes = vec![
+            format!("pooled {key}: {}", pooled.join(", ")),
+            format!(
+                "federated {}{}",
+                tally,
+                if unmeasured > 0 {
+                    format!(
+                        " ({unmeasured} of {} without both figures)",
+                        v.merchants.len()
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+            format!(
+                "{} 0: federated better; {baselines}",
+                if higher_is_better { "above" } else { "below" }
+            ),
+        ];
+        return Some((
+            name,
+            format!(
+                "{}: federated − local-only {key} per merchant, sorted ({served}{} merchants)",
+                e.task,
+                v.merchants.len()
+            ),
+            Chart::Sorted {
+                x_desc: "merchants, sorted by the difference".into(),
+                y_desc: format!("federated − local-only {key}"),
+                values,
+                notes,
             },
         ));
     }
-    out
+    let personal = v.merchants.iter().any(|m| m.personalised_kept.is_some());
+    // One series per column: the pooled figure first, then each merchant's.
+    let series = |label: &str,
+                  colour: usize,
+                  pooled: Option<&Metrics>,
+                  per: &dyn Fn(&MerchantValue) -> Option<f64>| {
+        let values: Vec<Option<f64>> = std::iter::once(get(pooled))
+            .chain(v.merchants.iter().map(per))
+            .collect();
+        (label.to_string(), colour, values)
+    };
+    let mut all = vec![
+        series(
+            "global popularity",
+            0,
+            v.pooled.get("global_popularity"),
+            &|m| get(m.global_popularity.as_ref()),
+        ),
+        series("own popularity", 1, v.pooled.get("own_popularity"), &|m| {
+            get(m.own_popularity.as_ref())
+        }),
+        series("local-only", 2, v.pooled.get("local_only"), &|m| {
+            get(Some(&m.local_only))
+        }),
+        series("federated", 3, v.pooled.get("federated"), &|m| {
+            get(Some(&m.federated))
+        }),
+        series("centralised", 4, Some(&v.centralized_pooled), &|m| {
+            get(m.centralized.as_ref())
+        }),
+    ];
+    if personal {
+        // The fine-tuned copy where the merchant kept it (no bar where
+        // it was discarded); pooled: every merchant's selected copy.
+        all.push(series(
+            "personalised where kept (pooled: selected)",
+            5,
+            v.pooled.get("selected"),
+            &|m| match m.personalised_kept {
+                Some(true) => get(m.personalised.as_ref()),
+                _ => None,
+            },
+        ));
+    }
+    // A column with no figure anywhere (popularity on a churn task) has
+    // no bars and no legend entry.
+    all.retain(|(_, _, values)| values.iter().any(Option::is_some));
+    Some((
+        name,
+        format!("{}: {key} per merchant ({served}{baselines})", e.task),
+        Chart::Bars {
+            y_desc: key,
+            categories: std::iter::once("pooled".to_string())
+                .chain(v.merchants.iter().map(|m| m.merchant.clone()))
+                .collect(),
+            series: all,
+        },
+    ))
 }
 
 fn write_one(dir: &Path, name: &str, title: &str, chart: &Chart<'_>) -> anyhow::Result<Plot> {
@@ -270,14 +379,41 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-/// A chart on `area` with the title and the axes' label areas.
+/// [`span`] of a metric's values, not below 0 when none is: HR, AUC or
+/// RMSE cannot be negative, and an axis padded to -0.02 drew a stub of a
+/// bar under 0 for every merchant that scored 0.
+fn metric_span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let values: Vec<f64> = values.filter(|v| v.is_finite()).collect();
+    let (lo, hi) = span(values.iter().copied());
+    if values.iter().all(|&v| v >= 0.0) {
+        (lo.max(0.0), hi)
+    } else {
+        (lo, hi)
+    }
+}
+
+/// Margin around a chart, in pixels.
+const MARGIN: u32 = 14;
+
+/// A chart on `area` with the title and the axes' label areas. A title
+/// wider than the image is set smaller (down to 12 pixels) so that it is
+/// read whole.
 fn builder<'a, 'b, DB: DrawingBackend>(
     area: &'a DrawingArea<DB, Shift>,
     title: &str,
 ) -> ChartBuilder<'a, 'b, DB> {
+    let room = area.dim_in_pixel().0.saturating_sub(2 * MARGIN);
+    let mut size = 20.0;
+    while size > 12.0
+        && area
+            .estimate_text_size(title, &(FONT, size).into())
+            .is_ok_and(|(w, _)| w > room)
+    {
+        size -= 1.0;
+    }
     let mut b = ChartBuilder::on(area);
-    b.caption(title, (FONT, 20))
-        .margin(14)
+    b.caption(title, (FONT, size))
+        .margin(MARGIN)
         .x_label_area_size(44)
         .y_label_area_size(64);
     b
@@ -293,7 +429,8 @@ const LEGEND_PAD: i32 = 6;
 
 /// Where a bar chart's parts landed, in the image's pixels: the plotting
 /// area (the bars) and the legend (below the chart, outside the plotting
-/// area, so it never hides a bar).
+/// area, so it never hides a bar); for a [`Chart::Sorted`], the plotting
+/// area and its notes.
 #[derive(Debug, Clone, PartialEq)]
 struct BarsLayout {
     /// x and y pixel ranges of the plotting area.
@@ -316,7 +453,7 @@ fn draw<DB: DrawingBackend>(
             legend,
         } => {
             let (x0, x1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
-            let (y0, y1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
+            let (y0, y1) = metric_span(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
             let mut c = builder(root, title).build_cartesian_2d(x0..x1, y0..y1)?;
             // Rounds and versions are whole numbers: label only whole ticks.
             let whole = |x: &f64| {
@@ -368,7 +505,7 @@ fn draw<DB: DrawingBackend>(
             let mut rows: Vec<Vec<(usize, i32)>> = vec![Vec::new()];
             let mut row_width = Vec::new();
             let mut x = 0;
-            for (s, (label, _)) in series.iter().enumerate() {
+            for (s, (label, _, _)) in series.iter().enumerate() {
                 let text = root.estimate_text_size(label, &style)?.0 as i32;
                 let w = SWATCH + SWATCH_GAP + text;
                 if x > 0 && x + w > width as i32 - 2 * LEGEND_PAD {
@@ -385,7 +522,7 @@ fn draw<DB: DrawingBackend>(
             let strip = rows.len() as i32 * ROW + 2 * LEGEND_PAD;
             let (chart_area, legend_area) = root.split_vertically(height as i32 - strip);
             let n = categories.len().max(1);
-            let (lo, hi) = span(series.iter().flat_map(|s| s.1.iter().flatten().copied()));
+            let (lo, hi) = metric_span(series.iter().flat_map(|s| s.2.iter().flatten().copied()));
             let mut c = builder(&chart_area, title)
                 .build_cartesian_2d(-0.5..(n as f64 - 0.5), lo.min(hi - 1e-3)..hi)?;
             // Category labels shrink until they fit their slot.
@@ -420,8 +557,8 @@ fn draw<DB: DrawingBackend>(
                 .axis_desc_style((FONT, 15))
                 .draw()?;
             let bar_width = 0.8 / series.len().max(1) as f64;
-            for (s, (_, values)) in series.iter().enumerate() {
-                let colour = PALETTE[s % PALETTE.len()];
+            for (s, (_, colour, values)) in series.iter().enumerate() {
+                let colour = PALETTE[colour % PALETTE.len()];
                 let bars = values.iter().enumerate().filter_map(|(i, v)| {
                     let left = i as f64 - 0.4 + s as f64 * bar_width;
                     v.map(|v| {
@@ -440,7 +577,7 @@ fn draw<DB: DrawingBackend>(
                 right = right.max(x0 + row_width[r]);
                 let y = LEGEND_PAD + r as i32 * ROW + ROW / 2;
                 for &(s, dx) in entries {
-                    let colour = PALETTE[s % PALETTE.len()];
+                    let colour = PALETTE[series[s].1 % PALETTE.len()];
                     let x = x0 + dx;
                     legend_area.draw(&Rectangle::new(
                         [(x, y - SWATCH / 2), (x + SWATCH, y + SWATCH / 2)],
@@ -459,6 +596,94 @@ fn draw<DB: DrawingBackend>(
                 legend: (
                     bx + left..bx + right,
                     by + LEGEND_PAD..by + LEGEND_PAD + rows.len() as i32 * ROW,
+                ),
+            }))
+        }
+        Chart::Sorted {
+            x_desc,
+            y_desc,
+            values,
+            notes,
+        } => {
+            // The notes get their own strip below the chart, one row each.
+            let (width, height) = root.dim_in_pixel();
+            let strip = notes.len() as i32 * ROW + 2 * LEGEND_PAD;
+            let (chart_area, notes_area) = root.split_vertically(height as i32 - strip);
+            let n = values.len().max(1) as f64;
+            // Zero is always on the axis: the line that splits better
+            // from worse.
+            let (lo, hi) = span(values.iter().copied().chain([0.0]));
+            let mut c = builder(&chart_area, title).build_cartesian_2d(0.5..n + 0.5, lo..hi)?;
+            let whole = |x: &f64| {
+                let r = x.round();
+                if (x - r).abs() < 1e-6 {
+                    format!("{}", r as i64)
+                } else {
+                    String::new()
+                }
+            };
+            // Ticks to the decimals their spacing needs; zero reads 0,
+            // not the -0.0 a rounding of -1e-17 prints.
+            let decimals = (-((hi - lo) / 10.0).log10().floor()).clamp(0.0, 6.0) as usize;
+            let tick = move |y: &f64| {
+                let text = format!("{y:.decimals$}");
+                if text
+                    .trim_start_matches('-')
+                    .chars()
+                    .all(|c| matches!(c, '0' | '.'))
+                {
+                    "0".to_string()
+                } else {
+                    text
+                }
+            };
+            c.configure_mesh()
+                .disable_x_mesh()
+                .x_label_formatter(&whole)
+                .y_label_formatter(&tick)
+                .x_desc(x_desc.as_str())
+                .y_desc(y_desc.as_str())
+                .label_style((FONT, 13))
+                .axis_desc_style((FONT, 15))
+                .draw()?;
+            let colour = PALETTE[0];
+            let points: Vec<(f64, f64)> = values
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (i as f64 + 1.0, v))
+                .collect();
+            // The area between the curve and zero, then the curve.
+            let outline = std::iter::once((1.0, 0.0))
+                .chain(points.iter().copied())
+                .chain([(n, 0.0)]);
+            c.draw_series([Polygon::new(
+                outline.collect::<Vec<_>>(),
+                colour.mix(0.35).filled(),
+            )])?;
+            c.draw_series(LineSeries::new(points, colour.stroke_width(2)))?;
+            c.draw_series(LineSeries::new(
+                [(0.5, 0.0), (n + 0.5, 0.0)],
+                BLACK.stroke_width(1),
+            ))?;
+            let style: TextStyle = (FONT, 13).into();
+            let centred = style.pos(Pos::new(HPos::Center, VPos::Center));
+            let mut widest = 0;
+            for (r, note) in notes.iter().enumerate() {
+                widest = widest.max(root.estimate_text_size(note, &style)?.0 as i32);
+                let y = LEGEND_PAD + r as i32 * ROW + ROW / 2;
+                notes_area.draw(&Text::new(
+                    note.as_str(),
+                    (width as i32 / 2, y),
+                    centred.clone(),
+                ))?;
+            }
+            let (bx, by) = notes_area.get_base_pixel();
+            let left = (width as i32 - widest) / 2;
+            Ok(Some(BarsLayout {
+                plot: c.plotting_area().get_pixel_range(),
+                legend: (
+                    bx + left..bx + left + widest,
+                    by + LEGEND_PAD..by + LEGEND_PAD + notes.len() as i32 * ROW,
                 ),
             }))
         }

@@ -305,3 +305,161 @@ fn plot_files_of_a_task_with_parameters_have_portable_names() {
         assert!(p.title.starts_with("churn-mlp:16,8: "), "{}", p.title);
     }
 }
+
+/// [`experiment`] with `n` merchants: the first `better` federated above
+/// local-only, the next `tied` equal, the rest below; `unmeasured` more
+/// without a local-only figure.
+fn many_merchants(better: usize, tied: usize, worse: usize, unmeasured: usize) -> Experiment {
+    let mut e = experiment();
+    let metric = |v: f64| BTreeMap::from([("auc".to_string(), v)]);
+    let v = e.federation_value.as_mut().unwrap();
+    let n = better + tied + worse + unmeasured;
+    v.merchants = (0..n)
+        .map(|k| {
+            let local = 0.5 + 0.004 * (k % 50) as f64;
+            let federated = match k {
+                k if k < better => local + 0.01 * (1 + k % 7) as f64,
+                k if k < better + tied => local,
+                _ => local - 0.02,
+            };
+            MerchantValue {
+                merchant: format!("m{k:04}"),
+                local_only: if k < n - unmeasured {
+                    metric(local)
+                } else {
+                    BTreeMap::new()
+                },
+                federated: metric(federated),
+                centralized: None,
+                own_popularity: None,
+                global_popularity: None,
+                personalised: None,
+                personalised_kept: None,
+                weight: 1.0,
+            }
+        })
+        .collect();
+    v.pooled.insert("federated".into(), metric(0.8504));
+    v.pooled.insert("local_only".into(), metric(0.7008));
+    v.patience = Some(5);
+    e
+}
+
+/// A thousand merchants drew a thousand groups of bars in 800 pixels, their
+/// labels overprinted and the pooled group lost. Past
+/// [`MAX_MERCHANT_BARS`] the chart is each merchant's federated −
+/// local-only difference, sorted, with the pooled figures and the better /
+/// tied / worse counts (as the report's line gives them) written below it.
+#[test]
+fn many_merchants_are_plotted_as_their_sorted_federated_minus_local_only() {
+    let e = many_merchants(30, 50, 20, 5);
+    register_font();
+    let (name, title, chart) = charts(&e).pop().unwrap();
+    assert_eq!(name, "churn-lr-federation-value");
+    let Chart::Sorted { values, notes, .. } = &chart else {
+        panic!("105 merchants are not plotted as bars");
+    };
+    assert_eq!(values.len(), 100);
+    assert!(values.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(values.iter().filter(|&&d| d == 0.0).count(), 50);
+    assert_eq!(
+        notes[0],
+        "pooled auc: federated 0.8504, local-only 0.7008, centralised 0.8400"
+    );
+    assert_eq!(
+        notes[1],
+        "federated beats local-only for 30 of 100 merchants, ties it for 50, loses to it for 20 \
+         (5 of 105 without both figures)"
+    );
+    assert!(
+        notes[2].starts_with(
+            "above 0: federated better; baselines at most 6 rounds, stopped as the \
+         run stops, patience 5"
+        ),
+        "{}",
+        notes[2]
+    );
+    let mut svg = String::new();
+    let layout = {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        let layout = draw(&root, &title, &chart).unwrap().unwrap();
+        root.present().unwrap();
+        layout
+    };
+    // The notes are drawn whole, in the image and below the chart; no
+    // merchant's name is an axis label.
+    let texts = texts(&svg);
+    for note in notes {
+        assert!(texts.contains(note), "{note} not in {texts:?}");
+    }
+    assert!(!texts.iter().any(|t| t.starts_with("m00")), "{texts:?}");
+    assert!(layout.legend.1.start >= layout.plot.1.end, "{layout:?}");
+    assert!(
+        layout.legend.0.start >= 0 && layout.legend.0.end <= SIZE.0 as i32,
+        "{layout:?}"
+    );
+    assert!(layout.legend.1.end <= SIZE.1 as i32, "{layout:?}");
+    // Up to the limit, the bars stay.
+    let e = many_merchants(MAX_MERCHANT_BARS, 0, 0, 0);
+    assert!(matches!(charts(&e).pop().unwrap().2, Chart::Bars { .. }));
+}
+
+/// A churn run's bar legend listed "global popularity" and "own
+/// popularity", which have no bars on churn; a column with no figure is
+/// left out, and the others keep their colours.
+#[test]
+fn federation_value_bars_list_only_columns_with_bars_in_their_own_colours() {
+    let (_, _, chart) = charts(&experiment()).pop().unwrap();
+    let Chart::Bars { series, .. } = &chart else {
+        panic!("three merchants are plotted as bars");
+    };
+    let labels: Vec<(&str, usize)> = series.iter().map(|s| (s.0.as_str(), s.1)).collect();
+    assert_eq!(
+        labels,
+        [("local-only", 2), ("federated", 3), ("centralised", 4)]
+    );
+}
+
+/// Grocery stores that scored HR@10 0 drew a stub below an axis that went
+/// to -0.02; a metric none of whose values is negative starts at 0. A
+/// difference can be negative and keeps its room below 0.
+#[test]
+fn a_metric_axis_does_not_go_below_zero() {
+    let (lo, hi) = metric_span([0.0, 0.05, 0.3].into_iter());
+    assert_eq!(lo, 0.0);
+    assert!(hi > 0.3);
+    assert!(metric_span([0.8, 0.9].into_iter()).0 > 0.7);
+    assert!(metric_span([-0.1, 0.2].into_iter()).0 < -0.1);
+}
+
+/// The title said "baselines 10 rounds" of a run that stopped early, whose
+/// baselines stopped with it; it says what the report says, and a title
+/// wider than the image is set smaller to be read whole.
+#[test]
+fn the_federation_value_title_says_how_the_baselines_stopped_and_fits() {
+    let mut e = experiment();
+    e.federation_value.as_mut().unwrap().patience = Some(5);
+    register_font();
+    let (_, title, chart) = charts(&e).pop().unwrap();
+    assert!(
+        title.ends_with("(baselines at most 6 rounds, stopped as the run stops, patience 5)"),
+        "{title}"
+    );
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        draw(&root, &title, &chart).unwrap();
+        root.present().unwrap();
+    }
+    let tag = svg
+        .split("<text")
+        .find(|t| t.contains(&title))
+        .expect("the title is drawn");
+    let size = attr(tag, "font-size").expect("font-size");
+    let mut scratch = String::new();
+    let sizer = SVGBackend::with_string(&mut scratch, SIZE).into_drawing_area();
+    let (w, _) = sizer
+        .estimate_text_size(&title, &(FONT, size).into())
+        .unwrap();
+    assert!(w <= SIZE.0 - 2 * MARGIN, "{w} pixels at {size}");
+}
