@@ -167,9 +167,16 @@ fn report_html(lines: &[String]) -> String {
 
 /// The effective settings as readable (name, value) rows for the report:
 /// scalar settings by name, objects flattened with dotted names, and the
-/// partition, attack and differential privacy spelt out.
+/// partition, attack and differential privacy spelt out. The boosted
+/// trees' `gbdt.*` rows are listed only when a `churn-gbdt` experiment runs
+/// (a churn-lr report listed every one of them, read as settings of its
+/// model).
 pub fn settings_rows(s: &Settings) -> Vec<(String, String)> {
     use fedcart_common::data::partition::Partitioner;
+    let gbdt = s
+        .experiments()
+        .iter()
+        .any(|(t, _)| *t == super::data::TaskChoice::ChurnGbdt);
     let mut rows = Vec::new();
     let json = serde_json::to_value(s).unwrap_or_default();
     if let Some(map) = json.as_object() {
@@ -193,6 +200,7 @@ pub fn settings_rows(s: &Settings) -> Vec<(String, String)> {
                 )),
                 "attack" => {}
                 "dp" => {}
+                "gbdt" if !gbdt => {}
                 _ => flatten(&k.replace('_', " "), v, &mut rows),
             }
         }
@@ -223,7 +231,7 @@ fn flatten(name: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>) 
     let text = match v {
         Value::Null => return,
         Value::Bool(b) => (if *b { "on" } else { "off" }).to_string(),
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) => f32_text(n).unwrap_or_else(|| n.to_string()),
         Value::String(t) => t.clone(),
         Value::Array(items) => items
             .iter()
@@ -238,6 +246,18 @@ fn flatten(name: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>) 
         }
     };
     rows.push((name.to_string(), lower_enum(text)));
+}
+
+/// A number that is an f32 setting widened to f64, at f32 precision: the
+/// f32's shortest decimal (`--lr 0.1` read 0.10000000149011612). A value is
+/// taken for one when it is exactly an f32 and that f32's shortest decimal
+/// is another f64; an f64 setting as typed (0.1, 20.0) is never exactly such
+/// an f32, so it keeps its own digits.
+fn f32_text(n: &serde_json::Number) -> Option<String> {
+    let x = n.as_f64().filter(|_| n.is_f64())?;
+    let f = x as f32;
+    let short = f.to_string();
+    (f64::from(f) == x && short.parse::<f64>().ok()? != x).then_some(short)
 }
 
 /// Enum names serialised in CamelCase (`Inproc`, `Sync`) read better in
@@ -701,6 +721,40 @@ pub(crate) fn html(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings_of(task: &str, lr: Option<f32>) -> Vec<(String, String)> {
+        let s = Settings::from_args(crate::SimArgs {
+            task: Some(task.parse().unwrap()),
+            lr,
+            ..Default::default()
+        })
+        .unwrap();
+        settings_rows(&s)
+    }
+
+    /// A churn-lr report listed every `gbdt.*` setting, with the trees'
+    /// learning rate as 0.10000000149011612 (an f32 widened to f64): the
+    /// trees' settings are listed for churn-gbdt only, and an f32 setting
+    /// reads as it was given.
+    #[test]
+    fn settings_list_the_trees_for_churn_gbdt_only_at_f32_precision() {
+        let value = |rows: &[(String, String)], key: &str| {
+            rows.iter().find(|r| r.0 == key).map(|r| r.1.clone())
+        };
+        let lr = settings_of("churn-lr", Some(0.1));
+        assert!(!lr.iter().any(|r| r.0.starts_with("gbdt")), "{lr:?}");
+        assert_eq!(value(&lr, "lr").as_deref(), Some("0.1"));
+        let gbdt = settings_of("churn-gbdt", None);
+        assert_eq!(value(&gbdt, "gbdt.learning rate").as_deref(), Some("0.1"));
+        assert_eq!(value(&gbdt, "gbdt.trees").as_deref(), Some("300"));
+        // f64 settings keep their digits.
+        assert_eq!(
+            value(&gbdt, "gbdt.min child weight").as_deref(),
+            Some("20.0")
+        );
+        assert_eq!(value(&gbdt, "valid fraction").as_deref(), Some("0.1"));
+        assert_eq!(value(&gbdt, "clock.availability").as_deref(), Some("1.0"));
+    }
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
