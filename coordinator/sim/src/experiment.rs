@@ -510,6 +510,18 @@ impl Experiment {
         )
     }
 
+    /// The strategy as the summary table and `report.html` show it: with
+    /// FedBuff, the mode beside it (`fedavg (fedbuff)`; a FedBuff run read
+    /// `fedavg`, a synchronous run's name). The strategy still aggregates
+    /// each buffer of updates.
+    pub fn strategy_label(&self) -> String {
+        if self.mode == "sync" {
+            self.strategy.clone()
+        } else {
+            format!("{} ({})", self.strategy, self.mode)
+        }
+    }
+
     /// The headline metric and whether larger is better (None for `noop`).
     pub fn headline(&self) -> Option<(&'static str, bool)> {
         self.headline

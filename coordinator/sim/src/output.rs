@@ -28,6 +28,15 @@ use super::settings::Settings;
 
 /// Prints the summary table to stdout.
 pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
+    fedcart_common::outln!("{}", summary_table(experiments))?;
+    if let Some(keys) = experiments.iter().find_map(|e| e.secagg_keys.as_deref()) {
+        fedcart_common::outln!("secure aggregation keys: {keys}")?;
+    }
+    Ok(())
+}
+
+/// The summary table: one row per experiment.
+fn summary_table(experiments: &[Experiment]) -> comfy_table::Table {
     let mut t = comfy_table::Table::new();
     t.set_header([
         "experiment",
@@ -61,7 +70,7 @@ pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
             } else {
                 format!("{committed} (+{aborted} aborted)")
             },
-            e.strategy.clone(),
+            e.strategy_label(),
             metric(e.rounds.iter().find(evaluated)),
             // The served version's figure, as `final` in metrics.json and
             // `--format json` (the last version's is in the model-selection
@@ -80,11 +89,7 @@ pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
                 .map_or("-".into(), |p| epsilon_text(p.epsilon)),
         ]);
     }
-    fedcart_common::outln!("{t}")?;
-    if let Some(keys) = experiments.iter().find_map(|e| e.secagg_keys.as_deref()) {
-        fedcart_common::outln!("secure aggregation keys: {keys}")?;
-    }
-    Ok(())
+    t
 }
 
 /// The summary as one JSON document, what `--format json` prints: per
@@ -615,7 +620,7 @@ pub(crate) fn html(
             "<h2>{}</h2><p>{} merchants, strategy {}, partition {}, {:.4} s per round after the first.</p>",
             esc(&e.name),
             e.merchants,
-            esc(&e.strategy),
+            esc(&e.strategy_label()),
             esc(&e.partition),
             e.timing.seconds_per_round
         );
@@ -730,6 +735,35 @@ mod tests {
         })
         .unwrap();
         settings_rows(&s)
+    }
+
+    /// A `--mode fedbuff` run's summary table and report said `fedavg`, as
+    /// a synchronous run's do; they give the mode beside the strategy.
+    #[test]
+    fn a_fedbuff_runs_strategy_is_shown_with_its_mode() {
+        let experiment = |mode| {
+            let s = Settings::from_args(crate::SimArgs {
+                task: Some("churn-lr".parse().unwrap()),
+                mode,
+                ..Default::default()
+            })
+            .unwrap();
+            let task = crate::data::TaskChoice::ChurnLr;
+            let model = fedcart_common::task::ModelSpec::churn_lr(3);
+            let e = Experiment::new(task, &task.default_data(), &s, 3, &model, 0.0);
+            (s, e)
+        };
+        let (s, e) = experiment(Some(crate::args::ModeName::Fedbuff));
+        let table = summary_table(std::slice::from_ref(&e)).to_string();
+        assert!(table.contains("fedavg (fedbuff)"), "{table}");
+        assert!(html(&s, &[e], &[]).contains("strategy fedavg (fedbuff),"));
+        let (s, e) = experiment(None);
+        let table = summary_table(std::slice::from_ref(&e)).to_string();
+        assert!(
+            table.contains("| fedavg ") && !table.contains("(sync)"),
+            "{table}"
+        );
+        assert!(html(&s, &[e], &[]).contains("strategy fedavg,"));
     }
 
     /// A churn-lr report listed every `gbdt.*` setting, with the trees'
