@@ -2153,6 +2153,29 @@ fn the_settings_of_a_natural_partition_count_its_stores() {
             .unwrap();
     assert_eq!(json["settings"]["merchants"], 20);
     assert_eq!(json["experiments"][0]["merchants"], 20);
+    // The report says which store each merchant is (m0000… could not be
+    // traced back to a store), in the stores' sorted order.
+    let mut stores: Vec<String> = std::fs::read_to_string(repo("data/grocery/orders.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().to_string())
+        .collect();
+    stores.sort();
+    stores.dedup();
+    let note = json["experiments"][0]["report"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .find(|l| l.contains("one merchant per store"))
+        .unwrap()
+        .to_string();
+    assert!(
+        note.contains(&format!("m0000 = `{}`", stores[0]))
+            && note.contains(&format!("m0019 = `{}`", stores[19])),
+        "{note}"
+    );
 }
 
 /// An experiment of `task` with a federation-value report of these

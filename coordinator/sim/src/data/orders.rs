@@ -387,6 +387,30 @@ impl OrdersSource {
     }
 }
 
+/// Which store each merchant id stands for, the first [`SHOWN_STORES`] of
+/// them: a report of `m0000`… could not be traced back to a store.
+fn store_names(names: &[&str], id: &impl Fn(usize) -> String) -> String {
+    let mut shown: Vec<String> = names
+        .iter()
+        .take(SHOWN_STORES)
+        .enumerate()
+        .map(|(k, name)| {
+            format!(
+                "{} = `{}`",
+                id(k),
+                name.chars().take(40).collect::<String>()
+            )
+        })
+        .collect();
+    if names.len() > SHOWN_STORES {
+        shown.push(format!("{} more", names.len() - SHOWN_STORES));
+    }
+    shown.join(", ")
+}
+
+/// Stores named in the natural partition's report note.
+const SHOWN_STORES: usize = 50;
+
 /// A churn model learns from the orders before the cutoff: refuses an
 /// export with none, saying where the cutoff fell and how to move it
 /// (otherwise every store is left out, or zero customers are dealt).
@@ -505,6 +529,7 @@ pub fn build(
     let derive = |rows: &[Order]| {
         orders::derive(rows, &cfg).with_context(|| format!("deriving {}", src.path.display()))
     };
+    let id = |k: usize| format!("m{k:04}");
     // Natural: one merchant per store, each deriving from its own orders.
     let stores: Option<Vec<Prepared>> = if partitioner == Partitioner::Natural {
         let Some(col) = &src.mapping().merchant else {
@@ -528,12 +553,14 @@ pub fn build(
             );
         }
         let mut out = Vec::new();
+        let mut names = Vec::new();
         for (store, rows) in by_store {
             let p = derive(&rows)?;
             if p.features.is_empty() {
                 tracing::warn!(store, column = %col, "store has no customers before the cutoff; left out");
             } else {
                 out.push(p);
+                names.push(store);
             }
         }
         if out.is_empty() {
@@ -545,15 +572,16 @@ pub fn build(
         // Whether --merchants was given is the settings' to say (they warn
         // that it is ignored); here only the count the export makes.
         notes.push(format!(
-            "{}: --partition natural makes one merchant per store: {} merchants",
+            "{}: --partition natural makes one merchant per store: {} merchants, numbered in \
+             the stores' sorted order ({})",
             src.path.display(),
-            out.len()
+            out.len(),
+            store_names(&names, &id)
         ));
         Some(out)
     } else {
         None
     };
-    let id = |k: usize| format!("m{k:04}");
     match task {
         TaskChoice::ChurnLr
         | TaskChoice::ChurnMlp { .. }
