@@ -371,8 +371,10 @@ impl ObserverState {
                 .increment(r.reported.len() as u64);
             metrics::counter!("fedcart_agents_dropped_total", &labels)
                 .increment(r.dropped.len() as u64);
+            // Refused updates only: a merchant that declined a task by its
+            // privacy policy sent nothing to refuse (it is a dropout).
             metrics::counter!("fedcart_updates_rejected_total", &labels)
-                .increment(r.rejected.len() as u64);
+                .increment(r.refused.len() as u64);
             metrics::counter!("fedcart_update_bytes_in_total", &labels).increment(r.bytes_in);
             metrics::histogram!("fedcart_task_duration_seconds", &labels)
                 .record(r.duration_ms as f64 / 1000.0);
@@ -418,7 +420,7 @@ impl ObserverState {
             for m in &r.dropped {
                 view(agents, m, at).dropped += 1;
             }
-            for (m, _) in &r.rejected {
+            for m in &r.refused {
                 view(agents, m, at).rejected += 1;
             }
         }

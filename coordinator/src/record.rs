@@ -39,8 +39,14 @@ pub struct RoundRecord {
     pub reported: Vec<String>,
     /// Agents that disconnected or missed the deadline.
     pub dropped: Vec<String>,
-    /// Rejected submissions: agent and reason.
+    /// Rejected submissions, and tasks merchants left (declined by their
+    /// privacy policy, failed locally): agent and reason.
     pub rejected: Vec<(String, String)>,
+    /// Of those, the merchants whose update the coordinator refused
+    /// (malformed, non-finite, out of range); a merchant that left the task
+    /// sent none. Empty in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
     /// Example-weighted mean of the agents' reported metrics.
     pub metrics: BTreeMap<String, f64>,
     /// Total example weight of accepted results.
@@ -287,6 +293,7 @@ mod tests {
             reported: vec!["m0".into()],
             dropped: vec![],
             rejected: vec![],
+            refused: vec![],
             metrics: [("pr_auc", f64::INFINITY), ("auc", 0.75), ("loss", f64::NAN)]
                 .map(|(k, v)| (k.to_string(), v))
                 .into(),

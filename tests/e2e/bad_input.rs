@@ -232,6 +232,11 @@ async fn each_bad_update_gets_its_status_and_the_round_completes_with_the_good_o
             .map(|(_, r)| r.as_str())
             .collect()
     };
+    assert_eq!(
+        train.refused,
+        ["merchant-3", "merchant-4", "merchant-5"],
+        "the refused updates, as /metrics counts them"
+    );
     assert!(
         matches!(why("merchant-3")[..], [r] if r.contains("wrong vector length")),
         "{train:?}"

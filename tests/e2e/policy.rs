@@ -97,6 +97,9 @@ async fn an_agent_requiring_secure_aggregation_sends_nothing_to_a_plain_run() {
         declined_by_m3(DECLINED_BY_POLICY),
         "m3 sent nothing but its refusal"
     );
+    // Nothing was refused: /metrics' fedcart_updates_rejected_total and
+    // the agents' `rejected` count `refused` (a decline counted as one).
+    assert!(r.refused.is_empty(), "{r:?}");
 }
 
 /// The round record's rejections when m3 alone left the task with `reason`.

@@ -155,6 +155,7 @@ impl Engine {
             reported: contributors.iter().cloned().collect(),
             dropped: open.selected.difference(&contributors).cloned().collect(),
             rejected: open.rejected.clone(),
+            refused: open.refused.iter().cloned().collect(),
             metrics,
             examples,
             started_unix_ms: open.started_unix_ms,

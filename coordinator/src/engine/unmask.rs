@@ -127,6 +127,7 @@ impl Unmasking {
             reported: self.survivors.iter().cloned().collect(),
             dropped,
             rejected: Vec::new(),
+            refused: Vec::new(),
             metrics: Default::default(),
             examples: 0.0,
             started_unix_ms: super::unix_ms(),
