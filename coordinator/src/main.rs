@@ -234,10 +234,13 @@ enum CertsAction {
 async fn main() -> std::process::ExitCode {
     match run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        // Already logged once, with its cause, when the task loop failed.
+        // Already logged once, with its cause, when the task loop failed
+        // or the run stopped.
         Err(e)
             if e.downcast_ref::<fedcart_coordinator::server::TaskLoopFailed>()
-                .is_some() =>
+                .is_some()
+                || e.downcast_ref::<fedcart_coordinator::server::RunStopped>()
+                    .is_some() =>
         {
             std::process::ExitCode::FAILURE
         }
@@ -375,7 +378,9 @@ async fn run() -> anyhow::Result<()> {
                 // A failed task loop was logged where it happened; `shutdown`
                 // returns its error.
                 () = all_ended => {
-                    if hub.failed().is_none() {
+                    if hub.failed().is_none()
+                        && running.shared.stopped().is_none_or(|s| s.is_planned())
+                    {
                         tracing::info!("run finished; shutting down");
                     }
                 }

@@ -44,6 +44,19 @@ pub struct TaskLoopFailed {
     pub cause: String,
 }
 
+/// The coordinator's `--config` run stopped before its last round (a round
+/// that kept aborting, a secure sum that could not be committed); logged
+/// when it happened. `serve` exits non-zero with it once every run has
+/// ended, unless `--keep-serving`.
+#[derive(Debug, thiserror::Error)]
+#[error("run `{run}` stopped: {stop}")]
+pub struct RunStopped {
+    /// The run.
+    pub run: String,
+    /// Why it stopped.
+    pub stop: String,
+}
+
 /// A running coordinator.
 pub struct Running {
     /// The address the gRPC service listens on.
@@ -77,9 +90,9 @@ type Loops = Arc<std::sync::Mutex<Option<Vec<tokio::task::JoinHandle<anyhow::Res
 /// Starts the task loop of one run. A loop that fails (the store broke) is
 /// logged once with its cause, turns readiness false and is returned by
 /// [`Running::shutdown`]; a run that stopped on a fault (a round that kept
-/// aborting) does the same when it is the coordinator's `--config` run (so
-/// `serve` exits non-zero, as it always has) and is only logged otherwise,
-/// leaving the other runs to go on.
+/// aborting) is only logged, leaving the other runs to go on, and when it is
+/// the coordinator's `--config` run [`Running::shutdown`] returns its
+/// [`RunStopped`] (so `serve` exits non-zero once every run has ended).
 fn start_loop(
     shared: Arc<Shared>,
     hub: Arc<Hub>,
@@ -102,11 +115,24 @@ fn start_loop(
                 hub.loop_ended();
                 return Ok(());
             }
-            Err(EngineError::Stopped(stop)) if !primary => {
-                // `run_tasks` logged the stop once, with its level.
+            Err(EngineError::Stopped(stop)) => {
+                // `run_tasks` logged the stop once, with its level. A run
+                // that stopped is not a broken coordinator: readiness stays
+                // true and the other runs go on (a stopped `--config` run
+                // ended the whole process, `--keep-serving` or not, and a
+                // restart ended it again). `serve` without `--keep-serving`
+                // still exits non-zero once every run has ended:
+                // `Running::shutdown` returns the `--config` run's stop.
                 tracing::debug!(run = %shared.run_config().run_id, "run stopped: {stop}");
                 hub.loop_ended();
-                return Ok(());
+                return match primary {
+                    true => Err(RunStopped {
+                        run: shared.run_config().run_id.clone(),
+                        stop: stop.to_string(),
+                    }
+                    .into()),
+                    false => Ok(()),
+                };
             }
             Err(e) => e,
         };
@@ -690,5 +716,50 @@ mod tests {
         assert!(readyz(http).await.contains("503"));
         let err = running.wait_finished().await.unwrap_err();
         assert!(err.downcast_ref::<TaskLoopFailed>().is_some(), "{err:#}");
+    }
+
+    /// The `--config` run stopping on a fault (a round that kept aborting) is
+    /// a run's end, not a broken coordinator: readiness stays true, so
+    /// `--keep-serving` goes on serving the other runs (the stop ended the
+    /// process, and a restart on the store ended it again), and `shutdown`
+    /// returns the stop, so `serve` without `--keep-serving` exits non-zero.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_config_run_that_stops_leaves_the_coordinator_ready_and_is_returned_by_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let mut run = one_round_run("gives-up");
+        run.max_attempts = 1;
+        let opts = ServeOptions {
+            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            limits: Limits::loopback(),
+            ..ServeOptions::insecure()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = start_with(listener, &path, run, Duration::from_millis(500), opts)
+            .await
+            .unwrap();
+        let http = running.http_addr.unwrap();
+        // An agent takes the task and hangs up: the only attempt aborts.
+        let mut work = join_as(running.addr, "m0").await;
+        loop {
+            let msg = work.message().await.unwrap().expect("stream open");
+            if let Some(pb::work::Kind::Task(_)) = msg.kind {
+                break;
+            }
+        }
+        drop(work);
+        let mut progress = running.progress.clone();
+        let p = tokio::time::timeout(Duration::from_secs(60), progress.wait_for(|p| p.finished))
+            .await
+            .expect("the run ends")
+            .unwrap()
+            .clone();
+        assert!(p.stopped.is_some(), "{p:?}");
+        assert_eq!(p.failed, None);
+        assert!(running.hub.failed().is_none());
+        assert!(readyz(http).await.contains("200"));
+        let err = running.wait_finished().await.unwrap_err();
+        let stop = err.downcast_ref::<RunStopped>().expect("the run's stop");
+        assert!(stop.stop.contains("run.max_attempts"), "{err:#}");
     }
 }
