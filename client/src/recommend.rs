@@ -67,8 +67,14 @@ pub enum RecommendError {
         /// A customer the data does know, to compare the id's form with.
         example: String,
     },
-    /// The customer has no factors of the model's width.
-    #[error("customer `{customer}` has no trained factors (k = {factors})")]
+    /// The customer is in the data but not in the model: they bought for
+    /// the first time after the recommender was trained (`factors`: the
+    /// model's width, for the log).
+    #[error(
+        "customer `{customer}` is in the data but not in the recommender: their purchases came \
+         after it was trained, so it has nothing of theirs to rank by; they get recommendations \
+         once a recommender round trains on data that holds them"
+    )]
     Untrained {
         /// The customer.
         customer: String,

@@ -845,7 +845,9 @@ async fn recommendations(
             }))
             .into_response()
         }
-        Err(e @ RecommendError::Untrained { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
+        // A known customer the model has not trained on yet: not "not
+        // found", which an unknown id gets.
+        Err(e @ RecommendError::Untrained { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -1664,13 +1666,21 @@ mod tests {
                 .collect();
             assert_eq!(&got, want, "{who}");
         }
-        let (status, _) = get(
+        // Known (in the export) but not in the model: 409 and why, not the
+        // 404 of an unknown id (it read "has no trained factors (k = 16)").
+        let (status, body) = get(
             &client(),
             server.addr,
             "/v1/customers/999999/recommendations?k=5",
         )
         .await;
-        assert_eq!(status, 404);
+        assert_eq!(status, 409, "{body}");
+        let why = body["error"].as_str().unwrap();
+        assert!(
+            why.contains("is in the data but not in the recommender")
+                && why.contains("after it was trained"),
+            "{why}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
