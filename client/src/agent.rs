@@ -331,6 +331,9 @@ impl Agent {
                 rows = shape.num_items,
                 "item ids hashed into the run's item rows"
             );
+            if let Some(note) = items.collision_note() {
+                tracing::warn!("{note}");
+            }
             // The users keep their factors, matched by id as on restore.
             let users = self.data.mf.take().map(|m| m.state).unwrap_or_default();
             let mut mf = inter.mf(&items);

@@ -474,6 +474,34 @@ impl Items {
     pub fn label(&self, row: u32) -> Option<&str> {
         self.ids(row).into_iter().next()
     }
+
+    /// With hashed ids, how many of the merchant's items share a row with
+    /// another of its items, and how many it has: a ranking cannot tell the
+    /// items of one row apart (they tie). `None` for a catalogue.
+    pub fn shared_rows(&self) -> Option<(usize, usize)> {
+        let Items::Hashed { own, .. } = self else {
+            return None;
+        };
+        let total = own.values().map(Vec::len).sum();
+        let shared = own.values().filter(|v| v.len() > 1).map(Vec::len).sum();
+        Some((shared, total))
+    }
+
+    /// A warning when more than a tenth of the merchant's items share a
+    /// hashed row (recommendations then list tied items of one row); the
+    /// simulator says the same of `--hash-items`.
+    pub fn collision_note(&self) -> Option<String> {
+        let (shared, total) = self.shared_rows()?;
+        (shared * 10 > total).then(|| {
+            format!(
+                "{shared} of this merchant's {total} items share one of the recommender's {} item \
+                 rows with another of its items: a row's items get one score, so lists rank rows \
+                 and tie their items (the run needs several times as many rows as items: \
+                 `num_items` of its [run.model])",
+                self.len()
+            )
+        })
+    }
 }
 
 impl ItemIndex for Items {
@@ -983,6 +1011,17 @@ mod tests {
         let empty = (0..).find(|r| many.ids(*r).is_empty()).unwrap();
         assert!(many.label(empty).is_none());
         assert!(matches!(inter.items(0), Err(DataError::Rows { rows: 0 })));
+        // Items sharing rows are said (lists would tie them), spread ones not.
+        assert_eq!(one.shared_rows(), Some((4, 4)));
+        let note = one.collision_note().expect("every item shares the one row");
+        assert!(
+            note.starts_with(
+                "4 of this merchant's 4 items share one of the recommender's 1 item rows"
+            ),
+            "{note}"
+        );
+        assert_eq!(many.shared_rows(), Some((0, 4)));
+        assert!(many.collision_note().is_none());
     }
 
     /// A merchant with a catalogue file joining a run of another item count

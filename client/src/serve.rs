@@ -155,6 +155,9 @@ impl LocalFiles {
         let mf = match data::interactions(cfg)? {
             Some(inter) => {
                 let items = inter.items(rows)?;
+                if let Some(note) = items.collision_note() {
+                    tracing::warn!("{note}");
+                }
                 let mf = inter.mf(&items);
                 let purchases = recommend::Purchases::of(&mf, items.len()).naming(&items);
                 Some(MfLocal {
