@@ -866,6 +866,7 @@ impl Agent {
             && !task.task_id.is_empty()
         {
             tracing::info!(
+                run = %task.run_id,
                 task = %task.task_id,
                 kind = ?kind,
                 version = task.model_version,
@@ -1018,11 +1019,17 @@ impl Lifecycle {
         }
     }
 
-    /// Logs that a run ended.
-    fn run_ended(&mut self, end: &pb::RunEnded) {
-        self.open.remove(&end.run_id);
+    /// Logs that a run this agent worked for ended; whether it did (a new
+    /// merchant hears of every finished run in the store, which are not its
+    /// news: they are logged at debug level).
+    fn run_ended(&mut self, end: &pb::RunEnded) -> bool {
+        let worked = self.open.remove(&end.run_id);
         if !self.ended.insert(end.run_id.clone()) {
-            return;
+            return false;
+        }
+        if !worked {
+            tracing::debug!(run = %end.run_id, "a run this agent took no part in has ended");
+            return false;
         }
         // 0: the run failed (nothing was handed out), or an older
         // coordinator that does not say.
@@ -1034,6 +1041,7 @@ impl Lifecycle {
             tracing::info!(run = %end.run_id, version = end.model_version, served,
                 stopped = %end.stopped, "the run has stopped; waiting for the next run");
         }
+        true
     }
 
     fn failed(&mut self, e: &AgentError, url: &str, longest: Duration) {
@@ -1116,14 +1124,18 @@ mod tests {
         // Welcomed to a run that finished long ago, as the store says
         // right after the welcome, then given tasks of another.
         life.joined("churn-1", "https://c");
-        life.run_ended(&ended("churn-1"));
+        assert!(
+            life.run_ended(&ended("churn-1")),
+            "its own run's end is said"
+        );
         assert_eq!(life.outage_kind(), Outage::AfterRunsEnded);
         life.working("long-1");
         assert_eq!(life.outage_kind(), Outage::Lost);
-        // Another run's end changes nothing; its own does.
-        life.run_ended(&ended("r-other"));
+        // Another run's end changes nothing (and is not logged as news);
+        // its own does.
+        assert!(!life.run_ended(&ended("r-other")));
         assert_eq!(life.outage_kind(), Outage::Lost);
-        life.run_ended(&ended("long-1"));
+        assert!(life.run_ended(&ended("long-1")));
         assert_eq!(life.outage_kind(), Outage::AfterRunsEnded);
         // A task of an ended run (its hand-out) does not reopen it.
         life.working("long-1");
