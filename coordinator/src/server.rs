@@ -647,6 +647,31 @@ mod tests {
         client.join(join).await.unwrap().into_inner()
     }
 
+    /// A plaintext coordinator of `run` on `path` with its HTTP listener.
+    async fn start_observed(path: &std::path::Path, run: RunConfig) -> Running {
+        let opts = ServeOptions {
+            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            limits: Limits::loopback(),
+            ..ServeOptions::insecure()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        start_with(listener, path, run, Duration::from_millis(500), opts)
+            .await
+            .unwrap()
+    }
+
+    /// Joins as `id`, waits for a task and hangs up: the task closes
+    /// without its result.
+    async fn take_the_task_and_hang_up(addr: std::net::SocketAddr, id: &str) {
+        let mut work = join_as(addr, id).await;
+        loop {
+            let msg = work.message().await.unwrap().expect("stream open");
+            if let Some(pb::work::Kind::Task(_)) = msg.kind {
+                break;
+            }
+        }
+    }
+
     fn one_round_run(run_id: &str) -> RunConfig {
         RunConfig {
             max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
@@ -676,29 +701,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.redb");
         let run = one_round_run("fatal");
-        let opts = ServeOptions {
-            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-            limits: Limits::loopback(),
-            ..ServeOptions::insecure()
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = start_with(listener, &path, run, Duration::from_millis(500), opts)
-            .await
-            .unwrap();
+        let running = start_observed(&path, run).await;
         let http = running.http_addr.unwrap();
         assert!(readyz(http).await.contains("200"));
 
         // The store breaks; an agent takes the task and hangs up, so the
         // task closes and its record cannot be written.
         running.shared.fail_store_writes();
-        let mut work = join_as(running.addr, "m0").await;
-        loop {
-            let msg = work.message().await.unwrap().expect("stream open");
-            if let Some(pb::work::Kind::Task(_)) = msg.kind {
-                break;
-            }
-        }
-        drop(work);
+        take_the_task_and_hang_up(running.addr, "m0").await;
 
         let mut progress = running.progress.clone();
         let failed = tokio::time::timeout(
@@ -729,25 +739,10 @@ mod tests {
         let path = dir.path().join("c.redb");
         let mut run = one_round_run("gives-up");
         run.max_attempts = 1;
-        let opts = ServeOptions {
-            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-            limits: Limits::loopback(),
-            ..ServeOptions::insecure()
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = start_with(listener, &path, run, Duration::from_millis(500), opts)
-            .await
-            .unwrap();
+        let running = start_observed(&path, run).await;
         let http = running.http_addr.unwrap();
         // An agent takes the task and hangs up: the only attempt aborts.
-        let mut work = join_as(running.addr, "m0").await;
-        loop {
-            let msg = work.message().await.unwrap().expect("stream open");
-            if let Some(pb::work::Kind::Task(_)) = msg.kind {
-                break;
-            }
-        }
-        drop(work);
+        take_the_task_and_hang_up(running.addr, "m0").await;
         let mut progress = running.progress.clone();
         let p = tokio::time::timeout(Duration::from_secs(60), progress.wait_for(|p| p.finished))
             .await

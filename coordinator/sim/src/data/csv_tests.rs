@@ -115,15 +115,20 @@ fn schema_auto_drafts_from_the_table_and_learns_as_the_hand_written_one() {
     assert!(error(a).contains("--schema auto drafts the schema from `--data csv:PATH`"),);
 }
 
+/// The Telco table's header and data rows.
+fn telco_rows() -> (String, Vec<String>) {
+    let text = std::fs::read_to_string(telco()).unwrap();
+    let mut lines = text.lines().map(String::from);
+    let header = lines.next().unwrap();
+    (header, lines.collect())
+}
+
 #[test]
 fn csv_takes_explicit_train_and_test_tables() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(telco()).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    let (header, rows) = telco_rows();
     let (train, test) = (dir.path().join("train.csv"), dir.path().join("test.csv"));
-    let write = |p: &Path, rows: &[&str]| {
+    let write = |p: &Path, rows: &[String]| {
         std::fs::write(p, format!("{header}\n{}\n", rows.join("\n"))).unwrap();
     };
     write(&train, &rows[..5600]);
@@ -229,10 +234,7 @@ fn small(dir: &Path, rows: &str) -> SimArgs {
 fn a_test_table_with_a_category_the_schema_lacks_is_reported() {
     use fedcart_common::data::tabular::UnknownCategory;
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(telco()).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    let (header, rows) = telco_rows();
     let (train, test) = (dir.path().join("train.csv"), dir.path().join("test.csv"));
     std::fs::write(&train, format!("{header}\n{}\n", rows[..5600].join("\n"))).unwrap();
     let renamed = rows[5600..].join("\n").replace(",DSL,", ",Satellite,");
