@@ -51,7 +51,7 @@ impl Federation {
 /// held-out metrics under a model trained on its data alone, under the
 /// federated model, and under a centralised model trained on everyone's
 /// pooled rows.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MerchantValue {
     /// The merchant.
     pub merchant: String,

@@ -2207,12 +2207,8 @@ fn value_experiment(
                 merchant: format!("m{k:04}"),
                 local_only: metric(local),
                 federated: metric(federated),
-                centralized: None,
-                own_popularity: None,
-                global_popularity: None,
-                personalised: None,
-                personalised_kept: None,
                 weight: 1.0,
+                ..Default::default()
             })
             .collect(),
         pooled: Default::default(),

@@ -38,11 +38,8 @@ fn experiment() -> Experiment {
                 local_only: metric(0.6 + 0.05 * k as f64),
                 federated: metric(0.8),
                 centralized: Some(metric(0.83)),
-                own_popularity: None,
-                global_popularity: None,
-                personalised: None,
-                personalised_kept: None,
                 weight: 1.0,
+                ..Default::default()
             })
             .collect(),
         pooled: Default::default(),
@@ -330,12 +327,8 @@ fn many_merchants(better: usize, tied: usize, worse: usize, unmeasured: usize) -
                     BTreeMap::new()
                 },
                 federated: metric(federated),
-                centralized: None,
-                own_popularity: None,
-                global_popularity: None,
-                personalised: None,
-                personalised_kept: None,
                 weight: 1.0,
+                ..Default::default()
             }
         })
         .collect();
