@@ -455,15 +455,6 @@ fn draw<DB: DrawingBackend>(
             let (x0, x1) = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
             let (y0, y1) = metric_span(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
             let mut c = builder(root, title).build_cartesian_2d(x0..x1, y0..y1)?;
-            // Rounds and versions are whole numbers: label only whole ticks.
-            let whole = |x: &f64| {
-                let r = x.round();
-                if (x - r).abs() < 1e-6 {
-                    format!("{}", r as i64)
-                } else {
-                    String::new()
-                }
-            };
             let mut mesh = c.configure_mesh();
             mesh.x_desc(*x_desc)
                 .y_desc(*y_desc)
@@ -614,14 +605,6 @@ fn draw<DB: DrawingBackend>(
             // from worse.
             let (lo, hi) = span(values.iter().copied().chain([0.0]));
             let mut c = builder(&chart_area, title).build_cartesian_2d(0.5..n + 0.5, lo..hi)?;
-            let whole = |x: &f64| {
-                let r = x.round();
-                if (x - r).abs() < 1e-6 {
-                    format!("{}", r as i64)
-                } else {
-                    String::new()
-                }
-            };
             // Ticks to the decimals their spacing needs; zero reads 0,
             // not the -0.0 a rounding of -1e-17 prints.
             let decimals = (-((hi - lo) / 10.0).log10().floor()).clamp(0.0, 6.0) as usize;
@@ -690,5 +673,15 @@ fn draw<DB: DrawingBackend>(
     }
 }
 
+/// A tick label for an axis of whole numbers (rounds, versions, merchant
+/// ranks): the number at a whole tick, nothing between.
+fn whole(x: &f64) -> String {
+    let r = x.round();
+    if (x - r).abs() < 1e-6 {
+        format!("{}", r as i64)
+    } else {
+        String::new()
+    }
+}
 #[cfg(test)]
 mod tests;
