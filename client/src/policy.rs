@@ -321,23 +321,27 @@ impl PrivacyPolicy {
     /// Refusing only at the unmask stage came too late: this agent's masked
     /// input was in, and the other agents' shares could unmask it.
     pub fn check_roster(&self, n: usize) -> Result<(), PolicyViolation> {
-        if n < self.min_survivors {
-            return Err(violation(
-                "min_survivors",
-                format!("a round of {n} agents (a sum holds at most its roster)"),
-                format!("at least {}", self.min_survivors),
-            ));
-        }
-        Ok(())
+        self.at_least_min_survivors(n, || {
+            format!("a round of {n} agents (a sum holds at most its roster)")
+        })
     }
 
     /// Checks the unmask stage's survivor count, `survivors` masked inputs
     /// in the sum, against `min_survivors`.
     pub fn check_survivors(&self, survivors: usize) -> Result<(), PolicyViolation> {
-        if survivors < self.min_survivors {
+        self.at_least_min_survivors(survivors, || format!("a sum of {survivors} masked inputs"))
+    }
+
+    /// `count` against `min_survivors`, the task described by `task`.
+    fn at_least_min_survivors(
+        &self,
+        count: usize,
+        task: impl FnOnce() -> String,
+    ) -> Result<(), PolicyViolation> {
+        if count < self.min_survivors {
             return Err(violation(
                 "min_survivors",
-                format!("a sum of {survivors} masked inputs"),
+                task(),
                 format!("at least {}", self.min_survivors),
             ));
         }
