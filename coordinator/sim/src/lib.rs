@@ -177,6 +177,8 @@ pub fn run_one(
     // Said in the report, above everything else: what reading the data
     // skipped or doubted (it was on standard error only).
     let data_notes = std::mem::take(&mut pop.notes);
+    // A segmentation's report is its profile table: the notes go above it.
+    let segment_notes = data_notes.clone();
     // Segments: the whole pipeline (candidates, choice of k, Lloyd rounds)
     // runs as rounds of the engine, `--rounds` Lloyd updates of the chosen
     // k at most; keep the data to profile the segments after the run.
@@ -376,7 +378,7 @@ pub fn run_one(
             let notes = closing_notes(s, task, &spec, &exp, &exp.final_model, churn_rows, churners);
             exp.report.extend(notes);
         }
-        return finish_segments(exp, segment_data.as_deref(), &spec, s);
+        return finish_segments(exp, segment_data.as_deref(), &segment_notes, &spec, s);
     }
     let dir = tempfile::tempdir().context("creating the simulator's temporary store")?;
     // Not fsync'd: the store is deleted with `dir` when the run ends.
@@ -697,7 +699,7 @@ pub fn run_one(
     exp.report.extend(notes);
     exp.final_model = engine.global().to_vec();
     exp.finish();
-    finish_segments(exp, segment_data.as_deref(), &spec, s)
+    finish_segments(exp, segment_data.as_deref(), &segment_notes, &spec, s)
 }
 
 /// The report's closing notes, whichever transport ran the rounds.
@@ -1362,6 +1364,7 @@ fn check_out_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 fn finish_segments(
     mut exp: Experiment,
     merchants: Option<&[LocalData]>,
+    notes: &[String],
     spec: &ModelSpec,
     s: &Settings,
 ) -> anyhow::Result<Experiment> {
@@ -1372,7 +1375,10 @@ fn finish_segments(
     exp.final_model = centres;
     let (profiles, inertia, labels) = segments::profile(merchants, &exp.final_model, k, d)?;
     let names = data::feature_names(&s.data);
-    exp.report = segments::report(&profiles, inertia, &names);
+    // What reading the data noted (e.g. what the churn rate means) first.
+    exp.report = notes.to_vec();
+    exp.report
+        .extend(segments::report(&profiles, inertia, &names));
     exp.report.extend(choice);
     exp.final_metrics.insert("pooled_inertia".into(), inertia);
     if let Some(dir) = &s.out {

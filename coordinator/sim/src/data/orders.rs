@@ -490,6 +490,18 @@ fn no_label_check(
     }
 }
 
+/// Labels each customer 1 when their last order is more than `window_days`
+/// before the cutoff (recency, the first feature), else 0: with the cutoff
+/// just after the export's last order, the churn label at the cutoff
+/// `window_days` earlier, for a customer who had bought by then; one who
+/// first bought later is active.
+fn relabel_lapsed(features: &mut TabularDataset, window_days: u32) {
+    let window = window_days as f32;
+    for (y, row) in features.y.iter_mut().zip(features.x.rows()) {
+        *y = if row[0] > window { 1.0 } else { 0.0 };
+    }
+}
+
 /// Builds the merchants of an experiment on orders data.
 pub fn build(
     task: TaskChoice,
@@ -512,6 +524,17 @@ pub fn build(
         // cuts the history.
         let last = rows.iter().map(|o| o.timestamp).max().unwrap_or(0);
         cfg = ChurnConfig::new(last.saturating_add(1), cfg.churn_window_days);
+        if segments {
+            // After the last order no one buys: every label would read
+            // "churned" (a report showed churn rate 1.000 for every segment).
+            notes.push(format!(
+                "{}: a segment's churn rate is the share of its customers with no order in the \
+                 export's last {} days (--churn-window-days): the churn label at the cutoff \
+                 that many days before its end",
+                src.path.display(),
+                cfg.churn_window_days
+            ));
+        }
     } else if segments {
         notes.push(format!(
             "{}: segments describe the orders before the cutoff {} (--cutoff)",
@@ -520,6 +543,8 @@ pub fn build(
         ));
     }
     let cfg = cfg;
+    // Segments over the whole history label each customer "lapsed" instead.
+    let lapsed_after = (segments && src.cutoff.is_none()).then_some(cfg.churn_window_days);
     if !task.is_mf() {
         no_history_check(src, &rows, &cfg)?;
     }
@@ -527,7 +552,12 @@ pub fn build(
         notes.extend(no_label_check(src, &rows, &cfg)?);
     }
     let derive = |rows: &[Order]| {
-        orders::derive(rows, &cfg).with_context(|| format!("deriving {}", src.path.display()))
+        let mut p = orders::derive(rows, &cfg)
+            .with_context(|| format!("deriving {}", src.path.display()))?;
+        if let Some(window) = lapsed_after {
+            relabel_lapsed(&mut p.features, window);
+        }
+        anyhow::Ok(p)
     };
     let id = |k: usize| format!("m{k:04}");
     // Natural: one merchant per store, each deriving from its own orders.

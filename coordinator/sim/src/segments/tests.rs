@@ -50,7 +50,23 @@ fn cdnow_federated_inertia_is_within_two_percent_of_scikit_learn() {
         .collect();
     assert!(curve.len() >= 5, "{curve:?}");
     assert!(curve.windows(2).all(|w| w[1] <= w[0] + 1e-6), "{curve:?}");
-    assert_eq!(e.report.len(), 3 + 4);
+    assert_eq!(table_and_after(&e.report), 3 + 4);
+    // The data's notes come first: CDNOW's cutoff is the bundled source's.
+    assert!(
+        e.report[0].contains("before the cutoff 1997-09-30"),
+        "{:?}",
+        e.report
+    );
+}
+
+/// The lines from the profile table's heading on (the data's notes come
+/// before it).
+fn table_and_after(report: &[String]) -> usize {
+    let start = report
+        .iter()
+        .position(|l| l.starts_with("segments: pooled inertia"))
+        .expect("a profile table");
+    report.len() - start
 }
 
 #[test]
@@ -91,7 +107,7 @@ fn segments_without_k_choose_the_elbow_scikit_learn_finds_on_the_pooled_data() {
     assert!(choice.starts_with("segments: k = 3,"), "{choice}");
     assert_eq!(e.final_model.len(), 3 * 8);
     // The report's profile table has one row per chosen segment.
-    assert_eq!(e.report.len(), 3 + 3 + 1);
+    assert_eq!(table_and_after(&e.report), 3 + 3 + 1);
 }
 
 #[test]
@@ -230,4 +246,24 @@ fn segments_of_an_orders_export_count_customers_who_bought_only_lately() {
         .map(|l| l.split('|').nth(2).unwrap().trim().parse::<u64>().unwrap())
         .sum();
     assert_eq!(customers, 40, "{:?}", e.report);
+    // The churn rate is the share with no order in the export's last 90
+    // days: the 30 early customers, not everyone (after the last order no
+    // one buys, so every segment read 1.000).
+    let lapsed: f64 = e
+        .report
+        .iter()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| segment"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            cells[2].parse::<f64>().unwrap() * cells[6].parse::<f64>().unwrap()
+        })
+        .sum();
+    assert!((lapsed - 30.0).abs() < 0.05, "{lapsed}: {:?}", e.report);
+    assert!(
+        e.report
+            .iter()
+            .any(|l| l.contains("no order in the export's last 90 days")),
+        "{:?}",
+        e.report
+    );
 }
