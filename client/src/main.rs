@@ -51,9 +51,13 @@ enum Command {
         /// The agent's TOML configuration.
         #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
         config: PathBuf,
-        /// Customer id (as in the ratings file).
-        #[arg(long)]
-        customer: String,
+        /// Customer id (as in the ratings file or orders export).
+        #[arg(long, required_unless_present = "best_sellers")]
+        customer: Option<String>,
+        /// List the merchant's best sellers instead (most customers first),
+        /// for a visitor with no purchases; needs no model.
+        #[arg(long, conflicts_with_all = ["customer", "include_repeats", "repeat_weight"])]
+        best_sellers: bool,
         /// How many items (1 to 1000).
         #[arg(long, default_value_t = 10)]
         k: usize,
@@ -275,6 +279,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Recommend {
             config,
             customer,
+            // Clap requires it when `--customer` is absent, and refuses both.
+            best_sellers: _,
             k,
             include_repeats,
             repeat_weight,
@@ -301,14 +307,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 include_repeats,
                 repeat_weight,
             };
-            let (recs, version, copy) =
-                recommend::recommend_from(&state, &mf, &items, &customer, &opts)
-                    .with_context(|| format!("recommending for customer `{customer}`"))?;
-            // Which model ranked, on stderr: stdout stays the list.
-            eprintln!(
-                "recommender version {} of run `{}`, {copy} copy",
-                version.version, version.run_id
-            );
+            let recs = match customer {
+                None => {
+                    eprintln!(
+                        "this merchant's best sellers (score: how many of its customers bought \
+                         the item)"
+                    );
+                    recommend::best_sellers(&mf, &items, k)?
+                }
+                Some(customer) => {
+                    let answer =
+                        recommend::recommend_from(&state, &mf, &items, &customer, &opts)
+                            .with_context(|| format!("recommending for customer `{customer}`"))?;
+                    // Which model ranked, on stderr: stdout stays the list.
+                    eprintln!(
+                        "recommender version {} of run `{}`, {} copy",
+                        answer.version.version, answer.version.run_id, answer.copy
+                    );
+                    if let Some(note) = &answer.note {
+                        eprintln!("note: {note}");
+                    }
+                    answer.items
+                }
+            };
             for r in recs {
                 let item = fedcart_client::output::tsv_cell(&r.item);
                 match names.get(&r.item) {

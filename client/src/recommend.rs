@@ -214,6 +214,10 @@ pub struct Purchases {
     /// The rows the merchant can name (hashed item ids: the rows of its own
     /// items); `None`: every row.
     known: Option<Vec<bool>>,
+    /// Per row: how many of the merchant's customers bought it (train,
+    /// validation and held-out rows), for the best-seller list
+    /// ([`Purchases::popular`]).
+    buyers: Vec<u32>,
 }
 
 /// How much of one item (one hashed row) a customer took.
@@ -252,11 +256,56 @@ impl Purchases {
                 taken.amount += r.value;
             }
         }
+        let mut buyers = vec![0u32; num_items];
+        for b in &bought {
+            for &i in b.keys() {
+                if let Some(c) = buyers.get_mut(i as usize) {
+                    *c += 1;
+                }
+            }
+        }
         Self {
             popularity: local_popularity(mf, num_items),
             bought,
             known: None,
+            buyers,
         }
+    }
+
+    /// The merchant's best sellers: the top `opts.k` rows by how many of its
+    /// customers bought them, ties by row, each scored with that count.
+    /// With `u`, items that customer bought are skipped unless
+    /// `opts.include_repeats` (or `opts.repeat_weight`). The list a customer
+    /// the recommender cannot rank gets ([`Basis::Popularity`]), and a
+    /// visitor with no purchases.
+    pub fn popular(&self, u: Option<usize>, opts: &RecommendOptions) -> Vec<(u32, f32)> {
+        let keep_repeats = opts.include_repeats || opts.repeat_weight.is_some();
+        let empty = HashMap::new();
+        let bought = match u {
+            Some(u) if !keep_repeats => self.bought.get(u).unwrap_or(&empty),
+            _ => &empty,
+        };
+        let mut scored: Vec<(u32, f32)> = self
+            .buyers
+            .iter()
+            .enumerate()
+            .filter(|&(i, &c)| {
+                c > 0
+                    && !bought.contains_key(&(i as u32))
+                    && self
+                        .known
+                        .as_ref()
+                        .is_none_or(|k| k.get(i).copied().unwrap_or(false))
+            })
+            .map(|(i, &c)| (i as u32, c as f32))
+            .collect();
+        let by_count = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if scored.len() > opts.k {
+            scored.select_nth_unstable_by(opts.k.saturating_sub(1), by_count);
+            scored.truncate(opts.k);
+        }
+        scored.sort_by(by_count);
+        scored
     }
 
     /// Ranks only the rows `items` can name: with hashed item ids, the rows
@@ -542,18 +591,69 @@ pub fn recommend_with(
     customer: &str,
     opts: &RecommendOptions,
 ) -> Result<Vec<Recommendation>, RecommendError> {
-    recommend_from(state, mf, items, customer, opts).map(|(recs, _, _)| recs)
+    recommend_from(state, mf, items, customer, opts).map(|a| a.items)
+}
+
+/// What ranked a customer's list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// The recommender, with the customer's own factors.
+    Model,
+    /// The merchant's best sellers ([`Purchases::popular`]): the
+    /// recommender has no factors for this customer (their purchases came
+    /// after it was trained), so a shop still gets a list, and says so.
+    Popularity,
+}
+
+/// A customer's list and what ranked it ([`recommend_from`]).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Best first.
+    pub items: Vec<Recommendation>,
+    /// The recommender version loaded (also for a popularity answer).
+    pub version: ModelVersion,
+    /// Its copy served.
+    pub copy: ServedCopy,
+    /// The model, or the best sellers with why the model could not rank.
+    pub basis: Basis,
+    /// Why the list is the best sellers (`basis` popularity).
+    pub note: Option<String>,
+}
+
+/// A customer the recommender has no factors for gets the best sellers
+/// instead: the list and its note (the same words as the error).
+pub(crate) fn fallback(
+    ranked: Result<Vec<(u32, f32)>, RecommendError>,
+    purchases: &Purchases,
+    u: usize,
+    opts: &RecommendOptions,
+) -> Result<(Vec<(u32, f32)>, Basis, Option<String>), RecommendError> {
+    match ranked {
+        Ok(top) => Ok((top, Basis::Model, None)),
+        Err(e @ RecommendError::Untrained { .. }) => Ok((
+            purchases.popular(Some(u), opts),
+            Basis::Popularity,
+            Some(format!(
+                "{e}; until then the list is this merchant's best sellers (score: how many of its \
+                 customers bought the item)"
+            )),
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 /// [`recommend_with`], also saying which model ranked: its run and version
-/// and the copy served (the personalised one where it won on validation).
+/// and the copy served (the personalised one where it won on validation),
+/// and whether the model ranked or, for a customer it has no factors for,
+/// the merchant's best sellers did ([`Basis`]).
 pub fn recommend_from(
     state: &StateDir,
     mf: &MfData,
     items: &Items,
     customer: &str,
     opts: &RecommendOptions,
-) -> Result<(Vec<Recommendation>, ModelVersion, ServedCopy), RecommendError> {
+) -> Result<Answer, RecommendError> {
     check_k(opts.k)?;
     let rec = Recommender::load(state, items.len())?.for_users(&mf.users);
     // Ids are trimmed when the data is read: so is the one asked for.
@@ -565,12 +665,34 @@ pub fn recommend_from(
         }
     })?;
     let purchases = Purchases::of(mf, rec.num_items()).naming(items);
-    let ranked = rec.rank(customer, u, &purchases, opts)?;
-    let version = ModelVersion {
-        run_id: rec.run_id.clone(),
-        version: rec.version,
-    };
-    Ok((named(&ranked, items, opts.k), version, rec.copy))
+    let (ranked, basis, note) =
+        fallback(rec.rank(customer, u, &purchases, opts), &purchases, u, opts)?;
+    Ok(Answer {
+        items: named(&ranked, items, opts.k),
+        version: ModelVersion {
+            run_id: rec.run_id.clone(),
+            version: rec.version,
+        },
+        copy: rec.copy,
+        basis,
+        note,
+    })
+}
+
+/// The merchant's best sellers (no customer, no model needed): the list a
+/// visitor with no purchases can be shown.
+pub fn best_sellers(
+    mf: &MfData,
+    items: &Items,
+    k: usize,
+) -> Result<Vec<Recommendation>, RecommendError> {
+    check_k(k)?;
+    let purchases = Purchases::of(mf, items.len()).naming(items);
+    Ok(named(
+        &purchases.popular(None, &RecommendOptions::top(k)),
+        items,
+        k,
+    ))
 }
 
 /// Ranked rows as item ids, at most `k`: a catalogue row is its one id; a

@@ -13,6 +13,11 @@
 //!   `repeat_weight=W` blends in the customer's own frequent items. The
 //!   ranking is [`Recommender::rank`], the one `fedcart-client recommend`
 //!   prints (an implicit model blended with the merchant's popularity);
+//!   a customer the recommender has no factors for yet (they bought after
+//!   it was trained) gets the merchant's best sellers, `"basis":
+//!   "popularity"` with a `note` saying why (`"model"` otherwise);
+//! - `/v1/best-sellers?k=10`: the merchant's best sellers, most customers
+//!   first, for a visitor with no purchases (no model needed);
 //! - `/v1/customers/{id}/churn`: the churn probability;
 //! - `/v1/customers/{id}/segment`: the federation's customer segment (once a
 //!   k-means run delivered one).
@@ -130,6 +135,17 @@ struct MfLocal {
     order: Vec<String>,
     /// The merchant's popularity and each user's purchases, for the ranking.
     purchases: recommend::Purchases,
+}
+
+impl MfLocal {
+    /// Ranked rows as item ids with their display names.
+    fn named(&self, ranked: &[(u32, f32)], k: usize) -> Vec<recommend::Recommendation> {
+        let mut items = recommend::named(ranked, &self.items, k);
+        for r in &mut items {
+            r.name = self.names.get(&r.item).cloned();
+        }
+        items
+    }
 }
 
 impl LocalFiles {
@@ -633,6 +649,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/customers/{customer}/recommendations",
             get(recommendations),
         )
+        .route("/v1/best-sellers", get(best_sellers))
         .route("/v1/customers/{customer}/churn", get(churn))
         .route("/v1/customers/{customer}/segment", get(segment))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
@@ -826,33 +843,84 @@ async fn recommendations(
         );
     };
     let Some(&u) = mf.users.get(&customer) else {
-        return unknown(&customer);
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "unknown customer `{customer}`: no purchase of theirs is in the data (for a \
+                 visitor with no purchases, /v1/best-sellers lists this merchant's best sellers)"
+            ),
+        );
     };
     let snap = app.snapshot.borrow().clone();
     let (version, rec) = match &snap.recommender {
         Ok((v, r)) => (v, r),
         Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, why.clone()),
     };
-    match rec.rank(&customer, u, &mf.purchases, &opts) {
-        Ok(top) => {
-            let mut items = recommend::named(&top, &mf.items, opts.k);
-            for r in &mut items {
-                r.name = mf.names.get(&r.item).cloned();
-            }
-            Json(json!({
+    // A known customer the model has no factors for (they bought after it
+    // was trained) gets the best sellers, marked as such, not an error.
+    let ranked = rec.rank(&customer, u, &mf.purchases, &opts);
+    match recommend::fallback(ranked, &mf.purchases, u, &opts) {
+        Ok((top, basis, note)) => {
+            let mut body = json!({
                 "customer": customer,
                 "model_version": version.version,
                 "model_run": version.run_id,
                 "model_copy": rec.copy,
-                "items": items,
-            }))
-            .into_response()
+                "basis": basis,
+                "items": mf.named(&top, opts.k),
+            });
+            if let Some(note) = note {
+                body["note"] = note.into();
+            }
+            Json(body).into_response()
         }
-        // A known customer the model has not trained on yet: not "not
-        // found", which an unknown id gets.
-        Err(e @ RecommendError::Untrained { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// Query parameters of the best-sellers route.
+const BEST_SELLERS_PARAMS: &str = "k";
+
+/// The merchant's best sellers, most customers first: what a visitor with no
+/// purchases can be shown. Needs the recommender's data, not its model.
+async fn best_sellers(
+    State(app): State<AppState>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
+    if let Some(why) = repeated_param(&params) {
+        return bad(why);
+    }
+    let mut opts = recommend::RecommendOptions::top(10);
+    for (name, value) in &params {
+        match name.as_str() {
+            "k" => match value.parse::<usize>() {
+                Ok(v) => opts.k = v,
+                Err(_) => return bad(format!("k = `{value}` is not a whole number")),
+            },
+            other => {
+                return bad(format!(
+                    "unknown parameter `{other}` (expected: {BEST_SELLERS_PARAMS})"
+                ));
+            }
+        }
+    }
+    if let Err(e) = recommend::check_k(opts.k) {
+        return bad(e.to_string());
+    }
+    let Some(mf) = &app.local.mf else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no recommender data (`data.ratings_csv`, or `data.orders_csv` with an item column)"
+                .into(),
+        );
+    };
+    let top = mf.purchases.popular(None, &opts);
+    Json(json!({
+        "basis": recommend::Basis::Popularity,
+        "items": mf.named(&top, opts.k),
+    }))
+    .into_response()
 }
 
 /// A per-customer lookup in one family of the snapshot.
@@ -1160,10 +1228,53 @@ mod tests {
                 "{query}: {body}"
             );
         }
+        // The best sellers: most buyers first (counted over the whole
+        // file, ties by catalogue row), named, scored with the count.
+        let (status, body) = get(&http, addr, "/v1/best-sellers?k=4").await;
+        assert_eq!(
+            (status, &body["basis"]),
+            (200, &json!("popularity")),
+            "{body}"
+        );
+        let mut buyers: HashMap<u32, HashSet<u32>> = HashMap::new();
+        for r in mf.train.iter().chain(&mf.valid).chain(&mf.test) {
+            buyers.entry(r.item).or_default().insert(r.user);
+        }
+        let mut counted: Vec<(u32, usize)> = buyers.iter().map(|(&i, u)| (i, u.len())).collect();
+        counted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let best = body["items"].as_array().unwrap();
+        assert_eq!(best.len(), 4);
+        for (got, (row, count)) in best.iter().zip(&counted) {
+            assert_eq!(got["item"], cat.id(*row).unwrap(), "{body}");
+            assert_eq!(got["score"], *count as f64, "{body}");
+            assert!(got["name"].as_str().is_some_and(|n| !n.is_empty()));
+        }
+        for (query, needle) in [
+            ("k=0", "k = 0"),
+            ("k=3&k=5", "given more than once"),
+            (
+                "include_repeats=true",
+                "unknown parameter `include_repeats` (expected: k)",
+            ),
+        ] {
+            let (status, body) = get(&http, addr, &format!("/v1/best-sellers?{query}")).await;
+            assert_eq!(status, 400, "{query}: {body}");
+            assert!(
+                body["error"].as_str().unwrap().contains(needle),
+                "{query}: {body}"
+            );
+        }
         for route in ["recommendations", "churn"] {
             let (status, body) = get(&http, addr, &format!("/v1/customers/nobody/{route}")).await;
             assert_eq!(status, 404, "{route}");
-            assert_eq!(body["error"], "unknown customer `nobody`");
+            let why = body["error"].as_str().unwrap();
+            assert!(why.starts_with("unknown customer `nobody`"), "{why}");
+            // A shop told where a visitor's list comes from instead.
+            assert_eq!(
+                why.contains("/v1/best-sellers"),
+                route == "recommendations",
+                "{why}"
+            );
         }
         // Ids are trimmed as the command line trims them; a route without
         // parameters refuses one; axum's own refusals answer JSON too.
@@ -1631,8 +1742,38 @@ mod tests {
             },
         );
         assert_eq!(lists(&grown), before);
-        let e = recommend::recommend(&f.state, &grown, &listed, "newcomer", 5).unwrap_err();
-        assert!(matches!(e, RecommendError::Untrained { .. }), "{e}");
+        // A customer without factors gets the best sellers they have not
+        // bought, and is told why.
+        let answer = recommend::recommend_from(
+            &f.state,
+            &grown,
+            &listed,
+            "newcomer",
+            &recommend::RecommendOptions::top(5),
+        )
+        .unwrap();
+        assert_eq!(answer.basis, recommend::Basis::Popularity);
+        let purchases = recommend::Purchases::of(&grown, listed.len()).naming(&listed);
+        let best: Vec<String> = recommend::named(
+            &purchases.popular(Some(0), &recommend::RecommendOptions::top(5)),
+            &listed,
+            5,
+        )
+        .into_iter()
+        .map(|r| r.item)
+        .collect();
+        let got: Vec<String> = answer.items.iter().map(|r| r.item.clone()).collect();
+        assert_eq!(got, best);
+        assert!(!got.contains(&listed.ids(0)[0].to_string()), "{got:?}");
+        assert!(
+            answer
+                .note
+                .as_deref()
+                .unwrap()
+                .contains("is in the data but not in the recommender"),
+            "{:?}",
+            answer.note
+        );
         // The agent that restarts on the grown export puts the saved users
         // first again, so that training goes on from each one's own row.
         let saved = f.state.load_users().unwrap().unwrap();
@@ -1669,21 +1810,55 @@ mod tests {
                 .collect();
             assert_eq!(&got, want, "{who}");
         }
-        // Known (in the export) but not in the model: 409 and why, not the
-        // 404 of an unknown id (it read "has no trained factors (k = 16)").
+        // Known (in the export) but not in the model: the best sellers and
+        // why, not the 404 of an unknown id (it read "has no trained
+        // factors (k = 16)"), nor an error a shop must handle.
         let (status, body) = get(
             &client(),
             server.addr,
             "/v1/customers/999999/recommendations?k=5",
         )
         .await;
-        assert_eq!(status, 409, "{body}");
-        let why = body["error"].as_str().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["basis"], "popularity", "{body}");
+        let why = body["note"].as_str().unwrap();
         assert!(
             why.contains("is in the data but not in the recommender")
-                && why.contains("after it was trained"),
+                && why.contains("after it was trained")
+                && why.contains("best sellers"),
             "{why}"
         );
+        let (_, best) = get(&client(), server.addr, "/v1/best-sellers?k=6").await;
+        let best: Vec<&str> = best["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["item"].as_str().unwrap())
+            .collect();
+        let got: Vec<&str> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["item"].as_str().unwrap())
+            .collect();
+        // The newcomer's one purchase is left out of their list.
+        let bought = &first[first.find(',').unwrap() + 1..];
+        let bought = bought.split(',').next().unwrap();
+        let expected: Vec<&str> = best
+            .iter()
+            .copied()
+            .filter(|i| *i != bought)
+            .take(5)
+            .collect();
+        assert_eq!(got, expected);
+        let (_, shopper) = get(
+            &client(),
+            server.addr,
+            &format!("/v1/customers/{}/recommendations?k=5", shoppers[0]),
+        )
+        .await;
+        assert_eq!(shopper["basis"], "model", "{shopper}");
+        assert!(shopper.get("note").is_none(), "{shopper}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1694,11 +1869,10 @@ mod tests {
         let (mf, listed, _) = fixture_recommender(&f);
         let opts = recommend::RecommendOptions::top(10);
         let cli = || {
-            let (recs, version, copy) =
-                recommend::recommend_from(&f.state, &mf, &listed, &who, &opts).unwrap();
-            let ids: Vec<String> = recs.into_iter().map(|r| r.item).collect();
-            assert_eq!(version.run_id, "fixture");
-            (ids, version.version, copy)
+            let answer = recommend::recommend_from(&f.state, &mf, &listed, &who, &opts).unwrap();
+            let ids: Vec<String> = answer.items.into_iter().map(|r| r.item).collect();
+            assert_eq!(answer.version.run_id, "fixture");
+            (ids, answer.version.version, answer.copy)
         };
         let (global_list, version, copy) = cli();
         assert_eq!((version, copy), (1, recommend::ServedCopy::Global));

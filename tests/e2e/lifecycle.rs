@@ -723,6 +723,26 @@ async fn an_mf_merchant_back_after_its_run_ended_fits_its_users_to_the_served_ve
         &customer,
     ]);
     assert!(!listed.is_empty());
+    // A visitor with no purchases: the store's best sellers, scored with
+    // how many of its customers bought each, most first.
+    let best = run_client(&[
+        "recommend",
+        "--config",
+        config.to_str().unwrap(),
+        "--best-sellers",
+        "--k",
+        "3",
+    ]);
+    let counts: Vec<f64> = best
+        .lines()
+        .map(|l| l.split('\t').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 3, "{best}");
+    assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{best}");
+    assert!(
+        counts.iter().all(|c| c.fract() == 0.0 && *c >= 1.0),
+        "{best}"
+    );
     coord.shutdown().await.unwrap();
 }
 
