@@ -272,7 +272,12 @@ impl AdaptiveClip {
                 reason: "must be finite",
             });
         }
-        let fraction = noised_bit_sum / expected_cohort + 0.5;
+        // A fraction is in [0, 1]; the noised one is clamped there
+        // (post-processing: no privacy cost). Unclamped, the count noise of
+        // a small cohort under strong privacy (σ_b of tens over 2 agents)
+        // read fractions like −170, and one round multiplied C by 1e15; now
+        // a round moves C by at most exp(η·max(γ, 1 − γ)).
+        let fraction = (noised_bit_sum / expected_cohort + 0.5).clamp(0.0, 1.0);
         self.clip *= (-self.learning_rate * (fraction - self.target_quantile)).exp();
         Ok(fraction)
     }

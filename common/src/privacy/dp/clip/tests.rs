@@ -169,3 +169,20 @@ fn adaptive_clip_rejects_bad_settings_by_name() {
         "count_noise_std"
     );
 }
+
+#[test]
+fn a_noised_fraction_outside_0_1_moves_the_clip_no_further_than_a_whole_cohort_would() {
+    // Two agents under strong privacy: count noise of std 340 read a
+    // fraction of -170 and one round multiplied C by about 1e15.
+    let mut ac = AdaptiveClip::new(0.1, 0.5, 0.2, 340.0).unwrap();
+    let fraction = ac.update_noised(-340.0, 2.0).unwrap();
+    assert_eq!(fraction, 0.0);
+    assert!(
+        (ac.clip() - 0.1 * (0.2f64 * 0.5).exp()).abs() < 1e-12,
+        "{}",
+        ac.clip()
+    );
+    let fraction = ac.update_noised(1e6, 2.0).unwrap();
+    assert_eq!(fraction, 1.0);
+    assert!((ac.clip() - 0.1).abs() < 1e-12, "{}", ac.clip());
+}
