@@ -822,6 +822,29 @@ impl Agent {
         // The statistics step still needs its row counts (they are its sum's
         // denominator) and sends them under its own protection.
         let hide_count = spec.dp.is_some() && spec.kind != fedcart_common::task::TaskKind::Stats;
+        // Features the federation's statistics never saw the like of are
+        // clamped by the standardiser (a customer with an amount of 1e14
+        // wrecked a running churn model): said once per run.
+        if kind == fedcart_common::task::TaskKind::Train
+            && let (Some(scaler), Some(churn)) = (&spec.standardizer, &self.data.churn)
+            && churn.train.x.ncols() == scaler.mean.len()
+            && !self.lifecycle.clamped.contains(&task.run_id)
+        {
+            let (_, clamped) = scaler.transform_counting(&churn.train.x);
+            if clamped > 0 {
+                self.lifecycle.clamped.insert(task.run_id.clone());
+                tracing::warn!(
+                    run = %task.run_id,
+                    clamped,
+                    bound = scaler.bound().unwrap_or(f32::INFINITY),
+                    "feature values of this merchant's customers lie further from the federation's \
+                     mean than any customer of the run's statistics step did (the data changed \
+                     after it, or this merchant joined later): they are clamped at the bound, in \
+                     standard deviations, so that they cannot dominate the update; check the \
+                     data for absurd values (an amount of 1e14, say)"
+                );
+            }
+        }
         let data = std::mem::take(&mut self.data);
         let (data, out, global) = tokio::task::spawn_blocking(move || {
             let mut data = data;
@@ -987,6 +1010,9 @@ struct Lifecycle {
     /// The outage in progress was logged as a warning (not as the quiet
     /// wait after every run ended).
     warned: bool,
+    /// Runs whose standardiser clamped this merchant's features, warned
+    /// about once each.
+    clamped: std::collections::BTreeSet<String>,
 }
 
 impl Lifecycle {

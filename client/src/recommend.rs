@@ -948,6 +948,7 @@ mod tests {
         trained.spec.standardizer = Some(fedcart_common::data::standardize::Standardizer {
             mean: vec![0.0; 2],
             std: vec![1.0; 2],
+            rows: None,
         });
         state.save_global(&trained, &[0.0; 3]).unwrap();
         let wide = TabularDataset {

@@ -25,6 +25,17 @@ pub struct Standardizer {
     pub mean: Vec<f32>,
     /// Feature standard deviations (constant features get 1, so they map to 0).
     pub std: Vec<f32>,
+    /// The rows the statistics were taken over, N. No row among them lies
+    /// more than √(N − 1) standard deviations from the mean (Samuelson's
+    /// inequality), so [`Standardizer::transform`] clamps standardised
+    /// values at [`Standardizer::bound`] = 2√N: only a row the statistics
+    /// never saw (a merchant that joined after the statistics step, or whose
+    /// export changed) reaches it. Unclamped, one customer with a monetary
+    /// value of 9e14 read 1e11 standard deviations and its merchant's
+    /// updates wrecked a running churn model for good. `None` (a
+    /// standardiser fitted before this was kept): no clamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<f64>,
 }
 
 /// The statistics update for a feature matrix: values `[Σx, Σx²]`, weight = rows.
@@ -60,7 +71,25 @@ impl Standardizer {
                 if sd > 1e-6 { sd } else { 1.0 }
             })
             .collect();
-        Self { mean, std }
+        Self {
+            mean,
+            std,
+            rows: None,
+        }
+    }
+
+    /// The standardiser of statistics taken over `rows` rows (see
+    /// [`Standardizer::rows`]).
+    pub fn with_rows(mut self, rows: f64) -> Self {
+        self.rows = (rows.is_finite() && rows >= 1.0).then_some(rows);
+        self
+    }
+
+    /// The largest standardised magnitude [`Standardizer::transform`] keeps:
+    /// 2√N, twice the most any row of the statistics can have; `None`
+    /// without a row count.
+    pub fn bound(&self) -> Option<f32> {
+        self.rows.map(|n| (2.0 * n.sqrt()) as f32)
     }
 
     /// Computes the standardiser from data held in one place (centralised baseline).
@@ -72,18 +101,32 @@ impl Standardizer {
             .iter()
             .map(|v| (f64::from(*v) / n) as f32)
             .collect();
-        Self::from_moments(&moments)
+        Self::from_moments(&moments).with_rows(u.weight)
     }
 
-    /// Returns a standardised copy of `x`.
+    /// Returns a standardised copy of `x`, clamped at [`Standardizer::bound`].
     pub fn transform(&self, x: &Array2<f32>) -> Array2<f32> {
+        self.transform_counting(x).0
+    }
+
+    /// [`Standardizer::transform`], also counting the values it clamped (a
+    /// value the statistics step never saw the like of; the caller says so).
+    pub fn transform_counting(&self, x: &Array2<f32>) -> (Array2<f32>, usize) {
+        let bound = self.bound().unwrap_or(f32::INFINITY);
+        let mut clamped = 0;
         let mut out = x.clone();
         for mut row in out.rows_mut() {
             for (j, v) in row.iter_mut().enumerate() {
-                *v = (*v - self.mean[j]) / self.std[j];
+                let z = (*v - self.mean[j]) / self.std[j];
+                *v = if z.abs() > bound {
+                    clamped += 1;
+                    bound.copysign(z)
+                } else {
+                    z
+                };
             }
         }
-        out
+        (out, clamped)
     }
 }
 
@@ -101,12 +144,50 @@ mod tests {
         let mut acc = SumAccumulator::new(4, 0);
         acc.add(&stats_update(&a)).unwrap();
         acc.add(&stats_update(&b)).unwrap();
-        let fed = Standardizer::from_moments(&acc.mean_delta(&WeightLayout::uniform()));
+        let fed = Standardizer::from_moments(&acc.mean_delta(&WeightLayout::uniform()))
+            .with_rows(acc.total_weight());
         let pooled = Standardizer::fit(&array![[1.0f32, 10.0], [3.0, 10.0], [5.0, 10.0]]);
         assert_eq!(fed, pooled);
         assert_eq!(fed.mean, vec![3.0, 10.0]);
         assert!((fed.std[0] - (8.0f32 / 3.0).sqrt()).abs() < 1e-6);
         // A constant column is scaled by 1, not divided by zero.
         assert_eq!(fed.std[1], 1.0);
+    }
+
+    #[test]
+    fn no_row_of_the_statistics_is_clamped_and_a_later_absurd_one_is() {
+        // The most extreme sample a spread allows: one value far out, the
+        // rest equal (|z| = √(N − 1) exactly).
+        let n = 400;
+        let mut x = Array2::<f32>::zeros((n, 1));
+        x[[0, 0]] = 1e6;
+        let st = Standardizer::fit(&x);
+        assert_eq!(st.rows, Some(n as f64));
+        let (z, clamped) = st.transform_counting(&x);
+        assert_eq!(clamped, 0);
+        assert!(
+            (z[[0, 0]] - (n as f32 - 1.0).sqrt()).abs() < 1e-2,
+            "{}",
+            z[[0, 0]]
+        );
+        // A row the statistics never saw, at 9e14: clamped at 2√N.
+        let late = array![[9e14f32], [0.0]];
+        let (z, clamped) = st.transform_counting(&late);
+        assert_eq!(clamped, 1);
+        assert_eq!(z[[0, 0]], 40.0);
+        // Without a row count (a standardiser kept before): no clamp.
+        let old = Standardizer {
+            rows: None,
+            ..st.clone()
+        };
+        assert!(old.transform(&late)[[0, 0]] > 1e9);
+        // Kept through the spec's JSON; an old spec reads without it.
+        let json = serde_json::to_string(&st).unwrap();
+        assert_eq!(serde_json::from_str::<Standardizer>(&json).unwrap(), st);
+        let old_json = r#"{"mean":[1.0],"std":[2.0]}"#;
+        assert_eq!(
+            serde_json::from_str::<Standardizer>(old_json).unwrap().rows,
+            None
+        );
     }
 }

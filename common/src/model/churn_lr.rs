@@ -161,3 +161,101 @@ pub fn evaluate_lr(
     let y = ds.y.as_slice().expect("contiguous labels");
     classification_metrics(y, &probs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ChurnData;
+    use crate::model::lr::SgdParams;
+
+    fn merchant(extra: Option<[f32; 2]>) -> LocalData {
+        let n = 200;
+        let mut x = ndarray::Array2::from_shape_fn((n, 2), |(i, j)| {
+            let k = i as f32;
+            if j == 0 {
+                (k * 0.37).sin() * 300.0 + 500.0
+            } else {
+                (k * 1.3).cos()
+            }
+        });
+        if let Some(row) = extra {
+            for i in 0..5 {
+                x[[i, 0]] = row[0];
+                x[[i, 1]] = row[1];
+            }
+        }
+        let y = ndarray::Array1::from_shape_fn(n, |i| f32::from(u8::from(x[[i, 0]] > 500.0)));
+        let ds = TabularDataset {
+            ids: (0..n).map(|i| format!("c{i}")).collect(),
+            x,
+            y,
+        };
+        LocalData {
+            merchant_id: "m4".into(),
+            churn: Some(ChurnData {
+                train: ds.clone(),
+                valid: ds,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A merchant the statistics step never saw, five of whose customers
+    /// have a monetary value of 9e14 (4e12 standard deviations): its update
+    /// stays the size of an ordinary one instead of wrecking the model.
+    #[test]
+    fn a_customer_far_outside_the_statistics_cannot_dominate_the_update() {
+        let model = ChurnLr {
+            num_features: 2,
+            valid_fraction: 0.0,
+        };
+        let seen = merchant(None);
+        let scaler = Standardizer::fit(&seen.churn.as_ref().unwrap().train.x);
+        // Every row trained on (no early-stopping slice to hide it in).
+        let sgd = SgdParams {
+            early_stopping: None,
+            ..SgdParams::default()
+        };
+        let ctx = RoundContext {
+            sgd: &sgd,
+            seed: 3,
+            round: 1,
+            standardizer: Some(&scaler),
+            best_version: None,
+        };
+        let global = vec![0.0f32; 3];
+        let norm = |data: &mut LocalData| -> f64 {
+            let out = model.fit(&ctx, &global, data).unwrap();
+            let u = out.update.unwrap();
+            let w = u.weight;
+            u.values
+                .iter()
+                .map(|v| (f64::from(*v) / w).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let ordinary = norm(&mut merchant(None));
+        let absurd = norm(&mut merchant(Some([9e14, 0.0])));
+        assert!(absurd.is_finite() && ordinary > 0.0);
+        assert!(absurd < 3.0 * ordinary, "{absurd} against {ordinary}");
+        // Unclamped, the same row moves the model by orders of magnitude.
+        let unclamped = Standardizer {
+            rows: None,
+            ..scaler.clone()
+        };
+        let ctx = RoundContext {
+            standardizer: Some(&unclamped),
+            ..ctx
+        };
+        let out = model
+            .fit(&ctx, &global, &mut merchant(Some([9e14, 0.0])))
+            .unwrap();
+        let u = out.update.unwrap();
+        let wild = u
+            .values
+            .iter()
+            .map(|v| (f64::from(*v) / u.weight).abs())
+            .fold(0.0, f64::max);
+        assert!(wild > 100.0 * ordinary, "{wild} against {ordinary}");
+    }
+}

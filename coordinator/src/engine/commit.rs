@@ -210,7 +210,7 @@ impl Engine {
                     unreachable!("stats tasks sum")
                 };
                 let moments = acc.mean_delta(&Default::default());
-                let st = Standardizer::from_moments(&moments);
+                let st = Standardizer::from_moments(&moments).with_rows(acc.total_weight());
                 record.outcome = Outcome::Committed;
                 let json = serde_json::to_value(&st).expect("serialisable");
                 self.store

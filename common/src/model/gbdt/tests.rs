@@ -239,6 +239,7 @@ fn scoring_routes_rows_through_the_trees_and_ignores_a_tree_in_progress() {
     let scaler = Standardizer {
         mean: vec![1.0, 0.0],
         std: vec![2.0, 1.0],
+        rows: None,
     };
     let raw = array![[1.0f32, 0.0], [6.0, 0.0]];
     assert_eq!(
@@ -398,6 +399,7 @@ fn tasks_check_the_state_and_bad_updates_are_named() {
     let scaler = Standardizer {
         mean: vec![0.0; 2],
         std: vec![1.0; 2],
+        rows: None,
     };
     let ctx = RoundContext {
         sgd: &sgd,
