@@ -156,6 +156,19 @@ pub enum StoreError {
         /// The store file.
         path: PathBuf,
     },
+    /// The file exists but holds no byte: not a store redb wrote (it never
+    /// leaves one empty), more likely one truncated by a failed copy or a
+    /// full disk. Opening it would start a new store over it in silence.
+    #[error(
+        "store {path} is an empty file (0 bytes): not a fedcart store, perhaps one cut short by a \
+         failed copy or a full disk; restore it from a backup, or delete it to start a new store \
+         there",
+        path = path.display()
+    )]
+    Empty {
+        /// The store file.
+        path: PathBuf,
+    },
     /// Stored bytes did not decode or did not match their checksum.
     #[error("store {path}: corrupt {what}")]
     Corrupt {
@@ -228,6 +241,10 @@ impl StoreFile {
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| err(redb::Error::Io(e)))?;
+        }
+        // redb would write a new database over an empty file.
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            return Err(StoreError::Empty { path: path.into() });
         }
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.into() },
@@ -803,6 +820,27 @@ mod tests {
     /// A stored version whose bytes were changed in place (same length) is
     /// refused by its checksum, naming the store and the version; it is
     /// never handed out as a model.
+    /// A store file cut to 0 bytes was opened as a new store, its runs
+    /// submitted again from version 0 under the same ids, without a word.
+    #[test]
+    fn an_empty_store_file_is_refused_not_started_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.redb");
+        std::fs::write(&path, b"").unwrap();
+        let e = StoreFile::open(&path).err().expect("refused");
+        assert!(matches!(e, StoreError::Empty { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("coordinator.redb") && msg.contains("empty file"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
+        // A path with no file yet is a new store, as before.
+        let fresh = dir.path().join("new.redb");
+        StoreFile::open(&fresh).unwrap();
+        assert!(std::fs::metadata(&fresh).unwrap().len() > 0);
+    }
+
     #[test]
     fn a_version_tampered_with_at_the_same_length_fails_its_checksum() {
         let dir = tempfile::tempdir().unwrap();
