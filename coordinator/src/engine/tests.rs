@@ -1368,6 +1368,13 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
 
     let mut e = reopen(&path, &cfg);
     assert_eq!(e.pinned_merchants(), Some(&four), "the status names them");
+    // The lost attempt's record, without DP, claims no accounting.
+    let lost = e.store().history().unwrap();
+    assert_eq!(
+        lost.last().and_then(|r| r.abort_reason.as_deref()),
+        Some(super::unmask::LOST)
+    );
+    assert!(!super::unmask::LOST.contains("privacy"));
     let without_m03: Vec<String> = all.iter().filter(|m| *m != "m03").cloned().collect();
     assert!(
         matches!(
@@ -1474,7 +1481,10 @@ fn a_dp_sum_possibly_seen_before_a_restart_is_accounted_once() {
     let lost = &history[0];
     assert_eq!(lost.task_id, first.task_id);
     assert_eq!(lost.outcome, Outcome::Aborted);
-    assert_eq!(lost.abort_reason.as_deref(), Some(super::unmask::LOST));
+    assert_eq!(
+        lost.abort_reason.as_deref(),
+        Some(super::unmask::LOST_ACCOUNTED)
+    );
     assert_eq!(names(&lost.reported), four);
     assert_eq!(lost.dropped, all[4..].to_vec());
     let p = lost.privacy.as_ref().expect("accounted");

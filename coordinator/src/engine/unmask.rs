@@ -133,7 +133,14 @@ impl Unmasking {
             started_unix_ms: super::unix_ms(),
             duration_ms: 0,
             bytes_in: 0,
-            abort_reason: Some(LOST.to_string()),
+            abort_reason: Some(
+                if privacy.is_some() {
+                    LOST_ACCOUNTED
+                } else {
+                    LOST
+                }
+                .to_string(),
+            ),
             privacy,
             secagg_clipped: None,
             sampled: false,
@@ -154,8 +161,16 @@ impl Unmasking {
 /// The abort reason of a task whose coordinator stopped after its unmask
 /// requests left and before its record was written.
 pub const LOST: &str = "the coordinator stopped after this task's unmask requests left and before \
-                        its record was written: its sum is taken as seen (accounted, with \
-                        differential privacy) and the round is retried over the same merchants";
+                        its record was written: its sum is taken as seen and the round is retried \
+                        over the same merchants";
+
+/// [`LOST`] of a training round under differential privacy, whose possibly
+/// seen sum the ledger accounted (a run without DP read "accounted, with
+/// differential privacy" too).
+pub const LOST_ACCOUNTED: &str = "the coordinator stopped after this task's unmask requests left \
+                                  and before its record was written: its sum is taken as seen \
+                                  (and accounted by the privacy ledger) and the round is retried \
+                                  over the same merchants";
 
 /// The marker in `store`, if any (a cleared marker is stored as `null`).
 pub(super) fn load(store: &crate::store::Store) -> Result<Option<Unmasking>, EngineError> {
