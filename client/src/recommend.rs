@@ -44,7 +44,12 @@ pub enum RecommendError {
     #[error("stored `mf` model has an unexpected spec")]
     UnexpectedSpec,
     /// The stored model and the local catalogue disagree on the item count.
-    #[error("the model has {model} items but the catalogue {catalogue}")]
+    #[error(
+        "the stored recommender has {model} item rows and `data.catalogue` lists {catalogue} \
+         items: the run that trained it used another catalogue, or hashed item ids (then read it \
+         with a configuration without `data.catalogue`, as its agent was configured when it \
+         trained)"
+    )]
     CatalogueMismatch {
         /// Items in the model.
         model: usize,
