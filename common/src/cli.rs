@@ -66,7 +66,14 @@ impl LogArgs {
     /// The default level moved by `-q`/`-v`.
     fn flag_filter(&self, default: &str) -> EnvFilter {
         let base = LEVELS.iter().position(|l| *l == default).unwrap_or(2) as i32;
-        let at = (base - i32::from(self.quiet) + i32::from(self.verbose)).clamp(0, 4) as usize;
+        // `-q` is "warnings and errors only", `-qq` "errors only", whatever
+        // the default: the simulator's default is already `warn`, and `-q`
+        // moving one level down from it hid the warnings it promises.
+        let at = match self.quiet {
+            0 => (base + i32::from(self.verbose)).clamp(0, 4),
+            1 => base.min(1),
+            _ => 0,
+        } as usize;
         let level = LEVELS[at];
         if at <= 2 {
             return EnvFilter::new(level);
@@ -314,6 +321,11 @@ mod tests {
         assert_eq!(f(0, 0, "info"), "info");
         assert_eq!(f(1, 0, "info"), "warn");
         assert_eq!(f(0, 0, "warn"), "warn");
+        // As `--help` says: -q warnings and errors only, -qq errors only,
+        // also where the default is `warn` (the simulator).
+        assert_eq!(f(1, 0, "warn"), "warn");
+        assert_eq!(f(2, 0, "warn"), "error");
+        assert_eq!(f(2, 0, "info"), "error");
         assert_eq!(f(0, 1, "warn"), "info");
         assert!(
             f(0, 1, "info").contains("fedcart_client=debug"),
