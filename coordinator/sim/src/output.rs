@@ -54,7 +54,7 @@ fn summary_table(experiments: &[Experiment]) -> comfy_table::Table {
         // and its sketch round are rounds without an evaluation).
         let evaluated = |r: &&RoundRow| e.headline().is_some_and(|(k, _)| r.eval.contains_key(k));
         let metric = |r: Option<&RoundRow>| match (e.headline(), r) {
-            (Some((k, _)), Some(r)) => r.eval.get(k).map_or("-".into(), |v| format!("{k} {v:.4}")),
+            (Some((k, _)), Some(r)) => r.eval.get(k).map_or("-".into(), |v| figure(k, *v)),
             _ => "-".into(),
         };
         let bytes: u64 = e.rounds.iter().map(|r| r.bytes_up + r.bytes_down).sum();
@@ -76,10 +76,7 @@ fn summary_table(experiments: &[Experiment]) -> comfy_table::Table {
             // `--format json` (the last version's is in the model-selection
             // line when they differ).
             match e.headline() {
-                Some((k, _)) => e
-                    .final_metrics
-                    .get(k)
-                    .map_or("-".into(), |v| format!("{k} {v:.4}")),
+                Some((k, _)) => e.final_metrics.get(k).map_or("-".into(), |v| figure(k, *v)),
                 None => "-".into(),
             },
             format!("{:.4}", e.timing.seconds_per_round),
@@ -90,6 +87,17 @@ fn summary_table(experiments: &[Experiment]) -> comfy_table::Table {
         ]);
     }
     t
+}
+
+/// A headline figure of the table: a value that is not finite (a merchant's
+/// metric that overflowed; metrics.json writes it as null, the report as
+/// "–") reads "n/a", not "NaN".
+fn figure(metric: &str, v: f64) -> String {
+    if v.is_finite() {
+        format!("{metric} {v:.4}")
+    } else {
+        format!("{metric} n/a")
+    }
 }
 
 /// The summary as one JSON document, what `--format json` prints: per
@@ -735,6 +743,14 @@ mod tests {
         })
         .unwrap();
         settings_rows(&s)
+    }
+
+    /// The table printed "final rmse NaN" where metrics.json said null.
+    #[test]
+    fn a_figure_that_is_not_finite_reads_n_a() {
+        assert_eq!(figure("rmse", 0.86104), "rmse 0.8610");
+        assert_eq!(figure("rmse", f64::NAN), "rmse n/a");
+        assert_eq!(figure("auc", f64::INFINITY), "auc n/a");
     }
 
     /// A `--mode fedbuff` run's summary table and report said `fedavg`, as
