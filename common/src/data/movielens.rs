@@ -83,8 +83,12 @@ pub fn read_ratings_delimited<R: std::io::Read>(
         let value: f32 = r
             .parse()
             .ok()
-            .filter(|v: &f32| v.is_finite())
-            .ok_or_else(|| bad("rating", r, "a finite number"))?;
+            .filter(|v: &f32| {
+                v.is_finite()
+                    && f64::from(v.abs()) <= crate::data::standardize::MAX_FEATURE_MAGNITUDE
+            })
+            // 1e30 was read, and its square overflowed every RMSE to NaN.
+            .ok_or_else(|| bad("rating", r, "a finite number of magnitude at most 1e15"))?;
         let t = cell(ct, "timestamp")?;
         // Unix seconds as MovieLens writes them, or a date as other exports
         // do. Here times only order each user's events, so a small integer
@@ -376,7 +380,17 @@ mod tests {
             .to_string();
         assert_eq!(
             msg,
-            "r.csv: line 4, column `rating`: `high` is not a finite number"
+            "r.csv: line 4, column `rating`: `high` is not a finite number of magnitude at most \
+             1e15"
+        );
+        // A rating whose square overflows f32 (every RMSE read NaN).
+        let text = "userId,movieId,rating,timestamp\n1,2,4.0,10\n1,3,1e30,11\n";
+        let msg = read_ratings(text.as_bytes(), Path::new("r.csv"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("r.csv: line 3, column `rating`: `1e30`"),
+            "{msg}"
         );
         let text = "userId,rating,timestamp\n1,4.0,10\n";
         let msg = read_ratings(text.as_bytes(), Path::new("r.csv"))
