@@ -626,6 +626,9 @@ pub struct Answer {
     pub note: Option<String>,
 }
 
+/// Ranked rows, what ranked them and, for the best sellers, why.
+pub(crate) type Ranked = (Vec<(u32, f32)>, Basis, Option<String>);
+
 /// A customer the recommender has no factors for gets the best sellers
 /// instead: the list and its note (the same words as the error).
 pub(crate) fn fallback(
@@ -633,7 +636,7 @@ pub(crate) fn fallback(
     purchases: &Purchases,
     u: usize,
     opts: &RecommendOptions,
-) -> Result<(Vec<(u32, f32)>, Basis, Option<String>), RecommendError> {
+) -> Result<Ranked, RecommendError> {
     match ranked {
         Ok(top) => Ok((top, Basis::Model, None)),
         Err(e @ RecommendError::Untrained { .. }) => Ok((

@@ -327,9 +327,12 @@ impl SecAggConfig {
                 "scale",
                 format!(
                     "{n} agents × max encoded value ⌈clip·scale⌉ = {vmax} exceeds 2^{} − 1 = {signed_room}: \
-                     the sum could wrap the modulus; lower `scale` (or `clip`) to at most {:.6e}, \
-                     or raise `modulus_bits`",
+                     the sum could wrap the modulus; lower `clip` ({}) to at most {:.6e}, or \
+                     `scale` ({}) to at most {:.6e}, or raise `modulus_bits`",
                     bits - 1,
+                    self.clip,
+                    (signed_room / n128) as f64 / self.scale,
+                    self.scale,
                     (signed_room / n128) as f64 / f64::from(self.clip)
                 ),
             );

@@ -782,6 +782,40 @@ mod tests {
         ));
     }
 
+    /// The overflow message gave the largest *scale* as the largest clip
+    /// ("lower `scale` (or `clip`) to at most 9.2e-1" for a clip of 1e18
+    /// whose limit was near 9e17): each bound it names now validates.
+    #[test]
+    fn a_clip_too_large_for_the_ring_names_a_clip_and_a_scale_that_fit() {
+        let mut c = config();
+        c.modulus_bits = 64;
+        c.scale = 10.0;
+        c.clip = 1e18;
+        // config() has k = 2: three agents make the complete graph.
+        let e = c.validate(3).unwrap_err().to_string();
+        let bound = |name: &str| -> f64 {
+            let at = e
+                .find(&format!("`{name}` ("))
+                .unwrap_or_else(|| panic!("{e}"));
+            let rest = &e[at..];
+            let start = rest.find("at most ").unwrap() + "at most ".len();
+            rest[start..]
+                .split([',', ' '])
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (max_clip, max_scale) = (bound("clip"), bound("scale"));
+        assert!(max_clip > 1e16 && max_clip < 1e18, "{e}");
+        let mut fits = c.clone();
+        fits.clip = (max_clip * 0.999) as f32;
+        fits.validate(3).unwrap();
+        let mut fits = c.clone();
+        fits.scale = max_scale * 0.999;
+        fits.validate(3).unwrap();
+    }
+
     #[test]
     fn non_finite_values_are_refused_not_clipped() {
         let c = config();
