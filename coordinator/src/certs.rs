@@ -58,6 +58,11 @@ impl CertDir {
     pub fn key(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.key"))
     }
+    /// The access file `certs issue` adds merchants to unless told another
+    /// (and `certs revoke` revokes in).
+    pub fn access(&self) -> PathBuf {
+        self.dir.join("access.toml")
+    }
     /// The operator's bearer token for the HTTP endpoints.
     pub fn operator_token(&self) -> PathBuf {
         self.dir.join(OPERATOR_TOKEN)
@@ -223,9 +228,10 @@ pub fn issue_kind(dir: &CertDir, id: &str, kind: Kind, force: bool) -> anyhow::R
             if p.exists() {
                 bail!(
                     "{} exists: `{id}` is already issued; pass --force to issue a new \
-                     certificate (revoke the old one with `certs revoke --id {id}` first if it \
-                     must stop working)",
-                    p.display()
+                     certificate (revoke the old one with `fedcart-coordinator certs revoke \
+                     --dir {} --id {id}` first if it must stop working)",
+                    p.display(),
+                    dir.dir.display()
                 );
             }
         }
@@ -539,6 +545,33 @@ pub fn revoke(
         warning,
         already,
     })
+}
+
+/// The access file and certificate directory `certs revoke` works on:
+/// either one given finds the other where `certs issue` puts them (the
+/// access file is `<dir>/access.toml`; the directory is the access file's).
+pub fn revoke_paths(
+    access: Option<PathBuf>,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, CertDir)> {
+    match (access, dir) {
+        (Some(access), Some(dir)) => Ok((access, CertDir::new(dir))),
+        (None, Some(dir)) => {
+            let dir = CertDir::new(dir);
+            Ok((dir.access(), dir))
+        }
+        (Some(access), None) => {
+            let dir = match access.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            Ok((access, CertDir::new(dir)))
+        }
+        (None, None) => bail!(
+            "pass --dir (the certificate directory the id was issued in) or --access (the \
+             coordinator's `serve.tls.access`)"
+        ),
+    }
 }
 
 /// The ids with a certificate in `dir` (not the CA or the coordinator).

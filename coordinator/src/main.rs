@@ -214,9 +214,10 @@ enum CertsAction {
     /// its next RPC on, no restart needed. A certificate issued later for the
     /// same id is not affected.
     Revoke {
-        /// Access file (the coordinator's `serve.tls.access`).
-        #[arg(long)]
-        access: PathBuf,
+        /// Access file (the coordinator's `serve.tls.access`) [default:
+        /// `<dir>/access.toml`, where `issue` adds merchants].
+        #[arg(long, required_unless_present = "dir")]
+        access: Option<PathBuf>,
         /// Merchant id (or operator name).
         #[arg(long)]
         id: String,
@@ -441,7 +442,7 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
                 ca::check_kit(&id, kit, force)?;
             }
             ca::issue_kind(&pki, &id, ca::Kind::Merchant, force)?;
-            let access = access.unwrap_or_else(|| dir.join("access.toml"));
+            let access = access.unwrap_or_else(|| pki.access());
             ca::allow(&access, &id)?;
             fedcart_common::outln!(
                 "issued {0}.pem/{0}.key in {1}; allowed in {2}{3}",
@@ -480,11 +481,8 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             dir,
             serial,
         } => {
-            let dir = dir.unwrap_or_else(|| match access.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            });
-            let done = ca::revoke(&access, &ca::CertDir::new(&dir), &id, serial.as_deref())?;
+            let (access, dir) = ca::revoke_paths(access, dir)?;
+            let done = ca::revoke(&access, &dir, &id, serial.as_deref())?;
             if let Some(w) = &done.warning {
                 eprintln!("warning: {w}");
             }
@@ -508,4 +506,40 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `fedcart-coordinator <args>`, which must be a `certs` command.
+    fn certs_command<'a>(args: impl IntoIterator<Item = &'a str>) -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(std::iter::once("fedcart-coordinator").chain(args))?;
+        let Command::Certs { action } = cli.command else {
+            anyhow::bail!("not a certs command");
+        };
+        certs(action)
+    }
+
+    /// `certs issue` over an issued id hinted at `certs revoke --id m0`,
+    /// which clap refused for want of --access: the hint now names the
+    /// directory, and `revoke --dir` finds its access file there.
+    #[test]
+    fn the_revoke_hint_of_a_second_issue_runs_as_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = tmp.path().join("pki");
+        let dir = pki.to_str().unwrap();
+        certs_command(["certs", "init", "--dir", dir]).unwrap();
+        let issue = ["certs", "issue", "--dir", dir, "--id", "m0"];
+        certs_command(issue).unwrap();
+        let e = certs_command(issue).unwrap_err().to_string();
+        let hint = e
+            .split('`')
+            .find_map(|s| s.strip_prefix("fedcart-coordinator "))
+            .unwrap_or_else(|| panic!("no command in: {e}"));
+        certs_command(hint.split_whitespace()).unwrap_or_else(|e| panic!("`{hint}`: {e}"));
+        let serial = ca::serial_of_file(&pki.join("m0.pem")).unwrap();
+        let access = std::fs::read_to_string(pki.join("access.toml")).unwrap();
+        assert!(access.contains(&serial), "{access}");
+    }
 }
