@@ -266,7 +266,7 @@ async fn run() -> anyhow::Result<()> {
             json,
             run,
         } => {
-            let with_certs = certs.is_some();
+            let presented = certs.is_some().then_some(identity.as_str());
             let tls = certs.map(|d| status::ClientTls {
                 ca: d.join("ca.pem"),
                 cert: d.join(format!("{identity}.pem")),
@@ -275,7 +275,7 @@ async fn run() -> anyhow::Result<()> {
             });
             let s = status::fetch(&coordinator, tls.as_ref(), run.as_deref())
                 .await
-                .map_err(|e| status::with_hint(e, &coordinator, with_certs))?;
+                .map_err(|e| status::with_hint(e, &coordinator, presented))?;
             if json {
                 fedcart_common::outln!("{}", serde_json::to_string_pretty(&status::to_json(&s))?)?;
             } else {
@@ -293,7 +293,13 @@ async fn run() -> anyhow::Result<()> {
             let tls = conn.tls();
             let answer = runs::call(&conn.coordinator, tls.as_ref(), &action)
                 .await
-                .map_err(|e| status::with_hint(e, &conn.coordinator, conn.certs.is_some()))?;
+                .map_err(|e| {
+                    status::with_hint(
+                        e,
+                        &conn.coordinator,
+                        conn.certs.is_some().then_some(conn.identity.as_str()),
+                    )
+                })?;
             match (json, &action) {
                 (true, runs::Action::List) => fedcart_common::outln!(
                     "{}",

@@ -167,9 +167,10 @@ impl std::error::Error for Refused {
     }
 }
 
-/// Adds what to try to a failed [`fetch`] of `url`; `with_certs` tells
-/// whether `--certs` was given.
-pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error {
+/// Adds what to try to a failed [`fetch`] of `url`; `identity` is the
+/// `--identity` presented when `--certs` was given, `None` without it.
+pub fn with_hint(e: anyhow::Error, url: &str, identity: Option<&str>) -> anyhow::Error {
+    let with_certs = identity.is_some();
     if e.chain()
         .any(|c| c.is::<BadIdentity>() || c.is::<ReadConfig>())
     {
@@ -194,12 +195,20 @@ pub fn with_hint(e: anyhow::Error, url: &str, with_certs: bool) -> anyhow::Error
              and pass `--identity NAME`"
                 .to_string()
         }
-        _ if missing_file && with_certs => {
+        _ if missing_file && identity == Some(crate::certs::OPERATOR) => {
             "`certs init` writes the operator's operator.pem/operator.key into its directory: \
              pass that directory as --certs (or issue another operator with \
              `certs issue --operator --dir DIR --id NAME` and pass `--identity NAME`)"
                 .to_string()
         }
+        // A merchant's key moved into its kit (`certs issue --kit`), or
+        // another operator's is where `certs issue --operator` wrote it.
+        _ if missing_file && let Some(id) = identity => format!(
+            "--certs is the folder that holds ca.pem, {id}.pem and {id}.key: a merchant's kit \
+             (`certs issue --kit KITDIR` moved the key there: `--certs KITDIR --identity {id}`), \
+             or for an operator `certs issue --operator` named `{id}` the directory it was \
+             issued in"
+        ),
         _ if !unreachable => return e,
         // `127.0.0.1:50051` is not a URL: nothing was tried.
         _ if !url.contains("://") => format!(
@@ -503,7 +512,10 @@ mod tests {
             path: "nope.toml".into(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
-        let message = format!("{:#}", with_hint(e, "https://localhost:50051", true));
+        let message = format!(
+            "{:#}",
+            with_hint(e, "https://localhost:50051", Some("operator"))
+        );
         assert_eq!(message, "reading nope.toml: entity not found");
     }
 
@@ -522,7 +534,7 @@ mod tests {
         let url = "https://127.0.0.1:1";
         let wrong = tls(certs.key("coordinator"));
         let e = channel(url, Some(&wrong)).await.unwrap_err();
-        let message = format!("{:#}", with_hint(e, url, true));
+        let message = format!("{:#}", with_hint(e, url, Some("operator")));
         assert_eq!(
             message,
             format!(
@@ -538,7 +550,7 @@ mod tests {
             ..tls(certs.key("operator"))
         };
         let e = channel(url, Some(&no_cert)).await.unwrap_err();
-        let message = format!("{:#}", with_hint(e, url, true));
+        let message = format!("{:#}", with_hint(e, url, Some("operator")));
         assert_eq!(
             message,
             format!(
@@ -548,13 +560,44 @@ mod tests {
         );
     }
 
+    /// `status --certs pki --identity m0`, m0's key moved into its kit, was
+    /// told to pass the directory holding operator.pem/operator.key: a
+    /// merchant's identity is pointed at its kit folder instead.
+    #[tokio::test]
+    async fn a_merchant_identity_without_its_key_is_pointed_at_its_kit() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = crate::certs::CertDir::new(dir.path().join("pki"));
+        crate::certs::init(&certs, &["localhost".into()]).unwrap();
+        crate::certs::issue(&certs, "m0").unwrap();
+        std::fs::remove_file(certs.key("m0")).unwrap();
+        let tls = |id: &str| ClientTls {
+            ca: certs.ca_cert(),
+            cert: certs.cert(id),
+            key: certs.key(id),
+            domain: "localhost".into(),
+        };
+        // The port is never dialled: the key is read first.
+        let url = "https://127.0.0.1:1";
+        let e = channel(url, Some(&tls("m0"))).await.unwrap_err();
+        let message = format!("{:#}", with_hint(e, url, Some("m0")));
+        assert!(
+            message.contains("`--certs KITDIR --identity m0`"),
+            "{message}"
+        );
+        assert!(!message.contains("operator.pem"), "{message}");
+        std::fs::remove_file(certs.key("operator")).unwrap();
+        let e = channel(url, Some(&tls("operator"))).await.unwrap_err();
+        let message = format!("{:#}", with_hint(e, url, Some("operator")));
+        assert!(message.contains("operator.pem/operator.key"), "{message}");
+    }
+
     /// `--coordinator 127.0.0.1:47551` was diagnosed as nothing listening
     /// there; it is a URL without its scheme, and nothing was dialled.
     #[tokio::test]
     async fn a_coordinator_address_without_a_scheme_is_told_to_add_one() {
         let url = "127.0.0.1:1";
         let e = fetch(url, None, None).await.unwrap_err();
-        let message = format!("{:#}", with_hint(e, url, false));
+        let message = format!("{:#}", with_hint(e, url, None));
         assert!(
             message.ends_with(
                 "`127.0.0.1:1` has no scheme: write https://127.0.0.1:1 (or http://127.0.0.1:1 \

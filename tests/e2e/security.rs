@@ -875,7 +875,10 @@ async fn status_connection_failures_name_their_cause() {
     };
     let hint = |url: String, tls: Option<ClientTls>| async move {
         let e = fetch(&url, tls.as_ref(), None).await.unwrap_err();
-        format!("{:#}", with_hint(e, &url, tls.is_some()))
+        format!(
+            "{:#}",
+            with_hint(e, &url, tls.is_some().then_some(certs::OPERATOR))
+        )
     };
     let https = format!("https://localhost:{port}");
     let plain = hint(format!("http://127.0.0.1:{port}"), None).await;
