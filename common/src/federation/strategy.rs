@@ -34,14 +34,14 @@ pub enum StrategyError {
         max: usize,
     },
     /// A required parameter is missing.
-    #[error("strategy `{name}` needs a {what} (e.g. `{head}:…`)")]
+    #[error("strategy `{name}` needs a {what} (e.g. `{example}`)")]
     Missing {
         /// The whole name as written.
         name: String,
-        /// The strategy's own name.
-        head: String,
         /// What the parameter is.
         what: &'static str,
+        /// The strategy written with every parameter it needs, as it parses.
+        example: &'static str,
     },
     /// A parameter is not a finite number.
     #[error("strategy `{name}`: {what} `{value}` is not a number")]
@@ -147,8 +147,15 @@ impl std::str::FromStr for StrategySpec {
         let required = |i: usize, what: &'static str| -> Result<f64, StrategyError> {
             num(i, what)?.ok_or_else(|| StrategyError::Missing {
                 name: name.into(),
-                head: head.into(),
                 what,
+                // Only these take a required parameter; each example is one
+                // the tests parse.
+                example: match head {
+                    "fedprox" => "fedprox:0.01",
+                    "fedtrimmedavg" => "fedtrimmedavg:0.1",
+                    "krum" => "krum:1",
+                    _ => "multikrum:1:3",
+                },
             })
         };
         let out_of_range = |rule: &'static str| StrategyError::OutOfRange {
@@ -482,6 +489,24 @@ mod tests {
         assert!(strategy_by_name("fedtrimmedavg:0.7").is_err());
         assert!(strategy_by_name("krum:x").err().unwrap().contains("`x`"));
         assert!(strategy_by_name("fedavg:1").is_err());
+    }
+
+    /// A missing parameter's hint read `krum:…`: it is now a name that
+    /// parses, for each strategy that needs one.
+    #[test]
+    fn a_missing_parameter_is_shown_with_an_example_that_parses() {
+        for (name, example) in [
+            ("fedprox", "fedprox:0.01"),
+            ("fedtrimmedavg", "fedtrimmedavg:0.1"),
+            ("krum", "krum:1"),
+            ("multikrum", "multikrum:1:3"),
+            ("multikrum:1", "multikrum:1:3"),
+        ] {
+            let e = name.parse::<StrategySpec>().unwrap_err().to_string();
+            assert!(e.ends_with(&format!("(e.g. `{example}`)")), "{name}: {e}");
+            assert!(!e.contains('…'), "{e}");
+            example.parse::<StrategySpec>().unwrap();
+        }
     }
 
     /// A server step of 0 never moved the model, a negative one ran it
