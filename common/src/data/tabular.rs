@@ -148,13 +148,28 @@ pub enum DataError {
         /// What was wrong.
         message: String,
     },
-    /// A schema could not be drafted from the table without an option.
+    /// A schema could not be drafted from the table.
     #[error("{file}: {message}")]
     Draft {
         /// The table.
         file: PathBuf,
-        /// What is missing and which option gives it.
+        /// What is wrong with it.
         message: String,
+    },
+    /// The table cannot settle one of the draft's choices; an option of
+    /// `fedcart-client schema` gives it. Kept apart from [`DataError::Draft`]
+    /// so that a program without that option (the simulator) can name the
+    /// command that has it.
+    #[error("{file}: cannot tell {what}: give it with `{option}` {detail}")]
+    DraftNeeds {
+        /// The table.
+        file: PathBuf,
+        /// What the table cannot settle (`which column is the label`).
+        what: &'static str,
+        /// The option that settles it, with its placeholder (`--label COLUMN`).
+        option: &'static str,
+        /// What the table offers, in parentheses, and any note after it.
+        detail: String,
     },
     /// The file has a header but no rows.
     #[error("{file}: no data rows")]

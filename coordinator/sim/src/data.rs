@@ -181,25 +181,29 @@ impl DataSpec {
                     .with_context(|| format!("reading {}", table.display()))?;
                 let draft = Schema::draft(file, &table, delimiter, &Default::default()).map_err(
                     |e| match e {
-                        // The flags that settle it are the client's.
-                        DataError::Draft { .. } => anyhow::anyhow!(
-                            "{flag} auto: {e}; `fedcart-client schema --csv {} --label COLUMN \
-                             --positive VALUE --out schema.toml` writes that draft, then give \
-                             {flag} schema.toml",
-                            table.display()
+                        // The option that settles it is the client's
+                        // `schema` command's: the simulator has none.
+                        DataError::DraftNeeds {
+                            file,
+                            what,
+                            option,
+                            detail,
+                        } => anyhow::anyhow!(
+                            "{flag} auto: {}: cannot tell {what} {detail}; `fedcart-client \
+                             schema --csv {}{} {option} --out schema.toml` drafts the schema with \
+                             it, then give {flag} schema.toml",
+                            file.display(),
+                            table.display(),
+                            separator(delimiter)
                         ),
                         e => anyhow::anyhow!("{flag} auto: {e}"),
                     },
                 )?;
-                // The command that drafts the same schema, separator included.
-                let separator = match (delimiter as char).to_string().parse() {
-                    Ok(fedcart_common::data::orders::Delimiter::Comma) | Err(_) => String::new(),
-                    Ok(d) => format!(" --delimiter {}", d.name()),
-                };
                 eprintln!(
                     "{flag} auto: drafted this schema (to keep it: `fedcart-client schema --csv \
-                     {}{separator} --out schema.toml`, then {flag} schema.toml):\n{}",
+                     {}{} --out schema.toml`, then {flag} schema.toml):\n{}",
                     table.display(),
+                    separator(delimiter),
                     draft.to_toml(&table, None)
                 );
                 Ok(Self::Csv(Box::new(CsvSource {
@@ -232,6 +236,15 @@ impl DataSpec {
             Self::Orders(o) => Self::Orders(Box::new(o.resolve(args)?)),
             other => other,
         })
+    }
+}
+
+/// The `--delimiter` of a `fedcart-client schema` command that reads the
+/// table as `delimiter` does, with its leading space; empty for a comma.
+fn separator(delimiter: u8) -> String {
+    match (delimiter as char).to_string().parse() {
+        Ok(fedcart_common::data::orders::Delimiter::Comma) | Err(_) => String::new(),
+        Ok(d) => format!(" --delimiter {}", d.name()),
     }
 }
 

@@ -314,26 +314,30 @@ impl Schema {
                             .filter(|&c| two_valued(c) && stats[c].blanks == 0)
                             .map(|c| header[c].as_str())
                             .collect();
-                        return Err(err(format!(
-                            "cannot tell which column is the label: give it with `--label \
-                             COLUMN` (columns with exactly two values: {}){}",
-                            if candidates.is_empty() {
-                                "none".to_string()
-                            } else {
-                                candidates.join(", ")
-                            },
-                            orders_like(&header, &stats)
-                                .map(|(customer, time)| format!(
-                                    "; this looks like an orders export, one line per order \
+                        return Err(DataError::DraftNeeds {
+                            file: path.into(),
+                            what: "which column is the label",
+                            option: "--label COLUMN",
+                            detail: format!(
+                                "(columns with exactly two values: {}){}",
+                                if candidates.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    candidates.join(", ")
+                                },
+                                orders_like(&header, &stats)
+                                    .map(|(customer, time)| format!(
+                                        "; this looks like an orders export, one line per order \
                                      (`{customer}` repeats, `{time}` is the order time), not a \
                                      customer table of one row per customer: an agent reads an \
                                      orders export as it is (`data.orders_csv` with its column \
                                      mapping `[data.orders]` in merchant.toml) and derives each \
                                      customer's features and churn label, which `fedcart-client \
                                      prepare --orders FILE` shows"
-                                ))
-                                .unwrap_or_default()
-                        )));
+                                    ))
+                                    .unwrap_or_default()
+                            ),
+                        });
                     }
                 }
             }
@@ -360,11 +364,15 @@ impl Schema {
                         .map(|v| (*v).clone())
                         .expect("two values"),
                     _ => {
-                        return Err(err(format!(
-                            "cannot tell which label value means churned: give it with \
-                             `--positive VALUE` (the label column `{}` holds `{}` and `{}`)",
-                            header[label], label_values[0], label_values[1]
-                        )));
+                        return Err(DataError::DraftNeeds {
+                            file: path.into(),
+                            what: "which label value means churned",
+                            option: "--positive VALUE",
+                            detail: format!(
+                                "(the label column `{}` holds `{}` and `{}`)",
+                                header[label], label_values[0], label_values[1]
+                            ),
+                        });
                     }
                 }
             }

@@ -115,6 +115,38 @@ fn schema_auto_drafts_from_the_table_and_learns_as_the_hand_written_one() {
     assert!(error(a).contains("--schema auto drafts the schema from `--data csv:PATH`"),);
 }
 
+/// `--schema auto` on a table whose label cannot be told said "give it
+/// with `--label COLUMN`", a flag the simulator does not have: it names
+/// the client's command that takes it, and the schema file to give back.
+#[test]
+fn schema_auto_asks_for_what_the_table_cannot_tell_with_the_clients_command_only() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, option) in [
+        (
+            "id,a,status,flag\n1,2,gone,x\n2,3,kept,y\n",
+            "--label COLUMN",
+        ),
+        ("id,a,churn\n1,2,gone\n2,3,kept\n", "--positive VALUE"),
+    ] {
+        let table = dir.path().join("t.csv");
+        std::fs::write(&table, text).unwrap();
+        let err = error(args(
+            "churn-lr",
+            format!("csv:{}", table.display()),
+            Some("auto".into()),
+        ));
+        assert!(!err.contains("give it with"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "`fedcart-client schema --csv {} {option} --out schema.toml` drafts the schema \
+                 with it, then give --schema schema.toml",
+                table.display()
+            )),
+            "{err}"
+        );
+    }
+}
+
 /// The Telco table's header and data rows.
 fn telco_rows() -> (String, Vec<String>) {
     let text = std::fs::read_to_string(telco()).unwrap();
