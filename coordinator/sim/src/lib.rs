@@ -355,27 +355,28 @@ pub fn run_one(
         .iter()
         .filter_map(|m| m.churn.as_ref().map(|c| c.train.y.len()))
         .sum();
-    // Customers labelled churned anywhere (training or held out): with none,
-    // no partition can measure an AUC.
-    let churners: usize = pop
+    // Customers labelled churned and not anywhere (training or held out):
+    // with fewer of either than one merchant's held-out split needs, no
+    // partition can measure an AUC.
+    let classes = pop
         .merchants
         .iter()
         .filter_map(|m| m.churn.as_ref())
-        .map(|c| {
-            c.train
-                .y
-                .iter()
-                .chain(&c.valid.y)
-                .filter(|&&y| y > 0.5)
-                .count()
-        })
-        .sum();
+        .flat_map(|c| c.train.y.iter().chain(&c.valid.y))
+        .fold(Classes::default(), |mut n, &y| {
+            if y > 0.5 {
+                n.churners += 1;
+            } else {
+                n.stayers += 1;
+            }
+            n
+        });
     if s.transport == Transport::Grpc {
         let mut exp = grpc::run(s, task, data, pop, run, load_seconds)?;
         exp.report.splice(0..0, data_notes);
         if !exp.failed {
             exp.report.extend(selection_report(&exp));
-            let notes = closing_notes(s, task, &spec, &exp, &exp.final_model, churn_rows, churners);
+            let notes = closing_notes(s, task, &spec, &exp, &exp.final_model, churn_rows, classes);
             exp.report.extend(notes);
         }
         return finish_segments(exp, segment_data.as_deref(), &segment_notes, &spec, s);
@@ -695,7 +696,7 @@ pub fn run_one(
         )?;
     }
     exp.report.extend(selection_report(&exp));
-    let notes = closing_notes(s, task, &spec, &exp, &engine.global(), churn_rows, churners);
+    let notes = closing_notes(s, task, &spec, &exp, &engine.global(), churn_rows, classes);
     exp.report.extend(notes);
     exp.final_model = engine.global().to_vec();
     exp.finish();
@@ -710,10 +711,10 @@ fn closing_notes(
     exp: &Experiment,
     model: &[f32],
     churn_rows: usize,
-    churners: usize,
+    classes: Classes,
 ) -> Vec<String> {
     let mut out: Vec<String> = unsplit_note(spec, model, churn_rows).into_iter().collect();
-    out.extend(untested_note(task, exp, churn_rows > 0 && churners == 0));
+    out.extend(untested_note(task, exp, classes));
     out.extend(weak_privacy_note(
         exp,
         s.dp.as_ref().and_then(|d| d.target_epsilon),
@@ -784,10 +785,22 @@ fn clipping_note(spec: &ModelSpec, exp: &Experiment, clip: f32) -> Option<String
         .map(|w| format!("round {round}: {w}"))
 }
 
+/// How many customers of a churn run's merchants, training and held out
+/// together, are labelled churned and how many are not.
+#[derive(Debug, Clone, Copy, Default)]
+struct Classes {
+    churners: usize,
+    stayers: usize,
+}
+
+/// The fewest customers of a class for a merchant's held-out fifth to hold
+/// one: the stratified split rounds a fifth of 2 to none.
+const FEWEST_HELD_OUT: usize = 3;
+
 /// A recommender run whose merchants hold nothing to test on (every
 /// customer bought a single item, say) reports no held-out metric: said in
 /// the report rather than left as a table of dashes.
-fn untested_note(task: TaskChoice, exp: &Experiment, no_churner: bool) -> Option<String> {
+fn untested_note(task: TaskChoice, exp: &Experiment, classes: Classes) -> Option<String> {
     let (key, _) = exp.headline()?;
     let measured = exp.rounds.iter().any(|r| r.eval.contains_key(key));
     if measured || exp.rounds.is_empty() {
@@ -802,16 +815,31 @@ fn untested_note(task: TaskChoice, exp: &Experiment, no_churner: bool) -> Option
         ));
     }
     task.is_churn().then(|| {
-        // A natural partition keeps the export's stores: the merchant count
-        // is the data's, not a setting.
-        let fix = if no_churner {
+        let few = |n: usize, one: &str, many: &str| {
+            format!(
+                "the table holds only {n} {} in total, and a merchant's held-out fifth takes one \
+                 only from {FEWEST_HELD_OUT} of them, however the table is split",
+                if n == 1 { one } else { many }
+            )
+        };
+        let fix = if classes.churners == 0 {
             "no customer of any merchant is labelled churned: check which label values count \
              as churned (the schema's `positive`) or, for an orders export, the churn window \
              and cutoff"
                 .to_string()
+        } else if classes.churners < FEWEST_HELD_OUT {
+            few(classes.churners, "churner", "churners")
+        } else if classes.stayers < FEWEST_HELD_OUT {
+            few(
+                classes.stayers,
+                "customer not churned",
+                "customers not churned",
+            )
         } else if exp.merchants <= 1 {
             "with one merchant, give more customers".to_string()
         } else if exp.partition == "natural" {
+            // A natural partition keeps the export's stores: the merchant
+            // count is the data's, not a setting.
             format!(
                 "the natural partition keeps the export's {} stores; pool them with another \
                  --partition and fewer --merchants, or give a longer export",

@@ -147,6 +147,46 @@ fn schema_auto_asks_for_what_the_table_cannot_tell_with_the_clients_command_only
     }
 }
 
+/// A table with one churner in all, over 3 merchants, was told to give
+/// fewer --merchants or more customers per merchant: no split gives any
+/// merchant a held-out churner, and the note says the table holds only one.
+#[test]
+fn a_table_with_too_few_churners_to_test_on_says_how_many_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("one.csv");
+    let mut text = String::from("id,spend,churn\n");
+    for i in 0..60 {
+        text += &format!("{i},{},{}\n", i % 7, if i == 5 { "yes" } else { "no" });
+    }
+    std::fs::write(&table, text).unwrap();
+    let schema = dir.path().join("schema.toml");
+    std::fs::write(
+        &schema,
+        "id = \"id\"\nlabel = \"churn\"\npositive = [\"yes\"]\nnegative = [\"no\"]\n\
+         numeric = [\"spend\"]\n",
+    )
+    .unwrap();
+    let e = &run(args(
+        "churn-lr",
+        format!("csv:{}", table.display()),
+        Some(schema),
+    ))
+    .unwrap()[0];
+    let note = e
+        .report
+        .iter()
+        .find(|l| l.starts_with("no merchant holds held-out customers of both classes"))
+        .unwrap_or_else(|| panic!("{:?}", e.report));
+    assert!(
+        note.ends_with(
+            "the table holds only 1 churner in total, and a merchant's held-out fifth takes one \
+             only from 3 of them, however the table is split"
+        ),
+        "{note}"
+    );
+    assert!(!note.contains("--merchants"), "{note}");
+}
+
 /// The Telco table's header and data rows.
 fn telco_rows() -> (String, Vec<String>) {
     let text = std::fs::read_to_string(telco()).unwrap();
