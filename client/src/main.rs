@@ -68,9 +68,7 @@ enum Command {
         /// the model's ranking with this weight in [0, 1] (implies repeats).
         #[arg(long)]
         repeat_weight: Option<f32>,
-        /// Answer from this run's model (`runs/<id>/` in the state
-        /// directory) instead of the latest of any run.
-        #[arg(long)]
+        #[arg(long, help = fedcart_client::state::RUN_FLAG_HELP)]
         run: Option<String>,
     },
     /// Churn probability per customer as CSV, offline from the local state.
@@ -81,9 +79,7 @@ enum Command {
         /// Output CSV (`-` for standard output).
         #[arg(long, default_value = "churn_scores.csv")]
         out: PathBuf,
-        /// Answer from this run's model (`runs/<id>/` in the state
-        /// directory) instead of the latest of any run.
-        #[arg(long)]
+        #[arg(long, help = fedcart_client::state::RUN_FLAG_HELP)]
         run: Option<String>,
     },
     /// "Bought together" lists as CSV (`item,bought_with,support,confidence,lift`)
@@ -104,9 +100,7 @@ enum Command {
         /// Rules listed per item, best lift first (at least 1).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
         top: u64,
-        /// Answer from this run's model (`runs/<id>/` in the state
-        /// directory) instead of the latest of any run.
-        #[arg(long)]
+        #[arg(long, help = fedcart_client::state::RUN_FLAG_HELP)]
         run: Option<String>,
     },
     /// The federation's customer segment of each customer as CSV
@@ -118,9 +112,7 @@ enum Command {
         /// Output CSV (`-` for standard output).
         #[arg(long, default_value = "segments.csv")]
         out: PathBuf,
-        /// Answer from this run's model (`runs/<id>/` in the state
-        /// directory) instead of the latest of any run.
-        #[arg(long)]
+        #[arg(long, help = fedcart_client::state::RUN_FLAG_HELP)]
         run: Option<String>,
     },
     /// The merchant's privacy budget (`privacy.max_epsilon`): ε spent so
@@ -505,6 +497,34 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .with_context(|| format!("serving {}", args.config.display()))?;
             tracing::info!("stopped");
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--run` said "instead of the latest of any run", but without it the
+    /// commands read the version served at the top of the state directory
+    /// (model selection's best), and with it the run's latest version.
+    #[test]
+    fn run_says_what_is_read_with_and_without_it_on_every_command() {
+        let cli = Cli::command();
+        for name in ["recommend", "score", "segments", "rules", "serve"] {
+            let command = cli.find_subcommand(name).unwrap();
+            let run = command
+                .get_arguments()
+                .find(|a| a.get_id() == "run")
+                .unwrap_or_else(|| panic!("{name} has no --run"));
+            let help = run.get_help().unwrap().to_string();
+            assert_eq!(help, fedcart_client::state::RUN_FLAG_HELP, "{name}");
+            assert_eq!(run.get_long_help(), None, "{name}: --help shows the same");
+            assert!(
+                help.contains("latest version") && help.contains("[default: the version served"),
+                "{name}: {help}"
+            );
         }
     }
 }

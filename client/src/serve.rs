@@ -72,9 +72,8 @@ pub struct ServeArgs {
     /// milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_ms: u64,
-    /// Serve this run's models (`runs/<id>/` in the state directory)
-    /// instead of the latest of any run.
-    #[arg(long)]
+    /// The run whose models to serve ([`crate::state::RUN_FLAG_HELP`]).
+    #[arg(long, help = crate::state::RUN_FLAG_HELP)]
     pub run: Option<String>,
     /// A host name the shop calls this listener by (repeat for several):
     /// requests naming any other host are refused, so that a web page cannot

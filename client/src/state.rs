@@ -23,6 +23,14 @@ use fedcart_common::model::mf::UserState;
 use fedcart_common::task::TaskSpec;
 use serde::{Deserialize, Serialize};
 
+/// The help of `--run` on the commands that answer from the state
+/// directory (`recommend`, `score`, `segments`, `rules`, `serve`): what
+/// they read with it and without it (see [`StateDir::run`] and
+/// [`StateDir::publish_served`]).
+pub const RUN_FLAG_HELP: &str = "Answer from this run's latest version (`runs/<id>/` in the state \
+directory), whether or not it is the run's best [default: the version served at the top of the \
+state directory: the best that model selection chose in the latest run of this kind]";
+
 /// What is known about a stored global model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GlobalMeta {
