@@ -181,12 +181,19 @@ pub fn one_line(err: &(dyn StdError + 'static)) -> String {
 
 /// A listening address, `IP:PORT`. A host name (`localhost:50051`) is
 /// refused with the addresses that mean what it usually does: a listener
-/// binds an interface, and names are not resolved.
+/// binds an interface, and names are not resolved. The examples keep the
+/// port written: the flags that parse with this listen for different
+/// services (gRPC, HTTP), and one fixed port suited only one of them.
 pub fn parse_listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
     s.trim().parse().map_err(|_| {
+        let port = s
+            .trim()
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .map_or_else(|| "PORT".to_string(), |p| p.to_string());
         format!(
-            "`{s}` is not IP:PORT: write e.g. 127.0.0.1:50051 (this host only) or \
-             0.0.0.0:50051 (every interface); host names are not resolved"
+            "`{s}` is not IP:PORT: write e.g. 127.0.0.1:{port} (this host only) or \
+             0.0.0.0:{port} (every interface); host names are not resolved"
         )
     })
 }
@@ -290,6 +297,26 @@ mod tests {
             None
         );
         let _ = Cli::try_parse_from(["x", "serve", "--listen", "127.0.0.1:1"]).unwrap();
+    }
+
+    /// `serve --http localhost:47782` was told to write 127.0.0.1:50051,
+    /// the coordinator's gRPC port: the examples keep the port written.
+    #[test]
+    fn a_host_name_listen_address_is_answered_with_the_port_given() {
+        assert_eq!(
+            parse_listen_addr("localhost:47782").unwrap_err(),
+            "`localhost:47782` is not IP:PORT: write e.g. 127.0.0.1:47782 (this host only) or \
+             0.0.0.0:47782 (every interface); host names are not resolved"
+        );
+        let e = parse_listen_addr("localhost").unwrap_err();
+        assert!(
+            e.contains("write e.g. 127.0.0.1:PORT (this host only)"),
+            "{e}"
+        );
+        assert_eq!(
+            parse_listen_addr(" [::1]:8080 "),
+            Ok("[::1]:8080".parse().unwrap())
+        );
     }
 
     #[test]
