@@ -21,8 +21,7 @@ pub struct LogArgs {
     pub verbose: u8,
     /// Log as JSON lines instead of human-readable text
     /// (FEDCART_LOG_JSON takes true/false, yes/no, on/off or 1/0).
-    #[arg(long, global = true, env = "FEDCART_LOG_JSON",
-          value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, global = true, env = "FEDCART_LOG_JSON", value_parser = parse_env_bool)]
     pub log_json: bool,
 }
 
@@ -179,6 +178,27 @@ pub fn one_line(err: &(dyn StdError + 'static)) -> String {
     line
 }
 
+/// What every boolean environment variable (`FEDCART_LOG_JSON`,
+/// `FEDCART_INSECURE`) takes, in any case, for the messages that refuse
+/// another value.
+pub const ENV_BOOL_VALUES: &str = "true/false, yes/no, on/off or 1/0";
+
+/// Reads a boolean environment variable's value: one of
+/// [`ENV_BOOL_VALUES`], in any case. Anything else, an empty value or a
+/// typo included, is an error rather than a guess: one variable switches
+/// TLS off.
+pub fn parse_env_bool(s: &str) -> Result<bool, String> {
+    const TRUE: [&str; 4] = ["true", "yes", "on", "1"];
+    const FALSE: [&str; 4] = ["false", "no", "off", "0"];
+    if TRUE.iter().any(|t| s.eq_ignore_ascii_case(t)) {
+        Ok(true)
+    } else if FALSE.iter().any(|f| s.eq_ignore_ascii_case(f)) {
+        Ok(false)
+    } else {
+        Err(format!("`{s}` is not a yes or no: write {ENV_BOOL_VALUES}"))
+    }
+}
+
 /// A listening address, `IP:PORT`. A host name (`localhost:50051`) is
 /// refused with the addresses that mean what it usually does: a listener
 /// binds an interface, and names are not resolved. The examples keep the
@@ -317,6 +337,35 @@ mod tests {
             parse_listen_addr(" [::1]:8080 "),
             Ok("[::1]:8080".parse().unwrap())
         );
+    }
+
+    /// FEDCART_LOG_JSON took yes/no and on/off, FEDCART_INSECURE only
+    /// true/1 and false/0: both read one set now, through this parser.
+    #[test]
+    fn boolean_environment_values_are_one_set_for_every_variable() {
+        for yes in ["true", "yes", "on", "1", "TRUE", "Yes"] {
+            assert_eq!(parse_env_bool(yes), Ok(true), "{yes}");
+        }
+        for no in ["false", "no", "off", "0", "Off"] {
+            assert_eq!(parse_env_bool(no), Ok(false), "{no}");
+        }
+        for bad in ["", "ture", "2", " true", "y"] {
+            let e = parse_env_bool(bad).unwrap_err();
+            assert!(e.ends_with(ENV_BOOL_VALUES), "{e}");
+        }
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            log: LogArgs,
+        }
+        assert!(
+            Cli::try_parse_from(["x", "--log-json"])
+                .unwrap()
+                .log
+                .log_json
+        );
+        assert!(!Cli::try_parse_from(["x"]).unwrap().log.log_json);
     }
 
     #[test]

@@ -39,8 +39,8 @@ enum Command {
         #[arg(long, env = "FEDCART_STORE")]
         store: Option<PathBuf>,
         /// Serve plaintext gRPC without client identities (development only).
-        /// The environment may ask for it with FEDCART_INSECURE=true or 1;
-        /// any other value there is an error.
+        /// The environment may ask for it with FEDCART_INSECURE (true/false,
+        /// yes/no, on/off or 1/0); any other value there is an error.
         #[arg(long)]
         insecure: bool,
         /// Override `serve.http_listen`: `/metrics`, health and dashboard.

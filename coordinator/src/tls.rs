@@ -203,29 +203,29 @@ pub const INSECURE_ENV: &str = "FEDCART_INSECURE";
 /// `FEDCART_INSECURE` holds something other than an explicit yes or no.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{INSECURE_ENV}=`{value}` is not understood: set it to `true` or `1` to serve plaintext gRPC \
-     (development only), to `false` or `0`, or unset it, to require mutual TLS"
+    "{INSECURE_ENV}=`{value}` is not understood: set it to true, yes, on or 1 to serve plaintext \
+     gRPC (development only), to false, no, off or 0, or unset it, to require mutual TLS"
 )]
 pub struct InsecureEnvError {
     /// The value found, cut to 64 characters.
     pub value: String,
 }
 
-/// Reads the value of [`INSECURE_ENV`]: plaintext only for an explicit
-/// `true` or `1`; unset, `false` or `0` keep mutual TLS; anything else
-/// (`yes`, `on`, an empty string, a typo) is an error rather than a silent
-/// switch to plaintext, as clap's boolean flags would make it.
+/// Reads the value of [`INSECURE_ENV`] as every boolean variable is read
+/// ([`fedcart_common::cli::parse_env_bool`]): plaintext only for an
+/// explicit yes; unset or an explicit no keeps mutual TLS; anything else
+/// (an empty string, a typo) is an error rather than a silent switch to
+/// plaintext.
 pub fn insecure_from_env(value: Option<&std::ffi::OsStr>) -> Result<bool, InsecureEnvError> {
     let Some(value) = value else {
         return Ok(false);
     };
-    match value.to_str() {
-        Some("true" | "1") => Ok(true),
-        Some("false" | "0") => Ok(false),
-        _ => Err(InsecureEnvError {
+    value
+        .to_str()
+        .and_then(|v| fedcart_common::cli::parse_env_bool(v).ok())
+        .ok_or_else(|| InsecureEnvError {
             value: value.to_string_lossy().chars().take(64).collect(),
-        }),
-    }
+        })
 }
 
 #[cfg(test)]
@@ -282,15 +282,19 @@ mod tests {
         );
     }
 
+    /// `FEDCART_INSECURE=yes` was refused while `FEDCART_LOG_JSON=yes`
+    /// was read: both take the same values now, and only those.
     #[test]
-    fn only_an_explicit_true_or_1_selects_plaintext() {
+    fn only_an_explicit_yes_selects_plaintext_as_every_boolean_variable_reads_it() {
         let read = |v: &str| insecure_from_env(Some(std::ffi::OsStr::new(v)));
         assert_eq!(insecure_from_env(None), Ok(false));
-        assert_eq!(read("true"), Ok(true));
-        assert_eq!(read("1"), Ok(true));
-        assert_eq!(read("false"), Ok(false));
-        assert_eq!(read("0"), Ok(false));
-        for bad in ["yes", "on", "", "TRUE ", "ture"] {
+        for yes in ["true", "1", "yes", "on", "TRUE"] {
+            assert_eq!(read(yes), Ok(true), "{yes}");
+        }
+        for no in ["false", "0", "no", "off"] {
+            assert_eq!(read(no), Ok(false), "{no}");
+        }
+        for bad in ["", "TRUE ", "ture", "2"] {
             let err = read(bad).unwrap_err();
             assert!(err.to_string().contains("FEDCART_INSECURE"), "{err}");
         }
