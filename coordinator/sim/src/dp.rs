@@ -16,14 +16,25 @@ pub const DEFAULT_DELTA: f64 = 1e-5;
 
 /// The DP settings of `--dp-clip`, `--dp-noise` / `--target-epsilon`,
 /// `--dp-delta` and `--dp-mode`, or None when no DP flag is given. Errors
-/// name the flag.
+/// name what gave the value: `name` turns a flag into itself, or into its
+/// key in the `--config` file when the value came from there.
 pub fn settings(
     clip: Option<String>,
     noise: Option<f64>,
     target_epsilon: Option<f64>,
     delta: Option<f64>,
     mode: Option<DpModeName>,
+    name: impl Fn(&'static str) -> String,
 ) -> anyhow::Result<Option<DpSettings>> {
+    // `--dp-noise -2`, or `` `dp_noise` in sim.toml: -2 ``.
+    let given = |flag: &'static str, value: &dyn std::fmt::Display| {
+        let name = name(flag);
+        if name.starts_with("--") {
+            format!("{name} {value}")
+        } else {
+            format!("{name}: {value}")
+        }
+    };
     let Some(clip) = clip else {
         if noise.is_some() || target_epsilon.is_some() || delta.is_some() || mode.is_some() {
             bail!(
@@ -34,27 +45,27 @@ pub fn settings(
     };
     let clip: ClipNorm = clip
         .parse()
-        .map_err(|e| anyhow::anyhow!("--dp-clip: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", name("--dp-clip")))?;
     if let ClipNorm::Fixed(c) = clip
         && !(c.is_finite() && c > 0.0)
     {
-        bail!("--dp-clip {c} must be finite and > 0");
+        bail!("{} must be finite and > 0", given("--dp-clip", &c));
     }
     match (noise, target_epsilon) {
         (None, None) | (Some(_), Some(_)) => {
             bail!("--dp-clip needs exactly one of --dp-noise σ and --target-epsilon E")
         }
         (Some(z), None) if !(z.is_finite() && z > 0.0) => {
-            bail!("--dp-noise {z} must be finite and > 0")
+            bail!("{} must be finite and > 0", given("--dp-noise", &z))
         }
         (None, Some(e)) if !(e.is_finite() && e > 0.0) => {
-            bail!("--target-epsilon {e} must be finite and > 0")
+            bail!("{} must be finite and > 0", given("--target-epsilon", &e))
         }
         _ => {}
     }
     let delta = delta.unwrap_or(DEFAULT_DELTA);
     if !(delta > 0.0 && delta < 1.0) {
-        bail!("--dp-delta {delta} is not in (0, 1)");
+        bail!("{} is not in (0, 1)", given("--dp-delta", &delta));
     }
     let mode = match mode {
         None | Some(DpModeName::Central) => DpMode::Central,

@@ -485,6 +485,13 @@ impl Settings {
                 args.target_epsilon.or(file.target_epsilon),
                 args.dp_delta.or(file.dp_delta),
                 args.dp_mode.or(file.dp_mode),
+                |flag| match flag {
+                    "--dp-clip" => name!(dp_clip, flag),
+                    "--dp-noise" => name!(dp_noise, flag),
+                    "--target-epsilon" => name!(target_epsilon, flag),
+                    "--dp-delta" => name!(dp_delta, flag),
+                    _ => flag.to_string(),
+                },
             )?,
             orders,
             transport: pick!(transport, Transport::Inproc),

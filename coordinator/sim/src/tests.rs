@@ -624,6 +624,50 @@ fn rules_read_from_the_config_file_name_its_key() {
     assert!(e.contains("strategy") && e.contains("fedmagic"), "{e}");
 }
 
+/// `dp_delta = 0` or `dp_noise = -2` in a `--config` file was refused as
+/// `--dp-delta 0` / `--dp-noise -2`, flags never given: the file's key is
+/// named, and a flag given beside the file is still named as the flag.
+#[test]
+fn dp_settings_read_from_the_config_file_name_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.toml");
+    let shown = path.display();
+    for (text, want) in [
+        (
+            "dp_clip = 1.0\ndp_noise = 1.0\ndp_delta = 0\n",
+            format!("`dp_delta` in {shown}: 0 is not in (0, 1)"),
+        ),
+        (
+            "dp_clip = 1.0\ndp_noise = -2\n",
+            format!("`dp_noise` in {shown}: -2 must be finite and > 0"),
+        ),
+        (
+            "dp_clip = 1.0\ntarget_epsilon = 0\n",
+            format!("`target_epsilon` in {shown}: 0 must be finite and > 0"),
+        ),
+        (
+            "dp_clip = -1.0\ndp_noise = 1.0\n",
+            format!("`dp_clip` in {shown}: -1 must be finite and > 0"),
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let a = SimArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let e = Settings::from_args(a).unwrap_err().to_string();
+        assert_eq!(e, want, "{text}");
+    }
+    std::fs::write(&path, "dp_clip = 1.0\ndp_noise = 1.0\n").unwrap();
+    let a = SimArgs {
+        config: Some(path),
+        dp_delta: Some(0.0),
+        ..Default::default()
+    };
+    let e = Settings::from_args(a).unwrap_err().to_string();
+    assert_eq!(e, "--dp-delta 0 is not in (0, 1)");
+}
+
 /// Relative input paths in a `--config` file are the file's folder's where
 /// they exist there (the working directory's otherwise, as the repository's
 /// examples are written).
