@@ -472,7 +472,11 @@ impl SecureTasks {
                     payload_len: payload.len() as u64,
                     num_values: update.values.len() as u64,
                     num_coord_weights: update.coord_weights.len() as u64,
-                    weight: held.output.weight,
+                    // The row count travels only inside the masked
+                    // vector (its weight slot): the clear header says 1, so
+                    // a curious coordinator reads no merchant's count (the
+                    // statistics step's denominator included).
+                    weight: 1.0,
                     metrics: held
                         .output
                         .metrics

@@ -595,9 +595,11 @@ pub fn stats_step(
             })?;
         }
     }
-    Ok(Some(Standardizer::from_moments(
-        &acc.mean_delta(&Default::default()),
-    )))
+    // As the coordinator's statistics step: the rows it was taken over too.
+    Ok(Some(
+        Standardizer::from_moments(&acc.mean_delta(&Default::default()))
+            .with_rows(acc.total_weight()),
+    ))
 }
 
 /// Example-weighted mean of every merchant's held-out metrics for `params`,

@@ -466,7 +466,10 @@ fn overflowing_configuration_is_refused_naming_the_parameter() {
         ),
         "{err}"
     );
-    assert!(err.to_string().contains("lower `scale`"), "{err}");
+    assert!(
+        err.to_string().contains("or `scale` (") && err.to_string().contains("lower `clip` ("),
+        "{err}"
+    );
     let mut c = SecAggConfig::complete(10, 0, 100, 1.0);
     c.max_weight = 1e9;
     let err = c.validate(100).unwrap_err();

@@ -503,10 +503,18 @@ fn churn_entries(wire: &[u8], n: u64) -> usize {
     wire.windows(entry.len()).filter(|w| *w == entry).count()
 }
 
+/// How often `n` occurs in `wire` as a little-endian f64 (an upload
+/// header's `weight`).
+fn f64_entries(wire: &[u8], n: u64) -> usize {
+    let bytes = (n as f64).to_le_bytes();
+    wire.windows(8).filter(|w| *w == bytes).count()
+}
+
 /// An agent whose privacy policy requires secure aggregation tells the
 /// coordinator which data families it holds when it joins, not how many
 /// rows: on the wire, each of its `JoinRequest.examples` entries for
-/// `churn` is 1, and its row count appears in none. The same merchants
+/// `churn` is 1, and its row count appears in none, nor in the header of a
+/// masked upload (the statistics step's and the training round's). The same merchants
 /// under a policy without that requirement send their row counts, so the
 /// check can fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,7 +529,14 @@ async fn a_protective_policy_advertises_which_families_a_merchant_holds_not_how_
     assert!(churn_entries(&wire, 1) >= 3, "one join per agent at least");
     for n in &rows {
         assert_eq!(churn_entries(&wire, *n), 0, "row count {n} on the wire");
+        // Nor as a masked upload's header weight (an f64): the statistics
+        // step's masked upload carried the merchant's row count in clear.
+        assert_eq!(f64_entries(&wire, *n), 0, "row count {n} as a weight");
     }
+    // The search finds such a weight where one is: planted in the capture.
+    let mut planted = wire.clone();
+    planted.extend_from_slice(&(rows[0] as f64).to_le_bytes());
+    assert_eq!(f64_entries(&planted, rows[0]), 1);
     let (wire, rows) = joined_under(PrivacyPolicy::without_key_binding(), "wire-join-full").await;
     for n in &rows {
         assert!(churn_entries(&wire, *n) >= 1, "row count {n} not found");

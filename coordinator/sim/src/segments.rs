@@ -42,7 +42,7 @@ pub fn standardizer(merchants: &[LocalData], d: usize) -> anyhow::Result<Standar
         }
     }
     let moments = acc.mean_delta(&Default::default());
-    Ok(Standardizer::from_moments(&moments))
+    Ok(Standardizer::from_moments(&moments).with_rows(acc.total_weight()))
 }
 
 /// The chosen k, the feature width, the chosen centres and the report line

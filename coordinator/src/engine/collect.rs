@@ -345,14 +345,19 @@ impl Engine {
             open.evaluations
                 .insert(agent.to_string(), MerchantEvaluation::of(sub, metric));
         }
+        // A masked upload's header carries no row count (agents send 1: the
+        // count travels only inside the masked vector), so a secure task's
+        // metrics are averaged with equal weights, whoever drives it (the
+        // simulator too), and its example count is the unmasked sum's.
+        let w = if open.plan.secure { 1.0 } else { sub.weight };
         for (k, v) in &sub.metrics {
             let (sum, weight) = open.metric_sums.entry(k.clone()).or_default();
-            *sum += v * sub.weight;
-            *weight += sub.weight;
+            *sum += v * w;
+            *weight += w;
         }
-        open.metric_weight += sub.weight;
+        open.metric_weight += w;
         open.metric_parts
-            .insert(agent.to_string(), (sub.metrics.clone(), sub.weight));
+            .insert(agent.to_string(), (sub.metrics.clone(), w));
     }
 
     /// Hands over the decoded sum of a secure task and the agents whose

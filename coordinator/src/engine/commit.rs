@@ -139,6 +139,11 @@ impl Engine {
             }
             examples += weight;
         }
+        // A secure task's examples: the unmasked sum's weight (the headers
+        // carry 1 each).
+        if let (true, Accumulation::Sum(acc)) = (open.plan.secure, &open.acc) {
+            examples = acc.total_weight();
+        }
         let metrics: BTreeMap<String, f64> = sums
             .into_iter()
             .filter(|(_, (_, w))| *w > 0.0)
