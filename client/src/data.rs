@@ -443,6 +443,9 @@ pub enum Items {
         /// customers first (a row holds several only when their hashes
         /// collide).
         own: HashMap<u32, Vec<String>>,
+        /// How many of the merchant's customers bought each of its items:
+        /// an item's own count, not its row's (best sellers rank items).
+        buyers: HashMap<String, u32>,
     },
 }
 
@@ -466,6 +469,16 @@ impl Items {
                 .get(&row)
                 .map(|v| v.iter().map(String::as_str).collect())
                 .unwrap_or_default(),
+        }
+    }
+
+    /// How many of the merchant's customers bought item `id`, where the
+    /// rows cannot tell (hashed ids: a row sums its items); `None` for a
+    /// catalogue, whose rows are items.
+    pub fn buyers(&self, id: &str) -> Option<u32> {
+        match self {
+            Items::Listed(_) => None,
+            Items::Hashed { buyers, .. } => Some(buyers.get(id).copied().unwrap_or(0)),
         }
     }
 
@@ -566,6 +579,12 @@ impl Interactions {
             *count.entry(&r.item).or_default() += 1;
         }
         let mut own: HashMap<u32, Vec<(usize, &str)>> = HashMap::new();
+        // One interaction per (customer, item): an item's count is its
+        // buyers.
+        let buyers = count
+            .iter()
+            .map(|(id, &n)| (id.to_string(), u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect();
         for (id, n) in count {
             own.entry(space.row(id)).or_default().push((n, id));
         }
@@ -576,7 +595,7 @@ impl Interactions {
                 (row, v.into_iter().map(|(_, id)| id.to_owned()).collect())
             })
             .collect();
-        Ok(Items::Hashed { space, own })
+        Ok(Items::Hashed { space, own, buyers })
     }
 
     /// The merchant's recommender data mapped through `items`.
@@ -804,6 +823,33 @@ mod tests {
 
     /// A merchant whose one data source is a small orders export: `c1`
     /// orders until the end, `c2` stops early (a churner), `c3` buys once.
+    /// Best sellers rank items by their own buyers: where hashed ids share
+    /// a row, each item keeps its count (a probe saw an item bought once
+    /// listed fourth with its row's 14).
+    #[test]
+    fn best_sellers_count_each_items_own_buyers_where_items_share_a_row() {
+        use crate::recommend::{Purchases, RecommendOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let inter = interactions(&merchant(dir.path())).unwrap().unwrap();
+        let listed = |rows: usize| -> Vec<(String, f32)> {
+            let items = inter.items(rows).unwrap();
+            let mf = inter.mf(&items);
+            Purchases::of(&mf, items.len())
+                .naming(&items)
+                .popular(None, &items, &RecommendOptions::top(10))
+                .into_iter()
+                .map(|r| (r.item, r.score))
+                .collect()
+        };
+        // milk, bread and jam have two buyers each, eggs one; ties by id.
+        let want: Vec<(String, f32)> = [("bread", 2.0), ("jam", 2.0), ("milk", 2.0), ("eggs", 1.0)]
+            .map(|(i, n)| (i.to_string(), n))
+            .to_vec();
+        assert_eq!(listed(1 << 17), want);
+        // One row holds all four (its row has three buyers): the same list.
+        assert_eq!(listed(1), want);
+    }
+
     fn merchant(dir: &Path) -> AgentConfig {
         let orders = dir.join("orders.csv");
         let mut text = String::from("customer,item,timestamp,quantity,amount\n");

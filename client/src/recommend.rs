@@ -277,40 +277,54 @@ impl Purchases {
         }
     }
 
-    /// The merchant's best sellers: the top `opts.k` rows by how many of its
-    /// customers bought them, ties by row, each scored with that count.
-    /// With `u`, items that customer bought are skipped unless
-    /// `opts.include_repeats` (or `opts.repeat_weight`). The list a customer
-    /// the recommender cannot rank gets ([`Basis::Popularity`]), and a
-    /// visitor with no purchases.
-    pub fn popular(&self, u: Option<usize>, opts: &RecommendOptions) -> Vec<(u32, f32)> {
+    /// The merchant's best sellers: the top `opts.k` items by how many of
+    /// its customers bought them (an item's own count, also where hashed
+    /// ids share a row), ties by id, each scored with that count. With
+    /// `u`, what that customer bought is skipped unless
+    /// `opts.include_repeats` (or `opts.repeat_weight`); with hashed ids a
+    /// purchase is known by its row, so a rare item sharing the row of one
+    /// the customer bought is skipped too. The list a customer the
+    /// recommender cannot rank gets ([`Basis::Popularity`]), and a visitor
+    /// with no purchases.
+    pub fn popular(
+        &self,
+        u: Option<usize>,
+        items: &Items,
+        opts: &RecommendOptions,
+    ) -> Vec<Recommendation> {
         let keep_repeats = opts.include_repeats || opts.repeat_weight.is_some();
         let empty = HashMap::new();
         let bought = match u {
             Some(u) if !keep_repeats => self.bought.get(u).unwrap_or(&empty),
             _ => &empty,
         };
-        let mut scored: Vec<(u32, f32)> = self
-            .buyers
-            .iter()
-            .enumerate()
-            .filter(|&(i, &c)| {
-                c > 0
-                    && !bought.contains_key(&(i as u32))
-                    && self
-                        .known
-                        .as_ref()
-                        .is_none_or(|k| k.get(i).copied().unwrap_or(false))
-            })
-            .map(|(i, &c)| (i as u32, c as f32))
-            .collect();
-        let by_count = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let mut scored: Vec<(u32, &str)> = Vec::new();
+        for (row, &row_buyers) in self.buyers.iter().enumerate() {
+            let row = row as u32;
+            if row_buyers == 0 || bought.contains_key(&row) {
+                continue;
+            }
+            for id in items.ids(row) {
+                let n = items.buyers(id).unwrap_or(row_buyers);
+                if n > 0 {
+                    scored.push((n, id));
+                }
+            }
+        }
+        let by_count = |a: &(u32, &str), b: &(u32, &str)| b.0.cmp(&a.0).then(a.1.cmp(b.1));
         if scored.len() > opts.k {
             scored.select_nth_unstable_by(opts.k.saturating_sub(1), by_count);
             scored.truncate(opts.k);
         }
         scored.sort_by(by_count);
         scored
+            .into_iter()
+            .map(|(n, id)| Recommendation {
+                item: id.to_owned(),
+                name: None,
+                score: n as f32,
+            })
+            .collect()
     }
 
     /// Ranks only the rows `items` can name: with hashed item ids, the rows
@@ -626,21 +640,23 @@ pub struct Answer {
     pub note: Option<String>,
 }
 
-/// Ranked rows, what ranked them and, for the best sellers, why.
-pub(crate) type Ranked = (Vec<(u32, f32)>, Basis, Option<String>);
+/// A list, what ranked it and, for the best sellers, why.
+pub(crate) type Ranked = (Vec<Recommendation>, Basis, Option<String>);
 
-/// A customer the recommender has no factors for gets the best sellers
-/// instead: the list and its note (the same words as the error).
+/// The model's ranked rows as items or, for a customer the recommender has
+/// no factors for, the best sellers instead: the list and its note (the
+/// same words as the error).
 pub(crate) fn fallback(
     ranked: Result<Vec<(u32, f32)>, RecommendError>,
     purchases: &Purchases,
+    items: &Items,
     u: usize,
     opts: &RecommendOptions,
 ) -> Result<Ranked, RecommendError> {
     match ranked {
-        Ok(top) => Ok((top, Basis::Model, None)),
+        Ok(top) => Ok((named(&top, items, opts.k), Basis::Model, None)),
         Err(e @ RecommendError::Untrained { .. }) => Ok((
-            purchases.popular(Some(u), opts),
+            purchases.popular(Some(u), items, opts),
             Basis::Popularity,
             Some(format!(
                 "{e}; until then the list is this merchant's best sellers (score: how many of its \
@@ -673,10 +689,15 @@ pub fn recommend_from(
         }
     })?;
     let purchases = Purchases::of(mf, rec.num_items()).naming(items);
-    let (ranked, basis, note) =
-        fallback(rec.rank(customer, u, &purchases, opts), &purchases, u, opts)?;
+    let (listed, basis, note) = fallback(
+        rec.rank(customer, u, &purchases, opts),
+        &purchases,
+        items,
+        u,
+        opts,
+    )?;
     Ok(Answer {
-        items: named(&ranked, items, opts.k),
+        items: listed,
         version: ModelVersion {
             run_id: rec.run_id.clone(),
             version: rec.version,
@@ -696,11 +717,7 @@ pub fn best_sellers(
 ) -> Result<Vec<Recommendation>, RecommendError> {
     check_k(k)?;
     let purchases = Purchases::of(mf, items.len()).naming(items);
-    Ok(named(
-        &purchases.popular(None, &RecommendOptions::top(k)),
-        items,
-        k,
-    ))
+    Ok(purchases.popular(None, items, &RecommendOptions::top(k)))
 }
 
 /// Ranked rows as item ids, at most `k`: a catalogue row is its one id; a

@@ -137,9 +137,11 @@ struct MfLocal {
 }
 
 impl MfLocal {
-    /// Ranked rows as item ids with their display names.
-    fn named(&self, ranked: &[(u32, f32)], k: usize) -> Vec<recommend::Recommendation> {
-        let mut items = recommend::named(ranked, &self.items, k);
+    /// `items` with their display names.
+    fn with_names(
+        &self,
+        mut items: Vec<recommend::Recommendation>,
+    ) -> Vec<recommend::Recommendation> {
         for r in &mut items {
             r.name = self.names.get(&r.item).cloned();
         }
@@ -858,15 +860,15 @@ async fn recommendations(
     // A known customer the model has no factors for (they bought after it
     // was trained) gets the best sellers, marked as such, not an error.
     let ranked = rec.rank(&customer, u, &mf.purchases, &opts);
-    match recommend::fallback(ranked, &mf.purchases, u, &opts) {
-        Ok((top, basis, note)) => {
+    match recommend::fallback(ranked, &mf.purchases, &mf.items, u, &opts) {
+        Ok((listed, basis, note)) => {
             let mut body = json!({
                 "customer": customer,
                 "model_version": version.version,
                 "model_run": version.run_id,
                 "model_copy": rec.copy,
                 "basis": basis,
-                "items": mf.named(&top, opts.k),
+                "items": mf.with_names(listed),
             });
             if let Some(note) = note {
                 body["note"] = note.into();
@@ -914,10 +916,10 @@ async fn best_sellers(
                 .into(),
         );
     };
-    let top = mf.purchases.popular(None, &opts);
+    let top = mf.purchases.popular(None, &mf.items, &opts);
     Json(json!({
         "basis": recommend::Basis::Popularity,
-        "items": mf.named(&top, opts.k),
+        "items": mf.with_names(top),
     }))
     .into_response()
 }
@@ -1228,7 +1230,7 @@ mod tests {
             );
         }
         // The best sellers: most buyers first (counted over the whole
-        // file, ties by catalogue row), named, scored with the count.
+        // file, ties by item id), named, scored with the count.
         let (status, body) = get(&http, addr, "/v1/best-sellers?k=4").await;
         assert_eq!(
             (status, &body["basis"]),
@@ -1240,7 +1242,10 @@ mod tests {
             buyers.entry(r.item).or_default().insert(r.user);
         }
         let mut counted: Vec<(u32, usize)> = buyers.iter().map(|(&i, u)| (i, u.len())).collect();
-        counted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        counted.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then(cat.id(a.0).unwrap().cmp(cat.id(b.0).unwrap()))
+        });
         let best = body["items"].as_array().unwrap();
         assert_eq!(best.len(), 4);
         for (got, (row, count)) in best.iter().zip(&counted) {
@@ -1753,14 +1758,11 @@ mod tests {
         .unwrap();
         assert_eq!(answer.basis, recommend::Basis::Popularity);
         let purchases = recommend::Purchases::of(&grown, listed.len()).naming(&listed);
-        let best: Vec<String> = recommend::named(
-            &purchases.popular(Some(0), &recommend::RecommendOptions::top(5)),
-            &listed,
-            5,
-        )
-        .into_iter()
-        .map(|r| r.item)
-        .collect();
+        let best: Vec<String> = purchases
+            .popular(Some(0), &listed, &recommend::RecommendOptions::top(5))
+            .into_iter()
+            .map(|r| r.item)
+            .collect();
         let got: Vec<String> = answer.items.iter().map(|r| r.item.clone()).collect();
         assert_eq!(got, best);
         assert!(!got.contains(&listed.ids(0)[0].to_string()), "{got:?}");
