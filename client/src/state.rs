@@ -404,10 +404,16 @@ impl StateDir {
         out
     }
 
-    /// Opens (creating) `dir`.
+    /// Opens (creating) `dir`. A directory it creates is the merchant's
+    /// alone (mode 0700 on Unix): it holds every customer id with its user
+    /// factors, which the default umask left readable by every local user.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StateError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| StateError::Create {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&dir).map_err(|source| StateError::Create {
             path: dir.clone(),
             source,
         })?;
@@ -698,6 +704,22 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state directory holds every customer id with its user factors:
+    /// one the agent creates is readable by the merchant's user alone (it
+    /// was 0755 under the default umask).
+    #[cfg(unix)]
+    #[test]
+    fn a_created_state_directory_is_the_merchants_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kit").join("state");
+        let state = StateDir::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{mode:o}");
+        state.run("r1").unwrap();
+        assert!(path.join("runs").exists());
+    }
 
     /// A second `fedcart-client run` of the same kit is refused at start,
     /// naming the first's process (it used to take the first's session
