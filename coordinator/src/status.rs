@@ -189,6 +189,18 @@ pub fn with_hint(e: anyhow::Error, url: &str, identity: Option<&str>) -> anyhow:
         .filter_map(|c| c.downcast_ref::<std::io::Error>())
         .any(|io| io.kind() == std::io::ErrorKind::NotFound);
     let hint = match refused {
+        // A merchant has no operator identity to switch to: what it can
+        // read, and who can admit it again.
+        Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)
+            if identity.is_some_and(|id| id != crate::certs::OPERATOR) =>
+        {
+            format!(
+                "the coordinator refused this identity: merchant `{}` reads `status` only while \
+                 the access list admits it (revoked or not listed: ask the operator to admit it \
+                 again), and `runs` commands need an operator identity",
+                identity.unwrap_or_default()
+            )
+        }
         Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) => {
             "the coordinator refused this identity: use the operator identity `certs init` made \
              (`--identity operator`), or issue another with `certs issue --operator --id NAME` \
@@ -315,8 +327,17 @@ fn transport_fix(err: &(dyn std::error::Error + 'static), url: &str) -> Option<S
 
 /// The status as JSON (the last round record is embedded as an object).
 pub fn to_json(s: &pb::StatusReply) -> serde_json::Value {
-    let last: serde_json::Value =
+    let mut last: serde_json::Value =
         serde_json::from_str(&s.last_round_json).unwrap_or(serde_json::Value::Null);
+    // A merchant's copy of the record holds none of the federation's figures
+    // (`RoundRecord::seen_by`): null, not a 0 that reads as "no examples".
+    if last.get("seen_by").is_some_and(|v| !v.is_null()) {
+        for hidden in ["examples", "bytes_in"] {
+            if let Some(v) = last.get_mut(hidden) {
+                *v = serde_json::Value::Null;
+            }
+        }
+    }
     serde_json::json!({
         "run_id": s.run_id,
         "round": s.round,
@@ -470,6 +491,45 @@ mod tests {
         );
         // Old records (no field) still decode into the table.
         assert!(to_table(&record(None)).contains("r3a1-train (Committed, 2 reported)"));
+    }
+
+    /// A revoked merchant was told to use the operator identity it does not
+    /// have.
+    #[test]
+    fn a_refused_merchant_is_told_who_admits_it_not_to_be_the_operator() {
+        let refused =
+            || anyhow::Error::new(tonic::Status::permission_denied("merchant `m3` is revoked"));
+        let m3 = with_hint(refused(), "https://localhost:50051", Some("m3")).to_string();
+        assert!(
+            m3.contains("merchant `m3` reads `status` only while"),
+            "{m3}"
+        );
+        assert!(!m3.contains("--identity operator"), "{m3}");
+        let op = with_hint(refused(), "https://localhost:50051", Some("operator")).to_string();
+        assert!(op.contains("--identity operator"), "{op}");
+    }
+
+    /// A merchant's copy of the last record hides the federation's example
+    /// count and bytes: `--json` says null, not 0 ("no examples").
+    #[test]
+    fn a_merchants_json_gives_hidden_figures_as_null() {
+        let record = |seen_by: Option<&str>| pb::StatusReply {
+            last_round_json: serde_json::json!({
+                "round": 3, "attempt": 1, "task_id": "r3a1-train", "kind": "train",
+                "outcome": "committed", "base_version": 2, "selected": ["m0"],
+                "reported": ["m0"], "dropped": [], "rejected": [], "metrics": {},
+                "examples": 0.0, "started_unix_ms": 0, "duration_ms": 12, "bytes_in": 0,
+                "seen_by": seen_by,
+            })
+            .to_string(),
+            ..Default::default()
+        };
+        let merchant = to_json(&record(Some("m0")));
+        assert!(merchant["last_round"]["examples"].is_null(), "{merchant}");
+        assert!(merchant["last_round"]["bytes_in"].is_null(), "{merchant}");
+        let operator = to_json(&record(None));
+        assert_eq!(operator["last_round"]["examples"], 0.0, "{operator}");
+        assert_eq!(operator["last_round"]["bytes_in"], 0, "{operator}");
     }
 
     /// "so far" only while the run goes on: a probe read "best … so far" on
