@@ -197,7 +197,8 @@ pub fn with_hint(e: anyhow::Error, url: &str, identity: Option<&str>) -> anyhow:
             format!(
                 "the coordinator refused this identity: merchant `{}` reads `status` only while \
                  the access list admits it (revoked or not listed: ask the operator to admit it \
-                 again), and `runs` commands need an operator identity",
+                 again); for `runs` commands use the operator identity `certs init` made \
+                 (`--identity operator`) or one issued with `certs issue --operator --id NAME`",
                 identity.unwrap_or_default()
             )
         }
@@ -493,18 +494,18 @@ mod tests {
         assert!(to_table(&record(None)).contains("r3a1-train (Committed, 2 reported)"));
     }
 
-    /// A revoked merchant was told to use the operator identity it does not
-    /// have.
+    /// A revoked merchant was told only to use the operator identity it
+    /// does not have.
     #[test]
-    fn a_refused_merchant_is_told_who_admits_it_not_to_be_the_operator() {
+    fn a_refused_merchant_is_told_who_admits_it_again() {
         let refused =
             || anyhow::Error::new(tonic::Status::permission_denied("merchant `m3` is revoked"));
         let m3 = with_hint(refused(), "https://localhost:50051", Some("m3")).to_string();
         assert!(
-            m3.contains("merchant `m3` reads `status` only while"),
+            m3.contains("merchant `m3` reads `status` only while")
+                && m3.contains("ask the operator to admit it again"),
             "{m3}"
         );
-        assert!(!m3.contains("--identity operator"), "{m3}");
         let op = with_hint(refused(), "https://localhost:50051", Some("operator")).to_string();
         assert!(op.contains("--identity operator"), "{op}");
     }
