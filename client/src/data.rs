@@ -392,11 +392,14 @@ fn churn_from_orders(
         let date = orders::derive::format_date;
         let span = orders::time_span(rows)
             .map(|(first, last)| {
+                let days = match (last - first).div_euclid(SECONDS_PER_DAY) {
+                    1 => "1 day".to_string(),
+                    n => format!("{n} days"),
+                };
                 format!(
-                    "the orders run from {} to {} ({} days), ",
+                    "the orders run from {} to {} ({days}), ",
                     date(first),
                     date(last),
-                    (last - first).div_euclid(SECONDS_PER_DAY)
                 )
             })
             .unwrap_or_default();

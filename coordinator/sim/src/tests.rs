@@ -1766,11 +1766,21 @@ fn a_refused_dp_setting_names_its_flag() {
     a.merchants = Some(10);
     a.dp_delta = None;
     a.dp_clip = Some("1e-300".into());
-    let e = run_all(&Settings::from_args(a).unwrap())
+    let e = run_all(&Settings::from_args(a.clone()).unwrap())
         .unwrap_err()
         .to_string();
     assert!(
         e.starts_with("invalid --dp-clip: 1e-300 is below the smallest normal 32-bit number"),
+        "{e}"
+    );
+    // One whose noise overflows f32 was taken, and the divergence it caused
+    // blamed on the learning rate.
+    a.dp_clip = Some("1e36".into());
+    let e = run_all(&Settings::from_args(a).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("invalid --dp-clip: 1e36 is above 1e15"),
         "{e}"
     );
 }

@@ -263,6 +263,20 @@ impl DpSettings {
             // 1e-300 is 0 as the f32 the updates are clipped in: every
             // update and all the noise vanish, and the run reported its ε as
             // if it had trained.
+            // 1e36 was taken: the noise σ·C (1e38) filled the f32 model
+            // with near-infinite values, and the run then blamed the
+            // merchants' learning rate for the divergence.
+            ClipNorm::Fixed(c) if c > fedcart_common::data::standardize::MAX_FEATURE_MAGNITUDE => {
+                return bad(
+                    "run.dp.clip",
+                    format!(
+                        "{c:e} is above 1e15: it bounds a merchant's whole update, whose norm is \
+                         rarely above a few units, and the noise it scales (noise_multiplier × \
+                         clip) would overflow the 32-bit model; use `adaptive`, or a clip near \
+                         the updates' norm"
+                    ),
+                );
+            }
             ClipNorm::Fixed(c) if (c as f32) < f32::MIN_POSITIVE => {
                 return bad(
                     "run.dp.clip",

@@ -431,13 +431,16 @@ fn no_history_check(src: &OrdersSource, rows: &[Order], cfg: &ChurnConfig) -> an
     };
     bail!(
         "{}: no order falls before the churn cutoff {} ({how}), so no customer has a history \
-         to learn from; the orders run from {} to {} ({} days): give a --cutoff between those \
+         to learn from; the orders run from {} to {} ({}): give a --cutoff between those \
          dates, or a --churn-window-days shorter than the span",
         src.path.display(),
         date(cfg.cutoff),
         date(first),
         date(last),
-        (last - first).div_euclid(SECONDS_PER_DAY) + 1,
+        match (last - first).div_euclid(SECONDS_PER_DAY) + 1 {
+            1 => "1 day".to_string(),
+            n => format!("{n} days"),
+        },
     )
 }
 
