@@ -160,6 +160,19 @@ impl AgentError {
                     "this run trains a model on {family} data: configure it in `[data]` \
                      (or take part in another run)"
                 ),
+                // An orders export always gives its 8 RFM features: the
+                // schema is not the merchant's to change then.
+                TrainError::FeatureWidth { got, .. }
+                    if *got == fedcart_common::data::orders::derive::FEATURE_NAMES.len() =>
+                {
+                    format!(
+                        "the run's model and this merchant's customer features must agree: an \
+                         orders export (`data.orders_csv`) gives {got} features ({}), so a run \
+                         on orders needs `num_features = {got}` (the operator's); with a customer \
+                         table (`data.churn_csv`) its schema (`data.schema`) sets the width",
+                        fedcart_common::data::orders::derive::FEATURE_NAMES.join(", ")
+                    )
+                }
                 TrainError::FeatureWidth { .. } => "the run's model and this merchant's \
                      customer features must agree: either the run's `num_features` (the \
                      operator's) or the customer table's schema (`data.schema`, \
@@ -434,6 +447,22 @@ mod tests {
         assert!(
             shown.contains("45") && shown.contains("churn_lr"),
             "{shown}"
+        );
+        // An orders export's 8 features: the run's width is what to change
+        // (it was told to fix a schema it does not have).
+        let orders = AgentError::Incompatible {
+            task_id: "t".into(),
+            model: "churn_lr".into(),
+            source: TrainError::FeatureWidth {
+                expected: 45,
+                got: 8,
+            },
+        };
+        let fix = orders.what_to_fix().unwrap();
+        assert!(
+            fix.contains("an orders export (`data.orders_csv`) gives 8 features (recency_days")
+                && fix.contains("`num_features = 8`"),
+            "{fix}"
         );
     }
 
