@@ -687,9 +687,10 @@ fn a_meaningless_delta_or_an_overflowing_noise_scale_is_refused() {
         refused(DpSettings::central(1.0, 1e300, 1e-5)).0,
         "run.dp.noise_multiplier"
     );
+    // A clip that large is refused on its own (above 1e15).
     assert_eq!(
         refused(DpSettings::central(1e300, 1.0, 1e-5)).0,
-        "run.dp.noise_multiplier"
+        "run.dp.clip"
     );
 }
 
