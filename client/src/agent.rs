@@ -828,11 +828,10 @@ impl Agent {
         if kind == fedcart_common::task::TaskKind::Train
             && let (Some(scaler), Some(churn)) = (&spec.standardizer, &self.data.churn)
             && churn.train.x.ncols() == scaler.mean.len()
-            && !self.lifecycle.clamped.contains(&task.run_id)
+            && self.lifecycle.clamp_checked.insert(task.run_id.clone())
         {
             let (_, clamped) = scaler.transform_counting(&churn.train.x);
             if clamped > 0 {
-                self.lifecycle.clamped.insert(task.run_id.clone());
                 tracing::warn!(
                     run = %task.run_id,
                     clamped,
@@ -1010,9 +1009,9 @@ struct Lifecycle {
     /// The outage in progress was logged as a warning (not as the quiet
     /// wait after every run ended).
     warned: bool,
-    /// Runs whose standardiser clamped this merchant's features, warned
-    /// about once each.
-    clamped: std::collections::BTreeSet<String>,
+    /// Runs whose standardiser this merchant's features were checked
+    /// against (once each: the data does not change while the agent runs).
+    clamp_checked: std::collections::BTreeSet<String>,
 }
 
 impl Lifecycle {
