@@ -132,6 +132,18 @@ pub enum FromConfigError {
     BudgetWithoutState,
 }
 
+impl FromConfigError {
+    /// What to do about a damaged or unwritable state directory, as
+    /// [`AgentError::what_to_fix`] says it once the agent runs (a start on
+    /// a truncated user-factor file named only the parser's position).
+    pub fn what_to_fix(&self) -> Option<String> {
+        match self {
+            Self::State(e) => Some(error::state_fix(e)),
+            _ => None,
+        }
+    }
+}
+
 /// A downloaded model version, kept for row-sparse downloads.
 struct HeldModel {
     run_id: String,

@@ -222,8 +222,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
-            let mut agent = Agent::from_config(&cfg)
-                .with_context(|| format!("merchant `{}`", cfg.merchant_id))?;
+            let mut agent = Agent::from_config(&cfg).map_err(|e| {
+                let fix = e.what_to_fix();
+                let e = anyhow::Error::new(e).context(format!("merchant `{}`", cfg.merchant_id));
+                match fix {
+                    Some(fix) => anyhow::anyhow!("{e:#} — {fix}"),
+                    None => e,
+                }
+            })?;
             match &cfg.tls {
                 Some(t) => {
                     // A file the environment put there is named by its variable.
@@ -285,12 +291,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 anyhow::bail!("--repeat-weight must be in [0, 1], got {w}");
             }
             let cfg = AgentConfig::load(&config)?;
-            let state = run_state(&cfg, run.as_deref())?;
+            // The best sellers need no model, so no state directory either
+            // (before the agent first ran, they were refused for want of one).
+            let state = match customer {
+                Some(_) => Some(run_state(&cfg, run.as_deref())?),
+                None => run_state(&cfg, run.as_deref()).ok(),
+            };
             let interactions = data::interactions(&cfg)?.ok_or(data::DataError::NoInteractions)?;
-            let rows = state
-                .mf_rows()
-                .context("reading the stored recommender")?
-                .unwrap_or(data::HASHED_ROWS_BEFORE_A_TASK);
+            let rows = match &state {
+                Some(state) => state
+                    .mf_rows()
+                    .context("reading the stored recommender")?
+                    .unwrap_or(data::HASHED_ROWS_BEFORE_A_TASK),
+                None => data::HASHED_ROWS_BEFORE_A_TASK,
+            };
             let items = interactions.items(rows)?;
             let mf = interactions.mf(&items);
             let names = data::configured_item_names(&cfg)?;
@@ -308,6 +322,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     recommend::best_sellers(&mf, &items, k)?
                 }
                 Some(customer) => {
+                    let state = state.context("the state directory")?;
                     let answer =
                         recommend::recommend_from(&state, &mf, &items, &customer, &opts)
                             .with_context(|| format!("recommending for customer `{customer}`"))?;

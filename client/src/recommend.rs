@@ -57,7 +57,10 @@ pub enum RecommendError {
         catalogue: usize,
     },
     /// The private user factors were never saved.
-    #[error("no private user factors stored")]
+    #[error(
+        "no private user factors (`mf-users.json` in the state directory): the agent saves them \
+         when it takes part in a recommender round; run the agent, or restore the file"
+    )]
     NoUserFactors,
     /// `k` is 0 or above [`MAX_K`].
     #[error("k = {0} must be between 1 and {MAX_K}")]

@@ -847,8 +847,9 @@ async fn recommendations(
         return error(
             StatusCode::NOT_FOUND,
             format!(
-                "unknown customer `{customer}`: no purchase of theirs is in the data (for a \
-                 visitor with no purchases, /v1/best-sellers lists this merchant's best sellers)"
+                "unknown customer `{customer}`: no purchase of theirs is in the data as `serve` \
+                 read it at its start (restart `serve` after re-exporting; for a visitor with no \
+                 purchases, /v1/best-sellers lists this merchant's best sellers)"
             ),
         );
     };

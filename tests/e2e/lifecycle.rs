@@ -825,6 +825,74 @@ fn a_reading_command_names_a_missing_state_directory_and_creates_none() {
 
 /// `fedcart-client recommend` with a config in `dir` whose `state_dir`
 /// (`nowhere`) does not exist, with `envs` set.
+/// An agent started on a truncated user-factor file is told what to do
+/// about it (it named only the parser's position: "EOF while parsing a list
+/// at line 1 column 1000").
+#[test]
+fn an_agent_on_a_damaged_state_file_is_told_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = dir.path().join("r.csv");
+    std::fs::write(
+        &ratings,
+        "userId,movieId,rating,timestamp\n1,10,4.0,1\n1,11,3.0,2\n2,10,5.0,3\n2,12,2.0,4\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("catalogue.txt"), "10\n11\n12\n").unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("mf-users.json"), "{\"users\": [1.0, 2.0").unwrap();
+    let config = dir.path().join("merchant.toml");
+    std::fs::write(
+        &config,
+        "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \"state\"\n\
+         [data]\nratings_csv = \"r.csv\"\ncatalogue = \"catalogue.txt\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("FEDCART_STATE_DIR")
+        .env_remove("FEDCART_COORDINATOR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("mf-users.json") && stderr.contains("restore it from a backup"),
+        "{stderr}"
+    );
+}
+
+/// The best sellers need no model, so no state directory: before the agent
+/// first ran they were refused for want of one.
+#[test]
+fn best_sellers_are_listed_before_the_agent_ever_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.csv"),
+        "userId,movieId,rating,timestamp\n1,10,4.0,1\n1,11,3.0,2\n2,10,5.0,3\n2,12,2.0,4\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("catalogue.txt"), "10\n11\n12\n").unwrap();
+    let config = dir.path().join("merchant.toml");
+    std::fs::write(
+        &config,
+        "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \"nowhere\"\n\
+         [data]\nratings_csv = \"r.csv\"\ncatalogue = \"catalogue.txt\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin_dir().join("fedcart-client"))
+        .args(["recommend", "--best-sellers", "--k", "2", "--config"])
+        .arg(&config)
+        .env_remove("FEDCART_STATE_DIR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "10\t2.0000\n11\t1.0000\n");
+    assert!(!dir.path().join("nowhere").exists(), "no state directory made");
+}
+
 fn recommend_without_state(dir: &Path, envs: &[(&str, &str)]) -> std::process::Output {
     let config = dir.join("merchant.toml");
     std::fs::write(

@@ -190,7 +190,7 @@ impl AgentError {
 }
 
 /// What to do about the agent's state directory, for [`AgentError::State`].
-fn state_fix(e: &StateError) -> String {
+pub(crate) fn state_fix(e: &StateError) -> String {
     match e {
         StateError::Create { .. } | StateError::Write { .. } | StateError::Rename { .. } => {
             "the agent could not write its state directory (the file named above): free disk \
