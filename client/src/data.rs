@@ -45,14 +45,14 @@ pub enum DataError {
     /// `data.ratings_csv` is not configured but a command needs it.
     #[error("`data.ratings_csv` is not configured")]
     NoRatings,
-    /// The item names file (`data.item_names`) could not be read.
-    #[error("loading item names {}", path.display())]
+    /// The item names file (`data.item_names`) could not be read: what,
+    /// with the line an editor shows.
+    #[error("loading item names {}: {what}", path.display())]
     ItemNames {
         /// The file.
         path: PathBuf,
-        /// The reader's error, with the line.
-        #[source]
-        source: csv::Error,
+        /// What failed and where.
+        what: String,
     },
     /// Item-based data without a catalogue while `data.hash_items` is off.
     #[error("`data.hash_items` = false needs `data.catalogue`")]
@@ -679,22 +679,61 @@ pub fn item_names(
     path: &Path,
     delimiter: u8,
 ) -> Result<std::collections::HashMap<String, String>, DataError> {
-    let err = |source| DataError::ItemNames {
+    use fedcart_common::data::csv_lines;
+    let err = |what: String| DataError::ItemNames {
         path: path.to_owned(),
-        source,
+        what,
     };
-    let mut rdr = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .has_headers(true)
-        .flexible(true)
-        .from_path(path)
-        .map_err(err)?;
+    // The same reader as every merchant file's: lines as an editor shows
+    // them, and a compressed or non-UTF-8 file named with its fix (a Latin-1
+    // name read "record 0 (line 1 …): invalid utf-8" for its line 2).
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let records = csv_lines::line_records(file, delimiter, path).map_err(|e| err(e.to_string()))?;
     let mut out = std::collections::HashMap::new();
-    for record in rdr.records() {
-        let record = record.map_err(err)?;
-        if let (Some(id), Some(name)) = (record.get(0), record.get(1)) {
-            out.insert(id.trim().to_owned(), name.trim().to_owned());
+    let mut named_at: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut twice: Vec<(String, u64, u64)> = Vec::new();
+    let mut header = true;
+    for record in records {
+        let (line, record) =
+            record.map_err(|(line, e)| err(format!("line {line}: {}", csv_lines::message(&e))))?;
+        if std::mem::take(&mut header) {
+            // One column: the file's delimiter is not the data's (a
+            // semicolon file gave no names and no word).
+            if record.len() < 2 {
+                return Err(err(format!(
+                    "line {line}: the header `{}` is one column split at `{}`: an item-names \
+                     file holds the item id and its name, separated as the data are \
+                     (`data.delimiter`)",
+                    record.get(0).unwrap_or_default(),
+                    char::from(delimiter).escape_default()
+                )));
+            }
+            continue;
         }
+        let (Some(id), Some(name)) = (record.get(0), record.get(1)) else {
+            continue;
+        };
+        let (id, name) = (id.trim(), name.trim());
+        // A blank name is no name: the API leaves the key out.
+        if id.is_empty() || name.is_empty() {
+            continue;
+        }
+        match named_at.get(id) {
+            Some(&first) => twice.push((id.to_owned(), first, line)),
+            None => {
+                named_at.insert(id.to_owned(), line);
+                out.insert(id.to_owned(), name.to_owned());
+            }
+        }
+    }
+    if let Some((id, first, again)) = twice.first() {
+        tracing::warn!(
+            file = %path.display(),
+            items = twice.len(),
+            "item `{id}` is named on lines {first} and {again} ({} item(s) named more than \
+             once): the first name is kept",
+            twice.len()
+        );
     }
     Ok(out)
 }
@@ -826,6 +865,38 @@ mod tests {
 
     /// A merchant whose one data source is a small orders export: `c1`
     /// orders until the end, `c2` stops early (a churner), `c3` buys once.
+    /// An item-names file that could not be used gave no names and no word
+    /// (another delimiter), or the csv crate's text for the wrong line (a
+    /// Latin-1 name on line 2 read "record 0 (line 1 …)").
+    #[test]
+    fn item_names_say_what_is_wrong_with_their_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let semi = file("semi.csv", b"Artikel-Nr;Bezeichnung\n6534178;Milch\n");
+        let e = item_names(&semi, b',').unwrap_err().to_string();
+        assert!(
+            e.contains("line 1: the header `Artikel-Nr;Bezeichnung` is one column split at `,`")
+                && e.contains("data.delimiter"),
+            "{e}"
+        );
+        assert_eq!(item_names(&semi, b';').unwrap()["6534178"], "Milch");
+        let latin1 = file("latin1.csv", b"id,name\n6534178,Caf\xe9\n");
+        let e = item_names(&latin1, b',').unwrap_err().to_string();
+        assert!(
+            e.contains("latin1.csv: line 2: field 2 is not UTF-8 text") && e.contains("iconv"),
+            "{e}"
+        );
+        // Named twice: the first name is kept; a blank name is none.
+        let twice = file("twice.csv", b"id,name\r\na,First\r\na,Second\r\nb,\r\n");
+        let names = item_names(&twice, b',').unwrap();
+        assert_eq!(names.get("a").map(String::as_str), Some("First"));
+        assert!(!names.contains_key("b"));
+    }
+
     /// Best sellers rank items by their own buyers: where hashed ids share
     /// a row, each item keeps its count (a probe saw an item bought once
     /// listed fourth with its row's 14).

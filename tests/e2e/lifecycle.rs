@@ -889,8 +889,14 @@ fn best_sellers_are_listed_before_the_agent_ever_ran() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "10\t2.0000\n11\t1.0000\n");
-    assert!(!dir.path().join("nowhere").exists(), "no state directory made");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "10\t2.0000\n11\t1.0000\n"
+    );
+    assert!(
+        !dir.path().join("nowhere").exists(),
+        "no state directory made"
+    );
 }
 
 fn recommend_without_state(dir: &Path, envs: &[(&str, &str)]) -> std::process::Output {
