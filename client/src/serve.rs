@@ -329,13 +329,17 @@ fn build_snapshot_with(
                     r,
                 )),
                 Err(RecommendError::State(e)) => Err(torn(&e, mismatch(&e))?),
-                Err(e @ RecommendError::CatalogueMismatch { .. })
+                // No catalogue here: the rows `serve` hashed ids into at its
+                // start (the model it had then, or the default without one)
+                // are not the stored model's.
+                Err(RecommendError::CatalogueMismatch { model, catalogue })
                     if matches!(mf.items, Items::Hashed { .. }) =>
                 {
                     rows_changed = true;
                     Err(format!(
-                        "{e}: the stored recommender hashes item ids into another number of \
-                         rows than `serve` did at start; restart `serve` to serve it"
+                        "the stored recommender hashes item ids into {model} rows, and `serve` \
+                         hashed this merchant's items into {catalogue} at its start (the model \
+                         it had then, or none): restart `serve` to serve it"
                     ))
                 }
                 Err(e) => Err(e.to_string()),
@@ -1399,6 +1403,7 @@ mod tests {
         let mut cfg = f.cfg.clone();
         cfg.data.catalogue = None;
         let local = LocalFiles::load(&cfg).expect("local files");
+        let before = LocalFiles::load(&cfg).expect("local files");
         let server = start_files(&f, local, HEADER_READ_TIMEOUT).await;
         let mut snapshots = server.snapshots.clone();
         assert_eq!(
@@ -1422,6 +1427,17 @@ mod tests {
         let path = format!("/v1/customers/{}/recommendations?k=3", f.shoppers[3]);
         let (status, body) = get(&client(), server.addr, &path).await;
         assert_eq!(status, 200, "{body}");
+        // Why, as a `serve` without a recommender before would answer it:
+        // rows, not a catalogue this merchant does not have.
+        let why = build_snapshot(&f.state, &before)
+            .expect("not torn")
+            .recommender
+            .map(|_| ())
+            .expect_err("another row count");
+        assert!(
+            why.contains("hashes item ids into 4096 rows") && !why.contains("catalogue"),
+            "{why}"
+        );
         server.shutdown().await.unwrap();
     }
 
