@@ -445,6 +445,9 @@ impl Schema {
         // categories, and a drafted schema says so already).
         let mut unseen: Vec<std::collections::BTreeMap<String, u64>> =
             vec![Default::default(); self.categorical.len()];
+        // Scoring reads a label outside positive/negative as not known yet:
+        // such labels counted, with one for the note, and the known ones.
+        let (mut odd_labels, mut known_labels, mut odd_example) = (0u64, 0u64, String::new());
         for record in records {
             let (line, record) = record?;
             let cell_err = |column: &str, message: String| DataError::Cell {
@@ -551,6 +554,19 @@ impl Schema {
                 offset += cat.vocabulary.len();
             }
             let raw_label = label_col.and_then(|c| record.get(c)).unwrap_or("").trim();
+            let known = self
+                .positive
+                .iter()
+                .chain(&self.negative)
+                .any(|p| p == raw_label);
+            if known {
+                known_labels += 1;
+            } else if !raw_label.is_empty() {
+                odd_labels += 1;
+                if odd_example.is_empty() {
+                    odd_example = raw_label.chars().take(40).collect();
+                }
+            }
             let y = if self.positive.iter().any(|p| p == raw_label) {
                 1.0
             } else if self.negative.iter().any(|p| p == raw_label) || label_use == Labels::IfKnown {
@@ -610,6 +626,20 @@ impl Schema {
                 .iter()
                 .filter_map(|cat| id_like_note(path, cat, n)),
         );
+        // Every label there is, outside the schema's values: a schema of
+        // another table (`Yes`/`No` read against `1`/`0`), all read as not
+        // known, without a word.
+        if label_use == Labels::IfKnown && odd_labels > 0 && known_labels == 0 {
+            notes.push(format!(
+                "{}: column `{}`: none of its {odd_labels} labels is positive {:?} or negative \
+                 {:?} (e.g. `{odd_example}`), so all read as not known yet; if the table does \
+                 hold outcomes, the schema's `positive`/`negative` are another table's",
+                path.display(),
+                self.label,
+                self.positive,
+                self.negative
+            ));
+        }
         let x = Array2::from_shape_vec((n, width), feats).expect("rows × width values were pushed");
         let ds = TabularDataset {
             ids,
@@ -1109,6 +1139,36 @@ mod tests {
         // Inside the vocabulary, or blank: no note.
         std::fs::write(&path, "id,internet,y\n1,DSL,0\n2,,1\n").unwrap();
         assert!(schema.load_csv_noting(&path, b',').unwrap().1.is_empty());
+    }
+
+    /// Scoring a table whose labels are all outside the schema's values
+    /// (`Yes`/`No` against `1`/`0`) read every one as not known yet without a
+    /// word; blank labels or some known ones are as designed and get none.
+    #[test]
+    fn labels_all_outside_the_schema_are_noted_when_scoring() {
+        let schema = label_y(&[]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "id,y\n1,Yes\n2,No\n3,\n").unwrap();
+        let (ds, notes) = schema.load_features_noting(&path, b',').unwrap();
+        assert_eq!(ds.len(), 3);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("column `y`: none of its 2 labels is positive [\"1\"] or negative [\"0\"] (e.g. `Yes`)"),
+            "{}",
+            notes[0]
+        );
+        for quiet in ["id,y\n1,\n2,\n", "id,y\n1,1\n2,Yes\n"] {
+            std::fs::write(&path, quiet).unwrap();
+            assert!(
+                schema
+                    .load_features_noting(&path, b',')
+                    .unwrap()
+                    .1
+                    .is_empty(),
+                "{quiet}"
+            );
+        }
     }
 
     /// A customer-id column written into a schema as categorical (7,043
