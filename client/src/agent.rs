@@ -701,12 +701,19 @@ impl Agent {
                     model: model_name,
                     source,
                 };
-                tracing::error!(
-                    run = %task.run_id,
-                    error = %crate::agent::Chain(&e),
-                    fix = e.what_to_fix().unwrap_or_default(),
-                    "this merchant's data does not fit the run's model: its tasks are declined"
-                );
+                // Once per run: the coordinator retries the task, and each
+                // retry logged the same error (7 lines in 6 s).
+                if self.lifecycle.declined.insert(task.run_id.clone()) {
+                    tracing::error!(
+                        run = %task.run_id,
+                        error = %crate::agent::Chain(&e),
+                        fix = e.what_to_fix().unwrap_or_default(),
+                        "this merchant's data does not fit the run's model: its tasks are declined"
+                    );
+                } else {
+                    tracing::debug!(run = %task.run_id, task = %task.task_id,
+                        "task declined: the data does not fit the run's model (said above)");
+                }
                 self.decline(client, session_id, &task, reason).await;
                 Ok(())
             }
@@ -1024,6 +1031,8 @@ struct Lifecycle {
     /// Runs whose standardiser this merchant's features were checked
     /// against (once each: the data does not change while the agent runs).
     clamp_checked: std::collections::BTreeSet<String>,
+    /// Runs whose model this merchant's data does not fit, said once each.
+    declined: std::collections::BTreeSet<String>,
 }
 
 impl Lifecycle {
