@@ -831,23 +831,10 @@ fn a_reading_command_names_a_missing_state_directory_and_creates_none() {
 #[test]
 fn an_agent_on_a_damaged_state_file_is_told_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let ratings = dir.path().join("r.csv");
-    std::fs::write(
-        &ratings,
-        "userId,movieId,rating,timestamp\n1,10,4.0,1\n1,11,3.0,2\n2,10,5.0,3\n2,12,2.0,4\n",
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("catalogue.txt"), "10\n11\n12\n").unwrap();
+    let config = four_ratings_kit(dir.path(), "state");
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::fs::write(state.join("mf-users.json"), "{\"users\": [1.0, 2.0").unwrap();
-    let config = dir.path().join("merchant.toml");
-    std::fs::write(
-        &config,
-        "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \"state\"\n\
-         [data]\nratings_csv = \"r.csv\"\ncatalogue = \"catalogue.txt\"\n",
-    )
-    .unwrap();
     let out = std::process::Command::new(bin_dir().join("fedcart-client"))
         .args(["run", "--config"])
         .arg(&config)
@@ -868,19 +855,7 @@ fn an_agent_on_a_damaged_state_file_is_told_what_to_do() {
 #[test]
 fn best_sellers_are_listed_before_the_agent_ever_ran() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("r.csv"),
-        "userId,movieId,rating,timestamp\n1,10,4.0,1\n1,11,3.0,2\n2,10,5.0,3\n2,12,2.0,4\n",
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("catalogue.txt"), "10\n11\n12\n").unwrap();
-    let config = dir.path().join("merchant.toml");
-    std::fs::write(
-        &config,
-        "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \"nowhere\"\n\
-         [data]\nratings_csv = \"r.csv\"\ncatalogue = \"catalogue.txt\"\n",
-    )
-    .unwrap();
+    let config = four_ratings_kit(dir.path(), "nowhere");
     let out = std::process::Command::new(bin_dir().join("fedcart-client"))
         .args(["recommend", "--best-sellers", "--k", "2", "--config"])
         .arg(&config)
@@ -897,6 +872,28 @@ fn best_sellers_are_listed_before_the_agent_ever_ran() {
         !dir.path().join("nowhere").exists(),
         "no state directory made"
     );
+}
+
+/// A merchant configuration in `dir` over four ratings of three catalogue
+/// items (item 10 bought by two customers, 11 and 12 by one) and the state
+/// directory `state_dir`; returns its path.
+fn four_ratings_kit(dir: &Path, state_dir: &str) -> std::path::PathBuf {
+    std::fs::write(
+        dir.join("r.csv"),
+        "userId,movieId,rating,timestamp\n1,10,4.0,1\n1,11,3.0,2\n2,10,5.0,3\n2,12,2.0,4\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("catalogue.txt"), "10\n11\n12\n").unwrap();
+    let config = dir.join("merchant.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "coordinator = \"http://127.0.0.1:9\"\nmerchant_id = \"m0\"\nstate_dir = \
+             \"{state_dir}\"\n[data]\nratings_csv = \"r.csv\"\ncatalogue = \"catalogue.txt\"\n"
+        ),
+    )
+    .unwrap();
+    config
 }
 
 fn recommend_without_state(dir: &Path, envs: &[(&str, &str)]) -> std::process::Output {
