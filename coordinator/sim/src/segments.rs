@@ -96,12 +96,10 @@ pub struct SegmentProfile {
     pub segment: usize,
     /// Customers across the federation.
     pub size: u64,
-    /// Mean recency in days.
-    pub recency_days: f64,
-    /// Mean purchase frequency.
-    pub frequency: f64,
-    /// Mean monetary value.
-    pub monetary: f64,
+    /// Means of the first (up to) three features: recency in days,
+    /// purchase frequency and monetary value on an orders export, the
+    /// first three columns on a customer table (which may have fewer).
+    pub means: Vec<f64>,
     /// Share of the segment's customers labelled churned.
     pub churn_rate: f64,
 }
@@ -116,9 +114,11 @@ pub fn profile(
     d: usize,
 ) -> anyhow::Result<(Vec<SegmentProfile>, f64, Vec<Vec<usize>>)> {
     let scaler = standardizer(merchants, d)?;
+    let shown = d.min(PROFILED);
     let mut p: Vec<SegmentProfile> = (0..k)
         .map(|segment| SegmentProfile {
             segment,
+            means: vec![0.0; shown],
             ..Default::default()
         })
         .collect();
@@ -149,9 +149,9 @@ pub fn profile(
             inertia += dist;
             let s = &mut p[c];
             s.size += 1;
-            s.recency_days += f64::from(row[0]);
-            s.frequency += f64::from(row[1]);
-            s.monetary += f64::from(row[2]);
+            for (m, v) in s.means.iter_mut().zip(row.iter()) {
+                *m += f64::from(*v);
+            }
             s.churn_rate += f64::from(*label);
             own.push(c);
         }
@@ -159,50 +159,89 @@ pub fn profile(
     }
     for s in &mut p {
         let n = (s.size as f64).max(1.0);
-        s.recency_days /= n;
-        s.frequency /= n;
-        s.monetary /= n;
+        for m in &mut s.means {
+            *m /= n;
+        }
         s.churn_rate /= n;
     }
     Ok((p, inertia, labels))
 }
 
-/// The headers of the profile's three feature means: recency, frequency
-/// and monetary value on an orders export (its first three features), and
-/// the first three features' own names on a customer table (they were
-/// labelled RFM whatever the columns were).
-pub fn profile_headers(names: &[String]) -> [String; 3] {
-    let rfm = names.len() >= 3 && names[..3] == ["recency_days", "frequency", "monetary"];
-    if rfm || names.len() < 3 {
-        ["recency (days)", "frequency", "monetary"].map(String::from)
+/// Features whose means a profile shows (the first ones).
+pub const PROFILED: usize = 3;
+
+/// The headers of the profile's feature means: recency, frequency and
+/// monetary value on an orders export (its first three features), and the
+/// first (up to) three features' own names on a customer table (they were
+/// labelled RFM whatever the columns were, and a table of two features
+/// panicked).
+pub fn profile_headers(names: &[String]) -> Vec<String> {
+    let rfm =
+        names.len() >= PROFILED && names[..PROFILED] == ["recency_days", "frequency", "monetary"];
+    if rfm {
+        ["recency (days)", "frequency", "monetary"]
+            .map(String::from)
+            .to_vec()
     } else {
-        [0, 1, 2].map(|j| format!("mean {}", names[j]))
+        names
+            .iter()
+            .take(PROFILED)
+            .map(|n| format!("mean {n}"))
+            .collect()
     }
 }
 
 /// The report lines of a segmentation; `names` are the features' names.
 pub fn report(profiles: &[SegmentProfile], inertia: f64, names: &[String]) -> Vec<String> {
-    let [a, b, c] = profile_headers(names);
+    let headers = profile_headers(names);
+    let cells = |cell: &str| vec![cell; headers.len()].join(" | ");
     let mut out = vec![
         format!("segments: pooled inertia {inertia:.2}"),
-        format!("| segment | customers | {a} | {b} | {c} | churn rate |"),
-        "|---:|---:|---:|---:|---:|---:|".into(),
+        format!(
+            "| segment | customers | {} | churn rate |",
+            headers.join(" | ")
+        ),
+        format!(
+            "|---:|---:|{}|---:|",
+            "---:|".repeat(headers.len()).trim_end_matches('|')
+        ),
     ];
     let small = kmeans::MIN_CANDIDATE_SIZE as u64;
     for s in profiles {
         if s.size == 0 {
             // No customer is nearest this centre: there are no means.
-            out.push(format!("| {} | 0 | – | – | – | – |", s.segment));
+            out.push(format!("| {} | 0 | {} | – |", s.segment, cells("–")));
             continue;
         }
         if s.size < small {
             // The means of so few customers are (nearly) their own rows.
-            out.push(format!("| {} | {} | – | – | – | – |", s.segment, s.size));
+            out.push(format!(
+                "| {} | {} | {} | – |",
+                s.segment,
+                s.size,
+                cells("–")
+            ));
             continue;
         }
+        // Recency (days) to one decimal, the other means to two.
+        let means: Vec<String> = s
+            .means
+            .iter()
+            .enumerate()
+            .map(|(j, m)| {
+                if j == 0 {
+                    format!("{m:.1}")
+                } else {
+                    format!("{m:.2}")
+                }
+            })
+            .collect();
         out.push(format!(
-            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.3} |",
-            s.segment, s.size, s.recency_days, s.frequency, s.monetary, s.churn_rate
+            "| {} | {} | {} | {:.3} |",
+            s.segment,
+            s.size,
+            means.join(" | "),
+            s.churn_rate
         ));
     }
     if profiles.iter().any(|s| s.size > 0 && s.size < small) {

@@ -25,8 +25,13 @@ pub fn segments(
     names: &[String],
 ) -> anyhow::Result<()> {
     register_font();
-    // The first and third features, named as the report names them.
-    let [x_name, _, y_name] = crate::segments::profile_headers(names);
+    // The first and third features (the last of a table of two), named as
+    // the report names them.
+    let headers = crate::segments::profile_headers(names);
+    let y_at = headers.len().saturating_sub(1);
+    let (Some(x_name), Some(y_name)) = (headers.first(), headers.last()) else {
+        return Ok(());
+    };
     let x_desc = x_name.trim_start_matches("mean ").to_string();
     let y_desc = match y_name.as_str() {
         "monetary" => "log10(1 + monetary)".to_string(),
@@ -38,7 +43,7 @@ pub fn segments(
         for (row, &seg) in c.train.x.rows().into_iter().chain(c.valid.x.rows()).zip(l) {
             pts.push((
                 f64::from(row[0]),
-                (1.0 + f64::from(row[2]).max(0.0)).log10(),
+                (1.0 + f64::from(row[y_at]).max(0.0)).log10(),
                 seg,
             ));
         }

@@ -141,9 +141,7 @@ fn an_empty_segment_shows_no_means_and_the_report_says_why() {
     let profile = |segment, size| super::SegmentProfile {
         segment,
         size,
-        recency_days: 3.0,
-        frequency: 2.0,
-        monetary: 10.0,
+        means: vec![3.0, 2.0, 10.0],
         churn_rate: 0.5,
     };
     let rfm: Vec<String> = fedcart_common::data::orders::derive::FEATURE_NAMES
@@ -266,4 +264,52 @@ fn segments_of_an_orders_export_count_customers_who_bought_only_lately() {
         "{:?}",
         e.report
     );
+}
+
+/// A customer table of fewer than three features: the profile shows the
+/// means it has (it read a third feature and panicked, losing the run).
+#[test]
+fn segments_of_a_table_of_two_features_profile_the_two() {
+    at_root();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("two.toml");
+    std::fs::write(
+        &schema,
+        "id = \"customerID\"\nlabel = \"Churn\"\npositive = [\"Yes\"]\nnegative = [\"No\"]\n\
+         numeric = [\"tenure\", \"MonthlyCharges\"]\n",
+    )
+    .unwrap();
+    let e = run(SimArgs {
+        task: Some("segments:2".parse().unwrap()),
+        data: Some(
+            "csv:data/telco-churn/Telco-Customer-Churn.csv"
+                .parse()
+                .unwrap(),
+        ),
+        schema: Some(schema),
+        merchants: Some(2),
+        rounds: Some(5),
+        seed: Some(7),
+        out: Some(dir.path().join("out")),
+        ..Default::default()
+    });
+    let table = 1 + e
+        .report
+        .iter()
+        .position(|l| l.starts_with("segments: pooled inertia"))
+        .expect("a profile table");
+    assert_eq!(
+        e.report[table],
+        "| segment | customers | mean tenure | mean MonthlyCharges | churn rate |"
+    );
+    assert_eq!(e.report[table + 1], "|---:|---:|---:|---:|---:|");
+    let rows: Vec<&String> = e.report[table + 2..]
+        .iter()
+        .take_while(|l| l.starts_with("| "))
+        .collect();
+    assert_eq!(rows.len(), 2, "{:?}", e.report);
+    for r in rows {
+        assert_eq!(r.matches(" | ").count(), 4, "{r}");
+    }
+    assert!(dir.path().join("out/segments.png").is_file());
 }
