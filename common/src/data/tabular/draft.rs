@@ -178,6 +178,43 @@ fn reads_as_yes(v: &str) -> bool {
     .contains(&v.as_str())
 }
 
+/// Whether a label column's name says who stayed (`is_active`, `retained`,
+/// `Subscribed`): its yes, true or 1 then means *not* churned. Names that
+/// also say churn (`inactive`, `churned`) are not.
+fn names_who_stayed(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    let churn_words = [
+        "churn",
+        "inactive",
+        "not_active",
+        "lapsed",
+        "lost",
+        "left",
+        "cancel",
+    ];
+    !churn_words.iter().any(|w| n.contains(w))
+        && [
+            "active",
+            "retain",
+            "stayed",
+            "stays",
+            "renew",
+            "subscribed",
+            "loyal",
+            "still",
+            "current",
+        ]
+        .iter()
+        .any(|w| n.contains(w))
+}
+
+/// Whether a label value is a plain yes or no (`1`, `true`, `Y`), whose
+/// meaning is the column name's, rather than a word such as `churned`.
+fn is_plain_yes_no(v: &str) -> bool {
+    ["1", "0", "yes", "no", "y", "n", "true", "false", "t", "f"]
+        .contains(&v.to_ascii_lowercase().as_str())
+}
+
 fn reads_as_no(v: &str) -> bool {
     let v = v.to_ascii_lowercase();
     [
@@ -343,6 +380,7 @@ impl Schema {
             }
         };
         let label_values: Vec<&String> = stats[label].values.keys().collect();
+        let mut stayed_label = false;
         let positive = match &opts.positive {
             Some(p) => {
                 if !label_values.contains(&p) {
@@ -354,8 +392,18 @@ impl Schema {
                 p.clone()
             }
             None => {
-                let yes: Vec<&&String> = label_values.iter().filter(|v| reads_as_yes(v)).collect();
-                let no: Vec<&&String> = label_values.iter().filter(|v| reads_as_no(v)).collect();
+                let mut yes: Vec<&&String> =
+                    label_values.iter().filter(|v| reads_as_yes(v)).collect();
+                let mut no: Vec<&&String> =
+                    label_values.iter().filter(|v| reads_as_no(v)).collect();
+                // `is_active = TRUE` is a customer who stayed: a plain yes
+                // under such a name is the negative class.
+                if names_who_stayed(&header[label])
+                    && label_values.iter().all(|v| is_plain_yes_no(v))
+                {
+                    std::mem::swap(&mut yes, &mut no);
+                    stayed_label = true;
+                }
                 match (&yes[..], &no[..]) {
                     ([y], _) => (**y).clone(),
                     ([], [n]) => label_values
@@ -382,9 +430,20 @@ impl Schema {
             .find(|v| ***v != positive)
             .map(|v| (*v).clone())
             .expect("two values");
+        let counts = &stats[label].values;
+        let churned = counts.get(&positive).copied().unwrap_or(0);
+        let labelled = churned + counts.get(&negative).copied().unwrap_or(0);
         let mut notes = vec![format!(
-            "label `{}`: `{positive}` is churned (positive), `{negative}` is not",
-            header[label]
+            "label `{}`: `{positive}` is churned (positive), `{negative}` is not{}: {churned} of \
+             {labelled} rows ({:.1} %) are churned; if that is the share who stayed, give the other \
+             value with `--positive`",
+            header[label],
+            if stayed_label {
+                " (the column names who stayed)"
+            } else {
+                ""
+            },
+            100.0 * churned as f64 / labelled.max(1) as f64
         )];
         if decimal == DecimalMark::Comma {
             notes.push(
@@ -697,6 +756,57 @@ mod tests {
              by `,`: give the file's separator (`--delimiter`, or `delimiter` in the \
              configuration)"
         );
+    }
+
+    /// A label column named for who stayed (`is_active`, `retained`) reads
+    /// its yes as not churned; one named for churn, or with churn words as
+    /// values, keeps yes as churned. The note gives the churned share.
+    #[test]
+    fn a_label_that_names_who_stayed_takes_its_no_as_churned() {
+        let table = |name: &str, yes: &str, no: &str| {
+            let mut t = format!("id,spend,{name}\n");
+            for r in 0..20 {
+                t.push_str(&format!(
+                    "{r},{}.5,{}\n",
+                    r % 7,
+                    if r % 4 == 0 { no } else { yes }
+                ));
+            }
+            t
+        };
+        let polarity = |name: &str, yes: &str, no: &str| {
+            let opts = DraftOptions {
+                label: Some(name.into()),
+                ..Default::default()
+            };
+            let d = draft(&table(name, yes, no), &opts).unwrap();
+            (d.schema.positive[0].clone(), d.notes[0].clone())
+        };
+        for name in ["is_active", "retained", "Subscribed", "still_customer"] {
+            for (yes, no) in [("TRUE", "FALSE"), ("1", "0"), ("Y", "N")] {
+                let (positive, note) = polarity(name, yes, no);
+                assert_eq!(positive, no, "{name}");
+                assert!(
+                    note.contains(
+                        "(the column names who stayed): 5 of 20 rows (25.0 %) are churned"
+                    ),
+                    "{note}"
+                );
+            }
+        }
+        for name in ["churn", "inactive", "Exited", "label"] {
+            let (positive, note) = polarity(name, "1", "0");
+            assert_eq!(positive, "1", "{name}");
+            assert!(
+                note.ends_with(
+                    "15 of 20 rows (75.0 %) are churned; if that is the share \
+                                    who stayed, give the other value with `--positive`"
+                ),
+                "{note}"
+            );
+        }
+        // Words that say churn keep their meaning whatever the column's name.
+        assert_eq!(polarity("active", "stayed", "churned").0, "churned");
     }
 
     #[test]
