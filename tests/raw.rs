@@ -205,6 +205,64 @@ impl RawAgent {
         .await
     }
 
+    /// Takes part in every secure task honestly, and right after its masked
+    /// input accuses each of agents `0..n` of the round (itself included) of
+    /// forged shares, one failure header each: the flood by which one
+    /// merchant set every honest one aside. Stops when `stop` turns true or
+    /// the coordinator closes the session; returns the accusations sent.
+    pub async fn secure_accusing_everyone(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        n: u32,
+    ) -> usize {
+        use fedcart_common::privacy::secagg::FORGED_SHARES;
+        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
+        let mut current: Option<pb::TaskAssignment> = None;
+        let mut sent = 0;
+        loop {
+            let message = tokio::select! {
+                m = self.work.message() => m,
+                _ = stop.wait_for(|s| *s) => return sent,
+            };
+            let Ok(Some(pb::Work { kind: Some(kind) })) = message else {
+                return sent;
+            };
+            match kind {
+                pb::work::Kind::Task(task) => {
+                    let out = self.compute(&task).await;
+                    let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
+                    secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
+                    current = Some(task);
+                }
+                pb::work::Kind::Secagg(req) => {
+                    let Ok(reply) = secure.respond(&self.session_id, &req) else {
+                        continue;
+                    };
+                    let _ = send(&mut self.client, reply).await;
+                    let Some(task) = current
+                        .as_ref()
+                        .filter(|_| req.stage == stage_name::MASKED_INPUT)
+                    else {
+                        continue;
+                    };
+                    for i in 0..n {
+                        let header = pb::UpdateHeader {
+                            session_id: self.session_id.clone(),
+                            run_id: task.run_id.clone(),
+                            round: task.round,
+                            task_id: task.task_id.clone(),
+                            failure: format!("{FORGED_SHARES}{i}"),
+                            ..Default::default()
+                        };
+                        let _ = self.send_raw(header, Vec::new()).await;
+                        sent += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Takes part in every secure task with the agent's own protocol code,
     /// passing each answer through `tamper` before it is sent, until `stop`
     /// turns true or the coordinator closes the session; returns how many

@@ -574,3 +574,54 @@ async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commit
     let model = shared.model(1).unwrap().unwrap();
     assert!(max_diff(&model, &expected) <= 1e-5);
 }
+
+/// One malicious merchant accuses every agent of the round of forged shares
+/// after its masked input, one failure header each. Each accusation used to
+/// set aside the accused with an accuser already aside: every honest
+/// merchant was out after the first task and the run never moved again. An
+/// accuser of two or more is the liar: it is set aside alone. Its first
+/// accusation withdraws it from the round's stages, so the round may close
+/// before the others land; either way at most one honest merchant is set
+/// aside and the run commits every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_accusing_everyone_costs_at_most_one_honest_merchant() {
+    let mut run = noop_secure_run("e2e-sa-accuser", 3, 5, 3, 1000);
+    run.selection.min_agents = 3;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let liar = RawAgent::join(coord.addr, merchant(4)).await;
+    let liar = tokio::spawn(liar.secure_accusing_everyone(stopped, 5));
+    let agents: Vec<_> = (0..4)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    let shared = coord.shared.clone();
+    // A guard, not a synchronisation: before the fix the run waited for
+    // agents forever.
+    tokio::time::timeout(std::time::Duration::from_secs(300), coord.wait_finished())
+        .await
+        .expect("the run ends")
+        .unwrap();
+    let _ = stop.send(true);
+    assert!(liar.await.unwrap() >= 1, "the liar sent its accusations");
+    for a in agents {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let aside: Vec<&str> = history
+        .iter()
+        .flat_map(|r| &r.rejected)
+        .filter(|(_, why)| why.contains("set aside"))
+        .map(|(who, _)| who.as_str())
+        .collect();
+    assert!(aside.contains(&"m4"), "{history:?}");
+    assert!(aside.len() <= 2, "one honest merchant at most: {aside:?}");
+    let committed: Vec<_> = trains(&history)
+        .into_iter()
+        .filter(|r| r.outcome == Outcome::Committed)
+        .collect();
+    assert_eq!(committed.len(), 3, "{history:?}");
+    assert!(committed[2].reported.len() >= 3, "{:?}", committed[2]);
+    assert!(!committed[2].reported.iter().any(|m| m == "m4"));
+    assert!(shared.model(3).unwrap().is_some());
+}

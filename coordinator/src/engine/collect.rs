@@ -49,13 +49,46 @@ fn shown_name(name: &str) -> String {
 }
 
 /// The merchants [`Engine::accuse`]'s rule sets aside, given who accused
-/// whom (accused → accusers).
+/// whom (accused → accusers), for one malicious merchant M: an honest
+/// merchant only ever accuses M (only M's bundles can fail), and only M
+/// accuses an honest one. So a merchant is surely M, and set aside alone
+/// with everything it said void, when two or more accuse it (M makes one
+/// accusation of a merchant), when it accuses two or more (an honest one
+/// accuses M alone), or when it accuses a merchant other than its own
+/// accuser (an honest accused is accused by M and accuses only M). Every
+/// other accusation sets aside both ends: one of the two is lying. M thus
+/// costs at most one honest merchant, however many accusations it sends.
 pub(super) fn set_aside_by(accusations: &BTreeMap<String, BTreeSet<String>>) -> BTreeSet<String> {
-    let mut aside = BTreeSet::new();
+    // Accuser → the merchants it accused.
+    let mut accused_by: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for (accused, accusers) in accusations {
-        aside.insert(accused.clone());
-        if accusers.len() == 1 {
-            aside.extend(accusers.iter().cloned());
+        for a in accusers {
+            accused_by
+                .entry(a.as_str())
+                .or_default()
+                .insert(accused.as_str());
+        }
+    }
+    let mut sure: BTreeSet<&str> = accused_by
+        .iter()
+        .filter(|(_, targets)| targets.len() >= 2)
+        .map(|(a, _)| *a)
+        .collect();
+    for (accused, accusers) in accusations {
+        let accuses_another = accused_by
+            .get(accused.as_str())
+            .is_some_and(|targets| targets.iter().any(|t| !accusers.contains(*t)));
+        if accusers.len() >= 2 || accuses_another {
+            sure.insert(accused.as_str());
+        }
+    }
+    let mut aside: BTreeSet<String> = sure.iter().map(|m| m.to_string()).collect();
+    for (accused, accusers) in accusations {
+        for accuser in accusers {
+            if !sure.contains(accuser.as_str()) && !sure.contains(accused.as_str()) {
+                aside.insert(accused.clone());
+                aside.insert(accuser.clone());
+            }
         }
     }
     aside
@@ -467,13 +500,16 @@ impl Engine {
     /// it in a secure round, and sets merchants aside from the run's later
     /// tasks. A sender of forged shares can always make the round fail (no
     /// one can rebuild its masks), and the coordinator cannot tell a forged
-    /// bundle from a false accusation, so the rule is built for one
-    /// malicious merchant: a merchant accused by two or more others is set
-    /// aside alone (one liar cannot produce two accusations); a merchant
-    /// accused by one is set aside together with its accuser (one of the two
-    /// is lying). Either way the malicious merchant is out after its first
+    /// bundle from a false accusation, so the rule ([`set_aside_by`]) is
+    /// built for one malicious merchant: a merchant accused by two or more
+    /// others, or accusing two or more, or accusing a merchant other than
+    /// its own accuser, is set aside alone and its accusations count for
+    /// nothing; any other accusation sets aside both ends (one of the two is
+    /// lying). Either way the malicious merchant is out after its first
     /// attempt, and the retry runs without it; at worst one honest merchant
-    /// is set aside with it. The accusations are stored (meta key
+    /// is set aside with it, however many accusations it sends (one
+    /// accusation per honest merchant set aside took out every merchant of
+    /// a run). The accusations are stored (meta key
     /// `accusations`), so a restarted coordinator keeps the same merchants
     /// aside. Returns the merchants newly set aside.
     pub fn accuse(&mut self, accuser: &str, accused: &str) -> Vec<String> {

@@ -1018,6 +1018,40 @@ fn accused_merchants_are_set_aside_by_the_one_liar_rule() {
     assert_eq!(plan.selected, ["m01", "m04", "m05"]);
 }
 
+/// One liar's accusations cost at most one honest merchant, whatever it
+/// sends: accusing two or more, or a merchant other than its own accuser,
+/// marks it as the liar, alone, and voids what it said (accusing every
+/// merchant in turn set each aside with it, and the run had no one left).
+#[test]
+fn a_liar_accusing_many_is_set_aside_alone() {
+    let mut cfg = run(selection(1.0, 2, 8), 2);
+    cfg.rounds = 2;
+    let (_dir, mut e) = engine(cfg);
+    let aside = |e: &Engine| -> Vec<String> { e.set_aside().iter().cloned().collect() };
+    assert_eq!(e.accuse("m05", "m00"), ["m00", "m05"]);
+    // Its second accusation shows it lies: m00 comes back.
+    assert!(e.accuse("m05", "m01").is_empty());
+    for m in ["m02", "m03", "m04"] {
+        assert!(e.accuse("m05", m).is_empty());
+    }
+    assert_eq!(aside(&e), ["m05"]);
+    let plan = e.start_task(&agents(6)).unwrap();
+    assert_eq!(plan.selected, ["m00", "m01", "m02", "m03", "m04"]);
+    drop(plan);
+
+    // A forger accused by one honest merchant that accuses another: the
+    // forger alone.
+    let (_dir, mut e) = engine(run(selection(1.0, 2, 8), 2));
+    e.accuse("m01", "m05");
+    e.accuse("m05", "m02");
+    assert_eq!(aside(&e), ["m05"]);
+    // Two merchants accusing each other: one of them lies, both go.
+    let (_dir, mut e) = engine(run(selection(1.0, 2, 8), 2));
+    e.accuse("m01", "m05");
+    e.accuse("m05", "m01");
+    assert_eq!(aside(&e), ["m01", "m05"]);
+}
+
 /// What the accusations set aside stays aside when the coordinator
 /// restarts, and each merchant is named as set aside in one record only.
 #[test]

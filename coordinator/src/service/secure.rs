@@ -720,8 +720,10 @@ pub(super) fn decline(shared: &Shared, merchant: &str) {
 /// An agent's report that the share bundle of another agent of the round
 /// failed authentication ([`fedcart_common::privacy::secagg::FORGED_SHARES`]
 /// and its number): the engine weighs the accusation
-/// ([`crate::engine::Engine::accuse`]). Any other reason, or a number that is
-/// not in the round, is no accusation.
+/// ([`crate::engine::Engine::accuse`]). Any other reason, a number that is
+/// not in the round, or an agent that sent the accuser no share bundle (not
+/// one of its share holders, or before the bundles went out) is no
+/// accusation.
 pub(super) fn accusation(shared: &Shared, accuser: &str, reason: &str) {
     let Some(from) = reason
         .strip_prefix(fedcart_common::privacy::secagg::FORGED_SHARES)
@@ -732,9 +734,21 @@ pub(super) fn accusation(shared: &Shared, accuser: &str, reason: &str) {
     let accused = {
         let guard = shared.secure_round();
         let Some(r) = guard.as_ref() else { return };
+        let Some(&by) = r.ids.get(accuser) else {
+            return;
+        };
+        let sent = r.server.as_ref().is_some_and(|s| s.shares_with(from, by));
         match r.ids.iter().find(|(_, id)| **id == from) {
-            Some((m, _)) => m.clone(),
-            None => return,
+            Some((m, _)) if sent => m.clone(),
+            _ => {
+                tracing::warn!(
+                    accuser,
+                    agent = from,
+                    "an accusation of forged shares against an agent that sent the accuser none \
+                     is ignored"
+                );
+                return;
+            }
         }
     };
     let aside = shared.engine().accuse(accuser, &accused);

@@ -189,6 +189,15 @@ impl ServerSession {
         self.graph().holders(id)
     }
 
+    /// Whether `sender` sent `holder` a share bundle: `holder` is one of
+    /// its share holders, once the advertise stage closed (before that no
+    /// bundle exists, so no one can have failed to open one).
+    pub fn shares_with(&self, sender: u32, holder: u32) -> bool {
+        self.graph
+            .as_ref()
+            .is_some_and(|g| g.adjacent(sender, holder))
+    }
+
     /// Stage 1 input: one agent's keys.
     pub fn on_advertise(&mut self, keys: AdvertiseKeys) -> Result<(), SecAggError> {
         let low_order = has_low_order_key(&keys);
