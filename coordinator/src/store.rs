@@ -169,6 +169,21 @@ pub enum StoreError {
         /// The store file.
         path: PathBuf,
     },
+    /// The path no longer names the file the coordinator opened: it was
+    /// replaced (a copy moved over it, a backup restored) or removed while
+    /// the coordinator ran. Writing on would commit to a file no one can
+    /// open again, and every later version would be lost at the next start.
+    #[error(
+        "store {path} was replaced or removed while the coordinator ran: it no longer names the \
+         file the coordinator opened, so nothing more is written (what was committed since the \
+         swap is only in the old file); stop the coordinator and start it on the store you mean \
+         to keep",
+        path = path.display()
+    )]
+    Replaced {
+        /// The store file.
+        path: PathBuf,
+    },
     /// Stored bytes did not decode or did not match their checksum.
     #[error("store {path}: corrupt {what}")]
     Corrupt {
@@ -204,6 +219,8 @@ pub struct Commit<'a> {
 pub struct Store {
     db: Arc<Database>,
     path: PathBuf,
+    /// The opened file's identity ([`FileIdentity`]).
+    identity: Option<FileIdentity>,
     durable: bool,
     tables: Tables,
     /// Test seam: every later write fails, as on a full or broken disk.
@@ -230,6 +247,39 @@ mod sha2_digest {
 pub struct StoreFile {
     db: Arc<Database>,
     path: PathBuf,
+    identity: Option<FileIdentity>,
+}
+
+/// Device and inode of the file a path names (none off Unix, or when it
+/// cannot be read): each write checks that the store's path still names the
+/// file it opened (a store moved over it while the coordinator ran took in
+/// four more versions, lost at the next start without a word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity(u64, u64);
+
+impl FileIdentity {
+    fn of(path: &Path) -> Option<Self> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path).ok().map(|m| Self(m.dev(), m.ino()))
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            None
+        }
+    }
+
+    /// `Replaced` when `path` no longer names the file `opened` was.
+    fn check(opened: Option<Self>, path: &Path) -> Result<(), StoreError> {
+        match opened {
+            Some(id) if Self::of(path) != Some(id) => {
+                Err(StoreError::Replaced { path: path.into() })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl StoreFile {
@@ -253,6 +303,7 @@ impl StoreFile {
         let file = Self {
             db: Arc::new(db),
             path: path.into(),
+            identity: FileIdentity::of(path),
         };
         let txn = file.db.begin_write().map_err(|e| file.err(e))?;
         txn.open_table(RUNS).map_err(|e| file.err(e))?;
@@ -379,6 +430,7 @@ impl StoreFile {
     }
 
     fn put_entry(&self, entry: &RunEntry) -> Result<(), StoreError> {
+        FileIdentity::check(self.identity, &self.path)?;
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut table = txn.open_table(RUNS).map_err(|e| self.err(e))?;
@@ -399,6 +451,7 @@ impl StoreFile {
         let store = Store {
             db: Arc::clone(&self.db),
             path: self.path.clone(),
+            identity: self.identity,
             durable: true,
             tables: Tables::under(prefix),
             #[cfg(test)]
@@ -450,6 +503,7 @@ impl Store {
                 "injected write failure (test)",
             ))));
         }
+        FileIdentity::check(self.identity, &self.path)?;
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         if !self.durable {
             txn.set_durability(redb::Durability::None)
@@ -839,6 +893,30 @@ mod tests {
         let fresh = dir.path().join("new.redb");
         StoreFile::open(&fresh).unwrap();
         assert!(std::fs::metadata(&fresh).unwrap().len() > 0);
+    }
+
+    /// A store file moved over (or removed from) the path while it is open:
+    /// writes are refused naming the path, as the coordinator kept
+    /// committing to the unlinked file and lost every such version at its
+    /// next start.
+    #[test]
+    fn a_store_replaced_while_open_refuses_every_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let store = Store::open(&path).unwrap();
+        store.init_model(&[1.0, 2.0]).unwrap();
+        let copy = dir.path().join("copy.redb");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::rename(&copy, &path).unwrap();
+        let put = || store.put_meta_json(&[("note", serde_json::json!(1))]);
+        let e = put().err().expect("refused");
+        assert!(matches!(e, StoreError::Replaced { .. }), "{e}");
+        assert!(e.to_string().starts_with(&format!(
+            "store {} was replaced or removed while the coordinator ran",
+            path.display()
+        )));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(put(), Err(StoreError::Replaced { .. })));
     }
 
     #[test]
