@@ -69,7 +69,19 @@ pub enum Format {
 pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Result<()> {
     let mut settings = Settings::from_args(args)?;
     settings.progress = progress;
-    let experiments = run_all(&settings)?;
+    // Every file goes into a staging folder inside --out first and moves
+    // into place only once all are written: a full disk or a failed run
+    // leaves the earlier run's results whole (a full disk had left a
+    // truncated metrics.json beside the earlier run's plots).
+    let out = settings.out.clone();
+    let stage = match &out {
+        Some(dir) => Some(output::Staging::new(dir)?),
+        None => None,
+    };
+    settings.out = stage.as_ref().map(|s| s.path().to_path_buf());
+    let experiments = run_all(&settings);
+    settings.out = out;
+    let experiments = experiments?;
     // A natural partition has a merchant per store, whatever `--merchants`
     // (or its default, 10) said: the report's settings showed 10 for a log
     // of 3 or 20 stores.
@@ -79,8 +91,26 @@ pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Res
     {
         settings.merchants = n;
     }
-    if let Some(dir) = &settings.out {
-        let written = output::write_all(dir, &settings, &experiments)?;
+    // The summary first: a run whose files cannot be written still shows
+    // its figures (and a closed stdout does not keep the files from being
+    // written).
+    let printed = (|| -> anyhow::Result<()> {
+        match format {
+            Format::Table => {
+                output::print_table(&experiments)?;
+                for e in &experiments {
+                    for line in &e.report {
+                        fedcart_common::outln!("{line}")?;
+                    }
+                }
+            }
+            Format::Json => fedcart_common::outln!("{}", output::summary_json(&experiments))?,
+        }
+        Ok(())
+    })();
+    if let (Some(dir), Some(stage)) = (&settings.out, stage) {
+        output::write_all(stage.path(), &settings, &experiments).map_err(|e| stage.abandon(e))?;
+        let written = stage.publish()?;
         let removed = output::retire_stale(dir, &written)?;
         eprintln!("wrote {}", dir.display());
         if !removed.is_empty() {
@@ -91,17 +121,7 @@ pub fn run_command(args: SimArgs, format: Format, progress: bool) -> anyhow::Res
             );
         }
     }
-    match format {
-        Format::Table => {
-            output::print_table(&experiments)?;
-            for e in &experiments {
-                for line in &e.report {
-                    fedcart_common::outln!("{line}")?;
-                }
-            }
-        }
-        Format::Json => fedcart_common::outln!("{}", output::summary_json(&experiments))?,
-    }
+    printed?;
     failures(&experiments, settings.out.as_deref())
 }
 
@@ -1375,7 +1395,7 @@ impl WeightedMean {
 /// writes the merchants' labels under `--out`): the chosen centres become
 /// the experiment's final model, and the choice of k its last report line.
 /// Creates `--out` and checks that a file can be written in it.
-fn check_out_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn check_out_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     let refused = |e: std::io::Error| {
         anyhow::anyhow!(
             "--out {}: {e}; nothing was run (give a directory that can be created and written)",

@@ -284,6 +284,72 @@ fn lower_enum(text: String) -> String {
     }
 }
 
+/// A folder inside `--out` the run writes every file into; [`Staging::publish`]
+/// then moves them into `--out` (a rename each, which needs no space), so
+/// that a run that fails while writing leaves the earlier run's files as
+/// they were. Dropped without publishing, it is removed.
+pub struct Staging {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl Staging {
+    /// Creates `--out` (checking that it can be written) and the staging
+    /// folder in it.
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
+        super::check_out_dir(dir)?;
+        let path = dir.join(format!(".fedcart-sim-staging-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            path,
+        })
+    }
+
+    /// Where the run writes its files.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The error of a run whose files could not all be written, saying that
+    /// the earlier results were left as they were.
+    pub fn abandon(&self, e: anyhow::Error) -> anyhow::Error {
+        e.context(format!(
+            "the results were not written; the files of an earlier run in {} are as they were",
+            self.dir.display()
+        ))
+    }
+
+    /// Moves every file the run wrote into `--out`, replacing an earlier
+    /// run's files of the same names, removes the staging folder and
+    /// returns the names moved (for [`retire_stale`]).
+    pub fn publish(self) -> anyhow::Result<Vec<String>> {
+        let listing = |e: std::io::Error| anyhow::anyhow!("reading {}: {e}", self.path.display());
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.path).map_err(listing)? {
+            let entry = entry.map_err(listing)?;
+            if entry.file_type().map_err(listing)?.is_file() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        for name in &names {
+            let from = self.path.join(name);
+            let to = self.dir.join(name);
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        }
+        Ok(names)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// Where a run lists the files it wrote into its `--out` directory, so that
 /// the next run into the same directory can retire them.
 pub const MANIFEST: &str = ".fedcart-sim-files";
@@ -734,6 +800,55 @@ pub(crate) fn html(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run writes into a staging folder: abandoned (a full disk, a failed
+    /// plot), it leaves the earlier run's files as they were and no folder
+    /// behind; published, every file it wrote moves into --out.
+    #[test]
+    fn a_run_that_fails_to_write_leaves_the_earlier_results_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("metrics.json"), "earlier").unwrap();
+        let stage = Staging::new(d).unwrap();
+        std::fs::write(stage.path().join("metrics.json"), "trunc").unwrap();
+        let e = stage.abandon(anyhow::anyhow!(
+            "writing metrics.json: No space left on device"
+        ));
+        drop(stage);
+        assert_eq!(
+            std::fs::read_to_string(d.join("metrics.json")).unwrap(),
+            "earlier"
+        );
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["metrics.json"]);
+        assert!(
+            format!("{e:#}").starts_with(&format!(
+                "the results were not written; the files of an earlier run in {} are as they were: \
+                 writing metrics.json",
+                d.display()
+            )),
+            "{e:#}"
+        );
+
+        let stage = Staging::new(d).unwrap();
+        for f in ["metrics.json", "rules.csv"] {
+            std::fs::write(stage.path().join(f), "new").unwrap();
+        }
+        assert_eq!(stage.publish().unwrap(), ["metrics.json", "rules.csv"]);
+        assert_eq!(
+            std::fs::read_to_string(d.join("metrics.json")).unwrap(),
+            "new"
+        );
+        let mut left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["metrics.json", "rules.csv"]);
+    }
 
     fn settings_of(task: &str, lr: Option<f32>) -> Vec<(String, String)> {
         let s = Settings::from_args(crate::SimArgs {
