@@ -999,10 +999,31 @@ impl Coordinator for Service {
             crate::identity::Viewer::Merchant(_) => shared.merchant_phase(),
         };
         let engine = shared.engine();
-        let last = engine
+        let mut history = engine
             .store()
             .history()
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // A merchant that is not connected to the run and was never selected
+        // for it sees only that it exists (its id is in `run_ids` anyway):
+        // its progress, served version and privacy spend are the operator's
+        // and its merchants' (an outsider could follow any run).
+        if let crate::identity::Viewer::Merchant(id) = &viewer {
+            let part = connected.contains(id)
+                || engine.open_task().is_some_and(|p| p.selected.contains(id))
+                || history.iter().any(|r| r.selected.contains(id));
+            if !part {
+                return Ok(Response::new(pb::StatusReply {
+                    run_id: engine.run().run_id.clone(),
+                    phase: format!(
+                        "merchant `{id}` takes no part in this run: its progress is for its \
+                         merchants and the operator"
+                    ),
+                    run_ids: self.hub.ids(),
+                    ..Default::default()
+                }));
+            }
+        }
+        let last = history
             .pop()
             .and_then(|r| match &viewer {
                 crate::identity::Viewer::Operator => Some(r),
@@ -1112,6 +1133,19 @@ fn served_download(
     let model = {
         let engine = shared.engine();
         let run_id = &engine.run().run_id;
+        // First, so that an outsider learns nothing of the run's state
+        // (whether it ended, which version it serves) from the refusal.
+        let selected = engine
+            .store()
+            .history()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .iter()
+            .any(|r| r.selected.iter().any(|m| m == merchant));
+        if !selected {
+            return Err(Status::permission_denied(format!(
+                "merchant `{merchant}` took no part in run `{run_id}`"
+            )));
+        }
         if !engine.finished() {
             return Err(Status::failed_precondition(format!(
                 "run `{run_id}` has not ended: its models are handed out by its tasks"
@@ -1124,17 +1158,6 @@ fn served_download(
             return Err(Status::failed_precondition(format!(
                 "run `{run_id}` serves version {served}, not version {}",
                 req.model_version
-            )));
-        }
-        let selected = engine
-            .store()
-            .history()
-            .map_err(|e| Status::internal(e.to_string()))?
-            .iter()
-            .any(|r| r.selected.iter().any(|m| m == merchant));
-        if !selected {
-            return Err(Status::permission_denied(format!(
-                "merchant `{merchant}` took no part in run `{run_id}`"
             )));
         }
         engine

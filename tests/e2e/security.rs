@@ -662,17 +662,26 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
         let shown = format!("{value:.4}");
         assert!(!table.contains(&shown), "{metric} {shown} in {table}");
     }
-    // A merchant the round did not select reads none of its aggregates,
-    // and nobody connected; it learns the run's id and progress only.
+    // A merchant the run never selected reads none of its aggregates, and
+    // nobody connected; it learns the run's id only, not its progress or
+    // served version (an outsider followed any run's round, version and
+    // best version).
     let outside = fetch(&url, Some(&tls("m2")), None).await.unwrap();
     assert_eq!(
         outside.last_round_json, "",
         "a round that did not select m2"
     );
     assert!(outside.connected_agents.is_empty());
+    assert!(all.model_version > 0);
     assert_eq!(
-        (outside.run_id.as_str(), outside.model_version),
-        ("tls", all.model_version)
+        (outside.run_id.as_str(), outside.model_version, outside.round),
+        ("tls", 0, 0)
+    );
+    assert_eq!((outside.best_version, outside.epsilon), (None, None));
+    assert!(
+        outside.phase.contains("`m2` takes no part in this run"),
+        "{}",
+        outside.phase
     );
 
     certs::revoke(&files.access, &cd, certs::OPERATOR, None).unwrap();
