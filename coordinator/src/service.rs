@@ -1023,18 +1023,14 @@ impl Coordinator for Service {
                 }));
             }
         }
-        let last = history
-            .pop()
-            .and_then(|r| match &viewer {
-                crate::identity::Viewer::Operator => Some(r),
-                // A round's aggregates are for the merchants it selected: an
-                // outsider (or one left out) could otherwise follow a run it
-                // takes no part in, and with one other merchant in the round
-                // subtract its own share from the totals.
-                crate::identity::Viewer::Merchant(id) => {
-                    r.selected.contains(id).then(|| r.seen_by(id))
-                }
-            });
+        let last = history.pop().and_then(|r| match &viewer {
+            crate::identity::Viewer::Operator => Some(r),
+            // A round's aggregates are for the merchants it selected: an
+            // outsider (or one left out) could otherwise follow a run it
+            // takes no part in, and with one other merchant in the round
+            // subtract its own share from the totals.
+            crate::identity::Viewer::Merchant(id) => r.selected.contains(id).then(|| r.seen_by(id)),
+        });
         Ok(Response::new(pb::StatusReply {
             run_id: engine.run().run_id.clone(),
             round: engine.open_task().map_or(engine.version(), |p| p.round),
