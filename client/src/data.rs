@@ -317,7 +317,7 @@ fn read_orders(path: &Path, cfg: &AgentConfig) -> Result<Vec<Order>, DataError> 
             report.examples.first().map_or("", String::as_str)
         );
     }
-    if let Some(note) = &report.stray_dates {
+    for note in report.warnings() {
         tracing::warn!("{}: {note}", path.display());
     }
     Ok(rows)

@@ -400,7 +400,7 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
     if let Some(warning) = window_warning((first, last), cfg.cutoff, cfg.churn_window_days) {
         eprintln!("warning: {warning}");
     }
-    if let Some(note) = &report.stray_dates {
+    for note in report.warnings() {
         eprintln!("warning: {}: {note}", args.orders.display());
     }
     Ok(())

@@ -161,6 +161,17 @@ impl DecimalMark {
         }
     }
 
+    /// Whether `raw` reads as two different numbers, one with each mark:
+    /// `1.890` is 1.89 with a decimal point and 1890 with a decimal comma
+    /// (its dot grouping thousands), `1,250` the other way round. A column
+    /// of such cells does not say which mark its export uses.
+    pub fn ambiguous(raw: &str) -> bool {
+        match (Self::Point.parse(raw), Self::Comma.parse(raw)) {
+            (Some(a), Some(b)) => a.is_finite() && b.is_finite() && a != b,
+            _ => false,
+        }
+    }
+
     /// The number a cell of the export holds, or `None` when it holds none.
     ///
     /// Beyond what Rust's float parser takes (`12.5`, `-3`, `1e3`), it

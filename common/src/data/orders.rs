@@ -236,9 +236,22 @@ pub struct ReadReport {
     /// naming lines and dates. Such lines are kept, so callers warn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stray_dates: Option<String>,
+    /// Amounts read with a decimal point that read as other numbers with a
+    /// decimal comma (`1.890`: 1.89 or 1890), in an export no amount of
+    /// which settles it: the cell to check and the setting to give.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decimal_note: Option<String>,
 }
 
 impl ReadReport {
+    /// What callers warn the merchant about: lines kept that may be read
+    /// wrongly ([`ReadReport::stray_dates`], [`ReadReport::decimal_note`]).
+    pub fn warnings(&self) -> impl Iterator<Item = &str> {
+        [&self.decimal_note, &self.stray_dates]
+            .into_iter()
+            .filter_map(|n| n.as_deref())
+    }
+
     /// Total rows skipped.
     pub fn rows_skipped(&self) -> u64 {
         self.skipped.values().sum()

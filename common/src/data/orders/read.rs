@@ -155,12 +155,29 @@ pub fn read_orders_from<R: Read>(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(i64::MAX, |d| d.as_secs() as i64)
         .saturating_add(SECONDS_PER_DAY);
+    // Amounts read with the decimal point (the default) in an export whose
+    // delimiter is not a comma: the first that a decimal comma reads as
+    // another number (`1.890`), and whether any is one the point alone
+    // reads (`12.50`), which settles it.
+    let check_decimal = map.decimal == DecimalMark::Point && map.delimiter != Delimiter::Comma;
+    let mut ambiguous_amount: Option<(u64, String)> = None;
+    let mut point_amount = false;
     for row in rows {
         let (line, fields) = row?;
         // A row of delimiters only (`,,,,`, what a spreadsheet writes for
         // an empty row) is a blank line, not an order with a blank customer.
         if fields.iter().all(|f| f.trim().is_empty()) {
             continue;
+        }
+        if check_decimal
+            && !point_amount
+            && let Some(raw) = fields.get(cols.amount).map(|f| f.trim())
+        {
+            if DecimalMark::ambiguous(raw) {
+                ambiguous_amount.get_or_insert_with(|| (line, raw.to_string()));
+            } else if raw.contains('.') && DecimalMark::Comma.parse(raw).is_none() {
+                point_amount = DecimalMark::Point.parse(raw).is_some();
+            }
         }
         report.rows_read += 1;
         match parse_row(&cols, &header, map, &fields, line, path, latest) {
@@ -240,6 +257,16 @@ pub fn read_orders_from<R: Read>(
         });
     }
     report.stray_dates = stray_dates(&orders, &lines);
+    if let Some((line, raw)) = ambiguous_amount.filter(|_| !point_amount) {
+        let read = |mark: DecimalMark| mark.parse(&raw).unwrap_or_default();
+        report.decimal_note = Some(format!(
+            "amounts such as `{raw}` (line {line}) are read as {} with a decimal point; if the \
+             dot groups thousands ({}), as semicolon exports often write them, give `--decimal \
+             comma` (or `decimal = \"comma\"` in the mapping: `[data.orders]` in merchant.toml)",
+            read(DecimalMark::Point),
+            read(DecimalMark::Comma)
+        ));
+    }
     Ok((orders, report))
 }
 

@@ -962,6 +962,36 @@ fn lines_dated_far_outside_the_export_are_named() {
     assert_eq!(report.stray_dates, None);
 }
 
+/// A semicolon export whose amounts group thousands with a dot (`1.890`)
+/// read with the default decimal point, a thousandth of each price, without
+/// a word: the report names the first such amount and the setting, and an
+/// export with an amount only the point reads (`12.50`) gets no note.
+#[test]
+fn amounts_that_read_with_either_decimal_mark_are_named() {
+    let mut map = mapping();
+    map.delimiter = Delimiter::Semicolon;
+    let mut text = String::from("customer;item;ts;qty;price\n");
+    for (i, price) in ["25", "1.890", "2.450", "7"].iter().enumerate() {
+        text.push_str(&format!("c{i};i{i};2017-03-0{};1;{price}\n", i + 1));
+    }
+    let (orders, report) = read(&text, &map, BadRowPolicy::Fail).unwrap();
+    assert_eq!(orders[1].amount, 1.89, "read as asked");
+    let note = report.decimal_note.clone().unwrap();
+    assert_eq!(
+        note,
+        "amounts such as `1.890` (line 3) are read as 1.89 with a decimal point; if the dot \
+         groups thousands (1890), as semicolon exports often write them, give `--decimal comma` \
+         (or `decimal = \"comma\"` in the mapping: `[data.orders]` in merchant.toml)"
+    );
+    assert_eq!(report.warnings().collect::<Vec<_>>(), [note.as_str()]);
+    let settled = text.replace(";7\n", ";12.50\n");
+    let (_, report) = read(&settled, &map, BadRowPolicy::Fail).unwrap();
+    assert_eq!(report.decimal_note, None);
+    map.decimal = DecimalMark::Comma;
+    let (orders, report) = read(&text, &map, BadRowPolicy::Fail).unwrap();
+    assert_eq!((orders[1].amount, report.decimal_note), (1890.0, None));
+}
+
 /// Cells a spreadsheet or an accounting export writes differently are
 /// named for what they are: negatives in parentheses, with a trailing or a
 /// Unicode minus; an amount with a currency code; a NUL shown escaped.

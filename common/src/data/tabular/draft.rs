@@ -61,6 +61,9 @@ struct ColumnStats {
     /// Every value seen so far (for the all-distinct test).
     seen: HashSet<String>,
     repeats: bool,
+    /// The first cell that reads as another number with each decimal mark
+    /// (`1.890`), with its line.
+    ambiguous: Option<(u64, String)>,
 }
 
 /// How a column's non-blank cells read as numbers under one decimal mark.
@@ -272,6 +275,9 @@ impl Schema {
                 // As the reader parses numbers (`1e39` overflows an f32).
                 st.numbers.see(super::parse_number(v), line, v);
                 st.comma.see(DecimalMark::Comma.parse(v), line, v);
+                if st.ambiguous.is_none() && DecimalMark::ambiguous(v) {
+                    st.ambiguous = Some((line, v.to_string()));
+                }
                 if !st.repeats && !st.seen.insert(v.to_string()) {
                     st.repeats = true;
                     st.seen = HashSet::new();
@@ -293,9 +299,39 @@ impl Schema {
         let only = |a: fn(&ColumnStats) -> bool, b: fn(&ColumnStats) -> bool| {
             stats.iter().any(|st| st.blanks < rows && a(st) && !b(st))
         };
-        let decimal = if only(|s| s.comma.numeric, |s| s.numbers.numeric)
-            && !only(|s| s.numbers.numeric, |s| s.comma.numeric)
-        {
+        // A column whose every cell reads with both marks, some as other
+        // numbers (`1.890`, `1,250`), says nothing: a semicolon export takes
+        // the decimal comma its spreadsheet wrote (`1.890` was read as 1.89,
+        // a thousandth of the price, without a word), any other the point,
+        // and the note names the cell either way.
+        let ambiguous = stats.iter().zip(&header).find_map(|(st, h)| {
+            let (line, v) = st.ambiguous.as_ref()?;
+            (st.numbers.numeric && st.comma.numeric).then_some((h, *line, v))
+        });
+        let point_only = only(|s| s.numbers.numeric, |s| s.comma.numeric);
+        let comma = (only(|s| s.comma.numeric, |s| s.numbers.numeric)
+            || (delimiter == b';' && ambiguous.is_some()))
+            && !point_only;
+        let mut decimal_note = None;
+        if let Some((h, line, v)) = ambiguous {
+            let read = |mark: DecimalMark| mark.parse(v).unwrap_or_default();
+            decimal_note = Some(if comma {
+                format!(
+                    "numbers use a decimal comma, as semicolon exports write them: `{v}` (column \
+                     `{h}`, line {line}) reads as {}; if it means {}, set `decimal = \"point\"`",
+                    read(DecimalMark::Comma),
+                    read(DecimalMark::Point)
+                )
+            } else {
+                format!(
+                    "numbers use a decimal point: `{v}` (column `{h}`, line {line}) reads as {}; \
+                     if it means {}, set `decimal = \"comma\"`",
+                    read(DecimalMark::Point),
+                    read(DecimalMark::Comma)
+                )
+            });
+        }
+        let decimal = if comma {
             for st in &mut stats {
                 st.numbers = std::mem::take(&mut st.comma);
             }
@@ -445,7 +481,9 @@ impl Schema {
             },
             100.0 * churned as f64 / labelled.max(1) as f64
         )];
-        if decimal == DecimalMark::Comma {
+        if let Some(note) = decimal_note {
+            notes.push(note);
+        } else if decimal == DecimalMark::Comma {
             notes.push(
                 "numbers use a decimal comma (`1.234,50`): `decimal = \"comma\"`".to_string(),
             );
@@ -939,6 +977,62 @@ mod tests {
             "t.csv: line 2, column `spend`: `20,00` is not a number with a decimal point (this \
              one has a decimal comma: `decimal = \"comma\"` under [data.schema], `decimal` in a \
              --schema file)"
+        );
+    }
+
+    /// Prices that read with either decimal mark (`1.890`, and no `12,50`
+    /// or `12.50` to settle it): a semicolon export drafts the decimal comma
+    /// its spreadsheet wrote (it read `1.890` as 1.89, a thousandth of the
+    /// price, without a word), a tab-separated one the point; the note names
+    /// the cell and its other reading either way.
+    #[test]
+    fn numbers_that_read_with_either_decimal_mark_follow_the_delimiter_and_are_named() {
+        let table = |sep: char| {
+            let mut text = format!("id{sep}spend{sep}churn\n");
+            for i in 0..30 {
+                let spend = if i == 3 {
+                    "1.890".to_string()
+                } else {
+                    (100 + i % 7).to_string()
+                };
+                text += &format!("c{i}{sep}{spend}{sep}{}\n", ["Yes", "No"][i % 2]);
+            }
+            text
+        };
+        let draft = |sep: char| {
+            let text = table(sep);
+            let d = Schema::draft(
+                text.as_bytes(),
+                Path::new("t.csv"),
+                sep as u8,
+                &DraftOptions::default(),
+            )
+            .unwrap();
+            let ds = d
+                .schema
+                .read_delimited(text.as_bytes(), Path::new("t.csv"), sep as u8)
+                .unwrap();
+            (d, ds.x[[3, 0]])
+        };
+        let (d, spend) = draft(';');
+        assert_eq!((d.schema.decimal, spend), (DecimalMark::Comma, 1890.0));
+        assert!(
+            d.notes.iter().any(|n| n.contains(
+                "a decimal comma, as semicolon exports write them: `1.890` (column `spend`, \
+                 line 5) reads as 1890; if it means 1.89, set `decimal = \"point\"`"
+            )),
+            "{:?}",
+            d.notes
+        );
+        let (d, spend) = draft('\t');
+        assert_eq!((d.schema.decimal, spend), (DecimalMark::Point, 1.89));
+        assert!(
+            d.notes.iter().any(|n| n.contains(
+                "a decimal point: `1.890` (column `spend`, line 5) reads as 1.89; if it means \
+                 1890, set `decimal = \"comma\"`"
+            )),
+            "{:?}",
+            d.notes
         );
     }
 

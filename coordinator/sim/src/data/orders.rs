@@ -105,8 +105,9 @@ pub struct OrdersArgs {
     #[arg(long = "decimal")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decimal: Option<DecimalMark>,
-    /// Orders: churn cutoff date [default: the last order minus the churn window; the
-    /// recommender tasks (`mf`, `mf-implicit`) then use every order].
+    /// Orders: churn cutoff date [default: the last order minus the churn window]; given,
+    /// the recommender tasks (`mf`, `mf-implicit`, `mf-ials`) learn from the orders before
+    /// it only, else from every order.
     #[arg(long = "cutoff")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cutoff: Option<String>,
@@ -363,7 +364,7 @@ impl OrdersSource {
                     .map_or(String::new(), |e| format!("; the first: {e}"))
             ));
         }
-        if let Some(note) = &report.stray_dates {
+        for note in report.warnings() {
             tracing::warn!("{}: {note}", self.path.display());
             notes.push(format!("{}: {note}", self.path.display()));
         }
