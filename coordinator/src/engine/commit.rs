@@ -218,9 +218,14 @@ impl Engine {
                 let st = Standardizer::from_moments(&moments).with_rows(acc.total_weight());
                 record.outcome = Outcome::Committed;
                 let json = serde_json::to_value(&st).expect("serialisable");
-                self.store
-                    .append_history_with_meta(&record, &[("standardizer", json)])?;
+                let cleared = self.marker_cleared_by(&record);
+                let mut meta = vec![("standardizer", json)];
+                meta.extend(cleared.clone());
+                self.store.append_history_with_meta(&record, &meta)?;
                 self.standardizer = Some(st);
+                if cleared.is_some() {
+                    self.unmasking = None;
+                }
             }
             TaskKind::Evaluate => {
                 // Metrics that do not average (AUC, PR-AUC) come from the
@@ -239,7 +244,8 @@ impl Engine {
                 } else {
                     (None, None)
                 };
-                let mut meta = Vec::new();
+                let cleared = self.marker_cleared_by(&record);
+                let mut meta: Vec<_> = cleared.iter().cloned().collect();
                 if let Some(b) = &best {
                     meta.push((
                         "best_version",
@@ -250,6 +256,9 @@ impl Engine {
                     meta.push(("stopped", serde_json::to_value(s).expect("serialisable")));
                 }
                 self.store.append_history_with_meta(&record, &meta)?;
+                if cleared.is_some() {
+                    self.unmasking = None;
+                }
                 if best.is_some() {
                     self.best = best;
                 }

@@ -1465,6 +1465,38 @@ fn a_sum_possibly_unmasked_before_a_restart_is_retried_over_the_same_merchants_o
     assert_eq!(plan.selected, all, "nothing was unmasked: no pin");
 }
 
+/// A secure statistics task leaves the version as it was: once it commits,
+/// its unmask marker must not keep naming its merchants in the status as
+/// those of a sum that may have been unmasked before a restart (it did,
+/// until the first version committed), nor pin the training round.
+#[test]
+fn a_committed_secure_statistics_task_pins_nobody() {
+    let (_dir, path, mut cfg) = secure_store();
+    cfg.model = ModelSpec::churn_lr(2);
+    cfg.validate().unwrap();
+    let all = agents(6);
+    let mut e = reopen(&path, &cfg);
+    let plan = e.start_task(&all).unwrap();
+    assert_eq!(plan.spec.kind, TaskKind::Stats);
+    let four = &plan.selected[..4];
+    e.before_unmask(&names(four)).unwrap();
+    let sum = fedcart_common::privacy::secagg::DecodedSum {
+        values: vec![4.0, 8.0, 8.0, 20.0],
+        coord_weights: Vec::new(),
+        weight: 4.0,
+        count: 4,
+        clipped: 0,
+    };
+    e.set_secure_sum(four, sum).unwrap();
+    assert_eq!(e.finish_task().unwrap().outcome, Outcome::Committed);
+    assert_eq!(e.pinned_merchants(), None);
+    let plan = e.start_task(&all).unwrap();
+    assert_eq!((plan.spec.kind, plan.selected.len()), (TaskKind::Train, 6));
+    drop(e);
+    let e = reopen(&path, &cfg);
+    assert_eq!(e.pinned_merchants(), None, "nor after a restart");
+}
+
 /// A merchant of a possibly unmasked sum that the run then sets aside can
 /// never take part again: the run stops, naming it, instead of waiting.
 #[test]

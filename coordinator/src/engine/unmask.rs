@@ -101,6 +101,21 @@ pub(super) fn record_lost(
     Ok(())
 }
 
+/// The marker, unless its task committed: a committed statistics or
+/// evaluation task leaves the version as it was, and a marker kept past its
+/// commit named its merchants in the status as those of a sum that may have
+/// been unmasked before a restart, for the rest of that version.
+pub(super) fn unless_committed(
+    marker: Option<Unmasking>,
+    history: &[RoundRecord],
+) -> Option<Unmasking> {
+    marker.filter(|u| {
+        !history
+            .iter()
+            .any(|r| r.task_id == u.task_id && r.outcome == Outcome::Committed)
+    })
+}
+
 impl Unmasking {
     /// The record of that task when the coordinator stopped before writing
     /// one: aborted, its sum taken as seen (with `privacy`, the ledger's
@@ -240,6 +255,18 @@ impl Engine {
             });
         }
         Ok(pinned.into_iter().collect())
+    }
+
+    /// The store entry that clears the marker with the commit of
+    /// `record`, when the marker is that task's (see [`unless_committed`]).
+    pub(super) fn marker_cleared_by(
+        &self,
+        record: &RoundRecord,
+    ) -> Option<(&'static str, serde_json::Value)> {
+        self.unmasking
+            .as_ref()
+            .filter(|u| u.task_id == record.task_id)
+            .map(|_| (KEY, serde_json::Value::Null))
     }
 
     /// Called by a driver before the first unmask request of the open
