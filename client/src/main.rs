@@ -46,13 +46,16 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     Schema(Box<fedcart_client::schema::SchemaArgs>),
     /// Top-K items for one customer, offline from the local state.
-    #[command(allow_negative_numbers = true)]
+    #[command(
+        allow_negative_numbers = true,
+        group(clap::ArgGroup::new("whom").required(true).args(["customer", "best_sellers"]))
+    )]
     Recommend {
         /// The agent's TOML configuration.
         #[arg(long, env = "FEDCART_CLIENT_CONFIG")]
         config: PathBuf,
         /// Customer id (as in the ratings file or orders export).
-        #[arg(long, required_unless_present = "best_sellers")]
+        #[arg(long)]
         customer: Option<String>,
         /// List the merchant's best sellers instead (most customers first),
         /// for a visitor with no purchases; needs no model.
@@ -520,6 +523,39 @@ async fn run(command: Command) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// The usage line of `recommend` read `--customer <CUSTOMER>` as
+    /// required, and a merchant after best sellers never learnt of
+    /// `--best-sellers` from it; it names the two, either of which will do.
+    #[test]
+    fn recommend_usage_offers_a_customer_or_the_best_sellers() {
+        let mut cli = Cli::command();
+        let usage = cli
+            .find_subcommand_mut("recommend")
+            .unwrap()
+            .render_usage()
+            .to_string();
+        assert!(
+            usage.contains("<--customer <CUSTOMER>|--best-sellers>"),
+            "{usage}"
+        );
+        for args in [
+            &["recommend", "--config", "m.toml", "--customer", "c1"][..],
+            &["recommend", "--config", "m.toml", "--best-sellers"],
+        ] {
+            Cli::try_parse_from(std::iter::once("fedcart-client").chain(args.iter().copied()))
+                .unwrap();
+        }
+        let Err(err) = Cli::try_parse_from(["fedcart-client", "recommend", "--config", "m.toml"])
+        else {
+            panic!("neither --customer nor --best-sellers");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("<--customer <CUSTOMER>|--best-sellers>"),
+            "{err}"
+        );
+    }
 
     /// `--run` said "instead of the latest of any run", but without it the
     /// commands read the version served at the top of the state directory
