@@ -428,7 +428,26 @@ impl AgentConfig {
             message: fedcart_common::config_errors::explain(&e.to_string(), &text),
         })?;
         cfg.resolve_paths(&base_dir(path));
+        let id_from_env = env("FEDCART_MERCHANT_ID").is_some();
         cfg.apply_env(path, env)?;
+        // Checked here, naming where the id came from: the coordinator's
+        // refusal blamed the certificate.
+        if let Err(e) = fedcart_common::identity::validate_id(&cfg.merchant_id) {
+            let message =
+                format!("{e}: give the id `certs issue` named on this merchant's certificate");
+            return Err(if id_from_env {
+                ConfigError::Env {
+                    path: path.to_owned(),
+                    var: "FEDCART_MERCHANT_ID",
+                    message,
+                }
+            } else {
+                ConfigError::Data {
+                    path: path.to_owned(),
+                    message: format!("`merchant_id`: {message}"),
+                }
+            });
+        }
         if !(cfg.data.holdout > 0.0 && cfg.data.holdout < 1.0) {
             return Err(ConfigError::Holdout {
                 path: path.to_owned(),
@@ -836,6 +855,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("FEDCART_TLS_CA"), "{err}");
+        // A merchant id no certificate can hold is named here, with where
+        // it came from (the coordinator's refusal blamed the certificate).
+        let err =
+            AgentConfig::load_with_env(&path, env(vec![("FEDCART_MERCHANT_ID", "bad id".into())]))
+                .unwrap_err()
+                .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: environment variable FEDCART_MERCHANT_ID: merchant id `bad id` must be \
+                 1–128 characters of [A-Za-z0-9-_.@], not only dots: give the id `certs issue` \
+                 named on this merchant's certificate",
+                path.display()
+            )
+        );
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "coordinator = \"https://localhost:1\"\nmerchant_id = \"\"\n[data]\n",
+        )
+        .unwrap();
+        let err = AgentConfig::load_with_env(&bad, |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(": `merchant_id`: merchant id `` must be"),
+            "{err}"
+        );
         let err = AgentConfig::load_with_env(&path, env(vec![("FEDCART_STATE_DIR", "".into())]))
             .unwrap_err()
             .to_string();
