@@ -379,6 +379,11 @@ pub async fn start_from_config(cfg: &CoordinatorConfig, insecure: bool) -> anyho
             "`serve.tls` is not configured: give the TLS files or run with --insecure"
         ),
     };
+    // The TLS files first: the operator's token defaults to a file beside
+    // the CA, and a wrong `serve.tls.ca` was reported as a missing token.
+    if let Transport::Tls(files) = &transport {
+        files.server_config()?;
+    }
     let listener = TcpListener::bind(cfg.serve.listen)
         .await
         .with_context(|| format!("binding {}", cfg.serve.listen))?;

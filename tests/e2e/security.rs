@@ -386,6 +386,28 @@ async fn plaintext_is_served_only_when_insecure_is_explicit() {
         .err()
         .expect("no TLS and no --insecure must refuse to start");
     assert!(format!("{err:#}").contains("--insecure"), "{err:#}");
+
+    // A CA path that names nothing is reported as itself, not as the
+    // operator's token the HTTP listener looks for beside it.
+    let missing = dir.path().join("pki/ca.pem");
+    let mut cfg = cfg;
+    cfg.serve.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.serve.tls = Some(fedcart_coordinator::tls::TlsFiles {
+        ca: missing.clone(),
+        cert: missing.clone(),
+        key: missing.clone(),
+        access: dir.path().join("pki/access.txt"),
+    });
+    let err = fedcart_coordinator::server::start_from_config(&cfg, false)
+        .await
+        .err()
+        .expect("no CA, no start");
+    let err = format!("{err:#}");
+    assert!(
+        err.starts_with(&format!("`serve.tls.ca`: reading {}", missing.display()))
+            && !err.contains("token"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -674,7 +696,11 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
     assert!(outside.connected_agents.is_empty());
     assert!(all.model_version > 0);
     assert_eq!(
-        (outside.run_id.as_str(), outside.model_version, outside.round),
+        (
+            outside.run_id.as_str(),
+            outside.model_version,
+            outside.round
+        ),
         ("tls", 0, 0)
     );
     assert_eq!((outside.best_version, outside.epsilon), (None, None));
