@@ -312,7 +312,7 @@ pub fn write_kit(
         "# fedcart merchant kit for `{id}`: run it with\n\
          #   fedcart-client run --config {KIT_CONFIG}\n\
          # from any directory. Relative paths below are relative to this file.\n\
-         # Environment overrides: FEDCART_COORDINATOR, FEDCART_STATE_DIR,\n\
+         # Environment overrides: FEDCART_COORDINATOR, FEDCART_MERCHANT_ID, FEDCART_STATE_DIR,\n\
          # FEDCART_DATA_ORDERS_CSV, FEDCART_DATA_CHURN_CSV, FEDCART_DATA_RATINGS_CSV,\n\
          # FEDCART_DATA_CATALOGUE, FEDCART_DATA_ITEM_NAMES, FEDCART_TLS_CA, FEDCART_TLS_CERT,\n\
          # FEDCART_TLS_KEY.\n\

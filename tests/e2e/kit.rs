@@ -94,6 +94,11 @@ fn a_kit_runs_as_is_from_another_directory_and_completes_a_round() {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "the kit's key is private");
         }
+        // The kit names every environment override the agent reads.
+        let text = std::fs::read_to_string(kit.join("merchant.toml")).unwrap();
+        for (var, _) in fedcart_client::config::ENV_OVERRIDES {
+            assert!(text.contains(var), "the kit's comment lacks {var}");
+        }
         // The merchant drops its orders export into the kit: nothing else.
         std::fs::copy(export, kit.join("data/orders.csv")).unwrap();
     }
