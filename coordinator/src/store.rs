@@ -184,6 +184,22 @@ pub enum StoreError {
         /// The store file.
         path: PathBuf,
     },
+    /// A write after one that failed with an I/O error (a full disk): redb
+    /// takes no more writes on the file until it is opened again, and says
+    /// only "Previous I/O error occurred", which named neither the cause nor
+    /// what to do in the coordinator's last line.
+    #[error(
+        "store {path}: a write failed earlier ({cause}), and the store takes no more writes until \
+         the coordinator restarts: free space or mend the disk, then restart it (what was \
+         committed before is kept)",
+        path = path.display()
+    )]
+    AfterIo {
+        /// The store file.
+        path: PathBuf,
+        /// The first failed write's error.
+        cause: String,
+    },
     /// Stored bytes did not decode or did not match their checksum.
     #[error("store {path}: corrupt {what}")]
     Corrupt {
@@ -221,6 +237,8 @@ pub struct Store {
     path: PathBuf,
     /// The opened file's identity ([`FileIdentity`]).
     identity: Option<FileIdentity>,
+    /// The first I/O error a write met ([`StoreError::AfterIo`]).
+    first_io: FirstIo,
     durable: bool,
     tables: Tables,
     /// Test seam: every later write fails, as on a full or broken disk.
@@ -248,6 +266,35 @@ pub struct StoreFile {
     db: Arc<Database>,
     path: PathBuf,
     identity: Option<FileIdentity>,
+    first_io: FirstIo,
+}
+
+/// The first I/O error met on a store file, shared by its run views.
+type FirstIo = Arc<std::sync::Mutex<Option<String>>>;
+
+/// The store error for redb's `e` on `path`: an I/O error is kept in
+/// `first_io`, and redb's "Previous I/O error occurred" after it becomes
+/// [`StoreError::AfterIo`], naming it.
+fn db_error(path: &Path, first_io: &FirstIo, e: redb::Error) -> StoreError {
+    let mut first = first_io.lock().unwrap_or_else(|p| p.into_inner());
+    match &e {
+        redb::Error::Io(io) => {
+            first.get_or_insert_with(|| io.to_string());
+        }
+        redb::Error::PreviousIo => {
+            if let Some(cause) = first.clone() {
+                return StoreError::AfterIo {
+                    path: path.into(),
+                    cause,
+                };
+            }
+        }
+        _ => {}
+    }
+    StoreError::Db {
+        path: path.into(),
+        source: Box::new(e),
+    }
 }
 
 /// Device and inode of the file a path names (none off Unix, or when it
@@ -304,6 +351,7 @@ impl StoreFile {
             db: Arc::new(db),
             path: path.into(),
             identity: FileIdentity::of(path),
+            first_io: FirstIo::default(),
         };
         let txn = file.db.begin_write().map_err(|e| file.err(e))?;
         txn.open_table(RUNS).map_err(|e| file.err(e))?;
@@ -317,10 +365,7 @@ impl StoreFile {
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
-        StoreError::Db {
-            path: self.path.clone(),
-            source: Box::new(e.into()),
-        }
+        db_error(&self.path, &self.first_io, e.into())
     }
 
     /// Every run in the store, in submission order. A store written before
@@ -452,6 +497,7 @@ impl StoreFile {
             db: Arc::clone(&self.db),
             path: self.path.clone(),
             identity: self.identity,
+            first_io: Arc::clone(&self.first_io),
             durable: true,
             tables: Tables::under(prefix),
             #[cfg(test)]
@@ -518,10 +564,7 @@ impl Store {
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
-        StoreError::Db {
-            path: self.path.clone(),
-            source: Box::new(e.into()),
-        }
+        db_error(&self.path, &self.first_io, e.into())
     }
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
@@ -893,6 +936,31 @@ mod tests {
         let fresh = dir.path().join("new.redb");
         StoreFile::open(&fresh).unwrap();
         assert!(std::fs::metadata(&fresh).unwrap().len() > 0);
+    }
+
+    /// redb answers every write after one that failed (a full disk) with
+    /// "Previous I/O error occurred": the coordinator's last line named
+    /// neither the disk nor what to do. The first failure is kept and told.
+    #[test]
+    fn a_write_after_a_failed_one_names_the_first_failure() {
+        let first_io = FirstIo::default();
+        let path = Path::new("/srv/store.redb");
+        let e = db_error(path, &first_io, redb::Error::PreviousIo);
+        assert!(
+            matches!(e, StoreError::Db { .. }),
+            "nothing to name yet: {e}"
+        );
+        let full = std::io::Error::from_raw_os_error(28);
+        let e = db_error(path, &first_io, redb::Error::Io(full)).to_string();
+        assert!(e.contains("No space left on device"), "{e}");
+        let e = db_error(path, &first_io, redb::Error::PreviousIo).to_string();
+        assert!(
+            e.starts_with(
+                "store /srv/store.redb: a write failed earlier (No space left on device (os \
+                 error 28)), and the store takes no more writes until the coordinator restarts"
+            ),
+            "{e}"
+        );
     }
 
     /// A store file moved over (or removed from) the path while it is open:
