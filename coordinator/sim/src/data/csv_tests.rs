@@ -187,6 +187,49 @@ fn a_table_with_too_few_churners_to_test_on_says_how_many_it_holds() {
     assert!(!note.contains("--merchants"), "{note}");
 }
 
+/// A 20-row table showed an AUC of 1.0000 from 4 held-out rows with no word
+/// that it meant little: a run on too few held-out customers says how few,
+/// and a table large enough to test on does not get the note.
+#[test]
+fn a_figure_from_few_held_out_customers_is_called_rough() {
+    let dir = tempfile::tempdir().unwrap();
+    let note = |rows: usize| {
+        let table = dir.path().join(format!("t{rows}.csv"));
+        let mut text = String::from("id,spend,churn\n");
+        for i in 0..rows {
+            let churned = i % 2 == 0;
+            let spend = i % 7 + if churned { 0 } else { 5 };
+            text += &format!("{i},{spend},{}\n", if churned { "yes" } else { "no" });
+        }
+        std::fs::write(&table, text).unwrap();
+        let schema = dir.path().join("schema.toml");
+        std::fs::write(
+            &schema,
+            "id = \"id\"\nlabel = \"churn\"\npositive = [\"yes\"]\nnegative = [\"no\"]\n\
+             numeric = [\"spend\"]\n",
+        )
+        .unwrap();
+        let mut a = args("churn-lr", format!("csv:{}", table.display()), Some(schema));
+        a.merchants = Some(1);
+        let e = &run(a).unwrap()[0];
+        assert!(
+            e.rounds.iter().any(|r| r.eval.contains_key("auc")),
+            "measured"
+        );
+        e.report
+            .iter()
+            .find(|l| l.contains("held-out customers"))
+            .cloned()
+    };
+    let rough = note(40).expect("a note on 40 rows");
+    assert_eq!(
+        rough,
+        "the auc is measured on 8 held-out customers, 4 of them churned: too few for the figure \
+         to mean much (one customer ranked otherwise moves it by up to 0.25); give more customers"
+    );
+    assert_eq!(note(200), None);
+}
+
 /// The Telco table's header and data rows.
 fn telco_rows() -> (String, Vec<String>) {
     let text = std::fs::read_to_string(telco()).unwrap();
