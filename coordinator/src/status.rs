@@ -176,10 +176,16 @@ pub fn with_hint(e: anyhow::Error, url: &str, identity: Option<&str>) -> anyhow:
     {
         return e;
     }
-    let refused = e.chain().find_map(|c| {
+    let status = e.chain().find_map(|c| {
         c.downcast_ref::<tonic::Status>()
             .or_else(|| c.downcast_ref::<Refused>().map(|r| &r.0))
-            .map(tonic::Status::code)
+    });
+    let refused = status.map(tonic::Status::code);
+    // A `runs` command with a merchant's certificate: refused for its role,
+    // not because the access list dropped it.
+    let for_role = status.is_some_and(|s| {
+        s.message()
+            .starts_with(crate::service::admin::ADMIN_NEEDS_OPERATOR)
     });
     let unreachable = e
         .chain()
@@ -189,6 +195,12 @@ pub fn with_hint(e: anyhow::Error, url: &str, identity: Option<&str>) -> anyhow:
         .filter_map(|c| c.downcast_ref::<std::io::Error>())
         .any(|io| io.kind() == std::io::ErrorKind::NotFound);
     let hint = match refused {
+        Some(tonic::Code::PermissionDenied) if for_role => format!(
+            "`runs` commands are the operator's: use the operator identity `certs init` made \
+             (`--identity operator`) or one issued with `certs issue --operator --id NAME`; \
+             merchant `{}` may read `status`",
+            identity.unwrap_or_default()
+        ),
         // A merchant has no operator identity to switch to: what it can
         // read, and who can admit it again.
         Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)
@@ -508,6 +520,22 @@ mod tests {
         );
         let op = with_hint(refused(), "https://localhost:50051", Some("operator")).to_string();
         assert!(op.contains("--identity operator"), "{op}");
+        // A `runs` command with a merchant's certificate is refused for the
+        // role: no word of revocation (it read "revoked or not listed").
+        let for_role = anyhow::Error::new(Refused(tonic::Status::permission_denied(format!(
+            "{} (fedcart://operator/<name>): the caller's certificate has the role merchant \
+             (`m3`)",
+            crate::service::admin::ADMIN_NEEDS_OPERATOR
+        ))));
+        let m3 = with_hint(for_role, "https://localhost:50051", Some("m3")).to_string();
+        assert!(
+            m3.ends_with(
+                "— `runs` commands are the operator's: use the operator identity `certs init` \
+                 made (`--identity operator`) or one issued with `certs issue --operator --id \
+                 NAME`; merchant `m3` may read `status`"
+            ) && !m3.contains("revoked"),
+            "{m3}"
+        );
     }
 
     /// A merchant's copy of the last record hides the federation's example

@@ -48,14 +48,18 @@ impl AdminService {
     }
 }
 
+/// How an admin RPC's refusal of a merchant certificate begins (the CLI's
+/// hint tells it from a revoked merchant's).
+pub const ADMIN_NEEDS_OPERATOR: &str = "admin RPCs need an operator certificate";
+
 /// The operator calling an admin RPC (`plaintext` without TLS); a
 /// merchant's certificate is refused naming its role.
 fn operator<T>(req: &Request<T>) -> Result<String, Status> {
     if let Some(PeerIdentity(id)) = req.extensions().get::<PeerIdentity>() {
         tracing::warn!(merchant = %id, "refused: a merchant certificate on an admin RPC");
         return Err(Status::permission_denied(format!(
-            "admin RPCs need an operator certificate (fedcart://operator/<name>): the caller's \
-             certificate has the role merchant (`{id}`)"
+            "{ADMIN_NEEDS_OPERATOR} (fedcart://operator/<name>): the caller's certificate has \
+             the role merchant (`{id}`)"
         )));
     }
     Ok(req
