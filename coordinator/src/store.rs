@@ -977,7 +977,7 @@ mod tests {
         std::fs::copy(&path, &copy).unwrap();
         std::fs::rename(&copy, &path).unwrap();
         let put = || store.put_meta_json(&[("note", serde_json::json!(1))]);
-        let e = put().err().expect("refused");
+        let e = put().expect_err("refused");
         assert!(matches!(e, StoreError::Replaced { .. }), "{e}");
         assert!(e.to_string().starts_with(&format!(
             "store {} was replaced or removed while the coordinator ran",
