@@ -8,7 +8,7 @@
 //! note for every column it left out and why. It is a draft: the merchant
 //! (or the operator, for every merchant of a run) reads it and keeps it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
@@ -64,6 +64,74 @@ struct ColumnStats {
     /// The first cell that reads as another number with each decimal mark
     /// (`1.890`), with its line.
     ambiguous: Option<(u64, String)>,
+    /// Each of the first [`LEAK_ROWS`] rows' value as a code (0 blank, else
+    /// its index in `coded` plus one), while the column holds at most `cap`
+    /// values: what [`gives_the_label`] compares with the label.
+    codes: Vec<u32>,
+    coded: HashMap<String, u32>,
+    /// More values than the cap: not coded.
+    uncoded: bool,
+}
+
+/// Rows of a table the label-copy test ([`gives_the_label`]) reads.
+const LEAK_ROWS: usize = 100_000;
+
+/// Why column `st` is left out as a copy of the label, if its value gives
+/// the label on every coded row (`churned`, row by row) and the rows are
+/// at least four per value: a second encoding of the label (`Churn Value`
+/// beside `Churn Label`) or a column filled in once a customer left (a
+/// churn reason, blank for those who stayed). Either scores perfectly on
+/// the table and on no customer still to come.
+fn gives_the_label(
+    st: &ColumnStats,
+    churned: &[bool],
+    positive: &str,
+    negative: &str,
+) -> Option<String> {
+    let values = st.coded.len() + usize::from(st.blanks > 0);
+    if st.uncoded
+        || st.codes.len() != churned.len()
+        || churned.len() < (4 * values).max(ID_LIKE_MIN_ROWS)
+    {
+        return None;
+    }
+    let mut classes: HashMap<u32, [bool; 2]> = HashMap::new();
+    for (&code, &y) in st.codes.iter().zip(churned) {
+        classes.entry(code).or_default()[usize::from(y)] = true;
+    }
+    if classes.values().any(|c| c[0] && c[1]) {
+        return None;
+    }
+    let mut names: Vec<&str> = vec![""; st.coded.len() + 1];
+    for (v, &code) in &st.coded {
+        names[code as usize] = v;
+    }
+    let shown = |class: usize| {
+        let mut of: Vec<String> = classes
+            .iter()
+            .filter(|(_, c)| c[class])
+            .map(|(&code, _)| match code {
+                0 => "blank".to_string(),
+                code => format!("`{}`", names[code as usize]),
+            })
+            .collect();
+        of.sort();
+        let more = of.len().saturating_sub(2);
+        of.truncate(2);
+        let mut text = of.join(", ");
+        if more > 0 {
+            text += &format!(" and {more} more");
+        }
+        text
+    };
+    Some(format!(
+        "it gives the label on every row ({} only on `{positive}` rows, {} only on \
+         `{negative}` rows): a copy of the label, or a column filled in once a customer left (a \
+         reason, a date), which scores perfectly here and on no customer still to come; if it \
+         is known before a customer leaves, list it under `numeric` or `categorical`",
+        shown(1),
+        shown(0)
+    ))
 }
 
 /// How a column's non-blank cells read as numbers under one decimal mark.
@@ -290,6 +358,22 @@ impl Schema {
                     }
                 }
             }
+            if rows <= LEAK_ROWS {
+                for (c, st) in stats.iter_mut().enumerate().filter(|(_, st)| !st.uncoded) {
+                    let v = record.get(c).map_or("", str::trim);
+                    let next = st.coded.len() as u32 + 1;
+                    let code = match v {
+                        "" => 0,
+                        v => *st.coded.entry(v.to_string()).or_insert(next),
+                    };
+                    st.codes.push(code);
+                    if st.coded.len() > cap {
+                        st.uncoded = true;
+                        st.codes = Vec::new();
+                        st.coded = HashMap::new();
+                    }
+                }
+            }
         }
         if rows == 0 {
             return Err(DataError::Empty { file: path.into() });
@@ -505,6 +589,12 @@ impl Schema {
         let mut numeric = Vec::new();
         let mut categorical = Vec::new();
         let mut blank_numbers = Vec::new();
+        let positive_code = stats[label].coded.get(&positive).copied();
+        let churned: Vec<bool> = stats[label]
+            .codes
+            .iter()
+            .map(|&code| Some(code) == positive_code)
+            .collect();
         for (c, name) in header.iter().enumerate() {
             if c == label || Some(c) == id {
                 continue;
@@ -515,6 +605,8 @@ impl Schema {
                 notes.push(format!("left out `{name}`: every cell is blank"));
             } else if !st.many && st.values.len() == 1 && st.blanks == 0 {
                 notes.push(format!("left out `{name}`: one value only"));
+            } else if let Some(why) = gives_the_label(st, &churned, &positive, &negative) {
+                notes.push(format!("left out `{name}`: {why}"));
             } else if st.numbers.numeric {
                 if rows >= ID_LIKE_MIN_ROWS && distinct(c) && st.numbers.integral {
                     notes.push(format!(
@@ -1031,6 +1123,74 @@ mod tests {
                 "a decimal point: `1.890` (column `spend`, line 5) reads as 1.89; if it means \
                  1890, set `decimal = \"comma\"`"
             )),
+            "{:?}",
+            d.notes
+        );
+    }
+
+    /// A table beside its label `churn` holding the label again as 0/1
+    /// (`churn_value`, as IBM's Telco release has `Churn Value` beside
+    /// `Churn Label`) and a churn reason blank for every customer who
+    /// stayed: both went into the draft as features, and a model learnt the
+    /// label from them (a perfect AUC on the table, none on customers still
+    /// to come). They are left out, named, and a feature that only
+    /// leans towards churn stays.
+    #[test]
+    fn columns_that_copy_the_label_are_left_out_and_named() {
+        let mut text = String::from("id,spend,contract,churn_value,reason,churn\n");
+        for i in 0..40 {
+            let churned = i % 3 == 0;
+            let reason = if churned {
+                ["Price", "Competitor", "Moved"][i % 4 % 3]
+            } else {
+                ""
+            };
+            // Monthly contracts lean towards churn but do not give it.
+            let contract = if churned || i % 4 == 1 {
+                "Monthly"
+            } else {
+                "Yearly"
+            };
+            text += &format!(
+                "c{i},{}.5,{contract},{},{reason},{}\n",
+                10 + i % 7,
+                u8::from(churned),
+                if churned { "Yes" } else { "No" }
+            );
+        }
+        let opts = DraftOptions {
+            label: Some("churn".into()),
+            ..Default::default()
+        };
+        let d = draft(&text, &opts).unwrap();
+        assert_eq!(d.schema.numeric, ["spend"]);
+        let categorical: Vec<&str> = d
+            .schema
+            .categorical
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(categorical, ["contract"]);
+        let note = |name: &str| {
+            d.notes
+                .iter()
+                .find(|n| n.starts_with(&format!("left out `{name}`: it gives the label")))
+                .unwrap_or_else(|| panic!("{name}: {:?}", d.notes))
+                .clone()
+        };
+        assert!(
+            note("churn_value").starts_with(
+                "left out `churn_value`: it gives the label on every row (`1` only on `Yes` \
+                 rows, `0` only on `No` rows)"
+            ),
+            "{:?}",
+            d.notes
+        );
+        assert!(
+            note("reason").starts_with(
+                "left out `reason`: it gives the label on every row (`Competitor`, `Moved` and \
+                 1 more only on `Yes` rows, blank only on `No` rows)"
+            ),
             "{:?}",
             d.notes
         );
