@@ -719,14 +719,15 @@ pub(crate) fn html(
                 out,
                 "<p class=\"dp\">Differential privacy ({:?} noise, merchant level): \
                  ε = {} at δ = {:e} after {} rounds, noise multiplier {:.4}{lower}, \
-                 {} clip norm {:.4}.</p>",
+                 {} clip norm {:.4}; noise source: {}.</p>",
                 p.mode,
                 epsilon_text(p.epsilon),
                 p.delta,
                 e.rounds.iter().filter(|r| r.committed).count(),
                 p.noise_multiplier,
                 if p.adaptive { "adaptive" } else { "fixed" },
-                p.clip
+                p.clip,
+                esc(&p.dp_noise)
             );
         }
         if let Some(keys) = &e.secagg_keys {

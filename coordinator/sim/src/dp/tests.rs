@@ -99,6 +99,12 @@ fn epsilon_is_reported_in_metrics_json_csv_and_the_report() {
         html.contains("Differential privacy (Central noise"),
         "report line"
     );
+    // The page says its noise is seeded: a simulated guarantee, not a
+    // private release (metrics.json said so, the report did not).
+    assert!(
+        html.contains("noise source: seeded (reproducible simulation, not private).</p>"),
+        "report line"
+    );
     assert!(html.contains("<th>ε</th>"));
 }
 
