@@ -147,25 +147,36 @@ fn schema_auto_asks_for_what_the_table_cannot_tell_with_the_clients_command_only
     }
 }
 
-/// A table with one churner in all, over 3 merchants, was told to give
-/// fewer --merchants or more customers per merchant: no split gives any
-/// merchant a held-out churner, and the note says the table holds only one.
-#[test]
-fn a_table_with_too_few_churners_to_test_on_says_how_many_it_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let table = dir.path().join("one.csv");
+/// A customer table `id,spend,churn` of `rows` (spend, churned) written as
+/// `name.csv` into `dir`, with its schema file: the two paths.
+fn spend_table(
+    dir: &Path,
+    name: &str,
+    rows: impl IntoIterator<Item = (usize, bool)>,
+) -> (PathBuf, PathBuf) {
+    let table = dir.join(format!("{name}.csv"));
     let mut text = String::from("id,spend,churn\n");
-    for i in 0..60 {
-        text += &format!("{i},{},{}\n", i % 7, if i == 5 { "yes" } else { "no" });
+    for (i, (spend, churned)) in rows.into_iter().enumerate() {
+        text += &format!("{i},{spend},{}\n", if churned { "yes" } else { "no" });
     }
     std::fs::write(&table, text).unwrap();
-    let schema = dir.path().join("schema.toml");
+    let schema = dir.join("schema.toml");
     std::fs::write(
         &schema,
         "id = \"id\"\nlabel = \"churn\"\npositive = [\"yes\"]\nnegative = [\"no\"]\n\
          numeric = [\"spend\"]\n",
     )
     .unwrap();
+    (table, schema)
+}
+
+/// A table with one churner in all, over 3 merchants, was told to give
+/// fewer --merchants or more customers per merchant: no split gives any
+/// merchant a held-out churner, and the note says the table holds only one.
+#[test]
+fn a_table_with_too_few_churners_to_test_on_says_how_many_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (table, schema) = spend_table(dir.path(), "one", (0..60).map(|i| (i % 7, i == 5)));
     let e = &run(args(
         "churn-lr",
         format!("csv:{}", table.display()),
@@ -194,21 +205,8 @@ fn a_table_with_too_few_churners_to_test_on_says_how_many_it_holds() {
 fn a_figure_from_few_held_out_customers_is_called_rough() {
     let dir = tempfile::tempdir().unwrap();
     let note = |rows: usize| {
-        let table = dir.path().join(format!("t{rows}.csv"));
-        let mut text = String::from("id,spend,churn\n");
-        for i in 0..rows {
-            let churned = i % 2 == 0;
-            let spend = i % 7 + if churned { 0 } else { 5 };
-            text += &format!("{i},{spend},{}\n", if churned { "yes" } else { "no" });
-        }
-        std::fs::write(&table, text).unwrap();
-        let schema = dir.path().join("schema.toml");
-        std::fs::write(
-            &schema,
-            "id = \"id\"\nlabel = \"churn\"\npositive = [\"yes\"]\nnegative = [\"no\"]\n\
-             numeric = [\"spend\"]\n",
-        )
-        .unwrap();
+        let spend_of = |i: usize| (i % 7 + if i % 2 == 0 { 0 } else { 5 }, i % 2 == 0);
+        let (table, schema) = spend_table(dir.path(), &format!("t{rows}"), (0..rows).map(spend_of));
         let mut a = args("churn-lr", format!("csv:{}", table.display()), Some(schema));
         a.merchants = Some(1);
         let e = &run(a).unwrap()[0];
