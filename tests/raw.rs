@@ -219,19 +219,10 @@ impl RawAgent {
         let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
         let mut current: Option<pb::TaskAssignment> = None;
         let mut sent = 0;
-        loop {
-            let message = tokio::select! {
-                m = self.work.message() => m,
-                _ = stop.wait_for(|s| *s) => return sent,
-            };
-            let Ok(Some(pb::Work { kind: Some(kind) })) = message else {
-                return sent;
-            };
+        while let Some(kind) = self.next_work(&mut stop).await {
             match kind {
                 pb::work::Kind::Task(task) => {
-                    let out = self.compute(&task).await;
-                    let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
-                    secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
+                    self.hold(&mut secure, &task).await;
                     current = Some(task);
                 }
                 pb::work::Kind::Secagg(req) => {
@@ -261,6 +252,27 @@ impl RawAgent {
                 _ => {}
             }
         }
+        sent
+    }
+
+    /// The next work message, or `None` once `stop` turns true or the
+    /// coordinator closes the session.
+    async fn next_work(&mut self, stop: &mut watch::Receiver<bool>) -> Option<pb::work::Kind> {
+        let message = tokio::select! {
+            m = self.work.message() => m,
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        match message {
+            Ok(Some(pb::Work { kind })) => kind,
+            _ => None,
+        }
+    }
+
+    /// Computes `task` and holds its output for the secure stages.
+    async fn hold(&mut self, secure: &mut SecureTasks, task: &pb::TaskAssignment) {
+        let out = self.compute(task).await;
+        let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
+        secure.hold(task, spec.seed, &self.data.merchant_id, None, out);
     }
 
     /// Takes part in every secure task with the agent's own protocol code,
@@ -274,20 +286,9 @@ impl RawAgent {
     ) -> usize {
         let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
         let mut tampered = 0;
-        loop {
-            let message = tokio::select! {
-                m = self.work.message() => m,
-                _ = stop.wait_for(|s| *s) => return tampered,
-            };
-            let Ok(Some(pb::Work { kind: Some(kind) })) = message else {
-                return tampered;
-            };
+        while let Some(kind) = self.next_work(&mut stop).await {
             match kind {
-                pb::work::Kind::Task(task) => {
-                    let out = self.compute(&task).await;
-                    let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
-                    secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
-                }
+                pb::work::Kind::Task(task) => self.hold(&mut secure, &task).await,
                 pb::work::Kind::Secagg(req) => {
                     let Ok(mut reply) = secure.respond(&self.session_id, &req) else {
                         continue;
@@ -301,6 +302,7 @@ impl RawAgent {
                 _ => {}
             }
         }
+        tampered
     }
 
     /// Carries out `task` honestly and returns the output without sending it.
