@@ -448,6 +448,12 @@ impl Schema {
         // Scoring reads a label outside positive/negative as not known yet:
         // such labels counted, with one for the note, and the known ones.
         let (mut odd_labels, mut known_labels, mut odd_example) = (0u64, 0u64, String::new());
+        // Per numeric column: blank cells, and (read with a decimal point in
+        // a table not separated by commas) the first cell a decimal comma
+        // reads as another number (`1.890`), unless a cell only the point
+        // reads (`12.50`) settles it: see [`NumericCells::notes`].
+        let mut cells = NumericCells::new(self.numeric.len());
+        let check_mark = self.decimal == DecimalMark::Point && delimiter != b',';
         for record in records {
             let (line, record) = record?;
             let cell_err = |column: &str, message: String| DataError::Cell {
@@ -461,6 +467,11 @@ impl Schema {
             let row = &mut feats[start..];
             for (k, (&c, name)) in numeric_cols.iter().zip(&self.numeric).enumerate() {
                 let raw = record.get(c).unwrap_or("").trim();
+                if raw.is_empty() {
+                    cells.blanks[k] += 1;
+                } else if check_mark {
+                    cells.see(k, line, raw);
+                }
                 row[k] = if raw.is_empty() {
                     match self.blank_numeric {
                         BlankNumeric::Zero => 0.0,
@@ -626,6 +637,7 @@ impl Schema {
                 .iter()
                 .filter_map(|cat| id_like_note(path, cat, n)),
         );
+        notes.extend(cells.notes(path, &self.numeric));
         // Every label there is, outside the schema's values: a schema of
         // another table (`Yes`/`No` read against `1`/`0`), all read as not
         // known, without a word.
@@ -647,6 +659,75 @@ impl Schema {
             y: Array1::from(labels),
         };
         Ok((ds, notes))
+    }
+}
+
+/// What the reader saw of the numeric columns' cells, for notes a merchant
+/// should read: blank cells read as 0, and numbers whose decimal mark the
+/// table does not settle.
+struct NumericCells {
+    blanks: Vec<u64>,
+    ambiguous: Vec<Option<(u64, String)>>,
+    settled: Vec<bool>,
+}
+
+impl NumericCells {
+    fn new(columns: usize) -> Self {
+        Self {
+            blanks: vec![0; columns],
+            ambiguous: vec![None; columns],
+            settled: vec![false; columns],
+        }
+    }
+
+    /// Notes the non-blank cell `raw` of column `k` on `line`, read with a
+    /// decimal point.
+    fn see(&mut self, k: usize, line: u64, raw: &str) {
+        if self.settled[k] {
+            return;
+        }
+        if DecimalMark::ambiguous(raw) {
+            self.ambiguous[k].get_or_insert_with(|| (line, raw.to_string()));
+        } else if raw.contains('.') {
+            self.settled[k] = true;
+        }
+    }
+
+    /// A note of the blank cells read as 0, per column (a customer table
+    /// with 57 blank `tenure` cells loaded without a word), and one of the
+    /// first column whose numbers read as others with a decimal comma (a
+    /// semicolon export's `1.890` was read as 1.89 without a word).
+    fn notes(&self, path: &Path, names: &[String]) -> Vec<String> {
+        let mut notes = Vec::new();
+        let blank: Vec<String> = names
+            .iter()
+            .zip(&self.blanks)
+            .filter(|(_, n)| **n > 0)
+            .map(|(name, n)| format!("`{name}` {n}"))
+            .collect();
+        if !blank.is_empty() {
+            notes.push(format!(
+                "{}: blank numbers read as 0 (`blank_numeric = \"zero\"`): {}",
+                path.display(),
+                blank.join(", ")
+            ));
+        }
+        let unsettled = names.iter().zip(&self.ambiguous).zip(&self.settled);
+        if let Some((name, (line, raw))) = unsettled
+            .filter(|(_, settled)| !**settled)
+            .find_map(|((name, a), _)| a.as_ref().map(|a| (name, a)))
+        {
+            let read = |mark: DecimalMark| mark.parse(raw).unwrap_or_default();
+            notes.push(format!(
+                "{}: line {line}, column `{name}`: `{raw}` is read as {} with a decimal point; if \
+                 the dot groups thousands ({}), as semicolon exports write them, set `decimal = \
+                 \"comma\"` under [data.schema] (`decimal` in a --schema file)",
+                path.display(),
+                read(DecimalMark::Point),
+                read(DecimalMark::Comma)
+            ));
+        }
+        notes
     }
 }
 
@@ -1138,6 +1219,43 @@ mod tests {
         assert_eq!(notes.len(), 1);
         // Inside the vocabulary, or blank: no note.
         std::fs::write(&path, "id,internet,y\n1,DSL,0\n2,,1\n").unwrap();
+        assert!(schema.load_csv_noting(&path, b',').unwrap().1.is_empty());
+    }
+
+    /// A semicolon table whose totals group thousands with a dot (`1.890`)
+    /// was read with the schema's decimal point as 1.89, and 57 blank
+    /// `tenure` cells as 0, without a word: both are noted, naming the
+    /// column and line; a column with a `12.50` settles the mark, and a
+    /// comma-separated table is not a semicolon export.
+    #[test]
+    fn blank_numbers_and_thousands_that_read_as_decimals_are_noted() {
+        let schema = Schema {
+            numeric: vec!["tenure".into(), "total".into()],
+            blank_numeric: BlankNumeric::Zero,
+            ..label_y(&[])
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "id;tenure;total;y\n1;;25;0\n2;3;1.890;1\n3;;7;0\n").unwrap();
+        let (ds, notes) = schema.load_csv_noting(&path, b';').unwrap();
+        assert_eq!(ds.x[[1, 1]], 1.89, "read as the schema says");
+        let shown = path.display();
+        assert_eq!(
+            notes,
+            [
+                format!(
+                    "{shown}: blank numbers read as 0 (`blank_numeric = \"zero\"`): `tenure` 2"
+                ),
+                format!(
+                    "{shown}: line 3, column `total`: `1.890` is read as 1.89 with a decimal \
+                     point; if the dot groups thousands (1890), as semicolon exports write them, \
+                     set `decimal = \"comma\"` under [data.schema] (`decimal` in a --schema file)"
+                )
+            ]
+        );
+        std::fs::write(&path, "id;tenure;total;y\n1;1;12.50;0\n2;3;1.890;1\n").unwrap();
+        assert!(schema.load_csv_noting(&path, b';').unwrap().1.is_empty());
+        std::fs::write(&path, "id,tenure,total,y\n1,1,25,0\n2,3,1.890,1\n").unwrap();
         assert!(schema.load_csv_noting(&path, b',').unwrap().1.is_empty());
     }
 
