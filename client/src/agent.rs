@@ -670,8 +670,27 @@ impl Agent {
         let model_name = spec.model.name().to_string();
         let seed = spec.seed;
         let dp = spec.dp.clone();
+        let kind = spec.kind;
         let out = self.run_locally(&task, spec, global).await?;
         match out {
+            // No held-out row: empty histograms at weight 0, which the
+            // coordinator refuses as an update (the refusal then read as a
+            // lost coordinator, at every evaluation). Declined, said once.
+            Ok(out)
+                if kind == fedcart_common::task::TaskKind::Evaluate
+                    && out.weight == 0.0
+                    && out.update.is_some() =>
+            {
+                if self.lifecycle.no_held_out.insert(task.run_id.clone()) {
+                    tracing::warn!(run = %task.run_id,
+                        "this merchant holds no held-out customer to evaluate on: its \
+                         evaluations are declined, so the run's validation and model selection do \
+                         not count it (a table of more customers, or a larger `data.holdout`, \
+                         gives it some)");
+                }
+                self.decline(client, session_id, &task, NO_HELD_OUT).await;
+                Ok(())
+            }
             // Under secure aggregation the update waits for the protocol's
             // masked-input stage (see `secure`); nothing is sent in the clear.
             Ok(out) if task.secure_aggregation => {
@@ -963,6 +982,10 @@ impl Agent {
     }
 }
 
+/// The reason an agent gives for an evaluation it declines because it
+/// holds no held-out row (see `run_task`'s caller).
+pub const NO_HELD_OUT: &str = "no held-out rows to evaluate on";
+
 /// Metrics as `name=value` pairs for a log line.
 struct Metrics<'a>(&'a std::collections::BTreeMap<String, f64>);
 
@@ -1033,6 +1056,9 @@ struct Lifecycle {
     clamp_checked: std::collections::BTreeSet<String>,
     /// Runs whose model this merchant's data does not fit, said once each.
     declined: std::collections::BTreeSet<String>,
+    /// Runs whose evaluations this merchant declined for want of held-out
+    /// rows (said once per run).
+    no_held_out: std::collections::BTreeSet<String>,
 }
 
 impl Lifecycle {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use fedcart_common::data::catalogue::{Catalogue, HashedItems, ItemIndex};
 use fedcart_common::data::interactions::Interaction;
 use fedcart_common::data::orders::{self, ChurnConfig, Order, mapping::SECONDS_PER_DAY};
-use fedcart_common::data::tabular::{self, Schema};
+use fedcart_common::data::tabular::{self, Schema, TabularDataset};
 use fedcart_common::data::{movielens, split};
 use fedcart_common::itemsets::{self, Basket};
 use fedcart_common::model::mf::MfData;
@@ -423,13 +423,32 @@ fn churn_from_orders(
     {
         tracing::warn!("{}: {note} (`[data.churn]`)", path.display());
     }
+    Ok(split_churn(&ds, cfg, path))
+}
+
+/// Splits a merchant's customers into training and held-out rows
+/// (`data.holdout`, stratified), saying when none is held out: such a
+/// merchant trains, but has nothing to evaluate on (a 3-row table was
+/// refused at every evaluation without a word of why).
+fn split_churn(ds: &TabularDataset, cfg: &AgentConfig, path: &Path) -> ChurnData {
     let labels = ds.y.to_vec();
     let (train, valid) =
         split::stratified_train_test(&labels, cfg.data.holdout, cfg.data.split_seed);
-    Ok(ChurnData {
+    if valid.is_empty() {
+        tracing::warn!(
+            "{}: {} customers, and `data.holdout` = {} keeps none of them aside to test on: this \
+             merchant trains, but declines every evaluation, so the run's validation and model \
+             selection do not count it; give a table of more customers, or a larger \
+             `data.holdout`",
+            path.display(),
+            labels.len(),
+            cfg.data.holdout
+        );
+    }
+    ChurnData {
         train: ds.select(&train),
         valid: ds.select(&valid),
-    })
+    }
 }
 
 /// How the merchant's item ids map to rows of the federated item model,
@@ -784,13 +803,7 @@ pub fn load_all(
         for note in notes {
             tracing::warn!("{note}");
         }
-        let labels = ds.y.to_vec();
-        let (train, valid) =
-            split::stratified_train_test(&labels, cfg.data.holdout, cfg.data.split_seed);
-        data.churn = Some(ChurnData {
-            train: ds.select(&train),
-            valid: ds.select(&valid),
-        });
+        data.churn = Some(split_churn(&ds, cfg, path));
     } else if let Some((path, rows)) = &orders {
         data.churn = match churn_from_orders(path, rows, cfg) {
             Ok(churn) => Some(churn),

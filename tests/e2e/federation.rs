@@ -214,6 +214,57 @@ async fn an_agent_whose_data_does_not_fit_a_run_declines_its_tasks_and_stays() {
     agent.stop().await;
 }
 
+/// A merchant whose table leaves no held-out customer (3 rows at
+/// `holdout = 0.2`) trains, and declines its evaluations, naming why: each
+/// one was refused as an update of weight 0 ("invalid update"), and the
+/// agent took the refusal for a lost coordinator and joined again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_with_no_held_out_customer_trains_and_declines_its_evaluations() {
+    let split = telco_split(3, 5);
+    let run = churn_run("e2e-no-held-out", 2, 3, 3);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut agents: Vec<_> = (0..2)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    let mut tiny = load_merchant("m2", &split.files[2]);
+    let churn = tiny.churn.as_mut().unwrap();
+    churn.valid = churn.valid.select(&[]);
+    agents.push(spawn_agent(coord.addr, tiny));
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    let history = coord.shared.history().unwrap();
+    let trains: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Train)
+        .collect();
+    assert!(
+        trains.len() == 2 && trains.iter().all(|r| r.outcome == Outcome::Committed),
+        "{history:?}"
+    );
+    assert!(trains.iter().all(|r| r.reported.len() == 3), "m2 trains");
+    let evaluations: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Evaluate)
+        .collect();
+    assert!(!evaluations.is_empty());
+    for r in evaluations {
+        assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+        assert_eq!(r.reported, ["m0", "m1"], "{r:?}");
+        assert_eq!(
+            r.rejected,
+            [(
+                "m2".to_string(),
+                fedcart_client::agent::NO_HELD_OUT.to_string()
+            )],
+            "{r:?}"
+        );
+    }
+    for a in agents {
+        a.stop().await;
+    }
+}
+
 /// Stops the run from inside the first agent's evaluation of version 2, as
 /// an operator's `runs stop` lands while merchants work.
 struct StopAtRound2 {
