@@ -131,6 +131,20 @@ pub enum SubmitError {
         /// The value sent.
         value: f32,
     },
+    /// An evaluation whose held-out histogram does not count the held-out
+    /// rows its result is weighted by (each row is in it once): a merchant
+    /// claiming a billion rows in its histograms at weight 1 chose the
+    /// version every merchant was served.
+    #[error(
+        "evaluation histograms count {counted} held-out rows, and the result is weighted by \
+         {weight}: each held-out row is counted once"
+    )]
+    HistogramTotal {
+        /// The held-out histogram's total.
+        counted: f64,
+        /// The result's weight.
+        weight: f64,
+    },
     /// A plaintext update was sent for a task under secure aggregation.
     #[error("task `{0}` uses secure aggregation: plaintext updates are refused")]
     PlaintextInSecureTask(String),

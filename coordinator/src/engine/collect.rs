@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedcart_common::federation::update::{Update, UpdateError};
+use fedcart_common::metrics::histogram::HISTOGRAM_LEN;
 use fedcart_common::privacy::secagg::DecodedSum;
 use fedcart_common::task::TaskKind;
 
@@ -343,11 +344,23 @@ impl Engine {
             (Some(u), TaskKind::Evaluate) if evaluation_vector => {
                 validate(u)?;
                 // Histogram counts: a negative one would let pooled figures
-                // (AUC, PR-AUC) divide by zero or leave [0, 1].
-                if let Some(index) = u.values.iter().position(|v| *v < 0.0) {
+                // (AUC, PR-AUC) divide by zero or leave [0, 1]; a fraction
+                // is no count of rows.
+                if let Some(index) = u.values.iter().position(|v| *v < 0.0 || v.fract() != 0.0) {
                     return Err(SubmitError::NotAHistogramCount {
                         index,
                         value: u.values[index],
+                    });
+                }
+                // The held-out histogram (the first) counts the rows the
+                // result is weighted by. Claims beyond that stay possible
+                // (see ARCHITECTURE.md, "Threat model").
+                let held_out = &u.values[..HISTOGRAM_LEN.min(u.values.len())];
+                let counted: f64 = held_out.iter().map(|&v| f64::from(v)).sum();
+                if counted != sub.weight {
+                    return Err(SubmitError::HistogramTotal {
+                        counted,
+                        weight: sub.weight,
                     });
                 }
             }

@@ -756,7 +756,16 @@ fn run_evaluating(
                 }
                 kind => Submission {
                     update: (len > 0).then(|| Update {
-                        values: vec![if kind == TaskKind::Stats { 1.0 } else { 0.0 }; len],
+                        values: match kind {
+                            TaskKind::Stats => vec![1.0; len],
+                            // One held-out row, the result's weight.
+                            TaskKind::Evaluate => {
+                                let mut one = vec![0.0; len];
+                                one[0] = 1.0;
+                                one
+                            }
+                            TaskKind::Train => vec![0.0; len],
+                        },
                         coord_weights: vec![1.0; plan.spec.update_layout().num_coord_weights],
                         weight: 1.0,
                     }),
@@ -841,14 +850,15 @@ fn a_pooled_validation_auc_is_compared_over_the_merchants_that_evaluated_both() 
         h[SCORE_BINS + 1] = 1.0;
         h
     };
+    // Weighted by its two held-out rows.
     let sub = |values: Vec<f32>| Submission {
         update: Some(Update {
             values,
             coord_weights: vec![],
-            weight: 20.0,
+            weight: 2.0,
         }),
         metrics: Default::default(),
-        weight: 20.0,
+        weight: 2.0,
         bytes: 0,
     };
     // Version 1: m00 orders perfectly (AUC 1), m01 backwards (AUC 0),
@@ -940,7 +950,7 @@ fn an_operator_stop_abandons_the_open_task_and_a_resumed_engine_stays_stopped() 
 #[test]
 fn an_evaluation_histogram_with_a_negative_count_is_rejected() {
     let model = ModelSpec::churn_lr(2);
-    let mut cfg = run(selection(1.0, 2, 2), 1);
+    let mut cfg = run(selection(1.0, 4, 4), 1);
     cfg.rounds = 1;
     cfg.model = model;
     cfg.evaluate = true;
@@ -948,7 +958,7 @@ fn an_evaluation_histogram_with_a_negative_count_is_rejected() {
     let (_dir, mut e) = engine(cfg);
     let mut evaluated = false;
     while !e.finished() {
-        let plan = e.start_task(&agents(2)).unwrap();
+        let plan = e.start_task(&agents(4)).unwrap();
         let len = plan.spec.update_len();
         let vector = |values: Vec<f32>| Submission {
             update: Some(Update {
@@ -970,8 +980,27 @@ fn an_evaluation_histogram_with_a_negative_count_is_rejected() {
                 matches!(err, SubmitError::NotAHistogramCount { index, value } if index == len / 2 - 1 && value == -1.0),
                 "{err}"
             );
+            // A fraction of a row, and a billion rows claimed at weight 5.
+            let mut fraction = vec![0.0; len];
+            fraction[0] = 4.5;
+            fraction[1] = 0.5;
+            let err = submit(&mut e, &plan, "m02", vector(fraction)).unwrap_err();
+            assert!(
+                matches!(err, SubmitError::NotAHistogramCount { index: 0, value } if value == 4.5),
+                "{err}"
+            );
+            let mut billion = vec![0.0; len];
+            billion[0] = 1e9;
+            let err = submit(&mut e, &plan, "m03", vector(billion)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "evaluation histograms count 1000000000 held-out rows, and the result is \
+                 weighted by 5: each held-out row is counted once"
+            );
+            // Five held-out rows, and two of the validation slice.
             let mut honest = vec![0.0; len];
             honest[0] = 3.0;
+            honest[1] = 2.0;
             honest[len - 1] = 2.0;
             submit(&mut e, &plan, "m01", vector(honest)).unwrap();
             evaluated = true;
@@ -984,7 +1013,7 @@ fn an_evaluation_histogram_with_a_negative_count_is_rejected() {
                 };
                 len
             ];
-            for a in agents(2) {
+            for a in agents(4) {
                 submit(&mut e, &plan, &a, vector(values.clone())).unwrap();
             }
         }
