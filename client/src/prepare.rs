@@ -157,6 +157,10 @@ pub enum PrepareError {
     /// Reading, deriving or writing the orders data failed.
     #[error(transparent)]
     Orders(#[from] orders::OrdersError),
+    /// A cell that does not read, under `--on-bad-row fail`: named with
+    /// the two ways on (the error named the cell and nothing to do).
+    #[error("{0} (fix that line, or leave such lines out and count them with `--on-bad-row skip`)")]
+    BadRow(orders::OrdersError),
     /// The output directory could not be created.
     #[error("creating {}", path.display())]
     CreateOut {
@@ -324,6 +328,7 @@ pub fn resolve_mapping(args: &PrepareArgs) -> Result<OrdersMapping, PrepareError
 pub fn cli_error(err: PrepareError, args: &PrepareArgs) -> anyhow::Error {
     match err {
         PrepareError::Orders(e) => anyhow::Error::new(e),
+        e @ PrepareError::BadRow(_) => anyhow::Error::new(e),
         other => anyhow::Error::new(other).context(format!("preparing {}", args.orders.display())),
     }
 }
@@ -337,7 +342,16 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
     if args.churn_window_days == 0 {
         return Err(PrepareError::ChurnWindow);
     }
-    let (orders, report) = orders::read_orders(&args.orders, &map, args.on_bad_row)?;
+    let (orders, report) =
+        orders::read_orders(&args.orders, &map, args.on_bad_row).map_err(|e| match e {
+            // Unless the message names a flag that reads the cell already.
+            orders::OrdersError::Cell { ref message, .. }
+                if args.on_bad_row == BadRowPolicy::Fail && !message.contains("`--") =>
+            {
+                PrepareError::BadRow(e)
+            }
+            e => PrepareError::Orders(e),
+        })?;
     let cfg = ChurnConfig {
         cutoff,
         churn_window_days: args.churn_window_days,
@@ -676,7 +690,8 @@ mod tests {
         a.on_bad_row = BadRowPolicy::Fail;
         let err = run(&a).unwrap_err();
         let shown = format!(
-            "{}: line 3, column `day`: `2024011` is not a YYYYMMDD date",
+            "{}: line 3, column `day`: `2024011` is not a YYYYMMDD date (fix that line, or \
+             leave such lines out and count them with `--on-bad-row skip`)",
             orders.display()
         );
         assert_eq!(format!("{err:#}"), shown);
