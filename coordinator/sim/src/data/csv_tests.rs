@@ -205,7 +205,10 @@ fn a_table_with_too_few_churners_to_test_on_says_how_many_it_holds() {
 fn a_figure_from_few_held_out_customers_is_called_rough() {
     let dir = tempfile::tempdir().unwrap();
     let note = |rows: usize| {
-        let spend_of = |i: usize| (i % 7 + if i % 2 == 0 { 0 } else { 5 }, i % 2 == 0);
+        let spend_of = |i: usize| {
+            let churned = i.is_multiple_of(2);
+            (i % 7 + if churned { 0 } else { 5 }, churned)
+        };
         let (table, schema) = spend_table(dir.path(), &format!("t{rows}"), (0..rows).map(spend_of));
         let mut a = args("churn-lr", format!("csv:{}", table.display()), Some(schema));
         a.merchants = Some(1);
