@@ -191,10 +191,19 @@ impl Shared {
     /// without who else is connected, set aside or missing, how many can
     /// serve it, or what other merchants' refused results said (the
     /// operator's phase, [`Shared::summary`], names them).
-    pub fn merchant_phase(&self) -> String {
+    pub fn merchant_phase(&self, id: &str) -> String {
         let mut phase = self.phase_with(RunStop::for_merchants);
-        if let Some(why) = self.engine().retrying_for_merchants() {
+        let engine = self.engine();
+        if let Some(why) = engine.retrying_for_merchants() {
             phase.push_str(&format!("; {why}"));
+        }
+        // Its own exclusion: the honest end of an accusation read only
+        // "waiting for agents" while the run went on without it.
+        if engine.set_aside().contains(id) {
+            phase.push_str(&format!(
+                "; merchant `{id}` is set aside for the rest of this run: a share bundle between \
+                 it and another merchant failed authentication in a secure round"
+            ));
         }
         phase
     }
@@ -271,7 +280,10 @@ impl Shared {
                 ));
             }
             if !aside.is_empty() {
-                phase.push_str(&format!("; set aside: {}", shown(&aside)));
+                phase.push_str(&format!(
+                    "; set aside for the rest of the run: {}",
+                    shown(&aside)
+                ));
             }
             // A round retried over exactly the merchants of a sum that may
             // have been unmasked waits for each of them: name those missing.
@@ -996,7 +1008,7 @@ impl Coordinator for Service {
                 .hub
                 .summary(&shared.run_config().run_id)
                 .map_or_else(|_| shared.phase(), |s| s.phase),
-            crate::identity::Viewer::Merchant(_) => shared.merchant_phase(),
+            crate::identity::Viewer::Merchant(id) => shared.merchant_phase(id),
         };
         let engine = shared.engine();
         let mut history = engine

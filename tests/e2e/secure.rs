@@ -570,6 +570,16 @@ async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commit
     assert_eq!(aside, ["m3"], "{:?}", t[0].rejected);
     assert_eq!(t[1].outcome, Outcome::Committed, "{:?}", t[1]);
     assert_eq!(t[1].selected, vec!["m0", "m1", "m2"]);
+    // Its status tells it so; the others' do not.
+    assert!(
+        shared.merchant_phase("m3").ends_with(
+            "; merchant `m3` is set aside for the rest of this run: a share bundle \
+                        between it and another merchant failed authentication in a secure round"
+        ),
+        "{}",
+        shared.merchant_phase("m3")
+    );
+    assert!(!shared.merchant_phase("m0").contains("set aside"));
     let expected = fedavg_over(&run, &(0..3).map(merchant).collect::<Vec<_>>(), 1);
     let model = shared.model(1).unwrap().unwrap();
     assert!(max_diff(&model, &expected) <= 1e-5);
