@@ -166,6 +166,10 @@ impl DecimalMark {
     /// (its dot grouping thousands), `1,250` the other way round. A column
     /// of such cells does not say which mark its export uses.
     pub fn ambiguous(raw: &str) -> bool {
+        // A cell without either mark reads alike (most cells: no parse).
+        if !raw.contains(['.', ',']) {
+            return false;
+        }
         match (Self::Point.parse(raw), Self::Comma.parse(raw)) {
             (Some(a), Some(b)) => a.is_finite() && b.is_finite() && a != b,
             _ => false,
