@@ -675,19 +675,15 @@ impl Agent {
         match out {
             // No held-out row: empty histograms at weight 0, which the
             // coordinator refuses as an update (the refusal then read as a
-            // lost coordinator, at every evaluation). Declined, said once.
+            // lost coordinator, at every evaluation). Declined; the cause
+            // and its fix were said when the data loaded.
             Ok(out)
                 if kind == fedcart_common::task::TaskKind::Evaluate
                     && out.weight == 0.0
                     && out.update.is_some() =>
             {
-                if self.lifecycle.no_held_out.insert(task.run_id.clone()) {
-                    tracing::warn!(run = %task.run_id,
-                        "this merchant holds no held-out customer to evaluate on: its \
-                         evaluations are declined, so the run's validation and model selection do \
-                         not count it (a table of more customers, or a larger `data.holdout`, \
-                         gives it some)");
-                }
+                tracing::debug!(task = %task.task_id,
+                    "evaluation declined: no held-out customer (said when the data loaded)");
                 self.decline(client, session_id, &task, NO_HELD_OUT).await;
                 Ok(())
             }
@@ -983,7 +979,7 @@ impl Agent {
 }
 
 /// The reason an agent gives for an evaluation it declines because it
-/// holds no held-out row (see `run_task`'s caller).
+/// holds no held-out row.
 pub const NO_HELD_OUT: &str = "no held-out rows to evaluate on";
 
 /// Metrics as `name=value` pairs for a log line.
@@ -1056,9 +1052,6 @@ struct Lifecycle {
     clamp_checked: std::collections::BTreeSet<String>,
     /// Runs whose model this merchant's data does not fit, said once each.
     declined: std::collections::BTreeSet<String>,
-    /// Runs whose evaluations this merchant declined for want of held-out
-    /// rows (said once per run).
-    no_held_out: std::collections::BTreeSet<String>,
 }
 
 impl Lifecycle {
