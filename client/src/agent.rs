@@ -561,6 +561,15 @@ impl Agent {
                                 }
                                 continue;
                             }
+                            // The coordinator refused the update itself (a
+                            // value or length it does not accept): the round
+                            // goes on without it, and so does the session.
+                            Err(AgentError::Transfer(e)) if e.update_refused().is_some() => {
+                                if let Some((task_id, status)) = e.update_refused() {
+                                    tracing::warn!(task = %task_id, reason = status.message(),
+                                        "the coordinator refused this agent's update; the round goes on without it (if every update is refused, the agent and the coordinator may run different fedcart versions)");
+                                }
+                            }
                             r => r?,
                         },
                         _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),

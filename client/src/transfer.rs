@@ -127,6 +127,26 @@ impl TransferError {
             _ => None,
         }
     }
+
+    /// The task and the coordinator's answer when it refused this agent's
+    /// update itself: a value, length or metric it does not accept
+    /// (`INVALID_ARGUMENT`, `OUT_OF_RANGE`). The coordinator rejects that
+    /// update and its round goes on; so does the agent's session.
+    /// Reconnecting cannot change the answer, and ending the session logged
+    /// the refusal as a lost coordinator.
+    pub fn update_refused(&self) -> Option<(&str, &tonic::Status)> {
+        match self {
+            Self::Rejected { task_id, status }
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::OutOfRange
+                ) =>
+            {
+                Some((task_id, status))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What the agent already holds of a run's model, for row-sparse downloads.
@@ -483,6 +503,43 @@ mod tests {
             };
             assert!(e.task_closed().is_none());
         }
+    }
+
+    /// A refusal of the update itself ends that task's part for the agent,
+    /// and only that; a closed task is told apart, and a refusal of who the
+    /// agent is, or of its session, still ends the session (rejoining heals
+    /// an unknown session; a refused identity stops the agent).
+    #[test]
+    fn a_refused_update_is_the_tasks_alone() {
+        let rejected = |status| TransferError::Rejected {
+            task_id: "r2a1-train".into(),
+            status,
+        };
+        for status in [
+            tonic::Status::invalid_argument("update value 3 is not finite (NaN)"),
+            tonic::Status::out_of_range("payload has 12 bytes, the header declared 16"),
+        ] {
+            let e = rejected(status.clone());
+            let (task, refusal) = e.update_refused().expect("the task's alone");
+            assert_eq!((task, refusal.message()), ("r2a1-train", status.message()));
+            assert!(e.task_closed().is_none());
+        }
+        for status in [
+            tonic::Status::unauthenticated("unknown session"),
+            tonic::Status::permission_denied("the certificate names another merchant"),
+            tonic::Status::unavailable("connection reset"),
+            tonic::Status::failed_precondition("task `r2a1-train` is not open"),
+            // Its answer is already in: not a refusal of the update.
+            tonic::Status::already_exists("agent `m1` already answered task `r2a1-train`"),
+        ] {
+            assert!(rejected(status).update_refused().is_none());
+        }
+        // A download refused so is not an update refused.
+        let download = TransferError::Download {
+            task_id: "r2a1-train".into(),
+            status: tonic::Status::invalid_argument("bad request"),
+        };
+        assert!(download.update_refused().is_none());
     }
 
     #[tokio::test]
