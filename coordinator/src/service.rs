@@ -284,6 +284,17 @@ impl Shared {
                     "; set aside for the rest of the run: {}",
                     shown(&aside)
                 ));
+                // The merchants set aside never come back to this run: said
+                // so, the wait read as if their reconnecting would end it.
+                if can < needed {
+                    phase.push_str(&format!(
+                        " (they do not count again: the run goes on only when {} more \
+                         merchant{} that can serve it join{}; `runs stop` ends it)",
+                        needed - can,
+                        if needed - can == 1 { "" } else { "s" },
+                        if needed - can == 1 { "s" } else { "" },
+                    ));
+                }
             }
             // A round retried over exactly the merchants of a sum that may
             // have been unmasked waits for each of them: name those missing.

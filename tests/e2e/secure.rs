@@ -585,6 +585,58 @@ async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commit
     assert!(max_diff(&model, &expected) <= 1e-5);
 }
 
+/// With all four merchants needed, the forger set aside leaves the run
+/// short for good: the operator's status says that another merchant must
+/// join (the wait read as if the forger's return would end it), and the
+/// forger's own status says it is out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_left_short_by_a_merchant_set_aside_says_another_must_join() {
+    let run = noop_secure_run("e2e-sa-short", 1, 4, 3, 1000);
+    assert_eq!(run.selection.min_agents, 4);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut progress = coord.shared.progress();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let forger = RawAgent::join(coord.addr, merchant(3)).await;
+    let forger = tokio::spawn(forger.secure_forging_shares(stopped));
+    let agents: Vec<_> = (0..3)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    // The first round's record is written, and no task is open after it.
+    progress
+        .wait_for(|p| p.records >= 1 && p.open_task.is_none())
+        .await
+        .unwrap();
+    // (The aborted attempt's cause follows.)
+    let phase = coord.hub.summary("e2e-sa-short").unwrap().phase;
+    assert!(
+        phase.starts_with(
+            "waiting for agents: 3 of 4 needed can serve it; set aside for the rest of the run: \
+             m3 (they do not count again: the run goes on only when 1 more merchant that can \
+             serve it joins; `runs stop` ends it); r1a1-train aborted"
+        ),
+        "{phase}"
+    );
+    assert!(
+        coord
+            .shared
+            .merchant_phase("m3")
+            .contains("`m3` is set aside"),
+        "{}",
+        coord.shared.merchant_phase("m3")
+    );
+    assert!(
+        coord.shared.model(1).unwrap().is_none(),
+        "nothing committed"
+    );
+    let _ = stop.send(true);
+    forger.await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    coord.shutdown().await.unwrap();
+}
+
 /// One malicious merchant accuses every agent of the round of forged shares
 /// after its masked input, one failure header each. Each accusation used to
 /// set aside the accused with an accuser already aside: every honest
