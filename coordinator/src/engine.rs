@@ -402,7 +402,14 @@ impl Engine {
             .transpose()
             .map_err(EngineError::Config)?;
         let unmasking = unmask::load(&store)?;
-        unmask::record_lost(&store, &history, ledger.as_mut(), &mut attempts, &unmasking)?;
+        unmask::record_lost(
+            &store,
+            &history,
+            ledger.as_mut(),
+            &mut attempts,
+            run.max_attempts,
+            &unmasking,
+        )?;
         let unmasking = unmask::unless_committed(unmasking, &history);
         let stopped = store.meta_json::<RunStop>("stopped")?;
         let complete = run

@@ -1410,6 +1410,48 @@ fn names(v: &[String]) -> BTreeSet<String> {
     v.iter().cloned().collect()
 }
 
+/// A coordinator that dies after every unmask request of a round counts
+/// each lost attempt against `run.max_attempts`, across restarts: at the
+/// limit the run stops with the lost attempt's record, as an attempt
+/// aborted in a running process stops it (the retries went on past the
+/// limit, each one a release of the sum taken as seen).
+#[test]
+fn attempts_lost_across_restarts_count_against_max_attempts() {
+    let (_dir, path, mut cfg) = secure_store();
+    cfg.max_attempts = 2;
+    let all = agents(3);
+    let mut e = reopen(&path, &cfg);
+    for attempt in 1..=2u32 {
+        let plan = e.start_task(&all).unwrap();
+        assert_eq!(plan.task_id, format!("r1a{attempt}-train"));
+        e.before_unmask(&names(&all)).unwrap();
+        drop(e); // killed before the commit
+        e = reopen(&path, &cfg);
+        let history = e.store().history().unwrap();
+        assert_eq!(history.len(), attempt as usize);
+        assert_eq!(
+            history.last().and_then(|r| r.abort_reason.as_deref()),
+            Some(super::unmask::LOST)
+        );
+        assert_eq!(
+            e.stopped().is_some(),
+            attempt == 2,
+            "after attempt {attempt}"
+        );
+    }
+    let stop = e.stopped().unwrap().to_string();
+    assert!(
+        stop.starts_with("round 1 (train) aborted 2 times (run.max_attempts)"),
+        "{stop}"
+    );
+    assert!(e.start_task(&all).is_err(), "no third attempt");
+    // Reopened again, it stays stopped and writes nothing more.
+    drop(e);
+    let e = reopen(&path, &cfg);
+    assert_eq!(e.store().history().unwrap().len(), 2);
+    assert_eq!(e.stopped().map(|s| s.to_string()), Some(stop));
+}
+
 /// A secure round whose unmask requests left before the coordinator went
 /// away (no commit, no known failure) may have shown its sum: after a
 /// restart the round is retried over exactly the merchants whose inputs

@@ -69,12 +69,16 @@ pub(super) struct Unmasking {
 /// the retry's release is a second one (fresh noise over the same inputs),
 /// and without this record the ε history would count only that one. A
 /// marker whose task has a record (it committed, or failed knowingly) is
-/// left alone.
+/// left alone. When the lost attempt is the round's `max_attempts`-th, the
+/// run stops with it, in the same store transaction, as an attempt aborted
+/// in the running process stops it: a coordinator that dies at every unmask
+/// stage retried the round past the limit, one release after another.
 pub(super) fn record_lost(
     store: &crate::store::Store,
     history: &[RoundRecord],
     ledger: Option<&mut crate::ledger::Ledger>,
     attempts: &mut std::collections::BTreeMap<(u64, &'static str), u32>,
+    max_attempts: u32,
     marker: &Option<Unmasking>,
 ) -> Result<(), EngineError> {
     let Some(u) = marker else {
@@ -97,7 +101,29 @@ pub(super) fn record_lost(
     let record = u.lost_record(*count, privacy);
     tracing::warn!(task = %record.task_id, epsilon = ?record.privacy.as_ref().map(|p| p.epsilon),
         "the coordinator stopped after this task's unmask requests left; its sum is taken as seen");
-    store.append_history(&record)?;
+    let kind = crate::record::kind_name(u.kind);
+    if *count < max_attempts || store.meta_json::<RunStop>("stopped")?.is_some() {
+        store.append_history(&record)?;
+        return Ok(());
+    }
+    let mut tried: Vec<RoundRecord> = history
+        .iter()
+        .filter(|r| {
+            (r.round, crate::record::kind_name(r.kind)) == (u.round, kind)
+                && r.outcome == Outcome::Aborted
+        })
+        .cloned()
+        .collect();
+    tried.push(record.clone());
+    let stop = RunStop::GaveUp {
+        round: u.round,
+        kind: kind.to_string(),
+        attempts: *count,
+        cause: super::stop::dominant_cause(&tried),
+    };
+    tracing::error!(task = %record.task_id, "{stop}");
+    let json = serde_json::to_value(&stop).expect("serialisable");
+    store.append_history_with_meta(&record, &[("stopped", json)])?;
     Ok(())
 }
 
