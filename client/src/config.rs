@@ -148,9 +148,12 @@ pub struct DataConfig {
     #[serde(default)]
     pub delimiter: Delimiter,
     /// What the agent does with a row of `orders_csv` it cannot use (a
-    /// return's negative quantity, a blank customer id, an unreadable
-    /// date): `fail` (default) stops, naming the line and column; `skip`
-    /// leaves the row out and logs how many were left out, by reason.
+    /// blank customer id, an unreadable date, a negative amount): `fail`
+    /// (default) stops, naming the line and column; `skip` leaves the row
+    /// out and logs how many were left out, by reason, but stops when one
+    /// reason that points to a setting leaves out more than a tenth of the
+    /// rows; `skip_all` has no such limit. Returns (a negative quantity)
+    /// are netted against the purchases they return, under any policy.
     #[serde(default)]
     pub on_bad_row: fedcart_common::data::orders::BadRowPolicy,
 }

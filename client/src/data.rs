@@ -309,10 +309,15 @@ fn read_orders(path: &Path, cfg: &AgentConfig) -> Result<Vec<Order>, DataError> 
             .map(|(reason, n)| format!("{n} {}", reason.as_str()))
             .collect();
         tracing::warn!(
-            "{}: left out {} of {} rows (`on_bad_row = \"skip\"`): {}; first: {}",
+            "{}: left out {} of {} rows (`on_bad_row = \"{}\"`): {}; first: {}",
             path.display(),
             report.rows_skipped(),
             report.rows_read,
+            if cfg.data.on_bad_row == orders::BadRowPolicy::SkipAll {
+                "skip_all"
+            } else {
+                "skip"
+            },
             reasons.join(", "),
             report.examples.first().map_or("", String::as_str)
         );
@@ -1058,22 +1063,32 @@ mod tests {
         assert!(e.contains("`data.churn.cutoff` leaves no history"), "{e}");
     }
 
+    /// A refund line (a negative amount on a positive quantity) stops the
+    /// agent naming the setting that leaves it out; a return (a negative
+    /// quantity) is netted, not refused.
     #[test]
-    fn a_return_line_stops_the_agent_naming_the_setting_that_leaves_it_out() {
+    fn a_refund_line_stops_the_agent_naming_the_setting_that_leaves_it_out() {
         let dir = tempfile::tempdir().unwrap();
         let _ = merchant(dir.path());
         let orders = dir.path().join("orders.csv");
         let mut text = std::fs::read_to_string(&orders).unwrap();
-        text.push_str("c2,eggs,2024-02-05T09:00:00,-1,-2.0\n");
-        std::fs::write(&orders, text).unwrap();
+        text.push_str("c2,eggs,2024-02-05T09:00:00,1,-2.0\n");
+        std::fs::write(&orders, &text).unwrap();
         let path = dir.path().join("merchant.toml");
         let cfg = AgentConfig::load_with_env(&path, |_| None).unwrap();
         let e = format!("{:#}", anyhow::Error::new(load(&cfg).unwrap_err()));
         assert!(
             e.contains("`on_bad_row = \"skip\"` under [data] in merchant.toml")
-                && e.contains("line 68, column `quantity`: `-1` is negative"),
+                && e.contains("line 68, column `amount`: `-2.0` is negative"),
             "{e}"
         );
+        let returned = text.replace(
+            "c2,eggs,2024-02-05T09:00:00,1,-2.0\n",
+            "c2,eggs,2024-02-05T09:00:00,-1,-2.0\n",
+        );
+        std::fs::write(&orders, &returned).unwrap();
+        read_orders(&orders, &cfg).unwrap();
+        std::fs::write(&orders, &text).unwrap();
         // The setting the message names is accepted and leaves the row out.
         let toml = std::fs::read_to_string(&path).unwrap();
         let toml = toml.replace("[data]\n", "[data]\non_bad_row = \"skip\"\n");

@@ -68,7 +68,9 @@ pub struct PrepareArgs {
     /// Length in days of the "recent" part of the trend feature.
     #[arg(long, default_value_t = 90)]
     pub trend_window_days: u32,
-    /// What to do with unreadable rows: fail (stop, naming the row) or skip (count them).
+    /// What to do with unreadable rows: fail (stop, naming the row), skip (leave them out and count
+    /// them; refused when one reason that points to a setting, such as unreadable dates, leaves
+    /// out more than a tenth of the rows) or skip-all (no such limit).
     #[arg(long, default_value = "fail")]
     pub on_bad_row: BadRowPolicy,
     /// Directory to write features.csv, interactions.csv and summary.json into.
@@ -346,7 +348,9 @@ pub fn run(args: &PrepareArgs) -> Result<(), PrepareError> {
         orders::read_orders(&args.orders, &map, args.on_bad_row).map_err(|e| match e {
             // Unless the message names a flag that reads the cell already.
             orders::OrdersError::Cell { ref message, .. }
-                if args.on_bad_row == BadRowPolicy::Fail && !message.contains("`--") =>
+                if args.on_bad_row == BadRowPolicy::Fail
+                    && !message.contains("`--")
+                    && !message.contains("bad-row policy") =>
             {
                 PrepareError::BadRow(e)
             }
@@ -698,6 +702,20 @@ mod tests {
         // The command line names the file once.
         assert_eq!(format!("{:#}", cli_error(err, &a)), shown);
         assert!(!a.out.exists(), "nothing is written after a failure");
+        // A message that already says how to go on is not told twice.
+        std::fs::write(
+            &orders,
+            "cust\tday\tamt\nc1\t20240101\t5\nc2\t19700101\t3\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", run(&a).unwrap_err());
+        assert!(
+            err.ends_with(
+                "is a placeholder date, not when the order was placed: correct the line, or \
+                 the bad-row policy `skip` leaves such rows out and counts them"
+            ),
+            "{err}"
+        );
         // An error that names no file is prefixed with the export's.
         a.churn_window_days = 0;
         assert_eq!(

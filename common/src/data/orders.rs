@@ -62,8 +62,20 @@ pub enum BadRowPolicy {
     /// Stop at the first bad row with an error naming it.
     #[default]
     Fail,
-    /// Leave the row out and count it under its reason.
+    /// Leave the row out and count it under its reason, unless one reason
+    /// that points to a setting (a date layout, a decimal mark, the field
+    /// count) leaves out more than a tenth of the rows: then the read fails
+    /// with [`OrdersError::TooManySkipped`].
     Skip,
+    /// [`BadRowPolicy::Skip`] without that limit.
+    SkipAll,
+}
+
+impl BadRowPolicy {
+    /// Whether bad rows are left out (and counted) rather than refused.
+    pub fn skips(self) -> bool {
+        self != Self::Fail
+    }
 }
 
 impl std::str::FromStr for BadRowPolicy {
@@ -72,8 +84,9 @@ impl std::str::FromStr for BadRowPolicy {
         match s {
             "fail" => Ok(Self::Fail),
             "skip" => Ok(Self::Skip),
+            "skip-all" | "skip_all" => Ok(Self::SkipAll),
             other => Err(format!(
-                "bad-row policy must be `fail` or `skip`, not `{other}`"
+                "bad-row policy must be `fail`, `skip` or `skip-all`, not `{other}`"
             )),
         }
     }
@@ -93,7 +106,9 @@ pub enum BadRowReason {
     BadTimestamp,
     /// The quantity is not a finite number.
     BadQuantity,
-    /// The quantity is below zero.
+    /// The quantity is below zero in a form that is not a return's `-2`
+    /// (`(2)`, `2-`): a plain negative quantity is a return, netted against
+    /// the purchase it returns.
     NegativeQuantity,
     /// The amount is not a finite number.
     BadAmount,
@@ -101,6 +116,8 @@ pub enum BadRowReason {
     NegativeAmount,
     /// The rating is not a finite number.
     BadRating,
+    /// The merchant (store) cell is blank.
+    BlankMerchant,
 }
 
 impl BadRowReason {
@@ -116,7 +133,24 @@ impl BadRowReason {
             Self::BadAmount => "bad_amount",
             Self::NegativeAmount => "negative_amount",
             Self::BadRating => "bad_rating",
+            Self::BlankMerchant => "blank_merchant",
         }
+    }
+
+    /// Whether rows left out for this reason point to a setting (a date
+    /// layout, a decimal mark, the delimiter) rather than to lines that are
+    /// bad on their own (a guest order without a customer id, a custom line
+    /// without an item): [`BadRowPolicy::Skip`] refuses a read where one
+    /// such reason leaves out more than a tenth of the rows.
+    pub fn points_to_a_setting(self) -> bool {
+        matches!(
+            self,
+            Self::FieldCount
+                | Self::BadTimestamp
+                | Self::BadQuantity
+                | Self::BadAmount
+                | Self::BadRating
+        )
     }
 }
 
@@ -201,6 +235,28 @@ pub enum OrdersError {
         /// The first row's error, with its line and column.
         first: String,
     },
+    /// The bad-row policy `skip` would leave out so many rows for one reason
+    /// that points to a setting ([`BadRowReason::points_to_a_setting`]) that
+    /// the setting is wrong, not a few lines: half a file left out for its
+    /// dates, the other half dated with day and month swapped.
+    #[error(
+        "{file}: {count} of its {rows} rows would be left out as {reason} (the bad-row policy `skip`): so many point to a setting, not to a few bad lines; the first: {first}{hint}. Fix the setting, or leave such rows out anyway with `--on-bad-row skip-all` (`on_bad_row = \"skip_all\"`)"
+    )]
+    TooManySkipped {
+        /// The file.
+        file: PathBuf,
+        /// Rows left out for that reason.
+        count: u64,
+        /// Rows read.
+        rows: u64,
+        /// The reason (`bad_timestamp`, …).
+        reason: &'static str,
+        /// The first such row's error, with its line and column.
+        first: String,
+        /// What a column blank on most of those lines may mean (empty
+        /// otherwise).
+        hint: String,
+    },
     /// The cutoff or window settings are unusable.
     #[error("invalid churn settings: {0}")]
     Config(String),
@@ -227,7 +283,8 @@ pub struct ReadReport {
     pub rows_read: u64,
     /// Rows kept as orders.
     pub rows_ok: u64,
-    /// Rows skipped, by reason (only under [`BadRowPolicy::Skip`]).
+    /// Rows skipped, by reason (only under [`BadRowPolicy::Skip`] and
+    /// [`BadRowPolicy::SkipAll`]).
     pub skipped: BTreeMap<BadRowReason, u64>,
     /// The first few skip messages, so a merchant can see real examples.
     pub examples: Vec<String>,
@@ -241,15 +298,62 @@ pub struct ReadReport {
     /// which settles it: the cell to check and the setting to give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decimal_note: Option<String>,
+    /// Return lines (a negative quantity) netted against the customer's
+    /// earlier purchases of the item: their units and value come off those
+    /// purchases, and a purchase returned whole is left out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub returns: u64,
+    /// Return lines with no earlier purchase of the item by the customer in
+    /// the export (bought before it starts): left out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub returns_unmatched: u64,
+    /// Purchases returned whole, and left out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub returned_whole: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ReadReport {
     /// What callers warn the merchant about: lines kept that may be read
-    /// wrongly ([`ReadReport::stray_dates`], [`ReadReport::decimal_note`]).
-    pub fn warnings(&self) -> impl Iterator<Item = &str> {
+    /// wrongly ([`ReadReport::stray_dates`], [`ReadReport::decimal_note`]),
+    /// and lines netted or left out without being bad rows
+    /// ([`ReadReport::returns_note`]).
+    pub fn warnings(&self) -> Vec<String> {
         [&self.decimal_note, &self.stray_dates]
             .into_iter()
-            .filter_map(|n| n.as_deref())
+            .filter_map(|n| n.clone())
+            .chain(self.returns_note())
+            .collect()
+    }
+
+    /// What was netted or left out without being a bad row: returns, as one
+    /// sentence (`None` when there were none). Lines of quantity 0 are kept
+    /// as purchases: the bundled grocery log has 1,162 (of sales value 0),
+    /// and its reference figures count them.
+    pub fn returns_note(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.returns > 0 {
+            parts.push(format!(
+                "{} return line{} (a negative quantity) netted against the customer's earlier \
+                 purchases of the item ({} purchase{} returned whole left out)",
+                self.returns,
+                if self.returns == 1 { "" } else { "s" },
+                self.returned_whole,
+                if self.returned_whole == 1 { "" } else { "s" },
+            ));
+        }
+        if self.returns_unmatched > 0 {
+            parts.push(format!(
+                "{} return line{} with no earlier purchase of the item by the customer in the \
+                 export left out",
+                self.returns_unmatched,
+                if self.returns_unmatched == 1 { "" } else { "s" },
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     /// Total rows skipped.

@@ -10,6 +10,24 @@ use super::{BadRowPolicy, BadRowReason, Order, OrdersError, ReadReport};
 /// How many skip messages the report keeps as examples.
 const MAX_EXAMPLES: usize = 5;
 
+/// The largest share of an export's rows that [`BadRowPolicy::Skip`] leaves
+/// out for one reason that points to a setting, at [`MIN_SYSTEMATIC`] rows
+/// or more.
+const MAX_SKIPPED_SHARE: f64 = 0.1;
+
+/// Fewer rows than this left out for one reason never make
+/// [`BadRowPolicy::Skip`] refuse a read (a small export's two bad dates).
+const MIN_SYSTEMATIC: u64 = 10;
+
+/// What one data row of the export is.
+enum Line {
+    /// An order line.
+    Order(Order),
+    /// A return of units bought earlier (a negative quantity), its quantity
+    /// and amount made positive: netted against those purchases.
+    Return(Order),
+}
+
 /// Header positions of the mapped columns.
 struct Columns {
     customer: usize,
@@ -162,6 +180,12 @@ pub fn read_orders_from<R: Read>(
     let check_decimal = map.decimal == DecimalMark::Point && map.delimiter != Delimiter::Comma;
     let mut ambiguous_amount: Option<(u64, String)> = None;
     let mut point_amount = false;
+    let mut returns = Vec::new();
+    // Per reason left out: the first row's error, its column, and how many
+    // of its cells were blank.
+    let mut first_of: std::collections::BTreeMap<BadRowReason, (String, Option<String>)> =
+        Default::default();
+    let mut blank_of: std::collections::BTreeMap<BadRowReason, u64> = Default::default();
     for row in rows {
         let (line, fields) = row?;
         // A row of delimiters only (`,,,,`, what a spreadsheet writes for
@@ -181,11 +205,12 @@ pub fn read_orders_from<R: Read>(
         }
         report.rows_read += 1;
         match parse_row(&cols, &header, map, &fields, line, path, latest) {
-            Ok(order) => {
+            Ok(Line::Order(order)) => {
                 report.rows_ok += 1;
                 orders.push(order);
                 lines.push(line);
             }
+            Ok(Line::Return(order)) => returns.push(order),
             // A row of the wrong width whose cells run over several lines
             // is an unclosed quote: skipping it would drop every line up to
             // the next quote (to the end of the file, for one `"12 inch`)
@@ -194,7 +219,7 @@ pub fn read_orders_from<R: Read>(
                 file,
                 line,
                 message,
-            }) if policy == BadRowPolicy::Skip && fields.iter().any(|f| f.contains('\n')) => {
+            }) if policy.skips() && fields.iter().any(|f| f.contains('\n')) => {
                 let breaks: usize = fields.iter().map(|f| f.matches('\n').count()).sum();
                 // An unclosed quote at the end of the file also holds its
                 // last line's break.
@@ -210,12 +235,22 @@ pub fn read_orders_from<R: Read>(
                     ),
                 });
             }
-            Err(e) if policy == BadRowPolicy::Skip => {
-                let reason = match &e {
-                    OrdersError::Cell { reason, .. } => *reason,
-                    _ => BadRowReason::FieldCount,
+            Err(e) if policy.skips() => {
+                let (reason, column) = match &e {
+                    OrdersError::Cell { reason, column, .. } => (*reason, Some(column.clone())),
+                    _ => (BadRowReason::FieldCount, None),
                 };
                 *report.skipped.entry(reason).or_default() += 1;
+                if let Some(c) = column
+                    .as_ref()
+                    .and_then(|c| header.iter().position(|h| h == c))
+                    && fields.get(c).is_some_and(|f| f.trim().is_empty())
+                {
+                    *blank_of.entry(reason).or_default() += 1;
+                }
+                first_of
+                    .entry(reason)
+                    .or_insert_with(|| (e.to_string(), column));
                 if report.examples.len() < MAX_EXAMPLES {
                     report.examples.push(e.to_string());
                 }
@@ -223,7 +258,37 @@ pub fn read_orders_from<R: Read>(
             Err(e) => return Err(e),
         }
     }
-    if orders.is_empty() && report.rows_read > 0 {
+    if policy == BadRowPolicy::Skip
+        && let Some((reason, count)) = report
+            .skipped
+            .iter()
+            .filter(|(r, _)| r.points_to_a_setting())
+            .max_by_key(|(_, n)| **n)
+            .map(|(r, n)| (*r, *n))
+        && count >= MIN_SYSTEMATIC
+        && count as f64 > MAX_SKIPPED_SHARE * report.rows_read as f64
+    {
+        let (first, column) = first_of.remove(&reason).unwrap_or_default();
+        let prefix = format!("{}: ", path.display());
+        let blank = blank_of.get(&reason).copied().unwrap_or(0);
+        let hint = match column {
+            Some(column) if 2 * blank >= count => format!(
+                "; `{column}` is blank on {blank} of these lines: is it filled only on each \
+                 order's first line (as a Shopify export's `Paid at` is)? Map a column that \
+                 every line fills"
+            ),
+            _ => String::new(),
+        };
+        return Err(OrdersError::TooManySkipped {
+            file: path.into(),
+            count,
+            rows: report.rows_read,
+            reason: reason.as_str(),
+            first: first.strip_prefix(&prefix).unwrap_or(&first).to_string(),
+            hint,
+        });
+    }
+    if orders.is_empty() && report.rows_read > 0 && report.rows_skipped() > 0 {
         let first = report.examples.first().cloned().unwrap_or_default();
         // The example starts with the file's name: not said twice.
         let prefix = format!("{}: ", path.display());
@@ -233,6 +298,7 @@ pub fn read_orders_from<R: Read>(
             first: first.strip_prefix(&prefix).unwrap_or(&first).to_string(),
         });
     }
+    net_returns(&mut orders, &mut lines, returns, &mut report);
     // Every order in unix time's first two years: the cells were read too
     // small (seconds as `unix_ms`, YYYYMMDD dates as `unix_seconds`), which
     // labels every customer churned. Milliseconds read as seconds and dates
@@ -268,6 +334,72 @@ pub fn read_orders_from<R: Read>(
         ));
     }
     Ok((orders, report))
+}
+
+/// Nets each return against the same customer's purchases of the same item
+/// (at the same merchant) dated no later than it, the latest first: their
+/// units come off, and their value by the return's value per unit (never
+/// below 0). A purchase returned whole is removed; a return that finds no
+/// such purchase (bought before the export starts) is left out. Counted in
+/// `report`.
+fn net_returns(
+    orders: &mut Vec<Order>,
+    lines: &mut Vec<u64>,
+    mut returns: Vec<Order>,
+    report: &mut ReadReport,
+) {
+    if returns.is_empty() {
+        return;
+    }
+    let key = |o: &Order| -> (String, Option<String>, Option<String>) {
+        (o.customer.clone(), o.item.clone(), o.merchant.clone())
+    };
+    let mut by_key: std::collections::HashMap<_, Vec<usize>> = Default::default();
+    for (i, o) in orders.iter().enumerate() {
+        by_key.entry(key(o)).or_default().push(i);
+    }
+    // In time order, so that an earlier return takes from the purchases
+    // before it first.
+    returns.sort_by_key(|r| r.timestamp);
+    // Purchases returned whole (a line of quantity 0 in the export stays).
+    let mut emptied = vec![false; orders.len()];
+    for r in &returns {
+        let Some(bought) = by_key.get(&key(r)) else {
+            report.returns_unmatched += 1;
+            continue;
+        };
+        let mut candidates: Vec<usize> = bought
+            .iter()
+            .copied()
+            .filter(|&i| orders[i].timestamp <= r.timestamp && orders[i].quantity > 0.0)
+            .collect();
+        if candidates.is_empty() {
+            report.returns_unmatched += 1;
+            continue;
+        }
+        // Latest first; ties in file order, the later line first.
+        candidates.sort_by_key(|&i| std::cmp::Reverse((orders[i].timestamp, i)));
+        let per_unit = r.amount / r.quantity;
+        let mut left = r.quantity;
+        for i in candidates {
+            if left <= 0.0 {
+                break;
+            }
+            let o = &mut orders[i];
+            let taken = left.min(o.quantity);
+            o.quantity -= taken;
+            o.amount = (o.amount - taken * per_unit).max(0.0);
+            emptied[i] = o.quantity <= 0.0;
+            left -= taken;
+        }
+        report.returns += 1;
+    }
+    let before = orders.len();
+    let mut k = emptied.iter();
+    orders.retain(|_| !k.next().copied().unwrap_or(false));
+    let mut k = emptied.iter();
+    lines.retain(|_| !k.next().copied().unwrap_or(false));
+    report.returned_whole = (before - orders.len()) as u64;
 }
 
 /// Lines dated far outside the rest of the export. The middle 98 % of the
@@ -513,7 +645,7 @@ fn parse_row(
     line: u64,
     path: &Path,
     latest: i64,
-) -> Result<Order, OrdersError> {
+) -> Result<Line, OrdersError> {
     if fields.len() != cols.width {
         return Err(OrdersError::Row {
             file: path.into(),
@@ -543,7 +675,9 @@ fn parse_row(
         message: shorten_cell(message, fields[c].trim()),
     };
     let get = |c: usize| fields[c].trim();
-    let number = |c: usize, bad: BadRowReason, negative: BadRowReason| {
+    // `signed`: a value below 0 is returned, not refused (a return's
+    // quantity, and its amount).
+    let number = |c: usize, bad: BadRowReason, negative: BadRowReason, signed: bool| {
         let raw = get(c);
         // Quoted in messages as the merchant would see it in an editor:
         // a NUL or another control character is shown escaped, not raw.
@@ -594,7 +728,7 @@ fn parse_row(
                 };
                 cell(c, bad, message)
             })?;
-        if v < 0.0 && bad != BadRowReason::BadRating {
+        if v < 0.0 && bad != BadRowReason::BadRating && !signed {
             return Err(cell(
                 c,
                 negative,
@@ -617,6 +751,19 @@ fn parse_row(
     let item = match cols.item {
         Some(c) if get(c).is_empty() => {
             return Err(cell(c, BadRowReason::BlankItem, "blank item id".into()));
+        }
+        Some(c) => Some(get(c).to_string()),
+        None => None,
+    };
+    // A blank store became a store named "" of its own, under a natural
+    // partition a merchant of its own.
+    let merchant = match cols.merchant {
+        Some(c) if get(c).is_empty() => {
+            return Err(cell(
+                c,
+                BadRowReason::BlankMerchant,
+                "blank merchant (store) id".into(),
+            ));
         }
         Some(c) => Some(get(c).to_string()),
         None => None,
@@ -664,14 +811,25 @@ fn parse_row(
         ));
     }
     let quantity = match cols.quantity {
-        Some(c) => number(c, BadRowReason::BadQuantity, BadRowReason::NegativeQuantity)?,
+        Some(c) => number(
+            c,
+            BadRowReason::BadQuantity,
+            BadRowReason::NegativeQuantity,
+            true,
+        )?,
         None => 1.0,
     };
+    // A return (UCI's cancellations, `C536379`, carry `-2`): its amount may
+    // be written negative too, or as the positive unit price.
+    let returned = quantity < 0.0;
+    let quantity = quantity.abs();
     let amount = number(
         cols.amount,
         BadRowReason::BadAmount,
         BadRowReason::NegativeAmount,
-    )?;
+        returned,
+    )?
+    .abs();
     let amount = match map.amount_is {
         AmountIs::LineTotal => amount,
         // Both cells are finite; their product may not be.
@@ -689,15 +847,20 @@ fn parse_row(
     };
     let rating = cols
         .rating
-        .map(|c| number(c, BadRowReason::BadRating, BadRowReason::BadRating))
+        .map(|c| number(c, BadRowReason::BadRating, BadRowReason::BadRating, false))
         .transpose()?;
-    Ok(Order {
+    let order = Order {
         customer: customer.to_string(),
         item,
         timestamp,
         quantity,
         amount,
         rating,
-        merchant: cols.merchant.map(|c| get(c).to_string()),
+        merchant,
+    };
+    Ok(if returned {
+        Line::Return(order)
+    } else {
+        Line::Order(order)
     })
 }

@@ -115,7 +115,9 @@ pub struct OrdersArgs {
     #[arg(long = "churn-window-days", value_parser = clap::value_parser!(u32).range(1..))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub churn_window_days: Option<u32>,
-    /// Orders: unreadable rows fail the run or are skipped (fail, skip) [default: fail].
+    /// Orders: unreadable rows fail the run or are left out and counted (fail; skip, refused when
+    /// one reason that points to a setting, such as unreadable dates, leaves out more than a tenth
+    /// of the rows; skip-all) [default: fail].
     #[arg(long = "on-bad-row")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_bad_row: Option<BadRowPolicy>,
@@ -341,6 +343,18 @@ impl OrdersSource {
                 orders::OrdersError::Config(_) => {
                     anyhow::Error::new(e).context(format!("reading orders {}", self.path.display()))
                 }
+                // As `prepare` says it: the two ways on (the error named the
+                // cell and nothing to do), unless it names a flag already.
+                orders::OrdersError::Cell { ref message, .. }
+                    if self.on_bad_row == BadRowPolicy::Fail
+                        && !message.contains("`--")
+                        && !message.contains("bad-row policy") =>
+                {
+                    anyhow::anyhow!(
+                        "{e} (fix that line, or leave such lines out and count them with \
+                         `--on-bad-row skip`)"
+                    )
+                }
                 e => anyhow::Error::new(e),
             })?;
         let mut notes = Vec::new();
@@ -353,10 +367,15 @@ impl OrdersSource {
                 .map(|(reason, n)| format!("{} {n}", reason.as_str()))
                 .collect();
             notes.push(format!(
-                "{}: {} of {} rows skipped (--on-bad-row skip): {}{}",
+                "{}: {} of {} rows skipped (--on-bad-row {}): {}{}",
                 self.path.display(),
                 report.rows_skipped(),
                 report.rows_read,
+                if self.on_bad_row == BadRowPolicy::SkipAll {
+                    "skip-all"
+                } else {
+                    "skip"
+                },
                 reasons.join(", "),
                 report
                     .examples

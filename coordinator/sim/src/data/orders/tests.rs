@@ -487,11 +487,15 @@ fn rows_skipped_while_reading_are_in_the_report() {
     let mut a = cdnow_args();
     a.data = Some(format!("orders:{}", path.display()).parse().unwrap());
     a.rounds = Some(1);
-    // Refused by default, naming the line.
-    let e = run(a.clone()).unwrap_err();
+    // Refused by default, naming the line and the two ways on, as
+    // `prepare` does.
+    let e = format!("{:#}", run(a.clone()).unwrap_err());
+    assert!(e.contains(&format!("line {}", rows + 2)), "{e}");
     assert!(
-        format!("{e:#}").contains(&format!("line {}", rows + 2)),
-        "{e:#}"
+        e.ends_with(
+            "(fix that line, or leave such lines out and count them with `--on-bad-row skip`)"
+        ),
+        "{e}"
     );
     a.orders.on_bad_row = Some(fedcart_common::data::orders::BadRowPolicy::Skip);
     let e = &run(a).unwrap()[0];
