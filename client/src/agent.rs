@@ -261,6 +261,9 @@ impl Agent {
             if let Some(cap) = cfg.privacy.max_epsilon {
                 let budget =
                     crate::budget::Budget::open(state.clone(), cap, cfg.privacy.epsilon_delta)?;
+                if let Some(taken) = budget.restored() {
+                    tracing::warn!("{taken}");
+                }
                 agent.secure.set_budget(budget);
             }
             agent = agent.with_state(state)?;

@@ -39,6 +39,12 @@
 //!
 //! The ledger keeps Rényi DP per order ([`Accountant`]), so ε is recomputed
 //! at whatever δ the policy names, and a changed δ needs no migration.
+//!
+//! Each run's charged rounds are also kept in that run's own directory
+//! ([`RUN_RECORD`], written before the ledger): a ledger deleted or
+//! restored from an older backup beside them is completed from them when
+//! it is opened ([`Budget::restored`] says what was taken back), instead of
+//! starting a fresh budget with the rounds already sent forgotten.
 
 use std::path::PathBuf;
 
@@ -50,6 +56,9 @@ use crate::state::{StateDir, StateError};
 
 /// The ledger's file in the agent's state directory.
 pub const LEDGER_FILE: &str = "privacy-ledger.json";
+
+/// Each run's own record of its charged rounds, in `runs/<run>/`.
+pub const RUN_RECORD: &str = "privacy-rounds.json";
 
 /// One charged round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +89,8 @@ pub struct Budget {
     max_epsilon: f64,
     delta: f64,
     ledger: Ledger,
+    /// What the runs' own records added to the ledger as read, if anything.
+    restored: Option<String>,
 }
 
 /// Why a charge could not be made: over the budget, or the ledger could not
@@ -98,17 +109,81 @@ pub enum ChargeError {
 }
 
 impl Budget {
-    /// Opens the ledger in `state` (empty when the file does not exist). A
-    /// ledger that does not decode is an error naming the file, never a
+    /// Opens the ledger in `state` (empty when the file does not exist),
+    /// completed from the runs' own records ([`RUN_RECORD`]): a round they
+    /// hold and the ledger does not is taken back, and one they hold at a
+    /// lower noise multiplier is charged at it ([`Budget::restored`] says
+    /// which; the next charge writes the completed ledger). A ledger or a
+    /// record that does not decode is an error naming the file, never a
     /// fresh start: that would reset the budget.
     pub fn open(state: StateDir, max_epsilon: f64, delta: f64) -> Result<Self, StateError> {
-        let ledger = state.read_json::<Ledger>(LEDGER_FILE)?.unwrap_or_default();
+        let mut ledger = state.read_json::<Ledger>(LEDGER_FILE)?.unwrap_or_default();
+        let mut taken = Vec::new();
+        for recorded in run_records(&state)? {
+            let same = |r: &Spent| {
+                r.run_id == recorded.run_id
+                    && r.round == recorded.round
+                    && r.task_id == recorded.task_id
+            };
+            match ledger.rounds.iter_mut().find(|r| same(r)) {
+                Some(r) if r.noise_multiplier <= recorded.noise_multiplier => {}
+                Some(r) => {
+                    r.noise_multiplier = recorded.noise_multiplier;
+                    taken.push(recorded.run_id.clone());
+                }
+                None => {
+                    taken.push(recorded.run_id.clone());
+                    ledger.rounds.push(recorded);
+                }
+            }
+        }
+        let mut restored = None;
+        if !taken.is_empty() {
+            ledger.rounds.sort_by_key(|r| r.at_unix_ms);
+            let mut acc =
+                Accountant::with_orders(ledger.accountant.orders().to_vec()).unwrap_or_default();
+            for r in &ledger.rounds {
+                // Recorded multipliers were checked positive and finite.
+                let _ = acc.step(1.0, r.noise_multiplier);
+            }
+            ledger.accountant = acc;
+            let rounds = taken.len();
+            taken.sort();
+            taken.dedup();
+            restored = Some(format!(
+                "the privacy ledger {} lacked {} round{} that the runs' own records hold (runs \
+                 {}): taken back from them, ε {:.3} spent at δ = {:e} over {} rounds (a deleted \
+                 or older ledger does not reset the budget)",
+                state.path().join(LEDGER_FILE).display(),
+                rounds,
+                if rounds == 1 { "" } else { "s" },
+                taken.join(", "),
+                epsilon(&ledger.accountant, delta),
+                delta,
+                ledger.rounds.len()
+            ));
+        }
         Ok(Self {
             state,
             max_epsilon,
             delta,
             ledger,
+            restored,
         })
+    }
+
+    /// What [`Budget::open`] took back from the runs' own records into a
+    /// ledger that lacked it, as one sentence for a warning.
+    pub fn restored(&self) -> Option<&str> {
+        self.restored.as_deref()
+    }
+
+    /// Writes `next` durably: the run's own record of its rounds first,
+    /// then the ledger.
+    fn write(&self, next: &Ledger, run_id: &str) -> Result<(), StateError> {
+        let of_run: Vec<&Spent> = next.rounds.iter().filter(|r| r.run_id == run_id).collect();
+        self.state.run(run_id)?.write_json(RUN_RECORD, &of_run)?;
+        self.state.write_json(LEDGER_FILE, next)
     }
 
     /// The ledger's path.
@@ -173,11 +248,11 @@ impl Budget {
         next.accountant
             .step(1.0, z)
             .map_err(|_| ChargeError::Noise(z))?;
+        let run_id = spent.run_id.clone();
         next.rounds.push(spent);
-        self.state
-            .write_json(LEDGER_FILE, &next)
-            .map_err(ChargeError::State)?;
+        self.write(&next, &run_id).map_err(ChargeError::State)?;
         self.ledger = next;
+        self.restored = None;
         Ok(self.spent())
     }
 }
@@ -196,6 +271,7 @@ impl Budget {
         if !(z.is_finite() && z > 0.0) {
             return Err(ChargeError::Noise(z));
         }
+        let run_id = spent.run_id.clone();
         let mut next = self.ledger.clone();
         let same = |r: &Spent| {
             r.run_id == spent.run_id && r.round == spent.round && r.task_id == spent.task_id
@@ -212,10 +288,9 @@ impl Budget {
                 .map_err(|_| ChargeError::Noise(r.noise_multiplier))?;
         }
         next.accountant = acc;
-        self.state
-            .write_json(LEDGER_FILE, &next)
-            .map_err(ChargeError::State)?;
+        self.write(&next, &run_id).map_err(ChargeError::State)?;
         self.ledger = next;
+        self.restored = None;
         Ok(Some(self.spent()))
     }
 }
@@ -291,15 +366,41 @@ pub fn command_report(
     text.push_str(&budget.report());
     let runs = state.path().join("runs");
     let worked = std::fs::read_dir(&runs).is_ok_and(|mut d| d.next().is_some());
-    let warning = (!kept && worked).then(|| {
-        format!(
-            "{} does not exist, yet {} holds runs this agent took part in: if the ledger was \
-             deleted, the ε spent before is forgotten (restore it from a backup)",
-            budget.path().display(),
-            runs.display()
-        )
-    });
+    let warning = match budget.restored() {
+        Some(taken) => Some(taken.to_string()),
+        None => (!kept && worked).then(|| {
+            format!(
+                "{} does not exist, yet {} holds runs this agent took part in: if the ledger \
+                 was deleted, and those runs were before this agent kept their own records of \
+                 the rounds it was charged, the ε spent then is forgotten (restore the ledger \
+                 from a backup)",
+                budget.path().display(),
+                runs.display()
+            )
+        }),
+    };
     Ok(Some((text, warning)))
+}
+
+/// Every run's own record of its charged rounds ([`RUN_RECORD`]), in the
+/// order of the runs' directory names.
+fn run_records(state: &StateDir) -> Result<Vec<Spent>, StateError> {
+    let runs = state.path().join("runs");
+    let Ok(dir) = std::fs::read_dir(&runs) else {
+        return Ok(Vec::new());
+    };
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join(RUN_RECORD).is_file())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    let mut all = Vec::new();
+    for name in names {
+        let run = StateDir::open(runs.join(&name))?;
+        all.extend(run.read_json::<Vec<Spent>>(RUN_RECORD)?.unwrap_or_default());
+    }
+    Ok(all)
 }
 
 fn epsilon(acc: &Accountant, delta: f64) -> f64 {
@@ -398,9 +499,60 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("runs").join("churn-dp")).unwrap();
         let (_, warning) = command_report(state, Some(4.0), 1e-5).unwrap().unwrap();
         assert!(
-            warning.is_some_and(|w| w.contains("the ε spent before is forgotten")),
+            warning.is_some_and(|w| w.contains("the ε spent then is forgotten")),
             "a ledger gone beside past runs"
         );
+    }
+
+    /// Deleting the ledger (or restoring an older backup) beside the runs
+    /// it charged started a fresh budget: an agent with a cap of 8 sent
+    /// rounds worth ε 10.7. Each run keeps its own record of its rounds, and
+    /// the ledger is completed from them, at their lower multipliers.
+    #[test]
+    fn a_deleted_or_older_ledger_is_completed_from_the_runs_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let mut b = Budget::open(state.clone(), 100.0, 1e-5).unwrap();
+        assert_eq!(b.restored(), None);
+        b.charge(spent(1, 2.0)).unwrap();
+        let older = std::fs::read(dir.path().join(LEDGER_FILE)).unwrap();
+        b.charge(spent(2, 2.0)).unwrap();
+        b.settle(spent(2, 1.0)).unwrap();
+        let mut other = spent(1, 3.0);
+        other.run_id = "r2".into();
+        other.task_id = "r2-t1".into();
+        b.charge(other).unwrap();
+        let whole = b.spent();
+        let run = dir.path().join("runs").join("r").join(RUN_RECORD);
+        assert!(run.is_file(), "each run keeps its own record");
+        // Deleted: every round comes back, and the cap holds.
+        std::fs::remove_file(dir.path().join(LEDGER_FILE)).unwrap();
+        let b = Budget::open(state.clone(), 100.0, 1e-5).unwrap();
+        assert!((b.spent() - whole).abs() < 1e-9, "{} vs {whole}", b.spent());
+        assert_eq!(b.rounds().len(), 3);
+        let taken = b.restored().unwrap();
+        assert!(
+            taken.contains("lacked 3 rounds that the runs' own records hold (runs r, r2)"),
+            "{taken}"
+        );
+        let (_, warning) = command_report(state.clone(), Some(100.0), 1e-5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(warning.as_deref(), Some(taken));
+        // An older ledger (before round 2 and its settling): completed too.
+        std::fs::write(dir.path().join(LEDGER_FILE), &older).unwrap();
+        let mut b = Budget::open(state.clone(), 100.0, 1e-5).unwrap();
+        assert!((b.spent() - whole).abs() < 1e-9);
+        assert!(b.restored().unwrap().contains("lacked 2 rounds"));
+        // The next charge writes the completed ledger; nothing is left to
+        // take back.
+        b.charge(spent(3, 2.0)).unwrap();
+        let b = Budget::open(state.clone(), 100.0, 1e-5).unwrap();
+        assert_eq!((b.rounds().len(), b.restored()), (4, None));
+        // A record that does not decode is an error naming it.
+        std::fs::write(&run, b"[{").unwrap();
+        let e = Budget::open(state, 100.0, 1e-5).unwrap_err();
+        assert!(e.to_string().contains(RUN_RECORD), "{e}");
     }
 
     #[test]

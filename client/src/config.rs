@@ -680,6 +680,10 @@ mod tests {
                 "`privacy.epsilon_delta` = 1 must be in (0, 1)",
             ),
             (
+                format!("{head}{data}[privacy]\nepsilon_delta = 0.5\n"),
+                "`privacy.epsilon_delta` = 0.5 is above 0.01",
+            ),
+            (
                 format!("{head}{data}[privacy]\nmin_noise_multiplier = -0.5\n"),
                 "`privacy.min_noise_multiplier` = -0.5 must be finite and >= 0",
             ),
