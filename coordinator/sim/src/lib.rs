@@ -509,6 +509,7 @@ pub fn run_one(
         };
         let update_layout = plan.spec.update_layout();
         let mut todo = Vec::with_capacity(plan.selected.len());
+        let mut dropped_ids = std::collections::BTreeSet::new();
         for id in &plan.selected {
             let k = index[id.as_str()];
             // Only training drops: an evaluation's figures are every
@@ -520,6 +521,7 @@ pub fn run_one(
                     < s.dropout;
             if dropped {
                 engine.drop_agent(id);
+                dropped_ids.insert(id.clone());
             } else {
                 todo.push(k);
             }
@@ -528,8 +530,18 @@ pub fn run_one(
         // Secure rounds are opened before training and take each chunk's
         // updates as they come, so no more than a chunk of them is held.
         let mut secure = if plan.secure {
-            let expected = todo.iter().map(|&k| ids[k].clone()).collect();
-            secure::SecureRound::open(&mut engine, &plan, expected, s.seed)?
+            // Invited: every selected merchant (the dropped fall silent at
+            // the advertise stage, as over gRPC).
+            let invited = plan.selected.clone();
+            let round =
+                secure::SecureRound::open(&mut engine, &plan, invited, &dropped_ids, s.seed)?;
+            // Aborted before the masked inputs (too few survivors to pass
+            // the advertise stage, or one merchant): nobody trains, as over
+            // gRPC, where the round ends before an update is asked for.
+            if round.is_none() {
+                todo.clear();
+            }
+            round
         } else {
             None
         };

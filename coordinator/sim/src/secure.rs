@@ -42,14 +42,21 @@ pub(crate) struct SecureRound {
 }
 
 impl SecureRound {
-    /// Opens the secure round of `plan` for `merchants` (the agents expected
-    /// to send an input), or `None` when there are none. With one merchant
-    /// there is no sum to hide a value in: the task aborts (and the round is
-    /// tried again, as after any abort) without its input being read.
+    /// Opens the secure round of `plan` for `merchants` (the agents invited
+    /// to it), of which those in `dropped` fall silent before advertising
+    /// their keys, as a dropped agent does over gRPC: the round's parameters
+    /// and its threshold are the invited agents', so a round whose survivors
+    /// are too few aborts at the advertise stage, as the service's does (it
+    /// was opened over the survivors alone and released sums of 2 of 10
+    /// merchants that the real protocol never releases). `None` when there
+    /// is no one to invite, or the round aborted. With one merchant there is
+    /// no sum to hide a value in: the task aborts (and the round is tried
+    /// again, as after any abort) without its input being read.
     pub fn open(
         engine: &mut Engine,
         plan: &TaskPlan,
         merchants: Vec<String>,
+        dropped: &std::collections::BTreeSet<String>,
         seed: u64,
     ) -> anyhow::Result<Option<Self>> {
         if merchants.is_empty() {
@@ -73,7 +80,21 @@ impl SecureRound {
         // The same parameters as a gRPC round (2^64 ring for the statistics step).
         let config = secure_round::round_config(&settings, &plan.spec, n);
         let round_seed = fedcart_common::seed::derive(seed, &["secagg", &plan.task_id]);
-        let round = InMemoryRound::new(&config, n, &Dropouts::none(), round_seed).map_err(|e| {
+        let silent = Dropouts {
+            advertise: (0..n as u32)
+                .filter(|&i| dropped.contains(&merchants[i as usize]))
+                .collect(),
+            ..Dropouts::none()
+        };
+        let round = match InMemoryRound::new(&config, n, &silent, round_seed) {
+            Ok(round) => Ok(round),
+            Err(e @ SecAggError::TooFewSurvivors { .. }) => {
+                engine.abort_secure(format!("secure aggregation: {e}"));
+                return Ok(None);
+            }
+            Err(e) => Err(e),
+        };
+        let round = round.map_err(|e| {
             // The encoder names its own parameters (`scale`, `max_weight`,
             // `modulus_bits`), none of them a flag: the one that set them is
             // the clip.
@@ -203,7 +224,8 @@ pub(crate) fn secure_sum(
     seed: u64,
 ) -> anyhow::Result<(u64, StageTimes)> {
     let merchants = inputs.iter().map(|(m, _)| m.clone()).collect();
-    let Some(mut round) = SecureRound::open(engine, plan, merchants, seed)? else {
+    let none = Default::default();
+    let Some(mut round) = SecureRound::open(engine, plan, merchants, &none, seed)? else {
         return Ok((0, StageTimes::default()));
     };
     round.mask(inputs)?;

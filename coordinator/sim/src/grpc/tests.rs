@@ -272,6 +272,35 @@ fn mf_over_grpc_matches_in_process_with_a_fraction_and_drop_outs() {
     assert!((p - q).abs() < 1e-5, "rmse {p} vs {q}");
 }
 
+/// Under secure aggregation a merchant that drops falls silent before its
+/// keys, on both transports: a round whose survivors are fewer than the
+/// threshold of the invited merchants aborts at the advertise stage and is
+/// tried again. In process the round was opened over the survivors alone,
+/// and committed sums of 3 and 4 of 10 merchants that the real protocol
+/// (threshold 6) never releases.
+#[test]
+fn secure_rounds_with_drop_outs_abort_and_commit_alike_on_both_transports() {
+    let a = SimArgs {
+        merchants: Some(10),
+        rounds: Some(2),
+        secagg: true,
+        dropout: Some(0.6),
+        ..bundled("churn-lr", "telco")
+    };
+    let (inproc, grpc) = both(&a);
+    assert_same(&inproc, &grpc, 2e-3, true);
+    let aborted = inproc.rounds.iter().filter(|r| !r.committed).count();
+    assert!(aborted > 0, "the case needs an attempt below the threshold");
+    // No committed sum is over fewer merchants than the threshold of 10.
+    let least = inproc
+        .rounds
+        .iter()
+        .filter(|r| r.committed)
+        .map(|r| r.reported)
+        .min();
+    assert!(least >= Some(6), "{:?}", inproc.rounds);
+}
+
 #[test]
 fn mf_under_secure_aggregation_over_grpc_matches_in_process() {
     let a = SimArgs {
