@@ -42,6 +42,20 @@ pub enum RunStop {
         /// The configured `run.dp.target_epsilon`.
         target: f64,
     },
+    /// More merchants could be selected for a training round than
+    /// `run.dp.delta` protects (δ ≥ 1/n): the check at start took
+    /// `run.dp.population`, or `selection.min_agents` without it, for the
+    /// federation's size. The round is not started.
+    Delta {
+        /// The round that was not started.
+        round: u64,
+        /// `run.dp.delta`.
+        delta: f64,
+        /// Merchants available to it.
+        merchants: usize,
+        /// What the check at start took for the federation's size.
+        assumed: usize,
+    },
     /// A secure sum was unmasked but the round could not be committed:
     /// retrying over the same inputs would let the difference of two sums
     /// reveal individual updates, so the run stops instead.
@@ -133,6 +147,20 @@ impl std::fmt::Display for RunStop {
                 f,
                 "privacy budget: ε spent {spent:.4}; round {round} would bring it to {next:.4}, \
                  above run.dp.target_epsilon {target}; the run stops before round {round}"
+            ),
+            Self::Delta {
+                round,
+                delta,
+                merchants,
+                assumed,
+            } => write!(
+                f,
+                "run.dp.delta = {delta} is not below 1/{merchants}: {merchants} merchants could \
+                 be selected for round {round}, and a δ that large allows one merchant's data to \
+                 be released whole (the check at start took {assumed} merchants, \
+                 run.dp.population or else selection.min_agents); the run stops before round \
+                 {round}: set run.dp.population to the federation's size and run.dp.delta below \
+                 1/n (1e-5 is the usual choice)"
             ),
             Self::Revealed {
                 round,

@@ -588,6 +588,53 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     assert!(again.finished());
 }
 
+/// δ must stay below 1/n for the n merchants a round can be drawn from:
+/// with `population` unset the check at start took `min_agents` (3), and a
+/// δ of 0.009 ran rounds over 150 merchants. The round is not started, the
+/// stop names the keys to set and stays across a restart; a federation of
+/// 111 (δ·n < 1) trains.
+#[test]
+fn a_delta_not_below_one_over_the_merchants_available_stops_the_run_before_the_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = run(DpSettings::central(1.0, 1.0, 0.009), 3);
+    cfg.selection.max_agents = 200;
+    cfg.validate()
+        .expect("the check at start passes: 0.009 < 1/3");
+    let mut engine = Engine::open(
+        Store::open(&dir.path().join("d.redb")).unwrap(),
+        cfg.clone(),
+    )
+    .unwrap();
+    round(&mut engine, &agents(111), 0.0, None);
+    let e = engine.start_task(&agents(150)).unwrap_err();
+    let EngineError::Stopped(stop) = e else {
+        panic!("{e}");
+    };
+    assert_eq!(
+        stop,
+        RunStop::Delta {
+            round: 2,
+            delta: 0.009,
+            merchants: 150,
+            assumed: 3
+        }
+    );
+    let text = stop.to_string();
+    assert!(
+        text.starts_with("run.dp.delta = 0.009 is not below 1/150")
+            && text.contains("set run.dp.population to the federation's size"),
+        "{text}"
+    );
+    assert_eq!(
+        engine.store().history().unwrap().len(),
+        1,
+        "nothing started"
+    );
+    drop(engine);
+    let again = Engine::open(Store::open(&dir.path().join("d.redb")).unwrap(), cfg).unwrap();
+    assert_eq!(again.stopped(), Some(&stop));
+}
+
 /// `settings` in distributed mode over a secure run of 4 selected agents
 /// that commits with 3.
 fn distributed_secure_run(mut settings: DpSettings) -> RunConfig {
