@@ -639,7 +639,7 @@ impl Agent {
                 client,
                 session_id,
                 &task,
-                crate::transfer::DECLINED_BY_POLICY,
+                &crate::transfer::declined_by_policy(v.setting),
             )
             .await;
             return Ok(());

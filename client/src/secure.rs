@@ -622,7 +622,7 @@ impl SecureTasks {
                     policy_value = %source.policy,
                     "secure round refused by the privacy policy: {source}"
                 );
-                leaving = Some(crate::transfer::DECLINED_BY_POLICY.into());
+                leaving = Some(crate::transfer::declined_by_policy(source.setting));
             }
             Err((
                 stage,

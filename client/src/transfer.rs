@@ -352,8 +352,17 @@ pub async fn upload_as(
         })
 }
 
-/// The reason an agent gives for a task its privacy policy refuses.
+/// The reason an agent gives for a task its privacy policy refuses, before
+/// the setting that refused it ([`declined_by_policy`]).
 pub const DECLINED_BY_POLICY: &str = "declined by the merchant's privacy policy";
+
+/// The reason an agent gives for a task that `privacy.<setting>` of its
+/// policy refuses: the setting (not its value, nor the merchant's ε) tells
+/// the operator a spent budget (`max_epsilon`) from a round too small for
+/// the others (`min_neighbours`), where all read alike.
+pub fn declined_by_policy(setting: &str) -> String {
+    format!("{DECLINED_BY_POLICY} (privacy.{setting})")
+}
 
 /// The reason an agent gives when its items cannot be placed in the run's
 /// catalogue rows.

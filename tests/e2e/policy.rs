@@ -5,7 +5,7 @@
 use fedcart_client::agent::Agent;
 use fedcart_client::config::Backoff;
 use fedcart_client::policy::PrivacyPolicy;
-use fedcart_client::transfer::DECLINED_BY_POLICY;
+use fedcart_client::transfer::declined_by_policy;
 use fedcart_common::task::{ModelSpec, TaskKind};
 use fedcart_common::train::LocalData;
 use fedcart_coordinator::config::{RunConfig, SecAggSettings};
@@ -94,7 +94,7 @@ async fn an_agent_requiring_secure_aggregation_sends_nothing_to_a_plain_run() {
     assert_eq!(r.dropped, vec!["m3"]);
     assert_eq!(
         r.rejected,
-        declined_by_m3(DECLINED_BY_POLICY),
+        declined_by_m3(&declined_by_policy("require_secure_aggregation")),
         "m3 sent nothing but its refusal"
     );
     // Nothing was refused: /metrics' fedcart_updates_rejected_total and
@@ -119,7 +119,10 @@ async fn an_agent_whose_minimum_threshold_is_above_the_rounds_sends_no_masked_in
     // The sum is over the three that advertised keys; m3 never did.
     assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
     assert_eq!(r.dropped, vec!["m3"]);
-    assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY));
+    assert_eq!(
+        r.rejected,
+        declined_by_m3(&declined_by_policy("min_threshold"))
+    );
 }
 
 /// A round whose roster is smaller than a merchant's `min_survivors` gets
@@ -137,7 +140,10 @@ async fn an_agent_sends_no_masked_input_to_a_round_smaller_than_its_min_survivor
     // The sum is over the other three; m3's input is not in it.
     assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
     assert_eq!(r.dropped, vec!["m3"]);
-    assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY));
+    assert_eq!(
+        r.rejected,
+        declined_by_m3(&declined_by_policy("min_survivors"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,7 +158,10 @@ async fn an_agent_without_a_certificate_refuses_secure_rounds_under_the_default_
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     assert_eq!(r.reported, vec!["m0", "m1", "m2"]);
     assert_eq!(r.dropped, vec!["m3"]);
-    assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY));
+    assert_eq!(
+        r.rejected,
+        declined_by_m3(&declined_by_policy("require_key_binding"))
+    );
 }
 
 /// A curious coordinator that wants more of a merchant than its budget
@@ -202,7 +211,11 @@ async fn a_merchants_epsilon_cap_holds_across_rounds_runs_and_restarts() {
                 assert_eq!(r.reported, vec!["m0", "m1", "m2", "m3"], "{r:?}");
             } else {
                 assert_eq!(r.reported, vec!["m0", "m1", "m2"], "{r:?}");
-                assert_eq!(r.rejected, declined_by_m3(DECLINED_BY_POLICY), "{r:?}");
+                assert_eq!(
+                    r.rejected,
+                    declined_by_m3(&declined_by_policy("max_epsilon")),
+                    "{r:?}"
+                );
             }
         }
     }
@@ -327,7 +340,11 @@ async fn an_agent_reveals_no_shares_for_a_sum_of_fewer_inputs_than_its_policy_al
         ended
             .as_ref()
             .is_err_and(|e| e.to_string().contains("run.max_attempts")
-                && e.to_string().contains("(4 of 4; from m0, m3)")),
+                && e.to_string().contains(
+                    "`declined by the merchant's privacy policy (privacy.min_neighbours)` (2 of \
+                     4; from m3), and `declined by the merchant's privacy policy \
+                     (privacy.min_survivors)` (2 of 4; from m0)"
+                )),
         "{ended:?}"
     );
     for a in agents {
@@ -340,7 +357,7 @@ async fn an_agent_reveals_no_shares_for_a_sum_of_fewer_inputs_than_its_policy_al
         // m0's refusal is recorded, and ended the stage without its deadline.
         assert!(
             r.rejected
-                .contains(&("m0".to_string(), DECLINED_BY_POLICY.to_string())),
+                .contains(&("m0".to_string(), declined_by_policy("min_survivors"))),
             "{r:?}"
         );
     }

@@ -236,26 +236,47 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
             .max_by_key(|(_, n)| *n)
             .map(|(r, n)| (r.to_string(), n, reasons.len()))
     };
-    if let Some((reason, n, total)) = most(rejections) {
+    if !rejections.is_empty() {
+        let total = rejections.len();
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in &rejections {
+            *count.entry(r).or_default() += 1;
+        }
+        let mut ranked: Vec<(&str, usize)> = count.into_iter().collect();
+        // Most frequent first; equal counts in the reasons' order.
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
         // Who gave it: the operator's next question.
-        let who: std::collections::BTreeSet<&str> = attempts
-            .iter()
-            .flat_map(|r| r.rejected.iter())
-            .filter(|(_, why)| *why == reason)
-            .map(|(m, _)| m.as_str())
-            .collect();
-        let mut named: Vec<&str> = who.iter().copied().take(5).collect();
-        let more = who.len() - named.len();
-        let more = if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
+        let from = |reason: &str| {
+            let who: std::collections::BTreeSet<&str> = attempts
+                .iter()
+                .flat_map(|r| r.rejected.iter())
+                .filter(|(_, why)| why == reason)
+                .map(|(m, _)| m.as_str())
+                .collect();
+            let named: Vec<&str> = who.iter().copied().take(5).collect();
+            let more = who.len() - named.len();
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            format!("{}{more}", named.join(", "))
         };
-        named.sort_unstable();
-        return format!(
-            "most results were refused or withdrawn: `{reason}` ({n} of {total}; from {}{more})",
-            named.join(", ")
+        let (reason, n) = ranked[0];
+        let mut cause = format!(
+            "most results were refused or withdrawn: `{reason}` ({n} of {total}; from {})",
+            from(reason)
         );
+        // The next reason too: one merchant's spent budget
+        // (`privacy.max_epsilon`) leaves a round the others' policies
+        // refuse as too small, and the first alone told half the story.
+        if let Some(&(next, m)) = ranked.get(1) {
+            cause.push_str(&format!(
+                ", and `{next}` ({m} of {total}; from {})",
+                from(next)
+            ));
+        }
+        return cause;
     }
     let aborts: Vec<&str> = attempts
         .iter()
