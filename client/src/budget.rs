@@ -316,6 +316,13 @@ impl Budget {
                 ": no such file yet"
             }
         );
+        // A cap lowered below what was spent read like any other figure.
+        if self.max_epsilon.is_finite() && self.spent() >= self.max_epsilon {
+            out.push_str(
+                "the budget is spent: every further round with noise is refused (a higher \
+                 `privacy.max_epsilon` would allow more, at the merchant's choice)\n",
+            );
+        }
         let mut runs: std::collections::BTreeMap<&str, Accountant> = Default::default();
         for r in &self.ledger.rounds {
             // Charged multipliers were checked positive and finite.
@@ -544,6 +551,14 @@ mod tests {
         let mut b = Budget::open(state.clone(), 100.0, 1e-5).unwrap();
         assert!((b.spent() - whole).abs() < 1e-9);
         assert!(b.restored().unwrap().contains("lacked 2 rounds"));
+        // Its report says when the cap is spent.
+        assert!(!b.report().contains("the budget is spent"));
+        let tight = Budget::open(state.clone(), whole / 2.0, 1e-5).unwrap();
+        assert!(
+            tight
+                .report()
+                .contains("\nthe budget is spent: every further round")
+        );
         // The next charge writes the completed ledger; nothing is left to
         // take back.
         b.charge(spent(3, 2.0)).unwrap();

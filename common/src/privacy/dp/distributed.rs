@@ -127,7 +127,9 @@ fn poisson_for(variance: f64) -> Result<Poisson<f64>, DpError> {
     Poisson::new(variance / 2.0).map_err(|_| DpError::InvalidParameter {
         name: "variance",
         value: variance,
-        reason: "must be below 3.6e19",
+        reason: "must be below 3.6e19: each agent's noise variance grows with (clip × noise \
+                 multiplier)², so lower the DP clip (`--dp-clip`, `run.dp.clip`) or the noise \
+                 multiplier (`--dp-noise`, `run.dp.noise_multiplier`)",
     })
 }
 
