@@ -73,6 +73,58 @@ struct ColumnStats {
     uncoded: bool,
 }
 
+/// A column of more than two values that are two once case and spaces are
+/// ignored (`yes`, `Yes`, `YES`, `no`, …): its counts and codes are merged
+/// into each class's most frequent spelling (ties: the first in order), and
+/// every spelling of each class is returned under that spelling. `None`,
+/// with `st` untouched, for any other column.
+fn fold_case(st: &mut ColumnStats) -> Option<BTreeMap<String, Vec<String>>> {
+    if st.many || st.values.len() <= 2 {
+        return None;
+    }
+    let mut classes: BTreeMap<String, Vec<(String, usize)>> = BTreeMap::new();
+    for (v, n) in &st.values {
+        classes
+            .entry(v.trim().to_lowercase())
+            .or_default()
+            .push((v.clone(), *n));
+    }
+    if classes.len() != 2 {
+        return None;
+    }
+    let mut spellings = BTreeMap::new();
+    let mut canonical_of: HashMap<String, String> = HashMap::new();
+    let mut values = BTreeMap::new();
+    for (_, mut group) in classes {
+        group.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let canon = group[0].0.clone();
+        values.insert(canon.clone(), group.iter().map(|(_, n)| n).sum());
+        for (v, _) in &group {
+            canonical_of.insert(v.clone(), canon.clone());
+        }
+        let mut all: Vec<String> = group.into_iter().map(|(v, _)| v).collect();
+        all.sort();
+        spellings.insert(canon, all);
+    }
+    if !st.uncoded {
+        let mut coded: HashMap<String, u32> = HashMap::new();
+        let mut remap: HashMap<u32, u32> = HashMap::new();
+        let mut old: Vec<(&String, &u32)> = st.coded.iter().collect();
+        old.sort_by_key(|(_, code)| **code);
+        for (v, code) in old {
+            let canon = canonical_of.get(v).unwrap_or(v).clone();
+            let next = coded.len() as u32 + 1;
+            remap.insert(*code, *coded.entry(canon).or_insert(next));
+        }
+        for c in &mut st.codes {
+            *c = remap.get(c).copied().unwrap_or(*c);
+        }
+        st.coded = coded;
+    }
+    st.values = values;
+    Some(spellings)
+}
+
 /// Rows of a table the label-copy test ([`gives_the_label`]) reads.
 const LEAK_ROWS: usize = 100_000;
 
@@ -423,7 +475,20 @@ impl Schema {
         } else {
             DecimalMark::Point
         };
-        let two_valued = |c: usize| !stats[c].many && stats[c].values.len() == 2;
+        // Two values, or two once case and spaces are ignored (`yes`, `Yes`,
+        // `YES`): the draft gave up on such a label.
+        let two_valued = |c: usize| {
+            let st = &stats[c];
+            !st.many
+                && (st.values.len() == 2
+                    || st
+                        .values
+                        .keys()
+                        .map(|v| v.trim().to_lowercase())
+                        .collect::<HashSet<_>>()
+                        .len()
+                        == 2)
+        };
         let column = |name: &str| {
             header.iter().position(|h| h == name).ok_or_else(|| {
                 DataError::missing_column(path, name, header.iter().map(String::as_str))
@@ -499,9 +564,21 @@ impl Schema {
                 }
             }
         };
+        let spellings = fold_case(&mut stats[label]);
         let label_values: Vec<&String> = stats[label].values.keys().collect();
         let mut stayed_label = false;
-        let positive = match &opts.positive {
+        // A value given in another spelling of its class is that class.
+        let given = opts.positive.as_ref().map(|p| {
+            spellings
+                .as_ref()
+                .and_then(|sp| {
+                    sp.iter()
+                        .find(|(_, all)| all.iter().any(|v| v.eq_ignore_ascii_case(p.trim())))
+                        .map(|(canon, _)| canon.clone())
+                })
+                .unwrap_or_else(|| p.clone())
+        });
+        let positive = match &given {
             Some(p) => {
                 if !label_values.contains(&p) {
                     return Err(err(format!(
@@ -682,11 +759,32 @@ impl Schema {
             ));
             BlankNumeric::Zero
         };
+        let class = |v: String| match spellings.as_ref().and_then(|sp| sp.get(&v)) {
+            Some(all) => all.clone(),
+            None => vec![v],
+        };
+        if let Some(sp) = &spellings {
+            let told: Vec<String> = sp
+                .values()
+                .map(|all| {
+                    all.iter()
+                        .map(|v| format!("`{v}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .collect();
+            notes.push(format!(
+                "label `{}` is written in several spellings, each class listed whole under \
+                 `positive` and `negative`: {}",
+                header[label],
+                told.join("; ")
+            ));
+        }
         let schema = Schema {
             id: id.map(|c| header[c].clone()),
             label: header[label].clone(),
-            positive: vec![positive],
-            negative: vec![negative],
+            positive: class(positive),
+            negative: class(negative),
             numeric,
             categorical,
             blank_numeric,
@@ -764,6 +862,45 @@ mod tests {
 
     fn draft(text: &str, opts: &DraftOptions) -> Result<Draft, DataError> {
         Schema::draft(text.as_bytes(), Path::new("t.csv"), b',', opts)
+    }
+
+    /// A label written `yes`, `Yes` and `YES` (and so for no) is two values
+    /// once case is ignored: the draft lists every spelling of each class,
+    /// which the reader accepts, where it gave up ("must hold exactly two
+    /// values"); `--positive` in another spelling names its class.
+    #[test]
+    fn a_label_in_several_spellings_lists_each_class_whole() {
+        let mut text = "id,tenure,churned\n".to_string();
+        let spell = ["yes", "Yes", "YES", "no", "No", " NO"];
+        for k in 0..60 {
+            text.push_str(&format!("c{k},{},{}\n", k % 7, spell[k % 6]));
+        }
+        for opts in [
+            DraftOptions::default(),
+            DraftOptions {
+                label: Some("churned".into()),
+                positive: Some("YES".into()),
+                ..Default::default()
+            },
+        ] {
+            let d = draft(&text, &opts).unwrap();
+            assert_eq!(d.schema.label, "churned");
+            assert_eq!(d.schema.positive, ["YES", "Yes", "yes"]);
+            assert_eq!(d.schema.negative, ["NO", "No", "no"]);
+            assert!(
+                d.notes
+                    .iter()
+                    .any(|n| n.contains("written in several spellings")),
+                "{:?}",
+                d.notes
+            );
+            // The table reads with it: half the rows churned.
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.csv");
+            std::fs::write(&path, &text).unwrap();
+            let t = d.schema.load_csv(&path).unwrap();
+            assert_eq!(t.y.iter().filter(|&&y| y > 0.5).count(), 30);
+        }
     }
 
     fn telco_path() -> std::path::PathBuf {
