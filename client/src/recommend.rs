@@ -683,8 +683,14 @@ pub fn recommend_from(
 ) -> Result<Answer, RecommendError> {
     check_k(opts.k)?;
     let rec = Recommender::load(state, items.len())?.for_users(&mf.users);
-    // Ids are trimmed when the data is read: so is the one asked for.
-    let customer = customer.trim();
+    // Ids are trimmed when the data is read: so is the one asked for; and
+    // as the orders reader keeps ids, `17850.0` is `17850`.
+    let trimmed = customer.trim();
+    let customer = if mf.users.iter().any(|c| c == trimmed) {
+        trimmed
+    } else {
+        fedcart_common::data::orders::id_key(trimmed)
+    };
     let u = mf.users.iter().position(|c| c == customer).ok_or_else(|| {
         RecommendError::UnknownCustomer {
             customer: customer.to_owned(),

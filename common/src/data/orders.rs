@@ -25,7 +25,7 @@ pub mod read;
 
 pub use derive::{ChurnConfig, Prepared, derive};
 pub use mapping::{AmountIs, DecimalMark, Delimiter, OrdersMapping, TimestampFormat};
-pub use read::{read_orders, read_orders_from};
+pub use read::{id_key, read_orders, read_orders_from};
 
 /// One order line of the export, after mapping and validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -298,6 +298,10 @@ pub struct ReadReport {
     /// which settles it: the cell to check and the setting to give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decimal_note: Option<String>,
+    /// Customer ids that differ from another only in case, named: read as
+    /// different customers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case_note: Option<String>,
     /// Return lines (a negative quantity) netted against the customer's
     /// earlier purchases of the item: their units and value come off those
     /// purchases, and a purchase returned whole is left out.
@@ -322,7 +326,7 @@ impl ReadReport {
     /// and lines netted or left out without being bad rows
     /// ([`ReadReport::returns_note`]).
     pub fn warnings(&self) -> Vec<String> {
-        [&self.decimal_note, &self.stray_dates]
+        [&self.decimal_note, &self.stray_dates, &self.case_note]
             .into_iter()
             .filter_map(|n| n.clone())
             .chain(self.returns_note())

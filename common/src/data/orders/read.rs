@@ -19,6 +19,25 @@ const MAX_SKIPPED_SHARE: f64 = 0.1;
 /// [`BadRowPolicy::Skip`] refuse a read (a small export's two bad dates).
 const MIN_SYSTEMATIC: u64 = 10;
 
+/// A customer or item id as the reader keeps it: a whole number that a
+/// spreadsheet wrote with a decimal zero (`17850.0`, UCI Online Retail's
+/// customer ids) is that number (`17850`), as the lines written without it
+/// are; any other id as written, trimmed. The two had been two customers.
+pub fn id_key(raw: &str) -> &str {
+    let raw = raw.trim();
+    match raw.split_once('.') {
+        Some((whole, zeros))
+            if !whole.is_empty()
+                && whole.bytes().all(|b| b.is_ascii_digit())
+                && !zeros.is_empty()
+                && zeros.bytes().all(|b| b == b'0') =>
+        {
+            whole
+        }
+        _ => raw,
+    }
+}
+
 /// What one data row of the export is.
 enum Line {
     /// An order line.
@@ -323,6 +342,7 @@ pub fn read_orders_from<R: Read>(
         });
     }
     report.stray_dates = stray_dates(&orders, &lines);
+    report.case_note = ids_differing_in_case(&orders);
     if let Some((line, raw)) = ambiguous_amount.filter(|_| !point_amount) {
         let read = |mark: DecimalMark| mark.parse(&raw).unwrap_or_default();
         report.decimal_note = Some(format!(
@@ -400,6 +420,39 @@ fn net_returns(
     let mut k = emptied.iter();
     lines.retain(|_| !k.next().copied().unwrap_or(false));
     report.returned_whole = (before - orders.len()) as u64;
+}
+
+/// Customer ids that differ from another only in case (`EMMA@GMX.DE`,
+/// `emma@gmx.de`): read as different customers, one of them churned and
+/// the other not, when they are one. Said, naming the first pair; not
+/// merged, since ids may be case-sensitive.
+fn ids_differing_in_case(orders: &[Order]) -> Option<String> {
+    let mut by_folded: std::collections::HashMap<String, &str> = Default::default();
+    let mut pairs = 0usize;
+    let mut first: Option<(&str, &str)> = None;
+    let mut seen: std::collections::HashSet<&str> = Default::default();
+    for o in orders {
+        if !seen.insert(o.customer.as_str()) {
+            continue;
+        }
+        let folded = o.customer.to_lowercase();
+        match by_folded.get(&folded) {
+            Some(other) => {
+                pairs += 1;
+                first.get_or_insert((other, o.customer.as_str()));
+            }
+            None => {
+                by_folded.insert(folded, o.customer.as_str());
+            }
+        }
+    }
+    let (a, b) = first?;
+    Some(format!(
+        "{pairs} customer id{} differ{} from another only in case (`{a}` and `{b}`, …): they are \
+         read as different customers; if they are one, write them alike in the export",
+        if pairs == 1 { "" } else { "s" },
+        if pairs == 1 { "s" } else { "" },
+    ))
 }
 
 /// Lines dated far outside the rest of the export. The middle 98 % of the
@@ -740,7 +793,7 @@ fn parse_row(
         }
         Ok(v)
     };
-    let customer = get(cols.customer);
+    let customer = id_key(get(cols.customer));
     if customer.is_empty() {
         return Err(cell(
             cols.customer,
@@ -752,7 +805,7 @@ fn parse_row(
         Some(c) if get(c).is_empty() => {
             return Err(cell(c, BadRowReason::BlankItem, "blank item id".into()));
         }
-        Some(c) => Some(get(c).to_string()),
+        Some(c) => Some(id_key(get(c)).to_string()),
         None => None,
     };
     // A blank store became a store named "" of its own, under a natural

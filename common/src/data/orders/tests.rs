@@ -483,6 +483,46 @@ fn skip_refuses_to_leave_out_a_tenth_of_the_rows_for_a_setting() {
     );
 }
 
+/// A spreadsheet writes a whole-number id as `17850.0` on some lines and
+/// `17850` on others: one customer, not two. Ids that differ only in case
+/// are two customers, as written, and said.
+#[test]
+fn ids_written_with_a_decimal_zero_are_one_and_ids_differing_in_case_are_named() {
+    assert_eq!(id_key(" 17850.0 "), "17850");
+    assert_eq!(id_key("17850.00"), "17850");
+    for kept in ["17850.5", "1.0.0", ".0", "85123A", "0.0a", "c1.0", "12."] {
+        assert_eq!(id_key(kept), kept);
+    }
+    let text = format!(
+        "{HEADER}\
+         17850.0,22752.0,2024-01-01,1,2\n\
+         17850,22752,2024-01-02,1,2\n\
+         EMMA@GMX.DE,i1,2024-01-03,1,2\n\
+         emma@gmx.de,i1,2024-01-04,1,2\n"
+    );
+    let (orders, report) = read(&text, &mapping(), BadRowPolicy::Fail).unwrap();
+    let ids: Vec<(&str, Option<&str>)> = orders
+        .iter()
+        .map(|o| (o.customer.as_str(), o.item.as_deref()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("17850", Some("22752")),
+            ("17850", Some("22752")),
+            ("EMMA@GMX.DE", Some("i1")),
+            ("emma@gmx.de", Some("i1"))
+        ]
+    );
+    assert_eq!(
+        report.warnings(),
+        [
+            "1 customer id differs from another only in case (`EMMA@GMX.DE` and `emma@gmx.de`, …): \
+          they are read as different customers; if they are one, write them alike in the export"
+        ]
+    );
+}
+
 /// A blank store cell is a bad row: it had become a store named "" of its
 /// own (under a natural partition, a merchant).
 #[test]
