@@ -100,7 +100,9 @@ pub enum BadRowReason {
     FieldCount,
     /// The customer id is blank.
     BlankCustomer,
-    /// The item id is blank.
+    /// The item id is blank (no longer a bad row: such a line counts
+    /// toward its customer's features, not the interactions; kept so that
+    /// older summaries read).
     BlankItem,
     /// The timestamp does not parse in the mapped format.
     BadTimestamp,
@@ -314,6 +316,10 @@ pub struct ReadReport {
     /// Purchases returned whole, and left out.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub returned_whole: u64,
+    /// Lines with a blank item id (a gift card, a custom line): they count
+    /// toward their customers' features, not toward the interactions.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blank_items: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -333,8 +339,9 @@ impl ReadReport {
             .collect()
     }
 
-    /// What was netted or left out without being a bad row: returns, as one
-    /// sentence (`None` when there were none). Lines of quantity 0 are kept
+    /// What was netted, kept or left out without being a bad row: returns
+    /// and lines without an item, as one sentence (`None` when there were
+    /// none). Lines of quantity 0 are kept
     /// as purchases: the bundled grocery log has 1,162 (of sales value 0),
     /// and its reference figures count them.
     pub fn returns_note(&self) -> Option<String> {
@@ -347,6 +354,19 @@ impl ReadReport {
                 if self.returns == 1 { "" } else { "s" },
                 self.returned_whole,
                 if self.returned_whole == 1 { "" } else { "s" },
+            ));
+        }
+        if self.blank_items > 0 {
+            parts.push(format!(
+                "{} line{} with a blank item id count toward {} customer's spend and orders, \
+                 not toward the recommender's purchases",
+                self.blank_items,
+                if self.blank_items == 1 { "" } else { "s" },
+                if self.blank_items == 1 {
+                    "its"
+                } else {
+                    "their"
+                },
             ));
         }
         if self.returns_unmatched > 0 {

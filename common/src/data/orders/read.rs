@@ -343,6 +343,9 @@ pub fn read_orders_from<R: Read>(
     }
     report.stray_dates = stray_dates(&orders, &lines);
     report.case_note = ids_differing_in_case(&orders);
+    if cols.item.is_some() {
+        report.blank_items = orders.iter().filter(|o| o.item.is_none()).count() as u64;
+    }
     if let Some((line, raw)) = ambiguous_amount.filter(|_| !point_amount) {
         let read = |mark: DecimalMark| mark.parse(&raw).unwrap_or_default();
         report.decimal_note = Some(format!(
@@ -801,10 +804,12 @@ fn parse_row(
             "blank customer id".into(),
         ));
     }
+    // A blank item (a gift card, a custom line) is still a purchase: it
+    // counts toward its customer's spend and orders, and is left out of the
+    // interactions (`ReadReport::blank_items`). Skipped, it had been taken
+    // off the customer's spend too.
     let item = match cols.item {
-        Some(c) if get(c).is_empty() => {
-            return Err(cell(c, BadRowReason::BlankItem, "blank item id".into()));
-        }
+        Some(c) if get(c).is_empty() => None,
         Some(c) => Some(id_key(get(c)).to_string()),
         None => None,
     };

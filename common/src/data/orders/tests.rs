@@ -588,20 +588,22 @@ fn skip_policy_counts_every_reason_exactly() {
     );
     let (orders, report) = read(&text, &mapping(), BadRowPolicy::Skip).unwrap();
     assert_eq!(report.rows_read, 10);
-    assert_eq!(report.rows_ok, 2);
-    assert_eq!(orders.len(), 2);
+    assert_eq!(report.rows_ok, 3);
+    assert_eq!(orders.len(), 3);
     let expect = BTreeMap::from([
         (BadRowReason::BadTimestamp, 2),
         (BadRowReason::BlankCustomer, 1),
         (BadRowReason::FieldCount, 1),
-        (BadRowReason::BlankItem, 1),
         (BadRowReason::NegativeAmount, 1),
         (BadRowReason::BadQuantity, 1),
     ]);
     assert_eq!(report.skipped, expect);
-    assert_eq!(report.rows_skipped(), 7);
-    // The return has nothing bought before it.
+    assert_eq!(report.rows_skipped(), 6);
+    // The return has nothing bought before it; the line without an item
+    // is a purchase, not an interaction.
     assert_eq!(report.returns_unmatched, 1);
+    assert_eq!(report.blank_items, 1);
+    assert_eq!(orders[1].item, None);
     assert_eq!(report.examples.len(), 5);
     assert_eq!(
         report.examples[0],
