@@ -300,6 +300,10 @@ pub struct ReadReport {
     /// which settles it: the cell to check and the setting to give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decimal_note: Option<String>,
+    /// An amount column named for a price (`UnitPrice`) read as each line's
+    /// total, with lines of more than one unit: the setting to check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_note: Option<String>,
     /// Customer ids that differ from another only in case, named: read as
     /// different customers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -332,11 +336,16 @@ impl ReadReport {
     /// and lines netted or left out without being bad rows
     /// ([`ReadReport::returns_note`]).
     pub fn warnings(&self) -> Vec<String> {
-        [&self.decimal_note, &self.stray_dates, &self.case_note]
-            .into_iter()
-            .filter_map(|n| n.clone())
-            .chain(self.returns_note())
-            .collect()
+        [
+            &self.decimal_note,
+            &self.amount_note,
+            &self.stray_dates,
+            &self.case_note,
+        ]
+        .into_iter()
+        .filter_map(|n| n.clone())
+        .chain(self.returns_note())
+        .collect()
     }
 
     /// What was netted, kept or left out without being a bad row: returns

@@ -343,6 +343,20 @@ pub fn read_orders_from<R: Read>(
     }
     report.stray_dates = stray_dates(&orders, &lines);
     report.case_note = ids_differing_in_case(&orders);
+    // A column named for a price, read as each line's total: UCI's
+    // `UnitPrice` beside `Quantity` gave a customer 33.25 for 845.85 spent.
+    let amount_name = &header[cols.amount];
+    if map.amount_is == AmountIs::LineTotal
+        && cols.quantity.is_some()
+        && amount_name.to_lowercase().contains("price")
+        && orders.iter().any(|o| o.quantity > 1.0)
+    {
+        report.amount_note = Some(format!(
+            "the amount column `{amount_name}` is read as each line's total; its name says a \
+             price: if it holds the price of one unit, give `--amount-is unit_price` \
+             (`amount_is = \"unit_price\"` in the mapping) and each line is worth price × quantity"
+        ));
+    }
     if cols.item.is_some() {
         report.blank_items = orders.iter().filter(|o| o.item.is_none()).count() as u64;
     }

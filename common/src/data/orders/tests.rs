@@ -523,6 +523,38 @@ fn ids_written_with_a_decimal_zero_are_one_and_ids_differing_in_case_are_named()
     );
 }
 
+/// A column named for a price read as each line's total, on lines of more
+/// than one unit, names the setting (UCI's `UnitPrice` gave a customer
+/// 33.25 for 845.85 spent); given it, or on single units, nothing is said.
+#[test]
+fn a_price_column_read_as_line_totals_names_the_setting() {
+    let text = format!("{HEADER}c1,i1,2024-01-01,12,2.5\nc2,i2,2024-01-02,1,3\n");
+    let (_, report) = read(&text, &mapping(), BadRowPolicy::Fail).unwrap();
+    let note = report.amount_note.as_deref().unwrap();
+    assert!(
+        note.starts_with("the amount column `price` is read as each line's total")
+            && note.contains("`--amount-is unit_price`"),
+        "{note}"
+    );
+    let mut unit = mapping();
+    unit.amount_is = AmountIs::UnitPrice;
+    assert_eq!(
+        read(&text, &unit, BadRowPolicy::Fail)
+            .unwrap()
+            .1
+            .amount_note,
+        None
+    );
+    let single = format!("{HEADER}c1,i1,2024-01-01,1,2.5\n");
+    assert_eq!(
+        read(&single, &mapping(), BadRowPolicy::Fail)
+            .unwrap()
+            .1
+            .amount_note,
+        None
+    );
+}
+
 /// A blank store cell is a bad row: it had become a store named "" of its
 /// own (under a natural partition, a merchant).
 #[test]
