@@ -183,6 +183,26 @@ impl DataSpec {
                     |e| match e {
                         // The option that settles it is the client's
                         // `schema` command's: the simulator has none.
+                        // An orders export: the simulator reads it as one
+                        // (the draft's hint names the agent's settings).
+                        DataError::DraftNeeds { file, detail, .. }
+                            if detail.contains("looks like an orders export") =>
+                        {
+                            let table_note = detail
+                                .split("; this looks like")
+                                .next()
+                                .unwrap_or_default()
+                                .to_string();
+                            anyhow::anyhow!(
+                                "{flag} auto: {}: this looks like an orders export, one line per \
+                                 order, not a customer table of one row per customer {table_note}: \
+                                 give it as `--data orders:{}` with its columns (`--customer-col`, \
+                                 `--item-col`, `--timestamp-col`, `--amount-col`, …), and the \
+                                 simulator derives each customer's features and churn label",
+                                file.display(),
+                                table.display()
+                            )
+                        }
                         DataError::DraftNeeds {
                             file,
                             what,
@@ -649,8 +669,23 @@ pub fn build(
             };
             // Every loading error names the file (and line) itself.
             let mut notes = Vec::new();
+            let telco = matches!(data, DataSpec::Telco(_));
             let mut load = |p: &Path| -> anyhow::Result<TabularDataset> {
-                let (ds, unseen) = schema.load_csv_noting(p, delimiter)?;
+                let (ds, unseen) = schema.load_csv_noting(p, delimiter).map_err(|e| {
+                    // `telco:` reads Telco's own columns: another customer
+                    // table missing one is read with a schema instead.
+                    match e {
+                        DataError::MissingColumn { .. } if telco => {
+                            anyhow::Error::new(e).context(format!(
+                                "`--data telco:` reads the IBM Telco table's own columns; for \
+                                 another customer table give `--data csv:{} --schema auto` \
+                                 (a schema drafted from the table), or a schema file",
+                                p.display()
+                            ))
+                        }
+                        e => anyhow::Error::new(e),
+                    }
+                })?;
                 notes.extend(unseen);
                 Ok(ds)
             };

@@ -1027,11 +1027,19 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
         // the label in disguise far more often than a model (a probe's
         // cancellation code gave 1.0000 without a word).
         if b.metric == "val_auc" && b.value >= 0.9999 {
+            // An orders export has no schema: its features are derived, and
+            // a perfect score comes from too few customers to rank.
+            let cause = if exp.data.starts_with("orders") {
+                "with features derived from an orders export, a validation slice of few \
+                 customers or a churn window the export barely covers is the likely cause: \
+                 check both"
+            } else {
+                "a column that encodes the label (a cancellation flag or date, a status code) \
+                 is the likely cause: check the schema's columns"
+            };
             out.push(format!(
                 "warning: val_auc {:.4}: the model separates churners perfectly on customers it \
-                 did not train on; a column that encodes the label (a cancellation flag or date, \
-                 a status code) is the likely cause: check the schema's columns before trusting \
-                 any figure",
+                 did not train on; {cause} before trusting any figure",
                 b.value
             ));
         }

@@ -115,6 +115,58 @@ fn schema_auto_drafts_from_the_table_and_learns_as_the_hand_written_one() {
     assert!(error(a).contains("--schema auto drafts the schema from `--data csv:PATH`"),);
 }
 
+/// `--schema auto` on an orders export named the agent's settings
+/// (`data.orders_csv`, `prepare`); the simulator reads such a file itself,
+/// with `--data orders:PATH`.
+#[test]
+fn schema_auto_on_an_orders_export_names_the_simulators_orders_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = dir.path().join("orders.csv");
+    let mut text = "customer,item,timestamp,quantity,amount\n".to_string();
+    for k in 0..200 {
+        text.push_str(&format!(
+            "c{},i{},2024-01-{:02}T10:00:00,1,{}.5\n",
+            k % 20,
+            k % 7,
+            1 + k % 28,
+            k % 9
+        ));
+    }
+    std::fs::write(&orders, text).unwrap();
+    let err = error(args(
+        "churn-lr",
+        format!("csv:{}", orders.display()),
+        Some("auto".into()),
+    ));
+    assert!(
+        err.contains("this looks like an orders export")
+            && err.contains(&format!("give it as `--data orders:{}`", orders.display()))
+            && !err.contains("data.orders_csv"),
+        "{err}"
+    );
+}
+
+/// `--data telco:` on another customer table named only Telco's missing
+/// column: it names the way to read any table.
+#[test]
+fn telco_data_on_another_table_names_csv_with_a_drafted_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = dir.path().join("bank.csv");
+    std::fs::write(
+        &bank,
+        "CustomerId,Age,Balance,Exited\n1,40,10.5,0\n2,31,0,1\n",
+    )
+    .unwrap();
+    let err = error(args("churn-lr", format!("telco:{}", bank.display()), None));
+    assert!(
+        err.contains(&format!(
+            "give `--data csv:{} --schema auto`",
+            bank.display()
+        )) && err.contains("customerID"),
+        "{err}"
+    );
+}
+
 /// `--schema auto` on a table whose label cannot be told said "give it
 /// with `--label COLUMN`", a flag the simulator does not have: it names
 /// the client's command that takes it, and the schema file to give back.
