@@ -1538,6 +1538,9 @@ fn flag_error(e: fedcart_coordinator::config::ConfigError) -> anyhow::Error {
     };
     match e {
         ConfigError::Invalid { field, message } if flag(field).is_some() => {
+            // The simulator's federation is its `--merchants` (the run's
+            // population is set from it).
+            let message = message.replace("run.dp.population", "--merchants");
             anyhow::anyhow!("invalid {}: {message}", flag(field).unwrap_or(field))
         }
         e => e.into(),

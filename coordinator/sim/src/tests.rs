@@ -1749,7 +1749,7 @@ fn a_refused_dp_setting_names_its_flag() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.starts_with("invalid --dp-delta: 0.008 is not below 1/200"),
+        e.starts_with("invalid --dp-delta: 0.008 is not below 1/200 (200 merchants: --merchants)"),
         "{e}"
     );
     // Whatever the federation's size, a δ above 1 % is no guarantee.
