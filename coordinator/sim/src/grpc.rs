@@ -112,12 +112,21 @@ pub fn run(
         &s.dp,
         done.history.iter().rev().find_map(|r| r.privacy.as_ref()),
     ) {
+        // The planned multiplier, as in process: the one given, else the
+        // largest a round was charged at (a round that lost agents is
+        // charged lower; the last one's was shown as the run's).
+        let planned = dp.noise_multiplier.unwrap_or_else(|| {
+            done.history
+                .iter()
+                .filter_map(|r| r.privacy.as_ref().map(|p| p.noise_multiplier))
+                .fold(last.noise_multiplier, f64::max)
+        });
         exp.privacy = Some(crate::experiment::PrivacySummary {
             dp_noise: fedcart_coordinator::ledger::NoiseSource::Os
                 .label()
                 .to_string(),
             mode: last.mode,
-            noise_multiplier: last.noise_multiplier,
+            noise_multiplier: planned,
             delta: last.delta,
             epsilon: last.epsilon,
             clip: last.clip,
@@ -447,6 +456,9 @@ fn rows(
                     clipped: std::mem::take(&mut carried) + clipped,
                     epsilon: r.privacy.as_ref().map(|p| p.epsilon),
                     dp_clip: r.privacy.as_ref().map(|p| p.clip),
+                    // As in process: the multiplier the round was charged
+                    // at (the column was empty over gRPC).
+                    dp_noise: r.privacy.as_ref().map(|p| p.noise_multiplier),
                     ..Default::default()
                 };
                 // An evaluation follows a committed round when the run evaluates.

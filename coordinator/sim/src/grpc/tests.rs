@@ -240,9 +240,18 @@ fn distributed_dp_over_grpc_is_accounted_like_in_process_and_still_learns() {
     assert_eq!(eps(&inproc), eps(&grpc));
     assert!(eps(&grpc).iter().all(|e| e.is_some_and(|e| e > 0.0)));
     // The summary's ε (table, metrics.json, report) too, not only the rows'.
-    let summary = |e: &Experiment| e.privacy.as_ref().map(|p| (p.epsilon, p.delta));
+    let summary = |e: &Experiment| {
+        e.privacy
+            .as_ref()
+            .map(|p| (p.epsilon, p.delta, p.noise_multiplier))
+    };
     assert!(summary(&grpc).is_some());
     assert_eq!(summary(&inproc), summary(&grpc));
+    // Each round's charged multiplier (`dp_noise` in metrics.csv) too: the
+    // column was empty over gRPC.
+    let charged = |e: &Experiment| e.rounds.iter().map(|r| r.dp_noise).collect::<Vec<_>>();
+    assert!(charged(&grpc).iter().all(Option::is_some));
+    assert_eq!(charged(&inproc), charged(&grpc));
     let (p, q) = (inproc.final_metrics["auc"], grpc.final_metrics["auc"]);
     assert!(
         p > 0.75 && q > 0.75 && (p - q).abs() < 0.03,
