@@ -523,6 +523,35 @@ async fn a_refused_unmasked_sum_stops_the_run_instead_of_being_retried() {
     );
 }
 
+/// A federation of `run`: a coordinator on a fresh store, m3 forging every
+/// share bundle it sends until the returned sender says stop (its task
+/// gives the number of bundles sent), and honest m0..m2.
+struct WithForger {
+    coord: fedcart_coordinator::server::Running,
+    _store: tempfile::TempDir,
+    stop: tokio::sync::watch::Sender<bool>,
+    forger: tokio::task::JoinHandle<usize>,
+    agents: Vec<fedcart_tests::AgentHandle>,
+}
+
+async fn with_forger(run: RunConfig) -> WithForger {
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let forger = RawAgent::join(coord.addr, merchant(3)).await;
+    let forger = tokio::spawn(forger.secure_forging_shares(stopped));
+    let agents = (0..3)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    WithForger {
+        coord,
+        _store: store,
+        stop,
+        forger,
+        agents,
+    }
+}
+
 /// A malicious merchant forges every share bundle it sends, so that no one
 /// can open its shares and the round cannot finish. Each neighbour that
 /// fails to open one names the sender; accused by two or more, the forger is set
@@ -533,19 +562,12 @@ async fn a_refused_unmasked_sum_stops_the_run_instead_of_being_retried() {
 async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commits() {
     let mut run = noop_secure_run("e2e-sa-forged", 1, 4, 3, 1000);
     run.selection.min_agents = 3;
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let forger = RawAgent::join(coord.addr, merchant(3)).await;
-    let forger = tokio::spawn(forger.secure_forging_shares(stopped));
-    let agents: Vec<_> = (0..3)
-        .map(|k| spawn_agent(coord.addr, merchant(k)))
-        .collect();
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    let _ = stop.send(true);
-    assert!(forger.await.unwrap() >= 1, "the forger sent its shares");
-    for a in agents {
+    let f = with_forger(run.clone()).await;
+    let shared = f.coord.shared.clone();
+    f.coord.wait_finished().await.unwrap();
+    let _ = f.stop.send(true);
+    assert!(f.forger.await.unwrap() >= 1, "the forger sent its shares");
+    for a in f.agents {
         a.stop().await;
     }
     let history = shared.history().unwrap();
@@ -593,15 +615,9 @@ async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commit
 async fn a_run_left_short_by_a_merchant_set_aside_says_another_must_join() {
     let run = noop_secure_run("e2e-sa-short", 1, 4, 3, 1000);
     assert_eq!(run.selection.min_agents, 4);
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let f = with_forger(run).await;
+    let coord = f.coord;
     let mut progress = coord.shared.progress();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let forger = RawAgent::join(coord.addr, merchant(3)).await;
-    let forger = tokio::spawn(forger.secure_forging_shares(stopped));
-    let agents: Vec<_> = (0..3)
-        .map(|k| spawn_agent(coord.addr, merchant(k)))
-        .collect();
     // The first round's record is written, and no task is open after it.
     progress
         .wait_for(|p| p.records >= 1 && p.open_task.is_none())
@@ -629,9 +645,9 @@ async fn a_run_left_short_by_a_merchant_set_aside_says_another_must_join() {
         coord.shared.model(1).unwrap().is_none(),
         "nothing committed"
     );
-    let _ = stop.send(true);
-    forger.await.unwrap();
-    for a in agents {
+    let _ = f.stop.send(true);
+    f.forger.await.unwrap();
+    for a in f.agents {
         a.stop().await;
     }
     coord.shutdown().await.unwrap();
