@@ -492,6 +492,28 @@ const MIN_EVERY_MS: u64 = 1_000;
 const MAX_EVERY_MS: u64 = 366 * 86_400_000;
 
 impl RunConfig {
+    /// What the operator is warned of when a secure run's rounds may hold
+    /// fewer than 3 merchants: agents refuse them under their default
+    /// policy (`privacy.min_neighbours = 2`), and such a run failed every
+    /// round after its attempts with nothing said before. For `serve` and
+    /// `runs submit` (the simulator's merchants apply no policy).
+    pub fn small_secure_round_warning(&self) -> Option<String> {
+        (self.secagg.is_some() && self.selection.min_agents < 3).then(|| {
+            format!(
+                "run `{}`: a secure round may start with {} merchant{} (selection.min_agents), \
+                 and agents refuse rounds of fewer than 3 under their default privacy policy \
+                 (privacy.min_neighbours = 2): set selection.min_agents to 3 or more",
+                self.run_id,
+                self.selection.min_agents,
+                if self.selection.min_agents == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            )
+        })
+    }
+
     /// Refuses a key of the run's `sgd` or `model` table that no field
     /// reads. Those types skip unknown keys (they travel to agents, which
     /// must read a newer coordinator's specs), so a misspelt `class_weigth`
@@ -971,6 +993,31 @@ mod tests {
         std::fs::write(&path, text).expect("write config");
         let cfg = CoordinatorConfig::load(&path);
         (dir, cfg)
+    }
+
+    /// A secure run whose rounds may hold 2 merchants failed every round
+    /// against agents under their default policy, with nothing said: the
+    /// operator is warned, naming the key.
+    #[test]
+    fn a_secure_run_whose_rounds_may_hold_two_merchants_is_warned_about() {
+        let (_dir, cfg) = load(EXAMPLE);
+        let mut run = cfg.expect("example loads").run;
+        run.selection.min_agents = 2;
+        assert_eq!(run.small_secure_round_warning(), None, "not secure");
+        run.secagg = Some(SecAggSettings {
+            neighbours: None,
+            clip: 1.0,
+            verify_survivors: false,
+            stage_timeout_ms: None,
+        });
+        let w = run.small_secure_round_warning().expect("warned");
+        assert!(
+            w.contains("may start with 2 merchants (selection.min_agents)")
+                && w.contains("privacy.min_neighbours = 2"),
+            "{w}"
+        );
+        run.selection.min_agents = 3;
+        assert_eq!(run.small_secure_round_warning(), None);
     }
 
     #[test]

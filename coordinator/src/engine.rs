@@ -395,15 +395,6 @@ impl Engine {
         {
             tracing::warn!(run = %run.run_id, "{w}");
         }
-        // The agents' default policy (`privacy.min_neighbours = 2`) refuses
-        // a secure round of two: such a run failed every round, after its
-        // attempts, with nothing said before.
-        if run.secagg.is_some() && run.selection.min_agents < 3 {
-            tracing::warn!(run = %run.run_id, min_agents = run.selection.min_agents,
-                "a secure round may start with fewer than 3 merchants (selection.min_agents), \
-                 and agents refuse it under their default privacy policy \
-                 (privacy.min_neighbours = 2): set selection.min_agents to 3 or more");
-        }
         let mut ledger = run
             .dp
             .as_ref()

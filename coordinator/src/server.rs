@@ -364,6 +364,9 @@ fn spawn_access_watch(
 /// Starts from a loaded `coordinator.toml`. Mutual TLS (`serve.tls`) is
 /// required unless `insecure`.
 pub async fn start_from_config(cfg: &CoordinatorConfig, insecure: bool) -> anyhow::Result<Running> {
+    if let Some(w) = cfg.run.small_secure_round_warning() {
+        tracing::warn!("{w}");
+    }
     let transport = match (&cfg.serve.tls, insecure) {
         (Some(_), true) => {
             tracing::warn!(

@@ -121,6 +121,9 @@ impl Admin for AdminService {
         let (run, schedule) = RunConfig::from_toml(&req.config_toml, Path::new(&source))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let run_id = run.run_id.clone();
+        if let Some(w) = run.small_secure_round_warning() {
+            tracing::warn!("{w}");
+        }
         let (shared, _) = self.hub.submit(run, false, schedule)?;
         tracing::info!(run = %run_id, operator = %by, "run submitted by the operator");
         (self.start)(shared);
