@@ -82,6 +82,21 @@ struct Ledger {
     rounds: Vec<Spent>,
 }
 
+impl Ledger {
+    /// Composes the accountant again from the rounds, at its orders; the
+    /// multiplier it cannot take, if one is not a positive number.
+    fn recompose(&mut self) -> Result<(), f64> {
+        let mut acc =
+            Accountant::with_orders(self.accountant.orders().to_vec()).unwrap_or_default();
+        for r in &self.rounds {
+            acc.step(1.0, r.noise_multiplier)
+                .map_err(|_| r.noise_multiplier)?;
+        }
+        self.accountant = acc;
+        Ok(())
+    }
+}
+
 /// The budget: `max_epsilon` at `delta` against the stored ledger.
 #[derive(Debug, Clone)]
 pub struct Budget {
@@ -140,13 +155,8 @@ impl Budget {
         let mut restored = None;
         if !taken.is_empty() {
             ledger.rounds.sort_by_key(|r| r.at_unix_ms);
-            let mut acc =
-                Accountant::with_orders(ledger.accountant.orders().to_vec()).unwrap_or_default();
-            for r in &ledger.rounds {
-                // Recorded multipliers were checked positive and finite.
-                let _ = acc.step(1.0, r.noise_multiplier);
-            }
-            ledger.accountant = acc;
+            // Recorded multipliers were checked positive and finite.
+            let _ = ledger.recompose();
             let rounds = taken.len();
             taken.sort();
             taken.dedup();
@@ -281,13 +291,7 @@ impl Budget {
             Some(r) => r.noise_multiplier = z,
             None => next.rounds.push(spent),
         }
-        let mut acc = Accountant::with_orders(next.accountant.orders().to_vec())
-            .map_err(|_| ChargeError::Noise(z))?;
-        for r in &next.rounds {
-            acc.step(1.0, r.noise_multiplier)
-                .map_err(|_| ChargeError::Noise(r.noise_multiplier))?;
-        }
-        next.accountant = acc;
+        next.recompose().map_err(ChargeError::Noise)?;
         self.write(&next, &run_id).map_err(ChargeError::State)?;
         self.ledger = next;
         self.restored = None;

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use fedcart_common::data::standardize::Standardizer;
 use fedcart_common::task::TaskKind;
 
-use super::{
-    Accumulation, BestVersion, Engine, EngineError, OpenTask, RunStop, dominant_cause, selection,
-};
+use super::{Accumulation, BestVersion, Engine, EngineError, OpenTask, RunStop, selection};
 use crate::record::{Outcome, RoundRecord, kind_name};
 use crate::store::Commit;
 
@@ -378,23 +376,11 @@ impl Engine {
         let attempts = self.attempts.get(&key).copied().unwrap_or(0);
         let stop = match stop {
             Some(s) => Some(s),
-            None if attempts >= self.run.max_attempts => {
-                let mut tried: Vec<RoundRecord> = self
-                    .store
-                    .history()?
-                    .into_iter()
-                    .filter(|r| {
-                        (r.round, kind_name(r.kind)) == key && r.outcome == Outcome::Aborted
-                    })
-                    .collect();
-                tried.push(record.clone());
-                Some(RunStop::GaveUp {
-                    round: record.round,
-                    kind: key.1.to_string(),
-                    attempts,
-                    cause: dominant_cause(&tried),
-                })
-            }
+            None if attempts >= self.run.max_attempts => Some(super::stop::gave_up(
+                &self.store.history()?,
+                &record,
+                attempts,
+            )),
             None => None,
         };
         match stop {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::RoundRecord;
+use crate::record::{Outcome, RoundRecord, kind_name};
 
 /// The start of the message of a merchant's local training that diverged
 /// (`fedcart_common::model::TrainError::Diverged`), as drivers report it
@@ -208,6 +208,25 @@ pub fn attempt_cause(record: &RoundRecord) -> String {
     cause
 }
 
+/// The stop when `record`, the `attempts`-th attempt of its round, is the
+/// last one `run.max_attempts` allows: the round's aborted attempts in
+/// `history` and it give the dominant cause.
+pub(super) fn gave_up(history: &[RoundRecord], record: &RoundRecord, attempts: u32) -> RunStop {
+    let key = (record.round, kind_name(record.kind));
+    let mut tried: Vec<RoundRecord> = history
+        .iter()
+        .filter(|r| (r.round, kind_name(r.kind)) == key && r.outcome == Outcome::Aborted)
+        .cloned()
+        .collect();
+    tried.push(record.clone());
+    RunStop::GaveUp {
+        round: record.round,
+        kind: key.1.to_string(),
+        attempts,
+        cause: dominant_cause(&tried),
+    }
+}
+
 /// The dominant cause of a round's aborted attempts: every merchant's local
 /// training diverged (when every failure or rejection is a divergence),
 /// otherwise the most frequent rejection or agent-reported failure (a
@@ -226,23 +245,16 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
              span for explicit MF)"
         );
     }
-    let most = |reasons: Vec<&str>| {
-        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in &reasons {
-            *count.entry(r).or_default() += 1;
+    fn count<'a>(reasons: &[&'a str]) -> BTreeMap<&'a str, usize> {
+        let mut count = BTreeMap::new();
+        for r in reasons {
+            *count.entry(*r).or_default() += 1;
         }
         count
-            .into_iter()
-            .max_by_key(|(_, n)| *n)
-            .map(|(r, n)| (r.to_string(), n, reasons.len()))
-    };
+    }
     if !rejections.is_empty() {
         let total = rejections.len();
-        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in &rejections {
-            *count.entry(r).or_default() += 1;
-        }
-        let mut ranked: Vec<(&str, usize)> = count.into_iter().collect();
+        let mut ranked: Vec<(&str, usize)> = count(&rejections).into_iter().collect();
         // Most frequent first; equal counts in the reasons' order.
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
         // Who gave it: the operator's next question.
@@ -282,8 +294,8 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
         .iter()
         .filter_map(|r| r.abort_reason.as_deref())
         .collect();
-    match most(aborts) {
-        Some((reason, n, total)) => format!("{reason} (in {n} of {total} attempts)"),
+    match count(&aborts).into_iter().max_by_key(|(_, n)| *n) {
+        Some((reason, n)) => format!("{reason} (in {n} of {} attempts)", aborts.len()),
         None => "no attempt committed".into(),
     }
 }

@@ -101,26 +101,11 @@ pub(super) fn record_lost(
     let record = u.lost_record(*count, privacy);
     tracing::warn!(task = %record.task_id, epsilon = ?record.privacy.as_ref().map(|p| p.epsilon),
         "the coordinator stopped after this task's unmask requests left; its sum is taken as seen");
-    let kind = crate::record::kind_name(u.kind);
     if *count < max_attempts || store.meta_json::<RunStop>("stopped")?.is_some() {
         store.append_history(&record)?;
         return Ok(());
     }
-    let mut tried: Vec<RoundRecord> = history
-        .iter()
-        .filter(|r| {
-            (r.round, crate::record::kind_name(r.kind)) == (u.round, kind)
-                && r.outcome == Outcome::Aborted
-        })
-        .cloned()
-        .collect();
-    tried.push(record.clone());
-    let stop = RunStop::GaveUp {
-        round: u.round,
-        kind: kind.to_string(),
-        attempts: *count,
-        cause: super::stop::dominant_cause(&tried),
-    };
+    let stop = super::stop::gave_up(history, &record, *count);
     tracing::error!(task = %record.task_id, "{stop}");
     let json = serde_json::to_value(&stop).expect("serialisable");
     store.append_history_with_meta(&record, &[("stopped", json)])?;
