@@ -17,6 +17,8 @@ use tonic::{Status, Streaming};
 /// When a scripted secure agent disconnects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DieAt {
+    /// After training, without advertising its keys.
+    BeforeAdvertise,
     /// After sharing its keys, without sending its masked input.
     BeforeMaskedInput,
     /// Right after its masked input was accepted, before unmasking.
@@ -114,8 +116,9 @@ impl RawAgent {
     }
 
     /// Takes part honestly in the next secure task, with the agent's own
-    /// protocol code, and disconnects at `die`: just before answering the
-    /// masked-input request, or just after its masked input was accepted.
+    /// protocol code, and disconnects at `die`: before advertising its keys,
+    /// just before answering the masked-input request, or just after its
+    /// masked input was accepted.
     pub async fn secure_then_die(mut self, die: DieAt) {
         let task = self.next_task().await;
         assert!(
@@ -130,6 +133,9 @@ impl RawAgent {
         secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
         loop {
             let req = self.next_secagg().await;
+            if req.stage == stage_name::ADVERTISE && die == DieAt::BeforeAdvertise {
+                return;
+            }
             let masked = req.stage == stage_name::MASKED_INPUT;
             if masked && die == DieAt::BeforeMaskedInput {
                 return;

@@ -38,6 +38,17 @@ pub fn round_config(settings: &SecAggSettings, spec: &TaskSpec, n: usize) -> Sec
     cfg
 }
 
+/// The abort reason of a secure round in which `advertised` agents
+/// advertised keys, fewer than the run's `quorum`. The inputs can only be
+/// fewer than the advertisers, so both drivers abort there, before any share
+/// is sent or any agent masks (it used to go on to the masked inputs and
+/// abort before unmasking, a stage timeout later, for the same reason).
+pub fn before_sharing(advertised: usize, quorum: usize) -> String {
+    format!(
+        "{advertised} agents advertised keys, quorum is {quorum}: aborted before any share was sent"
+    )
+}
+
 /// The abort reason of a secure round with `in_sum` masked inputs, fewer
 /// than the run's `quorum`. Both drivers check the quorum once the masked
 /// inputs are in and before anything is unmasked: a sum unmasked and then

@@ -4,6 +4,7 @@
 //! a round with too few survivors must abort without committing anything.
 
 use fedcart_common::federation::strategy::FedAvg;
+use fedcart_common::privacy::secagg::stage_name;
 use fedcart_common::reference;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::LocalData;
@@ -474,6 +475,50 @@ async fn survivors_at_the_threshold_but_below_the_quorum_abort_before_any_unmask
         "abort reason: {reason}"
     );
     assert_eq!(coord.shared.model(1).unwrap(), None, "nothing committed");
+    coord.shutdown().await.unwrap();
+}
+
+/// Fewer agents advertise keys than the quorum: the inputs can only be
+/// fewer still, so the round aborts there, before any share is sent or any
+/// agent masks (it went on to the masked inputs and aborted before
+/// unmasking, a stage timeout later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advertisers_below_the_quorum_abort_before_any_share_is_sent() {
+    // Four invited, complete graph: threshold t = 3; quorum 4. One agent
+    // dies before advertising: three advertisers, ≥ t, < quorum.
+    let run = noop_secure_run("e2e-sa-quorum-keys", 1, 4, 4, 100);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut progress = coord.progress.clone();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let dying = RawAgent::join(coord.addr, merchant(3)).await;
+    let dying = tokio::spawn(dying.secure_then_die(DieAt::BeforeAdvertise));
+    let mut logging = Vec::new();
+    for k in 0..3 {
+        let raw = RawAgent::join(coord.addr, merchant(k)).await;
+        logging.push(tokio::spawn(raw.secure_logging_stages(stop_rx.clone())));
+    }
+    progress.wait_for(|p| p.records >= 1).await.unwrap();
+    stop.send(true).unwrap();
+    dying.await.unwrap();
+    for agent in logging {
+        let stages = agent.await.unwrap();
+        assert!(
+            stages.iter().all(|s| s == stage_name::ADVERTISE),
+            "a stage after the advertisement was sent: {stages:?}"
+        );
+        assert!(!stages.is_empty());
+    }
+    let history = coord.shared.history().unwrap();
+    let t = trains(&history);
+    assert_eq!(t.len(), 1, "{history:?}");
+    assert_eq!(t[0].outcome, Outcome::Aborted);
+    let reason = t[0].abort_reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("3 agents advertised keys, quorum is 4")
+            && reason.contains("before any share was sent"),
+        "abort reason: {reason}"
+    );
     coord.shutdown().await.unwrap();
 }
 

@@ -115,6 +115,14 @@ impl SecureRound {
                 plan.task_id
             ))
         })?;
+        // As over gRPC: the advertisers, checked against the threshold
+        // above, are then checked against the quorum before any share.
+        let advertised = n - silent.advertise.len();
+        let quorum = engine.run().quorum;
+        if advertised < quorum {
+            engine.abort_secure(secure_round::before_sharing(advertised, quorum));
+            return Ok(None);
+        }
         let index = merchants
             .iter()
             .enumerate()

@@ -755,17 +755,19 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
     let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), run).unwrap();
     let plan = engine.start_task(&ids).unwrap();
     assert!(plan.secure);
-    // Two of the three answer: two inputs (≥ the threshold of 2 for two
-    // agents), one short of the quorum.
+    // All three advertise keys; two send their masked inputs (≥ the
+    // threshold of 2), one short of the quorum.
+    let none = Default::default();
+    let mut round = secure::SecureRound::open(&mut engine, &plan, ids.clone(), &none, 5)
+        .unwrap()
+        .expect("three advertisers reach the quorum");
     let mut inputs = Vec::new();
     for id in &ids[..2] {
         inputs.push(report_masked(&mut engine, &plan, id));
     }
     engine.drop_agent(&ids[2]);
-    assert_eq!(
-        secure::secure_sum(&mut engine, &plan, inputs, 5).unwrap().0,
-        0
-    );
+    round.mask(inputs).unwrap();
+    assert_eq!(round.finish(&mut engine).unwrap().0, 0);
     let record = engine.finish_task().unwrap();
     assert_eq!(record.outcome, Outcome::Aborted);
     assert!(
@@ -776,6 +778,28 @@ fn a_secure_round_below_the_quorum_aborts_before_unmasking() {
     assert!(
         reason.contains("2 masked inputs, quorum is 3")
             && reason.contains("aborted before unmasking"),
+        "{reason}"
+    );
+}
+
+/// Fewer advertisers than the quorum: the round aborts before any share is
+/// sent or any input masked, as over gRPC.
+#[test]
+fn a_secure_round_with_advertisers_below_the_quorum_aborts_before_sharing() {
+    let ids: Vec<String> = (0..3).map(|k| format!("m{k}")).collect();
+    let run = secure_noop_run(3);
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::open(Store::open(&dir.path().join("q.redb")).unwrap(), run).unwrap();
+    let plan = engine.start_task(&ids).unwrap();
+    let silent = std::collections::BTreeSet::from([ids[2].clone()]);
+    let round = secure::SecureRound::open(&mut engine, &plan, ids.clone(), &silent, 5).unwrap();
+    assert!(round.is_none(), "the round went on past the advertisements");
+    let record = engine.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Aborted);
+    let reason = record.abort_reason.unwrap_or_default();
+    assert!(
+        reason.contains("2 agents advertised keys, quorum is 3")
+            && reason.contains("before any share was sent"),
         "{reason}"
     );
 }

@@ -39,7 +39,8 @@
 //! `run.quorum` abort the task the same way, **before** any unmask request
 //! is sent: a sum unmasked and then refused for want of a quorum would be
 //! retried over the same inputs, and the difference of the two sums would
-//! be one merchant's update. Stages after the first use
+//! be one merchant's update. Fewer advertisers than the quorum abort
+//! earlier still, before any share is sent. Stages after the first use
 //! `secagg.stage_timeout_ms`.
 //!
 //! The round seed is derived from the run seed and the task id, so anyone
@@ -539,6 +540,9 @@ async fn drive(
     // this is O(n·k) keys plus an n-bit id set per agent.
     let rosters = match step(shared, |r| {
         let ids = r.server().close_advertise()?.ids;
+        if ids.len() < quorum {
+            return Ok(Err(crate::secure_round::before_sharing(ids.len(), quorum)));
+        }
         r.open_stage(Stage::ShareKeys, ids.iter().copied());
         let all: BTreeMap<u32, pb::KeyBinding> = r
             .bindings
@@ -557,10 +561,10 @@ async fn drive(
                 (id, roster.to_bytes(), bindings)
             })
             .collect();
-        Ok(rosters)
+        Ok(Ok(rosters))
     }) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) | Err(e) => return Ok(Err(e)),
     };
     let targets = shared.targets();
     for (id, body, bindings) in rosters {
