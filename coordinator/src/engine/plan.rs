@@ -223,11 +223,20 @@ impl Engine {
         if next <= target * (1.0 + 1e-9) {
             return Ok(());
         }
+        // Distributed noise solved for a target is planned for a cohort;
+        // a larger one commits less noise in the worst case.
+        let settings = l.settings();
+        let planned = settings.planned_cohort(&self.run);
+        let over_plan = (settings.mode == crate::config::DpMode::Distributed
+            && settings.noise_multiplier.is_none()
+            && selected as f64 > planned + 1e-9)
+            .then(|| (planned.round() as usize, selected));
         let stop = RunStop::Budget {
             round,
             spent,
             next,
             target,
+            over_plan,
         };
         // A planned end (the budget), not a fault.
         tracing::warn!(round, spent, next, target, "{stop}");

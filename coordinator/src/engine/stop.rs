@@ -41,6 +41,12 @@ pub enum RunStop {
         next: f64,
         /// The configured `run.dp.target_epsilon`.
         target: f64,
+        /// In distributed mode, when the round selected more merchants than
+        /// the cohort the noise was planned for: (planned, selected). Their
+        /// worst-case commit (the quorum) then holds less noise than planned,
+        /// so the target is reached before `run.rounds`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        over_plan: Option<(usize, usize)>,
     },
     /// More merchants could be selected for a training round than
     /// `run.dp.delta` protects (δ ≥ 1/n): the check at start took
@@ -143,11 +149,25 @@ impl std::fmt::Display for RunStop {
                 spent,
                 next,
                 target,
-            } => write!(
-                f,
-                "privacy budget: ε spent {spent:.4}; round {round} would bring it to {next:.4}, \
-                 above run.dp.target_epsilon {target}; the run stops before round {round}"
-            ),
+                over_plan,
+            } => {
+                write!(
+                    f,
+                    "privacy budget: ε spent {spent:.4}; round {round} would bring it to \
+                     {next:.4}, above run.dp.target_epsilon {target}; the run stops before round \
+                     {round}"
+                )?;
+                if let Some((planned, selected)) = over_plan {
+                    write!(
+                        f,
+                        " (the distributed noise was planned for rounds of {planned} merchants, \
+                         run.dp.population × selection.fraction, or selection.min_agents without \
+                         a population, and round {round} selected {selected}: set \
+                         run.dp.population to the federation's size)"
+                    )?;
+                }
+                Ok(())
+            }
             Self::Delta {
                 round,
                 delta,

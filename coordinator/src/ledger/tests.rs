@@ -561,6 +561,7 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
         spent: at_stop,
         next,
         target,
+        over_plan,
     } = stop.clone()
     else {
         panic!("{stop:?}");
@@ -574,6 +575,13 @@ fn the_run_stops_before_a_round_would_exceed_target_epsilon() {
     let text = stop.to_string();
     assert!(
         text.contains("target_epsilon 2") && text.contains(&format!("round {round}")),
+        "{text}"
+    );
+    // The plan took `min_agents` (4) for the cohort; five were selected.
+    assert_eq!(over_plan, Some((4, 5)), "{text}");
+    assert!(
+        text.contains("planned for rounds of 4 merchants")
+            && text.contains("selected 5: set run.dp.population"),
         "{text}"
     );
     // The stop is stored with the run: a restarted engine stays stopped.
