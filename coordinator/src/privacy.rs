@@ -67,6 +67,15 @@ fn validate(args: &PrivacyArgs) -> Result<()> {
     if !(args.delta > 0.0 && args.delta < 1.0) {
         bail!("--delta must be in (0, 1), got {}", args.delta);
     }
+    // As `run.dp.delta`: past 1 % δ is no guarantee at all.
+    if args.delta > 0.01 {
+        bail!(
+            "--delta {} is above 0.01: δ is the probability that the guarantee fails outright, \
+             and a run refuses it (run.dp.delta) — use 1e-5 (it must be below 1/n for n \
+             merchants; 1/n² is the usual choice)",
+            args.delta
+        );
+    }
     if args.steps < 1 {
         bail!("--steps must be at least 1, got {}", args.steps);
     }
@@ -128,15 +137,21 @@ pub fn run(args: &PrivacyArgs) -> Result<String> {
         })
         .to_string());
     }
+    // Printed rounded up, with the ε of the printed value: re-entered as
+    // `--noise-multiplier` (or `noise_multiplier`), the rounded-down value
+    // gave an ε above the target.
+    let printed = (s.noise_multiplier * 1e4).ceil() / 1e4;
+    let r = epsilon_for(q, printed, steps, delta).context("computing epsilon")?;
     Ok(format!(
         "Poisson-sampled Gaussian mechanism, RDP accountant\n\
          sampling rate     {q}\n\
          steps             {steps}\n\
          delta             {delta:e}\n\
          target epsilon    {target}\n\
-         noise multiplier  {:.4} (smallest to within {DEFAULT_SIGMA_TOLERANCE})\n\
+         noise multiplier  {printed:.4} (the smallest, to within {DEFAULT_SIGMA_TOLERANCE}, \
+         rounded up)\n\
          epsilon           {:.4} (optimal RDP order {})\n",
-        s.noise_multiplier, s.epsilon, s.order
+        r.epsilon, r.order
     ))
 }
 
@@ -194,7 +209,17 @@ mod tests {
             ..args
         })
         .unwrap();
-        assert!(text.contains("noise multiplier  0.864"), "{text}");
+        assert!(text.contains("noise multiplier  0.8647"), "{text}");
+        // The printed value, re-entered, stays within the target (0.8646,
+        // rounded to nearest, gave an ε above it).
+        let printed = PrivacyArgs {
+            noise_multiplier: Some(0.8647),
+            target_epsilon: None,
+            json: true,
+            ..args
+        };
+        let v: serde_json::Value = serde_json::from_str(&run(&printed).unwrap()).unwrap();
+        assert!(v["epsilon"].as_f64().unwrap() <= 3.0, "{v}");
     }
 
     #[test]
@@ -231,6 +256,10 @@ mod tests {
             (
                 "--sampling-rate 0.1 --noise-multiplier 1 --steps 10 --delta 0",
                 "--delta",
+            ),
+            (
+                "--sampling-rate 0.1 --noise-multiplier 1 --steps 10 --delta 0.5",
+                "--delta 0.5 is above 0.01",
             ),
         ];
         for (line, flag) in cases {
