@@ -4,8 +4,8 @@
 use fedcart_common::federation::update::Update;
 use fedcart_common::privacy::secagg::{
     AfterMasked, ClientSession, Dropouts, KeyRoster, RingVec, SecAggConfig, SecAggError,
-    ServerSession, ShareRelay, ShareUpload, Stage, SurvivorCheck, UnmaskRequest, UnmaskResponse,
-    encode, masked_from_bytes, round_seed, rounding_rng, run_in_memory,
+    ServerSession, ShareRelay, ShareUpload, Stage, SurvivorCheck, SurvivorSignature, UnmaskRequest,
+    UnmaskResponse, encode, masked_from_bytes, round_seed, rounding_rng, run_in_memory,
 };
 use rand::{RngExt, SeedableRng};
 use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
@@ -595,6 +595,109 @@ fn malicious_server_with_inconsistent_survivor_lists_is_refused() {
         h.clients[0].unmask(&to0),
         Err(SecAggError::Refused(_))
     ));
+}
+
+/// A coordinator that relays selectively pads the survivor list with agents
+/// whose inputs it throws away, to recover one agent's input alone (found by
+/// a security review): target X gets only the bundles of P, whom the
+/// coordinator then declares dropped; the decoys D get everyone's bundles,
+/// mask, sign and hold X's shares. The list {X} ∪ D passes every check but
+/// describes no sum: X's input is masked against P alone. Each agent now
+/// refuses a list naming a neighbour whose shares never reached it (U3 ⊆ U2
+/// of Bonawitz et al.), so X signs nothing and reveals nothing, and the
+/// decoys alone are fewer than t: the signatures, and the shares of X's
+/// self-mask seed, stay short of the threshold.
+#[test]
+fn a_survivor_list_padded_with_agents_outside_an_agents_mask_peers_is_refused() {
+    const X: u32 = 0;
+    let p = [1u32, 2, 3, 4];
+    let d = [5u32, 6, 7, 8];
+    for verify in [true, false] {
+        let mut c = config(9, 6, 0, false);
+        c.verify_survivors = verify;
+        assert_eq!(c.threshold, 5, "a majority of 9");
+        let (_, mut clients, roster) = advertised(&c, 9, 3);
+        let uploads: Vec<_> = clients
+            .iter_mut()
+            .map(|cl| cl.share_keys(&roster).unwrap())
+            .collect();
+        let relay = |to: u32, from: &[u32]| ShareRelay {
+            to,
+            shares: from
+                .iter()
+                .flat_map(|&f| uploads[f as usize].shares.iter())
+                .filter(|s| s.to == to)
+                .cloned()
+                .collect(),
+        };
+        let ups = inputs(9, c.num_values, c.num_coord_weights, 4);
+        // X masks against the P's alone (t − 1 peers, which it accepts).
+        clients[X as usize]
+            .masked_input(&relay(X, &p), &ups[0], &mut rounding_rng(1, X))
+            .unwrap();
+        // Each decoy masks against X, the P's and the other decoys.
+        for &i in &d {
+            let from: Vec<u32> = (0..9).filter(|&f| f != i).collect();
+            clients[i as usize]
+                .masked_input(&relay(i, &from), &ups[i as usize], &mut rounding_rng(1, i))
+                .unwrap();
+        }
+        let list: Vec<u32> = std::iter::once(X).chain(d).collect();
+        let padded = |to: u32, signatures: Vec<SurvivorSignature>| UnmaskRequest {
+            to,
+            // X is asked only for what it holds.
+            self_mask_of: if to == X { vec![X] } else { list.clone() },
+            pairwise_of: p.to_vec(),
+            survivors: list.clone(),
+            signatures,
+        };
+        if verify {
+            let check = SurvivorCheck {
+                survivors: list.clone(),
+            };
+            let err = clients[X as usize].sign_survivors(&check).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("names agent 5, a neighbour whose shares never reached"),
+                "{err}"
+            );
+            // The decoys' own views agree with the list: they sign, but four
+            // signatures are one short of t, so none of them reveals a share.
+            let sigs: Vec<_> = d
+                .iter()
+                .map(|&i| clients[i as usize].sign_survivors(&check).unwrap())
+                .collect();
+            for &i in &d {
+                assert_eq!(
+                    clients[i as usize]
+                        .unmask(&padded(i, sigs.clone()))
+                        .unwrap_err(),
+                    SecAggError::BadSignatures { valid: 4, need: 5 }
+                );
+            }
+        } else {
+            let err = clients[X as usize]
+                .unmask(&padded(X, Vec::new()))
+                .unwrap_err();
+            assert!(err.to_string().contains("names agent 5"), "{err}");
+            // The decoys answer, but their shares of X's self-mask seed are
+            // four, one short of t: X's input stays masked.
+            let shares: usize = d
+                .iter()
+                .map(|&i| {
+                    clients[i as usize]
+                        .unmask(&padded(i, Vec::new()))
+                        .unwrap()
+                        .self_mask_shares
+                        .iter()
+                        .filter(|(owner, _)| *owner == X)
+                        .count()
+                })
+                .sum();
+            assert_eq!(shares, 4);
+            assert!(shares < c.threshold);
+        }
+    }
 }
 
 /// A configuration in a 2^`bits` ring whose values are clipped to ±`clip`,

@@ -457,6 +457,7 @@ impl ClientSession {
                 need: self.config.threshold,
             });
         }
+        self.check_listed_neighbours(list)?;
         let key = self
             .sig_sk
             .as_ref()
@@ -521,6 +522,7 @@ impl ClientSession {
                     "requested shares disagree with the request's survivor list".into(),
                 ));
             }
+            self.check_listed_neighbours(&request.survivors)?;
         }
         let pick = |ids: &BTreeSet<u32>, second: bool| {
             ids.iter()
@@ -535,6 +537,35 @@ impl ClientSession {
             self_mask_shares: pick(&selfs, true),
             pairwise_shares: pick(&pairs, false),
         })
+    }
+
+    /// Refuses a survivor list that names a neighbour whose shares never
+    /// reached this agent (Bonawitz et al.'s check U3 ⊆ U2, on this agent's
+    /// neighbourhood). Such a survivor's input is not masked against this
+    /// agent's, so the list would not describe the sum: a coordinator that
+    /// relays selectively can pad the list with agents whose inputs it
+    /// throws away, while this agent's only mask peers are ones it declares
+    /// dropped, and recover this agent's input alone from the others'
+    /// shares. With the check this agent refuses such a list, and its
+    /// neighbours outside its mask peers are too few to rebuild its
+    /// self-mask seed without its share: its t − 1 mask peers and t of them
+    /// would be more than a neighbourhood holds at a majority threshold.
+    /// An honest coordinator relays every bundle, so the survivors among
+    /// this agent's neighbours are always among its mask peers.
+    fn check_listed_neighbours(&self, list: &[u32]) -> Result<(), SecAggError> {
+        let unmasked = list.iter().find(|&&v| {
+            v != self.id
+                && self.neighbours.binary_search(&v).is_ok()
+                && self.mask_peers.binary_search(&v).is_err()
+        });
+        match unmasked {
+            Some(v) => Err(SecAggError::Refused(format!(
+                "survivor list names agent {v}, a neighbour whose shares never reached this \
+                 agent: its input is not masked against this agent's, so the list does not \
+                 describe the sum"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn check_signatures(
