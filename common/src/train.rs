@@ -13,7 +13,8 @@ pub use crate::model::churn_lr::evaluate_lr;
 pub use crate::model::{ChurnData, LocalData, TaskOutput, TrainError, weighted_delta};
 use crate::task::{TaskKind, TaskSpec};
 
-/// Carries out `spec` on `data`, starting from `global`.
+/// Carries out `spec` on `data`, starting from `global`, after checking
+/// its model's shape and hyper-parameters ([`ModelSpec::check`](crate::task::ModelSpec::check)).
 ///
 /// A training task with differential privacy (`spec.dp`) returns the clipped,
 /// weight-1 form of the update (see [`crate::privacy::dp::task`]): agent and simulator
@@ -24,6 +25,9 @@ pub fn run_task(
     data: &mut LocalData,
 ) -> Result<TaskOutput, TrainError> {
     let model = spec.model.model();
+    // The spec is the coordinator's: checked here, before anything is sized
+    // from it, whoever sent it (the agent had trusted its MF shape).
+    model.check()?;
     let ctx = spec.context();
     let mut out = match spec.kind {
         TaskKind::Stats => model.stats(&ctx, data)?,
@@ -54,5 +58,6 @@ pub fn personalise(
             spec.model.name()
         ))
     })?;
+    spec.model.check()?;
     shape.personalise(&spec.context(), global, data, settings)
 }

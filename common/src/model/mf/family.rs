@@ -16,6 +16,11 @@ use crate::federation::update::WeightLayout;
 use crate::model::sgd::SgdParams;
 use crate::model::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError};
 
+/// The most latent factors a task may ask for. Far above any useful model
+/// (published recommenders use tens to a few hundred), far below what would
+/// exhaust an agent's memory on its private user side.
+pub const MAX_FACTORS: usize = 1024;
+
 /// The matrix-factorisation family, explicit or implicit (BPR): a view of
 /// `ModelSpec::Mf` / `ModelSpec::MfImplicit` (the only place the two are
 /// unpacked is `ModelSpec::model`).
@@ -227,13 +232,23 @@ impl FederatedModel for MfShape<'_> {
         })
     }
 
-    /// At least one factor; step sizes, penalties and the initial spread
+    /// At least one factor and at most [`MAX_FACTORS`]; step sizes, penalties and the initial spread
     /// finite and non-negative; a clip range with `min <= max`.
     fn check(&self) -> Result<(), TrainError> {
         let h = self.hyper;
         let invalid = |what: &str| Err(TrainError::InvalidModel(what.to_string()));
         if self.k == 0 {
             return invalid("matrix factorisation needs at least one factor");
+        }
+        // The user side (customers × k) is the agent's own and never sent,
+        // so no download limit bounds it: a coordinator's k of 2^27 with one
+        // hashed item row passed the model-size check and asked every agent
+        // for gigabytes per customer.
+        if self.k > MAX_FACTORS {
+            return invalid(&format!(
+                "matrix factorisation with {} factors: at most {MAX_FACTORS}",
+                self.k
+            ));
         }
         for (name, v) in [
             ("learning_rate", h.learning_rate),

@@ -802,3 +802,36 @@ fn the_data_adopts_the_user_order_a_stored_state_names() {
         "a state without ids moves nothing"
     );
 }
+
+/// A task's MF shape comes from the coordinator: one hashed item row and
+/// 2^27 factors passed the model-size limit and asked the agent for 512 MB
+/// of private user factors per customer. `run_task` now checks the spec
+/// first: the task is refused before anything is sized from it.
+#[test]
+fn a_task_with_absurdly_many_factors_is_refused_before_any_user_factor_is_allocated() {
+    let rows: Vec<Interaction> = ml_rows()
+        .into_iter()
+        .filter(|r| r.user.len() <= 2)
+        .collect();
+    let fed = movielens::explicit_federation(&rows, 2, 0.2, 5);
+    let mut m = fed.merchants[0].clone();
+    let before = m.mf.clone();
+    let s = spec(1, 1 << 27, tuned());
+    let err = run_task(&s, &[0.0; 4], &mut m).unwrap_err();
+    assert!(
+        matches!(&err, TrainError::InvalidModel(e) if e.contains("at most 1024")),
+        "{err}"
+    );
+    assert_eq!(m.mf, before, "the merchant's user state was touched");
+    // Also a NaN learning rate, which the agent never checked either.
+    let s = spec(
+        fed.catalogue.len(),
+        8,
+        MfHyper {
+            learning_rate: f32::NAN,
+            ..tuned()
+        },
+    );
+    let err = run_task(&s, &[0.0; 4], &mut m).unwrap_err();
+    assert!(err.to_string().contains("learning_rate"), "{err}");
+}
