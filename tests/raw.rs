@@ -150,6 +150,39 @@ impl RawAgent {
         }
     }
 
+    /// Takes part honestly in the next secure task until the coordinator
+    /// asks it for `stage`, which it leaves unanswered; returns the agent,
+    /// still in its session.
+    pub async fn secure_until(mut self, stage: &str) -> Self {
+        let task = self.next_task().await;
+        let out = self.compute(&task).await;
+        let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
+        // Plaintext loopback: no certificates to bind keys to.
+        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
+        secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
+        loop {
+            let req = self.next_secagg().await;
+            if req.stage == stage {
+                return self;
+            }
+            let reply = secure.respond(&self.session_id, &req).expect("honest step");
+            send(&mut self.client, reply)
+                .await
+                .expect("answer accepted");
+        }
+    }
+
+    /// Reads the work stream, answering nothing, until the coordinator says
+    /// the run ended (true) or the stream closes (false).
+    pub async fn run_ended(mut self) -> bool {
+        while let Ok(Some(work)) = self.work.message().await {
+            if matches!(work.kind, Some(pb::work::Kind::RunEnded(_))) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Takes part honestly in the next secure task, answering every
     /// secure-aggregation request, until `stop` turns true; returns the
     /// stages it was asked for, in order (what the coordinator sent it).

@@ -522,6 +522,45 @@ async fn advertisers_below_the_quorum_abort_before_any_share_is_sent() {
     coord.shutdown().await.unwrap();
 }
 
+/// An operator stops the run while its secure round waits for the agents'
+/// shares (`runs stop`). The stop drops the round's session; the driver used
+/// to find it gone at its next wake-up and panic ("the round is installed by
+/// drive"), so the run never ended: no hand-out, no `RunEnded`, and `serve`
+/// never exited. Now the round ends as abandoned and the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stopped_during_a_secure_round_ends_and_its_task_loop_does_not_panic() {
+    let run = noop_secure_run("e2e-sa-stop", 3, 3, 3, 100);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut waiting = Vec::new();
+    for k in 0..3 {
+        let raw = RawAgent::join(coord.addr, merchant(k)).await;
+        waiting.push(tokio::spawn(raw.secure_until(stage_name::SHARE_KEYS)));
+    }
+    let mut agents = Vec::new();
+    for w in waiting {
+        agents.push(w.await.unwrap());
+    }
+    // Every agent has its share_keys request: the driver waits for answers.
+    coord.shared.stop_by_operator("test").unwrap();
+    for a in agents {
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(60), a.run_ended())
+            .await
+            .expect("the run ends after the stop");
+        assert!(ended, "the stream closed without RunEnded");
+    }
+    assert!(
+        coord
+            .shared
+            .stopped()
+            .is_some_and(|s| s.to_string().contains("test")),
+        "{:?}",
+        coord.shared.stopped()
+    );
+    assert_eq!(coord.shared.model(1).unwrap(), None, "nothing committed");
+    coord.shutdown().await.expect("the task loop ends cleanly");
+}
+
 /// A malicious merchant sends, in every attempt, a masked input whose
 /// example weight wraps the ring: the unmasked sum is out of range and is
 /// refused. The coordinator has seen that sum, so it must not run the round

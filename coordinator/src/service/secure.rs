@@ -518,11 +518,12 @@ async fn drive(
             Vec::new(),
         );
         if let Some(session) = session {
-            step(shared, |r| {
+            // Fails only once an operator's stop dropped the round, which
+            // the next stage's step reports.
+            let _ = step(shared, |r| {
                 r.sessions.insert(id as u32, session);
                 Ok(())
-            })
-            .expect("recording a session cannot fail");
+            });
         }
     }
     let push = |targets: &Targets, stage: &str, to: u32, body: Vec<u8>| {
@@ -600,7 +601,10 @@ async fn drive(
     // would abort after unmasking, and its retry over the same inputs with
     // other survivors would let the difference of the two sums reveal
     // individual updates: abort before anything is unmasked.
-    let in_sum = step(shared, |r| Ok(r.answered.len())).expect("counting cannot fail");
+    let in_sum = match step(shared, |r| Ok(r.answered.len())) {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(e)),
+    };
     if in_sum < quorum {
         return Ok(Err(crate::secure_round::before_unmasking(in_sum, quorum)));
     }
@@ -611,11 +615,12 @@ async fn drive(
     let requests = match after {
         AfterMasked::Unmask(requests) => requests,
         AfterMasked::CheckSurvivors(check) => {
-            step(shared, |r| {
+            if let Err(e) = step(shared, |r| {
                 r.open_stage(Stage::Consistency, check.survivors.iter().copied());
                 Ok(())
-            })
-            .expect("opening a stage cannot fail");
+            }) {
+                return Ok(Err(e));
+            }
             let bytes = check.to_bytes();
             let targets = shared.targets();
             check
@@ -634,32 +639,40 @@ async fn drive(
     // First the engine stores whose inputs the sum holds, so that a
     // restarted coordinator retries this round over exactly them (or it
     // refuses: a retry after a restart over other merchants).
-    let inputs_of: BTreeSet<String> = step(shared, |r| {
+    let inputs_of = step(shared, |r| {
         Ok(r.server()
             .survivors()
             .iter()
             .filter_map(|&i| plan.selected.get(i as usize).cloned())
-            .collect())
-    })
-    .expect("reading the survivors cannot fail");
+            .collect::<BTreeSet<String>>())
+    });
+    let inputs_of = match inputs_of {
+        Ok(i) => i,
+        Err(e) => return Ok(Err(e)),
+    };
     if let Err(reason) = shared.engine().before_unmask(&inputs_of) {
         return Ok(Err(reason));
     }
-    step(shared, |r| {
+    if let Err(e) = step(shared, |r| {
         r.open_stage(Stage::Unmask, requests.iter().map(|q| q.to));
         Ok(())
-    })
-    .expect("opening a stage cannot fail");
+    }) {
+        return Ok(Err(e));
+    }
     let targets = shared.targets();
     requests
         .iter()
         .for_each(|q| push(&targets, stage_name::UNMASK, q.to, q.to_bytes()));
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
-    let server = shared
-        .secure_round()
-        .as_mut()
-        .and_then(|r| r.server.take())
-        .expect("the session lives until the round ends");
+    // Taken out of the round, whose stage closes: a late answer is then
+    // refused as out of stage instead of reaching a session that is gone.
+    let server = shared.secure_round().as_mut().and_then(|r| {
+        r.stage = Stage::Done;
+        r.server.take()
+    });
+    let Some(server) = server else {
+        return Ok(Err(STOPPED.to_string()));
+    };
     // Removing the masks is CPU-bound (one PRG stream per survivor and per
     // dropped neighbour pair): keep it off the async workers.
     let output = tokio::task::spawn_blocking(move || server.finish())
@@ -703,9 +716,17 @@ fn step<T>(
     f: impl FnOnce(&mut SecureRound) -> Result<T, SecAggError>,
 ) -> Result<T, String> {
     let mut guard = shared.secure_round();
-    let round = guard.as_mut().expect("the round is installed by drive");
+    // An operator's stop drops the round while its driver runs
+    // (`Shared::stop_by_operator`): the driver ends at its next step.
+    let Some(round) = guard.as_mut() else {
+        return Err(STOPPED.to_string());
+    };
     f(round).map_err(|e| e.to_string())
 }
+
+/// Why a secure round ends when an operator stopped its run while it was open.
+const STOPPED: &str =
+    "the run was stopped while the secure round was open: its masked sum was dropped unread";
 
 /// Stops waiting for `merchant` in the secure round's open stage: its local
 /// task failed and it said so (`UpdateHeader.failure`), so it answers no
@@ -784,7 +805,10 @@ async fn wait_stage(
         // at a thousand agents made each answer cost a thousand allocations.
         let outstanding = {
             let guard = shared.secure_round();
-            let r = guard.as_ref().expect("the round is installed by drive");
+            // Dropped by an operator's stop: nothing more to wait for.
+            let Some(r) = guard.as_ref() else {
+                return Ok(());
+            };
             let agents = shared.agents();
             r.expected
                 .iter()
