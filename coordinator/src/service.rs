@@ -324,7 +324,7 @@ impl Shared {
             rounds: run.rounds,
             finished: engine.finished(),
             stopped: engine.stopped().map(|s| s.to_string()),
-            best_version: engine.best().map(|b| b.version),
+            best_version: served_best(&engine),
             submitted_unix_ms: entry.submitted_unix_ms,
             eligible_agents,
             needed,
@@ -1066,7 +1066,7 @@ impl Coordinator for Service {
             run_ids: self.hub.ids(),
             epsilon: engine.ledger().and_then(|l| l.epsilon()),
             delta: engine.ledger().map(|l| l.settings().delta),
-            best_version: engine.best().map(|b| b.version),
+            best_version: served_best(&engine),
             best_metric: engine.best().map(|b| b.metric.clone()).unwrap_or_default(),
             // A pooled validation figure is the operator's to see: with its
             // own figure, a merchant could tell another's from it.
@@ -1424,6 +1424,16 @@ pub async fn run_tasks(
             }
         }
     }
+}
+
+/// The best version by validation, as long as the run serves it: `None`
+/// once the run stopped on a fault, which hands nothing out (each merchant
+/// keeps the version it last evaluated). Status and `runs show` said "served
+/// version N" of such a run, which no merchant was handed.
+fn served_best(engine: &Engine) -> Option<u64> {
+    engine
+        .served_version()
+        .and_then(|_| engine.best().map(|b| b.version))
 }
 
 /// First wait after an aborted attempt; it doubles with every attempt.

@@ -265,6 +265,57 @@ async fn a_merchant_with_no_held_out_customer_trains_and_declines_its_evaluation
     }
 }
 
+/// A run that evaluated version 1 and then stopped on a fault hands nothing
+/// out: each merchant keeps what it last evaluated. The status said
+/// "served version 1" of it all the same (found by a new-user probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stopped_on_a_fault_reports_no_served_version() {
+    use fedcart_coordinator::engine::RunStop;
+    use fedcart_proto::v1 as pb;
+    let split = telco_split(2, 11);
+    let mut run = churn_run("e2e-fault-served", 3, 2, 2);
+    run.round_timeout_ms = 2_000;
+    run.max_attempts = 2;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    // m1 answers round 1 (training and the evaluation of version 1), then
+    // falls silent: round 2 never reaches its quorum.
+    let mut raw =
+        fedcart_tests::raw::RawAgent::join(coord.addr, load_merchant("m1", &split.files[1])).await;
+    let scripted = tokio::spawn(async move {
+        loop {
+            let task = raw.next_task().await;
+            if task.round >= 2 {
+                return raw;
+            }
+            raw.answer(&task).await.unwrap();
+        }
+    });
+    let agent = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
+    let mut progress = coord.progress.clone();
+    progress.wait_for(|p| p.finished).await.unwrap();
+    let Some(RunStop::GaveUp { round: 2, .. }) = coord.shared.stopped() else {
+        panic!("{:?}", coord.shared.stopped());
+    };
+    let history = coord.shared.history().unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|r| r.kind == TaskKind::Evaluate && r.outcome == Outcome::Committed),
+        "version 1 was evaluated: {history:?}"
+    );
+    let mut raw = scripted.await.unwrap();
+    let status = raw
+        .client
+        .status(pb::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.best_version, None, "{status:?}");
+    agent.stop().await;
+    let _ = coord.shutdown().await;
+}
+
 /// Stops the run from inside the first agent's evaluation of version 2, as
 /// an operator's `runs stop` lands while merchants work.
 struct StopAtRound2 {
