@@ -179,11 +179,7 @@ pub enum ItemsetsError {
     /// The next level would have more candidates than [`MAX_CANDIDATES`]:
     /// each merchant would count and upload all of them, and the
     /// coordinator hold them, so the analysis stops here instead.
-    #[error(
-        "level {level} would count more than {MAX_CANDIDATES} candidate itemsets (every merchant \
-         counts and uploads one value per candidate): raise the minimum support (now {min_count} \
-         baskets) or cap the itemset size below {level}"
-    )]
+    #[error("{}", too_many_candidates(*level, *min_count))]
     TooManyCandidates {
         /// The level that was not started.
         level: usize,
@@ -210,6 +206,22 @@ pub struct StateError {
     pub index: usize,
     /// What is wrong there.
     pub reason: String,
+}
+
+/// The refusal of a level with too many candidates. Below level 3 there is
+/// no size to cap: single items give no rule, so the support is the only
+/// way on.
+fn too_many_candidates(level: usize, min_count: u64) -> String {
+    let cap = if level > 2 {
+        format!(" or cap the itemset size below {level}")
+    } else {
+        String::new()
+    };
+    format!(
+        "level {level} would count more than {MAX_CANDIDATES} candidate itemsets (every merchant \
+         counts and uploads one value per candidate): raise the minimum support (now {min_count} \
+         baskets){cap}"
+    )
 }
 
 /// f32 holds every integer below 2^24 exactly: item indices, lengths and the

@@ -126,6 +126,16 @@ fn a_level_past_the_candidate_cap_is_refused_before_it_is_built() {
             .contains("raise the minimum support (now 1 baskets)"),
         "{e}"
     );
+    // Single items give no rule: at level 2 there is no size to cap.
+    assert!(!e.to_string().contains("cap the itemset size"), "{e}");
+    let e3 = ItemsetsError::TooManyCandidates {
+        level: 3,
+        min_count: 1,
+    };
+    assert!(
+        e3.to_string().ends_with("or cap the itemset size below 3"),
+        "{e3}"
+    );
     // At 2,000 items (1,999,000 pairs) the level is counted; capped at size
     // 1 nothing is built at all.
     let mut a = Apriori::new(2_000, 1, 0);

@@ -419,16 +419,24 @@ pub fn write(dir: &std::path::Path, mined: &Mined) -> anyhow::Result<()> {
 /// pair of items) reaches `min_support` baskets, or every pair that does
 /// falls under the confidence floor.
 fn no_rules_hint(frequent: &[Itemset], baskets: u64, min_support: u64) -> String {
+    // A value to try: 1 % of the baskets when that is smaller, else a
+    // quarter of the support given (the hint said "smaller" and then named
+    // 1 % of a large log, six times the support that had found nothing).
     let percent = (baskets / 100).max(1);
+    let smaller = if percent < min_support {
+        format!("1 % of the baskets is {percent}")
+    } else {
+        format!("try {}", (min_support / 4).max(2))
+    };
     if frequent.is_empty() {
         format!(
             "no item is in {min_support} or more of the {baskets} baskets: give a smaller \
-             --min-support (1 % of the baskets is {percent})"
+             --min-support ({smaller})"
         )
     } else if frequent.iter().all(|f| f.items.len() < 2) {
         format!(
             "{} items reach {min_support} baskets, but no two of them are bought together that \
-             often: give a smaller --min-support (1 % of the baskets is {percent})",
+             often: give a smaller --min-support ({smaller})",
             frequent.len()
         )
     } else {

@@ -131,6 +131,24 @@ fn a_run_without_rules_says_which_setting_to_lower() {
     );
 }
 
+/// The hint names a support smaller than the one given: 1 % of the
+/// baskets when that is smaller, else a quarter of it (it named 1 % of a
+/// large log, six times the support that had found nothing).
+#[test]
+fn the_no_rules_hint_always_names_a_smaller_support() {
+    let single = |i| Itemset {
+        items: vec![i],
+        count: 150,
+    };
+    let hint = no_rules_hint(&[single(0), single(1)], 66_385, 100);
+    assert!(
+        hint.contains("2 items reach 100 baskets") && hint.contains("(try 25)"),
+        "{hint}"
+    );
+    let hint = no_rules_hint(&[], 66_385, 1000);
+    assert!(hint.contains("(1 % of the baskets is 663)"), "{hint}");
+}
+
 #[test]
 fn secure_rules_over_grpc_equal_the_in_process_plaintext_rules() {
     let mut a = grocery(100, false);
