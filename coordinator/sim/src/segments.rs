@@ -83,6 +83,17 @@ pub fn choice_report(k: usize, curve: &[(usize, f64)]) -> String {
         .iter()
         .map(|(k, i)| format!("k={k}: {i:.0}"))
         .collect();
+    let inertias: Vec<f64> = curve.iter().map(|&(_, i)| i).collect();
+    if kmeans::is_flat(&inertias) && inertias.len() >= 3 {
+        let gain = 100.0 * (inertias[0] - inertias[inertias.len() - 1]) / inertias[0];
+        return format!(
+            "segments: k = {k}: the federated inertia curve is flat ({}; {gain:.2} % gained \
+             from the first k to the last), so the features show no segments and the smallest k \
+             is kept. Categorical columns of many values often cause it (each rare value, \
+             standardised, dominates the distance): leave them out of the schema",
+            points.join(", ")
+        );
+    }
     format!(
         "segments: k = {k}, the elbow of the federated inertia curve ({})",
         points.join(", ")

@@ -320,3 +320,23 @@ fn segments_of_a_table_of_two_features_profile_the_two() {
     }
     assert!(dir.path().join("out/segments.png").is_file());
 }
+
+/// A flat inertia curve is reported as such, with the likely cause and what
+/// to do, instead of as an elbow.
+#[test]
+fn a_flat_curve_is_reported_with_its_likely_cause() {
+    let curve: Vec<(usize, f64)> = [80137312.0, 80094272.0, 80022768.0, 79986872.0]
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (i + 2, v))
+        .collect();
+    let line = super::choice_report(2, &curve);
+    assert!(
+        line.starts_with("segments: k = 2: the federated inertia curve is flat")
+            && line.contains("0.19 % gained")
+            && line.contains("leave them out of the schema"),
+        "{line}"
+    );
+    let bent = [(2, 141229.0), (3, 117331.0), (4, 102145.0)];
+    assert!(super::choice_report(3, &bent).contains("the elbow of the federated inertia curve"));
+}
