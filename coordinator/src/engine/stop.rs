@@ -275,8 +275,27 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
     if !rejections.is_empty() {
         let total = rejections.len();
         let mut ranked: Vec<(&str, usize)> = count(&rejections).into_iter().collect();
-        // Most frequent first; equal counts in the reasons' order.
-        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        // A refusal of the round's size (`min_neighbours`, `min_survivors`,
+        // `min_threshold`) follows from the others: one merchant's spent
+        // budget leaves a round the other merchants' policies refuse as too
+        // small, and naming theirs first sent the operator to edit the
+        // policies of the wrong merchants. Then the most frequent first;
+        // equal counts in the reasons' order.
+        let follows = |why: &str| {
+            [
+                "privacy.min_neighbours",
+                "privacy.min_survivors",
+                "privacy.min_threshold",
+            ]
+            .iter()
+            .any(|k| why.contains(k))
+        };
+        ranked.sort_by(|a, b| {
+            follows(a.0)
+                .cmp(&follows(b.0))
+                .then(b.1.cmp(&a.1))
+                .then(a.0.cmp(b.0))
+        });
         // Who gave it: the operator's next question.
         let from = |reason: &str| {
             let who: std::collections::BTreeSet<&str> = attempts
@@ -303,8 +322,13 @@ pub fn dominant_cause(attempts: &[RoundRecord]) -> String {
         // (`privacy.max_epsilon`) leaves a round the others' policies
         // refuse as too small, and the first alone told half the story.
         if let Some(&(next, m)) = ranked.get(1) {
+            let after = if follows(next) && !follows(reason) {
+                ": a round the first refusal left too small"
+            } else {
+                ""
+            };
             cause.push_str(&format!(
-                ", and `{next}` ({m} of {total}; from {})",
+                ", and `{next}` ({m} of {total}; from {}{after})",
                 from(next)
             ));
         }
@@ -374,5 +398,38 @@ mod tests {
             best: 0.8,
         };
         assert_eq!(early.for_merchants(), early.to_string());
+    }
+
+    /// One merchant's spent budget leaves a round the others refuse as too
+    /// small: twice as many refusals name `min_neighbours`, but the cause is
+    /// the budget, which is named first (a probe's operator was sent to the
+    /// wrong merchants' policies).
+    #[test]
+    fn a_refusal_of_the_rounds_size_is_named_after_the_refusal_that_caused_it() {
+        let refusal = |setting: &str| {
+            format!("declined by the merchant's privacy policy (privacy.{setting})")
+        };
+        let (size, budget) = (refusal("min_neighbours"), refusal("max_epsilon"));
+        let attempts: Vec<RoundRecord> = (1..=3)
+            .map(|attempt| {
+                serde_json::from_value(serde_json::json!({
+                    "round": 3, "attempt": attempt, "task_id": format!("r3a{attempt}-train"),
+                    "kind": "train", "outcome": "aborted", "base_version": 2,
+                    "selected": ["m0", "m1", "m2"], "reported": [], "dropped": [],
+                    "rejected": [["m0", size], ["m1", budget], ["m2", size]],
+                    "metrics": {}, "examples": 0.0, "started_unix_ms": 0, "duration_ms": 0,
+                    "bytes_in": 0,
+                }))
+                .unwrap()
+            })
+            .collect();
+        let cause = dominant_cause(&attempts);
+        assert!(
+            cause.starts_with(&format!(
+                "most results were refused or withdrawn: `{budget}` (3 of 9; from m1), and \
+                 `{size}` (6 of 9; from m0, m2: a round the first refusal left too small)"
+            )),
+            "{cause}"
+        );
     }
 }
