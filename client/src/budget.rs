@@ -381,10 +381,12 @@ pub fn command_report(
         Some(taken) => Some(taken.to_string()),
         None => (!kept && worked).then(|| {
             format!(
-                "{} does not exist, yet {} holds runs this agent took part in: if the ledger \
-                 was deleted, and those runs were before this agent kept their own records of \
-                 the rounds it was charged, the ε spent then is forgotten (restore the ledger \
-                 from a backup)",
+                "{} does not exist, yet {} holds runs this agent took part in. If \
+                 `privacy.max_epsilon` was not set during them, nothing was charged then and \
+                 their ε is not counted now (only rounds from now on are). If the ledger was \
+                 deleted, and those runs were before this agent kept their own records of the \
+                 rounds it was charged, the ε spent then is forgotten: restore the ledger from a \
+                 backup",
                 budget.path().display(),
                 runs.display()
             )
@@ -510,7 +512,13 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("runs").join("churn-dp")).unwrap();
         let (_, warning) = command_report(state, Some(4.0), 1e-5).unwrap().unwrap();
         assert!(
-            warning.is_some_and(|w| w.contains("the ε spent then is forgotten")),
+            warning
+                .as_ref()
+                .is_some_and(|w| w.contains("the ε spent then is forgotten")
+                    && w.contains(
+                        "If `privacy.max_epsilon` was not set during them, nothing was \
+                               charged then"
+                    )),
             "a ledger gone beside past runs"
         );
     }
