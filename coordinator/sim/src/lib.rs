@@ -754,6 +754,7 @@ fn closing_notes(
 ) -> Vec<String> {
     let mut out: Vec<String> = unsplit_note(spec, model, churn_rows).into_iter().collect();
     out.extend(untested_note(task, exp, classes));
+    out.extend(noisy_selection_note(s, task, exp, classes));
     out.extend(weak_privacy_note(
         exp,
         s.dp.as_ref().and_then(|d| d.target_epsilon),
@@ -838,6 +839,39 @@ struct Classes {
 /// figure is said to be a rough one: a 20-row table showed an AUC of 1.0000
 /// from 4 held-out rows, with nothing to say it meant little.
 const FEW_TO_MEASURE: usize = 10;
+
+/// Below about this many churned customers in the pooled validation slices,
+/// a churn run's choice of version (and early stopping) reads `val_auc`
+/// from so few positives that it moves by about ±0.03 between versions by
+/// chance (Hanley and McNeil's standard error at an AUC of 0.7). Set by
+/// judgement, not tuned: a probe's table of 2 % churners had about 38 in
+/// its validation slices and served version 1, 5 or 20 by seed while the
+/// test AUC rose with every version.
+const FEW_TO_SELECT: f64 = 50.0;
+
+/// Says when a churn run chose its served version on a validation slice
+/// holding too few churned customers ([`FEW_TO_SELECT`]).
+fn noisy_selection_note(
+    s: &Settings,
+    task: TaskChoice,
+    exp: &Experiment,
+    classes: Classes,
+) -> Option<String> {
+    if !task.is_churn() || s.valid_fraction <= 0.0 || exp.best.is_none() {
+        return None;
+    }
+    let churned = classes.churners.saturating_sub(classes.held_out[1]) as f64 * s.valid_fraction;
+    (churned < FEW_TO_SELECT).then(|| {
+        format!(
+            "note: the served version was chosen (and early stopping read) on validation slices \
+             holding about {churned:.0} churned customers in all (--valid-fraction {}): at that \
+             size val_auc moves by a few hundredths between versions by chance. With rare \
+             churners, a larger --valid-fraction, or --valid-fraction 0 (no selection: the last \
+             version is served), may serve better",
+            s.valid_fraction
+        )
+    })
+}
 
 /// The fewest customers of a class for a merchant's held-out fifth to hold
 /// one: the stratified split rounds a fifth of 2 to none.

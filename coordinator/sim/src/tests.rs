@@ -1136,6 +1136,35 @@ fn valid_fraction_zero_selects_nothing_and_bad_shares_are_refused_by_flag() {
     refused(a, "--valid-fraction");
 }
 
+/// A churn run that chooses its version on validation slices holding few
+/// churned customers says so (a probe's table of 2 % churners served
+/// version 1, 5 or 20 by seed); the bundled Telco's default slices, about
+/// 150 churners, do not.
+#[test]
+fn a_choice_on_few_validation_churners_is_noted() {
+    let note = |e: &Experiment| {
+        e.report
+            .iter()
+            .find(|l| l.contains("churned customers in all"))
+            .cloned()
+    };
+    let mut a = telco_args("churn-lr");
+    a.merchants = Some(3);
+    a.rounds = Some(2);
+    let e = &run(a.clone())[0];
+    assert!(e.best.is_some());
+    assert_eq!(note(e), None, "{:?}", e.report);
+    a.valid_fraction = Some(0.02);
+    let e = &run(a)[0];
+    let line = note(e).unwrap_or_else(|| panic!("{:?}", e.report));
+    assert!(
+        line.contains("about 30 churned customers in all (--valid-fraction 0.02)")
+            || line.contains("about 29 churned")
+            || line.contains("about 31 churned"),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_served_churn_version_that_is_not_the_last_reads_its_auc_as_the_round_did() {
     // AUC and PR-AUC do not average over merchants: a round's come from the
