@@ -15,4 +15,11 @@ fn example_coordinator_and_merchant_configs_load() {
         .expect("merchant example loads");
     assert_eq!(m.merchant_id, "m0");
     assert!(m.tls.is_some());
+    // README's fleet load test: 1,000 sessions, secure rounds, its own CA.
+    let f = fedcart_coordinator::config::CoordinatorConfig::load(
+        &root.join("coordinator/examples/fleet.toml"),
+    )
+    .expect("fleet example loads");
+    assert_eq!(f.run.selection.min_agents, 1000);
+    assert!(f.run.secagg.is_some());
 }
