@@ -156,6 +156,23 @@ pub enum DataError {
         #[source]
         source: Box<fedcart_common::data::orders::OrdersError>,
     },
+    /// A cell of the orders export does not read in a way that may point to
+    /// a setting of the mapping (a date layout, a decimal mark): when every
+    /// row fails alike, skipping rows is no way on, so the setting comes
+    /// first (it led with `on_bad_row = "skip"`, which then refuses).
+    #[error(
+        "reading the orders export (if every row fails alike, a setting of `[data.orders]` in \
+         merchant.toml does not match the export, such as `timestamp_format` for dates; if only \
+         a few rows are bad, `on_bad_row = \"skip\"` under [data] leaves them out)"
+    )]
+    OrdersSetting {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error (file, line, column, value), boxed to keep
+        /// the error small.
+        #[source]
+        source: Box<fedcart_common::data::orders::OrdersError>,
+    },
     /// The shared catalogue (`data.catalogue`) could not be read.
     /// The source names the file (and line, column): not repeated here.
     #[error("reading the catalogue")]
@@ -291,6 +308,12 @@ fn read_orders(path: &Path, cfg: &AgentConfig) -> Result<Vec<Order>, DataError> 
         .ok_or(DataError::NoBasketsMapping)?;
     let (rows, report) =
         orders::read_orders(path, map, cfg.data.on_bad_row).map_err(|source| match source {
+            orders::OrdersError::Cell { reason, .. } if reason.points_to_a_setting() => {
+                DataError::OrdersSetting {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                }
+            }
             orders::OrdersError::Cell { .. } | orders::OrdersError::Row { .. } => {
                 DataError::OrdersRow {
                     path: path.to_owned(),
@@ -1009,7 +1032,10 @@ mod tests {
         let file = orders.display().to_string();
         assert_eq!(bad_cell.matches(&file).count(), 1, "{bad_cell}");
         assert!(
-            bad_cell.starts_with("reading the orders export (`on_bad_row = \"skip\"` under [data]")
+            bad_cell.starts_with(
+                "reading the orders export (if every row fails alike, a setting of \
+                 `[data.orders]`"
+            ) && bad_cell.contains("`on_bad_row = \"skip\"` under [data]")
                 && bad_cell.contains("line 2, column `amount`"),
             "{bad_cell}"
         );
