@@ -115,11 +115,10 @@ impl RawAgent {
         }
     }
 
-    /// Takes part honestly in the next secure task, with the agent's own
-    /// protocol code, and disconnects at `die`: before advertising its keys,
-    /// just before answering the masked-input request, or just after its
-    /// masked input was accepted.
-    pub async fn secure_then_die(mut self, die: DieAt) {
+    /// Waits for the next task, which must be secure, computes its update
+    /// honestly and holds it in the agent's own protocol code, ready to
+    /// answer the coordinator's stages.
+    async fn hold_next_secure_task(&mut self) -> SecureTasks {
         let task = self.next_task().await;
         assert!(
             task.secure_aggregation,
@@ -131,6 +130,15 @@ impl RawAgent {
         // Plaintext loopback: no certificates to bind keys to.
         let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
         secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
+        secure
+    }
+
+    /// Takes part honestly in the next secure task, with the agent's own
+    /// protocol code, and disconnects at `die`: before advertising its keys,
+    /// just before answering the masked-input request, or just after its
+    /// masked input was accepted.
+    pub async fn secure_then_die(mut self, die: DieAt) {
+        let mut secure = self.hold_next_secure_task().await;
         loop {
             let req = self.next_secagg().await;
             if req.stage == stage_name::ADVERTISE && die == DieAt::BeforeAdvertise {
@@ -154,12 +162,7 @@ impl RawAgent {
     /// asks it for `stage`, which it leaves unanswered; returns the agent,
     /// still in its session.
     pub async fn secure_until(mut self, stage: &str) -> Self {
-        let task = self.next_task().await;
-        let out = self.compute(&task).await;
-        let spec: TaskSpec = serde_json::from_slice(&task.spec_json).expect("spec");
-        // Plaintext loopback: no certificates to bind keys to.
-        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
-        secure.hold(&task, spec.seed, &self.data.merchant_id, None, out);
+        let mut secure = self.hold_next_secure_task().await;
         loop {
             let req = self.next_secagg().await;
             if req.stage == stage {

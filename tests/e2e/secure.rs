@@ -428,6 +428,45 @@ async fn telco_churn_with_secure_aggregation_reaches_the_plaintext_auc() {
     assert!(d <= 1e-4, "max |secure − plain| = {d}");
 }
 
+/// A secure noop round of four merchants at quorum 4 (complete graph,
+/// threshold 3) in which merchant 3 dies at `die` and the other three
+/// answer every stage: the store's directory, the coordinator, the round's
+/// one training record and the stages each of the three was asked for.
+async fn one_of_four_dies(
+    run_id: &str,
+    die: DieAt,
+) -> (
+    tempfile::TempDir,
+    fedcart_coordinator::server::Running,
+    RoundRecord,
+    Vec<Vec<String>>,
+) {
+    let run = noop_secure_run(run_id, 1, 4, 4, 100);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut progress = coord.progress.clone();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let dying = RawAgent::join(coord.addr, merchant(3)).await;
+    let dying = tokio::spawn(dying.secure_then_die(die));
+    let mut logging = Vec::new();
+    for k in 0..3 {
+        let raw = RawAgent::join(coord.addr, merchant(k)).await;
+        logging.push(tokio::spawn(raw.secure_logging_stages(stop_rx.clone())));
+    }
+    progress.wait_for(|p| p.records >= 1).await.unwrap();
+    stop.send(true).unwrap();
+    dying.await.unwrap();
+    let mut stages = Vec::new();
+    for agent in logging {
+        stages.push(agent.await.unwrap());
+    }
+    let history = coord.shared.history().unwrap();
+    let t = trains(&history);
+    assert_eq!(t.len(), 1, "{history:?}");
+    let record = t[0].clone();
+    (store, coord, record, stages)
+}
+
 /// The retry attack on secure aggregation: with at least t but fewer than
 /// `quorum` masked inputs, the old coordinator unmasked the sum, then
 /// aborted for want of a quorum and retried over the same inputs, so the
@@ -437,39 +476,18 @@ async fn telco_churn_with_secure_aggregation_reaches_the_plaintext_auc() {
 async fn survivors_at_the_threshold_but_below_the_quorum_abort_before_any_unmask_request() {
     // Four invited, complete graph: threshold t = 3; quorum 4. One agent
     // dies before its masked input: three inputs, ≥ t, < quorum.
-    let run = noop_secure_run("e2e-sa-quorum", 1, 4, 4, 100);
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
-    let mut progress = coord.progress.clone();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let dying = RawAgent::join(coord.addr, merchant(3)).await;
-    let dying = tokio::spawn(dying.secure_then_die(DieAt::BeforeMaskedInput));
-    let mut logging = Vec::new();
-    for k in 0..3 {
-        let raw = RawAgent::join(coord.addr, merchant(k)).await;
-        logging.push(tokio::spawn(raw.secure_logging_stages(stop_rx.clone())));
-    }
-    progress.wait_for(|p| p.records >= 1).await.unwrap();
-    stop.send(true).unwrap();
-    dying.await.unwrap();
-    for agent in logging {
-        let stages = agent.await.unwrap();
+    let (_store, coord, t, stages) =
+        one_of_four_dies("e2e-sa-quorum", DieAt::BeforeMaskedInput).await;
+    for stages in stages {
         assert!(
             stages.iter().all(|s| s != "unmask"),
             "an unmask request was sent: {stages:?}"
         );
         assert!(stages.iter().any(|s| s == "masked_input"), "{stages:?}");
     }
-    let history = coord.shared.history().unwrap();
-    let t = trains(&history);
-    assert_eq!(t.len(), 1, "{history:?}");
-    assert_eq!(t[0].outcome, Outcome::Aborted);
-    assert!(
-        t[0].reported.is_empty(),
-        "a sum reached the engine: {:?}",
-        t[0]
-    );
-    let reason = t[0].abort_reason.as_deref().unwrap_or_default();
+    assert_eq!(t.outcome, Outcome::Aborted);
+    assert!(t.reported.is_empty(), "a sum reached the engine: {t:?}");
+    let reason = t.abort_reason.as_deref().unwrap_or_default();
     assert!(
         reason.contains("3 masked inputs, quorum is 4") && reason.contains("before unmasking"),
         "abort reason: {reason}"
@@ -486,34 +504,17 @@ async fn survivors_at_the_threshold_but_below_the_quorum_abort_before_any_unmask
 async fn advertisers_below_the_quorum_abort_before_any_share_is_sent() {
     // Four invited, complete graph: threshold t = 3; quorum 4. One agent
     // dies before advertising: three advertisers, ≥ t, < quorum.
-    let run = noop_secure_run("e2e-sa-quorum-keys", 1, 4, 4, 100);
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
-    let mut progress = coord.progress.clone();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let dying = RawAgent::join(coord.addr, merchant(3)).await;
-    let dying = tokio::spawn(dying.secure_then_die(DieAt::BeforeAdvertise));
-    let mut logging = Vec::new();
-    for k in 0..3 {
-        let raw = RawAgent::join(coord.addr, merchant(k)).await;
-        logging.push(tokio::spawn(raw.secure_logging_stages(stop_rx.clone())));
-    }
-    progress.wait_for(|p| p.records >= 1).await.unwrap();
-    stop.send(true).unwrap();
-    dying.await.unwrap();
-    for agent in logging {
-        let stages = agent.await.unwrap();
+    let (_store, coord, t, stages) =
+        one_of_four_dies("e2e-sa-quorum-keys", DieAt::BeforeAdvertise).await;
+    for stages in stages {
         assert!(
             stages.iter().all(|s| s == stage_name::ADVERTISE),
             "a stage after the advertisement was sent: {stages:?}"
         );
         assert!(!stages.is_empty());
     }
-    let history = coord.shared.history().unwrap();
-    let t = trains(&history);
-    assert_eq!(t.len(), 1, "{history:?}");
-    assert_eq!(t[0].outcome, Outcome::Aborted);
-    let reason = t[0].abort_reason.as_deref().unwrap_or_default();
+    assert_eq!(t.outcome, Outcome::Aborted);
+    let reason = t.abort_reason.as_deref().unwrap_or_default();
     assert!(
         reason.contains("3 agents advertised keys, quorum is 4")
             && reason.contains("before any share was sent"),
