@@ -258,7 +258,14 @@ fn flatten(name: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>) 
             return;
         }
     };
-    rows.push((name.to_string(), lower_enum(text)));
+    // The export's column names are the merchant's, spelt as its header:
+    // `Article` lowercased read `article`, which the reader then refuses.
+    let text = if name.starts_with("orders.") {
+        text
+    } else {
+        lower_enum(text)
+    };
+    rows.push((name.to_string(), text));
 }
 
 /// A number that is an f32 setting widened to f64, at f32 precision: the
@@ -859,6 +866,27 @@ mod tests {
         })
         .unwrap();
         settings_rows(&s)
+    }
+
+    /// Column names of an orders mapping keep their case; enum names read
+    /// in lower case.
+    #[test]
+    fn mapped_column_names_keep_their_case() {
+        let mut rows = Vec::new();
+        flatten(
+            "orders",
+            &serde_json::json!({ "item": "Article", "merchant": "Branch" }),
+            &mut rows,
+        );
+        flatten("transport", &serde_json::json!("Inproc"), &mut rows);
+        assert_eq!(
+            rows,
+            [
+                ("orders.item".to_string(), "Article".to_string()),
+                ("orders.merchant".to_string(), "Branch".to_string()),
+                ("transport".to_string(), "inproc".to_string()),
+            ]
+        );
     }
 
     /// The table printed "final rmse NaN" where metrics.json said null.
