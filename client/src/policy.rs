@@ -146,12 +146,10 @@ impl PrivacyPolicy {
         }
         // As the coordinator's `run.dp.delta`: past 1 % the cap is no
         // guarantee (at δ = 0.5 a run of ε 12.3 read as 3.1 against it).
-        if self.epsilon_delta > 0.01 {
+        if let Some(why) = fedcart_common::privacy::dp::delta_above_max(self.epsilon_delta) {
             return Err(format!(
-                "`privacy.epsilon_delta` = {} is above 0.01: δ is the probability that the \
-                 guarantee fails outright, and the larger it is the smaller the same rounds' ε \
-                 reads against `max_epsilon` — use 1e-5, as runs do",
-                self.epsilon_delta
+                "`privacy.epsilon_delta` = {why}, and the larger it is the smaller the same \
+                 rounds' ε reads against `max_epsilon` — use 1e-5, as runs do"
             ));
         }
         Ok(())

@@ -68,12 +68,10 @@ fn validate(args: &PrivacyArgs) -> Result<()> {
         bail!("--delta must be in (0, 1), got {}", args.delta);
     }
     // As `run.dp.delta`: past 1 % δ is no guarantee at all.
-    if args.delta > 0.01 {
+    if let Some(why) = fedcart_common::privacy::dp::delta_above_max(args.delta) {
         bail!(
-            "--delta {} is above 0.01: δ is the probability that the guarantee fails outright, \
-             and a run refuses it (run.dp.delta) — use 1e-5 (it must be below 1/n for n \
-             merchants; 1/n² is the usual choice)",
-            args.delta
+            "--delta {why}, and a run refuses it (run.dp.delta) — use 1e-5 (it must be below 1/n \
+             for n merchants; 1/n² is the usual choice)"
         );
     }
     if args.steps < 1 {

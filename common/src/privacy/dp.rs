@@ -35,6 +35,22 @@ pub use task::{DistributedNoise, DpTask, privatise};
 
 use thiserror::Error;
 
+/// The largest δ of an (ε, δ) guarantee that a run, a merchant's cap or the
+/// planner accepts: δ is the probability that the guarantee fails outright,
+/// and past 1 % it is no guarantee whatever the federation's size (at
+/// δ = 0.5 a run of ε 12.3 read as 3.1).
+pub const MAX_DELTA: f64 = 0.01;
+
+/// Why `delta` is refused, if it is above [`MAX_DELTA`]; each caller adds
+/// the setting's name and its advice.
+pub fn delta_above_max(delta: f64) -> Option<String> {
+    (delta > MAX_DELTA).then(|| {
+        format!(
+            "{delta} is above {MAX_DELTA}: δ is the probability that the guarantee fails outright"
+        )
+    })
+}
+
 use crate::federation::update::UpdateError;
 
 /// Why a privacy computation was refused.

@@ -333,13 +333,12 @@ impl DpSettings {
         // δ is the chance the guarantee fails outright: past 1 % it is no
         // guarantee whatever the federation's size (a federation of one
         // merchant passed the 1/n check below with δ = 0.9, at ε 0).
-        if self.delta > 0.01 {
+        if let Some(why) = fedcart_common::privacy::dp::delta_above_max(self.delta) {
             return bad(
                 "run.dp.delta",
                 format!(
-                    "{} is above 0.01: δ is the probability that the guarantee fails \
-                     outright — use 1e-5 (it must be below 1/n for n merchants; 1/n² is the usual choice)",
-                    self.delta
+                    "{why} — use 1e-5 (it must be below 1/n for n merchants; 1/n² is the usual \
+                     choice)"
                 ),
             );
         }
