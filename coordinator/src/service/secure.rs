@@ -436,6 +436,17 @@ pub(super) async fn run(
 
 type Outcome = Result<Result<(), String>, Interrupted>;
 
+/// The value of a step of [`drive`], or the driver's end with the step's
+/// abort reason.
+macro_rules! or_abort {
+    ($step:expr) => {
+        match $step {
+            Ok(value) => value,
+            Err(reason) => return Ok(Err(reason)),
+        }
+    };
+}
+
 async fn drive(
     shared: &Arc<Shared>,
     plan: &TaskPlan,
@@ -539,11 +550,11 @@ async fn drive(
     // entries' certificate bindings. A whole roster and every binding to
     // every agent would queue O(n²) bytes here (about 100 MB at n = 1,000);
     // this is O(n·k) keys plus an n-bit id set per agent.
-    let rosters = match step(shared, |r| {
-        let ids = r.server().close_advertise()?.ids;
-        if ids.len() < quorum {
-            return Ok(Err(crate::secure_round::before_sharing(ids.len(), quorum)));
-        }
+    let ids = or_abort!(step(shared, |r| Ok(r.server().close_advertise()?.ids)));
+    if ids.len() < quorum {
+        return Ok(Err(crate::secure_round::before_sharing(ids.len(), quorum)));
+    }
+    let rosters = or_abort!(step(shared, |r| {
         r.open_stage(Stage::ShareKeys, ids.iter().copied());
         let all: BTreeMap<u32, pb::KeyBinding> = r
             .bindings
@@ -562,11 +573,8 @@ async fn drive(
                 (id, roster.to_bytes(), bindings)
             })
             .collect();
-        Ok(Ok(rosters))
-    }) {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) | Err(e) => return Ok(Err(e)),
-    };
+        Ok(rosters)
+    }));
     let targets = shared.targets();
     for (id, body, bindings) in rosters {
         let merchant = &plan.selected[id as usize];
@@ -583,14 +591,11 @@ async fn drive(
     wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
 
     // Stage 3: relay the share bundles; masked inputs come via SubmitUpdate.
-    let relays = match step(shared, |r| {
+    let relays = or_abort!(step(shared, |r| {
         let relays = r.server().close_shares()?;
         r.open_stage(Stage::MaskedInput, relays.iter().map(|x| x.to));
         Ok(relays)
-    }) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
-    };
+    }));
     let targets = shared.targets();
     relays
         .iter()
@@ -601,26 +606,18 @@ async fn drive(
     // would abort after unmasking, and its retry over the same inputs with
     // other survivors would let the difference of the two sums reveal
     // individual updates: abort before anything is unmasked.
-    let in_sum = match step(shared, |r| Ok(r.answered.len())) {
-        Ok(n) => n,
-        Err(e) => return Ok(Err(e)),
-    };
+    let in_sum = or_abort!(step(shared, |r| Ok(r.answered.len())));
     if in_sum < quorum {
         return Ok(Err(crate::secure_round::before_unmasking(in_sum, quorum)));
     }
-    let after = match step(shared, |r| r.server().close_masked()) {
-        Ok(a) => a,
-        Err(e) => return Ok(Err(e)),
-    };
+    let after = or_abort!(step(shared, |r| r.server().close_masked()));
     let requests = match after {
         AfterMasked::Unmask(requests) => requests,
         AfterMasked::CheckSurvivors(check) => {
-            if let Err(e) = step(shared, |r| {
+            or_abort!(step(shared, |r| {
                 r.open_stage(Stage::Consistency, check.survivors.iter().copied());
                 Ok(())
-            }) {
-                return Ok(Err(e));
-            }
+            }));
             let bytes = check.to_bytes();
             let targets = shared.targets();
             check
@@ -628,10 +625,7 @@ async fn drive(
                 .iter()
                 .for_each(|&s| push(&targets, stage_name::SIGN_SURVIVORS, s, bytes.clone()));
             wait_stage(shared, Instant::now() + stage_timeout, changed, shutdown).await?;
-            match step(shared, |r| r.server().close_survivor_check()) {
-                Ok(requests) => requests,
-                Err(e) => return Ok(Err(e)),
-            }
+            or_abort!(step(shared, |r| r.server().close_survivor_check()))
         }
     };
 
@@ -639,26 +633,18 @@ async fn drive(
     // First the engine stores whose inputs the sum holds, so that a
     // restarted coordinator retries this round over exactly them (or it
     // refuses: a retry after a restart over other merchants).
-    let inputs_of = step(shared, |r| {
+    let inputs_of: BTreeSet<String> = or_abort!(step(shared, |r| {
         Ok(r.server()
             .survivors()
             .iter()
             .filter_map(|&i| plan.selected.get(i as usize).cloned())
-            .collect::<BTreeSet<String>>())
-    });
-    let inputs_of = match inputs_of {
-        Ok(i) => i,
-        Err(e) => return Ok(Err(e)),
-    };
-    if let Err(reason) = shared.engine().before_unmask(&inputs_of) {
-        return Ok(Err(reason));
-    }
-    if let Err(e) = step(shared, |r| {
+            .collect())
+    }));
+    or_abort!(shared.engine().before_unmask(&inputs_of));
+    or_abort!(step(shared, |r| {
         r.open_stage(Stage::Unmask, requests.iter().map(|q| q.to));
         Ok(())
-    }) {
-        return Ok(Err(e));
-    }
+    }));
     let targets = shared.targets();
     requests
         .iter()
