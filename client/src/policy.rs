@@ -363,7 +363,10 @@ impl PrivacyPolicy {
         if k < self.min_neighbours {
             return Err(violation(
                 "min_neighbours",
-                format!("{k} neighbours ({n} agents)"),
+                format!(
+                    "{k} {} ({n} agents)",
+                    if k == 1 { "neighbour" } else { "neighbours" }
+                ),
                 format!("at least {}", self.min_neighbours),
             ));
         }

@@ -67,7 +67,9 @@ pub enum RecommendError {
     BadK(usize),
     /// The customer is not in the ratings file.
     #[error(
-        "unknown customer `{customer}`: no purchase of theirs is in the data (known ids look like `{example}`)"
+        "unknown customer `{customer}`: no purchase of theirs is in the data (known ids look like \
+         `{example}`); for a visitor with no purchases, `--best-sellers` lists this merchant's \
+         best sellers"
     )]
     UnknownCustomer {
         /// The id asked for.

@@ -1583,7 +1583,8 @@ mod tests {
             e,
             format!(
                 "unknown customer `nobody`: no purchase of theirs is in the data (known ids look \
-                 like `{}`)",
+                 like `{}`); for a visitor with no purchases, `--best-sellers` lists this \
+                 merchant's best sellers",
                 mf.users[0]
             )
         );
