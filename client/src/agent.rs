@@ -42,7 +42,7 @@ const _: () = assert!(
     "HTTP/2's range, and a TLS alert read as a frame header must be too large"
 );
 
-pub use error::{AgentError, Chain};
+pub use error::{AgentError, Chain, state_fix};
 
 use crate::config::Backoff;
 use crate::state::StateError;

@@ -206,12 +206,9 @@ async fn main() -> std::process::ExitCode {
 /// Prints a fatal error as one line (each cause once), with what to fix when
 /// the agent knows it; as a JSON log record under `--log-json`.
 fn report(e: &anyhow::Error, json: bool) {
-    use fedcart_client::agent::{AgentError, Chain};
+    use fedcart_client::agent::Chain;
     let line = Chain(e.as_ref()).to_string();
-    let fix = e
-        .chain()
-        .find_map(|c| c.downcast_ref::<AgentError>())
-        .and_then(AgentError::what_to_fix);
+    let fix = fix_of(e);
     match (json, fix) {
         (true, fix) => {
             tracing::error!(error = %line, fix = fix.as_deref().unwrap_or(""), "fedcart-client stopped")
@@ -219,6 +216,29 @@ fn report(e: &anyhow::Error, json: bool) {
         (false, Some(fix)) => eprintln!("error: {line} — fix: {fix}"),
         (false, None) => eprintln!("error: {line}"),
     }
+}
+
+/// What to fix for a fatal error, when known: the agent's own errors know
+/// theirs, and so does a damaged state file met by a command that reads the
+/// state (`score` and `budget` printed the JSON parser's words alone).
+fn fix_of(e: &anyhow::Error) -> Option<String> {
+    use fedcart_client::agent::AgentError;
+    use fedcart_client::state::StateError;
+    e.chain()
+        .find_map(|c| c.downcast_ref::<AgentError>())
+        .and_then(AgentError::what_to_fix)
+        .or_else(|| {
+            e.chain()
+                .find_map(|c| {
+                    c.downcast_ref::<StateError>().or_else(|| {
+                        match c.downcast_ref::<recommend::RecommendError>() {
+                            Some(recommend::RecommendError::State(s)) => Some(s),
+                            _ => None,
+                        }
+                    })
+                })
+                .map(fedcart_client::agent::state_fix)
+        })
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -523,6 +543,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// A damaged state file met by `score` (through the scorer's error) or
+    /// `budget` (a bare state error) gets the agent's fix for it, as `run`
+    /// does; the two printed the JSON parser's words alone.
+    #[test]
+    fn a_damaged_state_file_gets_its_fix_whichever_command_met_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("global-churn.json");
+        std::fs::write(&path, "{\n").unwrap();
+        let decode = || fedcart_client::state::StateError::Decode {
+            path: path.clone(),
+            source: serde_json::from_str::<serde_json::Value>("{").unwrap_err(),
+        };
+        let scored = anyhow::Error::new(recommend::RecommendError::State(decode()))
+            .context("scoring orders.csv");
+        let bare = anyhow::Error::new(decode());
+        for e in [scored, bare] {
+            let fix = fix_of(&e).unwrap_or_default();
+            assert!(
+                fix.contains("is damaged or unreadable: restore it"),
+                "{fix}"
+            );
+        }
+        assert_eq!(fix_of(&anyhow::anyhow!("something else")), None);
+    }
 
     /// The usage line of `recommend` read `--customer <CUSTOMER>` as
     /// required, and a merchant after best sellers never learnt of

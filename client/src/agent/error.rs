@@ -189,8 +189,9 @@ impl AgentError {
     }
 }
 
-/// What to do about the agent's state directory, for [`AgentError::State`].
-pub(crate) fn state_fix(e: &StateError) -> String {
+/// What to do about the agent's state directory, for [`AgentError::State`]
+/// and for the commands that read it (`score`, `recommend`, `budget`, …).
+pub fn state_fix(e: &StateError) -> String {
     match e {
         StateError::Create { .. } | StateError::Write { .. } | StateError::Rename { .. } => {
             "the agent could not write its state directory (the file named above): free disk \
