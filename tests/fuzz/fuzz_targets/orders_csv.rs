@@ -42,7 +42,9 @@ fn write_back(orders: &[Order]) -> Vec<u8> {
     for o in orders {
         w.write_record([
             o.customer.clone(),
-            o.item.clone().unwrap_or_else(|| "-".into()),
+            // A line without an item is kept with none (a gift card, a
+            // custom line): written back blank, it reads back the same.
+            o.item.clone().unwrap_or_default(),
             o.timestamp.to_string(),
             o.quantity.to_string(),
             o.amount.to_string(),
