@@ -283,7 +283,10 @@ pub enum OrdersError {
 pub struct ReadReport {
     /// Data rows seen (header and blank lines excluded).
     pub rows_read: u64,
-    /// Rows kept as orders.
+    /// Rows read as purchases, those later returned whole included (a
+    /// return line is counted in [`ReadReport::returns`] or
+    /// [`ReadReport::returns_unmatched`], a bad row in
+    /// [`ReadReport::skipped`]).
     pub rows_ok: u64,
     /// Rows skipped, by reason (only under [`BadRowPolicy::Skip`] and
     /// [`BadRowPolicy::SkipAll`]).
