@@ -166,12 +166,23 @@ fn main() {
             weight: 1.0,
         };
         let rows = sparse::encode_update(&mf_update, &l).expect("MF layout");
-        put("rows_payload", "update", &[[3u8, 1].as_slice(), &rows].concat());
+        put(
+            "rows_payload",
+            "update",
+            &[[3u8, 1].as_slice(), &rows].concat(),
+        );
         let model: Vec<f32> = (0..model_len(4, 2)).map(|i| i as f32 * 0.25).collect();
         let old = vec![0.0f32; model.len()];
-        for (name, p) in [("model-f32", RowPrecision::F32), ("model-int8", RowPrecision::Int8)] {
+        for (name, p) in [
+            ("model-f32", RowPrecision::F32),
+            ("model-int8", RowPrecision::Int8),
+        ] {
             let bytes = sparse::encode_model(&model, Some(&old), &l, p).expect("MF layout");
-            put("rows_payload", name, &[[3u8, 1].as_slice(), &bytes].concat());
+            put(
+                "rows_payload",
+                name,
+                &[[3u8, 1].as_slice(), &bytes].concat(),
+            );
         }
     }
 
