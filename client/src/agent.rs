@@ -855,6 +855,7 @@ impl Agent {
             if let (Publish::IfSelected, Some(best)) = (publish, spec.best_version) {
                 // The version evaluated before this one may have become the
                 // best: it is served now.
+                keep_displaced(state, &task.run_id, spec.model.state_key());
                 state.adopt(&run.candidate()?, &task.run_id, best)?;
             }
             run.save_global(&meta, &global)?;
@@ -913,7 +914,10 @@ impl Agent {
             // Only a task that ran: a declined one (data of another width,
             // say) leaves the served model alone.
             let keeps = match publish {
-                Publish::Now => Some(state.clone()),
+                Publish::Now => {
+                    keep_displaced(state, &task.run_id, meta.spec.model.state_key());
+                    Some(state.clone())
+                }
                 Publish::IfSelected => Some(run.candidate()?),
                 Publish::Never => None,
             };
@@ -956,12 +960,28 @@ impl Agent {
     /// When run `end` ends serving the version this agent evaluated last
     /// (no later evaluation named it the best), that version goes to the
     /// top now, unless the top holds another run's model by then
-    /// (`StateDir::publish_served`). Best effort: a state that cannot be
-    /// written is logged and the top keeps the version it holds.
+    /// (`StateDir::publish_served`). When it failed (it serves nothing),
+    /// the models its best so far displaced at the top go back there
+    /// (`StateDir::give_back`). Best effort: a state that cannot be written
+    /// is logged and the top keeps the version it holds.
     fn publish_served(&self, end: &pb::RunEnded) {
         let Some(state) = &self.state else {
             return;
         };
+        if end.served_version == 0 && !end.stopped.is_empty() {
+            match state.give_back(&end.run_id) {
+                Ok(back) if !back.is_empty() => {
+                    tracing::info!(run = %end.run_id,
+                        "the run failed and serves nothing: `score`, `recommend` and `serve` \
+                         answer again from {}, which its best version so far had replaced",
+                        back.join(" and "));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(run = %end.run_id, error = %Chain(&e),
+                    "the run failed, and the model its best version so far replaced could not be put back"),
+            }
+            return;
+        }
         if end.served_version == 0 || state.held_version(&end.run_id).is_none() {
             return;
         }
@@ -1036,6 +1056,16 @@ impl Publish {
             Some(best) if best != task.model_version && !task.hands_out => Publish::IfSelected,
             _ => Publish::Now,
         }
+    }
+}
+
+/// Keeps the model run `run_id` is about to replace at the top under state
+/// key `key` (`StateDir::keep_displaced`). Best effort: a top that cannot be
+/// read (damaged) is replaced all the same, as before.
+fn keep_displaced(state: &crate::state::StateDir, run_id: &str, key: &str) {
+    if let Err(e) = state.keep_displaced(run_id, key) {
+        tracing::warn!(run = %run_id, error = %Chain(&e),
+            "could not keep the model this run replaces at the top (a failed run puts it back)");
     }
 }
 

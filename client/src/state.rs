@@ -322,6 +322,90 @@ impl StateDir {
         self.adopt(&candidate, run_id, version)
     }
 
+    /// The models run `run_id` displaced at the top, `before/` under the
+    /// run's directory (created), in the same layout.
+    fn displaced(&self, run_id: &str) -> Result<Self, StateError> {
+        Self::open(self.run(run_id)?.dir.join("before"))
+    }
+
+    /// Copies the model stored here under state key `key`, with its MF users
+    /// and its metrics, to `to`. Returns its meta, if there was one.
+    fn copy_model(&self, key: &str, to: &StateDir) -> Result<Option<GlobalMeta>, StateError> {
+        let Some((meta, params)) = self.load_global(key)? else {
+            return Ok(None);
+        };
+        to.save_global(&meta, &params)?;
+        if meta.spec.model.mf_shape().is_some()
+            && let Some(users) = self.load_users()?
+        {
+            to.save_users(&users)?;
+        }
+        let family = meta.spec.model.data_family();
+        if let Some(m) = self.load_metrics(family)? {
+            to.save_metrics(family, &m)?;
+        }
+        Ok(Some(meta))
+    }
+
+    /// Before run `run_id` puts a model under state key `key` at the top
+    /// (this directory): keeps the model there, if another run's, in the
+    /// run's `before/`, unless the run displaced one already. A run that
+    /// fails puts it back ([`StateDir::give_back`]): a run serves a version
+    /// only once it ends well, and its best so far had replaced the last
+    /// run's served model for good.
+    pub fn keep_displaced(&self, run_id: &str, key: &str) -> Result<(), StateError> {
+        let name = format!("global-{key}.json");
+        let Some(top) = self.read_json::<GlobalMeta>(&name)? else {
+            return Ok(());
+        };
+        if top.run_id == run_id {
+            return Ok(());
+        }
+        let before = self.displaced(run_id)?;
+        if before.read_json::<GlobalMeta>(&name)?.is_none() {
+            self.copy_model(key, &before)?;
+        }
+        Ok(())
+    }
+
+    /// When run `run_id` failed (it serves no version): puts back at the
+    /// top each model the run displaced there ([`StateDir::keep_displaced`])
+    /// whose place the run's own model still holds. Returns what it put
+    /// back, as `key version V of run R`.
+    pub fn give_back(&self, run_id: &str) -> Result<Vec<String>, StateError> {
+        if self.held_version(run_id).is_none() {
+            return Ok(Vec::new());
+        }
+        let before = self.displaced(run_id)?;
+        let mut back = Vec::new();
+        for key in before.state_keys() {
+            let top = self.read_json::<GlobalMeta>(&format!("global-{key}.json"))?;
+            if top.is_none_or(|t| t.run_id != run_id) {
+                continue;
+            }
+            if let Some(meta) = before.copy_model(&key, self)? {
+                back.push(format!(
+                    "{key} version {} of run `{}`",
+                    meta.version, meta.run_id
+                ));
+            }
+        }
+        Ok(back)
+    }
+
+    /// The state keys of the models stored here, sorted.
+    fn state_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|n| Some(n.strip_prefix("global-")?.strip_suffix(".json")?.to_owned()))
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// The meta of the highest version stored here and its state key,
     /// without reading parameters.
     fn latest_meta(&self) -> Result<Option<(String, GlobalMeta)>, StateError> {
@@ -351,15 +435,7 @@ impl StateDir {
     /// The global models stored here, as `family version V of run R`,
     /// sorted by family (for errors that say what there is instead).
     pub fn held_models(&self) -> Vec<String> {
-        let mut families: Vec<String> = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter_map(|n| Some(n.strip_prefix("global-")?.strip_suffix(".json")?.to_owned()))
-            .collect();
-        families.sort();
-        families
+        self.state_keys()
             .into_iter()
             .filter_map(|family| {
                 let meta = self
@@ -814,6 +890,71 @@ mod tests {
         );
         assert!(top.publish_served("r", 2).unwrap());
         assert_eq!(top.load_global("churn").unwrap().unwrap().0.version, 2);
+    }
+
+    /// A run whose best so far replaced another run's model at the top
+    /// gives it back when the run fails (found by a security review: a
+    /// failed DP run's version 1, of AUC 0.25, stayed served); a top a
+    /// later run took is left to it.
+    #[test]
+    fn a_failed_run_gives_back_the_model_it_displaced_at_the_top() {
+        use fedcart_common::model::sgd::SgdParams;
+        use fedcart_common::task::{ModelSpec, TaskKind};
+        let dir = tempfile::tempdir().unwrap();
+        let top = StateDir::open(dir.path()).unwrap();
+        let churn = |run: &str, version| GlobalMeta {
+            run_id: run.into(),
+            version,
+            spec: TaskSpec {
+                kind: TaskKind::Evaluate,
+                model: ModelSpec::churn_lr(2),
+                sgd: SgdParams::default(),
+                seed: 1,
+                round: version,
+                standardizer: None,
+                dp: None,
+                best_version: None,
+            },
+            sha256: None,
+        };
+        let auc = |v: f64| BTreeMap::from([("auc".to_string(), v)]);
+        // What a run's evaluation does when it publishes.
+        let publish = |run: &str, version, params: &[f32], metric| {
+            top.keep_displaced(run, "churn").unwrap();
+            top.run(run)
+                .unwrap()
+                .save_global(&churn(run, version), params)
+                .unwrap();
+            top.save_global(&churn(run, version), params).unwrap();
+            top.save_metrics("churn", &auc(metric)).unwrap();
+        };
+        publish("served", 3, &[1.0, 2.0, 3.0], 0.8);
+        assert!(top.give_back("failed").unwrap().is_empty(), "never joined");
+        assert!(
+            top.give_back("served").unwrap().is_empty(),
+            "displaced none"
+        );
+        publish("failed", 1, &[0.0; 3], 0.25);
+        publish("failed", 2, &[0.5; 3], 0.3);
+        assert_eq!(
+            top.give_back("failed").unwrap(),
+            ["churn version 3 of run `served`"]
+        );
+        let (m, p) = top.load_global("churn").unwrap().unwrap();
+        assert_eq!((m.run_id.as_str(), m.version), ("served", 3));
+        assert_eq!(p, [1.0, 2.0, 3.0]);
+        assert_eq!(top.load_metrics("churn").unwrap(), Some(auc(0.8)));
+        // The failed run's own directory keeps its model.
+        assert_eq!(top.held_version("failed"), Some(2));
+        // The end announced again at a later join: the top is not its own.
+        assert!(top.give_back("failed").unwrap().is_empty());
+        // A run that fails after a later run took the top leaves it.
+        publish("failed-too", 1, &[0.0; 3], 0.25);
+        publish("later", 1, &[7.0; 3], 0.9);
+        assert!(top.give_back("failed-too").unwrap().is_empty());
+        assert_eq!(top.load_global("churn").unwrap().unwrap().0.run_id, "later");
+        // A run's `before/` is not a run of its own.
+        assert_eq!(top.runs(), ["failed", "failed-too", "later", "served"]);
     }
 
     /// `state_dir` pointing at a file says so, not only "File exists".

@@ -266,10 +266,14 @@ async fn a_merchant_with_no_held_out_customer_trains_and_declines_its_evaluation
 }
 
 /// A run that evaluated version 1 and then stopped on a fault hands nothing
-/// out: each merchant keeps what it last evaluated. The status said
-/// "served version 1" of it all the same (found by a new-user probe).
+/// out. The status said "served version 1" of it all the same (found by a
+/// new-user probe). Its version 1 had gone to the top of each merchant's
+/// state (what `score`, `recommend` and `serve` answer from) as its best so
+/// far, in place of the previous run's served model, and stayed there
+/// (found by a security review): the agent puts the displaced model back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_stopped_on_a_fault_reports_no_served_version() {
+async fn a_run_stopped_on_a_fault_serves_nothing_and_gives_back_the_model_it_displaced() {
+    use fedcart_client::state::{GlobalMeta, StateDir};
     use fedcart_coordinator::engine::RunStop;
     use fedcart_proto::v1 as pb;
     let split = telco_split(2, 11);
@@ -278,6 +282,28 @@ async fn a_run_stopped_on_a_fault_reports_no_served_version() {
     run.max_attempts = 2;
     let store = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    // m0 serves version 4 of an earlier run.
+    let states = tempfile::tempdir().unwrap();
+    let state = StateDir::open(states.path()).unwrap();
+    let m0 = load_merchant("m0", &split.files[0]);
+    let width = m0.churn.as_ref().unwrap().train.x.ncols();
+    let served = GlobalMeta {
+        run_id: "earlier".into(),
+        version: 4,
+        spec: TaskSpec {
+            kind: TaskKind::Evaluate,
+            model: fedcart_common::task::ModelSpec::churn_lr(width),
+            sgd: Default::default(),
+            seed: 1,
+            round: 4,
+            standardizer: None,
+            dp: None,
+            best_version: None,
+        },
+        sha256: None,
+    };
+    let params: Vec<f32> = (0..=width).map(|i| i as f32 * 0.01).collect();
+    state.save_global(&served, &params).unwrap();
     // m1 answers round 1 (training and the evaluation of version 1), then
     // falls silent: round 2 never reaches its quorum.
     let mut raw =
@@ -291,7 +317,14 @@ async fn a_run_stopped_on_a_fault_reports_no_served_version() {
             raw.answer(&task).await.unwrap();
         }
     });
-    let agent = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
+    let mut agent = fedcart_client::agent::Agent::new(format!("http://{}", coord.addr), m0)
+        .with_policy(fedcart_client::policy::PrivacyPolicy::without_key_binding())
+        .with_state(StateDir::open(states.path()).unwrap())
+        .unwrap();
+    agent.backoff.initial_ms = 20;
+    // Returns once it has heard the run ended (and acted on it).
+    agent.exit_on_run_end = true;
+    let agent = spawn_configured(agent);
     let mut progress = coord.progress.clone();
     progress.wait_for(|p| p.finished).await.unwrap();
     let Some(RunStop::GaveUp { round: 2, .. }) = coord.shared.stopped() else {
@@ -312,7 +345,15 @@ async fn a_run_stopped_on_a_fault_reports_no_served_version() {
         .unwrap()
         .into_inner();
     assert_eq!(status.best_version, None, "{status:?}");
-    agent.stop().await;
+    agent
+        .task
+        .await
+        .expect("the agent returns when the run ends");
+    let (top, top_params) = state.load_global("churn").unwrap().unwrap();
+    assert_eq!((top.run_id.as_str(), top.version), ("earlier", 4));
+    assert_eq!(top_params, params);
+    // The failed run's own directory keeps what m0 evaluated of it.
+    assert_eq!(state.held_version("e2e-fault-served"), Some(1));
     let _ = coord.shutdown().await;
 }
 
