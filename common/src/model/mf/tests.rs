@@ -335,6 +335,54 @@ fn diverged_explicit_training_names_the_rating_farthest_from_the_mean() {
     );
 }
 
+/// A training task that diverges leaves the merchant's private user side
+/// as the task found it. It wrote its NaNs there, so that every later task
+/// and evaluation of the merchant in the run failed too (found by a
+/// researcher probe: one rating of 5000 kept a merchant out of every
+/// round's figures).
+#[test]
+fn a_diverged_training_task_leaves_the_user_side_as_it_was() {
+    let row = |user: &str, item: &str, value: f32| Interaction {
+        user: user.into(),
+        item: item.into(),
+        value,
+        timestamp: 0,
+    };
+    let catalogue = Catalogue::from_ids(["a", "b", "c"]);
+    let train: Vec<Interaction> = (0..30)
+        .map(|u| {
+            row(
+                &format!("c{u}"),
+                ["a", "b", "c"][u % 3],
+                1.0 + (u % 5) as f32,
+            )
+        })
+        .collect();
+    let mut local = LocalData {
+        merchant_id: "m".into(),
+        mf: Some(MfData::new(&train, &[], &catalogue)),
+        ..Default::default()
+    };
+    let s = spec(3, 2, tuned());
+    let params = s.model.initial_params(1);
+    run_task(&s, &params, &mut local).unwrap();
+    let before = local.mf.as_ref().unwrap().state.clone();
+    assert_eq!(before.factors.len(), 30 * 2);
+    assert!(before.factors.iter().all(|v| v.is_finite()));
+    let mf = local.mf.as_mut().unwrap();
+    mf.train.push(Rating {
+        value: 1e30,
+        ..mf.train[0]
+    });
+    let e = run_task(&s, &params, &mut local).unwrap_err();
+    assert!(matches!(e, TrainError::DivergedRatings { .. }), "{e}");
+    assert_eq!(local.mf.as_ref().unwrap().state, before);
+    // The typo corrected, the next task trains from where the last good
+    // one left the users.
+    local.mf.as_mut().unwrap().train.pop();
+    run_task(&s, &params, &mut local).unwrap();
+}
+
 #[test]
 fn ranking_skips_training_items_and_counts_ties_against_the_target() {
     let scores = [0.9, 0.5, 0.8, 0.5, 0.1];
