@@ -93,9 +93,14 @@ impl LogArgs {
     pub fn init(&self, default: &str) {
         let (filter, warning) =
             self.filter_with(std::env::var("RUST_LOG").ok().as_deref(), default);
+        // A log line that cannot be written (the reader of stderr went
+        // away: `2>&1 | head`, a log shipper restarting) is dropped: the
+        // subscriber's own report of it went through `eprintln!`, whose
+        // panic on a broken pipe took a coordinator or agent down mid-round.
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr);
+            .with_writer(std::io::stderr)
+            .log_internal_errors(false);
         if self.log_json {
             builder.json().init();
         } else {

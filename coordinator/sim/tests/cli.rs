@@ -104,6 +104,33 @@ fn a_reader_that_went_away_ends_the_run_quietly() {
     );
 }
 
+/// `fedcart-sim -v 2>&1 | head -1`: a reader of the logs that goes away
+/// leaves the run to finish; the log subscriber's report of the failed
+/// write went through `eprintln!`, which panicked (status 101), as it took
+/// a coordinator or an agent down mid-round (found by a fault probe).
+#[test]
+fn a_log_reader_that_went_away_leaves_the_run_to_finish() {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_fedcart-sim"))
+        .args([
+            "-v",
+            "--task",
+            "noop:10",
+            "--merchants",
+            "2",
+            "--rounds",
+            "1",
+        ])
+        .stderr(writer)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("fedcart-sim runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{:?}: {stdout}", out.status);
+    assert!(stdout.contains("noop"), "{stdout}");
+}
+
 /// The table's `final` is the served version's figure, as `final` in the
 /// JSON: with FedAvgM overshooting, model selection serves version 1 while
 /// the last version is far worse, and the table showed the last.
