@@ -22,6 +22,14 @@ pub struct TlsFiles {
     pub access: PathBuf,
 }
 
+/// How long a connection to the gRPC port may take to complete its TLS
+/// handshake before the server drops it. Without a limit, a socket that
+/// never started TLS was kept for ever, and about a thousand of them (no
+/// certificate needed) used up the process's file descriptors and locked
+/// every merchant, the operator and the HTTP port out (found by a
+/// penetration probe). A real handshake takes a few milliseconds.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl TlsFiles {
     /// The files `certs init` writes into `dir`, with `dir/access.toml`.
     pub fn in_dir(dir: impl Into<PathBuf>) -> Self {
@@ -52,7 +60,8 @@ impl TlsFiles {
         Ok(ServerTlsConfig::new()
             .identity(Identity::from_pem(cert, key))
             .client_ca_root(Certificate::from_pem(ca))
-            .client_auth_optional(false))
+            .client_auth_optional(false)
+            .timeout(HANDSHAKE_TIMEOUT))
     }
 
     /// Builds the rustls server configuration the transport will build (CA

@@ -410,6 +410,39 @@ async fn plaintext_is_served_only_when_insecure_is_explicit() {
     );
 }
 
+/// A connection to the gRPC port that never starts its TLS handshake is
+/// dropped after `HANDSHAKE_TIMEOUT`, while a merchant joins meanwhile. Such
+/// sockets were kept for ever, and about a thousand of them (no certificate
+/// needed) used up the coordinator's file descriptors and locked every
+/// merchant out (found by a penetration probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_starts_tls_is_dropped() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (cd, files) = pki(dir.path());
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_tls(&store.path().join("c.redb"), files, "idle-tls", 1).await;
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(tokio::net::TcpStream::connect(coord.addr).await.unwrap());
+    }
+    try_join(coord.addr, Some(client_tls(&cd, Some((&cd, "m0")))), "m0")
+        .await
+        .expect("a merchant joins beside idle sockets");
+    for mut socket in idle {
+        let mut byte = [0u8; 1];
+        // A guard, not a synchronisation: the server's close ends the read.
+        let read = tokio::time::timeout(
+            fedcart_coordinator::tls::HANDSHAKE_TIMEOUT * 6,
+            socket.read(&mut byte),
+        )
+        .await
+        .expect("the server closes an idle socket");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    coord.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     let dir = tempfile::tempdir().unwrap();
