@@ -21,11 +21,21 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// descriptor, which the process shares with its store and gRPC).
 pub const MAX_CONNECTIONS: usize = 1024;
 
+/// Most connections served at once from one IP address; past it, a new one
+/// from that address is closed at once. One client holding every slot with
+/// half-sent requests (reopening each the header timeout closed) kept the
+/// health probes unanswered for as long as it liked, and Kubernetes then
+/// took the coordinator out of its Service and restarted it (found by a
+/// penetration probe). Behind a reverse proxy every client shares the
+/// proxy's address, and this many requests are served at once.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+
 /// Serves HTTP/1 connections from `listener` with `app` until `stop` turns
 /// true (or its sender is gone), then lets each connection finish its
 /// request in flight and returns once every one is closed. Each connection
 /// has `TCP_NODELAY` set (no small write waits for a delayed ACK) and
-/// `header_read_timeout`; at most [`MAX_CONNECTIONS`] are served at once.
+/// `header_read_timeout`; at most [`MAX_CONNECTIONS`] are served at once,
+/// and [`MAX_CONNECTIONS_PER_PEER`] from one address.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -40,6 +50,7 @@ pub async fn serve(
     // Each connection's task holds a receiver: all dropped, all closed.
     let (closed_tx, closed_rx) = watch::channel(());
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = std::sync::Arc::new(std::sync::Mutex::new(PeerCounts::default()));
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
@@ -47,7 +58,7 @@ pub async fn serve(
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => (stream, peer.ip()),
                 Err(e) if matches!(
                     e.kind(),
                     std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
@@ -60,6 +71,11 @@ pub async fn serve(
                 }
             },
             () = stopped(&mut stop) => break,
+        };
+        let (stream, peer) = stream;
+        let Some(peer_slot) = PeerSlot::take(&peers, peer) else {
+            tracing::debug!(%peer, "HTTP connection refused: too many open from this address");
+            continue;
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set on an HTTP connection");
@@ -81,12 +97,54 @@ pub async fn serve(
                 }
             }
             drop(closed);
+            drop(peer_slot);
             drop(slot);
         });
     }
     drop(closed_rx);
     closed_tx.closed().await;
     Ok(())
+}
+
+/// Open connections per peer address.
+type PeerCounts = std::collections::HashMap<std::net::IpAddr, usize>;
+
+/// One of a peer's [`MAX_CONNECTIONS_PER_PEER`] connections, given back
+/// when dropped.
+struct PeerSlot {
+    peers: std::sync::Arc<std::sync::Mutex<PeerCounts>>,
+    peer: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    /// A slot for `peer`, if it has one left.
+    fn take(
+        peers: &std::sync::Arc<std::sync::Mutex<PeerCounts>>,
+        peer: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut counts = peers.lock().unwrap_or_else(|p| p.into_inner());
+        let open = counts.entry(peer).or_default();
+        if *open >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *open += 1;
+        Some(Self {
+            peers: peers.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = counts.get_mut(&self.peer) {
+            *open -= 1;
+            if *open == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Resolves once `stop` is set (or its sender is gone).

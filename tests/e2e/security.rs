@@ -443,6 +443,50 @@ async fn a_connection_that_never_starts_tls_is_dropped() {
     coord.shutdown().await.unwrap();
 }
 
+/// One address that holds `MAX_CONNECTIONS_PER_PEER` half-sent requests
+/// gets no more connections, and the health probe from another address is
+/// answered. One client could hold every connection the HTTP listener
+/// serves, reopening each the header timeout closed, and the health probes
+/// went unanswered for as long as it liked (found by a penetration probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_http_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, files) = pki(dir.path());
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_tls(&store.path().join("c.redb"), files, "slow-http", 1).await;
+    let http = coord.http_addr.expect("HTTP listener");
+    let mut held = Vec::new();
+    for _ in 0..fedcart_common::http::MAX_CONNECTIONS_PER_PEER {
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHo").await.unwrap();
+        held.push(s);
+    }
+    // The listener counts each connection as it accepts it, in order: the
+    // next one from this address is closed unanswered.
+    let mut extra = tokio::net::TcpStream::connect(http).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = extra.read_to_end(&mut answer).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    // Another address (a kubelet's) is served.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut probe = socket.connect(http).await.unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    probe.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(held);
+    coord.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
     let dir = tempfile::tempdir().unwrap();
