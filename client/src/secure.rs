@@ -656,21 +656,52 @@ impl SecureTasks {
                 tracing::warn!(stage, error = %e, "secure round left: a neighbour's shares are forged");
                 leaving = Some(crate::transfer::forged_shares(from));
             }
+            // The merchant's ledger could not be written (a full disk):
+            // nothing was sent, and no later round can be charged either,
+            // so the agent stops with the file and the fix, as it does for
+            // its other state files, instead of declining round after round
+            // with the cause left out of both sides' logs (found by a fault
+            // probe).
+            Err((
+                stage,
+                e @ SecureError::Ledger {
+                    source: crate::budget::ChargeError::State(_),
+                    ..
+                },
+            )) => {
+                tracing::warn!(stage, error = %crate::agent::Chain(&e),
+                    "secure-aggregation request not answered");
+                self.report_leaving(client, session_id, &named, crate::transfer::STEP_FAILED)
+                    .await;
+                return Err(e);
+            }
             Err((stage, e)) => {
-                tracing::warn!(stage, error = %e, "secure-aggregation request not answered");
+                tracing::warn!(stage, error = %crate::agent::Chain(&e),
+                    "secure-aggregation request not answered");
                 leaving = Some(crate::transfer::STEP_FAILED.into());
             }
         }
         if let Some(reason) = leaving {
-            let (run_id, round, task_id) = &named;
-            let named = (run_id.as_str(), *round, task_id.as_str());
-            if let Err(e) =
-                crate::transfer::report_failure(client, session_id, named, &reason).await
-            {
-                tracing::warn!(task = %task_id, error = %e, "the coordinator was not told");
-            }
+            self.report_leaving(client, session_id, &named, &reason)
+                .await;
         }
         Ok(())
+    }
+
+    /// Tells the coordinator this agent leaves the round `named`, with a
+    /// fixed, data-free `reason`. Best effort: a failure is logged.
+    async fn report_leaving(
+        &self,
+        client: &mut CoordinatorClient<Channel>,
+        session_id: &str,
+        named: &(String, u64, String),
+        reason: &str,
+    ) {
+        let (run_id, round, task_id) = named;
+        let named = (run_id.as_str(), *round, task_id.as_str());
+        if let Err(e) = crate::transfer::report_failure(client, session_id, named, reason).await {
+            tracing::warn!(task = %task_id, error = %e, "the coordinator was not told");
+        }
     }
 }
 

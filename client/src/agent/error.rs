@@ -184,6 +184,11 @@ impl AgentError {
             // coordinator for ever (a full disk left the merchant's session
             // dropped and rejoined every few seconds).
             Self::State(e) => Some(state_fix(e)),
+            // The privacy ledger, likewise: no round can be charged.
+            Self::Secure(SecureError::Ledger {
+                source: crate::budget::ChargeError::State(e),
+                ..
+            }) => Some(state_fix(e)),
             _ => None,
         }
     }
@@ -494,6 +499,43 @@ mod tests {
         let shown = Chain(&err).to_string();
         assert!(shown.starts_with("join: "), "{shown}");
         assert!(shown.contains("merchant `m0` is revoked"), "{shown}");
+    }
+
+    /// A privacy ledger the agent cannot write (a full disk) stops the
+    /// agent with the file, the cause and the fix; it declined round after
+    /// round with "round 49 task `…`" alone in its log (found by a fault
+    /// probe).
+    #[test]
+    fn a_ledger_that_cannot_be_written_stops_the_agent_naming_the_file_and_the_fix() {
+        let e = AgentError::Secure(SecureError::Ledger {
+            round: 49,
+            task_id: "r49a1-train".into(),
+            source: crate::budget::ChargeError::State(StateError::Write {
+                path: "state/privacy-ledger.tmp".into(),
+                source: std::io::Error::from_raw_os_error(28),
+            }),
+        });
+        assert!(e.is_permanent());
+        assert!(
+            e.what_to_fix().unwrap().contains("free disk space"),
+            "{:?}",
+            e.what_to_fix()
+        );
+        let shown = Chain(&e).to_string();
+        assert!(
+            shown.starts_with(
+                "round 49 task `r49a1-train`: recording the round in the privacy ledger: "
+            ) && shown.contains("state/privacy-ledger.tmp")
+                && shown.contains("os error 28"),
+            "{shown}"
+        );
+        // A refusal of the round itself is no failure of the state: not permanent.
+        let over = AgentError::Secure(SecureError::Ledger {
+            round: 1,
+            task_id: "t".into(),
+            source: crate::budget::ChargeError::Noise(0.0),
+        });
+        assert!(!over.is_permanent());
     }
 
     #[test]
