@@ -99,8 +99,11 @@ pub enum TransferError {
         #[source]
         source: SparseError,
     },
-    /// The coordinator refused the uploaded update.
-    #[error("task `{task_id}`: update rejected")]
+    /// The upload failed: the coordinator refused the update, or the
+    /// connection failed under it (said as "not delivered": "rejected" read
+    /// as the coordinator refusing the merchant's data when nothing reached
+    /// it; found by a fault probe).
+    #[error("task `{task_id}`: update {}", upload_outcome(status))]
     Rejected {
         /// The task the update answered.
         task_id: String,
@@ -108,6 +111,18 @@ pub enum TransferError {
         #[source]
         status: tonic::Status,
     },
+}
+
+/// How an upload that ended in `status` is told: "not delivered" when the
+/// transport failed under it, else "rejected".
+fn upload_outcome(status: &tonic::Status) -> &'static str {
+    match status.code() {
+        tonic::Code::Unavailable
+        | tonic::Code::Cancelled
+        | tonic::Code::Unknown
+        | tonic::Code::DeadlineExceeded => "not delivered",
+        _ => "rejected",
+    }
 }
 
 impl TransferError {
@@ -512,6 +527,33 @@ mod tests {
             };
             assert!(e.task_closed().is_none());
         }
+    }
+
+    /// A connection that failed under an upload is "not delivered", not
+    /// "rejected", which reads as the coordinator refusing the merchant's
+    /// data (found by a fault probe).
+    #[test]
+    fn an_upload_lost_on_the_way_is_not_delivered_and_a_refused_one_rejected() {
+        let shown = |status| {
+            TransferError::Rejected {
+                task_id: "r2a1-train".into(),
+                status,
+            }
+            .to_string()
+        };
+        for status in [
+            tonic::Status::unavailable("tcp connect error: Connection refused (os error 111)"),
+            tonic::Status::unknown("http2 error: keep-alive timed out"),
+            tonic::Status::cancelled("stream closed"),
+        ] {
+            assert_eq!(shown(status), "task `r2a1-train`: update not delivered");
+        }
+        assert_eq!(
+            shown(tonic::Status::invalid_argument(
+                "update value 3 is not finite"
+            )),
+            "task `r2a1-train`: update rejected"
+        );
     }
 
     /// A refusal of the update itself ends that task's part for the agent,
