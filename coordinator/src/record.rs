@@ -314,6 +314,31 @@ mod tests {
         assert_eq!(back.examples, f64::MAX);
     }
 
+    /// What `Status` reads of the history without decoding all of it: the
+    /// records appended since a key, and the last one.
+    #[test]
+    fn the_history_reads_from_a_key_and_its_last_record_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open_scratch(&dir.path().join("r.redb")).unwrap();
+        assert!(store.last_history().unwrap().is_none());
+        assert!(store.history_from(0).unwrap().is_empty());
+        for round in 1..=3 {
+            let mut r: RoundRecord = serde_json::from_str(OLD_TRAIN).unwrap();
+            r.round = round;
+            r.selected = vec![format!("m{round}")];
+            store.append_history(&r).unwrap();
+        }
+        let all = store.history().unwrap();
+        let from = store.history_from(0).unwrap();
+        assert_eq!(from.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), all);
+        let after_first = store.history_from(from[0].0 + 1).unwrap();
+        assert_eq!(
+            after_first.iter().map(|(_, r)| r.round).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!(store.last_history().unwrap().unwrap().round, 3);
+    }
+
     /// The warning says what each figure was stored as: 0 for a NaN,
     /// ±f64::MAX for an infinity (it said "±f64::MAX" for a NaN too).
     #[test]

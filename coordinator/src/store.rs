@@ -825,6 +825,37 @@ impl Store {
         )))
     }
 
+    /// The history records from key `from` on, with their keys, oldest
+    /// first (what was appended since a reader last looked).
+    pub fn history_from(&self, from: u64) -> Result<Vec<(u64, RoundRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn
+            .open_table(self.tables.history())
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.range(from..).map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let record = serde_json::from_slice(v.value())
+                .map_err(|_| self.corrupt(format!("history record {}", k.value())))?;
+            out.push((k.value(), record));
+        }
+        Ok(out)
+    }
+
+    /// The last history record, if any, without reading the others.
+    pub fn last_history(&self) -> Result<Option<RoundRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn
+            .open_table(self.tables.history())
+            .map_err(|e| self.err(e))?;
+        let Some((k, v)) = table.last().map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|_| self.corrupt(format!("history record {}", k.value())))
+    }
+
     /// All history records, oldest first.
     pub fn history(&self) -> Result<Vec<RoundRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
