@@ -137,13 +137,28 @@ const MAX_PREALLOC: u64 = 64 << 20;
 /// Errors from the store; each names the store file.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    /// redb reported an error.
-    #[error("store {path}: {source}")]
+    /// redb reported an error. The cause is in the message, not a source
+    /// of its own: a log line that prints the chain said it twice.
+    #[error("store {path}: {cause}", path = path.display())]
     Db {
         /// The store file.
         path: PathBuf,
         /// The cause.
-        source: Box<redb::Error>,
+        cause: Box<redb::Error>,
+    },
+    /// A write failed with an I/O error (a full disk): redb takes no more
+    /// writes on the file until it is opened again.
+    #[error(
+        "store {path}: a write failed ({cause}); the store takes no more writes until the \
+         coordinator restarts: free space or mend the disk, then restart it (what was committed \
+         before is kept)",
+        path = path.display()
+    )]
+    Io {
+        /// The store file.
+        path: PathBuf,
+        /// The I/O error.
+        cause: String,
     },
     /// Another process holds the file open (redb locks it): another
     /// coordinator serving the same `serve.store`.
@@ -283,7 +298,11 @@ fn db_error(path: &Path, first_io: &FirstIo, e: redb::Error) -> StoreError {
     let mut first = first_io.lock().unwrap_or_else(|p| p.into_inner());
     match &e {
         redb::Error::Io(io) => {
-            first.get_or_insert_with(|| io.to_string());
+            let cause = first.get_or_insert_with(|| io.to_string()).clone();
+            return StoreError::Io {
+                path: path.into(),
+                cause,
+            };
         }
         redb::Error::PreviousIo => {
             if let Some(cause) = first.clone() {
@@ -297,7 +316,7 @@ fn db_error(path: &Path, first_io: &FirstIo, e: redb::Error) -> StoreError {
     }
     StoreError::Db {
         path: path.into(),
-        source: Box::new(e),
+        cause: Box::new(e),
     }
 }
 
@@ -338,7 +357,7 @@ impl StoreFile {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let err = |e: redb::Error| StoreError::Db {
             path: path.into(),
-            source: Box::new(e),
+            cause: Box::new(e),
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| err(redb::Error::Io(e)))?;
@@ -1035,9 +1054,19 @@ mod tests {
             matches!(e, StoreError::Db { .. }),
             "nothing to name yet: {e}"
         );
+        // The first failure says what to do, with its cause once (it was
+        // "I/O error: No space left …: I/O error: No space left …" and no
+        // advice; found by a fault probe).
         let full = std::io::Error::from_raw_os_error(28);
-        let e = db_error(path, &first_io, redb::Error::Io(full)).to_string();
-        assert!(e.contains("No space left on device"), "{e}");
+        let e = db_error(path, &first_io, redb::Error::Io(full));
+        assert!(std::error::Error::source(&e).is_none());
+        let e = e.to_string();
+        assert_eq!(
+            e,
+            "store /srv/store.redb: a write failed (No space left on device (os error 28)); the \
+             store takes no more writes until the coordinator restarts: free space or mend the \
+             disk, then restart it (what was committed before is kept)"
+        );
         let e = db_error(path, &first_io, redb::Error::PreviousIo).to_string();
         assert!(
             e.starts_with(
