@@ -132,7 +132,7 @@ fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_ca(dir: &CertDir) -> anyhow::Result<Issuer<'static, KeyPair>> {
+pub(crate) fn load_ca(dir: &CertDir) -> anyhow::Result<Issuer<'static, KeyPair>> {
     let pem = std::fs::read_to_string(dir.ca_key()).with_context(|| {
         format!(
             "reading {} (run `certs init` first)",

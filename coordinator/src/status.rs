@@ -310,8 +310,9 @@ fn transport_fix(err: &(dyn std::error::Error + 'static), url: &str) -> Option<S
                      `--domain`): connect by a name it was issued for, e.g. `--domain localhost`"
                 ),
                 rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
-                    "the coordinator's certificate has expired: renew it with `certs init` \
-                     (or the platform's CA)"
+                    "the coordinator's certificate has expired: the operator signs a new one \
+                     for it with the CA that issued the merchants' (`certs init` makes a new CA, \
+                     and `certs` cannot renew it yet)"
                         .into()
                 }
                 e if fedcart_common::identity::refused_our_certificate(e) => {

@@ -75,9 +75,23 @@ impl TlsFiles {
         let id = files.parse()?;
         // A CA certificate served as the coordinator's own starts, and every
         // agent's handshake then fails on a name or key usage it lacks.
-        let leaf = x509_parser::parse_x509_certificate(&id.chain[0])
-            .map(|(_, c)| c.is_ca())
-            .unwrap_or(false);
+        let parsed = x509_parser::parse_x509_certificate(&id.chain[0]).ok();
+        // An expired certificate (or one not valid yet) started, and every
+        // agent's handshake then failed on it (found by a fault probe).
+        if let Some((_, c)) = &parsed
+            && !c.validity().is_valid()
+        {
+            let v = c.validity();
+            anyhow::bail!(
+                "`serve.tls.cert` {} is valid only from {} to {}, not now: every agent's \
+                 handshake would fail on it; sign a new certificate for the coordinator with the \
+                 CA that issued the merchants' (`certs` cannot renew it yet)",
+                self.cert.display(),
+                v.not_before.to_datetime().date(),
+                v.not_after.to_datetime().date(),
+            );
+        }
+        let leaf = parsed.is_some_and(|(_, c)| c.is_ca());
         if leaf {
             anyhow::bail!(
                 "`serve.tls.cert` {} is a CA certificate, not the coordinator's own: give the \
@@ -240,6 +254,37 @@ pub fn insecure_from_env(value: Option<&std::ffi::OsStr>) -> Result<bool, Insecu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An expired coordinator certificate is refused at start, with its
+    /// dates and what to do: it started, and every agent's handshake then
+    /// failed (found by a fault probe).
+    #[test]
+    fn an_expired_coordinator_certificate_is_refused_at_start() {
+        use rcgen::{CertificateParams, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let certs = crate::certs::CertDir::new(dir.path());
+        crate::certs::init(&certs, &["localhost".into()]).unwrap();
+        let issuer = crate::certs::load_ca(&certs).unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".into()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("expired.pem"),
+            key: dir.path().join("expired.key"),
+            ..TlsFiles::in_dir(dir.path())
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        let e = format!("{:#}", files.server_config().unwrap_err());
+        assert!(
+            e.starts_with("`serve.tls.cert`")
+                && e.contains("expired.pem is valid only from 2020-01-01 to 2021-01-01, not now")
+                && e.contains("sign a new certificate"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_wrong_tls_file_is_named_with_its_setting() {
