@@ -146,6 +146,15 @@ pub struct Experiment {
     pub merchants: usize,
     /// Federated parameters.
     pub model_len: usize,
+    /// The model as trained: its family and every hyper-parameter, with
+    /// the defaults and the privacy defaults resolved (`settings` keeps
+    /// only what was given: a run with DP and one without, on different
+    /// defaults, read alike; found by a researcher probe).
+    pub model: ModelSpec,
+    /// The local optimiser as run, for the families it trains (churn LR
+    /// and MLP); MF's learning rate and epochs are in `model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sgd: Option<fedcart_common::model::sgd::SgdParams>,
     /// Strategy name.
     pub strategy: String,
     /// Partitioner.
@@ -433,6 +442,16 @@ impl Experiment {
             data,
             merchants,
             model_len: model.model_len(),
+            model: model.clone(),
+            sgd: matches!(
+                model,
+                ModelSpec::ChurnLr { .. } | ModelSpec::ChurnMlp { .. }
+            )
+            .then(|| {
+                let mut sgd = s.sgd(task);
+                sgd.prox_mu = s.strategy.build().prox_mu();
+                sgd
+            }),
             strategy: s.strategy.to_string(),
             partition: s.partition.to_string(),
             mode: s.mode.name().into(),

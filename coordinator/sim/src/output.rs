@@ -239,6 +239,25 @@ pub fn settings_rows(s: &Settings) -> Vec<(String, String)> {
     rows
 }
 
+/// An experiment's model as trained (family, hyper-parameters with their
+/// defaults resolved) and its local optimiser, as (name, value) rows.
+pub fn model_rows(e: &Experiment) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    flatten(
+        "model",
+        &serde_json::to_value(&e.model).unwrap_or_default(),
+        &mut rows,
+    );
+    if let Some(sgd) = &e.sgd {
+        flatten(
+            "local sgd",
+            &serde_json::to_value(sgd).unwrap_or_default(),
+            &mut rows,
+        );
+    }
+    rows
+}
+
 fn flatten(name: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>) {
     use serde_json::Value;
     let text = match v {
@@ -705,6 +724,18 @@ pub(crate) fn html(
             esc(&e.partition),
             e.timing.seconds_per_round
         );
+        // The model as trained, defaults resolved: the settings table
+        // holds only what was given.
+        out += "<table class=\"model\">";
+        for (k, v) in model_rows(e) {
+            let _ = write!(
+                out,
+                "<tr><th style=\"text-align:left\">{}</th><td style=\"text-align:left\">{}</td></tr>",
+                esc(&k),
+                esc(&v)
+            );
+        }
+        out += "</table>";
         if let Some(p) = &e.privacy {
             // Distributed noise: a round that lost agents was charged at
             // the smaller noise its survivors added, which is what ε

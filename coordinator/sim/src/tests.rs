@@ -164,6 +164,56 @@ fn mf_defaults_are_those_of_a_run_configuration() {
     assert_eq!((s.mf_hyper(t), s.factors(t)), (MfHyper::explicit_dp(), 32));
 }
 
+/// metrics.json and the report carry the model as trained, defaults
+/// resolved: a DP run and one without, on different MF defaults, read alike
+/// (every hyper-parameter left at its default was null; found by a
+/// researcher probe).
+#[test]
+fn the_outputs_carry_the_model_as_trained_with_its_defaults_resolved() {
+    use fedcart_common::model::mf::MfHyper;
+    let mut a = movielens_args("mf");
+    a.rounds = Some(1);
+    let plain = run(a.clone()).remove(0);
+    a.dp_clip = Some("1".into());
+    a.dp_noise = Some(1.0);
+    let dp = run(a).remove(0);
+    let shape = |e: &Experiment| match &e.model {
+        ModelSpec::Mf { factors, hyper, .. } => (*factors, hyper.clone()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(shape(&plain), (128, MfHyper::explicit()));
+    assert_eq!(shape(&dp), (32, MfHyper::explicit_dp()));
+    let json = serde_json::to_value(&dp).unwrap();
+    assert!(json["model"].is_object(), "{}", json["model"]);
+    assert!(
+        json.get("sgd").is_none(),
+        "MF trains by its own hyper-parameters"
+    );
+    let rows = output::model_rows(&dp);
+    assert!(
+        rows.iter()
+            .any(|(k, v)| k.ends_with("factors") && v == "32"),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|(k, _)| k.ends_with("learning rate")),
+        "{rows:?}"
+    );
+    // Churn LR trains by its local optimiser: recorded with it.
+    let mut a = telco_args("churn-lr");
+    a.rounds = Some(1);
+    let s = Settings::from_args(a).unwrap();
+    let lr = run_all(&s).unwrap().remove(0);
+    assert_eq!(lr.sgd, Some(s.sgd(s.task.unwrap())));
+    assert!(
+        output::model_rows(&lr)
+            .iter()
+            .any(|(k, _)| k == "local sgd.learning rate"),
+        "{:?}",
+        output::model_rows(&lr)
+    );
+}
+
 #[test]
 fn same_seed_gives_identical_metrics_whatever_the_thread_count() {
     let mut a = movielens_args("mf");
