@@ -331,7 +331,7 @@ fn collective(
             }
             // Plaintext (checked above), so nothing goes to a secure sum;
             // the bytes are counted as the synchronous driver counts them
-            // (an evaluation's histograms were left out of `bytes_up`).
+            // (an evaluation's payload, a churn model's histograms, too).
             let sub = submit::route(id, out, false, &mut Vec::new());
             row.bytes_up += sub.bytes;
             if let Err(e) = engine.submit(id, "simulation", plan.round, &plan.task_id, sub) {
