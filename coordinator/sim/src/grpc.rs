@@ -56,9 +56,15 @@ pub fn run(
     data: &DataSpec,
     pop: Population,
     mut run: RunConfig,
+    fleet: &crate::clock::Fleet,
     load_seconds: f64,
 ) -> anyhow::Result<Experiment> {
     let n = pop.merchants.len();
+    let ids: Vec<String> = pop
+        .merchants
+        .iter()
+        .map(|m| m.merchant_id.clone())
+        .collect();
     run.round_timeout_ms = ROUND_TIMEOUT.as_millis() as u64;
     run.selection.min_available = n;
     let threads = match s.threads {
@@ -90,7 +96,33 @@ pub fn run(
             .join()
     })
     .map_err(|_| anyhow::anyhow!("the gRPC simulation thread panicked"))??;
-    exp.rounds = rows(&done.history, &done.stamps, done.started, &done.model_lens);
+    // The virtual clock of the in-process driver, from the same seeds and
+    // example counts: each training round advances it by its selection's
+    // slowest merchant (it was 0 on every row, and the by-time plot left
+    // out; found by a researcher probe).
+    let index: std::collections::HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| (id.as_str(), k))
+        .collect();
+    let mut now = 0.0;
+    let clock: Vec<f64> = done
+        .history
+        .iter()
+        .map(|r| {
+            if kind_name(r.kind) == "train" {
+                now += fleet.round_seconds(&r.selected, &index);
+            }
+            now
+        })
+        .collect();
+    exp.rounds = rows(
+        &done.history,
+        &done.stamps,
+        done.started,
+        &done.model_lens,
+        &clock,
+    );
     exp.per_merchant = done.per_merchant;
     // Model selection as in process: the best version, what it scored right
     // after its round, and as served.
@@ -428,6 +460,7 @@ fn rows(
     stamps: &[Instant],
     started: Instant,
     model_lens: &BTreeMap<u64, u64>,
+    clock: &[f64],
 ) -> Vec<RoundRow> {
     let mut out = Vec::new();
     let mut row: Option<(RoundRow, Instant)> = None;
@@ -459,6 +492,7 @@ fn rows(
                     // As in process: the multiplier the round was charged
                     // at (the column was empty over gRPC).
                     dp_noise: r.privacy.as_ref().map(|p| p.noise_multiplier),
+                    virtual_seconds: clock.get(k).copied().unwrap_or_default(),
                     ..Default::default()
                 };
                 // An evaluation follows a committed round when the run evaluates.

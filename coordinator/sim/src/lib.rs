@@ -399,7 +399,7 @@ pub fn run_one(
             n
         });
     if s.transport == Transport::Grpc {
-        let mut exp = grpc::run(s, task, data, pop, run, load_seconds)?;
+        let mut exp = grpc::run(s, task, data, pop, run, &fleet, load_seconds)?;
         exp.report.splice(0..0, data_notes);
         if !exp.failed {
             exp.report.extend(selection_report(&exp));

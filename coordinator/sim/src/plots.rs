@@ -164,8 +164,8 @@ fn charts(e: &Experiment) -> Vec<(String, String, Chart<'static>)> {
                 legend: legend(),
             },
         ));
-        // Only the in-process transport runs the virtual clock (over gRPC
-        // every row's virtual time is 0: a vertical line, no plot).
+        // A run whose rows all read virtual time 0 (no training round
+        // committed) would draw a vertical line: no plot.
         let by_time = by(&|r| r.virtual_seconds);
         if by_time.iter().any(|&(t, _)| t > 0.0) {
             out.push((

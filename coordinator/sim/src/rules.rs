@@ -196,7 +196,8 @@ fn over_grpc(
         // rows are on standard error only.
         notes: Vec::new(),
     };
-    let exp = crate::grpc::run(s, task, data, pop, run, load_seconds)?;
+    let fleet = crate::clock::Fleet::new(&s.clock, s.seed, &pop.merchants, &pop.model, &run.sgd);
+    let exp = crate::grpc::run(s, task, data, pop, run, &fleet, load_seconds)?;
     let apriori = Apriori::decode(&exp.final_model, catalogue.len(), min_support, 0)
         .context("the committed itemsets state")?;
     Ok((exp, apriori))
