@@ -128,8 +128,53 @@ pub fn rmse(truth: &[f32], pred: &[f32]) -> f64 {
     (se / n as f64).sqrt()
 }
 
+/// Whether figure `name` is a root-mean-square error (`rmse`, `val_rmse`),
+/// which pools over merchants as the root of the weighted mean of squares.
+fn is_root_mean_square(name: &str) -> bool {
+    name == "rmse" || name.ends_with("_rmse")
+}
+
+/// What one merchant adds, times its weight, to the pooled figure `name`:
+/// the value, or its square for an RMSE ([`pooled`]).
+pub fn pooling_term(name: &str, value: f64) -> f64 {
+    if is_root_mean_square(name) {
+        value * value
+    } else {
+        value
+    }
+}
+
+/// The pooled figure `name` from the weighted mean of the merchants'
+/// [`pooling_term`]s: that mean, or its root for an RMSE, which is then the
+/// RMSE of every merchant's held-out predictions together when the weights
+/// are their held-out counts. The weighted mean of the merchants' RMSEs sat
+/// below it (0.8610 against 0.8619 on the demo), beside a centralised RMSE
+/// computed over all rows (found by a researcher probe).
+pub fn pooled(name: &str, mean_of_terms: f64) -> f64 {
+    if is_root_mean_square(name) {
+        mean_of_terms.sqrt()
+    } else {
+        mean_of_terms
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// Two merchants' RMSEs pool as the RMSE of their predictions together.
+    #[test]
+    fn rmses_pool_as_the_rmse_of_every_prediction() {
+        let (truth, pred) = ([1.0f32, 2.0, 3.0, 4.0, 5.0], [1.5f32, 2.0, 2.0, 4.0, 3.0]);
+        let a = super::rmse(&truth[..2], &pred[..2]);
+        let b = super::rmse(&truth[2..], &pred[2..]);
+        let mean =
+            (2.0 * super::pooling_term("rmse", a) + 3.0 * super::pooling_term("rmse", b)) / 5.0;
+        let all = super::rmse(&truth, &pred);
+        assert!((super::pooled("rmse", mean) - all).abs() < 1e-12);
+        assert!((super::pooled("val_rmse", mean) - all).abs() < 1e-12);
+        assert_eq!(super::pooled("auc", 0.7), 0.7);
+        assert_eq!(super::pooling_term("hr@10", 0.3), 0.3);
+    }
+
     use super::*;
 
     #[test]

@@ -374,14 +374,17 @@ fn pooled_columns(rows: &[MerchantValue]) -> BTreeMap<String, BTreeMap<String, f
             let Some(metrics) = get(m) else { continue };
             for (k, v) in metrics {
                 let (sum, total) = sums.entry(k.clone()).or_default();
-                *sum += v * m.weight;
+                *sum += crate::metrics::pooling_term(k, *v) * m.weight;
                 *total += m.weight;
             }
         }
         let means: BTreeMap<String, f64> = sums
             .into_iter()
             .filter(|(_, (_, total))| *total > 0.0)
-            .map(|(k, (sum, total))| (k, sum / total))
+            .map(|(k, (sum, total))| {
+                let v = crate::metrics::pooled(&k, sum / total);
+                (k, v)
+            })
             .collect();
         if !means.is_empty() {
             out.insert(name.to_string(), means);
@@ -628,14 +631,14 @@ fn evaluate_pooled(
     for m in merchants.iter_mut() {
         let out = run_task(&spec, params, m)?;
         for (k, v) in &out.metrics {
-            *sums.entry(k.clone()).or_default() += v * out.weight;
+            *sums.entry(k.clone()).or_default() += crate::metrics::pooling_term(k, *v) * out.weight;
         }
         total += out.weight;
         out.add_values_to(&mut pooled);
     }
     if total > 0.0 {
-        for v in sums.values_mut() {
-            *v /= total;
+        for (k, v) in sums.iter_mut() {
+            *v = crate::metrics::pooled(k, *v / total);
         }
     }
     if !pooled.is_empty() {

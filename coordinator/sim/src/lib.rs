@@ -1457,7 +1457,7 @@ impl WeightedMean {
     fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
         for (k, v) in metrics {
             let (sum, w) = self.sums.entry(k.clone()).or_default();
-            *sum += v * weight;
+            *sum += fedcart_common::metrics::pooling_term(k, *v) * weight;
             *w += weight;
         }
     }
@@ -1465,7 +1465,14 @@ impl WeightedMean {
     fn mean(self) -> BTreeMap<String, f64> {
         self.sums
             .into_iter()
-            .map(|(k, (v, w))| (k, if w > 0.0 { v / w } else { 0.0 }))
+            .map(|(k, (v, w))| {
+                let v = if w > 0.0 {
+                    fedcart_common::metrics::pooled(&k, v / w)
+                } else {
+                    0.0
+                };
+                (k, v)
+            })
             .collect()
     }
 }

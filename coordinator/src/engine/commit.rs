@@ -132,7 +132,7 @@ impl Engine {
         for (figures, weight) in open.metric_parts.values() {
             for (k, v) in figures {
                 let (sum, w) = sums.entry(k).or_default();
-                *sum += v * weight;
+                *sum += fedcart_common::metrics::pooling_term(k, *v) * weight;
                 *w += weight;
             }
             examples += weight;
@@ -145,7 +145,7 @@ impl Engine {
         let metrics: BTreeMap<String, f64> = sums
             .into_iter()
             .filter(|(_, (_, w))| *w > 0.0)
-            .map(|(k, (sum, w))| (k.to_string(), sum / w))
+            .map(|(k, (sum, w))| (k.to_string(), fedcart_common::metrics::pooled(k, sum / w)))
             .collect();
         let mut record = RoundRecord {
             round: open.plan.round,
