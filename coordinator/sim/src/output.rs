@@ -694,6 +694,20 @@ fn search_table(s: &super::experiment::SearchSummary) -> String {
     out
 }
 
+/// A table of (name, value) rows, names left-aligned in the first column.
+fn name_value_table(out: &mut String, class: &str, rows: &[(String, String)]) {
+    let _ = write!(out, "<table class=\"{class}\">");
+    for (k, v) in rows {
+        let _ = write!(
+            out,
+            "<tr><th style=\"text-align:left\">{}</th><td style=\"text-align:left\">{}</td></tr>",
+            esc(k),
+            esc(v)
+        );
+    }
+    *out += "</table>";
+}
+
 pub(crate) fn html(
     s: &Settings,
     experiments: &[Experiment],
@@ -703,17 +717,9 @@ pub(crate) fn html(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>fedcart simulation</title>\
          <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
          td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>\
-         <h1>fedcart simulation</h1><h2>Settings</h2><table class=\"settings\">",
+         <h1>fedcart simulation</h1><h2>Settings</h2>",
     );
-    for (k, v) in settings_rows(s) {
-        let _ = write!(
-            out,
-            "<tr><th style=\"text-align:left\">{}</th><td style=\"text-align:left\">{}</td></tr>",
-            esc(&k),
-            esc(&v)
-        );
-    }
-    out += "</table>";
+    name_value_table(&mut out, "settings", &settings_rows(s));
     for (i, e) in experiments.iter().enumerate() {
         let _ = write!(
             out,
@@ -726,16 +732,7 @@ pub(crate) fn html(
         );
         // The model as trained, defaults resolved: the settings table
         // holds only what was given.
-        out += "<table class=\"model\">";
-        for (k, v) in model_rows(e) {
-            let _ = write!(
-                out,
-                "<tr><th style=\"text-align:left\">{}</th><td style=\"text-align:left\">{}</td></tr>",
-                esc(&k),
-                esc(&v)
-            );
-        }
-        out += "</table>";
+        name_value_table(&mut out, "model", &model_rows(e));
         if let Some(p) = &e.privacy {
             // Distributed noise: a round that lost agents was charged at
             // the smaller noise its survivors added, which is what ε

@@ -284,34 +284,51 @@ fn unknown_items_are_counted_and_reported_not_fatal() {
     assert_eq!(local.examples()["mf"], 2);
 }
 
+/// A rating of `value` by `user` of `item`.
+fn rated(user: &str, item: &str, value: f32) -> Interaction {
+    Interaction {
+        user: user.into(),
+        item: item.into(),
+        value,
+        timestamp: 0,
+    }
+}
+
+/// Thirty customers rating one of three items 1 to 5 stars each.
+fn thirty_customers_of_three_items() -> Vec<Interaction> {
+    (0..30)
+        .map(|u| {
+            rated(
+                &format!("c{u}"),
+                ["a", "b", "c"][u % 3],
+                1.0 + (u % 5) as f32,
+            )
+        })
+        .collect()
+}
+
+/// Merchant `m` training on `train` over the catalogue of items a, b, c.
+fn merchant_of_three_items(train: &[Interaction]) -> LocalData {
+    LocalData {
+        merchant_id: "m".into(),
+        mf: Some(MfData::new(
+            train,
+            &[],
+            &Catalogue::from_ids(["a", "b", "c"]),
+        )),
+        ..Default::default()
+    }
+}
+
 /// A rating of 1000 among 1–5 stars made explicit training diverge with
 /// "lower the learning rate", which no learning rate fixes. The error names
 /// the ratings' span and the customer of the farthest one; what the
 /// coordinator is told stays the fixed, data-free reason.
 #[test]
 fn diverged_explicit_training_names_the_rating_farthest_from_the_mean() {
-    let row = |user: &str, item: &str, value: f32| Interaction {
-        user: user.into(),
-        item: item.into(),
-        value,
-        timestamp: 0,
-    };
-    let catalogue = Catalogue::from_ids(["a", "b", "c"]);
-    let train: Vec<Interaction> = (0..30)
-        .map(|u| {
-            row(
-                &format!("c{u}"),
-                ["a", "b", "c"][u % 3],
-                1.0 + (u % 5) as f32,
-            )
-        })
-        .chain([row("typo", "b", 1e30)])
-        .collect();
-    let mut local = LocalData {
-        merchant_id: "m".into(),
-        mf: Some(MfData::new(&train, &[], &catalogue)),
-        ..Default::default()
-    };
+    let mut train = thirty_customers_of_three_items();
+    train.push(rated("typo", "b", 1e30));
+    let mut local = merchant_of_three_items(&train);
     let s = spec(3, 2, tuned());
     let params = s.model.initial_params(1);
     let e = run_task(&s, &params, &mut local).unwrap_err();
@@ -342,27 +359,7 @@ fn diverged_explicit_training_names_the_rating_farthest_from_the_mean() {
 /// round's figures).
 #[test]
 fn a_diverged_training_task_leaves_the_user_side_as_it_was() {
-    let row = |user: &str, item: &str, value: f32| Interaction {
-        user: user.into(),
-        item: item.into(),
-        value,
-        timestamp: 0,
-    };
-    let catalogue = Catalogue::from_ids(["a", "b", "c"]);
-    let train: Vec<Interaction> = (0..30)
-        .map(|u| {
-            row(
-                &format!("c{u}"),
-                ["a", "b", "c"][u % 3],
-                1.0 + (u % 5) as f32,
-            )
-        })
-        .collect();
-    let mut local = LocalData {
-        merchant_id: "m".into(),
-        mf: Some(MfData::new(&train, &[], &catalogue)),
-        ..Default::default()
-    };
+    let mut local = merchant_of_three_items(&thirty_customers_of_three_items());
     let s = spec(3, 2, tuned());
     let params = s.model.initial_params(1);
     run_task(&s, &params, &mut local).unwrap();
