@@ -36,7 +36,7 @@ pub fn print_table(experiments: &[Experiment]) -> std::io::Result<()> {
 }
 
 /// The summary table: one row per experiment.
-fn summary_table(experiments: &[Experiment]) -> comfy_table::Table {
+pub(crate) fn summary_table(experiments: &[Experiment]) -> comfy_table::Table {
     let mut t = comfy_table::Table::new();
     t.set_header([
         "experiment",
@@ -71,7 +71,7 @@ fn summary_table(experiments: &[Experiment]) -> comfy_table::Table {
                 format!("{committed} (+{aborted} aborted)")
             },
             e.strategy_label(),
-            metric(e.rounds.iter().find(evaluated)),
+            first_figure(e, evaluated, metric),
             // The served version's figure, as `final` in metrics.json and
             // `--format json` (the last version's is in the model-selection
             // line when they differ).
@@ -87,6 +87,31 @@ fn summary_table(experiments: &[Experiment]) -> comfy_table::Table {
         ]);
     }
     t
+}
+
+/// The table's `first`: the first evaluated round's headline figure; for a
+/// run evaluated only at its end (k-means segments, whose Lloyd rounds
+/// report their inertia from training), its first round's training figure.
+/// It showed the final inertia as `first`, read as k-means never moving
+/// (found by a researcher probe).
+fn first_figure(
+    e: &Experiment,
+    evaluated: impl Fn(&&RoundRow) -> bool,
+    metric: impl Fn(Option<&RoundRow>) -> String,
+) -> String {
+    let first = e.rounds.iter().find(&evaluated);
+    let last = e.rounds.iter().rev().find(&evaluated);
+    match (first, e.headline()) {
+        (Some(f), Some((k, _)))
+            if last.is_some_and(|l| std::ptr::eq(f, l)) && e.rounds.len() > 1 =>
+        {
+            e.rounds
+                .iter()
+                .find_map(|r| r.train.get(k))
+                .map_or("-".into(), |v| figure(k, *v))
+        }
+        (first, _) => metric(first),
+    }
 }
 
 /// A headline figure of the table: a value that is not finite (a merchant's

@@ -69,6 +69,30 @@ fn table_and_after(report: &[String]) -> usize {
     report.len() - start
 }
 
+/// The summary's `first` is the first Lloyd round's inertia, from
+/// training: it showed the final inertia, read as k-means never moving
+/// (found by a researcher probe).
+#[test]
+fn the_summarys_first_inertia_is_the_first_rounds() {
+    at_root();
+    let e = run(cdnow(3, 4, 8));
+    let (k, _) = e.headline().expect("segments report their inertia");
+    let first = e
+        .rounds
+        .iter()
+        .find_map(|r| r.train.get(k))
+        .copied()
+        .unwrap();
+    assert!(first > e.final_metrics[k], "{first} {:?}", e.final_metrics);
+    let table = crate::output::summary_table(std::slice::from_ref(&e)).to_string();
+    let row = table.lines().find(|l| l.contains("segments")).unwrap();
+    assert!(row.contains(&format!("{k} {first:.4}")), "{table}");
+    assert!(
+        row.contains(&format!("{k} {:.4}", e.final_metrics[k])),
+        "{table}"
+    );
+}
+
 #[test]
 fn secure_segments_over_grpc_equal_the_plaintext_segments() {
     at_root();
