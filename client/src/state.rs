@@ -210,6 +210,11 @@ fn to_json<T: Serialize>(path: &Path, value: &T, pretty: bool) -> Result<Vec<u8>
     })
 }
 
+/// A stored model as `key version V of run R`.
+fn described(key: &str, meta: &GlobalMeta) -> String {
+    format!("{key} version {} of run `{}`", meta.version, meta.run_id)
+}
+
 /// The SHA-256 of `bytes` in lower-case hex.
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
@@ -282,23 +287,13 @@ impl StateDir {
     /// `run_id`, here, with its MF users and its metrics (the global model
     /// first, as a task stores them). Returns whether it did.
     pub fn adopt(&self, from: &StateDir, run_id: &str, version: u64) -> Result<bool, StateError> {
-        let Some((meta, params)) = from.latest_global()? else {
+        let Some((key, meta)) = from.latest_meta()? else {
             return Ok(false);
         };
         if meta.run_id != run_id || meta.version != version {
             return Ok(false);
         }
-        self.save_global(&meta, &params)?;
-        if meta.spec.model.mf_shape().is_some()
-            && let Some(users) = from.load_users()?
-        {
-            self.save_users(&users)?;
-        }
-        let family = meta.spec.model.data_family();
-        if let Some(m) = from.load_metrics(family)? {
-            self.save_metrics(family, &m)?;
-        }
-        Ok(true)
+        Ok(from.copy_model(&key, self)?.is_some())
     }
 
     /// At the end of run `run_id` serving `version`: puts the run's
@@ -384,10 +379,7 @@ impl StateDir {
                 continue;
             }
             if let Some(meta) = before.copy_model(&key, self)? {
-                back.push(format!(
-                    "{key} version {} of run `{}`",
-                    meta.version, meta.run_id
-                ));
+                back.push(described(&key, &meta));
             }
         }
         Ok(back)
@@ -441,10 +433,7 @@ impl StateDir {
                 let meta = self
                     .read_json::<GlobalMeta>(&format!("global-{family}.json"))
                     .ok()??;
-                Some(format!(
-                    "{family} version {} of run `{}`",
-                    meta.version, meta.run_id
-                ))
+                Some(described(&family, &meta))
             })
             .collect()
     }
