@@ -65,6 +65,7 @@ type RecordedRun = (
     fedcart_coordinator::server::Running,
     Arc<Mutex<Vec<u8>>>,
     std::net::SocketAddr,
+    fedcart_coordinator::config::RunConfig,
 );
 
 /// Three MovieLens merchants and a 3-round MF run `name` (k = 8, `hyper`)
@@ -82,10 +83,10 @@ async fn recorded_mf_run(name: &str, hyper: MfHyper) -> RecordedRun {
         hyper,
     };
     let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
     let sent = Arc::new(Mutex::new(Vec::new()));
     let proxy = recording_proxy(coord.addr, Arc::clone(&sent)).await;
-    (fed, store, coord, sent, proxy)
+    (fed, store, coord, sent, proxy, run)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +96,7 @@ async fn mf_agents_send_no_user_factor_on_the_wire() {
         refit_users: true,
         ..Default::default()
     };
-    let (mut fed, _store, coord, sent, proxy) = recorded_mf_run("wire", hyper).await;
+    let (mut fed, _store, coord, sent, proxy, run) = recorded_mf_run("wire", hyper).await;
     validate_every_tenth_rating(&mut fed.merchants);
     let agents: Vec<_> = fed
         .merchants
@@ -151,14 +152,44 @@ async fn mf_agents_send_no_user_factor_on_the_wire() {
     let leaked = rows_found(&wire, &needles);
     assert_eq!(leaked, 0, "user factor rows found on the wire");
     assert!(checked > 100, "only {checked} user rows checked");
-    // The search does find a row that is there: one user row spliced into
-    // the middle of the capture, as an upload would carry it.
-    let row = needles.iter().next().unwrap().clone();
-    let mut planted = wire[..wire.len() / 2].to_vec();
-    planted.extend_from_slice(&row);
-    planted.extend_from_slice(&wire[wire.len() / 2..]);
-    let found = rows_found(&planted, &needles);
-    assert_eq!(found, 1, "a planted user row was not found");
+    // The search finds rows that are on the wire: each merchant's first
+    // update, recomputed in process from version 0 (the run's initial
+    // model) and fresh users, crosses it item row by item row (it planted
+    // a row in the capture instead; found by an attacker probe).
+    let spec = fedcart_common::task::TaskSpec {
+        kind: fedcart_common::task::TaskKind::Train,
+        model: run.model.clone(),
+        sgd: run.sgd.clone(),
+        seed: run.seed,
+        round: 1,
+        standardizer: None,
+        dp: None,
+        best_version: None,
+    };
+    let initial = run.model.initial_params(run.seed);
+    let n = fed.catalogue.len();
+    let mut sent_rows = std::collections::HashSet::new();
+    for m in &fed.merchants {
+        let out = fedcart_common::train::run_task(&spec, &initial, &mut m.clone()).unwrap();
+        let values = out.update.unwrap().values;
+        // [μ, item biases (n), item factors (n × 8)]: the factor rows the
+        // merchant trained on moved from version 0's.
+        let factors = &values[1 + n..];
+        let start = &initial[1 + n..];
+        for (row, before) in factors.chunks(8).zip(start.chunks(8)) {
+            if row != before {
+                sent_rows.insert(f32s_to_le(row));
+            }
+        }
+    }
+    assert!(sent_rows.len() > 100, "only {} item rows", sent_rows.len());
+    let found = rows_found(&wire, &sent_rows);
+    // (A row that straddles two HTTP/2 frames is not contiguous there.)
+    assert!(
+        found * 100 >= sent_rows.len() * 99,
+        "{found} of {} item rows sent in round 1 found on the wire",
+        sent_rows.len()
+    );
 }
 
 /// Runs a two-round federation of the model-free task (seeded random updates)
@@ -355,7 +386,7 @@ fn with_validation(m: &fedcart_common::train::LocalData) -> fedcart_common::trai
 async fn personalised_rows_never_leave_the_agent_and_recommend_serves_the_copy_that_won() {
     use fedcart_client::recommend::{Recommender, ServedCopy};
     use fedcart_client::state::StateDir;
-    let (fed, _store, coord, sent, proxy) = recorded_mf_run("pers", MfHyper::default()).await;
+    let (fed, _store, coord, sent, proxy, _) = recorded_mf_run("pers", MfHyper::default()).await;
     let states = tempfile::tempdir().unwrap();
     let personalise = fedcart_client::config::PersonaliseConfig {
         epochs: 10,
