@@ -186,6 +186,17 @@ impl Hub {
                 Err(EngineError::Config(reason)) => {
                     tracing::error!(run = %entry.run_id, %reason, "stored run left out: it cannot be opened");
                 }
+                // A damaged record of one run (its history, its stop, its
+                // best version) kept the coordinator from starting for every
+                // run. That run is left out and named; the store keeps its
+                // bytes for a restore, and the other runs are served. Damage
+                // to what every run shares (the registry, the file's pages)
+                // still stops the start.
+                Err(EngineError::Store(e @ StoreError::Corrupt { .. })) => {
+                    tracing::error!(run = %entry.run_id, reason = %e,
+                        "stored run left out: one of its records is damaged; the other runs are \
+                         served");
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -645,6 +656,46 @@ mod tests {
         let file = StoreFile::open(&path).unwrap();
         let hub = Hub::open(file, Duration::from_secs(10), Duration::from_secs(10)).unwrap();
         assert_eq!(hub.ids(), ["good"]);
+    }
+
+    /// One finished run's damaged record (here its stop) kept the
+    /// coordinator from starting for every run. That run is left out, the
+    /// others are served, and the damaged run's id cannot be taken by a new
+    /// submission: it still refuses, naming the damage.
+    #[test]
+    fn a_run_with_a_damaged_record_is_left_out_and_the_others_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let cfg = dir.path().join("coordinator.toml");
+        std::fs::write(&cfg, include_str!("../../examples/coordinator.toml")).unwrap();
+        let base = crate::config::CoordinatorConfig::load(&cfg).unwrap().run;
+        let named = |id: &str| {
+            let mut run = base.clone();
+            run.run_id = id.into();
+            run
+        };
+        {
+            let file = StoreFile::open(&path).unwrap();
+            for (order, id) in ["first", "damaged", "last"].into_iter().enumerate() {
+                let entry = file.register(id, order as i64 + 1, None, None, 1).unwrap();
+                Engine::open(file.run(&entry).unwrap(), named(id)).unwrap();
+            }
+            let entry = file.register("damaged", 2, None, None, 1).unwrap();
+            file.run(&entry)
+                .unwrap()
+                .put_meta_json(&[("stopped", serde_json::json!("not a stop"))])
+                .unwrap();
+        }
+        let file = StoreFile::open(&path).unwrap();
+        let hub = Hub::open(file, Duration::from_secs(10), Duration::from_secs(10)).unwrap();
+        assert_eq!(hub.ids(), ["first", "last"]);
+        let Err(refused) = hub.submit(named("damaged"), false, None) else {
+            panic!("the damaged run's id was taken by a new submission");
+        };
+        let shown = refused.to_string();
+        assert!(shown.contains("corrupt meta `stopped`"), "{shown}");
+        assert!(shown.contains(&path.display().to_string()), "{shown}");
+        assert_eq!(hub.ids(), ["first", "last"]);
     }
 
     /// A coordinator killed between registering a submitted run and storing
