@@ -470,25 +470,42 @@ pub fn is_flat(inertias: &[f64]) -> bool {
     }
 }
 
+/// The points of an inertia curve (increasing k) whose fit is better than
+/// every smaller k's. The best k + 1 clustering is never worse than the
+/// best k one (one more centre placed on any customer keeps every distance),
+/// so a fit that comes out no better than a smaller k's is a poor local
+/// optimum of k-means, not a measurement of k: on a probe's orders it
+/// raised the curve at k = 8 (704 after 640 at k = 7), and the largest
+/// second difference then picked k = 7 for a curve with no bend there.
+pub fn improving_fits(ks: &[usize], inertias: &[f64]) -> Vec<(usize, f64)> {
+    let mut kept: Vec<(usize, f64)> = Vec::with_capacity(ks.len());
+    for (&k, &inertia) in ks.iter().zip(inertias) {
+        if kept.last().is_none_or(|&(_, best)| inertia < best) {
+            kept.push((k, inertia));
+        }
+    }
+    kept
+}
+
 /// The elbow of an inertia curve `inertias[i]` = inertia with `ks[i]`
-/// clusters (increasing k): the k with the largest second difference, i.e.
-/// where the gain of one more cluster drops the most. Needs three points;
-/// with fewer it returns the last k. A flat curve ([`is_flat`]) has no
-/// elbow: the smallest k.
+/// clusters (increasing k): the k where the gain of one more cluster drops
+/// the most (the largest second difference; per added cluster where k
+/// steps unevenly). Only fits better than every smaller k's count
+/// ([`improving_fits`]). Needs three points; with fewer it returns the last
+/// k counted. A flat curve ([`is_flat`]) has no elbow: the smallest k.
 pub fn elbow(ks: &[usize], inertias: &[f64]) -> usize {
-    if ks.len() < 3 {
-        return *ks.last().unwrap_or(&1);
+    let fits = improving_fits(ks, inertias);
+    if fits.len() < 3 {
+        return fits.last().map_or(1, |&(k, _)| k);
     }
-    if is_flat(inertias) {
-        return ks[0];
+    let curve: Vec<f64> = fits.iter().map(|&(_, i)| i).collect();
+    if is_flat(&curve) {
+        return fits[0].0;
     }
-    (1..ks.len() - 1)
-        .map(|i| {
-            let before = inertias[i - 1] - inertias[i];
-            let after = inertias[i] - inertias[i + 1];
-            (ks[i], before - after)
-        })
-        .fold((ks[1], f64::NEG_INFINITY), |best, cur| {
+    let gain = |a: (usize, f64), b: (usize, f64)| (a.1 - b.1) / (b.0 - a.0) as f64;
+    fits.windows(3)
+        .map(|w| (w[1].0, gain(w[0], w[1]) - gain(w[1], w[2])))
+        .fold((fits[1].0, f64::NEG_INFINITY), |best, cur| {
             if cur.1 > best.1 { cur } else { best }
         })
         .0

@@ -83,19 +83,36 @@ pub fn choice_report(k: usize, curve: &[(usize, f64)]) -> String {
         .iter()
         .map(|(k, i)| format!("k={k}: {i:.0}"))
         .collect();
-    let inertias: Vec<f64> = curve.iter().map(|&(_, i)| i).collect();
+    let ks: Vec<usize> = curve.iter().map(|&(k, _)| k).collect();
+    let all: Vec<f64> = curve.iter().map(|&(_, i)| i).collect();
+    let fits = kmeans::improving_fits(&ks, &all);
+    let failed: Vec<String> = ks
+        .iter()
+        .filter(|k| !fits.iter().any(|(kept, _)| kept == *k))
+        .map(|k| format!("k = {k}"))
+        .collect();
+    let failed = if failed.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; left out of the choice: {} (the fit came out no better than a smaller k's, a poor \
+             local optimum of k-means)",
+            failed.join(", ")
+        )
+    };
+    let inertias: Vec<f64> = fits.iter().map(|&(_, i)| i).collect();
     if kmeans::is_flat(&inertias) && inertias.len() >= 3 {
         let gain = 100.0 * (inertias[0] - inertias[inertias.len() - 1]) / inertias[0];
         return format!(
             "segments: k = {k}: the federated inertia curve is flat ({}; {gain:.2} % gained \
              from the first k to the last), so the features show no segments and the smallest k \
              is kept. Categorical columns of many values often cause it (each rare value, \
-             standardised, dominates the distance): leave them out of the schema",
+             standardised, dominates the distance): leave them out of the schema{failed}",
             points.join(", ")
         );
     }
     format!(
-        "segments: k = {k}, the elbow of the federated inertia curve ({})",
+        "segments: k = {k}, the elbow of the federated inertia curve ({}){failed}",
         points.join(", ")
     )
 }

@@ -120,6 +120,42 @@ fn elbow_finds_the_bend_of_the_curve() {
     assert_eq!(elbow(&[2, 3], &[5.0, 4.0]), 3);
 }
 
+/// A probe's federated curve rose at k = 8 (a poor local optimum: the best
+/// 8-clustering is never worse than the best 7-clustering), and the largest
+/// second difference then read k = 7 as the elbow of a curve with no bend
+/// there. A fit no better than a smaller k's is left out of the choice.
+#[test]
+fn a_fit_worse_than_a_smaller_ks_does_not_make_an_elbow() {
+    let ks = [2, 3, 4, 5, 6, 7, 8];
+    let probe = [1325.0, 1113.0, 929.0, 808.0, 736.0, 640.0, 704.0];
+    assert_eq!(
+        improving_fits(&ks, &probe),
+        [
+            (2, 1325.0),
+            (3, 1113.0),
+            (4, 929.0),
+            (5, 808.0),
+            (6, 736.0),
+            (7, 640.0)
+        ]
+    );
+    assert_eq!(elbow(&ks, &probe), 4);
+    // Another probe curve: k = 7 no better than k = 6 (426 → 444 → 351).
+    // Without the failed fit the gains per added cluster are compared
+    // across the gap it leaves.
+    let gap = [900.0, 600.0, 500.0, 426.0, 444.0, 351.0];
+    assert_eq!(
+        improving_fits(&[2, 3, 4, 5, 6, 7], &gap).len(),
+        5,
+        "only k = 6 is left out"
+    );
+    assert_eq!(elbow(&[2, 3, 4, 5, 6, 7], &gap), 3);
+    // The slope form equals the plain second difference on an even curve.
+    assert_eq!(elbow(&[2, 4, 6], &[10.0, 4.0, 3.0]), 4);
+    // Every larger fit failed: the smallest k is the only measurement.
+    assert_eq!(elbow(&ks, &[5.0, 6.0, 7.0, 8.0, 9.0, 9.5, 10.0]), 2);
+}
+
 /// A flat curve has no elbow (the curve of a probe's table whose distance
 /// one-hot columns of thousands of values dominated: 0.19 % gained from
 /// k = 2 to 8, and the largest second difference picked 6): the smallest k.

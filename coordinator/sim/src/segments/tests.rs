@@ -362,5 +362,24 @@ fn a_flat_curve_is_reported_with_its_likely_cause() {
         "{line}"
     );
     let bent = [(2, 141229.0), (3, 117331.0), (4, 102145.0)];
-    assert!(super::choice_report(3, &bent).contains("the elbow of the federated inertia curve"));
+    let line = super::choice_report(3, &bent);
+    assert!(
+        line.contains("the elbow of the federated inertia curve") && !line.contains("left out"),
+        "{line}"
+    );
+    // A fit worse than a smaller k's is named as left out of the choice.
+    let risen: Vec<(usize, f64)> = [1325.0, 1113.0, 929.0, 808.0, 736.0, 640.0, 704.0]
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (i + 2, v))
+        .collect();
+    let line = super::choice_report(4, &risen);
+    assert!(
+        line.contains("k=8: 704)")
+            && line.ends_with(
+                "; left out of the choice: k = 8 (the fit came out no better than a smaller \
+                 k's, a poor local optimum of k-means)"
+            ),
+        "{line}"
+    );
 }
