@@ -381,6 +381,7 @@ impl RawAgent {
             weight: out.weight,
             metrics: Default::default(),
             failure: String::new(),
+            lasting: false,
         }
     }
 

@@ -640,14 +640,21 @@ impl Agent {
                 session_id,
                 &task,
                 &crate::transfer::declined_by_policy(v.setting),
+                Lasting::Yes,
             )
             .await;
             return Ok(());
         }
         if let Err(e) = self.map_items_for(&spec) {
             tracing::error!(task = %task.task_id, error = %e, "cannot map item ids into the run's rows");
-            self.decline(client, session_id, &task, crate::transfer::UNMAPPED_ITEMS)
-                .await;
+            self.decline(
+                client,
+                session_id,
+                &task,
+                crate::transfer::UNMAPPED_ITEMS,
+                Lasting::Yes,
+            )
+            .await;
             return Ok(());
         }
         if spec.model.mf_shape().is_some() {
@@ -696,7 +703,9 @@ impl Agent {
             {
                 tracing::debug!(task = %task.task_id,
                     "evaluation declined: no held-out customer (said when the data loaded)");
-                self.decline(client, session_id, &task, NO_HELD_OUT).await;
+                // Its training tasks go on: not lasting.
+                self.decline(client, session_id, &task, NO_HELD_OUT, Lasting::No)
+                    .await;
                 Ok(())
             }
             // Under secure aggregation the update waits for the protocol's
@@ -741,14 +750,15 @@ impl Agent {
                     tracing::debug!(run = %task.run_id, task = %task.task_id,
                         "task declined: the data does not fit the run's model (said above)");
                 }
-                self.decline(client, session_id, &task, reason).await;
+                self.decline(client, session_id, &task, reason, Lasting::Yes)
+                    .await;
                 Ok(())
             }
             Err(e) => {
                 // Only the failure's kind is sent, so that the coordinator
                 // drops us from the task now rather than at its deadline.
                 tracing::error!(task = %task.task_id, error = %e, "local task failed");
-                self.decline(client, session_id, &task, e.public_reason())
+                self.decline(client, session_id, &task, e.public_reason(), Lasting::No)
                     .await;
                 Ok(())
             }
@@ -993,21 +1003,37 @@ impl Agent {
 
     /// Tells the coordinator this agent drops out of `task`, with a fixed,
     /// data-free `reason`, so that the round need not wait for its
-    /// deadline. Best effort: a refusal (the task closed meanwhile) or a
-    /// broken connection is logged; the coordinator then counts the agent
-    /// as missing, as before.
+    /// deadline, and whether every later task of the run would fail the
+    /// same way (then the coordinator stops selecting it for the run until
+    /// it joins again). Best effort: a refusal (the task closed meanwhile)
+    /// or a broken connection is logged; the coordinator then counts the
+    /// agent as missing, as before.
     async fn decline(
         &self,
         client: &mut CoordinatorClient<Channel>,
         session_id: &str,
         task: &pb::TaskAssignment,
         reason: &str,
+        lasting: Lasting,
     ) {
         let named = (task.run_id.as_str(), task.round, task.task_id.as_str());
-        if let Err(e) = crate::transfer::report_failure(client, session_id, named, reason).await {
+        let lasting = matches!(lasting, Lasting::Yes);
+        if let Err(e) =
+            crate::transfer::report_failure(client, session_id, named, reason, lasting).await
+        {
             tracing::warn!(task = %task.task_id, error = %e, "the coordinator was not told");
         }
     }
+}
+
+/// Whether a declined task's cause lasts for the run (see
+/// [`crate::transfer::report_failure`]).
+enum Lasting {
+    /// Every later task of the run would fail the same way: the data does
+    /// not fit the model, the policy refuses the run, the items do not map.
+    Yes,
+    /// This task only (a diverged training, no held-out row to evaluate).
+    No,
 }
 
 /// The reason an agent gives for an evaluation it declines because it

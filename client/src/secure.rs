@@ -484,6 +484,7 @@ impl SecureTasks {
                         .map(|(k, v)| (k.clone(), *v))
                         .collect(),
                     failure: String::new(),
+                    lasting: false,
                 };
                 // The plaintext update is no longer needed.
                 held.output.update = None;
@@ -699,7 +700,9 @@ impl SecureTasks {
     ) {
         let (run_id, round, task_id) = named;
         let named = (run_id.as_str(), *round, task_id.as_str());
-        if let Err(e) = crate::transfer::report_failure(client, session_id, named, reason).await {
+        if let Err(e) =
+            crate::transfer::report_failure(client, session_id, named, reason, false).await
+        {
             tracing::warn!(task = %task_id, error = %e, "the coordinator was not told");
         }
     }

@@ -358,6 +358,7 @@ pub async fn upload_as(
         weight: out.weight,
         metrics: out.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         failure: String::new(),
+        lasting: false,
     };
     submit_chunked(client, header, payload.into())
         .await
@@ -402,12 +403,15 @@ pub fn forged_shares(from: u32) -> String {
 /// Tells the coordinator that this agent's local task failed, with a fixed,
 /// data-free `reason`: it counts the agent as dropped for the task at once
 /// instead of waiting for the round's deadline. Nothing of the data or the
-/// update is sent.
+/// update is sent. `lasting`: every later task of the run would fail the
+/// same way for this session, so the coordinator stops selecting it for
+/// the run until it joins again.
 pub async fn report_failure(
     client: &mut CoordinatorClient<Channel>,
     session_id: &str,
     (run_id, round, task_id): (&str, u64, &str),
     reason: &str,
+    lasting: bool,
 ) -> Result<(), TransferError> {
     let header = pb::UpdateHeader {
         session_id: session_id.into(),
@@ -415,6 +419,7 @@ pub async fn report_failure(
         round,
         task_id: task_id.into(),
         failure: reason.into(),
+        lasting,
         ..Default::default()
     };
     submit_chunked(client, header, bytes::Bytes::new())

@@ -261,6 +261,12 @@ pub struct Engine {
     set_aside: BTreeSet<String>,
     /// Those of `set_aside` a task record has named.
     noted_aside: BTreeSet<String>,
+    /// Merchants whose session declined a task of this run for a lasting
+    /// cause (its data does not fit the model, its policy refuses the run),
+    /// with that reason: a task selects them only when the others cannot
+    /// fill it, until they join again ([`Engine::decline_for_run`]). In
+    /// memory only: a restarted coordinator asks again.
+    declined: BTreeMap<String, String>,
     /// The merchants of the last secure sum whose unmask requests left
     /// without a commit or a known failure following (meta key `unmasking`):
     /// its round is retried over exactly them (see `unmask`).
@@ -458,6 +464,7 @@ impl Engine {
             set_aside: collect::set_aside_by(&accusations),
             accusations,
             noted_aside,
+            declined: BTreeMap::new(),
             unmasking,
             last_abort,
         })

@@ -234,6 +234,11 @@ impl Shared {
                 "; merchant `{id}` is set aside for the rest of this run: a share bundle between \
                  it and another merchant failed authentication in a secure round"
             ));
+        } else if let Some(why) = engine.declined().get(id) {
+            phase.push_str(&format!(
+                "; merchant `{id}` declined this run's tasks ({why}): it is not selected again \
+                 until its agent joins again (restart it once its data or policy fits the run)"
+            ));
         }
         phase
     }
@@ -294,12 +299,27 @@ impl Shared {
                 .iter()
                 .filter(|m| eligible.binary_search(m).is_ok())
                 .collect();
-            let can = eligible_agents - aside.len();
+            // Connected merchants that declined the run's tasks for a
+            // lasting cause are not selected: they were counted as able to
+            // serve it while every round aborted on them.
+            let declining: Vec<(&String, &String)> = engine
+                .declined()
+                .iter()
+                .filter(|(m, _)| {
+                    eligible.binary_search(m).is_ok() && !engine.set_aside().contains(*m)
+                })
+                .collect();
+            let can = eligible_agents - aside.len() - declining.len();
             phase = if can >= needed {
                 // Enough of them: read between two tasks (or before the
                 // first), the loop is starting one; "waiting for agents:
                 // 3 of 3 needed" read as a contradiction.
                 format!("starting the next task ({can} of {needed} needed can serve it)")
+            } else if can + declining.len() >= needed {
+                format!(
+                    "starting the next task, which merchants declining the run's tasks must fill \
+                     ({can} of {needed} needed can serve it)"
+                )
             } else {
                 format!("waiting for agents: {can} of {needed} needed can serve it")
             };
@@ -307,6 +327,20 @@ impl Shared {
                 phase.push_str(&format!(
                     "; connected without {family} data: {}",
                     shown(&without)
+                ));
+            }
+            if !declining.is_empty() {
+                let mut named: Vec<String> = declining
+                    .iter()
+                    .take(5)
+                    .map(|(m, why)| format!("{m} ({why})"))
+                    .collect();
+                if declining.len() > 5 {
+                    named.push("…".into());
+                }
+                phase.push_str(&format!(
+                    "; declining this run's tasks until their agent joins again: {}",
+                    named.join(", ")
                 ));
             }
             if !aside.is_empty() {
@@ -754,6 +788,11 @@ impl Coordinator for Service {
                 s.engine().drop_agent(&req.merchant_id);
             }
         }
+        // A merchant that declined a run's tasks for a lasting cause may
+        // join again with its data or policy changed: selected again.
+        for s in self.hub.all() {
+            s.engine().readmit(&req.merchant_id);
+        }
         tracing::info!(merchant = %req.merchant_id, %examples, "agent joined");
         self.hub.bump_all();
 
@@ -1122,7 +1161,13 @@ fn decline(
 ) -> Result<Response<pb::SubmitReply>, Status> {
     crate::limits::check_failure(header)?;
     tracing::warn!(merchant, task = %header.task_id, reason = %header.failure, "an agent's local task failed");
-    shared.engine().fail_agent(merchant, header.failure.clone());
+    {
+        let mut engine = shared.engine();
+        engine.fail_agent(merchant, header.failure.clone());
+        if header.lasting {
+            engine.decline_for_run(merchant, header.failure.clone());
+        }
+    }
     if secure {
         secure::decline(shared, merchant);
         secure::accusation(shared, merchant, &header.failure);

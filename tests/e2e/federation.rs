@@ -188,30 +188,85 @@ async fn a_merchant_joining_again_is_dropped_from_the_task_its_old_session_held(
     coord.shutdown().await.unwrap();
 }
 
+/// A merchant whose data does not fit the run (a table of another width)
+/// declines its tasks and stays connected. Its decline lasts for the run:
+/// it was drawn again at every attempt, and with a task of three among
+/// four merchants, one misfit aborted round after round until the run
+/// stopped on `max_attempts` (found by a new-user probe). Now, once three
+/// others can fill a task, it is not drawn, and its own status says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_data_does_not_fit_a_run_declines_its_tasks_and_stays() {
-    let split = telco_split(1, 5);
-    let mut run = churn_run("e2e-misfit", 1, 1, 1);
-    run.model = fedcart_common::task::ModelSpec::churn_lr(3);
-    run.max_attempts = 2;
+    let split = telco_split(3, 5);
+    let mut run = churn_run("e2e-misfit", 3, 3, 3);
+    // Until the fourth merchant joins, every task must take the misfit.
+    run.max_attempts = 1_000;
     let store = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
-    let agent = spawn_agent(coord.addr, load_merchant("m0", &split.files[0]));
+    let mut misfit = load_merchant("m3", &split.files[0]);
+    let churn = misfit.churn.as_mut().unwrap();
+    for part in [&mut churn.train, &mut churn.valid] {
+        *part = fedcart_common::data::tabular::TabularDataset {
+            ids: part.ids.clone(),
+            x: part.x.select(ndarray::Axis(1), &[0, 1, 2]),
+            y: part.y.clone(),
+        };
+    }
+    let mut agents = vec![spawn_agent(coord.addr, misfit)];
+    for k in 0..2 {
+        agents.push(spawn_agent(
+            coord.addr,
+            load_merchant(&format!("m{k}"), &split.files[k]),
+        ));
+    }
+    // Three connected, m3 among them: the first attempt takes all three
+    // and aborts on m3's decline.
     let mut progress = coord.progress.clone();
-    progress.wait_for(|p| p.finished).await.unwrap();
-    let history = coord.shared.history().unwrap();
+    progress.wait_for(|p| p.records >= 1).await.unwrap();
+    let first = coord.shared.history().unwrap().remove(0);
+    assert_eq!(first.outcome, Outcome::Aborted, "{first:?}");
+    let width = "the local features do not have the model's width";
+    assert_eq!(
+        first.rejected,
+        [("m3".to_string(), width.to_string())],
+        "{first:?}"
+    );
+    let told = coord.shared.merchant_phase("m3");
     assert!(
-        !history.is_empty() && history.iter().all(|r| r.outcome == Outcome::Aborted),
+        told.contains(&format!(
+            "merchant `m3` declined this run's tasks ({width})"
+        )),
+        "{told}"
+    );
+    agents.push(spawn_agent(
+        coord.addr,
+        load_merchant("m2", &split.files[2]),
+    ));
+    let joined = progress.wait_for(|p| p.agents >= 4).await.unwrap().records as usize;
+    progress.wait_for(|p| p.finished).await.unwrap();
+    assert!(coord.shared.stopped().is_none(), "the run was not stopped");
+    // Every task opened after m2 joined (one may have been open then)
+    // commits over the three that can serve the run.
+    let history = coord.shared.history().unwrap();
+    let after = &history[joined + 1..];
+    assert!(
+        after.iter().any(|r| r.kind == TaskKind::Train),
         "{history:?}"
     );
-    let shown = format!("{history:?}");
-    assert!(
-        shown.contains("the local features do not have the model's width"),
-        "{shown}"
+    for r in after {
+        assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+        if r.kind == TaskKind::Train {
+            assert_eq!(r.reported, ["m0", "m1", "m2"], "{r:?}");
+        }
+    }
+    assert_eq!(
+        coord.shared.connected(),
+        ["m0", "m1", "m2", "m3"],
+        "the agent stayed"
     );
-    assert_eq!(coord.shared.connected(), ["m0"], "the agent stayed");
-    // The agent's task ends only when stopped: it did not exit on an error.
-    agent.stop().await;
+    // The agents' tasks end only when stopped: none exited on an error.
+    for a in agents {
+        a.stop().await;
+    }
 }
 
 /// A merchant whose table leaves no held-out customer (3 rows at

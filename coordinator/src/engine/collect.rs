@@ -551,6 +551,32 @@ impl Engine {
         &self.set_aside
     }
 
+    /// `agent` declined a task of this run for a lasting cause (`reason`):
+    /// every later task would fail the same way while its session lasts, so
+    /// until it joins again ([`Engine::readmit`]) a task selects it only
+    /// when the other merchants cannot fill it. Each selection of it cost
+    /// the round an attempt: one misconfigured merchant among a quorum of
+    /// healthy ones stopped a run on `max_attempts`.
+    pub fn decline_for_run(&mut self, agent: &str, reason: String) {
+        if self.declined.insert(agent.to_string(), reason).is_none() {
+            tracing::warn!(agent, run = %self.run.run_id,
+                "the merchant declines this run's tasks for a lasting cause: it is selected \
+                 again only when the others cannot fill a task, until its agent joins again");
+        }
+    }
+
+    /// `agent` joined (again): a merchant that declined the run's tasks may
+    /// have changed its data or policy, and is selected again.
+    pub fn readmit(&mut self, agent: &str) {
+        self.declined.remove(agent);
+    }
+
+    /// Merchants that declined this run's tasks for a lasting cause, with
+    /// the reason ([`Engine::decline_for_run`]).
+    pub fn declined(&self) -> &BTreeMap<String, String> {
+        &self.declined
+    }
+
     /// Counts a selected agent that disconnected as dropped for the open task.
     pub fn drop_agent(&mut self, agent: &str) {
         if let Some(open) = &mut self.open

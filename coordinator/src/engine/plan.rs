@@ -86,13 +86,36 @@ impl Engine {
                 self.select_pinned(round, pinned, available)?,
                 available.len(),
             )
-        } else if kind == TaskKind::Evaluate {
-            // Versions are compared on their evaluations (the best version,
-            // early stopping): a sample must be the same merchants each
-            // round, not a fresh draw that makes each figure another subset's.
-            select_cohort(available, sel, self.run.seed)
         } else {
-            select(available, sel, self.run.seed, &task_id)
+            // Merchants that declined the run's tasks for a lasting cause
+            // are drawn only when the others cannot fill the task: each
+            // selection of one cost the round an attempt, and one
+            // misconfigured merchant among a quorum of healthy ones stopped
+            // a run on `max_attempts` (found by a new-user probe).
+            let serving: Vec<String>;
+            let pool = if self.declined.is_empty() {
+                available
+            } else {
+                serving = available
+                    .iter()
+                    .filter(|a| !self.declined.contains_key(*a))
+                    .cloned()
+                    .collect();
+                if serving.len() >= pool_of(available, sel).1 {
+                    &serving[..]
+                } else {
+                    available
+                }
+            };
+            if kind == TaskKind::Evaluate {
+                // Versions are compared on their evaluations (the best
+                // version, early stopping): a sample must be the same
+                // merchants each round, not a fresh draw that makes each
+                // figure another subset's.
+                select_cohort(pool, sel, self.run.seed)
+            } else {
+                select(pool, sel, self.run.seed, &task_id)
+            }
         };
         let sampled = kind == TaskKind::Evaluate && selected.len() < population;
         if kind == TaskKind::Train {

@@ -1047,6 +1047,34 @@ fn accused_merchants_are_set_aside_by_the_one_liar_rule() {
     assert_eq!(plan.selected, ["m01", "m04", "m05"]);
 }
 
+/// A merchant that declined the run's tasks for a lasting cause is drawn
+/// only when the others cannot fill a task, until it joins again.
+#[test]
+fn a_merchant_declining_for_a_lasting_cause_is_drawn_only_when_the_others_cannot_fill_a_task() {
+    let (_dir, mut e) = engine(run(selection(1.0, 2, 2), 2));
+    e.decline_for_run(
+        "m01",
+        "the local features do not have the model's width".into(),
+    );
+    for _ in 0..3 {
+        let plan = e.start_task(&agents(3)).unwrap();
+        assert_eq!(plan.selected, ["m00", "m02"]);
+        e.finish_task().unwrap();
+    }
+    // Three wanted of three: it fills the task (which its decline may
+    // then abort, as before).
+    let (_dir, mut e) = engine(run(selection(1.0, 3, 8), 2));
+    e.decline_for_run(
+        "m01",
+        "the local features do not have the model's width".into(),
+    );
+    let plan = e.start_task(&agents(3)).unwrap();
+    assert_eq!(plan.selected, ["m00", "m01", "m02"]);
+    e.finish_task().unwrap();
+    e.readmit("m01");
+    assert!(e.declined().is_empty());
+}
+
 /// One liar's accusations cost at most one honest merchant, whatever it
 /// sends: accusing two or more, or a merchant other than its own accuser,
 /// marks it as the liar, alone, and voids what it said (accusing every
