@@ -30,11 +30,11 @@ use fedcart_common::privacy::dp::distributed::noise_encoded;
 use fedcart_common::privacy::dp::task::DpTask;
 use fedcart_common::privacy::secagg::binding::{
     BindingContext, BindingError, EntryRefused, KeyBinding, KeySignature, UnixTime, signed_message,
-    verify_roster_entries,
+    task_digest, verify_roster_entries,
 };
 use fedcart_common::privacy::secagg::{
     ClientSession, KeyRoster, RoundInvite, SecAggError, ShareRelay, SurvivorCheck, UnmaskRequest,
-    encode, masked_to_bytes, stage_name,
+    encode, masked_to_bytes, stage_name, task_round_seed,
 };
 use fedcart_common::train::TaskOutput;
 use fedcart_proto::v1 as pb;
@@ -143,6 +143,9 @@ struct Held {
     session: Option<ClientSession>,
     /// What the round's advertisements are signed for, set with the session.
     context: Option<BindingContext>,
+    /// [`task_digest`] of the task as it was pushed: signed with the keys,
+    /// so that every verified peer was given this same task.
+    task_digest: [u8; 32],
     /// Distributed DP under a budget: the noise multiplier the round is
     /// charged at, fixed once the roster's size is known.
     charge_at: Option<f64>,
@@ -249,6 +252,7 @@ impl SecureTasks {
                 dp,
                 session: None,
                 context: None,
+                task_digest: task_digest(&task.spec_json, task.model_version, task.model_len),
                 charge_at: None,
             },
         );
@@ -315,6 +319,15 @@ impl SecureTasks {
         let message = |body: Vec<u8>| signed(body, None);
         if stage == stage_name::ADVERTISE {
             let invite = RoundInvite::from_json(&req.body).map_err(protocol)?;
+            // The seed fixes the neighbour graph: it must be the run's, not
+            // one the coordinator chose (found by an attacker probe).
+            if invite.round_seed != task_round_seed(held.seed, &req.task_id) {
+                return Err(protocol(SecAggError::Refused(
+                    "the round seed is not the one the run seed and the task id derive: the \
+                     coordinator chose it (it would fix the neighbour graph)"
+                        .into(),
+                )));
+            }
             policy.check_round(&invite.config).map_err(refuse)?;
             policy.check_binding(identity.is_some()).map_err(refuse)?;
             let context = BindingContext {
@@ -322,6 +335,7 @@ impl SecureTasks {
                 round: req.round,
                 task_id: req.task_id.clone(),
                 round_seed: invite.round_seed,
+                task_digest: held.task_digest,
             };
             let mut os = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
             let mut session =

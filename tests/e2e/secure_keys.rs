@@ -22,7 +22,7 @@ use fedcart_common::federation::update::Update;
 use fedcart_common::privacy::dp::distributed::DistributedSkellam;
 use fedcart_common::privacy::dp::task::{DistributedNoise, DpTask};
 use fedcart_common::privacy::secagg::binding::{
-    AdvertSigner, BindingContext, BindingError, signed_message,
+    AdvertSigner, BindingContext, BindingError, signed_message, task_digest,
 };
 use fedcart_common::privacy::secagg::{
     AdvertiseKeys, AfterMasked, ClientSession, KeyRoster, RoundInvite, SecAggConfig, SecAggError,
@@ -157,13 +157,28 @@ fn advertise_with(
     config: SecAggConfig,
     dp: Option<DpTask>,
 ) -> Advertised {
+    let given = vec![t.clone(); agents.len()];
+    advertise_given(pki, agents, &given, config, dp)
+}
+
+/// [`advertise_with`] where agent k was given the task `given[k]` (the same
+/// run, round and task id; an honest coordinator gives every agent the
+/// same task).
+fn advertise_given(
+    pki: &Pki,
+    agents: &mut [SecureTasks],
+    given: &[pb::TaskAssignment],
+    config: SecAggConfig,
+    dp: Option<DpTask>,
+) -> Advertised {
+    let t = &given[0];
     let rs = round_seed(fedcart_common::seed::derive(42, &["secagg", &t.task_id]));
     let ids: Vec<u32> = (0..N as u32).collect();
     let mut server = ServerSession::new(config.clone(), rs, &ids).unwrap();
     let mut bindings = Vec::new();
     for (k, agent) in agents.iter_mut().enumerate() {
         let merchant = format!("m{k}");
-        agent.hold(t, 42, &merchant, dp.clone(), output(k));
+        agent.hold(&given[k], 42, &merchant, dp.clone(), output(k));
         let invite = RoundInvite {
             config: config.clone(),
             round_seed: rs,
@@ -203,6 +218,7 @@ fn advertise_with(
             round: t.round,
             task_id: t.task_id.clone(),
             round_seed: rs,
+            task_digest: task_digest(&t.spec_json, t.model_version, t.model_len),
         },
     }
 }
@@ -440,6 +456,123 @@ fn an_agent_whose_ledger_cannot_be_written_sends_no_masked_input() {
     }
     assert_eq!(sent, [1, 2, 3]);
     assert!(agents[0].budget().unwrap().rounds().is_empty());
+}
+
+/// A coordinator that gives merchant m0 its task and the others of the
+/// same secure round another one under the same id (a learning rate of 0,
+/// so that the unmasked sum is m0's update alone; a thinner DP noise, so
+/// that the sum carries less than m0 is charged for) got m0's exact update
+/// from a round of normal size (found by an attacker probe, with every
+/// policy floor met). Each advertisement is signed over the task's digest:
+/// every agent refuses the roster, nothing is masked, and no sum is
+/// released.
+#[test]
+fn secure_round_whose_agents_were_given_different_tasks_is_refused_by_every_agent() {
+    let pki = pki();
+    let mut agents = agents(&pki);
+    let honest = pb::TaskAssignment {
+        spec_json: br#"{"sgd":{"learning_rate":0.05}}"#.to_vec(),
+        model_version: 1,
+        model_len: DIM as u64,
+        ..task(0)
+    };
+    let config = SecAggConfig::complete(DIM, 0, N, 1.0);
+    for other in [
+        pb::TaskAssignment {
+            spec_json: br#"{"sgd":{"learning_rate":0.0}}"#.to_vec(),
+            ..honest.clone()
+        },
+        pb::TaskAssignment {
+            model_version: 0,
+            ..honest.clone()
+        },
+    ] {
+        let mut given = vec![other; N];
+        given[0] = honest.clone();
+        let mut a = advertise_given(&pki, &mut agents, &given, config.clone(), None);
+        let refused = share_keys(&mut a, &mut agents, &honest);
+        assert_eq!(refused.len(), N, "every agent refuses: {refused:?}");
+        for (k, e) in refused.iter().enumerate() {
+            let SecureError::KeyBinding { source, .. } = e else {
+                panic!("m{k} refused for another reason: {e}");
+            };
+            assert_eq!(source.reason, BindingError::BadSignature, "{source}");
+            // m0 finds a peer's signature over another task; each of the
+            // others finds m0's.
+            if k == 0 {
+                assert_ne!(source.merchant, "m0", "{source}");
+            } else {
+                assert_eq!(source.merchant, "m0", "{source}");
+            }
+        }
+        assert!(
+            matches!(
+                a.server.close_shares(),
+                Err(SecAggError::TooFewSurvivors { have: 0, .. })
+            ),
+            "the round must abort with no sum"
+        );
+    }
+    // Given one task, the same agents commit the exact sum.
+    let mut a = advertise_given(&pki, &mut agents, &vec![honest.clone(); N], config, None);
+    assert!(share_keys(&mut a, &mut agents, &honest).is_empty());
+    for v in finish(a, &mut agents, &honest) {
+        assert!((v - 0.1).abs() < 1e-5, "sum {v}");
+    }
+}
+
+/// The round seed fixes the neighbour graph, and the docs said it is the
+/// public one the run seed derives; agents took any seed the coordinator
+/// sent, so a coordinator could grind seeds to choose a merchant's
+/// neighbours (found by an attacker probe). An invitation with another
+/// seed is refused before any key is made.
+#[test]
+fn a_round_seed_the_coordinator_chose_is_refused_at_the_invitation() {
+    let pki = pki();
+    let mut agents = agents(&pki);
+    let t = task(0);
+    agents[0].hold(&t, 42, "m0", None, output(0));
+    let invite = |round_seed| RoundInvite {
+        config: SecAggConfig::complete(DIM, 0, N, 1.0),
+        round_seed,
+        id: 0,
+        participants: N,
+    };
+    let request = |invite: RoundInvite| {
+        over_the_wire(pb::SecAggRequest {
+            run_id: t.run_id.clone(),
+            round: t.round,
+            task_id: t.task_id.clone(),
+            stage: stage_name::ADVERTISE.into(),
+            body: invite.to_json(),
+            key_bindings: Vec::new(),
+        })
+    };
+    let chosen = agents[0]
+        .respond("s0", &request(invite([7; 32])))
+        .expect_err("a seed of the coordinator's choosing is refused");
+    assert!(
+        chosen
+            .to_string()
+            .contains("the round seed is not the one the run seed"),
+        "{chosen}"
+    );
+    // Another attempt's seed is refused too: seeds are per task id.
+    agents[0].hold(&t, 42, "m0", None, output(0));
+    let other = round_seed(fedcart_common::seed::derive(42, &["secagg", "r1a9-train"]));
+    let refused = agents[0]
+        .respond("s0", &request(invite(other)))
+        .expect_err("another task's seed is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("the round seed is not the one"),
+        "{refused}"
+    );
+    agents[0].hold(&t, 42, "m0", None, output(0));
+    let honest = round_seed(fedcart_common::seed::derive(42, &["secagg", &t.task_id]));
+    let answer = agents[0].respond("s0", &request(invite(honest)));
+    assert!(matches!(answer, Ok(Reply::Message(_))), "{answer:?}");
 }
 
 #[test]

@@ -215,7 +215,7 @@ pub use config::{
 pub use crypto::SHARE_CIPHERTEXT_LEN;
 pub use driver::{
     Dropouts, EncodedHook, InMemoryOutcome, InMemoryRound, StageTimes, Traffic, round_seed,
-    rounding_rng, run_in_memory, run_in_memory_with,
+    rounding_rng, run_in_memory, run_in_memory_with, task_round_seed,
 };
 pub use encode::{
     CLIPPED_WARNING, DecodedSum, Draws, EncodedInput, RoundingDraws, clipping_warning, encode,

@@ -54,6 +54,12 @@ pub fn task_kind(kind: TaskKind) -> pb::TaskKind {
     }
 }
 
+/// The task's spec as pushed to every agent of it (and bound, by digest,
+/// into a secure round's signed advertisements).
+pub(super) fn spec_json(plan: &TaskPlan) -> Vec<u8> {
+    serde_json::to_vec(&plan.spec).expect("task specs serialise")
+}
+
 /// The assignment message pushed to each selected agent.
 pub fn assignment(
     run_id: &str,
@@ -68,7 +74,7 @@ pub fn assignment(
         kind: task_kind(plan.spec.kind) as i32,
         model_version: plan.model_version,
         model_len: plan.model_len,
-        spec_json: serde_json::to_vec(&plan.spec).expect("task specs serialise"),
+        spec_json: spec_json(plan),
         deadline_unix_ms,
         secure_aggregation: secure,
         hands_out: plan.hands_out,

@@ -58,8 +58,8 @@ use std::sync::{Arc, MutexGuard};
 use fedcart_common::privacy::secagg::binding::{self, BindingContext, KeyBinding};
 use fedcart_common::privacy::secagg::{
     AdvertiseKeys, AfterMasked, RingVec, RoundInvite, SecAggError, ServerSession, ShareUpload,
-    Stage, SurvivorSignature, UnmaskResponse, bytes_per_element, masked_to_bytes, round_seed,
-    stage_name,
+    Stage, SurvivorSignature, UnmaskResponse, bytes_per_element, masked_to_bytes, stage_name,
+    task_round_seed,
 };
 use fedcart_proto::v1 as pb;
 use tokio::sync::watch;
@@ -467,10 +467,7 @@ async fn drive(
     };
     let n = plan.selected.len();
     let config = round_config(&settings, &plan.spec, n);
-    let rs = round_seed(fedcart_common::seed::derive(
-        seed,
-        &["secagg", &plan.task_id],
-    ));
+    let rs = task_round_seed(seed, &plan.task_id);
     let ids: Vec<u32> = (0..n as u32).collect();
     // An agent that already said its local task failed answers nothing.
     let expected: BTreeSet<u32> = {
@@ -504,6 +501,13 @@ async fn drive(
             round: plan.round,
             task_id: plan.task_id.clone(),
             round_seed: rs,
+            // The task each agent was pushed (`convert::assignment`): the
+            // same bytes for every agent of the round.
+            task_digest: binding::task_digest(
+                &super::convert::spec_json(plan),
+                plan.model_version,
+                plan.model_len,
+            ),
         },
         bindings: BTreeMap::new(),
         sessions: BTreeMap::new(),

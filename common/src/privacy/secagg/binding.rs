@@ -3,7 +3,8 @@
 //!
 //! In the advertise stage each agent signs [`signed_message`] — a
 //! domain-separated encoding of the run id, round, task id (which names the
-//! attempt), round seed, its merchant id and its whole [`AdvertiseKeys`]
+//! attempt), round seed, the digest of the task it was given
+//! ([`task_digest`]), its merchant id and its whole [`AdvertiseKeys`]
 //! (agent id, encryption, mask and survivor-signature keys) — with the
 //! private key of its mutual-TLS certificate ([`AdvertSigner`], through the
 //! rustls crypto provider's signing API). The coordinator relays with each
@@ -56,7 +57,10 @@ use crate::identity::{InvalidMerchantId, identity_of, validate_id};
 
 /// Domain separator of [`signed_message`]: the signature of an advertisement
 /// can never be mistaken for a TLS handshake signature or any other message.
-pub const DOMAIN: &[u8] = b"fedcart/secagg/key-advertisement/v1\0";
+pub const DOMAIN: &[u8] = b"fedcart/secagg/key-advertisement/v2\0";
+
+/// Domain separator of [`task_digest`].
+pub const TASK_DOMAIN: &[u8] = b"fedcart/secagg/task/v1\0";
 
 /// Signature schemes an advertisement may be signed with: the TLS 1.3
 /// schemes (no PKCS#1 v1.5, no SHA-1), in order of preference.
@@ -80,6 +84,30 @@ pub struct BindingContext {
     pub task_id: String,
     /// The public round seed of the invitation.
     pub round_seed: [u8; 32],
+    /// [`task_digest`] of the task the agent trained: two agents sign the
+    /// same bytes only for the same task, so an agent verifying a peer's
+    /// entry also checks that the peer was given its own task.
+    pub task_digest: [u8; 32],
+}
+
+/// SHA-256 of the task an agent was given, as the coordinator pushed it:
+/// its spec's JSON bytes (hyper-parameters, DP settings, seed, model
+/// shape), the model version it trains from and that version's length.
+///
+/// Bound into every advertisement ([`BindingContext::task_digest`]): a
+/// coordinator that gave the other agents of a secure round another task
+/// than merchant m's (a learning rate of 0, so that the unmasked sum is
+/// m's update alone; a thinner DP noise, so that the sum carries less noise
+/// than m is charged for) makes their signatures fail m's verification, and
+/// m's theirs. The model's bytes are not bound, only its version.
+pub fn task_digest(spec_json: &[u8], model_version: u64, model_len: u64) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(TASK_DOMAIN);
+    h.update((spec_json.len() as u64).to_le_bytes());
+    h.update(spec_json);
+    h.update(model_version.to_le_bytes());
+    h.update(model_len.to_le_bytes());
+    h.finalize().into()
 }
 
 /// The bytes a merchant signs for its advertisement `keys` in the round
@@ -97,6 +125,7 @@ pub fn signed_message(ctx: &BindingContext, merchant_id: &str, keys: &AdvertiseK
     out.extend_from_slice(&ctx.round.to_le_bytes());
     field(&mut out, ctx.task_id.as_bytes());
     out.extend_from_slice(&ctx.round_seed);
+    out.extend_from_slice(&ctx.task_digest);
     field(&mut out, merchant_id.as_bytes());
     field(&mut out, &keys);
     out
@@ -594,6 +623,7 @@ mod tests {
             round: 3,
             task_id: "r3a0-train".into(),
             round_seed: [9; 32],
+            task_digest: task_digest(br#"{"lr":0.05}"#, 3, 10),
         }
     }
 
@@ -694,7 +724,7 @@ mod tests {
     }
 
     #[test]
-    fn a_signature_holds_only_for_its_round_merchant_and_keys() {
+    fn a_signature_holds_only_for_its_round_task_merchant_and_keys() {
         let ca = new_ca("fedcart CA");
         let (cert, signer) = merchant(&ca, "m0");
         let k = keys(0, 1);
@@ -715,6 +745,20 @@ mod tests {
             },
             BindingContext {
                 round_seed: [8; 32],
+                ..ctx()
+            },
+            // Another task under the same id: the learning rate, the model
+            // version or its length.
+            BindingContext {
+                task_digest: task_digest(br#"{"lr":0.0}"#, 3, 10),
+                ..ctx()
+            },
+            BindingContext {
+                task_digest: task_digest(br#"{"lr":0.05}"#, 2, 10),
+                ..ctx()
+            },
+            BindingContext {
+                task_digest: task_digest(br#"{"lr":0.05}"#, 3, 11),
                 ..ctx()
             },
         ];

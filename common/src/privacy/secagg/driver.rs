@@ -108,6 +108,15 @@ pub struct InMemoryOutcome {
     pub times: StageTimes,
 }
 
+/// The public round seed of a run's secure task `task_id`: derived from the
+/// run seed and the task id alone, so every agent checks the seed the
+/// coordinator invites it with (a seed of the coordinator's choosing would
+/// let it grind the neighbour graph, e.g. to give a merchant only
+/// colluding neighbours).
+pub fn task_round_seed(run_seed: u64, task_id: &str) -> [u8; 32] {
+    round_seed(seed::derive(run_seed, &["secagg", task_id]))
+}
+
 /// The public round seed the driver uses for `seed`.
 pub fn round_seed(seed: u64) -> [u8; 32] {
     let mut out = [0u8; 32];
