@@ -366,6 +366,7 @@ impl StoreFile {
         if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
             return Err(StoreError::Empty { path: path.into() });
         }
+        let new = std::fs::symlink_metadata(path).is_err();
         // redb panics ("internal error: entered unreachable code") on some
         // damaged B-tree pages instead of returning an error: the operator
         // got a panic inside redb naming no file (found by a fault probe).
@@ -380,6 +381,16 @@ impl StoreFile {
                 identity: FileIdentity::of(path),
                 first_io: FirstIo::default(),
             };
+            // Every model version, each merchant's metrics and its part of
+            // the best version's evaluation: the coordinator's user's alone
+            // (it was created 0644 by the umask; found by an attacker probe).
+            // A store that exists keeps the mode its operator gave it.
+            #[cfg(unix)]
+            if new {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| err(redb::Error::Io(e)))?;
+            }
             let txn = file.db.begin_write().map_err(|e| file.err(e))?;
             txn.open_table(RUNS).map_err(|e| file.err(e))?;
             txn.commit().map_err(|e| file.err(e))?;
@@ -955,6 +966,23 @@ mod tests {
         // Most damage lands in pages the open never reads; nine of these
         // offsets made redb panic.
         assert!(refused > 0, "no damage met");
+    }
+
+    /// The store holds every model version and each merchant's metrics and
+    /// evaluation parts: a new one is its user's alone. One that exists
+    /// keeps its mode.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_store_is_readable_by_its_user_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/c.redb");
+        drop(StoreFile::open(&path).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        drop(StoreFile::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o640);
     }
 
     #[test]
