@@ -89,9 +89,10 @@ enum Command {
         /// made sees every merchant; a merchant's certificate sees only itself.
         #[arg(long, default_value = "operator")]
         identity: String,
-        /// Name to verify on the coordinator's certificate.
-        #[arg(long, default_value = "localhost")]
-        domain: String,
+        /// Name to verify on the coordinator's certificate [default: the
+        /// URL's host].
+        #[arg(long)]
+        domain: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -122,9 +123,10 @@ struct Conn {
     /// Identity whose certificate to present (an operator's).
     #[arg(long, global = true, default_value = "operator")]
     identity: String,
-    /// Name to verify on the coordinator's certificate.
-    #[arg(long, global = true, default_value = "localhost")]
-    domain: String,
+    /// Name to verify on the coordinator's certificate [default: the URL's
+    /// host].
+    #[arg(long, global = true)]
+    domain: Option<String>,
 }
 
 impl Conn {

@@ -19,8 +19,9 @@ pub struct ClientTls {
     pub cert: PathBuf,
     /// Our key.
     pub key: PathBuf,
-    /// Name to verify on the coordinator's certificate.
-    pub domain: String,
+    /// Name to verify on the coordinator's certificate; `None`: the URL's
+    /// host, as the agent and `fleet` verify it.
+    pub domain: Option<String>,
 }
 
 /// Connects to `url`, with mutual TLS when `tls` is given.
@@ -46,22 +47,21 @@ pub async fn channel(
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let (ca, cert, key) = (read(&t.ca)?, read(&t.cert)?, read(&t.key)?);
         check_identity(t, &ca, &cert, &key).map_err(|e| BadIdentity(format!("{e:#}")))?;
-        ep = ep
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .identity(Identity::from_pem(cert, key))
-                    .domain_name(t.domain.clone()),
-            )
-            .map_err(|e| {
-                BadIdentity(format!(
-                    "the identity {} / {} with the CA {}: {}",
-                    t.cert.display(),
-                    t.key.display(),
-                    t.ca.display(),
-                    crate::cli::one_line(&e)
-                ))
-            })?;
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key));
+        if let Some(domain) = &t.domain {
+            config = config.domain_name(domain.clone());
+        }
+        ep = ep.tls_config(config).map_err(|e| {
+            BadIdentity(format!(
+                "the identity {} / {} with the CA {}: {}",
+                t.cert.display(),
+                t.key.display(),
+                t.ca.display(),
+                crate::cli::one_line(&e)
+            ))
+        })?;
     }
     ep.connect()
         .await
@@ -307,7 +307,8 @@ fn transport_fix(err: &(dyn std::error::Error + 'static), url: &str) -> Option<S
                     C::NotValidForName | C::NotValidForNameContext { .. },
                 ) => format!(
                     "the coordinator's certificate is not issued for the host of {url} (or \
-                     `--domain`): connect by a name it was issued for, e.g. `--domain localhost`"
+                     `--domain`): connect by one of the names it was issued for (listed above), \
+                     in the URL or as `--domain NAME`"
                 ),
                 rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
                     "the coordinator's certificate has expired: the operator signs a new one \
@@ -618,7 +619,7 @@ mod tests {
             ca: certs.ca_cert(),
             cert: certs.cert("operator"),
             key,
-            domain: "localhost".into(),
+            domain: Some("localhost".into()),
         };
         // The port is never dialled: the identity is refused first.
         let url = "https://127.0.0.1:1";
@@ -664,7 +665,7 @@ mod tests {
             ca: certs.ca_cert(),
             cert: certs.cert(id),
             key: certs.key(id),
-            domain: "localhost".into(),
+            domain: Some("localhost".into()),
         };
         // The port is never dialled: the key is read first.
         let url = "https://127.0.0.1:1";

@@ -576,7 +576,7 @@ async fn metrics_move_across_two_rounds_and_health_is_serving_over_tls() {
         ca: cd.ca_cert(),
         cert: cd.cert("m0"),
         key: cd.key("m0"),
-        domain: "localhost".into(),
+        domain: Some("localhost".into()),
     };
     let url = format!("https://localhost:{}", coord.addr.port());
     let reply = fedcart_coordinator::status::fetch(&url, Some(&tls), None)
@@ -720,7 +720,7 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
         ca: cd.ca_cert(),
         cert: cd.cert(id),
         key: cd.key(id),
-        domain: "localhost".into(),
+        domain: Some("localhost".into()),
     };
     let all = fetch(&url, Some(&tls(certs::OPERATOR)), None)
         .await
@@ -983,7 +983,7 @@ async fn status_connection_failures_name_their_cause() {
         ca: cd.ca_cert(),
         cert: cd.cert(certs::OPERATOR),
         key: cd.key(certs::OPERATOR),
-        domain: domain.into(),
+        domain: Some(domain.into()),
     };
     let hint = |url: String, tls: Option<ClientTls>| async move {
         let e = fetch(&url, tls.as_ref(), None).await.unwrap_err();
@@ -1005,7 +1005,27 @@ async fn status_connection_failures_name_their_cause() {
         "{foreign}"
     );
     let name = hint(https.clone(), Some(tls(&cd, "shop.example"))).await;
-    assert!(name.contains("not issued for the host"), "{name}");
+    assert!(
+        name.contains("not issued for the host")
+            && name.contains("connect by one of the names it was issued for"),
+        "{name}"
+    );
+    // Without `--domain` the URL's host is verified, as the agent does
+    // (status and runs verified `localhost` whatever the URL said, and
+    // refused a certificate issued for the URL's host). This certificate
+    // names only localhost.
+    let by_url = ClientTls {
+        domain: None,
+        ..tls(&cd, "")
+    };
+    fetch(&https, Some(&by_url), None).await.unwrap();
+    let ip = format!("https://127.0.0.1:{port}");
+    let e = fetch(&ip, Some(&by_url), None).await.unwrap_err();
+    let e = with_hint(e, &ip, Some(certs::OPERATOR));
+    assert!(
+        format!("{e:#}").contains(&format!("not issued for the host of {ip}")),
+        "{e:#}"
+    );
     // An identity of another CA, with this coordinator's CA: the
     // coordinator refuses it after the handshake, which the client read
     // as a broken pipe ("nothing answered … is the coordinator running?").
@@ -1013,7 +1033,7 @@ async fn status_connection_failures_name_their_cause() {
         ca: cd.ca_cert(),
         cert: other.cert(certs::OPERATOR),
         key: other.key(certs::OPERATOR),
-        domain: "localhost".into(),
+        domain: Some("localhost".into()),
     };
     let e = fetch(&https, Some(&stranger), None).await.unwrap_err();
     let e = format!("{e:#}");
