@@ -2328,6 +2328,27 @@ fn the_settings_of_a_natural_partition_count_its_stores() {
         .find(|l| l.contains("one merchant per store"))
         .unwrap()
         .to_string();
+    // One store's export ends six weeks before the others': half of the
+    // churn window after the export-wide cutoff is missing from it, and its
+    // returning customers read as churned. It was labelled without a word
+    // (found by a data probe); the report names it and the cutoff that
+    // fits every store. The stores that miss a day are not named.
+    let short: Vec<&str> = json["experiments"][0]["report"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .filter(|l| l.contains("before the churn window after the cutoff"))
+        .collect();
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert!(
+        short[0].contains(
+            "store `361` (m0009): its orders end 2017-11-15, before the churn window after the \
+             cutoff 2017-10-04 (90 days) closes on 2018-01-02"
+        ) && short[0].contains("--cutoff 2017-08-18 (or earlier)"),
+        "{}",
+        short[0]
+    );
     assert!(
         note.contains(&format!("m0000 = `{}`", stores[0]))
             && note.contains(&format!("m0019 = `{}`", stores[19])),
