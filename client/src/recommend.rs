@@ -641,7 +641,8 @@ pub struct Answer {
     pub copy: ServedCopy,
     /// The model, or the best sellers with why the model could not rank.
     pub basis: Basis,
-    /// Why the list is the best sellers (`basis` popularity).
+    /// Why the list is the best sellers (`basis` popularity), or why it is
+    /// empty.
     pub note: Option<String>,
 }
 
@@ -659,7 +660,20 @@ pub(crate) fn fallback(
     opts: &RecommendOptions,
 ) -> Result<Ranked, RecommendError> {
     match ranked {
-        Ok(top) => Ok((named(&top, items, opts.k), Basis::Model, None)),
+        Ok(top) => {
+            let listed = named(&top, items, opts.k);
+            // An empty list with no word read as a fault (a data probe): a
+            // customer who bought everything the merchant sells has no new
+            // item left, which `include_repeats` lifts.
+            let note = (listed.is_empty() && !opts.include_repeats && opts.repeat_weight.is_none())
+                .then(|| {
+                    "the customer has bought every item this merchant sells, so no new item is \
+                     left to suggest; `--include-repeats` (`include_repeats=true` on the API) \
+                     lists the items they may buy again"
+                        .to_string()
+                });
+            Ok((listed, Basis::Model, note))
+        }
         Err(e @ RecommendError::Untrained { .. }) => Ok((
             purchases.popular(Some(u), items, opts),
             Basis::Popularity,
@@ -938,6 +952,67 @@ mod tests {
         // item counts once.
         let ranked = rec(false).rank("c", 0, &purchases, &opts).unwrap();
         assert_eq!(ranked[0].1, ranked[1].1, "{ranked:?}");
+    }
+
+    /// A customer who bought every item the merchant sells gets an empty
+    /// list, which read as a fault without a word (a data probe): it comes
+    /// with a note naming why and `include_repeats`, which lists them.
+    #[test]
+    fn an_empty_list_says_the_customer_bought_every_item() {
+        use fedcart_common::model::mf::{Rating, UserState};
+        let rec = Recommender {
+            run_id: "r".into(),
+            version: 1,
+            copy: ServedCopy::Global,
+            num_items: 1,
+            factors: 1,
+            implicit: true,
+            global: vec![0.0; 3],
+            users: UserState {
+                k: 1,
+                users: vec!["c".into()],
+                bias: vec![0.0],
+                factors: vec![0.0],
+                ..Default::default()
+            },
+            rows: None,
+        };
+        let mf = MfData {
+            users: vec!["c".into()],
+            train: vec![Rating {
+                user: 0,
+                item: 0,
+                value: 1.0,
+            }],
+            ..Default::default()
+        };
+        let items = Items::Listed(fedcart_common::data::catalogue::Catalogue::from_ids([
+            "ONE",
+        ]));
+        let purchases = Purchases::of(&mf, 1);
+        let answer = |opts: &RecommendOptions| {
+            fallback(
+                rec.rank("c", 0, &purchases, opts),
+                &purchases,
+                &items,
+                0,
+                opts,
+            )
+            .unwrap()
+        };
+        let (listed, basis, note) = answer(&RecommendOptions::top(3));
+        assert!(listed.is_empty() && basis == Basis::Model);
+        assert!(
+            note.as_deref()
+                .is_some_and(|n| n.contains("bought every item") && n.contains("--include-repeats")),
+            "{note:?}"
+        );
+        let repeats = RecommendOptions {
+            include_repeats: true,
+            ..RecommendOptions::top(3)
+        };
+        let (listed, _, note) = answer(&repeats);
+        assert_eq!((listed.len(), note), (1, None));
     }
 
     /// A run's untrained version 0 (stored when its first task arrived,
