@@ -1102,9 +1102,13 @@ impl Coordinator for Service {
             if !part {
                 return Ok(Response::new(pb::StatusReply {
                     run_id: engine.run().run_id.clone(),
+                    // "Takes no part" read as "excluded" to a merchant
+                    // whose agent had just not joined yet (a new-user
+                    // probe): say what the merchant can do.
                     phase: format!(
-                        "merchant `{id}` takes no part in this run: its progress is for its \
-                         merchants and the operator"
+                        "merchant `{id}` is not connected to this run and has not taken part in \
+                         it: its agent takes part once it is running and connected (a run shows \
+                         its progress only to its merchants and the operator)"
                     ),
                     run_ids: self.hub.ids(),
                     ..Default::default()

@@ -782,7 +782,9 @@ async fn operators_see_every_merchant_merchants_see_themselves_and_operators_nev
     );
     assert_eq!((outside.best_version, outside.epsilon), (None, None));
     assert!(
-        outside.phase.contains("`m2` takes no part in this run"),
+        outside
+            .phase
+            .contains("`m2` is not connected to this run and has not taken part in it"),
         "{}",
         outside.phase
     );
