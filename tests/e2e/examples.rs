@@ -22,4 +22,15 @@ fn example_coordinator_and_merchant_configs_load() {
     .expect("fleet example loads");
     assert_eq!(f.run.selection.min_agents, 1000);
     assert!(f.run.secagg.is_some());
+    // README's fleet churn study: the Telco table's width, no TLS.
+    let churn = fedcart_coordinator::config::CoordinatorConfig::load(
+        &root.join("coordinator/examples/fleet-churn.toml"),
+    )
+    .expect("fleet churn example loads");
+    let telco = fedcart_common::data::tabular::Schema::telco().num_features();
+    assert_eq!(
+        churn.run.model,
+        fedcart_common::task::ModelSpec::churn_lr(telco)
+    );
+    assert!(churn.serve.tls.is_none());
 }
