@@ -260,14 +260,23 @@ fn env_note(
             continue;
         };
         let var = var.to_string_lossy();
-        // The refused value is the variable's (a flag given wins over it).
+        // The refused value is the variable's (a flag given wins over it);
+        // an empty one clap calls missing ("a value is required for …": a
+        // compose or systemd line whose value expanded to nothing).
         let refused = error
             .split("invalid value '")
             .nth(1)
-            .and_then(|rest| rest.split('\'').next());
+            .and_then(|rest| rest.split('\'').next())
+            .or_else(|| error.contains("a value is required for").then_some(""));
         if error.contains(&format!("'--{long}"))
             && let Some(value) = env(&var).filter(|v| Some(&*v.to_string_lossy()) == refused)
         {
+            if value.is_empty() {
+                return Some(format!(
+                    "note: the value comes from the environment variable {var}, which is set but \
+                     empty, as --{long} was not given: give {var} a value or unset it"
+                ));
+            }
             return Some(format!(
                 "note: the value comes from the environment variable {var} (set to `{}`), as \
                  --{long} was not given: fix or unset {var}",
@@ -322,6 +331,21 @@ mod tests {
             None
         );
         let _ = Cli::try_parse_from(["x", "serve", "--listen", "127.0.0.1:1"]).unwrap();
+        // Set but empty (a compose line whose value expanded to nothing):
+        // clap says a value is required for a flag never typed. A new-user
+        // probe met it with FEDCART_STORE.
+        let empty = |v: &str| (v == "FEDCART_TEST_LISTEN").then(std::ffi::OsString::new);
+        let missing = "error: a value is required for '--listen <LISTEN>' but none was supplied";
+        let note = env_note(&Cli::command(), missing, empty).unwrap();
+        assert_eq!(
+            note,
+            "note: the value comes from the environment variable FEDCART_TEST_LISTEN, which is \
+             set but empty, as --listen was not given: give FEDCART_TEST_LISTEN a value or unset \
+             it"
+        );
+        // Not empty, or not set: the flag itself lacked its value.
+        assert_eq!(env_note(&Cli::command(), missing, env), None);
+        assert_eq!(env_note(&Cli::command(), missing, |_| None), None);
     }
 
     /// `serve --http localhost:47782` was told to write 127.0.0.1:50051,
