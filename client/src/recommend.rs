@@ -900,24 +900,18 @@ mod tests {
     use super::*;
     use crate::state::GlobalMeta;
 
-    /// A repeat-aware list ranks the customer's staples by how much of each
-    /// they took over every order (an implicit interaction holds all the
-    /// orders of its item, so counting rows gave every purchase the same
-    /// weight, `ln 2`, and the 157-basket staple tied with a one-off).
-    #[test]
-    fn a_repeat_aware_list_puts_the_customers_staple_before_a_one_off_purchase() {
-        use fedcart_common::model::mf::{Rating, UserState};
-        let n = 3;
-        let rec = |implicit| Recommender {
+    /// A recommender of `n` items for the one customer `c`, with no bias or
+    /// factor: it ranks every item alike.
+    fn flat(n: usize, implicit: bool) -> Recommender {
+        Recommender {
             run_id: "r".into(),
             version: 1,
             copy: ServedCopy::Global,
             num_items: n,
             factors: 1,
             implicit,
-            // No bias or factor: the model ranks every item alike.
             global: vec![0.0; 1 + 2 * n],
-            users: UserState {
+            users: fedcart_common::model::mf::UserState {
                 k: 1,
                 users: vec!["c".into()],
                 bias: vec![0.0],
@@ -925,7 +919,18 @@ mod tests {
                 ..Default::default()
             },
             rows: None,
-        };
+        }
+    }
+
+    /// A repeat-aware list ranks the customer's staples by how much of each
+    /// they took over every order (an implicit interaction holds all the
+    /// orders of its item, so counting rows gave every purchase the same
+    /// weight, `ln 2`, and the 157-basket staple tied with a one-off).
+    #[test]
+    fn a_repeat_aware_list_puts_the_customers_staple_before_a_one_off_purchase() {
+        use fedcart_common::model::mf::Rating;
+        let n = 3;
+        let rec = |implicit| flat(n, implicit);
         let rating = |item, value| Rating {
             user: 0,
             item,
@@ -959,24 +964,8 @@ mod tests {
     /// with a note naming why and `include_repeats`, which lists them.
     #[test]
     fn an_empty_list_says_the_customer_bought_every_item() {
-        use fedcart_common::model::mf::{Rating, UserState};
-        let rec = Recommender {
-            run_id: "r".into(),
-            version: 1,
-            copy: ServedCopy::Global,
-            num_items: 1,
-            factors: 1,
-            implicit: true,
-            global: vec![0.0; 3],
-            users: UserState {
-                k: 1,
-                users: vec!["c".into()],
-                bias: vec![0.0],
-                factors: vec![0.0],
-                ..Default::default()
-            },
-            rows: None,
-        };
+        use fedcart_common::model::mf::Rating;
+        let rec = flat(1, true);
         let mf = MfData {
             users: vec!["c".into()],
             train: vec![Rating {

@@ -131,6 +131,18 @@ fn over_the_wire(req: pb::SecAggRequest) -> pb::SecAggRequest {
     }
 }
 
+/// The advertise stage's request inviting an agent to task `t`'s round.
+fn invitation(t: &pb::TaskAssignment, invite: &RoundInvite) -> pb::SecAggRequest {
+    over_the_wire(pb::SecAggRequest {
+        run_id: t.run_id.clone(),
+        round: t.round,
+        task_id: t.task_id.clone(),
+        stage: stage_name::ADVERTISE.into(),
+        body: invite.to_json(),
+        key_bindings: Vec::new(),
+    })
+}
+
 /// What the coordinator holds after the advertise stage: its session, the
 /// roster and one binding per entry (the signature each agent sent and the
 /// certificate it would have presented on its mTLS connection).
@@ -185,14 +197,7 @@ fn advertise_given(
             id: k as u32,
             participants: N,
         };
-        let req = over_the_wire(pb::SecAggRequest {
-            run_id: t.run_id.clone(),
-            round: t.round,
-            task_id: t.task_id.clone(),
-            stage: stage_name::ADVERTISE.into(),
-            body: invite.to_json(),
-            key_bindings: Vec::new(),
-        });
+        let req = invitation(t, &invite);
         let Reply::Message(msg) = agent.respond(&format!("s{k}"), &req).unwrap() else {
             panic!("advertise answers with a message");
         };
@@ -538,38 +543,23 @@ fn a_round_seed_the_coordinator_chose_is_refused_at_the_invitation() {
         id: 0,
         participants: N,
     };
-    let request = |invite: RoundInvite| {
-        over_the_wire(pb::SecAggRequest {
-            run_id: t.run_id.clone(),
-            round: t.round,
-            task_id: t.task_id.clone(),
-            stage: stage_name::ADVERTISE.into(),
-            body: invite.to_json(),
-            key_bindings: Vec::new(),
-        })
-    };
-    let chosen = agents[0]
-        .respond("s0", &request(invite([7; 32])))
-        .expect_err("a seed of the coordinator's choosing is refused");
-    assert!(
-        chosen
-            .to_string()
-            .contains("the round seed is not the one the run seed"),
-        "{chosen}"
-    );
-    // Another attempt's seed is refused too: seeds are per task id.
-    agents[0].hold(&t, 42, "m0", None, output(0));
+    let request = |invite: RoundInvite| invitation(&t, &invite);
+    // A seed of the coordinator's choosing, and another attempt's (seeds
+    // are per task id).
     let other = round_seed(fedcart_common::seed::derive(42, &["secagg", "r1a9-train"]));
-    let refused = agents[0]
-        .respond("s0", &request(invite(other)))
-        .expect_err("another task's seed is refused");
-    assert!(
-        refused
-            .to_string()
-            .contains("the round seed is not the one"),
-        "{refused}"
-    );
-    agents[0].hold(&t, 42, "m0", None, output(0));
+    for chosen in [[7; 32], other] {
+        let refused = agents[0]
+            .respond("s0", &request(invite(chosen)))
+            .expect_err("a seed the run seed does not derive is refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("the round seed is not the one the run seed"),
+            "{refused}"
+        );
+        // A refusal ends the agent's part in the task: held again.
+        agents[0].hold(&t, 42, "m0", None, output(0));
+    }
     let honest = round_seed(fedcart_common::seed::derive(42, &["secagg", &t.task_id]));
     let answer = agents[0].respond("s0", &request(invite(honest)));
     assert!(matches!(answer, Ok(Reply::Message(_))), "{answer:?}");
