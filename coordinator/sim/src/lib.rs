@@ -1190,9 +1190,16 @@ fn selection_report(exp: &Experiment) -> Vec<String> {
             },
             if unmeasured > 0 {
                 format!(
-                    " ({unmeasured} of {} have no held-out {key}: too few held-out rows, or \
-                     all of one class)",
-                    v.merchants.len()
+                    " ({unmeasured} of {} have no held-out {key}: {})",
+                    v.merchants.len(),
+                    if key.contains("auc") {
+                        "too few held-out rows, or all of one class"
+                    } else if key.contains("rmse") {
+                        "no held-out rating"
+                    } else {
+                        "no held-out purchase (leave-last-out needs a customer with two distinct \
+                         items)"
+                    }
                 )
             } else {
                 String::new()

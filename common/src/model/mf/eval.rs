@@ -325,10 +325,13 @@ pub fn implicit_metrics(
     let w = grid[best];
     let (hr, ndcg) = test[best];
     let mean = |x: f64, m: usize| if m > 0 { x / m as f64 } else { 0.0 };
-    let mut metrics = BTreeMap::from([
-        ("hr@10".into(), mean(hr, data.test.len())),
-        ("ndcg@10".into(), mean(ndcg, data.test.len())),
-    ]);
+    // A merchant with no test purchase (no customer with two distinct
+    // items) has no test figure: it read as a measured 0 (a data probe).
+    let mut metrics = BTreeMap::new();
+    if !data.test.is_empty() {
+        metrics.insert("hr@10".into(), mean(hr, data.test.len()));
+        metrics.insert("ndcg@10".into(), mean(ndcg, data.test.len()));
+    }
     if !data.valid.is_empty() {
         let m = data.valid.len();
         metrics.insert("val_hr@10".into(), mean(val[best].0, m));
