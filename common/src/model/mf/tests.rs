@@ -668,6 +668,47 @@ fn a_one_customer_merchants_popularity_ties_are_broken_by_the_model() {
     assert_eq!(m["hr@10"], 1.0, "{m:?}");
 }
 
+/// A merchant whose customers give no test purchase (each bought one
+/// distinct item, so leave-last-out holds nothing out) has no test figure:
+/// it reported `hr@10 = 0.0`, a measured zero, at weight 0 (a data probe).
+/// Its validation figures stay.
+#[test]
+fn a_merchant_with_no_test_purchase_reports_no_test_figure() {
+    let n = 40;
+    let mut s = spec(n, 2, MfHyper::default());
+    s.model = ModelSpec::MfImplicit {
+        num_items: n,
+        factors: 2,
+        hyper: MfHyper::default(),
+    };
+    s.kind = TaskKind::Evaluate;
+    let params = s.model.initial_params(3);
+    let rating = |item| Rating {
+        user: 0,
+        item,
+        value: 1.0,
+    };
+    let mut shop = LocalData {
+        merchant_id: "no-test".into(),
+        mf: Some(MfData {
+            users: vec!["c0".into()],
+            train: (0..6).map(rating).collect(),
+            valid: vec![rating(6)],
+            test: Vec::new(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let out = run_task(&s, &params, &mut shop).unwrap();
+    let m = &out.metrics;
+    assert!(
+        !m.contains_key("hr@10") && !m.contains_key("ndcg@10"),
+        "{m:?}"
+    );
+    assert!(m.contains_key("val_hr@10"), "{m:?}");
+    assert_eq!(out.weight, 0.0);
+}
+
 #[test]
 fn validation_split_holds_out_each_users_last_line_of_an_earlier_basket() {
     let row = |user: &str, item: &str, t: i64| Interaction {
