@@ -622,6 +622,39 @@ fn a_validation_tie_keeps_the_merchants_own_bestsellers() {
     assert_eq!(m["pop_blend"], 1.0, "{m:?}");
 }
 
+/// A BPR evaluation task over `n` items with k = 2.
+fn implicit_evaluation(n: usize) -> TaskSpec {
+    let mut s = spec(n, 2, MfHyper::default());
+    s.model = ModelSpec::MfImplicit {
+        num_items: n,
+        factors: 2,
+        hyper: MfHyper::default(),
+    };
+    s.kind = TaskKind::Evaluate;
+    s
+}
+
+/// A merchant with one customer: items 0..6 in training, 6 held for
+/// validation and `test`, if any, for the test.
+fn one_customer_shop(test: Option<u32>) -> LocalData {
+    let rating = |item| Rating {
+        user: 0,
+        item,
+        value: 1.0,
+    };
+    LocalData {
+        merchant_id: "one-customer".into(),
+        mf: Some(MfData {
+            users: vec!["c0".into()],
+            train: (0..6).map(rating).collect(),
+            valid: vec![rating(6)],
+            test: test.map(rating).into_iter().collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A merchant with one customer has the same popularity (none) for every
 /// item that customer has not bought: a blend of weight 1 ranked them all
 /// tied, and a tie counts against the held-out item, so a validation tie
@@ -630,35 +663,13 @@ fn a_validation_tie_keeps_the_merchants_own_bestsellers() {
 /// scores highest first.
 #[test]
 fn a_one_customer_merchants_popularity_ties_are_broken_by_the_model() {
-    let n = 40;
-    let mut s = spec(n, 2, MfHyper::default());
-    s.model = ModelSpec::MfImplicit {
-        num_items: n,
-        factors: 2,
-        hyper: MfHyper::default(),
-    };
-    s.kind = TaskKind::Evaluate;
+    let s = implicit_evaluation(40);
     let mut params = s.model.initial_params(3);
     // Item biases (after the global term): the validation item last, the
     // test item first.
     params[1 + 6] = -10.0;
     params[1 + 7] = 10.0;
-    let rating = |item| Rating {
-        user: 0,
-        item,
-        value: 1.0,
-    };
-    let mut shop = LocalData {
-        merchant_id: "one-customer".into(),
-        mf: Some(MfData {
-            users: vec!["c0".into()],
-            train: (0..6).map(rating).collect(),
-            valid: vec![rating(6)],
-            test: vec![rating(7)],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let mut shop = one_customer_shop(Some(7));
     let m = run_task(&s, &params, &mut shop).unwrap().metrics;
     assert_eq!(
         (m["val_hr@10_model"], m["val_hr@10_pop"], m["pop_blend"]),
@@ -674,31 +685,9 @@ fn a_one_customer_merchants_popularity_ties_are_broken_by_the_model() {
 /// Its validation figures stay.
 #[test]
 fn a_merchant_with_no_test_purchase_reports_no_test_figure() {
-    let n = 40;
-    let mut s = spec(n, 2, MfHyper::default());
-    s.model = ModelSpec::MfImplicit {
-        num_items: n,
-        factors: 2,
-        hyper: MfHyper::default(),
-    };
-    s.kind = TaskKind::Evaluate;
+    let s = implicit_evaluation(40);
     let params = s.model.initial_params(3);
-    let rating = |item| Rating {
-        user: 0,
-        item,
-        value: 1.0,
-    };
-    let mut shop = LocalData {
-        merchant_id: "no-test".into(),
-        mf: Some(MfData {
-            users: vec!["c0".into()],
-            train: (0..6).map(rating).collect(),
-            valid: vec![rating(6)],
-            test: Vec::new(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let mut shop = one_customer_shop(None);
     let out = run_task(&s, &params, &mut shop).unwrap();
     let m = &out.metrics;
     assert!(
