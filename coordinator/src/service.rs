@@ -236,8 +236,9 @@ impl Shared {
             ));
         } else if let Some(why) = engine.declined().get(id) {
             phase.push_str(&format!(
-                "; merchant `{id}` declined this run's tasks ({why}): it is not selected again \
-                 until its agent joins again (restart it once its data or policy fits the run)"
+                "; merchant `{id}` declined this run's tasks ({why}): until its agent joins \
+                 again it is drawn only when the other merchants cannot fill a task (restart it \
+                 once its data or policy fits the run)"
             ));
         }
         phase
@@ -300,8 +301,9 @@ impl Shared {
                 .filter(|m| eligible.binary_search(m).is_ok())
                 .collect();
             // Connected merchants that declined the run's tasks for a
-            // lasting cause are not selected: they were counted as able to
-            // serve it while every round aborted on them.
+            // lasting cause cannot serve it (they were counted as able to
+            // while every round aborted on them); they are drawn only when
+            // the others cannot fill a task.
             let declining: Vec<(&String, &String)> = engine
                 .declined()
                 .iter()
