@@ -565,6 +565,71 @@ fn a_round_seed_the_coordinator_chose_is_refused_at_the_invitation() {
     assert!(matches!(answer, Ok(Reply::Message(_))), "{answer:?}");
 }
 
+/// A coordinator replaying stage messages: a second masked-input request
+/// for the same task gets no second masked input (the update is gone once
+/// sent), and a roster of an earlier attempt, replayed to an agent in the
+/// next one, is refused before any share leaves it. The attacker probe of
+/// session 46 found both refused by reading the code, with no test trying.
+#[test]
+fn replayed_stage_messages_get_nothing_from_an_agent() {
+    let pki = pki();
+    let mut agents = agents(&pki);
+    let t0 = task(0);
+    let mut a = advertise(&pki, &mut agents, &t0);
+    let stage = |t: &pb::TaskAssignment, stage: &str, body: Vec<u8>, bindings| {
+        over_the_wire(pb::SecAggRequest {
+            run_id: t.run_id.clone(),
+            round: t.round,
+            task_id: t.task_id.clone(),
+            stage: stage.into(),
+            body,
+            key_bindings: bindings,
+        })
+    };
+    let old_roster = stage(
+        &t0,
+        stage_name::SHARE_KEYS,
+        a.roster.to_bytes(),
+        a.bindings.clone(),
+    );
+    assert!(share_keys(&mut a, &mut agents, &t0).is_empty());
+    let relay = a
+        .server
+        .close_shares()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.to == 0)
+        .unwrap();
+    let masked = stage(&t0, stage_name::MASKED_INPUT, relay.to_bytes(), Vec::new());
+    assert!(matches!(
+        agents[0].respond("s0", &masked),
+        Ok(Reply::Masked { .. })
+    ));
+    let again = agents[0].respond("s0", &masked);
+    assert!(
+        matches!(again, Err(SecureError::NoUpdate { .. })),
+        "a second masked input: {again:?}"
+    );
+
+    // The next attempt: every agent holds its new task; the old roster,
+    // replayed to m1, names the old task and gets no share bundle.
+    let t1 = task(1);
+    let mut b = advertise(&pki, &mut agents, &t1);
+    let replayed = agents[1].respond("s1", &old_roster);
+    assert!(
+        matches!(&replayed, Err(SecureError::NoUpdate { task_id, .. }) if task_id == &t0.task_id),
+        "{replayed:?}"
+    );
+    // The refusal ended m1's part in the new attempt too (an agent leaves a
+    // round on any refused request): the others still share keys.
+    let refused = share_keys(&mut b, &mut agents, &t1);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        matches!(refused[0], SecureError::NoUpdate { .. }),
+        "{refused:?}"
+    );
+}
+
 #[test]
 fn secure_round_with_keys_substituted_by_the_coordinator_is_refused_by_every_agent() {
     let pki = pki();
