@@ -131,16 +131,27 @@ fn over_the_wire(req: pb::SecAggRequest) -> pb::SecAggRequest {
     }
 }
 
-/// The advertise stage's request inviting an agent to task `t`'s round.
-fn invitation(t: &pb::TaskAssignment, invite: &RoundInvite) -> pb::SecAggRequest {
+/// Task `t`'s request for `stage`, with `body` and the roster's
+/// `key_bindings`, as the service's `Work` stream delivers it.
+fn stage_request(
+    t: &pb::TaskAssignment,
+    stage: &str,
+    body: Vec<u8>,
+    key_bindings: Vec<pb::KeyBinding>,
+) -> pb::SecAggRequest {
     over_the_wire(pb::SecAggRequest {
         run_id: t.run_id.clone(),
         round: t.round,
         task_id: t.task_id.clone(),
-        stage: stage_name::ADVERTISE.into(),
-        body: invite.to_json(),
-        key_bindings: Vec::new(),
+        stage: stage.into(),
+        body,
+        key_bindings,
     })
+}
+
+/// The advertise stage's request inviting an agent to task `t`'s round.
+fn invitation(t: &pb::TaskAssignment, invite: &RoundInvite) -> pb::SecAggRequest {
+    stage_request(t, stage_name::ADVERTISE, invite.to_json(), Vec::new())
 }
 
 /// What the coordinator holds after the advertise stage: its session, the
@@ -235,14 +246,12 @@ fn share_keys(
     agents: &mut [SecureTasks],
     t: &pb::TaskAssignment,
 ) -> Vec<SecureError> {
-    let req = over_the_wire(pb::SecAggRequest {
-        run_id: t.run_id.clone(),
-        round: t.round,
-        task_id: t.task_id.clone(),
-        stage: stage_name::SHARE_KEYS.into(),
-        body: a.roster.to_bytes(),
-        key_bindings: a.bindings.clone(),
-    });
+    let req = stage_request(
+        t,
+        stage_name::SHARE_KEYS,
+        a.roster.to_bytes(),
+        a.bindings.clone(),
+    );
     let mut refused = Vec::new();
     for (k, agent) in agents.iter_mut().enumerate() {
         match agent.respond(&format!("s{k}"), &req) {
@@ -268,16 +277,7 @@ fn finish_masked(
     agents: &mut [SecureTasks],
     t: &pb::TaskAssignment,
 ) -> (Vec<Vec<u8>>, Vec<f64>) {
-    let request = |stage: &str, body: Vec<u8>| {
-        over_the_wire(pb::SecAggRequest {
-            run_id: t.run_id.clone(),
-            round: t.round,
-            task_id: t.task_id.clone(),
-            stage: stage.into(),
-            body,
-            key_bindings: Vec::new(),
-        })
-    };
+    let request = |stage: &str, body: Vec<u8>| stage_request(t, stage, body, Vec::new());
     let mut masked = Vec::new();
     for relay in a.server.close_shares().unwrap() {
         let k = relay.to as usize;
@@ -443,14 +443,7 @@ fn an_agent_whose_ledger_cannot_be_written_sends_no_masked_input() {
     let mut sent = Vec::new();
     for relay in a.server.close_shares().unwrap() {
         let k = relay.to as usize;
-        let req = over_the_wire(pb::SecAggRequest {
-            run_id: t.run_id.clone(),
-            round: t.round,
-            task_id: t.task_id.clone(),
-            stage: stage_name::MASKED_INPUT.into(),
-            body: relay.to_bytes(),
-            key_bindings: Vec::new(),
-        });
+        let req = stage_request(&t, stage_name::MASKED_INPUT, relay.to_bytes(), Vec::new());
         match agents[k].respond("s", &req) {
             Ok(Reply::Masked { .. }) => sent.push(k),
             Err(e @ SecureError::Ledger { .. }) if k == 0 => {
@@ -576,17 +569,7 @@ fn replayed_stage_messages_get_nothing_from_an_agent() {
     let mut agents = agents(&pki);
     let t0 = task(0);
     let mut a = advertise(&pki, &mut agents, &t0);
-    let stage = |t: &pb::TaskAssignment, stage: &str, body: Vec<u8>, bindings| {
-        over_the_wire(pb::SecAggRequest {
-            run_id: t.run_id.clone(),
-            round: t.round,
-            task_id: t.task_id.clone(),
-            stage: stage.into(),
-            body,
-            key_bindings: bindings,
-        })
-    };
-    let old_roster = stage(
+    let old_roster = stage_request(
         &t0,
         stage_name::SHARE_KEYS,
         a.roster.to_bytes(),
@@ -600,7 +583,7 @@ fn replayed_stage_messages_get_nothing_from_an_agent() {
         .into_iter()
         .find(|r| r.to == 0)
         .unwrap();
-    let masked = stage(&t0, stage_name::MASKED_INPUT, relay.to_bytes(), Vec::new());
+    let masked = stage_request(&t0, stage_name::MASKED_INPUT, relay.to_bytes(), Vec::new());
     assert!(matches!(
         agents[0].respond("s0", &masked),
         Ok(Reply::Masked { .. })
