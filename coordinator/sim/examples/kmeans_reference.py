@@ -4,7 +4,8 @@
 standard deviation, like the federated statistics step).
 
 The pooled rows are the ones the simulator derived: `segments.csv` written by
-`--out DIR` holds every merchant's customers with their raw features f0..f7.
+`--out DIR` holds every merchant's customers with their raw features, each column under
+its feature's name after `merchant,row,customer,segment`.
 
     target/release/fedcart-sim --task segments:4 --data orders --merchants 10 \
         --rounds 30 --seed 7 --out /tmp/seg
@@ -20,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 path, k = sys.argv[1], int(sys.argv[2])
 d = pd.read_csv(path)
-x = d[[c for c in d.columns if c.startswith("f")]].to_numpy(dtype=np.float64)
+x = d[d.columns[list(d.columns).index("segment") + 1 :]].to_numpy(dtype=np.float64)
 x = StandardScaler().fit_transform(x)
 t0 = time.perf_counter()
 km = KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=0).fit(x)

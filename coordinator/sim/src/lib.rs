@@ -1514,36 +1514,43 @@ fn finish_segments(
     };
     let (k, d, centres, choice) = segments::decode_final(spec, &exp.final_model)?;
     exp.final_model = centres;
-    let (profiles, inertia, labels) = segments::profile(merchants, &exp.final_model, k, d)?;
+    let profiles = segments::profile(merchants, &exp.final_model, k, d)?;
     let names = data::feature_names(&s.data);
     // What reading the data noted (e.g. what the churn rate means) first.
     exp.report = notes.to_vec();
-    exp.report
-        .extend(segments::report(&profiles, inertia, &names));
+    exp.report.extend(segments::report(&profiles, &names));
     exp.report.extend(choice);
-    exp.final_metrics.insert("pooled_inertia".into(), inertia);
+    exp.final_metrics
+        .insert("pooled_inertia".into(), profiles.inertia);
+    let labels = &profiles.labels;
     if let Some(dir) = &s.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // Each customer's raw features too: the pooled data of the
         // scikit-learn reference (coordinator/sim/examples/kmeans_reference.py).
         // `customer` is the table's or export's id (the row within the
         // merchant stays, for the reference script).
+        // The features under their names (they were `f0..`, which left a
+        // one-hot column to be found in the schema).
+        let quoted = |id: &str| {
+            if id.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", id.replace('"', "\"\""))
+            } else {
+                id.to_string()
+            }
+        };
         let mut out = String::from("merchant,row,customer,segment");
         for j in 0..d {
-            out.push_str(&format!(",f{j}"));
+            let name = names.get(j).cloned().unwrap_or_else(|| format!("f{j}"));
+            out.push(',');
+            out.push_str(&quoted(&name));
         }
         out.push('\n');
-        for (m, l) in merchants.iter().zip(&labels) {
+        for (m, l) in merchants.iter().zip(labels) {
             let churn = m.churn.as_ref().context("segments need RFM features")?;
             let rows = churn.train.x.rows().into_iter().chain(churn.valid.x.rows());
             let ids = churn.train.ids.iter().chain(&churn.valid.ids);
             for (i, ((c, row), id)) in l.iter().zip(rows).zip(ids).enumerate() {
-                let id = if id.contains([',', '"', '\n', '\r']) {
-                    format!("\"{}\"", id.replace('"', "\"\""))
-                } else {
-                    id.clone()
-                };
-                out.push_str(&format!("{},{i},{id},{c}", m.merchant_id));
+                out.push_str(&format!("{},{i},{},{c}", m.merchant_id, quoted(id)));
                 for v in row {
                     out.push_str(&format!(",{v}"));
                 }
@@ -1552,7 +1559,8 @@ fn finish_segments(
         }
         let path = dir.join("segments.csv");
         std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
-        plots::segments(dir, merchants, &exp.final_model, k, &labels, &names)?;
+        let shown = segments::shown_features(&names, &profiles);
+        plots::segments(dir, merchants, k, labels, &names, &shown)?;
         exp.files
             .extend(["segments.csv".to_string(), "segments.png".to_string()]);
     }

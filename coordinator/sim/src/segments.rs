@@ -124,32 +124,51 @@ pub struct SegmentProfile {
     pub segment: usize,
     /// Customers across the federation.
     pub size: u64,
-    /// Means of the first (up to) three features: recency in days,
-    /// purchase frequency and monetary value on an orders export, the
-    /// first three columns on a customer table (which may have fewer).
+    /// Means of every feature, in the data's column order (the profile
+    /// table shows [`shown_features`] of them).
     pub means: Vec<f64>,
     /// Share of the segment's customers labelled churned.
     pub churn_rate: f64,
 }
 
+/// What [`profile`] finds: each segment's profile, the pooled inertia,
+/// each merchant's labels (training rows then held-out rows) and, per
+/// feature, the share of its variance that lies between the segments.
+#[derive(Debug, Clone)]
+pub struct Profiles {
+    /// Each segment's size, feature means and churn rate.
+    pub segments: Vec<SegmentProfile>,
+    /// Sum over every customer of the squared standardised distance to
+    /// its segment's centre.
+    pub inertia: f64,
+    /// Each merchant's customers' segments.
+    pub labels: Vec<Vec<usize>>,
+    /// Per feature, the between-segment share of its variance (η², 0 for
+    /// a feature that does not vary): 1 when the segments are exactly
+    /// that feature's values, as when k-means splits by a one-hot column.
+    pub separation: Vec<f64>,
+}
+
 /// Labels every merchant's customers with `centres` and profiles the
-/// segments (sums of each merchant's local per-segment sums) and the pooled
-/// inertia; returns the profiles, the inertia and each merchant's labels.
+/// segments (sums of each merchant's local per-segment sums), the pooled
+/// inertia and how much of each feature's variance the segments separate.
 pub fn profile(
     merchants: &[LocalData],
     centres: &[f32],
     k: usize,
     d: usize,
-) -> anyhow::Result<(Vec<SegmentProfile>, f64, Vec<Vec<usize>>)> {
+) -> anyhow::Result<Profiles> {
     let scaler = standardizer(merchants, d)?;
-    let shown = d.min(PROFILED);
     let mut p: Vec<SegmentProfile> = (0..k)
         .map(|segment| SegmentProfile {
             segment,
-            means: vec![0.0; shown],
+            means: vec![0.0; d],
             ..Default::default()
         })
         .collect();
+    // Each feature's sum and sum of squares over every customer, for the
+    // separation (the raw values; the share is the same standardised).
+    let mut total = vec![(0.0f64, 0.0f64); d];
     let mut inertia = 0.0;
     let mut labels = Vec::new();
     for m in merchants {
@@ -177,14 +196,42 @@ pub fn profile(
             inertia += dist;
             let s = &mut p[c];
             s.size += 1;
-            for (m, v) in s.means.iter_mut().zip(row.iter()) {
-                *m += f64::from(*v);
+            for ((m, t), v) in s.means.iter_mut().zip(&mut total).zip(row.iter()) {
+                let v = f64::from(*v);
+                *m += v;
+                t.0 += v;
+                t.1 += v * v;
             }
             s.churn_rate += f64::from(*label);
             own.push(c);
         }
         labels.push(own);
     }
+    let n: u64 = p.iter().map(|s| s.size).sum();
+    let n_all = (n as f64).max(1.0);
+    // η² = between-segment sum of squares / total sum of squares, both from
+    // sums (f64: the features are bounded by the pipelines' ±1e15 checks).
+    let separation = total
+        .iter()
+        .enumerate()
+        .map(|(j, &(sum, squares))| {
+            let mean = sum / n_all;
+            let total_ss = squares - n_all * mean * mean;
+            let between: f64 = p
+                .iter()
+                .filter(|s| s.size > 0)
+                .map(|s| {
+                    let m = s.means[j] / s.size as f64;
+                    s.size as f64 * (m - mean) * (m - mean)
+                })
+                .sum();
+            if total_ss > 1e-12 * squares.max(1.0) {
+                (between / total_ss).clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
     for s in &mut p {
         let n = (s.size as f64).max(1.0);
         for m in &mut s.means {
@@ -192,36 +239,129 @@ pub fn profile(
         }
         s.churn_rate /= n;
     }
-    Ok((p, inertia, labels))
+    Ok(Profiles {
+        segments: p,
+        inertia,
+        labels,
+        separation,
+    })
 }
 
-/// Features whose means a profile shows (the first ones).
+/// Features whose means a profile shows.
 pub const PROFILED: usize = 3;
 
-/// The headers of the profile's feature means: recency, frequency and
-/// monetary value on an orders export (its first three features), and the
-/// first (up to) three features' own names on a customer table (they were
-/// labelled RFM whatever the columns were, and a table of two features
-/// panicked).
-pub fn profile_headers(names: &[String]) -> Vec<String> {
-    let rfm =
-        names.len() >= PROFILED && names[..PROFILED] == ["recency_days", "frequency", "monetary"];
-    if rfm {
-        ["recency (days)", "frequency", "monetary"]
-            .map(String::from)
-            .to_vec()
-    } else {
-        names
+/// The orders pipeline's first three features, which its profile always
+/// shows.
+const RFM: [&str; 3] = ["recency_days", "frequency", "monetary"];
+
+/// Up to `count` features that separate the segments most, most separating
+/// first: in order of [`Profiles::separation`], skipping a feature whose
+/// segment means move with one already taken (cosine of the size-weighted,
+/// standardised deviations of the segment means above 0.95: the one-hot
+/// columns that all mean "no internet service" on a telecom table say one
+/// thing), then filling up with the skipped ones. Features that do not
+/// vary are never taken.
+pub fn most_separating(p: &Profiles, count: usize) -> Vec<usize> {
+    let d = p.separation.len();
+    let mut order: Vec<usize> = (0..d).filter(|&j| p.separation[j] > 0.0).collect();
+    order.sort_by(|&a, &b| {
+        p.separation[b]
+            .total_cmp(&p.separation[a])
+            .then(a.cmp(&b))
+    });
+    let n: f64 = p.segments.iter().map(|s| s.size as f64).sum();
+    // Each feature's deviations of its segment means from its mean,
+    // weighted by √size and scaled to unit length.
+    let direction = |j: usize| -> Vec<f64> {
+        let mean = p
+            .segments
             .iter()
-            .take(PROFILED)
-            .map(|n| format!("mean {n}"))
-            .collect()
+            .map(|s| s.size as f64 * s.means[j])
+            .sum::<f64>()
+            / n.max(1.0);
+        let v: Vec<f64> = p
+            .segments
+            .iter()
+            .map(|s| (s.size as f64).sqrt() * (s.means[j] - mean))
+            .collect();
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+        v.into_iter().map(|x| x / norm).collect()
+    };
+    let mut taken: Vec<(usize, Vec<f64>)> = Vec::new();
+    let mut skipped = Vec::new();
+    for j in order {
+        if taken.len() == count {
+            break;
+        }
+        let v = direction(j);
+        let alike = taken.iter().any(|(_, w)| {
+            v.iter().zip(w).map(|(a, b)| a * b).sum::<f64>().abs() > 0.95
+        });
+        if alike {
+            skipped.push(j);
+        } else {
+            taken.push((j, v));
+        }
     }
+    let mut out: Vec<usize> = taken.into_iter().map(|(j, _)| j).collect();
+    out.extend(skipped.into_iter().take(count.saturating_sub(out.len())));
+    out
+}
+
+/// The features (column indices, in column order) whose means the profile
+/// table shows: recency, frequency and monetary value on an orders export;
+/// on a customer table the (up to) [`PROFILED`] features of
+/// [`most_separating`], or the first columns when none varies. A table's
+/// first three columns were shown whatever split the segments, which hid a
+/// segmentation by a categorical column (found by a data probe).
+pub fn shown_features(names: &[String], p: &Profiles) -> Vec<usize> {
+    if names.len() >= PROFILED && names[..PROFILED] == RFM {
+        return (0..PROFILED).collect();
+    }
+    let mut shown = most_separating(p, PROFILED);
+    if shown.is_empty() {
+        shown = (0..names.len().min(PROFILED)).collect();
+    }
+    shown.sort_unstable();
+    shown
+}
+
+/// The headers of the profile's feature means for the features `shown`:
+/// RFM's own words on an orders export, `mean <name>` on a customer table.
+pub fn profile_headers(names: &[String], shown: &[usize]) -> Vec<String> {
+    let rfm = names.len() >= PROFILED && names[..PROFILED] == RFM;
+    shown
+        .iter()
+        .map(|&j| match names[j].as_str() {
+            "recency_days" if rfm => "recency (days)".to_string(),
+            n @ ("frequency" | "monetary") if rfm => n.to_string(),
+            n => format!("mean {n}"),
+        })
+        .collect()
+}
+
+/// The line naming the features that separate the segments most, with the
+/// share of each one's variance between segments: the profile table shows
+/// only [`PROFILED`] means, and on an orders export always RFM's.
+fn separation_line(names: &[String], p: &Profiles) -> Option<String> {
+    let top: Vec<String> = most_separating(p, PROFILED)
+        .into_iter()
+        .map(|j| format!("`{}` {:.2}", names[j], p.separation[j]))
+        .collect();
+    (!top.is_empty()).then(|| {
+        format!(
+            "features that separate the segments most (share of each one's variance between \
+             segments): {}; segments.csv (--out) holds every feature",
+            top.join(", ")
+        )
+    })
 }
 
 /// The report lines of a segmentation; `names` are the features' names.
-pub fn report(profiles: &[SegmentProfile], inertia: f64, names: &[String]) -> Vec<String> {
-    let headers = profile_headers(names);
+pub fn report(p: &Profiles, names: &[String]) -> Vec<String> {
+    let (profiles, inertia) = (&p.segments, p.inertia);
+    let shown = shown_features(names, p);
+    let headers = profile_headers(names, &shown);
     let cells = |cell: &str| vec![cell; headers.len()].join(" | ");
     let mut out = vec![
         format!("segments: pooled inertia {inertia:.2}"),
@@ -252,12 +392,11 @@ pub fn report(profiles: &[SegmentProfile], inertia: f64, names: &[String]) -> Ve
             continue;
         }
         // Recency (days) to one decimal, the other means to two.
-        let means: Vec<String> = s
-            .means
+        let means: Vec<String> = shown
             .iter()
-            .enumerate()
-            .map(|(j, m)| {
-                if j == 0 {
+            .map(|&j| {
+                let m = s.means[j];
+                if names[j] == "recency_days" {
                     format!("{m:.1}")
                 } else {
                     format!("{m:.2}")
@@ -286,6 +425,7 @@ pub fn report(profiles: &[SegmentProfile], inertia: f64, names: &[String]) -> Ve
             profiles.len()
         ));
     }
+    out.extend(separation_line(names, p));
     out
 }
 

@@ -15,20 +15,24 @@ const MAX_POINTS: usize = 6000;
 
 /// Writes `segments.png` under `dir`: recency (days) against
 /// log10(1 + monetary) of each customer, coloured by its segment in `labels`
-/// (one vector per merchant, training rows then held-out rows).
+/// (one vector per merchant, training rows then held-out rows); on a
+/// customer table the first and last of the features the profile shows
+/// (`shown`, column indices).
 pub fn segments(
     dir: &Path,
     merchants: &[LocalData],
-    _centres: &[f32],
     k: usize,
     labels: &[Vec<usize>],
     names: &[String],
+    shown: &[usize],
 ) -> anyhow::Result<()> {
     register_font();
-    // The first and third features (the last of a table of two), named as
-    // the report names them.
-    let headers = crate::segments::profile_headers(names);
-    let y_at = headers.len().saturating_sub(1);
+    // The first and last features the profile shows, named as the report
+    // names them.
+    let headers = crate::segments::profile_headers(names, shown);
+    let (Some(&x_at), Some(&y_at)) = (shown.first(), shown.last()) else {
+        return Ok(());
+    };
     let (Some(x_name), Some(y_name)) = (headers.first(), headers.last()) else {
         return Ok(());
     };
@@ -42,7 +46,7 @@ pub fn segments(
         let Some(c) = &m.churn else { continue };
         for (row, &seg) in c.train.x.rows().into_iter().chain(c.valid.x.rows()).zip(l) {
             pts.push((
-                f64::from(row[0]),
+                f64::from(row[x_at]),
                 (1.0 + f64::from(row[y_at]).max(0.0)).log10(),
                 seg,
             ));

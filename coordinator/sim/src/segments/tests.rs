@@ -50,7 +50,9 @@ fn cdnow_federated_inertia_is_within_two_percent_of_scikit_learn() {
         .collect();
     assert!(curve.len() >= 5, "{curve:?}");
     assert!(curve.windows(2).all(|w| w[1] <= w[0] + 1e-6), "{curve:?}");
-    assert_eq!(table_and_after(&e.report), 3 + 4);
+    // The heading, the table's header and rule, 4 rows and the separation
+    // line.
+    assert_eq!(table_and_after(&e.report), 3 + 4 + 1);
     // The data's notes come first: CDNOW's cutoff is the bundled source's.
     assert!(
         e.report[0].contains("before the cutoff 1997-09-30"),
@@ -113,6 +115,7 @@ fn secure_segments_over_grpc_equal_the_plaintext_segments() {
     let sizes = |e: &Experiment| -> Vec<String> {
         e.report[3..]
             .iter()
+            .filter(|l| l.starts_with("| "))
             .map(|l| l.split('|').nth(2).unwrap().trim().to_string())
             .collect()
     };
@@ -131,7 +134,7 @@ fn segments_without_k_choose_the_elbow_scikit_learn_finds_on_the_pooled_data() {
     assert!(choice.starts_with("segments: k = 3,"), "{choice}");
     assert_eq!(e.final_model.len(), 3 * 8);
     // The report's profile table has one row per chosen segment.
-    assert_eq!(table_and_after(&e.report), 3 + 3 + 1);
+    assert_eq!(table_and_after(&e.report), 3 + 3 + 1 + 1);
 }
 
 #[test]
@@ -168,17 +171,23 @@ fn an_empty_segment_shows_no_means_and_the_report_says_why() {
         means: vec![3.0, 2.0, 10.0],
         churn_rate: 0.5,
     };
+    let profiles = |segments| super::Profiles {
+        segments,
+        inertia: 1.0,
+        labels: Vec::new(),
+        separation: vec![0.5; 3],
+    };
     let rfm: Vec<String> = fedcart_common::data::orders::derive::FEATURE_NAMES
         .map(String::from)
         .to_vec();
-    let lines = super::report(&[profile(0, 40), profile(1, 0)], 1.0, &rfm);
+    let lines = super::report(&profiles(vec![profile(0, 40), profile(1, 0)]), &rfm);
     assert_eq!(
         lines[1],
         "| segment | customers | recency (days) | frequency | monetary | churn rate |"
     );
     // A customer table's features are named as they are, not as RFM.
     let table = ["spend", "tenure", "plan=basic"].map(String::from);
-    let other = super::report(&[profile(0, 40)], 1.0, &table);
+    let other = super::report(&profiles(vec![profile(0, 40)]), &table);
     assert_eq!(
         other[1],
         "| segment | customers | mean spend | mean tenure | mean plan=basic | churn rate |"
@@ -188,10 +197,7 @@ fn an_empty_segment_shows_no_means_and_the_report_says_why() {
         "{lines:?}"
     );
     assert!(
-        lines
-            .last()
-            .unwrap()
-            .starts_with("(1 of the 2 segments hold no customer"),
+        lines[lines.len() - 2].starts_with("(1 of the 2 segments hold no customer"),
         "{lines:?}"
     );
 }
@@ -221,18 +227,78 @@ fn segments_of_a_customer_table_are_named_by_its_features_and_customers() {
         "{:?}",
         e.report
     );
-    assert_eq!(
-        e.report[2],
-        format!(
-            "| segment | customers | mean {} | mean {} | mean {} | churn rate |",
-            names[0], names[1], names[2]
-        )
+    assert!(
+        e.report[2].starts_with("| segment | customers | mean ")
+            && e.report[2].ends_with(" | churn rate |"),
+        "{:?}",
+        e.report
     );
     let mut r = csv::Reader::from_path(dir.path().join("segments.csv")).unwrap();
-    let header: Vec<&str> = r.headers().unwrap().iter().take(4).collect();
-    assert_eq!(header, ["merchant", "row", "customer", "segment"]);
+    let header: Vec<&str> = r.headers().unwrap().iter().collect();
+    assert_eq!(header[..4], ["merchant", "row", "customer", "segment"]);
+    // Every feature under its name (they were `f0..f44`).
+    assert_eq!(header[4..], names.iter().map(String::as_str).collect::<Vec<_>>()[..]);
     let first = r.records().next().unwrap().unwrap();
     assert!(first[2].contains('-'), "a Telco customerID: {first:?}");
+}
+
+/// Segments that split a customer table by a categorical column were shown
+/// under its first three columns, where they all looked alike: the profile
+/// now shows the features the segments separate most and says how much of
+/// each one's variance lies between them (found by a data probe).
+#[test]
+fn a_tables_profile_shows_the_features_that_split_its_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("regions.toml");
+    std::fs::write(
+        &schema,
+        "id = \"id\"\nlabel = \"churned\"\npositive = [\"1\"]\nnegative = [\"0\"]\n\
+         numeric = [\"orders\", \"spend\", \"tenure\"]\n\
+         [[categorical]]\nname = \"region\"\nvocabulary = [\"East\", \"West\", \"North\", \"South\"]\n",
+    )
+    .unwrap();
+    // Three numeric columns of independent noise and a region column: the
+    // four regions are the only structure, so k = 4 splits by them.
+    let csv = dir.path().join("customers.csv");
+    let mut rows = String::from("id,orders,spend,tenure,region,churned\n");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    for i in 0..800 {
+        use rand::RngExt;
+        let region = ["East", "West", "North", "South"][i % 4];
+        rows.push_str(&format!(
+            "c{i},{},{:.2},{},{region},{}\n",
+            rng.random_range(1..4),
+            rng.random_range(20.0..80.0),
+            rng.random_range(1..40),
+            u8::from(i % 3 == 0)
+        ));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let e = run(SimArgs {
+        task: Some("segments:4".parse().unwrap()),
+        data: Some(format!("csv:{}", csv.display()).parse().unwrap()),
+        schema: Some(schema),
+        merchants: Some(2),
+        rounds: Some(10),
+        seed: Some(7),
+        out: Some(dir.path().join("out")),
+        ..Default::default()
+    });
+    let table = e
+        .report
+        .iter()
+        .position(|l| l.starts_with("| segment |"))
+        .expect("a profile table");
+    let header = &e.report[table];
+    assert_eq!(header.matches("mean region=").count(), 3, "{header}");
+    let line = e
+        .report
+        .iter()
+        .find(|l| l.starts_with("features that separate the segments most"))
+        .expect("a separation line");
+    assert_eq!(line.matches("`region=").count(), 3, "{line}");
+    assert!(line.contains(" 1.00"), "{line}");
+    assert!(!line.contains("`spend`") && !line.contains("`tenure`"), "{line}");
 }
 
 /// Segments of an orders export describe every customer's whole history,
