@@ -118,6 +118,13 @@ fn first_figure(
 /// metric that overflowed; metrics.json writes it as null, the report as
 /// "–") reads "n/a", not "NaN".
 fn figure(metric: &str, v: f64) -> String {
+    // k-means reports its inertia per customer; the report's pooled
+    // inertia, a sum, was read as the same figure (found by a data probe).
+    let metric = if metric == "inertia" {
+        "inertia per customer"
+    } else {
+        metric
+    };
     if v.is_finite() {
         format!("{metric} {v:.4}")
     } else {

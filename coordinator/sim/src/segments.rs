@@ -264,11 +264,7 @@ const RFM: [&str; 3] = ["recency_days", "frequency", "monetary"];
 pub fn most_separating(p: &Profiles, count: usize) -> Vec<usize> {
     let d = p.separation.len();
     let mut order: Vec<usize> = (0..d).filter(|&j| p.separation[j] > 0.0).collect();
-    order.sort_by(|&a, &b| {
-        p.separation[b]
-            .total_cmp(&p.separation[a])
-            .then(a.cmp(&b))
-    });
+    order.sort_by(|&a, &b| p.separation[b].total_cmp(&p.separation[a]).then(a.cmp(&b)));
     let n: f64 = p.segments.iter().map(|s| s.size as f64).sum();
     // Each feature's deviations of its segment means from its mean,
     // weighted by √size and scaled to unit length.
@@ -284,7 +280,12 @@ pub fn most_separating(p: &Profiles, count: usize) -> Vec<usize> {
             .iter()
             .map(|s| (s.size as f64).sqrt() * (s.means[j] - mean))
             .collect();
-        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+        let norm = v
+            .iter()
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt()
+            .max(f64::MIN_POSITIVE);
         v.into_iter().map(|x| x / norm).collect()
     };
     let mut taken: Vec<(usize, Vec<f64>)> = Vec::new();
@@ -294,9 +295,9 @@ pub fn most_separating(p: &Profiles, count: usize) -> Vec<usize> {
             break;
         }
         let v = direction(j);
-        let alike = taken.iter().any(|(_, w)| {
-            v.iter().zip(w).map(|(a, b)| a * b).sum::<f64>().abs() > 0.95
-        });
+        let alike = taken
+            .iter()
+            .any(|(_, w)| v.iter().zip(w).map(|(a, b)| a * b).sum::<f64>().abs() > 0.95);
         if alike {
             skipped.push(j);
         } else {

@@ -88,9 +88,14 @@ fn the_summarys_first_inertia_is_the_first_rounds() {
     assert!(first > e.final_metrics[k], "{first} {:?}", e.final_metrics);
     let table = crate::output::summary_table(std::slice::from_ref(&e)).to_string();
     let row = table.lines().find(|l| l.contains("segments")).unwrap();
-    assert!(row.contains(&format!("{k} {first:.4}")), "{table}");
+    // Per customer, named so: the report's pooled inertia is a sum.
+    assert_eq!(k, "inertia");
     assert!(
-        row.contains(&format!("{k} {:.4}", e.final_metrics[k])),
+        row.contains(&format!("inertia per customer {first:.4}")),
+        "{table}"
+    );
+    assert!(
+        row.contains(&format!("inertia per customer {:.4}", e.final_metrics[k])),
         "{table}"
     );
 }
@@ -237,7 +242,10 @@ fn segments_of_a_customer_table_are_named_by_its_features_and_customers() {
     let header: Vec<&str> = r.headers().unwrap().iter().collect();
     assert_eq!(header[..4], ["merchant", "row", "customer", "segment"]);
     // Every feature under its name (they were `f0..f44`).
-    assert_eq!(header[4..], names.iter().map(String::as_str).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        header[4..],
+        names.iter().map(String::as_str).collect::<Vec<_>>()[..]
+    );
     let first = r.records().next().unwrap().unwrap();
     assert!(first[2].contains('-'), "a Telco customerID: {first:?}");
 }
@@ -298,7 +306,10 @@ fn a_tables_profile_shows_the_features_that_split_its_segments() {
         .expect("a separation line");
     assert_eq!(line.matches("`region=").count(), 3, "{line}");
     assert!(line.contains(" 1.00"), "{line}");
-    assert!(!line.contains("`spend`") && !line.contains("`tenure`"), "{line}");
+    assert!(
+        !line.contains("`spend`") && !line.contains("`tenure`"),
+        "{line}"
+    );
 }
 
 /// Segments of an orders export describe every customer's whole history,
