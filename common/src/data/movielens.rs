@@ -88,7 +88,22 @@ pub fn read_ratings_delimited<R: std::io::Read>(
                     && f64::from(v.abs()) <= crate::data::standardize::MAX_FEATURE_MAGNITUDE
             })
             // 1e30 was read, and its square overflowed every RMSE to NaN.
-            .ok_or_else(|| bad("rating", r, "a finite number of magnitude at most 1e15"))?;
+            .ok_or_else(|| {
+                // A decimal comma (`4,0`, a European export) was refused as
+                // "not a finite number", which did not say why (found by a
+                // data probe).
+                if r.replacen(',', ".", 1).parse::<f32>().is_ok() {
+                    bad(
+                        "rating",
+                        r,
+                        "a number with a decimal point: ratings are read with a decimal point \
+                         (4.5), and this looks like a decimal comma; write the ratings with \
+                         points",
+                    )
+                } else {
+                    bad("rating", r, "a finite number of magnitude at most 1e15")
+                }
+            })?;
         let t = cell(ct, "timestamp")?;
         // Unix seconds as MovieLens writes them, or a date as other exports
         // do. Here times only order each user's events, so a small integer
@@ -390,6 +405,17 @@ mod tests {
             .to_string();
         assert!(
             msg.starts_with("r.csv: line 3, column `rating`: `1e30`"),
+            "{msg}"
+        );
+        // A decimal comma is named as such (it read "not a finite number").
+        let text = "userId;movieId;rating;timestamp\n1;2;4,0;10\n";
+        let msg = read_ratings_delimited(text.as_bytes(), Path::new("r.csv"), b';')
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(
+                "r.csv: line 2, column `rating`: `4,0` is not a number with a decimal point"
+            ) && msg.contains("looks like a decimal comma"),
             "{msg}"
         );
         let text = "userId,rating,timestamp\n1,4.0,10\n";
