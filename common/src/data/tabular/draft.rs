@@ -71,6 +71,29 @@ struct ColumnStats {
     coded: HashMap<String, u32>,
     /// More values than the cap: not coded.
     uncoded: bool,
+    /// Cells that read as calendar dates ([`looks_like_date`]), and the
+    /// first with its line.
+    dates: usize,
+    first_date: Option<(u64, String)>,
+}
+
+/// A calendar date as exports write one: three groups of digits joined by
+/// `-`, `/` or `.` (one group of four digits, first or last; the others of
+/// one or two), optionally followed by a time after a space or `T`. A
+/// customer table reads numbers only, so such a column was left out as
+/// "free text" without a word on how to use it (found by a data probe).
+fn looks_like_date(v: &str) -> bool {
+    let day = v.split([' ', 'T']).next().unwrap_or("");
+    let Some(sep) = ['-', '/', '.'].into_iter().find(|&c| day.contains(c)) else {
+        return false;
+    };
+    let parts: Vec<&str> = day.split(sep).collect();
+    let digits = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if parts.len() != 3 || !parts.iter().all(digits) {
+        return false;
+    }
+    let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+    matches!(lens[..], [4, 1 | 2, 1 | 2] | [1 | 2, 1 | 2, 4])
 }
 
 /// A column of more than two values that are two once case and spaces are
@@ -398,6 +421,12 @@ impl Schema {
                 if st.ambiguous.is_none() && DecimalMark::ambiguous(v) {
                     st.ambiguous = Some((line, v.to_string()));
                 }
+                if looks_like_date(v) {
+                    st.dates += 1;
+                    if st.first_date.is_none() {
+                        st.first_date = Some((line, v.to_string()));
+                    }
+                }
                 if !st.repeats && !st.seen.insert(v.to_string()) {
                     st.repeats = true;
                     st.seen = HashSet::new();
@@ -708,6 +737,18 @@ impl Schema {
                      blank them (with `blank_numeric = \"zero\"` they read as 0) or fix them, \
                      then list `{name}` under `numeric`",
                     st.numbers.not_numbers
+                ));
+            } else if let Some((line, value)) = st
+                .first_date
+                .as_ref()
+                .filter(|_| st.dates * 10 >= non_blank * 9)
+            {
+                notes.push(format!(
+                    "left out `{name}`: dates (`{value}` on line {line}), which a customer \
+                     table does not read: give the days since each date (or before your \
+                     cutoff) as a number column and list it under `numeric`, or let the \
+                     orders pipeline derive recency and tenure from an orders export \
+                     (`data.orders_csv`)"
                 ));
             } else if st.many {
                 notes.push(format!(
@@ -1143,6 +1184,47 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(!e.contains("orders export"), "{e}");
+    }
+
+    /// A column of dates was left out as "free text" (or, with few values,
+    /// one-hot encoded as categories): it is left out naming the dates and
+    /// how recency or tenure can come in instead (found by a data probe).
+    #[test]
+    fn a_date_column_is_left_out_as_dates_with_what_to_do() {
+        let mut text = String::from("id,first purchase,signup,orders,churn\n");
+        for i in 0..80 {
+            text += &format!(
+                "c{i},{:02}/{:02}/1997,2024-0{}-01,{},{}\n",
+                1 + i % 28,
+                1 + i % 12,
+                1 + i % 3,
+                i % 7,
+                ["Yes", "No"][i % 2]
+            );
+        }
+        let d = Schema::draft(
+            text.as_bytes(),
+            Path::new("t.csv"),
+            b',',
+            &DraftOptions::default(),
+        )
+        .unwrap();
+        for (column, first) in [("first purchase", "01/01/1997"), ("signup", "2024-01-01")] {
+            let note = d
+                .notes
+                .iter()
+                .find(|n| n.starts_with(&format!("left out `{column}`")))
+                .unwrap_or_else(|| panic!("{:?}", d.notes));
+            assert!(
+                note.contains(&format!("dates (`{first}` on line 2)"))
+                    && note.contains("days since each date"),
+                "{note}"
+            );
+        }
+        assert_eq!(d.schema.numeric, ["orders"]);
+        assert!(d.schema.categorical.is_empty(), "{:?}", d.schema);
+        assert!(super::looks_like_date("1997-01-31 10:00"));
+        assert!(!super::looks_like_date("12/03") && !super::looks_like_date("1.5.3"));
     }
 
     /// A European spreadsheet's table (`;`, `29,85`) drafts numeric columns
