@@ -247,6 +247,33 @@ impl RawAgent {
         .await
     }
 
+    /// Takes part in every secure task honestly but for the unmask stage,
+    /// where every share it reveals (of survivors' self-mask seeds and of
+    /// dropped agents' keys) has its bytes past the x-coordinate flipped.
+    /// Stops when `stop` turns true or the coordinator closes the session;
+    /// returns the answers it forged.
+    pub async fn secure_forging_unmask_shares(self, stop: watch::Receiver<bool>) -> usize {
+        use fedcart_common::privacy::secagg::UnmaskResponse;
+        self.secure_tampering(stop, |req, reply| match reply {
+            Reply::Message(msg) if req.stage == stage_name::UNMASK => {
+                let mut response = UnmaskResponse::from_bytes(&msg.body).expect("our answer");
+                for (_, share) in response
+                    .self_mask_shares
+                    .iter_mut()
+                    .chain(&mut response.pairwise_shares)
+                {
+                    for b in &mut share[1..] {
+                        *b ^= 0x5a;
+                    }
+                }
+                msg.body = response.to_bytes();
+                true
+            }
+            _ => false,
+        })
+        .await
+    }
+
     /// Takes part in every secure task honestly, and right after its masked
     /// input accuses each of agents `0..n` of the round (itself included) of
     /// forged shares, one failure header each: the flood by which one

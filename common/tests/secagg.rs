@@ -1133,3 +1133,148 @@ fn a_relay_with_a_share_from_a_non_neighbour_or_for_another_agent_is_refused() {
     // The relay as the server built it is accepted.
     h.masked(&[0]);
 }
+
+/// Completes a hand-driven round in which `liar` answers the unmask stage
+/// first, with its answer changed by `forge`; the other survivors answer
+/// honestly. (The server takes the shares in holder order, so the forged
+/// ones are among the t it uses first when the liar is among the first t
+/// holders.)
+fn finish_round_with_liar(
+    mut h: Harness,
+    liar: u32,
+    forge: impl Fn(&mut UnmaskResponse),
+) -> Result<fedcart_common::privacy::secagg::SecAggOutput, SecAggError> {
+    let AfterMasked::Unmask(mut reqs) = h.server.close_masked()? else {
+        panic!("no survivor check configured")
+    };
+    // The liar's answer first, so its shares are among the first t used.
+    reqs.sort_by_key(|r| r.to != liar);
+    for r in &reqs {
+        let mut resp = h.clients[r.to as usize].unmask(r)?;
+        if r.to == liar {
+            forge(&mut resp);
+        }
+        h.server.on_unmask(resp)?;
+    }
+    h.server.finish()
+}
+
+/// Every share's bytes past its x-coordinate flipped.
+fn garbled(shares: &mut [(u32, Vec<u8>)]) {
+    for (_, s) in shares {
+        for b in &mut s[1..] {
+            *b ^= 0x5a;
+        }
+    }
+}
+
+/// A merchant that revealed garbage self-mask shares at the unmask stage
+/// got the run stopped for good as "an agent sent an out-of-range masked
+/// input", naming nobody (found by an attacker probe): the other holders'
+/// shares now expose the forged ones, the sum is the honest one, and the
+/// forger is named.
+#[test]
+fn forged_self_mask_shares_are_exposed_by_the_other_holders_and_the_sum_recovered() {
+    let c = config(6, 6, 0, false);
+    assert!(c.threshold + 2 <= 6, "threshold {}", c.threshold);
+    let mut honest = Harness::new(c.clone(), 6);
+    honest.masked(&[0, 1, 2, 3, 4, 5]);
+    let honest = finish_round(honest).unwrap();
+    assert!(honest.forged_shares.is_empty());
+    for liar in [0, 2] {
+        let mut h = Harness::new(c.clone(), 6);
+        h.masked(&[0, 1, 2, 3, 4, 5]);
+        let out = finish_round_with_liar(h, liar, |r| garbled(&mut r.self_mask_shares)).unwrap();
+        assert_eq!(out.forged_shares, [liar]);
+        assert_eq!(out.raw_sum, honest.raw_sum);
+        assert_eq!(out.survivors, honest.survivors);
+    }
+    // The last holder's shares are not among the first t in holder order,
+    // however early it answers: the sum is the honest one.
+    let mut h = Harness::new(c, 6);
+    h.masked(&[0, 1, 2, 3, 4, 5]);
+    let out = finish_round_with_liar(h, 5, |r| garbled(&mut r.self_mask_shares)).unwrap();
+    assert_eq!(out.raw_sum, honest.raw_sum);
+}
+
+/// A merchant that revealed garbage shares of a dropped merchant's key got
+/// every attempt aborted with the dropped, honest merchant blamed ("agent N
+/// sent bad shares"), and the run stopped on max_attempts (found by an
+/// attacker probe): the key is rebuilt without the forged share, which the
+/// dropped agent's advertised key proves wrong, and the forger is named.
+#[test]
+fn forged_shares_of_a_dropped_agents_key_are_exposed_and_its_masks_removed() {
+    let c = config(7, 6, 0, false);
+    assert!(c.threshold + 2 <= 6, "threshold {}", c.threshold);
+    // Agent 3 drops after sharing its keys; six survivors.
+    let survivors = [0, 1, 2, 4, 5, 6];
+    let mut honest = Harness::new(c.clone(), 7);
+    honest.masked(&survivors);
+    let honest = finish_round(honest).unwrap();
+    assert_eq!(honest.dropped, [3]);
+    for liar in [0, 2] {
+        let mut h = Harness::new(c.clone(), 7);
+        h.masked(&survivors);
+        let out = finish_round_with_liar(h, liar, |r| {
+            assert_eq!(r.pairwise_shares.len(), 1);
+            garbled(&mut r.pairwise_shares);
+        })
+        .unwrap();
+        assert_eq!(out.forged_shares, [liar]);
+        assert_eq!(out.raw_sum, honest.raw_sum);
+    }
+    // One share more than t is enough: the advertised key tells the
+    // forged one (five agents, t = 3, agent 2 dropped, four shares).
+    let c5 = config(5, 6, 0, false);
+    assert_eq!(c5.threshold, 3);
+    let mut honest = Harness::new(c5.clone(), 5);
+    honest.masked(&[0, 1, 3, 4]);
+    let honest = finish_round(honest).unwrap();
+    let mut h = Harness::new(c5, 5);
+    h.masked(&[0, 1, 3, 4]);
+    let out = finish_round_with_liar(h, 1, |r| garbled(&mut r.pairwise_shares)).unwrap();
+    assert_eq!(out.forged_shares, [1]);
+    assert_eq!(out.raw_sum, honest.raw_sum);
+    // Two forgers are too many to tell apart: the round fails without
+    // blaming the dropped agent for its shares.
+    let mut h = Harness::new(c.clone(), 7);
+    h.masked(&survivors);
+    let AfterMasked::Unmask(reqs) = h.server.close_masked().unwrap() else {
+        panic!()
+    };
+    for r in &reqs {
+        let mut resp = h.clients[r.to as usize].unmask(r).unwrap();
+        if r.to < 2 {
+            garbled(&mut resp.pairwise_shares);
+        }
+        h.server.on_unmask(resp).unwrap();
+    }
+    let err = h.server.finish().unwrap_err().to_string();
+    assert!(
+        err.contains("two or more of its share holders revealed wrong shares")
+            && !err.contains("bad shares"),
+        "{err}"
+    );
+}
+
+/// A share revealed under another holder's x-coordinate would stand in for
+/// that holder's (the first of two equal x-coordinates was used): the
+/// answer is refused whole.
+#[test]
+fn a_share_revealed_under_another_holders_x_coordinate_is_refused() {
+    let c = config(5, 6, 0, false);
+    let mut h = Harness::new(c, 5);
+    h.masked(&[0, 1, 2, 3, 4]);
+    let AfterMasked::Unmask(reqs) = h.server.close_masked().unwrap() else {
+        panic!()
+    };
+    let r = reqs.iter().find(|r| r.to == 4).unwrap();
+    let mut resp = h.clients[4].unmask(r).unwrap();
+    // Agent 4 holds x = 5 of every owner's shares; it claims x = 1.
+    resp.self_mask_shares[0].1[0] = 1;
+    let err = h.server.on_unmask(resp).unwrap_err().to_string();
+    assert!(
+        err.contains("agent 4 revealed a share of agent 0 under x-coordinate 1"),
+        "{err}"
+    );
+}

@@ -437,7 +437,7 @@ impl Engine {
         let noted_aside = history
             .iter()
             .flat_map(|r| &r.rejected)
-            .filter(|(_, reason)| reason == commit::SET_ASIDE)
+            .filter(|(_, reason)| reason == commit::SET_ASIDE || reason == commit::FORGED_SHARE)
             .map(|(m, _)| m.clone())
             .collect();
         let last_evaluated = history

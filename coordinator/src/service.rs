@@ -229,7 +229,13 @@ impl Shared {
         }
         // Its own exclusion: the honest end of an accusation read only
         // "waiting for agents" while the run went on without it.
-        if engine.set_aside().contains(id) {
+        if engine.proven_forger(id) {
+            phase.push_str(&format!(
+                "; merchant `{id}` is set aside for the rest of this run: a share its agent \
+                 revealed at a secure round's unmask stage was proven forged by the other \
+                 holders' shares"
+            ));
+        } else if engine.set_aside().contains(id) {
             phase.push_str(&format!(
                 "; merchant `{id}` is set aside for the rest of this run: a share bundle between \
                  it and another merchant failed authentication in a secure round"

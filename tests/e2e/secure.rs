@@ -692,6 +692,59 @@ async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commit
     assert!(max_diff(&model, &expected) <= 1e-5);
 }
 
+/// A merchant that revealed forged shares at the unmask stage got the run
+/// stopped in one attempt as "an agent sent an out-of-range masked input",
+/// naming nobody (found by an attacker probe). With more shares than t, the
+/// other holders' shares expose the forged ones: the round commits the sum
+/// of all five inputs (the forger's masked input was honest), and the
+/// forger alone is named and set aside. The server takes shares in holder
+/// order, so the forger (m0, holder x = 1 of every owner) is always among
+/// the t shares used first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_revealing_forged_unmask_shares_is_named_and_the_round_commits() {
+    let mut run = noop_secure_run("e2e-sa-unmask-forged", 1, 5, 4, 1000);
+    // The run ends at its next task start, which must not wait for the
+    // merchant set aside.
+    run.selection.min_agents = 4;
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let forger = RawAgent::join(coord.addr, merchant(0)).await;
+    let forger = tokio::spawn(forger.secure_forging_unmask_shares(stopped));
+    let agents: Vec<_> = (1..5)
+        .map(|k| spawn_agent(coord.addr, merchant(k)))
+        .collect();
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    let _ = stop.send(true);
+    assert!(forger.await.unwrap() >= 1, "the forger revealed shares");
+    for a in agents {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let t = trains(&history);
+    assert_eq!(t.len(), 1, "{history:?}");
+    assert_eq!(t[0].outcome, Outcome::Committed, "{:?}", t[0]);
+    let named: Vec<&(String, String)> = t[0]
+        .rejected
+        .iter()
+        .filter(|(_, why)| why.contains("proven forged"))
+        .collect();
+    assert_eq!(named.len(), 1, "{:?}", t[0].rejected);
+    assert_eq!(named[0].0, "m0");
+    assert!(
+        shared
+            .merchant_phase("m0")
+            .ends_with("was proven forged by the other holders' shares"),
+        "{}",
+        shared.merchant_phase("m0")
+    );
+    assert!(!shared.merchant_phase("m1").contains("set aside"));
+    let expected = fedavg_over(&run, &(0..5).map(merchant).collect::<Vec<_>>(), 1);
+    let model = shared.model(1).unwrap().unwrap();
+    assert!(max_diff(&model, &expected) <= 1e-5);
+}
+
 /// With all four merchants needed, the forger set aside leaves the run
 /// short for good: the operator's status says that another merchant must
 /// join (the wait read as if the forger's return would end it), and the

@@ -355,12 +355,27 @@ pub enum SecAggError {
         /// The agent.
         agent: u32,
     },
-    /// A recovered key does not match the key its owner advertised.
+    /// The shares revealed for a dropped agent's key rebuild no key that
+    /// matches the one it advertised, even without any one of them. The
+    /// owner is not at fault: its shares were dealt before it dropped and
+    /// the holders revealed them (it said "agent N sent bad shares").
     #[error(
-        "recovered pairwise key of agent {agent} does not match its advertised key (bad shares)"
+        "the shares revealed for dropped agent {agent}'s pairwise key rebuild another key than \
+         the one it advertised, even without any one of them: two or more of its share holders \
+         revealed wrong shares, or too few shares were revealed to tell which was wrong"
     )]
     KeyMismatch {
-        /// The agent.
+        /// The dropped agent whose key was rebuilt.
+        agent: u32,
+    },
+    /// The shares revealed for a secret lie on no common polynomial once
+    /// any one of them is left out.
+    #[error(
+        "the shares revealed for agent {agent}'s secret disagree in more than one place: two or \
+         more of its share holders revealed wrong shares"
+    )]
+    InconsistentShares {
+        /// The owner of the secret.
         agent: u32,
     },
     /// Too few valid survivor-list signatures.
@@ -378,7 +393,8 @@ pub enum SecAggError {
     #[error(
         "round refused: the decoded sum's {what} coordinate {index} is {value}, beyond the \
          {bound} that {count} agents within the round's clip and max_weight can reach; an agent \
-         sent an out-of-range masked input"
+         sent an out-of-range masked input (or revealed wrong self-mask shares that the other \
+         holders' shares could not expose)"
     )]
     SumOutOfRange {
         /// Which part of the vector: `value`, `coordinate weight`, `weight`

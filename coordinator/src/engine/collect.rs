@@ -49,6 +49,10 @@ fn shown_name(name: &str) -> String {
     shown
 }
 
+/// The accuser of a merchant the coordinator proved to have forged a share
+/// ([`Engine::forged_share`]); not a merchant id (ids have no spaces).
+pub(super) const PROVEN: &str = "(the coordinator: a forged unmask share)";
+
 /// The merchants [`Engine::accuse`]'s rule sets aside, given who accused
 /// whom (accused → accusers), for one malicious merchant M: an honest
 /// merchant only ever accuses M (only M's bundles can fail), and only M
@@ -59,11 +63,15 @@ fn shown_name(name: &str) -> String {
 /// accuser (an honest accused is accused by M and accuses only M). Every
 /// other accusation sets aside both ends: one of the two is lying. M thus
 /// costs at most one honest merchant, however many accusations it sends.
+/// A merchant the coordinator itself proved a forger (a share it revealed
+/// at the unmask stage that the other holders' shares prove wrong,
+/// [`Engine::forged_share`]) is sure too: it is recorded as accused by
+/// [`PROVEN`], which is no merchant id.
 pub(super) fn set_aside_by(accusations: &BTreeMap<String, BTreeSet<String>>) -> BTreeSet<String> {
     // Accuser → the merchants it accused.
     let mut accused_by: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for (accused, accusers) in accusations {
-        for a in accusers {
+        for a in accusers.iter().filter(|a| *a != PROVEN) {
             accused_by
                 .entry(a.as_str())
                 .or_default()
@@ -79,7 +87,7 @@ pub(super) fn set_aside_by(accusations: &BTreeMap<String, BTreeSet<String>>) -> 
         let accuses_another = accused_by
             .get(accused.as_str())
             .is_some_and(|targets| targets.iter().any(|t| !accusers.contains(*t)));
-        if accusers.len() >= 2 || accuses_another {
+        if accusers.len() >= 2 || accuses_another || accusers.contains(PROVEN) {
             sure.insert(accused.as_str());
         }
     }
@@ -544,6 +552,26 @@ impl Engine {
         let new: Vec<String> = aside.difference(&self.set_aside).cloned().collect();
         self.set_aside = aside;
         new
+    }
+
+    /// Records that `merchant` revealed a share at a secure round's unmask
+    /// stage that the other holders' shares prove wrong (the server
+    /// recovered the sum without it, [`SecAggOutput::forged_shares`]): no
+    /// accusation to weigh but a proof, so it alone is set aside from the
+    /// run's later tasks, stored as [`Engine::accuse`] stores accusations.
+    /// Returns the merchants newly set aside.
+    ///
+    /// [`SecAggOutput::forged_shares`]: fedcart_common::privacy::secagg::SecAggOutput::forged_shares
+    pub fn forged_share(&mut self, merchant: &str) -> Vec<String> {
+        self.accuse(PROVEN, merchant)
+    }
+
+    /// Whether `merchant` is set aside by [`Engine::forged_share`]'s proof
+    /// rather than by accusations.
+    pub fn proven_forger(&self, merchant: &str) -> bool {
+        self.accusations
+            .get(merchant)
+            .is_some_and(|by| by.contains(PROVEN))
     }
 
     /// Merchants set aside by [`Engine::accuse`].

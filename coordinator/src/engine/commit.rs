@@ -18,6 +18,10 @@ pub(super) const SET_ASIDE: &str = "set aside for the rest of the run: a secure 
      bundle it sent failed authentication (or, accused by one merchant only, it or its accuser \
      is lying)";
 
+/// The record's reason for a merchant set aside by [`Engine::forged_share`].
+pub(super) const FORGED_SHARE: &str = "set aside for the rest of the run: a share it revealed at a \
+     secure round's unmask stage was proven forged by the other holders' shares";
+
 impl Engine {
     /// Model selection after an evaluation of the current version: the new
     /// best version if its federated validation metric improved on the best
@@ -104,7 +108,12 @@ impl Engine {
         // Who this task's accusations set aside, in its record.
         for m in self.set_aside.intersection(&open.selected) {
             if self.noted_aside.insert(m.clone()) {
-                open.rejected.push((m.clone(), SET_ASIDE.into()));
+                let why = if self.proven_forger(m) {
+                    FORGED_SHARE
+                } else {
+                    SET_ASIDE
+                };
+                open.rejected.push((m.clone(), why.into()));
             }
         }
         let kind = open.plan.spec.kind;

@@ -1047,6 +1047,29 @@ fn accused_merchants_are_set_aside_by_the_one_liar_rule() {
     assert_eq!(plan.selected, ["m01", "m04", "m05"]);
 }
 
+/// A merchant whose unmask-stage share the server proved forged is set
+/// aside alone (no accuser goes with it), after a restart too, and no
+/// pseudo-merchant is ever set aside or selected.
+#[test]
+fn a_merchant_proven_to_have_forged_a_share_is_set_aside_alone() {
+    let cfg = run(selection(1.0, 2, 8), 2);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("engine.redb");
+    let mut e = reopen(&path, &cfg);
+    assert_eq!(e.forged_share("m02"), ["m02"]);
+    assert!(e.forged_share("m02").is_empty());
+    // A second proven forger does not make the proof an accuser of two.
+    assert_eq!(e.forged_share("m04"), ["m04"]);
+    // An ordinary accusation still follows the one-liar rule.
+    assert_eq!(e.accuse("m01", "m00"), ["m00", "m01"]);
+    drop(e);
+    let mut e = reopen(&path, &cfg);
+    let aside: Vec<&str> = e.set_aside().iter().map(String::as_str).collect();
+    assert_eq!(aside, ["m00", "m01", "m02", "m04"]);
+    let plan = e.start_task(&agents(6)).unwrap();
+    assert_eq!(plan.selected, ["m03", "m05"]);
+}
+
 /// A merchant that declined the run's tasks for a lasting cause is drawn
 /// only when the others cannot fill a task, until it joins again.
 #[test]

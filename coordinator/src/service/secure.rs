@@ -687,6 +687,16 @@ async fn drive(
         .collect();
     tracing::info!(task = %plan.task_id, survivors = survivors.len(), dropped = output.dropped.len(),
         clipped_fraction = output.sum.clipped_fraction(), "secure sum recovered");
+    for merchant in output
+        .forged_shares
+        .iter()
+        .filter_map(|&i| plan.selected.get(i as usize))
+    {
+        tracing::warn!(task = %plan.task_id, merchant = %merchant,
+            "revealed a share at the unmask stage that the other holders' shares prove forged; \
+             the sum was recovered without it, and the merchant is set aside for the rest of the run");
+        shared.engine().forged_share(merchant);
+    }
     if let Some(warning) = output.sum.clipping_warning("`run.secagg.clip`") {
         tracing::warn!(task = %plan.task_id, "{warning}");
     }

@@ -84,7 +84,15 @@ pub struct SecAggOutput {
     pub survivors: Vec<u32>,
     /// Agents that shared keys but whose inputs are not in the sum.
     pub dropped: Vec<u32>,
+    /// Agents that revealed a share at the unmask stage that the other
+    /// holders' shares prove wrong (a forged share of a self-mask seed or
+    /// of a dropped agent's key). The sum was recovered without it; the
+    /// sender followed the protocol nowhere else the server can see.
+    pub forged_shares: Vec<u32>,
 }
+
+/// A share revealed at the unmask stage, with its sender.
+type Revealed = (u32, Zeroizing<Vec<u8>>);
 
 /// The server's session for one round.
 pub struct ServerSession {
@@ -99,8 +107,10 @@ pub struct ServerSession {
     survivors: BTreeSet<u32>,
     signatures: BTreeMap<u32, [u8; 64]>,
     requests: BTreeMap<u32, UnmaskRequest>,
-    sk_shares: BTreeMap<u32, Vec<Zeroizing<Vec<u8>>>>,
-    b_shares: BTreeMap<u32, Vec<Zeroizing<Vec<u8>>>>,
+    /// Per owner, the shares revealed at the unmask stage with their
+    /// senders (each checked to carry its sender's x-coordinate).
+    sk_shares: BTreeMap<u32, Vec<Revealed>>,
+    b_shares: BTreeMap<u32, Vec<Revealed>>,
     responded: BTreeSet<u32>,
 }
 
