@@ -125,6 +125,23 @@ impl RunEntry {
     }
 }
 
+/// Bytes free for unprivileged writes on the file system holding `path`
+/// (its directory's, for a file not yet created).
+#[cfg(unix)]
+fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(p) => p,
+        None => Path::new("."),
+    };
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_: &Path) -> Option<u64> {
+    None
+}
+
 /// Chunk size for model bytes: just under 1 MiB, so that redb's power-of-two
 /// allocation of a value does not double the space a chunk takes.
 const CHUNK_BYTES: usize = 1020 * 1024;
@@ -159,6 +176,25 @@ pub enum StoreError {
         path: PathBuf,
         /// The I/O error.
         cause: String,
+    },
+    /// The store's file system has too little space for the next task's
+    /// version ([`Store::check_room`]).
+    #[error(
+        "store {path}: its file system has {free_mb:.1} MB free, and the next task needs about \
+         {need_mb:.1} MB (its model version, twice, and its record): free space or move the store, \
+         then start the coordinator again (no task was started: no attempt is used and no sum is \
+         revealed; what was committed is kept)",
+        path = path.display(),
+        free_mb = *free as f64 / 1e6,
+        need_mb = *need as f64 / 1e6
+    )]
+    NoRoom {
+        /// The store file.
+        path: PathBuf,
+        /// Bytes free for unprivileged writes.
+        free: u64,
+        /// Bytes the next task needs.
+        need: u64,
     },
     /// Another process holds the file open (redb locks it): another
     /// coordinator serving the same `serve.store`.
@@ -263,6 +299,10 @@ pub struct Store {
     /// Test seam: every later write fails, as on a full or broken disk.
     #[cfg(test)]
     pub(crate) fail_writes: std::sync::atomic::AtomicBool,
+    /// Test seam: the free bytes [`Store::check_room`] sees (`u64::MAX`:
+    /// the file system's).
+    #[cfg(test)]
+    pub(crate) free_for_test: std::sync::atomic::AtomicU64,
 }
 
 mod sha2_digest {
@@ -373,6 +413,23 @@ impl StoreFile {
         let opened = std::panic::catch_unwind(|| {
             let db = Database::create(path).map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.into() },
+                // A damaged file named in redb's words only ("DB corrupted:
+                // File truncated below stored layout", "I/O error: Not a redb
+                // database") gave no remedy (found by a fault probe).
+                redb::DatabaseError::Storage(redb::StorageError::Corrupted(m)) => {
+                    StoreError::Corrupt {
+                        path: path.into(),
+                        what: format!("file ({m})"),
+                    }
+                }
+                redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                    if e.kind() == std::io::ErrorKind::InvalidData =>
+                {
+                    StoreError::Corrupt {
+                        path: path.into(),
+                        what: format!("header ({e}: not a store, or its first pages are damaged)"),
+                    }
+                }
                 e => err(e.into()),
             })?;
             let file = Self {
@@ -392,7 +449,15 @@ impl StoreFile {
                     .map_err(|e| err(redb::Error::Io(e)))?;
             }
             let txn = file.db.begin_write().map_err(|e| file.err(e))?;
-            txn.open_table(RUNS).map_err(|e| file.err(e))?;
+            txn.open_table(RUNS).map_err(|e| match e {
+                // Damaged table metadata reads as a changed type definition.
+                e @ (redb::TableError::TypeDefinitionChanged { .. }
+                | redb::TableError::TableTypeMismatch { .. }) => StoreError::Corrupt {
+                    path: path.into(),
+                    what: format!("table definitions ({e})"),
+                },
+                e => file.err(e),
+            })?;
             txn.commit().map_err(|e| file.err(e))?;
             Ok(file)
         });
@@ -548,6 +613,8 @@ impl StoreFile {
             tables: Tables::under(prefix),
             #[cfg(test)]
             fail_writes: Default::default(),
+            #[cfg(test)]
+            free_for_test: std::sync::atomic::AtomicU64::new(u64::MAX),
         };
         let txn = store.db.begin_write().map_err(|e| store.err(e))?;
         {
@@ -607,6 +674,34 @@ impl Store {
     /// The store's file path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Refuses, before a task starts, when the store's file system has less
+    /// than `need` bytes free for unprivileged writes: a task whose version
+    /// cannot be committed made its merchants train and, in a secure round,
+    /// revealed a sum that was then lost, and every restart on the full disk
+    /// did it again and counted one more attempt until `run.max_attempts`
+    /// stopped the run for good (found by a fault probe). Passes where the
+    /// free space cannot be read.
+    pub fn check_room(&self, need: u64) -> Result<(), StoreError> {
+        #[cfg(test)]
+        let free = match self.free_for_test.load(std::sync::atomic::Ordering::SeqCst) {
+            u64::MAX => free_bytes(&self.path),
+            seam => Some(seam),
+        };
+        #[cfg(not(test))]
+        let free = free_bytes(&self.path);
+        let Some(free) = free else {
+            return Ok(());
+        };
+        if free >= need {
+            return Ok(());
+        }
+        Err(StoreError::NoRoom {
+            path: self.path.clone(),
+            free,
+            need,
+        })
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -966,6 +1061,39 @@ mod tests {
         // Most damage lands in pages the open never reads; nine of these
         // offsets made redb panic.
         assert!(refused > 0, "no damage met");
+    }
+
+    /// A truncated store and one with a zeroed header were refused in
+    /// redb's words ("DB corrupted: File truncated below stored layout",
+    /// "I/O error: Not a redb database"), with no remedy and the second
+    /// pointing at the disk (found by a fault probe): both read as corrupt
+    /// with the backup remedy.
+    #[test]
+    fn a_truncated_or_headerless_store_is_refused_as_corrupt_with_the_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.redb");
+        let store = Store::open(&good).unwrap();
+        store.init_model(&vec![0.5f32; 500_000]).unwrap();
+        drop(store);
+        let bytes = std::fs::read(&good).unwrap();
+        let truncated = dir.path().join("truncated.redb");
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        let headerless = dir.path().join("headerless.redb");
+        let mut zeroed = bytes.clone();
+        zeroed[..4096].fill(0);
+        std::fs::write(&headerless, &zeroed).unwrap();
+        for bad in [truncated, headerless] {
+            let Err(e) = StoreFile::open(&bad) else {
+                panic!("{} opened", bad.display())
+            };
+            let shown = e.to_string();
+            assert!(
+                matches!(e, StoreError::Corrupt { .. })
+                    && shown.contains(&bad.display().to_string())
+                    && shown.contains("restore the store from a backup"),
+                "{shown}"
+            );
+        }
     }
 
     /// The store holds every model version and each merchant's metrics and

@@ -71,6 +71,11 @@ impl Engine {
                 needed,
             });
         }
+        // Room for the version this task would commit (twice: the store
+        // writes a new copy before it frees pages) and its record, before
+        // any merchant trains or any sum is revealed.
+        let model_bytes = self.global.len() as u64 * 4;
+        self.store.check_room(2 * model_bytes + (1 << 20))?;
         let kind_name = kind_name(kind);
         let attempt = self.attempts.get(&(round, kind_name)).copied().unwrap_or(0) + 1;
         let task_id = format!("r{round}a{attempt}-{kind_name}");

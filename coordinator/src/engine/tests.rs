@@ -1047,6 +1047,31 @@ fn accused_merchants_are_set_aside_by_the_one_liar_rule() {
     assert_eq!(plan.selected, ["m01", "m04", "m05"]);
 }
 
+/// A store on a full disk was found out only when the version failed to
+/// commit, after the merchants trained and a secure sum was revealed; every
+/// restart on the full disk did it again and counted an attempt, until
+/// `run.max_attempts` stopped the run for good (found by a fault probe).
+/// No task starts without room for its version, and no attempt is counted.
+#[test]
+fn no_task_starts_without_room_on_the_stores_disk_and_no_attempt_is_counted() {
+    use std::sync::atomic::Ordering;
+    let (_dir, mut e) = engine(run(selection(1.0, 2, 8), 2));
+    e.store().free_for_test.store(100_000, Ordering::SeqCst);
+    for _ in 0..3 {
+        let err = e.start_task(&agents(4)).unwrap_err().to_string();
+        assert!(
+            err.contains("its file system has 0.1 MB free, and the next task needs about")
+                && err.contains("no attempt is used and no sum is revealed"),
+            "{err}"
+        );
+    }
+    e.store()
+        .free_for_test
+        .store(u64::MAX - 1, Ordering::SeqCst);
+    let plan = e.start_task(&agents(4)).unwrap();
+    assert_eq!(plan.task_id, "r1a1-train");
+}
+
 /// A merchant whose unmask-stage share the server proved forged is set
 /// aside alone (no accuser goes with it), after a restart too, and no
 /// pseudo-merchant is ever set aside or selected.
