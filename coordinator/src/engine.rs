@@ -131,6 +131,21 @@ pub enum SubmitError {
         /// The value sent.
         value: f32,
     },
+    /// Statistics (`Σx`, `Σx²` over its rows) no rows can have: a sum of
+    /// squares below the square of the sum over the rows.
+    #[error(
+        "statistics of feature {feature} no rows can have: mean {mean:.6e} and mean square \
+         {square:.6e} give a negative variance"
+    )]
+    ImpossibleStatistics {
+        /// The feature.
+        feature: usize,
+        /// Its mean over the merchant's rows.
+        mean: f64,
+        /// Its mean square.
+        square: f64,
+    },
+
     /// An evaluation whose held-out histogram does not count the held-out
     /// rows its result is weighted by (each row is in it once): a merchant
     /// claiming a billion rows in its histograms at weight 1 chose the

@@ -59,6 +59,25 @@ pub fn stats_update(x: &Array2<f32>) -> Update {
     }
 }
 
+/// The first feature whose `(E[x], E[x²])` in `moments` no rows can have:
+/// a mean square below the squared mean beyond rounding (a negative
+/// variance), or either not finite. [`Standardizer::from_moments`] clamps
+/// such a variance to 0 and takes a standard deviation of 1, which put
+/// every customer of every merchant at the clamp bound for the whole run
+/// when one merchant forged its statistics (found by an attacker probe).
+/// Returns the feature with its mean and mean square.
+pub fn impossible_feature(moments: &[f32]) -> Option<(usize, f64, f64)> {
+    let d = moments.len() / 2;
+    (0..d).find_map(|j| {
+        let (mean, square) = (f64::from(moments[j]), f64::from(moments[d + j]));
+        // f32 moments, and secure sums quantised at ~1e-6 relative: a
+        // constant feature's variance may come out a hair below zero.
+        let slack = 1e-4 * square.abs().max(mean * mean).max(1e-12);
+        let bad = !mean.is_finite() || !square.is_finite() || square < mean * mean - slack;
+        bad.then_some((j, mean, square))
+    })
+}
+
 impl Standardizer {
     /// Builds the standardiser from the aggregated `(E[x], E[x²])` vector.
     pub fn from_moments(moments: &[f32]) -> Self {
@@ -132,6 +151,28 @@ impl Standardizer {
 
 #[cfg(test)]
 mod tests {
+    /// A constant feature's variance may come out a hair below zero and
+    /// passes; a negative one beyond rounding, or a non-finite moment, is
+    /// named.
+    #[test]
+    fn moments_no_rows_can_have_are_named() {
+        use super::impossible_feature;
+        // Feature 0 constant 5 (E[x²] a rounding below 25), feature 1 fine.
+        assert_eq!(impossible_feature(&[5.0, 1.0, 24.999_99, 2.0]), None);
+        assert_eq!(
+            impossible_feature(&[5.0, 1.0, 25.0, -250_000.0]),
+            Some((1, 1.0, -250_000.0))
+        );
+        assert_eq!(
+            impossible_feature(&[5.0, 1.0, 20.0, 2.0]).map(|f| f.0),
+            Some(0)
+        );
+        assert_eq!(
+            impossible_feature(&[f32::NAN, 1.0, 25.0, 2.0]).map(|f| f.0),
+            Some(0)
+        );
+    }
+
     use super::*;
     use crate::federation::aggregate::SumAccumulator;
     use crate::federation::update::WeightLayout;

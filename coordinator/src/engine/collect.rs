@@ -338,6 +338,22 @@ impl Engine {
             (None, _) if open.plan.secure => {}
             (Some(u), TaskKind::Train | TaskKind::Stats) => {
                 validate(u)?;
+                if spec.kind == TaskKind::Stats && u.weight > 0.0 {
+                    let moments: Vec<f32> = u
+                        .values
+                        .iter()
+                        .map(|v| (f64::from(*v) / u.weight) as f32)
+                        .collect();
+                    if let Some((feature, mean, square)) =
+                        fedcart_common::data::standardize::impossible_feature(&moments)
+                    {
+                        return Err(SubmitError::ImpossibleStatistics {
+                            feature,
+                            mean,
+                            square,
+                        });
+                    }
+                }
                 if spec.kind == TaskKind::Train
                     && let Some(a) = spec.model.model().analysis()
                     && let Some(index) = a.first_bad_value(agent, u)

@@ -222,6 +222,22 @@ impl Engine {
                     unreachable!("stats tasks sum")
                 };
                 let moments = acc.mean_delta(&Default::default());
+                // Each plaintext update was checked on arrival; a secure sum
+                // is seen only here, and a forged input in it would set
+                // every merchant's features for the whole run.
+                if let Some((j, mean, square)) =
+                    fedcart_common::data::standardize::impossible_feature(&moments)
+                {
+                    let reason = format!(
+                        "the statistics step's sum is one no rows can have (feature {j}: mean \
+                         {mean:.6e}, mean square {square:.6e}, a negative variance): a merchant \
+                         sent a forged input, and nobody can tell who under secure aggregation; \
+                         standardising with it would put every customer of every merchant at \
+                         the same value for the whole run"
+                    );
+                    tracing::error!(task = %record.task_id, %reason, "statistics refused");
+                    return self.refuse_revealed(record, open.plan.secure, reason);
+                }
                 let st = Standardizer::from_moments(&moments).with_rows(acc.total_weight());
                 record.outcome = Outcome::Committed;
                 let json = serde_json::to_value(&st).expect("serialisable");

@@ -1644,6 +1644,72 @@ fn a_committed_secure_statistics_task_pins_nobody() {
     assert_eq!(e.pinned_merchants(), None, "nor after a restart");
 }
 
+/// One merchant's forged statistics (sums no rows can have) were accepted
+/// and clamped into a standard deviation of 1, putting every customer of
+/// every merchant at the clamp bound for the whole run (found by an attacker
+/// probe). In plaintext the update is rejected and the step commits
+/// without it; a secure sum that holds one is refused and the run stops
+/// (the sum was seen), naming the cause.
+#[test]
+fn statistics_no_rows_can_have_are_refused_not_standardised() {
+    // Plaintext: four merchants, one sending Σx² far below (Σx)²/n.
+    let mut cfg = run(selection(1.0, 2, 8), 2);
+    cfg.model = ModelSpec::churn_lr(2);
+    cfg.validate().unwrap();
+    let (_dir, mut e) = engine(cfg);
+    let plan = e.start_task(&agents(4)).unwrap();
+    assert_eq!(plan.spec.kind, TaskKind::Stats);
+    let honest = || values(vec![4.0, 8.0, 8.0, 20.0], 4.0);
+    let (forger, others) = plan.selected.split_first().unwrap();
+    let err = e
+        .submit(
+            forger,
+            "engine",
+            0,
+            &plan.task_id,
+            values(vec![4.0, 8.0, -1e6, 20.0], 4.0),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::ImpossibleStatistics { feature: 0, .. }),
+        "{err}"
+    );
+    for id in others {
+        e.submit(id, "engine", 0, &plan.task_id, honest()).unwrap();
+    }
+    let record = e.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Committed);
+    assert!(
+        record.rejected.iter().any(|(m, _)| m == forger),
+        "{record:?}"
+    );
+    // Secure: the forged input is in the sum.
+    let (_dir, path, mut cfg) = secure_store();
+    cfg.model = ModelSpec::churn_lr(2);
+    cfg.validate().unwrap();
+    let all = agents(6);
+    let mut e = reopen(&path, &cfg);
+    let plan = e.start_task(&all).unwrap();
+    let four = &plan.selected[..4];
+    e.before_unmask(&names(four)).unwrap();
+    let sum = fedcart_common::privacy::secagg::DecodedSum {
+        values: vec![4.0, 8.0, 8.0 - 1e6, 20.0],
+        coord_weights: Vec::new(),
+        weight: 4.0,
+        count: 4,
+        clipped: 0,
+    };
+    e.set_secure_sum(four, sum).unwrap();
+    let record = e.finish_task().unwrap();
+    assert_eq!(record.outcome, Outcome::Aborted);
+    let reason = record.abort_reason.unwrap();
+    assert!(
+        reason.contains("the statistics step's sum is one no rows can have (feature 0"),
+        "{reason}"
+    );
+    assert!(matches!(e.stopped(), Some(RunStop::Revealed { .. })));
+}
+
 /// A merchant of a possibly unmasked sum that the run then sets aside can
 /// never take part again: the run stops, naming it, instead of waiting.
 #[test]

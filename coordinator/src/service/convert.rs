@@ -26,6 +26,7 @@ impl From<SubmitError> for Status {
             | SubmitError::BadMetric(_)
             | SubmitError::MetricOverflow(_)
             | SubmitError::NotAHistogramCount { .. }
+            | SubmitError::ImpossibleStatistics { .. }
             | SubmitError::HistogramTotal { .. }
             | SubmitError::PlaintextInSecureTask(_) => Status::invalid_argument(msg),
             SubmitError::UnexpectedSecureSum(_) => Status::failed_precondition(msg),
