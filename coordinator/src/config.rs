@@ -763,7 +763,10 @@ impl RunConfig {
         if !(self.sgd.learning_rate.is_finite() && self.sgd.learning_rate > 0.0) {
             return bad(
                 "run.sgd.learning_rate",
-                format!("{} must be finite and positive", self.sgd.learning_rate),
+                format!(
+                    "{} must be finite and positive",
+                    shown_f32(self.sgd.learning_rate)
+                ),
             );
         }
         if self.sgd.batch_size == 0 {
@@ -780,7 +783,7 @@ impl RunConfig {
             ("run.sgd.prox_mu", self.sgd.prox_mu),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return bad(field, format!("{v} must be finite and ≥ 0"));
+                return bad(field, format!("{} must be finite and ≥ 0", shown_f32(v)));
             }
         }
         // The model's size first: the coordinator allocates it when the run
@@ -881,7 +884,7 @@ impl RunConfig {
             if !(sa.clip.is_finite() && sa.clip > 0.0) {
                 return bad(
                     "run.secagg.clip",
-                    format!("{} must be finite and positive", sa.clip),
+                    format!("{} must be finite and positive", shown_f32(sa.clip)),
                 );
             }
             if let Some(k) = sa.neighbours
@@ -974,6 +977,17 @@ impl RunConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A 32-bit setting as an error shows it: a value written beyond the
+/// float range (`1e300`) reads as infinite, and "inf must be finite" named
+/// a value the operator never wrote (found by a fault probe).
+fn shown_f32(v: f32) -> String {
+    if v.is_infinite() {
+        format!("{v} (or a value beyond ±3.4e38, the range of a 32-bit float)")
+    } else {
+        v.to_string()
     }
 }
 
@@ -1480,7 +1494,12 @@ mod tests {
             (
                 sgd.replace("l2 = 0.0", "l2 = inf"),
                 "run.sgd.l2",
-                "inf must be finite",
+                "inf (or a value beyond ±3.4e38, the range of a 32-bit float) must be finite",
+            ),
+            (
+                sgd.replace("learning_rate = 0.05", "learning_rate = 1e300"),
+                "run.sgd.learning_rate",
+                "inf (or a value beyond ±3.4e38, the range of a 32-bit float) must be finite",
             ),
             (
                 sgd.replace("l2 = 0.0", "l2 = -50.0"),
