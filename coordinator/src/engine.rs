@@ -646,7 +646,7 @@ mod commit;
 mod plan;
 mod selection;
 mod stop;
-mod unmask;
+pub(crate) mod unmask;
 
 pub use stop::{DIVERGED, RunStop, attempt_cause, dominant_cause};
 

@@ -412,10 +412,19 @@ impl ObserverState {
             for m in &r.selected {
                 view(agents, m, at).selected += 1;
             }
+            // A task lost to a coordinator restart is recorded at the
+            // restart, with its survivors as reporting: that time is no
+            // contact of theirs (a merchant gone for good read as heard from
+            // at the restart; found by a fault probe).
+            let lost = r.abort_reason.as_deref().is_some_and(|a| {
+                a == crate::engine::unmask::LOST || a == crate::engine::unmask::LOST_ACCOUNTED
+            });
             for m in &r.reported {
                 let v = view(agents, m, at);
                 v.reported += 1;
-                v.last_contact_unix_ms = v.last_contact_unix_ms.max(at);
+                if !lost {
+                    v.last_contact_unix_ms = v.last_contact_unix_ms.max(at);
+                }
             }
             for m in &r.dropped {
                 view(agents, m, at).dropped += 1;
