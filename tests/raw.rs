@@ -247,6 +247,76 @@ impl RawAgent {
         .await
     }
 
+    /// Takes part in every secure task honestly, except that its masked
+    /// input first goes out 8 bytes too long (the declared length too), then,
+    /// with `resend`, as it should. Stops when `stop` turns true or the
+    /// coordinator closes the session; returns the coordinator's answers to
+    /// the uploads of each masked input.
+    #[allow(clippy::type_complexity)]
+    pub async fn secure_uploading_a_bad_masked_input_first(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        resend: bool,
+    ) -> Vec<(Result<(), tonic::Status>, Option<Result<(), tonic::Status>>)> {
+        let mut secure = SecureTasks::with_policy(PrivacyPolicy::without_key_binding());
+        let mut answers = Vec::new();
+        while let Some(kind) = self.next_work(&mut stop).await {
+            match kind {
+                // The run's closing evaluation is plaintext: answered, so
+                // that it does not wait out its deadline.
+                pb::work::Kind::Task(task) if !task.secure_aggregation => {
+                    let _ = self.answer(&task).await;
+                }
+                pb::work::Kind::Task(task) => self.hold(&mut secure, &task).await,
+                pb::work::Kind::Secagg(req) => {
+                    let Ok(reply) = secure.respond(&self.session_id, &req) else {
+                        continue;
+                    };
+                    match reply {
+                        Reply::Masked { header, payload } => {
+                            let mut long_header = header.clone();
+                            long_header.payload_len += 8;
+                            let mut long = payload.clone();
+                            long.extend_from_slice(&[0; 8]);
+                            let bad = send(
+                                &mut self.client,
+                                Reply::Masked {
+                                    header: long_header,
+                                    payload: long,
+                                },
+                            )
+                            .await;
+                            let good = if resend {
+                                Some(
+                                    send(&mut self.client, Reply::Masked { header, payload }).await,
+                                )
+                            } else {
+                                // Gives up on the task, so that the stage
+                                // does not wait out its deadline.
+                                let failed = pb::UpdateHeader {
+                                    session_id: header.session_id.clone(),
+                                    run_id: header.run_id.clone(),
+                                    round: header.round,
+                                    task_id: header.task_id.clone(),
+                                    failure: "the upload broke".into(),
+                                    ..Default::default()
+                                };
+                                let _ = self.send_raw(failed, Vec::new()).await;
+                                None
+                            };
+                            answers.push((bad, good));
+                        }
+                        other => {
+                            let _ = send(&mut self.client, other).await;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        answers
+    }
+
     /// Takes part in every secure task honestly but for the unmask stage,
     /// where every share it reveals (of survivors' self-mask seeds and of
     /// dropped agents' keys) has its bytes past the x-coordinate flipped.

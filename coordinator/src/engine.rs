@@ -213,6 +213,11 @@ struct OpenTask {
     /// Agents whose update was refused (also in `dropped`, so the task does
     /// not wait for them); `rejected` says why, within its cap.
     refused: BTreeSet<String>,
+    /// Masked inputs refused before anything of them reached the sum (a
+    /// wrong length, a frame naming another agent), per merchant, the first
+    /// reason: recorded in `rejected` at the close for a merchant whose
+    /// masked input never counted ([`Engine::note_refused_masked`]).
+    masked_refusals: BTreeMap<String, String>,
     acc: Accumulation,
     /// Per metric: the weighted sum of the figures reported and the weight
     /// of the agents that reported it (a figure undefined on an agent's

@@ -950,6 +950,7 @@ impl Coordinator for Service {
         };
         let task_id = header.task_id.clone();
         let declining = !header.failure.is_empty();
+        let masked = header.encoding == pb::PayloadEncoding::MaskedU32 as i32;
         let result: Result<Response<pb::SubmitReply>, Status> = async {
             if !header.failure.is_empty() {
                 return decline(&shared, &merchant, &header, secure);
@@ -1033,20 +1034,31 @@ impl Coordinator for Service {
         .await;
         // A plaintext update refused for its content (not for a broken
         // stream) is the merchant's one update for the task, as when the
-        // engine refuses it: recorded, and no other is taken. (A malformed
-        // failure report is only answered: it carries no update.)
+        // engine refuses it: recorded, and no other is taken. A masked input
+        // refused (nothing of it reached the sum) is logged, and recorded
+        // if no later one of the merchant counts. (A malformed failure
+        // report is only answered: it carries no update; in a secure task a
+        // plaintext upload is only answered too.)
         if let Err(status) = &result
-            && !secure
             && !declining
-            && matches!(
+        {
+            let content = matches!(
                 status.code(),
                 tonic::Code::InvalidArgument | tonic::Code::OutOfRange
-            )
-        {
-            shared
-                .engine()
-                .refuse_upload(&merchant, &task_id, status.message());
-            shared.bump();
+            );
+            if !secure && content {
+                shared
+                    .engine()
+                    .refuse_upload(&merchant, &task_id, status.message());
+                shared.bump();
+            } else if secure
+                && masked
+                && (content || status.code() == tonic::Code::PermissionDenied)
+            {
+                shared
+                    .engine()
+                    .note_refused_masked(&merchant, &task_id, status.message());
+            }
         }
         result
     }

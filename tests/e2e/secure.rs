@@ -692,26 +692,92 @@ async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commit
     assert!(max_diff(&model, &expected) <= 1e-5);
 }
 
+/// A masked input refused for its content went unlogged and unrecorded, so
+/// an operator could not tell it from a dropout (found by an attacker
+/// probe). Nothing of a refused frame reaches the sum, so the agent may send
+/// its input again: a merchant whose later input counted is not recorded as
+/// rejected (the record never names a merchant rejected beside an input
+/// folded in); one whose input never counted is, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_masked_input_is_recorded_unless_a_later_one_counted() {
+    for resend in [true, false] {
+        let mut run = noop_secure_run(&format!("e2e-sa-bad-masked-{resend}"), 1, 4, 3, 1000);
+        run.selection.min_agents = 4;
+        let store = tempfile::tempdir().unwrap();
+        let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let bad = RawAgent::join(coord.addr, merchant(3)).await;
+        let bad = tokio::spawn(bad.secure_uploading_a_bad_masked_input_first(stopped, resend));
+        let agents: Vec<_> = (0..3)
+            .map(|k| spawn_agent(coord.addr, merchant(k)))
+            .collect();
+        let shared = coord.shared.clone();
+        coord.wait_finished().await.unwrap();
+        let _ = stop.send(true);
+        let answers = bad.await.unwrap();
+        for a in agents {
+            a.stop().await;
+        }
+        let [(first, second)] = &answers[..] else {
+            panic!("one masked input: {answers:?}")
+        };
+        let first = first.as_ref().unwrap_err();
+        assert_eq!(first.code(), tonic::Code::InvalidArgument, "{first}");
+        assert_eq!(second.is_some(), resend);
+        if let Some(second) = second {
+            second.as_ref().expect("the well-formed input is taken");
+        }
+        let history = shared.history().unwrap();
+        let t = trains(&history);
+        assert_eq!(t.len(), 1, "{history:?}");
+        assert_eq!(t[0].outcome, Outcome::Committed, "{:?}", t[0]);
+        let recorded = t[0].rejected.iter().any(|(m, why)| {
+            m == "m3" && why.starts_with("masked input refused: masked payload_len")
+        });
+        assert_eq!(recorded, !resend, "{:?}", t[0].rejected);
+        assert_eq!(
+            t[0].reported.contains(&"m3".to_string()),
+            resend,
+            "{:?}",
+            t[0]
+        );
+        let counted: Vec<usize> = if resend {
+            vec![0, 1, 2, 3]
+        } else {
+            vec![0, 1, 2]
+        };
+        let expected = fedavg_over(
+            &run,
+            &counted.into_iter().map(merchant).collect::<Vec<_>>(),
+            1,
+        );
+        let model = shared.model(1).unwrap().unwrap();
+        assert!(max_diff(&model, &expected) <= 1e-5);
+    }
+}
+
 /// A merchant that revealed forged shares at the unmask stage got the run
 /// stopped in one attempt as "an agent sent an out-of-range masked input",
 /// naming nobody (found by an attacker probe). With more shares than t, the
 /// other holders' shares expose the forged ones: the round commits the sum
-/// of all five inputs (the forger's masked input was honest), and the
+/// of every input (the forger's masked input was honest), and the
 /// forger alone is named and set aside. The server takes shares in holder
 /// order, so the forger (m0, holder x = 1 of every owner) is always among
 /// the t shares used first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merchant_revealing_forged_unmask_shares_is_named_and_the_round_commits() {
-    let mut run = noop_secure_run("e2e-sa-unmask-forged", 1, 5, 4, 1000);
-    // The run ends at its next task start, which must not wait for the
-    // merchant set aside.
-    run.selection.min_agents = 4;
+    // Six merchants, five needed: the first task may start before the
+    // sixth joins, and five holders still leave two shares beyond the
+    // threshold (three); the run ends at its next task start, which must
+    // not wait for the merchant set aside.
+    let mut run = noop_secure_run("e2e-sa-unmask-forged", 1, 6, 5, 1000);
+    run.selection.min_agents = 5;
     let store = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let forger = RawAgent::join(coord.addr, merchant(0)).await;
     let forger = tokio::spawn(forger.secure_forging_unmask_shares(stopped));
-    let agents: Vec<_> = (1..5)
+    let agents: Vec<_> = (1..6)
         .map(|k| spawn_agent(coord.addr, merchant(k)))
         .collect();
     let shared = coord.shared.clone();
@@ -740,7 +806,14 @@ async fn a_merchant_revealing_forged_unmask_shares_is_named_and_the_round_commit
         shared.merchant_phase("m0")
     );
     assert!(!shared.merchant_phase("m1").contains("set aside"));
-    let expected = fedavg_over(&run, &(0..5).map(merchant).collect::<Vec<_>>(), 1);
+    // Every input of the round, the forger's (honest) one included.
+    assert!(t[0].reported.contains(&"m0".to_string()), "{:?}", t[0]);
+    let counted: Vec<LocalData> = t[0]
+        .reported
+        .iter()
+        .map(|m| merchant(m[1..].parse().unwrap()))
+        .collect();
+    let expected = fedavg_over(&run, &counted, 1);
     let model = shared.model(1).unwrap().unwrap();
     assert!(max_diff(&model, &expected) <= 1e-5);
 }

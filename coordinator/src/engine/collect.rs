@@ -168,6 +168,31 @@ impl Engine {
         record_rejection(open, agent.to_string(), &reason);
     }
 
+    /// Notes that a masked input of `agent` for the open secure task was
+    /// refused before anything of it reached the sum (`reason`): logged, and
+    /// recorded in the round's rejections at its close unless a later
+    /// masked input of the agent counted (nothing of the refused one was
+    /// added, so the agent may send its input again: a broken upload is not
+    /// misbehaviour, and a merchant rejected beside an input folded in would
+    /// break the record's rule). They went unlogged and unrecorded, so an
+    /// operator could not tell an agent framing its input as another's from
+    /// a dropout (found by an attacker probe).
+    pub fn note_refused_masked(&mut self, agent: &str, task_id: &str, reason: &str) {
+        let Some(open) = &mut self.open else { return };
+        if open.plan.task_id != task_id || !open.selected.contains(agent) {
+            return;
+        }
+        tracing::warn!(
+            agent,
+            task = task_id,
+            error = reason,
+            "masked input refused"
+        );
+        open.masked_refusals
+            .entry(agent.to_string())
+            .or_insert_with(|| format!("masked input refused: {reason}"));
+    }
+
     /// Accepts one result, folding its update into the round's aggregate.
     /// A rejected result is recorded and leaves the aggregate untouched.
     pub fn submit(

@@ -105,6 +105,12 @@ impl Engine {
 
     fn close_open_task(&mut self) -> Result<RoundRecord, EngineError> {
         let mut open = self.open.take().ok_or(EngineError::NoTask)?;
+        // Masked inputs refused, of merchants whose input never counted.
+        for (m, why) in std::mem::take(&mut open.masked_refusals) {
+            if !open.reported.contains(&m) {
+                open.rejected.push((m, why));
+            }
+        }
         // Who this task's accusations set aside, in its record.
         for m in self.set_aside.intersection(&open.selected) {
             if self.noted_aside.insert(m.clone()) {

@@ -191,6 +191,7 @@ impl Engine {
             reported: BTreeSet::new(),
             dropped: BTreeSet::new(),
             refused: BTreeSet::new(),
+            masked_refusals: BTreeMap::new(),
             rejected: Vec::new(),
             acc,
             metric_sums: BTreeMap::new(),
