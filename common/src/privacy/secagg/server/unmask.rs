@@ -46,10 +46,11 @@ impl ServerSession {
         // is refused with the whole answer.
         let graph = self.graph();
         let x_of = |owner: u32| {
+            // Holders are sorted by id.
             graph
                 .holders(owner)
-                .iter()
-                .position(|&h| h == from)
+                .binary_search(&from)
+                .ok()
                 .map(|i| i + 1)
         };
         if let Some((o, s)) = response
@@ -109,8 +110,7 @@ impl ServerSession {
             Ok(m) => m,
             Err(e) => return Err(self.abort(e)),
         };
-        let masked = self.sum.take().expect("the sum exists from stage 3 on").sum;
-        let mut sum = masked.clone();
+        let mut sum = self.sum.take().expect("the sum exists from stage 3 on").sum;
         crypto::apply_masks(&mut sum, &masks);
         let survivors: Vec<u32> = self.survivors.iter().copied().collect();
         let dropped = self
@@ -126,15 +126,28 @@ impl ServerSession {
             Err(refused) => {
                 // Out of range: a forged input, or a forged self-mask share
                 // among the first t. Only the second shows in the shares.
-                let Ok((masks, liars)) = self.recover_masks(true) else {
+                let Ok((fixed, liars)) = self.recover_masks(true) else {
                     return Err(refused);
                 };
                 if liars.len() == forged.len() {
                     return Err(refused);
                 }
                 forged = liars;
-                let mut sum = masked;
-                crypto::apply_masks(&mut sum, &masks);
+                // Back to the masked sum (the masks put back, the refused
+                // path only: no copy of the sum on every round), then the
+                // masks rebuilt without the forged shares removed.
+                let undo: Vec<crypto::Mask> = masks
+                    .iter()
+                    .map(|(seed, sign)| {
+                        let back = match sign {
+                            Sign::Plus => Sign::Minus,
+                            Sign::Minus => Sign::Plus,
+                        };
+                        (*seed, back)
+                    })
+                    .collect();
+                crypto::apply_masks(&mut sum, &undo);
+                crypto::apply_masks(&mut sum, &fixed);
                 let decoded = DecodedSum::decode(&self.config, &sum, survivors.len())?;
                 (sum, decoded)
             }
