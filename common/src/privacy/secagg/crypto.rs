@@ -305,6 +305,15 @@ pub(crate) fn recover(
     shares: &[Zeroizing<Vec<u8>>],
     owner: u32,
 ) -> Result<Zeroizing<[u8; 32]>, SecAggError> {
+    recover_from(threshold, shares.iter().map(|s| s.as_slice()), owner)
+}
+
+/// [`recover`] from borrowed shares, taken in order.
+pub(crate) fn recover_from<'a>(
+    threshold: usize,
+    shares: impl IntoIterator<Item = &'a [u8]>,
+    owner: u32,
+) -> Result<Zeroizing<[u8; 32]>, SecAggError> {
     let mut seen = [false; 256];
     let mut picked: Vec<Share> = Vec::with_capacity(threshold);
     for bytes in shares {
@@ -313,7 +322,7 @@ pub(crate) fn recover(
         }
         seen[bytes[0] as usize] = true;
         picked.push(
-            Share::try_from(bytes.as_slice()).map_err(|e| SecAggError::Malformed {
+            Share::try_from(bytes).map_err(|e| SecAggError::Malformed {
                 what: "share",
                 detail: e.to_string(),
             })?,

@@ -112,6 +112,9 @@ pub struct ServerSession {
     sk_shares: BTreeMap<u32, Vec<Revealed>>,
     b_shares: BTreeMap<u32, Vec<Revealed>>,
     responded: BTreeSet<u32>,
+    /// Each owner's share holders (sorted by id), as the unmask stage
+    /// looks them up: once per owner, not once per revealed share.
+    holders_of: BTreeMap<u32, Vec<u32>>,
 }
 
 impl ServerSession {
@@ -145,6 +148,7 @@ impl ServerSession {
             sk_shares: BTreeMap::new(),
             b_shares: BTreeMap::new(),
             responded: BTreeSet::new(),
+            holders_of: BTreeMap::new(),
         })
     }
 

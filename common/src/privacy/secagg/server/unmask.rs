@@ -44,12 +44,16 @@ impl ServerSession {
         // Holder i of an owner's shares was dealt x = i + 1: a share under
         // another x (a forger's, or one that would shadow an honest holder's)
         // is refused with the whole answer.
-        let graph = self.graph();
-        let x_of = |owner: u32| {
-            // Holders are sorted by id.
-            graph
-                .holders(owner)
-                .binary_search(&from)
+        let graph = self
+            .graph
+            .as_ref()
+            .expect("the graph is built when the advertise stage closes");
+        let holders_of = &mut self.holders_of;
+        let mut x_of = |owner: u32| {
+            holders_of
+                .entry(owner)
+                .or_insert_with(|| graph.holders(owner))
+                .binary_search(&from) // sorted by id
                 .ok()
                 .map(|i| i + 1)
         };
@@ -189,7 +193,10 @@ impl ServerSession {
                 let (b, liar) = if check_seeds {
                     rebuild(t, shares, u)?
                 } else {
-                    (crypto::recover(t, &only(shares, None), u)?, None)
+                    (
+                        crypto::recover_from(t, shares.iter().map(|(_, s)| s.as_slice()), u)?,
+                        None,
+                    )
                 };
                 Ok(((*b, Sign::Minus), liar))
             })
@@ -199,7 +206,7 @@ impl ServerSession {
             .map(|&v| {
                 let shares = self.sk_shares.get(&v).unwrap_or(&none);
                 let advertised = &self.keys[&v].mask_pk;
-                let fast = crypto::recover(t, &only(shares, None), v)?;
+                let fast = crypto::recover_from(t, shares.iter().map(|(_, s)| s.as_slice()), v)?;
                 let (sk, liar) = match crypto::SecretKey::from_bytes(*fast) {
                     sk if sk.public_key() == *advertised => (sk, None),
                     // A wrong share among the first t: the key rebuilt
