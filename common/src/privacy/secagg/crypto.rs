@@ -321,12 +321,10 @@ pub(crate) fn recover_from<'a>(
             continue;
         }
         seen[bytes[0] as usize] = true;
-        picked.push(
-            Share::try_from(bytes).map_err(|e| SecAggError::Malformed {
-                what: "share",
-                detail: e.to_string(),
-            })?,
-        );
+        picked.push(Share::try_from(bytes).map_err(|e| SecAggError::Malformed {
+            what: "share",
+            detail: e.to_string(),
+        })?);
         if picked.len() == threshold {
             break;
         }
