@@ -608,33 +608,64 @@ async fn a_refused_unmasked_sum_stops_the_run_instead_of_being_retried() {
     );
 }
 
-/// A federation of `run`: a coordinator on a fresh store, m3 forging every
-/// share bundle it sends until the returned sender says stop (its task
-/// gives the number of bundles sent), and honest m0..m2.
-struct WithForger {
+/// A federation of `run`: a coordinator on a fresh store, the raw agent of
+/// merchant `raw` (joined first) running `behave` until the returned sender
+/// says stop (its task gives what `behave` returns), and honest agents for
+/// the merchants `honest`.
+struct WithRaw<T> {
     coord: fedcart_coordinator::server::Running,
     _store: tempfile::TempDir,
     stop: tokio::sync::watch::Sender<bool>,
-    forger: tokio::task::JoinHandle<usize>,
+    raw: tokio::task::JoinHandle<T>,
     agents: Vec<fedcart_tests::AgentHandle>,
 }
 
-async fn with_forger(run: RunConfig) -> WithForger {
+async fn with_raw<T, F>(
+    run: RunConfig,
+    raw: usize,
+    honest: std::ops::Range<usize>,
+    behave: impl FnOnce(RawAgent, tokio::sync::watch::Receiver<bool>) -> F,
+) -> WithRaw<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
     let store = tempfile::tempdir().unwrap();
     let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let forger = RawAgent::join(coord.addr, merchant(3)).await;
-    let forger = tokio::spawn(forger.secure_forging_shares(stopped));
-    let agents = (0..3)
+    let agent = RawAgent::join(coord.addr, merchant(raw)).await;
+    let raw = tokio::spawn(behave(agent, stopped));
+    let agents = honest
         .map(|k| spawn_agent(coord.addr, merchant(k)))
         .collect();
-    WithForger {
+    WithRaw {
         coord,
         _store: store,
         stop,
-        forger,
+        raw,
         agents,
     }
+}
+
+impl<T> WithRaw<T> {
+    /// Waits for the run to end, stops every agent, and returns the
+    /// coordinator's state with what the raw agent's task returned.
+    async fn finish(self) -> (std::sync::Arc<fedcart_coordinator::service::Shared>, T) {
+        let shared = self.coord.shared.clone();
+        self.coord.wait_finished().await.unwrap();
+        let _ = self.stop.send(true);
+        let out = self.raw.await.unwrap();
+        for a in self.agents {
+            a.stop().await;
+        }
+        (shared, out)
+    }
+}
+
+/// m3 forging every share bundle it sends, honest m0..m2 (the raw agent's
+/// task gives the number of bundles sent).
+async fn with_forger(run: RunConfig) -> WithRaw<usize> {
+    with_raw(run, 3, 0..3, |a, stop| a.secure_forging_shares(stop)).await
 }
 
 /// A malicious merchant forges every share bundle it sends, so that no one
@@ -647,14 +678,8 @@ async fn with_forger(run: RunConfig) -> WithForger {
 async fn a_merchant_forging_its_shares_is_set_aside_and_the_retried_round_commits() {
     let mut run = noop_secure_run("e2e-sa-forged", 1, 4, 3, 1000);
     run.selection.min_agents = 3;
-    let f = with_forger(run.clone()).await;
-    let shared = f.coord.shared.clone();
-    f.coord.wait_finished().await.unwrap();
-    let _ = f.stop.send(true);
-    assert!(f.forger.await.unwrap() >= 1, "the forger sent its shares");
-    for a in f.agents {
-        a.stop().await;
-    }
+    let (shared, sent) = with_forger(run.clone()).await.finish().await;
+    assert!(sent >= 1, "the forger sent its shares");
     let history = shared.history().unwrap();
     let t = trains(&history);
     assert_eq!(t.len(), 2, "{history:?}");
@@ -703,21 +728,12 @@ async fn a_refused_masked_input_is_recorded_unless_a_later_one_counted() {
     for resend in [true, false] {
         let mut run = noop_secure_run(&format!("e2e-sa-bad-masked-{resend}"), 1, 4, 3, 1000);
         run.selection.min_agents = 4;
-        let store = tempfile::tempdir().unwrap();
-        let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let bad = RawAgent::join(coord.addr, merchant(3)).await;
-        let bad = tokio::spawn(bad.secure_uploading_a_bad_masked_input_first(stopped, resend));
-        let agents: Vec<_> = (0..3)
-            .map(|k| spawn_agent(coord.addr, merchant(k)))
-            .collect();
-        let shared = coord.shared.clone();
-        coord.wait_finished().await.unwrap();
-        let _ = stop.send(true);
-        let answers = bad.await.unwrap();
-        for a in agents {
-            a.stop().await;
-        }
+        let (shared, answers) = with_raw(run.clone(), 3, 0..3, move |a, stop| {
+            a.secure_uploading_a_bad_masked_input_first(stop, resend)
+        })
+        .await
+        .finish()
+        .await;
         let [(first, second)] = &answers[..] else {
             panic!("one masked input: {answers:?}")
         };
@@ -772,21 +788,13 @@ async fn a_merchant_revealing_forged_unmask_shares_is_named_and_the_round_commit
     // not wait for the merchant set aside.
     let mut run = noop_secure_run("e2e-sa-unmask-forged", 1, 6, 5, 1000);
     run.selection.min_agents = 5;
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run.clone(), 0).await;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let forger = RawAgent::join(coord.addr, merchant(0)).await;
-    let forger = tokio::spawn(forger.secure_forging_unmask_shares(stopped));
-    let agents: Vec<_> = (1..6)
-        .map(|k| spawn_agent(coord.addr, merchant(k)))
-        .collect();
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    let _ = stop.send(true);
-    assert!(forger.await.unwrap() >= 1, "the forger revealed shares");
-    for a in agents {
-        a.stop().await;
-    }
+    let (shared, forged) = with_raw(run.clone(), 0, 1..6, |a, stop| {
+        a.secure_forging_unmask_shares(stop)
+    })
+    .await
+    .finish()
+    .await;
+    assert!(forged >= 1, "the forger revealed shares");
     let history = shared.history().unwrap();
     let t = trains(&history);
     assert_eq!(t.len(), 1, "{history:?}");
@@ -857,7 +865,7 @@ async fn a_run_left_short_by_a_merchant_set_aside_says_another_must_join() {
         "nothing committed"
     );
     let _ = f.stop.send(true);
-    f.forger.await.unwrap();
+    f.raw.await.unwrap();
     for a in f.agents {
         a.stop().await;
     }
