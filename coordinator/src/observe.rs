@@ -416,9 +416,7 @@ impl ObserverState {
             // restart, with its survivors as reporting: that time is no
             // contact of theirs (a merchant gone for good read as heard from
             // at the restart; found by a fault probe).
-            let lost = r.abort_reason.as_deref().is_some_and(|a| {
-                a == crate::engine::unmask::LOST || a == crate::engine::unmask::LOST_ACCOUNTED
-            });
+            let lost = crate::engine::unmask::is_lost(r);
             for m in &r.reported {
                 let v = view(agents, m, at);
                 v.reported += 1;

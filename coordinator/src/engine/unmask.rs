@@ -366,3 +366,13 @@ impl Engine {
         }
     }
 }
+
+/// Whether `record` is the record [`record_lost`] wrote for a task the
+/// coordinator stopped during: written at the restart, with its survivors as
+/// reporting, so neither its time nor its reports are anyone's contact.
+pub(crate) fn is_lost(record: &RoundRecord) -> bool {
+    record
+        .abort_reason
+        .as_deref()
+        .is_some_and(|a| a == LOST || a == LOST_ACCOUNTED)
+}

@@ -210,9 +210,10 @@ impl ServerSession {
                 let (sk, liar) = match crypto::SecretKey::from_bytes(*fast) {
                     sk if sk.public_key() == *advertised => (sk, None),
                     // A wrong share among the first t: the key rebuilt
-                    // without it, and only without it, is the advertised one.
+                    // without it, and only without it, is the advertised one
+                    // (with t shares or fewer, no rebuild without one has
+                    // enough and all fail).
                     _ => (0..shares.len())
-                        .filter(|_| shares.len() > t)
                         .find_map(|j| {
                             let bytes = crypto::recover(t, &only(shares, Some(j)), v).ok()?;
                             let sk = crypto::SecretKey::from_bytes(*bytes);
