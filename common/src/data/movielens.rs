@@ -44,12 +44,7 @@ pub fn read_ratings_delimited<R: std::io::Read>(
     let (header, records) = crate::data::tabular::table(reader, path, delimiter)?;
     // MovieLens' names, or those of `fedcart-client prepare`'s
     // `interactions.csv` (`user,item,value,timestamp`).
-    let col = |name: &str, alias: &str| {
-        header
-            .iter()
-            .position(|h| h.trim() == name || h.trim() == alias)
-            .ok_or_else(|| DataError::missing_column(path, name, header.iter()))
-    };
+    let col = |name: &str, alias: &str| header.position(path, name, alias);
     let (cu, ci, cr, ct) = (
         col("userId", "user")?,
         col("movieId", "item")?,

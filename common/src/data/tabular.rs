@@ -412,16 +412,17 @@ impl Schema {
         label_use: Labels,
     ) -> Result<(TabularDataset, Vec<String>), DataError> {
         let (header, records) = table(reader, path, delimiter)?;
-        let col = |name: &str| -> Result<usize, DataError> {
-            header
-                .iter()
-                .position(|h| h.trim() == name)
-                .ok_or_else(|| DataError::missing_column(path, name, header.iter()))
-        };
+        let col = |name: &str| header.position(path, name, name);
         let id_col = self.id.as_deref().map(col).transpose()?;
         let label_col = match label_use {
             Labels::Required => Some(col(&self.label)?),
-            Labels::IfKnown => col(&self.label).ok(),
+            // Scoring reads a table without labels; a label column given
+            // twice is still refused.
+            Labels::IfKnown => match col(&self.label) {
+                Ok(c) => Some(c),
+                Err(DataError::MissingColumn { .. }) => None,
+                Err(e) => return Err(e),
+            },
         };
         let numeric_cols = self
             .numeric
@@ -781,9 +782,73 @@ fn unseen_note(
 /// A data record of a table and its line, or why it could not be read.
 pub(crate) type TableRow = Result<(u64, csv::StringRecord), DataError>;
 
-/// The header of a delimited table and its data records, each with its
-/// line; a record of another width than the header's is an error. Errors
-/// name `path`.
+/// The header line of a delimited table.
+pub(crate) struct Header {
+    /// The fields as split, untrimmed.
+    pub fields: csv::StringRecord,
+    /// The line the header is on.
+    line: u64,
+}
+
+impl Header {
+    /// The fields as split.
+    pub fn iter(&self) -> csv::StringRecordIter<'_> {
+        self.fields.iter()
+    }
+
+    /// The position of the column named `name` (or `alias`), stray spaces
+    /// ignored. A name the header gives twice is refused, because either
+    /// column could be meant (`id,spend,spend,churn` read whichever came
+    /// first, silently); a column nobody asks for may repeat.
+    pub fn position(&self, path: &Path, name: &str, alias: &str) -> Result<usize, DataError> {
+        let mut found = self
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.trim() == name || h.trim() == alias)
+            .map(|(k, _)| k);
+        let first = found
+            .next()
+            .ok_or_else(|| DataError::missing_column(path, name, self.iter()))?;
+        match found.next() {
+            None => Ok(first),
+            Some(second) => Err(self.twice(path, first, second)),
+        }
+    }
+
+    /// The columns whose name another column has too, each with the first
+    /// column of that name.
+    pub fn repeats(&self) -> Vec<(usize, usize)> {
+        let mut first: std::collections::HashMap<&str, usize> = Default::default();
+        let mut repeats = Vec::new();
+        for (k, name) in self.iter().enumerate() {
+            let name = name.trim();
+            if name.is_empty() {
+                continue;
+            }
+            if let Some(&j) = first.get(name) {
+                repeats.push((k, j));
+            } else {
+                first.insert(name, k);
+            }
+        }
+        repeats
+    }
+
+    /// Columns `first` and `second` have one name.
+    pub fn twice(&self, path: &Path, first: usize, second: usize) -> DataError {
+        DataError::Row {
+            file: path.into(),
+            line: self.line,
+            message: format!(
+                "the header names the column `{}` twice (fields {} and {}): rename one",
+                self.fields.get(first).unwrap_or_default().trim(),
+                first + 1,
+                second + 1
+            ),
+        }
+    }
+}
+
 /// The details of [`DataError::MissingColumn`].
 #[derive(Debug)]
 pub struct MissingColumn {
@@ -852,11 +917,14 @@ pub(crate) fn header_hint(fields: &[&str]) -> String {
     String::new()
 }
 
+/// The header of a delimited table and its data records, each with its
+/// line; a record of another width than the header's is an error. Errors
+/// name `path`.
 pub(crate) fn table<'a, R: std::io::Read + 'a>(
     reader: R,
     path: &'a Path,
     delimiter: u8,
-) -> Result<(csv::StringRecord, impl Iterator<Item = TableRow> + 'a), DataError> {
+) -> Result<(Header, impl Iterator<Item = TableRow> + 'a), DataError> {
     let mut records = line_records(reader, delimiter, path).map_err(|source| DataError::Io {
         file: path.into(),
         source,
@@ -869,28 +937,8 @@ pub(crate) fn table<'a, R: std::io::Read + 'a>(
     let Some(header) = records.next() else {
         return Err(DataError::Empty { file: path.into() });
     };
-    let (header_line, header) = header.map_err(row_err)?;
-    // A name given twice would be read from whichever column comes first,
-    // silently (`id,spend,spend,churn`).
-    let mut first: std::collections::HashMap<&str, usize> = Default::default();
-    for (k, name) in header.iter().enumerate() {
-        let name = name.trim();
-        if name.is_empty() {
-            continue;
-        }
-        if let Some(j) = first.insert(name, k) {
-            return Err(DataError::Row {
-                file: path.into(),
-                line: header_line,
-                message: format!(
-                    "the header names the column `{name}` twice (fields {} and {}): rename one",
-                    j + 1,
-                    k + 1
-                ),
-            });
-        }
-    }
-    let width = header.len();
+    let (line, fields) = header.map_err(row_err)?;
+    let width = fields.len();
     let rows = records.map(move |r| {
         let (line, record) = r.map_err(row_err)?;
         if record.len() != width {
@@ -902,7 +950,7 @@ pub(crate) fn table<'a, R: std::io::Read + 'a>(
         }
         Ok((line, record))
     });
-    Ok((header, rows))
+    Ok((Header { fields, line }, rows))
 }
 
 /// A numeric cell: what Rust's float parser takes, plus the money a shop
@@ -1046,7 +1094,7 @@ mod tests {
     }
 
     #[test]
-    fn a_header_naming_a_column_twice_is_refused_and_feature_lists_may_be_left_out() {
+    fn a_header_naming_a_used_column_twice_is_refused_and_feature_lists_may_be_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dup.csv");
         std::fs::write(&path, "id,x,x,y\na,1,2,1\nb,2,3,0\n").unwrap();
@@ -1056,6 +1104,20 @@ mod tests {
                 && e.contains("the header names the column `x` twice (fields 2 and 3)"),
             "{e}"
         );
+        // The label too, also where scoring reads labels only if known.
+        std::fs::write(&path, "id,x,y,y\na,1,1,1\nb,2,0,0\n").unwrap();
+        let e = label_y(&["x"]).load_features_delimited(&path, b',');
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("the header names the column `y` twice (fields 3 and 4)")
+        );
+        // A repeated column the schema does not use is no matter (exports
+        // carry such columns: two `notes`, two blank names).
+        std::fs::write(&path, "id,notes,x,notes,,y,\na,p,1,q,,1,\nb,r,2,s,,0,\n").unwrap();
+        let ds = label_y(&["x"]).load_csv(&path).unwrap();
+        assert_eq!(ds.x.column(0).to_vec(), [1.0, 2.0]);
+        assert_eq!(ds.y.to_vec(), [1.0, 0.0]);
         // A schema without categorical columns needs no `categorical = []`.
         let schema: Schema = toml::from_str(
             "label = \"y\"\npositive = [\"1\"]\nnegative = [\"0\"]\nnumeric = [\"x\"]\n",

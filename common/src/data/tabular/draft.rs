@@ -392,8 +392,13 @@ impl Schema {
             file: path.into(),
             message,
         };
-        let (header, records) = super::table(reader, path, delimiter)?;
-        let header: Vec<String> = header.iter().map(|h| h.trim().to_string()).collect();
+        let (table_header, records) = super::table(reader, path, delimiter)?;
+        let header: Vec<String> = table_header.iter().map(|h| h.trim().to_string()).collect();
+        // Columns of one name: a schema naming it could mean either, so
+        // the draft leaves them out (a label asked for by such a name is
+        // refused, naming both).
+        let repeats = table_header.repeats();
+        let repeated: HashSet<usize> = repeats.iter().flat_map(|&(k, j)| [k, j]).collect();
         if let [only] = &header[..] {
             // Most often a table read with the wrong separator.
             let shown: String = only.chars().take(60).collect();
@@ -518,15 +523,9 @@ impl Schema {
                         .len()
                         == 2)
         };
-        let column = |name: &str| {
-            header.iter().position(|h| h == name).ok_or_else(|| {
-                DataError::missing_column(path, name, header.iter().map(String::as_str))
-            })
-        };
-
         let label = match &opts.label {
             Some(name) => {
-                let c = column(name)?;
+                let c = table_header.position(path, name, name)?;
                 if !two_valued(c) || stats[c].blanks > 0 {
                     return Err(err(format!(
                         "label column `{name}` must hold exactly two values and no blank cell \
@@ -556,7 +555,12 @@ impl Schema {
             }
             None => {
                 let named: Vec<usize> = (0..header.len())
-                    .filter(|&c| is_label_name(&header[c]) && two_valued(c) && stats[c].blanks == 0)
+                    .filter(|&c| {
+                        is_label_name(&header[c])
+                            && two_valued(c)
+                            && stats[c].blanks == 0
+                            && !repeated.contains(&c)
+                    })
                     .collect();
                 match named[..] {
                     [c] => c,
@@ -681,7 +685,8 @@ impl Schema {
 
         // The id: a column of distinct values named like one, else the first
         // column of distinct non-numeric values.
-        let distinct = |c: usize| !stats[c].repeats && stats[c].blanks == 0;
+        let distinct =
+            |c: usize| !stats[c].repeats && stats[c].blanks == 0 && !repeated.contains(&c);
         let id = (0..header.len())
             .filter(|&c| c != label && distinct(c))
             .find(|&c| is_id_name(&header[c]))
@@ -703,6 +708,22 @@ impl Schema {
             .collect();
         for (c, name) in header.iter().enumerate() {
             if c == label || Some(c) == id {
+                continue;
+            }
+            if repeated.contains(&c) {
+                // One note per name, at its first column.
+                let fields: Vec<String> = std::iter::once(c)
+                    .chain(repeats.iter().filter(|&&(_, j)| j == c).map(|&(k, _)| k))
+                    .map(|k| (k + 1).to_string())
+                    .collect();
+                if fields.len() > 1 {
+                    notes.push(format!(
+                        "left out `{name}`: the header names it {} times (fields {}); rename \
+                         them to use them",
+                        fields.len(),
+                        fields.join(", ")
+                    ));
+                }
                 continue;
             }
             let st = &stats[c];
@@ -985,6 +1006,48 @@ mod tests {
 
     /// A bank's churn table in another shape: a row number and a surname
     /// to leave out, an `Exited` label of 0/1, a blank-free numeric set.
+    #[test]
+    fn columns_of_one_name_are_left_out_of_the_draft_and_refused_as_its_label() {
+        let mut text = String::from("id,age,notes,churn,notes,spend,notes\n");
+        for r in 0..30 {
+            text.push_str(&format!(
+                "c{r},{},a{r},{},b,{}.5,c\n",
+                20 + r % 7,
+                ["yes", "no"][r % 2],
+                r % 9
+            ));
+        }
+        let d = draft(&text, &DraftOptions::default()).unwrap();
+        assert_eq!(d.schema.label, "churn");
+        assert_eq!(d.schema.numeric, ["age", "spend"]);
+        assert!(d.schema.categorical.is_empty());
+        assert!(
+            d.notes.iter().any(|n| n
+                == "left out `notes`: the header names it 3 times (fields 3, 5, 7); rename them \
+                    to use them"),
+            "{:?}",
+            d.notes
+        );
+        // The draft reads back against the same table.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(d.schema.load_csv(&path).unwrap().ids.len(), 30);
+        let e = draft(
+            &text,
+            &DraftOptions {
+                label: Some("notes".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the header names the column `notes` twice (fields 3 and 5)"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn another_table_drafts_with_notes_for_what_it_left_out() {
         let mut text =
