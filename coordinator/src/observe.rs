@@ -235,6 +235,33 @@ fn view<'a>(agents: &'a mut BTreeMap<String, AgentView>, m: &str, at: i64) -> &'
         .or_insert_with(|| AgentView::new(m.to_owned(), false, at))
 }
 
+/// Folds one history record into its merchants' views.
+fn fold_agents(agents: &mut BTreeMap<String, AgentView>, r: &crate::record::RoundRecord) {
+    // A task lost to a coordinator restart is recorded at the restart, with
+    // its survivors as reporting: that time is no contact of theirs (a
+    // merchant gone for good read as heard from at the restart; found by a
+    // fault probe). A merchant first seen in it is shown at the restart,
+    // the latest it can have been heard from.
+    let lost = crate::engine::unmask::is_lost(r);
+    let at = r.started_unix_ms + r.duration_ms as i64;
+    for m in &r.selected {
+        view(agents, m, at).selected += 1;
+    }
+    for m in &r.reported {
+        let v = view(agents, m, at);
+        v.reported += 1;
+        if !lost {
+            v.last_contact_unix_ms = v.last_contact_unix_ms.max(at);
+        }
+    }
+    for m in &r.dropped {
+        view(agents, m, at).dropped += 1;
+    }
+    for m in &r.refused {
+        view(agents, m, at).rejected += 1;
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -408,28 +435,7 @@ impl ObserverState {
                 }
             }
             drop(all_series);
-            let at = r.started_unix_ms + r.duration_ms as i64;
-            for m in &r.selected {
-                view(agents, m, at).selected += 1;
-            }
-            // A task lost to a coordinator restart is recorded at the
-            // restart, with its survivors as reporting: that time is no
-            // contact of theirs (a merchant gone for good read as heard from
-            // at the restart; found by a fault probe).
-            let lost = crate::engine::unmask::is_lost(r);
-            for m in &r.reported {
-                let v = view(agents, m, at);
-                v.reported += 1;
-                if !lost {
-                    v.last_contact_unix_ms = v.last_contact_unix_ms.max(at);
-                }
-            }
-            for m in &r.dropped {
-                view(agents, m, at).dropped += 1;
-            }
-            for m in &r.refused {
-                view(agents, m, at).rejected += 1;
-            }
+            fold_agents(agents, r);
         }
         cursor.records = history.len();
     }
@@ -617,4 +623,81 @@ pub fn spawn(
         http_addr: Some(addr),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Outcome, RoundRecord};
+    use fedcart_common::task::TaskKind;
+
+    fn record(task: &str, at: i64, reported: &[&str], abort: Option<&str>) -> RoundRecord {
+        let names = |v: &[&str]| v.iter().map(|m| m.to_string()).collect::<Vec<_>>();
+        RoundRecord {
+            round: 1,
+            attempt: 1,
+            task_id: task.into(),
+            kind: TaskKind::Train,
+            outcome: if abort.is_some() {
+                Outcome::Aborted
+            } else {
+                Outcome::Committed
+            },
+            base_version: 0,
+            selected: names(&["m0", "m1"]),
+            reported: names(reported),
+            dropped: names(&["m0", "m1"][reported.len()..]),
+            rejected: vec![],
+            refused: vec![],
+            metrics: Default::default(),
+            examples: 1.0,
+            started_unix_ms: at,
+            duration_ms: 10,
+            bytes_in: 0,
+            abort_reason: abort.map(str::to_string),
+            privacy: None,
+            secagg_clipped: None,
+            sampled: false,
+            seen_by: None,
+        }
+    }
+
+    /// The record of a task lost to a coordinator restart counts its
+    /// merchants' participation, but its time (the restart's) is nobody's
+    /// contact; a committed task's is.
+    #[test]
+    fn a_task_lost_to_a_restart_is_no_contact_of_its_merchants() {
+        let mut agents = BTreeMap::new();
+        fold_agents(
+            &mut agents,
+            &record("r1a1-train", 1_000, &["m0", "m1"], None),
+        );
+        for reason in [
+            crate::engine::unmask::LOST,
+            crate::engine::unmask::LOST_ACCOUNTED,
+        ] {
+            fold_agents(
+                &mut agents,
+                &record("r2a1-train", 9_000, &["m0", "m1"], Some(reason)),
+            );
+        }
+        for m in ["m0", "m1"] {
+            let v = &agents[m];
+            assert_eq!(
+                (v.selected, v.reported, v.last_contact_unix_ms),
+                (3, 3, 1_010),
+                "{m}"
+            );
+        }
+        // A task aborted for another cause was answered: its reports count.
+        fold_agents(
+            &mut agents,
+            &record("r2a2-train", 20_000, &["m0"], Some("too few")),
+        );
+        assert_eq!(agents["m0"].last_contact_unix_ms, 20_010);
+        assert_eq!(
+            (agents["m1"].last_contact_unix_ms, agents["m1"].dropped),
+            (1_010, 1)
+        );
+    }
 }
