@@ -148,6 +148,9 @@ impl FromConfigError {
 struct HeldModel {
     run_id: String,
     version: u64,
+    /// The digest its task named (`TaskAssignment.model_digest`): a version
+    /// of the same number from another history of the run has another.
+    digest: Vec<u8>,
     model: Vec<f32>,
 }
 
@@ -171,6 +174,14 @@ pub trait TaskObserver: Send + Sync {
 }
 
 impl Agent {
+    /// The run, version and values of the row-structured model this agent
+    /// holds for row-sparse downloads (the last it downloaded), if any.
+    pub fn held_model(&self) -> Option<(&str, u64, &[f32])> {
+        self.held
+            .as_ref()
+            .map(|h| (h.run_id.as_str(), h.version, h.model.as_slice()))
+    }
+
     /// Keeps state in `state`, restoring the private user factors saved there.
     pub fn with_state(mut self, state: crate::state::StateDir) -> Result<Self, StateError> {
         if let (Some(mf), Some(users)) = (&mut self.data.mf, state.load_users()?) {
@@ -666,23 +677,47 @@ impl Agent {
         let held = self.held.as_ref().filter(|h| {
             has_rows && h.run_id == task.run_id && h.model.len() as u64 == task.model_len
         });
-        let global = match held {
+        // A secure round's model is fetched exact and checked against the
+        // digest the agent signs with its round keys (a coordinator serving
+        // this merchant other bytes under the version its peers train from
+        // is refused by them, not trained on here).
+        let check = task.secure_aggregation && !task.model_digest.is_empty();
+        let precision = if check {
+            RowPrecision::F32
+        } else {
+            self.download_precision
+        };
+        let mut global = match held {
             _ if task.model_len == 0 => Vec::new(),
             // The version this agent already holds: nothing to download.
-            Some(h) if h.version == task.model_version => h.model.clone(),
+            Some(h) if h.version == task.model_version && h.digest == task.model_digest => {
+                h.model.clone()
+            }
             _ => {
                 let rows = has_rows.then(|| RowDownload {
                     layout: &layout,
-                    held: held.map(|h| (h.version, h.model.as_slice())),
-                    precision: self.download_precision,
+                    held: held.map(|h| (h.version, h.digest.as_slice(), h.model.as_slice())),
+                    precision,
                 });
                 download_rows(client, session_id, &task, rows).await?
             }
         };
+        if check && !global.is_empty() && !crate::transfer::is_named_model(&task, &global) {
+            // The held copy was rounded (`download_precision`) or is not
+            // what the coordinator took it for: the whole model, once.
+            global = download_rows(client, session_id, &task, None).await?;
+            if !crate::transfer::is_named_model(&task, &global) {
+                return Err(crate::transfer::TransferError::Digest {
+                    task_id: task.task_id.clone(),
+                }
+                .into());
+            }
+        }
         if has_rows && !global.is_empty() {
             self.held = Some(HeldModel {
                 run_id: task.run_id.clone(),
                 version: task.model_version,
+                digest: task.model_digest.clone(),
                 model: global.clone(),
             });
         }
@@ -830,6 +865,8 @@ impl Agent {
             deadline_unix_ms: 0,
             secure_aggregation: false,
             hands_out: true,
+            // Fetched whole, from no held copy: nothing to check it against.
+            model_digest: Vec::new(),
         };
         let global = crate::transfer::download(client, session_id, &task)
             .await

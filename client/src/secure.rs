@@ -252,7 +252,12 @@ impl SecureTasks {
                 dp,
                 session: None,
                 context: None,
-                task_digest: task_digest(&task.spec_json, task.model_version, task.model_len),
+                task_digest: task_digest(
+                    &task.spec_json,
+                    task.model_version,
+                    task.model_len,
+                    &task.model_digest,
+                ),
                 charge_at: None,
             },
         );

@@ -68,6 +68,17 @@ pub enum TransferError {
         /// Bytes the task announced.
         expected: usize,
     },
+    /// The model downloaded for a secure round is not the bytes whose
+    /// digest its task named (and the agent would sign).
+    #[error(
+        "the model downloaded for task `{task_id}` does not match the digest the task names: the \
+         coordinator served other values than it announced to the round, so this agent does not \
+         train on them"
+    )]
+    Digest {
+        /// The task whose model was downloaded.
+        task_id: String,
+    },
     /// The chunks add up to more than the task announced.
     #[error("model larger than the {expected} bytes announced")]
     TooLarge {
@@ -169,10 +180,17 @@ impl TransferError {
 pub struct RowDownload<'a> {
     /// The model's weight layout (its rows).
     pub layout: &'a WeightLayout,
-    /// The version held and its values, if any.
-    pub held: Option<(u64, &'a [f32])>,
+    /// The version held, the digest its task named and its values, if any.
+    pub held: Option<(u64, &'a [u8], &'a [f32])>,
     /// Precision asked for the factor rows.
     pub precision: RowPrecision,
+}
+
+/// Whether `model` is the version `task` names: its digest is the task's
+/// `model_digest` (a task without one names none).
+pub fn is_named_model(task: &pb::TaskAssignment, model: &[f32]) -> bool {
+    task.model_digest.is_empty()
+        || fedcart_common::federation::update::model_digest(model).as_slice() == task.model_digest
 }
 
 /// Downloads the model named by `task`, checking offsets and total length.
@@ -208,7 +226,10 @@ pub async fn download_rows(
         round: task.round,
         task_id: task.task_id.clone(),
         model_version: task.model_version,
-        cached_version: rows.and_then(|r| r.held).map_or(0, |(v, _)| v),
+        cached_version: rows.and_then(|r| r.held).map_or(0, |(v, _, _)| v),
+        cached_digest: rows
+            .and_then(|r| r.held)
+            .map_or_else(Vec::new, |(_, d, _)| d.to_vec()),
         row_precision: match rows.map(|r| r.precision) {
             Some(RowPrecision::F16) => pb::RowPrecision::F16,
             Some(RowPrecision::Int8) => pb::RowPrecision::Int8,
@@ -295,7 +316,7 @@ pub async fn download_rows(
     match rows {
         Some(r) if encoding == pb::ModelEncoding::Rows as i32 => {
             let mut model = match r.held {
-                Some((_, held)) if held.len() == expected / 4 => held.to_vec(),
+                Some((_, _, held)) if held.len() == expected / 4 => held.to_vec(),
                 _ => vec![0.0; expected / 4],
             };
             sparse::apply_model(&bytes, &mut model, r.layout).map_err(|source| {
@@ -596,6 +617,30 @@ mod tests {
             status: tonic::Status::invalid_argument("bad request"),
         };
         assert!(download.update_refused().is_none());
+    }
+
+    /// A model is the version its task names only if its values hash to
+    /// the task's digest; a task without a digest names none.
+    #[test]
+    fn a_model_is_checked_against_the_digest_its_task_names() {
+        let model = [0.5f32, -1.0, 3.25];
+        let task = pb::TaskAssignment {
+            model_digest: fedcart_common::federation::update::model_digest(&model).to_vec(),
+            ..Default::default()
+        };
+        assert!(is_named_model(&task, &model));
+        for other in [
+            &[0.5f32, -1.0, 3.5][..],
+            &[0.5, -1.0],
+            &[-0.0, 0.5, -1.0, 3.25],
+        ] {
+            assert!(!is_named_model(&task, other), "{other:?}");
+        }
+        assert!(is_named_model(&pb::TaskAssignment::default(), &[1.0]));
+        // The digest is SHA-256 of the little-endian bytes.
+        use sha2::Digest;
+        let bytes = fedcart_common::federation::update::f32s_to_le(&model);
+        assert_eq!(task.model_digest, sha2::Sha256::digest(&bytes).to_vec());
     }
 
     #[tokio::test]

@@ -108,6 +108,9 @@ pub struct Shared {
     /// agent of a round downloads the same version, and each chunk sent is a
     /// slice of these shared bytes instead of a fresh conversion per agent.
     model_bytes: Mutex<Option<(u64, Bytes)>>,
+    /// The SHA-256 of the latest model versions tasks named or agents held
+    /// ([`Shared::digest_of`]), at most [`DIGESTS_KEPT`].
+    model_digests: Mutex<BTreeMap<u64, [u8; 32]>>,
     /// The merchants any round of the run selected, read from its history
     /// as records are appended ([`Shared::ever_selected`]).
     selected_ever: Mutex<SelectedEver>,
@@ -164,6 +167,7 @@ impl Shared {
             closing,
             secure: Mutex::new(None),
             model_bytes: Mutex::new(None),
+            model_digests: Mutex::new(BTreeMap::new()),
             selected_ever: Mutex::new(SelectedEver::default()),
         })
     }
@@ -594,6 +598,41 @@ impl Shared {
         self.engine().model(version)
     }
 
+    /// The digest of version `version` a task names
+    /// (`TaskAssignment.model_digest`, bound into a secure round's signed
+    /// advertisements).
+    pub fn model_digest(&self, version: u64) -> Result<[u8; 32], EngineError> {
+        if let Some(digest) = self.cached_digest(version) {
+            return Ok(digest);
+        }
+        let model = self
+            .model(version)?
+            .ok_or_else(|| EngineError::Config(format!("version {version} is not stored")))?;
+        Ok(self.digest_of(version, &model))
+    }
+
+    fn cached_digest(&self, version: u64) -> Option<[u8; 32]> {
+        let digests = self.model_digests.lock().unwrap_or_else(|p| p.into_inner());
+        digests.get(&version).copied()
+    }
+
+    /// [`Shared::model_digest`] of `model`, version `version`: hashed once
+    /// per version (a round's downloads ask for the digests of the few
+    /// versions its agents hold).
+    fn digest_of(&self, version: u64, model: &[f32]) -> [u8; 32] {
+        if let Some(digest) = self.cached_digest(version) {
+            return digest;
+        }
+        // Hashed outside the lock: two first requests may both hash.
+        let digest = fedcart_common::federation::update::model_digest(model);
+        let mut digests = self.model_digests.lock().unwrap_or_else(|p| p.into_inner());
+        digests.insert(version, digest);
+        while digests.len() > DIGESTS_KEPT {
+            digests.pop_first();
+        }
+        digest
+    }
+
     /// The little-endian bytes of `model`, version `version`: converted once
     /// per version and then shared by every download of it.
     fn model_bytes(&self, version: u64, model: &[f32]) -> Bytes {
@@ -882,6 +921,20 @@ impl Coordinator for Service {
         };
         let model = model
             .ok_or_else(|| Status::not_found(format!("model version {}", req.model_version)))?;
+        // Only if the agent's copy is this store's version: a copy of the
+        // same number from another history (a store restored from an older
+        // backup, or lost and begun again under the same run id) would take
+        // the changed rows and be corrupted without a word. The whole model
+        // goes then.
+        let cached = cached.filter(|c| {
+            let same = shared.digest_of(req.cached_version, c).as_slice() == req.cached_digest;
+            if !same {
+                tracing::warn!(%merchant, task = %req.task_id, cached = req.cached_version,
+                    "the agent holds a version of this run's number with other values (the \
+                     store was restored from a backup or begun again): sending the whole model");
+            }
+            same
+        });
         if let Some(rows) =
             rows::rows_download(&model, cached.as_ref().map(|c| c.as_slice()), &layout, &req)
         {
@@ -1397,6 +1450,10 @@ pub(crate) async fn receive_payload<'a>(
 
 use futures::StreamExt as _;
 
+/// Model digests [`Shared`] keeps: the current version's and those of the
+/// few before it that agents away for some rounds still hold.
+const DIGESTS_KEPT: usize = 8;
+
 /// Runs tasks until the run finishes or `shutdown` fires: waits for enough
 /// agents, opens a task, pushes it, waits for every selected agent or the
 /// deadline, then closes it.
@@ -1450,11 +1507,16 @@ pub async fn run_tasks(
         };
         let timeout = Duration::from_millis(shared.engine().run().round_timeout_ms);
         let deadline = tokio::time::Instant::now() + timeout;
+        let digest = match plan.model_len {
+            0 => Vec::new(),
+            _ => shared.model_digest(plan.model_version)?.to_vec(),
+        };
         let msg = convert::assignment(
             &run_id,
             &plan,
             unix_ms() + timeout.as_millis() as i64,
             plan.secure,
+            digest,
         );
         let targets: Vec<(String, mpsc::Sender<Result<pb::Work, Status>>)> = {
             // One pass over the sessions (a scan per selected merchant was

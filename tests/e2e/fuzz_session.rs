@@ -442,6 +442,7 @@ async fn mutated_secure_aggregation_messages_from_a_joined_mtls_agent_are_refuse
             model_version: g.next() % 4,
             cached_version: g.next() % 4,
             row_precision: (g.next() % 4) as i32,
+            cached_digest: g.bytes_below(40),
         };
         let err = client
             .download_model(req)

@@ -234,7 +234,7 @@ fn advertise_given(
             round: t.round,
             task_id: t.task_id.clone(),
             round_seed: rs,
-            task_digest: task_digest(&t.spec_json, t.model_version, t.model_len),
+            task_digest: task_digest(&t.spec_json, t.model_version, t.model_len, &t.model_digest),
         },
     }
 }
@@ -459,7 +459,8 @@ fn an_agent_whose_ledger_cannot_be_written_sends_no_masked_input() {
 /// A coordinator that gives merchant m0 its task and the others of the
 /// same secure round another one under the same id (a learning rate of 0,
 /// so that the unmasked sum is m0's update alone; a thinner DP noise, so
-/// that the sum carries less than m0 is charged for) got m0's exact update
+/// that the sum carries less than m0 is charged for; other model values
+/// under the same version) got m0's exact update
 /// from a round of normal size (found by an attacker probe, with every
 /// policy floor met). Each advertisement is signed over the task's digest:
 /// every agent refuses the roster, nothing is masked, and no sum is
@@ -472,6 +473,7 @@ fn secure_round_whose_agents_were_given_different_tasks_is_refused_by_every_agen
         spec_json: br#"{"sgd":{"learning_rate":0.05}}"#.to_vec(),
         model_version: 1,
         model_len: DIM as u64,
+        model_digest: vec![7; 32],
         ..task(0)
     };
     let config = SecAggConfig::complete(DIM, 0, N, 1.0);
@@ -482,6 +484,12 @@ fn secure_round_whose_agents_were_given_different_tasks_is_refused_by_every_agen
         },
         pb::TaskAssignment {
             model_version: 0,
+            ..honest.clone()
+        },
+        // Other model values under the same version (each agent checks
+        // the values it trains from against the digest it signs).
+        pb::TaskAssignment {
+            model_digest: vec![9; 32],
             ..honest.clone()
         },
     ] {

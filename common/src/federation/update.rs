@@ -248,6 +248,25 @@ pub fn f32s_to_le(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// SHA-256 of `values` as little-endian f32 bytes: a model version's digest
+/// (`TaskAssignment.model_digest`), which an agent checks the model it
+/// assembled against and signs in a secure round.
+pub fn model_digest(values: &[f32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    if cfg!(target_endian = "little") {
+        h.update(bytemuck::cast_slice::<f32, u8>(values));
+    } else {
+        let mut buf = [0u8; 4096];
+        for chunk in values.chunks(1024) {
+            let out = &mut buf[..chunk.len() * 4];
+            write_le(chunk, out);
+            h.update(&*out);
+        }
+    }
+    h.finalize().into()
+}
+
 /// Writes `values` as little-endian bytes into `out` (of length 4 × len):
 /// fixed-size stores the compiler turns into a plain copy on little-endian
 /// targets, where a per-value `extend_from_slice` re-checks capacity each time.

@@ -61,12 +61,15 @@ pub(super) fn spec_json(plan: &TaskPlan) -> Vec<u8> {
     serde_json::to_vec(&plan.spec).expect("task specs serialise")
 }
 
-/// The assignment message pushed to each selected agent.
+/// The assignment message pushed to each selected agent; `model_digest` is
+/// its version's ([`super::Shared::model_digest`]), empty when the task
+/// needs no model.
 pub fn assignment(
     run_id: &str,
     plan: &TaskPlan,
     deadline_unix_ms: i64,
     secure: bool,
+    model_digest: Vec<u8>,
 ) -> pb::TaskAssignment {
     pb::TaskAssignment {
         run_id: run_id.to_string(),
@@ -79,6 +82,7 @@ pub fn assignment(
         deadline_unix_ms,
         secure_aggregation: secure,
         hands_out: plan.hands_out,
+        model_digest,
     }
 }
 

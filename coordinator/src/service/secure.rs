@@ -479,6 +479,16 @@ async fn drive(
             .map(|(_, &id)| id)
             .collect()
     };
+    // As pushed with the task (`run_tasks`; cached, so the same bytes).
+    let model_digest = match plan.model_len {
+        0 => Vec::new(),
+        _ => or_abort!(
+            shared
+                .model_digest(plan.model_version)
+                .map(|d| d.to_vec())
+                .map_err(|e| e.to_string())
+        ),
+    };
     let server = match ServerSession::new(config.clone(), rs, &ids) {
         Ok(s) => s,
         Err(e) => return Ok(Err(e.to_string())),
@@ -507,6 +517,7 @@ async fn drive(
                 &super::convert::spec_json(plan),
                 plan.model_version,
                 plan.model_len,
+                &model_digest,
             ),
         },
         bindings: BTreeMap::new(),

@@ -92,21 +92,30 @@ pub struct BindingContext {
 
 /// SHA-256 of the task an agent was given, as the coordinator pushed it:
 /// its spec's JSON bytes (hyper-parameters, DP settings, seed, model
-/// shape), the model version it trains from and that version's length.
+/// shape), the model version it trains from, that version's length and its
+/// digest ([`crate::federation::update::model_digest`], which the agent
+/// checked the model it trained from against).
 ///
 /// Bound into every advertisement ([`BindingContext::task_digest`]): a
 /// coordinator that gave the other agents of a secure round another task
 /// than merchant m's (a learning rate of 0, so that the unmasked sum is
 /// m's update alone; a thinner DP noise, so that the sum carries less noise
-/// than m is charged for) makes their signatures fail m's verification, and
-/// m's theirs. The model's bytes are not bound, only its version.
-pub fn task_digest(spec_json: &[u8], model_version: u64, model_len: u64) -> [u8; 32] {
+/// than m is charged for; other model bytes under the same version) makes
+/// their signatures fail m's verification, and m's theirs.
+pub fn task_digest(
+    spec_json: &[u8],
+    model_version: u64,
+    model_len: u64,
+    model_digest: &[u8],
+) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(TASK_DOMAIN);
     h.update((spec_json.len() as u64).to_le_bytes());
     h.update(spec_json);
     h.update(model_version.to_le_bytes());
     h.update(model_len.to_le_bytes());
+    h.update((model_digest.len() as u64).to_le_bytes());
+    h.update(model_digest);
     h.finalize().into()
 }
 
@@ -623,7 +632,7 @@ mod tests {
             round: 3,
             task_id: "r3a0-train".into(),
             round_seed: [9; 32],
-            task_digest: task_digest(br#"{"lr":0.05}"#, 3, 10),
+            task_digest: task_digest(br#"{"lr":0.05}"#, 3, 10, &[7; 32]),
         }
     }
 
@@ -748,17 +757,21 @@ mod tests {
                 ..ctx()
             },
             // Another task under the same id: the learning rate, the model
-            // version or its length.
+            // version, its length or its bytes.
             BindingContext {
-                task_digest: task_digest(br#"{"lr":0.0}"#, 3, 10),
+                task_digest: task_digest(br#"{"lr":0.0}"#, 3, 10, &[7; 32]),
                 ..ctx()
             },
             BindingContext {
-                task_digest: task_digest(br#"{"lr":0.05}"#, 2, 10),
+                task_digest: task_digest(br#"{"lr":0.05}"#, 2, 10, &[7; 32]),
                 ..ctx()
             },
             BindingContext {
-                task_digest: task_digest(br#"{"lr":0.05}"#, 3, 11),
+                task_digest: task_digest(br#"{"lr":0.05}"#, 3, 11, &[7; 32]),
+                ..ctx()
+            },
+            BindingContext {
+                task_digest: task_digest(br#"{"lr":0.05}"#, 3, 10, &[8; 32]),
                 ..ctx()
             },
         ];
