@@ -49,6 +49,7 @@
 use std::path::PathBuf;
 
 use fedcart_common::privacy::dp::Accountant;
+use fedcart_common::privacy::dp::distributed::DistributedNoise;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::PolicyViolation;
@@ -423,11 +424,12 @@ fn epsilon(acc: &Accountant, delta: f64) -> f64 {
     acc.epsilon(delta).map_or(f64::INFINITY, |r| r.epsilon)
 }
 
-/// The multiplier a distributed-DP round is charged at: the task's `z` split
-/// across `planned` survivors, in a round of `agents` agents.
-pub fn round_noise_multiplier(z: f64, planned: usize, agents: usize) -> f64 {
-    let planned = planned.max(1);
-    z * (agents.min(planned) as f64 / planned as f64).sqrt()
+/// The multiplier a distributed-DP round is charged at: the release's
+/// ([`DistributedNoise::release_noise_multiplier`], the clip-bit count's
+/// noise included with adaptive clipping) with the noise of `agents` of the
+/// planned survivors in the sum, at most all of them.
+pub fn round_noise_multiplier(noise: &DistributedNoise, clip_bit: bool, agents: usize) -> f64 {
+    noise.release_noise_multiplier(agents.min(noise.skellam.min_survivors.max(1)), clip_bit)
 }
 
 #[cfg(test)]
@@ -623,9 +625,19 @@ mod tests {
 
     #[test]
     fn a_round_of_fewer_agents_than_planned_is_charged_at_its_lower_noise() {
-        assert_eq!(round_noise_multiplier(2.0, 4, 10), 2.0);
-        assert_eq!(round_noise_multiplier(2.0, 4, 4), 2.0);
-        assert!((round_noise_multiplier(2.0, 4, 1) - 1.0).abs() < 1e-12);
+        let noise = DistributedNoise {
+            skellam: fedcart_common::privacy::dp::DistributedSkellam::new(2.0, 1.0, 1e3, 10, 4)
+                .unwrap(),
+            bit_variance: 0.0,
+            secagg_clip: 1.0,
+            modulus_bits: 32,
+        };
+        assert_eq!(round_noise_multiplier(&noise, false, 10), 2.0);
+        assert_eq!(round_noise_multiplier(&noise, false, 4), 2.0);
+        assert!((round_noise_multiplier(&noise, false, 1) - 1.0).abs() < 1e-12);
+        // With adaptive clipping, the count released with the sum: none
+        // here, so no privacy at all (a charge refuses it).
+        assert_eq!(round_noise_multiplier(&noise, true, 4), 0.0);
         let dir = tempfile::tempdir().unwrap();
         let mut b = Budget::open(StateDir::open(dir.path()).unwrap(), 100.0, 1e-5).unwrap();
         for z in [0.0, -1.0, f64::NAN, f64::INFINITY] {

@@ -14,7 +14,7 @@
 //! `min_noise_multiplier` can only be met by distributed noise (added on
 //! the agents under secure aggregation).
 
-use fedcart_common::privacy::dp::distributed::DistributedSkellam;
+use fedcart_common::privacy::dp::distributed::DistributedNoise;
 use fedcart_common::privacy::secagg::SecAggConfig;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -176,6 +176,20 @@ impl PrivacyPolicy {
                 "differential privacy",
             ));
         }
+        // Agent-side noise goes into a masked input only: a task asking for
+        // it in the clear would send the update without noise and charge
+        // nothing (found by an attacker probe, past every DP key).
+        if !secure
+            && spec.dp.as_ref().is_some_and(|d| d.distributed.is_some())
+            && let Some(setting) = self.dp_setting()
+        {
+            return Err(violation(
+                setting,
+                "distributed noise without secure aggregation (the update would leave \
+                 without it)",
+                "distributed noise under secure aggregation",
+            ));
+        }
         // An analysis (segments, frequent itemsets for rules) sums exact
         // counts and cannot carry differential privacy: like statistics and
         // evaluation it is not charged, and a cap does not keep the merchant
@@ -199,11 +213,11 @@ impl PrivacyPolicy {
             ));
         }
         if self.min_noise_multiplier > 0.0 {
-            let z = spec
-                .dp
-                .as_ref()
-                .and_then(|d| d.distributed)
-                .map(|n| n.skellam.noise_multiplier);
+            // The release's, the clip-bit count included.
+            let z = spec.dp.as_ref().and_then(|d| {
+                d.distributed
+                    .map(|n| n.release_noise_multiplier(n.skellam.min_survivors, d.clip_bit))
+            });
             match z {
                 None => {
                     return Err(violation(
@@ -249,21 +263,42 @@ impl PrivacyPolicy {
     /// a split across more agents than the round has shrinks every share.
     pub fn check_noise(
         &self,
-        noise: &DistributedSkellam,
+        noise: &DistributedNoise,
+        clip_bit: bool,
         agents: usize,
     ) -> Result<(), PolicyViolation> {
-        let best = noise.effective_noise_multiplier(agents);
+        let best = noise.release_noise_multiplier(agents, clip_bit);
         if self.min_noise_multiplier > 0.0 && (best.is_nan() || best < self.min_noise_multiplier) {
+            let k = &noise.skellam;
             return Err(violation(
                 "min_noise_multiplier",
                 format!(
-                    "z = {} split across {} agents, {agents} in the round: z = {best:.3} at best",
-                    noise.noise_multiplier, noise.min_survivors
+                    "z = {} split across {} agents{}, {agents} in the round: z = {best:.3} at best",
+                    k.noise_multiplier,
+                    k.min_survivors,
+                    if clip_bit {
+                        " with the clip-bit count's noise"
+                    } else {
+                        ""
+                    }
                 ),
                 format!("z >= {}", self.min_noise_multiplier),
             ));
         }
         Ok(())
+    }
+
+    /// The first key asking for differential privacy, if any.
+    fn dp_setting(&self) -> Option<&'static str> {
+        if self.max_epsilon.is_some() {
+            Some("max_epsilon")
+        } else if self.min_noise_multiplier > 0.0 {
+            Some("min_noise_multiplier")
+        } else if self.require_dp {
+            Some("require_dp")
+        } else {
+            None
+        }
     }
 
     /// Checks a secure round's parameters when the invitation arrives:
@@ -377,6 +412,7 @@ impl PrivacyPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedcart_common::privacy::dp::distributed::DistributedSkellam;
     use fedcart_common::task::ModelSpec;
 
     fn spec(kind: TaskKind) -> TaskSpec {
@@ -392,6 +428,21 @@ mod tests {
         }
     }
 
+    fn train_spec() -> TaskSpec {
+        spec(TaskKind::Train)
+    }
+
+    fn dp_task(
+        noise: DistributedNoise,
+        clip_bit: bool,
+    ) -> fedcart_common::privacy::dp::task::DpTask {
+        fedcart_common::privacy::dp::task::DpTask {
+            clip: 1.0,
+            clip_bit,
+            distributed: Some(noise),
+        }
+    }
+
     /// The coordinator sets the task's z and how many agents the noise is
     /// split across: a floor on z alone would let it shrink every share by
     /// splitting across more agents than the round has.
@@ -401,11 +452,17 @@ mod tests {
             min_noise_multiplier: 1.0,
             ..PrivacyPolicy::default()
         };
-        let planned = DistributedSkellam::new(1.0, 1.0, 1000.0, 10, 4).unwrap();
-        p.check_noise(&planned, 4).unwrap();
-        p.check_noise(&planned, 6).unwrap();
-        let inflated = DistributedSkellam::new(1.0, 1.0, 1000.0, 10, 1_000_000).unwrap();
-        let e = p.check_noise(&inflated, 4).unwrap_err();
+        let noise = |skellam| DistributedNoise {
+            skellam,
+            bit_variance: 0.0,
+            secagg_clip: 1.0,
+            modulus_bits: 32,
+        };
+        let planned = noise(DistributedSkellam::new(1.0, 1.0, 1000.0, 10, 4).unwrap());
+        p.check_noise(&planned, false, 4).unwrap();
+        p.check_noise(&planned, false, 6).unwrap();
+        let inflated = noise(DistributedSkellam::new(1.0, 1.0, 1000.0, 10, 1_000_000).unwrap());
+        let e = p.check_noise(&inflated, false, 4).unwrap_err();
         assert_eq!(e.setting, "min_noise_multiplier");
         assert!(
             e.task
@@ -415,8 +472,98 @@ mod tests {
         );
         // A round that lost one of its four planned agents before it began
         // cannot give z = 1 either; without a floor anything goes.
-        assert!(p.check_noise(&planned, 3).is_err());
-        PrivacyPolicy::default().check_noise(&inflated, 4).unwrap();
+        assert!(p.check_noise(&planned, false, 3).is_err());
+        PrivacyPolicy::default()
+            .check_noise(&inflated, false, 4)
+            .unwrap();
+    }
+
+    /// With adaptive clipping the clip-bit count is released with the
+    /// model's sum: a count with thin noise (the coordinator's
+    /// `count_noise_std` just above z/2) let a z_Δ of 1.82 pass a floor of
+    /// 1 while the release had z = 0.5 (found by an attacker probe), and a
+    /// count without noise passed any floor.
+    #[test]
+    fn the_noise_floor_counts_the_clip_bit_release_under_adaptive_clipping() {
+        let p = PrivacyPolicy {
+            min_noise_multiplier: 1.0,
+            ..PrivacyPolicy::default()
+        };
+        let (z, agents, scale) = (0.5f64, 3, 1000.0);
+        let sigma_b = 0.26f64;
+        let z_delta = (z.powi(-2) - (2.0 * sigma_b).powi(-2)).powf(-0.5);
+        let noise = |bit_variance| DistributedNoise {
+            skellam: DistributedSkellam::new(z_delta, 1.0, scale, 10, agents).unwrap(),
+            bit_variance,
+            secagg_clip: 1.0,
+            modulus_bits: 32,
+        };
+        let thin = noise((sigma_b * scale).powi(2) / agents as f64);
+        assert!((z_delta - 1.82).abs() < 0.01, "{z_delta}");
+        assert!((thin.release_noise_multiplier(agents, true) - z).abs() < 1e-9);
+        assert!((thin.release_noise_multiplier(agents, false) - z_delta).abs() < 1e-9);
+        let e = p.check_noise(&thin, true, agents).unwrap_err();
+        assert!(e.task.contains("z = 0.500 at best"), "{}", e.task);
+        assert!(p.check_noise(&noise(0.0), true, agents).is_err());
+        // A count with wide noise (σ_b = 2): the release's z is below z_Δ,
+        // and above the floor.
+        let wide = noise((2.0 * scale).powi(2) / agents as f64);
+        let z_wide = wide.release_noise_multiplier(agents, true);
+        assert!(z_wide < z_delta && z_wide > 1.0, "{z_wide}");
+        p.check_noise(&wide, true, agents).unwrap();
+        // The task's own check, before the round: the same release.
+        let mut spec = train_spec();
+        spec.dp = Some(dp_task(thin, true));
+        assert_eq!(
+            p.check_task(&spec, true).unwrap_err().setting,
+            "min_noise_multiplier"
+        );
+        spec.dp = Some(dp_task(wide, true));
+        p.check_task(&spec, true).unwrap();
+    }
+
+    /// Agent-side noise is added to a masked input only: a training task
+    /// carrying it but not secure sent the clipped update without noise and
+    /// charged nothing, past `require_dp`, `max_epsilon` and the noise
+    /// floor (found by an attacker probe with a patched coordinator).
+    #[test]
+    fn distributed_noise_without_secure_aggregation_is_refused_by_any_dp_key() {
+        let noise = DistributedNoise {
+            skellam: DistributedSkellam::new(2.0, 1.0, 1000.0, 10, 3).unwrap(),
+            bit_variance: 0.0,
+            secagg_clip: 1.0,
+            modulus_bits: 32,
+        };
+        let mut spec = train_spec();
+        spec.dp = Some(dp_task(noise, false));
+        for (policy, setting) in [
+            (
+                PrivacyPolicy {
+                    require_dp: true,
+                    ..PrivacyPolicy::default()
+                },
+                "require_dp",
+            ),
+            (
+                PrivacyPolicy {
+                    min_noise_multiplier: 1.0,
+                    ..PrivacyPolicy::default()
+                },
+                "min_noise_multiplier",
+            ),
+            (
+                PrivacyPolicy {
+                    max_epsilon: Some(20.0),
+                    ..PrivacyPolicy::default()
+                },
+                "max_epsilon",
+            ),
+        ] {
+            let e = policy.check_task(&spec, false).unwrap_err();
+            assert_eq!(e.setting, setting);
+            assert!(e.to_string().contains("without secure aggregation"), "{e}");
+            policy.check_task(&spec, true).unwrap();
+        }
     }
 
     #[test]
@@ -516,7 +663,7 @@ mod tests {
             ..Default::default()
         };
         let mut central = spec(TaskKind::Train);
-        central.dp = Some(fedcart_common::privacy::dp::DpTask {
+        central.dp = Some(fedcart_common::privacy::dp::task::DpTask {
             clip: 1.0,
             clip_bit: false,
             distributed: None,

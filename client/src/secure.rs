@@ -200,9 +200,11 @@ impl SecureTasks {
         self.policy.check_task(spec, secure)?;
         if let Some(budget) = &self.budget
             && spec.kind == fedcart_common::task::TaskKind::Train
-            && let Some(noise) = spec.dp.as_ref().and_then(|d| d.distributed.as_ref())
+            && let Some(dp) = &spec.dp
+            && let Some(noise) = &dp.distributed
         {
-            budget.check(noise.skellam.noise_multiplier)?;
+            budget
+                .check(noise.release_noise_multiplier(noise.skellam.min_survivors, dp.clip_bit))?;
         }
         Ok(())
     }
@@ -408,12 +410,12 @@ impl SecureTasks {
                         .check_round(session.config(), dp.clip, dp.clip_bit)
                         .map_err(|e| protocol(SecAggError::Refused(e)))?;
                     policy
-                        .check_noise(&noise.skellam, roster.ids.len())
+                        .check_noise(noise, dp.clip_bit, roster.ids.len())
                         .map_err(refuse)?;
                     if let Some(budget) = budget {
                         let z = crate::budget::round_noise_multiplier(
-                            noise.skellam.noise_multiplier,
-                            noise.skellam.min_survivors,
+                            noise,
+                            dp.clip_bit,
                             roster.ids.len(),
                         );
                         budget.check(z).map_err(refuse)?;
@@ -519,7 +521,8 @@ impl SecureTasks {
                 // The sum's inputs are known now: the list this request
                 // names (signed by t survivors with the survivor check).
                 let survivors = request.survivors.len();
-                if let Some(noise) = held.dp.as_ref().and_then(|d| d.distributed.as_ref())
+                if let Some(dp) = &held.dp
+                    && let Some(noise) = &dp.distributed
                     && (budget.is_some() || policy.min_noise_multiplier > 0.0)
                 {
                     if survivors == 0 {
@@ -534,11 +537,8 @@ impl SecureTasks {
                     // leaves, and kept even if this agent then refuses (the
                     // other holders may unmask the sum without it).
                     if let Some(budget) = budget {
-                        let z = crate::budget::round_noise_multiplier(
-                            noise.skellam.noise_multiplier,
-                            noise.skellam.min_survivors,
-                            survivors,
-                        );
+                        let z =
+                            crate::budget::round_noise_multiplier(noise, dp.clip_bit, survivors);
                         let spent = crate::budget::Spent {
                             run_id: req.run_id.clone(),
                             round: req.round,
@@ -581,7 +581,7 @@ impl SecureTasks {
                         }
                     }
                     policy
-                        .check_noise(&noise.skellam, survivors)
+                        .check_noise(noise, dp.clip_bit, survivors)
                         .map_err(refuse)?;
                 }
                 policy.check_survivors(survivors).map_err(refuse)?;

@@ -367,3 +367,85 @@ async fn an_agent_reveals_no_shares_for_a_sum_of_fewer_inputs_than_its_policy_al
         "the run gave up after its attempts"
     );
 }
+
+/// With adaptive clipping the clip-bit count is released with the model's
+/// sum, its noise set by the coordinator (`count_noise_std`). A merchant
+/// charged and checked its floor at the deltas' multiplier alone: with the
+/// release at z = 0.5 (the coordinator's own ε 21.4) the merchant's ledger
+/// read 4.5 and a floor of 1 let every round through (found by an attacker
+/// probe with the shipped coordinator). Each ledger is now charged at the
+/// release's multiplier, what the coordinator accounts, and a floor of 1
+/// keeps the merchant out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_adaptive_clipping_a_merchant_is_charged_for_the_clip_bit_release_too() {
+    use fedcart_client::budget::Budget;
+    use fedcart_client::state::StateDir;
+    use fedcart_common::privacy::dp::accountant::epsilon_for;
+    use fedcart_coordinator::config::{ClipNorm, DpMode, DpSettings};
+
+    let (z, delta) = (0.5, 1e-5);
+    let mut run = noop_run("e2e-budget-adaptive", true);
+    let mut dp = DpSettings::central(1.0, z, delta);
+    dp.mode = DpMode::Distributed;
+    dp.clip = ClipNorm::Adaptive;
+    dp.count_noise_std = Some(0.26);
+    run.dp = Some(dp);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let states: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut agents: Vec<_> = states
+        .iter()
+        .enumerate()
+        .map(|(k, state)| {
+            let budget = Budget::open(StateDir::open(state.path()).unwrap(), 1e3, delta).unwrap();
+            let agent = Agent::new(format!("http://{}", coord.addr), merchant(k))
+                .with_policy(PrivacyPolicy {
+                    max_epsilon: Some(1e3),
+                    epsilon_delta: delta,
+                    ..PrivacyPolicy::without_key_binding()
+                })
+                .with_budget(budget);
+            spawn_configured(agent)
+        })
+        .collect();
+    let mut floored =
+        Agent::new(format!("http://{}", coord.addr), merchant(3)).with_policy(PrivacyPolicy {
+            min_noise_multiplier: 1.0,
+            ..PrivacyPolicy::without_key_binding()
+        });
+    floored.backoff = Backoff {
+        initial_ms: 20,
+        max_ms: 500,
+    };
+    agents.push(spawn_configured(floored));
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let trains = train_records(&shared);
+    assert_eq!(trains.len(), 1, "{trains:?}");
+    let r = &trains[0];
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    assert_eq!(r.reported, vec!["m0", "m1", "m2"], "{r:?}");
+    assert_eq!(
+        r.rejected,
+        declined_by_m3(&declined_by_policy("min_noise_multiplier"))
+    );
+    let privacy = r.privacy.as_ref().expect("a DP round");
+    for state in &states {
+        let b = Budget::open(StateDir::open(state.path()).unwrap(), 1e3, delta).unwrap();
+        assert_eq!(b.rounds().len(), 1, "{:?}", b.rounds());
+        let charged = b.rounds()[0].noise_multiplier;
+        // The noise of three of the four planned agents' shares, as the
+        // coordinator accounts it; well below the deltas' z_Δ ≈ 1.82·√¾.
+        assert!(
+            (charged - privacy.noise_multiplier).abs() < 1e-9,
+            "charged {charged}, accounted {}",
+            privacy.noise_multiplier
+        );
+        assert!(charged < z, "{charged}");
+        let epsilon = epsilon_for(1.0, charged, 1, delta).unwrap().epsilon;
+        assert!((b.spent() - epsilon).abs() < 1e-9, "{}", b.spent());
+    }
+}

@@ -378,6 +378,28 @@ impl DistributedNoise {
         config.noise_variance = self.skellam.per_agent_variance().max(self.bit_variance);
     }
 
+    /// The noise multiplier of a round's whole release when `survivors`
+    /// agents' noise is in the sum: the model coordinates'
+    /// ([`DistributedSkellam::effective_noise_multiplier`]) composed, with
+    /// adaptive clipping (`clip_bit`), with the clip-bit count's, released
+    /// with them: `z⁻² = z_Δ⁻² + (2σ_b)⁻²` (Andrew et al. 2021, Thm. 1, as the
+    /// coordinator splits its `z`), where `σ_b = √(bit_variance·survivors) /
+    /// scale` is the count's noise in bits. A merchant charges and checks its
+    /// floor at this: `z_Δ` alone left out the count, whose noise the
+    /// coordinator sets (a thin one made any `z_Δ` pass a floor of 1 with the
+    /// release at 0.5; found by an attacker probe). No count noise gives 0.
+    pub fn release_noise_multiplier(&self, survivors: usize, clip_bit: bool) -> f64 {
+        let z_delta = self.skellam.effective_noise_multiplier(survivors);
+        if !clip_bit {
+            return z_delta;
+        }
+        let sigma_b = (self.bit_variance * survivors as f64).sqrt() / self.skellam.scale;
+        if !(sigma_b > 0.0 && z_delta > 0.0) {
+            return 0.0;
+        }
+        (z_delta.powi(-2) + (2.0 * sigma_b).powi(-2)).powf(-0.5)
+    }
+
     /// The agent's check, before it adds its share, that this noise was
     /// planned for the secure round it is asked for. The coordinator sets
     /// both, and every way they could disagree shrinks what each agent adds
