@@ -78,8 +78,13 @@ impl Traffic {
             Some((v, _)) if *v == version => 0,
             _ => {
                 let old = held.as_ref().map(|(_, m)| m.as_slice());
+                // The coordinator sends whichever form is smaller
+                // (`service::rows::rows_download`); the rows' form counted
+                // alone overstated a round where most rows changed (a
+                // researcher probe: 1.9 % over a run).
                 match sparse::changed_rows(global, old, layout) {
-                    Ok(rows) => sparse::model_len_bytes(layout, rows.len(), self.precision),
+                    Ok(rows) => sparse::model_len_bytes(layout, rows.len(), self.precision)
+                        .min(dense as usize),
                     Err(_) => dense as usize,
                 }
             }
