@@ -405,6 +405,25 @@ async fn run() -> anyhow::Result<()> {
     }
 }
 
+/// The serial of the certificate a forced `certs issue` of `id` replaces,
+/// read before it is overwritten: the file was the only record of it, and
+/// `certs revoke --id` reaches only the file's new certificate.
+fn replaced_serial(dir: &ca::CertDir, id: &str, force: bool) -> Option<String> {
+    force.then(|| ca::serial_of_file(&dir.cert(id)).ok())?
+}
+
+/// Says that the replaced certificate stays valid, and how to revoke it
+/// (a renewal after a leaked key left the leaked one working, with its
+/// serial printed nowhere; found by an operator probe).
+fn replaced_note(dir: &std::path::Path, id: &str, serial: &str) -> String {
+    format!(
+        "the certificate this replaces (serial {serial}) stays valid until revoked; if its key \
+         must stop working (a renewal after a leak), run `fedcart-coordinator certs revoke --dir \
+         {} --id {id} --serial {serial}`",
+        dir.display()
+    )
+}
+
 fn certs(action: CertsAction) -> anyhow::Result<()> {
     match action {
         CertsAction::Init { dir, hosts } => {
@@ -424,12 +443,16 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             force,
             ..
         } => {
+            let replaced = replaced_serial(&ca::CertDir::new(&dir), &id, force);
             ca::issue_kind(&ca::CertDir::new(&dir), &id, ca::Kind::Operator, force)?;
             fedcart_common::outln!(
                 "issued operator {0}.pem/{0}.key in {1} (`status --identity {0}`)",
                 id,
                 dir.display()
             )?;
+            if let Some(serial) = replaced {
+                fedcart_common::outln!("{}", replaced_note(&dir, &id, &serial))?;
+            }
         }
         CertsAction::Issue {
             dir,
@@ -449,6 +472,7 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
             if let Some(kit) = &kit {
                 ca::check_kit(&id, kit, force)?;
             }
+            let replaced = replaced_serial(&pki, &id, force);
             ca::issue_kind(&pki, &id, ca::Kind::Merchant, force)?;
             let access = access.unwrap_or_else(|| pki.access());
             ca::allow(&access, &id)?;
@@ -463,6 +487,9 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
                     ""
                 }
             )?;
+            if let Some(serial) = replaced {
+                fedcart_common::outln!("{}", replaced_note(&dir, &id, &serial))?;
+            }
             if let (Some(kit), Some(url)) = (&kit, &coordinator_url) {
                 let written = ca::write_kit(&pki, &id, kit, url, domain.as_deref(), force)?;
                 if written == ca::KitWritten::IdentityRenewed {
@@ -549,5 +576,33 @@ mod tests {
         let serial = ca::serial_of_file(&pki.join("m0.pem")).unwrap();
         let access = std::fs::read_to_string(pki.join("access.toml")).unwrap();
         assert!(access.contains(&serial), "{access}");
+    }
+
+    /// A forced re-issue (a renewal) names the certificate it replaces and
+    /// the command that revokes it, which revokes that one and not the new.
+    #[test]
+    fn a_renewal_names_the_replaced_certificate_and_how_to_revoke_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = tmp.path().join("pki");
+        let dir = pki.to_str().unwrap();
+        certs_command(["certs", "init", "--dir", dir]).unwrap();
+        let issue = ["certs", "issue", "--dir", dir, "--id", "m0"];
+        certs_command(issue).unwrap();
+        let certs = ca::CertDir::new(&pki);
+        let old = ca::serial_of_file(&pki.join("m0.pem")).unwrap();
+        assert_eq!(replaced_serial(&certs, "m0", false), None);
+        let replaced = replaced_serial(&certs, "m0", true).unwrap();
+        assert_eq!(replaced, old);
+        certs_command(issue.into_iter().chain(["--force"])).unwrap();
+        let new = ca::serial_of_file(&pki.join("m0.pem")).unwrap();
+        assert_ne!(new, old);
+        let note = replaced_note(&pki, "m0", &replaced);
+        let hint = note
+            .split('`')
+            .find_map(|s| s.strip_prefix("fedcart-coordinator "))
+            .unwrap_or_else(|| panic!("no command in: {note}"));
+        certs_command(hint.split_whitespace()).unwrap_or_else(|e| panic!("`{hint}`: {e}"));
+        let access = std::fs::read_to_string(pki.join("access.toml")).unwrap();
+        assert!(access.contains(&old) && !access.contains(&new), "{access}");
     }
 }
