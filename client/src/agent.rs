@@ -96,6 +96,9 @@ pub struct Agent {
     /// The last model of a row-structured run (matrix factorisation) this
     /// agent downloaded: later downloads fetch only the rows changed since.
     held: Option<HeldModel>,
+    /// The data files read at start, with their length and modification
+    /// time then ([`Agent::from_config`]): the agent reads them once.
+    sources: Vec<(std::path::PathBuf, Option<FileStamp>)>,
     /// The recommender's interactions when item ids are hashed into the
     /// run's rows: re-mapped when a task's model has another row count.
     interactions: Option<crate::data::Interactions>,
@@ -141,6 +144,23 @@ impl FromConfigError {
             Self::State(e) => Some(error::state_fix(e)),
             _ => None,
         }
+    }
+}
+
+/// A file's length and modification time, to tell that it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
     }
 }
 
@@ -233,6 +253,7 @@ impl Agent {
             download_precision: RowPrecision::F32,
             row_transfers: true,
             held: None,
+            sources: Vec::new(),
             interactions: None,
             mf_rows: 0,
             users_of: None,
@@ -284,7 +305,33 @@ impl Agent {
         agent.row_transfers = cfg.transfer.rows;
         agent.personalise = cfg.personalise.clone();
         agent.state_lock = state_lock;
+        agent.sources = [
+            &cfg.data.orders_csv,
+            &cfg.data.churn_csv,
+            &cfg.data.ratings_csv,
+            &cfg.data.catalogue,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| (p.clone(), FileStamp::of(p)))
+        .collect();
         Ok(agent)
+    }
+
+    /// The data files that changed since the agent read them, once per run
+    /// (`run_id`): the agent trains on its data as read at start, and a
+    /// merchant that replaced its export (a weekly refresh) had every later
+    /// run, scheduled retraining included, train on the old one without a
+    /// word (found by an operator probe).
+    fn changed_sources(&mut self, run_id: &str) -> Vec<&std::path::Path> {
+        if !self.lifecycle.sources_checked.insert(run_id.to_owned()) {
+            return Vec::new();
+        }
+        self.sources
+            .iter()
+            .filter(|(p, read)| FileStamp::of(p) != *read)
+            .map(|(p, _)| p.as_path())
+            .collect()
     }
 
     /// Gives `data.mf` the private user factors of `run` (see
@@ -916,6 +963,16 @@ impl Agent {
         // The statistics step still needs its row counts (they are its sum's
         // denominator) and sends them under its own protection.
         let hide_count = spec.dp.is_some() && spec.kind != fedcart_common::task::TaskKind::Stats;
+        let changed = self.changed_sources(&task.run_id);
+        if !changed.is_empty() {
+            let files: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+            tracing::warn!(
+                run = %task.run_id,
+                files = %files.join(", "),
+                "the data changed since this agent read it at start: this run trains on the data \
+                 as read then; restart the agent to train on the new data"
+            );
+        }
         // Features the federation's statistics never saw the like of are
         // clamped by the standardiser (a customer with an amount of 1e14
         // wrecked a running churn model): said once per run.
@@ -1157,6 +1214,8 @@ struct Lifecycle {
     clamp_checked: std::collections::BTreeSet<String>,
     /// Runs whose model this merchant's data does not fit, said once each.
     declined: std::collections::BTreeSet<String>,
+    /// Runs whose tasks found the data files as read, or said they changed.
+    sources_checked: std::collections::BTreeSet<String>,
 }
 
 impl Lifecycle {
@@ -1373,5 +1432,26 @@ mod tests {
             e.what_to_fix().unwrap().contains("damaged or unreadable"),
             "{e}"
         );
+    }
+
+    /// A data file replaced while the agent runs is named once per run: the
+    /// agent trains on the data as read at start.
+    #[test]
+    fn a_data_file_changed_since_the_start_is_named_once_per_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("orders.csv");
+        std::fs::write(&export, "customer,item\na,1\n").unwrap();
+        let mut agent = Agent::new("http://127.0.0.1:1", LocalData::default());
+        agent.sources = vec![(export.clone(), FileStamp::of(&export))];
+        assert!(agent.changed_sources("r1").is_empty());
+        std::fs::write(&export, "customer,item\na,1\nb,2\n").unwrap();
+        assert!(
+            agent.changed_sources("r1").is_empty(),
+            "checked once per run"
+        );
+        assert_eq!(agent.changed_sources("r2"), [export.as_path()]);
+        assert!(agent.changed_sources("r2").is_empty());
+        std::fs::remove_file(&export).unwrap();
+        assert_eq!(agent.changed_sources("r3"), [export.as_path()]);
     }
 }

@@ -83,7 +83,8 @@ pub enum RecommendError {
     #[error(
         "customer `{customer}` is in the data but not in the recommender: their purchases came \
          after it was trained, so it has nothing of theirs to rank by; they get recommendations \
-         once a recommender round trains on data that holds them"
+         once a recommender round trains on data that holds them (the agent reads the export at \
+         start: restart it after a new export)"
     )]
     Untrained {
         /// The customer.
