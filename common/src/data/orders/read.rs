@@ -212,6 +212,23 @@ pub fn read_orders_from<R: Read>(
         if fields.iter().all(|f| f.trim().is_empty()) {
             continue;
         }
+        // Two exports joined end to end (`cat a.csv b.csv`): the second
+        // header read as an order with a bad date, and the error sent the
+        // merchant to `timestamp_format` (found by an operator probe).
+        if fields.len() == header.len()
+            && fields
+                .iter()
+                .zip(&header)
+                .all(|(f, h)| f.trim() == h.trim())
+        {
+            return Err(OrdersError::Row {
+                file: path.into(),
+                line,
+                message: "repeats the header line: two exports joined end to end? Delete the \
+                          repeated header lines (one file has one header, on its first line)"
+                    .into(),
+            });
+        }
         if check_decimal
             && !point_amount
             && let Some(raw) = fields.get(cols.amount).map(|f| f.trim())

@@ -1272,6 +1272,17 @@ fn sep_lines_duplicate_columns_and_open_quotes_are_named() {
         "orders.csv: line 1: the header names the column `price` more than once: rename one of \
          them so the mapping names one column"
     );
+    // Two exports joined end to end: the second header is named as such,
+    // under either bad-row policy (it read as a bad date).
+    let joined = format!("{body}{body}").replace(';', ",");
+    for policy in [BadRowPolicy::Fail, BadRowPolicy::Skip] {
+        let e = read(&joined, &mapping(), policy).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "orders.csv: line 3: repeats the header line: two exports joined end to end? Delete \
+             the repeated header lines (one file has one header, on its first line)"
+        );
+    }
     let open = "customer,item,ts,qty,price\nc1,\"i1,2017-01-01,1,2\nc2,i2,2017-01-02,1,2\n";
     let m = fail_message(open, &mapping());
     assert!(
