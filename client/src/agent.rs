@@ -221,7 +221,15 @@ impl Agent {
             };
             // Row i of the saved state is the customer it names, whatever
             // the export gained or lost since.
-            if mf.adopt_user_order(&users.users) {
+            // Said when customers came or went: after any refresh the
+            // export's order never equals the saved one again, and the line
+            // came at every start (found by an operator probe).
+            let same_customers = users.users.len() == mf.users.len() && {
+                let now: std::collections::HashSet<&str> =
+                    mf.users.iter().map(String::as_str).collect();
+                users.users.iter().all(|u| now.contains(u.as_str()))
+            };
+            if mf.adopt_user_order(&users.users) && !same_customers {
                 tracing::info!(
                     saved = users.users.len(),
                     now = mf.users.len(),
