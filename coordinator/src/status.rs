@@ -223,7 +223,10 @@ pub fn with_hint(e: anyhow::Error, url: &str, identity: Option<&str>) -> anyhow:
         _ if missing_file && identity == Some(crate::certs::OPERATOR) => {
             "`certs init` writes the operator's operator.pem/operator.key into its directory: \
              pass that directory as --certs (or issue another operator with \
-             `certs issue --operator --dir DIR --id NAME` and pass `--identity NAME`)"
+             `certs issue --operator --dir DIR --id NAME` and pass `--identity NAME`); a \
+             merchant reading its own status passes its kit and its id, \
+             `--certs KITDIR --identity ID` (the kit holds ID.pem; --identity defaults to \
+             operator)"
                 .to_string()
         }
         // A merchant's key moved into its kit (`certs issue --kit`), or
@@ -680,6 +683,12 @@ mod tests {
         let e = channel(url, Some(&tls("operator"))).await.unwrap_err();
         let message = format!("{:#}", with_hint(e, url, Some("operator")));
         assert!(message.contains("operator.pem/operator.key"), "{message}");
+        // A merchant that left --identity out (its kit has no operator
+        // files) was told only of operator files (an operator probe).
+        assert!(
+            message.contains("`--certs KITDIR --identity ID`"),
+            "{message}"
+        );
     }
 
     /// `--coordinator 127.0.0.1:47551` was diagnosed as nothing listening
