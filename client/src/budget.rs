@@ -362,9 +362,16 @@ pub fn command_report(
     delta: f64,
 ) -> Result<Option<(String, Option<String>)>, StateError> {
     let kept = state.path().join(LEDGER_FILE).exists();
+    // The runs' own records of charged rounds count without the ledger (it
+    // read as none without a cap, though they hold its rounds; found by an
+    // operator probe).
+    let recorded = std::fs::read_dir(state.path().join("runs")).is_ok_and(|runs| {
+        runs.flatten()
+            .any(|run| run.path().join(RUN_RECORD).is_file())
+    });
     let cap = match max_epsilon {
         Some(cap) => cap,
-        None if kept => f64::INFINITY,
+        None if kept || recorded => f64::INFINITY,
         None => return Ok(None),
     };
     let budget = Budget::open(state.clone(), cap, delta)?;
@@ -560,6 +567,15 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(warning.as_deref(), Some(taken));
+        // Without the cap and without the ledger (opening does not write
+        // one), `budget` reads the runs' records too (it said the agent
+        // keeps no ledger).
+        assert!(!dir.path().join(LEDGER_FILE).exists());
+        let (text, warning) = command_report(state.clone(), None, 1e-5)
+            .unwrap()
+            .expect("the runs' records are a ledger");
+        assert!(text.contains("over 3 rounds"), "{text}");
+        assert!(warning.is_some_and(|w| w.contains("lacked 3 rounds")));
         // An older ledger (before round 2 and its settling): completed too.
         std::fs::write(dir.path().join(LEDGER_FILE), &older).unwrap();
         let mut b = Budget::open(state.clone(), 100.0, 1e-5).unwrap();
