@@ -701,12 +701,18 @@ impl Agent {
                 policy_value = %v.policy,
                 "{v}"
             );
+            // Declining evaluations leaves the merchant in the training.
+            let lasting = if v.setting == "allow_evaluation" {
+                Lasting::No
+            } else {
+                Lasting::Yes
+            };
             self.decline(
                 client,
                 session_id,
                 &task,
                 &crate::transfer::declined_by_policy(v.setting),
-                Lasting::Yes,
+                lasting,
             )
             .await;
             return Ok(());

@@ -79,6 +79,16 @@ pub struct PrivacyPolicy {
     pub max_epsilon: Option<f64>,
     /// δ of `max_epsilon` (default 1e-5).
     pub epsilon_delta: f64,
+    /// Take part in evaluation tasks (default `true`). An evaluation sends,
+    /// in the clear, the metrics and (churn models) per-class score
+    /// histograms of the held-out and validation customers; a coordinator
+    /// that evaluates crafted models reads from them each such customer's
+    /// value of a feature, with its label (found by an attacker probe).
+    /// `false` declines them: the run selects its served version on the
+    /// other merchants' validation, and this agent fetches the served
+    /// version when the run ends. Declining an evaluation does not keep
+    /// the merchant out of the run's training.
+    pub allow_evaluation: bool,
 }
 
 impl Default for PrivacyPolicy {
@@ -94,6 +104,7 @@ impl Default for PrivacyPolicy {
             require_key_binding: true,
             max_epsilon: None,
             epsilon_delta: 1e-5,
+            allow_evaluation: true,
         }
     }
 }
@@ -158,6 +169,14 @@ impl PrivacyPolicy {
     /// Checks a pushed task before any work: secure aggregation, differential
     /// privacy and its noise multiplier.
     pub fn check_task(&self, spec: &TaskSpec, secure: bool) -> Result<(), PolicyViolation> {
+        if spec.kind == TaskKind::Evaluate && !self.allow_evaluation {
+            return Err(violation(
+                "allow_evaluation",
+                "an evaluation (its score histograms of held-out and validation customers go in \
+                 the clear)",
+                "no evaluations",
+            ));
+        }
         let sends_update = matches!(spec.kind, TaskKind::Train | TaskKind::Stats);
         if self.require_secure_aggregation && sends_update && !secure {
             return Err(violation(

@@ -449,3 +449,75 @@ async fn under_adaptive_clipping_a_merchant_is_charged_for_the_clip_bit_release_
         assert!((b.spent() - epsilon).abs() < 1e-9, "{}", b.spent());
     }
 }
+
+/// Evaluations send the score histograms of a merchant's held-out and
+/// validation customers in the clear, from which a coordinator evaluating
+/// crafted models read each customer's feature values and labels (an
+/// attacker probe). A merchant with `allow_evaluation = false` declines
+/// every evaluation, stays in every training round (the decline is not
+/// lasting), and ends the run holding the version the run serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_declining_evaluations_still_trains_and_ends_with_the_served_version() {
+    use fedcart_client::state::StateDir;
+    let split = telco_split(4, 31);
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(
+        &store.path().join("c.redb"),
+        churn_run("e2e-no-eval", 3, 4, 3),
+        0,
+    )
+    .await;
+    let mut agents: Vec<_> = (0..3)
+        .map(|k| spawn_agent(coord.addr, load_merchant(&format!("m{k}"), &split.files[k])))
+        .collect();
+    let state = tempfile::tempdir().unwrap();
+    let mut m3 = Agent::new(
+        format!("http://{}", coord.addr),
+        load_merchant("m3", &split.files[3]),
+    )
+    .with_policy(PrivacyPolicy {
+        allow_evaluation: false,
+        ..PrivacyPolicy::without_key_binding()
+    })
+    .with_state(StateDir::open(state.path()).unwrap())
+    .unwrap();
+    m3.backoff = Backoff {
+        initial_ms: 20,
+        max_ms: 500,
+    };
+    // Returns once it heard the run end (and fetched what it serves).
+    m3.exit_on_run_end = true;
+    let m3 = spawn_configured(m3);
+    m3.task.await.expect("m3 returns when the run ends");
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents.drain(..) {
+        a.stop().await;
+    }
+    let history = shared.history().unwrap();
+    let (evals, trains): (Vec<&RoundRecord>, Vec<&RoundRecord>) = history
+        .iter()
+        .filter(|r| r.outcome == Outcome::Committed && r.kind != TaskKind::Stats)
+        .partition(|r| r.kind == TaskKind::Evaluate);
+    assert_eq!(trains.len(), 3, "{history:?}");
+    for r in &trains {
+        assert!(r.reported.contains(&"m3".to_string()), "{r:?}");
+    }
+    assert!(!evals.is_empty());
+    for r in &evals {
+        assert!(!r.reported.contains(&"m3".to_string()), "{r:?}");
+        assert_eq!(
+            r.rejected,
+            declined_by_m3(&declined_by_policy("allow_evaluation")),
+            "{r:?}"
+        );
+    }
+    let served = shared.best().expect("a served version").version;
+    let (top, params) = StateDir::open(state.path())
+        .unwrap()
+        .load_global("churn")
+        .unwrap()
+        .expect("m3 holds the served version");
+    assert_eq!((top.run_id.as_str(), top.version), ("e2e-no-eval", served));
+    assert_eq!(params, *shared.model(served).unwrap().unwrap());
+}
