@@ -556,6 +556,15 @@ mod tests {
         certs(action)
     }
 
+    /// Runs the `fedcart-coordinator …` command quoted in `text`.
+    fn run_quoted_command(text: &str) {
+        let command = text
+            .split('`')
+            .find_map(|s| s.strip_prefix("fedcart-coordinator "))
+            .unwrap_or_else(|| panic!("no command in: {text}"));
+        certs_command(command.split_whitespace()).unwrap_or_else(|e| panic!("`{command}`: {e}"));
+    }
+
     /// `certs issue` over an issued id hinted at `certs revoke --id m0`,
     /// which clap refused for want of --access: the hint now names the
     /// directory, and `revoke --dir` finds its access file there.
@@ -567,12 +576,7 @@ mod tests {
         certs_command(["certs", "init", "--dir", dir]).unwrap();
         let issue = ["certs", "issue", "--dir", dir, "--id", "m0"];
         certs_command(issue).unwrap();
-        let e = certs_command(issue).unwrap_err().to_string();
-        let hint = e
-            .split('`')
-            .find_map(|s| s.strip_prefix("fedcart-coordinator "))
-            .unwrap_or_else(|| panic!("no command in: {e}"));
-        certs_command(hint.split_whitespace()).unwrap_or_else(|e| panic!("`{hint}`: {e}"));
+        run_quoted_command(&certs_command(issue).unwrap_err().to_string());
         let serial = ca::serial_of_file(&pki.join("m0.pem")).unwrap();
         let access = std::fs::read_to_string(pki.join("access.toml")).unwrap();
         assert!(access.contains(&serial), "{access}");
@@ -596,12 +600,7 @@ mod tests {
         certs_command(issue.into_iter().chain(["--force"])).unwrap();
         let new = ca::serial_of_file(&pki.join("m0.pem")).unwrap();
         assert_ne!(new, old);
-        let note = replaced_note(&pki, "m0", &replaced);
-        let hint = note
-            .split('`')
-            .find_map(|s| s.strip_prefix("fedcart-coordinator "))
-            .unwrap_or_else(|| panic!("no command in: {note}"));
-        certs_command(hint.split_whitespace()).unwrap_or_else(|e| panic!("`{hint}`: {e}"));
+        run_quoted_command(&replaced_note(&pki, "m0", &replaced));
         let access = std::fs::read_to_string(pki.join("access.toml")).unwrap();
         assert!(access.contains(&old) && !access.contains(&new), "{access}");
     }

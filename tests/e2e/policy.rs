@@ -102,6 +102,63 @@ async fn an_agent_requiring_secure_aggregation_sends_nothing_to_a_plain_run() {
     assert!(r.refused.is_empty(), "{r:?}");
 }
 
+/// Agents m0, m1, … on the states in `states`, each with a ledger capped
+/// far above what a test spends (at `delta`).
+fn budgeted_agents(
+    addr: std::net::SocketAddr,
+    states: &[tempfile::TempDir],
+    delta: f64,
+) -> Vec<AgentHandle> {
+    use fedcart_client::budget::Budget;
+    use fedcart_client::state::StateDir;
+    states
+        .iter()
+        .enumerate()
+        .map(|(k, state)| {
+            let budget = Budget::open(StateDir::open(state.path()).unwrap(), 1e3, delta).unwrap();
+            let agent = Agent::new(format!("http://{addr}"), merchant(k))
+                .with_policy(PrivacyPolicy {
+                    max_epsilon: Some(1e3),
+                    epsilon_delta: delta,
+                    ..PrivacyPolicy::without_key_binding()
+                })
+                .with_budget(budget);
+            spawn_configured(agent)
+        })
+        .collect()
+}
+
+/// Runs the one-round `run` with m0–m2 as [`budgeted_agents`] on `states`
+/// and m3 on `m3_policy`; returns the training record, committed over
+/// m0–m2.
+async fn budgeted_round_with_m3(
+    run: RunConfig,
+    states: &[tempfile::TempDir],
+    delta: f64,
+    m3_policy: PrivacyPolicy,
+) -> RoundRecord {
+    let store = tempfile::tempdir().unwrap();
+    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
+    let mut agents = budgeted_agents(coord.addr, states, delta);
+    let mut m3 = Agent::new(format!("http://{}", coord.addr), merchant(3)).with_policy(m3_policy);
+    m3.backoff = Backoff {
+        initial_ms: 20,
+        max_ms: 500,
+    };
+    agents.push(spawn_configured(m3));
+    let shared = coord.shared.clone();
+    coord.wait_finished().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    let mut trains = train_records(&shared);
+    assert_eq!(trains.len(), 1, "{trains:?}");
+    let r = trains.remove(0);
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    assert_eq!(r.reported, vec!["m0", "m1", "m2"], "{r:?}");
+    r
+}
+
 /// The round record's rejections when m3 alone left the task with `reason`.
 fn declined_by_m3(reason: &str) -> Vec<(String, String)> {
     vec![("m3".to_string(), reason.to_string())]
@@ -246,44 +303,12 @@ async fn a_merchants_ledger_is_charged_at_the_survivors_of_the_sum_not_the_roste
     let mut dp = DpSettings::central(1.0, z, delta);
     dp.mode = DpMode::Distributed;
     run.dp = Some(dp);
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
     let states: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut agents: Vec<_> = states
-        .iter()
-        .enumerate()
-        .map(|(k, state)| {
-            let budget = Budget::open(StateDir::open(state.path()).unwrap(), 1e3, delta).unwrap();
-            let agent = Agent::new(format!("http://{}", coord.addr), merchant(k))
-                .with_policy(PrivacyPolicy {
-                    max_epsilon: Some(1e3),
-                    epsilon_delta: delta,
-                    ..PrivacyPolicy::without_key_binding()
-                })
-                .with_budget(budget);
-            spawn_configured(agent)
-        })
-        .collect();
-    let mut leaver =
-        Agent::new(format!("http://{}", coord.addr), merchant(3)).with_policy(PrivacyPolicy {
-            min_neighbours: 4,
-            ..PrivacyPolicy::without_key_binding()
-        });
-    leaver.backoff = Backoff {
-        initial_ms: 20,
-        max_ms: 500,
+    let policy = PrivacyPolicy {
+        min_neighbours: 4,
+        ..PrivacyPolicy::without_key_binding()
     };
-    agents.push(spawn_configured(leaver));
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    for a in agents {
-        a.stop().await;
-    }
-    let trains = train_records(&shared);
-    assert_eq!(trains.len(), 1, "{trains:?}");
-    let r = &trains[0];
-    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
-    assert_eq!(r.reported, vec!["m0", "m1", "m2"], "{r:?}");
+    let r = &budgeted_round_with_m3(run, &states, delta, policy).await;
     let accounted = r.privacy.as_ref().expect("a DP round").noise_multiplier;
     let want = z * (3.0f64 / 4.0).sqrt();
     assert!((accounted - want).abs() < 1e-12, "{accounted}");
@@ -390,44 +415,12 @@ async fn under_adaptive_clipping_a_merchant_is_charged_for_the_clip_bit_release_
     dp.clip = ClipNorm::Adaptive;
     dp.count_noise_std = Some(0.26);
     run.dp = Some(dp);
-    let store = tempfile::tempdir().unwrap();
-    let coord = start_coordinator(&store.path().join("c.redb"), run, 0).await;
     let states: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut agents: Vec<_> = states
-        .iter()
-        .enumerate()
-        .map(|(k, state)| {
-            let budget = Budget::open(StateDir::open(state.path()).unwrap(), 1e3, delta).unwrap();
-            let agent = Agent::new(format!("http://{}", coord.addr), merchant(k))
-                .with_policy(PrivacyPolicy {
-                    max_epsilon: Some(1e3),
-                    epsilon_delta: delta,
-                    ..PrivacyPolicy::without_key_binding()
-                })
-                .with_budget(budget);
-            spawn_configured(agent)
-        })
-        .collect();
-    let mut floored =
-        Agent::new(format!("http://{}", coord.addr), merchant(3)).with_policy(PrivacyPolicy {
-            min_noise_multiplier: 1.0,
-            ..PrivacyPolicy::without_key_binding()
-        });
-    floored.backoff = Backoff {
-        initial_ms: 20,
-        max_ms: 500,
+    let policy = PrivacyPolicy {
+        min_noise_multiplier: 1.0,
+        ..PrivacyPolicy::without_key_binding()
     };
-    agents.push(spawn_configured(floored));
-    let shared = coord.shared.clone();
-    coord.wait_finished().await.unwrap();
-    for a in agents {
-        a.stop().await;
-    }
-    let trains = train_records(&shared);
-    assert_eq!(trains.len(), 1, "{trains:?}");
-    let r = &trains[0];
-    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
-    assert_eq!(r.reported, vec!["m0", "m1", "m2"], "{r:?}");
+    let r = &budgeted_round_with_m3(run, &states, delta, policy).await;
     assert_eq!(
         r.rejected,
         declined_by_m3(&declined_by_policy("min_noise_multiplier"))

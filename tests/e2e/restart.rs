@@ -5,13 +5,19 @@ use std::time::Duration;
 use fedcart_coordinator::record::Outcome;
 use fedcart_tests::*;
 
-#[test]
-fn coordinator_dropped_after_round_2_resumes_and_versions_read_back_bit_identical() {
-    let main_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+/// A runtime of its own, so that a coordinator started in it can be
+/// dropped whole, mid-flight, as a killed process would be.
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn coordinator_dropped_after_round_2_resumes_and_versions_read_back_bit_identical() {
+    let main_rt = runtime(2);
     main_rt.block_on(async {
         let split = telco_split(4, 21);
         let dir = tempfile::tempdir().unwrap();
@@ -20,11 +26,7 @@ fn coordinator_dropped_after_round_2_resumes_and_versions_read_back_bit_identica
 
         // The first coordinator lives in its own runtime so that it can be
         // dropped whole, mid-flight, as a killed process would be.
-        let first_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let first_rt = runtime(1);
         let (s, r) = (store.clone(), run.clone());
         let first = first_rt
             .spawn(async move { start_coordinator(&s, r, 0).await })
@@ -103,11 +105,7 @@ impl fedcart_client::agent::TaskObserver for AwayEarly {
 /// agent trains from exactly the store's version.
 #[test]
 fn an_agent_holding_a_version_of_another_history_of_the_run_gets_the_whole_model() {
-    let main_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let main_rt = runtime(2);
     main_rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let exports = store_exports(dir.path(), &["433", "324", "363"]);
@@ -128,11 +126,7 @@ fn an_agent_holding_a_version_of_another_history_of_the_run_gets_the_whole_model
             run.selection.min_agents = 3;
             run
         };
-        let first_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let first_rt = runtime(1);
         let (store, run) = (dir.path().join("a.redb"), mf_run(1, 0.05));
         let first = first_rt
             .spawn(async move { start_coordinator(&store, run, 0).await })

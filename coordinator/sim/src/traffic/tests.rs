@@ -177,25 +177,9 @@ fn a_reduced_download_precision_needs_row_traffic() {
 /// over a run; found by a researcher probe).
 #[test]
 fn a_download_counts_the_smaller_of_the_changed_rows_and_the_whole_model() {
-    use fedcart_common::federation::update::Segment;
     // μ, 5 item biases, 5 item rows of 3 factors.
-    let layout = WeightLayout {
-        segments: vec![
-            Segment {
-                len: 1,
-                group_len: None,
-            },
-            Segment {
-                len: 5,
-                group_len: Some(1),
-            },
-            Segment {
-                len: 15,
-                group_len: Some(3),
-            },
-        ],
-        num_coord_weights: 5,
-    };
+    let layout =
+        fedcart_common::model::mf::layout(5, 3, fedcart_common::model::mf::MfAggregation::PerItem);
     let v0 = Arc::new(vec![0.5f32; 21]);
     let mut t = Traffic::new(TrafficMode::Rows, RowPrecision::F32, 1);
     let dense = 4 * 21;
