@@ -565,17 +565,24 @@ mod tests {
         certs_command(command.split_whitespace()).unwrap_or_else(|e| panic!("`{command}`: {e}"));
     }
 
+    /// A CA directory made by `certs init`, with merchant `m0` issued.
+    fn pki_with_m0() -> (tempfile::TempDir, std::path::PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = tmp.path().join("pki");
+        let dir = pki.to_str().unwrap();
+        certs_command(["certs", "init", "--dir", dir]).unwrap();
+        certs_command(["certs", "issue", "--dir", dir, "--id", "m0"]).unwrap();
+        (tmp, pki)
+    }
+
     /// `certs issue` over an issued id hinted at `certs revoke --id m0`,
     /// which clap refused for want of --access: the hint now names the
     /// directory, and `revoke --dir` finds its access file there.
     #[test]
     fn the_revoke_hint_of_a_second_issue_runs_as_written() {
-        let tmp = tempfile::tempdir().unwrap();
-        let pki = tmp.path().join("pki");
+        let (_tmp, pki) = pki_with_m0();
         let dir = pki.to_str().unwrap();
-        certs_command(["certs", "init", "--dir", dir]).unwrap();
         let issue = ["certs", "issue", "--dir", dir, "--id", "m0"];
-        certs_command(issue).unwrap();
         run_quoted_command(&certs_command(issue).unwrap_err().to_string());
         let serial = ca::serial_of_file(&pki.join("m0.pem")).unwrap();
         let access = std::fs::read_to_string(pki.join("access.toml")).unwrap();
@@ -586,12 +593,9 @@ mod tests {
     /// the command that revokes it, which revokes that one and not the new.
     #[test]
     fn a_renewal_names_the_replaced_certificate_and_how_to_revoke_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let pki = tmp.path().join("pki");
+        let (_tmp, pki) = pki_with_m0();
         let dir = pki.to_str().unwrap();
-        certs_command(["certs", "init", "--dir", dir]).unwrap();
         let issue = ["certs", "issue", "--dir", dir, "--id", "m0"];
-        certs_command(issue).unwrap();
         let certs = ca::CertDir::new(&pki);
         let old = ca::serial_of_file(&pki.join("m0.pem")).unwrap();
         assert_eq!(replaced_serial(&certs, "m0", false), None);
