@@ -3,7 +3,8 @@
 //! picks its backend — VAES-512, VAES-256 or AES-NI — at run time) and of
 //! ChaCha8/12/20 (`rand_chacha`), written into a 64 KiB buffer as the masking
 //! loop does; and microseconds per X25519 agreement (`x25519-dalek`, and AWS-LC's,
-//! which secure rounds use).
+//! which secure rounds use); and the SHA-256 model digest an agent checks
+//! in a secure round.
 //!
 //! Run: `cargo run --release -p fedcart-common --example prg_bench`
 //! (optional: `-- <MiB per cipher>`, default 2048).
@@ -133,4 +134,23 @@ fn main() {
     println!(
         "X25519 (aws-lc-rs): agreement {agree_us:.1} µs; public key from secret: {base_us:.1} µs"
     );
+
+    // What an agent adds to a secure round to check the model's values
+    // against the task's digest (`federation::update::model_digest`).
+    for values in [100_000usize, 1_171_457] {
+        let model: Vec<f32> = (0..values).map(|i| i as f32 * 1e-3).collect();
+        let reps = 200;
+        let start = Instant::now();
+        for _ in 0..reps {
+            black_box(fedcart_common::federation::update::model_digest(black_box(
+                &model,
+            )));
+        }
+        let each = start.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "model digest (SHA-256) of {values} f32: {:.3} ms ({:.2} GB/s)",
+            each * 1e3,
+            4.0 * values as f64 / each / 1e9
+        );
+    }
 }
