@@ -479,6 +479,7 @@ impl RawAgent {
             metrics: Default::default(),
             failure: String::new(),
             lasting: false,
+            validation_weight: Some(out.validation_weight),
         }
     }
 

@@ -973,7 +973,8 @@ impl Agent {
         let kind = spec.kind;
         // Under differential privacy the example count is private (see
         // `fedcart_common::privacy::dp::clip`): the clear-text header of a
-        // training or evaluation result carries weight 1, not the row count.
+        // training or evaluation result carries weight 1, not the row count
+        // (and validation weight 1, not the validation rows).
         // The statistics step still needs its row counts (they are its sum's
         // denominator) and sends them under its own protection.
         let hide_count = spec.dp.is_some() && spec.kind != fedcart_common::task::TaskKind::Stats;
@@ -1021,6 +1022,7 @@ impl Agent {
         let out = out.map(|mut out| {
             if hide_count {
                 out.weight = 1.0;
+                out.validation_weight = 1.0;
             }
             out
         });

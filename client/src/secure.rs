@@ -505,6 +505,8 @@ impl SecureTasks {
                         .map(|(k, v)| (k.clone(), *v))
                         .collect(),
                     failure: String::new(),
+                    // Its validation rows likewise.
+                    validation_weight: Some(1.0),
                     lasting: false,
                 };
                 // The plaintext update is no longer needed.

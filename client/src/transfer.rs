@@ -380,6 +380,7 @@ pub async fn upload_as(
         metrics: out.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         failure: String::new(),
         lasting: false,
+        validation_weight: Some(out.validation_weight),
     };
     submit_chunked(client, header, payload.into())
         .await

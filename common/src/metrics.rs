@@ -3,7 +3,12 @@
 //! All functions take plain slices so that any model can use them, and return
 //! `f64` so that sums over many merchants stay precise. [`histogram`] holds
 //! the federated AUC and PR-AUC: per-class score histograms summed across
-//! merchants.
+//! merchants. [`FigureWeights`] and [`PooledMean`] pool the other figures:
+//! each merchant's figure weighted by the rows it is a mean over.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 pub mod histogram;
 
@@ -144,6 +149,84 @@ pub fn pooling_term(name: &str, value: f64) -> f64 {
     }
 }
 
+/// Whether figure `name` is measured on a merchant's validation slice
+/// (`val_auc`, `val_hr@10`, `val_rmse`, …): the figures model selection and
+/// early stopping read, which pool by [`FigureWeights::validation`].
+pub fn is_validation(name: &str) -> bool {
+    name.starts_with("val_")
+}
+
+/// The rows one merchant's figures are means over, which are their weights
+/// when the federation pools them ([`PooledMean`]).
+///
+/// An evaluation measures two sets of rows: the held-out rows (`hr@10`,
+/// `auc`, `rmse`, …) and the validation slice ([`is_validation`] figures),
+/// and a merchant's two counts need not be in proportion (a store with 46
+/// test customers may have 41 validation customers, none of whom it hits).
+/// Weighting the validation figures by the held-out count made the
+/// federation's `val_hr@10` differ from validation hits over validation
+/// users (0.0722 against 8/109 = 0.0734 on three grocery stores), and a
+/// merchant without validation rows could still weigh on them. Each figure
+/// therefore takes the weight of its own rows: pooled, `val_hr@10` is the
+/// federation's validation hits over its validation users, and `val_rmse`
+/// the RMSE of all its validation ratings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct FigureWeights {
+    /// The example weight, behind every figure but the validation ones:
+    /// the held-out rows of an evaluation, the training rows of a training
+    /// task (1 where the count is private: DP, secure aggregation).
+    pub examples: f64,
+    /// The validation rows behind the [`is_validation`] figures (0 when
+    /// the merchant has no validation slice and reports none).
+    pub validation: f64,
+}
+
+impl FigureWeights {
+    /// The weight of figure `name`.
+    pub fn of(&self, name: &str) -> f64 {
+        if is_validation(name) {
+            self.validation
+        } else {
+            self.examples
+        }
+    }
+}
+
+/// The federation's figures from the merchants' own: each figure the
+/// weighted mean over the merchants that reported it, with the weight of its
+/// rows ([`FigureWeights`]), and an RMSE the root of the weighted mean of
+/// squares ([`pooled`]). A figure whose weights sum to 0 (no merchant
+/// measured it on any row) is left out rather than read as 0.
+#[derive(Debug, Clone, Default)]
+pub struct PooledMean {
+    /// Per figure: the weighted sum of [`pooling_term`]s and the weight.
+    sums: BTreeMap<String, (f64, f64)>,
+}
+
+impl PooledMean {
+    /// Adds one merchant's `metrics`, measured on `weights`' rows.
+    pub fn add(&mut self, metrics: &BTreeMap<String, f64>, weights: FigureWeights) {
+        for (k, v) in metrics {
+            let w = weights.of(k);
+            let (sum, total) = self.sums.entry(k.clone()).or_default();
+            *sum += pooling_term(k, *v) * w;
+            *total += w;
+        }
+    }
+
+    /// The pooled figures.
+    pub fn mean(self) -> BTreeMap<String, f64> {
+        self.sums
+            .into_iter()
+            .filter(|(_, (_, w))| *w > 0.0)
+            .map(|(k, (sum, w))| {
+                let v = pooled(&k, sum / w);
+                (k, v)
+            })
+            .collect()
+    }
+}
+
 /// The pooled figure `name` from the weighted mean of the merchants'
 /// [`pooling_term`]s: that mean, or its root for an RMSE, which is then the
 /// RMSE of every merchant's held-out predictions together when the weights
@@ -173,6 +256,56 @@ mod tests {
         assert!((super::pooled("val_rmse", mean) - all).abs() < 1e-12);
         assert_eq!(super::pooled("auc", 0.7), 0.7);
         assert_eq!(super::pooling_term("hr@10", 0.3), 0.3);
+    }
+
+    /// Validation hit rates pool as the federation's validation hits over
+    /// its validation users, not weighted by the test users (the three
+    /// grocery stores of the probe: 0/41, 4/39 and 4/29 validation hits,
+    /// 46, 40 and 32 test users, read 0.0722 instead of 8/109); a merchant
+    /// without validation rows does not dilute them, and the test figures
+    /// keep the test weights.
+    #[test]
+    fn validation_figures_pool_over_validation_rows() {
+        let stores = [(0.0, 41.0, 46.0), (4.0, 39.0, 40.0), (4.0, 29.0, 32.0)];
+        let mut pool = super::PooledMean::default();
+        for (hits, users, tests) in stores {
+            let metrics = [
+                ("val_hr@10".to_string(), hits / users),
+                ("hr@10".into(), 0.5),
+            ];
+            let weights = super::FigureWeights {
+                examples: tests,
+                validation: users,
+            };
+            pool.add(&metrics.into_iter().collect(), weights);
+        }
+        // A merchant with test rows and no validation slice.
+        let no_slice = super::FigureWeights {
+            examples: 10.0,
+            validation: 0.0,
+        };
+        pool.add(
+            &[("hr@10".to_string(), 1.0)].into_iter().collect(),
+            no_slice,
+        );
+        let pooled = pool.mean();
+        assert!(
+            (pooled["val_hr@10"] - 8.0 / 109.0).abs() < 1e-12,
+            "{pooled:?}"
+        );
+        assert!(
+            (pooled["hr@10"] - (59.0 + 10.0) / 128.0).abs() < 1e-12,
+            "{pooled:?}"
+        );
+    }
+
+    /// A figure measured on no row at all is absent, not a pooled 0.
+    #[test]
+    fn a_figure_of_no_rows_is_left_out() {
+        let mut pool = super::PooledMean::default();
+        let metrics = [("val_rmse".to_string(), 0.0)].into_iter().collect();
+        pool.add(&metrics, super::FigureWeights::default());
+        assert!(pool.mean().is_empty());
     }
 
     use super::*;

@@ -128,7 +128,7 @@ pub trait FederatedModel {
     /// Metrics of the whole federation from the sum of the merchants'
     /// evaluation vectors ([`eval_len`](Self::eval_len) values): for churn
     /// the AUC and PR-AUC of the pooled predictions, up to binning. They
-    /// replace the example-weighted means of the same names.
+    /// replace the weighted means of the same names.
     fn pooled_metrics(&self, _sum: &[f64]) -> BTreeMap<String, f64> {
         BTreeMap::new()
     }
@@ -374,11 +374,25 @@ pub struct TaskOutput {
     pub update: Option<Update>,
     /// Local metrics (training loss, or held-out metrics).
     pub metrics: BTreeMap<String, f64>,
-    /// Example weight of the metrics and the update.
+    /// Example weight of the update and of every metric but the validation
+    /// ones: the training rows, or an evaluation's held-out rows.
     pub weight: f64,
+    /// The validation rows the validation metrics (`val_*`,
+    /// [`metrics::is_validation`](crate::metrics::is_validation)) are means
+    /// over, their weight when the federation pools them; 0 without them.
+    pub validation_weight: f64,
 }
 
 impl TaskOutput {
+    /// The weights this output's metrics pool with
+    /// ([`PooledMean`](crate::metrics::PooledMean)).
+    pub fn figure_weights(&self) -> crate::metrics::FigureWeights {
+        crate::metrics::FigureWeights {
+            examples: self.weight,
+            validation: self.validation_weight,
+        }
+    }
+
     /// Adds this output's update values into `sum` (an evaluation's summable
     /// vector, whose total gives the metrics that do not average, AUC and
     /// PR-AUC: `ModelSpec::pooled_metrics`); nothing without an update.

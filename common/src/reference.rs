@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::data::standardize::Standardizer;
 use crate::federation::aggregate::SumAccumulator;
 use crate::federation::strategy::Strategy;
+use crate::metrics::{FigureWeights, PooledMean};
 use crate::model::mf::{item_buyers, popularity_metrics};
 use crate::task::{TaskKind, TaskSpec};
 use crate::train::{LocalData, TrainError, run_task};
@@ -24,7 +25,8 @@ pub struct Federation {
     pub params: Vec<f32>,
     /// The standardiser agreed in the statistics step, if the family uses one.
     pub standardizer: Option<Standardizer>,
-    /// Example-weighted mean of the merchants' evaluation metrics after each round.
+    /// The merchants' evaluation metrics pooled after each round (each
+    /// weighted by its rows, [`PooledMean`]).
     pub rounds: Vec<BTreeMap<String, f64>>,
     /// The round (1-based) with the best federated validation metric, and
     /// its parameters: the version a merchant is served. `None` when the
@@ -83,9 +85,20 @@ pub struct MerchantValue {
     pub personalised_kept: Option<bool>,
     /// The merchant's evaluation weight (held-out examples).
     pub weight: f64,
+    /// The merchant's validation rows, the weight of its validation figures
+    /// (`val_*`) in the pooled columns; 0 without a validation slice.
+    pub validation_weight: f64,
 }
 
 impl MerchantValue {
+    /// The weights of this merchant's figures in the pooled columns.
+    fn figure_weights(&self) -> crate::metrics::FigureWeights {
+        crate::metrics::FigureWeights {
+            examples: self.weight,
+            validation: self.validation_weight,
+        }
+    }
+
     /// The metrics of the copy the merchant serves after federating: its
     /// personalised copy where it kept it, else the federated model.
     pub fn selected(&self) -> &BTreeMap<String, f64> {
@@ -127,9 +140,10 @@ pub struct FederationValue {
     pub centralized_pooled: BTreeMap<String, f64>,
     /// One entry per merchant, in input order.
     pub merchants: Vec<MerchantValue>,
-    /// Example-weighted means over the merchants of each column
-    /// (`local_only`, `federated`, and for implicit recommenders
-    /// `own_popularity`, `global_popularity`).
+    /// Weighted means over the merchants of each column (`local_only`,
+    /// `federated`, and for implicit recommenders `own_popularity`,
+    /// `global_popularity`): validation figures by validation rows, the
+    /// others by held-out rows.
     pub pooled: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
@@ -243,7 +257,7 @@ pub fn federation_value(
         // whatever the model. A merchant whose training diverges alone (an
         // outlier in its data, say) has no local-only figure; the others'
         // columns are still measured.
-        let (local_only, weight) =
+        let (local_only, weights) =
             match federate_until(&alone_template, &mut alone, rounds, &mut FedAvg, patience) {
                 Ok(local) => {
                     let mut spec = alone_template;
@@ -258,8 +272,8 @@ pub fn federation_value(
                     ));
                     let mut alone = [m.clone()];
                     let initial = template.model.initial_params(template.seed);
-                    let (_, weight) = evaluate_pooled(&alone_template, &initial, &mut alone)?;
-                    (BTreeMap::new(), weight)
+                    let (_, weights) = evaluate_pooled(&alone_template, &initial, &mut alone)?;
+                    (BTreeMap::new(), weights)
                 }
             };
         let centralized = if has_private_state {
@@ -290,9 +304,10 @@ pub fn federation_value(
             global_popularity,
             personalised,
             personalised_kept,
-            weight,
+            weight: weights.examples,
+            validation_weight: weights.validation,
         };
-        if weight <= 0.0 {
+        if weights.examples <= 0.0 {
             // Nothing held out: no figure rather than a 0.0 that reads as
             // a measurement.
             value.clear_metrics();
@@ -351,7 +366,9 @@ fn reference_figures(
 /// One column of the per-merchant report.
 type Column = fn(&MerchantValue) -> Option<&BTreeMap<String, f64>>;
 
-/// Example-weighted means of each column of the per-merchant report.
+/// Weighted means of each column of the per-merchant report: held-out
+/// figures by the merchants' held-out rows, validation figures (`val_*`)
+/// by their validation rows.
 fn pooled_columns(rows: &[MerchantValue]) -> BTreeMap<String, BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     let columns: [(&str, Column); 6] = [
@@ -369,23 +386,12 @@ fn pooled_columns(rows: &[MerchantValue]) -> BTreeMap<String, BTreeMap<String, f
         // Each metric over the merchants that have it: a merchant whose
         // held-out rows are of one class has no AUC, and its weight must
         // not dilute the others' (it did: a constant model's 0.5 read 0.47).
-        let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        let mut pool = PooledMean::default();
         for m in rows {
             let Some(metrics) = get(m) else { continue };
-            for (k, v) in metrics {
-                let (sum, total) = sums.entry(k.clone()).or_default();
-                *sum += crate::metrics::pooling_term(k, *v) * m.weight;
-                *total += m.weight;
-            }
+            pool.add(metrics, m.figure_weights());
         }
-        let means: BTreeMap<String, f64> = sums
-            .into_iter()
-            .filter(|(_, (_, total))| *total > 0.0)
-            .map(|(k, (sum, total))| {
-                let v = crate::metrics::pooled(&k, sum / total);
-                (k, v)
-            })
-            .collect();
+        let means = pool.mean();
         if !means.is_empty() {
             out.insert(name.to_string(), means);
         }
@@ -393,16 +399,17 @@ fn pooled_columns(rows: &[MerchantValue]) -> BTreeMap<String, BTreeMap<String, f
     out
 }
 
-/// One merchant's held-out metrics for `params` and its evaluation weight.
+/// One merchant's held-out metrics for `params` and their weights.
 fn evaluate_weighted(
     template: &TaskSpec,
     params: &[f32],
     merchant: &mut LocalData,
-) -> Result<(BTreeMap<String, f64>, f64), TrainError> {
+) -> Result<(BTreeMap<String, f64>, FigureWeights), TrainError> {
     let mut spec = template.clone();
     spec.kind = TaskKind::Evaluate;
     let out = run_task(&spec, params, merchant)?;
-    Ok((out.metrics, out.weight))
+    let weights = out.figure_weights();
+    Ok((out.metrics, weights))
 }
 
 /// Runs the statistics step (if the model family has one) and `rounds`
@@ -605,8 +612,9 @@ pub fn stats_step(
     ))
 }
 
-/// Example-weighted mean of every merchant's held-out metrics for `params`,
-/// with the metrics the family computes from the summed evaluation vectors
+/// The weighted mean of every merchant's held-out and validation metrics
+/// for `params`, each by the rows it is a mean over ([`PooledMean`]), with
+/// the metrics the family computes from the summed evaluation vectors
 /// (churn: AUC and PR-AUC from score histograms) in place of their means —
 /// what the engine reports for an evaluation round.
 pub fn evaluate(
@@ -617,30 +625,25 @@ pub fn evaluate(
     Ok(evaluate_pooled(template, params, merchants)?.0)
 }
 
-/// [`evaluate`] and the merchants' total evaluation weight.
+/// [`evaluate`] and the merchants' total weights.
 fn evaluate_pooled(
     template: &TaskSpec,
     params: &[f32],
     merchants: &mut [LocalData],
-) -> Result<(BTreeMap<String, f64>, f64), TrainError> {
+) -> Result<(BTreeMap<String, f64>, FigureWeights), TrainError> {
     let mut spec = template.clone();
     spec.kind = TaskKind::Evaluate;
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    let mut total = 0.0;
+    let mut pool = PooledMean::default();
+    let mut total = FigureWeights::default();
     let mut pooled = vec![0.0f64; spec.model.eval_len()];
     for m in merchants.iter_mut() {
         let out = run_task(&spec, params, m)?;
-        for (k, v) in &out.metrics {
-            *sums.entry(k.clone()).or_default() += crate::metrics::pooling_term(k, *v) * out.weight;
-        }
-        total += out.weight;
+        pool.add(&out.metrics, out.figure_weights());
+        total.examples += out.weight;
+        total.validation += out.validation_weight;
         out.add_values_to(&mut pooled);
     }
-    if total > 0.0 {
-        for (k, v) in sums.iter_mut() {
-            *v = crate::metrics::pooled(k, *v / total);
-        }
-    }
+    let mut sums = pool.mean();
     if !pooled.is_empty() {
         let pooled = spec.model.pooled_metrics(&pooled);
         if let [_] = merchants {
@@ -686,6 +689,7 @@ mod tests {
                 personalised: None,
                 personalised_kept: None,
                 weight,
+                validation_weight: 0.0,
             }
         };
         let rows = [

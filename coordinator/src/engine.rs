@@ -22,6 +22,7 @@ use fedcart_common::data::standardize::Standardizer;
 use fedcart_common::federation::aggregate::SumAccumulator;
 use fedcart_common::federation::strategy::Strategy;
 use fedcart_common::federation::update::{Update, UpdateError};
+use fedcart_common::metrics::FigureWeights;
 use fedcart_common::task::TaskKind;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -190,10 +191,24 @@ pub struct Submission {
     pub update: Option<Update>,
     /// Local metrics.
     pub metrics: BTreeMap<String, f64>,
-    /// Example weight.
+    /// Example weight: of the update, and of every metric but the
+    /// validation ones.
     pub weight: f64,
+    /// Weight of the validation metrics (`val_*`): the agent's validation
+    /// rows ([`FigureWeights`](fedcart_common::metrics::FigureWeights)).
+    pub validation_weight: f64,
     /// Payload bytes received (for accounting).
     pub bytes: u64,
+}
+
+impl Submission {
+    /// The weights the submission's metrics pool with.
+    pub fn figure_weights(&self) -> FigureWeights {
+        FigureWeights {
+            examples: self.weight,
+            validation: self.validation_weight,
+        }
+    }
 }
 
 enum Accumulation {
@@ -223,12 +238,13 @@ struct OpenTask {
     /// of the agents that reported it (a figure undefined on an agent's
     /// rows, such as recall without a churner, is left out, not a 0).
     metric_sums: BTreeMap<String, (f64, f64)>,
-    metric_weight: f64,
-    /// Each agent's figures and weight as accepted: the record's means are
+    /// The total weights of the agents' figures so far.
+    metric_weight: FigureWeights,
+    /// Each agent's figures and weights as accepted: the record's means are
     /// summed from these in agent order, not in the order results arrived
     /// (floating-point sums depend on it), so a replay over gRPC gives the
     /// same record to the last bit.
-    metric_parts: BTreeMap<String, (BTreeMap<String, f64>, f64)>,
+    metric_parts: BTreeMap<String, (BTreeMap<String, f64>, FigureWeights)>,
     /// An evaluation's parts, merchant by merchant, for model selection.
     evaluations: BTreeMap<String, MerchantEvaluation>,
     started: Instant,

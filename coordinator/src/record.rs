@@ -47,7 +47,10 @@ pub struct RoundRecord {
     /// sent none. Empty in records written before it was kept.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<String>,
-    /// Example-weighted mean of the agents' reported metrics.
+    /// The agents' reported metrics pooled, each weighted by the rows it
+    /// is a mean over: validation figures (`val_*`) by the agents'
+    /// validation rows, the others by their example weight
+    /// (`fedcart_common::metrics::PooledMean`).
     pub metrics: BTreeMap<String, f64>,
     /// Total example weight of accepted results.
     pub examples: f64,

@@ -1069,6 +1069,9 @@ impl Coordinator for Service {
                 update,
                 metrics: header.metrics.into_iter().collect::<BTreeMap<_, _>>(),
                 weight: header.weight,
+                // An agent older than the field: its validation figures
+                // pool by its example weight, as they used to.
+                validation_weight: header.validation_weight.unwrap_or(header.weight),
                 bytes: declared,
             };
             let result = shared.engine().submit(

@@ -113,6 +113,7 @@ fn output(k: usize) -> TaskOutput {
         }),
         metrics: BTreeMap::new(),
         weight: 10.0,
+        validation_weight: 0.0,
     }
 }
 

@@ -30,6 +30,7 @@ pub fn stats_output(churn: &ChurnData) -> TaskOutput {
         update: Some(update),
         metrics: BTreeMap::new(),
         weight,
+        validation_weight: 0.0,
     }
 }
 
@@ -77,6 +78,7 @@ pub fn evaluation_output(y: &[f32], probs: &[f32]) -> TaskOutput {
         }),
         metrics: classification_metrics(y, probs),
         weight,
+        validation_weight: 0.0,
     }
 }
 
@@ -162,8 +164,8 @@ pub fn evaluate_with_slice(
 
 /// A churn evaluation that also scores the validation slice, if there is
 /// one: the held-out rows' metrics (`auc`, …) and the slice's (`val_auc`,
-/// …), weighted by the held-out row count, with both score histograms as
-/// the summable vector (held-out first; see [`pooled_with_validation`]).
+/// …), the former weighted by the held-out row count and the latter by the
+/// slice's, with both score histograms as the summable vector (held-out first; see [`pooled_with_validation`]).
 /// Without a slice it is [`evaluation_output`].
 pub fn evaluation_with_validation(
     y_test: &[f32],
@@ -177,6 +179,7 @@ pub fn evaluation_with_validation(
     for (k, v) in classification_metrics(y_val, p_val) {
         out.metrics.insert(format!("val_{k}"), v);
     }
+    out.validation_weight = y_val.len() as f64;
     if let Some(u) = &mut out.update {
         u.values.extend(score_histogram(y_val, p_val));
     }

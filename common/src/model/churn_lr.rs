@@ -116,6 +116,7 @@ impl FederatedModel for ChurnLr {
             update: Some(update),
             metrics,
             weight: n,
+            validation_weight: 0.0,
         })
     }
 

@@ -148,6 +148,7 @@ impl FederatedModel for ChurnMlp<'_> {
             update: Some(update),
             metrics,
             weight: n,
+            validation_weight: 0.0,
         })
     }
 

@@ -247,6 +247,7 @@ impl FederatedModel for ChurnGbdt<'_> {
             }),
             metrics: BTreeMap::new(),
             weight,
+            validation_weight: 0.0,
         })
     }
 

@@ -130,6 +130,7 @@ impl FederatedModel for Itemsets {
             update: None,
             metrics: BTreeMap::new(),
             weight: 0.0,
+            validation_weight: 0.0,
         })
     }
 
@@ -154,6 +155,7 @@ impl FederatedModel for Itemsets {
             update: Some(update),
             metrics: BTreeMap::new(),
             weight,
+            validation_weight: 0.0,
         })
     }
 
@@ -172,6 +174,7 @@ impl FederatedModel for Itemsets {
             update: None,
             metrics: BTreeMap::from([("covered".to_string(), share)]),
             weight: n,
+            validation_weight: 0.0,
         })
     }
 

@@ -168,6 +168,7 @@ impl FederatedModel for KMeans<'_> {
             update: Some(update),
             metrics: BTreeMap::new(),
             weight,
+            validation_weight: 0.0,
         })
     }
 
@@ -189,6 +190,7 @@ impl FederatedModel for KMeans<'_> {
             update: Some(update),
             metrics: BTreeMap::from([("inertia".to_string(), step.inertia / n.max(1.0))]),
             weight: n,
+            validation_weight: 0.0,
         })
     }
 
@@ -205,6 +207,7 @@ impl FederatedModel for KMeans<'_> {
             update: None,
             metrics: BTreeMap::from([("inertia".to_string(), step.inertia / n.max(1.0))]),
             weight: n,
+            validation_weight: 0.0,
         })
     }
 

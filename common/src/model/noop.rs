@@ -28,6 +28,7 @@ impl Noop {
             update: Some(update),
             metrics: BTreeMap::new(),
             weight: 1.0,
+            validation_weight: 0.0,
         }
     }
 }
@@ -72,6 +73,7 @@ impl FederatedModel for Noop {
             update: None,
             metrics: BTreeMap::new(),
             weight: 1.0,
+            validation_weight: 0.0,
         })
     }
 

@@ -284,6 +284,7 @@ impl FederatedModel for Segments<'_> {
             update: Some(update),
             metrics,
             weight: n,
+            validation_weight: 0.0,
         })
     }
 
@@ -308,6 +309,7 @@ impl FederatedModel for Segments<'_> {
             update: None,
             metrics,
             weight: n,
+            validation_weight: 0.0,
         })
     }
 

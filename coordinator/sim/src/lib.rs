@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use fedcart_common::metrics::PooledMean;
 use fedcart_common::task::{ModelSpec, TaskKind, TaskSpec};
 use fedcart_common::train::{LocalData, run_task};
 use rand::RngExt;
@@ -1374,16 +1375,16 @@ fn personalise(
             })
             .collect()
     });
-    let mut selected = WeightedMean::default();
-    let mut everywhere = WeightedMean::default();
+    let mut selected = PooledMean::default();
+    let mut everywhere = PooledMean::default();
     let mut kept = Vec::new();
     let mut per_merchant = BTreeMap::new();
     let mut metric = String::new();
     for (id, out) in ids.iter().zip(outs) {
         let out = out.with_context(|| format!("{id}: personalising version {version}"))?;
         metric = out.metric.to_string();
-        selected.add(out.selected_metrics(), out.weight);
-        everywhere.add(&out.personal_metrics, out.weight);
+        selected.add(out.selected_metrics(), out.weights);
+        everywhere.add(&out.personal_metrics, out.weights);
         if out.kept {
             kept.push(id.clone());
         }
@@ -1433,17 +1434,18 @@ fn evaluation_of(
 }
 
 /// The federation's figures from every merchant's evaluation, as the engine
-/// commits an evaluation: an example-weighted mean per metric, and those
-/// that do not average (AUC, PR-AUC) from the summed evaluation vectors, so
-/// served figures read like every round's.
+/// commits an evaluation: a mean per metric weighted by the rows it is a
+/// mean over (validation figures by validation rows, `PooledMean`), and
+/// those that do not average (AUC, PR-AUC) from the summed evaluation
+/// vectors, so served figures read like every round's.
 pub(crate) fn pooled_evaluation<'a>(
     model: &ModelSpec,
     outs: impl IntoIterator<Item = &'a fedcart_common::model::TaskOutput>,
 ) -> BTreeMap<String, f64> {
-    let mut mean = WeightedMean::default();
+    let mut mean = PooledMean::default();
     let mut sum = vec![0.0f64; model.eval_len()];
     for out in outs {
-        mean.add(&out.metrics, out.weight);
+        mean.add(&out.metrics, out.figure_weights());
         out.add_values_to(&mut sum);
     }
     let mut m = mean.mean();
@@ -1451,37 +1453,6 @@ pub(crate) fn pooled_evaluation<'a>(
         m.extend(model.pooled_metrics(&sum));
     }
     m
-}
-
-/// An example-weighted mean of metric maps, each figure over the maps that
-/// hold it (as the engine commits an evaluation).
-#[derive(Default)]
-struct WeightedMean {
-    sums: BTreeMap<String, (f64, f64)>,
-}
-
-impl WeightedMean {
-    fn add(&mut self, metrics: &BTreeMap<String, f64>, weight: f64) {
-        for (k, v) in metrics {
-            let (sum, w) = self.sums.entry(k.clone()).or_default();
-            *sum += fedcart_common::metrics::pooling_term(k, *v) * weight;
-            *w += weight;
-        }
-    }
-
-    fn mean(self) -> BTreeMap<String, f64> {
-        self.sums
-            .into_iter()
-            .map(|(k, (v, w))| {
-                let v = if w > 0.0 {
-                    fedcart_common::metrics::pooled(&k, v / w)
-                } else {
-                    0.0
-                };
-                (k, v)
-            })
-            .collect()
-    }
 }
 
 /// Adds the segment profiles of a segmentation run to its report (and

@@ -591,7 +591,7 @@ fn value_table(v: &fedcart_common::reference::FederationValue, metric: Option<&s
     let mut out = format!(
         "<h3>Federation value ({} of the run's served version; baselines trained {} rounds{}; \
          centralised on all rows: {}; pooled: each column's figures weighted by held-out \
-         rows)</h3><table><tr><th>merchant</th><th>global popularity</th>\
+         rows, validation figures by validation rows)</h3><table><tr><th>merchant</th><th>global popularity</th>\
          <th>own popularity</th><th>local-only</th><th>federated</th>{}<th>centralised</th></tr>\
          <tr><td><b>pooled</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>–</td></tr>",
         esc(key),

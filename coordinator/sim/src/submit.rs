@@ -51,6 +51,7 @@ pub fn route(
         update,
         metrics: out.metrics,
         weight: out.weight,
+        validation_weight: out.validation_weight,
         bytes,
     }
 }

@@ -559,6 +559,7 @@ fn telco_standardizer(secure: bool) -> fedcart_common::data::standardize::Standa
             update,
             metrics: out.metrics,
             weight: out.weight,
+            validation_weight: out.weight,
             bytes: 0,
         };
         engine
@@ -780,6 +781,7 @@ fn report_masked(
         update: None,
         metrics: Default::default(),
         weight: 1.0,
+        validation_weight: 1.0,
         bytes: 0,
     };
     engine

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedcart_common::federation::update::{Update, UpdateError};
+use fedcart_common::metrics::FigureWeights;
 use fedcart_common::metrics::histogram::HISTOGRAM_LEN;
 use fedcart_common::privacy::secagg::DecodedSum;
 use fedcart_common::task::TaskKind;
@@ -335,16 +336,24 @@ impl Engine {
         if let Some((k, _)) = sub.metrics.iter().find(|(_, v)| !v.is_finite()) {
             return Err(SubmitError::BadMetric(shown_name(k)));
         }
-        if !(sub.weight.is_finite() && sub.weight >= 0.0) {
-            return Err(UpdateError::BadWeight(sub.weight).into());
+        let (weights, total) = (sub.figure_weights(), open.metric_weight);
+        for w in [weights.examples, weights.validation] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(UpdateError::BadWeight(w).into());
+            }
         }
         // Each figure is finite, but its weighted sum with the others' must
         // stay so too, or the round's means (and its record) are ∞.
-        if !(open.metric_weight + sub.weight).is_finite() {
-            return Err(UpdateError::BadWeight(sub.weight).into());
+        for (w, sum) in [
+            (weights.examples, total.examples),
+            (weights.validation, total.validation),
+        ] {
+            if !(sum + w).is_finite() {
+                return Err(UpdateError::BadWeight(w).into());
+            }
         }
         for (k, v) in &sub.metrics {
-            let sum = open.metric_sums.get(k).map_or(0.0, |s| s.0) + v * sub.weight;
+            let sum = open.metric_sums.get(k).map_or(0.0, |s| s.0) + v * weights.of(k);
             if !sum.is_finite() {
                 return Err(SubmitError::MetricOverflow(shown_name(k)));
             }
@@ -432,27 +441,40 @@ impl Engine {
     }
 
     fn add_metrics(open: &mut OpenTask, agent: &str, sub: &Submission) {
+        // A masked upload's header carries no row count (agents send 1: the
+        // count travels only inside the masked vector), so a secure task's
+        // metrics are averaged with equal weights, whoever drives it (the
+        // simulator too), and its example count is the unmasked sum's.
+        // Otherwise each figure weighs by its rows: the validation figures
+        // by the validation rows, the others by the example weight.
+        let weights = if open.plan.secure {
+            FigureWeights {
+                examples: 1.0,
+                validation: 1.0,
+            }
+        } else {
+            sub.figure_weights()
+        };
         // Model selection keeps each merchant's part of an evaluation of
         // the latest version (see `selection`).
         if open.plan.spec.kind == TaskKind::Evaluate
             && let Some((metric, _)) = open.plan.spec.model.selection_metric()
         {
-            open.evaluations
-                .insert(agent.to_string(), MerchantEvaluation::of(sub, metric));
+            open.evaluations.insert(
+                agent.to_string(),
+                MerchantEvaluation::of(sub, weights.of(metric), metric),
+            );
         }
-        // A masked upload's header carries no row count (agents send 1: the
-        // count travels only inside the masked vector), so a secure task's
-        // metrics are averaged with equal weights, whoever drives it (the
-        // simulator too), and its example count is the unmasked sum's.
-        let w = if open.plan.secure { 1.0 } else { sub.weight };
         for (k, v) in &sub.metrics {
+            let w = weights.of(k);
             let (sum, weight) = open.metric_sums.entry(k.clone()).or_default();
             *sum += v * w;
             *weight += w;
         }
-        open.metric_weight += w;
+        open.metric_weight.examples += weights.examples;
+        open.metric_weight.validation += weights.validation;
         open.metric_parts
-            .insert(agent.to_string(), (sub.metrics.clone(), w));
+            .insert(agent.to_string(), (sub.metrics.clone(), weights));
     }
 
     /// Hands over the decoded sum of a secure task and the agents whose
@@ -726,6 +748,7 @@ mod tests {
             }),
             metrics: BTreeMap::from([(huge.clone(), f64::NAN)]),
             weight: 1.0,
+            validation_weight: 1.0,
             bytes: 8,
         };
         for m in &merchants {
@@ -766,6 +789,7 @@ mod tests {
             }),
             metrics: BTreeMap::from([("loss".to_string(), loss)]),
             weight,
+            validation_weight: weight,
             bytes: 8,
         };
         let mut submit =
@@ -806,6 +830,7 @@ mod tests {
             }),
             metrics: BTreeMap::new(),
             weight,
+            validation_weight: weight,
             bytes: 8,
         };
         let mut submit =

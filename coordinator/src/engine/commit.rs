@@ -2,7 +2,7 @@
 //! privacy ledger and the strategy and is committed to the store; without
 //! one the task aborts, nothing changes, and the round is attempted again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use fedcart_common::data::standardize::Standardizer;
@@ -140,28 +140,21 @@ impl Engine {
             (None, false) => open.reported.clone(),
         };
         let reported = contributors.len();
-        // Each figure's mean over the agents that reported it, summed in
-        // agent order (`OpenTask::metric_parts`).
-        let mut sums: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+        // Each figure's mean over the agents that reported it, weighted by
+        // the rows it is a mean over (`metrics::FigureWeights`) and summed
+        // in agent order (`OpenTask::metric_parts`).
+        let mut pool = fedcart_common::metrics::PooledMean::default();
         let mut examples = 0.0;
-        for (figures, weight) in open.metric_parts.values() {
-            for (k, v) in figures {
-                let (sum, w) = sums.entry(k).or_default();
-                *sum += fedcart_common::metrics::pooling_term(k, *v) * weight;
-                *w += weight;
-            }
-            examples += weight;
+        for (figures, weights) in open.metric_parts.values() {
+            pool.add(figures, *weights);
+            examples += weights.examples;
         }
         // A secure task's examples: the unmasked sum's weight (the headers
         // carry 1 each).
         if let (true, Accumulation::Sum(acc)) = (open.plan.secure, &open.acc) {
             examples = acc.total_weight();
         }
-        let metrics: BTreeMap<String, f64> = sums
-            .into_iter()
-            .filter(|(_, (_, w))| *w > 0.0)
-            .map(|(k, (sum, w))| (k.to_string(), fedcart_common::metrics::pooled(k, sum / w)))
-            .collect();
+        let metrics = pool.mean();
         let mut record = RoundRecord {
             round: open.plan.round,
             attempt: open.plan.attempt,

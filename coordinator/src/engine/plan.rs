@@ -195,7 +195,7 @@ impl Engine {
             rejected: Vec::new(),
             acc,
             metric_sums: BTreeMap::new(),
-            metric_weight: 0.0,
+            metric_weight: Default::default(),
             metric_parts: BTreeMap::new(),
             evaluations: BTreeMap::new(),
             started: Instant::now(),

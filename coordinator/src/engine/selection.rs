@@ -17,12 +17,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{BestVersion, Submission};
 
-/// One merchant's part of an evaluation: its example weight, the selection
-/// metric it reported, and the non-zero entries of its evaluation vector
+/// One merchant's part of an evaluation: the selection metric it reported
+/// and that figure's weight, and the non-zero entries of its evaluation vector
 /// (score histograms, for the families whose metric is pooled from them).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MerchantEvaluation {
-    /// The merchant's example weight.
+    /// The weight of the merchant's selection metric: its validation rows
+    /// (`metrics::FigureWeights`; a store written before read its example
+    /// weight here).
     pub weight: f64,
     /// The selection metric, when the merchant reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,10 +35,11 @@ pub struct MerchantEvaluation {
 }
 
 impl MerchantEvaluation {
-    /// What model selection keeps of `sub` for `metric`.
-    pub(super) fn of(sub: &Submission, metric: &str) -> Self {
+    /// What model selection keeps of `sub` for `metric`, whose figure
+    /// weighs `weight`.
+    pub(super) fn of(sub: &Submission, weight: f64, metric: &str) -> Self {
         Self {
-            weight: sub.weight,
+            weight,
             value: sub.metrics.get(metric).copied(),
             vector: sub
                 .update
@@ -51,8 +54,9 @@ impl MerchantEvaluation {
 
 /// `metric` over `parts` as the evaluation's record computes it: pooled
 /// from the summed evaluation vectors when the family pools it, otherwise
-/// the example-weighted mean over the merchants that reported it. `None`
-/// when no merchant's part defines it.
+/// the mean over the merchants that reported it, weighted by their rows of
+/// it (an RMSE as the root of the mean of squares, `metrics::pooled`).
+/// `None` when no merchant's part defines it.
 pub(super) fn metric_over<'a>(
     model: &ModelSpec,
     metric: &str,
@@ -72,11 +76,12 @@ pub(super) fn metric_over<'a>(
             return v.is_finite().then_some(*v);
         }
     }
+    let term = |v: f64| fedcart_common::metrics::pooling_term(metric, v);
     let (total, weight) = parts
-        .filter_map(|p| p.value.map(|v| (v * p.weight, p.weight)))
+        .filter_map(|p| p.value.map(|v| (term(v) * p.weight, p.weight)))
         .fold((0.0, 0.0), |(s, w), (a, b)| (s + a, w + b));
     (weight > 0.0)
-        .then(|| total / weight)
+        .then(|| fedcart_common::metrics::pooled(metric, total / weight))
         .filter(|v| v.is_finite())
 }
 

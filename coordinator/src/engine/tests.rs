@@ -62,6 +62,7 @@ fn update(values: [f32; DIM], weight: f64) -> Submission {
         }),
         metrics: [("loss".to_string(), 1.0)].into(),
         weight,
+        validation_weight: weight,
         bytes: 12,
     }
 }
@@ -159,6 +160,7 @@ fn evaluations_sample_the_same_merchants_every_round_and_replace_only_those_away
                 update: None,
                 metrics: [("loss".to_string(), 1.0)].into(),
                 weight: 1.0,
+                validation_weight: 1.0,
                 bytes: 0,
             };
             submit(&mut e, &plan, m, sub).unwrap();
@@ -520,6 +522,7 @@ fn values(values: Vec<f32>, weight: f64) -> Submission {
         }),
         metrics: BTreeMap::new(),
         weight,
+        validation_weight: weight,
         bytes: 0,
     }
 }
@@ -634,6 +637,7 @@ fn run_with_validation(vals: &[f64], patience: Option<u64>) -> (tempfile::TempDi
                 ]
                 .into(),
                 weight: 10.0,
+                validation_weight: 10.0,
                 bytes: 0,
             },
             _ => Submission {
@@ -644,6 +648,7 @@ fn run_with_validation(vals: &[f64], patience: Option<u64>) -> (tempfile::TempDi
                 }),
                 metrics: Default::default(),
                 weight: 1.0,
+                validation_weight: 1.0,
                 bytes: 0,
             },
         };
@@ -771,6 +776,7 @@ fn run_evaluating(
                     }),
                     metrics: Default::default(),
                     weight: 1.0,
+                    validation_weight: 1.0,
                     bytes: 0,
                 },
             };
@@ -803,6 +809,7 @@ fn a_version_evaluated_without_a_weaker_merchant_is_compared_over_the_same_merch
             update: None,
             metrics: [("val_hr@10".to_string(), x)].into(),
             weight: 10.0,
+            validation_weight: 10.0,
             bytes: 0,
         })
     };
@@ -828,6 +835,54 @@ fn a_version_evaluated_without_a_weaker_merchant_is_compared_over_the_same_merch
         .unwrap();
     assert_eq!(&stored, best);
     assert_eq!(stored.by_merchant["m00"].value, Some(0.35));
+}
+
+/// The served version is the one with the most validation hits per
+/// validation user of the federation: each merchant's `val_hr@10` weighs by
+/// its validation rows, not by its test rows (by which m00's one perfect
+/// validation slice of 10 users outweighed m01's 100 and chose version 1),
+/// while the test figures keep the test weights.
+#[test]
+fn the_served_version_has_the_most_validation_hits_per_validation_user() {
+    let model = ModelSpec::MfImplicit {
+        num_items: 2,
+        factors: 1,
+        hyper: Default::default(),
+    };
+    // (validation hits, validation users, test users) of each merchant at
+    // versions 1 and 2.
+    let table = [
+        [(10.0, 10.0, 100.0), (0.0, 100.0, 10.0)],
+        [(0.0, 10.0, 100.0), (20.0, 100.0, 10.0)],
+    ];
+    let eval = |v: u64, m: &str| {
+        let (hits, users, tests) = table[v as usize - 1][m[1..].parse::<usize>().unwrap()];
+        Some(Submission {
+            update: None,
+            metrics: [
+                ("val_hr@10".to_string(), hits / users),
+                ("hr@10".to_string(), if tests > 50.0 { 0.5 } else { 0.2 }),
+            ]
+            .into(),
+            weight: tests,
+            validation_weight: users,
+            bytes: 0,
+        })
+    };
+    let (_dir, e) = run_evaluating(model, 2, 2, eval);
+    let history = e.store().history().unwrap();
+    let evaluations: Vec<_> = history
+        .iter()
+        .filter(|r| r.kind == TaskKind::Evaluate)
+        .take(2)
+        .collect();
+    assert_eq!(evaluations[0].metrics["val_hr@10"], 10.0 / 110.0);
+    assert_eq!(evaluations[1].metrics["val_hr@10"], 20.0 / 110.0);
+    assert_eq!(evaluations[0].metrics["hr@10"], (50.0 + 2.0) / 110.0);
+    assert_eq!(evaluations[0].examples, 110.0);
+    let best = e.best().unwrap();
+    assert_eq!((best.version, best.value), (2, 20.0 / 110.0));
+    assert_eq!(best.by_merchant["m01"].weight, 100.0, "its validation rows");
 }
 
 /// The same over a pooled metric: churn's validation AUC from summed
@@ -859,6 +914,7 @@ fn a_pooled_validation_auc_is_compared_over_the_merchants_that_evaluated_both() 
         }),
         metrics: Default::default(),
         weight: 2.0,
+        validation_weight: 2.0,
         bytes: 0,
     };
     // Version 1: m00 orders perfectly (AUC 1), m01 backwards (AUC 0),
@@ -932,6 +988,7 @@ fn an_operator_stop_abandons_the_open_task_and_a_resumed_engine_stays_stopped() 
             update: None,
             metrics: Default::default(),
             weight: 1.0,
+            validation_weight: 1.0,
             bytes: 0,
         };
         submit(&mut again, &serve, &m, sub).unwrap();
@@ -968,6 +1025,7 @@ fn an_evaluation_histogram_with_a_negative_count_is_rejected() {
             }),
             metrics: Default::default(),
             weight: 5.0,
+            validation_weight: 5.0,
             bytes: 0,
         };
         if plan.spec.kind == TaskKind::Evaluate && plan.model_version == 1 && !evaluated {
@@ -1246,6 +1304,7 @@ fn a_run_that_does_not_evaluate_still_hands_its_final_version_to_the_agents() {
                     update: None,
                     metrics: Default::default(),
                     weight: 1.0,
+                    validation_weight: 1.0,
                     bytes: 0,
                 },
             };
@@ -1306,6 +1365,7 @@ fn run_selecting_stopped(
                     update: None,
                     metrics: [("val_hr@10".to_string(), val)].into(),
                     weight: 1.0,
+                    validation_weight: 1.0,
                     bytes: 0,
                 },
                 _ => Submission {
@@ -1316,6 +1376,7 @@ fn run_selecting_stopped(
                     }),
                     metrics: Default::default(),
                     weight: 1.0,
+                    validation_weight: 1.0,
                     bytes: 0,
                 },
             };

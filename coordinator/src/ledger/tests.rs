@@ -67,6 +67,7 @@ fn report_all(engine: &mut Engine, plan: &crate::engine::TaskPlan, update: Optio
             update: update.clone(),
             metrics: Default::default(),
             weight: 1.0,
+            validation_weight: 1.0,
             bytes: 0,
         };
         engine
@@ -192,6 +193,7 @@ fn a_dropout_damps_the_central_dp_step_by_the_fixed_denominator() {
                 }),
                 metrics: Default::default(),
                 weight: 1.0,
+                validation_weight: 1.0,
                 bytes: 0,
             };
             e.submit(id, "dp", plan.round, &plan.task_id, sub).unwrap();

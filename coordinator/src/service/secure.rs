@@ -396,6 +396,8 @@ pub(super) async fn submit_masked(
         update: None,
         metrics: header.metrics.into_iter().collect(),
         weight: header.weight,
+        // The engine weighs a secure task's figures equally.
+        validation_weight: header.validation_weight.unwrap_or(header.weight),
         bytes: declared,
     };
     let result =

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{MfData, Rating, item_offsets};
+use crate::metrics::FigureWeights;
 
 /// Cut-off of the ranking metrics.
 pub const TOP_K: usize = 10;
@@ -242,15 +243,16 @@ pub fn blend(model: &[f32], pop: &[f32], w: f32, out: &mut [f32]) {
 /// items are ranked with those user factors instead of `data.state`'s: the
 /// users refitted on their whole known history, validation included, once
 /// validation has done its choosing (iALS, whose user side is a closed-form
-/// solve). Returns the metrics, the weight (test purchases) and the chosen
-/// blend.
+/// solve). Returns the metrics, their weights (the test purchases behind
+/// `hr@10` and `ndcg@10`, the validation purchases behind the `val_*`
+/// figures) and the chosen blend.
 pub fn implicit_metrics(
     global: &[f32],
     n: usize,
     k: usize,
     data: &MfData,
     test_users: Option<&[f32]>,
-) -> (BTreeMap<String, f64>, f64, f32) {
+) -> (BTreeMap<String, f64>, FigureWeights, f32) {
     let nu = data.users.len();
     let by_user = UserItems::new(&data.train, nu);
     let with_valid = if data.valid.is_empty() {
@@ -340,7 +342,11 @@ pub fn implicit_metrics(
         metrics.insert("val_hr@10_pop".into(), mean(val[grid.len() - 1].0, m));
         metrics.insert("pop_blend".into(), f64::from(w));
     }
-    (metrics, data.test.len() as f64, w)
+    let weights = FigureWeights {
+        examples: data.test.len() as f64,
+        validation: data.valid.len() as f64,
+    };
+    (metrics, weights, w)
 }
 
 /// Distinct buyers of each item among `data`'s training and validation

@@ -13,6 +13,7 @@ use super::{
     shuffle,
 };
 use crate::federation::update::WeightLayout;
+use crate::metrics::FigureWeights;
 use crate::model::sgd::SgdParams;
 use crate::model::{FederatedModel, LocalData, RoundContext, TaskOutput, TrainError};
 
@@ -155,12 +156,12 @@ impl MfShape<'_> {
     ) -> Result<Measured, TrainError> {
         let (n, k, h) = (self.num_items, self.k, self.hyper);
         let unknown = data.unknown_items as f64;
-        let (mut metrics, weight, refit) = if self.implicit {
+        let (mut metrics, weights, refit) = if self.implicit {
             let users = self.users_with_valid(global, data)?;
-            let (metrics, weight, blend) =
+            let (metrics, weights, blend) =
                 eval::implicit_metrics(global, n, k, data, users.as_deref());
             data.state.pop_blend = blend;
-            (metrics, weight, users.map(Refit::Ials))
+            (metrics, weights, users.map(Refit::Ials))
         } else {
             let served = super::refit::explicit_served_users(global, n, k, h, data)?;
             let rmse = match &served {
@@ -175,12 +176,16 @@ impl MfShape<'_> {
                 metrics.insert("val_rmse".into(), val);
             }
             let refit = served.map(|(bias, factors)| Refit::Explicit { bias, factors });
-            (metrics, data.test.len() as f64, refit)
+            let weights = FigureWeights {
+                examples: data.test.len() as f64,
+                validation: data.valid.len() as f64,
+            };
+            (metrics, weights, refit)
         };
         metrics.insert("unknown_items".into(), unknown);
         Ok(Measured {
             metrics,
-            weight,
+            weights,
             refit,
         })
     }
@@ -304,6 +309,7 @@ impl FederatedModel for MfShape<'_> {
             update: None,
             metrics: BTreeMap::new(),
             weight: 0.0,
+            validation_weight: 0.0,
         })
     }
 
@@ -323,7 +329,8 @@ impl FederatedModel for MfShape<'_> {
         Ok(TaskOutput {
             update: None,
             metrics: measured.metrics,
-            weight: measured.weight,
+            weight: measured.weights.examples,
+            validation_weight: measured.weights.validation,
         })
     }
 
@@ -391,6 +398,7 @@ impl MfShape<'_> {
                 update: None,
                 metrics: BTreeMap::from([("unknown_items".into(), unknown)]),
                 weight: 0.0,
+                validation_weight: 0.0,
             });
         }
         if self.is_ials() {
@@ -403,6 +411,7 @@ impl MfShape<'_> {
                     ("unknown_items".into(), unknown),
                 ]),
                 weight,
+                validation_weight: 0.0,
             });
         }
         let mut rng = crate::seed::rng(ctx.seed, &["mf-train", merchant, &ctx.round.to_string()]);
@@ -490,16 +499,17 @@ impl MfShape<'_> {
             update: Some(update),
             metrics: BTreeMap::from([(name.into(), loss), ("unknown_items".into(), unknown)]),
             weight,
+            validation_weight: 0.0,
         })
     }
 }
 
-/// What [`MfShape::metrics_of`] measured: the metrics, the evaluation weight
-/// (held-out examples) and the users refitted on training and validation
+/// What [`MfShape::metrics_of`] measured: the metrics, their weights
+/// (held-out examples, validation rows) and the users refitted on training and validation
 /// interactions that measured the test, if any.
 pub(super) struct Measured {
     pub metrics: BTreeMap<String, f64>,
-    pub weight: f64,
+    pub weights: FigureWeights,
     pub refit: Option<Refit>,
 }
 

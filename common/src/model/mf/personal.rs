@@ -25,6 +25,7 @@ use super::eval::UserItems;
 use super::family::mf_data;
 use super::kernels::{bpr_epoch, explicit_epoch};
 use super::{MU, MfShape, NegativePool, UserState, ials, shuffle};
+use crate::metrics::FigureWeights;
 use crate::model::{LocalData, RoundContext, TrainError};
 
 /// Default proximal weight μ of SGD-trained MF (explicit and BPR), chosen
@@ -98,8 +99,9 @@ pub struct Personalised {
     pub global_metrics: BTreeMap<String, f64>,
     /// The personalised copy's metrics (validation and held-out).
     pub personal_metrics: BTreeMap<String, f64>,
-    /// The evaluation weight (held-out examples).
-    pub weight: f64,
+    /// The weights of both copies' metrics: the held-out examples and the
+    /// validation rows.
+    pub weights: FigureWeights,
 }
 
 impl Personalised {
@@ -133,7 +135,7 @@ impl MfShape<'_> {
         // Served: users refitted on the whole known history (what measured
         // the test); the fine-tune itself starts from the training users.
         let measured = self.metrics_of(global, data)?;
-        let (global_metrics, weight) = (measured.metrics, measured.weight);
+        let (global_metrics, weights) = (measured.metrics, measured.weights);
         let mut served_users = data.state.clone();
         served_users.take_refit(measured.refit, ctx.round);
         let tuned = self.fine_tune(ctx, global, data, merchant, p);
@@ -167,7 +169,7 @@ impl MfShape<'_> {
             kept,
             global_metrics,
             personal_metrics,
-            weight,
+            weights,
         })
     }
 

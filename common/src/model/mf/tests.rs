@@ -917,3 +917,35 @@ fn a_task_with_absurdly_many_factors_is_refused_before_any_user_factor_is_alloca
     let err = run_task(&s, &[0.0; 4], &mut m).unwrap_err();
     assert!(err.to_string().contains("learning_rate"), "{err}");
 }
+
+/// The federation's validation hit rate is its validation hits over its
+/// validation users, whatever the merchants' test counts: a store whose
+/// customers leave no test purchase still has its validation customer
+/// counted (its figures were weighted by its test purchases, 0, and its
+/// validation miss vanished), and the figures of the other keep their
+/// weights. The probe behind it: three grocery stores read 0.0722 for
+/// 8/109 = 0.0734.
+#[test]
+fn validation_hit_rates_pool_as_validation_hits_over_validation_users() {
+    let s = implicit_evaluation(60);
+    let mut params = s.model.initial_params(3);
+    // The one-customer store's validation item (6) last: a miss there.
+    params[1 + 6] = -10.0;
+    let mut merchants = vec![bestseller_shop(|u| (u + 1) % 8), one_customer_shop(None)];
+    let (mut hits, mut users) = (0.0, 0.0);
+    for m in merchants.clone().iter_mut() {
+        let out = run_task(&s, &params, m).unwrap();
+        let valid = m.mf.as_ref().unwrap().valid.len() as f64;
+        assert_eq!(out.validation_weight, valid);
+        hits += out.metrics["val_hr@10"] * valid;
+        users += valid;
+    }
+    assert_eq!(users, 31.0);
+    assert!(hits > 0.0 && hits < users, "a hit and a miss: {hits}");
+    let pooled = crate::reference::evaluate(&s, &params, &mut merchants).unwrap();
+    assert!(
+        (pooled["val_hr@10"] - hits / users).abs() < 1e-12,
+        "{} against {hits}/{users}",
+        pooled["val_hr@10"]
+    );
+}

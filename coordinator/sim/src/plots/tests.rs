@@ -216,6 +216,7 @@ fn the_federation_value_legend_covers_no_bar() {
             personalised: Some(metric(level(k, 5))),
             personalised_kept: Some(true),
             weight: 1.0,
+            validation_weight: 1.0,
         })
         .collect();
     for (s, col) in [
